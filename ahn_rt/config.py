@@ -1,0 +1,229 @@
+"""Model configuration: the architecture read from a Hugging Face config.json, plus the runtime choices
+(window, sinks, mode, dtype) resolved and validated in one place."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import torch
+
+from .errors import AhnError
+
+# AHN_SPEC §2.1: without explicit values the runtime uses S + W = 32768 lossless tokens.
+DEFAULT_WINDOW = 32640
+DEFAULT_SINKS = 128
+MODES = ("ahn", "swa", "full")
+# AHN_SPEC §2.4: the GatedDeltaNet output norm (FusedRMSNormSwishGate) uses eps 1e-5.
+AHN_NORM_EPS = 1e-5
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype or one of the names above (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
+            raise AhnError(f"dtype {dtype} is not supported; use bf16, fp16 or float32")
+        return dtype
+    name = str(dtype).lower().replace("torch.", "")
+    if name not in _DTYPES:
+        raise AhnError(f"unknown dtype {dtype!r}; use one of bf16, fp16, float32")
+    return _DTYPES[name]
+
+
+@dataclasses.dataclass
+class Config:
+    # architecture (from config.json)
+    family: str                      # "qwen2" (Qwen2/Qwen2.5) or "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    max_position_embeddings: int
+    stored_dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+    # AHN fields of the config (None when the config is not an AHN one)
+    ahn_implementation: str | None = None
+    config_window: int | None = None
+    config_sinks: int | None = None
+    # runtime choices (resolved by ahn_rt.load)
+    window: int = DEFAULT_WINDOW
+    sinks: int = DEFAULT_SINKS
+    mode: str = "full"
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        """A Hugging Face style config dict (what ahn_rt writes into safetensors metadata)."""
+        d = {
+            "model_type": self.family,
+            "architectures": ["Qwen3ForCausalLM" if self.family == "qwen3" else "Qwen2ForCausalLM"],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
+            "torch_dtype": str(self.stored_dtype).replace("torch.", ""),
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+        }
+        if self.ahn_implementation:
+            d.update({"_ahn_implementation": self.ahn_implementation,
+                      "_layer_implementation": ("Qwen3" if self.family == "qwen3" else "Qwen2") + "MemDecoderLayer",
+                      "sliding_window": self.config_window if self.config_window else self.window,
+                      "num_attn_sinks": self.config_sinks if self.config_sinks is not None else self.sinks,
+                      "use_sliding_window": False, "fa_layer_ids": "", "use_ahn_router": False,
+                      "use_q_proj": False})
+        return d
+
+
+def _get(cfg: dict, key: str, where: str, kind=int):
+    if key not in cfg or cfg[key] is None:
+        raise AhnError(f"{where}: config is missing '{key}'")
+    try:
+        value = kind(cfg[key])
+    except (TypeError, ValueError):
+        raise AhnError(f"{where}: config field '{key}' = {cfg[key]!r} is not a {kind.__name__}") from None
+    if kind is int and value < 1:
+        raise AhnError(f"{where}: config field '{key}' must be >= 1, got {value}")
+    return value
+
+
+def parse_config(cfg: dict, where: str) -> Config:
+    """Validate a Hugging Face config dict of a Qwen2/Qwen2.5/Qwen3 model (with or without AHN)."""
+    if not isinstance(cfg, dict):
+        raise AhnError(f"{where}: config is not a JSON object")
+    model_type = str(cfg.get("model_type", "")).lower()
+    arch = " ".join(cfg.get("architectures") or [])
+    if model_type in ("qwen2", "qwen3"):
+        family = model_type
+    elif "Qwen3" in arch:
+        family = "qwen3"
+    elif "Qwen2" in arch:
+        family = "qwen2"
+    else:
+        raise AhnError(f"{where}: model_type {model_type or arch or '?'!r} is not supported "
+                       "(ahn_rt runs Qwen2, Qwen2.5 and Qwen3 models)")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise AhnError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+    hidden = _get(cfg, "hidden_size", where)
+    heads = _get(cfg, "num_attention_heads", where)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    if kv_heads < 1 or heads % kv_heads:
+        raise AhnError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if int(head_dim) % 2:
+        raise AhnError(f"{where}: head_dim {head_dim} must be even for RoPE")
+    # transformers >= 5 nests RoPE settings under rope_parameters; older configs use rope_theta.
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling")
+    rope_type = (rope.get("rope_type") or rope.get("type") or "default") if rope else "default"
+    if scaling not in (None, {}) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+        rope_type = scaling.get("rope_type") or scaling.get("type")
+    if rope_type != "default":
+        raise AhnError(f"{where}: rope scaling {rope_type!r} is not supported (only default RoPE)")
+    theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    stored = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    try:
+        stored_dtype = parse_dtype(stored)
+    except AhnError:
+        stored_dtype = torch.bfloat16
+    ahn_impl = cfg.get("_ahn_implementation")
+    if ahn_impl is None and cfg.get("_layer_implementation", "").endswith("MemDecoderLayer"):
+        ahn_impl = "GatedDeltaNet"
+    if ahn_impl is not None:
+        if ahn_impl != "GatedDeltaNet":
+            raise AhnError(f"{where}: AHN implementation {ahn_impl!r} is not supported (only GatedDeltaNet)")
+        for flag in ("use_q_proj", "use_ahn_router"):
+            if cfg.get(flag):
+                raise AhnError(f"{where}: {flag}=true is not supported (the official inference code "
+                               "cannot run it either, AHN_SPEC §2.5)")
+        if str(cfg.get("fa_layer_ids") or "").strip():
+            raise AhnError(f"{where}: fa_layer_ids={cfg['fa_layer_ids']!r} is not supported "
+                           "(AHN in every layer only, AHN_SPEC §2.5)")
+    is_ahn_cfg = ahn_impl is not None or "num_attn_sinks" in cfg
+    return Config(
+        family=family, vocab_size=_get(cfg, "vocab_size", where), hidden_size=hidden,
+        intermediate_size=_get(cfg, "intermediate_size", where),
+        num_layers=_get(cfg, "num_hidden_layers", where), num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=int(head_dim), rope_theta=theta, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", family == "qwen2")) if family == "qwen3" else True,
+        qk_norm=family == "qwen3",
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 32768),
+        stored_dtype=stored_dtype, eos_token_ids=tuple(int(e) for e in eos_ids),
+        ahn_implementation=ahn_impl,
+        config_window=int(cfg["sliding_window"]) if is_ahn_cfg and cfg.get("sliding_window") else None,
+        config_sinks=int(cfg["num_attn_sinks"]) if cfg.get("num_attn_sinks") is not None else None,
+    )
+
+
+def load_json(path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise AhnError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AhnError(f"{what} {path} is not valid JSON ({str(e).splitlines()[0]})") from None
+
+
+def resolve_runtime(config: Config, *, window, sinks, mode, dtype, has_ahn: bool) -> Config:
+    """Fill the runtime fields: explicit arguments, else the config's AHN fields, else defaults."""
+    if mode is None:
+        mode = "ahn" if has_ahn else "full"
+    if mode not in MODES:
+        raise AhnError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "ahn" and not has_ahn:
+        raise AhnError("mode 'ahn' needs AHN weights: pass --ahn PATH (ahn=...) or a merged checkpoint, "
+                       "or use mode 'swa' / 'full'")
+    for name, v in (("window", window), ("sinks", sinks)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) and not float(v).is_integer()):
+            raise AhnError(f"{name} must be an integer, got {v!r}")
+    if window is None:
+        window = config.config_window or DEFAULT_WINDOW
+    if sinks is None:
+        sinks = config.config_sinks if config.config_sinks is not None else DEFAULT_SINKS
+    window, sinks = int(window), int(sinks)
+    if window < 1:
+        raise AhnError(f"window must be >= 1, got {window}")
+    if sinks < 0:
+        raise AhnError(f"sinks must be >= 0, got {sinks}")
+    dtype = parse_dtype(dtype) or config.stored_dtype
+    return dataclasses.replace(config, window=window, sinks=sinks, mode=mode, dtype=dtype)
+
+
+def rope_inv_freq(config: Config, device) -> torch.Tensor:
+    """inv_freq_i = theta^(-2i/D) in float32, as Hugging Face computes it (AHN_SPEC §1)."""
+    d = config.head_dim
+    exponent = torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d
+    return (1.0 / (config.rope_theta ** exponent)).to(device)
+
+
+def param_count(config: Config) -> int:
+    d, i = config.hidden_size, config.intermediate_size
+    attn = d * (config.q_size + 2 * config.kv_size) + config.q_size * d
+    per_layer = attn + 3 * d * i + 2 * d
+    head = 0 if config.tie_word_embeddings else config.vocab_size * d
+    return config.num_layers * per_layer + config.vocab_size * d + head + d

@@ -1,0 +1,145 @@
+"""The AHN-augmented Qwen decoder: prefill over a chunk of tokens and the single-token decode step.
+
+Semantics: AHN_SPEC §4.2 (the consistent rule; the official decode path's §4.3 a/b bugs are not copied).
+For a query at absolute position t the attention sees the sinks {0..S-1} and the window {t-W+1..t}; once
+t >= S + W, the token t - W has left the window and was written into the layer's GatedDeltaNet memory
+(with the beta/alpha computed when it was first processed), and the memory is read with q_t, gated by
+x_t, and added to the attention output before o_proj. Every hot op goes through ``ahn_rt.ops``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .cache import State
+from .config import AHN_NORM_EPS, Config, rope_inv_freq
+from .weights import Weights
+
+
+class Decoder:
+    def __init__(self, config: Config, weights: Weights, device):
+        self.config = config
+        self.w = weights
+        self.device = torch.device(device)
+        self.inv_freq = rope_inv_freq(config, self.device)
+        self.scale = config.head_dim ** -0.5
+        c = config
+        self._q_end = c.q_size
+        self._k_end = c.q_size + c.kv_size
+        self._v_end = c.q_size + 2 * c.kv_size
+
+    def new_state(self, capacity: int | None = None) -> State:
+        return State(self.config, self.device, capacity)
+
+    # ------------------------------------------------------------------------------------------
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = ops.rms_norm(h, self.w.norm, self.config.rms_norm_eps)
+        return F.linear(h, self.w.lm_head).float()
+
+    def _mlp(self, h: torch.Tensor, lw) -> torch.Tensor:
+        x = ops.rms_norm(h, lw.ln_post, self.config.rms_norm_eps)
+        gate, up = F.linear(x, lw.w_gu).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, lw.w_down)
+
+    def _gates(self, proj: torch.Tensor, lw):
+        """beta (model dtype), alpha (float32), z for every token of a projection [T, P]."""
+        H, v_end = self.config.num_heads, self._v_end
+        a, b, z = proj[:, v_end:v_end + H], proj[:, v_end + H:v_end + 2 * H], proj[:, v_end + 2 * H:]
+        beta = torch.sigmoid(b)
+        alpha = -lw.a_log.exp() * F.softplus(a.float() + lw.dt_bias)
+        return beta, alpha, z
+
+    # ------------------------------------------------------------------------------------------
+    def prefill(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Run T >= 1 tokens at positions st.position.. through every layer; advance the state.
+
+        Returns float32 logits [T, vocab] (or [1, vocab] with ``last_only``).
+        """
+        c = self.config
+        T = ids.numel()
+        p0 = st.position
+        st.ensure_capacity(p0 + T)
+        S, W, H, Hkv, D = st.sinks, st.window, c.num_heads, c.num_kv_heads, c.head_dim
+        dev = self.device
+        pos = torch.arange(p0, p0 + T, dtype=torch.int64, device=dev)
+        cos, sin = ops.rope_cos_sin(pos, self.inv_freq, c.dtype)
+        kpos_cache = st.cached_positions()
+        nc = kpos_cache.numel()
+        kpos = torch.cat([kpos_cache, pos])
+        # Memory pairs: query t in [t0, p0+T) reads after writing token t - W (AHN_SPEC §4.2).
+        t0 = max(p0, S + W)
+        n_ev = max(0, p0 + T - t0) if st.ahn else 0
+        if n_ev:
+            ev_pos = torch.arange(t0 - W, p0 + T - W, dtype=torch.int64, device=dev)
+            ev_idx = torch.where(ev_pos < p0, st.slot(ev_pos), nc + ev_pos - p0)
+        # Cache writes: the tokens of this chunk that are still a sink or inside the window afterwards.
+        keep = (pos < S) | (pos >= p0 + T - W)
+        w_idx = keep.nonzero().squeeze(1)
+        w_slot = st.slot(pos[w_idx])
+
+        h = F.embedding(ids, self.w.embed)
+        for i, lw in enumerate(self.w.layers):
+            k_cache, v_cache, beta_cache, alpha_cache, gdn_state = st.layer(i)
+            x = ops.rms_norm(h, lw.ln_in, c.rms_norm_eps)
+            proj = F.linear(x, lw.w_in, lw.b_in)
+            q = proj[:, : self._q_end].view(T, H, D)
+            k = proj[:, self._q_end: self._k_end].view(T, Hkv, D)
+            v = proj[:, self._k_end: self._v_end].view(T, Hkv, D)
+            if c.qk_norm:
+                q = ops.rms_norm(q, lw.q_norm, c.rms_norm_eps)
+                k = ops.rms_norm(k, lw.k_norm, c.rms_norm_eps)
+            q = ops.rope(q, cos, sin)
+            k = ops.rope(k, cos, sin)
+            k_all = torch.cat([k_cache[:, :nc].transpose(0, 1), k])
+            v_all = torch.cat([v_cache[:, :nc].transpose(0, 1), v])
+            attn = ops.window_attention(q, k_all, v_all, pos, kpos, S, W, self.scale)
+            if st.ahn:
+                beta, alpha, z = self._gates(proj, lw)
+                if n_ev:
+                    beta_all = torch.cat([beta_cache[:nc], beta])
+                    alpha_all = torch.cat([alpha_cache[:nc], alpha])
+                    r = slice(T - n_ev, T)
+                    o = ops.gdn_chunk(q[r], k_all[ev_idx], v_all[ev_idx], beta_all[ev_idx],
+                                      alpha_all[ev_idx], gdn_state)
+                    attn[r] += ops.gdn_output(o, z[r], lw.o_norm, lw.ahn_o_proj, AHN_NORM_EPS)
+                beta_cache[w_slot] = beta[w_idx]
+                alpha_cache[w_slot] = alpha[w_idx]
+            k_cache[:, w_slot] = k[w_idx].transpose(0, 1)
+            v_cache[:, w_slot] = v[w_idx].transpose(0, 1)
+            h = h + F.linear(attn.view(T, H * D), lw.w_o)
+            h = self._mlp(h, lw)
+        st.advance(T)
+        return self._logits(h[-1:] if last_only else h)
+
+    # ------------------------------------------------------------------------------------------
+    def decode_step(self, st: State, ids: torch.Tensor) -> torch.Tensor:
+        """One token (ids: int64 [1] on the device) at position st.pos (device). Does not advance the
+        position: the caller does (eagerly, or inside a captured CUDA graph). Returns logits [1, vocab]."""
+        c = self.config
+        S, W, H = st.sinks, st.window, c.num_heads
+        h = F.embedding(ids, self.w.embed)
+        for i, lw in enumerate(self.w.layers):
+            k_cache, v_cache, beta_cache, alpha_cache, gdn_state = st.layer(i)
+            x = ops.rms_norm(h, lw.ln_in, c.rms_norm_eps)
+            proj = F.linear(x, lw.w_in, lw.b_in)[0]
+            q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps,
+                                lw.a_log, lw.dt_bias, k_cache, v_cache, beta_cache, alpha_cache, S, W,
+                                st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict)
+            attn = ops.swa_decode(q, k_cache, v_cache, st.pos, S, W, self.scale)
+            if st.ahn:
+                ops.gdn_decode(gdn_state, q, st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict,
+                               proj[-H:], lw.o_norm, lw.ahn_o_proj, attn, st.pos, S, W, AHN_NORM_EPS)
+            h = h + F.linear(attn.view(1, -1), lw.w_o)
+            h = self._mlp(h, lw)
+        return self._logits(h)
+
+    def forward(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Tokens through the model. A single token takes the decode kernels, longer feeds the
+        prefill path; both follow the same rule (tests check they agree)."""
+        if ids.numel() == 1:
+            st.ensure_capacity(st.position + 1)
+            logits = self.decode_step(st, ids)
+            st.advance(1)
+            return logits
+        return self.prefill(st, ids, last_only)

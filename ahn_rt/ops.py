@@ -1,0 +1,95 @@
+"""The one place that chooses a backend for every hot op.
+
+Model code calls only the functions here. Each dispatches to the compiled op ``torch.ops.ahn_rt.<name>``
+(C++ on the CPU, CUDA kernels on the GPU; built from csrc/ into ``ahn_rt._C``) when the extension is
+built and has an implementation for the tensors' device, else to the pure-torch reference
+``ahn_rt.ref.<name>_ref`` of the same signature.
+
+``AHN_RT_BACKEND=ref`` forces the references (the benchmark's "reference ops" row uses
+``use_backend("ref")``); ``AHN_RT_BACKEND=ext`` makes a missing extension an error instead of a
+silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from . import ref
+from .errors import AhnError
+
+_ext_error: str | None = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.ahn_rt.*)
+    from . import _meta  # noqa: F401  (fake implementations for torch.compile / opcheck)
+except ImportError as e:  # pragma: no cover - depends on the build
+    _ext_error = str(e)
+
+_backend = os.environ.get("AHN_RT_BACKEND", "auto")
+if _backend not in ("auto", "ref", "ext"):
+    raise AhnError(f"AHN_RT_BACKEND={_backend!r} is not one of auto, ref, ext")
+
+
+def ext_available() -> bool:
+    return _ext_error is None
+
+
+def backend() -> str:
+    """'ext' when compiled ops are used where they exist, 'ref' when only references are."""
+    return "ref" if _backend == "ref" or not ext_available() else "ext"
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Temporarily force 'ref' (or 'auto'/'ext') for the ops called inside the block."""
+    global _backend
+    old, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = old
+
+
+def _use_ext(t: torch.Tensor) -> bool:
+    if _backend == "ref":
+        return False
+    if not ext_available():
+        if _backend == "ext":
+            raise AhnError(f"the compiled extension ahn_rt._C is missing ({_ext_error}); "
+                           "build it with: pip install --no-build-isolation -e .")
+        return False
+    return t.device.type in ("cpu", "cuda")
+
+
+# ---- ops with a compiled implementation ------------------------------------------------------
+def rms_norm(x, weight, eps):
+    if _use_ext(x):
+        shape = x.shape
+        return torch.ops.ahn_rt.rms_norm(x.reshape(-1, shape[-1]), weight, eps).view(shape)
+    return ref.rms_norm_ref(x, weight, eps)
+
+
+def decode_prep(proj, inv_freq, pos, q_norm, k_norm, norm_eps, a_log, dt_bias, k_cache, v_cache,
+                beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict):
+    fn = torch.ops.ahn_rt.decode_prep if _use_ext(proj) else ref.decode_prep_ref
+    return fn(proj, inv_freq, pos, q_norm, k_norm, norm_eps, a_log, dt_bias, k_cache, v_cache,
+              beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict)
+
+
+def swa_decode(q, k_cache, v_cache, pos, sinks, window, scale):
+    fn = torch.ops.ahn_rt.swa_decode if _use_ext(q) else ref.swa_decode_ref
+    return fn(q, k_cache, v_cache, pos, sinks, window, scale)
+
+
+def gdn_decode(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps):
+    fn = torch.ops.ahn_rt.gdn_decode if _use_ext(q) else ref.gdn_decode_ref
+    fn(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps)
+
+
+# ---- ops that run as references for now (prefill path) ----------------------------------------
+rope = ref.rope_ref
+rope_cos_sin = ref.rope_cos_sin_ref
+window_attention = ref.window_attention_ref
+gdn_chunk = ref.gdn_chunk_ref
+gdn_output = ref.gdn_output_ref

@@ -1,0 +1,287 @@
+"""Pure-torch reference implementations of every hot op.
+
+Each function here has exactly the signature of the op of the same name (minus ``_ref``) in
+``ahn_rt.ops``; the compiled kernels in csrc/ are tested against these. They favour being obviously
+right over being fast: float32 math, literal loops where the math is a recurrence.
+
+Shapes use T for tokens, H for query heads, Hkv for key/value heads (H % Hkv == 0, query head h reads
+kv head h // (H // Hkv)), D / Dk / Dv for head dims, C = sinks + window for the cache capacity.
+
+Cache layout (owned by ``ahn_rt.cache``): one layer's keys are ``[Hkv, C, D]``; slots ``[0, S)`` hold the
+sink tokens, slots ``[S, S + W)`` are a ring buffer, and position ``p >= S`` lives in slot
+``S + (p - S) % W``. Positions ``p < S + W`` therefore sit in slot ``p`` and the valid slots after
+``p + 1`` tokens are always ``[0, min(p + 1, S + W))``. Keys are stored after RoPE, so attention does not
+care about slot order.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# fla's fused_recurrent kernel normalizes q and k as x / (||x|| + eps) (AHN_SPEC §3 step 1).
+L2_EPS = 1e-6
+# fla's chunked kernels work on blocks of 64 time steps (AHN_SPEC §3, chunk form).
+GDN_CHUNK = 64
+
+
+def ring_slot(pos: int, sinks: int, window: int) -> int:
+    """Slot of absolute position ``pos`` in the sinks + ring cache (see the module docstring)."""
+    return pos if pos < sinks else sinks + (pos - sinks) % window
+
+
+# ----------------------------------------------------------------------------------------------
+# Norms and RoPE
+# ----------------------------------------------------------------------------------------------
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen RMSNorm over the last dim: normalize in float32, round to x.dtype, then scale."""
+    xf = x.float()
+    r = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * r.to(x.dtype)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: [T, nh, D]; cos, sin: [T, D] in x.dtype (dim i pairs with i + D/2)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                         k_pos: torch.Tensor, sinks: int, window: int, scale: float) -> torch.Tensor:
+    """Attention of T queries over Tk keys under the AHN mask (AHN_SPEC §2.2).
+
+    q: [T, H, D]; k, v: [Tk, Hkv, D]; q_pos: [T], k_pos: [Tk] absolute positions (int64).
+    Query at p sees key at j iff j <= p and (p - j < window or j < sinks). Softmax in float32.
+    Returns [T, H, D] in q.dtype.
+    """
+    T, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    kf = k.float().repeat_interleave(G, dim=1).transpose(0, 1)  # [H, Tk, D]
+    vf = v.float().repeat_interleave(G, dim=1).transpose(0, 1)
+    out = torch.empty(T, H, v.shape[-1], dtype=q.dtype, device=q.device)
+    # Query blocks bound the [H, block, Tk] score tensor on long prompts.
+    block = max(1, (1 << 24) // max(1, H * k.shape[0]))
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        qp = q_pos[s:e, None]
+        kp = k_pos[None, :]
+        allowed = (kp <= qp) & ((qp - kp < window) | (kp < sinks))
+        scores = torch.einsum("thd,hkd->htk", q[s:e].float(), kf) * scale
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[s:e] = torch.einsum("htk,hkd->thd", probs, vf).to(q.dtype)
+    return out
+
+
+def ring_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: torch.Tensor,
+                   alpha_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                   alpha: torch.Tensor, pos: torch.Tensor, sinks: int, window: int,
+                   k_evict: torch.Tensor, v_evict: torch.Tensor, beta_evict: torch.Tensor,
+                   alpha_evict: torch.Tensor) -> None:
+    """Write one decoded token into its ring slot, handing the slot's old token to the memory first.
+
+    k_cache, v_cache: [Hkv, C, D]; beta_cache: [C, H] (model dtype); alpha_cache: [C, H] float32;
+    k, v: [Hkv, D]; beta: [H]; alpha: [H]; pos: int64 tensor [1] = absolute position of the new token.
+    When pos >= sinks + window the slot holds position pos - window, which is copied into
+    k_evict / v_evict / beta_evict / alpha_evict before it is overwritten; otherwise those buffers are
+    left untouched. Sink slots are written only by positions < sinks.
+    """
+    p = int(pos.reshape(-1)[0])
+    slot = ring_slot(p, sinks, window)
+    if p >= sinks + window:
+        k_evict.copy_(k_cache[:, slot])
+        v_evict.copy_(v_cache[:, slot])
+        beta_evict.copy_(beta_cache[slot])
+        alpha_evict.copy_(alpha_cache[slot])
+    k_cache[:, slot] = k
+    v_cache[:, slot] = v
+    beta_cache[slot] = beta
+    alpha_cache[slot] = alpha
+
+
+def swa_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                   sinks: int, window: int, scale: float) -> torch.Tensor:
+    """One query over the sinks + ring cache after the token at ``pos`` was written.
+
+    q: [H, D]; k_cache, v_cache: [Hkv, C, D]; pos: int64 tensor [1]. Attends slots
+    [0, min(pos + 1, sinks + window)). Returns [H, D] in q.dtype.
+    """
+    p = int(pos.reshape(-1)[0])
+    n = min(p + 1, sinks + window)
+    H = q.shape[0]
+    G = H // k_cache.shape[0]
+    kf = k_cache[:, :n].float().repeat_interleave(G, dim=0)  # [H, n, D]
+    vf = v_cache[:, :n].float().repeat_interleave(G, dim=0)
+    scores = torch.einsum("hd,hnd->hn", q.float(), kf) * scale
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hn,hnd->hd", probs, vf).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated delta rule (AHN_SPEC §3)
+# ----------------------------------------------------------------------------------------------
+def _gdn_inputs(q, k, v, beta, g, scale):
+    """Upcast, expand kv heads to query heads, l2-normalize q/k and scale q."""
+    H = q.shape[1]
+    G = H // k.shape[1]
+    qf = q.float()
+    kf = k.float().repeat_interleave(G, dim=1)
+    vf = v.float().repeat_interleave(G, dim=1)
+    qf = qf / (qf.norm(dim=-1, keepdim=True) + L2_EPS)
+    kf = kf / (kf.norm(dim=-1, keepdim=True) + L2_EPS)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return qf * scale, kf, vf, beta.float(), g.float()
+
+
+def gdn_recurrent_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                      g: torch.Tensor, state: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Gated delta rule, one step at a time (fla's fused_recurrent semantics).
+
+    q: [n, H, Dk] (read queries); k: [n, Hkv, Dk], v: [n, Hkv, Dv] (written tokens); beta: [n, H];
+    g: [n, H] log-decay (<= 0, float32); state: [H, Dk, Dv] float32, updated in place.
+    Step t: S <- exp(g_t) S; S <- S + k^ (beta_t (v_t - S^T k^))^T; o_t = S^T (scale q^).
+    Returns o: [n, H, Dv] in q.dtype.
+    """
+    qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, g, scale)
+    S = state.clone()
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32, device=q.device)
+    for t in range(q.shape[0]):
+        S = S * gf[t].exp()[:, None, None]
+        u = bf[t][:, None] * (vf[t] - torch.einsum("hk,hkv->hv", kf[t], S))
+        S = S + kf[t][:, :, None] * u[:, None, :]
+        out[t] = torch.einsum("hk,hkv->hv", qf[t], S)
+    state.copy_(S)
+    return out.to(q.dtype)
+
+
+def gdn_chunk_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                  g: torch.Tensor, state: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Gated delta rule in the chunked (WY) form: same function as ``gdn_recurrent_ref``.
+
+    Within a block of C steps with cumulative log-decay G_i and block-start state S0:
+      (I + A) U = diag(beta) (V - diag(e^G) K S0),   A_ij = beta_i e^(G_i - G_j) k_i.k_j  (j < i)
+      O = diag(e^G) Q S0 + tril((Q K^T) * e^(G_i - G_j)) U
+      S_C = e^(G_C) S0 + (K * e^(G_C - G))^T U
+    The python loop runs over blocks, never over tokens.
+    """
+    qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, g, scale)
+    n = q.shape[0]
+    # Work head-major: [H, n, .]
+    qf, kf, vf = (t.transpose(0, 1) for t in (qf, kf, vf))
+    bf, gf = bf.transpose(0, 1), gf.transpose(0, 1)
+    S = state.clone()
+    out = torch.empty_like(vf[..., :1].expand(-1, -1, vf.shape[-1]).contiguous())
+    for s in range(0, n, GDN_CHUNK):
+        e = min(n, s + GDN_CHUNK)
+        Q, K, V, B = qf[:, s:e], kf[:, s:e], vf[:, s:e], bf[:, s:e]
+        Gc = gf[:, s:e].cumsum(-1)                                   # [H, c]
+        diff = Gc[:, :, None] - Gc[:, None, :]                       # G_i - G_j
+        c = e - s
+        lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(-1)
+        decay = torch.where(lower, diff, torch.full_like(diff, float("-inf"))).exp()
+        A = B[:, :, None] * (K @ K.transpose(1, 2)) * decay
+        eye = torch.eye(c, dtype=A.dtype, device=A.device).expand_as(A)
+        rhs = B[:, :, None] * (V - Gc.exp()[:, :, None] * (K @ S))
+        U = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+        incl = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        decay_o = torch.where(incl, diff, torch.full_like(diff, float("-inf"))).exp()
+        out[:, s:e] = (Gc.exp()[:, :, None] * Q) @ S + ((Q @ K.transpose(1, 2)) * decay_o) @ U
+        last = Gc[:, -1:]
+        S = last.exp()[:, :, None] * S + (K * (last - Gc).exp()[:, :, None]).transpose(1, 2) @ U
+    state.copy_(S)
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def gdn_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """AHN output head: per-head RMSNorm * w * swish(z) in float32, then the grouped o_proj.
+
+    o: [n, H, Dv]; z: [n, H] (per-head gate scalar); norm_weight: [Dv]; o_proj: [H, Dv, Dv] stored
+    (in, out). Returns m: [n, H, Dv] in o.dtype.
+    """
+    of = o.float()
+    zf = z.float()[:, :, None]
+    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float() * zf * torch.sigmoid(zf)
+    y = y.to(o.dtype)
+    return torch.einsum("nhi,hio->nho", y, o_proj.to(o.dtype))
+
+
+def gdn_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   beta: torch.Tensor, g: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor,
+                   o_proj: torch.Tensor, out: torch.Tensor, pos: torch.Tensor, sinks: int, window: int,
+                   eps: float) -> None:
+    """One fused AHN memory step for a decoded token, added into the attention output.
+
+    Runs only when pos >= sinks + window (a token left the window); otherwise does nothing.
+    state: [H, Dk, Dv] float32 (in place); q: [H, Dk] read query; k: [Hkv, Dk], v: [Hkv, Dv], beta: [H],
+    g: [H] (float32) of the evicted token; z: [H] gate of the reading token; out: [H, Dv], += memory.
+    """
+    if int(pos.reshape(-1)[0]) < sinks + window:
+        return
+    o = gdn_recurrent_ref(q[None], k[None], v[None], beta[None], g[None], state)
+    m = gdn_output_ref(o, z[None], norm_weight, o_proj, eps)[0]
+    out.copy_((out + m).to(out.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused decode front: after the one projection GEMM of a decoded token
+# ----------------------------------------------------------------------------------------------
+def rope_cos_sin_ref(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin [T, D] for int64 positions [T]: fp32 angle = pos * inv_freq, rounded to ``dtype``
+    (as Hugging Face computes them, AHN_SPEC §1)."""
+    angle = pos.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((angle, angle), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor,
+                    q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, norm_eps: float,
+                    a_log: torch.Tensor | None, dt_bias: torch.Tensor | None,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: torch.Tensor | None,
+                    alpha_cache: torch.Tensor | None, sinks: int, window: int,
+                    k_evict: torch.Tensor, v_evict: torch.Tensor, beta_evict: torch.Tensor | None,
+                    alpha_evict: torch.Tensor | None) -> torch.Tensor:
+    """Everything between a decoded token's projection GEMM and its attention, for one layer.
+
+    proj: [P] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | a (H) | b (H) | g (H)] with biases already added;
+    the a/b/g tail exists only when ``a_log`` is given (AHN gates). H, Hkv, D come from the caches:
+    k_cache [Hkv, C, D], beta_cache [C, H]; without gates H = (P - 2*Hkv*D) / D.
+    1. optional per-head RMSNorm of q and k (Qwen3 q_norm/k_norm, eps ``norm_eps``), before RoPE;
+    2. RoPE at absolute position pos[0] (int64 tensor [1]) with fp32 angles, cos/sin in proj.dtype;
+    3. gates (when a_log is given): beta = sigmoid(b) (proj.dtype), alpha = -exp(a_log) *
+       softplus(a + dt_bias) (float32);
+    4. ring_write_ref of (k, v, beta, alpha) at pos, evicting the slot's old token first.
+    Returns q after norm + RoPE: [H, D] in proj.dtype. (The output gate z is proj's last H values.)
+    """
+    Hkv, _, D = k_cache.shape
+    gated = a_log is not None
+    H = beta_cache.shape[1] if gated else (proj.shape[0] - 2 * Hkv * D) // D
+    q = proj[: H * D].view(H, D)
+    k = proj[H * D: (H + Hkv) * D].view(Hkv, D)
+    v = proj[(H + Hkv) * D: (H + 2 * Hkv) * D].view(Hkv, D)
+    if q_norm is not None:
+        q = rms_norm_ref(q, q_norm, norm_eps)
+        k = rms_norm_ref(k, k_norm, norm_eps)
+    cos, sin = rope_cos_sin_ref(pos.reshape(1), inv_freq, proj.dtype)
+    q = rope_ref(q[None], cos, sin)[0]
+    k = rope_ref(k[None], cos, sin)[0]
+    if gated:
+        a = proj[(H + 2 * Hkv) * D: (H + 2 * Hkv) * D + H]
+        b = proj[(H + 2 * Hkv) * D + H: (H + 2 * Hkv) * D + 2 * H]
+        beta = torch.sigmoid(b.float()).to(proj.dtype)
+        alpha = -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+        ring_write_ref(k_cache, v_cache, beta_cache, alpha_cache, k, v, beta, alpha, pos, sinks, window,
+                       k_evict, v_evict, beta_evict, alpha_evict)
+    else:
+        p = int(pos.reshape(-1)[0])
+        slot = ring_slot(p, sinks, window)
+        k_cache[:, slot] = k
+        v_cache[:, slot] = v
+    return q

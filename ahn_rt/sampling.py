@@ -1,0 +1,92 @@
+"""Token sampling on the device, without a host sync: repetition penalty, temperature, top-k, top-p,
+min-p, seeded. Written with plain tensor ops of fixed shapes so the CUDA decode graph can capture it.
+
+Order (as Hugging Face's generate applies its processors): repetition penalty, temperature, top-k,
+top-p, min-p; temperature 0 means greedy (argmax after the repetition penalty).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import AhnError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise AhnError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Holds the device-side sampling state of one generation: the seen-token mask for the repetition
+    penalty and the random generator."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device):
+        self.p = params
+        self.device = torch.device(device)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+        self.gen = torch.Generator(device=self.device)
+        if params.seed is not None:
+            self.gen.manual_seed(params.seed)
+        else:
+            self.gen.seed()
+
+    def observe(self, ids: torch.Tensor):
+        """Mark tokens (prompt or generated) as seen for the repetition penalty."""
+        self.seen[ids.reshape(-1)] = True
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Exponential(1) noise: argmax(p / E) is a sample from p (no host sync, unlike multinomial)."""
+        return torch.empty_like(like).exponential_(generator=self.gen)
+
+    def sample(self, logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """logits: float32 [vocab] -> int64 [1] on the device; marks the token as seen."""
+        p = self.p
+        x = logits.float()
+        if p.repetition_penalty != 1.0:
+            pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            x = torch.where(self.seen, pen, x)
+        if p.greedy:
+            tok = x.argmax().view(1)
+        else:
+            x = x / p.temperature
+            if p.top_k and p.top_k < x.numel():
+                kth = torch.topk(x, p.top_k).values[-1]
+                x = x.masked_fill(x < kth, float("-inf"))
+            if p.top_p < 1.0:
+                sorted_x, order = torch.sort(x, descending=True)
+                probs = torch.softmax(sorted_x, -1)
+                # drop a token when the mass before it already reaches top_p (keeps at least one)
+                drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
+                drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+                x = x.masked_fill(drop, float("-inf"))
+            probs = torch.softmax(x, -1)
+            if p.min_p > 0:
+                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            if noise is None:
+                noise = self.noise(probs)
+            tok = (probs / noise).argmax().view(1)
+        self.seen[tok] = True
+        return tok

@@ -1,0 +1,316 @@
+"""The one place that loads weights.
+
+Accepts a ``.safetensors`` file, a Hugging Face checkpoint folder (``model.safetensors`` or shards listed in
+``model.safetensors.index.json``), and optionally a separate AHN-only checkpoint (file or folder) with the
+official key names ``model.layers.N.ahn.fn.*`` (AHN_SPEC §5.1). Loading is strict: every expected tensor
+must be present with the right shape and every stored tensor must be used, else one ``AhnError`` lists
+what is wrong. Pickle checkpoints are refused, never unpickled.
+
+Tensors are read one at a time from memory-mapped files, converted to the runtime dtype and moved to the
+device, so peak host memory stays near one copy of the model. The per-layer projections are fused here
+into the layout the model computes with:
+
+* ``w_in``  = [q | k | v | a | b | g] rows ([H*D + 2*Hkv*D (+ 3H), d]), ``b_in`` the matching bias
+  (zeros for the AHN gate rows): one GEMM gives everything a token needs before attention;
+* ``w_gu``  = [gate | up] rows ([2I, d]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import Config, load_json, parse_config
+from .errors import AhnError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+AHN_KEYS = {  # name -> shape as a function of the config (AHN_SPEC §5.1)
+    "A_log": lambda c: (c.num_heads,),
+    "D": lambda c: (c.num_heads,),
+    "dt_bias": lambda c: (c.num_heads,),
+    "a_proj.weight": lambda c: (c.num_heads, c.hidden_size),
+    "b_proj.weight": lambda c: (c.num_heads, c.hidden_size),
+    "g_proj.weight": lambda c: (c.num_heads, c.hidden_size),
+    "o_norm.weight": lambda c: (c.head_dim,),
+    "o_proj.weight": lambda c: (c.num_heads, c.head_dim, c.head_dim),
+}
+
+
+@dataclasses.dataclass
+class LayerWeights:
+    ln_in: torch.Tensor
+    w_in: torch.Tensor
+    b_in: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    w_o: torch.Tensor
+    ln_post: torch.Tensor
+    w_gu: torch.Tensor
+    w_down: torch.Tensor
+    # AHN GatedDeltaNet (None outside mode 'ahn')
+    a_log: torch.Tensor | None = None      # float32 [H]
+    dt_bias: torch.Tensor | None = None    # float32 [H]
+    o_norm: torch.Tensor | None = None     # [D]
+    ahn_o_proj: torch.Tensor | None = None  # [H, D, D] (in, out)
+
+
+@dataclasses.dataclass
+class Weights:
+    embed: torch.Tensor
+    norm: torch.Tensor
+    lm_head: torch.Tensor      # the embedding itself when tied
+    layers: list[LayerWeights]
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding files and the config
+# ----------------------------------------------------------------------------------------------
+def _refuse_pickle(path: Path):
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AhnError(f"{path} is a pickle checkpoint, which ahn_rt never loads (it can run code); "
+                       "convert it to .safetensors first")
+
+
+def _check_safetensors(path: Path):
+    """A readable header, and a file at least as long as the header says (catches truncation)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file too short")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"truncated: {size} bytes, header needs {8 + n + end}")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise AhnError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]}); "
+                       "re-download or re-export it") from None
+
+
+def _weight_files(path: Path, what: str) -> list[Path]:
+    if not path.exists():
+        raise AhnError(f"{what} not found: {path}")
+    if path.is_file():
+        _refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise AhnError(f"{path}: expected a .safetensors file or a checkpoint folder")
+        files = [path]
+    else:
+        index = path / "model.safetensors.index.json"
+        single = path / "model.safetensors"
+        if index.exists():
+            idx = load_json(index, "shard index")
+            names = sorted(set((idx.get("weight_map") or {}).values()))
+            if not names:
+                raise AhnError(f"{index} lists no shards")
+            files = [path / n for n in names]
+            for f in files:
+                if not f.exists():
+                    raise AhnError(f"shard {f.name} listed in {index.name} is missing from {path}")
+        elif single.exists():
+            files = [single]
+        else:
+            found = sorted(path.glob("*.safetensors"))
+            if len(found) == 1:
+                files = found
+            else:
+                pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+                hint = (f" (found pickle files {', '.join(pickles)}, which ahn_rt never loads)" if pickles else "")
+                raise AhnError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+    for f in files:
+        _check_safetensors(f)
+    return files
+
+
+def _metadata_config(files: list[Path]) -> dict | None:
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata() or {}
+        if "config" in meta:
+            try:
+                return json.loads(meta["config"])
+            except json.JSONDecodeError:
+                raise AhnError(f"{f}: the 'config' metadata is not valid JSON") from None
+    return None
+
+
+def find_config(path: Path, files: list[Path]) -> dict | None:
+    """config.json beside the weights, else the safetensors metadata key 'config'."""
+    folder = path if path.is_dir() else path.parent
+    cfg_file = folder / "config.json"
+    if cfg_file.exists():
+        return load_json(cfg_file, "config")
+    return _metadata_config(files)
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict loading
+# ----------------------------------------------------------------------------------------------
+class _Source:
+    """key -> file, over several safetensors files; tensors are read lazily (memory-mapped)."""
+
+    def __init__(self, files: list[Path]):
+        self.where: dict[str, Path] = {}
+        self.handles = {}
+        for f in files:
+            h = safe_open(str(f), framework="pt")
+            self.handles[f] = h
+            for k in h.keys():
+                self.where[k] = f
+
+    def shape(self, key):
+        return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+
+    def get(self, key) -> torch.Tensor:
+        try:
+            return self.handles[self.where[key]].get_tensor(key)
+        except Exception as e:  # corrupt data region
+            raise AhnError(f"cannot read tensor {key} from {self.where[key]}: {str(e).splitlines()[0]}") from None
+
+
+def _base_shapes(c: Config) -> dict[str, tuple]:
+    d, i = c.hidden_size, c.intermediate_size
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, d)
+    for n in range(c.num_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (c.q_size, d), p + "self_attn.k_proj.weight": (c.kv_size, d),
+            p + "self_attn.v_proj.weight": (c.kv_size, d), p + "self_attn.o_proj.weight": (d, c.q_size),
+            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d), p + "mlp.down_proj.weight": (d, i),
+        })
+        if c.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (c.q_size,), p + "self_attn.k_proj.bias": (c.kv_size,),
+                           p + "self_attn.v_proj.bias": (c.kv_size,)})
+        if c.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,)})
+    return shapes
+
+
+def _ahn_shapes(c: Config) -> dict[str, tuple]:
+    return {f"model.layers.{n}.ahn.fn.{name}": tuple(f(c)) for n in range(c.num_layers)
+            for name, f in AHN_KEYS.items()}
+
+
+def _check_keys(expected: dict, src: _Source, keys: set, what: str, optional=()):
+    missing = sorted(set(expected) - keys)
+    unexpected = sorted(keys - set(expected) - set(optional))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_short(unexpected)}")
+    if problems:
+        raise AhnError(f"{what} does not match the config: " + "; ".join(problems))
+    for k, shape in expected.items():
+        got = src.shape(k)
+        if got != shape:
+            raise AhnError(f"{what}: tensor {k} has shape {list(got)}, the config needs {list(shape)}")
+
+
+def _short(keys, n=6):
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def open_checkpoint(weights, ahn=None):
+    """Locate files and config. Returns (config dict, where, base _Source, ahn _Source or None)."""
+    path = Path(os.fspath(weights)).expanduser()
+    files = _weight_files(path, "weights")
+    cfg = find_config(path, files)
+    if cfg is None:
+        raise AhnError(f"no config for {path}: put the model's config.json beside the weights "
+                       "(or use a file written by ahn_rt, which embeds it)")
+    ahn_src = ahn_cfg = None
+    if ahn is not None:
+        apath = Path(os.fspath(ahn)).expanduser()
+        afiles = _weight_files(apath, "AHN checkpoint")
+        ahn_cfg = find_config(apath, afiles)
+        ahn_src = _Source(afiles)
+    return cfg, ahn_cfg, path, _Source(files), ahn_src
+
+
+def has_ahn_keys(src: _Source | None) -> bool:
+    return src is not None and any(".ahn." in k or k.startswith("ahn.") for k in src.where)
+
+
+def load_weights(config: Config, src: _Source, ahn_src: _Source | None, device, where: str) -> Weights:
+    """Strictly check and load every tensor, converted to config.dtype on ``device``."""
+    base_keys = {k for k in src.where}
+    merged_ahn = {k for k in base_keys if ".ahn." in k}
+    base_keys -= merged_ahn
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    _check_keys(_base_shapes(config), src, base_keys, f"checkpoint {where}", optional=optional)
+    ahn_keys = merged_ahn
+    ahn_from = src
+    if ahn_src is not None:
+        if merged_ahn:
+            raise AhnError(f"{where} already holds AHN weights; drop --ahn or use the base checkpoint")
+        ahn_keys, ahn_from = set(ahn_src.where), ahn_src
+    if ahn_keys:
+        _check_keys(_ahn_shapes(config), ahn_from, ahn_keys, "AHN checkpoint")
+
+    dt = config.dtype
+    use_ahn = config.mode == "ahn"
+
+    def get(k, s=src, dtype=dt):
+        return s.get(k).to(device=device, dtype=dtype)
+
+    layers = []
+    H = config.num_heads
+    for n in range(config.num_layers):
+        p = f"model.layers.{n}."
+        parts = [get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+        biases = [get(p + f"self_attn.{x}_proj.bias") for x in "qkv"] if config.attention_bias else None
+        lw = LayerWeights(
+            ln_in=get(p + "input_layernorm.weight"), w_in=None, b_in=None,
+            q_norm=get(p + "self_attn.q_norm.weight") if config.qk_norm else None,
+            k_norm=get(p + "self_attn.k_norm.weight") if config.qk_norm else None,
+            w_o=get(p + "self_attn.o_proj.weight"), ln_post=get(p + "post_attention_layernorm.weight"),
+            w_gu=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+            w_down=get(p + "mlp.down_proj.weight"))
+        if use_ahn:
+            a = p + "ahn.fn."
+            parts += [get(a + "a_proj.weight", ahn_from), get(a + "b_proj.weight", ahn_from),
+                      get(a + "g_proj.weight", ahn_from)]
+            if biases is not None:
+                biases.append(torch.zeros(3 * H, dtype=dt, device=device))
+            # The official merge rounds every AHN tensor to the model dtype (AHN_SPEC §5.1); the decay
+            # parameters are then used in float32.
+            lw.a_log = get(a + "A_log", ahn_from).float()
+            lw.dt_bias = get(a + "dt_bias", ahn_from).float()
+            lw.o_norm = get(a + "o_norm.weight", ahn_from)
+            lw.ahn_o_proj = get(a + "o_proj.weight", ahn_from)
+        lw.w_in = torch.cat(parts)
+        lw.b_in = torch.cat(biases) if biases is not None else None
+        layers.append(lw)
+    embed = get("model.embed_tokens.weight")
+    head = embed if config.tie_word_embeddings else get("lm_head.weight")
+    return Weights(embed=embed, norm=get("model.norm.weight"), lm_head=head, layers=layers)
+
+
+def load(weights, ahn=None, *, resolve, device) -> tuple[Config, Weights]:
+    """Open, configure (``resolve(config, has_ahn)`` picks the runtime fields) and load."""
+    cfg, ahn_cfg, path, src, ahn_src = open_checkpoint(weights, ahn)
+    config = parse_config(cfg, str(path))
+    if ahn_cfg is not None:
+        # W, S and the AHN implementation may live in the AHN checkpoint's own config.
+        a = parse_config({**cfg, **{k: v for k, v in ahn_cfg.items() if k in (
+            "_ahn_implementation", "_layer_implementation", "sliding_window", "num_attn_sinks",
+            "use_q_proj", "use_ahn_router", "fa_layer_ids")}}, str(ahn))
+        config = dataclasses.replace(config, ahn_implementation=a.ahn_implementation or "GatedDeltaNet",
+                                     config_window=a.config_window or config.config_window,
+                                     config_sinks=a.config_sinks if a.config_sinks is not None else config.config_sinks)
+    has_ahn = has_ahn_keys(src) or has_ahn_keys(ahn_src)
+    config = resolve(config, has_ahn)
+    return config, load_weights(config, src, ahn_src, device, str(path))
