@@ -62,6 +62,18 @@ def load(weights, ahn=None, window=None, sinks=None, dtype=None, device=None, mo
                  tokenizer_path=Path(tokenizer) if tokenizer else folder / "tokenizer.json")
 
 
+def from_state_dict(cfg: dict, tensors: dict, window=None, sinks=None, dtype=None, device=None, mode=None,
+                    chunk_size: int = DEFAULT_CHUNK) -> "Model":
+    """A Model from a config dict and tensors under checkpoint key names (no file)."""
+    dev = _device(device)
+
+    def resolve(config, has_ahn):
+        return resolve_runtime(config, window=window, sinks=sinks, mode=mode, dtype=dtype, has_ahn=has_ahn)
+
+    config, w = weights_mod.from_state_dict(cfg, tensors, resolve=resolve, device=dev)
+    return Model(config, w, dev, chunk_size=_check_chunk(chunk_size))
+
+
 @dataclasses.dataclass
 class GenerationStats:
     prompt_tokens: int = 0

@@ -177,6 +177,20 @@ class _Source:
             raise AhnError(f"cannot read tensor {key} from {self.where[key]}: {str(e).splitlines()[0]}") from None
 
 
+class _DictSource(_Source):
+    """The same interface over tensors already in memory (the benchmark's random weights)."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+        self.where = {k: "<memory>" for k in tensors}
+
+    def shape(self, key):
+        return tuple(self.tensors[key].shape)
+
+    def get(self, key) -> torch.Tensor:
+        return self.tensors[key]
+
+
 def _base_shapes(c: Config) -> dict[str, tuple]:
     d, i = c.hidden_size, c.intermediate_size
     shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
@@ -297,6 +311,13 @@ def load_weights(config: Config, src: _Source, ahn_src: _Source | None, device, 
     embed = get("model.embed_tokens.weight")
     head = embed if config.tie_word_embeddings else get("lm_head.weight")
     return Weights(embed=embed, norm=get("model.norm.weight"), lm_head=head, layers=layers)
+
+
+def from_state_dict(cfg: dict, tensors: dict, *, resolve, device) -> tuple[Config, Weights]:
+    """Like ``load`` for a config dict and tensors in memory (random benchmark weights)."""
+    src = _DictSource(tensors)
+    config = resolve(parse_config(cfg, "<memory>"), has_ahn_keys(src))
+    return config, load_weights(config, src, None, device, "<memory>")
 
 
 def load(weights, ahn=None, *, resolve, device) -> tuple[Config, Weights]:
