@@ -87,9 +87,24 @@ def gdn_decode(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks,
     fn(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps)
 
 
-# ---- ops that run as references for now (prefill path) ----------------------------------------
+# ---- prefill path: torch implementations -------------------------------------------------------
+def window_attention(q, k, v, q_pos, k_pos, sinks, window, scale):
+    if q.is_cuda and _backend != "ref":
+        return _window_attention_sdpa(q, k, v, q_pos, k_pos, sinks, window, scale)
+    return ref.window_attention_ref(q, k, v, q_pos, k_pos, sinks, window, scale)
+
+
+def _window_attention_sdpa(q, k, v, q_pos, k_pos, sinks, window, scale):
+    """The same masked attention through torch's fused SDPA (memory-efficient kernel, GQA native)."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    allowed = (kp <= qp) & ((qp - kp < window) | (kp < sinks))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=allowed, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
 rope = ref.rope_ref
 rope_cos_sin = ref.rope_cos_sin_ref
-window_attention = ref.window_attention_ref
 gdn_chunk = ref.gdn_chunk_ref
 gdn_output = ref.gdn_output_ref

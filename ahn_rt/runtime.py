@@ -126,6 +126,15 @@ class Model:
         ids = set(eos_ids_from(self.folder)) if self.folder else set()
         return ids or set(self.config.eos_token_ids)
 
+    def _default_session(self) -> "Session":
+        """generate() without a session reuses one internal session (reset each call), so its
+        captured decode graphs serve every call."""
+        if getattr(self, "_session", None) is None:
+            self._session = self.new_session()
+        else:
+            self._session.reset()
+        return self._session
+
     def new_session(self, chunk_size: int | None = None) -> "Session":
         return Session(self, _check_chunk(chunk_size) if chunk_size is not None else self.chunk_size)
 
@@ -147,7 +156,7 @@ class Model:
             ids = list(prompt)
         if not ids:
             raise AhnError("the prompt is empty: give some text")
-        sess = session or self.new_session()
+        sess = session or self._default_session()
         eos = self.eos_ids()
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         sampler = Sampler(params, self.config.vocab_size, self.device)

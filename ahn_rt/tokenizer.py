@@ -1,0 +1,215 @@
+"""Runtime tokenizer: tokenizer.json through the ``tokenizers`` library, the Qwen ChatML prompt, streaming
+detokenization and stop-string matching.
+
+Nothing here imports transformers or tiktoken; tokenizer.json alone is enough.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import AhnError
+
+# Qwen2.5's chat template puts this system message first when the conversation has none.
+QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+_REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    """A loaded tokenizer.json. Build it with ``Tokenizer.from_file(path)``."""
+
+    def __init__(self, tok, path: str = ""):
+        self._tok = tok
+        self.path = path
+
+    @classmethod
+    def from_file(cls, path) -> "Tokenizer":
+        """Load ``path`` (a tokenizer.json, or a folder holding one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise AhnError(f"tokenizer file not found: {path}; pass the model folder's tokenizer.json "
+                           "(or build one with init_weights --tokenizer qwen2.5)")
+        try:
+            import tokenizers
+        except ImportError:
+            raise AhnError("the tokenizers package is missing; pip install tokenizers") from None
+        try:
+            tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad files
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise AhnError(f"cannot read tokenizer file {path} ({msg}); replace it with a valid "
+                           "tokenizer.json (or rebuild it with init_weights --tokenizer qwen2.5)") from None
+        return cls(tok, path)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokenizer ids including added tokens (151665 for Qwen2.5; the model's embedding
+        table is usually padded larger)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; nothing is added, but special tokens written in the text (such as
+        <|im_start|>) are recognized as those tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``, special tokens included; invalid UTF-8 becomes U+FFFD."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        """Id of the token spelled ``token`` (e.g. "<|im_end|>"), or None."""
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, prompt: str, system: str | None = None) -> str:
+        return apply_chat_template(prompt, system)
+
+
+def apply_chat_template(prompt: str, system: str | None = None) -> str:
+    """One-turn Qwen ChatML prompt ending with the open assistant turn.
+
+    ``system=None`` uses Qwen2.5's default system message; any string (even "") is used as given.
+    """
+    if system is None:
+        system = QWEN25_DEFAULT_SYSTEM
+    return (f"<|im_start|>system\n{system}<|im_end|>\n"
+            f"<|im_start|>user\n{prompt}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+
+
+def _ids_of(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        out = []
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError
+            out.append(v)
+        return out
+    raise TypeError
+
+
+def eos_ids_from(folder) -> list[int]:
+    """End-of-sequence ids for the model in ``folder``: ``eos_token_id`` (an int or a list) of
+    generation_config.json, else of config.json; [] when neither file gives one."""
+    folder = os.fspath(folder)
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise AhnError(f"cannot read {path} ({e}); fix or remove the file") from None
+        if not isinstance(data, dict):
+            raise AhnError(f"{path} is not a JSON object; fix or remove the file")
+        try:
+            ids = _ids_of(data.get("eos_token_id"))
+        except TypeError:
+            raise AhnError(f"eos_token_id in {path} must be an integer or a list of integers; "
+                           "fix the file") from None
+        if ids:
+            return list(dict.fromkeys(ids))
+    return []
+
+
+class StreamDecoder:
+    """Incremental detokenization for streaming output.
+
+    ``push(id)`` returns the text that became complete with that token; text is held back while the
+    decoded window ends with U+FFFD (a byte-level token may end in the middle of a UTF-8 character).
+    Only the tokens since the last emitted boundary (plus one earlier token of context, which decoders
+    that strip a leading space need) are decoded, so each push costs O(pending tokens), not O(output).
+    For any id sequence that decodes cleanly, all pushes + ``flush()`` == ``tokenizer.decode(ids)``.
+
+    A valid UTF-8 character is at most 4 bytes and every token carries at least one byte, so a clean
+    sequence never needs more than 4 tokens held back; after ``max_pending`` held tokens the text is
+    emitted anyway (it is invalid UTF-8 the model produced, or text that really ends with U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_pending: int = 8):
+        self._decode = tokenizer.decode
+        self._max_pending = max(4, int(max_pending))
+        self._ids: list[int] = []      # window: [context tokens][emitted-boundary ...][pending tokens]
+        self._read = 0                 # index in _ids where not-yet-emitted tokens start
+        self._prefix_text = ""         # decode(_ids[:_read]), the already-emitted text of the window
+
+    def push(self, token_id: int) -> str:
+        ids = self._ids
+        ids.append(int(token_id))
+        text = self._decode(ids)
+        new = text[len(self._prefix_text):]
+        if not new or text.endswith(_REPLACEMENT):
+            if len(ids) - self._read <= self._max_pending:
+                return ""
+            # forced: start a fresh window with no context (this is not a clean boundary anyway)
+            ids.clear()
+            self._read, self._prefix_text = 0, ""
+            return new
+        # the new window is the tokens just emitted; its text is exactly `new` (they start at a boundary)
+        del ids[:self._read]
+        self._read = len(ids)
+        self._prefix_text = new
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back (possibly ending with U+FFFD); the decoder starts over."""
+        rest = ""
+        if len(self._ids) > self._read:
+            rest = self._decode(self._ids)[len(self._prefix_text):]
+        self._ids, self._read, self._prefix_text = [], 0, ""
+        return rest
+
+
+class StopMatcher:
+    """Cuts streamed text at the first occurrence of any stop string.
+
+    ``push(piece) -> (emit, stopped)``: ``emit`` is text that is safe to show; a suffix that could still
+    grow into a stop string is held back. Once a stop string is seen, ``stopped`` is True, ``emit`` ends
+    just before the stop string and every later push returns ("", True). ``flush()`` returns the held
+    text at the end of generation (nothing once stopped).
+    """
+
+    def __init__(self, stops=()):
+        if isinstance(stops, str):
+            stops = [stops]
+        self.stops = [s for s in dict.fromkeys(stops or ()) if s]
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        # earliest stop occurrence; the held part alone holds none, so the search is over new matches
+        cut = -1
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return buf[:cut], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold], False
+
+    def flush(self) -> str:
+        rest, self._held = ("" if self.stopped else self._held), ""
+        return rest
