@@ -130,8 +130,11 @@ class Decoder:
             if st.ahn:
                 ops.gdn_decode(gdn_state, q, st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict,
                                proj[-H:], lw.o_norm, lw.ahn_o_proj, attn, st.pos, S, W, AHN_NORM_EPS)
-            h = h + F.linear(attn.view(1, -1), lw.w_o)
-            h = self._mlp(h, lw)
+            # residual adds fused into the GEMMs (one launch each on the decode path)
+            h = torch.addmm(h, attn.view(1, -1), lw.w_o.t())
+            x = ops.rms_norm(h, lw.ln_post, c.rms_norm_eps)
+            gate, up = F.linear(x, lw.w_gu).chunk(2, dim=-1)
+            h = torch.addmm(h, F.silu(gate) * up, lw.w_down.t())
         return self._logits(h)
 
     def forward(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
