@@ -107,7 +107,7 @@ class Decoder:
                 alpha_cache[w_slot] = alpha[w_idx]
             k_cache[:, w_slot] = k[w_idx].transpose(0, 1)
             v_cache[:, w_slot] = v[w_idx].transpose(0, 1)
-            h = h + F.linear(attn.view(T, H * D), lw.w_o)
+            h = h + F.linear(attn.view(T, H * D), lw.w_o, lw.b_o)
             h = self._mlp(h, lw)
         st.advance(T)
         return self._logits(h[-1:] if last_only else h)
@@ -131,7 +131,7 @@ class Decoder:
                 ops.gdn_decode(gdn_state, q, st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict,
                                proj[-H:], lw.o_norm, lw.ahn_o_proj, attn, st.pos, S, W, AHN_NORM_EPS)
             # residual adds fused into the GEMMs (one launch each on the decode path)
-            h = torch.addmm(h, attn.view(1, -1), lw.w_o.t())
+            h = torch.addmm(h if lw.b_o is None else h + lw.b_o, attn.view(1, -1), lw.w_o.t())
             x = ops.rms_norm(h, lw.ln_post, c.rms_norm_eps)
             gate, up = F.linear(x, lw.w_gu).chunk(2, dim=-1)
             h = torch.addmm(h, F.silu(gate) * up, lw.w_down.t())

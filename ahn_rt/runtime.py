@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import time
 from pathlib import Path
@@ -219,7 +220,10 @@ class Session:
             ids = token_ids.to(torch.int64)
         else:
             try:
-                ids = torch.tensor(list(token_ids), dtype=torch.int64)
+                items = list(token_ids)
+                if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items):
+                    raise TypeError
+                ids = torch.tensor(items, dtype=torch.int64)
             except (TypeError, ValueError, RuntimeError):
                 raise AhnError("token_ids must be a list of ints or a 1-D integer tensor") from None
             if ids.dim() != 1:

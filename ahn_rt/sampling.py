@@ -61,30 +61,39 @@ class Sampler:
         """Exponential(1) noise: argmax(p / E) is a sample from p (no host sync, unlike multinomial)."""
         return torch.empty_like(like).exponential_(generator=self.gen)
 
-    def sample(self, logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """logits: float32 [vocab] -> int64 [1] on the device; marks the token as seen."""
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits after repetition penalty, temperature, top-k, top-p and min-p (removed tokens at
+        -inf). With temperature 0 only the repetition penalty applies."""
         p = self.p
         x = logits.float()
         if p.repetition_penalty != 1.0:
             pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
             x = torch.where(self.seen, pen, x)
         if p.greedy:
+            return x
+        x = x / p.temperature
+        if p.top_k and p.top_k < x.numel():
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, -1)
+            # drop a token once the mass before it already reaches top_p (the first always stays)
+            drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+            x = x.masked_fill(drop, float("-inf"))
+        if p.min_p > 0:
+            probs = torch.softmax(x, -1)
+            x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        return x
+
+    def sample(self, logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """logits: float32 [vocab] -> int64 [1] on the device; marks the token as seen."""
+        x = self.process(logits)
+        if self.p.greedy:
             tok = x.argmax().view(1)
         else:
-            x = x / p.temperature
-            if p.top_k and p.top_k < x.numel():
-                kth = torch.topk(x, p.top_k).values[-1]
-                x = x.masked_fill(x < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_x, order = torch.sort(x, descending=True)
-                probs = torch.softmax(sorted_x, -1)
-                # drop a token when the mass before it already reaches top_p (keeps at least one)
-                drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
-                drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-                x = x.masked_fill(drop, float("-inf"))
             probs = torch.softmax(x, -1)
-            if p.min_p > 0:
-                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
             if noise is None:
                 noise = self.noise(probs)
             tok = (probs / noise).argmax().view(1)

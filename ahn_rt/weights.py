@@ -49,6 +49,7 @@ class LayerWeights:
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     w_o: torch.Tensor
+    b_o: torch.Tensor | None   # Qwen3 with attention_bias (Qwen2's o_proj never has a bias)
     ln_post: torch.Tensor
     w_gu: torch.Tensor
     w_down: torch.Tensor
@@ -207,6 +208,8 @@ def _base_shapes(c: Config) -> dict[str, tuple]:
         if c.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (c.q_size,), p + "self_attn.k_proj.bias": (c.kv_size,),
                            p + "self_attn.v_proj.bias": (c.kv_size,)})
+            if c.family == "qwen3":
+                shapes[p + "self_attn.o_proj.bias"] = (d,)
         if c.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,)})
     return shapes
@@ -265,14 +268,14 @@ def load_weights(config: Config, src: _Source, ahn_src: _Source | None, device, 
     base_keys -= merged_ahn
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     _check_keys(_base_shapes(config), src, base_keys, f"checkpoint {where}", optional=optional)
-    ahn_keys = merged_ahn
-    ahn_from = src
+    ahn_keys, ahn_from, ahn_where = merged_ahn, src, f"checkpoint {where}"
     if ahn_src is not None:
         if merged_ahn:
             raise AhnError(f"{where} already holds AHN weights; drop --ahn or use the base checkpoint")
         ahn_keys, ahn_from = set(ahn_src.where), ahn_src
+        ahn_where = f"AHN checkpoint {sorted(set(map(str, ahn_src.where.values())))[0]}"
     if ahn_keys:
-        _check_keys(_ahn_shapes(config), ahn_from, ahn_keys, "AHN checkpoint")
+        _check_keys(_ahn_shapes(config), ahn_from, ahn_keys, ahn_where)
 
     dt = config.dtype
     use_ahn = config.mode == "ahn"
@@ -290,7 +293,9 @@ def load_weights(config: Config, src: _Source, ahn_src: _Source | None, device, 
             ln_in=get(p + "input_layernorm.weight"), w_in=None, b_in=None,
             q_norm=get(p + "self_attn.q_norm.weight") if config.qk_norm else None,
             k_norm=get(p + "self_attn.k_norm.weight") if config.qk_norm else None,
-            w_o=get(p + "self_attn.o_proj.weight"), ln_post=get(p + "post_attention_layernorm.weight"),
+            w_o=get(p + "self_attn.o_proj.weight"),
+            b_o=get(p + "self_attn.o_proj.bias") if config.attention_bias and config.family == "qwen3" else None,
+            ln_post=get(p + "post_attention_layernorm.weight"),
             w_gu=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
             w_down=get(p + "mlp.down_proj.weight"))
         if use_ahn:

@@ -1,0 +1,31 @@
+"""Fake (meta) implementations of the compiled ops: output shapes and dtypes only.
+
+torch.compile, FakeTensor tracing and ``torch.library.opcheck`` use these; imported by ``ahn_rt.ops``
+right after ``ahn_rt._C`` (which defines the op schemas in csrc/ops.cpp).
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.register_fake("ahn_rt::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("ahn_rt::decode_prep")
+def _decode_prep_fake(proj, inv_freq, pos, q_norm, k_norm, norm_eps, a_log, dt_bias, k_cache, v_cache,
+                      beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict):
+    Hkv, _, D = k_cache.shape
+    H = beta_cache.shape[1] if a_log is not None else (proj.shape[0] - 2 * Hkv * D) // D
+    return proj.new_empty(H, D)  # q after norm + RoPE: [H, D]
+
+
+@torch.library.register_fake("ahn_rt::swa_decode")
+def _swa_decode_fake(q, k_cache, v_cache, pos, sinks, window, scale):
+    return q.new_empty(q.shape[0], v_cache.shape[-1])  # [H, D]
+
+
+@torch.library.register_fake("ahn_rt::gdn_decode")
+def _gdn_decode_fake(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps):
+    return None  # mutates state and out in place

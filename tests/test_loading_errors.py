@@ -1,0 +1,323 @@
+"""Every bad input to ahn_rt.load raises ahn_rt.AhnError (a ValueError) with a one-line message that names the
+problem (path, key, shapes, field). Pickle checkpoints are refused without being unpickled."""
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ahn_rt
+from checkpoints import Spec, ahn_only, base, merged, save_ahn_only, scratch, write_json
+
+SPEC = Spec("qwen2", tied=False)
+SPEC3 = Spec("qwen3", tied=False)
+W, S = 4, 1
+
+
+def expect_error(*args, must_name=(), **kw):
+    """Call ahn_rt.load, expect AhnError with a one-line message containing every string in must_name."""
+    with pytest.raises(ahn_rt.AhnError) as ei:
+        ahn_rt.load(*args, **kw)
+    msg = str(ei.value)
+    print("AhnError:", msg)
+    assert isinstance(ei.value, ValueError)
+    assert msg.strip(), "empty message"
+    assert "\n" not in msg, f"message is not one line: {msg!r}"
+    for s in must_name:
+        assert s in msg, f"message does not name {s!r}: {msg!r}"
+    return msg
+
+
+def copy_folder(src, name):
+    dst = scratch(name)
+    for f in os.listdir(src):
+        shutil.copy(os.path.join(src, f), dst)
+    return dst
+
+
+def test_ahn_error_is_value_error():
+    assert issubclass(ahn_rt.AhnError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------- files
+def test_missing_path():
+    path = os.path.join(scratch("missing"), "no_such_model")
+    expect_error(path, must_name=("no_such_model",))
+
+
+def test_missing_ahn_path():
+    path = os.path.join(scratch("missing-ahn"), "no_such_ahn")
+    expect_error(base(SPEC), ahn=path, window=W, sinks=S, mode="ahn", must_name=("no_such_ahn",))
+
+
+def test_folder_without_weights():
+    d = scratch("noweights")
+    shutil.copy(os.path.join(base(SPEC), "config.json"), d)
+    expect_error(d)
+
+
+def test_empty_folder():
+    expect_error(scratch("empty"))
+
+
+def test_truncated_safetensors():
+    d = copy_folder(base(SPEC), "truncated")
+    f = os.path.join(d, "model.safetensors")
+    size = os.path.getsize(f)
+    with open(f, "r+b") as fh:
+        fh.truncate(size // 2)
+    expect_error(d)
+
+
+def test_truncated_shard():
+    d = copy_folder(base(SPEC, shard=True), "truncated-shard")
+    shard = sorted(x for x in os.listdir(d) if x.startswith("model-"))[-1]
+    with open(os.path.join(d, shard), "r+b") as fh:
+        fh.truncate(os.path.getsize(os.path.join(d, shard)) - 16)
+    expect_error(d)
+
+
+def test_missing_shard():
+    d = copy_folder(base(SPEC, shard=True), "missing-shard")
+    shard = sorted(x for x in os.listdir(d) if x.startswith("model-"))[1]
+    os.remove(os.path.join(d, shard))
+    expect_error(d, must_name=(shard,))
+
+
+@pytest.mark.parametrize("how", ["header-length-too-big", "header-not-json", "garbage-file"])
+def test_corrupt_header(how):
+    d = copy_folder(base(SPEC), "corrupt-" + how)
+    f = os.path.join(d, "model.safetensors")
+    data = bytearray(open(f, "rb").read())
+    if how == "header-length-too-big":
+        data[:8] = (len(data) * 4).to_bytes(8, "little")
+    elif how == "header-not-json":
+        n = int.from_bytes(data[:8], "little")
+        data[8:8 + n] = b"{" + b"#" * (n - 1)
+    else:
+        data = bytearray(b"this is not a safetensors file at all" * 10)
+    open(f, "wb").write(bytes(data))
+    expect_error(d)
+
+
+class _Trap:
+    """Unpickling this object creates a marker file: proves whether a checkpoint was unpickled."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+@pytest.mark.parametrize("as_folder", [True, False], ids=["folder", "file"])
+def test_pickle_checkpoint_refused_not_unpickled(name, as_folder):
+    d = scratch("pickle")
+    shutil.copy(os.path.join(base(SPEC), "config.json"), d)
+    marker = os.path.join(d, "UNPICKLED")
+    sd = {k: v for k, v in load_file(os.path.join(base(SPEC), "model.safetensors")).items()}
+    sd["__trap__"] = _Trap(marker)
+    torch.save(sd, os.path.join(d, name))
+    target = d if as_folder else os.path.join(d, name)
+    expect_error(target, must_name=() if as_folder else (name,))
+    assert not os.path.exists(marker), "the pickle checkpoint was unpickled"
+
+
+def test_pickle_ahn_checkpoint_refused():
+    d = scratch("pickle-ahn")
+    marker = os.path.join(d, "UNPICKLED")
+    torch.save({"model.layers.0.ahn.fn.A_log": torch.zeros(4), "x": _Trap(marker)}, os.path.join(d, "ahn.pt"))
+    expect_error(base(SPEC), ahn=os.path.join(d, "ahn.pt"), window=W, sinks=S, mode="ahn", must_name=("ahn.pt",))
+    assert not os.path.exists(marker), "the pickle checkpoint was unpickled"
+
+
+# --------------------------------------------------------------------------------------------- keys / shapes
+def rewrite(folder, fn, name):
+    d = copy_folder(folder, name)
+    f = os.path.join(d, "model.safetensors")
+    sd = fn(dict(load_file(f)))
+    save_file({k: v.contiguous() for k, v in sd.items()}, f, metadata={"format": "pt"})
+    return d
+
+
+@pytest.mark.parametrize("key", ["model.layers.1.mlp.up_proj.weight", "model.norm.weight",
+                                 "model.layers.0.self_attn.k_proj.bias", "lm_head.weight"])
+def test_missing_key(key):
+    d = rewrite(base(SPEC), lambda sd: {k: v for k, v in sd.items() if k != key}, "missing-key")
+    expect_error(d, mode="full", must_name=(key,))
+
+
+def test_missing_keys_listed():
+    gone = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    d = rewrite(base(SPEC), lambda sd: {k: v for k, v in sd.items() if k not in gone}, "missing-keys")
+    expect_error(d, mode="full", must_name=tuple(gone))
+
+
+def test_missing_key_qwen3_norm():
+    key = "model.layers.1.self_attn.k_norm.weight"
+    d = rewrite(base(SPEC3), lambda sd: {k: v for k, v in sd.items() if k != key}, "missing-knorm")
+    expect_error(d, mode="full", must_name=(key,))
+
+
+@pytest.mark.parametrize("key", ["model.layers.0.self_attn.foo.weight", "model.layers.7.mlp.up_proj.weight",
+                                 "model.rotary_emb.inv_freq_typo"])
+def test_unexpected_key(key):
+    d = rewrite(base(SPEC), lambda sd: {**sd, key: torch.zeros(3)}, "unexpected-key")
+    expect_error(d, mode="full", must_name=(key,))
+
+
+def test_unexpected_router_key_in_merged():
+    """use_ahn_router is not supported (AHN_SPEC §2.5): router weights must not be silently dropped."""
+    key = "model.layers.0.ahn_router.alpha"
+    d = rewrite(merged(SPEC, W, S), lambda sd: {**sd, key: torch.zeros(4)}, "router-key")
+    expect_error(d, window=W, sinks=S, mode="ahn", must_name=(key,))
+
+
+def shapes_named(msg, key, good, bad):
+    for shp in (good, bad):
+        pat = r"\D+".join(str(x) for x in shp)
+        assert re.search(pat, msg.replace(key, "")), f"message does not give shape {list(shp)}: {msg!r}"
+
+
+@pytest.mark.parametrize("key,bad", [("model.layers.1.mlp.gate_proj.weight", (95, 64)),
+                                     ("model.layers.0.self_attn.q_proj.bias", (63,)),
+                                     ("model.embed_tokens.weight", (251, 65))])
+def test_shape_mismatch(key, bad):
+    good = tuple(load_file(os.path.join(base(SPEC), "model.safetensors"))[key].shape)
+    d = rewrite(base(SPEC), lambda sd: {**sd, key: torch.zeros(bad)}, "shape")
+    msg = expect_error(d, mode="full", must_name=(key,))
+    shapes_named(msg, key, good, bad)
+
+
+@pytest.mark.parametrize("field,bad", [("o_proj.weight", (4, 16, 15)), ("a_proj.weight", (4, 63)),
+                                       ("A_log", (5,))])
+def test_ahn_shape_mismatch(field, bad):
+    key = f"model.layers.1.ahn.fn.{field}"
+    a = ahn_only(SPEC, W, S)
+    good = tuple(load_file(os.path.join(a, "model.safetensors"))[key].shape)
+    d = rewrite(a, lambda sd: {**sd, key: torch.zeros(bad)}, "ahn-shape")
+    msg = expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=(key,))
+    shapes_named(msg, key, good, bad)
+
+
+@pytest.mark.parametrize("field", ["g_proj.weight", "dt_bias", "o_norm.weight"])
+def test_ahn_missing_key(field):
+    key = f"model.layers.1.ahn.fn.{field}"
+    d = rewrite(ahn_only(SPEC, W, S), lambda sd: {k: v for k, v in sd.items() if k != key}, "ahn-missing")
+    expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=(key,))
+
+
+def test_ahn_unexpected_key():
+    key = "model.layers.0.ahn.fn.q_proj.weight"
+    d = rewrite(ahn_only(SPEC, W, S), lambda sd: {**sd, key: torch.zeros(4, 16, 16)}, "ahn-unexpected")
+    expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=(key,))
+
+
+def test_merged_missing_ahn_key():
+    key = "model.layers.0.ahn.fn.b_proj.weight"
+    d = rewrite(merged(SPEC, W, S), lambda sd: {k: v for k, v in sd.items() if k != key}, "merged-missing")
+    expect_error(d, window=W, sinks=S, mode="ahn", must_name=(key,))
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_config_missing():
+    """A bare .safetensors file with neither a config.json beside it nor a config in its metadata."""
+    d = scratch("noconfig")
+    shutil.copy(os.path.join(base(SPEC), "model.safetensors"), d)
+    expect_error(os.path.join(d, "model.safetensors"))
+    expect_error(d)
+
+
+@pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
+def test_ahn_unsupported_implementation(impl):
+    d = save_ahn_only(base(SPEC), scratch("impl"), W, S, _ahn_implementation=impl)
+    expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=(impl,))
+
+
+def test_ahn_use_q_proj():
+    d = save_ahn_only(base(SPEC), scratch("qproj"), W, S, use_q_proj=True)
+    expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=("use_q_proj",))
+
+
+def test_merged_unsupported_implementation():
+    d = copy_folder(merged(SPEC, W, S), "merged-impl")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["_ahn_implementation"] = "Mamba2"
+    write_json(os.path.join(d, "config.json"), cfg)
+    expect_error(d, window=W, sinks=S, mode="ahn", must_name=("Mamba2",))
+
+
+def test_ahn_mode_without_ahn_weights():
+    expect_error(base(SPEC), window=W, sinks=S, mode="ahn")
+
+
+# --------------------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("dtype", ["fp13", "int8", "bogus"])
+def test_bad_dtype_name(dtype):
+    expect_error(base(SPEC), dtype=dtype, mode="full", must_name=(dtype,))
+
+
+@pytest.mark.parametrize("window", [0, -3])
+def test_window_below_one(window):
+    expect_error(merged(SPEC, W, S), window=window, sinks=S, mode="ahn", must_name=("window",))
+
+
+def test_sinks_negative():
+    expect_error(merged(SPEC, W, S), window=W, sinks=-1, mode="ahn", must_name=("sinks",))
+
+
+@pytest.mark.parametrize("mode", ["banana", "AHN-GDN", ""])
+def test_bad_mode(mode):
+    msg = expect_error(merged(SPEC, W, S), window=W, sinks=S, mode=mode)
+    assert "mode" in msg.lower() or (mode and mode in msg), msg
+
+
+def test_good_inputs_still_load():
+    """Sanity for this file: the unmodified checkpoints load (so the errors above come from the defects)."""
+    ahn_rt.load(base(SPEC), mode="full", dtype="float32")
+    ahn_rt.load(base(SPEC, shard=True), mode="full", dtype=torch.float32)
+    ahn_rt.load(base(SPEC3), mode="full", dtype=torch.float32)
+    ahn_rt.load(base(SPEC), ahn=ahn_only(SPEC, W, S), window=W, sinks=S, mode="ahn", dtype=torch.float32)
+    ahn_rt.load(merged(SPEC, W, S), window=W, sinks=S, mode="ahn", dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- forward inputs
+@pytest.mark.parametrize("bad", [[0, 251], [-1], "2-D", "float-tensor", [1.5], [3, "7"]],
+                         ids=["id-eq-vocab", "negative", "2-D", "float-tensor", "float-in-list", "str-in-list"])
+def test_bad_token_ids(bad):
+    """forward rejects bad ids with AhnError and leaves the session untouched (position, state)."""
+    from checkpoints import random_ids, run_feeds
+    from oracle import rel_err
+    assert SPEC.vocab == 251
+    bad = {"2-D": torch.zeros(2, 3, dtype=torch.long), "float-tensor": torch.zeros(3)}.get(
+        bad if isinstance(bad, str) else None, bad)
+    model = ahn_rt.load(merged(SPEC, W, S), window=W, sinks=S, dtype=torch.float32, mode="ahn")
+    ids = random_ids(12, SPEC.vocab, seed=30)
+    sess = model.new_session()
+    first = sess.forward(ids[:7])
+    with pytest.raises(ahn_rt.AhnError) as ei:
+        sess.forward(bad)
+    msg = str(ei.value)
+    print("AhnError:", msg)
+    assert "\n" not in msg and msg.strip()
+    assert sess.position == 7, f"failed forward moved the position to {sess.position}"
+    rest = sess.forward(ids[7:])
+    ref = run_feeds(model, ids)
+    err = rel_err(torch.cat([first, rest]), ref)
+    assert err <= 1e-5, f"session state changed by the failed forward: rel err {err:.3e}"
+
+
+def test_empty_forward():
+    """Empty input: either AhnError, or [0, vocab] logits with nothing consumed."""
+    model = ahn_rt.load(merged(SPEC, W, S), window=W, sinks=S, dtype=torch.float32, mode="ahn")
+    sess = model.new_session()
+    try:
+        out = sess.forward([])
+    except ahn_rt.AhnError as e:
+        assert "\n" not in str(e)
+    else:
+        assert tuple(out.shape) == (0, SPEC.vocab)
+    assert sess.position == 0
