@@ -117,6 +117,9 @@ def write_checkpoint(out: Path, sd: dict, cfg: dict):
     try:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
                   metadata={"format": "pt", "config": json.dumps(cfg)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
