@@ -97,5 +97,5 @@ class Sampler:
             if noise is None:
                 noise = self.noise(probs)
             tok = (probs / noise).argmax().view(1)
-        self.seen[tok] = True
+        self.seen.index_fill_(0, tok, True)   # no host scalar: safe inside a CUDA graph
         return tok
