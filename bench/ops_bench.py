@@ -1,0 +1,114 @@
+"""Per-op GPU timing of the compiled ahn_rt ops at the Qwen2.5-3B shape (36 layers, window full).
+
+    python bench/ops_bench.py        # needs a GPU and the CUDA build (scripts/device_check.sh)
+Prints device, the measured copy bandwidth, then for each op: median us per call (CUDA events, layers
+rotated so the working set exceeds L2) and achieved GB/s.
+"""
+import statistics
+
+import torch
+
+import ahn_rt._C  # noqa: F401
+
+dev, dt = "cuda", torch.bfloat16
+L, H, Hkv, D, S, W = 36, 16, 2, 128, 128, 32640
+C = S + W
+
+
+def timeit(fn, reps=20, warm=3):
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def graph_time(fn, reps=20):
+    """Median us of fn captured in one CUDA graph (device time without Python / launch overhead)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timeit(graph.replay, reps=reps)
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    us = timeit(lambda: dst.copy_(src), reps=10)
+    copy_bw = 2 * src.numel() / us / 1e3
+    print(f"copy bandwidth (read + write): {copy_bw:.0f} GB/s")
+    del src, dst
+
+    kc = torch.randn(L, Hkv, C, D, device=dev, dtype=dt)
+    vc = torch.randn(L, Hkv, C, D, device=dev, dtype=dt)
+    q = torch.randn(L, H, D, device=dev, dtype=dt)
+    rows = []
+    for p in (1023, 8191, C + 5000):
+        pos = torch.tensor([p], device=dev)
+
+        def swa():
+            for i in range(L):
+                torch.ops.ahn_rt.swa_decode(q=q[i], k_cache=kc[i], v_cache=vc[i], pos=pos, sinks=S, window=W,
+                                            scale=D ** -0.5)
+        us = graph_time(swa) / L
+        n = min(p + 1, C)
+        gbs = 2 * Hkv * n * D * 2 / us / 1e3
+        rows.append((f"swa_decode n={n}", us, gbs))
+
+
+    state = torch.randn(L, H, D, D, device=dev) * 0.1
+    qs, ks, vs = (torch.randn(L, h, D, device=dev, dtype=dt) for h in (H, Hkv, Hkv))
+    beta, z = torch.rand(L, H, device=dev, dtype=dt), torch.randn(L, H, device=dev, dtype=dt)
+    g = -torch.rand(L, H, device=dev)
+    nw = torch.ones(D, device=dev, dtype=dt)
+    op = torch.randn(L, H, D, D, device=dev, dtype=dt) * 0.05
+    out = torch.zeros(L, H, D, device=dev, dtype=dt)
+    pos = torch.tensor([C + 10], device=dev)
+
+    def gdn():
+        for i in range(L):
+            torch.ops.ahn_rt.gdn_decode(state=state[i], q=qs[i], k=ks[i], v=vs[i], beta=beta[i], g=g[i], z=z[i],
+                                        norm_weight=nw, o_proj=op[i], out=out[i], pos=pos, sinks=S, window=W,
+                                        eps=1e-6)
+    us36 = timeit(gdn)
+    rows.append(("gdn_decode x36 eager (total)", us36, L * (H * D * D * 4 * 2 + H * D * D * 2) / us36 / 1e3))
+    usg = graph_time(gdn)  # the same 36 calls in one CUDA graph (as in the decode step)
+    rows.append(("gdn_decode x36 in a graph (total)", usg, L * (H * D * D * 4 * 2 + H * D * D * 2) / usg / 1e3))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        gdn()
+        swa()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+
+    P = (H + 2 * Hkv) * D + 3 * H
+    proj = torch.randn(L, P, device=dev, dtype=dt)
+    kc1 = torch.zeros(Hkv, C, D, device=dev, dtype=dt)
+    vc1 = torch.zeros_like(kc1)
+    args = dict(inv_freq=torch.rand(D // 2, device=dev), pos=pos, q_norm=None, k_norm=None, norm_eps=1e-6,
+                a_log=torch.zeros(H, device=dev), dt_bias=torch.zeros(H, device=dev), k_cache=kc1, v_cache=vc1,
+                beta_cache=torch.zeros(C, H, device=dev, dtype=dt), alpha_cache=torch.zeros(C, H, device=dev),
+                sinks=S, window=W, k_evict=torch.zeros(Hkv, D, device=dev, dtype=dt),
+                v_evict=torch.zeros(Hkv, D, device=dev, dtype=dt), beta_evict=torch.zeros(H, device=dev, dtype=dt),
+                alpha_evict=torch.zeros(H, device=dev))
+    rows.append(("decode_prep", graph_time(lambda: [torch.ops.ahn_rt.decode_prep(proj=proj[i], **args)
+                                                for i in range(L)]) / L, float("nan")))
+    x = torch.randn(1, 2048, device=dev, dtype=dt)
+    w = torch.ones(2048, device=dev, dtype=dt)
+    rows.append(("rms_norm [1, 2048]", graph_time(lambda: [torch.ops.ahn_rt.rms_norm(x=x, weight=w, eps=1e-6)
+                                                       for _ in range(L)]) / L, float("nan")))
+    print(f"| op | us/call | GB/s | % of copy |\n|---|---|---|---|")
+    for name, us, gbs in rows:
+        print(f"| {name} | {us:.2f} | {gbs:.0f} | {100 * gbs / copy_bw:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

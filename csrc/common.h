@@ -1,0 +1,211 @@
+// Shared between the host entry functions (ops.cpp), the CPU loops (cpu/*.cpp) and the CUDA kernels
+// (cuda/*.cu): one params struct per op (raw pointers + strides in ELEMENTS), the dtype helpers that
+// mirror torch's rounding, and the launcher declarations. Test: tests/test_ops.py.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__CUDACC__)
+#define AHN_HD __host__ __device__ __forceinline__
+#else
+#define AHN_HD inline
+#endif
+
+namespace ahn_rt {
+
+// Dtype of a small side tensor (gates, norm weights, o_proj, out) that kernels read or write through
+// a runtime switch; the big streams (q/k/v, caches) are template parameters instead.
+enum class Kind : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+
+AHN_HD float load_kind(const void* p, Kind kind, int64_t i) {
+  switch (kind) {
+    case Kind::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    case Kind::F16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+AHN_HD void store_kind(void* p, Kind kind, int64_t i, float v) {
+  switch (kind) {
+    case Kind::BF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
+    case Kind::F16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// Round a float to T and back: what one torch elementwise op in dtype T does to its fp32 result
+// (torch computes bf16/fp16 elementwise math in fp32 and rounds each op's output, round-to-nearest-even).
+template <typename T>
+AHN_HD float round_to(float x) { return static_cast<float>(T(x)); }
+template <>
+AHN_HD float round_to<float>(float x) { return x; }
+
+AHN_HD float round_kind(float x, Kind kind) {
+  switch (kind) {
+    case Kind::BF16: return static_cast<float>(c10::BFloat16(x));
+    case Kind::F16: return static_cast<float>(c10::Half(x));
+    default: return x;
+  }
+}
+
+// Slot of absolute position p in the sinks + ring cache (ahn_rt/ref.py: ring_slot).
+AHN_HD int64_t ring_slot(int64_t p, int64_t sinks, int64_t window) {
+  return p < sinks ? p : sinks + (p - sinks) % window;
+}
+
+// torch.nn.functional.softplus with its defaults (beta=1, threshold=20).
+AHN_HD float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+
+#if defined(__CUDACC__)
+// ---------------------------------------------------------------------------------------------
+// Device reductions. Block versions need blockDim.x to be a multiple of 32 and `red` to hold 32 floats;
+// every thread gets the result, and `red` may be reused right after.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nwarps ? red[lane] : 0.f;
+  t = warp_sum(t);
+  __syncthreads();
+  return t;
+}
+__device__ __forceinline__ float block_max(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_max(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nwarps ? red[lane] : -INFINITY;
+  t = warp_max(t);
+  __syncthreads();
+  return t;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Params (pointers + strides in elements). Shapes in the comments; the host checks them.
+// ---------------------------------------------------------------------------------------------
+struct RmsNormParams {
+  const void* x;       // [n, d], row stride x_stride, last dim contiguous
+  const void* weight;  // [d], contiguous, same dtype as x
+  void* out;           // [n, d] contiguous
+  int64_t n, d, x_stride;
+  float eps;
+};
+
+struct DecodePrepParams {
+  const void* proj;      // [P], stride proj_stride: [q (H*D) | k (Hkv*D) | v (Hkv*D) | a (H) | b (H) | g (H)]
+  const float* inv_freq; // [D/2] float32, contiguous
+  const int64_t* pos;    // [1] absolute position, read on the device
+  const void* q_norm;    // [D] or null (same dtype as proj)
+  const void* k_norm;    // [D] or null
+  const void* a_log;     // [H] or null (a_log_kind)
+  const void* dt_bias;   // [H] (dt_bias_kind)
+  void* k_cache;         // [Hkv, C, D], last dim contiguous
+  void* v_cache;
+  void* beta_cache;      // [C, H] (dtype of proj) or null
+  float* alpha_cache;    // [C, H] float32 or null
+  void* k_evict;         // [Hkv, D]
+  void* v_evict;
+  void* beta_evict;      // [H]
+  float* alpha_evict;    // [H]
+  void* q_out;           // [H, D] contiguous
+  int64_t proj_stride;
+  int64_t kc_s0, kc_s1, vc_s0, vc_s1;  // cache strides (head, slot)
+  int64_t bc_s0, bc_s1, ac_s0, ac_s1;  // beta/alpha cache strides (slot, head)
+  int64_t ke_s0, ve_s0, be_s0, ae_s0;  // evict strides (head)
+  int64_t H, Hkv, D, sinks, window;
+  float norm_eps;
+  Kind a_log_kind, dt_bias_kind;
+};
+
+struct SwaDecodeParams {
+  const void* q;        // [H, D], row stride q_stride
+  const void* k_cache;  // [Hkv, C, D], last dim contiguous
+  const void* v_cache;
+  const int64_t* pos;   // [1]
+  void* out;            // [H, D] contiguous
+  float* o_part;        // CUDA scratch [H, nsplit, D] float32 (unnormalized partial outputs)
+  float* ml_part;       // CUDA scratch [H, nsplit, 2] float32 (running max in log2 units, sum)
+  int64_t q_stride, kc_s0, kc_s1, vc_s0, vc_s1;
+  int64_t H, Hkv, C, D, sinks, window;
+  int64_t chunk, nsplit;  // CUDA: keys per split, splits per kv head (fixed from C)
+  float scale;
+};
+
+struct GdnDecodeParams {
+  float* state;              // [H, Dk, Dv] float32, contiguous
+  const void* q;             // [H, Dk], row stride q_stride   (dtype T)
+  const void* k;             // [Hkv, Dk], row stride k_stride (dtype T)
+  const void* v;             // [Hkv, Dv], row stride v_stride (dtype T)
+  const void* beta;          // [H], stride beta_stride
+  const void* g;             // [H], stride g_stride
+  const void* z;             // [H], stride z_stride
+  const void* norm_weight;   // [Dv] contiguous
+  const void* o_proj;        // [H, Dv, Dv] contiguous (in, out)
+  void* out;                 // [H, Dv], row stride out_stride, last dim contiguous
+  const int64_t* pos;        // [1]
+  float* o_buf;              // CUDA scratch [H, Dv] float32
+  int32_t* counter;          // CUDA scratch [H] int32, zero between calls (the kernel resets it)
+  int64_t q_stride, k_stride, v_stride, beta_stride, g_stride, z_stride, out_stride;
+  int64_t H, Hkv, Dk, Dv, sinks, window;
+  float eps;
+  Kind beta_kind, g_kind, z_kind, nw_kind, op_kind, out_kind;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Launchers. T is float, c10::BFloat16 or c10::Half (explicitly instantiated in the backend files).
+// ---------------------------------------------------------------------------------------------
+template <typename T> void rms_norm_cpu(const RmsNormParams& p);
+template <typename T> void decode_prep_cpu(const DecodePrepParams& p);
+template <typename T> void swa_decode_cpu(const SwaDecodeParams& p);
+template <typename T> void gdn_decode_cpu(const GdnDecodeParams& p);
+
+// `stream` is a cudaStream_t (kept as void* so that this header needs no CUDA headers).
+template <typename T> void rms_norm_cuda(const RmsNormParams& p, void* stream);
+template <typename T> void decode_prep_cuda(const DecodePrepParams& p, void* stream);
+template <typename T> void swa_decode_cuda(const SwaDecodeParams& p, void* stream);
+template <typename T> void gdn_decode_cuda(const GdnDecodeParams& p, void* stream);
+
+// Column block of the GDN CUDA kernel: each block owns Dv columns [j0, j0 + kGdnCols) of one head.
+constexpr int64_t kGdnCols = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Checked host entry functions (ops.cpp). The backend files register them for their dispatch key.
+// ---------------------------------------------------------------------------------------------
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Tensor& pos,
+                       const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                       double norm_eps, const std::optional<at::Tensor>& a_log,
+                       const std::optional<at::Tensor>& dt_bias, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const std::optional<at::Tensor>& beta_cache,
+                       const std::optional<at::Tensor>& alpha_cache, int64_t sinks, int64_t window,
+                       const at::Tensor& k_evict, const at::Tensor& v_evict,
+                       const std::optional<at::Tensor>& beta_evict,
+                       const std::optional<at::Tensor>& alpha_evict);
+at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& pos, int64_t sinks, int64_t window, double scale);
+void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& beta, const at::Tensor& g, const at::Tensor& z,
+                const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
+                const at::Tensor& pos, int64_t sinks, int64_t window, double eps);
+
+}  // namespace ahn_rt

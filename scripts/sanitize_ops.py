@@ -1,0 +1,44 @@
+"""Runs each CUDA op of ahn_rt once on small shapes (for compute-sanitizer memcheck / racecheck).
+
+    compute-sanitizer --tool memcheck python scripts/sanitize_ops.py
+"""
+import torch
+
+import ahn_rt._C  # noqa: F401
+
+dev, dt = "cuda", torch.bfloat16
+torch.manual_seed(0)
+H, Hkv, D, S, W = 8, 2, 128, 4, 60
+C = S + W + 3
+pos_fill, pos_evict = torch.tensor([10], device=dev), torch.tensor([S + W + 7], device=dev)
+
+x = torch.randn(5, 256, device=dev, dtype=dt)
+torch.ops.ahn_rt.rms_norm(x=x, weight=torch.randn(256, device=dev, dtype=dt), eps=1e-6)
+
+kc = torch.randn(Hkv, C, D, device=dev, dtype=dt)
+vc = torch.randn(Hkv, C, D, device=dev, dtype=dt)
+P = (H + 2 * Hkv) * D + 3 * H
+for pos in (pos_fill, pos_evict):
+    torch.ops.ahn_rt.decode_prep(
+        proj=torch.randn(P, device=dev, dtype=dt),
+        inv_freq=1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D)), pos=pos,
+        q_norm=torch.ones(D, device=dev, dtype=dt), k_norm=torch.ones(D, device=dev, dtype=dt), norm_eps=1e-6,
+        a_log=torch.zeros(H, device=dev), dt_bias=torch.zeros(H, device=dev), k_cache=kc, v_cache=vc,
+        beta_cache=torch.rand(C, H, device=dev, dtype=dt), alpha_cache=-torch.rand(C, H, device=dev),
+        sinks=S, window=W, k_evict=torch.empty(Hkv, D, device=dev, dtype=dt),
+        v_evict=torch.empty(Hkv, D, device=dev, dtype=dt), beta_evict=torch.empty(H, device=dev, dtype=dt),
+        alpha_evict=torch.empty(H, device=dev))
+    for d, dtype in ((128, dt), (64, torch.float32), (256, torch.float16)):
+        k2 = torch.randn(Hkv, C, d, device=dev, dtype=dtype)
+        torch.ops.ahn_rt.swa_decode(q=torch.randn(H, d, device=dev, dtype=dtype), k_cache=k2, v_cache=k2,
+                                    pos=pos, sinks=S, window=W, scale=d ** -0.5)
+    for dk, dv in ((128, 128), (48, 40)):
+        torch.ops.ahn_rt.gdn_decode(
+            state=torch.randn(H, dk, dv, device=dev) * 0.1, q=torch.randn(H, dk, device=dev, dtype=dt),
+            k=torch.randn(Hkv, dk, device=dev, dtype=dt), v=torch.randn(Hkv, dv, device=dev, dtype=dt),
+            beta=torch.rand(H, device=dev, dtype=dt), g=-torch.rand(H, device=dev),
+            z=torch.randn(H, device=dev, dtype=dt), norm_weight=torch.ones(dv, device=dev, dtype=dt),
+            o_proj=torch.randn(H, dv, dv, device=dev, dtype=dt) * 0.1, out=torch.zeros(H, dv, device=dev, dtype=dt),
+            pos=pos, sinks=S, window=W, eps=1e-6)
+torch.cuda.synchronize()
+print("sanitize_ops: every op ran")

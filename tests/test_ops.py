@@ -1,0 +1,407 @@
+"""Compiled ops (torch.ops.ahn_rt.*, csrc/) against the pure-torch references (ahn_rt/ref.py).
+
+CPU cases run everywhere; the same cases on CUDA plus the 3B shapes are marked `cuda`
+(`pytest -m cuda tests/test_ops.py` on a GPU machine; skipped without one).
+Ops and references are called by keyword, fresh outputs are NaN-poisoned, mutated caches and evict
+buffers are compared bit-exactly where the op only copies, and slots the op must not touch are checked.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ahn_rt._C  # noqa: F401  (registers torch.ops.ahn_rt.*)
+import ahn_rt._meta  # noqa: F401  (fake kernels, needed by opcheck)
+from ahn_rt import ref
+
+# rtol, atol for assert_close and the bound on ||out - ref|| / ||ref||, per dtype.
+TOL = {
+    torch.float32: dict(rtol=3e-4, atol=1e-3, rel=1e-4),
+    torch.float16: dict(rtol=3e-3, atol=5e-3, rel=3e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=5e-2, rel=1e-2),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_NO_GPU = not torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(_NO_GPU, reason="no GPU")])]
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(_NO_GPU, reason="no GPU")]
+
+
+def dname(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def poison(*shape, dtype, device):
+    return torch.empty(*shape, dtype=dtype, device=device).fill_(float("nan"))
+
+
+def bits(t):
+    t = t.contiguous()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bits(a, b, what):
+    """Bit-exact equality (NaN == NaN: poisoned buffers that must stay untouched compare equal)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    same = bits(a) == bits(b)
+    assert bool(same.all()), f"{what}: {int((~same).sum())} of {same.numel()} values differ"
+
+
+def assert_close(out, expect, dtype, what):
+    o, r = out.double(), expect.double()
+    diff = (o - r).abs()
+    rel = (diff.norm() / r.norm().clamp_min(1e-30)).item()
+    print(f"{what}: max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g}, rel {rel:.3g}")
+    assert bool(torch.isfinite(o).all()), f"{what}: non-finite values"
+    tol = TOL[dtype]
+    assert rel <= tol["rel"], f"{what}: relative error {rel:.3g} > {tol['rel']}"
+    torch.testing.assert_close(out, expect.to(out.dtype), rtol=tol["rtol"], atol=tol["atol"], msg=what)
+
+
+def strided(t, pad=8, offset=0):
+    """The same values as a non-contiguous view: rows of a wider buffer (last dim stays contiguous)."""
+    big = torch.randn(*t.shape[:-1], t.shape[-1] + pad, dtype=t.dtype, device=t.device)
+    view = big[..., offset:offset + t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
+def pos_cases(sinks, window):
+    """Positions before, at and after the fill point sinks + window, and after several wraps."""
+    cap = sinks + window
+    ps = {0, cap // 2, cap - 1, cap, cap + 1, cap + 3 * window + window // 2 + 1}
+    if sinks > 1:
+        ps.add(sinks - 1)
+    return sorted(ps)
+
+
+SW = [(0, 1), (1, 63), (4, 129), (128, 63)]
+
+
+# ----------------------------------------------------------------------------------------------
+# rms_norm
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("n,d", [(1, 64), (7, 48), (5, 128), (3, 2048), (2, 1000)])
+@pytest.mark.parametrize("layout", ["contig", "strided", "misaligned"])
+def test_rms_norm(device, dtype, n, d, layout):
+    torch.manual_seed(0)
+    x = torch.randn(n, d, dtype=dtype, device=device) * 3
+    if layout != "contig":
+        x = strided(x, offset=1 if layout == "misaligned" else 0)
+    w = (1 + 0.1 * torch.randn(d, device=device)).to(dtype)
+    out = torch.ops.ahn_rt.rms_norm(x=x, weight=w, eps=1e-6)
+    expect = ref.rms_norm_ref(x=x, weight=w, eps=1e-6)
+    assert out.shape == expect.shape and out.dtype == expect.dtype
+    assert_close(out, expect, dtype, "rms_norm")
+
+
+# ----------------------------------------------------------------------------------------------
+# decode_prep
+# ----------------------------------------------------------------------------------------------
+def _prep_case(device, dtype, H, Hkv, D, sinks, window, pos, gated, qk_norm, layout, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    C = sinks + window + 3  # 3 slots past the ring that nobody may touch
+    P = (H + 2 * Hkv) * D + (3 * H if gated else 0)
+    proj = rnd(P).to(dtype)
+    if layout == "strided":
+        big = torch.zeros(P, 3, dtype=dtype, device=device)
+        big[:, 1] = proj
+        proj = big[:, 1]
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
+    # Two stacked layers; the op gets layer 1, layer 0 must stay untouched.
+    k_all = rnd(2, Hkv, C, D).to(dtype)
+    v_all = rnd(2, Hkv, C, D).to(dtype)
+    a = dict(proj=proj, inv_freq=inv_freq, pos=torch.tensor([pos], device=device),
+             q_norm=None, k_norm=None, norm_eps=1e-6, a_log=None, dt_bias=None,
+             k_cache=k_all[1], v_cache=v_all[1], beta_cache=None, alpha_cache=None, sinks=sinks, window=window,
+             k_evict=poison(Hkv, D, dtype=dtype, device=device), v_evict=poison(Hkv, D, dtype=dtype, device=device),
+             beta_evict=None, alpha_evict=None)
+    if qk_norm:
+        a["q_norm"] = (1 + 0.2 * rnd(D)).to(dtype)
+        a["k_norm"] = (1 + 0.2 * rnd(D)).to(dtype)
+    if gated:
+        a["a_log"] = (0.5 * rnd(H)).float()
+        a["dt_bias"] = rnd(H).float()
+        a["beta_cache"] = torch.sigmoid(rnd(C, H)).to(dtype)
+        a["alpha_cache"] = -torch.rand(C, H, generator=g).to(device)
+        a["beta_evict"] = poison(H, dtype=dtype, device=device)
+        a["alpha_evict"] = poison(H, dtype=torch.float32, device=device)
+    return a, k_all, v_all
+
+
+def _clone_args(a):
+    b = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    return b
+
+
+PREP_SHAPES = [(4, 4, 64), (4, 2, 128), (16, 2, 128), (6, 1, 48)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("H,Hkv,D", PREP_SHAPES)
+@pytest.mark.parametrize("sinks,window", SW)
+@pytest.mark.parametrize("mode", ["gated", "gated_norm", "plain", "plain_norm"])
+def test_decode_prep(device, dtype, H, Hkv, D, sinks, window, mode):
+    gated, qk_norm = mode.startswith("gated"), mode.endswith("norm")
+    for i, pos in enumerate(pos_cases(sinks, window)):
+        layout = "strided" if i % 2 else "contig"
+        a, k_all, v_all = _prep_case(device, dtype, H, Hkv, D, sinks, window, pos, gated, qk_norm, layout, seed=i)
+        k_before, v_before = k_all.clone(), v_all.clone()
+        b = _clone_args(a)
+        bc_before = a["beta_cache"].clone() if gated else None
+        ac_before = a["alpha_cache"].clone() if gated else None
+        q = torch.ops.ahn_rt.decode_prep(**a)
+        q_ref = ref.decode_prep_ref(**b)
+        what = f"decode_prep pos={pos}"
+        assert q.shape == q_ref.shape == (H, D) and q.dtype == dtype
+        assert_close(q, q_ref, dtype, what + " q")
+        slot = ref.ring_slot(pos, sinks, window)
+        others = [s for s in range(k_all.shape[2]) if s != slot]
+        # Untouched: the other layer and every other slot (bit-exact).
+        assert_bits(k_all[0], k_before[0], what + " k layer 0")
+        assert_bits(v_all[0], v_before[0], what + " v layer 0")
+        assert_bits(a["k_cache"][:, others], k_before[1][:, others], what + " k other slots")
+        assert_bits(a["v_cache"][:, others], v_before[1][:, others], what + " v other slots")
+        # v is a copy: bit-exact; k went through norm + RoPE: to rounding.
+        assert_bits(a["v_cache"], b["v_cache"], what + " v_cache")
+        assert_close(a["k_cache"][:, slot], b["k_cache"][:, slot], dtype, what + " k slot")
+        # Evict buffers are copies (or untouched NaN): bit-exact.
+        assert_bits(a["k_evict"], b["k_evict"], what + " k_evict")
+        assert_bits(a["v_evict"], b["v_evict"], what + " v_evict")
+        if gated:
+            assert_bits(a["beta_evict"], b["beta_evict"], what + " beta_evict")
+            assert_bits(a["alpha_evict"], b["alpha_evict"], what + " alpha_evict")
+            assert_bits(a["beta_cache"][others], bc_before[others], what + " beta other slots")
+            assert_bits(a["alpha_cache"][others], ac_before[others], what + " alpha other slots")
+            assert_close(a["beta_cache"][slot], b["beta_cache"][slot], dtype, what + " beta slot")
+            assert_close(a["alpha_cache"][slot], b["alpha_cache"][slot], torch.float32, what + " alpha slot")
+            if pos >= sinks + window:  # the evicted token is the slot's old content
+                assert_bits(a["k_evict"], k_before[1][:, slot], what + " k_evict = old slot")
+                assert_bits(a["beta_evict"], bc_before[slot], what + " beta_evict = old slot")
+
+
+# ----------------------------------------------------------------------------------------------
+# swa_decode
+# ----------------------------------------------------------------------------------------------
+def _swa_case(device, dtype, H, Hkv, D, sinks, window, pos, layout, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C = sinks + window + 3
+    n = min(pos + 1, sinks + window)
+    pad = {"contig": 0, "strided": 8, "misaligned": 1}[layout]
+    # Layer-stacked caches with a padded last dim for the strided layouts: rows are D + pad apart.
+    k_all = torch.randn(2, Hkv, C, D + pad, generator=g).to(device=device, dtype=dtype)
+    v_all = torch.randn(2, Hkv, C, D + pad, generator=g).to(device=device, dtype=dtype)
+    k_cache, v_cache = k_all[1, :, :, :D], v_all[1, :, :, :D]
+    # Slots the op must never read hold NaN.
+    k_cache[:, n:] = float("nan")
+    v_cache[:, n:] = float("nan")
+    q = torch.randn(H, D, generator=g).to(device=device, dtype=dtype) * 2
+    if layout != "contig":
+        q = strided(q, offset=1 if layout == "misaligned" else 0)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, pos=torch.tensor([pos], device=device), sinks=sinks,
+                window=window, scale=D ** -0.5)
+
+
+SWA_SHAPES = [(4, 4, 64), (8, 4, 128), (16, 2, 128), (8, 1, 64), (6, 3, 48), (2, 1, 256)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("H,Hkv,D", SWA_SHAPES)
+@pytest.mark.parametrize("sinks,window", SW)
+def test_swa_decode(device, dtype, H, Hkv, D, sinks, window):
+    for i, pos in enumerate(pos_cases(sinks, window)):
+        layout = ["contig", "strided", "misaligned"][i % 3]
+        a = _swa_case(device, dtype, H, Hkv, D, sinks, window, pos, layout, seed=i)
+        k_before, v_before = a["k_cache"].clone(), a["v_cache"].clone()
+        out = torch.ops.ahn_rt.swa_decode(**a)
+        expect = ref.swa_decode_ref(**a)
+        assert out.shape == (H, D) and out.dtype == dtype
+        assert_close(out, expect, dtype, f"swa_decode pos={pos} {layout}")
+        assert_bits(a["k_cache"], k_before, "k_cache is read-only")
+        assert_bits(a["v_cache"], v_before, "v_cache is read-only")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dname)
+@pytest.mark.parametrize("pos", [40, 32767, 32768 + 12345])
+@pytest.mark.parametrize("H,Hkv", [(16, 2), (32, 8)])
+@pytest.mark.parametrize("marks", [pytest.param(0, marks=cuda_only)])
+def test_swa_decode_3b_cuda(dtype, pos, H, Hkv, marks):
+    a = _swa_case("cuda", dtype, H, Hkv, 128, 128, 32640, pos, "contig")
+    out = torch.ops.ahn_rt.swa_decode(**a)
+    assert_close(out, ref.swa_decode_ref(**a), dtype, f"swa_decode 3B pos={pos}")
+
+
+# ----------------------------------------------------------------------------------------------
+# gdn_decode
+# ----------------------------------------------------------------------------------------------
+def _gdn_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    return dict(
+        state=(0.1 * rnd(H, Dk, Dv)).float(),
+        q=strided(rnd(H, Dk).to(dtype)), k=strided(rnd(Hkv, Dk).to(dtype), pad=16),
+        v=strided(rnd(Hkv, Dv).to(dtype)), beta=torch.sigmoid(rnd(H)).to(dtype),
+        g=-torch.nn.functional.softplus(rnd(H)).float(), z=rnd(H).to(dtype),
+        norm_weight=(1 + 0.2 * rnd(Dv)).to(dtype), o_proj=(rnd(H, Dv, Dv) / math.sqrt(Dv)).to(out_dtype),
+        out=rnd(H, Dv).to(out_dtype), pos=torch.tensor([pos], device=device), sinks=sinks, window=window,
+        eps=1e-6)
+
+
+GDN_SHAPES = [(4, 4, 64, 64), (4, 2, 128, 128), (16, 2, 128, 128), (3, 1, 48, 40), (2, 2, 256, 256)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("H,Hkv,Dk,Dv", GDN_SHAPES)
+@pytest.mark.parametrize("sinks,window", [(0, 1), (4, 129)])
+@pytest.mark.parametrize("out_fp32", [False, True])
+def test_gdn_decode(device, dtype, H, Hkv, Dk, Dv, sinks, window, out_fp32):
+    out_dtype = torch.float32 if out_fp32 else dtype
+    cap = sinks + window
+    for step, pos in enumerate([cap - 1, cap, cap + 1, cap + 5 * window + 2]):
+        a = _gdn_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=step)
+        b = _clone_args(a)
+        state0, out0 = a["state"].clone(), a["out"].clone()
+        torch.ops.ahn_rt.gdn_decode(**a)
+        ref.gdn_decode_ref(**b)
+        what = f"gdn_decode pos={pos}"
+        if pos < cap:  # no-op before the first eviction
+            assert_bits(a["state"], state0, what + " state untouched")
+            assert_bits(a["out"], out0, what + " out untouched")
+            continue
+        assert_close(a["state"], b["state"], torch.float32, what + " state")
+        # m is rounded to the model dtype before it is added: the model dtype's tolerance applies.
+        assert_close(a["out"], b["out"], dtype, what + " out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
+def test_gdn_decode_steps(device, dtype):
+    """Several steps in a row on one state (the CUDA counters must reset themselves between calls)."""
+    H, Hkv, D = 16, 2, 128
+    a = _gdn_case(device, dtype, H, Hkv, D, D, 10, 2, 8, dtype)
+    b = _clone_args(a)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    for t in range(6):
+        for key in ("q", "k", "v"):
+            a[key].copy_(torch.randn(a[key].shape, generator=g).to(a[key]))
+            b[key].copy_(a[key])
+        torch.ops.ahn_rt.gdn_decode(**a)
+        ref.gdn_decode_ref(**b)
+        assert_close(a["state"], b["state"], torch.float32, f"step {t} state")
+        assert_close(a["out"], b["out"], dtype, f"step {t} out")
+
+
+@pytest.mark.parametrize("marks", [pytest.param(0, marks=cuda_only)])
+def test_gdn_decode_3b_36_layers_cuda(marks):
+    """The 3B shape, 36 layers back to back on one stacked state, against the reference."""
+    H, Hkv, D, L = 16, 2, 128, 36
+    cases = [_gdn_case("cuda", torch.bfloat16, H, Hkv, D, D, 40000, 128, 32640, torch.bfloat16, seed=i)
+             for i in range(L)]
+    refs = [_clone_args(a) for a in cases]
+    for a in cases:
+        torch.ops.ahn_rt.gdn_decode(**a)
+    for b in refs:
+        ref.gdn_decode_ref(**b)
+    for i, (a, b) in enumerate(zip(cases, refs)):
+        assert_close(a["state"], b["state"], torch.float32, f"layer {i} state")
+        assert_close(a["out"], b["out"], torch.bfloat16, f"layer {i} out")
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck (schemas, fake kernels, mutation declarations)
+# ----------------------------------------------------------------------------------------------
+def _opcheck_cases(device):
+    dt = torch.bfloat16
+    x = torch.randn(5, 64, dtype=dt, device=device)
+    yield torch.ops.ahn_rt.rms_norm.default, (x, torch.randn(64, dtype=dt, device=device), 1e-6)
+    for pos in (5, 70):
+        a, _, _ = _prep_case(device, dt, 4, 2, 64, 4, 60, pos, True, True, "contig")
+        a["k_evict"].zero_(), a["v_evict"].zero_(), a["beta_evict"].zero_(), a["alpha_evict"].zero_()
+        yield torch.ops.ahn_rt.decode_prep.default, tuple(a.values())
+    a = _swa_case(device, dt, 8, 2, 64, 4, 60, 70, "contig")
+    a["k_cache"].nan_to_num_(0.0), a["v_cache"].nan_to_num_(0.0)
+    yield torch.ops.ahn_rt.swa_decode.default, tuple(a.values())
+    for pos in (10, 100):
+        a = _gdn_case(device, dt, 4, 2, 64, 64, pos, 4, 60, dt)
+        yield torch.ops.ahn_rt.gdn_decode.default, tuple(a.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+def test_bad_inputs_raise(device="cpu"):
+    # CPU only: the checks are the same host code for every device, and on the GPU image used so far any
+    # C++ exception thrown from a freshly built extension (even a 3-line load_inline one) segfaulted.
+    q = torch.randn(4, 64, device=device)
+    kc = torch.randn(2, 16, 64, device=device)
+    pos = torch.tensor([3], device=device)
+    with pytest.raises(RuntimeError, match="sinks \\+ window <= C"):
+        torch.ops.ahn_rt.swa_decode(q=q, k_cache=kc, v_cache=kc, pos=pos, sinks=4, window=16, scale=0.1)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.ahn_rt.swa_decode(q=q, k_cache=kc, v_cache=kc, pos=pos.int(), sinks=4, window=8, scale=0.1)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.ahn_rt.swa_decode(q=q.bfloat16(), k_cache=kc, v_cache=kc, pos=pos, sinks=4, window=8, scale=0.1)
+
+
+@pytest.mark.parametrize("marks", [pytest.param(0, marks=cuda_only)])
+def test_graph_replay_cuda(marks):
+    """decode_prep -> swa_decode -> gdn_decode captured once in a CUDA graph, replayed with pos advanced on
+    the device, against the references run step by step (across the fill point and a wrap)."""
+    dev, dt = "cuda", torch.bfloat16
+    H, Hkv, D, S, W = 8, 2, 128, 2, 6
+    C, P = S + W, (H + 2 * Hkv) * D + 3 * H
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dev)  # noqa: E731
+    st = dict(proj=rnd(P).to(dt), k_cache=torch.zeros(Hkv, C, D, device=dev, dtype=dt),
+              v_cache=torch.zeros(Hkv, C, D, device=dev, dtype=dt), beta_cache=torch.zeros(C, H, device=dev, dtype=dt),
+              alpha_cache=torch.zeros(C, H, device=dev), k_evict=torch.zeros(Hkv, D, device=dev, dtype=dt),
+              v_evict=torch.zeros(Hkv, D, device=dev, dtype=dt), beta_evict=torch.zeros(H, device=dev, dtype=dt),
+              alpha_evict=torch.zeros(H, device=dev), state=torch.zeros(H, D, D, device=dev),
+              out=torch.zeros(H, D, device=dev, dtype=dt), pos=torch.zeros(1, dtype=torch.long, device=dev))
+    const = dict(inv_freq=1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D)), q_norm=None, k_norm=None,
+                 norm_eps=1e-6, a_log=0.3 * rnd(H), dt_bias=rnd(H), sinks=S, window=W)
+    gdn_const = dict(z=rnd(H).to(dt), norm_weight=torch.ones(D, device=dev, dtype=dt),
+                     o_proj=(rnd(H, D, D) / D ** 0.5).to(dt), eps=1e-6)
+    ref_st = {k: v.clone() for k, v in st.items()}
+
+    def step(s, prep, swa, gdn):
+        q = prep(proj=s["proj"], pos=s["pos"], k_cache=s["k_cache"], v_cache=s["v_cache"],
+                 beta_cache=s["beta_cache"], alpha_cache=s["alpha_cache"], k_evict=s["k_evict"],
+                 v_evict=s["v_evict"], beta_evict=s["beta_evict"], alpha_evict=s["alpha_evict"], **const)
+        s["out"].copy_(swa(q=q, k_cache=s["k_cache"], v_cache=s["v_cache"], pos=s["pos"], sinks=S, window=W,
+                           scale=D ** -0.5))
+        G = H // Hkv
+        gdn(state=s["state"], q=q, k=s["k_evict"], v=s["v_evict"], beta=s["beta_evict"],
+            g=s["alpha_evict"], out=s["out"], pos=s["pos"], sinks=S, window=W, **gdn_const)
+        del G
+
+    ops = (torch.ops.ahn_rt.decode_prep, torch.ops.ahn_rt.swa_decode, torch.ops.ahn_rt.gdn_decode)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (allocations, counters)
+        warm = {k: v.clone() for k, v in st.items()}
+        step(warm, *ops)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(st, *ops)
+    for p in range(3 * (S + W)):
+        proj = rnd(P).to(dt)
+        st["proj"].copy_(proj), ref_st["proj"].copy_(proj)
+        st["pos"].fill_(p), ref_st["pos"].fill_(p)
+        graph.replay()
+        step(ref_st, ref.decode_prep_ref, ref.swa_decode_ref, ref.gdn_decode_ref)
+        torch.cuda.synchronize()
+        assert_bits(st["v_cache"], ref_st["v_cache"], f"pos {p} v_cache")
+        assert_close(st["state"], ref_st["state"], torch.float32, f"pos {p} state") if p >= S + W else None
+        assert_close(st["out"], ref_st["out"], dt, f"pos {p} out")
