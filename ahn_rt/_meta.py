@@ -29,3 +29,9 @@ def _swa_decode_fake(q, k_cache, v_cache, pos, sinks, window, scale):
 @torch.library.register_fake("ahn_rt::gdn_decode")
 def _gdn_decode_fake(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps):
     return None  # mutates state and out in place
+
+
+@torch.library.register_fake("ahn_rt::gemv")
+def _gemv_fake(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    return x.new_empty(n, dtype=torch.float32 if out_float else x.dtype)

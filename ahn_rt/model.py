@@ -115,27 +115,28 @@ class Decoder:
     # ------------------------------------------------------------------------------------------
     def decode_step(self, st: State, ids: torch.Tensor) -> torch.Tensor:
         """One token (ids: int64 [1] on the device) at position st.pos (device). Does not advance the
-        position: the caller does (eagerly, or inside a captured CUDA graph). Returns logits [1, vocab]."""
+        position: the caller does (eagerly, or inside a captured CUDA graph). Returns logits [1, vocab].
+
+        Per layer: one fused GEMV (RMSNorm + q|k|v|a|b|g + bias), decode_prep (q/k norm, RoPE, gates,
+        ring write with eviction), window attention, the fused memory step, then three fused GEMVs
+        (o_proj + residual, RMSNorm + gate|up + SiLU*mul, down + residual)."""
         c = self.config
-        S, W, H = st.sinks, st.window, c.num_heads
-        h = F.embedding(ids, self.w.embed)
+        S, W, H, eps = st.sinks, st.window, c.num_heads, c.rms_norm_eps
+        h = F.embedding(ids, self.w.embed)[0]
         for i, lw in enumerate(self.w.layers):
             k_cache, v_cache, beta_cache, alpha_cache, gdn_state = st.layer(i)
-            x = ops.rms_norm(h, lw.ln_in, c.rms_norm_eps)
-            proj = F.linear(x, lw.w_in, lw.b_in)[0]
-            q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps,
+            proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
+            q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, eps,
                                 lw.a_log, lw.dt_bias, k_cache, v_cache, beta_cache, alpha_cache, S, W,
                                 st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict)
             attn = ops.swa_decode(q, k_cache, v_cache, st.pos, S, W, self.scale)
             if st.ahn:
                 ops.gdn_decode(gdn_state, q, st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict,
                                proj[-H:], lw.o_norm, lw.ahn_o_proj, attn, st.pos, S, W, AHN_NORM_EPS)
-            # residual adds fused into the GEMMs (one launch each on the decode path)
-            h = torch.addmm(h if lw.b_o is None else h + lw.b_o, attn.view(1, -1), lw.w_o.t())
-            x = ops.rms_norm(h, lw.ln_post, c.rms_norm_eps)
-            gate, up = F.linear(x, lw.w_gu).chunk(2, dim=-1)
-            h = torch.addmm(h, F.silu(gate) * up, lw.w_down.t())
-        return self._logits(h)
+            h = ops.gemv(attn.view(-1), lw.w_o, lw.b_o, None, 0.0, h, False, False)
+            act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
+            h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False)
+        return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True)[None]
 
     def forward(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Tokens through the model. A single token takes the decode kernels, longer feeds the

@@ -87,6 +87,11 @@ def gdn_decode(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks,
     fn(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps)
 
 
+def gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
+    fn = torch.ops.ahn_rt.gemv if _use_ext(x) else ref.gemv_ref
+    return fn(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float)
+
+
 # ---- prefill path: torch implementations -------------------------------------------------------
 def window_attention(q, k, v, q_pos, k_pos, sinks, window, scale):
     if q.is_cuda and _backend != "ref":

@@ -285,3 +285,37 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
         k_cache[:, slot] = k
         v_cache[:, slot] = v
     return q
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode GEMV with its neighbours fused (RMSNorm before, bias / SiLU*mul / residual after)
+# ----------------------------------------------------------------------------------------------
+# Rows per fp32 block, so that the LM head (151936 x 2048) never needs a full float32 copy of itself.
+_ROWS_PER_BLOCK = 16384
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+             norm_eps: float, residual: torch.Tensor | None, silu_mul: bool, out_float: bool) -> torch.Tensor:
+    """One decode token through a linear layer with its neighbours fused.
+
+    x: [K]; weight: [N, K]; bias: [N] or None; norm_weight: [K] or None (RMSNorm x first, exactly as
+    ``rms_norm_ref``); residual: [N_out] or None. y = weight @ xn in float32 (+ bias). With ``silu_mul``
+    rows [0, N/2) are the gate and [N/2, N) the up projection and y = silu(gate) * up ([N/2]).
+    out = residual + y, all in float32 and rounded once: float32 if ``out_float`` else x.dtype.
+
+    >>> w = torch.eye(4)[:3]
+    >>> gemv_ref(torch.arange(4.), w, None, None, 0.0, None, False, False)
+    tensor([0., 1., 2.])
+    """
+    xn = rms_norm_ref(x, norm_weight, norm_eps) if norm_weight is not None else x
+    xf = xn.float()
+    y = torch.cat([w.float() @ xf for w in weight.split(_ROWS_PER_BLOCK)]) if weight.shape[0] else \
+        weight.new_zeros(0, dtype=torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    if silu_mul:
+        gate, up = y.chunk(2)
+        y = F.silu(gate) * up
+    if residual is not None:
+        y = residual.float() + y
+    return y if out_float else y.to(x.dtype)

@@ -23,4 +23,9 @@ $PY -m pytest -m cuda tests/test_gemv.py -q --maxfail=10 -p no:cacheprovider > $
 echo "pytest rc=$? in $(( $(date +%s) - t1 )) s"; tail -25 $O/pytest.log
 echo "== bench"
 $PY bench/gemv_bench.py --json $O/gemv_bench.json 2>&1 | tee $O/bench.log
+echo "== compute-sanitizer"
+for tool in memcheck racecheck; do
+  timeout 60 compute-sanitizer --tool $tool --error-exitcode 3 $PY scripts/gemv_sanitize.py > $O/san_$tool.log 2>&1
+  echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' $O/san_$tool.log | head -2)"; grep -E "Invalid|hazard" $O/san_$tool.log | head -5
+done
 echo "== done in $(( $(date +%s) - t0 )) s"

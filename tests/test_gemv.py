@@ -1,0 +1,263 @@
+"""The fused decode GEMV ``torch.ops.ahn_rt.gemv`` (csrc/gemv.cpp, cpu/gemv.cpp, cuda/gemv.cu) against
+``ahn_rt.ref.gemv_ref``, both called by keyword.
+
+CPU cases run everywhere; the same cases on CUDA, the Qwen2.5-3B decode shapes (151936-row LM head
+included), the misaligned / scalar paths and CUDA-graph replay (with and without programmatic dependent
+launch) are marked `cuda` (`pytest -m cuda tests/test_gemv.py` on a GPU machine; skipped without one).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import ahn_rt._C  # noqa: F401  (registers torch.ops.ahn_rt.*)
+import ahn_rt._meta  # noqa: F401  (fake kernels, needed by opcheck)
+from ahn_rt.ref import gemv_ref
+
+# rtol, atol for assert_close and the bound on ||out - ref|| / ||ref||, per INPUT dtype (x, weight). Both
+# sides accumulate in float32 (in different orders) and round once; bf16 / fp16 outputs may differ by an
+# ulp, and a normalized x element may round the other way (rsqrt vs 1 / sqrt), which also moves a float32
+# output (out_float) of fp16 / bf16 inputs by more than float32 rounding (seen: 1.3e-4 for fp16 on an H200).
+TOL = {
+    torch.float32: dict(rtol=3e-4, atol=1e-3, rel=1e-4),
+    torch.float16: dict(rtol=3e-3, atol=5e-3, rel=3e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=5e-2, rel=1e-2),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_NO_GPU = not torch.cuda.is_available()
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(_NO_GPU, reason="no GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
+EPS = 1e-6
+
+# name -> (norm, bias, residual, silu_mul, out_float)
+OPTIONS = {
+    "plain": (False, False, False, False, False),
+    "norm": (True, False, False, False, False),
+    "bias": (False, True, False, False, False),
+    "res": (False, False, True, False, False),
+    "silu": (False, False, False, True, False),
+    "f32out": (False, False, False, False, True),
+    "norm_bias": (True, True, False, False, False),  # q|k|v|a|b|g projection
+    "bias_res": (False, True, True, False, False),  # o_proj with bias
+    "norm_silu": (True, False, False, True, False),  # gate|up
+    "silu_res": (False, False, True, True, False),
+    "norm_f32out": (True, False, False, False, True),  # LM head
+    "all": (True, True, True, True, True),
+}
+BIG_OPTIONS = ["plain", "norm_bias", "bias_res", "norm_silu", "res", "all"]
+SMALL_SHAPES = [(k, n) for k in (1, 7, 64) for n in (1, 3, 129, 2048, 2608)] + \
+               [(k, n) for k in (2048, 11008) for n in (1, 3, 129)]
+BIG_SHAPES = [(k, n) for k in (2048, 11008) for n in (2048, 2608)]
+
+
+def dname(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def make_case(K, N_out, dtype, device, option, gen=None):
+    """Fresh random inputs (y ~ O(1)); with silu_mul the weight has 2 * N_out rows."""
+    norm, bias, res, silu, f32 = OPTIONS[option]
+    N = 2 * N_out if silu else N_out
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(dtype).to(device)
+    return dict(
+        x=r(K, scale=3.0),
+        weight=r(N, K, scale=K ** -0.5),
+        bias=r(N) if bias else None,
+        norm_weight=(torch.rand(K, generator=gen) + 0.5).to(dtype).to(device) if norm else None,
+        norm_eps=EPS,
+        residual=r(N_out) if res else None,
+        silu_mul=silu,
+        out_float=f32,
+    )
+
+
+def to_cpu(args):
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def run_op(args):
+    """The op with a NaN-poisoned output block: the caching allocator hands the freed NaN block of the
+    same size to the op's output on CUDA, so an unwritten element shows up as NaN."""
+    w, x = args["weight"], args["x"]
+    if x.is_cuda:
+        n_out = w.shape[0] // 2 if args["silu_mul"] else w.shape[0]
+        dt = torch.float32 if args["out_float"] else x.dtype
+        torch.full((n_out,), float("nan"), dtype=dt, device=x.device)  # freed at once, block reused
+    return torch.ops.ahn_rt.gemv(**args)
+
+
+def assert_close(out, expect, what, in_dtype=None):
+    assert out.shape == expect.shape and out.dtype == expect.dtype, \
+        f"{what}: {out.shape} {out.dtype} vs {expect.shape} {expect.dtype}"
+    o, r = out.double().cpu(), expect.double().cpu()
+    assert bool(torch.isfinite(o).all()), f"{what}: non-finite values ({int((~torch.isfinite(o)).sum())})"
+    diff = (o - r).abs()
+    rel = (diff.norm() / r.norm().clamp_min(1e-30)).item()
+    print(f"{what}: max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g}, rel {rel:.3g}")
+    tol = TOL[in_dtype or out.dtype]
+    assert rel <= tol["rel"], f"{what}: relative error {rel:.3g} > {tol['rel']}"
+    torch.testing.assert_close(out.cpu(), expect.cpu(), rtol=tol["rtol"], atol=tol["atol"], msg=what)
+
+
+def check(args, what):
+    out = run_op(args)
+    expect = gemv_ref(**to_cpu(args))
+    assert_close(out, expect, what, args["x"].dtype)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("K,N", SMALL_SHAPES, ids=[f"K{k}-N{n}" for k, n in SMALL_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_gemv_small(dtype, K, N, option, device):
+    check(make_case(K, N, dtype, device, option), f"{dname(dtype)} K={K} N={N} {option} {device}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("option", BIG_OPTIONS)
+@pytest.mark.parametrize("K,N", BIG_SHAPES, ids=[f"K{k}-N{n}" for k, n in BIG_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_gemv_big(dtype, K, N, option, device):
+    check(make_case(K, N, dtype, device, option), f"{dname(dtype)} K={K} N={N} {option} {device}")
+
+
+def misaligned(t, offset):
+    """The same values in a buffer that starts `offset` elements in (16-byte misaligned for odd offsets)."""
+    flat = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device).fill_(float("nan"))
+    view = flat[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def strided_vec(t, step=3):
+    """The same values as a non-contiguous 1-D view (element stride `step`), NaN in between."""
+    big = torch.full((t.numel() * step,), float("nan"), dtype=t.dtype, device=t.device)
+    view = big[::step]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["x", "weight", "x_weight", "side_strides"])
+@pytest.mark.parametrize("K,N", [(2048, 129), (64, 2048), (11008, 3)], ids=["K2048-N129", "K64-N2048", "K11008-N3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_gemv_misaligned_and_strided(dtype, K, N, where, device):
+    """x at an odd offset (scalar staging), weight at an odd offset (scalar GEMV path on CUDA), strided
+    bias / norm_weight / residual."""
+    args = make_case(K, N, dtype, device, "all" if where == "side_strides" else "norm_bias")
+    if where in ("x", "x_weight"):
+        args["x"] = misaligned(args["x"], 3)
+    if where in ("weight", "x_weight"):
+        args["weight"] = misaligned(args["weight"], 1)
+    if where == "side_strides":
+        for name in ("bias", "norm_weight", "residual"):
+            args[name] = strided_vec(args[name])
+    check(args, f"{dname(dtype)} K={K} N={N} {where} {device}")
+
+
+def test_gemv_errors():
+    x, w = torch.randn(8), torch.randn(6, 8)
+    with pytest.raises(RuntimeError, match="x has 7 values"):
+        torch.ops.ahn_rt.gemv(torch.randn(7), w, None, None, EPS, None, False, False)
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        torch.ops.ahn_rt.gemv(x, w.half(), None, None, EPS, None, False, False)
+    with pytest.raises(RuntimeError, match="even N"):
+        torch.ops.ahn_rt.gemv(x, torch.randn(5, 8), None, None, EPS, None, True, False)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        torch.ops.ahn_rt.gemv(x, w, None, None, EPS, torch.randn(6), True, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.ahn_rt.gemv(x, torch.randn(8, 6).t(), None, None, EPS, None, False, False)
+    with pytest.raises(RuntimeError, match="norm_weight dtype"):
+        torch.ops.ahn_rt.gemv(x, w, None, torch.randn(8).double(), EPS, None, False, False)
+
+
+def test_gemv_empty():
+    out = torch.ops.ahn_rt.gemv(torch.randn(8), torch.randn(0, 8), None, None, EPS, None, False, False)
+    assert out.shape == (0,)
+    bias = torch.randn(4)
+    out = torch.ops.ahn_rt.gemv(torch.randn(0), torch.randn(4, 0), bias, None, EPS, None, False, True)
+    torch.testing.assert_close(out, bias)
+
+
+@pytest.mark.parametrize("option", ["plain", "norm_bias", "silu_res", "all"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_gemv_opcheck(dtype, option):
+    args = make_case(64, 10, dtype, "cpu", option)
+    torch.library.opcheck(torch.ops.ahn_rt.gemv, args=(), kwargs=args)
+
+
+# ---- CUDA: the Qwen2.5-3B decode shapes -----------------------------------------------------------
+# (name, K, N_out, option): q|k|v|a|b|g, o_proj (+ residual), gate|up (+ SiLU), down (+ residual), LM head.
+SHAPES_3B = [
+    ("qkvabg", 2048, 2608, "norm_bias"),
+    ("o_proj", 2048, 2048, "res"),
+    ("gate_up", 2048, 11008, "norm_silu"),
+    ("down", 11008, 2048, "res"),
+    ("lm_head", 2048, 151936, "norm_f32out"),
+    ("down_7b", 18944, 3584, "res"),  # K > 12288: over 48 KiB of staged x (opt-in shared memory)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("name,K,N,option", SHAPES_3B, ids=[s[0] for s in SHAPES_3B])
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_gemv_3b_shapes(name, K, N, option, dtype):
+    if dtype != torch.bfloat16 and name == "lm_head":
+        N = 32771  # keep the fp32 / fp16 runs short; odd row count
+    check(make_case(K, N, dtype, "cuda", option), f"{name} {dname(dtype)}")
+
+
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_gemv_graph_chain(pdl, monkeypatch):
+    """A decode-like chain (each GEMV reads the previous output) captured in a CUDA graph and replayed
+    with new inputs, equal to the eager chain: with PDL the next kernel's weight prefetch overlaps the
+    previous kernel, and its reads of x / residual must still wait for it."""
+    monkeypatch.setenv("AHN_RT_GEMV_PDL", "1" if pdl else "0")
+    dt, K, F = torch.bfloat16, 2048, 5504
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(3):
+        layers.append(dict(
+            w_in=make_case(K, 2608, dt, "cuda", "norm_bias", g),
+            w_o=(torch.randn(K, K, generator=g) * K ** -0.5).to(dt).cuda(),
+            w_gu=make_case(K, F, dt, "cuda", "norm_silu", g),
+            w_down=(torch.randn(K, F, generator=g) * F ** -0.5).to(dt).cuda(),
+        ))
+
+    def step(h, fn):
+        for lw in layers:
+            a = lw["w_in"]
+            proj = fn(x=h, weight=a["weight"], bias=a["bias"], norm_weight=a["norm_weight"], norm_eps=EPS,
+                      residual=None, silu_mul=False, out_float=False)
+            h = fn(x=proj[:K], weight=lw["w_o"], bias=None, norm_weight=None, norm_eps=0.0, residual=h,
+                   silu_mul=False, out_float=False)
+            gu = lw["w_gu"]
+            act = fn(x=h, weight=gu["weight"], bias=None, norm_weight=gu["norm_weight"], norm_eps=EPS,
+                     residual=None, silu_mul=True, out_float=False)
+            h = fn(x=act, weight=lw["w_down"], bias=None, norm_weight=None, norm_eps=0.0, residual=h,
+                   silu_mul=False, out_float=False)
+        return h
+
+    h_in = torch.randn(K, device="cuda").to(dt)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(h_in, torch.ops.ahn_rt.gemv)  # warm-up outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            h_out = step(h_in, torch.ops.ahn_rt.gemv)
+    torch.cuda.current_stream().wait_stream(stream)
+    for trial in range(3):
+        h_in.copy_(torch.randn(K, generator=g).to(dt))
+        graph.replay()
+        eager = step(h_in, torch.ops.ahn_rt.gemv)
+        torch.cuda.synchronize()
+        assert torch.equal(h_out, eager), f"graph replay {trial} differs from eager"
+        cpu_ref = step(h_in.cpu(), lambda **kw: gemv_ref(**to_cpu(kw)))
+        assert_close(h_out, cpu_ref, f"chain vs reference, replay {trial}")
