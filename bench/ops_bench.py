@@ -87,7 +87,7 @@ def main():
         gdn()
         swa()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
 
     P = (H + 2 * Hkv) * D + 3 * H
     proj = torch.randn(L, P, device=dev, dtype=dt)

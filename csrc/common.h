@@ -147,7 +147,7 @@ struct SwaDecodeParams {
   float* ml_part;       // CUDA scratch [H, nsplit, 2] float32 (running max in log2 units, sum)
   int64_t q_stride, kc_s0, kc_s1, vc_s0, vc_s1;
   int64_t H, Hkv, C, D, sinks, window;
-  int64_t chunk, nsplit;  // CUDA: keys per split, splits per kv head (fixed from C)
+  int64_t chunk, nsplit;  // CUDA: keys per split, splits per kv head (fixed from C and the device)
   float scale;
 };
 
@@ -163,8 +163,6 @@ struct GdnDecodeParams {
   const void* o_proj;        // [H, Dv, Dv] contiguous (in, out)
   void* out;                 // [H, Dv], row stride out_stride, last dim contiguous
   const int64_t* pos;        // [1]
-  float* o_buf;              // CUDA scratch [H, Dv] float32
-  int32_t* counter;          // CUDA scratch [H] int32, zero between calls (the kernel resets it)
   int64_t q_stride, k_stride, v_stride, beta_stride, g_stride, z_stride, out_stride;
   int64_t H, Hkv, Dk, Dv, sinks, window;
   float eps;
@@ -185,8 +183,19 @@ template <typename T> void decode_prep_cuda(const DecodePrepParams& p, void* str
 template <typename T> void swa_decode_cuda(const SwaDecodeParams& p, void* stream);
 template <typename T> void gdn_decode_cuda(const GdnDecodeParams& p, void* stream);
 
-// Column block of the GDN CUDA kernel: each block owns Dv columns [j0, j0 + kGdnCols) of one head.
-constexpr int64_t kGdnCols = 16;
+// swa_decode CUDA tensor-core path (fp16 / bf16): keys per shared-memory pipeline stage (16 per warp of
+// 4), stages, and the dynamic shared memory of one block: Q [16][DT + 8] + stages x {K, V} [64][DT + 8]
+// with DT the head-dim tile (64, 128 or 256; rows padded by 16 bytes against bank conflicts).
+constexpr int64_t kSwaTileKeys = 64;
+constexpr int64_t kSwaStages = 2;
+inline int64_t swa_head_tile(int64_t D) { return D <= 64 ? 64 : (D <= 128 ? 128 : 256); }
+inline int64_t swa_mma_smem_bytes(int64_t D) {
+  return (16 + kSwaStages * 2 * kSwaTileKeys) * (swa_head_tile(D) + 8) * 2;
+}
+
+// GDN CUDA kernel: one cluster of ceil(Dv / W) <= 8 blocks per head, block b owning state columns
+// [b W, b W + W) with W = gdn_slice_cols(Dv) (8, 16 or 32).
+inline int64_t gdn_slice_cols(int64_t Dv) { return Dv <= 64 ? 8 : (Dv <= 128 ? 16 : 32); }
 
 // ---------------------------------------------------------------------------------------------
 // Checked host entry functions (ops.cpp). The backend files register them for their dispatch key.

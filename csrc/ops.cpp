@@ -79,25 +79,17 @@ int64_t sm_count() {
   return counts[dev];
 }
 
-// A per-device int32 buffer of zeros for the GDN last-block-arrives counters. The kernel leaves it at
-// zero again, so one buffer serves every call (and every replay of a captured graph) on one stream.
-// During graph capture a buffer that does not exist yet cannot be made once, so then each call gets a
-// fresh zeroed one (a memset node in the graph).
-at::Tensor gdn_counters(const at::Tensor& like, int64_t n, cudaStream_t stream) {
+// Shared memory per SM of the current device (cached per device): how many swa_decode blocks fit at once.
+int64_t smem_per_sm() {
   static std::mutex mu;
-  static auto* per_device = new std::vector<at::Tensor>();  // leaked: no CUDA frees at process exit
-  const auto opts = like.options().dtype(at::kInt);
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  static std::vector<int> bytes;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
   std::lock_guard<std::mutex> lock(mu);
-  const auto dev = static_cast<size_t>(like.get_device());
-  if (per_device->size() <= dev) per_device->resize(dev + 1);
-  at::Tensor& buf = (*per_device)[dev];
-  if (!buf.defined() || buf.numel() < n) {
-    if (status != cudaStreamCaptureStatusNone) return at::zeros({n}, opts);
-    buf = at::zeros({std::max<int64_t>(n, 1024)}, opts);
-  }
-  return buf;
+  if (bytes.size() <= static_cast<size_t>(dev)) bytes.resize(dev + 1, 0);
+  if (bytes[dev] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes[dev], cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  return bytes[dev];
 }
 #endif
 
@@ -315,16 +307,29 @@ at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   if (q.is_cuda()) {
     const c10::cuda::CUDAGuard guard(q.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    // Split the capacity C (not the valid length: one launch serves every step of a captured graph)
-    // so that about 8 blocks per SM get work once the window is full. A split's K and V tiles are staged
-    // in shared memory (<= 32 KiB together) and its scores for the G heads too (<= 8 KiB).
+    // Split the capacity C (not the valid length: one launch serves every step of a captured graph).
     const int64_t sms = sm_count();
     const int64_t G = H / Hkv;
     TORCH_CHECK(G <= 256, op, ": CUDA supports up to 256 query heads per kv head, got ", G);
-    const int64_t per_head = std::max<int64_t>(1, (8 * sms + Hkv - 1) / Hkv);
-    int64_t chunk = std::max<int64_t>(16, (C + per_head - 1) / per_head);
-    const int64_t tile_max = std::min<int64_t>(32768 / (2 * D * q.element_size()), 2048 / G);
-    chunk = std::max<int64_t>(8, std::min(chunk, tile_max) / 8 * 8);
+    int64_t chunk;
+    if (q.scalar_type() != at::kFloat) {
+      // Tensor-core path: size the splits so that a full cache is one wave of resident blocks (blocks per
+      // SM from the shared memory of one block, at most 4), i.e. 2-4 blocks per SM each streaming ~100+
+      // KiB: enough bytes in flight for the bandwidth, no tail wave. A short valid length n then runs
+      // ceil(n / chunk) splits and the combine reads only those. Chunks are whole warp slices (16 keys).
+      const int64_t smem = swa_mma_smem_bytes(D) + 1024;  // + static merge buffers and the reserved 1 KiB
+      const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(4, smem_per_sm() / smem));
+      const int64_t groups = Hkv * ((G + 15) / 16);
+      const int64_t slots = std::max<int64_t>(1, sms * per_sm / groups);
+      chunk = std::max<int64_t>(32, ((C + slots - 1) / slots + 15) / 16 * 16);
+    } else {
+      // fp32 (CUDA cores, tests only): about 8 blocks per SM; a split's K and V tiles are staged in shared
+      // memory (<= 32 KiB together) and its scores for the G heads too (<= 8 KiB).
+      const int64_t per_head = std::max<int64_t>(1, (8 * sms + Hkv - 1) / Hkv);
+      chunk = std::max<int64_t>(16, (C + per_head - 1) / per_head);
+      const int64_t tile_max = std::min<int64_t>(32768 / (2 * D * q.element_size()), 2048 / G);
+      chunk = std::max<int64_t>(8, std::min(chunk, tile_max) / 8 * 8);
+    }
     p.chunk = chunk;
     p.nsplit = (C + chunk - 1) / chunk;
     TORCH_CHECK(p.nsplit <= 8192, op, ": too many splits (", p.nsplit, ") for C=", C, " with ", G,
@@ -416,10 +421,6 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
     TORCH_CHECK(Dk <= 256 && Dv <= 256, op, ": CUDA supports Dk, Dv <= 256, got ", Dk, ", ", Dv);
     const c10::cuda::CUDAGuard guard(state.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    at::Tensor o_buf = at::empty({H, Dv}, state.options());
-    at::Tensor counter = gdn_counters(state, H, stream);
-    p.o_buf = o_buf.data_ptr<float>();
-    p.counter = counter.data_ptr<int32_t>();
     dispatch_dtype(q.scalar_type(), op, [&](auto tag) { gdn_decode_cuda<decltype(tag)>(p, stream); });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;

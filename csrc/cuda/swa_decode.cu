@@ -1,14 +1,25 @@
-// CUDA sliding-window + sinks decode attention, flash-decoding style: grid (splits, Hkv), each block
-// reads one split of the K/V cache of one kv head ONCE with 16-byte loads and serves all G query heads
-// of it (scores in shared memory, fp32 online softmax pieces), then a combine kernel merges the splits.
-// Splits are fixed by the capacity C (ops.cpp), not by pos: splits past the valid slots exit at once and
-// the combine ignores them, so one captured graph serves every decode step.
-// Measured (H200, bf16, 16 q / 2 kv heads, D=128, 32k window): ~55 us per layer = ~610 GB/s, far below the
-// copy bandwidth: the CUDA-core dot products (16 lanes per key, a 4-step shuffle per key and head) cost
-// more than the bytes; G=1 reaches ~1.9 TB/s. Next step: QK^T and PV for the G heads on tensor cores (mma).
+// CUDA sliding-window + sinks decode attention, flash-decoding style: grid (splits, Hkv[, head groups]),
+// each block reads one split of the K/V cache of one kv head ONCE and serves all G query heads of it,
+// then a combine kernel merges the splits. Splits are fixed by the capacity C (ops.cpp), not by pos: splits
+// past the valid slots exit at once and the combine reads only the ceil(n / chunk) valid ones, so one
+// captured graph serves every decode step.
+// fp16 / bf16: tensor cores (mma.sync m16n8k16, fp32 accumulate). The G <= 16 query heads of a kv head
+// are the M rows (padded to 16), keys the N columns: S = Q K^T on 64-key tiles staged by 16-byte cp.async
+// into a 2-stage shared-memory ring, online softmax in registers, O += P V with P (rounded to the input
+// dtype, as FlashAttention-2 does) as the A operand. Each of the 4 warps owns 16 keys of a tile and keeps
+// its own (m, l, O); the warps merge once per split. fp32 (tests only) keeps the CUDA-core kernel.
+// Before (H200, bf16, 16 q / 2 kv heads, D=128): 22 / 29 / 55 us per layer at n = 1k / 8k / 32k; the
+// CUDA-core dot products (a shuffle per key and head) cost more than the bytes.
+// Now (same card and bench, graph medians): 10.6 / 11.9 / 19.2 us (1.75 TB/s at 32k). ncu at 32k: split
+// kernel ~16 us, combine ~3.6 us; the split kernel issues an instruction every ~2.3 cycles at ~12 warps
+// per SM: index math (runtime div/mod, 64-bit) in load_tile, the Q staging and the merge outweigh the
+// mma work. Next: per-thread cp.async offsets computed once, 32-bit offsets, 16-byte Q loads, two S
+// accumulators (the 8 k-step mma chain is serial), and a lighter or fused combine.
 // Test: pytest -m cuda tests/test_ops.py -k swa_decode; timing: bench/ops_bench.py.
 #include <cstdint>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "../common.h"
@@ -94,7 +105,7 @@ __device__ __forceinline__ bool aligned16(const void* p, int64_t s0, int64_t s1,
 // Shared memory (dynamic): K tile [chunk][D], V tile [chunk][D] (both staged at once with cp.async, so
 // the whole split is one memory round trip), then the scores [G][chunk].
 template <typename T, int DT>
-__global__ void __launch_bounds__(kThreads) swa_split_kernel(SwaDecodeParams p) {
+__global__ void __launch_bounds__(kThreads) swa_split_scalar_kernel(SwaDecodeParams p) {
   constexpr int LPK = DT / 8;   // lanes per key (each owns 8 dims)
   constexpr int KPW = 32 / LPK; // keys per warp step
   constexpr int KSTEP = kWarps * KPW;
@@ -240,6 +251,275 @@ __global__ void __launch_bounds__(kThreads) swa_split_kernel(SwaDecodeParams p) 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core split kernel (fp16 / bf16)
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte cp.async; src_bytes = 0 zero-fills the 16 bytes without reading global memory (PTX ISA, cp.async).
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Four 8x8 b16 matrices; lane l gives the row address of matrix l / 8, and receives (row l / 4,
+// columns 2 (l % 4) + {0, 1}) of each (transposed with .trans): the mma fragment layouts (PTX ISA,
+// "Matrix Fragments for mma.m16n8k16").
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<c10::BFloat16> {
+  // Two floats rounded to one packed pair, the lower index in the low half.
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi, float& rlo, float& rhi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    rlo = __low2float(v);
+    rhi = __high2float(v);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  // d += a (16x16, row) * b (16x8, col), fp32 accumulate.
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<c10::Half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi, float& rlo, float& rhi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    rlo = __low2float(v);
+    rhi = __high2float(v);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+constexpr int kTile = static_cast<int>(kSwaTileKeys);  // keys per pipeline stage: 16 per warp
+constexpr int kStages = static_cast<int>(kSwaStages);
+static_assert(kTile == 16 * kWarps, "each warp owns 16 keys of a tile");
+
+// DT: head-dim tile (64, 128 or 256), D <= DT; columns [D, DT) of Q, K and V in shared memory are zero.
+// Shared memory (dynamic, swa_mma_smem_bytes): Q [16][DT + 8], then kStages x {K, V} [kTile][DT + 8].
+// The 16-byte row pad puts the 8 rows that one ldmatrix reads in 8 different bank groups.
+template <typename T, int DT>
+__global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(SwaDecodeParams p) {
+  constexpr int LD = DT + 8;
+  constexpr int LDO = DT + 4;  // fp32 rows of the cross-warp merge buffer
+  extern __shared__ __align__(16) unsigned char s_raw[];
+  __shared__ float s_m[kWarps][16], s_l[kWarps][16];
+  T* sQ = reinterpret_cast<T*>(s_raw);
+  T* sKV = sQ + 16 * LD;
+
+  const int64_t split = blockIdx.x, j = blockIdx.y;
+  const int g0 = blockIdx.z * 16;
+  const int64_t pos = *p.pos;
+  const int64_t n = max(int64_t(0), min(pos + 1, p.sinks + p.window));
+  const int64_t k0 = split * p.chunk;
+  if (k0 >= n) return;  // whole block: nothing valid in this split
+  const int nk = static_cast<int>(min(p.chunk, n - k0));
+  const int ntiles = (nk + kTile - 1) / kTile;
+  const int G = static_cast<int>(p.H / p.Hkv);
+  const int gc = min(16, G - g0);
+  const int D = static_cast<int>(p.D);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const T* kbase = static_cast<const T*>(p.k_cache) + j * p.kc_s0 + k0 * p.kc_s1;
+  const T* vbase = static_cast<const T*>(p.v_cache) + j * p.vc_s0 + k0 * p.vc_s1;
+  const bool al = aligned16(p.k_cache, p.kc_s0, p.kc_s1, sizeof(T)) &&
+                  aligned16(p.v_cache, p.vc_s0, p.vc_s1, sizeof(T));
+
+  // Rows [0, nk) of tile t into stage t % kStages; rows past nk are zero (the test poisons them with NaN,
+  // and 0 * NaN would reach O through P V).
+  auto load_tile = [&](int t) {
+    T* sK = sKV + (t % kStages) * 2 * kTile * LD;
+    T* sV = sK + kTile * LD;
+    const int r0 = t * kTile;
+    if (al) {
+      const int per_row = D / 8;
+      for (int i = tid; i < kTile * per_row; i += kThreads) {
+        const int r = i / per_row, c = (i % per_row) * 8;
+        const bool ok = r0 + r < nk;
+        const int64_t rr = ok ? r0 + r : 0;
+        cp_async16_zfill(sK + r * LD + c, kbase + rr * p.kc_s1 + c, ok);
+        cp_async16_zfill(sV + r * LD + c, vbase + rr * p.vc_s1 + c, ok);
+      }
+    } else {
+      for (int i = tid; i < kTile * D; i += kThreads) {
+        const int r = i / D, c = i % D;
+        const bool ok = r0 + r < nk;
+        sK[r * LD + c] = ok ? kbase[(r0 + r) * p.kc_s1 + c] : T(0.f);
+        sV[r * LD + c] = ok ? vbase[(r0 + r) * p.vc_s1 + c] : T(0.f);
+      }
+    }
+  };
+  load_tile(0);
+  cp_async_commit();
+  if (ntiles > 1) load_tile(1);
+  cp_async_commit();
+
+  // Q rows g0 .. g0 + 15 (zero past G and past D); zero pad columns of the stages (cp.async never writes them).
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < 16 * DT; i += kThreads) {
+    const int r = i / DT, c = i % DT;
+    sQ[r * LD + c] = (r < gc && c < D) ? q[(j * G + g0 + r) * p.q_stride + c] : T(0.f);
+  }
+  if (D < DT) {
+    const int w = DT - D;
+    for (int i = tid; i < kStages * 2 * kTile * w; i += kThreads) sKV[(i / w) * LD + D + i % w] = T(0.f);
+  }
+
+  const float qscale = p.scale * kLog2e;  // scores in log2 units: exp2 below
+  const int quad = lane >> 2, qlane = lane & 3;
+  float o[DT / 8][4];
+#pragma unroll
+  for (int t = 0; t < DT / 8; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[t][e] = 0.f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};  // rows quad and quad + 8
+
+  for (int t = 0; t < ntiles; ++t) {
+    cp_async_wait<1>();  // tile t has landed (only tile t + 1 may still be in flight)
+    __syncthreads();
+    const T* sK = sKV + (t % kStages) * 2 * kTile * LD + warp * 16 * LD;  // this warp's 16 keys
+    const T* sV = sK + kTile * LD;
+    const int kw = t * kTile + warp * 16;
+    if (kw < nk) {
+      // ---- S (16 heads x 16 keys) = Q K^T ----
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < DT / 16; ++ks) {
+        uint32_t a[4], b[4];
+        ldsm_x4(a, sQ + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + ks * 16 + (lane >> 4) * 8);
+        ldsm_x4(b, sK + ((lane & 7) + (lane >> 4) * 8) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+        Mma<T>::mma(s[0], a, b[0], b[1]);
+        Mma<T>::mma(s[1], a, b[2], b[3]);
+      }
+      // ---- online softmax (log2 units); element e of n-tile nt: row quad + 8 (e / 2), key 8 nt + 2 qlane + e % 2
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool ok = kw + nt * 8 + 2 * qlane + (e & 1) < nk;
+          s[nt][e] = ok ? s[nt][e] * qscale : -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+        }
+      float m_use[2], corr[2];
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+        mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+        const float m_new = fmaxf(m_r[hh], mx[hh]);
+        m_use[hh] = m_new == -INFINITY ? 0.f : m_new;  // no valid key yet: avoid (-inf) - (-inf)
+        corr[hh] = exp2f(m_r[hh] - m_use[hh]);
+        m_r[hh] = m_new;
+        l_r[hh] *= corr[hh];
+      }
+      uint32_t pa[4];
+      float pr[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = exp2f(s[nt][e] - m_use[e >> 1]);
+        // A fragment of P (16 x 16 keys): {row, keys 0-7}, {row + 8, keys 0-7}, {row, keys 8-15}, {row + 8, 8-15}
+        pa[2 * nt] = Mma<T>::pack(s[nt][0], s[nt][1], pr[nt][0], pr[nt][1]);
+        pa[2 * nt + 1] = Mma<T>::pack(s[nt][2], s[nt][3], pr[nt][2], pr[nt][3]);
+        // l sums the rounded P that the P V product uses (thread-partial; the quad is summed at the end).
+        l_r[0] += pr[nt][0] + pr[nt][1];
+        l_r[1] += pr[nt][2] + pr[nt][3];
+      }
+      // ---- O = diag(corr) O + P V ----
+#pragma unroll
+      for (int dt = 0; dt < DT / 8; ++dt) {
+        o[dt][0] *= corr[0];
+        o[dt][1] *= corr[0];
+        o[dt][2] *= corr[1];
+        o[dt][3] *= corr[1];
+      }
+#pragma unroll
+      for (int dt = 0; dt < DT / 16; ++dt) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * LD + dt * 16 + (lane >> 4) * 8);
+        Mma<T>::mma(o[2 * dt], pa, b[0], b[1]);
+        Mma<T>::mma(o[2 * dt + 1], pa, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with stage t % kStages
+    if (t + kStages < ntiles) load_tile(t + kStages);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();  // (only empty groups can be left) before the stages are reused below
+
+  // ---- merge the 4 warps: M = max_w m_w, O = sum_w 2^(m_w - M) O_w, L = sum_w 2^(m_w - M) l_w ----
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l_r[hh] += __shfl_xor_sync(0xffffffffu, l_r[hh], 1);
+    l_r[hh] += __shfl_xor_sync(0xffffffffu, l_r[hh], 2);
+  }
+  if (qlane == 0) {
+    s_m[warp][quad] = m_r[0];
+    s_m[warp][quad + 8] = m_r[1];
+    s_l[warp][quad] = l_r[0];
+    s_l[warp][quad + 8] = l_r[1];
+  }
+  __syncthreads();
+  float sc[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = quad + 8 * hh;
+    float M = s_m[0][r];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) M = fmaxf(M, s_m[w][r]);  // finite: key 0 of the split is warp 0's
+    sc[hh] = exp2f(m_r[hh] - M);  // 0 for a warp that saw no valid key
+  }
+  float* s_o = reinterpret_cast<float*>(sKV);  // [kWarps][16][LDO], fits in the stages
+#pragma unroll
+  for (int dt = 0; dt < DT / 8; ++dt) {
+    const int c = dt * 8 + 2 * qlane;
+    *reinterpret_cast<float2*>(s_o + (warp * 16 + quad) * LDO + c) = make_float2(o[dt][0] * sc[0], o[dt][1] * sc[0]);
+    *reinterpret_cast<float2*>(s_o + (warp * 16 + quad + 8) * LDO + c) =
+        make_float2(o[dt][2] * sc[1], o[dt][3] * sc[1]);
+  }
+  __syncthreads();
+  for (int i = tid; i < gc * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) a += s_o[(w * 16 + r) * LDO + d];
+    p.o_part[((j * G + g0 + r) * p.nsplit + split) * p.D + d] = a;
+  }
+  if (tid < gc) {
+    float M = s_m[0][tid];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) M = fmaxf(M, s_m[w][tid]);
+    float L = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) L += exp2f(s_m[w][tid] - M) * s_l[w][tid];
+    float* ml = p.ml_part + ((j * G + g0 + tid) * p.nsplit + split) * 2;
+    ml[0] = M;
+    ml[1] = L;
+  }
+}
+
 // Grid (H, ceil(D / 32)): merge the valid splits of one query head for 32 dims (weights 2^(m_s - M) / L),
 // round to T. Lane = dim, the 32 warps take interleaved splits (few dependent loads per thread).
 constexpr int kCombineThreads = 1024;
@@ -286,10 +566,24 @@ __global__ void __launch_bounds__(kCombineThreads) swa_combine_kernel(SwaDecodeP
 
 template <typename T, int DT>
 void launch(const SwaDecodeParams& p, cudaStream_t stream) {
-  const size_t smem = 2 * static_cast<size_t>(p.chunk) * p.D * sizeof(T) +
-                      static_cast<size_t>(p.H / p.Hkv) * p.chunk * sizeof(float);
-  const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv));
-  swa_split_kernel<T, DT><<<grid, kThreads, smem, stream>>>(p);
+  if constexpr (sizeof(T) == 2) {
+    const size_t smem = static_cast<size_t>(swa_mma_smem_bytes(p.D));
+    auto kernel = swa_split_mma_kernel<T, DT>;
+    // Above 48 KiB a block needs the opt-in (ops.cpp sized the chunk for this footprint).
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    // The largest shared-memory carveout for both kernels, so an SM need not be reconfigured between them.
+    cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    cudaFuncSetAttribute(swa_combine_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                         cudaSharedmemCarveoutMaxShared);
+    const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv),
+                    static_cast<unsigned>((p.H / p.Hkv + 15) / 16));
+    kernel<<<grid, kThreads, smem, stream>>>(p);
+  } else {
+    const size_t smem = 2 * static_cast<size_t>(p.chunk) * p.D * sizeof(T) +
+                        static_cast<size_t>(p.H / p.Hkv) * p.chunk * sizeof(float);
+    const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv));
+    swa_split_scalar_kernel<T, DT><<<grid, kThreads, smem, stream>>>(p);
+  }
   const dim3 cgrid(static_cast<unsigned>(p.H), static_cast<unsigned>((p.D + 31) / 32));
   swa_combine_kernel<T><<<cgrid, kCombineThreads, p.nsplit * sizeof(float), stream>>>(p);
 }
@@ -298,8 +592,9 @@ void launch(const SwaDecodeParams& p, cudaStream_t stream) {
 
 template <typename T>
 void swa_decode_cuda(const SwaDecodeParams& p, void* stream) {
-  // ops.cpp keeps the K/V tiles <= 32 KiB and the scores <= 8 KiB (dynamic), with kGroup * DT * 4 <= 8 KiB
-  // static: within the 48 KiB that needs no opt-in; nsplit * 4 bytes for the combine is below 32 KiB.
+  // fp32 (CUDA cores): ops.cpp keeps the K/V tiles <= 32 KiB and the scores <= 8 KiB (dynamic), with
+  // kGroup * DT * 4 <= 8 KiB static: within the 48 KiB that needs no opt-in. fp16 / bf16: the dynamic size
+  // is swa_mma_smem_bytes(D) (opt-in above). nsplit * 4 bytes for the combine is at most 32 KiB.
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.D <= 64) launch<T, 64>(p, s);
   else if (p.D <= 128) launch<T, 128>(p, s);
