@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# On a GPU machine: build the CUDA extension, run the CUDA op tests, then compute-sanitizer memcheck and
-# racecheck over one call of each op (scripts/sanitize_ops.py). Usage: bash scripts/device_check.sh
+# On a GPU machine, in one go: build the CUDA extension, run every CUDA test (ops, gemv, whole model),
+# compute-sanitizer memcheck + racecheck over one call of each CUDA op. Logs under $OUT (or /tmp).
+# Usage: bash scripts/device_check.sh        (then: bash scripts/device_bench.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # import ahn_rt from the source tree (build_ext --inplace)
+O=${OUT:-/tmp}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1   # ahn_rt from the source tree
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} AHN_RT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 PY=${PYTHON:-python3}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} AHN_RT_CUDA=1 MAX_JOBS=${MAX_JOBS:-8}
 status=0
 t0=$(date +%s)
-echo "== build"; $PY setup.py build_ext --inplace -q 2>&1 | grep -vE "^(copying|running)" | tail -20 || status=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+echo "== build"
+$PY setup.py build_ext --inplace > "$O/build.log" 2>&1 || { status=1; grep -E "error" "$O/build.log" | head -20; }
 t1=$(date +%s)
-echo "== pytest -m cuda ($((t1 - t0)) s build)"
-$PY -m pytest -m cuda tests/test_ops.py -x -q 2>&1 | tail -15 || status=1
+echo "build $((t1 - t0)) s; == pytest -m cuda"
+$PY -m pytest -m cuda tests/ -q -p no:cacheprovider > "$O/pytest_cuda.log" 2>&1 || status=1
+grep -E "passed|failed|error" "$O/pytest_cuda.log" | tail -8
+grep -E "rel err .* top-1" "$O/pytest_cuda.log" | head -8
 t2=$(date +%s)
-for tool in memcheck racecheck; do
-  echo "== compute-sanitizer --tool $tool"
-  if compute-sanitizer --tool $tool --error-exitcode 3 $PY scripts/sanitize_ops.py > /tmp/san_$tool.log 2>&1; then
-    echo "$tool: clean ($(grep -c '' /tmp/san_$tool.log) lines of output)"
-  else
-    echo "$tool: FAILED"; grep -E "ERROR SUMMARY|Invalid|Race|hazard|Error" /tmp/san_$tool.log | head -20; status=1
-  fi
+for script in scripts/sanitize_ops.py scripts/gemv_sanitize.py; do
+  for tool in memcheck racecheck; do
+    log="$O/san_$(basename "$script" .py)_$tool.log"
+    if timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 $PY "$script" > "$log" 2>&1; then
+      echo "$tool $script: clean ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | head -1))"
+    else
+      echo "$tool $script: FAILED"; grep -E "ERROR SUMMARY|Invalid|Race|hazard|Error" "$log" | head -10; status=1
+    fi
+  done
 done
 echo "== done in $(( $(date +%s) - t0 )) s (tests $((t2 - t1)) s), status $status"
 exit $status

@@ -1,0 +1,60 @@
+"""Per-kernel breakdown of one decode token (CUDA graph replays under torch.profiler), for the notes.
+
+    PYTHONPATH=. python scripts/profile_decode.py [--preset qwen2.5-3b] [--context 32768] [--steps 20]
+"""
+import argparse
+
+import torch
+
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+from ahn_rt.sampling import Sampler, SamplingParams
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen2.5-3b")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--mode", default="ahn")
+    args = ap.parse_args()
+    cfg = preset_config(args.preset, True, torch.bfloat16)
+    model = from_state_dict(cfg, random_state_dict(cfg, device="cuda"), window=32640, sinks=128,
+                            mode=args.mode, dtype="bf16", device="cuda")
+    sess = model.new_session()
+    st = sess.state
+    st.ensure_capacity(args.context + args.steps + 32)
+    n = min(args.context, st.capacity)
+    st.k[:, :, :n].normal_()
+    st.v[:, :, :n].normal_()
+    if st.ahn:
+        st.beta.uniform_(0, 1)
+        st.alpha.uniform_(-0.1, 0)
+        st.gdn.normal_(0, 0.01)
+    st.position = args.context
+    st.pos.fill_(args.context)
+    step = sess.stepper(Sampler(SamplingParams(temperature=0), model.config.vocab_size, "cuda"))
+    tok = torch.ones(1, dtype=torch.int64, device="cuda")
+    for _ in range(5):
+        tok = step(tok)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            tok = step(tok)
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name.split("(")[0].split("<")[0][:70]
+            t, c = rows.get(name, (0.0, 0))
+            rows[name] = (t + e.device_time_total if hasattr(e, "device_time_total") else t + e.cuda_time_total, c + 1)
+    total = sum(t for t, _ in rows.values()) / args.steps
+    print(f"{args.preset} {args.mode} @ {args.context}: kernel time {total:.1f} us/token "
+          f"({sum(c for _, c in rows.values()) // args.steps} kernels/token)")
+    print(f"| kernel | us/token | calls/token | share |\n|---|---|---|---|")
+    for name, (t, c) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:20]:
+        print(f"| {name} | {t / args.steps:.1f} | {c // args.steps} | {100 * t / args.steps / total:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
