@@ -19,12 +19,19 @@ QWEN3 = dict(CFG, model_type="qwen3", head_dim=128, num_attention_heads=4, tie_w
              attention_bias=False)
 
 
-def _models(cfg, mode, window, sinks):
+def _models(cfg, mode, window, sinks, cpu_dtype="float32"):
     sd = random_state_dict(cfg, seed=0, dtype=torch.float32, ahn=True, std=0.05)
-    cpu = from_state_dict(cfg, sd, window=window, sinks=sinks, mode=mode, dtype="float32", device="cpu")
+    cpu = from_state_dict(cfg, sd, window=window, sinks=sinks, mode=mode, dtype=cpu_dtype, device="cpu")
     gpu = from_state_dict(cfg, {k: v.cuda() for k, v in sd.items()}, window=window, sinks=sinks, mode=mode,
                           dtype="bf16", device="cuda")
     return cpu, gpu
+
+
+def _run(model, ids, chunk=16):
+    """Prefill 12 tokens, then the rest one by one (through the decode kernels)."""
+    sess = model.new_session(chunk_size=chunk)
+    out = [sess.forward(ids[:12])] + [sess.forward([int(t)]) for t in ids[12:]]
+    return torch.cat(out).float().cpu()
 
 
 def _rel(a, b):
@@ -35,20 +42,19 @@ def _rel(a, b):
 @pytest.mark.parametrize("mode,window,sinks", [("ahn", 24, 4), ("ahn", 17, 0), ("swa", 24, 4), ("full", 8, 0)],
                          ids=["ahn-W24-S4", "ahn-W17-S0", "swa", "full"])
 def test_bf16_cuda_matches_fp32_cpu(cfg, mode, window, sinks):
+    """bf16 on the GPU is as close to float32 as bf16 on the CPU (C++ kernels) is: the error budget is
+    calibrated by the CPU bf16 run of the same model, so a GPU kernel bug cannot hide in it."""
     cpu, gpu = _models(cfg, mode, window, sinks)
+    cpu_bf16, _ = _models(cfg, mode, window, sinks, cpu_dtype="bf16")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg["vocab_size"], (20 + 6 * (window + sinks),), generator=g)
-    sc, sg = cpu.new_session(), gpu.new_session(chunk_size=16)
-    lc = [sc.forward(ids[:12])]
-    lg = [sg.forward(ids[:12])]
-    for t in ids[12:]:                      # token by token through the decode kernels
-        lc.append(sc.forward([int(t)]))
-        lg.append(sg.forward([int(t)]))
-    lc, lg = torch.cat(lc), torch.cat(lg)
-    err = _rel(lg, lc)
-    agree = float((lg.cpu().argmax(-1) == lc.argmax(-1)).float().mean())
-    print(f"rel err {err:.3e}, top-1 agreement {agree:.3f}")
-    assert err < 3e-2 and agree > 0.9
+    ref, lg, lb = _run(cpu, ids), _run(gpu, ids), _run(cpu_bf16, ids)
+    err, err_cpu = _rel(lg, ref), _rel(lb, ref)
+    agree = float((lg.argmax(-1) == ref.argmax(-1)).float().mean())
+    agree_cpu = float((lb.argmax(-1) == ref.argmax(-1)).float().mean())
+    print(f"GPU bf16: rel err {err:.3e}, top-1 {agree:.3f}; CPU bf16: rel err {err_cpu:.3e}, top-1 {agree_cpu:.3f}")
+    assert err < 1.25 * err_cpu + 2e-3 and err < 5e-2
+    assert agree > min(agree_cpu, 0.95) - 0.05
 
 
 def test_graph_replay_equals_eager_steps(monkeypatch):
