@@ -1,9 +1,14 @@
 """Per-op GPU timing of the compiled ahn_rt ops at the Qwen2.5-3B shape (36 layers, window full).
 
     python bench/ops_bench.py        # needs a GPU and the CUDA build (scripts/device_check.sh)
+    python bench/ops_bench.py --only swa                         # swa_decode alone (A/B: PYTHONPATH)
+    python bench/ops_bench.py --only gdn                         # gdn_decode alone (default: fast kernel)
+    AHN_RT_GDN_GENERIC=1 python bench/ops_bench.py --only gdn    # the generic gdn_decode kernel, for A/B
 Prints device, the measured copy bandwidth, then for each op: median us per call (CUDA events, layers
 rotated so the working set exceeds L2) and achieved GB/s.
 """
+import argparse
+import os
 import statistics
 
 import torch
@@ -39,7 +44,7 @@ def graph_time(fn, reps=20):
     return timeit(graph.replay, reps=reps)
 
 
-def main():
+def main(only=None):
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
@@ -52,7 +57,7 @@ def main():
     vc = torch.randn(L, Hkv, C, D, device=dev, dtype=dt)
     q = torch.randn(L, H, D, device=dev, dtype=dt)
     rows = []
-    for p in (1023, 8191, C + 5000):
+    for p in (() if only == "gdn" else (1023, 8191, C + 5000)):
         pos = torch.tensor([p], device=dev)
 
         def swa():
@@ -63,7 +68,9 @@ def main():
         n = min(p + 1, C)
         gbs = 2 * Hkv * n * D * 2 / us / 1e3
         rows.append((f"swa_decode n={n}", us, gbs))
-
+    if only == "swa":
+        print_rows(rows, copy_bw)
+        return
 
     state = torch.randn(L, H, D, D, device=dev) * 0.1
     qs, ks, vs = (torch.randn(L, h, D, device=dev, dtype=dt) for h in (H, Hkv, Hkv))
@@ -79,15 +86,21 @@ def main():
             torch.ops.ahn_rt.gdn_decode(state=state[i], q=qs[i], k=ks[i], v=vs[i], beta=beta[i], g=g[i], z=z[i],
                                         norm_weight=nw, o_proj=op[i], out=out[i], pos=pos, sinks=S, window=W,
                                         eps=1e-6)
+    path = "generic" if os.environ.get("AHN_RT_GDN_GENERIC", "0") not in ("", "0") else "fast"
+    print(f"gdn_decode kernel: {path} (AHN_RT_GDN_GENERIC)")
     us36 = timeit(gdn)
     rows.append(("gdn_decode x36 eager (total)", us36, L * (H * D * D * 4 * 2 + H * D * D * 2) / us36 / 1e3))
     usg = graph_time(gdn)  # the same 36 calls in one CUDA graph (as in the decode step)
     rows.append(("gdn_decode x36 in a graph (total)", usg, L * (H * D * D * 4 * 2 + H * D * D * 2) / usg / 1e3))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         gdn()
-        swa()
+        if only != "gdn":
+            swa()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=60))
+    if only == "gdn":
+        print_rows(rows, copy_bw)
+        return
 
     P = (H + 2 * Hkv) * D + 3 * H
     proj = torch.randn(L, P, device=dev, dtype=dt)
@@ -105,10 +118,16 @@ def main():
     w = torch.ones(2048, device=dev, dtype=dt)
     rows.append(("rms_norm [1, 2048]", graph_time(lambda: [torch.ops.ahn_rt.rms_norm(x=x, weight=w, eps=1e-6)
                                                        for _ in range(L)]) / L, float("nan")))
+    print_rows(rows, copy_bw)
+
+
+def print_rows(rows, copy_bw):
     print(f"| op | us/call | GB/s | % of copy |\n|---|---|---|---|")
     for name, us, gbs in rows:
         print(f"| {name} | {us:.2f} | {gbs:.0f} | {100 * gbs / copy_bw:.0f}% |")
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["gdn", "swa"], default=None, help="time only this op")
+    main(ap.parse_args().only)

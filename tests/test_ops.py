@@ -300,6 +300,36 @@ def test_gdn_decode_steps(device, dtype):
         assert_close(a["out"], b["out"], dtype, f"step {t} out")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("misalign", [0, 1])
+def test_gdn_decode_side_kinds_alignment(device, dtype, D, misalign):
+    """Side tensors in other dtypes than the model's (beta / z / norm_weight float32, g bf16, o_proj and out
+    float16) and a state that is contiguous but not 16-byte aligned (misalign=1 float: the CUDA generic
+    kernel instead of the Dk = Dv = 64 / 128 fast one); two runs on the same inputs give the same bits."""
+    H, Hkv = 4, 2
+    a = _gdn_case(device, dtype, H, Hkv, D, D, 300, 4, 129, torch.float16, seed=7)
+    a["beta"], a["z"], a["norm_weight"] = a["beta"].float(), a["z"].float(), a["norm_weight"].float()
+    a["g"] = a["g"].to(torch.bfloat16)
+
+    def placed(state):  # a contiguous copy starting `misalign` floats into a fresh buffer
+        flat = torch.empty(state.numel() + misalign, device=device, dtype=torch.float32)
+        return flat[misalign:].view(state.shape).copy_(state)
+
+    b, c = _clone_args(a), _clone_args(a)
+    a["state"], c["state"] = placed(a["state"]), placed(a["state"])
+    torch.ops.ahn_rt.gdn_decode(**a)
+    torch.ops.ahn_rt.gdn_decode(**c)
+    ref.gdn_decode_ref(**b)
+    assert_bits(a["state"], c["state"], "gdn_decode state deterministic")
+    assert_bits(a["out"], c["out"], "gdn_decode out deterministic")
+    assert_close(a["state"], b["state"], torch.float32, "gdn_decode state")
+    # out is float16 but m is rounded to the model dtype first: the coarser tolerance of the two applies.
+    tol_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    assert_close(a["out"], b["out"], tol_dtype, "gdn_decode out")
+
+
 @pytest.mark.parametrize("marks", [pytest.param(0, marks=cuda_only)])
 def test_gdn_decode_3b_36_layers_cuda(marks):
     """The 3B shape, 36 layers back to back on one stacked state, against the reference."""

@@ -1,23 +1,36 @@
-// CUDA AHN memory step for one decoded token, ONE launch: grid (ceil(Dv / W), H) in thread-block clusters
-// of ceil(Dv / W) <= 8 blocks, one cluster per head (sm_90 clusters; 8 is the portable cluster size).
-// Block b owns state columns [b W, b W + W) of its head (the columns of S are independent in the delta
-// rule). Every global load it needs (its state slice, q, k, v_j, beta, g, z, norm weight, its W rows of
-// o_proj, its piece of out, pos) is issued up front, so the block waits for memory once. The per-head
-// RMSNorm over Dv and o_proj cross the blocks through distributed shared memory, not device memory:
-//   1. decay + delta update + o_j = (S^T q)_j for its columns (state written back), o_j rounded to T;
-//   2. cluster barrier: every block sums the cluster's partial sums of squares -> the exact rms scale, so
-//      y_j = round_T(o_j * rs * w_j * z * sigmoid(z)) is rounded as the reference rounds it;
-//   3. partial m = y_slice @ o_proj[h][slice, :] over all Dv outputs into shared memory; cluster barrier;
-//   4. block b sums the cluster's partials for ITS output columns, rounds to T and adds into out;
-//      a last cluster barrier keeps every block's shared memory alive until its peers have read it.
-// No counters or scratch in device memory: nothing to reset between calls or graph replays.
-// A no-op while pos < sinks + window (pos read on the device; every store is predicated on it).
-// Before (H200, 3B shape): ~11.7 us per call in a CUDA graph. Now ~10.2 us: ncu shows the kernel is not
-// memory-bound (DRAM 2.6%) but issue-latency-bound (~1 warp/scheduler, 13 cycles per instruction):
-// 64-bit index math, int64 division in the o_proj product loop and runtime-dtype switches. Next: 32-bit
-// indices, compile-time row/column mapping for the o_proj partial, templated side-tensor dtypes.
-// Test: pytest -m cuda tests/test_ops.py -k gdn; timing: bench/ops_bench.py.
+// CUDA AHN memory step for one decoded token, ONE launch, one thread-block cluster per head (sm_90).
+// The columns of the state S [Dk, Dv] are independent in the delta rule, so each block of a head's cluster
+// owns a slice of W state columns; the per-head RMSNorm over Dv and o_proj cross the blocks through
+// distributed shared memory, never device memory. No counters or scratch in device memory: nothing to
+// reset between calls or graph replays. A no-op while pos < sinks + window (pos read on the device; every
+// store is predicated on it). Reference: ahn_rt/ref.py gdn_decode_ref (o and y rounded to the model dtype
+// T, o_proj rounded to T, fp32 accumulation, m rounded to T before it is added into out).
+//
+// Fast path (gdn_fast_kernel: Dk = Dv = 128 or 64 at compile time, 16-byte aligned state and o_proj):
+//   0. every global load up front with 32-bit in-head indices: the block's state slice [Dk, W] (float4),
+//      the o_proj COLUMN slice Wo[h][:, j0:j0+W] (16-byte loads; the block's own output columns), q / k
+//      (each warp loads all of them: norms without a block barrier), v, beta, g, z, norm weight, out, pos;
+//   1. warp-redundant ||q||, ||k|| and q.k; one block reduction gives a_c = k.S'_c and b_c = q.S'_c
+//      together (S' = exp(g) S), u_c = beta (v_c - a_c), S'' = S' + k u^T (written back) and
+//      o_c = q.S''_c = b_c + u_c (q.k): one block barrier instead of two;
+//   2. ONE cluster barrier publishes o (rounded to T); every warp reads all Dv o values from its peers
+//      (the sum of squares in one fixed order, identical in every block), so each block forms y for ALL
+//      rows and m_c = sum_i y_i Wo[i][c] for its own W output columns: no second exchange of partials;
+//   3. a split cluster barrier (arrive after the last peer read, wait before exit) keeps each block's
+//      shared memory alive while its peers read it.
+// Generic fallback (gdn_decode_kernel: any Dk, Dv <= 256, any alignment): the previous design, blocks of
+// W = gdn_slice_cols(Dv) columns that exchange sums of squares and o_proj partials (3 cluster barriers).
+// AHN_RT_GDN_GENERIC=1 in the environment forces the fallback (read once; for A/B timing in bench/ops_bench.py).
+// Measured (H200, 3B shape bf16, bench/ops_bench.py --only gdn, both kernels in one run, two runs each):
+// 36 calls in one CUDA graph 349.8 / 348.8 us generic -> 225.0 / 226.3 us fast; kernel time per call
+// (profiler) 9.8 -> 6.2 us. Still ~2x over the 2.8 us/call goal and far from memory-bound (~1.5 MiB
+// per call): untested leads are more warps per block (512 threads, one state row per thread), the
+// state / o_proj loads issued before a programmatic-dependent-launch wait (they do not depend on the
+// previous kernel), and an ncu look at where the 6 us go (launch, DRAM latency, cluster barrier, exit).
+// Test: pytest -m cuda tests/test_ops.py -k gdn; timing: bench/ops_bench.py --only gdn.
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
 
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -268,16 +281,260 @@ void launch_w(const GdnDecodeParams& p, cudaStream_t stream) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fast path: compile-time DK, DV; a cluster of NS blocks of NT threads per head, W = DV / NS columns each.
+// ---------------------------------------------------------------------------------------------
+template <int DK, int DV, int NS, int NT, typename TP>
+struct GdnFast {
+  static constexpr int W = DV / NS;          // state columns = output columns of one block
+  static constexpr int TX = W / 4;           // threads across the W columns (one float4 each)
+  static constexpr int TY = NT / TX;         // state row lanes
+  static constexpr int R = DK / TY;          // state rows per thread: rows ty + TY r
+  static constexpr int NWARP = NT / 32;
+  static constexpr int VE = 16 / static_cast<int>(sizeof(TP));  // o_proj values per 16-byte load
+  static constexpr int VPR = W / VE;         // 16-byte loads per row of the o_proj column slice
+  static constexpr int NV = DV * VPR / NT;   // o_proj rows per thread: rows tid / VPR + (NT / VPR) v
+  static constexpr int QL = DK / 32, OL = DV / 32;  // q / k / o values per lane (whole vectors per warp)
+  static_assert(NS >= 1 && NS <= kMaxSlices && DV % NS == 0 && W % 4 == 0, "slice");
+  static_assert(32 % TX == 0 && NT % TX == 0 && DK % TY == 0 && R >= 1, "state mapping");
+  static_assert(W % VE == 0 && 32 % VPR == 0 && NT % VPR == 0 && (DV * VPR) % NT == 0 && NV >= 1, "o_proj");
+  static_assert(DK % 32 == 0 && DV % 32 == 0 && NT % 32 == 0 && W <= NT, "warps");
+};
+
+template <typename TP, int VE>
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&w)[VE]) {
+  const TP* e = reinterpret_cast<const TP*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VE; ++i) w[i] = static_cast<float>(e[i]);
+}
+
+// T: q/k/v (model) dtype, TP: o_proj dtype.
+template <typename T, typename TP, int DK, int DV, int NS, int NT>
+__global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
+  using C = GdnFast<DK, DV, NS, NT, TP>;
+  constexpr int W = C::W, TX = C::TX, TY = C::TY, R = C::R, NWARP = C::NWARP, VE = C::VE, VPR = C::VPR,
+                NV = C::NV, QL = C::QL, OL = C::OL;
+  __shared__ __align__(16) float s_red[2][NWARP][W];  // per-warp partial k.S' and q.S' of the W columns
+  __shared__ __align__(16) float s_o[W];              // o of this block's columns (rounded to T): cluster-read
+  __shared__ __align__(16) float s_m[NWARP][W];       // per-warp partial m of this block's output columns
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tx = tid % TX, ty = tid / TX;             // state mapping
+  const int cgp = tid % VPR, wrow = tid / VPR;         // o_proj mapping
+  const int h = blockIdx.y, j0 = static_cast<int>(blockIdx.x) * W;  // blockIdx.x == cluster rank
+  const int kvh = h / static_cast<int>(p.H / p.Hkv);
+
+  // ---- 0. every global load, up front and independent of each other ----
+  const int64_t pos = *p.pos;
+  float4* S = reinterpret_cast<float4*>(p.state + static_cast<int64_t>(h) * (DK * DV));
+  float4 s[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) s[r] = S[(ty + TY * r) * (DV / 4) + j0 / 4 + tx];
+  const TP* wo = static_cast<const TP*>(p.o_proj) + static_cast<int64_t>(h) * (DV * DV) + j0 + cgp * VE;
+  uint4 wraw[NV];
+#pragma unroll
+  for (int v = 0; v < NV; ++v)
+    wraw[v] = __ldg(reinterpret_cast<const uint4*>(wo + (wrow + (NT / VPR) * v) * DV));
+  const T* qh = static_cast<const T*>(p.q) + h * p.q_stride;
+  const T* kh = static_cast<const T*>(p.k) + kvh * p.k_stride;
+  const T* vh = static_cast<const T*>(p.v) + kvh * p.v_stride + j0 + tx * 4;
+  float qa[QL], ka[QL], qr[R], kr[R], vv[4], nw[NV];
+#pragma unroll
+  for (int l = 0; l < QL; ++l) {
+    qa[l] = static_cast<float>(qh[lane + 32 * l]);
+    ka[l] = static_cast<float>(kh[lane + 32 * l]);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    qr[r] = static_cast<float>(qh[ty + TY * r]);
+    kr[r] = static_cast<float>(kh[ty + TY * r]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) vv[e] = static_cast<float>(vh[e]);
+#pragma unroll
+  for (int v = 0; v < NV; ++v) nw[v] = load_kind(p.norm_weight, p.nw_kind, wrow + (NT / VPR) * v);
+  const int64_t out_i = h * p.out_stride + j0 + tid;
+  const float outj = tid < W ? load_kind(p.out, p.out_kind, out_i) : 0.f;
+  const float decay = expf(load_kind(p.g, p.g_kind, h * p.g_stride));
+  const float beta = load_kind(p.beta, p.beta_kind, h * p.beta_stride);
+  const float zf = load_kind(p.z, p.z_kind, h * p.z_stride);
+  const bool active = pos >= p.sinks + p.window;
+
+  // ---- 1. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, AHN_SPEC §3),
+  //         every warp over the whole vectors (no block barrier), and q.k of the normalized vectors ----
+  float tq = 0.f, tk = 0.f;
+#pragma unroll
+  for (int l = 0; l < QL; ++l) {
+    tq = fmaf(qa[l], qa[l], tq);
+    tk = fmaf(ka[l], ka[l], tk);
+  }
+  const float qn = sqrtf(warp_sum(tq)) + 1e-6f, kn = sqrtf(warp_sum(tk)) + 1e-6f;
+  const float scale = 1.f / sqrtf(static_cast<float>(DK));
+  float tqk = 0.f;
+#pragma unroll
+  for (int l = 0; l < QL; ++l) tqk = fmaf(qa[l] / qn * scale, ka[l] / kn, tqk);
+  const float qk = warp_sum(tqk);
+
+  // ---- 2. S' = exp(g) S; a = S'^T k and b = S'^T q in one reduction over the Dk rows ----
+  float a[4] = {0.f, 0.f, 0.f, 0.f}, b[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    qr[r] = qr[r] / qn * scale;
+    kr[r] = kr[r] / kn;
+    float* sr = reinterpret_cast<float*>(&s[r]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      sr[e] *= decay;
+      a[e] = fmaf(kr[r], sr[e], a[e]);
+      b[e] = fmaf(qr[r], sr[e], b[e]);
+    }
+  }
+#pragma unroll
+  for (int o = TX; o < 32; o <<= 1)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      a[e] += __shfl_xor_sync(0xffffffffu, a[e], o);
+      b[e] += __shfl_xor_sync(0xffffffffu, b[e], o);
+    }
+  if (lane < TX) {
+    *reinterpret_cast<float4*>(&s_red[0][warp][lane * 4]) = make_float4(a[0], a[1], a[2], a[3]);
+    *reinterpret_cast<float4*>(&s_red[1][warp][lane * 4]) = make_float4(b[0], b[1], b[2], b[3]);
+  }
+  __syncthreads();
+
+  // ---- 3. u = beta (v - a); S'' = S' + k u^T (written back); o = S''^T q = b + u (q.k), rounded to T ----
+  float u[4];
+  {
+    float4 at = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) {
+      const float4 t = *reinterpret_cast<const float4*>(&s_red[0][w][tx * 4]);
+      at.x += t.x; at.y += t.y; at.z += t.z; at.w += t.w;
+    }
+    u[0] = beta * (vv[0] - at.x);
+    u[1] = beta * (vv[1] - at.y);
+    u[2] = beta * (vv[2] - at.z);
+    u[3] = beta * (vv[3] - at.w);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float* sr = reinterpret_cast<float*>(&s[r]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sr[e] = fmaf(kr[r], u[e], sr[e]);
+    if (active) S[(ty + TY * r) * (DV / 4) + j0 / 4 + tx] = s[r];
+  }
+  if (tid < TX) {  // ty == 0, tx == tid
+    float4 bt = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) {
+      const float4 t = *reinterpret_cast<const float4*>(&s_red[1][w][tid * 4]);
+      bt.x += t.x; bt.y += t.y; bt.z += t.z; bt.w += t.w;
+    }
+    // o in q.dtype (gdn_recurrent_ref returns o.to(q.dtype)).
+    *reinterpret_cast<float4*>(&s_o[tid * 4]) =
+        make_float4(round_to<T>(fmaf(u[0], qk, bt.x)), round_to<T>(fmaf(u[1], qk, bt.y)),
+                    round_to<T>(fmaf(u[2], qk, bt.z)), round_to<T>(fmaf(u[3], qk, bt.w)));
+  }
+  cluster.sync();  // every block's s_o is visible to the cluster
+
+  // ---- 4. RMSNorm over all Dv columns of the head: every warp reads the whole o from the cluster and sums
+  //         the squares in one fixed order (the same bits in every warp of every block) ----
+  float ss = 0.f;
+#pragma unroll
+  for (int l = 0; l < OL; ++l) {
+    const int i = lane + 32 * l;
+    const float oi = cluster.map_shared_rank(s_o, i / W)[i % W];
+    ss = fmaf(oi, oi, ss);
+  }
+  ss = warp_sum(ss);
+  float ow[NV];
+#pragma unroll
+  for (int v = 0; v < NV; ++v) {
+    const int i = wrow + (NT / VPR) * v;
+    ow[v] = cluster.map_shared_rank(s_o, i / W)[i % W];
+  }
+  auto token = cluster.barrier_arrive();  // this block reads no peer's shared memory after this point
+  const float rs = 1.f / sqrtf(ss / static_cast<float>(DV) + p.eps);
+  const float sig = 1.f / (1.f + expf(-zf));
+
+  // ---- 5. y_i = round_T(o_i * rs * w_i * z * sigmoid(z)); m_c = sum_i y_i round_T(Wo[i][c]) over all Dv
+  //         rows i for this block's W output columns c ----
+  float m[VE];
+#pragma unroll
+  for (int e = 0; e < VE; ++e) m[e] = 0.f;
+#pragma unroll
+  for (int v = 0; v < NV; ++v) {
+    const float y = round_to<T>(ow[v] * rs * nw[v] * zf * sig);
+    float wv[VE];
+    unpack16<TP, VE>(wraw[v], wv);
+#pragma unroll
+    for (int e = 0; e < VE; ++e) m[e] = fmaf(y, round_to<T>(wv[e]), m[e]);
+  }
+#pragma unroll
+  for (int o = VPR; o < 32; o <<= 1)
+#pragma unroll
+    for (int e = 0; e < VE; ++e) m[e] += __shfl_xor_sync(0xffffffffu, m[e], o);
+  if (lane < VPR) {
+#pragma unroll
+    for (int e = 0; e < VE; ++e) s_m[warp][lane * VE + e] = m[e];
+  }
+  __syncthreads();
+  // ---- 6. out[h][j0 + c] += round_T(m_c) ----
+  if (tid < W) {
+    float mc = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARP; ++w) mc += s_m[w][tid];
+    if (active) store_kind(p.out, p.out_kind, out_i, outj + round_to<T>(mc));
+  }
+  cluster.barrier_wait(std::move(token));  // no block leaves while a peer may still read its s_o
+}
+
+template <typename T, typename TP, int DK, int DV, int NS, int NT>
+void launch_fast(const GdnDecodeParams& p, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(NS, static_cast<unsigned>(p.H));
+  cfg.blockDim = dim3(NT);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = NS;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  (void)cudaLaunchKernelEx(&cfg, gdn_fast_kernel<T, TP, DK, DV, NS, NT>, p);
+}
+
+bool force_generic() {
+  static const bool v = [] {
+    const char* e = std::getenv("AHN_RT_GDN_GENERIC");
+    return e != nullptr && e[0] != '\0' && e[0] != '0';
+  }();
+  return v;
+}
+
+template <typename T, typename TP>
+void launch_any(const GdnDecodeParams& p, cudaStream_t stream) {
+  const bool aligned = reinterpret_cast<uintptr_t>(p.state) % 16 == 0 && reinterpret_cast<uintptr_t>(p.o_proj) % 16 == 0;
+  if (aligned && !force_generic()) {
+    if (p.Dk == 128 && p.Dv == 128) return launch_fast<T, TP, 128, 128, 8, 256>(p, stream);
+    if (p.Dk == 64 && p.Dv == 64) return launch_fast<T, TP, 64, 64, 4, 128>(p, stream);
+  }
+  launch_w<T, TP>(p, stream);
+}
+
 }  // namespace
 
 template <typename T>
 void gdn_decode_cuda(const GdnDecodeParams& p, void* stream) {
-  // ops.cpp checked Dk, Dv <= 256 (shared arrays above, kThreads and R).
+  // ops.cpp checked Dk, Dv <= 256 (generic kernel: shared arrays, kThreads and R).
   const auto s = static_cast<cudaStream_t>(stream);
   switch (p.op_kind) {
-    case Kind::BF16: launch_w<T, c10::BFloat16>(p, s); break;
-    case Kind::F16: launch_w<T, c10::Half>(p, s); break;
-    default: launch_w<T, float>(p, s);
+    case Kind::BF16: launch_any<T, c10::BFloat16>(p, s); break;
+    case Kind::F16: launch_any<T, c10::Half>(p, s); break;
+    default: launch_any<T, float>(p, s);
   }
 }
 
