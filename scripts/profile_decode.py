@@ -45,7 +45,8 @@ def main():
     rows = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name.split("(")[0].replace("void ", "").replace("ahn_rt::", "").replace("(anonymous namespace)::", "")[:80]
+            name = e.name.replace("(anonymous namespace)::", "").replace("void ", "").replace("ahn_rt::", "")
+            name = name.split("(")[0][:80]
             t, c = rows.get(name, (0.0, 0))
             rows[name] = (t + e.device_time_total if hasattr(e, "device_time_total") else t + e.cuda_time_total, c + 1)
     total = sum(t for t, _ in rows.values()) / args.steps
