@@ -15,7 +15,6 @@ care about slot order.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

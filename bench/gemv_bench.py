@@ -14,47 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import ahn_rt._C  # noqa: F401
 from ahn_rt.ref import gemv_ref
+from timing import events_us, graph_us
 
 dev, dt = "cuda", torch.bfloat16
 EPS = 1e-6
 D, L, VOCAB, QKV, FF = 2048, 36, 151936, 2608, 11008
-
-
-def events_median_us(fn, reps=20, warm=3):
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times), (max(times) - min(times))
-
-
-def graph_us(fn, calls):
-    """fn() issues `calls` kernels' worth of work; capture it once, return median us per call."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    med, spread = events_median_us(g.replay)
-    return med / calls, spread / calls
 
 
 def gemv(*a):
@@ -80,7 +50,7 @@ def main():
           f"CUDA {torch.version.cuda}")
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    us, _ = events_median_us(lambda: dst.copy_(src), reps=20)
+    us, _ = events_us(lambda: dst.copy_(src), reps=20)
     copy_bw = 2 * src.numel() / us / 1e3
     print(f"copy bandwidth (1 GiB d2d, read + write): {copy_bw:.0f} GB/s")
     del src, dst

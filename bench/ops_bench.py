@@ -9,39 +9,24 @@ rotated so the working set exceeds L2) and achieved GB/s.
 """
 import argparse
 import os
-import statistics
 
 import torch
 
 import ahn_rt._C  # noqa: F401
+from timing import events_us, graph_us
 
 dev, dt = "cuda", torch.bfloat16
 L, H, Hkv, D, S, W = 36, 16, 2, 128, 128, 32640
 C = S + W
 
 
-def timeit(fn, reps=20, warm=3):
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+def timeit(fn, reps=20):
+    return events_us(fn, reps=reps)[0]
 
 
 def graph_time(fn, reps=20):
     """Median us of fn captured in one CUDA graph (device time without Python / launch overhead)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return timeit(graph.replay, reps=reps)
+    return graph_us(fn, reps=reps)[0]
 
 
 def main(only=None):
