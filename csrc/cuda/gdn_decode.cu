@@ -253,23 +253,29 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
   cluster.sync();  // (c) no block leaves (freeing its shared memory) while a peer may still read it
 }
 
-template <typename T, typename TP, int W>
-void launch(const GdnDecodeParams& p, cudaStream_t stream) {
-  const unsigned nsl = static_cast<unsigned>((p.Dv + W - 1) / W);  // <= 8
+// One cluster of `slices` blocks per head (grid slices x H). A launch error is left for the caller's
+// cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK in ops.cpp).
+void launch_clusters(void (*kernel)(GdnDecodeParams), unsigned slices, unsigned threads, const GdnDecodeParams& p,
+                     cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(nsl, static_cast<unsigned>(p.H));
-  cfg.blockDim = dim3(kThreads);
+  cfg.gridDim = dim3(slices, static_cast<unsigned>(p.H));
+  cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = nsl;
+  attr[0].val.clusterDim.x = slices;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  // A launch error is left for the caller's cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK in ops.cpp).
-  (void)cudaLaunchKernelEx(&cfg, gdn_decode_kernel<T, TP, W>, p);
+  (void)cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
+template <typename T, typename TP, int W>
+void launch(const GdnDecodeParams& p, cudaStream_t stream) {
+  const unsigned nsl = static_cast<unsigned>((p.Dv + W - 1) / W);  // <= 8
+  launch_clusters(gdn_decode_kernel<T, TP, W>, nsl, kThreads, p, stream);
 }
 
 template <typename T, typename TP>
@@ -492,19 +498,7 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
 
 template <typename T, typename TP, int DK, int DV, int NS, int NT>
 void launch_fast(const GdnDecodeParams& p, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(NS, static_cast<unsigned>(p.H));
-  cfg.blockDim = dim3(NT);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = NS;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  (void)cudaLaunchKernelEx(&cfg, gdn_fast_kernel<T, TP, DK, DV, NS, NT>, p);
+  launch_clusters(gdn_fast_kernel<T, TP, DK, DV, NS, NT>, NS, NT, p, stream);
 }
 
 bool force_generic() {
