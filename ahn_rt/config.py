@@ -71,29 +71,6 @@ class Config:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def to_dict(self) -> dict:
-        """A Hugging Face style config dict (what ahn_rt writes into safetensors metadata)."""
-        d = {
-            "model_type": self.family,
-            "architectures": ["Qwen3ForCausalLM" if self.family == "qwen3" else "Qwen2ForCausalLM"],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim, "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
-            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
-            "torch_dtype": str(self.stored_dtype).replace("torch.", ""),
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
-        }
-        if self.ahn_implementation:
-            d.update({"_ahn_implementation": self.ahn_implementation,
-                      "_layer_implementation": ("Qwen3" if self.family == "qwen3" else "Qwen2") + "MemDecoderLayer",
-                      "sliding_window": self.config_window if self.config_window else self.window,
-                      "num_attn_sinks": self.config_sinks if self.config_sinks is not None else self.sinks,
-                      "use_sliding_window": False, "fa_layer_ids": "", "use_ahn_router": False,
-                      "use_q_proj": False})
-        return d
-
 
 def _get(cfg: dict, key: str, where: str, kind=int):
     if key not in cfg or cfg[key] is None:
