@@ -13,6 +13,8 @@ device tensor that the decode kernels read, so a captured CUDA graph serves ever
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .config import Config
@@ -51,6 +53,7 @@ class State:
         self.alpha_evict = torch.zeros(H, dtype=torch.float32, **kw) if self.ahn else None
         self.pos = torch.zeros(1, dtype=torch.int64, **kw)
         self.position = 0
+        self._warned_positions = False
 
     # ---- layout ------------------------------------------------------------------------------
     def slot(self, positions: torch.Tensor) -> torch.Tensor:
@@ -76,8 +79,16 @@ class State:
                 self.alpha[i] if self.ahn else None, self.gdn[i] if self.ahn else None)
 
     def ensure_capacity(self, total: int) -> bool:
-        """Full mode: grow (doubling) so ``total`` positions fit. Returns True when buffers moved."""
-        if not self.full or total <= self.capacity:
+        """Full mode: grow (doubling) so ``total`` positions fit. Returns True when buffers moved.
+        Warns once per session when full attention goes past max_position_embeddings (AHN_SPEC §8);
+        ahn/swa modes run any length without a word, as the official model does."""
+        if not self.full:
+            return False
+        if total > self.config.max_position_embeddings and not self._warned_positions:
+            self._warned_positions = True
+            warnings.warn(f"full attention past max_position_embeddings ({self.config.max_position_embeddings}): "
+                          "the base model was not trained for these positions; consider mode 'ahn'", stacklevel=3)
+        if total <= self.capacity:
             return False
         new = self.capacity
         while new < total:

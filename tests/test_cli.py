@@ -118,3 +118,4 @@ def test_pickle_checkpoint_is_refused_not_loaded(tmp_path):
 def test_init_weights_bad_output_path():
     rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--out", "/tmp/x.bin")
     assert rc == 2 and "safetensors" in err and "Traceback" not in err
+

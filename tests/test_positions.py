@@ -1,0 +1,29 @@
+"""Absolute positions past max_position_embeddings: full attention warns once (AHN_SPEC §8); ahn/swa
+modes keep going silently, as the official model does."""
+import warnings
+
+import torch
+
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+
+
+def test_full_mode_warns_once_past_max_positions_and_ahn_does_not():
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg.update(vocab_size=300, max_position_embeddings=40)
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32)
+    ids = list(range(1, 31))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        sess = from_state_dict(cfg, sd, mode="full", dtype="float32").new_session()
+        sess.forward(ids)                       # 30 <= 40: quiet
+        assert not rec
+        sess.forward(ids)                       # 60 > 40: one warning
+        sess.forward([5])
+        sess.forward(ids)
+    assert len([w for w in rec if "max_position_embeddings" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # ahn mode: positions grow freely, no warning
+        s2 = from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32").new_session()
+        s2.forward(ids + ids + ids)
+        assert s2.position == 90
