@@ -138,6 +138,9 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
     wr[u] = e < nwo ? static_cast<float>(wo[e]) : 0.f;
   }
   const bool active = pos >= p.sinks + p.window;
+  // No token left the window yet: nothing to do. `active` is the same for every thread of every block
+  // (it depends on pos only) and no barrier has been reached, so the whole grid leaves together.
+  if (!active) return;
 
   // ---- 2. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, AHN_SPEC §3) ----
   {
@@ -193,14 +196,12 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
         s[r][e] = fmaf(kr, u[e], s[r][e]);
         o[e] = fmaf(qr, s[r][e], o[e]);
       }
-      if (active) {
-        if (vec) {
-          *reinterpret_cast<float4*>(S + i * Dv + col) = make_float4(s[r][0], s[r][1], s[r][2], s[r][3]);
-        } else {
+      if (vec) {
+        *reinterpret_cast<float4*>(S + i * Dv + col) = make_float4(s[r][0], s[r][1], s[r][2], s[r][3]);
+      } else {
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (col + e < Dv) S[i * Dv + col + e] = s[r][e];
-        }
+        for (int e = 0; e < 4; ++e)
+          if (col + e < Dv) S[i * Dv + col + e] = s[r][e];
       }
     }
   }
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
     float m = 0.f;
 #pragma unroll
     for (int r = 0; r < kMaxSlices; ++r) m += mr[r];
-    if (active) store_kind(p.out, p.out_kind, h * p.out_stride + j0 + tid, outj + round_to<T>(m));
+    store_kind(p.out, p.out_kind, h * p.out_stride + j0 + tid, outj + round_to<T>(m));
   }
   cluster.sync();  // (c) no block leaves (freeing its shared memory) while a peer may still read it
 }
@@ -366,6 +367,9 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
   const float beta = load_kind(p.beta, p.beta_kind, h * p.beta_stride);
   const float zf = load_kind(p.z, p.z_kind, h * p.z_stride);
   const bool active = pos >= p.sinks + p.window;
+  // No token left the window yet: nothing to do. `active` is the same for every thread of every block
+  // (it depends on pos only) and no barrier has been reached, so the whole grid leaves together.
+  if (!active) return;
 
   // ---- 1. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, AHN_SPEC §3),
   //         every warp over the whole vectors (no block barrier), and q.k of the normalized vectors ----
@@ -428,7 +432,7 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
     float* sr = reinterpret_cast<float*>(&s[r]);
 #pragma unroll
     for (int e = 0; e < 4; ++e) sr[e] = fmaf(kr[r], u[e], sr[e]);
-    if (active) S[(ty + TY * r) * (DV / 4) + j0 / 4 + tx] = s[r];
+    S[(ty + TY * r) * (DV / 4) + j0 / 4 + tx] = s[r];
   }
   if (tid < TX) {  // ty == 0, tx == tid
     float4 bt = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -491,7 +495,7 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
     float mc = 0.f;
 #pragma unroll
     for (int w = 0; w < NWARP; ++w) mc += s_m[w][tid];
-    if (active) store_kind(p.out, p.out_kind, out_i, outj + round_to<T>(mc));
+    store_kind(p.out, p.out_kind, out_i, outj + round_to<T>(mc));
   }
   cluster.barrier_wait(std::move(token));  // no block leaves while a peer may still read its s_o
 }
