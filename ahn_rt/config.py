@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+
 import torch
 
 from .errors import AhnError
@@ -176,7 +178,7 @@ def resolve_runtime(config: Config, *, window, sinks, mode, dtype, has_ahn: bool
         raise AhnError("mode 'ahn' needs AHN weights: pass --ahn PATH (ahn=...) or a merged checkpoint, "
                        "or use mode 'swa' / 'full'")
     for name, v in (("window", window), ("sinks", sinks)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) and not float(v).is_integer()):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
             raise AhnError(f"{name} must be an integer, got {v!r}")
     if window is None:
         window = config.config_window or DEFAULT_WINDOW

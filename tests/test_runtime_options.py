@@ -1,5 +1,5 @@
-"""Absolute positions past max_position_embeddings: full attention warns once (AHN_SPEC §8); ahn/swa
-modes keep going silently, as the official model does."""
+"""Runtime options: positions past max_position_embeddings (full attention warns once, AHN_SPEC §8; ahn/swa
+keep going silently, as the official model does) and window/sinks that are not integers."""
 import warnings
 
 import torch
@@ -27,3 +27,15 @@ def test_full_mode_warns_once_past_max_positions_and_ahn_does_not():
         s2 = from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32").new_session()
         s2.forward(ids + ids + ids)
         assert s2.position == 90
+
+
+def test_window_and_sinks_must_be_integers():
+    import pytest
+
+    from ahn_rt import AhnError
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg.update(vocab_size=300)
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32)
+    for bad in (dict(window="abc"), dict(window=8.5), dict(sinks=True), dict(sinks="2")):
+        with pytest.raises(AhnError, match="must be an integer"):
+            from_state_dict(cfg, sd, mode="ahn", dtype="float32", **bad)
