@@ -78,30 +78,33 @@ def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_po
     return out
 
 
-def ring_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: torch.Tensor,
-                   alpha_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                   alpha: torch.Tensor, pos: torch.Tensor, sinks: int, window: int,
-                   k_evict: torch.Tensor, v_evict: torch.Tensor, beta_evict: torch.Tensor,
-                   alpha_evict: torch.Tensor) -> None:
+def ring_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: torch.Tensor | None,
+                   alpha_cache: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
+                   alpha: torch.Tensor | None, pos: torch.Tensor, sinks: int, window: int,
+                   k_evict: torch.Tensor, v_evict: torch.Tensor, beta_evict: torch.Tensor | None,
+                   alpha_evict: torch.Tensor | None) -> None:
     """Write one decoded token into its ring slot, handing the slot's old token to the memory first.
 
     k_cache, v_cache: [Hkv, C, D]; beta_cache: [C, H] (model dtype); alpha_cache: [C, H] float32;
     k, v: [Hkv, D]; beta: [H]; alpha: [H]; pos: int64 tensor [1] = absolute position of the new token.
-    When pos >= sinks + window the slot holds position pos - window, which is copied into
-    k_evict / v_evict / beta_evict / alpha_evict before it is overwritten; otherwise those buffers are
-    left untouched. Sink slots are written only by positions < sinks.
+    With gates (AHN memory): when pos >= sinks + window the slot holds position pos - window, which is
+    copied into k_evict / v_evict / beta_evict / alpha_evict before it is overwritten; otherwise those
+    buffers are left untouched. Without gates (beta_cache None: no memory) nothing is evicted. Sink slots
+    are written only by positions < sinks.
     """
     p = int(pos.reshape(-1)[0])
     slot = ring_slot(p, sinks, window)
-    if p >= sinks + window:
+    gated = beta_cache is not None
+    if gated and p >= sinks + window:
         k_evict.copy_(k_cache[:, slot])
         v_evict.copy_(v_cache[:, slot])
         beta_evict.copy_(beta_cache[slot])
         alpha_evict.copy_(alpha_cache[slot])
     k_cache[:, slot] = k
     v_cache[:, slot] = v
-    beta_cache[slot] = beta
-    alpha_cache[slot] = alpha
+    if gated:
+        beta_cache[slot] = beta
+        alpha_cache[slot] = alpha
 
 
 def swa_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
@@ -271,18 +274,14 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
     cos, sin = rope_cos_sin_ref(pos.reshape(1), inv_freq, proj.dtype)
     q = rope_ref(q[None], cos, sin)[0]
     k = rope_ref(k[None], cos, sin)[0]
+    beta = alpha = None
     if gated:
         a = proj[(H + 2 * Hkv) * D: (H + 2 * Hkv) * D + H]
         b = proj[(H + 2 * Hkv) * D + H: (H + 2 * Hkv) * D + 2 * H]
         beta = torch.sigmoid(b.float()).to(proj.dtype)
         alpha = -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-        ring_write_ref(k_cache, v_cache, beta_cache, alpha_cache, k, v, beta, alpha, pos, sinks, window,
-                       k_evict, v_evict, beta_evict, alpha_evict)
-    else:
-        p = int(pos.reshape(-1)[0])
-        slot = ring_slot(p, sinks, window)
-        k_cache[:, slot] = k
-        v_cache[:, slot] = v
+    ring_write_ref(k_cache, v_cache, beta_cache, alpha_cache, k, v, beta, alpha, pos, sinks, window,
+                   k_evict, v_evict, beta_evict, alpha_evict)
     return q
 
 
