@@ -241,7 +241,8 @@ def _short(keys, n=6):
 
 
 def open_checkpoint(weights, ahn=None):
-    """Locate files and config. Returns (config dict, where, base _Source, ahn _Source or None)."""
+    """Locate files and configs. Returns (config dict, AHN config dict or None, weights path,
+    base _Source, AHN _Source or None)."""
     path = Path(os.fspath(weights)).expanduser()
     files = _weight_files(path, "weights")
     cfg = find_config(path, files)
