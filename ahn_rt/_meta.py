@@ -27,7 +27,7 @@ def _swa_decode_fake(q, k_cache, v_cache, pos, sinks, window, scale):
 
 
 @torch.library.register_fake("ahn_rt::gdn_decode")
-def _gdn_decode_fake(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps):
+def _gdn_decode_fake(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps):
     return None  # mutates state and out in place
 
 

@@ -82,9 +82,9 @@ def swa_decode(q, k_cache, v_cache, pos, sinks, window, scale):
     return fn(q, k_cache, v_cache, pos, sinks, window, scale)
 
 
-def gdn_decode(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps):
+def gdn_decode(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps):
     fn = torch.ops.ahn_rt.gdn_decode if _use_ext(q) else ref.gdn_decode_ref
-    fn(state, q, k, v, beta, g, z, norm_weight, o_proj, out, pos, sinks, window, eps)
+    fn(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps)
 
 
 def gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):

@@ -128,7 +128,7 @@ def swa_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 # Gated delta rule (AHN_SPEC §3)
 # ----------------------------------------------------------------------------------------------
-def _gdn_inputs(q, k, v, beta, g, scale):
+def _gdn_inputs(q, k, v, beta, alpha, scale):
     """Upcast, expand kv heads to query heads, l2-normalize q/k and scale q."""
     H = q.shape[1]
     G = H // k.shape[1]
@@ -139,19 +139,19 @@ def _gdn_inputs(q, k, v, beta, g, scale):
     kf = kf / (kf.norm(dim=-1, keepdim=True) + L2_EPS)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return qf * scale, kf, vf, beta.float(), g.float()
+    return qf * scale, kf, vf, beta.float(), alpha.float()
 
 
 def gdn_recurrent_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                      g: torch.Tensor, state: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                      alpha: torch.Tensor, state: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Gated delta rule, one step at a time (fla's fused_recurrent semantics).
 
     q: [n, H, Dk] (read queries); k: [n, Hkv, Dk], v: [n, Hkv, Dv] (written tokens); beta: [n, H];
-    g: [n, H] log-decay (<= 0, float32); state: [H, Dk, Dv] float32, updated in place.
-    Step t: S <- exp(g_t) S; S <- S + k^ (beta_t (v_t - S^T k^))^T; o_t = S^T (scale q^).
+    alpha: [n, H] log-decay (<= 0, float32); state: [H, Dk, Dv] float32, updated in place.
+    Step t: S <- exp(alpha_t) S; S <- S + k^ (beta_t (v_t - S^T k^))^T; o_t = S^T (scale q^).
     Returns o: [n, H, Dv] in q.dtype.
     """
-    qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, g, scale)
+    qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, alpha, scale)
     S = state.clone()
     out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32, device=q.device)
     for t in range(q.shape[0]):
@@ -164,7 +164,7 @@ def gdn_recurrent_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: t
 
 
 def gdn_chunk_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                  g: torch.Tensor, state: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                  alpha: torch.Tensor, state: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Gated delta rule in the chunked (WY) form: same function as ``gdn_recurrent_ref``.
 
     Within a block of C steps with cumulative log-decay G_i and block-start state S0:
@@ -173,7 +173,7 @@ def gdn_chunk_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
       S_C = e^(G_C) S0 + (K * e^(G_C - G))^T U
     The python loop runs over blocks, never over tokens.
     """
-    qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, g, scale)
+    qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, alpha, scale)
     n = q.shape[0]
     # Work head-major: [H, n, .]
     qf, kf, vf = (t.transpose(0, 1) for t in (qf, kf, vf))
@@ -216,18 +216,18 @@ def gdn_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, 
 
 
 def gdn_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   beta: torch.Tensor, g: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor,
+                   beta: torch.Tensor, alpha: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor,
                    o_proj: torch.Tensor, out: torch.Tensor, pos: torch.Tensor, sinks: int, window: int,
                    eps: float) -> None:
     """One fused AHN memory step for a decoded token, added into the attention output.
 
     Runs only when pos >= sinks + window (a token left the window); otherwise does nothing.
     state: [H, Dk, Dv] float32 (in place); q: [H, Dk] read query; k: [Hkv, Dk], v: [Hkv, Dv], beta: [H],
-    g: [H] (float32) of the evicted token; z: [H] gate of the reading token; out: [H, Dv], += memory.
+    alpha: [H] (float32 log-decay) of the evicted token; z: [H] gate of the reading token; out: [H, Dv], += memory.
     """
     if int(pos.reshape(-1)[0]) < sinks + window:
         return
-    o = gdn_recurrent_ref(q[None], k[None], v[None], beta[None], g[None], state)
+    o = gdn_recurrent_ref(q[None], k[None], v[None], beta[None], alpha[None], state)
     m = gdn_output_ref(o, z[None], norm_weight, o_proj, eps)[0]
     out.copy_((out + m).to(out.dtype))
 

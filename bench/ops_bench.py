@@ -68,7 +68,7 @@ def main(only=None):
 
     def gdn():
         for i in range(L):
-            torch.ops.ahn_rt.gdn_decode(state=state[i], q=qs[i], k=ks[i], v=vs[i], beta=beta[i], g=g[i], z=z[i],
+            torch.ops.ahn_rt.gdn_decode(state=state[i], q=qs[i], k=ks[i], v=vs[i], beta=beta[i], alpha=g[i], z=z[i],
                                         norm_weight=nw, o_proj=op[i], out=out[i], pos=pos, sinks=S, window=W,
                                         eps=1e-6)
     path = "generic" if os.environ.get("AHN_RT_GDN_GENERIC", "0") not in ("", "0") else "fast"

@@ -157,16 +157,16 @@ struct GdnDecodeParams {
   const void* k;             // [Hkv, Dk], row stride k_stride (dtype T)
   const void* v;             // [Hkv, Dv], row stride v_stride (dtype T)
   const void* beta;          // [H], stride beta_stride
-  const void* g;             // [H], stride g_stride
+  const void* alpha;         // [H], stride alpha_stride: log-decay of the evicted token
   const void* z;             // [H], stride z_stride
   const void* norm_weight;   // [Dv] contiguous
   const void* o_proj;        // [H, Dv, Dv] contiguous (in, out)
   void* out;                 // [H, Dv], row stride out_stride, last dim contiguous
   const int64_t* pos;        // [1]
-  int64_t q_stride, k_stride, v_stride, beta_stride, g_stride, z_stride, out_stride;
+  int64_t q_stride, k_stride, v_stride, beta_stride, alpha_stride, z_stride, out_stride;
   int64_t H, Hkv, Dk, Dv, sinks, window;
   float eps;
-  Kind beta_kind, g_kind, z_kind, nw_kind, op_kind, out_kind;
+  Kind beta_kind, alpha_kind, z_kind, nw_kind, op_kind, out_kind;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const
 at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& pos, int64_t sinks, int64_t window, double scale);
 void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& beta, const at::Tensor& g, const at::Tensor& z,
+                const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z,
                 const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
                 const at::Tensor& pos, int64_t sinks, int64_t window, double eps);
 

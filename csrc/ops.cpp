@@ -350,7 +350,7 @@ at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
 
 // ---------------------------------------------------------------------------------------------
 void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& beta, const at::Tensor& g, const at::Tensor& z,
+                const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z,
                 const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
                 const at::Tensor& pos, int64_t sinks, int64_t window, double eps) {
   constexpr const char* op = "ahn_rt.gdn_decode";
@@ -371,7 +371,7 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
     TORCH_CHECK(t->stride(1) == 1, op, ": q/k/v rows must be contiguous (rows may be strided)");
   }
   check_vec(beta, H, state, op, "beta");
-  check_vec(g, H, state, op, "g");
+  check_vec(alpha, H, state, op, "alpha");
   check_vec(z, H, state, op, "z");
   check_vec(norm_weight, Dv, state, op, "norm_weight");
   TORCH_CHECK(norm_weight.stride(0) == 1, op, ": norm_weight must be contiguous");
@@ -389,7 +389,7 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.beta = beta.data_ptr();
-  p.g = g.data_ptr();
+  p.alpha = alpha.data_ptr();
   p.z = z.data_ptr();
   p.norm_weight = norm_weight.data_ptr();
   p.o_proj = o_proj.data_ptr();
@@ -399,7 +399,7 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
   p.k_stride = k.stride(0);
   p.v_stride = v.stride(0);
   p.beta_stride = beta.stride(0);
-  p.g_stride = g.stride(0);
+  p.alpha_stride = alpha.stride(0);
   p.z_stride = z.stride(0);
   p.out_stride = out.stride(0);
   p.H = H;
@@ -410,7 +410,7 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
   p.window = window;
   p.eps = static_cast<float>(eps);
   p.beta_kind = kind_of(beta, "beta");
-  p.g_kind = kind_of(g, "g");
+  p.alpha_kind = kind_of(alpha, "alpha");
   p.z_kind = kind_of(z, "z");
   p.nw_kind = kind_of(norm_weight, "norm_weight");
   p.op_kind = kind_of(o_proj, "o_proj");
@@ -442,6 +442,6 @@ TORCH_LIBRARY(ahn_rt, m) {
   m.def("swa_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int sinks, int window, float scale) "
         "-> Tensor");
   m.def(
-      "gdn_decode(Tensor(a!) state, Tensor q, Tensor k, Tensor v, Tensor beta, Tensor g, Tensor z, "
+      "gdn_decode(Tensor(a!) state, Tensor q, Tensor k, Tensor v, Tensor beta, Tensor alpha, Tensor z, "
       "Tensor norm_weight, Tensor o_proj, Tensor(b!) out, Tensor pos, int sinks, int window, float eps) -> ()");
 }

@@ -36,7 +36,7 @@ for pos in (pos_fill, pos_evict):
         torch.ops.ahn_rt.gdn_decode(
             state=torch.randn(H, dk, dv, device=dev) * 0.1, q=torch.randn(H, dk, device=dev, dtype=dt),
             k=torch.randn(Hkv, dk, device=dev, dtype=dt), v=torch.randn(Hkv, dv, device=dev, dtype=dt),
-            beta=torch.rand(H, device=dev, dtype=dt), g=-torch.rand(H, device=dev),
+            beta=torch.rand(H, device=dev, dtype=dt), alpha=-torch.rand(H, device=dev),
             z=torch.randn(H, device=dev, dtype=dt), norm_weight=torch.ones(dv, device=dev, dtype=dt),
             o_proj=torch.randn(H, dv, dv, device=dev, dtype=dt) * 0.1, out=torch.zeros(H, dv, device=dev, dtype=dt),
             pos=pos, sinks=S, window=W, eps=1e-6)

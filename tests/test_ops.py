@@ -249,7 +249,7 @@ def _gdn_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed
         state=(0.1 * rnd(H, Dk, Dv)).float(),
         q=strided(rnd(H, Dk).to(dtype)), k=strided(rnd(Hkv, Dk).to(dtype), pad=16),
         v=strided(rnd(Hkv, Dv).to(dtype)), beta=torch.sigmoid(rnd(H)).to(dtype),
-        g=-torch.nn.functional.softplus(rnd(H)).float(), z=rnd(H).to(dtype),
+        alpha=-torch.nn.functional.softplus(rnd(H)).float(), z=rnd(H).to(dtype),
         norm_weight=(1 + 0.2 * rnd(Dv)).to(dtype), o_proj=(rnd(H, Dv, Dv) / math.sqrt(Dv)).to(out_dtype),
         out=rnd(H, Dv).to(out_dtype), pos=torch.tensor([pos], device=device), sinks=sinks, window=window,
         eps=1e-6)
@@ -305,13 +305,13 @@ def test_gdn_decode_steps(device, dtype):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("misalign", [0, 1])
 def test_gdn_decode_side_kinds_alignment(device, dtype, D, misalign):
-    """Side tensors in other dtypes than the model's (beta / z / norm_weight float32, g bf16, o_proj and out
+    """Side tensors in other dtypes than the model's (beta / z / norm_weight float32, alpha bf16, o_proj and out
     float16) and a state that is contiguous but not 16-byte aligned (misalign=1 float: the CUDA generic
     kernel instead of the Dk = Dv = 64 / 128 fast one); two runs on the same inputs give the same bits."""
     H, Hkv = 4, 2
     a = _gdn_case(device, dtype, H, Hkv, D, D, 300, 4, 129, torch.float16, seed=7)
     a["beta"], a["z"], a["norm_weight"] = a["beta"].float(), a["z"].float(), a["norm_weight"].float()
-    a["g"] = a["g"].to(torch.bfloat16)
+    a["alpha"] = a["alpha"].to(torch.bfloat16)
 
     def placed(state):  # a contiguous copy starting `misalign` floats into a fresh buffer
         flat = torch.empty(state.numel() + misalign, device=device, dtype=torch.float32)

@@ -35,7 +35,7 @@ void gdn_decode_cpu(const GdnDecodeParams& p) {
         qf[i] = qf[i] / qn * scale;
         kf[i] = kf[i] / kn;
       }
-      const float decay = std::exp(load_kind(p.g, p.g_kind, h * p.g_stride));
+      const float decay = std::exp(load_kind(p.alpha, p.alpha_kind, h * p.alpha_stride));
       const float b = load_kind(p.beta, p.beta_kind, h * p.beta_stride);
       float* S = p.state + h * Dk * Dv;
       for (int64_t c = 0; c < Dv; ++c) u[c] = 0.f;

@@ -9,9 +9,9 @@
 // Fast path (gdn_fast_kernel: Dk = Dv = 128 or 64 at compile time, 16-byte aligned state and o_proj):
 //   0. every global load up front with 32-bit in-head indices: the block's state slice [Dk, W] (float4),
 //      the o_proj COLUMN slice Wo[h][:, j0:j0+W] (16-byte loads; the block's own output columns), q / k
-//      (each warp loads all of them: norms without a block barrier), v, beta, g, z, norm weight, out, pos;
+//      (each warp loads all of them: norms without a block barrier), v, beta, alpha, z, norm weight, out, pos;
 //   1. warp-redundant ||q||, ||k|| and q.k; one block reduction gives a_c = k.S'_c and b_c = q.S'_c
-//      together (S' = exp(g) S), u_c = beta (v_c - a_c), S'' = S' + k u^T (written back) and
+//      together (S' = exp(alpha) S), u_c = beta (v_c - a_c), S'' = S' + k u^T (written back) and
 //      o_c = q.S''_c = b_c + u_c (q.k): one block barrier instead of two;
 //   2. ONE cluster barrier publishes o (rounded to T); every warp reads all Dv o values from its peers
 //      (the sum of squares in one fixed order, identical in every block), so each block forms y for ALL
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
     nwj = load_kind(p.norm_weight, p.nw_kind, j0 + tid);
     outj = load_kind(p.out, p.out_kind, h * p.out_stride + j0 + tid);
   }
-  const float decay = expf(load_kind(p.g, p.g_kind, h * p.g_stride));
+  const float decay = expf(load_kind(p.alpha, p.alpha_kind, h * p.alpha_stride));
   const float beta = load_kind(p.beta, p.beta_kind, h * p.beta_stride);
   const float zf = load_kind(p.z, p.z_kind, h * p.z_stride);
   // o_proj rows j0 .. j0 + wv - 1 (contiguous: wv * Dv values), element e = tid + kThreads * u.
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
     __syncthreads();
   }
 
-  // ---- 3. S <- exp(g) S; u = beta (v - S^T k); S <- S + k u^T; o = S^T q ----
+  // ---- 3. S <- exp(alpha) S; u = beta (v - S^T k); S <- S + k u^T; o = S^T q ----
   float a[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
   for (int v = 0; v < NV; ++v) nw[v] = load_kind(p.norm_weight, p.nw_kind, wrow + (NT / VPR) * v);
   const int64_t out_i = h * p.out_stride + j0 + tid;
   const float outj = tid < W ? load_kind(p.out, p.out_kind, out_i) : 0.f;
-  const float decay = expf(load_kind(p.g, p.g_kind, h * p.g_stride));
+  const float decay = expf(load_kind(p.alpha, p.alpha_kind, h * p.alpha_stride));
   const float beta = load_kind(p.beta, p.beta_kind, h * p.beta_stride);
   const float zf = load_kind(p.z, p.z_kind, h * p.z_stride);
   const bool active = pos >= p.sinks + p.window;
@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
   for (int l = 0; l < QL; ++l) tqk = fmaf(qa[l] / qn * scale, ka[l] / kn, tqk);
   const float qk = warp_sum(tqk);
 
-  // ---- 2. S' = exp(g) S; a = S'^T k and b = S'^T q in one reduction over the Dk rows ----
+  // ---- 2. S' = exp(alpha) S; a = S'^T k and b = S'^T q in one reduction over the Dk rows ----
   float a[4] = {0.f, 0.f, 0.f, 0.f}, b[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int r = 0; r < R; ++r) {
