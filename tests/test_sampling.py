@@ -1,5 +1,8 @@
 """Sampling: each filter against Hugging Face's logits processors (test-only dependency), greedy,
-seeding, and the one-line errors for bad parameters."""
+seeding, the distribution of the draws (a chi-square goodness-of-fit test that wrong samplers fail), and
+the one-line errors for bad parameters."""
+import math
+
 import pytest
 import torch
 
@@ -7,6 +10,25 @@ from ahn_rt import AhnError
 from ahn_rt.sampling import Sampler, SamplingParams
 
 hf = pytest.importorskip("transformers.generation.logits_process")
+
+# ---- tolerance table ------------------------------------------------------------------------------
+# process() vs Hugging Face's processors: the same float32 ops (divide, compare, softmax, cumsum) in a
+# different order; processed logits are O(10), where a float32 ulp is ~1e-6.
+HF_RTOL = HF_ATOL = 1e-5
+# Chi-square goodness of fit of the draws: a correct sampler exceeds the critical value with probability
+# CHI2_P (once in a million runs; the seeds are fixed, so the test is deterministic anyway).
+CHI2_P = 1e-6
+E_MIN = 5.0            # fewest expected draws per bin (Cochran's rule); rarer tokens share one pooled bin
+N_DRAWS = 10_000       # per distribution: ~0.15 s of Exponential noise over the vocabulary
+# Wrong samplers must fail by far: their expected statistic minus WRONG_SD standard deviations (noncentral
+# chi-square) must still exceed the critical value, and their seeded statistic must be WRONG_FACTOR x it.
+WRONG_SD = 10.0
+WRONG_FACTOR = 10.0
+# Checks of the critical value: the closed form vs torch.special.gammaincc (float64: ~1e-12 apart) and
+# vs the df = 1 / df = 2 closed forms (bisection to 1e-12); Wilson-Hilferty is an approximation: measured
+# 2.3% high at df = 10, 0.2% at df = 100, 0.02% at df = 400.
+CRIT_RTOL = 1e-8
+WH_RTOL = 0.03
 
 V = 500
 
@@ -44,7 +66,7 @@ def test_filters_match_hf(temperature, top_k, top_p, min_p, rep):
     ref = _hf(logits, seen, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, rep=rep)
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     keep = ~torch.isinf(ref)
-    torch.testing.assert_close(ours[keep], ref[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[keep], ref[keep], rtol=HF_RTOL, atol=HF_ATOL)
 
 
 def test_greedy_is_argmax_after_penalty():
@@ -56,17 +78,145 @@ def test_greedy_is_argmax_after_penalty():
     assert tok != top and tok == int(torch.where(torch.arange(V) == top, -1e9, logits).argmax())
 
 
-def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
-    logits = torch.randn(V)
-    a = [int(_sampler(temperature=1.0, seed=7).sample(logits)) for _ in range(3)]
-    b = [int(_sampler(temperature=1.0, seed=7).sample(logits)) for _ in range(3)]
-    assert a == b
-    s = _sampler(temperature=1.0, seed=3)
-    draws = torch.tensor([int(s.sample(logits)) for _ in range(4000)])
-    freq = torch.bincount(draws, minlength=V).float() / draws.numel()
-    p = torch.softmax(logits, -1)
-    top = p.argsort(descending=True)[:5]
-    assert torch.allclose(freq[top], p[top], atol=0.03), (freq[top], p[top])
+# ---- chi-square goodness of fit ---------------------------------------------------------------------
+def chi2_sf(x: float, df: int) -> float:
+    """P(X > x) for X ~ chi-square(df), integer df, in closed form: Q(df/2, x/2) with
+    Q(k, y) = e^-y sum_{i<k} y^i / i! (even df) and Q(k + 1/2, y) = erfc(sqrt y) + e^-y sum_{i<k}
+    y^(i+1/2) / Gamma(i + 3/2) (odd df); terms in log space so that large df do not overflow."""
+    y = x / 2.0
+    if y <= 0:
+        return 1.0
+    if df % 2 == 0:
+        return sum(math.exp(i * math.log(y) - y - math.lgamma(i + 1)) for i in range(df // 2))
+    return math.erfc(math.sqrt(y)) + sum(math.exp((i + 0.5) * math.log(y) - y - math.lgamma(i + 1.5))
+                                         for i in range(df // 2))
+
+
+def chi2_isf(p: float, df: int) -> float:
+    """The critical value x with P(X > x) = p, by bisection on the closed form above."""
+    lo, hi = 0.0, float(df) + 10.0
+    while chi2_sf(hi, df) > p:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if chi2_sf(mid, df) > p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _normal_isf(p: float) -> float:
+    lo, hi = 0.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 * math.erfc(mid / math.sqrt(2)) > p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def wilson_hilferty(p: float, df: int) -> float:
+    c = 2.0 / (9 * df)
+    return df * (1 - c + _normal_isf(p) * math.sqrt(c)) ** 3
+
+
+def test_chi2_critical_value():
+    """The critical value is right: exact closed forms at df = 1 (z^2 at p/2) and df = 2 (2 ln 1/p), the
+    regularized gamma of torch.special at every df used here, and Wilson-Hilferty at large df."""
+    assert math.isclose(chi2_isf(CHI2_P, 1), _normal_isf(CHI2_P / 2) ** 2, rel_tol=CRIT_RTOL)
+    assert math.isclose(chi2_isf(CHI2_P, 2), 2 * math.log(1 / CHI2_P), rel_tol=CRIT_RTOL)
+    assert math.isclose(chi2_isf(CHI2_P, 1), 23.9281, rel_tol=1e-5)    # printed tables: 23.928
+    for df in (1, 2, 3, 9, 10, 19, 44, 100, 165, 400):
+        x = chi2_isf(CHI2_P, df)
+        q = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                          torch.tensor(x / 2, dtype=torch.float64)))
+        assert math.isclose(q, CHI2_P, rel_tol=CRIT_RTOL), (df, x, q)
+        if df >= 10:
+            assert math.isclose(x, wilson_hilferty(CHI2_P, df), rel_tol=WH_RTOL), (df, x)
+
+
+def chi2_bins(p: torch.Tensor, n: int) -> torch.Tensor:
+    """Token ids that get a bin of their own: expected count >= E_MIN, while the pooled rest (every other
+    token, zero-probability ones included) also keeps >= E_MIN expected draws."""
+    order = torch.argsort(p, descending=True)
+    expected = p[order].double() * n
+    own = int((expected >= E_MIN).sum())
+    while own > 1 and float(expected[own:].sum()) < E_MIN:
+        own -= 1
+    return order[:own]
+
+
+def binned(p: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Probabilities of the bins: one per token in ``own``, then the pool."""
+    p = p.double()
+    return torch.cat([p[own], (p.sum() - p[own].sum()).clamp_min(0).view(1)])
+
+
+def chi2_stat(draws: torch.Tensor, p: torch.Tensor, own: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of the draws against p over the bins of chi2_bins, and its degrees of freedom."""
+    n = draws.numel()
+    counts = torch.bincount(draws, minlength=V).double()
+    observed = torch.cat([counts[own], (n - counts[own].sum()).view(1)])
+    expected = binned(p, own) * n
+    return float(((observed - expected) ** 2 / expected).sum()), observed.numel() - 1
+
+
+def sampler_draws(params: SamplingParams, logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n draws from the sampler, vectorised the way Sampler.sample draws one: argmax(probs / E) with
+    Exponential(1) noise from the sampler's own generator. Returns (draws, probs)."""
+    s = Sampler(params, V, "cpu")
+    probs = torch.softmax(s.process(logits), -1)
+    noise = s.noise(torch.empty(n, V))
+    return (probs / noise).argmax(-1), probs
+
+
+CASES = {   # name -> sampling parameters; each filter restricts the distribution to a few tokens
+    "T1": dict(temperature=1.0),
+    "T0.7": dict(temperature=0.7),
+    "top_k20": dict(temperature=1.0, top_k=20),
+    "top_p0.9": dict(temperature=1.0, top_p=0.9),
+    "min_p0.02": dict(temperature=1.2, min_p=0.02),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_seeded_sampling_is_reproducible_and_follows_the_distribution(case):
+    kw = CASES[case]
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2
+
+    def five_tokens():
+        s = _sampler(seed=7, **kw)
+        return [int(s.sample(logits)) for _ in range(5)]
+
+    a = five_tokens()
+    assert five_tokens() == a                  # the same seed gives the same tokens through Sampler.sample
+    # the vectorised draws below are exactly Sampler.sample's draws (the generator fills in order)
+    draws, p = sampler_draws(SamplingParams(seed=7, **kw), logits, N_DRAWS)
+    assert draws[:5].tolist() == a
+    support = int((p > 0).sum())
+    if "top_k" in kw:
+        assert support == kw["top_k"]          # the top-k case restricts the distribution to k tokens
+    assert bool((p[draws] > 0).all()), "a token outside the filtered distribution was drawn"
+    own = chi2_bins(p, N_DRAWS)
+    stat, df = chi2_stat(draws, p, own)
+    crit = chi2_isf(CHI2_P, df)
+    print(f"{case}: support {support}, {df + 1} bins, chi2 {stat:.1f}, critical value {crit:.1f} (p={CHI2_P})")
+    assert stat < crit, f"{case}: chi2 {stat:.1f} >= {crit:.1f}: draws do not follow the distribution"
+
+    # Wrong samplers, judged by the same function against the same bins, must fail by a wide margin.
+    T = kw["temperature"]
+    g = torch.Generator().manual_seed(11)
+    wrong = {"uniform over the vocabulary": torch.full((V,), 1.0 / V),
+             "temperature x2": sampler_draws(SamplingParams(**{**kw, "temperature": 2 * T}), logits, 1)[1],
+             "temperature /2": sampler_draws(SamplingParams(**{**kw, "temperature": T / 2}), logits, 1)[1]}
+    if set(kw) != {"temperature"}:
+        name = "filter ignored (" + ", ".join(k for k in kw if k != "temperature") + ")"
+        wrong[name] = sampler_draws(SamplingParams(temperature=T), logits, 1)[1]
+    pb = binned(p, own)
+    for name, q in wrong.items():
+        # noncentral chi-square: mean df + lam, variance 2 (df + 2 lam)
+        lam = N_DRAWS * float(((binned(q, own) - pb) ** 2 / pb).sum())
+        worst = df + lam - WRONG_SD * math.sqrt(2 * (df + 2 * lam))
+        wrong_stat, _ = chi2_stat(torch.multinomial(q, N_DRAWS, replacement=True, generator=g), p, own)
+        print(f"  {name}: chi2 {wrong_stat:.0f} (expected {df + lam:.0f}, -{WRONG_SD:g} sd: {worst:.0f})")
+        assert worst > crit, f"{case}: {name} is not always caught (mean - {WRONG_SD} sd = {worst:.1f})"
+        assert wrong_stat > WRONG_FACTOR * crit, f"{case}: {name} chi2 {wrong_stat:.1f} is not far above {crit:.1f}"
 
 
 def test_top_k_1_and_min_p_1_are_greedy():
