@@ -310,14 +310,19 @@ def test_bad_token_ids(bad):
     assert err <= 1e-5, f"session state changed by the failed forward: rel err {err:.3e}"
 
 
-def test_empty_forward():
-    """Empty input: either AhnError, or [0, vocab] logits with nothing consumed."""
+@pytest.mark.parametrize("empty", [[], torch.zeros(0, dtype=torch.int64)], ids=["list", "int64-tensor"])
+def test_empty_forward(empty):
+    """Empty input raises AhnError with a one-line message saying the input is empty; nothing is consumed
+    (position 0, device position 0) and the next forward works as on a fresh session."""
     model = ahn_rt.load(merged(SPEC, W, S), window=W, sinks=S, dtype=torch.float32, mode="ahn")
     sess = model.new_session()
-    try:
-        out = sess.forward([])
-    except ahn_rt.AhnError as e:
-        assert "\n" not in str(e)
-    else:
-        assert tuple(out.shape) == (0, SPEC.vocab)
-    assert sess.position == 0
+    with pytest.raises(ahn_rt.AhnError) as ei:
+        sess.forward(empty)
+    msg = str(ei.value)
+    print("AhnError:", msg)
+    assert msg.strip() and "\n" not in msg, f"message is not one line: {msg!r}"
+    assert "empty" in msg.lower(), f"message does not say the input is empty: {msg!r}"
+    assert sess.position == 0 and int(sess.state.pos) == 0
+    out = sess.forward([1, 2])
+    assert tuple(out.shape) == (2, SPEC.vocab) and sess.position == 2
+    assert torch.equal(out, model.new_session().forward([1, 2]))
