@@ -1,18 +1,32 @@
-"""The one place that owns the per-sequence state layout.
+"""The per-sequence state and its one owner, ``State``: the layout, every write, every eviction and the
+position (docs/semantics.md §7).
 
 For every layer: keys and values ``[Hkv, C, D]`` (post-RoPE) in C = sinks + window slots — slots
 ``[0, S)`` hold the sink tokens, slots ``[S, S + W)`` a ring buffer where position ``p >= S`` lives in slot
 ``S + (p - S) % W`` (so positions below S + W sit in slot p); per-slot AHN gates ``beta [C, H]`` (model
-dtype) and ``alpha [C, H]`` (float32) computed when the token was first processed; the GatedDeltaNet state
-``[H, D, D]`` float32. All layers live in one layer-stacked buffer each. Allocated once per session: in
-``ahn``/``swa`` modes the state never grows. In ``full`` mode the cache is a growing buffer (sinks 0,
-window = capacity, capacity doubling when needed), i.e. plain causal attention.
+dtype) and ``alpha [C, H]`` (float32 log-decay) computed when the token was first processed; the memory
+``[H, Dk, Dv]`` float32. All layers live in one layer-stacked tensor per field. Allocated once per
+session: in ``ahn``/``swa`` modes the state never grows. In ``full`` mode the cache is a growing buffer
+(sinks 0, window = capacity, doubling when needed), i.e. plain causal attention.
 
-The position is kept twice: ``position`` on the host (the session's bookkeeping) and ``pos`` as an int64
-device tensor that the decode kernels read, so a captured CUDA graph serves every step.
+What the rest of the code asks the State (and never computes itself):
+* ``slot(positions)`` — the one slot formula (the kernels' ``ring_slot`` in csrc/common.h is tested
+  against it);
+* ``held_positions()`` — which position each occupied slot holds;
+* ``plan(T)`` — for a chunk of T tokens: the positions, the keys it attends, which of its tokens are
+  written to which slots, and which tokens it hands to the memory (``ChunkPlan``);
+* ``keys`` / ``write`` — the cached keys a chunk attends, and the chunk's ring writes;
+* ``advance(n)`` — the position, on the host and on the device; the eager path and the CUDA graph path
+  both call it after a step;
+* ``fill_random(position)`` — a documented way to stand a state at any depth (benchmarks);
+* ``tensors()`` — the fields that make up the state (for size, reset, copies).
+
+The position lives twice: ``position`` on the host and ``pos`` (int64 [1]) on the device, which the
+decode kernels read, so one captured CUDA graph serves every step. ``advance`` keeps them equal.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -20,6 +34,44 @@ import torch
 from .config import Config
 
 FULL_MIN_CAPACITY = 256
+
+
+def ring_slot(pos: int, sinks: int, window: int) -> int:
+    """Slot of absolute position ``pos`` (an int) in the sinks + ring cache; ``State.slot`` is the same
+    formula over tensors, ``ring_slot`` in csrc/common.h the kernels' copy."""
+    return pos if pos < sinks else sinks + (pos - sinks) % window
+
+
+@dataclasses.dataclass
+class ChunkPlan:
+    """What a chunk of ``T`` tokens at positions ``[p0, p0 + T)`` does to the state (docs/semantics.md §3).
+
+    positions:     int64 [T], the chunk's absolute positions.
+    cached:        the chunk attends slots ``[0, cached)`` of the cache followed by its own T tokens; index
+                   ``i < cached`` of that concatenation is slot i, index ``cached + j`` is chunk row j.
+    key_positions: int64 [cached + T], the absolute position of every attended key, in that order.
+    write_rows:    int64 [m], the chunk rows still in the cache after the chunk (sinks, last W) ...
+    write_slots:   int64 [m], ... and the slots they go to.
+    evict_index:   int64 [n], for each memory pair in order, the index (into the concatenation) of the
+                   token that leaves the window; it is read by chunk row ``T - n + i`` (the last n rows).
+    """
+    p0: int
+    T: int
+    positions: torch.Tensor
+    cached: int
+    key_positions: torch.Tensor
+    write_rows: torch.Tensor
+    write_slots: torch.Tensor
+    evict_index: torch.Tensor
+
+    @property
+    def n_evict(self) -> int:
+        return self.evict_index.numel()
+
+    @property
+    def read_rows(self) -> slice:
+        """The chunk rows that read the memory (after writing their pair's evicted token)."""
+        return slice(self.T - self.n_evict, self.T)
 
 
 class State:
@@ -43,10 +95,10 @@ class State:
         if self.ahn:
             self.beta = torch.zeros(L, self.capacity, H, dtype=c.dtype, **kw)
             self.alpha = torch.zeros(L, self.capacity, H, dtype=torch.float32, **kw)
-            self.gdn = torch.zeros(L, H, D, D, dtype=torch.float32, **kw)
+            self.memory = torch.zeros(L, H, D, D, dtype=torch.float32, **kw)
         else:
-            self.beta = self.alpha = self.gdn = None
-        # Scratch for the token handed from the ring to the memory during a decode step.
+            self.beta = self.alpha = self.memory = None
+        # Scratch (not state): the token handed from the ring to the memory during one decode step.
         self.k_evict = torch.zeros(Hkv, D, dtype=c.dtype, **kw)
         self.v_evict = torch.zeros(Hkv, D, dtype=c.dtype, **kw)
         self.beta_evict = torch.zeros(H, dtype=c.dtype, **kw) if self.ahn else None
@@ -56,32 +108,90 @@ class State:
         self._warned_positions = False
 
     # ---- layout ------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that make up the state (without scratch), by name."""
+        out = {"k": self.k, "v": self.v}
+        if self.ahn:
+            out.update(beta=self.beta, alpha=self.alpha, memory=self.memory)
+        return out
+
     def slot(self, positions: torch.Tensor) -> torch.Tensor:
-        """Slot of each absolute position (int64 tensor)."""
+        """Slot of each absolute position (int64 tensor): ``ring_slot`` over a tensor."""
         S, W = self.sinks, self.window
         return torch.where(positions < S, positions, S + (positions - S) % W)
 
-    def cached_positions(self) -> torch.Tensor:
-        """Absolute position held by each valid slot [0, min(position, C)) before the next write."""
+    @property
+    def occupied(self) -> int:
+        """Slots [0, occupied) hold tokens."""
+        return min(self.position, self.capacity)
+
+    def held_positions(self) -> torch.Tensor:
+        """int64 [occupied]: the absolute position held by each occupied slot."""
         P, S, W = self.position, self.sinks, self.window
-        n = min(P, self.capacity)
-        slots = torch.arange(n, dtype=torch.int64, device=self.device)
+        slots = torch.arange(self.occupied, dtype=torch.int64, device=self.device)
         if P <= S + W:
             return slots
         last = P - 1
-        r = slots - S
-        ring = last - torch.remainder(last - S - r, W)
+        ring = last - torch.remainder(last - S - (slots - S), W)
         return torch.where(slots < S, slots, ring)
 
     def layer(self, i: int):
-        """Views of layer i: (k [Hkv, C, D], v, beta [C, H] | None, alpha | None, gdn [H, D, D] | None)."""
+        """Views of layer i: (k [Hkv, C, D], v, beta [C, H] | None, alpha | None, memory [H, D, D] | None)."""
         return (self.k[i], self.v[i], self.beta[i] if self.ahn else None,
-                self.alpha[i] if self.ahn else None, self.gdn[i] if self.ahn else None)
+                self.alpha[i] if self.ahn else None, self.memory[i] if self.ahn else None)
+
+    # ---- a chunk of tokens -------------------------------------------------------------------
+    def plan(self, T: int) -> ChunkPlan:
+        """The writes and evictions of a chunk of T tokens at the current position (grows a full-mode
+        cache first when needed)."""
+        self.ensure_capacity(self.position + T)
+        p0, S, W, dev = self.position, self.sinks, self.window, self.device
+        pos = torch.arange(p0, p0 + T, dtype=torch.int64, device=dev)
+        held = self.held_positions()
+        nc = held.numel()
+        # Memory pairs (docs/semantics.md §3): query t in [t0, p0 + T) reads after writing token t - W.
+        t0 = max(p0, S + W)
+        n_ev = max(0, p0 + T - t0) if self.ahn else 0
+        ev_pos = torch.arange(t0 - W, t0 - W + n_ev, dtype=torch.int64, device=dev)
+        evict_index = torch.where(ev_pos < p0, self.slot(ev_pos), nc + ev_pos - p0)
+        # Ring writes: the chunk's tokens that are still a sink or inside the window afterwards.
+        rows = ((pos < S) | (pos >= p0 + T - W)).nonzero().squeeze(1)
+        return ChunkPlan(p0=p0, T=T, positions=pos, cached=nc, key_positions=torch.cat([held, pos]),
+                         write_rows=rows, write_slots=self.slot(pos[rows]), evict_index=evict_index)
+
+    def keys(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor):
+        """What the chunk attends: the occupied slots then its own tokens. k, v: [T, Hkv, D] ->
+        (k_all, v_all) [cached + T, Hkv, D]."""
+        nc = plan.cached
+        return (torch.cat([self.k[layer, :, :nc].transpose(0, 1), k]),
+                torch.cat([self.v[layer, :, :nc].transpose(0, 1), v]))
+
+    def gates(self, layer: int, plan: ChunkPlan, beta: torch.Tensor, alpha: torch.Tensor):
+        """The gates of the same concatenation: (beta_all, alpha_all) [cached + T, H]."""
+        nc = plan.cached
+        return torch.cat([self.beta[layer, :nc], beta]), torch.cat([self.alpha[layer, :nc], alpha])
+
+    def write(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor,
+              beta: torch.Tensor | None = None, alpha: torch.Tensor | None = None):
+        """The chunk's ring writes for one layer (call after everything that reads ``keys``/``gates``)."""
+        rows, slots = plan.write_rows, plan.write_slots
+        self.k[layer][:, slots] = k[rows].transpose(0, 1)
+        self.v[layer][:, slots] = v[rows].transpose(0, 1)
+        if self.ahn:
+            self.beta[layer][slots] = beta[rows]
+            self.alpha[layer][slots] = alpha[rows]
+
+    # ---- position ----------------------------------------------------------------------------
+    def advance(self, n: int):
+        """The position moves by n tokens, on the host and on the device. Every path calls this after
+        its step: the prefill, the eager decode step, and the caller of a replayed CUDA graph."""
+        self.position += n
+        self.pos.fill_(self.position)
 
     def ensure_capacity(self, total: int) -> bool:
         """Full mode: grow (doubling) so ``total`` positions fit. Returns True when buffers moved.
-        Warns once per session when full attention goes past max_position_embeddings (AHN_SPEC §8);
-        ahn/swa modes run any length without a word, as the official model does."""
+        Warns once per session when full attention goes past max_position_embeddings; ahn/swa modes run
+        any length without a word, as the official model does (docs/semantics.md §9)."""
         if not self.full:
             return False
         if total > self.config.max_position_embeddings and not self._warned_positions:
@@ -101,19 +211,34 @@ class State:
         self.capacity = self.window = new
         return True
 
-    def advance(self, n: int):
-        self.position += n
-        self.pos.fill_(self.position)
-
     def reset(self):
-        for t in (self.k, self.v, self.beta, self.alpha, self.gdn):
-            if t is not None:
-                t.zero_()
+        for t in self.tensors().values():
+            t.zero_()
         self.position = 0
         self.pos.zero_()
 
+    @torch.inference_mode()
+    def fill_random(self, position: int, generator: torch.Generator | None = None):
+        """Stand the state at depth ``position`` as if that many tokens had been consumed, with random
+        values: K/V ~ N(0, 1) in the occupied slots, beta in (0.05, 0.95), alpha in (-0.5, -0.01), a
+        small memory once tokens have left the window (``generator``: on the state's device; default
+        seeded 0). For benchmarks and shape tests: the cost of a step depends on the depth, not on
+        the values (a real context comes from ``Session.forward``)."""
+        self.ensure_capacity(position)
+        self.reset()
+        n = min(position, self.capacity)
+        g = generator if generator is not None else torch.Generator(self.device).manual_seed(0)
+        self.k[:, :, :n].normal_(generator=g)
+        self.v[:, :, :n].normal_(generator=g)
+        if self.ahn:
+            self.beta[:, :n].uniform_(0.05, 0.95, generator=g)
+            self.alpha[:, :n].uniform_(-0.5, -0.01, generator=g)
+            if position > self.sinks + self.window:
+                self.memory.normal_(0.0, 0.02, generator=g)
+        self.position = 0
+        self.advance(position)
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (
-            self.k, self.v, self.beta, self.alpha, self.gdn, self.k_evict, self.v_evict,
-            self.beta_evict, self.alpha_evict, self.pos) if t is not None)
+        scratch = (self.k_evict, self.v_evict, self.beta_evict, self.alpha_evict, self.pos)
+        return sum(t.numel() * t.element_size() for t in (*self.tensors().values(), *scratch) if t is not None)

@@ -1,21 +1,31 @@
-"""The decode step as one unit: a function token -> next token that runs the model for one position,
-samples, and advances the session.
+"""The decode step as one unit: ``Stepper``, a callable token -> next token that runs the model for one
+position, samples, and advances the session.
 
-On CUDA the whole step — every layer, the final norm, the LM head, sampling and the device-side position
-update — is captured once into a CUDA graph and replayed for every later token (the habit of mamba's
-``capture_graph`` and gpt-fast's decode loop). The graph reads its position from the state's device
-tensor, so the same graph serves every step; the only host sync per token is the caller reading the
-sampled id. A session keeps its graphs (one per sampling setup) for all its steps and all its
-``generate`` calls; ``Session.reset`` keeps them too. Elsewhere the step runs eagerly.
+On CUDA the whole step — every layer, the final norm, the LM head and sampling — is captured once into a
+CUDA graph and replayed for every later token (the habit of mamba's ``capture_graph`` and gpt-fast's
+decode loop). The graph reads its position from the state's device tensor, so the same graph serves every
+step; after each replay the stepper calls ``State.advance``, the same method the eager path uses. The
+only host sync per token is the caller reading the sampled id. A session keeps its graphs (one per
+sampling setup) in its declared ``graphs`` attribute for all its steps and all its ``generate`` calls;
+``Session.reset`` keeps them too. Elsewhere the step runs eagerly.
 """
 from __future__ import annotations
 
-import os
+import threading
 
 import torch
 
+from . import settings
+
 # AHN_RT_GRAPH=0 turns graph capture off (debugging; the benchmark's eager rows).
-GRAPHS_ENABLED = os.environ.get("AHN_RT_GRAPH", "1") != "0"
+GRAPHS_ENABLED = settings.graphs_enabled()
+# torch.cuda.graph captures on one shared side stream: one capture at a time per process.
+_CAPTURE_LOCK = threading.Lock()
+
+
+def sampling_key(sampler) -> tuple:
+    p = sampler.p
+    return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
 
 
 class _GraphStep:
@@ -33,10 +43,9 @@ class _GraphStep:
         # Capturing runs nothing, so the state is not touched; the caller has already run a real
         # step eagerly, which warmed up the allocator and the cuBLAS handles.
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            logits = session.model.decoder.decode_step(st, self.tok)
-            self.tok.copy_(sampler.sample(logits[0], noise=self.noise))
-            st.pos.add_(1)
+        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = session.model.decoder.decode_step(st, self.tok)[0]
+            self.tok.copy_(sampler.sample(self.logits, noise=self.noise))
 
     def adopt(self, sampler):
         """Serve a new generate call with the same sampling setup: move its state into the buffers
@@ -51,37 +60,43 @@ class _GraphStep:
         if self.noise is not None:
             self.noise.exponential_(generator=self.sampler.gen)
         self.graph.replay()
-        self.session.state.position += 1
+        self.session.state.advance(1)
         return self.tok
 
 
-def make_stepper(session, sampler):
-    dec = session.model.decoder
-    st = session.state
+class Stepper:
+    """``tok = stepper(tok)``: decode one token (int64 [1] on the device) and sample the next.
+    ``logits`` holds the float32 [vocab] logits of the last step (on the graph path a static buffer that
+    the next step overwrites)."""
+
+    def __init__(self, session, sampler):
+        self.session = session
+        self.sampler = sampler
+        self.logits: torch.Tensor | None = None
+        st = session.state
+        self.graphed = st.device.type == "cuda" and GRAPHS_ENABLED
+        self.key = sampling_key(sampler)
 
     @torch.inference_mode()
-    def eager(tok: torch.Tensor) -> torch.Tensor:
-        logits = dec.forward(st, tok.view(1))
-        return sampler.sample(logits[0])
-
-    if st.device.type != "cuda" or not GRAPHS_ENABLED:
-        return eager
-
-    graphs = session.__dict__.setdefault("_graphs", {})
-    key = (sampler.p.temperature, sampler.p.top_k, sampler.p.top_p, sampler.p.min_p,
-           sampler.p.repetition_penalty)
+    def eager(self, tok: torch.Tensor) -> torch.Tensor:
+        logits = self.session.model.decoder.forward(self.session.state, tok.view(1))
+        self.logits = logits[0]
+        return self.sampler.sample(self.logits)
 
     @torch.inference_mode()
-    def step(tok: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        if not self.graphed:
+            return self.eager(tok)
+        st, graphs = self.session.state, self.session.graphs
         if st.ensure_capacity(st.position + 1):   # full mode grew: the buffers moved
             graphs.clear()
-        g = graphs.get(key)
+        g = graphs.get(self.key)
         if g is None:
-            out = eager(tok)                       # a real step, and the warm-up before capture
-            graphs[key] = _GraphStep(session, sampler)
+            out = self.eager(tok)                  # a real step, and the warm-up before capture
+            graphs[self.key] = _GraphStep(self.session, self.sampler)
             return out
-        if g.sampler is not sampler:
-            g.adopt(sampler)
-        return g(tok)
-
-    return step
+        if g.sampler is not self.sampler:
+            g.adopt(self.sampler)
+        out = g(tok)
+        self.logits = g.logits
+        return out

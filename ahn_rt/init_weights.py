@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from .config import parse_config, parse_dtype
 from .errors import AhnError
+from .weights import ahn_shapes, atomic_write_text, base_shapes, write_checkpoint
 
 QWEN_VOCAB = 151936
 PRESETS = {
@@ -62,68 +62,44 @@ def preset_config(preset: str, ahn: bool, dtype: torch.dtype) -> dict:
 
 def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device="cpu", ahn: bool = True,
                       std: float = 0.02) -> dict[str, torch.Tensor]:
-    """Random tensors under the Hugging Face / official AHN key names for a config dict."""
+    """Random tensors for every name of the checkpoint key map (``ahn_rt.weights``) of a config dict:
+    matrices N(0, std), biases N(0, 0.1), norm weights near 1, and the AHN parameters drawn as the
+    official GatedDeltaNet constructor draws them (docs/semantics.md §8), except o_proj, which is
+    random instead of zero so that the memory is exercised."""
     c = parse_config(cfg, "preset")
     g = torch.Generator(device=device).manual_seed(seed)
-    d, i, H, D = c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim
+    H, D = c.num_heads, c.head_dim
 
-    def normal(*shape, s=std):
-        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * s).to(dtype)
+    def normal(shape, s=std):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * s
 
-    def ones_ish(n):
-        return (1.0 + torch.randn(n, generator=g, device=device) * 0.05).to(dtype)
-
-    sd = {"model.embed_tokens.weight": normal(c.vocab_size, d), "model.norm.weight": ones_ish(d)}
-    if not c.tie_word_embeddings:
-        sd["lm_head.weight"] = normal(c.vocab_size, d)
-    for n in range(c.num_layers):
-        p = f"model.layers.{n}."
-        sd.update({
-            p + "input_layernorm.weight": ones_ish(d), p + "post_attention_layernorm.weight": ones_ish(d),
-            p + "self_attn.q_proj.weight": normal(c.q_size, d), p + "self_attn.k_proj.weight": normal(c.kv_size, d),
-            p + "self_attn.v_proj.weight": normal(c.kv_size, d), p + "self_attn.o_proj.weight": normal(d, c.q_size),
-            p + "mlp.gate_proj.weight": normal(i, d), p + "mlp.up_proj.weight": normal(i, d),
-            p + "mlp.down_proj.weight": normal(d, i),
-        })
-        if c.attention_bias:
-            for x, size in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size)):
-                sd[p + f"self_attn.{x}_proj.bias"] = normal(size, s=0.1)
-        if c.qk_norm:
-            sd[p + "self_attn.q_norm.weight"] = ones_ish(D)
-            sd[p + "self_attn.k_norm.weight"] = ones_ish(D)
-        if ahn:
-            a = p + "ahn.fn."
-            # Initial values as the official GatedDeltaNet constructor draws them (AHN_SPEC §2.4).
+    def ahn_init(name, shape):
+        if name == "A_log":
+            return torch.log(torch.rand(H, generator=g, device=device) * 15 + 1)      # log U(1, 16)
+        if name == "D":
+            return torch.ones(H, device=device)
+        if name == "dt_bias":   # softplus^-1 of dt ~ logUniform[1e-3, 0.1], floored at 1e-4
             dt = torch.exp(torch.rand(H, generator=g, device=device) * (math.log(0.1) - math.log(1e-3))
                            + math.log(1e-3)).clamp(min=1e-4)
-            sd.update({
-                a + "A_log": torch.log(torch.rand(H, generator=g, device=device) * 15 + 1).to(dtype),
-                a + "D": torch.ones(H, device=device, dtype=dtype),
-                a + "dt_bias": (dt + torch.log(-torch.expm1(-dt))).to(dtype),
-                a + "a_proj.weight": normal(H, d), a + "b_proj.weight": normal(H, d),
-                a + "g_proj.weight": normal(H, d),
-                a + "o_norm.weight": ones_ish(D),
-                # random, not zero (the official training init), so the memory path is exercised
-                a + "o_proj.weight": normal(H, D, D, s=D ** -0.5),
-            })
-    return sd
+            return dt + torch.log(-torch.expm1(-dt))
+        if name == "o_norm.weight":
+            return 1.0 + normal(shape, 0.05)
+        if name == "o_proj.weight":
+            return normal(shape, D ** -0.5)
+        return normal(shape)
 
-
-def write_checkpoint(out: Path, sd: dict, cfg: dict):
-    """Write atomically: a temporary file renamed into place, so nothing is ever half-written."""
-    from safetensors.torch import save_file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
-                  metadata={"format": "pt", "config": json.dumps(cfg)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    sd = {}
+    for key, shape in base_shapes(c).items():
+        if key.endswith("norm.weight"):
+            sd[key] = 1.0 + normal(shape, 0.05)
+        elif key.endswith(".bias"):
+            sd[key] = normal(shape, 0.1)
+        else:
+            sd[key] = normal(shape)
+    if ahn:
+        for key, shape in ahn_shapes(c, "GatedDeltaNet").items():
+            sd[key] = ahn_init(key.rsplit(".fn.", 1)[1], shape)
+    return {k: v.to(dtype) for k, v in sd.items()}
 
 
 def main(argv=None) -> int:
@@ -143,18 +119,21 @@ def main(argv=None) -> int:
         dtype = parse_dtype(args.dtype)
         ahn = args.ahn == "gdn"
         cfg = preset_config(args.preset, ahn, dtype)
+        write_checkpoint(out, random_state_dict(cfg, seed=args.seed, dtype=dtype, ahn=ahn), cfg)
         if args.tokenizer == "qwen2.5":
             from .tokenizer_build import write_qwen25_tokenizer
             write_qwen25_tokenizer(out.parent)
-            with open(out.parent / "generation_config.json", "w") as f:
-                json.dump({"eos_token_id": QWEN_EOS, "bos_token_id": 151643}, f)
-        write_checkpoint(out, random_state_dict(cfg, seed=args.seed, dtype=dtype, ahn=ahn), cfg)
+            atomic_write_text(out.parent / "generation_config.json",
+                              json.dumps({"eos_token_id": QWEN_EOS, "bos_token_id": 151643}))
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(f"wrote {out}" + (f" and {out.parent / 'tokenizer.json'}" if args.tokenizer == "qwen2.5" else ""))
     return 0
 

@@ -1,6 +1,6 @@
 """The AHN-augmented Qwen decoder: prefill over a chunk of tokens and the single-token decode step.
 
-Semantics: AHN_SPEC §4.2 (the consistent rule; the official decode path's §4.3 a/b bugs are not copied).
+Semantics: docs/semantics.md §2–§6 (the consistent rule; §9 says where the official decode path differs).
 For a query at absolute position t the attention sees the sinks {0..S-1} and the window {t-W+1..t}; once
 t >= S + W, the token t - W has left the window and was written into the layer's GatedDeltaNet memory
 (with the beta/alpha computed when it was first processed), and the memory is read with q_t, gated by
@@ -54,33 +54,19 @@ class Decoder:
     def prefill(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Run T >= 1 tokens at positions st.position.. through every layer; advance the state.
 
-        Returns float32 logits [T, vocab] (or [1, vocab] with ``last_only``).
+        The State plans the chunk (which keys it attends, which of its tokens it writes where, which
+        tokens it hands to the memory); this function only computes. Returns float32 logits [T, vocab]
+        (or [1, vocab] with ``last_only``).
         """
         c = self.config
         T = ids.numel()
-        p0 = st.position
-        st.ensure_capacity(p0 + T)
-        S, W, H, Hkv, D = st.sinks, st.window, c.num_heads, c.num_kv_heads, c.head_dim
-        dev = self.device
-        pos = torch.arange(p0, p0 + T, dtype=torch.int64, device=dev)
-        cos, sin = ops.rope_cos_sin(pos, self.inv_freq, c.dtype)
-        kpos_cache = st.cached_positions()
-        nc = kpos_cache.numel()
-        kpos = torch.cat([kpos_cache, pos])
-        # Memory pairs: query t in [t0, p0+T) reads after writing token t - W (AHN_SPEC §4.2).
-        t0 = max(p0, S + W)
-        n_ev = max(0, p0 + T - t0) if st.ahn else 0
-        if n_ev:
-            ev_pos = torch.arange(t0 - W, p0 + T - W, dtype=torch.int64, device=dev)
-            ev_idx = torch.where(ev_pos < p0, st.slot(ev_pos), nc + ev_pos - p0)
-        # Cache writes: the tokens of this chunk that are still a sink or inside the window afterwards.
-        keep = (pos < S) | (pos >= p0 + T - W)
-        w_idx = keep.nonzero().squeeze(1)
-        w_slot = st.slot(pos[w_idx])
+        plan = st.plan(T)
+        H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        cos, sin = ops.rope_cos_sin(plan.positions, self.inv_freq, c.dtype)
+        ev, r = plan.evict_index, plan.read_rows
 
         h = F.embedding(ids, self.w.embed)
         for i, lw in enumerate(self.w.layers):
-            k_cache, v_cache, beta_cache, alpha_cache, gdn_state = st.layer(i)
             x = ops.rms_norm(h, lw.ln_in, c.rms_norm_eps)
             proj = F.linear(x, lw.w_in, lw.b_in)
             q = proj[:, : self._q_end].view(T, H, D)
@@ -91,23 +77,18 @@ class Decoder:
                 k = ops.rms_norm(k, lw.k_norm, c.rms_norm_eps)
             q = ops.rope(q, cos, sin)
             k = ops.rope(k, cos, sin)
-            k_all = torch.cat([k_cache[:, :nc].transpose(0, 1), k])
-            v_all = torch.cat([v_cache[:, :nc].transpose(0, 1), v])
-            attn = ops.window_attention(q, k_all, v_all, pos, kpos, S, W, self.scale)
+            k_all, v_all = st.keys(i, plan, k, v)
+            attn = ops.window_attention(q, k_all, v_all, plan.positions, plan.key_positions, st.sinks, st.window,
+                                        self.scale)
+            beta = alpha = None
             if st.ahn:
                 beta, alpha, z = self._gates(proj, lw)
-                if n_ev:
-                    beta_all = torch.cat([beta_cache[:nc], beta])
-                    alpha_all = torch.cat([alpha_cache[:nc], alpha])
-                    r = slice(T - n_ev, T)
-                    o = ops.gdn_chunk(q[r], k_all[ev_idx], v_all[ev_idx], beta_all[ev_idx],
-                                      alpha_all[ev_idx], gdn_state)
+                if plan.n_evict:
+                    beta_all, alpha_all = st.gates(i, plan, beta, alpha)
+                    o = ops.gdn_chunk(q[r], k_all[ev], v_all[ev], beta_all[ev], alpha_all[ev], st.memory[i])
                     attn[r] += ops.gdn_output(o, z[r], lw.o_norm, lw.ahn_o_proj, AHN_NORM_EPS)
-                beta_cache[w_slot] = beta[w_idx]
-                alpha_cache[w_slot] = alpha[w_idx]
-            k_cache[:, w_slot] = k[w_idx].transpose(0, 1)
-            v_cache[:, w_slot] = v[w_idx].transpose(0, 1)
-            h = h + F.linear(attn.view(T, H * D), lw.w_o, lw.b_o)
+            st.write(i, plan, k, v, beta, alpha)
+            h = h + F.linear(attn.reshape(T, H * D), lw.w_o, lw.b_o)
             h = self._mlp(h, lw)
         st.advance(T)
         return self._logits(h[-1:] if last_only else h)
@@ -124,14 +105,14 @@ class Decoder:
         S, W, H, eps = st.sinks, st.window, c.num_heads, c.rms_norm_eps
         h = F.embedding(ids, self.w.embed)[0]
         for i, lw in enumerate(self.w.layers):
-            k_cache, v_cache, beta_cache, alpha_cache, gdn_state = st.layer(i)
+            k_cache, v_cache, beta_cache, alpha_cache, memory = st.layer(i)
             proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
             q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, eps,
                                 lw.a_log, lw.dt_bias, k_cache, v_cache, beta_cache, alpha_cache, S, W,
                                 st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict)
             attn = ops.swa_decode(q, k_cache, v_cache, st.pos, S, W, self.scale)
             if st.ahn:
-                ops.gdn_decode(gdn_state, q, st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict,
+                ops.gdn_decode(memory, q, st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict,
                                proj[-H:], lw.o_norm, lw.ahn_o_proj, attn, st.pos, S, W, AHN_NORM_EPS)
             h = ops.gemv(attn.view(-1), lw.w_o, lw.b_o, None, 0.0, h, False, False)
             act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
@@ -142,7 +123,7 @@ class Decoder:
         """Tokens through the model. A single token takes the decode kernels, longer feeds the
         prefill path; both follow the same rule (tests check they agree)."""
         if ids.numel() == 1:
-            st.ensure_capacity(st.position + 1)
+            st.ensure_capacity(st.position + 1)   # full mode: the decode kernels write slot `position`
             logits = self.decode_step(st, ids)
             st.advance(1)
             return logits

@@ -7,16 +7,17 @@ built and has an implementation for the tensors' device, else to the pure-torch 
 
 ``AHN_RT_BACKEND=ref`` forces the references (the benchmark's "reference ops" row uses
 ``use_backend("ref")``); ``AHN_RT_BACKEND=ext`` makes a missing extension an error instead of a
-silent fallback.
+fallback. With the default ``auto``, a missing extension is said once per process, in one line, when a
+model is loaded (``note_backend``), and in the stats line.
 """
 from __future__ import annotations
 
 import contextlib
-import os
+import sys
 
 import torch
 
-from . import ref
+from . import ref, settings
 from .errors import AhnError
 
 _ext_error: str | None = None
@@ -26,9 +27,13 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build
     _ext_error = str(e)
 
-_backend = os.environ.get("AHN_RT_BACKEND", "auto")
-if _backend not in ("auto", "ref", "ext"):
-    raise AhnError(f"AHN_RT_BACKEND={_backend!r} is not one of auto, ref, ext")
+try:
+    _backend = settings.backend()
+except settings.SettingsError as e:
+    raise AhnError(str(e)) from None
+
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+_noted = False
 
 
 def ext_available() -> bool:
@@ -38,6 +43,23 @@ def ext_available() -> bool:
 def backend() -> str:
     """'ext' when compiled ops are used where they exist, 'ref' when only references are."""
     return "ref" if _backend == "ref" or not ext_available() else "ext"
+
+
+def backend_note() -> str:
+    """Why the references run, in a few words (for the stats line)."""
+    if _backend == "ref":
+        return "pure-torch reference ops (AHN_RT_BACKEND=ref)"
+    return f"pure-torch reference ops, slow: the compiled extension is not built; run `{BUILD_COMMAND}`"
+
+
+def note_backend():
+    """At load: once per process, one line on stderr when the compiled ops are missing (auto mode)."""
+    global _noted
+    if _noted or _backend != "auto" or ext_available():
+        return
+    _noted = True
+    print(f"ahn_rt: the compiled extension ahn_rt._C is not built, so the slow pure-torch reference ops "
+          f"run; build it with `{BUILD_COMMAND}`", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -106,7 +128,7 @@ def _window_attention_sdpa(q, k, v, q_pos, k_pos, sinks, window, scale):
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=allowed, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
+    return out[0].transpose(0, 1).contiguous()   # [T, H, D]
 
 
 rope = ref.rope_ref

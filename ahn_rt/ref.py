@@ -19,15 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cache import ring_slot  # the one slot formula (owned by the State)
+
 # fla's fused_recurrent kernel normalizes q and k as x / (||x|| + eps) (AHN_SPEC §3 step 1).
 L2_EPS = 1e-6
 # fla's chunked kernels work on blocks of 64 time steps (AHN_SPEC §3, chunk form).
 GDN_CHUNK = 64
-
-
-def ring_slot(pos: int, sinks: int, window: int) -> int:
-    """Slot of absolute position ``pos`` in the sinks + ring cache (see the module docstring)."""
-    return pos if pos < sinks else sinks + (pos - sinks) % window
 
 
 # ----------------------------------------------------------------------------------------------

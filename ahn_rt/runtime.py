@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from . import ops
 from . import weights as weights_mod
 from .cache import State
 from .config import Config, resolve_runtime
@@ -50,29 +51,39 @@ def load(weights, ahn=None, window=None, sinks=None, dtype=None, device=None, mo
     weights), 'swa' (sinks + window only) or 'full' (base model, growing cache); tokenizer: a
     tokenizer.json (default: the one beside the weights, needed only for text in/out).
     """
-    dev = _device(device)
-    chunk_size = _check_chunk(chunk_size)
-
-    def resolve(config, has_ahn):
-        return resolve_runtime(config, window=window, sinks=sinks, mode=mode, dtype=dtype, has_ahn=has_ahn)
-
-    config, w = weights_mod.load(weights, ahn, resolve=resolve, device=dev)
-    wpath = Path(os.fspath(weights)).expanduser()
-    folder = wpath if wpath.is_dir() else wpath.parent
-    return Model(config, w, dev, chunk_size=chunk_size, folder=folder,
-                 tokenizer_path=Path(tokenizer) if tokenizer else folder / "tokenizer.json")
+    ckpt = weights_mod.open_checkpoint(weights, ahn)
+    model = _build(ckpt, window=window, sinks=sinks, dtype=dtype, device=device, mode=mode, chunk_size=chunk_size)
+    model.folder = ckpt.folder
+    model._tokenizer_path = Path(tokenizer) if tokenizer else ckpt.folder / "tokenizer.json"
+    return model
 
 
 def from_state_dict(cfg: dict, tensors: dict, window=None, sinks=None, dtype=None, device=None, mode=None,
                     chunk_size: int = DEFAULT_CHUNK) -> "Model":
     """A Model from a config dict and tensors under checkpoint key names (no file)."""
+    return _build(weights_mod.Checkpoint.from_tensors(cfg, tensors), window=window, sinks=sinks, dtype=dtype,
+                  device=device, mode=mode, chunk_size=chunk_size)
+
+
+def _build(ckpt, *, window, sinks, dtype, device, mode, chunk_size) -> "Model":
+    """Resolve the runtime configuration once, then load the tensors it needs."""
     dev = _device(device)
+    chunk_size = _check_chunk(chunk_size)
+    config = resolve_runtime(ckpt.config, window=window, sinks=sinks, mode=mode, dtype=dtype, has_ahn=ckpt.has_ahn)
+    ops.note_backend()
+    return Model(config, weights_mod.load_weights(config, ckpt, dev), dev, chunk_size=chunk_size)
 
-    def resolve(config, has_ahn):
-        return resolve_runtime(config, window=window, sinks=sinks, mode=mode, dtype=dtype, has_ahn=has_ahn)
 
-    config, w = weights_mod.from_state_dict(cfg, tensors, resolve=resolve, device=dev)
-    return Model(config, w, dev, chunk_size=_check_chunk(chunk_size))
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB': three significant digits in the largest unit that keeps the number >= 1."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    if i == 0:
+        return f"{int(n)} B"
+    return f"{n:.{0 if n >= 100 else 1 if n >= 10 else 2}f} {units[i]}"
 
 
 @dataclasses.dataclass
@@ -82,6 +93,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     state_bytes: int = 0
+    backend: str = "ext"
 
     @property
     def prefill_tps(self) -> float:
@@ -94,9 +106,30 @@ class GenerationStats:
         return steps / self.decode_s if self.decode_s else 0.0
 
     def line(self) -> str:
-        return (f"[ahn_rt] prompt {self.prompt_tokens} tok, prefill {self.prefill_tps:.1f} tok/s, "
+        line = (f"[ahn_rt] prompt {self.prompt_tokens} tok, prefill {self.prefill_tps:.1f} tok/s, "
                 f"decode {self.new_tokens} tok at {self.decode_tps:.1f} tok/s, "
-                f"state {self.state_bytes / 2**20:.1f} MB")
+                f"state {human_bytes(self.state_bytes)}")
+        if self.backend != "ext":
+            line += f" [{ops.backend_note()}]"
+        return line
+
+
+class Generation:
+    """The iterator ``Model.generate`` returns: text pieces as they are produced. ``stats`` belongs to
+    this call alone. Closing it (or dropping it) stops at the next token and frees its session."""
+
+    def __init__(self, pieces: Iterator[str], stats: GenerationStats):
+        self._pieces = pieces
+        self.stats = stats
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self):
+        self._pieces.close()
 
 
 class Model:
@@ -109,17 +142,28 @@ class Model:
         self.folder = folder
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
-        self.last_stats = GenerationStats()
+        self._tokenizer_lock = threading.Lock()
+        # generate() without a session borrows an idle one: sequential calls reuse one session (and
+        # its captured decode graphs); concurrent calls each get their own.
+        self._idle: list[Session] = []
+        self._idle_lock = threading.Lock()
+        self._local = threading.local()
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        """The statistics of this thread's last finished ``generate`` call."""
+        return getattr(self._local, "stats", None) or GenerationStats()
 
     # ---- text side ---------------------------------------------------------------------------
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from .tokenizer import Tokenizer
-            if self._tokenizer_path is None or not self._tokenizer_path.exists():
-                raise AhnError(f"no tokenizer: {self._tokenizer_path} not found; pass --tokenizer PATH "
-                               "(tokenizer=...) or put tokenizer.json beside the weights")
-            self._tokenizer = Tokenizer.from_file(self._tokenizer_path)
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from .tokenizer import Tokenizer
+                if self._tokenizer_path is None or not self._tokenizer_path.exists():
+                    raise AhnError(f"no tokenizer: {self._tokenizer_path} not found; pass --tokenizer PATH "
+                                   "(tokenizer=...) or put tokenizer.json beside the weights")
+                self._tokenizer = Tokenizer.from_file(self._tokenizer_path)
         return self._tokenizer
 
     def eos_ids(self) -> set[int]:
@@ -127,29 +171,41 @@ class Model:
         ids = set(eos_ids_from(self.folder)) if self.folder else set()
         return ids or set(self.config.eos_token_ids)
 
-    def _default_session(self) -> "Session":
-        """generate() without a session reuses one internal session (reset each call), so its
-        captured decode graphs serve every call."""
-        if getattr(self, "_session", None) is None:
-            self._session = self.new_session()
-        else:
-            self._session.reset()
-        return self._session
+    def _borrow_session(self) -> "Session":
+        with self._idle_lock:
+            sess = self._idle.pop() if self._idle else None
+        if sess is None:
+            return self.new_session()
+        sess.reset()
+        return sess
 
-    def new_session(self, chunk_size: int | None = None) -> "Session":
-        return Session(self, _check_chunk(chunk_size) if chunk_size is not None else self.chunk_size)
+    def _return_session(self, sess: "Session"):
+        with self._idle_lock:
+            self._idle.append(sess)
+
+    def new_session(self, chunk_size: int | None = None, capacity: int | None = None) -> "Session":
+        """A fresh sequence. ``capacity``: full mode only, the cache slots allocated up front (it still
+        grows when needed); ahn/swa states are always sinks + window."""
+        return Session(self, _check_chunk(chunk_size) if chunk_size is not None else self.chunk_size, capacity)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                  stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
-                 session: "Session | None" = None) -> Iterator[str]:
+                 session: "Session | None" = None) -> Generation:
         """Stream the generated text piece by piece. ``prompt`` is a string (or a list of token ids).
-        Statistics of the run land in ``self.last_stats``."""
+        Arguments are checked here, before anything runs. The returned iterator's ``stats`` (and, once
+        it is exhausted, this thread's ``last_stats``) hold the statistics of this call. Safe to call
+        from several threads at once: each call without ``session`` runs on its own session."""
         from .tokenizer import StopMatcher, StreamDecoder, apply_chat_template
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise AhnError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = list(stop)
+        if any(not isinstance(s, str) or s == "" for s in stop):
+            raise AhnError("stop strings must be non-empty text")
         tok = self.tokenizer
         if isinstance(prompt, str):
             ids = tok.encode(apply_chat_template(prompt, system) if chat else prompt)
@@ -157,50 +213,58 @@ class Model:
             ids = list(prompt)
         if not ids:
             raise AhnError("the prompt is empty: give some text")
-        sess = session or self._default_session()
+        stats = GenerationStats(prompt_tokens=len(ids), backend=ops.backend())
         eos = self.eos_ids()
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
-        sampler = Sampler(params, self.config.vocab_size, self.device)
-        sampler.observe(torch.tensor(ids, device=self.device))
-        dec, stopper = StreamDecoder(tok), StopMatcher(list(stop))
 
-        t0 = time.perf_counter()
-        logits = sess.forward(ids, last_only=True)
-        next_tok = sampler.sample(logits[-1])
-        tid = int(next_tok)
-        stats.prefill_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        stepper = sess.stepper(sampler)
-        stopped = False
-        for i in range(max_new_tokens):
-            if tid in eos:
-                break
-            stats.new_tokens += 1
-            emit, stopped = stopper.push(dec.push(tid))
-            if emit:
-                yield emit
-            if stopped:
-                break
-            if i + 1 == max_new_tokens:
-                break
-            next_tok = stepper(next_tok)
-            tid = int(next_tok)   # the one host sync per token: the id is needed to stream text
-        if not stopped:
-            tail, _ = stopper.push(dec.flush())
-            tail += stopper.flush()
-            if tail:
-                yield tail
-        stats.decode_s = time.perf_counter() - t1
-        stats.state_bytes = sess.state_nbytes
+        def pieces() -> Iterator[str]:
+            sess = session or self._borrow_session()
+            try:
+                sampler = Sampler(params, self.config.vocab_size, self.device)
+                sampler.observe(torch.tensor(ids, device=self.device))
+                dec, stopper = StreamDecoder(tok), StopMatcher(stop)
+                t0 = time.perf_counter()
+                logits = sess.forward(ids, last_only=True)
+                next_tok = sampler.sample(logits[-1])
+                tid = int(next_tok)
+                stats.prefill_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                stepper = sess.stepper(sampler)
+                stopped = False
+                for i in range(max_new_tokens):
+                    if tid in eos:
+                        break
+                    stats.new_tokens += 1
+                    emit, stopped = stopper.push(dec.push(tid))
+                    if emit:
+                        yield emit
+                    if stopped or i + 1 == max_new_tokens:
+                        break
+                    next_tok = stepper(next_tok)
+                    tid = int(next_tok)   # the one host sync per token: the id is needed to stream text
+                if not stopped:
+                    tail, _ = stopper.push(dec.flush())
+                    tail += stopper.flush()
+                    if tail:
+                        yield tail
+                stats.decode_s = time.perf_counter() - t1
+                stats.state_bytes = sess.state_nbytes
+                self._local.stats = stats
+            finally:
+                if session is None:
+                    self._return_session(sess)
+
+        return Generation(pieces(), stats)
 
 
 class Session:
-    """The state of one sequence: sinks + ring K/V, per-slot gates, GDN memories, position."""
+    """One sequence: its State (sinks + ring K/V, per-slot gates, memories, position) and the CUDA
+    graphs captured for it."""
 
-    def __init__(self, model: Model, chunk_size: int):
+    def __init__(self, model: Model, chunk_size: int, capacity: int | None = None):
         self.model = model
         self.chunk_size = chunk_size
-        self.state: State = model.decoder.new_state()
+        self.state: State = model.decoder.new_state(capacity)
+        self.graphs: dict = {}   # sampling setup -> captured decode step (ahn_rt.graph)
 
     @property
     def position(self) -> int:
@@ -211,6 +275,7 @@ class Session:
         return self.state.nbytes
 
     def reset(self):
+        """Back to position 0 (the captured graphs stay valid: the buffers do not move)."""
         self.state.reset()
 
     def _ids(self, token_ids) -> torch.Tensor:
@@ -252,7 +317,8 @@ class Session:
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def stepper(self, sampler: Sampler):
-        """A function token -> next token (both int64 [1] on the device) that decodes one step and
-        samples. On CUDA it replays a captured graph (ahn_rt.graph); elsewhere it runs eagerly."""
-        from .graph import make_stepper
-        return make_stepper(self, sampler)
+        """A ``Stepper``: token -> next token (both int64 [1] on the device), one decode step and a
+        sample; its ``logits`` are those of the last step. On CUDA it replays a captured graph
+        (ahn_rt.graph); elsewhere it runs eagerly."""
+        from .graph import Stepper
+        return Stepper(self, sampler)

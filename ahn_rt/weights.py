@@ -1,8 +1,8 @@
-"""The one place that loads weights.
+"""The one place that loads and writes weights, under one key map.
 
 Accepts a ``.safetensors`` file, a Hugging Face checkpoint folder (``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``), and optionally a separate AHN-only checkpoint (file or folder) with the
-official key names ``model.layers.N.ahn.fn.*`` (AHN_SPEC §5.1). Loading is strict: every expected tensor
+official key names ``model.layers.N.ahn.fn.*`` (docs/semantics.md §8). Loading is strict: every expected tensor
 must be present with the right shape and every stored tensor must be used, else one ``AhnError`` lists
 what is wrong. Pickle checkpoints are refused, never unpickled.
 
@@ -13,6 +13,9 @@ into the layout the model computes with:
 * ``w_in``  = [q | k | v | a | b | g] rows ([H*D + 2*Hkv*D (+ 3H), d]), ``b_in`` the matching bias
   (zeros for the AHN gate rows): one GEMM gives everything a token needs before attention;
 * ``w_gu``  = [gate | up] rows ([2I, d]).
+
+``write_checkpoint`` writes safetensors atomically under the same names (``base_shapes`` /
+``ahn_shapes``), for ``init_weights`` and the trainer.
 """
 from __future__ import annotations
 
@@ -29,16 +32,129 @@ from .config import Config, load_json, parse_config
 from .errors import AhnError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-AHN_KEYS = {  # name -> shape as a function of the config (AHN_SPEC §5.1)
-    "A_log": lambda c: (c.num_heads,),
-    "D": lambda c: (c.num_heads,),
-    "dt_bias": lambda c: (c.num_heads,),
-    "a_proj.weight": lambda c: (c.num_heads, c.hidden_size),
-    "b_proj.weight": lambda c: (c.num_heads, c.hidden_size),
-    "g_proj.weight": lambda c: (c.num_heads, c.hidden_size),
-    "o_norm.weight": lambda c: (c.head_dim,),
-    "o_proj.weight": lambda c: (c.num_heads, c.head_dim, c.head_dim),
+
+
+# ----------------------------------------------------------------------------------------------
+# The one key map: checkpoint tensor names and shapes, for reading (this loader) and for writing
+# (init_weights, the trainer). Hugging Face names for the base, the official names for AHN
+# (docs/semantics.md §8).
+# ----------------------------------------------------------------------------------------------
+AHN_PARAMS = {  # implementation -> {parameter name: shape as a function of the config}
+    "GatedDeltaNet": {
+        "A_log": lambda c: (c.num_heads,),
+        "D": lambda c: (c.num_heads,),            # stored by the official module, unused in its forward
+        "dt_bias": lambda c: (c.num_heads,),
+        "a_proj.weight": lambda c: (c.num_heads, c.hidden_size),
+        "b_proj.weight": lambda c: (c.num_heads, c.hidden_size),
+        "g_proj.weight": lambda c: (c.num_heads, c.hidden_size),
+        "o_norm.weight": lambda c: (c.head_dim,),
+        "o_proj.weight": lambda c: (c.num_heads, c.head_dim, c.head_dim),   # [H, D_in, D_out]
+    },
 }
+
+
+def ahn_key(layer: int, name: str) -> str:
+    """Checkpoint name of AHN parameter ``name`` of decoder layer ``layer``."""
+    return f"model.layers.{layer}.ahn.fn.{name}"
+
+
+def is_ahn_key(key: str) -> bool:
+    return ".ahn." in key or key.startswith("ahn.")
+
+
+def base_shapes(c: Config) -> dict[str, tuple]:
+    """Every tensor of the base model (Hugging Face names) -> shape. A tied model may also carry
+    ``lm_head.weight`` (accepted, not needed)."""
+    d, i = c.hidden_size, c.intermediate_size
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, d)
+    for n in range(c.num_layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (c.q_size, d), p + "self_attn.k_proj.weight": (c.kv_size, d),
+            p + "self_attn.v_proj.weight": (c.kv_size, d), p + "self_attn.o_proj.weight": (d, c.q_size),
+            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d), p + "mlp.down_proj.weight": (d, i),
+        })
+        if c.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (c.q_size,), p + "self_attn.k_proj.bias": (c.kv_size,),
+                           p + "self_attn.v_proj.bias": (c.kv_size,)})
+            if c.family == "qwen3":
+                shapes[p + "self_attn.o_proj.bias"] = (d,)
+        if c.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,)})
+    return shapes
+
+
+def ahn_shapes(c: Config, implementation: str | None = None) -> dict[str, tuple]:
+    """Every AHN tensor (official names) -> shape, for ``implementation`` (default: the config's)."""
+    impl = implementation or c.ahn_implementation or "GatedDeltaNet"
+    params = AHN_PARAMS[impl]
+    return {ahn_key(n, name): tuple(f(c)) for n in range(c.num_layers) for name, f in params.items()}
+
+
+def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_json: bool = False):
+    """Write ``tensors`` to the safetensors file ``out`` atomically (a temporary file renamed into
+    place: nothing is ever half-written). ``config`` goes into the metadata key "config" (what this
+    loader reads when no config.json is beside the file); with ``config_json`` it is also written as
+    config.json beside the file (atomically too). Raises AhnError with one line when the path cannot be
+    written."""
+    from safetensors.torch import save_file
+    out = Path(os.fspath(out))
+    meta = {"format": "pt"}
+    if config is not None:
+        meta["config"] = json.dumps(config)
+    try:
+        check_writable(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                  metadata=meta))
+        if config_json and config is not None:
+            atomic_write_text(out.parent / "config.json", json.dumps(config, indent=2) + "\n")
+    except OSError as e:
+        raise AhnError(f"cannot write {out}: {e.strerror or e}") from None
+    except Exception as e:  # safetensors raises its own error type for an unwritable path
+        raise AhnError(f"cannot write {out}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def check_writable(out: Path):
+    """Raise AhnError (one line) unless a file could be created at ``out``: checked before anything is
+    written, so that a bad path leaves nothing behind."""
+    out = Path(os.fspath(out))
+    if out.is_dir():
+        raise AhnError(f"cannot write {out}: it is a folder; give a file name ending in {out.suffix or '.safetensors'}")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AhnError(f"cannot write {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AhnError(f"cannot write {out}: folder {parent} is not writable")
+
+
+def atomic_write_text(path, text: str):
+    """Write a small text file atomically (AhnError with one line on failure)."""
+    path = Path(os.fspath(path))
+    try:
+        check_writable(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as e:
+        raise AhnError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 @dataclasses.dataclass
@@ -192,34 +308,6 @@ class _DictSource(_Source):
         return self.tensors[key]
 
 
-def _base_shapes(c: Config) -> dict[str, tuple]:
-    d, i = c.hidden_size, c.intermediate_size
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, d)
-    for n in range(c.num_layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (c.q_size, d), p + "self_attn.k_proj.weight": (c.kv_size, d),
-            p + "self_attn.v_proj.weight": (c.kv_size, d), p + "self_attn.o_proj.weight": (d, c.q_size),
-            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d), p + "mlp.down_proj.weight": (d, i),
-        })
-        if c.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (c.q_size,), p + "self_attn.k_proj.bias": (c.kv_size,),
-                           p + "self_attn.v_proj.bias": (c.kv_size,)})
-            if c.family == "qwen3":
-                shapes[p + "self_attn.o_proj.bias"] = (d,)
-        if c.qk_norm:
-            shapes.update({p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,)})
-    return shapes
-
-
-def _ahn_shapes(c: Config) -> dict[str, tuple]:
-    return {f"model.layers.{n}.ahn.fn.{name}": tuple(f(c)) for n in range(c.num_layers)
-            for name, f in AHN_KEYS.items()}
-
-
 def _check_keys(expected: dict, src: _Source, keys: set, what: str, optional=()):
     missing = sorted(set(expected) - keys)
     unexpected = sorted(keys - set(expected) - set(optional))
@@ -240,43 +328,77 @@ def _short(keys, n=6):
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def open_checkpoint(weights, ahn=None):
-    """Locate files and configs. Returns (config dict, AHN config dict or None, weights path,
-    base _Source, AHN _Source or None)."""
+@dataclasses.dataclass
+class Checkpoint:
+    """An opened checkpoint: its parsed config (architecture and AHN fields; the runtime choices are
+    resolved by the caller, once) and where its tensors are. Nothing is read yet."""
+    config: Config
+    src: _Source
+    ahn_src: _Source | None = None
+    where: str = "<memory>"
+    folder: Path | None = None
+
+    @property
+    def has_ahn(self) -> bool:
+        return any(is_ahn_key(k) for k in self.src.where) or (
+            self.ahn_src is not None and any(is_ahn_key(k) for k in self.ahn_src.where))
+
+    @classmethod
+    def from_tensors(cls, cfg: dict, tensors: dict) -> "Checkpoint":
+        """Tensors already in memory under checkpoint names (the benchmark's random weights)."""
+        return cls(parse_config(cfg, "<memory>"), _DictSource(tensors))
+
+
+# Config fields that an AHN-only checkpoint's own config.json may set for the merged model.
+_AHN_CONFIG_FIELDS = ("_ahn_implementation", "_layer_implementation", "sliding_window", "num_attn_sinks",
+                      "use_q_proj", "use_ahn_router", "fa_layer_ids")
+
+
+def open_checkpoint(weights, ahn=None) -> Checkpoint:
+    """Locate the files and read the config of a base or merged checkpoint (+ an AHN checkpoint)."""
     path = Path(os.fspath(weights)).expanduser()
     files = _weight_files(path, "weights")
     cfg = find_config(path, files)
     if cfg is None:
         raise AhnError(f"no config for {path}: put the model's config.json beside the weights "
                        "(or use a file written by ahn_rt, which embeds it)")
-    ahn_src = ahn_cfg = None
+    config = parse_config(cfg, str(path))
+    ahn_src = None
     if ahn is not None:
         apath = Path(os.fspath(ahn)).expanduser()
         afiles = _weight_files(apath, "AHN checkpoint")
-        ahn_cfg = find_config(apath, afiles)
         ahn_src = _Source(afiles)
-    return cfg, ahn_cfg, path, _Source(files), ahn_src
+        if not any(is_ahn_key(k) for k in ahn_src.where):
+            raise AhnError(f"AHN checkpoint {apath} holds no AHN tensors (model.layers.N.ahn.fn.*); "
+                           "pass a base model as --weights and its AHN weights as --ahn")
+        ahn_cfg = find_config(apath, afiles) or {}
+        # W, S and the AHN implementation may live in the AHN checkpoint's own config.
+        a = parse_config({**cfg, **{k: v for k, v in ahn_cfg.items() if k in _AHN_CONFIG_FIELDS}}, str(apath))
+        config = dataclasses.replace(config, ahn_implementation=a.ahn_implementation or "GatedDeltaNet",
+                                     config_window=a.config_window or config.config_window,
+                                     config_sinks=a.config_sinks if a.config_sinks is not None else config.config_sinks)
+    folder = path if path.is_dir() else path.parent
+    return Checkpoint(config, _Source(files), ahn_src, str(path), folder)
 
 
-def has_ahn_keys(src: _Source | None) -> bool:
-    return src is not None and any(".ahn." in k or k.startswith("ahn.") for k in src.where)
-
-
-def load_weights(config: Config, src: _Source, ahn_src: _Source | None, device, where: str) -> Weights:
-    """Strictly check and load every tensor, converted to config.dtype on ``device``."""
+def load_weights(config: Config, ckpt: Checkpoint, device) -> Weights:
+    """Strictly check and load every tensor the runtime ``config`` needs, converted to config.dtype on
+    ``device``. AHN tensors come from the AHN checkpoint when one is given (a merged checkpoint given
+    there contributes only its AHN tensors), else from the main checkpoint."""
+    src, ahn_src, where = ckpt.src, ckpt.ahn_src, ckpt.where
     base_keys = {k for k in src.where}
-    merged_ahn = {k for k in base_keys if ".ahn." in k}
+    merged_ahn = {k for k in base_keys if is_ahn_key(k)}
     base_keys -= merged_ahn
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    _check_keys(_base_shapes(config), src, base_keys, f"checkpoint {where}", optional=optional)
+    _check_keys(base_shapes(config), src, base_keys, f"checkpoint {where}", optional=optional)
     ahn_keys, ahn_from, ahn_where = merged_ahn, src, f"checkpoint {where}"
     if ahn_src is not None:
         if merged_ahn:
             raise AhnError(f"{where} already holds AHN weights; drop --ahn or use the base checkpoint")
-        ahn_keys, ahn_from = set(ahn_src.where), ahn_src
+        ahn_keys, ahn_from = {k for k in ahn_src.where if is_ahn_key(k)}, ahn_src
         ahn_where = f"AHN checkpoint {sorted(set(map(str, ahn_src.where.values())))[0]}"
     if ahn_keys:
-        _check_keys(_ahn_shapes(config), ahn_from, ahn_keys, ahn_where)
+        _check_keys(ahn_shapes(config), ahn_from, ahn_keys, ahn_where)
 
     dt = config.dtype
     use_ahn = config.mode == "ahn"
@@ -317,27 +439,3 @@ def load_weights(config: Config, src: _Source, ahn_src: _Source | None, device, 
     embed = get("model.embed_tokens.weight")
     head = embed if config.tie_word_embeddings else get("lm_head.weight")
     return Weights(embed=embed, norm=get("model.norm.weight"), lm_head=head, layers=layers)
-
-
-def from_state_dict(cfg: dict, tensors: dict, *, resolve, device) -> tuple[Config, Weights]:
-    """Like ``load`` for a config dict and tensors in memory (random benchmark weights)."""
-    src = _DictSource(tensors)
-    config = resolve(parse_config(cfg, "<memory>"), has_ahn_keys(src))
-    return config, load_weights(config, src, None, device, "<memory>")
-
-
-def load(weights, ahn=None, *, resolve, device) -> tuple[Config, Weights]:
-    """Open, configure (``resolve(config, has_ahn)`` picks the runtime fields) and load."""
-    cfg, ahn_cfg, path, src, ahn_src = open_checkpoint(weights, ahn)
-    config = parse_config(cfg, str(path))
-    if ahn_cfg is not None:
-        # W, S and the AHN implementation may live in the AHN checkpoint's own config.
-        a = parse_config({**cfg, **{k: v for k, v in ahn_cfg.items() if k in (
-            "_ahn_implementation", "_layer_implementation", "sliding_window", "num_attn_sinks",
-            "use_q_proj", "use_ahn_router", "fa_layer_ids")}}, str(ahn))
-        config = dataclasses.replace(config, ahn_implementation=a.ahn_implementation or "GatedDeltaNet",
-                                     config_window=a.config_window or config.config_window,
-                                     config_sinks=a.config_sinks if a.config_sinks is not None else config.config_sinks)
-    has_ahn = has_ahn_keys(src) or has_ahn_keys(ahn_src)
-    config = resolve(config, has_ahn)
-    return config, load_weights(config, src, ahn_src, device, str(path))

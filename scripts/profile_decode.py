@@ -21,18 +21,8 @@ def main():
     cfg = preset_config(args.preset, True, torch.bfloat16)
     model = from_state_dict(cfg, random_state_dict(cfg, device="cuda"), window=32640, sinks=128,
                             mode=args.mode, dtype="bf16", device="cuda")
-    sess = model.new_session()
-    st = sess.state
-    st.ensure_capacity(args.context + args.steps + 32)
-    n = min(args.context, st.capacity)
-    st.k[:, :, :n].normal_()
-    st.v[:, :, :n].normal_()
-    if st.ahn:
-        st.beta.uniform_(0, 1)
-        st.alpha.uniform_(-0.1, 0)
-        st.gdn.normal_(0, 0.01)
-    st.position = args.context
-    st.pos.fill_(args.context)
+    sess = model.new_session(capacity=args.context + args.steps + 32)
+    sess.state.fill_random(args.context)
     step = sess.stepper(Sampler(SamplingParams(temperature=0), model.config.vocab_size, "cuda"))
     tok = torch.ones(1, dtype=torch.int64, device="cuda")
     for _ in range(5):

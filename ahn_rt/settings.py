@@ -1,0 +1,61 @@
+"""Every environment switch of ahn_rt, read here and nowhere else in Python (the README lists them).
+
+This module uses only the standard library, so that setup.py can read it without importing torch.
+
+| variable             | read by                | values (default first)                                          |
+|----------------------|------------------------|-----------------------------------------------------------------|
+| AHN_RT_BACKEND       | ahn_rt.ops, at import  | auto: compiled ops where built; ref: pure-torch references;     |
+|                      |                        | ext: compiled ops or an error                                   |
+| AHN_RT_GRAPH         | ahn_rt.graph           | 1: capture the CUDA decode step in a graph; 0: eager steps      |
+| AHN_RT_CUDA          | setup.py (build)       | auto: CUDA kernels when torch has CUDA and nvcc is found;       |
+|                      |                        | 0: CPU-only build; 1: CUDA build or an error                    |
+| AHN_RT_GEMV_PDL      | CUDA gemv, every call  | 0; 1: programmatic dependent launch (an A/B switch for benches) |
+| AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
+
+The last two are kernel A/B switches that the C++ side reads through its one helper ``env_flag``
+(csrc/common.h); ``kernel_flag`` reads them the same way for benchmarks that label their rows.
+"""
+from __future__ import annotations
+
+import os
+
+_CHOICES = {
+    "AHN_RT_BACKEND": ("auto", "ref", "ext"),
+    "AHN_RT_GRAPH": ("1", "0"),
+    "AHN_RT_CUDA": ("", "0", "1"),
+}
+
+
+class SettingsError(ValueError):
+    """A switch set to a value it does not take (one line)."""
+
+
+def _read(name: str) -> str:
+    value = os.environ.get(name, _CHOICES[name][0]).strip()
+    if value not in _CHOICES[name]:
+        allowed = ", ".join(v or "unset" for v in _CHOICES[name])
+        raise SettingsError(f"{name}={value!r} is not one of {allowed}")
+    return value
+
+
+def backend() -> str:
+    """AHN_RT_BACKEND: 'auto', 'ref' or 'ext'."""
+    return _read("AHN_RT_BACKEND")
+
+
+def graphs_enabled() -> bool:
+    """AHN_RT_GRAPH: capture the CUDA decode step (default) or run it eagerly."""
+    return _read("AHN_RT_GRAPH") == "1"
+
+
+def build_cuda() -> str:
+    """AHN_RT_CUDA for setup.py: '' (auto), '0' or '1'."""
+    return _read("AHN_RT_CUDA")
+
+
+def kernel_flag(name: str) -> bool:
+    """A kernel A/B switch (AHN_RT_GEMV_PDL, AHN_RT_GDN_GENERIC), as csrc/common.h env_flag reads it."""
+    if name not in ("AHN_RT_GEMV_PDL", "AHN_RT_GDN_GENERIC"):
+        raise KeyError(name)
+    v = os.environ.get(name, "")
+    return v != "" and v[0] != "0"
