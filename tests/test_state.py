@@ -1,0 +1,152 @@
+"""The State is the one owner of the decode state: its slot formula against the kernels' (C++ CPU, CUDA)
+and the reference's ring writes, the positions each slot holds, the chunk plan's writes and evictions,
+the position on host and device, and the documented way to stand a state at any depth."""
+import pytest
+import torch
+
+from ahn_rt import ops, ref
+from ahn_rt.cache import State, ring_slot
+from ahn_rt.config import Config
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+
+# Exact checks only (slots, positions, equal tensors): no tolerances in this file.
+
+CASES = [(0, 1), (0, 5), (1, 1), (3, 4), (2, 7), (5, 3)]   # (S, W): S = 0, W = 1, S > W, ...
+
+
+def _config(S, W, mode="ahn", H=4, Hkv=2, D=8, L=1):
+    return Config(family="qwen2", vocab_size=32, hidden_size=H * D, intermediate_size=16, num_layers=L,
+                  num_heads=H, num_kv_heads=Hkv, head_dim=D, rope_theta=10000.0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, attention_bias=True, qk_norm=False, max_position_embeddings=4096,
+                  stored_dtype=torch.float32, eos_token_ids=(), ahn_implementation="GatedDeltaNet",
+                  window=W, sinks=S, mode=mode, dtype=torch.float32)
+
+
+def _simulate(S, W, P):
+    """Which position each slot holds after P tokens, by replaying the writes one by one."""
+    held = {}
+    for p in range(P):
+        held[ring_slot(p, S, W)] = p
+    return [held[s] for s in range(len(held))]
+
+
+@pytest.mark.parametrize("S,W", CASES)
+def test_slot_formula_and_held_positions(S, W):
+    st = State(_config(S, W), "cpu")
+    for P in range(0, 3 * (S + W) + 3):
+        assert st.held_positions().tolist() == _simulate(S, W, P), P
+        p = torch.tensor([P])
+        assert int(st.slot(p)) == ring_slot(P, S, W)
+        st.advance(1)
+        assert int(st.pos) == st.position == P + 1
+
+
+def _kernel_writes(fn, S, W, device):
+    """Positions 0..N written one by one through decode_prep: the slot that changes is where it wrote."""
+    H, Hkv, D = 2, 1, 4
+    C = S + W
+    kc = torch.zeros(Hkv, C, D, device=device)
+    vc, bc, ac = torch.zeros_like(kc), torch.zeros(C, H, device=device), torch.zeros(C, H, device=device)
+    ke, ve, be, ae = torch.zeros(Hkv, D, device=device), torch.zeros(Hkv, D, device=device), \
+        torch.zeros(H, device=device), torch.zeros(H, device=device)
+    inv_freq = torch.zeros(D // 2, device=device)          # angle 0: RoPE is the identity
+    slots, evicted = [], []
+    for p in range(3 * C + 2):
+        proj = torch.zeros(H * D + 2 * Hkv * D + 3 * H, device=device)
+        proj[H * D: H * D + Hkv * D] = p + 1                # k = p + 1 everywhere
+        before = kc.clone()
+        fn(proj=proj, inv_freq=inv_freq, pos=torch.tensor([p], device=device), q_norm=None, k_norm=None,
+           norm_eps=1e-6, a_log=torch.zeros(H, device=device), dt_bias=torch.zeros(H, device=device),
+           k_cache=kc, v_cache=vc, beta_cache=bc, alpha_cache=ac, sinks=S, window=W, k_evict=ke,
+           v_evict=ve, beta_evict=be, alpha_evict=ae)
+        changed = (kc != before).any(-1).any(0).nonzero().flatten().tolist()
+        slot = int((kc[0, :, 0] == p + 1).nonzero().flatten()[0])
+        assert changed in ([slot], []), (p, changed)
+        slots.append(slot)
+        evicted.append(int(ke[0, 0]) - 1 if p >= S + W else None)   # the token handed to the memory
+    return slots, evicted
+
+
+def _expected(S, W):
+    C = S + W
+    return ([ring_slot(p, S, W) for p in range(3 * C + 2)],
+            [p - W if p >= S + W else None for p in range(3 * C + 2)])
+
+
+@pytest.mark.parametrize("S,W", CASES)
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
+def test_kernels_write_the_slot_the_state_names(S, W, impl):
+    """The Python formula (State.slot / ring_slot) against the reference and the C++ kernel (common.h's
+    ring_slot), across the fill point: same slot, and the token handed to the memory is p - W."""
+    if impl == "cpu" and not ops.ext_available():
+        pytest.skip("extension not built")
+    fn = ref.decode_prep_ref if impl == "ref" else torch.ops.ahn_rt.decode_prep
+    assert _kernel_writes(fn, S, W, "cpu") == _expected(S, W)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("S,W", CASES)
+def test_cuda_kernel_writes_the_slot_the_state_names(S, W):
+    assert _kernel_writes(torch.ops.ahn_rt.decode_prep, S, W, "cuda") == _expected(S, W)
+
+
+@pytest.mark.parametrize("S,W", CASES)
+@pytest.mark.parametrize("chunks", [[1] * 20, [7, 13], [20], [3, 1, 9, 7]])
+def test_chunk_plan(S, W, chunks):
+    """Evicted tokens are exactly t - W for every reading row t >= S + W, in order; writes land in the
+    slot the formula names; every attended key position is what the slot holds."""
+    st = State(_config(S, W), "cpu")
+    for T in chunks:
+        p0 = st.position
+        plan = st.plan(T)
+        assert plan.positions.tolist() == list(range(p0, p0 + T))
+        assert plan.key_positions[: plan.cached].tolist() == st.held_positions().tolist()
+        reads = plan.positions[plan.read_rows].tolist()
+        assert reads == [t for t in range(p0, p0 + T) if t >= S + W]
+        assert plan.key_positions[plan.evict_index].tolist() == [t - W for t in reads]
+        kept = plan.positions[plan.write_rows].tolist()
+        assert kept == [t for t in range(p0, p0 + T) if t < S or t >= p0 + T - W]
+        assert plan.write_slots.tolist() == [ring_slot(t, S, W) for t in kept]
+        st.advance(T)
+
+
+def test_swa_plan_never_evicts():
+    st = State(_config(2, 3, mode="swa"), "cpu")
+    st.advance(10)
+    assert st.plan(9).n_evict == 0 and st.memory is None
+
+
+def test_fill_random_stands_a_state_at_depth():
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg["vocab_size"] = 64
+    model = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32), window=6, sinks=2,
+                            mode="ahn", dtype="float32", device="cpu")
+    sess = model.new_session()
+    st = sess.state
+    st.fill_random(50, torch.Generator().manual_seed(0))
+    assert st.position == int(st.pos) == 50
+    assert st.k.abs().sum(-1).ne(0).all() and st.memory.abs().sum() > 0
+    again = model.new_session().state
+    again.fill_random(50, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(st.tensors().values(), again.tensors().values()))
+    assert torch.isfinite(sess.forward([1, 2, 3])).all() and sess.position == 53
+    shallow = model.new_session().state
+    shallow.fill_random(3)
+    assert shallow.memory.abs().sum() == 0 and shallow.k[:, :, 3:].abs().sum() == 0
+
+
+def test_full_mode_capacity_and_growth():
+    cfg = preset_config("tiny", False, torch.float32)
+    cfg["vocab_size"] = 64
+    model = from_state_dict(cfg, random_state_dict(cfg, ahn=False, dtype=torch.float32), mode="full",
+                            dtype="float32", device="cpu")
+    sess = model.new_session(capacity=1000)
+    assert sess.state.capacity == 1000
+    sess.state.fill_random(999)
+    buf = sess.state.k
+    sess.forward([5])
+    assert sess.state.k is buf and sess.position == 1000
+    sess.forward([6])                                 # grows: the buffers move, the contents stay
+    assert sess.state.capacity == 2000 and sess.state.k is not buf
+    assert torch.equal(sess.state.k[:, :, :1000], buf)
