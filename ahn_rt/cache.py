@@ -238,6 +238,52 @@ class State:
         self.position = 0
         self.advance(position)
 
+    # ---- the state as a value (save / restore / fork) -----------------------------------------
+    # Fields with a slot axis, and where it is: only the occupied slots [0, occupied) are exported.
+    SLOT_AXIS = {"k": 2, "v": 2, "beta": 1, "alpha": 1}
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """The occupied part of every field (views, no copy): k/v [L, Hkv, n, D], beta/alpha [L, n, H],
+        memory [L, H, Dk, Dv], with n = ``occupied``. Together with ``position`` this is the whole
+        state; ``load`` puts it back."""
+        n = self.occupied
+        return {name: t.narrow(self.SLOT_AXIS[name], 0, n) if name in self.SLOT_AXIS else t
+                for name, t in self.tensors().items()}
+
+    def load(self, tensors: dict[str, torch.Tensor], position: int):
+        """Replace the state by an exported one (``export`` of a state of the same layout) at
+        ``position``. Shapes are checked; a mismatch raises ValueError naming the field."""
+        self.ensure_capacity(position)
+        n = min(position, self.capacity)
+        own = self.tensors()
+        if set(tensors) != set(own):
+            raise ValueError(f"fields {sorted(tensors)} do not match this state's {sorted(own)}")
+        for name, t in own.items():
+            want = list(t.shape)
+            if name in self.SLOT_AXIS:
+                want[self.SLOT_AXIS[name]] = n
+            if list(tensors[name].shape) != want:
+                raise ValueError(f"field {name} has shape {list(tensors[name].shape)}, this state needs {want}")
+        self.reset()
+        for name, t in own.items():
+            dst = t.narrow(self.SLOT_AXIS[name], 0, n) if name in self.SLOT_AXIS else t
+            dst.copy_(tensors[name])
+        self.position = 0
+        self.advance(position)
+
+    def copy_from(self, other: "State"):
+        """This state becomes a copy of ``other`` (same layout): one device copy per field."""
+        self.ensure_capacity(other.capacity)
+        for name, t in self.tensors().items():
+            src = other.tensors()[name]
+            if name in self.SLOT_AXIS and src.shape != t.shape:   # full mode: other is smaller
+                t.zero_()
+                t.narrow(self.SLOT_AXIS[name], 0, src.shape[self.SLOT_AXIS[name]]).copy_(src)
+            else:
+                t.copy_(src)
+        self.position = other.position
+        self.pos.copy_(other.pos)
+
     @property
     def nbytes(self) -> int:
         scratch = (self.k_evict, self.v_evict, self.beta_evict, self.alpha_evict, self.pos)

@@ -188,6 +188,12 @@ class Model:
         grows when needed); ahn/swa states are always sinks + window."""
         return Session(self, _check_chunk(chunk_size) if chunk_size is not None else self.chunk_size, capacity)
 
+    def restore(self, path, chunk_size: int | None = None) -> "Session":
+        """A new session holding the state ``Session.save`` wrote to ``path``. A file saved with another
+        model, window, sinks, dtype or mode, or a damaged file, raises AhnError naming the problem."""
+        from . import state_io
+        return state_io.restore(self, path, chunk_size)
+
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                  stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
@@ -277,6 +283,20 @@ class Session:
     def reset(self):
         """Back to position 0 (the captured graphs stay valid: the buffers do not move)."""
         self.state.reset()
+
+    def save(self, path):
+        """Write this session's state to ``path`` (safetensors; only the occupied slots; a header with
+        the format version and the fingerprint of model, window, sinks, dtype and mode). Restore it with
+        ``Model.restore``; continuing from there is exactly continuing this session."""
+        from . import state_io
+        state_io.save(self, path)
+
+    def fork(self) -> "Session":
+        """An independent copy of this session (one device copy of the fixed-size state): for branching
+        a conversation or reusing a prefilled prefix."""
+        other = Session(self.model, self.chunk_size, self.state.capacity if self.state.full else None)
+        other.state.copy_from(self.state)
+        return other
 
     def _ids(self, token_ids) -> torch.Tensor:
         if isinstance(token_ids, torch.Tensor):

@@ -94,15 +94,16 @@ def ahn_shapes(c: Config, implementation: str | None = None) -> dict[str, tuple]
     return {ahn_key(n, name): tuple(f(c)) for n in range(c.num_layers) for name, f in params.items()}
 
 
-def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_json: bool = False):
+def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_json: bool = False,
+                     metadata: dict[str, str] | None = None):
     """Write ``tensors`` to the safetensors file ``out`` atomically (a temporary file renamed into
     place: nothing is ever half-written). ``config`` goes into the metadata key "config" (what this
     loader reads when no config.json is beside the file); with ``config_json`` it is also written as
     config.json beside the file (atomically too). Raises AhnError with one line when the path cannot be
-    written."""
+    written. ``metadata``: more header entries (strings)."""
     from safetensors.torch import save_file
     out = Path(os.fspath(out))
-    meta = {"format": "pt"}
+    meta = {"format": "pt", **(metadata or {})}
     if config is not None:
         meta["config"] = json.dumps(config)
     try:
@@ -193,7 +194,7 @@ def _refuse_pickle(path: Path):
                        "convert it to .safetensors first")
 
 
-def _check_safetensors(path: Path):
+def check_safetensors(path: Path):
     """A readable header, and a file at least as long as the header says (catches truncation)."""
     try:
         size = path.stat().st_size
@@ -244,7 +245,7 @@ def _weight_files(path: Path, what: str) -> list[Path]:
                 hint = (f" (found pickle files {', '.join(pickles)}, which ahn_rt never loads)" if pickles else "")
                 raise AhnError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
     for f in files:
-        _check_safetensors(f)
+        check_safetensors(f)
     return files
 
 

@@ -1,0 +1,109 @@
+"""A session's state as a file: ``Session.save(path)`` / ``Model.restore(path)``.
+
+The file is safetensors (never pickle): the occupied part of every State field (``State.export``) under
+its field name, and a header (the safetensors metadata) with the format version, the position, and the
+fingerprint of what the state is only meaningful with: the model (architecture and a digest of its
+weights), window, sinks, dtype and mode. Restoring checks every part of the fingerprint and names the
+first that differs; a truncated or corrupt file gives one line. Writes are atomic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import AhnError
+
+FORMAT = "ahn_rt.state"
+VERSION = 1
+_SAMPLES = 64   # values sampled from every weight tensor for the model digest
+
+
+def model_digest(model) -> str:
+    """A stable digest of a model's architecture and weights: every tensor's shape and dtype and
+    ``_SAMPLES`` evenly spaced values (cheap even at 3B, unlike hashing 6 GB). Cached on the model."""
+    cached = getattr(model, "_digest", None)
+    if cached is not None:
+        return cached
+    c = model.config
+    h = hashlib.sha256()
+    arch = dict(family=c.family, vocab=c.vocab_size, hidden=c.hidden_size, inter=c.intermediate_size,
+                layers=c.num_layers, heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                theta=c.rope_theta, eps=c.rms_norm_eps, tied=c.tie_word_embeddings, ahn=c.ahn_implementation)
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    w = model.decoder.w
+    tensors = [w.embed, w.norm, w.lm_head]
+    for lw in w.layers:
+        tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES)
+        sample = flat[::step][:_SAMPLES].float().cpu()
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(repr([round(float(x), 6) for x in sample]).encode())
+    model._digest = h.hexdigest()[:32]
+    return model._digest
+
+
+def fingerprint(model) -> dict[str, str]:
+    c = model.config
+    # The settings first, so that a restore names the setting that differs before the (dtype-dependent)
+    # model digest does.
+    return {"window": str(c.window), "sinks": str(c.sinks), "dtype": str(c.dtype).replace("torch.", ""),
+            "mode": c.mode, "model": model_digest(model)}
+
+
+def save(session, path):
+    """Write the session's state to ``path`` (safetensors, atomic)."""
+    from .weights import write_checkpoint
+    st = session.state
+    tensors = {name: t.contiguous().cpu() for name, t in st.export().items()}
+    meta = {"format": FORMAT, "version": str(VERSION), "position": str(st.position), **fingerprint(session.model)}
+    out = Path(os.fspath(path))
+    write_checkpoint(out, tensors, None, metadata=meta)
+
+
+def restore(model, path, chunk_size: int | None = None):
+    """A new Session holding the state saved in ``path``; AhnError (one line) when the file is not a
+    state file, is damaged, or belongs to another model or configuration."""
+    from safetensors import safe_open
+    from .weights import check_safetensors
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise AhnError(f"state file not found: {path}")
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise AhnError(f"{path} is not an ahn_rt state file (no '{FORMAT}' header); "
+                               "write one with Session.save")
+            if meta.get("version") != str(VERSION):
+                raise AhnError(f"{path} has state format version {meta.get('version')}, this ahn_rt reads "
+                               f"version {VERSION}")
+            want = fingerprint(model)
+            for key, value in want.items():
+                if meta.get(key) != value:
+                    what = "model (architecture or weights)" if key == "model" else key
+                    raise AhnError(f"{path} was saved with a different {what}: {meta.get(key)!r} there, "
+                                   f"{value!r} here; restore it into the model and settings it was saved with")
+            try:
+                position = int(meta["position"])
+                assert position >= 0
+            except (KeyError, ValueError, AssertionError):
+                raise AhnError(f"{path}: the header's position is missing or invalid") from None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except AhnError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors for a damaged data region
+        raise AhnError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                       "save the session again") from None
+    sess = model.new_session(chunk_size=chunk_size)
+    try:
+        sess.state.load({k: v.to(sess.state.device) for k, v in tensors.items()}, position)
+    except ValueError as e:
+        raise AhnError(f"{path} does not fit this model's state: {e}") from None
+    return sess

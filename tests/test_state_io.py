@@ -1,0 +1,116 @@
+"""A session's state as a value: save -> restore and fork continue bit-exactly like the uninterrupted
+session (across the fill point, in every mode); only the occupied slots are written before the window is
+full; a state restored into another model or configuration, a truncated or corrupt file, or a file that
+is not a state file each give one line; nothing is unpickled."""
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import ahn_rt
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+
+# Exact comparisons only (torch.equal on logits and state): no tolerances in this file.
+
+W, S = 6, 2
+
+
+def _model(mode="ahn", seed=0, dtype="float32", window=W, sinks=S):
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg["vocab_size"] = 101
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=seed)
+    return from_state_dict(cfg, sd, window=window, sinks=sinks, mode=mode, dtype=dtype, device="cpu")
+
+
+IDS = list(range(3, 60))
+
+
+@pytest.mark.parametrize("mode", ["ahn", "swa", "full"])
+@pytest.mark.parametrize("cut", [1, 5, S + W, S + W + 1, 40])
+def test_save_restore_and_fork_continue_exactly(tmp_path, mode, cut):
+    model = _model(mode)
+    ref = model.new_session()
+    ref_logits = [ref.forward(IDS[:cut])] + [ref.forward([t]) for t in IDS[cut:]]
+    a = model.new_session()
+    a.forward(IDS[:cut])
+    a.save(tmp_path / "s.safetensors")
+    b = model.restore(tmp_path / "s.safetensors")
+    c = a.fork()
+    assert b.position == c.position == cut
+    for t, want in zip(IDS[cut:], ref_logits[1:]):
+        for s in (a, b, c):
+            assert torch.equal(s.forward([t]), want)
+    for s in (b, c):
+        for name, t in ref.state.tensors().items():
+            assert torch.equal(s.state.tensors()[name], t), name
+
+
+def test_fork_is_independent():
+    model = _model()
+    a = model.new_session()
+    a.forward(IDS[:20])
+    b = a.fork()
+    la = a.forward([7])
+    lb = b.forward([8])
+    assert not torch.equal(la, lb) and a.position == b.position == 21
+    assert torch.equal(b.fork().forward([9]), b.fork().forward([9]))
+
+
+def test_only_occupied_slots_are_written(tmp_path):
+    model = _model()
+    s = model.new_session()
+    s.forward(IDS[:3])
+    s.save(tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        assert f.get_slice("k").get_shape()[2] == 3 and f.get_slice("beta").get_shape()[1] == 3
+        meta = f.metadata()
+    assert meta["format"] == "ahn_rt.state" and meta["position"] == "3" and meta["window"] == str(W)
+    s.forward(IDS[3:30])
+    s.save(tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert f.get_slice("k").get_shape()[2] == S + W
+
+
+@pytest.mark.parametrize("other,needle", [
+    (dict(seed=1), "model (architecture or weights)"), (dict(window=7), "window"), (dict(sinks=3), "sinks"),
+    (dict(dtype="bf16"), "dtype"), (dict(mode="swa"), "mode")])
+def test_restore_into_another_model_or_config_names_the_mismatch(tmp_path, other, needle):
+    s = _model().new_session()
+    s.forward(IDS[:20])
+    s.save(tmp_path / "s.safetensors")
+    with pytest.raises(ahn_rt.AhnError) as e:
+        _model(**other).restore(tmp_path / "s.safetensors")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_damaged_or_foreign_files(tmp_path):
+    model = _model()
+    s = model.new_session()
+    s.forward(IDS[:20])
+    good = tmp_path / "s.safetensors"
+    s.save(good)
+    data = good.read_bytes()
+    cases = {"truncated": data[: len(data) - 50], "garbage": b"\x00" * 5 + b"nope", "empty": b""}
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"), metadata={"format": "pt"})
+    for name, blob in cases.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(blob)
+    for name in [*cases, "foreign"]:
+        with pytest.raises(ahn_rt.AhnError) as e:
+            model.restore(tmp_path / f"{name}.safetensors")
+        assert "\n" not in str(e.value), name
+    with pytest.raises(ahn_rt.AhnError, match="not found"):
+        model.restore(tmp_path / "missing.safetensors")
+    evil = tmp_path / "state.pt"
+    torch.save({"k": torch.zeros(1)}, evil)
+    with pytest.raises(ahn_rt.AhnError):
+        model.restore(evil)
+
+
+def test_save_is_atomic_and_refuses_bad_paths(tmp_path):
+    s = _model().new_session()
+    s.forward(IDS[:4])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ahn_rt.AhnError, match="cannot write"):
+        s.save(tmp_path / "afile" / "s.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
