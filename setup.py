@@ -32,7 +32,7 @@ def _use_cuda() -> bool:
 
 def _extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/host/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++17"]
     if not _use_cuda():
         print("ahn_rt: building the CPU-only extension")

@@ -1,15 +1,24 @@
-// Shared between the host entry functions (ops.cpp), the CPU loops (cpu/*.cpp) and the CUDA kernels
-// (cuda/*.cu): one params struct per op (raw pointers + strides in ELEMENTS), the dtype helpers that
-// mirror torch's rounding, and the launcher declarations. Test: tests/test_ops.py.
+// Shared by host/*.cpp, cpu/*.cpp and cuda/*.cu: the params struct and launchers of every op, dtype and
+// ring-slot helpers, device reductions, env_flag and device_info. Test: pytest tests/test_ops.py tests/test_gemv.py.
+//
+// Params hold raw pointers and strides in ELEMENTS; the dtype helpers mirror torch's rounding.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
-#include <optional>
+#if defined(AHN_RT_WITH_CUDA)
+#include <initializer_list>
+#include <mutex>
+#include <utility>
+#include <vector>
 
-#include <ATen/core/Tensor.h>
+#include <cuda_runtime_api.h>
+#endif
+
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #if defined(__CUDACC__)
@@ -169,6 +178,21 @@ struct GdnDecodeParams {
   Kind beta_kind, alpha_kind, z_kind, nw_kind, op_kind, out_kind;
 };
 
+// out = [residual +] epilogue(weight @ rms_norm?(x) [+ bias]) (reference: ahn_rt/ref.py gemv_ref).
+struct GemvParams {
+  const void* x;            // [K], stride x_stride (dtype T)
+  const void* weight;       // [N, K] row-major contiguous (dtype T)
+  const void* bias;         // [N], stride bias_stride, or null (dtype T)
+  const void* norm_weight;  // [K], stride nw_stride, or null (dtype T): RMSNorm x first
+  const void* residual;     // [N_out], stride res_stride, or null (dtype T)
+  void* out;                // [N_out] contiguous: float32 if out_float, else T
+  int64_t x_stride, bias_stride, nw_stride, res_stride;
+  int64_t N, K;             // weight rows, columns
+  int64_t N_out;            // N, or N / 2 with silu_mul (rows [0, N/2) gate, [N/2, N) up)
+  float norm_eps;
+  bool silu_mul, out_float;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Launchers. T is float, c10::BFloat16 or c10::Half (explicitly instantiated in the backend files).
 // ---------------------------------------------------------------------------------------------
@@ -176,12 +200,14 @@ template <typename T> void rms_norm_cpu(const RmsNormParams& p);
 template <typename T> void decode_prep_cpu(const DecodePrepParams& p);
 template <typename T> void swa_decode_cpu(const SwaDecodeParams& p);
 template <typename T> void gdn_decode_cpu(const GdnDecodeParams& p);
+template <typename T> void gemv_cpu(const GemvParams& p);
 
-// `stream` is a cudaStream_t (kept as void* so that this header needs no CUDA headers).
+// `stream` is a cudaStream_t (kept as void*: the CPU build of this header needs no CUDA headers).
 template <typename T> void rms_norm_cuda(const RmsNormParams& p, void* stream);
 template <typename T> void decode_prep_cuda(const DecodePrepParams& p, void* stream);
 template <typename T> void swa_decode_cuda(const SwaDecodeParams& p, void* stream);
 template <typename T> void gdn_decode_cuda(const GdnDecodeParams& p, void* stream);
+template <typename T> void gemv_cuda(const GemvParams& p, void* stream);
 
 // swa_decode CUDA tensor-core path (fp16 / bf16): keys per shared-memory pipeline stage (16 per warp of
 // 4), stages, and the dynamic shared memory of one block: Q [16][DT + 8] + stages x {K, V} [64][DT + 8]
@@ -197,24 +223,48 @@ inline int64_t swa_mma_smem_bytes(int64_t D) {
 // [b W, b W + W) with W = gdn_slice_cols(Dv) (8, 16 or 32).
 inline int64_t gdn_slice_cols(int64_t Dv) { return Dv <= 64 ? 8 : (Dv <= 128 ? 16 : 32); }
 
+// gemv CUDA kernel: the largest K it takes (x is staged in shared memory as float32, K * 4 bytes, padded).
+constexpr int64_t kGemvCudaMaxK = 49152;
+
 // ---------------------------------------------------------------------------------------------
-// Checked host entry functions (ops.cpp). The backend files register them for their dispatch key.
+// Host-side helpers shared by the host entry functions and the CUDA launchers.
 // ---------------------------------------------------------------------------------------------
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Tensor& pos,
-                       const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                       double norm_eps, const std::optional<at::Tensor>& a_log,
-                       const std::optional<at::Tensor>& dt_bias, const at::Tensor& k_cache,
-                       const at::Tensor& v_cache, const std::optional<at::Tensor>& beta_cache,
-                       const std::optional<at::Tensor>& alpha_cache, int64_t sinks, int64_t window,
-                       const at::Tensor& k_evict, const at::Tensor& v_evict,
-                       const std::optional<at::Tensor>& beta_evict,
-                       const std::optional<at::Tensor>& alpha_evict);
-at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& pos, int64_t sinks, int64_t window, double scale);
-void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z,
-                const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
-                const at::Tensor& pos, int64_t sinks, int64_t window, double eps);
+// A kernel A/B switch from the environment (AHN_RT_GEMV_PDL, AHN_RT_GDN_GENERIC): true when `name` is set
+// to a non-empty value that does not start with '0'. Reads the environment on every call; a caller that
+// wants one value for the whole process caches the result.
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
+#if defined(AHN_RT_WITH_CUDA)
+// Attributes of the current CUDA device, read once per device: SM count, shared memory per SM, and the
+// largest opt-in shared memory of one block.
+struct DeviceInfo {
+  int sms = 0;
+  int smem_per_sm = 0;
+  int smem_optin = 0;
+};
+
+inline DeviceInfo device_info() {
+  static std::mutex mu;
+  static std::vector<DeviceInfo> infos;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  TORCH_CHECK(e == cudaSuccess, "ahn_rt: cudaGetDevice: ", cudaGetErrorString(e));
+  std::lock_guard<std::mutex> lock(mu);
+  if (infos.size() <= static_cast<size_t>(dev)) infos.resize(dev + 1);
+  DeviceInfo& d = infos[dev];
+  if (d.sms == 0) {
+    for (auto [attr, out] : {std::pair{cudaDevAttrMultiProcessorCount, &d.sms},
+                             std::pair{cudaDevAttrMaxSharedMemoryPerMultiprocessor, &d.smem_per_sm},
+                             std::pair{cudaDevAttrMaxSharedMemoryPerBlockOptin, &d.smem_optin}}) {
+      e = cudaDeviceGetAttribute(out, attr, dev);
+      TORCH_CHECK(e == cudaSuccess, "ahn_rt: cudaDeviceGetAttribute: ", cudaGetErrorString(e));
+    }
+  }
+  return d;
+}
+#endif
 
 }  // namespace ahn_rt

@@ -1,15 +1,15 @@
-// CPU fused decode GEMV (ahn_rt.gemv): x normalized once into a float32 buffer, then rows split over
-// threads (at::parallel_for), float32 dot products with 16 independent accumulators (the compiler
-// vectorizes them), fused bias / SiLU(gate) * up / residual epilogue, one rounding. Registers the CPU impl.
-// Test: pytest tests/test_gemv.py (reference: ahn_rt/ref_gemv.py gemv_ref).
+// CPU fused decode GEMV kernel (ahn_rt.gemv; reference: ahn_rt/ref.py gemv_ref). Test: pytest tests/test_gemv.py.
+//
+// x is normalized once into a float32 buffer, then rows are split over threads (at::parallel_for), float32
+// dot products with 16 independent accumulators (the compiler vectorizes them), fused bias / SiLU(gate) * up /
+// residual epilogue, one rounding.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include "../gemv.h"
+#include "../common.h"
 
 namespace ahn_rt {
 namespace {
@@ -79,5 +79,3 @@ template void gemv_cpu<c10::BFloat16>(const GemvParams&);
 template void gemv_cpu<c10::Half>(const GemvParams&);
 
 }  // namespace ahn_rt
-
-TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) { m.impl("gemv", &ahn_rt::gemv); }

@@ -1,10 +1,8 @@
-// CPU RMSNorm (Qwen: normalize in fp32, round to x.dtype, multiply by weight in x.dtype), and the
-// CPU registrations of every ahn_rt op (the checked host functions of ops.cpp).
-// Test: pytest tests/test_ops.py -k rms_norm (reference: ahn_rt/ref.py rms_norm_ref).
+// CPU RMSNorm kernel (Qwen: normalize in fp32, round to x.dtype, multiply by weight in x.dtype; reference:
+// ahn_rt/ref.py rms_norm_ref). Test: pytest tests/test_ops.py -k rms_norm.
 #include <cmath>
 
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../common.h"
 
@@ -36,10 +34,3 @@ template void rms_norm_cpu<c10::BFloat16>(const RmsNormParams&);
 template void rms_norm_cpu<c10::Half>(const RmsNormParams&);
 
 }  // namespace ahn_rt
-
-TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
-  m.impl("rms_norm", &ahn_rt::rms_norm);
-  m.impl("decode_prep", &ahn_rt::decode_prep);
-  m.impl("swa_decode", &ahn_rt::swa_decode);
-  m.impl("gdn_decode", &ahn_rt::gdn_decode);
-}

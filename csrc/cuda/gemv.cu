@@ -1,21 +1,19 @@
-// CUDA fused decode GEMV (ahn_rt.gemv) for batch 1, where the step is bound by reading the weights once:
-// a persistent grid of 256-thread blocks; each block stages x (RMS-normalized if asked; each block does
-// the sum of squares itself) in shared memory as float32, while its warps' first weight loads are already
-// in flight; each warp owns whole rows and streams them with 16-byte non-allocating loads, 8 per lane in
-// flight; warp-shuffle reduction; bias / SiLU(gate) * up / residual epilogue with one rounding.
-// K % (16 / sizeof(T)) != 0 or a misaligned weight takes a scalar path. Registers the CUDA impl.
+// CUDA fused decode GEMV kernel (ahn_rt.gemv, batch 1) and its launcher.
 // Test: pytest -m cuda tests/test_gemv.py; timing: python bench/gemv_bench.py (on a GPU).
+//
+// The step is bound by reading the weights once: a persistent grid of 256-thread blocks; each block stages
+// x (RMS-normalized if asked; each block does the sum of squares itself) in shared memory as float32, while
+// its warps' first weight loads are already in flight; each warp owns whole rows and streams them with
+// 16-byte non-allocating loads, 8 per lane in flight; warp-shuffle reduction; bias / SiLU(gate) * up /
+// residual epilogue with one rounding. K % (16 / sizeof(T)) != 0 or a misaligned weight takes a scalar path.
+// Measurements and tried variants: bench/gemv_notes.md.
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
-#include <mutex>
-#include <vector>
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
-#include "../gemv.h"
+#include "../common.h"
 
 namespace ahn_rt {
 namespace {
@@ -309,38 +307,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gemv_kernel(const G
   }
 }
 
-struct DeviceInfo {
-  int sms = 0;
-  int smem_per_sm = 0;
-  int smem_optin = 0;
-};
-
-DeviceInfo device_info() {
-  static std::mutex mu;
-  static std::vector<DeviceInfo> infos;
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  TORCH_CHECK(e == cudaSuccess, "ahn_rt.gemv: cudaGetDevice: ", cudaGetErrorString(e));
-  std::lock_guard<std::mutex> lock(mu);
-  if (infos.size() <= static_cast<size_t>(dev)) infos.resize(dev + 1);
-  DeviceInfo& d = infos[dev];
-  if (d.sms == 0) {
-    for (auto [attr, out] : {std::pair{cudaDevAttrMultiProcessorCount, &d.sms},
-                             std::pair{cudaDevAttrMaxSharedMemoryPerMultiprocessor, &d.smem_per_sm},
-                             std::pair{cudaDevAttrMaxSharedMemoryPerBlockOptin, &d.smem_optin}}) {
-      e = cudaDeviceGetAttribute(out, attr, dev);
-      TORCH_CHECK(e == cudaSuccess, "ahn_rt.gemv: cudaDeviceGetAttribute: ", cudaGetErrorString(e));
-    }
-  }
-  return d;
-}
-
 // AHN_RT_GEMV_PDL=1 launches with programmatic dependent launch (the weight prefetch overlaps the end of
 // the previous kernel). Read on every call so that a benchmark can compare both in one process.
-bool pdl_enabled() {
-  const char* v = std::getenv("AHN_RT_GEMV_PDL");
-  return v != nullptr && v[0] == '1';
-}
+bool pdl_enabled() { return env_flag("AHN_RT_GEMV_PDL"); }
 
 template <typename T, int R, int U, bool VECTOR>
 void launch(const GemvParams& p, cudaStream_t stream) {
@@ -408,5 +377,3 @@ template void gemv_cuda<c10::BFloat16>(const GemvParams&, void*);
 template void gemv_cuda<c10::Half>(const GemvParams&, void*);
 
 }  // namespace ahn_rt
-
-TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) { m.impl("gemv", &ahn_rt::gemv); }

@@ -1,8 +1,6 @@
-// CUDA RMSNorm (one block per row; fp32 sum of squares, rounding as rms_norm_ref) and the CUDA
-// registrations of every ahn_rt op (the checked host functions of ops.cpp).
+// CUDA RMSNorm kernel and its launcher (one block per row; fp32 sum of squares, rounding as rms_norm_ref).
 // Test: pytest -m cuda tests/test_ops.py -k rms_norm (on a GPU; see scripts/device_check.sh).
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
 #include "../common.h"
 
@@ -40,10 +38,3 @@ template void rms_norm_cuda<c10::BFloat16>(const RmsNormParams&, void*);
 template void rms_norm_cuda<c10::Half>(const RmsNormParams&, void*);
 
 }  // namespace ahn_rt
-
-TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) {
-  m.impl("rms_norm", &ahn_rt::rms_norm);
-  m.impl("decode_prep", &ahn_rt::decode_prep);
-  m.impl("swa_decode", &ahn_rt::swa_decode);
-  m.impl("gdn_decode", &ahn_rt::gdn_decode);
-}

@@ -1,40 +1,8 @@
-// The ahn_rt.gemv schema (a TORCH_LIBRARY_FRAGMENT beside ops.cpp's TORCH_LIBRARY) and its checked host
-// entry function: device / dtype / shape / stride checks, device guard, current stream, dtype dispatch,
-// launch, launch-error check. Kernels: cpu/gemv.cpp, cuda/gemv.cu. Test: pytest tests/test_gemv.py.
-#include <ATen/ATen.h>
-#include <torch/library.h>
-
-#ifdef AHN_RT_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
-#include "gemv.h"
+// ahn_rt.gemv: the checked host entry function (checks, device guard, stream, dtype dispatch, launch,
+// launch-error check). Kernels: cpu/gemv.cpp, cuda/gemv.cu. Test: pytest tests/test_gemv.py.
+#include "host.h"
 
 namespace ahn_rt {
-namespace {
-
-// Calls f(T{}) with T the C++ type of `dtype` (float, c10::BFloat16, c10::Half).
-template <typename F>
-void dispatch_gemv_dtype(at::ScalarType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, op, ": dtype must be float32, bfloat16 or float16, got ", dtype);
-  }
-}
-
-// A 1-D side input: same device and dtype as x, n elements (any element stride).
-void check_side_vec(const at::Tensor& t, int64_t n, const at::Tensor& x, const char* op, const char* what) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", what, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", what, " must be [", n, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", what, " dtype ", t.scalar_type(),
-              " must equal x dtype ", x.scalar_type());
-}
-
-}  // namespace
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
@@ -50,9 +18,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   TORCH_CHECK(weight.is_contiguous(), op, ": weight must be row-major contiguous, got strides ", weight.strides());
   TORCH_CHECK(!silu_mul || N % 2 == 0, op, ": silu_mul needs an even N ([gate; up] rows), got N=", N);
   const int64_t N_out = silu_mul ? N / 2 : N;
-  if (bias) check_side_vec(*bias, N, x, op, "bias");
-  if (norm_weight) check_side_vec(*norm_weight, K, x, op, "norm_weight");
-  if (residual) check_side_vec(*residual, N_out, x, op, "residual");
+  if (bias) check_vec_like(*bias, N, x, op, "bias");
+  if (norm_weight) check_vec_like(*norm_weight, K, x, op, "norm_weight");
+  if (residual) check_vec_like(*residual, N_out, x, op, "residual");
   at::Tensor out = at::empty({N_out}, x.options().dtype(out_float ? at::kFloat : x.scalar_type()));
 
   GemvParams p{};
@@ -79,20 +47,14 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 " (x is staged in shared memory), got K=", K);
     const c10::cuda::CUDAGuard guard(x.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    dispatch_gemv_dtype(x.scalar_type(), op, [&](auto tag) { gemv_cuda<decltype(tag)>(p, stream); });
+    dispatch_dtype(x.scalar_type(), op, [&](auto tag) { gemv_cuda<decltype(tag)>(p, stream); });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
 #endif
   TORCH_CHECK(x.is_cpu(), op, ": no kernel for device ", x.device());
-  dispatch_gemv_dtype(x.scalar_type(), op, [&](auto tag) { gemv_cpu<decltype(tag)>(p); });
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) { gemv_cpu<decltype(tag)>(p); });
   return out;
 }
 
 }  // namespace ahn_rt
-
-TORCH_LIBRARY_FRAGMENT(ahn_rt, m) {
-  m.def(
-      "gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float norm_eps, Tensor? residual, "
-      "bool silu_mul, bool out_float) -> Tensor");
-}

@@ -1,0 +1,90 @@
+// Shared by the checked host entry functions (host/<op>.cpp) and ops.cpp, which registers them: the dtype
+// dispatch, the argument checks and the entry functions' declarations.
+// Test: pytest tests/test_ops.py tests/test_gemv.py.
+#pragma once
+
+#include <optional>
+
+#include <ATen/ATen.h>
+
+#ifdef AHN_RT_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "../common.h"
+
+namespace ahn_rt {
+
+// The Kind of a side tensor that kernels read through load_kind / store_kind.
+inline Kind kind_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Kind::F32;
+    case at::kBFloat16: return Kind::BF16;
+    case at::kHalf: return Kind::F16;
+    default: TORCH_CHECK(false, what, ": dtype must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  return Kind::F32;
+}
+
+// Calls f(T{}) with T the C++ type of `dtype` (float, c10::BFloat16, c10::Half).
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, op, ": dtype must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* what) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", what, " is on ", t.device(), " but the op runs on ",
+              ref.device());
+}
+
+// pos: int64 [1] on the op's device (the kernels read it there, so a captured graph replays it).
+inline void check_pos(const at::Tensor& pos, const at::Tensor& ref, const char* op) {
+  check_same_device(ref, pos, op, "pos (int64 [1], kept on the device: the kernel reads it)");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == 1, op, ": pos must be an int64 tensor [1], got ",
+              pos.scalar_type(), " ", pos.sizes());
+}
+
+// A 1-D input of n elements (any element stride) on ref's device.
+inline void check_vec(const at::Tensor& t, int64_t n, const at::Tensor& ref, const char* op, const char* what) {
+  check_same_device(ref, t, op, what);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", what, " must be [", n, "], got ", t.sizes());
+}
+
+// check_vec, and t has x's dtype.
+inline void check_vec_like(const at::Tensor& t, int64_t n, const at::Tensor& x, const char* op, const char* what) {
+  check_vec(t, n, x, op, what);
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", what, " dtype ", t.scalar_type(),
+              " must equal x dtype ", x.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checked host entry functions, one per op (host/<op>.cpp); ops.cpp registers them for CPU and CUDA.
+// ---------------------------------------------------------------------------------------------
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Tensor& pos,
+                       const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                       double norm_eps, const std::optional<at::Tensor>& a_log,
+                       const std::optional<at::Tensor>& dt_bias, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const std::optional<at::Tensor>& beta_cache,
+                       const std::optional<at::Tensor>& alpha_cache, int64_t sinks, int64_t window,
+                       const at::Tensor& k_evict, const at::Tensor& v_evict,
+                       const std::optional<at::Tensor>& beta_evict,
+                       const std::optional<at::Tensor>& alpha_evict);
+at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& pos, int64_t sinks, int64_t window, double scale);
+void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z,
+                const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
+                const at::Tensor& pos, int64_t sinks, int64_t window, double eps);
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float);
+
+}  // namespace ahn_rt
