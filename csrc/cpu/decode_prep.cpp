@@ -1,4 +1,4 @@
-// CPU decode front for one layer: optional q/k RMSNorm, RoPE at pos, AHN gates, and the ring write with
+// CPU decode_prep kernel: one layer's optional q/k RMSNorm, RoPE at pos, AHN gates and the ring write with
 // eviction (reference: ahn_rt/ref.py decode_prep_ref; bf16/fp16 rounding follows its per-op order).
 // Test: pytest tests/test_ops.py -k decode_prep.
 #include <cmath>

@@ -1,6 +1,8 @@
-// CPU AHN memory step for one decoded token: gated-delta update of the fp32 state [H, Dk, Dv] in place,
-// the read, the per-head RMSNorm * w * swish(z) gate and the grouped o_proj, added into out; a no-op
-// while pos < sinks + window (reference: ahn_rt/ref.py gdn_decode_ref). Test: pytest tests/test_ops.py -k gdn.
+// CPU gdn_decode kernel, the AHN memory step for one decoded token (reference: ahn_rt/ref.py gdn_decode_ref).
+// Test: pytest tests/test_ops.py -k gdn.
+//
+// Gated-delta update of the fp32 state [H, Dk, Dv] in place (docs/semantics.md §5), the read, the per-head
+// RMSNorm * w * swish(z) gate and the grouped o_proj (§6), added into out; a no-op while pos < sinks + window.
 #include <cmath>
 #include <vector>
 
@@ -29,7 +31,7 @@ void gdn_decode_cpu(const GdnDecodeParams& p) {
         qq += static_cast<double>(qf[i]) * qf[i];
         kk += static_cast<double>(kf[i]) * kf[i];
       }
-      // l2norm as x / (||x|| + 1e-6) (fla fused_recurrent, AHN_SPEC §3 step 1), then q * Dk^-0.5.
+      // l2norm as x / (||x|| + 1e-6) (fla fused_recurrent, docs/semantics.md §5), then q * Dk^-0.5.
       const float qn = std::sqrt(static_cast<float>(qq)) + 1e-6f, kn = std::sqrt(static_cast<float>(kk)) + 1e-6f;
       for (int64_t i = 0; i < Dk; ++i) {
         qf[i] = qf[i] / qn * scale;

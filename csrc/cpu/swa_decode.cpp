@@ -1,5 +1,5 @@
-// CPU sliding-window + sinks decode attention: one query per head over the valid cache slots
-// [0, min(pos + 1, sinks + window)), fp32 softmax (reference: ahn_rt/ref.py swa_decode_ref).
+// CPU swa_decode kernel, sliding-window + sinks decode attention: one query per head over the valid cache
+// slots [0, min(pos + 1, sinks + window)), fp32 softmax (reference: ahn_rt/ref.py swa_decode_ref).
 // Test: pytest tests/test_ops.py -k swa_decode.
 #include <algorithm>
 #include <cmath>

@@ -1,7 +1,10 @@
-// CUDA decode front for one layer in ONE launch: blocks [0, H) produce q (optional RMSNorm, RoPE),
-// [H, H+Hkv) write k into its ring slot, [H+Hkv, H+2Hkv) write v, and the last block (gated layers)
-// writes beta/alpha; each evicts the slot's old content first when pos >= sinks + window. pos is read on
-// the device, so a captured graph replays it for every token. Test: pytest -m cuda tests/test_ops.py -k decode_prep.
+// CUDA decode_prep kernel and its launcher: one layer's decode front (q/k norm, RoPE, gates, ring write) in
+// ONE launch. Test: pytest -m cuda tests/test_ops.py -k decode_prep.
+//
+// Blocks [0, H) produce q (optional RMSNorm, RoPE), [H, H+Hkv) write k into its ring slot (ring_slot,
+// docs/semantics.md §7), [H+Hkv, H+2Hkv) write v, and the last block (gated layers) writes beta/alpha; each
+// evicts the slot's old content first when pos >= sinks + window (§3). pos is read on the device, so a
+// captured graph replays it for every token.
 #include <cuda_runtime.h>
 
 #include "../common.h"
@@ -56,7 +59,7 @@ __global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(DecodePrepPar
         x0 = round_to<T>(static_cast<float>(nw[i]) * round_to<T>(x0 * rs));
         x1 = round_to<T>(static_cast<float>(nw[i + half]) * round_to<T>(x1 * rs));
       }
-      // HF RoPE: fp32 angle = float(pos) * inv_freq, cos/sin rounded to the model dtype (AHN_SPEC §8.1).
+      // HF RoPE: fp32 angle = float(pos) * inv_freq, cos/sin rounded to the model dtype (docs/semantics.md §1).
       const float angle = static_cast<float>(pos) * p.inv_freq[i];
       const float c = round_to<T>(cosf(angle)), s = round_to<T>(sinf(angle));
       // x * cos + rotate_half(x) * sin with torch's per-op rounding.

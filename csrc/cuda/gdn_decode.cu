@@ -1,4 +1,8 @@
-// CUDA AHN memory step for one decoded token, ONE launch, one thread-block cluster per head (sm_90).
+// CUDA gdn_decode kernels and their launcher: the AHN memory step for one decoded token in ONE launch, one
+// thread-block cluster per head (sm_90). Test: pytest -m cuda tests/test_ops.py -k gdn;
+// timing: bench/ops_bench.py --only gdn.
+//
+// Gated delta rule: docs/semantics.md §5; output head (RMSNorm, swish gate, grouped o_proj): §6.
 // The columns of the state S [Dk, Dv] are independent in the delta rule, so each block of a head's cluster
 // owns a slice of W state columns; the per-head RMSNorm over Dv and o_proj cross the blocks through
 // distributed shared memory, never device memory. No counters or scratch in device memory: nothing to
@@ -20,16 +24,9 @@
 //      shared memory alive while its peers read it.
 // Generic fallback (gdn_decode_kernel: any Dk, Dv <= 256, any alignment): the previous design, blocks of
 // W = gdn_slice_cols(Dv) columns that exchange sums of squares and o_proj partials (3 cluster barriers).
-// AHN_RT_GDN_GENERIC=1 in the environment forces the fallback (read once; for A/B timing in bench/ops_bench.py).
-// Measured (H200, 3B shape bf16, bench/ops_bench.py --only gdn, both kernels in one run, two runs each):
-// 36 calls in one CUDA graph 349.8 / 348.8 us generic -> 225.0 / 226.3 us fast; kernel time per call
-// (profiler) 9.8 -> 6.2 us. Still ~2x over the 2.8 us/call goal and far from memory-bound (~1.5 MiB
-// per call): untested leads are more warps per block (512 threads, one state row per thread), the
-// state / o_proj loads issued before a programmatic-dependent-launch wait (they do not depend on the
-// previous kernel), and an ncu look at where the 6 us go (launch, DRAM latency, cluster barrier, exit).
-// Test: pytest -m cuda tests/test_ops.py -k gdn; timing: bench/ops_bench.py --only gdn.
+// AHN_RT_GDN_GENERIC=1 in the environment forces the fallback (env_flag, read once; for A/B timing in
+// bench/ops_bench.py). Measurements and open leads: bench/README.md, "Kernel design notes and measurements".
 #include <cstdint>
-#include <cstdlib>
 #include <utility>
 
 #include <cooperative_groups.h>
@@ -142,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
   // (it depends on pos only) and no barrier has been reached, so the whole grid leaves together.
   if (!active) return;
 
-  // ---- 2. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, AHN_SPEC §3) ----
+  // ---- 2. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, docs/semantics.md §5) ----
   {
     const int lane = tid & 31, warp = tid >> 5;
     const float qq = warp_sum(qi * qi), kk = warp_sum(ki * ki);
@@ -255,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
 }
 
 // One cluster of `slices` blocks per head (grid slices x H). A launch error is left for the caller's
-// cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK in ops.cpp).
+// cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK in host/gdn_decode.cpp).
 void launch_clusters(void (*kernel)(GdnDecodeParams), unsigned slices, unsigned threads, const GdnDecodeParams& p,
                      cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
@@ -371,7 +368,7 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
   // (it depends on pos only) and no barrier has been reached, so the whole grid leaves together.
   if (!active) return;
 
-  // ---- 1. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, AHN_SPEC §3),
+  // ---- 1. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, docs/semantics.md §5),
   //         every warp over the whole vectors (no block barrier), and q.k of the normalized vectors ----
   float tq = 0.f, tk = 0.f;
 #pragma unroll
@@ -506,10 +503,7 @@ void launch_fast(const GdnDecodeParams& p, cudaStream_t stream) {
 }
 
 bool force_generic() {
-  static const bool v = [] {
-    const char* e = std::getenv("AHN_RT_GDN_GENERIC");
-    return e != nullptr && e[0] != '\0' && e[0] != '0';
-  }();
+  static const bool v = env_flag("AHN_RT_GDN_GENERIC");
   return v;
 }
 
@@ -527,7 +521,7 @@ void launch_any(const GdnDecodeParams& p, cudaStream_t stream) {
 
 template <typename T>
 void gdn_decode_cuda(const GdnDecodeParams& p, void* stream) {
-  // ops.cpp checked Dk, Dv <= 256 (generic kernel: shared arrays, kThreads and R).
+  // host/gdn_decode.cpp checked Dk, Dv <= 256 (generic kernel: shared arrays, kThreads and R).
   const auto s = static_cast<cudaStream_t>(stream);
   switch (p.op_kind) {
     case Kind::BF16: launch_any<T, c10::BFloat16>(p, s); break;

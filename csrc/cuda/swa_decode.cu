@@ -1,21 +1,17 @@
-// CUDA sliding-window + sinks decode attention, flash-decoding style: grid (splits, Hkv[, head groups]),
+// CUDA swa_decode kernels (sliding-window + sinks decode attention, flash-decoding style) and their launcher.
+// Test: pytest -m cuda tests/test_ops.py -k swa_decode; timing: bench/ops_bench.py.
+//
+// Which keys a query attends: docs/semantics.md §2; slot layout: §7. Grid (splits, Hkv[, head groups]):
 // each block reads one split of the K/V cache of one kv head ONCE and serves all G query heads of it,
-// then a combine kernel merges the splits. Splits are fixed by the capacity C (ops.cpp), not by pos: splits
-// past the valid slots exit at once and the combine reads only the ceil(n / chunk) valid ones, so one
-// captured graph serves every decode step.
+// then a combine kernel merges the splits. Splits are fixed by the capacity C (host/swa_decode.cpp), not
+// by pos: splits past the valid slots exit at once and the combine reads only the ceil(n / chunk) valid
+// ones, so one captured graph serves every decode step.
 // fp16 / bf16: tensor cores (mma.sync m16n8k16, fp32 accumulate). The G <= 16 query heads of a kv head
 // are the M rows (padded to 16), keys the N columns: S = Q K^T on 64-key tiles staged by 16-byte cp.async
 // into a 2-stage shared-memory ring, online softmax in registers, O += P V with P (rounded to the input
 // dtype, as FlashAttention-2 does) as the A operand. Each of the 4 warps owns 16 keys of a tile and keeps
 // its own (m, l, O); the warps merge once per split. fp32 (tests only) keeps the CUDA-core kernel.
-// Before (H200, bf16, 16 q / 2 kv heads, D=128): 22 / 29 / 55 us per layer at n = 1k / 8k / 32k; the
-// CUDA-core dot products (a shuffle per key and head) cost more than the bytes.
-// Now (same card and bench, graph medians): 10.6 / 11.9 / 19.2 us (1.75 TB/s at 32k). ncu at 32k: split
-// kernel ~16 us, combine ~3.6 us; the split kernel issues an instruction every ~2.3 cycles at ~12 warps
-// per SM: index math (runtime div/mod, 64-bit) in load_tile, the Q staging and the merge outweigh the
-// mma work. Next: per-thread cp.async offsets computed once, 32-bit offsets, 16-byte Q loads, two S
-// accumulators (the 8 k-step mma chain is serial), and a lighter or fused combine.
-// Test: pytest -m cuda tests/test_ops.py -k swa_decode; timing: bench/ops_bench.py.
+// Measurements and open leads: bench/README.md, "Kernel design notes and measurements".
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -569,7 +565,7 @@ void launch(const SwaDecodeParams& p, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     const size_t smem = static_cast<size_t>(swa_mma_smem_bytes(p.D));
     auto kernel = swa_split_mma_kernel<T, DT>;
-    // Above 48 KiB a block needs the opt-in (ops.cpp sized the chunk for this footprint).
+    // Above 48 KiB a block needs the opt-in (host/swa_decode.cpp sized the chunk for this footprint).
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     // The largest shared-memory carveout for both kernels, so an SM need not be reconfigured between them.
     cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
@@ -592,9 +588,9 @@ void launch(const SwaDecodeParams& p, cudaStream_t stream) {
 
 template <typename T>
 void swa_decode_cuda(const SwaDecodeParams& p, void* stream) {
-  // fp32 (CUDA cores): ops.cpp keeps the K/V tiles <= 32 KiB and the scores <= 8 KiB (dynamic), with
-  // kGroup * DT * 4 <= 8 KiB static: within the 48 KiB that needs no opt-in. fp16 / bf16: the dynamic size
-  // is swa_mma_smem_bytes(D) (opt-in above). nsplit * 4 bytes for the combine is at most 32 KiB.
+  // fp32 (CUDA cores): host/swa_decode.cpp keeps the K/V tiles <= 32 KiB and the scores <= 8 KiB (dynamic),
+  // with kGroup * DT * 4 <= 8 KiB static: within the 48 KiB that needs no opt-in. fp16 / bf16: the dynamic
+  // size is swa_mma_smem_bytes(D) (opt-in above). nsplit * 4 bytes for the combine is at most 32 KiB.
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.D <= 64) launch<T, 64>(p, s);
   else if (p.D <= 128) launch<T, 128>(p, s);
