@@ -6,8 +6,9 @@ for people and --json for machines. Columns and recorded results: bench/README.m
     python bench/decode_latency.py --quick                                 # smoke: 1k and 32k, few steps
     python bench/decode_latency.py --device cpu --preset tiny --contexts 64,128 --steps 3   # CPU path
 
-Decode rows never prefill: the session state is written with random valid values (K/V in the occupied
-slots, gates, GDN memory, position), which costs exactly what a real context of that depth costs.
+Decode rows never prefill: ``State.fill_random`` stands the session at the depth with random valid values
+(K/V in the occupied slots, gates, the memory, the position), which costs exactly what a real context of
+that depth costs.
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ def header(args, dev: torch.device) -> dict:
 
 
 # ==============================================================================================
-# The floor (PERF.md): bytes that must cross memory once per decoded token
+# The floor (bench/README.md, "What is measured"): bytes that must cross memory once per decoded token
 # ==============================================================================================
 def weight_bytes(c, elem: int) -> int:
     """All base weights, the (tied) LM head read once in full; biases and Qwen3 q/k norms included."""
@@ -211,7 +212,9 @@ def ahn_weight_bytes(c, elem: int) -> int:
 
 
 def floor_terms(c, ctx: int, mode: str, elem: int) -> dict:
-    """The bytes one decode step at depth ctx must move, term by term (PERF.md table)."""
+    """The bytes one decode step at depth ctx must move, term by term: all base weights, the K/V the step
+    attends (ctx keys with full attention, min(ctx, S + W) with sinks and window), and in ahn mode the AHN
+    weights and, once a token leaves the window (ctx >= S + W), the float32 memory read and written."""
     L, Hkv, H, D = c.num_layers, c.num_kv_heads, c.num_heads, c.head_dim
     keys = ctx if mode == "full" else min(ctx, c.sinks + c.window)
     t = dict(weights=weight_bytes(c, elem), kv=keys * 2 * L * Hkv * D * elem)
@@ -223,8 +226,8 @@ def floor_terms(c, ctx: int, mode: str, elem: int) -> dict:
 
 
 def prefill_flops(c, n: int, mode: str) -> float:
-    """FLOPs of a prompt of n tokens with last_only logits (AHN_SPEC §7): 2 per matmul parameter per
-    token (the LM head once), attention 4*H*D per attended key per layer, and in ahn mode the gate
+    """FLOPs of a prompt of n tokens with last_only logits: 2 per matmul parameter per token (the LM
+    head once, only the last position's logits are made), attention 4*H*D per attended key per layer, and in ahn mode the gate
     projections for every token plus one GDN step (~9*H*D^2) per evicted token per layer."""
     L, H, D, d = c.num_layers, c.num_heads, c.head_dim, c.hidden_size
     head = c.vocab_size * d
@@ -262,21 +265,6 @@ def build_model(args, mode: str, dev: torch.device):
     del sd
     free_memory(dev)
     return model
-
-
-@torch.inference_mode()
-def fill_state(st, ctx: int):
-    """Random valid state at depth ctx: K/V (scale ~1) in the occupied slots, beta in (0, 1), alpha a
-    small negative log-decay, a small GDN memory, and the position on host and device."""
-    n = min(ctx, st.capacity)
-    st.k[:, :, :n].normal_()
-    st.v[:, :, :n].normal_()
-    if st.ahn:
-        st.beta[:, :n].uniform_(0.05, 0.95)
-        st.alpha[:, :n].uniform_(-0.5, -0.01)
-        st.gdn.normal_(0.0, 0.02)
-    st.position = ctx
-    st.pos.fill_(ctx)
 
 
 def probe_kernels(dev: torch.device, dtype: torch.dtype) -> str | None:
@@ -319,16 +307,15 @@ def ahn_rt_decode_row(model, impl: str, ctx: int, steps: int, warmup: int, dev: 
                       ref: bool = False) -> dict:
     c = model.config
     free_memory(dev)
-    sess = model.new_session()
-    if c.mode == "full":   # a cache sized to the run, so it never grows (and its buffers never move)
-        sess.state = model.decoder.new_state(capacity=ctx + warmup + 2 * steps + 8)
-    fill_state(sess.state, ctx)
+    # full mode: a cache sized to the run, so it never grows (and its buffers never move)
+    sess = model.new_session(capacity=ctx + warmup + 2 * steps + 8 if c.mode == "full" else None)
+    sess.state.fill_random(ctx)
     sampler = Sampler(SamplingParams(temperature=0), c.vocab_size, dev)
     tok = torch.tensor([TOKEN], dtype=torch.int64, device=dev)
     row = dict(kind="tg", ctx=ctx, impl=impl, mode=c.mode, steps=steps)
     with reference_path() if ref else contextlib.nullcontext():
         stepper = sess.stepper(sampler)
-        graphed = dev.type == "cuda" and not ref and ahn_rt.graph.GRAPHS_ENABLED
+        graphed = stepper.graphed
 
         def step():
             int(stepper(tok))   # the one host sync per token that a streaming caller pays
@@ -341,10 +328,11 @@ def ahn_rt_decode_row(model, impl: str, ctx: int, steps: int, warmup: int, dev: 
     row["peak_gib"] = peak_gib(dev)
     row["graph"] = graphed
     st = sess.state
-    # the step ran on real values: the position moved by one per call and the memory stayed finite
+    # the step ran on real values: the position moved by one per call and the memory stayed finite;
+    # calls: warmup + steps timed one by one (+ steps back to back on the graph path)
     row["position_ok"] = st.position == ctx + warmup + steps * (2 if graphed else 1) == int(st.pos)
     if st.ahn:
-        row["gdn_finite"] = bool(torch.isfinite(st.gdn).all())
+        row["gdn_finite"] = bool(torch.isfinite(st.memory).all())
     row["note"] = "state filled randomly" + ("; reference ops, eager" if ref else "")
     if not row["position_ok"]:
         row["note"] += f"; CHECK FAILED: position {st.position} / device {int(st.pos)}"
@@ -388,7 +376,7 @@ def gdn_only_row(c, dev: torch.device, iters: int) -> dict:
     k = torch.randn(L, Hkv, D, device=dev, dtype=dt)
     v = torch.randn(L, Hkv, D, device=dev, dtype=dt)
     beta = torch.rand(L, H, device=dev, dtype=dt)
-    g = -torch.rand(L, H, device=dev) * 0.5
+    alpha = -torch.rand(L, H, device=dev) * 0.5
     z = torch.randn(L, H, device=dev, dtype=dt)
     out = torch.zeros(L, H, D, device=dev, dtype=dt)
     S, W = c.sinks, c.window
@@ -396,7 +384,7 @@ def gdn_only_row(c, dev: torch.device, iters: int) -> dict:
 
     def all_layers():
         for i in range(L):
-            ops.gdn_decode(state[i], q[i], k[i], v[i], beta[i], g[i], z[i], norm_w[i], o_proj[i], out[i],
+            ops.gdn_decode(state[i], q[i], k[i], v[i], beta[i], alpha[i], z[i], norm_w[i], o_proj[i], out[i],
                            pos, S, W, AHN_NORM_EPS)
 
     row = dict(kind="gdn", impl="ahn_rt gdn_decode", layers=L, shape=f"H={H} D={D} Hkv={Hkv}")
