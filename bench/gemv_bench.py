@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import ahn_rt._C  # noqa: F401
 from ahn_rt.ref import gemv_ref
-from timing import events_us, graph_us
+from machine import copy_bandwidth
+from timing import graph_us
 
 dev, dt = "cuda", torch.bfloat16
 EPS = 1e-6
@@ -48,12 +49,8 @@ def main():
     l2 = props.L2_cache_size
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, torch {torch.__version__}, "
           f"CUDA {torch.version.cuda}")
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    us, _ = events_us(lambda: dst.copy_(src), reps=20)
-    copy_bw = 2 * src.numel() / us / 1e3
+    copy_bw = copy_bandwidth(torch.device(dev), 1 << 30, 20) / 1e9
     print(f"copy bandwidth (1 GiB d2d, read + write): {copy_bw:.0f} GB/s")
-    del src, dst
     results = dict(device=props.name, copy_gbs=copy_bw, shapes=[], step={})
 
     # (name, K, N rows, norm, bias, residual, silu)

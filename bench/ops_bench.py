@@ -5,14 +5,16 @@
     python bench/ops_bench.py --only gdn                         # gdn_decode alone (default: fast kernel)
     AHN_RT_GDN_GENERIC=1 python bench/ops_bench.py --only gdn    # the generic gdn_decode kernel, for A/B
 Prints device, the measured copy bandwidth, then for each op: median us per call (CUDA events, layers
-rotated so the working set exceeds L2) and achieved GB/s.
+rotated so the working set exceeds L2) and achieved GB/s. Timing and the copy bandwidth: bench/timing.py,
+bench/machine.py (the same helpers as bench/decode_latency.py).
 """
 import argparse
-import os
 
 import torch
 
 import ahn_rt._C  # noqa: F401
+from ahn_rt.settings import kernel_flag
+from machine import copy_bandwidth
 from timing import events_us, graph_us
 
 dev, dt = "cuda", torch.bfloat16
@@ -20,23 +22,10 @@ L, H, Hkv, D, S, W = 36, 16, 2, 128, 128, 32640
 C = S + W
 
 
-def timeit(fn, reps=20):
-    return events_us(fn, reps=reps)[0]
-
-
-def graph_time(fn, reps=20):
-    """Median us of fn captured in one CUDA graph (device time without Python / launch overhead)."""
-    return graph_us(fn, reps=reps)[0]
-
-
 def main(only=None):
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    us = timeit(lambda: dst.copy_(src), reps=10)
-    copy_bw = 2 * src.numel() / us / 1e3
+    copy_bw = copy_bandwidth(torch.device(dev), 1 << 30, 10) / 1e9
     print(f"copy bandwidth (read + write): {copy_bw:.0f} GB/s")
-    del src, dst
 
     kc = torch.randn(L, Hkv, C, D, device=dev, dtype=dt)
     vc = torch.randn(L, Hkv, C, D, device=dev, dtype=dt)
@@ -49,7 +38,7 @@ def main(only=None):
             for i in range(L):
                 torch.ops.ahn_rt.swa_decode(q=q[i], k_cache=kc[i], v_cache=vc[i], pos=pos, sinks=S, window=W,
                                             scale=D ** -0.5)
-        us = graph_time(swa) / L
+        us = graph_us(swa)[0] / L   # median us per call, all L layers in one CUDA graph
         n = min(p + 1, C)
         gbs = 2 * Hkv * n * D * 2 / us / 1e3
         rows.append((f"swa_decode n={n}", us, gbs))
@@ -60,7 +49,7 @@ def main(only=None):
     state = torch.randn(L, H, D, D, device=dev) * 0.1
     qs, ks, vs = (torch.randn(L, h, D, device=dev, dtype=dt) for h in (H, Hkv, Hkv))
     beta, z = torch.rand(L, H, device=dev, dtype=dt), torch.randn(L, H, device=dev, dtype=dt)
-    g = -torch.rand(L, H, device=dev)
+    alpha = -torch.rand(L, H, device=dev)
     nw = torch.ones(D, device=dev, dtype=dt)
     op = torch.randn(L, H, D, D, device=dev, dtype=dt) * 0.05
     out = torch.zeros(L, H, D, device=dev, dtype=dt)
@@ -68,14 +57,14 @@ def main(only=None):
 
     def gdn():
         for i in range(L):
-            torch.ops.ahn_rt.gdn_decode(state=state[i], q=qs[i], k=ks[i], v=vs[i], beta=beta[i], alpha=g[i], z=z[i],
+            torch.ops.ahn_rt.gdn_decode(state=state[i], q=qs[i], k=ks[i], v=vs[i], beta=beta[i], alpha=alpha[i], z=z[i],
                                         norm_weight=nw, o_proj=op[i], out=out[i], pos=pos, sinks=S, window=W,
                                         eps=1e-6)
-    path = "generic" if os.environ.get("AHN_RT_GDN_GENERIC", "0") not in ("", "0") else "fast"
+    path = "generic" if kernel_flag("AHN_RT_GDN_GENERIC") else "fast"
     print(f"gdn_decode kernel: {path} (AHN_RT_GDN_GENERIC)")
-    us36 = timeit(gdn)
+    us36 = events_us(gdn)[0]
     rows.append(("gdn_decode x36 eager (total)", us36, L * (H * D * D * 4 * 2 + H * D * D * 2) / us36 / 1e3))
-    usg = graph_time(gdn)  # the same 36 calls in one CUDA graph (as in the decode step)
+    usg = graph_us(gdn)[0]  # the same 36 calls in one CUDA graph (as in the decode step)
     rows.append(("gdn_decode x36 in a graph (total)", usg, L * (H * D * D * 4 * 2 + H * D * D * 2) / usg / 1e3))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         gdn()
@@ -97,12 +86,12 @@ def main(only=None):
                 sinks=S, window=W, k_evict=torch.zeros(Hkv, D, device=dev, dtype=dt),
                 v_evict=torch.zeros(Hkv, D, device=dev, dtype=dt), beta_evict=torch.zeros(H, device=dev, dtype=dt),
                 alpha_evict=torch.zeros(H, device=dev))
-    rows.append(("decode_prep", graph_time(lambda: [torch.ops.ahn_rt.decode_prep(proj=proj[i], **args)
-                                                for i in range(L)]) / L, float("nan")))
+    rows.append(("decode_prep", graph_us(lambda: [torch.ops.ahn_rt.decode_prep(proj=proj[i], **args)
+                                              for i in range(L)])[0] / L, float("nan")))
     x = torch.randn(1, 2048, device=dev, dtype=dt)
     w = torch.ones(2048, device=dev, dtype=dt)
-    rows.append(("rms_norm [1, 2048]", graph_time(lambda: [torch.ops.ahn_rt.rms_norm(x=x, weight=w, eps=1e-6)
-                                                       for _ in range(L)]) / L, float("nan")))
+    rows.append(("rms_norm [1, 2048]", graph_us(lambda: [torch.ops.ahn_rt.rms_norm(x=x, weight=w, eps=1e-6)
+                                                     for _ in range(L)])[0] / L, float("nan")))
     print_rows(rows, copy_bw)
 
 
