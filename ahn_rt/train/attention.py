@@ -1,0 +1,105 @@
+"""Attention for training: sinks + sliding window per sequence (the student) and plain causal (the teacher).
+
+Both go through ``torch.nn.functional.scaled_dot_product_attention`` and never build an L x L mask.
+The rule (docs/semantics.md §2): query t sees key j iff j <= t and (t - j < W or j < S), with W >= 1 and
+S >= 0 given per sequence of the batch.
+
+``window_attention`` splits the queries in two parts:
+
+* t < C0 = min over the batch of S + W (clamped to L): every sequence attends {0..t}, i.e. plain causal
+  attention over the first C0 keys, one SDPA call with is_causal (flash attention on CUDA);
+* the rest, query block by query block [s, e): the keys [0, max S) and [s - max W + 1, e), with a boolean
+  mask [B, 1, e - s, keys] built per sequence (the memory-efficient kernel on CUDA). The cost is
+  (e - s) x (S + W + block) per block instead of (e - s) x e.
+
+Grouped-query attention: key/value head h // G serves query head h; k and v are expanded to the H query
+heads before SDPA (an expanded copy of [B, H, L, D] per layer, cheaper than risking the math fallback
+that some SDPA kernels take with enable_gqa and a mask).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+def _heads_first(x: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, L, Hx, D] -> [B, H, L, D], repeating kv head h // G for query head h."""
+    B, L, Hx, D = x.shape
+    x = x.transpose(1, 2)
+    if Hx != H:
+        x = x[:, :, None].expand(B, Hx, H // Hx, L, D).reshape(B, H, L, D)
+    return x
+
+
+@dataclasses.dataclass
+class WindowPlan:
+    """The query split and masks of one (window, sinks) batch at length L; reusable by every layer."""
+    causal_end: int                  # queries [0, causal_end) are plain causal
+    blocks: list                     # [(q_start, q_end, lo, mask)]: keys [0, smax) + [lo, q_end), or [0, q_end) when lo is None
+    smax: int
+
+
+def window_plan(window, sinks, L: int, device, block: int | None = None) -> WindowPlan:
+    """Plan ``window_attention`` for int64 [B] window / sinks (any device; read once on the host)."""
+    W = [int(w) for w in torch.as_tensor(window).reshape(-1).tolist()]
+    S = [int(s) for s in torch.as_tensor(sinks).reshape(-1).tolist()]
+    if len(W) != len(S) or not W:
+        raise ValueError(f"window ({len(W)}) and sinks ({len(S)}) must hold one value per sequence")
+    if min(W) < 1 or min(S) < 0:
+        raise ValueError(f"window must be >= 1 and sinks >= 0, got window {W}, sinks {S}")
+    wmax, smax = max(W), max(S)
+    c0 = min(L, min(w + s for w, s in zip(W, S)))
+    if block is None:   # about an eighth of the attended span: ~1/8 of the keys wasted, few calls
+        block = max(64, min(1024, 1 << max(0, (wmax + smax) // 8 - 1).bit_length()))
+    uniform = len(set(zip(W, S))) == 1
+    Wt = torch.tensor(W[:1] if uniform else W, device=device).view(-1, 1, 1, 1)
+    St = torch.tensor(S[:1] if uniform else S, device=device).view(-1, 1, 1, 1)
+    blocks = []
+    for s in range(c0, L, block):
+        e = min(L, s + block)
+        lo = s - wmax + 1
+        if lo <= smax:
+            lo = None
+            kpos = torch.arange(e, device=device)
+        else:
+            kpos = torch.cat([torch.arange(smax, device=device), torch.arange(lo, e, device=device)])
+        qpos = torch.arange(s, e, device=device).view(1, 1, -1, 1)
+        kpos = kpos.view(1, 1, 1, -1)
+        mask = (kpos <= qpos) & ((qpos - kpos < Wt) | (kpos < St))
+        blocks.append((s, e, lo, mask))
+    return WindowPlan(c0, blocks, smax)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, sinks, *,
+                     block: int | None = None, plan: WindowPlan | None = None) -> torch.Tensor:
+    """Sinks + sliding-window attention. q: [B, L, H, D]; k, v: [B, L, Hkv, D]; window, sinks: int64 [B]
+    (W >= 1 keys including the query itself, S >= 0 sinks), per sequence. Scale D^-1/2. Returns
+    [B, L, H, D] in q's dtype. ``plan`` (from ``window_plan``) skips re-planning when every layer of a
+    forward shares the same window / sinks; ``block`` is the query block of the masked part."""
+    B, L, H, D = q.shape
+    if plan is None:
+        plan = window_plan(window, sinks, L, q.device, block)
+    qh, kh, vh = q.transpose(1, 2), _heads_first(k, H), _heads_first(v, H)
+    outs = []
+    c0 = plan.causal_end
+    if c0 > 0:
+        outs.append(F.scaled_dot_product_attention(qh[:, :, :c0], kh[:, :, :c0], vh[:, :, :c0], is_causal=True))
+    for s, e, lo, mask in plan.blocks:
+        if lo is None:
+            kb, vb = kh[:, :, :e], vh[:, :, :e]
+        else:
+            sm = plan.smax
+            kb = torch.cat([kh[:, :, :sm], kh[:, :, lo:e]], dim=2)
+            vb = torch.cat([vh[:, :, :sm], vh[:, :, lo:e]], dim=2)
+        outs.append(F.scaled_dot_product_attention(qh[:, :, s:e], kb, vb, attn_mask=mask))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal attention (the teacher). q: [B, L, H, D]; k, v: [B, L, Hkv, D] -> [B, L, H, D]."""
+    H = q.shape[2]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), _heads_first(k, H), _heads_first(v, H), is_causal=True)
+    return out.transpose(1, 2)
