@@ -1,0 +1,397 @@
+"""Training data for the AHN trainer: JSONL records -> token sequences with a loss mask, the per-sequence
+window budget (docs/semantics.md §10), and deterministic micro-batches.
+
+A record is one JSON object per line, one of
+
+* ``{"input_ids": [int, ...]}`` (optionally ``"labels"``: the same length, -100 where no loss is taken,
+  else the token id itself), pre-tokenized, so no tokenizer is needed;
+* ``{"text": "..."}``: every token is a loss target;
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``: rendered in Qwen's
+  ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn; Qwen2/2.5 get Qwen2.5's default system message
+  when the conversation has none, as ``ahn_rt.tokenizer.apply_chat_template`` does), loss on the assistant
+  turns (their content plus ``<|im_end|>\\n``) only, unless ``loss_on="all"``.
+
+Bad records (invalid JSON, wrong types, ids outside the vocabulary, empty) are skipped and counted, never
+fatal. Sequences are cut at ``seq_len`` tokens (like the official ``cutoff_len``) and those with fewer than
+``min_len`` tokens dropped (like ``filter_len``); a sequence with no loss position the window allows is
+dropped too ("shorter than the window"). What is left is stored flat (int32 ids, a bool loss mask), about
+5 bytes per token.
+
+Loss positions. The hidden state at position t predicts token t + 1, so position t is a loss position iff
+token t + 1 is a loss target (the usual shift of Hugging Face labels) and t >= S + W, the first position
+that reads the memory (§3). A micro-batch is right-padded to its longest sequence (pad id 0, never a loss
+position): padding at the end cannot change any real position, because attention and the memory are causal.
+Sequences are never packed together: packing would let the memory carry one document into the next.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from array import array
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import AhnError
+
+IGNORE_INDEX = -100
+# §10: total budget Wt = S + W drawn from these, restricted to L/8 < Wt < L; sinks S with S <= Wt/2.
+BUDGETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+SINK_CHOICES = (0, 32, 64, 128, 512, 2048, 4096)
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------------------------
+# The window budget
+# ----------------------------------------------------------------------------------------------
+def budget_choices(L: int, *, wt_min: int | None = None, wt_max: int | None = None) -> list[int]:
+    """The total budgets Wt a sequence of L tokens may draw: Wt in BUDGETS, L/8 < Wt < L, and within
+    [wt_min, wt_max] when given. When no allowed budget reaches L/8 (a sequence longer than 8x the
+    largest one, e.g. L > 65536, or a small --window-max), the largest allowed budget below L."""
+    lo = wt_min if wt_min is not None else 0
+    hi = wt_max if wt_max is not None else BUDGETS[-1]
+    allowed = [w for w in BUDGETS if lo <= w <= hi and w < L]
+    fit = [w for w in allowed if 8 * w > L]
+    return fit or allowed[-1:]
+
+
+def sample_budget(L: int, rng: random.Random, *, fixed: tuple[int, int] | None = None,
+                  wt_min: int | None = None, wt_max: int | None = None) -> tuple[int, int]:
+    """(window W, sinks S) for one sequence of L tokens: Wt uniform over ``budget_choices`` (L/8 < Wt < L),
+    S uniform over
+    the SINK_CHOICES with S <= Wt / 2, W = Wt - S. ``fixed=(W, S)`` returns it unchanged (and draws
+    nothing). Raises AhnError when no budget fits L (the data loader drops such sequences first)."""
+    if fixed is not None:
+        return int(fixed[0]), int(fixed[1])
+    choices = budget_choices(L, wt_min=wt_min, wt_max=wt_max)
+    if not choices:
+        raise AhnError(f"sequence shorter than the window: no budget in {list(BUDGETS)} fits {L} tokens "
+                       f"(needs L/8 < Wt < L)")
+    wt = rng.choice(choices)
+    s = rng.choice([s for s in SINK_CHOICES if 2 * s <= wt])
+    return wt - s, s
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSpec:
+    """How each sequence's (W, S) is chosen: fixed, or drawn (optionally restricted to [wt_min, wt_max])."""
+    fixed: tuple[int, int] | None = None
+    wt_min: int | None = None
+    wt_max: int | None = None
+
+    def sample(self, L: int, rng: random.Random) -> tuple[int, int]:
+        return sample_budget(L, rng, fixed=self.fixed, wt_min=self.wt_min, wt_max=self.wt_max)
+
+    def smallest(self, L: int) -> int | None:
+        """The smallest total budget S + W a sequence of L tokens can get (None: none fits)."""
+        if self.fixed is not None:
+            return self.fixed[0] + self.fixed[1]
+        c = budget_choices(L, wt_min=self.wt_min, wt_max=self.wt_max)
+        return c[0] if c else None
+
+    def describe(self) -> str:
+        if self.fixed is not None:
+            return f"W={self.fixed[0]} S={self.fixed[1]} (S+W={sum(self.fixed)})"
+        lo = self.wt_min if self.wt_min is not None else BUDGETS[0]
+        hi = self.wt_max if self.wt_max is not None else BUDGETS[-1]
+        return f"random S+W in {[w for w in BUDGETS if lo <= w <= hi]} (L/8 < S+W < L)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------------------------
+class _Bad(Exception):
+    """A record that is skipped; the message is the reason it is counted under."""
+
+
+def _int_list(v, what) -> list[int]:
+    if not isinstance(v, list):
+        raise _Bad(f"{what} is not a list")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise _Bad(f"{what} holds a non-integer")
+    return v
+
+
+class _Encoder:
+    """Turns text/messages records into (ids, mask); loads the tokenizer on first use."""
+
+    def __init__(self, tokenizer_path, family: str, loss_on: str):
+        self.tokenizer_path = tokenizer_path
+        self.family = family
+        self.loss_on = loss_on
+        self._tok = None
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            from ..tokenizer import Tokenizer
+            if self.tokenizer_path is None or not Path(self.tokenizer_path).exists():
+                raise AhnError(f"the data has text/messages records but there is no tokenizer "
+                               f"({self.tokenizer_path or 'none given'} not found); pass --tokenizer PATH "
+                               "or pre-tokenize the data as {\"input_ids\": [...]}")
+            self._tok = Tokenizer.from_file(self.tokenizer_path)
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        tok = self.tok            # a missing tokenizer is fatal, not a bad record
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Bad("text is not valid Unicode") from None
+        try:
+            return tok.encode(text)
+        except AhnError:
+            raise _Bad("text is not valid Unicode") from None
+
+    def text(self, text) -> tuple[list[int], list[bool]]:
+        if not isinstance(text, str):
+            raise _Bad("text is not a string")
+        ids = self.encode(text)
+        return ids, [True] * len(ids)
+
+    def messages(self, msgs) -> tuple[list[int], list[bool]]:
+        from ..tokenizer import QWEN25_DEFAULT_SYSTEM
+        if not isinstance(msgs, list) or not msgs:
+            raise _Bad("messages is not a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise _Bad("a message is not {role: system|user|assistant, content: string}")
+        if not any(m["role"] == "assistant" and m["content"] for m in msgs) and self.loss_on == "assistant":
+            raise _Bad("no assistant message to learn from")
+        segments: list[tuple[str, bool]] = []
+        if msgs[0]["role"] != "system" and self.family == "qwen2":
+            segments.append((f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n", False))
+        for m in msgs:
+            if m["role"] == "assistant":
+                segments.append(("<|im_start|>assistant\n", False))
+                segments.append((m["content"] + "<|im_end|>\n", True))
+            else:
+                segments.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, learn in segments:
+            piece = self.encode(text)
+            ids += piece
+            mask += [learn or self.loss_on == "all"] * len(piece)
+        return ids, mask
+
+
+def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[int], list[bool]]:
+    """(ids, loss mask) of one JSONL line; raises _Bad (skipped, counted under its message)."""
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise _Bad("invalid JSON") from None
+    if not isinstance(rec, dict):
+        raise _Bad("not a JSON object")
+    if "input_ids" in rec:
+        ids = _int_list(rec["input_ids"], "input_ids")
+        if rec.get("labels") is not None:
+            labels = _int_list(rec["labels"], "labels")
+            if len(labels) != len(ids):
+                raise _Bad("labels and input_ids differ in length")
+            if any(lab != IGNORE_INDEX and lab != t for lab, t in zip(labels, ids)):
+                raise _Bad("a label is neither -100 nor its token id")
+            mask = [lab != IGNORE_INDEX for lab in labels]
+        else:
+            mask = [True] * len(ids)
+    elif "messages" in rec:
+        ids, mask = encoder.messages(rec["messages"])
+    elif "text" in rec:
+        ids, mask = encoder.text(rec["text"])
+    else:
+        raise _Bad("no input_ids, messages or text field")
+    if not ids:
+        raise _Bad("empty")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise _Bad("token id outside the vocabulary")
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# The dataset
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DataStats:
+    lines: int = 0
+    used: int = 0
+    truncated: int = 0
+    skipped: Counter = dataclasses.field(default_factory=Counter)   # reason -> count
+
+    def line(self) -> str:
+        parts = [f"{self.used} of {self.lines} records used"]
+        if self.truncated:
+            parts.append(f"{self.truncated} cut at --seq-len")
+        if self.skipped:
+            parts.append("skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())))
+        return "; ".join(parts)
+
+
+class Dataset:
+    """Usable sequences, stored flat: ``ids`` int32, ``mask`` bool (token is a loss target), ``offsets``;
+    ``fingerprint``: sha256 of all three."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, stats: DataStats,
+                 fingerprint: str = ""):
+        self.ids, self.mask, self.offsets = ids, mask, offsets
+        self.stats = stats
+        self.fingerprint = fingerprint
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def seq(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[a:b].long(), self.mask[a:b]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.numel()
+
+
+def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min_len: int = 0,
+                 tokenizer_path=None, family: str = "qwen2", loss_on: str = "assistant") -> Dataset:
+    """Read and check every record of the JSONL file ``path``. Raises AhnError (one line) when the file is
+    missing, empty, has no usable record, or every sequence is shorter than the window."""
+    path = Path(os.fspath(path))
+    if not path.exists():
+        raise AhnError(f"data file not found: {path}")
+    if path.is_dir():
+        raise AhnError(f"--data {path} is a folder; give a .jsonl file")
+    encoder = _Encoder(tokenizer_path, family, loss_on)
+    stats = DataStats()
+    ids_buf, mask_buf, offsets = array("i"), array("b"), [0]
+    longest = 0
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if not raw.strip():
+                    continue
+                stats.lines += 1
+                try:
+                    ids, mask = parse_record(raw.decode("utf-8"), vocab_size, encoder)
+                except UnicodeDecodeError:
+                    stats.skipped["not UTF-8"] += 1
+                    continue
+                except _Bad as e:
+                    stats.skipped[str(e)] += 1
+                    continue
+                if len(ids) < min_len:
+                    stats.skipped["shorter than --min-len"] += 1
+                    continue
+                if len(ids) > seq_len:
+                    ids, mask = ids[:seq_len], mask[:seq_len]
+                    stats.truncated += 1
+                L = len(ids)
+                longest = max(longest, L)
+                # a loss position t needs t >= S + W and token t + 1 a target
+                wt = budget.smallest(L)
+                last_target = next((t for t in range(L - 1, 0, -1) if mask[t]), -1)
+                if last_target < 1:
+                    stats.skipped["no loss target" + (" within --seq-len" if L == seq_len else "")] += 1
+                    continue
+                if wt is None or last_target - 1 < wt:
+                    stats.skipped["shorter than the window"] += 1
+                    continue
+                ids_buf.extend(ids)
+                mask_buf.extend(mask)
+                offsets.append(len(ids_buf))
+                stats.used += 1
+    except OSError as e:
+        raise AhnError(f"cannot read data file {path}: {e.strerror or e}") from None
+    if stats.lines == 0:
+        raise AhnError(f"data file {path} is empty")
+    if stats.used == 0:
+        if stats.skipped["shorter than the window"]:
+            raise AhnError(f"sequence shorter than the window: none of the {stats.lines} records of {path} "
+                           f"has a loss position past the window (longest {longest} tokens; window "
+                           f"{budget.describe()}); lower the window or raise --seq-len")
+        raise AhnError(f"data file {path} has no usable record ({DataStats.line(stats)})")
+    # The fingerprint covers what training sees (tokens, loss mask, boundaries), so a resume notices a
+    # changed file, tokenizer, --seq-len or --min-len alike.
+    h = hashlib.sha256()
+    for buf in (ids_buf, mask_buf, array("q", offsets)):
+        h.update(buf)
+    ids_t = torch.frombuffer(ids_buf, dtype=torch.int32).clone() if len(ids_buf) else torch.zeros(0, dtype=torch.int32)
+    mask_t = torch.frombuffer(mask_buf, dtype=torch.int8).clone().bool()
+    return Dataset(ids_t, mask_t, torch.tensor(offsets, dtype=torch.int64), stats, h.hexdigest())
+
+
+# ----------------------------------------------------------------------------------------------
+# Order and batches
+# ----------------------------------------------------------------------------------------------
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the n sequences in ``epoch``: a shuffle seeded by (seed, epoch) alone, so it is the
+    same on every rank and after a resume."""
+    order = list(range(n))
+    random.Random(f"ahn_rt.train:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+@dataclasses.dataclass
+class Cursor:
+    """The data position: the next sequence is ``epoch_order(n, seed, epoch)[pos]``."""
+    epoch: int = 0
+    pos: int = 0
+
+    def take(self, n_seqs: int, count: int, seed: int) -> list[int]:
+        """The next ``count`` sequence indices (crossing into the next epoch when needed); advances."""
+        out: list[int] = []
+        order = epoch_order(n_seqs, seed, self.epoch)
+        while len(out) < count:
+            if self.pos >= n_seqs:
+                self.epoch, self.pos = self.epoch + 1, 0
+                order = epoch_order(n_seqs, seed, self.epoch)
+            k = min(count - len(out), n_seqs - self.pos)
+            out += order[self.pos:self.pos + k]
+            self.pos += k
+        return out
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    ids: torch.Tensor       # int64 [B, L], right-padded with PAD_ID
+    window: torch.Tensor    # int64 [B]
+    sinks: torch.Tensor     # int64 [B]
+    valid: torch.Tensor     # bool [B, L]: loss positions (t >= S + W and token t + 1 a target)
+    labels: torch.Tensor    # int64 [B, L], Hugging Face convention (unshifted): token t where it is a
+                            # target, else -100 (padding included); position t predicts labels[t + 1]
+    tokens: int             # real (non-padding) tokens
+
+    @property
+    def n_valid(self) -> int:
+        return int(self.valid.sum())
+
+    def to(self, device) -> "MicroBatch":
+        return dataclasses.replace(self, ids=self.ids.to(device), window=self.window.to(device),
+                                   sinks=self.sinks.to(device), valid=self.valid.to(device),
+                                   labels=self.labels.to(device))
+
+
+PAD_ID = 0
+
+
+def collate(seqs: list[tuple[torch.Tensor, torch.Tensor]], budgets: list[tuple[int, int]]) -> MicroBatch:
+    """Right-pad ``seqs`` ((ids, mask) pairs) to the longest; ``budgets`` the (W, S) of each."""
+    B = len(seqs)
+    L = max(ids.numel() for ids, _ in seqs)
+    ids = torch.full((B, L), PAD_ID, dtype=torch.int64)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.int64)
+    valid = torch.zeros(B, L, dtype=torch.bool)
+    pos = torch.arange(L - 1)
+    for b, ((x, m), (w, s)) in enumerate(zip(seqs, budgets)):
+        n = x.numel()
+        ids[b, :n] = x
+        labels[b, :n] = torch.where(m, x, torch.full_like(x, IGNORE_INDEX))
+        valid[b, :L - 1] = (labels[b, 1:] != IGNORE_INDEX) & (pos >= w + s)
+    window = torch.tensor([w for w, _ in budgets], dtype=torch.int64)
+    sinks = torch.tensor([s for _, s in budgets], dtype=torch.int64)
+    return MicroBatch(ids, window, sinks, valid, labels, sum(x.numel() for x, _ in seqs))

@@ -1,0 +1,376 @@
+"""The training loop: self-distillation of the AHN memory on a frozen base (docs/semantics.md §10).
+
+``Trainer`` owns one optimizer step at a time (``train_step``) and the loop around it (``fit``): logging,
+progress and resume states happen only where ``is_main``; nothing here is global, so a launcher (torchrun)
+can build one Trainer per rank with ``rank`` / ``world_size``. With ``world_size > 1`` and
+``torch.distributed`` initialized, the loss-position counts, the loss and the AHN gradients are summed
+across ranks with ``all_reduce`` (the AHN parameters are small, so no DDP wrapper is needed); every rank
+reads the same global order of sequences and takes its own slice of each step.
+
+One optimizer step: the next ``batch * grad_accum * world_size`` sequences in the (seeded) data order, a
+(W, S) drawn per sequence, micro-batches of ``batch`` right-padded sequences; per micro-batch the teacher
+(full attention, no grad) and the student (sinks + window + memory) hidden states and ``distill_loss``;
+every micro-batch's loss is weighted by its share of the step's loss positions, so the step minimizes the
+mean KL over all of them (exactly KL(full || student) averaged over positions, whatever the batching).
+Then gradient clipping, the learning rate of the schedule, AdamW.
+
+Schedule: linear warmup over ceil(warmup_ratio * steps) steps (step k < warmup uses lr * (k + 1) / warmup,
+so the first step already moves), then cosine decay from lr towards 0 at ``steps``. Weight decay is
+applied to the projection matrices only (a_proj, b_proj, g_proj, o_proj), not to A_log, dt_bias, D or the
+output norm weight: decaying a log-decay rate, a bias or a norm gain towards 0 changes what the memory
+does rather than regularizing it (the usual no-decay rule for biases, norms and SSM decay parameters).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import AhnError
+from ..weights import ahn_key, atomic_write_text
+from . import checkpoint as ckpt_io
+from .data import BudgetSpec, Cursor, Dataset, MicroBatch, collate
+
+NO_DECAY = ("A_log", "dt_bias", "D", "o_norm.weight")
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    steps: int | None = None            # None: one epoch
+    batch: int = 1                      # sequences per micro-batch (per rank)
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0          # 0: no clipping
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    ce_weight: float = 0.0
+    seed: int = 0
+    budget: BudgetSpec = dataclasses.field(default_factory=BudgetSpec)
+    autocast_bf16: bool = False         # bf16 autocast around the forward passes (fp32 master weights)
+    activation_checkpointing: bool = True
+    log_every: int = 10                 # a progress line every N steps when stderr is not a terminal
+    save_every: int = 100               # a resume state every N steps (and at the end); 0: only at the end
+    stop_after: int | None = None       # stop (with a resume state) after this many steps
+
+
+def lr_at(step: int, base_lr: float, total: int, warmup: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ahn_named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(official key, parameter) for every AHN parameter of ``model``, in layer order."""
+    out = []
+    for n, layer in enumerate(model.ahn):
+        for name, p in layer.named_parameters():
+            out.append((ahn_key(n, name), p))
+    return out
+
+
+def _rng_state_tensors() -> dict[str, torch.Tensor]:
+    t = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            t[f"rng.cuda.{i}"] = s
+    return t
+
+
+def _py_state_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_state_from_json(obj) -> tuple:
+    version, internal, gauss = obj
+    return (int(version), tuple(int(x) for x in internal), gauss)
+
+
+class Progress:
+    """A plain-text progress bar on a terminal (redrawn in place), else one line every ``every`` steps."""
+
+    def __init__(self, total: int, start: int = 0, *, every: int = 10, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.total, self.start, self.every = total, start, max(1, every)
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self._last_draw = 0.0
+
+    @staticmethod
+    def _hms(s: float) -> str:
+        s = int(max(0, s))
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+    def update(self, rec: dict):
+        done = rec["step"] + 1
+        self.tokens += rec["tokens"]
+        el = time.perf_counter() - self.t0
+        rate = (done - self.start) / el if el > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        tps = self.tokens / el if el > 0 else 0.0
+        loss = "-" if rec["loss"] is None else f"{rec['loss']:.4f}"
+        text = (f"step {done}/{self.total} loss {loss} lr {rec['lr']:.2e} {tps:,.0f} tok/s "
+                f"elapsed {self._hms(el)} ETA {self._hms(eta)}")
+        if self.tty:
+            now = time.perf_counter()
+            if now - self._last_draw < 0.1 and done < self.total:
+                return
+            self._last_draw = now
+            width = 24
+            fill = int(width * done / max(1, self.total))
+            self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {text}\033[K")
+            if done >= self.total:
+                self.stream.write("\n")
+        elif done % self.every == 0 or done == self.start + 1 or done >= self.total:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def note(self, line: str):
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+class Trainer:
+    """Trains ``model.ahn`` (a ``TrainModel``) on ``data``. ``device``: where the micro-batches go (the
+    model must already be there)."""
+
+    def __init__(self, model, data: Dataset, settings: TrainSettings, *, device="cpu", rank: int = 0,
+                 world_size: int = 1):
+        from .loss import distill_loss
+        self._distill_loss = distill_loss
+        self.model = model
+        self.data = data
+        self.s = settings
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.named = ahn_named_parameters(model)
+        if not self.named:
+            raise AhnError("the model has no AHN parameters to train")
+        trainable = {id(p) for _, p in self.named}
+        for name, p in model.named_parameters():
+            if p.requires_grad and id(p) not in trainable:
+                raise AhnError(f"internal: base parameter {name} is trainable; the base must stay frozen")
+        for _, p in self.named:
+            p.requires_grad_(True)
+        decay = [p for k, p in self.named if not k.endswith(tuple("." + n for n in NO_DECAY))]
+        no_decay = [p for k, p in self.named if k.endswith(tuple("." + n for n in NO_DECAY))]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr, betas=settings.betas, eps=settings.eps)
+        self.rng = random.Random(settings.seed)
+        self.cursor = Cursor()
+        self.step = 0
+        self.tokens_seen = 0
+        per_step = settings.batch * settings.grad_accum * world_size
+        self.total_steps = settings.steps if settings.steps else max(1, math.ceil(len(data) / per_step))
+        self.warmup_steps = math.ceil(settings.warmup_ratio * self.total_steps)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- one step ------------------------------------------------------------------------------
+    def lr(self, step: int | None = None) -> float:
+        return lr_at(self.step if step is None else step, self.s.lr, self.total_steps, self.warmup_steps)
+
+    def next_batches(self) -> list[MicroBatch]:
+        """This rank's micro-batches of the next optimizer step (advances the data position and draws the
+        budgets of the whole global step, in order, so every rank's RNG stays in step)."""
+        B, K, R = self.s.batch, self.s.grad_accum, self.world_size
+        idx = self.cursor.take(len(self.data), B * K * R, self.s.seed)
+        seqs = [self.data.seq(i) for i in idx]
+        budgets = [self.s.budget.sample(ids.numel(), self.rng) for ids, _ in seqs]
+        out = []
+        for k in range(K):
+            a = (k * R + self.rank) * B
+            out.append(collate(seqs[a:a + B], budgets[a:a + B]))
+        return out
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return t
+
+    def forward_loss(self, mb: MicroBatch):
+        """(mean loss over the micro-batch's loss positions, their count) for one micro-batch."""
+        model = self.model
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
+            h_t = model.forward_teacher(mb.ids)
+            h_s = model.forward_student(mb.ids, mb.window, mb.sinks, checkpoint=self.s.activation_checkpointing)
+        return self._distill_loss(model, h_t, h_s, mb.valid, ce_weight=self.s.ce_weight, labels=mb.labels)
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its log record (loss measured before the update)."""
+        t0 = time.perf_counter()
+        step = self.step
+        batches = [mb.to(self.device) for mb in self.next_batches()]
+        counts = self._all_reduce(torch.tensor([sum(mb.n_valid for mb in batches),
+                                                sum(mb.tokens for mb in batches)], dtype=torch.float64))
+        n_total, tokens = int(counts[0]), int(counts[1])
+        lr = self.lr(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        if n_total > 0:
+            for mb in batches:
+                if mb.n_valid == 0:
+                    continue
+                loss, n = self.forward_loss(mb)
+                (loss * (n / n_total)).backward()
+                loss_sum += loss.detach().double().cpu() * n
+        loss_sum = self._all_reduce(loss_sum)
+        grad_norm = None
+        if n_total > 0:
+            params = [p for _, p in self.named]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self._all_reduce(p.grad)
+            max_norm = self.s.max_grad_norm if self.s.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens
+        dt = time.perf_counter() - t0
+        return {"step": step, "loss": float(loss_sum / n_total) if n_total else None, "lr": lr,
+                "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
+                "valid": n_total, "grad_norm": grad_norm, "epoch": self.cursor.epoch,
+                "tokens_seen": self.tokens_seen}
+
+    # ---- resume state --------------------------------------------------------------------------
+    def state(self) -> tuple[dict, dict, dict]:
+        """(AHN weights, state tensors, JSON state) -- everything a resume needs besides the run settings."""
+        ahn = {k: p.detach() for k, p in self.named}
+        index = {id(p): k for k, p in self.named}
+        sd = self.optimizer.state_dict()
+        params_by_idx = [p for g in self.optimizer.param_groups for p in g["params"]]
+        tensors = {}
+        for i, st in sd["state"].items():
+            key = index[id(params_by_idx[i])]
+            for name, v in st.items():
+                tensors[f"optim.{key}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors.update(_rng_state_tensors())
+        groups = []
+        for g in sd["param_groups"]:
+            gg = {k: v for k, v in g.items() if k != "params"}
+            gg["betas"] = list(gg.get("betas", ()))
+            gg["params"] = [index[id(params_by_idx[i])] for i in g["params"]]
+            groups.append(gg)
+        state = {"step": self.step, "epoch": self.cursor.epoch, "pos": self.cursor.pos,
+                 "tokens_seen": self.tokens_seen, "python_rng": _py_state_to_json(self.rng.getstate()),
+                 "schedule": {"lr": self.s.lr, "total_steps": self.total_steps,
+                              "warmup_steps": self.warmup_steps, "kind": "linear warmup + cosine"},
+                 "optimizer": {"param_groups": groups}}
+        return ahn, tensors, state
+
+    def load_state(self, state: dict, tensors: dict):
+        """Restore the optimizer, schedule position, data position and RNG states (the AHN weights were
+        given to the model when it was built)."""
+        keys = [k for k, _ in self.named]
+        params_by_idx = [p for g in self.optimizer.param_groups for p in g["params"]]
+        index = {id(p): i for i, p in enumerate(params_by_idx)}
+        by_key = dict(self.named)
+        groups = []
+        for g in state["optimizer"]["param_groups"]:
+            gg = dict(g)
+            gg["betas"] = tuple(gg["betas"])
+            missing = [k for k in gg["params"] if k not in by_key]
+            if missing:
+                raise AhnError(f"the resume state has optimizer entries for unknown parameters: {missing[:3]}")
+            gg["params"] = [index[id(by_key[k])] for k in gg["params"]]
+            groups.append(gg)
+        opt_state = {}
+        for k in keys:
+            entry = {name.rsplit(".", 1)[1]: v for name, v in tensors.items()
+                     if name.startswith(f"optim.{k}.") and "." not in name[len(f"optim.{k}."):]}
+            if entry:
+                opt_state[index[id(by_key[k])]] = entry
+        try:
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        except (ValueError, KeyError) as e:
+            raise AhnError(f"the resume state's optimizer does not match this model ({e})") from None
+        self.step = int(state["step"])
+        self.cursor = Cursor(int(state["epoch"]), int(state["pos"]))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.rng.setstate(_py_state_from_json(state["python_rng"]))
+        sched = state["schedule"]
+        self.total_steps, self.warmup_steps = int(sched["total_steps"]), int(sched["warmup_steps"])
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(64) if f"rng.cuda.{i}" in tensors]
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+    def save(self, out: Path, run: dict, config: dict, identity: dict | None = None):
+        """Write OUT/resume (main rank only; atomic, see checkpoint.py). ``run``: the settings that
+        define the run (checked on resume); ``config``: the model config embedded in ahn.safetensors;
+        ``identity``: what else a resume checks (the base config, the data fingerprint)."""
+        if not self.is_main:
+            return
+        ahn, tensors, state = self.state()
+        state.update(identity or {})
+        state["run"] = run
+        ckpt_io.save_resume(out, ahn=ahn, tensors=tensors, state=state, config=config)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self, out: Path | None, *, run: dict | None = None, config: dict | None = None,
+            identity: dict | None = None, progress: Progress | None = None) -> list[dict]:
+        """Train until ``steps`` (or ``stop_after``); append one record per step to OUT/log.jsonl and
+        save resume states (main rank only). Returns the records of this call."""
+        last = self.total_steps if self.s.stop_after is None else min(self.total_steps, self.s.stop_after)
+        records = []
+        log = Path(out) / "log.jsonl" if out is not None and self.is_main else None
+        while self.step < last:
+            rec = self.train_step()
+            records.append(rec)
+            if log is not None:
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if progress is not None and self.is_main:
+                progress.update(rec)
+            if out is not None and (self.step == last or (self.s.save_every and self.step % self.s.save_every == 0)):
+                with ckpt_io.deferred_interrupt():
+                    self.save(out, run or {}, config or {}, identity)
+        return records
+
+
+def read_log(out: Path) -> list[dict]:
+    path = Path(out) / "log.jsonl"
+    if not path.exists():
+        return []
+    recs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            break          # a line cut by a kill: everything after it is discarded
+    return recs
+
+
+def truncate_log(out: Path, step: int):
+    """Keep the log records of steps < ``step`` (a resumed run rewrites the steps after its state)."""
+    path = Path(out) / "log.jsonl"
+    if not path.exists():
+        return
+    keep = [r for r in read_log(out) if isinstance(r, dict) and r.get("step", step) < step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))

@@ -1,0 +1,390 @@
+"""ahn_rt.train loop: the optimizer step, the resume state, the window budget and the data reader.
+
+CPU, float32, a tiny random Qwen2 (2 layers, d = 32, V = 61). The base weights come from
+``ahn_rt.init_weights.random_state_dict`` with std 0.2, so that full and windowed attention differ by a
+KL of order 0.1 and one step of training moves it measurably.
+
+Tolerance table (everything not listed here is compared bit for bit: the base weights after training,
+the training forward after save -> load, and the losses of a resumed run against the uninterrupted one):
+
+  KL_RTOL   1e-4  relative, the trainer's step-0 loss (TrainModel float32, SDPA attention, fused chunked
+                  loss) vs KL(full || swa) computed from ahn_rt's float32 inference logits: two float32
+                  computations of the same function in different op orders; logits agree to ~1e-6
+                  (tests/test_train_core.py MODEL), so the KL (~0.1) agrees to ~1e-5.
+  DECREASE  1e-3  the smallest relative drop of the loss on a fixed batch after one AdamW step with lr
+                  1e-3 (seen: ~3%); float32 noise in the loss is ~1e-7 relative.
+  UNIFORM   6.0   sample_budget's draws: |count - expected| / sqrt(expected) per choice (6 sigma).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ahn_rt import AhnError
+from ahn_rt.config import parse_config
+from ahn_rt.init_weights import random_state_dict
+from ahn_rt.train import checkpoint as ckpt_io
+from ahn_rt.train.data import (BUDGETS, IGNORE_INDEX, SINK_CHOICES, BudgetSpec, budget_choices, collate,
+                               load_dataset, sample_budget)
+from ahn_rt.train.model import TrainModel
+from ahn_rt.train.trainer import NO_DECAY, Progress, Trainer, TrainSettings, lr_at, read_log, truncate_log
+from ahn_rt.weights import ahn_shapes
+
+KL_RTOL = 1e-4
+DECREASE = 1e-3
+UNIFORM = 6.0
+
+V = 61
+CFG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=32, intermediate_size=64,
+           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
+           tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=4096, hidden_act="silu",
+           rms_norm_eps=1e-6, torch_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def base():
+    return random_state_dict(CFG, ahn=False, dtype=torch.float32, std=0.2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return parse_config(CFG, "test")
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def random_ids(rng, n):
+    return [rng.randrange(V) for _ in range(n)]
+
+
+def dataset(tmp_path, lengths, budget, seed=0, name="d.jsonl"):
+    rng = random.Random(seed)
+    path = write_jsonl(tmp_path / name, [{"input_ids": random_ids(rng, n)} for n in lengths])
+    return load_dataset(path, vocab_size=V, seq_len=4096, budget=budget)
+
+
+def new_model(config, base, ahn=None):
+    return TrainModel(config, base, ahn, base_dtype=torch.float32, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer step
+# ----------------------------------------------------------------------------------------------
+def test_one_step_lowers_the_loss_and_changes_only_ahn(tmp_path, config, base):
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [48], fixed)
+    model = new_model(config, base)
+    base_before = {k: v.clone() for k, v in model.base_state_dict().items()}
+    ahn_before = {k: v.clone() for k, v in model.ahn_state_dict().items()}
+    tr = Trainer(model, data, TrainSettings(steps=1, lr=1e-2, warmup_ratio=0.0, budget=fixed))
+    mb = collate([data.seq(0)], [(8, 2)])
+    with torch.no_grad():
+        loss0, n0 = tr.forward_loss(mb)
+    rec = tr.train_step()
+    assert rec["step"] == 0 and rec["valid"] == n0 == 48 - 1 - 10
+    assert rec["loss"] == pytest.approx(float(loss0), rel=1e-6)
+    with torch.no_grad():
+        loss1, _ = tr.forward_loss(mb)
+    assert float(loss1) < float(loss0) * (1 - DECREASE), (float(loss0), float(loss1))
+    # the base is bit-identical; of the AHN, o_proj moved (it is the only parameter with a gradient
+    # while o_proj = 0), the no-decay parameters did not move at all
+    for k, v in model.base_state_dict().items():
+        assert torch.equal(v, base_before[k]), k
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("ahn."))
+    after = model.ahn_state_dict()
+    assert not torch.equal(after["model.layers.0.ahn.fn.o_proj.weight"], ahn_before["model.layers.0.ahn.fn.o_proj.weight"])
+    for k in after:
+        if k.rsplit(".fn.", 1)[1] in NO_DECAY:
+            assert torch.equal(after[k], ahn_before[k]), k
+
+
+def test_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 1e-4, 100, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4) and lrs[10] == pytest.approx(1e-4)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and 0 < lrs[-1] < 1e-6
+    assert lrs[55] == pytest.approx(0.5e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 0 is exactly KL(full || swa): checked through ahn_rt's inference
+# ----------------------------------------------------------------------------------------------
+def test_step0_loss_is_kl_of_full_vs_swa_inference(tmp_path, config, base):
+    from ahn_rt.runtime import from_state_dict
+    W, S = 8, 2
+    fixed = BudgetSpec(fixed=(W, S))
+    data = dataset(tmp_path, [40, 27], fixed)
+    tr = Trainer(new_model(config, base), data, TrainSettings(steps=1, batch=2, budget=fixed))
+    rec = tr.train_step()
+    full = from_state_dict(CFG, base, mode="full", dtype="float32", device="cpu")
+    swa = from_state_dict(CFG, base, mode="swa", window=W, sinks=S, dtype="float32", device="cpu")
+    total, n = 0.0, 0
+    for i in range(len(data)):
+        ids, _ = data.seq(i)
+        lt = full.new_session().forward(ids.tolist()).double().log_softmax(-1)
+        ls = swa.new_session().forward(ids.tolist()).double().log_softmax(-1)
+        kl = (lt.exp() * (lt - ls)).sum(-1)          # [L]: position t predicts token t + 1
+        keep = kl[W + S: ids.numel() - 1]
+        total += float(keep.sum())
+        n += keep.numel()
+    assert rec["valid"] == n == (40 - 11) + (27 - 11)
+    assert rec["loss"] == pytest.approx(total / n, rel=KL_RTOL)
+    assert total / n > 1e-3          # the window really matters on this model
+
+
+# ----------------------------------------------------------------------------------------------
+# Save -> load, kill -> resume
+# ----------------------------------------------------------------------------------------------
+def test_save_then_load_gives_a_bit_identical_training_forward(tmp_path, config, base):
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [40, 33, 50], fixed)
+    model = new_model(config, base)
+    tr = Trainer(model, data, TrainSettings(steps=3, lr=1e-2, budget=fixed))
+    for _ in range(3):
+        tr.train_step()
+    out = tmp_path / "out"
+    out.mkdir()
+    tr.save(out, run={"x": 1}, config=ckpt_io.output_config(CFG, "qwen2", 8, 2))
+    state, ahn, tensors = ckpt_io.load_resume(ckpt_io.find_resume(out))
+    assert state["step"] == 3 and state["run"] == {"x": 1}
+    assert set(ahn) == set(ahn_shapes(config, "GatedDeltaNet"))
+    reloaded = new_model(config, base, ahn)
+    mb = collate([data.seq(0), data.seq(1)], [(8, 2), (5, 3)])
+    with torch.no_grad():
+        h1 = model.forward_student(mb.ids, mb.window, mb.sinks)
+        h2 = reloaded.forward_student(mb.ids, mb.window, mb.sinks)
+    assert torch.equal(h1, h2)
+    assert any(v.abs().max() > 0 for k, v in ahn.items() if k.endswith("o_proj.weight"))
+    # the inference file: official names and shapes, float32 on request (bit-exact), bf16 by default
+    path = ckpt_io.write_model(out, model.ahn_state_dict(), config, ckpt_io.output_config(CFG, "qwen2", 8, 2),
+                               torch.float32)
+    with safe_open(str(path), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    assert {k: tuple(v.shape) for k, v in saved.items()} == ahn_shapes(config, "GatedDeltaNet")
+    with torch.no_grad():
+        h3 = new_model(config, base, saved).forward_student(mb.ids, mb.window, mb.sinks)
+    assert torch.equal(h1, h3)
+    path = ckpt_io.write_model(out, model.ahn_state_dict(), config, ckpt_io.output_config(CFG, "qwen2", 8, 2),
+                               torch.bfloat16)
+    with safe_open(str(path), "pt") as f:
+        k = "model.layers.1.ahn.fn.o_proj.weight"
+        assert f.get_tensor(k).dtype == torch.bfloat16
+        assert torch.equal(f.get_tensor(k), model.ahn_state_dict()[k].bfloat16())
+
+
+class _Kill(Progress):
+    """A progress display that 'kills' the run (KeyboardInterrupt) once step ``at`` is logged."""
+
+    def __init__(self, total, at):
+        super().__init__(total, every=10 ** 9)
+        self.at = at
+
+    def update(self, rec):
+        if rec["step"] == self.at:
+            raise KeyboardInterrupt
+
+
+def _fit(out, config, base, data, settings, *, kill_at=None, resume=False):
+    if resume:
+        state, ahn, tensors = ckpt_io.load_resume(ckpt_io.find_resume(out))
+        tr = Trainer(new_model(config, base, ahn), data, settings)
+        tr.load_state(state, tensors)
+        truncate_log(out, tr.step)
+    else:
+        tr = Trainer(new_model(config, base), data, settings)
+    progress = _Kill(tr.total_steps, kill_at) if kill_at is not None else None
+    try:
+        tr.fit(out, run={}, config=ckpt_io.output_config(CFG, "qwen2", 8, 2), progress=progress)
+    except KeyboardInterrupt:
+        return None
+    return tr
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, config, base):
+    # random windows (S + W drawn per sequence), 2 micro-batches per step, 3 epochs of 5 sequences:
+    # the resume must restore the data position, the budget RNG, AdamW and the schedule
+    data = dataset(tmp_path, [40, 70, 36, 66, 52], BudgetSpec())
+    settings = TrainSettings(steps=6, batch=1, grad_accum=2, lr=1e-2, save_every=3, seed=5,
+                             activation_checkpointing=False)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir()
+    killed.mkdir()
+    full = _fit(straight, config, base, data, settings)
+    assert _fit(killed, config, base, data, settings, kill_at=4) is None
+    assert [r["step"] for r in read_log(killed)] == [0, 1, 2, 3, 4]       # step 4 logged, not saved
+    assert json.loads((killed / "resume" / "state.json").read_text())["step"] == 3
+    resumed = _fit(killed, config, base, data, settings, resume=True)
+    a, b = read_log(straight), read_log(killed)
+    assert [r["step"] for r in b] == list(range(6))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]               # bit-exact
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for k, v in full.model.ahn_state_dict().items():
+        assert torch.equal(v, resumed.model.ahn_state_dict()[k]), k
+    assert len({r["loss"] for r in a}) == 6                               # it really trained
+    assert len({(r["tokens"]) for r in a}) > 1                            # and drew different sequences
+
+
+def test_resume_state_is_replaced_atomically(tmp_path, config, base):
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [40], fixed)
+    tr = Trainer(new_model(config, base), data, TrainSettings(steps=2, budget=fixed))
+    out = tmp_path / "out"
+    out.mkdir()
+    tr.train_step()
+    tr.save(out, {}, {})
+    tr.train_step()
+    tr.save(out, {}, {})
+    assert sorted(p.name for p in out.iterdir()) == ["resume"]              # no temporaries, no resume.old
+    assert json.loads((out / "resume" / "state.json").read_text())["step"] == 2
+    # a process killed between the two renames leaves only resume.old: that is the state found
+    (out / "resume").rename(out / "resume.old")
+    (out / ".resume.tmp-123").mkdir()
+    assert ckpt_io.find_resume(out) == out / "resume.old"
+    ckpt_io.remove_stale_temporaries(out)
+    assert not (out / ".resume.tmp-123").exists()
+    # a changed file is noticed
+    with open(out / "resume.old" / "ahn.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(AhnError, match="damaged"):
+        ckpt_io.load_resume(out / "resume.old")
+
+
+# ----------------------------------------------------------------------------------------------
+# The window budget
+# ----------------------------------------------------------------------------------------------
+def test_sample_budget_respects_its_constraints():
+    rng = random.Random(0)
+    for L in (33, 40, 64, 65, 100, 257, 1000, 5000, 24576, 65535):
+        choices = budget_choices(L)
+        seen = Counter()
+        draws = 3000
+        for _ in range(draws):
+            W, S = sample_budget(L, rng)
+            wt = W + S
+            assert wt in BUDGETS and L / 8 < wt < L, (L, W, S)
+            assert S in SINK_CHOICES and 2 * S <= wt and W >= 1, (L, W, S)
+            seen[wt] += 1
+        # Wt is uniform over its admissible set
+        assert set(seen) == set(choices)
+        exp = draws / len(choices)
+        assert all(abs(c - exp) / math.sqrt(exp) < UNIFORM for c in seen.values()), (L, seen)
+    # S is uniform over the sinks allowed for the drawn budget
+    s_seen = Counter(sample_budget(300, rng)[1] for _ in range(4000))    # Wt in {64, 128, 256}
+    assert set(s_seen) == {0, 32, 64, 128}
+    assert budget_choices(32) == [] and budget_choices(33) == [32]
+    with pytest.raises(AhnError, match="shorter than the window"):
+        sample_budget(20, rng)
+    assert budget_choices(5000, wt_min=1024, wt_max=2048) == [1024, 2048]
+    # past 8x the largest allowed budget, the largest one below L
+    assert budget_choices(70000) == [8192] and budget_choices(5000, wt_max=256) == [256]
+    assert sample_budget(10, rng, fixed=(7, 3)) == (7, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def tiny_tokenizer(path):
+    """A byte-level tokenizer.json with no merges (one token per byte) plus the ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(path))
+    return path
+
+
+def test_data_records_text_messages_input_ids_and_bad_ones(tmp_path):
+    from ahn_rt.tokenizer import QWEN25_DEFAULT_SYSTEM, Tokenizer
+    tok_path = tiny_tokenizer(tmp_path / "tokenizer.json")
+    tok = Tokenizer.from_file(tok_path)
+    msgs = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, world!"}]
+    records = [
+        {"text": "abcdefghij" * 5},
+        {"messages": msgs},
+        {"input_ids": list(range(30, 80)), "labels": [-100] * 25 + list(range(55, 80))},
+        "{not json",
+        "[1, 2, 3]",
+        {"input_ids": "abc"},
+        {"input_ids": [1, 2, 300]},                      # outside the vocabulary (300)
+        {"input_ids": []},
+        {"text": 5},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"input_ids": [1, 2, 3], "labels": [1, 2]},
+        {"nothing": 1},
+        "",                                               # blank lines are not records
+        {"input_ids": list(range(12))},                  # shorter than the window
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    d = load_dataset(path, vocab_size=300, seq_len=4096, budget=BudgetSpec(fixed=(16, 4)),
+                     tokenizer_path=tok_path, family="qwen2")
+    assert len(d) == 3 and d.stats.used == 3 and d.stats.lines == 13
+    assert sum(d.stats.skipped.values()) == 10
+    assert d.stats.skipped["invalid JSON"] == 1 and d.stats.skipped["token id outside the vocabulary"] == 1
+    assert d.stats.skipped["empty"] == 1 and d.stats.skipped["shorter than the window"] == 1
+    # text: every token is a target
+    ids, mask = d.seq(0)
+    assert tok.decode(ids.tolist()) == "abcdefghij" * 5 and bool(mask.all())
+    # messages: ChatML with Qwen2.5's default system message, loss on the assistant turn only
+    ids, mask = d.seq(1)
+    chat = (f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nhi there<|im_end|>\n"
+            f"<|im_start|>assistant\nhello, world!<|im_end|>\n")
+    assert tok.decode(ids.tolist()) == chat
+    assert tok.decode(ids[mask].tolist()) == "hello, world!<|im_end|>\n"
+    assert bool(mask[-len(tok.encode("hello, world!<|im_end|>\n")):].all())
+    # input_ids with labels: the labels are the mask
+    ids, mask = d.seq(2)
+    assert ids.tolist() == list(range(30, 80)) and mask.tolist() == [False] * 25 + [True] * 25
+
+    # seq-len cuts, min-len drops, the same data without the messages needs no tokenizer
+    d = load_dataset(write_jsonl(tmp_path / "e.jsonl", [{"input_ids": list(range(100))}, {"input_ids": list(range(50))}]),
+                     vocab_size=300, seq_len=64, min_len=60, budget=BudgetSpec(fixed=(16, 4)))
+    assert len(d) == 1 and d.length(0) == 64 and d.stats.truncated == 1
+    assert d.stats.skipped["shorter than --min-len"] == 1
+
+
+def test_data_errors_are_one_line(tmp_path):
+    budget = BudgetSpec(fixed=(16, 4))
+
+    def err(path, **kw):
+        with pytest.raises(AhnError) as e:
+            load_dataset(path, vocab_size=V, seq_len=4096, budget=kw.pop("budget", budget), **kw)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+    assert "not found" in err(tmp_path / "missing.jsonl")
+    assert "empty" in err(write_jsonl(tmp_path / "empty.jsonl", ["", "  "]))
+    assert "no usable record" in err(write_jsonl(tmp_path / "bad.jsonl", ["{", {"input_ids": [V]}]))
+    assert "sequence shorter than the window" in err(
+        write_jsonl(tmp_path / "short.jsonl", [{"input_ids": [1] * 20}, {"input_ids": [1] * 21}]))
+    assert "sequence shorter than the window" in err(
+        write_jsonl(tmp_path / "short2.jsonl", [{"input_ids": [1] * 32}]), budget=BudgetSpec())
+    assert "tokenizer" in err(write_jsonl(tmp_path / "text.jsonl", [{"text": "hello"}]),
+                              tokenizer_path=tmp_path / "nope.json")
+
+
+def test_collate_pads_right_and_marks_loss_positions():
+    a = (torch.arange(1, 11), torch.ones(10, dtype=torch.bool))
+    m = torch.zeros(6, dtype=torch.bool)
+    m[4:] = True
+    b = (torch.arange(20, 26), m)
+    mb = collate([a, b], [(3, 2), (2, 1)])
+    assert mb.ids.tolist() == [list(range(1, 11)), [20, 21, 22, 23, 24, 25, 0, 0, 0, 0]]
+    assert mb.labels[1].tolist() == [IGNORE_INDEX] * 4 + [24, 25] + [IGNORE_INDEX] * 4
+    # position t is a loss position iff t >= S + W and token t + 1 is a target
+    assert mb.valid[0].nonzero().squeeze(1).tolist() == [5, 6, 7, 8]
+    assert mb.valid[1].nonzero().squeeze(1).tolist() == [3, 4]
+    assert mb.tokens == 16 and mb.window.tolist() == [3, 2] and mb.sinks.tolist() == [2, 1]
