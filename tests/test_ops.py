@@ -414,7 +414,7 @@ def test_graph_replay_cuda(marks):
                            scale=D ** -0.5))
         G = H // Hkv
         gdn(state=s["state"], q=q, k=s["k_evict"], v=s["v_evict"], beta=s["beta_evict"],
-            g=s["alpha_evict"], out=s["out"], pos=s["pos"], sinks=S, window=W, **gdn_const)
+            alpha=s["alpha_evict"], out=s["out"], pos=s["pos"], sinks=S, window=W, **gdn_const)
         del G
 
     ops = (torch.ops.ahn_rt.decode_prep, torch.ops.ahn_rt.swa_decode, torch.ops.ahn_rt.gdn_decode)
