@@ -1,6 +1,7 @@
 """Tiny random checkpoints for the model-level tests, built WITHOUT ahn_rt: base Qwen2/Qwen3 via transformers
 save_pretrained (single file or sharded), AHN-only safetensors with the official key names
-(model.layers.N.ahn.fn.*, AHN_SPEC §5.1), and merged base+AHN folders. Everything is float32 and seeded.
+(model.layers.N.ahn.fn.*, docs/semantics.md §8), and merged base+AHN folders. Everything is float32 and
+seeded. No tolerances live here (the scales below shape random weights; each test file's table bounds errors).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def hf_model(folder: str):
 
 def ahn_tensors(cfg: dict, seed: int = 0, o_proj_scale: float = 1.0, zero_o_proj: bool = False
                 ) -> Dict[str, torch.Tensor]:
-    """Random AHN-GDN tensors with the official names; shapes per AHN_SPEC §5.1."""
+    """Random AHN-GDN tensors with the official names; shapes per docs/semantics.md §8."""
     d, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
     D = cfg.get("head_dim") or d // H
     g = torch.Generator().manual_seed(1000 + seed)

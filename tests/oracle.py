@@ -1,11 +1,15 @@
-"""Independent float64 oracle for AHN-augmented Qwen2/Qwen3 (AHN_SPEC §1, §2.4, §3, §4.2), written from the
-spec only: no ahn_rt import. Slow, literal and float64 on purpose; test sizes are tiny.
+"""Independent float64 oracle for AHN-augmented Qwen2/Qwen3 (docs/semantics.md §1–§6), written from
+the semantics only: no ahn_rt import. Slow, literal and float64 on purpose; test sizes are tiny.
 
     logits = Oracle(folder, ahn=None, window=W, sinks=S, mode="ahn").logits(ids)   # float64 [T, vocab]
 
-Rule implemented (AHN_SPEC §4.2, the generalized rule, not the official decode bug §4.3a/b): query t attends
-keys {0..S-1} ∪ {t-W+1..t} (all of 0..t while t < S+W); in mode "ahn", for t >= S+W the layer also adds the
-read of the GatedDeltaNet memory that holds evicted tokens S..t-W, written in order, before self_attn.o_proj.
+Rule implemented (docs/semantics.md §2–§3, the consistent rule, not the official decode path of §9 a/b):
+query t attends keys {0..S-1} ∪ {t-W+1..t} (all of 0..t while t < S+W); in mode "ahn", for t >= S+W the layer
+also adds the read of the GatedDeltaNet memory that holds evicted tokens S..t-W, written in order, before
+self_attn.o_proj.
+
+No tolerances live here: the oracle returns float64 logits and rel_err; each test file's tolerance table
+bounds rel_err.
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file
 
-GDN_NORM_EPS = 1e-5     # FusedRMSNormSwishGate eps (AHN_SPEC §2.4)
-L2_EPS = 1e-6           # fused_recurrent l2norm: x / (||x|| + eps) (AHN_SPEC §3)
+GDN_NORM_EPS = 1e-5     # FusedRMSNormSwishGate eps (docs/semantics.md §6)
+L2_EPS = 1e-6           # fused_recurrent l2norm: x / (||x|| + eps) (docs/semantics.md §5)
 AHN_FIELDS = ("A_log", "dt_bias", "a_proj.weight", "b_proj.weight", "g_proj.weight", "o_norm.weight",
               "o_proj.weight")
 
@@ -75,7 +79,7 @@ def rope(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
 
 
 def attended_keys(t: int, W: int, S: int, mode: str) -> list:
-    """Key positions seen by query t (AHN_SPEC §2.2 / §4.2)."""
+    """Key positions seen by query t (docs/semantics.md §2)."""
     if mode == "full" or t < S + W:
         return list(range(t + 1))
     return list(range(S)) + list(range(t - W + 1, t + 1))

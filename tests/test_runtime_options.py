@@ -1,11 +1,13 @@
-"""Runtime options: positions past max_position_embeddings (full attention warns once, AHN_SPEC §8; ahn/swa
-keep going silently, as the official model does) and window/sinks that are not integers."""
+"""Runtime options: positions past max_position_embeddings (full attention warns once, docs/semantics.md §9;
+ahn/swa keep going silently, as the official model does) and window/sinks that are not integers."""
 import warnings
 
 import torch
 
 from ahn_rt.init_weights import preset_config, random_state_dict
 from ahn_rt.runtime import from_state_dict
+
+# tolerance table: none. Every check here is exact (warning counts, positions, error types).
 
 
 def test_full_mode_warns_once_past_max_positions_and_ahn_does_not():
