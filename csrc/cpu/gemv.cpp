@@ -5,9 +5,15 @@
 // residual epilogue, one rounding.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define AHN_RT_X86 1
+#endif
 
 #include "../common.h"
 
@@ -26,6 +32,44 @@ float dot_row(const T* w, const float* x, int64_t K) {
   for (; k < K; ++k) s += static_cast<float>(w[k]) * x[k];
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   return s;
+}
+
+#ifdef AHN_RT_X86
+// fp16 rows: torch's scalar c10::Half -> float conversion (bit manipulation, as built into extensions) keeps
+// the loop above from vectorizing, which made fp16 decode about 3x slower than bf16. With F16C the
+// conversion is one instruction per 8 values; chosen at run time, so the build still runs on any x86-64.
+__attribute__((target("avx2,fma,f16c"))) float dot_row_f16c(const c10::Half* w, const float* x, int64_t K) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m128i h0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+    const __m128i h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(h0), _mm256_loadu_ps(x + k), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(h1), _mm256_loadu_ps(x + k + 8), acc1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  float s = 0.f;
+  for (; k < K; ++k) s += static_cast<float>(w[k]) * x[k];
+  for (int j = 0; j < 8; ++j) s += lanes[j];
+  return s;
+}
+
+bool has_f16c() {
+  static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        __builtin_cpu_supports("f16c");
+  return v;
+}
+#endif
+
+template <typename T>
+float dot(const T* w, const float* x, int64_t K) {
+#ifdef AHN_RT_X86
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (has_f16c()) return dot_row_f16c(w, x, K);
+  }
+#endif
+  return dot_row(w, x, K);
 }
 
 }  // namespace
@@ -52,7 +96,7 @@ void gemv_cpu(const GemvParams& p) {
 
   const int64_t half = p.silu_mul ? p.N_out : 0;  // up row of output i is i + half
   auto row_value = [&](int64_t r) {
-    float y = dot_row(w + r * K, xn.data(), K);
+    float y = dot(w + r * K, xn.data(), K);
     if (bias != nullptr) y += static_cast<float>(bias[r * p.bias_stride]);
     return y;
   };
