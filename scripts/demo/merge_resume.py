@@ -1,0 +1,47 @@
+"""Fallback for run_gpu.sh: turn the last resume state of an interrupted ``python -m ahn_rt.train`` run into
+the same outputs a finished run writes (OUT/model.safetensors AHN-only, OUT/config.json, OUT/merged/).
+
+    python scripts/demo/merge_resume.py --base runs/demo/teacher --run runs/demo/ahn --window 512 --sinks 32
+
+Used only when the distillation is stopped by its time guard; the state's step is printed and recorded in
+OUT/partial.json so that a partial run is never mistaken for a finished one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--run", required=True, help="the trainer's --out folder")
+    ap.add_argument("--window", type=int, required=True)
+    ap.add_argument("--sinks", type=int, required=True)
+    args = ap.parse_args(argv)
+    from ahn_rt import weights as W
+    from ahn_rt.train import checkpoint as ckpt_io
+    run = Path(args.run)
+    folder = ckpt_io.find_resume(run)
+    if folder is None:
+        print(f"[merge_resume] no resume state in {run}", file=sys.stderr)
+        return 1
+    state, ahn, _ = ckpt_io.load_resume(folder)
+    ckpt = W.open_checkpoint(Path(args.base))
+    base_cfg = W.find_config(Path(args.base), sorted(set(ckpt.src.where.values()), key=str))
+    cfg = ckpt_io.output_config(base_cfg, ckpt.config.family, args.window, args.sinks)
+    ckpt_io.write_model(run, ahn, ckpt.config, cfg, torch.bfloat16)
+    merged_cfg = dict(cfg, torch_dtype=base_cfg.get("torch_dtype", "bfloat16"))
+    ckpt_io.write_merged(run, ckpt, ahn, merged_cfg, torch.bfloat16)
+    total = state.get("schedule", {}).get("total_steps")
+    W.atomic_write_text(run / "partial.json", json.dumps({"step": state["step"], "planned_steps": total}) + "\n")
+    print(f"[merge_resume] wrote {run / 'merged'} from the resume state at step {state['step']} of {total}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

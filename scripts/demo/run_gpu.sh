@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The demo model pipeline in one command (scripts/demo/README.md):
+#   teacher pretraining -> distillation data (in the background) -> AHN distillation + merge -> evaluation.
+# Needs data/demo/ from scripts/demo/build_corpus.py (built on the CPU machine and carried in).
+#
+#   bash scripts/demo/run_gpu.sh           # one H200, about 7 minutes; results under $OUT
+#   bash scripts/demo/run_gpu.sh --smoke   # every stage at toy size on the CPU, a couple of minutes
+#
+# $OUT receives exactly 8 files (each < 16 MiB, at most $OUT/a/file):
+#   demo/{model.safetensors,config.json,generation_config.json,tokenizer.json}   the merged demo model
+#   eval/{eval.md,eval.json}      the evaluation table and every number (+ pipeline settings and timings)
+#   logs/{teacher_log.jsonl,distill_log.jsonl}
+# Overrides (environment): TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
+# stops), WORK (intermediate folder), PYTHON.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DATA=data/demo
+MODE=full
+[[ "${1:-}" == "--smoke" ]] && MODE=smoke
+
+if [[ $MODE == full ]]; then
+  WORK=${WORK:-$DATA/run}; OUT=${OUT:-$DATA/out}; DEV=cuda
+  L=4096; WIN=512; SINKS=32
+  T_STEPS=${TEACHER_STEPS:-1400}; T_BATCH=32; T_LIMIT=${TEACHER_LIMIT:-250}
+  T_EXTRA=(--log-every 50 --eval-every 700 --eval-seqs 8)
+  D_STEPS=${DISTILL_STEPS:-500}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-210}; D_DIST_MIN=600
+  D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50)
+  E_EXTRA=(--n-text 32 --n-passkey 32 --distances 256,1000,2000,3500)
+else
+  WORK=${WORK:-$DATA/smoke}; OUT=${SMOKE_OUT:-$DATA/smoke/out}; DEV=cpu
+  L=512; WIN=64; SINKS=16
+  T_STEPS=${TEACHER_STEPS:-30}; T_BATCH=4; T_LIMIT=${TEACHER_LIMIT:-0}
+  T_EXTRA=(--hidden 64 --layers 2 --heads 2 --kv-heads 1 --mlp 128 --warmup 5 --lr 3e-3 --log-every 10
+           --eval-every 30 --eval-seqs 2)
+  D_STEPS=${DISTILL_STEPS:-4}; D_BATCH=4; D_LIMIT=${DISTILL_LIMIT:-300}; D_DIST_MIN=100
+  D_EXTRA=(--dtype float32 --log-every 1 --save-every 2)
+  E_EXTRA=(--n-text 2 --n-passkey 2 --distances 40,200,400 --edges 256)
+fi
+D_NUM=$(( D_STEPS * D_BATCH / 2 ))   # two passes over the distillation sequences
+mkdir -p "$WORK" "$OUT/demo" "$OUT/eval" "$OUT/logs"
+
+T_START=$(date +%s)
+STAGE_T0=$T_START
+TIMING="{\"mode\": \"$MODE\""
+stage() { STAGE=$1; STAGE_T0=$(date +%s); echo "== [$((STAGE_T0 - T_START)) s] $STAGE"; }
+done_stage() {
+  local dt=$(( $(date +%s) - STAGE_T0 ))
+  echo "== $STAGE: $dt s"
+  TIMING="$TIMING, \"$STAGE\": $dt"
+}
+
+stage setup
+$PY - <<EOF
+import hashlib, json, platform, sys, torch
+m = json.load(open("$DATA/manifest.json"))
+for name, digest in m["sha256"].items():
+    h = hashlib.sha256(open("$DATA/" + name, "rb").read()).hexdigest()
+    if h != digest:
+        sys.exit(f"$DATA/{name}: sha256 {h} differs from the manifest ({digest}); rebuild or re-carry data/demo")
+print(f"data/demo intact (corpus of CPython {m['python']}, {m['splits']['train']['tokens']:,} train tokens); "
+      f"python {platform.python_version()}, torch {torch.__version__}, "
+      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+if "$DEV" == "cuda" and not torch.cuda.is_available():
+    sys.exit("no CUDA device: run with --smoke on a CPU machine")
+EOF
+$PY -c "import ahn_rt.ops as o; print('ahn_rt ops backend:', o.backend())"
+done_stage
+
+# The distillation data does not depend on the teacher: write it while the teacher trains.
+$PY scripts/demo/make_distill_data.py --data "$DATA" --split distill --out "$WORK/distill.jsonl" --num "$D_NUM" \
+    --seq-len "$L" --passkey-frac 1.0 --dist-min "$D_DIST_MIN" --seed 1 --stats "$WORK/distill_stats.json" \
+    > "$WORK/distill_data.log" 2>&1 &
+DATA_PID=$!
+
+stage teacher
+$PY scripts/demo/train_teacher.py --data "$DATA" --out "$WORK/teacher" --steps "$T_STEPS" --batch "$T_BATCH" \
+    --seq-len "$L" --seed 0 --passkey-frac 0.5 --device "$DEV" --time-limit "$T_LIMIT" "${T_EXTRA[@]}"
+done_stage
+
+stage distill_data
+wait "$DATA_PID" || { cat "$WORK/distill_data.log"; exit 1; }
+cat "$WORK/distill_data.log"
+done_stage
+
+stage distill
+rm -f "$WORK/ahn/partial.json"
+set +e
+timeout -s INT -k 30 "$D_LIMIT" $PY -m ahn_rt.train --base "$WORK/teacher" --data "$WORK/distill.jsonl" \
+    --out "$WORK/ahn" --overwrite --steps "$D_STEPS" --seq-len "$L" --batch "$D_BATCH" --grad-accum 1 \
+    --window "$WIN" --sinks "$SINKS" --lr 2e-3 --seed 0 --device "$DEV" --merge "${D_EXTRA[@]}"
+rc=$?
+set -e
+if [[ $rc == 124 || $rc == 130 ]]; then
+  echo "WARNING: distillation stopped by its time guard (${D_LIMIT} s); merging its last resume state"
+  $PY scripts/demo/merge_resume.py --base "$WORK/teacher" --run "$WORK/ahn" --window "$WIN" --sinks "$SINKS"
+elif [[ $rc != 0 ]]; then
+  echo "distillation failed (exit $rc)"; exit "$rc"
+fi
+done_stage
+echo "$TIMING}" > "$WORK/timing.json"
+
+stage evaluate
+$PY scripts/demo/evaluate.py --model "$WORK/ahn/merged" --data "$DATA" --seq-len "$L" --device "$DEV" \
+    "${E_EXTRA[@]}" --out-md "$OUT/eval/eval.md" --out-json "$OUT/eval/eval.json" \
+    --attach timing="$WORK/timing.json" --attach teacher="$WORK/teacher/train_summary.json" \
+    --attach distill_run="$WORK/ahn/run.json" --attach distill_data="$WORK/distill_stats.json" \
+    --attach distill_partial="$WORK/ahn/partial.json"
+done_stage
+
+stage collect
+for f in model.safetensors config.json generation_config.json tokenizer.json; do
+  cp "$WORK/ahn/merged/$f" "$OUT/demo/$f"
+done
+cp "$WORK/teacher/log.jsonl" "$OUT/logs/teacher_log.jsonl"
+cp "$WORK/ahn/log.jsonl" "$OUT/logs/distill_log.jsonl"
+size=$(stat -c %s "$OUT/demo/model.safetensors")
+echo "merged demo model: $size bytes ($(awk "BEGIN{printf \"%.2f\", $size/1048576}") MiB)"
+if (( size > 15 * 1048576 )); then echo "ERROR: model.safetensors is over 15 MiB"; exit 1; fi
+(cd "$OUT" && find . -type f | sort | xargs sha256sum)
+done_stage
+echo "== pipeline done in $(( $(date +%s) - T_START )) s; $TIMING}"
