@@ -35,12 +35,12 @@ class Decoder:
     # ------------------------------------------------------------------------------------------
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = ops.rms_norm(h, self.w.norm, self.config.rms_norm_eps)
-        return F.linear(h, self.w.lm_head).float()
+        return ops.linear(h, self.w.lm_head).float()
 
     def _mlp(self, h: torch.Tensor, lw) -> torch.Tensor:
         x = ops.rms_norm(h, lw.ln_post, self.config.rms_norm_eps)
-        gate, up = F.linear(x, lw.w_gu).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, lw.w_down)
+        gate, up = ops.linear(x, lw.w_gu).chunk(2, dim=-1)
+        return h + ops.linear(F.silu(gate) * up, lw.w_down)
 
     def _gates(self, proj: torch.Tensor, lw):
         """beta (model dtype), alpha (float32), z for every token of a projection [T, P]."""
@@ -68,7 +68,7 @@ class Decoder:
         h = F.embedding(ids, self.w.embed)
         for i, lw in enumerate(self.w.layers):
             x = ops.rms_norm(h, lw.ln_in, c.rms_norm_eps)
-            proj = F.linear(x, lw.w_in, lw.b_in)
+            proj = ops.linear(x, lw.w_in, lw.b_in)
             q = proj[:, : self._q_end].view(T, H, D)
             k = proj[:, self._q_end: self._k_end].view(T, Hkv, D)
             v = proj[:, self._k_end: self._v_end].view(T, Hkv, D)
@@ -88,7 +88,7 @@ class Decoder:
                     o = ops.gdn_chunk(q[r], k_all[ev], v_all[ev], beta_all[ev], alpha_all[ev], st.memory[i])
                     attn[r] += ops.gdn_output(o, z[r], lw.o_norm, lw.ahn_o_proj, AHN_NORM_EPS)
             st.write(i, plan, k, v, beta, alpha)
-            h = h + F.linear(attn.reshape(T, H * D), lw.w_o, lw.b_o)
+            h = h + ops.linear(attn.reshape(T, H * D), lw.w_o, lw.b_o)
             h = self._mlp(h, lw)
         st.advance(T)
         return self._logits(h[-1:] if last_only else h)

@@ -115,6 +115,18 @@ def gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
 
 
 # ---- prefill path: torch implementations -------------------------------------------------------
+def linear(x, weight, bias=None):
+    """x @ weight^T (+ bias). torch has no fast float16 GEMM on the CPU (about 10x slower than bf16 on
+    x86), so there float16 runs in float32, a block of weight rows at a time (no float32 copy of a whole
+    LM head), and is rounded once: the same values up to summation order."""
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        xf = x.float()
+        ys = [torch.nn.functional.linear(xf, w.float()) for w in weight.split(16384)]
+        y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+        return (y if bias is None else y + bias.float()).to(torch.float16)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def window_attention(q, k, v, q_pos, k_pos, sinks, window, scale):
     if q.is_cuda and _backend != "ref":
         return _window_attention_sdpa(q, k, v, q_pos, k_pos, sinks, window, scale)

@@ -445,3 +445,18 @@ def test_graph_replay_cuda(marks):
         assert_bits(st["v_cache"], ref_st["v_cache"], f"pos {p} v_cache")
         assert_close(st["state"], ref_st["state"], torch.float32, f"pos {p} state") if p >= S + W else None
         assert_close(st["out"], ref_st["out"], dt, f"pos {p} out")
+
+
+@pytest.mark.parametrize("rows", [7, 16384, 40000], ids=lambda r: f"N{r}")
+def test_linear_fp16_cpu_matches_torch(rows):
+    """ahn_rt.ops.linear runs CPU float16 in float32 blocks (torch's float16 CPU GEMM is ~10x slower):
+    the same values as torch's float16 linear up to summation order (TOL's float16 row), bias included."""
+    from ahn_rt import ops
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(13, 64, generator=g).half()
+    w = (torch.randn(rows, 64, generator=g) / 8).half()
+    b = torch.randn(rows, generator=g).half()
+    for bias in (None, b):
+        got, want = ops.linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
+        assert got.dtype == torch.float16 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=TOL[torch.float16]["rtol"], atol=TOL[torch.float16]["atol"])
