@@ -10,11 +10,11 @@ import torch
 
 from .errors import AhnError
 
-# AHN_SPEC §2.1: without explicit values the runtime uses S + W = 32768 lossless tokens.
+# docs/semantics.md §8: without explicit values the runtime uses S + W = 32768 lossless tokens.
 DEFAULT_WINDOW = 32640
 DEFAULT_SINKS = 128
 MODES = ("ahn", "swa", "full")
-# AHN_SPEC §2.4: the GatedDeltaNet output norm (FusedRMSNormSwishGate) uses eps 1e-5.
+# docs/semantics.md §6: the GatedDeltaNet output norm (FusedRMSNormSwishGate) uses eps 1e-5.
 AHN_NORM_EPS = 1e-5
 
 _DTYPES = {
@@ -137,10 +137,10 @@ def parse_config(cfg: dict, where: str) -> Config:
         for flag in ("use_q_proj", "use_ahn_router"):
             if cfg.get(flag):
                 raise AhnError(f"{where}: {flag}=true is not supported (the official inference code "
-                               "cannot run it either, AHN_SPEC §2.5)")
+                               "cannot run it either, docs/semantics.md §9)")
         if str(cfg.get("fa_layer_ids") or "").strip():
             raise AhnError(f"{where}: fa_layer_ids={cfg['fa_layer_ids']!r} is not supported "
-                           "(AHN in every layer only, AHN_SPEC §2.5)")
+                           "(AHN in every layer only, docs/semantics.md §9)")
     is_ahn_cfg = ahn_impl is not None or "num_attn_sinks" in cfg
     return Config(
         family=family, vocab_size=_get(cfg, "vocab_size", where), hidden_size=hidden,
@@ -194,7 +194,7 @@ def resolve_runtime(config: Config, *, window, sinks, mode, dtype, has_ahn: bool
 
 
 def rope_inv_freq(config: Config, device) -> torch.Tensor:
-    """inv_freq_i = theta^(-2i/D) in float32, as Hugging Face computes it (AHN_SPEC §1)."""
+    """inv_freq_i = theta^(-2i/D) in float32, as Hugging Face computes it (docs/semantics.md §1)."""
     d = config.head_dim
     exponent = torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d
     return (1.0 / (config.rope_theta ** exponent)).to(device)

@@ -27,7 +27,7 @@ PRESETS = {
     "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=QWEN_VOCAB,
                  tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768),
-    # public shapes of the Qwen releases (AHN_SPEC §1, PERF.md)
+    # public shapes of the Qwen releases (their config.json files)
     "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, vocab_size=QWEN_VOCAB,
                          tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768),

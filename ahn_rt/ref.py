@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from .cache import ring_slot  # the one slot formula (owned by the State)
 
-# fla's fused_recurrent kernel normalizes q and k as x / (||x|| + eps) (AHN_SPEC §3 step 1).
+# fla's fused_recurrent kernel normalizes q and k as x / (||x|| + eps) (docs/semantics.md §5).
 L2_EPS = 1e-6
-# fla's chunked kernels work on blocks of 64 time steps (AHN_SPEC §3, chunk form).
+# fla's chunked kernels work on blocks of 64 time steps (docs/semantics.md §5).
 GDN_CHUNK = 64
 
 
@@ -49,7 +49,7 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 # ----------------------------------------------------------------------------------------------
 def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                          k_pos: torch.Tensor, sinks: int, window: int, scale: float) -> torch.Tensor:
-    """Attention of T queries over Tk keys under the AHN mask (AHN_SPEC §2.2).
+    """Attention of T queries over Tk keys under the AHN mask (docs/semantics.md §2).
 
     q: [T, H, D]; k, v: [Tk, Hkv, D]; q_pos: [T], k_pos: [Tk] absolute positions (int64).
     Query at p sees key at j iff j <= p and (p - j < window or j < sinks). Softmax in float32.
@@ -123,7 +123,7 @@ def swa_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# Gated delta rule (AHN_SPEC §3)
+# Gated delta rule (docs/semantics.md §5)
 # ----------------------------------------------------------------------------------------------
 def _gdn_inputs(q, k, v, beta, alpha, scale):
     """Upcast, expand kv heads to query heads, l2-normalize q/k and scale q."""
@@ -234,7 +234,7 @@ def gdn_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 # ----------------------------------------------------------------------------------------------
 def rope_cos_sin_ref(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     """cos/sin [T, D] for int64 positions [T]: fp32 angle = pos * inv_freq, rounded to ``dtype``
-    (as Hugging Face computes them, AHN_SPEC §1)."""
+    (as Hugging Face computes them, docs/semantics.md §1)."""
     angle = pos.float()[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((angle, angle), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -428,7 +428,7 @@ def load_weights(config: Config, ckpt: Checkpoint, device) -> Weights:
                       get(a + "g_proj.weight", ahn_from)]
             if biases is not None:
                 biases.append(torch.zeros(3 * H, dtype=dt, device=device))
-            # The official merge rounds every AHN tensor to the model dtype (AHN_SPEC §5.1); the decay
+            # The official merge rounds every AHN tensor to the model dtype (docs/semantics.md §8); the decay
             # parameters are then used in float32.
             lw.a_log = get(a + "A_log", ahn_from).float()
             lw.dt_bias = get(a + "dt_bias", ahn_from).float()
