@@ -7,6 +7,7 @@ toolkit is found, else a CppExtension with the CPU kernels only. The build never
 """
 import glob
 import os
+import runpy
 
 from setuptools import setup
 
@@ -14,11 +15,13 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The environment switches are read in one place, ahn_rt/settings.py (standard library only).
+SETTINGS = runpy.run_path(os.path.join(ROOT, "ahn_rt", "settings.py"))
 
 
 def _use_cuda() -> bool:
     can = torch.version.cuda is not None and CUDA_HOME is not None
-    env = os.environ.get("AHN_RT_CUDA", "").strip()
+    env = SETTINGS["build_cuda"]()
     if env == "0":
         return False
     if env == "1":
