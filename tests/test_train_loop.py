@@ -47,6 +47,15 @@ CFG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=3
            rms_norm_eps=1e-6, torch_dtype="float32")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is fastest, and on a busy 2-core runner extra threads
+    only spin against each other (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def base():
     return random_state_dict(CFG, ahn=False, dtype=torch.float32, std=0.2, seed=1)

@@ -205,8 +205,12 @@ class Trainer:
         return out
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place (through the device: NCCL reduces GPU tensors only)."""
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t)
+            d = t.to(self.device)
+            torch.distributed.all_reduce(d)
+            if d is not t:
+                t.copy_(d)
         return t
 
     def forward_loss(self, mb: MicroBatch):

@@ -1,0 +1,403 @@
+"""Command line: train the AHN memory of a frozen Qwen base by self-distillation (docs/semantics.md §10).
+
+    python -m ahn_rt.train --base Qwen2.5-3B-Instruct/ --data sft.jsonl --out runs/ahn3b \\
+        --seq-len 24576 --grad-accum 128 --dtype bf16
+
+writes OUT/model.safetensors (AHN only, official names, loadable with ``ahn_rt.load(BASE, ahn=...)``) and
+OUT/config.json, OUT/log.jsonl (one record per optimizer step), OUT/loss.png (with matplotlib), OUT/resume/
+(continue a stopped or killed run with --resume) and, with --merge, OUT/merged/ (base + AHN in one folder).
+
+A user's mistake (missing or unusable base/data, bad option, unwritable --out) prints one line and exits 2
+before anything is written; Ctrl-C prints one line and exits 130, leaving the last complete resume state.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _interrupted(signum=None, frame=None):
+    # Ctrl-C while torch is being imported: nothing has been written yet; one line, exit 130.
+    try:
+        sys.stderr.write("\ninterrupted\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _interrupted)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ..errors import AhnError  # noqa: E402
+
+PROG = "python -m ahn_rt.train"
+# Settings that define a run: a resumed run takes them from its saved state, and a flag that contradicts
+# the saved value is an error (it would silently change the losses the resume is meant to reproduce).
+RUN_DEFAULTS = {
+    "steps": None, "seq_len": 24576, "min_len": 0, "batch": 1, "grad_accum": 1, "lr": 1e-4,
+    "warmup_ratio": 0.1, "weight_decay": 0.1, "max_grad_norm": 1.0, "window_min": None, "window_max": None,
+    "window": None, "sinks": None, "ce_weight": 0.0, "seed": 0, "dtype": None, "loss_on": "assistant",
+    "activation_checkpointing": True,
+}
+OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line ("error: ...") and exit 2, like every other mistake."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see {PROG} --help)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog=PROG, description="Train the AHN (GatedDeltaNet memory) of a frozen Qwen model by "
+                                        "self-distillation from the same model with full attention.")
+    io = ap.add_argument_group("inputs and outputs")
+    io.add_argument("--base", required=True, help="base model: .safetensors file or checkpoint folder")
+    io.add_argument("--data", required=True, help="JSONL: {\"text\"}, {\"messages\"} (ChatML) or {\"input_ids\"}")
+    io.add_argument("--out", required=True, help="output folder")
+    io.add_argument("--tokenizer", help="tokenizer.json for text/messages data (default: the base's)")
+    io.add_argument("--resume", action="store_true", help="continue the run saved in OUT/resume")
+    io.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run")
+    io.add_argument("--init-from-base", action="store_true",
+                    help="start from the AHN weights the base checkpoint holds (default: a fresh memory)")
+    io.add_argument("--init-ahn", metavar="PATH", help="start from this AHN-only checkpoint")
+    io.add_argument("--merge", action="store_true", help="also write OUT/merged/ (base + AHN)")
+    io.add_argument("--save-dtype", default="bf16", choices=["bf16", "float32"],
+                    help="dtype of the saved AHN tensors (default bf16, like the official release)")
+    io.add_argument("--infer-window", type=int, help="sliding_window written to config.json (default: "
+                    "--window of a fixed-window run, else the runtime default 32640)")
+    io.add_argument("--infer-sinks", type=int, help="num_attn_sinks written to config.json (default: "
+                    "--sinks of a fixed-window run, else 128)")
+    d = ap.add_argument_group("data")
+    d.add_argument("--seq-len", type=int, help="cut sequences at this many tokens (default 24576)")
+    d.add_argument("--min-len", type=int, help="drop sequences shorter than this (default 0; the released "
+                                               "recipe used 288)")
+    d.add_argument("--loss-on", choices=["assistant", "all"], help="messages records: loss on assistant "
+                                                                    "turns (default) or on every token")
+    w = ap.add_argument_group("window (default: S+W drawn per sequence, see docs/semantics.md §10)")
+    w.add_argument("--window-min", type=int, help="smallest total budget S+W to draw")
+    w.add_argument("--window-max", type=int, help="largest total budget S+W to draw")
+    w.add_argument("--window", type=int, help="fixed window W (with --sinks)")
+    w.add_argument("--sinks", type=int, help="fixed number of sink tokens S (with --window)")
+    o = ap.add_argument_group("optimization")
+    o.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    o.add_argument("--batch", type=int, help="sequences per micro-batch (default 1)")
+    o.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    o.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    o.add_argument("--warmup-ratio", type=float, help="linear warmup share of the steps (default 0.1)")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay of the projections (default 0.1)")
+    o.add_argument("--max-grad-norm", type=float, help="gradient clipping norm, 0 = off (default 1.0)")
+    o.add_argument("--ce-weight", type=float, help="add this times the student's cross-entropy (default 0)")
+    o.add_argument("--seed", type=int, help="data order, windows and AHN init (default 0)")
+    o.add_argument("--dtype", choices=["bf16", "float32"],
+                   help="bf16: base in bf16, bf16 autocast, fp32 master AHN weights (default on cuda); "
+                        "float32 (default on cpu)")
+    o.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
+                   const=False, help="keep every layer's activations (faster, more memory)")
+    r = ap.add_argument_group("run")
+    r.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    r.add_argument("--log-every", type=int, default=10, help="progress line every N steps when stderr is "
+                                                              "not a terminal (default 10)")
+    r.add_argument("--save-every", type=int, default=100, help="resume state every N steps (default 100; "
+                                                                "0 = only at the end)")
+    r.add_argument("--stop-after", type=int, help="stop after this optimizer step, with a resume state "
+                                                  "(continue with --resume)")
+    return ap
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    return f"warning: {message}\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking the command line, before anything is read or written
+# ----------------------------------------------------------------------------------------------
+def _check_args(a):
+    def need(cond, msg):
+        if not cond:
+            raise AhnError(msg)
+    for name, lo in (("steps", 1), ("seq_len", 2), ("batch", 1), ("grad_accum", 1), ("window", 1),
+                     ("sinks", 0), ("window_min", 1), ("window_max", 1), ("min_len", 0), ("stop_after", 1),
+                     ("infer_window", 1), ("infer_sinks", 0)):
+        v = getattr(a, name)
+        need(v is None or v >= lo, f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    need(a.log_every >= 1, f"--log-every must be >= 1, got {a.log_every}")
+    need(a.save_every >= 0, f"--save-every must be >= 0, got {a.save_every}")
+    for name in ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "ce_weight"):
+        v = getattr(a, name)
+        need(v is None or (math.isfinite(v) and v >= 0), f"--{name.replace('_', '-')} must be a finite number "
+                                                          f">= 0, got {v}")
+    need(a.lr is None or a.lr > 0, "--lr must be > 0")
+    need(a.warmup_ratio is None or a.warmup_ratio <= 1, f"--warmup-ratio must be <= 1, got {a.warmup_ratio}")
+    need((a.window is None) == (a.sinks is None),
+         "--window and --sinks go together (a fixed window needs both); without them S+W is drawn per sequence")
+    if a.window is not None:
+        need(a.window_min is None and a.window_max is None,
+             "--window-min/--window-max restrict the drawn window; they cannot go with a fixed --window/--sinks")
+    if a.window_min is not None or a.window_max is not None:
+        from .data import BUDGETS
+        lo, hi = a.window_min or 0, a.window_max or BUDGETS[-1]
+        need(any(lo <= b <= hi for b in BUDGETS),
+             f"--window-min {a.window_min} / --window-max {a.window_max} leave no total budget in {list(BUDGETS)}")
+    need(not (a.init_from_base and a.init_ahn), "--init-from-base and --init-ahn are two different starts; give one")
+    need(not (a.resume and (a.init_from_base or a.init_ahn)),
+         "--resume continues from OUT/resume; --init-from-base/--init-ahn only choose a new run's start")
+    need(not (a.resume and a.overwrite), "--resume and --overwrite contradict each other; give one")
+
+
+def _check_out(out: Path):
+    """OUT must be a folder we can create or write into (checked before anything is written)."""
+    if out.exists() and not out.is_dir():
+        raise AhnError(f"--out {out} is a file; give a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AhnError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AhnError(f"--out {out}: folder {parent} is not writable")
+
+
+def _resolve_run(a, saved: dict | None) -> dict:
+    """The run-defining settings: flags, else the saved run (resume), else the defaults."""
+    run = {}
+    for k, default in RUN_DEFAULTS.items():
+        given = getattr(a, k)
+        if saved is not None and k in saved:
+            if given is not None and given != saved[k]:
+                raise AhnError(f"--{k.replace('_', '-')} {given} differs from the resumed run's {saved[k]}; "
+                               "drop the flag or start a new run in another --out")
+            run[k] = saved[k]
+        else:
+            run[k] = given if given is not None else default
+    return run
+
+
+def _device(name):
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise AhnError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise AhnError(f"device {name!r} is not supported; use cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AhnError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def run(a) -> int:
+    import torch
+
+    from .. import weights as W
+    from ..config import DEFAULT_SINKS, DEFAULT_WINDOW, parse_dtype
+    from . import checkpoint as ckpt_io
+    from .data import BudgetSpec, load_dataset
+    from .trainer import Progress, TrainSettings, Trainer, read_log, truncate_log
+
+    _check_args(a)
+    out = Path(a.out).expanduser()
+    _check_out(out)
+
+    # ---- the resume state, or a fresh OUT ------------------------------------------------------
+    resume_dir, saved_state = None, None
+    if a.resume:
+        resume_dir = ckpt_io.find_resume(out) if out.is_dir() else None
+        if resume_dir is None:
+            raise AhnError(f"--resume: no resume state in {out} (expected {out / 'resume' / 'state.json'}); "
+                           "run without --resume to start a new run")
+        saved_state, saved_ahn, saved_tensors = ckpt_io.load_resume(resume_dir)
+    elif out.is_dir() and not a.overwrite and (ckpt_io.find_resume(out) or any(
+            (out / f).exists() for f in ("model.safetensors", "log.jsonl"))):
+        raise AhnError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
+                       "start over, or choose another --out")
+    run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None)
+    device = _device(a.device)
+    if run_cfg["dtype"] is None:
+        run_cfg["dtype"] = "bf16" if device.type == "cuda" else "float32"
+    bf16 = run_cfg["dtype"] == "bf16"
+    if run_cfg["window"] is not None:
+        budget = BudgetSpec(fixed=(run_cfg["window"], run_cfg["sinks"]))
+    else:
+        budget = BudgetSpec(wt_min=run_cfg["window_min"], wt_max=run_cfg["window_max"])
+
+    # ---- the base model ------------------------------------------------------------------------
+    base_path = Path(a.base).expanduser()
+    ckpt = W.open_checkpoint(base_path, a.init_ahn)
+    config = ckpt.config
+    base_keys = {k for k in ckpt.src.where if not W.is_ahn_key(k)}
+    base_ahn_keys = {k for k in ckpt.src.where if W.is_ahn_key(k)}
+    if not base_keys and base_ahn_keys:
+        raise AhnError(f"--base {base_path} is an AHN-only checkpoint; give the base model as --base "
+                       f"(and this file as --init-ahn to start from it)")
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    W._check_keys(W.base_shapes(config), ckpt.src, base_keys, f"base {base_path}", optional=optional)
+    if base_ahn_keys and not a.init_from_base and not a.resume:
+        print(f"[ahn_rt.train] note: {base_path} holds AHN weights; they are not used (a fresh memory starts "
+              "with o_proj = 0); pass --init-from-base to start from them", file=sys.stderr)
+    if a.init_from_base and not base_ahn_keys:
+        raise AhnError(f"--init-from-base: {base_path} holds no AHN weights (model.layers.N.ahn.fn.*)")
+    if a.init_from_base:
+        W._check_keys(W.ahn_shapes(config, "GatedDeltaNet"), ckpt.src, base_ahn_keys, f"base {base_path}")
+    if a.init_ahn:
+        akeys = {k for k in ckpt.ahn_src.where if W.is_ahn_key(k)}
+        W._check_keys(W.ahn_shapes(config, "GatedDeltaNet"), ckpt.ahn_src, akeys, f"--init-ahn {a.init_ahn}")
+    files = sorted(set(ckpt.src.where.values()), key=str)
+    base_cfg = W.find_config(base_path, files)
+    if saved_state and saved_state.get("base_config") not in (None, base_cfg):
+        raise AhnError(f"--base {base_path} is not the model the resumed run trained (its config differs)")
+    # W and S written to config.json: a fixed-window run's own; a random-window run's are the runtime's
+    # defaults (S + W = 32768, as the official release); --infer-window / --infer-sinks override both.
+    fixed_w, fixed_s = run_cfg["window"], run_cfg["sinks"]
+    infer = (a.infer_window if a.infer_window is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
+             a.infer_sinks if a.infer_sinks is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
+    out_cfg = ckpt_io.output_config(base_cfg, config.family, *infer)
+
+    # ---- the data ------------------------------------------------------------------------------
+    tok_path = Path(a.tokenizer).expanduser() if a.tokenizer else (ckpt.folder or base_path.parent) / "tokenizer.json"
+    if a.tokenizer and not tok_path.exists():
+        raise AhnError(f"tokenizer file not found: {tok_path}")
+    data = load_dataset(a.data, vocab_size=config.vocab_size, seq_len=run_cfg["seq_len"], budget=budget,
+                        min_len=run_cfg["min_len"], tokenizer_path=tok_path, family=config.family,
+                        loss_on=run_cfg["loss_on"])
+    if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
+        raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ)")
+
+    # ---- model and trainer ---------------------------------------------------------------------
+    from .model import TrainModel
+    base_dtype = torch.bfloat16 if bf16 else torch.float32
+    if saved_state:
+        ahn_init = saved_ahn
+    elif a.init_from_base:
+        ahn_init = {k: ckpt.src.get(k).float() for k in W.ahn_shapes(config, "GatedDeltaNet")}
+    elif a.init_ahn:
+        ahn_init = {k: ckpt.ahn_src.get(k).float() for k in W.ahn_shapes(config, "GatedDeltaNet")}
+    else:
+        ahn_init = None
+    base = {k: ckpt.src.get(k) for k in W.base_shapes(config)}
+    torch.manual_seed(run_cfg["seed"])
+    model = TrainModel(config, base, ahn_init, base_dtype=base_dtype, seed=run_cfg["seed"]).to(device)
+    del base
+    settings = TrainSettings(
+        steps=run_cfg["steps"], batch=run_cfg["batch"], grad_accum=run_cfg["grad_accum"], lr=run_cfg["lr"],
+        warmup_ratio=run_cfg["warmup_ratio"], weight_decay=run_cfg["weight_decay"],
+        max_grad_norm=run_cfg["max_grad_norm"], ce_weight=run_cfg["ce_weight"], seed=run_cfg["seed"],
+        budget=budget, autocast_bf16=bf16, activation_checkpointing=run_cfg["activation_checkpointing"],
+        log_every=a.log_every, save_every=a.save_every, stop_after=a.stop_after)
+    trainer = Trainer(model, data, settings, device=device)
+    if saved_state:
+        trainer.load_state(saved_state, saved_tensors)
+
+    # ---- from here on OUT is written -----------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_io.remove_stale_temporaries(out)
+    if saved_state:
+        truncate_log(out, trainer.step)
+    elif a.overwrite:
+        for name in (ckpt_io.RESUME, ckpt_io.RESUME_OLD, "merged"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in OUTPUT_FILES:
+            if (out / name).exists():
+                (out / name).unlink()
+    run_record = dict(run_cfg, steps=trainer.total_steps)
+    W.atomic_write_text(out / "run.json", json.dumps({
+        "base": str(base_path), "data": str(a.data), "run": run_record, "window": budget.describe(),
+        "data_stats": data.stats.line(), "sequences": len(data), "tokens": data.num_tokens}, indent=1) + "\n")
+
+    n_ahn = sum(p.numel() for _, p in trainer.named)
+    n_base = sum(p.numel() for p in model.parameters()) - n_ahn
+    print(f"[ahn_rt.train] {data.stats.line()}; {data.num_tokens:,} tokens", file=sys.stderr)
+    print(f"[ahn_rt.train] {n_ahn:,} AHN parameters ({100 * n_ahn / max(1, n_base):.2f}% of the frozen base), "
+          f"{trainer.total_steps} steps of {settings.batch * settings.grad_accum} sequences, {budget.describe()}, "
+          f"{run_cfg['dtype']} on {device}" + (f"; resumed at step {trainer.step}" if saved_state else ""),
+          file=sys.stderr)
+    progress = Progress(trainer.total_steps, trainer.step, every=a.log_every)
+    # Besides the settings (checked on resume), the state records what identifies base and data.
+    identity = {"base_config": base_cfg, "data_fingerprint": data.fingerprint}
+    try:
+        trainer.fit(out, run=run_cfg, config=out_cfg, identity=identity, progress=progress)
+    finally:
+        progress.close()
+
+    if trainer.step < trainer.total_steps:
+        print(f"[ahn_rt.train] stopped after step {trainer.step} of {trainer.total_steps}; "
+              f"continue with --resume", file=sys.stderr)
+        return 0
+    save_dtype = parse_dtype(a.save_dtype)
+    ahn = {k: p.detach() for k, p in trainer.named}
+    path = ckpt_io.write_model(out, ahn, config, out_cfg, save_dtype)
+    msg = f"[ahn_rt.train] wrote {path} and {out / 'config.json'} (sliding_window {infer[0]}, num_attn_sinks {infer[1]})"
+    if a.merge:
+        merged_cfg = dict(out_cfg, torch_dtype=base_cfg.get("torch_dtype", "bfloat16"))
+        folder = ckpt_io.write_merged(out, ckpt, ahn, merged_cfg, save_dtype)
+        msg += f" and {folder}"
+    print(msg, file=sys.stderr)
+    print(f"[ahn_rt.train] {ckpt_io.plot_loss(out, read_log(out))}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
+    previous = signal.getsignal(signal.SIGINT)
+    previous_term = signal.getsignal(signal.SIGTERM)
+    if threading_main():
+        # from here Ctrl-C (or SIGTERM, a scheduler's preemption) raises KeyboardInterrupt, so that
+        # cleanups run before the one-line exit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _term_as_interrupt)
+    try:
+        return run(args)
+    except AhnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, _interrupted)   # a second Ctrl-C while we print: leave at once
+        print(f"\ninterrupted; the last complete resume state (if any) is in {Path(args.out) / 'resume'}, "
+              "continue with --resume", file=sys.stderr)
+        return 130
+    except _oom_types() as e:
+        print(f"error: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or --seq-len, or use "
+              "--dtype bf16", file=sys.stderr)
+        return 1
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
+
+
+def _term_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _oom_types():
+    try:
+        import torch
+        return (torch.OutOfMemoryError,)
+    except (ImportError, AttributeError):
+        return (MemoryError,)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""`python -m ahn_rt.train` end to end on a tiny random Qwen2 (written with ahn_rt.init_weights +
+write_checkpoint, float32, V = 271) with pre-tokenized data, and one ChatML run with a byte-level
+tokenizer.json built here: the outputs load in ahn_rt and compute what the trained student computes; a
+stopped run resumes to the same losses; every bad input exits 2 with one line and writes nothing; Ctrl-C
+exits 130 and leaves a complete resume state.
+
+Most runs call ``main(argv)`` in this process (no second torch import); one test runs the real entry point
+in a subprocess for the exit codes, the absent traceback and a real SIGINT.
+
+Tolerance table (everything else is exact: exit codes, files, log records, the resumed losses):
+
+  MODEL_ATOL  1e-5  absolute, float32 logits (|logit| < ~3) of ahn_rt inference (its own kernels) vs the
+                    trained TrainModel's student on the same weights: two float32 computations of one
+                    function in different op orders (tests/test_train_core.py uses the same bound).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import ahn_rt
+from ahn_rt.config import parse_config
+from ahn_rt.init_weights import random_state_dict
+from ahn_rt.train import checkpoint as ckpt_io
+from ahn_rt.train.__main__ import main
+from ahn_rt.train.model import TrainModel
+from ahn_rt.weights import ahn_shapes, write_checkpoint
+
+MODEL_ATOL = 1e-5
+
+V = 271
+CFG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=32, intermediate_size=64,
+           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
+           tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=4096, hidden_act="silu",
+           rms_norm_eps=1e-6, torch_dtype="float32", eos_token_id=258)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one intra-op thread is fastest, and on a busy 2-core runner extra threads
+    only spin against each other (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def tiny_tokenizer(path):
+    """A byte-level tokenizer.json with no merges (one token per byte) plus the ChatML specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(path))
+    return path
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_cli")
+    sd = random_state_dict(CFG, ahn=False, dtype=torch.float32, std=0.2, seed=2)
+    write_checkpoint(root / "base" / "model.safetensors", sd, CFG, config_json=True)
+    tiny_tokenizer(root / "base" / "tokenizer.json")
+    rng = random.Random(0)
+    write_jsonl(root / "ids.jsonl", [{"input_ids": [rng.randrange(V) for _ in range(rng.randrange(30, 60))]}
+                                     for _ in range(6)] + ["{broken"])
+    return root, sd
+
+
+def train(capsys, *args):
+    """main(argv) in this process -> (exit code, stdout, stderr)."""
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:   # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def base_args(root, out, data="ids.jsonl"):
+    return ["--base", root / "base", "--data", root / data, "--out", out, "--log-every", 1]
+
+
+# ----------------------------------------------------------------------------------------------
+def test_train_writes_outputs_that_ahn_rt_runs(tiny, capsys):
+    root, sd = tiny
+    out = root / "run_fixed"
+    rc, _, err = train(capsys, *base_args(root, out), "--steps", 4, "--window", 8, "--sinks", 2, "--batch", 2,
+                       "--lr", "1e-2", "--save-dtype", "float32", "--merge")
+    assert rc == 0, err
+    assert "Traceback" not in err and "6 of 7 records used" in err and "1 invalid JSON" in err
+    # log: one record per optimizer step, the loss before the step's update
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+    assert all({"step", "loss", "lr", "tokens", "tokens_per_s"} <= set(r) for r in log)
+    assert log[0]["loss"] > 0 and log[-1]["lr"] < log[0]["lr"]
+    # config.json: the base's plus the AHN fields of a fixed-window run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["sliding_window"] == 8 and cfg["num_attn_sinks"] == 2
+    assert cfg["_ahn_implementation"] == "GatedDeltaNet" and cfg["_layer_implementation"] == "Qwen2MemDecoderLayer"
+    assert all(cfg[k] == v for k, v in CFG.items() if k != "torch_dtype")
+    # model.safetensors: AHN only, official names and shapes, float32 as asked
+    config = parse_config(CFG, "test")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    assert {k: tuple(v.shape) for k, v in saved.items()} == ahn_shapes(config, "GatedDeltaNet")
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    # the trained student (its float32 master weights from the resume state) == ahn_rt inference
+    _, master, _ = ckpt_io.load_resume(out / "resume")
+    assert all(torch.equal(master[k], saved[k]) for k in saved)
+    student = TrainModel(config, sd, master, base_dtype=torch.float32)
+    ids = torch.tensor([[random.Random(9).randrange(V) for _ in range(40)]])
+    with torch.no_grad():
+        want = student.lm_logits(student.forward_student(ids, torch.tensor([8]), torch.tensor([2])))[0]
+    model = ahn_rt.load(root / "base", ahn=out / "model.safetensors", dtype="float32", device="cpu")
+    assert (model.config.mode, model.config.window, model.config.sinks) == ("ahn", 8, 2)
+    got = model.new_session().forward(ids[0].tolist())
+    torch.testing.assert_close(got, want, rtol=0, atol=MODEL_ATOL)
+    with torch.no_grad():
+        swa = student.lm_logits(student.forward_teacher(ids))[0]
+    assert (got - swa).abs().max() > 100 * MODEL_ATOL          # the memory is on and trained
+    # the merged folder runs on its own (base + AHN, config, tokenizer)
+    merged = ahn_rt.load(out / "merged", dtype="float32", device="cpu")
+    assert (merged.config.mode, merged.config.window, merged.config.sinks) == ("ahn", 8, 2)
+    assert (out / "merged" / "tokenizer.json").exists()
+    torch.testing.assert_close(merged.new_session().forward(ids[0].tolist()), want, rtol=0, atol=MODEL_ATOL)
+
+
+def test_chatml_data_random_windows_default_bf16_output(tiny, capsys):
+    root, _ = tiny
+    msgs = [[{"role": "user", "content": f"question {i}: " + "why? " * (5 + 3 * i)},
+             {"role": "assistant", "content": "because " * (4 + 2 * i)}] for i in range(4)]
+    write_jsonl(root / "chat.jsonl", [{"messages": m} for m in msgs] + [{"messages": "nope"}])
+    out = root / "run_chat"
+    rc, _, err = train(capsys, *base_args(root, out, "chat.jsonl"), "--steps", 2, "--seq-len", 200)
+    assert rc == 0, err
+    assert "4 of 5 records used" in err and "random S+W" in err
+    assert "loss curve" in err                   # drawn with matplotlib, else the one-line note
+    assert (out / "loss.png").exists() == ("matplotlib is missing" not in err)
+    cfg = json.loads((out / "config.json").read_text())
+    # a random-window run writes the runtime's inference defaults: S + W = 32768
+    assert (cfg["sliding_window"], cfg["num_attn_sinks"]) == (32640, 128)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    model = ahn_rt.load(root / "base", ahn=out / "model.safetensors", device="cpu")
+    assert (model.config.mode, model.config.window, model.config.sinks) == ("ahn", 32640, 128)
+    assert model.new_session().forward([1, 2, 3]).shape == (3, V)
+
+
+def test_stop_and_resume_reproduce_the_straight_run(tiny, capsys):
+    root, _ = tiny
+    common = ["--steps", 4, "--batch", 2, "--grad-accum", 2, "--lr", "1e-2", "--seed", 3]
+    straight, split = root / "straight", root / "split"
+    assert train(capsys, *base_args(root, straight), *common)[0] == 0
+    rc, _, err = train(capsys, *base_args(root, split), *common, "--stop-after", 2)
+    assert rc == 0 and "continue with --resume" in err and not (split / "model.safetensors").exists()
+    # a new run into a used OUT, or a resume that changes the run, is refused
+    rc, _, err = train(capsys, *base_args(root, split), *common)
+    assert rc == 2 and "already holds a training run" in err
+    rc, _, err = train(capsys, *base_args(root, split), "--resume", "--lr", "2e-2")
+    assert rc == 2 and "differs from the resumed run" in err and err.count("\n") == 1
+    rc, _, err = train(capsys, *base_args(root, split), "--resume")      # settings come from the state
+    assert rc == 0, err
+    a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [0, 1, 2, 3]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    with safe_open(str(straight / "model.safetensors"), "pt") as f, safe_open(str(split / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys()) and all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny):
+    root, sd = tiny
+    bad = root / "bad"
+    bad.mkdir()
+    config = parse_config(CFG, "test")
+    ahn_only = {k: torch.zeros(s) for k, s in ahn_shapes(config, "GatedDeltaNet").items()}
+    write_checkpoint(bad / "ahn_only.safetensors", ahn_only, ckpt_io.output_config(CFG, "qwen2", 8, 2))
+    write_jsonl(bad / "empty.jsonl", [""])
+    write_jsonl(bad / "junk.jsonl", ["{", "[]", {"input_ids": [V + 5]}])
+    write_jsonl(bad / "short.jsonl", [{"input_ids": [1] * 20}])
+    (bad / "a_file").write_text("x")
+    return bad
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing base", "not found"),
+    ("AHN-only base", "AHN-only"),
+    ("missing data", "data file not found"),
+    ("empty data", "is empty"),
+    ("no usable record", "no usable record"),
+    ("shorter than the window", "sequence shorter than the window"),
+    ("unknown flag", "unrecognized arguments"),
+    ("window without sinks", "--window and --sinks go together"),
+    ("out is a file", "is a file"),
+    ("out under a file", "is a file"),
+    ("resume without state", "no resume state"),
+    ("init-from-base without AHN", "holds no AHN weights"),
+    ("bad number", "--lr must be"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, case, needle):
+    root, _ = tiny
+    out = root / "bad_out" / case.replace(" ", "_")
+    args = {"base": root / "base", "data": root / "ids.jsonl", "out": out}
+    extra = ["--steps", 1, "--window", 8, "--sinks", 2]
+    if case == "missing base":
+        args["base"] = root / "nope"
+    elif case == "AHN-only base":
+        args["base"] = bad_files / "ahn_only.safetensors"
+    elif case == "missing data":
+        args["data"] = root / "nope.jsonl"
+    elif case == "empty data":
+        args["data"] = bad_files / "empty.jsonl"
+    elif case == "no usable record":
+        args["data"] = bad_files / "junk.jsonl"
+    elif case == "shorter than the window":
+        args["data"] = bad_files / "short.jsonl"        # 20 tokens
+        extra = ["--steps", 1, "--window", 16, "--sinks", 4]
+    elif case == "unknown flag":
+        extra += ["--bogus", 3]
+    elif case == "window without sinks":
+        extra = ["--window", 8]
+    elif case == "out is a file":
+        args["out"] = out = bad_files / "a_file"
+    elif case == "out under a file":
+        args["out"] = out = bad_files / "a_file" / "sub"
+    elif case == "resume without state":
+        extra += ["--resume"]
+    elif case == "init-from-base without AHN":
+        extra += ["--init-from-base"]
+    elif case == "bad number":
+        extra += ["--lr", "-1"]
+    before = sorted(p.name for p in bad_files.iterdir())
+    rc, stdout, err = train(capsys, "--base", args["base"], "--data", args["data"], "--out", args["out"], *extra)
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+    assert "Traceback" not in err and stdout == ""
+    if case.startswith("out"):
+        assert sorted(p.name for p in bad_files.iterdir()) == before and (bad_files / "a_file").read_text() == "x"
+    else:
+        assert not out.exists()
+
+
+def test_real_entry_point_exit_codes_and_ctrl_c(tiny, tmp_path):
+    root, _ = tiny
+    env = dict(os.environ, PYTHONPATH=str(Path(ahn_rt.__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "ahn_rt.train", "--base", str(root / "base"), "--data", str(root / "ids.jsonl")]
+    p = subprocess.run(cmd + ["--out", str(tmp_path / "x"), "--window", "8"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(out), "--steps", "100000", "--window", "8", "--sinks", "2",
+                                   "--save-every", "1"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        def logged():
+            return len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
+        deadline = time.time() + 120
+        while logged() < 3 and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted")
+    # the last complete resume state is there, no temporaries, and --resume accepts it
+    state, _, _ = ckpt_io.load_resume(ckpt_io.find_resume(out))
+    logged = len((out / "log.jsonl").read_text().splitlines())
+    assert 1 <= state["step"] <= logged
+    assert not list(out.glob(".resume.tmp-*")) and not (out / "model.safetensors").exists()
