@@ -196,7 +196,8 @@ def markdown(report: dict) -> str:
         lines.append("| distance | " + " | ".join(modes) + " |")
         lines.append("|---:|" + "---|" * len(modes))
         for d in dists:
-            inside = " (inside the window)" if int(d) + longrange.N_DIGITS <= W else ""
+            # answer digit i is predicted at answer_pos - 1 + i from stated digit key_pos + i: d - 1 tokens back
+            inside = " (inside the window)" if int(d) <= W else ""
             cells = []
             for mode in modes:
                 p = res[mode]["passkey"][d]

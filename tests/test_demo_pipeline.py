@@ -1,0 +1,274 @@
+"""The demo model pipeline (scripts/demo): the corpus builder is bit-reproducible and splits by file, the
+passkey items sit exactly where they say, and the evaluation scores what it claims (an oracle that is
+given the answer gets 100%, a uniform model log V, a real runtime model the same numbers as a hand-made
+check), all on the CPU in a few seconds."""
+import hashlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "scripts" / "demo"
+sys.path.insert(0, str(DEMO))
+
+
+def _load(name, as_name=None):
+    """Load scripts/demo/<name>.py (the scripts are not a package); registered in sys.modules so that the
+    scripts' own ``import longrange`` finds this very module."""
+    as_name = as_name or f"demo_{name}"
+    spec = importlib.util.spec_from_file_location(as_name, DEMO / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[as_name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+longrange = _load("longrange", "longrange")
+build_corpus = _load("build_corpus")
+evaluate = _load("evaluate")
+train_teacher = _load("train_teacher")
+
+# tolerance table: exact everywhere (hashes, ids, positions, counts) except the losses of a real model,
+# which are float32/float64 sums compared at 1e-6 relative; an oracle's loss bound is analytic
+# (logit margin 30: -log p <= V e^-30).
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpus builder
+# ----------------------------------------------------------------------------------------------
+def _fake_stdlib(root: Path):
+    """A small folder shaped like a stdlib: packages, tests, and the files the builder must skip."""
+    words = ["def", "return", "self", "class", "import", "passkey", "the", "was", "value", "print"]
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        sub = ["", "json/", "email/mime/", "test/", "test/data/"][i % 5]
+        body = "\n".join(f"# {' '.join(rng.choice(words, 6))} {int(rng.integers(0, 99999))}\n"
+                         f"def f{i}_{j}(self, x):\n    return x + {j}\n" for j in range(8))
+        p = root / f"{sub}mod_{i:02d}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(body, encoding="utf-8")
+    (root / "empty.py").write_text("")
+    (root / "latin1.py").write_bytes(b"# caf\xe9\nx = 1\n")
+    (root / "_sysconfigdata__linux.py").write_text("build_time_vars = {}\n")
+    (root / "site-packages" / "pkg").mkdir(parents=True)
+    (root / "site-packages" / "pkg" / "__init__.py").write_text("x = 1\n")
+    (root / "notes.txt").write_text("not python\n")
+
+
+def test_corpus_builder_is_deterministic_and_splits_by_file(tmp_path):
+    src = tmp_path / "stdlib"
+    _fake_stdlib(src)
+    a = build_corpus.build(src, tmp_path / "a", vocab_size=300, heldout_permille=200, distill_permille=200,
+                           log=lambda *_: None)
+    b = build_corpus.build(src, tmp_path / "b", vocab_size=300, heldout_permille=200, distill_permille=200,
+                           log=lambda *_: None)
+    assert a["sha256"] == b["sha256"]
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+    for name, digest in a["sha256"].items():
+        assert hashlib.sha256((tmp_path / "a" / name).read_bytes()).hexdigest() == digest
+    assert a["skipped"] == {"build-specific": ["_sysconfigdata__linux.py"], "empty": ["empty.py"],
+                            "not UTF-8": ["latin1.py"]}
+    paths = {k: v["paths"] for k, v in a["splits"].items()}
+    every = sorted(p for v in paths.values() for p in v)
+    assert len(every) == 40 and len(set(every)) == 40 and not any("site-packages" in p for p in every)
+    for split, ps in paths.items():
+        assert ps == sorted(ps) and ps, split
+        assert all(build_corpus.split_of(p, 200, 200) == split for p in ps)
+
+    # the .bin files hold each file's tokens followed by <|endoftext|>, and decode back to the sources
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json"))
+    eot = a["special_tokens"]["<|endoftext|>"]
+    assert [a["special_tokens"][s] for s in build_corpus.SPECIAL_TOKENS] == [0, 1, 2]
+    ids = np.fromfile(tmp_path / "a" / "heldout.bin", dtype="<u2")
+    assert ids.size == a["splits"]["heldout"]["tokens"]
+    docs = np.split(ids, np.flatnonzero(ids == eot) + 1)[:-1]
+    assert len(docs) == len(paths["heldout"])
+    for doc, rel in zip(docs, paths["heldout"]):
+        assert tok.decode(doc[:-1].tolist()) == (src / rel).read_text(encoding="utf-8")
+    # digits are single tokens, so a 5-digit passkey is 5 tokens
+    assert len(tok.encode("48213", add_special_tokens=False).ids) == 5
+    assert sorted(a["digit_tokens"]) == list("0123456789")
+
+
+# ----------------------------------------------------------------------------------------------
+# Long-range items
+# ----------------------------------------------------------------------------------------------
+T = longrange.Templates(statement=(1, 2, 3), question=(4, 5, 6, 7), newline=(8,), digits=tuple(range(10, 20)))
+
+
+@pytest.mark.parametrize("L,distance", [(200, 14), (200, 60), (200, 123), (512, 300), (512, 440)])
+def test_passkey_lands_at_the_requested_distance(L, distance):
+    filler = np.arange(1000, 1000 + L, dtype=np.int64)          # distinguishable corpus tokens
+    for seed in range(5):
+        ids, it = longrange.insert_passkey(filler, L, distance, np.random.default_rng(seed), T, min_start=10)
+        assert ids.shape == (L,) and ids.dtype == np.int64
+        assert it.distance == distance == it.answer_pos - it.key_pos
+        assert tuple(ids[it.key_pos:it.key_pos + 5]) == it.digits == tuple(ids[a] for a in it.answer_positions)
+        assert "".join(str(T.digits.index(d)) for d in it.digits) == it.text
+        assert tuple(ids[it.key_pos - 3:it.key_pos]) == T.statement and ids[it.key_pos + 5] == 8
+        assert tuple(ids[it.answer_pos - 4:it.answer_pos]) == T.question
+        assert it.key_pos - 3 >= 10 and it.answer_pos + 5 <= L
+        rest = ids[ids >= 1000]                                  # the corpus tokens, in order, none lost between
+        assert np.array_equal(rest, filler[:rest.size])
+        assert rest.size == L - T.statement_len - min(T.question_len, L - it.answer_pos + len(T.question))
+
+
+def test_passkey_limits_and_seeded_sets():
+    filler = np.arange(1000, 1200, dtype=np.int64)
+    assert T.min_distance() == 10 and T.max_distance(200, 10) == 200 - 5 - 13
+    with pytest.raises(ValueError):
+        longrange.insert_passkey(filler, 200, T.max_distance(200, 10) + 1, np.random.default_rng(0), T, min_start=10)
+    with pytest.raises(ValueError):
+        longrange.insert_passkey(filler, 200, 9, np.random.default_rng(0), T, min_start=10)
+    ids, it = longrange.insert_passkey(filler, 200, T.max_distance(200, 10), np.random.default_rng(0), T, min_start=10)
+    assert it.answer_pos + 5 == 200 and it.key_pos == 13
+    tokens = np.arange(5000, dtype=np.uint16) % 900 + 100
+    a = longrange.eval_passkey_sequences(tokens, 256, [50, 200], 3, T, seed=7, min_start=10)
+    b = longrange.eval_passkey_sequences(tokens, 256, [50, 200], 3, T, seed=7, min_start=10)
+    for d in (50, 200):
+        assert [it for _, it in a[d]] == [it for _, it in b[d]]
+        assert all(it.distance == d and np.array_equal(x, y) for (x, it), (y, _) in zip(a[d], b[d]))
+    s = longrange.SequenceSampler(tokens, 256, T, seed=1, passkey_frac=1.0, dist_min=100, dist_max=150, min_start=10)
+    items = [s.sample()[1] for _ in range(50)]
+    assert all(100 <= it.distance <= 150 for it in items)
+    assert longrange.SequenceSampler(tokens, 256, T, seed=1, passkey_frac=0.0).sample()[1] is None
+    texts = longrange.eval_text_sequences(tokens, 256, 4)
+    assert [x[0] for x in texts] == [tokens[0], tokens[1581], tokens[3163], tokens[4744]]
+
+
+def test_templates_from_a_real_tokenizer(tmp_path):
+    tok = build_corpus.train_tokenizer(["# passkey: 123\n# the passkey was: 123\nx = 0\n" * 20,
+                                        "def f(self):\n    return 456789\n" * 20], 300)
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    t = longrange.Templates.from_tokenizer(tmp_path)
+    assert len(t.digits) == 10 and len(set(t.digits)) == 10
+    ids, it = longrange.insert_passkey(np.full(300, t.newline[0]), 300, 100, np.random.default_rng(3), t)
+    text = tok.decode(ids.tolist())
+    assert f"\n# passkey: {it.text}\n" in text and f"\n# the passkey was: {it.text}\n" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+V = 32
+
+
+def _oracle(ids, margin=30.0):
+    """Logits that put ``margin`` on the true next token (a model given the answer)."""
+    ids = torch.as_tensor(np.asarray(ids))
+    logits = torch.zeros(ids.numel(), V)
+    logits[torch.arange(ids.numel() - 1), ids[1:]] = margin
+    return logits
+
+
+def _passkeys(L=160, n=4, distances=(20, 90)):
+    tokens = (np.arange(3000) * 7 % 11 + 20).astype(np.uint16)          # ids 20..30, never a digit
+    return longrange.eval_passkey_sequences(tokens, L, distances, n, T, seed=3, min_start=10), tokens
+
+
+def test_scoring_oracle_uniform_and_a_fixed_guess():
+    seqs, tokens = _passkeys()
+    text = longrange.eval_text_sequences(tokens, 160, 3)
+    res = evaluate.evaluate_mode(_oracle, text, seqs, start=40, edges=(100,))
+    assert res["text_tokens"] == 3 * (160 - 1 - 40)
+    assert 0 <= res["text_loss"] <= V * math.exp(-30)
+    assert [(b["from"], b["to"], b["tokens"]) for b in res["text_loss_by_position"]] == [(40, 100, 180), (100, 159, 177)]
+    for d, p in res["passkey"].items():
+        assert (p["n"], p["exact"], p["recall"], p["digit_acc"]) == (4, 4, 1.0, 1.0)
+        assert 0 <= p["answer_loss"] <= V * math.exp(-30)
+
+    res = evaluate.evaluate_mode(lambda ids: torch.zeros(len(ids), V), text, seqs, start=40)
+    assert res["text_loss"] == pytest.approx(math.log(V), rel=1e-12)
+    assert all(p["exact"] == 0 and p["answer_loss"] == pytest.approx(math.log(V)) for p in res["passkey"].values())
+
+    def always_seven(ids):      # answers the digit "7" everywhere: right exactly where the passkey has a 7
+        lg = torch.zeros(len(ids), V)
+        lg[:, T.digits[7]] = 1.0
+        return lg
+    res = evaluate.evaluate_mode(always_seven, text, seqs, start=40)
+    for d, items in seqs.items():
+        sevens = sum(it.text.count("7") for _, it in items)
+        assert res["passkey"][str(d)]["digit_acc"] == sevens / (5 * len(items))
+        assert res["passkey"][str(d)]["exact"] == sum(it.text == "77777" for _, it in items)
+
+
+def test_greedy_agreement_rule():
+    assert evaluate.greedy_agrees([1, 2, 3], [1, 2, 3], [1, 2, 3])
+    assert evaluate.greedy_agrees([1, 9, 5], [1, 9, 3], [1, 2, 3])      # left the truth at 9: rest not comparable
+    assert not evaluate.greedy_agrees([1, 2, 5], [1, 2, 3], [1, 2, 3])
+    assert not evaluate.greedy_agrees([4, 2, 3], [1, 2, 3], [1, 2, 3])
+
+
+def test_evaluation_through_the_runtime_on_a_tiny_random_model():
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.runtime import from_state_dict
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg.update(vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=1)
+    seqs, tokens = _passkeys(L=160, n=2, distances=(20, 90))
+    text = longrange.eval_text_sequences(tokens, 160, 2)
+    S, W = 4, 24
+    out = {}
+    for mode in ("full", "swa", "ahn"):
+        kw = {} if mode == "full" else {"window": W, "sinks": S}
+        fwd = evaluate.RuntimeForward(from_state_dict(cfg, sd, mode=mode, dtype="float32", **kw))
+        out[mode] = res = evaluate.evaluate_mode(fwd, text, seqs, start=S + W)
+        # the same numbers by hand, from a fresh session per sequence
+        ref_sum = ref_n = 0.0
+        for ids in text:
+            with torch.inference_mode():
+                lg = from_state_dict(cfg, sd, mode=mode, dtype="float32", **kw).new_session().forward(ids.tolist())
+            ce = torch.nn.functional.cross_entropy(lg[S + W:-1].double(), torch.as_tensor(ids[S + W + 1:]).long(),
+                                                   reduction="sum")
+            ref_sum, ref_n = ref_sum + float(ce), ref_n + (len(ids) - 1 - S - W)
+        assert res["text_loss"] == pytest.approx(ref_sum / ref_n, rel=1e-6)
+        for d, items in seqs.items():
+            exact = 0
+            for ids, it in items:
+                lg = fwd(ids[:it.answer_pos + 5])
+                exact += all(int(lg[p - 1].argmax()) == ids[p] for p in it.answer_positions)
+            assert res["passkey"][str(d)]["exact"] == exact
+            assert res["passkey"][str(d)]["greedy_check"]["agree"]
+        # a runtime model that is given the answer scores 100%
+        cheat = evaluate.evaluate_mode(lambda ids: fwd(ids) + _oracle(ids, 1e3), text, seqs, start=S + W)
+        assert all(p["recall"] == 1.0 for p in cheat["passkey"].values())
+    assert out["ahn"]["text_loss"] != out["swa"]["text_loss"]          # the random memory is read
+    rep = {"meta": {"seq_len": 160, "window": W, "sinks": S, "n_text": 2, "dtype": "float32", "device": "cpu",
+                    "backend": "test"}, "modes": out, "gap_recovered": evaluate.gap_recovered(out)}
+    md = evaluate.markdown(rep)
+    assert "| full |" in md and "| 20 (inside the window) |" in md and "| 90 |" in md
+
+
+def test_gap_recovered():
+    r = {"full": {"text_loss": 1.0}, "swa": {"text_loss": 2.0}, "ahn": {"text_loss": 1.25}}
+    assert evaluate.gap_recovered(r) == pytest.approx(0.75)
+    r["swa"]["text_loss"] = 0.9
+    assert evaluate.gap_recovered(r) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher shape and the one-command script
+# ----------------------------------------------------------------------------------------------
+def test_default_teacher_shape_fits_the_shipping_limit():
+    d = train_teacher.SHAPE_DEFAULTS
+    cfg = train_teacher.model_config(4096, d["hidden"], d["layers"], d["heads"], d["kv_heads"], d["mlp"],
+                                     d["rope_theta"], 4096, eos=[2, 0], bos=0, head_dim=d["head_dim"])
+    size = train_teacher.shape_bytes(cfg)
+    assert size["tensor_bytes"] + 64 * 1024 <= 15 * 2**20          # + a generous safetensors header
+    a = train_teacher.init_base(cfg, 0)
+    b = train_teacher.init_base(cfg, 0)
+    assert all(torch.equal(a[k], b[k]) for k in a) and sum(v.numel() for v in a.values()) == size["base_params"]
+    assert train_teacher.lr_at(0, 1.0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert train_teacher.lr_at(99, 1.0, 100, 10, 0.1) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_run_gpu_script_parses():
+    subprocess.run(["bash", "-n", str(DEMO / "run_gpu.sh")], check=True)
