@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ahn_rt import init_weights, runtime
 from ahn_rt.config import parse_config
 from ahn_rt.weights import ahn_shapes, base_shapes, is_ahn_key
-from ahn_rt.train.attention import causal_attention, window_attention
+from ahn_rt.train.attention import causal_attention, window_attention, window_plan
 from ahn_rt.train.gdn import chunk_gdn
 from ahn_rt.train.loss import distill_loss, lm_loss
 from ahn_rt.train.model import AHNLayer, TrainModel
@@ -161,6 +161,8 @@ def test_window_attention_matches_dense(WS):
     cot = torch.randn(B, L, H, D, generator=g, dtype=F64)
     ref = dense_window(q, k, v, W.tolist(), S.tolist())
     gr = torch.autograd.grad((ref * cot).sum(), (q, k, v))
+    if max(W) < L // 2:   # some query blocks take the sinks + window key path (not all of [0, e))
+        assert any(lo is not None for _, _, lo, _ in window_plan(W, S, L, "cpu", 3).blocks)
     for block in (None, 3, 8):
         got = window_attention(q, k, v, W, S, block=block)
         assert rel(got, ref) < ATTN
@@ -288,6 +290,24 @@ def test_state_dicts_and_checkpointed_gradients():
     assert grads[0]["0.a_proj.weight"].abs().max() > 0
     for n in grads[0]:
         assert rel(grads[0][n], grads[1][n]) < MODEL, n
+
+
+def test_train_base_teacher():
+    """train_base (teacher pretraining): float32 trainable base, no AHN modules, the teacher runs with
+    gradient and lm_loss reaches every base parameter (the tied embedding through the LM head too); the
+    caller's tensors are not shared (an optimizer step must not write into them)."""
+    cfg, sd, _ = tiny_model("qwen2")
+    base = {k: v.to(torch.bfloat16) for k, v in sd.items() if not is_ahn_key(k)}
+    tm = TrainModel(parse_config(cfg, "tiny"), base, train_base=True)
+    assert len(tm.ahn) == 0 and all(p.requires_grad and p.dtype == torch.float32 for p in tm.parameters())
+    ids = ids_for(40, 11)[None]
+    loss = lm_loss(tm, tm.forward_teacher(ids), ids)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in tm.parameters() if p.dim() == 2)
+    ref = F.cross_entropy(tm.lm_logits(tm.forward_teacher(ids))[0, :-1], ids[0, 1:])
+    assert abs(loss.item() - ref.item()) < LOSS * ref.item()
+    tm2 = TrainModel(parse_config(cfg, "tiny"), {k: v.float() for k, v in base.items()}, train_base=True)
+    assert all(tm2.embed.data_ptr() != t.data_ptr() for t in base.values())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def window_plan(window, sinks, L: int, device, block: int | None = None) -> Wind
     for s in range(c0, L, block):
         e = min(L, s + block)
         lo = s - wmax + 1
+        lo -= (-(smax + e - lo)) % 16     # a key count that is a multiple of 16 (no mask padding in SDPA)
         if lo <= smax:
             lo = None
             kpos = torch.arange(e, device=device)

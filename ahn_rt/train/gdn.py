@@ -7,7 +7,8 @@ How it is computed (T padded to N blocks of c = chunk_size steps; everything bel
 [N, B, H] at once, except the one recurrence over blocks):
 
 * per block, with G the cumulative log-decay inside the block, Gam_ij = exp(G_i - G_j) (j <= i), and
-  A = strictly-lower(diag(beta) (K^ K^T) * Gam), one unit-triangular solve gives
+  A = strictly-lower(diag(beta) (K^ K^T) * Gam), one unit-lower-triangular inverse (``_UnitLowerInverse``,
+  blocked forward substitution with batched matmuls only) gives
 
       U' = (I + A)^-1 diag(beta) V          W = (I + A)^-1 diag(beta e^G) K^
 
@@ -31,6 +32,42 @@ import torch
 import torch.nn.functional as F
 
 L2_EPS = 1e-6   # x / (||x|| + eps), docs/semantics.md §5
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """T = (I + A)^-1 for strictly lower-triangular A [..., c, c] (c a multiple of 16), the way fla's
+    solve_tril does it: forward substitution inside the 16 x 16 diagonal blocks (15 batched row updates),
+    then the blocks are merged pairwise (16 -> 32 -> 64 ...) with
+    [[X, 0], [C, Y]]^-1 = [[X^-1, 0], [-Y^-1 C X^-1, Y^-1]]. Only batched matmuls, no triangular-solve
+    kernel. Backward: dA = -strictly-lower(T^T dT T^T)."""
+
+    @staticmethod
+    def forward(ctx, A):
+        c = A.shape[-1]
+        b = 16 if c % 16 == 0 else c
+        lead = A.shape[:-2]
+        T = torch.zeros_like(A)
+        # diagonal blocks: [..., c/b, b, b]
+        Ad = A.unflatten(-2, (c // b, b)).unflatten(-1, (c // b, b)).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+        Td = torch.eye(b, dtype=A.dtype, device=A.device).expand(*lead, c // b, b, b).clone()
+        for i in range(1, b):
+            Td[..., i:i + 1, :i] = -(Ad[..., i:i + 1, :i] @ Td[..., :i, :i])
+        for k in range(c // b):
+            T[..., k * b:(k + 1) * b, k * b:(k + 1) * b] = Td[..., k, :, :]
+        s = b
+        while s < c:
+            for o in range(0, c, 2 * s):
+                X = T[..., o:o + s, o:o + s]
+                Y = T[..., o + s:o + 2 * s, o + s:o + 2 * s]
+                T[..., o + s:o + 2 * s, o:o + s] = -(Y @ (A[..., o + s:o + 2 * s, o:o + s] @ X))
+            s *= 2
+        ctx.save_for_backward(T)
+        return T
+
+    @staticmethod
+    def backward(ctx, dT):
+        (T,) = ctx.saved_tensors
+        return -(T.mT @ dT @ T.mT).tril(-1)
 
 
 class _StateScan(torch.autograd.Function):
@@ -112,7 +149,7 @@ def chunk_gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Ten
         A = torch.where(strict, (K @ K.mT) * gam * bt[..., None], torch.zeros_like(diff))
         eG = G.exp()
         rhs = bt[..., None] * torch.cat([V, eG[..., None] * K], dim=-1)
-        X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+        X = _UnitLowerInverse.apply(A) @ rhs
         U, Wm = X.split([Dv, Dk], dim=-1)
 
         g_last = G[..., -1:]

@@ -192,8 +192,11 @@ class TrainModel(nn.Module):
             ahn = merged
         _check(base, base_shapes(c), "base weights", optional={"lm_head.weight"} if c.tie_word_embeddings else ())
 
-        def get(key):
-            return base[key].detach().to(dtype=dtype).clone() if key in base else None
+        def get(key, copy=self.train_base):   # frozen weights may share the caller's storage
+            if key not in base:
+                return None
+            t = base[key].detach().to(dtype=dtype)
+            return t.clone() if copy and t.data_ptr() == base[key].data_ptr() else t
 
         self.embed = nn.Parameter(get("model.embed_tokens.weight"), requires_grad=self.train_base)
         self.norm = nn.Parameter(get("model.norm.weight"), requires_grad=self.train_base)

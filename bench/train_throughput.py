@@ -1,0 +1,143 @@
+"""Training throughput of ahn_rt.train (self-distillation, docs/semantics.md §10) on one device.
+
+    python bench/train_throughput.py                      # Qwen2.5-3B shape, 8k tokens, H200
+    python bench/train_throughput.py --preset tiny --seq-len 256 --device cpu    # smoke check
+
+Random base weights are built directly on the device (ahn_rt.init_weights.random_state_dict), the AHN
+modules get their official initial values, and each step runs: teacher forward (no grad), student
+forward (sinks + window + memory, per-layer checkpointing), the chunked distillation loss at positions
+t >= S + W, backward, AdamW on the AHN parameters. (W, S) per step are drawn as the recipe draws them
+(seeded) unless --window/--sinks fix them. Reports training tokens/s, peak device memory and the time
+split per phase (CUDA events on a GPU), as text, one markdown table row and optionally --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ahn_rt.config import parse_config, parse_dtype  # noqa: E402
+from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
+from ahn_rt.train.loss import distill_loss  # noqa: E402
+from ahn_rt.train.model import TrainModel  # noqa: E402
+
+BUDGETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+SINKS = (0, 32, 64, 128, 512, 2048, 4096)
+PHASES = ("teacher", "student", "loss", "backward", "optim")
+
+
+def recipe_budget(L: int, rng: random.Random) -> tuple[int, int]:
+    """(W, S): total Wt uniform over BUDGETS with L/8 < Wt < L, S uniform over SINKS with S <= Wt/2."""
+    wt = rng.choice([b for b in BUDGETS if L / 8 < b < L] or [max(1, L // 2)])
+    s = rng.choice([x for x in SINKS if x <= wt // 2])
+    return wt - s, s
+
+
+class Marks:
+    """Named time marks: CUDA events on a GPU, perf_counter on the CPU; ms between consecutive marks."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.marks = cuda, []
+
+    def mark(self, name):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append((name, e))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def split(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return {b[0]: (a[1].elapsed_time(b[1]) if self.cuda else (b[1] - a[1]) * 1e3)
+                for a, b in zip(self.marks, self.marks[1:])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="qwen2.5-3b")
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--window", type=int, help="fixed W (with --sinks); default: the recipe's random draws")
+    ap.add_argument("--sinks", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
+    ap.add_argument("--no-checkpoint", action="store_true", help="keep the student's activations instead")
+    ap.add_argument("--loss-chunk", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results to this file")
+    args = ap.parse_args(argv)
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    dtype = parse_dtype(args.dtype or ("bf16" if cuda else "float32"))
+    cfg = preset_config(args.preset, ahn=False, dtype=dtype)
+    sd = random_state_dict(cfg, seed=args.seed, dtype=dtype, device=dev, ahn=False)
+    model = TrainModel(parse_config(cfg, args.preset), sd, base_dtype=dtype, seed=args.seed)
+    del sd
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+    rng = random.Random(args.seed)
+    B, L, V = args.batch, args.seq_len, cfg["vocab_size"]
+    gen = torch.Generator(device=dev).manual_seed(args.seed)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    rows, budgets = [], []
+    for step in range(args.warmup + args.steps):
+        WS = [(args.window, args.sinks) if args.window else recipe_budget(L, rng) for _ in range(B)]
+        window = torch.tensor([w for w, _ in WS])
+        sinks = torch.tensor([s for _, s in WS])
+        ids = torch.randint(0, V, (B, L), device=dev, generator=gen)
+        valid = torch.arange(L, device=dev)[None, :] >= (window + sinks).to(dev)[:, None]
+        m = Marks(cuda)
+        m.mark("start")
+        with autocast:
+            with torch.no_grad():
+                h_t = model.forward_teacher(ids)
+            m.mark("teacher")
+            h_s = model.forward_student(ids, window, sinks, checkpoint=not args.no_checkpoint)
+            m.mark("student")
+            loss, _ = distill_loss(model, h_t, h_s, valid, chunk=args.loss_chunk)
+            m.mark("loss")
+        loss.backward()
+        m.mark("backward")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        m.mark("optim")
+        split = m.split()
+        if step >= args.warmup:
+            rows.append(split)
+            budgets.append(WS)
+        print(f"step {step}{' (warm-up)' if step < args.warmup else ''}: W,S={WS} loss={loss.item():.4g} "
+              + " ".join(f"{k}={v:.1f}ms" for k, v in split.items()), flush=True)
+
+    ms = {k: statistics.mean(r[k] for r in rows) for k in PHASES}
+    total = sum(ms.values())
+    res = {"preset": args.preset, "seq_len": L, "batch": B, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+           "dtype": str(dtype).replace("torch.", ""), "checkpoint": not args.no_checkpoint, "steps": len(rows),
+           "budgets": budgets, "tokens_per_s": B * L * 1e3 / total, "step_ms": total, "phase_ms": ms,
+           "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None, "torch": torch.__version__}
+    peak = f"{res['peak_gib']:.1f} GiB" if cuda else "n/a (cpu)"
+    print(f"\n{res['tokens_per_s']:.0f} training tokens/s ({total:.0f} ms/step), peak memory {peak}")
+    print("| preset | seq | batch | ckpt | tokens/s | peak | teacher | student fwd | loss | backward | optim |")
+    print(f"| {args.preset} | {L} | {B} | {'yes' if res['checkpoint'] else 'no'} | {res['tokens_per_s']:.0f} | {peak} | "
+          + " | ".join(f"{ms[k]:.0f} ms" for k in PHASES) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
