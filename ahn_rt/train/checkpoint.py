@@ -191,6 +191,9 @@ def plot_loss(out: Path, records: list[dict]) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "loss curve not drawn: matplotlib is missing (pip install 'ahn_rt[plots]')"
+    records = [r for r in records if r.get("loss") is not None]
+    if not records:
+        return "loss curve not drawn: no step had a loss position"
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -201,7 +204,7 @@ def plot_loss(out: Path, records: list[dict]) -> str:
                   for i in range(len(losses))]
         ax.plot(steps, smooth, lw=1.5, label=f"mean of {k}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KL(teacher || student)")
+    ax.set_ylabel("loss (KL(teacher || student) per position)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -106,6 +106,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self.tokens = 0
         self._last_draw = 0.0
+        self._open = False
 
     @staticmethod
     def _hms(s: float) -> str:
@@ -130,22 +131,17 @@ class Progress:
             width = 24
             fill = int(width * done / max(1, self.total))
             self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {text}\033[K")
-            if done >= self.total:
-                self.stream.write("\n")
+            self._open = True
         elif done % self.every == 0 or done == self.start + 1 or done >= self.total:
             self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self):
-        if self.tty:
+        """End the bar's line (a terminal only)."""
+        if self._open:
             self.stream.write("\n")
             self.stream.flush()
-
-    def note(self, line: str):
-        if self.tty:
-            self.stream.write("\r\033[K")
-        self.stream.write(line + "\n")
-        self.stream.flush()
+            self._open = False
 
 
 class Trainer:
