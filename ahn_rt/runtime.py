@@ -94,6 +94,7 @@ class GenerationStats:
     decode_s: float = 0.0
     state_bytes: int = 0
     backend: str = "ext"
+    cached_tokens: int = 0      # prompt tokens taken from the prefix cache instead of prefilled
 
     @property
     def prefill_tps(self) -> float:
@@ -109,6 +110,8 @@ class GenerationStats:
         line = (f"[ahn_rt] prompt {self.prompt_tokens} tok, prefill {self.prefill_tps:.1f} tok/s, "
                 f"decode {self.new_tokens} tok at {self.decode_tps:.1f} tok/s, "
                 f"state {human_bytes(self.state_bytes)}")
+        if self.cached_tokens:
+            line += f", {self.cached_tokens} prompt tok from the prefix cache"
         if self.backend != "ext":
             line += f" [{ops.backend_note()}]"
         return line
@@ -116,11 +119,17 @@ class GenerationStats:
 
 class Generation:
     """The iterator ``Model.generate`` returns: text pieces as they are produced. ``stats`` belongs to
-    this call alone. Closing it (or dropping it) stops at the next token and frees its session."""
+    this call alone. Closing it (or dropping it) stops at the next token and frees its session.
+    ``finish_reason``: None while running, then "stop" (end of sequence or a stop string) or "length"."""
 
-    def __init__(self, pieces: Iterator[str], stats: GenerationStats):
+    def __init__(self, pieces: Iterator[str], stats: GenerationStats, run: "_Run | None" = None):
         self._pieces = pieces
         self.stats = stats
+        self._run = run
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._run.finish_reason if self._run is not None else None
 
     def __iter__(self):
         return self
@@ -148,6 +157,10 @@ class Model:
         self._idle: list[Session] = []
         self._idle_lock = threading.Lock()
         self._local = threading.local()
+        # Optional prefix cache (enable_prefix_cache) and the scheduler behind agenerate (made on first use).
+        self.prefix_cache = None
+        self._scheduler = None
+        self._scheduler_lock = threading.Lock()
 
     @property
     def last_stats(self) -> GenerationStats:
@@ -194,15 +207,44 @@ class Model:
         from . import state_io
         return state_io.restore(self, path, chunk_size)
 
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
-                 stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
-                 session: "Session | None" = None) -> Generation:
-        """Stream the generated text piece by piece. ``prompt`` is a string (or a list of token ids).
-        Arguments are checked here, before anything runs. The returned iterator's ``stats`` (and, once
-        it is exhausted, this thread's ``last_stats``) hold the statistics of this call. Safe to call
-        from several threads at once: each call without ``session`` runs on its own session."""
-        from .tokenizer import StopMatcher, StreamDecoder, apply_chat_template
+    # ---- prefix cache, prefill, generation ---------------------------------------------------
+    def enable_prefix_cache(self, max_bytes: int, boundary_snapshots: int = 2):
+        """Keep prefilled states in an LRU of at most ``max_bytes`` (on this model's device); ``generate``,
+        ``agenerate`` and ``prefill`` on a session at position 0 then reuse the longest cached prefix of
+        a prompt and prefill only the rest, with logits identical to a cold prefill (see
+        ``ahn_rt.serve.prefix_cache``). ``max_bytes=0`` turns it off. Returns the cache."""
+        from .serve.prefix_cache import PrefixCache
+        self.prefix_cache = PrefixCache(max_bytes, boundary_snapshots) if max_bytes else None
+        return self.prefix_cache
+
+    @torch.inference_mode()
+    def prefill(self, prompt, session: "Session | None" = None, chat: bool = False,
+                system: str | None = None) -> tuple["Session", torch.Tensor]:
+        """Feed a prompt (text, token ids, chat messages or a ``Prompt``) into ``session`` (default: a
+        new one) and return it with the float32 logits [vocab] of the last prompt position. This is the
+        prefill ``generate`` runs: on a session at position 0 it uses the prefix cache when one is
+        enabled, and it splits its chunks at the prompt's chunk-size multiples and chat marks."""
+        p = self._prompt(prompt, chat, system)
+        sess = session or self.new_session()
+        fill = _Prefill(self, sess, p, self.prefix_cache)
+        while not fill.done:
+            fill.chunk()
+        return sess, fill.logits[-1].clone()
+
+    def _prompt(self, prompt, chat=False, system=None):
+        from .serve.prompt import as_prompt
+        p = as_prompt(self, prompt, chat, system)
+        if not p.ids:
+            raise AhnError("the prompt is empty: give some text")
+        lo, hi = min(p.ids), max(p.ids)
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise AhnError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
+        return p
+
+    def _new_run(self, prompt, max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0,
+                 repetition_penalty=1.0, seed=None, stop=(), chat=False, system=None) -> "_Run":
+        """A generation, its arguments checked (AhnError), not started: ``generate`` runs it in the
+        caller's thread, the scheduler in its worker."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -212,54 +254,75 @@ class Model:
         stop = list(stop)
         if any(not isinstance(s, str) or s == "" for s in stop):
             raise AhnError("stop strings must be non-empty text")
-        tok = self.tokenizer
-        if isinstance(prompt, str):
-            ids = tok.encode(apply_chat_template(prompt, system) if chat else prompt)
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise AhnError("the prompt is empty: give some text")
-        stats = GenerationStats(prompt_tokens=len(ids), backend=ops.backend())
-        eos = self.eos_ids()
+        self.tokenizer   # needed to stream text; fail before anything runs
+        return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop)
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
+                 stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
+                 session: "Session | None" = None) -> Generation:
+        """Stream the generated text piece by piece. ``prompt`` is a string (wrapped in the ChatML
+        template with ``chat``), a list of token ids, a list of chat messages ({role, content}) or a
+        ``Prompt``. Arguments are checked here, before anything runs. The returned iterator's ``stats``
+        (and, once it is exhausted, this thread's ``last_stats``) hold the statistics of this call. Safe
+        to call from several threads at once: each call without ``session`` runs on its own session.
+        With a prefix cache enabled, a call that starts at position 0 reuses the longest cached prefix."""
+        run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                            seed, stop, chat, system)
 
         def pieces() -> Iterator[str]:
             sess = session or self._borrow_session()
             try:
-                sampler = Sampler(params, self.config.vocab_size, self.device)
-                sampler.observe(torch.tensor(ids, device=self.device))
-                dec, stopper = StreamDecoder(tok), StopMatcher(stop)
-                t0 = time.perf_counter()
-                logits = sess.forward(ids, last_only=True)
-                next_tok = sampler.sample(logits[-1])
-                tid = int(next_tok)
-                stats.prefill_s = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                stepper = sess.stepper(sampler)
-                stopped = False
-                for i in range(max_new_tokens):
-                    if tid in eos:
+                run.start(sess)
+                while run.prefilling:
+                    run.prefill_chunk()
+                while True:
+                    yield from run.take()
+                    if run.done:
                         break
-                    stats.new_tokens += 1
-                    emit, stopped = stopper.push(dec.push(tid))
-                    if emit:
-                        yield emit
-                    if stopped or i + 1 == max_new_tokens:
-                        break
-                    next_tok = stepper(next_tok)
-                    tid = int(next_tok)   # the one host sync per token: the id is needed to stream text
-                if not stopped:
-                    tail, _ = stopper.push(dec.flush())
-                    tail += stopper.flush()
-                    if tail:
-                        yield tail
-                stats.decode_s = time.perf_counter() - t1
-                stats.state_bytes = sess.state_nbytes
-                self._local.stats = stats
+                    run.land(int(run.launch()))   # the one host sync per token: the id is needed for text
+                self._local.stats = run.stats
             finally:
                 if session is None:
                     self._return_session(sess)
 
-        return Generation(pieces(), stats)
+        return Generation(pieces(), run.stats, run)
+
+    @property
+    def scheduler(self):
+        """The ``ahn_rt.serve.scheduler.Scheduler`` behind ``agenerate``: one worker thread that steps every
+        active generation (made on first use with its defaults; ``start_scheduler`` sets it up)."""
+        with self._scheduler_lock:
+            if self._scheduler is None or self._scheduler.closed:
+                from .serve.scheduler import Scheduler
+                self._scheduler = Scheduler(self)
+            return self._scheduler
+
+    def start_scheduler(self, max_active: int = 8, max_queue: int | None = None, metrics=None):
+        """(Re)make the scheduler with these limits: at most ``max_active`` generations hold a session at
+        once, at most ``max_queue`` wait (None: no bound; a full queue raises ``QueueFull``)."""
+        from .serve.scheduler import Scheduler
+        with self._scheduler_lock:
+            old = self._scheduler
+            self._scheduler = Scheduler(self, max_active=max_active, max_queue=max_queue, metrics=metrics)
+        if old is not None:
+            old.shutdown(wait=False)
+        return self._scheduler
+
+    def agenerate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
+                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
+                  stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
+                  session: "Session | None" = None, timeout: float | None = None):
+        """``generate`` for asyncio: an async iterator of text pieces (``async for piece in ...``), run by
+        the scheduler's worker, interleaved with every other active generation. Call it inside a running
+        event loop; arguments are checked at once (AhnError). Closing the iterator (``await it.aclose()``,
+        or leaving ``async with``) or cancelling the task that iterates stops it at the next token and
+        releases its session; after ``timeout`` seconds (counted from this call, queueing included) it
+        stops and raises TimeoutError. Same results as ``generate`` with the same arguments."""
+        from .serve.scheduler import AsyncGeneration
+        run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                            seed, stop, chat, system)
+        return AsyncGeneration(self.scheduler, run, session=session, timeout=timeout)
 
 
 class Session:
@@ -342,3 +405,157 @@ class Session:
         (ahn_rt.graph); elsewhere it runs eagerly."""
         from .graph import Stepper
         return Stepper(self, sampler)
+
+
+class _Prefill:
+    """A prompt's prefill into a session, one chunk per ``chunk()``.
+
+    On a session at position 0 the chunks end at every multiple of the chunk size and at every mark of
+    the prompt (``ahn_rt.serve.prefix_cache.schedule``); with a prefix cache, the longest cached prefix
+    on that schedule is copied in first and snapshots are stored on the way. On a session that already
+    holds tokens the chunks are counted from the call's first token, as ``Session.forward`` does."""
+
+    def __init__(self, model: Model, sess: "Session", prompt, cache=None):
+        from .serve.prefix_cache import make_plan, schedule
+        self.sess = sess
+        self.ids = torch.tensor(prompt.ids, dtype=torch.int64, device=model.device)
+        n, C = len(prompt.ids), sess.chunk_size
+        self.cache = cache if sess.position == 0 else None
+        self.plan = None
+        self.hit = 0
+        self.logits = None
+        self._snaps: set = set()
+        if sess.position == 0:
+            if self.cache is not None:
+                self.plan = make_plan(prompt, C)
+                ends = self.plan.ends
+                entry = self.cache.lookup(self.plan)
+                if entry is not None:
+                    sess.state.load(entry.tensors, entry.position)
+                    self.hit = entry.position
+                    if entry.position == n:
+                        self.logits = entry.logits[None]
+                self._snaps = set(self.cache.snapshot_points(self.plan, self.hit))
+            else:
+                ends = schedule(n, C, prompt.marks)
+        else:
+            ends = [*range(C, n, C), n]
+        self._todo = [e for e in ends if e > self.hit]
+        self._at = self.hit
+
+    @property
+    def done(self) -> bool:
+        return not self._todo
+
+    @torch.inference_mode()
+    def chunk(self):
+        end = self._todo.pop(0)
+        logits = self.sess.forward(self.ids[self._at: end], last_only=True)
+        self._at = end
+        if end in self._snaps:
+            self.cache.store(self.plan, end, self.sess.state, logits[-1])
+        if not self._todo:
+            self.logits = logits
+
+
+class _Run:
+    """One generation as steps: ``start(session)``, ``prefill_chunk()`` while ``prefilling``, then
+    ``land(int(launch()))`` per token until ``done``; ``take()`` hands out the text produced so far.
+    ``generate`` drives one in the caller's thread; the scheduler drives many, interleaved (and a batched
+    decode step will replace its ``launch`` / ``land`` loop), so both give the same text."""
+
+    def __init__(self, model: Model, prompt, params: SamplingParams, max_new_tokens: int, stop: list):
+        self.model = model
+        self.prompt = prompt
+        self.params = params
+        self.max_new_tokens = max_new_tokens
+        self.stop = stop
+        self.stats = GenerationStats(prompt_tokens=len(prompt.ids), backend=ops.backend())
+        self.session: Session | None = None
+        self.done = False
+        self.finish_reason: str | None = None
+        self.last_token: int | None = None   # the last sampled token: never fed into the state
+        self.sampled = 0                     # tokens sampled so far (the first comes from the prefill)
+        self._fill: _Prefill | None = None
+        self._pieces: list[str] = []
+        self._eos = model.eos_ids()
+
+    @property
+    def prefilling(self) -> bool:
+        return self._fill is not None and not self._fill.done
+
+    def start(self, sess: "Session"):
+        from .tokenizer import StopMatcher, StreamDecoder
+        self.session = sess
+        self._t0 = time.perf_counter()
+        self.sampler = Sampler(self.params, self.model.config.vocab_size, self.model.device)
+        self.sampler.observe(torch.tensor(self.prompt.ids, device=self.model.device))
+        self._dec, self._stopper = StreamDecoder(self.model.tokenizer), StopMatcher(self.stop)
+        self._fill = _Prefill(self.model, sess, self.prompt, self.model.prefix_cache)
+        self.stats.cached_tokens = self._fill.hit
+        if self._fill.done:
+            self._first()
+
+    def prefill_chunk(self):
+        self._fill.chunk()
+        if self._fill.done:
+            self._first()
+
+    @torch.inference_mode()
+    def _first(self):
+        self._tok = self.sampler.sample(self._fill.logits[-1])
+        self._stepper = self.session.stepper(self.sampler)
+        self.stats.prefill_s = time.perf_counter() - self._t0
+        self._t1 = time.perf_counter()
+        self.sampled = 1
+        if self.max_new_tokens == 0:
+            self._finish("length", flush=True)
+        else:
+            self._accept(int(self._tok))
+
+    def launch(self) -> torch.Tensor:
+        """One decode step of the last token; the next token, int64 [1] on the device (no host sync)."""
+        self._tok = self._stepper(self._tok)
+        return self._tok
+
+    def land(self, tid: int):
+        """The host side of a step: the sampled id, turned into text, stop strings and the end."""
+        self.sampled += 1
+        self._accept(tid)
+
+    def take(self) -> list[str]:
+        out, self._pieces = self._pieces, []
+        return out
+
+    def _accept(self, tid: int):
+        self.last_token = tid
+        if tid in self._eos:
+            self._finish("stop", flush=True)
+            return
+        self.stats.new_tokens += 1
+        emit, stopped = self._stopper.push(self._dec.push(tid))
+        if emit:
+            self._pieces.append(emit)
+        if stopped:
+            self._finish("stop", flush=False)
+        elif self.stats.new_tokens == self.max_new_tokens:
+            self._finish("length", flush=True)
+
+    def _finish(self, reason: str, flush: bool):
+        if flush:
+            tail, _ = self._stopper.push(self._dec.flush())
+            tail += self._stopper.flush()
+            if tail:
+                self._pieces.append(tail)
+        self.stats.decode_s = time.perf_counter() - self._t1
+        self.stats.state_bytes = self.session.state_nbytes
+        self.finish_reason = reason
+        self.done = True
+
+    def abort(self, reason: str):
+        """Stop here (cancelled, timed out, failed): no more text."""
+        if not self.done:
+            self.finish_reason = reason
+            self.done = True
+            if self.session is not None:
+                self.stats.state_bytes = self.session.state_nbytes

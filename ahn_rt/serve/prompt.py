@@ -1,0 +1,127 @@
+"""A prompt as the runtime prefills it: token ids plus *marks*, the positions where a chat message (or an
+assistant message's header) ends.
+
+Marks matter for two reasons. The prefill splits its chunks there (as well as at every multiple of the
+chunk size), and the prefix cache may keep a snapshot there: a later prompt that shares the messages up to
+a mark reuses the state and prefills only the rest. A snapshot is reused only by a prompt whose chunk
+boundaries up to that point are the same, which is what makes a cache hit give the same logits, bit for
+bit, as a cold prefill (chunking changes the rounding; docs/serving.md, "Prefix cache").
+
+``chat_prompt`` writes the Qwen2.5 ChatML conversation: each message ``<|im_start|>{role}\\n{content}
+<|im_end|>\\n``, the default system message when the conversation has none, and the open assistant turn.
+For a conversation without assistant messages the ids are exactly ``encode(apply_chat_template(...))``;
+an assistant message's header and content are encoded separately (as they were when it was generated),
+so the header's end is a mark and the previous turn's whole prompt is a prefix of the next turn's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Sequence
+
+from ..errors import AhnError
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """Token ids and marks (sorted positions in ``(0, len(ids)]``)."""
+    ids: tuple
+    marks: tuple = ()
+
+    def __post_init__(self):
+        ids = tuple(self.ids)
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise AhnError("prompt token ids must be integers")
+        object.__setattr__(self, "ids", tuple(int(t) for t in ids))
+        marks = sorted({int(m) for m in self.marks if 0 < int(m) <= len(ids)})
+        object.__setattr__(self, "marks", tuple(marks))
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def _content(msg, i: int) -> str:
+    content = msg.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):   # OpenAI content parts: only text
+        out = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise AhnError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                               "are supported")
+            out.append(part["text"])
+        return "".join(out)
+    raise AhnError(f"messages[{i}].content must be a string or a list of text parts")
+
+
+def normalize_messages(messages) -> list[tuple[str, str]]:
+    """[(role, content)] from OpenAI-style message dicts; AhnError naming the message otherwise.
+    ``developer`` is read as ``system`` (OpenAI's newer name for it)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise AhnError("messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise AhnError(f"messages[{i}] must be an object with role and content")
+        role = m.get("role")
+        role = "system" if role == "developer" else role
+        if role not in ROLES:
+            raise AhnError(f"messages[{i}].role must be one of system, user, assistant; got {role!r}")
+        out.append((role, _content(m, i)))
+    return out
+
+
+def chat_prompt(tokenizer, messages, *, default_system: str | None = None, add_system: bool = True,
+                generation_prompt: bool = True, head: Sequence[int] = ()) -> Prompt:
+    """The ChatML prompt of ``messages`` (OpenAI-style dicts or (role, content) pairs).
+
+    add_system: put ``default_system`` (Qwen2.5's, when None) first if the conversation has no system
+    message; head: token ids that come first (a conversation's continuation: what closes its last turn).
+    """
+    from ..tokenizer import QWEN25_DEFAULT_SYSTEM
+    if messages and all(isinstance(m, tuple) for m in messages):
+        msgs = list(messages)
+    else:
+        msgs = normalize_messages(messages) if messages else []
+    if add_system and (not msgs or msgs[0][0] != "system"):
+        msgs.insert(0, ("system", QWEN25_DEFAULT_SYSTEM if default_system is None else default_system))
+    enc = tokenizer.encode
+    ids: list[int] = list(head)
+    marks: list[int] = []
+    for role, content in msgs:
+        if role == "assistant":
+            ids += enc(f"{IM_START}assistant\n")
+            marks.append(len(ids))
+            ids += enc(f"{content}{IM_END}\n")
+        else:
+            ids += enc(f"{IM_START}{role}\n{content}{IM_END}\n")
+        marks.append(len(ids))
+    if generation_prompt:
+        ids += enc(f"{IM_START}assistant\n")
+        marks.append(len(ids))
+    return Prompt(tuple(ids), tuple(marks))
+
+
+def as_prompt(model, prompt, chat: bool = False, system: str | None = None) -> Prompt:
+    """What ``Model.generate`` accepts as a prompt, as a ``Prompt``: text (wrapped in the ChatML template
+    with ``chat``), a list of token ids, a list of chat messages, or a ``Prompt``."""
+    if isinstance(prompt, Prompt):
+        return prompt
+    if isinstance(prompt, str):
+        tok = model.tokenizer
+        if chat:
+            return chat_prompt(tok, [("user", prompt)], default_system=system)
+        return Prompt(tuple(tok.encode(prompt)))
+    items = list(prompt)
+    if items and all(isinstance(m, dict) for m in items):
+        msgs = normalize_messages(items)
+        if system is not None and msgs[0][0] != "system":
+            msgs.insert(0, ("system", system))
+        return chat_prompt(model.tokenizer, msgs)
+    return Prompt(tuple(items))

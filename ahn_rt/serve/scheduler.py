@@ -1,0 +1,318 @@
+"""The scheduler: one worker thread steps every active generation of a Model.
+
+Each loop of the worker (1) admits queued generations while fewer than ``max_active`` hold a session,
+(2) gives every generation that is still prefilling one prefill chunk (so a long prompt never stalls
+the others for more than one chunk), (3) takes one decode step for every generation that is decoding
+(``_step``), and (4) hands out the text, ends finished, cancelled and timed-out generations and returns
+their sessions. Generations join and leave between loops.
+
+Today ``_step`` interleaves: it launches every generation's step (``_Run.launch``: on CUDA a graph
+replay, queued without a host sync) and then reads every sampled id (``_Run.land``), so the GPU runs
+the steps back to back and the host waits once per loop. The batched decode step (one
+``model.step(sessions, tokens)`` for all of them) replaces exactly that function; everything else here
+stays. Each generation keeps its own session and sampler, so interleaving gives every generation
+exactly the text it gets alone (tests/test_serve.py checks this under load).
+
+``AsyncGeneration`` is what ``Model.agenerate`` returns: the worker hands events to the event loop
+with ``call_soon_threadsafe``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import threading
+import time
+import traceback
+
+from ..errors import AhnError
+
+
+class QueueFull(AhnError):
+    """Every session is busy and the queue is full (the server answers 503 with Retry-After)."""
+
+
+class Ticket:
+    """One submitted generation and what the worker knows about it."""
+
+    def __init__(self, scheduler, run, sink, session, deadline, start_state, keep_state):
+        self.scheduler = scheduler
+        self.run = run
+        self.sink = sink                 # called with ("text", str) and finally ("end", reason, exc)
+        self.session = session           # the caller's session, or None: borrow one from the model
+        self.sess = None                 # the session in use
+        self.deadline = deadline         # time.monotonic() limit, or None
+        self.start_state = start_state   # (State.export() tensors, position) copied in before the prompt
+        self.keep_state = keep_state     # keep a copy of the final state in ``final_state``
+        self.final_state = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_at = None
+        self.last_token_at = None
+        self._seen = 0
+        self.ended = threading.Event()
+
+    def cancel(self):
+        self.scheduler.cancel(self)
+
+
+class Scheduler:
+    def __init__(self, model, max_active: int = 8, max_queue: int | None = None, metrics=None):
+        if isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1:
+            raise AhnError(f"max_active must be a positive integer, got {max_active!r}")
+        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
+            raise AhnError(f"max_queue must be a non-negative integer or None, got {max_queue!r}")
+        self.model = model
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._active: list[Ticket] = []
+        self._closing = False
+        self.closed = False
+        self._thread = threading.Thread(target=self._work, name="ahn_rt-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side ----------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        """Generations waiting for a session (not counting those about to be admitted)."""
+        return max(0, len(self._waiting) - max(0, self.max_active - len(self._active)))
+
+    def submit(self, run, sink, session=None, deadline=None, start_state=None, keep_state=False) -> Ticket:
+        t = Ticket(self, run, sink, session, deadline, start_state, keep_state)
+        with self._cv:
+            if self._closing:
+                raise AhnError("the scheduler is shutting down")
+            # submissions the worker has not admitted yet wait too: only those beyond the free sessions queue
+            queued = len(self._waiting) - max(0, self.max_active - len(self._active))
+            if self.max_queue is not None and queued >= self.max_queue:
+                raise QueueFull(f"all {self.max_active} sessions are busy and {queued} requests are queued; "
+                                "retry later")
+            self._waiting.append(t)
+            self._cv.notify()
+        return t
+
+    def cancel(self, t: Ticket):
+        """Stop ``t`` at its next step (at once if it is still queued) and release its session."""
+        with self._cv:
+            t.cancelled = True
+            queued = t in self._waiting
+            if queued:
+                self._waiting.remove(t)
+            self._cv.notify()
+        if queued:
+            self._end(t, "cancelled")
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None):
+        """Finish every active and queued generation, then stop the worker; no new submissions."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if wait:
+            self._thread.join(timeout)
+
+    # ---- the worker -----------------------------------------------------------------------------
+    def _work(self):
+        while True:
+            expired = []
+            with self._cv:
+                now = time.monotonic()
+                for t in list(self._waiting):
+                    if t.deadline is not None and now > t.deadline:
+                        self._waiting.remove(t)
+                        expired.append(t)
+                while self._waiting and len(self._active) < self.max_active:
+                    self._active.append(self._waiting.popleft())
+                if not self._active and not expired:
+                    if self._closing:
+                        self.closed = True
+                        return
+                    self._cv.wait()
+                    continue
+                batch = list(self._active)
+            for t in expired:
+                self._end(t, "timeout")
+            try:
+                self._loop_once(batch)
+            except Exception as e:  # noqa: BLE001 - a bug here must not hang every client
+                traceback.print_exc(file=sys.stderr)
+                for t in batch:
+                    if not t.ended.is_set():
+                        self._end(t, "error", e)
+
+    def _loop_once(self, batch: list[Ticket]):
+        now = time.monotonic()
+        decoding = []
+        for t in batch:
+            if t.cancelled:
+                self._end(t, "cancelled")
+                continue
+            if t.deadline is not None and now > t.deadline:
+                self._end(t, "timeout")
+                continue
+            run = t.run
+            try:
+                if t.sess is None:
+                    self._begin(t)
+                elif run.prefilling:
+                    run.prefill_chunk()
+                elif not run.done:
+                    decoding.append(t)
+                    continue
+            except Exception as e:  # noqa: BLE001 - the error goes to this generation's caller
+                self._end(t, "error", e)
+                continue
+            self._deliver(t)
+        for t, e in self._step(decoding):
+            self._end(t, "error", e)
+        for t in decoding:
+            if not t.ended.is_set():
+                self._deliver(t)
+
+    def _step(self, tickets: list[Ticket]) -> list:
+        """One decode token for each of ``tickets`` (the part the batched step replaces). Returns the
+        (ticket, exception) pairs that failed."""
+        failed, launched = [], []
+        for t in tickets:
+            try:
+                launched.append((t, t.run.launch()))
+            except Exception as e:  # noqa: BLE001
+                failed.append((t, e))
+        for t, tok in launched:
+            try:
+                t.run.land(int(tok))    # the host sync; the launches before it are already queued
+            except Exception as e:  # noqa: BLE001
+                failed.append((t, e))
+        return failed
+
+    def _begin(self, t: Ticket):
+        t.sess = t.session or self.model._borrow_session()
+        if t.start_state is not None:
+            tensors, position = t.start_state
+            t.sess.state.load(tensors, position)
+        t.run.start(t.sess)
+        if t.run.prefilling:
+            t.run.prefill_chunk()
+
+    def _deliver(self, t: Ticket):
+        run, m = t.run, self.metrics
+        if run.sampled > t._seen:
+            now = time.perf_counter()
+            if t.first_token_at is None:
+                t.first_token_at = now
+                if m is not None:
+                    m.first_token(now - t.submitted, run.stats.cached_tokens)
+            elif m is not None:
+                m.next_token(now - t.last_token_at)
+            t.last_token_at = now
+            t._seen = run.sampled
+        for piece in run.take():
+            t.sink(("text", piece))
+        if run.done:
+            self._end(t, run.finish_reason)
+
+    def _end(self, t: Ticket, reason: str, exc: BaseException | None = None):
+        run = t.run
+        run.abort(reason)
+        if t.sess is not None:
+            if t.keep_state and exc is None and run.finish_reason in ("stop", "length"):
+                st = t.sess.state
+                t.final_state = ({k: v.clone() for k, v in st.export().items()}, st.position)
+            if t.session is None:
+                self.model._return_session(t.sess)
+        with self._cv:
+            if t in self._active:
+                self._active.remove(t)
+        if self.metrics is not None:
+            self.metrics.finished(run, run.finish_reason)
+        t.ended.set()
+        t.sink(("end", run.finish_reason, exc))
+
+
+class AsyncGeneration:
+    """``async for piece in model.agenerate(...)``: text pieces from the scheduler's worker. ``stats``
+    and ``finish_reason`` ("stop", "length", "cancelled", "timeout", "error") as for ``Generation``.
+    ``aclose()`` (or leaving ``async with``) stops it and returns once its session is released;
+    cancelling the iterating task stops it at the next token."""
+
+    def __init__(self, scheduler: Scheduler, run, session=None, timeout: float | None = None,
+                 start_state=None, keep_state: bool = False):
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise AhnError("agenerate needs a running event loop: call it from async code "
+                           "(use generate in plain threads)") from None
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise AhnError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.run = run
+        self.stats = run.stats
+        self.timeout = timeout
+        self.finish_reason: str | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._ended = False
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        self.ticket = scheduler.submit(run, self._sink, session=session, deadline=deadline,
+                                       start_state=start_state, keep_state=keep_state)
+
+    def _sink(self, event):
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:   # the event loop is gone: nobody reads this generation any more
+            self.ticket.cancelled = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except asyncio.CancelledError:
+            self.ticket.cancel()
+            raise
+        if event[0] == "text":
+            return event[1]
+        self._ended = True
+        _, self.finish_reason, exc = event
+        if exc is not None:
+            raise exc
+        if self.finish_reason == "timeout":
+            raise TimeoutError(f"the generation ran past its timeout of {self.timeout} s")
+        raise StopAsyncIteration
+
+    async def aclose(self):
+        """Stop now (at the worker's next step) and wait until the session is released."""
+        if self._ended:
+            return
+        self.ticket.cancel()
+        while True:
+            event = await self._queue.get()
+            if event[0] == "end":
+                self._ended = True
+                self.finish_reason = event[1]
+                return
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    @property
+    def final_state(self):
+        return self.ticket.final_state
+
+    def __del__(self):
+        if not getattr(self, "_ended", True) and hasattr(self, "ticket"):
+            try:
+                self.ticket.cancel()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass

@@ -1,0 +1,186 @@
+"""Model.agenerate: the scheduler's interleaved generations equal solo generate calls; closing the
+iterator, leaving ``async with`` or cancelling the task stops it and releases its session; the timeout;
+admission (max_active, a bounded queue); arguments are checked at the call."""
+import asyncio
+import time
+
+import pytest
+import torch
+
+import ahn_rt
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+from ahn_rt.serve.scheduler import QueueFull
+
+V = 97
+PROMPTS = [list(range(10 + i, 30 + 3 * i)) for i in range(6)]
+KW = [dict(temperature=0.0), dict(temperature=0.9, seed=11, top_k=20), dict(temperature=0.7, seed=3, top_p=0.8),
+      dict(temperature=1.0, seed=5, repetition_penalty=1.2)]
+
+
+class _Tok:
+    def encode(self, text):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.fixture
+def model():
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg["vocab_size"] = V
+    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=2), window=6, sinks=2,
+                        mode="ahn", dtype="float32", device="cpu", chunk_size=8)
+    m._tokenizer = _Tok()
+    yield m
+    if m._scheduler is not None:
+        m._scheduler.shutdown()
+
+
+def _kw(i, n=12):
+    return dict(max_new_tokens=n, **KW[i % len(KW)])
+
+
+async def _collect(gen):
+    return "".join([p async for p in gen]), gen.finish_reason
+
+
+async def _until(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out waiting"
+        await asyncio.sleep(0.005)
+
+
+def test_concurrent_agenerate_equals_solo_generate(model):
+    solo = []
+    for i in range(6):
+        g = model.generate(PROMPTS[i], **_kw(i))
+        solo.append(("".join(g), g.finish_reason))
+
+    async def main():
+        model.start_scheduler(max_active=4)          # 6 generations: two wait for a session
+        return await asyncio.gather(*[_collect(model.agenerate(PROMPTS[i], **_kw(i))) for i in range(6)])
+
+    assert asyncio.run(main()) == solo
+    assert model.scheduler.active == 0 and model.scheduler.queued == 0
+
+
+def test_aclose_and_async_with_release_the_session(model):
+    async def main():
+        idle = len(model._idle)
+        gen = model.agenerate(PROMPTS[0], max_new_tokens=500, temperature=0)
+        assert await gen.__anext__()
+        assert model.scheduler.active == 1
+        await gen.aclose()
+        assert gen.finish_reason == "cancelled" and model.scheduler.active == 0
+        assert len(model._idle) == max(idle, 1)
+        async with model.agenerate(PROMPTS[1], max_new_tokens=500, temperature=0) as g2:
+            async for _ in g2:
+                break
+        assert g2.finish_reason == "cancelled" and model.scheduler.active == 0
+        assert g2.stats.new_tokens < 500
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_task_stops_at_the_next_token(model):
+    async def main():
+        idle = len(model._idle)
+        gen = model.agenerate(PROMPTS[2], max_new_tokens=10_000, temperature=0)
+        got = []
+
+        async def consume():
+            async for piece in gen:
+                got.append(piece)
+
+        task = asyncio.create_task(consume())
+        await _until(lambda: len(got) >= 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _until(lambda: model.scheduler.active == 0)
+        n = gen.stats.new_tokens
+        await asyncio.sleep(0.05)
+        assert gen.stats.new_tokens == n < 10_000          # nothing runs after the cancel
+        assert len(model._idle) == max(idle, 1)
+
+    asyncio.run(main())
+
+
+def test_timeout_stops_and_raises(model):
+    async def main():
+        gen = model.agenerate(PROMPTS[3], max_new_tokens=100_000, temperature=0, timeout=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async for _ in gen:
+                pass
+        assert time.monotonic() - t0 < 5 and gen.finish_reason == "timeout"
+        assert model.scheduler.active == 0 and 0 < gen.stats.new_tokens < 100_000
+
+    asyncio.run(main())
+
+
+def test_bounded_queue_refuses_and_the_rest_complete(model):
+    async def main():
+        model.start_scheduler(max_active=2, max_queue=1)
+        gens = [model.agenerate(PROMPTS[i], **_kw(i, 6)) for i in range(3)]
+        with pytest.raises(QueueFull):
+            model.agenerate(PROMPTS[3], **_kw(3, 6))
+        return await asyncio.gather(*[_collect(g) for g in gens])
+
+    got = asyncio.run(main())
+    assert got == [("".join(model.generate(PROMPTS[i], **_kw(i, 6))), got[i][1]) for i in range(3)]
+
+
+def test_a_queued_generation_can_be_closed_and_times_out_in_the_queue(model):
+    async def main():
+        model.start_scheduler(max_active=1)
+        first = model.agenerate(PROMPTS[0], max_new_tokens=10_000, temperature=0)
+        queued = model.agenerate(PROMPTS[1], max_new_tokens=3, temperature=0)
+        expires = model.agenerate(PROMPTS[2], max_new_tokens=3, temperature=0, timeout=0.2)
+        await first.__anext__()
+        assert model.scheduler.queued == 2
+        await queued.aclose()
+        assert queued.finish_reason == "cancelled" and queued.stats.new_tokens == 0
+        with pytest.raises(TimeoutError):
+            await expires.__anext__()
+        assert expires.stats.new_tokens == 0 and model.scheduler.queued == 0
+        await first.aclose()
+
+    asyncio.run(main())
+
+
+def test_arguments_are_checked_at_the_call(model):
+    async def main():
+        for bad in [dict(max_new_tokens=-1), dict(temperature=-1), dict(stop=[""]), dict(timeout=0)]:
+            with pytest.raises(ahn_rt.AhnError):
+                model.agenerate(PROMPTS[0], **bad)
+        with pytest.raises(ahn_rt.AhnError, match="empty"):
+            model.agenerate([])
+        with pytest.raises(ahn_rt.AhnError, match="vocabulary"):
+            model.agenerate([V + 5, 1, 2])
+
+    asyncio.run(main())
+    with pytest.raises(ahn_rt.AhnError, match="event loop"):
+        model.agenerate(PROMPTS[0])
+
+
+def test_a_failing_generation_raises_in_its_caller_only(model):
+    want = "".join(model.generate(PROMPTS[1], **_kw(1)))
+
+    async def main():
+        bad = model.agenerate(PROMPTS[0], max_new_tokens=50, temperature=0)
+        good = model.agenerate(PROMPTS[1], **_kw(1))
+
+        def boom():
+            raise RuntimeError("device lost")
+        bad.run.launch = boom
+        with pytest.raises(RuntimeError, match="device lost"):
+            await _collect(bad)
+        assert bad.finish_reason == "error"
+        return await _collect(good)
+
+    assert asyncio.run(main())[0] == want
+    assert model.scheduler.active == 0 and len(model._idle) >= 2
