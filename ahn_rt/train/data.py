@@ -341,15 +341,22 @@ class Cursor:
     """The data position: the next sequence is ``epoch_order(n, seed, epoch)[pos]``."""
     epoch: int = 0
     pos: int = 0
+    _cache: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def _order(self, n_seqs: int, seed: int) -> list[int]:
+        key = (n_seqs, seed, self.epoch)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, epoch_order(n_seqs, seed, self.epoch))
+        return self._cache[1]
 
     def take(self, n_seqs: int, count: int, seed: int) -> list[int]:
         """The next ``count`` sequence indices (crossing into the next epoch when needed); advances."""
         out: list[int] = []
-        order = epoch_order(n_seqs, seed, self.epoch)
+        order = self._order(n_seqs, seed)
         while len(out) < count:
             if self.pos >= n_seqs:
                 self.epoch, self.pos = self.epoch + 1, 0
-                order = epoch_order(n_seqs, seed, self.epoch)
+                order = self._order(n_seqs, seed)
             k = min(count - len(out), n_seqs - self.pos)
             out += order[self.pos:self.pos + k]
             self.pos += k
