@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     return f"warning: {message}\n"
 
@@ -324,7 +328,8 @@ def run(a) -> int:
     n_base = sum(p.numel() for p in model.parameters()) - n_ahn
     print(f"[ahn_rt.train] {data.stats.line()}; {data.num_tokens:,} tokens", file=sys.stderr)
     print(f"[ahn_rt.train] {n_ahn:,} AHN parameters ({100 * n_ahn / max(1, n_base):.2f}% of the frozen base), "
-          f"{trainer.total_steps} steps of {settings.batch * settings.grad_accum} sequences, {budget.describe()}, "
+          f"{_n(trainer.total_steps, 'step')} of {_n(settings.batch * settings.grad_accum, 'sequence')}, "
+          f"{budget.describe()}, "
           f"{run_cfg['dtype']} on {device}" + (f"; resumed at step {trainer.step}" if saved_state else ""),
           file=sys.stderr)
     progress = Progress(trainer.total_steps, trainer.step, every=a.log_every)
