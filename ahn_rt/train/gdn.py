@@ -50,6 +50,7 @@ class _UnitLowerInverse(torch.autograd.Function):
         T = torch.zeros_like(A)
         # diagonal blocks: [..., c/b, b, b]
         Ad = A.unflatten(-2, (c // b, b)).unflatten(-1, (c // b, b)).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+        Ad = Ad.contiguous()
         Td = torch.eye(b, dtype=A.dtype, device=A.device).expand(*lead, c // b, b, b).clone()
         for i in range(1, b):
             Td[..., i:i + 1, :i] = -(Ad[..., i:i + 1, :i] @ Td[..., :i, :i])
@@ -150,8 +151,8 @@ def chunk_gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Ten
         incl = idx[:, None] >= idx[None, :]
         strict = idx[:, None] > idx[None, :]
         diff = G[..., :, None] - G[..., None, :]
-        gam = torch.where(incl, diff, torch.full_like(diff, float("-inf"))).exp().to(dt)   # e^(G_i - G_j), j <= i
-        A = torch.where(strict, (K @ K.mT) * gam * bt[..., None], torch.zeros((), dtype=dt, device=q.device))
+        gam = torch.where(incl, diff, float("-inf")).exp().to(dt)   # e^(G_i - G_j) for j <= i, else 0
+        A = torch.where(strict, (K @ K.mT) * gam * bt[..., None], 0.0)
         eG = G.exp().to(dt)
         rhs = bt[..., None] * torch.cat([V, eG[..., None] * K], dim=-1)
         X = _UnitLowerInverse.apply(A) @ rhs
