@@ -110,6 +110,17 @@ def test_chunk_gdn_strong_decay():
         assert torch.isfinite(a).all() and rel(a, r) < GDN32, (name, rel(a, r))
 
 
+@pytest.mark.parametrize("chunk_size", [16, 48, 40, 128])
+def test_chunk_gdn_other_block_sizes(chunk_size):
+    """Blocks that are not 64 long (a multiple of 16 but not a power of two, not a multiple of 16, longer
+    than T) compute the same function."""
+    t, cot = gdn_inputs(100, True)
+    ref, names = outputs_and_grads(recurrence, t, cot, F64)
+    got, _ = outputs_and_grads(lambda *a: chunk_gdn(*a, chunk_size=chunk_size), t, cot, F64)
+    for name, r, a in zip(names, ref, got):
+        assert rel(a, r) < GDN64, (name, rel(a, r))
+
+
 @pytest.mark.parametrize("wrong", [dict(decay=False), dict(read_first=True)])
 def test_chunk_gdn_test_catches_wrong_rule(wrong):
     """A recurrence without the decay, or reading before writing, misses chunk_gdn by far more than the
