@@ -1,7 +1,7 @@
 """Pretrain the demo teacher: a small Qwen2-architecture model trained FROM SCRATCH on the demo corpus with
 full causal attention (next-token cross-entropy), passkeys in a fraction of the sequences.
 
-    python scripts/demo/train_teacher.py --data data/demo --out runs/demo/teacher --steps 1600 --device cuda
+    python scripts/demo/train_teacher.py --data data/demo --out runs/demo/teacher --steps 1800 --device cuda
 
 Fixed seed and fixed number of steps (no time budget: ``--time-limit`` only guards a run that is far
 slower than planned, stops early and says so in the log). AdamW (betas 0.9/0.95, weight decay 0.1 on the
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo", help="folder of build_corpus.py (train.bin, heldout.bin, tokenizer.json)")
     ap.add_argument("--out", required=False, help="output checkpoint folder")
-    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--batch", type=int, default=32, help="sequences per step")
     ap.add_argument("--micro-batch", type=int, default=0, help="sequences per forward (default: --batch)")
     ap.add_argument("--seq-len", type=int, default=4096)
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=["bf16", "float32"], default=None,
                     help="bf16 autocast (default on cuda) or plain float32 (default on cpu)")
+    ap.add_argument("--loss-chunk", type=int, default=8192, help="rows per LM-head chunk in the loss")
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--eval-seqs", type=int, default=8)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
             ids = ids_all[s:s + micro]
             with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 h = model.forward_teacher(ids)
-                loss = lm_loss(model, h, ids)
+                loss = lm_loss(model, h, ids, chunk=args.loss_chunk)
             (loss * (ids.shape[0] / B)).backward()
             loss_sum += loss.detach() * (ids.shape[0] / B)
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
