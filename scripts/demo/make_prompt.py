@@ -1,0 +1,62 @@
+"""Write a passkey prompt for trying the demo model by hand: the text of held-out standard-library files
+(the same split rule as build_corpus.py, so no data/ folder is needed), a passkey line early on, and the
+question at the end, about --distance tokens later.
+
+    python scripts/demo/make_prompt.py --distance 2000 --seed 1 > /tmp/passkey.txt
+    for m in full swa ahn; do python -m ahn_rt.generate --weights weights/demo --prompt-file /tmp/passkey.txt \\
+        --mode $m --temperature 0 --max-new-tokens 5 --quiet-stats; echo "  <- $m"; done
+
+The expected answer and the measured distance go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import build_corpus  # noqa: E402
+import longrange  # noqa: E402
+
+
+def heldout_text(min_tokens: int, tok) -> list[int]:
+    """Token ids of held-out stdlib files (sorted, each followed by <|endoftext|>) until min_tokens."""
+    files, _ = build_corpus.list_sources(build_corpus.stdlib_dir())
+    held = [t for rel, t in files if build_corpus.split_of(rel, 20, 100) == "heldout"] or [t for _, t in files]
+    eot = tok.token_to_id(build_corpus.EOT)
+    ids: list[int] = []
+    for text in held:
+        ids += tok.encode(text, add_special_tokens=False).ids + [eot]
+        if len(ids) >= min_tokens:
+            break
+    return ids
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokenizer", default="weights/demo/tokenizer.json")
+    ap.add_argument("--distance", type=int, default=2000, help="tokens from the stated to the asked passkey")
+    ap.add_argument("--key-pos", type=int, default=300, help="token position of the stated passkey")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(args.tokenizer)
+    t = longrange.Templates.from_tokenizer(args.tokenizer)
+    L = args.key_pos + args.distance + longrange.N_DIGITS
+    filler = np.asarray(heldout_text(L, tok), dtype=np.int64)
+    ids, item = longrange.insert_passkey(filler, L, args.distance, np.random.default_rng(args.seed), t,
+                                         min_start=args.key_pos - len(t.statement), key_pos=args.key_pos)
+    text = tok.decode(ids[:item.answer_pos].tolist(), skip_special_tokens=False)
+    again = tok.encode(text, add_special_tokens=False).ids
+    sys.stdout.write(text)
+    print(f"passkey {item.text}; prompt {len(again)} tokens, the passkey's first digit at token "
+          f"{item.key_pos} (distance {item.distance} as built)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
