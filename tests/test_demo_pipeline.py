@@ -96,6 +96,8 @@ def test_corpus_builder_is_deterministic_and_splits_by_file(tmp_path):
     # digits are single tokens, so a 5-digit passkey is 5 tokens
     assert len(tok.encode("48213", add_special_tokens=False).ids) == 5
     assert sorted(a["digit_tokens"]) == list("0123456789")
+    # the passkey templates are recorded in the manifest (the GPU side needs no tokenizer library)
+    assert longrange.Templates.from_data(tmp_path / "a") == longrange.Templates.from_tokenizer(tmp_path / "a")
 
 
 # ----------------------------------------------------------------------------------------------

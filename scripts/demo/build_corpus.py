@@ -153,6 +153,9 @@ def build(root: Path, out: Path, *, vocab_size=4096, heldout_permille=20, distil
         + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     tok = train_tokenizer([t for _, t in splits["train"] + splits["distill"]], vocab_size)
     write_bytes(out / "tokenizer.json", (tok.to_str(pretty=True) + "\n").encode("utf-8"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import longrange
+    templates = longrange.Templates.from_tokenizer(out / "tokenizer.json")
     manifest = {
         "what": "demo corpus: CPython standard library .py sources, byte-level BPE, uint16 ids",
         "python": platform.python_version(), "implementation": platform.python_implementation(),
@@ -160,6 +163,9 @@ def build(root: Path, out: Path, *, vocab_size=4096, heldout_permille=20, distil
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),
         "special_tokens": {s: tok.token_to_id(s) for s in SPECIAL_TOKENS},
         "digit_tokens": {str(d): tok.token_to_id(str(d)) for d in range(10)},
+        "templates": dict(templates.to_json(), text={"statement": longrange.STATEMENT,
+                                                     "question": longrange.QUESTION,
+                                                     "newline": longrange.NEWLINE}),
         "split_rule": f"sha256(relative path)[:8] big-endian mod 1000: < {heldout_permille} heldout, "
                       f"< {heldout_permille + distill_permille} distill, else train",
         "skipped": {k: v for k, v in sorted(skipped.items())},

@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     sinks = args.sinks if args.sinks is not None else cfg.get("num_attn_sinks")
     if window is None or sinks is None:
         ap.error("the model config has no sliding_window / num_attn_sinks: pass --window and --sinks")
-    t = longrange.Templates.from_tokenizer(data / "tokenizer.json")
+    t = longrange.Templates.from_data(data)
     heldout = longrange.load_tokens(data / "heldout.bin")
     L = args.seq_len
     text_seqs = longrange.eval_text_sequences(heldout, L, args.n_text)

@@ -69,6 +69,21 @@ class Templates:
             raise ValueError(f"{path}: the passkey templates do not round-trip through the tokenizer")
         return t
 
+    @classmethod
+    def from_data(cls, folder) -> "Templates":
+        """From the manifest.json of build_corpus.py (no tokenizer library needed), else from the
+        folder's tokenizer.json."""
+        import json
+        m = json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8"))
+        if "templates" not in m:
+            return cls.from_tokenizer(Path(folder) / "tokenizer.json")
+        t = m["templates"]
+        return cls(tuple(t["statement"]), tuple(t["question"]), tuple(t["newline"]), tuple(t["digits"]))
+
+    def to_json(self) -> dict:
+        return {"statement": list(self.statement), "question": list(self.question),
+                "newline": list(self.newline), "digits": list(self.digits)}
+
     @property
     def statement_len(self) -> int:
         return len(self.statement) + N_DIGITS + len(self.newline)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stats", help="also write the counts as JSON to this file")
     args = ap.parse_args(argv)
     data = Path(args.data)
-    t = longrange.Templates.from_tokenizer(data / "tokenizer.json")
+    t = longrange.Templates.from_data(data)
     tokens = longrange.load_tokens(data / f"{args.split}.bin")
     sampler = longrange.SequenceSampler(tokens, args.seq_len, t, seed=args.seed, passkey_frac=args.passkey_frac,
                                         dist_min=args.dist_min, dist_max=args.dist_max)

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                             eps=1e-8, **({"fused": True} if device.type == "cuda" else {}))
-    templates = longrange.Templates.from_tokenizer(data / "tokenizer.json")
+    templates = longrange.Templates.from_data(data)
     train = longrange.load_tokens(data / "train.bin")
     heldout = longrange.load_tokens(data / "heldout.bin")
     sampler = longrange.SequenceSampler(train, args.seq_len, templates, seed=args.seed,
