@@ -21,6 +21,9 @@ What the rest of the code asks the State (and never computes itself):
 * ``fill_random(position)`` — a documented way to stand a state at any depth (benchmarks);
 * ``tensors()`` — the fields that make up the state (for size, reset, copies).
 
+Every method that writes the state runs under ``torch.inference_mode`` (buffers that a full-mode cache
+grows during a forward are inference tensors, which may only be written in that mode).
+
 The position lives twice: ``position`` on the host and ``pos`` (int64 [1]) on the device, which the
 decode kernels read, so one captured CUDA graph serves every step. ``advance`` keeps them equal.
 """
@@ -182,6 +185,7 @@ class State:
             self.alpha[layer][slots] = alpha[rows]
 
     # ---- position ----------------------------------------------------------------------------
+    @torch.inference_mode()
     def advance(self, n: int):
         """The position moves by n tokens, on the host and on the device. Every path calls this after
         its step: the prefill, the eager decode step, and the caller of a replayed CUDA graph."""
@@ -211,6 +215,7 @@ class State:
         self.capacity = self.window = new
         return True
 
+    @torch.inference_mode()
     def reset(self):
         for t in self.tensors().values():
             t.zero_()
@@ -250,6 +255,7 @@ class State:
         return {name: t.narrow(self.SLOT_AXIS[name], 0, n) if name in self.SLOT_AXIS else t
                 for name, t in self.tensors().items()}
 
+    @torch.inference_mode()
     def load(self, tensors: dict[str, torch.Tensor], position: int):
         """Replace the state by an exported one (``export`` of a state of the same layout) at
         ``position``. Shapes are checked; a mismatch raises ValueError naming the field."""
@@ -271,6 +277,7 @@ class State:
         self.position = 0
         self.advance(position)
 
+    @torch.inference_mode()
     def copy_from(self, other: "State"):
         """This state becomes a copy of ``other`` (same layout): one device copy per field."""
         self.ensure_capacity(other.capacity)

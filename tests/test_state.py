@@ -150,3 +150,20 @@ def test_full_mode_capacity_and_growth():
     sess.forward([6])                                 # grows: the buffers move, the contents stay
     assert sess.state.capacity == 2000 and sess.state.k is not buf
     assert torch.equal(sess.state.k[:, :, :1000], buf)
+
+
+def test_grown_full_cache_can_be_reset_and_reused_outside_inference_mode():
+    """A full-mode cache grown inside a forward (inference mode) is reset, saved, forked and reused by
+    plain code; generate() reuses such a session through reset()."""
+    cfg = preset_config("tiny", False, torch.float32)
+    cfg["vocab_size"] = 64
+    model = from_state_dict(cfg, random_state_dict(cfg, ahn=False, dtype=torch.float32), mode="full",
+                            dtype="float32", device="cpu")
+    sess = model.new_session()
+    first = sess.forward(list(range(1, 60)) * 5)          # 295 tokens: grows 256 -> 512
+    assert sess.state.capacity == 512
+    other = sess.fork()
+    sess.reset()
+    assert sess.position == 0 and int(sess.state.pos) == 0
+    assert torch.equal(sess.forward(list(range(1, 60)) * 5), first)
+    assert other.position == 295
