@@ -25,19 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ahn_rt.config import parse_config, parse_dtype  # noqa: E402
 from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
+from ahn_rt.train.data import sample_budget  # noqa: E402
 from ahn_rt.train.loss import distill_loss  # noqa: E402
 from ahn_rt.train.model import TrainModel  # noqa: E402
 
-BUDGETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-SINKS = (0, 32, 64, 128, 512, 2048, 4096)
 PHASES = ("teacher", "student", "loss", "backward", "optim")
-
-
-def recipe_budget(L: int, rng: random.Random) -> tuple[int, int]:
-    """(W, S): total Wt uniform over BUDGETS with L/8 < Wt < L, S uniform over SINKS with S <= Wt/2."""
-    wt = rng.choice([b for b in BUDGETS if L / 8 < b < L] or [max(1, L // 2)])
-    s = rng.choice([x for x in SINKS if x <= wt // 2])
-    return wt - s, s
 
 
 class Marks:
@@ -96,7 +88,7 @@ def main(argv=None) -> int:
 
     rows, budgets = [], []
     for step in range(args.warmup + args.steps):
-        WS = [(args.window, args.sinks) if args.window else recipe_budget(L, rng) for _ in range(B)]
+        WS = [(args.window, args.sinks) if args.window else sample_budget(L, rng) for _ in range(B)]
         window = torch.tensor([w for w, _ in WS])
         sinks = torch.tensor([s for _, s in WS])
         ids = torch.randint(0, V, (B, L), device=dev, generator=gen)
