@@ -16,7 +16,9 @@ traffic shares), the last two marks before the end (a conversation's previous tu
 chunk-size boundaries before the end (long shared documents without chat structure; with two, any
 question shorter than one chunk leaves the document's last whole boundary inside the shared part).
 Points at or before the hit are not stored again. Each entry holds the occupied part of the state
-(``State.export``, cloned on the model's device) and the float32 logits of its last position.
+(``State.export``, cloned on the model's device); the whole-prompt entry also keeps the float32 logits of
+its last position (a vocabulary row: for a small state that is most of the entry, so only the entry that
+a repeated prompt can use in full keeps it; an entry without logits serves longer prompts only).
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ def make_plan(prompt: Prompt, chunk_size: int) -> Plan:
 class Entry:
     position: int
     ids_bytes: bytes
-    tensors: dict           # State.export() fields, cloned
-    logits: torch.Tensor    # float32 [vocab], the logits at position - 1
+    tensors: dict                 # State.export() fields, cloned
+    logits: torch.Tensor | None   # float32 [vocab], the logits at position - 1 (whole-prompt entries)
     nbytes: int
 
 
@@ -103,10 +105,13 @@ class PrefixCache:
             self.nbytes = 0
 
     def lookup(self, plan: Plan) -> Entry | None:
-        """The entry at the deepest chunk end of ``plan`` that is cached (None: a miss)."""
+        """The entry at the deepest chunk end of ``plan`` that is cached and usable (the whole prompt
+        needs the entry's logits); None: a miss."""
         with self._lock:
             for e in reversed(plan.ends):
                 entry = self._entries.get(plan.keys[e])
+                if e == plan.n and entry is not None and entry.logits is None:
+                    continue
                 if entry is not None and entry.ids_bytes == plan.prefix_bytes(e):
                     self._entries.move_to_end(plan.keys[e])
                     self.hits += 1
@@ -132,23 +137,27 @@ class PrefixCache:
             return plan.keys[p] in self._entries
 
     def store(self, plan: Plan, p: int, state, logits: torch.Tensor) -> bool:
-        """Keep ``state`` (at position p of ``plan``) and its last logits; False when it does not fit."""
+        """Keep ``state`` (at position p of ``plan``), and at the whole prompt its last logits; False
+        when it does not fit."""
         key = plan.keys[p]
+        keep_logits = p == plan.n
         with self._lock:
-            if key in self._entries:
+            old = self._entries.get(key)
+            if old is not None and (old.logits is not None or not keep_logits):
                 self._entries.move_to_end(key)
                 return True
         if state.position != p:
             raise AssertionError(f"state at {state.position}, snapshot point {p}")
         tensors = state.export()
-        size = sum(t.numel() * t.element_size() for t in tensors.values()) + logits.numel() * 4
+        size = sum(t.numel() * t.element_size() for t in tensors.values()) + (logits.numel() * 4 if keep_logits else 0)
         if size > self.max_bytes:
             return False
         entry = Entry(p, plan.prefix_bytes(p), {k: t.clone() for k, t in tensors.items()},
-                      logits.detach().reshape(-1).float().clone(), size)
+                      logits.detach().reshape(-1).float().clone() if keep_logits else None, size)
         with self._lock:
-            if key in self._entries:
-                return True
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
             while self._entries and self.nbytes + size > self.max_bytes:
                 _, old = self._entries.popitem(last=False)
                 self.nbytes -= old.nbytes

@@ -1,0 +1,183 @@
+"""``python -m ahn_rt.serve --weights PATH``: the OpenAI-compatible server (needs ``pip install "ahn_rt[serve]"``).
+
+A user's mistake (bad path or option, missing extra, port in use) prints one line and exits 2. SIGTERM
+or Ctrl-C drains: the server stops accepting connections, every in-flight request (streams included)
+completes, conversations are written to --state-dir, and the process exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import warnings
+
+from ..errors import AhnError
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
+              "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str, what: str) -> int:
+    """'8GiB', '512M', '1000000' -> bytes (AhnError naming the option otherwise)."""
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    try:
+        value = float(num)
+        assert unit in SIZE_UNITS and value >= 0
+    except (ValueError, AssertionError):
+        raise AhnError(f"{what} must be a size such as 4GiB, 512MiB or a number of bytes, got {text!r}") from None
+    return int(value * SIZE_UNITS[unit])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m ahn_rt.serve",
+                                 description="OpenAI-compatible HTTP server for an AHN-augmented Qwen model.")
+    m = ap.add_argument_group("model")
+    m.add_argument("--weights", required=True, help=".safetensors file or Hugging Face checkpoint folder")
+    m.add_argument("--ahn", help="separate AHN-only checkpoint (file or folder)")
+    m.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the weights)")
+    m.add_argument("--model-name", help="the id clients pass as 'model' (default: the weights' name)")
+    m.add_argument("--window", type=int, help="sliding window W (default: config, else 32640)")
+    m.add_argument("--sinks", type=int, help="attention sinks S (default: config, else 128)")
+    m.add_argument("--mode", choices=["ahn", "swa", "full"], help="default: ahn with AHN weights, else full")
+    m.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    m.add_argument("--dtype", help="bf16, fp16 or float32 (default: the checkpoint's)")
+    m.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    n = ap.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    n.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    n.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    n.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    a = ap.add_argument_group("capacity")
+    a.add_argument("--max-sessions", type=int, default=16,
+                   help="generations that hold a session at once (default 16; also bounded by --memory-budget)")
+    a.add_argument("--memory-budget", help="bytes for the sessions of running generations (e.g. 40GiB; default: "
+                                           "80%% of the free GPU memory (CPU: available RAM) less the two caches)")
+    a.add_argument("--max-queue", type=int, default=64,
+                   help="requests that wait for a session (default 64); beyond that: 503 with Retry-After")
+    a.add_argument("--prefix-cache", help="bytes for the prefix cache (default: 8 full states, at most 15%% of "
+                                          "free memory; 0 turns it off)")
+    a.add_argument("--session-cache", help="bytes for conversations (session_id) kept in memory (default: 8 states, "
+                                           "at most 10%% of free memory)")
+    a.add_argument("--state-dir", help="write conversations here and restore them after a restart")
+    a.add_argument("--max-prompt-tokens", type=int, default=131072, help="new tokens per request (default 131072)")
+    a.add_argument("--max-tokens", type=int, default=4096,
+                   help="cap on max_tokens, and the default for chat (default 4096)")
+    return ap
+
+
+def _free_bytes(model) -> int:
+    """Free memory where the states live: the GPU's, or the machine's available RAM."""
+    import torch
+    if model.device.type == "cuda":
+        return torch.cuda.mem_get_info(model.device)[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _default_name(weights: str) -> str:
+    """'ckpt/qwen-ahn/model.safetensors' -> 'qwen-ahn'; 'x/tiny.safetensors' -> 'tiny'; a folder: its name."""
+    p = os.path.normpath(os.path.abspath(weights))
+    base = os.path.basename(p)
+    if os.path.isfile(p):
+        stem = base.rsplit(".", 1)[0]
+        return os.path.basename(os.path.dirname(p)) if stem == "model" else stem
+    return base
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except (OSError, socket.gaierror) as e:
+        raise AhnError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+    try:
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn
+        except ImportError as e:
+            raise AhnError(f"the server needs FastAPI and uvicorn ({e.name} is missing): "
+                           "pip install \"ahn_rt[serve]\"") from None
+        for name in ("max_sessions", "max_prompt_tokens", "max_tokens"):
+            if getattr(args, name) < 1:
+                raise AhnError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.max_queue < 0:
+            raise AhnError(f"--max-queue must be >= 0, got {args.max_queue}")
+        if not 0 <= args.port < 65536:
+            raise AhnError(f"--port must be in 0..65535, got {args.port}")
+        if args.api_key is not None and not args.api_key:
+            raise AhnError("--api-key needs a non-empty key")
+        sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
+                 for k in ("memory_budget", "prefix_cache", "session_cache")}
+        sock = _bind(args.host, args.port)
+
+        import ahn_rt
+        from .metrics import Metrics
+        from .server import Options, create_app
+        from .sessions import SessionStore
+        from ..runtime import human_bytes
+
+        model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
+                            device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
+        model.tokenizer   # fail now, not on the first request
+        state = model.new_session().state_nbytes
+        free = _free_bytes(model)
+        pick = (lambda given, default: given if given is not None else default)
+        prefix = pick(sizes["prefix_cache"], min(8 * (state + model.config.vocab_size * 4), int(0.15 * free)))
+        convs = pick(sizes["session_cache"], min(8 * state, int(0.10 * free)))
+        budget = pick(sizes["memory_budget"], max(0, int(0.8 * free) - prefix - convs))
+        fit = budget // state
+        if fit < 1:
+            raise AhnError(f"--memory-budget {human_bytes(budget)} holds no session of {human_bytes(state)}")
+        max_active = min(args.max_sessions, fit)
+        model.enable_prefix_cache(prefix)
+        metrics = Metrics()
+        scheduler = model.start_scheduler(max_active=max_active, max_queue=args.max_queue, metrics=metrics)
+        sessions = SessionStore(model, convs, args.state_dir)
+        name = args.model_name or _default_name(args.weights)
+        opts = Options(model_name=name, api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
+                       max_tokens=args.max_tokens)
+        app = create_app(model, opts, scheduler, sessions, metrics)
+        host, port = sock.getsockname()[:2]
+        c = model.config
+        print(f"[ahn_rt.serve] {name}: {c.mode} mode, window {c.window}, sinks {c.sinks}, {c.dtype}, "
+              f"{model.device}; state {human_bytes(state)} per session; {max_active} sessions at once "
+              f"(--max-sessions {args.max_sessions}, budget {human_bytes(budget)}), queue {args.max_queue}; "
+              f"prefix cache {human_bytes(prefix)}; conversations {human_bytes(convs)}"
+              f"{', saved in ' + args.state_dir if args.state_dir else ''}"
+              f"{'; API key required' if args.api_key else ''}", file=sys.stderr)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"[ahn_rt.serve] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, log_level="warning", access_log=args.access_log, lifespan="on",
+                                timeout_graceful_shutdown=None)
+        # uvicorn drains on SIGTERM and then re-raises the signal under the handler it found: make that
+        # one a no-op so that a drained server exits 0 (Ctrl-C keeps Python's: exit 130 after the drain).
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        uvicorn.Server(config).run(sockets=[sock])
+        print("[ahn_rt.serve] stopped", file=sys.stderr, flush=True)
+    except AhnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

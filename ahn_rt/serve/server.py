@@ -1,0 +1,468 @@
+"""The OpenAI-compatible HTTP server (FastAPI): ``/v1/completions``, ``/v1/chat/completions`` (streaming
+SSE and not), ``/v1/models``, ``/health``, ``/metrics``, and ``DELETE /v1/sessions/{id}``.
+
+Every generation runs on the model's scheduler (``ahn_rt.serve.scheduler``); the event loop only
+parses, tokenizes (in a thread) and streams. Errors use OpenAI's shape, ``{"error": {"message", "type",
+"param", "code"}}``, and name the offending field. ``python -m ahn_rt.serve`` builds and runs this app;
+docs/serving.md describes the API.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import numbers
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import AhnError
+from ..tokenizer import check_text
+from .metrics import Metrics
+from .prompt import Prompt, chat_prompt, normalize_messages
+from .scheduler import AsyncGeneration, QueueFull
+from .sessions import Conversation, SessionBusy, SessionLost, SessionStore, check_session_id
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+@dataclasses.dataclass
+class Options:
+    model_name: str
+    api_key: str | None = None
+    max_prompt_tokens: int = 131072    # new tokens of one request
+    max_tokens: int = 4096             # cap on max_tokens, and the chat default
+    retry_after: int = 1               # seconds, with a 503
+
+
+class ApiError(Exception):
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 409: "invalid_request_error", 500: "server_error",
+             503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# ---- request fields ------------------------------------------------------------------------------
+def _number(body, name, default, lo=None, hi=None, lo_open=False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise ApiError(400, f"{name} must be a number, got {json.dumps(v)}", name)
+    if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+        raise ApiError(400, f"{name} must be in {rng}, got {v}", name)
+    return float(v)
+
+
+def _integer(body, name, default, lo=None, hi=None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise ApiError(400, f"{name} must be an integer, got {json.dumps(v)}", name)
+    if lo is not None and v < lo:
+        raise ApiError(400, f"{name} must be >= {lo}, got {v}", name)
+    if hi is not None and v > hi:
+        raise ApiError(400, f"{name} must be <= {hi}, got {v}", name)
+    return v
+
+
+def _unsupported(name: str, why: str = "") -> ApiError:
+    return ApiError(400, f"{name} is not supported by this server{': ' + why if why else ''}", name,
+                    "unsupported_parameter")
+
+
+def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
+    """OpenAI sampling fields -> ``Model.generate`` arguments (ApiError 400 naming the field)."""
+    n = _integer(body, "n", 1, lo=1)
+    if n != 1:
+        raise _unsupported("n", "n > 1; send one request per choice")
+    if body.get("logit_bias"):
+        raise _unsupported("logit_bias")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, -2, 2) != 0:
+            raise _unsupported(name, "use repetition_penalty")
+    if chat:
+        if body.get("logprobs"):
+            raise _unsupported("logprobs")
+        if body.get("top_logprobs") is not None:
+            raise _unsupported("top_logprobs")
+        for name in ("tools", "functions"):
+            if body.get(name):
+                raise _unsupported(name, "no tool or function calling")
+        if body.get("tool_choice") not in (None, "none"):
+            raise _unsupported("tool_choice", "no tool or function calling")
+        rf = body.get("response_format")
+        if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
+            raise _unsupported("response_format", "only {\"type\": \"text\"}")
+        mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        default_max = opts.max_tokens
+    else:
+        if body.get("logprobs") is not None:
+            raise _unsupported("logprobs")
+        if body.get("echo"):
+            raise _unsupported("echo")
+        if body.get("suffix") is not None:
+            raise _unsupported("suffix")
+        if _integer(body, "best_of", 1, lo=1) != 1:
+            raise _unsupported("best_of", "best_of > 1")
+        mt_name, default_max = "max_tokens", 16   # OpenAI's default for completions
+    max_tokens = _integer(body, mt_name, default_max, lo=0)
+    if max_tokens > opts.max_tokens:
+        raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {max_tokens}", mt_name)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop must be a non-empty string or a list of at most 16 non-empty strings", "stop")
+    top_k = _integer(body, "top_k", 0, lo=-1)
+    return dict(max_new_tokens=max_tokens,
+                temperature=_number(body, "temperature", 1.0, 0, 2),
+                top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True),
+                top_k=max(top_k, 0),                                   # -1 (vLLM's "off") is 0 here
+                min_p=_number(body, "min_p", 0.0, 0, 1),
+                repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, None, lo_open=True),
+                seed=_integer(body, "seed", None, lo=-(2 ** 63), hi=2 ** 64 - 1),
+                stop=stop)
+
+
+def _stream_args(body: dict) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false", "stream")
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    include_usage = bool((so or {}).get("include_usage", False))
+    return stream, include_usage
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+def _completion_ids(tok, prompt) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "prompt is empty", "prompt")
+        try:
+            return tok.encode(prompt)
+        except AhnError as e:
+            raise ApiError(400, str(e), "prompt") from None
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and not prompt:
+        raise ApiError(400, "prompt is empty", "prompt")
+    raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+
+
+def _continuation_head(model, tok, conv: Conversation, chat: bool) -> list[int]:
+    """What a conversation's next request feeds first: its last sampled token (unless it ended the
+    sequence) and, for a chat turn after a chat reply, the end of that reply's assistant turn."""
+    last, eos = conv.last_token, model.eos_ids()
+    head = [last] if last is not None and last not in eos else []
+    if chat and conv.chat_open:
+        head += tok.encode("<|im_end|>\n")
+    return head
+
+
+def build_prompt(model, body: dict, chat: bool, conv: Conversation | None) -> Prompt:
+    tok = model.tokenizer
+    if chat:
+        try:
+            msgs = normalize_messages(body.get("messages"))
+        except AhnError as e:
+            raise ApiError(400, str(e), "messages") from None
+        for i, (_, content) in enumerate(msgs):
+            try:
+                check_text(content, f"messages[{i}].content")
+            except AhnError as e:
+                raise ApiError(400, str(e), "messages") from None
+        if conv is None:
+            return chat_prompt(tok, msgs)
+        return chat_prompt(tok, msgs, add_system=False, head=_continuation_head(model, tok, conv, True))
+    if "prompt" not in body:
+        raise ApiError(400, "prompt is required", "prompt")
+    ids = _completion_ids(tok, body["prompt"])
+    if conv is None:
+        return Prompt(tuple(ids))
+    return Prompt(tuple(_continuation_head(model, tok, conv, False) + ids))
+
+
+# ---- the app -------------------------------------------------------------------------------------
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Guard:
+    """Pure ASGI middleware: the bearer token (constant-time compare) and request counting."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "/v1/sessions" if path.startswith("/v1/sessions/") else \
+            "/v1/models" if path.startswith("/v1/models/") else "other"
+        if self.key is not None:
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                err = ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", None,
+                               "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                self.metrics.request(endpoint, 401)
+                return await err.response()(scope, receive, send)
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request(endpoint, status[0])
+
+
+def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics: Metrics) -> FastAPI:
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn has drained every in-flight request by now (SIGTERM / Ctrl-C): stop the worker
+        await asyncio.to_thread(scheduler.shutdown, True)
+        await asyncio.to_thread(sessions.flush)
+
+    app = FastAPI(title="ahn_rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        msg = "not found: see /v1/models, /v1/completions, /v1/chat/completions" if e.status_code == 404 else str(e.detail)
+        return ApiError(e.status_code, msg).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e):
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}").response()
+
+    def model_card():
+        return {"id": opts.model_name, "object": "model", "created": created, "owned_by": "ahn_rt"}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "active_sessions": scheduler.active, "queue_depth": scheduler.queued}
+
+    @app.get("/metrics")
+    async def prom():
+        text = metrics.render(scheduler, model.prefix_cache, sessions)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(model_id: str):
+        if model_id != opts.model_name:
+            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {opts.model_name!r}",
+                           "model", "model_not_found")
+        return model_card()
+
+    @app.delete("/v1/sessions/{sid}")
+    async def delete_session(sid: str):
+        try:
+            check_session_id(sid)
+            found = await asyncio.to_thread(sessions.delete, sid)
+        except SessionBusy as e:
+            raise ApiError(409, str(e), "session_id", "session_busy") from None
+        except AhnError as e:
+            raise ApiError(400, str(e), "session_id") from None
+        if not found:
+            raise ApiError(404, f"session_id {sid!r} not found", "session_id", "session_not_found")
+        return {"id": sid, "object": "session", "deleted": True}
+
+    async def parse(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except UnicodeDecodeError:
+            raise ApiError(400, "the request body is not UTF-8 JSON", None, "invalid_json") from None
+        except ValueError as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+        name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "model must be a string", "model")
+        if name is not None and name != opts.model_name:
+            raise ApiError(400, f"model {name!r} is not served here; this server serves {opts.model_name!r} "
+                           "(GET /v1/models)", "model", "model_not_found")
+        return body
+
+    async def generate(request: Request, chat: bool):
+        body = await parse(request)
+        args = sampling_args(body, chat, opts)
+        stream, include_usage = _stream_args(body)
+        sid = body.get("session_id")
+        if sid is not None:
+            try:
+                check_session_id(sid)
+            except AhnError as e:
+                raise ApiError(400, str(e), "session_id") from None
+        field = "messages" if chat else "prompt"
+        conv = None
+        if sid is not None:
+            try:
+                conv = await asyncio.to_thread(sessions.checkout, sid)
+            except SessionBusy as e:
+                raise ApiError(409, str(e), "session_id", "session_busy") from None
+            except SessionLost as e:
+                raise ApiError(404, str(e), "session_id", "session_not_found") from None
+            except AhnError as e:
+                raise ApiError(500, f"cannot restore session {sid!r}: {e}", "session_id") from None
+        try:
+            prompt = await asyncio.to_thread(build_prompt, model, body, chat, conv)
+            if len(prompt) > opts.max_prompt_tokens:
+                raise ApiError(400, f"the {field} has {len(prompt)} tokens, more than this server's limit of "
+                               f"{opts.max_prompt_tokens}", field, "context_length_exceeded")
+            try:
+                run = model._new_run(prompt, **args)
+            except AhnError as e:
+                raise ApiError(400, str(e), field if "prompt" in str(e) or "token" in str(e) else None) from None
+            on_end = None
+            if sid is not None:
+                def on_end(ticket, sid=sid):
+                    if ticket.final_state is not None:
+                        tensors, position = ticket.final_state
+                        sessions.checkin(sid, Conversation(tensors, position, ticket.run.last_token, chat))
+                    else:
+                        sessions.release(sid)
+            try:
+                gen = AsyncGeneration(scheduler, run, start_state=(conv.tensors, conv.position) if conv else None,
+                                      keep_state=sid is not None, on_end=on_end)
+            except QueueFull as e:
+                raise ApiError(503, str(e), None, "server_overloaded",
+                               headers={"Retry-After": str(opts.retry_after)}) from None
+        except BaseException:
+            if sid is not None:
+                sessions.release(sid)
+            raise
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        meta = dict(rid=rid, created=int(time.time()), sid=sid, chat=chat)
+        if stream:
+            return StreamingResponse(_stream(gen, include_usage, **meta), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(request, gen, **meta)
+
+    def _usage(gen) -> dict:
+        s = gen.stats
+        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens,
+                "total_tokens": s.prompt_tokens + s.new_tokens,
+                "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
+
+    def _envelope(rid, created, sid, chat, choices, chunk: bool, usage=None) -> dict:
+        obj = {"id": rid, "object": ("chat.completion" if chat else "text_completion") + (".chunk" if chunk and chat else ""),
+               "created": created, "model": opts.model_name, "choices": choices}
+        if usage is not None:
+            obj["usage"] = usage
+        if sid is not None:
+            obj["session_id"] = sid
+        return obj
+
+    def _choice(chat, text, finish, chunk: bool, first=False) -> dict:
+        if chat and chunk:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if chat:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    async def _stream(gen, include_usage, rid, created, sid, chat):
+        env = (lambda choices, usage=None: _sse(_envelope(rid, created, sid, chat, choices, True, usage)))
+        try:
+            if chat:
+                yield env([_choice(chat, "", None, True, first=True)])
+            try:
+                async for piece in gen:
+                    yield env([_choice(chat, piece, None, True)])
+            except Exception as e:  # noqa: BLE001 - the run failed after the stream began
+                yield _sse(ApiError(500, f"generation failed: {type(e).__name__}: {e}").body())
+                yield "data: [DONE]\n\n"
+                return
+            yield env([_choice(chat, "", gen.finish_reason, True)])
+            if include_usage:
+                yield env([], _usage(gen))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not gen.ticket.ended.is_set():
+                gen.ticket.cancel()       # the client went away: stop at the next token
+
+    async def _complete(request, gen, rid, created, sid, chat):
+        async def collect():
+            return "".join([p async for p in gen])
+
+        async def disconnected():
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        work = asyncio.ensure_future(collect())
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                gen.ticket.cancel()
+                work.cancel()
+            watch.cancel()
+        if not work.done() or work.cancelled():
+            return Response(status_code=499)    # nobody is listening
+        try:
+            text = work.result()
+        except Exception as e:  # noqa: BLE001
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
+        return _envelope(rid, created, sid, chat, [_choice(chat, text, gen.finish_reason, False)], False, _usage(gen))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    return _Guard(app, opts.api_key, metrics)

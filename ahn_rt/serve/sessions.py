@@ -1,0 +1,217 @@
+"""Conversations kept server-side: the ``session_id`` extension of the HTTP API.
+
+A conversation is the state after its last request (prompt and generated tokens) plus the last sampled
+token, which a generation never feeds into its state (the next request feeds it first, or closes the
+assistant turn with it). Conversations live on the model's device in an LRU bounded by bytes. With a
+state directory every finished request also writes the conversation to ``DIR/<id>.safetensors`` through
+``Session.save`` (and ``DIR/<id>.json`` for the token bookkeeping), in a background thread, so a restarted
+server continues it through ``Model.restore``; without one, a conversation evicted from memory is gone
+and a request naming it gets 404.
+
+One request at a time per conversation: ``checkout`` marks it busy (a second request gets
+``SessionBusy``, 409) until ``checkin`` (the request finished: the new state) or ``release`` (it failed
+or was cancelled: the conversation stays as it was).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import queue
+import re
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from ..errors import AhnError
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+META_VERSION = 1
+
+
+class SessionBusy(AhnError):
+    """Another request is using this conversation."""
+
+
+class SessionLost(AhnError):
+    """The conversation was evicted from memory and there is no state directory."""
+
+
+@dataclasses.dataclass
+class Conversation:
+    tensors: dict            # State.export() of the state, cloned
+    position: int
+    last_token: int | None   # sampled but not in the state
+    chat_open: bool          # the state ends inside an assistant turn (a chat request's reply)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def check_session_id(sid) -> str:
+    if not isinstance(sid, str) or not SESSION_ID.match(sid):
+        raise AhnError("session_id must be 1-128 characters of letters, digits, '_' or '-'")
+    return sid
+
+
+class SessionStore:
+    def __init__(self, model, max_bytes: int, state_dir=None):
+        self.model = model
+        self.max_bytes = max_bytes
+        self.state_dir = Path(state_dir) if state_dir else None
+        if self.state_dir is not None:
+            try:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.state_dir / f".probe.{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise AhnError(f"cannot use --state-dir {self.state_dir}: {e.strerror or e}") from None
+        self._mem: "collections.OrderedDict[str, Conversation]" = collections.OrderedDict()
+        self._busy: set[str] = set()
+        self._lost: set[str] = set()
+        self._pending: dict[str, Conversation] = {}   # written to disk soon
+        self._lock = threading.Lock()
+        self._writes: queue.Queue = queue.Queue()
+        self._writer = None
+        self._io_session = None
+        self.nbytes = 0
+
+    @property
+    def in_memory(self) -> int:
+        return len(self._mem)
+
+    # ---- a request's view ------------------------------------------------------------------------
+    def checkout(self, sid: str) -> Conversation | None:
+        """The conversation ``sid`` for one request (None: a new one). May read the disk: call it off the
+        event loop. Raises SessionBusy, SessionLost, or AhnError when a saved state cannot be restored."""
+        with self._lock:
+            if sid in self._busy:
+                raise SessionBusy(f"session_id {sid!r} is in use by another request; send one request "
+                                  "at a time per session")
+            self._busy.add(sid)
+            conv = self._mem.get(sid) or self._pending.get(sid)
+            if conv is not None:
+                if sid in self._mem:
+                    self._mem.move_to_end(sid)
+                return conv
+        try:
+            if self.state_dir is not None and self._paths(sid)[1].exists():
+                return self._read(sid)
+            if sid in self._lost:
+                raise SessionLost(f"session_id {sid!r} has expired (evicted from memory); start a new "
+                                  "session, or run the server with --state-dir to keep sessions")
+            return None
+        except BaseException:
+            self.release(sid)
+            raise
+
+    def release(self, sid: str):
+        with self._lock:
+            self._busy.discard(sid)
+
+    def checkin(self, sid: str, conv: Conversation):
+        """Keep the conversation's new state (in memory, and on disk with a state directory)."""
+        with self._lock:
+            old = self._mem.pop(sid, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            size = conv.nbytes
+            if size <= self.max_bytes:
+                while self._mem and self.nbytes + size > self.max_bytes:
+                    victim, v = next(iter(self._mem.items()))
+                    del self._mem[victim]
+                    self.nbytes -= v.nbytes
+                    if self.state_dir is None:
+                        self._lost.add(victim)
+                self._mem[sid] = conv
+                self.nbytes += size
+                self._lost.discard(sid)
+            elif self.state_dir is None:
+                self._lost.add(sid)
+            if self.state_dir is not None:
+                self._pending[sid] = conv
+                self._start_writer()
+                self._writes.put((sid, conv))
+            self._busy.discard(sid)
+
+    def delete(self, sid: str) -> bool:
+        with self._lock:
+            if sid in self._busy:
+                raise SessionBusy(f"session_id {sid!r} is in use by another request")
+            conv = self._mem.pop(sid, None)
+            if conv is not None:
+                self.nbytes -= conv.nbytes
+            found = conv is not None or self._pending.pop(sid, None) is not None
+            self._lost.discard(sid)
+        if self.state_dir is not None:
+            self.flush()
+            for p in self._paths(sid):
+                if p.exists():
+                    p.unlink()
+                    found = True
+        return found
+
+    def flush(self):
+        """Wait until every conversation checked in so far is on disk."""
+        if self._writer is not None:
+            self._writes.join()
+
+    # ---- disk --------------------------------------------------------------------------------------
+    def _paths(self, sid: str):
+        return self.state_dir / f"{sid}.safetensors", self.state_dir / f"{sid}.json"
+
+    def _start_writer(self):
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="ahn_rt-session-writer", daemon=True)
+            self._writer.start()
+
+    def _write_loop(self):
+        from ..weights import atomic_write_text
+        while True:
+            sid, conv = self._writes.get()
+            try:
+                state_path, meta_path = self._paths(sid)
+                if self._io_session is None:
+                    self._io_session = self.model.new_session()
+                s = self._io_session
+                s.state.load(conv.tensors, conv.position)
+                s.save(state_path)
+                atomic_write_text(meta_path, json.dumps(dict(
+                    version=META_VERSION, position=conv.position, last_token=conv.last_token,
+                    chat_open=conv.chat_open)))
+            except Exception:  # noqa: BLE001 - a failed write must not stop the writer
+                print(f"[ahn_rt.serve] could not save session {sid}:", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
+            finally:
+                with self._lock:
+                    if self._pending.get(sid) is conv:
+                        del self._pending[sid]
+                self._writes.task_done()
+
+    def _read(self, sid: str) -> Conversation:
+        state_path, meta_path = self._paths(sid)
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            position, last, chat_open = int(meta["position"]), meta["last_token"], bool(meta["chat_open"])
+            if meta.get("version") != META_VERSION or (last is not None and not isinstance(last, int)):
+                raise ValueError("unknown version or bad last_token")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise AhnError(f"the saved session {sid!r} is damaged ({meta_path.name}: {e}); delete it") from None
+        sess = self.model.restore(state_path)
+        if sess.position != position:
+            raise AhnError(f"the saved session {sid!r} is inconsistent: state at position {sess.position}, "
+                           f"{meta_path.name} says {position}; delete it")
+        st = sess.state
+        conv = Conversation({k: v.clone() for k, v in st.export().items()}, st.position, last, chat_open)
+        with self._lock:
+            if conv.nbytes <= self.max_bytes:
+                while self._mem and self.nbytes + conv.nbytes > self.max_bytes:
+                    _, v = self._mem.popitem(last=False)
+                    self.nbytes -= v.nbytes
+                self._mem[sid] = conv
+                self.nbytes += conv.nbytes
+        return conv

