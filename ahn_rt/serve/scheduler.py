@@ -35,7 +35,7 @@ class QueueFull(AhnError):
 class Ticket:
     """One submitted generation and what the worker knows about it."""
 
-    def __init__(self, scheduler, run, sink, session, deadline, start_state, keep_state):
+    def __init__(self, scheduler, run, sink, session, deadline, start_state, keep_state, on_end=None):
         self.scheduler = scheduler
         self.run = run
         self.sink = sink                 # called with ("text", str) and finally ("end", reason, exc)
@@ -45,6 +45,7 @@ class Ticket:
         self.start_state = start_state   # (State.export() tensors, position) copied in before the prompt
         self.keep_state = keep_state     # keep a copy of the final state in ``final_state``
         self.final_state = None
+        self.on_end = on_end             # called in the worker with the ticket once it has ended
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.first_token_at = None
@@ -84,8 +85,13 @@ class Scheduler:
         """Generations waiting for a session (not counting those about to be admitted)."""
         return max(0, len(self._waiting) - max(0, self.max_active - len(self._active)))
 
-    def submit(self, run, sink, session=None, deadline=None, start_state=None, keep_state=False) -> Ticket:
-        t = Ticket(self, run, sink, session, deadline, start_state, keep_state)
+    def submit(self, run, sink, session=None, deadline=None, start_state=None, keep_state=False,
+               on_end=None) -> Ticket:
+        """Queue ``run``. ``sink`` gets ("text", piece) events and one ("end", finish_reason, exception);
+        ``start_state`` (exported tensors, position) is copied into the session before the prompt;
+        with ``keep_state`` a finished run leaves a copy of its final state in ``ticket.final_state``;
+        ``on_end(ticket)`` runs in the worker when it ends, before the sink hears of it."""
+        t = Ticket(self, run, sink, session, deadline, start_state, keep_state, on_end)
         with self._cv:
             if self._closing:
                 raise AhnError("the scheduler is shutting down")
@@ -230,8 +236,13 @@ class Scheduler:
             if t in self._active:
                 self._active.remove(t)
         if self.metrics is not None:
-            self.metrics.finished(run, run.finish_reason)
+            self.metrics.finished(run, run.finish_reason, time.perf_counter() - t.submitted)
         t.ended.set()
+        if t.on_end is not None:
+            try:
+                t.on_end(t)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc(file=sys.stderr)
         t.sink(("end", run.finish_reason, exc))
 
 
@@ -242,7 +253,7 @@ class AsyncGeneration:
     cancelling the iterating task stops it at the next token."""
 
     def __init__(self, scheduler: Scheduler, run, session=None, timeout: float | None = None,
-                 start_state=None, keep_state: bool = False):
+                 start_state=None, keep_state: bool = False, on_end=None):
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -259,7 +270,7 @@ class AsyncGeneration:
         self._ended = False
         deadline = time.monotonic() + timeout if timeout is not None else None
         self.ticket = scheduler.submit(run, self._sink, session=session, deadline=deadline,
-                                       start_state=start_state, keep_state=keep_state)
+                                       start_state=start_state, keep_state=keep_state, on_end=on_end)
 
     def _sink(self, event):
         try:
