@@ -298,13 +298,16 @@ class Model:
                 self._scheduler = Scheduler(self)
             return self._scheduler
 
-    def start_scheduler(self, max_active: int = 8, max_queue: int | None = None, metrics=None):
+    def start_scheduler(self, max_active: int = 8, max_queue: int | None = None, metrics=None,
+                        prefill_tokens: int | None = None):
         """(Re)make the scheduler with these limits: at most ``max_active`` generations hold a session at
-        once, at most ``max_queue`` wait (None: no bound; a full queue raises ``QueueFull``)."""
+        once, at most ``max_queue`` wait (None: no bound; a full queue raises ``QueueFull``); each loop
+        of its worker prefills about ``prefill_tokens`` prompt tokens (default: one chunk)."""
         from .serve.scheduler import Scheduler
         with self._scheduler_lock:
             old = self._scheduler
-            self._scheduler = Scheduler(self, max_active=max_active, max_queue=max_queue, metrics=metrics)
+            self._scheduler = Scheduler(self, max_active=max_active, max_queue=max_queue, metrics=metrics,
+                                        prefill_tokens=prefill_tokens)
         if old is not None:
             old.shutdown(wait=False)
         return self._scheduler
@@ -447,6 +450,11 @@ class _Prefill:
     def done(self) -> bool:
         return not self._todo
 
+    @property
+    def next_tokens(self) -> int:
+        """Tokens in the next chunk (0 when done)."""
+        return self._todo[0] - self._at if self._todo else 0
+
     @torch.inference_mode()
     def chunk(self):
         end = self._todo.pop(0)
@@ -483,6 +491,10 @@ class _Run:
     @property
     def prefilling(self) -> bool:
         return self._fill is not None and not self._fill.done
+
+    @property
+    def next_prefill_tokens(self) -> int:
+        return self._fill.next_tokens if self._fill is not None else 0
 
     def start(self, sess: "Session"):
         from .tokenizer import StopMatcher, StreamDecoder

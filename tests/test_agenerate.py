@@ -184,3 +184,23 @@ def test_a_failing_generation_raises_in_its_caller_only(model):
 
     assert asyncio.run(main())[0] == want
     assert model.scheduler.active == 0 and len(model._idle) >= 2
+
+
+def test_long_prompts_prefill_one_chunk_per_step_while_others_stream(model):
+    async def main():
+        model.start_scheduler(max_active=4)          # prefill budget: one chunk (8 tokens) per step
+        a = model.agenerate(PROMPTS[0], max_new_tokens=10_000, temperature=0)
+        await a.__anext__()
+        longs = [model.agenerate([(7 * i + k) % V for i in range(200)], max_new_tokens=1, temperature=0)
+                 for k in range(2)]                  # 25 chunks each
+        firsts = [asyncio.ensure_future(g.__anext__()) for g in longs]
+        n_a = 0
+        while not all(f.done() for f in firsts):
+            await a.__anext__()
+            n_a += 1
+        for g in (*longs, a):
+            await g.aclose()
+        return n_a
+
+    # the stream keeps decoding: one token per step, and the two prompts share one chunk per step
+    assert asyncio.run(main()) >= 45

@@ -244,6 +244,20 @@ def test_bad_requests_get_400_naming_the_field(server, body, path, param, code):
         assert param.split("_")[0] in err["message"] or param == "messages" or param == "prompt"
 
 
+def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
+    import http.client
+    import urllib.parse
+    u = urllib.parse.urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    for k, v in {**server.headers(), "Content-Type": "application/json", "Content-Length": str(64 << 20)}.items():
+        conn.putheader(k, v)
+    conn.endheaders(b'{"prompt": "')                  # a 64 MiB body announced, a few bytes sent
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+    conn.close()
+
+
 def test_openai_client_sees_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=_messages(0), n=2)

@@ -1,10 +1,12 @@
 """The scheduler: one worker thread steps every active generation of a Model.
 
 Each loop of the worker (1) admits queued generations while fewer than ``max_active`` hold a session,
-(2) gives every generation that is still prefilling one prefill chunk (so a long prompt never stalls
-the others for more than one chunk), (3) takes one decode step for every generation that is decoding
-(``_step``), and (4) hands out the text, ends finished, cancelled and timed-out generations and returns
-their sessions. Generations join and leave between loops.
+(2) prefills: the generations still prefilling get their next chunk, oldest first, until the loop's
+prefill budget (``prefill_tokens``, default one chunk) is spent — at least one chunk per loop — so a
+burst of long prompts delays the running streams by about one chunk per token, not by whole prompts,
+(3) takes one decode step for every generation that is decoding (``_step``), and (4) hands out the text,
+ends finished, cancelled and timed-out generations and returns their sessions. Generations join and
+leave between loops.
 
 Today ``_step`` interleaves: it launches every generation's step (``_Run.launch``: on CUDA a graph
 replay, queued without a host sync) and then reads every sampled id (``_Run.land``), so the GPU runs
@@ -58,7 +60,8 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, model, max_active: int = 8, max_queue: int | None = None, metrics=None):
+    def __init__(self, model, max_active: int = 8, max_queue: int | None = None, metrics=None,
+                 prefill_tokens: int | None = None):
         if isinstance(max_active, bool) or not isinstance(max_active, int) or max_active < 1:
             raise AhnError(f"max_active must be a positive integer, got {max_active!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
@@ -67,6 +70,7 @@ class Scheduler:
         self.max_active = max_active
         self.max_queue = max_queue
         self.metrics = metrics
+        self.prefill_tokens = prefill_tokens or model.chunk_size
         self._cv = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._active: list[Ticket] = []
@@ -154,8 +158,8 @@ class Scheduler:
 
     def _loop_once(self, batch: list[Ticket]):
         now = time.monotonic()
-        decoding = []
-        for t in batch:
+        decoding, budget = [], self.prefill_tokens
+        for t in batch:                          # oldest first
             if t.cancelled:
                 self._end(t, "cancelled")
                 continue
@@ -166,7 +170,14 @@ class Scheduler:
             try:
                 if t.sess is None:
                     self._begin(t)
-                elif run.prefilling:
+                    if not run.prefilling:       # a whole-prompt cache hit: the first token is out already
+                        self._deliver(t)
+                        continue
+                if run.prefilling:
+                    n = run.next_prefill_tokens
+                    if n > budget and budget < self.prefill_tokens:
+                        continue                 # this loop's prefill budget is spent: next loop
+                    budget -= n
                     run.prefill_chunk()
                 elif not run.done:
                     decoding.append(t)
@@ -203,8 +214,6 @@ class Scheduler:
             tensors, position = t.start_state
             t.sess.state.load(tensors, position)
         t.run.start(t.sess)
-        if t.run.prefilling:
-            t.run.prefill_chunk()
 
     def _deliver(self, t: Ticket):
         run, m = t.run, self.metrics

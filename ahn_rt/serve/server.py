@@ -39,10 +39,16 @@ class Options:
     max_tokens: int = 4096             # cap on max_tokens, and the chat default
     retry_after: int = 1               # seconds, with a 503
 
+    @property
+    def max_body_bytes(self) -> int:
+        """Request bodies above this are refused (413) before they are read to the end."""
+        return self.max_prompt_tokens * 64 + (1 << 20)
+
 
 class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 409: "invalid_request_error", 500: "server_error",
+             405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+             500: "server_error",
              503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -314,7 +320,19 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         return {"id": sid, "object": "session", "deleted": True}
 
     async def parse(request: Request) -> dict:
-        raw = await request.body()
+        limit = opts.max_body_bytes
+        length = request.headers.get("content-length", "")
+        too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", None,
+                           "request_too_large")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_big
+            parts.append(part)
+        raw = b"".join(parts)
         try:
             body = json.loads(raw)
         except UnicodeDecodeError:
