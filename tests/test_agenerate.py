@@ -204,3 +204,23 @@ def test_long_prompts_prefill_one_chunk_per_step_while_others_stream(model):
 
     # the stream keeps decoding: one token per step, and the two prompts share one chunk per step
     assert asyncio.run(main()) >= 45
+
+
+def test_the_core_does_not_import_the_server_stack():
+    import subprocess
+    import sys
+    code = ("import asyncio, sys, torch\n"
+            "from ahn_rt.init_weights import preset_config, random_state_dict\n"
+            "from ahn_rt.runtime import from_state_dict\n"
+            "cfg = preset_config('tiny', True, torch.float32); cfg['vocab_size'] = 97\n"
+            "m = from_state_dict(cfg, random_state_dict(cfg, dtype=torch.float32), window=6, sinks=2, device='cpu')\n"
+            "m.enable_prefix_cache(1 << 20); m._tokenizer = type('T', (), {'decode': lambda s, ids: 'x'})()\n"
+            "''.join(m.generate([1, 2, 3], max_new_tokens=2))\n"
+            "async def go():\n"
+            "    return [p async for p in m.agenerate([1, 2, 3], max_new_tokens=2)]\n"
+            "asyncio.run(go())\n"
+            "import ahn_rt.serve.sessions, ahn_rt.serve.metrics, ahn_rt.serve.process\n"
+            "bad = [k for k in ('fastapi', 'uvicorn', 'starlette', 'httpx', 'openai') if k in sys.modules]\n"
+            "assert not bad, bad\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr

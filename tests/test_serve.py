@@ -349,3 +349,23 @@ def test_sessions_and_sigterm_drain(server, servers, model):
         assert b.get("/health")[0] == 0                           # gone
     finally:
         b.kill()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--weights", "/nonexistent/model.safetensors", "--port", "0"], "not found"),
+    (["--weights", "x", "--memory-budget", "lots"], "--memory-budget"),
+    (["--weights", "x", "--max-sessions", "0"], "--max-sessions"),
+    (["--weights", "x", "--port", "PORT_IN_USE"], "cannot listen"),
+    (["--weights", "x", "NO_FASTAPI"], "pip install"),
+], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi"])
+def test_server_mistakes_exit_2_with_one_line(server, argv, needle):
+    import subprocess
+    import sys
+    import urllib.parse
+    argv = [a.replace("PORT_IN_USE", str(urllib.parse.urlparse(server.url).port)) for a in argv]
+    pre = "import sys; sys.modules['fastapi'] = None; " if "NO_FASTAPI" in argv else ""
+    argv = [a for a in argv if a != "NO_FASTAPI"]
+    code = pre + f"from ahn_rt.serve.__main__ import main; sys.exit(main({argv!r}))"
+    p = subprocess.run([sys.executable, "-c", "import sys; " + code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -1,0 +1,69 @@
+"""SessionStore (the session_id extension), without HTTP: one request at a time per conversation, an LRU
+by bytes in memory, a conversation evicted without --state-dir is reported lost (404), with a state
+directory it comes back from disk through Model.restore, bit-exact; damaged files give one line."""
+import pytest
+import torch
+
+from ahn_rt import AhnError
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+from ahn_rt.serve.sessions import Conversation, SessionBusy, SessionLost, SessionStore, check_session_id
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg["vocab_size"] = 97
+    return from_state_dict(cfg, random_state_dict(cfg, dtype=torch.float32, seed=1), window=6, sinks=2,
+                           dtype="float32", device="cpu")
+
+
+def _conv(model, n, last=5):
+    s = model.new_session()
+    s.forward(list(range(1, n + 1)))
+    st = s.state
+    return Conversation({k: v.clone() for k, v in st.export().items()}, st.position, last, True)
+
+
+def test_one_request_at_a_time_and_lru_by_bytes(model):
+    one = _conv(model, 20).nbytes
+    store = SessionStore(model, max_bytes=2 * one)
+    assert store.checkout("a") is None                       # new
+    with pytest.raises(SessionBusy):
+        store.checkout("a")
+    store.checkin("a", _conv(model, 20))
+    assert store.checkout("a").position == 20
+    store.release("a")
+    for sid in ("b", "c"):
+        store.checkout(sid)
+        store.checkin(sid, _conv(model, 20))
+    assert store.in_memory == 2 and store.nbytes == 2 * one
+    with pytest.raises(SessionLost, match="expired"):       # "a" was the least recently used
+        store.checkout("a")
+    assert "a" not in store._busy                             # a failed checkout leaves it free
+    assert store.delete("b") and not store.delete("zzz") and store.in_memory == 1
+
+
+def test_state_dir_keeps_conversations_across_restarts(model, tmp_path):
+    store = SessionStore(model, max_bytes=1, state_dir=tmp_path)   # nothing fits in memory: disk only
+    conv = _conv(model, 23, last=7)
+    store.checkout("s1")
+    store.checkin("s1", conv)
+    store.flush()
+    assert (tmp_path / "s1.safetensors").exists() and (tmp_path / "s1.json").exists()
+    again = SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("s1")   # a new server
+    assert again.position == 23 and again.last_token == 7 and again.chat_open
+    for k, v in conv.tensors.items():
+        assert torch.equal(again.tensors[k], v), k
+    (tmp_path / "s1.json").write_text("{not json")
+    with pytest.raises(AhnError) as e:
+        SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("s1")
+    assert "damaged" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_session_ids_are_safe_file_names():
+    for good in ("a", "user-42_chat", "x" * 128):
+        assert check_session_id(good) == good
+    for bad in ("", "../etc", "a/b", "x" * 129, 5, None, "a b", "é"):
+        with pytest.raises(AhnError):
+            check_session_id(bad)
