@@ -129,6 +129,9 @@ class Scheduler:
 
     # ---- the worker -----------------------------------------------------------------------------
     def _work(self):
+        if self.model.device.type == "cuda":
+            import torch
+            torch.cuda.set_device(self.model.device)   # graph capture uses the thread's current device
         while True:
             expired = []
             with self._cv:
