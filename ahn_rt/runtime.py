@@ -217,7 +217,6 @@ class Model:
         self.prefix_cache = PrefixCache(max_bytes, boundary_snapshots) if max_bytes else None
         return self.prefix_cache
 
-    @torch.inference_mode()
     def prefill(self, prompt, session: "Session | None" = None, chat: bool = False,
                 system: str | None = None) -> tuple["Session", torch.Tensor]:
         """Feed a prompt (text, token ids, chat messages or a ``Prompt``) into ``session`` (default: a
@@ -421,7 +420,7 @@ class _Prefill:
     def __init__(self, model: Model, sess: "Session", prompt, cache=None):
         from .serve.prefix_cache import make_plan, schedule
         self.sess = sess
-        self.ids = torch.tensor(prompt.ids, dtype=torch.int64, device=model.device)
+        self.ids = torch.tensor(prompt.ids, dtype=torch.int64)   # on the host: each chunk is checked and copied
         n, C = len(prompt.ids), sess.chunk_size
         self.cache = cache if sess.position == 0 else None
         self.plan = None
