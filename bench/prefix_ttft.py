@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                   miss_median_ms=med["miss"] * 1e3, hit_median_ms=med["hit"] * 1e3, hit_over_cold=ratio,
                   logits_identical=identical, target_met=ratio <= 0.05 and identical,
                   cache_entries=st["entries"], cache_bytes=st["bytes"], state_bytes=sess.state_nbytes)
-    print(f"\n| case | TTFT median (ms) | runs (ms) |\n|---|---|---|")
+    print("\n| case | TTFT median (ms) | runs (ms) |\n|---|---|---|")
     for name, key in (("cold, no cache", "cold"), ("cold, cache miss", "miss"), ("cached prefix", "hit")):
         print(f"| {name} | {med[key] * 1e3:.1f} | {', '.join(f'{t * 1e3:.1f}' for t in rows[key])} |")
     print(f"\ncached / cold = {ratio * 100:.2f}% (target <= 5%); logits identical: {identical}; "

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import hmac
 import json
-import numbers
 import time
 import uuid
 
@@ -379,14 +378,14 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
                 run = model._new_run(prompt, **args)
             except AhnError as e:
                 raise ApiError(400, str(e), field if "prompt" in str(e) or "token" in str(e) else None) from None
-            on_end = None
-            if sid is not None:
-                def on_end(ticket, sid=sid):
-                    if ticket.final_state is not None:
-                        tensors, position = ticket.final_state
-                        sessions.checkin(sid, Conversation(tensors, position, ticket.run.last_token, chat))
-                    else:
-                        sessions.release(sid)
+
+            def keep_conversation(ticket):       # in the worker, once the generation has ended
+                if ticket.final_state is not None:
+                    tensors, position = ticket.final_state
+                    sessions.checkin(sid, Conversation(tensors, position, ticket.run.last_token, chat))
+                else:                              # cancelled or failed: the conversation stays as it was
+                    sessions.release(sid)
+            on_end = keep_conversation if sid is not None else None
             try:
                 gen = AsyncGeneration(scheduler, run, start_state=(conv.tensors, conv.position) if conv else None,
                                       keep_state=sid is not None, on_end=on_end)
