@@ -11,7 +11,9 @@
 #   eval/{eval.md,eval.json}      the evaluation table and every number (+ pipeline settings and timings)
 #   logs/{teacher_log.jsonl,distill_log.jsonl}
 # Overrides (environment): TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
-# stops), WORK (intermediate folder), PYTHON.
+# stops), PASSKEY_FRAC, DIST_MIN (the distillation data), WORK (intermediate folder), PYTHON, and
+# TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
+# run's merged folder; its AHN tensors are not used).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -25,7 +27,7 @@ if [[ $MODE == full ]]; then
   L=4096; WIN=512; SINKS=32
   T_STEPS=${TEACHER_STEPS:-1800}; T_BATCH=32; T_LIMIT=${TEACHER_LIMIT:-240}
   T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8)
-  D_STEPS=${DISTILL_STEPS:-700}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-200}; D_DIST_MIN=600
+  D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-260}; D_DIST_MIN=${DIST_MIN:-64}
   D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50)
   E_EXTRA=(--n-text 32 --n-passkey 32 --distances 256,1000,2000,3500)
 else
@@ -34,7 +36,7 @@ else
   T_STEPS=${TEACHER_STEPS:-30}; T_BATCH=4; T_LIMIT=${TEACHER_LIMIT:-0}
   T_EXTRA=(--hidden 64 --layers 2 --heads 2 --kv-heads 1 --mlp 128 --warmup 5 --lr 3e-3 --log-every 10
            --eval-every 30 --eval-seqs 2)
-  D_STEPS=${DISTILL_STEPS:-4}; D_BATCH=4; D_LIMIT=${DISTILL_LIMIT:-300}; D_DIST_MIN=100
+  D_STEPS=${DISTILL_STEPS:-4}; D_BATCH=4; D_LIMIT=${DISTILL_LIMIT:-300}; D_DIST_MIN=${DIST_MIN:-32}
   D_EXTRA=(--dtype float32 --log-every 1 --save-every 2)
   E_EXTRA=(--n-text 2 --n-passkey 2 --distances 40,200,400 --edges 256)
 fi
@@ -70,13 +72,19 @@ done_stage
 
 # The distillation data does not depend on the teacher: write it while the teacher trains.
 $PY scripts/demo/make_distill_data.py --data "$DATA" --split distill --out "$WORK/distill.jsonl" --num "$D_NUM" \
-    --seq-len "$L" --passkey-frac 1.0 --dist-min "$D_DIST_MIN" --seed 1 --stats "$WORK/distill_stats.json" \
+    --seq-len "$L" --passkey-frac "${PASSKEY_FRAC:-0.5}" --dist-min "$D_DIST_MIN" --seed 1 --stats "$WORK/distill_stats.json" \
     > "$WORK/distill_data.log" 2>&1 &
 DATA_PID=$!
 
 stage teacher
-$PY scripts/demo/train_teacher.py --data "$DATA" --out "$WORK/teacher" --steps "$T_STEPS" --batch "$T_BATCH" \
-    --seq-len "$L" --seed 0 --passkey-frac 0.5 --device "$DEV" --time-limit "$T_LIMIT" "${T_EXTRA[@]}"
+if [[ -n "${TEACHER:-}" ]]; then
+  echo "using the teacher in $TEACHER (TEACHER is set: no teacher training)"
+  TEACHER_DIR=$TEACHER
+else
+  TEACHER_DIR=$WORK/teacher
+  $PY scripts/demo/train_teacher.py --data "$DATA" --out "$TEACHER_DIR" --steps "$T_STEPS" --batch "$T_BATCH" \
+      --seq-len "$L" --seed 0 --passkey-frac 0.5 --device "$DEV" --time-limit "$T_LIMIT" "${T_EXTRA[@]}"
+fi
 done_stage
 
 stage distill_data
@@ -87,14 +95,14 @@ done_stage
 stage distill
 rm -f "$WORK/ahn/partial.json"
 set +e
-timeout -s INT -k 30 "$D_LIMIT" $PY -m ahn_rt.train --base "$WORK/teacher" --data "$WORK/distill.jsonl" \
+timeout -s INT -k 30 "$D_LIMIT" $PY -m ahn_rt.train --base "$TEACHER_DIR" --data "$WORK/distill.jsonl" \
     --out "$WORK/ahn" --overwrite --steps "$D_STEPS" --seq-len "$L" --batch "$D_BATCH" --grad-accum 1 \
     --window "$WIN" --sinks "$SINKS" --lr 2e-3 --seed 0 --device "$DEV" --merge "${D_EXTRA[@]}"
 rc=$?
 set -e
 if [[ $rc == 124 || $rc == 130 ]]; then
   echo "WARNING: distillation stopped by its time guard (${D_LIMIT} s); merging its last resume state"
-  $PY scripts/demo/merge_resume.py --base "$WORK/teacher" --run "$WORK/ahn" --window "$WIN" --sinks "$SINKS"
+  $PY scripts/demo/merge_resume.py --base "$TEACHER_DIR" --run "$WORK/ahn" --window "$WIN" --sinks "$SINKS"
 elif [[ $rc != 0 ]]; then
   echo "distillation failed (exit $rc)"; exit "$rc"
 fi
@@ -104,7 +112,7 @@ echo "$TIMING}" > "$WORK/timing.json"
 stage evaluate
 $PY scripts/demo/evaluate.py --model "$WORK/ahn/merged" --data "$DATA" --seq-len "$L" --device "$DEV" \
     "${E_EXTRA[@]}" --out-md "$OUT/eval/eval.md" --out-json "$OUT/eval/eval.json" \
-    --attach timing="$WORK/timing.json" --attach teacher="$WORK/teacher/train_summary.json" \
+    --attach timing="$WORK/timing.json" --attach teacher="$TEACHER_DIR/train_summary.json" \
     --attach distill_run="$WORK/ahn/run.json" --attach distill_data="$WORK/distill_stats.json" \
     --attach distill_partial="$WORK/ahn/partial.json"
 done_stage
@@ -113,7 +121,7 @@ stage collect
 for f in model.safetensors config.json generation_config.json tokenizer.json; do
   cp "$WORK/ahn/merged/$f" "$OUT/demo/$f"
 done
-cp "$WORK/teacher/log.jsonl" "$OUT/logs/teacher_log.jsonl"
+[[ -f "$TEACHER_DIR/log.jsonl" ]] && cp "$TEACHER_DIR/log.jsonl" "$OUT/logs/teacher_log.jsonl"
 cp "$WORK/ahn/log.jsonl" "$OUT/logs/distill_log.jsonl"
 size=$(stat -c %s "$OUT/demo/model.safetensors")
 echo "merged demo model: $size bytes ($(awk "BEGIN{printf \"%.2f\", $size/1048576}") MiB)"
