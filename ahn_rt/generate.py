@@ -8,25 +8,14 @@ exits 2; Ctrl-C at any moment prints one line and exits 130; no traceback.
 """
 from __future__ import annotations
 
-import os
-import signal
 import sys
 
-
-def _interrupted(signum=None, frame=None):
-    # Ctrl-C during start-up (torch is being imported) or anywhere else: one line, exit 130.
-    try:
-        sys.stderr.write("\ninterrupted\n")
-        sys.stderr.flush()
-    finally:
-        os._exit(130)
-
+from .cli import exit_on_interrupt, one_line_warnings
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _interrupted)
+    exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
 
 import argparse  # noqa: E402
-import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .errors import AhnError  # noqa: E402
@@ -95,13 +84,9 @@ def _demo_prompt() -> str:
         raise AhnError(f"the demo prompt {path} is missing; pass --prompt TEXT") from None
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    return f"warning: {message}\n"
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = _one_line_warning
+    one_line_warnings()
     try:
         import ahn_rt
 

@@ -11,8 +11,8 @@ import os
 import signal
 import socket
 import sys
-import warnings
 
+from ..cli import one_line_warnings
 from ..errors import AhnError
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -105,7 +105,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+    one_line_warnings()
     try:
         try:
             import fastapi  # noqa: F401

@@ -17,24 +17,16 @@ import signal
 import sys
 
 
-def _interrupted(signum=None, frame=None):
-    # Ctrl-C while torch is being imported: nothing has been written yet; one line, exit 130.
-    try:
-        sys.stderr.write("\ninterrupted\n")
-        sys.stderr.flush()
-    finally:
-        os._exit(130)
-
+from ..cli import interrupted as _interrupted
+from ..cli import one_line_warnings
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)   # Ctrl-C while torch is being imported: one line, exit 130
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
-import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ..errors import AhnError  # noqa: E402
@@ -118,10 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _n(k: int, noun: str) -> str:
     return f"{k} {noun}{'' if k == 1 else 's'}"
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    return f"warning: {message}\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +347,7 @@ def run(a) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.formatwarning = _one_line_warning
+    one_line_warnings()
     previous = signal.getsignal(signal.SIGINT)
     previous_term = signal.getsignal(signal.SIGTERM)
     if threading_main():
