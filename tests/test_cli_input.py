@@ -183,7 +183,7 @@ def test_generation_stats_belong_to_their_call(tiny):
     model = ahn_rt.load(tiny, window=6, sinks=2, device="cpu")
     g1 = model.generate("hello there", max_new_tokens=4, temperature=0)
     g2 = model.generate("a much longer prompt than the first one", max_new_tokens=2, temperature=0)
-    a, b = next(g1), next(g2)                        # interleaved
+    next(g1), next(g2)                               # interleaved
     "".join(g1), "".join(g2)
     assert g1.stats.prompt_tokens != g2.stats.prompt_tokens
     assert g1.stats.new_tokens <= 4 and g2.stats.new_tokens <= 2
