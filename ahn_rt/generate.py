@@ -16,6 +16,7 @@ if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .errors import AhnError  # noqa: E402
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Qwen ChatML template")
     p.add_argument("--system", help="system message for --chat")
     s = ap.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, help="default 128 (the demo prompt: 24)")
+    s.add_argument("--max-new-tokens", type=int, help="default 128 (the demo prompt: 8, stopping at a newline)")
     s.add_argument("--temperature", type=float, help="0 = greedy (default 0.7; the demo prompt: 0)")
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
@@ -76,12 +77,13 @@ def _read_prompt(args) -> str:
     return decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
 
 
-def _demo_prompt() -> str:
-    path = DEMO_DIR / "demo_prompt.txt"
+def _demo_prompt() -> tuple[str, dict]:
+    """The demo prompt and what it tests (weights/demo/demo.json: the answer and its distance)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except OSError:
-        raise AhnError(f"the demo prompt {path} is missing; pass --prompt TEXT") from None
+        info = json.loads((DEMO_DIR / "demo.json").read_text(encoding="utf-8"))
+        return (DEMO_DIR / info["prompt_file"]).read_text(encoding="utf-8"), info
+    except (OSError, ValueError, KeyError):
+        raise AhnError(f"the demo prompt in {DEMO_DIR} is missing or damaged; pass --prompt TEXT") from None
 
 
 def main(argv=None) -> int:
@@ -98,21 +100,29 @@ def main(argv=None) -> int:
             args.weights = str(DEMO_DIR)
         demo_prompt = demo and args.prompt is None and args.prompt_file is None
         if args.max_new_tokens is None:
-            args.max_new_tokens = 24 if demo_prompt else 128
+            args.max_new_tokens = 8 if demo_prompt else 128
         if args.temperature is None:
             args.temperature = 0.0 if demo_prompt else 0.7
         if args.max_new_tokens < 0:
             raise AhnError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if any(s == "" for s in args.stop):
             raise AhnError("--stop needs a non-empty string")
-        prompt = _demo_prompt() if demo_prompt else _read_prompt(args)
+        if demo_prompt:
+            prompt, info = _demo_prompt()
+            args.stop = args.stop or ["\n"]
+        else:
+            prompt = _read_prompt(args)
         model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks,
                             dtype=args.dtype, device=args.device, mode=args.mode,
                             chunk_size=args.chunk_size, tokenizer=args.tokenizer)
         model.tokenizer  # fail early, before any compute, when the tokenizer is missing
         if demo_prompt:
-            print(f"[demo] {model.config.mode} mode, window {model.config.window}, sinks {model.config.sinks}; "
-                  f"prompt: {DEMO_DIR / 'demo_prompt.txt'}", file=sys.stderr)
+            c = model.config
+            print(f"[demo] {DEMO_DIR / info['prompt_file']}: Python source with a passkey stated "
+                  f"{info['distance']} tokens before the question, beyond the sinks + window "
+                  f"({c.sinks} + {c.window} tokens); expected answer {info['answer']}. Mode {c.mode}: "
+                  + {"full": "full attention sees the passkey.", "swa": "the window alone cannot see it.",
+                     "ahn": "only the memory can carry it."}[c.mode], file=sys.stderr)
         gen = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
