@@ -22,8 +22,10 @@ DEFAULT_CHUNK = 2048
 
 
 def _device(device) -> torch.device:
+    """The model's device, always with an index on CUDA ("cuda" -> "cuda:<current>"), so that worker
+    threads (the scheduler) can make it their current device."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -32,6 +34,11 @@ def _device(device) -> torch.device:
         raise AhnError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise AhnError(f"device {device!r} is not supported; use cpu or cuda[:N]")
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise AhnError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices here")
     return dev
 
 
