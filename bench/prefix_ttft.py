@@ -24,14 +24,16 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-import ahn_rt
-from ahn_rt.config import parse_dtype
-from ahn_rt.init_weights import preset_config, random_state_dict
-from ahn_rt.runtime import from_state_dict
-from ahn_rt.serve.prompt import Prompt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
+import ahn_rt  # noqa: E402
+from ahn_rt.config import parse_dtype  # noqa: E402
+from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
+from ahn_rt.runtime import from_state_dict  # noqa: E402
+from ahn_rt.serve.prompt import Prompt  # noqa: E402
 
 
 def build_model(args, dev):
