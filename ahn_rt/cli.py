@@ -31,3 +31,28 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def one_line_warnings():
     """Warnings print as 'warning: <message>' (no file, line or source echo)."""
     warnings.formatwarning = _one_line_warning
+
+
+def add_model_arguments(ap, weights_help: str, weights_required: bool = False):
+    """The options that choose and configure a model, the same in every command; returns the group."""
+    m = ap.add_argument_group("model")
+    m.add_argument("--weights", required=weights_required, help=weights_help)
+    m.add_argument("--ahn", help="separate AHN-only checkpoint (file or folder)")
+    m.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the weights)")
+    m.add_argument("--window", type=int, help="sliding window W (default: config, else 32640)")
+    m.add_argument("--sinks", type=int, help="attention sinks S (default: config, else 128)")
+    m.add_argument("--mode", choices=["ahn", "swa", "full"], help="default: ahn with AHN weights, else full")
+    m.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    m.add_argument("--dtype", help="bf16, fp16 or float32 (default: the checkpoint's)")
+    m.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    return m
+
+
+def load_model(args):
+    """ahn_rt.load from the options of ``add_model_arguments``; the tokenizer is checked now, before any
+    compute."""
+    import ahn_rt
+    model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
+                        device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
+    model.tokenizer
+    return model

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import exit_on_interrupt, one_line_warnings
+from .cli import add_model_arguments, exit_on_interrupt, load_model, one_line_warnings
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
@@ -28,17 +28,8 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ahn_rt.generate",
                                  description="Generate text with an AHN-augmented Qwen model.")
-    m = ap.add_argument_group("model")
-    m.add_argument("--weights", help=".safetensors file or Hugging Face checkpoint folder "
-                                      "(default: the demo model in weights/demo, with its demo prompt)")
-    m.add_argument("--ahn", help="separate AHN-only checkpoint (file or folder)")
-    m.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the weights)")
-    m.add_argument("--window", type=int, help="sliding window W (default: config, else 32640)")
-    m.add_argument("--sinks", type=int, help="attention sinks S (default: config, else 128)")
-    m.add_argument("--mode", choices=["ahn", "swa", "full"], help="default: ahn with AHN weights, else full")
-    m.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    m.add_argument("--dtype", help="bf16, fp16 or float32 (default: the checkpoint's)")
-    m.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
+    add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder "
+                            "(default: the demo model in weights/demo, with its demo prompt)")
     p = ap.add_argument_group("prompt")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: read stdin)")
@@ -90,8 +81,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
     try:
-        import ahn_rt
-
         demo = args.weights is None
         if demo:
             if not (DEMO_DIR / "model.safetensors").exists():
@@ -112,10 +101,7 @@ def main(argv=None) -> int:
             args.stop = args.stop or ["\n"]
         else:
             prompt = _read_prompt(args)
-        model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks,
-                            dtype=args.dtype, device=args.device, mode=args.mode,
-                            chunk_size=args.chunk_size, tokenizer=args.tokenizer)
-        model.tokenizer  # fail early, before any compute, when the tokenizer is missing
+        model = load_model(args)
         if demo_prompt:
             c = model.config
             print(f"[demo] {DEMO_DIR / info['prompt_file']}: Python source with a passkey stated "

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 
-from ..cli import one_line_warnings
+from ..cli import add_model_arguments, load_model, one_line_warnings
 from ..errors import AhnError
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -35,17 +35,8 @@ def parse_size(text: str, what: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m ahn_rt.serve",
                                  description="OpenAI-compatible HTTP server for an AHN-augmented Qwen model.")
-    m = ap.add_argument_group("model")
-    m.add_argument("--weights", required=True, help=".safetensors file or Hugging Face checkpoint folder")
-    m.add_argument("--ahn", help="separate AHN-only checkpoint (file or folder)")
-    m.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the weights)")
+    m = add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder", weights_required=True)
     m.add_argument("--model-name", help="the id clients pass as 'model' (default: the weights' name)")
-    m.add_argument("--window", type=int, help="sliding window W (default: config, else 32640)")
-    m.add_argument("--sinks", type=int, help="attention sinks S (default: config, else 128)")
-    m.add_argument("--mode", choices=["ahn", "swa", "full"], help="default: ahn with AHN weights, else full")
-    m.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    m.add_argument("--dtype", help="bf16, fp16 or float32 (default: the checkpoint's)")
-    m.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
     n = ap.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     n.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -126,15 +117,12 @@ def main(argv=None) -> int:
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
         sock = _bind(args.host, args.port)
 
-        import ahn_rt
         from .metrics import Metrics
         from .server import Options, create_app
         from .sessions import SessionStore
         from ..runtime import human_bytes
 
-        model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
-                            device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
-        model.tokenizer   # fail now, not on the first request
+        model = load_model(args)   # the tokenizer too: fail now, not on the first request
         state = model.new_session().state_nbytes
         free = _free_bytes(model)
         pick = (lambda given, default: given if given is not None else default)
