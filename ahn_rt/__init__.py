@@ -3,7 +3,13 @@
 The package imports lazily: ``import ahn_rt`` is cheap, and torch is imported on first use of
 ``ahn_rt.load`` / ``Model`` / ``Session`` (so a command line tool can set up its signal handling first).
 """
+import warnings
+
 from .errors import AhnError
+
+# torch warns at import when NumPy is absent; ahn_rt never uses NumPy (it is not a dependency), so that
+# warning would only confuse the first run on a fresh machine.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 __all__ = ["AhnError", "Generation", "GenerationStats", "Model", "Session", "load"]
 __version__ = "0.1.0"
