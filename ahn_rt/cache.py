@@ -3,9 +3,11 @@ position (docs/semantics.md §7).
 
 For every layer: keys and values ``[Hkv, C, D]`` (post-RoPE) in C = sinks + window slots — slots
 ``[0, S)`` hold the sink tokens, slots ``[S, S + W)`` a ring buffer where position ``p >= S`` lives in slot
-``S + (p - S) % W`` (so positions below S + W sit in slot p); per-slot AHN gates ``beta [C, H]`` (model
-dtype) and ``alpha [C, H]`` (float32 log-decay) computed when the token was first processed; the memory
-``[H, Dk, Dv]`` float32. All layers live in one layer-stacked tensor per field. Allocated once per
+``S + (p - S) % W`` (so positions below S + W sit in slot p); the AHN memory's per-slot gates ``[C, H]``,
+computed when the token was first processed, one field per ``Memory.gate_fields`` (GatedDeltaNet and
+DeltaNet: ``beta`` in the model dtype and ``alpha``, the float32 log-decay; Mamba2: ``dt``, float32); the
+memory ``Memory.state_shape`` (``[H, Dk, Dv]``) float32. All layers live in one layer-stacked tensor per
+field. Allocated once per
 session: in ``ahn``/``swa`` modes the state never grows. In ``full`` mode the cache is a growing buffer
 (sinks 0, window = capacity, doubling when needed), i.e. plain causal attention.
 
@@ -15,7 +17,8 @@ What the rest of the code asks the State (and never computes itself):
 * ``held_positions()`` — which position each occupied slot holds;
 * ``plan(T)`` — for a chunk of T tokens: the positions, the keys it attends, which of its tokens are
   written to which slots, and which tokens it hands to the memory (``ChunkPlan``);
-* ``keys`` / ``write`` — the cached keys a chunk attends, and the chunk's ring writes;
+* ``keys`` / ``all_gates`` / ``write`` — the cached keys (and gates) a chunk attends, and the chunk's ring
+  writes;
 * ``advance(n)`` — the position, on the host and on the device; the eager path and the CUDA graph path
   both call it after a step;
 * ``fill_random(position)`` — a documented way to stand a state at any depth (benchmarks);
@@ -95,17 +98,24 @@ class State:
         kw = dict(device=self.device)
         self.k = torch.zeros(L, Hkv, self.capacity, D, dtype=c.dtype, **kw)
         self.v = torch.zeros_like(self.k)
+        # The memory's per-slot gates (name -> [L, C, H]) and its state (ahn mode only).
+        self.gates: dict[str, torch.Tensor] = {}
+        self.gate_evict: dict[str, torch.Tensor] = {}
+        self.gate_fields = {}
+        self.memory = None
         if self.ahn:
-            self.beta = torch.zeros(L, self.capacity, H, dtype=c.dtype, **kw)
-            self.alpha = torch.zeros(L, self.capacity, H, dtype=torch.float32, **kw)
-            self.memory = torch.zeros(L, H, D, D, dtype=torch.float32, **kw)
-        else:
-            self.beta = self.alpha = self.memory = None
+            from . import memory
+            mem = memory.get(c.ahn_implementation)
+            self.gate_fields = mem.gate_fields(c)
+            for name, f in self.gate_fields.items():
+                dt = torch.float32 if f.float32 else c.dtype
+                self.gates[name] = torch.zeros(L, self.capacity, H, dtype=dt, **kw)
+                # Scratch (not state): the gates of the token handed from the ring to the memory.
+                self.gate_evict[name] = torch.zeros(H, dtype=dt, **kw)
+            self.memory = torch.zeros(L, *mem.state_shape(c), dtype=torch.float32, **kw)
         # Scratch (not state): the token handed from the ring to the memory during one decode step.
         self.k_evict = torch.zeros(Hkv, D, dtype=c.dtype, **kw)
         self.v_evict = torch.zeros(Hkv, D, dtype=c.dtype, **kw)
-        self.beta_evict = torch.zeros(H, dtype=c.dtype, **kw) if self.ahn else None
-        self.alpha_evict = torch.zeros(H, dtype=torch.float32, **kw) if self.ahn else None
         self.pos = torch.zeros(1, dtype=torch.int64, **kw)
         self.position = 0
         self._warned_positions = False
@@ -113,9 +123,9 @@ class State:
     # ---- layout ------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fields that make up the state (without scratch), by name."""
-        out = {"k": self.k, "v": self.v}
+        out = {"k": self.k, "v": self.v, **self.gates}
         if self.ahn:
-            out.update(beta=self.beta, alpha=self.alpha, memory=self.memory)
+            out["memory"] = self.memory
         return out
 
     def slot(self, positions: torch.Tensor) -> torch.Tensor:
@@ -137,11 +147,6 @@ class State:
         last = P - 1
         ring = last - torch.remainder(last - S - (slots - S), W)
         return torch.where(slots < S, slots, ring)
-
-    def layer(self, i: int):
-        """Views of layer i: (k [Hkv, C, D], v, beta [C, H] | None, alpha | None, memory [H, D, D] | None)."""
-        return (self.k[i], self.v[i], self.beta[i] if self.ahn else None,
-                self.alpha[i] if self.ahn else None, self.memory[i] if self.ahn else None)
 
     # ---- a chunk of tokens -------------------------------------------------------------------
     def plan(self, T: int) -> ChunkPlan:
@@ -169,20 +174,20 @@ class State:
         return (torch.cat([self.k[layer, :, :nc].transpose(0, 1), k]),
                 torch.cat([self.v[layer, :, :nc].transpose(0, 1), v]))
 
-    def gates(self, layer: int, plan: ChunkPlan, beta: torch.Tensor, alpha: torch.Tensor):
-        """The gates of the same concatenation: (beta_all, alpha_all) [cached + T, H]."""
+    def all_gates(self, layer: int, plan: ChunkPlan, gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The gates of the same concatenation: {field: [cached + T, H]} from the chunk's own {field: [T, H]}."""
         nc = plan.cached
-        return torch.cat([self.beta[layer, :nc], beta]), torch.cat([self.alpha[layer, :nc], alpha])
+        return {name: torch.cat([self.gates[name][layer, :nc], g]) for name, g in gates.items()}
 
     def write(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor,
-              beta: torch.Tensor | None = None, alpha: torch.Tensor | None = None):
-        """The chunk's ring writes for one layer (call after everything that reads ``keys``/``gates``)."""
+              gates: dict[str, torch.Tensor] | None = None):
+        """The chunk's ring writes for one layer (call after everything that reads ``keys``/``all_gates``).
+        ``gates``: {field: [T, H]} in ahn mode."""
         rows, slots = plan.write_rows, plan.write_slots
         self.k[layer][:, slots] = k[rows].transpose(0, 1)
         self.v[layer][:, slots] = v[rows].transpose(0, 1)
-        if self.ahn:
-            self.beta[layer][slots] = beta[rows]
-            self.alpha[layer][slots] = alpha[rows]
+        for name, buf in self.gates.items():
+            buf[layer][slots] = gates[name][rows]
 
     # ---- position ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -225,30 +230,33 @@ class State:
     @torch.inference_mode()
     def fill_random(self, position: int, generator: torch.Generator | None = None):
         """Stand the state at depth ``position`` as if that many tokens had been consumed, with random
-        values: K/V ~ N(0, 1) in the occupied slots, beta in (0.05, 0.95), alpha in (-0.5, -0.01), a
-        small memory once tokens have left the window (``generator``: on the state's device; default
-        seeded 0). For benchmarks and shape tests: the cost of a step depends on the depth, not on
-        the values (a real context comes from ``Session.forward``)."""
+        values: K/V ~ N(0, 1) in the occupied slots, the gates uniform in each field's ``GateField.random``
+        range (GatedDeltaNet: beta in (0.05, 0.95), alpha in (-0.5, -0.01); DeltaNet: alpha 0; Mamba2: dt in
+        (0.001, 0.1)), a small memory once tokens have left the window (``generator``: on the state's
+        device; default seeded 0). For benchmarks and shape tests: the cost of a step depends on the
+        depth, not on the values (a real context comes from ``Session.forward``)."""
         self.ensure_capacity(position)
         self.reset()
         n = min(position, self.capacity)
         g = generator if generator is not None else torch.Generator(self.device).manual_seed(0)
         self.k[:, :, :n].normal_(generator=g)
         self.v[:, :, :n].normal_(generator=g)
+        for name, buf in self.gates.items():
+            buf[:, :n].uniform_(*self.gate_fields[name].random, generator=g)
         if self.ahn:
-            self.beta[:, :n].uniform_(0.05, 0.95, generator=g)
-            self.alpha[:, :n].uniform_(-0.5, -0.01, generator=g)
             if position > self.sinks + self.window:
                 self.memory.normal_(0.0, 0.02, generator=g)
         self.position = 0
         self.advance(position)
 
     # ---- the state as a value (save / restore / fork) -----------------------------------------
-    # Fields with a slot axis, and where it is: only the occupied slots [0, occupied) are exported.
-    SLOT_AXIS = {"k": 2, "v": 2, "beta": 1, "alpha": 1}
+    @property
+    def SLOT_AXIS(self) -> dict[str, int]:
+        """Fields with a slot axis, and where it is: only the occupied slots [0, occupied) are exported."""
+        return {"k": 2, "v": 2, **{name: 1 for name in self.gates}}
 
     def export(self) -> dict[str, torch.Tensor]:
-        """The occupied part of every field (views, no copy): k/v [L, Hkv, n, D], beta/alpha [L, n, H],
+        """The occupied part of every field (views, no copy): k/v [L, Hkv, n, D], gates [L, n, H],
         memory [L, H, Dk, Dv], with n = ``occupied``. Together with ``position`` this is the whole
         state; ``load`` puts it back."""
         n = self.occupied
@@ -293,5 +301,5 @@ class State:
 
     @property
     def nbytes(self) -> int:
-        scratch = (self.k_evict, self.v_evict, self.beta_evict, self.alpha_evict, self.pos)
+        scratch = (self.k_evict, self.v_evict, *self.gate_evict.values(), self.pos)
         return sum(t.numel() * t.element_size() for t in (*self.tensors().values(), *scratch) if t is not None)

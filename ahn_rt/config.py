@@ -14,7 +14,8 @@ from .errors import AhnError
 DEFAULT_WINDOW = 32640
 DEFAULT_SINKS = 128
 MODES = ("ahn", "swa", "full")
-# docs/semantics.md §6: the GatedDeltaNet output norm (FusedRMSNormSwishGate) uses eps 1e-5.
+# docs/semantics.md §6, §11: the memory's output norm (GatedDeltaNet, DeltaNet: FusedRMSNormSwishGate;
+# Mamba2: RMSNormGated) uses eps 1e-5.
 AHN_NORM_EPS = 1e-5
 
 _DTYPES = {
@@ -132,8 +133,10 @@ def parse_config(cfg: dict, where: str) -> Config:
     if ahn_impl is None and cfg.get("_layer_implementation", "").endswith("MemDecoderLayer"):
         ahn_impl = "GatedDeltaNet"
     if ahn_impl is not None:
-        if ahn_impl != "GatedDeltaNet":
-            raise AhnError(f"{where}: AHN implementation {ahn_impl!r} is not supported (only GatedDeltaNet)")
+        from . import memory   # here, not at the top: the memory modules import the ops, which import this
+        if ahn_impl not in memory.NAMES:
+            raise AhnError(f"{where}: AHN implementation {ahn_impl!r} is not supported (supported: "
+                           f"{', '.join(memory.NAMES)})")
         for flag in ("use_q_proj", "use_ahn_router"):
             if cfg.get(flag):
                 raise AhnError(f"{where}: {flag}=true is not supported (the official inference code "

@@ -7,7 +7,8 @@ decode loop). The graph reads its position from the state's device tensor, so th
 step; after each replay the stepper calls ``State.advance``, the same method the eager path uses. The
 only host sync per token is the caller reading the sampled id. A session keeps its graphs (one per
 sampling setup) in its declared ``graphs`` attribute for all its steps and all its ``generate`` calls;
-``Session.reset`` keeps them too. Elsewhere the step runs eagerly.
+``Session.reset`` keeps them too. Elsewhere, and for a memory variant whose decode step is not graph safe
+(``Memory.graph_safe``), the step runs eagerly.
 """
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ class Stepper:
         self.sampler = sampler
         self.logits: torch.Tensor | None = None
         st = session.state
-        self.graphed = st.device.type == "cuda" and GRAPHS_ENABLED
+        # A memory whose decode step syncs with the host (``Memory.graph_safe`` False) decodes eagerly;
+        # every other model replays its captured step.
+        self.graphed = st.device.type == "cuda" and GRAPHS_ENABLED and session.model.decoder.graph_safe
         self.key = sampling_key(sampler)
 
     @torch.inference_mode()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -45,7 +44,9 @@ PRESETS = {
 QWEN_EOS = [151645, 151643]  # <|im_end|>, <|endoftext|>
 
 
-def preset_config(preset: str, ahn: bool, dtype: torch.dtype) -> dict:
+def preset_config(preset: str, ahn, dtype: torch.dtype) -> dict:
+    """The config dict of a preset; ``ahn``: False (a base model), True (GatedDeltaNet) or an AHN
+    implementation name (official or short: gdn, dn, mamba2)."""
     if preset not in PRESETS:
         raise AhnError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
@@ -53,7 +54,8 @@ def preset_config(preset: str, ahn: bool, dtype: torch.dtype) -> dict:
                hidden_act="silu", rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=QWEN_EOS,
                torch_dtype=str(dtype).replace("torch.", ""))
     if ahn:
-        cfg.update(_ahn_implementation="GatedDeltaNet",
+        from .memory import resolve
+        cfg.update(_ahn_implementation=resolve(None if ahn is True else ahn),
                    _layer_implementation=("Qwen3" if cfg["model_type"] == "qwen3" else "Qwen2") + "MemDecoderLayer",
                    sliding_window=32640, num_attn_sinks=128, use_sliding_window=False, fa_layer_ids="",
                    use_ahn_router=False, use_q_proj=False)
@@ -63,30 +65,15 @@ def preset_config(preset: str, ahn: bool, dtype: torch.dtype) -> dict:
 def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device="cpu", ahn: bool = True,
                       std: float = 0.02) -> dict[str, torch.Tensor]:
     """Random tensors for every name of the checkpoint key map (``ahn_rt.weights``) of a config dict:
-    matrices N(0, std), biases N(0, 0.1), norm weights near 1, and the AHN parameters drawn as the
-    official GatedDeltaNet constructor draws them (docs/semantics.md §8), except o_proj, which is
-    random instead of zero so that the memory is exercised."""
+    matrices N(0, std), biases N(0, 0.1), norm weights near 1, and the AHN parameters of the config's
+    memory (``_ahn_implementation``) drawn by its module (``Memory.random_param``: as the official
+    constructor draws them, docs/semantics.md §8, §11), except o_proj, which is random instead of zero so
+    that the memory is exercised."""
     c = parse_config(cfg, "preset")
     g = torch.Generator(device=device).manual_seed(seed)
-    H, D = c.num_heads, c.head_dim
 
     def normal(shape, s=std):
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * s
-
-    def ahn_init(name, shape):
-        if name == "A_log":
-            return torch.log(torch.rand(H, generator=g, device=device) * 15 + 1)      # log U(1, 16)
-        if name == "D":
-            return torch.ones(H, device=device)
-        if name == "dt_bias":   # softplus^-1 of dt ~ logUniform[1e-3, 0.1], floored at 1e-4
-            dt = torch.exp(torch.rand(H, generator=g, device=device) * (math.log(0.1) - math.log(1e-3))
-                           + math.log(1e-3)).clamp(min=1e-4)
-            return dt + torch.log(-torch.expm1(-dt))
-        if name == "o_norm.weight":
-            return 1.0 + normal(shape, 0.05)
-        if name == "o_proj.weight":
-            return normal(shape, D ** -0.5)
-        return normal(shape)
 
     sd = {}
     for key, shape in base_shapes(c).items():
@@ -97,8 +84,10 @@ def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device=
         else:
             sd[key] = normal(shape)
     if ahn:
-        for key, shape in ahn_shapes(c, "GatedDeltaNet").items():
-            sd[key] = ahn_init(key.rsplit(".fn.", 1)[1], shape)
+        from .memory import get
+        mem = get(c.ahn_implementation)
+        for key, shape in ahn_shapes(c).items():
+            sd[key] = mem.random_param(key.rsplit(".fn.", 1)[1], shape, c, normal, g, device)
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
@@ -117,8 +106,8 @@ def main(argv=None) -> int:
         if out.suffix != ".safetensors":
             raise AhnError(f"--out must end in .safetensors, got {out}")
         dtype = parse_dtype(args.dtype)
-        ahn = args.ahn == "gdn"
-        cfg = preset_config(args.preset, ahn, dtype)
+        ahn = args.ahn != "none"
+        cfg = preset_config(args.preset, args.ahn if ahn else False, dtype)
         write_checkpoint(out, random_state_dict(cfg, seed=args.seed, dtype=dtype, ahn=ahn), cfg)
         if args.tokenizer == "qwen2.5":
             from .tokenizer_build import write_qwen25_tokenizer

@@ -2,18 +2,20 @@
 
 Semantics: docs/semantics.md §2–§6 (the consistent rule; §9 says where the official decode path differs).
 For a query at absolute position t the attention sees the sinks {0..S-1} and the window {t-W+1..t}; once
-t >= S + W, the token t - W has left the window and was written into the layer's GatedDeltaNet memory
-(with the beta/alpha computed when it was first processed), and the memory is read with q_t, gated by
-x_t, and added to the attention output before o_proj. Every hot op goes through ``ahn_rt.ops``.
+t >= S + W, the token t - W has left the window and was written into the layer's AHN memory (with the
+gates computed when it was first processed), and the memory is read with q_t, gated by x_t, and added to
+the attention output before o_proj. The memory is whichever variant the config names (GatedDeltaNet,
+DeltaNet, Mamba2: ``ahn_rt.memory``, §11); this file never names one. Every hot op goes through
+``ahn_rt.ops``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import memory, ops
 from .cache import State
-from .config import AHN_NORM_EPS, Config, rope_inv_freq
+from .config import Config, rope_inv_freq
 from .weights import Weights
 
 
@@ -27,7 +29,14 @@ class Decoder:
         c = config
         self._q_end = c.q_size
         self._k_end = c.q_size + c.kv_size
-        self._v_end = c.q_size + 2 * c.kv_size
+        self.v_end = c.q_size + 2 * c.kv_size     # the memory's projection rows follow
+        # The AHN memory module (mode 'ahn' only).
+        self.memory = memory.get(c.ahn_implementation) if c.mode == "ahn" else None
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether decode_step can be captured into a CUDA graph (no host sync anywhere in it)."""
+        return self.memory is None or self.memory.graph_safe
 
     def new_state(self, capacity: int | None = None) -> State:
         return State(self.config, self.device, capacity)
@@ -41,14 +50,6 @@ class Decoder:
         x = ops.rms_norm(h, lw.ln_post, self.config.rms_norm_eps)
         gate, up = ops.linear(x, lw.w_gu).chunk(2, dim=-1)
         return h + ops.linear(F.silu(gate) * up, lw.w_down)
-
-    def _gates(self, proj: torch.Tensor, lw):
-        """beta (model dtype), alpha (float32), z for every token of a projection [T, P]."""
-        H, v_end = self.config.num_heads, self._v_end
-        a, b, z = proj[:, v_end:v_end + H], proj[:, v_end + H:v_end + 2 * H], proj[:, v_end + 2 * H:]
-        beta = torch.sigmoid(b)
-        alpha = -lw.a_log.exp() * F.softplus(a.float() + lw.dt_bias)
-        return beta, alpha, z
 
     # ------------------------------------------------------------------------------------------
     def prefill(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -71,7 +72,7 @@ class Decoder:
             proj = ops.linear(x, lw.w_in, lw.b_in)
             q = proj[:, : self._q_end].view(T, H, D)
             k = proj[:, self._q_end: self._k_end].view(T, Hkv, D)
-            v = proj[:, self._k_end: self._v_end].view(T, Hkv, D)
+            v = proj[:, self._k_end: self.v_end].view(T, Hkv, D)
             if c.qk_norm:
                 q = ops.rms_norm(q, lw.q_norm, c.rms_norm_eps)
                 k = ops.rms_norm(k, lw.k_norm, c.rms_norm_eps)
@@ -80,14 +81,13 @@ class Decoder:
             k_all, v_all = st.keys(i, plan, k, v)
             attn = ops.window_attention(q, k_all, v_all, plan.positions, plan.key_positions, st.sinks, st.window,
                                         self.scale)
-            beta = alpha = None
+            gates = None
             if st.ahn:
-                beta, alpha, z = self._gates(proj, lw)
+                gates, z = self.memory.gates(proj[:, self.v_end:], lw.mem)
                 if plan.n_evict:
-                    beta_all, alpha_all = st.gates(i, plan, beta, alpha)
-                    o = ops.gdn_chunk(q[r], k_all[ev], v_all[ev], beta_all[ev], alpha_all[ev], st.memory[i])
-                    attn[r] += ops.gdn_output(o, z[r], lw.o_norm, lw.ahn_o_proj, AHN_NORM_EPS)
-            st.write(i, plan, k, v, beta, alpha)
+                    g_ev = {name: g[ev] for name, g in st.all_gates(i, plan, gates).items()}
+                    attn[r] += self.memory.prefill(q[r], k_all[ev], v_all[ev], g_ev, z[r], st.memory[i], lw.mem)
+            st.write(i, plan, k, v, gates)
             h = h + ops.linear(attn.reshape(T, H * D), lw.w_o, lw.b_o)
             h = self._mlp(h, lw)
         st.advance(T)
@@ -98,22 +98,24 @@ class Decoder:
         """One token (ids: int64 [1] on the device) at position st.pos (device). Does not advance the
         position: the caller does (eagerly, or inside a captured CUDA graph). Returns logits [1, vocab].
 
-        Per layer: one fused GEMV (RMSNorm + q|k|v|a|b|g + bias), decode_prep (q/k norm, RoPE, gates,
-        ring write with eviction), window attention, the fused memory step, then three fused GEMVs
-        (o_proj + residual, RMSNorm + gate|up + SiLU*mul, down + residual)."""
+        Per layer: one fused GEMV (RMSNorm + q|k|v|memory rows + bias), the decode front (q/k norm, RoPE,
+        ring write with eviction, the memory's gates: ``decode_prep``), window attention, the memory step
+        (GatedDeltaNet / DeltaNet: one fused ``gdn_decode``), then three fused GEMVs (o_proj + residual,
+        RMSNorm + gate|up + SiLU*mul, down + residual)."""
         c = self.config
-        S, W, H, eps = st.sinks, st.window, c.num_heads, c.rms_norm_eps
+        S, W, eps = st.sinks, st.window, c.rms_norm_eps
+        mem = self.memory if st.ahn else None
         h = F.embedding(ids, self.w.embed)[0]
         for i, lw in enumerate(self.w.layers):
-            k_cache, v_cache, beta_cache, alpha_cache, memory = st.layer(i)
             proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
-            q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, eps,
-                                lw.a_log, lw.dt_bias, k_cache, v_cache, beta_cache, alpha_cache, S, W,
-                                st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict)
-            attn = ops.swa_decode(q, k_cache, v_cache, st.pos, S, W, self.scale)
-            if st.ahn:
-                ops.gdn_decode(memory, q, st.k_evict, st.v_evict, st.beta_evict, st.alpha_evict,
-                               proj[-H:], lw.o_norm, lw.ahn_o_proj, attn, st.pos, S, W, AHN_NORM_EPS)
+            if mem is not None:
+                q = mem.decode_front(self, st, i, lw, proj)
+            else:
+                q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, eps, None, None,
+                                    st.k[i], st.v[i], None, None, S, W, st.k_evict, st.v_evict, None, None)
+            attn = ops.swa_decode(q, st.k[i], st.v[i], st.pos, S, W, self.scale)
+            if mem is not None:
+                mem.decode_step(self, st, i, lw, q, proj, attn)
             h = ops.gemv(attn.view(-1), lw.w_o, lw.b_o, None, 0.0, h, False, False)
             act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
             h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False)

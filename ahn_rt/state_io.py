@@ -38,6 +38,7 @@ def model_digest(model) -> str:
     tensors = [w.embed, w.norm, w.lm_head]
     for lw in w.layers:
         tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
+        tensors += list((lw.mem or {}).values())     # the memory's own tensors, in its load order
     for t in tensors:
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLES)

@@ -10,8 +10,10 @@ Tensors are read one at a time from memory-mapped files, converted to the runtim
 device, so peak host memory stays near one copy of the model. The per-layer projections are fused here
 into the layout the model computes with:
 
-* ``w_in``  = [q | k | v | a | b | g] rows ([H*D + 2*Hkv*D (+ 3H), d]), ``b_in`` the matching bias
-  (zeros for the AHN gate rows): one GEMM gives everything a token needs before attention;
+* ``w_in``  = [q | k | v | memory rows] ([H*D + 2*Hkv*D (+ R), d]), the memory rows being the AHN module's
+  per-token projections (GatedDeltaNet: [a | b | g], R = 3H; Mamba2: [dt | g], R = 2H; ``Memory.load``),
+  ``b_in`` the matching bias (zeros for bias-free memory rows): one GEMM gives everything a token needs
+  before attention;
 * ``w_gu``  = [gate | up] rows ([2I, d]).
 
 ``write_checkpoint`` writes safetensors atomically under the same names (``base_shapes`` /
@@ -37,22 +39,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # ----------------------------------------------------------------------------------------------
 # The one key map: checkpoint tensor names and shapes, for reading (this loader) and for writing
 # (init_weights, the trainer). Hugging Face names for the base, the official names for AHN
-# (docs/semantics.md §8).
+# (docs/semantics.md §8), each memory variant's parameters from its module (``ahn_rt.memory``, §11).
 # ----------------------------------------------------------------------------------------------
-AHN_PARAMS = {  # implementation -> {parameter name: shape as a function of the config}
-    "GatedDeltaNet": {
-        "A_log": lambda c: (c.num_heads,),
-        "D": lambda c: (c.num_heads,),            # stored by the official module, unused in its forward
-        "dt_bias": lambda c: (c.num_heads,),
-        "a_proj.weight": lambda c: (c.num_heads, c.hidden_size),
-        "b_proj.weight": lambda c: (c.num_heads, c.hidden_size),
-        "g_proj.weight": lambda c: (c.num_heads, c.hidden_size),
-        "o_norm.weight": lambda c: (c.head_dim,),
-        "o_proj.weight": lambda c: (c.num_heads, c.head_dim, c.head_dim),   # [H, D_in, D_out]
-    },
-}
-
-
 def ahn_key(layer: int, name: str) -> str:
     """Checkpoint name of AHN parameter ``name`` of decoder layer ``layer``."""
     return f"model.layers.{layer}.ahn.fn.{name}"
@@ -88,10 +76,11 @@ def base_shapes(c: Config) -> dict[str, tuple]:
 
 
 def ahn_shapes(c: Config, implementation: str | None = None) -> dict[str, tuple]:
-    """Every AHN tensor (official names) -> shape, for ``implementation`` (default: the config's)."""
-    impl = implementation or c.ahn_implementation or "GatedDeltaNet"
-    params = AHN_PARAMS[impl]
-    return {ahn_key(n, name): tuple(f(c)) for n in range(c.num_layers) for name, f in params.items()}
+    """Every AHN tensor (official names) -> shape, for ``implementation`` (official or short name; default:
+    the config's, else GatedDeltaNet)."""
+    from . import memory
+    params = memory.get(implementation or c.ahn_implementation).params(c)
+    return {ahn_key(n, name): tuple(shape) for n in range(c.num_layers) for name, shape in params.items()}
 
 
 def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_json: bool = False,
@@ -170,11 +159,9 @@ class LayerWeights:
     ln_post: torch.Tensor
     w_gu: torch.Tensor
     w_down: torch.Tensor
-    # AHN GatedDeltaNet (None outside mode 'ahn')
-    a_log: torch.Tensor | None = None      # float32 [H]
-    dt_bias: torch.Tensor | None = None    # float32 [H]
-    o_norm: torch.Tensor | None = None     # [D]
-    ahn_o_proj: torch.Tensor | None = None  # [H, D, D] (in, out)
+    # The AHN memory's own tensors in its runtime layout (``Memory.load``; None outside mode 'ahn'); its
+    # per-token projections are rows of w_in / b_in.
+    mem: dict[str, torch.Tensor] | None = None
 
 
 @dataclasses.dataclass
@@ -325,6 +312,21 @@ def _check_keys(expected: dict, src: _Source, keys: set, what: str, optional=())
             raise AhnError(f"{what}: tensor {k} has shape {list(got)}, the config needs {list(shape)}")
 
 
+def _check_ahn_keys(config: Config, src: _Source, keys: set, what: str):
+    """The strict check of the AHN tensors against the config's implementation; when they fit another
+    implementation exactly, the error says which (a config whose _ahn_implementation does not match)."""
+    from . import memory
+    try:
+        _check_keys(ahn_shapes(config), src, keys, what)
+    except AhnError as e:
+        fits = [m for m in memory.NAMES if m != memory.resolve(config.ahn_implementation)
+                and set(ahn_shapes(config, m)) == keys]
+        if fits:
+            raise AhnError(f"{e}; these tensors are an AHN-{fits[0]} memory but the config says "
+                           f"_ahn_implementation={memory.resolve(config.ahn_implementation)!r}") from None
+        raise
+
+
 def _short(keys, n=6):
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
@@ -399,16 +401,18 @@ def load_weights(config: Config, ckpt: Checkpoint, device) -> Weights:
         ahn_keys, ahn_from = {k for k in ahn_src.where if is_ahn_key(k)}, ahn_src
         ahn_where = f"AHN checkpoint {sorted(set(map(str, ahn_src.where.values())))[0]}"
     if ahn_keys:
-        _check_keys(ahn_shapes(config), ahn_from, ahn_keys, ahn_where)
+        _check_ahn_keys(config, ahn_from, ahn_keys, ahn_where)
 
     dt = config.dtype
-    use_ahn = config.mode == "ahn"
+    mem = None
+    if config.mode == "ahn":
+        from . import memory
+        mem = memory.get(config.ahn_implementation)
 
     def get(k, s=src, dtype=dt):
         return s.get(k).to(device=device, dtype=dtype)
 
     layers = []
-    H = config.num_heads
     for n in range(config.num_layers):
         p = f"model.layers.{n}."
         parts = [get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
@@ -422,18 +426,14 @@ def load_weights(config: Config, ckpt: Checkpoint, device) -> Weights:
             ln_post=get(p + "post_attention_layernorm.weight"),
             w_gu=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
             w_down=get(p + "mlp.down_proj.weight"))
-        if use_ahn:
-            a = p + "ahn.fn."
-            parts += [get(a + "a_proj.weight", ahn_from), get(a + "b_proj.weight", ahn_from),
-                      get(a + "g_proj.weight", ahn_from)]
+        if mem is not None:
+            rows, rows_bias, lw.mem = mem.load(config, lambda name, n=n: get(ahn_key(n, name), ahn_from))
+            parts.append(rows)
+            if rows_bias is not None and biases is None:   # a bias-free base: zero biases for q | k | v
+                biases = [torch.zeros(x.shape[0], dtype=dt, device=device) for x in parts[:3]]
             if biases is not None:
-                biases.append(torch.zeros(3 * H, dtype=dt, device=device))
-            # The official merge rounds every AHN tensor to the model dtype (docs/semantics.md §8); the decay
-            # parameters are then used in float32.
-            lw.a_log = get(a + "A_log", ahn_from).float()
-            lw.dt_bias = get(a + "dt_bias", ahn_from).float()
-            lw.o_norm = get(a + "o_norm.weight", ahn_from)
-            lw.ahn_o_proj = get(a + "o_proj.weight", ahn_from)
+                biases.append(rows_bias if rows_bias is not None else
+                              torch.zeros(rows.shape[0], dtype=dt, device=device))
         lw.w_in = torch.cat(parts)
         lw.b_in = torch.cat(biases) if biases is not None else None
         layers.append(lw)
