@@ -8,7 +8,7 @@ step; after each replay the stepper calls ``State.advance``, the same method the
 only host sync per token is the caller reading the sampled id. A session keeps its graphs (one per
 sampling setup) in its declared ``graphs`` attribute for all its steps and all its ``generate`` calls;
 ``Session.reset`` keeps them too. Elsewhere, and for a memory variant whose decode step is not graph safe
-(``Memory.graph_safe``), the step runs eagerly.
+(Mamba2, docs/semantics.md §11), the step runs eagerly.
 """
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ class Stepper:
         self.sampler = sampler
         self.logits: torch.Tensor | None = None
         st = session.state
-        # A memory whose decode step syncs with the host (``Memory.graph_safe`` False) decodes eagerly;
-        # every other model replays its captured step.
+        # A memory whose decode step still syncs with the host (Mamba2 until it has a CUDA kernel,
+        # ``Memory.graph_safe``) decodes eagerly; every other model replays its captured step.
         self.graphed = st.device.type == "cuda" and GRAPHS_ENABLED and session.model.decoder.graph_safe
         self.key = sampling_key(sampler)
 

@@ -2,7 +2,8 @@
 
     python -m ahn_rt.init_weights --preset tiny --ahn gdn --out weights/tiny.safetensors --tokenizer qwen2.5
 
-writes one .safetensors file with Hugging Face key names (and the official AHN key names with --ahn gdn),
+writes one .safetensors file with Hugging Face key names (and the official AHN key names with --ahn gdn, dn
+or mamba2: GatedDeltaNet, DeltaNet or Mamba2 memories),
 the config embedded in its metadata (key "config"), and with --tokenizer qwen2.5 a real Qwen2.5
 tokenizer.json beside it. The AHN o_proj is random, not zero, so the memory is exercised.
 ``random_state_dict`` also serves the benchmark, which builds weights directly on the GPU.
@@ -94,7 +95,8 @@ def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device=
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ahn_rt.init_weights", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    ap.add_argument("--ahn", choices=["gdn", "none"], default="none", help="add AHN GatedDeltaNet weights")
+    ap.add_argument("--ahn", choices=["gdn", "dn", "mamba2", "none"], default="none",
+                    help="add AHN weights: GatedDeltaNet (gdn), DeltaNet (dn) or Mamba2 (mamba2)")
     ap.add_argument("--out", required=True, help="output .safetensors path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bf16")

@@ -230,6 +230,106 @@ def gdn_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
 
 # ----------------------------------------------------------------------------------------------
+# Mamba2 memory (docs/semantics.md §11.2): a per-head scalar decay, an outer-product write, no delta
+# correction. No compiled kernels yet: ``ahn_rt.ops`` runs these on every device.
+# ----------------------------------------------------------------------------------------------
+# torch.nn.functional.normalize's default: x / max(||x||, eps), computed in the model dtype as the official
+# module does on its bf16 q/k.
+M2_L2_EPS = 1e-12
+# Blocks of the chunked form (any size gives the same function; the official mamba scan uses 256).
+M2_CHUNK = 64
+
+
+def _mamba2_inputs(q, k, v, dt, a_log):
+    """Expand kv heads to query heads, normalize q/k in their own dtype, upcast; the log-decay dt * A."""
+    G = q.shape[1] // k.shape[1]
+    qn = F.normalize(q, dim=-1, eps=M2_L2_EPS).float()
+    kn = F.normalize(k, dim=-1, eps=M2_L2_EPS).float().repeat_interleave(G, dim=1)
+    vf = v.float().repeat_interleave(G, dim=1)
+    dtf = dt.float()
+    return qn, kn, vf, dtf, dtf * -a_log.float().exp()
+
+
+def mamba2_recurrent_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+                         a_log: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """The Mamba2 memory, one step at a time.
+
+    q: [n, H, Dk] (read queries); k: [n, Hkv, Dk], v: [n, Hkv, Dv], dt: [n, H] float32 (written tokens);
+    a_log: [H]; state: [H, Dk, Dv] float32, updated in place. q and k are l2-normalized (eps 1e-12, in their
+    dtype). Step t: M <- exp(dt_t A) M + dt_t k^_t v_t^T with A = -exp(a_log); o_t = M^T q^_t (no scale).
+    Returns o: [n, H, Dv] in q.dtype.
+    """
+    qf, kf, vf, dtf, la = _mamba2_inputs(q, k, v, dt, a_log)
+    S = state.clone()
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32, device=q.device)
+    for t in range(q.shape[0]):
+        S = S * la[t].exp()[:, None, None] + (dtf[t][:, None] * kf[t])[:, :, None] * vf[t][:, None, :]
+        out[t] = torch.einsum("hk,hkv->hv", qf[t], S)
+    state.copy_(S)
+    return out.to(q.dtype)
+
+
+def mamba2_chunk_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+                     a_log: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """The Mamba2 memory in blocks of ``M2_CHUNK`` pairs: same function as ``mamba2_recurrent_ref``.
+
+    Within a block with cumulative log-decay G_i = sum_{j<=i} dt_j A and block-start state M0:
+      O = diag(e^G) Q M0 + (tril(Q K^T) * e^(G_i - G_j)) (dt V),   M_end = e^(G_c) M0 + (K e^(G_c - G))^T (dt V)
+    G and its differences are formed in float64 (elementwise), so strong decays lose nothing. The python
+    loop runs over blocks, never over tokens.
+    """
+    qf, kf, vf, dtf, la = _mamba2_inputs(q, k, v, dt, a_log)
+    n = q.shape[0]
+    qf, kf = qf.transpose(0, 1), kf.transpose(0, 1)                   # [H, n, Dk]
+    vf = (vf * dtf[:, :, None]).transpose(0, 1)                       # dt v  [H, n, Dv]
+    la = la.double().transpose(0, 1)                                  # [H, n]
+    S = state.clone()
+    out = torch.empty(q.shape[1], n, v.shape[-1], dtype=torch.float32, device=q.device)
+    for s in range(0, n, M2_CHUNK):
+        e = min(n, s + M2_CHUNK)
+        Q, K, V = qf[:, s:e], kf[:, s:e], vf[:, s:e]
+        Gc = la[:, s:e].cumsum(-1)                                    # [H, c]
+        c = e - s
+        incl = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        diff = Gc[:, :, None] - Gc[:, None, :]
+        decay = torch.where(incl, diff, torch.full_like(diff, float("-inf"))).exp().float()
+        out[:, s:e] = (Gc.exp().float()[:, :, None] * Q) @ S + ((Q @ K.transpose(1, 2)) * decay) @ V
+        last = Gc[:, -1:]
+        S = last.exp().float()[:, :, None] * S + (K * (last - Gc).exp().float()[:, :, None]).transpose(1, 2) @ V
+    state.copy_(S)
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def mamba2_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """Mamba2 output head: y = o * silu(z), RMSNorm over ALL H*Dv lanes, * w, in float32, then the grouped
+    o_proj. o: [n, H, Dv] (model dtype); z: [n, H] (per-head gate scalar); norm_weight: [H*Dv];
+    o_proj: [H, Dv, Dv] stored (in, out). Returns m: [n, H, Dv] in o.dtype.
+    """
+    n, H, Dv = o.shape
+    zf = z.float()[:, :, None]
+    y = o.float() * (zf * torch.sigmoid(zf))
+    y = y * torch.rsqrt(y.pow(2).mean(dim=(1, 2), keepdim=True) + eps) * norm_weight.float().view(H, Dv)
+    return torch.einsum("nhi,hio->nho", y.to(o.dtype), o_proj.to(o.dtype))
+
+
+def mamba2_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+                      a_log: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,
+                      out: torch.Tensor, pos: torch.Tensor, sinks: int, window: int, eps: float) -> None:
+    """One Mamba2 memory step for a decoded token, added into the attention output.
+
+    Runs only when pos >= sinks + window; otherwise does nothing. state: [H, Dk, Dv] float32 (in place);
+    q: [H, Dk] read query; k: [Hkv, Dk], v: [Hkv, Dv], dt: [H] (float32) of the evicted token; a_log: [H];
+    z: [H] gate of the reading token; out: [H, Dv], += memory. Reads pos on the host.
+    """
+    if int(pos.reshape(-1)[0]) < sinks + window:
+        return
+    o = mamba2_recurrent_ref(q[None], k[None], v[None], dt[None], a_log, state)
+    m = mamba2_output_ref(o, z[None], norm_weight, o_proj, eps)[0]
+    out.copy_((out + m).to(out.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
 # Fused decode front: after the one projection GEMM of a decoded token
 # ----------------------------------------------------------------------------------------------
 def rope_cos_sin_ref(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):

@@ -1,6 +1,7 @@
 """Tiny random checkpoints for the model-level tests, built WITHOUT ahn_rt: base Qwen2/Qwen3 via transformers
 save_pretrained (single file or sharded), AHN-only safetensors with the official key names
-(model.layers.N.ahn.fn.*, docs/semantics.md §8), and merged base+AHN folders. Everything is float32 and
+(model.layers.N.ahn.fn.*, docs/semantics.md §8, §11) of each memory variant (GatedDeltaNet, DeltaNet,
+Mamba2), and merged base+AHN folders. Everything is float32 and
 seeded. No tolerances live here (the scales below shape random weights; each test file's table bounds errors).
 """
 from __future__ import annotations
@@ -109,9 +110,17 @@ def hf_model(folder: str):
     return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-def ahn_tensors(cfg: dict, seed: int = 0, o_proj_scale: float = 1.0, zero_o_proj: bool = False
-                ) -> Dict[str, torch.Tensor]:
-    """Random AHN-GDN tensors with the official names; shapes per docs/semantics.md §8."""
+IMPLS = ("GatedDeltaNet", "DeltaNet", "Mamba2")
+
+
+def ahn_tensors(cfg: dict, seed: int = 0, o_proj_scale: float = 1.0, zero_o_proj: bool = False,
+                impl: str = "GatedDeltaNet") -> Dict[str, torch.Tensor]:
+    """Random AHN tensors of memory ``impl`` with the official names; shapes per docs/semantics.md §8, §11."""
+    if impl == "DeltaNet":
+        return _dn_tensors(cfg, seed, o_proj_scale, zero_o_proj)
+    if impl == "Mamba2":
+        return _mamba2_tensors(cfg, seed, o_proj_scale, zero_o_proj)
+    assert impl == "GatedDeltaNet", impl
     d, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
     D = cfg.get("head_dim") or d // H
     g = torch.Generator().manual_seed(1000 + seed)
@@ -127,6 +136,44 @@ def ahn_tensors(cfg: dict, seed: int = 0, o_proj_scale: float = 1.0, zero_o_proj
         out[p + "g_proj.weight"] = 0.1 * torch.randn(H, d, generator=g)
         out[p + "o_norm.weight"] = 1.0 + 0.1 * torch.randn(D, generator=g)
         wo = o_proj_scale * torch.randn(H, D, D, generator=g) / math.sqrt(D)               # [H, D_in, D_out]
+        out[p + "o_proj.weight"] = torch.zeros_like(wo) if zero_o_proj else wo
+    return {k: v.contiguous().to(torch.float32) for k, v in out.items()}
+
+
+def _dn_tensors(cfg, seed, o_proj_scale, zero_o_proj):
+    """DeltaNet: b_proj, g_proj, o_norm, o_proj (no decay parameters)."""
+    d, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    D = cfg.get("head_dim") or d // H
+    g = torch.Generator().manual_seed(2000 + seed)
+    out = {}
+    for l in range(L):
+        p = f"model.layers.{l}.ahn.fn."
+        out[p + "b_proj.weight"] = 0.1 * torch.randn(H, d, generator=g)
+        out[p + "g_proj.weight"] = 0.1 * torch.randn(H, d, generator=g)
+        out[p + "o_norm.weight"] = 1.0 + 0.1 * torch.randn(D, generator=g)
+        wo = o_proj_scale * torch.randn(H, D, D, generator=g) / math.sqrt(D)
+        out[p + "o_proj.weight"] = torch.zeros_like(wo) if zero_o_proj else wo
+    return {k: v.contiguous().to(torch.float32) for k, v in out.items()}
+
+
+def _mamba2_tensors(cfg, seed, o_proj_scale, zero_o_proj):
+    """Mamba2: dt_bias, A_log, norm [H*D], dt_proj (+bias), g_proj (+bias), o_proj. Steps dt = softplus(.)
+    around 0.01 .. 0.5 and A in -(1 .. 4): per-step decays between ~0.99 and ~0.15."""
+    d, H, L = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    D = cfg.get("head_dim") or d // H
+    g = torch.Generator().manual_seed(3000 + seed)
+    out = {}
+    for l in range(L):
+        p = f"model.layers.{l}.ahn.fn."
+        u = 0.01 + 0.3 * torch.rand(H, generator=g)
+        out[p + "dt_bias"] = u + torch.log(-torch.expm1(-u))                             # softplus^-1(u)
+        out[p + "A_log"] = torch.log(1.0 + 3.0 * torch.rand(H, generator=g))
+        out[p + "norm.weight"] = 1.0 + 0.1 * torch.randn(H * D, generator=g)
+        out[p + "dt_proj.weight"] = 0.05 * torch.randn(H, d, generator=g)
+        out[p + "dt_proj.bias"] = 0.1 * torch.randn(H, generator=g)
+        out[p + "g_proj.weight"] = 0.1 * torch.randn(H, d, generator=g)
+        out[p + "g_proj.bias"] = 0.2 * torch.randn(H, generator=g)
+        wo = o_proj_scale * torch.randn(H, D, D, generator=g) / math.sqrt(D)
         out[p + "o_proj.weight"] = torch.zeros_like(wo) if zero_o_proj else wo
     return {k: v.contiguous().to(torch.float32) for k, v in out.items()}
 
@@ -147,13 +194,16 @@ def write_json(path: str, obj: dict) -> None:
 
 
 def save_ahn_only(base_folder: str, folder: str, window: int, sinks: int, seed: int = 0,
-                  zero_o_proj: bool = False, o_proj_scale: float = 1.0, **cfg_extra) -> str:
-    """AHN-only checkpoint folder: config.json + model.safetensors holding only model.layers.N.ahn.fn.*"""
+                  zero_o_proj: bool = False, o_proj_scale: float = 1.0, impl: str = "GatedDeltaNet",
+                  **cfg_extra) -> str:
+    """AHN-only checkpoint folder: config.json + model.safetensors holding only model.layers.N.ahn.fn.*
+    (memory ``impl``; the config says so unless cfg_extra overrides _ahn_implementation)."""
     base_cfg = json.load(open(os.path.join(base_folder, "config.json")))
     os.makedirs(folder, exist_ok=True)
-    save_file(ahn_tensors(base_cfg, seed, o_proj_scale, zero_o_proj), os.path.join(folder, "model.safetensors"),
+    save_file(ahn_tensors(base_cfg, seed, o_proj_scale, zero_o_proj, impl), os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
-    write_json(os.path.join(folder, "config.json"), ahn_config(base_cfg, window, sinks, **cfg_extra))
+    write_json(os.path.join(folder, "config.json"),
+               ahn_config(base_cfg, window, sinks, **{"_ahn_implementation": impl, **cfg_extra}))
     return folder
 
 
@@ -191,15 +241,18 @@ def base(spec: Spec, shard: bool = False) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def ahn_only(spec: Spec, window: int, sinks: int, zero_o_proj: bool = False, seed: int = 0) -> str:
-    name = f"ahn-{spec.id}-s{spec.seed}-W{window}-S{sinks}-{'zero' if zero_o_proj else 'rand'}-{seed}"
-    return save_ahn_only(base(spec), os.path.join(_ROOT, name), window, sinks, seed=seed, zero_o_proj=zero_o_proj)
+def ahn_only(spec: Spec, window: int, sinks: int, zero_o_proj: bool = False, seed: int = 0,
+             impl: str = "GatedDeltaNet") -> str:
+    name = f"ahn-{impl}-{spec.id}-s{spec.seed}-W{window}-S{sinks}-{'zero' if zero_o_proj else 'rand'}-{seed}"
+    return save_ahn_only(base(spec), os.path.join(_ROOT, name), window, sinks, seed=seed, zero_o_proj=zero_o_proj,
+                         impl=impl)
 
 
 @functools.lru_cache(maxsize=None)
-def merged(spec: Spec, window: int, sinks: int, zero_o_proj: bool = False, seed: int = 0) -> str:
-    name = f"merged-{spec.id}-s{spec.seed}-W{window}-S{sinks}-{'zero' if zero_o_proj else 'rand'}-{seed}"
-    return save_merged(base(spec), ahn_only(spec, window, sinks, zero_o_proj, seed), os.path.join(_ROOT, name))
+def merged(spec: Spec, window: int, sinks: int, zero_o_proj: bool = False, seed: int = 0,
+           impl: str = "GatedDeltaNet") -> str:
+    name = f"merged-{impl}-{spec.id}-s{spec.seed}-W{window}-S{sinks}-{'zero' if zero_o_proj else 'rand'}-{seed}"
+    return save_merged(base(spec), ahn_only(spec, window, sinks, zero_o_proj, seed, impl), os.path.join(_ROOT, name))
 
 
 def scratch(name: str) -> str:

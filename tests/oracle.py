@@ -5,8 +5,10 @@ the semantics only: no ahn_rt import. Slow, literal and float64 on purpose; test
 
 Rule implemented (docs/semantics.md §2–§3, the consistent rule, not the official decode path of §9 a/b):
 query t attends keys {0..S-1} ∪ {t-W+1..t} (all of 0..t while t < S+W); in mode "ahn", for t >= S+W the layer
-also adds the read of the GatedDeltaNet memory that holds evicted tokens S..t-W, written in order, before
-self_attn.o_proj.
+also adds the read of the AHN memory that holds evicted tokens S..t-W, written in order, before
+self_attn.o_proj. The memory is the config's `_ahn_implementation`, each written out below from its math
+(docs/semantics.md §5–§6 and §11): GatedDeltaNet, DeltaNet (the delta rule without decay) and Mamba2 (scalar
+decay, outer-product write, RMSNorm over all heads; its state kept here in mamba's own [Dv, Dk] layout).
 
 No tolerances live here: the oracle returns float64 logits and rel_err; each test file's tolerance table
 bounds rel_err.
@@ -21,10 +23,16 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file
 
-GDN_NORM_EPS = 1e-5     # FusedRMSNormSwishGate eps (docs/semantics.md §6)
+GDN_NORM_EPS = 1e-5     # FusedRMSNormSwishGate eps (docs/semantics.md §6); also Mamba2's RMSNormGated (§11)
 L2_EPS = 1e-6           # fused_recurrent l2norm: x / (||x|| + eps) (docs/semantics.md §5)
-AHN_FIELDS = ("A_log", "dt_bias", "a_proj.weight", "b_proj.weight", "g_proj.weight", "o_norm.weight",
-              "o_proj.weight")
+M2_L2_EPS = 1e-12       # torch.nn.functional.normalize: x / max(||x||, eps) (Mamba2, docs/semantics.md §11)
+AHN_FIELDS = {
+    "GatedDeltaNet": ("A_log", "dt_bias", "a_proj.weight", "b_proj.weight", "g_proj.weight", "o_norm.weight",
+                      "o_proj.weight"),
+    "DeltaNet": ("b_proj.weight", "g_proj.weight", "o_norm.weight", "o_proj.weight"),
+    "Mamba2": ("A_log", "dt_bias", "norm.weight", "dt_proj.weight", "dt_proj.bias", "g_proj.weight",
+               "g_proj.bias", "o_proj.weight"),
+}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -96,7 +104,7 @@ class Oracle:
             acfg_path = ahn if os.path.isdir(ahn) else os.path.dirname(ahn)
             if os.path.isfile(os.path.join(acfg_path, "config.json")):
                 acfg = read_config(ahn)
-                for k in ("sliding_window", "num_attn_sinks"):
+                for k in ("sliding_window", "num_attn_sinks", "_ahn_implementation"):
                     if acfg.get(k) is not None and cfg.get(k) is None:
                         cfg[k] = acfg[k]
         self.sd = {k: v.to(torch.float64) for k, v in sd.items()}
@@ -121,9 +129,10 @@ class Oracle:
                                                   is not None else 128)
         assert mode in ("ahn", "swa", "full"), mode
         self.mode = mode
+        self.impl = cfg.get("_ahn_implementation") or "GatedDeltaNet"
         if mode == "ahn":
             for l in range(self.L):
-                for f in AHN_FIELDS:
+                for f in AHN_FIELDS[self.impl]:
                     assert f"model.layers.{l}.ahn.fn.{f}" in self.sd, f"missing AHN key layer {l} {f}"
 
     def w(self, name: str) -> torch.Tensor:
@@ -171,12 +180,19 @@ class Oracle:
         return h @ head.T
 
     def memory(self, l, x, q, kh, vh) -> torch.Tensor:
-        """AHN GatedDeltaNet term for every position (zero for t < S+W), [T, H, D]."""
+        """The AHN memory term for every position (zero for t < S+W), [T, H, D]."""
+        if self.impl == "Mamba2":
+            return self.mamba2(l, x, q, kh, vh)
+        return self.delta_rule(l, x, q, kh, vh, gated=self.impl == "GatedDeltaNet")
+
+    def delta_rule(self, l, x, q, kh, vh, gated: bool) -> torch.Tensor:
+        """GatedDeltaNet (gated) or DeltaNet (no decay: the state is never scaled), [T, H, D]."""
         T, H, D, W, S = x.shape[0], self.H, self.D, self.W, self.S
         p = f"model.layers.{l}.ahn.fn"
-        A_log, dt_bias = self.w(p + ".A_log"), self.w(p + ".dt_bias")                 # [H]
         beta = torch.sigmoid(x @ self.w(p + ".b_proj.weight").T)                         # [T, H]
-        alpha = -torch.exp(A_log) * torch.nn.functional.softplus(x @ self.w(p + ".a_proj.weight").T + dt_bias)
+        if gated:
+            A_log, dt_bias = self.w(p + ".A_log"), self.w(p + ".dt_bias")             # [H]
+            alpha = -torch.exp(A_log) * torch.nn.functional.softplus(x @ self.w(p + ".a_proj.weight").T + dt_bias)
         z = x @ self.w(p + ".g_proj.weight").T                                           # [T, H]
         onorm = self.w(p + ".o_norm.weight")                                             # [D]
         Wo = self.w(p + ".o_proj.weight")                                                # [H, D_in, D_out]
@@ -187,13 +203,41 @@ class Oracle:
             for hh in range(H):
                 kk = kh[e, hh] / (kh[e, hh].norm() + L2_EPS)
                 qq = q[t, hh] / (q[t, hh].norm() + L2_EPS) * D ** -0.5
-                st = torch.exp(alpha[e, hh]) * state[hh]                                 # decay
+                st = torch.exp(alpha[e, hh]) * state[hh] if gated else state[hh]         # decay
                 u = beta[e, hh] * (vh[e, hh] - st.T @ kk)                                # delta
                 st = st + torch.outer(kk, u)                                             # write
                 state[hh] = st
                 o = st.T @ qq                                                            # read [D]
                 y = o * torch.rsqrt(o.pow(2).mean() + GDN_NORM_EPS) * onorm * z[t, hh] * torch.sigmoid(z[t, hh])
                 out[t, hh] = y @ Wo[hh]
+        return out
+
+    def mamba2(self, l, x, q, kh, vh) -> torch.Tensor:
+        """Mamba2: per head h <- exp(dt A) h + dt v k^T (h [Dv, Dk]), y = h q^ with k^, q^ unit vectors,
+        dt = softplus(x Wdt^T + b_dt + dt_bias) of the evicted token, A = -exp(A_log); then over ALL H*D
+        lanes of the reading token: RMSNorm(y * silu(z)) * w, z = x Wg^T + b_g; then the grouped o_proj."""
+        T, H, D, W, S = x.shape[0], self.H, self.D, self.W, self.S
+        p = f"model.layers.{l}.ahn.fn"
+        F = torch.nn.functional
+        A = -torch.exp(self.w(p + ".A_log"))                                             # [H]
+        dt = F.softplus(self.linear(x, p + ".dt_proj", True) + self.w(p + ".dt_bias"))   # [T, H]
+        z = self.linear(x, p + ".g_proj", True)                                          # [T, H]
+        w = self.w(p + ".norm.weight").view(H, D)
+        Wo = self.w(p + ".o_proj.weight")                                                # [H, D_in, D_out]
+        out = torch.zeros(T, H, D, dtype=torch.float64)
+        h = torch.zeros(H, D, D, dtype=torch.float64)                                    # [H, Dv, Dk]
+        for t in range(S + W, T):
+            e = t - W
+            y = torch.zeros(H, D, dtype=torch.float64)
+            for hh in range(H):
+                kk = kh[e, hh] / max(float(kh[e, hh].norm()), M2_L2_EPS)
+                qq = q[t, hh] / max(float(q[t, hh].norm()), M2_L2_EPS)
+                h[hh] = torch.exp(dt[e, hh] * A[hh]) * h[hh] + dt[e, hh] * torch.outer(vh[e, hh], kk)
+                y[hh] = h[hh] @ qq
+            g = y * (z[t] * torch.sigmoid(z[t]))[:, None]
+            g = g * torch.rsqrt(g.pow(2).mean() + GDN_NORM_EPS) * w
+            for hh in range(H):
+                out[t, hh] = g[hh] @ Wo[hh]
         return out
 
 

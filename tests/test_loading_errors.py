@@ -237,7 +237,16 @@ def test_config_missing():
 
 
 @pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
+def test_ahn_config_names_another_variant(impl):
+    """GatedDeltaNet tensors under a config naming another (supported) variant: the strict key check
+    fails and names both variants (docs/semantics.md §8, §11)."""
+    d = save_ahn_only(base(SPEC), scratch("impl"), W, S, _ahn_implementation=impl)
+    expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=(impl, "GatedDeltaNet"))
+
+
+@pytest.mark.parametrize("impl", ["RWKV7", "gdn"])
 def test_ahn_unsupported_implementation(impl):
+    """A name that is not an official _ahn_implementation (a short CLI name included) is refused."""
     d = save_ahn_only(base(SPEC), scratch("impl"), W, S, _ahn_implementation=impl)
     expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=(impl,))
 
@@ -247,12 +256,12 @@ def test_ahn_use_q_proj():
     expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=("use_q_proj",))
 
 
-def test_merged_unsupported_implementation():
+def test_merged_config_names_another_variant():
     d = copy_folder(merged(SPEC, W, S), "merged-impl")
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["_ahn_implementation"] = "Mamba2"
     write_json(os.path.join(d, "config.json"), cfg)
-    expect_error(d, window=W, sinks=S, mode="ahn", must_name=("Mamba2",))
+    expect_error(d, window=W, sinks=S, mode="ahn", must_name=("Mamba2", "GatedDeltaNet"))
 
 
 def test_ahn_mode_without_ahn_weights():

@@ -3,16 +3,19 @@
     from ahn_rt import memory
     mem = memory.get("Mamba2")        # by the config's _ahn_implementation, or by its short name "mamba2"
 
-Registered: GatedDeltaNet (``gdn``). A new variant is a new file here with a ``Memory`` subclass and one
-line in ``_ALL``.
+Registered: GatedDeltaNet (``gdn``), DeltaNet (``dn``), Mamba2 (``mamba2``). A new variant is a new file
+here with a ``Memory`` subclass, one line in ``_ALL``, its training module in ``ahn_rt.train.memories``
+and its float64 oracle in the tests.
 """
 from __future__ import annotations
 
 from ..errors import AhnError
 from .base import GateField, Memory
+from .deltanet import DeltaNet
 from .gdn import GatedDeltaNet
+from .mamba2 import Mamba2
 
-_ALL = (GatedDeltaNet(),)
+_ALL = (GatedDeltaNet(), DeltaNet(), Mamba2())
 MEMORIES: dict[str, Memory] = {m.name: m for m in _ALL}
 NAMES = tuple(MEMORIES)
 SHORT_NAMES = tuple(m.short for m in _ALL)
