@@ -138,18 +138,21 @@ def load_resume(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, 
 # ----------------------------------------------------------------------------------------------
 # The trained model
 # ----------------------------------------------------------------------------------------------
-def output_config(base_cfg: dict, family: str, window: int, sinks: int) -> dict:
-    """The base config plus the AHN fields the runtime (and the official code) read (docs/semantics.md §8)."""
+def output_config(base_cfg: dict, family: str, window: int, sinks: int, implementation: str | None = None) -> dict:
+    """The base config plus the AHN fields the runtime (and the official code) read (docs/semantics.md §8);
+    ``implementation``: the memory variant (official or short name; default GatedDeltaNet)."""
+    from ..memory import resolve
     cfg = {k: v for k, v in base_cfg.items()}
-    cfg.update(sliding_window=int(window), num_attn_sinks=int(sinks), _ahn_implementation="GatedDeltaNet",
+    cfg.update(sliding_window=int(window), num_attn_sinks=int(sinks), _ahn_implementation=resolve(implementation),
                _layer_implementation=LAYER_IMPL[family], use_sliding_window=False, use_q_proj=False,
                use_ahn_router=False, fa_layer_ids="")
     return cfg
 
 
 def write_model(out: Path, ahn: dict, config, cfg: dict, dtype: torch.dtype) -> Path:
-    """OUT/model.safetensors (AHN only, official names and shapes, stored in ``dtype``) + OUT/config.json."""
-    shapes = ahn_shapes(config, "GatedDeltaNet")
+    """OUT/model.safetensors (AHN only, official names and shapes of the memory variant that ``cfg`` names,
+    stored in ``dtype``) + OUT/config.json."""
+    shapes = ahn_shapes(config, cfg.get("_ahn_implementation") or "GatedDeltaNet")
     if set(shapes) != set(ahn):
         raise AhnError("internal: the trained AHN tensors do not match the checkpoint key map")
     tensors = {k: ahn[k].detach().to(device="cpu", dtype=dtype) for k in shapes}

@@ -1,36 +1,36 @@
 """The model for self-distillation: a frozen Qwen base (teacher: full causal attention; student: sinks +
-window attention plus the AHN GatedDeltaNet memory in every layer) and the trainable AHN modules.
+window attention plus the AHN memory in every layer) and the trainable AHN modules.
 
 The student computes the same function as ``ahn_rt.model.Decoder.prefill`` in mode ``ahn`` for the same
-window W and sinks S (docs/semantics.md §2-§6), for a batch of sequences that may each have their own
+window W and sinks S (docs/semantics.md §2-§6, §11), for a batch of sequences that may each have their own
 (W, S): per layer, x = RMSNorm(h); q, k, v (+ bias), Qwen3's q_norm / k_norm, RoPE at absolute positions;
-attention over the sinks and the window; the gates beta = sigmoid(x Wb^T), alpha = -exp(A_log) *
-softplus(x Wa^T + dt_bias) (float32), z = x Wg^T; the pairs (write S + i, read S + W + i) for
-i < L - (S + W) (§3) run through ``chunk_gdn`` from a zero state; the memory output
-y = RMSNorm_D(o) * o_norm * z * sigmoid(z) (float32, eps 1e-5) goes through the grouped o_proj and is added
-to the attention output of the reading row before the base o_proj (§6). The teacher is the same base
-with plain causal attention and no memory.
+attention over the sinks and the window; the pairs (write S + i, read S + W + i) for i < L - (S + W) (§3)
+run through the layer's memory module from a zero state (``ahn_rt.train.memories``: GatedDeltaNet and
+DeltaNet through ``chunk_gdn``, Mamba2 through ``chunk_scalar_decay``: gates of the written token, read with
+the reading token's q, output head gated by its x) and the memory term is added to the attention output of
+the reading row before the base o_proj (§6). The teacher is the same base with plain causal attention and
+no memory.
 
 Precision: base weights are stored in ``base_dtype`` (bf16 by default; float32 master weights with
 ``train_base``), AHN parameters in float32; the caller wraps the forward passes in
-``torch.autocast("cuda", torch.bfloat16)`` on a GPU. The memory (``chunk_gdn``) always runs in float32.
+``torch.autocast("cuda", torch.bfloat16)`` on a GPU. The memory recurrences always run in float32.
 Nothing is global: every table and plan is built per call and hangs off the call or the instance.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ..config import AHN_NORM_EPS, Config, rope_inv_freq
+from ..config import Config, rope_inv_freq
 from ..errors import AhnError
+from ..memory import resolve
 from ..weights import ahn_key, ahn_shapes, base_shapes, is_ahn_key
 from .attention import causal_attention, window_attention, window_plan
-from .gdn import chunk_gdn
+from .memories import GatedDeltaNetLayer, MemoryLayer, make_layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,62 +85,17 @@ class _StudentCtx:
 
 
 # ----------------------------------------------------------------------------------------------
-# The AHN module of one layer
+# The AHN module of one layer: one trainable memory module per variant (ahn_rt.train.memories)
 # ----------------------------------------------------------------------------------------------
-class _Weight(nn.Module):
-    """Holds one parameter named ``weight`` (so the state dict carries the official suffix)."""
-
-    def __init__(self, t: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(t)
+# The GatedDeltaNet layer keeps its historical name here.
+AHNLayer = GatedDeltaNetLayer
 
 
-class AHNLayer(nn.Module):
-    """The trainable GatedDeltaNet memory of one decoder layer, with the official parameter names
-    (A_log, D, dt_bias, a_proj.weight, b_proj.weight, g_proj.weight, o_norm.weight, o_proj.weight;
-    docs/semantics.md §8). float32 master weights. D is stored but unused (§4). Created zero; call
-    ``init_ahn_`` or load a state dict."""
-
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, device=None):
-        super().__init__()
-        H, d, D = num_heads, hidden_size, head_dim
-        kw = dict(device=device, dtype=torch.float32)
-        self.A_log = nn.Parameter(torch.zeros(H, **kw))
-        self.D = nn.Parameter(torch.ones(H, **kw))
-        self.dt_bias = nn.Parameter(torch.zeros(H, **kw))
-        self.a_proj = nn.Linear(d, H, bias=False, **kw)
-        self.b_proj = nn.Linear(d, H, bias=False, **kw)
-        self.g_proj = nn.Linear(d, H, bias=False, **kw)
-        self.o_norm = _Weight(torch.ones(D, **kw))
-        self.o_proj = _Weight(torch.zeros(H, D, D, **kw))   # [H, D_in, D_out]
-
-    def gates(self, x: torch.Tensor):
-        """(a, b, z) = x [Wa; Wb; Wg]^T in x's dtype: one small GEMM for the three projections."""
-        w = torch.cat([self.a_proj.weight, self.b_proj.weight, self.g_proj.weight]).to(x.dtype)
-        return F.linear(x, w).split(self.A_log.shape[0], dim=-1)
-
-
-@torch.no_grad()
-def init_ahn_(layer: AHNLayer, generator: torch.Generator | None = None) -> AHNLayer:
-    """The official initial values (docs/semantics.md §10): A_log = log U(1, 16); dt_bias = softplus^-1 of
-    dt ~ logU[1e-3, 0.1] floored at 1e-4; D = 1; o_norm = 1; a/b/g projections N(0, 0.02); o_proj = 0, so
-    that the memory term vanishes and the student starts as the sinks + window model. Draws on the CPU
-    with ``generator`` (same values on every device)."""
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    H = layer.A_log.shape[0]
-
-    def put(p, t):
-        p.copy_(t.to(p.device, p.dtype))
-
-    put(layer.A_log, torch.log(torch.rand(H, generator=g) * 15 + 1))
-    dt = torch.exp(torch.rand(H, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-    put(layer.dt_bias, dt + torch.log(-torch.expm1(-dt)))
-    layer.D.fill_(1.0)
-    for lin in (layer.a_proj, layer.b_proj, layer.g_proj):
-        put(lin.weight, torch.randn(lin.weight.shape, generator=g) * 0.02)
-    layer.o_norm.weight.fill_(1.0)
-    layer.o_proj.weight.zero_()
-    return layer
+def init_ahn_(layer: MemoryLayer, generator: torch.Generator | None = None) -> MemoryLayer:
+    """The official initial values of ``layer``'s variant, o_proj = 0 (docs/semantics.md §10, §11): the
+    memory term vanishes and the student starts as the sinks + window model. CPU draws from
+    ``generator`` (same values on every device)."""
+    return layer.init_(generator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,15 +128,20 @@ class TrainModel(nn.Module):
 
     config: the model's Config; base: {Hugging Face key: tensor} (any dtype and device; AHN keys in it are
     taken as ``ahn`` when ``ahn`` is None); ahn: {official key: tensor} or None (fresh ``init_ahn_`` with
-    o_proj = 0, seeded by ``seed``). Base weights are stored in ``base_dtype`` and frozen, unless
-    ``train_base`` (teacher pretraining: trainable, float32 master weights). ``with_ahn`` (default: not
-    ``train_base``, or True when AHN tensors are given) says whether the AHN modules exist at all.
+    o_proj = 0, seeded by ``seed``). ``implementation``: the memory variant, official or short name
+    (GatedDeltaNet / gdn, DeltaNet / dn, Mamba2 / mamba2; default: the config's ``_ahn_implementation``,
+    else GatedDeltaNet); ``ahn`` tensors must be of that variant. Base weights are stored in ``base_dtype``
+    and frozen, unless ``train_base`` (teacher pretraining: trainable, float32 master weights).
+    ``with_ahn`` (default: not ``train_base``, or True when AHN tensors are given) says whether the AHN
+    modules exist at all.
     """
 
     def __init__(self, config: Config, base: dict, ahn: dict | None = None, *, base_dtype=torch.bfloat16,
-                 train_base: bool = False, seed: int = 0, with_ahn: bool | None = None):
+                 train_base: bool = False, seed: int = 0, with_ahn: bool | None = None,
+                 implementation: str | None = None):
         super().__init__()
         c = self.config = config
+        self.implementation = resolve(implementation or config.ahn_implementation)
         self.train_base = bool(train_base)
         dtype = torch.float32 if train_base else base_dtype
         base = dict(base)
@@ -212,12 +172,12 @@ class TrainModel(nn.Module):
         if with_ahn:
             gen = torch.Generator().manual_seed(seed)
             for n in range(c.num_layers):
-                layer = AHNLayer(c.hidden_size, c.num_heads, c.head_dim, device=device)
+                layer = make_layer(self.implementation, c.hidden_size, c.num_heads, c.head_dim, device=device)
                 if ahn is None:
                     init_ahn_(layer, gen)
                 self.ahn.append(layer)
             if ahn is not None:
-                _check(ahn, ahn_shapes(c, "GatedDeltaNet"), "AHN weights")
+                _check(ahn, ahn_shapes(c, self.implementation), f"AHN weights ({self.implementation})")
                 with torch.no_grad():
                     for n, layer in enumerate(self.ahn):
                         for name, p in layer.named_parameters():
@@ -323,41 +283,12 @@ class TrainModel(nn.Module):
         else:
             attn = window_attention(q, k, v, None, None, plan=student.plan)
             if student.pairs is not None:
-                attn = _memory(self.ahn[i], x, q, k, v, attn, student.pairs)
+                m = self.ahn[i](x, q, k, v, student.pairs).to(attn.dtype)
+                pairs = student.pairs
+                attn = attn.scatter_add(1, pairs.read.view(B, pairs.n, 1, 1).expand_as(m), m)
         h = h + F.linear(attn.reshape(B, L, H * D), lw.w_o, lw.b_o)
         gate, up = F.linear(rms_norm(h, lw.ln_post, eps), lw.w_gu).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, lw.w_down)
-
-
-def _memory(ahn: AHNLayer, x, q, k, v, attn, pairs: _Pairs) -> torch.Tensor:
-    """attn [B, L, H, D] with the memory read added at the reading rows (docs/semantics.md §3-§6)."""
-    B, L, H, D = q.shape
-    G = H // k.shape[2]
-    N = pairs.n
-    a, b, z = ahn.gates(x)
-    beta = torch.sigmoid(b)
-    alpha = -ahn.A_log.float().exp() * F.softplus(a.float() + ahn.dt_bias.float())
-
-    def take(t, idx):   # rows idx [B, N] of t [B, L, ...] -> [B, N, ...]
-        return t.gather(1, idx.view(B, N, *([1] * (t.dim() - 2))).expand(B, N, *t.shape[2:]))
-
-    kw, vw = take(k, pairs.write), take(v, pairs.write)
-    if G > 1:
-        kw, vw = kw.repeat_interleave(G, dim=2), vw.repeat_interleave(G, dim=2)
-    bw, aw = take(beta, pairs.write), take(alpha, pairs.write)
-    if pairs.valid is not None:   # padded pairs at the end: beta = alpha = 0 leaves the state unchanged
-        bw, aw = bw * pairs.valid, aw * pairs.valid
-    o, _ = chunk_gdn(take(q, pairs.read), kw, vw, bw, aw)
-    dt = attn.dtype
-    with torch.autocast(q.device.type, enabled=False):
-        of = o.to(dt).float()   # the memory read is rounded to the model dtype (§5)
-        zf = take(z, pairs.read).float()[..., None]
-        y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + AHN_NORM_EPS) * ahn.o_norm.weight.float() \
-            * zf * torch.sigmoid(zf)
-        m = torch.einsum("bnhi,hio->bnho", y.to(dt), ahn.o_proj.weight.to(dt))
-    if pairs.valid is not None:
-        m = m * pairs.valid[..., None].to(dt)
-    return attn.scatter_add(1, pairs.read.view(B, N, 1, 1).expand_as(m), m)
 
 
 def _check(tensors: dict, expected: dict, what: str, optional=()):
