@@ -312,18 +312,19 @@ def _check_keys(expected: dict, src: _Source, keys: set, what: str, optional=())
             raise AhnError(f"{what}: tensor {k} has shape {list(got)}, the config needs {list(shape)}")
 
 
-def _check_ahn_keys(config: Config, src: _Source, keys: set, what: str):
-    """The strict check of the AHN tensors against the config's implementation; when they fit another
-    implementation exactly, the error says which (a config whose _ahn_implementation does not match)."""
+def _check_ahn_keys(config: Config, src: _Source, keys: set, what: str, implementation: str | None = None):
+    """The strict check of the AHN tensors against ``implementation`` (default: the config's); when they fit
+    another implementation exactly, the error says which (e.g. a config whose _ahn_implementation does not
+    match its tensors)."""
     from . import memory
+    impl = memory.resolve(implementation or config.ahn_implementation)
     try:
-        _check_keys(ahn_shapes(config), src, keys, what)
+        _check_keys(ahn_shapes(config, impl), src, keys, what)
     except AhnError as e:
-        fits = [m for m in memory.NAMES if m != memory.resolve(config.ahn_implementation)
-                and set(ahn_shapes(config, m)) == keys]
+        fits = [m for m in memory.NAMES if m != impl and set(ahn_shapes(config, m)) == keys]
         if fits:
-            raise AhnError(f"{e}; these tensors are an AHN-{fits[0]} memory but the config says "
-                           f"_ahn_implementation={memory.resolve(config.ahn_implementation)!r}") from None
+            said = "asked for" if implementation else "the config says _ahn_implementation="
+            raise AhnError(f"{e}; these tensors are an AHN-{fits[0]} memory but {said}{impl!r}") from None
         raise
 
 

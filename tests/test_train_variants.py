@@ -322,3 +322,63 @@ def test_ahn_tensors_of_another_variant_are_refused():
         TrainModel(c, base, None, base_dtype=torch.float32, implementation="rwkv")
     assert math.isclose(sum(p.numel() for p in TrainModel(c, base, ahn, base_dtype=torch.float32).ahn.parameters()),
                         sum(math.prod(s) for s in ahn_shapes(c).values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m ahn_rt.train --ahn
+# ----------------------------------------------------------------------------------------------
+def test_train_cli_ahn_flag(tmp_path, capsys):
+    """--ahn mamba2 trains a Mamba2 memory: official keys and config, the output loads in ahn_rt and
+    equals the trained student; a resume keeps the variant (a different --ahn is refused); --init-ahn of
+    that output starts a Mamba2 run without --ahn; a DeltaNet start under --ahn gdn is refused."""
+    import json
+    import random
+    import ahn_rt
+    from ahn_rt.train.__main__ import main
+    from ahn_rt.weights import write_checkpoint
+    V = 131
+    cfg = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
+               tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=4096, hidden_act="silu",
+               rms_norm_eps=1e-6, torch_dtype="float32", eos_token_id=[])
+    sd = init_weights.random_state_dict(cfg, ahn=False, dtype=torch.float32, std=0.2, seed=2)
+    write_checkpoint(tmp_path / "base" / "model.safetensors", sd, cfg, config_json=True)
+    rng = random.Random(0)
+    with open(tmp_path / "ids.jsonl", "w") as f:
+        for _ in range(4):
+            f.write(json.dumps({"input_ids": [rng.randrange(V) for _ in range(rng.randrange(30, 50))]}) + "\n")
+
+    def train(*args):
+        try:
+            rc = main([str(x) for x in ["--base", tmp_path / "base", "--data", tmp_path / "ids.jsonl",
+                                        "--log-every", 1, "--window", 8, "--sinks", 2, "--lr", "1e-2",
+                                        "--save-dtype", "float32", *args]])
+        except SystemExit as e:
+            rc = e.code
+        return rc, capsys.readouterr().err
+
+    out = tmp_path / "m2"
+    rc, err = train("--out", out, "--steps", 2, "--stop-after", 1, "--ahn", "mamba2")
+    assert rc == 0, err
+    rc, err = train("--out", out, "--resume", "--ahn", "dn")
+    assert rc == 2 and "--ahn dn differs" in err, err
+    rc, err = train("--out", out, "--resume")
+    assert rc == 0, err
+    c = parse_config(cfg, "t")
+    saved_cfg = json.loads((out / "config.json").read_text())
+    assert saved_cfg["_ahn_implementation"] == "Mamba2"
+    from safetensors.torch import load_file
+    saved = load_file(out / "model.safetensors")
+    assert {k: tuple(v.shape) for k, v in saved.items()} == ahn_shapes(c, "Mamba2")
+    model = ahn_rt.load(tmp_path / "base", ahn=out / "model.safetensors", dtype="float32")
+    assert model.config.ahn_implementation == "Mamba2"
+    ids = torch.tensor([random.Random(9).randrange(V) for _ in range(40)])
+    student = TrainModel(c, sd, saved, base_dtype=torch.float32, implementation="Mamba2")
+    got = student_logits(student, ids[None], [(8, 2)])[0]
+    assert (got - model.new_session().forward(ids.tolist())).abs().max().item() < MODEL
+
+    rc, err = train("--out", tmp_path / "again", "--steps", 1, "--init-ahn", out / "model.safetensors")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["_ahn_implementation"] == "Mamba2"
+    rc, err = train("--out", tmp_path / "bad", "--steps", 1, "--init-ahn", out / "model.safetensors", "--ahn", "gdn")
+    assert rc == 2 and "Mamba2" in err, err

@@ -38,7 +38,7 @@ RUN_DEFAULTS = {
     "steps": None, "seq_len": 24576, "min_len": 0, "batch": 1, "grad_accum": 1, "lr": 1e-4,
     "warmup_ratio": 0.1, "weight_decay": 0.1, "max_grad_norm": 1.0, "window_min": None, "window_max": None,
     "window": None, "sinks": None, "ce_weight": 0.0, "seed": 0, "dtype": None, "loss_on": "assistant",
-    "activation_checkpointing": True,
+    "activation_checkpointing": True, "ahn": None,
 }
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
 
@@ -52,8 +52,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog=PROG, description="Train the AHN (GatedDeltaNet memory) of a frozen Qwen model by "
-                                        "self-distillation from the same model with full attention.")
+    ap = _Parser(prog=PROG, description="Train the AHN memory (GatedDeltaNet, DeltaNet or Mamba2) of a frozen Qwen "
+                                        "model by self-distillation from the same model with full attention.")
     io = ap.add_argument_group("inputs and outputs")
     io.add_argument("--base", required=True, help="base model: .safetensors file or checkpoint folder")
     io.add_argument("--data", required=True, help="JSONL: {\"text\"}, {\"messages\"} (ChatML) or {\"input_ids\"}")
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--init-from-base", action="store_true",
                     help="start from the AHN weights the base checkpoint holds (default: a fresh memory)")
     io.add_argument("--init-ahn", metavar="PATH", help="start from this AHN-only checkpoint")
+    io.add_argument("--ahn", choices=["gdn", "dn", "mamba2"], help="the memory variant: GatedDeltaNet, DeltaNet or "
+                    "Mamba2 (default: the --init-ahn / --init-from-base checkpoint's, else gdn)")
     io.add_argument("--merge", action="store_true", help="also write OUT/merged/ (base + AHN)")
     io.add_argument("--save-dtype", default="bf16", choices=["bf16", "float32"],
                     help="dtype of the saved AHN tensors (default bf16, like the official release)")
@@ -245,11 +247,16 @@ def run(a) -> int:
               "with o_proj = 0); pass --init-from-base to start from them", file=sys.stderr)
     if a.init_from_base and not base_ahn_keys:
         raise AhnError(f"--init-from-base: {base_path} holds no AHN weights (model.layers.N.ahn.fn.*)")
+    # The memory variant: --ahn, else the resumed run's, else the starting checkpoint's, else GatedDeltaNet.
+    from .. import memory
+    start_impl = config.ahn_implementation if (a.init_from_base or a.init_ahn) else None
+    impl = memory.resolve(run_cfg["ahn"] or start_impl)
+    run_cfg["ahn"] = memory.get(impl).short
     if a.init_from_base:
-        W._check_keys(W.ahn_shapes(config, "GatedDeltaNet"), ckpt.src, base_ahn_keys, f"base {base_path}")
+        W._check_ahn_keys(config, ckpt.src, base_ahn_keys, f"base {base_path}", impl)
     if a.init_ahn:
         akeys = {k for k in ckpt.ahn_src.where if W.is_ahn_key(k)}
-        W._check_keys(W.ahn_shapes(config, "GatedDeltaNet"), ckpt.ahn_src, akeys, f"--init-ahn {a.init_ahn}")
+        W._check_ahn_keys(config, ckpt.ahn_src, akeys, f"--init-ahn {a.init_ahn}", impl)
     files = sorted(set(ckpt.src.where.values()), key=str)
     base_cfg = W.find_config(base_path, files)
     if saved_state and saved_state.get("base_config") not in (None, base_cfg):
@@ -259,7 +266,7 @@ def run(a) -> int:
     fixed_w, fixed_s = run_cfg["window"], run_cfg["sinks"]
     infer = (a.infer_window if a.infer_window is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
              a.infer_sinks if a.infer_sinks is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
-    out_cfg = ckpt_io.output_config(base_cfg, config.family, *infer)
+    out_cfg = ckpt_io.output_config(base_cfg, config.family, *infer, implementation=impl)
 
     # ---- the data ------------------------------------------------------------------------------
     tok_path = Path(a.tokenizer).expanduser() if a.tokenizer else (ckpt.folder or base_path.parent) / "tokenizer.json"
@@ -277,14 +284,15 @@ def run(a) -> int:
     if saved_state:
         ahn_init = saved_ahn
     elif a.init_from_base:
-        ahn_init = {k: ckpt.src.get(k).float() for k in W.ahn_shapes(config, "GatedDeltaNet")}
+        ahn_init = {k: ckpt.src.get(k).float() for k in W.ahn_shapes(config, impl)}
     elif a.init_ahn:
-        ahn_init = {k: ckpt.ahn_src.get(k).float() for k in W.ahn_shapes(config, "GatedDeltaNet")}
+        ahn_init = {k: ckpt.ahn_src.get(k).float() for k in W.ahn_shapes(config, impl)}
     else:
         ahn_init = None
     base = {k: ckpt.src.get(k) for k in W.base_shapes(config)}
     torch.manual_seed(run_cfg["seed"])
-    model = TrainModel(config, base, ahn_init, base_dtype=base_dtype, seed=run_cfg["seed"]).to(device)
+    model = TrainModel(config, base, ahn_init, base_dtype=base_dtype, seed=run_cfg["seed"],
+                       implementation=impl).to(device)
     del base
     settings = TrainSettings(
         steps=run_cfg["steps"], batch=run_cfg["batch"], grad_accum=run_cfg["grad_accum"], lr=run_cfg["lr"],
