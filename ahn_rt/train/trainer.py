@@ -2,13 +2,16 @@
 
 ``Trainer`` owns one optimizer step at a time (``train_step``) and the loop around it (``fit``): logging,
 progress and resume states happen only where ``is_main``; nothing here is global, so a launcher (torchrun)
-can build one Trainer per rank with ``rank`` / ``world_size``. With ``world_size > 1`` and
-``torch.distributed`` initialized, the loss-position counts, the loss and the AHN gradients are summed
-across ranks with ``all_reduce`` (the AHN parameters are small, so no DDP wrapper is needed); every rank
-reads the same global order of sequences and takes its own slice of each step.
+builds one Trainer per rank. How the ranks share the work is a strategy of ``ahn_rt.train.dist``
+(``parallel``): every rank reads the same global order of sequences and takes its own slice of each step;
+the loss-position counts and the loss are summed over the ranks, and the AHN gradients either summed once
+per step (``Replicated``, --ddp) or reduce-scattered by FSDP2 (``Sharded``, --fsdp). The resume state holds
+whole tensors only, so it does not depend on the world size.
 
-One optimizer step: the next ``batch * grad_accum * world_size`` sequences in the (seeded) data order, a
-(W, S) drawn per sequence, micro-batches of ``batch`` right-padded sequences; per micro-batch the teacher
+One optimizer step: the next ``batch * grad_accum * world_size`` sequences (the global batch) in the
+(seeded) data order, a (W, S) drawn per sequence in that order, micro-batches of ``batch`` right-padded
+sequences (micro-batch k of rank r holds the global batch's sequences (k * world_size + r) * batch onward,
+so one process with grad_accum * world_size micro-batches sees the same ones); per micro-batch the teacher
 (full attention, no grad) and the student (sinks + window + memory) hidden states and ``distill_loss``;
 every micro-batch's loss is weighted by its share of the step's loss positions, so the step minimizes the
 mean KL over all of them (exactly KL(full || student) averaged over positions, whatever the batching).
@@ -35,6 +38,7 @@ import torch
 from ..errors import AhnError
 from ..weights import ahn_key, atomic_write_text
 from . import checkpoint as ckpt_io
+from . import dist as dist_mod
 from .data import BudgetSpec, Cursor, Dataset, MicroBatch, collate
 
 NO_DECAY = ("A_log", "dt_bias", "D", "o_norm.weight")
@@ -99,8 +103,9 @@ def _py_state_from_json(obj) -> tuple:
 class Progress:
     """A plain-text progress bar on a terminal (redrawn in place), else one line every ``every`` steps."""
 
-    def __init__(self, total: int, start: int = 0, *, every: int = 10, stream=None):
+    def __init__(self, total: int, start: int = 0, *, every: int = 10, stream=None, world_size: int = 1):
         self.stream = stream if stream is not None else sys.stderr
+        self.world_size = max(1, world_size)
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.total, self.start, self.every = total, start, max(1, every)
         self.t0 = time.perf_counter()
@@ -121,7 +126,8 @@ class Progress:
         eta = (self.total - done) / rate if rate > 0 else 0.0
         tps = self.tokens / el if el > 0 else 0.0
         loss = "-" if rec["loss"] is None else f"{rec['loss']:.4f}"
-        text = (f"step {done}/{self.total} loss {loss} lr {rec['lr']:.2e} {tps:,.0f} tok/s "
+        per_gpu = f" ({tps / self.world_size:,.0f}/rank)" if self.world_size > 1 else ""
+        text = (f"step {done}/{self.total} loss {loss} lr {rec['lr']:.2e} {tps:,.0f} tok/s{per_gpu} "
                 f"elapsed {self._hms(el)} ETA {self._hms(eta)}")
         if self.tty:
             now = time.perf_counter()
@@ -144,19 +150,32 @@ class Progress:
             self._open = False
 
 
+def _default_parallel(rank: int, world_size: int, device) -> dist_mod.Single:
+    """The strategy of a Trainer built with only ``rank`` / ``world_size``: summed over the ranks when a
+    process group is open (--ddp), else each rank on its own."""
+    td = torch.distributed
+    if world_size > 1 and td.is_available() and td.is_initialized():
+        d = dist_mod.Dist(rank, world_size, 0, torch.device(device), td.get_backend())
+        return dist_mod.Replicated(d)
+    return dist_mod.Single(rank=rank, world_size=world_size)
+
+
 class Trainer:
     """Trains ``model.ahn`` (a ``TrainModel``) on ``data``. ``device``: where the micro-batches go (the
-    model must already be there)."""
+    model must already be there, or be sharded there by ``parallel``). ``parallel``: a strategy of
+    ``ahn_rt.train.dist`` (it gives rank and world size); without it, ``rank`` / ``world_size`` (summed
+    over the ranks when a process group is open)."""
 
     def __init__(self, model, data: Dataset, settings: TrainSettings, *, device="cpu", rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, parallel: dist_mod.Single | None = None):
         from .loss import distill_loss
         self._distill_loss = distill_loss
         self.model = model
         self.data = data
         self.s = settings
         self.device = torch.device(device)
-        self.rank, self.world_size = rank, world_size
+        self.parallel = parallel if parallel is not None else _default_parallel(rank, world_size, device)
+        self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
         self.named = ahn_named_parameters(model)
         if not self.named:
             raise AhnError("the model has no AHN parameters to train")
@@ -200,21 +219,12 @@ class Trainer:
             out.append(collate(seqs[a:a + B], budgets[a:a + B]))
         return out
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over the ranks, in place (through the device: NCCL reduces GPU tensors only)."""
-        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            d = t.to(self.device)
-            torch.distributed.all_reduce(d)
-            if d is not t:
-                t.copy_(d)
-        return t
-
     def forward_loss(self, mb: MicroBatch):
         """(mean loss over the micro-batch's loss positions, their count) for one micro-batch."""
-        model = self.model
+        model, par = self.model, self.parallel
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
-            h_t = model.forward_teacher(mb.ids)
-            h_s = model.forward_student(mb.ids, mb.window, mb.sinks, checkpoint=self.s.activation_checkpointing)
+            h_t = par.teacher(model, mb.ids)
+            h_s = par.student(model, mb.ids, mb.window, mb.sinks, checkpoint=self.s.activation_checkpointing)
         return self._distill_loss(model, h_t, h_s, mb.valid, ce_weight=self.s.ce_weight, labels=mb.labels)
 
     def train_step(self) -> dict:
@@ -222,8 +232,9 @@ class Trainer:
         t0 = time.perf_counter()
         step = self.step
         batches = [mb.to(self.device) for mb in self.next_batches()]
-        counts = self._all_reduce(torch.tensor([sum(mb.n_valid for mb in batches),
-                                                sum(mb.tokens for mb in batches)], dtype=torch.float64))
+        par = self.parallel
+        counts = par.all_sum(torch.tensor([sum(mb.n_valid for mb in batches),
+                                           sum(mb.tokens for mb in batches)], dtype=torch.float64))
         n_total, tokens = int(counts[0]), int(counts[1])
         lr = self.lr(step)
         for g in self.optimizer.param_groups:
@@ -231,22 +242,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64)
         if n_total > 0:
-            for mb in batches:
-                if mb.n_valid == 0:
-                    continue
-                loss, n = self.forward_loss(mb)
-                (loss * (n / n_total)).backward()
+            # a micro-batch without loss positions adds nothing; it is skipped unless the strategy needs
+            # every rank to run the same passes (FSDP's all-gathers), then it runs with weight 0
+            run = [mb for mb in batches if mb.n_valid > 0 or not par.skips_empty]
+            for j, mb in enumerate(run):
+                with par.micro_batch(last=j == len(run) - 1):
+                    loss, n = self.forward_loss(mb)
+                    (loss * (n / n_total)).backward()
                 loss_sum += loss.detach().double().cpu() * n
-        loss_sum = self._all_reduce(loss_sum)
+        loss_sum = par.all_sum(loss_sum)
         grad_norm = None
         if n_total > 0:
             params = [p for _, p in self.named]
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                self._all_reduce(p.grad)
+            par.reduce_grads(params)
             max_norm = self.s.max_grad_norm if self.s.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = float(par.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -255,12 +268,18 @@ class Trainer:
         return {"step": step, "loss": float(loss_sum / n_total) if n_total else None, "lr": lr,
                 "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
                 "valid": n_total, "grad_norm": grad_norm, "epoch": self.cursor.epoch,
-                "tokens_seen": self.tokens_seen}
+                "tokens_seen": self.tokens_seen, "world_size": self.world_size}
 
     # ---- resume state --------------------------------------------------------------------------
+    def ahn_weights(self) -> dict[str, torch.Tensor]:
+        """{official key: whole float32 AHN tensor} (collective under --fsdp: call it on every rank)."""
+        return {k: self.parallel.full(p.detach()) for k, p in self.named}
+
     def state(self) -> tuple[dict, dict, dict]:
-        """(AHN weights, state tensors, JSON state) -- everything a resume needs besides the run settings."""
-        ahn = {k: p.detach() for k, p in self.named}
+        """(AHN weights, state tensors, JSON state) -- everything a resume needs besides the run settings.
+        Whole tensors only, whatever the strategy (collective under --fsdp: call it on every rank)."""
+        full = self.parallel.full
+        ahn = self.ahn_weights()
         index = {id(p): k for k, p in self.named}
         sd = self.optimizer.state_dict()
         params_by_idx = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -268,7 +287,7 @@ class Trainer:
         for i, st in sd["state"].items():
             key = index[id(params_by_idx[i])]
             for name, v in st.items():
-                tensors[f"optim.{key}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+                tensors[f"optim.{key}.{name}"] = full(v) if torch.is_tensor(v) else torch.tensor(v)
         tensors.update(_rng_state_tensors())
         groups = []
         for g in sd["param_groups"]:
@@ -304,7 +323,10 @@ class Trainer:
             entry = {name.rsplit(".", 1)[1]: v for name, v in tensors.items()
                      if name.startswith(f"optim.{k}.") and "." not in name[len(f"optim.{k}."):]}
             if entry:
-                opt_state[index[id(by_key[k])]] = entry
+                p = by_key[k]      # moments are stored whole: this rank's part of them (--fsdp)
+                entry = {name: self.parallel.local(v, p) if name != "step" and tuple(v.shape) == tuple(p.shape) else v
+                         for name, v in entry.items()}
+                opt_state[index[id(p)]] = entry
         try:
             self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         except (ValueError, KeyError) as e:
@@ -324,10 +346,12 @@ class Trainer:
     def save(self, out: Path, run: dict, config: dict, identity: dict | None = None):
         """Write OUT/resume (main rank only; atomic, see checkpoint.py). ``run``: the settings that
         define the run (checked on resume); ``config``: the model config embedded in ahn.safetensors;
-        ``identity``: what else a resume checks (the base config, the data fingerprint)."""
+        ``identity``: what else a resume checks (the base config, the data fingerprint). Call it on every
+        rank: --fsdp gathers the shards, --ddp checks that the ranks agree."""
+        ahn, tensors, state = self.state()
+        self.parallel.check_in_sync(self.named, self.step)
         if not self.is_main:
             return
-        ahn, tensors, state = self.state()
         state.update(identity or {})
         state["run"] = run
         ckpt_io.save_resume(out, ahn=ahn, tensors=tensors, state=state, config=config)
@@ -336,7 +360,8 @@ class Trainer:
     def fit(self, out: Path | None, *, run: dict | None = None, config: dict | None = None,
             identity: dict | None = None, progress: Progress | None = None) -> list[dict]:
         """Train until ``steps`` (or ``stop_after``); append one record per step to OUT/log.jsonl and
-        save resume states (main rank only). Returns the records of this call."""
+        save resume states (the main rank writes; call it on every rank with the same ``out``). Returns the
+        records of this call."""
         last = self.total_steps if self.s.stop_after is None else min(self.total_steps, self.s.stop_after)
         records = []
         log = Path(out) / "log.jsonl" if out is not None and self.is_main else None
