@@ -7,6 +7,10 @@ writes OUT/model.safetensors (AHN only, official names, loadable with ``ahn_rt.l
 OUT/config.json, OUT/log.jsonl (one record per optimizer step), OUT/loss.png (with matplotlib), OUT/resume/
 (continue a stopped or killed run with --resume) and, with --merge, OUT/merged/ (base + AHN in one folder).
 
+Several GPUs: the same command under torchrun (``torchrun --nproc_per_node N -m ahn_rt.train ...``); data
+parallel by default (--ddp), --fsdp shards the frozen base and the AHN over the ranks (ahn_rt/train/dist.py).
+The global batch (--batch x --grad-accum x ranks) defines the run; only rank 0 prints and writes OUT.
+
 A user's mistake (missing or unusable base/data, bad option, unwritable --out) prints one line and exits 2
 before anything is written; Ctrl-C prints one line and exits 130, leaving the last complete resume state.
 """
@@ -40,14 +44,27 @@ RUN_DEFAULTS = {
     "window": None, "sinks": None, "ce_weight": 0.0, "seed": 0, "dtype": None, "loss_on": "assistant",
     "activation_checkpointing": True, "ahn": None,
 }
+BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_resolve_batch)
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
 
 
+def _env_rank() -> int:
+    """The rank torchrun gave this process (0 without torchrun); read before torch is imported."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line ("error: ...") and exit 2, like every other mistake."""
+    """argparse whose errors are one line ("error: ...") and exit 2, like every other mistake (under
+    torchrun printed by rank 0 only: every rank parses the same command line)."""
 
     def error(self, message):
-        sys.stderr.write(f"error: {message} (see {PROG} --help)\n")
+        if _env_rank() == 0:
+            sys.stderr.write(f"error: {message} (see {PROG} --help)\n")
+        else:
+            _grace()
         raise SystemExit(2)
 
 
@@ -107,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "0 = only at the end)")
     r.add_argument("--stop-after", type=int, help="stop after this optimizer step, with a resume state "
                                                   "(continue with --resume)")
+    g = ap.add_argument_group("several GPUs (under torchrun --nproc_per_node N; see docs/training.md)")
+    par = g.add_mutually_exclusive_group()
+    par.add_argument("--ddp", dest="parallel", action="store_const", const="ddp",
+                     help="data parallel: every rank holds the whole model, the AHN gradients are summed over "
+                          "the ranks once per optimizer step (default)")
+    par.add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp",
+                     help="FSDP2: shard the frozen base's decoder layers and the AHN modules over the ranks, "
+                          "for bases too large for one GPU (only the AHN shards carry optimizer state)")
+    g.add_argument("--allow-global-batch-change", action="store_true",
+                   help="--resume with another global batch (batch x grad-accum x ranks) than the saved run's")
+    ap.set_defaults(parallel="ddp")
     return ap
 
 
@@ -163,10 +191,13 @@ def _check_out(out: Path):
         raise AhnError(f"--out {out}: folder {parent} is not writable")
 
 
-def _resolve_run(a, saved: dict | None) -> dict:
-    """The run-defining settings: flags, else the saved run (resume), else the defaults."""
+def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
+    """The run-defining settings: flags, else the saved run (resume), else the defaults; the batch through
+    the global batch (``_resolve_batch``)."""
     run = {}
     for k, default in RUN_DEFAULTS.items():
+        if k in BATCH_KEYS:
+            continue
         given = getattr(a, k)
         if saved is not None and k in saved:
             if given is not None and given != saved[k]:
@@ -175,187 +206,237 @@ def _resolve_run(a, saved: dict | None) -> dict:
             run[k] = saved[k]
         else:
             run[k] = given if given is not None else default
+    run.update(_resolve_batch(a, saved, world_size))
     return run
 
 
-def _device(name):
-    import torch
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise AhnError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise AhnError(f"device {name!r} is not supported; use cpu or cuda[:N]")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AhnError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
-    return dev
+def _resolve_batch(a, saved: dict | None, world: int) -> dict:
+    """batch (sequences per micro-batch and rank), grad_accum and global_batch = batch x grad_accum x ranks.
+    The global batch is what defines a run (which sequences make a step), not how it is split: a resume
+    keeps it on any number of ranks, taking grad_accum = global / (batch x ranks) unless --grad-accum is
+    given; a different global batch needs --allow-global-batch-change."""
+    if saved is None:
+        b, k = a.batch or 1, a.grad_accum or 1
+        return {"batch": b, "grad_accum": k, "global_batch": b * k * world}
+    g = int(saved.get("global_batch") or int(saved.get("batch") or 1) * int(saved.get("grad_accum") or 1))
+    b = a.batch if a.batch is not None else int(saved.get("batch") or 1)
+    if a.grad_accum is not None:
+        k = a.grad_accum
+    elif g % (b * world) == 0:
+        k = g // (b * world)
+    else:
+        raise AhnError(f"the resumed run's global batch of {g} sequences is not a multiple of --batch {b} x "
+                       f"{_n(world, 'rank')}; give --batch and --grad-accum with batch x grad-accum x ranks = {g}")
+    new = b * k * world
+    if new != g and not a.allow_global_batch_change:
+        raise AhnError(f"global batch {new} (--batch {b} x --grad-accum {k} x {_n(world, 'rank')}) differs from "
+                       f"the resumed run's {g}; keep {g}, or pass --allow-global-batch-change to continue with {new}")
+    return {"batch": b, "grad_accum": k, "global_batch": new}
 
 
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
 def run(a) -> int:
+    from . import dist
+
+    try:
+        _check_args(a)
+        out = Path(a.out).expanduser()
+        _check_out(out)
+        d = dist.setup(a.device)
+    except AhnError as e:
+        e.same_on_every_rank = True        # the command line and this machine: every rank sees the same
+        raise
+    interrupted = False
+    try:
+        return _run(a, d, out)
+    except KeyboardInterrupt:
+        interrupted = True                 # other ranks may sit in a collective: leave without closing
+        raise
+    finally:
+        if not interrupted:
+            dist.teardown(d)
+
+
+def _run(a, d, out: Path) -> int:
     import torch
 
     from .. import weights as W
     from ..config import DEFAULT_SINKS, DEFAULT_WINDOW, parse_dtype
     from . import checkpoint as ckpt_io
+    from . import dist
     from .data import BudgetSpec, load_dataset
     from .trainer import Progress, TrainSettings, Trainer, read_log, truncate_log
 
-    _check_args(a)
-    out = Path(a.out).expanduser()
-    _check_out(out)
+    def say(msg):
+        if d.is_main:
+            print(f"[ahn_rt.train] {msg}", file=sys.stderr)
 
-    # ---- the resume state, or a fresh OUT ------------------------------------------------------
-    resume_dir, saved_state = None, None
-    if a.resume:
-        resume_dir = ckpt_io.find_resume(out) if out.is_dir() else None
-        if resume_dir is None:
-            raise AhnError(f"--resume: no resume state in {out} (expected {out / 'resume' / 'state.json'}); "
-                           "run without --resume to start a new run")
-        saved_state, saved_ahn, saved_tensors = ckpt_io.load_resume(resume_dir)
-    elif out.is_dir() and not a.overwrite and (ckpt_io.find_resume(out) or any(
-            (out / f).exists() for f in ("model.safetensors", "log.jsonl"))):
-        raise AhnError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
-                       "start over, or choose another --out")
-    run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None)
-    device = _device(a.device)
-    if run_cfg["dtype"] is None:
-        run_cfg["dtype"] = "bf16" if device.type == "cuda" else "float32"
-    bf16 = run_cfg["dtype"] == "bf16"
-    if run_cfg["window"] is not None:
-        budget = BudgetSpec(fixed=(run_cfg["window"], run_cfg["sinks"]))
-    else:
-        budget = BudgetSpec(wt_min=run_cfg["window_min"], wt_max=run_cfg["window_max"])
+    # Every rank reads and checks everything; rank 0 writes OUT only once all ranks have (dist.agreed: a
+    # mistake is printed once, by the lowest rank that found it, and every rank exits 2).
+    def report(e):
+        print(f"error{_rank_tag(d.rank)}: {e}", file=sys.stderr, flush=True)
 
-    # ---- the base model ------------------------------------------------------------------------
-    base_path = Path(a.base).expanduser()
-    ckpt = W.open_checkpoint(base_path, a.init_ahn)
-    config = ckpt.config
-    base_keys = {k for k in ckpt.src.where if not W.is_ahn_key(k)}
-    base_ahn_keys = {k for k in ckpt.src.where if W.is_ahn_key(k)}
-    if not base_keys and base_ahn_keys:
-        raise AhnError(f"--base {base_path} is an AHN-only checkpoint; give the base model as --base "
-                       f"(and this file as --init-ahn to start from it)")
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    W._check_keys(W.base_shapes(config), ckpt.src, base_keys, f"base {base_path}", optional=optional)
-    if base_ahn_keys and not a.init_from_base and not a.resume:
-        print(f"[ahn_rt.train] note: {base_path} holds AHN weights; they are not used (a fresh memory starts "
-              "with o_proj = 0); pass --init-from-base to start from them", file=sys.stderr)
-    if a.init_from_base and not base_ahn_keys:
-        raise AhnError(f"--init-from-base: {base_path} holds no AHN weights (model.layers.N.ahn.fn.*)")
-    # The memory variant: --ahn, else the resumed run's, else the starting checkpoint's, else GatedDeltaNet.
-    from .. import memory
-    start_impl = config.ahn_implementation if (a.init_from_base or a.init_ahn) else None
-    impl = memory.resolve(run_cfg["ahn"] or start_impl)
-    run_cfg["ahn"] = memory.get(impl).short
-    if a.init_from_base:
-        W._check_ahn_keys(config, ckpt.src, base_ahn_keys, f"base {base_path}", impl)
-    if a.init_ahn:
-        akeys = {k for k in ckpt.ahn_src.where if W.is_ahn_key(k)}
-        W._check_ahn_keys(config, ckpt.ahn_src, akeys, f"--init-ahn {a.init_ahn}", impl)
-    files = sorted(set(ckpt.src.where.values()), key=str)
-    base_cfg = W.find_config(base_path, files)
-    if saved_state and saved_state.get("base_config") not in (None, base_cfg):
-        raise AhnError(f"--base {base_path} is not the model the resumed run trained (its config differs)")
-    # W and S written to config.json: a fixed-window run's own; a random-window run's are the runtime's
-    # defaults (S + W = 32768, as the official release); --infer-window / --infer-sinks override both.
-    fixed_w, fixed_s = run_cfg["window"], run_cfg["sinks"]
-    infer = (a.infer_window if a.infer_window is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
-             a.infer_sinks if a.infer_sinks is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
-    out_cfg = ckpt_io.output_config(base_cfg, config.family, *infer, implementation=impl)
+    with dist.agreed(d, report):
+        # ---- the resume state, or a fresh OUT --------------------------------------------------
+        resume_dir, saved_state = None, None
+        if a.resume:
+            resume_dir = ckpt_io.find_resume(out) if out.is_dir() else None
+            if resume_dir is None:
+                raise AhnError(f"--resume: no resume state in {out} (expected {out / 'resume' / 'state.json'}); "
+                               "run without --resume to start a new run")
+            saved_state, saved_ahn, saved_tensors = ckpt_io.load_resume(resume_dir)
+        elif out.is_dir() and not a.overwrite and (ckpt_io.find_resume(out) or any(
+                (out / f).exists() for f in ("model.safetensors", "log.jsonl"))):
+            raise AhnError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
+                           "start over, or choose another --out")
+        run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None, d.world_size)
+        device = d.device
+        if run_cfg["dtype"] is None:
+            run_cfg["dtype"] = "bf16" if device.type == "cuda" else "float32"
+        bf16 = run_cfg["dtype"] == "bf16"
+        if run_cfg["window"] is not None:
+            budget = BudgetSpec(fixed=(run_cfg["window"], run_cfg["sinks"]))
+        else:
+            budget = BudgetSpec(wt_min=run_cfg["window_min"], wt_max=run_cfg["window_max"])
 
-    # ---- the data ------------------------------------------------------------------------------
-    tok_path = Path(a.tokenizer).expanduser() if a.tokenizer else (ckpt.folder or base_path.parent) / "tokenizer.json"
-    if a.tokenizer and not tok_path.exists():
-        raise AhnError(f"tokenizer file not found: {tok_path}")
-    data = load_dataset(a.data, vocab_size=config.vocab_size, seq_len=run_cfg["seq_len"], budget=budget,
-                        min_len=run_cfg["min_len"], tokenizer_path=tok_path, family=config.family,
-                        loss_on=run_cfg["loss_on"])
-    if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
-        raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ)")
+        # ---- the base model --------------------------------------------------------------------
+        base_path = Path(a.base).expanduser()
+        ckpt = W.open_checkpoint(base_path, a.init_ahn)
+        config = ckpt.config
+        base_keys = {k for k in ckpt.src.where if not W.is_ahn_key(k)}
+        base_ahn_keys = {k for k in ckpt.src.where if W.is_ahn_key(k)}
+        if not base_keys and base_ahn_keys:
+            raise AhnError(f"--base {base_path} is an AHN-only checkpoint; give the base model as --base "
+                           f"(and this file as --init-ahn to start from it)")
+        optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        W._check_keys(W.base_shapes(config), ckpt.src, base_keys, f"base {base_path}", optional=optional)
+        if base_ahn_keys and not a.init_from_base and not a.resume:
+            say(f"note: {base_path} holds AHN weights; they are not used (a fresh memory starts with o_proj = 0); "
+                "pass --init-from-base to start from them")
+        if a.init_from_base and not base_ahn_keys:
+            raise AhnError(f"--init-from-base: {base_path} holds no AHN weights (model.layers.N.ahn.fn.*)")
+        # The memory variant: --ahn, else the resumed run's, else the starting checkpoint's, else GatedDeltaNet.
+        from .. import memory
+        start_impl = config.ahn_implementation if (a.init_from_base or a.init_ahn) else None
+        impl = memory.resolve(run_cfg["ahn"] or start_impl)
+        run_cfg["ahn"] = memory.get(impl).short
+        if a.init_from_base:
+            W._check_ahn_keys(config, ckpt.src, base_ahn_keys, f"base {base_path}", impl)
+        if a.init_ahn:
+            akeys = {k for k in ckpt.ahn_src.where if W.is_ahn_key(k)}
+            W._check_ahn_keys(config, ckpt.ahn_src, akeys, f"--init-ahn {a.init_ahn}", impl)
+        files = sorted(set(ckpt.src.where.values()), key=str)
+        base_cfg = W.find_config(base_path, files)
+        if saved_state and saved_state.get("base_config") not in (None, base_cfg):
+            raise AhnError(f"--base {base_path} is not the model the resumed run trained (its config differs)")
+        # W and S written to config.json: a fixed-window run's own; a random-window run's are the runtime's
+        # defaults (S + W = 32768, as the official release); --infer-window / --infer-sinks override both.
+        fixed_w, fixed_s = run_cfg["window"], run_cfg["sinks"]
+        infer = (a.infer_window if a.infer_window is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
+                 a.infer_sinks if a.infer_sinks is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
+        out_cfg = ckpt_io.output_config(base_cfg, config.family, *infer, implementation=impl)
 
-    # ---- model and trainer ---------------------------------------------------------------------
-    from .model import TrainModel
-    base_dtype = torch.bfloat16 if bf16 else torch.float32
-    if saved_state:
-        ahn_init = saved_ahn
-    elif a.init_from_base:
-        ahn_init = {k: ckpt.src.get(k).float() for k in W.ahn_shapes(config, impl)}
-    elif a.init_ahn:
-        ahn_init = {k: ckpt.ahn_src.get(k).float() for k in W.ahn_shapes(config, impl)}
-    else:
-        ahn_init = None
-    base = {k: ckpt.src.get(k) for k in W.base_shapes(config)}
-    torch.manual_seed(run_cfg["seed"])
-    model = TrainModel(config, base, ahn_init, base_dtype=base_dtype, seed=run_cfg["seed"],
-                       implementation=impl).to(device)
-    del base
-    settings = TrainSettings(
-        steps=run_cfg["steps"], batch=run_cfg["batch"], grad_accum=run_cfg["grad_accum"], lr=run_cfg["lr"],
-        warmup_ratio=run_cfg["warmup_ratio"], weight_decay=run_cfg["weight_decay"],
-        max_grad_norm=run_cfg["max_grad_norm"], ce_weight=run_cfg["ce_weight"], seed=run_cfg["seed"],
-        budget=budget, autocast_bf16=bf16, activation_checkpointing=run_cfg["activation_checkpointing"],
-        log_every=a.log_every, save_every=a.save_every, stop_after=a.stop_after)
-    trainer = Trainer(model, data, settings, device=device)
-    if saved_state:
-        trainer.load_state(saved_state, saved_tensors)
+        # ---- the data --------------------------------------------------------------------------
+        tok_path = (Path(a.tokenizer).expanduser() if a.tokenizer
+                    else (ckpt.folder or base_path.parent) / "tokenizer.json")
+        if a.tokenizer and not tok_path.exists():
+            raise AhnError(f"tokenizer file not found: {tok_path}")
+        data = load_dataset(a.data, vocab_size=config.vocab_size, seq_len=run_cfg["seq_len"], budget=budget,
+                            min_len=run_cfg["min_len"], tokenizer_path=tok_path, family=config.family,
+                            loss_on=run_cfg["loss_on"])
+        if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
+            raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ)")
 
-    # ---- from here on OUT is written -----------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_io.remove_stale_temporaries(out)
-    if saved_state:
-        truncate_log(out, trainer.step)
-    elif a.overwrite:
-        for name in (ckpt_io.RESUME, ckpt_io.RESUME_OLD, "merged"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in OUTPUT_FILES:
-            if (out / name).exists():
-                (out / name).unlink()
-    run_record = dict(run_cfg, steps=trainer.total_steps)
-    W.atomic_write_text(out / "run.json", json.dumps({
-        "base": str(base_path), "data": str(a.data), "run": run_record, "window": budget.describe(),
-        "data_stats": data.stats.line(), "sequences": len(data), "tokens": data.num_tokens}, indent=1) + "\n")
+        # ---- model and trainer -----------------------------------------------------------------
+        from .model import TrainModel
+        base_dtype = torch.bfloat16 if bf16 else torch.float32
+        if saved_state:
+            ahn_init = saved_ahn
+        elif a.init_from_base:
+            ahn_init = {k: ckpt.src.get(k).float() for k in W.ahn_shapes(config, impl)}
+        elif a.init_ahn:
+            ahn_init = {k: ckpt.ahn_src.get(k).float() for k in W.ahn_shapes(config, impl)}
+        else:
+            ahn_init = None
+        base = {k: ckpt.src.get(k) for k in W.base_shapes(config)}
+        torch.manual_seed(run_cfg["seed"])
+        model = TrainModel(config, base, ahn_init, base_dtype=base_dtype, seed=run_cfg["seed"],
+                           implementation=impl).to(dist.model_device(a.parallel, d))
+        del base
+        parallel = dist.make_parallel(a.parallel, d, model)      # before the optimizer: FSDP swaps parameters
+        settings = TrainSettings(
+            steps=run_cfg["steps"], batch=run_cfg["batch"], grad_accum=run_cfg["grad_accum"], lr=run_cfg["lr"],
+            warmup_ratio=run_cfg["warmup_ratio"], weight_decay=run_cfg["weight_decay"],
+            max_grad_norm=run_cfg["max_grad_norm"], ce_weight=run_cfg["ce_weight"], seed=run_cfg["seed"],
+            budget=budget, autocast_bf16=bf16, activation_checkpointing=run_cfg["activation_checkpointing"],
+            log_every=a.log_every, save_every=a.save_every, stop_after=a.stop_after)
+        trainer = Trainer(model, data, settings, device=device, parallel=parallel)
+        if saved_state:
+            trainer.load_state(saved_state, saved_tensors)
+
+    # ---- from here on OUT is written (rank 0 only) -----------------------------------------------
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temporaries(out)
+        if saved_state:
+            truncate_log(out, trainer.step)
+        elif a.overwrite:
+            for name in (ckpt_io.RESUME, ckpt_io.RESUME_OLD, "merged"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in OUTPUT_FILES:
+                if (out / name).exists():
+                    (out / name).unlink()
+        run_record = dict(run_cfg, steps=trainer.total_steps)
+        W.atomic_write_text(out / "run.json", json.dumps({
+            "base": str(base_path), "data": str(a.data), "run": run_record, "window": budget.describe(),
+            "world_size": d.world_size, "parallel": parallel.name,
+            "data_stats": data.stats.line(), "sequences": len(data), "tokens": data.num_tokens}, indent=1) + "\n")
 
     n_ahn = sum(p.numel() for _, p in trainer.named)
     n_base = sum(p.numel() for p in model.parameters()) - n_ahn
-    print(f"[ahn_rt.train] {data.stats.line()}; {data.num_tokens:,} tokens", file=sys.stderr)
-    print(f"[ahn_rt.train] {n_ahn:,} AHN parameters ({100 * n_ahn / max(1, n_base):.2f}% of the frozen base), "
-          f"{_n(trainer.total_steps, 'step')} of {_n(settings.batch * settings.grad_accum, 'sequence')}, "
-          f"{budget.describe()}, "
-          f"{run_cfg['dtype']} on {device}" + (f"; resumed at step {trainer.step}" if saved_state else ""),
-          file=sys.stderr)
-    progress = Progress(trainer.total_steps, trainer.step, every=a.log_every)
+    split = (f" (--batch {settings.batch} x --grad-accum {settings.grad_accum} x {d.world_size} ranks)"
+             if d.world_size > 1 else "")
+    say(f"{data.stats.line()}; {data.num_tokens:,} tokens")
+    say(f"{n_ahn:,} AHN parameters ({100 * n_ahn / max(1, n_base):.2f}% of the frozen base), "
+        f"{_n(trainer.total_steps, 'step')} of {_n(run_cfg['global_batch'], 'sequence')}{split}, "
+        f"{budget.describe()}, {run_cfg['dtype']} on {device}"
+        + (f", {parallel.describe()}" if d.world_size > 1 else "")
+        + (f"; resumed at step {trainer.step}" if saved_state else ""))
+    progress = (Progress(trainer.total_steps, trainer.step, every=a.log_every, world_size=d.world_size)
+                if d.is_main else None)
     # Besides the settings (checked on resume), the state records what identifies base and data.
     identity = {"base_config": base_cfg, "data_fingerprint": data.fingerprint}
     try:
         trainer.fit(out, run=run_cfg, config=out_cfg, identity=identity, progress=progress)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
 
     if trainer.step < trainer.total_steps:
-        print(f"[ahn_rt.train] stopped after step {trainer.step} of {trainer.total_steps}; "
-              f"continue with --resume", file=sys.stderr)
+        say(f"stopped after step {trainer.step} of {trainer.total_steps}; continue with --resume")
+        return 0
+    ahn = trainer.ahn_weights()          # every rank: --fsdp gathers the shards
+    if not d.is_main:
         return 0
     save_dtype = parse_dtype(a.save_dtype)
-    ahn = {k: p.detach() for k, p in trainer.named}
     path = ckpt_io.write_model(out, ahn, config, out_cfg, save_dtype)
-    msg = f"[ahn_rt.train] wrote {path} and {out / 'config.json'} (sliding_window {infer[0]}, num_attn_sinks {infer[1]})"
+    msg = f"wrote {path} and {out / 'config.json'} (sliding_window {infer[0]}, num_attn_sinks {infer[1]})"
     if a.merge:
         merged_cfg = dict(out_cfg, torch_dtype=base_cfg.get("torch_dtype", "bfloat16"))
         folder = ckpt_io.write_merged(out, ckpt, ahn, merged_cfg, save_dtype)
         msg += f" and {folder}"
-    print(msg, file=sys.stderr)
-    print(f"[ahn_rt.train] {ckpt_io.plot_loss(out, read_log(out))}", file=sys.stderr)
+    say(msg)
+    say(ckpt_io.plot_loss(out, read_log(out)))
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
+    from .dist import PeerFailed
+    rank = _env_rank()
     previous = signal.getsignal(signal.SIGINT)
     previous_term = signal.getsignal(signal.SIGTERM)
     if threading_main():
@@ -366,21 +447,38 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except AhnError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0 or not getattr(e, "same_on_every_rank", False):   # under torchrun: said once
+            print(f"error{_rank_tag(rank)}: {e}", file=sys.stderr, flush=True)
+        else:
+            _grace()
         return 2
+    except PeerFailed as e:                          # another rank failed and said why
+        return e.code
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, _interrupted)   # a second Ctrl-C while we print: leave at once
-        print(f"\ninterrupted; the last complete resume state (if any) is in {Path(args.out) / 'resume'}, "
-              "continue with --resume", file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted; the last complete resume state (if any) is in {Path(args.out) / 'resume'}, "
+                  "continue with --resume", file=sys.stderr)
         return 130
     except _oom_types() as e:
-        print(f"error: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or --seq-len, or use "
-              "--dtype bf16", file=sys.stderr)
+        print(f"error{_rank_tag(rank)}: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or "
+              "--seq-len, use --dtype bf16, or shard the base with --fsdp", file=sys.stderr)
         return 1
     finally:
         if threading_main():
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
             signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
+
+
+def _grace():
+    """A rank other than 0 that stops on the same mistake as rank 0 waits a moment before it exits: torchrun
+    stops every rank as soon as one exits with an error, and rank 0 is the one that says why."""
+    import time
+    time.sleep(2.0)
+
+
+def _rank_tag(rank: int) -> str:
+    return f" (rank {rank})" if rank else ""
 
 
 def _term_as_interrupt(signum, frame):
