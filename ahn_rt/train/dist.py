@@ -70,13 +70,15 @@ def env_rank() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Dist:
-    """Where this process stands: its rank, the world size, its device, and the backend of the process
-    group this module opened (None: no process group, one process)."""
+    """Where this process stands: its rank, the world size, its device, and the backend of its process
+    group (None: no process group, one process); ``owned``: ``setup`` opened the group (``teardown``
+    closes only such a one)."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    owned: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -128,20 +130,24 @@ def setup(device: str | None = None) -> Dist:
     if td.is_initialized():                      # opened by the caller: use it as it is
         if td.get_world_size() != world or td.get_rank() != rank:
             raise AhnError("the open process group does not match RANK / WORLD_SIZE")
-        return Dist(rank, world, local, dev, td.get_backend())
-    if backend == "nccl":
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")       # NVLink multicast off
-        torch.cuda.set_device(dev)
-        td.init_process_group("nccl", device_id=dev)
-    else:
-        td.init_process_group("gloo")
-    return Dist(rank, world, local, dev, backend)
+        return Dist(rank, world, local, dev, td.get_backend(), owned=False)
+    try:
+        if backend == "nccl":
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")       # NVLink multicast off
+            torch.cuda.set_device(dev)
+            td.init_process_group("nccl", device_id=dev)
+        else:
+            td.init_process_group("gloo")
+    except (RuntimeError, ValueError) as e:                      # DistNetworkError, DistStoreError, ...
+        raise AhnError(f"cannot open the {backend} process group of {world} ranks: "
+                       f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+    return Dist(rank, world, local, dev, backend, owned=True)
 
 
 def teardown(d: Dist):
     """Close the process group ``setup`` opened (a no-op otherwise)."""
     import torch.distributed as td
-    if d.active and td.is_available() and td.is_initialized():
+    if d.owned and td.is_available() and td.is_initialized():
         td.destroy_process_group()
 
 
