@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Compile CUDA sources for Hopper without a GPU or a CUDA build of torch: catches compile errors before a
+# device run. Needs nvcc on PATH and a torch install (a CPU wheel carries the CUDA headers).
+# Usage: bash scripts/nvcc_check.sh [csrc/cuda/foo.cu ...]     (default: every csrc/cuda/*.cu, in parallel)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+TI=$($PY -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
+PYI=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+files=("$@")
+[ ${#files[@]} -eq 0 ] && files=(csrc/cuda/*.cu)
+status=0
+for f in "${files[@]}"; do
+  nvcc -std=c++17 -arch=sm_90 -O3 --expt-relaxed-constexpr -I"$TI" -I"$TI/torch/csrc/api/include" -I"$PYI" \
+       -Icsrc -DTORCH_EXTENSION_NAME=_C -c "$f" -o /dev/null > "/tmp/nvcc_$(basename "$f").log" 2>&1 &
+done
+for f in "${files[@]}"; do :; done
+wait || true
+for f in "${files[@]}"; do
+  if grep -qE "error" "/tmp/nvcc_$(basename "$f").log"; then
+    echo "FAILED $f"; grep -E "error" "/tmp/nvcc_$(basename "$f").log" | head -10; status=1
+  else
+    echo "ok $f"
+  fi
+done
+exit $status
