@@ -35,3 +35,8 @@ def _gdn_decode_fake(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, p
 def _gemv_fake(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty(n, dtype=torch.float32 if out_float else x.dtype)
+
+
+@torch.library.register_fake("ahn_rt::gdn_chunk_scan")
+def _gdn_chunk_scan_fake(w, u, kd_t, qg, gl, state):
+    return torch.empty_like(u), torch.empty_like(u)

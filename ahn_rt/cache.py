@@ -15,9 +15,10 @@ What the rest of the code asks the State (and never computes itself):
 * ``slot(positions)`` — the one slot formula (the kernels' ``ring_slot`` in csrc/common.h is tested
   against it);
 * ``held_positions()`` — which position each occupied slot holds;
-* ``plan(T)`` — for a chunk of T tokens: the positions, the keys it attends, which of its tokens are
-  written to which slots, and which tokens it hands to the memory (``ChunkPlan``);
-* ``keys`` / ``all_gates`` / ``write`` — the cached keys (and gates) a chunk attends, and the chunk's ring
+* ``plan(T)`` — for a chunk of T tokens: the positions, which of its tokens are written to which slots,
+  and which tokens it hands to the memory (``ChunkPlan``);
+* ``key_ranges(T)`` — the keys a chunk attends, as ranges of the cache read in place plus the chunk's own;
+* ``evicted`` / ``write`` — the tokens (and gates) a chunk hands to the memory, and the chunk's ring
   writes;
 * ``advance(n)`` — the position, on the host and on the device; the eager path and the CUDA graph path
   both call it after a step;
@@ -48,31 +49,81 @@ def ring_slot(pos: int, sinks: int, window: int) -> int:
     return pos if pos < sinks else sinks + (pos - sinks) % window
 
 
+def held_positions(position: int, sinks: int, window: int, device=None) -> torch.Tensor:
+    """int64 [min(position, sinks + window)]: the absolute position each occupied slot holds after
+    ``position`` tokens (the inverse of ``ring_slot`` over the occupied slots)."""
+    S, W = sinks, window
+    slots = torch.arange(min(position, S + W), dtype=torch.int64, device=device)
+    if position <= S + W:
+        return slots
+    last = position - 1
+    ring = last - torch.remainder(last - S - (slots - S), W)
+    return torch.where(slots < S, slots, ring)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRange:
+    """Keys that a chunk attends which are consecutive both in memory and in position.
+
+    source: "cache" (slots ``[lo, lo + n)`` of the ring cache, as it is before the chunk's writes) or
+    "chunk" (rows ``[lo, lo + n)`` of the chunk's own keys); pos: the position of the first key; sink: the
+    keys are sinks, which every later query sees whatever the window.
+    """
+    source: str
+    lo: int
+    n: int
+    pos: int
+    sink: bool
+
+
+def key_ranges(p0: int, T: int, sinks: int, window: int) -> list[KeyRange]:
+    """Every key a chunk of T tokens at positions ``[p0, p0 + T)`` may attend, as at most five ranges in
+    position order: the cached sinks, the ring (one range, or two where it wraps), the chunk's sink rows
+    and the rest of the chunk. The attention reads the cache in place through these (no copy); which
+    query sees which key of a range is the sinks + window rule (docs/semantics.md §2)."""
+    S, W = sinks, window
+    out = []
+    occupied = min(p0, S + W)
+    if min(occupied, S):
+        out.append(KeyRange("cache", 0, min(occupied, S), 0, True))
+    if p0 > S:
+        if p0 <= S + W:                        # not wrapped yet: slot == position
+            out.append(KeyRange("cache", S, p0 - S, S, False))
+        else:                                  # the ring holds positions [p0 - W, p0), oldest at s0
+            s0 = ring_slot(p0 - W, S, W)
+            out.append(KeyRange("cache", s0, S + W - s0, p0 - W, False))
+            if s0 > S:
+                out.append(KeyRange("cache", S, s0 - S, p0 - W + S + W - s0, False))
+    chunk_sinks = max(0, min(S, p0 + T) - p0)
+    if chunk_sinks:
+        out.append(KeyRange("chunk", 0, chunk_sinks, p0, True))
+    if T > chunk_sinks:
+        out.append(KeyRange("chunk", chunk_sinks, T - chunk_sinks, p0 + chunk_sinks, False))
+    return out
+
+
 @dataclasses.dataclass
 class ChunkPlan:
     """What a chunk of ``T`` tokens at positions ``[p0, p0 + T)`` does to the state (docs/semantics.md §3).
 
-    positions:     int64 [T], the chunk's absolute positions.
-    cached:        the chunk attends slots ``[0, cached)`` of the cache followed by its own T tokens; index
-                   ``i < cached`` of that concatenation is slot i, index ``cached + j`` is chunk row j.
-    key_positions: int64 [cached + T], the absolute position of every attended key, in that order.
-    write_rows:    int64 [m], the chunk rows still in the cache after the chunk (sinks, last W) ...
-    write_slots:   int64 [m], ... and the slots they go to.
-    evict_index:   int64 [n], for each memory pair in order, the index (into the concatenation) of the
-                   token that leaves the window; it is read by chunk row ``T - n + i`` (the last n rows).
+    positions:   int64 [T], the chunk's absolute positions.
+    write_rows:  int64 [m], the chunk rows still in the cache after the chunk (sinks, last W) ...
+    write_slots: int64 [m], ... and the slots they go to.
+    evict_slots: int64 [a], the cache slots of the cached tokens the chunk hands to the memory, in order,
+    evict_rows:  int64 [b], then the chunk rows it hands over (tokens that enter and leave the window
+                 inside the chunk). Pair i (of n = a + b) is read by chunk row ``T - n + i`` (the last n).
     """
     p0: int
     T: int
     positions: torch.Tensor
-    cached: int
-    key_positions: torch.Tensor
     write_rows: torch.Tensor
     write_slots: torch.Tensor
-    evict_index: torch.Tensor
+    evict_slots: torch.Tensor
+    evict_rows: torch.Tensor
 
     @property
     def n_evict(self) -> int:
-        return self.evict_index.numel()
+        return self.evict_slots.numel() + self.evict_rows.numel()
 
     @property
     def read_rows(self) -> slice:
@@ -140,13 +191,7 @@ class State:
 
     def held_positions(self) -> torch.Tensor:
         """int64 [occupied]: the absolute position held by each occupied slot."""
-        P, S, W = self.position, self.sinks, self.window
-        slots = torch.arange(self.occupied, dtype=torch.int64, device=self.device)
-        if P <= S + W:
-            return slots
-        last = P - 1
-        ring = last - torch.remainder(last - S - (slots - S), W)
-        return torch.where(slots < S, slots, ring)
+        return held_positions(self.position, self.sinks, self.window, self.device)
 
     # ---- a chunk of tokens -------------------------------------------------------------------
     def plan(self, T: int) -> ChunkPlan:
@@ -155,33 +200,37 @@ class State:
         self.ensure_capacity(self.position + T)
         p0, S, W, dev = self.position, self.sinks, self.window, self.device
         pos = torch.arange(p0, p0 + T, dtype=torch.int64, device=dev)
-        held = self.held_positions()
-        nc = held.numel()
         # Memory pairs (docs/semantics.md §3): query t in [t0, p0 + T) reads after writing token t - W.
         t0 = max(p0, S + W)
         n_ev = max(0, p0 + T - t0) if self.ahn else 0
-        ev_pos = torch.arange(t0 - W, t0 - W + n_ev, dtype=torch.int64, device=dev)
-        evict_index = torch.where(ev_pos < p0, self.slot(ev_pos), nc + ev_pos - p0)
+        first, end = t0 - W, t0 - W + n_ev            # positions handed to the memory: [first, end)
+        cached_end = max(first, min(end, p0))
+        evict_slots = self.slot(torch.arange(first, cached_end, dtype=torch.int64, device=dev))
+        evict_rows = torch.arange(cached_end - p0, end - p0, dtype=torch.int64, device=dev)
         # Ring writes: the chunk's tokens that are still a sink or inside the window afterwards.
         rows = ((pos < S) | (pos >= p0 + T - W)).nonzero().squeeze(1)
-        return ChunkPlan(p0=p0, T=T, positions=pos, cached=nc, key_positions=torch.cat([held, pos]),
-                         write_rows=rows, write_slots=self.slot(pos[rows]), evict_index=evict_index)
+        return ChunkPlan(p0=p0, T=T, positions=pos, write_rows=rows, write_slots=self.slot(pos[rows]),
+                         evict_slots=evict_slots, evict_rows=evict_rows)
 
-    def keys(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor):
-        """What the chunk attends: the occupied slots then its own tokens. k, v: [T, Hkv, D] ->
-        (k_all, v_all) [cached + T, Hkv, D]."""
-        nc = plan.cached
-        return (torch.cat([self.k[layer, :, :nc].transpose(0, 1), k]),
-                torch.cat([self.v[layer, :, :nc].transpose(0, 1), v]))
+    def key_ranges(self, T: int) -> list[KeyRange]:
+        """The keys a chunk of T tokens at the current position attends (``key_ranges``)."""
+        return key_ranges(self.position, T, self.sinks, self.window)
 
-    def all_gates(self, layer: int, plan: ChunkPlan, gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The gates of the same concatenation: {field: [cached + T, H]} from the chunk's own {field: [T, H]}."""
-        nc = plan.cached
-        return {name: torch.cat([self.gates[name][layer, :nc], g]) for name, g in gates.items()}
+    def evicted(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor,
+                gates: dict[str, torch.Tensor]):
+        """The tokens the chunk hands to the memory of one layer, in order: gathered from the cache
+        (before the chunk's writes) and from the chunk's own k, v [T, Hkv, D] and gates {field: [T, H]}.
+        Returns (k [n, Hkv, D], v [n, Hkv, D], {field: [n, H]})."""
+        s, r = plan.evict_slots, plan.evict_rows
+        k_ev = torch.cat([self.k[layer][:, s].transpose(0, 1), k[r]])
+        v_ev = torch.cat([self.v[layer][:, s].transpose(0, 1), v[r]])
+        g_ev = {name: torch.cat([self.gates[name][layer][s], g[r]]) for name, g in gates.items()}
+        return k_ev, v_ev, g_ev
 
     def write(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor,
               gates: dict[str, torch.Tensor] | None = None):
-        """The chunk's ring writes for one layer (call after everything that reads ``keys``/``all_gates``).
+        """The chunk's ring writes for one layer (call after everything that reads the cache: the
+        attention over ``key_ranges`` and ``evicted``).
         ``gates``: {field: [T, H]} in ahn mode."""
         rows, slots = plan.write_rows, plan.write_slots
         self.k[layer][:, slots] = k[rows].transpose(0, 1)

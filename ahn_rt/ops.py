@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from . import ref, settings
+from . import cache, ref, settings
 from .errors import AhnError
 
 _ext_error: str | None = None
@@ -127,25 +127,157 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def window_attention(q, k, v, q_pos, k_pos, sinks, window, scale):
+def gdn_chunk_scan(w, u, kd_t, qg, gl, state):
+    cuda_ok = not w.is_cuda or (w.shape[2] == ref.GDN_CHUNK and w.shape[3] % 4 == 0 and w.shape[3] <= 128)
+    fn = torch.ops.ahn_rt.gdn_chunk_scan if _use_ext(w) and cuda_ok else ref.gdn_chunk_scan_ref
+    return fn(w, u, kd_t, qg, gl, state)
+
+
+def gdn_chunk(q, k, v, beta, alpha, state, scale=None):
+    """The gated delta rule over a run of tokens (a prefill): chunk-local work batched over all chunks,
+    the chunk-to-chunk recurrence in ``gdn_chunk_scan`` (ref.gdn_chunk_blocks)."""
+    if _backend == "ref":
+        return ref.gdn_chunk_ref(q, k, v, beta, alpha, state, scale)
+    return ref.gdn_chunk_blocks(q, k, v, beta, alpha, state, scale, scan=gdn_chunk_scan)
+
+
+def prefill_attention(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
+    """A chunk's attention over the ring cache (read in place) and its own keys; ref.prefill_attention_ref
+    is the reference. On CUDA in fp16/bf16 through torch's bundled FlashAttention-2 forward, one call per
+    key range with that range's window bounds, merged by log-sum-exp."""
     if q.is_cuda and _backend != "ref":
-        return _window_attention_sdpa(q, k, v, q_pos, k_pos, sinks, window, scale)
-    return ref.window_attention_ref(q, k, v, q_pos, k_pos, sinks, window, scale)
+        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+            return _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
+        return _prefill_attention_sdpa(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
+    return ref.prefill_attention_ref(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
 
 
-def _window_attention_sdpa(q, k, v, q_pos, k_pos, sinks, window, scale):
-    """The same masked attention through torch's fused SDPA (memory-efficient kernel, GQA native)."""
-    qp, kp = q_pos[:, None], k_pos[None, :]
+def _flash(q, k, v, left: int, right: int, scale: float):
+    """One FlashAttention-2 forward: q [Tq, H, D], k/v [n, Hkv, D] (any row and head strides). Query i
+    sees key j iff i + (n - Tq) - left <= j <= i + (n - Tq) + right (-1: unbounded on that side).
+    Returns (out [Tq, H, D], logsumexp [H, Tq] float32)."""
+    out = torch.ops.aten._flash_attention_forward(
+        q[None], k[None], v[None], None, None, q.shape[0], k.shape[0], 0.0, False, False,
+        scale=scale, window_size_left=left, window_size_right=right)
+    return out[0][0], out[1][0]
+
+
+_cudnn_ok = True   # cleared (once per process) if torch's cuDNN attention refuses these calls
+
+
+def _cudnn(q, k, v, causal: bool, scale: float):
+    """cuDNN's fused attention (bundled with torch): q [Tq, H, D], k/v [n, Hkv, D]. Without a mask the
+    G = H / Hkv query heads of a kv head are stacked along the query axis (one kv head, G*Tq queries: no
+    copy of the keys); causal calls (a chunk's own keys, n == Tq) repeat the chunk's keys per query head.
+    Returns (out [Tq, H, D], logsumexp [H, Tq] float32)."""
+    Tq, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    if causal:
+        kk = k.repeat_interleave(G, dim=1).transpose(0, 1)[None]
+        vv = v.repeat_interleave(G, dim=1).transpose(0, 1)[None]
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(0, 1)[None], kk, vv, None, True, 0.0, True, False, scale=scale)
+        return res[0][0].transpose(0, 1), res[1].reshape(H, Tq)
+    qq = q.view(Tq, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * Tq, D)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        qq, k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True, 0.0, False, False, scale=scale)
+    out = res[0].reshape(Hkv, G, Tq, D).permute(2, 0, 1, 3).reshape(Tq, H, D)
+    return out, res[1].reshape(H, Tq)
+
+
+def _attention_calls(p0: int, T: int, sinks: int, window: int):
+    """The kernel calls of a chunk's attention: (i_lo, i_hi, source, lo, n, kind, left, right) with the
+    queries [i_lo, i_hi] of the chunk, keys rows [lo, lo + n) of ``source`` ("cache" or "chunk"), and kind
+    "full" (every query sees every key), "causal" (a square block of the chunk's own keys) or "window"
+    (FlashAttention-2 with bounds left/right, each below n: FlashAttention-2 reads a bound of n or more as
+    no bound). Each range of ``cache.key_ranges`` is cut so that the part
+    every query sees in full goes to the fastest kernel and only the band at the window's edge is masked."""
+    W = window
+    calls = []
+
+    def add(r_source, lo, a, n, sink):
+        i_lo = max(0, a - p0)
+        i_hi = T - 1 if sink else min(T - 1, a + n + W - 2 - p0)
+        if i_lo > i_hi:
+            return
+        tq = i_hi - i_lo + 1
+        d = p0 + i_lo - a         # query i_lo + i sees key j iff j <= i + d and (sink or j >= i + d - W + 1)
+        if r_source == "cache" and (sink or tq + d - W <= 0):
+            calls.append((i_lo, i_hi, r_source, lo, n, "full", -1, -1))
+        elif r_source == "cache":
+            jf = min(n, tq + d - W)      # keys [jf, n) are seen by every query; [0, jf) is the edge band
+            if jf < n:
+                calls.append((i_lo, i_hi, r_source, lo + jf, n - jf, "full", -1, -1))
+            # the band: its own query span and bounds
+            b_hi = min(T - 1, a + jf + W - 2 - p0)
+            if b_hi >= i_lo:
+                btq = b_hi - i_lo + 1
+                calls.append((i_lo, b_hi, r_source, lo, jf, "window", jf - btq - (d - W + 1), d - jf + btq))
+        elif sink:                 # the chunk's sink rows (d == 0): causal on their own rows, then full
+            calls.append((i_lo, i_lo + n - 1, r_source, lo, n, "causal", -1, 0))
+            if i_lo + n <= i_hi:
+                calls.append((i_lo + n, i_hi, r_source, lo, n, "full", -1, -1))
+        elif d == 0 and n == tq and n <= W:
+            calls.append((i_lo, i_hi, r_source, lo, n, "causal", -1, 0))
+        else:                      # the chunk's own keys when the chunk is longer than the window
+            calls.append((i_lo, i_hi, r_source, lo, n, "window", n - tq - (d - W + 1), d - n + tq))
+
+    for r in cache.key_ranges(p0, T, sinks, window):
+        add(r.source, r.lo, r.pos, r.n, r.sink)
+    return calls
+
+
+def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
+    global _cudnn_ok
+    T, H, D = q.shape
+    parts = []
+    for i_lo, i_hi, source, lo, n, kind, left, right in _attention_calls(p0, T, sinks, window):
+        if source == "cache":
+            kk, vv = k_cache[:, lo:lo + n].transpose(0, 1), v_cache[:, lo:lo + n].transpose(0, 1)
+        else:
+            kk, vv = k[lo:lo + n], v[lo:lo + n]
+        qq = q[i_lo:i_hi + 1]
+        res = None
+        if kind != "window" and _cudnn_ok and settings.prefill_cudnn():
+            try:
+                res = _cudnn(qq, kk, vv, kind == "causal", scale)
+            except RuntimeError:
+                _cudnn_ok = False
+        if res is None:
+            res = _flash(qq, kk, vv, left, right, scale)
+        parts.append((i_lo, i_hi - i_lo + 1, *res))
+    if len(parts) == 1 and parts[0][1] == T:
+        return parts[0][2]
+    lse_all = torch.full((len(parts), H, T), float("-inf"), dtype=torch.float32, device=q.device)
+    for idx, (lo, n, _, lse) in enumerate(parts):
+        lse_all[idx, :, lo:lo + n] = lse
+    total = torch.logsumexp(lse_all, dim=0)                          # [H, T]
+    out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
+    for lo, n, o, lse in parts:
+        weight = (lse - total[:, lo:lo + n]).exp().transpose(0, 1)[..., None]
+        out[lo:lo + n] += o.float() * weight
+    return out.to(q.dtype)
+
+
+def _prefill_attention_sdpa(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
+    """float32 on CUDA (no FlashAttention kernel): the cached keys are gathered and SDPA runs with the
+    rule as a mask."""
+    held = cache.held_positions(p0, sinks, window, q.device)
+    n = held.numel()
+    k_all = torch.cat([k_cache[:, :n].transpose(0, 1), k])
+    v_all = torch.cat([v_cache[:, :n].transpose(0, 1), v])
+    q_pos = torch.arange(p0, p0 + q.shape[0], dtype=torch.int64, device=q.device)
+    qp, kp = q_pos[:, None], torch.cat([held, q_pos])[None, :]
     allowed = (kp <= qp) & ((qp - kp < window) | (kp < sinks))
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        q.transpose(0, 1)[None], k_all.transpose(0, 1)[None], v_all.transpose(0, 1)[None],
         attn_mask=allowed, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1).contiguous()   # [T, H, D]
 
 
 rope = ref.rope_ref
 rope_cos_sin = ref.rope_cos_sin_ref
-gdn_chunk = ref.gdn_chunk_ref
 gdn_output = ref.gdn_output_ref
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cache import ring_slot  # the one slot formula (owned by the State)
+from .cache import held_positions, ring_slot  # the one slot formula and its inverse (owned by the State)
 
 # fla's fused_recurrent kernel normalizes q and k as x / (||x|| + eps) (docs/semantics.md §5).
 L2_EPS = 1e-6
@@ -73,6 +73,22 @@ def window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_po
         probs = torch.softmax(scores, dim=-1)
         out[s:e] = torch.einsum("htk,hkd->thd", probs, vf).to(q.dtype)
     return out
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, p0: int, sinks: int, window: int, scale: float) -> torch.Tensor:
+    """A chunk's attention over the ring cache and its own keys (docs/semantics.md §2-§3).
+
+    q: [T, H, D], k, v: [T, Hkv, D] for positions [p0, p0 + T); k_cache, v_cache: [Hkv, C, D] as they are
+    after p0 tokens (before the chunk's writes). Every occupied slot and every chunk row is a candidate
+    key; the sinks + window rule picks. Returns [T, H, D] in q.dtype.
+    """
+    held = held_positions(p0, sinks, window, q.device)
+    n = held.numel()
+    k_all = torch.cat([k_cache[:, :n].transpose(0, 1), k])
+    v_all = torch.cat([v_cache[:, :n].transpose(0, 1), v])
+    q_pos = torch.arange(p0, p0 + q.shape[0], dtype=torch.int64, device=q.device)
+    return window_attention_ref(q, k_all, v_all, q_pos, torch.cat([held, q_pos]), sinks, window, scale)
 
 
 def ring_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: torch.Tensor | None,
@@ -196,6 +212,73 @@ def gdn_chunk_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
         S = last.exp()[:, :, None] * S + (K * (last - Gc).exp()[:, :, None]).transpose(1, 2) @ U
     state.copy_(S)
     return out.transpose(0, 1).to(q.dtype)
+
+
+def gdn_chunk_scan_ref(w: torch.Tensor, u: torch.Tensor, kd_t: torch.Tensor, qg: torch.Tensor, gl: torch.Tensor,
+                       state: torch.Tensor):
+    """The chunk-to-chunk recurrence of the chunked gated delta rule, one chunk at a time.
+
+    w, qg: [H, N, C, Dk]; u: [H, N, C, Dv]; kd_t: [H, N, Dk, C]; gl: [H, N]; state: [H, Dk, Dv] (all float32;
+    state updated in place). For chunk n with S its start state:
+      v_new[n] = u[n] - w[n] S,   o_inter[n] = qg[n] S,   S <- gl[n] S + kd_t[n] v_new[n].
+    Returns (v_new, o_inter), both [H, N, C, Dv].
+    """
+    S = state.clone()
+    v_new = torch.empty_like(u)
+    o_inter = torch.empty_like(u)
+    for n in range(w.shape[1]):
+        v_new[:, n] = u[:, n] - w[:, n] @ S
+        o_inter[:, n] = qg[:, n] @ S
+        S = gl[:, n, None, None] * S + kd_t[:, n] @ v_new[:, n]
+    state.copy_(S)
+    return v_new, o_inter
+
+
+def gdn_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor,
+                     state: torch.Tensor, scale: float | None = None, scan=gdn_chunk_scan_ref) -> torch.Tensor:
+    """``gdn_chunk_ref`` with every chunk-local step batched over all chunks at once and only the
+    chunk-to-chunk recurrence left sequential (``scan``: ``gdn_chunk_scan_ref`` or the compiled
+    ``ahn_rt.gdn_chunk_scan``). Same signature and function as ``gdn_chunk_ref``.
+
+    The n tokens are padded to N chunks of C = 64 with k = v = 0, beta = 0 and alpha = 0, which leave the
+    state unchanged. Per chunk, with G the cumulative log-decay and e = exp:
+      A_ij = beta_i e^(G_i - G_j) k_i.k_j (j < i);  (I + A) [w | u] = [diag(beta e^G) K | diag(beta) V]
+      kd = K e^(G_C - G),  qg = e^G Q,  P = tril((Q K^T) e^(G_i - G_j)),  gl = e^(G_C)
+    then ``scan`` gives v_new and o_inter, and o = o_inter + P v_new (docs/semantics.md §5).
+    """
+    qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, alpha, scale)
+    n, H = q.shape[0], q.shape[1]
+    C = GDN_CHUNK
+    N = (n + C - 1) // C
+    pad = N * C - n
+
+    def blocks(t):   # [n, H, ...] -> [H, N, C, ...] (zero padded)
+        t = t.transpose(0, 1)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(H, N, C, *t.shape[2:])
+
+    Q, K, V = blocks(qf), blocks(kf), blocks(vf)
+    B, G = blocks(bf), blocks(gf).cumsum(-1)                               # [H, N, C]
+    diff = G[..., :, None] - G[..., None, :]                               # G_i - G_j
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    neg = torch.tensor(float("-inf"), device=q.device)
+    kk = K @ K.transpose(-1, -2)
+    A = B[..., None] * kk * torch.where(strict, diff, neg).exp()
+    eG = G.exp()
+    rhs = torch.cat([(B * eG)[..., None] * K, B[..., None] * V], dim=-1)
+    eye = torch.eye(C, dtype=A.dtype, device=A.device)
+    wu = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    Dk = K.shape[-1]
+    w, u = wu[..., :Dk].contiguous(), wu[..., Dk:].contiguous()
+    last = G[..., -1:]
+    kd_t = (K * (last - G).exp()[..., None]).transpose(-1, -2).contiguous()
+    qg = (eG[..., None] * Q).contiguous()
+    P = (Q @ K.transpose(-1, -2)) * torch.where(incl, diff, neg).exp()
+    v_new, o_inter = scan(w, u, kd_t, qg, last[..., 0].exp().contiguous(), state)
+    o = o_inter + P @ v_new                                                # [H, N, C, Dv]
+    return o.reshape(H, N * C, -1)[:, :n].transpose(0, 1).to(q.dtype)
 
 
 def gdn_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,

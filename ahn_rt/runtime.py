@@ -18,7 +18,10 @@ from .errors import AhnError
 from .model import Decoder
 from .sampling import Sampler, SamplingParams
 
-DEFAULT_CHUNK = 2048
+# Prompt tokens per prefill chunk (chunk_size=None): on CUDA 8192, measured on an H200 at the 3B shape
+# (pp131072: 8.25 s at 4096, 7.11 s at 8192, 6.61 s at 16384; peak above the weights 1.9 / 2.5 / 3.8 GiB:
+# bench/README.md); on the CPU 2048, which bounds the reference attention's score blocks.
+DEFAULT_CHUNK = {"cuda": 8192, "cpu": 2048}
 
 
 def _device(device) -> torch.device:
@@ -42,14 +45,16 @@ def _device(device) -> torch.device:
     return dev
 
 
-def _check_chunk(chunk_size) -> int:
+def _check_chunk(chunk_size, device: torch.device) -> int:
+    if chunk_size is None:
+        return DEFAULT_CHUNK[device.type]
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise AhnError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     return chunk_size
 
 
 def load(weights, ahn=None, window=None, sinks=None, dtype=None, device=None, mode=None,
-         chunk_size: int = DEFAULT_CHUNK, tokenizer=None) -> "Model":
+         chunk_size: int | None = None, tokenizer=None) -> "Model":
     """Load a Qwen2/Qwen2.5/Qwen3 checkpoint (with or without AHN weights) for inference.
 
     weights: a .safetensors file or a Hugging Face checkpoint folder; ahn: a separate AHN checkpoint;
@@ -66,7 +71,7 @@ def load(weights, ahn=None, window=None, sinks=None, dtype=None, device=None, mo
 
 
 def from_state_dict(cfg: dict, tensors: dict, window=None, sinks=None, dtype=None, device=None, mode=None,
-                    chunk_size: int = DEFAULT_CHUNK) -> "Model":
+                    chunk_size: int | None = None) -> "Model":
     """A Model from a config dict and tensors under checkpoint key names (no file)."""
     return _build(weights_mod.Checkpoint.from_tensors(cfg, tensors), window=window, sinks=sinks, dtype=dtype,
                   device=device, mode=mode, chunk_size=chunk_size)
@@ -75,7 +80,7 @@ def from_state_dict(cfg: dict, tensors: dict, window=None, sinks=None, dtype=Non
 def _build(ckpt, *, window, sinks, dtype, device, mode, chunk_size) -> "Model":
     """Resolve the runtime configuration once, then load the tensors it needs."""
     dev = _device(device)
-    chunk_size = _check_chunk(chunk_size)
+    chunk_size = _check_chunk(chunk_size, dev)
     config = resolve_runtime(ckpt.config, window=window, sinks=sinks, mode=mode, dtype=dtype, has_ahn=ckpt.has_ahn)
     ops.note_backend()
     return Model(config, weights_mod.load_weights(config, ckpt, dev), dev, chunk_size=chunk_size)
@@ -149,11 +154,11 @@ class Generation:
 
 
 class Model:
-    def __init__(self, config: Config, w, device: torch.device, *, chunk_size=DEFAULT_CHUNK,
+    def __init__(self, config: Config, w, device: torch.device, *, chunk_size: int | None = None,
                  folder: Path | None = None, tokenizer_path: Path | None = None):
         self.config = config
         self.device = device
-        self.chunk_size = chunk_size
+        self.chunk_size = _check_chunk(chunk_size, torch.device(device))
         self.decoder = Decoder(config, w, device)
         self.folder = folder
         self._tokenizer_path = tokenizer_path
@@ -168,6 +173,7 @@ class Model:
         self.prefix_cache = None
         self._scheduler = None
         self._scheduler_lock = threading.Lock()
+        self.decoder.warm_up(self.chunk_size)   # CUDA: the first prompt pays no one-time setup
 
     @property
     def last_stats(self) -> GenerationStats:
@@ -206,7 +212,7 @@ class Model:
     def new_session(self, chunk_size: int | None = None, capacity: int | None = None) -> "Session":
         """A fresh sequence. ``capacity``: full mode only, the cache slots allocated up front (it still
         grows when needed); ahn/swa states are always sinks + window."""
-        return Session(self, _check_chunk(chunk_size) if chunk_size is not None else self.chunk_size, capacity)
+        return Session(self, _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size, capacity)
 
     def restore(self, path, chunk_size: int | None = None) -> "Session":
         """A new session holding the state ``Session.save`` wrote to ``path``. A file saved with another

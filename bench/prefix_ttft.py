@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sinks", type=int, help="default: the config's (128)")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--device", help="default: cuda when available")
-    ap.add_argument("--chunk-size", type=int, default=2048)
+    ap.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (default: the runtime's, 8192 on CUDA)")
     ap.add_argument("--prefix-tokens", type=int, default=32768)
     ap.add_argument("--question-tokens", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3, help="timed requests per case (default 3)")

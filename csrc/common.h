@@ -193,6 +193,22 @@ struct GemvParams {
   bool silu_mul, out_float;
 };
 
+// The sequential part of the chunked gated delta rule (reference: ahn_rt/ref.py gdn_chunk_scan_ref;
+// docs/semantics.md §5): for each chunk n of C tokens, with S the state at the chunk's start,
+//   v_new[n] = u[n] - w[n] S,   o_inter[n] = qg[n] S,   S <- gl[n] S + kd[n]^T v_new[n].
+// Everything float32 and contiguous.
+struct GdnChunkScanParams {
+  const float* w;      // [H, N, C, Dk]
+  const float* u;      // [H, N, C, Dv]
+  const float* kd_t;   // [H, N, Dk, C]  (kd transposed: the update reads it column by column)
+  const float* qg;     // [H, N, C, Dk]
+  const float* gl;     // [H, N]
+  float* state;        // [H, Dk, Dv], read, then overwritten with the final state
+  float* v_new;        // [H, N, C, Dv]
+  float* o_inter;      // [H, N, C, Dv]
+  int64_t H, N, C, Dk, Dv;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Launchers. T is float, c10::BFloat16 or c10::Half (explicitly instantiated in the backend files).
 // ---------------------------------------------------------------------------------------------
@@ -201,6 +217,7 @@ template <typename T> void decode_prep_cpu(const DecodePrepParams& p);
 template <typename T> void swa_decode_cpu(const SwaDecodeParams& p);
 template <typename T> void gdn_decode_cpu(const GdnDecodeParams& p);
 template <typename T> void gemv_cpu(const GemvParams& p);
+void gdn_chunk_scan_cpu(const GdnChunkScanParams& p);
 
 // `stream` is a cudaStream_t (kept as void*: the CPU build of this header needs no CUDA headers).
 template <typename T> void rms_norm_cuda(const RmsNormParams& p, void* stream);
@@ -208,6 +225,7 @@ template <typename T> void decode_prep_cuda(const DecodePrepParams& p, void* str
 template <typename T> void swa_decode_cuda(const SwaDecodeParams& p, void* stream);
 template <typename T> void gdn_decode_cuda(const GdnDecodeParams& p, void* stream);
 template <typename T> void gemv_cuda(const GemvParams& p, void* stream);
+void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream);
 
 // swa_decode CUDA tensor-core path (fp16 / bf16): keys per shared-memory pipeline stage (16 per warp of
 // 4), stages, and the dynamic shared memory of one block: Q [16][DT + 8] + stages x {K, V} [64][DT + 8]
@@ -222,6 +240,12 @@ inline int64_t swa_mma_smem_bytes(int64_t D) {
 // GDN CUDA kernel: one cluster of ceil(Dv / W) <= 8 blocks per head, block b owning state columns
 // [b W, b W + W) with W = gdn_slice_cols(Dv) (8, 16 or 32).
 inline int64_t gdn_slice_cols(int64_t Dv) { return Dv <= 64 ? 8 : (Dv <= 128 ? 16 : 32); }
+
+// gdn_chunk_scan CUDA kernel: one block per (head, slice of kScanCols state columns); chunks of exactly
+// kScanChunk tokens; Dk a multiple of 4 and at most kScanMaxDk (its tiles live in shared memory).
+constexpr int64_t kScanCols = 16;
+constexpr int64_t kScanChunk = 64;
+constexpr int64_t kScanMaxDk = 128;
 
 // gemv CUDA kernel: the largest K it takes (x is staged in shared memory as float32, K * 4 bytes, padded).
 constexpr int64_t kGemvCudaMaxK = 49152;

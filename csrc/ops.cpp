@@ -28,6 +28,8 @@ TORCH_LIBRARY(ahn_rt, m) {
   m.def(
       "gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float norm_eps, Tensor? residual, "
       "bool silu_mul, bool out_float) -> Tensor");
+  m.def("gdn_chunk_scan(Tensor w, Tensor u, Tensor kd_t, Tensor qg, Tensor gl, Tensor(a!) state) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
@@ -36,6 +38,7 @@ TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
   m.impl("swa_decode", &ahn_rt::swa_decode);
   m.impl("gdn_decode", &ahn_rt::gdn_decode);
   m.impl("gemv", &ahn_rt::gemv);
+  m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
 }
 
 #ifdef AHN_RT_WITH_CUDA
@@ -45,5 +48,6 @@ TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) {
   m.impl("swa_decode", &ahn_rt::swa_decode);
   m.impl("gdn_decode", &ahn_rt::gdn_decode);
   m.impl("gemv", &ahn_rt::gemv);
+  m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
 }
 #endif

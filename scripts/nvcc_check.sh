@@ -12,7 +12,7 @@ files=("$@")
 status=0
 for f in "${files[@]}"; do
   nvcc -std=c++17 -arch=sm_90 -O3 --expt-relaxed-constexpr -I"$TI" -I"$TI/torch/csrc/api/include" -I"$PYI" \
-       -Icsrc -DTORCH_EXTENSION_NAME=_C -c "$f" -o /dev/null > "/tmp/nvcc_$(basename "$f").log" 2>&1 &
+       -Icsrc -DTORCH_EXTENSION_NAME=_C -DAHN_RT_WITH_CUDA -c "$f" -o /dev/null > "/tmp/nvcc_$(basename "$f").log" 2>&1 &
 done
 for f in "${files[@]}"; do :; done
 wait || true

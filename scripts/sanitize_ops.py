@@ -40,5 +40,11 @@ for pos in (pos_fill, pos_evict):
             z=torch.randn(H, device=dev, dtype=dt), norm_weight=torch.ones(dv, device=dev, dtype=dt),
             o_proj=torch.randn(H, dv, dv, device=dev, dtype=dt) * 0.1, out=torch.zeros(H, dv, device=dev, dtype=dt),
             pos=pos, sinks=S, window=W, eps=1e-6)
+for dk, dv, n in ((128, 128, 3), (12, 20, 2)):
+    f32 = dict(device=dev, dtype=torch.float32)
+    torch.ops.ahn_rt.gdn_chunk_scan(
+        w=torch.randn(H, n, 64, dk, **f32) * 0.1, u=torch.randn(H, n, 64, dv, **f32),
+        kd_t=torch.randn(H, n, dk, 64, **f32) * 0.1, qg=torch.randn(H, n, 64, dk, **f32),
+        gl=torch.rand(H, n, **f32), state=torch.randn(H, dk, dv, **f32))
 torch.cuda.synchronize()
 print("sanitize_ops: every op ran")

@@ -95,19 +95,45 @@ def test_cuda_kernel_writes_the_slot_the_state_names(S, W):
 @pytest.mark.parametrize("chunks", [[1] * 20, [7, 13], [20], [3, 1, 9, 7]])
 def test_chunk_plan(S, W, chunks):
     """Evicted tokens are exactly t - W for every reading row t >= S + W, in order; writes land in the
-    slot the formula names; every attended key position is what the slot holds."""
+    slot the formula names."""
     st = State(_config(S, W), "cpu")
     for T in chunks:
         p0 = st.position
         plan = st.plan(T)
         assert plan.positions.tolist() == list(range(p0, p0 + T))
-        assert plan.key_positions[: plan.cached].tolist() == st.held_positions().tolist()
+        held = st.held_positions()
         reads = plan.positions[plan.read_rows].tolist()
         assert reads == [t for t in range(p0, p0 + T) if t >= S + W]
-        assert plan.key_positions[plan.evict_index].tolist() == [t - W for t in reads]
+        evicted = held[plan.evict_slots].tolist() + plan.positions[plan.evict_rows].tolist()
+        assert evicted == [t - W for t in reads]
         kept = plan.positions[plan.write_rows].tolist()
         assert kept == [t for t in range(p0, p0 + T) if t < S or t >= p0 + T - W]
         assert plan.write_slots.tolist() == [ring_slot(t, S, W) for t in kept]
+        st.advance(T)
+
+
+@pytest.mark.parametrize("S,W", CASES + [(4, 16), (0, 5), (3, 1)])
+@pytest.mark.parametrize("chunks", [[1] * 12, [7, 13], [25], [3, 1, 9, 7, 30]])
+def test_key_ranges_cover_every_key_once(S, W, chunks):
+    """The ranges a chunk attends are the occupied slots and the chunk rows, each exactly once, each
+    range consecutive in position with the positions the slots hold, and sink ranges hold exactly the
+    positions below S."""
+    st = State(_config(S, W), "cpu")
+    for T in chunks:
+        p0 = st.position
+        held = st.held_positions().tolist()
+        seen_slots, seen_rows = [], []
+        for r in st.key_ranges(T):
+            if r.source == "cache":
+                pos = [held[s] for s in range(r.lo, r.lo + r.n)]
+                seen_slots += range(r.lo, r.lo + r.n)
+            else:
+                pos = [p0 + i for i in range(r.lo, r.lo + r.n)]
+                seen_rows += range(r.lo, r.lo + r.n)
+            assert pos == list(range(r.pos, r.pos + r.n))
+            assert all((p < S) == r.sink for p in pos)
+        assert sorted(seen_slots) == list(range(len(held))) and len(set(seen_slots)) == len(seen_slots)
+        assert sorted(seen_rows) == list(range(T)) and len(set(seen_rows)) == len(seen_rows)
         st.advance(T)
 
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <tuple>
 
 #include <ATen/ATen.h>
 
@@ -86,5 +87,9 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
                 const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float);
+
+std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const at::Tensor& w, const at::Tensor& u, const at::Tensor& kd_t,
+                                                  const at::Tensor& qg, const at::Tensor& gl,
+                                                  const at::Tensor& state);
 
 }  // namespace ahn_rt

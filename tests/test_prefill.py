@@ -1,0 +1,204 @@
+"""The prefill path's ops against their references.
+
+* ``gdn_chunk_scan`` (compiled: C++ on the CPU, CUDA) vs ``ref.gdn_chunk_scan_ref``, and opcheck;
+* ``ref.gdn_chunk_blocks`` (chunk-local work batched, the scan sequential: what ``ops.gdn_chunk`` runs)
+  vs the chunk-at-a-time ``ref.gdn_chunk_ref`` and the token-by-token ``ref.gdn_recurrent_ref``, at odd
+  lengths, carrying the state across calls;
+* ``ops.prefill_attention`` on CUDA (FlashAttention-2 per key range, merged by log-sum-exp) vs
+  ``ref.prefill_attention_ref``, over states before, at and past the fill point, chunks longer than the
+  window, chunks that are all sinks, S = 0 and W = 1.
+Each tolerance test also shows that a slightly wrong input (one token's decay, a window off by one)
+fails the same bound.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ahn_rt._C  # noqa: F401
+import ahn_rt._meta  # noqa: F401
+from ahn_rt import cache, ops, ref
+
+_NO_GPU = not torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(_NO_GPU, reason="no GPU")])]
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(_NO_GPU, reason="no GPU")]
+
+
+def _scan_inputs(H, N, Dk, Dv, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = ref.GDN_CHUNK
+    r = lambda *s, sc=0.1: (torch.randn(*s, generator=g) * sc).to(device)
+    w, qg = r(H, N, C, Dk), r(H, N, C, Dk)
+    u = r(H, N, C, Dv, sc=1.0)
+    kd_t = r(H, N, Dk, C)
+    gl = torch.rand(H, N, generator=g).to(device) * 0.5 + 0.5
+    state = r(H, Dk, Dv, sc=0.5)
+    return w, u, kd_t, qg, gl, state
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("H,N,Dk,Dv", [(1, 1, 4, 4), (3, 5, 12, 20), (2, 3, 128, 128), (4, 2, 64, 100)])
+def test_gdn_chunk_scan_matches_reference(device, H, N, Dk, Dv):
+    w, u, kd_t, qg, gl, state = _scan_inputs(H, N, Dk, Dv, device)
+    s_ref, s_op = state.clone(), state.clone()
+    vn_ref, oi_ref = ref.gdn_chunk_scan_ref(w, u, kd_t, qg, gl, s_ref)
+    vn, oi = torch.ops.ahn_rt.gdn_chunk_scan(w, u, kd_t, qg, gl, s_op)
+    for got, want, what in ((vn, vn_ref, "v_new"), (oi, oi_ref, "o_inter"), (s_op, s_ref, "state")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=what)
+    # The bound catches one chunk's decay being wrong (a scan that skips or repeats a gl factor).
+    gl_bad = gl.clone()
+    gl_bad[0, -1] *= 0.99
+    s_bad = state.clone()
+    ref.gdn_chunk_scan_ref(w, u, kd_t, qg, gl_bad, s_bad)
+    assert (s_bad - s_ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gdn_chunk_scan_opcheck(device):
+    w, u, kd_t, qg, gl, state = _scan_inputs(2, 3, 16, 8, device)
+    torch.library.opcheck(torch.ops.ahn_rt.gdn_chunk_scan.default, (w, u, kd_t, qg, gl, state))
+
+
+def test_gdn_chunk_scan_rejects_bad_shapes():
+    w, u, kd_t, qg, gl, state = _scan_inputs(2, 3, 8, 8, "cpu")
+    with pytest.raises(RuntimeError, match="kd_t must be"):
+        torch.ops.ahn_rt.gdn_chunk_scan(w, u, kd_t.transpose(-1, -2).contiguous()[..., :5], qg, gl, state)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.ahn_rt.gdn_chunk_scan(w.double(), u, kd_t, qg, gl, state)
+
+
+def _gdn_feed(n, H, Hkv, D, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, H, D, generator=g, dtype=dtype)
+    k = torch.randn(n, Hkv, D, generator=g, dtype=dtype)
+    v = torch.randn(n, Hkv, D, generator=g, dtype=dtype)
+    beta = torch.rand(n, H, generator=g, dtype=dtype)
+    alpha = -torch.rand(n, H, generator=g, dtype=torch.float64).to(torch.float32) * 0.3
+    return q, k, v, beta, alpha
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths", [[1], [63, 1, 65], [200], [64, 64, 7]])
+def test_gdn_chunk_blocks_matches_recurrence(device, lengths):
+    """ops.gdn_chunk (batched chunk-local work + the compiled scan) carries the state across calls and
+    equals the token-by-token recurrence in float32."""
+    H, Hkv, D = 4, 2, 16
+    q, k, v, beta, alpha = (t.float() for t in _gdn_feed(sum(lengths), H, Hkv, D, seed=len(lengths)))
+    s_rec = torch.zeros(H, D, D)
+    want = ref.gdn_recurrent_ref(q, k, v, beta, alpha, s_rec)
+    s_op = torch.zeros(H, D, D, device=device)
+    outs, at = [], 0
+    for n in lengths:
+        sl = slice(at, at + n)
+        outs.append(ops.gdn_chunk(*(t[sl].to(device) for t in (q, k, v, beta, alpha)), s_op))
+        at += n
+    got = torch.cat(outs).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_op.cpu(), s_rec, rtol=1e-5, atol=1e-5)
+    # One token's write strength off by 1% moves the outputs past the same bound.
+    beta_bad = beta.clone()
+    beta_bad[-1] *= 1.01
+    bad = ref.gdn_recurrent_ref(q, k, v, beta_bad, alpha, torch.zeros(H, D, D))
+    assert (bad - want).abs().max() > 1e-4
+
+
+def test_gdn_chunk_blocks_matches_chunk_reference():
+    """The batched form and the chunk-at-a-time reference are the same algebra: both float32, they agree
+    far inside the recurrence bound (here at the 3B head size over 3 chunks and a tail)."""
+    H, Hkv, D, n = 2, 1, 128, 200
+    q, k, v, beta, alpha = (t.float() for t in _gdn_feed(n, H, Hkv, D, seed=5))
+    s1, s2 = torch.zeros(H, D, D), torch.zeros(H, D, D)
+    want = ref.gdn_chunk_ref(q, k, v, beta, alpha, s1)
+    got = ref.gdn_chunk_blocks(q, k, v, beta, alpha, s2)
+    assert (got - want).abs().max() < 2e-6 and (s2 - s1).abs().max() < 2e-6
+
+
+# ---- prefill attention -------------------------------------------------------------------------
+def _attention_case(S, W, p0, T, H=4, Hkv=2, D=64, dtype=torch.bfloat16, device="cuda", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = S + W
+    k_cache = torch.randn(Hkv, C, D, generator=g).to(device, dtype)
+    v_cache = torch.randn(Hkv, C, D, generator=g).to(device, dtype)
+    q = torch.randn(T, H, D, generator=g).to(device, dtype)
+    k = torch.randn(T, Hkv, D, generator=g).to(device, dtype)
+    v = torch.randn(T, Hkv, D, generator=g).to(device, dtype)
+    return q, k, v, k_cache, v_cache
+
+
+ATTN_CASES = [  # (S, W, p0, T)
+    (0, 8, 0, 5), (4, 16, 0, 3), (4, 16, 0, 30), (4, 16, 2, 9), (4, 16, 19, 6), (4, 16, 20, 5),
+    (4, 16, 37, 11), (4, 16, 45, 40), (0, 1, 9, 4), (3, 1, 3, 5), (2, 300, 1000, 257), (128, 1000, 5000, 700),
+    (16, 64, 70, 1),
+]
+
+
+def test_prefill_attention_reference_matches_window_attention():
+    """The reference reads the ring through held_positions: the same as window_attention_ref over the
+    concatenation the State used to build (CPU, float32)."""
+    for S, W, p0, T in ATTN_CASES[:9]:
+        q, k, v, kc, vc = _attention_case(S, W, p0, T, dtype=torch.float32, device="cpu")
+        held = cache.held_positions(p0, S, W)
+        n = held.numel()
+        qp = torch.arange(p0, p0 + T)
+        want = ref.window_attention_ref(q, torch.cat([kc[:, :n].transpose(0, 1), k]),
+                                        torch.cat([vc[:, :n].transpose(0, 1), v]), qp, torch.cat([held, qp]),
+                                        S, W, 0.125)
+        got = ref.prefill_attention_ref(q, k, v, kc, vc, p0, S, W, 0.125)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("S,W,p0,T", ATTN_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_prefill_attention_cuda_matches_reference(S, W, p0, T, dtype, D):
+    q, k, v, kc, vc = _attention_case(S, W, p0, T, D=D, dtype=dtype, seed=p0 + T)
+    scale = D ** -0.5
+    got = ops.prefill_attention(q, k, v, kc, vc, p0, S, W, scale).float()
+    want = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S, W, scale)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}[dtype]
+    err = (got - want).abs().max().item()
+    assert err < tol, f"max error {err:.2e} >= {tol:.0e}"
+    # A window one token narrower moves some output past the bound (the check can fail).
+    if p0 + T > S + W and W > 1:
+        narrow = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S,
+                                           W - 1, scale)
+        assert (narrow - want).abs().max().item() > tol
+
+
+@pytest.mark.parametrize("S,W,p0,T", ATTN_CASES + [(4, 16, 60, 16), (4, 16, 61, 3), (0, 7, 100, 30), (5, 3, 0, 20)])
+def test_attention_calls_cover_exactly_the_rule(S, W, p0, T):
+    """The CUDA attention's kernel calls (CPU-checkable bookkeeping): every (query, key) pair the rule
+    allows is computed by exactly one call, no call computes a pair the rule forbids, 'full' calls see
+    every key for every query, 'causal' calls are square blocks of the chunk's own keys, and each
+    'window' call's bounds are what FlashAttention-2 takes (0 or more, or -1)."""
+    held = cache.held_positions(p0, S, W).tolist()
+    n_keys = len(held) + T
+    key_pos = held + list(range(p0, p0 + T))
+    q_pos = torch.arange(p0, p0 + T)[:, None]
+    kp = torch.tensor(key_pos)[None, :]
+    allowed = (kp <= q_pos) & ((q_pos - kp < W) | (kp < S))
+    count = torch.zeros(T, n_keys, dtype=torch.int64)
+    for i_lo, i_hi, source, lo, n, kind, left, right in ops._attention_calls(p0, T, S, W):
+        base = 0 if source == "cache" else len(held)
+        tq = i_hi - i_lo + 1
+        i = torch.arange(tq)[:, None]
+        j = torch.arange(n)[None, :]
+        if kind == "full":
+            sees = torch.ones(tq, n, dtype=torch.bool)
+        elif kind == "causal":
+            assert source == "chunk" and tq == n
+            sees = j <= i
+        else:
+            assert left >= -1 and right >= 0
+            # FlashAttention-2 reads a bound of n or more as no bound at all: model that here.
+            left = -1 if left >= n else left
+            right = -1 if right >= n else right
+            lower = torch.full_like(i, -10**9) if left == -1 else i + (n - tq) - left
+            upper = torch.full_like(i, 10**9) if right == -1 else i + (n - tq) + right
+            sees = (j >= lower) & (j <= upper)
+        assert bool(sees.any(1).all()), "a call has a query row that sees nothing"
+        count[i_lo:i_hi + 1, base + lo: base + lo + n] += sees.long()
+    assert int(count.max()) <= 1, "a pair is computed twice"
+    assert torch.equal(count.bool(), allowed), "calls and rule disagree"
