@@ -40,3 +40,13 @@ def _gemv_fake(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_f
 @torch.library.register_fake("ahn_rt::gdn_chunk_scan")
 def _gdn_chunk_scan_fake(w, u, kd_t, qg, gl, state):
     return torch.empty_like(u), torch.empty_like(u)
+
+
+@torch.library.register_fake("ahn_rt::attn_merge")
+def _attn_merge_fake(outs, lses, offsets, rows):
+    return outs[0].new_empty(rows, outs[0].shape[1], outs[0].shape[2])
+
+
+@torch.library.register_fake("ahn_rt::silu_mul")
+def _silu_mul_fake(x):
+    return x.new_empty(x.shape[0], x.shape[1] // 2)

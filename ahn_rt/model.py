@@ -48,8 +48,7 @@ class Decoder:
 
     def _mlp(self, h: torch.Tensor, lw) -> torch.Tensor:
         x = ops.rms_norm(h, lw.ln_post, self.config.rms_norm_eps)
-        gate, up = ops.linear(x, lw.w_gu).chunk(2, dim=-1)
-        return h + ops.linear(F.silu(gate) * up, lw.w_down)
+        return h + ops.linear(ops.silu_mul(ops.linear(x, lw.w_gu)), lw.w_down)
 
     # ------------------------------------------------------------------------------------------
     def prefill(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:

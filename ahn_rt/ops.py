@@ -127,6 +127,16 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def attn_merge(outs, lses, offsets, rows):
+    fn = torch.ops.ahn_rt.attn_merge if _use_ext(outs[0]) and len(outs) <= 8 else ref.attn_merge_ref
+    return fn(outs, lses, offsets, rows)
+
+
+def silu_mul(x):
+    fn = torch.ops.ahn_rt.silu_mul if _use_ext(x) else ref.silu_mul_ref
+    return fn(x)
+
+
 def gdn_chunk_scan(w, u, kd_t, qg, gl, state):
     cuda_ok = not w.is_cuda or (w.shape[2] == ref.GDN_CHUNK and w.shape[3] % 4 == 0 and w.shape[3] <= 128)
     fn = torch.ops.ahn_rt.gdn_chunk_scan if _use_ext(w) and cuda_ok else ref.gdn_chunk_scan_ref
@@ -225,7 +235,17 @@ def _attention_calls(p0: int, T: int, sinks: int, window: int):
 
     for r in cache.key_ranges(p0, T, sinks, window):
         add(r.source, r.lo, r.pos, r.n, r.sink)
-    return calls
+    # Full blocks of the cache next to each other in memory (the sinks and the newest ring slots) for the
+    # same queries are one call: which key is where does not matter without a mask.
+    full = sorted(c for c in calls if c[5] == "full" and c[2] == "cache")
+    merged = []
+    for c in full:
+        last = merged[-1] if merged else None
+        if last and last[:2] == c[:2] and last[3] + last[4] == c[3]:
+            merged[-1] = (*last[:4], last[4] + c[4], *last[5:])
+        else:
+            merged.append(c)
+    return merged + [c for c in calls if not (c[5] == "full" and c[2] == "cache")]
 
 
 def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
@@ -249,15 +269,7 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
         parts.append((i_lo, i_hi - i_lo + 1, *res))
     if len(parts) == 1 and parts[0][1] == T:
         return parts[0][2]
-    lse_all = torch.full((len(parts), H, T), float("-inf"), dtype=torch.float32, device=q.device)
-    for idx, (lo, n, _, lse) in enumerate(parts):
-        lse_all[idx, :, lo:lo + n] = lse
-    total = torch.logsumexp(lse_all, dim=0)                          # [H, T]
-    out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
-    for lo, n, o, lse in parts:
-        weight = (lse - total[:, lo:lo + n]).exp().transpose(0, 1)[..., None]
-        out[lo:lo + n] += o.float() * weight
-    return out.to(q.dtype)
+    return attn_merge([o for _, _, o, _ in parts], [lse for _, _, _, lse in parts], [lo for lo, *_ in parts], T)
 
 
 def _prefill_attention_sdpa(q, k, v, k_cache, v_cache, p0, sinks, window, scale):

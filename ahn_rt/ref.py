@@ -91,6 +91,30 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     return window_attention_ref(q, k_all, v_all, q_pos, torch.cat([held, q_pos]), sinks, window, scale)
 
 
+def attn_merge_ref(outs: list, lses: list, offsets: list, rows: int) -> torch.Tensor:
+    """Combine partial attention results by log-sum-exp. Part i covers rows [offsets[i], offsets[i] + n_i):
+    outs[i] [n_i, H, D] (each normalized over its own keys), lses[i] [H, n_i] float32 (the log of its
+    softmax denominator). Every row must be covered by some part. Returns [rows, H, D] in the outs' dtype."""
+    H, D = outs[0].shape[1], outs[0].shape[2]
+    dev = outs[0].device
+    lse_all = torch.full((len(outs), H, rows), float("-inf"), dtype=torch.float32, device=dev)
+    for i, (off, lse) in enumerate(zip(offsets, lses)):
+        lse_all[i, :, off:off + lse.shape[1]] = lse
+    total = torch.logsumexp(lse_all, dim=0)                          # [H, rows]
+    out = torch.zeros(rows, H, D, dtype=torch.float32, device=dev)
+    for off, o, lse in zip(offsets, outs, lses):
+        n = o.shape[0]
+        weight = (lse - total[:, off:off + n]).exp().transpose(0, 1)[..., None]
+        out[off:off + n] += o.float() * weight
+    return out.to(outs[0].dtype)
+
+
+def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, 2N] (gate | up) -> silu(gate) * up [rows, N], each op rounded to x.dtype as in torch."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def ring_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: torch.Tensor | None,
                    alpha_cache: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
                    alpha: torch.Tensor | None, pos: torch.Tensor, sinks: int, window: int,
@@ -263,9 +287,8 @@ def gdn_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     diff = G[..., :, None] - G[..., None, :]                               # G_i - G_j
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    neg = torch.tensor(float("-inf"), device=q.device)
     kk = K @ K.transpose(-1, -2)
-    A = B[..., None] * kk * torch.where(strict, diff, neg).exp()
+    A = B[..., None] * kk * torch.where(strict, diff, float("-inf")).exp()
     eG = G.exp()
     rhs = torch.cat([(B * eG)[..., None] * K, B[..., None] * V], dim=-1)
     eye = torch.eye(C, dtype=A.dtype, device=A.device)
@@ -275,7 +298,7 @@ def gdn_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     last = G[..., -1:]
     kd_t = (K * (last - G).exp()[..., None]).transpose(-1, -2).contiguous()
     qg = (eG[..., None] * Q).contiguous()
-    P = (Q @ K.transpose(-1, -2)) * torch.where(incl, diff, neg).exp()
+    P = (Q @ K.transpose(-1, -2)) * torch.where(incl, diff, float("-inf")).exp()
     v_new, o_inter = scan(w, u, kd_t, qg, last[..., 0].exp().contiguous(), state)
     o = o_inter + P @ v_new                                                # [H, N, C, Dv]
     return o.reshape(H, N * C, -1)[:, :n].transpose(0, 1).to(q.dtype)

@@ -9,8 +9,8 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_GRAPH         | ahn_rt.graph           | 1: capture the CUDA decode step in a graph; 0: eager steps      |
 | AHN_RT_CUDA          | setup.py (build)       | auto: CUDA kernels when torch has CUDA and nvcc is found;       |
 |                      |                        | 0: CPU-only build; 1: CUDA build or an error                    |
-| AHN_RT_PREFILL_CUDNN | ahn_rt.ops, each call  | 1: the unmasked blocks of prefill attention through cuDNN;      |
-|                      |                        | 0: FlashAttention-2 for every block (an A/B switch for benches) |
+| AHN_RT_PREFILL_CUDNN | ahn_rt.ops, each call  | 0: FlashAttention-2 for every block of prefill attention;       |
+|                      |                        | 1: its unmasked blocks through cuDNN (builds a plan per shape)  |
 | AHN_RT_GEMV_PDL      | CUDA gemv, every call  | 0; 1: programmatic dependent launch (an A/B switch for benches) |
 | AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
 
@@ -25,7 +25,7 @@ _CHOICES = {
     "AHN_RT_BACKEND": ("auto", "ref", "ext"),
     "AHN_RT_GRAPH": ("1", "0"),
     "AHN_RT_CUDA": ("", "0", "1"),
-    "AHN_RT_PREFILL_CUDNN": ("1", "0"),
+    "AHN_RT_PREFILL_CUDNN": ("0", "1"),
 }
 
 
@@ -52,7 +52,7 @@ def graphs_enabled() -> bool:
 
 
 def prefill_cudnn() -> bool:
-    """AHN_RT_PREFILL_CUDNN: cuDNN for the unmasked blocks of prefill attention (default) or not."""
+    """AHN_RT_PREFILL_CUDNN: cuDNN for the unmasked blocks of prefill attention, or (default) not."""
     return _read("AHN_RT_PREFILL_CUDNN") == "1"
 
 

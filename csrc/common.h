@@ -209,6 +209,25 @@ struct GdnChunkScanParams {
   int64_t H, N, C, Dk, Dv;
 };
 
+// Prefill attention: the partial results of up to kMergeMaxParts kernel calls, each over a block of keys
+// for rows [off, off + n) of the chunk, combined by log-sum-exp (reference: ahn_rt/ref.py attn_merge_ref).
+constexpr int kMergeMaxParts = 8;
+struct AttnMergeParams {
+  const void* o[kMergeMaxParts];      // [n, H, D] (dtype T), strides o_s0 (row), o_s1 (head), last dim 1
+  const float* lse[kMergeMaxParts];   // [H, n] float32, head stride lse_s0, row stride 1
+  int64_t off[kMergeMaxParts], n[kMergeMaxParts], o_s0[kMergeMaxParts], o_s1[kMergeMaxParts],
+      lse_s0[kMergeMaxParts];
+  int64_t parts, rows, H, D;
+  void* out;                          // [rows, H, D] contiguous (dtype T)
+};
+
+// y = silu(x[:, :N]) * x[:, N:] for x [rows, 2N] (row stride x_s0), both ops rounded to T as torch does.
+struct SiluMulParams {
+  const void* x;
+  void* out;           // [rows, N] contiguous
+  int64_t rows, N, x_s0;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Launchers. T is float, c10::BFloat16 or c10::Half (explicitly instantiated in the backend files).
 // ---------------------------------------------------------------------------------------------
@@ -218,6 +237,8 @@ template <typename T> void swa_decode_cpu(const SwaDecodeParams& p);
 template <typename T> void gdn_decode_cpu(const GdnDecodeParams& p);
 template <typename T> void gemv_cpu(const GemvParams& p);
 void gdn_chunk_scan_cpu(const GdnChunkScanParams& p);
+template <typename T> void attn_merge_cpu(const AttnMergeParams& p);
+template <typename T> void silu_mul_cpu(const SiluMulParams& p);
 
 // `stream` is a cudaStream_t (kept as void*: the CPU build of this header needs no CUDA headers).
 template <typename T> void rms_norm_cuda(const RmsNormParams& p, void* stream);
@@ -226,6 +247,8 @@ template <typename T> void swa_decode_cuda(const SwaDecodeParams& p, void* strea
 template <typename T> void gdn_decode_cuda(const GdnDecodeParams& p, void* stream);
 template <typename T> void gemv_cuda(const GemvParams& p, void* stream);
 void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream);
+template <typename T> void attn_merge_cuda(const AttnMergeParams& p, void* stream);
+template <typename T> void silu_mul_cuda(const SiluMulParams& p, void* stream);
 
 // swa_decode CUDA tensor-core path (fp16 / bf16): keys per shared-memory pipeline stage (16 per warp of
 // 4), stages, and the dynamic shared memory of one block: Q [16][DT + 8] + stages x {K, V} [64][DT + 8]

@@ -30,6 +30,8 @@ TORCH_LIBRARY(ahn_rt, m) {
       "bool silu_mul, bool out_float) -> Tensor");
   m.def("gdn_chunk_scan(Tensor w, Tensor u, Tensor kd_t, Tensor qg, Tensor gl, Tensor(a!) state) "
         "-> (Tensor, Tensor)");
+  m.def("attn_merge(Tensor[] outs, Tensor[] lses, int[] offsets, int rows) -> Tensor");
+  m.def("silu_mul(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
@@ -39,6 +41,8 @@ TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
   m.impl("gdn_decode", &ahn_rt::gdn_decode);
   m.impl("gemv", &ahn_rt::gemv);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
+  m.impl("attn_merge", &ahn_rt::attn_merge);
+  m.impl("silu_mul", &ahn_rt::silu_mul);
 }
 
 #ifdef AHN_RT_WITH_CUDA
@@ -49,5 +53,7 @@ TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) {
   m.impl("gdn_decode", &ahn_rt::gdn_decode);
   m.impl("gemv", &ahn_rt::gemv);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
+  m.impl("attn_merge", &ahn_rt::attn_merge);
+  m.impl("silu_mul", &ahn_rt::silu_mul);
 }
 #endif

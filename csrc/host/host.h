@@ -91,5 +91,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
 std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const at::Tensor& w, const at::Tensor& u, const at::Tensor& kd_t,
                                                   const at::Tensor& qg, const at::Tensor& gl,
                                                   const at::Tensor& state);
+at::Tensor attn_merge(at::TensorList outs, at::TensorList lses, at::IntArrayRef offsets, int64_t rows);
+at::Tensor silu_mul(const at::Tensor& x);
 
 }  // namespace ahn_rt

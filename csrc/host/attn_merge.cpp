@@ -1,0 +1,83 @@
+// ahn_rt.attn_merge and ahn_rt.silu_mul: the checked host entry functions of the prefill's two fused
+// elementwise steps (kernels: cpu/ and cuda/ attn_merge, silu_mul). Test: pytest tests/test_prefill.py.
+#include "host.h"
+
+namespace ahn_rt {
+
+at::Tensor attn_merge(at::TensorList outs, at::TensorList lses, at::IntArrayRef offsets, int64_t rows) {
+  constexpr const char* op = "ahn_rt.attn_merge";
+  const int64_t P = static_cast<int64_t>(outs.size());
+  TORCH_CHECK(P >= 1 && P <= kMergeMaxParts, op, ": takes 1 to ", kMergeMaxParts, " parts, got ", P);
+  TORCH_CHECK(static_cast<int64_t>(lses.size()) == P && static_cast<int64_t>(offsets.size()) == P, op,
+              ": outs, lses and offsets must have one entry per part");
+  const at::Tensor& o0 = outs[0];
+  TORCH_CHECK(o0.dim() == 3, op, ": each out must be [n, H, D], got ", o0.sizes());
+  const int64_t H = o0.size(1), D = o0.size(2);
+  AttnMergeParams p{};
+  for (int64_t i = 0; i < P; ++i) {
+    const at::Tensor& o = outs[i];
+    const at::Tensor& l = lses[i];
+    check_same_device(o0, o, op, "outs");
+    check_same_device(o0, l, op, "lses");
+    TORCH_CHECK(o.dim() == 3 && o.size(1) == H && o.size(2) == D && o.stride(2) == 1, op,
+                ": each out must be [n, ", H, ", ", D, "] with a contiguous last dim, got ", o.sizes());
+    TORCH_CHECK(o.scalar_type() == o0.scalar_type(), op, ": outs must share one dtype");
+    TORCH_CHECK(l.scalar_type() == at::kFloat && l.dim() == 2 && l.size(0) == H && l.size(1) == o.size(0) &&
+                    l.stride(1) == 1, op, ": each lse must be float32 [", H, ", n] with contiguous rows, got ",
+                l.sizes());
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + o.size(0) <= rows, op, ": part ", i, " covers rows [",
+                offsets[i], ", ", offsets[i] + o.size(0), ") outside [0, ", rows, ")");
+    p.o[i] = o.data_ptr();
+    p.lse[i] = l.data_ptr<float>();
+    p.off[i] = offsets[i];
+    p.n[i] = o.size(0);
+    p.o_s0[i] = o.stride(0);
+    p.o_s1[i] = o.stride(1);
+    p.lse_s0[i] = l.stride(0);
+  }
+  at::Tensor out = at::empty({rows, H, D}, o0.options());
+  p.parts = P;
+  p.rows = rows;
+  p.H = H;
+  p.D = D;
+  p.out = out.data_ptr();
+  if (rows == 0 || H == 0 || D == 0) return out;
+#ifdef AHN_RT_WITH_CUDA
+  if (o0.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(o0.device());
+    dispatch_dtype(o0.scalar_type(), op, [&](auto tag) {
+      attn_merge_cuda<decltype(tag)>(p, c10::cuda::getCurrentCUDAStream());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+#endif
+  TORCH_CHECK(o0.is_cpu(), op, ": no kernel for device ", o0.device());
+  dispatch_dtype(o0.scalar_type(), op, [&](auto tag) { attn_merge_cpu<decltype(tag)>(p); });
+  return out;
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  constexpr const char* op = "ahn_rt.silu_mul";
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.stride(1) == 1, op,
+              ": x must be [rows, 2N] with a contiguous last dim, got ", x.sizes());
+  const int64_t N = x.size(1) / 2;
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  SiluMulParams p{x.data_ptr(), out.data_ptr(), x.size(0), N, x.stride(0)};
+  if (x.numel() == 0) return out;
+#ifdef AHN_RT_WITH_CUDA
+  if (x.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
+      silu_mul_cuda<decltype(tag)>(p, c10::cuda::getCurrentCUDAStream());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+#endif
+  TORCH_CHECK(x.is_cpu(), op, ": no kernel for device ", x.device());
+  dispatch_dtype(x.scalar_type(), op, [&](auto tag) { silu_mul_cpu<decltype(tag)>(p); });
+  return out;
+}
+
+}  // namespace ahn_rt
