@@ -168,3 +168,93 @@ def test_prefill_attention_cuda_matches_reference(S, W, p0, T, dtype, D):
         narrow = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S,
                                            W - max(1, W // 8), scale)
         assert ((narrow - want).norm() / want.norm()).item() > rel
+
+
+# ---- the two fused elementwise steps -----------------------------------------------------------
+def _merge_case(dtype, device, H=3, D=40, rows=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spans = [(0, 23), (5, 10), (0, 9), (20, 3), (7, 16)]     # (offset, n): rows covered 1 to 4 times
+    outs = [torch.randn(n, H, D, generator=g).to(device, dtype) for _, n in spans]
+    lses = [(torch.randn(H, n, generator=g) * 3).to(device) for _, n in spans]
+    return outs, lses, [o for o, _ in spans], rows
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_attn_merge_matches_reference(device, dtype):
+    outs, lses, offs, rows = _merge_case(dtype, device)
+    got = torch.ops.ahn_rt.attn_merge(outs, lses, offs, rows).float()
+    want = ref.attn_merge_ref([o.double() for o in outs], [l.double() for l in lses], offs, rows).float()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    assert (got - want).abs().max().item() < tol
+    # A part placed one row off fails the same bound.
+    bad = ref.attn_merge_ref([o.double() for o in outs], [l.double() for l in lses], [offs[0], offs[1] + 1,
+                             *offs[2:]], rows + 1)[:rows].float()
+    assert (bad - want).abs().max().item() > tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attn_merge_strided_parts_and_opcheck(device):
+    """Parts may be strided views (a [H, n, D] result seen as [n, H, D]); opcheck the schema."""
+    outs, lses, offs, rows = _merge_case(torch.float32, device)
+    outs = [o.transpose(0, 1).contiguous().transpose(0, 1) for o in outs]
+    got = torch.ops.ahn_rt.attn_merge(outs, lses, offs, rows)
+    torch.testing.assert_close(got, ref.attn_merge_ref(outs, lses, offs, rows), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.ahn_rt.attn_merge.default, (outs, lses, offs, rows))
+
+
+def test_attn_merge_rejects_parts_outside_the_rows():
+    outs, lses, offs, rows = _merge_case(torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.ahn_rt.attn_merge(outs, lses, offs, rows - 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_silu_mul_matches_torch(device, dtype):
+    x = (torch.randn(7, 2 * 45, generator=torch.Generator().manual_seed(1)) * 4).to(device, dtype)
+    got = torch.ops.ahn_rt.silu_mul(x)
+    want = ref.silu_mul_ref(x)
+    # Both round silu to the dtype, then the product: equal to an ulp of the dtype (exp may differ in
+    # the last float bit).
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp)
+    assert not torch.allclose(ref.silu_mul_ref(x.flip(1)).float(), want.float(), rtol=ulp, atol=ulp)
+    torch.library.opcheck(torch.ops.ahn_rt.silu_mul.default, (x,))
+
+
+@pytest.mark.parametrize("S,W,p0,T", ATTN_CASES + [(4, 16, 60, 16), (4, 16, 61, 3), (0, 7, 100, 30), (5, 3, 0, 20)])
+def test_attention_calls_cover_exactly_the_rule(S, W, p0, T):
+    """The CUDA attention's kernel calls (CPU-checkable bookkeeping): every (query, key) pair the rule
+    allows is computed by exactly one call, no call computes a pair the rule forbids, 'full' calls see
+    every key for every query, 'causal' calls are square blocks of the chunk's own keys, and each
+    'window' call's bounds are what FlashAttention-2 takes (0 or more, or -1)."""
+    held = cache.held_positions(p0, S, W).tolist()
+    n_keys = len(held) + T
+    key_pos = held + list(range(p0, p0 + T))
+    q_pos = torch.arange(p0, p0 + T)[:, None]
+    kp = torch.tensor(key_pos)[None, :]
+    allowed = (kp <= q_pos) & ((q_pos - kp < W) | (kp < S))
+    count = torch.zeros(T, n_keys, dtype=torch.int64)
+    for i_lo, i_hi, source, lo, n, kind, left, right in ops._attention_calls(p0, T, S, W):
+        base = 0 if source == "cache" else len(held)
+        tq = i_hi - i_lo + 1
+        i = torch.arange(tq)[:, None]
+        j = torch.arange(n)[None, :]
+        if kind == "full":
+            sees = torch.ones(tq, n, dtype=torch.bool)
+        elif kind == "causal":
+            assert source == "chunk" and tq == n
+            sees = j <= i
+        else:
+            assert left >= -1 and right >= 0
+            # FlashAttention-2 reads a bound of n or more as no bound at all: model that here.
+            left = -1 if left >= n else left
+            right = -1 if right >= n else right
+            lower = torch.full_like(i, -10**9) if left == -1 else i + (n - tq) - left
+            upper = torch.full_like(i, 10**9) if right == -1 else i + (n - tq) + right
+            sees = (j >= lower) & (j <= upper)
+        assert bool(sees.any(1).all()), "a call has a query row that sees nothing"
+        count[i_lo:i_hi + 1, base + lo: base + lo + n] += sees.long()
+    assert int(count.max()) <= 1, "a pair is computed twice"
+    assert torch.equal(count.bool(), allowed), "calls and rule disagree"
