@@ -172,6 +172,29 @@ def _flash(q, k, v, left: int, right: int, scale: float):
     return out[0][0], out[1][0]
 
 
+_DENSE_KEYS = 256   # a window call over at most this many keys with more queries than keys runs dense
+
+
+def _dense(q, k, v, left: int, right: int, scale: float):
+    """``_flash``'s function in plain torch (float32 scores [H, Tq, n]): for short key ranges."""
+    Tq, H, D = q.shape
+    n, Hkv = k.shape[0], k.shape[1]
+    i = torch.arange(Tq, device=q.device)[:, None]
+    j = torch.arange(n, device=q.device)[None, :]
+    ok = torch.ones(Tq, n, dtype=torch.bool, device=q.device)
+    if left >= 0:
+        ok &= j >= i + (n - Tq) - left
+    if right >= 0:
+        ok &= j <= i + (n - Tq) + right
+    kf = k.float().repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
+    s = torch.einsum("thd,hnd->htn", q.float(), kf) * scale
+    s = s.masked_fill(~ok[None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                  # [H, Tq]
+    out = torch.einsum("htn,hnd->thd", (s - lse[..., None]).exp(), vf)
+    return out.to(q.dtype), lse
+
+
 _cudnn_ok = True   # cleared (once per process) if torch's cuDNN attention refuses these calls
 
 
@@ -258,6 +281,17 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
         else:
             kk, vv = k[lo:lo + n], v[lo:lo + n]
         qq = q[i_lo:i_hi + 1]
+        tq = i_hi - i_lo + 1
+        if kind == "window" and tq > n:
+            # FlashAttention-2's window bounds are wrong with more queries than keys (measured on the
+            # H200): a short range runs dense, a longer one in blocks of at most n queries.
+            for b0 in range(0, tq, n if n > _DENSE_KEYS else tq):
+                m = min(tq - b0, n if n > _DENSE_KEYS else tq)
+                lb = left + tq - m - b0 if 0 <= left < n else -1
+                rb = right + tq - m - b0 if 0 <= right < n else -1
+                run = _flash if n > _DENSE_KEYS else _dense
+                parts.append((i_lo + b0, m, *run(qq[b0:b0 + m], kk, vv, lb, rb, scale)))
+            continue
         res = None
         if kind != "window" and _cudnn_ok and settings.prefill_cudnn():
             try:
@@ -266,7 +300,7 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
                 _cudnn_ok = False
         if res is None:
             res = _flash(qq, kk, vv, left, right, scale)
-        parts.append((i_lo, i_hi - i_lo + 1, *res))
+        parts.append((i_lo, tq, *res))
     if len(parts) == 1 and parts[0][1] == T:
         return parts[0][2]
     return attn_merge([o for _, _, o, _ in parts], [lse for _, _, _, lse in parts], [lo for lo, *_ in parts], T)

@@ -258,3 +258,17 @@ def test_attention_calls_cover_exactly_the_rule(S, W, p0, T):
         count[i_lo:i_hi + 1, base + lo: base + lo + n] += sees.long()
     assert int(count.max()) <= 1, "a pair is computed twice"
     assert torch.equal(count.bool(), allowed), "calls and rule disagree"
+
+
+@pytest.mark.parametrize("dense_keys", [0, 3, 256])
+@pytest.mark.parametrize("S,W,p0,T", ATTN_CASES + [(4, 16, 60, 16), (0, 7, 100, 30), (5, 3, 0, 20)])
+def test_prefill_attention_plan_on_the_cpu(monkeypatch, S, W, p0, T, dense_keys):
+    """The CUDA attention's whole plan (calls, the query blocks of window calls with more queries than
+    keys, the log-sum-exp merge) run on the CPU with ``ops._dense`` standing in for FlashAttention-2 (it
+    implements the same bounds), against the reference in float32."""
+    monkeypatch.setattr(ops, "_flash", ops._dense)
+    monkeypatch.setattr(ops, "_DENSE_KEYS", dense_keys)
+    q, k, v, kc, vc = _attention_case(S, W, p0, T, D=16, dtype=torch.float32, device="cpu")
+    got = ops._prefill_attention_flash(q, k, v, kc, vc, p0, S, W, 0.25)
+    want = ref.prefill_attention_ref(q, k, v, kc, vc, p0, S, W, 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
