@@ -271,9 +271,18 @@ def _attention_calls(p0: int, T: int, sinks: int, window: int):
     return merged + [c for c in calls if not (c[5] == "full" and c[2] == "cache")]
 
 
+def _rows_aligned(t):
+    """The attention kernels load rows 16 bytes at a time: every stride but the last a multiple of
+    16 bytes, and the start too. A view of the fused projection output (v) can fail this when the
+    projection's width is odd in 16-byte units (small test models)."""
+    e = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:-1])
+
+
 def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
     global _cudnn_ok
     T, H, D = q.shape
+    q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
     parts = []
     for i_lo, i_hi, source, lo, n, kind, left, right in _attention_calls(p0, T, sinks, window):
         if source == "cache":
