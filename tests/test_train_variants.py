@@ -382,3 +382,20 @@ def test_train_cli_ahn_flag(tmp_path, capsys):
     assert json.loads((tmp_path / "again" / "config.json").read_text())["_ahn_implementation"] == "Mamba2"
     rc, err = train("--out", tmp_path / "bad", "--steps", 1, "--init-ahn", out / "model.safetensors", "--ahn", "gdn")
     assert rc == 2 and "Mamba2" in err, err
+
+
+@pytest.mark.parametrize("impl,expect", [
+    ("GatedDeltaNet", {"A_log", "D", "dt_bias", "o_norm.weight"}),
+    ("DeltaNet", {"o_norm.weight"}),
+    ("Mamba2", {"A_log", "dt_bias", "norm.weight", "dt_proj.bias", "g_proj.bias"}),
+])
+def test_weight_decay_spares_each_variants_declared_names(impl, expect):
+    """AdamW's no-decay group holds exactly the memory module's declared names (every layer), and the
+    decay group holds the rest: a trainer that used GatedDeltaNet's list for Mamba2 decays its norm and
+    biases and fails here."""
+    from ahn_rt.train.trainer import no_decay_parameters
+    _, _, model = tiny_model("qwen2", impl)
+    exempt = {id(p) for p in no_decay_parameters(model)}
+    names = {name for layer in model.ahn for name, p in layer.named_parameters() if id(p) in exempt}
+    assert names == expect
+    assert len(exempt) == len(names) * len(model.ahn)

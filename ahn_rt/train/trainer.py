@@ -41,9 +41,6 @@ from . import checkpoint as ckpt_io
 from . import dist as dist_mod
 from .data import BudgetSpec, Cursor, Dataset, MicroBatch, collate
 
-NO_DECAY = ("A_log", "dt_bias", "D", "o_norm.weight")
-
-
 @dataclasses.dataclass
 class TrainSettings:
     steps: int | None = None            # None: one epoch
@@ -80,6 +77,12 @@ def ahn_named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
         for name, p in layer.named_parameters():
             out.append((ahn_key(n, name), p))
     return out
+
+
+def no_decay_parameters(model) -> list[torch.nn.Parameter]:
+    """The AHN parameters that weight decay leaves alone: the names each memory module declares
+    (``NO_DECAY``: its gates' biases and log-rates, its norm weights)."""
+    return [p for layer in model.ahn for name, p in layer.named_parameters() if name in type(layer).NO_DECAY]
 
 
 def _rng_state_tensors() -> dict[str, torch.Tensor]:
@@ -185,8 +188,9 @@ class Trainer:
                 raise AhnError(f"internal: base parameter {name} is trainable; the base must stay frozen")
         for _, p in self.named:
             p.requires_grad_(True)
-        decay = [p for k, p in self.named if not k.endswith(tuple("." + n for n in NO_DECAY))]
-        no_decay = [p for k, p in self.named if k.endswith(tuple("." + n for n in NO_DECAY))]
+        exempt = {id(p) for p in no_decay_parameters(model)}
+        decay = [p for _, p in self.named if id(p) not in exempt]
+        no_decay = [p for _, p in self.named if id(p) in exempt]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=settings.lr, betas=settings.betas, eps=settings.eps)
