@@ -42,18 +42,10 @@ at::Tensor attn_merge(at::TensorList outs, at::TensorList lses, at::IntArrayRef 
   p.D = D;
   p.out = out.data_ptr();
   if (rows == 0 || H == 0 || D == 0) return out;
-#ifdef AHN_RT_WITH_CUDA
-  if (o0.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(o0.device());
-    dispatch_dtype(o0.scalar_type(), op, [&](auto tag) {
-      attn_merge_cuda<decltype(tag)>(p, c10::cuda::getCurrentCUDAStream());
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return out;
-  }
-#endif
-  TORCH_CHECK(o0.is_cpu(), op, ": no kernel for device ", o0.device());
-  dispatch_dtype(o0.scalar_type(), op, [&](auto tag) { attn_merge_cpu<decltype(tag)>(p); });
+  dispatch_device(
+      o0, o0.scalar_type(), op,
+      [&](auto tag, void* stream) { attn_merge_cuda<decltype(tag)>(p, stream); },
+      [&](auto tag) { attn_merge_cpu<decltype(tag)>(p); });
   return out;
 }
 
@@ -65,18 +57,9 @@ at::Tensor silu_mul(const at::Tensor& x) {
   at::Tensor out = at::empty({x.size(0), N}, x.options());
   SiluMulParams p{x.data_ptr(), out.data_ptr(), x.size(0), N, x.stride(0)};
   if (x.numel() == 0) return out;
-#ifdef AHN_RT_WITH_CUDA
-  if (x.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    dispatch_dtype(x.scalar_type(), op, [&](auto tag) {
-      silu_mul_cuda<decltype(tag)>(p, c10::cuda::getCurrentCUDAStream());
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return out;
-  }
-#endif
-  TORCH_CHECK(x.is_cpu(), op, ": no kernel for device ", x.device());
-  dispatch_dtype(x.scalar_type(), op, [&](auto tag) { silu_mul_cpu<decltype(tag)>(p); });
+  dispatch_device(
+      x, x.scalar_type(), op, [&](auto tag, void* stream) { silu_mul_cuda<decltype(tag)>(p, stream); },
+      [&](auto tag) { silu_mul_cpu<decltype(tag)>(p); });
   return out;
 }
 

@@ -40,6 +40,25 @@ void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
   }
 }
 
+// Runs the op's kernel for t's device and dtype: cuda(tag, stream) under a device guard with the launch
+// error checked, else cpu(tag) on the CPU (tag: a value of the C++ type of `dtype`).
+template <typename Cuda, typename Cpu>
+void dispatch_device(const at::Tensor& t, at::ScalarType dtype, const char* op, Cuda&& cuda, Cpu&& cpu) {
+#ifdef AHN_RT_WITH_CUDA
+  if (t.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(t.device());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_dtype(dtype, op, [&](auto tag) { cuda(tag, static_cast<void*>(stream)); });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+#else
+  (void)cuda;
+#endif
+  TORCH_CHECK(t.is_cpu(), op, ": no kernel for device ", t.device());
+  dispatch_dtype(dtype, op, [&](auto tag) { cpu(tag); });
+}
+
 inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* what) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", what, " is on ", t.device(), " but the op runs on ",
               ref.device());
