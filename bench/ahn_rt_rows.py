@@ -27,7 +27,7 @@ def build_model(args, mode: str, dev: torch.device):
     if args.weights:
         return ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, mode=mode,
                            dtype=dtype, device=dev)
-    cfg = preset_config(args.preset, ahn=True, dtype=dtype)
+    cfg = preset_config(args.preset, ahn=getattr(args, "ahn_impl", None) or True, dtype=dtype)
     sd = random_state_dict(cfg, seed=args.seed, dtype=dtype, device=dev)
     model = from_state_dict(cfg, sd, window=args.window, sinks=args.sinks, mode=mode, dtype=dtype, device=dev)
     del sd

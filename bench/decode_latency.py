@@ -40,6 +40,11 @@ from report import gdn_share, log, markdown, write_json  # noqa: E402
 from timing import GiB, free_memory  # noqa: E402
 
 
+def variant_tag(c) -> str:
+    """Row label of the model's mode: 'ahn' for GatedDeltaNet, 'ahn-dn' / 'ahn-mamba2' for the others."""
+    return {"GatedDeltaNet": "ahn", "DeltaNet": "ahn-dn", "Mamba2": "ahn-mamba2"}[c.ahn_implementation]
+
+
 def run(args, dev: torch.device) -> dict:
     r = Run(args.budget_s, dev)
     torch.manual_seed(args.seed)
@@ -66,7 +71,8 @@ def ahn_mode_rows(r: Run, args, dev: torch.device, hdr: dict):
     if model is None:
         return None, None
     c = model.config
-    hdr["model"] = dict(family=c.family, layers=c.num_layers, hidden=c.hidden_size, heads=c.num_heads,
+    tag = variant_tag(c)
+    hdr["model"] = dict(family=c.family, memory=c.ahn_implementation, layers=c.num_layers, hidden=c.hidden_size, heads=c.num_heads,
                         kv_heads=c.num_kv_heads, head_dim=c.head_dim, vocab=c.vocab_size,
                         params=param_count(c), window=c.window, sinks=c.sinks,
                         dtype=str(c.dtype).replace("torch.", ""), source=args.weights or f"random {args.preset}")
@@ -79,15 +85,18 @@ def ahn_mode_rows(r: Run, args, dev: torch.device, hdr: dict):
     hdr["floor"] = floor_table(c, args.ctx)
 
     for ctx in args.ctx:   # the decode step: CUDA-graph stepper on the GPU
-        what = f"ahn_rt ahn tg @ d{ctx}"
+        what = f"ahn_rt {tag} tg @ d{ctx}"
+        stepper = "CUDA graph" if cuda and model.decoder.graph_safe else "eager"
         if no_kernels:
             r.skip(what, no_kernels)
         else:
-            r.attempt(what, lambda: decode_row(model, "ahn_rt ahn (CUDA graph)" if cuda else "ahn_rt ahn (eager)",
+            r.attempt(what, lambda: decode_row(model, f"ahn_rt {tag} ({stepper})",
                                                ctx, args.steps, args.warmup, dev))
 
     if "gdn" in args.skip:   # the GDN memory step alone, ahn_rt's and fla's
         r.skip("GDN-only", "--skip gdn")
+    elif c.ahn_implementation == "Mamba2":
+        r.skip("GDN-only", "the model's memory is Mamba2")
     else:
         if no_kernels:
             r.skip("GDN-only ahn_rt", no_kernels)
@@ -111,21 +120,21 @@ def ahn_mode_rows(r: Run, args, dev: torch.device, hdr: dict):
             r.attempt("prefill warm-up (untimed, not a row)", lambda: prefill_row(model, 512, dev, "warm-up"))
         r.rows = [x for x in r.rows if x.get("impl") != "warm-up"]
     for i, n in enumerate(args.prefill):
-        what = f"ahn_rt ahn pp{n}"
+        what = f"ahn_rt {tag} pp{n}"
         if "prefill" in args.skip:
             r.skip(what, "--skip prefill")
         elif i == 0 or r.budget_ok(what, 30):
             with prefill_ops():
-                r.attempt(what, lambda: prefill_row(model, n, dev, "ahn_rt ahn (reference ops)" if no_kernels
-                                                    else "ahn_rt ahn"))
+                r.attempt(what, lambda: prefill_row(model, n, dev, f"ahn_rt {tag} (reference ops)" if no_kernels
+                                                    else f"ahn_rt {tag}"))
 
     if "ref" in args.skip:   # the decode step on the pure-torch reference ops, eager
         r.skip("ahn_rt reference ops", "--skip ref")
     else:
         for ctx in args.ref_ctx:
-            what = f"ahn_rt ref tg @ d{ctx}"
+            what = f"ahn_rt {tag} ref tg @ d{ctx}"
             if r.budget_ok(what, 20):
-                r.attempt(what, lambda: decode_row(model, "ahn_rt ahn, reference ops (eager)", ctx,
+                r.attempt(what, lambda: decode_row(model, f"ahn_rt {tag}, reference ops (eager)", ctx,
                                                    args.ref_steps, 1, dev, ref=True))
     del model
     free_memory(dev)
@@ -213,6 +222,8 @@ def parse_args(argv=None):
     src.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
     src.add_argument("--weights", help="a real checkpoint instead (file or folder; ahn_rt.load)")
     src.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
+    src.add_argument("--ahn-impl", default="gdn", choices=("gdn", "dn", "mamba2"),
+                     help="the memory variant of the random --preset weights (default gdn)")
     src.add_argument("--window", type=int, default=32640)
     src.add_argument("--sinks", type=int, default=128)
     src.add_argument("--dtype", default="bf16")

@@ -195,6 +195,7 @@ def hf_rows(c, dev, lengths):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="qwen2.5-3b")
+    ap.add_argument("--ahn-impl", default="gdn", choices=("gdn", "dn", "mamba2"), help="the memory variant")
     ap.add_argument("--window", type=int, default=32640)
     ap.add_argument("--sinks", type=int, default=128)
     ap.add_argument("--prefill", default="2048,32768,131072", help="ahn_rt pp lengths")
@@ -214,7 +215,8 @@ def main():
                command=" ".join(sys.argv), rows=[])
     out["matmul_TFLOPs"] = matmul_flops(dev, 8192, dtype, 10) / 1e12
     log(f"{out['gpu']}: matmul {out['matmul_TFLOPs']:.0f} TFLOP/s")
-    cfg = preset_config(args.preset, ahn=True, dtype=dtype)
+    cfg = preset_config(args.preset, ahn=args.ahn_impl, dtype=dtype)
+    out["memory"] = cfg["_ahn_implementation"]
     sd = random_state_dict(cfg, seed=0, dtype=dtype, device=dev)
     t = time.perf_counter()
     model = from_state_dict(cfg, sd, window=W, sinks=S, mode="ahn", dtype=dtype, device=dev)
