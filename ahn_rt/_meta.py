@@ -34,7 +34,7 @@ def _gdn_decode_fake(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, p
 @torch.library.register_fake("ahn_rt::gemv")
 def _gemv_fake(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    return x.new_empty(n, dtype=torch.float32 if out_float else x.dtype)
+    return x.new_empty(*x.shape[:-1], n, dtype=torch.float32 if out_float else x.dtype)
 
 
 @torch.library.register_fake("ahn_rt::gdn_chunk_scan")

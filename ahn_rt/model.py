@@ -135,6 +135,35 @@ class Decoder:
             h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False)
         return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True)[None]
 
+    def decode_steps(self, states: list[State], ids: torch.Tensor) -> torch.Tensor:
+        """One token for each of B sequences (ids: int64 [B] on the device, states[b] at its own
+        position): the decode step of ``decode_step`` with every GEMV over all B rows at once
+        (``ops.gemv_rows``) and the per-sequence front, window attention and memory step run per state.
+        Advances nobody (the caller does). Returns float32 logits [B, vocab]; row b equals
+        ``decode_step(states[b], ids[b:b+1])`` bit for bit, whoever its neighbours are."""
+        c = self.config
+        eps = c.rms_norm_eps
+        h = F.embedding(ids, self.w.embed)
+        for i, lw in enumerate(self.w.layers):
+            proj = ops.gemv_rows(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
+            attn = torch.empty(len(states), c.num_heads * c.head_dim, dtype=h.dtype, device=h.device)
+            for b, st in enumerate(states):
+                mem = self.memory if st.ahn else None
+                if mem is not None:
+                    q = mem.decode_front(self, st, i, lw, proj[b])
+                else:
+                    q = ops.decode_prep(proj[b], self.inv_freq, st.pos, lw.q_norm, lw.k_norm, eps, None, None,
+                                        st.k[i], st.v[i], None, None, st.sinks, st.window, st.k_evict,
+                                        st.v_evict, None, None)
+                a = ops.swa_decode(q, st.k[i], st.v[i], st.pos, st.sinks, st.window, self.scale)
+                if mem is not None:
+                    mem.decode_step(self, st, i, lw, q, proj[b], a)
+                attn[b] = a.view(-1)
+            h = ops.gemv_rows(attn, lw.w_o, lw.b_o, None, 0.0, h, False, False)
+            act = ops.gemv_rows(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
+            h = ops.gemv_rows(act, lw.w_down, None, None, 0.0, h, False, False)
+        return ops.gemv_rows(h, self.w.lm_head, None, self.w.norm, eps, None, False, True)
+
     def forward(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Tokens through the model. A single token takes the decode kernels, longer feeds the
         prefill path; both follow the same rule (tests check they agree)."""

@@ -114,6 +114,17 @@ def gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
     return fn(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float)
 
 
+def gemv_rows(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
+    """``gemv`` for one token of each of B sequences: x [B, K] (residual [B, N_out]) -> [B, N_out]; row b
+    equals ``gemv`` of x[b] bit for bit. On the CPU one call reads each weight row once for all B; the CUDA
+    kernel takes one row, so there the rows run one after another (a batched CUDA kernel is still to come)."""
+    if x.is_cuda and _use_ext(x):
+        return torch.stack([torch.ops.ahn_rt.gemv(x[b], weight, bias, norm_weight, norm_eps,
+                                                  None if residual is None else residual[b], silu_mul, out_float)
+                            for b in range(x.shape[0])])
+    return gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float)
+
+
 # ---- prefill path: torch implementations -------------------------------------------------------
 def linear(x, weight, bias=None):
     """x @ weight^T (+ bias). torch has no fast float16 GEMM on the CPU (about 10x slower than bf16 on

@@ -504,10 +504,18 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n
     rows [0, N/2) are the gate and [N/2, N) the up projection and y = silu(gate) * up ([N/2]).
     out = residual + y, all in float32 and rounded once: float32 if ``out_float`` else x.dtype.
 
+    x may also be [B, K] (B tokens of B sequences, residual [B, N_out]): each row as above, out [B, N_out].
+
     >>> w = torch.eye(4)[:3]
     >>> gemv_ref(torch.arange(4.), w, None, None, 0.0, None, False, False)
     tensor([0., 1., 2.])
     """
+    if x.dim() == 2:
+        return torch.stack([gemv_ref(x[b], weight, bias, norm_weight, norm_eps,
+                                     None if residual is None else residual[b], silu_mul, out_float)
+                            for b in range(x.shape[0])]) if x.shape[0] else \
+            x.new_zeros(0, weight.shape[0] // (2 if silu_mul else 1),
+                        dtype=torch.float32 if out_float else x.dtype)
     xn = rms_norm_ref(x, norm_weight, norm_eps) if norm_weight is not None else x
     xf = xn.float()
     y = torch.cat([w.float() @ xf for w in weight.split(_ROWS_PER_BLOCK)]) if weight.shape[0] else \

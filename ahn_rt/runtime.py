@@ -214,6 +214,34 @@ class Model:
         grows when needed); ahn/swa states are always sinks + window."""
         return Session(self, _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size, capacity)
 
+    @torch.inference_mode()
+    def step(self, sessions, tokens) -> torch.Tensor:
+        """One decode step for several sessions at once: ``tokens[b]`` (a list of ints or an int64
+        tensor [B]) is fed to ``sessions[b]``; returns float32 logits [B, vocab] and advances every
+        session by one. Row b equals ``sessions[b].forward([tokens[b]])`` bit for bit, whatever the batch
+        and its neighbours (each GEMV row keeps its own reduction order). Sessions may stand at any
+        positions; each may appear once. Full mode (a growing cache) steps one session at a time.
+        On the CPU the GEMVs read each weight once per step for the whole batch; on CUDA the rows still
+        run one after another (the batched kernels and the state pool are still to come)."""
+        sessions = list(sessions)
+        if not sessions:
+            raise AhnError("step: no sessions given")
+        for s in sessions:
+            if not isinstance(s, Session) or s.model is not self:
+                raise AhnError("step: every session must be a Session of this model (model.new_session())")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise AhnError("step: a session appears twice; give each session once per step")
+        ids = sessions[0]._ids(tokens) if not isinstance(tokens, int) else None
+        if ids is None or ids.numel() != len(sessions):
+            raise AhnError(f"step: give one token per session ({len(sessions)} sessions)")
+        dec = self.decoder
+        if self.config.mode == "full":
+            return torch.cat([dec.forward(s.state, ids[b:b + 1]) for b, s in enumerate(sessions)])
+        logits = dec.decode_steps([s.state for s in sessions], ids)
+        for s in sessions:
+            s.state.advance(1)
+        return logits
+
     def restore(self, path, chunk_size: int | None = None) -> "Session":
         """A new session holding the state ``Session.save`` wrote to ``path``. A file saved with another
         model, window, sinks, dtype or mode, or a damaged file, raises AhnError naming the problem."""

@@ -180,13 +180,15 @@ struct GdnDecodeParams {
 
 // out = [residual +] epilogue(weight @ rms_norm?(x) [+ bias]) (reference: ahn_rt/ref.py gemv_ref).
 struct GemvParams {
-  const void* x;            // [K], stride x_stride (dtype T)
+  const void* x;            // [rows, K], strides x_row_stride, x_stride (dtype T)
   const void* weight;       // [N, K] row-major contiguous (dtype T)
   const void* bias;         // [N], stride bias_stride, or null (dtype T)
   const void* norm_weight;  // [K], stride nw_stride, or null (dtype T): RMSNorm x first
-  const void* residual;     // [N_out], stride res_stride, or null (dtype T)
-  void* out;                // [N_out] contiguous: float32 if out_float, else T
+  const void* residual;     // [rows, N_out], strides res_row_stride, res_stride, or null (dtype T)
+  void* out;                // [rows, N_out] contiguous: float32 if out_float, else T
   int64_t x_stride, bias_stride, nw_stride, res_stride;
+  int64_t rows = 1;         // tokens of different sequences (CPU: each weight row read once for all)
+  int64_t x_row_stride = 0, res_row_stride = 0;
   int64_t N, K;             // weight rows, columns
   int64_t N_out;            // N, or N / 2 with silu_mul (rows [0, N/2) gate, [N/2, N) up)
   float norm_eps;

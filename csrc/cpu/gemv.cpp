@@ -83,37 +83,46 @@ void gemv_cpu(const GemvParams& p) {
   const T* res = static_cast<const T*>(p.residual);
   const int64_t K = p.K;
 
-  // xn = norm_weight * (x * rsqrt(mean(x^2) + eps)).to(T), as rms_norm_ref; else x. Kept as float32.
-  std::vector<float> xn(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) xn[k] = static_cast<float>(x[k * p.x_stride]);
-  if (nw != nullptr && K > 0) {
-    double ss = 0.0;
-    for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(xn[k]) * xn[k];
-    const float rs = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(K)) + p.norm_eps);
-    for (int64_t k = 0; k < K; ++k)
-      xn[k] = round_to<T>(static_cast<float>(nw[k * p.nw_stride]) * round_to<T>(xn[k] * rs));
+  // xn = norm_weight * (x * rsqrt(mean(x^2) + eps)).to(T), as rms_norm_ref; else x. Kept as float32, one
+  // row per sequence.
+  const int64_t B = p.rows;
+  std::vector<float> xn(static_cast<size_t>(B * K));
+  for (int64_t b = 0; b < B; ++b) {
+    float* xb = xn.data() + b * K;
+    for (int64_t k = 0; k < K; ++k) xb[k] = static_cast<float>(x[b * p.x_row_stride + k * p.x_stride]);
+    if (nw != nullptr && K > 0) {
+      double ss = 0.0;
+      for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(xb[k]) * xb[k];
+      const float rs = 1.f / std::sqrt(static_cast<float>(ss / static_cast<double>(K)) + p.norm_eps);
+      for (int64_t k = 0; k < K; ++k)
+        xb[k] = round_to<T>(static_cast<float>(nw[k * p.nw_stride]) * round_to<T>(xb[k] * rs));
+    }
   }
 
   const int64_t half = p.silu_mul ? p.N_out : 0;  // up row of output i is i + half
-  auto row_value = [&](int64_t r) {
-    float y = dot(w + r * K, xn.data(), K);
+  auto row_value = [&](int64_t r, int64_t b) {
+    float y = dot(w + r * K, xn.data() + b * K, K);
     if (bias != nullptr) y += static_cast<float>(bias[r * p.bias_stride]);
     return y;
   };
-  // ~64 KiB of weights per task keeps the split cheap for small K and fine-grained for large N.
+  // ~64 KiB of weights per task keeps the split cheap for small K and fine-grained for large N. A row of
+  // weights serves every sequence while it is in cache; each (sequence, output) value is computed exactly
+  // as with one sequence, so a sequence's result does not depend on its neighbours.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, p.N_out, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float y = row_value(i);
-      if (p.silu_mul) {
-        const float up = row_value(i + half);
-        y = y / (1.f + std::exp(-y)) * up;
+      for (int64_t b = 0; b < B; ++b) {
+        float y = row_value(i, b);
+        if (p.silu_mul) {
+          const float up = row_value(i + half, b);
+          y = y / (1.f + std::exp(-y)) * up;
+        }
+        if (res != nullptr) y = static_cast<float>(res[b * p.res_row_stride + i * p.res_stride]) + y;
+        if (p.out_float)
+          static_cast<float*>(p.out)[b * p.N_out + i] = y;
+        else
+          static_cast<T*>(p.out)[b * p.N_out + i] = T(y);
       }
-      if (res != nullptr) y = static_cast<float>(res[i * p.res_stride]) + y;
-      if (p.out_float)
-        static_cast<float*>(p.out)[i] = y;
-      else
-        static_cast<T*>(p.out)[i] = T(y);
     }
   });
 }

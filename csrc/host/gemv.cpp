@@ -8,10 +8,12 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
                 const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float) {
   constexpr const char* op = "ahn_rt.gemv";
-  TORCH_CHECK(x.dim() == 1, op, ": x must be 1-D [K], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 1 || x.dim() == 2, op, ": x must be [K] or [B, K] (B sequences), got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, K], got ", weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(0) == K, op, ": x has ", x.size(0), " values but weight is [", N, ", ", K, "]");
+  const bool batched = x.dim() == 2;
+  const int64_t B = batched ? x.size(0) : 1;
+  TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " values per row but weight is [", N, ", ", K, "]");
   TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(), " but x is on ", x.device());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
               " must equal x dtype ", x.scalar_type());
@@ -20,8 +22,15 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   const int64_t N_out = silu_mul ? N / 2 : N;
   if (bias) check_vec_like(*bias, N, x, op, "bias");
   if (norm_weight) check_vec_like(*norm_weight, K, x, op, "norm_weight");
-  if (residual) check_vec_like(*residual, N_out, x, op, "residual");
-  at::Tensor out = at::empty({N_out}, x.options().dtype(out_float ? at::kFloat : x.scalar_type()));
+  if (residual) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.dim() == x.dim() && r.size(-1) == N_out && (!batched || r.size(0) == B), op,
+                ": residual must be shaped like the output ", (batched ? "[B, " : "["), N_out, "], got ", r.sizes());
+    TORCH_CHECK(r.device() == x.device() && r.scalar_type() == x.scalar_type(), op,
+                ": residual must be on x's device with x's dtype");
+  }
+  at::Tensor out = batched ? at::empty({B, N_out}, x.options().dtype(out_float ? at::kFloat : x.scalar_type()))
+                           : at::empty({N_out}, x.options().dtype(out_float ? at::kFloat : x.scalar_type()));
 
   GemvParams p{};
   p.x = x.data_ptr();
@@ -30,19 +39,23 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   p.norm_weight = norm_weight ? norm_weight->data_ptr() : nullptr;
   p.residual = residual ? residual->data_ptr() : nullptr;
   p.out = out.data_ptr();
-  p.x_stride = x.stride(0);
+  p.x_stride = x.stride(-1);
+  p.x_row_stride = batched ? x.stride(0) : 0;
+  p.rows = B;
   p.bias_stride = bias ? bias->stride(0) : 0;
   p.nw_stride = norm_weight ? norm_weight->stride(0) : 0;
-  p.res_stride = residual ? residual->stride(0) : 0;
+  p.res_stride = residual ? residual->stride(-1) : 0;
+  p.res_row_stride = residual && batched ? residual->stride(0) : 0;
   p.N = N;
   p.K = K;
   p.N_out = N_out;
   p.norm_eps = static_cast<float>(norm_eps);
   p.silu_mul = silu_mul;
   p.out_float = out_float;
-  if (N_out == 0) return out;
+  if (N_out == 0 || B == 0) return out;
 #ifdef AHN_RT_WITH_CUDA
   if (x.is_cuda()) {
+    TORCH_CHECK(!batched, op, ": the CUDA kernel takes one row (x [K]); ahn_rt.ops.gemv_rows runs B rows");
     TORCH_CHECK(K <= kGemvCudaMaxK, op, ": CUDA supports K <= ", kGemvCudaMaxK,
                 " (x is staged in shared memory), got K=", K);
     const c10::cuda::CUDAGuard guard(x.device());

@@ -1,0 +1,92 @@
+"""model.step: one token for each of several sessions in one call.
+
+Row b of ``model.step(sessions, tokens)`` equals ``sessions[b].forward([tokens[b]])`` bit for bit
+(torch.equal, no tolerance), whatever the batch size and whoever the neighbours are (sessions still
+filling the window, at the fill point, long past it), for every memory variant, the swa and full modes,
+float32 and bf16; every session advances by one; bad calls get one line. The GPU case is marked cuda."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ahn_rt.errors import AhnError
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+
+W, S = 6, 2
+DEPTHS = [0, 3, S + W - 1, S + W, S + W + 1, 25]      # before, at and past the fill point
+
+
+def _model(impl="gdn", mode="ahn", dtype="float32", device="cpu"):
+    cfg = preset_config("tiny", impl, torch.float32)
+    cfg["vocab_size"] = 101
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=3)
+    return from_state_dict(cfg, {k: v.to(device) for k, v in sd.items()}, window=W, sinks=S, mode=mode,
+                           dtype=dtype, device=device)
+
+
+def _sessions(model, depths, seed=0):
+    out = []
+    for i, d in enumerate(depths):
+        s = model.new_session()
+        if d:
+            g = torch.Generator().manual_seed(seed + i)
+            s.forward(torch.randint(0, 101, (d,), generator=g).tolist())
+        out.append(s)
+    return out
+
+
+def _check_step(model, batch_order, depths, tokens):
+    """Step the sessions in the given order/grouping; compare each row with a twin stepped alone."""
+    alone = _sessions(model, depths)
+    want = [alone[b].forward([tokens[b]]) for b in range(len(depths))]
+    together = _sessions(model, depths)
+    got = {}
+    for group in batch_order:
+        logits = model.step([together[b] for b in group], [tokens[b] for b in group])
+        assert logits.shape == (len(group), model.config.vocab_size) and logits.dtype == torch.float32
+        for row, b in enumerate(group):
+            got[b] = logits[row]
+    for b in range(len(depths)):
+        assert torch.equal(got[b], want[b][0]), f"session {b} (depth {depths[b]}) differs"
+        assert together[b].position == depths[b] + 1
+        # the states after the step are the same too: the next token agrees
+        assert torch.equal(together[b].forward([7]), alone[b].forward([7]))
+
+
+@pytest.mark.parametrize("impl", ["gdn", "dn", "mamba2"])
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+def test_step_equals_forward_in_any_batch(impl, dtype):
+    model = _model(impl, dtype=dtype)
+    tokens = [5, 17, 99, 0, 42, 64]
+    # all at once, one at a time, and mixed groups with other neighbours
+    for order in ([[0, 1, 2, 3, 4, 5]], [[b] for b in range(6)], [[5, 0, 3], [1, 4], [2]]):
+        _check_step(model, order, DEPTHS, tokens)
+
+
+@pytest.mark.parametrize("mode", ["swa", "full"])
+def test_step_in_swa_and_full_mode(mode):
+    model = _model(mode=mode)
+    _check_step(model, [[0, 1, 2, 3, 4, 5]], DEPTHS, [1, 2, 3, 4, 5, 6])
+
+
+def test_step_accepts_a_tensor_and_rejects_bad_calls():
+    model, other = _model(), _model()
+    a, b = model.new_session(), model.new_session()
+    assert model.step([a, b], torch.tensor([3, 4])).shape == (2, 101)
+    for sessions, tokens, msg in (([], [], "no sessions"), ([a, a], [1, 2], "appears twice"),
+                                  ([a, b], [1], "one token per session"), ([a, other.new_session()], [1, 2],
+                                                                            "of this model"),
+                                  ([a, b], [1, 500], "outside the vocabulary"), ([a], 3, "one token per session")):
+        with pytest.raises(AhnError, match=msg):
+            model.step(sessions, tokens)
+    assert a.position == 1 and b.position == 1          # nothing advanced by a refused call
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("impl", ["gdn", "dn", "mamba2"])
+def test_step_equals_forward_on_cuda(impl):
+    model = _model(impl, dtype="bf16", device="cuda")
+    for order in ([[0, 1, 2, 3, 4, 5]], [[5, 0, 3], [1, 4], [2]]):
+        _check_step(model, order, DEPTHS, [5, 17, 99, 0, 42, 64])
