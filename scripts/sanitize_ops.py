@@ -46,5 +46,9 @@ for dk, dv, n in ((128, 128, 3), (12, 20, 2)):
         w=torch.randn(H, n, 64, dk, **f32) * 0.1, u=torch.randn(H, n, 64, dv, **f32),
         kd_t=torch.randn(H, n, dk, 64, **f32) * 0.1, qg=torch.randn(H, n, 64, dk, **f32),
         gl=torch.rand(H, n, **f32), state=torch.randn(H, dk, dv, **f32))
+outs = [torch.randn(n, H, D, device=dev, dtype=dt) for n in (100, 37, 64)]
+torch.ops.ahn_rt.attn_merge(outs=outs, lses=[torch.randn(H, o.shape[0], device=dev) for o in outs],
+                            offsets=[0, 50, 36], rows=100)
+torch.ops.ahn_rt.silu_mul(x=torch.randn(33, 2 * 300, device=dev, dtype=dt))
 torch.cuda.synchronize()
 print("sanitize_ops: every op ran")
