@@ -108,6 +108,22 @@ class Decoder:
         del st
 
     # ------------------------------------------------------------------------------------------
+    def _decode_attention(self, st: State, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
+        """Layer i of one decode token after its fused projection ``proj``: the decode front (q/k norm,
+        RoPE, ring write with eviction, the memory's gates), window attention and the memory step added
+        into it. Returns the attention output [H, D]."""
+        mem = self.memory if st.ahn else None
+        if mem is not None:
+            q = mem.decode_front(self, st, i, lw, proj)
+        else:
+            q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, self.config.rms_norm_eps,
+                                None, None, st.k[i], st.v[i], None, None, st.sinks, st.window, st.k_evict,
+                                st.v_evict, None, None)
+        attn = ops.swa_decode(q, st.k[i], st.v[i], st.pos, st.sinks, st.window, self.scale)
+        if mem is not None:
+            mem.decode_step(self, st, i, lw, q, proj, attn)
+        return attn
+
     def decode_step(self, st: State, ids: torch.Tensor) -> torch.Tensor:
         """One token (ids: int64 [1] on the device) at position st.pos (device). Does not advance the
         position: the caller does (eagerly, or inside a captured CUDA graph). Returns logits [1, vocab].
@@ -116,20 +132,11 @@ class Decoder:
         ring write with eviction, the memory's gates: ``decode_prep``), window attention, the memory step
         (GatedDeltaNet / DeltaNet: one fused ``gdn_decode``), then three fused GEMVs (o_proj + residual,
         RMSNorm + gate|up + SiLU*mul, down + residual)."""
-        c = self.config
-        S, W, eps = st.sinks, st.window, c.rms_norm_eps
-        mem = self.memory if st.ahn else None
+        eps = self.config.rms_norm_eps
         h = F.embedding(ids, self.w.embed)[0]
         for i, lw in enumerate(self.w.layers):
             proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
-            if mem is not None:
-                q = mem.decode_front(self, st, i, lw, proj)
-            else:
-                q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, eps, None, None,
-                                    st.k[i], st.v[i], None, None, S, W, st.k_evict, st.v_evict, None, None)
-            attn = ops.swa_decode(q, st.k[i], st.v[i], st.pos, S, W, self.scale)
-            if mem is not None:
-                mem.decode_step(self, st, i, lw, q, proj, attn)
+            attn = self._decode_attention(st, i, lw, proj)
             h = ops.gemv(attn.view(-1), lw.w_o, lw.b_o, None, 0.0, h, False, False)
             act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
             h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False)
@@ -141,24 +148,11 @@ class Decoder:
         (``ops.gemv_rows``) and the per-sequence front, window attention and memory step run per state.
         Advances nobody (the caller does). Returns float32 logits [B, vocab]; row b equals
         ``decode_step(states[b], ids[b:b+1])`` bit for bit, whoever its neighbours are."""
-        c = self.config
-        eps = c.rms_norm_eps
+        eps = self.config.rms_norm_eps
         h = F.embedding(ids, self.w.embed)
         for i, lw in enumerate(self.w.layers):
             proj = ops.gemv_rows(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
-            attn = torch.empty(len(states), c.num_heads * c.head_dim, dtype=h.dtype, device=h.device)
-            for b, st in enumerate(states):
-                mem = self.memory if st.ahn else None
-                if mem is not None:
-                    q = mem.decode_front(self, st, i, lw, proj[b])
-                else:
-                    q = ops.decode_prep(proj[b], self.inv_freq, st.pos, lw.q_norm, lw.k_norm, eps, None, None,
-                                        st.k[i], st.v[i], None, None, st.sinks, st.window, st.k_evict,
-                                        st.v_evict, None, None)
-                a = ops.swa_decode(q, st.k[i], st.v[i], st.pos, st.sinks, st.window, self.scale)
-                if mem is not None:
-                    mem.decode_step(self, st, i, lw, q, proj[b], a)
-                attn[b] = a.view(-1)
+            attn = torch.stack([self._decode_attention(st, i, lw, proj[b]).view(-1) for b, st in enumerate(states)])
             h = ops.gemv_rows(attn, lw.w_o, lw.b_o, None, 0.0, h, False, False)
             act = ops.gemv_rows(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
             h = ops.gemv_rows(act, lw.w_down, None, None, 0.0, h, False, False)

@@ -329,12 +329,8 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
 def _prefill_attention_sdpa(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
     """float32 on CUDA (no FlashAttention kernel): the cached keys are gathered and SDPA runs with the
     rule as a mask."""
-    held = cache.held_positions(p0, sinks, window, q.device)
-    n = held.numel()
-    k_all = torch.cat([k_cache[:, :n].transpose(0, 1), k])
-    v_all = torch.cat([v_cache[:, :n].transpose(0, 1), v])
-    q_pos = torch.arange(p0, p0 + q.shape[0], dtype=torch.int64, device=q.device)
-    qp, kp = q_pos[:, None], torch.cat([held, q_pos])[None, :]
+    k_all, v_all, q_pos, k_pos = ref.chunk_keys(k, v, k_cache, v_cache, p0, sinks, window)
+    qp, kp = q_pos[:, None], k_pos[None, :]
     allowed = (kp <= qp) & ((qp - kp < window) | (kp < sinks))
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k_all.transpose(0, 1)[None], v_all.transpose(0, 1)[None],

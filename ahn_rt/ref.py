@@ -83,12 +83,18 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     after p0 tokens (before the chunk's writes). Every occupied slot and every chunk row is a candidate
     key; the sinks + window rule picks. Returns [T, H, D] in q.dtype.
     """
-    held = held_positions(p0, sinks, window, q.device)
+    k_all, v_all, q_pos, k_pos = chunk_keys(k, v, k_cache, v_cache, p0, sinks, window)
+    return window_attention_ref(q, k_all, v_all, q_pos, k_pos, sinks, window, scale)
+
+
+def chunk_keys(k, v, k_cache, v_cache, p0: int, sinks: int, window: int):
+    """Every key a chunk may attend, gathered: the occupied slots then the chunk's own rows.
+    Returns (k_all, v_all [n + T, Hkv, D], the chunk's positions [T], the keys' positions [n + T])."""
+    held = held_positions(p0, sinks, window, k.device)
     n = held.numel()
-    k_all = torch.cat([k_cache[:, :n].transpose(0, 1), k])
-    v_all = torch.cat([v_cache[:, :n].transpose(0, 1), v])
-    q_pos = torch.arange(p0, p0 + q.shape[0], dtype=torch.int64, device=q.device)
-    return window_attention_ref(q, k_all, v_all, q_pos, torch.cat([held, q_pos]), sinks, window, scale)
+    q_pos = torch.arange(p0, p0 + k.shape[0], dtype=torch.int64, device=k.device)
+    return (torch.cat([k_cache[:, :n].transpose(0, 1), k]), torch.cat([v_cache[:, :n].transpose(0, 1), v]),
+            q_pos, torch.cat([held, q_pos]))
 
 
 def attn_merge_ref(outs: list, lses: list, offsets: list, rows: int) -> torch.Tensor:

@@ -231,7 +231,7 @@ class Model:
                 raise AhnError("step: every session must be a Session of this model (model.new_session())")
         if len({id(s) for s in sessions}) != len(sessions):
             raise AhnError("step: a session appears twice; give each session once per step")
-        ids = sessions[0]._ids(tokens) if not isinstance(tokens, int) else None
+        ids = None if isinstance(tokens, int) else sessions[0]._ids(tokens)
         if ids is None or ids.numel() != len(sessions):
             raise AhnError(f"step: give one token per session ({len(sessions)} sessions)")
         dec = self.decoder
