@@ -33,6 +33,7 @@ Tolerance table (float32):
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -186,8 +187,14 @@ def worker(out: Path, root: Path):
             save_file({f"{s}.{k}": g.contiguous() for s, gs in enumerate(grads) for k, g in gs.items()},
                       str(out / f"{mode}.safetensors"))
         results[mode] = res
+        # torch's DDP keeps a reference to the process group: free it now, not at interpreter exit after
+        # the group is gone (gloo's threads torn down during exit abort the rank)
+        del grads, tr
+        gc.collect()
     if d.rank == 0:
         (out / "results.json").write_text(json.dumps(results))
+    import torch.distributed as td
+    td.barrier()          # no rank closes the group while the other still uses it
     dist.teardown(d)
 
 
