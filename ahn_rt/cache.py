@@ -7,9 +7,11 @@ For every layer: keys and values ``[Hkv, C, D]`` (post-RoPE) in C = sinks + wind
 computed when the token was first processed, one field per ``Memory.gate_fields`` (GatedDeltaNet and
 DeltaNet: ``beta`` in the model dtype and ``alpha``, the float32 log-decay; Mamba2: ``dt``, float32); the
 memory ``Memory.state_shape`` (``[H, Dk, Dv]``) float32. All layers live in one layer-stacked tensor per
-field. Allocated once per
-session: in ``ahn``/``swa`` modes the state never grows. In ``full`` mode the cache is a growing buffer
-(sinks 0, window = capacity, doubling when needed), i.e. plain causal attention.
+field. In ``ahn``/``swa`` modes the state never grows: it is allocated once, either as one slot of a
+``StatePool`` (the states of many sequences as one set of tensors, ``[L, N, ...]`` per field, which
+steps that batch sequences index by pool slot) or as a private one-slot storage of the same layout
+(``allocate``). In ``full`` mode the cache is a private growing buffer (sinks 0, window = capacity,
+doubling when needed), i.e. plain causal attention; it has no pool.
 
 What the rest of the code asks the State (and never computes itself):
 * ``slot(positions)`` — the one slot formula (the kernels' ``ring_slot`` in csrc/common.h is tested
@@ -34,6 +36,7 @@ decode kernels read, so one captured CUDA graph serves every step. ``advance`` k
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 
 import torch
@@ -131,8 +134,45 @@ class ChunkPlan:
         return slice(self.T - self.n_evict, self.T)
 
 
+def allocate(config: Config, device, n: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Zeroed storage for ``n`` states of ``config`` with ``capacity`` cache slots each, as one tensor per
+    field with the pool-slot axis second for the layer-stacked fields (layer i of every sequence is one
+    block ``[n, ...]``, each sequence's part of it contiguous):
+
+    k, v              [L, n, Hkv, C, D]   model dtype
+    gate.<name>       [L, n, C, H]        per ``Memory.gate_fields`` (ahn mode)
+    memory            [L, n, *Memory.state_shape]  float32 (ahn mode)
+    pos               [n]                 int64, each sequence's position on the device
+    k_evict, v_evict  [n, Hkv, D]         scratch: the token a decode step hands to the memory
+    gate_evict.<name> [n, H]              scratch: its gates (ahn mode)
+    """
+    c = config
+    L, Hkv, D, H = c.num_layers, c.num_kv_heads, c.head_dim, c.num_heads
+    kw = dict(device=torch.device(device))
+    out = {"k": torch.zeros(L, n, Hkv, capacity, D, dtype=c.dtype, **kw)}
+    out["v"] = torch.zeros_like(out["k"])
+    if c.mode == "ahn":
+        from . import memory
+        mem = memory.get(c.ahn_implementation)
+        for name, f in mem.gate_fields(c).items():
+            dt = torch.float32 if f.float32 else c.dtype
+            out["gate." + name] = torch.zeros(L, n, capacity, H, dtype=dt, **kw)
+            out["gate_evict." + name] = torch.zeros(n, H, dtype=dt, **kw)
+        out["memory"] = torch.zeros(L, n, *mem.state_shape(c), dtype=torch.float32, **kw)
+    out["pos"] = torch.zeros(n, dtype=torch.int64, **kw)
+    out["k_evict"] = torch.zeros(n, Hkv, D, dtype=c.dtype, **kw)
+    out["v_evict"] = torch.zeros_like(out["k_evict"])
+    return out
+
+
 class State:
-    def __init__(self, config: Config, device, capacity: int | None = None):
+    """One sequence's state: views of entry ``pool_slot`` of a storage that ``allocate`` made — a
+    ``StatePool``'s shared one, or a private one-entry storage when ``pool`` is None. Every field is a
+    view (``k`` = ``storage["k"][:, pool_slot]``, ...), so layer i's ``k[i]`` is contiguous and stays at
+    one address for the state's life (what a captured CUDA graph needs)."""
+
+    def __init__(self, config: Config, device, capacity: int | None = None, *, pool: "StatePool | None" = None,
+                 pool_slot: int = 0):
         self.config = config
         self.device = torch.device(device)
         c = config
@@ -145,10 +185,10 @@ class State:
             self.sinks, self.window = c.sinks, c.window
             self.capacity = c.sinks + c.window
         self.ahn = c.mode == "ahn"
-        L, Hkv, D, H = c.num_layers, c.num_kv_heads, c.head_dim, c.num_heads
-        kw = dict(device=self.device)
-        self.k = torch.zeros(L, Hkv, self.capacity, D, dtype=c.dtype, **kw)
-        self.v = torch.zeros_like(self.k)
+        self.pool, self.pool_slot = pool, pool_slot
+        store = pool.storage if pool is not None else allocate(c, self.device, 1, self.capacity)
+        i = pool_slot
+        self.k, self.v = store["k"][:, i], store["v"][:, i]
         # The memory's per-slot gates (name -> [L, C, H]) and its state (ahn mode only).
         self.gates: dict[str, torch.Tensor] = {}
         self.gate_evict: dict[str, torch.Tensor] = {}
@@ -156,18 +196,15 @@ class State:
         self.memory = None
         if self.ahn:
             from . import memory
-            mem = memory.get(c.ahn_implementation)
-            self.gate_fields = mem.gate_fields(c)
-            for name, f in self.gate_fields.items():
-                dt = torch.float32 if f.float32 else c.dtype
-                self.gates[name] = torch.zeros(L, self.capacity, H, dtype=dt, **kw)
+            self.gate_fields = memory.get(c.ahn_implementation).gate_fields(c)
+            for name in self.gate_fields:
+                self.gates[name] = store["gate." + name][:, i]
                 # Scratch (not state): the gates of the token handed from the ring to the memory.
-                self.gate_evict[name] = torch.zeros(H, dtype=dt, **kw)
-            self.memory = torch.zeros(L, *mem.state_shape(c), dtype=torch.float32, **kw)
+                self.gate_evict[name] = store["gate_evict." + name][i]
+            self.memory = store["memory"][:, i]
         # Scratch (not state): the token handed from the ring to the memory during one decode step.
-        self.k_evict = torch.zeros(Hkv, D, dtype=c.dtype, **kw)
-        self.v_evict = torch.zeros(Hkv, D, dtype=c.dtype, **kw)
-        self.pos = torch.zeros(1, dtype=torch.int64, **kw)
+        self.k_evict, self.v_evict = store["k_evict"][i], store["v_evict"][i]
+        self.pos = store["pos"][i: i + 1]
         self.position = 0
         self._warned_positions = False
 
@@ -261,6 +298,7 @@ class State:
         new = self.capacity
         while new < total:
             new *= 2
+        # (a full-mode state is never in a pool: its buffers are its own and may move)
         k = torch.zeros(*self.k.shape[:2], new, self.k.shape[3], dtype=self.k.dtype, device=self.device)
         v = torch.zeros_like(k)
         k[:, :, : self.capacity] = self.k
@@ -352,3 +390,53 @@ class State:
     def nbytes(self) -> int:
         scratch = (self.k_evict, self.v_evict, *self.gate_evict.values(), self.pos)
         return sum(t.numel() * t.element_size() for t in (*self.tensors().values(), *scratch) if t is not None)
+
+
+class StatePool:
+    """The fixed-size states of up to ``size`` sequences of one model (modes ``ahn`` and ``swa``), allocated
+    once as one set of tensors (``allocate``) and handed out by pool slot: ``acquire()`` gives a zeroed
+    ``State`` that views a free slot, ``release(state)`` returns the slot. Nothing is allocated after
+    construction, so a service's memory is fixed up front and never fragments; kernels that step many
+    sequences at once index the shared tensors by ``State.pool_slot``. Full mode (a cache that grows per
+    sequence) has no pool: each such state is private. Thread-safe."""
+
+    def __init__(self, config: Config, device, size: int):
+        if config.mode == "full":
+            raise ValueError("full mode grows each sequence's cache: its states cannot share a pool; "
+                             "use mode 'ahn' or 'swa', or sessions without a pool")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"a state pool needs a positive integer size, got {size!r}")
+        self.config = config
+        self.device = torch.device(device)
+        self.size = size
+        self.capacity = config.sinks + config.window
+        self.storage = allocate(config, self.device, size, self.capacity)
+        self._free = list(range(size - 1, -1, -1))     # pop() hands out the lowest free slot
+        self._lock = threading.Lock()
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.storage.values())
+
+    def acquire(self) -> State:
+        """A zeroed state at position 0 in a free slot; ValueError when every slot is taken."""
+        with self._lock:
+            if not self._free:
+                raise ValueError(f"all {self.size} slots of the state pool are in use; close a session "
+                                 "or make a larger pool")
+            slot = self._free.pop()
+        st = State(self.config, self.device, pool=self, pool_slot=slot)
+        st.reset()
+        return st
+
+    def release(self, slot: int):
+        """Slot ``slot`` (a released state's ``pool_slot``) is free again. Releasing a free slot raises."""
+        with self._lock:
+            if not 0 <= slot < self.size or slot in self._free:
+                raise ValueError(f"pool slot {slot} is not in use")
+            self._free.append(slot)
+            self._free.sort(reverse=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import memory, ops
-from .cache import State
+from .cache import State, StatePool
 from .config import Config, rope_inv_freq
 from .weights import Weights
 
@@ -38,8 +38,16 @@ class Decoder:
         """Whether decode_step can be captured into a CUDA graph (no host sync anywhere in it)."""
         return self.memory is None or self.memory.graph_safe
 
-    def new_state(self, capacity: int | None = None) -> State:
-        return State(self.config, self.device, capacity)
+    def new_state(self, capacity: int | None = None, pool: StatePool | None = None) -> State:
+        """A zeroed state at position 0: a free slot of ``pool`` (made by ``new_pool``), or private."""
+        if pool is None:
+            return State(self.config, self.device, capacity)
+        if pool.config is not self.config:
+            raise ValueError("the state pool belongs to another model; make it with this model's new_pool")
+        return pool.acquire()
+
+    def new_pool(self, size: int) -> StatePool:
+        return StatePool(self.config, self.device, size)
 
     # ------------------------------------------------------------------------------------------
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

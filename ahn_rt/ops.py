@@ -125,6 +125,14 @@ def gemv_rows(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_fl
     return gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float)
 
 
+def batched_decode_pays(device) -> bool:
+    """Whether stepping B sequences in one ``Decoder.decode_steps`` beats B single steps on ``device``:
+    on the CPU, where ``gemv_rows`` reads each weight once per call; not yet on CUDA, where its rows still
+    run one after another and a single step replays a captured graph. The scheduler steps its sessions
+    together (``Model.step``) where this holds, one by one elsewhere."""
+    return torch.device(device).type != "cuda"
+
+
 # ---- prefill path: torch implementations -------------------------------------------------------
 def linear(x, weight, bias=None):
     """x @ weight^T (+ bias). torch has no fast float16 GEMM on the CPU (about 10x slower than bf16 on

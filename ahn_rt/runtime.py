@@ -5,6 +5,7 @@ import dataclasses
 import numbers
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -12,7 +13,7 @@ import torch
 
 from . import ops
 from . import weights as weights_mod
-from .cache import State
+from .cache import State, StatePool
 from .config import Config, resolve_runtime
 from .errors import AhnError
 from .model import Decoder
@@ -209,10 +210,23 @@ class Model:
         with self._idle_lock:
             self._idle.append(sess)
 
-    def new_session(self, chunk_size: int | None = None, capacity: int | None = None) -> "Session":
+    def new_session(self, chunk_size: int | None = None, capacity: int | None = None,
+                    pool: "StatePool | None" = None) -> "Session":
         """A fresh sequence. ``capacity``: full mode only, the cache slots allocated up front (it still
-        grows when needed); ahn/swa states are always sinks + window."""
-        return Session(self, _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size, capacity)
+        grows when needed); ahn/swa states are always sinks + window. ``pool`` (from ``new_pool``): the
+        state takes a free slot of it instead of its own memory (AhnError when none is free); ``close()``
+        gives the slot back."""
+        chunk = _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size
+        return Session(self, chunk, capacity, pool)
+
+    def new_pool(self, size: int) -> "StatePool":
+        """Memory for the states of ``size`` sessions, allocated now as one set of tensors (modes ahn and
+        swa; a full-mode cache grows per session and has no pool). Sessions made with ``pool=`` hold a
+        slot of it until ``close()``; ``pool.free`` counts the free slots, ``pool.nbytes`` its size."""
+        try:
+            return self.decoder.new_pool(size)
+        except ValueError as e:
+            raise AhnError(str(e)) from None
 
     @torch.inference_mode()
     def step(self, sessions, tokens) -> torch.Tensor:
@@ -372,11 +386,41 @@ class Session:
     """One sequence: its State (sinks + ring K/V, per-slot gates, memories, position) and the CUDA
     graphs captured for it."""
 
-    def __init__(self, model: Model, chunk_size: int, capacity: int | None = None):
+    def __init__(self, model: Model, chunk_size: int, capacity: int | None = None, pool=None):
         self.model = model
         self.chunk_size = chunk_size
-        self.state: State = model.decoder.new_state(capacity)
+        try:
+            self._state: State | None = model.decoder.new_state(capacity, pool)
+        except ValueError as e:
+            raise AhnError(str(e)) from None
+        self.pool = pool
+        # A pooled session that is dropped without close() still gives its slot back.
+        self._release = weakref.finalize(self, pool.release, self._state.pool_slot) if pool is not None else None
         self.graphs: dict = {}   # sampling setup -> captured decode step (ahn_rt.graph)
+
+    @property
+    def state(self) -> State:
+        if self._state is None:
+            raise AhnError("this session is closed; make a new one with model.new_session()")
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        return self._state is None
+
+    def close(self):
+        """Give the state's memory back (a pooled session's slot returns to its pool). Using the session
+        afterwards raises AhnError; closing twice is harmless."""
+        if self._release is not None:
+            self._release()
+        self._state = None
+        self.graphs.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def position(self) -> int:
@@ -399,9 +443,11 @@ class Session:
 
     def fork(self) -> "Session":
         """An independent copy of this session (one device copy of the fixed-size state): for branching
-        a conversation or reusing a prefilled prefix."""
-        other = Session(self.model, self.chunk_size, self.state.capacity if self.state.full else None)
-        other.state.copy_from(self.state)
+        a conversation or reusing a prefilled prefix. A pooled session's fork takes a slot of the same
+        pool."""
+        st = self.state
+        other = Session(self.model, self.chunk_size, st.capacity if st.full else None, self.pool)
+        other.state.copy_from(st)
         return other
 
     def _ids(self, token_ids) -> torch.Tensor:
@@ -508,9 +554,10 @@ class _Prefill:
 
 class _Run:
     """One generation as steps: ``start(session)``, ``prefill_chunk()`` while ``prefilling``, then
-    ``land(int(launch()))`` per token until ``done``; ``take()`` hands out the text produced so far.
-    ``generate`` drives one in the caller's thread; the scheduler drives many, interleaved (and a batched
-    decode step will replace its ``launch`` / ``land`` loop), so both give the same text."""
+    ``land(int(launch()))`` per token until ``done`` — or, stepped together with others,
+    ``land(int(sample(row)))`` with the row of ``Model.step`` that fed ``next_input``; ``take()`` hands out
+    the text produced so far. ``generate`` drives one in the caller's thread; the scheduler drives many,
+    so both give the same text."""
 
     def __init__(self, model: Model, prompt, params: SamplingParams, max_new_tokens: int, stop: list):
         self.model = model
@@ -568,6 +615,17 @@ class _Run:
     def launch(self) -> torch.Tensor:
         """One decode step of the last token; the next token, int64 [1] on the device (no host sync)."""
         self._tok = self._stepper(self._tok)
+        return self._tok
+
+    @property
+    def next_input(self) -> torch.Tensor:
+        """The token the next decode step feeds: int64 [1] on the device."""
+        return self._tok
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """A step taken outside (one row of ``Model.step``): sample the next token from its float32 logits
+        [vocab], as ``launch`` does after its own step."""
+        self._tok = self.sampler.sample(logits)
         return self._tok
 
     def land(self, tid: int):

@@ -64,18 +64,41 @@ def test_concurrent_agenerate_equals_solo_generate(model):
         return await asyncio.gather(*[_collect(model.agenerate(PROMPTS[i], **_kw(i))) for i in range(6)])
 
     assert asyncio.run(main()) == solo
+
+
+def test_the_scheduler_steps_its_sessions_together_from_one_pool(model):
+    """On the CPU the decoding generations take one model.step per loop (continuous batching: they join
+    and leave between loops) with sessions from the scheduler's pool of max_active slots; the texts are
+    those of solo runs (the test above), and here the batching is seen to happen."""
+    solo = ["".join(model.generate(PROMPTS[i], **_kw(i, 20))) for i in range(5)]
+    batches, step = [], model.step
+
+    def spy(sessions, tokens):
+        batches.append(len(sessions))
+        assert all(s.pool is model.scheduler.pool for s in sessions)
+        return step(sessions, tokens)
+    model.step = spy
+
+    async def main():
+        model.start_scheduler(max_active=3)
+        out = await asyncio.gather(*[_collect(model.agenerate(PROMPTS[i], **_kw(i, 20))) for i in range(5)])
+        return [t for t, _ in out]
+
+    assert asyncio.run(main()) == solo
+    pool = model.scheduler.pool
+    assert pool.size == 3 and pool.free == 0 and model.scheduler.sessions_in_use == 0   # slots kept for reuse
+    assert max(batches) == 3 and min(batches) >= 2 and sum(batches) > 20
     assert model.scheduler.active == 0 and model.scheduler.queued == 0
 
 
 def test_aclose_and_async_with_release_the_session(model):
     async def main():
-        idle = len(model._idle)
         gen = model.agenerate(PROMPTS[0], max_new_tokens=500, temperature=0)
         assert await gen.__anext__()
         assert model.scheduler.active == 1
         await gen.aclose()
         assert gen.finish_reason == "cancelled" and model.scheduler.active == 0
-        assert len(model._idle) == max(idle, 1)
+        assert model.scheduler.sessions_in_use == 0
         async with model.agenerate(PROMPTS[1], max_new_tokens=500, temperature=0) as g2:
             async for _ in g2:
                 break
@@ -87,7 +110,6 @@ def test_aclose_and_async_with_release_the_session(model):
 
 def test_cancelling_the_task_stops_at_the_next_token(model):
     async def main():
-        idle = len(model._idle)
         gen = model.agenerate(PROMPTS[2], max_new_tokens=10_000, temperature=0)
         got = []
 
@@ -104,7 +126,7 @@ def test_cancelling_the_task_stops_at_the_next_token(model):
         n = gen.stats.new_tokens
         await asyncio.sleep(0.05)
         assert gen.stats.new_tokens == n < 10_000          # nothing runs after the cancel
-        assert len(model._idle) == max(idle, 1)
+        assert model.scheduler.sessions_in_use == 0
 
     asyncio.run(main())
 
@@ -176,14 +198,15 @@ def test_a_failing_generation_raises_in_its_caller_only(model):
 
         def boom():
             raise RuntimeError("device lost")
-        bad.run.launch = boom
+        bad.run.launch = boom                       # its own step (interleaved) ...
+        bad.run.sample = lambda logits: boom()      # ... or its row of a step taken together
         with pytest.raises(RuntimeError, match="device lost"):
             await _collect(bad)
         assert bad.finish_reason == "error"
         return await _collect(good)
 
     assert asyncio.run(main())[0] == want
-    assert model.scheduler.active == 0 and len(model._idle) >= 2
+    assert model.scheduler.active == 0 and model.scheduler.sessions_in_use == 0
 
 
 def test_long_prompts_prefill_one_chunk_per_step_while_others_stream(model):

@@ -6,14 +6,18 @@ prefill budget (``prefill_tokens``, default one chunk) is spent — at least one
 burst of long prompts delays the running streams by about one chunk per token, not by whole prompts,
 (3) takes one decode step for every generation that is decoding (``_step``), and (4) hands out the text,
 ends finished, cancelled and timed-out generations and returns their sessions. Generations join and
-leave between loops.
+leave between loops (continuous batching).
 
-Today ``_step`` interleaves: it launches every generation's step (``_Run.launch``: on CUDA a graph
-replay, queued without a host sync) and then reads every sampled id (``_Run.land``), so the GPU runs
-the steps back to back and the host waits once per loop. The batched decode step (one
-``model.step(sessions, tokens)`` for all of them) replaces exactly that function; everything else here
-stays. Each generation keeps its own session and sampler, so interleaving gives every generation
-exactly the text it gets alone (tests/test_serve.py checks this under load).
+The sessions it lends live in one ``StatePool`` of ``max_active`` slots, allocated on the first
+admission (ahn and swa modes; a full-mode cache grows per session and is borrowed from the model), so
+the memory of every admitted generation is fixed up front. ``_step`` steps the decoding generations
+together — one ``model.step(sessions, tokens)``, each generation sampling its own row with its own
+sampler — where that pays (``ops.batched_decode_pays``: on the CPU each weight is read once for the whole
+batch). On CUDA, until the batched kernels exist, it interleaves instead: it launches every generation's
+step (``_Run.launch``: a graph replay, queued without a host sync) and then reads every sampled id
+(``_Run.land``), so the GPU runs the steps back to back and the host waits once per loop. Either way a
+row of ``model.step`` equals the session's step alone bit for bit, so every generation gets exactly the
+text it gets alone (tests/test_serve.py checks this under load).
 
 ``AsyncGeneration`` is what ``Model.agenerate`` returns: the worker hands events to the event loop
 with ``call_soon_threadsafe``.
@@ -27,6 +31,9 @@ import threading
 import time
 import traceback
 
+import torch
+
+from .. import ops
 from ..errors import AhnError
 
 
@@ -76,6 +83,9 @@ class Scheduler:
         self._active: list[Ticket] = []
         self._closing = False
         self.closed = False
+        self.pool = None                 # the StatePool of the lent sessions (made on the first admission)
+        self._idle = []                  # lent sessions not in use (they keep their captured graphs)
+        self._lent = 0
         self._thread = threading.Thread(target=self._work, name="ahn_rt-scheduler", daemon=True)
         self._thread.start()
 
@@ -83,6 +93,12 @@ class Scheduler:
     @property
     def active(self) -> int:
         return len(self._active)
+
+    @property
+    def sessions_in_use(self) -> int:
+        """Sessions lent to generations and not yet given back (a generation with its own session does
+        not count)."""
+        return self._lent
 
     @property
     def queued(self) -> int:
@@ -130,7 +146,6 @@ class Scheduler:
     # ---- the worker -----------------------------------------------------------------------------
     def _work(self):
         if self.model.device.type == "cuda":
-            import torch
             torch.cuda.set_device(self.model.device)   # graph capture uses the thread's current device
         while True:
             expired = []
@@ -196,8 +211,26 @@ class Scheduler:
                 self._deliver(t)
 
     def _step(self, tickets: list[Ticket]) -> list:
-        """One decode token for each of ``tickets`` (the part the batched step replaces). Returns the
-        (ticket, exception) pairs that failed."""
+        """One decode token for each of ``tickets``: together in one ``model.step`` where that pays,
+        otherwise interleaved. Returns the (ticket, exception) pairs that failed."""
+        sessions = [t.sess for t in tickets]
+        if (len(tickets) < 2 or not ops.batched_decode_pays(self.model.device)
+                or len({id(s) for s in sessions}) < len(sessions)):     # a caller's session in two runs
+            return self._step_each(tickets)
+        try:
+            logits = self.model.step(sessions, torch.cat([t.run.next_input for t in tickets]))
+        except Exception as e:  # noqa: BLE001
+            return [(t, e) for t in tickets]
+        failed = []
+        for b, t in enumerate(tickets):
+            try:
+                t.run.land(int(t.run.sample(logits[b])))
+            except Exception as e:  # noqa: BLE001
+                failed.append((t, e))
+        return failed
+
+    def _step_each(self, tickets: list[Ticket]) -> list:
+        """Every ticket's own step, launched back to back, then every sampled id read."""
         failed, launched = [], []
         for t in tickets:
             try:
@@ -211,8 +244,29 @@ class Scheduler:
                 failed.append((t, e))
         return failed
 
+    def _lend(self):
+        """A session for a generation that brings none: an idle one, reset, or a new one in the pool."""
+        model = self.model
+        self._lent += 1
+        if model.config.mode == "full":
+            return model._borrow_session()
+        if self._idle:
+            sess = self._idle.pop()
+            sess.reset()
+            return sess
+        if self.pool is None:
+            self.pool = model.new_pool(self.max_active)
+        return model.new_session(pool=self.pool)
+
+    def _take_back(self, sess):
+        self._lent -= 1
+        if sess.pool is not None and sess.pool is self.pool:
+            self._idle.append(sess)
+        else:
+            self.model._return_session(sess)
+
     def _begin(self, t: Ticket):
-        t.sess = t.session or self.model._borrow_session()
+        t.sess = t.session or self._lend()
         if t.start_state is not None:
             tensors, position = t.start_state
             t.sess.state.load(tensors, position)
@@ -243,7 +297,7 @@ class Scheduler:
                 st = t.sess.state
                 t.final_state = ({k: v.clone() for k, v in st.export().items()}, st.position)
             if t.session is None:
-                self.model._return_session(t.sess)
+                self._take_back(t.sess)
         with self._cv:
             if t in self._active:
                 self._active.remove(t)

@@ -1,0 +1,155 @@
+"""The state pool: the fixed-size states of many sessions as one set of tensors, handed out by slot.
+
+Exact checks only (torch.equal, no tolerance): a pooled session computes what a private one computes,
+prefill, decode and ``model.step``, for every memory variant and swa mode; its writes stay inside its own
+slot (every other slot of the pool is unchanged bit for bit, and a negative control shows the check sees
+a write into a neighbour); slots are handed out and given back (close, the context manager, garbage
+collection); fork, save and restore work on pooled sessions; mistakes get one line."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from ahn_rt.cache import StatePool
+from ahn_rt.errors import AhnError
+from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt.runtime import from_state_dict
+
+W, S, V = 6, 2, 101
+
+
+def _model(impl="gdn", mode="ahn", dtype="float32"):
+    cfg = preset_config("tiny", impl, torch.float32)
+    cfg["vocab_size"] = V
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=3)
+    return from_state_dict(cfg, sd, window=W, sinks=S, mode=mode, dtype=dtype, device="cpu")
+
+
+def _ids(n, seed):
+    return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _other_slots(pool, slot):
+    """Copies of every pool tensor without slot ``slot``."""
+    out = {}
+    for name, t in pool.storage.items():
+        axis = 1 if name in ("k", "v", "memory") or name.startswith("gate.") else 0   # layer-stacked: [L, N, ...]
+        keep = [i for i in range(pool.size) if i != slot]
+        out[name] = t.index_select(axis, torch.tensor(keep)).clone()
+    return out
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_layout_views_share_the_pool_storage():
+    model = _model()
+    pool = model.new_pool(3)
+    assert isinstance(pool, StatePool) and pool.size == pool.free == 3
+    sessions = [model.new_session(pool=pool) for _ in range(3)]
+    assert pool.free == 0 and [s.state.pool_slot for s in sessions] == [0, 1, 2]
+    st = sessions[1].state
+    L = model.config.num_layers
+    for name, t in st.tensors().items():
+        for i in range(L):
+            assert t[i].is_contiguous(), name                     # what the kernels take per layer
+    assert st.k.data_ptr() == pool.storage["k"][0, 1].data_ptr()
+    assert st.pos.data_ptr() == pool.storage["pos"][1:].data_ptr()
+    # the pool is the states, no more: size x one state
+    assert pool.nbytes == 3 * st.nbytes == 3 * model.new_session().state_nbytes
+
+
+@pytest.mark.parametrize("impl,mode", [("gdn", "ahn"), ("dn", "ahn"), ("mamba2", "ahn"), ("gdn", "swa")])
+def test_pooled_session_equals_private_and_touches_only_its_slot(impl, mode):
+    model = _model(impl, mode)
+    pool = model.new_pool(3)
+    neighbours = [model.new_session(pool=pool) for _ in range(2)]
+    for j, s in enumerate(neighbours):
+        s.forward(_ids(5 + 7 * j, seed=j))
+    mine, alone = model.new_session(pool=pool), model.new_session()
+    assert mine.state.pool_slot == 2
+    before = _other_slots(pool, 2)
+    prompt = _ids(3 * (S + W) + 1, seed=9)                   # past the fill point: the memory works
+    assert torch.equal(mine.forward(prompt), alone.forward(prompt))
+    for t in _ids(4, seed=10):                               # the decode path
+        assert torch.equal(mine.forward([t]), alone.forward([t]))
+    assert torch.equal(model.step([mine], [3]), alone.forward([3]))
+    assert _same(_other_slots(pool, 2), before), "a pooled session wrote outside its slot"
+    # the check can fail: a write into a neighbour's slot is seen
+    neighbours[0].state.k[0, 0, 0, 0] += 1
+    assert not _same(_other_slots(pool, 2), before)
+
+
+def test_step_over_a_pool_equals_each_session_alone():
+    model = _model()
+    pool = model.new_pool(4)
+    depths = [0, S + W - 1, S + W, 25]
+    pooled = [model.new_session(pool=pool) for _ in depths]
+    alone = [model.new_session() for _ in depths]
+    for j, d in enumerate(depths):
+        if d:
+            pooled[j].forward(_ids(d, seed=j))
+            alone[j].forward(_ids(d, seed=j))
+    tokens = [4, 8, 15, 16]
+    got = model.step(pooled, tokens)
+    for j in range(4):
+        assert torch.equal(got[j], alone[j].forward([tokens[j]])[0])
+        assert pooled[j].position == depths[j] + 1
+
+
+def test_slots_are_handed_out_and_given_back():
+    model = _model()
+    pool = model.new_pool(2)
+    a, b = model.new_session(pool=pool), model.new_session(pool=pool)
+    with pytest.raises(AhnError, match="all 2 slots of the state pool are in use") as e:
+        model.new_session(pool=pool)
+    assert "\n" not in str(e.value)
+    a.forward(_ids(9, seed=1))
+    slot = a.state.pool_slot
+    a.close()
+    a.close()                                               # harmless
+    assert a.closed and pool.free == 1
+    with pytest.raises(AhnError, match="session is closed"):
+        a.forward([1])
+    with pytest.raises(AhnError, match="session is closed"):
+        model.step([a, b], [1, 2])
+    c = model.new_session(pool=pool)                        # the freed slot, zeroed
+    assert c.state.pool_slot == slot and c.position == 0
+    assert all(not t.any() for t in c.state.tensors().values())
+    assert torch.equal(c.forward([5, 6]), model.new_session().forward([5, 6]))
+    with c:                                                 # the context manager closes
+        pass
+    assert c.closed and pool.free == 1
+    del b                                                   # dropped without close: the slot comes back
+    gc.collect()
+    assert pool.free == 2
+
+
+def test_fork_save_and_restore_of_pooled_sessions(tmp_path):
+    model = _model()
+    pool = model.new_pool(2)
+    a = model.new_session(pool=pool)
+    a.forward(_ids(S + W + 5, seed=2))
+    f = a.fork()
+    assert f.pool is pool and pool.free == 0 and f.state.pool_slot != a.state.pool_slot
+    with pytest.raises(AhnError, match="in use"):           # the pool is full: fork says so
+        a.fork()
+    a.save(tmp_path / "a.safetensors")
+    r = model.restore(tmp_path / "a.safetensors")
+    for t in (7, 8, 9):
+        want = a.forward([t])
+        assert torch.equal(f.forward([t]), want) and torch.equal(r.forward([t]), want)
+
+
+def test_bad_pools_are_one_line():
+    with pytest.raises(AhnError, match="full mode grows each sequence's cache"):
+        _model(mode="full").new_pool(2)
+    model, other = _model(), _model()
+    for size in (0, -1, 1.5, True):
+        with pytest.raises(AhnError, match="positive integer size"):
+            model.new_pool(size)
+    with pytest.raises(AhnError, match="belongs to another model"):
+        model.new_session(pool=other.new_pool(1))
