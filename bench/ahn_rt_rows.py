@@ -115,6 +115,42 @@ def decode_row(model, impl: str, ctx: int, steps: int, warmup: int, dev: torch.d
     return row
 
 
+def batch_row(model, impl: str, ctx: int, batch: int, steps: int, warmup: int, dev: torch.device) -> dict:
+    """tg @ d{ctx} b{B}: B sessions in one state pool, each stood at depth ctx (``fill_random``), stepped
+    together: one ``model.step(sessions, tokens)`` and the B greedy tokens read on the host per step,
+    timed one step at a time. Checks that every position moved by one per step and the memories stayed
+    finite."""
+    c = model.config
+    free_memory(dev)
+    pool = model.new_pool(batch)
+    sessions = [model.new_session(pool=pool) for _ in range(batch)]
+    for s in sessions:
+        s.state.fill_random(ctx)
+    tok = torch.full((batch,), TOKEN, dtype=torch.int64, device=dev)
+
+    def step():
+        model.step(sessions, tok).argmax(-1).tolist()   # the host sync a serving loop pays
+
+    for _ in range(warmup):
+        step()
+    row = dict(kind="tg", ctx=ctx, batch=batch, impl=impl, mode=c.mode, steps=steps)
+    row.update(summary(per_call_ms(step, steps, dev)))
+    row["peak_gib"] = peak_gib(dev)
+    row["graph"] = False
+    want = ctx + warmup + steps
+    row["position_ok"] = all(s.position == want == int(s.state.pos) for s in sessions)
+    row["note"] = f"{batch} sessions from one pool, states filled randomly"
+    if pool.storage.get("memory") is not None and not bool(torch.isfinite(pool.storage["memory"]).all()):
+        row["note"] += "; CHECK FAILED: memory not finite"
+    if not row["position_ok"]:
+        row["note"] += "; CHECK FAILED: positions"
+    for s in sessions:
+        s.close()
+    del sessions, pool
+    free_memory(dev)
+    return row
+
+
 def prefill_row(model, n: int, dev: torch.device, impl: str) -> dict:
     """pp{n}: one ``forward(ids, last_only=True)`` of n random tokens from an empty session, wall time."""
     c = model.config

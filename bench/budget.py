@@ -74,6 +74,6 @@ class Run:
             return None
         row["wall_s"] = time.perf_counter() - t
         self.rows.append(row)
-        log(f"{what}: " + (f"{row['ms']:.3f} ms/token" if "ms" in row else
+        log(f"{what}: " + (f"{row['ms']:.3f} ms/step" if "ms" in row else
                            f"{row['s']:.3f} s" if "s" in row else f"{row['us']:.1f} us"))
         return row

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 
 from ahn_rt import ops  # noqa: E402
 from ahn_rt.config import param_count  # noqa: E402
-from ahn_rt_rows import build_model, decode_row, gdn_only_row, prefill_row, probe_kernels  # noqa: E402
+from ahn_rt_rows import batch_row, build_model, decode_row, gdn_only_row, prefill_row, probe_kernels  # noqa: E402
 from budget import Run  # noqa: E402
 from floor import against_floor, floor_table, kv_bytes  # noqa: E402
 from machine import header  # noqa: E402
@@ -92,6 +92,17 @@ def ahn_mode_rows(r: Run, args, dev: torch.device, hdr: dict):
         else:
             r.attempt(what, lambda: decode_row(model, f"ahn_rt {tag} ({stepper})",
                                                ctx, args.steps, args.warmup, dev))
+
+    for ctx in args.batch_ctx:   # several sessions per step: model.step over a state pool
+        for B in args.batch_sizes:
+            what = f"ahn_rt {tag} tg @ d{ctx} b{B}"
+            if "batch" in args.skip:
+                r.skip(what, "--skip batch")
+            elif no_kernels:
+                r.skip(what, no_kernels)
+            elif r.budget_ok(what, 10):
+                r.attempt(what, lambda: batch_row(model, f"ahn_rt {tag} model.step (eager)", ctx, B,
+                                                  args.steps, args.warmup, dev))
 
     if "gdn" in args.skip:   # the GDN memory step alone, ahn_rt's and fla's
         r.skip("GDN-only", "--skip gdn")
@@ -234,6 +245,8 @@ def parse_args(argv=None):
                                          "+256k when the card has >= 40 GiB)")
     rows.add_argument("--max-context", type=parse_ctx,
                       help="add powers of two past 128k up to this depth (e.g. 256k)")
+    rows.add_argument("--batch-sizes", default="8,16", help="sessions per step for the b{B} rows (default 8,16)")
+    rows.add_argument("--batch-contexts", default="1k,32k", help="depths for the b{B} rows (default 1k,32k)")
     rows.add_argument("--steps", type=int, default=64, help="timed decode steps per row (default 64)")
     rows.add_argument("--warmup", type=int, default=8, help="untimed steps first; the first captures the graph")
     rows.add_argument("--prefill", default="2k,32k", help="prompt lengths for pp rows (default 2k,32k)")
@@ -248,7 +261,7 @@ def parse_args(argv=None):
     rows.add_argument("--compile-need-s", type=float, default=60,
                       help="skip a compile row when less than this much budget is left (default 60)")
     rows.add_argument("--gdn-iters", type=int, default=200)
-    rows.add_argument("--skip", default="", help="comma list of: full,ref,hf,hf-compile,fla,gdn,prefill")
+    rows.add_argument("--skip", default="", help="comma list of: full,ref,hf,hf-compile,fla,gdn,prefill,batch")
     ap.add_argument("--budget-s", type=float, default=420,
                     help="after this many seconds the remaining optional rows are skipped (default 420)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1k and 32k, few steps, no compile")
@@ -257,7 +270,7 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
-    bad = a.skip - {"full", "ref", "hf", "hf-compile", "fla", "gdn", "prefill"}
+    bad = a.skip - {"full", "ref", "hf", "hf-compile", "fla", "gdn", "prefill", "batch"}
     if bad:
         ap.error(f"--skip: unknown {', '.join(sorted(bad))}")
     if a.quick:
@@ -277,8 +290,12 @@ def parse_args(argv=None):
         a.prefill = ctx_list(a.prefill) + ([131072] if a.prefill_long else [])
         a.ref_ctx, a.hf_ctx = ctx_list(a.ref_contexts), ctx_list(a.hf_contexts)
         a.hf_compile_ctx = ctx_list(a.hf_compile_contexts)
+        a.batch_ctx = ctx_list(a.batch_contexts)
+        a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
+        if any(b < 1 for b in a.batch_sizes):
+            raise ValueError("batch sizes must be >= 1")
     except ValueError as e:
-        ap.error(f"bad context list ({e}); use e.g. 1k,32k or 1024,32768")
+        ap.error(f"bad context list or batch sizes ({e}); use e.g. 1k,32k or 1024,32768 and 8,16")
     return a
 
 
@@ -305,6 +322,8 @@ def main(argv=None) -> int:
         small = sorted({min(args.ctx), max(args.ctx)})
         if "--ref-contexts" not in given:
             args.ref_ctx = small
+        if "--batch-contexts" not in given:
+            args.batch_ctx = small
         if "--hf-contexts" not in given:
             args.hf_ctx = small
         if "--prefill" not in given:

@@ -21,6 +21,9 @@ Term by term:
   does nothing and moves nothing.
 - ``total``: their sum. Activations, the gates of the evicted token and the logits are a few KB.
 
+A step of B sequences (``model.step``, rows ``tg @ d{ctx} b{B}``) reads the weights once and each
+sequence's ``kv`` and ``gdn_state``: floor = (weights + ahn_weights + B × (kv + gdn_state)) / bandwidth.
+
 Each row is compared with the floor of the algorithm it runs: ahn rows with the ahn floor, full-attention
 rows (ahn_rt full mode, HF) with the full one.
 
@@ -62,14 +65,15 @@ def kv_bytes(c, tokens: int, elem: int | None = None) -> int:
     return tokens * 2 * c.num_layers * c.num_kv_heads * c.head_dim * (elem or c.dtype.itemsize)
 
 
-def floor_terms(c, ctx: int, mode: str, elem: int) -> dict:
-    """The bytes one decode step at depth ctx must move, term by term (this module's docstring)."""
+def floor_terms(c, ctx: int, mode: str, elem: int, batch: int = 1) -> dict:
+    """The bytes one decode step at depth ctx must move, term by term (this module's docstring); for a
+    step of ``batch`` sequences all at depth ctx, the weights once and every sequence's state."""
     L, H, D = c.num_layers, c.num_heads, c.head_dim
     keys = ctx if mode == "full" else min(ctx, c.sinks + c.window)
-    t = dict(weights=weight_bytes(c, elem), kv=kv_bytes(c, keys, elem))
+    t = dict(weights=weight_bytes(c, elem), kv=batch * kv_bytes(c, keys, elem))
     if mode == "ahn":
         t["ahn_weights"] = ahn_weight_bytes(c, elem)
-        t["gdn_state"] = L * H * D * D * 4 * 2 if ctx >= c.sinks + c.window else 0
+        t["gdn_state"] = batch * L * H * D * D * 4 * 2 if ctx >= c.sinks + c.window else 0
     t["total"] = sum(t.values())
     return t
 
@@ -101,8 +105,9 @@ def against_floor(rows: list, c, copy_GBps: float, matmul_TFLOPs: float):
     bw = copy_GBps * 1e9
     for x in rows:
         if x["kind"] == "tg":
-            fb = floor_terms(c, x["ctx"], x["mode"], c.dtype.itemsize)["total"]
-            x["tok_s"] = 1e3 / x["ms"]
+            B = x.get("batch", 1)
+            fb = floor_terms(c, x["ctx"], x["mode"], c.dtype.itemsize, B)["total"]
+            x["tok_s"] = B * 1e3 / x["ms"]          # aggregate over the batch
             x["floor_bytes"] = fb
             x["floor_ms"] = fb / bw * 1e3
             x["GBps"] = fb / (x["ms"] / 1e3) / 1e9

@@ -20,7 +20,7 @@ def gdn_share(rows: list, c):
     ctx >= S + W, its replay time where it has one."""
     gdn = next((x for x in rows if x["kind"] == "gdn" and x["impl"].startswith("ahn_rt")), None)
     deep = [x for x in rows if x["kind"] == "tg" and x["impl"].startswith("ahn_rt ahn")
-            and "reference" not in x["impl"] and c is not None and x["ctx"] >= c.sinks + c.window]
+            and "reference" not in x["impl"] and x.get("batch", 1) == 1 and c is not None and x["ctx"] >= c.sinks + c.window]
     if gdn and deep:
         t = deep[0].get("replay_ms", deep[0]["ms"])
         gdn["share"] = gdn["us"] / 1e3 / t
@@ -68,10 +68,11 @@ def markdown(res: dict) -> str:
 
     tg = [x for x in res["rows"] if x["kind"] == "tg"]
     if tg:
-        out += ["", "| test | implementation | ms/token | replay ms | tok/s | GB/s | % of floor | floor ms | "
+        out += ["", "| test | implementation | ms/step | replay ms | tok/s | GB/s | % of floor | floor ms | "
                 "peak GiB | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for x in tg:
-            out.append(f"| tg @ d{x['ctx']} | {x['impl']} | {x['ms']:.3f} ± {x['spread_ms']:.3f} | "
+            b = f" b{x['batch']}" if x.get("batch", 1) > 1 else ""
+            out.append(f"| tg @ d{x['ctx']}{b} | {x['impl']} | {x['ms']:.3f} ± {x['spread_ms']:.3f} | "
                        f"{_f(x.get('replay_ms'), '{:.3f}')} | {x['tok_s']:.1f} | {x['GBps']:.0f} | "
                        f"{x['pct_floor']:.1f} | {x['floor_ms']:.3f} | {_f(x['peak_gib'])} | {x['note']} |")
     pp = [x for x in res["rows"] if x["kind"] == "pp"]

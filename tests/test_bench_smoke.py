@@ -29,6 +29,13 @@ def test_decode_latency_cpu_smoke_per_variant(tmp_path, impl, tag):
     impls = {row["impl"] for row in data["rows"]}
     assert f"ahn_rt {tag} (eager)" in impls and f"ahn_rt {tag}" in impls, impls
     assert data["header"]["model"]["memory"] == {"gdn": "GatedDeltaNet", "dn": "DeltaNet", "mamba2": "Mamba2"}[impl]
+    # the batch rows: B sessions of one pool per model.step, every position checked, aggregate tokens/s
+    batch = {row["batch"]: row for row in data["rows"] if row.get("batch")}
+    assert sorted(batch) == [8, 16], batch
+    for B, row in batch.items():
+        assert row["position_ok"] and "CHECK FAILED" not in row["note"]
+        assert row["tok_s"] == pytest.approx(B * 1e3 / row["ms"])
+    assert f"| tg @ d64 b16 | ahn_rt {tag} model.step (eager)" in r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the device's to run")
