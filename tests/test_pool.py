@@ -16,15 +16,17 @@ from ahn_rt.cache import StatePool
 from ahn_rt.errors import AhnError
 from ahn_rt.init_weights import preset_config, random_state_dict
 from ahn_rt.runtime import from_state_dict
+from ahn_rt.sampling import Sampler, SamplingParams
 
 W, S, V = 6, 2, 101
 
 
-def _model(impl="gdn", mode="ahn", dtype="float32"):
+def _model(impl="gdn", mode="ahn", dtype="float32", device="cpu"):
     cfg = preset_config("tiny", impl, torch.float32)
     cfg["vocab_size"] = V
     sd = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=3)
-    return from_state_dict(cfg, sd, window=W, sinks=S, mode=mode, dtype=dtype, device="cpu")
+    return from_state_dict(cfg, {k: v.to(device) for k, v in sd.items()}, window=W, sinks=S, mode=mode,
+                           dtype=dtype, device=device)
 
 
 def _ids(n, seed):
@@ -37,7 +39,7 @@ def _other_slots(pool, slot):
     for name, t in pool.storage.items():
         axis = 1 if name in ("k", "v", "memory") or name.startswith("gate.") else 0   # layer-stacked: [L, N, ...]
         keep = [i for i in range(pool.size) if i != slot]
-        out[name] = t.index_select(axis, torch.tensor(keep)).clone()
+        out[name] = t.index_select(axis, torch.tensor(keep, device=t.device)).clone()
     return out
 
 
@@ -153,3 +155,28 @@ def test_bad_pools_are_one_line():
             model.new_pool(size)
     with pytest.raises(AhnError, match="belongs to another model"):
         model.new_session(pool=other.new_pool(1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("impl", ["gdn", "dn", "mamba2"])
+def test_pooled_sessions_on_cuda_equal_private_ones(impl):
+    """bf16 on the GPU: prefill, the captured-graph decode steps and model.step of pooled sessions equal a
+    private session's bit for bit, and the neighbours' slots stay untouched."""
+    model = _model(impl, dtype="bf16", device="cuda")
+    pool = model.new_pool(3)
+    other = model.new_session(pool=pool)
+    other.forward(_ids(11, seed=4))
+    mine, alone = model.new_session(pool=pool), model.new_session()
+    before = {k: v.cpu() for k, v in _other_slots(pool, mine.state.pool_slot).items()}
+    prompt = _ids(3 * (S + W) + 1, seed=9)
+    assert torch.equal(mine.forward(prompt), alone.forward(prompt))
+    greedy = SamplingParams(temperature=0)
+    sa, sb = (m.stepper(Sampler(greedy, V, model.device)) for m in (mine, alone))
+    ta = tb = torch.tensor([3], device="cuda")
+    for _ in range(6):                                      # eager first step, then graph replays
+        ta, tb = sa(ta), sb(tb)
+        assert torch.equal(sa.logits, sb.logits) and int(ta) == int(tb)
+    assert torch.equal(model.step([mine], [5]), alone.forward([5]))
+    after = {k: v.cpu() for k, v in _other_slots(pool, mine.state.pool_slot).items()}
+    assert _same(after, before), "a pooled session wrote outside its slot"
