@@ -247,16 +247,17 @@ class Scheduler:
     def _lend(self):
         """A session for a generation that brings none: an idle one, reset, or a new one in the pool."""
         model = self.model
-        self._lent += 1
         if model.config.mode == "full":
-            return model._borrow_session()
-        if self._idle:
+            sess = model._borrow_session()
+        elif self._idle:
             sess = self._idle.pop()
             sess.reset()
-            return sess
-        if self.pool is None:
-            self.pool = model.new_pool(self.max_active)
-        return model.new_session(pool=self.pool)
+        else:
+            if self.pool is None:
+                self.pool = model.new_pool(self.max_active)
+            sess = model.new_session(pool=self.pool)
+        self._lent += 1
+        return sess
 
     def _take_back(self, sess):
         self._lent -= 1
