@@ -395,7 +395,7 @@ class State:
 class StatePool:
     """The fixed-size states of up to ``size`` sequences of one model (modes ``ahn`` and ``swa``), allocated
     once as one set of tensors (``allocate``) and handed out by pool slot: ``acquire()`` gives a zeroed
-    ``State`` that views a free slot, ``release(state)`` returns the slot. Nothing is allocated after
+    ``State`` that views a free slot, ``release(state.pool_slot)`` returns the slot. Nothing is allocated after
     construction, so a service's memory is fixed up front and never fragments; kernels that step many
     sequences at once index the shared tensors by ``State.pool_slot``. Full mode (a cache that grows per
     sequence) has no pool: each such state is private. Thread-safe."""
@@ -434,7 +434,8 @@ class StatePool:
         return st
 
     def release(self, slot: int):
-        """Slot ``slot`` (a released state's ``pool_slot``) is free again. Releasing a free slot raises."""
+        """Slot ``slot`` (a state's ``pool_slot``) is free again; a state that views it must not be used
+        afterwards (``Session.close`` drops its state). Releasing a free slot raises."""
         with self._lock:
             if not 0 <= slot < self.size or slot in self._free:
                 raise ValueError(f"pool slot {slot} is not in use")

@@ -46,9 +46,6 @@ class Decoder:
             raise ValueError("the state pool belongs to another model; make it with this model's new_pool")
         return pool.acquire()
 
-    def new_pool(self, size: int) -> StatePool:
-        return StatePool(self.config, self.device, size)
-
     # ------------------------------------------------------------------------------------------
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = ops.rms_norm(h, self.w.norm, self.config.rms_norm_eps)

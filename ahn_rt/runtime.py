@@ -224,7 +224,7 @@ class Model:
         swa; a full-mode cache grows per session and has no pool). Sessions made with ``pool=`` hold a
         slot of it until ``close()``; ``pool.free`` counts the free slots, ``pool.nbytes`` its size."""
         try:
-            return self.decoder.new_pool(size)
+            return StatePool(self.config, self.device, size)
         except ValueError as e:
             raise AhnError(str(e)) from None
 

@@ -99,20 +99,26 @@ def decode_row(model, impl: str, ctx: int, steps: int, warmup: int, dev: torch.d
             row["replay_ms"] = back_to_back_ms(lambda: stepper(tok), steps, dev)
     row["peak_gib"] = peak_gib(dev)
     row["graph"] = stepper.graphed
-    st = sess.state
     # every call is one step: warmup + steps timed one by one (+ steps back to back on the graph path)
     calls = warmup + steps * (2 if stepper.graphed else 1)
-    row["position_ok"] = st.position == ctx + calls == int(st.pos)
-    if st.ahn:
-        row["gdn_finite"] = bool(torch.isfinite(st.memory).all())
-    row["note"] = "state filled randomly" + ("; reference ops, eager" if ref else "")
-    if not row["position_ok"]:
-        row["note"] += f"; CHECK FAILED: position {st.position} / device {int(st.pos)}"
-    if row.get("gdn_finite") is False:
-        row["note"] += "; CHECK FAILED: GDN memory not finite"
-    del stepper, sess, sampler, st
+    _check_states(row, [sess.state], ctx + calls, "state filled randomly" + ("; reference ops, eager" if ref else ""))
+    del stepper, sess, sampler
     free_memory(dev)
     return row
+
+
+def _check_states(row: dict, states, want: int, note: str):
+    """After a row's steps: every state stands at position ``want`` (host and device) and its memory is
+    finite; a failed check is named in the row's note."""
+    row["position_ok"] = all(st.position == want == int(st.pos) for st in states)
+    if states[0].ahn:
+        row["gdn_finite"] = all(bool(torch.isfinite(st.memory).all()) for st in states)
+    row["note"] = note
+    if not row["position_ok"]:
+        got = sorted({(st.position, int(st.pos)) for st in states})
+        row["note"] += f"; CHECK FAILED: positions (host, device) {got}, want {want}"
+    if row.get("gdn_finite") is False:
+        row["note"] += "; CHECK FAILED: GDN memory not finite"
 
 
 def batch_row(model, impl: str, ctx: int, batch: int, steps: int, warmup: int, dev: torch.device) -> dict:
@@ -137,13 +143,8 @@ def batch_row(model, impl: str, ctx: int, batch: int, steps: int, warmup: int, d
     row.update(summary(per_call_ms(step, steps, dev)))
     row["peak_gib"] = peak_gib(dev)
     row["graph"] = False
-    want = ctx + warmup + steps
-    row["position_ok"] = all(s.position == want == int(s.state.pos) for s in sessions)
-    row["note"] = f"{batch} sessions from one pool, states filled randomly"
-    if pool.storage.get("memory") is not None and not bool(torch.isfinite(pool.storage["memory"]).all()):
-        row["note"] += "; CHECK FAILED: memory not finite"
-    if not row["position_ok"]:
-        row["note"] += "; CHECK FAILED: positions"
+    _check_states(row, [s.state for s in sessions], ctx + warmup + steps,
+                  f"{batch} sessions from one pool, states filled randomly")
     for s in sessions:
         s.close()
     del sessions, pool
