@@ -15,19 +15,21 @@ def _rms_norm_fake(x, weight, eps):
 
 @torch.library.register_fake("ahn_rt::decode_prep")
 def _decode_prep_fake(proj, inv_freq, pos, q_norm, k_norm, norm_eps, a_log, dt_bias, k_cache, v_cache,
-                      beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict):
-    Hkv, _, D = k_cache.shape
-    H = beta_cache.shape[1] if a_log is not None else (proj.shape[0] - 2 * Hkv * D) // D
-    return proj.new_empty(H, D)  # q after norm + RoPE: [H, D]
+                      beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict, slots=None):
+    Hkv, _, D = k_cache.shape[-3:]
+    P = proj.shape[-1]
+    H = beta_cache.shape[-1] if a_log is not None else (P - 2 * Hkv * D) // D
+    lead = () if slots is None else (slots.shape[0],)
+    return proj.new_empty(*lead, H, D)  # q after norm + RoPE: [H, D] (batched: [B, H, D])
 
 
 @torch.library.register_fake("ahn_rt::swa_decode")
-def _swa_decode_fake(q, k_cache, v_cache, pos, sinks, window, scale):
-    return q.new_empty(q.shape[0], v_cache.shape[-1])  # [H, D]
+def _swa_decode_fake(q, k_cache, v_cache, pos, sinks, window, scale, slots=None):
+    return q.new_empty(*q.shape[:-1], v_cache.shape[-1])  # [H, D] (batched: [B, H, D])
 
 
 @torch.library.register_fake("ahn_rt::gdn_decode")
-def _gdn_decode_fake(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps):
+def _gdn_decode_fake(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots=None):
     return None  # mutates state and out in place
 
 

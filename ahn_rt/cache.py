@@ -392,6 +392,65 @@ class State:
         return sum(t.numel() * t.element_size() for t in (*self.tensors().values(), *scratch) if t is not None)
 
 
+_SLOT0: dict = {}   # device -> int64 [1] tensor holding 0: the slots of a one-state batch
+
+
+class DecodeBatch:
+    """The states of one decode step in the form the decode kernels take: each field is a layer-stacked
+    tensor over entries of one storage (``k[i]``: [N, Hkv, C, D], ``memory[i]``: [N, ...], ``pos``: [N],
+    the eviction scratch [N, ...]) and ``slots`` (int64 [B] on the device) names the entry that row b of
+    the step reads and writes. One state: its own views with N = 1 and slots [0]. Several states: the
+    storage of their common ``StatePool`` and their pool slots (``slots`` may be a caller's static buffer,
+    as a captured CUDA graph needs). Only the kernels write through it; ``advance`` moves positions."""
+
+    def __init__(self, states: list["State"], slots: torch.Tensor | None = None):
+        if not states:
+            raise ValueError("a decode batch needs at least one state")
+        st0 = self.state0 = states[0]
+        self.states = states
+        self.sinks, self.window, self.ahn, self.full = st0.sinks, st0.window, st0.ahn, st0.full
+        if len(states) == 1 and slots is None:
+            self.k, self.v = st0.k.unsqueeze(1), st0.v.unsqueeze(1)
+            self.gates = {n: t.unsqueeze(1) for n, t in st0.gates.items()}
+            self.gate_evict = {n: t.unsqueeze(0) for n, t in st0.gate_evict.items()}
+            self.memory = st0.memory.unsqueeze(1) if st0.memory is not None else None
+            self.k_evict, self.v_evict, self.pos = st0.k_evict.unsqueeze(0), st0.v_evict.unsqueeze(0), st0.pos
+            dev = st0.device
+            if dev not in _SLOT0:
+                _SLOT0[dev] = torch.zeros(1, dtype=torch.int64, device=dev)
+            self.slots = _SLOT0[dev]
+            return
+        pool = st0.pool
+        if pool is None or any(st.pool is not pool for st in states):
+            raise ValueError("states stepped together must come from one StatePool")
+        if len({st.pool_slot for st in states}) != len(states):
+            raise ValueError("a state appears twice in one decode batch")
+        store = pool.storage
+        self.k, self.v = store["k"], store["v"]
+        self.gates = {n: store["gate." + n] for n in st0.gates}
+        self.gate_evict = {n: store["gate_evict." + n] for n in st0.gate_evict}
+        self.memory = store.get("memory")
+        self.k_evict, self.v_evict, self.pos = store["k_evict"], store["v_evict"], store["pos"]
+        want = [st.pool_slot for st in states]
+        if slots is None:
+            slots = torch.tensor(want, dtype=torch.int64, device=st0.device)
+        self.slots = slots
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @torch.inference_mode()
+    def advance(self):
+        """Every state of the batch moves by one token, on the host and on the device (one kernel for the
+        batch; the same positions ``State.advance`` would write)."""
+        if len(self.states) == 1:
+            self.state0.advance(1)
+            return
+        for st in self.states:
+            st.position += 1
+        self.pos.index_add_(0, self.slots, torch.ones_like(self.slots))
+
+
 class StatePool:
     """The fixed-size states of up to ``size`` sequences of one model (modes ``ahn`` and ``swa``), allocated
     once as one set of tensors (``allocate``) and handed out by pool slot: ``acquire()`` gives a zeroed
@@ -412,6 +471,7 @@ class StatePool:
         self.capacity = config.sinks + config.window
         self.storage = allocate(config, self.device, size, self.capacity)
         self._free = list(range(size - 1, -1, -1))     # pop() hands out the lowest free slot
+        self.graphs: dict = {}   # ("step", B) -> Model.step's captured decode of B sessions (ahn_rt.graph)
         self._lock = threading.Lock()
 
     @property

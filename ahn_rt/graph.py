@@ -65,6 +65,54 @@ class _GraphStep:
         return self.tok
 
 
+class BatchStep:
+    """``Model.step`` on CUDA: the decode of B rows captured once per storage and batch size and replayed
+    for any B states of that storage — their pool slots go into the graph's ``slots`` buffer, their
+    tokens into ``ids`` (a private state's graph serves that state alone). Positions come from the
+    storage's device tensor, so the same graph serves every step."""
+
+    def __init__(self, decoder, batch):
+        self.decoder = decoder
+        B = len(batch)
+        self.ids = torch.zeros(B, dtype=torch.int64, device=batch.state0.device)
+        self.batch = batch
+        self.graph = torch.cuda.CUDAGraph()
+        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = decoder.decode_steps(batch, self.ids)
+
+    def __call__(self, states, ids: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        if len(states) > 1 or b.state0.pool is not None:
+            b.slots.copy_(torch.tensor([st.pool_slot for st in states], dtype=torch.int64))
+        b.states = states
+        self.ids.copy_(ids.view(-1))
+        self.graph.replay()
+        return self.logits.clone()
+
+
+def batch_step(decoder, states, ids: torch.Tensor, graphs: dict) -> tuple[torch.Tensor, "DecodeBatch"]:
+    """One decode step of ``states`` (one storage) in one batch: float32 logits [B, vocab] and the batch
+    (its ``advance()`` is the caller's). On CUDA the step replays the graph that ``graphs`` (the pool's, or
+    a private state's session's) keeps under ("step", B) (captured after a first eager step); elsewhere, and for a memory that is not graph safe, eager."""
+    from .cache import DecodeBatch
+    st0 = states[0]
+    if not (st0.device.type == "cuda" and GRAPHS_ENABLED and decoder.graph_safe):
+        batch = DecodeBatch(states)
+        return decoder.decode_steps(batch, ids), batch
+    key = ("step", len(states))
+    g = graphs.get(key)
+    if g is None:
+        batch = DecodeBatch(states)
+        logits = decoder.decode_steps(batch, ids)   # a real step, and the warm-up before capture
+        slots = None
+        if st0.pool is not None:
+            slots = torch.tensor([st.pool_slot for st in states], dtype=torch.int64, device=st0.device)
+        graphs[key] = BatchStep(decoder, DecodeBatch(states, slots))
+        return logits, batch
+    logits = g(states, ids)
+    return logits, g.batch
+
+
 class Stepper:
     """``tok = stepper(tok)``: decode one token (int64 [1] on the device) and sample the next.
     ``logits`` holds the float32 [vocab] logits of the last step (on the graph path a static buffer that

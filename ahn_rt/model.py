@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import memory, ops
-from .cache import State, StatePool
+from .cache import DecodeBatch, State, StatePool
 from .config import Config, rope_inv_freq
 from .weights import Weights
 
@@ -113,55 +113,58 @@ class Decoder:
         del st
 
     # ------------------------------------------------------------------------------------------
-    def _decode_attention(self, st: State, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
-        """Layer i of one decode token after its fused projection ``proj``: the decode front (q/k norm,
-        RoPE, ring write with eviction, the memory's gates), window attention and the memory step added
-        into it. Returns the attention output [H, D]."""
-        mem = self.memory if st.ahn else None
+    def _decode_attention(self, batch: DecodeBatch, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
+        """Layer i of one decode token per row after the fused projection ``proj`` [B, P]: the decode front
+        (q/k norm, RoPE, ring write with eviction, the memory's gates), window attention and the memory step
+        added into it, each one kernel over the B rows of ``batch``. Returns the attention output [B, H, D]."""
+        mem = self.memory if batch.ahn else None
+        if mem is not None and not mem.batched:   # a memory still stepped per state (Mamba2)
+            return torch.stack([self._decode_attention_one(st, i, lw, proj[b]) for b, st in enumerate(batch.states)])
+        S, W, slots = batch.sinks, batch.window, batch.slots
         if mem is not None:
-            q = mem.decode_front(self, st, i, lw, proj)
+            q = mem.decode_front(self, batch, i, lw, proj)
         else:
-            q = ops.decode_prep(proj, self.inv_freq, st.pos, lw.q_norm, lw.k_norm, self.config.rms_norm_eps,
-                                None, None, st.k[i], st.v[i], None, None, st.sinks, st.window, st.k_evict,
-                                st.v_evict, None, None)
-        attn = ops.swa_decode(q, st.k[i], st.v[i], st.pos, st.sinks, st.window, self.scale)
+            q = ops.decode_prep(proj, self.inv_freq, batch.pos, lw.q_norm, lw.k_norm, self.config.rms_norm_eps,
+                                None, None, batch.k[i], batch.v[i], None, None, S, W, batch.k_evict,
+                                batch.v_evict, None, None, slots=slots)
+        attn = ops.swa_decode(q, batch.k[i], batch.v[i], batch.pos, S, W, self.scale, slots=slots)
         if mem is not None:
-            mem.decode_step(self, st, i, lw, q, proj, attn)
+            mem.decode_step(self, batch, i, lw, q, proj, attn)
+        return attn
+
+    def _decode_attention_one(self, st: State, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
+        """``_decode_attention`` of one state for a memory whose decode takes one State (proj [P] -> [H, D])."""
+        q = self.memory.decode_front(self, st, i, lw, proj)
+        attn = ops.swa_decode(q, st.k[i], st.v[i], st.pos, st.sinks, st.window, self.scale)
+        self.memory.decode_step(self, st, i, lw, q, proj, attn)
         return attn
 
     def decode_step(self, st: State, ids: torch.Tensor) -> torch.Tensor:
-        """One token (ids: int64 [1] on the device) at position st.pos (device). Does not advance the
-        position: the caller does (eagerly, or inside a captured CUDA graph). Returns logits [1, vocab].
+        """One token (ids: int64 [1] on the device) at position st.pos (device): ``decode_steps`` of a batch
+        of one. Does not advance the position: the caller does (eagerly, or after a replayed CUDA graph).
+        Returns logits [1, vocab]."""
+        return self.decode_steps(DecodeBatch([st]), ids)
 
-        Per layer: one fused GEMV (RMSNorm + q|k|v|memory rows + bias), the decode front (q/k norm, RoPE,
-        ring write with eviction, the memory's gates: ``decode_prep``), window attention, the memory step
-        (GatedDeltaNet / DeltaNet: one fused ``gdn_decode``), then three fused GEMVs (o_proj + residual,
-        RMSNorm + gate|up + SiLU*mul, down + residual)."""
+    def decode_steps(self, batch: DecodeBatch, ids: torch.Tensor) -> torch.Tensor:
+        """One token for each of the B rows of ``batch`` (ids: int64 [B] on the device; each state at its
+        own position). Advances nobody (the caller does: ``batch.advance()``). Returns float32 logits
+        [B, vocab]; row b is the same bits whatever the batch and its neighbours.
+
+        Per layer: one fused GEMV over the B rows (RMSNorm + q|k|v|memory rows + bias; each weight read
+        once for all rows), the decode front (q/k norm, RoPE, ring write with eviction, the memory's gates:
+        ``decode_prep``), window attention, the memory step (GatedDeltaNet / DeltaNet: one fused
+        ``gdn_decode``), then three fused GEMVs (o_proj + residual, RMSNorm + gate|up + SiLU*mul, down +
+        residual)."""
         eps = self.config.rms_norm_eps
-        h = F.embedding(ids, self.w.embed)[0]
+        B = ids.numel()
+        h = F.embedding(ids.view(B), self.w.embed)
         for i, lw in enumerate(self.w.layers):
             proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
-            attn = self._decode_attention(st, i, lw, proj)
-            h = ops.gemv(attn.view(-1), lw.w_o, lw.b_o, None, 0.0, h, False, False)
+            attn = self._decode_attention(batch, i, lw, proj)
+            h = ops.gemv(attn.view(B, -1), lw.w_o, lw.b_o, None, 0.0, h, False, False)
             act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
             h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False)
-        return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True)[None]
-
-    def decode_steps(self, states: list[State], ids: torch.Tensor) -> torch.Tensor:
-        """One token for each of B sequences (ids: int64 [B] on the device, states[b] at its own
-        position): the decode step of ``decode_step`` with every GEMV over all B rows at once
-        (``ops.gemv_rows``) and the per-sequence front, window attention and memory step run per state.
-        Advances nobody (the caller does). Returns float32 logits [B, vocab]; row b equals
-        ``decode_step(states[b], ids[b:b+1])`` bit for bit, whoever its neighbours are."""
-        eps = self.config.rms_norm_eps
-        h = F.embedding(ids, self.w.embed)
-        for i, lw in enumerate(self.w.layers):
-            proj = ops.gemv_rows(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
-            attn = torch.stack([self._decode_attention(st, i, lw, proj[b]).view(-1) for b, st in enumerate(states)])
-            h = ops.gemv_rows(attn, lw.w_o, lw.b_o, None, 0.0, h, False, False)
-            act = ops.gemv_rows(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
-            h = ops.gemv_rows(act, lw.w_down, None, None, 0.0, h, False, False)
-        return ops.gemv_rows(h, self.w.lm_head, None, self.w.norm, eps, None, False, True)
+        return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True)
 
     def forward(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Tokens through the model. A single token takes the decode kernels, longer feeds the

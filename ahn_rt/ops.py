@@ -93,44 +93,28 @@ def rms_norm(x, weight, eps):
 
 
 def decode_prep(proj, inv_freq, pos, q_norm, k_norm, norm_eps, a_log, dt_bias, k_cache, v_cache,
-                beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict):
+                beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict, slots=None):
     fn = torch.ops.ahn_rt.decode_prep if _use_ext(proj) else ref.decode_prep_ref
     return fn(proj, inv_freq, pos, q_norm, k_norm, norm_eps, a_log, dt_bias, k_cache, v_cache,
-              beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict)
+              beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict, slots)
 
 
-def swa_decode(q, k_cache, v_cache, pos, sinks, window, scale):
+def swa_decode(q, k_cache, v_cache, pos, sinks, window, scale, slots=None):
     fn = torch.ops.ahn_rt.swa_decode if _use_ext(q) else ref.swa_decode_ref
-    return fn(q, k_cache, v_cache, pos, sinks, window, scale)
+    return fn(q, k_cache, v_cache, pos, sinks, window, scale, slots)
 
 
-def gdn_decode(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps):
+def gdn_decode(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots=None):
     fn = torch.ops.ahn_rt.gdn_decode if _use_ext(q) else ref.gdn_decode_ref
-    fn(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps)
+    fn(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots)
 
 
 def gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
+    """The fused decode GEMV: x [K] (one token) or [B, K] (one token of each of B sequences; residual
+    shaped like the output) -> [N_out] / [B, N_out]. Each weight row is read once for all B, and row b
+    equals the call on x[b] alone bit for bit (its reduction order never depends on B or the other rows)."""
     fn = torch.ops.ahn_rt.gemv if _use_ext(x) else ref.gemv_ref
     return fn(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float)
-
-
-def gemv_rows(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
-    """``gemv`` for one token of each of B sequences: x [B, K] (residual [B, N_out]) -> [B, N_out]; row b
-    equals ``gemv`` of x[b] bit for bit. On the CPU one call reads each weight row once for all B; the CUDA
-    kernel takes one row, so there the rows run one after another (a batched CUDA kernel is still to come)."""
-    if x.is_cuda and _use_ext(x):
-        return torch.stack([torch.ops.ahn_rt.gemv(x[b], weight, bias, norm_weight, norm_eps,
-                                                  None if residual is None else residual[b], silu_mul, out_float)
-                            for b in range(x.shape[0])])
-    return gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float)
-
-
-def batched_decode_pays(device) -> bool:
-    """Whether stepping B sequences in one ``Decoder.decode_steps`` beats B single steps on ``device``:
-    on the CPU, where ``gemv_rows`` reads each weight once per call; not yet on CUDA, where its rows still
-    run one after another and a single step replays a captured graph. The scheduler steps its sessions
-    together (``Model.step``) where this holds, one by one elsewhere."""
-    return torch.device(device).type != "cuda"
 
 
 # ---- prefill path: torch implementations -------------------------------------------------------

@@ -150,13 +150,22 @@ def ring_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: tor
         alpha_cache[slot] = alpha
 
 
+def _entry(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    """Entry e of a batched op's per-entry tensor (None stays None)."""
+    return None if t is None else t[e]
+
+
 def swa_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                   sinks: int, window: int, scale: float) -> torch.Tensor:
+                   sinks: int, window: int, scale: float, slots: torch.Tensor | None = None) -> torch.Tensor:
     """One query over the sinks + ring cache after the token at ``pos`` was written.
 
     q: [H, D]; k_cache, v_cache: [Hkv, C, D]; pos: int64 tensor [1]. Attends slots
     [0, min(pos + 1, sinks + window)). Returns [H, D] in q.dtype.
+    Batched (``slots`` int64 [B]): q [B, H, D], caches [N, Hkv, C, D], pos [N]; row b uses entry slots[b].
     """
+    if slots is not None:
+        return torch.stack([swa_decode_ref(q[b], k_cache[e], v_cache[e], pos[e:e + 1], sinks, window, scale)
+                            for b, e in enumerate(slots.tolist())])
     p = int(pos.reshape(-1)[0])
     n = min(p + 1, sinks + window)
     H = q.shape[0]
@@ -327,13 +336,20 @@ def gdn_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, 
 def gdn_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    beta: torch.Tensor, alpha: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor,
                    o_proj: torch.Tensor, out: torch.Tensor, pos: torch.Tensor, sinks: int, window: int,
-                   eps: float) -> None:
+                   eps: float, slots: torch.Tensor | None = None) -> None:
     """One fused AHN memory step for a decoded token, added into the attention output.
 
     Runs only when pos >= sinks + window (a token left the window); otherwise does nothing.
     state: [H, Dk, Dv] float32 (in place); q: [H, Dk] read query; k: [Hkv, Dk], v: [Hkv, Dv], beta: [H],
     alpha: [H] (float32 log-decay) of the evicted token; z: [H] gate of the reading token; out: [H, Dv], += memory.
+    Batched (``slots`` int64 [B]): q [B, H, Dk], z [B, H], out [B, H, Dv] by row; state [N, H, Dk, Dv],
+    k [N, Hkv, Dk], v [N, Hkv, Dv], beta, alpha [N, H] and pos [N] by entry slots[b].
     """
+    if slots is not None:
+        for b, e in enumerate(slots.tolist()):
+            gdn_decode_ref(state[e], q[b], k[e], v[e], beta[e], alpha[e], z[b], norm_weight, o_proj, out[b],
+                           pos[e:e + 1], sinks, window, eps)
+        return
     if int(pos.reshape(-1)[0]) < sinks + window:
         return
     o = gdn_recurrent_ref(q[None], k[None], v[None], beta[None], alpha[None], state)
@@ -458,7 +474,7 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
                     k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: torch.Tensor | None,
                     alpha_cache: torch.Tensor | None, sinks: int, window: int,
                     k_evict: torch.Tensor, v_evict: torch.Tensor, beta_evict: torch.Tensor | None,
-                    alpha_evict: torch.Tensor | None) -> torch.Tensor:
+                    alpha_evict: torch.Tensor | None, slots: torch.Tensor | None = None) -> torch.Tensor:
     """Everything between a decoded token's projection GEMM and its attention, for one layer.
 
     proj: [P] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | a (H) | b (H) | g (H)] with biases already added;
@@ -470,7 +486,15 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
        softplus(a + dt_bias) (float32);
     4. ring_write_ref of (k, v, beta, alpha) at pos, evicting the slot's old token first.
     Returns q after norm + RoPE: [H, D] in proj.dtype. (The output gate z is proj's last H values.)
+    Batched (``slots`` int64 [B]): proj [B, P] and q [B, H, D] by row; pos [N], the caches [N, Hkv, C, D],
+    the gate caches [N, C, H] and the eviction buffers [N, ...] by entry slots[b].
     """
+    if slots is not None:
+        return torch.stack([
+            decode_prep_ref(proj[b], inv_freq, pos[e:e + 1], q_norm, k_norm, norm_eps, a_log, dt_bias, k_cache[e],
+                            v_cache[e], _entry(beta_cache, e), _entry(alpha_cache, e), sinks, window, k_evict[e],
+                            v_evict[e], _entry(beta_evict, e), _entry(alpha_evict, e))
+            for b, e in enumerate(slots.tolist())])
     Hkv, _, D = k_cache.shape
     gated = a_log is not None
     H = beta_cache.shape[1] if gated else (proj.shape[0] - 2 * Hkv * D) // D

@@ -234,9 +234,11 @@ class Model:
         tensor [B]) is fed to ``sessions[b]``; returns float32 logits [B, vocab] and advances every
         session by one. Row b equals ``sessions[b].forward([tokens[b]])`` bit for bit, whatever the batch
         and its neighbours (each GEMV row keeps its own reduction order). Sessions may stand at any
-        positions; each may appear once. Full mode (a growing cache) steps one session at a time.
-        On the CPU the GEMVs read each weight once per step for the whole batch; on CUDA the rows still
-        run one after another (the batched kernels and the state pool are still to come)."""
+        positions; each may appear once. Sessions of one state pool (``new_pool``) step as one batch:
+        each weight is read once per step for all of them, and window attention and the memory step
+        run over all of them in one kernel each (on CUDA from a graph captured per batch size). Sessions
+        with private states, or of several pools, and full mode (a growing cache) step one at a time,
+        with the same results."""
         sessions = list(sessions)
         if not sessions:
             raise AhnError("step: no sessions given")
@@ -249,11 +251,13 @@ class Model:
         if ids is None or ids.numel() != len(sessions):
             raise AhnError(f"step: give one token per session ({len(sessions)} sessions)")
         dec = self.decoder
-        if self.config.mode == "full":
-            return torch.cat([dec.forward(s.state, ids[b:b + 1]) for b, s in enumerate(sessions)])
-        logits = dec.decode_steps([s.state for s in sessions], ids)
-        for s in sessions:
-            s.state.advance(1)
+        states = [s.state for s in sessions]
+        pool = states[0].pool
+        if self.config.mode == "full" or (len(states) > 1 and (pool is None or any(st.pool is not pool for st in states))):
+            return torch.cat([dec.forward(st, ids[b:b + 1]) for b, st in enumerate(states)])
+        from .graph import batch_step
+        logits, batch = batch_step(dec, states, ids, pool.graphs if pool is not None else sessions[0].graphs)
+        batch.advance()
         return logits
 
     def restore(self, path, chunk_size: int | None = None) -> "Session":

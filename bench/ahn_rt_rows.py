@@ -142,7 +142,7 @@ def batch_row(model, impl: str, ctx: int, batch: int, steps: int, warmup: int, d
     row = dict(kind="tg", ctx=ctx, batch=batch, impl=impl, mode=c.mode, steps=steps)
     row.update(summary(per_call_ms(step, steps, dev)))
     row["peak_gib"] = peak_gib(dev)
-    row["graph"] = False
+    row["graph"] = dev.type == "cuda" and ahn_rt.graph.GRAPHS_ENABLED and model.decoder.graph_safe
     _check_states(row, [s.state for s in sessions], ctx + warmup + steps,
                   f"{batch} sessions from one pool, states filled randomly")
     for s in sessions:

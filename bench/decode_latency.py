@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+import ahn_rt.graph  # noqa: E402
 from ahn_rt import ops  # noqa: E402
 from ahn_rt.config import param_count  # noqa: E402
 from ahn_rt_rows import batch_row, build_model, decode_row, gdn_only_row, prefill_row, probe_kernels  # noqa: E402
@@ -93,6 +94,7 @@ def ahn_mode_rows(r: Run, args, dev: torch.device, hdr: dict):
             r.attempt(what, lambda: decode_row(model, f"ahn_rt {tag} ({stepper})",
                                                ctx, args.steps, args.warmup, dev))
 
+    stepper = "CUDA graph" if cuda and model.decoder.graph_safe and ahn_rt.graph.GRAPHS_ENABLED else "eager"
     for ctx in args.batch_ctx:   # several sessions per step: model.step over a state pool
         for B in args.batch_sizes:
             what = f"ahn_rt {tag} tg @ d{ctx} b{B}"
@@ -101,7 +103,7 @@ def ahn_mode_rows(r: Run, args, dev: torch.device, hdr: dict):
             elif no_kernels:
                 r.skip(what, no_kernels)
             elif r.budget_ok(what, 10):
-                r.attempt(what, lambda: batch_row(model, f"ahn_rt {tag} model.step (eager)", ctx, B,
+                r.attempt(what, lambda: batch_row(model, f"ahn_rt {tag} model.step ({stepper})", ctx, B,
                                                   args.steps, args.warmup, dev))
 
     if "gdn" in args.skip:   # the GDN memory step alone, ahn_rt's and fla's

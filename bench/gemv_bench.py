@@ -2,7 +2,9 @@
 (torch F.linear) and the decode step's current sequence (rms_norm + F.linear / addmm + SiLU * up), all in
 one process on one card.
 
-    python bench/gemv_bench.py [--json out.json]     # needs a GPU and the CUDA build
+    python bench/gemv_bench.py [--batch 1,8,16] [--json out.json]   # needs a GPU and the CUDA build
+--batch: rows per call (one token of each of B sequences; each weight read once for all B): every table
+is repeated per batch size.
 Every variant is captured in a CUDA graph of many calls that rotate over weight copies larger than L2
 (so each call streams its weights from HBM), replayed 20 times; median us per call (launch gaps inside a
 graph included, as in the decode step) and weight GB/s, next to a 1 GiB device-to-device copy measured in
@@ -44,14 +46,27 @@ def rel_err(a, b):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes (default 1)")
     args = ap.parse_args()
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, torch {torch.__version__}, "
           f"CUDA {torch.version.cuda}")
     copy_bw = copy_bandwidth(torch.device(dev), 1 << 30, 20) / 1e9
     print(f"copy bandwidth (1 GiB d2d, read + write): {copy_bw:.0f} GB/s")
-    results = dict(device=props.name, copy_gbs=copy_bw, shapes=[], step={})
+    results = dict(device=props.name, copy_gbs=copy_bw, batches={})
+    for B in batches:
+        results["batches"][B] = run_batch(B, l2, copy_bw)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def run_batch(B, l2, copy_bw):
+    """Every table for B rows per call; returns its results."""
+    print(f"\n## batch {B}")
+    results = dict(shapes=[], step={})
 
     # (name, K, N rows, norm, bias, residual, silu)
     shapes = [("qkvabg", D, QKV, True, True, False, False), ("o_proj", D, D, False, False, True, False),
@@ -66,26 +81,26 @@ def main():
         b = torch.randn(N, device=dev, dtype=dt) if bias else None
         nw = torch.rand(K, device=dev, dtype=dt) + 0.5 if norm else None
         n_out = N // 2 if silu else N
-        r = torch.randn(n_out, device=dev, dtype=dt) if res else None
-        x = torch.randn(K, device=dev, dtype=dt)
+        r = torch.randn(B, n_out, device=dev, dtype=dt) if res else None
+        x = torch.randn(B, K, device=dev, dtype=dt)
         lm = name == "lm_head"
 
         def fused():
             for i in range(calls):
                 gemv(x, W[i % copies], b, nw, EPS, r, silu, lm)
 
-        def cublas():  # the bare GEMV, same weight bytes
+        def cublas():  # the bare GEMV (GEMM for B > 1), same weight bytes
             for i in range(calls):
-                F.linear(x[None], W[i % copies], b)
+                F.linear(x, W[i % copies], b)
 
         def current():  # what decode_step / _logits do today for this shape
             for i in range(calls):
-                h = torch.ops.ahn_rt.rms_norm(x[None], nw, EPS) if norm else x[None]
+                h = torch.ops.ahn_rt.rms_norm(x, nw, EPS) if norm else x
                 if silu:
                     g, u = F.linear(h, W[i % copies]).chunk(2, dim=-1)
                     F.silu(g) * u
                 elif res:
-                    torch.addmm(r[None], h, W[i % copies].t())
+                    torch.addmm(r, h, W[i % copies].t())
                 elif lm:
                     F.linear(h, W[i % copies]).float()
                 else:
@@ -116,27 +131,27 @@ def main():
                    w_down=rn(D, FF, scale=FF ** -0.5)) for _ in range(L)]
     lm_head, fnorm = rn(VOCAB, D, scale=D ** -0.5), rn(D) * 0.1 + 1
     step_bytes = sum(sum(v.numel() * 2 for v in lw.values()) for lw in layers) + lm_head.numel() * 2
-    h0 = rn(D)
+    h0 = rn(B, D)
 
     def step_fused():
         h = h0
         for lw in layers:
             proj = gemv(h, lw["w_in"], lw["b_in"], lw["ln_in"], EPS, None, False, False)
-            h = gemv(proj[:D], lw["w_o"], None, None, 0.0, h, False, False)  # attention stand-in: q slice
+            h = gemv(proj[:, :D].contiguous(), lw["w_o"], None, None, 0.0, h, False, False)  # attention stand-in
             a = gemv(h, lw["w_gu"], None, lw["ln_post"], EPS, None, True, False)
             h = gemv(a, lw["w_down"], None, None, 0.0, h, False, False)
         return gemv(h, lm_head, None, fnorm, EPS, None, False, True)
 
     def step_current():
-        h = h0[None]
+        h = h0
         for lw in layers:
             x = torch.ops.ahn_rt.rms_norm(h, lw["ln_in"], EPS)
-            proj = F.linear(x, lw["w_in"], lw["b_in"])[0]
-            h = torch.addmm(h, proj[:D].view(1, -1), lw["w_o"].t())
+            proj = F.linear(x, lw["w_in"], lw["b_in"])
+            h = torch.addmm(h, proj[:, :D], lw["w_o"].t())
             x = torch.ops.ahn_rt.rms_norm(h, lw["ln_post"], EPS)
             gate, up = F.linear(x, lw["w_gu"]).chunk(2, dim=-1)
             h = torch.addmm(h, F.silu(gate) * up, lw["w_down"].t())
-        return F.linear(torch.ops.ahn_rt.rms_norm(h, fnorm, EPS), lm_head).float()[0]
+        return F.linear(torch.ops.ahn_rt.rms_norm(h, fnorm, EPS), lm_head).float()
 
     ref_logits = step_current()
     set_pdl(False)
@@ -159,14 +174,12 @@ def main():
         print(f"| {name} | {N} x {K} | {nbytes / 1e6:.1f} | {t['fused']:.2f} | {gbs['fused']:.0f} | "
               f"{100 * gbs['fused'] / copy_bw:.0f}% | {t['fused_pdl']:.2f} | {gbs['fused_pdl']:.0f} | "
               f"{t['cublas']:.2f} | {gbs['cublas']:.0f} | {t['current']:.2f} | {gbs['current']:.0f} | {err:.1e} |")
-    print(f"\nwhole decode step's GEMVs ({L} layers + LM head, {step_bytes / 1e9:.3f} GB of weights), one graph:")
+    print(f"\nwhole decode step's GEMVs, batch {B} ({L} layers + LM head, {step_bytes / 1e9:.3f} GB of weights), one graph:")
     print(f"floor (bytes / copy bandwidth): {floor_us / 1e3:.3f} ms")
     for label, v in step.items():
         print(f"  {label:10s} {v / 1e3:.3f} ms  ({step_bytes / v / 1e3:.0f} GB/s, {100 * floor_us / v:.0f}% of floor)")
     print(f"  logits rel err fused vs current: {step_err:.2e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    return results
 
 
 if __name__ == "__main__":

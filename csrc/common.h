@@ -120,6 +120,21 @@ struct RmsNormParams {
   float eps;
 };
 
+// Batched decode ops (an op called with `slots`): row b of the call reads and writes the state entry
+// slots[b] of tensors whose leading dim indexes entries (caches, gates, memory, positions, eviction
+// scratch) and row b of tensors whose leading dim indexes rows (proj, q, z, outputs). Each params struct
+// keeps those leading strides in BYTES (0 when unbatched) and `row(b)` returns a copy with every pointer
+// moved to row b / entry slots[b]; kernels call it with b from a grid dimension (slots read on the
+// device), the CPU host path per row. Unbatched: slots == nullptr, batch == 1, row(0) == the params.
+template <typename P>
+AHN_HD P* moved(P* ptr, int64_t bytes) {
+  return ptr == nullptr ? ptr : reinterpret_cast<P*>(reinterpret_cast<char*>(ptr) + bytes);
+}
+template <typename P>
+AHN_HD const P* moved(const P* ptr, int64_t bytes) {
+  return ptr == nullptr ? ptr : reinterpret_cast<const P*>(reinterpret_cast<const char*>(ptr) + bytes);
+}
+
 struct DecodePrepParams {
   const void* proj;      // [P], stride proj_stride: [q (H*D) | k (Hkv*D) | v (Hkv*D) | a (H) | b (H) | g (H)]
   const float* inv_freq; // [D/2] float32, contiguous
@@ -144,6 +159,28 @@ struct DecodePrepParams {
   int64_t H, Hkv, D, sinks, window;
   float norm_eps;
   Kind a_log_kind, dt_bias_kind;
+  // Batched call: rows move proj / q_out, entries move pos, the caches, the gate caches and the scratch.
+  const int64_t* slots = nullptr;  // [batch] or null
+  int64_t batch = 1;
+  int64_t proj_rb = 0, q_rb = 0;                                   // bytes per row
+  int64_t kc_eb = 0, vc_eb = 0, bc_eb = 0, ac_eb = 0;              // bytes per entry
+  int64_t ke_eb = 0, ve_eb = 0, be_eb = 0, ae_eb = 0;
+  AHN_HD DecodePrepParams row(int64_t b) const {
+    DecodePrepParams r = *this;
+    const int64_t e = slots != nullptr ? slots[b] : 0;
+    r.proj = moved(proj, b * proj_rb);
+    r.q_out = moved(q_out, b * q_rb);
+    r.pos = pos + e;
+    r.k_cache = moved(k_cache, e * kc_eb);
+    r.v_cache = moved(v_cache, e * vc_eb);
+    r.beta_cache = moved(beta_cache, e * bc_eb);
+    r.alpha_cache = moved(alpha_cache, e * ac_eb);
+    r.k_evict = moved(k_evict, e * ke_eb);
+    r.v_evict = moved(v_evict, e * ve_eb);
+    r.beta_evict = moved(beta_evict, e * be_eb);
+    r.alpha_evict = moved(alpha_evict, e * ae_eb);
+    return r;
+  }
 };
 
 struct SwaDecodeParams {
@@ -158,6 +195,23 @@ struct SwaDecodeParams {
   int64_t H, Hkv, C, D, sinks, window;
   int64_t chunk, nsplit;  // CUDA: keys per split, splits per kv head (fixed from C and the device)
   float scale;
+  // Batched call: rows move q, out and the CUDA scratch; entries move pos and the caches.
+  const int64_t* slots = nullptr;  // [batch] or null
+  int64_t batch = 1;
+  int64_t q_rb = 0, out_rb = 0, op_rb = 0, ml_rb = 0;  // bytes per row
+  int64_t kc_eb = 0, vc_eb = 0;                         // bytes per entry
+  AHN_HD SwaDecodeParams row(int64_t b) const {
+    SwaDecodeParams r = *this;
+    const int64_t e = slots != nullptr ? slots[b] : 0;
+    r.q = moved(q, b * q_rb);
+    r.out = moved(out, b * out_rb);
+    r.o_part = moved(o_part, b * op_rb);
+    r.ml_part = moved(ml_part, b * ml_rb);
+    r.pos = pos + e;
+    r.k_cache = moved(k_cache, e * kc_eb);
+    r.v_cache = moved(v_cache, e * vc_eb);
+    return r;
+  }
 };
 
 struct GdnDecodeParams {
@@ -176,6 +230,25 @@ struct GdnDecodeParams {
   int64_t H, Hkv, Dk, Dv, sinks, window;
   float eps;
   Kind beta_kind, alpha_kind, z_kind, nw_kind, op_kind, out_kind;
+  // Batched call: rows move q, z and out; entries move pos, the state and the evicted token (k, v, beta, alpha).
+  const int64_t* slots = nullptr;  // [batch] or null
+  int64_t batch = 1;
+  int64_t q_rb = 0, z_rb = 0, out_rb = 0;                          // bytes per row
+  int64_t state_eb = 0, k_eb = 0, v_eb = 0, beta_eb = 0, alpha_eb = 0;  // bytes per entry
+  AHN_HD GdnDecodeParams row(int64_t b) const {
+    GdnDecodeParams r = *this;
+    const int64_t e = slots != nullptr ? slots[b] : 0;
+    r.q = moved(q, b * q_rb);
+    r.z = moved(z, b * z_rb);
+    r.out = moved(out, b * out_rb);
+    r.pos = pos + e;
+    r.state = moved(state, e * state_eb);
+    r.k = moved(k, e * k_eb);
+    r.v = moved(v, e * v_eb);
+    r.beta = moved(beta, e * beta_eb);
+    r.alpha = moved(alpha, e * alpha_eb);
+    return r;
+  }
 };
 
 // out = [residual +] epilogue(weight @ rms_norm?(x) [+ bias]) (reference: ahn_rt/ref.py gemv_ref).
@@ -272,8 +345,10 @@ constexpr int64_t kScanCols = 16;
 constexpr int64_t kScanChunk = 64;
 constexpr int64_t kScanMaxDk = 128;
 
-// gemv CUDA kernel: the largest K it takes (x is staged in shared memory as float32, K * 4 bytes, padded).
+// gemv CUDA fp32 kernel: the largest K it takes (x is staged in shared memory as float32, K * 4 bytes, padded).
 constexpr int64_t kGemvCudaMaxK = 49152;
+// gemv CUDA tensor-core kernel (bf16 / fp16): sequences per launch (the host runs larger B in groups).
+constexpr int64_t kGemvMmaRows = 32;
 
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers shared by the host entry functions and the CUDA launchers.

@@ -19,12 +19,13 @@ TORCH_LIBRARY(ahn_rt, m) {
       "decode_prep(Tensor proj, Tensor inv_freq, Tensor pos, Tensor? q_norm, Tensor? k_norm, float norm_eps, "
       "Tensor? a_log, Tensor? dt_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? beta_cache, "
       "Tensor(d!)? alpha_cache, int sinks, int window, Tensor(e!) k_evict, Tensor(f!) v_evict, "
-      "Tensor(g!)? beta_evict, Tensor(h!)? alpha_evict) -> Tensor");
-  m.def("swa_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int sinks, int window, float scale) "
-        "-> Tensor");
+      "Tensor(g!)? beta_evict, Tensor(h!)? alpha_evict, Tensor? slots=None) -> Tensor");
+  m.def("swa_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int sinks, int window, float scale, "
+        "Tensor? slots=None) -> Tensor");
   m.def(
       "gdn_decode(Tensor(a!) state, Tensor q, Tensor k, Tensor v, Tensor beta, Tensor alpha, Tensor z, "
-      "Tensor norm_weight, Tensor o_proj, Tensor(b!) out, Tensor pos, int sinks, int window, float eps) -> ()");
+      "Tensor norm_weight, Tensor o_proj, Tensor(b!) out, Tensor pos, int sinks, int window, float eps, "
+      "Tensor? slots=None) -> ()");
   m.def(
       "gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float norm_eps, Tensor? residual, "
       "bool silu_mul, bool out_float) -> Tensor");

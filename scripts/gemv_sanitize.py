@@ -1,18 +1,24 @@
-"""One call of each ahn_rt.gemv CUDA path, for compute-sanitizer (memcheck / racecheck): vector and scalar
-GEMV paths, vector and scalar staging, SiLU pairs, bias / residual / float32 output, opt-in shared memory.
+"""One call of each ahn_rt.gemv CUDA path, for compute-sanitizer (memcheck / racecheck): the tensor-core
+kernel (bf16, fp16) at 1, 5, 12, 20 and 37 rows (one, two and four column tiles, two launch groups), vector
+and scalar weight / x loads, SiLU pairs, bias / residual / float32 output; the float32 kernel (vector and
+scalar staging, opt-in shared memory).
     compute-sanitizer --tool memcheck python3 scripts/gemv_sanitize.py
 """
 import torch
 
 import ahn_rt._C  # noqa: F401
 
-dt, dev = torch.bfloat16, "cuda"
-for K, N, silu, off in [(2048, 129, False, 0), (7, 3, False, 0), (2048, 258, True, 0), (2048, 65, False, 3),
-                        (11008, 31, False, 0), (18944, 6, True, 0), (64, 2048, False, 1)]:
-    x = torch.randn(K + off, device=dev, dtype=dt)[off:]
-    w = torch.randn(N * K + off, device=dev, dtype=dt)[off:].view(N, K)
-    n_out = N // 2 if silu else N
-    out = torch.ops.ahn_rt.gemv(x, w, torch.randn(N, device=dev, dtype=dt), torch.rand(K, device=dev, dtype=dt),
-                                1e-6, torch.randn(n_out, device=dev, dtype=dt), silu, off == 1)
+dev = "cuda"
+cases = [(2048, 129, False, 0), (7, 3, False, 0), (2048, 258, True, 0), (2048, 65, False, 3),
+         (11008, 31, False, 0), (18944, 6, True, 0), (64, 2048, False, 1)]
+for dt, rows in ((torch.bfloat16, (1, 5, 12, 20, 37)), (torch.float16, (1, 9)), (torch.float32, (1, 2))):
+    for K, N, silu, off in cases:
+        for B in rows:
+            x = torch.randn(B * K + off, device=dev, dtype=dt)[off:].view(B, K)
+            w = torch.randn(N * K + off, device=dev, dtype=dt)[off:].view(N, K)
+            n_out = N // 2 if silu else N
+            out = torch.ops.ahn_rt.gemv(x, w, torch.randn(N, device=dev, dtype=dt),
+                                        torch.rand(K, device=dev, dtype=dt), 1e-6,
+                                        torch.randn(B, n_out, device=dev, dtype=dt), silu, off == 1)
 torch.cuda.synchronize()
 print("ok")

@@ -40,6 +40,30 @@ for pos in (pos_fill, pos_evict):
             z=torch.randn(H, device=dev, dtype=dt), norm_weight=torch.ones(dv, device=dev, dtype=dt),
             o_proj=torch.randn(H, dv, dv, device=dev, dtype=dt) * 0.1, out=torch.zeros(H, dv, device=dev, dtype=dt),
             pos=pos, sinks=S, window=W, eps=1e-6)
+# Batched calls (slots): 3 rows on entries 3, 0, 4 of a pool of 5, positions filling / past the window.
+N, slots = 5, torch.tensor([3, 0, 4], device=dev)
+B = slots.numel()
+pos_n = torch.tensor([10, 2, S + W - 1, S + W + 7, 3 * (S + W)], device=dev)
+kcn, vcn = torch.randn(N, Hkv, C, D, device=dev, dtype=dt), torch.randn(N, Hkv, C, D, device=dev, dtype=dt)
+ken, ven = torch.randn(N, Hkv, D, device=dev, dtype=dt), torch.randn(N, Hkv, D, device=dev, dtype=dt)
+ben, aen = torch.rand(N, H, device=dev, dtype=dt), -torch.rand(N, H, device=dev)
+q = torch.ops.ahn_rt.decode_prep(
+    proj=torch.randn(B, P, device=dev, dtype=dt), inv_freq=1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D)),
+    pos=pos_n, q_norm=None, k_norm=None, norm_eps=1e-6, a_log=torch.zeros(H, device=dev),
+    dt_bias=torch.zeros(H, device=dev), k_cache=kcn, v_cache=vcn, beta_cache=torch.rand(N, C, H, device=dev, dtype=dt),
+    alpha_cache=-torch.rand(N, C, H, device=dev), sinks=S, window=W, k_evict=ken, v_evict=ven, beta_evict=ben,
+    alpha_evict=aen, slots=slots)
+for dtype in (dt, torch.float32):
+    kd = kcn.to(dtype)
+    torch.ops.ahn_rt.swa_decode(q=q.to(dtype), k_cache=kd, v_cache=kd, pos=pos_n, sinks=S, window=W, scale=D ** -0.5,
+                                slots=slots)
+for dk in (128, 48):
+    torch.ops.ahn_rt.gdn_decode(
+        state=torch.randn(N, H, dk, dk, device=dev) * 0.1, q=torch.randn(B, H, dk, device=dev, dtype=dt),
+        k=torch.randn(N, Hkv, dk, device=dev, dtype=dt), v=torch.randn(N, Hkv, dk, device=dev, dtype=dt), beta=ben,
+        alpha=aen, z=torch.randn(B, H, device=dev, dtype=dt), norm_weight=torch.ones(dk, device=dev, dtype=dt),
+        o_proj=torch.randn(H, dk, dk, device=dev, dtype=dt) * 0.1, out=torch.zeros(B, H, dk, device=dev, dtype=dt),
+        pos=pos_n, sinks=S, window=W, eps=1e-6, slots=slots)
 for dk, dv, n in ((128, 128, 3), (12, 20, 2)):
     f32 = dict(device=dev, dtype=torch.float32)
     torch.ops.ahn_rt.gdn_chunk_scan(

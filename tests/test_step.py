@@ -25,10 +25,10 @@ def _model(impl="gdn", mode="ahn", dtype="float32", device="cpu"):
                            dtype=dtype, device=device)
 
 
-def _sessions(model, depths, seed=0):
+def _sessions(model, depths, seed=0, pool=None):
     out = []
     for i, d in enumerate(depths):
-        s = model.new_session()
+        s = model.new_session(pool=pool)
         if d:
             g = torch.Generator().manual_seed(seed + i)
             s.forward(torch.randint(0, 101, (d,), generator=g).tolist())
@@ -36,11 +36,13 @@ def _sessions(model, depths, seed=0):
     return out
 
 
-def _check_step(model, batch_order, depths, tokens):
-    """Step the sessions in the given order/grouping; compare each row with a twin stepped alone."""
+def _check_step(model, batch_order, depths, tokens, pooled=True):
+    """Step the sessions in the given order/grouping (sessions of one state pool: one batch per group;
+    private sessions: one at a time); compare each row with a twin stepped alone."""
     alone = _sessions(model, depths)
     want = [alone[b].forward([tokens[b]]) for b in range(len(depths))]
-    together = _sessions(model, depths)
+    pool = model.new_pool(len(depths) + 2) if pooled and model.config.mode != "full" else None
+    together = _sessions(model, depths, pool=pool)
     got = {}
     for group in batch_order:
         logits = model.step([together[b] for b in group], [tokens[b] for b in group])
@@ -62,6 +64,18 @@ def test_step_equals_forward_in_any_batch(impl, dtype):
     # all at once, one at a time, and mixed groups with other neighbours
     for order in ([[0, 1, 2, 3, 4, 5]], [[b] for b in range(6)], [[5, 0, 3], [1, 4], [2]]):
         _check_step(model, order, DEPTHS, tokens)
+    _check_step(model, [[0, 1, 2, 3, 4, 5]], DEPTHS, tokens, pooled=False)
+
+
+def test_step_check_can_fail():
+    """The bit-for-bit row check sees a wrong row: the same sessions fed other tokens differ."""
+    model = _model()
+    with pytest.raises(AssertionError, match="differs"):
+        alone = _sessions(model, DEPTHS)
+        want = [alone[b].forward([1]) for b in range(6)]
+        got = model.step(_sessions(model, DEPTHS, pool=model.new_pool(6)), [2] * 6)
+        for b in range(6):
+            assert torch.equal(got[b], want[b][0]), f"session {b} differs"
 
 
 @pytest.mark.parametrize("mode", ["swa", "full"])
@@ -90,3 +104,31 @@ def test_step_equals_forward_on_cuda(impl):
     model = _model(impl, dtype="bf16", device="cuda")
     for order in ([[0, 1, 2, 3, 4, 5]], [[5, 0, 3], [1, 4], [2]]):
         _check_step(model, order, DEPTHS, [5, 17, 99, 0, 42, 64])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("impl", ["gdn", "dn", "mamba2"])
+@pytest.mark.parametrize("mode", ["ahn", "swa"])
+def test_step_from_a_pool_replays_its_graphs_on_cuda(impl, mode):
+    """bf16 on the GPU, many steps: model.step of pooled sessions (first step per batch size eager, then
+    the captured graph replayed with other slots and tokens) equals each session stepped alone, row by
+    row bit for bit; the pool's unused slots stay zero."""
+    if mode == "swa" and impl != "gdn":
+        pytest.skip("swa mode has no memory")
+    model = _model(impl, mode=mode, dtype="bf16", device="cuda")
+    pool = model.new_pool(len(DEPTHS) + 2)
+    together = _sessions(model, DEPTHS, pool=pool)
+    alone = _sessions(model, DEPTHS)
+    used = {s.state.pool_slot for s in together}
+    g = torch.Generator().manual_seed(5)
+    for step in range(6):
+        groups = ([0, 1, 2, 3, 4, 5],) if step % 2 == 0 else ([5, 0, 3], [1, 4], [2])
+        for group in groups:
+            toks = torch.randint(0, 101, (len(group),), generator=g).tolist()
+            got = model.step([together[b] for b in group], toks)
+            for row, b in enumerate(group):
+                assert torch.equal(got[row], alone[b].forward([toks[row]])[0]), f"step {step}: session {b} differs"
+    for slot in set(range(pool.size)) - used:
+        assert not pool.storage["k"][:, slot].any(), f"unused slot {slot} was written"
+    assert [s.position for s in together] == [d + 6 for d in DEPTHS]

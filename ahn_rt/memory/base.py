@@ -16,6 +16,9 @@ variant. A variant is one subclass in its own file of this package, registered i
   ``decode_front`` (one decoded token: q/k norm + RoPE, the ring write that hands the slot's old token
   to the eviction scratch, the new token's gates) and ``decode_step`` (that token's memory step, added
   into the attention output; a no-op while pos < S + W);
+* ``batched``: whether ``decode_front`` / ``decode_step`` take a ``cache.DecodeBatch`` (proj [B, P], the
+  layer's tensors over the batch's storage entries and ``slots``: every row in one kernel) rather than one
+  ``State`` (proj [P]), which the decoder then calls once per row;
 * ``graph_safe``: whether ``decode_front`` / ``decode_step`` run without a host sync, i.e. can be captured
   into the CUDA decode graph (``ahn_rt.graph``). A variant whose decode still runs on a reference with a
   host sync says False and decodes eagerly.
@@ -49,6 +52,7 @@ class Memory:
     name: str = ""
     short: str = ""
     graph_safe: bool = True
+    batched: bool = True
 
     # ---- checkpoint --------------------------------------------------------------------------
     def params(self, c: Config) -> dict[str, tuple]:
@@ -85,13 +89,14 @@ class Memory:
         term m [n, H, D] in the model dtype, to be added to the attention output of the reading rows."""
         raise NotImplementedError
 
-    def decode_front(self, dec, st, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
-        """Layer i of a decoded token at st.pos: proj [P] (the fused projection, biases added) -> q [H, D]
-        after norm + RoPE; writes k, v and the gates into the token's ring slot, handing the slot's old token
-        to st.k_evict / st.v_evict / st.gate_evict first when pos >= S + W."""
+    def decode_front(self, dec, b, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
+        """Layer i of one decoded token per row of the batch ``b`` (a ``DecodeBatch``; a ``State`` when
+        ``batched`` is False, with proj [P] and q [H, D]): proj [B, P] (the fused projection, biases added)
+        -> q [B, H, D] after norm + RoPE; writes k, v and the gates into each row's ring slot, handing the
+        slot's old token to the eviction scratch (k_evict / v_evict / gate_evict) first when pos >= S + W."""
         raise NotImplementedError
 
-    def decode_step(self, dec, st, i: int, lw, q: torch.Tensor, proj: torch.Tensor, attn: torch.Tensor) -> None:
-        """The memory step of the decoded token (write the evicted token, read with q, output head with
-        the gate from proj), added into attn [H, D] in place; nothing while pos < S + W."""
+    def decode_step(self, dec, b, i: int, lw, q: torch.Tensor, proj: torch.Tensor, attn: torch.Tensor) -> None:
+        """The memory step of each row's decoded token (write the evicted token, read with q, output head
+        with the gate from proj), added into attn [B, H, D] in place; nothing for a row with pos < S + W."""
         raise NotImplementedError

@@ -78,14 +78,15 @@ class GatedDeltaNet(Memory):
         o = ops.gdn_chunk(q, k, v, gates["beta"], gates["alpha"], state)
         return ops.gdn_output(o, z, mw["o_norm"], mw["o_proj"], AHN_NORM_EPS)
 
-    def decode_front(self, dec, st, i, lw, proj):
+    def decode_front(self, dec, b, i, lw, proj):
         c, mw = dec.config, lw.mem
-        return ops.decode_prep(proj, dec.inv_freq, st.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps,
-                               mw["a_log"], mw["dt_bias"], st.k[i], st.v[i], st.gates["beta"][i],
-                               st.gates["alpha"][i], st.sinks, st.window, st.k_evict, st.v_evict,
-                               st.gate_evict["beta"], st.gate_evict["alpha"])
+        return ops.decode_prep(proj, dec.inv_freq, b.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps,
+                               mw["a_log"], mw["dt_bias"], b.k[i], b.v[i], b.gates["beta"][i],
+                               b.gates["alpha"][i], b.sinks, b.window, b.k_evict, b.v_evict,
+                               b.gate_evict["beta"], b.gate_evict["alpha"], slots=b.slots)
 
-    def decode_step(self, dec, st, i, lw, q, proj, attn):
+    def decode_step(self, dec, b, i, lw, q, proj, attn):
         mw, H = lw.mem, dec.config.num_heads
-        ops.gdn_decode(st.memory[i], q, st.k_evict, st.v_evict, st.gate_evict["beta"], st.gate_evict["alpha"],
-                       proj[-H:], mw["o_norm"], mw["o_proj"], attn, st.pos, st.sinks, st.window, AHN_NORM_EPS)
+        ops.gdn_decode(b.memory[i], q, b.k_evict, b.v_evict, b.gate_evict["beta"], b.gate_evict["alpha"],
+                       proj[:, -H:], mw["o_norm"], mw["o_proj"], attn, b.pos, b.sinks, b.window, AHN_NORM_EPS,
+                       slots=b.slots)

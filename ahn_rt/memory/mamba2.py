@@ -26,6 +26,7 @@ class Mamba2(Memory):
     name = "Mamba2"
     short = "mamba2"
     graph_safe = False   # ops.mamba2_decode runs its reference (a host read of pos) until a kernel exists
+    batched = False      # its decode_front / decode_step take one State (per row of a batch)
 
     def params(self, c: Config) -> dict[str, tuple]:
         H, d, D = c.num_heads, c.hidden_size, c.head_dim

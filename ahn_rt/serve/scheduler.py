@@ -12,10 +12,11 @@ The sessions it lends live in one ``StatePool`` of ``max_active`` slots, allocat
 admission (ahn and swa modes; a full-mode cache grows per session and is borrowed from the model), so
 the memory of every admitted generation is fixed up front. ``_step`` steps the decoding generations
 together — one ``model.step(sessions, tokens)``, each generation sampling its own row with its own
-sampler — where that pays (``ops.batched_decode_pays``: on the CPU each weight is read once for the whole
-batch). On CUDA, until the batched kernels exist, it interleaves instead: it launches every generation's
-step (``_Run.launch``: a graph replay, queued without a host sync) and then reads every sampled id
-(``_Run.land``), so the GPU runs the steps back to back and the host waits once per loop. Either way a
+sampler — where the sessions share that pool (each weight is read once for the whole batch, window
+attention and the memory step run over all rows in one kernel each, on CUDA from a captured graph), and
+reads every sampled id with one host sync. Sessions that do not share it (a caller's own session) step
+one by one, interleaved: it launches every generation's step (``_Run.launch``: a graph replay, queued
+without a host sync) and then reads every sampled id (``_Run.land``). Either way a
 row of ``model.step`` equals the session's step alone bit for bit, so every generation gets exactly the
 text it gets alone (tests/test_serve.py checks this under load).
 
@@ -33,7 +34,6 @@ import traceback
 
 import torch
 
-from .. import ops
 from ..errors import AhnError
 
 
@@ -214,17 +214,24 @@ class Scheduler:
         """One decode token for each of ``tickets``: together in one ``model.step`` where that pays,
         otherwise interleaved. Returns the (ticket, exception) pairs that failed."""
         sessions = [t.sess for t in tickets]
-        if (len(tickets) < 2 or not ops.batched_decode_pays(self.model.device)
+        pool = sessions[0].pool
+        if (len(tickets) < 2 or pool is None or any(s.pool is not pool for s in sessions)
                 or len({id(s) for s in sessions}) < len(sessions)):     # a caller's session in two runs
             return self._step_each(tickets)
         try:
             logits = self.model.step(sessions, torch.cat([t.run.next_input for t in tickets]))
         except Exception as e:  # noqa: BLE001
             return [(t, e) for t in tickets]
-        failed = []
+        failed, sampled = [], []
         for b, t in enumerate(tickets):
             try:
-                t.run.land(int(t.run.sample(logits[b])))
+                sampled.append((t, t.run.sample(logits[b]).view(1)))
+            except Exception as e:  # noqa: BLE001
+                failed.append((t, e))
+        ids = torch.cat([tok for _, tok in sampled]).tolist() if sampled else []   # one host sync
+        for (t, _), tok in zip(sampled, ids):
+            try:
+                t.run.land(tok)
             except Exception as e:  # noqa: BLE001
                 failed.append((t, e))
         return failed

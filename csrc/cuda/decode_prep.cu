@@ -15,7 +15,8 @@ namespace {
 constexpr int kPrepThreads = 128;
 
 template <typename T>
-__global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(DecodePrepParams p) {
+__global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(const DecodePrepParams p0) {
+  const DecodePrepParams p = p0.row(blockIdx.y);  // grid y: row of a batched call
   __shared__ float red[32];
   const int64_t pos = *p.pos;
   const int64_t slot = ring_slot(pos, p.sinks, p.window);
@@ -100,7 +101,8 @@ __global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(DecodePrepPar
 template <typename T>
 void decode_prep_cuda(const DecodePrepParams& p, void* stream) {
   const int64_t blocks = p.H + 2 * p.Hkv + (p.a_log != nullptr ? 1 : 0);
-  decode_prep_kernel<T><<<static_cast<unsigned>(blocks), kPrepThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.batch));
+  decode_prep_kernel<T><<<grid, kPrepThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
 }
 
 template void decode_prep_cuda<float>(const DecodePrepParams&, void*);

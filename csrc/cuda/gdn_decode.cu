@@ -69,7 +69,8 @@ __device__ __forceinline__ void sum_over_rows(float (&v)[4], float (*red)[W], fl
 
 // T: q/k/v dtype (the model dtype), TP: o_proj dtype, W: state columns per block.
 template <typename T, typename TP, int W>
-__global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p) {
+__global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodeParams p0) {
+  const GdnDecodeParams p = p0.row(blockIdx.z);  // grid z: row of a batched call
   constexpr int TX = W / 4;                          // threads across a row (4 columns each)
   constexpr int TY = kThreads / TX;                  // row lanes
   constexpr int R = (kMaxD + TY - 1) / TY;           // rows per thread for Dk <= 256
@@ -251,12 +252,12 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(GdnDecodeParams p)
   cluster.sync();  // (c) no block leaves (freeing its shared memory) while a peer may still read it
 }
 
-// One cluster of `slices` blocks per head (grid slices x H). A launch error is left for the caller's
+// One cluster of `slices` blocks per head and row (grid slices x H x batch). A launch error is left for the caller's
 // cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK in host/gdn_decode.cpp).
 void launch_clusters(void (*kernel)(GdnDecodeParams), unsigned slices, unsigned threads, const GdnDecodeParams& p,
                      cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(slices, static_cast<unsigned>(p.H));
+  cfg.gridDim = dim3(slices, static_cast<unsigned>(p.H), static_cast<unsigned>(p.batch));
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
@@ -314,7 +315,8 @@ __device__ __forceinline__ void unpack16(const uint4& raw, float (&w)[VE]) {
 
 // T: q/k/v (model) dtype, TP: o_proj dtype.
 template <typename T, typename TP, int DK, int DV, int NS, int NT>
-__global__ void __launch_bounds__(NT) gdn_fast_kernel(GdnDecodeParams p) {
+__global__ void __launch_bounds__(NT) gdn_fast_kernel(const GdnDecodeParams p0) {
+  const GdnDecodeParams p = p0.row(blockIdx.z);  // grid z: row of a batched call
   using C = GdnFast<DK, DV, NS, NT, TP>;
   constexpr int W = C::W, TX = C::TX, TY = C::TY, R = C::R, NWARP = C::NWARP, VE = C::VE, VPR = C::VPR,
                 NV = C::NV, QL = C::QL, OL = C::OL;
@@ -509,7 +511,8 @@ bool force_generic() {
 
 template <typename T, typename TP>
 void launch_any(const GdnDecodeParams& p, cudaStream_t stream) {
-  const bool aligned = reinterpret_cast<uintptr_t>(p.state) % 16 == 0 && reinterpret_cast<uintptr_t>(p.o_proj) % 16 == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(p.state) % 16 == 0 && p.state_eb % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(p.o_proj) % 16 == 0;
   if (aligned && !force_generic()) {
     if (p.Dk == 128 && p.Dv == 128) return launch_fast<T, TP, 128, 128, 8, 256>(p, stream);
     if (p.Dk == 64 && p.Dv == 64) return launch_fast<T, TP, 64, 64, 4, 128>(p, stream);

@@ -1,11 +1,20 @@
-// CUDA fused decode GEMV kernel (ahn_rt.gemv, batch 1) and its launcher.
-// Test: pytest -m cuda tests/test_gemv.py; timing: python bench/gemv_bench.py (on a GPU).
+// CUDA fused decode GEMV kernels (ahn_rt.gemv: B >= 1 rows, i.e. one token of each of B sequences) and
+// their launchers. Test: pytest -m cuda tests/test_gemv.py; timing: python bench/gemv_bench.py (on a GPU).
 //
-// The step is bound by reading the weights once: a persistent grid of 256-thread blocks; each block stages
-// x (RMS-normalized if asked; each block does the sum of squares itself) in shared memory as float32, while
-// its warps' first weight loads are already in flight; each warp owns whole rows and streams them with
-// 16-byte non-allocating loads, 8 per lane in flight; warp-shuffle reduction; bias / SiLU(gate) * up /
-// residual epilogue with one rounding. K % (16 / sizeof(T)) != 0 or a misaligned weight takes a scalar path.
+// bf16 / fp16: tensor cores (mma.sync m16n8k16, fp32 accumulate). A block owns 16 output rows (a silu_mul
+// block: 16 gate rows and their 16 up rows) and all B <= 32 sequences; its 8 warps split K into 8 fixed
+// slices of 32-column chunks and stream their weights with 16-byte non-allocating loads. Each lane's 16
+// bytes of a row (8 consecutive k) feed two mma steps under one fixed k permutation that x uses too, so
+// the loads stay contiguous. x comes straight from L1/L2 (RMS-normalized on the fly when asked; every
+// block computes the sums of squares itself); the 8 warps' partial sums are added in warp order in shared
+// memory; bias / SiLU(gate) * up / residual epilogue with one rounding.
+// Batch invariance: the value of (row, sequence) is the same sum in the same order whatever B is and
+// whatever the other rows hold (an mma output column depends on its own column of x alone; the chunk
+// split depends on K alone), so a sequence's logits do not depend on its batch.
+//
+// fp32 (tests and references only): the CUDA-core kernel below; x is staged in shared memory as float32,
+// warps own whole rows; one sequence per launch (the host runs B rows one after another).
+// K % (16 / sizeof(T)) != 0 or a misaligned weight / x takes element-wise loads into the same fragments.
 // Measurements and tried variants: bench/gemv_notes.md.
 #include <cstdint>
 #include <type_traits>
@@ -307,9 +316,245 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gemv_kernel(const G
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernel (bf16 / fp16), B <= 32 sequences per launch.
+// ---------------------------------------------------------------------------------------------
+constexpr int kMmaWarps = 8;
+// Warps that split K for one row tile (1, 2, 4 or 8): the fewest that still give about kMmaTargetWarps warps
+// in all. It depends on the shape alone (never on B), so a row's summation order does too.
+constexpr int64_t kMmaTargetWarps = 2048;
+inline int mma_split(int64_t tiles) {
+  int ks = 1;
+  while (ks < kMmaWarps && tiles * ks < kMmaTargetWarps) ks *= 2;
+  return ks;
+}
+
+template <typename T> __device__ __forceinline__ uint16_t bits_of(T v) {
+  uint16_t u;
+  memcpy(&u, &v, 2);
+  return u;
+}
+template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  return static_cast<uint32_t>(bits_of(lo)) | (static_cast<uint32_t>(bits_of(hi)) << 16);
+}
+
+// d += a (16 x 16, row) * b (16 x 8, col), fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// 8 consecutive elements src[k .. k + 8) (element stride `stride`) as 4 packed pairs, zero at and past K.
+// VEC: one 16-byte load (the caller checked alignment, unit stride and K % 8 == 0).
+template <typename T, bool VEC, bool STREAM>
+__device__ __forceinline__ uint4 load8(const T* src, int64_t stride, int64_t k, int64_t K) {
+  if constexpr (VEC) {
+    if (k >= K) return make_uint4(0u, 0u, 0u, 0u);
+    const uint4* ptr = reinterpret_cast<const uint4*>(src + k);
+    if constexpr (STREAM) return ld_stream(ptr);
+    else return __ldg(ptr);
+  } else {
+    T e[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = k + i < K ? src[(k + i) * stride] : T(0.f);
+    return make_uint4(pack2(e[0], e[1]), pack2(e[2], e[3]), pack2(e[4], e[5]), pack2(e[6], e[7]));
+  }
+}
+
+// A task is 16 output rows; MT row tiles (2 with silu_mul: gate, up), NT column tiles of 8 sequences, U
+// chunks of 32 k per warp in flight, WVEC: 16-byte weight loads. A block runs 8 / ks tasks, ks warps each
+// (warp w: task w / ks, K slice w % ks).
+template <typename T, int MT, int NT, int U, bool WVEC>
+__global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams p, const int ks) {
+  static_assert(kThreads == 32 * kMmaWarps, "one warp per K slice");
+  __shared__ float part[kMmaWarps][MT][16][8 * NT];
+  __shared__ float rs_s[8 * NT];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t K = p.K, B = p.rows;
+  const int64_t limit = p.silu_mul ? p.N_out : p.N;  // outputs (rows of tile 0)
+  const int tpb = kMmaWarps / ks;  // tasks per block
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * tpb + warp / ks) * 16;  // this warp's first row
+  const int64_t nch = (K + 31) / 32, cpw = (nch + ks - 1) / ks;
+  const int64_t c_begin = std::min<int64_t>(nch, (warp % ks) * cpw), c_end = std::min<int64_t>(nch, c_begin + cpw);
+  pdl_launch_dependents();
+
+  const T* W = static_cast<const T*>(p.weight);
+  const T* wrow[MT][2];  // this lane's rows g and g + 8 of each tile (clamped: loads stay in bounds)
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      wrow[m][h] = W + (std::min<int64_t>(i0 + g + 8 * h, limit - 1) + m * p.N_out) * K;
+
+  uint4 wv[U][MT][2];
+  auto issue = [&](int64_t c) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (c + u) * 32 + 8 * t;
+      const bool in = c + u < c_end;
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          wv[u][m][h] = in ? load8<T, WVEC, true>(wrow[m][h], 1, k, K) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL).
+  if (c_begin < c_end) issue(c_begin);
+  pdl_wait();
+
+  const T* X = static_cast<const T*>(p.x);
+  const T* nw = static_cast<const T*>(p.norm_weight);
+  const bool x_vec = p.x_stride == 1 && (reinterpret_cast<uintptr_t>(X) & 15) == 0 && K % 8 == 0 &&
+                     (B == 1 || p.x_row_stride % 8 == 0) &&
+                     (nw == nullptr || (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(nw) & 15) == 0));
+  if (nw != nullptr) {
+    // rs[b] = 1 / sqrt(mean(x[b]^2) + eps): sequence b is summed by one warp in one fixed order.
+    for (int64_t b = warp; b < B; b += kMmaWarps) {
+      const T* xb = X + b * p.x_row_stride;
+      float ss = 0.f;
+      for (int64_t k = 8 * lane; k < K; k += 256) {  // lane: 8 consecutive k at a time, in k order
+        const uint4 r = x_vec ? load8<T, true, false>(xb, 1, k, K) : load8<T, false, false>(xb, p.x_stride, k, K);
+        float f[8];
+        unpack<T>(r, f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss = fmaf(f[e], f[e], ss);
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) rs_s[b] = 1.f / sqrtf(ss / static_cast<float>(K) + p.norm_eps);
+    }
+    __syncthreads();
+  }
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
+
+  for (int64_t c = c_begin; c < c_end; c += U) {
+    if (c != c_begin) issue(c);
+    uint4 xv[U][NT];  // column g of tile n: sequence n * 8 + g, this lane's 8 k of chunk c + u
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (c + u) * 32 + 8 * t;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int64_t b = n * 8 + g;
+        uint4 r = make_uint4(0u, 0u, 0u, 0u);
+        if (b < B && c + u < c_end && k < K) {
+          const T* xb = X + b * p.x_row_stride;
+          r = x_vec ? load8<T, true, false>(xb, 1, k, K) : load8<T, false, false>(xb, p.x_stride, k, K);
+          if (nw != nullptr) {  // xn = nw * round(x * rs), rounded to T: as rms_norm_ref
+            const uint4 wn = x_vec ? load8<T, true, false>(nw, 1, k, K) : load8<T, false, false>(nw, p.nw_stride, k, K);
+            float xf[8], nf[8];
+            unpack<T>(r, xf);
+            unpack<T>(wn, nf);
+            const float rs = rs_s[b];
+            T o[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o[e] = T(nf[e] * round_to<T>(xf[e] * rs));
+            r = make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
+          }
+        }
+        xv[u][n] = r;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (c + u < c_end) {
+        // k permutation: lane (g, t) holds k = 8t .. 8t+7 of the chunk; step s takes 8t+4s .. 8t+4s+3 as the
+        // fragment's k {2t, 2t+1, 2t+8, 2t+9}, for A (rows g, g+8) and B (column g) alike.
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const uint4& lo = wv[u][m][0];
+          const uint4& hi = wv[u][m][1];
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            mma16816<T>(acc[m][n], lo.x, hi.x, lo.y, hi.y, xv[u][n].x, xv[u][n].y);
+            mma16816<T>(acc[m][n], lo.z, hi.z, lo.w, hi.w, xv[u][n].z, xv[u][n].w);
+          }
+        }
+      }
+    }
+  }
+
+  // Accumulator (m, n): e0, e1 = row g, columns 2t, 2t+1; e2, e3 = row g + 8.
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      part[warp][m][g][n * 8 + 2 * t] = acc[m][n][0];
+      part[warp][m][g][n * 8 + 2 * t + 1] = acc[m][n][1];
+      part[warp][m][g + 8][n * 8 + 2 * t] = acc[m][n][2];
+      part[warp][m][g + 8][n * 8 + 2 * t + 1] = acc[m][n][3];
+    }
+  __syncthreads();
+
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* res = static_cast<const T*>(p.residual);
+  for (int o = threadIdx.x; o < tpb * 16 * B; o += kThreads) {
+    const int tl = o / (16 * static_cast<int>(B)), r = o & 15;
+    const int64_t b = (o / 16) % B, i = (static_cast<int64_t>(blockIdx.x) * tpb + tl) * 16 + r;
+    if (i >= limit) continue;
+    float y[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float s = part[tl * ks][m][r][b];  // the K slices in order
+      for (int w = 1; w < ks; ++w) s += part[tl * ks + w][m][r][b];
+      if (bias != nullptr) s += static_cast<float>(bias[(i + m * p.N_out) * p.bias_stride]);
+      y[m] = s;
+    }
+    float v = y[0];
+    if constexpr (MT == 2) v = y[0] / (1.f + expf(-y[0])) * y[1];
+    if (res != nullptr) v = static_cast<float>(res[b * p.res_row_stride + i * p.res_stride]) + v;
+    if (p.out_float)
+      static_cast<float*>(p.out)[b * p.N_out + i] = v;
+    else
+      static_cast<T*>(p.out)[b * p.N_out + i] = T(v);
+  }
+}
+
 // AHN_RT_GEMV_PDL=1 launches with programmatic dependent launch (the weight prefetch overlaps the end of
 // the previous kernel). Read on every call so that a benchmark can compare both in one process.
 bool pdl_enabled() { return env_flag("AHN_RT_GEMV_PDL"); }
+
+// Launches `kernel` with `blocks` x kThreads threads, optionally with programmatic dependent launch.
+template <typename Kernel, typename... Args>
+void launch_kernel(Kernel kernel, int64_t blocks, size_t smem, cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args...);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // a bad launch configuration is not sticky: leave no stale error behind
+    TORCH_CHECK(false, "ahn_rt.gemv: launch failed (grid ", blocks, ", shared memory ", smem, " B): ",
+                cudaGetErrorString(e));
+  }
+}
 
 template <typename T, int R, int U, bool VECTOR>
 void launch(const GemvParams& p, cudaStream_t stream) {
@@ -337,38 +582,62 @@ void launch(const GemvParams& p, cudaStream_t stream) {
   const int64_t warps = (ntasks + per_warp - 1) / per_warp;
   const int64_t blocks = (warps + kWarps - 1) / kWarps;
 
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, p);
-  if (e != cudaSuccess) {
-    (void)cudaGetLastError();  // a bad launch configuration is not sticky: leave no stale error behind
-    TORCH_CHECK(false, "ahn_rt.gemv: launch failed (grid ", blocks, ", shared memory ", smem, " B): ",
-                cudaGetErrorString(e));
-  }
+  launch_kernel(kernel, blocks, smem, stream, p);
+}
+
+template <typename T, int MT, int NT, int U>
+void launch_mma(const GemvParams& p, cudaStream_t stream) {
+  const int64_t tiles = ((p.silu_mul ? p.N_out : p.N) + 15) / 16;
+  const int ks = mma_split(tiles);
+  const int64_t blocks = (tiles + kMmaWarps / ks - 1) / (kMmaWarps / ks);
+  const bool wvec = p.K % 8 == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
+  if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true>, blocks, 0, stream, p, ks);
+  else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false>, blocks, 0, stream, p, ks);
+}
+
+// Chunks in flight per warp: at most 12 16-byte registers of weights and x per lane (2 blocks per SM).
+template <typename T, int MT>
+void launch_mma_rows(const GemvParams& p, cudaStream_t stream) {
+  if (p.rows <= 8) launch_mma<T, MT, 1, MT == 1 ? 4 : 2>(p, stream);
+  else if (p.rows <= 16) launch_mma<T, MT, 2, 2>(p, stream);
+  else launch_mma<T, MT, 4, MT == 1 ? 2 : 1>(p, stream);
 }
 
 }  // namespace
 
 template <typename T>
 void gemv_cuda(const GemvParams& p, void* stream_ptr) {
-  constexpr int VEC = VecOf<T>::n;
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const bool vector = p.K % VEC == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
-  // silu_mul: a task is the (gate, up) row pair of one output. Else one row, 8 x 16 B per lane in flight.
-  if (p.silu_mul) {
-    if (vector) launch<T, 2, 4, true>(p, stream);
-    else launch<T, 2, 4, false>(p, stream);
+  if constexpr (std::is_same_v<T, float>) {
+    // One sequence per launch: rows one after another.
+    for (int64_t b = 0; b < p.rows; ++b) {
+      GemvParams q = p;
+      q.rows = 1;
+      q.x = static_cast<const float*>(p.x) + b * p.x_row_stride;
+      if (p.residual != nullptr) q.residual = static_cast<const float*>(p.residual) + b * p.res_row_stride;
+      q.out = static_cast<float*>(p.out) + b * p.N_out;
+      constexpr int VEC = VecOf<float>::n;
+      const bool vector = q.K % VEC == 0 && (reinterpret_cast<uintptr_t>(q.weight) & 15) == 0;
+      if (q.silu_mul) {
+        if (vector) launch<float, 2, 4, true>(q, stream);
+        else launch<float, 2, 4, false>(q, stream);
+      } else {
+        if (vector) launch<float, 1, 8, true>(q, stream);
+        else launch<float, 1, 8, false>(q, stream);
+      }
+    }
   } else {
-    if (vector) launch<T, 1, 8, true>(p, stream);
-    else launch<T, 1, 8, false>(p, stream);
+    // Groups of at most 32 sequences (a sequence's values do not depend on its group).
+    for (int64_t b0 = 0; b0 < p.rows; b0 += kGemvMmaRows) {
+      GemvParams q = p;
+      q.rows = std::min<int64_t>(kGemvMmaRows, p.rows - b0);
+      q.x = static_cast<const T*>(p.x) + b0 * p.x_row_stride;
+      if (p.residual != nullptr) q.residual = static_cast<const T*>(p.residual) + b0 * p.res_row_stride;
+      q.out = p.out_float ? static_cast<void*>(static_cast<float*>(p.out) + b0 * p.N_out)
+                          : static_cast<void*>(static_cast<T*>(p.out) + b0 * p.N_out);
+      if (q.silu_mul) launch_mma_rows<T, 2>(q, stream);
+      else launch_mma_rows<T, 1>(q, stream);
+    }
   }
 }
 

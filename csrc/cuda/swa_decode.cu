@@ -101,14 +101,15 @@ __device__ __forceinline__ bool aligned16(const void* p, int64_t s0, int64_t s1,
 // Shared memory (dynamic): K tile [chunk][D], V tile [chunk][D] (both staged at once with cp.async, so
 // the whole split is one memory round trip), then the scores [G][chunk].
 template <typename T, int DT>
-__global__ void __launch_bounds__(kThreads) swa_split_scalar_kernel(SwaDecodeParams p) {
+__global__ void __launch_bounds__(kThreads) swa_split_scalar_kernel(const SwaDecodeParams p0) {
+  const SwaDecodeParams p = p0.row(blockIdx.y / p0.Hkv);  // grid y: (row, kv head)
   constexpr int LPK = DT / 8;   // lanes per key (each owns 8 dims)
   constexpr int KPW = 32 / LPK; // keys per warp step
   constexpr int KSTEP = kWarps * KPW;
   extern __shared__ __align__(16) unsigned char s_raw[];
   __shared__ float s_acc[kGroup * DT];        // cross-warp sum of P @ V for one head group
 
-  const int64_t split = blockIdx.x, j = blockIdx.y;
+  const int64_t split = blockIdx.x, j = blockIdx.y % p0.Hkv;
   const int64_t pos = *p.pos;
   const int64_t n = max(int64_t(0), min(pos + 1, p.sinks + p.window));
   const int64_t k0 = split * p.chunk;
@@ -318,7 +319,8 @@ static_assert(kTile == 16 * kWarps, "each warp owns 16 keys of a tile");
 // Shared memory (dynamic, swa_mma_smem_bytes): Q [16][DT + 8], then kStages x {K, V} [kTile][DT + 8].
 // The 16-byte row pad puts the 8 rows that one ldmatrix reads in 8 different bank groups.
 template <typename T, int DT>
-__global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(SwaDecodeParams p) {
+__global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(const SwaDecodeParams p0) {
+  const SwaDecodeParams p = p0.row(blockIdx.y / p0.Hkv);  // grid y: (row, kv head)
   constexpr int LD = DT + 8;
   constexpr int LDO = DT + 4;  // fp32 rows of the cross-warp merge buffer
   extern __shared__ __align__(16) unsigned char s_raw[];
@@ -326,7 +328,7 @@ __global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(SwaDecodeParams
   T* sQ = reinterpret_cast<T*>(s_raw);
   T* sKV = sQ + 16 * LD;
 
-  const int64_t split = blockIdx.x, j = blockIdx.y;
+  const int64_t split = blockIdx.x, j = blockIdx.y % p0.Hkv;
   const int g0 = blockIdx.z * 16;
   const int64_t pos = *p.pos;
   const int64_t n = max(int64_t(0), min(pos + 1, p.sinks + p.window));
@@ -522,7 +524,8 @@ constexpr int kCombineThreads = 1024;
 constexpr int kCombineWarps = kCombineThreads / 32;
 
 template <typename T>
-__global__ void __launch_bounds__(kCombineThreads) swa_combine_kernel(SwaDecodeParams p) {
+__global__ void __launch_bounds__(kCombineThreads) swa_combine_kernel(const SwaDecodeParams p0) {
+  const SwaDecodeParams p = p0.row(blockIdx.z);  // grid z: row
   extern __shared__ float s_w[];  // [nsplit]
   __shared__ float red[32];
   __shared__ float s_o[kCombineWarps][33];
@@ -571,16 +574,16 @@ void launch(const SwaDecodeParams& p, cudaStream_t stream) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaFuncSetAttribute(swa_combine_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
                          cudaSharedmemCarveoutMaxShared);
-    const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv),
+    const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv * p.batch),
                     static_cast<unsigned>((p.H / p.Hkv + 15) / 16));
     kernel<<<grid, kThreads, smem, stream>>>(p);
   } else {
     const size_t smem = 2 * static_cast<size_t>(p.chunk) * p.D * sizeof(T) +
                         static_cast<size_t>(p.H / p.Hkv) * p.chunk * sizeof(float);
-    const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv));
+    const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv * p.batch));
     swa_split_scalar_kernel<T, DT><<<grid, kThreads, smem, stream>>>(p);
   }
-  const dim3 cgrid(static_cast<unsigned>(p.H), static_cast<unsigned>((p.D + 31) / 32));
+  const dim3 cgrid(static_cast<unsigned>(p.H), static_cast<unsigned>((p.D + 31) / 32), static_cast<unsigned>(p.batch));
   swa_combine_kernel<T><<<cgrid, kCombineThreads, p.nsplit * sizeof(float), stream>>>(p);
 }
 

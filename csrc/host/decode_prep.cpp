@@ -5,16 +5,20 @@
 
 namespace ahn_rt {
 
-at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Tensor& pos,
-                       const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                       double norm_eps, const std::optional<at::Tensor>& a_log,
-                       const std::optional<at::Tensor>& dt_bias, const at::Tensor& k_cache,
-                       const at::Tensor& v_cache, const std::optional<at::Tensor>& beta_cache,
-                       const std::optional<at::Tensor>& alpha_cache, int64_t sinks, int64_t window,
-                       const at::Tensor& k_evict, const at::Tensor& v_evict,
-                       const std::optional<at::Tensor>& beta_evict,
-                       const std::optional<at::Tensor>& alpha_evict) {
-  constexpr const char* op = "ahn_rt.decode_prep";
+namespace {
+
+constexpr const char* op = "ahn_rt.decode_prep";
+
+// The checks and launch of one row's tensors (unbatched shapes). Batched (B > 0): the tensors are row 0 /
+// entry 0 of the batched ones, the output is [B, H, D] and `batch` fills the params' batch fields.
+template <typename Batch>
+at::Tensor run(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Tensor& pos,
+               const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double norm_eps,
+               const std::optional<at::Tensor>& a_log, const std::optional<at::Tensor>& dt_bias,
+               const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& beta_cache,
+               const std::optional<at::Tensor>& alpha_cache, int64_t sinks, int64_t window,
+               const at::Tensor& k_evict, const at::Tensor& v_evict, const std::optional<at::Tensor>& beta_evict,
+               const std::optional<at::Tensor>& alpha_evict, int64_t B, Batch&& batch) {
   const auto dtype = proj.scalar_type();
   TORCH_CHECK(proj.dim() == 1, op, ": proj must be 1-D [P], got ", proj.sizes());
   TORCH_CHECK(k_cache.dim() == 3, op, ": k_cache must be [Hkv, C, D], got ", k_cache.sizes());
@@ -85,7 +89,7 @@ at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const
     TORCH_CHECK(alpha_evict->scalar_type() == at::kFloat, op, ": alpha_evict must be float32");
   }
 
-  at::Tensor q_out = at::empty({H, D}, proj.options());
+  at::Tensor q_out = B > 0 ? at::empty({B, H, D}, proj.options()) : at::empty({H, D}, proj.options());
   DecodePrepParams p{};
   p.proj = proj.data_ptr();
   p.proj_stride = proj.stride(0);
@@ -126,6 +130,10 @@ at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const
   p.sinks = sinks;
   p.window = window;
   p.norm_eps = static_cast<float>(norm_eps);
+  if (B > 0) {
+    p.q_rb = H * D * static_cast<int64_t>(q_out.element_size());
+    batch(p);
+  }
 #ifdef AHN_RT_WITH_CUDA
   if (proj.is_cuda()) {
     TORCH_CHECK(D <= 512, op, ": CUDA supports head dims up to 512, got ", D);
@@ -137,8 +145,60 @@ at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const
   }
 #endif
   TORCH_CHECK(proj.is_cpu(), op, ": no kernel for device ", proj.device());
-  dispatch_dtype(dtype, op, [&](auto tag) { decode_prep_cpu<decltype(tag)>(p); });
+  dispatch_dtype(dtype, op, [&](auto tag) {
+    for (int64_t b = 0; b < p.batch; ++b) decode_prep_cpu<decltype(tag)>(p.row(b));
+  });
   return q_out;
+}
+
+}  // namespace
+
+at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Tensor& pos,
+                       const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                       double norm_eps, const std::optional<at::Tensor>& a_log,
+                       const std::optional<at::Tensor>& dt_bias, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const std::optional<at::Tensor>& beta_cache,
+                       const std::optional<at::Tensor>& alpha_cache, int64_t sinks, int64_t window,
+                       const at::Tensor& k_evict, const at::Tensor& v_evict,
+                       const std::optional<at::Tensor>& beta_evict,
+                       const std::optional<at::Tensor>& alpha_evict, const std::optional<at::Tensor>& slots) {
+  if (!slots) {
+    return run(proj, inv_freq, pos, q_norm, k_norm, norm_eps, a_log, dt_bias, k_cache, v_cache, beta_cache,
+               alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict, 0, [](DecodePrepParams&) {});
+  }
+  // Batched: proj [B, P] and q [B, H, D] by row; pos [N], caches [N, Hkv, C, D], gate caches [N, C, H],
+  // evict buffers [N, Hkv, D] / [N, H] by state entry slots[b].
+  TORCH_CHECK(k_cache.dim() == 4, op, ": with slots, k_cache must be [N, Hkv, C, D], got ", k_cache.sizes());
+  const int64_t N = k_cache.size(0);
+  const int64_t B = check_slots(*slots, N, proj, op);
+  check_lead(proj, 2, B, op, "proj", "[B, P]");
+  check_lead(v_cache, 4, N, op, "v_cache", "[N, Hkv, C, D]");
+  check_lead(k_evict, 3, N, op, "k_evict", "[N, Hkv, D]");
+  check_lead(v_evict, 3, N, op, "v_evict", "[N, Hkv, D]");
+  for (const auto* t : {&beta_cache, &alpha_cache})
+    if (*t) check_lead(**t, 3, N, op, "beta_cache/alpha_cache", "[N, C, H]");
+  for (const auto* t : {&beta_evict, &alpha_evict})
+    if (*t) check_lead(**t, 2, N, op, "beta_evict/alpha_evict", "[N, H]");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == N && pos.stride(0) == 1, op,
+              ": with slots, pos must be a contiguous int64 tensor [N] (one position per state entry), got ",
+              pos.sizes());
+  const int64_t* slot_ptr = slots->data_ptr<int64_t>();
+  return run(proj.select(0, 0), inv_freq, pos.narrow(0, 0, 1), q_norm, k_norm, norm_eps, a_log, dt_bias,
+             k_cache.select(0, 0), v_cache.select(0, 0), first(beta_cache), first(alpha_cache), sinks, window,
+             k_evict.select(0, 0), v_evict.select(0, 0), first(beta_evict), first(alpha_evict), B,
+             [&](DecodePrepParams& p) {
+               p.slots = slot_ptr;
+               p.batch = B;
+               p.proj_rb = lead_bytes(proj);
+               p.kc_eb = lead_bytes(k_cache);
+               p.vc_eb = lead_bytes(v_cache);
+               p.bc_eb = lead_bytes(beta_cache);
+               p.ac_eb = lead_bytes(alpha_cache);
+               p.ke_eb = lead_bytes(k_evict);
+               p.ve_eb = lead_bytes(v_evict);
+               p.be_eb = lead_bytes(beta_evict);
+               p.ae_eb = lead_bytes(alpha_evict);
+             });
 }
 
 }  // namespace ahn_rt

@@ -4,11 +4,17 @@
 
 namespace ahn_rt {
 
-void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z,
-                const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
-                const at::Tensor& pos, int64_t sinks, int64_t window, double eps) {
-  constexpr const char* op = "ahn_rt.gdn_decode";
+namespace {
+
+constexpr const char* op = "ahn_rt.gdn_decode";
+
+// The checks and launch of one row's tensors (unbatched shapes). Batched: the tensors are row 0 / entry 0
+// of the batched ones and `batch` fills the params' batch fields.
+template <typename Batch>
+void run(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+         const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z, const at::Tensor& norm_weight,
+         const at::Tensor& o_proj, const at::Tensor& out, const at::Tensor& pos, int64_t sinks, int64_t window,
+         double eps, Batch&& batch) {
   TORCH_CHECK(state.dim() == 3, op, ": state must be [H, Dk, Dv], got ", state.sizes());
   const int64_t H = state.size(0), Dk = state.size(1), Dv = state.size(2);
   TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous(), op,
@@ -74,6 +80,7 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
   p.nw_kind = nw_kind;
   p.op_kind = op_kind;
   p.out_kind = out_kind;
+  batch(p);
   if (H == 0 || Dk == 0 || Dv == 0) return;
 #ifdef AHN_RT_WITH_CUDA
   if (state.is_cuda()) {
@@ -86,7 +93,52 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
   }
 #endif
   TORCH_CHECK(state.is_cpu(), op, ": no kernel for device ", state.device());
-  dispatch_dtype(q.scalar_type(), op, [&](auto tag) { gdn_decode_cpu<decltype(tag)>(p); });
+  dispatch_dtype(q.scalar_type(), op, [&](auto tag) {
+    for (int64_t b = 0; b < p.batch; ++b) gdn_decode_cpu<decltype(tag)>(p.row(b));
+  });
+}
+
+}  // namespace
+
+void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z,
+                const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
+                const at::Tensor& pos, int64_t sinks, int64_t window, double eps,
+                const std::optional<at::Tensor>& slots) {
+  if (!slots) {
+    run(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps, [](GdnDecodeParams&) {});
+    return;
+  }
+  // Batched: q [B, H, Dk], z [B, H], out [B, H, Dv] by row; state [N, H, Dk, Dv], the evicted token
+  // k [N, Hkv, Dk], v [N, Hkv, Dv], beta, alpha [N, H] and pos [N] by state entry slots[b].
+  TORCH_CHECK(state.dim() == 4, op, ": with slots, state must be [N, H, Dk, Dv], got ", state.sizes());
+  const int64_t N = state.size(0);
+  const int64_t B = check_slots(*slots, N, state, op);
+  check_lead(q, 3, B, op, "q", "[B, H, Dk]");
+  check_lead(z, 2, B, op, "z", "[B, H]");
+  check_lead(out, 3, B, op, "out", "[B, H, Dv]");
+  check_lead(k, 3, N, op, "k", "[N, Hkv, Dk]");
+  check_lead(v, 3, N, op, "v", "[N, Hkv, Dv]");
+  check_lead(beta, 2, N, op, "beta", "[N, H]");
+  check_lead(alpha, 2, N, op, "alpha", "[N, H]");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == N && pos.stride(0) == 1, op,
+              ": with slots, pos must be a contiguous int64 tensor [N] (one position per state entry), got ",
+              pos.sizes());
+  const int64_t* slot_ptr = slots->data_ptr<int64_t>();
+  run(state.select(0, 0), q.select(0, 0), k.select(0, 0), v.select(0, 0), beta.select(0, 0), alpha.select(0, 0),
+      z.select(0, 0), norm_weight, o_proj, out.select(0, 0), pos.narrow(0, 0, 1), sinks, window, eps,
+      [&](GdnDecodeParams& p) {
+        p.slots = slot_ptr;
+        p.batch = B;
+        p.q_rb = lead_bytes(q);
+        p.z_rb = lead_bytes(z);
+        p.out_rb = lead_bytes(out);
+        p.state_eb = lead_bytes(state);
+        p.k_eb = lead_bytes(k);
+        p.v_eb = lead_bytes(v);
+        p.beta_eb = lead_bytes(beta);
+        p.alpha_eb = lead_bytes(alpha);
+      });
 }
 
 }  // namespace ahn_rt

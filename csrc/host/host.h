@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -84,6 +85,41 @@ inline void check_vec_like(const at::Tensor& t, int64_t n, const at::Tensor& x, 
               " must equal x dtype ", x.scalar_type());
 }
 
+// slots of a batched decode op: int64 [B] (B >= 1), contiguous, on ref's device, indexing entries [0, n)
+// of the per-entry tensors. On the CPU each slot is checked in range and distinct; on CUDA that is the
+// caller's contract (a check would cost a host sync). Returns B.
+inline int64_t check_slots(const at::Tensor& slots, int64_t n, const at::Tensor& ref, const char* op) {
+  check_same_device(ref, slots, op, "slots");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) >= 1 && slots.is_contiguous(), op,
+              ": slots must be a contiguous int64 tensor [B] with B >= 1, got ", slots.scalar_type(), " ",
+              slots.sizes());
+  if (slots.is_cpu()) {
+    const int64_t* s = slots.data_ptr<int64_t>();
+    std::vector<bool> seen(static_cast<size_t>(std::max<int64_t>(n, 0)), false);
+    for (int64_t b = 0; b < slots.size(0); ++b) {
+      TORCH_CHECK(s[b] >= 0 && s[b] < n, op, ": slots[", b, "] = ", s[b], " is outside the ", n, " state entries");
+      TORCH_CHECK(!seen[s[b]], op, ": slot ", s[b], " appears twice; each row needs its own state entry");
+      seen[s[b]] = true;
+    }
+  }
+  return slots.size(0);
+}
+
+// A tensor of a batched call: `dim` dims, leading size n (B rows or N entries).
+inline void check_lead(const at::Tensor& t, int64_t dim, int64_t n, const char* op, const char* what,
+                       const char* shape) {
+  TORCH_CHECK(t.dim() == dim && t.size(0) == n, op, ": with slots, ", what, " must be ", shape, " with leading size ",
+              n, ", got ", t.sizes());
+}
+
+// Bytes between consecutive rows / entries of a batched tensor (0 for an absent one).
+inline int64_t lead_bytes(const at::Tensor& t) { return t.stride(0) * static_cast<int64_t>(t.element_size()); }
+inline int64_t lead_bytes(const std::optional<at::Tensor>& t) { return t ? lead_bytes(*t) : 0; }
+// Row 0 / entry 0 of an optional batched tensor.
+inline std::optional<at::Tensor> first(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->select(0, 0)) : std::nullopt;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The checked host entry functions, one per op (host/<op>.cpp); ops.cpp registers them for CPU and CUDA.
 // ---------------------------------------------------------------------------------------------
@@ -96,13 +132,15 @@ at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const
                        const std::optional<at::Tensor>& alpha_cache, int64_t sinks, int64_t window,
                        const at::Tensor& k_evict, const at::Tensor& v_evict,
                        const std::optional<at::Tensor>& beta_evict,
-                       const std::optional<at::Tensor>& alpha_evict);
+                       const std::optional<at::Tensor>& alpha_evict, const std::optional<at::Tensor>& slots);
 at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& pos, int64_t sinks, int64_t window, double scale);
+                      const at::Tensor& pos, int64_t sinks, int64_t window, double scale,
+                      const std::optional<at::Tensor>& slots);
 void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z,
                 const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
-                const at::Tensor& pos, int64_t sinks, int64_t window, double eps);
+                const at::Tensor& pos, int64_t sinks, int64_t window, double eps,
+                const std::optional<at::Tensor>& slots);
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
                 const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float);

@@ -7,9 +7,15 @@
 
 namespace ahn_rt {
 
-at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& pos, int64_t sinks, int64_t window, double scale) {
-  constexpr const char* op = "ahn_rt.swa_decode";
+namespace {
+
+constexpr const char* op = "ahn_rt.swa_decode";
+
+// The checks and launch of one row's tensors (unbatched shapes). Batched (B > 0): the tensors are row 0 /
+// entry 0 of the batched ones, the output is [B, H, D] and `batch` fills the params' batch fields.
+template <typename Batch>
+at::Tensor run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
+               int64_t sinks, int64_t window, double scale, int64_t B, Batch&& batch) {
   TORCH_CHECK(q.dim() == 2, op, ": q must be [H, D], got ", q.sizes());
   TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), op,
               ": k_cache and v_cache must be [Hkv, C, D] of one shape, got ", k_cache.sizes(), " and ",
@@ -27,7 +33,7 @@ at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   }
   TORCH_CHECK(q.stride(1) == 1, op, ": q's last dim must be contiguous (rows may be strided)");
   check_pos(pos, q, op);
-  at::Tensor out = at::empty({H, D}, q.options());
+  at::Tensor out = B > 0 ? at::empty({B, H, D}, q.options()) : at::empty({H, D}, q.options());
   SwaDecodeParams p{};
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
@@ -46,6 +52,10 @@ at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   p.sinks = sinks;
   p.window = window;
   p.scale = static_cast<float>(scale);
+  if (B > 0) {
+    p.out_rb = H * D * static_cast<int64_t>(out.element_size());
+    batch(p);
+  }
   if (H == 0) return out;
 #ifdef AHN_RT_WITH_CUDA
   if (q.is_cuda()) {
@@ -79,8 +89,10 @@ at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
     p.nsplit = (C + chunk - 1) / chunk;
     TORCH_CHECK(p.nsplit <= 8192, op, ": too many splits (", p.nsplit, ") for C=", C, " with ", G,
                 " query heads per kv head");
-    at::Tensor o_part = at::empty({H, p.nsplit, D}, q.options().dtype(at::kFloat));
-    at::Tensor ml_part = at::empty({H, p.nsplit, 2}, q.options().dtype(at::kFloat));
+    at::Tensor o_part = at::empty({p.batch, H, p.nsplit, D}, q.options().dtype(at::kFloat));
+    at::Tensor ml_part = at::empty({p.batch, H, p.nsplit, 2}, q.options().dtype(at::kFloat));
+    p.op_rb = H * p.nsplit * D * static_cast<int64_t>(sizeof(float));
+    p.ml_rb = H * p.nsplit * 2 * static_cast<int64_t>(sizeof(float));
     p.o_part = o_part.data_ptr<float>();
     p.ml_part = ml_part.data_ptr<float>();
     dispatch_dtype(q.scalar_type(), op, [&](auto tag) { swa_decode_cuda<decltype(tag)>(p, stream); });
@@ -89,8 +101,36 @@ at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   }
 #endif
   TORCH_CHECK(q.is_cpu(), op, ": no kernel for device ", q.device());
-  dispatch_dtype(q.scalar_type(), op, [&](auto tag) { swa_decode_cpu<decltype(tag)>(p); });
+  dispatch_dtype(q.scalar_type(), op, [&](auto tag) {
+    for (int64_t b = 0; b < p.batch; ++b) swa_decode_cpu<decltype(tag)>(p.row(b));
+  });
   return out;
+}
+
+}  // namespace
+
+at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& pos, int64_t sinks, int64_t window, double scale,
+                      const std::optional<at::Tensor>& slots) {
+  if (!slots) return run(q, k_cache, v_cache, pos, sinks, window, scale, 0, [](SwaDecodeParams&) {});
+  // Batched: q [B, H, D] by row; pos [N] and the caches [N, Hkv, C, D] by state entry slots[b].
+  TORCH_CHECK(k_cache.dim() == 4, op, ": with slots, k_cache must be [N, Hkv, C, D], got ", k_cache.sizes());
+  const int64_t N = k_cache.size(0);
+  const int64_t B = check_slots(*slots, N, q, op);
+  check_lead(q, 3, B, op, "q", "[B, H, D]");
+  check_lead(v_cache, 4, N, op, "v_cache", "[N, Hkv, C, D]");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == N && pos.stride(0) == 1, op,
+              ": with slots, pos must be a contiguous int64 tensor [N] (one position per state entry), got ",
+              pos.sizes());
+  const int64_t* slot_ptr = slots->data_ptr<int64_t>();
+  return run(q.select(0, 0), k_cache.select(0, 0), v_cache.select(0, 0), pos.narrow(0, 0, 1), sinks, window, scale,
+             B, [&](SwaDecodeParams& p) {
+               p.slots = slot_ptr;
+               p.batch = B;
+               p.q_rb = lead_bytes(q);
+               p.kc_eb = lead_bytes(k_cache);
+               p.vc_eb = lead_bytes(v_cache);
+             });
 }
 
 }  // namespace ahn_rt
