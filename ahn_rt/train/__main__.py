@@ -248,15 +248,17 @@ def run(a) -> int:
     except AhnError as e:
         e.same_on_every_rank = True        # the command line and this machine: every rank sees the same
         raise
-    interrupted = False
+    interrupted = finished = False
     try:
-        return _run(a, d, out)
+        code = _run(a, d, out)
+        finished = True
+        return code
     except KeyboardInterrupt:
         interrupted = True                 # other ranks may sit in a collective: leave without closing
         raise
     finally:
         if not interrupted:
-            dist.teardown(d)
+            dist.teardown(d, finished)
 
 
 def _run(a, d, out: Path) -> int:

@@ -144,10 +144,18 @@ def setup(device: str | None = None) -> Dist:
     return Dist(rank, world, local, dev, backend, owned=True)
 
 
-def teardown(d: Dist):
-    """Close the process group ``setup`` opened (a no-op otherwise)."""
+def teardown(d: Dist, finished: bool = False):
+    """Close the process group ``setup`` opened (a no-op otherwise). DDP / FSDP objects caught in reference
+    cycles still hold the group until a collection: collect them first, or the interpreter's exit tears
+    the group down under them ("terminate called without an active exception" on a rank). ``finished``:
+    every rank ended its run normally, so all meet at a barrier (no rank still inside a collective) first."""
+    import gc
+
     import torch.distributed as td
     if d.owned and td.is_available() and td.is_initialized():
+        gc.collect()
+        if finished and d.world_size > 1:
+            td.barrier()
         td.destroy_process_group()
 
 
