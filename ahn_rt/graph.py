@@ -73,6 +73,7 @@ class BatchStep:
 
     def __init__(self, decoder, batch):
         self.decoder = decoder
+        self.slot_list = [st.pool_slot for st in batch.states]   # what the slots buffer holds
         B = len(batch)
         self.ids = torch.zeros(B, dtype=torch.int64, device=batch.state0.device)
         self.batch = batch
@@ -83,7 +84,10 @@ class BatchStep:
     def __call__(self, states, ids: torch.Tensor) -> torch.Tensor:
         b = self.batch
         if len(states) > 1 or b.state0.pool is not None:
-            b.slots.copy_(torch.tensor([st.pool_slot for st in states], dtype=torch.int64))
+            want = [st.pool_slot for st in states]
+            if want != self.slot_list:   # a host-to-device copy only when the batch's slots changed
+                b.slots.copy_(torch.tensor(want, dtype=torch.int64))
+                self.slot_list = want
         b.states = states
         self.ids.copy_(ids.view(-1))
         self.graph.replay()

@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gemv_kernel(const G
 constexpr int kMmaWarps = 8;
 // Warps that split K for one row tile (1, 2, 4 or 8): the fewest that still give about kMmaTargetWarps warps
 // in all. It depends on the shape alone (never on B), so a row's summation order does too.
-constexpr int64_t kMmaTargetWarps = 2048;
+constexpr int64_t kMmaTargetWarps = 4096;
 inline int mma_split(int64_t tiles) {
   int ks = 1;
   while (ks < kMmaWarps && tiles * ks < kMmaTargetWarps) ks *= 2;
@@ -400,8 +400,9 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams 
     for (int h = 0; h < 2; ++h)
       wrow[m][h] = W + (std::min<int64_t>(i0 + g + 8 * h, limit - 1) + m * p.N_out) * K;
 
-  uint4 wv[U][MT][2];
-  auto issue = [&](int64_t c) {
+  // Two register buffers of U chunks: the loads of one group are in flight while the other is multiplied.
+  uint4 wa[U][MT][2], wb[U][MT][2];
+  auto issue = [&](uint4 (&wv)[U][MT][2], int64_t c) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t k = (c + u) * 32 + 8 * t;
@@ -414,7 +415,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams 
     }
   };
   // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL).
-  if (c_begin < c_end) issue(c_begin);
+  if (c_begin < c_end) issue(wa, c_begin);
   pdl_wait();
 
   const T* X = static_cast<const T*>(p.x);
@@ -448,8 +449,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams 
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
 
-  for (int64_t c = c_begin; c < c_end; c += U) {
-    if (c != c_begin) issue(c);
+  // x of chunk group c (from L1 / L2), then the mma steps of the group's weights in `wv`, chunk by chunk.
+  auto consume = [&](const uint4 (&wv)[U][MT][2], int64_t c) {
     uint4 xv[U][NT];  // column g of tile n: sequence n * 8 + g, this lane's 8 k of chunk c + u
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -492,6 +493,15 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams 
           }
         }
       }
+    }
+  };
+  // Chunk groups in order (the summation order of a row): group c is multiplied while c + U loads.
+  for (int64_t c = c_begin; c < c_end; c += 2 * U) {
+    if (c + U < c_end) issue(wb, c + U);
+    consume(wa, c);
+    if (c + U < c_end) {
+      if (c + 2 * U < c_end) issue(wa, c + 2 * U);
+      consume(wb, c + U);
     }
   }
 
@@ -595,7 +605,8 @@ void launch_mma(const GemvParams& p, cudaStream_t stream) {
   else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false>, blocks, 0, stream, p, ks);
 }
 
-// Chunks in flight per warp: at most 12 16-byte registers of weights and x per lane (2 blocks per SM).
+// Chunks per buffer: at most about 20 16-byte registers of weights (two buffers) and x per lane, so that
+// two blocks fit on an SM.
 template <typename T, int MT>
 void launch_mma_rows(const GemvParams& p, cudaStream_t stream) {
   if (p.rows <= 8) launch_mma<T, MT, 1, MT == 1 ? 4 : 2>(p, stream);
