@@ -179,9 +179,7 @@ at::Tensor decode_prep(const at::Tensor& proj, const at::Tensor& inv_freq, const
     if (*t) check_lead(**t, 3, N, op, "beta_cache/alpha_cache", "[N, C, H]");
   for (const auto* t : {&beta_evict, &alpha_evict})
     if (*t) check_lead(**t, 2, N, op, "beta_evict/alpha_evict", "[N, H]");
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == N && pos.stride(0) == 1, op,
-              ": with slots, pos must be a contiguous int64 tensor [N] (one position per state entry), got ",
-              pos.sizes());
+  check_entry_pos(pos, N, op);
   const int64_t* slot_ptr = slots->data_ptr<int64_t>();
   return run(proj.select(0, 0), inv_freq, pos.narrow(0, 0, 1), q_norm, k_norm, norm_eps, a_log, dt_bias,
              k_cache.select(0, 0), v_cache.select(0, 0), first(beta_cache), first(alpha_cache), sinks, window,

@@ -121,9 +121,7 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
   check_lead(v, 3, N, op, "v", "[N, Hkv, Dv]");
   check_lead(beta, 2, N, op, "beta", "[N, H]");
   check_lead(alpha, 2, N, op, "alpha", "[N, H]");
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == N && pos.stride(0) == 1, op,
-              ": with slots, pos must be a contiguous int64 tensor [N] (one position per state entry), got ",
-              pos.sizes());
+  check_entry_pos(pos, N, op);
   const int64_t* slot_ptr = slots->data_ptr<int64_t>();
   run(state.select(0, 0), q.select(0, 0), k.select(0, 0), v.select(0, 0), beta.select(0, 0), alpha.select(0, 0),
       z.select(0, 0), norm_weight, o_proj, out.select(0, 0), pos.narrow(0, 0, 1), sinks, window, eps,

@@ -105,6 +105,13 @@ inline int64_t check_slots(const at::Tensor& slots, int64_t n, const at::Tensor&
   return slots.size(0);
 }
 
+// pos of a batched call: one position per state entry, int64 [N], contiguous (kernels read pos + slot).
+inline void check_entry_pos(const at::Tensor& pos, int64_t n, const char* op) {
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == n && pos.stride(0) == 1, op,
+              ": with slots, pos must be a contiguous int64 tensor [N] (one position per state entry), got ",
+              pos.sizes());
+}
+
 // A tensor of a batched call: `dim` dims, leading size n (B rows or N entries).
 inline void check_lead(const at::Tensor& t, int64_t dim, int64_t n, const char* op, const char* what,
                        const char* shape) {

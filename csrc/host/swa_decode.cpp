@@ -119,9 +119,7 @@ at::Tensor swa_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const int64_t B = check_slots(*slots, N, q, op);
   check_lead(q, 3, B, op, "q", "[B, H, D]");
   check_lead(v_cache, 4, N, op, "v_cache", "[N, Hkv, C, D]");
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == N && pos.stride(0) == 1, op,
-              ": with slots, pos must be a contiguous int64 tensor [N] (one position per state entry), got ",
-              pos.sizes());
+  check_entry_pos(pos, N, op);
   const int64_t* slot_ptr = slots->data_ptr<int64_t>();
   return run(q.select(0, 0), k_cache.select(0, 0), v_cache.select(0, 0), pos.narrow(0, 0, 1), sinks, window, scale,
              B, [&](SwaDecodeParams& p) {
