@@ -18,7 +18,7 @@ def _decode_prep_fake(proj, inv_freq, pos, q_norm, k_norm, norm_eps, a_log, dt_b
                       beta_cache, alpha_cache, sinks, window, k_evict, v_evict, beta_evict, alpha_evict, slots=None):
     Hkv, _, D = k_cache.shape[-3:]
     P = proj.shape[-1]
-    H = beta_cache.shape[-1] if a_log is not None else (P - 2 * Hkv * D) // D
+    H = alpha_cache.shape[-1] if dt_bias is not None else (P - 2 * Hkv * D) // D
     lead = () if slots is None else (slots.shape[0],)
     return proj.new_empty(*lead, H, D)  # q after norm + RoPE: [H, D] (batched: [B, H, D])
 
@@ -30,6 +30,11 @@ def _swa_decode_fake(q, k_cache, v_cache, pos, sinks, window, scale, slots=None)
 
 @torch.library.register_fake("ahn_rt::gdn_decode")
 def _gdn_decode_fake(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots=None):
+    return None  # mutates state and out in place
+
+
+@torch.library.register_fake("ahn_rt::mamba2_decode")
+def _mamba2_decode_fake(state, q, k, v, dt, a_log, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots=None):
     return None  # mutates state and out in place
 
 

@@ -7,11 +7,13 @@ decode loop). The graph reads its position from the state's device tensor, so th
 step; after each replay the stepper calls ``State.advance``, the same method the eager path uses. The
 only host sync per token is the caller reading the sampled id. A session keeps its graphs (one per
 sampling setup) in its declared ``graphs`` attribute for all its steps and all its ``generate`` calls;
-``Session.reset`` keeps them too. Elsewhere, and for a memory variant whose decode step is not graph safe
-(Mamba2, docs/semantics.md §11), the step runs eagerly.
+``Session.reset`` keeps them too. Elsewhere, and when the reference ops run (``AHN_RT_BACKEND=ref`` or no
+compiled extension: they read positions on the host), the step runs eagerly.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 
 import torch
@@ -22,6 +24,23 @@ from . import settings
 GRAPHS_ENABLED = settings.graphs_enabled()
 # torch.cuda.graph captures on one shared side stream: one capture at a time per process.
 _CAPTURE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _capture(graph: torch.cuda.CUDAGraph):
+    """Capture into ``graph``, one capture at a time. Python's cycle collector is run first and held off
+    during the capture: a pool's graphs and states refer to each other, so a dropped pool is freed by the
+    collector, and freeing its graphs' memory (cudaFree) inside a capture would invalidate it."""
+    with _CAPTURE_LOCK:
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                yield
+        finally:
+            if was_enabled:
+                gc.enable()
 
 
 def sampling_key(sampler) -> tuple:
@@ -44,7 +63,7 @@ class _GraphStep:
         # Capturing runs nothing, so the state is not touched; the caller has already run a real
         # step eagerly, which warmed up the allocator and the cuBLAS handles.
         self.graph = torch.cuda.CUDAGraph()
-        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with _capture(self.graph):
             self.logits = session.model.decoder.decode_step(st, self.tok)[0]
             self.tok.copy_(sampler.sample(self.logits, noise=self.noise))
 
@@ -78,7 +97,7 @@ class BatchStep:
         self.ids = torch.zeros(B, dtype=torch.int64, device=batch.state0.device)
         self.batch = batch
         self.graph = torch.cuda.CUDAGraph()
-        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with _capture(self.graph):
             self.logits = decoder.decode_steps(batch, self.ids)
 
     def __call__(self, states, ids: torch.Tensor) -> torch.Tensor:
@@ -97,7 +116,8 @@ class BatchStep:
 def batch_step(decoder, states, ids: torch.Tensor, graphs: dict) -> tuple[torch.Tensor, "DecodeBatch"]:
     """One decode step of ``states`` (one storage) in one batch: float32 logits [B, vocab] and the batch
     (its ``advance()`` is the caller's). On CUDA the step replays the graph that ``graphs`` (the pool's, or
-    a private state's session's) keeps under ("step", B) (captured after a first eager step); elsewhere, and for a memory that is not graph safe, eager."""
+    a private state's session's) keeps under ("step", B) (captured after a first eager step); elsewhere, and
+    on the reference ops (``Decoder.graph_safe``), eager."""
     from .cache import DecodeBatch
     st0 = states[0]
     if not (st0.device.type == "cuda" and GRAPHS_ENABLED and decoder.graph_safe):
@@ -127,8 +147,7 @@ class Stepper:
         self.sampler = sampler
         self.logits: torch.Tensor | None = None
         st = session.state
-        # A memory whose decode step still syncs with the host (Mamba2 until it has a CUDA kernel,
-        # ``Memory.graph_safe``) decodes eagerly; every other model replays its captured step.
+        # The reference ops sync with the host (``Decoder.graph_safe``): they decode eagerly.
         self.graphed = st.device.type == "cuda" and GRAPHS_ENABLED and session.model.decoder.graph_safe
         self.key = sampling_key(sampler)
 

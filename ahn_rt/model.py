@@ -35,8 +35,9 @@ class Decoder:
 
     @property
     def graph_safe(self) -> bool:
-        """Whether decode_step can be captured into a CUDA graph (no host sync anywhere in it)."""
-        return self.memory is None or self.memory.graph_safe
+        """Whether decode_step can be captured into a CUDA graph (no host sync anywhere in it): with the
+        compiled ops, which read positions and slots on the device; the references read them on the host."""
+        return ops.backend() == "ext"
 
     def new_state(self, capacity: int | None = None, pool: StatePool | None = None) -> State:
         """A zeroed state at position 0: a free slot of ``pool`` (made by ``new_pool``), or private."""
@@ -118,8 +119,6 @@ class Decoder:
         (q/k norm, RoPE, ring write with eviction, the memory's gates), window attention and the memory step
         added into it, each one kernel over the B rows of ``batch``. Returns the attention output [B, H, D]."""
         mem = self.memory if batch.ahn else None
-        if mem is not None and not mem.batched:   # a memory still stepped per state (Mamba2)
-            return torch.stack([self._decode_attention_one(st, i, lw, proj[b]) for b, st in enumerate(batch.states)])
         S, W, slots = batch.sinks, batch.window, batch.slots
         if mem is not None:
             q = mem.decode_front(self, batch, i, lw, proj)
@@ -130,13 +129,6 @@ class Decoder:
         attn = ops.swa_decode(q, batch.k[i], batch.v[i], batch.pos, S, W, self.scale, slots=slots)
         if mem is not None:
             mem.decode_step(self, batch, i, lw, q, proj, attn)
-        return attn
-
-    def _decode_attention_one(self, st: State, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
-        """``_decode_attention`` of one state for a memory whose decode takes one State (proj [P] -> [H, D])."""
-        q = self.memory.decode_front(self, st, i, lw, proj)
-        attn = ops.swa_decode(q, st.k[i], st.v[i], st.pos, st.sinks, st.window, self.scale)
-        self.memory.decode_step(self, st, i, lw, q, proj, attn)
         return attn
 
     def decode_step(self, st: State, ids: torch.Tensor) -> torch.Tensor:
@@ -153,7 +145,7 @@ class Decoder:
         Per layer: one fused GEMV over the B rows (RMSNorm + q|k|v|memory rows + bias; each weight read
         once for all rows), the decode front (q/k norm, RoPE, ring write with eviction, the memory's gates:
         ``decode_prep``), window attention, the memory step (GatedDeltaNet / DeltaNet: one fused
-        ``gdn_decode``), then three fused GEMVs (o_proj + residual, RMSNorm + gate|up + SiLU*mul, down +
+        ``gdn_decode``; Mamba2: ``mamba2_decode``), then three fused GEMVs (o_proj + residual, RMSNorm + gate|up + SiLU*mul, down +
         residual)."""
         eps = self.config.rms_norm_eps
         B = ids.numel()

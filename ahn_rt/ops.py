@@ -335,13 +335,13 @@ rope_cos_sin = ref.rope_cos_sin_ref
 gdn_output = ref.gdn_output_ref
 
 
-# ---- the Mamba2 memory: no compiled kernels yet -------------------------------------------------
-# Its references run on every device, CUDA included (README: a known gap). mamba2_decode reads the position
-# on the host, so a Mamba2 model decodes eagerly (memory.Mamba2.graph_safe is False): GatedDeltaNet and
-# DeltaNet models keep their CUDA graph.
+# ---- the Mamba2 memory -------------------------------------------------------------------------------
+# Its decode step is a compiled op (CPU and CUDA, graph safe). Prefill still runs the chunked reference on
+# every device (README: a known gap until the CUDA prefill work covers it).
 mamba2_chunk = ref.mamba2_chunk_ref
 mamba2_output = ref.mamba2_output_ref
 
 
-def mamba2_decode(state, q, k, v, dt, a_log, z, norm_weight, o_proj, out, pos, sinks, window, eps):
-    ref.mamba2_decode_ref(state, q, k, v, dt, a_log, z, norm_weight, o_proj, out, pos, sinks, window, eps)
+def mamba2_decode(state, q, k, v, dt, a_log, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots=None):
+    fn = torch.ops.ahn_rt.mamba2_decode if _use_ext(q) else ref.mamba2_decode_ref
+    fn(state, q, k, v, dt, a_log, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots)

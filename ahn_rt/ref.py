@@ -128,26 +128,29 @@ def ring_write_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, beta_cache: tor
                    alpha_evict: torch.Tensor | None) -> None:
     """Write one decoded token into its ring slot, handing the slot's old token to the memory first.
 
-    k_cache, v_cache: [Hkv, C, D]; beta_cache: [C, H] (model dtype); alpha_cache: [C, H] float32;
-    k, v: [Hkv, D]; beta: [H]; alpha: [H]; pos: int64 tensor [1] = absolute position of the new token.
-    With gates (AHN memory): when pos >= sinks + window the slot holds position pos - window, which is
-    copied into k_evict / v_evict / beta_evict / alpha_evict before it is overwritten; otherwise those
-    buffers are left untouched. Without gates (beta_cache None: no memory) nothing is evicted. Sink slots
-    are written only by positions < sinks.
+    k_cache, v_cache: [Hkv, C, D]; alpha_cache: [C, H] float32 (the memory's float32 gate: GatedDeltaNet's
+    log-decay alpha, Mamba2's dt); beta_cache: [C, H] (model dtype; GatedDeltaNet only, else None);
+    k, v: [Hkv, D]; alpha, beta: [H]; pos: int64 tensor [1] = absolute position of the new token.
+    With gates (an AHN memory: alpha_cache given): when pos >= sinks + window the slot holds position
+    pos - window, which is copied into k_evict / v_evict / alpha_evict (/ beta_evict) before it is
+    overwritten; otherwise those buffers are left untouched. Without gates (no memory) nothing is
+    evicted. Sink slots are written only by positions < sinks.
     """
     p = int(pos.reshape(-1)[0])
     slot = ring_slot(p, sinks, window)
-    gated = beta_cache is not None
+    gated = alpha_cache is not None
     if gated and p >= sinks + window:
         k_evict.copy_(k_cache[:, slot])
         v_evict.copy_(v_cache[:, slot])
-        beta_evict.copy_(beta_cache[slot])
         alpha_evict.copy_(alpha_cache[slot])
+        if beta_cache is not None:
+            beta_evict.copy_(beta_cache[slot])
     k_cache[:, slot] = k
     v_cache[:, slot] = v
     if gated:
-        beta_cache[slot] = beta
         alpha_cache[slot] = alpha
+        if beta_cache is not None:
+            beta_cache[slot] = beta
 
 
 def _entry(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -359,7 +362,7 @@ def gdn_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
 # ----------------------------------------------------------------------------------------------
 # Mamba2 memory (docs/semantics.md §11.2): a per-head scalar decay, an outer-product write, no delta
-# correction. No compiled kernels yet: ``ahn_rt.ops`` runs these on every device.
+# correction. The decode step has compiled twins (``mamba2_decode``); prefill runs these on every device.
 # ----------------------------------------------------------------------------------------------
 # torch.nn.functional.normalize's default: x / max(||x||, eps), computed in the model dtype as the official
 # module does on its bf16 q/k.
@@ -443,13 +446,21 @@ def mamba2_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tenso
 
 def mamba2_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
                       a_log: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,
-                      out: torch.Tensor, pos: torch.Tensor, sinks: int, window: int, eps: float) -> None:
+                      out: torch.Tensor, pos: torch.Tensor, sinks: int, window: int, eps: float,
+                      slots: torch.Tensor | None = None) -> None:
     """One Mamba2 memory step for a decoded token, added into the attention output.
 
     Runs only when pos >= sinks + window; otherwise does nothing. state: [H, Dk, Dv] float32 (in place);
     q: [H, Dk] read query; k: [Hkv, Dk], v: [Hkv, Dv], dt: [H] (float32) of the evicted token; a_log: [H];
-    z: [H] gate of the reading token; out: [H, Dv], += memory. Reads pos on the host.
+    z: [H] gate of the reading token; norm_weight: [H*Dv]; out: [H, Dv], += memory. Reads pos on the host.
+    Batched (``slots`` int64 [B]): q [B, H, Dk], z [B, H], out [B, H, Dv] by row; state [N, H, Dk, Dv],
+    k [N, Hkv, Dk], v [N, Hkv, Dv], dt [N, H] and pos [N] by entry slots[b].
     """
+    if slots is not None:
+        for b, e in enumerate(slots.tolist()):
+            mamba2_decode_ref(state[e], q[b], k[e], v[e], dt[e], a_log, z[b], norm_weight, o_proj, out[b],
+                              pos[e:e + 1], sinks, window, eps)
+        return
     if int(pos.reshape(-1)[0]) < sinks + window:
         return
     o = mamba2_recurrent_ref(q[None], k[None], v[None], dt[None], a_log, state)
@@ -477,13 +488,17 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
                     alpha_evict: torch.Tensor | None, slots: torch.Tensor | None = None) -> torch.Tensor:
     """Everything between a decoded token's projection GEMM and its attention, for one layer.
 
-    proj: [P] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | a (H) | b (H) | g (H)] with biases already added;
-    the a/b/g tail exists only when ``a_log`` is given (AHN gates). H, Hkv, D come from the caches:
-    k_cache [Hkv, C, D], beta_cache [C, H]; without gates H = (P - 2*Hkv*D) / D.
+    proj: [P] = [q (H*D) | k (Hkv*D) | v (Hkv*D) | memory rows] with biases already added. H, Hkv, D come
+    from the caches: k_cache [Hkv, C, D], alpha_cache [C, H]; without gates H = (P - 2*Hkv*D) / D.
+    The gates, by the memory (docs/semantics.md §4, §11):
+      - GatedDeltaNet / DeltaNet (a_log, dt_bias, beta_* and alpha_* given): rows [a (H) | b (H) | g (H)],
+        beta = sigmoid(b) (proj.dtype), alpha = -exp(a_log) * softplus(a + dt_bias) (float32);
+      - Mamba2 (dt_bias and alpha_* given, no a_log, no beta_*): rows [dt (H) | g (H)], the float32 gate
+        dt = softplus(dt + dt_bias) kept in alpha_cache;
+      - none (no memory): nothing is evicted.
     1. optional per-head RMSNorm of q and k (Qwen3 q_norm/k_norm, eps ``norm_eps``), before RoPE;
     2. RoPE at absolute position pos[0] (int64 tensor [1]) with fp32 angles, cos/sin in proj.dtype;
-    3. gates (when a_log is given): beta = sigmoid(b) (proj.dtype), alpha = -exp(a_log) *
-       softplus(a + dt_bias) (float32);
+    3. the gates above;
     4. ring_write_ref of (k, v, beta, alpha) at pos, evicting the slot's old token first.
     Returns q after norm + RoPE: [H, D] in proj.dtype. (The output gate z is proj's last H values.)
     Batched (``slots`` int64 [B]): proj [B, P] and q [B, H, D] by row; pos [N], the caches [N, Hkv, C, D],
@@ -496,8 +511,8 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
                             v_evict[e], _entry(beta_evict, e), _entry(alpha_evict, e))
             for b, e in enumerate(slots.tolist())])
     Hkv, _, D = k_cache.shape
-    gated = a_log is not None
-    H = beta_cache.shape[1] if gated else (proj.shape[0] - 2 * Hkv * D) // D
+    gated = dt_bias is not None
+    H = alpha_cache.shape[1] if gated else (proj.shape[0] - 2 * Hkv * D) // D
     q = proj[: H * D].view(H, D)
     k = proj[H * D: (H + Hkv) * D].view(Hkv, D)
     v = proj[(H + Hkv) * D: (H + 2 * Hkv) * D].view(Hkv, D)
@@ -510,9 +525,11 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
     beta = alpha = None
     if gated:
         a = proj[(H + 2 * Hkv) * D: (H + 2 * Hkv) * D + H]
-        b = proj[(H + 2 * Hkv) * D + H: (H + 2 * Hkv) * D + 2 * H]
-        beta = torch.sigmoid(b.float()).to(proj.dtype)
-        alpha = -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+        alpha = F.softplus(a.float() + dt_bias.float())
+        if a_log is not None:
+            b = proj[(H + 2 * Hkv) * D + H: (H + 2 * Hkv) * D + 2 * H]
+            beta = torch.sigmoid(b.float()).to(proj.dtype)
+            alpha = -a_log.float().exp() * alpha
     ring_write_ref(k_cache, v_cache, beta_cache, alpha_cache, k, v, beta, alpha, pos, sinks, window,
                    k_evict, v_evict, beta_evict, alpha_evict)
     return q

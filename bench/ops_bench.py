@@ -2,7 +2,8 @@
 
     python bench/ops_bench.py        # needs a GPU and the CUDA build (scripts/device_check.sh)
     python bench/ops_bench.py --only swa                         # swa_decode alone (A/B: PYTHONPATH)
-    python bench/ops_bench.py --only gdn                         # gdn_decode alone (default: fast kernel)
+    python bench/ops_bench.py --only gdn                         # the memory steps alone: gdn_decode (default:
+                                                                 # fast kernel) and mamba2_decode
     AHN_RT_GDN_GENERIC=1 python bench/ops_bench.py --only gdn    # the generic gdn_decode kernel, for A/B
 Prints device, the measured copy bandwidth, then for each op: median us per call (CUDA events, layers
 rotated so the working set exceeds L2) and achieved GB/s. Timing and the copy bandwidth: bench/timing.py,
@@ -60,14 +61,25 @@ def main(only=None):
             torch.ops.ahn_rt.gdn_decode(state=state[i], q=qs[i], k=ks[i], v=vs[i], beta=beta[i], alpha=alpha[i], z=z[i],
                                         norm_weight=nw, o_proj=op[i], out=out[i], pos=pos, sinks=S, window=W,
                                         eps=1e-6)
+    dt_m2, a_log = torch.rand(L, H, device=dev) * 0.1, torch.rand(H, device=dev)
+    nw_m2 = torch.ones(H * D, device=dev, dtype=dt)
+
+    def mamba2():
+        for i in range(L):
+            torch.ops.ahn_rt.mamba2_decode(state=state[i], q=qs[i], k=ks[i], v=vs[i], dt=dt_m2[i], a_log=a_log,
+                                           z=z[i], norm_weight=nw_m2, o_proj=op[i], out=out[i], pos=pos, sinks=S,
+                                           window=W, eps=1e-5)
     path = "generic" if kernel_flag("AHN_RT_GDN_GENERIC") else "fast"
     print(f"gdn_decode kernel: {path} (AHN_RT_GDN_GENERIC)")
-    us36 = events_us(gdn)[0]
-    rows.append(("gdn_decode x36 eager (total)", us36, L * (H * D * D * 4 * 2 + H * D * D * 2) / us36 / 1e3))
-    usg = graph_us(gdn)[0]  # the same 36 calls in one CUDA graph (as in the decode step)
-    rows.append(("gdn_decode x36 in a graph (total)", usg, L * (H * D * D * 4 * 2 + H * D * D * 2) / usg / 1e3))
+    traffic = L * (H * D * D * 4 * 2 + H * D * D * 2)   # state read + write, o_proj read
+    for name, fn in (("gdn_decode", gdn), ("mamba2_decode", mamba2)):
+        us36 = events_us(fn)[0]
+        rows.append((f"{name} x36 eager (total)", us36, traffic / us36 / 1e3))
+        usg = graph_us(fn)[0]  # the same 36 calls in one CUDA graph (as in the decode step)
+        rows.append((f"{name} x36 in a graph (total)", usg, traffic / usg / 1e3))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         gdn()
+        mamba2()
         if only != "gdn":
             swa()
         torch.cuda.synchronize()
@@ -103,5 +115,6 @@ def print_rows(rows, copy_bw):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["gdn", "swa"], default=None, help="time only this op")
+    ap.add_argument("--only", choices=["gdn", "swa"], default=None,
+                    help="time only this op (gdn: both memory steps, gdn_decode and mamba2_decode)")
     main(ap.parse_args().only)

@@ -97,6 +97,19 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   __syncthreads();
   return t;
 }
+// Programmatic dependent launch (sm_90): no-ops unless the launch set the PDL attribute. A kernel launched
+// with it may start while the previous kernel still runs (once that one's blocks all called
+// pdl_launch_dependents or exited); before pdl_wait it may read only what that previous kernel does not write.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ float block_max(float v, float* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   v = warp_max(v);
@@ -136,17 +149,19 @@ AHN_HD const P* moved(const P* ptr, int64_t bytes) {
 }
 
 struct DecodePrepParams {
-  const void* proj;      // [P], stride proj_stride: [q (H*D) | k (Hkv*D) | v (Hkv*D) | a (H) | b (H) | g (H)]
+  // [P], stride proj_stride: [q (H*D) | k (Hkv*D) | v (Hkv*D) | memory rows]; the memory rows are
+  // [a (H) | b (H) | g (H)] with a_log (GatedDeltaNet), [dt (H) | g (H)] with dt_bias alone (Mamba2).
+  const void* proj;
   const float* inv_freq; // [D/2] float32, contiguous
   const int64_t* pos;    // [1] absolute position, read on the device
   const void* q_norm;    // [D] or null (same dtype as proj)
   const void* k_norm;    // [D] or null
-  const void* a_log;     // [H] or null (a_log_kind)
-  const void* dt_bias;   // [H] (dt_bias_kind)
+  const void* a_log;     // [H] or null (a_log_kind): alpha = -exp(a_log) softplus(a + dt_bias), beta = sigmoid(b)
+  const void* dt_bias;   // [H] or null (dt_bias_kind); without a_log: alpha = dt = softplus(a + dt_bias), no beta
   void* k_cache;         // [Hkv, C, D], last dim contiguous
   void* v_cache;
-  void* beta_cache;      // [C, H] (dtype of proj) or null
-  float* alpha_cache;    // [C, H] float32 or null
+  void* beta_cache;      // [C, H] (dtype of proj) or null (given with a_log)
+  float* alpha_cache;    // [C, H] float32 or null (given with dt_bias: gated, evicts)
   void* k_evict;         // [Hkv, D]
   void* v_evict;
   void* beta_evict;      // [H]
@@ -251,6 +266,52 @@ struct GdnDecodeParams {
   }
 };
 
+// The Mamba2 memory step of a decoded token (reference: ahn_rt/ref.py mamba2_decode_ref; docs/semantics.md
+// §11.2): M <- exp(dt A) M + dt k^ v^T, o = M^T q^, then an RMSNorm over all H*Dv values of o * silu(z) and
+// the grouped o_proj. The norm crosses heads, so CUDA runs two kernels: the state step writes o (rounded to
+// T) to the float32 scratch o_buf, the output kernel reads all of it.
+struct Mamba2DecodeParams {
+  float* state;              // [H, Dk, Dv] float32, contiguous
+  const void* q;             // [H, Dk], row stride q_stride   (dtype T)
+  const void* k;             // [Hkv, Dk], row stride k_stride (dtype T)
+  const void* v;             // [Hkv, Dv], row stride v_stride (dtype T)
+  const void* dt;            // [H], stride dt_stride: dt of the evicted token
+  const void* a_log;         // [H] contiguous
+  const void* z;             // [H], stride z_stride
+  const void* norm_weight;   // [H * Dv] contiguous
+  const void* o_proj;        // [H, Dv, Dv] contiguous (in, out)
+  void* out;                 // [H, Dv], row stride out_stride, last dim contiguous
+  float* o_buf;              // CUDA scratch: o [H, Dv] (rounded to T), then sums of squares [H, kMamba2Slices]
+  const int64_t* pos;        // [1]
+  int64_t q_stride, k_stride, v_stride, dt_stride, z_stride, out_stride;
+  int64_t H, Hkv, Dk, Dv, sinks, window;
+  float eps;
+  Kind dt_kind, a_log_kind, z_kind, nw_kind, op_kind, out_kind;
+  // Batched call: rows move q, z, out and o_buf; entries move pos, the state and the evicted token (k, v, dt).
+  const int64_t* slots = nullptr;  // [batch] or null
+  int64_t batch = 1;
+  int64_t q_rb = 0, z_rb = 0, out_rb = 0, ob_rb = 0;       // bytes per row
+  int64_t state_eb = 0, k_eb = 0, v_eb = 0, dt_eb = 0;      // bytes per entry
+  AHN_HD Mamba2DecodeParams row(int64_t b) const {
+    Mamba2DecodeParams r = *this;
+    const int64_t e = slots != nullptr ? slots[b] : 0;
+    r.q = moved(q, b * q_rb);
+    r.z = moved(z, b * z_rb);
+    r.out = moved(out, b * out_rb);
+    r.o_buf = moved(o_buf, b * ob_rb);
+    r.pos = pos + e;
+    r.state = moved(state, e * state_eb);
+    r.k = moved(k, e * k_eb);
+    r.v = moved(v, e * v_eb);
+    r.dt = moved(dt, e * dt_eb);
+    return r;
+  }
+};
+
+// mamba2_decode CUDA: state-kernel blocks per head (each W = gdn_slice_cols(Dv) state columns), i.e. the
+// per-head sums of squares its output kernel reads from o_buf (block 0 zeroes the slices a Dv lacks).
+constexpr int64_t kMamba2Slices = 8;
+
 // out = [residual +] epilogue(weight @ rms_norm?(x) [+ bias]) (reference: ahn_rt/ref.py gemv_ref).
 struct GemvParams {
   const void* x;            // [rows, K], strides x_row_stride, x_stride (dtype T)
@@ -310,6 +371,7 @@ template <typename T> void rms_norm_cpu(const RmsNormParams& p);
 template <typename T> void decode_prep_cpu(const DecodePrepParams& p);
 template <typename T> void swa_decode_cpu(const SwaDecodeParams& p);
 template <typename T> void gdn_decode_cpu(const GdnDecodeParams& p);
+template <typename T> void mamba2_decode_cpu(const Mamba2DecodeParams& p);
 template <typename T> void gemv_cpu(const GemvParams& p);
 void gdn_chunk_scan_cpu(const GdnChunkScanParams& p);
 template <typename T> void attn_merge_cpu(const AttnMergeParams& p);
@@ -320,6 +382,7 @@ template <typename T> void rms_norm_cuda(const RmsNormParams& p, void* stream);
 template <typename T> void decode_prep_cuda(const DecodePrepParams& p, void* stream);
 template <typename T> void swa_decode_cuda(const SwaDecodeParams& p, void* stream);
 template <typename T> void gdn_decode_cuda(const GdnDecodeParams& p, void* stream);
+template <typename T> void mamba2_decode_cuda(const Mamba2DecodeParams& p, void* stream);
 template <typename T> void gemv_cuda(const GemvParams& p, void* stream);
 void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream);
 template <typename T> void attn_merge_cuda(const AttnMergeParams& p, void* stream);

@@ -27,6 +27,10 @@ TORCH_LIBRARY(ahn_rt, m) {
       "Tensor norm_weight, Tensor o_proj, Tensor(b!) out, Tensor pos, int sinks, int window, float eps, "
       "Tensor? slots=None) -> ()");
   m.def(
+      "mamba2_decode(Tensor(a!) state, Tensor q, Tensor k, Tensor v, Tensor dt, Tensor a_log, Tensor z, "
+      "Tensor norm_weight, Tensor o_proj, Tensor(b!) out, Tensor pos, int sinks, int window, float eps, "
+      "Tensor? slots=None) -> ()");
+  m.def(
       "gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float norm_eps, Tensor? residual, "
       "bool silu_mul, bool out_float) -> Tensor");
   m.def("gdn_chunk_scan(Tensor w, Tensor u, Tensor kd_t, Tensor qg, Tensor gl, Tensor(a!) state) "
@@ -40,6 +44,7 @@ TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
   m.impl("decode_prep", &ahn_rt::decode_prep);
   m.impl("swa_decode", &ahn_rt::swa_decode);
   m.impl("gdn_decode", &ahn_rt::gdn_decode);
+  m.impl("mamba2_decode", &ahn_rt::mamba2_decode);
   m.impl("gemv", &ahn_rt::gemv);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
   m.impl("attn_merge", &ahn_rt::attn_merge);
@@ -52,6 +57,7 @@ TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) {
   m.impl("decode_prep", &ahn_rt::decode_prep);
   m.impl("swa_decode", &ahn_rt::swa_decode);
   m.impl("gdn_decode", &ahn_rt::gdn_decode);
+  m.impl("mamba2_decode", &ahn_rt::mamba2_decode);
   m.impl("gemv", &ahn_rt::gemv);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
   m.impl("attn_merge", &ahn_rt::attn_merge);

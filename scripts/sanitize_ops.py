@@ -40,6 +40,20 @@ for pos in (pos_fill, pos_evict):
             z=torch.randn(H, device=dev, dtype=dt), norm_weight=torch.ones(dv, device=dev, dtype=dt),
             o_proj=torch.randn(H, dv, dv, device=dev, dtype=dt) * 0.1, out=torch.zeros(H, dv, device=dev, dtype=dt),
             pos=pos, sinks=S, window=W, eps=1e-6)
+    # Mamba2: decode_prep's dt gate (no a_log, no beta) and mamba2_decode (vector and scalar state paths).
+    torch.ops.ahn_rt.decode_prep(
+        proj=torch.randn((H + 2 * Hkv) * D + 2 * H, device=dev, dtype=dt),
+        inv_freq=1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D)), pos=pos, q_norm=None, k_norm=None,
+        norm_eps=1e-6, a_log=None, dt_bias=torch.zeros(H, device=dev), k_cache=kc, v_cache=vc, beta_cache=None,
+        alpha_cache=torch.rand(C, H, device=dev), sinks=S, window=W, k_evict=torch.empty(Hkv, D, device=dev, dtype=dt),
+        v_evict=torch.empty(Hkv, D, device=dev, dtype=dt), beta_evict=None, alpha_evict=torch.empty(H, device=dev))
+    for dk, dv in ((128, 128), (48, 40), (256, 256)):
+        torch.ops.ahn_rt.mamba2_decode(
+            state=torch.randn(H, dk, dv, device=dev) * 0.1, q=torch.randn(H, dk, device=dev, dtype=dt),
+            k=torch.randn(Hkv, dk, device=dev, dtype=dt), v=torch.randn(Hkv, dv, device=dev, dtype=dt),
+            dt=torch.rand(H, device=dev), a_log=torch.rand(H, device=dev), z=torch.randn(H, device=dev, dtype=dt),
+            norm_weight=torch.ones(H * dv, device=dev, dtype=dt), o_proj=torch.randn(H, dv, dv, device=dev) * 0.1,
+            out=torch.zeros(H, dv, device=dev, dtype=dt), pos=pos, sinks=S, window=W, eps=1e-5)
 # Batched calls (slots): 3 rows on entries 3, 0, 4 of a pool of 5, positions filling / past the window.
 N, slots = 5, torch.tensor([3, 0, 4], device=dev)
 B = slots.numel()
@@ -53,17 +67,31 @@ q = torch.ops.ahn_rt.decode_prep(
     dt_bias=torch.zeros(H, device=dev), k_cache=kcn, v_cache=vcn, beta_cache=torch.rand(N, C, H, device=dev, dtype=dt),
     alpha_cache=-torch.rand(N, C, H, device=dev), sinks=S, window=W, k_evict=ken, v_evict=ven, beta_evict=ben,
     alpha_evict=aen, slots=slots)
-for dtype in (dt, torch.float32):
-    kd = kcn.to(dtype)
-    torch.ops.ahn_rt.swa_decode(q=q.to(dtype), k_cache=kd, v_cache=kd, pos=pos_n, sinks=S, window=W, scale=D ** -0.5,
-                                slots=slots)
-for dk in (128, 48):
+torch.ops.ahn_rt.swa_decode(q=q, k_cache=kcn, v_cache=vcn, pos=pos_n, sinks=S, window=W, scale=D ** -0.5, slots=slots)
+for d, dtype in ((64, torch.float32), (256, torch.float16)):  # the fp32 and the widest tensor-core tiles
+    k2 = torch.randn(N, Hkv, C, d, device=dev, dtype=dtype)
+    torch.ops.ahn_rt.swa_decode(q=torch.randn(B, H, d, device=dev, dtype=dtype), k_cache=k2, v_cache=k2, pos=pos_n,
+                                sinks=S, window=W, scale=d ** -0.5, slots=slots)
+for dk in (128, 64, 48):  # fast paths 128 / 64, generic 48
     torch.ops.ahn_rt.gdn_decode(
         state=torch.randn(N, H, dk, dk, device=dev) * 0.1, q=torch.randn(B, H, dk, device=dev, dtype=dt),
         k=torch.randn(N, Hkv, dk, device=dev, dtype=dt), v=torch.randn(N, Hkv, dk, device=dev, dtype=dt), beta=ben,
         alpha=aen, z=torch.randn(B, H, device=dev, dtype=dt), norm_weight=torch.ones(dk, device=dev, dtype=dt),
         o_proj=torch.randn(H, dk, dk, device=dev, dtype=dt) * 0.1, out=torch.zeros(B, H, dk, device=dev, dtype=dt),
         pos=pos_n, sinks=S, window=W, eps=1e-6, slots=slots)
+q = torch.ops.ahn_rt.decode_prep(
+    proj=torch.randn(B, (H + 2 * Hkv) * D + 2 * H, device=dev, dtype=dt),
+    inv_freq=1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D)), pos=pos_n, q_norm=None, k_norm=None,
+    norm_eps=1e-6, a_log=None, dt_bias=torch.zeros(H, device=dev), k_cache=kcn, v_cache=vcn, beta_cache=None,
+    alpha_cache=torch.rand(N, C, H, device=dev), sinks=S, window=W, k_evict=ken, v_evict=ven, beta_evict=None,
+    alpha_evict=torch.rand(N, H, device=dev), slots=slots)
+for dk in (128, 64, 48):
+    torch.ops.ahn_rt.mamba2_decode(
+        state=torch.randn(N, H, dk, dk, device=dev) * 0.1, q=torch.randn(B, H, dk, device=dev, dtype=dt),
+        k=torch.randn(N, Hkv, dk, device=dev, dtype=dt), v=torch.randn(N, Hkv, dk, device=dev, dtype=dt),
+        dt=torch.rand(N, H, device=dev), a_log=torch.rand(H, device=dev), z=torch.randn(B, H, device=dev, dtype=dt),
+        norm_weight=torch.ones(H * dk, device=dev, dtype=dt), o_proj=torch.randn(H, dk, dk, device=dev, dtype=dt) * 0.1,
+        out=torch.zeros(B, H, dk, device=dev, dtype=dt), pos=pos_n, sinks=S, window=W, eps=1e-5, slots=slots)
 for dk, dv, n in ((128, 128, 3), (12, 20, 2)):
     f32 = dict(device=dev, dtype=torch.float32)
     torch.ops.ahn_rt.gdn_chunk_scan(

@@ -110,10 +110,12 @@ def test_rms_norm(device, dtype, n, d, layout):
 # decode_prep
 # ----------------------------------------------------------------------------------------------
 def _prep_case(device, dtype, H, Hkv, D, sinks, window, pos, gated, qk_norm, layout, seed=0):
+    """gated: False (no memory), True or "gdn" (GatedDeltaNet gates beta, alpha), "mamba2" (the dt gate)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
     C = sinks + window + 3  # 3 slots past the ring that nobody may touch
-    P = (H + 2 * Hkv) * D + (3 * H if gated else 0)
+    mamba2 = gated == "mamba2"
+    P = (H + 2 * Hkv) * D + ((2 if mamba2 else 3) * H if gated else 0)
     proj = rnd(P).to(dtype)
     if layout == "strided":
         big = torch.zeros(P, 3, dtype=dtype, device=device)
@@ -132,12 +134,13 @@ def _prep_case(device, dtype, H, Hkv, D, sinks, window, pos, gated, qk_norm, lay
         a["q_norm"] = (1 + 0.2 * rnd(D)).to(dtype)
         a["k_norm"] = (1 + 0.2 * rnd(D)).to(dtype)
     if gated:
-        a["a_log"] = (0.5 * rnd(H)).float()
         a["dt_bias"] = rnd(H).float()
-        a["beta_cache"] = torch.sigmoid(rnd(C, H)).to(dtype)
         a["alpha_cache"] = -torch.rand(C, H, generator=g).to(device)
-        a["beta_evict"] = poison(H, dtype=dtype, device=device)
         a["alpha_evict"] = poison(H, dtype=torch.float32, device=device)
+    if gated and not mamba2:
+        a["a_log"] = (0.5 * rnd(H)).float()
+        a["beta_cache"] = torch.sigmoid(rnd(C, H)).to(dtype)
+        a["beta_evict"] = poison(H, dtype=dtype, device=device)
     return a, k_all, v_all
 
 
@@ -153,15 +156,18 @@ PREP_SHAPES = [(4, 4, 64), (4, 2, 128), (16, 2, 128), (6, 1, 48)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("H,Hkv,D", PREP_SHAPES)
 @pytest.mark.parametrize("sinks,window", SW)
-@pytest.mark.parametrize("mode", ["gated", "gated_norm", "plain", "plain_norm"])
+@pytest.mark.parametrize("mode", ["gated", "gated_norm", "mamba2", "mamba2_norm", "plain", "plain_norm"])
 def test_decode_prep(device, dtype, H, Hkv, D, sinks, window, mode):
-    gated, qk_norm = mode.startswith("gated"), mode.endswith("norm")
+    """mode: the memory's gates (gated: GatedDeltaNet's beta and alpha; mamba2: its dt in the float32 field;
+    plain: none) with or without q/k norm."""
+    gated, qk_norm = {"gated": True, "mamba2": "mamba2", "plain": False}[mode.split("_")[0]], mode.endswith("norm")
+    has_beta = gated is True
     for i, pos in enumerate(pos_cases(sinks, window)):
         layout = "strided" if i % 2 else "contig"
         a, k_all, v_all = _prep_case(device, dtype, H, Hkv, D, sinks, window, pos, gated, qk_norm, layout, seed=i)
         k_before, v_before = k_all.clone(), v_all.clone()
         b = _clone_args(a)
-        bc_before = a["beta_cache"].clone() if gated else None
+        bc_before = a["beta_cache"].clone() if has_beta else None
         ac_before = a["alpha_cache"].clone() if gated else None
         q = torch.ops.ahn_rt.decode_prep(**a)
         q_ref = ref.decode_prep_ref(**b)
@@ -182,14 +188,22 @@ def test_decode_prep(device, dtype, H, Hkv, D, sinks, window, mode):
         assert_bits(a["k_evict"], b["k_evict"], what + " k_evict")
         assert_bits(a["v_evict"], b["v_evict"], what + " v_evict")
         if gated:
-            assert_bits(a["beta_evict"], b["beta_evict"], what + " beta_evict")
             assert_bits(a["alpha_evict"], b["alpha_evict"], what + " alpha_evict")
-            assert_bits(a["beta_cache"][others], bc_before[others], what + " beta other slots")
             assert_bits(a["alpha_cache"][others], ac_before[others], what + " alpha other slots")
-            assert_close(a["beta_cache"][slot], b["beta_cache"][slot], dtype, what + " beta slot")
             assert_close(a["alpha_cache"][slot], b["alpha_cache"][slot], torch.float32, what + " alpha slot")
+            if gated == "mamba2":   # dt = softplus(...) > 0, not GatedDeltaNet's log-decay
+                assert bool((a["alpha_cache"][slot] > 0).all()), what + " dt > 0"
             if pos >= sinks + window:  # the evicted token is the slot's old content
                 assert_bits(a["k_evict"], k_before[1][:, slot], what + " k_evict = old slot")
+                assert_bits(a["v_evict"], v_before[1][:, slot], what + " v_evict = old slot")
+                assert_bits(a["alpha_evict"], ac_before[slot], what + " alpha_evict = old slot")
+            else:
+                assert bool(a["k_evict"].isnan().all()), what + " nothing evicted before the fill point"
+        if has_beta:
+            assert_bits(a["beta_evict"], b["beta_evict"], what + " beta_evict")
+            assert_bits(a["beta_cache"][others], bc_before[others], what + " beta other slots")
+            assert_close(a["beta_cache"][slot], b["beta_cache"][slot], dtype, what + " beta slot")
+            if pos >= sinks + window:
                 assert_bits(a["beta_evict"], bc_before[slot], what + " beta_evict = old slot")
 
 
@@ -355,6 +369,129 @@ def test_gdn_decode_3b_36_layers_cuda(marks):
 
 
 # ----------------------------------------------------------------------------------------------
+# mamba2_decode
+# ----------------------------------------------------------------------------------------------
+def _m2_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=0, dt_scale=1.0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    return dict(
+        state=(0.1 * rnd(H, Dk, Dv)).float(),
+        q=strided(rnd(H, Dk).to(dtype)), k=strided(rnd(Hkv, Dk).to(dtype), pad=16),
+        v=strided(rnd(Hkv, Dv).to(dtype)), dt=(dt_scale * torch.nn.functional.softplus(rnd(H))).float(),
+        a_log=torch.log(1 + 3 * torch.rand(H, generator=g)).to(device), z=rnd(H).to(dtype),
+        norm_weight=(1 + 0.2 * rnd(H * Dv)).to(dtype), o_proj=(rnd(H, Dv, Dv) / math.sqrt(Dv)).to(out_dtype),
+        out=rnd(H, Dv).to(out_dtype), pos=torch.tensor([pos], device=device), sinks=sinks, window=window,
+        eps=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("H,Hkv,Dk,Dv", GDN_SHAPES)
+@pytest.mark.parametrize("sinks,window", [(0, 1), (4, 129)])
+@pytest.mark.parametrize("out_fp32", [False, True])
+def test_mamba2_decode(device, dtype, H, Hkv, Dk, Dv, sinks, window, out_fp32):
+    out_dtype = torch.float32 if out_fp32 else dtype
+    cap = sinks + window
+    for step, pos in enumerate([cap - 1, cap, cap + 1, cap + 5 * window + 2]):
+        # The last case: decays strong enough to wipe the state (exp(dt A) underflows toward 0).
+        a = _m2_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=step,
+                     dt_scale=30.0 if step == 3 else 1.0)
+        b = _clone_args(a)
+        state0, out0 = a["state"].clone(), a["out"].clone()
+        torch.ops.ahn_rt.mamba2_decode(**a)
+        ref.mamba2_decode_ref(**b)
+        what = f"mamba2_decode pos={pos}"
+        if pos < cap:  # no-op before the first eviction
+            assert_bits(a["state"], state0, what + " state untouched")
+            assert_bits(a["out"], out0, what + " out untouched")
+            continue
+        assert_close(a["state"], b["state"], torch.float32, what + " state")
+        # m is rounded to the model dtype before it is added: the model dtype's tolerance applies.
+        assert_close(a["out"], b["out"], dtype, what + " out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
+def test_mamba2_decode_steps(device, dtype):
+    """Several steps in a row on one state, new inputs each time, against the reference's own state."""
+    H, Hkv, D = 16, 2, 128
+    a = _m2_case(device, dtype, H, Hkv, D, D, 10, 2, 8, dtype)
+    b = _clone_args(a)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    for t in range(6):
+        for key in ("q", "k", "v", "z"):
+            a[key].copy_(torch.randn(a[key].shape, generator=g).to(a[key]))
+            b[key].copy_(a[key])
+        torch.ops.ahn_rt.mamba2_decode(**a)
+        ref.mamba2_decode_ref(**b)
+        assert_close(a["state"], b["state"], torch.float32, f"step {t} state")
+        assert_close(a["out"], b["out"], dtype, f"step {t} out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("misalign", [0, 1])
+def test_mamba2_decode_side_kinds_alignment(device, dtype, misalign):
+    """Side tensors in other dtypes than the model's (dt bfloat16, z / norm_weight float32, o_proj and out
+    float16), a state not 16-byte aligned (misalign=1 float: the CUDA kernel's scalar path); two runs on the
+    same inputs give the same bits."""
+    H, Hkv, D = 4, 2, 64
+    a = _m2_case(device, dtype, H, Hkv, D, D, 300, 4, 129, torch.float16, seed=7)
+    a["dt"], a["z"], a["norm_weight"] = a["dt"].to(torch.bfloat16), a["z"].float(), a["norm_weight"].float()
+
+    def placed(state):
+        flat = torch.empty(state.numel() + misalign, device=device, dtype=torch.float32)
+        return flat[misalign:].view(state.shape).copy_(state)
+
+    b, c = _clone_args(a), _clone_args(a)
+    a["state"], c["state"] = placed(a["state"]), placed(a["state"])
+    torch.ops.ahn_rt.mamba2_decode(**a)
+    torch.ops.ahn_rt.mamba2_decode(**c)
+    ref.mamba2_decode_ref(**b)
+    assert_bits(a["state"], c["state"], "mamba2_decode state deterministic")
+    assert_bits(a["out"], c["out"], "mamba2_decode out deterministic")
+    assert_close(a["state"], b["state"], torch.float32, "mamba2_decode state")
+    tol_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    assert_close(a["out"], b["out"], tol_dtype, "mamba2_decode out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba2_decode_norm_spans_heads(device):
+    """The tolerance can fail: an output head normalized per head (GatedDeltaNet's rule, a plausible slip)
+    lands far outside it, while the op stays inside."""
+    H, Hkv, D = 4, 2, 64
+    a = _m2_case(device, torch.float32, H, Hkv, D, D, 300, 4, 129, torch.float32, seed=3)
+    b, wrong = _clone_args(a), _clone_args(a)
+    torch.ops.ahn_rt.mamba2_decode(**a)
+    ref.mamba2_decode_ref(**b)
+    assert_close(a["out"], b["out"], torch.float32, "mamba2_decode out")
+    o = ref.mamba2_recurrent_ref(wrong["q"][None], wrong["k"][None], wrong["v"][None], wrong["dt"][None],
+                                 wrong["a_log"], wrong["state"])[0]
+    zf = wrong["z"].float()[:, None]
+    y = o * zf * torch.sigmoid(zf)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * wrong["norm_weight"].view(H, D)
+    per_head = wrong["out"] + torch.einsum("hi,hio->ho", y, wrong["o_proj"])
+    with pytest.raises(AssertionError):
+        assert_close(a["out"], per_head, torch.float32, "per-head norm")
+
+
+@pytest.mark.parametrize("marks", [pytest.param(0, marks=cuda_only)])
+def test_mamba2_decode_3b_36_layers_cuda(marks):
+    """The 3B shape, 36 layers back to back, against the reference."""
+    H, Hkv, D, L = 16, 2, 128, 36
+    cases = [_m2_case("cuda", torch.bfloat16, H, Hkv, D, D, 40000, 128, 32640, torch.bfloat16, seed=i)
+             for i in range(L)]
+    refs = [_clone_args(a) for a in cases]
+    for a in cases:
+        torch.ops.ahn_rt.mamba2_decode(**a)
+    for b in refs:
+        ref.mamba2_decode_ref(**b)
+    for i, (a, b) in enumerate(zip(cases, refs)):
+        assert_close(a["state"], b["state"], torch.float32, f"layer {i} state")
+        assert_close(a["out"], b["out"], torch.bfloat16, f"layer {i} out")
+
+
+# ----------------------------------------------------------------------------------------------
 # opcheck (schemas, fake kernels, mutation declarations)
 # ----------------------------------------------------------------------------------------------
 def _opcheck_cases(device):
@@ -371,6 +508,11 @@ def _opcheck_cases(device):
     for pos in (10, 100):
         a = _gdn_case(device, dt, 4, 2, 64, 64, pos, 4, 60, dt)
         yield torch.ops.ahn_rt.gdn_decode.default, tuple(a.values())
+        a = _m2_case(device, dt, 4, 2, 64, 64, pos, 4, 60, dt)
+        yield torch.ops.ahn_rt.mamba2_decode.default, tuple(a.values())
+    a, _, _ = _prep_case(device, dt, 4, 2, 64, 4, 60, 70, "mamba2", False, "contig")
+    a["k_evict"].zero_(), a["v_evict"].zero_(), a["alpha_evict"].zero_()
+    yield torch.ops.ahn_rt.decode_prep.default, tuple(a.values())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -391,15 +533,28 @@ def test_bad_inputs_raise(device="cpu"):
         torch.ops.ahn_rt.swa_decode(q=q, k_cache=kc, v_cache=kc, pos=pos.int(), sinks=4, window=8, scale=0.1)
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.ahn_rt.swa_decode(q=q.bfloat16(), k_cache=kc, v_cache=kc, pos=pos, sinks=4, window=8, scale=0.1)
+    a = _m2_case(device, torch.float32, 4, 2, 64, 64, 300, 4, 129, torch.float32)
+    with pytest.raises(RuntimeError, match="norm_weight \\(over all H \\* Dv values\\) must be \\[256\\]"):
+        torch.ops.ahn_rt.mamba2_decode(**dict(a, norm_weight=a["norm_weight"][:64]))
+    with pytest.raises(RuntimeError, match="dt must be \\[4\\]"):
+        torch.ops.ahn_rt.mamba2_decode(**dict(a, dt=a["dt"][:2]))
+    a, _, _ = _prep_case(device, torch.float32, 4, 2, 64, 4, 60, 70, "mamba2", False, "contig")
+    with pytest.raises(RuntimeError, match="a_log, beta_cache and beta_evict are given together"):
+        torch.ops.ahn_rt.decode_prep(**dict(a, a_log=torch.zeros(4)))
+    with pytest.raises(RuntimeError, match="dt_bias, alpha_cache and alpha_evict are given together"):
+        torch.ops.ahn_rt.decode_prep(**dict(a, dt_bias=None))
 
 
+@pytest.mark.parametrize("memory", ["gdn", "mamba2"])
 @pytest.mark.parametrize("marks", [pytest.param(0, marks=cuda_only)])
-def test_graph_replay_cuda(marks):
-    """decode_prep -> swa_decode -> gdn_decode captured once in a CUDA graph, replayed with pos advanced on
-    the device, against the references run step by step (across the fill point and a wrap)."""
+def test_graph_replay_cuda(marks, memory):
+    """decode_prep -> swa_decode -> gdn_decode (or decode_prep's Mamba2 gate -> swa_decode -> mamba2_decode)
+    captured once in a CUDA graph, replayed with pos advanced on the device, against the references run
+    step by step (across the fill point and a wrap)."""
     dev, dt = "cuda", torch.bfloat16
     H, Hkv, D, S, W = 8, 2, 128, 2, 6
-    C, P = S + W, (H + 2 * Hkv) * D + 3 * H
+    m2 = memory == "mamba2"
+    C, P = S + W, (H + 2 * Hkv) * D + (2 if m2 else 3) * H
     g = torch.Generator(device="cpu").manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g).to(dev)  # noqa: E731
     st = dict(proj=rnd(P).to(dt), k_cache=torch.zeros(Hkv, C, D, device=dev, dtype=dt),
@@ -410,26 +565,30 @@ def test_graph_replay_cuda(marks):
               out=torch.zeros(H, D, device=dev, dtype=dt), pos=torch.zeros(1, dtype=torch.long, device=dev))
     const = dict(inv_freq=1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D)), q_norm=None, k_norm=None,
                  norm_eps=1e-6, a_log=0.3 * rnd(H), dt_bias=rnd(H), sinks=S, window=W)
-    gdn_const = dict(z=rnd(H).to(dt), norm_weight=torch.ones(D, device=dev, dtype=dt),
+    mem_const = dict(z=rnd(H).to(dt), norm_weight=torch.ones(H * D if m2 else D, device=dev, dtype=dt),
                      o_proj=(rnd(H, D, D) / D ** 0.5).to(dt), eps=1e-6)
-    ref_st = {k: v.clone() for k, v in st.items()}
+    if m2:   # Mamba2: the dt gate (no a_log, no beta) and a_log in the memory step
+        const["a_log"], mem_const["a_log"] = None, const["a_log"]
+        st["beta_cache"] = st["beta_evict"] = None
+    ref_st = {k: (v.clone() if v is not None else None) for k, v in st.items()}
 
-    def step(s, prep, swa, gdn):
+    def step(s, prep, swa, mem):
         q = prep(proj=s["proj"], pos=s["pos"], k_cache=s["k_cache"], v_cache=s["v_cache"],
                  beta_cache=s["beta_cache"], alpha_cache=s["alpha_cache"], k_evict=s["k_evict"],
                  v_evict=s["v_evict"], beta_evict=s["beta_evict"], alpha_evict=s["alpha_evict"], **const)
         s["out"].copy_(swa(q=q, k_cache=s["k_cache"], v_cache=s["v_cache"], pos=s["pos"], sinks=S, window=W,
                            scale=D ** -0.5))
-        G = H // Hkv
-        gdn(state=s["state"], q=q, k=s["k_evict"], v=s["v_evict"], beta=s["beta_evict"],
-            alpha=s["alpha_evict"], out=s["out"], pos=s["pos"], sinks=S, window=W, **gdn_const)
-        del G
+        gates = dict(dt=s["alpha_evict"]) if m2 else dict(beta=s["beta_evict"], alpha=s["alpha_evict"])
+        mem(state=s["state"], q=q, k=s["k_evict"], v=s["v_evict"], out=s["out"], pos=s["pos"], sinks=S, window=W,
+            **gates, **mem_const)
 
-    ops = (torch.ops.ahn_rt.decode_prep, torch.ops.ahn_rt.swa_decode, torch.ops.ahn_rt.gdn_decode)
+    mem_op, mem_ref = ((torch.ops.ahn_rt.mamba2_decode, ref.mamba2_decode_ref) if m2 else
+                       (torch.ops.ahn_rt.gdn_decode, ref.gdn_decode_ref))
+    ops = (torch.ops.ahn_rt.decode_prep, torch.ops.ahn_rt.swa_decode, mem_op)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the graph (allocations, counters)
-        warm = {k: v.clone() for k, v in st.items()}
+        warm = {k: (v.clone() if v is not None else None) for k, v in st.items()}
         step(warm, *ops)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -440,7 +599,7 @@ def test_graph_replay_cuda(marks):
         st["proj"].copy_(proj), ref_st["proj"].copy_(proj)
         st["pos"].fill_(p), ref_st["pos"].fill_(p)
         graph.replay()
-        step(ref_st, ref.decode_prep_ref, ref.swa_decode_ref, ref.gdn_decode_ref)
+        step(ref_st, ref.decode_prep_ref, ref.swa_decode_ref, mem_ref)
         torch.cuda.synchronize()
         assert_bits(st["v_cache"], ref_st["v_cache"], f"pos {p} v_cache")
         assert_close(st["state"], ref_st["state"], torch.float32, f"pos {p} state") if p >= S + W else None

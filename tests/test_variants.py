@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ahn_rt
-from ahn_rt import memory
+from ahn_rt import memory, ops
 from ahn_rt.config import parse_config
 from ahn_rt.weights import ahn_shapes
 from checkpoints import Spec, ahn_only, base, merged, random_ids, run_feeds, save_ahn_only, scratch
@@ -361,9 +361,11 @@ def test_fill_random_and_graph_safety(impl):
         lo, hi = memory.get(impl).gate_fields(model.config)[name].random
         assert g.min() >= lo and g.max() <= hi
     assert torch.isfinite(sess.forward([1, 2, 3])).all() and sess.position == 43
-    # DeltaNet keeps the GatedDeltaNet decode kernels and its CUDA graph; Mamba2 decodes eagerly on CUDA
-    # until it has kernels of its own (README).
-    assert model.decoder.graph_safe == (impl == "DeltaNet")
+    # Every variant decodes through compiled ops that read positions on the device, so its decode step is
+    # captured into the CUDA graph; the reference ops read them on the host and decode eagerly.
+    assert model.decoder.graph_safe
+    with ops.use_backend("ref"):
+        assert not model.decoder.graph_safe
 
 
 # --------------------------------------------------------------------------------------------- Mamba2 references
@@ -398,8 +400,8 @@ FP32_REL_CUDA = 1e-4   # float32 GPU vs float32 CPU, as tests/test_cuda_model.py
 @pytest.mark.parametrize("impl", VARIANTS)
 def test_cuda_matches_cpu_and_graph_equals_eager(impl, monkeypatch):
     """float32 on the GPU vs float32 on the CPU, prefill then decode across the fill point (DeltaNet
-    through the CUDA GatedDeltaNet kernels with A_log = -inf, Mamba2 on its references); DeltaNet's
-    captured decode graph replays bit-exactly what its eager steps compute; Mamba2 decodes eagerly."""
+    through the CUDA GatedDeltaNet kernels with A_log = -inf, Mamba2 through its own); the captured decode
+    graph replays bit-exactly what the eager steps compute."""
     from ahn_rt.init_weights import random_state_dict
     from ahn_rt.runtime import from_state_dict
     from ahn_rt.sampling import Sampler, SamplingParams
@@ -409,7 +411,7 @@ def test_cuda_matches_cpu_and_graph_equals_eager(impl, monkeypatch):
     cpu = from_state_dict(cfg, sd, window=W, sinks=S, mode="ahn", dtype="float32", device="cpu")
     gpu = from_state_dict(cfg, {k: v.cuda() for k, v in sd.items()}, window=W, sinks=S, mode="ahn",
                           dtype="float32", device="cuda")
-    assert gpu.decoder.graph_safe == (impl == "DeltaNet")
+    assert gpu.decoder.graph_safe
     ids = torch.randint(0, 1000, (20 + 6 * (W + S),), generator=torch.Generator().manual_seed(1))
 
     def run(model):
@@ -429,7 +431,7 @@ def test_cuda_matches_cpu_and_graph_equals_eager(impl, monkeypatch):
         sampler = Sampler(SamplingParams(temperature=0), 1000, "cuda")
         tok = sampler.sample(sess.forward(prompt, last_only=True)[-1])
         step = sess.stepper(sampler)
-        assert step.graphed == (graphs and impl == "DeltaNet")
+        assert step.graphed == graphs
         out = []
         for _ in range(40):
             tok = step(tok)

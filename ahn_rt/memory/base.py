@@ -15,13 +15,9 @@ variant. A variant is one subclass in its own file of this package, registered i
   ``prefill`` (n (write, read) pairs through the memory and its output head, the state updated in place),
   ``decode_front`` (one decoded token: q/k norm + RoPE, the ring write that hands the slot's old token
   to the eviction scratch, the new token's gates) and ``decode_step`` (that token's memory step, added
-  into the attention output; a no-op while pos < S + W);
-* ``batched``: whether ``decode_front`` / ``decode_step`` take a ``cache.DecodeBatch`` (proj [B, P], the
-  layer's tensors over the batch's storage entries and ``slots``: every row in one kernel) rather than one
-  ``State`` (proj [P]), which the decoder then calls once per row;
-* ``graph_safe``: whether ``decode_front`` / ``decode_step`` run without a host sync, i.e. can be captured
-  into the CUDA decode graph (``ahn_rt.graph``). A variant whose decode still runs on a reference with a
-  host sync says False and decodes eagerly.
+  into the attention output; a no-op while pos < S + W). Both take a ``cache.DecodeBatch`` (proj [B, P],
+  the layer's tensors over the batch's storage entries and ``slots``: every row in one kernel) and run
+  without a host sync, so the CUDA decode graph captures them (``ahn_rt.graph``).
 
 Hot math goes through ``ahn_rt.ops`` (the one backend switch), whose references live in ``ahn_rt.ref``.
 """
@@ -51,8 +47,6 @@ Getter = Callable[[str], torch.Tensor]
 class Memory:
     name: str = ""
     short: str = ""
-    graph_safe: bool = True
-    batched: bool = True
 
     # ---- checkpoint --------------------------------------------------------------------------
     def params(self, c: Config) -> dict[str, tuple]:
@@ -90,8 +84,7 @@ class Memory:
         raise NotImplementedError
 
     def decode_front(self, dec, b, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
-        """Layer i of one decoded token per row of the batch ``b`` (a ``DecodeBatch``; a ``State`` when
-        ``batched`` is False, with proj [P] and q [H, D]): proj [B, P] (the fused projection, biases added)
+        """Layer i of one decoded token per row of the batch ``b`` (a ``DecodeBatch``): proj [B, P] (the fused projection, biases added)
         -> q [B, H, D] after norm + RoPE; writes k, v and the gates into each row's ring slot, handing the
         slot's old token to the eviction scratch (k_evict / v_evict / gate_evict) first when pos >= S + W."""
         raise NotImplementedError

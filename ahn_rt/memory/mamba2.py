@@ -8,9 +8,9 @@ computed when the token is first processed; the state M [H, Dk, Dv] float32 (the
     M <- exp(dt A) M + dt k^ v^T,   o = M^T q^,   A = -exp(A_log),  k^ = normalize(k),  q^ = normalize(q)
 
 (no 1/sqrt(D) scale, no D skip), then an RMSNorm over the whole H*D vector of o * silu(z) and the grouped
-o_proj. The math is in ``ahn_rt.ref`` (``mamba2_chunk_ref``, ``mamba2_decode_ref``, ``mamba2_output_ref``)
-behind ``ahn_rt.ops``; there are no compiled Mamba2 kernels yet, so the decode step is not CUDA-graph
-safe (its reference reads the position on the host) and decodes eagerly on CUDA.
+o_proj. Decode runs the compiled ops (``decode_prep`` with its Mamba2 gate, ``mamba2_decode``: C++ on the
+CPU, CUDA kernels on the GPU, captured in the decode graph like GatedDeltaNet's); prefill runs the chunked
+reference (``mamba2_chunk_ref``, ``mamba2_output_ref``), all behind ``ahn_rt.ops``.
 """
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ from .base import GateField, Memory
 class Mamba2(Memory):
     name = "Mamba2"
     short = "mamba2"
-    graph_safe = False   # ops.mamba2_decode runs its reference (a host read of pos) until a kernel exists
-    batched = False      # its decode_front / decode_step take one State (per row of a batch)
 
     def params(self, c: Config) -> dict[str, tuple]:
         H, d, D = c.num_heads, c.hidden_size, c.head_dim
@@ -79,27 +77,15 @@ class Mamba2(Memory):
         o = ops.mamba2_chunk(q, k, v, gates["dt"], mw["a_log"], state)
         return ops.mamba2_output(o, z, mw["norm"], mw["o_proj"], AHN_NORM_EPS)
 
-    def decode_front(self, dec, st, i, lw, proj):
+    def decode_front(self, dec, b, i, lw, proj):
         c, mw = dec.config, lw.mem
-        S, W, H = st.sinks, st.window, c.num_heads
-        k_cache, v_cache, dt_cache = st.k[i], st.v[i], st.gates["dt"][i]
-        # The slot of pos (docs/semantics.md §7) as a device tensor: no host sync.
-        pos = st.pos
-        slot = torch.where(pos < S, pos, S + torch.remainder(pos - S, W))
-        # Hand the slot's old token (position pos - W once pos >= S + W) to the memory before the ring write
-        # below overwrites it; before that the copies are never read.
-        st.k_evict.copy_(k_cache.index_select(1, slot)[:, 0])
-        st.v_evict.copy_(v_cache.index_select(1, slot)[:, 0])
-        st.gate_evict["dt"].copy_(dt_cache.index_select(0, slot)[0])
-        # q/k norm + RoPE and the k/v ring write: the ungated decode_prep over [q | k | v].
-        v_end = dec.v_end
-        q = ops.decode_prep(proj[:v_end], dec.inv_freq, pos, lw.q_norm, lw.k_norm, c.rms_norm_eps,
-                            None, None, k_cache, v_cache, None, None, S, W, st.k_evict, st.v_evict, None, None)
-        dt = F.softplus(proj[v_end:v_end + H].float() + mw["dt_bias"])
-        dt_cache.index_copy_(0, slot, dt[None])
-        return q
+        # decode_prep's Mamba2 gate (dt_bias without a_log): dt = softplus(dt_proj(x) + dt_bias) into the
+        # float32 gate field, the slot's old token handed to the eviction scratch first.
+        return ops.decode_prep(proj, dec.inv_freq, b.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps, None,
+                               mw["dt_bias"], b.k[i], b.v[i], None, b.gates["dt"][i], b.sinks, b.window,
+                               b.k_evict, b.v_evict, None, b.gate_evict["dt"], slots=b.slots)
 
-    def decode_step(self, dec, st, i, lw, q, proj, attn):
+    def decode_step(self, dec, b, i, lw, q, proj, attn):
         mw, H = lw.mem, dec.config.num_heads
-        ops.mamba2_decode(st.memory[i], q, st.k_evict, st.v_evict, st.gate_evict["dt"], mw["a_log"], proj[-H:],
-                          mw["norm"], mw["o_proj"], attn, st.pos, st.sinks, st.window, AHN_NORM_EPS)
+        ops.mamba2_decode(b.memory[i], q, b.k_evict, b.v_evict, b.gate_evict["dt"], mw["a_log"], proj[:, -H:],
+                          mw["norm"], mw["o_proj"], attn, b.pos, b.sinks, b.window, AHN_NORM_EPS, slots=b.slots)

@@ -35,7 +35,7 @@ template <typename T>
 void decode_prep_cpu(const DecodePrepParams& p) {
   const int64_t pos = *p.pos;
   const int64_t slot = ring_slot(pos, p.sinks, p.window);
-  const bool gated = p.a_log != nullptr;
+  const bool gated = p.dt_bias != nullptr;  // an AHN memory: its gates are kept per slot and evicted
   const bool evict = gated && pos >= p.sinks + p.window;
   const int64_t D = p.D, half = D / 2, H = p.H, Hkv = p.Hkv;
   const T* proj = static_cast<const T*>(p.proj);
@@ -74,21 +74,27 @@ void decode_prep_cpu(const DecodePrepParams& p) {
     }
   }
   if (!gated) return;
+  // alpha = -exp(a_log) softplus(a + dt_bias) and beta = sigmoid(b) (GatedDeltaNet); without a_log the
+  // float32 gate is dt = softplus(a + dt_bias) and there is no beta (Mamba2).
+  const bool has_beta = p.a_log != nullptr;
   T* bc = static_cast<T*>(p.beta_cache);
   T* be = static_cast<T*>(p.beta_evict);
   const T* a = proj + (H + 2 * Hkv) * D * ps;
   const T* b = a + H * ps;
   for (int64_t h = 0; h < H; ++h) {
-    T* bslot = bc + slot * p.bc_s0 + h * p.bc_s1;
     float* aslot = p.alpha_cache + slot * p.ac_s0 + h * p.ac_s1;
+    T* bslot = has_beta ? bc + slot * p.bc_s0 + h * p.bc_s1 : nullptr;
     if (evict) {
-      be[h * p.be_s0] = *bslot;
       p.alpha_evict[h * p.ae_s0] = *aslot;
+      if (has_beta) be[h * p.be_s0] = *bslot;
     }
-    const float bv = static_cast<float>(b[h * ps]);
-    *bslot = T(1.f / (1.f + std::exp(-bv)));
-    const float av = static_cast<float>(a[h * ps]) + load_kind(p.dt_bias, p.dt_bias_kind, h);
-    *aslot = -std::exp(load_kind(p.a_log, p.a_log_kind, h)) * softplus(av);
+    const float av = softplus(static_cast<float>(a[h * ps]) + load_kind(p.dt_bias, p.dt_bias_kind, h));
+    if (!has_beta) {
+      *aslot = av;
+      continue;
+    }
+    *aslot = -std::exp(load_kind(p.a_log, p.a_log_kind, h)) * av;
+    *bslot = T(1.f / (1.f + std::exp(-static_cast<float>(b[h * ps]))));
   }
 }
 

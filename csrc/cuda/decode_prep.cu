@@ -2,7 +2,7 @@
 // ONE launch. Test: pytest -m cuda tests/test_ops.py -k decode_prep.
 //
 // Blocks [0, H) produce q (optional RMSNorm, RoPE), [H, H+Hkv) write k into its ring slot (ring_slot,
-// docs/semantics.md §7), [H+Hkv, H+2Hkv) write v, and the last block (gated layers) writes beta/alpha; each
+// docs/semantics.md §7), [H+Hkv, H+2Hkv) write v, and the last block (AHN layers) writes the gates; each
 // evicts the slot's old content first when pos >= sinks + window (§3). pos is read on the device, so a
 // captured graph replays it for every token.
 #include <cuda_runtime.h>
@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(const DecodeP
   __shared__ float red[32];
   const int64_t pos = *p.pos;
   const int64_t slot = ring_slot(pos, p.sinks, p.window);
-  const bool gated = p.a_log != nullptr;
+  const bool gated = p.dt_bias != nullptr;  // an AHN memory: its gates are kept per slot and evicted
   const bool evict = gated && pos >= p.sinks + p.window;
   const int64_t H = p.H, Hkv = p.Hkv, D = p.D, half = D / 2, ps = p.proj_stride;
   const T* proj = static_cast<const T*>(p.proj);
@@ -76,22 +76,26 @@ __global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(const DecodeP
       if (evict) ve[i] = dst[i];
       dst[i] = src[i * ps];
     }
-  } else if (gated) {  // gates: beta = sigmoid(b), alpha = -exp(a_log) * softplus(a + dt_bias)
+  } else if (gated) {  // gates: alpha = -exp(a_log) softplus(a + dt_bias), beta = sigmoid(b); no a_log: dt
+    const bool has_beta = p.a_log != nullptr;
     const T* a = proj + (H + 2 * Hkv) * D * ps;
     const T* b = a + H * ps;
     T* bc = static_cast<T*>(p.beta_cache);
     T* be = static_cast<T*>(p.beta_evict);
     for (int64_t h = tid; h < H; h += blockDim.x) {
-      T* bslot = bc + slot * p.bc_s0 + h * p.bc_s1;
       float* aslot = p.alpha_cache + slot * p.ac_s0 + h * p.ac_s1;
+      T* bslot = has_beta ? bc + slot * p.bc_s0 + h * p.bc_s1 : nullptr;
       if (evict) {
-        be[h * p.be_s0] = *bslot;
         p.alpha_evict[h * p.ae_s0] = *aslot;
+        if (has_beta) be[h * p.be_s0] = *bslot;
       }
-      const float bv = static_cast<float>(b[h * ps]);
-      *bslot = T(1.f / (1.f + expf(-bv)));
-      const float av = static_cast<float>(a[h * ps]) + load_kind(p.dt_bias, p.dt_bias_kind, h);
-      *aslot = -expf(load_kind(p.a_log, p.a_log_kind, h)) * softplus(av);
+      const float av = softplus(static_cast<float>(a[h * ps]) + load_kind(p.dt_bias, p.dt_bias_kind, h));
+      if (has_beta) {
+        *aslot = -expf(load_kind(p.a_log, p.a_log_kind, h)) * av;
+        *bslot = T(1.f / (1.f + expf(-static_cast<float>(b[h * ps]))));
+      } else {
+        *aslot = av;
+      }
     }
   }
 }
@@ -100,7 +104,7 @@ __global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(const DecodeP
 
 template <typename T>
 void decode_prep_cuda(const DecodePrepParams& p, void* stream) {
-  const int64_t blocks = p.H + 2 * p.Hkv + (p.a_log != nullptr ? 1 : 0);
+  const int64_t blocks = p.H + 2 * p.Hkv + (p.dt_bias != nullptr ? 1 : 0);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.batch));
   decode_prep_kernel<T><<<grid, kPrepThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
 }

@@ -42,18 +42,6 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* ptr) {
   return r;
 }
 
-// Programmatic dependent launch (sm_90): no-ops unless the launch set the PDL attribute.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // 16 bytes -> 16 / sizeof(T) floats.
 template <typename T> __device__ __forceinline__ void unpack(const uint4& u, float* f);
 template <> __device__ __forceinline__ void unpack<float>(const uint4& u, float* f) {

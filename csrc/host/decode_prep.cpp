@@ -29,20 +29,22 @@ at::Tensor run(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Ten
               k_cache.sizes());
   TORCH_CHECK(sinks >= 0 && window >= 1 && sinks + window <= C, op, ": need sinks >= 0, window >= 1 and ",
               "sinks + window <= C; got sinks=", sinks, " window=", window, " C=", C);
-  const bool gated = a_log.has_value();
-  TORCH_CHECK(dt_bias.has_value() == gated && beta_cache.has_value() == gated &&
-                  alpha_cache.has_value() == gated && beta_evict.has_value() == gated &&
-                  alpha_evict.has_value() == gated,
-              op, ": a_log, dt_bias, beta_cache, alpha_cache, beta_evict, alpha_evict are given together or not ",
-              "at all");
+  // Gates: GatedDeltaNet gives a_log, dt_bias and both gate fields (beta, alpha); Mamba2 gives dt_bias and
+  // the float32 field alone (alpha holds dt); no memory gives none of them.
+  const bool gated = dt_bias.has_value(), has_beta = a_log.has_value();
+  TORCH_CHECK(alpha_cache.has_value() == gated && alpha_evict.has_value() == gated, op,
+              ": dt_bias, alpha_cache and alpha_evict are given together or not at all");
+  TORCH_CHECK(beta_cache.has_value() == has_beta && beta_evict.has_value() == has_beta && (gated || !has_beta), op,
+              ": a_log, beta_cache and beta_evict are given together, and only with dt_bias");
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), op, ": q_norm and k_norm are given together");
   int64_t H;
   if (gated) {
-    TORCH_CHECK(beta_cache->dim() == 2 && beta_cache->size(0) == C, op, ": beta_cache must be [C, H] with C=",
-                C, ", got ", beta_cache->sizes());
-    H = beta_cache->size(1);
-    TORCH_CHECK(P >= (H + 2 * Hkv) * D + 2 * H, op, ": proj has ", P, " values; the gated layout needs at least ",
-                (H + 2 * Hkv) * D + 2 * H);
+    TORCH_CHECK(alpha_cache->dim() == 2 && alpha_cache->size(0) == C, op, ": alpha_cache must be [C, H] with C=",
+                C, ", got ", alpha_cache->sizes());
+    H = alpha_cache->size(1);
+    const int64_t rows = has_beta ? 2 * H : H;  // [a | b | ...] or [dt | ...]
+    TORCH_CHECK(P >= (H + 2 * Hkv) * D + rows, op, ": proj has ", P, " values; the gated layout needs at least ",
+                (H + 2 * Hkv) * D + rows);
   } else {
     TORCH_CHECK(P > 2 * Hkv * D && (P - 2 * Hkv * D) % D == 0, op, ": proj of ", P,
                 " values is not [q (H*D) | k | v] for D=", D, ", Hkv=", Hkv);
@@ -72,21 +74,24 @@ at::Tensor run(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Ten
   }
   Kind a_log_kind = Kind::F32, dt_bias_kind = Kind::F32;
   if (gated) {
-    check_vec(*a_log, H, proj, op, "a_log");
     check_vec(*dt_bias, H, proj, op, "dt_bias");
-    a_log_kind = kind_of(*a_log, "a_log");
     dt_bias_kind = kind_of(*dt_bias, "dt_bias");
-    TORCH_CHECK(a_log->stride(0) == 1 && dt_bias->stride(0) == 1, op, ": a_log/dt_bias must be contiguous");
-    check_same_device(proj, *beta_cache, op, "beta_cache");
-    TORCH_CHECK(beta_cache->scalar_type() == dtype, op, ": beta_cache must have proj's dtype ", dtype);
+    TORCH_CHECK(dt_bias->stride(0) == 1, op, ": dt_bias must be contiguous");
     check_same_device(proj, *alpha_cache, op, "alpha_cache");
-    TORCH_CHECK(alpha_cache->dim() == 2 && alpha_cache->size(0) == C && alpha_cache->size(1) == H, op,
-                ": alpha_cache must be [", C, ", ", H, "], got ", alpha_cache->sizes());
     TORCH_CHECK(alpha_cache->scalar_type() == at::kFloat, op, ": alpha_cache must be float32");
-    check_vec(*beta_evict, H, proj, op, "beta_evict");
-    TORCH_CHECK(beta_evict->scalar_type() == dtype, op, ": beta_evict must have proj's dtype ", dtype);
     check_vec(*alpha_evict, H, proj, op, "alpha_evict");
     TORCH_CHECK(alpha_evict->scalar_type() == at::kFloat, op, ": alpha_evict must be float32");
+  }
+  if (has_beta) {
+    check_vec(*a_log, H, proj, op, "a_log");
+    a_log_kind = kind_of(*a_log, "a_log");
+    TORCH_CHECK(a_log->stride(0) == 1, op, ": a_log must be contiguous");
+    check_same_device(proj, *beta_cache, op, "beta_cache");
+    TORCH_CHECK(beta_cache->dim() == 2 && beta_cache->size(0) == C && beta_cache->size(1) == H, op,
+                ": beta_cache must be [", C, ", ", H, "], got ", beta_cache->sizes());
+    TORCH_CHECK(beta_cache->scalar_type() == dtype, op, ": beta_cache must have proj's dtype ", dtype);
+    check_vec(*beta_evict, H, proj, op, "beta_evict");
+    TORCH_CHECK(beta_evict->scalar_type() == dtype, op, ": beta_evict must have proj's dtype ", dtype);
   }
 
   at::Tensor q_out = B > 0 ? at::empty({B, H, D}, proj.options()) : at::empty({H, D}, proj.options());
@@ -108,20 +113,22 @@ at::Tensor run(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Ten
   p.ke_s0 = k_evict.stride(0);
   p.ve_s0 = v_evict.stride(0);
   if (gated) {
-    p.a_log = a_log->data_ptr();
-    p.a_log_kind = a_log_kind;
     p.dt_bias = dt_bias->data_ptr();
     p.dt_bias_kind = dt_bias_kind;
-    p.beta_cache = beta_cache->data_ptr();
-    p.bc_s0 = beta_cache->stride(0);
-    p.bc_s1 = beta_cache->stride(1);
     p.alpha_cache = alpha_cache->data_ptr<float>();
     p.ac_s0 = alpha_cache->stride(0);
     p.ac_s1 = alpha_cache->stride(1);
-    p.beta_evict = beta_evict->data_ptr();
-    p.be_s0 = beta_evict->stride(0);
     p.alpha_evict = alpha_evict->data_ptr<float>();
     p.ae_s0 = alpha_evict->stride(0);
+  }
+  if (has_beta) {
+    p.a_log = a_log->data_ptr();
+    p.a_log_kind = a_log_kind;
+    p.beta_cache = beta_cache->data_ptr();
+    p.bc_s0 = beta_cache->stride(0);
+    p.bc_s1 = beta_cache->stride(1);
+    p.beta_evict = beta_evict->data_ptr();
+    p.be_s0 = beta_evict->stride(0);
   }
   p.q_out = q_out.data_ptr();
   p.H = H;
@@ -137,6 +144,7 @@ at::Tensor run(const at::Tensor& proj, const at::Tensor& inv_freq, const at::Ten
 #ifdef AHN_RT_WITH_CUDA
   if (proj.is_cuda()) {
     TORCH_CHECK(D <= 512, op, ": CUDA supports head dims up to 512, got ", D);
+    TORCH_CHECK(p.batch <= 65535, op, ": CUDA takes at most 65535 rows per call (grid y), got ", p.batch);
     const c10::cuda::CUDAGuard guard(proj.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_dtype(dtype, op, [&](auto tag) { decode_prep_cuda<decltype(tag)>(p, stream); });

@@ -15,35 +15,12 @@ void run(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, cons
          const at::Tensor& beta, const at::Tensor& alpha, const at::Tensor& z, const at::Tensor& norm_weight,
          const at::Tensor& o_proj, const at::Tensor& out, const at::Tensor& pos, int64_t sinks, int64_t window,
          double eps, Batch&& batch) {
-  TORCH_CHECK(state.dim() == 3, op, ": state must be [H, Dk, Dv], got ", state.sizes());
-  const int64_t H = state.size(0), Dk = state.size(1), Dv = state.size(2);
-  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous(), op,
-              ": state must be a contiguous float32 tensor");
-  TORCH_CHECK(q.dim() == 2 && q.size(0) == H && q.size(1) == Dk, op, ": q must be [", H, ", ", Dk, "], got ",
-              q.sizes());
-  TORCH_CHECK(k.dim() == 2 && k.size(1) == Dk && k.size(0) > 0 && H % k.size(0) == 0, op, ": k must be [Hkv, ",
-              Dk, "] with H % Hkv == 0, got ", k.sizes());
-  const int64_t Hkv = k.size(0);
-  TORCH_CHECK(v.dim() == 2 && v.size(0) == Hkv && v.size(1) == Dv, op, ": v must be [", Hkv, ", ", Dv,
-              "], got ", v.sizes());
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    check_same_device(state, *t, op, "q/k/v");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": q, k, v must share one dtype");
-    TORCH_CHECK(t->stride(1) == 1, op, ": q/k/v rows must be contiguous (rows may be strided)");
-  }
+  const MemoryStepDims d = check_memory_step(state, q, k, v, z, o_proj, out, pos, op);
+  const int64_t H = d.H, Hkv = d.Hkv, Dk = d.Dk, Dv = d.Dv;
   check_vec(beta, H, state, op, "beta");
   check_vec(alpha, H, state, op, "alpha");
-  check_vec(z, H, state, op, "z");
   check_vec(norm_weight, Dv, state, op, "norm_weight");
   TORCH_CHECK(norm_weight.stride(0) == 1, op, ": norm_weight must be contiguous");
-  check_same_device(state, o_proj, op, "o_proj");
-  TORCH_CHECK(o_proj.dim() == 3 && o_proj.size(0) == H && o_proj.size(1) == Dv && o_proj.size(2) == Dv, op,
-              ": o_proj must be [", H, ", ", Dv, ", ", Dv, "], got ", o_proj.sizes());
-  TORCH_CHECK(o_proj.is_contiguous(), op, ": o_proj must be contiguous");
-  check_same_device(state, out, op, "out");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == H && out.size(1) == Dv && out.stride(1) == 1, op,
-              ": out must be [", H, ", ", Dv, "] with a contiguous last dim, got ", out.sizes());
-  check_pos(pos, state, op);
   const Kind beta_kind = kind_of(beta, "beta"), alpha_kind = kind_of(alpha, "alpha"), z_kind = kind_of(z, "z"),
              nw_kind = kind_of(norm_weight, "norm_weight"), op_kind = kind_of(o_proj, "o_proj"),
              out_kind = kind_of(out, "out");
@@ -85,6 +62,7 @@ void run(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, cons
 #ifdef AHN_RT_WITH_CUDA
   if (state.is_cuda()) {
     TORCH_CHECK(Dk <= 256 && Dv <= 256, op, ": CUDA supports Dk, Dv <= 256, got ", Dk, ", ", Dv);
+    TORCH_CHECK(p.batch <= 65535, op, ": CUDA takes at most 65535 rows per call (grid z), got ", p.batch);
     const c10::cuda::CUDAGuard guard(state.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_dtype(q.scalar_type(), op, [&](auto tag) { gdn_decode_cuda<decltype(tag)>(p, stream); });

@@ -85,14 +85,55 @@ inline void check_vec_like(const at::Tensor& t, int64_t n, const at::Tensor& x, 
               " must equal x dtype ", x.scalar_type());
 }
 
+// The tensors every memory decode step (gdn_decode, mamba2_decode) takes, one row's shapes: state
+// [H, Dk, Dv] contiguous float32; q [H, Dk], k [Hkv, Dk], v [Hkv, Dv] of one dtype with contiguous rows
+// (rows may be strided), H % Hkv == 0; z [H]; o_proj [H, Dv, Dv] contiguous; out [H, Dv] with a contiguous
+// last dim; pos. Returns {H, Hkv, Dk, Dv}.
+struct MemoryStepDims {
+  int64_t H, Hkv, Dk, Dv;
+};
+inline MemoryStepDims check_memory_step(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& z, const at::Tensor& o_proj,
+                                        const at::Tensor& out, const at::Tensor& pos, const char* op) {
+  TORCH_CHECK(state.dim() == 3, op, ": state must be [H, Dk, Dv], got ", state.sizes());
+  const int64_t H = state.size(0), Dk = state.size(1), Dv = state.size(2);
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous(), op,
+              ": state must be a contiguous float32 tensor");
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == H && q.size(1) == Dk, op, ": q must be [", H, ", ", Dk, "], got ",
+              q.sizes());
+  TORCH_CHECK(k.dim() == 2 && k.size(1) == Dk && k.size(0) > 0 && H % k.size(0) == 0, op, ": k must be [Hkv, ",
+              Dk, "] with H % Hkv == 0, got ", k.sizes());
+  const int64_t Hkv = k.size(0);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == Hkv && v.size(1) == Dv, op, ": v must be [", Hkv, ", ", Dv,
+              "], got ", v.sizes());
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    check_same_device(state, *t, op, "q/k/v");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": q, k, v must share one dtype");
+    TORCH_CHECK(t->stride(1) == 1, op, ": q/k/v rows must be contiguous (rows may be strided)");
+  }
+  check_vec(z, H, state, op, "z");
+  check_same_device(state, o_proj, op, "o_proj");
+  TORCH_CHECK(o_proj.dim() == 3 && o_proj.size(0) == H && o_proj.size(1) == Dv && o_proj.size(2) == Dv, op,
+              ": o_proj must be [", H, ", ", Dv, ", ", Dv, "], got ", o_proj.sizes());
+  TORCH_CHECK(o_proj.is_contiguous(), op, ": o_proj must be contiguous");
+  check_same_device(state, out, op, "out");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == H && out.size(1) == Dv && out.stride(1) == 1, op,
+              ": out must be [", H, ", ", Dv, "] with a contiguous last dim, got ", out.sizes());
+  check_pos(pos, state, op);
+  return {H, Hkv, Dk, Dv};
+}
+
 // slots of a batched decode op: int64 [B] (B >= 1), contiguous, on ref's device, indexing entries [0, n)
-// of the per-entry tensors. On the CPU each slot is checked in range and distinct; on CUDA that is the
-// caller's contract (a check would cost a host sync). Returns B.
+// of the per-entry tensors, B <= n. On the CPU each slot is checked in range and distinct; on CUDA that is
+// the caller's contract (a check would cost a host sync; the kernels read slots on the device, so a
+// captured graph replays whatever the slots buffer holds then). Returns B.
 inline int64_t check_slots(const at::Tensor& slots, int64_t n, const at::Tensor& ref, const char* op) {
   check_same_device(ref, slots, op, "slots");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) >= 1 && slots.is_contiguous(), op,
               ": slots must be a contiguous int64 tensor [B] with B >= 1, got ", slots.scalar_type(), " ",
               slots.sizes());
+  TORCH_CHECK(slots.size(0) <= n, op, ": ", slots.size(0), " slots for ", n,
+              " state entries; each row needs its own entry");
   if (slots.is_cpu()) {
     const int64_t* s = slots.data_ptr<int64_t>();
     std::vector<bool> seen(static_cast<size_t>(std::max<int64_t>(n, 0)), false);
@@ -148,6 +189,10 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
                 const at::Tensor& norm_weight, const at::Tensor& o_proj, const at::Tensor& out,
                 const at::Tensor& pos, int64_t sinks, int64_t window, double eps,
                 const std::optional<at::Tensor>& slots);
+void mamba2_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& dt, const at::Tensor& a_log, const at::Tensor& z, const at::Tensor& norm_weight,
+                   const at::Tensor& o_proj, const at::Tensor& out, const at::Tensor& pos, int64_t sinks,
+                   int64_t window, double eps, const std::optional<at::Tensor>& slots);
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
                 const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float);

@@ -61,6 +61,8 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
   if (q.is_cuda()) {
     const int64_t G = H / Hkv;
     TORCH_CHECK(G <= 256, op, ": CUDA supports up to 256 query heads per kv head, got ", G);
+    TORCH_CHECK(Hkv * p.batch <= 65535, op, ": CUDA takes at most 65535 (row, kv head) pairs per call (grid y), got ",
+                p.batch, " rows x ", Hkv, " kv heads");
     const c10::cuda::CUDAGuard guard(q.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     // Split the capacity C (not the valid length: one launch serves every step of a captured graph).
