@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-bytes", default="16GiB", help="prefix cache size (default 16GiB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed runs, profile one more cached request (torch.profiler tables on stderr)")
     args = ap.parse_args(argv)
     from ahn_rt.serve.__main__ import parse_size
     try:
@@ -147,6 +149,13 @@ def main(argv=None) -> int:
     # and the cached run of a prompt already timed cold, against those logits
     _, logits, _ = ttft(model, sess, prompts[1])
     identical &= torch.equal(logits, cold_logits[1])
+
+    if args.profile:   # where a cached request's time goes: one more request with a new question
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            ttft(model, sess, prompts[-1])
+        for key in ("cpu_time_total", "self_cpu_time_total") + (("cuda_time_total",) if dev.type == "cuda" else ()):
+            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=55), file=sys.stderr)
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio = med["hit"] / med["cold"]
