@@ -262,22 +262,46 @@ def test_swa_decode_3b_cuda(dtype, pos, H, Hkv, marks):
 
 
 # ----------------------------------------------------------------------------------------------
-# gdn_decode
+# gdn_decode and mamba2_decode (the memory steps)
 # ----------------------------------------------------------------------------------------------
-def _gdn_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=0):
+def _memory_case(memory, device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=0, dt_scale=1.0):
+    """The arguments of gdn_decode (memory "gdn") or mamba2_decode ("mamba2") for one row, in schema order:
+    the state, the read query, the evicted token and its gates (beta, alpha / dt, a_log), the output head."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
-    return dict(
-        state=(0.1 * rnd(H, Dk, Dv)).float(),
-        q=strided(rnd(H, Dk).to(dtype)), k=strided(rnd(Hkv, Dk).to(dtype), pad=16),
-        v=strided(rnd(Hkv, Dv).to(dtype)), beta=torch.sigmoid(rnd(H)).to(dtype),
-        alpha=-torch.nn.functional.softplus(rnd(H)).float(), z=rnd(H).to(dtype),
-        norm_weight=(1 + 0.2 * rnd(Dv)).to(dtype), o_proj=(rnd(H, Dv, Dv) / math.sqrt(Dv)).to(out_dtype),
-        out=rnd(H, Dv).to(out_dtype), pos=torch.tensor([pos], device=device), sinks=sinks, window=window,
-        eps=1e-6)
+    gdn = memory == "gdn"
+    a = dict(state=(0.1 * rnd(H, Dk, Dv)).float(), q=strided(rnd(H, Dk).to(dtype)),
+             k=strided(rnd(Hkv, Dk).to(dtype), pad=16), v=strided(rnd(Hkv, Dv).to(dtype)))
+    if gdn:
+        a.update(beta=torch.sigmoid(rnd(H)).to(dtype), alpha=-torch.nn.functional.softplus(rnd(H)).float())
+    else:
+        a.update(dt=(dt_scale * torch.nn.functional.softplus(rnd(H))).float(),
+                 a_log=torch.log(1 + 3 * torch.rand(H, generator=g)).to(device))
+    a.update(z=rnd(H).to(dtype), norm_weight=(1 + 0.2 * rnd(Dv if gdn else H * Dv)).to(dtype),
+             o_proj=(rnd(H, Dv, Dv) / math.sqrt(Dv)).to(out_dtype), out=rnd(H, Dv).to(out_dtype),
+             pos=torch.tensor([pos], device=device), sinks=sinks, window=window, eps=1e-6 if gdn else 1e-5)
+    return a
+
+
+def _gdn_case(*args, **kw):
+    return _memory_case("gdn", *args, **kw)
+
+
+def _m2_case(*args, **kw):
+    return _memory_case("mamba2", *args, **kw)
 
 
 GDN_SHAPES = [(4, 4, 64, 64), (4, 2, 128, 128), (16, 2, 128, 128), (3, 1, 48, 40), (2, 2, 256, 256)]
+
+
+# The memory decode ops, tested alike: the case maker (same signature; Mamba2's also takes dt_scale), the
+# op and its reference.
+def _memory_step(memory):
+    return {"gdn": (_gdn_case, torch.ops.ahn_rt.gdn_decode, ref.gdn_decode_ref),
+            "mamba2": (_m2_case, torch.ops.ahn_rt.mamba2_decode, ref.mamba2_decode_ref)}[memory]
+
+
+MEMORIES = ["gdn", "mamba2"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -285,16 +309,20 @@ GDN_SHAPES = [(4, 4, 64, 64), (4, 2, 128, 128), (16, 2, 128, 128), (3, 1, 48, 40
 @pytest.mark.parametrize("H,Hkv,Dk,Dv", GDN_SHAPES)
 @pytest.mark.parametrize("sinks,window", [(0, 1), (4, 129)])
 @pytest.mark.parametrize("out_fp32", [False, True])
-def test_gdn_decode(device, dtype, H, Hkv, Dk, Dv, sinks, window, out_fp32):
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_memory_decode(device, dtype, memory, H, Hkv, Dk, Dv, sinks, window, out_fp32):
+    case, op, reference = _memory_step(memory)
     out_dtype = torch.float32 if out_fp32 else dtype
     cap = sinks + window
     for step, pos in enumerate([cap - 1, cap, cap + 1, cap + 5 * window + 2]):
-        a = _gdn_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=step)
+        # Mamba2's last case: decays strong enough to wipe the state (exp(dt A) underflows toward 0).
+        extra = dict(dt_scale=30.0) if memory == "mamba2" and step == 3 else {}
+        a = case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=step, **extra)
         b = _clone_args(a)
         state0, out0 = a["state"].clone(), a["out"].clone()
-        torch.ops.ahn_rt.gdn_decode(**a)
-        ref.gdn_decode_ref(**b)
-        what = f"gdn_decode pos={pos}"
+        op(**a)
+        reference(**b)
+        what = f"{memory} decode pos={pos}"
         if pos < cap:  # no-op before the first eviction
             assert_bits(a["state"], state0, what + " state untouched")
             assert_bits(a["out"], out0, what + " out untouched")
@@ -306,18 +334,21 @@ def test_gdn_decode(device, dtype, H, Hkv, Dk, Dv, sinks, window, out_fp32):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
-def test_gdn_decode_steps(device, dtype):
-    """Several steps in a row on one state (the CUDA counters must reset themselves between calls)."""
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_memory_decode_steps(device, dtype, memory):
+    """Several steps in a row on one state, new inputs each time, against the reference's own state (the
+    CUDA kernels keep nothing between calls)."""
+    case, op, reference = _memory_step(memory)
     H, Hkv, D = 16, 2, 128
-    a = _gdn_case(device, dtype, H, Hkv, D, D, 10, 2, 8, dtype)
+    a = case(device, dtype, H, Hkv, D, D, 10, 2, 8, dtype)
     b = _clone_args(a)
     g = torch.Generator(device="cpu").manual_seed(1)
     for t in range(6):
-        for key in ("q", "k", "v"):
+        for key in ("q", "k", "v", "z"):
             a[key].copy_(torch.randn(a[key].shape, generator=g).to(a[key]))
             b[key].copy_(a[key])
-        torch.ops.ahn_rt.gdn_decode(**a)
-        ref.gdn_decode_ref(**b)
+        op(**a)
+        reference(**b)
         assert_close(a["state"], b["state"], torch.float32, f"step {t} state")
         assert_close(a["out"], b["out"], dtype, f"step {t} out")
 
@@ -352,17 +383,18 @@ def test_gdn_decode_side_kinds_alignment(device, dtype, D, misalign):
     assert_close(a["out"], b["out"], tol_dtype, "gdn_decode out")
 
 
+@pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("marks", [pytest.param(0, marks=cuda_only)])
-def test_gdn_decode_3b_36_layers_cuda(marks):
+def test_memory_decode_3b_36_layers_cuda(marks, memory):
     """The 3B shape, 36 layers back to back on one stacked state, against the reference."""
+    case, op, reference = _memory_step(memory)
     H, Hkv, D, L = 16, 2, 128, 36
-    cases = [_gdn_case("cuda", torch.bfloat16, H, Hkv, D, D, 40000, 128, 32640, torch.bfloat16, seed=i)
-             for i in range(L)]
+    cases = [case("cuda", torch.bfloat16, H, Hkv, D, D, 40000, 128, 32640, torch.bfloat16, seed=i) for i in range(L)]
     refs = [_clone_args(a) for a in cases]
     for a in cases:
-        torch.ops.ahn_rt.gdn_decode(**a)
+        op(**a)
     for b in refs:
-        ref.gdn_decode_ref(**b)
+        reference(**b)
     for i, (a, b) in enumerate(zip(cases, refs)):
         assert_close(a["state"], b["state"], torch.float32, f"layer {i} state")
         assert_close(a["out"], b["out"], torch.bfloat16, f"layer {i} out")
@@ -371,63 +403,6 @@ def test_gdn_decode_3b_36_layers_cuda(marks):
 # ----------------------------------------------------------------------------------------------
 # mamba2_decode
 # ----------------------------------------------------------------------------------------------
-def _m2_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=0, dt_scale=1.0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
-    return dict(
-        state=(0.1 * rnd(H, Dk, Dv)).float(),
-        q=strided(rnd(H, Dk).to(dtype)), k=strided(rnd(Hkv, Dk).to(dtype), pad=16),
-        v=strided(rnd(Hkv, Dv).to(dtype)), dt=(dt_scale * torch.nn.functional.softplus(rnd(H))).float(),
-        a_log=torch.log(1 + 3 * torch.rand(H, generator=g)).to(device), z=rnd(H).to(dtype),
-        norm_weight=(1 + 0.2 * rnd(H * Dv)).to(dtype), o_proj=(rnd(H, Dv, Dv) / math.sqrt(Dv)).to(out_dtype),
-        out=rnd(H, Dv).to(out_dtype), pos=torch.tensor([pos], device=device), sinks=sinks, window=window,
-        eps=1e-5)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
-@pytest.mark.parametrize("H,Hkv,Dk,Dv", GDN_SHAPES)
-@pytest.mark.parametrize("sinks,window", [(0, 1), (4, 129)])
-@pytest.mark.parametrize("out_fp32", [False, True])
-def test_mamba2_decode(device, dtype, H, Hkv, Dk, Dv, sinks, window, out_fp32):
-    out_dtype = torch.float32 if out_fp32 else dtype
-    cap = sinks + window
-    for step, pos in enumerate([cap - 1, cap, cap + 1, cap + 5 * window + 2]):
-        # The last case: decays strong enough to wipe the state (exp(dt A) underflows toward 0).
-        a = _m2_case(device, dtype, H, Hkv, Dk, Dv, pos, sinks, window, out_dtype, seed=step,
-                     dt_scale=30.0 if step == 3 else 1.0)
-        b = _clone_args(a)
-        state0, out0 = a["state"].clone(), a["out"].clone()
-        torch.ops.ahn_rt.mamba2_decode(**a)
-        ref.mamba2_decode_ref(**b)
-        what = f"mamba2_decode pos={pos}"
-        if pos < cap:  # no-op before the first eviction
-            assert_bits(a["state"], state0, what + " state untouched")
-            assert_bits(a["out"], out0, what + " out untouched")
-            continue
-        assert_close(a["state"], b["state"], torch.float32, what + " state")
-        # m is rounded to the model dtype before it is added: the model dtype's tolerance applies.
-        assert_close(a["out"], b["out"], dtype, what + " out")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
-def test_mamba2_decode_steps(device, dtype):
-    """Several steps in a row on one state, new inputs each time, against the reference's own state."""
-    H, Hkv, D = 16, 2, 128
-    a = _m2_case(device, dtype, H, Hkv, D, D, 10, 2, 8, dtype)
-    b = _clone_args(a)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    for t in range(6):
-        for key in ("q", "k", "v", "z"):
-            a[key].copy_(torch.randn(a[key].shape, generator=g).to(a[key]))
-            b[key].copy_(a[key])
-        torch.ops.ahn_rt.mamba2_decode(**a)
-        ref.mamba2_decode_ref(**b)
-        assert_close(a["state"], b["state"], torch.float32, f"step {t} state")
-        assert_close(a["out"], b["out"], dtype, f"step {t} out")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("misalign", [0, 1])
@@ -473,22 +448,6 @@ def test_mamba2_decode_norm_spans_heads(device):
     per_head = wrong["out"] + torch.einsum("hi,hio->ho", y, wrong["o_proj"])
     with pytest.raises(AssertionError):
         assert_close(a["out"], per_head, torch.float32, "per-head norm")
-
-
-@pytest.mark.parametrize("marks", [pytest.param(0, marks=cuda_only)])
-def test_mamba2_decode_3b_36_layers_cuda(marks):
-    """The 3B shape, 36 layers back to back, against the reference."""
-    H, Hkv, D, L = 16, 2, 128, 36
-    cases = [_m2_case("cuda", torch.bfloat16, H, Hkv, D, D, 40000, 128, 32640, torch.bfloat16, seed=i)
-             for i in range(L)]
-    refs = [_clone_args(a) for a in cases]
-    for a in cases:
-        torch.ops.ahn_rt.mamba2_decode(**a)
-    for b in refs:
-        ref.mamba2_decode_ref(**b)
-    for i, (a, b) in enumerate(zip(cases, refs)):
-        assert_close(a["state"], b["state"], torch.float32, f"layer {i} state")
-        assert_close(a["out"], b["out"], torch.bfloat16, f"layer {i} out")
 
 
 # ----------------------------------------------------------------------------------------------

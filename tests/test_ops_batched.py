@@ -137,7 +137,7 @@ def _gdn_case(device, dtype, H, Hkv, D, seed=0):
                 slots=torch.tensor(SLOTS, dtype=torch.int64, device=device))
 
 
-GDN_ROWS = ("q", "z", "out")
+MEMORY_ROWS = ("q", "z", "out")
 GDN_ENTRIES = ("state", "k", "v", "beta", "alpha")
 
 
@@ -153,7 +153,6 @@ def _m2_case(device, dtype, H, Hkv, D, seed=0):
                 slots=torch.tensor(SLOTS, dtype=torch.int64, device=device))
 
 
-M2_ROWS = ("q", "z", "out")
 M2_ENTRIES = ("state", "k", "v", "dt")
 
 
@@ -214,28 +213,18 @@ def test_swa_decode_batched(device, dtype, H, Hkv, D, layout):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("H, Hkv, D", [(4, 2, 16), (3, 3, 8), (16, 2, 128)])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gdn_decode_batched(device, dtype, H, Hkv, D, layout):
-    # z strided too (any element stride); the state keeps each entry contiguous (every other entry of a pool)
-    args = _layout(_gdn_case(device, dtype, H, Hkv, D), layout, GDN_ROWS, GDN_ENTRIES)
+@pytest.mark.parametrize("memory", ["gdn", "mamba2"])
+def test_memory_decode_batched(device, dtype, H, Hkv, D, layout, memory):
+    """gdn_decode / mamba2_decode with slots. z strided too (any element stride); the state keeps each entry
+    contiguous (every other entry of a pool)."""
+    case, op, reference, entries = ((_gdn_case, torch.ops.ahn_rt.gdn_decode, ref.gdn_decode_ref, GDN_ENTRIES)
+                                    if memory == "gdn" else
+                                    (_m2_case, torch.ops.ahn_rt.mamba2_decode, ref.mamba2_decode_ref, M2_ENTRIES))
+    args = _layout(case(device, dtype, H, Hkv, D), layout, MEMORY_ROWS, entries)
     if layout == "strided":
         args["z"] = torch.stack([args["z"], torch.zeros_like(args["z"])], dim=-1)[..., 0]
-    _, batched = _check(torch.ops.ahn_rt.gdn_decode, args, GDN_ROWS, GDN_ENTRIES, ("state", "out"),
-                        ref.gdn_decode_ref, dtype)
+    _, batched = _check(op, args, MEMORY_ROWS, entries, ("state", "out"), reference, dtype)
     # rows on entries past the fill point changed the state and the output; the row at position 2 did not
-    assert not torch.equal(batched["state"][3], args["state"][3])
-    assert torch.equal(batched["state"][0], args["state"][0]) and torch.equal(batched["out"][1], args["out"][1])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
-@pytest.mark.parametrize("H, Hkv, D", [(4, 2, 16), (3, 3, 8), (16, 2, 128)])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_mamba2_decode_batched(device, dtype, H, Hkv, D, layout):
-    args = _layout(_m2_case(device, dtype, H, Hkv, D), layout, M2_ROWS, M2_ENTRIES)
-    if layout == "strided":
-        args["z"] = torch.stack([args["z"], torch.zeros_like(args["z"])], dim=-1)[..., 0]
-    _, batched = _check(torch.ops.ahn_rt.mamba2_decode, args, M2_ROWS, M2_ENTRIES, ("state", "out"),
-                        ref.mamba2_decode_ref, dtype)
     assert not torch.equal(batched["state"][3], args["state"][3])
     assert torch.equal(batched["state"][0], args["state"][0]) and torch.equal(batched["out"][1], args["out"][1])
 
@@ -261,10 +250,10 @@ def test_a_wrong_slot_mapping_is_seen(device, which):
         case = (torch.ops.ahn_rt.swa_decode, _swa_case(device, dt, 4, 2, 16), ("q",), ("k_cache", "v_cache"), (),
                 ref.swa_decode_ref)
     elif which == "gdn_decode":
-        case = (torch.ops.ahn_rt.gdn_decode, _gdn_case(device, dt, 4, 2, 16), GDN_ROWS, GDN_ENTRIES,
+        case = (torch.ops.ahn_rt.gdn_decode, _gdn_case(device, dt, 4, 2, 16), MEMORY_ROWS, GDN_ENTRIES,
                 ("state", "out"), ref.gdn_decode_ref)
     else:
-        case = (torch.ops.ahn_rt.mamba2_decode, _m2_case(device, dt, 4, 2, 16), M2_ROWS, M2_ENTRIES,
+        case = (torch.ops.ahn_rt.mamba2_decode, _m2_case(device, dt, 4, 2, 16), MEMORY_ROWS, M2_ENTRIES,
                 ("state", "out"), ref.mamba2_decode_ref)
     op, args, rows, entries, written, ref_fn = case
     _check(op, args, rows, entries, written, ref_fn, dt)  # the right mapping passes
