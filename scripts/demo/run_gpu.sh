@@ -13,7 +13,8 @@
 # Overrides (environment): TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
 # stops), PASSKEY_FRAC, DIST_MIN (the distillation data), WORK (intermediate folder), PYTHON, and
 # TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
-# run's merged folder; its AHN tensors are not used).
+# run's merged folder; its AHN tensors are not used), AHN=gdn|dn|mamba2: the memory variant (default gdn;
+# scripts/demo/compare_variants.sh runs all three side by side).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -97,7 +98,7 @@ rm -f "$WORK/ahn/partial.json"
 set +e
 timeout -s INT -k 30 "$D_LIMIT" $PY -m ahn_rt.train --base "$TEACHER_DIR" --data "$WORK/distill.jsonl" \
     --out "$WORK/ahn" --overwrite --steps "$D_STEPS" --seq-len "$L" --batch "$D_BATCH" --grad-accum 1 \
-    --window "$WIN" --sinks "$SINKS" --lr 2e-3 --seed 0 --device "$DEV" --merge "${D_EXTRA[@]}"
+    --window "$WIN" --sinks "$SINKS" --lr 2e-3 --seed 0 --device "$DEV" --merge ${AHN:+--ahn "$AHN"} "${D_EXTRA[@]}"
 rc=$?
 set -e
 if [[ $rc == 124 || $rc == 130 ]]; then

@@ -1,0 +1,75 @@
+"""One side-by-side table of the AHN memory variants distilled onto the same teacher (compare_variants.sh):
+loss past the window per mode and position bucket, the share of the SWA -> full gap each memory recovers,
+passkey recall per distance, and each memory's parameter count.
+
+    python scripts/demo/variants_table.py --run gdn=WORK/gdn --run dn=WORK/dn --run mamba2=WORK/mamba2 \
+        --eval-root OUT --out OUT/variants.md
+
+--run NAME=DIR: the variant's work folder of run_gpu.sh (DIR/ahn/model.safetensors: the AHN-only weights);
+its evaluation is --eval-root/NAME/eval/eval.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+
+def ahn_params(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
+    ap.add_argument("--eval-root", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    runs = []
+    for spec in a.run:
+        name, _, work = spec.partition("=")
+        ev = Path(a.eval_root) / name / "eval" / "eval.json"
+        if not ev.exists():
+            print(f"error: no evaluation for {name} ({ev}); did its run_gpu.sh finish?", file=sys.stderr)
+            return 2
+        runs.append((name, json.loads(ev.read_text()), ahn_params(Path(work) / "ahn" / "model.safetensors")))
+
+    first = runs[0][1]
+    m = first["meta"]
+    buckets = first["modes"]["ahn"]["text_loss_by_position"]
+    dists = list(first["modes"]["ahn"]["passkey"])
+    lines = [f"Same teacher, same distillation data, steps and settings for every memory; held-out files, "
+             f"{m['seq_len']} tokens, S = {m['sinks']}, W = {m['window']}, {m['dtype']} on {m['device']}, "
+             f"{m['n_text']} text sequences; passkey: exact recall (per-digit accuracy).", ""]
+    head = ["memory", "AHN params", "loss"] + [f"t {b['from']}–{b['to'] - 1}" for b in buckets] + ["gap recovered"]
+    head += [f"passkey @ {d}" for d in dists]
+    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def row(label, res, params, gap):
+        cells = [label, "–" if params is None else f"{params:,}", f"{res['text_loss']:.4f}"]
+        cells += [f"{b['loss']:.4f}" for b in res["text_loss_by_position"]]
+        cells.append("–" if gap is None else f"{100 * gap:.1f}%")
+        for d in dists:
+            p = res["passkey"][d]
+            cells.append(f"{p['exact']}/{p['n']} ({100 * p['digit_acc']:.0f}%)")
+        return "| " + " | ".join(cells) + " |"
+
+    for mode in ("full", "swa"):   # the references, from the first run (the same teacher in every run)
+        lines.append(row(f"{mode} (no memory)", first["modes"][mode], None, None))
+    for name, ev, params in runs:
+        lines.append(row(f"ahn-{name}", ev["modes"]["ahn"], params, ev.get("gap_recovered")))
+    text = "\n".join(lines) + "\n"
+    Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
