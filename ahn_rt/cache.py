@@ -395,6 +395,13 @@ class State:
 _SLOT0: dict = {}   # device -> int64 [1] tensor holding 0: the slots of a one-state batch
 
 
+def shared_pool(states) -> "StatePool | None":
+    """The ``StatePool`` every one of ``states`` lives in, or None (a private state, or several pools):
+    only states of one pool step as one batch."""
+    pool = states[0].pool if states else None
+    return pool if pool is not None and all(st.pool is pool for st in states) else None
+
+
 class DecodeBatch:
     """The states of one decode step in the form the decode kernels take: each field is a layer-stacked
     tensor over entries of one storage (``k[i]``: [N, Hkv, C, D], ``memory[i]``: [N, ...], ``pos``: [N],
@@ -420,8 +427,8 @@ class DecodeBatch:
                 _SLOT0[dev] = torch.zeros(1, dtype=torch.int64, device=dev)
             self.slots = _SLOT0[dev]
             return
-        pool = st0.pool
-        if pool is None or any(st.pool is not pool for st in states):
+        pool = shared_pool(states)
+        if pool is None:
             raise ValueError("states stepped together must come from one StatePool")
         if len({st.pool_slot for st in states}) != len(states):
             raise ValueError("a state appears twice in one decode batch")

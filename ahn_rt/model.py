@@ -145,8 +145,8 @@ class Decoder:
         Per layer: one fused GEMV over the B rows (RMSNorm + q|k|v|memory rows + bias; each weight read
         once for all rows), the decode front (q/k norm, RoPE, ring write with eviction, the memory's gates:
         ``decode_prep``), window attention, the memory step (GatedDeltaNet / DeltaNet: one fused
-        ``gdn_decode``; Mamba2: ``mamba2_decode``), then three fused GEMVs (o_proj + residual, RMSNorm + gate|up + SiLU*mul, down +
-        residual)."""
+        ``gdn_decode``; Mamba2: ``mamba2_decode``), then three fused GEMVs (o_proj + residual,
+        RMSNorm + gate|up + SiLU*mul, down + residual)."""
         eps = self.config.rms_norm_eps
         B = ids.numel()
         h = F.embedding(ids.view(B), self.w.embed)

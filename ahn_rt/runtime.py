@@ -13,7 +13,7 @@ import torch
 
 from . import ops
 from . import weights as weights_mod
-from .cache import State, StatePool
+from .cache import State, StatePool, shared_pool
 from .config import Config, resolve_runtime
 from .errors import AhnError
 from .model import Decoder
@@ -252,8 +252,8 @@ class Model:
             raise AhnError(f"step: give one token per session ({len(sessions)} sessions)")
         dec = self.decoder
         states = [s.state for s in sessions]
-        pool = states[0].pool
-        if self.config.mode == "full" or (len(states) > 1 and (pool is None or any(st.pool is not pool for st in states))):
+        pool = shared_pool(states)
+        if self.config.mode == "full" or (len(states) > 1 and pool is None):
             return torch.cat([dec.forward(st, ids[b:b + 1]) for b, st in enumerate(states)])
         from .graph import batch_step
         logits, batch = batch_step(dec, states, ids, pool.graphs if pool is not None else sessions[0].graphs)

@@ -34,6 +34,7 @@ import traceback
 
 import torch
 
+from ..cache import shared_pool
 from ..errors import AhnError
 
 
@@ -214,8 +215,7 @@ class Scheduler:
         """One decode token for each of ``tickets``: together in one ``model.step`` where that pays,
         otherwise interleaved. Returns the (ticket, exception) pairs that failed."""
         sessions = [t.sess for t in tickets]
-        pool = sessions[0].pool if sessions else None
-        if (len(tickets) < 2 or pool is None or any(s.pool is not pool for s in sessions)
+        if (len(tickets) < 2 or shared_pool([s.state for s in sessions]) is None
                 or len({id(s) for s in sessions}) < len(sessions)):     # a caller's session in two runs
             return self._step_each(tickets)
         try:
