@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include "../common.h"
+#include "memory_head.h"
 
 namespace ahn_rt {
 
@@ -66,15 +67,7 @@ void gdn_decode_cpu(const GdnDecodeParams& p) {
       const float sig = 1.f / (1.f + std::exp(-zf));
       for (int64_t c = 0; c < Dv; ++c)
         y[c] = round_to<T>(o[c] * rs * load_kind(p.norm_weight, p.nw_kind, c) * zf * sig);
-      for (int64_t c = 0; c < Dv; ++c) u[c] = 0.f;
-      for (int64_t i = 0; i < Dv; ++i) {
-        const int64_t row = (h * Dv + i) * Dv;
-        for (int64_t c = 0; c < Dv; ++c) u[c] += y[i] * round_to<T>(load_kind(p.o_proj, p.op_kind, row + c));
-      }
-      for (int64_t c = 0; c < Dv; ++c) {
-        const int64_t idx = h * p.out_stride + c;
-        store_kind(p.out, p.out_kind, idx, load_kind(p.out, p.out_kind, idx) + round_to<T>(u[c]));
-      }
+      add_grouped_o_proj<T>(y.data(), h, Dv, p.o_proj, p.op_kind, p.out, p.out_kind, p.out_stride, u.data());
     }
   });
 }

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include "../common.h"
+#include "memory_head.h"
 
 namespace ahn_rt {
 
@@ -74,15 +75,7 @@ void mamba2_decode_cpu(const Mamba2DecodeParams& p) {
     for (int64_t h = begin; h < end; ++h) {
       for (int64_t i = 0; i < Dv; ++i)
         y[i] = round_to<T>(o[h * Dv + i] * gate[h] * rs * load_kind(p.norm_weight, p.nw_kind, h * Dv + i));
-      for (int64_t c = 0; c < Dv; ++c) m[c] = 0.f;
-      for (int64_t i = 0; i < Dv; ++i) {
-        const int64_t row = (h * Dv + i) * Dv;
-        for (int64_t c = 0; c < Dv; ++c) m[c] += y[i] * round_to<T>(load_kind(p.o_proj, p.op_kind, row + c));
-      }
-      for (int64_t c = 0; c < Dv; ++c) {
-        const int64_t idx = h * p.out_stride + c;
-        store_kind(p.out, p.out_kind, idx, load_kind(p.out, p.out_kind, idx) + round_to<T>(m[c]));
-      }
+      add_grouped_o_proj<T>(y.data(), h, Dv, p.o_proj, p.op_kind, p.out, p.out_kind, p.out_stride, m.data());
     }
   });
 }

@@ -89,29 +89,14 @@ void gdn_decode(const at::Tensor& state, const at::Tensor& q, const at::Tensor& 
   }
   // Batched: q [B, H, Dk], z [B, H], out [B, H, Dv] by row; state [N, H, Dk, Dv], the evicted token
   // k [N, Hkv, Dk], v [N, Hkv, Dv], beta, alpha [N, H] and pos [N] by state entry slots[b].
-  TORCH_CHECK(state.dim() == 4, op, ": with slots, state must be [N, H, Dk, Dv], got ", state.sizes());
+  check_memory_step_batch(state, q, k, v, z, out, pos, *slots, op);
   const int64_t N = state.size(0);
-  const int64_t B = check_slots(*slots, N, state, op);
-  check_lead(q, 3, B, op, "q", "[B, H, Dk]");
-  check_lead(z, 2, B, op, "z", "[B, H]");
-  check_lead(out, 3, B, op, "out", "[B, H, Dv]");
-  check_lead(k, 3, N, op, "k", "[N, Hkv, Dk]");
-  check_lead(v, 3, N, op, "v", "[N, Hkv, Dv]");
   check_lead(beta, 2, N, op, "beta", "[N, H]");
   check_lead(alpha, 2, N, op, "alpha", "[N, H]");
-  check_entry_pos(pos, N, op);
-  const int64_t* slot_ptr = slots->data_ptr<int64_t>();
   run(state.select(0, 0), q.select(0, 0), k.select(0, 0), v.select(0, 0), beta.select(0, 0), alpha.select(0, 0),
       z.select(0, 0), norm_weight, o_proj, out.select(0, 0), pos.narrow(0, 0, 1), sinks, window, eps,
       [&](GdnDecodeParams& p) {
-        p.slots = slot_ptr;
-        p.batch = B;
-        p.q_rb = lead_bytes(q);
-        p.z_rb = lead_bytes(z);
-        p.out_rb = lead_bytes(out);
-        p.state_eb = lead_bytes(state);
-        p.k_eb = lead_bytes(k);
-        p.v_eb = lead_bytes(v);
+        set_memory_step_batch(p, *slots, state, q, k, v, z, out);
         p.beta_eb = lead_bytes(beta);
         p.alpha_eb = lead_bytes(alpha);
       });

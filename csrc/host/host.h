@@ -168,6 +168,38 @@ inline std::optional<at::Tensor> first(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->select(0, 0)) : std::nullopt;
 }
 
+// The batched form of a memory step (gdn_decode, mamba2_decode), checked up to the memory's own gates:
+// state [N, H, Dk, Dv], pos [N] and the evicted token k [N, Hkv, Dk], v [N, Hkv, Dv] by entry; q [B, H, Dk],
+// z [B, H] and out [B, H, Dv] by row. Returns B.
+inline int64_t check_memory_step_batch(const at::Tensor& state, const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& z, const at::Tensor& out,
+                                       const at::Tensor& pos, const at::Tensor& slots, const char* op) {
+  TORCH_CHECK(state.dim() == 4, op, ": with slots, state must be [N, H, Dk, Dv], got ", state.sizes());
+  const int64_t N = state.size(0);
+  const int64_t B = check_slots(slots, N, state, op);
+  check_lead(q, 3, B, op, "q", "[B, H, Dk]");
+  check_lead(z, 2, B, op, "z", "[B, H]");
+  check_lead(out, 3, B, op, "out", "[B, H, Dv]");
+  check_lead(k, 3, N, op, "k", "[N, Hkv, Dk]");
+  check_lead(v, 3, N, op, "v", "[N, Hkv, Dv]");
+  check_entry_pos(pos, N, op);
+  return B;
+}
+
+// The batch fields that every memory-step params struct has (GdnDecodeParams, Mamba2DecodeParams).
+template <typename P>
+void set_memory_step_batch(P& p, const at::Tensor& slots, const at::Tensor& state, const at::Tensor& q,
+                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& z, const at::Tensor& out) {
+  p.slots = slots.data_ptr<int64_t>();
+  p.batch = slots.size(0);
+  p.q_rb = lead_bytes(q);
+  p.z_rb = lead_bytes(z);
+  p.out_rb = lead_bytes(out);
+  p.state_eb = lead_bytes(state);
+  p.k_eb = lead_bytes(k);
+  p.v_eb = lead_bytes(v);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The checked host entry functions, one per op (host/<op>.cpp); ops.cpp registers them for CPU and CUDA.
 // ---------------------------------------------------------------------------------------------
