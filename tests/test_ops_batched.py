@@ -296,41 +296,27 @@ def test_bad_slots_are_one_line(which, slots, msg):
             assert torch.equal(v, before[k]), k
 
 
-def test_batched_mistakes_are_one_line():
-    args = _swa_case("cpu", torch.float32, 4, 2, 16)
-    op = torch.ops.ahn_rt.swa_decode
-    with pytest.raises(RuntimeError, match="with slots, q must be") as e:
-        op(**{**args, "q": args["q"][:2]})
-    _one_line(e)
-    with pytest.raises(RuntimeError, match="with slots, pos must be") as e:
-        op(**{**args, "pos": args["pos"][:3]})
-    _one_line(e)
-    with pytest.raises(RuntimeError, match="with slots, k_cache must be") as e:
-        op(**{**args, "k_cache": args["k_cache"][0]})
-    _one_line(e)
-    g = _gdn_case("cpu", torch.float32, 4, 2, 16)
-    with pytest.raises(RuntimeError, match="with slots, z must be") as e:
-        torch.ops.ahn_rt.gdn_decode(**{**g, "z": g["z"][0]})
-    _one_line(e)
-    with pytest.raises(RuntimeError, match="with slots, state must be") as e:
-        torch.ops.ahn_rt.gdn_decode(**{**g, "state": g["state"][0]})
-    _one_line(e)
-    with pytest.raises(RuntimeError, match="with slots, beta must be") as e:
-        torch.ops.ahn_rt.gdn_decode(**{**g, "beta": g["beta"][:2]})
-    _one_line(e)
-    m = _m2_case("cpu", torch.float32, 4, 2, 16)
-    with pytest.raises(RuntimeError, match="with slots, dt must be") as e:
-        torch.ops.ahn_rt.mamba2_decode(**{**m, "dt": m["dt"][:2]})
-    _one_line(e)
-    p = _prep_case("cpu", torch.float32, 4, 2, 16, True, False)
-    with pytest.raises(RuntimeError, match="with slots, k_evict must be") as e:
-        torch.ops.ahn_rt.decode_prep(**{**p, "k_evict": p["k_evict"][0]})
-    _one_line(e)
-    with pytest.raises(RuntimeError, match="with slots, proj must be") as e:
-        torch.ops.ahn_rt.decode_prep(**{**p, "proj": p["proj"][0]})
-    _one_line(e)
-    with pytest.raises(RuntimeError, match="with slots, beta_cache/alpha_cache must be") as e:
-        torch.ops.ahn_rt.decode_prep(**{**p, "alpha_cache": p["alpha_cache"][0]})
+# (op, the argument made wrong, how, the message): a batched call with one tensor of the wrong form
+MISTAKES = [("swa_decode", "q", lambda t: t[:2], "with slots, q must be"),
+            ("swa_decode", "pos", lambda t: t[:3], "with slots, pos must be"),
+            ("swa_decode", "k_cache", lambda t: t[0], "with slots, k_cache must be"),
+            ("gdn_decode", "z", lambda t: t[0], "with slots, z must be"),
+            ("gdn_decode", "state", lambda t: t[0], "with slots, state must be"),
+            ("gdn_decode", "beta", lambda t: t[:2], "with slots, beta must be"),
+            ("mamba2_decode", "dt", lambda t: t[:2], "with slots, dt must be"),
+            ("decode_prep", "k_evict", lambda t: t[0], "with slots, k_evict must be"),
+            ("decode_prep", "proj", lambda t: t[0], "with slots, proj must be"),
+            ("decode_prep", "alpha_cache", lambda t: t[0], "with slots, beta_cache/alpha_cache must be")]
+
+
+@pytest.mark.parametrize("which, key, bad, msg", MISTAKES, ids=[f"{w}-{k}" for w, k, _, _ in MISTAKES])
+def test_batched_mistakes_are_one_line(which, key, bad, msg):
+    args = {"swa_decode": lambda: _swa_case("cpu", torch.float32, 4, 2, 16),
+            "gdn_decode": lambda: _gdn_case("cpu", torch.float32, 4, 2, 16),
+            "mamba2_decode": lambda: _m2_case("cpu", torch.float32, 4, 2, 16),
+            "decode_prep": lambda: _prep_case("cpu", torch.float32, 4, 2, 16, True, False)}[which]()
+    with pytest.raises(RuntimeError, match=msg) as e:
+        getattr(torch.ops.ahn_rt, which)(**{**args, key: bad(args[key])})
     _one_line(e)
 
 
