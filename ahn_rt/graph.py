@@ -19,6 +19,7 @@ import threading
 import torch
 
 from . import settings
+from .cache import DecodeBatch
 
 # AHN_RT_GRAPH=0 turns graph capture off (debugging; the benchmark's eager rows).
 GRAPHS_ENABLED = settings.graphs_enabled()
@@ -113,12 +114,11 @@ class BatchStep:
         return self.logits.clone()
 
 
-def batch_step(decoder, states, ids: torch.Tensor, graphs: dict) -> tuple[torch.Tensor, "DecodeBatch"]:
+def batch_step(decoder, states, ids: torch.Tensor, graphs: dict) -> tuple[torch.Tensor, DecodeBatch]:
     """One decode step of ``states`` (one storage) in one batch: float32 logits [B, vocab] and the batch
     (its ``advance()`` is the caller's). On CUDA the step replays the graph that ``graphs`` (the pool's, or
     a private state's session's) keeps under ("step", B) (captured after a first eager step); elsewhere, and
     on the reference ops (``Decoder.graph_safe``), eager."""
-    from .cache import DecodeBatch
     st0 = states[0]
     if not (st0.device.type == "cuda" and GRAPHS_ENABLED and decoder.graph_safe):
         batch = DecodeBatch(states)

@@ -16,6 +16,7 @@ from . import weights as weights_mod
 from .cache import State, StatePool, shared_pool
 from .config import Config, resolve_runtime
 from .errors import AhnError
+from .graph import Stepper, batch_step
 from .model import Decoder
 from .sampling import Sampler, SamplingParams
 
@@ -255,7 +256,6 @@ class Model:
         pool = shared_pool(states)
         if self.config.mode == "full" or (len(states) > 1 and pool is None):
             return torch.cat([dec.forward(st, ids[b:b + 1]) for b, st in enumerate(states)])
-        from .graph import batch_step
         logits, batch = batch_step(dec, states, ids, pool.graphs if pool is not None else sessions[0].graphs)
         batch.advance()
         return logits
@@ -496,7 +496,6 @@ class Session:
         """A ``Stepper``: token -> next token (both int64 [1] on the device), one decode step and a
         sample; its ``logits`` are those of the last step. On CUDA it replays a captured graph
         (ahn_rt.graph); elsewhere it runs eagerly."""
-        from .graph import Stepper
         return Stepper(self, sampler)
 
 
