@@ -44,6 +44,16 @@ def _gemv_fake(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_f
     return x.new_empty(*x.shape[:-1], n, dtype=torch.float32 if out_float else x.dtype)
 
 
+@torch.library.register_fake("ahn_rt::gdn_chunk_prep")
+def _gdn_chunk_prep_fake(q, k, v, beta, alpha, scale):
+    n, H, Dk = q.shape
+    Dv, C = v.shape[-1], 64   # kScanChunk
+    N = (n + C - 1) // C
+    f = dict(dtype=torch.float32)
+    return (q.new_empty(H, N, C, Dk, **f), q.new_empty(H, N, C, Dv, **f), q.new_empty(H, N, Dk, C, **f),
+            q.new_empty(H, N, C, Dk, **f), q.new_empty(H, N, **f), q.new_empty(H, N, C, C, **f))
+
+
 @torch.library.register_fake("ahn_rt::gdn_chunk_scan")
 def _gdn_chunk_scan_fake(w, u, kd_t, qg, gl, state):
     return torch.empty_like(u), torch.empty_like(u)
@@ -57,3 +67,13 @@ def _attn_merge_fake(outs, lses, offsets, rows):
 @torch.library.register_fake("ahn_rt::silu_mul")
 def _silu_mul_fake(x):
     return x.new_empty(x.shape[0], x.shape[1] // 2)
+
+
+@torch.library.register_fake("ahn_rt::rope")
+def _rope_fake(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("ahn_rt::gdn_gate_norm")
+def _gdn_gate_norm_fake(o, z, weight, eps):
+    return o.new_empty(o.shape)

@@ -105,33 +105,61 @@ def key_ranges(p0: int, T: int, sinks: int, window: int) -> list[KeyRange]:
     return out
 
 
+def ring_spans(p: int, n: int, sinks: int, window: int) -> list[tuple[int, int, int]]:
+    """Positions [p, p + n) (all sinks, or all ring positions and n <= window) as runs of consecutive slots:
+    [(offset, slot, length)], the run's first position being p + offset. At most two runs (the ring wraps
+    once)."""
+    out, off = [], 0
+    while off < n:
+        s = ring_slot(p + off, sinks, window)
+        m = n - off if p + off < sinks else min(n - off, sinks + window - s)
+        out.append((off, s, m))
+        off += m
+    return out
+
+
 @dataclasses.dataclass
 class ChunkPlan:
     """What a chunk of ``T`` tokens at positions ``[p0, p0 + T)`` does to the state (docs/semantics.md §3).
+    Every set of rows and slots is a few runs of consecutive ones, so the cache is read and written by
+    slices (views and block copies), never by index tensors.
 
     positions:   int64 [T], the chunk's absolute positions.
-    write_rows:  int64 [m], the chunk rows still in the cache after the chunk (sinks, last W) ...
-    write_slots: int64 [m], ... and the slots they go to.
-    evict_slots: int64 [a], the cache slots of the cached tokens the chunk hands to the memory, in order,
-    evict_rows:  int64 [b], then the chunk rows it hands over (tokens that enter and leave the window
-                 inside the chunk). Pair i (of n = a + b) is read by chunk row ``T - n + i`` (the last n).
+    writes:      [(row, slot, n)]: chunk rows [row, row + n) go to slots [slot, slot + n) (the rows still in
+                 the cache after the chunk: the sinks and the last W; at most three runs).
+    evict_cache: [(slot, n)]: the cache slots of the cached tokens the chunk hands to the memory, in order
+                 (at most two runs),
+    evict_rows:  range: then the chunk rows it hands over (tokens that enter and leave the window inside
+                 the chunk). Pair i (of n = cached + rows) is read by chunk row ``T - n + i`` (the last n).
     """
     p0: int
     T: int
     positions: torch.Tensor
-    write_rows: torch.Tensor
-    write_slots: torch.Tensor
-    evict_slots: torch.Tensor
-    evict_rows: torch.Tensor
+    writes: list[tuple[int, int, int]]
+    evict_cache: list[tuple[int, int]]
+    evict_rows: range
 
     @property
     def n_evict(self) -> int:
-        return self.evict_slots.numel() + self.evict_rows.numel()
+        return sum(n for _, n in self.evict_cache) + len(self.evict_rows)
 
     @property
     def read_rows(self) -> slice:
         """The chunk rows that read the memory (after writing their pair's evicted token)."""
         return slice(self.T - self.n_evict, self.T)
+
+    # The same sets as flat index lists (tests and debugging).
+    @property
+    def write_rows(self) -> list[int]:
+        return [r + i for r, _, n in self.writes for i in range(n)]
+
+    @property
+    def write_slots(self) -> list[int]:
+        return [s + i for _, s, n in self.writes for i in range(n)]
+
+    @property
+    def evict_slots(self) -> list[int]:
+        return [s + i for s, n in self.evict_cache for i in range(n)]
 
 
 def allocate(config: Config, device, n: int, capacity: int) -> dict[str, torch.Tensor]:
@@ -235,19 +263,21 @@ class State:
         """The writes and evictions of a chunk of T tokens at the current position (grows a full-mode
         cache first when needed)."""
         self.ensure_capacity(self.position + T)
-        p0, S, W, dev = self.position, self.sinks, self.window, self.device
-        pos = torch.arange(p0, p0 + T, dtype=torch.int64, device=dev)
+        p0, S, W = self.position, self.sinks, self.window
+        pos = torch.arange(p0, p0 + T, dtype=torch.int64, device=self.device)
         # Memory pairs (docs/semantics.md §3): query t in [t0, p0 + T) reads after writing token t - W.
         t0 = max(p0, S + W)
         n_ev = max(0, p0 + T - t0) if self.ahn else 0
         first, end = t0 - W, t0 - W + n_ev            # positions handed to the memory: [first, end)
         cached_end = max(first, min(end, p0))
-        evict_slots = self.slot(torch.arange(first, cached_end, dtype=torch.int64, device=dev))
-        evict_rows = torch.arange(cached_end - p0, end - p0, dtype=torch.int64, device=dev)
+        evict_cache = [(s, n) for _, s, n in ring_spans(first, cached_end - first, S, W)]
         # Ring writes: the chunk's tokens that are still a sink or inside the window afterwards.
-        rows = ((pos < S) | (pos >= p0 + T - W)).nonzero().squeeze(1)
-        return ChunkPlan(p0=p0, T=T, positions=pos, write_rows=rows, write_slots=self.slot(pos[rows]),
-                         evict_slots=evict_slots, evict_rows=evict_rows)
+        n_sink = max(0, min(S, p0 + T) - p0)
+        r1 = max(n_sink, T - W)
+        writes = [(r, s, n) for r, s, n in ring_spans(p0, n_sink, S, W)]
+        writes += [(r1 + r, s, n) for r, s, n in ring_spans(p0 + r1, T - r1, S, W)]
+        return ChunkPlan(p0=p0, T=T, positions=pos, writes=writes, evict_cache=evict_cache,
+                         evict_rows=range(cached_end - p0, end - p0))
 
     def key_ranges(self, T: int) -> list[KeyRange]:
         """The keys a chunk of T tokens at the current position attends (``key_ranges``)."""
@@ -255,25 +285,30 @@ class State:
 
     def evicted(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor,
                 gates: dict[str, torch.Tensor]):
-        """The tokens the chunk hands to the memory of one layer, in order: gathered from the cache
-        (before the chunk's writes) and from the chunk's own k, v [T, Hkv, D] and gates {field: [T, H]}.
-        Returns (k [n, Hkv, D], v [n, Hkv, D], {field: [n, H]})."""
-        s, r = plan.evict_slots, plan.evict_rows
-        k_ev = torch.cat([self.k[layer][:, s].transpose(0, 1), k[r]])
-        v_ev = torch.cat([self.v[layer][:, s].transpose(0, 1), v[r]])
-        g_ev = {name: torch.cat([self.gates[name][layer][s], g[r]]) for name, g in gates.items()}
-        return k_ev, v_ev, g_ev
+        """The tokens the chunk hands to the memory of one layer, in order: from the cache (before the
+        chunk's writes) and from the chunk's own k, v [T, Hkv, D] and gates {field: [T, H]}.
+        Returns (k [n, Hkv, D], v [n, Hkv, D], {field: [n, H]}): views of the cache or the chunk where the
+        tokens are one run (the usual case), else a copy. Use them before ``write``."""
+        r = plan.evict_rows
+        parts = [(self.k[layer][:, s:s + n].transpose(0, 1), self.v[layer][:, s:s + n].transpose(0, 1),
+                  {name: buf[layer][s:s + n] for name, buf in self.gates.items()}) for s, n in plan.evict_cache]
+        if len(r):
+            parts.append((k[r.start:r.stop], v[r.start:r.stop], {name: g[r.start:r.stop] for name, g in gates.items()}))
+        if len(parts) == 1:
+            return parts[0]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                {name: torch.cat([p[2][name] for p in parts]) for name in gates})
 
     def write(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor,
               gates: dict[str, torch.Tensor] | None = None):
         """The chunk's ring writes for one layer (call after everything that reads the cache: the
-        attention over ``key_ranges`` and ``evicted``).
+        attention over ``key_ranges`` and ``evicted``), one block copy per run of slots.
         ``gates``: {field: [T, H]} in ahn mode."""
-        rows, slots = plan.write_rows, plan.write_slots
-        self.k[layer][:, slots] = k[rows].transpose(0, 1)
-        self.v[layer][:, slots] = v[rows].transpose(0, 1)
-        for name, buf in self.gates.items():
-            buf[layer][slots] = gates[name][rows]
+        for r, s, n in plan.writes:
+            self.k[layer][:, s:s + n].copy_(k[r:r + n].transpose(0, 1))
+            self.v[layer][:, s:s + n].copy_(v[r:r + n].transpose(0, 1))
+            for name, buf in self.gates.items():
+                buf[layer][s:s + n].copy_(gates[name][r:r + n])
 
     # ---- position ----------------------------------------------------------------------------
     @torch.inference_mode()

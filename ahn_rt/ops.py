@@ -146,12 +146,19 @@ def gdn_chunk_scan(w, u, kd_t, qg, gl, state):
     return fn(w, u, kd_t, qg, gl, state)
 
 
+def gdn_chunk_prep(q, k, v, beta, alpha, scale):
+    """The chunk-local work of every chunk in one kernel (CPU and CUDA); float64 inputs take the reference."""
+    ok = q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    fn = torch.ops.ahn_rt.gdn_chunk_prep if _use_ext(q) and ok else ref.gdn_chunk_prep_ref
+    return fn(q, k, v, beta, alpha, scale)
+
+
 def gdn_chunk(q, k, v, beta, alpha, state, scale=None):
-    """The gated delta rule over a run of tokens (a prefill): chunk-local work batched over all chunks,
-    the chunk-to-chunk recurrence in ``gdn_chunk_scan`` (ref.gdn_chunk_blocks)."""
+    """The gated delta rule over a run of tokens (a prefill): the chunk-local work of all chunks in
+    ``gdn_chunk_prep``, the chunk-to-chunk recurrence in ``gdn_chunk_scan`` (ref.gdn_chunk_blocks)."""
     if _backend == "ref":
         return ref.gdn_chunk_ref(q, k, v, beta, alpha, state, scale)
-    return ref.gdn_chunk_blocks(q, k, v, beta, alpha, state, scale, scan=gdn_chunk_scan)
+    return ref.gdn_chunk_blocks(q, k, v, beta, alpha, state, scale, prep=gdn_chunk_prep, scan=gdn_chunk_scan)
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
@@ -330,9 +337,25 @@ def _prefill_attention_sdpa(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
     return out[0].transpose(0, 1).contiguous()   # [T, H, D]
 
 
-rope = ref.rope_ref
 rope_cos_sin = ref.rope_cos_sin_ref
-gdn_output = ref.gdn_output_ref
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE of a prefill chunk, x [T, heads, D] (one kernel; ref.rope_ref)."""
+    fn = torch.ops.ahn_rt.rope if _use_ext(x) and x.stride(-1) == 1 and x.dtype != torch.float64 else ref.rope_ref
+    return fn(x, cos, sin)
+
+
+def gdn_gate_norm(o, z, norm_weight, eps):
+    fn = torch.ops.ahn_rt.gdn_gate_norm if _use_ext(o) and o.dtype != torch.float64 else ref.gdn_gate_norm_ref
+    return fn(o, z, norm_weight, eps)
+
+
+def gdn_output(o, z, norm_weight, o_proj, eps):
+    """The GatedDeltaNet output head over a prefill chunk (ref.gdn_output_ref): the norm and gate in one
+    kernel, the grouped o_proj as one batched matmul over the heads."""
+    y = gdn_gate_norm(o, z, norm_weight, eps)
+    return torch.bmm(y.transpose(0, 1), o_proj.to(y.dtype)).transpose(0, 1)
 
 
 # ---- the Mamba2 memory -------------------------------------------------------------------------------

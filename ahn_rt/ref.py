@@ -276,17 +276,19 @@ def gdn_chunk_scan_ref(w: torch.Tensor, u: torch.Tensor, kd_t: torch.Tensor, qg:
     return v_new, o_inter
 
 
-def gdn_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor,
-                     state: torch.Tensor, scale: float | None = None, scan=gdn_chunk_scan_ref) -> torch.Tensor:
-    """``gdn_chunk_ref`` with every chunk-local step batched over all chunks at once and only the
-    chunk-to-chunk recurrence left sequential (``scan``: ``gdn_chunk_scan_ref`` or the compiled
-    ``ahn_rt.gdn_chunk_scan``). Same signature and function as ``gdn_chunk_ref``.
+def gdn_chunk_prep_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor,
+                       scale: float):
+    """The chunk-local part of the chunked gated delta rule, every chunk at once (the compiled twin:
+    ``ahn_rt.gdn_chunk_prep``).
 
-    The n tokens are padded to N chunks of C = 64 with k = v = 0, beta = 0 and alpha = 0, which leave the
-    state unchanged. Per chunk, with G the cumulative log-decay and e = exp:
-      A_ij = beta_i e^(G_i - G_j) k_i.k_j (j < i);  (I + A) [w | u] = [diag(beta e^G) K | diag(beta) V]
-      kd = K e^(G_C - G),  qg = e^G Q,  P = tril((Q K^T) e^(G_i - G_j)),  gl = e^(G_C)
-    then ``scan`` gives v_new and o_inter, and o = o_inter + P v_new (docs/semantics.md §5).
+    q: [n, H, Dk], k: [n, Hkv, Dk], v: [n, Hkv, Dv], beta, alpha: [n, H] as ``gdn_recurrent_ref`` takes them.
+    The n tokens are padded to N chunks of C = 64 with q = k = v = 0, beta = 0 and alpha = 0, which leave
+    the state unchanged. Per chunk, with k^, q^ the normalized rows (q^ times scale), G the cumulative
+    log-decay and e = exp:
+      A_ij = beta_i e^(G_i - G_j) k^_i.k^_j (j < i);  (I + A) [w | u] = [diag(beta e^G) K^ | diag(beta) V]
+      kd_t = (K^ e^(G_C - G))^T,  qg = e^G Q^,  gl = e^(G_C),  P = tril((Q^ K^T) e^(G_i - G_j))
+    Returns float32 (w [H, N, C, Dk], u [H, N, C, Dv], kd_t [H, N, Dk, C], qg [H, N, C, Dk], gl [H, N],
+    P [H, N, C, C]): ``gdn_chunk_scan``'s inputs and P.
     """
     qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, alpha, scale)
     n, H = q.shape[0], q.shape[1]
@@ -317,22 +319,43 @@ def gdn_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     kd_t = (K * (last - G).exp()[..., None]).transpose(-1, -2).contiguous()
     qg = (eG[..., None] * Q).contiguous()
     P = (Q @ K.transpose(-1, -2)) * torch.where(incl, diff, float("-inf")).exp()
-    v_new, o_inter = scan(w, u, kd_t, qg, last[..., 0].exp().contiguous(), state)
-    o = o_inter + P @ v_new                                                # [H, N, C, Dv]
-    return o.reshape(H, N * C, -1)[:, :n].transpose(0, 1).to(q.dtype)
+    return w, u, kd_t, qg, last[..., 0].exp().contiguous(), P.contiguous()
+
+
+def gdn_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor,
+                     state: torch.Tensor, scale: float | None = None, prep=gdn_chunk_prep_ref,
+                     scan=gdn_chunk_scan_ref) -> torch.Tensor:
+    """``gdn_chunk_ref`` with every chunk-local step batched over all chunks at once (``prep``:
+    ``gdn_chunk_prep_ref`` or the compiled ``ahn_rt.gdn_chunk_prep``) and only the chunk-to-chunk
+    recurrence left sequential (``scan``: ``gdn_chunk_scan_ref`` or the compiled ``ahn_rt.gdn_chunk_scan``).
+    Same signature and function as ``gdn_chunk_ref``: ``scan`` gives v_new and o_inter per chunk, and
+    o = o_inter + P v_new (docs/semantics.md §5).
+    """
+    n, H = q.shape[0], q.shape[1]
+    w, u, kd_t, qg, gl, P = prep(q, k, v, beta, alpha, q.shape[-1] ** -0.5 if scale is None else scale)
+    v_new, o_inter = scan(w, u, kd_t, qg, gl, state)
+    N, C = P.shape[1], P.shape[2]
+    o = torch.baddbmm(o_inter.view(H * N, C, -1), P.view(H * N, C, C), v_new.view(H * N, C, -1))
+    return o.view(H, N * C, -1)[:, :n].transpose(0, 1).to(q.dtype)
+
+
+def gdn_gate_norm_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The GatedDeltaNet output norm: per-head RMSNorm * w * swish(z) in float32, rounded once to o.dtype.
+    o: [n, H, Dv]; z: [n, H] (per-head gate scalar); norm_weight: [Dv]. Returns y [n, H, Dv]."""
+    of = o.float()
+    zf = z.float()[:, :, None]
+    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float() * zf * torch.sigmoid(zf)
+    return y.to(o.dtype)
 
 
 def gdn_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,
                    eps: float) -> torch.Tensor:
-    """AHN output head: per-head RMSNorm * w * swish(z) in float32, then the grouped o_proj.
+    """AHN output head: ``gdn_gate_norm_ref``, then the grouped o_proj.
 
-    o: [n, H, Dv]; z: [n, H] (per-head gate scalar); norm_weight: [Dv]; o_proj: [H, Dv, Dv] stored
-    (in, out). Returns m: [n, H, Dv] in o.dtype.
+    o: [n, H, Dv]; z: [n, H]; norm_weight: [Dv]; o_proj: [H, Dv, Dv] stored (in, out). Returns m: [n, H, Dv]
+    in o.dtype.
     """
-    of = o.float()
-    zf = z.float()[:, :, None]
-    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float() * zf * torch.sigmoid(zf)
-    y = y.to(o.dtype)
+    y = gdn_gate_norm_ref(o, z, norm_weight, eps)
     return torch.einsum("nhi,hio->nho", y, o_proj.to(o.dtype))
 
 

@@ -345,6 +345,32 @@ struct GdnChunkScanParams {
   int64_t H, N, C, Dk, Dv;
 };
 
+// The chunk-local part of the chunked gated delta rule (reference: ahn_rt/ref.py gdn_chunk_prep_ref;
+// docs/semantics.md §5): the n tokens in N chunks of C = kScanChunk (rows past n count as k = v = q = 0,
+// beta = alpha = 0). Per head h and chunk, with k^, q^ the l2-normalized rows (q^ times scale) and G the
+// cumulative log-decay:  A_ij = beta_i e^(G_i - G_j) k^_i.k^_j (j < i),  (I + A) [w | u] =
+// [diag(beta e^G) K^ | diag(beta) V],  kd_t = (K^ e^(G_C - G))^T,  qg = e^G Q^,  gl = e^(G_C),
+// P = tril(Q^ K^T e^(G_i - G_j)) (diagonal included). The outputs are gdn_chunk_scan's inputs and P.
+struct GdnChunkPrepParams {
+  const void* q;       // [n, H, Dk] (T), strides q_s0, q_s1, last dim 1
+  const void* k;       // [n, Hkv, Dk] (T), strides k_s0, k_s1: query head h reads kv head h / (H / Hkv)
+  const void* v;       // [n, Hkv, Dv] (T), strides v_s0, v_s1
+  const void* beta;    // [n, H] (beta_kind), strides b_s0, b_s1
+  const void* alpha;   // [n, H] (alpha_kind), strides a_s0, a_s1: the log-decay (<= 0)
+  int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1, b_s0, b_s1, a_s0, a_s1;
+  Kind beta_kind, alpha_kind;
+  float scale;
+  float* w;            // [H, N, C, Dk]   all outputs float32, contiguous
+  float* u;            // [H, N, C, Dv]
+  float* kd_t;         // [H, N, Dk, C]
+  float* qg;           // [H, N, C, Dk]
+  float* gl;           // [H, N]
+  float* P;            // [H, N, C, C]
+  int64_t n, H, Hkv, N, C, Dk, Dv;
+};
+// The l2 normalization of the gated delta rule's q and k: x / (||x|| + eps) (ahn_rt/ref.py L2_EPS).
+constexpr float kGdnL2Eps = 1e-6f;
+
 // Prefill attention: the partial results of up to kMergeMaxParts kernel calls, each over a block of keys
 // for rows [off, off + n) of the chunk, combined by log-sum-exp (reference: ahn_rt/ref.py attn_merge_ref).
 constexpr int kMergeMaxParts = 8;
@@ -364,6 +390,30 @@ struct SiluMulParams {
   int64_t rows, N, x_s0;
 };
 
+// Rotate-half RoPE of a prefill chunk: out = x * cos + rotate_half(x) * sin with every op rounded to T as
+// torch's (mul, mul, add). x [T, nh, D] (strides x_s0, x_s1, last dim 1); cos, sin [T, D] contiguous (T);
+// out [T, nh, D] contiguous.
+struct RopeParams {
+  const void* x;
+  const void* cos;
+  const void* sin;
+  void* out;
+  int64_t T, nh, D, x_s0, x_s1;
+};
+
+// The GatedDeltaNet output norm of a prefill chunk: y = (o * rsqrt(mean(o^2) + eps)) * w * z * sigmoid(z)
+// per (row, head) in float32, rounded once to T. o [n, H, D] (strides o_s0, o_s1, last dim 1, T);
+// z [n, H] (z_kind, strides z_s0, z_s1); w [D] (w_kind, stride w_s0); y [n, H, D] contiguous (T).
+struct GateNormParams {
+  const void* o;
+  const void* z;
+  const void* w;
+  void* y;
+  int64_t n, H, D, o_s0, o_s1, z_s0, z_s1, w_s0;
+  Kind z_kind, w_kind;
+  float eps;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Launchers. T is float, c10::BFloat16 or c10::Half (explicitly instantiated in the backend files).
 // ---------------------------------------------------------------------------------------------
@@ -374,8 +424,11 @@ template <typename T> void gdn_decode_cpu(const GdnDecodeParams& p);
 template <typename T> void mamba2_decode_cpu(const Mamba2DecodeParams& p);
 template <typename T> void gemv_cpu(const GemvParams& p);
 void gdn_chunk_scan_cpu(const GdnChunkScanParams& p);
+template <typename T> void gdn_chunk_prep_cpu(const GdnChunkPrepParams& p);
 template <typename T> void attn_merge_cpu(const AttnMergeParams& p);
 template <typename T> void silu_mul_cpu(const SiluMulParams& p);
+template <typename T> void rope_cpu(const RopeParams& p);
+template <typename T> void gate_norm_cpu(const GateNormParams& p);
 
 // `stream` is a cudaStream_t (kept as void*: the CPU build of this header needs no CUDA headers).
 template <typename T> void rms_norm_cuda(const RmsNormParams& p, void* stream);
@@ -385,8 +438,11 @@ template <typename T> void gdn_decode_cuda(const GdnDecodeParams& p, void* strea
 template <typename T> void mamba2_decode_cuda(const Mamba2DecodeParams& p, void* stream);
 template <typename T> void gemv_cuda(const GemvParams& p, void* stream);
 void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream);
+template <typename T> void gdn_chunk_prep_cuda(const GdnChunkPrepParams& p, void* stream);
 template <typename T> void attn_merge_cuda(const AttnMergeParams& p, void* stream);
 template <typename T> void silu_mul_cuda(const SiluMulParams& p, void* stream);
+template <typename T> void rope_cuda(const RopeParams& p, void* stream);
+template <typename T> void gate_norm_cuda(const GateNormParams& p, void* stream);
 
 // swa_decode CUDA tensor-core path (fp16 / bf16): keys per shared-memory pipeline stage (16 per warp of
 // 4), stages, and the dynamic shared memory of one block: Q [16][DT + 8] + stages x {K, V} [64][DT + 8]

@@ -33,10 +33,14 @@ TORCH_LIBRARY(ahn_rt, m) {
   m.def(
       "gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float norm_eps, Tensor? residual, "
       "bool silu_mul, bool out_float) -> Tensor");
+  m.def("gdn_chunk_prep(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor alpha, float scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gdn_chunk_scan(Tensor w, Tensor u, Tensor kd_t, Tensor qg, Tensor gl, Tensor(a!) state) "
         "-> (Tensor, Tensor)");
   m.def("attn_merge(Tensor[] outs, Tensor[] lses, int[] offsets, int rows) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("gdn_gate_norm(Tensor o, Tensor z, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
@@ -46,9 +50,12 @@ TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
   m.impl("gdn_decode", &ahn_rt::gdn_decode);
   m.impl("mamba2_decode", &ahn_rt::mamba2_decode);
   m.impl("gemv", &ahn_rt::gemv);
+  m.impl("gdn_chunk_prep", &ahn_rt::gdn_chunk_prep);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
   m.impl("attn_merge", &ahn_rt::attn_merge);
   m.impl("silu_mul", &ahn_rt::silu_mul);
+  m.impl("rope", &ahn_rt::rope);
+  m.impl("gdn_gate_norm", &ahn_rt::gdn_gate_norm);
 }
 
 #ifdef AHN_RT_WITH_CUDA
@@ -59,8 +66,11 @@ TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) {
   m.impl("gdn_decode", &ahn_rt::gdn_decode);
   m.impl("mamba2_decode", &ahn_rt::mamba2_decode);
   m.impl("gemv", &ahn_rt::gemv);
+  m.impl("gdn_chunk_prep", &ahn_rt::gdn_chunk_prep);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
   m.impl("attn_merge", &ahn_rt::attn_merge);
   m.impl("silu_mul", &ahn_rt::silu_mul);
+  m.impl("rope", &ahn_rt::rope);
+  m.impl("gdn_gate_norm", &ahn_rt::gdn_gate_norm);
 }
 #endif

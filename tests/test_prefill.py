@@ -1,9 +1,13 @@
 """The prefill path's ops against their references.
 
 * ``gdn_chunk_scan`` (compiled: C++ on the CPU, CUDA) vs ``ref.gdn_chunk_scan_ref``, and opcheck;
+* ``gdn_chunk_prep`` (compiled: C++ on the CPU, CUDA) vs ``ref.gdn_chunk_prep_ref`` at odd sizes, GQA,
+  strided and low-precision inputs, strong decays, and opcheck;
 * ``ref.gdn_chunk_blocks`` (chunk-local work batched, the scan sequential: what ``ops.gdn_chunk`` runs)
   vs the chunk-at-a-time ``ref.gdn_chunk_ref`` and the token-by-token ``ref.gdn_recurrent_ref``, at odd
   lengths, carrying the state across calls;
+* ``rope`` and ``gdn_gate_norm`` (compiled, CPU and CUDA) vs ``ref.rope_ref`` / ``ref.gdn_gate_norm_ref``, and
+  ``ops.gdn_output`` vs ``ref.gdn_output_ref``;
 * ``ops.prefill_attention`` on CUDA (FlashAttention-2 per key range, merged by log-sum-exp) vs
   ``ref.prefill_attention_ref``, over states before, at and past the fill point, chunks longer than the
   window, chunks that are all sinks, S = 0 and W = 1.
@@ -65,6 +69,129 @@ def test_gdn_chunk_scan_rejects_bad_shapes():
         torch.ops.ahn_rt.gdn_chunk_scan(w, u, kd_t.transpose(-1, -2).contiguous()[..., :5], qg, gl, state)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.ahn_rt.gdn_chunk_scan(w.double(), u, kd_t, qg, gl, state)
+
+
+def _prep_inputs(n, H, Hkv, Dk, Dv, dtype, device, decay=0.3, seed=0):
+    """q as a strided view of a wider projection (the model passes such views), k/v/beta in the model
+    dtype, alpha float32 (the gates' dtypes in the ring)."""
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(n, H * Dk + 8, generator=g).to(device, dtype)
+    q = proj[:, 8:].view(n, H, Dk)
+    k = torch.randn(n, Hkv, Dk, generator=g).to(device, dtype)
+    v = torch.randn(n, Hkv, Dv, generator=g).to(device, dtype)
+    beta = torch.rand(n, H, generator=g).to(device, dtype)
+    alpha = (-torch.rand(n, H, generator=g) * decay).to(device)
+    return q, k, v, beta, alpha
+
+
+PREP_NAMES = ("w", "u", "kd_t", "qg", "gl", "P")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,H,Hkv,Dk,Dv,dtype,decay", [
+    (1, 1, 1, 4, 4, torch.float32, 0.3), (63, 4, 2, 12, 20, torch.float32, 0.3),
+    (64, 2, 2, 16, 8, torch.float32, 0.3), (65, 3, 1, 48, 40, torch.bfloat16, 0.3),
+    (200, 4, 2, 128, 128, torch.bfloat16, 0.3), (130, 2, 1, 64, 100, torch.float16, 0.3),
+    (129, 2, 2, 32, 32, torch.float32, 8.0)])   # strong decay: e^G underflows inside a chunk
+def test_gdn_chunk_prep_matches_reference(device, n, H, Hkv, Dk, Dv, dtype, decay):
+    q, k, v, beta, alpha = _prep_inputs(n, H, Hkv, Dk, Dv, dtype, device, decay)
+    scale = Dk ** -0.5
+    want = ref.gdn_chunk_prep_ref(q, k, v, beta, alpha, scale)
+    got = torch.ops.ahn_rt.gdn_chunk_prep(q, k, v, beta, alpha, scale)
+    for g_, w_, what in zip(got, want, PREP_NAMES):
+        assert g_.dtype == torch.float32 and g_.shape == w_.shape, what
+        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5, msg=what)
+    # The bound catches one token's decay off by 1% (u and P move past it).
+    alpha_bad = alpha.clone()
+    alpha_bad[n // 2] *= 1.01
+    bad = ref.gdn_chunk_prep_ref(q, k, v, beta, alpha_bad, scale)
+    assert max((b - w_).abs().max().item() for b, w_ in zip(bad, want)) > 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gdn_chunk_prep_opcheck(device):
+    q, k, v, beta, alpha = _prep_inputs(70, 4, 2, 16, 8, torch.float32, device)
+    torch.library.opcheck(torch.ops.ahn_rt.gdn_chunk_prep.default, (q, k, v, beta, alpha, 0.25))
+
+
+def test_gdn_chunk_prep_rejects_bad_inputs():
+    q, k, v, beta, alpha = _prep_inputs(10, 4, 2, 16, 8, torch.float32, "cpu")
+    op = torch.ops.ahn_rt.gdn_chunk_prep
+    with pytest.raises(RuntimeError, match="must be \\[n, H, Dk\\]"):
+        op(q, k[:9], v, beta, alpha, 0.25)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(q, k.bfloat16(), v, beta, alpha, 0.25)
+    with pytest.raises(RuntimeError, match="multiple of the kv heads"):
+        op(q[:, :3], k, v, beta[:, :3], alpha[:, :3], 0.25)
+    with pytest.raises(RuntimeError, match="beta must be"):
+        op(q, k, v, beta[:, :2], alpha, 0.25)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,nh,D", [(1, 1, 2), (37, 3, 48), (130, 16, 128)])
+def test_rope_matches_reference_bit_for_bit(device, dtype, T, nh, D):
+    """Every op rounded as torch rounds it: the compiled RoPE equals the reference exactly (the decode
+    front's RoPE is tested against the same reference, so prefill and decode keys agree bit for bit)."""
+    g = torch.Generator().manual_seed(T)
+    proj = torch.randn(T, nh * D + 6, generator=g).to(device, dtype)
+    x = proj[:, 6:].view(T, nh, D)                                      # strided, as the model passes it
+    pos = torch.arange(1000, 1000 + T, device=device)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=device).float() / D))
+    cos, sin = ref.rope_cos_sin_ref(pos, inv_freq, dtype)
+    got = torch.ops.ahn_rt.rope(x, cos, sin)
+    want = ref.rope_ref(x, cos, sin)
+    assert got.is_contiguous() and torch.equal(got, want)
+    # A rotation of the wrong half (pairs i with i + 1) is caught.
+    assert not torch.equal(ref.rope_ref(x.roll(1, -1), cos, sin), want)
+
+
+def test_rope_rejects_bad_inputs():
+    x = torch.randn(4, 2, 8)
+    cos, sin = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="D even"):
+        torch.ops.ahn_rt.rope(torch.randn(4, 2, 7), cos[:, :7], sin[:, :7])
+    with pytest.raises(RuntimeError, match="cos must be"):
+        torch.ops.ahn_rt.rope(x, cos[:3], sin)
+    with pytest.raises(RuntimeError, match="x's dtype"):
+        torch.ops.ahn_rt.rope(x, cos.bfloat16(), sin)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,H,D", [(1, 1, 8), (45, 3, 40), (70, 16, 128)])
+def test_gdn_gate_norm_and_output_match_reference(device, dtype, n, H, D):
+    g = torch.Generator().manual_seed(n)
+    o = (torch.randn(n, H, D + 3, generator=g) * 3).to(device, dtype)[..., :D]   # strided rows
+    z = torch.randn(n, H, generator=g).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(D, generator=g)).to(device, dtype)
+    o_proj = (torch.randn(H, D, D, generator=g) * D ** -0.5).to(device, dtype)
+    eps = 1e-5
+    want = ref.gdn_gate_norm_ref(o, z, w, eps)
+    got = torch.ops.ahn_rt.gdn_gate_norm(o, z, w, eps)
+    # float32: summation order only; bf16/fp16: at most one rounding step of the output dtype.
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=torch.finfo(dtype).eps, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    # The bound catches a norm over the wrong extent (all heads of a row, Mamba2's rule).
+    of = o.float()
+    wrong = (of * torch.rsqrt(of.pow(2).mean((-2, -1), keepdim=True) + eps) * w.float()
+             * z.float()[..., None] * torch.sigmoid(z.float()[..., None])).to(dtype)
+    if H > 1:
+        assert not torch.allclose(wrong.float(), want.float(), **tol)
+    m_want = ref.gdn_output_ref(o, z, w, o_proj, eps)
+    m_got = ops.gdn_output(o, z, w, o_proj, eps)
+    assert m_got.shape == m_want.shape and m_got.dtype == m_want.dtype
+    torch.testing.assert_close(m_got.float(), m_want.float(), rtol=4 * tol["rtol"], atol=4 * tol["atol"] + 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_fused_opcheck(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 8, generator=g).to(device)
+    cos, sin = torch.randn(5, 8, generator=g).to(device), torch.randn(5, 8, generator=g).to(device)
+    torch.library.opcheck(torch.ops.ahn_rt.rope.default, (x, cos, sin))
+    o, z, w = torch.randn(6, 2, 8).to(device), torch.randn(6, 2).to(device), torch.randn(8).to(device)
+    torch.library.opcheck(torch.ops.ahn_rt.gdn_gate_norm.default, (o, z, w, 1e-5))
 
 
 def _gdn_feed(n, H, Hkv, D, seed, dtype=torch.float64):

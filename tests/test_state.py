@@ -104,11 +104,12 @@ def test_chunk_plan(S, W, chunks):
         held = st.held_positions()
         reads = plan.positions[plan.read_rows].tolist()
         assert reads == [t for t in range(p0, p0 + T) if t >= S + W]
-        evicted = held[plan.evict_slots].tolist() + plan.positions[plan.evict_rows].tolist()
+        evicted = held[plan.evict_slots].tolist() + plan.positions[list(plan.evict_rows)].tolist()
         assert evicted == [t - W for t in reads]
         kept = plan.positions[plan.write_rows].tolist()
         assert kept == [t for t in range(p0, p0 + T) if t < S or t >= p0 + T - W]
-        assert plan.write_slots.tolist() == [ring_slot(t, S, W) for t in kept]
+        assert plan.write_slots == [ring_slot(t, S, W) for t in kept]
+        assert len(plan.writes) <= 3 and len(plan.evict_cache) <= 2
         st.advance(T)
 
 

@@ -229,10 +229,15 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
                 const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gdn_chunk_prep(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& alpha,
+    double scale);
 std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const at::Tensor& w, const at::Tensor& u, const at::Tensor& kd_t,
                                                   const at::Tensor& qg, const at::Tensor& gl,
                                                   const at::Tensor& state);
 at::Tensor attn_merge(at::TensorList outs, at::TensorList lses, at::IntArrayRef offsets, int64_t rows);
 at::Tensor silu_mul(const at::Tensor& x);
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Tensor& weight, double eps);
 
 }  // namespace ahn_rt

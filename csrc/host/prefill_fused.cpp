@@ -1,5 +1,5 @@
-// ahn_rt.attn_merge and ahn_rt.silu_mul: the checked host entry functions of the prefill's two fused
-// elementwise steps (kernels: cpu/ and cuda/ attn_merge, silu_mul). Test: pytest tests/test_prefill.py.
+// ahn_rt.attn_merge, silu_mul, rope and gdn_gate_norm: the checked host entry functions of the prefill's
+// fused elementwise steps (kernels: cpu/ and cuda/ prefill_fused). Test: pytest tests/test_prefill.py.
 #include "host.h"
 
 namespace ahn_rt {
@@ -61,6 +61,60 @@ at::Tensor silu_mul(const at::Tensor& x) {
       x, x.scalar_type(), op, [&](auto tag, void* stream) { silu_mul_cuda<decltype(tag)>(p, stream); },
       [&](auto tag) { silu_mul_cpu<decltype(tag)>(p); });
   return out;
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  constexpr const char* op = "ahn_rt.rope";
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0, op,
+              ": x must be [T, heads, D] with D even and a contiguous last dim, got ", x.sizes());
+  const int64_t T = x.size(0), D = x.size(2);
+  for (auto [t, what] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    check_same_device(x, *t, op, what);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == T && t->size(1) == D && t->is_contiguous(), op, ": ", what,
+                " must be a contiguous [", T, ", ", D, "], got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", what, " must have x's dtype ", x.scalar_type());
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  RopeParams p{x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), T, x.size(1), D, x.stride(0),
+               x.stride(1)};
+  if (out.numel() == 0) return out;
+  dispatch_device(
+      x, x.scalar_type(), op, [&](auto tag, void* stream) { rope_cuda<decltype(tag)>(p, stream); },
+      [&](auto tag) { rope_cpu<decltype(tag)>(p); });
+  return out;
+}
+
+at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Tensor& weight, double eps) {
+  constexpr const char* op = "ahn_rt.gdn_gate_norm";
+  TORCH_CHECK(o.dim() == 3 && o.stride(2) == 1, op, ": o must be [n, H, D] with a contiguous last dim, got ",
+              o.sizes());
+  const int64_t n = o.size(0), H = o.size(1), D = o.size(2);
+  check_same_device(o, z, op, "z");
+  TORCH_CHECK(z.dim() == 2 && z.size(0) == n && z.size(1) == H, op, ": z must be [", n, ", ", H, "], got ",
+              z.sizes());
+  check_vec(weight, D, o, op, "weight");
+  GateNormParams p{};
+  p.z_kind = kind_of(z, "ahn_rt.gdn_gate_norm: z");
+  p.w_kind = kind_of(weight, "ahn_rt.gdn_gate_norm: weight");
+  at::Tensor y = at::empty({n, H, D}, o.options());
+  p.o = o.data_ptr();
+  p.z = z.data_ptr();
+  p.w = weight.data_ptr();
+  p.y = y.data_ptr();
+  p.n = n;
+  p.H = H;
+  p.D = D;
+  p.o_s0 = o.stride(0);
+  p.o_s1 = o.stride(1);
+  p.z_s0 = z.stride(0);
+  p.z_s1 = z.stride(1);
+  p.w_s0 = weight.stride(0);
+  p.eps = static_cast<float>(eps);
+  if (y.numel() == 0) return y;
+  dispatch_device(
+      o, o.scalar_type(), op, [&](auto tag, void* stream) { gate_norm_cuda<decltype(tag)>(p, stream); },
+      [&](auto tag) { gate_norm_cpu<decltype(tag)>(p); });
+  return y;
 }
 
 }  // namespace ahn_rt

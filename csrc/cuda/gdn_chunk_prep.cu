@@ -1,0 +1,174 @@
+// CUDA gdn_chunk_prep kernel: the chunk-local part of the chunked gated delta rule, everything of a
+// GatedDeltaNet prefill but the chunk-to-chunk recurrence (reference: ahn_rt/ref.py gdn_chunk_prep_ref; the
+// math: docs/semantics.md §5 and GdnChunkPrepParams in common.h). Test: pytest -m cuda tests/test_prefill.py.
+//
+// One block per (chunk, head), float32 throughout:
+//   1. each warp l2-normalizes rows of k and q into shared memory (q times scale), with beta and alpha;
+//   2. one thread forms the cumulative log-decay G of the chunk (64 adds, a fixed order);
+//   3. A (strictly lower, kept in shared memory) and P (lower with the diagonal, written out): one (i, j)
+//      pair per thread and step, dot products over Dk from shared memory;
+//   4. (I + A) [w | u] = [diag(beta e^G) K | diag(beta) V] by forward substitution, one column per thread:
+//      a column's 64 unknowns stay in registers and no thread waits for another;
+//   5. qg, kd_t (transposed) and gl.
+// Rows of the shared tiles are padded by one float so that the threads of a warp, which read the same
+// element of different rows, hit distinct banks.
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "../common.h"
+
+namespace ahn_rt {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int CH = static_cast<int>(kScanChunk);
+
+inline int64_t prep_smem_bytes(int64_t Dk) {
+  return (2 * CH * (Dk + 1) + CH * (CH + 1) + 2 * CH) * static_cast<int64_t>(sizeof(float));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepParams p) {
+  extern __shared__ float smem[];
+  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv), KP = Dk + 1;
+  const int n = blockIdx.x, h = blockIdx.y;
+  const int hk = h / static_cast<int>(p.H / p.Hkv);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* Ks = smem;                  // [CH][KP]  k^
+  float* Qs = Ks + CH * KP;          // [CH][KP]  q^ * scale
+  float* Am = Qs + CH * KP;          // [CH][CH + 1]
+  float* G = Am + CH * (CH + 1);     // [CH]
+  float* Bt = G + CH;                // [CH]
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const int64_t t0 = static_cast<int64_t>(n) * CH;
+
+  // 1. Rows.
+  for (int i = warp; i < CH; i += kThreads / 32) {
+    const int64_t t = t0 + i;
+    const bool ok = t < p.n;
+    const T* kr = k + t * p.k_s0 + hk * p.k_s1;
+    const T* qr = q + t * p.q_s0 + h * p.q_s1;
+    float ssk = 0.f, ssq = 0.f;
+    for (int d = lane; d < Dk; d += 32) {
+      const float kv = ok ? static_cast<float>(kr[d]) : 0.f;
+      const float qv = ok ? static_cast<float>(qr[d]) : 0.f;
+      Ks[i * KP + d] = kv;
+      Qs[i * KP + d] = qv;
+      ssk = fmaf(kv, kv, ssk);
+      ssq = fmaf(qv, qv, ssq);
+    }
+    const float kn = sqrtf(warp_sum(ssk)) + kGdnL2Eps, qn = sqrtf(warp_sum(ssq)) + kGdnL2Eps;
+    for (int d = lane; d < Dk; d += 32) {
+      Ks[i * KP + d] = Ks[i * KP + d] / kn;
+      Qs[i * KP + d] = Qs[i * KP + d] / qn * p.scale;
+    }
+    if (lane == 0) {
+      Bt[i] = ok ? load_kind(p.beta, p.beta_kind, t * p.b_s0 + h * p.b_s1) : 0.f;
+      G[i] = ok ? load_kind(p.alpha, p.alpha_kind, t * p.a_s0 + h * p.a_s1) : 0.f;
+    }
+  }
+  __syncthreads();
+  // 2. The cumulative log-decay.
+  if (threadIdx.x == 0) {
+    float g = 0.f;
+    for (int i = 0; i < CH; ++i) {
+      g += G[i];
+      G[i] = g;
+    }
+  }
+  __syncthreads();
+
+  const int64_t tile = static_cast<int64_t>(h) * p.N + n;   // (h, n): the output tiles' index
+  // 3. A and P.
+  float* P = p.P + tile * CH * CH;
+  for (int e = threadIdx.x; e < CH * CH; e += kThreads) {
+    const int i = e / CH, j = e % CH;
+    float a = 0.f, pq = 0.f;
+    if (j <= i) {
+      float kk = 0.f, qk = 0.f;
+      for (int d = 0; d < Dk; ++d) {
+        const float kj = Ks[j * KP + d];
+        kk = fmaf(Ks[i * KP + d], kj, kk);
+        qk = fmaf(Qs[i * KP + d], kj, qk);
+      }
+      const float decay = expf(G[i] - G[j]);
+      pq = qk * decay;
+      if (j < i) a = Bt[i] * kk * decay;
+    }
+    Am[i * (CH + 1) + j] = a;
+    P[e] = pq;
+  }
+  __syncthreads();
+
+  // 4. Forward substitution, one column of [w | u] per thread.
+  float* w = p.w + tile * CH * Dk;
+  float* u = p.u + tile * CH * Dv;
+  for (int c = threadIdx.x; c < Dk + Dv; c += kThreads) {
+    const bool is_w = c < Dk;
+    const T* vc = v + hk * p.v_s1 + (c - Dk);
+    float x[CH];
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      float r;
+      if (is_w) {
+        r = (Bt[i] * expf(G[i])) * Ks[i * KP + c];
+      } else {
+        const int64_t t = t0 + i;
+        r = t < p.n ? Bt[i] * static_cast<float>(vc[t * p.v_s0]) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < i; ++j) r = fmaf(-Am[i * (CH + 1) + j], x[j], r);
+      x[i] = r;
+    }
+    if (is_w) {
+#pragma unroll
+      for (int i = 0; i < CH; ++i) w[i * Dk + c] = x[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < CH; ++i) u[i * Dv + c - Dk] = x[i];
+    }
+  }
+
+  // 5. qg, kd_t, gl.
+  const float gC = G[CH - 1];
+  float* qg = p.qg + tile * CH * Dk;
+  float* kd_t = p.kd_t + tile * CH * Dk;
+  for (int e = threadIdx.x; e < CH * Dk; e += kThreads) {
+    const int i = e / Dk, d = e % Dk;
+    qg[e] = expf(G[i]) * Qs[i * KP + d];
+  }
+  for (int e = threadIdx.x; e < Dk * CH; e += kThreads) {
+    const int d = e / CH, i = e % CH;
+    kd_t[e] = Ks[i * KP + d] * expf(gC - G[i]);
+  }
+  if (threadIdx.x == 0) p.gl[tile] = expf(gC);
+}
+
+}  // namespace
+
+template <typename T>
+void gdn_chunk_prep_cuda(const GdnChunkPrepParams& p, void* stream) {
+  const int64_t smem = prep_smem_bytes(p.Dk);
+  const DeviceInfo info = device_info();
+  TORCH_CHECK(smem <= info.smem_optin, "ahn_rt.gdn_chunk_prep: needs ", smem,
+              " bytes of shared memory per block, the device allows ", info.smem_optin);
+  // The opt-in limit is set once per device and dtype (to the device's maximum).
+  static thread_local int configured_device = -1;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (configured_device != dev) {
+    cudaFuncSetAttribute(gdn_chunk_prep_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
+    configured_device = dev;
+  }
+  const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(p.H));
+  gdn_chunk_prep_kernel<T><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+}
+
+template void gdn_chunk_prep_cuda<float>(const GdnChunkPrepParams&, void*);
+template void gdn_chunk_prep_cuda<c10::BFloat16>(const GdnChunkPrepParams&, void*);
+template void gdn_chunk_prep_cuda<c10::Half>(const GdnChunkPrepParams&, void*);
+
+}  // namespace ahn_rt

@@ -1,0 +1,158 @@
+// CUDA kernels of the prefill's fused elementwise steps: attn_merge, silu_mul, rope, gate_norm (references:
+// ahn_rt/ref.py attn_merge_ref, silu_mul_ref, rope_ref, gdn_gate_norm_ref). Test: pytest -m cuda
+// tests/test_prefill.py.
+//
+// attn_merge: one warp per (row, head); every lane forms the same log-sum-exp weights of the parts that
+// cover the row (at most kMergeMaxParts), then the lanes sum D values each. One pass over the partial
+// outputs instead of a chain of float32 elementwise ops.
+// silu_mul: one thread per output element, both ops rounded to T as torch's silu then mul.
+// rope: one thread per rotation pair (i, i + D/2), each op rounded as torch's, no fused multiply-add.
+// gate_norm: one warp per (row, head), the lanes holding D/32 values each.
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "../common.h"
+
+namespace ahn_rt {
+namespace {
+
+template <typename T>
+__global__ void attn_merge_kernel(AttnMergeParams p) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (warp >= p.rows * p.H) return;
+  const int64_t r = warp / p.H, h = warp % p.H;
+  float w[kMergeMaxParts];
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kMergeMaxParts; ++i) {
+    w[i] = -INFINITY;
+    if (i < p.parts) {
+      const int64_t j = r - p.off[i];
+      if (j >= 0 && j < p.n[i]) w[i] = p.lse[i][h * p.lse_s0[i] + j];
+    }
+    m = fmaxf(m, w[i]);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMergeMaxParts; ++i) sum += (i < p.parts) ? expf(w[i] - m) : 0.f;
+  const float total = m + logf(sum);
+#pragma unroll
+  for (int i = 0; i < kMergeMaxParts; ++i) w[i] = (i < p.parts) ? expf(w[i] - total) : 0.f;
+  T* out = static_cast<T*>(p.out) + (r * p.H + h) * p.D;
+  for (int64_t d = lane; d < p.D; d += 32) {
+    float acc = 0.f;
+#pragma unroll
+    for (int i = 0; i < kMergeMaxParts; ++i) {
+      if (i >= p.parts) break;
+      const int64_t j = r - p.off[i];
+      if (j < 0 || j >= p.n[i]) continue;
+      acc += w[i] * static_cast<float>(static_cast<const T*>(p.o[i])[j * p.o_s0[i] + h * p.o_s1[i] + d]);
+    }
+    out[d] = T(acc);
+  }
+}
+
+template <typename T>
+__global__ void silu_mul_kernel(SiluMulParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.rows * p.N) return;
+  const int64_t r = i / p.N, c = i % p.N;
+  const T* x = static_cast<const T*>(p.x) + r * p.x_s0;
+  const float g = static_cast<float>(x[c]);
+  const float s = round_to<T>(g / (1.f + expf(-g)));
+  static_cast<T*>(p.out)[i] = T(s * static_cast<float>(x[p.N + c]));
+}
+
+
+template <typename T>
+__global__ void rope_kernel(RopeParams p) {
+  const int64_t half = p.D / 2;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.T * p.nh * half) return;
+  const int64_t t = i / (p.nh * half), h = (i / half) % p.nh, d = i % half;
+  const T* x = static_cast<const T*>(p.x) + t * p.x_s0 + h * p.x_s1;
+  const T* c = static_cast<const T*>(p.cos) + t * p.D;
+  const T* s = static_cast<const T*>(p.sin) + t * p.D;
+  T* out = static_cast<T*>(p.out) + (t * p.nh + h) * p.D;
+  const float x1 = static_cast<float>(x[d]), x2 = static_cast<float>(x[d + half]);
+  const float a1 = round_to<T>(__fmul_rn(x1, static_cast<float>(c[d])));
+  const float b1 = round_to<T>(__fmul_rn(-x2, static_cast<float>(s[d])));
+  const float a2 = round_to<T>(__fmul_rn(x2, static_cast<float>(c[d + half])));
+  const float b2 = round_to<T>(__fmul_rn(x1, static_cast<float>(s[d + half])));
+  out[d] = T(__fadd_rn(a1, b1));
+  out[d + half] = T(__fadd_rn(a2, b2));
+}
+
+template <typename T>
+__global__ void gate_norm_kernel(GateNormParams p) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (warp >= p.n * p.H) return;
+  const int64_t r = warp / p.H, h = warp % p.H;
+  const T* o = static_cast<const T*>(p.o) + r * p.o_s0 + h * p.o_s1;
+  float ss = 0.f;
+  for (int64_t d = lane; d < p.D; d += 32) {
+    const float v = static_cast<float>(o[d]);
+    ss = fmaf(v, v, ss);
+  }
+  const float rs = rsqrtf(warp_sum(ss) / static_cast<float>(p.D) + p.eps);
+  const float z = load_kind(p.z, p.z_kind, r * p.z_s0 + h * p.z_s1);
+  const float sig = 1.f / (1.f + expf(-z));
+  T* y = static_cast<T*>(p.y) + (r * p.H + h) * p.D;
+  for (int64_t d = lane; d < p.D; d += 32) {
+    const float v = __fmul_rn(__fmul_rn(static_cast<float>(o[d]), rs), load_kind(p.w, p.w_kind, d * p.w_s0));
+    y[d] = T(__fmul_rn(__fmul_rn(v, z), sig));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void attn_merge_cuda(const AttnMergeParams& p, void* stream) {
+  const int64_t warps = p.rows * p.H;
+  const int threads = 256;
+  const int64_t blocks = (warps * 32 + threads - 1) / threads;
+  attn_merge_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+}
+
+template <typename T>
+void silu_mul_cuda(const SiluMulParams& p, void* stream) {
+  const int64_t n = p.rows * p.N;
+  const int threads = 256;
+  silu_mul_kernel<T><<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
+                       static_cast<cudaStream_t>(stream)>>>(p);
+}
+
+template <typename T>
+void rope_cuda(const RopeParams& p, void* stream) {
+  const int64_t n = p.T * p.nh * (p.D / 2);
+  const int threads = 256;
+  rope_kernel<T><<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
+                   static_cast<cudaStream_t>(stream)>>>(p);
+}
+
+template <typename T>
+void gate_norm_cuda(const GateNormParams& p, void* stream) {
+  const int64_t warps = p.n * p.H;
+  const int threads = 256;
+  gate_norm_kernel<T><<<static_cast<unsigned>((warps * 32 + threads - 1) / threads), threads, 0,
+                        static_cast<cudaStream_t>(stream)>>>(p);
+}
+
+template void attn_merge_cuda<float>(const AttnMergeParams&, void*);
+template void attn_merge_cuda<c10::BFloat16>(const AttnMergeParams&, void*);
+template void attn_merge_cuda<c10::Half>(const AttnMergeParams&, void*);
+template void silu_mul_cuda<float>(const SiluMulParams&, void*);
+template void silu_mul_cuda<c10::BFloat16>(const SiluMulParams&, void*);
+template void silu_mul_cuda<c10::Half>(const SiluMulParams&, void*);
+
+template void rope_cuda<float>(const RopeParams&, void*);
+template void rope_cuda<c10::BFloat16>(const RopeParams&, void*);
+template void rope_cuda<c10::Half>(const RopeParams&, void*);
+template void gate_norm_cuda<float>(const GateNormParams&, void*);
+template void gate_norm_cuda<c10::BFloat16>(const GateNormParams&, void*);
+template void gate_norm_cuda<c10::Half>(const GateNormParams&, void*);
+
+}  // namespace ahn_rt
