@@ -13,6 +13,7 @@ model is loaded (``note_backend``), and in the stats line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
@@ -148,7 +149,8 @@ def gdn_chunk_scan(w, u, kd_t, qg, gl, state):
 
 def gdn_chunk_prep(q, k, v, beta, alpha, scale):
     """The chunk-local work of every chunk in one kernel (CPU and CUDA); float64 inputs take the reference."""
-    ok = q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    ok = (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+          and (not q.is_cuda or q.shape[-1] % 4 == 0))
     fn = torch.ops.ahn_rt.gdn_chunk_prep if _use_ext(q) and ok else ref.gdn_chunk_prep_ref
     return fn(q, k, v, beta, alpha, scale)
 
@@ -229,7 +231,8 @@ def _cudnn(q, k, v, causal: bool, scale: float):
     return out, res[1].reshape(H, Tq)
 
 
-def _attention_calls(p0: int, T: int, sinks: int, window: int):
+@functools.lru_cache(maxsize=256)   # every layer of a chunk asks for the same plan
+def _attention_calls(p0: int, T: int, sinks: int, window: int) -> tuple:
     """The kernel calls of a chunk's attention: (i_lo, i_hi, source, lo, n, kind, left, right) with the
     queries [i_lo, i_hi] of the chunk, keys rows [lo, lo + n) of ``source`` ("cache" or "chunk"), and kind
     "full" (every query sees every key), "causal" (a square block of the chunk's own keys) or "window"
@@ -278,7 +281,7 @@ def _attention_calls(p0: int, T: int, sinks: int, window: int):
             merged[-1] = (*last[:4], last[4] + c[4], *last[5:])
         else:
             merged.append(c)
-    return merged + [c for c in calls if not (c[5] == "full" and c[2] == "cache")]
+    return tuple(merged + [c for c in calls if not (c[5] == "full" and c[2] == "cache")])
 
 
 def _rows_aligned(t):

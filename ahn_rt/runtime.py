@@ -510,7 +510,6 @@ class _Prefill:
     def __init__(self, model: Model, sess: "Session", prompt, cache=None):
         from .serve.prefix_cache import make_plan, schedule
         self.sess = sess
-        self.ids = torch.tensor(prompt.ids, dtype=torch.int64)   # on the host: each chunk is checked and copied
         n, C = len(prompt.ids), sess.chunk_size
         self.cache = cache if sess.position == 0 else None
         self.plan = None
@@ -534,6 +533,8 @@ class _Prefill:
             ends = [*range(C, n, C), n]
         self._todo = [e for e in ends if e > self.hit]
         self._at = self.hit
+        # The ids still to prefill, on the host (each chunk is checked and copied): not the cached prefix.
+        self.ids = torch.tensor(prompt.ids[self.hit:], dtype=torch.int64)
 
     @property
     def done(self) -> bool:
@@ -547,7 +548,7 @@ class _Prefill:
     @torch.inference_mode()
     def chunk(self):
         end = self._todo.pop(0)
-        logits = self.sess.forward(self.ids[self._at: end], last_only=True)
+        logits = self.sess.forward(self.ids[self._at - self.hit: end - self.hit], last_only=True)
         self._at = end
         if end in self._snaps:
             self.cache.store(self.plan, end, self.sess.state, logits[-1])

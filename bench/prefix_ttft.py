@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     prefix = torch.randint(0, c.vocab_size, (args.prefix_tokens,), generator=g).tolist()
     questions = [torch.randint(0, c.vocab_size, (args.question_tokens,), generator=g).tolist()
-                 for _ in range(2 * args.repeats + 2)]
+                 for _ in range(2 * args.repeats + 3)]
     prompts = [prefix + q for q in questions]
     sess = model.new_session()
     print(f"[prefix_ttft] {args.weights or args.preset} {c.dtype} on {dev}, window {c.window}, sinks {c.sinks}, "
@@ -153,9 +153,17 @@ def main(argv=None) -> int:
     if args.profile:   # where a cached request's time goes: one more request with a new question
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
-            ttft(model, sess, prompts[-1])
+            ttft(model, sess, prompts[-2])
         for key in ("cpu_time_total", "self_cpu_time_total") + (("cuda_time_total",) if dev.type == "cuda" else ()):
             print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=55), file=sys.stderr)
+        # and the host's Python functions of one more request (cProfile: which step the host time goes to)
+        import cProfile
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        ttft(model, sess, prompts[-1])
+        pr.disable()
+        pstats.Stats(pr, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio = med["hit"] / med["cold"]

@@ -97,6 +97,19 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   __syncthreads();
   return t;
 }
+// 16-byte global -> shared copy that does not hold a register (sm_80+ cp.async, L2 only). Copies issued
+// since the last commit form a group; cp_async_wait<N> waits until at most N groups are in flight.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait<0>();
+}
 // Programmatic dependent launch (sm_90): no-ops unless the launch set the PDL attribute. A kernel launched
 // with it may start while the previous kernel still runs (once that one's blocks all called
 // pdl_launch_dependents or exited); before pdl_wait it may read only what that previous kernel does not write.

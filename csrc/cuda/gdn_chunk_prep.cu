@@ -5,13 +5,14 @@
 // One block per (chunk, head), float32 throughout:
 //   1. each warp l2-normalizes rows of k and q into shared memory (q times scale), with beta and alpha;
 //   2. one thread forms the cumulative log-decay G of the chunk (64 adds, a fixed order);
-//   3. A (strictly lower, kept in shared memory) and P (lower with the diagonal, written out): one (i, j)
-//      pair per thread and step, dot products over Dk from shared memory;
+//   3. A (strictly lower, kept in shared memory) and P (lower with the diagonal, written out): each thread
+//      a 4 x 4 register tile of (i, j) pairs, rows i = ti + 16a and j = tj + 16b, float4 loads over Dk;
 //   4. (I + A) [w | u] = [diag(beta e^G) K | diag(beta) V] by forward substitution, one column per thread:
-//      a column's 64 unknowns stay in registers and no thread waits for another;
+//      a column's 64 unknowns stay in registers and no thread waits for another; A is read four
+//      entries at a time (a broadcast) into four independent sums;
 //   5. qg, kd_t (transposed) and gl.
-// Rows of the shared tiles are padded by one float so that the threads of a warp, which read the same
-// element of different rows, hit distinct banks.
+// Rows of the shared tiles are padded by 4 floats: the float4 reads of 8 consecutive rows (a quarter warp)
+// hit distinct banks.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -24,21 +25,26 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int CH = static_cast<int>(kScanChunk);
 
+constexpr int AP = CH + 4;   // padded row of A
+
 inline int64_t prep_smem_bytes(int64_t Dk) {
-  return (2 * CH * (Dk + 1) + CH * (CH + 1) + 2 * CH) * static_cast<int64_t>(sizeof(float));
+  return (2 * CH * (Dk + 4) + CH * AP + 2 * CH) * static_cast<int64_t>(sizeof(float));
 }
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepParams p) {
-  extern __shared__ float smem[];
-  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv), KP = Dk + 1;
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv), KP = Dk + 4;
   const int n = blockIdx.x, h = blockIdx.y;
   const int hk = h / static_cast<int>(p.H / p.Hkv);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* Ks = smem;                  // [CH][KP]  k^
   float* Qs = Ks + CH * KP;          // [CH][KP]  q^ * scale
-  float* Am = Qs + CH * KP;          // [CH][CH + 1]
-  float* G = Am + CH * (CH + 1);     // [CH]
+  float* Am = Qs + CH * KP;          // [CH][AP]
+  float* G = Am + CH * AP;           // [CH]
   float* Bt = G + CH;                // [CH]
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -82,24 +88,51 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
   __syncthreads();
 
   const int64_t tile = static_cast<int64_t>(h) * p.N + n;   // (h, n): the output tiles' index
-  // 3. A and P.
+  // 3. A and P: thread (ti, tj) owns rows i = ti + 16a, columns j = tj + 16b (a, b < 4).
   float* P = p.P + tile * CH * CH;
-  for (int e = threadIdx.x; e < CH * CH; e += kThreads) {
-    const int i = e / CH, j = e % CH;
-    float a = 0.f, pq = 0.f;
-    if (j <= i) {
-      float kk = 0.f, qk = 0.f;
-      for (int d = 0; d < Dk; ++d) {
-        const float kj = Ks[j * KP + d];
-        kk = fmaf(Ks[i * KP + d], kj, kk);
-        qk = fmaf(Qs[i * KP + d], kj, qk);
+  {
+    const int ti = threadIdx.x >> 4, tj = threadIdx.x & 15;
+    float kk[4][4], qk[4][4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) kk[a][b] = qk[a][b] = 0.f;
+    for (int d = 0; d < Dk; d += 4) {
+      float4 ki[4], qi[4], kj[4];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+        ki[a] = ld4(Ks + (ti + 16 * a) * KP + d);
+        qi[a] = ld4(Qs + (ti + 16 * a) * KP + d);
+        kj[a] = ld4(Ks + (tj + 16 * a) * KP + d);
       }
-      const float decay = expf(G[i] - G[j]);
-      pq = qk * decay;
-      if (j < i) a = Bt[i] * kk * decay;
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          kk[a][b] = fmaf(ki[a].x, kj[b].x, kk[a][b]);
+          kk[a][b] = fmaf(ki[a].y, kj[b].y, kk[a][b]);
+          kk[a][b] = fmaf(ki[a].z, kj[b].z, kk[a][b]);
+          kk[a][b] = fmaf(ki[a].w, kj[b].w, kk[a][b]);
+          qk[a][b] = fmaf(qi[a].x, kj[b].x, qk[a][b]);
+          qk[a][b] = fmaf(qi[a].y, kj[b].y, qk[a][b]);
+          qk[a][b] = fmaf(qi[a].z, kj[b].z, qk[a][b]);
+          qk[a][b] = fmaf(qi[a].w, kj[b].w, qk[a][b]);
+        }
     }
-    Am[i * (CH + 1) + j] = a;
-    P[e] = pq;
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const int i = ti + 16 * a, j = tj + 16 * b;
+        float av = 0.f, pq = 0.f;
+        if (j <= i) {
+          const float decay = expf(G[i] - G[j]);
+          pq = qk[a][b] * decay;
+          if (j < i) av = Bt[i] * kk[a][b] * decay;
+        }
+        Am[i * AP + j] = av;
+        P[i * CH + j] = pq;
+      }
   }
   __syncthreads();
 
@@ -111,6 +144,8 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
     const T* vc = v + hk * p.v_s1 + (c - Dk);
     float x[CH];
 #pragma unroll
+    for (int i = 0; i < CH; ++i) x[i] = 0.f;   // A_ij = 0 for j >= i: the float4 reads past j = i - 1 see 0 * 0
+#pragma unroll
     for (int i = 0; i < CH; ++i) {
       float r;
       if (is_w) {
@@ -119,9 +154,16 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
         const int64_t t = t0 + i;
         r = t < p.n ? Bt[i] * static_cast<float>(vc[t * p.v_s0]) : 0.f;
       }
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll
-      for (int j = 0; j < i; ++j) r = fmaf(-Am[i * (CH + 1) + j], x[j], r);
-      x[i] = r;
+      for (int j = 0; j < i; j += 4) {
+        const float4 a = ld4(Am + i * AP + j);
+        s0 = fmaf(a.x, x[j], s0);
+        s1 = fmaf(a.y, x[j + 1], s1);
+        s2 = fmaf(a.z, x[j + 2], s2);
+        s3 = fmaf(a.w, x[j + 3], s3);
+      }
+      x[i] = r - ((s0 + s1) + (s2 + s3));
     }
     if (is_w) {
 #pragma unroll
@@ -151,6 +193,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
 
 template <typename T>
 void gdn_chunk_prep_cuda(const GdnChunkPrepParams& p, void* stream) {
+  TORCH_CHECK(p.Dk % 4 == 0, "ahn_rt.gdn_chunk_prep: CUDA takes Dk a multiple of 4, got ", p.Dk);
   const int64_t smem = prep_smem_bytes(p.Dk);
   const DeviceInfo info = device_info();
   TORCH_CHECK(smem <= info.smem_optin, "ahn_rt.gdn_chunk_prep: needs ", smem,

@@ -7,8 +7,9 @@
 // 64 tokens the block stages w, qg (rows) and kd (transposed) in shared memory and does
 //   1. v_new = u - w S and o_inter = qg S     (each thread: 4 rows x 1 column, float4 over Dk)
 //   2. S <- gl S + kd^T v_new                 (each thread: Dk/16 state rows x 1 column, float4 over C)
-// with two block barriers. Rows are padded by 4 floats so the float4 reads of a quarter warp hit distinct
-// banks. All arithmetic is float32 FMA in a fixed order: the result does not depend on the grid.
+// with two block barriers. The tiles are double-buffered: chunk n + 1's are copied in (cp.async) while
+// chunk n computes. Rows are padded by 4 floats so the float4 reads of a quarter warp hit distinct banks.
+// All arithmetic is float32 FMA in a fixed order: the result does not depend on the grid.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -23,9 +24,31 @@ constexpr int BV = static_cast<int>(kScanCols);
 constexpr int CH = static_cast<int>(kScanChunk);
 constexpr int CP = CH + 4;  // padded row of the transposed tiles (kd^T, v_new^T)
 
+// One stage of the pipeline: w and qg [CH][Dk + 4], kd^T [Dk][CP].
+__host__ __device__ inline int64_t scan_stage_floats(int64_t Dk) { return 2 * CH * (Dk + 4) + Dk * CP; }
 __host__ __device__ inline int64_t scan_smem_floats(int64_t Dk) {
-  const int64_t dkp = Dk + 4;
-  return BV * dkp + 2 * CH * dkp + Dk * CP + BV * CP;
+  return BV * (Dk + 4) + 2 * scan_stage_floats(Dk) + BV * CP;
+}
+
+// Chunk n's w, qg and kd^T tiles into one stage (16-byte copies, in flight until cp_async_wait).
+__device__ __forceinline__ void scan_stage_load(const GdnChunkScanParams& p, int h, int n, float* stage) {
+  const int Dk = static_cast<int>(p.Dk), DKP = Dk + 4, dk4 = Dk / 4, N = static_cast<int>(p.N);
+  float* Ws = stage;
+  float* Qs = Ws + CH * DKP;
+  float* Kt = Qs + CH * DKP;
+  const int64_t tile = (static_cast<int64_t>(h) * N + n) * CH;
+  const float* w = p.w + tile * Dk;
+  const float* q = p.qg + tile * Dk;
+  const float* k = p.kd_t + tile * Dk;
+  for (int i = threadIdx.x; i < CH * dk4; i += kThreads) {
+    const int r = i / dk4, c = i % dk4;
+    cp_async16(Ws + r * DKP + 4 * c, w + 4 * i);
+    cp_async16(Qs + r * DKP + 4 * c, q + 4 * i);
+  }
+  for (int i = threadIdx.x; i < Dk * (CH / 4); i += kThreads) {
+    const int kk = i / (CH / 4), c = i % (CH / 4);
+    cp_async16(Kt + kk * CP + 4 * c, k + 4 * i);
+  }
 }
 
 __device__ inline float dot4(float4 a, float4 b, float acc) {
@@ -43,13 +66,14 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
   const int h = blockIdx.y, j0 = blockIdx.x * BV;
   const int t = threadIdx.x, j = t & (BV - 1), rb = t >> 4;
   const bool col_ok = j0 + j < Dv;
-  float* St = smem;                // [BV][DKP]  the state slice, transposed
-  float* Ws = St + BV * DKP;       // [CH][DKP]
-  float* Qs = Ws + CH * DKP;       // [CH][DKP]
-  float* Kt = Qs + CH * DKP;       // [Dk][CP]   kd^T
-  float* Ut = Kt + Dk * CP;        // [BV][CP]   v_new^T
+  float* St = smem;                                  // [BV][DKP]  the state slice, transposed
+  float* stages = St + BV * DKP;                     // 2 x {Ws [CH][DKP], Qs [CH][DKP], Kt [Dk][CP]}
+  float* Ut = stages + 2 * scan_stage_floats(Dk);    // [BV][CP]   v_new^T
+  const int stage_floats = static_cast<int>(scan_stage_floats(Dk));
 
   float* state = p.state + static_cast<int64_t>(h) * Dk * Dv;
+  scan_stage_load(p, h, 0, stages);
+  cp_async_commit();
   for (int i = t; i < BV * Dk; i += kThreads) {
     const int jj = i / Dk, k = i % Dk;
     St[jj * DKP + k] = (j0 + jj < Dv) ? state[static_cast<int64_t>(k) * Dv + j0 + jj] : 0.f;
@@ -57,19 +81,17 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
   const int dk4 = Dk / 4;
   for (int n = 0; n < N; ++n) {
     const int64_t tile = (static_cast<int64_t>(h) * N + n) * CH;
-    const float4* w4 = reinterpret_cast<const float4*>(p.w + tile * Dk);
-    const float4* q4 = reinterpret_cast<const float4*>(p.qg + tile * Dk);
-    const float4* k4 = reinterpret_cast<const float4*>(p.kd_t + tile * Dk);
-    for (int i = t; i < CH * dk4; i += kThreads) {
-      const int r = i / dk4, c = i % dk4;
-      reinterpret_cast<float4*>(Ws + r * DKP)[c] = __ldg(w4 + i);
-      reinterpret_cast<float4*>(Qs + r * DKP)[c] = __ldg(q4 + i);
-    }
-    for (int i = t; i < Dk * (CH / 4); i += kThreads) {
-      const int k = i / (CH / 4), c = i % (CH / 4);
-      reinterpret_cast<float4*>(Kt + k * CP)[c] = __ldg(k4 + i);
-    }
+    if (n + 1 < N) scan_stage_load(p, h, n + 1, stages + ((n + 1) & 1) * stage_floats);
+    cp_async_commit();
+    float uu[4];   // this chunk's u and gl, loaded while the copies land
+#pragma unroll
+    for (int m = 0; m < 4; ++m) uu[m] = col_ok ? p.u[(tile + rb + 16 * m) * Dv + j0 + j] : 0.f;
+    const float g = p.gl[static_cast<int64_t>(h) * N + n];
+    cp_async_wait<1>();   // chunk n's stage has landed (chunk n + 1's may still be in flight)
     __syncthreads();
+    float* Ws = stages + (n & 1) * stage_floats;
+    float* Qs = Ws + CH * DKP;
+    float* Kt = Qs + CH * DKP;
     // 1. v_new = u - w S, o_inter = qg S for rows rb + 16 m, column j.
     float au[4] = {0.f, 0.f, 0.f, 0.f}, ao[4] = {0.f, 0.f, 0.f, 0.f};
     const float4* s_row = reinterpret_cast<const float4*>(St + j * DKP);
@@ -88,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
       float un = 0.f;
       if (col_ok) {
         const int64_t o = (tile + r) * Dv + j0 + j;
-        un = p.u[o] - au[m];
+        un = uu[m] - au[m];
         p.v_new[o] = un;
         p.o_inter[o] = ao[m];
       }
@@ -96,7 +118,6 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
     }
     __syncthreads();
     // 2. S <- gl S + kd^T v_new for state rows kb + 16 m, column j.
-    const float g = p.gl[static_cast<int64_t>(h) * N + n];
     const float4* u_row = reinterpret_cast<const float4*>(Ut + j * CP);
     for (int k = rb; k < Dk; k += 16) {
       float acc = g * St[j * DKP + k];

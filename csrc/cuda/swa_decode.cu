@@ -65,15 +65,6 @@ __device__ __forceinline__ void lds8(const T* ptr, float (&f)[8]) {
   }
 }
 
-// 16-byte global -> shared copy that does not hold a register (sm_80+ cp.async, L2 only).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
-
 // Copy rows [0, nk) of one cache tile (row stride `stride` elements) into shared memory [nk][D]:
 // all of it in flight at once with cp.async when 16-byte aligned, else element by element.
 template <typename T>
