@@ -54,6 +54,12 @@ def _gdn_chunk_prep_fake(q, k, v, beta, alpha, scale):
             q.new_empty(H, N, C, Dk, **f), q.new_empty(H, N, **f), q.new_empty(H, N, C, C, **f))
 
 
+@torch.library.register_fake("ahn_rt::mamba2_chunk_prep")
+def _mamba2_chunk_prep_fake(q, k, v, dt, a_log):
+    _, u, kd_t, qg, gl, P = _gdn_chunk_prep_fake(q, k, v, dt, None, 1.0)
+    return u, kd_t, qg, gl, P
+
+
 @torch.library.register_fake("ahn_rt::gdn_chunk_scan")
 def _gdn_chunk_scan_fake(w, u, kd_t, qg, gl, state):
     return torch.empty_like(u), torch.empty_like(u)

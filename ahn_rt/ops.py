@@ -142,8 +142,9 @@ def silu_mul(x):
 
 
 def gdn_chunk_scan(w, u, kd_t, qg, gl, state):
-    cuda_ok = not w.is_cuda or (w.shape[2] == ref.GDN_CHUNK and w.shape[3] % 4 == 0 and w.shape[3] <= 128)
-    fn = torch.ops.ahn_rt.gdn_chunk_scan if _use_ext(w) and cuda_ok else ref.gdn_chunk_scan_ref
+    """The chunk-to-chunk recurrence (w None: no delta correction, Mamba2)."""
+    cuda_ok = not qg.is_cuda or (qg.shape[2] == ref.GDN_CHUNK and qg.shape[3] % 4 == 0 and qg.shape[3] <= 128)
+    fn = torch.ops.ahn_rt.gdn_chunk_scan if _use_ext(qg) and cuda_ok else ref.gdn_chunk_scan_ref
     return fn(w, u, kd_t, qg, gl, state)
 
 
@@ -362,10 +363,25 @@ def gdn_output(o, z, norm_weight, o_proj, eps):
 
 
 # ---- the Mamba2 memory -------------------------------------------------------------------------------
-# Its decode step is a compiled op (CPU and CUDA, graph safe). Prefill still runs the chunked reference on
-# every device (README: a known gap until the CUDA prefill work covers it).
-mamba2_chunk = ref.mamba2_chunk_ref
+# Its decode step and its prefill's chunk-local work are compiled ops (CPU and CUDA); the prefill's
+# block-to-block recurrence is GatedDeltaNet's scan kernel without the delta correction.
 mamba2_output = ref.mamba2_output_ref
+
+
+def mamba2_chunk_prep(q, k, v, dt, a_log):
+    """Mamba2's chunk-local work of every block in one kernel (CPU and CUDA); float64 takes the reference."""
+    ok = (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+          and (not q.is_cuda or q.shape[-1] % 4 == 0))
+    fn = torch.ops.ahn_rt.mamba2_chunk_prep if _use_ext(q) and ok else ref.mamba2_chunk_prep_ref
+    return fn(q, k, v, dt, a_log)
+
+
+def mamba2_chunk(q, k, v, dt, a_log, state):
+    """The Mamba2 memory over a run of tokens (a prefill): ``mamba2_chunk_prep`` and the shared scan kernel
+    without w (ref.mamba2_chunk_blocks)."""
+    if _backend == "ref":
+        return ref.mamba2_chunk_ref(q, k, v, dt, a_log, state)
+    return ref.mamba2_chunk_blocks(q, k, v, dt, a_log, state, prep=mamba2_chunk_prep, scan=gdn_chunk_scan)
 
 
 def mamba2_decode(state, q, k, v, dt, a_log, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots=None):

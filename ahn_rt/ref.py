@@ -261,15 +261,16 @@ def gdn_chunk_scan_ref(w: torch.Tensor, u: torch.Tensor, kd_t: torch.Tensor, qg:
     """The chunk-to-chunk recurrence of the chunked gated delta rule, one chunk at a time.
 
     w, qg: [H, N, C, Dk]; u: [H, N, C, Dv]; kd_t: [H, N, Dk, C]; gl: [H, N]; state: [H, Dk, Dv] (all float32;
-    state updated in place). For chunk n with S its start state:
+    state updated in place); w None for a rule without the delta correction (Mamba2: v_new = u). For chunk
+    n with S its start state:
       v_new[n] = u[n] - w[n] S,   o_inter[n] = qg[n] S,   S <- gl[n] S + kd_t[n] v_new[n].
     Returns (v_new, o_inter), both [H, N, C, Dv].
     """
     S = state.clone()
     v_new = torch.empty_like(u)
     o_inter = torch.empty_like(u)
-    for n in range(w.shape[1]):
-        v_new[:, n] = u[:, n] - w[:, n] @ S
+    for n in range(u.shape[1]):
+        v_new[:, n] = u[:, n] if w is None else u[:, n] - w[:, n] @ S
         o_inter[:, n] = qg[:, n] @ S
         S = gl[:, n, None, None] * S + kd_t[:, n] @ v_new[:, n]
     state.copy_(S)
@@ -331,12 +332,15 @@ def gdn_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: to
     Same signature and function as ``gdn_chunk_ref``: ``scan`` gives v_new and o_inter per chunk, and
     o = o_inter + P v_new (docs/semantics.md §5).
     """
-    n, H = q.shape[0], q.shape[1]
     w, u, kd_t, qg, gl, P = prep(q, k, v, beta, alpha, q.shape[-1] ** -0.5 if scale is None else scale)
-    v_new, o_inter = scan(w, u, kd_t, qg, gl, state)
-    N, C = P.shape[1], P.shape[2]
+    return _chunk_outputs(P, *scan(w, u, kd_t, qg, gl, state), q.shape[0], q.dtype)
+
+
+def _chunk_outputs(P, v_new, o_inter, n, dtype):
+    """o = o_inter + P v_new per chunk ([H, N, C, Dv]), as [n, H, Dv] in ``dtype`` (the padding dropped)."""
+    H, N, C = P.shape[0], P.shape[1], P.shape[2]
     o = torch.baddbmm(o_inter.view(H * N, C, -1), P.view(H * N, C, C), v_new.view(H * N, C, -1))
-    return o.view(H, N * C, -1)[:, :n].transpose(0, 1).to(q.dtype)
+    return o.view(H, N * C, -1)[:, :n].transpose(0, 1).to(dtype)
 
 
 def gdn_gate_norm_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -452,6 +456,48 @@ def mamba2_chunk_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torc
         S = last.exp().float()[:, :, None] * S + (K * (last - Gc).exp().float()[:, :, None]).transpose(1, 2) @ V
     state.copy_(S)
     return out.transpose(0, 1).to(q.dtype)
+
+
+def mamba2_chunk_prep_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+                          a_log: torch.Tensor):
+    """``mamba2_chunk_ref``'s chunk-local work for every block at once (the compiled twin:
+    ``ahn_rt.mamba2_chunk_prep``), in the layout of ``gdn_chunk_prep_ref`` without the delta correction.
+
+    Inputs as ``mamba2_recurrent_ref``; the n pairs are padded to N blocks of C = 64 with zeros. Per block,
+    with G the cumulative dt A in float64: u = diag(dt) V, qg = e^G Q^, kd_t = (K^ e^(G_C - G))^T,
+    gl = e^(G_C), P = tril(Q^ K^T) e^(G_i - G_j). Returns float32 (u, kd_t, qg, gl, P) shaped as
+    ``gdn_chunk_prep_ref``'s; ``gdn_chunk_scan`` with w = None carries the state across blocks.
+    """
+    qf, kf, vf, dtf, la = _mamba2_inputs(q, k, v, dt, a_log)
+    n, H = q.shape[0], q.shape[1]
+    C = M2_CHUNK
+    N = (n + C - 1) // C
+    pad = N * C - n
+
+    def blocks(t):   # [n, H, ...] -> [H, N, C, ...] (zero padded)
+        t = t.transpose(0, 1)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(H, N, C, *t.shape[2:])
+
+    Q, K, U = blocks(qf), blocks(kf), blocks(vf * dtf[:, :, None])
+    G = blocks(la.double()).cumsum(-1)                                 # [H, N, C] float64
+    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    diff = G[..., :, None] - G[..., None, :]
+    P = (Q @ K.transpose(-1, -2)) * torch.where(incl, diff, float("-inf")).exp().float()
+    last = G[..., -1:]
+    qg = G.exp().float()[..., None] * Q
+    kd_t = (K * (last - G).exp().float()[..., None]).transpose(-1, -2)
+    gl = last[..., 0].exp().float()
+    return U.contiguous(), kd_t.contiguous(), qg.contiguous(), gl.contiguous(), P.contiguous()
+
+
+def mamba2_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, a_log: torch.Tensor,
+                        state: torch.Tensor, prep=mamba2_chunk_prep_ref, scan=gdn_chunk_scan_ref) -> torch.Tensor:
+    """``mamba2_chunk_ref`` with the chunk-local work batched over all blocks (``prep``) and only the
+    block-to-block recurrence sequential (``scan`` without w). Same signature and function."""
+    u, kd_t, qg, gl, P = prep(q, k, v, dt, a_log)
+    return _chunk_outputs(P, *scan(None, u, kd_t, qg, gl, state), q.shape[0], q.dtype)
 
 
 def mamba2_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,

@@ -347,7 +347,7 @@ struct GemvParams {
 //   v_new[n] = u[n] - w[n] S,   o_inter[n] = qg[n] S,   S <- gl[n] S + kd[n]^T v_new[n].
 // Everything float32 and contiguous.
 struct GdnChunkScanParams {
-  const float* w;      // [H, N, C, Dk]
+  const float* w;      // [H, N, C, Dk], or null: no delta correction (Mamba2), v_new = u
   const float* u;      // [H, N, C, Dv]
   const float* kd_t;   // [H, N, Dk, C]  (kd transposed: the update reads it column by column)
   const float* qg;     // [H, N, C, Dk]
@@ -364,16 +364,20 @@ struct GdnChunkScanParams {
 // cumulative log-decay:  A_ij = beta_i e^(G_i - G_j) k^_i.k^_j (j < i),  (I + A) [w | u] =
 // [diag(beta e^G) K^ | diag(beta) V],  kd_t = (K^ e^(G_C - G))^T,  qg = e^G Q^,  gl = e^(G_C),
 // P = tril(Q^ K^T e^(G_i - G_j)) (diagonal included). The outputs are gdn_chunk_scan's inputs and P.
+// With mamba2 (ahn_rt.mamba2_chunk_prep): the Mamba2 memory's chunk form, no delta correction: k^, q^ are
+// F.normalize in T (eps 1e-12, no scale), beta holds dt, alpha holds A_log [H], G the cumulative
+// dt * (-exp(A_log)) in float64, u = diag(dt) V, and there is no A and no w.
 struct GdnChunkPrepParams {
   const void* q;       // [n, H, Dk] (T), strides q_s0, q_s1, last dim 1
   const void* k;       // [n, Hkv, Dk] (T), strides k_s0, k_s1: query head h reads kv head h / (H / Hkv)
   const void* v;       // [n, Hkv, Dv] (T), strides v_s0, v_s1
-  const void* beta;    // [n, H] (beta_kind), strides b_s0, b_s1
-  const void* alpha;   // [n, H] (alpha_kind), strides a_s0, a_s1: the log-decay (<= 0)
+  const void* beta;    // [n, H] (beta_kind), strides b_s0, b_s1 (Mamba2: dt)
+  const void* alpha;   // [n, H] (alpha_kind), strides a_s0, a_s1: the log-decay (<= 0) (Mamba2: A_log [H], a_s1)
   int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1, b_s0, b_s1, a_s0, a_s1;
   Kind beta_kind, alpha_kind;
   float scale;
-  float* w;            // [H, N, C, Dk]   all outputs float32, contiguous
+  bool mamba2;
+  float* w;            // [H, N, C, Dk]   all outputs float32, contiguous (Mamba2: no w, null)
   float* u;            // [H, N, C, Dv]
   float* kd_t;         // [H, N, Dk, C]
   float* qg;           // [H, N, C, Dk]

@@ -35,7 +35,9 @@ TORCH_LIBRARY(ahn_rt, m) {
       "bool silu_mul, bool out_float) -> Tensor");
   m.def("gdn_chunk_prep(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor alpha, float scale) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("gdn_chunk_scan(Tensor w, Tensor u, Tensor kd_t, Tensor qg, Tensor gl, Tensor(a!) state) "
+  m.def("mamba2_chunk_prep(Tensor q, Tensor k, Tensor v, Tensor dt, Tensor a_log) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gdn_chunk_scan(Tensor? w, Tensor u, Tensor kd_t, Tensor qg, Tensor gl, Tensor(a!) state) "
         "-> (Tensor, Tensor)");
   m.def("attn_merge(Tensor[] outs, Tensor[] lses, int[] offsets, int rows) -> Tensor");
   m.def("silu_mul(Tensor x) -> Tensor");
@@ -51,6 +53,7 @@ TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
   m.impl("mamba2_decode", &ahn_rt::mamba2_decode);
   m.impl("gemv", &ahn_rt::gemv);
   m.impl("gdn_chunk_prep", &ahn_rt::gdn_chunk_prep);
+  m.impl("mamba2_chunk_prep", &ahn_rt::mamba2_chunk_prep);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
   m.impl("attn_merge", &ahn_rt::attn_merge);
   m.impl("silu_mul", &ahn_rt::silu_mul);
@@ -67,6 +70,7 @@ TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) {
   m.impl("mamba2_decode", &ahn_rt::mamba2_decode);
   m.impl("gemv", &ahn_rt::gemv);
   m.impl("gdn_chunk_prep", &ahn_rt::gdn_chunk_prep);
+  m.impl("mamba2_chunk_prep", &ahn_rt::mamba2_chunk_prep);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
   m.impl("attn_merge", &ahn_rt::attn_merge);
   m.impl("silu_mul", &ahn_rt::silu_mul);

@@ -98,12 +98,19 @@ for dk, dv, n in ((128, 128, 3), (12, 20, 2)):
         w=torch.randn(H, n, 64, dk, **f32) * 0.1, u=torch.randn(H, n, 64, dv, **f32),
         kd_t=torch.randn(H, n, dk, 64, **f32) * 0.1, qg=torch.randn(H, n, 64, dk, **f32),
         gl=torch.rand(H, n, **f32), state=torch.randn(H, dk, dv, **f32))
+    torch.ops.ahn_rt.gdn_chunk_scan(     # without the delta correction (Mamba2)
+        w=None, u=torch.randn(H, n, 64, dv, **f32), kd_t=torch.randn(H, n, dk, 64, **f32) * 0.1,
+        qg=torch.randn(H, n, 64, dk, **f32), gl=torch.rand(H, n, **f32), state=torch.randn(H, dk, dv, **f32))
 for dk, dv, n, hq, hk in ((128, 128, 130, H, Hkv), (48, 40, 65, 3, 1), (12, 20, 1, 2, 2)):
     proj = torch.randn(n, hq * dk + 8, device=dev, dtype=dt)
     torch.ops.ahn_rt.gdn_chunk_prep(
         q=proj[:, 8:].view(n, hq, dk), k=torch.randn(n, hk, dk, device=dev, dtype=dt),
         v=torch.randn(n, hk, dv, device=dev, dtype=dt), beta=torch.rand(n, hq, device=dev, dtype=dt),
         alpha=-torch.rand(n, hq, device=dev), scale=dk ** -0.5)
+    torch.ops.ahn_rt.mamba2_chunk_prep(
+        q=proj[:, 8:].view(n, hq, dk), k=torch.randn(n, hk, dk, device=dev, dtype=dt),
+        v=torch.randn(n, hk, dv, device=dev, dtype=dt), dt=torch.rand(n, hq, device=dev),
+        a_log=torch.rand(hq, device=dev))
     torch.ops.ahn_rt.rope(x=proj[:, 8:].view(n, hq, dk), cos=torch.randn(n, dk, device=dev, dtype=dt),
                           sin=torch.randn(n, dk, device=dev, dtype=dt))
     torch.ops.ahn_rt.gdn_gate_norm(o=proj[:, 8:].view(n, hq, dk), z=torch.randn(n, hq, device=dev, dtype=dt),

@@ -57,7 +57,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("cfg", [CFG, QWEN3], ids=["qwen2-D64", "qwen3-D128"])
 @pytest.mark.parametrize("mode,window,sinks", [("ahn", 24, 4), ("ahn", 17, 0), ("swa", 24, 4), ("full", 8, 0)],
                          ids=["ahn-W24-S4", "ahn-W17-S0", "swa", "full"])
-def test_bf16_cuda_matches_fp32_cpu(cfg, mode, window, sinks):
+def test_bf16_cuda_matches_fp32_cpu(cfg, mode, window, sinks, ceiling=BF16_MAX):
     """bf16 on the GPU is as close to float32 as bf16 on the CPU (C++ kernels) is: the error budget is
     calibrated by the CPU bf16 run of the same model, so a GPU kernel bug cannot hide in it."""
     cpu, gpu = _models(cfg, mode, window, sinks)
@@ -69,8 +69,19 @@ def test_bf16_cuda_matches_fp32_cpu(cfg, mode, window, sinks):
     agree = float((lg.argmax(-1) == ref.argmax(-1)).float().mean())
     agree_cpu = float((lb.argmax(-1) == ref.argmax(-1)).float().mean())
     print(f"GPU bf16: rel err {err:.3e}, top-1 {agree:.3f}; CPU bf16: rel err {err_cpu:.3e}, top-1 {agree_cpu:.3f}")
-    assert err < BF16_FACTOR * err_cpu + BF16_SLACK and err < BF16_MAX
+    assert err < BF16_FACTOR * err_cpu + BF16_SLACK and err < ceiling
     assert agree > min(agree_cpu, TOP1_FLOOR) - TOP1_SLACK
+
+
+@pytest.mark.parametrize("impl", ["DeltaNet", "Mamba2"])
+@pytest.mark.parametrize("cfg", [CFG, QWEN3], ids=["qwen2-D64", "qwen3-D128"])
+def test_bf16_cuda_matches_fp32_cpu_variants(cfg, impl):
+    """The other memory variants under the same calibrated bf16 budget (GatedDeltaNet: the test above).
+    Mamba2's absolute ceiling is higher: its bf16 error is larger on the CPU too, with the reference ops
+    as with the C++ kernels (qwen3-D128: 8.7e-2 and 8.5e-2 against float32; its q/k are normalized in
+    bf16 and its norm spans every head), so the calibrated bound is what checks the GPU there."""
+    ceiling = 0.12 if impl == "Mamba2" else BF16_MAX
+    test_bf16_cuda_matches_fp32_cpu(dict(cfg, _ahn_implementation=impl), "ahn", 24, 4, ceiling=ceiling)
 
 
 def test_graph_replay_equals_eager_steps(monkeypatch):
@@ -180,7 +191,7 @@ def test_dtype_gqa_mode_matrix_matches_fp32_cpu(dtype, cfg, mode):
         else:
             err_cpu = _rel(calib[part], ref[part])
             print(f"{part}: GPU bf16 rel err {err:.3e}, CPU bf16 {err_cpu:.3e}")
-            assert err < BF16_FACTOR * err_cpu + BF16_SLACK and err < BF16_MAX, \
+            assert err < BF16_FACTOR * err_cpu + BF16_SLACK and err < ceiling, \
                 f"{part}: GPU bf16 rel err {err:.3e} vs CPU bf16 {err_cpu:.3e}"
     if dtype == "bf16":
         r, g, c = (torch.cat(list(x.values())) for x in (ref, got, calib))

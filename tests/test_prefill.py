@@ -194,6 +194,64 @@ def test_prefill_fused_opcheck(device):
     torch.library.opcheck(torch.ops.ahn_rt.gdn_gate_norm.default, (o, z, w, 1e-5))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,H,Hkv,Dk,Dv,dtype,dt_scale", [
+    (1, 1, 1, 4, 4, torch.float32, 1.0), (63, 4, 2, 12, 20, torch.float32, 1.0),
+    (130, 4, 2, 128, 128, torch.float32, 1.0), (65, 3, 1, 48, 40, torch.bfloat16, 1.0),
+    (129, 2, 2, 32, 32, torch.float32, 40.0)])   # strong decay: e^G underflows in float32 inside a block
+def test_mamba2_chunk_prep_matches_reference(device, n, H, Hkv, Dk, Dv, dtype, dt_scale):
+    q, k, v, _, _ = _prep_inputs(n, H, Hkv, Dk, Dv, dtype, device)
+    g = torch.Generator().manual_seed(n)
+    dt = (dt_scale * torch.rand(n, H, generator=g)).to(device)
+    a_log = torch.log(1 + 3 * torch.rand(H, generator=g)).to(device)
+    want = ref.mamba2_chunk_prep_ref(q, k, v, dt, a_log)
+    got = torch.ops.ahn_rt.mamba2_chunk_prep(q, k, v, dt, a_log)
+    # float32: summation order only. bf16: q/k are normalized in bf16 as F.normalize does, and a norm whose
+    # float32 sum lands on a bf16 rounding boundary may round the other way (one bf16 step in that row).
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-4)
+    for g_, w_, what in zip(got, want, PREP_NAMES[1:]):
+        assert g_.dtype == torch.float32 and g_.shape == w_.shape, what
+        torch.testing.assert_close(g_, w_, msg=what, **tol)
+    # The bound catches one token's dt off by 5% (u, the decays and P move past it).
+    dt_bad = dt.clone()
+    dt_bad[n // 2] *= 1.05
+    bad = ref.mamba2_chunk_prep_ref(q, k, v, dt_bad, a_log)
+    assert any(not torch.allclose(b, w_, **tol) for b, w_ in zip(bad, want))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gdn_chunk_scan_without_delta(device):
+    """w = None (Mamba2's rule): v_new = u, and the state and o_inter as the reference computes them."""
+    w, u, kd_t, qg, gl, state = _scan_inputs(3, 4, 16, 24, device)
+    s_ref, s_op = state.clone(), state.clone()
+    vn_ref, oi_ref = ref.gdn_chunk_scan_ref(None, u, kd_t, qg, gl, s_ref)
+    vn, oi = torch.ops.ahn_rt.gdn_chunk_scan(None, u, kd_t, qg, gl, s_op)
+    assert torch.equal(vn, u) and torch.equal(vn_ref, u)
+    torch.testing.assert_close(oi, oi_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_op, s_ref, rtol=1e-5, atol=1e-5)
+    # with the delta correction the state differs: the flag is not a no-op
+    s_delta = state.clone()
+    ref.gdn_chunk_scan_ref(w, u, kd_t, qg, gl, s_delta)
+    assert (s_delta - s_ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba2_chunk_prep_opcheck(device):
+    q, k, v, _, _ = _prep_inputs(70, 4, 2, 16, 8, torch.float32, device)
+    dt = torch.rand(70, 4).to(device)
+    a_log = torch.rand(4).to(device)
+    torch.library.opcheck(torch.ops.ahn_rt.mamba2_chunk_prep.default, (q, k, v, dt, a_log))
+
+
+def test_mamba2_chunk_prep_rejects_bad_inputs():
+    q, k, v, _, _ = _prep_inputs(10, 4, 2, 16, 8, torch.float32, "cpu")
+    op = torch.ops.ahn_rt.mamba2_chunk_prep
+    with pytest.raises(RuntimeError, match="a_log must be \\[4\\]"):
+        op(q, k, v, torch.rand(10, 4), torch.rand(10, 4))
+    with pytest.raises(RuntimeError, match="dt must be"):
+        op(q, k, v, torch.rand(10, 3), torch.rand(4))
+
+
 def _gdn_feed(n, H, Hkv, D, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, H, D, generator=g, dtype=dtype)

@@ -386,6 +386,14 @@ def test_mamba2_chunk_equals_recurrent(n):
         o2 = ref.mamba2_chunk_ref(q, k, v, dt, a_log, s2)
         assert torch.isfinite(o2).all()
         assert rel_err(o2, o1) < 1e-5 and rel_err(s2, s1) < 1e-5, (scale, rel_err(o2, o1), rel_err(s2, s1))
+        # the batched blocks (what ops.mamba2_chunk runs: compiled prep and scan), fed in two calls
+        s3 = s0.clone()
+        cut = n // 3
+        o3 = torch.cat([ops.mamba2_chunk(q[a:b], k[a:b], v[a:b], dt[a:b], a_log, s3)
+                        for a, b in ((0, cut), (cut, n)) if b > a])
+        assert rel_err(o3, o1) < 1e-5 and rel_err(s3, s1) < 1e-5, (scale, rel_err(o3, o1), rel_err(s3, s1))
+        s4 = s0.clone()
+        assert rel_err(ref.mamba2_chunk_blocks(q, k, v, dt, a_log, s4), o1) < 1e-5 and rel_err(s4, s1) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------- on a GPU
@@ -396,16 +404,22 @@ CUDA_CFG = dict(model_type="qwen2", hidden_size=512, intermediate_size=1024, num
 FP32_REL_CUDA = 1e-4   # float32 GPU vs float32 CPU, as tests/test_cuda_model.py
 
 
+CUDA_QWEN3 = dict(CUDA_CFG, model_type="qwen3", head_dim=128, num_attention_heads=4, tie_word_embeddings=False,
+                  attention_bias=False)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", VARIANTS)
-def test_cuda_matches_cpu_and_graph_equals_eager(impl, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_cuda_matches_cpu_and_graph_equals_eager(impl, family, monkeypatch):
     """float32 on the GPU vs float32 on the CPU, prefill then decode across the fill point (DeltaNet
-    through the CUDA GatedDeltaNet kernels with A_log = -inf, Mamba2 through its own); the captured decode
-    graph replays bit-exactly what the eager steps compute."""
+    through the CUDA GatedDeltaNet kernels with A_log = -inf, Mamba2 through its own), and a one-shot
+    prefill of the whole prompt in chunks; the captured decode graph replays bit-exactly what the eager
+    steps compute."""
     from ahn_rt.init_weights import random_state_dict
     from ahn_rt.runtime import from_state_dict
     from ahn_rt.sampling import Sampler, SamplingParams
-    cfg = dict(CUDA_CFG, _ahn_implementation=impl)
+    cfg = dict(CUDA_CFG if family == "qwen2" else CUDA_QWEN3, _ahn_implementation=impl)
     sd = random_state_dict(cfg, seed=0, dtype=torch.float32, ahn=True, std=0.05)
     W, S = 24, 4
     cpu = from_state_dict(cfg, sd, window=W, sinks=S, mode="ahn", dtype="float32", device="cpu")
@@ -422,7 +436,14 @@ def test_cuda_matches_cpu_and_graph_equals_eager(impl, monkeypatch):
     err = float((got - ref).norm() / ref.norm())
     print(f"{impl}: GPU float32 vs CPU float32 rel err {err:.2e}")
     assert err < FP32_REL_CUDA
+    # one shot, in chunks of 16 on both devices, against the token-by-token CPU feed
+    shot = {m.device.type: m.new_session(chunk_size=16).forward(ids).float().cpu() for m in (cpu, gpu)}
+    for dev, logits in shot.items():
+        e = float((logits - ref).norm() / ref.norm())
+        assert e < FP32_REL_CUDA, (dev, e)
 
+    if family == "qwen3":   # the graph check below does not depend on the family
+        return
     prompt = ids[:30].tolist()
 
     def steps(graphs):

@@ -17,7 +17,7 @@ void gdn_chunk_scan_cpu(const GdnChunkScanParams& p) {
       float* S = p.state + h * Dk * Dv;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t tile = (h * N + n) * C;
-        const float* w = p.w + tile * Dk;
+        const float* w = p.w ? p.w + tile * Dk : nullptr;
         const float* qg = p.qg + tile * Dk;
         const float* u = p.u + tile * Dv;
         const float* kd_t = p.kd_t + tile * Dk;   // [Dk, C] of this chunk
@@ -26,7 +26,7 @@ void gdn_chunk_scan_cpu(const GdnChunkScanParams& p) {
         for (int64_t r = 0; r < C; ++r) {
           for (int64_t j = 0; j < Dv; ++j) acc_u[j] = acc_o[j] = 0.f;
           for (int64_t k = 0; k < Dk; ++k) {
-            const float a = w[r * Dk + k], b = qg[r * Dk + k];
+            const float a = w ? w[r * Dk + k] : 0.f, b = qg[r * Dk + k];
             const float* row = S + k * Dv;
             for (int64_t j = 0; j < Dv; ++j) {
               acc_u[j] += a * row[j];

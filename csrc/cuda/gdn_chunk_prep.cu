@@ -1,6 +1,8 @@
 // CUDA gdn_chunk_prep kernel: the chunk-local part of the chunked gated delta rule, everything of a
 // GatedDeltaNet prefill but the chunk-to-chunk recurrence (reference: ahn_rt/ref.py gdn_chunk_prep_ref; the
-// math: docs/semantics.md §5 and GdnChunkPrepParams in common.h). Test: pytest -m cuda tests/test_prefill.py.
+// math: docs/semantics.md §5 and GdnChunkPrepParams in common.h); with M2 the same for the Mamba2 memory,
+// which has no delta correction (no A, no w; reference: ref.py mamba2_chunk_prep_ref, §11.2).
+// Test: pytest -m cuda tests/test_prefill.py.
 //
 // One block per (chunk, head), float32 throughout:
 //   1. each warp l2-normalizes rows of k and q into shared memory (q times scale), with beta and alpha;
@@ -14,6 +16,7 @@
 // Rows of the shared tiles are padded by 4 floats: the float4 reads of 8 consecutive rows (a quarter warp)
 // hit distinct banks.
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
@@ -27,14 +30,26 @@ constexpr int CH = static_cast<int>(kScanChunk);
 
 constexpr int AP = CH + 4;   // padded row of A
 
+// Ks, Qs, A (float), then G (double: Mamba2's cumulative log-decay is formed in float64) and the per-token
+// write strength (beta or dt).
 inline int64_t prep_smem_bytes(int64_t Dk) {
-  return (2 * CH * (Dk + 4) + CH * AP + 2 * CH) * static_cast<int64_t>(sizeof(float));
+  return (2 * CH * (Dk + 4) + CH * AP + CH) * static_cast<int64_t>(sizeof(float)) + CH * sizeof(double);
 }
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float exp_of(float x) { return expf(x); }
+__device__ __forceinline__ float exp_of(double x) { return static_cast<float>(exp(x)); }
 
+// F.normalize(x, eps=1e-12)'s divisor in dtype T (Mamba2's q and k): the norm rounded to T, clamped.
 template <typename T>
+__device__ __forceinline__ float l2_divisor_t(float sum_sq) {
+  return fmaxf(round_to<T>(sqrtf(sum_sq)), round_to<T>(1e-12f));
+}
+
+// M2 = false: GatedDeltaNet (G float32, as its reference). M2 = true: Mamba2 (G float64, no A, w, beta).
+template <typename T, bool M2>
 __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepParams p) {
+  using GT = std::conditional_t<M2, double, float>;
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv), KP = Dk + 4;
@@ -44,8 +59,8 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
   float* Ks = smem;                  // [CH][KP]  k^
   float* Qs = Ks + CH * KP;          // [CH][KP]  q^ * scale
   float* Am = Qs + CH * KP;          // [CH][AP]
-  float* G = Am + CH * AP;           // [CH]
-  float* Bt = G + CH;                // [CH]
+  GT* G = reinterpret_cast<GT*>(Am + CH * AP);                 // [CH]
+  float* Bt = reinterpret_cast<float*>(reinterpret_cast<double*>(Am + CH * AP) + CH);   // [CH]
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -66,20 +81,34 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
       ssk = fmaf(kv, kv, ssk);
       ssq = fmaf(qv, qv, ssq);
     }
-    const float kn = sqrtf(warp_sum(ssk)) + kGdnL2Eps, qn = sqrtf(warp_sum(ssq)) + kGdnL2Eps;
-    for (int d = lane; d < Dk; d += 32) {
-      Ks[i * KP + d] = Ks[i * KP + d] / kn;
-      Qs[i * KP + d] = Qs[i * KP + d] / qn * p.scale;
+    if constexpr (M2) {   // q / max(|q|, eps) in T, no scale
+      const float kn = l2_divisor_t<T>(warp_sum(ssk)), qn = l2_divisor_t<T>(warp_sum(ssq));
+      for (int d = lane; d < Dk; d += 32) {
+        Ks[i * KP + d] = round_to<T>(Ks[i * KP + d] / kn);
+        Qs[i * KP + d] = round_to<T>(Qs[i * KP + d] / qn);
+      }
+    } else {
+      const float kn = sqrtf(warp_sum(ssk)) + kGdnL2Eps, qn = sqrtf(warp_sum(ssq)) + kGdnL2Eps;
+      for (int d = lane; d < Dk; d += 32) {
+        Ks[i * KP + d] = Ks[i * KP + d] / kn;
+        Qs[i * KP + d] = Qs[i * KP + d] / qn * p.scale;
+      }
     }
     if (lane == 0) {
-      Bt[i] = ok ? load_kind(p.beta, p.beta_kind, t * p.b_s0 + h * p.b_s1) : 0.f;
-      G[i] = ok ? load_kind(p.alpha, p.alpha_kind, t * p.a_s0 + h * p.a_s1) : 0.f;
+      // beta and the log-decay alpha (GatedDeltaNet), or dt and dt * A with A = -exp(A_log) (Mamba2)
+      const float b = ok ? load_kind(p.beta, p.beta_kind, t * p.b_s0 + h * p.b_s1) : 0.f;
+      Bt[i] = b;
+      if constexpr (M2) {
+        G[i] = __fmul_rn(b, -expf(load_kind(p.alpha, p.alpha_kind, h * p.a_s1)));
+      } else {
+        G[i] = ok ? load_kind(p.alpha, p.alpha_kind, t * p.a_s0 + h * p.a_s1) : 0.f;
+      }
     }
   }
   __syncthreads();
   // 2. The cumulative log-decay.
   if (threadIdx.x == 0) {
-    float g = 0.f;
+    GT g = 0;
     for (int i = 0; i < CH; ++i) {
       g += G[i];
       G[i] = g;
@@ -101,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
       float4 ki[4], qi[4], kj[4];
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
-        ki[a] = ld4(Ks + (ti + 16 * a) * KP + d);
+        if constexpr (!M2) ki[a] = ld4(Ks + (ti + 16 * a) * KP + d);
         qi[a] = ld4(Qs + (ti + 16 * a) * KP + d);
         kj[a] = ld4(Ks + (tj + 16 * a) * KP + d);
       }
@@ -109,10 +138,12 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
       for (int a = 0; a < 4; ++a)
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-          kk[a][b] = fmaf(ki[a].x, kj[b].x, kk[a][b]);
-          kk[a][b] = fmaf(ki[a].y, kj[b].y, kk[a][b]);
-          kk[a][b] = fmaf(ki[a].z, kj[b].z, kk[a][b]);
-          kk[a][b] = fmaf(ki[a].w, kj[b].w, kk[a][b]);
+          if constexpr (!M2) {
+            kk[a][b] = fmaf(ki[a].x, kj[b].x, kk[a][b]);
+            kk[a][b] = fmaf(ki[a].y, kj[b].y, kk[a][b]);
+            kk[a][b] = fmaf(ki[a].z, kj[b].z, kk[a][b]);
+            kk[a][b] = fmaf(ki[a].w, kj[b].w, kk[a][b]);
+          }
           qk[a][b] = fmaf(qi[a].x, kj[b].x, qk[a][b]);
           qk[a][b] = fmaf(qi[a].y, kj[b].y, qk[a][b]);
           qk[a][b] = fmaf(qi[a].z, kj[b].z, qk[a][b]);
@@ -126,19 +157,26 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
         const int i = ti + 16 * a, j = tj + 16 * b;
         float av = 0.f, pq = 0.f;
         if (j <= i) {
-          const float decay = expf(G[i] - G[j]);
+          const float decay = exp_of(G[i] - G[j]);
           pq = qk[a][b] * decay;
-          if (j < i) av = Bt[i] * kk[a][b] * decay;
+          if (!M2 && j < i) av = Bt[i] * kk[a][b] * decay;
         }
-        Am[i * AP + j] = av;
+        if constexpr (!M2) Am[i * AP + j] = av;
         P[i * CH + j] = pq;
       }
   }
   __syncthreads();
 
-  // 4. Forward substitution, one column of [w | u] per thread.
-  float* w = p.w + tile * CH * Dk;
+  // 4. GatedDeltaNet: forward substitution, one column of [w | u] per thread. Mamba2: u = v * dt.
   float* u = p.u + tile * CH * Dv;
+  if constexpr (M2) {
+    for (int e = threadIdx.x; e < CH * Dv; e += kThreads) {
+      const int i = e / Dv, c = e % Dv;
+      const int64_t t = t0 + i;
+      u[e] = t < p.n ? static_cast<float>(v[t * p.v_s0 + hk * p.v_s1 + c]) * Bt[i] : 0.f;
+    }
+  } else {
+  float* w = p.w + tile * CH * Dk;
   for (int c = threadIdx.x; c < Dk + Dv; c += kThreads) {
     const bool is_w = c < Dk;
     const T* vc = v + hk * p.v_s1 + (c - Dk);
@@ -174,19 +212,36 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
     }
   }
 
+  }
+
   // 5. qg, kd_t, gl.
-  const float gC = G[CH - 1];
+  const GT gC = G[CH - 1];
   float* qg = p.qg + tile * CH * Dk;
   float* kd_t = p.kd_t + tile * CH * Dk;
   for (int e = threadIdx.x; e < CH * Dk; e += kThreads) {
     const int i = e / Dk, d = e % Dk;
-    qg[e] = expf(G[i]) * Qs[i * KP + d];
+    qg[e] = exp_of(G[i]) * Qs[i * KP + d];
   }
   for (int e = threadIdx.x; e < Dk * CH; e += kThreads) {
     const int d = e / CH, i = e % CH;
-    kd_t[e] = Ks[i * KP + d] * expf(gC - G[i]);
+    kd_t[e] = Ks[i * KP + d] * exp_of(gC - G[i]);
   }
-  if (threadIdx.x == 0) p.gl[tile] = expf(gC);
+  if (threadIdx.x == 0) p.gl[tile] = exp_of(gC);
+}
+
+template <typename T, bool M2>
+void launch_prep(const GdnChunkPrepParams& p, int64_t smem, const DeviceInfo& info, cudaStream_t stream) {
+  // The opt-in limit is set once per device, dtype and mode (to the device's maximum).
+  static thread_local int configured_device = -1;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (configured_device != dev) {
+    cudaFuncSetAttribute(gdn_chunk_prep_kernel<T, M2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         info.smem_optin);
+    configured_device = dev;
+  }
+  const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(p.H));
+  gdn_chunk_prep_kernel<T, M2><<<grid, kThreads, smem, stream>>>(p);
 }
 
 }  // namespace
@@ -198,16 +253,11 @@ void gdn_chunk_prep_cuda(const GdnChunkPrepParams& p, void* stream) {
   const DeviceInfo info = device_info();
   TORCH_CHECK(smem <= info.smem_optin, "ahn_rt.gdn_chunk_prep: needs ", smem,
               " bytes of shared memory per block, the device allows ", info.smem_optin);
-  // The opt-in limit is set once per device and dtype (to the device's maximum).
-  static thread_local int configured_device = -1;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (configured_device != dev) {
-    cudaFuncSetAttribute(gdn_chunk_prep_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
-    configured_device = dev;
+  if (p.mamba2) {
+    launch_prep<T, true>(p, smem, info, static_cast<cudaStream_t>(stream));
+  } else {
+    launch_prep<T, false>(p, smem, info, static_cast<cudaStream_t>(stream));
   }
-  const dim3 grid(static_cast<unsigned>(p.N), static_cast<unsigned>(p.H));
-  gdn_chunk_prep_kernel<T><<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
 }
 
 template void gdn_chunk_prep_cuda<float>(const GdnChunkPrepParams&, void*);

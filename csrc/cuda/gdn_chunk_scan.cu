@@ -30,19 +30,20 @@ __host__ __device__ inline int64_t scan_smem_floats(int64_t Dk) {
   return BV * (Dk + 4) + 2 * scan_stage_floats(Dk) + BV * CP;
 }
 
-// Chunk n's w, qg and kd^T tiles into one stage (16-byte copies, in flight until cp_async_wait).
+// Chunk n's w (kDelta), qg and kd^T tiles into one stage (16-byte copies, in flight until cp_async_wait).
+template <bool kDelta>
 __device__ __forceinline__ void scan_stage_load(const GdnChunkScanParams& p, int h, int n, float* stage) {
   const int Dk = static_cast<int>(p.Dk), DKP = Dk + 4, dk4 = Dk / 4, N = static_cast<int>(p.N);
   float* Ws = stage;
   float* Qs = Ws + CH * DKP;
   float* Kt = Qs + CH * DKP;
   const int64_t tile = (static_cast<int64_t>(h) * N + n) * CH;
-  const float* w = p.w + tile * Dk;
+  const float* w = kDelta ? p.w + tile * Dk : nullptr;
   const float* q = p.qg + tile * Dk;
   const float* k = p.kd_t + tile * Dk;
   for (int i = threadIdx.x; i < CH * dk4; i += kThreads) {
     const int r = i / dk4, c = i % dk4;
-    cp_async16(Ws + r * DKP + 4 * c, w + 4 * i);
+    if constexpr (kDelta) cp_async16(Ws + r * DKP + 4 * c, w + 4 * i);
     cp_async16(Qs + r * DKP + 4 * c, q + 4 * i);
   }
   for (int i = threadIdx.x; i < Dk * (CH / 4); i += kThreads) {
@@ -58,6 +59,8 @@ __device__ inline float dot4(float4 a, float4 b, float acc) {
   return fmaf(a.w, b.w, acc);
 }
 
+// kDelta = false: no w (Mamba2's rule), v_new = u.
+template <bool kDelta>
 __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanParams p) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
   const int stage_floats = static_cast<int>(scan_stage_floats(Dk));
 
   float* state = p.state + static_cast<int64_t>(h) * Dk * Dv;
-  scan_stage_load(p, h, 0, stages);
+  scan_stage_load<kDelta>(p, h, 0, stages);
   cp_async_commit();
   for (int i = t; i < BV * Dk; i += kThreads) {
     const int jj = i / Dk, k = i % Dk;
@@ -81,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
   const int dk4 = Dk / 4;
   for (int n = 0; n < N; ++n) {
     const int64_t tile = (static_cast<int64_t>(h) * N + n) * CH;
-    if (n + 1 < N) scan_stage_load(p, h, n + 1, stages + ((n + 1) & 1) * stage_floats);
+    if (n + 1 < N) scan_stage_load<kDelta>(p, h, n + 1, stages + ((n + 1) & 1) * stage_floats);
     cp_async_commit();
     float uu[4];   // this chunk's u and gl, loaded while the copies land
 #pragma unroll
@@ -100,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
         const int r = rb + 16 * m;
-        au[m] = dot4(reinterpret_cast<const float4*>(Ws + r * DKP)[c], s, au[m]);
+        if constexpr (kDelta) au[m] = dot4(reinterpret_cast<const float4*>(Ws + r * DKP)[c], s, au[m]);
         ao[m] = dot4(reinterpret_cast<const float4*>(Qs + r * DKP)[c], s, ao[m]);
       }
     }
@@ -146,11 +149,13 @@ void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream) {
   int dev = 0;
   cudaGetDevice(&dev);
   if (configured_device != dev) {
-    cudaFuncSetAttribute(gdn_chunk_scan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
+    for (auto kernel : {gdn_chunk_scan_kernel<true>, gdn_chunk_scan_kernel<false>})
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
     configured_device = dev;
   }
   const dim3 grid(static_cast<unsigned>((p.Dv + BV - 1) / BV), static_cast<unsigned>(p.H));
-  gdn_chunk_scan_kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  auto kernel = p.w != nullptr ? gdn_chunk_scan_kernel<true> : gdn_chunk_scan_kernel<false>;
+  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
 }
 
 }  // namespace ahn_rt

@@ -5,15 +5,15 @@
 
 namespace ahn_rt {
 
-std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const at::Tensor& w, const at::Tensor& u, const at::Tensor& kd_t,
-                                                  const at::Tensor& qg, const at::Tensor& gl,
+std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const std::optional<at::Tensor>& w, const at::Tensor& u,
+                                                  const at::Tensor& kd_t, const at::Tensor& qg, const at::Tensor& gl,
                                                   const at::Tensor& state) {
   constexpr const char* op = "ahn_rt.gdn_chunk_scan";
   TORCH_CHECK(state.dim() == 3, op, ": state must be [H, Dk, Dv], got ", state.sizes());
   const int64_t H = state.size(0), Dk = state.size(1), Dv = state.size(2);
-  TORCH_CHECK(w.dim() == 4 && w.size(0) == H && w.size(3) == Dk, op, ": w must be [", H, ", N, C, ", Dk,
-              "], got ", w.sizes());
-  const int64_t N = w.size(1), C = w.size(2);
+  TORCH_CHECK(u.dim() == 4 && u.size(0) == H && u.size(3) == Dv, op, ": u must be [", H, ", N, C, ", Dv,
+              "], got ", u.sizes());
+  const int64_t N = u.size(1), C = u.size(2);
   auto check = [&](const at::Tensor& t, std::initializer_list<int64_t> shape, const char* what) {
     check_same_device(state, t, op, what);
     TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), op, ": ", what, " must be ", at::IntArrayRef(shape),
@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const at::Tensor& w, const at:
                 " must be a contiguous float32 tensor");
   };
   check(state, {H, Dk, Dv}, "state");
-  check(w, {H, N, C, Dk}, "w");
+  if (w) check(*w, {H, N, C, Dk}, "w");
   check(u, {H, N, C, Dv}, "u");
   check(kd_t, {H, N, Dk, C}, "kd_t");
   check(qg, {H, N, C, Dk}, "qg");
@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const at::Tensor& w, const at:
   at::Tensor v_new = at::empty_like(u);
   at::Tensor o_inter = at::empty_like(u);
   GdnChunkScanParams p{};
-  p.w = w.data_ptr<float>();
+  p.w = w ? w->data_ptr<float>() : nullptr;   // none: no delta correction (v_new = u)
   p.u = u.data_ptr<float>();
   p.kd_t = kd_t.data_ptr<float>();
   p.qg = qg.data_ptr<float>();

@@ -232,7 +232,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gdn_chunk_prep(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& alpha,
     double scale);
-std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const at::Tensor& w, const at::Tensor& u, const at::Tensor& kd_t,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mamba2_chunk_prep(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dt, const at::Tensor& a_log);
+std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const std::optional<at::Tensor>& w, const at::Tensor& u, const at::Tensor& kd_t,
                                                   const at::Tensor& qg, const at::Tensor& gl,
                                                   const at::Tensor& state);
 at::Tensor attn_merge(at::TensorList outs, at::TensorList lses, at::IntArrayRef offsets, int64_t rows);
