@@ -113,6 +113,20 @@ def test_chunk_plan(S, W, chunks):
         st.advance(T)
 
 
+@pytest.mark.parametrize("chunks", [[100, 200, 7], [300], [1] * 5 + [600]])
+def test_chunk_plan_full_mode(chunks):
+    """Full attention: nothing is evicted, every token is written at its own position, as one run of slots,
+    also when the chunk makes the cache grow."""
+    st = State(_config(0, 1, mode="full"), "cpu")
+    for T in chunks:
+        p0 = st.position
+        plan = st.plan(T)
+        assert st.capacity >= p0 + T
+        assert plan.n_evict == 0 and plan.evict_cache == [] and len(plan.evict_rows) == 0
+        assert plan.writes == [(0, p0, T)]
+        st.advance(T)
+
+
 @pytest.mark.parametrize("S,W", CASES + [(4, 16), (0, 5), (3, 1)])
 @pytest.mark.parametrize("chunks", [[1] * 12, [7, 13], [25], [3, 1, 9, 7, 30]])
 def test_key_ranges_cover_every_key_once(S, W, chunks):
