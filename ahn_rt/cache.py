@@ -109,6 +109,9 @@ def ring_spans(p: int, n: int, sinks: int, window: int) -> list[tuple[int, int, 
     """Positions [p, p + n) (all sinks, or all ring positions and n <= window) as runs of consecutive slots:
     [(offset, slot, length)], the run's first position being p + offset. At most two runs (the ring wraps
     once)."""
+    if n > 0 and not (p + n <= sinks or (p >= sinks and n <= window)):
+        raise ValueError(f"ring_spans: positions [{p}, {p + n}) are neither all sinks nor at most one window "
+                         f"of ring positions (sinks {sinks}, window {window})")
     out, off = [], 0
     while off < n:
         s = ring_slot(p + off, sinks, window)
@@ -294,6 +297,8 @@ class State:
                   {name: buf[layer][s:s + n] for name, buf in self.gates.items()}) for s, n in plan.evict_cache]
         if len(r):
             parts.append((k[r.start:r.stop], v[r.start:r.stop], {name: g[r.start:r.stop] for name, g in gates.items()}))
+        if not parts:   # nothing handed over: empty rows of the right shapes
+            return k[:0], v[:0], {name: g[:0] for name, g in gates.items()}
         if len(parts) == 1:
             return parts[0]
         return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),

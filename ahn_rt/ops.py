@@ -148,10 +148,16 @@ def gdn_chunk_scan(w, u, kd_t, qg, gl, state):
     return fn(w, u, kd_t, qg, gl, state)
 
 
+def _prep_ok(q, k, v) -> bool:
+    """Inputs the chunk-prep kernels take (else the reference runs): float32/bf16/fp16 rows with a contiguous
+    last dim; on CUDA Dk a multiple of 4 and at most 256 (its tiles live in shared memory)."""
+    return (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and (not q.is_cuda or (q.shape[-1] % 4 == 0 and q.shape[-1] <= 256)))
+
+
 def gdn_chunk_prep(q, k, v, beta, alpha, scale):
     """The chunk-local work of every chunk in one kernel (CPU and CUDA); float64 inputs take the reference."""
-    ok = (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-          and (not q.is_cuda or q.shape[-1] % 4 == 0))
+    ok = _prep_ok(q, k, v)
     fn = torch.ops.ahn_rt.gdn_chunk_prep if _use_ext(q) and ok else ref.gdn_chunk_prep_ref
     return fn(q, k, v, beta, alpha, scale)
 
@@ -370,8 +376,7 @@ mamba2_output = ref.mamba2_output_ref
 
 def mamba2_chunk_prep(q, k, v, dt, a_log):
     """Mamba2's chunk-local work of every block in one kernel (CPU and CUDA); float64 takes the reference."""
-    ok = (q.dtype in (torch.float32, torch.bfloat16, torch.float16) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-          and (not q.is_cuda or q.shape[-1] % 4 == 0))
+    ok = _prep_ok(q, k, v)
     fn = torch.ops.ahn_rt.mamba2_chunk_prep if _use_ext(q) and ok else ref.mamba2_chunk_prep_ref
     return fn(q, k, v, dt, a_log)
 

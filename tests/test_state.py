@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ahn_rt import ops, ref
-from ahn_rt.cache import State, ring_slot
+from ahn_rt.cache import State, ring_slot, ring_spans
 from ahn_rt.config import Config
 from ahn_rt.init_weights import preset_config, random_state_dict
 from ahn_rt.runtime import from_state_dict
@@ -111,6 +111,24 @@ def test_chunk_plan(S, W, chunks):
         assert plan.write_slots == [ring_slot(t, S, W) for t in kept]
         assert len(plan.writes) <= 3 and len(plan.evict_cache) <= 2
         st.advance(T)
+
+
+def test_ring_spans_runs_and_misuse():
+    assert ring_spans(10, 5, 4, 8) == [(0, 10, 2), (2, 4, 3)]     # positions 10..14: slots 10, 11 | 4, 5, 6
+    assert ring_spans(1, 2, 4, 8) == [(0, 1, 2)]                  # sinks
+    assert ring_spans(7, 0, 4, 8) == []
+    with pytest.raises(ValueError, match="neither all sinks"):
+        ring_spans(3, 3, 4, 1)      # crosses the sinks' end
+    with pytest.raises(ValueError, match="neither all sinks"):
+        ring_spans(4, 9, 4, 8)      # more than one window of ring positions
+
+
+def test_evicted_with_nothing_handed_over():
+    st = State(_config(2, 4), "cpu")
+    plan = st.plan(3)
+    k = torch.randn(3, 2, 8)
+    k_ev, v_ev, g_ev = st.evicted(0, plan, k, k, {n: torch.randn(3, 4) for n in st.gates})
+    assert plan.n_evict == 0 and k_ev.shape == (0, 2, 8) and all(g.shape == (0, 4) for g in g_ev.values())
 
 
 @pytest.mark.parametrize("chunks", [[100, 200, 7], [300], [1] * 5 + [600]])

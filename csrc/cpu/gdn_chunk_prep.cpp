@@ -47,8 +47,8 @@ void prep_cpu(const GdnChunkPrepParams& p) {
           ssk += kv * kv;
           ssq += qv * qv;
         }
-        if constexpr (M2) {
-          const float kn = l2_divisor_t<T>(ssk), qn = l2_divisor_t<T>(ssq);
+        if constexpr (M2) {   // the padding rows stay 0 (in fp16 eps rounds to 0: no 0 / 0)
+          const float kn = ok ? l2_divisor_t<T>(ssk) : 1.f, qn = ok ? l2_divisor_t<T>(ssq) : 1.f;
           for (int64_t d = 0; d < Dk; ++d) {
             K[i * Dk + d] = round_to<T>(K[i * Dk + d] / kn);
             Q[i * Dk + d] = round_to<T>(Q[i * Dk + d] / qn);

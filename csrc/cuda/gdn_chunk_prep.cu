@@ -81,8 +81,10 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
       ssk = fmaf(kv, kv, ssk);
       ssq = fmaf(qv, qv, ssq);
     }
-    if constexpr (M2) {   // q / max(|q|, eps) in T, no scale
-      const float kn = l2_divisor_t<T>(warp_sum(ssk)), qn = l2_divisor_t<T>(warp_sum(ssq));
+    if constexpr (M2) {   // q / max(|q|, eps) in T, no scale; the padding rows stay 0 (in fp16 eps rounds
+                          // to 0, and 0 / 0 would poison the state through 0 * NaN)
+      const float sk = warp_sum(ssk), sq = warp_sum(ssq);
+      const float kn = ok ? l2_divisor_t<T>(sk) : 1.f, qn = ok ? l2_divisor_t<T>(sq) : 1.f;
       for (int d = lane; d < Dk; d += 32) {
         Ks[i * KP + d] = round_to<T>(Ks[i * KP + d] / kn);
         Qs[i * KP + d] = round_to<T>(Qs[i * KP + d] / qn);
