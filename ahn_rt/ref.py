@@ -16,6 +16,8 @@ care about slot order.
 from __future__ import annotations
 
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -277,6 +279,17 @@ def gdn_chunk_scan_ref(w: torch.Tensor, u: torch.Tensor, kd_t: torch.Tensor, qg:
     return v_new, o_inter
 
 
+def _blocks(t: torch.Tensor, C: int) -> torch.Tensor:
+    """[n, H, ...] -> [H, N, C, ...] with N = ceil(n / C), the tail zero padded: a run of pairs as the
+    chunk-prep references and kernels lay it out."""
+    n, H = t.shape[0], t.shape[1]
+    N = (n + C - 1) // C
+    t = t.transpose(0, 1)
+    if N * C > n:
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, N * C - n))
+    return t.reshape(H, N, C, *t.shape[2:])
+
+
 def gdn_chunk_prep_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor,
                        scale: float):
     """The chunk-local part of the chunked gated delta rule, every chunk at once (the compiled twin:
@@ -292,17 +305,8 @@ def gdn_chunk_prep_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     P [H, N, C, C]): ``gdn_chunk_scan``'s inputs and P.
     """
     qf, kf, vf, bf, gf = _gdn_inputs(q, k, v, beta, alpha, scale)
-    n, H = q.shape[0], q.shape[1]
     C = GDN_CHUNK
-    N = (n + C - 1) // C
-    pad = N * C - n
-
-    def blocks(t):   # [n, H, ...] -> [H, N, C, ...] (zero padded)
-        t = t.transpose(0, 1)
-        if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(H, N, C, *t.shape[2:])
-
+    blocks = functools.partial(_blocks, C=C)
     Q, K, V = blocks(qf), blocks(kf), blocks(vf)
     B, G = blocks(bf), blocks(gf).cumsum(-1)                               # [H, N, C]
     diff = G[..., :, None] - G[..., None, :]                               # G_i - G_j
@@ -469,17 +473,8 @@ def mamba2_chunk_prep_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt:
     ``gdn_chunk_prep_ref``'s; ``gdn_chunk_scan`` with w = None carries the state across blocks.
     """
     qf, kf, vf, dtf, la = _mamba2_inputs(q, k, v, dt, a_log)
-    n, H = q.shape[0], q.shape[1]
     C = M2_CHUNK
-    N = (n + C - 1) // C
-    pad = N * C - n
-
-    def blocks(t):   # [n, H, ...] -> [H, N, C, ...] (zero padded)
-        t = t.transpose(0, 1)
-        if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(H, N, C, *t.shape[2:])
-
+    blocks = functools.partial(_blocks, C=C)
     Q, K, U = blocks(qf), blocks(kf), blocks(vf * dtf[:, :, None])
     G = blocks(la.double()).cumsum(-1)                                 # [H, N, C] float64
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
