@@ -188,7 +188,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"AHN recovers **{100 * g:.1f}%** of the SWA -> full gap "
                       f"({res['swa']['text_loss'] - res['full']['text_loss']:.4f} nats/token)."]
     dists = list(res[modes[0]]["passkey"])
-    if dists:
+    if dists and res[modes[0]]["passkey"][dists[0]]["n"]:
         n = res[modes[0]]["passkey"][dists[0]]["n"]
         lines += ["", f"Passkey recall: 5 random digits stated once, asked for `distance` tokens later; exact match "
                       f"under greedy decoding, {n} sequences per distance (chance 1e-5); in brackets the per-digit "
