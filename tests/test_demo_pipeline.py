@@ -279,32 +279,36 @@ def test_run_gpu_script_parses():
 
 def test_variants_table(tmp_path, capsys):
     """compare_variants.sh's table: one row per memory with its AHN parameter count (from the run's AHN-only
-    weights), the full / swa references from the first run, the recovered gap; a missing evaluation is one
-    line and exit 2."""
+    weights) and its steps (the resume step a time guard merged from, else the run's planned steps), the
+    full / swa references from the first run, the recovered gap; a missing evaluation is one line and
+    exit 2."""
     from safetensors.torch import save_file
     table = _load("variants_table")
 
-    def ev(loss_ahn, gap, exact):
+    def ev(loss_ahn, gap, exact, pipeline):
         res = lambda loss, ex: {"text_loss": loss, "text_loss_by_position": [{"from": 80, "to": 256, "loss": loss}],  # noqa: E731
                                 "passkey": {"200": {"exact": ex, "n": 4, "digit_acc": ex / 4}}}
         return {"meta": {"seq_len": 512, "sinks": 16, "window": 64, "dtype": "bfloat16", "device": "cpu",
                          "n_text": 2},
-                "modes": {"full": res(2.0, 4), "swa": res(3.0, 0), "ahn": res(loss_ahn, exact)}, "gap_recovered": gap}
+                "modes": {"full": res(2.0, 4), "swa": res(3.0, 0), "ahn": res(loss_ahn, exact)}, "gap_recovered": gap,
+                "pipeline": pipeline}
+
+    stopped = {"distill_run": {"run": {"steps": 600}}, "distill_partial": {"step": 250, "planned_steps": 600}}
 
     runs = []
-    for name, loss, gap, n in (("gdn", 2.5, 0.5, 10), ("mamba2", 2.75, 0.25, 6)):
+    for name, loss, gap, n, pipe in (("gdn", 2.5, 0.5, 10, {"distill_run": {"run": {"steps": 40}}}), ("mamba2", 2.75, 0.25, 6, stopped)):
         (tmp_path / "out" / name / "eval").mkdir(parents=True)
-        (tmp_path / "out" / name / "eval" / "eval.json").write_text(json.dumps(ev(loss, gap, 1)))
+        (tmp_path / "out" / name / "eval" / "eval.json").write_text(json.dumps(ev(loss, gap, 1, pipe)))
         (tmp_path / "work" / name / "ahn").mkdir(parents=True)
         save_file({"a": torch.zeros(n), "b": torch.zeros(2, 3)}, str(tmp_path / "work" / name / "ahn" / "model.safetensors"))
         runs += ["--run", f"{name}={tmp_path / 'work' / name}"]
     out = tmp_path / "variants.md"
     assert table.main(runs + ["--eval-root", str(tmp_path / "out"), "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| memory | AHN params | loss | t 80–255 | gap recovered | passkey @ 200 |")
-    assert rows[1].startswith("| full (no memory) | – | 2.0000 |") and rows[2].startswith("| swa (no memory) |")
-    assert rows[3] == "| ahn-gdn | 16 | 2.5000 | 2.5000 | 50.0% | 1/4 (25%) |"
-    assert rows[4] == "| ahn-mamba2 | 12 | 2.7500 | 2.7500 | 25.0% | 1/4 (25%) |"
+    assert rows[0].startswith("| memory | AHN params | steps | loss | t 80–255 | gap recovered | passkey @ 200 |")
+    assert rows[1].startswith("| full (no memory) | – | – | 2.0000 |") and rows[2].startswith("| swa (no memory) |")
+    assert rows[3] == "| ahn-gdn | 16 | 40 | 2.5000 | 2.5000 | 50.0% | 1/4 (25%) |"
+    assert rows[4] == "| ahn-mamba2 | 12 | 250 of 600 | 2.7500 | 2.7500 | 25.0% | 1/4 (25%) |"
     assert table.main(runs + ["--run", f"dn={tmp_path / 'work' / 'dn'}", "--eval-root", str(tmp_path / "out"),
                               "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -10,7 +10,7 @@
 #   demo/{model.safetensors,config.json,generation_config.json,tokenizer.json}   the merged demo model
 #   eval/{eval.md,eval.json}      the evaluation table and every number (+ pipeline settings and timings)
 #   logs/{teacher_log.jsonl,distill_log.jsonl}
-# Overrides (environment): TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
+# Overrides (environment): WINDOW (the sliding window in full mode; default 128, the shipped model's), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
 # stops), PASSKEY_FRAC, DIST_MIN (the distillation data), WORK (intermediate folder), PYTHON, and
 # TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
 # run's merged folder; its AHN tensors are not used), AHN=gdn|dn|mamba2: the memory variant (default gdn;
@@ -25,7 +25,7 @@ MODE=full
 
 if [[ $MODE == full ]]; then
   WORK=${WORK:-$DATA/run}; OUT=${OUT:-$DATA/out}; DEV=cuda
-  L=4096; WIN=512; SINKS=32
+  L=4096; WIN=${WINDOW:-128}; SINKS=32
   T_STEPS=${TEACHER_STEPS:-1800}; T_BATCH=32; T_LIMIT=${TEACHER_LIMIT:-240}
   T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8)
   D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-260}; D_DIST_MIN=${DIST_MIN:-64}
@@ -98,7 +98,7 @@ rm -f "$WORK/ahn/partial.json"
 set +e
 timeout -s INT -k 30 "$D_LIMIT" $PY -m ahn_rt.train --base "$TEACHER_DIR" --data "$WORK/distill.jsonl" \
     --out "$WORK/ahn" --overwrite --steps "$D_STEPS" --seq-len "$L" --batch "$D_BATCH" --grad-accum 1 \
-    --window "$WIN" --sinks "$SINKS" --lr 2e-3 --seed 0 --device "$DEV" --merge ${AHN:+--ahn "$AHN"} "${D_EXTRA[@]}"
+    --window "$WIN" --sinks "$SINKS" --lr "${LR:-2e-3}" --seed 0 --device "$DEV" --merge ${AHN:+--ahn "$AHN"} "${D_EXTRA[@]}"
 rc=$?
 set -e
 if [[ $rc == 124 || $rc == 130 ]]; then

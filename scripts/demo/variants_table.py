@@ -1,6 +1,7 @@
 """One side-by-side table of the AHN memory variants distilled onto the same teacher (compare_variants.sh):
 loss past the window per mode and position bucket, the share of the SWA -> full gap each memory recovers,
-passkey recall per distance, and each memory's parameter count.
+passkey recall per distance, each memory's parameter count and the distillation steps it took (a time
+guard can stop the variants at different steps: their steps differ in cost).
 
     python scripts/demo/variants_table.py --run gdn=WORK/gdn --run dn=WORK/dn --run mamba2=WORK/mamba2 \
         --eval-root OUT --out OUT/variants.md
@@ -26,6 +27,17 @@ def ahn_params(path: Path) -> int | None:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+def distill_steps(ev: dict) -> str | None:
+    """The optimizer steps behind a variant's memory: the resume step a time guard merged from, else all the
+    planned steps (run_gpu.sh attaches both records to the evaluation)."""
+    pipe = ev.get("pipeline") or {}
+    part = pipe.get("distill_partial") or {}
+    if "step" in part:
+        return f"{part['step']} of {part.get('planned_steps', '?')}"
+    steps = ((pipe.get("distill_run") or {}).get("run") or {}).get("steps")
+    return None if steps is None else str(steps)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
@@ -45,15 +57,16 @@ def main(argv=None) -> int:
     m = first["meta"]
     buckets = first["modes"]["ahn"]["text_loss_by_position"]
     dists = list(first["modes"]["ahn"]["passkey"])
-    lines = [f"Same teacher, same distillation data, steps and settings for every memory; held-out files, "
+    lines = [f"Same teacher, same distillation data, settings and step or time budget for every memory; held-out files, "
              f"{m['seq_len']} tokens, S = {m['sinks']}, W = {m['window']}, {m['dtype']} on {m['device']}, "
              f"{m['n_text']} text sequences; passkey: exact recall (per-digit accuracy).", ""]
-    head = ["memory", "AHN params", "loss"] + [f"t {b['from']}–{b['to'] - 1}" for b in buckets] + ["gap recovered"]
+    head = ["memory", "AHN params", "steps", "loss"] + [f"t {b['from']}–{b['to'] - 1}" for b in buckets] + ["gap recovered"]
     head += [f"passkey @ {d}" for d in dists]
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
-    def row(label, res, params, gap):
-        cells = [label, "–" if params is None else f"{params:,}", f"{res['text_loss']:.4f}"]
+    def row(label, res, params, gap, steps=None):
+        cells = [label, "–" if params is None else f"{params:,}", "–" if steps is None else str(steps),
+                 f"{res['text_loss']:.4f}"]
         cells += [f"{b['loss']:.4f}" for b in res["text_loss_by_position"]]
         cells.append("–" if gap is None else f"{100 * gap:.1f}%")
         for d in dists:
@@ -64,7 +77,7 @@ def main(argv=None) -> int:
     for mode in ("full", "swa"):   # the references, from the first run (the same teacher in every run)
         lines.append(row(f"{mode} (no memory)", first["modes"][mode], None, None))
     for name, ev, params in runs:
-        lines.append(row(f"ahn-{name}", ev["modes"]["ahn"], params, ev.get("gap_recovered")))
+        lines.append(row(f"ahn-{name}", ev["modes"]["ahn"], params, ev.get("gap_recovered"), distill_steps(ev)))
     text = "\n".join(lines) + "\n"
     Path(a.out).write_text(text)
     print(text)
