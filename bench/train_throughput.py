@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ahn_rt.config import parse_config, parse_dtype  # noqa: E402
 from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
+from ahn_rt.train.attention import attention_backend  # noqa: E402
 from ahn_rt.train.data import sample_budget  # noqa: E402
 from ahn_rt.train.loss import distill_loss  # noqa: E402
 from ahn_rt.train.model import TrainModel  # noqa: E402
@@ -119,12 +120,13 @@ def main(argv=None) -> int:
     total = sum(ms.values())
     res = {"preset": args.preset, "seq_len": L, "batch": B, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "checkpoint": not args.no_checkpoint, "steps": len(rows),
-           "budgets": budgets, "tokens_per_s": B * L * 1e3 / total, "step_ms": total, "phase_ms": ms,
+           "budgets": budgets, "attention": attention_backend(dev), "tokens_per_s": B * L * 1e3 / total, "step_ms": total, "phase_ms": ms,
            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None, "torch": torch.__version__}
     peak = f"{res['peak_gib']:.1f} GiB" if cuda else "n/a (cpu)"
     print(f"\n{res['tokens_per_s']:.0f} training tokens/s ({total:.0f} ms/step), peak memory {peak}")
-    print("| preset | seq | batch | ckpt | tokens/s | peak | teacher | student fwd | loss | backward | optim |")
-    print(f"| {args.preset} | {L} | {B} | {'yes' if res['checkpoint'] else 'no'} | {res['tokens_per_s']:.0f} | {peak} | "
+    print("| preset | seq | batch | ckpt | attention | tokens/s | peak | teacher | student fwd | loss | backward | optim |")
+    print(f"| {args.preset} | {L} | {B} | {'yes' if res['checkpoint'] else 'no'} | {res['attention']} | "
+          f"{res['tokens_per_s']:.0f} | {peak} | "
           + " | ".join(f"{ms[k]:.0f} ms" for k in PHASES) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

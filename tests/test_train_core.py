@@ -18,7 +18,7 @@ row says absolute):
   PAD    1e-12  float64 chunk_gdn with and without trailing beta = alpha = 0 pairs (padding rule): only
                 the association inside the last block changes.
   ATTN   1e-12  float64 window_attention (SDPA per query block) vs a dense masked softmax, values and
-                gradients.
+                gradients; and FlexAttention's plan of the rule (eager, forward) against the same.
   MODEL  1e-5   absolute, float32 logits (|logit| < ~2) of TrainModel vs ahn_rt float32 inference: the
                 brief's bound; both sides round in float32 in a different op order (seen: < 1e-6).
   LOSS   1e-6   the fused chunked losses (float32 logits inside, by design) vs a float64 dense
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from ahn_rt import init_weights, runtime
 from ahn_rt.config import parse_config
 from ahn_rt.weights import ahn_shapes, base_shapes, is_ahn_key
-from ahn_rt.train.attention import causal_attention, window_attention, window_plan
+from ahn_rt.settings import SettingsError
+from ahn_rt.train.attention import attention_backend, causal_attention, window_attention, window_plan
 from ahn_rt.train.gdn import chunk_gdn
 from ahn_rt.train.loss import distill_loss, lm_loss
 from ahn_rt.train.model import AHNLayer, TrainModel
@@ -195,6 +196,41 @@ def test_window_attention_matches_dense(WS):
     assert rel(causal, dense_window(q, k, v, [L] * B, [0] * B)) < ATTN
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("WS", [[(1, 0), (130, 3), (300, 0)], [(129, 128), (7, 140)], [(200, 64)] * 2])
+def test_flex_plan_matches_dense(WS):
+    """The FlexAttention backend's block mask encodes the rule: eager flex (forward only on the CPU) over
+    several 128-tiles (L = 300), windows and sinks around the tile edges, grouped heads."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    B, L, H, Hkv, D = len(WS), 300, 4, 2, 8
+    g = torch.Generator().manual_seed(WS[0][0])
+    q, k, v = (torch.randn(B, L, h, D, generator=g, dtype=F64) for h in (H, Hkv, Hkv))
+    W = torch.tensor([w for w, _ in WS])
+    S = torch.tensor([s for _, s in WS])
+    plan = window_plan(W, S, L, "cpu", backend="flex")
+    assert plan.block_mask is not None and not plan.blocks
+    got = window_attention(q, k, v, None, None, plan=plan)
+    assert rel(got, dense_window(q, k, v, W.tolist(), S.tolist())) < ATTN
+    # a plan of another rule (one token less of window) is caught by the same comparison
+    wrong = window_attention(q, k, v, None, None, plan=window_plan((W - 1).clamp(min=1), S, L, "cpu", backend="flex"))
+    assert rel(wrong, dense_window(q, k, v, W.tolist(), S.tolist())) > 1e-3
+
+
+def test_attention_backend_switch(monkeypatch):
+    """AHN_RT_TRAIN_ATTENTION: auto is sdpa on the CPU (flex there is forward-only), an explicit choice is
+    kept, anything else is a one-line error naming the values."""
+    monkeypatch.delenv("AHN_RT_TRAIN_ATTENTION", raising=False)
+    assert attention_backend("cpu") == "sdpa"
+    assert window_plan(torch.tensor([4]), torch.tensor([1]), 20, "cpu").block_mask is None
+    monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "flex")
+    assert attention_backend("cpu") == "flex"
+    monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "fast")
+    with pytest.raises(SettingsError, match="AHN_RT_TRAIN_ATTENTION='fast' is not one of auto, sdpa, flex"):
+        attention_backend("cpu")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        window_plan(torch.tensor([4]), torch.tensor([1]), 20, "cpu", backend="dense")
+
+
 # ----------------------------------------------------------------------------------------------
 # TrainModel against ahn_rt inference
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +283,18 @@ def test_student_equals_ahn_inference(family, W, S):
     assert (got - ref).abs().max().item() < MODEL
     swa = runtime_logits(cfg, sd, ids, "swa", W, S)
     assert (swa - ref)[S + W:].abs().max().item() > 1e3 * MODEL   # the memory is really active
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_student_flex_equals_ahn_inference(monkeypatch):
+    """The student through the FlexAttention backend (eager, forward: what the CPU can run of it) is still
+    ahn inference; the GPU test runs the compiled kernel with gradients."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "flex")
+    cfg, sd, tm = tiny_model("qwen3")
+    ids = ids_for(150)
+    got = student_logits(tm, ids[None], [(12, 3)])[0]
+    assert (got - runtime_logits(cfg, sd, ids, "ahn", 12, 3)).abs().max().item() < MODEL
 
 
 def test_student_batch_with_different_budgets():

@@ -1,10 +1,17 @@
 """Attention for training: sinks + sliding window per sequence (the student) and plain causal (the teacher).
 
-Both go through ``torch.nn.functional.scaled_dot_product_attention`` and never build an L x L mask.
-The rule (docs/semantics.md §2): query t sees key j iff j <= t and (t - j < W or j < S), with W >= 1 and
-S >= 0 given per sequence of the batch.
+Neither builds an L x L mask. The rule (docs/semantics.md §2): query t sees key j iff j <= t and
+(t - j < W or j < S), with W >= 1 and S >= 0 given per sequence of the batch.
 
-``window_attention`` splits the queries in two parts:
+The student's window attention has two backends, chosen in one place (``attention_backend``, from
+AHN_RT_TRAIN_ATTENTION):
+
+* ``flex`` (the default on CUDA): FlexAttention, compiled, with a block mask of the rule built per batch
+  (block-sparse: the tiles outside sinks + window are skipped in the forward and the backward; grouped
+  heads natively). The first step pays its compile; training is not latency-bound.
+* ``sdpa`` (the CPU, and CUDA on request): ``torch.nn.functional.scaled_dot_product_attention``.
+
+The SDPA path splits the queries in two parts:
 
 * t < C0 = min over the batch of S + W (clamped to L): every sequence attends {0..t}, i.e. plain causal
   attention over the first C0 keys, one SDPA call with is_causal (flash attention on CUDA);
@@ -19,9 +26,54 @@ that some SDPA kernels take with enable_gqa and a mask).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
+
+from ..settings import train_attention
+
+FLEX_BLOCK = 128   # FlexAttention's tile (its default): the block mask has one entry per 128 x 128 tile
+
+
+def attention_backend(device) -> str:
+    """'flex' or 'sdpa' for the student's window attention on ``device``: AHN_RT_TRAIN_ATTENTION=auto picks
+    flex on CUDA (when torch has FlexAttention) and sdpa elsewhere; an explicit choice is kept (flex runs
+    eagerly, forward only, off CUDA: a check, not a training path)."""
+    choice = train_attention()
+    if choice != "auto":
+        return choice
+    return "flex" if torch.device(device).type == "cuda" and _flex_api() is not None else "sdpa"
+
+
+@functools.cache
+def _flex_api():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:   # a torch without FlexAttention
+        return None
+    return create_block_mask, flex_attention
+
+
+@functools.cache
+def _flex_kernel(device_type: str):
+    """flex_attention compiled once per process on CUDA (a fused Triton kernel, forward and backward);
+    eager elsewhere (it materializes the scores: only for checks)."""
+    flex = _flex_api()[1]
+    return torch.compile(flex, dynamic=False) if device_type == "cuda" else flex
+
+
+def _flex_block_mask(W: list, S: list, L: int, device):
+    """The rule's block mask for a batch: per sequence (its W and S), shared by the heads."""
+    create_block_mask = _flex_api()[0]
+    Wt = torch.tensor(W, device=device)
+    St = torch.tensor(S, device=device)
+
+    def rule(b, h, q, kv):
+        return (kv <= q) & ((q - kv < Wt[b]) | (kv < St[b]))
+
+    return create_block_mask(rule, len(W), None, L, L, device=device, BLOCK_SIZE=FLEX_BLOCK,
+                             _compile=torch.device(device).type == "cuda")
 
 
 def _heads_first(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -36,13 +88,15 @@ def _heads_first(x: torch.Tensor, H: int) -> torch.Tensor:
 @dataclasses.dataclass
 class WindowPlan:
     """The query split and masks of one (window, sinks) batch at length L; reusable by every layer."""
-    causal_end: int                  # queries [0, causal_end) are plain causal
-    blocks: list                     # [(q_start, q_end, lo, mask)]: keys [0, smax) + [lo, q_end), or [0, q_end) when lo is None
+    causal_end: int                  # sdpa: queries [0, causal_end) are plain causal
+    blocks: list                     # sdpa: [(q_start, q_end, lo, mask)]: keys [0, smax) + [lo, q_end), or [0, q_end) when lo is None
     smax: int
+    block_mask: object = None        # flex: the rule's BlockMask (then causal_end = 0 and no blocks)
 
 
-def window_plan(window, sinks, L: int, device, block: int | None = None) -> WindowPlan:
-    """Plan ``window_attention`` for int64 [B] window / sinks (any device; read once on the host)."""
+def window_plan(window, sinks, L: int, device, block: int | None = None, backend: str | None = None) -> WindowPlan:
+    """Plan ``window_attention`` for int64 [B] window / sinks (any device; read once on the host).
+    ``backend``: 'flex' or 'sdpa'; None asks ``attention_backend``."""
     W = [int(w) for w in torch.as_tensor(window).reshape(-1).tolist()]
     S = [int(s) for s in torch.as_tensor(sinks).reshape(-1).tolist()]
     if len(W) != len(S) or not W:
@@ -50,6 +104,13 @@ def window_plan(window, sinks, L: int, device, block: int | None = None) -> Wind
     if min(W) < 1 or min(S) < 0:
         raise ValueError(f"window must be >= 1 and sinks >= 0, got window {W}, sinks {S}")
     wmax, smax = max(W), max(S)
+    backend = backend or attention_backend(device)
+    if backend == "flex":
+        if _flex_api() is None:
+            raise RuntimeError("AHN_RT_TRAIN_ATTENTION=flex needs a torch with FlexAttention; use sdpa")
+        return WindowPlan(0, [], smax, _flex_block_mask(W, S, L, device))
+    if backend != "sdpa":
+        raise ValueError(f"unknown attention backend {backend!r} (flex or sdpa)")
     c0 = min(L, min(w + s for w, s in zip(W, S)))
     if block is None:   # about an eighth of the attended span: ~1/8 of the keys wasted, few calls
         block = max(64, min(1024, 1 << max(0, (wmax + smax) // 8 - 1).bit_length()))
@@ -82,6 +143,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, 
     B, L, H, D = q.shape
     if plan is None:
         plan = window_plan(window, sinks, L, q.device, block)
+    if plan.block_mask is not None:
+        out = _flex_kernel(q.device.type)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          block_mask=plan.block_mask, enable_gqa=k.shape[2] != H)
+        return out.transpose(1, 2)
     qh, kh, vh = q.transpose(1, 2), _heads_first(k, H), _heads_first(v, H)
     outs = []
     c0 = plan.causal_end
