@@ -247,6 +247,12 @@ def test_evaluation_through_the_runtime_on_a_tiny_random_model():
                     "backend": "test"}, "modes": out, "gap_recovered": evaluate.gap_recovered(out)}
     md = evaluate.markdown(rep)
     assert "| full |" in md and "| 20 (inside the window) |" in md and "| 90 |" in md
+    # --n-passkey 0: the distances have no sequences; the table leaves recall out instead of failing
+    fwd = evaluate.RuntimeForward(from_state_dict(cfg, sd, mode="full", dtype="float32"))
+    none = evaluate.evaluate_mode(fwd, text, {20: []}, start=S + W)
+    assert none["passkey"]["20"]["n"] == 0
+    md = evaluate.markdown(dict(rep, modes={m: none for m in out}, gap_recovered=0.0))
+    assert "| full |" in md and "Passkey recall" not in md
 
 
 def test_gap_recovered():
@@ -309,6 +315,16 @@ def test_variants_table(tmp_path, capsys):
     assert rows[1].startswith("| full (no memory) | – | – | 2.0000 |") and rows[2].startswith("| swa (no memory) |")
     assert rows[3] == "| ahn-gdn | 16 | 40 | 2.5000 | 2.5000 | 50.0% | 1/4 (25%) |"
     assert rows[4] == "| ahn-mamba2 | 12 | 250 of 600 | 2.7500 | 2.7500 | 25.0% | 1/4 (25%) |"
+    # a run evaluated without passkeys (--n-passkey 0): no passkey columns
+    for name in ("gdn", "mamba2"):
+        f = tmp_path / "out" / name / "eval" / "eval.json"
+        e = json.loads(f.read_text())
+        for r in e["modes"].values():
+            r["passkey"] = {"200": {"exact": 0, "n": 0, "recall": None, "digit_acc": None}}
+        f.write_text(json.dumps(e))
+    assert table.main(runs + ["--eval-root", str(tmp_path / "out"), "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert rows[0].endswith("| gap recovered |") and rows[3] == "| ahn-gdn | 16 | 40 | 2.5000 | 2.5000 | 50.0% |"
     assert table.main(runs + ["--run", f"dn={tmp_path / 'work' / 'dn'}", "--eval-root", str(tmp_path / "out"),
                               "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -89,3 +89,34 @@ def test_student_backward_flex_equals_sdpa(monkeypatch):
     for a, b in grads:
         if a is not None:
             assert rel(a, b) < 1e-3
+
+
+def test_flex_lengths_do_not_recompile_each_step(monkeypatch):
+    """Training pads a batch to its longest sequence, so L changes from step to step. Ten new lengths
+    through the real training setting (bf16 autocast, per-layer checkpointing, backward) must add only
+    the one dynamic recompile, not a graph per length (which past Dynamo's recompile limit would run flex
+    eagerly over the full [B, H, L, L] scores). Each length's loss still matches the SDPA backend."""
+    import torch._dynamo.utils as dynamo_utils
+    cfg = init_weights.preset_config("tiny", ahn=True, dtype=torch.float32)
+    sd = init_weights.random_state_dict(cfg, seed=0, dtype=torch.float32, ahn=True, std=0.05)
+    base = {k: v.cuda() for k, v in sd.items() if not is_ahn_key(k)}
+    ahn = {k: v.cuda() for k, v in sd.items() if is_ahn_key(k)}
+    W, S = torch.tensor([96]), torch.tensor([16])
+
+    def step(backend, L, seed):
+        monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", backend)
+        tm = TrainModel(parse_config(cfg, "tiny"), base, ahn, base_dtype=torch.bfloat16)
+        ids = torch.randint(0, cfg["vocab_size"], (1, L), device="cuda",
+                            generator=torch.Generator(device="cuda").manual_seed(seed))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = tm.lm_logits(tm.forward_student(ids, W, S, checkpoint=True)).float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach()
+
+    step("flex", 250, 0)
+    step("flex", 260, 0)   # the first new length: the one recompile with L symbolic
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    for i, L in enumerate((300, 333, 384, 401, 512, 555, 640, 700, 777, 850)):
+        got, ref = step("flex", L, i), step("sdpa", L, i)
+        assert rel(got, ref) < 2e-2, (L, got, ref)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - graphs <= 4

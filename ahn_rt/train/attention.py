@@ -8,7 +8,9 @@ AHN_RT_TRAIN_ATTENTION):
 
 * ``flex`` (the default on CUDA): FlexAttention, compiled, with a block mask of the rule built per batch
   (block-sparse: the tiles outside sinks + window are skipped in the forward and the backward; grouped
-  heads natively). The first step pays its compile; training is not latency-bound.
+  heads natively). The first step pays its compile, and the first step at a second sequence length one
+  more (then the length is symbolic); new window / sinks values never recompile. Training is not
+  latency-bound.
 * ``sdpa`` (the CPU, and CUDA on request): ``torch.nn.functional.scaled_dot_product_attention``.
 
 The SDPA path splits the queries in two parts:
@@ -56,24 +58,29 @@ def _flex_api():
 
 
 @functools.cache
-def _flex_kernel(device_type: str):
-    """flex_attention compiled once per process on CUDA (a fused Triton kernel, forward and backward);
-    eager elsewhere (it materializes the scores: only for checks)."""
-    flex = _flex_api()[1]
-    return torch.compile(flex, dynamic=False) if device_type == "cuda" else flex
+def _flex_compiled(device_type: str):
+    """(create_block_mask, flex_attention), compiled once per process on CUDA: fused Triton kernels,
+    forward and backward. The default dynamic=None matters: the first call compiles for its shapes, the
+    first call at another length recompiles once with the sequence length symbolic, and later lengths
+    reuse that. (dynamic=False would recompile at every new length, and past Dynamo's recompile limit it
+    runs flex eagerly, which materializes the [B, H, L, L] scores.) Elsewhere both run eagerly (for checks:
+    the scores are materialized)."""
+    create_block_mask, flex = _flex_api()
+    if device_type != "cuda":
+        return create_block_mask, flex
+    return torch.compile(create_block_mask), torch.compile(flex)
 
 
 def _flex_block_mask(W: list, S: list, L: int, device):
     """The rule's block mask for a batch: per sequence (its W and S), shared by the heads."""
-    create_block_mask = _flex_api()[0]
+    create_block_mask = _flex_compiled(torch.device(device).type)[0]
     Wt = torch.tensor(W, device=device)
     St = torch.tensor(S, device=device)
 
     def rule(b, h, q, kv):
         return (kv <= q) & ((q - kv < Wt[b]) | (kv < St[b]))
 
-    return create_block_mask(rule, len(W), None, L, L, device=device, BLOCK_SIZE=FLEX_BLOCK,
-                             _compile=torch.device(device).type == "cuda")
+    return create_block_mask(rule, len(W), None, L, L, device=device, BLOCK_SIZE=FLEX_BLOCK)
 
 
 def _heads_first(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -144,8 +151,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, 
     if plan is None:
         plan = window_plan(window, sinks, L, q.device, block)
     if plan.block_mask is not None:
-        out = _flex_kernel(q.device.type)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          block_mask=plan.block_mask, enable_gqa=k.shape[2] != H)
+        out = _flex_compiled(q.device.type)[1](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               block_mask=plan.block_mask, enable_gqa=k.shape[2] != H)
         return out.transpose(1, 2)
     qh, kh, vh = q.transpose(1, 2), _heads_first(k, H), _heads_first(v, H)
     outs = []

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The AHN memory variants side by side (the variants issue's table): each one distilled onto the same
-# teacher with the same data, steps and settings by run_gpu.sh (AHN=<variant>), evaluated alike, then one
+# teacher with the same data, settings and step / time budget by run_gpu.sh (AHN=<variant>; a time guard
+# can stop the variants at different steps, and the table shows each one's), evaluated alike, then one
 # table (variants_table.py).
 #
 #   TEACHER=weights/demo bash scripts/demo/compare_variants.sh     # GPU: the shipped teacher, data/demo/ carried in

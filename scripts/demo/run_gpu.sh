@@ -30,7 +30,7 @@ if [[ $MODE == full ]]; then
   T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8)
   D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-260}; D_DIST_MIN=${DIST_MIN:-64}
   D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50)
-  E_EXTRA=(--n-text 32 --n-passkey 32 --distances 256,1000,2000,3500)
+  E_EXTRA=(--n-text 32 --n-passkey 32 --distances 100,256,1000,2000,3500)   # 100: inside W = 128
 else
   WORK=${WORK:-$DATA/smoke}; OUT=${SMOKE_OUT:-$DATA/smoke/out}; DEV=cpu
   L=512; WIN=64; SINKS=16

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     first = runs[0][1]
     m = first["meta"]
     buckets = first["modes"]["ahn"]["text_loss_by_position"]
-    dists = list(first["modes"]["ahn"]["passkey"])
+    dists = [d for d, p in first["modes"]["ahn"]["passkey"].items() if p["n"]]   # runs without passkeys: none
     lines = [f"Same teacher, same distillation data, settings and step or time budget for every memory; held-out files, "
              f"{m['seq_len']} tokens, S = {m['sinks']}, W = {m['window']}, {m['dtype']} on {m['device']}, "
              f"{m['n_text']} text sequences; passkey: exact recall (per-digit accuracy).", ""]
