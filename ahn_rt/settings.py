@@ -11,9 +11,9 @@ This module uses only the standard library, so that setup.py can read it without
 |                      |                        | 0: CPU-only build; 1: CUDA build or an error                    |
 | AHN_RT_PREFILL_CUDNN | ahn_rt.ops, each call  | 0: FlashAttention-2 for every block of prefill attention;       |
 |                      |                        | 1: its unmasked blocks through cuDNN (builds a plan per shape)  |
-| AHN_RT_TRAIN_ATTENTION | ahn_rt.train.attention, | auto: FlexAttention (compiled) for the training student's     |
-|                      | each window plan       | window on CUDA, SDPA query blocks elsewhere; sdpa; flex (on   |
-|                      |                        | the CPU eager and forward-only: for checks)                     |
+| AHN_RT_TRAIN_ATTENTION                        | auto: FlexAttention (compiled) for the training student's       |
+|                      | ahn_rt.train.attention | window on CUDA, SDPA query blocks elsewhere; sdpa; flex (on the |
+|                      | (each window plan)     | CPU eager and forward-only: for checks)                         |
 | AHN_RT_GEMV_PDL      | CUDA gemv, every call  | 0; 1: programmatic dependent launch (an A/B switch for benches) |
 | AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
 

@@ -10,7 +10,7 @@
 #   demo/{model.safetensors,config.json,generation_config.json,tokenizer.json}   the merged demo model
 #   eval/{eval.md,eval.json}      the evaluation table and every number (+ pipeline settings and timings)
 #   logs/{teacher_log.jsonl,distill_log.jsonl}
-# Overrides (environment): WINDOW (the sliding window in full mode; default 128, the shipped model's), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
+# Overrides (environment): TEACHER_ARGS (extra teacher-shape flags), WINDOW (the sliding window in full mode; default 128, the shipped model's), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
 # stops), PASSKEY_FRAC, DIST_MIN (the distillation data), WORK (intermediate folder), PYTHON, and
 # TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
 # run's merged folder; its AHN tensors are not used), AHN=gdn|dn|mamba2: the memory variant (default gdn;
@@ -27,7 +27,10 @@ if [[ $MODE == full ]]; then
   WORK=${WORK:-$DATA/run}; OUT=${OUT:-$DATA/out}; DEV=cuda
   L=4096; WIN=${WINDOW:-128}; SINKS=32
   T_STEPS=${TEACHER_STEPS:-1800}; T_BATCH=32; T_LIMIT=${TEACHER_LIMIT:-240}
-  T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8)
+  # TEACHER_ARGS: extra train_teacher.py flags for another teacher shape (e.g. "--kv-heads 5 --mlp 640";
+  # the merged file must stay under 15 MiB)
+  read -r -a T_SHAPE <<< "${TEACHER_ARGS:-}"
+  T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8 "${T_SHAPE[@]}")
   D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-260}; D_DIST_MIN=${DIST_MIN:-64}
   D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50)
   E_EXTRA=(--n-text 32 --n-passkey 32 --distances 100,256,1000,2000,3500)   # 100: inside W = 128
