@@ -245,3 +245,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| over all elements, in float64."""
     a, b = a.to(torch.float64), b.to(torch.float64)
     return float((a - b).norm() / b.norm())
+
+
+def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| over all elements, in float64 (the training tests' metric)."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def window_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W, S) -> torch.Tensor:
+    """Sinks + window attention of a batch written from the rule (docs/semantics.md §2), a dense masked
+    softmax in float64 (differentiable): query t sees key j iff j <= t and (t - j < W[b] or j < S[b]).
+    q: [B, L, H, D]; k, v: [B, L, Hkv, D] (key/value head h // G serves query head h); scale D^-1/2.
+    Returns float64 [B, L, H, D]."""
+    B, L, H, D = q.shape
+    G = H // k.shape[2]
+    q, k, v = q.double(), k.double().repeat_interleave(G, 2), v.double().repeat_interleave(G, 2)
+    t = torch.arange(L, device=q.device)[:, None]
+    j = torch.arange(L, device=q.device)[None, :]
+    outs = []
+    for b in range(B):
+        allowed = (j <= t) & ((t - j < W[b]) | (j < S[b]))
+        s = torch.einsum("thd,jhd->htj", q[b], k[b]) * D ** -0.5
+        p = s.masked_fill(~allowed, float("-inf")).softmax(-1)
+        outs.append(torch.einsum("htj,jhd->thd", p, v[b]))
+    return torch.stack(outs)

@@ -38,13 +38,13 @@ from ahn_rt.train.attention import attention_backend, causal_attention, window_a
 from ahn_rt.train.gdn import chunk_gdn
 from ahn_rt.train.loss import distill_loss, lm_loss
 from ahn_rt.train.model import AHNLayer, TrainModel
+from oracle import rel_max, window_attention_dense
 
 GDN64, GDN32, PAD, ATTN, MODEL, LOSS = 1e-12, 1e-5, 1e-12, 1e-12, 1e-5, 1e-6
 F64 = torch.float64
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+rel = rel_max
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,21 +159,6 @@ def test_chunk_gdn_padding_rule():
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
-def dense_window(q, k, v, W, S):
-    B, L, H, D = q.shape
-    G = H // k.shape[2]
-    kk, vv = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
-    t = torch.arange(L)[:, None]
-    j = torch.arange(L)[None, :]
-    outs = []
-    for b in range(B):
-        allowed = (j <= t) & ((t - j < W[b]) | (j < S[b]))
-        s = torch.einsum("thd,jhd->htj", q[b], kk[b]) * D ** -0.5
-        p = s.masked_fill(~allowed, float("-inf")).softmax(-1)
-        outs.append(torch.einsum("htj,jhd->thd", p, vv[b]))
-    return torch.stack(outs)
-
-
 @pytest.mark.parametrize("WS", [[(1, 0), (5, 3), (50, 0)], [(4, 0), (7, 2), (3, 6)], [(6, 2)] * 3, [(40, 4)] * 3])
 def test_window_attention_matches_dense(WS):
     B, L, H, Hkv, D = len(WS), 40, 4, 2, 8
@@ -182,7 +167,7 @@ def test_window_attention_matches_dense(WS):
     W = torch.tensor([w for w, _ in WS])
     S = torch.tensor([s for _, s in WS])
     cot = torch.randn(B, L, H, D, generator=g, dtype=F64)
-    ref = dense_window(q, k, v, W.tolist(), S.tolist())
+    ref = window_attention_dense(q, k, v, W.tolist(), S.tolist())
     gr = torch.autograd.grad((ref * cot).sum(), (q, k, v))
     if max(W) < L // 2:   # some query blocks take the sinks + window key path (not all of [0, e))
         assert any(lo is not None for _, _, lo, _ in window_plan(W, S, L, "cpu", 3).blocks)
@@ -193,7 +178,7 @@ def test_window_attention_matches_dense(WS):
         for a, b in zip(gg, gr):
             assert rel(a, b) < ATTN
     causal = causal_attention(q, k, v)
-    assert rel(causal, dense_window(q, k, v, [L] * B, [0] * B)) < ATTN
+    assert rel(causal, window_attention_dense(q, k, v, [L] * B, [0] * B)) < ATTN
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -210,10 +195,10 @@ def test_flex_plan_matches_dense(WS):
     plan = window_plan(W, S, L, "cpu", backend="flex")
     assert plan.block_mask is not None and not plan.blocks
     got = window_attention(q, k, v, None, None, plan=plan)
-    assert rel(got, dense_window(q, k, v, W.tolist(), S.tolist())) < ATTN
+    assert rel(got, window_attention_dense(q, k, v, W.tolist(), S.tolist())) < ATTN
     # a plan of another rule (one token less of window) is caught by the same comparison
     wrong = window_attention(q, k, v, None, None, plan=window_plan((W - 1).clamp(min=1), S, L, "cpu", backend="flex"))
-    assert rel(wrong, dense_window(q, k, v, W.tolist(), S.tolist())) > 1e-3
+    assert rel(wrong, window_attention_dense(q, k, v, W.tolist(), S.tolist())) > 1e-3
 
 
 def test_attention_backend_switch(monkeypatch):

@@ -17,28 +17,14 @@ from ahn_rt.config import parse_config
 from ahn_rt.train.attention import window_attention, window_plan
 from ahn_rt.train.model import TrainModel
 from ahn_rt.weights import is_ahn_key
+from oracle import rel_max, window_attention_dense
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 FLEX32, BF16_FACTOR, BF16_SLACK = 1e-4, 2.0, 2e-3
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
-def dense(q, k, v, W, S):
-    B, L, H, D = q.shape
-    G = H // k.shape[2]
-    q, k, v = q.double(), k.double().repeat_interleave(G, 2), v.double().repeat_interleave(G, 2)
-    t = torch.arange(L, device=q.device)[:, None]
-    j = torch.arange(L, device=q.device)[None, :]
-    outs = []
-    for b in range(B):
-        ok = (j <= t) & ((t - j < W[b]) | (j < S[b]))
-        p = (torch.einsum("thd,jhd->htj", q[b], k[b]) * D ** -0.5).masked_fill(~ok, float("-inf")).softmax(-1)
-        outs.append(torch.einsum("htj,jhd->thd", p, v[b]))
-    return torch.stack(outs)
+rel = rel_max
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,7 +44,7 @@ def test_flex_window_attention_matches_sdpa(dtype):
         for a, b in zip(res["flex"], res["sdpa"]):
             assert rel(a, b) < FLEX32
     else:
-        ref = dense(q.detach(), k.detach(), v.detach(), W.tolist(), S.tolist())
+        ref = window_attention_dense(q.detach(), k.detach(), v.detach(), W.tolist(), S.tolist())
         e_flex, e_sdpa = rel(res["flex"][0], ref), rel(res["sdpa"][0], ref)
         assert e_flex < BF16_FACTOR * e_sdpa + BF16_SLACK, (e_flex, e_sdpa)
         for a, b in zip(res["flex"][1:], res["sdpa"][1:]):   # gradients: flex vs sdpa, both bf16

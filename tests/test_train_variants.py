@@ -28,14 +28,14 @@ from ahn_rt.train.gla import chunk_scalar_decay
 from ahn_rt.train.memories import LAYERS, make_layer
 from ahn_rt.train.model import TrainModel, _Pairs
 from ahn_rt.weights import ahn_shapes, is_ahn_key
+from oracle import rel_max
 
 GLA64, GLA32, MOD64, MODEL = 1e-12, 1e-5, 1e-10, 1e-5
 F64 = torch.float64
 IMPLS = ["GatedDeltaNet", "DeltaNet", "Mamba2"]
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+rel = rel_max
 
 
 # ----------------------------------------------------------------------------------------------
