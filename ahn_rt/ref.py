@@ -311,20 +311,28 @@ def gdn_chunk_prep_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     B, G = blocks(bf), blocks(gf).cumsum(-1)                               # [H, N, C]
     diff = G[..., :, None] - G[..., None, :]                               # G_i - G_j
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     kk = K @ K.transpose(-1, -2)
     A = B[..., None] * kk * torch.where(strict, diff, float("-inf")).exp()
-    eG = G.exp()
-    rhs = torch.cat([(B * eG)[..., None] * K, B[..., None] * V], dim=-1)
+    rhs = torch.cat([(B * G.exp())[..., None] * K, B[..., None] * V], dim=-1)
     eye = torch.eye(C, dtype=A.dtype, device=A.device)
     wu = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
     Dk = K.shape[-1]
     w, u = wu[..., :Dk].contiguous(), wu[..., Dk:].contiguous()
+    return (w, u, *_decay_terms(Q, K, G))
+
+
+def _decay_terms(Q: torch.Tensor, K: torch.Tensor, G: torch.Tensor):
+    """The decay-weighted block terms both chunk-prep references share, from the block layout Q, K
+    [H, N, C, Dk] and the cumulative log-decay G [H, N, C] (in its own precision; the terms in Q's dtype):
+    kd_t = (K e^(G_C - G))^T, qg = e^G Q, gl = e^(G_C), P = tril(Q K^T) e^(G_i - G_j)."""
+    C, f = G.shape[-1], Q.dtype
+    incl = torch.ones(C, C, dtype=torch.bool, device=Q.device).tril()
+    diff = G[..., :, None] - G[..., None, :]
     last = G[..., -1:]
-    kd_t = (K * (last - G).exp()[..., None]).transpose(-1, -2).contiguous()
-    qg = (eG[..., None] * Q).contiguous()
-    P = (Q @ K.transpose(-1, -2)) * torch.where(incl, diff, float("-inf")).exp()
-    return w, u, kd_t, qg, last[..., 0].exp().contiguous(), P.contiguous()
+    kd_t = (K * (last - G).exp().to(f)[..., None]).transpose(-1, -2)
+    qg = G.exp().to(f)[..., None] * Q
+    P = (Q @ K.transpose(-1, -2)) * torch.where(incl, diff, float("-inf")).exp().to(f)
+    return kd_t.contiguous(), qg.contiguous(), last[..., 0].exp().to(f).contiguous(), P.contiguous()
 
 
 def gdn_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor,
@@ -477,14 +485,7 @@ def mamba2_chunk_prep_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt:
     blocks = functools.partial(_blocks, C=C)
     Q, K, U = blocks(qf), blocks(kf), blocks(vf * dtf[:, :, None])
     G = blocks(la.double()).cumsum(-1)                                 # [H, N, C] float64
-    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = G[..., :, None] - G[..., None, :]
-    P = (Q @ K.transpose(-1, -2)) * torch.where(incl, diff, float("-inf")).exp().float()
-    last = G[..., -1:]
-    qg = G.exp().float()[..., None] * Q
-    kd_t = (K * (last - G).exp().float()[..., None]).transpose(-1, -2)
-    gl = last[..., 0].exp().float()
-    return U.contiguous(), kd_t.contiguous(), qg.contiguous(), gl.contiguous(), P.contiguous()
+    return (U.contiguous(), *_decay_terms(Q, K, G))
 
 
 def mamba2_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, a_log: torch.Tensor,
