@@ -13,6 +13,7 @@ import torch
 from ahn_rt.init_weights import preset_config, random_state_dict
 from ahn_rt.runtime import from_state_dict
 from ahn_rt.sampling import Sampler, SamplingParams
+from profile_common import kernel_rows   # scripts/ (this script's folder)
 
 
 def main():
@@ -47,13 +48,7 @@ def main():
         for _ in range(args.steps):
             tok = step(tok)
         torch.cuda.synchronize()
-    rows = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name.replace("(anonymous namespace)::", "").replace("void ", "").replace("ahn_rt::", "")
-            name = name.split("(")[0][:80]
-            t, c = rows.get(name, (0.0, 0))
-            rows[name] = (t + e.device_time_total if hasattr(e, "device_time_total") else t + e.cuda_time_total, c + 1)
+    rows = kernel_rows(prof)
     total = sum(t for t, _ in rows.values()) / args.steps
     what = f"model.step b{args.batch}" if args.batch else "stepper"
     print(f"{args.preset} {args.mode} @ {args.context}, {what}: kernel time {total:.1f} us/step "

@@ -14,6 +14,7 @@ import torch
 
 from ahn_rt.init_weights import preset_config, random_state_dict
 from ahn_rt.runtime import from_state_dict
+from profile_common import kernel_rows   # scripts/ (this script's folder)
 
 
 def main():
@@ -48,15 +49,9 @@ def main():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
-    rows, launches = {}, 0.0
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name.replace("(anonymous namespace)::", "").replace("void ", "").replace("ahn_rt::", "")
-            name = name.split("(")[0].split("<")[0][:70]
-            t, c = rows.get(name, (0.0, 0))
-            rows[name] = (t + e.device_time_total, c + 1)
-        elif e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"):
-            launches += e.cpu_time_total
+    rows = kernel_rows(prof, cut=("(", "<"), width=70)
+    launches = sum(e.cpu_time_total for e in prof.events()
+                   if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"))
     total = sum(t for t, _ in rows.values())
     count = sum(c for _, c in rows.values())
     print(f"{args.preset} {cfg.ahn_implementation} prefill of {args.tokens} tokens at depth {args.context}: "
