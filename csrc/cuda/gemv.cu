@@ -363,86 +363,47 @@ __device__ __forceinline__ uint4 load8(const T* src, int64_t stride, int64_t k, 
   }
 }
 
-// Shared-memory ring of one warp: a stage is MT * 16 weight rows x CW chunks of 32 k (CW * 64 bytes a row,
-// unpadded). Piece e (16 bytes) of row r sits at piece e ^ 4 (r & 1): the 8 lanes of an LDS.128 phase read
-// pieces 4j + t of rows g and g + 1, which then fall in opposite halves of the 32 banks (no conflicts).
-template <int MT, int CW>
-struct MmaStage {
-  static_assert(CW % 2 == 0, "the swizzle needs an even chunk count");
-  static constexpr int kRows = 16 * MT;
-  static constexpr int kPitch = CW * 64;
-  static constexpr int kBytes = kRows * kPitch;
-  static constexpr int kPieces = kRows * CW * 4;  // 16-byte pieces per stage: a multiple of 32
-  __device__ __forceinline__ static int offset(int r, int e) { return r * kPitch + 16 * (e ^ ((r & 1) << 2)); }
-};
-
-// Bytes of x staged in shared memory (normalized, in fragment order: chunk c, sequence b, lane slot t) for
-// NT column tiles; 0 when the caller's budget is smaller.
-inline int64_t mma_xs_bytes(int64_t K, int NT) { return (K + 31) / 32 * 8 * NT * 64; }
-
-// A task is 16 output rows (MT row tiles: 2 with silu_mul, gate and up) x one K slice. A block runs groups of
-// 8 / ks tasks, ks warps each (warp w: task w / ks, K slice w % ks), group blockIdx.x, + gridDim.x, ...
-// (persistent). Each warp streams the weights of its tasks, stage after stage, through its own ring of S
-// stages with cp.async (S - 1 stages in flight while one is multiplied; row segments read contiguously),
-// then takes the mma fragments out of shared memory. x: staged once per block in shared memory (xs_on), or
-// read per chunk from L1 / L2 (large B x K). NT column tiles of 8 sequences; WVEC: 16-byte aligned rows
-// (cp.async), else element-wise loads into the same ring.
-template <typename T, int MT, int NT, int CW, int S, bool WVEC>
-__global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams p, const int ks, const bool xs_on) {
+// A task is 16 output rows; MT row tiles (2 with silu_mul: gate, up), NT column tiles of 8 sequences, U
+// chunks of 32 k per warp in flight, WVEC: 16-byte weight loads. A block runs 8 / ks tasks, ks warps each
+// (warp w: task w / ks, K slice w % ks).
+template <typename T, int MT, int NT, int U, bool WVEC>
+__global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams p, const int ks) {
   static_assert(kThreads == 32 * kMmaWarps, "one warp per K slice");
-  using St = MmaStage<MT, CW>;
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
   __shared__ float part[kMmaWarps][MT][16][8 * NT];
   __shared__ float rs_s[8 * NT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  unsigned char* ring = dyn_smem + warp * S * St::kBytes;
-  uint4* xs = reinterpret_cast<uint4*>(dyn_smem + kMmaWarps * S * St::kBytes);
   const int64_t K = p.K, B = p.rows;
   const int64_t limit = p.silu_mul ? p.N_out : p.N;  // outputs (rows of tile 0)
-  const int tpb = kMmaWarps / ks;                    // tasks per group
-  const int64_t groups = ((limit + 15) / 16 + tpb - 1) / tpb;
+  const int tpb = kMmaWarps / ks;  // tasks per block
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * tpb + warp / ks) * 16;  // this warp's first row
   const int64_t nch = (K + 31) / 32, cpw = (nch + ks - 1) / ks;
   const int64_t c_begin = std::min<int64_t>(nch, (warp % ks) * cpw), c_end = std::min<int64_t>(nch, c_begin + cpw);
-  // Stages per task, the same for every warp of the block (so that the barriers below line up).
-  const int nst = static_cast<int>(std::max<int64_t>(1, (cpw + CW - 1) / CW));
-  const int64_t my_groups = blockIdx.x < groups ? (groups - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int64_t nq = my_groups * nst;  // stages this warp streams
-  const int64_t row_step = static_cast<int64_t>(gridDim.x) * tpb * 16;  // rows between a warp's tasks
   pdl_launch_dependents();
 
   const T* W = static_cast<const T*>(p.weight);
-  // The producer side: stage fq (stage fs of the task whose first row is fi0) -> ring slot fq % S.
-  int64_t fq = 0, fi0 = (static_cast<int64_t>(blockIdx.x) * tpb + warp / ks) * 16;
-  int fs = 0;
-  auto fill_next = [&]() {
-    if (fq < nq) {
-      const int64_t c0 = c_begin + static_cast<int64_t>(fs) * CW;
-      unsigned char* dst = ring + (fq % S) * St::kBytes;
+  const T* wrow[MT][2];  // this lane's rows g and g + 8 of each tile (clamped: loads stay in bounds)
 #pragma unroll
-      for (int pc = lane; pc < St::kPieces; pc += 32) {
-        const int r = pc / (CW * 4), e = pc % (CW * 4);
-        const int64_t row = std::min<int64_t>(fi0 + r % 16, limit - 1) + (r / 16) * p.N_out;
-        const int64_t k = (c0 + e / 4) * 32 + 8 * (e % 4);
-        const bool in = c0 + e / 4 < c_end && k < K;
-        const T* src = W + row * K;
-        unsigned char* d = dst + St::offset(r, e);
-        if constexpr (WVEC) {
-          cp_async16_zfill(d, in ? static_cast<const void*>(src + k) : static_cast<const void*>(src), in ? 16 : 0);
-        } else {
-          *reinterpret_cast<uint4*>(d) = in ? load8<T, false, false>(src, 1, k, K) : make_uint4(0u, 0u, 0u, 0u);
-        }
-      }
-      if (++fs == nst) {
-        fs = 0;
-        fi0 += row_step;
-      }
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      wrow[m][h] = W + (std::min<int64_t>(i0 + g + 8 * h, limit - 1) + m * p.N_out) * K;
+
+  // Two register buffers of U chunks: the loads of one group are in flight while the other is multiplied.
+  uint4 wa[U][MT][2], wb[U][MT][2];
+  auto issue = [&](uint4 (&wv)[U][MT][2], int64_t c) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (c + u) * 32 + 8 * t;
+      const bool in = c + u < c_end;
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          wv[u][m][h] = in ? load8<T, WVEC, true>(wrow[m][h], 1, k, K) : make_uint4(0u, 0u, 0u, 0u);
     }
-    ++fq;
-    cp_async_commit();  // one group per stage (empty past the end), so that wait<S - 1> counts stages
   };
   // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL).
-#pragma unroll
-  for (int q = 0; q < S - 1; ++q) fill_next();
+  if (c_begin < c_end) issue(wa, c_begin);
   pdl_wait();
 
   const T* X = static_cast<const T*>(p.x);
@@ -467,115 +428,105 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams 
     }
     __syncthreads();
   }
-  // x's 8 k at k of sequence b (zero past B and K), normalized as rms_norm_ref (nw * round(x * rs), in T).
-  auto x8 = [&](int64_t b, int64_t k) {
-    if (b >= B || k >= K) return make_uint4(0u, 0u, 0u, 0u);
-    const T* xb = X + b * p.x_row_stride;
-    uint4 r = x_vec ? load8<T, true, false>(xb, 1, k, K) : load8<T, false, false>(xb, p.x_stride, k, K);
-    if (nw != nullptr) {
-      const uint4 wn = x_vec ? load8<T, true, false>(nw, 1, k, K) : load8<T, false, false>(nw, p.nw_stride, k, K);
-      float xf[8], nf[8];
-      unpack<T>(r, xf);
-      unpack<T>(wn, nf);
-      const float rs = rs_s[b];
-      T o[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) o[e] = T(nf[e] * round_to<T>(xf[e] * rs));
-      r = make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
-    }
-    return r;
-  };
-  if (xs_on) {  // xs[(c * 8 NT + b) * 4 + t] = x8(b, 32 c + 8 t)
-    for (int64_t i = threadIdx.x; i < nch * 8 * NT * 4; i += kThreads) {
-      const int64_t c = i / (8 * NT * 4), b = (i / 4) % (8 * NT);
-      xs[i] = x8(b, c * 32 + 8 * (i % 4));
-    }
-    __syncthreads();
-  }
 
   float acc[MT][NT][4];
-  auto zero_acc = [&]() {
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+  for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
-  };
-  zero_acc();
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.f;
 
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* res = static_cast<const T*>(p.residual);
-  int cs = 0;  // the consumer's stage within its task
-  int64_t ci0 = (static_cast<int64_t>(blockIdx.x) * tpb) * 16;  // the consumer's group's first row
-  for (int64_t q = 0; q < nq; ++q) {
-    fill_next();
-    cp_async_wait<S - 1>();  // this lane's pieces of stage q have landed
-    __syncwarp();            // ... and every other lane's
-    // The mma steps of stage q, chunk by chunk in k order (the summation order of a row).
-    const unsigned char* src = ring + (q % S) * St::kBytes;
-    const int64_t c0 = c_begin + static_cast<int64_t>(cs) * CW;
+  // x of chunk group c (from L1 / L2), then the mma steps of the group's weights in `wv`, chunk by chunk.
+  auto consume = [&](const uint4 (&wv)[U][MT][2], int64_t c) {
+    uint4 xv[U][NT];  // column g of tile n: sequence n * 8 + g, this lane's 8 k of chunk c + u
 #pragma unroll
-    for (int j = 0; j < CW; ++j) {
-      const int64_t c = c0 + j;
-      if (c < c_end) {
-        uint4 xv[NT];  // column g of tile n: sequence n * 8 + g, this lane's 8 k of chunk c
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (c + u) * 32 + 8 * t;
 #pragma unroll
-        for (int n = 0; n < NT; ++n) xv[n] = xs_on ? xs[(c * 8 * NT + n * 8 + g) * 4 + t] : x8(n * 8 + g, c * 32 + 8 * t);
+      for (int n = 0; n < NT; ++n) {
+        const int64_t b = n * 8 + g;
+        uint4 r = make_uint4(0u, 0u, 0u, 0u);
+        if (b < B && c + u < c_end && k < K) {
+          const T* xb = X + b * p.x_row_stride;
+          r = x_vec ? load8<T, true, false>(xb, 1, k, K) : load8<T, false, false>(xb, p.x_stride, k, K);
+          if (nw != nullptr) {  // xn = nw * round(x * rs), rounded to T: as rms_norm_ref
+            const uint4 wn = x_vec ? load8<T, true, false>(nw, 1, k, K) : load8<T, false, false>(nw, p.nw_stride, k, K);
+            float xf[8], nf[8];
+            unpack<T>(r, xf);
+            unpack<T>(wn, nf);
+            const float rs = rs_s[b];
+            T o[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o[e] = T(nf[e] * round_to<T>(xf[e] * rs));
+            r = make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
+          }
+        }
+        xv[u][n] = r;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (c + u < c_end) {
         // k permutation: lane (g, t) holds k = 8t .. 8t+7 of the chunk; step s takes 8t+4s .. 8t+4s+3 as the
         // fragment's k {2t, 2t+1, 2t+8, 2t+9}, for A (rows g, g+8) and B (column g) alike.
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-          const uint4 lo = *reinterpret_cast<const uint4*>(src + St::offset(m * 16 + g, 4 * j + t));
-          const uint4 hi = *reinterpret_cast<const uint4*>(src + St::offset(m * 16 + g + 8, 4 * j + t));
+          const uint4& lo = wv[u][m][0];
+          const uint4& hi = wv[u][m][1];
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            mma16816<T>(acc[m][n], lo.x, hi.x, lo.y, hi.y, xv[n].x, xv[n].y);
-            mma16816<T>(acc[m][n], lo.z, hi.z, lo.w, hi.w, xv[n].z, xv[n].w);
+            mma16816<T>(acc[m][n], lo.x, hi.x, lo.y, hi.y, xv[u][n].x, xv[u][n].y);
+            mma16816<T>(acc[m][n], lo.z, hi.z, lo.w, hi.w, xv[u][n].z, xv[u][n].w);
           }
         }
       }
     }
-    __syncwarp();  // slot q % S is refilled by the next iteration's fill
-    if (++cs < nst) continue;
-    cs = 0;
-
-    // Task done. Accumulator (m, n): e0, e1 = row g, columns 2t, 2t+1; e2, e3 = row g + 8.
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        part[warp][m][g][n * 8 + 2 * t] = acc[m][n][0];
-        part[warp][m][g][n * 8 + 2 * t + 1] = acc[m][n][1];
-        part[warp][m][g + 8][n * 8 + 2 * t] = acc[m][n][2];
-        part[warp][m][g + 8][n * 8 + 2 * t + 1] = acc[m][n][3];
-      }
-    zero_acc();
-    __syncthreads();
-    for (int o = threadIdx.x; o < tpb * 16 * B; o += kThreads) {
-      const int tl = o / (16 * static_cast<int>(B)), r = o & 15;
-      const int64_t b = (o / 16) % B, i = ci0 + tl * 16 + r;
-      if (i >= limit) continue;
-      float y[MT];
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        float s = part[tl * ks][m][r][b];  // the K slices in order
-        for (int w = 1; w < ks; ++w) s += part[tl * ks + w][m][r][b];
-        if (bias != nullptr) s += static_cast<float>(bias[(i + m * p.N_out) * p.bias_stride]);
-        y[m] = s;
-      }
-      float v = y[0];
-      if constexpr (MT == 2) v = y[0] / (1.f + expf(-y[0])) * y[1];
-      if (res != nullptr) v = static_cast<float>(res[b * p.res_row_stride + i * p.res_stride]) + v;
-      if (p.out_float)
-        static_cast<float*>(p.out)[b * p.N_out + i] = v;
-      else
-        static_cast<T*>(p.out)[b * p.N_out + i] = T(v);
+  };
+  // Chunk groups in order (the summation order of a row): group c is multiplied while c + U loads.
+  for (int64_t c = c_begin; c < c_end; c += 2 * U) {
+    if (c + U < c_end) issue(wb, c + U);
+    consume(wa, c);
+    if (c + U < c_end) {
+      if (c + 2 * U < c_end) issue(wa, c + 2 * U);
+      consume(wb, c + U);
     }
-    ci0 += row_step;
-    __syncthreads();  // part is rewritten by the next task
   }
-  cp_async_wait<0>();
+
+  // Accumulator (m, n): e0, e1 = row g, columns 2t, 2t+1; e2, e3 = row g + 8.
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      part[warp][m][g][n * 8 + 2 * t] = acc[m][n][0];
+      part[warp][m][g][n * 8 + 2 * t + 1] = acc[m][n][1];
+      part[warp][m][g + 8][n * 8 + 2 * t] = acc[m][n][2];
+      part[warp][m][g + 8][n * 8 + 2 * t + 1] = acc[m][n][3];
+    }
+  __syncthreads();
+
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* res = static_cast<const T*>(p.residual);
+  for (int o = threadIdx.x; o < tpb * 16 * B; o += kThreads) {
+    const int tl = o / (16 * static_cast<int>(B)), r = o & 15;
+    const int64_t b = (o / 16) % B, i = (static_cast<int64_t>(blockIdx.x) * tpb + tl) * 16 + r;
+    if (i >= limit) continue;
+    float y[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      float s = part[tl * ks][m][r][b];  // the K slices in order
+      for (int w = 1; w < ks; ++w) s += part[tl * ks + w][m][r][b];
+      if (bias != nullptr) s += static_cast<float>(bias[(i + m * p.N_out) * p.bias_stride]);
+      y[m] = s;
+    }
+    float v = y[0];
+    if constexpr (MT == 2) v = y[0] / (1.f + expf(-y[0])) * y[1];
+    if (res != nullptr) v = static_cast<float>(res[b * p.res_row_stride + i * p.res_stride]) + v;
+    if (p.out_float)
+      static_cast<float*>(p.out)[b * p.N_out + i] = v;
+    else
+      static_cast<T*>(p.out)[b * p.N_out + i] = T(v);
+  }
 }
 
 // AHN_RT_GEMV_PDL=1 launches with programmatic dependent launch (the weight prefetch overlaps the end of
@@ -632,49 +583,23 @@ void launch(const GemvParams& p, cudaStream_t stream) {
   launch_kernel(kernel, blocks, smem, stream, p);
 }
 
-// AHN_RT_GEMV_RING_NARROW=1 (benchmark A/B): half the stage size, so that two blocks fit on an SM.
-bool ring_narrow() { return env_flag("AHN_RT_GEMV_RING_NARROW"); }
-
-template <typename T, int MT, int NT, int CW, int S>
+template <typename T, int MT, int NT, int U>
 void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int64_t tiles = ((p.silu_mul ? p.N_out : p.N) + 15) / 16;
   const int ks = mma_split(tiles);
-  const int64_t groups = (tiles + kMmaWarps / ks - 1) / (kMmaWarps / ks);
+  const int64_t blocks = (tiles + kMmaWarps / ks - 1) / (kMmaWarps / ks);
   const bool wvec = p.K % 8 == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
-  auto kernel = wvec ? gemv_mma_kernel<T, MT, NT, CW, S, true> : gemv_mma_kernel<T, MT, NT, CW, S, false>;
-  const DeviceInfo dev = device_info();
-  constexpr int64_t kStatic = static_cast<int64_t>(sizeof(float)) * (kMmaWarps * MT * 16 * 8 * NT + 8 * NT);
-  const int64_t ring = static_cast<int64_t>(kMmaWarps) * S * MmaStage<MT, CW>::kBytes;
-  // x goes to shared memory when it fits without costing a block per SM (xs is at most 32 KiB per 8 rows).
-  const int64_t xs = mma_xs_bytes(p.K, NT);
-  const int64_t blocks_ring = std::min<int64_t>(2, dev.smem_per_sm / (ring + kStatic + 1024));
-  const bool xs_on = xs <= 32 * 1024 * NT && ring + xs + kStatic <= dev.smem_optin &&
-                     dev.smem_per_sm / (ring + xs + kStatic + 1024) >= blocks_ring;
-  const int64_t smem = ring + (xs_on ? xs : 0);
-  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(2, dev.smem_per_sm / (smem + kStatic + 1024)));
-  TORCH_CHECK(smem + kStatic <= dev.smem_optin, "ahn_rt.gemv: ", smem + kStatic, " B of shared memory per block; the device allows ", dev.smem_optin);
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    TORCH_CHECK(e == cudaSuccess, "ahn_rt.gemv: cudaFuncSetAttribute: ", cudaGetErrorString(e));
-  }
-  // Persistent grid: every group runs in the first wave, or each block loops over several.
-  const int64_t blocks = std::min<int64_t>(groups, static_cast<int64_t>(dev.sms) * per_sm);
-  launch_kernel(kernel, blocks, static_cast<size_t>(smem), stream, p, ks, xs_on);
+  if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true>, blocks, 0, stream, p, ks);
+  else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false>, blocks, 0, stream, p, ks);
 }
 
-// Ring shapes (chunks per stage CW, stages S): 8 warps x 4 stages of 4 KiB of weights (12 KiB in flight per
-// warp), or (narrow) 4 stages of 2 KiB for MT = 1 and 2 of 4 KiB for MT = 2.
-template <typename T, int MT, int NT>
-void launch_mma_ring(const GemvParams& p, cudaStream_t stream) {
-  if (ring_narrow()) launch_mma<T, MT, NT, 2, MT == 1 ? 4 : 2>(p, stream);
-  else launch_mma<T, MT, NT, MT == 1 ? 4 : 2, 4>(p, stream);
-}
-
+// Chunks per buffer: at most about 20 16-byte registers of weights (two buffers) and x per lane, so that
+// two blocks fit on an SM.
 template <typename T, int MT>
 void launch_mma_rows(const GemvParams& p, cudaStream_t stream) {
-  if (p.rows <= 8) launch_mma_ring<T, MT, 1>(p, stream);
-  else if (p.rows <= 16) launch_mma_ring<T, MT, 2>(p, stream);
-  else launch_mma_ring<T, MT, 4>(p, stream);
+  if (p.rows <= 8) launch_mma<T, MT, 1, MT == 1 ? 4 : 2>(p, stream);
+  else if (p.rows <= 16) launch_mma<T, MT, 2, 2>(p, stream);
+  else launch_mma<T, MT, 4, MT == 1 ? 2 : 1>(p, stream);
 }
 
 }  // namespace
