@@ -327,26 +327,25 @@ def test_ahn_tensors_of_another_variant_are_refused():
 # ----------------------------------------------------------------------------------------------
 # python -m ahn_rt.train --ahn
 # ----------------------------------------------------------------------------------------------
-def test_train_cli_ahn_flag(tmp_path, capsys):
-    """--ahn mamba2 trains a Mamba2 memory: official keys and config, the output loads in ahn_rt and
-    equals the trained student; a resume keeps the variant (a different --ahn is refused); --init-ahn of
-    that output starts a Mamba2 run without --ahn; a DeltaNet start under --ahn gdn is refused."""
-    import json
-    import random
-    import ahn_rt
-    from ahn_rt.train.__main__ import main
-    from ahn_rt.weights import write_checkpoint
-    V = 131
-    cfg = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=32, intermediate_size=64,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=V,
+CLI_CFG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=131,
                tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=4096, hidden_act="silu",
                rms_norm_eps=1e-6, torch_dtype="float32", eos_token_id=[])
-    sd = init_weights.random_state_dict(cfg, ahn=False, dtype=torch.float32, std=0.2, seed=2)
-    write_checkpoint(tmp_path / "base" / "model.safetensors", sd, cfg, config_json=True)
+
+
+def cli_setup(tmp_path, capsys):
+    """A small base under tmp_path/base, four token records in tmp_path/ids.jsonl, and train(*flags) ->
+    (exit code, stderr) of `python -m ahn_rt.train` on them (W = 8, S = 2, lr 1e-2)."""
+    import json
+    import random
+    from ahn_rt.train.__main__ import main
+    from ahn_rt.weights import write_checkpoint
+    sd = init_weights.random_state_dict(CLI_CFG, ahn=False, dtype=torch.float32, std=0.2, seed=2)
+    write_checkpoint(tmp_path / "base" / "model.safetensors", sd, CLI_CFG, config_json=True)
     rng = random.Random(0)
     with open(tmp_path / "ids.jsonl", "w") as f:
         for _ in range(4):
-            f.write(json.dumps({"input_ids": [rng.randrange(V) for _ in range(rng.randrange(30, 50))]}) + "\n")
+            f.write(json.dumps({"input_ids": [rng.randrange(131) for _ in range(rng.randrange(30, 50))]}) + "\n")
 
     def train(*args):
         try:
@@ -356,6 +355,19 @@ def test_train_cli_ahn_flag(tmp_path, capsys):
         except SystemExit as e:
             rc = e.code
         return rc, capsys.readouterr().err
+
+    return sd, train
+
+
+def test_train_cli_ahn_flag(tmp_path, capsys):
+    """--ahn mamba2 trains a Mamba2 memory: official keys and config, the output loads in ahn_rt and
+    equals the trained student; a resume keeps the variant (a different --ahn is refused); --init-ahn of
+    that output starts a Mamba2 run without --ahn; a DeltaNet start under --ahn gdn is refused."""
+    import json
+    import random
+    import ahn_rt
+    cfg, V = CLI_CFG, CLI_CFG["vocab_size"]
+    sd, train = cli_setup(tmp_path, capsys)
 
     out = tmp_path / "m2"
     rc, err = train("--out", out, "--steps", 2, "--stop-after", 1, "--ahn", "mamba2")
@@ -399,3 +411,82 @@ def test_weight_decay_spares_each_variants_declared_names(impl, expect):
     names = {name for layer in model.ahn for name, p in layer.named_parameters() if id(p) in exempt}
     assert names == expect
     assert len(exempt) == len(names) * len(model.ahn)
+
+
+# ----------------------------------------------------------------------------------------------
+# --decay-init long
+# ----------------------------------------------------------------------------------------------
+def start_half_lives(layer) -> torch.Tensor:
+    """Each head's half-life in tokens with a zero input to the decay projection (GatedDeltaNet:
+    alpha = -exp(A_log) softplus(a + dt_bias); Mamba2: dt * -exp(A_log), dt = softplus(dt_raw + dt_bias);
+    a = dt_raw = 0 at x = 0 for both fresh memories)."""
+    log_decay = -layer.A_log.double().exp() * F.softplus(layer.dt_bias.double())
+    return math.log(0.5) / log_decay
+
+
+@pytest.mark.parametrize("impl", ["GatedDeltaNet", "Mamba2"])
+def test_long_decay_init(impl):
+    """decay_init="long": the heads start with half-lives log-spaced from 64 to 4096 tokens (checked from the
+    gate formula in float64), every other parameter as the official init and o_proj = 0 (the student
+    still starts as the sinks + window model). Negative control: the official init is nowhere near."""
+    cfg, sd, _ = tiny_model("qwen2", impl)
+    base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
+    c = parse_config(cfg, "tiny")
+    H = c.num_heads
+    assert H >= 2
+    long_m = TrainModel(c, base, base_dtype=torch.float32, seed=1, implementation=impl, decay_init="long")
+    official = TrainModel(c, base, base_dtype=torch.float32, seed=1, implementation=impl)
+    want = torch.logspace(math.log10(64), math.log10(4096), H, dtype=F64)
+    for a, b in zip(long_m.ahn, official.ahn):
+        assert torch.allclose(start_half_lives(a), want, rtol=1e-5), start_half_lives(a)
+        assert not torch.allclose(start_half_lives(b), want, rtol=0.5)
+        for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(p, q) == (name != "dt_bias"), name
+    ids = ids_for(60, 3)
+    got = student_logits(long_m, ids[None], [(9, 4)])[0]
+    assert (got - runtime_logits(cfg, sd, ids, "swa", 9, 4)).abs().max().item() < MODEL
+
+
+def test_long_decay_init_refusals():
+    cfg, sd, _ = tiny_model("qwen2", "DeltaNet")
+    base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
+    ahn = {k: v for k, v in sd.items() if is_ahn_key(k)}
+    c = parse_config(cfg, "tiny")
+    with pytest.raises(AhnError, match="no decay gate"):
+        TrainModel(c, base, base_dtype=torch.float32, implementation="DeltaNet", decay_init="long")
+    with pytest.raises(AhnError, match="fresh memory"):
+        TrainModel(c, base, ahn, base_dtype=torch.float32, implementation="DeltaNet", decay_init="long")
+    with pytest.raises(AhnError, match="'official' or 'long'"):
+        TrainModel(c, base, base_dtype=torch.float32, decay_init="short")
+
+
+def test_train_cli_decay_init(tmp_path, capsys):
+    """--decay-init long: the run starts with the long half-lives (its saved resume state at step 0 shows
+    them), the setting is part of the run (recorded, kept on resume); with DeltaNet or a given start it is
+    refused in one line with exit 2 and no output folder."""
+    import json
+    from ahn_rt.train.checkpoint import load_resume
+    _, train = cli_setup(tmp_path, capsys)
+    out = tmp_path / "long"
+    rc, err = train("--out", out, "--steps", 2, "--stop-after", 1, "--decay-init", "long", "--lr", "1e-12")
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["run"]["decay_init"] == "long", run
+    _, ahn, _ = load_resume(out / "resume")
+    H = CLI_CFG["num_attention_heads"]
+    want = torch.logspace(math.log10(64), math.log10(4096), H, dtype=F64)
+    for n in range(CLI_CFG["num_hidden_layers"]):
+        layer = make_layer("GatedDeltaNet", 32, H, 8)
+        layer.load_state_dict({k.split(".ahn.fn.")[1]: v for k, v in ahn.items() if f"layers.{n}." in k})
+        assert torch.allclose(start_half_lives(layer), want, rtol=1e-5)   # lr 1e-12: still the starting gates
+    rc, err = train("--out", out, "--resume", "--lr", "1e-12", "--decay-init", "official")
+    assert rc == 2 and "--decay-init official differs" in err, err
+    rc, err = train("--out", out, "--resume", "--lr", "1e-12")
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["run"]["decay_init"] == "long"
+    for flags, msg in ((["--ahn", "dn"], "no decay gate"),
+                       (["--init-ahn", out / "model.safetensors"], "fresh memory")):
+        bad = tmp_path / "bad"
+        rc, err = train("--out", bad, "--steps", 1, "--decay-init", "long", *flags)
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+        assert not bad.exists()

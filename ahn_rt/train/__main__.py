@@ -42,7 +42,7 @@ RUN_DEFAULTS = {
     "steps": None, "seq_len": 24576, "min_len": 0, "batch": 1, "grad_accum": 1, "lr": 1e-4,
     "warmup_ratio": 0.1, "weight_decay": 0.1, "max_grad_norm": 1.0, "window_min": None, "window_max": None,
     "window": None, "sinks": None, "ce_weight": 0.0, "seed": 0, "dtype": None, "loss_on": "assistant",
-    "activation_checkpointing": True, "ahn": None,
+    "activation_checkpointing": True, "ahn": None, "decay_init": "official",
 }
 BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_resolve_batch)
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-grad-norm", type=float, help="gradient clipping norm, 0 = off (default 1.0)")
     o.add_argument("--ce-weight", type=float, help="add this times the student's cross-entropy (default 0)")
     o.add_argument("--seed", type=int, help="data order, windows and AHN init (default 0)")
+    o.add_argument("--decay-init", choices=["official", "long"],
+                   help="a fresh memory's decay gates: the official initialization (default; most heads forget "
+                        "within tens of tokens), or long: half-lives log-spaced from 64 to 4096 tokens "
+                        "(GatedDeltaNet and Mamba2)")
     o.add_argument("--dtype", choices=["bf16", "float32"],
                    help="bf16: base in bf16, bf16 autocast, fp32 master AHN weights (default on cuda); "
                         "float32 (default on cpu)")
@@ -324,6 +328,13 @@ def _run(a, d, out: Path) -> int:
         start_impl = config.ahn_implementation if (a.init_from_base or a.init_ahn) else None
         impl = memory.resolve(run_cfg["ahn"] or start_impl)
         run_cfg["ahn"] = memory.get(impl).short
+        if run_cfg["decay_init"] == "long" and not saved_state:
+            if a.init_from_base or a.init_ahn:
+                raise AhnError("--decay-init long sets a fresh memory's gates; it cannot be combined with "
+                               "--init-from-base or --init-ahn")
+            if impl == "DeltaNet":
+                raise AhnError("--decay-init long: the DeltaNet memory has no decay gate; it applies to "
+                               "GatedDeltaNet and Mamba2")
         if a.init_from_base:
             W._check_ahn_keys(config, ckpt.src, base_ahn_keys, f"base {base_path}", impl)
         if a.init_ahn:
@@ -364,8 +375,9 @@ def _run(a, d, out: Path) -> int:
             ahn_init = None
         base = {k: ckpt.src.get(k) for k in W.base_shapes(config)}
         torch.manual_seed(run_cfg["seed"])
+        decay_init = run_cfg["decay_init"] if ahn_init is None else "official"   # only a fresh memory's start
         model = TrainModel(config, base, ahn_init, base_dtype=base_dtype, seed=run_cfg["seed"],
-                           implementation=impl).to(dist.model_device(a.parallel, d))
+                           implementation=impl, decay_init=decay_init).to(dist.model_device(a.parallel, d))
         del base
         parallel = dist.make_parallel(a.parallel, d, model)      # before the optimizer: FSDP swaps parameters
         settings = TrainSettings(

@@ -133,12 +133,13 @@ class TrainModel(nn.Module):
     else GatedDeltaNet); ``ahn`` tensors must be of that variant. Base weights are stored in ``base_dtype``
     and frozen, unless ``train_base`` (teacher pretraining: trainable, float32 master weights).
     ``with_ahn`` (default: not ``train_base``, or True when AHN tensors are given) says whether the AHN
-    modules exist at all.
+    modules exist at all. ``decay_init``: "official", or "long" (a fresh memory's heads start with
+    half-lives of 64 to 4096 tokens: ``init_long_decay_``; only without ``ahn``).
     """
 
     def __init__(self, config: Config, base: dict, ahn: dict | None = None, *, base_dtype=torch.bfloat16,
                  train_base: bool = False, seed: int = 0, with_ahn: bool | None = None,
-                 implementation: str | None = None):
+                 implementation: str | None = None, decay_init: str = "official"):
         super().__init__()
         c = self.config = config
         self.implementation = resolve(implementation or config.ahn_implementation)
@@ -167,6 +168,10 @@ class TrainModel(nn.Module):
 
         if with_ahn is None:
             with_ahn = ahn is not None or not self.train_base
+        if decay_init not in ("official", "long"):
+            raise AhnError(f"decay_init {decay_init!r}: use 'official' or 'long'")
+        if decay_init == "long" and ahn is not None:
+            raise AhnError("--decay-init long sets a fresh memory's gates; it cannot start from given AHN weights")
         device = self.embed.device
         self.ahn = nn.ModuleList()
         if with_ahn:
@@ -175,6 +180,8 @@ class TrainModel(nn.Module):
                 layer = make_layer(self.implementation, c.hidden_size, c.num_heads, c.head_dim, device=device)
                 if ahn is None:
                     init_ahn_(layer, gen)
+                    if decay_init == "long":
+                        layer.init_long_decay_()
                 self.ahn.append(layer)
             if ahn is not None:
                 _check(ahn, ahn_shapes(c, self.implementation), f"AHN weights ({self.implementation})")

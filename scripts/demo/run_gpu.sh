@@ -10,7 +10,8 @@
 #   demo/{model.safetensors,config.json,generation_config.json,tokenizer.json}   the merged demo model
 #   eval/{eval.md,eval.json}      the evaluation table and every number (+ pipeline settings and timings)
 #   logs/{teacher_log.jsonl,distill_log.jsonl}
-# Overrides (environment): TEACHER_ARGS (extra teacher-shape flags), WINDOW (the sliding window in full mode; default 128, the shipped model's), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
+# Overrides (environment): TEACHER_ARGS (extra teacher-shape flags), DISTILL_ARGS (extra ahn_rt.train flags,
+# e.g. "--decay-init long"), WINDOW (the sliding window in full mode; default 128, the shipped model's), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
 # stops), PASSKEY_FRAC, DIST_MIN (the distillation data), WORK (intermediate folder), PYTHON, and
 # TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
 # run's merged folder; its AHN tensors are not used), AHN=gdn|dn|mamba2: the memory variant (default gdn;
@@ -32,7 +33,8 @@ if [[ $MODE == full ]]; then
   read -r -a T_SHAPE <<< "${TEACHER_ARGS:-}"
   T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8 "${T_SHAPE[@]}")
   D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-260}; D_DIST_MIN=${DIST_MIN:-64}
-  D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50)
+  read -r -a D_ARGS <<< "${DISTILL_ARGS:-}"
+  D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50 "${D_ARGS[@]}")
   E_EXTRA=(--n-text 32 --n-passkey 32 --distances 100,256,1000,2000,3500)   # 100: inside W = 128
 else
   WORK=${WORK:-$DATA/smoke}; OUT=${SMOKE_OUT:-$DATA/smoke/out}; DEV=cpu
@@ -41,7 +43,8 @@ else
   T_EXTRA=(--hidden 64 --layers 2 --heads 2 --kv-heads 1 --mlp 128 --warmup 5 --lr 3e-3 --log-every 10
            --eval-every 30 --eval-seqs 2)
   D_STEPS=${DISTILL_STEPS:-4}; D_BATCH=4; D_LIMIT=${DISTILL_LIMIT:-300}; D_DIST_MIN=${DIST_MIN:-32}
-  D_EXTRA=(--dtype float32 --log-every 1 --save-every 2)
+  read -r -a D_ARGS <<< "${DISTILL_ARGS:-}"
+  D_EXTRA=(--dtype float32 --log-every 1 --save-every 2 "${D_ARGS[@]}")
   E_EXTRA=(--n-text 2 --n-passkey 2 --distances 40,200,400 --edges 256)
 fi
 D_NUM=$(( D_STEPS * D_BATCH / 2 ))   # two passes over the distillation sequences
