@@ -9,7 +9,8 @@
 #
 # Results: $OUT/<variant>/eval/{eval.md,eval.json}, $OUT/<variant>/logs/ and $OUT/variants.md (the merged
 # models are not kept). Overrides: VARIANTS (default "gdn dn mamba2"), and run_gpu.sh's (DISTILL_STEPS,
-# DISTILL_LIMIT per variant, ...). Without TEACHER the first variant's run trains one and the others reuse it.
+# DISTILL_LIMIT per variant, DISTILL_ARGS, ...; e.g. VARIANTS="gdn mamba2" DISTILL_ARGS="--decay-init long":
+# DeltaNet has no decay gate and refuses that flag). Without TEACHER the first variant's run trains one and the others reuse it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
