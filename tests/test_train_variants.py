@@ -203,12 +203,16 @@ def tiny_cfg(family, impl):
 _CACHE = {}
 
 
+def split_ahn(sd):
+    """(base, AHN) halves of a state dict."""
+    return ({k: v for k, v in sd.items() if not is_ahn_key(k)}, {k: v for k, v in sd.items() if is_ahn_key(k)})
+
+
 def tiny_model(family, impl):
     if (family, impl) not in _CACHE:
         cfg = tiny_cfg(family, impl)
         sd = init_weights.random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=5)
-        base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
-        ahn = {k: v for k, v in sd.items() if is_ahn_key(k)}
+        base, ahn = split_ahn(sd)
         tm = TrainModel(parse_config(cfg, "tiny"), base, ahn, base_dtype=torch.float32)
         _CACHE[family, impl] = (cfg, sd, tm)
     return _CACHE[family, impl]
@@ -267,7 +271,7 @@ def test_fresh_init_and_names(impl, tmp_path):
     checkpoint (output_config / write_model) loads in ahn_rt as that variant; gradients with per-layer
     checkpointing equal those without and reach every parameter."""
     cfg, sd, _ = tiny_model("qwen2", impl)
-    base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
+    base, _ = split_ahn(sd)
     c = parse_config(init_weights.preset_config("tiny", False, torch.float32) | {"vocab_size": 97}, "tiny")
     short = {"DeltaNet": "dn", "Mamba2": "mamba2"}[impl]
     tm = TrainModel(c, base, base_dtype=torch.float32, seed=1, implementation=short)
@@ -313,8 +317,7 @@ def test_fresh_init_and_names(impl, tmp_path):
 
 def test_ahn_tensors_of_another_variant_are_refused():
     cfg, sd, _ = tiny_model("qwen2", "Mamba2")
-    base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
-    ahn = {k: v for k, v in sd.items() if is_ahn_key(k)}
+    base, ahn = split_ahn(sd)
     c = parse_config(cfg, "tiny")
     with pytest.raises(AhnError, match="DeltaNet"):
         TrainModel(c, base, ahn, base_dtype=torch.float32, implementation="DeltaNet")
@@ -430,7 +433,7 @@ def test_long_decay_init(impl):
     gate formula in float64), every other parameter as the official init and o_proj = 0 (the student
     still starts as the sinks + window model). Negative control: the official init is nowhere near."""
     cfg, sd, _ = tiny_model("qwen2", impl)
-    base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
+    base, _ = split_ahn(sd)
     c = parse_config(cfg, "tiny")
     H = c.num_heads
     assert H >= 2
@@ -449,8 +452,7 @@ def test_long_decay_init(impl):
 
 def test_long_decay_init_refusals():
     cfg, sd, _ = tiny_model("qwen2", "DeltaNet")
-    base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
-    ahn = {k: v for k, v in sd.items() if is_ahn_key(k)}
+    base, ahn = split_ahn(sd)
     c = parse_config(cfg, "tiny")
     with pytest.raises(AhnError, match="no decay gate"):
         TrainModel(c, base, base_dtype=torch.float32, implementation="DeltaNet", decay_init="long")

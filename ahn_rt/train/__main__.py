@@ -328,13 +328,6 @@ def _run(a, d, out: Path) -> int:
         start_impl = config.ahn_implementation if (a.init_from_base or a.init_ahn) else None
         impl = memory.resolve(run_cfg["ahn"] or start_impl)
         run_cfg["ahn"] = memory.get(impl).short
-        if run_cfg["decay_init"] == "long" and not saved_state:
-            if a.init_from_base or a.init_ahn:
-                raise AhnError("--decay-init long sets a fresh memory's gates; it cannot be combined with "
-                               "--init-from-base or --init-ahn")
-            if impl == "DeltaNet":
-                raise AhnError("--decay-init long: the DeltaNet memory has no decay gate; it applies to "
-                               "GatedDeltaNet and Mamba2")
         if a.init_from_base:
             W._check_ahn_keys(config, ckpt.src, base_ahn_keys, f"base {base_path}", impl)
         if a.init_ahn:
@@ -375,7 +368,9 @@ def _run(a, d, out: Path) -> int:
             ahn_init = None
         base = {k: ckpt.src.get(k) for k in W.base_shapes(config)}
         torch.manual_seed(run_cfg["seed"])
-        decay_init = run_cfg["decay_init"] if ahn_init is None else "official"   # only a fresh memory's start
+        # A fresh memory's start (TrainModel refuses it with given AHN weights or a variant without decay);
+        # a resumed run already holds the weights it started from.
+        decay_init = "official" if saved_state else run_cfg["decay_init"]
         model = TrainModel(config, base, ahn_init, base_dtype=base_dtype, seed=run_cfg["seed"],
                            implementation=impl, decay_init=decay_init).to(dist.model_device(a.parallel, d))
         del base

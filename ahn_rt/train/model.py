@@ -171,7 +171,8 @@ class TrainModel(nn.Module):
         if decay_init not in ("official", "long"):
             raise AhnError(f"decay_init {decay_init!r}: use 'official' or 'long'")
         if decay_init == "long" and ahn is not None:
-            raise AhnError("--decay-init long sets a fresh memory's gates; it cannot start from given AHN weights")
+            raise AhnError("--decay-init long sets a fresh memory's gates; it cannot be combined with given AHN "
+                           "weights (--init-from-base or --init-ahn)")
         device = self.embed.device
         self.ahn = nn.ModuleList()
         if with_ahn:
