@@ -2,11 +2,11 @@
 // their launchers. Test: pytest -m cuda tests/test_gemv.py; timing: python bench/gemv_bench.py (on a GPU).
 //
 // bf16 / fp16: tensor cores (mma.sync m16n8k16, fp32 accumulate). A block owns 16 output rows (a silu_mul
-// block: 16 gate rows and their 16 up rows) and all B <= 32 sequences; its 8 warps split K into 8 fixed
-// slices of 32-column chunks and stream their weights with 16-byte non-allocating loads. Each lane's 16
-// bytes of a row (8 consecutive k) feed two mma steps under one fixed k permutation that x uses too, so
+// block: 16 gate rows and their 16 up rows) and all B <= 32 sequences; its warps (8, or 16 when the row
+// tiles are few) split K into fixed slices of 32-column chunks and stream their weights with 16-byte
+// non-allocating loads. Each lane's 16 bytes of a row (8 consecutive k) feed two mma steps under one fixed k permutation that x uses too, so
 // the loads stay contiguous. x comes straight from L1/L2 (RMS-normalized on the fly when asked; every
-// block computes the sums of squares itself); the 8 warps' partial sums are added in warp order in shared
+// block computes the sums of squares itself); the warps' partial sums are added in warp order in shared
 // memory; bias / SiLU(gate) * up / residual epilogue with one rounding.
 // Batch invariance: the value of (row, sequence) is the same sum in the same order whatever B is and
 // whatever the other rows hold (an mma output column depends on its own column of x alone; the chunk
@@ -308,13 +308,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gemv_kernel(const G
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel (bf16 / fp16), B <= 32 sequences per launch.
 // ---------------------------------------------------------------------------------------------
+// Blocks of 8 warps, or of 16 when the row tiles (no SiLU pairs) are no more than the SMs (o_proj and down
+// of a 3B layer have 128: at 8 warps per tile that is half a wave of 8-warp blocks, with the SMs idle on
+// loads; a 16-warp block at up to 128 registers still fits an SM). Warps that split K for one row tile
+// (1, 2, 4, 8 or 16): the fewest that still give about kMmaTargetWarps warps in all. Both depend on the
+// shape and the device alone (never on B), so a row's summation order does too.
 constexpr int kMmaWarps = 8;
-// Warps that split K for one row tile (1, 2, 4 or 8): the fewest that still give about kMmaTargetWarps warps
-// in all. It depends on the shape alone (never on B), so a row's summation order does too.
+constexpr int kMmaWideWarps = 16;
 constexpr int64_t kMmaTargetWarps = 4096;
-inline int mma_split(int64_t tiles) {
+inline int mma_block_warps(int64_t tiles, int mt) {
+  return mt == 1 && tiles * kMmaWarps < kMmaTargetWarps && tiles <= device_info().sms ? kMmaWideWarps : kMmaWarps;
+}
+inline int mma_split(int64_t tiles, int warps) {
   int ks = 1;
-  while (ks < kMmaWarps && tiles * ks < kMmaTargetWarps) ks *= 2;
+  while (ks < warps && tiles * ks < kMmaTargetWarps) ks *= 2;
   return ks;
 }
 
@@ -366,15 +373,15 @@ __device__ __forceinline__ uint4 load8(const T* src, int64_t stride, int64_t k, 
 // A task is 16 output rows; MT row tiles (2 with silu_mul: gate, up), NT column tiles of 8 sequences, U
 // chunks of 32 k per warp in flight, WVEC: 16-byte weight loads. A block runs 8 / ks tasks, ks warps each
 // (warp w: task w / ks, K slice w % ks).
-template <typename T, int MT, int NT, int U, bool WVEC>
-__global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams p, const int ks) {
-  static_assert(kThreads == 32 * kMmaWarps, "one warp per K slice");
-  __shared__ float part[kMmaWarps][MT][16][8 * NT];
+template <typename T, int MT, int NT, int U, bool WVEC, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const GemvParams p, const int ks) {
+  constexpr int kBlock = 32 * WARPS;
+  __shared__ float part[WARPS][MT][16][8 * NT];
   __shared__ float rs_s[8 * NT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int64_t K = p.K, B = p.rows;
   const int64_t limit = p.silu_mul ? p.N_out : p.N;  // outputs (rows of tile 0)
-  const int tpb = kMmaWarps / ks;  // tasks per block
+  const int tpb = WARPS / ks;  // tasks per block
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) * tpb + warp / ks) * 16;  // this warp's first row
   const int64_t nch = (K + 31) / 32, cpw = (nch + ks - 1) / ks;
   const int64_t c_begin = std::min<int64_t>(nch, (warp % ks) * cpw), c_end = std::min<int64_t>(nch, c_begin + cpw);
@@ -413,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams 
                      (nw == nullptr || (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(nw) & 15) == 0));
   if (nw != nullptr) {
     // rs[b] = 1 / sqrt(mean(x[b]^2) + eps): sequence b is summed by one warp in one fixed order.
-    for (int64_t b = warp; b < B; b += kMmaWarps) {
+    for (int64_t b = warp; b < B; b += WARPS) {
       const T* xb = X + b * p.x_row_stride;
       float ss = 0.f;
       for (int64_t k = 8 * lane; k < K; k += 256) {  // lane: 8 consecutive k at a time, in k order
@@ -507,7 +514,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams 
 
   const T* bias = static_cast<const T*>(p.bias);
   const T* res = static_cast<const T*>(p.residual);
-  for (int o = threadIdx.x; o < tpb * 16 * B; o += kThreads) {
+  for (int o = threadIdx.x; o < tpb * 16 * B; o += kBlock) {
     const int tl = o / (16 * static_cast<int>(B)), r = o & 15;
     const int64_t b = (o / 16) % B, i = (static_cast<int64_t>(blockIdx.x) * tpb + tl) * 16 + r;
     if (i >= limit) continue;
@@ -533,12 +540,12 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_mma_kernel(const GemvParams 
 // the previous kernel). Read on every call so that a benchmark can compare both in one process.
 bool pdl_enabled() { return env_flag("AHN_RT_GEMV_PDL"); }
 
-// Launches `kernel` with `blocks` x kThreads threads, optionally with programmatic dependent launch.
+// Launches `kernel` with `blocks` x `threads` threads, optionally with programmatic dependent launch.
 template <typename Kernel, typename... Args>
-void launch_kernel(Kernel kernel, int64_t blocks, size_t smem, cudaStream_t stream, const Args&... args) {
+void launch_kernel(Kernel kernel, int64_t blocks, int threads, size_t smem, cudaStream_t stream, const Args&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(kThreads);
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -580,17 +587,25 @@ void launch(const GemvParams& p, cudaStream_t stream) {
   const int64_t warps = (ntasks + per_warp - 1) / per_warp;
   const int64_t blocks = (warps + kWarps - 1) / kWarps;
 
-  launch_kernel(kernel, blocks, smem, stream, p);
+  launch_kernel(kernel, blocks, kThreads, smem, stream, p);
 }
 
 template <typename T, int MT, int NT, int U>
 void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int64_t tiles = ((p.silu_mul ? p.N_out : p.N) + 15) / 16;
-  const int ks = mma_split(tiles);
-  const int64_t blocks = (tiles + kMmaWarps / ks - 1) / (kMmaWarps / ks);
+  const int warps = mma_block_warps(tiles, MT);
+  const int ks = mma_split(tiles, warps);
+  const int64_t blocks = (tiles + warps / ks - 1) / (warps / ks);
   const bool wvec = p.K % 8 == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
-  if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true>, blocks, 0, stream, p, ks);
-  else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false>, blocks, 0, stream, p, ks);
+  if constexpr (MT == 1) {
+    if (warps == kMmaWideWarps) {
+      if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps>, blocks, 32 * warps, 0, stream, p, ks);
+      else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps>, blocks, 32 * warps, 0, stream, p, ks);
+      return;
+    }
+  }
+  if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps>, blocks, 32 * warps, 0, stream, p, ks);
+  else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps>, blocks, 32 * warps, 0, stream, p, ks);
 }
 
 // Chunks per buffer: at most about 20 16-byte registers of weights (two buffers) and x per lane, so that
