@@ -34,6 +34,7 @@ longrange = _load("longrange", "longrange")
 build_corpus = _load("build_corpus")
 evaluate = _load("evaluate")
 train_teacher = _load("train_teacher")
+make_distill_data = _load("make_distill_data")
 
 # tolerance table: exact everywhere (hashes, ids, positions, counts) except the losses of a real model,
 # which are float32/float64 sums compared at 1e-6 relative; an oracle's loss bound is analytic
@@ -121,6 +122,33 @@ def test_passkey_lands_at_the_requested_distance(L, distance):
         rest = ids[ids >= 1000]                                  # the corpus tokens, in order, none lost between
         assert np.array_equal(rest, filler[:rest.size])
         assert rest.size == L - T.statement_len - min(T.question_len, L - it.answer_pos + len(T.question))
+
+
+def test_distill_data_weights_the_answer_digits(tmp_path):
+    """--answer-weight puts its weight on exactly the 5 answer digits of each passkey record (and writes no
+    weights at 1, so the default file is unchanged); the trainer's reader accepts the file."""
+    from ahn_rt.train.data import BudgetSpec, load_dataset
+    tokens = np.random.default_rng(0).integers(20, 60, size=5000).astype(np.uint16)
+
+    def sampler():
+        return longrange.SequenceSampler(tokens, 256, T, seed=4, passkey_frac=0.5, dist_min=40)
+    plain = make_distill_data.write_jsonl(tmp_path / "plain.jsonl", sampler(), 12)
+    heavy = make_distill_data.write_jsonl(tmp_path / "heavy.jsonl", sampler(), 12, answer_weight=50.0)
+    assert "loss_weights" not in (tmp_path / "plain.jsonl").read_text()
+    assert plain["with_passkey"] == heavy["with_passkey"] > 0 and plain["sha256"] != heavy["sha256"]
+    ref = sampler()
+    for line, plain_line in zip((tmp_path / "heavy.jsonl").read_text().splitlines(),
+                                (tmp_path / "plain.jsonl").read_text().splitlines()):
+        rec, ids_item = json.loads(line), ref.sample()
+        assert rec["input_ids"] == ids_item[0].tolist() == json.loads(plain_line)["input_ids"]
+        item = ids_item[1]
+        if item is None:
+            assert "loss_weights" not in rec
+        else:
+            heavy_at = [i for i, w in enumerate(rec["loss_weights"]) if w != 1]
+            assert heavy_at == list(item.answer_positions) and rec["loss_weights"][heavy_at[0]] == 50.0
+    d = load_dataset(tmp_path / "heavy.jsonl", vocab_size=64, seq_len=256, budget=BudgetSpec(fixed=(16, 4)))
+    assert len(d) == 12 and d.weights is not None and float(d.weights.max()) == 50.0
 
 
 def test_passkey_limits_and_seeded_sets():

@@ -396,6 +396,39 @@ def test_distill_loss_equals_dense(ce_weight):
         assert rel(a, b) < LOSS
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.7])
+def test_distill_loss_weighted_equals_dense(ce_weight):
+    """Per-position weights: both terms become weighted means (sum w loss / sum w), gradients included."""
+    g = torch.Generator().manual_seed(2)
+    V, d, B, L = 50, 8, 2, 13
+    W = torch.randn(V, d, generator=g, dtype=F64, requires_grad=True)
+    ht = torch.randn(B, L, d, generator=g, dtype=F64)
+    hs = torch.randn(B, L, d, generator=g, dtype=F64, requires_grad=True)
+    valid = torch.rand(B, L, generator=g) > 0.3
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, 3] = labels[1, 5] = -100
+    w = torch.rand(B, L, generator=g) * 3
+    w[0, 0] = 40.0                                  # one heavy position, as a long-range answer gets
+    loss, mass = distill_loss(_Head(W), ht, hs, valid, ce_weight=ce_weight, labels=labels, chunk=4, weight=w)
+    wv = w[valid].double()
+    assert abs(mass - float(wv.sum())) < 1e-9
+    lt = (ht @ W.detach().T).log_softmax(-1)
+    ls = (hs @ W.T).log_softmax(-1)
+    kl_rows = (lt.exp() * (lt - ls)).sum(-1)[valid]
+    tgt = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], 1)[valid]
+    has = tgt >= 0
+    ce_rows = -ls[valid].gather(1, tgt.clamp(min=0)[:, None])[:, 0]
+    ref = (wv * kl_rows).sum() / wv.sum() + ce_weight * (wv * ce_rows * has).sum() / (wv * has).sum()
+    assert abs(loss.item() - ref.item()) < LOSS * ref.item()
+    for a, b in zip(torch.autograd.grad(loss, (hs, W)), torch.autograd.grad(ref, (hs, W))):
+        assert rel(a, b) < LOSS
+    # a uniform scale of the weights changes nothing; ignoring them would fail the check above
+    again, _ = distill_loss(_Head(W), ht, hs, valid, ce_weight=ce_weight, labels=labels, chunk=4, weight=w * 5)
+    assert abs(again.item() - loss.item()) < LOSS * loss.item()
+    plain, n = distill_loss(_Head(W), ht, hs, valid, ce_weight=ce_weight, labels=labels, chunk=4)
+    assert n == int(valid.sum()) and abs(plain.item() - ref.item()) > 100 * LOSS * ref.item()
+
+
 def test_lm_loss_equals_cross_entropy():
     g = torch.Generator().manual_seed(1)
     V, d, B, L = 50, 8, 2, 13

@@ -367,6 +367,51 @@ def test_data_records_text_messages_input_ids_and_bad_ones(tmp_path):
     assert d.stats.skipped["shorter than --min-len"] == 1
 
 
+def test_loss_weights_are_read_checked_and_weight_the_step(tmp_path, config, base):
+    rng = random.Random(3)
+    a, b = random_ids(rng, 40), random_ids(rng, 40)
+    wb = [1.0] * 20 + [0.0] * 4 + [25.0] * 16        # 0: no loss on those tokens; 25: a stressed stretch
+    records = [{"input_ids": a},                      # before any weighted record: weights 1, filled in later
+               {"input_ids": b, "loss_weights": wb},
+               {"input_ids": b, "loss_weights": wb[:-1]},
+               {"input_ids": b, "loss_weights": [1.0] * 39 + [-1.0]},
+               {"input_ids": b, "loss_weights": [1.0] * 39 + [True]},
+               {"input_ids": b, "loss_weights": [1.0] * 39 + ["2"]},
+               '{"input_ids": %s, "loss_weights": %s}' % (json.dumps(b), json.dumps([1.0] * 39 + [1e400])),
+               {"text": "abc", "loss_weights": [1, 1, 1]}]
+    fixed = BudgetSpec(fixed=(8, 2))
+    d = load_dataset(write_jsonl(tmp_path / "w.jsonl", records), vocab_size=V, seq_len=4096, budget=fixed)
+    assert len(d) == 2 and d.stats.used == 2
+    assert d.stats.skipped["loss_weights and input_ids differ in length"] == 1
+    assert d.stats.skipped["a loss weight is not a finite number >= 0"] == 4
+    assert d.stats.skipped["loss_weights needs input_ids"] == 1
+    assert d.seq_weights(0).tolist() == [1.0] * 40 and d.seq_weights(1).tolist() == wb
+    assert d.seq(1)[1].tolist() == [True] * 20 + [False] * 4 + [True] * 16
+    plain = load_dataset(write_jsonl(tmp_path / "p.jsonl", [{"input_ids": a}, {"input_ids": b}]),
+                         vocab_size=V, seq_len=4096, budget=fixed)
+    assert plain.weights is None and plain.seq_weights(1) is None
+    assert plain.fingerprint != d.fingerprint
+
+    # collate: position t carries token t + 1's weight; the mass is the sum over the loss positions
+    mb = collate([d.seq(0), d.seq(1)], [(8, 2), (8, 2)], [d.seq_weights(0), d.seq_weights(1)])
+    assert mb.weight[1, :39].tolist() == wb[1:] and mb.weight[1, 39] == 0
+    assert mb.loss_mass == pytest.approx((40 - 1 - 10) + sum(wb[11:]))
+
+    # the trainer's step loss is the weighted mean of the two sequences' positions
+    tr = Trainer(new_model(config, base), d, TrainSettings(steps=1, batch=2, budget=fixed))
+    with torch.no_grad():
+        h_t = tr.model.forward_teacher(mb.ids)
+        h_s = tr.model.forward_student(mb.ids, mb.window, mb.sinks, checkpoint=False)
+        lt = tr.model.lm_logits(h_t).log_softmax(-1)
+        ls = tr.model.lm_logits(h_s).log_softmax(-1)
+    kl = (lt.exp() * (lt - ls)).sum(-1).double()
+    w = (mb.weight * mb.valid).double()
+    want = float((w * kl).sum() / w.sum())
+    assert abs(float((kl * mb.valid).sum() / mb.valid.sum()) - want) > 10 * KL_RTOL * want   # the weights matter
+    rec = tr.train_step()
+    assert rec["loss"] == pytest.approx(want, rel=KL_RTOL) and rec["valid"] == mb.n_valid
+
+
 def test_data_errors_are_one_line(tmp_path):
     budget = BudgetSpec(fixed=(16, 4))
 

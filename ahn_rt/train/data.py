@@ -4,7 +4,8 @@ window budget (docs/semantics.md §10), and deterministic micro-batches.
 A record is one JSON object per line, one of
 
 * ``{"input_ids": [int, ...]}`` (optionally ``"labels"``: the same length, -100 where no loss is taken,
-  else the token id itself), pre-tokenized, so no tokenizer is needed;
+  else the token id itself; and ``"loss_weights"``: the same length, a finite number >= 0 per token, the
+  weight of the loss that predicts it, 0 meaning no loss), pre-tokenized, so no tokenizer is needed;
 * ``{"text": "..."}``: every token is a loss target;
 * ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``: rendered in Qwen's
   ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn; Qwen2/2.5 get Qwen2.5's default system message
@@ -15,7 +16,11 @@ Bad records (invalid JSON, wrong types, ids outside the vocabulary, empty) are s
 fatal. Sequences are cut at ``seq_len`` tokens (like the official ``cutoff_len``) and those with fewer than
 ``min_len`` tokens dropped (like ``filter_len``); a sequence with no loss position the window allows is
 dropped too ("shorter than the window"). What is left is stored flat (int32 ids, a bool loss mask), about
-5 bytes per token.
+5 bytes per token, plus a float32 weight per token once any record carries ``loss_weights``.
+
+Weights. The loss of a step is the weighted mean over its loss positions: sum of w_t x loss_t over sum of
+w_t, where w_t is the weight of token t + 1 (1 for a record without ``loss_weights``). Weights let a data
+set stress rare positions, e.g. the answer of a long-range item, without repeating whole sequences.
 
 Loss positions. The hidden state at position t predicts token t + 1, so position t is a loss position iff
 token t + 1 is a loss target (the usual shift of Hugging Face labels) and t >= S + W, the first position
@@ -108,6 +113,17 @@ class _Bad(Exception):
     """A record that is skipped; the message is the reason it is counted under."""
 
 
+def _weight_list(v, n: int) -> list[float]:
+    if not isinstance(v, list):
+        raise _Bad("loss_weights is not a list")
+    if len(v) != n:
+        raise _Bad("loss_weights and input_ids differ in length")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < float("inf"):
+            raise _Bad("a loss weight is not a finite number >= 0")
+    return [float(x) for x in v]
+
+
 def _int_list(v, what) -> list[int]:
     if not isinstance(v, list):
         raise _Bad(f"{what} is not a list")
@@ -181,14 +197,16 @@ class _Encoder:
         return ids, mask
 
 
-def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[int], list[bool]]:
-    """(ids, loss mask) of one JSONL line; raises _Bad (skipped, counted under its message)."""
+def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[int], list[bool], list[float] | None]:
+    """(ids, loss mask, loss weights or None) of one JSONL line; raises _Bad (skipped, counted under its
+    message). A token of weight 0 is no loss target."""
     try:
         rec = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise _Bad("invalid JSON") from None
     if not isinstance(rec, dict):
         raise _Bad("not a JSON object")
+    weights = None
     if "input_ids" in rec:
         ids = _int_list(rec["input_ids"], "input_ids")
         if rec.get("labels") is not None:
@@ -200,6 +218,11 @@ def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[in
             mask = [lab != IGNORE_INDEX for lab in labels]
         else:
             mask = [True] * len(ids)
+        if rec.get("loss_weights") is not None:
+            weights = _weight_list(rec["loss_weights"], len(ids))
+            mask = [m and w > 0 for m, w in zip(mask, weights)]
+    elif "loss_weights" in rec:
+        raise _Bad("loss_weights needs input_ids")
     elif "messages" in rec:
         ids, mask = encoder.messages(rec["messages"])
     elif "text" in rec:
@@ -210,7 +233,7 @@ def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[in
         raise _Bad("empty")
     if min(ids) < 0 or max(ids) >= vocab_size:
         raise _Bad("token id outside the vocabulary")
-    return ids, mask
+    return ids, mask, weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,12 +256,13 @@ class DataStats:
 
 
 class Dataset:
-    """Usable sequences, stored flat: ``ids`` int32, ``mask`` bool (token is a loss target), ``offsets``;
-    ``fingerprint``: sha256 of all three."""
+    """Usable sequences, stored flat: ``ids`` int32, ``mask`` bool (token is a loss target), ``offsets``,
+    ``weights`` float32 (the loss weight of each token; None when every weight is 1); ``fingerprint``:
+    sha256 of them."""
 
     def __init__(self, ids: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, stats: DataStats,
-                 fingerprint: str = ""):
-        self.ids, self.mask, self.offsets = ids, mask, offsets
+                 fingerprint: str = "", weights: torch.Tensor | None = None):
+        self.ids, self.mask, self.offsets, self.weights = ids, mask, offsets, weights
         self.stats = stats
         self.fingerprint = fingerprint
 
@@ -251,6 +275,12 @@ class Dataset:
     def seq(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.ids[a:b].long(), self.mask[a:b]
+
+    def seq_weights(self, i: int) -> torch.Tensor | None:
+        """The loss weights of sequence i (float32), or None when the data set has none."""
+        if self.weights is None:
+            return None
+        return self.weights[int(self.offsets[i]):int(self.offsets[i + 1])]
 
     @property
     def num_tokens(self) -> int:
@@ -269,6 +299,7 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
     encoder = _Encoder(tokenizer_path, family, loss_on)
     stats = DataStats()
     ids_buf, mask_buf, offsets = array("i"), array("b"), [0]
+    weight_buf = None   # array("f") from the first record with loss_weights on (earlier tokens: 1)
     longest = 0
     try:
         with open(path, "rb") as f:
@@ -277,7 +308,7 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
                     continue
                 stats.lines += 1
                 try:
-                    ids, mask = parse_record(raw.decode("utf-8"), vocab_size, encoder)
+                    ids, mask, weights = parse_record(raw.decode("utf-8"), vocab_size, encoder)
                 except UnicodeDecodeError:
                     stats.skipped["not UTF-8"] += 1
                     continue
@@ -289,6 +320,7 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
                     continue
                 if len(ids) > seq_len:
                     ids, mask = ids[:seq_len], mask[:seq_len]
+                    weights = None if weights is None else weights[:seq_len]
                     stats.truncated += 1
                 L = len(ids)
                 longest = max(longest, L)
@@ -301,6 +333,10 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
                 if wt is None or last_target - 1 < wt:
                     stats.skipped["shorter than the window"] += 1
                     continue
+                if weights is not None and weight_buf is None:
+                    weight_buf = array("f", [1.0]) * len(ids_buf)
+                if weight_buf is not None:
+                    weight_buf.extend(weights if weights is not None else [1.0] * len(ids))
                 ids_buf.extend(ids)
                 mask_buf.extend(mask)
                 offsets.append(len(ids_buf))
@@ -318,11 +354,12 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
     # The fingerprint covers what training sees (tokens, loss mask, boundaries), so a resume notices a
     # changed file, tokenizer, --seq-len or --min-len alike.
     h = hashlib.sha256()
-    for buf in (ids_buf, mask_buf, array("q", offsets)):
+    for buf in (ids_buf, mask_buf, array("q", offsets)) + ((weight_buf,) if weight_buf is not None else ()):
         h.update(buf)
     ids_t = torch.frombuffer(ids_buf, dtype=torch.int32).clone() if len(ids_buf) else torch.zeros(0, dtype=torch.int32)
     mask_t = torch.frombuffer(mask_buf, dtype=torch.int8).clone().bool()
-    return Dataset(ids_t, mask_t, torch.tensor(offsets, dtype=torch.int64), stats, h.hexdigest())
+    weights_t = torch.frombuffer(weight_buf, dtype=torch.float32).clone() if weight_buf is not None else None
+    return Dataset(ids_t, mask_t, torch.tensor(offsets, dtype=torch.int64), stats, h.hexdigest(), weights_t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,22 +409,34 @@ class MicroBatch:
     labels: torch.Tensor    # int64 [B, L], Hugging Face convention (unshifted): token t where it is a
                             # target, else -100 (padding included); position t predicts labels[t + 1]
     tokens: int             # real (non-padding) tokens
+    weight: torch.Tensor | None = None   # float32 [B, L]: position t's loss weight (token t + 1's); None: all 1
 
     @property
     def n_valid(self) -> int:
         return int(self.valid.sum())
 
+    @property
+    def loss_mass(self) -> float:
+        """The sum of the loss positions' weights (their count when unweighted): what the step's weighted
+        mean divides by."""
+        if self.weight is None:
+            return float(self.n_valid)
+        return float((self.weight * self.valid).sum(dtype=torch.float64))
+
     def to(self, device) -> "MicroBatch":
         return dataclasses.replace(self, ids=self.ids.to(device), window=self.window.to(device),
                                    sinks=self.sinks.to(device), valid=self.valid.to(device),
-                                   labels=self.labels.to(device))
+                                   labels=self.labels.to(device),
+                                   weight=None if self.weight is None else self.weight.to(device))
 
 
 PAD_ID = 0
 
 
-def collate(seqs: list[tuple[torch.Tensor, torch.Tensor]], budgets: list[tuple[int, int]]) -> MicroBatch:
-    """Right-pad ``seqs`` ((ids, mask) pairs) to the longest; ``budgets`` the (W, S) of each."""
+def collate(seqs: list[tuple[torch.Tensor, torch.Tensor]], budgets: list[tuple[int, int]],
+            weights: list[torch.Tensor | None] | None = None) -> MicroBatch:
+    """Right-pad ``seqs`` ((ids, mask) pairs) to the longest; ``budgets`` the (W, S) of each; ``weights``
+    the per-token loss weights of each (None, or None entries: all 1)."""
     B = len(seqs)
     L = max(ids.numel() for ids, _ in seqs)
     ids = torch.full((B, L), PAD_ID, dtype=torch.int64)
@@ -399,6 +448,12 @@ def collate(seqs: list[tuple[torch.Tensor, torch.Tensor]], budgets: list[tuple[i
         ids[b, :n] = x
         labels[b, :n] = torch.where(m, x, torch.full_like(x, IGNORE_INDEX))
         valid[b, :L - 1] = (labels[b, 1:] != IGNORE_INDEX) & (pos >= w + s)
+    weight = None
+    if weights is not None and any(wt is not None for wt in weights):
+        weight = torch.zeros(B, L, dtype=torch.float32)
+        for b, ((x, _), wt) in enumerate(zip(seqs, weights)):
+            n = x.numel()
+            weight[b, :n - 1] = 1.0 if wt is None else wt[1:n].float()   # position t weighs token t + 1
     window = torch.tensor([w for w, _ in budgets], dtype=torch.int64)
     sinks = torch.tensor([s for _, s in budgets], dtype=torch.int64)
-    return MicroBatch(ids, window, sinks, valid, labels, sum(x.numel() for x, _ in seqs))
+    return MicroBatch(ids, window, sinks, valid, labels, sum(x.numel() for x, _ in seqs), weight)

@@ -21,7 +21,8 @@ IGNORE = -100
 
 class _HeadLoss(torch.autograd.Function):
     """loss = kl_scale * sum_rows KL(softmax(h_t E^T) || softmax(h_s E^T))
-            + ce_scale * sum_rows CE(h_s E^T, target)   (rows with target < 0 add nothing)."""
+            + ce_scale * sum_rows CE(h_s E^T, target)   (rows with target < 0 add nothing).
+    Each scale is a float, or a float32 tensor [rows] (a scale per row: weighted losses)."""
 
     @staticmethod
     def forward(ctx, h_s, weight, h_t, targets, kl_scale: float, ce_scale: float, chunk: int, want_grad: bool):
@@ -30,31 +31,38 @@ class _HeadLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h_s) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        ce = targets is not None and ce_scale != 0.0
+        per_row = torch.is_tensor(kl_scale) or torch.is_tensor(ce_scale)
+        ce = targets is not None and (per_row or ce_scale != 0.0)
         for s in range(0, h_s.shape[0], chunk):
             e = min(h_s.shape[0], s + chunk)
+            kls = kl_scale[s:e, None] if torch.is_tensor(kl_scale) else kl_scale   # float or [rows, 1]
+            ces = ce_scale[s:e, None] if torch.is_tensor(ce_scale) else ce_scale
             lps = F.linear(h_s[s:e], weight).float().log_softmax(-1)          # log p_S  [rows, V]
             coef = 0.0
             if ce:
                 t = targets[s:e]
                 ok = (t >= 0).to(lps.dtype)[:, None]
                 tt = t.clamp(min=0)[:, None]
-                total += ce_scale * -(lps.gather(1, tt) * ok).sum()
-                coef = ce_scale * ok
+                total += -(lps.gather(1, tt) * ok * ces).sum() if per_row else ce_scale * -(lps.gather(1, tt) * ok).sum()
+                coef = ces * ok
             if h_t is not None:
                 lpt = F.linear(h_t[s:e], weight).float().log_softmax(-1)      # log p_T
                 pt = lpt.exp()
-                total += kl_scale * lpt.sub_(lps).mul_(pt).sum()
+                total += (lpt.sub_(lps).mul_(pt).sum(-1, keepdim=True) * kls).sum() if per_row \
+                    else kl_scale * lpt.sub_(lps).mul_(pt).sum()
                 del lpt
-                coef = coef + kl_scale
+                coef = coef + kls
             if not (need_h or need_w):
                 continue
             # d loss / d logits_S = p_S (kl_scale + ce_scale ok) - kl_scale p_T - ce_scale ok onehot(target)
             g = lps.exp_().mul_(coef)
             if h_t is not None:
-                g.add_(pt, alpha=-kl_scale)
+                if per_row:
+                    g.sub_(pt.mul_(kls))
+                else:
+                    g.add_(pt, alpha=-kl_scale)
             if ce:
-                g.scatter_add_(1, tt, -ce_scale * ok)
+                g.scatter_add_(1, tt, -ces * ok)
             g = g.to(weight.dtype)
             if need_h:
                 grad_h[s:e] = (g @ weight).to(h_s.dtype)
@@ -77,28 +85,37 @@ def _next_token_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(model, h_teacher: torch.Tensor, h_student: torch.Tensor, valid: torch.Tensor, *,
-                 ce_weight: float = 0.0, labels: torch.Tensor | None = None, chunk: int = 1024):
+                 ce_weight: float = 0.0, labels: torch.Tensor | None = None, chunk: int = 1024,
+                 weight: torch.Tensor | None = None):
     """KL(teacher || student) summed over the vocabulary at the ``valid`` positions ([B, L] bool) and
-    divided by their number, plus ``ce_weight`` x the student's mean next-token cross-entropy at the valid
-    positions that have a target (``labels`` unshifted, see the module docstring). h_teacher / h_student:
-    [B, L, d] after the final norm (the teacher gets no gradient). Returns (loss scalar float32, n_valid)."""
+    averaged over them, plus ``ce_weight`` x the student's mean next-token cross-entropy at the valid
+    positions that have a target (``labels`` unshifted, see the module docstring). With ``weight`` (float
+    [B, L], position t's loss weight) both means are weighted: sum w_t loss_t / sum w_t. h_teacher /
+    h_student: [B, L, d] after the final norm (the teacher gets no gradient). Returns (loss scalar float32,
+    mass): mass is the number of valid positions, or the sum of their weights."""
     d = h_student.shape[-1]
     rows = valid.reshape(-1).nonzero().squeeze(1)
     n_valid = int(rows.numel())
-    if n_valid == 0:
+    w = None if weight is None else weight.reshape(-1).index_select(0, rows).float()
+    mass = n_valid if w is None else float(w.sum(dtype=torch.float64))
+    if n_valid == 0 or mass <= 0:
         return h_student.sum() * 0.0, 0
     hs = h_student.reshape(-1, d).index_select(0, rows)
     ht = h_teacher.detach().reshape(-1, d).index_select(0, rows)
+    kl_scale = 1.0 / n_valid if w is None else w / mass
     targets, ce_scale = None, 0.0
     if ce_weight:
         if labels is None:
             raise ValueError("distill_loss: ce_weight > 0 needs labels")
         targets = _next_token_targets(labels).reshape(-1).index_select(0, rows)
-        n_ce = int((targets >= 0).sum())
-        ce_scale = float(ce_weight) / max(n_ce, 1)
-    loss = _HeadLoss.apply(hs, model.lm_head_weight, ht, targets, 1.0 / n_valid, ce_scale, int(chunk),
+        has = targets >= 0
+        if w is None:
+            ce_scale = float(ce_weight) / max(int(has.sum()), 1)
+        else:
+            ce_scale = float(ce_weight) * w / max(float((w * has).sum(dtype=torch.float64)), 1e-30)
+    loss = _HeadLoss.apply(hs, model.lm_head_weight, ht, targets, kl_scale, ce_scale, int(chunk),
                            torch.is_grad_enabled())
-    return loss, n_valid
+    return loss, mass
 
 
 def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

@@ -216,20 +216,23 @@ class Trainer:
         B, K, R = self.s.batch, self.s.grad_accum, self.world_size
         idx = self.cursor.take(len(self.data), B * K * R, self.s.seed)
         seqs = [self.data.seq(i) for i in idx]
+        weights = [self.data.seq_weights(i) for i in idx]
         budgets = [self.s.budget.sample(ids.numel(), self.rng) for ids, _ in seqs]
         out = []
         for k in range(K):
             a = (k * R + self.rank) * B
-            out.append(collate(seqs[a:a + B], budgets[a:a + B]))
+            out.append(collate(seqs[a:a + B], budgets[a:a + B], weights[a:a + B]))
         return out
 
     def forward_loss(self, mb: MicroBatch):
-        """(mean loss over the micro-batch's loss positions, their count) for one micro-batch."""
+        """(mean loss over the micro-batch's loss positions, their mass: the count, or the sum of their
+        weights) for one micro-batch."""
         model, par = self.model, self.parallel
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
             h_t = par.teacher(model, mb.ids)
             h_s = par.student(model, mb.ids, mb.window, mb.sinks, checkpoint=self.s.activation_checkpointing)
-        return self._distill_loss(model, h_t, h_s, mb.valid, ce_weight=self.s.ce_weight, labels=mb.labels)
+        return self._distill_loss(model, h_t, h_s, mb.valid, ce_weight=self.s.ce_weight, labels=mb.labels,
+                                  weight=mb.weight)
 
     def train_step(self) -> dict:
         """One optimizer step; returns its log record (loss measured before the update)."""
@@ -237,9 +240,9 @@ class Trainer:
         step = self.step
         batches = [mb.to(self.device) for mb in self.next_batches()]
         par = self.parallel
-        counts = par.all_sum(torch.tensor([sum(mb.n_valid for mb in batches),
-                                           sum(mb.tokens for mb in batches)], dtype=torch.float64))
-        n_total, tokens = int(counts[0]), int(counts[1])
+        counts = par.all_sum(torch.tensor([sum(mb.n_valid for mb in batches), sum(mb.tokens for mb in batches),
+                                           sum(mb.loss_mass for mb in batches)], dtype=torch.float64))
+        n_total, tokens, mass_total = int(counts[0]), int(counts[1]), float(counts[2])
         lr = self.lr(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -251,8 +254,8 @@ class Trainer:
             run = [mb for mb in batches if mb.n_valid > 0 or not par.skips_empty]
             for j, mb in enumerate(run):
                 with par.micro_batch(last=j == len(run) - 1):
-                    loss, n = self.forward_loss(mb)
-                    (loss * (n / n_total)).backward()
+                    loss, n = self.forward_loss(mb)          # n: the micro-batch's loss mass
+                    (loss * (n / mass_total)).backward()
                 loss_sum += loss.detach().double().cpu() * n
         loss_sum = par.all_sum(loss_sum)
         grad_norm = None
@@ -269,7 +272,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += tokens
         dt = time.perf_counter() - t0
-        return {"step": step, "loss": float(loss_sum / n_total) if n_total else None, "lr": lr,
+        return {"step": step, "loss": float(loss_sum / mass_total) if n_total else None, "lr": lr,
                 "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
                 "valid": n_total, "grad_norm": grad_norm, "epoch": self.cursor.epoch,
                 "tokens_seen": self.tokens_seen, "world_size": self.world_size}

@@ -1,6 +1,9 @@
 """Write the distillation sequences for ``python -m ahn_rt.train``: pre-tokenized JSONL, one
 ``{"input_ids": [...]}`` per line, every sequence exactly --seq-len tokens of demo-corpus text (by default
 the ``distill`` split, which the teacher never trained on) with a passkey in a fraction of them.
+``--answer-weight W`` (W != 1) adds ``"loss_weights"`` to the passkey records: W on the passkey's answer
+digits, 1 elsewhere, so that the distillation loss stresses the long-range recall (the trainer takes the
+weighted mean).
 
     python scripts/demo/make_distill_data.py --data data/demo --out runs/demo/distill.jsonl --num 19200 \\
         --seq-len 4096 --passkey-frac 1.0 --dist-min 600 --seed 1
@@ -23,15 +26,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import longrange  # noqa: E402
 
 
-def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int) -> dict:
-    """Write ``num`` sequences; returns counts, the distance range and the file's sha256."""
+def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer_weight: float = 1.0) -> dict:
+    """Write ``num`` sequences (a passkey's answer digits weighted ``answer_weight`` when it is not 1);
+    returns counts, the distance range and the file's sha256."""
     h = hashlib.sha256()
     with_key, dists = 0, []
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="ascii") as f:
         for _ in range(num):
             ids, item = sampler.sample()
-            line = '{"input_ids": [' + ",".join(map(str, ids.tolist())) + "]}\n"
+            line = '{"input_ids": [' + ",".join(map(str, ids.tolist())) + "]"
+            if item is not None and answer_weight != 1.0:
+                w = ["1"] * len(ids)
+                for p in item.answer_positions:
+                    w[p] = repr(float(answer_weight))
+                line += ', "loss_weights": [' + ",".join(w) + "]"
+            line += "}\n"
             f.write(line)
             h.update(line.encode("ascii"))
             if item is not None:
@@ -54,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dist-min", type=int, default=None, help="smallest passkey distance (default: any)")
     ap.add_argument("--dist-max", type=int, default=None)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="loss weight of a passkey's answer digits (default 1: no weights written)")
     ap.add_argument("--stats", help="also write the counts as JSON to this file")
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -63,9 +75,11 @@ def main(argv=None) -> int:
                                         dist_min=args.dist_min, dist_max=args.dist_max)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stats = write_jsonl(out, sampler, args.num)
+    if not (args.answer_weight >= 0 and args.answer_weight < float("inf")):
+        ap.error(f"--answer-weight {args.answer_weight}: give a finite number >= 0")
+    stats = write_jsonl(out, sampler, args.num, args.answer_weight)
     stats.update(split=args.split, split_tokens=len(tokens), seq_len=args.seq_len, seed=args.seed,
-                 passkey_frac=args.passkey_frac)
+                 passkey_frac=args.passkey_frac, answer_weight=args.answer_weight)
     print("[distill-data] " + json.dumps(stats), flush=True)
     if args.stats:
         Path(args.stats).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")

@@ -12,7 +12,8 @@
 #   logs/{teacher_log.jsonl,distill_log.jsonl}
 # Overrides (environment): TEACHER_ARGS (extra teacher-shape flags), DISTILL_ARGS (extra ahn_rt.train flags,
 # e.g. "--decay-init long"), WINDOW (the sliding window in full mode; default 128, the shipped model's), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
-# stops), PASSKEY_FRAC, DIST_MIN (the distillation data), WORK (intermediate folder), PYTHON, and
+# stops), PASSKEY_FRAC, DIST_MIN, ANSWER_WEIGHT (the distillation data; ANSWER_WEIGHT: the loss weight of a
+# passkey's answer digits, default 1), WORK (intermediate folder), PYTHON, and
 # TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
 # run's merged folder; its AHN tensors are not used), AHN=gdn|dn|mamba2: the memory variant (default gdn;
 # scripts/demo/compare_variants.sh runs all three side by side).
@@ -80,6 +81,7 @@ done_stage
 # The distillation data does not depend on the teacher: write it while the teacher trains.
 $PY scripts/demo/make_distill_data.py --data "$DATA" --split distill --out "$WORK/distill.jsonl" --num "$D_NUM" \
     --seq-len "$L" --passkey-frac "${PASSKEY_FRAC:-0.5}" --dist-min "$D_DIST_MIN" --seed 1 --stats "$WORK/distill_stats.json" \
+    --answer-weight "${ANSWER_WEIGHT:-1}" \
     > "$WORK/distill_data.log" 2>&1 &
 DATA_PID=$!
 
