@@ -35,6 +35,7 @@ build_corpus = _load("build_corpus")
 evaluate = _load("evaluate")
 train_teacher = _load("train_teacher")
 make_distill_data = _load("make_distill_data")
+recall_probe = _load("recall_probe")
 
 # tolerance table: exact everywhere (hashes, ids, positions, counts) except the losses of a real model,
 # which are float32/float64 sums compared at 1e-6 relative; an oracle's loss bound is analytic
@@ -357,3 +358,24 @@ def test_variants_table(tmp_path, capsys):
                               "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no evaluation for dn") and "\n" not in err
+
+
+def test_recall_probe_heads_on_a_tiny_random_model():
+    """The copy-head diagnostic: one row per (layer, head), attention weights, ranks and cosines within their
+    ranges, and the model left as it was (the patched layer is restored)."""
+    from ahn_rt.config import parse_config
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.train.model import TrainModel
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg.update(vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    config = parse_config(cfg, "test")
+    model = TrainModel(config, random_state_dict(cfg, ahn=False, dtype=torch.float32, seed=1), base_dtype=torch.float32)
+    seqs, _ = _passkeys(L=160, n=2, distances=(90,))
+    ids = torch.from_numpy(seqs[90][0][0])[None]
+    before = model.forward_teacher(ids)
+    rows = recall_probe.copy_heads(model, config, seqs[90], W=24)
+    assert [(r["layer"], r["head"]) for r in rows] == [(i, h) for i in range(config.num_layers) for h in range(2)]
+    for r in rows:
+        assert 0 <= r["attention_on_source"] <= 1 and 0 <= r["source_rank"] < 160
+        assert -1 <= r["source_cosine"] <= 1 and 0 <= r["mean_abs_cosine"] <= 1
+    assert torch.equal(model.forward_teacher(ids), before)

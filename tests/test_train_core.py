@@ -373,16 +373,22 @@ class _Head:
         self.lm_head_weight = w
 
 
-@pytest.mark.parametrize("ce_weight", [0.0, 0.7])
-def test_distill_loss_equals_dense(ce_weight):
-    g = torch.Generator().manual_seed(0)
-    V, d, B, L = 50, 8, 2, 13
+def _loss_case(seed, V=50, d=8, B=2, L=13):
+    """A random LM head W, teacher / student hidden states, loss positions and labels (two ignored)."""
+    g = torch.Generator().manual_seed(seed)
     W = torch.randn(V, d, generator=g, dtype=F64, requires_grad=True)
     ht = torch.randn(B, L, d, generator=g, dtype=F64)
     hs = torch.randn(B, L, d, generator=g, dtype=F64, requires_grad=True)
     valid = torch.rand(B, L, generator=g) > 0.3
     labels = torch.randint(0, V, (B, L), generator=g)
     labels[0, 3] = labels[1, 5] = -100
+    return g, W, ht, hs, valid, labels
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.7])
+def test_distill_loss_equals_dense(ce_weight):
+    g, W, ht, hs, valid, labels = _loss_case(0)
+    B = valid.shape[0]
     loss, n = distill_loss(_Head(W), ht, hs, valid, ce_weight=ce_weight, labels=labels, chunk=4)
     assert n == int(valid.sum())
     lt = (ht @ W.detach().T).log_softmax(-1)   # the teacher is a constant
@@ -399,14 +405,8 @@ def test_distill_loss_equals_dense(ce_weight):
 @pytest.mark.parametrize("ce_weight", [0.0, 0.7])
 def test_distill_loss_weighted_equals_dense(ce_weight):
     """Per-position weights: both terms become weighted means (sum w loss / sum w), gradients included."""
-    g = torch.Generator().manual_seed(2)
-    V, d, B, L = 50, 8, 2, 13
-    W = torch.randn(V, d, generator=g, dtype=F64, requires_grad=True)
-    ht = torch.randn(B, L, d, generator=g, dtype=F64)
-    hs = torch.randn(B, L, d, generator=g, dtype=F64, requires_grad=True)
-    valid = torch.rand(B, L, generator=g) > 0.3
-    labels = torch.randint(0, V, (B, L), generator=g)
-    labels[0, 3] = labels[1, 5] = -100
+    g, W, ht, hs, valid, labels = _loss_case(2)
+    B, L = valid.shape
     w = torch.rand(B, L, generator=g) * 3
     w[0, 0] = 40.0                                  # one heavy position, as a long-range answer gets
     loss, mass = distill_loss(_Head(W), ht, hs, valid, ce_weight=ce_weight, labels=labels, chunk=4, weight=w)
