@@ -275,7 +275,9 @@ class TrainModel(nn.Module):
                 h = self._layer(i, h, rope, student)
         return rms_norm(h, self.norm, self.config.rms_norm_eps)
 
-    def _layer(self, i: int, h: torch.Tensor, rope: _Rope, student: _StudentCtx | None) -> torch.Tensor:
+    def attention_inputs(self, i: int, h: torch.Tensor, rope: _Rope):
+        """Layer i's prenormed hidden states x [B, L, d] and its post-RoPE q [B, L, H, D], k and v [B, L, Hkv,
+        D] (Qwen3's q_norm / k_norm before RoPE), from the layer input h."""
         c, lw = self.config, self.layers[i]
         B, L, _ = h.shape
         H, Hkv, D, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
@@ -285,7 +287,13 @@ class TrainModel(nn.Module):
         if c.qk_norm:
             q, k = rms_norm(q, lw.q_norm, eps), rms_norm(k, lw.k_norm, eps)
         cos, sin = rope(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return x, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _layer(self, i: int, h: torch.Tensor, rope: _Rope, student: _StudentCtx | None) -> torch.Tensor:
+        c, lw = self.config, self.layers[i]
+        B, L, _ = h.shape
+        H, D, eps = c.num_heads, c.head_dim, c.rms_norm_eps
+        x, q, k, v = self.attention_inputs(i, h, rope)
         if student is None:
             attn = causal_attention(q, k, v)
         else:

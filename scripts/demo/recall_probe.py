@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -51,26 +49,14 @@ def load_teacher(model_dir: str, decay_init: str = "official", seed: int = 0):
 def copy_heads(model, config, seqs, W: int) -> list[dict]:
     """Per (layer, head): mean attention on the source digit, mean rank of its key under the memory's
     cosine among the evicted keys, mean cosine of the source and mean |cosine| of all evicted keys."""
-    from ahn_rt.train import model as tm
     H, D = config.num_heads, config.head_dim
     G = H // config.num_kv_heads
     seen = {}
-
-    def qk(i, h, rope):   # layer i's post-RoPE q and k from its input, as TrainModel._layer computes them
-        lw = model.layers[i]
-        L = h.shape[1]
-        x = tm.rms_norm(h, lw.ln_in, config.rms_norm_eps)
-        q, k, _ = F.linear(x, lw.w_qkv, lw.b_qkv).split([config.q_size, config.kv_size, config.kv_size], -1)
-        q, k = q.view(L, H, D), k.view(L, -1, D)
-        if config.qk_norm:
-            q, k = tm.rms_norm(q, lw.q_norm, config.rms_norm_eps), tm.rms_norm(k, lw.k_norm, config.rms_norm_eps)
-        cos, sin = rope(q.dtype)
-        return tm.apply_rope(q[None], cos, sin)[0], tm.apply_rope(k[None], cos, sin)[0]
-
     original = type(model)._layer
 
     def layer(self, i, h, rope, student):   # the unchanged layer; its input gives q and k
-        seen[i] = qk(i, h, rope)
+        _, q, k, _ = self.attention_inputs(i, h, rope)
+        seen[i] = (q[0], k[0])
         return original(self, i, h, rope, student)
 
     acc = {}
