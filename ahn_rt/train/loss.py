@@ -31,8 +31,7 @@ class _HeadLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h_s) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        per_row = torch.is_tensor(kl_scale) or torch.is_tensor(ce_scale)
-        ce = targets is not None and (per_row or ce_scale != 0.0)
+        ce = targets is not None and (torch.is_tensor(ce_scale) or ce_scale != 0.0)
         for s in range(0, h_s.shape[0], chunk):
             e = min(h_s.shape[0], s + chunk)
             kls = kl_scale[s:e, None] if torch.is_tensor(kl_scale) else kl_scale   # float or [rows, 1]
@@ -43,24 +42,20 @@ class _HeadLoss(torch.autograd.Function):
                 t = targets[s:e]
                 ok = (t >= 0).to(lps.dtype)[:, None]
                 tt = t.clamp(min=0)[:, None]
-                total += -(lps.gather(1, tt) * ok * ces).sum() if per_row else ce_scale * -(lps.gather(1, tt) * ok).sum()
+                total += -(lps.gather(1, tt) * ok * ces).sum()
                 coef = ces * ok
             if h_t is not None:
                 lpt = F.linear(h_t[s:e], weight).float().log_softmax(-1)      # log p_T
                 pt = lpt.exp()
-                total += (lpt.sub_(lps).mul_(pt).sum(-1, keepdim=True) * kls).sum() if per_row \
-                    else kl_scale * lpt.sub_(lps).mul_(pt).sum()
+                total += (lpt.sub_(lps).mul_(pt).sum(-1, keepdim=True) * kls).sum()
                 del lpt
                 coef = coef + kls
             if not (need_h or need_w):
                 continue
             # d loss / d logits_S = p_S (kl_scale + ce_scale ok) - kl_scale p_T - ce_scale ok onehot(target)
             g = lps.exp_().mul_(coef)
-            if h_t is not None:
-                if per_row:
-                    g.sub_(pt.mul_(kls))
-                else:
-                    g.add_(pt, alpha=-kl_scale)
+            if h_t is not None:   # a float scale: one fused pass over [rows, V]
+                g.sub_(pt.mul_(kls)) if torch.is_tensor(kls) else g.add_(pt, alpha=-kls)
             if ce:
                 g.scatter_add_(1, tt, -ces * ok)
             g = g.to(weight.dtype)
