@@ -4,9 +4,9 @@
 // bf16 / fp16: tensor cores (mma.sync m16n8k16, fp32 accumulate). A block owns 16 output rows (a silu_mul
 // block: 16 gate rows and their 16 up rows) and all B <= 32 sequences; its warps (8, or 16 when the row
 // tiles are few) split K into fixed slices of 32-column chunks and stream their weights with 16-byte
-// non-allocating loads. Each lane's 16 bytes of a row (8 consecutive k) feed two mma steps under one fixed k permutation that x uses too, so
-// the loads stay contiguous. x comes straight from L1/L2 (RMS-normalized on the fly when asked; every
-// block computes the sums of squares itself); the warps' partial sums are added in warp order in shared
+// non-allocating loads. Each lane's 16 bytes of a row (8 consecutive k) feed two mma steps under one fixed
+// k permutation that x uses too, so the loads stay contiguous. x comes straight from L1/L2 (RMS-normalized
+// on the fly when asked; every block computes the sums of squares itself); the warps' partial sums are added in warp order in shared
 // memory; bias / SiLU(gate) * up / residual epilogue with one rounding.
 // Batch invariance: the value of (row, sequence) is the same sum in the same order whatever B is and
 // whatever the other rows hold (an mma output column depends on its own column of x alone; the chunk
@@ -371,8 +371,8 @@ __device__ __forceinline__ uint4 load8(const T* src, int64_t stride, int64_t k, 
 }
 
 // A task is 16 output rows; MT row tiles (2 with silu_mul: gate, up), NT column tiles of 8 sequences, U
-// chunks of 32 k per warp in flight, WVEC: 16-byte weight loads. A block runs 8 / ks tasks, ks warps each
-// (warp w: task w / ks, K slice w % ks).
+// chunks of 32 k per warp in flight, WVEC: 16-byte weight loads, WARPS: warps per block. A block runs
+// WARPS / ks tasks, ks warps each (warp w: task w / ks, K slice w % ks).
 template <typename T, int MT, int NT, int U, bool WVEC, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const GemvParams p, const int ks) {
   constexpr int kBlock = 32 * WARPS;
