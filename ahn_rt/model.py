@@ -101,9 +101,11 @@ class Decoder:
         """On CUDA: a prefill of ``tokens`` tokens (a chunk) from an empty state, then a small one past the
         fill point (ring attention over wrapped ranges, the memory's chunked path), on throwaway states, so
         that the first real prompt after ``load`` pays no one-time setup (library handles, kernel module
-        loads, shared-memory limits). A no-op elsewhere."""
+        loads, shared-memory limits), and cuDNN's prefill attention plans where enabled (``warm_attention``).
+        A no-op elsewhere."""
         if self.device.type != "cuda":
             return
+        self.warm_attention(tokens)
         st = self.new_state()
         self.prefill(st, torch.zeros(max(2, tokens), dtype=torch.int64, device=self.device), last_only=True)
         st = self.new_state()
@@ -112,6 +114,17 @@ class Decoder:
         ids = torch.zeros(min(70, st.window + 2), dtype=torch.int64, device=self.device)
         self.prefill(st, ids, last_only=True)
         del st
+
+    def warm_attention(self, tokens: int) -> bool:
+        """cuDNN's plans for the prefill attention of ``tokens``-token chunks, built in the calling thread
+        (``ops.warm_prefill_attention``: torch keeps them per thread, and a thread that has not built them
+        prefills with FlashAttention-2 alone). Returns whether cuDNN will run; not in mode 'full', whose
+        cache grows (no fixed layout to build for)."""
+        c = self.config
+        if c.mode == "full":
+            return False
+        return ops.warm_prefill_attention(c.num_heads, c.num_kv_heads, c.head_dim, c.dtype, self.device, tokens,
+                                          c.sinks, c.window)
 
     # ------------------------------------------------------------------------------------------
     def _decode_attention(self, batch: DecodeBatch, i: int, lw, proj: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_GRAPH         | ahn_rt.graph           | 1: capture the CUDA decode step in a graph; 0: eager steps      |
 | AHN_RT_CUDA          | setup.py (build)       | auto: CUDA kernels when torch has CUDA and nvcc is found;       |
 |                      |                        | 0: CPU-only build; 1: CUDA build or an error                    |
-| AHN_RT_PREFILL_CUDNN | ahn_rt.ops, each call  | 0: FlashAttention-2 for every block of prefill attention;       |
-|                      |                        | 1: its unmasked blocks through cuDNN (builds a plan per shape)  |
+| AHN_RT_PREFILL_CUDNN | ahn_rt.ops, each call  | 1: a whole chunk's unmasked blocks through cuDNN, in key blocks |
+|                      | (and at load)          | of a fixed ladder whose plans are built at load (per thread);   |
+|                      |                        | 0: FlashAttention-2 for every block of prefill attention        |
 | AHN_RT_TRAIN_ATTENTION                        | auto: FlexAttention (compiled) for the training student's       |
 |                      | ahn_rt.train.attention | window on CUDA, SDPA query blocks elsewhere; sdpa; flex (on the |
 |                      | (each window plan)     | CPU eager and forward-only: for checks)                         |
@@ -28,7 +29,7 @@ _CHOICES = {
     "AHN_RT_BACKEND": ("auto", "ref", "ext"),
     "AHN_RT_GRAPH": ("1", "0"),
     "AHN_RT_CUDA": ("", "0", "1"),
-    "AHN_RT_PREFILL_CUDNN": ("0", "1"),
+    "AHN_RT_PREFILL_CUDNN": ("1", "0"),
     "AHN_RT_TRAIN_ATTENTION": ("auto", "sdpa", "flex"),
 }
 
@@ -56,7 +57,8 @@ def graphs_enabled() -> bool:
 
 
 def prefill_cudnn() -> bool:
-    """AHN_RT_PREFILL_CUDNN: cuDNN for the unmasked blocks of prefill attention, or (default) not."""
+    """AHN_RT_PREFILL_CUDNN: cuDNN for the unmasked blocks of prefill attention (default; those of the shapes
+    warmed at load: ops.warm_prefill_attention), or FlashAttention-2 alone."""
     return _read("AHN_RT_PREFILL_CUDNN") == "1"
 
 

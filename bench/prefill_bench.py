@@ -91,8 +91,11 @@ def attention_rows(c, dev, S, W, T, depth):
     q, k, v = r(T, H, D), r(T, Hkv, D), r(T, Hkv, D)
     pairs = chunk_pairs(depth, T, S, W)
     rows = []
+    before = os.environ.get("AHN_RT_PREFILL_CUDNN")
     for cudnn in ("0", "1"):
         os.environ["AHN_RT_PREFILL_CUDNN"] = cudnn
+        if cudnn == "1" and not ops.warm_prefill_attention(H, Hkv, D, c.dtype, dev, T, S, W):
+            log("cuDNN attention refused: its row runs FlashAttention-2")
         fn = lambda: ops.prefill_attention(q, k, v, kc, vc, depth, S, W, c.head_dim ** -0.5)
         fn()
         ms = back_to_back_ms(fn, 10, dev)
@@ -100,7 +103,10 @@ def attention_rows(c, dev, S, W, T, depth):
         rows.append(dict(kind="attention", impl=impl, T=T, depth=depth, ms=ms,
                          TFLOPs=attn_tflops(pairs, c, ms / 1e3)))
         log(f"{impl}: {ms:.2f} ms, {rows[-1]['TFLOPs']:.0f} TFLOP/s")
-    os.environ["AHN_RT_PREFILL_CUDNN"] = "0"
+    if before is None:
+        del os.environ["AHN_RT_PREFILL_CUDNN"]
+    else:
+        os.environ["AHN_RT_PREFILL_CUDNN"] = before
     return rows
 
 

@@ -356,6 +356,55 @@ def test_prefill_attention_cuda_matches_reference(S, W, p0, T, dtype, D):
         assert ((narrow - want).norm() / want.norm()).item() > rel
 
 
+@pytest.mark.parametrize("p0", [0, 1024, 3000, 4224, 5000, 9000])
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_prefill_attention_cudnn_matches_reference(monkeypatch, p0):
+    """With AHN_RT_PREFILL_CUDNN=1 and the plans warmed (``warm_prefill_attention``): a whole chunk's unmasked
+    blocks run through cuDNN, in no shape (or stride) the warm-up did not build, and the result matches the
+    reference within the bf16 bound of test_prefill_attention_cuda_matches_reference, before and after the
+    ring's fill point (S + W = 4224) and wrapped."""
+    S, W, T, H, Hkv, D = 128, 4096, 1024, 8, 2, 128
+    monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
+    monkeypatch.setattr(ops, "_cudnn_ok", True)
+    monkeypatch.setattr(ops._cudnn_warm, "keys", set(), raising=False)
+    seen, real = [], ops._cudnn
+
+    def spy(q, k, v, causal, scale):
+        seen.append((q.shape, q.stride(), k.shape, k.stride(), v.stride(), causal))
+        return real(q, k, v, causal, scale)
+
+    monkeypatch.setattr(ops, "_cudnn", spy)
+    assert ops.warm_prefill_attention(H, Hkv, D, torch.bfloat16, "cuda", T, S, W)
+    warmed = set(seen)
+    assert len(warmed) == sum(m <= S + W for m in ops._CUDNN_LADDER) + 1   # the rungs that fit, causal
+    seen.clear()
+    q, k, v, kc, vc = _attention_case(S, W, p0, T, H=H, Hkv=Hkv, D=D, seed=p0 + 1)
+    got = ops.prefill_attention(q, k, v, kc, vc, p0, S, W, D ** -0.5).float()
+    assert ops._cudnn_ok and set(seen) <= warmed
+    planned = sum(c[-1] == "cudnn" for c in ops._kernel_calls(p0, T, S, W, True, T))
+    assert len(seen) == planned and (planned > 0) == (p0 > 0)
+    want = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S, W, D ** -0.5)
+    err = (got - want).abs().max().item()
+    rel_err = ((got - want).norm() / want.norm()).item()
+    assert err < 5e-2 and rel_err < 1e-2, f"max error {err:.2e}, relative {rel_err:.2e}"
+    if p0 + T > S + W:   # a window narrower by W/8 fails the same bound (the check can fail)
+        narrow = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S,
+                                           W - W // 8, D ** -0.5)
+        assert ((narrow - want).norm() / want.norm()).item() > 1e-2
+
+
+def test_warm_prefill_attention_is_off_where_it_does_not_apply(monkeypatch):
+    """No cuDNN plans on the CPU, in float32, or with the switch off: the warm-up says so."""
+    monkeypatch.setattr(ops, "_cudnn_ok", True)
+    monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
+    assert not ops.warm_prefill_attention(4, 2, 64, torch.bfloat16, "cpu", 64, 4, 100)
+    if not _NO_GPU:
+        assert not ops.warm_prefill_attention(4, 2, 64, torch.float32, "cuda", 64, 4, 100)
+        monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "0")
+        assert not ops.warm_prefill_attention(4, 2, 64, torch.bfloat16, "cuda", 64, 4, 100)
+
+
 # ---- the two fused elementwise steps -----------------------------------------------------------
 def _merge_case(dtype, device, H=3, D=40, rows=23, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -409,12 +458,11 @@ def test_silu_mul_matches_torch(device, dtype):
     torch.library.opcheck(torch.ops.ahn_rt.silu_mul.default, (x,))
 
 
-@pytest.mark.parametrize("S,W,p0,T", ATTN_CASES + [(4, 16, 60, 16), (4, 16, 61, 3), (0, 7, 100, 30), (5, 3, 0, 20)])
-def test_attention_calls_cover_exactly_the_rule(S, W, p0, T):
-    """The CUDA attention's kernel calls (CPU-checkable bookkeeping): every (query, key) pair the rule
-    allows is computed by exactly one call, no call computes a pair the rule forbids, 'full' calls see
-    every key for every query, 'causal' calls are square blocks of the chunk's own keys, and each
-    'window' call's bounds are what FlashAttention-2 takes (0 or more, or -1)."""
+def _check_calls(calls, S, W, p0, T):
+    """Every (query, key) pair the rule allows is computed by exactly one of ``calls`` (entries of
+    ``ops._attention_calls`` or ``ops._kernel_calls``), no call computes a pair the rule forbids, 'full' calls
+    see every key for every query, 'causal' calls are square blocks of the chunk's own keys, and each
+    'window' call's bounds are what FlashAttention-2 takes (0 or more, or -1). Raises AssertionError."""
     held = cache.held_positions(p0, S, W).tolist()
     n_keys = len(held) + T
     key_pos = held + list(range(p0, p0 + T))
@@ -422,7 +470,7 @@ def test_attention_calls_cover_exactly_the_rule(S, W, p0, T):
     kp = torch.tensor(key_pos)[None, :]
     allowed = (kp <= q_pos) & ((q_pos - kp < W) | (kp < S))
     count = torch.zeros(T, n_keys, dtype=torch.int64)
-    for i_lo, i_hi, source, lo, n, kind, left, right in ops._attention_calls(p0, T, S, W):
+    for i_lo, i_hi, source, lo, n, kind, left, right, *_ in calls:
         base = 0 if source == "cache" else len(held)
         tq = i_hi - i_lo + 1
         i = torch.arange(tq)[:, None]
@@ -446,6 +494,75 @@ def test_attention_calls_cover_exactly_the_rule(S, W, p0, T):
     assert torch.equal(count.bool(), allowed), "calls and rule disagree"
 
 
+@pytest.mark.parametrize("S,W,p0,T", ATTN_CASES + [(4, 16, 60, 16), (4, 16, 61, 3), (0, 7, 100, 30), (5, 3, 0, 20)])
+def test_attention_calls_cover_exactly_the_rule(S, W, p0, T):
+    """The CUDA attention's kernel calls (CPU-checkable bookkeeping) against the rule: ``_check_calls``."""
+    _check_calls(ops._attention_calls(p0, T, S, W), S, W, p0, T)
+
+
+# (S, W, p0, T, chunk): odd sizes, the ring before, at and after its fill point and wrapped at several
+# slots, T == chunk and T < chunk; the ladder below is the default one scaled down (rungs 8 * 2^i).
+KERNEL_CASES = [
+    (4, 100, 0, 64, 64), (4, 100, 3, 64, 64), (4, 100, 64, 64, 64), (4, 100, 104, 64, 64),
+    (4, 100, 150, 64, 64), (4, 100, 1000, 64, 64), (4, 100, 1000, 40, 64), (4, 100, 1037, 64, 64),
+    (0, 100, 333, 64, 64), (3, 37, 200, 30, 30), (3, 37, 200, 50, 50), (5, 61, 61, 61, 61),
+    (7, 200, 517, 96, 96), (7, 200, 517, 95, 96), (1, 250, 7, 100, 100), (16, 129, 290, 129, 129),
+    (2, 300, 1000, 257, 257), (128, 1000, 5000, 700, 700), (128, 1000, 5000, 700, 1024), (0, 8, 0, 5, 5),
+    (4, 300, 1000, 64, 64),
+]
+SMALL_LADDER = (8, 16, 32, 64)
+
+
+@pytest.mark.parametrize("cudnn", [False, True])
+@pytest.mark.parametrize("S,W,p0,T,chunk", KERNEL_CASES)
+def test_kernel_calls_cover_exactly_the_rule(S, W, p0, T, chunk, cudnn):
+    """The final per-kernel plan (ladder pieces and all) covers the rule exactly (``_check_calls``); every
+    cuDNN call is a whole chunk's (chunk queries) 'full' block of a ladder rung of cache keys or its
+    chunk x chunk causal block; without cuDNN the plan is ``_attention_calls`` on FlashAttention-2."""
+    calls = ops._kernel_calls(p0, T, S, W, cudnn, chunk, SMALL_LADDER)
+    _check_calls(calls, S, W, p0, T)
+    for i_lo, i_hi, source, lo, n, kind, left, right, backend in calls:
+        assert backend in ("cudnn", "flash")
+        if backend == "cudnn":
+            assert cudnn and i_hi - i_lo + 1 == chunk == T
+            assert (kind, source) == ("full", "cache") and n in SMALL_LADDER or (kind, n) == ("causal", chunk)
+        elif kind == "full" and source == "cache" and i_hi - i_lo + 1 == chunk and cudnn:
+            assert n < SMALL_LADDER[0], "a remainder that a rung would take runs on FlashAttention-2"
+    if not cudnn:
+        assert tuple(c[:8] for c in calls) == ops._attention_calls(p0, T, S, W)
+
+
+def test_kernel_calls_check_can_fail():
+    """``_check_calls`` rejects a plan with a ladder piece dropped, doubled or shifted by one key."""
+    calls = list(ops._kernel_calls(1000, 64, 4, 300, True, 64, SMALL_LADDER))
+    pieces = [i for i, c in enumerate(calls) if c[-1] == "cudnn" and c[5] == "full"]
+    assert len(pieces) >= 2
+    _check_calls(calls, 4, 300, 1000, 64)
+    i = pieces[1]
+    shifted = calls[:i] + [(*calls[i][:3], calls[i][3] + 1, *calls[i][4:])] + calls[i + 1:]
+    for bad in (calls[:i] + calls[i + 1:], calls + [calls[i]], shifted):
+        with pytest.raises(AssertionError):
+            _check_calls(bad, 4, 300, 1000, 64)
+
+
+def test_kernel_calls_few_cudnn_shapes_over_a_long_prompt():
+    """A 131072-token prompt in 8192-token chunks (W=32640, S=128, the default ladder): cuDNN sees at most
+    len(ladder) + 1 shapes in all (the plans warm_prefill_attention builds), and the unmasked blocks of the
+    steady chunks go to it nearly whole (a plan that sent everything to FlashAttention-2 fails here)."""
+    S, W, C = 128, 32640, 8192
+    shapes = set()
+    for p0 in range(0, 131072 + 1, C):
+        calls = ops._kernel_calls(p0, C, S, W, True, C)
+        shapes |= {(c[5], c[1] - c[0] + 1, c[4]) for c in calls if c[-1] == "cudnn"}
+        if p0 >= S + W:   # steady: the ring wrapped
+            full = sum(c[4] for c in calls if c[5] == "full" and c[2] == "cache")
+            fast = sum(c[4] for c in calls if c[5] == "full" and c[-1] == "cudnn")
+            assert fast >= full - 2 * ops._CUDNN_LADDER[0]
+            assert any(c[5] == "causal" and c[-1] == "cudnn" for c in calls)
+    assert len(shapes) <= len(ops._CUDNN_LADDER) + 1, sorted(shapes)
+    assert {n for kind, _, n in shapes if kind == "full"} <= set(ops._CUDNN_LADDER)
+
+
 @pytest.mark.parametrize("dense_keys", [0, 3, 256])
 @pytest.mark.parametrize("S,W,p0,T", ATTN_CASES + [(4, 16, 60, 16), (0, 7, 100, 30), (5, 3, 0, 20)])
 def test_prefill_attention_plan_on_the_cpu(monkeypatch, S, W, p0, T, dense_keys):
@@ -458,3 +575,31 @@ def test_prefill_attention_plan_on_the_cpu(monkeypatch, S, W, p0, T, dense_keys)
     got = ops._prefill_attention_flash(q, k, v, kc, vc, p0, S, W, 0.25)
     want = ref.prefill_attention_ref(q, k, v, kc, vc, p0, S, W, 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("merge_parts", [8, 2])
+@pytest.mark.parametrize("S,W,p0,T,chunk", [c for c in KERNEL_CASES if c[3] == c[4] and c[3] <= 257])
+def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, chunk, merge_parts):
+    """The plan with cuDNN (ladder pieces, the merge of more parts than the kernel takes, first by rows) run
+    on the CPU with ``ops._dense`` standing in for both kernels, against the reference in float32; the layout
+    is marked warmed as ``warm_prefill_attention`` would mark it."""
+    calls = []
+
+    def cudnn(q, k, v, causal, scale):
+        calls.append((q.shape[0], k.shape[0], causal))
+        return ops._dense(q, k, v, -1, 0 if causal else -1, scale)
+
+    q, k, v, kc, vc = _attention_case(S, W, p0, T, D=16, dtype=torch.float32, device="cpu")
+    monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
+    monkeypatch.setattr(ops, "_flash", ops._dense)
+    monkeypatch.setattr(ops, "_cudnn", cudnn)
+    monkeypatch.setattr(ops, "_cudnn_ok", True)
+    monkeypatch.setattr(ops, "_CUDNN_LADDER", SMALL_LADDER)
+    monkeypatch.setattr(ops, "_MERGE_PARTS", merge_parts)
+    monkeypatch.setattr(ops._cudnn_warm, "keys", {ops._cudnn_key(q, k, kc, vc)}, raising=False)
+    got = ops._prefill_attention_flash(q, k, v, kc, vc, p0, S, W, 0.25)
+    want = ref.prefill_attention_ref(q, k, v, kc, vc, p0, S, W, 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    planned = [c for c in ops._kernel_calls(p0, T, S, W, True, T, SMALL_LADDER) if c[-1] == "cudnn"]
+    assert len(calls) == len(planned)
+    assert all(tq == T and (n in SMALL_LADDER or causal) for tq, n, causal in calls)

@@ -148,6 +148,7 @@ class Scheduler:
     def _work(self):
         if self.model.device.type == "cuda":
             torch.cuda.set_device(self.model.device)   # graph capture uses the thread's current device
+            self.model.decoder.warm_attention(self.model.chunk_size)   # cuDNN's plans are per thread
         while True:
             expired = []
             with self._cv:
