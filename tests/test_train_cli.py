@@ -187,6 +187,31 @@ def test_stop_and_resume_reproduce_the_straight_run(tiny, capsys):
         assert set(f.keys()) == set(g.keys()) and all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
 
 
+def test_train_layers_is_recorded_resumed_and_leaves_the_rest_fresh(tiny, capsys):
+    root, sd = tiny
+    common = ["--steps", 3, "--batch", 2, "--lr", "1e-2", "--window", 8, "--sinks", 2, "--save-dtype", "float32"]
+    out = root / "run_layer1"
+    rc, _, err = train(capsys, *base_args(root, out), *common, "--train-layers", "1", "--stop-after", 1)
+    assert rc == 0, err
+    assert "training layers 1 only" in err
+    assert json.loads((out / "run.json").read_text())["run"]["train_layers"] == [1]
+    rc, _, err = train(capsys, *base_args(root, out), "--resume", "--train-layers", "0,1")
+    assert rc == 2 and "differs from the resumed run" in err and err.count("\n") == 1
+    rc, _, err = train(capsys, *base_args(root, out), "--resume", "--save-dtype", "float32")
+    assert rc == 0 and "training layers 1 only" in err, err
+    config = parse_config(CFG, "test")
+    fresh = TrainModel(config, sd, None, base_dtype=torch.float32, seed=0).ahn_state_dict()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    assert set(saved) == set(fresh)
+    for k, v in saved.items():      # layer 0: the fresh memory (o_proj = 0); layer 1 trained
+        if k.startswith("model.layers.0."):
+            assert torch.equal(v, fresh[k]), k
+        elif not k.endswith(".D"):  # (GatedDeltaNet does not use D: it gets no gradient)
+            assert not torch.equal(v, fresh[k]), k
+    assert not saved["model.layers.0.ahn.fn.o_proj.weight"].any()
+
+
 @pytest.fixture(scope="module")
 def bad_files(tiny):
     root, sd = tiny
@@ -216,6 +241,9 @@ def bad_files(tiny):
     ("resume without state", "no resume state"),
     ("init-from-base without AHN", "holds no AHN weights"),
     ("bad number", "--lr must be"),
+    ("train-layers junk", "not a list of layer numbers"),
+    ("train-layers out of range", "the base has layers 0..1"),
+    ("train-layers with fsdp", "not supported with --fsdp"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, case, needle):
     root, _ = tiny
@@ -249,6 +277,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--init-from-base"]
     elif case == "bad number":
         extra += ["--lr", "-1"]
+    elif case == "train-layers junk":
+        extra += ["--train-layers", "1,x"]
+    elif case == "train-layers out of range":
+        extra += ["--train-layers", "0-2"]
+    elif case == "train-layers with fsdp":
+        extra += ["--train-layers", "1", "--fsdp"]
     before = sorted(p.name for p in bad_files.iterdir())
     rc, stdout, err = train(capsys, "--base", args["base"], "--data", args["data"], "--out", args["out"], *extra)
     assert rc == 2, err

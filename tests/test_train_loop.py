@@ -119,6 +119,52 @@ def test_one_step_lowers_the_loss_and_changes_only_ahn(tmp_path, config, base):
             assert torch.equal(after[k], ahn_before[k]), k
 
 
+def test_train_layers_moves_only_those_layers_with_the_same_update(tmp_path, config, base):
+    """--train-layers: the other layers' memory keeps its weights bit for bit and gets no gradient, and the
+    trained layer takes the same step as in a run that trains every layer (no clipping, so AdamW's update
+    of a tensor depends on its own gradient only)."""
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [48, 52], fixed)
+    start = new_model(config, base).ahn_state_dict()
+    g = torch.Generator().manual_seed(4)
+    for k in start:          # o_proj != 0, so that every AHN tensor of both layers has a gradient
+        if k.endswith("o_proj.weight"):
+            start[k] = 0.1 * torch.randn(start[k].shape, generator=g)
+    runs = {}
+    for layers in (None, (1,)):
+        settings = TrainSettings(steps=2, batch=2, lr=1e-2, warmup_ratio=0.0, max_grad_norm=0.0, budget=fixed,
+                                 train_layers=layers)
+        tr = Trainer(new_model(config, base, start), data, settings)
+        recs = [tr.train_step() for _ in range(2)]
+        runs[layers] = (recs, tr.model.ahn_state_dict(), tr)
+    (rec_all, all_, _), (rec_one, one, tr_one) = runs[None], runs[(1,)]
+    assert rec_all[0]["loss"] == rec_one[0]["loss"]                   # the same model before any update
+    assert rec_all[1]["loss"] != rec_one[1]["loss"]                   # then layer 0 moved in one run only
+    assert [k for k, _ in tr_one.trained] == [k for k in start if k.startswith("model.layers.1.")]
+    assert sorted(k for k, _ in tr_one.named) == sorted(start)       # what is saved: every layer
+    moved = {k for k in start if not torch.equal(all_[k], start[k])}   # (GatedDeltaNet does not use D)
+    assert {k.split(".", 3)[3] for k in moved if k.startswith("model.layers.0.")} == \
+           {k.split(".", 3)[3] for k in moved if k.startswith("model.layers.1.")} != set()
+    for k, v in one.items():
+        if k.startswith("model.layers.0."):
+            assert torch.equal(v, start[k]), k                        # frozen, bit for bit
+        else:
+            assert torch.equal(v, start[k]) == (k not in moved), k
+    # step 1's update of layer 1 sees layer 0 as it was at the start in one run only; step 0's is the same
+    tr = Trainer(new_model(config, base, start), data, TrainSettings(
+        steps=1, batch=2, lr=1e-2, warmup_ratio=0.0, max_grad_norm=0.0, budget=fixed, train_layers=(1,)))
+    tr.train_step()
+    ref = Trainer(new_model(config, base, start), data, TrainSettings(
+        steps=1, batch=2, lr=1e-2, warmup_ratio=0.0, max_grad_norm=0.0, budget=fixed))
+    ref.train_step()
+    got, want = tr.model.ahn_state_dict(), ref.model.ahn_state_dict()
+    for k in got:
+        if k.startswith("model.layers.1."):
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(AhnError, match="layers 0..1"):
+        Trainer(new_model(config, base), data, TrainSettings(budget=fixed, train_layers=(2,)))
+
+
 def test_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 1e-4, 100, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4) and lrs[10] == pytest.approx(1e-4)

@@ -42,7 +42,7 @@ RUN_DEFAULTS = {
     "steps": None, "seq_len": 24576, "min_len": 0, "batch": 1, "grad_accum": 1, "lr": 1e-4,
     "warmup_ratio": 0.1, "weight_decay": 0.1, "max_grad_norm": 1.0, "window_min": None, "window_max": None,
     "window": None, "sinks": None, "ce_weight": 0.0, "seed": 0, "dtype": None, "loss_on": "assistant",
-    "activation_checkpointing": True, "ahn": None, "decay_init": "official",
+    "activation_checkpointing": True, "ahn": None, "decay_init": "official", "train_layers": None,
 }
 BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_resolve_batch)
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a fresh memory's decay gates: the official initialization (default; most heads forget "
                         "within tens of tokens), or long: half-lives log-spaced from 64 to 4096 tokens "
                         "(GatedDeltaNet and Mamba2)")
+    o.add_argument("--train-layers", type=_layer_list, metavar="LIST",
+                   help="train only these layers' memory, e.g. 5 or 0,3-5 (default: every layer); the others keep "
+                        "their starting weights (a fresh memory: o_proj = 0, so they add nothing)")
     o.add_argument("--dtype", choices=["bf16", "float32"],
                    help="bf16: base in bf16, bf16 autocast, fp32 master AHN weights (default on cuda); "
                         "float32 (default on cpu)")
@@ -140,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--resume with another global batch (batch x grad-accum x ranks) than the saved run's")
     ap.set_defaults(parallel="ddp")
     return ap
+
+
+def _layer_list(text: str) -> list[int]:
+    """'5' / '0,3-5' -> sorted layer indices (argparse type: a ValueError becomes its one-line error)."""
+    out = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list of layer numbers such as 5 or 0,3-5")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if b < a:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r}: a range goes from low to high")
+        out.update(range(a, b + 1))
+    return sorted(out)
 
 
 def _n(k: int, noun: str) -> str:
@@ -355,6 +372,12 @@ def _run(a, d, out: Path) -> int:
         if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
             raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ)")
 
+        layers = run_cfg["train_layers"]
+        if layers is not None and layers[-1] >= config.num_layers:
+            raise AhnError(f"--train-layers {','.join(map(str, layers))}: the base has layers 0..{config.num_layers - 1}")
+        if layers is not None and a.parallel == "fsdp":
+            raise AhnError("--train-layers is not supported with --fsdp yet; train some layers under --ddp or on one GPU")
+
         # ---- model and trainer -----------------------------------------------------------------
         from .model import TrainModel
         base_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -380,7 +403,8 @@ def _run(a, d, out: Path) -> int:
             warmup_ratio=run_cfg["warmup_ratio"], weight_decay=run_cfg["weight_decay"],
             max_grad_norm=run_cfg["max_grad_norm"], ce_weight=run_cfg["ce_weight"], seed=run_cfg["seed"],
             budget=budget, autocast_bf16=bf16, activation_checkpointing=run_cfg["activation_checkpointing"],
-            log_every=a.log_every, save_every=a.save_every, stop_after=a.stop_after)
+            log_every=a.log_every, save_every=a.save_every, stop_after=a.stop_after,
+            train_layers=None if layers is None else tuple(layers))
         trainer = Trainer(model, data, settings, device=device, parallel=parallel)
         if saved_state:
             trainer.load_state(saved_state, saved_tensors)
@@ -405,10 +429,12 @@ def _run(a, d, out: Path) -> int:
 
     n_ahn = sum(p.numel() for _, p in trainer.named)
     n_base = sum(p.numel() for p in model.parameters()) - n_ahn
+    n_trained = sum(p.numel() for _, p in trainer.trained)
     split = (f" (--batch {settings.batch} x --grad-accum {settings.grad_accum} x {d.world_size} ranks)"
              if d.world_size > 1 else "")
     say(f"{data.stats.line()}; {data.num_tokens:,} tokens")
-    say(f"{n_ahn:,} AHN parameters ({100 * n_ahn / max(1, n_base):.2f}% of the frozen base), "
+    only = (f" (training layers {','.join(map(str, layers))} only: {n_trained:,})" if layers is not None else "")
+    say(f"{n_ahn:,} AHN parameters ({100 * n_ahn / max(1, n_base):.2f}% of the frozen base){only}, "
         f"{_n(trainer.total_steps, 'step')} of {_n(run_cfg['global_batch'], 'sequence')}{split}, "
         f"{budget.describe()}, {run_cfg['dtype']} on {device}"
         + (f", {parallel.describe()}" if d.world_size > 1 else "")

@@ -60,6 +60,8 @@ class TrainSettings:
     log_every: int = 10                 # a progress line every N steps when stderr is not a terminal
     save_every: int = 100               # a resume state every N steps (and at the end); 0: only at the end
     stop_after: int | None = None       # stop (with a resume state) after this many steps
+    train_layers: tuple[int, ...] | None = None   # the layers whose memory trains (None: every layer); the
+                                                  # others keep their starting weights and get no gradient
 
 
 def lr_at(step: int, base_lr: float, total: int, warmup: int) -> float:
@@ -70,12 +72,14 @@ def lr_at(step: int, base_lr: float, total: int, warmup: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def ahn_named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """(official key, parameter) for every AHN parameter of ``model``, in layer order."""
+def ahn_named_parameters(model, layers=None) -> list[tuple[str, torch.nn.Parameter]]:
+    """(official key, parameter) for every AHN parameter of ``model`` (of ``layers`` only, if given), in
+    layer order."""
     out = []
     for n, layer in enumerate(model.ahn):
-        for name, p in layer.named_parameters():
-            out.append((ahn_key(n, name), p))
+        if layers is None or n in layers:
+            for name, p in layer.named_parameters():
+                out.append((ahn_key(n, name), p))
     return out
 
 
@@ -179,18 +183,25 @@ class Trainer:
         self.device = torch.device(device)
         self.parallel = parallel if parallel is not None else _default_parallel(rank, world_size, device)
         self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
-        self.named = ahn_named_parameters(model)
+        self.named = ahn_named_parameters(model)         # every AHN tensor: what is saved
         if not self.named:
             raise AhnError("the model has no AHN parameters to train")
-        trainable = {id(p) for _, p in self.named}
+        layers = settings.train_layers
+        if layers is not None:
+            bad = [n for n in layers if not 0 <= n < len(model.ahn)]
+            if bad or not layers:
+                raise AhnError(f"train_layers {list(layers)}: the model has layers 0..{len(model.ahn) - 1}")
+        self.trained = ahn_named_parameters(model, layers)   # what the optimizer moves
+        ahn_ids = {id(p) for _, p in self.named}
         for name, p in model.named_parameters():
-            if p.requires_grad and id(p) not in trainable:
+            if p.requires_grad and id(p) not in ahn_ids:
                 raise AhnError(f"internal: base parameter {name} is trainable; the base must stay frozen")
+        trained = {id(p) for _, p in self.trained}
         for _, p in self.named:
-            p.requires_grad_(True)
+            p.requires_grad_(id(p) in trained)
         exempt = {id(p) for p in no_decay_parameters(model)}
-        decay = [p for _, p in self.named if id(p) not in exempt]
-        no_decay = [p for _, p in self.named if id(p) in exempt]
+        decay = [p for _, p in self.trained if id(p) not in exempt]
+        no_decay = [p for _, p in self.trained if id(p) in exempt]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=settings.lr, betas=settings.betas, eps=settings.eps)
@@ -260,7 +271,7 @@ class Trainer:
         loss_sum = par.all_sum(loss_sum)
         grad_norm = None
         if n_total > 0:
-            params = [p for _, p in self.named]
+            params = [p for _, p in self.trained]
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -312,10 +323,10 @@ class Trainer:
     def load_state(self, state: dict, tensors: dict):
         """Restore the optimizer, schedule position, data position and RNG states (the AHN weights were
         given to the model when it was built)."""
-        keys = [k for k, _ in self.named]
+        keys = [k for k, _ in self.trained]
         params_by_idx = [p for g in self.optimizer.param_groups for p in g["params"]]
         index = {id(p): i for i, p in enumerate(params_by_idx)}
-        by_key = dict(self.named)
+        by_key = dict(self.trained)
         groups = []
         for g in state["optimizer"]["param_groups"]:
             gg = dict(g)

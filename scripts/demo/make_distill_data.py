@@ -3,7 +3,8 @@
 the ``distill`` split, which the teacher never trained on) with a passkey in a fraction of them.
 ``--answer-weight W`` (W != 1) adds ``"loss_weights"`` to the passkey records: W on the passkey's answer
 digits, 1 elsewhere, so that the distillation loss stresses the long-range recall (the trainer takes the
-weighted mean).
+weighted mean). ``--text-weight T`` (T != 1) puts T instead of 1 on every other token, of every record
+(``--text-weight 0 --passkey-frac 1``: a loss on the answer digits alone).
 
     python scripts/demo/make_distill_data.py --data data/demo --out runs/demo/distill.jsonl --num 19200 \\
         --seq-len 4096 --passkey-frac 1.0 --dist-min 600 --seed 1
@@ -26,9 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import longrange  # noqa: E402
 
 
-def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer_weight: float = 1.0) -> dict:
-    """Write ``num`` sequences (a passkey's answer digits weighted ``answer_weight`` when it is not 1);
-    returns counts, the distance range and the file's sha256."""
+def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer_weight: float = 1.0,
+                text_weight: float = 1.0) -> dict:
+    """Write ``num`` sequences (when either weight is not 1, with loss weights: ``answer_weight`` on a
+    passkey's answer digits, ``text_weight`` on every other token); returns counts, the distance range and
+    the file's sha256."""
     h = hashlib.sha256()
     with_key, dists = 0, []
     tmp = path.with_name(path.name + ".tmp")
@@ -36,9 +39,9 @@ def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer
         for _ in range(num):
             ids, item = sampler.sample()
             line = '{"input_ids": [' + ",".join(map(str, ids.tolist())) + "]"
-            if item is not None and answer_weight != 1.0:
-                w = ["1"] * len(ids)
-                for p in item.answer_positions:
+            if text_weight != 1.0 or (item is not None and answer_weight != 1.0):
+                w = [repr(float(text_weight))] * len(ids)
+                for p in (item.answer_positions if item is not None else ()):
                     w[p] = repr(float(answer_weight))
                 line += ', "loss_weights": [' + ",".join(w) + "]"
             line += "}\n"
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="loss weight of a passkey's answer digits (default 1: no weights written)")
+    ap.add_argument("--text-weight", type=float, default=1.0,
+                    help="loss weight of every token that is not an answer digit (default 1)")
     ap.add_argument("--stats", help="also write the counts as JSON to this file")
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -75,11 +80,14 @@ def main(argv=None) -> int:
                                         dist_min=args.dist_min, dist_max=args.dist_max)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not (args.answer_weight >= 0 and args.answer_weight < float("inf")):
-        ap.error(f"--answer-weight {args.answer_weight}: give a finite number >= 0")
-    stats = write_jsonl(out, sampler, args.num, args.answer_weight)
+    for flag, v in (("--answer-weight", args.answer_weight), ("--text-weight", args.text_weight)):
+        if not (0 <= v < float("inf")):
+            ap.error(f"{flag} {v}: give a finite number >= 0")
+    if args.answer_weight == 0 and args.text_weight == 0:
+        ap.error("--answer-weight 0 with --text-weight 0 leaves no loss at all")
+    stats = write_jsonl(out, sampler, args.num, args.answer_weight, args.text_weight)
     stats.update(split=args.split, split_tokens=len(tokens), seq_len=args.seq_len, seed=args.seed,
-                 passkey_frac=args.passkey_frac, answer_weight=args.answer_weight)
+                 passkey_frac=args.passkey_frac, answer_weight=args.answer_weight, text_weight=args.text_weight)
     print("[distill-data] " + json.dumps(stats), flush=True)
     if args.stats:
         Path(args.stats).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
