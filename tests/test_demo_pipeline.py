@@ -150,6 +150,13 @@ def test_distill_data_weights_the_answer_digits(tmp_path):
             assert heavy_at == list(item.answer_positions) and rec["loss_weights"][heavy_at[0]] == 50.0
     d = load_dataset(tmp_path / "heavy.jsonl", vocab_size=64, seq_len=256, budget=BudgetSpec(fixed=(16, 4)))
     assert len(d) == 12 and d.weights is not None and float(d.weights.max()) == 50.0
+    # --text-weight 0: the answer digits alone carry loss; a record without a passkey carries none
+    make_distill_data.write_jsonl(tmp_path / "answers.jsonl", sampler(), 12, answer_weight=1.0, text_weight=0.0)
+    ref = sampler()
+    for line in (tmp_path / "answers.jsonl").read_text().splitlines():
+        rec, (_, item) = json.loads(line), ref.sample()
+        nonzero = [i for i, w in enumerate(rec["loss_weights"]) if w != 0]
+        assert nonzero == ([] if item is None else list(item.answer_positions))
 
 
 def test_passkey_limits_and_seeded_sets():
@@ -309,6 +316,7 @@ def test_default_teacher_shape_fits_the_shipping_limit():
 
 def test_run_gpu_script_parses():
     subprocess.run(["bash", "-n", str(DEMO / "run_gpu.sh")], check=True)
+    subprocess.run(["bash", "-n", str(DEMO / "run_recall.sh")], check=True)
     subprocess.run(["bash", "-n", str(DEMO / "compare_variants.sh")], check=True)
 
 
