@@ -243,7 +243,6 @@ def bad_files(tiny):
     ("bad number", "--lr must be"),
     ("train-layers junk", "not a list of layer numbers"),
     ("train-layers out of range", "the base has layers 0..1"),
-    ("train-layers with fsdp", "not supported with --fsdp"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, case, needle):
     root, _ = tiny
@@ -281,8 +280,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--train-layers", "1,x"]
     elif case == "train-layers out of range":
         extra += ["--train-layers", "0-2"]
-    elif case == "train-layers with fsdp":
-        extra += ["--train-layers", "1", "--fsdp"]
     before = sorted(p.name for p in bad_files.iterdir())
     rc, stdout, err = train(capsys, "--base", args["base"], "--data", args["data"], "--out", args["out"], *extra)
     assert rc == 2, err

@@ -321,6 +321,29 @@ def test_fsdp_two_ranks_stop_and_resume_on_one_process(tiny, one_process, tmp_pa
     assert max(rel_diff(a[k], b[k]) for k in b) <= DIST_RTOL
 
 
+@pytest.mark.parametrize("mode", ["--ddp", "--fsdp"])
+def test_train_layers_on_two_ranks_equal_one_process(tiny, tmp_path, capsys, mode):
+    """--train-layers 1 under both strategies: the same losses and weights as one process, layer 0's memory
+    untouched (FSDP2 shards it like any unit; it just gets no gradient)."""
+    one = tmp_path / "one"
+    rc, err = main_here(capsys, *train_args(tiny, one, "--grad-accum", 2, "--train-layers", 1))
+    assert rc == 0, err
+    out = tmp_path / mode.strip("-")
+    p = torchrun("-m", "ahn_rt.train", *train_args(tiny, out, mode, "--train-layers", 1))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "training layers 1 only" in p.stderr
+    assert_same_run(read_log(out), read_log(one), [0, 1, 2])
+    a, b = weights(out / "model.safetensors"), weights(one / "model.safetensors")
+    assert set(a) == set(b) and max(rel_diff(a[k], b[k]) for k in b) <= DIST_RTOL
+    fresh = TrainModel(parse_config(CFG, "test"), base_state_dict(), None, base_dtype=torch.float32,
+                       seed=3).ahn_state_dict()
+    for k in a:           # (GatedDeltaNet does not use D: it never moves)
+        if k.startswith("model.layers.0.") or k.endswith(".D"):
+            assert torch.equal(a[k], fresh[k]), k
+        else:
+            assert not torch.equal(a[k], fresh[k]), k
+
+
 def test_torchrun_mistake_is_one_line_from_one_rank(tiny, one_process):
     p = torchrun("-m", "ahn_rt.train", *train_args(tiny, one_process))    # OUT already holds a run
     assert p.returncode != 0

@@ -375,8 +375,6 @@ def _run(a, d, out: Path) -> int:
         layers = run_cfg["train_layers"]
         if layers is not None and layers[-1] >= config.num_layers:
             raise AhnError(f"--train-layers {','.join(map(str, layers))}: the base has layers 0..{config.num_layers - 1}")
-        if layers is not None and a.parallel == "fsdp":
-            raise AhnError("--train-layers is not supported with --fsdp yet; train some layers under --ddp or on one GPU")
 
         # ---- model and trainer -----------------------------------------------------------------
         from .model import TrainModel
