@@ -387,3 +387,35 @@ def test_recall_probe_heads_on_a_tiny_random_model():
         assert 0 <= r["attention_on_source"] <= 1 and 0 <= r["source_rank"] < 160
         assert -1 <= r["source_cosine"] <= 1 and 0 <= r["mean_abs_cosine"] <= 1
     assert torch.equal(model.forward_teacher(ids), before)
+
+
+def test_recall_probe_trains_only_the_chosen_heads():
+    """recall_probe train --layers 1 --heads 1: of layer 1's memory only head 1's rows move (the output norm,
+    shared by the heads, stays too); layer 0's memory stays; without --heads every head of layer 1 moves."""
+    from types import SimpleNamespace
+
+    from ahn_rt.config import parse_config
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.train.model import TrainModel
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg.update(vocab_size=V, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    config = parse_config(cfg, "test")
+    base = random_state_dict(cfg, ahn=False, dtype=torch.float32, seed=1)
+    tokens = (np.arange(6000) * 7 % 11 + 20).astype(np.uint16)
+    moved = {}
+    for heads in ("1", ""):
+        torch.manual_seed(0)
+        model = TrainModel(config, base, base_dtype=torch.float32)
+        start = {k: v.clone() for k, v in model.ahn_state_dict().items()}
+        sampler = longrange.SequenceSampler(tokens, 160, T, seed=1, passkey_frac=1.0, dist_min=60)
+        a = SimpleNamespace(layers="1", heads=heads, lr=1e-2, batch=2, seq_len=160, window=24, sinks=4, steps=3,
+                            answer_weight=10.0, text_weight=1.0)
+        recall_probe.train(model, sampler, a, log=lambda *_: None)
+        after = model.ahn_state_dict()
+        moved[heads] = {(k.split(".fn.")[1], h) for k in after if ".layers.1." in k and after[k].dim() and
+                        after[k].shape[0] == 2 for h in range(2) if not torch.equal(after[k][h], start[k][h])}
+        assert all(torch.equal(after[k], start[k]) for k in after if ".layers.0." in k)
+        norm = "model.layers.1.ahn.fn.o_norm.weight"
+        assert torch.equal(after[norm], start[norm]) == bool(heads)
+    assert moved["1"] and {h for _, h in moved["1"]} == {1}
+    assert {h for _, h in moved[""]} == {0, 1} and {n for n, _ in moved["1"]} <= {n for n, _ in moved[""]}

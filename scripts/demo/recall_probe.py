@@ -15,6 +15,9 @@ passkey sequences, with the distillation KL weighted ``--answer-weight`` on the 
 ``--text-weight`` elsewhere (0: the answers alone), through ``ahn_rt.train``'s own model and loss. Then
 it reports, for full / swa / ahn, the text loss past the window and teacher-forced passkey accuracy
 (exact, per digit, answer loss) at ``--distances``. float32, the SDPA attention path, fixed W and S.
+``--init-from-model`` starts from the checkpoint's own memory instead of a fresh one; ``--heads`` trains
+only those memory heads of ``--layers`` (the other heads' rows keep their start, and the output norm,
+which the heads share, stays fixed).
 """
 from __future__ import annotations
 
@@ -33,14 +36,33 @@ import torch.nn.functional as F  # noqa: E402
 import longrange  # noqa: E402
 
 
-def load_teacher(model_dir: str, decay_init: str = "official", seed: int = 0):
+def load_teacher(model_dir: str, decay_init: str = "official", seed: int = 0, with_ahn: bool = False):
+    """(config, TrainModel) of the checkpoint's base, with a fresh memory, or with the checkpoint's own
+    (``with_ahn``)."""
     from ahn_rt.config import parse_config
     from ahn_rt.train.model import TrainModel
-    from ahn_rt.weights import base_shapes, open_checkpoint
+    from ahn_rt.weights import ahn_shapes, base_shapes, open_checkpoint
     ckpt = open_checkpoint(model_dir)
     config = parse_config(json.loads((Path(model_dir) / "config.json").read_text()), model_dir)
     base = {k: ckpt.src.get(k).float() for k in base_shapes(config)}
+    if with_ahn:
+        ahn = {k: ckpt.src.get(k).float() for k in ahn_shapes(config, config.ahn_implementation)}
+        return config, TrainModel(config, base, ahn, base_dtype=torch.float32, seed=seed)
     return config, TrainModel(config, base, None, base_dtype=torch.float32, seed=seed, decay_init=decay_init)
+
+
+def head_rows(layer, heads):
+    """{parameter: rows of the memory heads NOT in ``heads``} for a GatedDeltaNet-style memory whose
+    per-head parameters have the head on dim 0; the parameters without a head dim (the output norm,
+    shared by the heads) are frozen whole (every row)."""
+    out = {}
+    for p in layer.parameters():
+        H = layer.A_log.shape[0]
+        if p.dim() >= 1 and p.shape[0] == H:
+            out[p] = [h for h in range(H) if h not in heads]
+        else:
+            out[p] = None        # all of it
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,6 +125,12 @@ def train(model, sampler, a, log=print) -> list[dict]:
     from ahn_rt.train.trainer import lr_at
     layers = [int(x) for x in a.layers.split(",")] if a.layers else list(range(len(model.ahn)))
     params = [p for i in layers for p in model.ahn[i].parameters()]
+    heads = [int(x) for x in a.heads.split(",")] if a.heads else None
+    frozen = {}                   # --heads: parameter -> rows kept at their start (None: the whole tensor)
+    if heads is not None:
+        for i in layers:
+            frozen.update(head_rows(model.ahn[i], heads))
+    start = {p: p.detach().clone() for p in frozen}
     for p in model.ahn.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -126,8 +154,20 @@ def train(model, sampler, a, log=print) -> list[dict]:
         loss, _ = distill_loss(model, h_t, h_s, valid, weight=w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for p, rows in frozen.items():          # the frozen heads get no gradient ...
+            if p.grad is not None:
+                if rows is None:
+                    p.grad.zero_()
+                else:
+                    p.grad[rows] = 0
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():                   # ... and no weight decay
+            for p, rows in frozen.items():
+                if rows is None:
+                    p.copy_(start[p])
+                else:
+                    p[rows] = start[p][rows]
         if step % 10 == 0 or step == a.steps - 1:
             with torch.no_grad():   # the plain KL on the answer digits and on the text, before this update
                 ans = position_weights(items, B, L, 1.0, 0.0)
@@ -204,6 +244,10 @@ def main(argv=None) -> int:
     ap.add_argument("--answer-weight", type=float, default=1.0)
     ap.add_argument("--text-weight", type=float, default=0.0)
     ap.add_argument("--decay-init", default="long", choices=("official", "long"))
+    ap.add_argument("--init-from-model", action="store_true",
+                    help="start from the --model checkpoint's own memory (default: a fresh one)")
+    ap.add_argument("--heads", default="", help="train only these memory heads of --layers (e.g. 0,1); the "
+                                                "output norm, shared by the heads, stays fixed")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", help="write every number as JSON here")
     a = ap.parse_args(argv)
@@ -213,7 +257,7 @@ def main(argv=None) -> int:
     data = Path(a.data)
     templates = longrange.Templates.from_data(data)
     held = longrange.load_tokens(data / "heldout.bin")
-    config, model = load_teacher(a.model, a.decay_init)
+    config, model = load_teacher(a.model, a.decay_init, with_ahn=a.init_from_model)
     t0 = time.time()
     if a.what == "heads":
         seqs = longrange.eval_passkey_sequences(held, a.seq_len, [int(a.distances.split(",")[-1])], a.n_passkey,
