@@ -132,8 +132,11 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+_MERGE_PARTS = 8   # the most parts the attn_merge kernel takes in one call (csrc/common.h kMergeMaxParts)
+
+
 def attn_merge(outs, lses, offsets, rows):
-    fn = torch.ops.ahn_rt.attn_merge if _use_ext(outs[0]) and len(outs) <= 8 else ref.attn_merge_ref
+    fn = torch.ops.ahn_rt.attn_merge if _use_ext(outs[0]) and len(outs) <= _MERGE_PARTS else ref.attn_merge_ref
     return fn(outs, lses, offsets, rows)
 
 
@@ -424,9 +427,6 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
             res = _flash(qq, kk, vv, left, right, scale)
         parts.append((i_lo, tq, *res))
     return _merge(parts, T)
-
-
-_MERGE_PARTS = 8   # the most parts the attn_merge kernel takes in one call
 
 
 def _merge(parts, T):

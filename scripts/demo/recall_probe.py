@@ -56,8 +56,8 @@ def head_rows(layer, heads):
     per-head parameters have the head on dim 0; the parameters without a head dim (the output norm,
     shared by the heads) are frozen whole (every row)."""
     out = {}
+    H = layer.A_log.shape[0]
     for p in layer.parameters():
-        H = layer.A_log.shape[0]
         if p.dim() >= 1 and p.shape[0] == H:
             out[p] = [h for h in range(H) if h not in heads]
         else:
