@@ -16,9 +16,10 @@ This module uses only the standard library, so that setup.py can read it without
 |                      | ahn_rt.train.attention | window on CUDA, SDPA query blocks elsewhere; sdpa; flex (on the |
 |                      | (each window plan)     | CPU eager and forward-only: for checks)                         |
 | AHN_RT_GEMV_PDL      | CUDA gemv, every call  | 0; 1: programmatic dependent launch (an A/B switch for benches) |
+| AHN_RT_GEMV_SIMT     | CUDA gemv, every call  | 0; 1: bf16 / fp16 on the CUDA-core kernel (a bench A/B)         |
 | AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
 
-The last two are kernel A/B switches that the C++ side reads through its one helper ``env_flag``
+The last three are kernel A/B switches that the C++ side reads through its one helper ``env_flag``
 (csrc/common.h); ``kernel_flag`` reads them the same way for benchmarks that label their rows.
 """
 from __future__ import annotations
@@ -73,8 +74,9 @@ def build_cuda() -> str:
 
 
 def kernel_flag(name: str) -> bool:
-    """A kernel A/B switch (AHN_RT_GEMV_PDL, AHN_RT_GDN_GENERIC), as csrc/common.h env_flag reads it."""
-    if name not in ("AHN_RT_GEMV_PDL", "AHN_RT_GDN_GENERIC"):
+    """A kernel A/B switch (AHN_RT_GEMV_PDL, AHN_RT_GEMV_SIMT, AHN_RT_GDN_GENERIC), as csrc/common.h env_flag
+    reads it."""
+    if name not in ("AHN_RT_GEMV_PDL", "AHN_RT_GEMV_SIMT", "AHN_RT_GDN_GENERIC"):
         raise KeyError(name)
     v = os.environ.get(name, "")
     return v != "" and v[0] != "0"

@@ -481,10 +481,8 @@ constexpr int64_t kScanCols = 16;
 constexpr int64_t kScanChunk = 64;
 constexpr int64_t kScanMaxDk = 128;
 
-// gemv CUDA fp32 kernel: the largest K it takes (x is staged in shared memory as float32, K * 4 bytes, padded).
-constexpr int64_t kGemvCudaMaxK = 49152;
-// gemv CUDA tensor-core kernel (bf16 / fp16): sequences per launch (the host runs larger B in groups).
-constexpr int64_t kGemvMmaRows = 32;
+// gemv CUDA kernels: sequences per launch (the host runs larger B in groups).
+constexpr int64_t kGemvMaxRows = 32;
 
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers shared by the host entry functions and the CUDA launchers.

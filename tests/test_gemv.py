@@ -297,15 +297,18 @@ def test_gemv_rows_equal_single_rows_bit_for_bit(dtype, fused, device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(_NO_GPU, reason="no GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype, kernel", [(torch.bfloat16, "mma"), (torch.float16, "mma"), (torch.bfloat16, "simt"),
+                                           (torch.float32, "simt")], ids=["bf16", "fp16", "bf16-simt", "fp32"])
 @pytest.mark.parametrize("name, K, N, option", [("qkvabg", 2048, 2608, "norm_bias"), ("down", 11008, 2048, "res"),
                                                 ("gate_up", 2048, 11008, "norm_silu"), ("head", 2048, 4099, "norm_f32out"),
                                                 ("odd", 70, 37, "all")])
-def test_gemv_batch_invariance_on_cuda(name, K, N, option, dtype):
-    """The tensor-core kernel at the decode shapes: for every batch size (1 .. 40: one, two and four
-    column tiles, and a second launch group past 32), row b of gemv(x[:B]) is bit for bit gemv(x[b]) alone,
-    also when the other rows hold huge values; the rows agree with the reference. Negative control: the
-    bit-for-bit comparison does see a one-ulp change of one input."""
+def test_gemv_batch_invariance_on_cuda(name, K, N, option, dtype, kernel, monkeypatch):
+    """Both CUDA kernels at the decode shapes (the tensor-core one for bf16 / fp16; the SIMT one for fp32,
+    and for bf16 under AHN_RT_GEMV_SIMT=1): for every batch size (1 .. 40: every batch bucket, K = 11008
+    staged piece by piece at the larger ones, and a second launch group past 32), row b of gemv(x[:B]) is
+    bit for bit gemv(x[b]) alone, also when the other rows hold huge values; the rows agree with the
+    reference. Negative control: the bit-for-bit comparison does see a one-ulp change of one input."""
+    monkeypatch.setenv("AHN_RT_GEMV_SIMT", "1" if kernel == "simt" else "0")
     g = torch.Generator().manual_seed(7)
     case = make_case(K, N, dtype, "cuda", option, g)
     Bmax = 40

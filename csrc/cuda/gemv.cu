@@ -1,20 +1,16 @@
 // CUDA fused decode GEMV kernels (ahn_rt.gemv: B >= 1 rows, i.e. one token of each of B sequences) and
 // their launchers. Test: pytest -m cuda tests/test_gemv.py; timing: python bench/gemv_bench.py (on a GPU).
 //
-// bf16 / fp16: tensor cores (mma.sync m16n8k16, fp32 accumulate). A block owns 16 output rows (a silu_mul
-// block: 16 gate rows and their 16 up rows) and all B <= 32 sequences; its warps (8, or 16 when the row
-// tiles are few) split K into fixed slices of 32-column chunks and stream their weights with 16-byte
-// non-allocating loads. Each lane's 16 bytes of a row (8 consecutive k) feed two mma steps under one fixed
-// k permutation that x uses too, so the loads stay contiguous. x comes straight from L1/L2 (RMS-normalized
-// on the fly when asked; every block computes the sums of squares itself); the warps' partial sums are added in warp order in shared
-// memory; bias / SiLU(gate) * up / residual epilogue with one rounding.
-// Batch invariance: the value of (row, sequence) is the same sum in the same order whatever B is and
-// whatever the other rows hold (an mma output column depends on its own column of x alone; the chunk
-// split depends on K alone), so a sequence's logits do not depend on its batch.
-//
-// fp32 (tests and references only): the CUDA-core kernel below; x is staged in shared memory as float32,
-// warps own whole rows; one sequence per launch (the host runs B rows one after another).
-// K % (16 / sizeof(T)) != 0 or a misaligned weight / x takes element-wise loads into the same fragments.
+// bf16 / fp16: the tensor-core kernel (mma.sync m16n8k16, fp32 accumulate; its section below). A block owns
+// 16 output rows (a silu_mul block: 16 gate rows and their 16 up rows) and all B <= 32 sequences; its warps
+// split K into fixed slices of 32-column chunks; each lane's 16 bytes of a row (8 consecutive k) feed two
+// mma steps under one fixed k permutation that x uses too; the warps' partial sums are added in warp order.
+// Batch invariance: an mma output column depends on its own column of x alone, and the chunk split depends
+// on the shape alone, so a (row, sequence) value is the same sum in the same order whatever B is.
+// fp32, and bf16 / fp16 with AHN_RT_GEMV_SIMT=1 (an A/B switch for benchmarks): the SIMT kernel (CUDA-core
+// FMAs, whole rows per warp; its comment says how the order of every sum is fixed by K alone). It is
+// faster at B = 1 and slower at B >= 8 than the tensor-core kernel (bench/gemv_notes.md).
+// K % (16 / sizeof(T)) != 0 or a misaligned weight / x takes element-wise loads into the same vectors.
 // Measurements and tried variants: bench/gemv_notes.md.
 #include <cstdint>
 #include <type_traits>
@@ -26,10 +22,6 @@
 
 namespace ahn_rt {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kMinBlocksPerSm = 3;  // caps registers at 80 / thread; 24 warps per SM x 4 KiB in flight
 
 template <typename T> struct VecOf { static constexpr int n = 16 / sizeof(T); };
 
@@ -67,243 +59,257 @@ template <> __device__ __forceinline__ void unpack<c10::Half>(const uint4& u, fl
   }
 }
 
-// Shared-memory layout of the staged x: VEC-element vector v lives in VEC / 4 float4 planes, plane q at
-// float4 index q * nvp + v (nvp = vectors, padded). A warp reading 32 consecutive vectors then reads 32
-// consecutive float4s per plane: no bank conflicts. Element k of x:
-template <typename T>
-__device__ __forceinline__ int64_t xs_index(int64_t k, int64_t nvp) {
-  constexpr int VEC = VecOf<T>::n;
-  const int64_t v = k / VEC;
-  const int e = static_cast<int>(k % VEC);
-  return ((e >> 2) * nvp + v) * 4 + (e & 3);
+// 16 / sizeof(T) elements src[k ..] (element stride `stride`) as 16 bytes, zero at and past K. VECTOR: one
+// 16-byte load (the caller checked alignment, unit stride and K % (16 / sizeof(T)) == 0); STREAM: ld_stream.
+template <typename T, bool VECTOR, bool STREAM>
+__device__ __forceinline__ uint4 load_vec(const T* src, int64_t stride, int64_t k, int64_t K) {
+  constexpr int n = VecOf<T>::n;
+  if constexpr (VECTOR) {
+    if (k >= K) return make_uint4(0u, 0u, 0u, 0u);
+    const uint4* ptr = reinterpret_cast<const uint4*>(src + k);
+    if constexpr (STREAM) return ld_stream(ptr);
+    else return __ldg(ptr);
+  } else {
+    T e[n];
+#pragma unroll
+    for (int i = 0; i < n; ++i) e[i] = k + i < K ? src[(k + i) * stride] : T(0.f);
+    uint4 r;
+    memcpy(&r, e, 16);
+    return r;
+  }
 }
 
-// Raw 16-byte vectors (G == VEC: the caller checked alignment, unit stride and K % VEC == 0) or single
-// strided elements (G == 1) of a 1-D input; zeros at and past K. Raw vectors are unpacked at use, so that
-// staging holds few registers while the first weight chunk is in flight.
-template <typename T, int G>
-struct Group {
-  using Raw = std::conditional_t<G == 1, float, uint4>;
-  static constexpr int kUnroll = G == 1 ? 8 : 4;  // independent loads per thread per round
-  __device__ __forceinline__ static Raw load(const T* src, int64_t stride, int64_t K, int64_t g) {
-    if constexpr (G == 1) {
-      return g < K ? static_cast<float>(src[g * stride]) : 0.f;
+// ---------------------------------------------------------------------------------------------
+// SIMT kernel (every dtype), 1 .. kGemvMaxRows sequences per launch.
+// ---------------------------------------------------------------------------------------------
+// The summation order of one (row, sequence) value, fixed by K alone: lane l of the row's warp takes the
+// 16-byte vectors v = l, l + 32, l + 64, ... of the row in that order; each vector's products are one fma
+// chain (element 0 first) added to the lane's sum; the 32 lane sums meet in the xor butterfly of warp_sum
+// (16, 8, 4, 2, 1). How many rows a warp owns (R), how many vectors per lane are in flight (U), how many
+// sequences a launch holds (NB) and how much of x a block stages at a time change none of that, so every
+// B gets the same bits for a sequence: batch invariance by construction. The bits do change with K.
+//
+// A warp owns R whole rows (with silu_mul R / 2 gate rows and their up rows), streams them with 16-byte
+// non-allocating loads (a warp instruction reads 512 contiguous bytes of a row), two groups of U vectors
+// per lane in flight; x of every sequence (RMS-normalized first when asked, rounded to T as rms_norm_ref)
+// is staged in shared memory as T, a K piece at a time when all of it does not fit kSimtXsBytes. Persistent
+// grid: every warp runs the same number of row tasks.
+constexpr int kSimtWarps = 8;
+constexpr int kSimtThreads = 32 * kSimtWarps;
+constexpr int64_t kSimtXsBytes = 64 * 1024;
+
+// One level of the transposing warp reduction: C groups of G values per lane. While more than one group
+// is left, each lane sends the half it gives up and adds its partner's copy of the half it keeps; then the
+// plain butterfly. Every value meets its 31 partners in warp_sum's order (16, 8, 4, 2, 1), and + commutes,
+// so each sum has warp_sum's bits; afterwards lane l holds groups base .. base + max(C / 32, 1) - 1.
+template <int O, int C, int G, int N>
+__device__ __forceinline__ void xpose_sum(float (&a)[N], int lane, int& base) {
+  if constexpr (O > 0) {
+    if constexpr (C > 1) {
+      constexpr int H = C / 2;
+      const bool up = (lane & O) != 0;
+#pragma unroll
+      for (int i = 0; i < H * G; ++i) {
+        const float send = up ? a[i] : a[i + H * G];
+        const float keep = up ? a[i + H * G] : a[i];
+        a[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+      }
+      if (up) base += H;
+      xpose_sum<O / 2, H, G, N>(a, lane, base);
     } else {
-      return g * G < K ? __ldg(reinterpret_cast<const uint4*>(src) + g) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int i = 0; i < G; ++i) a[i] += __shfl_xor_sync(0xffffffffu, a[i], O);
+      xpose_sum<O / 2, 1, G, N>(a, lane, base);
     }
-  }
-  __device__ __forceinline__ static void to_float(const Raw& r, float* f) {
-    if constexpr (G == 1) f[0] = r;
-    else unpack<T>(r, f);
-  }
-};
-
-// xs[0 .. nvp * VEC) = x (normalized as rms_norm_ref when norm_weight is given), zero past K. Every thread
-// of the block calls it; ends with a barrier. G elements per load (see Group).
-template <typename T, int G>
-__device__ void stage_x(const GemvParams& p, float* xs, int64_t nvp, float* red) {
-  using Gr = Group<T, G>;
-  constexpr int UN = Gr::kUnroll;
-  const T* x = static_cast<const T*>(p.x);
-  const T* nw = static_cast<const T*>(p.norm_weight);
-  const int64_t K = p.K, ngroups = nvp * VecOf<T>::n / G;
-  float ss = 0.f;
-  for (int64_t base = threadIdx.x; base < ngroups; base += kThreads * UN) {
-    typename Gr::Raw raw[UN];
-#pragma unroll
-    for (int j = 0; j < UN; ++j) raw[j] = Gr::load(x, p.x_stride, K, base + j * kThreads);
-#pragma unroll
-    for (int j = 0; j < UN; ++j) {
-      const int64_t g = base + j * kThreads;
-      if (g < ngroups) {
-        float f[G];
-        Gr::to_float(raw[j], f);
-#pragma unroll
-        for (int e = 0; e < G; ++e) ss += f[e] * f[e];
-        if constexpr (G == VecOf<T>::n) {  // whole vector: one float4 per plane, conflict-free
-          float4* xs4 = reinterpret_cast<float4*>(xs);
-#pragma unroll
-          for (int q = 0; q < G / 4; ++q)
-            xs4[q * nvp + g] = make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < G; ++e) xs[xs_index<T>(g * G + e, nvp)] = f[e];
-        }
-      }
-    }
-  }
-  if (nw != nullptr) {
-    ss = block_sum(ss, red);
-    const float rs = 1.f / sqrtf(ss / static_cast<float>(K) + p.norm_eps);
-    // Each thread rescales the elements it wrote itself: no barrier needed in between.
-    for (int64_t base = threadIdx.x; base < ngroups; base += kThreads * UN) {
-      typename Gr::Raw raw[UN];
-#pragma unroll
-      for (int j = 0; j < UN; ++j) raw[j] = Gr::load(nw, p.nw_stride, K, base + j * kThreads);
-#pragma unroll
-      for (int j = 0; j < UN; ++j) {
-        const int64_t g = base + j * kThreads;
-        float f[G];
-        Gr::to_float(raw[j], f);
-#pragma unroll
-        for (int e = 0; e < G; ++e) {
-          const int64_t k = g * G + e;
-          if (k < K) {
-            float& v = xs[xs_index<T>(k, nvp)];
-            v = round_to<T>(f[e] * round_to<T>(v * rs));
-          }
-        }
-      }
-    }
-  }
-  __syncthreads();
-}
-
-// Row r of task t: silu_mul pairs gate row t with up row t + N_out (R == 2); else rows t * R .. t * R + R - 1,
-// clamped to N - 1 so that loads stay in bounds (clamped rows are not written).
-template <int R>
-__device__ __forceinline__ int64_t task_row(const GemvParams& p, int64_t t, int r) {
-  if (p.silu_mul) return t + r * p.N_out;
-  const int64_t row = t * R + r;
-  return row < p.N ? row : p.N - 1;
-}
-
-// acc[r] holds lane partial sums of row r's dot product: reduce, add bias, epilogue, store (lane 0).
-template <typename T, int R>
-__device__ __forceinline__ void finish_task(const GemvParams& p, int64_t t, float (&acc)[R]) {
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
-  if ((threadIdx.x & 31) != 0) return;
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* res = static_cast<const T*>(p.residual);
-  float y[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    y[r] = acc[r];
-    if (bias != nullptr) y[r] += static_cast<float>(bias[task_row<R>(p, t, r) * p.bias_stride]);
-  }
-  auto store = [&](int64_t i, float v) {
-    if (res != nullptr) v = static_cast<float>(res[i * p.res_stride]) + v;
-    if (p.out_float)
-      static_cast<float*>(p.out)[i] = v;
-    else
-      static_cast<T*>(p.out)[i] = T(v);
-  };
-  if constexpr (R == 2) {
-    if (p.silu_mul) {
-      store(t, y[0] / (1.f + expf(-y[0])) * y[1]);
-      return;
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t row = t * R + r;
-    if (row < p.N) store(row, y[r]);
   }
 }
 
-// R rows per warp task, U 16-byte loads per row per lane in flight; VECTOR: 16-byte path (rows 16-byte
-// aligned, K % VEC == 0), else element-wise loads. Dynamic shared memory: the staged x.
-template <typename T, int R, int U, bool VECTOR>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) gemv_kernel(const GemvParams p) {
+template <typename T, bool SILU, int R, int U, int NB, bool WVEC, int MINB>
+__global__ void __launch_bounds__(kSimtThreads, MINB) gemv_simt_kernel(const GemvParams p, const int pv,
+                                                                       const int rounds) {
   constexpr int VEC = VecOf<T>::n;
-  extern __shared__ float4 xs4[];
-  __shared__ float red[32];
-  float* xs = reinterpret_cast<float*>(xs4);
-  const int lane = threadIdx.x & 31;
-  const int64_t nvec = (p.K + VEC - 1) / VEC;
-  const int64_t nvp = (nvec + 32 * U - 1) / (32 * U) * (32 * U);  // padded: chunk loops need no x guard
-  const int64_t ntasks = p.silu_mul ? p.N_out : (p.N + R - 1) / R;
-  const int64_t total_warps = static_cast<int64_t>(gridDim.x) * kWarps;
-  int64_t task = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  // Let the next kernel (if it was launched with PDL) start its own weight prefetch now.
+  constexpr int P = SILU ? R / 2 : R;  // outputs per task
+  constexpr int GV = 32 * U;           // vectors per weight group (all lanes)
+  static_assert(!SILU || R % 2 == 0, "silu_mul tasks hold gate and up rows in pairs");
+  extern __shared__ uint4 xs[];        // [B][pv] vectors of x (of the current K piece)
+  __shared__ float rs_s[NB];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t K = p.K, B = p.rows;
+  const int64_t nvec = (K + VEC - 1) / VEC, ngroups = (nvec + GV - 1) / GV;
+  const int gpp = pv / GV;             // groups per piece
+  const bool multi = ngroups > gpp;    // x is staged piece by piece, for every task again
+  const int64_t limit = SILU ? p.N_out : p.N;
+  const int64_t ntasks = (limit + P - 1) / P;
+  const int64_t tstride = static_cast<int64_t>(gridDim.x) * kSimtWarps;
+  const int64_t task0 = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp;
   pdl_launch_dependents();
 
-  if constexpr (VECTOR) {
-    const uint4* W = static_cast<const uint4*>(p.weight);
-    uint4 w[R][U];
-    auto issue = [&](int64_t t, int64_t c) {
+  const T* W = static_cast<const T*>(p.weight);
+  // Row r of a task (clamped: loads stay in bounds; clamped rows are never stored).
+  auto row_of = [&](int64_t task, int r) -> int64_t {
+    if constexpr (SILU) return std::min<int64_t>(task * P + r % P, limit - 1) + (r >= P ? p.N_out : 0);
+    else return std::min<int64_t>(task * R + r, limit - 1);
+  };
+  uint4 wa[R][U], wb[R][U];
+  auto issue = [&](uint4 (&w)[R][U], int64_t task, int64_t grp) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint4* row = W + task_row<R>(p, t, r) * nvec;
+    for (int r = 0; r < R; ++r) {
+      const T* row = W + row_of(task, r) * K;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t v = c + lane + 32 * u;
-          w[r][u] = v < nvec ? ld_stream(row + v) : make_uint4(0u, 0u, 0u, 0u);
-        }
+      for (int u = 0; u < U; ++u) {
+        const int64_t v = grp * GV + u * 32 + lane;
+        w[r][u] = v < nvec ? load_vec<T, WVEC, true>(row, 1, v * VEC, K) : make_uint4(0u, 0u, 0u, 0u);
       }
-    };
-    // Weights never depend on earlier kernels: start streaming the first chunk before waiting on them.
-    bool preloaded = task < ntasks;
-    if (preloaded) issue(task, 0);
-    pdl_wait();
-    const bool x_vec = p.x_stride == 1 && (reinterpret_cast<uintptr_t>(p.x) & 15) == 0 &&
-                       (p.norm_weight == nullptr ||
-                        (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(p.norm_weight) & 15) == 0));
-    if (x_vec)
-      stage_x<T, VEC>(p, xs, nvp, red);
-    else
-      stage_x<T, 1>(p, xs, nvp, red);
-
-    for (; task < ntasks; task += total_warps) {
-      float acc[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = 0.f;
-      for (int64_t c = 0; c < nvec; c += 32 * U) {
-        if (!preloaded) issue(task, c);
-        preloaded = false;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t v = c + lane + 32 * u;
-          float xv[VEC];
-#pragma unroll
-          for (int q = 0; q < VEC / 4; ++q) {
-            const float4 t4 = xs4[q * nvp + v];
-            xv[4 * q] = t4.x; xv[4 * q + 1] = t4.y; xv[4 * q + 2] = t4.z; xv[4 * q + 3] = t4.w;
-          }
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            float wf[VEC];
-            unpack<T>(w[r][u], wf);
-            float s = wf[0] * xv[0];  // one short chain per load: U independent chains per row
-#pragma unroll
-            for (int e = 1; e < VEC; ++e) s = fmaf(wf[e], xv[e], s);
-            acc[r] += s;
-          }
-        }
-      }
-      finish_task<T, R>(p, task, acc);
     }
-  } else {
-    pdl_wait();
-    stage_x<T, 1>(p, xs, nvp, red);
-    const T* W = static_cast<const T*>(p.weight);
-    for (; task < ntasks; task += total_warps) {
-      float acc[R];
+  };
+  // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL).
+  if (task0 < ntasks && ngroups > 0) issue(wa, task0, 0);
+  pdl_wait();
+
+  const T* X = static_cast<const T*>(p.x);
+  const T* nw = static_cast<const T*>(p.norm_weight);
+  const bool x_vec = p.x_stride == 1 && (reinterpret_cast<uintptr_t>(X) & 15) == 0 && K % VEC == 0 &&
+                     (B == 1 || p.x_row_stride % VEC == 0) &&
+                     (nw == nullptr || (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(nw) & 15) == 0));
+  auto x_at = [&](const T* src, int64_t stride, int64_t k) {
+    return x_vec ? load_vec<T, true, false>(src, 1, k, K) : load_vec<T, false, false>(src, stride, k, K);
+  };
+  if (nw != nullptr && K > 0) {
+    // rs[b] = 1 / sqrt(mean(x[b]^2) + eps): sequence b is summed by one warp in one fixed order.
+    for (int64_t b = warp; b < B; b += kSimtWarps) {
+      const T* xb = X + b * p.x_row_stride;
+      float ss = 0.f;
+#pragma unroll 4
+      for (int64_t v = lane; v < nvec; v += 32) {
+        float f[VEC];
+        unpack<T>(x_at(xb, p.x_stride, v * VEC), f);
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = 0.f;
+        for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) rs_s[b] = 1.f / sqrtf(ss / static_cast<float>(K) + p.norm_eps);
+    }
+    __syncthreads();
+  }
+  // x vectors [piece * pv, piece * pv + pv) of every sequence into xs (normalized: nw * round(x * rs)).
+  auto stage = [&](int64_t piece) {
+    const int64_t v0 = piece * pv;
+    const int n = static_cast<int>(std::min<int64_t>(pv, nvec - v0));
+    for (int i = threadIdx.x; i < static_cast<int>(B) * n; i += kSimtThreads) {
+      const int b = i / n, j = i - b * n;
+      const int64_t k = (v0 + j) * VEC;
+      uint4 r = x_at(X + b * p.x_row_stride, p.x_stride, k);
+      if (nw != nullptr) {
+        float xf[VEC], nf[VEC];
+        unpack<T>(r, xf);
+        unpack<T>(x_at(nw, p.nw_stride, k), nf);
+        const float rs = rs_s[b];
+        T o[VEC];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const T* row = W + task_row<R>(p, task, r) * p.K;
-        for (int64_t k0 = 0; k0 < p.K; k0 += 32 * U) {
-          float wv[U];
+        for (int e = 0; e < VEC; ++e) o[e] = T(nf[e] * round_to<T>(xf[e] * rs));
+        memcpy(&r, o, 16);
+      }
+      xs[static_cast<int64_t>(b) * pv + j] = r;
+    }
+  };
+  if (!multi) stage(0);
+  __syncthreads();
+
+  float acc[R][NB];
+  // The products of weight group `grp` (in w) with every sequence's x, vector by vector in order.
+  auto consume = [&](const uint4 (&w)[R][U], int64_t grp) {
+    const int64_t v0 = multi ? grp / gpp * pv : 0;
 #pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int64_t k = k0 + lane + 32 * u;
-            wv[u] = k < p.K ? static_cast<float>(row[k]) : 0.f;
-          }
+    for (int u = 0; u < U; ++u) {
+      const int64_t v = grp * GV + u * 32 + lane;
+      if (v < nvec) {
+        float wf[R][VEC];
 #pragma unroll
-          for (int u = 0; u < U; ++u) {
-            const int64_t k = k0 + lane + 32 * u;
-            if (k < p.K) acc[r] = fmaf(wv[u], xs[xs_index<T>(k, nvp)], acc[r]);
+        for (int r = 0; r < R; ++r) unpack<T>(w[r][u], wf[r]);
+        const uint4* xv = xs + (v - v0);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+          if (b < B) {
+            float xf[VEC];
+            unpack<T>(xv[static_cast<int64_t>(b) * pv], xf);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              float s = wf[r][0] * xf[0];
+#pragma unroll
+              for (int e = 1; e < VEC; ++e) s = fmaf(wf[r][e], xf[e], s);
+              acc[r][b] += s;
+            }
           }
         }
       }
-      finish_task<T, R>(p, task, acc);
+    }
+  };
+  auto piece_edge = [&](int64_t grp) {  // block-uniform: every warp runs the same groups and rounds
+    if (multi && grp % gpp == 0) {
+      __syncthreads();
+      stage(grp / gpp);
+      __syncthreads();
+    }
+  };
+
+  const T* bias = static_cast<const T*>(p.bias);
+  const T* res = static_cast<const T*>(p.residual);
+  for (int round = 0; round < rounds; ++round) {
+    const int64_t task = task0 + static_cast<int64_t>(round) * tstride;
+    const bool have = task < ntasks;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[r][b] = 0.f;
+    // Group g is multiplied while g + 1 streams (buffers wa, wb in turn; wa holds group 0 on entry).
+    for (int64_t grp = 0; grp < ngroups; grp += 2) {
+      piece_edge(grp);
+      if (have && grp + 1 < ngroups) issue(wb, task, grp + 1);
+      if (have) consume(wa, grp);
+      if (grp + 1 < ngroups) {
+        piece_edge(grp + 1);
+        if (have && grp + 2 < ngroups) issue(wa, task, grp + 2);
+        if (have) consume(wb, grp + 1);
+      }
+    }
+    // The next task's first group streams while this one is reduced and stored.
+    if (task + tstride < ntasks && ngroups > 0) issue(wa, task + tstride, 0);
+    if (!have) continue;
+
+    // Values: NG groups of G (silu: the gate and up sums of one output) per (output, sequence).
+    constexpr int G = SILU ? 2 : 1, NG = P * NB;
+    float a[NG * G];
+#pragma unroll
+    for (int i = 0; i < P; ++i)
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        a[(i * NB + b) * G] = acc[i][b];
+        if constexpr (SILU) a[(i * NB + b) * G + 1] = acc[P + i][b];
+      }
+    int base = 0;
+    xpose_sum<16, NG, G, NG * G>(a, lane, base);
+    constexpr int HELD = NG >= 32 ? NG / 32 : 1;  // groups per lane; below 32, 32 / NG lanes share each
+    if (NG < 32 && (lane & (32 / NG - 1)) != 0) continue;
+#pragma unroll
+    for (int c = 0; c < HELD; ++c) {
+      const int q = base + c, i = q / NB, b = q % NB;
+      const int64_t o = task * P + i;
+      if (b >= B || o >= limit) continue;
+      float y = a[c * G];
+      if (bias != nullptr) y += static_cast<float>(bias[o * p.bias_stride]);
+      if constexpr (SILU) {
+        float yu = a[c * G + 1];
+        if (bias != nullptr) yu += static_cast<float>(bias[(o + p.N_out) * p.bias_stride]);
+        y = y / (1.f + expf(-y)) * yu;
+      }
+      if (res != nullptr) y = static_cast<float>(res[b * p.res_row_stride + o * p.res_stride]) + y;
+      if (p.out_float)
+        static_cast<float*>(p.out)[b * p.N_out + o] = y;
+      else
+        static_cast<T*>(p.out)[b * p.N_out + o] = T(y);
     }
   }
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel (bf16 / fp16), B <= 32 sequences per launch.
@@ -353,23 +359,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
   }
 }
 
-// 8 consecutive elements src[k .. k + 8) (element stride `stride`) as 4 packed pairs, zero at and past K.
-// VEC: one 16-byte load (the caller checked alignment, unit stride and K % 8 == 0).
-template <typename T, bool VEC, bool STREAM>
-__device__ __forceinline__ uint4 load8(const T* src, int64_t stride, int64_t k, int64_t K) {
-  if constexpr (VEC) {
-    if (k >= K) return make_uint4(0u, 0u, 0u, 0u);
-    const uint4* ptr = reinterpret_cast<const uint4*>(src + k);
-    if constexpr (STREAM) return ld_stream(ptr);
-    else return __ldg(ptr);
-  } else {
-    T e[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) e[i] = k + i < K ? src[(k + i) * stride] : T(0.f);
-    return make_uint4(pack2(e[0], e[1]), pack2(e[2], e[3]), pack2(e[4], e[5]), pack2(e[6], e[7]));
-  }
-}
-
 // A task is 16 output rows; MT row tiles (2 with silu_mul: gate, up), NT column tiles of 8 sequences, U
 // chunks of 32 k per warp in flight, WVEC: 16-byte weight loads, WARPS: warps per block. A block runs
 // WARPS / ks tasks, ks warps each (warp w: task w / ks, K slice w % ks).
@@ -406,7 +395,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
       for (int m = 0; m < MT; ++m)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          wv[u][m][h] = in ? load8<T, WVEC, true>(wrow[m][h], 1, k, K) : make_uint4(0u, 0u, 0u, 0u);
+          wv[u][m][h] = in ? load_vec<T, WVEC, true>(wrow[m][h], 1, k, K) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
   // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL).
@@ -424,7 +413,7 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
       const T* xb = X + b * p.x_row_stride;
       float ss = 0.f;
       for (int64_t k = 8 * lane; k < K; k += 256) {  // lane: 8 consecutive k at a time, in k order
-        const uint4 r = x_vec ? load8<T, true, false>(xb, 1, k, K) : load8<T, false, false>(xb, p.x_stride, k, K);
+        const uint4 r = x_vec ? load_vec<T, true, false>(xb, 1, k, K) : load_vec<T, false, false>(xb, p.x_stride, k, K);
         float f[8];
         unpack<T>(r, f);
 #pragma unroll
@@ -456,9 +445,9 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
         uint4 r = make_uint4(0u, 0u, 0u, 0u);
         if (b < B && c + u < c_end && k < K) {
           const T* xb = X + b * p.x_row_stride;
-          r = x_vec ? load8<T, true, false>(xb, 1, k, K) : load8<T, false, false>(xb, p.x_stride, k, K);
+          r = x_vec ? load_vec<T, true, false>(xb, 1, k, K) : load_vec<T, false, false>(xb, p.x_stride, k, K);
           if (nw != nullptr) {  // xn = nw * round(x * rs), rounded to T: as rms_norm_ref
-            const uint4 wn = x_vec ? load8<T, true, false>(nw, 1, k, K) : load8<T, false, false>(nw, p.nw_stride, k, K);
+            const uint4 wn = x_vec ? load_vec<T, true, false>(nw, 1, k, K) : load_vec<T, false, false>(nw, p.nw_stride, k, K);
             float xf[8], nf[8];
             unpack<T>(r, xf);
             unpack<T>(wn, nf);
@@ -561,33 +550,51 @@ void launch_kernel(Kernel kernel, int64_t blocks, int threads, size_t smem, cuda
   }
 }
 
-template <typename T, int R, int U, bool VECTOR>
-void launch(const GemvParams& p, cudaStream_t stream) {
+template <typename T, bool SILU, int R, int U, int NB, int MINB>
+void launch_simt(const GemvParams& p, cudaStream_t stream) {
   constexpr int VEC = VecOf<T>::n;
+  constexpr int64_t GV = 32 * U;
   const DeviceInfo dev = device_info();
-  const int64_t nvec = (p.K + VEC - 1) / VEC;
-  const int64_t nvp = (nvec + 32 * U - 1) / (32 * U) * (32 * U);
-  const size_t smem = static_cast<size_t>(nvp) * VEC * sizeof(float);
-  TORCH_CHECK(smem + sizeof(float) * 32 <= static_cast<size_t>(dev.smem_optin), "ahn_rt.gemv: K=", p.K,
-              " needs ", smem, " bytes of shared memory; the device allows ", dev.smem_optin);
-  auto kernel = gemv_kernel<T, R, U, VECTOR>;
-  // The 48 KiB default covers dynamic + static shared memory (red[32]): opt in above it.
-  if (smem + 32 * sizeof(float) > 48 * 1024) {
+  // x piece: whole weight groups of every sequence, as many as fit kSimtXsBytes (all of K when they do).
+  const int64_t groups = (p.K + VEC * GV - 1) / (VEC * GV);
+  const int64_t fit = std::max<int64_t>(1, kSimtXsBytes / (16 * GV * p.rows));
+  const int64_t pv = GV * std::max<int64_t>(1, std::min(groups, fit));
+  const size_t smem = static_cast<size_t>(pv * p.rows * 16);
+  const bool wvec = p.K % VEC == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
+  auto kernel = wvec ? gemv_simt_kernel<T, SILU, R, U, NB, true, MINB> : gemv_simt_kernel<T, SILU, R, U, NB, false, MINB>;
+  if (smem + NB * sizeof(float) > 48 * 1024) {  // the default covers dynamic + static (rs_s): opt in above it
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));
     TORCH_CHECK(e == cudaSuccess, "ahn_rt.gemv: cudaFuncSetAttribute: ", cudaGetErrorString(e));
   }
-  // Persistent grid: at most the blocks that fit at once (shared memory: x plus ~1 KiB reserved per block),
-  // then as few warps as keep the tasks per warp at their minimum, so that every warp gets the same count.
-  const int64_t per_block_smem = static_cast<int64_t>(smem) + 32 * sizeof(float) + 1024;
-  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(kMinBlocksPerSm, dev.smem_per_sm / per_block_smem));
-  const int64_t max_warps = static_cast<int64_t>(dev.sms) * fit * kWarps;
-  const int64_t ntasks = p.silu_mul ? p.N_out : (p.N + R - 1) / R;
-  const int64_t per_warp = (ntasks + max_warps - 1) / max_warps;
-  const int64_t warps = (ntasks + per_warp - 1) / per_warp;
-  const int64_t blocks = (warps + kWarps - 1) / kWarps;
+  // Persistent grid: at most the blocks that fit at once, then as few warps as keep every warp's task
+  // count at its minimum.
+  constexpr int P = SILU ? R / 2 : R;
+  const int64_t ntasks = ((SILU ? p.N_out : p.N) + P - 1) / P;
+  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(MINB, dev.smem_per_sm / (static_cast<int64_t>(smem) + 1024)));
+  const int64_t max_warps = static_cast<int64_t>(dev.sms) * per_sm * kSimtWarps;
+  const int64_t rounds = (ntasks + max_warps - 1) / max_warps;
+  const int64_t warps = (ntasks + rounds - 1) / rounds;
+  const int64_t blocks = (warps + kSimtWarps - 1) / kSimtWarps;
+  launch_kernel(kernel, blocks, kSimtThreads, smem, stream, p, static_cast<int>(pv), static_cast<int>(rounds));
+}
 
-  launch_kernel(kernel, blocks, kThreads, smem, stream, p);
+// Rows per task, vectors per lane in flight and sequences per launch by batch size: more rows per warp
+// share each x load as B grows (registers: two weight buffers of R x U vectors and R x NB sums).
+template <typename T, bool SILU>
+void launch_simt_rows(const GemvParams& p, cudaStream_t stream) {
+  if (p.rows == 1) {
+    if constexpr (SILU) launch_simt<T, true, 2, 2, 1, 3>(p, stream);
+    else launch_simt<T, false, 1, 4, 1, 3>(p, stream);
+  } else if (p.rows <= 4) {
+    launch_simt<T, SILU, 2, 2, 4, 2>(p, stream);
+  } else if (p.rows <= 8) {
+    launch_simt<T, SILU, 2, 2, 8, 2>(p, stream);
+  } else if (p.rows <= 16) {
+    launch_simt<T, SILU, 2, 2, 16, 2>(p, stream);
+  } else {
+    launch_simt<T, SILU, 2, 1, 32, 2>(p, stream);
+  }
 }
 
 template <typename T, int MT, int NT, int U>
@@ -622,36 +629,23 @@ void launch_mma_rows(const GemvParams& p, cudaStream_t stream) {
 template <typename T>
 void gemv_cuda(const GemvParams& p, void* stream_ptr) {
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  if constexpr (std::is_same_v<T, float>) {
-    // One sequence per launch: rows one after another.
-    for (int64_t b = 0; b < p.rows; ++b) {
-      GemvParams q = p;
-      q.rows = 1;
-      q.x = static_cast<const float*>(p.x) + b * p.x_row_stride;
-      if (p.residual != nullptr) q.residual = static_cast<const float*>(p.residual) + b * p.res_row_stride;
-      q.out = static_cast<float*>(p.out) + b * p.N_out;
-      constexpr int VEC = VecOf<float>::n;
-      const bool vector = q.K % VEC == 0 && (reinterpret_cast<uintptr_t>(q.weight) & 15) == 0;
-      if (q.silu_mul) {
-        if (vector) launch<float, 2, 4, true>(q, stream);
-        else launch<float, 2, 4, false>(q, stream);
-      } else {
-        if (vector) launch<float, 1, 8, true>(q, stream);
-        else launch<float, 1, 8, false>(q, stream);
+  // Groups of at most kGemvMaxRows sequences (a sequence's values do not depend on its group).
+  for (int64_t b0 = 0; b0 < p.rows; b0 += kGemvMaxRows) {
+    GemvParams q = p;
+    q.rows = std::min<int64_t>(kGemvMaxRows, p.rows - b0);
+    q.x = static_cast<const T*>(p.x) + b0 * p.x_row_stride;
+    if (p.residual != nullptr) q.residual = static_cast<const T*>(p.residual) + b0 * p.res_row_stride;
+    q.out = p.out_float ? static_cast<void*>(static_cast<float*>(p.out) + b0 * p.N_out)
+                        : static_cast<void*>(static_cast<T*>(p.out) + b0 * p.N_out);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (!env_flag("AHN_RT_GEMV_SIMT")) {
+        if (q.silu_mul) launch_mma_rows<T, 2>(q, stream);
+        else launch_mma_rows<T, 1>(q, stream);
+        continue;
       }
     }
-  } else {
-    // Groups of at most 32 sequences (a sequence's values do not depend on its group).
-    for (int64_t b0 = 0; b0 < p.rows; b0 += kGemvMmaRows) {
-      GemvParams q = p;
-      q.rows = std::min<int64_t>(kGemvMmaRows, p.rows - b0);
-      q.x = static_cast<const T*>(p.x) + b0 * p.x_row_stride;
-      if (p.residual != nullptr) q.residual = static_cast<const T*>(p.residual) + b0 * p.res_row_stride;
-      q.out = p.out_float ? static_cast<void*>(static_cast<float*>(p.out) + b0 * p.N_out)
-                          : static_cast<void*>(static_cast<T*>(p.out) + b0 * p.N_out);
-      if (q.silu_mul) launch_mma_rows<T, 2>(q, stream);
-      else launch_mma_rows<T, 1>(q, stream);
-    }
+    if (q.silu_mul) launch_simt_rows<T, true>(q, stream);
+    else launch_simt_rows<T, false>(q, stream);
   }
 }
 

@@ -55,8 +55,6 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   if (N_out == 0 || B == 0) return out;
 #ifdef AHN_RT_WITH_CUDA
   if (x.is_cuda()) {
-    TORCH_CHECK(x.scalar_type() != at::kFloat || K <= kGemvCudaMaxK, op, ": CUDA float32 supports K <= ",
-                kGemvCudaMaxK, " (x is staged in shared memory), got K=", K);
     const c10::cuda::CUDAGuard guard(x.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dispatch_dtype(x.scalar_type(), op, [&](auto tag) { gemv_cuda<decltype(tag)>(p, stream); });
