@@ -408,10 +408,12 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
                      (B == 1 || p.x_row_stride % 8 == 0) &&
                      (nw == nullptr || (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(nw) & 15) == 0));
   if (nw != nullptr) {
-    // rs[b] = 1 / sqrt(mean(x[b]^2) + eps): sequence b is summed by one warp in one fixed order.
+    // rs[b] = 1 / sqrt(mean(x[b]^2) + eps): sequence b is summed by one warp in one fixed order (the loads
+    // of four steps in flight at once: unrolling does not change the order).
     for (int64_t b = warp; b < B; b += WARPS) {
       const T* xb = X + b * p.x_row_stride;
       float ss = 0.f;
+#pragma unroll 4
       for (int64_t k = 8 * lane; k < K; k += 256) {  // lane: 8 consecutive k at a time, in k order
         const uint4 r = x_vec ? load_vec<T, true, false>(xb, 1, k, K) : load_vec<T, false, false>(xb, p.x_stride, k, K);
         float f[8];
