@@ -176,6 +176,8 @@ class Model:
         self._scheduler = None
         self._scheduler_lock = threading.Lock()
         self.decoder.warm_up(self.chunk_size)   # CUDA: the first prompt pays no one-time setup
+        if self.device.type == "cuda":           # nor the lazy load of the id check's reduction kernel
+            _id_range(torch.zeros(2, dtype=torch.int64, device=self.device))
 
     @property
     def last_stats(self) -> GenerationStats:
@@ -386,6 +388,12 @@ class Model:
         return AsyncGeneration(self.scheduler, run, session=session, timeout=timeout)
 
 
+def _id_range(ids: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an int64 tensor of token ids: one reduction and one host read, on its device."""
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    return lo, hi
+
+
 class Session:
     """One sequence: its State (sinks + ring K/V, per-slot gates, memories, position) and the CUDA
     graphs captured for it."""
@@ -471,7 +479,7 @@ class Session:
                 raise AhnError("token_ids must be a flat list of ints")
         if ids.numel() == 0:
             raise AhnError("token_ids is empty")
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = _id_range(ids)
         if lo < 0 or hi >= self.model.config.vocab_size:
             raise AhnError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
                            f"[0, {self.model.config.vocab_size})")
