@@ -164,12 +164,12 @@ class Decoder:
         B = ids.numel()
         h = F.embedding(ids.view(B), self.w.embed)
         for i, lw in enumerate(self.w.layers):
-            proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False)
+            proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False, True)
             attn = self._decode_attention(batch, i, lw, proj)
-            h = ops.gemv(attn.view(B, -1), lw.w_o, lw.b_o, None, 0.0, h, False, False)
-            act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False)
-            h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False)
-        return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True)
+            h = ops.gemv(attn.view(B, -1), lw.w_o, lw.b_o, None, 0.0, h, False, False, True)
+            act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False, True)
+            h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False, True)
+        return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True, True)
 
     def forward(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Tokens through the model. A single token takes the decode kernels, longer feeds the

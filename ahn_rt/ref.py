@@ -608,7 +608,8 @@ _ROWS_PER_BLOCK = 16384
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
-             norm_eps: float, residual: torch.Tensor | None, silu_mul: bool, out_float: bool) -> torch.Tensor:
+             norm_eps: float, residual: torch.Tensor | None, silu_mul: bool, out_float: bool,
+             static_weight: bool = False) -> torch.Tensor:
     """One decode token through a linear layer with its neighbours fused.
 
     x: [K]; weight: [N, K]; bias: [N] or None; norm_weight: [K] or None (RMSNorm x first, exactly as
@@ -617,6 +618,7 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n
     out = residual + y, all in float32 and rounded once: float32 if ``out_float`` else x.dtype.
 
     x may also be [B, K] (B tokens of B sequences, residual [B, N_out]): each row as above, out [B, N_out].
+    ``static_weight`` changes only how the CUDA kernel is launched, never the values.
 
     >>> w = torch.eye(4)[:3]
     >>> gemv_ref(torch.arange(4.), w, None, None, 0.0, None, False, False)

@@ -15,7 +15,8 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_TRAIN_ATTENTION                        | auto: FlexAttention (compiled) for the training student's       |
 |                      | ahn_rt.train.attention | window on CUDA, SDPA query blocks elsewhere; sdpa; flex (on the |
 |                      | (each window plan)     | CPU eager and forward-only: for checks)                         |
-| AHN_RT_GEMV_PDL      | CUDA gemv, every call  | 0; 1: programmatic dependent launch (an A/B switch for benches) |
+| AHN_RT_GEMV_PDL      | CUDA gemv, every call  | unset: programmatic dependent launch for the decode step's      |
+|                      |                        | GEMVs (static weights) only; 0: never; 1: every call (A/B)      |
 | AHN_RT_GEMV_SIMT     | CUDA gemv, every call  | 0; 1: bf16 / fp16 on the CUDA-core kernel (a bench A/B)         |
 | AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
 

@@ -340,6 +340,7 @@ struct GemvParams {
   int64_t N_out;            // N, or N / 2 with silu_mul (rows [0, N/2) gate, [N/2, N) up)
   float norm_eps;
   bool silu_mul, out_float;
+  bool pdl = false;         // CUDA: launch with programmatic dependent launch (weights written by no earlier kernel)
 };
 
 // The sequential part of the chunked gated delta rule (reference: ahn_rt/ref.py gdn_chunk_scan_ref;

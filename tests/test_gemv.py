@@ -7,6 +7,7 @@ launch) are marked `cuda` (`pytest -m cuda tests/test_gemv.py` on a GPU machine;
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -195,6 +196,7 @@ def test_gemv_empty():
 def test_gemv_opcheck(dtype, option):
     args = make_case(64, 10, dtype, "cpu", option)
     torch.library.opcheck(torch.ops.ahn_rt.gemv, args=(), kwargs=args)
+    torch.library.opcheck(torch.ops.ahn_rt.gemv, args=(), kwargs=dict(args, static_weight=True))
 
 
 # ---- CUDA: the Qwen2.5-3B decode shapes -----------------------------------------------------------
@@ -219,14 +221,19 @@ def test_gemv_3b_shapes(name, K, N, option, dtype):
     check(make_case(K, N, dtype, "cuda", option), f"{name} {dname(dtype)}")
 
 
-@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+@pytest.mark.parametrize("pdl", ["off", "static", "forced"])
 @pytest.mark.cuda
 @pytest.mark.skipif(_NO_GPU, reason="no GPU")
 def test_gemv_graph_chain(pdl, monkeypatch):
     """A decode-like chain (each GEMV reads the previous output) captured in a CUDA graph and replayed
-    with new inputs, equal to the eager chain: with PDL the next kernel's weight prefetch overlaps the
-    previous kernel, and its reads of x / residual must still wait for it."""
-    monkeypatch.setenv("AHN_RT_GEMV_PDL", "1" if pdl else "0")
+    with new inputs, equal to the eager chain: with programmatic dependent launch (calls that declare
+    static weights, as the decode step does, or every call under AHN_RT_GEMV_PDL=1) the next kernel's
+    weight prefetch overlaps the previous kernel, and its reads of x / residual must still wait for it."""
+    if pdl == "static":
+        monkeypatch.delenv("AHN_RT_GEMV_PDL", raising=False)
+    else:
+        monkeypatch.setenv("AHN_RT_GEMV_PDL", "1" if pdl == "forced" else "0")
+    static = pdl == "static"
     dt, K, F = torch.bfloat16, 2048, 5504
     g = torch.Generator().manual_seed(0)
     layers = []
@@ -239,6 +246,8 @@ def test_gemv_graph_chain(pdl, monkeypatch):
         ))
 
     def step(h, fn):
+        if static:
+            fn = functools.partial(fn, static_weight=True)
         for lw in layers:
             a = lw["w_in"]
             proj = fn(x=h, weight=a["weight"], bias=a["bias"], norm_weight=a["norm_weight"], norm_eps=EPS,

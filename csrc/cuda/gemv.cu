@@ -527,13 +527,10 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
   }
 }
 
-// AHN_RT_GEMV_PDL=1 launches with programmatic dependent launch (the weight prefetch overlaps the end of
-// the previous kernel). Read on every call so that a benchmark can compare both in one process.
-bool pdl_enabled() { return env_flag("AHN_RT_GEMV_PDL"); }
-
 // Launches `kernel` with `blocks` x `threads` threads, optionally with programmatic dependent launch.
 template <typename Kernel, typename... Args>
-void launch_kernel(Kernel kernel, int64_t blocks, int threads, size_t smem, cudaStream_t stream, const Args&... args) {
+void launch_kernel(Kernel kernel, int64_t blocks, int threads, size_t smem, cudaStream_t stream, bool pdl,
+                   const Args&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(blocks));
   cfg.blockDim = dim3(static_cast<unsigned>(threads));
@@ -543,7 +540,7 @@ void launch_kernel(Kernel kernel, int64_t blocks, int threads, size_t smem, cuda
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cfg.numAttrs = pdl ? 1 : 0;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args...);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();  // a bad launch configuration is not sticky: leave no stale error behind
@@ -578,7 +575,7 @@ void launch_simt(const GemvParams& p, cudaStream_t stream) {
   const int64_t rounds = (ntasks + max_warps - 1) / max_warps;
   const int64_t warps = (ntasks + rounds - 1) / rounds;
   const int64_t blocks = (warps + kSimtWarps - 1) / kSimtWarps;
-  launch_kernel(kernel, blocks, kSimtThreads, smem, stream, p, static_cast<int>(pv), static_cast<int>(rounds));
+  launch_kernel(kernel, blocks, kSimtThreads, smem, stream, p.pdl, p, static_cast<int>(pv), static_cast<int>(rounds));
 }
 
 // Rows per task, vectors per lane in flight and sequences per launch by batch size: more rows per warp
@@ -608,13 +605,13 @@ void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const bool wvec = p.K % 8 == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
   if constexpr (MT == 1) {
     if (warps == kMmaWideWarps) {
-      if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps>, blocks, 32 * warps, 0, stream, p, ks);
-      else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps>, blocks, 32 * warps, 0, stream, p, ks);
+      if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps>, blocks, 32 * warps, 0, stream, p.pdl, p, ks);
+      else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps>, blocks, 32 * warps, 0, stream, p.pdl, p, ks);
       return;
     }
   }
-  if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps>, blocks, 32 * warps, 0, stream, p, ks);
-  else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps>, blocks, 32 * warps, 0, stream, p, ks);
+  if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps>, blocks, 32 * warps, 0, stream, p.pdl, p, ks);
+  else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps>, blocks, 32 * warps, 0, stream, p.pdl, p, ks);
 }
 
 // Chunks per buffer: at most about 20 16-byte registers of weights (two buffers) and x per lane, so that

@@ -6,7 +6,7 @@ namespace ahn_rt {
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
-                const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float) {
+                const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float, bool static_weight) {
   constexpr const char* op = "ahn_rt.gemv";
   TORCH_CHECK(x.dim() == 1 || x.dim() == 2, op, ": x must be [K] or [B, K] (B sequences), got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, K], got ", weight.sizes());
@@ -52,6 +52,11 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   p.norm_eps = static_cast<float>(norm_eps);
   p.silu_mul = silu_mul;
   p.out_float = out_float;
+  // Programmatic dependent launch: the kernel streams its first weights before waiting on the previous
+  // kernel, which is only correct when no earlier kernel writes them (static_weight: the decode step).
+  // AHN_RT_GEMV_PDL=0 turns it off, =1 forces it for every call (benchmark A/B).
+  const char* pdl_env = std::getenv("AHN_RT_GEMV_PDL");
+  p.pdl = pdl_env != nullptr && *pdl_env != '\0' ? pdl_env[0] != '0' : static_weight;
   if (N_out == 0 || B == 0) return out;
 #ifdef AHN_RT_WITH_CUDA
   if (x.is_cuda()) {
