@@ -41,8 +41,12 @@ def _scan_inputs(H, N, Dk, Dv, device, seed=0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("H,N,Dk,Dv", [(1, 1, 4, 4), (3, 5, 12, 20), (2, 3, 128, 128), (4, 2, 64, 100)])
+@pytest.mark.parametrize("H,N,Dk,Dv", [(1, 1, 4, 4), (3, 5, 12, 20), (2, 3, 128, 128), (4, 2, 64, 100),
+                                     (1, 3, 16, 24), (2, 2, 48, 16), (2, 40, 128, 128)])
 def test_gdn_chunk_scan_matches_reference(device, H, N, Dk, Dv):
+    """Against the float32 reference at 1e-5: on CUDA, Dk a multiple of 16 takes the tensor-core kernel
+    (split tf32 operands), other Dk the CUDA-core one; 40 chunks check that its error does not grow along
+    the recurrence."""
     w, u, kd_t, qg, gl, state = _scan_inputs(H, N, Dk, Dv, device)
     s_ref, s_op = state.clone(), state.clone()
     vn_ref, oi_ref = ref.gdn_chunk_scan_ref(w, u, kd_t, qg, gl, s_ref)
