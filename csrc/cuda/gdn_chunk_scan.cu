@@ -9,7 +9,8 @@
 //   2. S <- gl S + kd^T v_new                 (each thread: Dk/16 state rows x 1 column, float4 over C)
 // with two block barriers. The tiles are double-buffered: chunk n + 1's are copied in (cp.async) while
 // chunk n computes. Rows are padded by 4 floats so the float4 reads of a quarter warp hit distinct banks.
-// All arithmetic is float32 FMA in a fixed order: the result does not depend on the grid.
+// All arithmetic is float32 FMA in a fixed order: the result does not depend on the grid. With Dk a multiple
+// of 16 the tensor-core kernel further down runs instead (the same tiles, split tf32 mma).
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -137,6 +138,179 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tensor-core variant (Dk a multiple of 16): the same two products per chunk on mma.sync m16n8k8 tf32 with
+// split operands (x = hi + lo, both tf32; a b = a_lo b_hi + a_hi b_lo + a_hi b_hi, the lo x lo term below
+// float32's rounding): float32-level accuracy at tensor-core speed. One block per (head, 16 state columns),
+// 8 warps, the same staged tiles as the kernel above:
+//   1. warp w < 4: rows 16w.. of w S (v_new = u - w S), warp w >= 4: rows 16(w-4).. of qg S (o_inter);
+//      S comes from shared memory as the B operand, v_new goes to shared memory for step 2;
+//   2. warp w: state rows 16w.. of S <- gl S + kd^T v_new, kept in registers (accumulator layout) across
+//      chunks and copied to shared memory for the next chunk's step 1.
+// Fragments (PTX m16n8k8 .tf32, g = lane / 4, q = lane % 4): A a0 (g, q), a1 (g + 8, q), a2 (g, q + 4),
+// a3 (g + 8, q + 4); B b0 (q, g), b1 (q + 4, g); C c0, c1 (g, 2q + {0, 1}), c2, c3 (g + 8, 2q + {0, 1}).
+// Row strides of the shared tiles (Dk + 4, C + 4, 16 + 8 floats) put the 32 lanes of a fragment load on
+// 32 banks.
+constexpr int SVP = BV + 8;  // padded row of S and v_new in shared memory
+
+__host__ __device__ inline int64_t scan_tc_smem_floats(int64_t Dk) {
+  return 2 * scan_stage_floats(Dk) + Dk * SVP + CH * SVP;
+}
+
+struct Tf32 {
+  uint32_t hi, lo;
+};
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ Tf32 split_tf32(float x) {
+  const uint32_t hi = to_tf32(x);
+  return {hi, to_tf32(x - __uint_as_float(hi))};
+}
+__device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// d += A B, small terms first.
+__device__ __forceinline__ void mma3(float (&d)[4], const Tf32 (&a)[4], const Tf32 (&b)[2]) {
+  mma_tf32(d, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b[0].hi, b[1].hi);
+  mma_tf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].lo, b[1].lo);
+  mma_tf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].hi, b[1].hi);
+}
+// The A fragment of the 16 x 8 block at (row 0, column k0) of a row-major tile with row stride ld.
+__device__ __forceinline__ void load_a(Tf32 (&a)[4], const float* tile, int ld, int k0, int g, int q) {
+  a[0] = split_tf32(tile[g * ld + k0 + q]);
+  a[1] = split_tf32(tile[(g + 8) * ld + k0 + q]);
+  a[2] = split_tf32(tile[g * ld + k0 + q + 4]);
+  a[3] = split_tf32(tile[(g + 8) * ld + k0 + q + 4]);
+}
+// The B fragment of the 8 x 8 block at (row k0, column n0) of a row-major [k][n] tile with row stride ld.
+__device__ __forceinline__ void load_b(Tf32 (&b)[2], const float* tile, int ld, int k0, int n0, int g, int q) {
+  b[0] = split_tf32(tile[(k0 + q) * ld + n0 + g]);
+  b[1] = split_tf32(tile[(k0 + q + 4) * ld + n0 + g]);
+}
+
+template <bool kDelta>
+__global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkScanParams p) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv), N = static_cast<int>(p.N);
+  const int DKP = Dk + 4;
+  const int h = blockIdx.y, j0 = blockIdx.x * BV;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int stage_floats = static_cast<int>(scan_stage_floats(Dk));
+  float* stages = smem;                           // 2 x {Ws [CH][DKP], Qs [CH][DKP], Kt [Dk][CP]}
+  float* Ss = stages + 2 * stage_floats;          // [Dk][SVP]  the state slice
+  float* Vs = Ss + Dk * SVP;                      // [CH][SVP]  v_new
+  float* state = p.state + static_cast<int64_t>(h) * Dk * Dv;
+  const bool owns = 16 * warp < Dk;               // step 2: this warp's state rows 16 warp ..
+  const int r0 = 16 * warp;
+
+  scan_stage_load<kDelta>(p, h, 0, stages);
+  cp_async_commit();
+  // Accumulator element e of column tile nt: row r0 + g + 8 (e / 2), column 8 nt + 2 q + e % 2.
+  float s[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = r0 + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
+      s[nt][e] = owns && j0 + c < Dv ? state[static_cast<int64_t>(r) * Dv + j0 + c] : 0.f;
+      if (owns) Ss[r * SVP + c] = s[nt][e];
+    }
+  const int m = warp & 3;                         // step 1: rows 16 m .. of w (warp < 4) or qg (warp >= 4)
+  for (int n = 0; n < N; ++n) {
+    const int64_t tile = (static_cast<int64_t>(h) * N + n) * CH;
+    if (n + 1 < N) scan_stage_load<kDelta>(p, h, n + 1, stages + ((n + 1) & 1) * stage_floats);
+    cp_async_commit();
+    float uu[2][4];                               // this chunk's u (step 1, warps 0-3), loaded while copies land
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * m + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
+        uu[nt][e] = warp < 4 && j0 + c < Dv ? p.u[(tile + r) * Dv + j0 + c] : 0.f;
+      }
+    const float gn = p.gl[static_cast<int64_t>(h) * N + n];
+    cp_async_wait<1>();
+    __syncthreads();
+    const float* Ws = stages + (n & 1) * stage_floats;
+    const float* Qs = Ws + CH * DKP;
+    const float* Kt = Qs + CH * DKP;
+
+    // 1. w S (warps 0-3) and qg S (warps 4-7), 16 rows x 16 columns per warp.
+    float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    if (kDelta || warp >= 4) {
+      const float* A = (warp < 4 ? Ws : Qs) + 16 * m * DKP;
+      for (int k0 = 0; k0 < Dk; k0 += 8) {
+        Tf32 a[4];
+        load_a(a, A, DKP, k0, g, q);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          Tf32 b[2];
+          load_b(b, Ss, SVP, k0, 8 * nt, g, q);
+          mma3(d[nt], a, b);
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * m + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
+        const bool ok = j0 + c < Dv;
+        const int64_t o = (tile + r) * Dv + j0 + c;
+        if (warp < 4) {
+          const float un = ok ? uu[nt][e] - d[nt][e] : 0.f;
+          if (ok) p.v_new[o] = un;
+          Vs[r * SVP + c] = un;
+        } else if (ok) {
+          p.o_inter[o] = d[nt][e];
+        }
+      }
+    __syncthreads();
+
+    // 2. S <- gl S + kd^T v_new for this warp's 16 state rows.
+    if (owns) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= gn;
+#pragma unroll 2
+      for (int c0 = 0; c0 < CH; c0 += 8) {
+        Tf32 a[4];
+        load_a(a, Kt + r0 * CP, CP, c0, g, q);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          Tf32 b[2];
+          load_b(b, Vs, SVP, c0, 8 * nt, g, q);
+          mma3(s[nt], a, b);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) Ss[(r0 + g + 8 * (e >> 1)) * SVP + 8 * nt + 2 * q + (e & 1)] = s[nt][e];
+    }
+    __syncthreads();
+  }
+  if (owns) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = r0 + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
+        if (j0 + c < Dv) state[static_cast<int64_t>(r) * Dv + j0 + c] = s[nt][e];
+      }
+  }
+}
+
 }  // namespace
 
 void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream) {
@@ -149,13 +323,23 @@ void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream) {
   int dev = 0;
   cudaGetDevice(&dev);
   if (configured_device != dev) {
-    for (auto kernel : {gdn_chunk_scan_kernel<true>, gdn_chunk_scan_kernel<false>})
+    for (auto kernel : {gdn_chunk_scan_kernel<true>, gdn_chunk_scan_kernel<false>, gdn_chunk_scan_tc_kernel<true>,
+                        gdn_chunk_scan_tc_kernel<false>})
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
     configured_device = dev;
   }
   const dim3 grid(static_cast<unsigned>((p.Dv + BV - 1) / BV), static_cast<unsigned>(p.H));
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (p.Dk % 16 == 0) {  // the tensor-core kernel: whole 16-row tiles of the state
+    const size_t tc_smem = static_cast<size_t>(scan_tc_smem_floats(p.Dk)) * sizeof(float);
+    TORCH_CHECK(static_cast<int64_t>(tc_smem) <= info.smem_optin, "ahn_rt.gdn_chunk_scan: needs ", tc_smem,
+                " bytes of shared memory per block, the device allows ", info.smem_optin);
+    auto kernel = p.w != nullptr ? gdn_chunk_scan_tc_kernel<true> : gdn_chunk_scan_tc_kernel<false>;
+    kernel<<<grid, kThreads, tc_smem, st>>>(p);
+    return;
+  }
   auto kernel = p.w != nullptr ? gdn_chunk_scan_kernel<true> : gdn_chunk_scan_kernel<false>;
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  kernel<<<grid, kThreads, smem, st>>>(p);
 }
 
 }  // namespace ahn_rt
