@@ -19,8 +19,10 @@ This module uses only the standard library, so that setup.py can read it without
 |                      |                        | GEMVs (static weights) only; 0: never; 1: every call (A/B)      |
 | AHN_RT_GEMV_SIMT     | CUDA gemv, every call  | 0; 1: bf16 / fp16 on the CUDA-core kernel (a bench A/B)         |
 | AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
+| AHN_RT_GDN_SCAN_SIMT | CUDA gdn_chunk_scan,   | 0; 1: the CUDA-core float32 scan where the tensor-core one      |
+|                      | once                   | would run (Dk a multiple of 16; an A/B switch for benches)      |
 
-The last three are kernel A/B switches that the C++ side reads through its one helper ``env_flag``
+The last four are kernel A/B switches that the C++ side reads through its one helper ``env_flag``
 (csrc/common.h); ``kernel_flag`` reads them the same way for benchmarks that label their rows.
 """
 from __future__ import annotations
@@ -34,6 +36,9 @@ _CHOICES = {
     "AHN_RT_PREFILL_CUDNN": ("1", "0"),
     "AHN_RT_TRAIN_ATTENTION": ("auto", "sdpa", "flex"),
 }
+
+
+_KERNEL_FLAGS = ("AHN_RT_GEMV_PDL", "AHN_RT_GEMV_SIMT", "AHN_RT_GDN_GENERIC", "AHN_RT_GDN_SCAN_SIMT")
 
 
 class SettingsError(ValueError):
@@ -75,9 +80,9 @@ def build_cuda() -> str:
 
 
 def kernel_flag(name: str) -> bool:
-    """A kernel A/B switch (AHN_RT_GEMV_PDL, AHN_RT_GEMV_SIMT, AHN_RT_GDN_GENERIC), as csrc/common.h env_flag
-    reads it."""
-    if name not in ("AHN_RT_GEMV_PDL", "AHN_RT_GEMV_SIMT", "AHN_RT_GDN_GENERIC"):
+    """A kernel A/B switch (AHN_RT_GEMV_PDL, AHN_RT_GEMV_SIMT, AHN_RT_GDN_GENERIC, AHN_RT_GDN_SCAN_SIMT), as
+    csrc/common.h env_flag reads it."""
+    if name not in _KERNEL_FLAGS:
         raise KeyError(name)
     v = os.environ.get(name, "")
     return v != "" and v[0] != "0"

@@ -33,6 +33,7 @@ import ahn_rt  # noqa: E402,F401
 from ahn_rt import ops  # noqa: E402
 from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
 from ahn_rt.runtime import from_state_dict  # noqa: E402
+from ahn_rt.settings import kernel_flag  # noqa: E402
 from floor import prefill_flops  # noqa: E402
 from machine import matmul_flops  # noqa: E402
 from peers import fla_importable, hf_model  # noqa: E402
@@ -152,8 +153,9 @@ def gdn_rows(c, dev, n):
     sync(dev)
     first = time.perf_counter() - t
     ms = back_to_back_ms(fn, 5, dev)
-    rows = [dict(kind="gdn", impl="ahn_rt gdn_chunk", n=n, ms=ms, first_call_s=first)]
-    log(f"ahn_rt gdn_chunk n={n}: {ms:.2f} ms per layer (first call {first:.2f} s)")
+    impl = "ahn_rt gdn_chunk" + (" (CUDA-core scan)" if kernel_flag("AHN_RT_GDN_SCAN_SIMT") else "")
+    rows = [dict(kind="gdn", impl=impl, n=n, ms=ms, first_call_s=first)]
+    log(f"{impl} n={n}: {ms:.2f} ms per layer (first call {first:.2f} s)")
     why = fla_importable()
     if why:
         rows.append(dict(kind="gdn", impl="fla chunk_gated_delta_rule", n=n, skipped=why))

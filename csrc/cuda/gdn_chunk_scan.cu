@@ -330,7 +330,10 @@ void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream) {
   }
   const dim3 grid(static_cast<unsigned>((p.Dv + BV - 1) / BV), static_cast<unsigned>(p.H));
   const auto st = static_cast<cudaStream_t>(stream);
-  if (p.Dk % 16 == 0) {  // the tensor-core kernel: whole 16-row tiles of the state
+  // The tensor-core kernel takes whole 16-row tiles of the state; AHN_RT_GDN_SCAN_SIMT=1 forces the
+  // CUDA-core one (a bench A/B switch, read once per process).
+  static const bool simt_only = env_flag("AHN_RT_GDN_SCAN_SIMT");
+  if (p.Dk % 16 == 0 && !simt_only) {
     const size_t tc_smem = static_cast<size_t>(scan_tc_smem_floats(p.Dk)) * sizeof(float);
     TORCH_CHECK(static_cast<int64_t>(tc_smem) <= info.smem_optin, "ahn_rt.gdn_chunk_scan: needs ", tc_smem,
                 " bytes of shared memory per block, the device allows ", info.smem_optin);
