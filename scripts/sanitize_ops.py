@@ -115,9 +115,11 @@ for dk, dv, n, hq, hk in ((128, 128, 130, H, Hkv), (48, 40, 65, 3, 1), (12, 20, 
                           sin=torch.randn(n, dk, device=dev, dtype=dt))
     torch.ops.ahn_rt.gdn_gate_norm(o=proj[:, 8:].view(n, hq, dk), z=torch.randn(n, hq, device=dev, dtype=dt),
                                    weight=torch.ones(dk, device=dev), eps=1e-5)
-outs = [torch.randn(n, H, D, device=dev, dtype=dt) for n in (100, 37, 64)]
-torch.ops.ahn_rt.attn_merge(outs=outs, lses=[torch.randn(H, o.shape[0], device=dev) for o in outs],
-                            offsets=[0, 50, 36], rows=100)
-torch.ops.ahn_rt.silu_mul(x=torch.randn(33, 2 * 300, device=dev, dtype=dt))
+for pad in (0, 1):   # 16-byte vectors; rows padded by one element (the one-element path)
+    outs = [torch.randn(n, H, D + pad, device=dev, dtype=dt)[..., :D] for n in (100, 37, 64)]
+    torch.ops.ahn_rt.attn_merge(outs=outs, lses=[torch.randn(H, o.shape[0], device=dev) for o in outs],
+                                offsets=[0, 50, 36], rows=100)
+for n_out in (296, 300, 45):
+    torch.ops.ahn_rt.silu_mul(x=torch.randn(33, 2 * n_out, device=dev, dtype=dt))
 torch.cuda.synchronize()
 print("sanitize_ops: every op ran")

@@ -438,8 +438,10 @@ def _merge_case(dtype, device, H=3, D=40, rows=23, seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_attn_merge_matches_reference(device, dtype):
-    outs, lses, offs, rows = _merge_case(dtype, device)
+@pytest.mark.parametrize("D", [40, 36, 128])
+def test_attn_merge_matches_reference(device, dtype, D):
+    """D = 40 and 128 take the CUDA kernel's 16-byte vectors; D = 36 in bf16 / fp16 its one-element path."""
+    outs, lses, offs, rows = _merge_case(dtype, device, D=D)
     got = torch.ops.ahn_rt.attn_merge(outs, lses, offs, rows).float()
     want = ref.attn_merge_ref([o.double() for o in outs], [l.double() for l in lses], offs, rows).float()
     tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
@@ -451,10 +453,16 @@ def test_attn_merge_matches_reference(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_attn_merge_strided_parts_and_opcheck(device):
-    """Parts may be strided views (a [H, n, D] result seen as [n, H, D]); opcheck the schema."""
+@pytest.mark.parametrize("layout", ["head_major", "odd_strides"])
+def test_attn_merge_strided_parts_and_opcheck(device, layout):
+    """Parts may be strided views: a [H, n, D] result seen as [n, H, D] (16-byte vectors on CUDA), or rows
+    padded by one element (odd strides: the CUDA kernel's one-element path); opcheck the schema."""
     outs, lses, offs, rows = _merge_case(torch.float32, device)
-    outs = [o.transpose(0, 1).contiguous().transpose(0, 1) for o in outs]
+    if layout == "head_major":
+        outs = [o.transpose(0, 1).contiguous().transpose(0, 1) for o in outs]
+    else:
+        outs = [torch.nn.functional.pad(o, (0, 1))[..., :-1] for o in outs]
+        assert outs[0].stride(1) % 2 == 1
     got = torch.ops.ahn_rt.attn_merge(outs, lses, offs, rows)
     torch.testing.assert_close(got, ref.attn_merge_ref(outs, lses, offs, rows), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.ahn_rt.attn_merge.default, (outs, lses, offs, rows))
@@ -468,8 +476,12 @@ def test_attn_merge_rejects_parts_outside_the_rows():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_silu_mul_matches_torch(device, dtype):
-    x = (torch.randn(7, 2 * 45, generator=torch.Generator().manual_seed(1)) * 4).to(device, dtype)
+@pytest.mark.parametrize("n, pad", [(45, 0), (64, 0), (64, 1)])
+def test_silu_mul_matches_torch(device, dtype, n, pad):
+    """N = 64 rows of 16-byte multiples take the CUDA kernel's vector path; N = 45, or rows padded by one
+    element, its one-element path."""
+    x = (torch.randn(7, 2 * n + pad, generator=torch.Generator().manual_seed(1)) * 4).to(device, dtype)
+    x = x[:, :2 * n]
     got = torch.ops.ahn_rt.silu_mul(x)
     want = ref.silu_mul_ref(x)
     # Both round silu to the dtype, then the product: equal to an ulp of the dtype (exp may differ in

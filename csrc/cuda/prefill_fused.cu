@@ -2,13 +2,16 @@
 // ahn_rt/ref.py attn_merge_ref, silu_mul_ref, rope_ref, gdn_gate_norm_ref). Test: pytest -m cuda
 // tests/test_prefill.py.
 //
-// attn_merge: one warp per (row, head); every lane forms the same log-sum-exp weights of the parts that
-// cover the row (at most kMergeMaxParts), then the lanes sum D values each. One pass over the partial
+// attn_merge: one thread per 16-byte vector of one (row, head) of the output (one element where a part's
+// strides or alignment do not allow vectors); every thread forms the log-sum-exp weights of the parts
+// that cover its row (at most kMergeMaxParts) and sums them in part order. One pass over the partial
 // outputs instead of a chain of float32 elementwise ops.
-// silu_mul: one thread per output element, both ops rounded to T as torch's silu then mul.
+// silu_mul: one thread per 16-byte vector of the output (or per element, as above), both ops rounded to T
+// as torch's silu then mul.
 // rope: one thread per rotation pair (i, i + D/2), each op rounded as torch's, no fused multiply-add.
 // gate_norm: one warp per (row, head), the lanes holding D/32 values each.
 #include <cstdint>
+#include <initializer_list>
 
 #include <cuda_runtime.h>
 
@@ -17,12 +20,31 @@
 namespace ahn_rt {
 namespace {
 
+// V consecutive elements of T, read or written as one vector (16 bytes when V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// True when every pointer is 16-byte aligned and every stride a multiple of V = 16 / sizeof(T) elements: the
+// kernels below then move 16 bytes per thread access, else one element.
 template <typename T>
+bool vec16_ok(std::initializer_list<const void*> ptrs, std::initializer_list<int64_t> strides) {
+  constexpr int64_t V = 16 / sizeof(T);
+  for (const void* q : ptrs)
+    if (reinterpret_cast<uintptr_t>(q) % 16 != 0) return false;
+  for (int64_t st : strides)
+    if (st % V != 0) return false;
+  return true;
+}
+
+template <typename T, int V>
 __global__ void attn_merge_kernel(AttnMergeParams p) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x & 31;
-  if (warp >= p.rows * p.H) return;
-  const int64_t r = warp / p.H, h = warp % p.H;
+  const int64_t per_head = p.D / V;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= p.rows * p.H * per_head) return;
+  const int64_t rh = t / per_head, d0 = (t - rh * per_head) * V;
+  const int64_t r = rh / p.H, h = rh - r * p.H;
   float w[kMergeMaxParts];
   float m = -INFINITY;
 #pragma unroll
@@ -38,31 +60,44 @@ __global__ void attn_merge_kernel(AttnMergeParams p) {
 #pragma unroll
   for (int i = 0; i < kMergeMaxParts; ++i) sum += (i < p.parts) ? expf(w[i] - m) : 0.f;
   const float total = m + logf(sum);
+  // The loads of every covering part are issued before the sums (parts in order, one fma chain per element).
+  Pack<T, V> x[kMergeMaxParts];
 #pragma unroll
-  for (int i = 0; i < kMergeMaxParts; ++i) w[i] = (i < p.parts) ? expf(w[i] - total) : 0.f;
-  T* out = static_cast<T*>(p.out) + (r * p.H + h) * p.D;
-  for (int64_t d = lane; d < p.D; d += 32) {
+  for (int i = 0; i < kMergeMaxParts; ++i) {
+    w[i] = (i < p.parts) ? expf(w[i] - total) : 0.f;
+    const int64_t j = r - p.off[i];
+    if (i < p.parts && j >= 0 && j < p.n[i])
+      x[i] = *reinterpret_cast<const Pack<T, V>*>(static_cast<const T*>(p.o[i]) + j * p.o_s0[i] + h * p.o_s1[i] + d0);
+    else
+      w[i] = 0.f;
+  }
+  Pack<T, V> y;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
     float acc = 0.f;
 #pragma unroll
-    for (int i = 0; i < kMergeMaxParts; ++i) {
-      if (i >= p.parts) break;
-      const int64_t j = r - p.off[i];
-      if (j < 0 || j >= p.n[i]) continue;
-      acc += w[i] * static_cast<float>(static_cast<const T*>(p.o[i])[j * p.o_s0[i] + h * p.o_s1[i] + d]);
-    }
-    out[d] = T(acc);
+    for (int i = 0; i < kMergeMaxParts; ++i)
+      if (w[i] != 0.f) acc += w[i] * static_cast<float>(x[i].v[e]);
+    y.v[e] = T(acc);
   }
+  *reinterpret_cast<Pack<T, V>*>(static_cast<T*>(p.out) + rh * p.D + d0) = y;
 }
 
-template <typename T>
+template <typename T, int V>
 __global__ void silu_mul_kernel(SiluMulParams p) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (i >= p.rows * p.N) return;
-  const int64_t r = i / p.N, c = i % p.N;
-  const T* x = static_cast<const T*>(p.x) + r * p.x_s0;
-  const float g = static_cast<float>(x[c]);
-  const float s = round_to<T>(g / (1.f + expf(-g)));
-  static_cast<T*>(p.out)[i] = T(s * static_cast<float>(x[p.N + c]));
+  const int64_t r = i / p.N, c = i - r * p.N;
+  const T* x = static_cast<const T*>(p.x) + r * p.x_s0 + c;
+  const Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(x), u = *reinterpret_cast<const Pack<T, V>*>(x + p.N);
+  Pack<T, V> y;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float gf = static_cast<float>(g.v[e]);
+    const float s = round_to<T>(gf / (1.f + expf(-gf)));
+    y.v[e] = T(s * static_cast<float>(u.v[e]));
+  }
+  *reinterpret_cast<Pack<T, V>*>(static_cast<T*>(p.out) + i) = y;
 }
 
 
@@ -111,18 +146,31 @@ __global__ void gate_norm_kernel(GateNormParams p) {
 
 template <typename T>
 void attn_merge_cuda(const AttnMergeParams& p, void* stream) {
-  const int64_t warps = p.rows * p.H;
+  constexpr int V = 16 / sizeof(T);
+  bool vec = p.D % V == 0 && vec16_ok<T>({p.out}, {});
+  for (int64_t i = 0; i < p.parts && vec; ++i) vec = vec16_ok<T>({p.o[i]}, {p.o_s0[i], p.o_s1[i]});
+  const int64_t threads_needed = p.rows * p.H * (vec ? p.D / V : p.D);
   const int threads = 256;
-  const int64_t blocks = (warps * 32 + threads - 1) / threads;
-  attn_merge_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  const auto blocks = static_cast<unsigned>((threads_needed + threads - 1) / threads);
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (vec)
+    attn_merge_kernel<T, V><<<blocks, threads, 0, st>>>(p);
+  else
+    attn_merge_kernel<T, 1><<<blocks, threads, 0, st>>>(p);
 }
 
 template <typename T>
 void silu_mul_cuda(const SiluMulParams& p, void* stream) {
-  const int64_t n = p.rows * p.N;
+  constexpr int V = 16 / sizeof(T);
+  const bool vec = p.N % V == 0 && vec16_ok<T>({p.x, p.out}, {p.x_s0});
+  const int64_t n = p.rows * p.N / (vec ? V : 1);
   const int threads = 256;
-  silu_mul_kernel<T><<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0,
-                       static_cast<cudaStream_t>(stream)>>>(p);
+  const auto blocks = static_cast<unsigned>((n + threads - 1) / threads);
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (vec)
+    silu_mul_kernel<T, V><<<blocks, threads, 0, st>>>(p);
+  else
+    silu_mul_kernel<T, 1><<<blocks, threads, 0, st>>>(p);
 }
 
 template <typename T>
