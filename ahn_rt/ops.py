@@ -230,12 +230,14 @@ def _dense(q, k, v, left: int, right: int, scale: float):
 _cudnn_ok = True   # cleared (once per process) if torch's cuDNN attention refuses these calls
 
 
-def _cudnn(q, k, v, causal: bool, scale: float):
+def _cudnn(q, k, v, causal: bool, scale: float, stacked: dict | None = None):
     """cuDNN's fused attention (bundled with torch): q [Tq, H, D], k/v [n, Hkv, D]. Without a mask the
     G = H / Hkv query heads of a kv head are stacked along the query axis (one kv head, G*Tq queries: no
     copy of the keys); causal calls (a chunk's own keys, n == Tq) repeat the chunk's keys per query head.
     All but the cache's keys go in contiguous, so that the plan (cached by torch per shape and strides) is
-    the one ``warm_prefill_attention`` built. Returns (out [Tq, H, D], logsumexp [H, Tq] float32)."""
+    the one ``warm_prefill_attention`` built. ``stacked`` (a dict kept by the caller for one chunk) holds
+    the stacked queries of each query range, so that the key blocks of one range copy them once.
+    Returns (out [Tq, H, D], logsumexp [H, Tq] float32)."""
     Tq, H, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -245,7 +247,12 @@ def _cudnn(q, k, v, causal: bool, scale: float):
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q.contiguous().transpose(0, 1)[None], kk, vv, None, True, 0.0, True, False, scale=scale)
         return res[0][0].transpose(0, 1), res[1].reshape(H, Tq)
-    qq = q.view(Tq, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * Tq, D).contiguous()
+    key = (q.data_ptr(), Tq)
+    qq = stacked.get(key) if stacked is not None else None
+    if qq is None:
+        qq = q.view(Tq, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * Tq, D).contiguous()
+        if stacked is not None:
+            stacked[key] = qq
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
         qq, k.transpose(0, 1)[None], v.transpose(0, 1)[None], None, True, 0.0, False, False, scale=scale)
     out = res[0].reshape(Hkv, G, Tq, D).permute(2, 0, 1, 3).reshape(Tq, H, D)
@@ -401,7 +408,7 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
     q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
     cudnn = (_cudnn_ok and settings.prefill_cudnn()
              and _cudnn_key(q, k, k_cache, v_cache) in getattr(_cudnn_warm, "keys", ()))
-    parts = []
+    parts, stacked = [], {}
     for i_lo, i_hi, source, lo, n, kind, left, right, backend in _kernel_calls(p0, T, sinks, window, cudnn, T,
                                                                              _CUDNN_LADDER):
         if source == "cache":
@@ -423,7 +430,7 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
         res = None
         if backend == "cudnn" and _cudnn_ok:
             try:
-                res = _cudnn(qq, kk, vv, kind == "causal", scale)
+                res = _cudnn(qq, kk, vv, kind == "causal", scale, stacked)
             except RuntimeError:
                 _cudnn_ok = False
         if res is None:

@@ -392,9 +392,9 @@ def test_prefill_attention_cudnn_matches_reference(monkeypatch, p0):
     monkeypatch.setattr(ops._cudnn_warm, "keys", set(), raising=False)
     seen, real = [], ops._cudnn
 
-    def spy(q, k, v, causal, scale):
+    def spy(q, k, v, causal, scale, stacked=None):
         seen.append((q.shape, q.stride(), k.shape, k.stride(), v.stride(), causal))
-        return real(q, k, v, causal, scale)
+        return real(q, k, v, causal, scale, stacked)
 
     monkeypatch.setattr(ops, "_cudnn", spy)
     assert ops.warm_prefill_attention(H, Hkv, D, torch.bfloat16, "cuda", T, S, W)
@@ -619,7 +619,7 @@ def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, 
     is marked warmed as ``warm_prefill_attention`` would mark it."""
     calls = []
 
-    def cudnn(q, k, v, causal, scale):
+    def cudnn(q, k, v, causal, scale, stacked=None):
         calls.append((q.shape[0], k.shape[0], causal))
         return ops._dense(q, k, v, -1, 0 if causal else -1, scale)
 
