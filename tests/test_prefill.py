@@ -637,3 +637,37 @@ def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, 
     planned = [c for c in ops._kernel_calls(p0, T, S, W, True, T, SMALL_LADDER) if c[-1] == "cudnn"]
     assert len(calls) == len(planned)
     assert all(tq == T and (n in SMALL_LADDER or causal) for tq, n, causal in calls)
+
+
+def test_prefill_mlp_in_row_blocks_equals_whole(monkeypatch):
+    """The prefill's MLP runs _MLP_ROWS rows at a time (a lower peak): a chunk cut into row blocks gives
+    the logits and state of the whole-chunk MLP (float32, up to GEMM summation order), and a chunk that is
+    not a multiple of the block size is covered to its last row. Negative control: a block that skipped
+    its residual would be seen."""
+    from ahn_rt import model as model_mod
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.runtime import from_state_dict
+
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg["vocab_size"] = 64
+    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32), window=6, sinks=2,
+                        mode="ahn", dtype="float32", device="cpu")
+    ids = torch.randint(0, 64, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def run(rows):
+        monkeypatch.setattr(model_mod, "_MLP_ROWS", rows)
+        s = m.new_session(chunk_size=64)
+        return s.forward(ids), s.state.memory.clone()
+
+    whole, mem_whole = run(10 ** 9)
+    blocks, mem_blocks = run(8)
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mem_blocks, mem_whole, rtol=1e-5, atol=1e-6)
+    real_mlp = model_mod.Decoder._mlp
+
+    def drop_residual(self, h, lw):
+        out = real_mlp(self, h, lw)
+        return out - h if h.shape[0] == 5 else out   # the last, short block
+    monkeypatch.setattr(model_mod.Decoder, "_mlp", drop_residual)
+    broken, _ = run(8)
+    assert not torch.allclose(broken, whole, rtol=1e-3, atol=1e-3)
