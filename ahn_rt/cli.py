@@ -1,13 +1,23 @@
-"""What every ahn_rt command line shares: Ctrl-C at any moment (start-up included) prints one line and
-exits 130, and warnings print as one line. Standard library only, so a command can install this before it
+"""What every ahn_rt command line shares: usage errors print one line and exit 2 (``ArgParser``), Ctrl-C at
+any moment (start-up included) prints one line and exits 130, and warnings print as one line. Standard library only, so a command can install this before it
 imports torch.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
 import warnings
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, "error: <message> (see <prog> --help)", and exit 2, like
+    every other user mistake (argparse's default prints the whole usage block first)."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
 
 
 def interrupted(signum=None, frame=None):

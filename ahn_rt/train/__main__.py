@@ -22,7 +22,7 @@ import sys
 
 
 from ..cli import interrupted as _interrupted
-from ..cli import one_line_warnings
+from ..cli import ArgParser, one_line_warnings
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, _interrupted)   # Ctrl-C while torch is being imported: one line, exit 130
@@ -56,15 +56,14 @@ def _env_rank() -> int:
         return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line ("error: ...") and exit 2, like every other mistake (under
-    torchrun printed by rank 0 only: every rank parses the same command line)."""
+class _Parser(ArgParser):
+    """The one-line usage errors of every ahn_rt command, printed by rank 0 only under torchrun (every rank
+    parses the same command line)."""
 
     def error(self, message):
         if _env_rank() == 0:
-            sys.stderr.write(f"error: {message} (see {PROG} --help)\n")
-        else:
-            _grace()
+            super().error(message)
+        _grace()
         raise SystemExit(2)
 
 
