@@ -16,6 +16,7 @@ Tolerance table (everything else is exact: exit codes, files, log records, the r
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -34,6 +35,7 @@ from ahn_rt.init_weights import random_state_dict
 from ahn_rt.train import checkpoint as ckpt_io
 from ahn_rt.train.__main__ import main
 from ahn_rt.train.model import TrainModel
+from ahn_rt.train.trainer import Trainer
 from ahn_rt.weights import ahn_shapes, write_checkpoint
 
 MODEL_ATOL = 1e-5
@@ -289,6 +291,37 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         assert sorted(p.name for p in bad_files.iterdir()) == before and (bad_files / "a_file").read_text() == "x"
     else:
         assert not out.exists()
+
+
+def test_diverging_run_stops_with_one_line_exit_1_and_writes_no_model(tiny, capsys, monkeypatch):
+    """A learning rate that makes the loss NaN: the run stops at the first non-finite loss / gradient norm with
+    one line and exit 1 (a runtime failure), and never writes model.safetensors; resume states from before
+    the divergence stay, and they are finite."""
+    root, _ = tiny
+    args = ["--steps", 4, "--window", 8, "--sinks", 2, "--lr", "1e30", "--warmup-ratio", 0, "--save-every", 1,
+            "--save-dtype", "float32"]
+    # without the check (the old behaviour) this run "succeeds" and writes non-finite weights
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_require_finite", lambda self, step, **values: None)
+        old = root / "diverge_unchecked"
+        rc, _, err = train(capsys, *base_args(root, old), *args)
+    assert rc == 0, err
+    with safe_open(str(old / "model.safetensors"), "pt") as f:
+        assert not all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+    out = root / "diverge"
+    rc, stdout, err = train(capsys, *base_args(root, out), *args)
+    assert rc == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    assert errors[0].startswith("error: training diverged at step ") and "lower --lr" in errors[0], err
+    assert "Traceback" not in err and stdout == ""
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in log)
+    step = int(errors[0].split("step ")[1].split()[0])
+    assert step >= 2 and len(log) == step - 1                # the diverged step is not logged
+    state, ahn, _ = ckpt_io.load_resume(ckpt_io.find_resume(out))     # the state before it stays
+    assert state["step"] == step - 1 and all(torch.isfinite(v).all() for v in ahn.values())
 
 
 def test_real_entry_point_exit_codes_and_ctrl_c(tiny, tmp_path):

@@ -12,7 +12,9 @@ parallel by default (--ddp), --fsdp shards the frozen base and the AHN over the 
 The global batch (--batch x --grad-accum x ranks) defines the run; only rank 0 prints and writes OUT.
 
 A user's mistake (missing or unusable base/data, bad option, unwritable --out) prints one line and exits 2
-before anything is written; Ctrl-C prints one line and exits 130, leaving the last complete resume state.
+before anything is written; Ctrl-C prints one line and exits 130, leaving the last complete resume state. A
+run whose loss, gradient norm or AHN weights stop being finite prints one line and exits 1 without writing
+model.safetensors (resume states from before stay).
 """
 from __future__ import annotations
 
@@ -483,7 +485,7 @@ def main(argv=None) -> int:
             print(f"error{_rank_tag(rank)}: {e}", file=sys.stderr, flush=True)
         else:
             _grace()
-        return 2
+        return getattr(e, "exit_code", 2)            # 2: a user's mistake; 1: a runtime failure (Diverged)
     except PeerFailed as e:                          # another rank failed and said why
         return e.code
     except KeyboardInterrupt:
