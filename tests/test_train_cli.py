@@ -245,8 +245,11 @@ def bad_files(tiny):
     ("bad number", "--lr must be"),
     ("train-layers junk", "not a list of layer numbers"),
     ("train-layers out of range", "the base has layers 0..1"),
+    ("unknown attention switch", "AHN_RT_TRAIN_ATTENTION='bogus' is not one of auto, sdpa, flex"),
+    ("unknown backend switch", "AHN_RT_BACKEND='bogus' is not one of auto, ref, ext"),
+    ("flex attention on the CPU", "use sdpa or auto on the CPU"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, case, needle):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
     out = root / "bad_out" / case.replace(" ", "_")
     args = {"base": root / "base", "data": root / "ids.jsonl", "out": out}
@@ -282,6 +285,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--train-layers", "1,x"]
     elif case == "train-layers out of range":
         extra += ["--train-layers", "0-2"]
+    elif case == "unknown attention switch":
+        monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "bogus")
+    elif case == "unknown backend switch":
+        monkeypatch.setenv("AHN_RT_BACKEND", "bogus")
+    elif case == "flex attention on the CPU":             # documented, but forward-only there
+        monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "flex")
+        extra += ["--device", "cpu"]
     before = sorted(p.name for p in bad_files.iterdir())
     rc, stdout, err = train(capsys, "--base", args["base"], "--data", args["data"], "--out", args["out"], *extra)
     assert rc == 2, err

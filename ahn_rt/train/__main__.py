@@ -11,10 +11,10 @@ Several GPUs: the same command under torchrun (``torchrun --nproc_per_node N -m 
 parallel by default (--ddp), --fsdp shards the frozen base and the AHN over the ranks (ahn_rt/train/dist.py).
 The global batch (--batch x --grad-accum x ranks) defines the run; only rank 0 prints and writes OUT.
 
-A user's mistake (missing or unusable base/data, bad option, unwritable --out) prints one line and exits 2
-before anything is written; Ctrl-C prints one line and exits 130, leaving the last complete resume state. A
-run whose loss, gradient norm or AHN weights stop being finite prints one line and exits 1 without writing
-model.safetensors (resume states from before stay).
+A user's mistake (missing or unusable base/data, bad option or environment switch, unwritable --out) prints
+one line and exits 2 before anything is written; Ctrl-C prints one line and exits 130, leaving the last
+complete resume state. A run whose loss, gradient norm or AHN weights stop being finite prints one line and
+exits 1 without writing model.safetensors (resume states from before stay).
 """
 from __future__ import annotations
 
@@ -198,6 +198,12 @@ def _check_args(a):
     need(not (a.resume and (a.init_from_base or a.init_ahn)),
          "--resume continues from OUT/resume; --init-from-base/--init-ahn only choose a new run's start")
     need(not (a.resume and a.overwrite), "--resume and --overwrite contradict each other; give one")
+    from .. import settings
+    for read in (settings.backend, settings.train_attention):      # the environment switches training reads
+        try:
+            read()
+        except settings.SettingsError as e:
+            raise AhnError(f"{e}; set one of those or unset it") from None
 
 
 def _check_out(out: Path):
@@ -289,7 +295,7 @@ def _run(a, d, out: Path) -> int:
     from .. import weights as W
     from ..config import DEFAULT_SINKS, DEFAULT_WINDOW, parse_dtype
     from . import checkpoint as ckpt_io
-    from . import dist
+    from . import attention, dist
     from .data import BudgetSpec, load_dataset
     from .trainer import Progress, TrainSettings, Trainer, read_log, truncate_log
 
@@ -317,6 +323,7 @@ def _run(a, d, out: Path) -> int:
                            "start over, or choose another --out")
         run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None, d.world_size)
         device = d.device
+        attention.check_trainable(device)
         if run_cfg["dtype"] is None:
             run_cfg["dtype"] = "bf16" if device.type == "cuda" else "float32"
         bf16 = run_cfg["dtype"] == "bf16"
