@@ -245,6 +245,8 @@ def bad_files(tiny):
     ("bad number", "--lr must be"),
     ("train-layers junk", "not a list of layer numbers"),
     ("train-layers out of range", "the base has layers 0..1"),
+    ("seed too large", "--seed must be in 0..9223372036854775807"),
+    ("seed negative", "--seed must be in 0..9223372036854775807"),
     ("unknown attention switch", "AHN_RT_TRAIN_ATTENTION='bogus' is not one of auto, sdpa, flex"),
     ("unknown backend switch", "AHN_RT_BACKEND='bogus' is not one of auto, ref, ext"),
     ("flex attention on the CPU", "use sdpa or auto on the CPU"),
@@ -285,6 +287,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--train-layers", "1,x"]
     elif case == "train-layers out of range":
         extra += ["--train-layers", "0-2"]
+    elif case == "seed too large":
+        extra += ["--seed", 10**23]                       # torch.manual_seed: "Overflow when unpacking long long"
+    elif case == "seed negative":
+        extra += ["--seed", -1]
     elif case == "unknown attention switch":
         monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "bogus")
     elif case == "unknown backend switch":

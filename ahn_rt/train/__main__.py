@@ -48,6 +48,7 @@ RUN_DEFAULTS = {
 }
 BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_resolve_batch)
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
+SEED_MAX = 2**63 - 1                       # --seed: 0..SEED_MAX (torch.manual_seed overflows beyond 2**64 - 1)
 
 
 def _env_rank() -> int:
@@ -177,6 +178,7 @@ def _check_args(a):
         v = getattr(a, name)
         need(v is None or v >= lo, f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
     need(a.log_every >= 1, f"--log-every must be >= 1, got {a.log_every}")
+    need(a.seed is None or 0 <= a.seed <= SEED_MAX, f"--seed must be in 0..{SEED_MAX}, got {a.seed}")
     need(a.save_every >= 0, f"--save-every must be >= 0, got {a.save_every}")
     for name in ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "ce_weight"):
         v = getattr(a, name)
