@@ -250,6 +250,8 @@ def bad_files(tiny):
     ("unknown attention switch", "AHN_RT_TRAIN_ATTENTION='bogus' is not one of auto, sdpa, flex"),
     ("unknown backend switch", "AHN_RT_BACKEND='bogus' is not one of auto, ref, ext"),
     ("flex attention on the CPU", "use sdpa or auto on the CPU"),
+    ("out empty", "--out is empty"),
+    ("out cannot be created", "choose another --out"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
@@ -298,6 +300,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
     elif case == "flex attention on the CPU":             # documented, but forward-only there
         monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "flex")
         extra += ["--device", "cpu"]
+    elif case == "out empty":                             # would write into the current folder
+        monkeypatch.chdir(bad_files)
+        args["out"] = out = ""
+    elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs /proc")
+        args["out"] = out = Path("/proc/ahn_rt_test/run")
     before = sorted(p.name for p in bad_files.iterdir())
     rc, stdout, err = train(capsys, "--base", args["base"], "--data", args["data"], "--out", args["out"], *extra)
     assert rc == 2, err
@@ -305,6 +314,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
     assert "Traceback" not in err and stdout == ""
     if case.startswith("out"):
         assert sorted(p.name for p in bad_files.iterdir()) == before and (bad_files / "a_file").read_text() == "x"
+        assert case != "out cannot be created" or not out.parent.exists()
     else:
         assert not out.exists()
 

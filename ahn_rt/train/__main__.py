@@ -33,6 +33,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ..errors import AhnError  # noqa: E402
@@ -172,6 +173,7 @@ def _check_args(a):
     def need(cond, msg):
         if not cond:
             raise AhnError(msg)
+    need(a.out.strip() != "", "--out is empty; give the output folder (--out . for the current one)")
     for name, lo in (("steps", 1), ("seq_len", 2), ("batch", 1), ("grad_accum", 1), ("window", 1),
                      ("sinks", 0), ("window_min", 1), ("window_max", 1), ("min_len", 0), ("stop_after", 1),
                      ("infer_window", 1), ("infer_sinks", 0)):
@@ -218,7 +220,12 @@ def _check_out(out: Path):
     if not parent.is_dir():
         raise AhnError(f"--out {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise AhnError(f"--out {out}: folder {parent} is not writable")
+        raise AhnError(f"--out {out}: folder {parent} is not writable; choose another --out")
+    try:        # what os.access cannot tell (root, /proc, a read-only mount): make a folder there and remove it
+        os.rmdir(tempfile.mkdtemp(prefix=".ahn_rt-probe-", dir=parent))
+    except OSError as e:
+        raise AhnError(f"--out {out}: cannot create a folder in {parent} ({e.strerror or e}); "
+                       "choose another --out") from None
 
 
 def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
@@ -419,7 +426,10 @@ def _run(a, d, out: Path) -> int:
 
     # ---- from here on OUT is written (rank 0 only) -----------------------------------------------
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:       # checked before (_check_out); the file system changed since
+            raise AhnError(f"--out {out}: cannot create it ({e.strerror or e}); choose another --out") from None
         ckpt_io.remove_stale_temporaries(out)
         if saved_state:
             truncate_log(out, trainer.step)
