@@ -245,6 +245,7 @@ def bad_files(tiny):
     ("bad number", "--lr must be"),
     ("train-layers junk", "not a list of layer numbers"),
     ("train-layers out of range", "the base has layers 0..1"),
+    ("lr beyond float32", "is too large: AdamW's float32 update overflows"),
     ("seed too large", "--seed must be in 0..9223372036854775807"),
     ("seed negative", "--seed must be in 0..9223372036854775807"),
     ("unknown attention switch", "AHN_RT_TRAIN_ATTENTION='bogus' is not one of auto, sdpa, flex"),
@@ -289,6 +290,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--train-layers", "1,x"]
     elif case == "train-layers out of range":
         extra += ["--train-layers", "0-2"]
+    elif case == "lr beyond float32":
+        extra += ["--lr", "1e39"]                         # AdamW: "value cannot be converted to type float"
     elif case == "seed too large":
         extra += ["--seed", 10**23]                       # torch.manual_seed: "Overflow when unpacking long long"
     elif case == "seed negative":

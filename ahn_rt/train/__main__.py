@@ -187,6 +187,12 @@ def _check_args(a):
         need(v is None or (math.isfinite(v) and v >= 0), f"--{name.replace('_', '-')} must be a finite number "
                                                           f">= 0, got {v}")
     need(a.lr is None or a.lr > 0, "--lr must be > 0")
+    # AdamW applies lr / (1 - beta1) = 10 lr (the first step's bias correction) and 1 - lr x weight decay as
+    # float32 scalars: beyond float32's range it stops with an overflow error instead of diverging
+    lr = a.lr if a.lr is not None else RUN_DEFAULTS["lr"]
+    wd = a.weight_decay if a.weight_decay is not None else RUN_DEFAULTS["weight_decay"]
+    need(lr * max(10.0, wd) < 3e38, f"--lr {lr:g}" + (f" x --weight-decay {wd:g}" if wd > 10 else "")
+         + " is too large: AdamW's float32 update overflows; lower it")
     need(a.warmup_ratio is None or a.warmup_ratio <= 1, f"--warmup-ratio must be <= 1, got {a.warmup_ratio}")
     need((a.window is None) == (a.sinks is None),
          "--window and --sinks go together (a fixed window needs both); without them S+W is drawn per sequence")
