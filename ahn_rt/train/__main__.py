@@ -531,8 +531,12 @@ def main(argv=None) -> int:
 
 def _grace():
     """A rank other than 0 that stops on the same mistake as rank 0 waits a moment before it exits: torchrun
-    stops every rank as soon as one exits with an error, and rank 0 is the one that says why."""
+    stops every rank as soon as one exits with an error, and rank 0 is the one that says why. Stopped while
+    it waits (SIGTERM from torchrun, or Ctrl-C), it leaves quietly: no KeyboardInterrupt traceback."""
     import time
+    if threading_main():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     time.sleep(2.0)
 
 
