@@ -16,6 +16,7 @@ Tolerance table (everything else is exact: exit codes, files, log records, the r
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -34,6 +35,7 @@ from ahn_rt.init_weights import random_state_dict
 from ahn_rt.train import checkpoint as ckpt_io
 from ahn_rt.train.__main__ import main
 from ahn_rt.train.model import TrainModel
+from ahn_rt.train.trainer import Trainer
 from ahn_rt.weights import ahn_shapes, write_checkpoint
 
 MODEL_ATOL = 1e-5
@@ -243,8 +245,16 @@ def bad_files(tiny):
     ("bad number", "--lr must be"),
     ("train-layers junk", "not a list of layer numbers"),
     ("train-layers out of range", "the base has layers 0..1"),
+    ("lr beyond float32", "is too large: AdamW's float32 update overflows"),
+    ("seed too large", "--seed must be in 0..9223372036854775807"),
+    ("seed negative", "--seed must be in 0..9223372036854775807"),
+    ("unknown attention switch", "AHN_RT_TRAIN_ATTENTION='bogus' is not one of auto, sdpa, flex"),
+    ("unknown backend switch", "AHN_RT_BACKEND='bogus' is not one of auto, ref, ext"),
+    ("flex attention on the CPU", "use sdpa or auto on the CPU"),
+    ("out empty", "--out is empty"),
+    ("out cannot be created", "choose another --out"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, case, needle):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
     out = root / "bad_out" / case.replace(" ", "_")
     args = {"base": root / "base", "data": root / "ids.jsonl", "out": out}
@@ -280,6 +290,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--train-layers", "1,x"]
     elif case == "train-layers out of range":
         extra += ["--train-layers", "0-2"]
+    elif case == "lr beyond float32":
+        extra += ["--lr", "1e39"]                         # AdamW: "value cannot be converted to type float"
+    elif case == "seed too large":
+        extra += ["--seed", 10**23]                       # torch.manual_seed: "Overflow when unpacking long long"
+    elif case == "seed negative":
+        extra += ["--seed", -1]
+    elif case == "unknown attention switch":
+        monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "bogus")
+    elif case == "unknown backend switch":
+        monkeypatch.setenv("AHN_RT_BACKEND", "bogus")
+    elif case == "flex attention on the CPU":             # documented, but forward-only there
+        monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "flex")
+        extra += ["--device", "cpu"]
+    elif case == "out empty":                             # would write into the current folder
+        monkeypatch.chdir(bad_files)
+        args["out"] = out = ""
+    elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs /proc")
+        args["out"] = out = Path("/proc/ahn_rt_test/run")
     before = sorted(p.name for p in bad_files.iterdir())
     rc, stdout, err = train(capsys, "--base", args["base"], "--data", args["data"], "--out", args["out"], *extra)
     assert rc == 2, err
@@ -287,8 +317,40 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
     assert "Traceback" not in err and stdout == ""
     if case.startswith("out"):
         assert sorted(p.name for p in bad_files.iterdir()) == before and (bad_files / "a_file").read_text() == "x"
+        assert case != "out cannot be created" or not out.parent.exists()
     else:
         assert not out.exists()
+
+
+def test_diverging_run_stops_with_one_line_exit_1_and_writes_no_model(tiny, capsys, monkeypatch):
+    """A learning rate that makes the loss NaN: the run stops at the first non-finite loss / gradient norm with
+    one line and exit 1 (a runtime failure), and never writes model.safetensors; resume states from before
+    the divergence stay, and they are finite."""
+    root, _ = tiny
+    args = ["--steps", 4, "--window", 8, "--sinks", 2, "--lr", "1e30", "--warmup-ratio", 0, "--save-every", 1,
+            "--save-dtype", "float32"]
+    # without the check (the old behaviour) this run "succeeds" and writes non-finite weights
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_require_finite", lambda self, step, **values: None)
+        old = root / "diverge_unchecked"
+        rc, _, err = train(capsys, *base_args(root, old), *args)
+    assert rc == 0, err
+    with safe_open(str(old / "model.safetensors"), "pt") as f:
+        assert not all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+    out = root / "diverge"
+    rc, stdout, err = train(capsys, *base_args(root, out), *args)
+    assert rc == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err
+    assert errors[0].startswith("error: training diverged at step ") and "lower --lr" in errors[0], err
+    assert "Traceback" not in err and stdout == ""
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in log)
+    step = int(errors[0].split("step ")[1].split()[0])
+    assert step >= 2 and len(log) == step - 1                # the diverged step is not logged
+    state, ahn, _ = ckpt_io.load_resume(ckpt_io.find_resume(out))     # the state before it stays
+    assert state["step"] == step - 1 and all(torch.isfinite(v).all() for v in ahn.values())
 
 
 def test_real_entry_point_exit_codes_and_ctrl_c(tiny, tmp_path):

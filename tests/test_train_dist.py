@@ -352,6 +352,18 @@ def test_torchrun_mistake_is_one_line_from_one_rank(tiny, one_process):
                      "--overwrite to start over, or choose another --out"], p.stderr[-3000:]
 
 
+def test_torchrun_divergence_is_one_line_and_no_traceback(tiny, tmp_path):
+    """Every rank finds the non-finite loss of the same step; rank 0 says it, the other rank waits quietly
+    until torchrun stops it (no KeyboardInterrupt traceback), and no model is written."""
+    out = tmp_path / "diverged"
+    p = torchrun("-m", "ahn_rt.train", *train_args(tiny, out, "--steps", 4, "--lr", "1e30", "--warmup-ratio", 0))
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged at step "), p.stderr[-3000:]
+    assert "KeyboardInterrupt" not in p.stderr and "Diverged" not in p.stderr, p.stderr[-3000:]
+    assert not (out / "model.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Gradients, the FSDP2 plan, torch DDP, and the negative control (this file as the worker)
 # ----------------------------------------------------------------------------------------------

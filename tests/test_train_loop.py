@@ -33,7 +33,7 @@ from ahn_rt.train import checkpoint as ckpt_io
 from ahn_rt.train.data import (BUDGETS, IGNORE_INDEX, SINK_CHOICES, BudgetSpec, budget_choices, collate,
                                load_dataset, sample_budget)
 from ahn_rt.train.model import TrainModel
-from ahn_rt.train.trainer import Progress, Trainer, TrainSettings, lr_at, read_log, truncate_log
+from ahn_rt.train.trainer import Diverged, Progress, Trainer, TrainSettings, lr_at, read_log, truncate_log
 from ahn_rt.weights import ahn_shapes
 
 KL_RTOL = 1e-4
@@ -316,6 +316,30 @@ def test_resume_state_is_replaced_atomically(tmp_path, config, base):
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(AhnError, match="damaged"):
         ckpt_io.load_resume(out / "resume.old")
+
+
+def test_a_non_finite_step_is_not_applied_and_non_finite_weights_are_not_saved(tmp_path, config, base):
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [40], fixed)
+    model = new_model(config, base)
+    tr = Trainer(model, data, TrainSettings(steps=3, budget=fixed))
+    out = tmp_path / "out"
+    out.mkdir()
+    tr.train_step()
+    tr.save(out, {}, {})
+    saved = (out / "resume" / "ahn.safetensors").read_bytes()
+    with torch.no_grad():          # what a too large step leaves: a weight that overflowed
+        dict(tr.named)["model.layers.1.ahn.fn.o_proj.weight"][0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.ahn_state_dict().items()}
+    with pytest.raises(Diverged, match=r"training diverged at step 2 of 3 \(loss nan, gradient norm nan; lr "):
+        tr.train_step()
+    assert tr.step == 1 and isinstance(Diverged("x"), AhnError) and Diverged.exit_code == 1
+    for k, v in model.ahn_state_dict().items():              # the step's update was not applied
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(Diverged, match=r"left model.layers.1.ahn.fn.o_proj.weight non-finite"):
+        tr.save(out, {}, {})
+    assert (out / "resume" / "ahn.safetensors").read_bytes() == saved     # the last good state stays
+    assert sorted(p.name for p in out.iterdir()) == ["resume"]
 
 
 # ----------------------------------------------------------------------------------------------

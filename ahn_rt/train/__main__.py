@@ -11,8 +11,10 @@ Several GPUs: the same command under torchrun (``torchrun --nproc_per_node N -m 
 parallel by default (--ddp), --fsdp shards the frozen base and the AHN over the ranks (ahn_rt/train/dist.py).
 The global batch (--batch x --grad-accum x ranks) defines the run; only rank 0 prints and writes OUT.
 
-A user's mistake (missing or unusable base/data, bad option, unwritable --out) prints one line and exits 2
-before anything is written; Ctrl-C prints one line and exits 130, leaving the last complete resume state.
+A user's mistake (missing or unusable base/data, bad option or environment switch, unwritable --out) prints
+one line and exits 2 before anything is written; Ctrl-C prints one line and exits 130, leaving the last
+complete resume state. A run whose loss, gradient norm or AHN weights stop being finite prints one line and
+exits 1 without writing model.safetensors (resume states from before stay).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ..errors import AhnError  # noqa: E402
@@ -46,6 +49,7 @@ RUN_DEFAULTS = {
 }
 BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_resolve_batch)
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
+SEED_MAX = 2**63 - 1                       # --seed: 0..SEED_MAX (torch.manual_seed overflows beyond 2**64 - 1)
 
 
 def _env_rank() -> int:
@@ -169,18 +173,26 @@ def _check_args(a):
     def need(cond, msg):
         if not cond:
             raise AhnError(msg)
+    need(a.out.strip() != "", "--out is empty; give the output folder (--out . for the current one)")
     for name, lo in (("steps", 1), ("seq_len", 2), ("batch", 1), ("grad_accum", 1), ("window", 1),
                      ("sinks", 0), ("window_min", 1), ("window_max", 1), ("min_len", 0), ("stop_after", 1),
                      ("infer_window", 1), ("infer_sinks", 0)):
         v = getattr(a, name)
         need(v is None or v >= lo, f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
     need(a.log_every >= 1, f"--log-every must be >= 1, got {a.log_every}")
+    need(a.seed is None or 0 <= a.seed <= SEED_MAX, f"--seed must be in 0..{SEED_MAX}, got {a.seed}")
     need(a.save_every >= 0, f"--save-every must be >= 0, got {a.save_every}")
     for name in ("lr", "warmup_ratio", "weight_decay", "max_grad_norm", "ce_weight"):
         v = getattr(a, name)
         need(v is None or (math.isfinite(v) and v >= 0), f"--{name.replace('_', '-')} must be a finite number "
                                                           f">= 0, got {v}")
     need(a.lr is None or a.lr > 0, "--lr must be > 0")
+    # AdamW applies lr / (1 - beta1) = 10 lr (the first step's bias correction) and 1 - lr x weight decay as
+    # float32 scalars: beyond float32's range it stops with an overflow error instead of diverging
+    lr = a.lr if a.lr is not None else RUN_DEFAULTS["lr"]
+    wd = a.weight_decay if a.weight_decay is not None else RUN_DEFAULTS["weight_decay"]
+    need(lr * max(10.0, wd) < 3e38, f"--lr {lr:g}" + (f" x --weight-decay {wd:g}" if wd > 10 else "")
+         + " is too large: AdamW's float32 update overflows; lower it")
     need(a.warmup_ratio is None or a.warmup_ratio <= 1, f"--warmup-ratio must be <= 1, got {a.warmup_ratio}")
     need((a.window is None) == (a.sinks is None),
          "--window and --sinks go together (a fixed window needs both); without them S+W is drawn per sequence")
@@ -196,6 +208,12 @@ def _check_args(a):
     need(not (a.resume and (a.init_from_base or a.init_ahn)),
          "--resume continues from OUT/resume; --init-from-base/--init-ahn only choose a new run's start")
     need(not (a.resume and a.overwrite), "--resume and --overwrite contradict each other; give one")
+    from .. import settings
+    for read in (settings.backend, settings.train_attention):      # the environment switches training reads
+        try:
+            read()
+        except settings.SettingsError as e:
+            raise AhnError(f"{e}; set one of those or unset it") from None
 
 
 def _check_out(out: Path):
@@ -208,7 +226,12 @@ def _check_out(out: Path):
     if not parent.is_dir():
         raise AhnError(f"--out {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise AhnError(f"--out {out}: folder {parent} is not writable")
+        raise AhnError(f"--out {out}: folder {parent} is not writable; choose another --out")
+    try:        # what os.access cannot tell (root, /proc, a read-only mount): make a folder there and remove it
+        os.rmdir(tempfile.mkdtemp(prefix=".ahn_rt-probe-", dir=parent))
+    except OSError as e:
+        raise AhnError(f"--out {out}: cannot create a folder in {parent} ({e.strerror or e}); "
+                       "choose another --out") from None
 
 
 def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
@@ -287,7 +310,7 @@ def _run(a, d, out: Path) -> int:
     from .. import weights as W
     from ..config import DEFAULT_SINKS, DEFAULT_WINDOW, parse_dtype
     from . import checkpoint as ckpt_io
-    from . import dist
+    from . import attention, dist
     from .data import BudgetSpec, load_dataset
     from .trainer import Progress, TrainSettings, Trainer, read_log, truncate_log
 
@@ -315,6 +338,7 @@ def _run(a, d, out: Path) -> int:
                            "start over, or choose another --out")
         run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None, d.world_size)
         device = d.device
+        attention.check_trainable(device)
         if run_cfg["dtype"] is None:
             run_cfg["dtype"] = "bf16" if device.type == "cuda" else "float32"
         bf16 = run_cfg["dtype"] == "bf16"
@@ -408,7 +432,10 @@ def _run(a, d, out: Path) -> int:
 
     # ---- from here on OUT is written (rank 0 only) -----------------------------------------------
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:       # checked before (_check_out); the file system changed since
+            raise AhnError(f"--out {out}: cannot create it ({e.strerror or e}); choose another --out") from None
         ckpt_io.remove_stale_temporaries(out)
         if saved_state:
             truncate_log(out, trainer.step)
@@ -483,7 +510,7 @@ def main(argv=None) -> int:
             print(f"error{_rank_tag(rank)}: {e}", file=sys.stderr, flush=True)
         else:
             _grace()
-        return 2
+        return getattr(e, "exit_code", 2)            # 2: a user's mistake; 1: a runtime failure (Diverged)
     except PeerFailed as e:                          # another rank failed and said why
         return e.code
     except KeyboardInterrupt:
@@ -504,8 +531,12 @@ def main(argv=None) -> int:
 
 def _grace():
     """A rank other than 0 that stops on the same mistake as rank 0 waits a moment before it exits: torchrun
-    stops every rank as soon as one exits with an error, and rank 0 is the one that says why."""
+    stops every rank as soon as one exits with an error, and rank 0 is the one that says why. Stopped while
+    it waits (SIGTERM from torchrun, or Ctrl-C), it leaves quietly: no KeyboardInterrupt traceback."""
     import time
+    if threading_main():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     time.sleep(2.0)
 
 

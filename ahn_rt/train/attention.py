@@ -33,6 +33,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..errors import AhnError
 from ..settings import train_attention
 
 FLEX_BLOCK = 128   # FlexAttention's tile (its default): the block mask has one entry per 128 x 128 tile
@@ -46,6 +47,18 @@ def attention_backend(device) -> str:
     if choice != "auto":
         return choice
     return "flex" if torch.device(device).type == "cuda" and _flex_api() is not None else "sdpa"
+
+
+def check_trainable(device):
+    """AhnError (one line) when the backend ``attention_backend`` picks for ``device`` cannot train there:
+    flex off CUDA (eager and forward only), or flex in a torch without FlexAttention."""
+    if attention_backend(device) != "flex":
+        return
+    if torch.device(device).type != "cuda":
+        raise AhnError("AHN_RT_TRAIN_ATTENTION=flex cannot train on the CPU (FlexAttention has no backward there; "
+                       "flex off CUDA is for forward checks); use sdpa or auto on the CPU")
+    if _flex_api() is None:
+        raise AhnError("AHN_RT_TRAIN_ATTENTION=flex needs a torch with FlexAttention; use sdpa or auto")
 
 
 @functools.cache

@@ -41,6 +41,15 @@ from . import checkpoint as ckpt_io
 from . import dist as dist_mod
 from .data import BudgetSpec, Cursor, Dataset, MicroBatch, collate
 
+
+class Diverged(AhnError):
+    """The loss, the gradient norm or an AHN weight became NaN or infinite: training stops before the step's
+    update is applied or the weights are saved (one line). A runtime failure, not a usage error: the
+    command line exits 1. The values checked are the same on every rank (summed over the ranks, or whole)."""
+    exit_code = 1
+    same_on_every_rank = True
+
+
 @dataclasses.dataclass
 class TrainSettings:
     steps: int | None = None            # None: one epoch
@@ -269,6 +278,7 @@ class Trainer:
                     (loss * (n / mass_total)).backward()
                 loss_sum += loss.detach().double().cpu() * n
         loss_sum = par.all_sum(loss_sum)
+        mean_loss = float(loss_sum / mass_total) if n_total else None
         grad_norm = None
         if n_total > 0:
             params = [p for _, p in self.trained]
@@ -278,15 +288,30 @@ class Trainer:
             par.reduce_grads(params)
             max_norm = self.s.max_grad_norm if self.s.max_grad_norm > 0 else float("inf")
             grad_norm = float(par.full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            self._require_finite(step, loss=mean_loss, grad_norm=grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
         dt = time.perf_counter() - t0
-        return {"step": step, "loss": float(loss_sum / mass_total) if n_total else None, "lr": lr,
+        return {"step": step, "loss": mean_loss, "lr": lr,
                 "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
                 "valid": n_total, "grad_norm": grad_norm, "epoch": self.cursor.epoch,
                 "tokens_seen": self.tokens_seen, "world_size": self.world_size}
+
+    def _require_finite(self, step: int, *, loss: float | None = None, grad_norm: float | None = None,
+                        weights: dict[str, torch.Tensor] | None = None):
+        """Raise Diverged when optimizer step ``step`` (0-based) has a non-finite loss or gradient norm (checked
+        before its update), or left non-finite AHN ``weights`` (checked before they are saved)."""
+        if loss is not None and grad_norm is not None and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = f"loss {loss:.4g}, gradient norm {grad_norm:.4g}"
+        elif weights is not None and (bad := [k for k, v in weights.items() if not bool(torch.isfinite(v).all())]):
+            what = f"its update left {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + " non-finite"
+        else:
+            return
+        raise Diverged(f"training diverged at step {step + 1} of {self.total_steps} ({what}; lr {self.lr(step):.3g}); "
+                       "stopped without saving non-finite weights; lower --lr (or raise --warmup-ratio) and check "
+                       "the data")
 
     # ---- resume state --------------------------------------------------------------------------
     def ahn_weights(self) -> dict[str, torch.Tensor]:
@@ -367,6 +392,7 @@ class Trainer:
         ``identity``: what else a resume checks (the base config, the data fingerprint). Call it on every
         rank: --fsdp gathers the shards, --ddp checks that the ranks agree."""
         ahn, tensors, state = self.state()
+        self._require_finite(self.step - 1, weights=ahn)    # whole tensors: the same on every rank
         self.parallel.check_in_sync(self.named, self.step)
         if not self.is_main:
             return
