@@ -208,3 +208,33 @@ def test_generation_stats_belong_to_their_call(tiny):
     assert g1.stats.prompt_tokens != g2.stats.prompt_tokens
     assert g1.stats.new_tokens <= 4 and g2.stats.new_tokens <= 2
     assert json.dumps(g1.stats.prompt_tokens)
+
+
+# ---- a switch set to a value it does not take (AHN_RT_GRAPH=2): one line in every command -----------
+def test_settings_error_is_an_ahn_error_and_settings_stays_standalone():
+    import runpy
+    from pathlib import Path
+
+    from ahn_rt.settings import SettingsError
+    assert issubclass(SettingsError, ahn_rt.AhnError)
+    # setup.py runs settings.py alone (no package, no torch): that must keep working
+    alone = runpy.run_path(str(Path(ahn_rt.__file__).parent / "settings.py"))
+    assert alone["build_cuda"]() in ("", "0", "1")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "serve", "init_weights"])
+def test_bad_switch_is_one_line_in_every_command(tiny, tmp_path, cmd):
+    env = {**os.environ, "AHN_RT_GRAPH": "2"}
+    if cmd == "generate":
+        argv = [*GEN, "--weights", str(tiny), "--prompt", "hi"]
+    elif cmd == "serve":
+        pytest.importorskip("fastapi")
+        pytest.importorskip("uvicorn")
+        argv = ["ahn_rt.serve", "--weights", str(tiny), "--port", "0"]
+    else:   # init_weights reads no graph switch; the backend switch reaches it through the ops
+        env = {**os.environ, "AHN_RT_BACKEND": "fast"}
+        argv = ["ahn_rt.init_weights", "--preset", "tiny", "--ahn", "gdn", "--out", str(tmp_path / "m.safetensors")]
+    rc, out, err = run(*argv, env=env)
+    one_line_error(rc, err, "is not one of")
+    assert not list(tmp_path.iterdir())
+
