@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from .cli import add_model_arguments, exit_on_interrupt, load_model, one_line_warnings
+from .cli import ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -25,8 +24,8 @@ from .errors import AhnError  # noqa: E402
 DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ahn_rt.generate",
+def build_parser() -> ArgParser:
+    ap = ArgParser(prog="python -m ahn_rt.generate",
                                  description="Generate text with an AHN-augmented Qwen model.")
     add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder "
                             "(default: the demo model in weights/demo, with its demo prompt)")

@@ -10,13 +10,13 @@ tokenizer.json beside it. The AHN o_proj is random, not zero, so the memory is e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from .cli import ArgParser
 from .config import parse_config, parse_dtype
 from .errors import AhnError
 from .weights import ahn_shapes, atomic_write_text, base_shapes, write_checkpoint
@@ -93,7 +93,7 @@ def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device=
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ahn_rt.init_weights", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="python -m ahn_rt.init_weights", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--ahn", choices=["gdn", "dn", "mamba2", "none"], default="none",
                     help="add AHN weights: GatedDeltaNet (gdn), DeltaNet (dn) or Mamba2 (mamba2)")

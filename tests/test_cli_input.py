@@ -238,3 +238,10 @@ def test_bad_switch_is_one_line_in_every_command(tiny, tmp_path, cmd):
     one_line_error(rc, err, "is not one of")
     assert not list(tmp_path.iterdir())
 
+
+@pytest.mark.parametrize("cmd,argv", [("ahn_rt.generate", []), ("ahn_rt.serve", ["--weights", "x"]),
+                                      ("ahn_rt.init_weights", ["--preset", "tiny", "--out", "x.safetensors"])])
+def test_usage_errors_are_one_line(cmd, argv):
+    rc, out, err = run(cmd, *argv, "--no-such-option")
+    one_line_error(rc, err, "unrecognized arguments: --no-such-option")
+    assert f"see python -m {cmd} --help" in err
