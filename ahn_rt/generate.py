@@ -67,6 +67,18 @@ def _read_prompt(args) -> str:
     return decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
 
 
+def _check_sampling(args):
+    """The sampling options, checked by the rule the API uses (SamplingParams) before the model loads; the
+    message names the option (--top-k, not top_k)."""
+    from .sampling import SamplingParams
+    try:
+        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except AhnError as e:
+        name, _, rest = str(e).partition(" ")
+        raise AhnError(f"--{name.replace('_', '-')} {rest}") from None
+
+
 def _demo_prompt() -> tuple[str, dict]:
     """The demo prompt and what it tests (weights/demo/demo.json: the answer and its distance)."""
     try:
@@ -95,6 +107,7 @@ def main(argv=None) -> int:
             raise AhnError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if any(s == "" for s in args.stop):
             raise AhnError("--stop needs a non-empty string")
+        _check_sampling(args)
         if demo_prompt:
             prompt, info = _demo_prompt()
             args.stop = args.stop or ["\n"]

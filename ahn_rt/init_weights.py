@@ -19,6 +19,7 @@ import torch
 from .cli import ArgParser
 from .config import parse_config, parse_dtype
 from .errors import AhnError
+from .sampling import check_seed
 from .weights import ahn_shapes, atomic_write_text, base_shapes, write_checkpoint
 
 QWEN_VOCAB = 151936
@@ -70,6 +71,7 @@ def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device=
     memory (``_ahn_implementation``) drawn by its module (``Memory.random_param``: as the official
     constructor draws them, docs/semantics.md §8, §11), except o_proj, which is random instead of zero so
     that the memory is exercised."""
+    check_seed(seed)
     c = parse_config(cfg, "preset")
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.suffix != ".safetensors":
             raise AhnError(f"--out must end in .safetensors, got {out}")
+        check_seed(args.seed, "--seed")
         dtype = parse_dtype(args.dtype)
         ahn = args.ahn != "none"
         cfg = preset_config(args.preset, args.ahn if ahn else False, dtype)

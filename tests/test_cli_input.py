@@ -245,3 +245,27 @@ def test_usage_errors_are_one_line(cmd, argv):
     rc, out, err = run(cmd, *argv, "--no-such-option")
     one_line_error(rc, err, "unrecognized arguments: --no-such-option")
     assert f"see python -m {cmd} --help" in err
+
+
+# ---- seeds torch cannot take, non-finite sampling options: one line, before the model loads ----------
+@pytest.mark.parametrize("extra,needle", [
+    (("--seed", "99999999999999999999999"), "--seed must be in"),
+    (("--seed", str(-(2 ** 63) - 1)), "--seed must be in"),
+    (("--temperature", "inf"), "--temperature must be a finite number"),
+    (("--temperature", "nan"), "--temperature must be a finite number"),
+    (("--repetition-penalty", "inf"), "--repetition-penalty must be a finite number"),
+    (("--top-k", "-1"), "--top-k must be >= 0"),
+], ids=["seed-too-big", "seed-too-small", "temperature-inf", "temperature-nan", "penalty-inf", "top-k"])
+def test_bad_sampling_options_are_one_line(tiny, extra, needle):
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", *extra)
+    one_line_error(rc, err, needle)
+    assert out == ""
+
+
+def test_init_weights_seed_out_of_range(tmp_path):
+    rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--seed", "99999999999999999999999",
+                       "--out", str(tmp_path / "m.safetensors"))
+    one_line_error(rc, err, "--seed must be in")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ahn_rt.AhnError, match="seed must be in"):
+        random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)

@@ -220,6 +220,7 @@ BAD = [
     ({"prompt": "hi", "top_p": 0}, "/v1/completions", "top_p", None),
     ({"prompt": "hi", "stop": [""]}, "/v1/completions", "stop", None),
     ({"prompt": "hi", "seed": "x"}, "/v1/completions", "seed", None),
+    ({"prompt": "hi", "seed": 2 ** 64}, "/v1/completions", "seed", None),
     ({"prompt": "hi", "presence_penalty": 0.5}, "/v1/completions", "presence_penalty", "unsupported_parameter"),
     ({"prompt": "hi", "stream": "yes"}, "/v1/completions", "stream", None),
     ({"prompt": "hi", "session_id": "../etc"}, "/v1/completions", "session_id", None),
