@@ -269,3 +269,10 @@ def test_init_weights_seed_out_of_range(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(ahn_rt.AhnError, match="seed must be in"):
         random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)
+
+
+# ---- a window whose state does not fit: one line with the size, not the allocator's traceback --------
+def test_window_too_large_for_memory(tiny):
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--window", "100000000000")
+    one_line_error(rc, err, "cannot allocate the state")
+    assert "TiB needed" in err and "--window" in err and out == ""
