@@ -6,6 +6,7 @@ completes, conversations are written to --state-dir, and the process exits 0.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -25,9 +26,12 @@ def parse_size(text: str, what: str) -> int:
     unit = t[len(num):]
     try:
         value = float(num)
-        assert unit in SIZE_UNITS and value >= 0
-    except (ValueError, AssertionError):
-        raise AhnError(f"{what} must be a size such as 4GiB, 512MiB or a number of bytes, got {text!r}") from None
+        ok = unit in SIZE_UNITS and math.isfinite(value) and value >= 0   # 'inf' and '1e400' are not sizes
+    except ValueError:
+        ok = False
+    if not ok:
+        raise AhnError(f"{what} must be a finite size >= 0 such as 4GiB, 512MiB or a number of bytes, "
+                       f"got {text!r}")
     return int(value * SIZE_UNITS[unit])
 
 
