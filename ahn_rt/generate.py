@@ -1,7 +1,11 @@
 """Command line: stream text from an AHN-augmented (or plain) Qwen checkpoint.
 
     python -m ahn_rt.generate                       # the demo model in weights/demo and its demo prompt
+    echo "import os" | python -m ahn_rt.generate    # the demo model on your prompt (piped text)
     python -m ahn_rt.generate --weights qwen3b.safetensors --prompt "Hello" --max-new-tokens 64
+
+The prompt is --prompt, else --prompt-file, else stdin when it is not a terminal. An empty stdin (</dev/null,
+as in CI) or a closed one is no prompt: the demo model then runs its demo prompt, another model says so.
 
 A user's mistake (bad path, bad option, corrupt checkpoint, text that is not UTF-8) prints one line and
 exits 2; Ctrl-C at any moment prints one line and exits 130; no traceback.
@@ -31,7 +35,8 @@ def build_parser() -> ArgParser:
                             "(default: the demo model in weights/demo, with its demo prompt)")
     p = ap.add_argument_group("prompt")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (default: read stdin)")
+    src.add_argument("--prompt", help="prompt text (default: stdin when text is piped; with no --weights and "
+                                      "nothing piped, the demo prompt)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Qwen ChatML template")
     p.add_argument("--system", help="system message for --chat")
@@ -48,7 +53,9 @@ def build_parser() -> ArgParser:
     return ap
 
 
-def _read_prompt(args) -> str:
+def _read_prompt(args, required: bool = True) -> str | None:
+    """The prompt of --prompt, --prompt-file or stdin (when stdin is not a terminal). No prompt (no option,
+    stdin a terminal, closed or empty): None when not ``required`` (the demo prompt runs), else AhnError."""
     from .tokenizer import check_text, decode_utf8
     if args.prompt is not None:
         check_text(args.prompt)
@@ -62,9 +69,18 @@ def _read_prompt(args) -> str:
         except OSError as e:
             raise AhnError(f"cannot read prompt file {args.prompt_file}: {e.strerror or e}") from None
         return decode_utf8(data, f"prompt file {args.prompt_file}")
-    if sys.stdin is None or sys.stdin.isatty():
-        raise AhnError("no prompt: pass --prompt TEXT, --prompt-file PATH or pipe text on stdin")
-    return decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+    data = b""
+    if sys.stdin is not None and not sys.stdin.isatty():
+        try:
+            data = sys.stdin.buffer.read()
+        except OSError as e:
+            raise AhnError(f"cannot read the prompt from stdin: {e.strerror or e}") from None
+    if not data:
+        if not required:
+            return None
+        raise AhnError("no prompt: pass --prompt TEXT, --prompt-file PATH or pipe text on stdin"
+                       + (" (stdin is empty)" if sys.stdin is not None and not sys.stdin.isatty() else ""))
+    return decode_utf8(data, "the prompt on stdin")
 
 
 def _check_sampling(args):
@@ -98,7 +114,8 @@ def main(argv=None) -> int:
                 raise AhnError(f"no --weights given and the demo model is not in {DEMO_DIR}; "
                                "pass --weights PATH (a .safetensors file or a checkpoint folder)")
             args.weights = str(DEMO_DIR)
-        demo_prompt = demo and args.prompt is None and args.prompt_file is None
+        prompt = _read_prompt(args, required=not demo)   # before the defaults: piped text is no demo prompt
+        demo_prompt = prompt is None
         if args.max_new_tokens is None:
             args.max_new_tokens = 8 if demo_prompt else 128
         if args.temperature is None:
@@ -111,8 +128,6 @@ def main(argv=None) -> int:
         if demo_prompt:
             prompt, info = _demo_prompt()
             args.stop = args.stop or ["\n"]
-        else:
-            prompt = _read_prompt(args)
         model = load_model(args)
         if demo_prompt:
             c = model.config

@@ -276,3 +276,15 @@ def test_window_too_large_for_memory(tiny):
     rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--window", "100000000000")
     one_line_error(rc, err, "cannot allocate the state")
     assert "TiB needed" in err and "--window" in err and out == ""
+
+
+# ---- stdin: with --weights an empty or closed stdin is no prompt (one line, before the model loads) -----
+@pytest.mark.parametrize("how", ["empty", "closed"])
+def test_weights_with_no_prompt_on_stdin(tiny, how):
+    kw = dict(stdin=subprocess.DEVNULL)
+    if how == "closed":
+        kw["preexec_fn"] = lambda: os.close(0)
+    p = subprocess.run([sys.executable, "-m", *GEN, "--weights", str(tiny)], capture_output=True, text=True,
+                       timeout=300, **kw)
+    one_line_error(p.returncode, p.stderr, "no prompt: pass --prompt TEXT")
+    assert ("stdin is empty" in p.stderr) == (how == "empty")
