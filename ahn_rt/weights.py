@@ -102,6 +102,8 @@ def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_j
                                                   metadata=meta))
         if config_json and config is not None:
             atomic_write_text(out.parent / "config.json", json.dumps(config, indent=2) + "\n")
+    except AhnError:   # check_writable's and atomic_write_text's own line, already naming the path
+        raise
     except OSError as e:
         raise AhnError(f"cannot write {out}: {e.strerror or e}") from None
     except Exception as e:  # safetensors raises its own error type for an unwritable path

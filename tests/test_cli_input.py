@@ -94,6 +94,7 @@ def test_init_weights_unwritable_out(tmp_path, where):
     before = set(tmp_path.rglob("*"))
     rc, _, err = run("ahn_rt.init_weights", "--preset", "tiny", "--out", str(out), "--tokenizer", "qwen2.5")
     one_line_error(rc, err, "cannot write")
+    assert err.count("cannot write") == 1, err         # the path is named once, not "cannot write X: cannot write X"
     assert set(tmp_path.rglob("*")) == before          # nothing half-written, no tokenizer either
 
 
