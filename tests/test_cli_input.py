@@ -289,3 +289,11 @@ def test_weights_with_no_prompt_on_stdin(tiny, how):
                        timeout=300, **kw)
     one_line_error(p.returncode, p.stderr, "no prompt: pass --prompt TEXT")
     assert ("stdin is empty" in p.stderr) == (how == "empty")
+
+
+def test_config_json_as_tokenizer(tiny):
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(tiny.parent / "tokenizer.json"))
+    assert rc == 0, err
+    cfg = tiny.parent / "generation_config.json"      # valid JSON, not a tokenizer
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(cfg))
+    one_line_error(rc, err, "is not a tokenizer.json")
