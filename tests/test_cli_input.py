@@ -292,7 +292,8 @@ def test_weights_with_no_prompt_on_stdin(tiny, how):
 
 
 def test_config_json_as_tokenizer(tiny):
-    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(tiny.parent / "tokenizer.json"))
+    good = tiny.parent / "tokenizer.json"
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(good))
     assert rc == 0, err
     cfg = tiny.parent / "generation_config.json"      # valid JSON, not a tokenizer
     rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(cfg))
