@@ -251,6 +251,7 @@ def test_a_state_that_does_not_fit_is_one_line_naming_the_size():
     with pytest.raises(AhnError, match=r"cannot allocate 3 states .*--max-sessions"):
         StatePool(_config(2, 10 ** 11), "cpu", 3)
     st = State(_config(0, 4, mode="full"), "cpu")
-    with pytest.raises(AhnError, match="full attention keeps every token"):
+    with pytest.raises(AhnError, match="full attention keeps every token"), \
+            pytest.warns(UserWarning, match="past max_position_embeddings"):   # the usual warning comes first
         st.ensure_capacity(10 ** 17)
     assert st.capacity == 256 and st.k.shape[2] == 256    # unchanged, still usable
