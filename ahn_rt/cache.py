@@ -36,12 +36,15 @@ decode kernels read, so one captured CUDA graph serves every step. ``advance`` k
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import threading
 import warnings
 
 import torch
 
 from .config import Config
+from .errors import AhnError
 
 FULL_MIN_CAPACITY = 256
 
@@ -179,21 +182,50 @@ def allocate(config: Config, device, n: int, capacity: int) -> dict[str, torch.T
     """
     c = config
     L, Hkv, D, H = c.num_layers, c.num_kv_heads, c.head_dim, c.num_heads
-    kw = dict(device=torch.device(device))
-    out = {"k": torch.zeros(L, n, Hkv, capacity, D, dtype=c.dtype, **kw)}
-    out["v"] = torch.zeros_like(out["k"])
+    fields = {"k": ((L, n, Hkv, capacity, D), c.dtype), "v": ((L, n, Hkv, capacity, D), c.dtype)}
     if c.mode == "ahn":
         from . import memory
         mem = memory.get(c.ahn_implementation)
         for name, f in mem.gate_fields(c).items():
             dt = torch.float32 if f.float32 else c.dtype
-            out["gate." + name] = torch.zeros(L, n, capacity, H, dtype=dt, **kw)
-            out["gate_evict." + name] = torch.zeros(n, H, dtype=dt, **kw)
-        out["memory"] = torch.zeros(L, n, *mem.state_shape(c), dtype=torch.float32, **kw)
-    out["pos"] = torch.zeros(n, dtype=torch.int64, **kw)
-    out["k_evict"] = torch.zeros(n, Hkv, D, dtype=c.dtype, **kw)
-    out["v_evict"] = torch.zeros_like(out["k_evict"])
-    return out
+            fields["gate." + name] = ((L, n, capacity, H), dt)
+            fields["gate_evict." + name] = ((n, H), dt)
+        fields["memory"] = ((L, n, *mem.state_shape(c)), torch.float32)
+    fields["pos"] = ((n,), torch.int64)
+    fields["k_evict"] = ((n, Hkv, D), c.dtype)
+    fields["v_evict"] = ((n, Hkv, D), c.dtype)
+    return zeros(fields, c, device, n, capacity)
+
+
+def zeros(fields: dict, c: Config, device, n: int, capacity: int) -> dict[str, torch.Tensor]:
+    """name -> (shape, dtype) -> zeroed tensors on ``device``; memory that is not there (more than the
+    device has, or more than torch can size) is an AhnError saying how much was needed and what to lower,
+    raised before anything is kept."""
+    need = sum(math.prod(shape) * dt.itemsize for shape, dt in fields.values())
+    device = torch.device(device)
+    try:
+        if need >= 2 ** 62:       # beyond any machine (and beyond what torch can even size)
+            raise RuntimeError("out of memory")
+        return {name: torch.zeros(shape, dtype=dt, device=device) for name, (shape, dt) in fields.items()}
+    except RuntimeError as e:     # torch.OutOfMemoryError (CUDA) is one too; the CPU allocator raises it plain
+        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+            raise
+        raise AhnError(_allocation_failure(c, device, n, capacity, need)) from None
+
+
+def _allocation_failure(c: Config, device, n: int, capacity: int, need: int) -> str:
+    """The one line a state allocation that does not fit says: how much it needed and what to lower."""
+    from .runtime import human_bytes
+    what = f"{n} states" if n > 1 else "the state"
+    if c.mode == "full":
+        slots = f"{capacity} cache slots (full attention keeps every token)"
+        hint = "use a shorter prompt, or mode ahn or swa (a fixed window)"
+    else:
+        slots = f"sinks {c.sinks} + window {c.window} = {capacity} cache slots"
+        hint = ("lower the window (--window)" if c.window >= c.sinks else "lower the sinks (--sinks)") + (
+            " or the sessions at once (--max-sessions)" if n > 1 else "")
+    return (f"cannot allocate {what} on {device}: {human_bytes(need)} needed for {slots} x {c.num_layers} "
+            f"layers; {hint}")
 
 
 class State:
@@ -339,8 +371,9 @@ class State:
         while new < total:
             new *= 2
         # (a full-mode state is never in a pool: its buffers are its own and may move)
-        k = torch.zeros(*self.k.shape[:2], new, self.k.shape[3], dtype=self.k.dtype, device=self.device)
-        v = torch.zeros_like(k)
+        shape = (*self.k.shape[:2], new, self.k.shape[3])
+        grown = zeros({"k": (shape, self.k.dtype), "v": (shape, self.v.dtype)}, self.config, self.device, 1, new)
+        k, v = grown["k"], grown["v"]
         k[:, :, : self.capacity] = self.k
         v[:, :, : self.capacity] = self.v
         self.k, self.v = k, v
@@ -362,6 +395,13 @@ class State:
         (0.001, 0.1)), a small memory once tokens have left the window (``generator``: on the state's
         device; default seeded 0). For benchmarks and shape tests: the cost of a step depends on the
         depth, not on the values (a real context comes from ``Session.forward``)."""
+        orig = position   # a negative depth once reached the kernels (a native crash): check it here
+        try:
+            position = operator.index(position) if not isinstance(position, bool) else None
+        except TypeError:
+            position = None
+        if position is None or position < 0:
+            raise AhnError(f"fill_random needs a position (depth) that is an integer >= 0, got {orig!r}")
         self.ensure_capacity(position)
         self.reset()
         n = min(position, self.capacity)

@@ -1,7 +1,11 @@
 """Command line: stream text from an AHN-augmented (or plain) Qwen checkpoint.
 
     python -m ahn_rt.generate                       # the demo model in weights/demo and its demo prompt
+    echo "import os" | python -m ahn_rt.generate    # the demo model on your prompt (piped text)
     python -m ahn_rt.generate --weights qwen3b.safetensors --prompt "Hello" --max-new-tokens 64
+
+The prompt is --prompt, else --prompt-file, else stdin when it is not a terminal. An empty stdin (</dev/null,
+as in CI) or a closed one is no prompt: the demo model then runs its demo prompt, another model says so.
 
 A user's mistake (bad path, bad option, corrupt checkpoint, text that is not UTF-8) prints one line and
 exits 2; Ctrl-C at any moment prints one line and exits 130; no traceback.
@@ -10,12 +14,11 @@ from __future__ import annotations
 
 import sys
 
-from .cli import add_model_arguments, exit_on_interrupt, load_model, one_line_warnings
+from .cli import ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -25,14 +28,15 @@ from .errors import AhnError  # noqa: E402
 DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ahn_rt.generate",
+def build_parser() -> ArgParser:
+    ap = ArgParser(prog="python -m ahn_rt.generate",
                                  description="Generate text with an AHN-augmented Qwen model.")
     add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder "
                             "(default: the demo model in weights/demo, with its demo prompt)")
     p = ap.add_argument_group("prompt")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (default: read stdin)")
+    src.add_argument("--prompt", help="prompt text (default: stdin when text is piped; with no --weights and "
+                                      "nothing piped, the demo prompt)")
     src.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Qwen ChatML template")
     p.add_argument("--system", help="system message for --chat")
@@ -49,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _read_prompt(args) -> str:
+def _read_prompt(args, required: bool = True) -> str | None:
+    """The prompt of --prompt, --prompt-file or stdin (when stdin is not a terminal). No prompt (no option,
+    stdin a terminal, closed or empty): None when not ``required`` (the demo prompt runs), else AhnError."""
     from .tokenizer import check_text, decode_utf8
     if args.prompt is not None:
         check_text(args.prompt)
@@ -63,9 +69,30 @@ def _read_prompt(args) -> str:
         except OSError as e:
             raise AhnError(f"cannot read prompt file {args.prompt_file}: {e.strerror or e}") from None
         return decode_utf8(data, f"prompt file {args.prompt_file}")
-    if sys.stdin is None or sys.stdin.isatty():
-        raise AhnError("no prompt: pass --prompt TEXT, --prompt-file PATH or pipe text on stdin")
-    return decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+    data = b""
+    if sys.stdin is not None and not sys.stdin.isatty():
+        try:
+            data = sys.stdin.buffer.read()
+        except OSError as e:
+            raise AhnError(f"cannot read the prompt from stdin: {e.strerror or e}") from None
+    if not data:
+        if not required:
+            return None
+        raise AhnError("no prompt: pass --prompt TEXT, --prompt-file PATH or pipe text on stdin"
+                       + (" (stdin is empty)" if sys.stdin is not None and not sys.stdin.isatty() else ""))
+    return decode_utf8(data, "the prompt on stdin")
+
+
+def _check_sampling(args):
+    """The sampling options, checked by the rule the API uses (SamplingParams) before the model loads; the
+    message names the option (--top-k, not top_k)."""
+    from .sampling import SamplingParams
+    try:
+        SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed)
+    except AhnError as e:
+        name, _, rest = str(e).partition(" ")
+        raise AhnError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 def _demo_prompt() -> tuple[str, dict]:
@@ -87,7 +114,8 @@ def main(argv=None) -> int:
                 raise AhnError(f"no --weights given and the demo model is not in {DEMO_DIR}; "
                                "pass --weights PATH (a .safetensors file or a checkpoint folder)")
             args.weights = str(DEMO_DIR)
-        demo_prompt = demo and args.prompt is None and args.prompt_file is None
+        prompt = _read_prompt(args, required=not demo)   # before the defaults: piped text is no demo prompt
+        demo_prompt = prompt is None
         if args.max_new_tokens is None:
             args.max_new_tokens = 8 if demo_prompt else 128
         if args.temperature is None:
@@ -96,11 +124,10 @@ def main(argv=None) -> int:
             raise AhnError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if any(s == "" for s in args.stop):
             raise AhnError("--stop needs a non-empty string")
+        _check_sampling(args)
         if demo_prompt:
             prompt, info = _demo_prompt()
             args.stop = args.stop or ["\n"]
-        else:
-            prompt = _read_prompt(args)
         model = load_model(args)
         if demo_prompt:
             c = model.config

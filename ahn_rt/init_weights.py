@@ -10,15 +10,16 @@ tokenizer.json beside it. The AHN o_proj is random, not zero, so the memory is e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from .cli import ArgParser
 from .config import parse_config, parse_dtype
 from .errors import AhnError
+from .sampling import check_seed
 from .weights import ahn_shapes, atomic_write_text, base_shapes, write_checkpoint
 
 QWEN_VOCAB = 151936
@@ -70,6 +71,7 @@ def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device=
     memory (``_ahn_implementation``) drawn by its module (``Memory.random_param``: as the official
     constructor draws them, docs/semantics.md §8, §11), except o_proj, which is random instead of zero so
     that the memory is exercised."""
+    check_seed(seed)
     c = parse_config(cfg, "preset")
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -93,7 +95,7 @@ def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device=
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ahn_rt.init_weights", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="python -m ahn_rt.init_weights", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--ahn", choices=["gdn", "dn", "mamba2", "none"], default="none",
                     help="add AHN weights: GatedDeltaNet (gdn), DeltaNet (dn) or Mamba2 (mamba2)")
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.suffix != ".safetensors":
             raise AhnError(f"--out must end in .safetensors, got {out}")
+        check_seed(args.seed, "--seed")
         dtype = parse_dtype(args.dtype)
         ahn = args.ahn != "none"
         cfg = preset_config(args.preset, args.ahn if ahn else False, dtype)

@@ -29,10 +29,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build
     _ext_error = str(e)
 
-try:
-    _backend = settings.backend()
-except settings.SettingsError as e:
-    raise AhnError(str(e)) from None
+_backend = settings.backend()   # a bad value: settings.SettingsError, an AhnError (one line in every CLI)
 
 BUILD_COMMAND = "pip install --no-build-isolation -e ."
 _noted = False

@@ -7,10 +7,25 @@ top-p, min-p; temperature 0 means greedy (argmax after the repetition penalty).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from .errors import AhnError
+
+# The seeds torch.Generator.manual_seed takes (any other overflows inside torch): the one rule for every
+# seed a user gives (SamplingParams, the server's "seed" field, init_weights --seed).
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+
+
+def check_seed(seed, what: str = "seed"):
+    """AhnError (one line, naming ``what``) unless ``seed`` is None or an integer in [SEED_MIN, SEED_MAX]."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise AhnError(f"{what} must be an integer, got {seed!r}")
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise AhnError(f"{what} must be in [{SEED_MIN}, {SEED_MAX}], got {seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,15 +39,18 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise AhnError(msg)
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:

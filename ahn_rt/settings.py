@@ -29,6 +29,11 @@ from __future__ import annotations
 
 import os
 
+try:
+    from .errors import AhnError as _Base   # inside the package: a bad switch is a user's mistake (one line)
+except ImportError:                           # setup.py runs this file alone (runpy), outside the package
+    _Base = ValueError
+
 _CHOICES = {
     "AHN_RT_BACKEND": ("auto", "ref", "ext"),
     "AHN_RT_GRAPH": ("1", "0"),
@@ -41,8 +46,9 @@ _CHOICES = {
 _KERNEL_FLAGS = ("AHN_RT_GEMV_PDL", "AHN_RT_GEMV_SIMT", "AHN_RT_GDN_GENERIC", "AHN_RT_GDN_SCAN_SIMT")
 
 
-class SettingsError(ValueError):
-    """A switch set to a value it does not take (one line)."""
+class SettingsError(_Base):
+    """A switch set to a value it does not take (one line). An ``AhnError`` (errors.py is standard library
+    only too), so every command line prints it as "error: ..." and exits 2."""
 
 
 def _read(name: str) -> str:

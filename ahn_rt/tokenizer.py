@@ -16,6 +16,17 @@ QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpf
 _REPLACEMENT = "\ufffd"
 
 
+def _json_without_model(path: str) -> bool:
+    """True when ``path`` holds valid JSON that is not a tokenizer.json (an object without "model", or no
+    object at all): a config.json or generation_config.json passed as the tokenizer."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return not isinstance(data, dict) or "model" not in data
+
+
 class Tokenizer:
     """A loaded tokenizer.json. Build it with ``Tokenizer.from_file(path)``."""
 
@@ -40,6 +51,10 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad files
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if _json_without_model(path):   # e.g. config.json given as the tokenizer: its parse error misleads
+                raise AhnError(f"{path} is not a tokenizer.json (valid JSON, but no tokenizer \"model\" in it); "
+                               "pass the model folder's tokenizer.json (or build one with init_weights "
+                               "--tokenizer qwen2.5)") from None
             raise AhnError(f"cannot read tokenizer file {path} ({msg}); replace it with a valid "
                            "tokenizer.json (or rebuild it with init_weights --tokenizer qwen2.5)") from None
         return cls(tok, path)

@@ -102,6 +102,8 @@ def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_j
                                                   metadata=meta))
         if config_json and config is not None:
             atomic_write_text(out.parent / "config.json", json.dumps(config, indent=2) + "\n")
+    except AhnError:   # check_writable's and atomic_write_text's own line, already naming the path
+        raise
     except OSError as e:
         raise AhnError(f"cannot write {out}: {e.strerror or e}") from None
     except Exception as e:  # safetensors raises its own error type for an unwritable path
@@ -209,6 +211,8 @@ def _weight_files(path: Path, what: str) -> list[Path]:
         if path.suffix != ".safetensors":
             raise AhnError(f"{path}: expected a .safetensors file or a checkpoint folder")
         files = [path]
+    elif not path.is_dir():   # /dev/null, a pipe, a socket: not something weights can be read from
+        raise AhnError(f"{what} {path} is neither a .safetensors file nor a checkpoint folder")
     else:
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
@@ -362,6 +366,10 @@ def open_checkpoint(weights, ahn=None) -> Checkpoint:
     """Locate the files and read the config of a base or merged checkpoint (+ an AHN checkpoint)."""
     path = Path(os.fspath(weights)).expanduser()
     files = _weight_files(path, "weights")
+    src = _Source(files)
+    if src.where and all(is_ahn_key(k) for k in src.where):
+        raise AhnError(f"{path} is an AHN-only checkpoint (it holds only model.layers.N.ahn.* tensors, no base "
+                       f"model): give the base model with --weights and this one with --ahn")
     cfg = find_config(path, files)
     if cfg is None:
         raise AhnError(f"no config for {path}: put the model's config.json beside the weights "
@@ -382,7 +390,7 @@ def open_checkpoint(weights, ahn=None) -> Checkpoint:
                                      config_window=a.config_window or config.config_window,
                                      config_sinks=a.config_sinks if a.config_sinks is not None else config.config_sinks)
     folder = path if path.is_dir() else path.parent
-    return Checkpoint(config, _Source(files), ahn_src, str(path), folder)
+    return Checkpoint(config, src, ahn_src, str(path), folder)
 
 
 def load_weights(config: Config, ckpt: Checkpoint, device) -> Weights:

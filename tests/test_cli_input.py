@@ -94,6 +94,7 @@ def test_init_weights_unwritable_out(tmp_path, where):
     before = set(tmp_path.rglob("*"))
     rc, _, err = run("ahn_rt.init_weights", "--preset", "tiny", "--out", str(out), "--tokenizer", "qwen2.5")
     one_line_error(rc, err, "cannot write")
+    assert err.count("cannot write") == 1, err         # the path is named once, not "cannot write X: cannot write X"
     assert set(tmp_path.rglob("*")) == before          # nothing half-written, no tokenizer either
 
 
@@ -208,3 +209,92 @@ def test_generation_stats_belong_to_their_call(tiny):
     assert g1.stats.prompt_tokens != g2.stats.prompt_tokens
     assert g1.stats.new_tokens <= 4 and g2.stats.new_tokens <= 2
     assert json.dumps(g1.stats.prompt_tokens)
+
+
+# ---- a switch set to a value it does not take (AHN_RT_GRAPH=2): one line in every command -----------
+def test_settings_error_is_an_ahn_error_and_settings_stays_standalone():
+    import runpy
+    from pathlib import Path
+
+    from ahn_rt.settings import SettingsError
+    assert issubclass(SettingsError, ahn_rt.AhnError)
+    # setup.py runs settings.py alone (no package, no torch): that must keep working
+    alone = runpy.run_path(str(Path(ahn_rt.__file__).parent / "settings.py"))
+    assert alone["build_cuda"]() in ("", "0", "1")
+
+
+@pytest.mark.parametrize("cmd", ["generate", "serve", "init_weights"])
+def test_bad_switch_is_one_line_in_every_command(tiny, tmp_path, cmd):
+    env = {**os.environ, "AHN_RT_GRAPH": "2"}
+    if cmd == "generate":
+        argv = [*GEN, "--weights", str(tiny), "--prompt", "hi"]
+    elif cmd == "serve":
+        pytest.importorskip("fastapi")
+        pytest.importorskip("uvicorn")
+        argv = ["ahn_rt.serve", "--weights", str(tiny), "--port", "0"]
+    else:   # init_weights reads no graph switch; the backend switch reaches it through the ops
+        env = {**os.environ, "AHN_RT_BACKEND": "fast"}
+        argv = ["ahn_rt.init_weights", "--preset", "tiny", "--ahn", "gdn", "--out", str(tmp_path / "m.safetensors")]
+    rc, out, err = run(*argv, env=env)
+    one_line_error(rc, err, "is not one of")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("cmd,argv", [("ahn_rt.generate", []), ("ahn_rt.serve", ["--weights", "x"]),
+                                      ("ahn_rt.init_weights", ["--preset", "tiny", "--out", "x.safetensors"])])
+def test_usage_errors_are_one_line(cmd, argv):
+    rc, out, err = run(cmd, *argv, "--no-such-option")
+    one_line_error(rc, err, "unrecognized arguments: --no-such-option")
+    assert f"see python -m {cmd} --help" in err
+
+
+# ---- seeds torch cannot take, non-finite sampling options: one line, before the model loads ----------
+@pytest.mark.parametrize("extra,needle", [
+    (("--seed", "99999999999999999999999"), "--seed must be in"),
+    (("--seed", str(-(2 ** 63) - 1)), "--seed must be in"),
+    (("--temperature", "inf"), "--temperature must be a finite number"),
+    (("--temperature", "nan"), "--temperature must be a finite number"),
+    (("--repetition-penalty", "inf"), "--repetition-penalty must be a finite number"),
+    (("--top-k", "-1"), "--top-k must be >= 0"),
+], ids=["seed-too-big", "seed-too-small", "temperature-inf", "temperature-nan", "penalty-inf", "top-k"])
+def test_bad_sampling_options_are_one_line(tiny, extra, needle):
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", *extra)
+    one_line_error(rc, err, needle)
+    assert out == ""
+
+
+def test_init_weights_seed_out_of_range(tmp_path):
+    rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--seed", "99999999999999999999999",
+                       "--out", str(tmp_path / "m.safetensors"))
+    one_line_error(rc, err, "--seed must be in")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ahn_rt.AhnError, match="seed must be in"):
+        random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)
+
+
+# ---- a window whose state does not fit: one line with the size, not the allocator's traceback --------
+def test_window_too_large_for_memory(tiny):
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--window", "100000000000")
+    one_line_error(rc, err, "cannot allocate the state")
+    assert "TiB needed" in err and "--window" in err and out == ""
+
+
+# ---- stdin: with --weights an empty or closed stdin is no prompt (one line, before the model loads) -----
+@pytest.mark.parametrize("how", ["empty", "closed"])
+def test_weights_with_no_prompt_on_stdin(tiny, how):
+    kw = dict(stdin=subprocess.DEVNULL)
+    if how == "closed":
+        kw["preexec_fn"] = lambda: os.close(0)
+    p = subprocess.run([sys.executable, "-m", *GEN, "--weights", str(tiny)], capture_output=True, text=True,
+                       timeout=300, **kw)
+    one_line_error(p.returncode, p.stderr, "no prompt: pass --prompt TEXT")
+    assert ("stdin is empty" in p.stderr) == (how == "empty")
+
+
+def test_config_json_as_tokenizer(tiny):
+    good = tiny.parent / "tokenizer.json"
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(good))
+    assert rc == 0, err
+    cfg = tiny.parent / "generation_config.json"      # valid JSON, not a tokenizer
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(cfg))
+    one_line_error(rc, err, "is not a tokenizer.json")

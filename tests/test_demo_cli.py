@@ -2,6 +2,7 @@
 (weights/demo) on its demo prompt — a passkey stated beyond the window — in a few seconds on a CPU; full
 attention recalls it, every mode prints five digits and the stats line."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,13 @@ TIMEOUT_S = 120
 pytestmark = pytest.mark.skipif(not (DEMO / "model.safetensors").exists(), reason="weights/demo not present")
 
 
-def run(*args):
+def run(*args, stdin=None, closed_stdin=False):
+    """The command with stdin = the text ``stdin``, else /dev/null (a piped stdin is a prompt), or closed."""
+    kw = dict(input=stdin) if stdin is not None else dict(stdin=subprocess.DEVNULL)
+    if closed_stdin:
+        kw = dict(stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
     p = subprocess.run([sys.executable, "-m", "ahn_rt.generate", *args], capture_output=True, text=True,
-                       timeout=TIMEOUT_S)
+                       timeout=TIMEOUT_S, **kw)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -40,3 +45,21 @@ def test_the_other_modes_answer_with_five_digits(mode):
 def test_demo_with_an_own_prompt():
     rc, out, err = run("--prompt", "def main(", "--max-new-tokens", "5", "--temperature", "0", "--quiet-stats")
     assert rc == 0 and "[demo]" not in err, err
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["dev-null", "closed"])
+def test_empty_or_closed_stdin_keeps_the_demo_prompt(closed):
+    # CI runs the README's first command with stdin at /dev/null (or closed): that is no prompt
+    answer = json.loads((DEMO / "demo.json").read_text())["answer"]
+    rc, out, err = run("--mode", "full", closed_stdin=closed)
+    assert rc == 0, err
+    assert out.strip() == answer and "[demo]" in err
+
+
+def test_piped_stdin_is_the_prompt():
+    # README: stdin gives your own prompt, with the demo model too (and the non-demo defaults)
+    rc, out, err = run("--temperature", "0", "--max-new-tokens", "4", stdin="import os\n")
+    assert rc == 0, err
+    assert "[demo]" not in err and "[ahn_rt] prompt 3 tok" in err and "decode 4 tok" in err, err
+    rc2, out2, _ = run("--temperature", "0", "--max-new-tokens", "4", "--prompt", "import os\n", "--quiet-stats")
+    assert rc2 == 0 and out2 == out

@@ -68,6 +68,32 @@ def test_empty_folder():
     expect_error(scratch("empty"))
 
 
+@pytest.mark.parametrize("where", ["weights", "ahn"])
+def test_not_a_file_nor_a_folder(where):
+    # /dev/null and a pipe are neither: they used to be read as folders (NotADirectoryError)
+    fifo = os.path.join(scratch("fifo"), "model.safetensors")
+    os.mkfifo(fifo)
+    for path in ("/dev/null", fifo):
+        if where == "weights":
+            expect_error(path, must_name=(path, "neither a .safetensors file nor a checkpoint folder"))
+        else:
+            expect_error(base(SPEC), ahn=path, window=W, sinks=S, mode="ahn",
+                         must_name=("AHN checkpoint", path, "neither a .safetensors file nor a checkpoint folder"))
+
+
+def test_ahn_only_checkpoint_as_weights():
+    # what a training run writes (model.safetensors with only model.layers.N.ahn.* and a config), as a
+    # folder, as its file, and without any config
+    folder = ahn_only(SPEC, W, S)
+    f = os.path.join(folder, "model.safetensors")
+    bare = os.path.join(scratch("ahn-bare"), "ahn.safetensors")
+    shutil.copy(f, bare)
+    for path in (folder, f, bare):
+        msg = expect_error(path, must_name=(path, "AHN-only checkpoint", "--weights", "--ahn"))
+        assert "missing" not in msg
+    assert ahn_rt.load(base(SPEC), ahn=folder, window=W, sinks=S).config.mode == "ahn"   # the right way works
+
+
 def test_truncated_safetensors():
     d = copy_folder(base(SPEC), "truncated")
     f = os.path.join(d, "model.safetensors")

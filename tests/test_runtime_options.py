@@ -41,3 +41,14 @@ def test_window_and_sinks_must_be_integers():
     for bad in (dict(window="abc"), dict(window=8.5), dict(sinks=True), dict(sinks="2")):
         with pytest.raises(AhnError, match="must be an integer"):
             from_state_dict(cfg, sd, mode="ahn", dtype="float32", **bad)
+
+
+def test_a_window_that_does_not_fit_is_an_ahn_error():
+    import pytest
+
+    from ahn_rt import AhnError
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg.update(vocab_size=300)
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32)
+    with pytest.raises(AhnError, match=r"cannot allocate the state on cpu: .* needed .*lower the window \(--window\)"):
+        from_state_dict(cfg, sd, mode="ahn", window=10 ** 11, sinks=2, dtype="float32").new_session()

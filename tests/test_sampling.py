@@ -227,8 +227,18 @@ def test_top_k_1_and_min_p_1_are_greedy():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5),
-                                dict(min_p=2), dict(repetition_penalty=0)], ids=lambda k: str(k))
+                                dict(min_p=2), dict(repetition_penalty=0),
+                                dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                dict(repetition_penalty=float("inf")), dict(seed=2 ** 64), dict(seed=-(2 ** 63) - 1),
+                                dict(seed=99999999999999999999999), dict(seed=1.5), dict(seed=True)],
+                         ids=lambda k: str(k))
 def test_bad_parameters(kw):
     with pytest.raises(AhnError) as e:
         SamplingParams(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_every_seed_in_range_seeds_the_generator():
+    from ahn_rt.sampling import SEED_MAX, SEED_MIN
+    for seed in (SEED_MIN, -1, 0, SEED_MAX):
+        _sampler(temperature=1.0, seed=seed).sample(torch.randn(V))     # torch takes it (no overflow)

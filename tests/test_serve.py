@@ -220,6 +220,7 @@ BAD = [
     ({"prompt": "hi", "top_p": 0}, "/v1/completions", "top_p", None),
     ({"prompt": "hi", "stop": [""]}, "/v1/completions", "stop", None),
     ({"prompt": "hi", "seed": "x"}, "/v1/completions", "seed", None),
+    ({"prompt": "hi", "seed": 2 ** 64}, "/v1/completions", "seed", None),
     ({"prompt": "hi", "presence_penalty": 0.5}, "/v1/completions", "presence_penalty", "unsupported_parameter"),
     ({"prompt": "hi", "stream": "yes"}, "/v1/completions", "stream", None),
     ({"prompt": "hi", "session_id": "../etc"}, "/v1/completions", "session_id", None),
@@ -357,15 +358,26 @@ def test_sessions_and_sigterm_drain(server, servers, model):
     (["--weights", "x", "--max-sessions", "0"], "--max-sessions"),
     (["--weights", "x", "--port", "PORT_IN_USE"], "cannot listen"),
     (["--weights", "x", "NO_FASTAPI"], "pip install"),
-], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi"])
-def test_server_mistakes_exit_2_with_one_line(server, argv, needle):
+    (["--weights", "x", "--prefix-cache", "1e400"], "--prefix-cache must be a finite size"),
+    (["--weights", "x", "--session-cache", "inf"], "--session-cache must be a finite size"),
+    (["--weights", "/dev/null", "--port", "0"], "neither a .safetensors file nor a checkpoint folder"),
+    (["--weights", "CKPT", "--window", "100000000000", "--port", "0"], "lower the window (--window)"),
+    (["--weights", "CKPT", "--port", "0", "BAD_SWITCH"], "AHN_RT_GRAPH='2' is not one of"),
+], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi", "prefix-cache-inf", "session-cache-inf",
+        "dev-null", "window-too-large", "bad-switch"])
+def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
+    import os
     import subprocess
     import sys
     import urllib.parse
-    argv = [a.replace("PORT_IN_USE", str(urllib.parse.urlparse(server.url).port)) for a in argv]
+    argv = [a.replace("PORT_IN_USE", str(urllib.parse.urlparse(server.url).port)).replace("CKPT", str(ckpt))
+            for a in argv]
+    env = {**os.environ, "AHN_RT_GRAPH": "2"} if "BAD_SWITCH" in argv else None
+    argv = [a for a in argv if a != "BAD_SWITCH"]
     pre = "import sys; sys.modules['fastapi'] = None; " if "NO_FASTAPI" in argv else ""
     argv = [a for a in argv if a != "NO_FASTAPI"]
     code = pre + f"from ahn_rt.serve.__main__ import main; sys.exit(main({argv!r}))"
-    p = subprocess.run([sys.executable, "-c", "import sys; " + code], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", "import sys; " + code], capture_output=True, text=True, timeout=120,
+                       env=env)
     assert p.returncode == 2, p.stderr
     assert needle in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

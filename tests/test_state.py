@@ -226,3 +226,32 @@ def test_grown_full_cache_can_be_reset_and_reused_outside_inference_mode():
     assert sess.position == 0 and int(sess.state.pos) == 0
     assert torch.equal(sess.forward(list(range(1, 60)) * 5), first)
     assert other.position == 295
+
+
+def test_fill_random_refuses_a_negative_depth():
+    from ahn_rt import AhnError
+    st = State(_config(2, 4), "cpu")
+    for bad in (-1, -100, 2.5, True, "3"):
+        with pytest.raises(AhnError, match="integer >= 0"):
+            st.fill_random(bad)
+        assert st.position == int(st.pos) == 0            # untouched
+    st.fill_random(torch.tensor(7).item())
+    assert st.position == 7
+
+
+def test_a_state_that_does_not_fit_is_one_line_naming_the_size():
+    from ahn_rt import AhnError
+    from ahn_rt.cache import StatePool
+    for W in (10 ** 11, 10 ** 21):                         # beyond the allocator; beyond what torch can size
+        with pytest.raises(AhnError, match=r"cannot allocate the state on cpu: .* TiB needed .*lower the window") as e:
+            State(_config(2, W), "cpu")
+        assert "\n" not in str(e.value) and f"window {W}" in str(e.value)
+    with pytest.raises(AhnError, match=r"lower the sinks \(--sinks\)"):
+        State(_config(10 ** 11, 4), "cpu")
+    with pytest.raises(AhnError, match=r"cannot allocate 3 states .*--max-sessions"):
+        StatePool(_config(2, 10 ** 11), "cpu", 3)
+    st = State(_config(0, 4, mode="full"), "cpu")
+    with pytest.raises(AhnError, match="full attention keeps every token"), \
+            pytest.warns(UserWarning, match="past max_position_embeddings"):   # the usual warning comes first
+        st.ensure_capacity(10 ** 17)
+    assert st.capacity == 256 and st.k.shape[2] == 256    # unchanged, still usable

@@ -299,6 +299,12 @@ def test_bad_tokenizer_path(tmp_path):
     bad.write_text(json.dumps({"version": "1.0", "model": {"type": "Nope"}}))
     with pytest.raises(AhnError):
         Tokenizer.from_file(bad)
+    # valid JSON that is no tokenizer (a config.json given as --tokenizer): said so, no misleading parse error
+    for other in ({"model_type": "qwen2", "hidden_size": 64}, [1, 2]):
+        bad.write_text(json.dumps(other))
+        with pytest.raises(AhnError, match=r"is not a tokenizer.json \(valid JSON") as e:
+            Tokenizer.from_file(bad)
+        assert "expected" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_from_folder(tok_path):

@@ -6,13 +6,13 @@ completes, conversations are written to --state-dir, and the process exits 0.
 """
 from __future__ import annotations
 
-import argparse
+import math
 import os
 import signal
 import socket
 import sys
 
-from ..cli import add_model_arguments, load_model, one_line_warnings
+from ..cli import ArgParser, add_model_arguments, load_model, one_line_warnings
 from ..errors import AhnError
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -26,14 +26,17 @@ def parse_size(text: str, what: str) -> int:
     unit = t[len(num):]
     try:
         value = float(num)
-        assert unit in SIZE_UNITS and value >= 0
-    except (ValueError, AssertionError):
-        raise AhnError(f"{what} must be a size such as 4GiB, 512MiB or a number of bytes, got {text!r}") from None
+        ok = unit in SIZE_UNITS and math.isfinite(value) and value >= 0   # 'inf' and '1e400' are not sizes
+    except ValueError:
+        ok = False
+    if not ok:
+        raise AhnError(f"{what} must be a finite size >= 0 such as 4GiB, 512MiB or a number of bytes, "
+                       f"got {text!r}")
     return int(value * SIZE_UNITS[unit])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ahn_rt.serve",
+def build_parser() -> ArgParser:
+    ap = ArgParser(prog="python -m ahn_rt.serve",
                                  description="OpenAI-compatible HTTP server for an AHN-augmented Qwen model.")
     m = add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder", weights_required=True)
     m.add_argument("--model-name", help="the id clients pass as 'model' (default: the weights' name)")

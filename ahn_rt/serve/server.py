@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AhnError
+from ..sampling import SEED_MAX, SEED_MIN
 from ..tokenizer import check_text
 from .metrics import Metrics
 from .prompt import Prompt, chat_prompt, normalize_messages
@@ -149,7 +150,7 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
                 top_k=max(top_k, 0),                                   # -1 (vLLM's "off") is 0 here
                 min_p=_number(body, "min_p", 0.0, 0, 1),
                 repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, None, lo_open=True),
-                seed=_integer(body, "seed", None, lo=-(2 ** 63), hi=2 ** 64 - 1),
+                seed=_integer(body, "seed", None, lo=SEED_MIN, hi=SEED_MAX),
                 stop=stop)
 
 
