@@ -7,6 +7,7 @@ line on stderr, "error: <problem and what to do>", exit status 2, no traceback:
   (``k`` = 1024), at least 1 (the one parser of that format in bench/);
 * ``check_settings``: the AHN_RT_* switches that ahn_rt reads at import, checked before that import;
 * ``check_device``: a device torch has and the bench runs on, checked before any work;
+  ``require_cuda_ops``: a CUDA GPU and ahn_rt's CUDA kernels, for the benches of the kernels alone;
 * ``check_output``: an output file (``--json``) checked for writability before the run, and
   ``write_json``, which writes it atomically at the end;
 * ``fail``: any other user mistake.
@@ -145,6 +146,30 @@ def check_device(name: str, kinds=("cuda", "cpu"), cpu_hint: str = ""):
         if dev.index is not None and dev.index >= n:
             fail(f"--device {name}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
     return dev
+
+
+BUILD = "pip install --no-build-isolation -e ."
+
+
+def require_cuda_ops(script: str, names=()):
+    """Exit with one line unless a CUDA GPU is there and ahn_rt._C imports with a CUDA kernel for each op
+    in `names` (a CPU-only build imports fine and fails at the first call)."""
+    import torch
+    if not torch.cuda.is_available():
+        fail(f"{script} needs a CUDA GPU (torch {torch.__version__} sees none) and the CUDA build of ahn_rt")
+    try:
+        import ahn_rt._C  # noqa: F401
+    except ImportError as e:
+        fail(f"{script} needs ahn_rt's compiled kernels, which do not import ({str(e).strip().splitlines()[0]}); "
+             f"build them with `{BUILD}`")
+    for name in names:
+        try:
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"ahn_rt::{name}", "CUDA")
+        except Exception:  # noqa: BLE001 - no such op in this build, or a torch without the query
+            has = False
+        if not has:
+            fail(f"{script}: ahn_rt._C has no CUDA kernel for {name} (a CPU-only or older build); rebuild it on "
+                 f"this machine with `AHN_RT_CUDA=1 {BUILD}`")
 
 
 def check_output(path: str, flag: str = "--json") -> str:
