@@ -55,10 +55,11 @@ class Run:
         log(f"FAILED {what}: {self.failed[-1]['error']}")
 
     def build(self, what: str, fn):
-        """fn() (a model to measure), or None when it raises (recorded as failed)."""
+        """fn() (an optional model: full mode, a peer), or None when it raises (recorded as failed). The model
+        under test is built outside this: when it cannot be built the run ends (decode_latency.ahn_mode_rows)."""
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - e.g. --weights without AHN weights
+        except Exception as e:  # noqa: BLE001 - e.g. a transformers version without this architecture
             self.fail(what, e)
             free_memory(self.dev)
             return None

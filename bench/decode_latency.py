@@ -29,6 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from bench_args import (AhnError, ArgParser, check_device, check_exists, check_output, check_settings,  # noqa: E402
+                        fail, int_list, nonneg_float, nonneg_int, positive_float, positive_int, token_list,
+                        tokens_arg, write_json)
+
+if __name__ == "__main__":
+    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+
 import ahn_rt.graph  # noqa: E402
 from ahn_rt import ops  # noqa: E402
 from ahn_rt.config import param_count  # noqa: E402
@@ -37,7 +44,7 @@ from budget import Run  # noqa: E402
 from floor import against_floor, floor_table, kv_bytes  # noqa: E402
 from machine import header  # noqa: E402
 from peers import fla_importable, fla_row, hf_compile_row, hf_eager_row, hf_model  # noqa: E402
-from report import gdn_share, log, markdown, write_json  # noqa: E402
+from report import gdn_share, log, markdown  # noqa: E402
 from timing import GiB, free_memory  # noqa: E402
 
 
@@ -65,12 +72,17 @@ def run(args, dev: torch.device) -> dict:
 def ahn_mode_rows(r: Run, args, dev: torch.device, hdr: dict):
     """ahn_rt in ahn mode: the decode step at every --contexts depth, the GDN step alone (and fla's), the
     prefill rows, the decode step on the reference ops. Returns (config, why there are no compiled
-    kernels or None); (None, None) when the model cannot be built."""
+    kernels or None). The model under test that cannot be built ends the run: a user's mistake (bad
+    --weights, --preset, --dtype, --window, --sinks) with one line and exit 2."""
     cuda = dev.type == "cuda"
     log("building the ahn model" + ("" if args.weights else f" (random {args.preset} weights on {dev})"))
-    model = r.build("build ahn_rt ahn model", lambda: build_model(args, "ahn", dev))
-    if model is None:
-        return None, None
+    try:
+        model = build_model(args, "ahn", dev)
+    except AhnError as e:
+        fail(str(e))
+    except torch.OutOfMemoryError as e:
+        fail(f"out of memory building the model on {dev} ({str(e).strip().splitlines()[0][:200]}); "
+             "use a smaller --preset or free the device")
     c = model.config
     tag = variant_tag(c)
     hdr["model"] = dict(family=c.family, memory=c.ahn_implementation, layers=c.num_layers, hidden=c.hidden_size, heads=c.num_heads,
@@ -220,51 +232,43 @@ def hf_rows(r: Run, args, dev: torch.device, c):
 # ==============================================================================================
 # Arguments
 # ==============================================================================================
-def parse_ctx(s: str) -> int:
-    s = s.strip().lower()
-    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
-
-
-def ctx_list(s: str) -> list[int]:
-    return [parse_ctx(x) for x in s.split(",") if x.strip()]
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python bench/decode_latency.py", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="python bench/decode_latency.py", description=__doc__.split("\n\n")[0])
     src = ap.add_argument_group("model")
     src.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
     src.add_argument("--weights", help="a real checkpoint instead (file or folder; ahn_rt.load)")
     src.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
     src.add_argument("--ahn-impl", default="gdn", choices=("gdn", "dn", "mamba2"),
                      help="the memory variant of the random --preset weights (default gdn)")
-    src.add_argument("--window", type=int, default=32640)
-    src.add_argument("--sinks", type=int, default=128)
+    src.add_argument("--window", type=positive_int, default=32640)
+    src.add_argument("--sinks", type=nonneg_int, default=128)
     src.add_argument("--dtype", default="bf16")
     src.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke path: no graphs, no peaks)")
     src.add_argument("--seed", type=int, default=0)
     rows = ap.add_argument_group("rows")
     rows.add_argument("--contexts", help="decode depths, e.g. 1k,8k,32k (default 1k,8k,32k,64k,128k "
                                          "+256k when the card has >= 40 GiB)")
-    rows.add_argument("--max-context", type=parse_ctx,
+    rows.add_argument("--max-context", type=tokens_arg,
                       help="add powers of two past 128k up to this depth (e.g. 256k)")
     rows.add_argument("--batch-sizes", default="8,16", help="sessions per step for the b{B} rows (default 8,16)")
     rows.add_argument("--batch-contexts", default="1k,32k", help="depths for the b{B} rows (default 1k,32k)")
-    rows.add_argument("--steps", type=int, default=64, help="timed decode steps per row (default 64)")
-    rows.add_argument("--warmup", type=int, default=8, help="untimed steps first; the first captures the graph")
+    rows.add_argument("--steps", type=positive_int, default=64, help="timed decode steps per row (default 64)")
+    rows.add_argument("--warmup", type=positive_int, default=8,
+                      help="untimed steps first; the first captures the graph")
     rows.add_argument("--prefill", default="2k,32k", help="prompt lengths for pp rows (default 2k,32k)")
     rows.add_argument("--prefill-long", action="store_true", help="also pp131072 (the prefill path is slow today)")
     rows.add_argument("--ref-contexts", default="1k,32k", help="depths for the reference-ops row (default 1k,32k)")
-    rows.add_argument("--ref-steps", type=int, default=4)
+    rows.add_argument("--ref-steps", type=positive_int, default=4)
     rows.add_argument("--hf-contexts", default="1k,32k,128k", help="depths for HF eager (default 1k,32k,128k)")
-    rows.add_argument("--hf-steps", type=int, default=16)
+    rows.add_argument("--hf-steps", type=positive_int, default=16)
     rows.add_argument("--hf-compile", action=argparse.BooleanOptionalAction, default=None,
                       help="HF StaticCache + torch.compile rows (default on, off with --quick)")
     rows.add_argument("--hf-compile-contexts", default="4k,32k")
-    rows.add_argument("--compile-need-s", type=float, default=60,
+    rows.add_argument("--compile-need-s", type=nonneg_float, default=60,
                       help="skip a compile row when less than this much budget is left (default 60)")
-    rows.add_argument("--gdn-iters", type=int, default=200)
+    rows.add_argument("--gdn-iters", type=positive_int, default=200)
     rows.add_argument("--skip", default="", help="comma list of: full,ref,hf,hf-compile,fla,gdn,prefill,batch")
-    ap.add_argument("--budget-s", type=float, default=420,
+    ap.add_argument("--budget-s", type=positive_float, default=420,
                     help="after this many seconds the remaining optional rows are skipped (default 420)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1k and 32k, few steps, no compile")
     ap.add_argument("--json", help="also write the results here")
@@ -285,38 +289,47 @@ def parse_args(argv=None):
         a.hf_compile = bool(a.hf_compile)
     elif a.hf_compile is None:
         a.hf_compile = True
-    if min(a.steps, a.ref_steps, a.hf_steps, a.gdn_iters) < 1 or a.warmup < 1:
-        ap.error("--steps, --ref-steps, --hf-steps, --gdn-iters and --warmup must be >= 1")
-    try:
-        a.ctx = ctx_list(a.contexts) if a.contexts else None
-        a.prefill = ctx_list(a.prefill) + ([131072] if a.prefill_long else [])
-        a.ref_ctx, a.hf_ctx = ctx_list(a.ref_contexts), ctx_list(a.hf_contexts)
-        a.hf_compile_ctx = ctx_list(a.hf_compile_contexts)
-        a.batch_ctx = ctx_list(a.batch_contexts)
-        a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
-        if any(b < 1 for b in a.batch_sizes):
-            raise ValueError("batch sizes must be >= 1")
+    try:   # depths and prompt lengths: 1k = 1024, each >= 1 (a depth < 1 crashed natively in fill_random)
+        a.ctx = token_list(a.contexts, "--contexts") if a.contexts else None
+        a.prefill = token_list(a.prefill, "--prefill") + ([131072] if a.prefill_long else [])
+        a.ref_ctx, a.hf_ctx = token_list(a.ref_contexts, "--ref-contexts"), token_list(a.hf_contexts, "--hf-contexts")
+        a.hf_compile_ctx = token_list(a.hf_compile_contexts, "--hf-compile-contexts")
+        a.batch_ctx = token_list(a.batch_contexts, "--batch-contexts")
+        a.batch_sizes = int_list(a.batch_sizes, "--batch-sizes")
     except ValueError as e:
-        ap.error(f"bad context list or batch sizes ({e}); use e.g. 1k,32k or 1024,32768 and 8,16")
+        ap.error(str(e))
+    check_model_args(ap, a)
     return a
+
+
+def check_model_args(ap, a):
+    """What the model build would reject after the header's measurements: the preset, the dtype, the paths."""
+    from ahn_rt.config import parse_dtype
+    from ahn_rt.init_weights import PRESETS
+    try:
+        parse_dtype(a.dtype)
+    except AhnError as e:
+        ap.error(f"--dtype: {e}")
+    if a.weights is None:
+        if a.ahn is not None:
+            ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
+        if a.preset not in PRESETS:
+            ap.error(f"--preset {a.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
+    check_exists(a.weights, "--weights")
+    check_exists(a.ahn, "--ahn")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        print(f"decode_latency: unknown device {args.device!r}; use cuda or cpu", file=sys.stderr)
-        return 2
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print(f"decode_latency: needs a CUDA GPU (torch {torch.__version__} sees none). "
-              "For the CPU smoke path: --device cpu --preset tiny --contexts 64,128 --steps 3", file=sys.stderr)
-        return 2
+    dev = check_device(args.device, cpu_hint=". For the CPU smoke path: --device cpu --preset tiny "
+                                             "--contexts 64,128 --steps 3")
+    if args.json:   # before the run, so that its results are never lost at the end
+        check_output(args.json)
     if dev.type == "cuda":
         dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(dev)
     if args.ctx is None:
-        args.ctx = ctx_list("1k,8k,32k,64k,128k")
+        args.ctx = token_list("1k,8k,32k,64k,128k", "--contexts")
         if dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory >= 40 * GiB:
             args.ctx.append(262144)
     if dev.type == "cpu":   # the smoke path: peers at the given depths, short prompts, unless asked
@@ -336,9 +349,11 @@ def main(argv=None) -> int:
             args.ctx.append(nxt)
             nxt *= 2
     res = run(args, dev)
+    print(markdown(res), flush=True)   # the table first: a failed write below loses nothing
     if args.json:
-        write_json(res, args.json)
-    print(markdown(res), flush=True)
+        if not write_json(res, args.json):
+            return 1
+        log(f"wrote {args.json}")
     return 0
 
 

@@ -13,17 +13,19 @@ weights) against the weights-only floor. AHN_RT_GEMV_PDL toggles programmatic de
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
 import torch
 import torch.nn.functional as F
 
-import ahn_rt._C  # noqa: F401
-from ahn_rt.ref import gemv_ref
-from machine import copy_bandwidth
-from timing import graph_us
+from bench_args import ArgParser, check_output, check_settings, int_list, require_cuda_ops, write_json
+
+if __name__ == "__main__":
+    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+
+from ahn_rt.ref import gemv_ref  # noqa: E402
+from machine import copy_bandwidth  # noqa: E402
+from timing import graph_us  # noqa: E402
 
 dev, dt = "cuda", torch.bfloat16
 EPS = 1e-6
@@ -43,12 +45,18 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--batch", default="1", help="comma list of batch sizes (default 1)")
-    args = ap.parse_args()
-    batches = [int(b) for b in args.batch.split(",") if b.strip()]
+def main(argv=None) -> int:
+    ap = ArgParser(prog="python bench/gemv_bench.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes, each >= 1 (default 1)")
+    args = ap.parse_args(argv)
+    try:
+        batches = int_list(args.batch, "--batch")
+    except ValueError as e:
+        ap.error(str(e))
+    require_cuda_ops("gemv_bench.py", ["gemv", "rms_norm"])
+    if args.json:   # before the run, so that its results are never lost at the end
+        check_output(args.json)
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, torch {torch.__version__}, "
@@ -58,9 +66,9 @@ def main():
     results = dict(device=props.name, copy_gbs=copy_bw, batches={})
     for B in batches:
         results["batches"][B] = run_batch(B, l2, copy_bw)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    if args.json and not write_json(results, args.json):
+        return 1
+    return 0
 
 
 def run_batch(B, l2, copy_bw):
@@ -183,4 +191,4 @@ def run_batch(B, l2, copy_bw):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,14 +9,16 @@ Prints device, the measured copy bandwidth, then for each op: median us per call
 rotated so the working set exceeds L2) and achieved GB/s. Timing and the copy bandwidth: bench/timing.py,
 bench/machine.py (the same helpers as bench/decode_latency.py).
 """
-import argparse
-
 import torch
 
-import ahn_rt._C  # noqa: F401
-from ahn_rt.settings import kernel_flag
-from machine import copy_bandwidth
-from timing import events_us, graph_us
+from bench_args import ArgParser, check_settings, require_cuda_ops
+
+if __name__ == "__main__":
+    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+
+from ahn_rt.settings import kernel_flag  # noqa: E402
+from machine import copy_bandwidth  # noqa: E402
+from timing import events_us, graph_us  # noqa: E402
 
 dev, dt = "cuda", torch.bfloat16
 L, H, Hkv, D, S, W = 36, 16, 2, 128, 128, 32640
@@ -114,7 +116,9 @@ def print_rows(rows, copy_bw):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
+    ap = ArgParser(prog="python bench/ops_bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=["gdn", "swa"], default=None,
                     help="time only this op (gdn: both memory steps, gdn_decode and mamba2_decode)")
-    main(ap.parse_args().only)
+    only = ap.parse_args().only
+    require_cuda_ops("ops_bench.py", ["swa_decode", "gdn_decode", "mamba2_decode", "decode_prep", "rms_norm"])
+    main(only)

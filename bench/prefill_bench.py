@@ -19,8 +19,6 @@ Each row also gives TFLOP/s against the run's own measured matmul rate.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -29,9 +27,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_args import (AhnError, ArgParser, check_output, check_settings, fail, nonneg_int,  # noqa: E402
+                        positive_int, token_list, write_json)
+
+if __name__ == "__main__":
+    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+
 import ahn_rt  # noqa: E402,F401
 from ahn_rt import ops  # noqa: E402
-from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
+from ahn_rt.init_weights import PRESETS, preset_config, random_state_dict  # noqa: E402
 from ahn_rt.runtime import from_state_dict  # noqa: E402
 from ahn_rt.settings import kernel_flag  # noqa: E402
 from floor import prefill_flops  # noqa: E402
@@ -93,21 +97,23 @@ def attention_rows(c, dev, S, W, T, depth):
     pairs = chunk_pairs(depth, T, S, W)
     rows = []
     before = os.environ.get("AHN_RT_PREFILL_CUDNN")
-    for cudnn in ("0", "1"):
-        os.environ["AHN_RT_PREFILL_CUDNN"] = cudnn
-        if cudnn == "1" and not ops.warm_prefill_attention(H, Hkv, D, c.dtype, dev, T, S, W):
-            log("cuDNN attention refused: its row runs FlashAttention-2")
-        fn = lambda: ops.prefill_attention(q, k, v, kc, vc, depth, S, W, c.head_dim ** -0.5)
-        fn()
-        ms = back_to_back_ms(fn, 10, dev)
-        impl = "ahn_rt prefill_attention" + (" (cuDNN full blocks)" if cudnn == "1" else " (FlashAttention-2)")
-        rows.append(dict(kind="attention", impl=impl, T=T, depth=depth, ms=ms,
-                         TFLOPs=attn_tflops(pairs, c, ms / 1e3)))
-        log(f"{impl}: {ms:.2f} ms, {rows[-1]['TFLOPs']:.0f} TFLOP/s")
-    if before is None:
-        del os.environ["AHN_RT_PREFILL_CUDNN"]
-    else:
-        os.environ["AHN_RT_PREFILL_CUDNN"] = before
+    try:
+        for cudnn in ("0", "1"):
+            os.environ["AHN_RT_PREFILL_CUDNN"] = cudnn
+            if cudnn == "1" and not ops.warm_prefill_attention(H, Hkv, D, c.dtype, dev, T, S, W):
+                log("cuDNN attention refused: its row runs FlashAttention-2")
+            fn = lambda: ops.prefill_attention(q, k, v, kc, vc, depth, S, W, c.head_dim ** -0.5)
+            fn()
+            ms = back_to_back_ms(fn, 10, dev)
+            impl = "ahn_rt prefill_attention" + (" (cuDNN full blocks)" if cudnn == "1" else " (FlashAttention-2)")
+            rows.append(dict(kind="attention", impl=impl, T=T, depth=depth, ms=ms,
+                             TFLOPs=attn_tflops(pairs, c, ms / 1e3)))
+            log(f"{impl}: {ms:.2f} ms, {rows[-1]['TFLOPs']:.0f} TFLOP/s")
+    finally:   # the switch as it was, also when a row failed
+        if before is None:
+            os.environ.pop("AHN_RT_PREFILL_CUDNN", None)
+        else:
+            os.environ["AHN_RT_PREFILL_CUDNN"] = before
     return rows
 
 
@@ -178,6 +184,11 @@ def gdn_rows(c, dev, n):
 
 
 def hf_rows(c, dev, lengths):
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        log(f"skipped HF rows: transformers not installed ({e})")
+        return [dict(kind="pp", impl="HF transformers full attention (sdpa)", skipped=f"transformers not installed ({e})")]
     m, _ = hf_model(c, dev)
     rows = []
     ids = torch.randint(0, c.vocab_size, (1, max(lengths)), device=dev)
@@ -200,34 +211,75 @@ def hf_rows(c, dev, lengths):
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="qwen2.5-3b")
+SECTIONS = ("attention", "flex", "gdn", "hf")
+
+
+def parse_args(argv=None):
+    ap = ArgParser(prog="python bench/prefill_bench.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
     ap.add_argument("--ahn-impl", default="gdn", choices=("gdn", "dn", "mamba2"), help="the memory variant")
-    ap.add_argument("--window", type=int, default=32640)
-    ap.add_argument("--sinks", type=int, default=128)
-    ap.add_argument("--prefill", default="2048,32768,131072", help="ahn_rt pp lengths")
+    ap.add_argument("--window", type=positive_int, default=32640)
+    ap.add_argument("--sinks", type=nonneg_int, default=128)
+    ap.add_argument("--prefill", help="ahn_rt pp lengths, e.g. 2k,32k or 2048,32768 (1k = 1024; default "
+                                      "2k,32k,128k, with --quick 2k,32k)")
     ap.add_argument("--quick", action="store_true", help="2k and 32k, ahn_rt rows only")
-    ap.add_argument("--skip", default="", help="comma list of: attention,flex,gdn,hf")
+    ap.add_argument("--skip", default="", help=f"comma list of: {','.join(SECTIONS)}")
     ap.add_argument("--json", help="write the rows here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.preset not in PRESETS:
+        ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
+    try:
+        args.lengths = token_list(args.prefill or ("2k,32k" if args.quick else "2k,32k,128k"), "--prefill")
+    except ValueError as e:
+        ap.error(str(e))
+    args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    bad = args.skip - set(SECTIONS)
+    if bad:
+        ap.error(f"--skip: unknown {', '.join(sorted(bad))}; choose from {', '.join(SECTIONS)}")
+    if args.quick:
+        args.skip |= set(SECTIONS)
+    return args
+
+
+def section(out, dev, name, fn):
+    """One optional section of rows; an exception there is recorded (and logged) as a failed row, so the
+    rows measured so far still reach the table and --json."""
+    try:
+        out["rows"] += fn()
+    except Exception as e:  # noqa: BLE001 - a peer's failure must not lose the run
+        msg = str(e).strip()
+        err = f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"[:300]
+        out["rows"].append(dict(kind=name, impl=name, failed=err))
+        log(f"FAILED {name}: {err}")
+        free_memory(dev)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("prefill_bench.py needs a CUDA GPU", file=sys.stderr)
-        return 2
+        fail(f"prefill_bench.py needs a CUDA GPU (torch {torch.__version__} sees none); on the CPU, "
+             "bench/decode_latency.py --device cpu --preset tiny has pp rows")
+    if args.json:   # before the run, so that its results are never lost at the end
+        check_output(args.json)
     dev = torch.device("cuda", torch.cuda.current_device())
-    skip = set(filter(None, args.skip.split(","))) | ({"attention", "flex", "gdn", "hf"} if args.quick else set())
-    lengths = [2048, 32768] if args.quick else [int(x) for x in args.prefill.split(",")]
+    skip, lengths = args.skip, args.lengths
     dtype = torch.bfloat16
     S, W = args.sinks, args.window
     out = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                command=" ".join(sys.argv), rows=[])
     out["matmul_TFLOPs"] = matmul_flops(dev, 8192, dtype, 10) / 1e12
     log(f"{out['gpu']}: matmul {out['matmul_TFLOPs']:.0f} TFLOP/s")
-    cfg = preset_config(args.preset, ahn=args.ahn_impl, dtype=dtype)
-    out["memory"] = cfg["_ahn_implementation"]
-    sd = random_state_dict(cfg, seed=0, dtype=dtype, device=dev)
-    t = time.perf_counter()
-    model = from_state_dict(cfg, sd, window=W, sinks=S, mode="ahn", dtype=dtype, device=dev)
+    try:
+        cfg = preset_config(args.preset, ahn=args.ahn_impl, dtype=dtype)
+        out["memory"] = cfg["_ahn_implementation"]
+        sd = random_state_dict(cfg, seed=0, dtype=dtype, device=dev)
+        t = time.perf_counter()
+        model = from_state_dict(cfg, sd, window=W, sinks=S, mode="ahn", dtype=dtype, device=dev)
+    except AhnError as e:
+        fail(str(e))
+    except torch.OutOfMemoryError as e:
+        fail(f"out of memory building the {args.preset} model ({str(e).strip().splitlines()[0][:200]}); "
+             "use a smaller --preset or free the GPU")
     sync(dev)
     out["load_s"] = time.perf_counter() - t
     del sd
@@ -238,28 +290,28 @@ def main():
     del model
     free_memory(dev)
     if "attention" not in skip:
-        out["rows"] += attention_rows(c, dev, S, W, 8192, 65536)
+        section(out, dev, "attention", lambda: attention_rows(c, dev, S, W, 8192, 65536))
     if "gdn" not in skip:
-        out["rows"] += gdn_rows(c, dev, 8192)
+        section(out, dev, "gdn", lambda: gdn_rows(c, dev, 8192))
     if "flex" not in skip:
-        out["rows"] += flex_rows(c, dev, S, W, [32768, 131072])
+        section(out, dev, "flex", lambda: flex_rows(c, dev, S, W, [32768, 131072]))
     if "hf" not in skip:
-        out["rows"] += hf_rows(c, dev, [32768, 131072])
+        section(out, dev, "hf", lambda: hf_rows(c, dev, [32768, 131072]))
     for r in out["rows"]:
         if "TFLOPs" in r:
             r["pct_matmul"] = 100 * r["TFLOPs"] / out["matmul_TFLOPs"]
     print(f"| row | n | time | TFLOP/s | % matmul | notes |\n|---|---|---|---|---|---|")
     for r in out["rows"]:
-        n = r.get("n", r.get("T"))
+        n = r.get("n", r.get("T", "-"))
         tm = f"{r['s']:.3f} s" if "s" in r else (f"{r['ms']:.2f} ms" if "ms" in r else "-")
         note = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
-                         if k in ("peak_above_weights_gib", "peak_gib", "first_call_s", "depth", "chunk", "skipped"))
+                         if k in ("peak_above_weights_gib", "peak_gib", "first_call_s", "depth", "chunk", "skipped",
+                                  "failed"))
         tf = f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else "-"
         pct = f"{r['pct_matmul']:.0f}%" if "pct_matmul" in r else "-"
-        print(f"| {r['kind']} {r['impl']} | {n} | {tm} | {tf} | {pct} | {note} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        print(f"| {r['kind']} {r['impl']} | {n} | {tm} | {tf} | {pct} | {note} |", flush=True)
+    if args.json and not write_json(out, args.json):
+        return 1
     return 0
 
 

@@ -19,8 +19,6 @@ unless --weights names a checkpoint. --json writes the numbers.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
+from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
+                        positive_int, nonneg_int, tokens_arg, write_json)
+
+if __name__ == "__main__":
+    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+
 import ahn_rt  # noqa: E402
 from ahn_rt.config import parse_dtype  # noqa: E402
 from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
@@ -68,32 +72,53 @@ def ttft(model, sess, ids) -> tuple[float, torch.Tensor, int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python bench/prefix_ttft.py", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="python bench/prefix_ttft.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", help="random weights of this shape (default tiny; the GPU run: qwen2.5-3b)")
     ap.add_argument("--weights", help="a real checkpoint instead (ahn_rt.load)")
     ap.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
-    ap.add_argument("--window", type=int, help="default: the config's (32640)")
-    ap.add_argument("--sinks", type=int, help="default: the config's (128)")
+    ap.add_argument("--window", type=positive_int, help="default: the config's (32640)")
+    ap.add_argument("--sinks", type=nonneg_int, help="default: the config's (128)")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--device", help="default: cuda when available")
-    ap.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (default: the runtime's, 8192 on CUDA)")
-    ap.add_argument("--prefix-tokens", type=int, default=32768)
-    ap.add_argument("--question-tokens", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3, help="timed requests per case (default 3)")
+    ap.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--chunk-size", type=tokens_arg, default=None,
+                    help="prefill chunk (default: the runtime's, 8192 on CUDA)")
+    ap.add_argument("--prefix-tokens", type=tokens_arg, default=32768, help="shared prefix (e.g. 32k or 32768)")
+    ap.add_argument("--question-tokens", type=tokens_arg, default=100, help="the new tokens of each request")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed requests per case (default 3)")
     ap.add_argument("--cache-bytes", default="16GiB", help="prefix cache size (default 16GiB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, profile one more cached request (torch.profiler tables on stderr)")
     args = ap.parse_args(argv)
+    if args.ahn is not None and args.weights is None:
+        ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
+    check_exists(args.weights, "--weights")
+    check_exists(args.ahn, "--ahn")
     from ahn_rt.serve.__main__ import parse_size
     try:
         cache_bytes = parse_size(args.cache_bytes, "--cache-bytes")
-        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_model(args, dev)
     except ahn_rt.AhnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        ap.error(str(e))
+    if cache_bytes < 1:
+        ap.error(f"--cache-bytes must be > 0 (the cached case needs a cache), got {args.cache_bytes!r}")
+    dev = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                       cpu_hint="; for the CPU smoke run: --device cpu --preset tiny --prefix-tokens 4096")
+    if args.json:   # before the run, so that its results are never lost at the end
+        check_output(args.json)
+    try:
+        return measure(args, dev, cache_bytes)
+    except ahn_rt.AhnError as e:   # bad --weights, --preset, --dtype, --window, ...
+        fail(str(e))
+    except torch.OutOfMemoryError as e:
+        fail(f"out of memory on {dev} ({str(e).strip().splitlines()[0][:200]}); use a smaller --preset or "
+             "--prefix-tokens, or free the device")
+
+
+def measure(args, dev, cache_bytes) -> int:
+    """The warm-up, the cold / miss / hit requests, the table (stdout), --json; 0 when every cached
+    request's logits equal the cold ones."""
+    model = build_model(args, dev)
     c = model.config
     g = torch.Generator().manual_seed(args.seed)
     prefix = torch.randint(0, c.vocab_size, (args.prefix_tokens,), generator=g).tolist()
@@ -181,9 +206,9 @@ def main(argv=None) -> int:
         print(f"| {name} | {med[key] * 1e3:.1f} | {', '.join(f'{t * 1e3:.1f}' for t in rows[key])} |")
     print(f"\ncached / cold = {ratio * 100:.2f}% (target <= 5%); logits identical: {identical}; "
           f"prefix reused: {hits} tokens; cache {st['entries']} entries, {st['bytes'] / 2**20:.1f} MiB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    sys.stdout.flush()
+    if args.json and not write_json(result, args.json, indent=2):
+        return 1
     return 0 if identical else 1
 
 

@@ -1,12 +1,11 @@
 """Output of a benchmark run: progress lines on stderr, the markdown tables on stdout (header, floor per
-context, tg / pp / GDN tables, skipped and failed rows), and the same result as JSON for machines.
+context, tg / pp / GDN tables, skipped and failed rows). The same result as JSON (--json) is written by
+bench_args.write_json, after the table, to a path checked before the run (bench_args.check_output).
 Columns: bench/README.md, "What is measured"."""
 from __future__ import annotations
 
-import json
 import math
 import sys
-from pathlib import Path
 
 GiB = 1 << 30
 
@@ -25,13 +24,6 @@ def gdn_share(rows: list, c):
         t = deep[0].get("replay_ms", deep[0]["ms"])
         gdn["share"] = gdn["us"] / 1e3 / t
         gdn["share_of"] = f"tg @ d{deep[0]['ctx']} ({'replay' if 'replay_ms' in deep[0] else 'ms/token'} {t:.3f} ms)"
-
-
-def write_json(res: dict, path: str):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    log(f"wrote {path}")
 
 
 def _f(x, fmt="{:.2f}", none="—"):

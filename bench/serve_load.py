@@ -16,7 +16,6 @@ generated tokens/s over the wall time, TTFT / ITL / request latency p50, p90, p9
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -28,6 +27,11 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_args import (ArgParser, check_exists, check_output, check_settings, fail, int_list,  # noqa: E402
+                        nonneg_int, positive_int, tokens_arg, write_json)
+
+# what starts a server; none of it applies to --url (a server that is already running)
+SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
 
 
 def pct(xs, q):
@@ -37,10 +41,24 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-def stream_request(url: str, key: str | None, body: dict) -> dict:
-    """One streaming completion over plain http.client: TTFT, the gaps, the tokens, the total."""
+def connection(url: str, timeout: float):
     u = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    return cls(u.hostname, u.port, timeout=timeout)
+
+
+def stream_request(url: str, key: str | None, body: dict) -> dict:
+    """One streaming completion over plain http.client: TTFT, the gaps, the tokens, the total; or
+    {"error": one line} when the server refuses, answers other than 200, or breaks the stream off."""
+    try:
+        return _stream_request(url, key, body)
+    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return {"error": f"{type(e).__name__}: {msg}"[:300]}
+
+
+def _stream_request(url: str, key: str | None, body: dict) -> dict:
+    conn = connection(url, 600)
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -112,8 +130,29 @@ def run_level(url, key, conc, per_client, prompt_tokens, max_tokens, vocab, seed
                 request_ms={q: ms(totals, q) for q in (50, 90, 99)})
 
 
+def check_url(ap, url: str) -> str:
+    """http(s)://host[:port] or a usage error naming what is wrong."""
+    try:
+        u = urllib.parse.urlparse(url)
+        u.port   # a port that is not a number raises here
+    except ValueError as e:
+        ap.error(f"--url {url!r}: {e}; give e.g. http://127.0.0.1:8000")
+    if u.scheme not in ("http", "https") or not u.hostname:
+        ap.error(f"--url {url!r} is not a server address; give e.g. http://127.0.0.1:8000")
+    return url.rstrip("/")
+
+
+def server_error(e: RuntimeError) -> str:
+    """The server's own one-line error (its last "error: " line on stderr), else its last line."""
+    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    if errors:
+        return errors[-1][len("error:"):].strip()
+    return lines[-1] if lines else "it printed nothing"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python bench/serve_load.py", description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="python bench/serve_load.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a running server (default: start one)")
     ap.add_argument("--api-key")
     ap.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
@@ -121,17 +160,38 @@ def main(argv=None) -> int:
     ap.add_argument("--ahn")
     ap.add_argument("--device")
     ap.add_argument("--dtype", help="default: bf16 for --preset weights, the checkpoint's for --weights")
-    ap.add_argument("--window", type=int)
-    ap.add_argument("--sinks", type=int)
+    ap.add_argument("--window", type=positive_int)
+    ap.add_argument("--sinks", type=nonneg_int)
     ap.add_argument("--server-arg", action="append", default=[], help="more arguments for the server (repeatable)")
-    ap.add_argument("--concurrency", default="1,4,16")
-    ap.add_argument("--requests-per-client", type=int, default=4)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", default="1,4,16", help="comma list of client counts (default 1,4,16)")
+    ap.add_argument("--requests-per-client", type=positive_int, default=4)
+    ap.add_argument("--prompt-tokens", type=tokens_arg, default=512)
+    ap.add_argument("--max-tokens", type=positive_int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    levels = [int(x) for x in args.concurrency.split(",") if x]
+    try:
+        levels = int_list(args.concurrency, "--concurrency")
+    except ValueError as e:
+        ap.error(str(e))
+    if args.url is not None:
+        args.url = check_url(ap, args.url)
+        given = [f"--{k.replace('_', '-')}" for k in SERVER_OPTIONS if getattr(args, k) not in (None, [])]
+        if given:
+            ap.error(f"{', '.join(given)}: only for the server this script starts; with --url (a server "
+                     f"already running) leave {'it' if len(given) == 1 else 'them'} out")
+    else:
+        check_settings()   # the server reads them at start-up: one line here rather than its traceback
+        if args.ahn is not None and args.weights is None:
+            ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
+        check_exists(args.weights, "--weights")
+        check_exists(args.ahn, "--ahn")
+        if args.weights is None:
+            from ahn_rt.init_weights import PRESETS
+            if args.preset not in PRESETS:
+                ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
+    if args.json:   # before the run, so that its results are never lost at the end
+        check_output(args.json)
 
     srv, tmp = None, None
     url, key, vocab = args.url, args.api_key, 151643
@@ -146,6 +206,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             if init_weights(["--preset", args.preset, "--ahn", "gdn", "--tokenizer", "qwen2.5", "--dtype",
                              args.dtype or "bf16", "--out", out]) != 0:
+                tmp.cleanup()
                 return 2
             weights = out
         sargs = ["--weights", weights, "--max-sessions", str(max(levels)), "--max-queue", "1024",
@@ -156,7 +217,12 @@ def main(argv=None) -> int:
                 sargs += [flag, str(v)]
         sargs += args.server_arg
         print("[serve_load] starting python -m ahn_rt.serve " + " ".join(sargs), file=sys.stderr)
-        srv = ServerProcess(sargs, api_key=key, timeout=1800)
+        try:
+            srv = ServerProcess(sargs, api_key=key, timeout=1800)
+        except RuntimeError as e:   # it exited (a bad --weights, --device, ...) or never answered
+            if tmp is not None:
+                tmp.cleanup()
+            fail(f"the server did not start: {server_error(e)}")
         url = srv.url
         for line in srv.lines:
             print(line, file=sys.stderr)
@@ -165,7 +231,9 @@ def main(argv=None) -> int:
         for r in (stream_request(url, key, {"prompt": [1000 + i for i in range(args.prompt_tokens)],
                                             "max_tokens": 8, "temperature": 0, "stream": True}),):
             if "error" in r:
-                print(f"error: warm-up request failed: {r['error']}", file=sys.stderr)
+                print(f"error: the warm-up request to {url} failed ({r['error']}); "
+                      + ("check --url and --api-key (is the server running?)" if args.url else
+                         "see the server's lines above"), file=sys.stderr)
                 return 2
         rows = []
         for conc in levels:
@@ -177,11 +245,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         metrics = ""
         try:
-            u = urllib.parse.urlparse(url)
-            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+            conn = connection(url, 30)
             conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
-            metrics = conn.getresponse().read().decode()
-        except OSError:
+            metrics = conn.getresponse().read().decode(errors="replace")
+        except (OSError, http.client.HTTPException):
             pass
     finally:
         if srv is not None:
@@ -204,9 +271,9 @@ def main(argv=None) -> int:
                    or "_count " in ln or ln.startswith(("ahn_rt_prefix_cache_hits", "ahn_rt_generation_tokens"))]
     if server_side:
         print("\nserver /metrics:\n" + "\n".join(server_side))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+    sys.stdout.flush()
+    if args.json and not write_json(dict(args=vars(args), rows=rows), args.json, indent=2):
+        return 1
     return 0 if all(r["n_errors"] == 0 for r in rows) else 1
 
 

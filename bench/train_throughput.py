@@ -12,8 +12,6 @@ split per phase (CUDA events on a GPU), as text, one markdown table row and opti
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
 import sys
@@ -23,10 +21,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_args import (RUNTIME_SWITCHES, AhnError, ArgParser, check_device, check_output,  # noqa: E402
+                        check_settings, fail, nonneg_int, positive_int, tokens_arg, write_json)
+
+if __name__ == "__main__":   # ahn_rt reads some at import: one line here instead of a traceback there
+    check_settings(RUNTIME_SWITCHES + ("AHN_RT_TRAIN_ATTENTION",))
+
 from ahn_rt.config import parse_config, parse_dtype  # noqa: E402
-from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
+from ahn_rt.init_weights import PRESETS, preset_config, random_state_dict  # noqa: E402
 from ahn_rt.train.attention import attention_backend  # noqa: E402
-from ahn_rt.train.data import sample_budget  # noqa: E402
+from ahn_rt.train.data import budget_choices, sample_budget  # noqa: E402
 from ahn_rt.train.loss import distill_loss  # noqa: E402
 from ahn_rt.train.model import TrainModel  # noqa: E402
 
@@ -55,23 +59,46 @@ class Marks:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(prog="python bench/train_throughput.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="qwen2.5-3b")
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--window", type=int, help="fixed W (with --sinks); default: the recipe's random draws")
-    ap.add_argument("--sinks", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seq-len", type=tokens_arg, default=8192, help="tokens per sequence (e.g. 8k or 8192)")
+    ap.add_argument("--batch", type=positive_int, default=1)
+    ap.add_argument("--steps", type=positive_int, default=6, help="timed steps (after --warmup)")
+    ap.add_argument("--warmup", type=nonneg_int, default=2)
+    ap.add_argument("--window", type=positive_int, help="fixed W (with --sinks); default: the recipe's random draws")
+    ap.add_argument("--sinks", type=nonneg_int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
     ap.add_argument("--no-checkpoint", action="store_true", help="keep the student's activations instead")
-    ap.add_argument("--loss-chunk", type=int, default=1024)
+    ap.add_argument("--loss-chunk", type=positive_int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args(argv)
+    if args.preset not in PRESETS:
+        ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
+    try:
+        parse_dtype(args.dtype)
+    except AhnError as e:
+        ap.error(f"--dtype: {e}")
+    if args.window is not None and args.window + args.sinks >= args.seq_len:
+        ap.error(f"--window + --sinks ({args.window} + {args.sinks}) must be < --seq-len ({args.seq_len}): the loss "
+                 "is taken at the positions past them")
+    if args.window is None and not budget_choices(args.seq_len):
+        ap.error(f"--seq-len {args.seq_len} is shorter than every window the recipe draws; give a longer --seq-len "
+                 "or a fixed --window (with --sinks)")
+    dev = check_device(args.device, cpu_hint="; for the CPU smoke check: --device cpu --preset tiny --seq-len 256")
+    if args.json:   # before the run, so that its results are never lost at the end
+        check_output(args.json)
+    try:
+        return measure(args, dev)
+    except AhnError as e:
+        fail(str(e))
+    except torch.OutOfMemoryError as e:
+        fail(f"out of memory on {dev} ({str(e).strip().splitlines()[0][:200]}); use a smaller --preset, "
+             "--seq-len or --batch")
 
-    dev = torch.device(args.device)
+
+def measure(args, dev) -> int:
     cuda = dev.type == "cuda"
     dtype = parse_dtype(args.dtype or ("bf16" if cuda else "float32"))
     cfg = preset_config(args.preset, ahn=False, dtype=dtype)
@@ -128,8 +155,9 @@ def main(argv=None) -> int:
     print(f"| {args.preset} | {L} | {B} | {'yes' if res['checkpoint'] else 'no'} | {res['attention']} | "
           f"{res['tokens_per_s']:.0f} | {peak} | "
           + " | ".join(f"{ms[k]:.0f} ms" for k in PHASES) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    sys.stdout.flush()
+    if args.json and not write_json(res, args.json, indent=2):
+        return 1
     return 0
 
 

@@ -1,7 +1,9 @@
 """The benchmark's CPU smoke path (bench/decode_latency.py --device cpu) runs for every memory variant and
-labels its rows by variant; bench/prefill_bench.py says in one line that it needs a GPU."""
+labels its rows by variant; bench/prefill_bench.py says in one line that it needs a GPU; a user's mistake in
+any bench's options ends it with one line "error: ...", exit 2, before the run."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -20,7 +22,7 @@ def _run(*args, timeout=240):
 
 @pytest.mark.parametrize("impl,tag", [("gdn", "ahn"), ("dn", "ahn-dn"), ("mamba2", "ahn-mamba2")])
 def test_decode_latency_cpu_smoke_per_variant(tmp_path, impl, tag):
-    out = tmp_path / "tg.json"
+    out = tmp_path / "new" / "tg.json"   # a missing folder is made
     r = _run("bench/decode_latency.py", "--device", "cpu", "--preset", "tiny", "--contexts", "64", "--steps", "2",
              "--warmup", "1", "--prefill", "96", "--ref-contexts", "64", "--ref-steps", "1",
              "--skip", "full,hf,hf-compile", "--ahn-impl", impl, "--json", str(out))
@@ -42,3 +44,140 @@ def test_decode_latency_cpu_smoke_per_variant(tmp_path, impl, tag):
 def test_prefill_bench_needs_a_gpu():
     r = _run("bench/prefill_bench.py", "--quick")
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- a user's mistake: one line "error: ...", exit 2, no traceback, before any long work -------------
+# End to end (a subprocess) where it matters how the process ends (a native crash, the import-time switches,
+# the model build after the header, the server's own error); in this process (main(argv)) for the rest.
+CPU = ["--device", "cpu", "--preset", "tiny"]
+
+
+def _bench(name: str):
+    """bench/<name>.py imported here, its folder first on sys.path as when it runs as a script."""
+    bench = os.path.join(ROOT, "bench")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(bench)
+
+
+def _error_line(code, stderr: str) -> str:
+    """The run ended on a user's mistake: exit 2, no traceback, and exactly one line on stderr that is not
+    a progress line ('[bench] ...', '[serve_load] ...'): "error: ..."; returns it."""
+    assert "Traceback" not in stderr, stderr[-2000:]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("[")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, stderr[-2000:])
+    return lines[0]
+
+
+def _run_error(*args, env=None, timeout=120) -> tuple[str, str]:
+    """(the error line, stderr) of a bench script run as a subprocess."""
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})),
+                       capture_output=True, text=True, timeout=timeout)
+    return _error_line(r.returncode, r.stderr), r.stderr + r.stdout
+
+
+def _main_error(capsys, module: str, *argv) -> str:
+    """The error line of bench/<module>.py's main(argv), run in this process."""
+    try:
+        code = _bench(module).main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    return _error_line(code, capsys.readouterr().err)
+
+
+def test_parse_tokens_is_the_one_size_parser():
+    bench_args = _bench("bench_args")
+    parse_tokens, token_list = bench_args.parse_tokens, bench_args.token_list
+    assert [parse_tokens(s) for s in ("2k", "32k", "4096", " 1.5K ", "128k")] == [2048, 32768, 4096, 1536, 131072]
+    assert token_list("2k,32k,1024", "--prefill") == [2048, 32768, 1024]
+    for bad in ("0", "-5", "-1k", "2x", "k", "infk", "nank", "1e400"):
+        with pytest.raises(ValueError):
+            parse_tokens(bad)
+    with pytest.raises(ValueError, match="--prefill"):
+        token_list(" , ", "--prefill")
+    # the benches take their sizes from this one parser, not from a copy of their own
+    for name in ("decode_latency", "prefill_bench"):
+        assert _bench(name).token_list is token_list
+    assert _bench("prefix_ttft").tokens_arg is bench_args.tokens_arg
+
+
+def test_decode_latency_negative_depth_is_a_usage_error():
+    # --contexts -5 went on to State.fill_random, which crashed natively (double free, exit 134)
+    line, out = _run_error("bench/decode_latency.py", *CPU, "--quick", "--skip", "hf,hf-compile,fla",
+                           "--contexts", "-5")
+    assert "--contexts" in line and "[bench] measuring" not in out
+
+
+@pytest.mark.parametrize("flag,value", [("--contexts", "0"), ("--contexts", "64,0"), ("--contexts", ","),
+                                        ("--batch-contexts", "-1k"), ("--ref-contexts", "abc"), ("--prefill", "0"),
+                                        ("--max-context", "-1"), ("--batch-sizes", "0"), ("--window", "0"),
+                                        ("--sinks", "-1"), ("--steps", "0"), ("--budget-s", "0"),
+                                        ("--preset", "bogus"), ("--dtype", "int8"), ("--device", "mps"),
+                                        ("--device", "gpu"), ("--weights", "/nonexistent/model.safetensors"),
+                                        ("--skip", "hf,bogus")])
+def test_decode_latency_rejects_bad_options(capsys, flag, value):
+    line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
+    assert (flag if flag not in ("--device", "--preset", "--dtype") else value) in line, line
+
+
+def test_decode_latency_model_that_cannot_be_built_ends_the_run(tmp_path):
+    # this printed "FAILED build ahn_rt ahn model: AhnError: ...", an empty table and exited 0
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    line, out = _run_error("bench/decode_latency.py", *CPU, "--quick", "--contexts", "64", "--weights", str(garbage),
+                           "--skip", "hf,hf-compile,fla,full,ref,batch,prefill")
+    assert "not a valid safetensors" in line and "FAILED" not in out and "| tg @" not in out
+
+
+def test_decode_latency_bad_switch_is_one_line():
+    # ahn_rt.ops raised it at import: a traceback
+    line, _ = _run_error("bench/decode_latency.py", *CPU, "--quick", env={"AHN_RT_BACKEND": "bogus"})
+    assert "AHN_RT_BACKEND" in line
+
+
+def test_decode_latency_json_path_is_checked_before_the_run(capsys, tmp_path):
+    # a bad --json was opened only after the whole run: a traceback, and the table lost
+    (tmp_path / "afile").write_text("")
+    for bad in (tmp_path / "afile" / "tg.json", tmp_path):   # below a file; a folder
+        line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--contexts", "64", "--json", str(bad))
+        assert "--json" in line, line
+    assert list(tmp_path.iterdir()) == [tmp_path / "afile"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the device's to run")
+def test_prefill_bench_sizes_and_options(capsys):
+    # "--prefill 2k" was int("2k"): a ValueError traceback; now it parses and the run stops at the GPU check
+    assert "needs a CUDA GPU" in _main_error(capsys, "prefill_bench", "--prefill", "2k,32k,4096")
+    for args, want in ((["--prefill", "-5"], "--prefill"), (["--prefill", "2x"], "--prefill"),
+                       (["--preset", "bogus"], "bogus"), (["--window", "0"], "--window"),
+                       (["--skip", "attention,bogus"], "attention, flex, gdn, hf")):
+        line = _main_error(capsys, "prefill_bench", *args)
+        assert want in line and "CUDA" not in line, line
+
+
+def test_prefix_ttft_bad_options(capsys, tmp_path):
+    (tmp_path / "afile").write_text("")
+    for args, want in ((["--device", "cpu", "--prefix-tokens", "-5"], "--prefix-tokens"),
+                       (["--device", "gpu"], "gpu"), (["--device", "cpu", "--repeats", "0"], "--repeats"),
+                       (["--device", "cpu", "--json", str(tmp_path / "afile" / "x.json")], "--json")):
+        assert want in _main_error(capsys, "prefix_ttft", *args)
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in _main_error(capsys, "prefix_ttft", "--device", "cuda")
+
+
+def test_serve_load_bad_options(capsys):
+    for args, want in ((["--url", "notaurl"], "--url"), (["--concurrency", "abc"], "--concurrency"),
+                       (["--concurrency", "0"], "--concurrency"), (["--url", "http://127.0.0.1:1", "--weights", "x"],
+                                                                   "--weights"),
+                       (["--url", "http://127.0.0.1:1"], "Connection refused")):   # nothing listens on port 1
+        assert want in _main_error(capsys, "serve_load", *args)
+
+
+def test_serve_load_shows_the_servers_error(tmp_path):
+    # this was "RuntimeError: the server did not start:" and the server's stderr below a traceback
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    line, _ = _run_error("bench/serve_load.py", "--weights", str(garbage), "--device", "cpu")
+    assert "the server did not start" in line and "not a valid safetensors" in line, line

@@ -1,0 +1,219 @@
+"""What every bench script's command line shares, so that a user's mistake ends the run at once with one
+line on stderr, "error: <problem and what to do>", exit status 2, no traceback:
+
+* ``ArgParser`` (ahn_rt.cli): usage errors in one line; ``positive_int`` / ``nonneg_int`` /
+  ``positive_float`` / ``nonneg_float`` / ``tokens_arg`` as argparse types;
+* ``parse_tokens`` / ``token_list``: token counts and depths such as ``2k``, ``32k``, ``1.5k`` or ``4096``
+  (``k`` = 1024), at least 1 (the one parser of that format in bench/);
+* ``check_settings``: the AHN_RT_* switches that ahn_rt reads at import, checked before that import;
+* ``check_device``: a device torch has and the bench runs on, checked before any work;
+  ``require_cuda_ops``: a CUDA GPU and ahn_rt's CUDA kernels, for the benches of the kernels alone;
+* ``check_output``: an output file (``--json``) checked for writability before the run, and
+  ``write_json``, which writes it atomically at the end;
+* ``fail``: any other user mistake.
+
+Standard library only at import (torch is imported where a device is checked).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one of this checkout
+    sys.path.append(str(ROOT))
+
+from ahn_rt.cli import ArgParser  # noqa: E402,F401  (re-exported: every bench's parser)
+from ahn_rt.errors import AhnError  # noqa: E402,F401
+
+RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN")
+
+
+def fail(msg: str, code: int = 2):
+    """One line, "error: <msg>", on stderr, and exit (2: the user's mistake)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+# ---- the AHN_RT_* switches ---------------------------------------------------------------------------
+def check_settings(names=RUNTIME_SWITCHES):
+    """Exit with one line when one of these switches has a value it does not take (ahn_rt reads some of
+    them at import, where the error would be a traceback)."""
+    from ahn_rt import settings
+    readers = {"AHN_RT_BACKEND": settings.backend, "AHN_RT_GRAPH": settings.graphs_enabled,
+               "AHN_RT_PREFILL_CUDNN": settings.prefill_cudnn, "AHN_RT_TRAIN_ATTENTION": settings.train_attention}
+    for name in names:
+        try:
+            readers[name]()
+        except settings.SettingsError as e:
+            fail(f"{e}: set it to one of those or unset it")
+
+
+# ---- numbers -----------------------------------------------------------------------------------------
+def parse_tokens(text: str) -> int:
+    """A token count or depth: '2k' -> 2048, '32k' -> 32768, '1.5k' -> 1536, '4096' -> 4096. ValueError
+    (one line, naming the text) for anything else or a count below 1."""
+    s = str(text).strip().lower()
+    try:
+        n = int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{str(text).strip()!r} is not a token count such as 2k, 32k or 4096") from None
+    if n < 1:
+        raise ValueError(f"{str(text).strip()!r}: a token count must be >= 1")
+    return n
+
+
+def token_list(text: str, flag: str) -> list[int]:
+    """A comma list of token counts ('1k,32k'); ValueError naming `flag` when empty or bad."""
+    items = [x for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"{flag} needs at least one token count, e.g. 1k,32k")
+    try:
+        return [parse_tokens(x) for x in items]
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """A comma list of integers >= minimum ('1,4,16'); ValueError naming `flag` otherwise."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"{flag} needs at least one number, e.g. 1,4,16")
+    out = []
+    for x in items:
+        try:
+            v = int(x)
+        except ValueError:
+            raise ValueError(f"{flag}: {x!r} is not an integer (give a comma list such as 1,4,16)") from None
+        if v < minimum:
+            raise ValueError(f"{flag}: every value must be >= {minimum}, got {v}")
+        out.append(v)
+    return out
+
+
+def _typed(convert, minimum, what, strict=False):
+    """An argparse type: `convert`(text) >= minimum (> minimum when strict), else a one-line usage error."""
+    def parse(text):
+        try:
+            v = convert(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if v != v or v < minimum or (strict and v == minimum):   # NaN, or below the minimum
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text!r}")
+        return v
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _typed(int, 1, "an integer")
+nonneg_int = _typed(int, 0, "an integer")
+positive_float = _typed(float, 0, "a number", strict=True)
+nonneg_float = _typed(float, 0, "a number")
+
+
+def tokens_arg(text: str) -> int:
+    """argparse type of one token count (e.g. --max-context 256k)."""
+    try:
+        return parse_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ---- paths, devices ----------------------------------------------------------------------------------
+def check_exists(path: str | None, flag: str):
+    """Exit with one line when an input path (--weights, --ahn) does not exist."""
+    if path is not None and not Path(path).exists():
+        fail(f"{flag} {path}: no such file or folder; give a .safetensors file or a checkpoint folder")
+
+
+def check_device(name: str, kinds=("cuda", "cpu"), cpu_hint: str = ""):
+    """The torch.device for `name`, or exit with one line: a name torch does not know, a device type
+    this bench does not run on, CUDA that torch does not see, a GPU index past the last one."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        fail(f"--device {name!r} is not a device; use {' or '.join(kinds)}")
+    if dev.type not in kinds:
+        fail(f"--device {name}: this benchmark runs on {' or '.join(kinds)} only")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {name} needs a CUDA GPU (torch {torch.__version__} sees none){cpu_hint}")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            fail(f"--device {name}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+    return dev
+
+
+BUILD = "pip install --no-build-isolation -e ."
+
+
+def require_cuda_ops(script: str, names=()):
+    """Exit with one line unless a CUDA GPU is there and ahn_rt._C imports with a CUDA kernel for each op
+    in `names` (a CPU-only build imports fine and fails at the first call)."""
+    import torch
+    if not torch.cuda.is_available():
+        fail(f"{script} needs a CUDA GPU (torch {torch.__version__} sees none) and the CUDA build of ahn_rt")
+    try:
+        import ahn_rt._C  # noqa: F401
+    except ImportError as e:
+        fail(f"{script} needs ahn_rt's compiled kernels, which do not import ({str(e).strip().splitlines()[0]}); "
+             f"build them with `{BUILD}`")
+    for name in names:
+        try:
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"ahn_rt::{name}", "CUDA")
+        except Exception:  # noqa: BLE001 - no such op in this build, or a torch without the query
+            has = False
+        if not has:
+            fail(f"{script}: ahn_rt._C has no CUDA kernel for {name} (a CPU-only or older build); rebuild it on "
+                 f"this machine with `AHN_RT_CUDA=1 {BUILD}`")
+
+
+def check_output(path: str, flag: str = "--json") -> str:
+    """Exit with one line unless `path` can be written, before a long run rather than after it: missing
+    folders are made (the writer would make them anyway), the file is opened for appending (an existing
+    one is left as it is; a new one is removed again)."""
+    p = Path(path)
+    for up in [p, *p.parents]:
+        if up == p and up.is_dir():
+            fail(f"{flag} {path} is a folder; give a file path such as {p / 'results.json'}")
+        if up != p and up.exists() and not up.is_dir():
+            fail(f"{flag} {path}: {up} is a file, not a folder; choose another path")
+    existed = p.exists()
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        fail(f"{flag} {path} cannot be written ({e.strerror or e}); choose another path")
+    if not existed:
+        p.unlink(missing_ok=True)
+    return str(p)
+
+
+def write_json(obj, path: str, flag: str = "--json", **dump_kw) -> bool:
+    """Write obj as JSON to path atomically (a temporary file beside it, then renamed). On an OSError
+    (the disk filled up during the run, the folder went away) one line on stderr and False: the caller
+    has printed its table already, so nothing measured is lost."""
+    p = Path(path)
+    dump_kw.setdefault("indent", 1)
+    dump_kw.setdefault("default", str)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(obj, f, **dump_kw)
+            f.write("\n")
+        os.replace(tmp, p)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        print(f"error: {flag} {path} could not be written ({e.strerror or e}); the results are in the "
+              "table above", file=sys.stderr, flush=True)
+        return False
+    return True
