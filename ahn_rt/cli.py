@@ -63,6 +63,10 @@ def load_model(args):
     """ahn_rt.load from the options of ``add_model_arguments``; the tokenizer is checked now, before any
     compute."""
     import ahn_rt
+    from .errors import AhnError
+    if args.mode == "full" and (args.window is not None or args.sinks is not None):
+        raise AhnError("--window and --sinks do nothing with --mode full (full attention keeps every token): "
+                       "drop them, or use --mode ahn / swa")
     model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
                         device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
     model.tokenizer

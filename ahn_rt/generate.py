@@ -124,6 +124,8 @@ def main(argv=None) -> int:
             raise AhnError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if any(s == "" for s in args.stop):
             raise AhnError("--stop needs a non-empty string")
+        if args.system is not None and not args.chat:
+            raise AhnError("--system is the system message of --chat's template: add --chat, or drop --system")
         _check_sampling(args)
         if demo_prompt:
             prompt, info = _demo_prompt()

@@ -263,6 +263,21 @@ def test_bad_sampling_options_are_one_line(tiny, extra, needle):
     assert out == ""
 
 
+@pytest.mark.parametrize("extra,needle", [
+    (("--system", "be brief"), "add --chat"),
+    (("--mode", "full", "--window", "64"), "do nothing with --mode full"),
+    (("--mode", "full", "--sinks", "4"), "do nothing with --mode full"),
+], ids=["system-without-chat", "window-with-full", "sinks-with-full"])
+def test_options_that_would_do_nothing_are_refused(tiny, extra, needle):
+    """An option the run would silently ignore is a one-line error, not a surprise."""
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", *extra)
+    one_line_error(rc, err, needle)
+    assert out == ""
+    fixed = (*extra, "--chat") if extra[0] == "--system" else extra[:2]   # --system with --chat; full alone
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", *fixed)
+    assert rc == 0, err
+
+
 def test_init_weights_seed_out_of_range(tmp_path):
     rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--seed", "99999999999999999999999",
                        "--out", str(tmp_path / "m.safetensors"))
