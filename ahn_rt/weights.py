@@ -362,14 +362,18 @@ _AHN_CONFIG_FIELDS = ("_ahn_implementation", "_layer_implementation", "sliding_w
                       "use_q_proj", "use_ahn_router", "fa_layer_ids")
 
 
+class AhnOnlyCheckpoint(AhnError):
+    """An AHN-only checkpoint given where a base (or merged) one belongs; a command words the fix its way."""
+
+
 def open_checkpoint(weights, ahn=None) -> Checkpoint:
     """Locate the files and read the config of a base or merged checkpoint (+ an AHN checkpoint)."""
     path = Path(os.fspath(weights)).expanduser()
     files = _weight_files(path, "weights")
     src = _Source(files)
     if src.where and all(is_ahn_key(k) for k in src.where):
-        raise AhnError(f"{path} is an AHN-only checkpoint (it holds only model.layers.N.ahn.* tensors, no base "
-                       f"model): give the base model with --weights and this one with --ahn")
+        raise AhnOnlyCheckpoint(f"{path} is an AHN-only checkpoint (it holds only model.layers.N.ahn.* tensors, "
+                                f"no base model): give the base model with --weights and this one with --ahn")
     cfg = find_config(path, files)
     if cfg is None:
         raise AhnError(f"no config for {path}: put the model's config.json beside the weights "

@@ -231,7 +231,7 @@ def bad_files(tiny):
 
 @pytest.mark.parametrize("case,needle", [
     ("missing base", "not found"),
-    ("AHN-only base", "AHN-only"),
+    ("AHN-only base", "AHN-only checkpoint; give the base model as --base"),
     ("missing data", "data file not found"),
     ("empty data", "is empty"),
     ("no usable record", "no usable record"),

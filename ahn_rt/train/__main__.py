@@ -349,13 +349,14 @@ def _run(a, d, out: Path) -> int:
 
         # ---- the base model --------------------------------------------------------------------
         base_path = Path(a.base).expanduser()
-        ckpt = W.open_checkpoint(base_path, a.init_ahn)
+        try:
+            ckpt = W.open_checkpoint(base_path, a.init_ahn)
+        except W.AhnOnlyCheckpoint:
+            raise AhnError(f"--base {base_path} is an AHN-only checkpoint; give the base model as --base "
+                           f"(and this file as --init-ahn to start from it)") from None
         config = ckpt.config
         base_keys = {k for k in ckpt.src.where if not W.is_ahn_key(k)}
         base_ahn_keys = {k for k in ckpt.src.where if W.is_ahn_key(k)}
-        if not base_keys and base_ahn_keys:
-            raise AhnError(f"--base {base_path} is an AHN-only checkpoint; give the base model as --base "
-                           f"(and this file as --init-ahn to start from it)")
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
         W._check_keys(W.base_shapes(config), ckpt.src, base_keys, f"base {base_path}", optional=optional)
         if base_ahn_keys and not a.init_from_base and not a.resume:
