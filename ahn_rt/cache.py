@@ -203,14 +203,13 @@ def zeros(fields: dict, c: Config, device, n: int, capacity: int) -> dict[str, t
     raised before anything is kept."""
     need = sum(math.prod(shape) * dt.itemsize for shape, dt in fields.values())
     device = torch.device(device)
-    try:
-        if need >= 2 ** 62:       # beyond any machine (and beyond what torch can even size)
-            raise RuntimeError("out of memory")
-        return {name: torch.zeros(shape, dtype=dt, device=device) for name, (shape, dt) in fields.items()}
-    except RuntimeError as e:     # torch.OutOfMemoryError (CUDA) is one too; the CPU allocator raises it plain
-        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
-            raise
-        raise AhnError(_allocation_failure(c, device, n, capacity, need)) from None
+    if need < 2 ** 62:            # more is beyond any machine (and beyond what torch can even size)
+        try:
+            return {name: torch.zeros(shape, dtype=dt, device=device) for name, (shape, dt) in fields.items()}
+        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises it plain
+            if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+                raise
+    raise AhnError(_allocation_failure(c, device, n, capacity, need))
 
 
 def _allocation_failure(c: Config, device, n: int, capacity: int, need: int) -> str:
@@ -395,13 +394,10 @@ class State:
         (0.001, 0.1)), a small memory once tokens have left the window (``generator``: on the state's
         device; default seeded 0). For benchmarks and shape tests: the cost of a step depends on the
         depth, not on the values (a real context comes from ``Session.forward``)."""
-        orig = position   # a negative depth once reached the kernels (a native crash): check it here
-        try:
-            position = operator.index(position) if not isinstance(position, bool) else None
-        except TypeError:
-            position = None
-        if position is None or position < 0:
-            raise AhnError(f"fill_random needs a position (depth) that is an integer >= 0, got {orig!r}")
+        # A negative depth once reached the kernels (a native crash): check it here.
+        if isinstance(position, bool) or not hasattr(position, "__index__") or operator.index(position) < 0:
+            raise AhnError(f"fill_random needs a position (depth) that is an integer >= 0, got {position!r}")
+        position = operator.index(position)
         self.ensure_capacity(position)
         self.reset()
         n = min(position, self.capacity)

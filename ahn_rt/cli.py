@@ -1,6 +1,6 @@
 """What every ahn_rt command line shares: usage errors print one line and exit 2 (``ArgParser``), Ctrl-C at
-any moment (start-up included) prints one line and exits 130, and warnings print as one line. Standard library only, so a command can install this before it
-imports torch.
+any moment (start-up included) prints one line and exits 130, and warnings print as one line. Standard
+library only, so a command can install this before it imports torch.
 """
 from __future__ import annotations
 

@@ -29,8 +29,7 @@ DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
 
 
 def build_parser() -> ArgParser:
-    ap = ArgParser(prog="python -m ahn_rt.generate",
-                                 description="Generate text with an AHN-augmented Qwen model.")
+    ap = ArgParser(prog="python -m ahn_rt.generate", description="Generate text with an AHN-augmented Qwen model.")
     add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder "
                             "(default: the demo model in weights/demo, with its demo prompt)")
     p = ap.add_argument_group("prompt")

@@ -21,6 +21,7 @@ from .weights import Weights
 
 _MLP_ROWS = 2048   # prefill rows per MLP block (Decoder._mlp)
 
+
 class Decoder:
     def __init__(self, config: Config, weights: Weights, device):
         self.config = config

@@ -188,7 +188,8 @@ def hf_rows(c, dev, lengths):
         import transformers  # noqa: F401
     except ImportError as e:
         log(f"skipped HF rows: transformers not installed ({e})")
-        return [dict(kind="pp", impl="HF transformers full attention (sdpa)", skipped=f"transformers not installed ({e})")]
+        return [dict(kind="pp", impl="HF transformers full attention (sdpa)",
+                     skipped=f"transformers not installed ({e})")]
     m, _ = hf_model(c, dev)
     rows = []
     ids = torch.randint(0, c.vocab_size, (1, max(lengths)), device=dev)

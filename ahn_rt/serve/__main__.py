@@ -37,7 +37,7 @@ def parse_size(text: str, what: str) -> int:
 
 def build_parser() -> ArgParser:
     ap = ArgParser(prog="python -m ahn_rt.serve",
-                                 description="OpenAI-compatible HTTP server for an AHN-augmented Qwen model.")
+                   description="OpenAI-compatible HTTP server for an AHN-augmented Qwen model.")
     m = add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder", weights_required=True)
     m.add_argument("--model-name", help="the id clients pass as 'model' (default: the weights' name)")
     n = ap.add_argument_group("network")
