@@ -59,6 +59,13 @@ def _read(name: str) -> str:
     return value
 
 
+def check(*names: str):
+    """SettingsError (one line) when one of these switches (names of the table above, read through
+    ``_CHOICES``) has a value it does not take: for commands that check their switches before any work."""
+    for name in names:
+        _read(name)
+
+
 def backend() -> str:
     """AHN_RT_BACKEND: 'auto', 'ref' or 'ext'."""
     return _read("AHN_RT_BACKEND")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -43,13 +42,10 @@ def check_settings(names=RUNTIME_SWITCHES):
     """Exit with one line when one of these switches has a value it does not take (ahn_rt reads some of
     them at import, where the error would be a traceback)."""
     from ahn_rt import settings
-    readers = {"AHN_RT_BACKEND": settings.backend, "AHN_RT_GRAPH": settings.graphs_enabled,
-               "AHN_RT_PREFILL_CUDNN": settings.prefill_cudnn, "AHN_RT_TRAIN_ATTENTION": settings.train_attention}
-    for name in names:
-        try:
-            readers[name]()
-        except settings.SettingsError as e:
-            fail(f"{e}: set it to one of those or unset it")
+    try:
+        settings.check(*names)
+    except settings.SettingsError as e:
+        fail(f"{e}: set it to one of those or unset it")
 
 
 # ---- numbers -----------------------------------------------------------------------------------------
@@ -148,13 +144,11 @@ def check_device(name: str, kinds=("cuda", "cpu"), cpu_hint: str = ""):
     return dev
 
 
-BUILD = "pip install --no-build-isolation -e ."
-
-
 def require_cuda_ops(script: str, names=()):
     """Exit with one line unless a CUDA GPU is there and ahn_rt._C imports with a CUDA kernel for each op
     in `names` (a CPU-only build imports fine and fails at the first call)."""
     import torch
+    from ahn_rt.ops import BUILD_COMMAND as BUILD
     if not torch.cuda.is_available():
         fail(f"{script} needs a CUDA GPU (torch {torch.__version__} sees none) and the CUDA build of ahn_rt")
     try:
@@ -195,25 +189,15 @@ def check_output(path: str, flag: str = "--json") -> str:
 
 
 def write_json(obj, path: str, flag: str = "--json", **dump_kw) -> bool:
-    """Write obj as JSON to path atomically (a temporary file beside it, then renamed). On an OSError
-    (the disk filled up during the run, the folder went away) one line on stderr and False: the caller
+    """Write obj as JSON to path atomically (weights.atomic_write_text). When that fails
+    (the disk filled up during the run, the folder went away): one line on stderr and False: the caller
     has printed its table already, so nothing measured is lost."""
-    p = Path(path)
+    from ahn_rt.weights import atomic_write_text
     dump_kw.setdefault("indent", 1)
     dump_kw.setdefault("default", str)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(obj, f, **dump_kw)
-            f.write("\n")
-        os.replace(tmp, p)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        print(f"error: {flag} {path} could not be written ({e.strerror or e}); the results are in the "
-              "table above", file=sys.stderr, flush=True)
+        atomic_write_text(path, json.dumps(obj, **dump_kw) + "\n")
+    except AhnError as e:
+        print(f"error: {flag}: {e}; the results are in the table above", file=sys.stderr, flush=True)
         return False
     return True

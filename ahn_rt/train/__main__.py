@@ -209,11 +209,10 @@ def _check_args(a):
          "--resume continues from OUT/resume; --init-from-base/--init-ahn only choose a new run's start")
     need(not (a.resume and a.overwrite), "--resume and --overwrite contradict each other; give one")
     from .. import settings
-    for read in (settings.backend, settings.train_attention):      # the environment switches training reads
-        try:
-            read()
-        except settings.SettingsError as e:
-            raise AhnError(f"{e}; set one of those or unset it") from None
+    try:
+        settings.check("AHN_RT_BACKEND", "AHN_RT_TRAIN_ATTENTION")   # the environment switches training reads
+    except settings.SettingsError as e:
+        raise AhnError(f"{e}; set one of those or unset it") from None
 
 
 def _check_out(out: Path):
