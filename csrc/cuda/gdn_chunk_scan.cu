@@ -195,6 +195,21 @@ __device__ __forceinline__ void load_b(Tf32 (&b)[2], const float* tile, int ld, 
   b[0] = split_tf32(tile[(k0 + q) * ld + n0 + g]);
   b[1] = split_tf32(tile[(k0 + q + 4) * ld + n0 + g]);
 }
+// d[nt] += A B[:, 8 nt .. 8 nt + 7] for a 16-row tile A (row stride lda) and a [K][16] tile B (row stride
+// ldb), K a multiple of 8: one k-step of 8 after another, the same order for every call.
+__device__ __forceinline__ void mma_rows16(float (&d)[2][4], const float* A, int lda, const float* B, int ldb, int K,
+                                           int g, int q) {
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    Tf32 a[4];
+    load_a(a, A, lda, k0, g, q);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      Tf32 b[2];
+      load_b(b, B, ldb, k0, 8 * nt, g, q);
+      mma3(d[nt], a, b);
+    }
+  }
+}
 
 template <bool kDelta>
 __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkScanParams p) {
@@ -246,19 +261,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkSca
 
     // 1. w S (warps 0-3) and qg S (warps 4-7), 16 rows x 16 columns per warp.
     float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    if (kDelta || warp >= 4) {
-      const float* A = (warp < 4 ? Ws : Qs) + 16 * m * DKP;
-      for (int k0 = 0; k0 < Dk; k0 += 8) {
-        Tf32 a[4];
-        load_a(a, A, DKP, k0, g, q);
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          Tf32 b[2];
-          load_b(b, Ss, SVP, k0, 8 * nt, g, q);
-          mma3(d[nt], a, b);
-        }
-      }
-    }
+    if (kDelta || warp >= 4) mma_rows16(d, (warp < 4 ? Ws : Qs) + 16 * m * DKP, DKP, Ss, SVP, Dk, g, q);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -282,17 +285,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkSca
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] *= gn;
-#pragma unroll 2
-      for (int c0 = 0; c0 < CH; c0 += 8) {
-        Tf32 a[4];
-        load_a(a, Kt + r0 * CP, CP, c0, g, q);
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          Tf32 b[2];
-          load_b(b, Vs, SVP, c0, 8 * nt, g, q);
-          mma3(s[nt], a, b);
-        }
-      }
+      mma_rows16(s, Kt + r0 * CP, CP, Vs, SVP, CH, g, q);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
