@@ -36,6 +36,18 @@ def heldout_text(min_tokens: int, tok) -> list[int]:
     return ids
 
 
+def build(distance: int, seed: int, key_pos: int = 300, tokenizer: str = "weights/demo/tokenizer.json"):
+    """The prompt text (up to the question) and its passkey item (``.text``, ``.key_pos``, ``.distance``)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(tokenizer)
+    t = longrange.Templates.from_tokenizer(tokenizer)
+    L = key_pos + distance + longrange.N_DIGITS
+    filler = np.asarray(heldout_text(L, tok), dtype=np.int64)
+    ids, item = longrange.insert_passkey(filler, L, distance, np.random.default_rng(seed), t,
+                                         min_start=key_pos - len(t.statement), key_pos=key_pos)
+    return tok.decode(ids[:item.answer_pos].tolist(), skip_special_tokens=False), item, tok
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", default="weights/demo/tokenizer.json")
@@ -43,14 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--key-pos", type=int, default=300, help="token position of the stated passkey")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(args.tokenizer)
-    t = longrange.Templates.from_tokenizer(args.tokenizer)
-    L = args.key_pos + args.distance + longrange.N_DIGITS
-    filler = np.asarray(heldout_text(L, tok), dtype=np.int64)
-    ids, item = longrange.insert_passkey(filler, L, args.distance, np.random.default_rng(args.seed), t,
-                                         min_start=args.key_pos - len(t.statement), key_pos=args.key_pos)
-    text = tok.decode(ids[:item.answer_pos].tolist(), skip_special_tokens=False)
+    text, item, tok = build(args.distance, args.seed, args.key_pos, args.tokenizer)
     again = tok.encode(text, add_special_tokens=False).ids
     sys.stdout.write(text)
     print(f"passkey {item.text}; prompt {len(again)} tokens, the passkey's first digit at token "
