@@ -120,15 +120,37 @@ def gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float, 
 
 
 # ---- prefill path: torch implementations -------------------------------------------------------
+@functools.cache
+def _cpu_bf16_gemm() -> bool:
+    """Whether this CPU has a fast bf16 GEMM (oneDNN's: AVX-512 or AMX on x86, BF16 on Arm). Without one,
+    torch's bf16 GEMM is scalar code: 6-9x slower than float32 on an AVX2 machine (bench/README.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_UPCAST_ROWS = 32   # below this many rows a half-precision GEMM beats converting the weights to float32
+
+
+def _gemm_in_float32(x) -> bool:
+    """A CPU GEMM of half-precision rows that runs faster in float32: float16 always (torch has no fast
+    float16 GEMM on the CPU), bf16 where the CPU has no fast bf16 GEMM and there are enough rows to pay
+    for converting the weights."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return x.dtype == torch.float16 or (not _cpu_bf16_gemm() and x.numel() >= _UPCAST_ROWS * x.shape[-1])
+
+
 def linear(x, weight, bias=None):
-    """x @ weight^T (+ bias). torch has no fast float16 GEMM on the CPU (about 10x slower than bf16 on
-    x86), so there float16 runs in float32, a block of weight rows at a time (no float32 copy of a whole
-    LM head), and is rounded once: the same values up to summation order."""
-    if x.dtype == torch.float16 and x.device.type == "cpu":
+    """x @ weight^T (+ bias). On the CPU a half-precision GEMM may run in float32 (``_gemm_in_float32``),
+    a block of weight rows at a time (no float32 copy of a whole LM head), rounded once: the same values
+    up to summation order."""
+    if _gemm_in_float32(x):
         xf = x.float()
         ys = [torch.nn.functional.linear(xf, w.float()) for w in weight.split(16384)]
         y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
-        return (y if bias is None else y + bias.float()).to(torch.float16)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -183,7 +205,41 @@ def prefill_attention(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
         if _flash_ok(q.dtype, q.shape[-1]):
             return _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
         return _prefill_attention_sdpa(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
+    if q.device.type == "cpu" and _backend != "ref":
+        return _prefill_attention_blocks(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
     return ref.prefill_attention_ref(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
+
+
+_BLOCK_QUERIES = 256   # the CPU path's query block (bounded further by _BLOCK_SCORES)
+_BLOCK_SCORES = 1 << 24   # at most this many float32 scores at once
+
+
+def _prefill_attention_blocks(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
+    """The CPU path: the reference's keys (``ref.chunk_keys``), attended a block of queries at a time over
+    only the keys the rule can let through to that block (the sinks and the block's window span), in
+    float32; the query heads of a kv head share its keys (no copies per head). The reference scores every
+    query against every key."""
+    k_all, v_all, q_pos, k_pos = ref.chunk_keys(k, v, k_cache, v_cache, p0, sinks, window)
+    T, H, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
+    kf, vf = k_all.float().transpose(0, 1), v_all.float().transpose(0, 1)       # [Hkv, n, D]
+    reach = min(k_pos.numel(), sinks + window + _BLOCK_QUERIES)                 # keys a block may see
+    block = max(1, min(_BLOCK_QUERIES, _BLOCK_SCORES // (H * reach)))
+    out = torch.empty(T, H, Dv, dtype=q.dtype, device=q.device)
+    for a in range(0, T, block):
+        b = min(T, a + block)
+        near = ((k_pos < sinks) | (k_pos > p0 + a - window)) & (k_pos < p0 + b)
+        idx = near.nonzero().squeeze(1)
+        kp, qp = k_pos[idx][None, :], q_pos[a:b, None]
+        allowed = (kp <= qp) & ((qp - kp < window) | (kp < sinks))              # [b - a, m]
+        qb = q[a:b].float().view(b - a, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * (b - a), D)
+        scores = torch.bmm(qb, kf[:, idx].transpose(1, 2)) * scale              # [Hkv, G * (b - a), m]
+        scores = scores.view(Hkv, G, b - a, -1).masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(Hkv, G * (b - a), -1)
+        o = torch.bmm(probs, vf[:, idx])                                        # [Hkv, G * (b - a), Dv]
+        out[a:b] = o.view(Hkv, G, b - a, Dv).permute(2, 0, 1, 3).reshape(b - a, H, Dv)
+    return out
 
 
 def _flash_ok(dtype, head_dim: int) -> bool:
