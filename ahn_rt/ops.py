@@ -541,14 +541,26 @@ def gdn_gate_norm(o, z, norm_weight, eps):
 def gdn_output(o, z, norm_weight, o_proj, eps):
     """The GatedDeltaNet output head over a prefill chunk (ref.gdn_output_ref): the norm and gate in one
     kernel, the grouped o_proj as one batched matmul over the heads."""
-    y = gdn_gate_norm(o, z, norm_weight, eps)
-    return torch.bmm(y.transpose(0, 1), o_proj.to(y.dtype)).transpose(0, 1)
+    return grouped_o_proj(gdn_gate_norm(o, z, norm_weight, eps), o_proj)
+
+
+def grouped_o_proj(y, o_proj):
+    """A memory's grouped o_proj over a prefill chunk: y [n, H, Dv] by o_proj [H, Dv, Dv] (in, out) per
+    head, one batched matmul, in y's dtype; on the CPU in float32 where that is faster (``_gemm_in_float32``),
+    rounded once."""
+    yt = y.transpose(0, 1)
+    if _gemm_in_float32(y):
+        return torch.bmm(yt.float(), o_proj.float()).to(y.dtype).transpose(0, 1)
+    return torch.bmm(yt, o_proj.to(y.dtype)).transpose(0, 1)
 
 
 # ---- the Mamba2 memory -------------------------------------------------------------------------------
 # Its decode step and its prefill's chunk-local work are compiled ops (CPU and CUDA); the prefill's
 # block-to-block recurrence is GatedDeltaNet's scan kernel without the delta correction.
-mamba2_output = ref.mamba2_output_ref
+def mamba2_output(o, z, norm_weight, o_proj, eps):
+    """Mamba2's output head over a prefill chunk (ref.mamba2_output_ref): the reference's gate and norm,
+    then the grouped o_proj."""
+    return grouped_o_proj(ref.mamba2_gate_norm_ref(o, z, norm_weight, eps), o_proj)
 
 
 def mamba2_chunk_prep(q, k, v, dt, a_log):

@@ -496,17 +496,22 @@ def mamba2_chunk_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: t
     return _chunk_outputs(P, *scan(None, u, kd_t, qg, gl, state), q.shape[0], q.dtype)
 
 
-def mamba2_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,
-                      eps: float) -> torch.Tensor:
-    """Mamba2 output head: y = o * silu(z), RMSNorm over ALL H*Dv lanes, * w, in float32, then the grouped
-    o_proj. o: [n, H, Dv] (model dtype); z: [n, H] (per-head gate scalar); norm_weight: [H*Dv];
-    o_proj: [H, Dv, Dv] stored (in, out). Returns m: [n, H, Dv] in o.dtype.
-    """
+def mamba2_gate_norm_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mamba2's gate and norm: y = o * silu(z), RMSNorm over ALL H*Dv lanes, * w, in float32. o: [n, H, Dv]
+    (model dtype); z: [n, H] (per-head gate scalar); norm_weight: [H*Dv]. Returns y [n, H, Dv] in o.dtype."""
     n, H, Dv = o.shape
     zf = z.float()[:, :, None]
     y = o.float() * (zf * torch.sigmoid(zf))
     y = y * torch.rsqrt(y.pow(2).mean(dim=(1, 2), keepdim=True) + eps) * norm_weight.float().view(H, Dv)
-    return torch.einsum("nhi,hio->nho", y.to(o.dtype), o_proj.to(o.dtype))
+    return y.to(o.dtype)
+
+
+def mamba2_output_ref(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, o_proj: torch.Tensor,
+                      eps: float) -> torch.Tensor:
+    """Mamba2 output head: ``mamba2_gate_norm_ref``, then the grouped o_proj (o_proj: [H, Dv, Dv] stored
+    (in, out)). Returns m: [n, H, Dv] in o.dtype.
+    """
+    return torch.einsum("nhi,hio->nho", mamba2_gate_norm_ref(o, z, norm_weight, eps), o_proj.to(o.dtype))
 
 
 def mamba2_decode_ref(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,

@@ -207,6 +207,36 @@ def test_gdn_gate_norm_and_output_match_reference(device, dtype, n, H, D):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,H,D", [(1, 1, 8), (45, 3, 40), (70, 16, 128)])
+@pytest.mark.parametrize("cpu_fast_bf16", [False, True])
+def test_memory_output_heads_match_reference(monkeypatch, device, dtype, n, H, D, cpu_fast_bf16):
+    """The grouped o_proj of both output heads (ops.gdn_output, ops.mamba2_output: float32 on a CPU
+    without a fast half-precision GEMM, else in the input dtype) against the references' einsum: float32
+    within summation order, bf16/fp16 within a few roundings. Negative control: each head's o_proj
+    transposed fails the bound."""
+    monkeypatch.setattr(ops, "_cpu_bf16_gemm", lambda: cpu_fast_bf16)
+    g = torch.Generator().manual_seed(n)
+    o = (torch.randn(n, H, D, generator=g) * 3).to(device, dtype)
+    z = torch.randn(n, H, generator=g).to(device, dtype)
+    o_proj = (torch.randn(H, D, D, generator=g) * D ** -0.5).to(device, dtype)
+    eps = 1e-5
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=4 * torch.finfo(dtype).eps,
+                                                                         atol=2e-2)
+    for w, got_fn, want_fn in ((1 + 0.1 * torch.randn(D, generator=g), ops.gdn_output, ref.gdn_output_ref),
+                               (1 + 0.1 * torch.randn(H * D, generator=g), ops.mamba2_output,
+                                ref.mamba2_output_ref)):
+        w = w.to(device, dtype)
+        want = want_fn(o, z, w, o_proj, eps)
+        got = got_fn(o, z, w, o_proj, eps)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+        if D > 1:
+            wrong = got_fn(o, z, w, o_proj.transpose(1, 2), eps)
+            assert not torch.allclose(wrong.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_prefill_fused_opcheck(device):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, 8, generator=g).to(device)
