@@ -98,10 +98,11 @@ def main(argv=None) -> int:
     ap = ArgParser(prog="python -m ahn_rt.init_weights", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--ahn", choices=["gdn", "dn", "mamba2", "none"], default="none",
-                    help="add AHN weights: GatedDeltaNet (gdn), DeltaNet (dn) or Mamba2 (mamba2)")
-    ap.add_argument("--out", required=True, help="output .safetensors path")
+                    help="add AHN weights: GatedDeltaNet (gdn), DeltaNet (dn) or Mamba2 (mamba2); "
+                         "default none: a base model")
+    ap.add_argument("--out", required=True, help="output .safetensors path (its folder is created)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or float32")
     ap.add_argument("--tokenizer", choices=["qwen2.5", "none"], default="none",
                     help="also write the real Qwen2.5 tokenizer.json beside the weights")
     args = ap.parse_args(argv)

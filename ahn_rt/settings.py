@@ -22,8 +22,9 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_GDN_SCAN_SIMT | CUDA gdn_chunk_scan,   | 0; 1: the CUDA-core float32 scan where the tensor-core one      |
 |                      | once                   | would run (Dk a multiple of 16; an A/B switch for benches)      |
 
-The last four are kernel A/B switches that the C++ side reads through its one helper ``env_flag``
-(csrc/common.h); ``kernel_flag`` reads them the same way for benchmarks that label their rows.
+The last four are kernel A/B switches that the C++ side reads: AHN_RT_GEMV_PDL in csrc/host/gemv.cpp (unset
+and empty differ from 0 there), the other three through ``env_flag`` (csrc/common.h); ``kernel_flag`` reads
+them as ``env_flag`` does, for benchmarks that label their rows.
 """
 from __future__ import annotations
 

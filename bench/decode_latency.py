@@ -249,14 +249,14 @@ def parse_args(argv=None):
     rows.add_argument("--contexts", help="decode depths, e.g. 1k,8k,32k (default 1k,8k,32k,64k,128k "
                                          "+256k when the card has >= 40 GiB)")
     rows.add_argument("--max-context", type=tokens_arg,
-                      help="add powers of two past 128k up to this depth (e.g. 256k)")
+                      help="also the deepest context doubled, again and again, up to this depth (e.g. 256k)")
     rows.add_argument("--batch-sizes", default="8,16", help="sessions per step for the b{B} rows (default 8,16)")
     rows.add_argument("--batch-contexts", default="1k,32k", help="depths for the b{B} rows (default 1k,32k)")
     rows.add_argument("--steps", type=positive_int, default=64, help="timed decode steps per row (default 64)")
     rows.add_argument("--warmup", type=positive_int, default=8,
                       help="untimed steps first; the first captures the graph")
     rows.add_argument("--prefill", default="2k,32k", help="prompt lengths for pp rows (default 2k,32k)")
-    rows.add_argument("--prefill-long", action="store_true", help="also pp131072 (the prefill path is slow today)")
+    rows.add_argument("--prefill-long", action="store_true", help="also pp131072")
     rows.add_argument("--ref-contexts", default="1k,32k", help="depths for the reference-ops row (default 1k,32k)")
     rows.add_argument("--ref-steps", type=positive_int, default=4)
     rows.add_argument("--hf-contexts", default="1k,32k,128k", help="depths for HF eager (default 1k,32k,128k)")

@@ -5,11 +5,16 @@ bucket; K = 11008 and 18944 at 12 or more rows stage x piece by piece); vector a
 SiLU pairs, bias / residual / float32 output.
     compute-sanitizer --tool memcheck python3 scripts/gemv_sanitize.py
 """
-import os
+import argparse
 
-import torch
+argparse.ArgumentParser(description=__doc__,   # no options; --help prints the docstring
+                        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
-import ahn_rt._C  # noqa: F401
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+import ahn_rt._C  # noqa: E402, F401
 
 dev = "cuda"
 cases = [(2048, 129, False, 0), (7, 3, False, 0), (2048, 258, True, 0), (2048, 65, False, 3),

@@ -2,9 +2,14 @@
 
     compute-sanitizer --tool memcheck python scripts/sanitize_ops.py
 """
-import torch
+import argparse
 
-import ahn_rt._C  # noqa: F401
+argparse.ArgumentParser(description=__doc__,   # no options; --help prints the docstring
+                        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
+import torch  # noqa: E402
+
+import ahn_rt._C  # noqa: E402, F401
 
 dev, dt = "cuda", torch.bfloat16
 torch.manual_seed(0)

@@ -193,7 +193,7 @@ def plot_loss(out: Path, records: list[dict]) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "loss curve not drawn: matplotlib is missing (pip install 'ahn_rt[plots]')"
+        return "loss curve not drawn: matplotlib is missing (pip install matplotlib)"
     records = [r for r in records if r.get("loss") is not None]
     if not records:
         return "loss curve not drawn: no step had a loss position"
