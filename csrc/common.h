@@ -488,7 +488,7 @@ constexpr int64_t kGemvMaxRows = 32;
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers shared by the host entry functions and the CUDA launchers.
 // ---------------------------------------------------------------------------------------------
-// A kernel A/B switch from the environment (AHN_RT_GEMV_PDL, AHN_RT_GDN_GENERIC, ...): true when `name` is set
+// A kernel A/B switch from the environment (AHN_RT_GEMV_SIMT, AHN_RT_GDN_GENERIC, ...): true when `name` is set
 // to a non-empty value that does not start with '0'. Reads the environment on every call; a caller that
 // wants one value for the whole process caches the result.
 inline bool env_flag(const char* name) {
