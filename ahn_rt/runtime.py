@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import threading
 import time
 import weakref
@@ -65,6 +66,10 @@ def load(weights, ahn=None, window=None, sinks=None, dtype=None, device=None, mo
     weights), 'swa' (sinks + window only) or 'full' (base model, growing cache); tokenizer: a
     tokenizer.json (default: the one beside the weights, needed only for text in/out).
     """
+    for name, value in (("weights", weights), ("ahn", ahn), ("tokenizer", tokenizer)):
+        if (value is not None or name == "weights") and not isinstance(value, (str, os.PathLike)):
+            raise AhnError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__}"
+                           + ("; the demo model is in weights/demo of the repository" if value is None else ""))
     ckpt = weights_mod.open_checkpoint(weights, ahn)
     model = _build(ckpt, window=window, sinks=sinks, dtype=dtype, device=device, mode=mode, chunk_size=chunk_size)
     model.folder = ckpt.folder
@@ -220,6 +225,10 @@ class Model:
         state takes a free slot of it instead of its own memory (AhnError when none is free); ``close()``
         gives the slot back."""
         chunk = _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise AhnError(f"capacity must be a positive integer or None, got {capacity!r}")
+        if pool is not None and not isinstance(pool, StatePool):
+            raise AhnError(f"pool must be a StatePool from model.new_pool(n), got {type(pool).__name__}")
         return Session(self, chunk, capacity, pool)
 
     def new_pool(self, size: int) -> "StatePool":
@@ -242,7 +251,12 @@ class Model:
         run over all of them in one kernel each (on CUDA from a graph captured per batch size). Sessions
         with private states, or of several pools, and full mode (a growing cache) step one at a time,
         with the same results."""
-        sessions = list(sessions)
+        try:
+            if isinstance(sessions, Session):
+                raise TypeError
+            sessions = list(sessions)
+        except TypeError:
+            raise AhnError(f"step: sessions must be a list of Sessions, got {type(sessions).__name__}") from None
         if not sessions:
             raise AhnError("step: no sessions given")
         for s in sessions:
@@ -284,6 +298,7 @@ class Model:
         new one) and return it with the float32 logits [vocab] of the last prompt position. This is the
         prefill ``generate`` runs: on a session at position 0 it uses the prefix cache when one is
         enabled, and it splits its chunks at the prompt's chunk-size multiples and chat marks."""
+        self._check_session(session, "prefill")
         p = self._prompt(prompt, chat, system)
         sess = session or self.new_session()
         fill = _Prefill(self, sess, p, self.prefix_cache)
@@ -309,13 +324,27 @@ class Model:
                                 repetition_penalty=repetition_penalty, seed=seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise AhnError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if stop is None:
+            stop = []
         if isinstance(stop, str):
             stop = [stop]
-        stop = list(stop)
+        try:
+            stop = list(stop)
+        except TypeError:
+            raise AhnError(f"stop must be a string or a list of strings, got {type(stop).__name__}") from None
         if any(not isinstance(s, str) or s == "" for s in stop):
             raise AhnError("stop strings must be non-empty text")
         self.tokenizer   # needed to stream text; fail before anything runs
         return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop)
+
+    def _check_session(self, session, what: str):
+        """AhnError unless ``session`` is None or an open Session of this model."""
+        if session is None:
+            return
+        if not isinstance(session, Session) or session.model is not self:
+            raise AhnError(f"{what}: session must be a Session of this model (model.new_session()), "
+                           f"got {'a Session of another model' if isinstance(session, Session) else type(session).__name__}")
+        session.state   # a closed session: its one-line error now, not once the generation runs
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
@@ -327,6 +356,7 @@ class Model:
         (and, once it is exhausted, this thread's ``last_stats``) hold the statistics of this call. Safe
         to call from several threads at once: each call without ``session`` runs on its own session.
         With a prefix cache enabled, a call that starts at position 0 reuses the longest cached prefix."""
+        self._check_session(session, "generate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                             seed, stop, chat, system)
 
@@ -383,6 +413,7 @@ class Model:
         releases its session; after ``timeout`` seconds (counted from this call, queueing included) it
         stops and raises TimeoutError. Same results as ``generate`` with the same arguments."""
         from .serve.scheduler import AsyncGeneration
+        self._check_session(session, "agenerate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                             seed, stop, chat, system)
         return AsyncGeneration(self.scheduler, run, session=session, timeout=timeout)

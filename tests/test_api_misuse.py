@@ -35,3 +35,57 @@ def test_sampling_arguments_of_the_wrong_type_are_one_line_at_the_call(model, kw
     name = next(iter(kw))
     with pytest.raises(AhnError, match=name):
         model.generate(P, max_new_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("prompt,kw,needle", [
+    (None, {}, "the prompt must be"),
+    (5, {}, "the prompt must be"),
+    (b"def f", {}, "bytes"),
+    (torch.tensor([[1, 2]]), {}, "1-D integer"),
+    (P, dict(system="Be brief."), "chat=True"),
+    ([1, 2, 3], dict(chat=True), "not to token ids"),
+    ([1, 2, 3], dict(system="Be brief."), "not to token ids"),
+    (P, dict(stop=5), "stop must be"),
+    (P, dict(chat=True, system=3), "system must be text"),
+])
+def test_prompts_of_the_wrong_type_are_one_line_at_the_call(model, prompt, kw, needle):
+    with pytest.raises(AhnError, match=needle):
+        model.generate(prompt, max_new_tokens=2, **kw)
+
+
+def test_a_token_id_tensor_and_stop_none_are_taken(model):
+    ids = model.tokenizer.encode(P)
+    want = "".join(model.generate(ids, max_new_tokens=4, temperature=0))
+    assert "".join(model.generate(torch.tensor(ids), max_new_tokens=4, temperature=0, stop=None)) == want
+
+
+def test_sessions_that_are_not_this_models_are_one_line(model, other):
+    foreign = other.new_session()
+    with pytest.raises(AhnError, match="another model"):
+        model.generate(P, max_new_tokens=2, session=foreign)
+    with pytest.raises(AhnError, match="another model"):
+        model.prefill(P, session=foreign)
+    with pytest.raises(AhnError, match="got str"):
+        model.generate(P, max_new_tokens=2, session="s")
+
+    async def agen():
+        return model.agenerate(P, max_new_tokens=2, session=foreign)
+    with pytest.raises(AhnError, match="another model"):
+        asyncio.run(agen())
+    closed = model.new_session()
+    closed.close()
+    with pytest.raises(AhnError, match="closed"):
+        model.generate(P, max_new_tokens=2, session=closed)   # at the call, not at the first next()
+    s = model.new_session()
+    for bad in (None, s, 3):
+        with pytest.raises(AhnError, match="list of Sessions"):
+            model.step(bad, [1])
+    assert model.step((x for x in [s]), [1]).shape == (1, model.config.vocab_size)   # any iterable
+    with pytest.raises(AhnError, match="pool must be"):
+        model.new_session(pool="p")
+    for cap in (-1, 0, 1.5, "8"):
+        with pytest.raises(AhnError, match="capacity"):
+            model.new_session(capacity=cap)
+    for w in (None, 5):
+        with pytest.raises(AhnError, match="weights must be a path"):
+            ahn_rt.load(w)
