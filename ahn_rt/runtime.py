@@ -267,6 +267,17 @@ class Model:
         ids = None if isinstance(tokens, int) else sessions[0]._ids(tokens)
         if ids is None or ids.numel() != len(sessions):
             raise AhnError(f"step: give one token per session ({len(sessions)} sessions)")
+        claimed = []
+        try:
+            for s in sessions:
+                s._claim()
+                claimed.append(s)
+            return self._step(sessions, ids)
+        finally:
+            for s in claimed:
+                s._unclaim()
+
+    def _step(self, sessions: list, ids: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
         states = [s.state for s in sessions]
         pool = shared_pool(states)
@@ -301,9 +312,13 @@ class Model:
         self._check_session(session, "prefill")
         p = self._prompt(prompt, chat, system)
         sess = session or self.new_session()
-        fill = _Prefill(self, sess, p, self.prefix_cache)
-        while not fill.done:
-            fill.chunk()
+        sess._claim()
+        try:
+            fill = _Prefill(self, sess, p, self.prefix_cache)
+            while not fill.done:
+                fill.chunk()
+        finally:
+            sess._unclaim()
         return sess, fill.logits[-1].clone()
 
     def _prompt(self, prompt, chat=False, system=None):
@@ -363,6 +378,12 @@ class Model:
         def pieces() -> Iterator[str]:
             sess = session or self._borrow_session()
             try:
+                sess._claim()
+            except AhnError:
+                if session is None:
+                    self._return_session(sess)
+                raise
+            try:
                 run.start(sess)
                 while run.prefilling:
                     run.prefill_chunk()
@@ -373,6 +394,7 @@ class Model:
                     run.land(int(run.launch()))   # the one host sync per token: the id is needed for text
                 self._local.stats = run.stats
             finally:
+                sess._unclaim()
                 if session is None:
                     self._return_session(sess)
 
@@ -437,6 +459,10 @@ class Session:
         except ValueError as e:
             raise AhnError(str(e)) from None
         self.pool = pool
+        # Held while the state is read or written (forward, step, a generation from its first token to its
+        # end, save, fork, reset, close): a second user at the same time gets an AhnError, not a state
+        # that two sequences wrote into.
+        self._busy = threading.Lock()
         # A pooled session that is dropped without close() still gives its slot back.
         self._release = weakref.finalize(self, pool.release, self._state.pool_slot) if pool is not None else None
         self.graphs: dict = {}   # sampling setup -> captured decode step (ahn_rt.graph)
@@ -451,13 +477,33 @@ class Session:
     def closed(self) -> bool:
         return self._state is None
 
+    def _claim(self) -> State:
+        """Take the session for one use (AhnError when closed or in use elsewhere); ``_unclaim`` ends it."""
+        st = self.state
+        if not self._busy.acquire(blocking=False):
+            raise AhnError("this session is in use (by another thread, or by a generation that has not "
+                           "finished); give each concurrent user its own session (model.new_session() or fork())")
+        return st
+
+    def _unclaim(self):
+        self._busy.release()
+
     def close(self):
         """Give the state's memory back (a pooled session's slot returns to its pool). Using the session
-        afterwards raises AhnError; closing twice is harmless."""
-        if self._release is not None:
-            self._release()
-        self._state = None
-        self.graphs.clear()
+        afterwards raises AhnError; closing twice is harmless. A session in use (another thread's call,
+        an unfinished generation) is not closed: AhnError (close the generation first)."""
+        if self._state is None:
+            return
+        if not self._busy.acquire(blocking=False):
+            raise AhnError("cannot close this session while it is in use (another thread's call or an "
+                           "unfinished generation): close the generation, or wait for the call, first")
+        try:
+            if self._release is not None:
+                self._release()
+            self._state = None
+            self.graphs.clear()
+        finally:
+            self._busy.release()
 
     def __enter__(self):
         return self
@@ -475,22 +521,33 @@ class Session:
 
     def reset(self):
         """Back to position 0 (the captured graphs stay valid: the buffers do not move)."""
-        self.state.reset()
+        st = self._claim()
+        try:
+            st.reset()
+        finally:
+            self._unclaim()
 
     def save(self, path):
         """Write this session's state to ``path`` (safetensors; only the occupied slots; a header with
         the format version and the fingerprint of model, window, sinks, dtype and mode). Restore it with
         ``Model.restore``; continuing from there is exactly continuing this session."""
         from . import state_io
-        state_io.save(self, path)
+        self._claim()
+        try:
+            state_io.save(self, path)
+        finally:
+            self._unclaim()
 
     def fork(self) -> "Session":
         """An independent copy of this session (one device copy of the fixed-size state): for branching
         a conversation or reusing a prefilled prefix. A pooled session's fork takes a slot of the same
         pool."""
-        st = self.state
-        other = Session(self.model, self.chunk_size, st.capacity if st.full else None, self.pool)
-        other.state.copy_from(st)
+        st = self._claim()
+        try:
+            other = Session(self.model, self.chunk_size, st.capacity if st.full else None, self.pool)
+            other.state.copy_from(st)
+        finally:
+            self._unclaim()
         return other
 
     def _ids(self, token_ids) -> torch.Tensor:
@@ -521,6 +578,14 @@ class Session:
         """Feed tokens (in chunks of chunk_size); returns float32 logits [len, vocab] for every
         position (or [1, vocab] for the last one with ``last_only``) and advances the state."""
         ids = self._ids(token_ids)
+        self._claim()
+        try:
+            return self._forward(ids, last_only)
+        finally:
+            self._unclaim()
+
+    def _forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``forward`` of checked ids on a session the caller has claimed."""
         dec = self.model.decoder
         out = []
         for s in range(0, ids.numel(), self.chunk_size):
@@ -587,7 +652,7 @@ class _Prefill:
     @torch.inference_mode()
     def chunk(self):
         end = self._todo.pop(0)
-        logits = self.sess.forward(self.ids[self._at - self.hit: end - self.hit], last_only=True)
+        logits = self.sess._forward(self.sess._ids(self.ids[self._at - self.hit: end - self.hit]), last_only=True)
         self._at = end
         if end in self._snaps:
             self.cache.store(self.plan, end, self.sess.state, logits[-1])

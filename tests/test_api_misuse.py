@@ -89,3 +89,55 @@ def test_sessions_that_are_not_this_models_are_one_line(model, other):
     for w in (None, 5):
         with pytest.raises(AhnError, match="weights must be a path"):
             ahn_rt.load(w)
+
+
+def test_a_session_in_use_is_refused_not_shared(model):
+    s = model.new_session()
+    gen = model.generate(P, max_new_tokens=8, temperature=0, session=s)
+    next(gen)                                             # the generation holds s until it ends
+    for use in (lambda: s.forward([1]), lambda: model.step([s], [1]), lambda: s.fork(), s.reset, s.close,
+                lambda: list(model.generate(P, max_new_tokens=2, session=s))):
+        with pytest.raises(AhnError, match="in use"):
+            use()
+    gen.close()
+    assert not s.closed and s.forward([1]).shape == (1, model.config.vocab_size)   # free again
+
+    # two threads stepping one session: one of them is refused, the other's steps all land
+    s = model.new_session()
+    s.forward([1, 2, 3])
+    entered, leave = threading.Event(), threading.Event()
+    real = s._forward
+
+    def slow(ids, last_only=False):
+        entered.set()
+        leave.wait(5)
+        return real(ids, last_only)
+    s._forward = slow
+    t = threading.Thread(target=s.forward, args=([4],))
+    t.start()
+    assert entered.wait(5)
+    try:
+        with pytest.raises(AhnError, match="in use"):
+            model.step([s], [5])
+    finally:
+        leave.set()
+        t.join()
+    assert s.position == 4
+
+
+def test_agenerate_on_a_busy_session_ends_with_the_error(model):
+    s = model.new_session()
+    gen = model.generate(P, max_new_tokens=8, session=s)
+    next(gen)
+
+    async def run():
+        return [p async for p in model.agenerate(P, max_new_tokens=4, session=s)]
+    try:
+        with pytest.raises(AhnError, match="in use"):
+            asyncio.run(run())
+    finally:
+        gen.close()
+
+    async def ok():
+        return [p async for p in model.agenerate(P, max_new_tokens=4, temperature=0, session=s)]
+    assert asyncio.run(ok()) and s.forward([1]) is not None     # released at the end

@@ -57,6 +57,7 @@ class Ticket:
         self.final_state = None
         self.on_end = on_end             # called in the worker with the ticket once it has ended
         self.cancelled = False
+        self.claimed = False             # the caller's session is held (Session._claim) until the end
         self.submitted = time.perf_counter()
         self.first_token_at = None
         self.last_token_at = None
@@ -275,6 +276,9 @@ class Scheduler:
             self.model._return_session(sess)
 
     def _begin(self, t: Ticket):
+        if t.session is not None:
+            t.session._claim()       # the caller's session is this generation's until it ends (AhnError if busy)
+            t.claimed = True
         t.sess = t.session or self._lend()
         if t.start_state is not None:
             tensors, position = t.start_state
@@ -307,6 +311,9 @@ class Scheduler:
                 t.final_state = ({k: v.clone() for k, v in st.export().items()}, st.position)
             if t.session is None:
                 self._take_back(t.sess)
+        if t.claimed:
+            t.claimed = False
+            t.session._unclaim()
         with self._cv:
             if t in self._active:
                 self._active.remove(t)
