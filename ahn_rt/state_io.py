@@ -75,7 +75,7 @@ def restore(model, path, chunk_size: int | None = None):
     path = Path(os.fspath(path))
     if not path.is_file():
         raise AhnError(f"state file not found: {path}")
-    check_safetensors(path)
+    check_safetensors(path, "it is damaged or truncated: save the session again")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -141,3 +141,33 @@ def test_agenerate_on_a_busy_session_ends_with_the_error(model):
     async def ok():
         return [p async for p in model.agenerate(P, max_new_tokens=4, temperature=0, session=s)]
     assert asyncio.run(ok()) and s.forward([1]) is not None     # released at the end
+
+
+def test_two_threads_saving_one_path_do_not_share_a_temporary(tmp_path):
+    from ahn_rt.weights import _atomic_write
+    barrier, errors = threading.Barrier(2, timeout=5), []
+
+    def write(tmp):
+        tmp.write_text("x")
+        barrier.wait()
+
+    def save():
+        try:
+            _atomic_write(tmp_path / "s.safetensors", write)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=save) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_a_truncated_state_file_says_save_again(model, tmp_path):
+    s = model.new_session()
+    s.forward([1, 2, 3])
+    path = tmp_path / "s.safetensors"
+    s.save(path)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(AhnError, match="save the session again") as e:
+        model.restore(path)
+    assert "re-download" not in str(e.value)
