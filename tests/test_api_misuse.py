@@ -171,3 +171,28 @@ def test_a_truncated_state_file_says_save_again(model, tmp_path):
     with pytest.raises(AhnError, match="save the session again") as e:
         model.restore(path)
     assert "re-download" not in str(e.value)
+
+
+def test_more_arguments_are_one_line(model, tmp_path):
+    with pytest.raises(AhnError, match="prefill_tokens"):
+        model.start_scheduler(prefill_tokens=-1)
+    with pytest.raises(AhnError, match="boundary_snapshots"):
+        model.enable_prefix_cache(1 << 20, boundary_snapshots="2")
+    s = model.new_session()
+    s.forward([1, 2, 3])
+    for bad in (None, 5):
+        with pytest.raises(AhnError, match="file path"):
+            s.save(bad)
+        with pytest.raises(AhnError, match="file path"):
+            model.restore(bad)
+    # a state file whose field has another dtype than the model's state: refused, not converted
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    s.save(tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].double()
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
+    with pytest.raises(AhnError, match=f"field {name} has dtype"):
+        model.restore(tmp_path / "b.safetensors")

@@ -75,6 +75,9 @@ class Scheduler:
             raise AhnError(f"max_active must be a positive integer, got {max_active!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
             raise AhnError(f"max_queue must be a non-negative integer or None, got {max_queue!r}")
+        if prefill_tokens is not None and (isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int)
+                                           or prefill_tokens < 1):
+            raise AhnError(f"prefill_tokens must be a positive integer or None, got {prefill_tokens!r}")
         self.model = model
         self.max_active = max_active
         self.max_queue = max_queue
