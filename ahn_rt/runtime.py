@@ -139,7 +139,8 @@ class GenerationStats:
 class Generation:
     """The iterator ``Model.generate`` returns: text pieces as they are produced. ``stats`` belongs to
     this call alone. Closing it (or dropping it) stops at the next token and frees its session.
-    ``finish_reason``: None while running, then "stop" (end of sequence or a stop string) or "length"."""
+    ``finish_reason``: None while running, then "stop" (end of sequence or a stop string), "length",
+    "cancelled" (closed, or interrupted, before the end) or "error" (an exception ended it)."""
 
     def __init__(self, pieces: Iterator[str], stats: GenerationStats, run: "_Run | None" = None):
         self._pieces = pieces
@@ -158,6 +159,8 @@ class Generation:
 
     def close(self):
         self._pieces.close()
+        if self._run is not None:
+            self._run.abort("cancelled")   # no-op once finished; also a generation closed before it started
 
 
 class Model:
@@ -393,6 +396,12 @@ class Model:
                         break
                     run.land(int(run.launch()))   # the one host sync per token: the id is needed for text
                 self._local.stats = run.stats
+            except (GeneratorExit, KeyboardInterrupt):
+                run.abort("cancelled")
+                raise
+            except BaseException:
+                run.abort("error")
+                raise
             finally:
                 sess._unclaim()
                 if session is None:

@@ -196,3 +196,26 @@ def test_more_arguments_are_one_line(model, tmp_path):
     save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
     with pytest.raises(AhnError, match=f"field {name} has dtype"):
         model.restore(tmp_path / "b.safetensors")
+
+
+def test_finish_reason_says_how_a_generation_ended(model):
+    g = model.generate(P, max_new_tokens=8)
+    next(g)
+    g.close()
+    assert g.finish_reason == "cancelled"
+    g = model.generate(P, max_new_tokens=8)
+    g.close()                                       # never started
+    assert g.finish_reason == "cancelled"
+    g = model.generate(P, max_new_tokens=8)
+    next(g)
+
+    def boom():
+        raise RuntimeError("boom")
+    g._run.launch = boom
+    with pytest.raises(RuntimeError):
+        list(g)
+    assert g.finish_reason == "error"
+    g = model.generate(P, max_new_tokens=3, temperature=0)
+    list(g)
+    g.close()
+    assert g.finish_reason in ("stop", "length")
