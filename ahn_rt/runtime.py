@@ -56,8 +56,10 @@ def _check_chunk(chunk_size, device: torch.device) -> int:
     return chunk_size
 
 
-def load(weights, ahn=None, window=None, sinks=None, dtype=None, device=None, mode=None,
-         chunk_size: int | None = None, tokenizer=None) -> "Model":
+def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, window: int | None = None,
+         sinks: int | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+         mode: str | None = None, chunk_size: int | None = None,
+         tokenizer: str | os.PathLike | None = None) -> "Model":
     """Load a Qwen2/Qwen2.5/Qwen3 checkpoint (with or without AHN weights) for inference.
 
     weights: a .safetensors file or a Hugging Face checkpoint folder; ahn: a separate AHN checkpoint;

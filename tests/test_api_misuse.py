@@ -219,3 +219,11 @@ def test_finish_reason_says_how_a_generation_ended(model):
     list(g)
     g.close()
     assert g.finish_reason in ("stop", "length")
+
+
+def test_the_public_surface_is_listed_and_typed():
+    assert set(ahn_rt.__all__) <= set(dir(ahn_rt))
+    assert (Path(ahn_rt.__file__).parent / "py.typed").is_file()
+    import typing
+    hints = typing.get_type_hints(ahn_rt.load)
+    assert {"weights", "window", "sinks", "mode", "dtype", "device", "chunk_size", "return"} <= set(hints)
