@@ -140,7 +140,8 @@ class GenerationStats:
 
 class Generation:
     """The iterator ``Model.generate`` returns: text pieces as they are produced. ``stats`` belongs to
-    this call alone. Closing it (or dropping it) stops at the next token and frees its session.
+    this call alone. Closing it (``close()``, leaving ``with``, or dropping it) stops at the next token and
+    frees its session.
     ``finish_reason``: None while running, then "stop" (end of sequence or a stop string), "length",
     "cancelled" (closed, or interrupted, before the end) or "error" (an exception ended it)."""
 
@@ -158,6 +159,12 @@ class Generation:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         self._pieces.close()
@@ -317,7 +324,7 @@ class Model:
         self._check_session(session, "prefill")
         p = self._prompt(prompt, chat, system)
         sess = session or self.new_session()
-        sess._claim()
+        sess._claim("generation")
         try:
             fill = _Prefill(self, sess, p, self.prefix_cache)
             while not fill.done:
@@ -383,7 +390,7 @@ class Model:
         def pieces() -> Iterator[str]:
             sess = session or self._borrow_session()
             try:
-                sess._claim()
+                sess._claim("generation")
             except AhnError:
                 if session is None:
                     self._return_session(sess)
@@ -474,6 +481,7 @@ class Session:
         # end, save, fork, reset, close): a second user at the same time gets an AhnError, not a state
         # that two sequences wrote into.
         self._busy = threading.Lock()
+        self._holder = "call"    # who holds _busy: "call" or "generation" (for the error's advice)
         # A pooled session that is dropped without close() still gives its slot back.
         self._release = weakref.finalize(self, pool.release, self._state.pool_slot) if pool is not None else None
         self.graphs: dict = {}   # sampling setup -> captured decode step (ahn_rt.graph)
@@ -488,13 +496,21 @@ class Session:
     def closed(self) -> bool:
         return self._state is None
 
-    def _claim(self) -> State:
-        """Take the session for one use (AhnError when closed or in use elsewhere); ``_unclaim`` ends it."""
+    def _claim(self, holder: str = "call") -> State:
+        """Take the session for one use (AhnError when closed or in use elsewhere); ``_unclaim`` ends it.
+        ``holder``: "call" (one forward / step / save ...) or "generation" (held until it ends)."""
         st = self.state
         if not self._busy.acquire(blocking=False):
-            raise AhnError("this session is in use (by another thread, or by a generation that has not "
-                           "finished); give each concurrent user its own session (model.new_session() or fork())")
+            raise AhnError(self._busy_message())
+        self._holder = holder
         return st
+
+    def _busy_message(self) -> str:
+        if self._holder == "generation":
+            return ("this session is in use by a generation that has not finished: exhaust it or close() it "
+                    "first (with model.generate(...) as gen: closes it), or fork() the session")
+        return ("this session is in use by another thread's call: give each thread its own session "
+                "(model.new_session() or fork())")
 
     def _unclaim(self):
         self._busy.release()
@@ -506,8 +522,7 @@ class Session:
         if self._state is None:
             return
         if not self._busy.acquire(blocking=False):
-            raise AhnError("cannot close this session while it is in use (another thread's call or an "
-                           "unfinished generation): close the generation, or wait for the call, first")
+            raise AhnError("cannot close: " + self._busy_message())
         try:
             if self._release is not None:
                 self._release()

@@ -227,3 +227,13 @@ def test_the_public_surface_is_listed_and_typed():
     import typing
     hints = typing.get_type_hints(ahn_rt.load)
     assert {"weights", "window", "sinks", "mode", "dtype", "device", "chunk_size", "return"} <= set(hints)
+
+
+def test_an_open_generation_says_how_to_free_its_session(model):
+    s = model.new_session()
+    with model.generate(P, max_new_tokens=8, session=s) as gen:
+        for _ in gen:
+            break                                   # a caller that stops reading early
+        with pytest.raises(AhnError, match="close"):
+            s.forward([1])
+    assert gen.finish_reason == "cancelled" and s.forward([1]) is not None   # leaving `with` freed it
