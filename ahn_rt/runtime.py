@@ -76,6 +76,7 @@ def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, windo
     model = _build(ckpt, window=window, sinks=sinks, dtype=dtype, device=device, mode=mode, chunk_size=chunk_size)
     model.folder = ckpt.folder
     model._tokenizer_path = Path(tokenizer) if tokenizer else ckpt.folder / "tokenizer.json"
+    model.eos_ids()   # read (and checked) now, not on every request
     return model
 
 
@@ -214,9 +215,14 @@ class Model:
         return self._tokenizer
 
     def eos_ids(self) -> set[int]:
-        from .tokenizer import eos_ids_from
-        ids = set(eos_ids_from(self.folder)) if self.folder else set()
-        return ids or set(self.config.eos_token_ids)
+        """The end-of-sequence ids (generation_config.json, else config.json, beside the weights), read
+        once: a request reads no file, and a later edit of the file does not change a running model."""
+        eos = self.__dict__.get("_eos_ids")
+        if eos is None or eos[0] != self.folder:
+            from .tokenizer import eos_ids_from
+            ids = set(eos_ids_from(self.folder)) if self.folder else set()
+            eos = self._eos_ids = (self.folder, frozenset(ids or self.config.eos_token_ids))
+        return set(eos[1])
 
     def _borrow_session(self) -> "Session":
         with self._idle_lock:

@@ -237,3 +237,16 @@ def test_an_open_generation_says_how_to_free_its_session(model):
         with pytest.raises(AhnError, match="close"):
             s.forward([1])
     assert gen.finish_reason == "cancelled" and s.forward([1]) is not None   # leaving `with` freed it
+
+
+def test_eos_ids_are_read_once_at_load_not_per_request(tmp_path):
+    import shutil
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    m = ahn_rt.load(folder)
+    eos = m.eos_ids()
+    (folder / "generation_config.json").write_text("{broken")   # edited (or removed) while serving
+    assert m.eos_ids() == eos
+    assert list(m.generate(P, max_new_tokens=2))
+    with pytest.raises(AhnError, match="generation_config.json"):
+        ahn_rt.load(folder)                                          # a broken file fails at load
