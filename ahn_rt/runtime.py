@@ -387,7 +387,9 @@ class Model:
         template with ``chat``), a list of token ids, a list of chat messages ({role, content}) or a
         ``Prompt``. Arguments are checked here, before anything runs. The returned iterator's ``stats``
         (and, once it is exhausted, this thread's ``last_stats``) hold the statistics of this call. Safe
-        to call from several threads at once: each call without ``session`` runs on its own session.
+        to call from several threads at once: each call without ``session`` runs on its own session. A
+        given ``session`` is held from the first piece until the generation ends or is closed (any other
+        use of it meanwhile raises AhnError); ``with model.generate(...) as gen:`` closes it on leaving.
         With a prefix cache enabled, a call that starts at position 0 reuses the longest cached prefix."""
         self._check_session(session, "generate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
