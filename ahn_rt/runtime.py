@@ -307,7 +307,8 @@ class Model:
 
     def restore(self, path, chunk_size: int | None = None) -> "Session":
         """A new session holding the state ``Session.save`` wrote to ``path``. A file saved with another
-        model, window, sinks, dtype or mode, or a damaged file, raises AhnError naming the problem."""
+        model, window, sinks, dtype or mode, or a damaged file, raises AhnError naming the problem (window
+        and sinks do nothing in mode 'full': a full-mode state restores whatever they were)."""
         from . import state_io
         return state_io.restore(self, path, chunk_size)
 

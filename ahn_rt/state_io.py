@@ -93,6 +93,10 @@ def restore(model, path, chunk_size: int | None = None):
                 raise AhnError(f"{path} has state format version {meta.get('version')}, this ahn_rt reads "
                                f"version {VERSION}")
             want = fingerprint(model)
+            if model.config.mode == "full" and meta.get("mode") == "full":
+                # full attention keeps every token: window and sinks do nothing there (the logits are the
+                # same whatever they are set to), so a full-mode state restores whatever they were
+                del want["window"], want["sinks"]
             for key, value in want.items():
                 if meta.get(key) != value:
                     what = "model (architecture or weights)" if key == "model" else key

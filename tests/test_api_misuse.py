@@ -250,3 +250,23 @@ def test_eos_ids_are_read_once_at_load_not_per_request(tmp_path):
     assert list(m.generate(P, max_new_tokens=2))
     with pytest.raises(AhnError, match="generation_config.json"):
         ahn_rt.load(folder)                                          # a broken file fails at load
+
+
+def _tiny(mode, window, sinks):
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.runtime import from_state_dict
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg["vocab_size"] = 101
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=0)
+    return from_state_dict(cfg, sd, window=window, sinks=sinks, mode=mode, dtype="float32", device="cpu")
+
+
+def test_a_full_mode_state_restores_whatever_window_and_sinks_were_given(tmp_path):
+    a, b = _tiny("full", 6, 2), _tiny("full", 50, 0)     # window and sinks do nothing in full mode
+    s = a.new_session()
+    s.forward(list(range(3, 30)))
+    s.save(tmp_path / "f.safetensors")
+    r = b.restore(tmp_path / "f.safetensors")
+    assert torch.equal(r.forward([7]), s.forward([7]))
+    with pytest.raises(AhnError, match="different mode"):
+        _tiny("swa", 6, 2).restore(tmp_path / "f.safetensors")
