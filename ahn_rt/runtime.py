@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -20,11 +20,20 @@ from .errors import AhnError
 from .graph import Stepper, batch_step
 from .model import Decoder
 from .sampling import Sampler, SamplingParams
+# for the type hints (light modules: the standard library and torch)
+from .serve.prefix_cache import PrefixCache
+from .serve.prompt import Prompt
+from .serve.scheduler import AsyncGeneration, Scheduler
+from .tokenizer import Tokenizer
 
 # Prompt tokens per prefill chunk (chunk_size=None): on CUDA 8192, measured on an H200 at the 3B shape
 # (pp131072: 8.25 s at 4096, 7.11 s at 8192, 6.61 s at 16384; peak above the weights 1.9 / 2.5 / 3.8 GiB:
 # bench/README.md); on the CPU 2048, which bounds the reference attention's score blocks.
 DEFAULT_CHUNK = {"cuda": 8192, "cpu": 2048}
+
+# What the API takes as token ids (Session.forward, Model.step) and as a prompt (generate, agenerate, prefill).
+TokenIds = Union[Sequence[int], torch.Tensor]
+PromptLike = Union[str, Sequence[int], Sequence[dict], torch.Tensor, "Prompt"]
 
 
 def _device(device) -> torch.device:
@@ -167,7 +176,7 @@ class Generation:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         self._pieces.close()
         if self._run is not None:
             self._run.abort("cancelled")   # no-op once finished; also a generation closed before it started
@@ -204,7 +213,7 @@ class Model:
 
     # ---- text side ---------------------------------------------------------------------------
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> "Tokenizer":
         with self._tokenizer_lock:
             if self._tokenizer is None:
                 from .tokenizer import Tokenizer
@@ -259,7 +268,7 @@ class Model:
             raise AhnError(str(e)) from None
 
     @torch.inference_mode()
-    def step(self, sessions, tokens) -> torch.Tensor:
+    def step(self, sessions: Sequence["Session"], tokens: TokenIds) -> torch.Tensor:
         """One decode step for several sessions at once: ``tokens[b]`` (a list of ints or an int64
         tensor [B]) is fed to ``sessions[b]``; returns float32 logits [B, vocab] and advances every
         session by one. Row b equals ``sessions[b].forward([tokens[b]])`` bit for bit, whatever the batch
@@ -305,7 +314,7 @@ class Model:
         batch.advance()
         return logits
 
-    def restore(self, path, chunk_size: int | None = None) -> "Session":
+    def restore(self, path: str | os.PathLike, chunk_size: int | None = None) -> "Session":
         """A new session holding the state ``Session.save`` wrote to ``path``. A file saved with another
         model, window, sinks, dtype or mode, or a damaged file, raises AhnError naming the problem (window
         and sinks do nothing in mode 'full': a full-mode state restores whatever they were)."""
@@ -313,7 +322,7 @@ class Model:
         return state_io.restore(self, path, chunk_size)
 
     # ---- prefix cache, prefill, generation ---------------------------------------------------
-    def enable_prefix_cache(self, max_bytes: int, boundary_snapshots: int = 2):
+    def enable_prefix_cache(self, max_bytes: int, boundary_snapshots: int = 2) -> "PrefixCache | None":
         """Keep prefilled states in an LRU of at most ``max_bytes`` (on this model's device); ``generate``,
         ``agenerate`` and ``prefill`` on a session at position 0 then reuse the longest cached prefix of
         a prompt and prefill only the rest, with logits identical to a cold prefill (see
@@ -322,7 +331,7 @@ class Model:
         self.prefix_cache = PrefixCache(max_bytes, boundary_snapshots) if max_bytes else None
         return self.prefix_cache
 
-    def prefill(self, prompt, session: "Session | None" = None, chat: bool = False,
+    def prefill(self, prompt: PromptLike, session: "Session | None" = None, chat: bool = False,
                 system: str | None = None) -> tuple["Session", torch.Tensor]:
         """Feed a prompt (text, token ids, chat messages or a ``Prompt``) into ``session`` (default: a
         new one) and return it with the float32 logits [vocab] of the last prompt position. This is the
@@ -380,7 +389,7 @@ class Model:
                            f"got {'a Session of another model' if isinstance(session, Session) else type(session).__name__}")
         session.state   # a closed session: its one-line error now, not once the generation runs
 
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
+    def generate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                  stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
                  session: "Session | None" = None) -> Generation:
@@ -428,7 +437,7 @@ class Model:
         return Generation(pieces(), run.stats, run)
 
     @property
-    def scheduler(self):
+    def scheduler(self) -> "Scheduler":
         """The ``ahn_rt.serve.scheduler.Scheduler`` behind ``agenerate``: one worker thread that steps every
         active generation (made on first use with its defaults; ``start_scheduler`` sets it up)."""
         with self._scheduler_lock:
@@ -438,7 +447,7 @@ class Model:
             return self._scheduler
 
     def start_scheduler(self, max_active: int = 8, max_queue: int | None = None, metrics=None,
-                        prefill_tokens: int | None = None):
+                        prefill_tokens: int | None = None) -> "Scheduler":
         """(Re)make the scheduler with these limits: at most ``max_active`` generations hold a session at
         once, at most ``max_queue`` wait (None: no bound; a full queue raises ``QueueFull``); each loop
         of its worker prefills about ``prefill_tokens`` prompt tokens (default: one chunk)."""
@@ -451,10 +460,10 @@ class Model:
             old.shutdown(wait=False)
         return self._scheduler
 
-    def agenerate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
+    def agenerate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                   top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                   stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
-                  session: "Session | None" = None, timeout: float | None = None):
+                  session: "Session | None" = None, timeout: float | None = None) -> "AsyncGeneration":
         """``generate`` for asyncio: an async iterator of text pieces (``async for piece in ...``), run by
         the scheduler's worker, interleaved with every other active generation. Call it inside a running
         event loop; arguments are checked at once (AhnError). Closing the iterator (``await it.aclose()``,
@@ -554,7 +563,7 @@ class Session:
     def state_nbytes(self) -> int:
         return self.state.nbytes
 
-    def reset(self):
+    def reset(self) -> None:
         """Back to position 0 (the captured graphs stay valid: the buffers do not move)."""
         st = self._claim()
         try:
@@ -562,7 +571,7 @@ class Session:
         finally:
             self._unclaim()
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write this session's state to ``path`` (safetensors; only the occupied slots; a header with
         the format version and the fingerprint of model, window, sinks, dtype and mode). Restore it with
         ``Model.restore``; continuing from there is exactly continuing this session."""
@@ -609,7 +618,7 @@ class Session:
         return ids.to(self.model.device)
 
     @torch.inference_mode()
-    def forward(self, token_ids, last_only: bool = False) -> torch.Tensor:
+    def forward(self, token_ids: TokenIds, last_only: bool = False) -> torch.Tensor:
         """Feed tokens (in chunks of chunk_size); returns float32 logits [len, vocab] for every
         position (or [1, vocab] for the last one with ``last_only``) and advances the state."""
         ids = self._ids(token_ids)

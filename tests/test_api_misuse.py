@@ -227,6 +227,13 @@ def test_the_public_surface_is_listed_and_typed():
     import typing
     hints = typing.get_type_hints(ahn_rt.load)
     assert {"weights", "window", "sinks", "mode", "dtype", "device", "chunk_size", "return"} <= set(hints)
+    for cls in (ahn_rt.Model, ahn_rt.Session, ahn_rt.Generation):   # every hint resolves at run time
+        for name, f in vars(cls).items():
+            f = f.fget if isinstance(f, property) else f
+            if callable(f) and not name.startswith("_"):
+                typing.get_type_hints(f)
+    assert "prompt" in typing.get_type_hints(ahn_rt.Model.generate)
+    assert "tokens" in typing.get_type_hints(ahn_rt.Model.step)
 
 
 def test_an_open_generation_says_how_to_free_its_session(model):
