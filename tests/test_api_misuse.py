@@ -277,3 +277,21 @@ def test_a_full_mode_state_restores_whatever_window_and_sinks_were_given(tmp_pat
     assert torch.equal(r.forward([7]), s.forward([7]))
     with pytest.raises(AhnError, match="different mode"):
         _tiny("swa", 6, 2).restore(tmp_path / "f.safetensors")
+
+
+def test_a_dropped_model_is_freed_after_agenerate_and_its_worker_ends():
+    import gc
+    import weakref
+
+    def use():
+        m = ahn_rt.load(DEMO)
+
+        async def go():
+            return [p async for p in m.agenerate(P, max_new_tokens=2)]
+        assert asyncio.run(go())
+        return weakref.ref(m), m.scheduler._thread
+    ref, worker = use()
+    gc.collect()
+    assert ref() is None                 # the worker thread no longer keeps the model (and its weights)
+    worker.join(5)
+    assert not worker.is_alive()
