@@ -340,7 +340,7 @@ class Model:
         self._check_session(session, "prefill")
         p = self._prompt(prompt, chat, system)
         sess = session or self.new_session()
-        sess._claim("generation")
+        sess._claim()
         try:
             fill = _Prefill(self, sess, p, self.prefix_cache)
             while not fill.done:
