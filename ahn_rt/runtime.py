@@ -81,10 +81,13 @@ def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, windo
         if (value is not None or name == "weights") and not isinstance(value, (str, os.PathLike)):
             raise AhnError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__}"
                            + ("; the demo model is in weights/demo of the repository" if value is None else ""))
+    if tokenizer is not None and not Path(os.fspath(tokenizer)).expanduser().is_file():
+        raise AhnError(f"tokenizer not found: {tokenizer} (give the path of a tokenizer.json file, "
+                       "or leave tokenizer out to use the one beside the weights)")
     ckpt = weights_mod.open_checkpoint(weights, ahn)
     model = _build(ckpt, window=window, sinks=sinks, dtype=dtype, device=device, mode=mode, chunk_size=chunk_size)
     model.folder = ckpt.folder
-    model._tokenizer_path = Path(tokenizer) if tokenizer else ckpt.folder / "tokenizer.json"
+    model._tokenizer_path = Path(os.fspath(tokenizer)).expanduser() if tokenizer else ckpt.folder / "tokenizer.json"
     model.eos_ids()   # read (and checked) now, not on every request
     return model
 

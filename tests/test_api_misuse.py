@@ -300,3 +300,9 @@ def test_a_dropped_model_is_freed_after_agenerate_and_its_worker_ends():
     assert ref() is None                 # the worker thread no longer keeps the model (and its weights)
     worker.join(5)
     assert not worker.is_alive()
+
+
+def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
+    with pytest.raises(AhnError, match="tokenizer not found"):
+        ahn_rt.load(DEMO, tokenizer=tmp_path / "missing.json")    # not at the first request
+    assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.encode("x")
