@@ -306,3 +306,24 @@ def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
     with pytest.raises(AhnError, match="tokenizer not found"):
         ahn_rt.load(DEMO, tokenizer=tmp_path / "missing.json")    # not at the first request
     assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.encode("x")
+
+
+def test_an_agenerate_dropped_unread_is_cancelled():
+    import gc
+    import time
+    m = ahn_rt.load(DEMO)
+
+    async def drop():
+        gen = m.agenerate(P, max_new_tokens=1_000_000)     # a request handler that failed before reading
+        ticket = gen.ticket
+        del gen
+        gc.collect()
+        for _ in range(100):                               # the event loop runs on meanwhile
+            if ticket.ended.is_set():
+                break
+            await asyncio.sleep(0.05)
+        return ticket
+    ticket = asyncio.run(drop())
+    assert ticket.ended.is_set() and ticket.run.finish_reason == "cancelled"
+    assert m.scheduler.sessions_in_use == 0
+    m.scheduler.shutdown()

@@ -395,7 +395,15 @@ class AsyncGeneration:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._ended = False
         deadline = time.monotonic() + timeout if timeout is not None else None
-        self.ticket = scheduler.submit(run, self._sink, session=session, deadline=deadline,
+        # The worker reaches this object only through a weak reference: one that its caller drops unread
+        # is collected, and __del__ cancels its generation (else it ran to max_new_tokens, holding a session).
+        ref = weakref.ref(self)
+
+        def sink(event):
+            gen = ref()
+            if gen is not None:
+                gen._sink(event)
+        self.ticket = scheduler.submit(run, sink, session=session, deadline=deadline,
                                        start_state=start_state, keep_state=keep_state, on_end=on_end)
 
     def _sink(self, event):
