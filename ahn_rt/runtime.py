@@ -388,8 +388,8 @@ class Model:
         if session is None:
             return
         if not isinstance(session, Session) or session.model is not self:
-            raise AhnError(f"{what}: session must be a Session of this model (model.new_session()), "
-                           f"got {'a Session of another model' if isinstance(session, Session) else type(session).__name__}")
+            got = "a Session of another model" if isinstance(session, Session) else type(session).__name__
+            raise AhnError(f"{what}: session must be a Session of this model (model.new_session()), got {got}")
         session.state   # a closed session: its one-line error now, not once the generation runs
 
     def generate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,

@@ -321,7 +321,7 @@ class Scheduler:
 
     def _begin(self, t: Ticket):
         if t.session is not None:
-            t.session._claim("generation")   # the caller's session is this generation's until it ends (AhnError if busy)
+            t.session._claim("generation")   # the caller's session is this generation's until it ends
             t.claimed = True
         t.sess = t.session or self._lend()
         if t.start_state is not None:
