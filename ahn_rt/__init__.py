@@ -15,6 +15,11 @@ __all__ = ["AhnError", "Generation", "GenerationStats", "Model", "Session", "loa
 __version__ = "0.1.0"
 
 
+def __dir__():
+    # the lazy names too, so that dir(ahn_rt) and completion in an editor or REPL list the API
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name):
     if name in ("Generation", "GenerationStats", "Model", "Session", "load"):
         from . import runtime

@@ -441,6 +441,8 @@ class State:
                 want[self.SLOT_AXIS[name]] = n
             if list(tensors[name].shape) != want:
                 raise ValueError(f"field {name} has shape {list(tensors[name].shape)}, this state needs {want}")
+            if tensors[name].dtype != t.dtype:   # copy_ would convert it silently
+                raise ValueError(f"field {name} has dtype {tensors[name].dtype}, this state needs {t.dtype}")
         self.reset()
         for name, t in own.items():
             dst = t.narrow(self.SLOT_AXIS[name], 0, n) if name in self.SLOT_AXIS else t

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -19,11 +20,20 @@ from .errors import AhnError
 from .graph import Stepper, batch_step
 from .model import Decoder
 from .sampling import Sampler, SamplingParams
+# for the type hints (light modules: the standard library and torch)
+from .serve.prefix_cache import PrefixCache
+from .serve.prompt import Prompt
+from .serve.scheduler import AsyncGeneration, Scheduler
+from .tokenizer import Tokenizer
 
 # Prompt tokens per prefill chunk (chunk_size=None): on CUDA 8192, measured on an H200 at the 3B shape
 # (pp131072: 8.25 s at 4096, 7.11 s at 8192, 6.61 s at 16384; peak above the weights 1.9 / 2.5 / 3.8 GiB:
 # bench/README.md); on the CPU 2048, which bounds the reference attention's score blocks.
 DEFAULT_CHUNK = {"cuda": 8192, "cpu": 2048}
+
+# What the API takes as token ids (Session.forward, Model.step) and as a prompt (generate, agenerate, prefill).
+TokenIds = Union[Sequence[int], torch.Tensor]
+PromptLike = Union[str, Sequence[int], Sequence[dict], torch.Tensor, "Prompt"]
 
 
 def _device(device) -> torch.device:
@@ -55,8 +65,10 @@ def _check_chunk(chunk_size, device: torch.device) -> int:
     return chunk_size
 
 
-def load(weights, ahn=None, window=None, sinks=None, dtype=None, device=None, mode=None,
-         chunk_size: int | None = None, tokenizer=None) -> "Model":
+def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, window: int | None = None,
+         sinks: int | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+         mode: str | None = None, chunk_size: int | None = None,
+         tokenizer: str | os.PathLike | None = None) -> "Model":
     """Load a Qwen2/Qwen2.5/Qwen3 checkpoint (with or without AHN weights) for inference.
 
     weights: a .safetensors file or a Hugging Face checkpoint folder; ahn: a separate AHN checkpoint;
@@ -65,10 +77,18 @@ def load(weights, ahn=None, window=None, sinks=None, dtype=None, device=None, mo
     weights), 'swa' (sinks + window only) or 'full' (base model, growing cache); tokenizer: a
     tokenizer.json (default: the one beside the weights, needed only for text in/out).
     """
+    for name, value in (("weights", weights), ("ahn", ahn), ("tokenizer", tokenizer)):
+        if (value is not None or name == "weights") and not isinstance(value, (str, os.PathLike)):
+            raise AhnError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__}"
+                           + ("; the demo model is in weights/demo of the repository" if value is None else ""))
+    if tokenizer is not None and not Path(os.fspath(tokenizer)).expanduser().is_file():
+        raise AhnError(f"tokenizer not found: {tokenizer} (give the path of a tokenizer.json file, "
+                       "or leave tokenizer out to use the one beside the weights)")
     ckpt = weights_mod.open_checkpoint(weights, ahn)
     model = _build(ckpt, window=window, sinks=sinks, dtype=dtype, device=device, mode=mode, chunk_size=chunk_size)
     model.folder = ckpt.folder
-    model._tokenizer_path = Path(tokenizer) if tokenizer else ckpt.folder / "tokenizer.json"
+    model._tokenizer_path = Path(os.fspath(tokenizer)).expanduser() if tokenizer else ckpt.folder / "tokenizer.json"
+    model.eos_ids()   # read (and checked) now, not on every request
     return model
 
 
@@ -133,8 +153,10 @@ class GenerationStats:
 
 class Generation:
     """The iterator ``Model.generate`` returns: text pieces as they are produced. ``stats`` belongs to
-    this call alone. Closing it (or dropping it) stops at the next token and frees its session.
-    ``finish_reason``: None while running, then "stop" (end of sequence or a stop string) or "length"."""
+    this call alone. Closing it (``close()``, leaving ``with``, or dropping it) stops at the next token and
+    frees its session.
+    ``finish_reason``: None while running, then "stop" (end of sequence or a stop string), "length",
+    "cancelled" (closed, or interrupted, before the end) or "error" (an exception ended it)."""
 
     def __init__(self, pieces: Iterator[str], stats: GenerationStats, run: "_Run | None" = None):
         self._pieces = pieces
@@ -151,8 +173,16 @@ class Generation:
     def __next__(self) -> str:
         return next(self._pieces)
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
         self._pieces.close()
+        if self._run is not None:
+            self._run.abort("cancelled")   # no-op once finished; also a generation closed before it started
 
 
 class Model:
@@ -186,7 +216,7 @@ class Model:
 
     # ---- text side ---------------------------------------------------------------------------
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> "Tokenizer":
         with self._tokenizer_lock:
             if self._tokenizer is None:
                 from .tokenizer import Tokenizer
@@ -197,9 +227,14 @@ class Model:
         return self._tokenizer
 
     def eos_ids(self) -> set[int]:
-        from .tokenizer import eos_ids_from
-        ids = set(eos_ids_from(self.folder)) if self.folder else set()
-        return ids or set(self.config.eos_token_ids)
+        """The end-of-sequence ids (generation_config.json, else config.json, beside the weights), read
+        once: a request reads no file, and a later edit of the file does not change a running model."""
+        eos = self.__dict__.get("_eos_ids")
+        if eos is None or eos[0] != self.folder:
+            from .tokenizer import eos_ids_from
+            ids = set(eos_ids_from(self.folder)) if self.folder else set()
+            eos = self._eos_ids = (self.folder, frozenset(ids or self.config.eos_token_ids))
+        return set(eos[1])
 
     def _borrow_session(self) -> "Session":
         with self._idle_lock:
@@ -220,6 +255,10 @@ class Model:
         state takes a free slot of it instead of its own memory (AhnError when none is free); ``close()``
         gives the slot back."""
         chunk = _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise AhnError(f"capacity must be a positive integer or None, got {capacity!r}")
+        if pool is not None and not isinstance(pool, StatePool):
+            raise AhnError(f"pool must be a StatePool from model.new_pool(n), got {type(pool).__name__}")
         return Session(self, chunk, capacity, pool)
 
     def new_pool(self, size: int) -> "StatePool":
@@ -232,7 +271,7 @@ class Model:
             raise AhnError(str(e)) from None
 
     @torch.inference_mode()
-    def step(self, sessions, tokens) -> torch.Tensor:
+    def step(self, sessions: Sequence["Session"], tokens: TokenIds) -> torch.Tensor:
         """One decode step for several sessions at once: ``tokens[b]`` (a list of ints or an int64
         tensor [B]) is fed to ``sessions[b]``; returns float32 logits [B, vocab] and advances every
         session by one. Row b equals ``sessions[b].forward([tokens[b]])`` bit for bit, whatever the batch
@@ -242,7 +281,12 @@ class Model:
         run over all of them in one kernel each (on CUDA from a graph captured per batch size). Sessions
         with private states, or of several pools, and full mode (a growing cache) step one at a time,
         with the same results."""
-        sessions = list(sessions)
+        try:
+            if isinstance(sessions, Session):
+                raise TypeError
+            sessions = list(sessions)
+        except TypeError:
+            raise AhnError(f"step: sessions must be a list of Sessions, got {type(sessions).__name__}") from None
         if not sessions:
             raise AhnError("step: no sessions given")
         for s in sessions:
@@ -253,6 +297,17 @@ class Model:
         ids = None if isinstance(tokens, int) else sessions[0]._ids(tokens)
         if ids is None or ids.numel() != len(sessions):
             raise AhnError(f"step: give one token per session ({len(sessions)} sessions)")
+        claimed = []
+        try:
+            for s in sessions:
+                s._claim()
+                claimed.append(s)
+            return self._step(sessions, ids)
+        finally:
+            for s in claimed:
+                s._unclaim()
+
+    def _step(self, sessions: list, ids: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
         states = [s.state for s in sessions]
         pool = shared_pool(states)
@@ -262,14 +317,15 @@ class Model:
         batch.advance()
         return logits
 
-    def restore(self, path, chunk_size: int | None = None) -> "Session":
+    def restore(self, path: str | os.PathLike, chunk_size: int | None = None) -> "Session":
         """A new session holding the state ``Session.save`` wrote to ``path``. A file saved with another
-        model, window, sinks, dtype or mode, or a damaged file, raises AhnError naming the problem."""
+        model, window, sinks, dtype or mode, or a damaged file, raises AhnError naming the problem (window
+        and sinks do nothing in mode 'full': a full-mode state restores whatever they were)."""
         from . import state_io
         return state_io.restore(self, path, chunk_size)
 
     # ---- prefix cache, prefill, generation ---------------------------------------------------
-    def enable_prefix_cache(self, max_bytes: int, boundary_snapshots: int = 2):
+    def enable_prefix_cache(self, max_bytes: int, boundary_snapshots: int = 2) -> "PrefixCache | None":
         """Keep prefilled states in an LRU of at most ``max_bytes`` (on this model's device); ``generate``,
         ``agenerate`` and ``prefill`` on a session at position 0 then reuse the longest cached prefix of
         a prompt and prefill only the rest, with logits identical to a cold prefill (see
@@ -278,17 +334,22 @@ class Model:
         self.prefix_cache = PrefixCache(max_bytes, boundary_snapshots) if max_bytes else None
         return self.prefix_cache
 
-    def prefill(self, prompt, session: "Session | None" = None, chat: bool = False,
+    def prefill(self, prompt: PromptLike, session: "Session | None" = None, chat: bool = False,
                 system: str | None = None) -> tuple["Session", torch.Tensor]:
         """Feed a prompt (text, token ids, chat messages or a ``Prompt``) into ``session`` (default: a
         new one) and return it with the float32 logits [vocab] of the last prompt position. This is the
         prefill ``generate`` runs: on a session at position 0 it uses the prefix cache when one is
         enabled, and it splits its chunks at the prompt's chunk-size multiples and chat marks."""
+        self._check_session(session, "prefill")
         p = self._prompt(prompt, chat, system)
         sess = session or self.new_session()
-        fill = _Prefill(self, sess, p, self.prefix_cache)
-        while not fill.done:
-            fill.chunk()
+        sess._claim()
+        try:
+            fill = _Prefill(self, sess, p, self.prefix_cache)
+            while not fill.done:
+                fill.chunk()
+        finally:
+            sess._unclaim()
         return sess, fill.logits[-1].clone()
 
     def _prompt(self, prompt, chat=False, system=None):
@@ -309,15 +370,29 @@ class Model:
                                 repetition_penalty=repetition_penalty, seed=seed)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise AhnError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if stop is None:
+            stop = []
         if isinstance(stop, str):
             stop = [stop]
-        stop = list(stop)
+        try:
+            stop = list(stop)
+        except TypeError:
+            raise AhnError(f"stop must be a string or a list of strings, got {type(stop).__name__}") from None
         if any(not isinstance(s, str) or s == "" for s in stop):
             raise AhnError("stop strings must be non-empty text")
         self.tokenizer   # needed to stream text; fail before anything runs
         return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop)
 
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
+    def _check_session(self, session, what: str):
+        """AhnError unless ``session`` is None or an open Session of this model."""
+        if session is None:
+            return
+        if not isinstance(session, Session) or session.model is not self:
+            got = "a Session of another model" if isinstance(session, Session) else type(session).__name__
+            raise AhnError(f"{what}: session must be a Session of this model (model.new_session()), got {got}")
+        session.state   # a closed session: its one-line error now, not once the generation runs
+
+    def generate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                  stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
                  session: "Session | None" = None) -> Generation:
@@ -325,13 +400,22 @@ class Model:
         template with ``chat``), a list of token ids, a list of chat messages ({role, content}) or a
         ``Prompt``. Arguments are checked here, before anything runs. The returned iterator's ``stats``
         (and, once it is exhausted, this thread's ``last_stats``) hold the statistics of this call. Safe
-        to call from several threads at once: each call without ``session`` runs on its own session.
+        to call from several threads at once: each call without ``session`` runs on its own session. A
+        given ``session`` is held from the first piece until the generation ends or is closed (any other
+        use of it meanwhile raises AhnError); ``with model.generate(...) as gen:`` closes it on leaving.
         With a prefix cache enabled, a call that starts at position 0 reuses the longest cached prefix."""
+        self._check_session(session, "generate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                             seed, stop, chat, system)
 
         def pieces() -> Iterator[str]:
             sess = session or self._borrow_session()
+            try:
+                sess._claim("generation")
+            except AhnError:
+                if session is None:
+                    self._return_session(sess)
+                raise
             try:
                 run.start(sess)
                 while run.prefilling:
@@ -342,14 +426,21 @@ class Model:
                         break
                     run.land(int(run.launch()))   # the one host sync per token: the id is needed for text
                 self._local.stats = run.stats
+            except (GeneratorExit, KeyboardInterrupt):
+                run.abort("cancelled")
+                raise
+            except BaseException:
+                run.abort("error")
+                raise
             finally:
+                sess._unclaim()
                 if session is None:
                     self._return_session(sess)
 
         return Generation(pieces(), run.stats, run)
 
     @property
-    def scheduler(self):
+    def scheduler(self) -> "Scheduler":
         """The ``ahn_rt.serve.scheduler.Scheduler`` behind ``agenerate``: one worker thread that steps every
         active generation (made on first use with its defaults; ``start_scheduler`` sets it up)."""
         with self._scheduler_lock:
@@ -359,7 +450,7 @@ class Model:
             return self._scheduler
 
     def start_scheduler(self, max_active: int = 8, max_queue: int | None = None, metrics=None,
-                        prefill_tokens: int | None = None):
+                        prefill_tokens: int | None = None) -> "Scheduler":
         """(Re)make the scheduler with these limits: at most ``max_active`` generations hold a session at
         once, at most ``max_queue`` wait (None: no bound; a full queue raises ``QueueFull``); each loop
         of its worker prefills about ``prefill_tokens`` prompt tokens (default: one chunk)."""
@@ -372,10 +463,10 @@ class Model:
             old.shutdown(wait=False)
         return self._scheduler
 
-    def agenerate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
+    def agenerate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                   top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                   stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
-                  session: "Session | None" = None, timeout: float | None = None):
+                  session: "Session | None" = None, timeout: float | None = None) -> "AsyncGeneration":
         """``generate`` for asyncio: an async iterator of text pieces (``async for piece in ...``), run by
         the scheduler's worker, interleaved with every other active generation. Call it inside a running
         event loop; arguments are checked at once (AhnError). Closing the iterator (``await it.aclose()``,
@@ -383,6 +474,7 @@ class Model:
         releases its session; after ``timeout`` seconds (counted from this call, queueing included) it
         stops and raises TimeoutError. Same results as ``generate`` with the same arguments."""
         from .serve.scheduler import AsyncGeneration
+        self._check_session(session, "agenerate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                             seed, stop, chat, system)
         return AsyncGeneration(self.scheduler, run, session=session, timeout=timeout)
@@ -406,6 +498,11 @@ class Session:
         except ValueError as e:
             raise AhnError(str(e)) from None
         self.pool = pool
+        # Held while the state is read or written (forward, step, a generation from its first token to its
+        # end, save, fork, reset, close): a second user at the same time gets an AhnError, not a state
+        # that two sequences wrote into.
+        self._busy = threading.Lock()
+        self._holder = "call"    # who holds _busy: "call" or "generation" (for the error's advice)
         # A pooled session that is dropped without close() still gives its slot back.
         self._release = weakref.finalize(self, pool.release, self._state.pool_slot) if pool is not None else None
         self.graphs: dict = {}   # sampling setup -> captured decode step (ahn_rt.graph)
@@ -420,13 +517,40 @@ class Session:
     def closed(self) -> bool:
         return self._state is None
 
+    def _claim(self, holder: str = "call") -> State:
+        """Take the session for one use (AhnError when closed or in use elsewhere); ``_unclaim`` ends it.
+        ``holder``: "call" (one forward / step / save ...) or "generation" (held until it ends)."""
+        st = self.state
+        if not self._busy.acquire(blocking=False):
+            raise AhnError(self._busy_message())
+        self._holder = holder
+        return st
+
+    def _busy_message(self) -> str:
+        if self._holder == "generation":
+            return ("this session is in use by a generation that has not finished: exhaust it or close() it "
+                    "first (with model.generate(...) as gen: closes it), or fork() the session")
+        return ("this session is in use by another thread's call: give each thread its own session "
+                "(model.new_session() or fork())")
+
+    def _unclaim(self):
+        self._busy.release()
+
     def close(self):
         """Give the state's memory back (a pooled session's slot returns to its pool). Using the session
-        afterwards raises AhnError; closing twice is harmless."""
-        if self._release is not None:
-            self._release()
-        self._state = None
-        self.graphs.clear()
+        afterwards raises AhnError; closing twice is harmless. A session in use (another thread's call,
+        an unfinished generation) is not closed: AhnError (close the generation first)."""
+        if self._state is None:
+            return
+        if not self._busy.acquire(blocking=False):
+            raise AhnError("cannot close: " + self._busy_message())
+        try:
+            if self._release is not None:
+                self._release()
+            self._state = None
+            self.graphs.clear()
+        finally:
+            self._busy.release()
 
     def __enter__(self):
         return self
@@ -442,24 +566,35 @@ class Session:
     def state_nbytes(self) -> int:
         return self.state.nbytes
 
-    def reset(self):
+    def reset(self) -> None:
         """Back to position 0 (the captured graphs stay valid: the buffers do not move)."""
-        self.state.reset()
+        st = self._claim()
+        try:
+            st.reset()
+        finally:
+            self._unclaim()
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike) -> None:
         """Write this session's state to ``path`` (safetensors; only the occupied slots; a header with
         the format version and the fingerprint of model, window, sinks, dtype and mode). Restore it with
         ``Model.restore``; continuing from there is exactly continuing this session."""
         from . import state_io
-        state_io.save(self, path)
+        self._claim()
+        try:
+            state_io.save(self, path)
+        finally:
+            self._unclaim()
 
     def fork(self) -> "Session":
         """An independent copy of this session (one device copy of the fixed-size state): for branching
         a conversation or reusing a prefilled prefix. A pooled session's fork takes a slot of the same
         pool."""
-        st = self.state
-        other = Session(self.model, self.chunk_size, st.capacity if st.full else None, self.pool)
-        other.state.copy_from(st)
+        st = self._claim()
+        try:
+            other = Session(self.model, self.chunk_size, st.capacity if st.full else None, self.pool)
+            other.state.copy_from(st)
+        finally:
+            self._unclaim()
         return other
 
     def _ids(self, token_ids) -> torch.Tensor:
@@ -486,10 +621,18 @@ class Session:
         return ids.to(self.model.device)
 
     @torch.inference_mode()
-    def forward(self, token_ids, last_only: bool = False) -> torch.Tensor:
+    def forward(self, token_ids: TokenIds, last_only: bool = False) -> torch.Tensor:
         """Feed tokens (in chunks of chunk_size); returns float32 logits [len, vocab] for every
         position (or [1, vocab] for the last one with ``last_only``) and advances the state."""
         ids = self._ids(token_ids)
+        self._claim()
+        try:
+            return self._forward(ids, last_only)
+        finally:
+            self._unclaim()
+
+    def _forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``forward`` of checked ids on a session the caller has claimed."""
         dec = self.model.decoder
         out = []
         for s in range(0, ids.numel(), self.chunk_size):
@@ -556,7 +699,7 @@ class _Prefill:
     @torch.inference_mode()
     def chunk(self):
         end = self._todo.pop(0)
-        logits = self.sess.forward(self.ids[self._at - self.hit: end - self.hit], last_only=True)
+        logits = self.sess._forward(self.sess._ids(self.ids[self._at - self.hit: end - self.hit]), last_only=True)
         self._at = end
         if end in self._snaps:
             self.cache.store(self.plan, end, self.sess.state, logits[-1])

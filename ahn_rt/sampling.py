@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
@@ -38,6 +39,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        # Types first: a string, None or a float top_k would otherwise fail later, inside torch, with a
+        # TypeError (top_k=1.5 only once the generation has started).
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise AhnError(f"{name} must be a number, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise AhnError(f"top_k must be an integer (0 = off), got {self.top_k!r}")
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0,
              f"temperature must be a finite number >= 0, got {self.temperature}"),

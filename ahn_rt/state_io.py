@@ -57,13 +57,20 @@ def fingerprint(model) -> dict[str, str]:
             "mode": c.mode, "model": model_digest(model)}
 
 
+def _path(path, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise AhnError(f"{what} needs a file path (str or pathlib.Path), got {type(path).__name__}")
+    return Path(os.fspath(path))
+
+
 def save(session, path):
     """Write the session's state to ``path`` (safetensors, atomic)."""
-    from .weights import write_checkpoint
+    from .weights import check_writable, write_checkpoint
+    out = _path(path, "save")
+    check_writable(out)          # before the state is copied to the host
     st = session.state
     tensors = {name: t.contiguous().cpu() for name, t in st.export().items()}
     meta = {"format": FORMAT, "version": str(VERSION), "position": str(st.position), **fingerprint(session.model)}
-    out = Path(os.fspath(path))
     write_checkpoint(out, tensors, None, metadata=meta)
 
 
@@ -72,10 +79,10 @@ def restore(model, path, chunk_size: int | None = None):
     state file, is damaged, or belongs to another model or configuration."""
     from safetensors import safe_open
     from .weights import check_safetensors
-    path = Path(os.fspath(path))
+    path = _path(path, "restore")
     if not path.is_file():
         raise AhnError(f"state file not found: {path}")
-    check_safetensors(path)
+    check_safetensors(path, "it is damaged or truncated: save the session again")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -86,6 +93,10 @@ def restore(model, path, chunk_size: int | None = None):
                 raise AhnError(f"{path} has state format version {meta.get('version')}, this ahn_rt reads "
                                f"version {VERSION}")
             want = fingerprint(model)
+            if model.config.mode == "full" and meta.get("mode") == "full":
+                # full attention keeps every token: window and sinks do nothing there (the logits are the
+                # same whatever they are set to), so a full-mode state restores whatever they were
+                del want["window"], want["sinks"]
             for key, value in want.items():
                 if meta.get(key) != value:
                     what = "model (architecture or weights)" if key == "model" else key

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import struct
 from pathlib import Path
 
@@ -137,7 +138,8 @@ def atomic_write_text(path, text: str):
 
 
 def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # per process and thread: two threads saving to one path must not share (and delete) one temporary
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         write(tmp)
         umask = os.umask(0)
@@ -183,8 +185,9 @@ def _refuse_pickle(path: Path):
                        "convert it to .safetensors first")
 
 
-def check_safetensors(path: Path):
-    """A readable header, and a file at least as long as the header says (catches truncation)."""
+def check_safetensors(path: Path, fix: str = "re-download or re-export it"):
+    """A readable header, and a file at least as long as the header says (catches truncation); ``fix``
+    ends the error's line (what to do about it)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -199,8 +202,7 @@ def check_safetensors(path: Path):
         if 8 + n + end > size:
             raise ValueError(f"truncated: {size} bytes, header needs {8 + n + end}")
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise AhnError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]}); "
-                       "re-download or re-export it") from None
+        raise AhnError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]}); {fix}") from None
 
 
 def _weight_files(path: Path, what: str) -> list[Path]:

@@ -89,6 +89,8 @@ class PrefixCache:
     def __init__(self, max_bytes: int, boundary_snapshots: int = 2):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise AhnError(f"prefix cache size must be a non-negative number of bytes, got {max_bytes!r}")
+        if isinstance(boundary_snapshots, bool) or not isinstance(boundary_snapshots, int) or boundary_snapshots < 0:
+            raise AhnError(f"boundary_snapshots must be a non-negative integer, got {boundary_snapshots!r}")
         self.max_bytes = max_bytes
         self.boundary_snapshots = boundary_snapshots
         self._entries: "collections.OrderedDict[bytes, Entry]" = collections.OrderedDict()

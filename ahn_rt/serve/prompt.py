@@ -115,17 +115,35 @@ def chat_prompt(tokenizer, messages, *, default_system: str | None = None, add_s
 def as_prompt(model, prompt, chat: bool = False, system: str | None = None) -> Prompt:
     """What ``Model.generate`` accepts as a prompt, as a ``Prompt``: text (wrapped in the ChatML template
     with ``chat``), a list of token ids, a list of chat messages, or a ``Prompt``."""
-    if isinstance(prompt, Prompt):
-        return prompt
+    if system is not None and not isinstance(system, str):
+        raise AhnError(f"system must be text, got {type(system).__name__}")
     if isinstance(prompt, str):
         tok = model.tokenizer
         if chat:
             return chat_prompt(tok, [("user", prompt)], default_system=system)
+        if system is not None:
+            raise AhnError("system is the system message of chat=True's template: add chat=True, or drop system")
         return Prompt(tuple(tok.encode(prompt)))
-    items = list(prompt)
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise AhnError("the prompt is bytes: decode it to text first (prompt.decode('utf-8'))")
+    if hasattr(prompt, "dim") and hasattr(prompt, "tolist"):   # a tensor of ids, as Session.forward takes
+        if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex():
+            raise AhnError("a prompt tensor must be 1-D integer token ids")
+        prompt = prompt.tolist()
+    if isinstance(prompt, Prompt):
+        items = None
+    else:
+        try:
+            items = list(prompt)
+        except TypeError:
+            raise AhnError("the prompt must be text, a list of token ids, a list of chat messages or a Prompt; "
+                           f"got {type(prompt).__name__}") from None
     if items and all(isinstance(m, dict) for m in items):
         msgs = normalize_messages(items)
         if system is not None and msgs[0][0] != "system":
             msgs.insert(0, ("system", system))
         return chat_prompt(model.tokenizer, msgs)
-    return Prompt(tuple(items))
+    if chat or system is not None:
+        raise AhnError(f"{'chat' if chat else 'system'} applies to text or chat messages, not to token ids: "
+                       "give the text (or messages), or put the template in the ids yourself")
+    return prompt if items is None else Prompt(tuple(items))

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 
 import torch
 
@@ -57,6 +58,7 @@ class Ticket:
         self.final_state = None
         self.on_end = on_end             # called in the worker with the ticket once it has ended
         self.cancelled = False
+        self.claimed = False             # the caller's session is held (Session._claim) until the end
         self.submitted = time.perf_counter()
         self.first_token_at = None
         self.last_token_at = None
@@ -67,6 +69,35 @@ class Ticket:
         self.scheduler.cancel(self)
 
 
+def _wake(cv: threading.Condition):
+    with cv:
+        cv.notify_all()
+
+
+def _work(ref, cv: threading.Condition):
+    """The worker thread: one ``Scheduler._iterate`` per loop, waiting on ``cv`` while there is nothing to
+    do. It ends after ``shutdown`` or once the scheduler is gone (its model was dropped)."""
+    sched = ref()
+    if sched is None:
+        return
+    sched._setup_thread()
+    del sched
+    while True:
+        with cv:
+            sched = ref()
+            if sched is None:
+                return
+            work = sched._admit()
+            if work == "exit":
+                return
+            if work == "wait":
+                del sched, work
+                cv.wait()
+                continue
+        sched._iterate(*work)
+        del sched, work
+
+
 class Scheduler:
     def __init__(self, model, max_active: int = 8, max_queue: int | None = None, metrics=None,
                  prefill_tokens: int | None = None):
@@ -74,7 +105,10 @@ class Scheduler:
             raise AhnError(f"max_active must be a positive integer, got {max_active!r}")
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
             raise AhnError(f"max_queue must be a non-negative integer or None, got {max_queue!r}")
-        self.model = model
+        if prefill_tokens is not None and (isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int)
+                                           or prefill_tokens < 1):
+            raise AhnError(f"prefill_tokens must be a positive integer or None, got {prefill_tokens!r}")
+        self._model = weakref.ref(model)  # the model holds its scheduler; this way round, a weak reference
         self.max_active = max_active
         self.max_queue = max_queue
         self.metrics = metrics
@@ -87,7 +121,11 @@ class Scheduler:
         self.pool = None                 # the StatePool of the lent sessions (made on the first admission)
         self._idle = []                  # lent sessions not in use (they keep their captured graphs)
         self._lent = 0
-        self._thread = threading.Thread(target=self._work, name="ahn_rt-scheduler", daemon=True)
+        # The worker holds the scheduler (and so the model) only while it works: idle, it waits on the
+        # condition alone, so a model that is dropped is freed, and the worker then ends.
+        self._thread = threading.Thread(target=_work, args=(weakref.ref(self), self._cv), name="ahn_rt-scheduler",
+                                        daemon=True)
+        weakref.finalize(self, _wake, self._cv)
         self._thread.start()
 
     # ---- the caller's side ----------------------------------------------------------------------
@@ -145,36 +183,43 @@ class Scheduler:
             self._thread.join(timeout)
 
     # ---- the worker -----------------------------------------------------------------------------
-    def _work(self):
-        if self.model.device.type == "cuda":
-            torch.cuda.set_device(self.model.device)   # graph capture uses the thread's current device
-            self.model.decoder.warm_attention(self.model.chunk_size)   # cuDNN's plans are per thread
-        while True:
-            expired = []
-            with self._cv:
-                now = time.monotonic()
-                for t in list(self._waiting):
-                    if t.deadline is not None and now > t.deadline:
-                        self._waiting.remove(t)
-                        expired.append(t)
-                while self._waiting and len(self._active) < self.max_active:
-                    self._active.append(self._waiting.popleft())
-                if not self._active and not expired:
-                    if self._closing:
-                        self.closed = True
-                        return
-                    self._cv.wait()
-                    continue
-                batch = list(self._active)
-            for t in expired:
-                self._end(t, "timeout")
-            try:
-                self._loop_once(batch)
-            except Exception as e:  # noqa: BLE001 - a bug here must not hang every client
-                traceback.print_exc(file=sys.stderr)
-                for t in batch:
-                    if not t.ended.is_set():
-                        self._end(t, "error", e)
+    @property
+    def model(self):
+        return self._model()
+
+    def _setup_thread(self):
+        model = self.model
+        if model is not None and model.device.type == "cuda":
+            torch.cuda.set_device(model.device)   # graph capture uses the thread's current device
+            model.decoder.warm_attention(model.chunk_size)   # cuDNN's plans are per thread
+
+    def _admit(self):
+        """Under ``_cv``: "exit", "wait", or the work of one loop (the batch and the expired queued)."""
+        expired = []
+        now = time.monotonic()
+        for t in list(self._waiting):
+            if t.deadline is not None and now > t.deadline:
+                self._waiting.remove(t)
+                expired.append(t)
+        while self._waiting and len(self._active) < self.max_active:
+            self._active.append(self._waiting.popleft())
+        if not self._active and not expired:
+            if self._closing:
+                self.closed = True
+                return "exit"
+            return "wait"
+        return list(self._active), expired
+
+    def _iterate(self, batch: list[Ticket], expired: list[Ticket]):
+        for t in expired:
+            self._end(t, "timeout")
+        try:
+            self._loop_once(batch)
+        except Exception as e:  # noqa: BLE001 - a bug here must not hang every client
+            traceback.print_exc(file=sys.stderr)
+            for t in batch:
+                if not t.ended.is_set():
+                    self._end(t, "error", e)
 
     def _loop_once(self, batch: list[Ticket]):
         now = time.monotonic()
@@ -275,6 +320,9 @@ class Scheduler:
             self.model._return_session(sess)
 
     def _begin(self, t: Ticket):
+        if t.session is not None:
+            t.session._claim("generation")   # the caller's session is this generation's until it ends
+            t.claimed = True
         t.sess = t.session or self._lend()
         if t.start_state is not None:
             tensors, position = t.start_state
@@ -307,6 +355,9 @@ class Scheduler:
                 t.final_state = ({k: v.clone() for k, v in st.export().items()}, st.position)
             if t.session is None:
                 self._take_back(t.sess)
+        if t.claimed:
+            t.claimed = False
+            t.session._unclaim()
         with self._cv:
             if t in self._active:
                 self._active.remove(t)
@@ -344,7 +395,15 @@ class AsyncGeneration:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._ended = False
         deadline = time.monotonic() + timeout if timeout is not None else None
-        self.ticket = scheduler.submit(run, self._sink, session=session, deadline=deadline,
+        # The worker reaches this object only through a weak reference: one that its caller drops unread
+        # is collected, and __del__ cancels its generation (else it ran to max_new_tokens, holding a session).
+        ref = weakref.ref(self)
+
+        def sink(event):
+            gen = ref()
+            if gen is not None:
+                gen._sink(event)
+        self.ticket = scheduler.submit(run, sink, session=session, deadline=deadline,
                                        start_state=start_state, keep_state=keep_state, on_end=on_end)
 
     def _sink(self, event):

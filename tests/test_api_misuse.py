@@ -1,0 +1,329 @@
+"""The Python API used the way an embedding service uses it, mistakes included: every caller mistake is
+one AhnError at the call (never a TypeError from inside torch, never a silently ignored argument), a
+session is used by one caller at a time, and a state file's errors say what to do with a state file.
+On the demo model (CPU, loads in well under a second)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import ahn_rt
+from ahn_rt import AhnError
+
+DEMO = Path(__file__).resolve().parent.parent / "weights" / "demo"
+P = "def f(x):\n    return"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ahn_rt.load(DEMO)
+
+
+@pytest.fixture(scope="module")
+def other():
+    return ahn_rt.load(DEMO)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature="0.5"), dict(temperature=None), dict(top_k=1.5),
+                                dict(top_k="3"), dict(top_k=True), dict(top_p="0.5"),
+                                dict(repetition_penalty=None), dict(min_p=[0.1])])
+def test_sampling_arguments_of_the_wrong_type_are_one_line_at_the_call(model, kw):
+    name = next(iter(kw))
+    with pytest.raises(AhnError, match=name):
+        model.generate(P, max_new_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("prompt,kw,needle", [
+    (None, {}, "the prompt must be"),
+    (5, {}, "the prompt must be"),
+    (b"def f", {}, "bytes"),
+    (torch.tensor([[1, 2]]), {}, "1-D integer"),
+    (P, dict(system="Be brief."), "chat=True"),
+    ([1, 2, 3], dict(chat=True), "not to token ids"),
+    ([1, 2, 3], dict(system="Be brief."), "not to token ids"),
+    (P, dict(stop=5), "stop must be"),
+    (P, dict(chat=True, system=3), "system must be text"),
+])
+def test_prompts_of_the_wrong_type_are_one_line_at_the_call(model, prompt, kw, needle):
+    with pytest.raises(AhnError, match=needle):
+        model.generate(prompt, max_new_tokens=2, **kw)
+
+
+def test_a_token_id_tensor_and_stop_none_are_taken(model):
+    ids = model.tokenizer.encode(P)
+    want = "".join(model.generate(ids, max_new_tokens=4, temperature=0))
+    assert "".join(model.generate(torch.tensor(ids), max_new_tokens=4, temperature=0, stop=None)) == want
+
+
+def test_sessions_that_are_not_this_models_are_one_line(model, other):
+    foreign = other.new_session()
+    with pytest.raises(AhnError, match="another model"):
+        model.generate(P, max_new_tokens=2, session=foreign)
+    with pytest.raises(AhnError, match="another model"):
+        model.prefill(P, session=foreign)
+    with pytest.raises(AhnError, match="got str"):
+        model.generate(P, max_new_tokens=2, session="s")
+
+    async def agen():
+        return model.agenerate(P, max_new_tokens=2, session=foreign)
+    with pytest.raises(AhnError, match="another model"):
+        asyncio.run(agen())
+    closed = model.new_session()
+    closed.close()
+    with pytest.raises(AhnError, match="closed"):
+        model.generate(P, max_new_tokens=2, session=closed)   # at the call, not at the first next()
+    s = model.new_session()
+    for bad in (None, s, 3):
+        with pytest.raises(AhnError, match="list of Sessions"):
+            model.step(bad, [1])
+    assert model.step((x for x in [s]), [1]).shape == (1, model.config.vocab_size)   # any iterable
+    with pytest.raises(AhnError, match="pool must be"):
+        model.new_session(pool="p")
+    for cap in (-1, 0, 1.5, "8"):
+        with pytest.raises(AhnError, match="capacity"):
+            model.new_session(capacity=cap)
+    for w in (None, 5):
+        with pytest.raises(AhnError, match="weights must be a path"):
+            ahn_rt.load(w)
+
+
+def test_a_session_in_use_is_refused_not_shared(model):
+    s = model.new_session()
+    gen = model.generate(P, max_new_tokens=8, temperature=0, session=s)
+    next(gen)                                             # the generation holds s until it ends
+    for use in (lambda: s.forward([1]), lambda: model.step([s], [1]), lambda: s.fork(), s.reset, s.close,
+                lambda: list(model.generate(P, max_new_tokens=2, session=s))):
+        with pytest.raises(AhnError, match="in use"):
+            use()
+    gen.close()
+    assert not s.closed and s.forward([1]).shape == (1, model.config.vocab_size)   # free again
+
+    # two threads stepping one session: one of them is refused, the other's steps all land
+    s = model.new_session()
+    s.forward([1, 2, 3])
+    entered, leave = threading.Event(), threading.Event()
+    real = s._forward
+
+    def slow(ids, last_only=False):
+        entered.set()
+        leave.wait(5)
+        return real(ids, last_only)
+    s._forward = slow
+    t = threading.Thread(target=s.forward, args=([4],))
+    t.start()
+    assert entered.wait(5)
+    try:
+        with pytest.raises(AhnError, match="in use"):
+            model.step([s], [5])
+    finally:
+        leave.set()
+        t.join()
+    assert s.position == 4
+
+
+def test_agenerate_on_a_busy_session_ends_with_the_error(model):
+    s = model.new_session()
+    gen = model.generate(P, max_new_tokens=8, session=s)
+    next(gen)
+
+    async def run():
+        return [p async for p in model.agenerate(P, max_new_tokens=4, session=s)]
+    try:
+        with pytest.raises(AhnError, match="in use"):
+            asyncio.run(run())
+    finally:
+        gen.close()
+
+    async def ok():
+        return [p async for p in model.agenerate(P, max_new_tokens=4, temperature=0, session=s)]
+    assert asyncio.run(ok()) and s.forward([1]) is not None     # released at the end
+
+
+def test_two_threads_saving_one_path_do_not_share_a_temporary(tmp_path):
+    from ahn_rt.weights import _atomic_write
+    barrier, errors = threading.Barrier(2, timeout=5), []
+
+    def write(tmp):
+        tmp.write_text("x")
+        barrier.wait()
+
+    def save():
+        try:
+            _atomic_write(tmp_path / "s.safetensors", write)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=save) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def test_a_truncated_state_file_says_save_again(model, tmp_path):
+    s = model.new_session()
+    s.forward([1, 2, 3])
+    path = tmp_path / "s.safetensors"
+    s.save(path)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(AhnError, match="save the session again") as e:
+        model.restore(path)
+    assert "re-download" not in str(e.value)
+
+
+def test_more_arguments_are_one_line(model, tmp_path):
+    with pytest.raises(AhnError, match="prefill_tokens"):
+        model.start_scheduler(prefill_tokens=-1)
+    with pytest.raises(AhnError, match="boundary_snapshots"):
+        model.enable_prefix_cache(1 << 20, boundary_snapshots="2")
+    s = model.new_session()
+    s.forward([1, 2, 3])
+    for bad in (None, 5):
+        with pytest.raises(AhnError, match="file path"):
+            s.save(bad)
+        with pytest.raises(AhnError, match="file path"):
+            model.restore(bad)
+    # a state file whose field has another dtype than the model's state: refused, not converted
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    s.save(tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].double()
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
+    with pytest.raises(AhnError, match=f"field {name} has dtype"):
+        model.restore(tmp_path / "b.safetensors")
+
+
+def test_finish_reason_says_how_a_generation_ended(model):
+    g = model.generate(P, max_new_tokens=8)
+    next(g)
+    g.close()
+    assert g.finish_reason == "cancelled"
+    g = model.generate(P, max_new_tokens=8)
+    g.close()                                       # never started
+    assert g.finish_reason == "cancelled"
+    g = model.generate(P, max_new_tokens=8)
+    next(g)
+
+    def boom():
+        raise RuntimeError("boom")
+    g._run.launch = boom
+    with pytest.raises(RuntimeError):
+        list(g)
+    assert g.finish_reason == "error"
+    g = model.generate(P, max_new_tokens=3, temperature=0)
+    list(g)
+    g.close()
+    assert g.finish_reason in ("stop", "length")
+
+
+def test_the_public_surface_is_listed_and_typed():
+    assert set(ahn_rt.__all__) <= set(dir(ahn_rt))
+    assert (Path(ahn_rt.__file__).parent / "py.typed").is_file()
+    import typing
+    hints = typing.get_type_hints(ahn_rt.load)
+    assert {"weights", "window", "sinks", "mode", "dtype", "device", "chunk_size", "return"} <= set(hints)
+    for cls in (ahn_rt.Model, ahn_rt.Session, ahn_rt.Generation):   # every hint resolves at run time
+        for name, f in vars(cls).items():
+            f = f.fget if isinstance(f, property) else f
+            if callable(f) and not name.startswith("_"):
+                typing.get_type_hints(f)
+    assert "prompt" in typing.get_type_hints(ahn_rt.Model.generate)
+    assert "tokens" in typing.get_type_hints(ahn_rt.Model.step)
+
+
+def test_an_open_generation_says_how_to_free_its_session(model):
+    s = model.new_session()
+    with model.generate(P, max_new_tokens=8, session=s) as gen:
+        for _ in gen:
+            break                                   # a caller that stops reading early
+        with pytest.raises(AhnError, match="close"):
+            s.forward([1])
+    assert gen.finish_reason == "cancelled" and s.forward([1]) is not None   # leaving `with` freed it
+
+
+def test_eos_ids_are_read_once_at_load_not_per_request(tmp_path):
+    import shutil
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO, folder)
+    m = ahn_rt.load(folder)
+    eos = m.eos_ids()
+    (folder / "generation_config.json").write_text("{broken")   # edited (or removed) while serving
+    assert m.eos_ids() == eos
+    assert list(m.generate(P, max_new_tokens=2))
+    with pytest.raises(AhnError, match="generation_config.json"):
+        ahn_rt.load(folder)                                          # a broken file fails at load
+
+
+def _tiny(mode, window, sinks):
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.runtime import from_state_dict
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg["vocab_size"] = 101
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=0)
+    return from_state_dict(cfg, sd, window=window, sinks=sinks, mode=mode, dtype="float32", device="cpu")
+
+
+def test_a_full_mode_state_restores_whatever_window_and_sinks_were_given(tmp_path):
+    a, b = _tiny("full", 6, 2), _tiny("full", 50, 0)     # window and sinks do nothing in full mode
+    s = a.new_session()
+    s.forward(list(range(3, 30)))
+    s.save(tmp_path / "f.safetensors")
+    r = b.restore(tmp_path / "f.safetensors")
+    assert torch.equal(r.forward([7]), s.forward([7]))
+    with pytest.raises(AhnError, match="different mode"):
+        _tiny("swa", 6, 2).restore(tmp_path / "f.safetensors")
+
+
+def test_a_dropped_model_is_freed_after_agenerate_and_its_worker_ends():
+    import gc
+    import weakref
+
+    def use():
+        m = ahn_rt.load(DEMO)
+
+        async def go():
+            return [p async for p in m.agenerate(P, max_new_tokens=2)]
+        assert asyncio.run(go())
+        return weakref.ref(m), m.scheduler._thread
+    import time
+    ref, worker = use()
+    for _ in range(100):                 # the worker may still be ending the last generation: a moment
+        gc.collect()
+        if ref() is None:
+            break
+        time.sleep(0.05)
+    assert ref() is None                 # the worker thread no longer keeps the model (and its weights)
+    worker.join(5)
+    assert not worker.is_alive()
+
+
+def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
+    with pytest.raises(AhnError, match="tokenizer not found"):
+        ahn_rt.load(DEMO, tokenizer=tmp_path / "missing.json")    # not at the first request
+    assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.encode("x")
+
+
+def test_an_agenerate_dropped_unread_is_cancelled():
+    import gc
+    import time
+    m = ahn_rt.load(DEMO)
+
+    async def drop():
+        gen = m.agenerate(P, max_new_tokens=1_000_000)     # a request handler that failed before reading
+        ticket = gen.ticket
+        del gen
+        gc.collect()
+        for _ in range(100):                               # the event loop runs on meanwhile
+            if ticket.ended.is_set():
+                break
+            await asyncio.sleep(0.05)
+        return ticket
+    ticket = asyncio.run(drop())
+    assert ticket.ended.is_set() and ticket.run.finish_reason == "cancelled"
+    assert m.scheduler.sessions_in_use == 0
+    m.scheduler.shutdown()
