@@ -557,6 +557,8 @@ class StatePool:
         self.storage = allocate(config, self.device, size, self.capacity)
         self._free = list(range(size - 1, -1, -1))     # pop() hands out the lowest free slot
         self.graphs: dict = {}   # ("step", B) -> Model.step's captured decode of B sessions (ahn_rt.graph)
+        # One Model.step over this pool's sessions at a time: the steps share the captured graphs' buffers.
+        self.step_lock = threading.Lock()
         self._lock = threading.Lock()
 
     @property

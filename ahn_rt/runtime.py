@@ -313,8 +313,13 @@ class Model:
         pool = shared_pool(states)
         if self.config.mode == "full" or (len(states) > 1 and pool is None):
             return torch.cat([dec.forward(st, ids[b:b + 1]) for b, st in enumerate(states)])
-        logits, batch = batch_step(dec, states, ids, pool.graphs if pool is not None else sessions[0].graphs)
-        batch.advance()
+        if pool is None:
+            logits, batch = batch_step(dec, states, ids, sessions[0].graphs)
+            batch.advance()
+            return logits
+        with pool.step_lock:   # other threads may step other sessions of this pool
+            logits, batch = batch_step(dec, states, ids, pool.graphs)
+            batch.advance()
         return logits
 
     def restore(self, path: str | os.PathLike, chunk_size: int | None = None) -> "Session":
