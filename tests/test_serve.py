@@ -267,6 +267,17 @@ def test_openai_client_sees_400s(client):
         client.completions.create(model="nope", prompt="hi")
 
 
+def test_sse_data_lines_survive_splitlines_readers():
+    # httpx's iter_lines() and requests' iter_lines(decode_unicode=True) split on every str.splitlines()
+    # break, U+2028 / U+2029 / U+0085 included: a piece of text holding one must not cut its data line
+    from ahn_rt.serve.server import _sse
+    obj = {"choices": [{"text": "a\u2028b\u2029c\x85d \u4f60\u597d \U0001f642\n"}]}
+    event = _sse(obj)
+    lines = [line for line in event.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ") and json.loads(lines[0][6:]) == obj
+    assert "\u4f60" in event                       # other text stays as it is (UTF-8, not escaped)
+
+
 def test_every_request_needs_the_key(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic " + KEY}):
         for path in ("/health", "/metrics", "/v1/models"):

@@ -219,8 +219,13 @@ def build_prompt(model, body: dict, chat: bool, conv: Conversation | None) -> Pr
 
 
 # ---- the app -------------------------------------------------------------------------------------
+# Line breaks that JSON leaves raw with ensure_ascii=False but that str.splitlines() splits on: SSE readers
+# built on it (httpx's iter_lines, requests' iter_lines(decode_unicode=True)) would cut a data line there.
+_SSE_ESCAPES = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_SSE_ESCAPES)}\n\n"
 
 
 class _Guard:
