@@ -205,7 +205,6 @@ def _metrics(server) -> dict:
 BAD = [
     (b'{"prompt": "hi", "max_tokens": 3', "/v1/completions", None, "invalid_json"),
     (b'[1, 2]', "/v1/completions", None, "invalid_json"),
-    ({"model": "gpt-4", "prompt": "hi"}, "/v1/completions", "model", "model_not_found"),
     ({"prompt": "hi", "max_tokens": -1}, "/v1/completions", "max_tokens", None),
     ({"prompt": "hi", "max_tokens": 301}, "/v1/completions", "max_tokens", None),
     ({"prompt": "word " * 300}, "/v1/completions", "prompt", "context_length_exceeded"),
@@ -263,8 +262,19 @@ def test_openai_client_sees_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=_messages(0), n=2)
     assert e.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="nope", prompt="hi")
+
+
+def test_an_unknown_model_gets_404_like_openai(server, client):
+    # OpenAI answers 404 model_not_found (the SDK raises NotFoundError), as GET /v1/models/{id} does here
+    for call in (lambda: client.completions.create(model="nope", prompt="hi"),
+                 lambda: client.chat.completions.create(model="gpt-4o", messages=_messages(0))):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+        assert "tiny" in e.value.body["message"]
+    status, text, _ = server.post("/v1/chat/completions", {"model": "gpt-4", "messages": _messages(0)})
+    err = json.loads(text)["error"]
+    assert status == 404 and set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
 
 
 def test_sse_data_lines_survive_splitlines_readers():

@@ -349,8 +349,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "model must be a string", "model")
-        if name is not None and name != opts.model_name:
-            raise ApiError(400, f"model {name!r} is not served here; this server serves {opts.model_name!r} "
+        if name is not None and name != opts.model_name:   # 404 as OpenAI (the SDK raises NotFoundError)
+            raise ApiError(404, f"model {name!r} is not served here; send \"model\": {json.dumps(opts.model_name)} "
                            "(GET /v1/models)", "model", "model_not_found")
         return body
 
