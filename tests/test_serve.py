@@ -222,6 +222,8 @@ BAD = [
     ({"prompt": "hi", "seed": 2 ** 64}, "/v1/completions", "seed", None),
     ({"prompt": "hi", "presence_penalty": 0.5}, "/v1/completions", "presence_penalty", "unsupported_parameter"),
     ({"prompt": "hi", "stream": "yes"}, "/v1/completions", "stream", None),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "false"}}, "/v1/completions",
+     "stream_options", None),
     ({"prompt": "hi", "session_id": "../etc"}, "/v1/completions", "session_id", None),
     ({"messages": []}, "/v1/chat/completions", "messages", None),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "/v1/chat/completions", "messages", None),

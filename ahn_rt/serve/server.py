@@ -163,8 +163,11 @@ def _stream_args(body: dict) -> tuple[bool, bool]:
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
-    include_usage = bool((so or {}).get("include_usage", False))
-    return stream, include_usage
+    include_usage = (so or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):   # "false" is not false
+        raise ApiError(400, f"stream_options.include_usage must be true or false, got {json.dumps(include_usage)}",
+                       "stream_options")
+    return stream, bool(include_usage)
 
 
 # ---- prompts -------------------------------------------------------------------------------------
