@@ -266,6 +266,16 @@ def test_openai_client_sees_400s(client):
     assert e.value.body["param"] == "n"
 
 
+def test_an_oversize_prompt_says_what_to_do(server):
+    for path, body, what in (("/v1/completions", {"prompt": "word " * 300}, "the prompt is"),
+                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]},
+                              "the messages are")):
+        status, text, _ = server.post(path, body)
+        err = json.loads(text)["error"]
+        assert status == 400 and err["code"] == "context_length_exceeded", text
+        assert err["message"].startswith(what) and "limit of 256 tokens" in err["message"] and "shorter" in err["message"]
+
+
 def test_an_unknown_model_gets_404_like_openai(server, client):
     # OpenAI answers 404 model_not_found (the SDK raises NotFoundError), as GET /v1/models/{id} does here
     for call in (lambda: client.completions.create(model="nope", prompt="hi"),

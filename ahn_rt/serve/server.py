@@ -381,8 +381,10 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         try:
             prompt = await asyncio.to_thread(build_prompt, model, body, chat, conv)
             if len(prompt) > opts.max_prompt_tokens:
-                raise ApiError(400, f"the {field} has {len(prompt)} tokens, more than this server's limit of "
-                               f"{opts.max_prompt_tokens}", field, "context_length_exceeded")
+                what = "the messages are" if chat else "the prompt is"
+                raise ApiError(400, f"{what} {len(prompt)} tokens, over this server's limit of {opts.max_prompt_tokens} "
+                               f"tokens per request: send a shorter {'conversation' if chat else 'prompt'}", field,
+                               "context_length_exceeded")
             try:
                 run = model._new_run(prompt, **args)
             except AhnError as e:
