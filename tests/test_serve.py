@@ -276,6 +276,12 @@ def test_an_oversize_prompt_says_what_to_do(server):
         assert err["message"].startswith(what) and "limit of 256 tokens" in err["message"] and "shorter" in err["message"]
 
 
+def test_messages_sent_to_completions_point_to_chat(server):
+    status, text, _ = server.post("/v1/completions", {"messages": _messages(0)})
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == "prompt" and "/v1/chat/completions" in err["message"], text
+
+
 def test_an_unknown_model_gets_404_like_openai(server, client):
     # OpenAI answers 404 model_not_found (the SDK raises NotFoundError), as GET /v1/models/{id} does here
     for call in (lambda: client.completions.create(model="nope", prompt="hi"),

@@ -214,7 +214,8 @@ def build_prompt(model, body: dict, chat: bool, conv: Conversation | None) -> Pr
             return chat_prompt(tok, msgs)
         return chat_prompt(tok, msgs, add_system=False, head=_continuation_head(model, tok, conv, True))
     if "prompt" not in body:
-        raise ApiError(400, "prompt is required", "prompt")
+        hint = ": chat messages go to POST /v1/chat/completions" if "messages" in body else ""
+        raise ApiError(400, f"prompt is required{hint}", "prompt")
     ids = _completion_ids(tok, body["prompt"])
     if conv is None:
         return Prompt(tuple(ids))
