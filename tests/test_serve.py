@@ -205,7 +205,6 @@ def _metrics(server) -> dict:
 BAD = [
     (b'{"prompt": "hi", "max_tokens": 3', "/v1/completions", None, "invalid_json"),
     (b'[1, 2]', "/v1/completions", None, "invalid_json"),
-    ({"model": "gpt-4", "prompt": "hi"}, "/v1/completions", "model", "model_not_found"),
     ({"prompt": "hi", "max_tokens": -1}, "/v1/completions", "max_tokens", None),
     ({"prompt": "hi", "max_tokens": 301}, "/v1/completions", "max_tokens", None),
     ({"prompt": "word " * 300}, "/v1/completions", "prompt", "context_length_exceeded"),
@@ -223,6 +222,8 @@ BAD = [
     ({"prompt": "hi", "seed": 2 ** 64}, "/v1/completions", "seed", None),
     ({"prompt": "hi", "presence_penalty": 0.5}, "/v1/completions", "presence_penalty", "unsupported_parameter"),
     ({"prompt": "hi", "stream": "yes"}, "/v1/completions", "stream", None),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "false"}}, "/v1/completions",
+     "stream_options", None),
     ({"prompt": "hi", "session_id": "../etc"}, "/v1/completions", "session_id", None),
     ({"messages": []}, "/v1/chat/completions", "messages", None),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "/v1/chat/completions", "messages", None),
@@ -263,8 +264,46 @@ def test_openai_client_sees_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=_messages(0), n=2)
     assert e.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="nope", prompt="hi")
+
+
+def test_an_oversize_prompt_says_what_to_do(server):
+    for path, body, what in (("/v1/completions", {"prompt": "word " * 300}, "the prompt is"),
+                             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]},
+                              "the messages are")):
+        status, text, _ = server.post(path, body)
+        err = json.loads(text)["error"]
+        assert status == 400 and err["code"] == "context_length_exceeded", text
+        assert err["message"].startswith(what) and "limit of 256 tokens" in err["message"] and "shorter" in err["message"]
+
+
+def test_messages_sent_to_completions_point_to_chat(server):
+    status, text, _ = server.post("/v1/completions", {"messages": _messages(0)})
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == "prompt" and "/v1/chat/completions" in err["message"], text
+
+
+def test_an_unknown_model_gets_404_like_openai(server, client):
+    # OpenAI answers 404 model_not_found (the SDK raises NotFoundError), as GET /v1/models/{id} does here
+    for call in (lambda: client.completions.create(model="nope", prompt="hi"),
+                 lambda: client.chat.completions.create(model="gpt-4o", messages=_messages(0))):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+        assert "tiny" in e.value.body["message"]
+    status, text, _ = server.post("/v1/chat/completions", {"model": "gpt-4", "messages": _messages(0)})
+    err = json.loads(text)["error"]
+    assert status == 404 and set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+
+
+def test_sse_data_lines_survive_splitlines_readers():
+    # httpx's iter_lines() and requests' iter_lines(decode_unicode=True) split on every str.splitlines()
+    # break, U+2028 / U+2029 / U+0085 included: a piece of text holding one must not cut its data line
+    from ahn_rt.serve.server import _sse
+    obj = {"choices": [{"text": "a\u2028b\u2029c\x85d \u4f60\u597d \U0001f642\n"}]}
+    event = _sse(obj)
+    lines = [line for line in event.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ") and json.loads(lines[0][6:]) == obj
+    assert "\u4f60" in event                       # other text stays as it is (UTF-8, not escaped)
 
 
 def test_every_request_needs_the_key(server):

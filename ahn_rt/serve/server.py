@@ -163,8 +163,11 @@ def _stream_args(body: dict) -> tuple[bool, bool]:
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
-    include_usage = bool((so or {}).get("include_usage", False))
-    return stream, include_usage
+    include_usage = (so or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):   # "false" is not false
+        raise ApiError(400, f"stream_options.include_usage must be true or false, got {json.dumps(include_usage)}",
+                       "stream_options")
+    return stream, bool(include_usage)
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -211,7 +214,8 @@ def build_prompt(model, body: dict, chat: bool, conv: Conversation | None) -> Pr
             return chat_prompt(tok, msgs)
         return chat_prompt(tok, msgs, add_system=False, head=_continuation_head(model, tok, conv, True))
     if "prompt" not in body:
-        raise ApiError(400, "prompt is required", "prompt")
+        hint = ": chat messages go to POST /v1/chat/completions" if "messages" in body else ""
+        raise ApiError(400, f"prompt is required{hint}", "prompt")
     ids = _completion_ids(tok, body["prompt"])
     if conv is None:
         return Prompt(tuple(ids))
@@ -219,8 +223,13 @@ def build_prompt(model, body: dict, chat: bool, conv: Conversation | None) -> Pr
 
 
 # ---- the app -------------------------------------------------------------------------------------
+# Line breaks that JSON leaves raw with ensure_ascii=False but that str.splitlines() splits on: SSE readers
+# built on it (httpx's iter_lines, requests' iter_lines(decode_unicode=True)) would cut a data line there.
+_SSE_ESCAPES = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_SSE_ESCAPES)}\n\n"
 
 
 class _Guard:
@@ -344,8 +353,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "model must be a string", "model")
-        if name is not None and name != opts.model_name:
-            raise ApiError(400, f"model {name!r} is not served here; this server serves {opts.model_name!r} "
+        if name is not None and name != opts.model_name:   # 404 as OpenAI (the SDK raises NotFoundError)
+            raise ApiError(404, f"model {name!r} is not served here; send \"model\": {json.dumps(opts.model_name)} "
                            "(GET /v1/models)", "model", "model_not_found")
         return body
 
@@ -373,8 +382,10 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         try:
             prompt = await asyncio.to_thread(build_prompt, model, body, chat, conv)
             if len(prompt) > opts.max_prompt_tokens:
-                raise ApiError(400, f"the {field} has {len(prompt)} tokens, more than this server's limit of "
-                               f"{opts.max_prompt_tokens}", field, "context_length_exceeded")
+                what = "the messages are" if chat else "the prompt is"
+                raise ApiError(400, f"{what} {len(prompt)} tokens, over this server's limit of {opts.max_prompt_tokens} "
+                               f"tokens per request: send a shorter {'conversation' if chat else 'prompt'}", field,
+                               "context_length_exceeded")
             try:
                 run = model._new_run(prompt, **args)
             except AhnError as e:
