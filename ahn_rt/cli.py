@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -57,6 +58,23 @@ def add_model_arguments(ap, weights_help: str, weights_required: bool = False):
     m.add_argument("--chunk-size", type=int, default=None,
                    help="prompt tokens per prefill chunk (default 8192 on CUDA, 2048 on the CPU)")
     return m
+
+
+# The model this project trained and ships (weights/README.md); the commands run it when --weights is not given.
+DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
+
+
+def use_demo_weights(args) -> bool:
+    """No --weights: point args.weights at the demo model (AhnError if this install has none). Returns
+    whether it did."""
+    if args.weights is not None:
+        return False
+    from .errors import AhnError
+    if not (DEMO_DIR / "model.safetensors").exists():
+        raise AhnError(f"no --weights given and the demo model is not in {DEMO_DIR}; "
+                       "pass --weights PATH (a .safetensors file or a checkpoint folder)")
+    args.weights = str(DEMO_DIR)
+    return True
 
 
 def load_model(args):

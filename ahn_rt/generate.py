@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import sys
 
-from .cli import ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings
+from .cli import (DEMO_DIR, ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings,
+                  use_demo_weights)
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
 
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from .errors import AhnError  # noqa: E402
 
-# The model this project trained and ships (weights/README.md); used when --weights is not given.
-DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
 
 
 def build_parser() -> ArgParser:
@@ -107,12 +105,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
     try:
-        demo = args.weights is None
-        if demo:
-            if not (DEMO_DIR / "model.safetensors").exists():
-                raise AhnError(f"no --weights given and the demo model is not in {DEMO_DIR}; "
-                               "pass --weights PATH (a .safetensors file or a checkpoint folder)")
-            args.weights = str(DEMO_DIR)
+        demo = use_demo_weights(args)
         prompt = _read_prompt(args, required=not demo)   # before the defaults: piped text is no demo prompt
         demo_prompt = prompt is None
         if args.max_new_tokens is None:

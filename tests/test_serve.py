@@ -8,6 +8,7 @@ import json
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -420,3 +421,22 @@ def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
                        env=env)
     assert p.returncode == 2, p.stderr
     assert needle in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "weights" / "demo" / "model.safetensors").exists(),
+                    reason="weights/demo not present")
+def test_no_weights_serves_the_demo_model():
+    """Like `python -m ahn_rt.generate`, the server without --weights serves the demo model (one stderr line
+    says so) and answers its demo prompt as generate does."""
+    demo = Path(__file__).resolve().parent.parent / "weights" / "demo"
+    srv = ServerProcess(["--device", "cpu", "--max-sessions", "1"])
+    try:
+        assert any("serving the demo model" in line for line in srv.lines), srv.lines
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list().data] == ["demo"]
+        info = json.loads((demo / "demo.json").read_text())
+        prompt = (demo / info["prompt_file"]).read_text()
+        r = c.completions.create(model="demo", prompt=prompt, max_tokens=8, temperature=0, stop=["\n"])
+        assert r.choices[0].text.strip() == info["answer"]
+    finally:
+        assert srv.stop() == 0, "\n".join(srv.lines)

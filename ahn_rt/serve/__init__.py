@@ -1,6 +1,6 @@
 """Serving: the OpenAI-compatible HTTP server (``python -m ahn_rt.serve``) and the pieces it is made of.
 
-Only ``ahn_rt.serve.server`` (and ``__main__``) import FastAPI/uvicorn (``pip install "ahn_rt[serve]"``);
+Only ``ahn_rt.serve.server`` (and ``__main__``) import FastAPI/uvicorn (the ``serve`` extra);
 the other modules use the standard library and torch, and the core runtime uses them directly:
 
 * ``prompt``       — ``Prompt`` (token ids + chat-message marks) and the Qwen ChatML builder;

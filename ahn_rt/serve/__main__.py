@@ -1,4 +1,6 @@
-"""``python -m ahn_rt.serve --weights PATH``: the OpenAI-compatible server (needs ``pip install "ahn_rt[serve]"``).
+"""``python -m ahn_rt.serve [--weights PATH]``: the OpenAI-compatible server (needs FastAPI and uvicorn: the
+``serve`` extra, ``pip install --no-build-isolation -e ".[serve]"`` in a checkout). Without --weights it serves
+the demo model in weights/demo, as ``python -m ahn_rt.generate`` runs it.
 
 A user's mistake (bad path or option, missing extra, port in use) prints one line and exits 2. SIGTERM
 or Ctrl-C drains: the server stops accepting connections, every in-flight request (streams included)
@@ -12,7 +14,7 @@ import signal
 import socket
 import sys
 
-from ..cli import ArgParser, add_model_arguments, load_model, one_line_warnings
+from ..cli import ArgParser, add_model_arguments, load_model, one_line_warnings, use_demo_weights
 from ..errors import AhnError
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -38,7 +40,8 @@ def parse_size(text: str, what: str) -> int:
 def build_parser() -> ArgParser:
     ap = ArgParser(prog="python -m ahn_rt.serve",
                    description="OpenAI-compatible HTTP server for an AHN-augmented Qwen model.")
-    m = add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder", weights_required=True)
+    m = add_model_arguments(ap, ".safetensors file or Hugging Face checkpoint folder (default: the demo model "
+                               "in weights/demo)")
     m.add_argument("--model-name", help="the id clients pass as 'model' (default: the weights' name)")
     n = ap.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -57,7 +60,8 @@ def build_parser() -> ArgParser:
     a.add_argument("--session-cache", help="bytes for conversations (session_id) kept in memory (default: 8 states, "
                                            "at most 10%% of free memory)")
     a.add_argument("--state-dir", help="write conversations here and restore them after a restart")
-    a.add_argument("--max-prompt-tokens", type=int, default=131072, help="new tokens per request (default 131072)")
+    a.add_argument("--max-prompt-tokens", type=int, default=131072, help="prompt tokens a request may add (for a continued conversation, its new turn; "
+                        "default 131072)")
     a.add_argument("--max-tokens", type=int, default=4096,
                    help="cap on max_tokens, and the default for chat (default 4096)")
     return ap
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
             import uvicorn
         except ImportError as e:
             raise AhnError(f"the server needs FastAPI and uvicorn ({e.name} is missing): "
-                           "pip install \"ahn_rt[serve]\"") from None
+                           "pip install fastapi uvicorn (the 'serve' extra)") from None
         for name in ("max_sessions", "max_prompt_tokens", "max_tokens"):
             if getattr(args, name) < 1:
                 raise AhnError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
             raise AhnError("--api-key needs a non-empty key")
         sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
+        if use_demo_weights(args):
+            print(f"[ahn_rt.serve] no --weights: serving the demo model in {args.weights}", file=sys.stderr)
         sock = _bind(args.host, args.port)
 
         from .metrics import Metrics
@@ -146,7 +152,8 @@ def main(argv=None) -> int:
         app = create_app(model, opts, scheduler, sessions, metrics)
         host, port = sock.getsockname()[:2]
         c = model.config
-        print(f"[ahn_rt.serve] {name}: {c.mode} mode, window {c.window}, sinks {c.sinks}, {c.dtype}, "
+        rule = "full attention" if c.mode == "full" else f"window {c.window}, sinks {c.sinks}"
+        print(f"[ahn_rt.serve] {name}: {c.mode} mode, {rule}, {c.dtype}, "
               f"{model.device}; state {human_bytes(state)} per session; {max_active} sessions at once "
               f"(--max-sessions {args.max_sessions}, budget {human_bytes(budget)}), queue {args.max_queue}; "
               f"prefix cache {human_bytes(prefix)}; conversations {human_bytes(convs)}"
