@@ -268,6 +268,7 @@ class State:
         self.k_evict, self.v_evict = store["k_evict"][i], store["v_evict"][i]
         self.pos = store["pos"][i: i + 1]
         self.position = 0
+        self.torn = False   # a call's writes began (begin_writes) and it never advanced: see begin_writes
         self._warned_positions = False
 
     # ---- layout ------------------------------------------------------------------------------
@@ -353,6 +354,7 @@ class State:
         its step: the prefill, the eager decode step, and the caller of a replayed CUDA graph."""
         self.position += n
         self.pos.fill_(self.position)
+        self.torn = False
 
     def ensure_capacity(self, total: int) -> bool:
         """Full mode: grow (doubling) so ``total`` positions fit. Returns True when buffers moved.
@@ -385,6 +387,7 @@ class State:
             t.zero_()
         self.position = 0
         self.pos.zero_()
+        self.torn = False
 
     @torch.inference_mode()
     def fill_random(self, position: int, generator: torch.Generator | None = None):
@@ -452,7 +455,9 @@ class State:
 
     @torch.inference_mode()
     def copy_from(self, other: "State"):
-        """This state becomes a copy of ``other`` (same layout): one device copy per field."""
+        """This state becomes a copy of ``other`` (same layout): one device copy per field. A state that may
+        be half-written is not copied (``refuse_torn``)."""
+        refuse_torn([other])
         self.ensure_capacity(other.capacity)
         for name, t in self.tensors().items():
             src = other.tensors()[name]
@@ -463,6 +468,7 @@ class State:
                 t.copy_(src)
         self.position = other.position
         self.pos.copy_(other.pos)
+        self.torn = False
 
     @property
     def nbytes(self) -> int:
@@ -471,6 +477,24 @@ class State:
 
 
 _SLOT0: dict = {}   # device -> int64 [1] tensor holding 0: the slots of a one-state batch
+
+
+def begin_writes(states):
+    """A call starts writing ``states`` (a prefill chunk, one decode step); each state's ``advance`` ends
+    it. A call that raises or is interrupted in between (out of memory, Ctrl-C, a failed kernel) can leave
+    some layers written and the position unmoved, so the next call would feed the memory twice: such a
+    state refuses every call (AhnError) until ``reset``, ``load`` or ``copy_from`` of a whole state. All
+    are checked before any is marked."""
+    refuse_torn(states)
+    for st in states:
+        st.torn = True
+
+
+def refuse_torn(states):
+    """AhnError if any of ``states`` may be half-written (``begin_writes``)."""
+    if any(st.torn for st in states):
+        raise AhnError("a call on this session failed or was interrupted while it wrote the state, which may "
+                       "be half-written: reset() the session (or close it) and feed the sequence again")
 
 
 def shared_pool(states) -> "StatePool | None":
@@ -533,6 +557,7 @@ class DecodeBatch:
             return
         for st in self.states:
             st.position += 1
+            st.torn = False
         self.pos.index_add_(0, self.slots, torch.ones_like(self.slots))
 
 

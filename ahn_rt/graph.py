@@ -19,7 +19,7 @@ import threading
 import torch
 
 from . import settings
-from .cache import DecodeBatch
+from .cache import DecodeBatch, begin_writes
 
 # AHN_RT_GRAPH=0 turns graph capture off (debugging; the benchmark's eager rows).
 GRAPHS_ENABLED = settings.graphs_enabled()
@@ -80,6 +80,7 @@ class _GraphStep:
             self.tok.copy_(tok.view(1))
         if self.noise is not None:
             self.noise.exponential_(generator=self.sampler.gen)
+        begin_writes([self.session.state])
         self.graph.replay()
         self.session.state.advance(1)
         return self.tok
@@ -108,6 +109,7 @@ class BatchStep:
             if want != self.slot_list:   # a host-to-device copy only when the batch's slots changed
                 b.slots.copy_(torch.tensor(want, dtype=torch.int64))
                 self.slot_list = want
+        begin_writes(states)
         b.states = states
         self.ids.copy_(ids.view(-1))
         self.graph.replay()
@@ -122,11 +124,13 @@ def batch_step(decoder, states, ids: torch.Tensor, graphs: dict) -> tuple[torch.
     st0 = states[0]
     if not (st0.device.type == "cuda" and GRAPHS_ENABLED and decoder.graph_safe):
         batch = DecodeBatch(states)
+        begin_writes(states)
         return decoder.decode_steps(batch, ids), batch
     key = ("step", len(states))
     g = graphs.get(key)
     if g is None:
         batch = DecodeBatch(states)
+        begin_writes(states)
         logits = decoder.decode_steps(batch, ids)   # a real step, and the warm-up before capture
         slots = None
         if st0.pool is not None:

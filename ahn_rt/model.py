@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import memory, ops
-from .cache import DecodeBatch, State, StatePool
+from .cache import DecodeBatch, State, StatePool, begin_writes
 from .config import Config, rope_inv_freq
 from .weights import Weights
 
@@ -75,6 +75,7 @@ class Decoder:
         c = self.config
         T = ids.numel()
         plan = st.plan(T)
+        begin_writes([st])
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = ops.rope_cos_sin(plan.positions, self.inv_freq, c.dtype)
         r = plan.read_rows
@@ -184,6 +185,7 @@ class Decoder:
         prefill path; both follow the same rule (tests check they agree)."""
         if ids.numel() == 1:
             st.ensure_capacity(st.position + 1)   # full mode: the decode kernels write slot `position`
+            begin_writes([st])
             logits = self.decode_step(st, ids)
             st.advance(1)
             return logits

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .cache import refuse_torn
 from .errors import AhnError
 
 FORMAT = "ahn_rt.state"
@@ -69,6 +70,7 @@ def save(session, path):
     out = _path(path, "save")
     check_writable(out)          # before the state is copied to the host
     st = session.state
+    refuse_torn([st])            # a half-written state is no value to keep
     tensors = {name: t.contiguous().cpu() for name, t in st.export().items()}
     meta = {"format": FORMAT, "version": str(VERSION), "position": str(st.position), **fingerprint(session.model)}
     write_checkpoint(out, tensors, None, metadata=meta)

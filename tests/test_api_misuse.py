@@ -362,3 +362,46 @@ def test_threads_stepping_sessions_of_one_pool_take_turns(model, monkeypatch):
     assert seen and all(seen)
     for i in range(4):
         assert all(torch.equal(a, b) for a, b in zip(alone[i], together[i]))
+
+
+def test_a_call_that_fails_midway_leaves_a_session_that_refuses_until_reset(model, monkeypatch, tmp_path):
+    """An exception between a call's first state write and its position update (here: the MLP of layer 2
+    raises, in a prefill and in a decode step) leaves layers 0-1 written: the session then refuses forward,
+    step, generate, fork and save with a one-line AhnError, and after reset() it runs exactly like a new session.
+    An error before any write (an id out of range) leaves the session usable."""
+    dec = model.decoder
+    real_mlp, real_steps = dec._mlp, dec.decode_steps
+    calls = []
+
+    def failing_mlp(h, lw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real_mlp(h, lw)
+
+    ids = [5, 9, 11, 13, 17, 19, 23]
+    s = model.new_session()
+    with pytest.raises(AhnError, match="vocabulary|range|vocab"):
+        s.forward([10 ** 9])
+    want = s.forward(ids)                       # the id error wrote nothing: the session still works
+    s.reset()
+    monkeypatch.setattr(dec, "_mlp", failing_mlp)
+    with pytest.raises(RuntimeError, match="simulated"):
+        s.forward(ids)
+    monkeypatch.setattr(dec, "_mlp", real_mlp)
+    for use in (lambda: s.forward([3]), lambda: model.step([s], [3]), lambda: "".join(model.generate(P, session=s)),
+                lambda: s.fork(), lambda: s.save(tmp_path / "torn.safetensors")):
+        with pytest.raises(AhnError, match="half-written: reset"):
+            use()
+    s.reset()
+    assert torch.equal(s.forward(ids), want)
+
+    def failing_steps(batch, tokens):
+        raise RuntimeError("kernel failed (simulated)")
+    monkeypatch.setattr(dec, "decode_steps", failing_steps)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model.step([s], [3])
+    monkeypatch.setattr(dec, "decode_steps", real_steps)
+    with pytest.raises(AhnError, match="half-written"):
+        s.forward([3])
+    s.close()
