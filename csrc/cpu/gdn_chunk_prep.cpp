@@ -30,7 +30,9 @@ void prep_cpu(const GdnChunkPrepParams& p) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   at::parallel_for(0, p.H * p.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> K(C * Dk), Q(C * Dk), A(C * C), B(C), x(C);
+    // Kt: K transposed (the inner loops of step 3 run over keys j); X: the solutions of step 4, a row per
+    // token. Both only reorder loops: every sum keeps its terms in the same order as the CUDA kernel's.
+    std::vector<float> K(C * Dk), Kt(Dk * C), Q(C * Dk), A(C * C), B(C), kk(C), qk(C), X(C * (Dk + Dv));
     std::vector<GT> G(C);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t h = tile / p.N, n = tile % p.N, hk = h / G_, t0 = n * C;
@@ -68,28 +70,36 @@ void prep_cpu(const GdnChunkPrepParams& p) {
           G[i] = ok ? load_kind(p.alpha, p.alpha_kind, t * p.a_s0 + h * p.a_s1) : 0.f;
         }
       }
+      for (int64_t i = 0; i < C; ++i)
+        for (int64_t d = 0; d < Dk; ++d) Kt[d * C + i] = K[i * Dk + d];
       // 2. The cumulative log-decay.
       for (int64_t i = 1; i < C; ++i) G[i] += G[i - 1];
       // 3. A (strictly lower) and P (lower with the diagonal).
       float* P = p.P + tile * C * C;
       for (int64_t i = 0; i < C; ++i) {
+        // The dot products of row i with keys 0..i, summed over d in order (vectorized across j).
+        std::fill(kk.begin(), kk.begin() + i + 1, 0.f);
+        std::fill(qk.begin(), qk.begin() + i + 1, 0.f);
+        for (int64_t d = 0; d < Dk; ++d) {
+          const float kid = K[i * Dk + d], qid = Q[i * Dk + d];
+          const float* kt = Kt.data() + d * C;
+          if (!M2)
+            for (int64_t j = 0; j <= i; ++j) kk[j] += kid * kt[j];
+          for (int64_t j = 0; j <= i; ++j) qk[j] += qid * kt[j];
+        }
         for (int64_t j = 0; j < C; ++j) {
           float a = 0.f, pq = 0.f;
           if (j <= i) {
-            float kk = 0.f, qk = 0.f;
-            for (int64_t d = 0; d < Dk; ++d) {
-              if (!M2) kk += K[i * Dk + d] * K[j * Dk + d];
-              qk += Q[i * Dk + d] * K[j * Dk + d];
-            }
             const float decay = static_cast<float>(std::exp(G[i] - G[j]));
-            pq = qk * decay;
-            if (!M2 && j < i) a = B[i] * kk * decay;
+            pq = qk[j] * decay;
+            if (!M2 && j < i) a = B[i] * kk[j] * decay;
           }
           A[i * C + j] = a;
           P[i * C + j] = pq;
         }
       }
-      // 4. GatedDeltaNet: (I + A) [w | u] = [diag(beta e^G) K | diag(beta) V], column by column.
+      // 4. GatedDeltaNet: (I + A) [w | u] = [diag(beta e^G) K | diag(beta) V], row by row (each column's
+      //    forward substitution subtracts its terms in the order j = 0, 1, ..., i - 1, vectorized across columns).
       //    Mamba2: u = V dt.
       float* u = p.u + tile * C * Dv;
       if constexpr (M2) {
@@ -100,23 +110,21 @@ void prep_cpu(const GdnChunkPrepParams& p) {
         }
       } else {
         float* w = p.w + tile * C * Dk;
-        for (int64_t c = 0; c < Dk + Dv; ++c) {
-          for (int64_t i = 0; i < C; ++i) {
-            float r;
-            if (c < Dk) {
-              r = (B[i] * std::exp(G[i])) * K[i * Dk + c];
-            } else {
-              const int64_t t = t0 + i;
-              r = t < p.n ? B[i] * static_cast<float>(v[t * p.v_s0 + hk * p.v_s1 + c - Dk]) : 0.f;
-            }
-            for (int64_t j = 0; j < i; ++j) r -= A[i * C + j] * x[j];
-            x[i] = r;
-            if (c < Dk) {
-              w[i * Dk + c] = r;
-            } else {
-              u[i * Dv + c - Dk] = r;
-            }
+        const int64_t W = Dk + Dv;
+        for (int64_t i = 0; i < C; ++i) {
+          float* xi = X.data() + i * W;
+          const int64_t t = t0 + i;
+          const float eb = B[i] * std::exp(G[i]);
+          for (int64_t c = 0; c < Dk; ++c) xi[c] = eb * K[i * Dk + c];
+          for (int64_t c = 0; c < Dv; ++c)
+            xi[Dk + c] = t < p.n ? B[i] * static_cast<float>(v[t * p.v_s0 + hk * p.v_s1 + c]) : 0.f;
+          for (int64_t j = 0; j < i; ++j) {
+            const float a = A[i * C + j];
+            const float* xj = X.data() + j * W;
+            for (int64_t c = 0; c < W; ++c) xi[c] -= a * xj[c];
           }
+          for (int64_t c = 0; c < Dk; ++c) w[i * Dk + c] = xi[c];
+          for (int64_t c = 0; c < Dv; ++c) u[i * Dv + c] = xi[Dk + c];
         }
       }
       // 5. qg, kd_t, gl.
