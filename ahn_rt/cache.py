@@ -552,8 +552,8 @@ class DecodeBatch:
     def advance(self):
         """Every state of the batch moves by one token, on the host and on the device (one kernel for the
         batch; the same positions ``State.advance`` would write)."""
-        if len(self.states) == 1:
-            self.state0.advance(1)
+        if len(self.states) == 1:   # (a graph's batch serves other states later: not state0)
+            self.states[0].advance(1)
             return
         for st in self.states:
             st.position += 1

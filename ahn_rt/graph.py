@@ -110,7 +110,7 @@ class BatchStep:
                 b.slots.copy_(torch.tensor(want, dtype=torch.int64))
                 self.slot_list = want
         begin_writes(states)
-        b.states = states
+        b.states, b.state0 = states, states[0]
         self.ids.copy_(ids.view(-1))
         self.graph.replay()
         return self.logits.clone()

@@ -14,7 +14,7 @@ import torch
 
 from . import ops
 from . import weights as weights_mod
-from .cache import State, StatePool, shared_pool
+from .cache import State, StatePool, refuse_torn, shared_pool
 from .config import Config, resolve_runtime
 from .errors import AhnError
 from .graph import Stepper, batch_step
@@ -596,6 +596,7 @@ class Session:
         pool."""
         st = self._claim()
         try:
+            refuse_torn([st])   # before a pool slot is taken for the copy
             other = Session(self.model, self.chunk_size, st.capacity if st.full else None, self.pool)
             other.state.copy_from(st)
         finally:

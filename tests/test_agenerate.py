@@ -67,17 +67,17 @@ def test_concurrent_agenerate_equals_solo_generate(model):
 
 
 def test_the_scheduler_steps_its_sessions_together_from_one_pool(model):
-    """On the CPU the decoding generations take one model.step per loop (continuous batching: they join
+    """On the CPU the decoding generations take one batched step (model._step) per loop (continuous batching: they join
     and leave between loops) with sessions from the scheduler's pool of max_active slots; the texts are
     those of solo runs (the test above), and here the batching is seen to happen."""
     solo = ["".join(model.generate(PROMPTS[i], **_kw(i, 20))) for i in range(5)]
-    batches, step = [], model.step
+    batches, step = [], model._step   # (the scheduler's runs own their sessions: model._step, no re-claim)
 
     def spy(sessions, tokens):
         batches.append(len(sessions))
         assert all(s.pool is model.scheduler.pool for s in sessions)
         return step(sessions, tokens)
-    model.step = spy
+    model._step = spy
 
     async def main():
         model.start_scheduler(max_active=3)

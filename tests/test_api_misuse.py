@@ -405,3 +405,44 @@ def test_a_call_that_fails_midway_leaves_a_session_that_refuses_until_reset(mode
     with pytest.raises(AhnError, match="half-written"):
         s.forward([3])
     s.close()
+
+
+def test_a_graphs_batch_of_one_advances_the_state_it_last_stepped(model):
+    """A captured B = 1 step of a pool serves whichever session of the pool steps next: its batch's
+    ``states`` change per replay, and ``advance`` must move that state, not the one it was captured with
+    (on CUDA a pooled model.step([sB]) after model.step([sA]) advanced sA). CPU: the batch built as
+    batch_step builds a graph's, then re-pointed as BatchStep does."""
+    from ahn_rt.cache import DecodeBatch, begin_writes
+    pool = model.new_pool(3)
+    a, b = model.new_session(pool=pool), model.new_session(pool=pool)
+    a.forward([1, 2, 3])
+    b.forward([4, 5])
+    batch = DecodeBatch([a.state], torch.tensor([a.state.pool_slot]))
+    begin_writes([b.state])
+    batch.states = [b.state]   # (BatchStep also re-points state0 now; advance must not depend on it)
+    batch.advance()
+    assert (a.position, b.position, b.state.torn) == (3, 3, False)
+    assert pool.storage["pos"][[a.state.pool_slot, b.state.pool_slot]].tolist() == [3, 3]
+    a.close()
+    b.close()
+
+
+def test_concurrent_agenerate_on_sessions_of_one_pool(model):
+    """Two agenerate calls given sessions of one pool run as one batch on the scheduler (which owns both
+    sessions for the runs): both finish, each with the text it gives alone. They failed with 'this
+    session is in use' when the batched step claimed the sessions again."""
+    pool = model.new_pool(2)
+    s1, s2 = model.new_session(pool=pool), model.new_session(pool=pool)
+    prompts = [P, "import os\n"]
+    alone = ["".join(model.generate(p, max_new_tokens=6, temperature=0)) for p in prompts]
+
+    async def one(s, p):
+        async with model.agenerate(p, max_new_tokens=6, temperature=0, session=s) as gen:
+            return "".join([piece async for piece in gen]), gen.finish_reason
+
+    async def both():
+        return await asyncio.gather(one(s1, prompts[0]), one(s2, prompts[1]))
+    got = asyncio.run(both())
+    assert [text for text, _ in got] == alone and all(r in ("stop", "length") for _, r in got)
+    s1.close()
+    s2.close()

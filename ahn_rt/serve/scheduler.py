@@ -265,7 +265,8 @@ class Scheduler:
                 or len({id(s) for s in sessions}) < len(sessions)):     # a caller's session in two runs
             return self._step_each(tickets)
         try:
-            logits = self.model.step(sessions, torch.cat([t.run.next_input for t in tickets]))
+            # model._step: the runs own these sessions (a caller's session= is claimed for its run)
+            logits = self.model._step(sessions, torch.cat([t.run.next_input for t in tickets]))
         except Exception as e:  # noqa: BLE001
             return [(t, e) for t in tickets]
         failed, sampled = [], []
