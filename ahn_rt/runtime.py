@@ -395,7 +395,7 @@ class Model:
         if not isinstance(session, Session) or session.model is not self:
             got = "a Session of another model" if isinstance(session, Session) else type(session).__name__
             raise AhnError(f"{what}: session must be a Session of this model (model.new_session()), got {got}")
-        session.state   # a closed session: its one-line error now, not once the generation runs
+        refuse_torn([session.state])   # closed or half-written: its one-line error now, not once it runs
 
     def generate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,

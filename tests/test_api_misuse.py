@@ -389,7 +389,8 @@ def test_a_call_that_fails_midway_leaves_a_session_that_refuses_until_reset(mode
     with pytest.raises(RuntimeError, match="simulated"):
         s.forward(ids)
     monkeypatch.setattr(dec, "_mlp", real_mlp)
-    for use in (lambda: s.forward([3]), lambda: model.step([s], [3]), lambda: "".join(model.generate(P, session=s)),
+    for use in (lambda: s.forward([3]), lambda: model.step([s], [3]), lambda: model.generate(P, session=s),
+                lambda: model.prefill(P, session=s),
                 lambda: s.fork(), lambda: s.save(tmp_path / "torn.safetensors")):
         with pytest.raises(AhnError, match="half-written: reset"):
             use()
