@@ -109,7 +109,6 @@ class BatchStep:
             if want != self.slot_list:   # a host-to-device copy only when the batch's slots changed
                 b.slots.copy_(torch.tensor(want, dtype=torch.int64))
                 self.slot_list = want
-        begin_writes(states)
         b.states, b.state0 = states, states[0]
         self.ids.copy_(ids.view(-1))
         self.graph.replay()
@@ -122,15 +121,14 @@ def batch_step(decoder, states, ids: torch.Tensor, graphs: dict) -> tuple[torch.
     a private state's session's) keeps under ("step", B) (captured after a first eager step); elsewhere, and
     on the reference ops (``Decoder.graph_safe``), eager."""
     st0 = states[0]
+    begin_writes(states)   # the caller's batch.advance() ends them
     if not (st0.device.type == "cuda" and GRAPHS_ENABLED and decoder.graph_safe):
         batch = DecodeBatch(states)
-        begin_writes(states)
         return decoder.decode_steps(batch, ids), batch
     key = ("step", len(states))
     g = graphs.get(key)
     if g is None:
         batch = DecodeBatch(states)
-        begin_writes(states)
         logits = decoder.decode_steps(batch, ids)   # a real step, and the warm-up before capture
         slots = None
         if st0.pool is not None:

@@ -1,6 +1,7 @@
 """The Python API: ``ahn_rt.load`` -> ``Model`` -> ``Session``; ``Model.generate`` streams text."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import os
@@ -297,15 +298,10 @@ class Model:
         ids = None if isinstance(tokens, int) else sessions[0]._ids(tokens)
         if ids is None or ids.numel() != len(sessions):
             raise AhnError(f"step: give one token per session ({len(sessions)} sessions)")
-        claimed = []
-        try:
+        with contextlib.ExitStack() as held:
             for s in sessions:
-                s._claim()
-                claimed.append(s)
+                held.enter_context(s._held())
             return self._step(sessions, ids)
-        finally:
-            for s in claimed:
-                s._unclaim()
 
     def _step(self, sessions: list, ids: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
@@ -313,12 +309,9 @@ class Model:
         pool = shared_pool(states)
         if self.config.mode == "full" or (len(states) > 1 and pool is None):
             return torch.cat([dec.forward(st, ids[b:b + 1]) for b, st in enumerate(states)])
-        if pool is None:
-            logits, batch = batch_step(dec, states, ids, sessions[0].graphs)
-            batch.advance()
-            return logits
-        with pool.step_lock:   # other threads may step other sessions of this pool
-            logits, batch = batch_step(dec, states, ids, pool.graphs)
+        # A pool's captured steps share their buffers: one step over its sessions at a time.
+        with pool.step_lock if pool is not None else contextlib.nullcontext():
+            logits, batch = batch_step(dec, states, ids, pool.graphs if pool is not None else sessions[0].graphs)
             batch.advance()
         return logits
 
@@ -348,13 +341,10 @@ class Model:
         self._check_session(session, "prefill")
         p = self._prompt(prompt, chat, system)
         sess = session or self.new_session()
-        sess._claim()
-        try:
+        with sess._held():
             fill = _Prefill(self, sess, p, self.prefix_cache)
             while not fill.done:
                 fill.chunk()
-        finally:
-            sess._unclaim()
         return sess, fill.logits[-1].clone()
 
     def _prompt(self, prompt, chat=False, system=None):
@@ -541,6 +531,15 @@ class Session:
     def _unclaim(self):
         self._busy.release()
 
+    @contextlib.contextmanager
+    def _held(self):
+        """``with s._held() as st:`` the session claimed for one call (``_claim``), released after."""
+        st = self._claim()
+        try:
+            yield st
+        finally:
+            self._unclaim()
+
     def close(self):
         """Give the state's memory back (a pooled session's slot returns to its pool). Using the session
         afterwards raises AhnError; closing twice is harmless. A session in use (another thread's call,
@@ -573,34 +572,25 @@ class Session:
 
     def reset(self) -> None:
         """Back to position 0 (the captured graphs stay valid: the buffers do not move)."""
-        st = self._claim()
-        try:
+        with self._held() as st:
             st.reset()
-        finally:
-            self._unclaim()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this session's state to ``path`` (safetensors; only the occupied slots; a header with
         the format version and the fingerprint of model, window, sinks, dtype and mode). Restore it with
         ``Model.restore``; continuing from there is exactly continuing this session."""
         from . import state_io
-        self._claim()
-        try:
+        with self._held():
             state_io.save(self, path)
-        finally:
-            self._unclaim()
 
     def fork(self) -> "Session":
         """An independent copy of this session (one device copy of the fixed-size state): for branching
         a conversation or reusing a prefilled prefix. A pooled session's fork takes a slot of the same
         pool."""
-        st = self._claim()
-        try:
+        with self._held() as st:
             refuse_torn([st])   # before a pool slot is taken for the copy
             other = Session(self.model, self.chunk_size, st.capacity if st.full else None, self.pool)
             other.state.copy_from(st)
-        finally:
-            self._unclaim()
         return other
 
     def _ids(self, token_ids) -> torch.Tensor:
@@ -631,11 +621,8 @@ class Session:
         """Feed tokens (in chunks of chunk_size); returns float32 logits [len, vocab] for every
         position (or [1, vocab] for the last one with ``last_only``) and advances the state."""
         ids = self._ids(token_ids)
-        self._claim()
-        try:
+        with self._held():
             return self._forward(ids, last_only)
-        finally:
-            self._unclaim()
 
     def _forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """``forward`` of checked ids on a session the caller has claimed."""
