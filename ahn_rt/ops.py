@@ -367,7 +367,8 @@ def _kernel_calls(p0: int, T: int, sinks: int, window: int, cudnn: bool, chunk: 
     return tuple(out)
 
 
-_cudnn_warm = threading.local()   # .keys: the layouts whose cuDNN plans this thread has built
+_cudnn_warm = threading.local()   # .keys: the layouts whose cuDNN plans this thread has built; .reversed:
+                                  # those whose reversed far-edge band plan it has built too
 
 
 def _cudnn_key(q, k, k_cache, v_cache) -> tuple:
@@ -402,13 +403,19 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
                     _cudnn(q, kk, kk, False, head_dim ** -0.5)
             if chunk <= window:
                 _cudnn(q, k, k, True, head_dim ** -0.5)
-            if 1 < chunk <= window + 1:    # the far-edge band, reversed (``_kernel_calls``)
-                _cudnn_reversed(q[1:], k[1:], k[1:], head_dim ** -0.5)
             torch.cuda.synchronize()
         except RuntimeError:
             _cudnn_ok = False
             return False
-    _cudnn_warm.keys = getattr(_cudnn_warm, "keys", set()) | {_cudnn_key(q, k, k_cache, k_cache)}
+        key = _cudnn_key(q, k, k_cache, k_cache)
+        _cudnn_warm.keys = getattr(_cudnn_warm, "keys", set()) | {key}
+        if 1 < chunk < window:   # the far-edge band, reversed (``_kernel_calls``); a refusal turns off only it
+            try:
+                _cudnn_reversed(q[1:], k[1:], k[1:], head_dim ** -0.5)
+                torch.cuda.synchronize()
+                _cudnn_warm.reversed = getattr(_cudnn_warm, "reversed", set()) | {key}
+            except RuntimeError:
+                pass
     return True
 
 
@@ -424,8 +431,9 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
     global _cudnn_ok
     T, H, D = q.shape
     q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
-    cudnn = (_cudnn_ok and settings.prefill_cudnn()
-             and _cudnn_key(q, k, k_cache, v_cache) in getattr(_cudnn_warm, "keys", ()))
+    key = _cudnn_key(q, k, k_cache, v_cache)
+    cudnn = _cudnn_ok and settings.prefill_cudnn() and key in getattr(_cudnn_warm, "keys", ())
+    reversed_ok = cudnn and key in getattr(_cudnn_warm, "reversed", ())
     parts, stacked = [], {}
     for i_lo, i_hi, source, lo, n, kind, left, right, backend in _kernel_calls(p0, T, sinks, window, cudnn, T,
                                                                              _CUDNN_LADDER):
@@ -446,6 +454,8 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
                 parts.append((i_lo + b0, m, *run(qq[b0:b0 + m], kk, vv, lb, rb, scale)))
             continue
         res = None
+        if backend == "cudnn_rev" and not reversed_ok:
+            backend = "flash"   # its bounds (left 0, none on the right) are FlashAttention-2's as they stand
         if backend in ("cudnn", "cudnn_rev") and _cudnn_ok:
             try:
                 if backend == "cudnn_rev":

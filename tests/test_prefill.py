@@ -390,6 +390,7 @@ def test_prefill_attention_cudnn_matches_reference(monkeypatch, p0):
     monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
     monkeypatch.setattr(ops, "_cudnn_ok", True)
     monkeypatch.setattr(ops._cudnn_warm, "keys", set(), raising=False)
+    monkeypatch.setattr(ops._cudnn_warm, "reversed", set(), raising=False)
     seen, real = [], ops._cudnn
 
     def spy(q, k, v, causal, scale, stacked=None):
@@ -617,12 +618,14 @@ def test_prefill_attention_plan_on_the_cpu(monkeypatch, S, W, p0, T, dense_keys)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reversed_warm", [True, False])
 @pytest.mark.parametrize("merge_parts", [8, 2])
 @pytest.mark.parametrize("S,W,p0,T,chunk", [c for c in KERNEL_CASES if c[3] == c[4] and c[3] <= 257])
-def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, chunk, merge_parts):
-    """The plan with cuDNN (ladder pieces, the merge of more parts than the kernel takes, first by rows) run
-    on the CPU with ``ops._dense`` standing in for both kernels, against the reference in float32; the layout
-    is marked warmed as ``warm_prefill_attention`` would mark it."""
+def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, chunk, merge_parts, reversed_warm):
+    """The plan with cuDNN (ladder pieces, the merge of more parts than the kernel takes, first by rows, the
+    reversed far-edge band) run on the CPU with ``ops._dense`` standing in for both kernels, against the
+    reference in float32; the layout is marked warmed as ``warm_prefill_attention`` would mark it, with or
+    without the reversed band's plan (without it, the band runs on FlashAttention-2)."""
     calls = []
 
     def cudnn(q, k, v, causal, scale, stacked=None):
@@ -637,10 +640,13 @@ def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, 
     monkeypatch.setattr(ops, "_CUDNN_LADDER", SMALL_LADDER)
     monkeypatch.setattr(ops, "_MERGE_PARTS", merge_parts)
     monkeypatch.setattr(ops._cudnn_warm, "keys", {ops._cudnn_key(q, k, kc, vc)}, raising=False)
+    monkeypatch.setattr(ops._cudnn_warm, "reversed", {ops._cudnn_key(q, k, kc, vc)} if reversed_warm else set(),
+                        raising=False)
     got = ops._prefill_attention_flash(q, k, v, kc, vc, p0, S, W, 0.25)
     want = ref.prefill_attention_ref(q, k, v, kc, vc, p0, S, W, 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    planned = [c for c in ops._kernel_calls(p0, T, S, W, True, T, SMALL_LADDER) if c[-1] in ("cudnn", "cudnn_rev")]
+    on = ("cudnn", "cudnn_rev") if reversed_warm else ("cudnn",)
+    planned = [c for c in ops._kernel_calls(p0, T, S, W, True, T, SMALL_LADDER) if c[-1] in on]
     assert len(calls) == len(planned)
     assert all(tq == T and (n in SMALL_LADDER or causal) or (tq == n == T - 1 and causal) for tq, n, causal in calls)
 
