@@ -283,6 +283,14 @@ def _dense(q, k, v, left: int, right: int, scale: float):
 _cudnn_ok = True   # cleared (once per process) if torch's cuDNN attention refuses these calls
 
 
+def _cudnn_reversed(q, k, v, scale: float):
+    """An upper triangle, query i seeing keys i .. n - 1 (n == Tq), as cuDNN's causal call with the rows of
+    q, k and v reversed (query Tq - 1 - i then sees keys up to Tq - 1 - i); the output and log-sum-exp are
+    reversed back. Returns (out [Tq, H, D], logsumexp [H, Tq] float32) as ``_cudnn``."""
+    out, lse = _cudnn(q.flip(0).contiguous(), k.flip(0), v.flip(0), True, scale)
+    return out.flip(0), lse.flip(-1)
+
+
 def _cudnn(q, k, v, causal: bool, scale: float, stacked: dict | None = None):
     """cuDNN's fused attention (bundled with torch): q [Tq, H, D], k/v [n, Hkv, D]. Without a mask the
     G = H / Hkv query heads of a kv head are stacked along the query axis (one kv head, G*Tq queries: no
@@ -373,7 +381,8 @@ _CUDNN_LADDER = tuple(512 << i for i in range(6))
 def _kernel_calls(p0: int, T: int, sinks: int, window: int, cudnn: bool, chunk: int,
                   ladder: tuple = _CUDNN_LADDER) -> tuple:
     """``_attention_calls`` with the kernel that runs each: (i_lo, i_hi, source, lo, n, kind, left, right,
-    backend), backend "cudnn" or "flash" (FlashAttention-2, or ``_dense`` for short window ranges).
+    backend), backend "cudnn", "cudnn_rev" or "flash" (FlashAttention-2, or ``_dense`` for short window
+    ranges).
 
     cuDNN's fused attention runs the unmasked blocks about 1.6x as fast as FlashAttention-2 (H200), but it
     builds an execution plan for every new call shape, and the ring's split point moves with every chunk:
@@ -382,13 +391,23 @@ def _kernel_calls(p0: int, T: int, sinks: int, window: int, cudnn: bool, chunk: 
     ``chunk`` queries (a whole chunk) go to cuDNN: each "full" call over cache keys is cut into pieces whose
     key counts are rungs of a fixed ladder (greedy: the largest rung that fits, as often as it fits), and
     the "causal" call of the chunk's own keys is chunk x chunk; the rest of a full call (fewer keys than
-    the lowest rung) and every other call stay on FlashAttention-2. That is at most ``len(ladder) + 1``
-    shapes for a chunk size, whatever the position: ``warm_prefill_attention`` builds their plans at
-    load, and no plan is built while serving."""
+    the lowest rung) and every other call stay on FlashAttention-2. The band at the window's far edge of a
+    whole chunk (chunk - 1 queries, each seeing the keys from its own offset on: an upper triangle) goes to
+    cuDNN as a causal call on reversed rows, backend "cudnn_rev" (FlashAttention-2 ran it about 2.8x slower
+    per pair than cuDNN's causal call on an H200). That is at most ``len(ladder) + 2`` shapes for a chunk
+    size, whatever the position: ``warm_prefill_attention`` builds their plans at load, and no plan is
+    built while serving."""
     out = []
     for c in _attention_calls(p0, T, sinks, window):
-        i_lo, i_hi, source, lo, n, kind = c[:6]
-        fits = cudnn and i_hi - i_lo + 1 == chunk
+        i_lo, i_hi, source, lo, n, kind, left, right = c
+        tq = i_hi - i_lo + 1
+        if (cudnn and chunk > 1 and tq == chunk - 1 and (kind, source) == ("window", "cache") and left == 0
+                and (right < 0 or right >= n) and n >= tq):
+            # The band at the window's far edge of a whole chunk: query i sees keys i + n - tq .. n - 1 of it,
+            # an upper triangle of tq x tq. Rows reversed, that is cuDNN's causal call (``_cudnn_reversed``).
+            out.append((i_lo, i_hi, source, lo + n - tq, tq, kind, 0, tq, "cudnn_rev"))   # right: no bound
+            continue
+        fits = cudnn and tq == chunk
         if not fits or (kind, source) not in (("causal", "chunk"), ("full", "cache")):
             out.append((*c, "flash"))
         elif kind == "causal":
@@ -404,7 +423,8 @@ def _kernel_calls(p0: int, T: int, sinks: int, window: int, cudnn: bool, chunk: 
     return tuple(out)
 
 
-_cudnn_warm = threading.local()   # .keys: the layouts whose cuDNN plans this thread has built
+_cudnn_warm = threading.local()   # .keys: the layouts whose cuDNN plans this thread has built; .reversed:
+                                  # those whose reversed far-edge band plan it has built too
 
 
 def _cudnn_key(q, k, k_cache, v_cache) -> tuple:
@@ -443,7 +463,15 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
         except RuntimeError:
             _cudnn_ok = False
             return False
-    _cudnn_warm.keys = getattr(_cudnn_warm, "keys", set()) | {_cudnn_key(q, k, k_cache, k_cache)}
+        key = _cudnn_key(q, k, k_cache, k_cache)
+        _cudnn_warm.keys = getattr(_cudnn_warm, "keys", set()) | {key}
+        if 1 < chunk < window:   # the far-edge band, reversed (``_kernel_calls``); a refusal turns off only it
+            try:
+                _cudnn_reversed(q[1:], k[1:], k[1:], head_dim ** -0.5)
+                torch.cuda.synchronize()
+                _cudnn_warm.reversed = getattr(_cudnn_warm, "reversed", set()) | {key}
+            except RuntimeError:
+                pass
     return True
 
 
@@ -459,8 +487,9 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
     global _cudnn_ok
     T, H, D = q.shape
     q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
-    cudnn = (_cudnn_ok and settings.prefill_cudnn()
-             and _cudnn_key(q, k, k_cache, v_cache) in getattr(_cudnn_warm, "keys", ()))
+    key = _cudnn_key(q, k, k_cache, v_cache)
+    cudnn = _cudnn_ok and settings.prefill_cudnn() and key in getattr(_cudnn_warm, "keys", ())
+    reversed_ok = cudnn and key in getattr(_cudnn_warm, "reversed", ())
     parts, stacked = [], {}
     for i_lo, i_hi, source, lo, n, kind, left, right, backend in _kernel_calls(p0, T, sinks, window, cudnn, T,
                                                                              _CUDNN_LADDER):
@@ -481,9 +510,14 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
                 parts.append((i_lo + b0, m, *run(qq[b0:b0 + m], kk, vv, lb, rb, scale)))
             continue
         res = None
-        if backend == "cudnn" and _cudnn_ok:
+        if backend == "cudnn_rev" and not reversed_ok:
+            backend = "flash"   # its bounds (left 0, none on the right) are FlashAttention-2's as they stand
+        if backend in ("cudnn", "cudnn_rev") and _cudnn_ok:
             try:
-                res = _cudnn(qq, kk, vv, kind == "causal", scale, stacked)
+                if backend == "cudnn_rev":
+                    res = _cudnn_reversed(qq, kk, vv, scale)
+                else:
+                    res = _cudnn(qq, kk, vv, kind == "causal", scale, stacked)
             except RuntimeError:
                 _cudnn_ok = False
         if res is None:

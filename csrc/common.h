@@ -73,6 +73,16 @@ AHN_HD int64_t ring_slot(int64_t p, int64_t sinks, int64_t window) {
 AHN_HD float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
 #if defined(__CUDACC__)
+// Two 16-bit floats (bf16 / fp16) as one 32-bit word, lo in the low half: for 16-byte stores.
+template <typename T> __device__ __forceinline__ uint16_t bits_of(T v) {
+  uint16_t u;
+  memcpy(&u, &v, 2);
+  return u;
+}
+template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  return static_cast<uint32_t>(bits_of(lo)) | (static_cast<uint32_t>(bits_of(hi)) << 16);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Device reductions. Block versions need blockDim.x to be a multiple of 32 and `red` to hold 32 floats;
 // every thread gets the result, and `red` may be reused right after.

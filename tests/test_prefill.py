@@ -442,6 +442,7 @@ def test_prefill_attention_cudnn_matches_reference(monkeypatch, p0):
     monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
     monkeypatch.setattr(ops, "_cudnn_ok", True)
     monkeypatch.setattr(ops._cudnn_warm, "keys", set(), raising=False)
+    monkeypatch.setattr(ops._cudnn_warm, "reversed", set(), raising=False)
     seen, real = [], ops._cudnn
 
     def spy(q, k, v, causal, scale, stacked=None):
@@ -451,12 +452,13 @@ def test_prefill_attention_cudnn_matches_reference(monkeypatch, p0):
     monkeypatch.setattr(ops, "_cudnn", spy)
     assert ops.warm_prefill_attention(H, Hkv, D, torch.bfloat16, "cuda", T, S, W)
     warmed = set(seen)
-    assert len(warmed) == sum(m <= S + W for m in ops._CUDNN_LADDER) + 1   # the rungs that fit, causal
+    # the rungs that fit, the causal chunk and the reversed far-edge band
+    assert len(warmed) == sum(m <= S + W for m in ops._CUDNN_LADDER) + 2
     seen.clear()
     q, k, v, kc, vc = _attention_case(S, W, p0, T, H=H, Hkv=Hkv, D=D, seed=p0 + 1)
     got = ops.prefill_attention(q, k, v, kc, vc, p0, S, W, D ** -0.5).float()
     assert ops._cudnn_ok and set(seen) <= warmed
-    planned = sum(c[-1] == "cudnn" for c in ops._kernel_calls(p0, T, S, W, True, T))
+    planned = sum(c[-1] in ("cudnn", "cudnn_rev") for c in ops._kernel_calls(p0, T, S, W, True, T))
     assert len(seen) == planned and (planned > 0) == (p0 > 0)
     want = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S, W, D ** -0.5)
     err = (got - want).abs().max().item()
@@ -603,13 +605,17 @@ SMALL_LADDER = (8, 16, 32, 64)
 @pytest.mark.parametrize("S,W,p0,T,chunk", KERNEL_CASES)
 def test_kernel_calls_cover_exactly_the_rule(S, W, p0, T, chunk, cudnn):
     """The final per-kernel plan (ladder pieces and all) covers the rule exactly (``_check_calls``); every
-    cuDNN call is a whole chunk's (chunk queries) 'full' block of a ladder rung of cache keys or its
-    chunk x chunk causal block; without cuDNN the plan is ``_attention_calls`` on FlashAttention-2."""
+    cuDNN call is a whole chunk's (chunk queries) 'full' block of a ladder rung of cache keys, its
+    chunk x chunk causal block, or the (chunk - 1)-square band at the window's far edge (reversed causal);
+    without cuDNN the plan is ``_attention_calls`` on FlashAttention-2."""
     calls = ops._kernel_calls(p0, T, S, W, cudnn, chunk, SMALL_LADDER)
     _check_calls(calls, S, W, p0, T)
     for i_lo, i_hi, source, lo, n, kind, left, right, backend in calls:
-        assert backend in ("cudnn", "flash")
-        if backend == "cudnn":
+        assert backend in ("cudnn", "cudnn_rev", "flash")
+        if backend == "cudnn_rev":   # the far-edge band: an upper triangle of chunk - 1 queries and keys
+            assert cudnn and i_hi - i_lo + 1 == chunk - 1 == T - 1 == n
+            assert (kind, source, left) == ("window", "cache", 0) and right >= n   # no upper bound
+        elif backend == "cudnn":
             assert cudnn and i_hi - i_lo + 1 == chunk == T
             assert (kind, source) == ("full", "cache") and n in SMALL_LADDER or (kind, n) == ("causal", chunk)
         elif kind == "full" and source == "cache" and i_hi - i_lo + 1 == chunk and cudnn:
@@ -639,13 +645,14 @@ def test_kernel_calls_few_cudnn_shapes_over_a_long_prompt():
     shapes = set()
     for p0 in range(0, 131072 + 1, C):
         calls = ops._kernel_calls(p0, C, S, W, True, C)
-        shapes |= {(c[5], c[1] - c[0] + 1, c[4]) for c in calls if c[-1] == "cudnn"}
+        shapes |= {(c[5], c[1] - c[0] + 1, c[4]) for c in calls if c[-1] in ("cudnn", "cudnn_rev")}
         if p0 >= S + W:   # steady: the ring wrapped
             full = sum(c[4] for c in calls if c[5] == "full" and c[2] == "cache")
             fast = sum(c[4] for c in calls if c[5] == "full" and c[-1] == "cudnn")
             assert fast >= full - 2 * ops._CUDNN_LADDER[0]
             assert any(c[5] == "causal" and c[-1] == "cudnn" for c in calls)
-    assert len(shapes) <= len(ops._CUDNN_LADDER) + 1, sorted(shapes)
+    assert len(shapes) <= len(ops._CUDNN_LADDER) + 2, sorted(shapes)
+    assert ("window", C - 1, C - 1) in shapes   # the far-edge band went to cuDNN
     assert {n for kind, _, n in shapes if kind == "full"} <= set(ops._CUDNN_LADDER)
 
 
@@ -663,12 +670,14 @@ def test_prefill_attention_plan_on_the_cpu(monkeypatch, S, W, p0, T, dense_keys)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reversed_warm", [True, False])
 @pytest.mark.parametrize("merge_parts", [8, 2])
 @pytest.mark.parametrize("S,W,p0,T,chunk", [c for c in KERNEL_CASES if c[3] == c[4] and c[3] <= 257])
-def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, chunk, merge_parts):
-    """The plan with cuDNN (ladder pieces, the merge of more parts than the kernel takes, first by rows) run
-    on the CPU with ``ops._dense`` standing in for both kernels, against the reference in float32; the layout
-    is marked warmed as ``warm_prefill_attention`` would mark it."""
+def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, chunk, merge_parts, reversed_warm):
+    """The plan with cuDNN (ladder pieces, the merge of more parts than the kernel takes, first by rows, the
+    reversed far-edge band) run on the CPU with ``ops._dense`` standing in for both kernels, against the
+    reference in float32; the layout is marked warmed as ``warm_prefill_attention`` would mark it, with or
+    without the reversed band's plan (without it, the band runs on FlashAttention-2)."""
     calls = []
 
     def cudnn(q, k, v, causal, scale, stacked=None):
@@ -683,12 +692,15 @@ def test_prefill_attention_plan_with_cudnn_on_the_cpu(monkeypatch, S, W, p0, T, 
     monkeypatch.setattr(ops, "_CUDNN_LADDER", SMALL_LADDER)
     monkeypatch.setattr(ops, "_MERGE_PARTS", merge_parts)
     monkeypatch.setattr(ops._cudnn_warm, "keys", {ops._cudnn_key(q, k, kc, vc)}, raising=False)
+    monkeypatch.setattr(ops._cudnn_warm, "reversed", {ops._cudnn_key(q, k, kc, vc)} if reversed_warm else set(),
+                        raising=False)
     got = ops._prefill_attention_flash(q, k, v, kc, vc, p0, S, W, 0.25)
     want = ref.prefill_attention_ref(q, k, v, kc, vc, p0, S, W, 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    planned = [c for c in ops._kernel_calls(p0, T, S, W, True, T, SMALL_LADDER) if c[-1] == "cudnn"]
+    on = ("cudnn", "cudnn_rev") if reversed_warm else ("cudnn",)
+    planned = [c for c in ops._kernel_calls(p0, T, S, W, True, T, SMALL_LADDER) if c[-1] in on]
     assert len(calls) == len(planned)
-    assert all(tq == T and (n in SMALL_LADDER or causal) for tq, n, causal in calls)
+    assert all(tq == T and (n in SMALL_LADDER or causal) or (tq == n == T - 1 and causal) for tq, n, causal in calls)
 
 
 def test_prefill_mlp_in_row_blocks_equals_whole(monkeypatch):

@@ -331,15 +331,6 @@ inline int mma_split(int64_t tiles, int warps) {
   return ks;
 }
 
-template <typename T> __device__ __forceinline__ uint16_t bits_of(T v) {
-  uint16_t u;
-  memcpy(&u, &v, 2);
-  return u;
-}
-template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
-  return static_cast<uint32_t>(bits_of(lo)) | (static_cast<uint32_t>(bits_of(hi)) << 16);
-}
-
 // d += a (16 x 16, row) * b (16 x 8, col), fp32 accumulate.
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,

@@ -26,6 +26,39 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// A Pack loaded and stored as 16-byte words when it is 16 bytes (a struct copy of 16-bit elements may
+// compile to element loads and stores), else copied as it is.
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* src) {
+  Pack<T, V> r;
+  if constexpr (sizeof(Pack<T, V>) == 16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(src);
+    memcpy(&r, &u, 16);
+  } else {
+    r = *reinterpret_cast<const Pack<T, V>*>(src);
+  }
+  return r;
+}
+
+// One 16-byte global store (a plain uint4 store was split into four by the compiler in attn_merge).
+__device__ __forceinline__ void st_global16(void* dst, uint4 w) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+               : "memory");
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T, V>& y) {
+  if constexpr (sizeof(Pack<T, V>) == 16 && sizeof(T) == 2) {
+    st_global16(dst, make_uint4(pack2(y.v[0], y.v[1]), pack2(y.v[2], y.v[3]), pack2(y.v[4], y.v[5]),
+                                pack2(y.v[6], y.v[7])));
+  } else if constexpr (sizeof(Pack<T, V>) == 16) {
+    st_global16(dst, make_uint4(__float_as_uint(y.v[0]), __float_as_uint(y.v[1]), __float_as_uint(y.v[2]),
+                                __float_as_uint(y.v[3])));
+  } else {
+    *reinterpret_cast<Pack<T, V>*>(dst) = y;
+  }
+}
+
 // True when every pointer is 16-byte aligned and every stride a multiple of V = 16 / sizeof(T) elements: the
 // kernels below then move 16 bytes per thread access, else one element.
 template <typename T>
@@ -67,7 +100,7 @@ __global__ void attn_merge_kernel(AttnMergeParams p) {
     w[i] = (i < p.parts) ? expf(w[i] - total) : 0.f;
     const int64_t j = r - p.off[i];
     if (i < p.parts && j >= 0 && j < p.n[i])
-      x[i] = *reinterpret_cast<const Pack<T, V>*>(static_cast<const T*>(p.o[i]) + j * p.o_s0[i] + h * p.o_s1[i] + d0);
+      x[i] = load_pack<T, V>(static_cast<const T*>(p.o[i]) + j * p.o_s0[i] + h * p.o_s1[i] + d0);
     else
       w[i] = 0.f;
   }
@@ -80,7 +113,7 @@ __global__ void attn_merge_kernel(AttnMergeParams p) {
       if (w[i] != 0.f) acc += w[i] * static_cast<float>(x[i].v[e]);
     y.v[e] = T(acc);
   }
-  *reinterpret_cast<Pack<T, V>*>(static_cast<T*>(p.out) + rh * p.D + d0) = y;
+  store_pack<T, V>(static_cast<T*>(p.out) + rh * p.D + d0, y);
 }
 
 template <typename T, int V>
@@ -89,7 +122,7 @@ __global__ void silu_mul_kernel(SiluMulParams p) {
   if (i >= p.rows * p.N) return;
   const int64_t r = i / p.N, c = i - r * p.N;
   const T* x = static_cast<const T*>(p.x) + r * p.x_s0 + c;
-  const Pack<T, V> g = *reinterpret_cast<const Pack<T, V>*>(x), u = *reinterpret_cast<const Pack<T, V>*>(x + p.N);
+  const Pack<T, V> g = load_pack<T, V>(x), u = load_pack<T, V>(x + p.N);
   Pack<T, V> y;
 #pragma unroll
   for (int e = 0; e < V; ++e) {
@@ -97,7 +130,7 @@ __global__ void silu_mul_kernel(SiluMulParams p) {
     const float s = round_to<T>(gf / (1.f + expf(-gf)));
     y.v[e] = T(s * static_cast<float>(u.v[e]));
   }
-  *reinterpret_cast<Pack<T, V>*>(static_cast<T*>(p.out) + i) = y;
+  store_pack<T, V>(static_cast<T*>(p.out) + i, y);
 }
 
 
