@@ -172,12 +172,16 @@ def gdn_chunk_prep(q, k, v, beta, alpha, scale):
 _MEMORY_BLOCK = 2048
 
 
-def _token_blocks(run, *seqs):
-    """``run(*seqs)`` for tensors whose first dim is the token, over blocks of ``_MEMORY_BLOCK`` tokens, the
-    outputs written into one tensor. The blocks end on chunk boundaries and ``run`` carries its state in
-    place from one to the next, so the chunks and every sum are those of one call: the same bits."""
-    n = seqs[0].shape[0]
-    if n <= _MEMORY_BLOCK:
+def _token_blocks(run, q, k, v, *seqs):
+    """``run(q, k, v, *seqs)`` for tensors whose first dim is the token, over blocks of ``_MEMORY_BLOCK``
+    tokens, the outputs written into one tensor. The blocks end on chunk boundaries and ``run`` carries its
+    state in place from one to the next, so the chunks and the order of every sum are those of one call:
+    the same bits on the CPU kernels; on CUDA the product P v_new of ref._chunk_outputs is one batched GEMM
+    per call whose kernel may change with the batch count (float32 rounding). Only where the compiled prep
+    runs (the reference's batched triangular solve depends on how many chunks it is given)."""
+    seqs = (q, k, v, *seqs)
+    n = q.shape[0]
+    if n <= _MEMORY_BLOCK or not (_use_ext(q) and _prep_ok(q, k, v)):
         return run(*seqs)
     out = None
     for lo in range(0, n, _MEMORY_BLOCK):

