@@ -188,12 +188,40 @@ def gdn_chunk_prep(q, k, v, beta, alpha, scale):
     return fn(q, k, v, beta, alpha, scale)
 
 
+# Tokens per call of a chunked memory prefill (a multiple of ref.GDN_CHUNK). Its float32 chunk terms take
+# about 60 bytes per token and head dim (w, u, kd^T, qg, v_new, o_inter, P): for the 8192 evicted tokens of a
+# long prompt's chunk at the 3B shape about 0.5 GB, the largest transient of the prefill.
+_MEMORY_BLOCK = 2048
+
+
+def _token_blocks(run, q, k, v, *seqs):
+    """``run(q, k, v, *seqs)`` for tensors whose first dim is the token, over blocks of ``_MEMORY_BLOCK``
+    tokens, the outputs written into one tensor. The blocks end on chunk boundaries and ``run`` carries its
+    state in place from one to the next, so the chunks and the order of every sum are those of one call:
+    the same bits on the CPU kernels; on CUDA the product P v_new of ref._chunk_outputs is one batched GEMM
+    per call whose kernel may change with the batch count (float32 rounding). Only where the compiled prep
+    runs (the reference's batched triangular solve depends on how many chunks it is given)."""
+    seqs = (q, k, v, *seqs)
+    n = q.shape[0]
+    if n <= _MEMORY_BLOCK or not (_use_ext(q) and _prep_ok(q, k, v)):
+        return run(*seqs)
+    out = None
+    for lo in range(0, n, _MEMORY_BLOCK):
+        o = run(*(t[lo:lo + _MEMORY_BLOCK] for t in seqs))
+        if out is None:
+            out = o.new_empty((n, *o.shape[1:]))
+        out[lo:lo + o.shape[0]] = o
+    return out
+
+
 def gdn_chunk(q, k, v, beta, alpha, state, scale=None):
     """The gated delta rule over a run of tokens (a prefill): the chunk-local work of all chunks in
-    ``gdn_chunk_prep``, the chunk-to-chunk recurrence in ``gdn_chunk_scan`` (ref.gdn_chunk_blocks)."""
+    ``gdn_chunk_prep``, the chunk-to-chunk recurrence in ``gdn_chunk_scan`` (ref.gdn_chunk_blocks), in
+    blocks of ``_MEMORY_BLOCK`` tokens."""
     if _backend == "ref":
         return ref.gdn_chunk_ref(q, k, v, beta, alpha, state, scale)
-    return ref.gdn_chunk_blocks(q, k, v, beta, alpha, state, scale, prep=gdn_chunk_prep, scan=gdn_chunk_scan)
+    return _token_blocks(lambda *t: ref.gdn_chunk_blocks(*t, state, scale, prep=gdn_chunk_prep, scan=gdn_chunk_scan),
+                         q, k, v, beta, alpha)
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
@@ -606,10 +634,11 @@ def mamba2_chunk_prep(q, k, v, dt, a_log):
 
 def mamba2_chunk(q, k, v, dt, a_log, state):
     """The Mamba2 memory over a run of tokens (a prefill): ``mamba2_chunk_prep`` and the shared scan kernel
-    without w (ref.mamba2_chunk_blocks)."""
+    without w (ref.mamba2_chunk_blocks), in blocks of ``_MEMORY_BLOCK`` tokens."""
     if _backend == "ref":
         return ref.mamba2_chunk_ref(q, k, v, dt, a_log, state)
-    return ref.mamba2_chunk_blocks(q, k, v, dt, a_log, state, prep=mamba2_chunk_prep, scan=gdn_chunk_scan)
+    return _token_blocks(lambda q, k, v, dt: ref.mamba2_chunk_blocks(q, k, v, dt, a_log, state, prep=mamba2_chunk_prep,
+                                                                     scan=gdn_chunk_scan), q, k, v, dt)
 
 
 def mamba2_decode(state, q, k, v, dt, a_log, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots=None):

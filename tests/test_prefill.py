@@ -273,6 +273,44 @@ def test_mamba2_chunk_prep_matches_reference(device, n, H, Hkv, Dk, Dv, dtype, d
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("memory", ["gdn", "mamba2"])
+@pytest.mark.parametrize("n", [300, 256, 129])
+def test_memory_prefill_in_token_blocks_is_bit_exact(monkeypatch, device, memory, n):
+    """ops.gdn_chunk / mamba2_chunk run a long run of tokens in blocks of ops._MEMORY_BLOCK (chunk aligned,
+    the state carried in place): outputs and final state equal one call, a last partial block included:
+    bit for bit on the CPU, within float32 rounding of one batched GEMM on CUDA. Blocks that drop the
+    state between them fail the check."""
+    assert ops._MEMORY_BLOCK % ref.GDN_CHUNK == 0
+    q, k, v, beta, alpha = _prep_inputs(n, 4, 2, 32, 16, torch.bfloat16, device, seed=n)
+    g = torch.Generator().manual_seed(1)
+    state0 = (torch.randn(4, 32, 16, generator=g) * 0.1).to(device)
+    a_log = torch.log(1 + 3 * torch.rand(4, generator=g)).to(device)
+    dt = torch.rand(n, 4, generator=g).to(device)
+
+    def run(block, lo=0, hi=n, state=None):
+        monkeypatch.setattr(ops, "_MEMORY_BLOCK", block)
+        state = state0.clone() if state is None else state
+        if memory == "gdn":
+            o = ops.gdn_chunk(q[lo:hi], k[lo:hi], v[lo:hi], beta[lo:hi], alpha[lo:hi], state)
+        else:
+            o = ops.mamba2_chunk(q[lo:hi], k[lo:hi], v[lo:hi], dt[lo:hi], a_log, state)
+        return o, state
+
+    o1, s1 = run(1 << 30)
+    b = 2 * ref.GDN_CHUNK
+    o2, s2 = run(b)
+    assert o2.shape == o1.shape and o2.dtype == o1.dtype
+    if device == "cpu":
+        assert torch.equal(o2, o1) and torch.equal(s2, s1)
+    else:   # one bf16 step of the output at most, the float32 state to rounding
+        torch.testing.assert_close(o2.float(), o1.float(), rtol=8e-3, atol=1e-5)
+        torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-6)
+    # Blocks that do not carry the state from one to the next fail the check.
+    o3 = torch.cat([run(1 << 30, lo, min(n, lo + b))[0] for lo in range(0, n, b)])
+    assert not torch.equal(o3, o1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gdn_chunk_scan_without_delta(device):
     """w = None (Mamba2's rule): v_new = u, and the state and o_inter as the reference computes them."""
     w, u, kd_t, qg, gl, state = _scan_inputs(3, 4, 16, 24, device)
