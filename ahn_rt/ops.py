@@ -286,26 +286,34 @@ def _flash(q, k, v, left: int, right: int, scale: float):
 
 
 _DENSE_KEYS = 256   # a window call over at most this many keys with more queries than keys runs dense
+_DENSE_ROWS = 1024  # queries per block of ``_dense``: its float32 scores stay [H, 1024, n] (16 MiB at H = 16,
+                    # n = 256) however many queries come; one block of a whole 8192-token chunk held three
+                    # [H, 8192, 256] float32 tensors, 0.375 GiB and the largest transient of a 128k prefill
 
 
 def _dense(q, k, v, left: int, right: int, scale: float):
-    """``_flash``'s function in plain torch (float32 scores [H, Tq, n]): for short key ranges."""
+    """``_flash``'s function in plain torch (float32 scores [H, rows, n] per block of ``_DENSE_ROWS``
+    queries): for short key ranges."""
     Tq, H, D = q.shape
     n, Hkv = k.shape[0], k.shape[1]
-    i = torch.arange(Tq, device=q.device)[:, None]
-    j = torch.arange(n, device=q.device)[None, :]
-    ok = torch.ones(Tq, n, dtype=torch.bool, device=q.device)
-    if left >= 0:
-        ok &= j >= i + (n - Tq) - left
-    if right >= 0:
-        ok &= j <= i + (n - Tq) + right
     kf = k.float().repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
     vf = v.float().repeat_interleave(H // Hkv, dim=1).transpose(0, 1)
-    s = torch.einsum("thd,hnd->htn", q.float(), kf) * scale
-    s = s.masked_fill(~ok[None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)                                  # [H, Tq]
-    out = torch.einsum("htn,hnd->thd", (s - lse[..., None]).exp(), vf)
-    return out.to(q.dtype), lse
+    out = torch.empty(Tq, H, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = torch.empty(H, Tq, dtype=torch.float32, device=q.device)
+    j = torch.arange(n, device=q.device)[None, :]
+    for a in range(0, Tq, _DENSE_ROWS):
+        b = min(Tq, a + _DENSE_ROWS)
+        i = torch.arange(a, b, device=q.device)[:, None]
+        ok = torch.ones(b - a, n, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            ok &= j >= i + (n - Tq) - left
+        if right >= 0:
+            ok &= j <= i + (n - Tq) + right
+        s = torch.einsum("thd,hnd->htn", q[a:b].float(), kf).mul_(scale)
+        s.masked_fill_(~ok[None], float("-inf"))
+        lse[:, a:b] = torch.logsumexp(s, dim=-1)                       # [H, rows]
+        out[a:b] = torch.einsum("htn,hnd->thd", s.sub_(lse[:, a:b, None]).exp_(), vf)
+    return out, lse
 
 
 _cudnn_ok = True   # cleared (once per process) if torch's cuDNN attention refuses these calls

@@ -696,18 +696,53 @@ def test_kernel_calls_few_cudnn_shapes_over_a_long_prompt():
     assert {n for kind, _, n in shapes if kind == "full"} <= set(ops._CUDNN_LADDER)
 
 
+@pytest.mark.parametrize("dense_rows", [3, 1024])
 @pytest.mark.parametrize("dense_keys", [0, 3, 256])
 @pytest.mark.parametrize("S,W,p0,T", ATTN_CASES + [(4, 16, 60, 16), (0, 7, 100, 30), (5, 3, 0, 20)])
-def test_prefill_attention_plan_on_the_cpu(monkeypatch, S, W, p0, T, dense_keys):
+def test_prefill_attention_plan_on_the_cpu(monkeypatch, S, W, p0, T, dense_keys, dense_rows):
     """The CUDA attention's whole plan (calls, the query blocks of window calls with more queries than
     keys, the log-sum-exp merge) run on the CPU with ``ops._dense`` standing in for FlashAttention-2 (it
-    implements the same bounds), against the reference in float32."""
+    implements the same bounds), against the reference in float32; ``_dense`` in blocks of 3 queries too."""
     monkeypatch.setattr(ops, "_flash", ops._dense)
     monkeypatch.setattr(ops, "_DENSE_KEYS", dense_keys)
+    monkeypatch.setattr(ops, "_DENSE_ROWS", dense_rows)
     q, k, v, kc, vc = _attention_case(S, W, p0, T, D=16, dtype=torch.float32, device="cpu")
     got = ops._prefill_attention_flash(q, k, v, kc, vc, p0, S, W, 0.25)
     want = ref.prefill_attention_ref(q, k, v, kc, vc, p0, S, W, 0.25)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("left,right", [(-1, -1), (0, -1), (-1, 0), (2, 1), (9, 0)])
+def test_dense_in_query_blocks_matches_the_bounds(monkeypatch, left, right):
+    """``_dense`` in blocks of 4 queries (23 queries, 7 keys, GQA 4/2) against the window rule written out
+    in float64: query i sees key j iff i + (n - Tq) - left <= j <= i + (n - Tq) + right. The mask of each
+    block taken as if the block were the whole call (the bug blocks invite) fails the same comparison."""
+    monkeypatch.setattr(ops, "_DENSE_ROWS", 4)
+    g = torch.Generator().manual_seed(7)
+    Tq, n, H, Hkv, D = 23, 7, 4, 2, 8
+    q, k, v = (torch.randn(m, h, D, generator=g) for m, h in ((Tq, H), (n, Hkv), (n, Hkv)))
+    i, j = torch.arange(Tq)[:, None], torch.arange(n)[None, :]
+    ok = torch.ones(Tq, n, dtype=torch.bool)
+    ok &= (j >= i + (n - Tq) - left) if left >= 0 else ok
+    ok &= (j <= i + (n - Tq) + right) if right >= 0 else ok
+    keep = ok.any(1)   # rows that see no key at all are undefined in every kernel
+
+    def want(mask):
+        kk, vv = (t.double().repeat_interleave(H // Hkv, 1).transpose(0, 1) for t in (k, v))
+        s = torch.einsum("thd,hnd->htn", q.double(), kk).mul(0.3).masked_fill(~mask[None], float("-inf"))
+        return torch.einsum("htn,hnd->thd", s.softmax(-1), vv).float(), torch.logsumexp(s, -1).float()
+
+    out, lse = ops._dense(q, k, v, left, right, 0.3)
+    w_out, w_lse = want(ok)
+    torch.testing.assert_close(out[keep], w_out[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[:, keep], w_lse[:, keep], rtol=1e-5, atol=1e-5)
+    if (left, right) != (-1, -1):
+        local = torch.arange(Tq)[:, None] % 4   # the row within its block of 4, as if the block were the call
+        bad = torch.ones(Tq, n, dtype=torch.bool)
+        bad &= (j >= local + (n - 4) - left) if left >= 0 else bad
+        bad &= (j <= local + (n - 4) + right) if right >= 0 else bad
+        b_keep = keep & bad.any(1)
+        assert not torch.allclose(out[b_keep], want(bad)[0][b_keep], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("reversed_warm", [True, False])
