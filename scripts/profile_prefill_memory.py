@@ -78,12 +78,13 @@ def main():
         g = groups[where(frames)]
         g[0] += size
         g[1] += 1
-    print(f"{args.preset} prefill of {args.tokens} tokens (W={args.window}, S={args.sinks}, chunk {s.chunk_size}): "
-          f"peak {peak / 2 ** 30:.3f} GiB above what was allocated before it (max_memory_allocated: "
-          f"{peak_seen:.3f}); {len(trace)} allocator events")
     print("| GiB | blocks | allocated at |\n|---:|---:|---|")
     for loc, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.rows]:
         print(f"| {size / 2 ** 30:.3f} | {n} | {loc} |")
+    # the summary last, so that the tail of a long log shows it
+    print(f"{args.preset} prefill of {args.tokens} tokens (W={args.window}, S={args.sinks}, chunk {s.chunk_size}): "
+          f"peak {peak / 2 ** 30:.3f} GiB above what was allocated before it (max_memory_allocated: "
+          f"{peak_seen:.3f}); {len(trace)} allocator events")
 
 
 if __name__ == "__main__":
