@@ -75,15 +75,40 @@ class Config:
         return self.num_kv_heads * self.head_dim
 
 
+_KIND_NAMES = {int: "an integer", float: "a number"}
+
+
+def _convert(value, key: str, where: str, kind=int):
+    """kind(value), or AhnError naming the config field (a hand-edited config.json: "rope_theta": "1e6x")."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise AhnError(f"{where}: config field '{key}' = {value!r} is not {_KIND_NAMES[kind]}; "
+                       "fix it in config.json") from None
+
+
 def _get(cfg: dict, key: str, where: str, kind=int):
     if key not in cfg or cfg[key] is None:
         raise AhnError(f"{where}: config is missing '{key}'")
-    try:
-        value = kind(cfg[key])
-    except (TypeError, ValueError):
-        raise AhnError(f"{where}: config field '{key}' = {cfg[key]!r} is not a {kind.__name__}") from None
+    value = _convert(cfg[key], key, where, kind)
     if kind is int and value < 1:
         raise AhnError(f"{where}: config field '{key}' must be >= 1, got {value}")
+    return value
+
+
+def _opt(cfg: dict, key: str, where: str, default, kind=int):
+    """An optional field: kind(cfg[key]) when it is set (not None, 0 or empty), else ``default``."""
+    value = cfg.get(key)
+    return _convert(value, key, where, kind) if value else default
+
+
+def _mapping(cfg: dict, key: str, where: str) -> dict:
+    """An optional object field (rope_parameters, rope_scaling): {} when absent."""
+    value = cfg.get(key)
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise AhnError(f"{where}: config field '{key}' = {value!r} is not a JSON object; fix it in config.json")
     return value
 
 
@@ -92,7 +117,8 @@ def parse_config(cfg: dict, where: str) -> Config:
     if not isinstance(cfg, dict):
         raise AhnError(f"{where}: config is not a JSON object")
     model_type = str(cfg.get("model_type", "")).lower()
-    arch = " ".join(cfg.get("architectures") or [])
+    archs = cfg.get("architectures") or []
+    arch = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, (list, tuple)) else str(archs)
     if model_type in ("qwen2", "qwen3"):
         family = model_type
     elif "Qwen3" in arch:
@@ -107,30 +133,31 @@ def parse_config(cfg: dict, where: str) -> Config:
         raise AhnError(f"{where}: hidden_act {act!r} is not supported (only silu)")
     hidden = _get(cfg, "hidden_size", where)
     heads = _get(cfg, "num_attention_heads", where)
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    kv_heads = _opt(cfg, "num_key_value_heads", where, heads)
     if kv_heads < 1 or heads % kv_heads:
         raise AhnError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    head_dim = cfg.get("head_dim") or hidden // heads
-    if int(head_dim) % 2:
+    head_dim = _opt(cfg, "head_dim", where, hidden // heads)
+    if head_dim % 2:
         raise AhnError(f"{where}: head_dim {head_dim} must be even for RoPE")
     # transformers >= 5 nests RoPE settings under rope_parameters; older configs use rope_theta.
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling")
+    rope = _mapping(cfg, "rope_parameters", where)
+    scaling = _mapping(cfg, "rope_scaling", where)
     rope_type = (rope.get("rope_type") or rope.get("type") or "default") if rope else "default"
-    if scaling not in (None, {}) and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
         rope_type = scaling.get("rope_type") or scaling.get("type")
     if rope_type != "default":
         raise AhnError(f"{where}: rope scaling {rope_type!r} is not supported (only default RoPE)")
-    theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    theta = _opt(cfg, "rope_theta", where, None, float) or _opt(rope, "rope_theta", where, 10000.0, float)
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    eos_ids = tuple(_convert(e, "eos_token_id", where) for e in eos_ids)
     stored = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
     try:
         stored_dtype = parse_dtype(stored)
     except AhnError:
         stored_dtype = torch.bfloat16
     ahn_impl = cfg.get("_ahn_implementation")
-    if ahn_impl is None and cfg.get("_layer_implementation", "").endswith("MemDecoderLayer"):
+    if ahn_impl is None and str(cfg.get("_layer_implementation") or "").endswith("MemDecoderLayer"):
         ahn_impl = "GatedDeltaNet"
     if ahn_impl is not None:
         from . import memory   # here, not at the top: the memory modules import the ops, which import this
@@ -149,15 +176,17 @@ def parse_config(cfg: dict, where: str) -> Config:
         family=family, vocab_size=_get(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=_get(cfg, "intermediate_size", where),
         num_layers=_get(cfg, "num_hidden_layers", where), num_heads=heads, num_kv_heads=kv_heads,
-        head_dim=int(head_dim), rope_theta=theta, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        head_dim=head_dim, rope_theta=theta,
+        rms_norm_eps=_convert(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", where, float),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", family == "qwen2")) if family == "qwen3" else True,
         qk_norm=family == "qwen3",
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 32768),
-        stored_dtype=stored_dtype, eos_token_ids=tuple(int(e) for e in eos_ids),
+        max_position_embeddings=_opt(cfg, "max_position_embeddings", where, 32768),
+        stored_dtype=stored_dtype, eos_token_ids=eos_ids,
         ahn_implementation=ahn_impl,
-        config_window=int(cfg["sliding_window"]) if is_ahn_cfg and cfg.get("sliding_window") else None,
-        config_sinks=int(cfg["num_attn_sinks"]) if cfg.get("num_attn_sinks") is not None else None,
+        config_window=_opt(cfg, "sliding_window", where, None) if is_ahn_cfg else None,
+        config_sinks=(_convert(cfg["num_attn_sinks"], "num_attn_sinks", where)
+                      if cfg.get("num_attn_sinks") is not None else None),
     )
 
 

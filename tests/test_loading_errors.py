@@ -262,6 +262,27 @@ def test_config_missing():
     expect_error(d)
 
 
+@pytest.mark.parametrize("field,bad", [
+    ("rope_theta", "1e6x"), ("eos_token_id", "x"), ("eos_token_id", [151643, None]),
+    ("num_key_value_heads", "two"), ("head_dim", [16]), ("rms_norm_eps", None),
+    ("max_position_embeddings", "4k"), ("rope_parameters", "default"), ("rope_scaling", 2.0),
+    ("architectures", 5), ("_layer_implementation", 3),
+])
+def test_config_field_of_the_wrong_type(field, bad):
+    """A hand-edited config.json whose optional field has the wrong type: one line naming the field
+    (it was int()/float()/.get() on the value: a traceback out of the CLIs)."""
+    d = copy_folder(base(SPEC), "badfield")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg[field] = bad
+    write_json(os.path.join(d, "config.json"), cfg)
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    save_file(sd, os.path.join(d, "model.safetensors"))     # no config in the metadata: config.json is read
+    if field in ("architectures", "_layer_implementation"):
+        assert ahn_rt.load(d, mode="full", device="cpu") is not None     # not needed, not refused
+    else:
+        expect_error(d, mode="full", must_name=(field,))
+
+
 @pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
 def test_ahn_config_names_another_variant(impl):
     """GatedDeltaNet tensors under a config naming another (supported) variant: the strict key check
