@@ -189,6 +189,40 @@ def test_stop_and_resume_reproduce_the_straight_run(tiny, capsys):
         assert set(f.keys()) == set(g.keys()) and all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
 
 
+@pytest.mark.parametrize("damage", ["no run", "step not a number", "files a list", "format only",
+                                    "short python_rng", "no schedule.total_steps"])
+def test_resume_from_a_damaged_state_json_is_one_line(tiny, capsys, tmp_path, damage):
+    """state.json edited by hand or damaged (its format tag intact; the tensor files are checked by hash):
+    one line naming the bad fields, exit 2, and the state and log are left as they were (it was a KeyError,
+    ValueError or AttributeError traceback)."""
+    root, _ = tiny
+    out = tmp_path / "run"
+    rc, _, err = train(capsys, *base_args(root, out), "--steps", 3, "--window", 8, "--sinks", 2, "--stop-after", 1)
+    assert rc == 0, err
+    path = out / "resume" / "state.json"
+    state = json.loads(path.read_text())
+    if damage == "no run":
+        del state["run"]
+    elif damage == "step not a number":
+        state["step"] = "one"
+    elif damage == "files a list":
+        state["files"] = list(state["files"])
+    elif damage == "format only":
+        state = {"format": state["format"]}
+    elif damage == "short python_rng":
+        state["python_rng"][1] = state["python_rng"][1][:10]
+    else:
+        del state["schedule"]["total_steps"]
+    path.write_text(json.dumps(state))
+    before = {p.name: p.read_bytes() for p in [path, out / "log.jsonl"]}
+    rc, stdout, err = train(capsys, *base_args(root, out), "--resume")
+    assert rc == 2 and err.count("\n") == 1 and stdout == "", err
+    assert err.startswith(f"error: resume state {out / 'resume'} is damaged: state.json has no valid "), err
+    assert "remove the folder to start over" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in [path, out / "log.jsonl"]} == before
+    assert not (out / "model.safetensors").exists()
+
+
 def test_train_layers_is_recorded_resumed_and_leaves_the_rest_fresh(tiny, capsys):
     root, sd = tiny
     common = ["--steps", 3, "--batch", 2, "--lr", "1e-2", "--window", 8, "--sinks", 2, "--save-dtype", "float32"]

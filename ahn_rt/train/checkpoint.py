@@ -116,6 +116,34 @@ def find_resume(out: Path) -> Path | None:
     return None
 
 
+# What a resume reads from state.json (save_resume writes all of it): name -> type.
+STATE_FIELDS = {"step": int, "epoch": int, "pos": int, "tokens_seen": int, "python_rng": list, "schedule": dict,
+                "optimizer": dict, "run": dict, "files": dict}
+
+
+def _check_state(state: dict, folder: Path):
+    """AhnError (one line) unless state.json has every field a resume reads, of the right type: the tensor
+    files are checked by their hashes, this file (edited by hand, or damaged) by its shape."""
+    def ok(value, kind):
+        return isinstance(value, kind) and not (kind is int and (isinstance(value, bool) or value < 0))
+    bad = [k for k, kind in STATE_FIELDS.items() if not ok(state.get(k), kind)]
+    if not bad:
+        sched, groups = state["schedule"], state["optimizer"].get("param_groups")
+        bad += [f"schedule.{k}" for k in ("total_steps", "warmup_steps") if not ok(sched.get(k), int)]
+        if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                 and isinstance(g.get("betas"), list) for g in groups)):
+            bad.append("optimizer.param_groups")
+        rng = state["python_rng"]
+        if not (len(rng) == 3 and ok(rng[0], int) and isinstance(rng[1], list) and len(rng[1]) == 625
+                and all(ok(x, int) for x in rng[1])):     # random.getstate(): version, 625 words, gauss
+            bad.append("python_rng")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in state["files"].items()):
+            bad.append("files")
+    if bad:
+        raise AhnError(f"resume state {folder} is damaged: state.json has no valid {', '.join(bad)}; "
+                       "remove the folder to start over")
+
+
 def load_resume(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(state.json, AHN weights, state tensors) of a resume folder, checked against the recorded hashes."""
     from ..config import load_json
@@ -123,7 +151,8 @@ def load_resume(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise AhnError(f"{folder / 'state.json'} is not an ahn_rt.train resume state "
                        f"(format {state.get('format') if isinstance(state, dict) else None!r})")
-    for name, digest in (state.get("files") or {}).items():
+    _check_state(state, folder)
+    for name, digest in state["files"].items():
         p = folder / name
         if not p.is_file() or sha256(p) != digest:
             raise AhnError(f"resume state {folder} is damaged: {name} is missing or changed; "
