@@ -368,6 +368,10 @@ class AhnOnlyCheckpoint(AhnError):
     """An AHN-only checkpoint given where a base (or merged) one belongs; a command words the fix its way."""
 
 
+class NoAhnTensors(AhnError):
+    """A checkpoint without AHN tensors given where an AHN one belongs; a command words the fix its way."""
+
+
 def open_checkpoint(weights, ahn=None) -> Checkpoint:
     """Locate the files and read the config of a base or merged checkpoint (+ an AHN checkpoint)."""
     path = Path(os.fspath(weights)).expanduser()
@@ -387,7 +391,7 @@ def open_checkpoint(weights, ahn=None) -> Checkpoint:
         afiles = _weight_files(apath, "AHN checkpoint")
         ahn_src = _Source(afiles)
         if not any(is_ahn_key(k) for k in ahn_src.where):
-            raise AhnError(f"AHN checkpoint {apath} holds no AHN tensors (model.layers.N.ahn.fn.*); "
+            raise NoAhnTensors(f"AHN checkpoint {apath} holds no AHN tensors (model.layers.N.ahn.fn.*); "
                            "pass a base model as --weights and its AHN weights as --ahn")
         ahn_cfg = find_config(apath, afiles) or {}
         # W, S and the AHN implementation may live in the AHN checkpoint's own config.

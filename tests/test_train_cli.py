@@ -276,6 +276,7 @@ def bad_files(tiny):
     ("out under a file", "is a file"),
     ("resume without state", "no resume state"),
     ("init-from-base without AHN", "holds no AHN weights"),
+    ("init-ahn without AHN", "holds no AHN tensors (model.layers.N.ahn.fn.*); give an AHN checkpoint"),
     ("bad number", "--lr must be"),
     ("train-layers junk", "not a list of layer numbers"),
     ("train-layers out of range", "the base has layers 0..1"),
@@ -318,6 +319,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--resume"]
     elif case == "init-from-base without AHN":
         extra += ["--init-from-base"]
+    elif case == "init-ahn without AHN":                  # the fix named --weights / --ahn, flags train has not
+        extra += ["--init-ahn", root / "base" / "model.safetensors"]
     elif case == "bad number":
         extra += ["--lr", "-1"]
     elif case == "train-layers junk":
@@ -349,6 +352,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
     assert rc == 2, err
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
     assert "Traceback" not in err and stdout == ""
+    assert "--weights" not in err and " --ahn " not in err        # flags of generate/serve, not of train
     if case.startswith("out"):
         assert sorted(p.name for p in bad_files.iterdir()) == before and (bad_files / "a_file").read_text() == "x"
         assert case != "out cannot be created" or not out.parent.exists()

@@ -353,6 +353,10 @@ def _run(a, d, out: Path) -> int:
         except W.AhnOnlyCheckpoint:
             raise AhnError(f"--base {base_path} is an AHN-only checkpoint; give the base model as --base "
                            f"(and this file as --init-ahn to start from it)") from None
+        except W.NoAhnTensors:
+            raise AhnError(f"--init-ahn {a.init_ahn} holds no AHN tensors (model.layers.N.ahn.fn.*); give an "
+                           "AHN checkpoint (a run's OUT/model.safetensors), or --init-from-base for a base "
+                           "that holds AHN weights") from None
         config = ckpt.config
         base_keys = {k for k in ckpt.src.where if not W.is_ahn_key(k)}
         base_ahn_keys = {k for k in ckpt.src.where if W.is_ahn_key(k)}
