@@ -2,7 +2,7 @@
 line on stderr, "error: <problem and what to do>", exit status 2, no traceback:
 
 * ``ArgParser`` (ahn_rt.cli): usage errors in one line; ``positive_int`` / ``nonneg_int`` /
-  ``positive_float`` / ``nonneg_float`` / ``tokens_arg`` as argparse types;
+  ``positive_float`` / ``nonneg_float`` / ``tokens_arg`` / ``seed_arg`` as argparse types;
 * ``parse_tokens`` / ``token_list``: token counts and depths such as ``2k``, ``32k``, ``1.5k`` or ``4096``
   (``k`` = 1024), at least 1 (the one parser of that format in bench/);
 * ``check_settings``: the AHN_RT_* switches that ahn_rt reads at import, checked before that import;
@@ -108,6 +108,19 @@ positive_int = _typed(int, 1, "an integer")
 nonneg_int = _typed(int, 0, "an integer")
 positive_float = _typed(float, 0, "a number", strict=True)
 nonneg_float = _typed(float, 0, "a number")
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: an integer torch's generators take (ahn_rt.sampling's rule; beyond it
+    torch.manual_seed raised "Overflow when unpacking long long" mid-run)."""
+    from ahn_rt.sampling import SEED_MAX, SEED_MIN
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not SEED_MIN <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [{SEED_MIN}, {SEED_MAX}], got {text!r}")
+    return v
 
 
 def tokens_arg(text: str) -> int:

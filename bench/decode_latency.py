@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
 
 from bench_args import (AhnError, ArgParser, check_device, check_exists, check_output, check_settings,  # noqa: E402
                         fail, int_list, nonneg_float, nonneg_int, positive_float, positive_int, token_list,
-                        tokens_arg, write_json)
+                        seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":
     check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
@@ -244,7 +244,7 @@ def parse_args(argv=None):
     src.add_argument("--sinks", type=nonneg_int, default=128)
     src.add_argument("--dtype", default="bf16")
     src.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke path: no graphs, no peaks)")
-    src.add_argument("--seed", type=int, default=0)
+    src.add_argument("--seed", type=seed_arg, default=0)
     rows = ap.add_argument_group("rows")
     rows.add_argument("--contexts", help="decode depths, e.g. 1k,8k,32k (default 1k,8k,32k,64k,128k "
                                          "+256k when the card has >= 40 GiB)")

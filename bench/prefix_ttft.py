@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
 from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
-                        positive_int, nonneg_int, tokens_arg, write_json)
+                        positive_int, nonneg_int, seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":
     check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--question-tokens", type=tokens_arg, default=100, help="the new tokens of each request")
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed requests per case (default 3)")
     ap.add_argument("--cache-bytes", default="16GiB", help="prefix cache size (default 16GiB)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, profile one more cached request (torch.profiler tables on stderr)")

@@ -116,7 +116,9 @@ def test_decode_latency_negative_depth_is_a_usage_error():
                                         ("--sinks", "-1"), ("--steps", "0"), ("--budget-s", "0"),
                                         ("--preset", "bogus"), ("--dtype", "int8"), ("--device", "mps"),
                                         ("--device", "gpu"), ("--weights", "/nonexistent/model.safetensors"),
-                                        ("--skip", "hf,bogus")])
+                                        ("--skip", "hf,bogus"),
+                                        # torch.manual_seed at the start of the run: a ValueError traceback
+                                        ("--seed", str(2 ** 64)), ("--seed", str(-2 ** 63 - 1))])
 def test_decode_latency_rejects_bad_options(capsys, flag, value):
     line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
     assert (flag if flag not in ("--device", "--preset", "--dtype") else value) in line, line
@@ -161,7 +163,8 @@ def test_prefix_ttft_bad_options(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     for args, want in ((["--device", "cpu", "--prefix-tokens", "-5"], "--prefix-tokens"),
                        (["--device", "gpu"], "gpu"), (["--device", "cpu", "--repeats", "0"], "--repeats"),
-                       (["--device", "cpu", "--json", str(tmp_path / "afile" / "x.json")], "--json")):
+                       (["--device", "cpu", "--json", str(tmp_path / "afile" / "x.json")], "--json"),
+                       (["--device", "cpu", "--seed", str(2 ** 64)], "--seed")):
         assert want in _main_error(capsys, "prefix_ttft", *args)
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in _main_error(capsys, "prefix_ttft", "--device", "cuda")
