@@ -216,7 +216,7 @@ SECTIONS = ("attention", "flex", "gdn", "hf")
 
 
 def parse_args(argv=None):
-    ap = ArgParser(prog="python bench/prefill_bench.py", description=__doc__.split("\n")[0])
+    ap = ArgParser(prog="python bench/prefill_bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
     ap.add_argument("--ahn-impl", default="gdn", choices=("gdn", "dn", "mamba2"), help="the memory variant")
     ap.add_argument("--window", type=positive_int, default=32640)

@@ -159,6 +159,16 @@ def test_prefill_bench_sizes_and_options(capsys):
         assert want in line and "CUDA" not in line, line
 
 
+def test_bench_help_describes_the_bench_in_whole_sentences():
+    # prefill_bench's description was the docstring's first line: "...: the rows the CUDA prefill"
+    for name in ("prefill_bench", "decode_latency"):
+        r = _run(f"bench/{name}.py", "--help", timeout=120)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        text = " ".join(r.stdout.split())
+        first = " ".join(_bench(name).__doc__.split("\n\n")[0].split())
+        assert first.endswith(".") and first in text, text
+
+
 def test_prefix_ttft_bad_options(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     for args, want in ((["--device", "cpu", "--prefix-tokens", "-5"], "--prefix-tokens"),
