@@ -82,6 +82,13 @@ def load_model(args):
     compute."""
     import ahn_rt
     from .errors import AhnError
+    # an empty path (an unset shell variable) is the current folder to pathlib: never what was meant
+    for flag, what in (("weights", "a .safetensors file or a checkpoint folder"),
+                       ("ahn", "an AHN checkpoint, or leave --ahn out"),
+                       ("tokenizer", "a tokenizer.json, or leave --tokenizer out")):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise AhnError(f"--{flag} is empty; give {what}")
     if args.mode == "full" and (args.window is not None or args.sinks is not None):
         raise AhnError("--window and --sinks do nothing with --mode full (full attention keeps every token): "
                        "drop them, or use --mode ahn / swa")

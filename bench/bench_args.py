@@ -133,7 +133,10 @@ def tokens_arg(text: str) -> int:
 
 # ---- paths, devices ----------------------------------------------------------------------------------
 def check_exists(path: str | None, flag: str):
-    """Exit with one line when an input path (--weights, --ahn) does not exist."""
+    """Exit with one line when an input path (--weights, --ahn) is empty (pathlib's current folder) or does
+    not exist."""
+    if path is not None and not path.strip():
+        fail(f"{flag} is empty; give a .safetensors file or a checkpoint folder")
     if path is not None and not Path(path).exists():
         fail(f"{flag} {path}: no such file or folder; give a .safetensors file or a checkpoint folder")
 

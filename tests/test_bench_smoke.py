@@ -117,6 +117,8 @@ def test_decode_latency_negative_depth_is_a_usage_error():
                                         ("--preset", "bogus"), ("--dtype", "int8"), ("--device", "mps"),
                                         ("--device", "gpu"), ("--weights", "/nonexistent/model.safetensors"),
                                         ("--skip", "hf,bogus"),
+                                        # was the random --preset model: a run labelled as another model
+                                        ("--weights", ""),
                                         # torch.manual_seed at the start of the run: a ValueError traceback
                                         ("--seed", str(2 ** 64)), ("--seed", str(-2 ** 63 - 1))])
 def test_decode_latency_rejects_bad_options(capsys, flag, value):

@@ -90,8 +90,12 @@ def test_generate_stdin_chat_seed_and_stop(tiny):
     (("--max-new-tokens", "-3"), "max-new-tokens"),
     (("--device", "tpu"), "device"),
     (("--chunk-size", "0"), "chunk_size"),
+    # an empty path (an unset shell variable) was pathlib's current folder: a model there loaded silently
+    (("--weights", ""), "--weights is empty"),
+    (("--ahn", " "), "--ahn is empty"),
+    (("--tokenizer", ""), "--tokenizer is empty"),
 ], ids=["missing-weights", "dtype", "window", "sinks", "ahn-without-weights", "prompt-file", "tokenizer",
-        "max-new-tokens", "device", "chunk-size"])
+        "max-new-tokens", "device", "chunk-size", "empty-weights", "empty-ahn", "empty-tokenizer"])
 def test_user_mistakes_exit_2_with_one_line(tiny, tmp_path, extra, needle):
     args = dict(zip(extra[::2], extra[1::2]))
     if args.get("--weights") == "NOAHN":

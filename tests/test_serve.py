@@ -403,8 +403,11 @@ def test_sessions_and_sigterm_drain(server, servers, model):
     (["--weights", "/dev/null", "--port", "0"], "neither a .safetensors file nor a checkpoint folder"),
     (["--weights", "CKPT", "--window", "100000000000", "--port", "0"], "lower the window (--window)"),
     (["--weights", "CKPT", "--port", "0", "BAD_SWITCH"], "AHN_RT_GRAPH='2' is not one of"),
+    # an empty path (an unset variable) was the current folder, and an empty --state-dir kept nothing
+    (["--weights", "", "--port", "0"], "--weights is empty"),
+    (["--weights", "CKPT", "--state-dir", "", "--port", "0"], "--state-dir is empty"),
 ], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi", "prefix-cache-inf", "session-cache-inf",
-        "dev-null", "window-too-large", "bad-switch"])
+        "dev-null", "window-too-large", "bad-switch", "empty-weights", "empty-state-dir"])
 def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
     import os
     import subprocess

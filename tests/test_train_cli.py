@@ -287,6 +287,9 @@ def bad_files(tiny):
     ("unknown backend switch", "AHN_RT_BACKEND='bogus' is not one of auto, ref, ext"),
     ("flex attention on the CPU", "use sdpa or auto on the CPU"),
     ("out empty", "--out is empty"),
+    ("base path empty", "--base is empty"),                # pathlib's current folder
+    ("init-ahn path empty", "--init-ahn is empty"),        # was ignored: a fresh memory
+    ("tokenizer path empty", "--tokenizer is empty"),      # was ignored: the base's tokenizer
     ("out cannot be created", "choose another --out"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
@@ -343,6 +346,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
     elif case == "out empty":                             # would write into the current folder
         monkeypatch.chdir(bad_files)
         args["out"] = out = ""
+    elif case == "base path empty":
+        args["base"] = ""
+    elif case == "init-ahn path empty":
+        extra += ["--init-ahn", ""]
+    elif case == "tokenizer path empty":
+        extra += ["--tokenizer", " "]
     elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)
         if not Path("/proc/self").is_dir():
             pytest.skip("needs /proc")

@@ -120,6 +120,8 @@ def main(argv=None) -> int:
             raise AhnError(f"--port must be in 0..65535, got {args.port}")
         if args.api_key is not None and not args.api_key:
             raise AhnError("--api-key needs a non-empty key")
+        if args.state_dir is not None and not args.state_dir.strip():   # would silently keep nothing
+            raise AhnError("--state-dir is empty; give a folder, or leave --state-dir out")
         sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
         if use_demo_weights(args):
