@@ -207,7 +207,7 @@ def check_safetensors(path: Path, fix: str = "re-download or re-export it"):
 
 def _weight_files(path: Path, what: str) -> list[Path]:
     if not path.exists():
-        raise AhnError(f"{what} not found: {path}")
+        raise AhnError(f"{what} not found: {path}; give a .safetensors file or a checkpoint folder")
     if path.is_file():
         _refuse_pickle(path)
         if path.suffix != ".safetensors":
@@ -236,7 +236,8 @@ def _weight_files(path: Path, what: str) -> list[Path]:
             else:
                 pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
                 hint = (f" (found pickle files {', '.join(pickles)}, which ahn_rt never loads)" if pickles else "")
-                raise AhnError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+                raise AhnError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}; give "
+                               "a .safetensors file or the checkpoint folder that holds one")
     for f in files:
         check_safetensors(f)
     return files

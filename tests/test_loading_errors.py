@@ -68,6 +68,16 @@ def test_empty_folder():
     expect_error(scratch("empty"))
 
 
+def test_missing_or_empty_path_says_what_to_give():
+    """The message names the problem and what to do (it was "weights not found: PATH", "AHN checkpoint not
+    found: PATH", "no model.safetensors ... in PATH" and nothing more)."""
+    hint = "give a .safetensors file or"
+    expect_error(os.path.join(scratch("missing"), "no_such_model"), must_name=("weights not found", hint))
+    expect_error(base(SPEC), ahn=os.path.join(scratch("missing-ahn"), "no_such_ahn"), window=W, sinks=S, mode="ahn",
+                 must_name=("AHN checkpoint not found", hint))
+    expect_error(scratch("empty"), must_name=("no model.safetensors", hint))
+
+
 @pytest.mark.parametrize("where", ["weights", "ahn"])
 def test_not_a_file_nor_a_folder(where):
     # /dev/null and a pipe are neither: they used to be read as folders (NotADirectoryError)
