@@ -272,6 +272,10 @@ def bad_files(tiny):
     ("shorter than the window", "sequence shorter than the window"),
     ("unknown flag", "unrecognized arguments"),
     ("window without sinks", "--window and --sinks go together"),
+    # these said "--window-min None / --window-max 1 leave no total budget in [...]"
+    ("window-max below every budget", "--window-max 16: none of the total budgets S+W [32,"),
+    ("window-min above every budget", "--window-min 9000: none of the total budgets S+W [32,"),
+    ("window-min above window-max", "--window-min 512 is above --window-max 64; swap them"),
     ("out is a file", "is a file"),
     ("out under a file", "is a file"),
     ("resume without state", "no resume state"),
@@ -314,6 +318,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--bogus", 3]
     elif case == "window without sinks":
         extra = ["--window", 8]
+    elif case == "window-max below every budget":
+        extra = ["--window-max", 16]
+    elif case == "window-min above every budget":
+        extra = ["--window-min", 9000]
+    elif case == "window-min above window-max":
+        extra = ["--window-min", 512, "--window-max", 64]
     elif case == "out is a file":
         args["out"] = out = bad_files / "a_file"
     elif case == "out under a file":

@@ -208,8 +208,12 @@ def _check_args(a):
     if a.window_min is not None or a.window_max is not None:
         from .data import BUDGETS
         lo, hi = a.window_min or 0, a.window_max or BUDGETS[-1]
+        need(a.window_min is None or a.window_max is None or lo <= hi,
+             f"--window-min {lo} is above --window-max {hi}; swap them")
+        given = " and ".join(f"--window-{k} {v}" for k, v in (("min", a.window_min), ("max", a.window_max))
+                             if v is not None)
         need(any(lo <= b <= hi for b in BUDGETS),
-             f"--window-min {a.window_min} / --window-max {a.window_max} leave no total budget in {list(BUDGETS)}")
+             f"{given}: none of the total budgets S+W {list(BUDGETS)} is in that range; widen it")
     need(not (a.init_from_base and a.init_ahn), "--init-from-base and --init-ahn are two different starts; give one")
     need(not (a.resume and (a.init_from_base or a.init_ahn)),
          "--resume continues from OUT/resume; --init-from-base/--init-ahn only choose a new run's start")
