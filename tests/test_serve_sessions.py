@@ -61,6 +61,17 @@ def test_state_dir_keeps_conversations_across_restarts(model, tmp_path):
     assert "damaged" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_state_dir_that_cannot_be_used_is_one_line_saying_what_to_do(model, tmp_path):
+    # a file given as --state-dir said "cannot use --state-dir PATH: File exists" (mkdir's words)
+    (tmp_path / "afile").write_text("x")
+    for bad, want in ((tmp_path / "afile", "is a file; give a folder"),
+                      (tmp_path / "afile" / "sub", "choose another folder")):
+        with pytest.raises(AhnError) as e:
+            SessionStore(model, max_bytes=1 << 20, state_dir=bad)
+        assert want in str(e.value) and "\n" not in str(e.value) and "--state-dir" in str(e.value)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_session_ids_are_safe_file_names():
     for good in ("a", "user-42_chat", "x" * 128):
         assert check_session_id(good) == good

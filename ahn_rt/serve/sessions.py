@@ -63,13 +63,16 @@ class SessionStore:
         self.max_bytes = max_bytes
         self.state_dir = Path(state_dir) if state_dir else None
         if self.state_dir is not None:
+            if self.state_dir.exists() and not self.state_dir.is_dir():   # mkdir's error: "File exists"
+                raise AhnError(f"--state-dir {self.state_dir} is a file; give a folder (it is made when missing)")
             try:
                 self.state_dir.mkdir(parents=True, exist_ok=True)
                 probe = self.state_dir / f".probe.{os.getpid()}"
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as e:
-                raise AhnError(f"cannot use --state-dir {self.state_dir}: {e.strerror or e}") from None
+                raise AhnError(f"cannot use --state-dir {self.state_dir}: {e.strerror or e}; choose another "
+                               "folder") from None
         self._mem: "collections.OrderedDict[str, Conversation]" = collections.OrderedDict()
         self._busy: set[str] = set()
         self._lost: set[str] = set()
