@@ -379,6 +379,34 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["base folder", "base file's folder", "OUT/merged"])
+def test_out_that_holds_the_base_model_is_refused_and_the_base_kept(tiny, capsys, tmp_path, where):
+    """--out pointing at the base model's own folder: "already holds a training run; pass ... --overwrite"
+    (its model.safetensors looked like a run's), and with --overwrite the run replaced the base's
+    model.safetensors and config.json with its AHN-only ones; a base in OUT/merged was removed by --overwrite."""
+    import shutil
+    root, _ = tiny
+    folder = tmp_path / "run"
+    if where == "OUT/merged":
+        rc, _, err = train(capsys, *base_args(root, folder), "--steps", 1, "--window", 8, "--sinks", 2, "--merge")
+        assert rc == 0, err
+        base, kept = folder / "merged", folder / "merged"
+    else:
+        shutil.copytree(root / "base", folder)
+        base, kept = (folder if where == "base folder" else folder / "model.safetensors"), folder
+    before = {p.relative_to(kept): p.read_bytes() for p in sorted(kept.rglob("*")) if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        rc, stdout, err = train(capsys, "--base", base, "--data", root / "ids.jsonl", "--out", folder, "--steps", 1,
+                                "--window", 8, "--sinks", 2, *extra)
+        assert rc == 2 and err.count("\n") == 1 and stdout == "", err
+        assert f"--out {folder} holds the base model {base}" in err and "choose another --out" in err, err
+        assert {p.relative_to(kept): p.read_bytes() for p in sorted(kept.rglob("*")) if p.is_file()} == before
+    # a folder beside it is fine
+    rc, _, err = train(capsys, "--base", base, "--data", root / "ids.jsonl", "--out", tmp_path / "other", "--steps",
+                       1, "--window", 8, "--sinks", 2)
+    assert rc == 0, err
+
+
 def test_diverging_run_stops_with_one_line_exit_1_and_writes_no_model(tiny, capsys, monkeypatch):
     """A learning rate that makes the loss NaN: the run stops at the first non-finite loss / gradient norm with
     one line and exit 1 (a runtime failure), and never writes model.safetensors; resume states from before

@@ -243,6 +243,19 @@ def _check_out(out: Path):
                        "choose another --out") from None
 
 
+def _check_out_spares_base(out: Path, base: Path):
+    """OUT must not hold the base model: the run writes OUT/model.safetensors and OUT/config.json (AHN only)
+    over the base's own, and --overwrite removes OUT/merged and OUT/resume (a base given from there)."""
+    if not out.is_dir() or not base.exists():
+        return
+    folder = (base if base.is_dir() else base.parent).resolve()
+    o = out.resolve()
+    if folder == o or any(folder == o / name or (o / name) in folder.parents
+                          for name in ("merged", "resume", "resume.old")):
+        raise AhnError(f"--out {out} holds the base model {base}, which the run would overwrite (it writes "
+                       "model.safetensors, config.json, merged/ and resume/ there); choose another --out")
+
+
 def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
     """The run-defining settings: flags, else the saved run (resume), else the defaults; the batch through
     the global batch (``_resolve_batch``)."""
@@ -296,6 +309,7 @@ def run(a) -> int:
         _check_args(a)
         out = Path(a.out).expanduser()
         _check_out(out)
+        _check_out_spares_base(out, Path(a.base).expanduser())
         d = dist.setup(a.device)
     except AhnError as e:
         e.same_on_every_rank = True        # the command line and this machine: every rank sees the same
