@@ -64,6 +64,14 @@ def add_model_arguments(ap, weights_help: str, weights_required: bool = False):
 DEMO_DIR = Path(__file__).resolve().parent.parent / "weights" / "demo"
 
 
+def refuse_empty(value: str | None, flag: str, what: str) -> None:
+    """AhnError when a path option was given empty (an unset shell variable): pathlib reads '' as the
+    current folder, never what was meant."""
+    if value is not None and not value.strip():
+        from .errors import AhnError
+        raise AhnError(f"{flag} is empty; give {what}")
+
+
 def use_demo_weights(args) -> bool:
     """No --weights: point args.weights at the demo model (AhnError if this install has none). Returns
     whether it did."""
@@ -82,13 +90,10 @@ def load_model(args):
     compute."""
     import ahn_rt
     from .errors import AhnError
-    # an empty path (an unset shell variable) is the current folder to pathlib: never what was meant
     for flag, what in (("weights", "a .safetensors file or a checkpoint folder"),
                        ("ahn", "an AHN checkpoint, or leave --ahn out"),
                        ("tokenizer", "a tokenizer.json, or leave --tokenizer out")):
-        value = getattr(args, flag)
-        if value is not None and not value.strip():
-            raise AhnError(f"--{flag} is empty; give {what}")
+        refuse_empty(getattr(args, flag), "--" + flag, what)
     if args.mode == "full" and (args.window is not None or args.sinks is not None):
         raise AhnError("--window and --sinks do nothing with --mode full (full attention keeps every token): "
                        "drop them, or use --mode ahn / swa")

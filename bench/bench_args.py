@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one of this checkout
     sys.path.append(str(ROOT))
 
-from ahn_rt.cli import ArgParser  # noqa: E402,F401  (re-exported: every bench's parser)
+from ahn_rt.cli import ArgParser, refuse_empty  # noqa: E402,F401  (ArgParser re-exported: every bench's parser)
 from ahn_rt.errors import AhnError  # noqa: E402,F401
 
 RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN")
@@ -111,15 +111,16 @@ nonneg_float = _typed(float, 0, "a number")
 
 
 def seed_arg(text: str) -> int:
-    """argparse type of --seed: an integer torch's generators take (ahn_rt.sampling's rule; beyond it
-    torch.manual_seed raised "Overflow when unpacking long long" mid-run)."""
-    from ahn_rt.sampling import SEED_MAX, SEED_MIN
+    """argparse type of --seed: an integer torch's generators take (``ahn_rt.sampling.check_seed``; beyond
+    it torch.manual_seed raised "Overflow when unpacking long long" mid-run)."""
+    from ahn_rt.sampling import check_seed
     try:
         v = int(text)
+        check_seed(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not SEED_MIN <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in [{SEED_MIN}, {SEED_MAX}], got {text!r}")
+    except AhnError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return v
 
 
@@ -135,8 +136,10 @@ def tokens_arg(text: str) -> int:
 def check_exists(path: str | None, flag: str):
     """Exit with one line when an input path (--weights, --ahn) is empty (pathlib's current folder) or does
     not exist."""
-    if path is not None and not path.strip():
-        fail(f"{flag} is empty; give a .safetensors file or a checkpoint folder")
+    try:
+        refuse_empty(path, flag, "a .safetensors file or a checkpoint folder")
+    except AhnError as e:
+        fail(str(e))
     if path is not None and not Path(path).exists():
         fail(f"{flag} {path}: no such file or folder; give a .safetensors file or a checkpoint folder")
 

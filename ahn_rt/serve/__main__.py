@@ -14,7 +14,8 @@ import signal
 import socket
 import sys
 
-from ..cli import ArgParser, add_model_arguments, load_model, one_line_warnings, use_demo_weights
+from ..cli import (ArgParser, add_model_arguments, load_model, one_line_warnings, refuse_empty,
+                   use_demo_weights)
 from ..errors import AhnError
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -120,8 +121,7 @@ def main(argv=None) -> int:
             raise AhnError(f"--port must be in 0..65535, got {args.port}")
         if args.api_key is not None and not args.api_key:
             raise AhnError("--api-key needs a non-empty key")
-        if args.state_dir is not None and not args.state_dir.strip():   # would silently keep nothing
-            raise AhnError("--state-dir is empty; give a folder, or leave --state-dir out")
+        refuse_empty(args.state_dir, "--state-dir", "a folder, or leave --state-dir out")   # else: keeps nothing
         sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
         if use_demo_weights(args):

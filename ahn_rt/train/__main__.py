@@ -24,7 +24,7 @@ import sys
 
 
 from ..cli import interrupted as _interrupted
-from ..cli import ArgParser, one_line_warnings
+from ..cli import ArgParser, one_line_warnings, refuse_empty
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, _interrupted)   # Ctrl-C while torch is being imported: one line, exit 130
@@ -174,12 +174,10 @@ def _check_args(a):
         if not cond:
             raise AhnError(msg)
     need(a.out.strip() != "", "--out is empty; give the output folder (--out . for the current one)")
-    # an empty path (an unset shell variable) is the current folder to pathlib: never what was meant
     for name, what in (("base", "the base model's .safetensors file or checkpoint folder"), ("data", "a .jsonl file"),
                        ("init_ahn", "an AHN checkpoint, or leave the flag out"),
                        ("tokenizer", "a tokenizer.json, or leave the flag out")):
-        v = getattr(a, name)
-        need(v is None or v.strip() != "", f"--{name.replace('_', '-')} is empty; give {what}")
+        refuse_empty(getattr(a, name), "--" + name.replace("_", "-"), what)
     for name, lo in (("steps", 1), ("seq_len", 2), ("batch", 1), ("grad_accum", 1), ("window", 1),
                      ("sinks", 0), ("window_min", 1), ("window_max", 1), ("min_len", 0), ("stop_after", 1),
                      ("infer_window", 1), ("infer_sinks", 0)):
