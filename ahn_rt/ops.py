@@ -537,13 +537,24 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
         tq = i_hi - i_lo + 1
         if kind == "window" and tq > n:
             # FlashAttention-2's window bounds are wrong with more queries than keys (measured on the
-            # H200): a short range runs dense, a longer one in blocks of at most n queries.
-            for b0 in range(0, tq, n if n > _DENSE_KEYS else tq):
-                m = min(tq - b0, n if n > _DENSE_KEYS else tq)
+            # H200): a short range runs dense, a longer one in blocks of at most n queries, written into
+            # one part (as many parts as blocks would pass the merge kernel's limit: the reference merge
+            # then ran, holding float32 copies of every part, at the peak of a 128k prefill).
+            step, run = (n, _flash) if n > _DENSE_KEYS else (tq, _dense)
+            out = lse = None
+            for b0 in range(0, tq, step):
+                m = min(tq - b0, step)
                 lb = left + tq - m - b0 if 0 <= left < n else -1
                 rb = right + tq - m - b0 if 0 <= right < n else -1
-                run = _flash if n > _DENSE_KEYS else _dense
-                parts.append((i_lo + b0, m, *run(qq[b0:b0 + m], kk, vv, lb, rb, scale)))
+                o, l = run(qq[b0:b0 + m], kk, vv, lb, rb, scale)
+                if m == tq:
+                    out, lse = o, l
+                    break
+                if out is None:
+                    out = torch.empty(tq, H, o.shape[2], dtype=o.dtype, device=o.device)
+                    lse = torch.empty(H, tq, dtype=l.dtype, device=l.device)
+                out[b0:b0 + m], lse[:, b0:b0 + m] = o, l
+            parts.append((i_lo, tq, out, lse))
             continue
         res = None
         if backend == "cudnn_rev" and not reversed_ok:

@@ -810,3 +810,33 @@ def test_prefill_mlp_in_row_blocks_equals_whole(monkeypatch):
     monkeypatch.setattr(model_mod.Decoder, "_mlp", drop_residual)
     broken, _ = run(8)
     assert not torch.allclose(broken, whole, rtol=1e-3, atol=1e-3)
+
+
+def test_prefill_attention_plan_fits_the_merge_kernel_at_the_3b_geometry(monkeypatch):
+    """Every chunk of a 131072-token prompt at W = 32640, S = 128, chunk 8192 (the benchmark's shape),
+    planned with cuDNN warmed: the merge kernel takes each call's parts (at most ``_MERGE_PARTS``), so the
+    reference merge, with its float32 copies of every part, never runs on the GPU. The last chunk's window
+    call over 384 keys runs FlashAttention-2 in 22 query blocks; as 22 parts they were 25 in one merge.
+    The kernels are stand-ins that return zeros: this checks the plan's structure, not values."""
+    S, W, T, H, Hkv, D = 128, 32640, 8192, 2, 1, 8
+
+    def zeros(q, k, v, *args, **kwargs):
+        return torch.zeros(q.shape[0], q.shape[1], v.shape[2]), torch.zeros(q.shape[1], q.shape[0])
+
+    merges, real = [], ops.attn_merge
+
+    def spy(outs, lses, offsets, rows):
+        merges.append(len(outs))
+        return real(outs, lses, offsets, rows)
+
+    kc, q, k = torch.zeros(Hkv, S + W, D), torch.zeros(T, H, D), torch.zeros(T, Hkv, D)
+    key = ops._cudnn_key(q, k, kc, kc)
+    monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
+    for name, fn in (("_flash", zeros), ("_dense", zeros), ("_cudnn", zeros), ("attn_merge", spy)):
+        monkeypatch.setattr(ops, name, fn)
+    monkeypatch.setattr(ops, "_cudnn_ok", True)
+    monkeypatch.setattr(ops._cudnn_warm, "keys", {key}, raising=False)
+    monkeypatch.setattr(ops._cudnn_warm, "reversed", {key}, raising=False)
+    for p0 in range(0, 131072, T):
+        ops._prefill_attention_flash(q, k, k, kc, kc, p0, S, W, 0.3)
+    assert merges and max(merges) <= ops._MERGE_PARTS, merges
