@@ -232,6 +232,8 @@ struct SwaDecodeParams {
   int64_t q_stride, kc_s0, kc_s1, vc_s0, vc_s1;
   int64_t H, Hkv, C, D, sinks, window;
   int64_t chunk, nsplit;  // CUDA: keys per split, splits per kv head (fixed from C and the device)
+  int64_t split_blocks = 0;  // CUDA tensor-core kernel: blocks along the splits, each taking every
+                             // split_blocks-th split (<= nsplit; 0: nsplit)
   float scale;
   // Batched call: rows move q, out and the CUDA scratch; entries move pos and the caches.
   const int64_t* slots = nullptr;  // [batch] or null

@@ -77,6 +77,14 @@ for d, dtype in ((64, torch.float32), (256, torch.float16)):  # the fp32 and the
     k2 = torch.randn(N, Hkv, C, d, device=dev, dtype=dtype)
     torch.ops.ahn_rt.swa_decode(q=torch.randn(B, H, d, device=dev, dtype=dtype), k_cache=k2, v_cache=k2, pos=pos_n,
                                 sinks=S, window=W, scale=d ** -0.5, slots=slots)
+# A long cache at batch 16: the tensor-core kernel's blocks loop over several splits each (split_blocks <
+# nsplit); positions from an empty tail to far past the fill point, and one row whose D is below the tile.
+Cl, Bl = 8192, 16
+pos_l = torch.tensor([0, 1, 47, 48, 95, 500, 1023, 4096, 8000, 8187, 8188, 8191, 9000, 20000, 100000, 3], device=dev)
+for d in (128, 96):
+    kl = torch.randn(Bl, Hkv, Cl, d, device=dev, dtype=dt)
+    torch.ops.ahn_rt.swa_decode(q=torch.randn(Bl, H, d, device=dev, dtype=dt), k_cache=kl, v_cache=kl, pos=pos_l,
+                                sinks=4, window=Cl - 4, scale=d ** -0.5, slots=torch.arange(Bl, device=dev).flip(0))
 for dk in (128, 64, 48):  # fast paths 128 / 64, generic 48
     torch.ops.ahn_rt.gdn_decode(
         state=torch.randn(N, H, dk, dk, device=dev) * 0.1, q=torch.randn(B, H, dk, device=dev, dtype=dt),

@@ -229,6 +229,33 @@ def test_memory_decode_batched(device, dtype, H, Hkv, D, layout, memory):
     assert torch.equal(batched["state"][0], args["state"][0]) and torch.equal(batched["out"][1], args["out"][1])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+@pytest.mark.parametrize("D", [128, 96])
+def test_swa_decode_batch_blocks_loop_over_splits(D):
+    """At batch 16 over an 8192-slot cache the tensor-core kernel launches fewer blocks than splits, each
+    taking every split_blocks-th split (one call alone launches one block per split). Every row equals its
+    call alone bit for bit and the reference; positions cover a split's first key, split boundaries, the
+    fill point and far past it. D = 96 leaves pad columns in the 128-wide tiles, which the loop re-zeroes."""
+    dev, dt = "cuda", torch.bfloat16
+    H, Hkv, S, C = 16, 2, 4, 8192
+    pos = [0, 1, 47, 48, 95, 500, 1023, 4096, 8000, 8187, 8188, 8191, 9000, 20000, 100000, 3]
+    B = len(pos)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, D, generator=g).to(dev, dt)
+    kc = torch.randn(B, Hkv, C, D, generator=g).to(dev, dt)
+    vc = torch.randn(B, Hkv, C, D, generator=g).to(dev, dt)
+    pos_t = torch.tensor(pos, dtype=torch.int64, device=dev)
+    slots = torch.arange(B, device=dev).flip(0)
+    out = torch.ops.ahn_rt.swa_decode(q, kc, vc, pos_t, S, C - S, D ** -0.5, slots)
+    for b, e in enumerate(slots.tolist()):
+        alone = torch.ops.ahn_rt.swa_decode(q[b], kc[e], vc[e], pos_t[e:e + 1], S, C - S, D ** -0.5, None)
+        assert torch.equal(out[b], alone), f"row {b} (entry {e}, pos {pos[e]}) differs from its call alone"
+        want = ref.swa_decode_ref(q[b].cpu().float(), kc[e].cpu().float(), vc[e].cpu().float(), pos_t[e:e + 1].cpu(),
+                                  S, C - S, D ** -0.5)
+        torch.testing.assert_close(out[b].cpu().float(), want, **TOL[dt])
+
+
 def _reversed_slots(op):
     """The op with its slots reversed when called batched (a wrong row -> entry mapping); alone unchanged."""
     def wrong(**a):

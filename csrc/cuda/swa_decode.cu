@@ -5,7 +5,8 @@
 // each block reads one split of the K/V cache of one kv head ONCE and serves all G query heads of it,
 // then a combine kernel merges the splits. Splits are fixed by the capacity C (host/swa_decode.cpp), not
 // by pos: splits past the valid slots exit at once and the combine reads only the ceil(n / chunk) valid
-// ones, so one captured graph serves every decode step.
+// ones, so one captured graph serves every decode step. In a batch the tensor-core kernel's blocks loop
+// over the splits (p.split_blocks per kv head and row), so the grid stays about one wave whatever B is.
 // fp16 / bf16: tensor cores (mma.sync m16n8k16, fp32 accumulate). The G <= 16 query heads of a kv head
 // are the M rows (padded to 16), keys the N columns: S = Q K^T on 64-key tiles staged by 16-byte cp.async
 // into a 2-stage shared-memory ring, online softmax in registers, O += P V with P (rounded to the input
@@ -319,22 +320,33 @@ __global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(const SwaDecode
   T* sQ = reinterpret_cast<T*>(s_raw);
   T* sKV = sQ + 16 * LD;
 
-  const int64_t split = blockIdx.x, j = blockIdx.y % p0.Hkv;
+  const int64_t j = blockIdx.y % p0.Hkv;
   const int g0 = blockIdx.z * 16;
   const int64_t pos = *p.pos;
   const int64_t n = max(int64_t(0), min(pos + 1, p.sinks + p.window));
-  const int64_t k0 = split * p.chunk;
-  if (k0 >= n) return;  // whole block: nothing valid in this split
-  const int nk = static_cast<int>(min(p.chunk, n - k0));
-  const int ntiles = (nk + kTile - 1) / kTile;
+  if (static_cast<int64_t>(blockIdx.x) * p.chunk >= n) return;  // whole block: no valid split
   const int G = static_cast<int>(p.H / p.Hkv);
   const int gc = min(16, G - g0);
   const int D = static_cast<int>(p.D);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const T* kbase = static_cast<const T*>(p.k_cache) + j * p.kc_s0 + k0 * p.kc_s1;
-  const T* vbase = static_cast<const T*>(p.v_cache) + j * p.vc_s0 + k0 * p.vc_s1;
   const bool al = aligned16(p.k_cache, p.kc_s0, p.kc_s1, sizeof(T)) &&
                   aligned16(p.v_cache, p.vc_s0, p.vc_s1, sizeof(T));
+
+  // Q rows g0 .. g0 + 15 (zero past G and past D), once for every split of this block.
+  const T* q = static_cast<const T*>(p.q);
+  for (int i = tid; i < 16 * DT; i += kThreads) {
+    const int r = i / DT, c = i % DT;
+    sQ[r * LD + c] = (r < gc && c < D) ? q[(j * G + g0 + r) * p.q_stride + c] : T(0.f);
+  }
+
+  // Splits blockIdx.x, + gridDim.x, ... (one each when the grid covers them all); a split's sums do not
+  // depend on which block runs it.
+  for (int64_t split = blockIdx.x; split * p.chunk < n; split += gridDim.x) {
+  const int64_t k0 = split * p.chunk;
+  const int nk = static_cast<int>(min(p.chunk, n - k0));
+  const int ntiles = (nk + kTile - 1) / kTile;
+  const T* kbase = static_cast<const T*>(p.k_cache) + j * p.kc_s0 + k0 * p.kc_s1;
+  const T* vbase = static_cast<const T*>(p.v_cache) + j * p.vc_s0 + k0 * p.vc_s1;
 
   // Rows [0, nk) of tile t into stage t % kStages; rows past nk are zero (the test poisons them with NaN,
   // and 0 * NaN would reach O through P V).
@@ -365,12 +377,7 @@ __global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(const SwaDecode
   if (ntiles > 1) load_tile(1);
   cp_async_commit();
 
-  // Q rows g0 .. g0 + 15 (zero past G and past D); zero pad columns of the stages (cp.async never writes them).
-  const T* q = static_cast<const T*>(p.q);
-  for (int i = tid; i < 16 * DT; i += kThreads) {
-    const int r = i / DT, c = i % DT;
-    sQ[r * LD + c] = (r < gc && c < D) ? q[(j * G + g0 + r) * p.q_stride + c] : T(0.f);
-  }
+  // Zero pad columns of the stages (cp.async never writes them; the merge below overwrites the stages).
   if (D < DT) {
     const int w = DT - D;
     for (int i = tid; i < kStages * 2 * kTile * w; i += kThreads) sKV[(i / w) * LD + D + i % w] = T(0.f);
@@ -507,11 +514,14 @@ __global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(const SwaDecode
     ml[0] = M;
     ml[1] = L;
   }
+  __syncthreads();  // the merge buffer (the stages) and s_m / s_l are read before the next split reuses them
+  }
 }
 
-// Grid (H, ceil(D / 32)): merge the valid splits of one query head for 32 dims (weights 2^(m_s - M) / L),
-// round to T. Lane = dim, the 32 warps take interleaved splits (few dependent loads per thread).
-constexpr int kCombineThreads = 1024;
+// Grid (H, ceil(D / 32), batch): merge the valid splits of one query head for 32 dims (weights
+// 2^(m_s - M) / L), round to T. Lane = dim, the 8 warps take interleaved splits. (8, not 32: at batch 16
+// and a short context, 1024-thread blocks that each merge a handful of splits took 12 us per call.)
+constexpr int kCombineThreads = 256;
 constexpr int kCombineWarps = kCombineThreads / 32;
 
 template <typename T>
@@ -565,7 +575,7 @@ void launch(const SwaDecodeParams& p, cudaStream_t stream) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     cudaFuncSetAttribute(swa_combine_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
                          cudaSharedmemCarveoutMaxShared);
-    const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv * p.batch),
+    const dim3 grid(static_cast<unsigned>(p.split_blocks), static_cast<unsigned>(p.Hkv * p.batch),
                     static_cast<unsigned>((p.H / p.Hkv + 15) / 16));
     kernel<<<grid, kThreads, smem, stream>>>(p);
   } else {

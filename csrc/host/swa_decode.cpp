@@ -79,6 +79,10 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
       const int64_t groups = Hkv * ((G + 15) / 16);
       const int64_t slots = std::max<int64_t>(1, sms * per_sm / groups);
       chunk = std::max<int64_t>(32, ((C + slots - 1) / slots + 15) / 16 * 16);
+      // A batch of rows shares the same resident blocks: each (row, kv head, head group) gets
+      // slots / batch blocks that loop over its splits, so that a short valid length does not launch
+      // (and schedule) batch x nsplit blocks that exit at once, and a full one is still one wave.
+      p.split_blocks = std::max<int64_t>(1, slots / p.batch);
     } else {
       // fp32 (CUDA cores, tests only): about 8 blocks per SM; a split's K and V tiles are staged in shared
       // memory (<= 32 KiB together) and its scores for the G heads too (<= 8 KiB).
@@ -89,6 +93,7 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
     }
     p.chunk = chunk;
     p.nsplit = (C + chunk - 1) / chunk;
+    p.split_blocks = p.split_blocks > 0 ? std::min(p.split_blocks, p.nsplit) : p.nsplit;
     TORCH_CHECK(p.nsplit <= 8192, op, ": too many splits (", p.nsplit, ") for C=", C, " with ", G,
                 " query heads per kv head");
     at::Tensor o_part = at::empty({p.batch, H, p.nsplit, D}, q.options().dtype(at::kFloat));
