@@ -549,12 +549,21 @@ __global__ void __launch_bounds__(kCombineThreads) swa_combine_kernel(const SwaD
   }
   l = block_sum(l, red);  // its barriers also publish s_w
   const float* o = p.o_part + h * p.nsplit * p.D;
-  float acc = 0.f;
+  // Four independent sums per thread (splits warp + 8 (4 i + r) into sum r, the tail into sum 0): a long
+  // cache's ~190 valid splits are ~6 dependent steps per warp, not ~24.
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
   if (d < D) {
-#pragma unroll 4
-    for (int s = warp; s < nvalid; s += kCombineWarps) acc = fmaf(s_w[s], o[static_cast<int64_t>(s) * D + d], acc);
+    int s = warp;
+    for (; s + 3 * kCombineWarps < nvalid; s += 4 * kCombineWarps) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int sr = s + r * kCombineWarps;
+        acc[r] = fmaf(s_w[sr], o[static_cast<int64_t>(sr) * D + d], acc[r]);
+      }
+    }
+    for (; s < nvalid; s += kCombineWarps) acc[0] = fmaf(s_w[s], o[static_cast<int64_t>(s) * D + d], acc[0]);
   }
-  s_o[warp][lane] = acc;
+  s_o[warp][lane] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   __syncthreads();
   if (warp == 0 && d < D) {
     float a = 0.f;
