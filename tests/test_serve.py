@@ -206,6 +206,9 @@ def _metrics(server) -> dict:
 BAD = [
     (b'{"prompt": "hi", "max_tokens": 3', "/v1/completions", None, "invalid_json"),
     (b'[1, 2]', "/v1/completions", None, "invalid_json"),
+    # json.loads recurses once per level: a body nested 100000 deep was a 500 (or a reset connection)
+    (b'{"prompt": ' + b'[' * 100000 + b']' * 100000 + b'}', "/v1/completions", None, "invalid_json"),
+    (b'[' * 100000, "/v1/chat/completions", None, "invalid_json"),
     ({"prompt": "hi", "max_tokens": -1}, "/v1/completions", "max_tokens", None),
     ({"prompt": "hi", "max_tokens": 301}, "/v1/completions", "max_tokens", None),
     ({"prompt": "word " * 300}, "/v1/completions", "prompt", "context_length_exceeded"),

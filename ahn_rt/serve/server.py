@@ -348,6 +348,9 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             raise ApiError(400, "the request body is not UTF-8 JSON", None, "invalid_json") from None
         except ValueError as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        except RecursionError:   # json.loads recurses once per level: [[[[... 1000 deep was a 500
+            raise ApiError(400, "the request body is nested too deeply to be a request", None,
+                           "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
         name = body.get("model")
