@@ -250,6 +250,25 @@ def test_bad_requests_get_400_naming_the_field(server, body, path, param, code):
         assert param.split("_")[0] in err["message"] or param == "messages" or param == "prompt"
 
 
+def test_error_messages_quote_a_bad_value_briefly(server):
+    # a message quoted the whole value: max_tokens = [1] * 100000 answered 300 KB, and a 500-deep array
+    # came back in full (nested deeper, quoting it could exceed Python's recursion limit: a 500)
+    deep = json.loads("[" * 500 + "]" * 500)
+    for path, body, param in (
+            ("/v1/completions", {"prompt": "hi", "max_tokens": [1] * 100000}, "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": deep}, "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "temperature": "x" * 100000}, "temperature"),
+            ("/v1/completions", {"prompt": "hi", "seed": 10 ** 4000}, "seed"),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 1e300}, "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "model": "m" * 100000}, "model"),
+            ("/v1/chat/completions", {"messages": [{"role": "r" * 100000, "content": "x"}]}, "messages"),
+            ("/v1/chat/completions", {"messages": [{"role": deep, "content": "x"}]}, "messages")):
+        status, text, _ = server.post(path, body)
+        err = json.loads(text)["error"]
+        assert status in (400, 404) and err["param"] == param, text[:300]
+        assert len(err["message"]) < 200 and "\n" not in err["message"], err["message"][:300]
+
+
 def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
     import http.client
     import urllib.parse

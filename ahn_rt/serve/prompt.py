@@ -76,7 +76,9 @@ def normalize_messages(messages) -> list[tuple[str, str]]:
         role = m.get("role")
         role = "system" if role == "developer" else role
         if role not in ROLES:
-            raise AhnError(f"messages[{i}].role must be one of system, user, assistant; got {role!r}")
+            shown = repr(role[:40]) + "..." * (len(role) > 40) if isinstance(role, str) else \
+                type(role).__name__ if isinstance(role, (list, dict)) else repr(role)   # one short line
+            raise AhnError(f"messages[{i}].role must be one of system, user, assistant; got {shown}")
         out.append((role, _content(m, i)))
     return out
 

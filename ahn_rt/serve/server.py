@@ -65,31 +65,41 @@ class ApiError(Exception):
 
 
 # ---- request fields ------------------------------------------------------------------------------
+def _shown(v, limit: int = 40) -> str:
+    """A request's value as an error message quotes it: JSON, cut to about ``limit`` characters (a field
+    may hold megabytes, or arrays nested hundreds deep: the message stays one short line)."""
+    if isinstance(v, (list, dict)) and any(isinstance(x, (list, dict)) for x in (v.values() if isinstance(v, dict) else v)):
+        return "a nested array" if isinstance(v, list) else "a nested object"
+    cut = isinstance(v, str) and len(v) > limit
+    text = json.dumps(v[:limit] if cut else v, ensure_ascii=False)
+    return text[:limit + 2] + "..." if cut or len(text) > limit + 2 else text
+
+
 def _number(body, name, default, lo=None, hi=None, lo_open=False):
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise ApiError(400, f"{name} must be a number, got {json.dumps(v)}", name)
+        raise ApiError(400, f"{name} must be a number, got {_shown(v)}", name)
     if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
-        raise ApiError(400, f"{name} must be in {rng}, got {v}", name)
+        raise ApiError(400, f"{name} must be in {rng}, got {_shown(v)}", name)
     return float(v)
 
 
 def _integer(body, name, default, lo=None, hi=None):
-    v = body.get(name)
+    v = given = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         else:
-            raise ApiError(400, f"{name} must be an integer, got {json.dumps(v)}", name)
+            raise ApiError(400, f"{name} must be an integer, got {_shown(v)}", name)
     if lo is not None and v < lo:
-        raise ApiError(400, f"{name} must be >= {lo}, got {v}", name)
+        raise ApiError(400, f"{name} must be >= {lo}, got {_shown(given)}", name)
     if hi is not None and v > hi:
-        raise ApiError(400, f"{name} must be <= {hi}, got {v}", name)
+        raise ApiError(400, f"{name} must be <= {hi}, got {_shown(given)}", name)
     return v
 
 
@@ -135,7 +145,8 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         mt_name, default_max = "max_tokens", 16   # OpenAI's default for completions
     max_tokens = _integer(body, mt_name, default_max, lo=0)
     if max_tokens > opts.max_tokens:
-        raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {max_tokens}", mt_name)
+        raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {_shown(body[mt_name])}",
+                       mt_name)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -165,7 +176,7 @@ def _stream_args(body: dict) -> tuple[bool, bool]:
         raise ApiError(400, "stream_options must be an object", "stream_options")
     include_usage = (so or {}).get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):   # "false" is not false
-        raise ApiError(400, f"stream_options.include_usage must be true or false, got {json.dumps(include_usage)}",
+        raise ApiError(400, f"stream_options.include_usage must be true or false, got {_shown(include_usage)}",
                        "stream_options")
     return stream, bool(include_usage)
 
@@ -357,7 +368,7 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "model must be a string", "model")
         if name is not None and name != opts.model_name:   # 404 as OpenAI (the SDK raises NotFoundError)
-            raise ApiError(404, f"model {name!r} is not served here; send \"model\": {json.dumps(opts.model_name)} "
+            raise ApiError(404, f"model {_shown(name)} is not served here; send \"model\": {json.dumps(opts.model_name)} "
                            "(GET /v1/models)", "model", "model_not_found")
         return body
 
