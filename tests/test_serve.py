@@ -236,6 +236,9 @@ BAD = [
     ({"messages": _messages(0), "tools": [{"type": "function"}]}, "/v1/chat/completions", "tools",
      "unsupported_parameter"),
     ({"messages": _messages(0), "max_completion_tokens": -2}, "/v1/chat/completions", "max_completion_tokens", None),
+    # max_completion_tokens takes precedence, but a max_tokens of the wrong type beside it was ignored
+    ({"messages": _messages(0), "max_completion_tokens": 2, "max_tokens": "x"}, "/v1/chat/completions", "max_tokens",
+     None),
 ]
 
 

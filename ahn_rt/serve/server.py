@@ -132,6 +132,7 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
             raise _unsupported("response_format", "only {\"type\": \"text\"}")
         mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        _integer(body, "max_tokens", None, lo=0)   # checked even when max_completion_tokens wins
         default_max = opts.max_tokens
     else:
         if body.get("logprobs") is not None:
