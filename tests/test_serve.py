@@ -129,6 +129,33 @@ def test_chat_streaming_and_not_equal_generate(client, model):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0       # the first call stored the prompt
 
 
+def test_sse_framing_and_the_usage_chunk_raw(server, model):
+    # as OpenAI streams them: "data: {json}" events ending in "data: [DONE]"; one id; the last choice chunk
+    # carries finish_reason; with include_usage a last chunk has "choices": [] and the usage, and every chunk
+    # before it "usage": null (those chunks had no "usage" key: clients that read chunk["usage"] failed)
+    for path, body in (("/v1/completions", {"prompt": "The capital of France is"}),
+                       ("/v1/chat/completions", {"messages": _messages(2)})):
+        for include in (True, False):
+            req = {**body, "max_tokens": 5, "temperature": 0, "stream": True,
+                   "stream_options": {"include_usage": include}}
+            with httpx.Client(base_url=server.url, headers=server.headers(), timeout=60) as h:
+                r = h.post(path, json=req)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = r.text.split("\n\n")
+            assert events[-1] == "" and events[-2] == "data: [DONE]", r.text[-200:]
+            assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
+            chunks = [json.loads(e[6:]) for e in events[:-2]]
+            assert len({c["id"] for c in chunks}) == 1 and all(c["model"] == "tiny" for c in chunks)
+            if include:
+                assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+                assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+                chunks = chunks[:-1]
+            else:
+                assert all("usage" not in c for c in chunks)
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
 def _pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]

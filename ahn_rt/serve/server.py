@@ -436,10 +436,10 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
                 "total_tokens": s.prompt_tokens + s.new_tokens,
                 "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
 
-    def _envelope(rid, created, sid, chat, choices, chunk: bool, usage=None) -> dict:
+    def _envelope(rid, created, sid, chat, choices, chunk: bool, usage=None, null_usage=False) -> dict:
         obj = {"id": rid, "object": ("chat.completion" if chat else "text_completion") + (".chunk" if chunk and chat else ""),
                "created": created, "model": opts.model_name, "choices": choices}
-        if usage is not None:
+        if usage is not None or null_usage:   # with include_usage, every chunk before the last has "usage": null
             obj["usage"] = usage
         if sid is not None:
             obj["session_id"] = sid
@@ -455,7 +455,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
     async def _stream(gen, include_usage, rid, created, sid, chat):
-        env = (lambda choices, usage=None: _sse(_envelope(rid, created, sid, chat, choices, True, usage)))
+        env = (lambda choices, usage=None: _sse(_envelope(rid, created, sid, chat, choices, True, usage,
+                                                          null_usage=include_usage)))
         try:
             if chat:
                 yield env([_choice(chat, "", None, True, first=True)])
