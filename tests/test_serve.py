@@ -259,6 +259,10 @@ BAD = [
     ({"messages": []}, "/v1/chat/completions", "messages", None),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "/v1/chat/completions", "messages", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "/v1/chat/completions", "messages", None),
+    # a user / system message without content was read as an empty message (OpenAI: 400)
+    ({"messages": [{"role": "user"}]}, "/v1/chat/completions", "messages", None),
+    ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "x"}]}, "/v1/chat/completions",
+     "messages", None),
     ({"messages": _messages(0), "logprobs": True}, "/v1/chat/completions", "logprobs", "unsupported_parameter"),
     ({"messages": _messages(0), "tools": [{"type": "function"}]}, "/v1/chat/completions", "tools",
      "unsupported_parameter"),
@@ -327,6 +331,15 @@ def test_an_oversize_prompt_says_what_to_do(server):
         err = json.loads(text)["error"]
         assert status == 400 and err["code"] == "context_length_exceeded", text
         assert err["message"].startswith(what) and "limit of 256 tokens" in err["message"] and "shorter" in err["message"]
+
+
+def test_only_an_assistant_message_may_lack_content(server):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "x"}]
+    status, text, _ = server.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
+    assert status == 200, text
+    status, text, _ = server.post("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 1})
+    err = json.loads(text)["error"]
+    assert status == 400 and "messages[0].content is required" in err["message"], text
 
 
 def test_messages_sent_to_completions_point_to_chat(server):
