@@ -317,6 +317,16 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
     conn.close()
 
 
+def test_the_default_max_tokens_stays_within_max_tokens():
+    # with --max-tokens under 16, a completion that sent no max_tokens got 400 "max_tokens must be at most
+    # 8 on this server, got 16": an error about a field the client never sent
+    from ahn_rt.serve.server import Options, sampling_args
+    opts = Options(model_name="m", max_tokens=8)
+    assert sampling_args({"prompt": "hi"}, False, opts)["max_new_tokens"] == 8
+    assert sampling_args({"messages": []}, True, opts)["max_new_tokens"] == 8
+    assert sampling_args({"prompt": "hi"}, False, Options(model_name="m"))["max_new_tokens"] == 16
+
+
 def test_openai_client_sees_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=_messages(0), n=2)

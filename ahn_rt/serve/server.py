@@ -143,10 +143,10 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
             raise _unsupported("suffix")
         if _integer(body, "best_of", 1, lo=1) != 1:
             raise _unsupported("best_of", "best_of > 1")
-        mt_name, default_max = "max_tokens", 16   # OpenAI's default for completions
+        mt_name, default_max = "max_tokens", min(16, opts.max_tokens)   # OpenAI's default, within --max-tokens
     max_tokens = _integer(body, mt_name, default_max, lo=0)
     if max_tokens > opts.max_tokens:
-        raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {_shown(body[mt_name])}",
+        raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {_shown(body.get(mt_name))}",
                        mt_name)
     stop = body.get("stop")
     if stop is None:
