@@ -267,6 +267,11 @@ BAD = [
     ({"messages": _messages(0), "tools": [{"type": "function"}]}, "/v1/chat/completions", "tools",
      "unsupported_parameter"),
     ({"messages": _messages(0), "max_completion_tokens": -2}, "/v1/chat/completions", "max_completion_tokens", None),
+    # false-looking values of the wrong type were read as "off" (200)
+    ({"messages": _messages(0), "logprobs": 0}, "/v1/chat/completions", "logprobs", None),
+    ({"messages": _messages(0), "tools": ""}, "/v1/chat/completions", "tools", None),
+    ({"prompt": "hi", "echo": 0}, "/v1/completions", "echo", None),
+    ({"prompt": "hi", "logit_bias": []}, "/v1/completions", "logit_bias", None),
     # max_completion_tokens takes precedence, but a max_tokens of the wrong type beside it was ignored
     ({"messages": _messages(0), "max_completion_tokens": 2, "max_tokens": "x"}, "/v1/chat/completions", "max_tokens",
      None),

@@ -103,6 +103,16 @@ def _integer(body, name, default, lo=None, hi=None):
     return v
 
 
+def _typed(body, name, kind):
+    """The field, None or of ``kind`` (bool, list or dict): else ApiError 400 naming it (a false-looking value
+    of another type, such as "logprobs": 0 or "tools": "", is a mistake, not "off")."""
+    v = body.get(name)
+    if v is not None and (type(v) is not kind):
+        what = {bool: "true or false", list: "an array", dict: "an object"}[kind]
+        raise ApiError(400, f"{name} must be {what}, got {_shown(v)}", name)
+    return v
+
+
 def _unsupported(name: str, why: str = "") -> ApiError:
     return ApiError(400, f"{name} is not supported by this server{': ' + why if why else ''}", name,
                     "unsupported_parameter")
@@ -113,18 +123,18 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
     n = _integer(body, "n", 1, lo=1)
     if n != 1:
         raise _unsupported("n", "n > 1; send one request per choice")
-    if body.get("logit_bias"):
+    if _typed(body, "logit_bias", dict):
         raise _unsupported("logit_bias")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2, 2) != 0:
             raise _unsupported(name, "use repetition_penalty")
     if chat:
-        if body.get("logprobs"):
+        if _typed(body, "logprobs", bool):
             raise _unsupported("logprobs")
         if body.get("top_logprobs") is not None:
             raise _unsupported("top_logprobs")
         for name in ("tools", "functions"):
-            if body.get(name):
+            if _typed(body, name, list):
                 raise _unsupported(name, "no tool or function calling")
         if body.get("tool_choice") not in (None, "none"):
             raise _unsupported("tool_choice", "no tool or function calling")
@@ -137,7 +147,7 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
     else:
         if body.get("logprobs") is not None:
             raise _unsupported("logprobs")
-        if body.get("echo"):
+        if _typed(body, "echo", bool):
             raise _unsupported("echo")
         if body.get("suffix") is not None:
             raise _unsupported("suffix")
