@@ -249,6 +249,7 @@ BAD = [
     ({"prompt": "hi", "temperature": -0.5}, "/v1/completions", "temperature", None),
     ({"prompt": "hi", "top_p": 0}, "/v1/completions", "top_p", None),
     ({"prompt": "hi", "stop": [""]}, "/v1/completions", "stop", None),
+    (b'{"prompt": "hi", "stop": ["\\ud800"]}', "/v1/completions", "stop", None),   # never matches: was ignored
     ({"prompt": "hi", "seed": "x"}, "/v1/completions", "seed", None),
     ({"prompt": "hi", "seed": 2 ** 64}, "/v1/completions", "seed", None),
     ({"prompt": "hi", "presence_penalty": 0.5}, "/v1/completions", "presence_penalty", "unsupported_parameter"),

@@ -165,6 +165,11 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "stop must be a non-empty string or a list of at most 16 non-empty strings", "stop")
+    for s in stop:
+        try:
+            check_text(s, "stop")        # a lone surrogate (U+D800) can never match: it was ignored
+        except AhnError as e:
+            raise ApiError(400, str(e), "stop") from None
     top_k = _integer(body, "top_k", 0, lo=-1)
     return dict(max_new_tokens=max_tokens,
                 temperature=_number(body, "temperature", 1.0, 0, 2),
