@@ -129,6 +129,33 @@ def test_chat_streaming_and_not_equal_generate(client, model):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0       # the first call stored the prompt
 
 
+def test_sse_framing_and_the_usage_chunk_raw(server, model):
+    # as OpenAI streams them: "data: {json}" events ending in "data: [DONE]"; one id; the last choice chunk
+    # carries finish_reason; with include_usage a last chunk has "choices": [] and the usage, and every chunk
+    # before it "usage": null (those chunks had no "usage" key: clients that read chunk["usage"] failed)
+    for path, body in (("/v1/completions", {"prompt": "The capital of France is"}),
+                       ("/v1/chat/completions", {"messages": _messages(2)})):
+        for include in (True, False):
+            req = {**body, "max_tokens": 5, "temperature": 0, "stream": True,
+                   "stream_options": {"include_usage": include}}
+            with httpx.Client(base_url=server.url, headers=server.headers(), timeout=60) as h:
+                r = h.post(path, json=req)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = r.text.split("\n\n")
+            assert events[-1] == "" and events[-2] == "data: [DONE]", r.text[-200:]
+            assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
+            chunks = [json.loads(e[6:]) for e in events[:-2]]
+            assert len({c["id"] for c in chunks}) == 1 and all(c["model"] == "tiny" for c in chunks)
+            if include:
+                assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+                assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
+                chunks = chunks[:-1]
+            else:
+                assert all("usage" not in c for c in chunks)
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
 def _pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
@@ -206,6 +233,9 @@ def _metrics(server) -> dict:
 BAD = [
     (b'{"prompt": "hi", "max_tokens": 3', "/v1/completions", None, "invalid_json"),
     (b'[1, 2]', "/v1/completions", None, "invalid_json"),
+    # json.loads recurses once per level: a body nested 100000 deep was a 500 (or a reset connection)
+    (b'{"prompt": ' + b'[' * 100000 + b']' * 100000 + b'}', "/v1/completions", None, "invalid_json"),
+    (b'[' * 100000, "/v1/chat/completions", None, "invalid_json"),
     ({"prompt": "hi", "max_tokens": -1}, "/v1/completions", "max_tokens", None),
     ({"prompt": "hi", "max_tokens": 301}, "/v1/completions", "max_tokens", None),
     ({"prompt": "word " * 300}, "/v1/completions", "prompt", "context_length_exceeded"),
@@ -219,6 +249,7 @@ BAD = [
     ({"prompt": "hi", "temperature": -0.5}, "/v1/completions", "temperature", None),
     ({"prompt": "hi", "top_p": 0}, "/v1/completions", "top_p", None),
     ({"prompt": "hi", "stop": [""]}, "/v1/completions", "stop", None),
+    (b'{"prompt": "hi", "stop": ["\\ud800"]}', "/v1/completions", "stop", None),   # never matches: was ignored
     ({"prompt": "hi", "seed": "x"}, "/v1/completions", "seed", None),
     ({"prompt": "hi", "seed": 2 ** 64}, "/v1/completions", "seed", None),
     ({"prompt": "hi", "presence_penalty": 0.5}, "/v1/completions", "presence_penalty", "unsupported_parameter"),
@@ -229,10 +260,22 @@ BAD = [
     ({"messages": []}, "/v1/chat/completions", "messages", None),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "/v1/chat/completions", "messages", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "/v1/chat/completions", "messages", None),
+    # a user / system message without content was read as an empty message (OpenAI: 400)
+    ({"messages": [{"role": "user"}]}, "/v1/chat/completions", "messages", None),
+    ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "x"}]}, "/v1/chat/completions",
+     "messages", None),
     ({"messages": _messages(0), "logprobs": True}, "/v1/chat/completions", "logprobs", "unsupported_parameter"),
     ({"messages": _messages(0), "tools": [{"type": "function"}]}, "/v1/chat/completions", "tools",
      "unsupported_parameter"),
     ({"messages": _messages(0), "max_completion_tokens": -2}, "/v1/chat/completions", "max_completion_tokens", None),
+    # false-looking values of the wrong type were read as "off" (200)
+    ({"messages": _messages(0), "logprobs": 0}, "/v1/chat/completions", "logprobs", None),
+    ({"messages": _messages(0), "tools": ""}, "/v1/chat/completions", "tools", None),
+    ({"prompt": "hi", "echo": 0}, "/v1/completions", "echo", None),
+    ({"prompt": "hi", "logit_bias": []}, "/v1/completions", "logit_bias", None),
+    # max_completion_tokens takes precedence, but a max_tokens of the wrong type beside it was ignored
+    ({"messages": _messages(0), "max_completion_tokens": 2, "max_tokens": "x"}, "/v1/chat/completions", "max_tokens",
+     None),
 ]
 
 
@@ -245,6 +288,25 @@ def test_bad_requests_get_400_naming_the_field(server, body, path, param, code):
     assert err["param"] == param and err["code"] == code and err["message"]
     if param:
         assert param.split("_")[0] in err["message"] or param == "messages" or param == "prompt"
+
+
+def test_error_messages_quote_a_bad_value_briefly(server):
+    # a message quoted the whole value: max_tokens = [1] * 100000 answered 300 KB, and a 500-deep array
+    # came back in full (nested deeper, quoting it could exceed Python's recursion limit: a 500)
+    deep = json.loads("[" * 500 + "]" * 500)
+    for path, body, param in (
+            ("/v1/completions", {"prompt": "hi", "max_tokens": [1] * 100000}, "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": deep}, "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "temperature": "x" * 100000}, "temperature"),
+            ("/v1/completions", {"prompt": "hi", "seed": 10 ** 4000}, "seed"),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 1e300}, "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "model": "m" * 100000}, "model"),
+            ("/v1/chat/completions", {"messages": [{"role": "r" * 100000, "content": "x"}]}, "messages"),
+            ("/v1/chat/completions", {"messages": [{"role": deep, "content": "x"}]}, "messages")):
+        status, text, _ = server.post(path, body)
+        err = json.loads(text)["error"]
+        assert status in (400, 404) and err["param"] == param, text[:300]
+        assert len(err["message"]) < 200 and "\n" not in err["message"], err["message"][:300]
 
 
 def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
@@ -261,6 +323,16 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
     conn.close()
 
 
+def test_the_default_max_tokens_stays_within_max_tokens():
+    # with --max-tokens under 16, a completion that sent no max_tokens got 400 "max_tokens must be at most
+    # 8 on this server, got 16": an error about a field the client never sent
+    from ahn_rt.serve.server import Options, sampling_args
+    opts = Options(model_name="m", max_tokens=8)
+    assert sampling_args({"prompt": "hi"}, False, opts)["max_new_tokens"] == 8
+    assert sampling_args({"messages": []}, True, opts)["max_new_tokens"] == 8
+    assert sampling_args({"prompt": "hi"}, False, Options(model_name="m"))["max_new_tokens"] == 16
+
+
 def test_openai_client_sees_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=_messages(0), n=2)
@@ -275,6 +347,15 @@ def test_an_oversize_prompt_says_what_to_do(server):
         err = json.loads(text)["error"]
         assert status == 400 and err["code"] == "context_length_exceeded", text
         assert err["message"].startswith(what) and "limit of 256 tokens" in err["message"] and "shorter" in err["message"]
+
+
+def test_only_an_assistant_message_may_lack_content(server):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "x"}]
+    status, text, _ = server.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
+    assert status == 200, text
+    status, text, _ = server.post("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 1})
+    err = json.loads(text)["error"]
+    assert status == 400 and "messages[0].content is required" in err["message"], text
 
 
 def test_messages_sent_to_completions_point_to_chat(server):

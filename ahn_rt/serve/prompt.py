@@ -47,9 +47,12 @@ class Prompt:
         return len(self.ids)
 
 
-def _content(msg, i: int) -> str:
+def _content(msg, i: int, role: str) -> str:
     content = msg.get("content")
     if content is None:
+        if role != "assistant":   # as OpenAI: only an assistant message (one that called tools) may lack it
+            raise AhnError(f"messages[{i}].content is required for a {role} message (a string or a list of "
+                           "text parts)")
         return ""
     if isinstance(content, str):
         return content
@@ -76,8 +79,10 @@ def normalize_messages(messages) -> list[tuple[str, str]]:
         role = m.get("role")
         role = "system" if role == "developer" else role
         if role not in ROLES:
-            raise AhnError(f"messages[{i}].role must be one of system, user, assistant; got {role!r}")
-        out.append((role, _content(m, i)))
+            shown = repr(role[:40]) + "..." * (len(role) > 40) if isinstance(role, str) else \
+                type(role).__name__ if isinstance(role, (list, dict)) else repr(role)   # one short line
+            raise AhnError(f"messages[{i}].role must be one of system, user, assistant; got {shown}")
+        out.append((role, _content(m, i, role)))
     return out
 
 

@@ -65,31 +65,51 @@ class ApiError(Exception):
 
 
 # ---- request fields ------------------------------------------------------------------------------
+def _shown(v, limit: int = 40) -> str:
+    """A request's value as an error message quotes it: JSON, cut to about ``limit`` characters (a field
+    may hold megabytes, or arrays nested hundreds deep: the message stays one short line)."""
+    if isinstance(v, (list, dict)) and any(isinstance(x, (list, dict)) for x in (v.values() if isinstance(v, dict) else v)):
+        return "a nested array" if isinstance(v, list) else "a nested object"
+    cut = isinstance(v, str) and len(v) > limit
+    text = json.dumps(v[:limit] if cut else v, ensure_ascii=False)
+    return text[:limit + 2] + "..." if cut or len(text) > limit + 2 else text
+
+
 def _number(body, name, default, lo=None, hi=None, lo_open=False):
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise ApiError(400, f"{name} must be a number, got {json.dumps(v)}", name)
+        raise ApiError(400, f"{name} must be a number, got {_shown(v)}", name)
     if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
-        raise ApiError(400, f"{name} must be in {rng}, got {v}", name)
+        raise ApiError(400, f"{name} must be in {rng}, got {_shown(v)}", name)
     return float(v)
 
 
 def _integer(body, name, default, lo=None, hi=None):
-    v = body.get(name)
+    v = given = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         else:
-            raise ApiError(400, f"{name} must be an integer, got {json.dumps(v)}", name)
+            raise ApiError(400, f"{name} must be an integer, got {_shown(v)}", name)
     if lo is not None and v < lo:
-        raise ApiError(400, f"{name} must be >= {lo}, got {v}", name)
+        raise ApiError(400, f"{name} must be >= {lo}, got {_shown(given)}", name)
     if hi is not None and v > hi:
-        raise ApiError(400, f"{name} must be <= {hi}, got {v}", name)
+        raise ApiError(400, f"{name} must be <= {hi}, got {_shown(given)}", name)
+    return v
+
+
+def _typed(body, name, kind):
+    """The field, None or of ``kind`` (bool, list or dict): else ApiError 400 naming it (a false-looking value
+    of another type, such as "logprobs": 0 or "tools": "", is a mistake, not "off")."""
+    v = body.get(name)
+    if v is not None and (type(v) is not kind):
+        what = {bool: "true or false", list: "an array", dict: "an object"}[kind]
+        raise ApiError(400, f"{name} must be {what}, got {_shown(v)}", name)
     return v
 
 
@@ -103,18 +123,18 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
     n = _integer(body, "n", 1, lo=1)
     if n != 1:
         raise _unsupported("n", "n > 1; send one request per choice")
-    if body.get("logit_bias"):
+    if _typed(body, "logit_bias", dict):
         raise _unsupported("logit_bias")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2, 2) != 0:
             raise _unsupported(name, "use repetition_penalty")
     if chat:
-        if body.get("logprobs"):
+        if _typed(body, "logprobs", bool):
             raise _unsupported("logprobs")
         if body.get("top_logprobs") is not None:
             raise _unsupported("top_logprobs")
         for name in ("tools", "functions"):
-            if body.get(name):
+            if _typed(body, name, list):
                 raise _unsupported(name, "no tool or function calling")
         if body.get("tool_choice") not in (None, "none"):
             raise _unsupported("tool_choice", "no tool or function calling")
@@ -122,20 +142,22 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
             raise _unsupported("response_format", "only {\"type\": \"text\"}")
         mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        _integer(body, "max_tokens", None, lo=0)   # checked even when max_completion_tokens wins
         default_max = opts.max_tokens
     else:
         if body.get("logprobs") is not None:
             raise _unsupported("logprobs")
-        if body.get("echo"):
+        if _typed(body, "echo", bool):
             raise _unsupported("echo")
         if body.get("suffix") is not None:
             raise _unsupported("suffix")
         if _integer(body, "best_of", 1, lo=1) != 1:
             raise _unsupported("best_of", "best_of > 1")
-        mt_name, default_max = "max_tokens", 16   # OpenAI's default for completions
+        mt_name, default_max = "max_tokens", min(16, opts.max_tokens)   # OpenAI's default, within --max-tokens
     max_tokens = _integer(body, mt_name, default_max, lo=0)
     if max_tokens > opts.max_tokens:
-        raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {max_tokens}", mt_name)
+        raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {_shown(body.get(mt_name))}",
+                       mt_name)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -143,6 +165,11 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "stop must be a non-empty string or a list of at most 16 non-empty strings", "stop")
+    for s in stop:
+        try:
+            check_text(s, "stop")        # a lone surrogate (U+D800) can never match: it was ignored
+        except AhnError as e:
+            raise ApiError(400, str(e), "stop") from None
     top_k = _integer(body, "top_k", 0, lo=-1)
     return dict(max_new_tokens=max_tokens,
                 temperature=_number(body, "temperature", 1.0, 0, 2),
@@ -165,7 +192,7 @@ def _stream_args(body: dict) -> tuple[bool, bool]:
         raise ApiError(400, "stream_options must be an object", "stream_options")
     include_usage = (so or {}).get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):   # "false" is not false
-        raise ApiError(400, f"stream_options.include_usage must be true or false, got {json.dumps(include_usage)}",
+        raise ApiError(400, f"stream_options.include_usage must be true or false, got {_shown(include_usage)}",
                        "stream_options")
     return stream, bool(include_usage)
 
@@ -348,13 +375,16 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             raise ApiError(400, "the request body is not UTF-8 JSON", None, "invalid_json") from None
         except ValueError as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        except RecursionError:   # json.loads recurses once per level: [[[[... 1000 deep was a 500
+            raise ApiError(400, "the request body is nested too deeply to be a request", None,
+                           "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, "model must be a string", "model")
         if name is not None and name != opts.model_name:   # 404 as OpenAI (the SDK raises NotFoundError)
-            raise ApiError(404, f"model {name!r} is not served here; send \"model\": {json.dumps(opts.model_name)} "
+            raise ApiError(404, f"model {_shown(name)} is not served here; send \"model\": {json.dumps(opts.model_name)} "
                            "(GET /v1/models)", "model", "model_not_found")
         return body
 
@@ -421,10 +451,10 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
                 "total_tokens": s.prompt_tokens + s.new_tokens,
                 "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
 
-    def _envelope(rid, created, sid, chat, choices, chunk: bool, usage=None) -> dict:
+    def _envelope(rid, created, sid, chat, choices, chunk: bool, usage=None, null_usage=False) -> dict:
         obj = {"id": rid, "object": ("chat.completion" if chat else "text_completion") + (".chunk" if chunk and chat else ""),
                "created": created, "model": opts.model_name, "choices": choices}
-        if usage is not None:
+        if usage is not None or null_usage:   # with include_usage, every chunk before the last has "usage": null
             obj["usage"] = usage
         if sid is not None:
             obj["session_id"] = sid
@@ -440,7 +470,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
     async def _stream(gen, include_usage, rid, created, sid, chat):
-        env = (lambda choices, usage=None: _sse(_envelope(rid, created, sid, chat, choices, True, usage)))
+        env = (lambda choices, usage=None: _sse(_envelope(rid, created, sid, chat, choices, True, usage,
+                                                          null_usage=include_usage)))
         try:
             if chat:
                 yield env([_choice(chat, "", None, True, first=True)])
