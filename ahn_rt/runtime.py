@@ -481,6 +481,9 @@ def _id_range(ids: torch.Tensor) -> tuple[int, int]:
     return lo, hi
 
 
+_CLOSED = "this session is closed; make a new one with model.new_session()"
+
+
 class Session:
     """One sequence: its State (sinks + ring K/V, per-slot gates, memories, position) and the CUDA
     graphs captured for it."""
@@ -505,7 +508,7 @@ class Session:
     @property
     def state(self) -> State:
         if self._state is None:
-            raise AhnError("this session is closed; make a new one with model.new_session()")
+            raise AhnError(_CLOSED)
         return self._state
 
     @property
@@ -515,9 +518,15 @@ class Session:
     def _claim(self, holder: str = "call") -> State:
         """Take the session for one use (AhnError when closed or in use elsewhere); ``_unclaim`` ends it.
         ``holder``: "call" (one forward / step / save ...) or "generation" (held until it ends)."""
-        st = self.state
+        self.state   # a closed session says so (not "in use")
         if not self._busy.acquire(blocking=False):
             raise AhnError(self._busy_message())
+        # Read under the lock: a close() in another thread since the check above gave the state back (a
+        # pool slot may belong to another session by now), and a call must not write it.
+        st = self._state
+        if st is None:
+            self._busy.release()
+            raise AhnError(_CLOSED)
         self._holder = holder
         return st
 

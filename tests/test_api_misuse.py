@@ -447,3 +447,38 @@ def test_concurrent_agenerate_on_sessions_of_one_pool(model):
     assert [text for text, _ in got] == alone and all(r in ("stop", "length") for _, r in got)
     s1.close()
     s2.close()
+
+
+def test_a_call_racing_close_never_writes_the_released_slot(model):
+    """A close() from another thread that lands between a call's closed-check and its taking the session
+    gives the pool slot back (and a new session may hold it by then): the call must be refused as closed,
+    not write that slot. The race is forced in one thread: the session's lock runs the close (and a new
+    session taking the slot) when the call first tries to take it. Before the fix, reset() zeroed the
+    new session's state."""
+    pool = model.new_pool(1)
+    s = model.new_session(pool=pool)
+    s.forward([5, 9, 11])
+    taken = {}
+
+    class CloseFirst:
+        def __init__(self, lock):
+            self.lock, self.armed = lock, True
+
+        def acquire(self, blocking=True):
+            if self.armed:
+                self.armed = False
+                s.close()                                 # "another thread" closes s here
+                taken["t"] = model.new_session(pool=pool)  # and its slot goes to a new session
+                taken["logits"] = taken["t"].forward([7, 8, 9])
+            return self.lock.acquire(blocking)
+
+        def release(self):
+            self.lock.release()
+    s._busy = CloseFirst(s._busy)
+    with pytest.raises(AhnError, match="closed"):
+        s.reset()
+    t = taken["t"]
+    assert t.position == 3 and t.state.k.any()           # the new owner's state is intact
+    t.reset()
+    assert torch.equal(t.forward([7, 8, 9]), taken["logits"])
+    t.close()
