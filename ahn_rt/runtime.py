@@ -273,7 +273,7 @@ class Model:
 
     @torch.inference_mode()
     def step(self, sessions: Sequence["Session"], tokens: TokenIds) -> torch.Tensor:
-        """One decode step for several sessions at once: ``tokens[b]`` (a list of ints or an int64
+        """One decode step for several sessions at once: ``tokens[b]`` (a list of ints or an integer
         tensor [B]) is fed to ``sessions[b]``; returns float32 logits [B, vocab] and advances every
         session by one. Row b equals ``sessions[b].forward([tokens[b]])`` bit for bit, whatever the batch
         and its neighbours (each GEMV row keeps its own reduction order). Sessions may stand at any
@@ -604,9 +604,16 @@ class Session:
 
     def _ids(self, token_ids) -> torch.Tensor:
         if isinstance(token_ids, torch.Tensor):
-            if token_ids.dim() != 1 or token_ids.dtype not in (torch.int64, torch.int32):
-                raise AhnError("token_ids must be a 1-D integer tensor or a list of ints")
+            # any integer dtype (int64, int32, int16, uint8 ...): not bool, float or complex
+            if (token_ids.dim() != 1 or token_ids.dtype == torch.bool or token_ids.is_floating_point()
+                    or token_ids.is_complex()):
+                raise AhnError(f"token_ids must be a 1-D integer tensor or a list of ints, got a "
+                               f"{token_ids.dim()}-D {str(token_ids.dtype).replace('torch.', '')} tensor")
             ids = token_ids.to(torch.int64)
+        elif isinstance(token_ids, (str, bytes, bytearray, memoryview)):
+            # bytes iterate as ints: b"hi" would be fed as the ids [104, 105]
+            raise AhnError(f"token_ids must be a list of ints or a 1-D integer tensor, got "
+                           f"{type(token_ids).__name__}: encode text with model.tokenizer.encode first")
         else:
             try:
                 items = list(token_ids)

@@ -482,3 +482,20 @@ def test_a_call_racing_close_never_writes_the_released_slot(model):
     t.reset()
     assert torch.equal(t.forward([7, 8, 9]), taken["logits"])
     t.close()
+
+
+def test_token_ids_of_any_integer_dtype_are_taken_and_bytes_are_refused(model):
+    """forward/step take a 1-D tensor of any integer dtype (an int16 or uint8 tensor was refused with 'must
+    be a 1-D integer tensor'); bytes, which iterate as ints, are refused instead of fed as ids."""
+    want = model.new_session().forward([5, 9, 11])
+    for dtype in (torch.int16, torch.uint8, torch.int8):
+        assert torch.equal(model.new_session().forward(torch.tensor([5, 9, 11], dtype=dtype)), want)
+    s = model.new_session()
+    assert torch.equal(model.step([s], torch.tensor([5], dtype=torch.int16)), model.new_session().forward([5]))
+    for bad, needle in ((b"def", "got bytes"), (bytearray(b"d"), "got bytearray"), ("def", "got str"),
+                        (torch.tensor([1.0]), "1-D float32 tensor"), (torch.tensor([True]), "1-D bool tensor")):
+        with pytest.raises(AhnError, match=needle):
+            s.forward(bad)
+        with pytest.raises(AhnError, match=needle):
+            model.step([s], bad)
+    assert s.position == 1
