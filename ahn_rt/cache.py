@@ -432,9 +432,9 @@ class State:
     @torch.inference_mode()
     def load(self, tensors: dict[str, torch.Tensor], position: int):
         """Replace the state by an exported one (``export`` of a state of the same layout) at
-        ``position``. Shapes are checked; a mismatch raises ValueError naming the field."""
-        self.ensure_capacity(position)
-        n = min(position, self.capacity)
+        ``position``. Shapes and dtypes are checked, before anything is allocated or written (a full-mode
+        cache grows only to a position its tensors hold); a mismatch raises ValueError naming the field."""
+        n = position if self.full else min(position, self.capacity)   # the occupied slots at ``position``
         own = self.tensors()
         if set(tensors) != set(own):
             raise ValueError(f"fields {sorted(tensors)} do not match this state's {sorted(own)}")
@@ -446,6 +446,8 @@ class State:
                 raise ValueError(f"field {name} has shape {list(tensors[name].shape)}, this state needs {want}")
             if tensors[name].dtype != t.dtype:   # copy_ would convert it silently
                 raise ValueError(f"field {name} has dtype {tensors[name].dtype}, this state needs {t.dtype}")
+        if self.ensure_capacity(position):
+            own = self.tensors()   # full mode: the grown buffers
         self.reset()
         for name, t in own.items():
             dst = t.narrow(self.SLOT_AXIS[name], 0, n) if name in self.SLOT_AXIS else t

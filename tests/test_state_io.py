@@ -114,3 +114,29 @@ def test_save_is_atomic_and_refuses_bad_paths(tmp_path):
     with pytest.raises(ahn_rt.AhnError, match="cannot write"):
         s.save(tmp_path / "afile" / "s.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def _rewrite(src, dst, meta=None, drop=()):
+    """A copy of the state file ``src`` with header entries changed (``meta``) or removed (``drop``)."""
+    with safe_open(str(src), "pt") as f:
+        m, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    m.update(meta or {})
+    for k in drop:
+        m.pop(k, None)
+    save_file(tensors, str(dst), metadata=m)
+    return dst
+
+
+def test_a_full_mode_header_position_is_checked_before_the_cache_grows(tmp_path):
+    """A full-mode state whose header position does not match its tensors is refused by the shape check,
+    before the cache is grown to that position (it tried to allocate a cache of 10**12 slots and said
+    'cannot allocate ... use a shorter prompt')."""
+    model = _model("full")
+    s = model.new_session()
+    s.forward(IDS[:20])
+    s.save(tmp_path / "s.safetensors")
+    bad = _rewrite(tmp_path / "s.safetensors", tmp_path / "b.safetensors", {"position": str(10 ** 12)},
+                   drop=["checksum"])
+    with pytest.raises(ahn_rt.AhnError, match=r"does not fit this model's state: field k has shape") as e:
+        model.restore(bad)
+    assert "allocate" not in str(e.value)
