@@ -3,14 +3,18 @@
 The file is safetensors (never pickle): the occupied part of every State field (``State.export``) under
 its field name, and a header (the safetensors metadata) with the format version, the position, and the
 fingerprint of what the state is only meaningful with: the model (architecture and a digest of its
-weights), window, sinks, dtype and mode. Restoring checks every part of the fingerprint and names the
-first that differs; a truncated or corrupt file gives one line. Writes are atomic.
+weights), window, sinks, dtype and mode, and a CRC-32 of the rest of the header and every tensor's bytes
+(``checksum``). Restoring checks the format version, every part of the fingerprint (naming the first
+that differs), then the checksum; a truncated or corrupt file gives one line. Files written before the
+checksum existed (same format version) restore unchecked. Writes are atomic.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -58,6 +62,22 @@ def fingerprint(model) -> dict[str, str]:
             "mode": c.mode, "model": model_digest(model)}
 
 
+def checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 of the header entries (but ``checksum``) and of every tensor's name, dtype, shape and bytes
+    (contiguous CPU tensors; read in place, no copy): catches a damaged data region or header value,
+    which safetensors itself does not."""
+    crc = zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()   # (a no-op for what save writes and safetensors reads)
+        if t.device.type != "cpu":
+            raise ValueError("checksum: tensors must be on the CPU")
+        crc = zlib.crc32(f"|{name}|{t.dtype}|{list(t.shape)}|".encode(), crc)
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            crc = zlib.crc32((ctypes.c_char * nbytes).from_address(t.data_ptr()), crc)
+    return f"crc32:{crc:08x}"
+
+
 def _path(path, what: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise AhnError(f"{what} needs a file path (str or pathlib.Path), got {type(path).__name__}")
@@ -73,7 +93,23 @@ def save(session, path):
     refuse_torn([st])            # a half-written state is no value to keep
     tensors = {name: t.contiguous().cpu() for name, t in st.export().items()}
     meta = {"format": FORMAT, "version": str(VERSION), "position": str(st.position), **fingerprint(session.model)}
+    meta["checksum"] = checksum(meta, tensors)
     write_checkpoint(out, tensors, None, metadata=meta)
+
+
+def _check_version(path: Path, version):
+    """AhnError (one line, saying what to do) unless ``version`` (the header's string) is ``VERSION``."""
+    if version == str(VERSION):
+        return
+    if not (isinstance(version, str) and version.isascii() and version.isdigit()):
+        raise AhnError(f"{path} has no valid state format version in its header ({version!r}): it is damaged "
+                       "or was not written by Session.save; save the session again")
+    if int(version) < VERSION:
+        raise AhnError(f"{path} was written by an older ahn_rt (state format version {version}; this one reads "
+                       f"version {VERSION}): restore it with the ahn_rt that saved it, or feed the conversation "
+                       "into a new session again")
+    raise AhnError(f"{path} was written by a newer ahn_rt (state format version {version}; this one reads "
+                   f"version {VERSION}): upgrade ahn_rt to restore it")
 
 
 def restore(model, path, chunk_size: int | None = None):
@@ -83,7 +119,10 @@ def restore(model, path, chunk_size: int | None = None):
     from .weights import check_safetensors
     path = _path(path, "restore")
     if not path.is_file():
-        raise AhnError(f"state file not found: {path}")
+        if not path.exists():
+            raise AhnError(f"state file not found: {path}")
+        raise AhnError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}: give the path of "
+                       "a state file that Session.save wrote")
     check_safetensors(path, "it is damaged or truncated: save the session again")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -91,9 +130,7 @@ def restore(model, path, chunk_size: int | None = None):
             if meta.get("format") != FORMAT:
                 raise AhnError(f"{path} is not an ahn_rt state file (no '{FORMAT}' header); "
                                "write one with Session.save")
-            if meta.get("version") != str(VERSION):
-                raise AhnError(f"{path} has state format version {meta.get('version')}, this ahn_rt reads "
-                               f"version {VERSION}")
+            _check_version(path, meta.get("version"))
             want = fingerprint(model)
             if model.config.mode == "full" and meta.get("mode") == "full":
                 # full attention keeps every token: window and sinks do nothing there (the logits are the
@@ -104,12 +141,15 @@ def restore(model, path, chunk_size: int | None = None):
                     what = "model (architecture or weights)" if key == "model" else key
                     raise AhnError(f"{path} was saved with a different {what}: {meta.get(key)!r} there, "
                                    f"{value!r} here; restore it into the model and settings it was saved with")
-            try:
-                position = int(meta["position"])
-                assert position >= 0
-            except (KeyError, ValueError, AssertionError):
-                raise AhnError(f"{path}: the header's position is missing or invalid") from None
+            position = meta.get("position", "")
+            if not (position.isascii() and position.isdigit()):   # a non-negative integer in decimal
+                raise AhnError(f"{path}: the header's position ({position!r}) is missing or invalid: the file "
+                               "is damaged; save the session again")
+            position = int(position)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if "checksum" in meta and checksum(meta, tensors) != meta["checksum"]:
+                raise AhnError(f"{path} is damaged: its contents do not match the checksum in its header; "
+                               "save the session again")
     except AhnError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors' own errors for a damaged data region

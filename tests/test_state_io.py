@@ -127,6 +127,28 @@ def _rewrite(src, dst, meta=None, drop=()):
     return dst
 
 
+def test_a_damaged_data_region_or_header_value_is_refused(tmp_path):
+    """safetensors checks neither the bytes of a tensor nor the header's values: a flipped byte in the
+    data, or a position changed past the fill point (the tensors' shapes stay the same), restored
+    silently into a wrong state. The header's checksum refuses both; a file without one (written before
+    it existed) still restores exactly."""
+    model = _model()
+    s = model.new_session()
+    s.forward(IDS[:30])
+    good = tmp_path / "s.safetensors"
+    s.save(good)
+    data = bytearray(good.read_bytes())
+    data[-3] ^= 0x40
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    _rewrite(good, tmp_path / "moved.safetensors", {"position": "31"})
+    for name in ("flipped", "moved"):
+        with pytest.raises(ahn_rt.AhnError, match="is damaged: its contents do not match the checksum") as e:
+            model.restore(tmp_path / f"{name}.safetensors")
+        assert "\n" not in str(e.value)
+    old = model.restore(_rewrite(good, tmp_path / "old.safetensors", drop=["checksum"]))
+    assert old.position == 30 and torch.equal(old.forward([7]), s.forward([7]))
+
+
 def test_a_full_mode_header_position_is_checked_before_the_cache_grows(tmp_path):
     """A full-mode state whose header position does not match its tensors is refused by the shape check,
     before the cache is grown to that position (it tried to allocate a cache of 10**12 slots and said
@@ -140,3 +162,22 @@ def test_a_full_mode_header_position_is_checked_before_the_cache_grows(tmp_path)
     with pytest.raises(ahn_rt.AhnError, match=r"does not fit this model's state: field k has shape") as e:
         model.restore(bad)
     assert "allocate" not in str(e.value)
+
+
+@pytest.mark.parametrize("version,needle", [
+    ("0", "written by an older ahn_rt .* feed the conversation into a new session again"),
+    ("2", "written by a newer ahn_rt .* upgrade ahn_rt"),
+    ("x", "no valid state format version"), (None, "no valid state format version")])
+def test_a_file_of_another_format_version_says_what_to_do(tmp_path, version, needle):
+    s = _model().new_session()
+    s.forward(IDS[:5])
+    s.save(tmp_path / "s.safetensors")
+    f = _rewrite(tmp_path / "s.safetensors", tmp_path / "v.safetensors", {"version": version} if version else {},
+                 drop=[] if version else ["version"])
+    with pytest.raises(ahn_rt.AhnError, match=needle):
+        _model().restore(f)
+
+
+def test_restoring_a_folder_says_it_is_a_folder(tmp_path):
+    with pytest.raises(ahn_rt.AhnError, match="is a folder: give the path of a state file"):
+        _model().restore(tmp_path)
