@@ -138,6 +138,10 @@ def atomic_write_text(path, text: str):
 
 
 def _atomic_write(path: Path, write):
+    """``write(tmp)`` a temporary file beside ``path``, flush it to the disk, then rename it over ``path``:
+    a reader (or a restart after a crash or power loss) sees the old file or the whole new one. Without
+    the fsync the rename can reach the disk before the data, leaving a truncated file where the old one
+    was."""
     # per process and thread: two threads saving to one path must not share (and delete) one temporary
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -145,10 +149,22 @@ def _atomic_write(path: Path, write):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    try:   # the rename itself (best effort: not every system can open a folder)
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @dataclasses.dataclass

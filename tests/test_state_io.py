@@ -2,6 +2,8 @@
 session (across the fill point, in every mode); only the occupied slots are written before the window is
 full; a state restored into another model or configuration, a truncated or corrupt file, or a file that
 is not a state file each give one line; nothing is unpickled."""
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -181,3 +183,27 @@ def test_a_file_of_another_format_version_says_what_to_do(tmp_path, version, nee
 def test_restoring_a_folder_says_it_is_a_folder(tmp_path):
     with pytest.raises(ahn_rt.AhnError, match="is a folder: give the path of a state file"):
         _model().restore(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc (Linux)")
+def test_save_flushes_the_file_to_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """Atomic across a power loss too: the temporary file is fsync'ed before the rename (without it the
+    rename may reach the disk first and leave a truncated state file where the good one was)."""
+    import os
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    s = _model().new_session()
+    s.forward(IDS[:4])
+    s.save(tmp_path / "s.safetensors")
+    (_, tmp), = [e for e in events if e[0] == "replace"]
+    assert ("fsync", tmp) in events and events.index(("fsync", tmp)) < events.index(("replace", tmp))
