@@ -163,6 +163,7 @@ class Generation:
         self._pieces = pieces
         self.stats = stats
         self._run = run
+        self._reading = threading.Lock()   # held by the thread inside next(): one reader at a time
 
     @property
     def finish_reason(self) -> str | None:
@@ -172,7 +173,13 @@ class Generation:
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        if not self._reading.acquire(blocking=False):
+            raise AhnError("this generation is being read by another thread; read it from one thread "
+                           "(close() from any thread stops it)")
+        try:
+            return next(self._pieces)
+        finally:
+            self._reading.release()
 
     def __enter__(self):
         return self
@@ -181,9 +188,16 @@ class Generation:
         self.close()
 
     def close(self) -> None:
-        self._pieces.close()
+        """Stop at the next token and free the session. From the reading thread (or none) the generator
+        closes at once; from another thread while one is inside ``next()`` the run is marked cancelled
+        and the reader stops (and frees the session) as soon as its current token lands."""
         if self._run is not None:
             self._run.abort("cancelled")   # no-op once finished; also a generation closed before it started
+        if self._reading.acquire(blocking=False):
+            try:
+                self._pieces.close()
+            finally:
+                self._reading.release()
 
 
 class Model:
@@ -793,7 +807,10 @@ class _Run:
         return self._tok
 
     def land(self, tid: int):
-        """The host side of a step: the sampled id, turned into text, stop strings and the end."""
+        """The host side of a step: the sampled id, turned into text, stop strings and the end (nothing
+        once the run was stopped from outside: the token is dropped)."""
+        if self.done:
+            return
         self.sampled += 1
         self._accept(tid)
 

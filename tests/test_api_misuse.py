@@ -500,3 +500,38 @@ def test_token_ids_of_any_integer_dtype_are_taken_and_bytes_are_refused(model):
         with pytest.raises(AhnError, match=needle):
             model.step([s], bad)
     assert s.position == 1
+
+
+def test_a_generation_closed_from_another_thread_stops_at_the_next_token(model):
+    """close() from another thread while the reading thread is inside next() (a cancel button, a watchdog)
+    raised Python's 'ValueError: generator already executing' and cancelled nothing; it now stops the
+    reader at its next token and frees the session. A second thread reading the same generation gets a
+    one-line AhnError."""
+    s = model.new_session()
+    g = model.generate(P, max_new_tokens=1000, session=s)
+    entered, go = threading.Event(), threading.Event()
+    real = g._run.land
+
+    def land(tid):                       # the reader waits inside next() until the close has returned
+        entered.set()
+        go.wait(5)
+        return real(tid)
+    g._run.land = land
+    got, errors = [], []
+
+    def read():
+        try:
+            got.extend(g)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    t = threading.Thread(target=read)
+    t.start()
+    assert entered.wait(5)
+    with pytest.raises(AhnError, match="being read by another thread"):
+        next(g)
+    g.close()                            # raised ValueError before the fix
+    go.set()
+    t.join(5)
+    assert not t.is_alive() and not errors and g._run.sampled <= 3
+    assert g.finish_reason in ("cancelled", "stop", "length")
+    assert s.forward([1]).shape == (1, model.config.vocab_size)   # the session is free again
