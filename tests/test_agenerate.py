@@ -108,6 +108,31 @@ def test_aclose_and_async_with_release_the_session(model):
     asyncio.run(main())
 
 
+def test_aclose_returns_while_another_task_is_iterating(model):
+    """aclose() from one task while another task awaits the same generation (a watchdog closing a stream):
+    the reader may take the end event off the queue; aclose still returns once the session is released."""
+    async def main():
+        model.start_scheduler(max_active=1)
+        first = model.agenerate(PROMPTS[0], max_new_tokens=10_000, temperature=0)
+        await first.__anext__()
+        for queued in (True, False):
+            gen = model.agenerate(PROMPTS[1], max_new_tokens=10_000, temperature=0)
+            if not queued:
+                await first.aclose()             # gen gets the session and decodes
+            reader = asyncio.create_task(_collect(gen))
+            if queued:
+                await asyncio.sleep(0)           # the reader now waits on the queued generation
+            else:
+                await _until(lambda: gen.stats.new_tokens >= 2)
+            await asyncio.wait_for(gen.aclose(), 10)
+            assert gen.finish_reason == "cancelled"
+            assert await asyncio.wait_for(reader, 10) is not None
+            assert model.scheduler.active == (1 if queued else 0)     # first still holds its session
+        assert model.scheduler.sessions_in_use == 0
+
+    asyncio.run(main())
+
+
 def test_cancelling_the_task_stops_at_the_next_token(model):
     async def main():
         gen = model.agenerate(PROMPTS[2], max_new_tokens=10_000, temperature=0)

@@ -395,6 +395,10 @@ class AsyncGeneration:
         self.finish_reason: str | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._ended = False
+        # Set (in the event loop) once the end event has arrived, whoever reads the queue: aclose() waits on
+        # this, not on the queue, where a task iterating meanwhile may take the end event first.
+        self._released = asyncio.Event()
+        self._end_event = None
         deadline = time.monotonic() + timeout if timeout is not None else None
         # The worker reaches this object only through a weak reference: one that its caller drops unread
         # is collected, and __del__ cancels its generation (else it ran to max_new_tokens, holding a session).
@@ -409,9 +413,15 @@ class AsyncGeneration:
 
     def _sink(self, event):
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._on_event, event)
         except RuntimeError:   # the event loop is gone: nobody reads this generation any more
             self.ticket.cancelled = True
+
+    def _on_event(self, event):   # in the event loop
+        self._queue.put_nowait(event)
+        if event[0] == "end":
+            self._end_event = event
+            self._released.set()
 
     def __aiter__(self):
         return self
@@ -439,12 +449,9 @@ class AsyncGeneration:
         if self._ended:
             return
         self.ticket.cancel()
-        while True:
-            event = await self._queue.get()
-            if event[0] == "end":
-                self._ended = True
-                self.finish_reason = event[1]
-                return
+        await self._released.wait()
+        self._ended = True
+        self.finish_reason = self._end_event[1]
 
     async def __aenter__(self):
         return self
