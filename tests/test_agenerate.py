@@ -152,6 +152,8 @@ def test_cancelling_the_task_stops_at_the_next_token(model):
         await asyncio.sleep(0.05)
         assert gen.stats.new_tokens == n < 10_000          # nothing runs after the cancel
         assert model.scheduler.sessions_in_use == 0
+        await _until(lambda: gen.finish_reason is not None, timeout=2)   # nobody reads the end event
+        assert gen.finish_reason == "cancelled"
 
     asyncio.run(main())
 

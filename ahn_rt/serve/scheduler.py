@@ -419,8 +419,9 @@ class AsyncGeneration:
 
     def _on_event(self, event):   # in the event loop
         self._queue.put_nowait(event)
-        if event[0] == "end":
+        if event[0] == "end":          # finish_reason is known now, read or not (a cancelled task reads no more)
             self._end_event = event
+            self.finish_reason = event[1]
             self._released.set()
 
     def __aiter__(self):
