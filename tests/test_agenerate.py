@@ -274,3 +274,37 @@ def test_the_core_does_not_import_the_server_stack():
             "assert not bad, bad\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_process_exits_cleanly_while_generations_run():
+    """At interpreter exit every scheduler cancels its generations and its worker ends before the interpreter
+    finalizes: a daemon worker stopped there inside a torch call aborts the process (exit code 134)."""
+    import subprocess
+    import sys
+    code = ("import atexit, threading\n"
+            "def check():   # registered before ahn_rt is imported, so it runs after ahn_rt's exit hook\n"
+            "    alive = [t for t in threading.enumerate() if t.name == 'ahn_rt-scheduler']\n"
+            "    print('workers', len(alive), 'ended', [g.ticket.run.finish_reason for g in gens], flush=True)\n"
+            "atexit.register(check)\n"
+            "import asyncio, torch\n"
+            "from ahn_rt.init_weights import preset_config, random_state_dict\n"
+            "from ahn_rt.runtime import from_state_dict\n"
+            "cfg = preset_config('tiny', True, torch.float32); cfg['vocab_size'] = 97\n"
+            "m = from_state_dict(cfg, random_state_dict(cfg, dtype=torch.float32), window=6, sinks=2, device='cpu')\n"
+            "m._tokenizer = type('T', (), {'decode': lambda s, ids: 'x'})()\n"
+            "m._eos_ids = (None, frozenset())   # no end of sequence: the generations run until exit\n"
+            "gens, reading = [], threading.Event()\n"
+            "def serve():   # an event loop in a daemon thread, still reading when the main thread exits\n"
+            "    async def main():\n"
+            "        m.start_scheduler(max_active=1)\n"
+            "        gens.extend(m.agenerate([1, 2, 3], max_new_tokens=10**9) for _ in range(2))\n"
+            "        await gens[0].__anext__()\n"
+            "        reading.set()\n"
+            "        async for _ in gens[0]:\n"
+            "            pass\n"
+            "    asyncio.run(main())\n"
+            "threading.Thread(target=serve, daemon=True).start()\n"
+            "assert reading.wait(60)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "workers 0 ended ['cancelled', 'cancelled']" in p.stdout, (p.stdout, p.stderr)

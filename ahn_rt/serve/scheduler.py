@@ -26,6 +26,7 @@ with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import sys
 import threading
@@ -37,6 +38,25 @@ import torch
 
 from ..cache import shared_pool
 from ..errors import AhnError
+
+
+# Every scheduler made in this process (weakly): at interpreter exit each one cancels its generations and its
+# worker ends before the interpreter finalizes. A daemon worker still stepping then is stopped inside a
+# torch call, and the process aborts ("terminate called without an active exception", exit code 134).
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+_EXITING = False
+_EXIT_WAIT_S = 10.0    # per worker: it finishes the loop it is in (one prefill chunk or decode step)
+
+
+@atexit.register
+def _stop_all_at_exit():
+    global _EXITING
+    _EXITING = True
+    scheds = list(_LIVE)
+    for s in scheds:
+        s._stop()
+    for s in scheds:
+        s._thread.join(_EXIT_WAIT_S)
 
 
 class QueueFull(AhnError):
@@ -116,7 +136,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._active: list[Ticket] = []
-        self._closing = False
+        self._closing = _EXITING         # made during interpreter exit: takes nothing, its worker ends at once
         self.closed = False
         self.pool = None                 # the StatePool of the lent sessions (made on the first admission)
         self._idle = []                  # lent sessions not in use (they keep their captured graphs)
@@ -127,6 +147,7 @@ class Scheduler:
                                         daemon=True)
         weakref.finalize(self, _wake, self._cv)
         self._thread.start()
+        _LIVE.add(self)
 
     # ---- the caller's side ----------------------------------------------------------------------
     @property
@@ -181,6 +202,19 @@ class Scheduler:
             self._cv.notify()
         if wait:
             self._thread.join(timeout)
+
+    def _stop(self):
+        """Interpreter exit: no new submissions, every queued and active generation ends "cancelled" (the
+        active ones at the worker's next loop), then the worker ends."""
+        with self._cv:
+            self._closing = True
+            queued = list(self._waiting)
+            self._waiting.clear()
+            for t in (*queued, *self._active):
+                t.cancelled = True
+            self._cv.notify_all()
+        for t in queued:
+            self._end(t, "cancelled")
 
     # ---- the worker -----------------------------------------------------------------------------
     @property
