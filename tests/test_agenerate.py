@@ -201,6 +201,28 @@ def test_a_queued_generation_can_be_closed_and_times_out_in_the_queue(model):
     asyncio.run(main())
 
 
+def test_start_scheduler_in_another_thread_during_agenerate_does_not_refuse_it(model, monkeypatch):
+    """A service that changes its limits (start_scheduler) while other threads call agenerate: a call that
+    picked the old scheduler just before it was replaced (and shut down) goes to the new one, not AhnError."""
+    from ahn_rt.serve.scheduler import Scheduler
+    want = "".join(model.generate(PROMPTS[0], **_kw(0)))
+    submit, replaced = Scheduler.submit, []
+
+    def racing_submit(self, *a, **kw):
+        if not replaced:            # the other thread's start_scheduler lands between the two lines
+            replaced.append(model.start_scheduler(max_active=2))
+        return submit(self, *a, **kw)
+    monkeypatch.setattr(Scheduler, "submit", racing_submit)
+
+    async def main():
+        old = model.start_scheduler(max_active=1)
+        gen = model.agenerate(PROMPTS[0], **_kw(0))
+        assert old._closing and gen.ticket.scheduler is replaced[0] is model.scheduler
+        return await _collect(gen)
+
+    assert asyncio.run(main()) == (want, "length")
+
+
 def test_arguments_are_checked_at_the_call(model):
     async def main():
         for bad in [dict(max_new_tokens=-1), dict(temperature=-1), dict(stop=[""]), dict(timeout=0)]:
