@@ -228,6 +228,11 @@ def test_arguments_are_checked_at_the_call(model):
         for bad in [dict(max_new_tokens=-1), dict(temperature=-1), dict(stop=[""]), dict(timeout=0)]:
             with pytest.raises(ahn_rt.AhnError):
                 model.agenerate(PROMPTS[0], **bad)
+        for bad in [-1, float("nan"), True, "1"]:
+            with pytest.raises(ahn_rt.AhnError, match="timeout"):
+                model.agenerate(PROMPTS[0], timeout=bad)
+        for no_limit in [float("inf"), 1e308, 10 ** 400]:     # no OverflowError for an int past every float
+            assert (await _collect(model.agenerate(PROMPTS[0], **_kw(0, 2), timeout=no_limit)))[1] == "length"
         with pytest.raises(ahn_rt.AhnError, match="empty"):
             model.agenerate([])
         with pytest.raises(ahn_rt.AhnError, match="vocabulary"):

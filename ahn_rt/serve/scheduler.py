@@ -433,7 +433,10 @@ class AsyncGeneration:
         # this, not on the queue, where a task iterating meanwhile may take the end event first.
         self._released = asyncio.Event()
         self._end_event = None
-        deadline = time.monotonic() + timeout if timeout is not None else None
+        try:
+            deadline = time.monotonic() + timeout if timeout is not None else None
+        except OverflowError:   # an int past every float (10**400): no limit, as float("inf")
+            deadline = float("inf")
         # The worker reaches this object only through a weak reference: one that its caller drops unread
         # is collected, and __del__ cancels its generation (else it ran to max_new_tokens, holding a session).
         ref = weakref.ref(self)
