@@ -3,6 +3,7 @@ iterator, leaving ``async with`` or cancelling the task stops it and releases it
 admission (max_active, a bounded queue); arguments are checked at the call."""
 import asyncio
 import time
+from fractions import Fraction
 
 import pytest
 import torch
@@ -223,6 +224,14 @@ def test_start_scheduler_in_another_thread_during_agenerate_does_not_refuse_it(m
     assert asyncio.run(main()) == (want, "length")
 
 
+def _numpy_reals():
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    return [np.float32(3.5), np.int64(4)]
+
+
 def test_arguments_are_checked_at_the_call(model):
     async def main():
         for bad in [dict(max_new_tokens=-1), dict(temperature=-1), dict(stop=[""]), dict(timeout=0)]:
@@ -233,6 +242,8 @@ def test_arguments_are_checked_at_the_call(model):
                 model.agenerate(PROMPTS[0], timeout=bad)
         for no_limit in [float("inf"), 1e308, 10 ** 400]:     # no OverflowError for an int past every float
             assert (await _collect(model.agenerate(PROMPTS[0], **_kw(0, 2), timeout=no_limit)))[1] == "length"
+        for real in [Fraction(7, 2), *_numpy_reals()]:        # any real number, as the sampling arguments take
+            assert (await _collect(model.agenerate(PROMPTS[0], **_kw(0, 2), timeout=real)))[1] == "length"
         with pytest.raises(ahn_rt.AhnError, match="empty"):
             model.agenerate([])
         with pytest.raises(ahn_rt.AhnError, match="vocabulary"):

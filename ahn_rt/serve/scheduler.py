@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import numbers
 import sys
 import threading
 import time
@@ -420,7 +421,7 @@ class AsyncGeneration:
         except RuntimeError:
             raise AhnError("agenerate needs a running event loop: call it from async code "
                            "(use generate in plain threads)") from None
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
                                     or not timeout > 0):
             raise AhnError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.run = run
@@ -434,7 +435,7 @@ class AsyncGeneration:
         self._released = asyncio.Event()
         self._end_event = None
         try:
-            deadline = time.monotonic() + timeout if timeout is not None else None
+            deadline = time.monotonic() + float(timeout) if timeout is not None else None
         except OverflowError:   # an int past every float (10**400): no limit, as float("inf")
             deadline = float("inf")
         # The worker reaches this object only through a weak reference: one that its caller drops unread
