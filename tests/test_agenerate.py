@@ -274,6 +274,29 @@ def test_a_failing_generation_raises_in_its_caller_only(model):
     assert model.scheduler.active == 0 and model.scheduler.sessions_in_use == 0
 
 
+def test_a_failing_metrics_hook_is_printed_and_every_generation_goes_on(model, capfd):
+    """start_scheduler(metrics=...) with a hook that raises: each generation still gets its solo text, every
+    session comes back once, and the worker lives on (the error was raised in _end after the session was
+    given back: the generation was ended twice, its session lent twice, and the worker died)."""
+    class Broken:
+        def first_token(self, seconds, cached):
+            raise RuntimeError("metrics bug")
+        next_token = finished = first_token
+
+    solo = [("".join(g), g.finish_reason) for g in (model.generate(PROMPTS[i], **_kw(i)) for i in range(4))]
+
+    async def main():
+        model.start_scheduler(max_active=2, metrics=Broken())
+        return await asyncio.wait_for(asyncio.gather(*[_collect(model.agenerate(PROMPTS[i], **_kw(i)))
+                                                       for i in range(4)]), 30)
+
+    assert asyncio.run(main()) == solo
+    sched = model.scheduler
+    assert sched._thread.is_alive() and sched.sessions_in_use == 0 and sched.active == 0
+    assert len(sched._idle) == len({id(s) for s in sched._idle}) == sched.pool.size == 2
+    assert "metrics bug" in capfd.readouterr().err
+
+
 def test_long_prompts_prefill_one_chunk_per_step_while_others_stream(model):
     async def main():
         model.start_scheduler(max_active=4)          # prefill budget: one chunk (8 tokens) per step

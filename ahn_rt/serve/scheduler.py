@@ -372,15 +372,23 @@ class Scheduler:
             if t.first_token_at is None:
                 t.first_token_at = now
                 if m is not None:
-                    m.first_token(now - t.submitted, run.stats.cached_tokens)
+                    self._observe("first_token", now - t.submitted, run.stats.cached_tokens)
             elif m is not None:
-                m.next_token(now - t.last_token_at)
+                self._observe("next_token", now - t.last_token_at)
             t.last_token_at = now
             t._seen = run.sampled
         for piece in run.take():
             t.sink(("text", piece))
         if run.done:
             self._end(t, run.finish_reason)
+
+    def _observe(self, hook: str, *args):
+        """A metrics hook. One that fails is printed, not raised: raised in ``_end``, after the session
+        was given back, it ended the generation again (its session lent twice) and killed the worker."""
+        try:
+            getattr(self.metrics, hook)(*args)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
 
     def _end(self, t: Ticket, reason: str, exc: BaseException | None = None):
         run = t.run
@@ -398,7 +406,7 @@ class Scheduler:
             if t in self._active:
                 self._active.remove(t)
         if self.metrics is not None:
-            self.metrics.finished(run, run.finish_reason, time.perf_counter() - t.submitted)
+            self._observe("finished", run, run.finish_reason, time.perf_counter() - t.submitted)
         t.ended.set()
         if t.on_end is not None:
             try:
