@@ -486,7 +486,15 @@ class Model:
         self._check_session(session, "agenerate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                             seed, stop, chat, system)
-        return AsyncGeneration(self.scheduler, run, session=session, timeout=timeout)
+        while True:
+            sched = self.scheduler
+            try:
+                return AsyncGeneration(sched, run, session=session, timeout=timeout)
+            except AhnError:
+                # start_scheduler (another thread) replaced it between the two lines: the new one takes it
+                if sched._closing and self._scheduler is not sched:
+                    continue
+                raise
 
 
 def _id_range(ids: torch.Tensor) -> tuple[int, int]:

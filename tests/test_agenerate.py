@@ -3,6 +3,7 @@ iterator, leaving ``async with`` or cancelling the task stops it and releases it
 admission (max_active, a bounded queue); arguments are checked at the call."""
 import asyncio
 import time
+from fractions import Fraction
 
 import pytest
 import torch
@@ -108,6 +109,31 @@ def test_aclose_and_async_with_release_the_session(model):
     asyncio.run(main())
 
 
+def test_aclose_returns_while_another_task_is_iterating(model):
+    """aclose() from one task while another task awaits the same generation (a watchdog closing a stream):
+    the reader may take the end event off the queue; aclose still returns once the session is released."""
+    async def main():
+        model.start_scheduler(max_active=1)
+        first = model.agenerate(PROMPTS[0], max_new_tokens=10_000, temperature=0)
+        await first.__anext__()
+        for queued in (True, False):
+            gen = model.agenerate(PROMPTS[1], max_new_tokens=10_000, temperature=0)
+            if not queued:
+                await first.aclose()             # gen gets the session and decodes
+            reader = asyncio.create_task(_collect(gen))
+            if queued:
+                await asyncio.sleep(0)           # the reader now waits on the queued generation
+            else:
+                await _until(lambda: gen.stats.new_tokens >= 2)
+            await asyncio.wait_for(gen.aclose(), 10)
+            assert gen.finish_reason == "cancelled"
+            assert await asyncio.wait_for(reader, 10) is not None
+            assert model.scheduler.active == (1 if queued else 0)     # first still holds its session
+        assert model.scheduler.sessions_in_use == 0
+
+    asyncio.run(main())
+
+
 def test_cancelling_the_task_stops_at_the_next_token(model):
     async def main():
         gen = model.agenerate(PROMPTS[2], max_new_tokens=10_000, temperature=0)
@@ -127,6 +153,8 @@ def test_cancelling_the_task_stops_at_the_next_token(model):
         await asyncio.sleep(0.05)
         assert gen.stats.new_tokens == n < 10_000          # nothing runs after the cancel
         assert model.scheduler.sessions_in_use == 0
+        await _until(lambda: gen.finish_reason is not None, timeout=2)   # nobody reads the end event
+        assert gen.finish_reason == "cancelled"
 
     asyncio.run(main())
 
@@ -174,11 +202,48 @@ def test_a_queued_generation_can_be_closed_and_times_out_in_the_queue(model):
     asyncio.run(main())
 
 
+def test_start_scheduler_in_another_thread_during_agenerate_does_not_refuse_it(model, monkeypatch):
+    """A service that changes its limits (start_scheduler) while other threads call agenerate: a call that
+    picked the old scheduler just before it was replaced (and shut down) goes to the new one, not AhnError."""
+    from ahn_rt.serve.scheduler import Scheduler
+    want = "".join(model.generate(PROMPTS[0], **_kw(0)))
+    submit, replaced = Scheduler.submit, []
+
+    def racing_submit(self, *a, **kw):
+        if not replaced:            # the other thread's start_scheduler lands between the two lines
+            replaced.append(model.start_scheduler(max_active=2))
+        return submit(self, *a, **kw)
+    monkeypatch.setattr(Scheduler, "submit", racing_submit)
+
+    async def main():
+        old = model.start_scheduler(max_active=1)
+        gen = model.agenerate(PROMPTS[0], **_kw(0))
+        assert old._closing and gen.ticket.scheduler is replaced[0] is model.scheduler
+        return await _collect(gen)
+
+    assert asyncio.run(main()) == (want, "length")
+
+
+def _numpy_reals():
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    return [np.float32(3.5), np.int64(4)]
+
+
 def test_arguments_are_checked_at_the_call(model):
     async def main():
         for bad in [dict(max_new_tokens=-1), dict(temperature=-1), dict(stop=[""]), dict(timeout=0)]:
             with pytest.raises(ahn_rt.AhnError):
                 model.agenerate(PROMPTS[0], **bad)
+        for bad in [-1, float("nan"), True, "1"]:
+            with pytest.raises(ahn_rt.AhnError, match="timeout"):
+                model.agenerate(PROMPTS[0], timeout=bad)
+        for no_limit in [float("inf"), 1e308, 10 ** 400]:     # no OverflowError for an int past every float
+            assert (await _collect(model.agenerate(PROMPTS[0], **_kw(0, 2), timeout=no_limit)))[1] == "length"
+        for real in [Fraction(7, 2), *_numpy_reals()]:        # any real number, as the sampling arguments take
+            assert (await _collect(model.agenerate(PROMPTS[0], **_kw(0, 2), timeout=real)))[1] == "length"
         with pytest.raises(ahn_rt.AhnError, match="empty"):
             model.agenerate([])
         with pytest.raises(ahn_rt.AhnError, match="vocabulary"):
@@ -207,6 +272,29 @@ def test_a_failing_generation_raises_in_its_caller_only(model):
 
     assert asyncio.run(main())[0] == want
     assert model.scheduler.active == 0 and model.scheduler.sessions_in_use == 0
+
+
+def test_a_failing_metrics_hook_is_printed_and_every_generation_goes_on(model, capfd):
+    """start_scheduler(metrics=...) with a hook that raises: each generation still gets its solo text, every
+    session comes back once, and the worker lives on (the error was raised in _end after the session was
+    given back: the generation was ended twice, its session lent twice, and the worker died)."""
+    class Broken:
+        def first_token(self, seconds, cached):
+            raise RuntimeError("metrics bug")
+        next_token = finished = first_token
+
+    solo = [("".join(g), g.finish_reason) for g in (model.generate(PROMPTS[i], **_kw(i)) for i in range(4))]
+
+    async def main():
+        model.start_scheduler(max_active=2, metrics=Broken())
+        return await asyncio.wait_for(asyncio.gather(*[_collect(model.agenerate(PROMPTS[i], **_kw(i)))
+                                                       for i in range(4)]), 30)
+
+    assert asyncio.run(main()) == solo
+    sched = model.scheduler
+    assert sched._thread.is_alive() and sched.sessions_in_use == 0 and sched.active == 0
+    assert len(sched._idle) == len({id(s) for s in sched._idle}) == sched.pool.size == 2
+    assert "metrics bug" in capfd.readouterr().err
 
 
 def test_long_prompts_prefill_one_chunk_per_step_while_others_stream(model):
@@ -247,3 +335,37 @@ def test_the_core_does_not_import_the_server_stack():
             "assert not bad, bad\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_process_exits_cleanly_while_generations_run():
+    """At interpreter exit every scheduler cancels its generations and its worker ends before the interpreter
+    finalizes: a daemon worker stopped there inside a torch call aborts the process (exit code 134)."""
+    import subprocess
+    import sys
+    code = ("import atexit, threading\n"
+            "def check():   # registered before ahn_rt is imported, so it runs after ahn_rt's exit hook\n"
+            "    alive = [t for t in threading.enumerate() if t.name == 'ahn_rt-scheduler']\n"
+            "    print('workers', len(alive), 'ended', [g.ticket.run.finish_reason for g in gens], flush=True)\n"
+            "atexit.register(check)\n"
+            "import asyncio, torch\n"
+            "from ahn_rt.init_weights import preset_config, random_state_dict\n"
+            "from ahn_rt.runtime import from_state_dict\n"
+            "cfg = preset_config('tiny', True, torch.float32); cfg['vocab_size'] = 97\n"
+            "m = from_state_dict(cfg, random_state_dict(cfg, dtype=torch.float32), window=6, sinks=2, device='cpu')\n"
+            "m._tokenizer = type('T', (), {'decode': lambda s, ids: 'x'})()\n"
+            "m._eos_ids = (None, frozenset())   # no end of sequence: the generations run until exit\n"
+            "gens, reading = [], threading.Event()\n"
+            "def serve():   # an event loop in a daemon thread, still reading when the main thread exits\n"
+            "    async def main():\n"
+            "        m.start_scheduler(max_active=1)\n"
+            "        gens.extend(m.agenerate([1, 2, 3], max_new_tokens=10**9) for _ in range(2))\n"
+            "        await gens[0].__anext__()\n"
+            "        reading.set()\n"
+            "        async for _ in gens[0]:\n"
+            "            pass\n"
+            "    asyncio.run(main())\n"
+            "threading.Thread(target=serve, daemon=True).start()\n"
+            "assert reading.wait(60)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "workers 0 ended ['cancelled', 'cancelled']" in p.stdout, (p.stdout, p.stderr)

@@ -26,7 +26,9 @@ with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
+import numbers
 import sys
 import threading
 import time
@@ -37,6 +39,25 @@ import torch
 
 from ..cache import shared_pool
 from ..errors import AhnError
+
+
+# Every scheduler made in this process (weakly): at interpreter exit each one cancels its generations and its
+# worker ends before the interpreter finalizes. A daemon worker still stepping then is stopped inside a
+# torch call, and the process aborts ("terminate called without an active exception", exit code 134).
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+_EXITING = False
+_EXIT_WAIT_S = 10.0    # per worker: it finishes the loop it is in (one prefill chunk or decode step)
+
+
+@atexit.register
+def _stop_all_at_exit():
+    global _EXITING
+    _EXITING = True
+    scheds = list(_LIVE)
+    for s in scheds:
+        s._stop()
+    for s in scheds:
+        s._thread.join(_EXIT_WAIT_S)
 
 
 class QueueFull(AhnError):
@@ -116,7 +137,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._active: list[Ticket] = []
-        self._closing = False
+        self._closing = _EXITING         # made during interpreter exit: takes nothing, its worker ends at once
         self.closed = False
         self.pool = None                 # the StatePool of the lent sessions (made on the first admission)
         self._idle = []                  # lent sessions not in use (they keep their captured graphs)
@@ -127,6 +148,7 @@ class Scheduler:
                                         daemon=True)
         weakref.finalize(self, _wake, self._cv)
         self._thread.start()
+        _LIVE.add(self)
 
     # ---- the caller's side ----------------------------------------------------------------------
     @property
@@ -181,6 +203,19 @@ class Scheduler:
             self._cv.notify()
         if wait:
             self._thread.join(timeout)
+
+    def _stop(self):
+        """Interpreter exit: no new submissions, every queued and active generation ends "cancelled" (the
+        active ones at the worker's next loop), then the worker ends."""
+        with self._cv:
+            self._closing = True
+            queued = list(self._waiting)
+            self._waiting.clear()
+            for t in (*queued, *self._active):
+                t.cancelled = True
+            self._cv.notify_all()
+        for t in queued:
+            self._end(t, "cancelled")
 
     # ---- the worker -----------------------------------------------------------------------------
     @property
@@ -337,15 +372,23 @@ class Scheduler:
             if t.first_token_at is None:
                 t.first_token_at = now
                 if m is not None:
-                    m.first_token(now - t.submitted, run.stats.cached_tokens)
+                    self._observe("first_token", now - t.submitted, run.stats.cached_tokens)
             elif m is not None:
-                m.next_token(now - t.last_token_at)
+                self._observe("next_token", now - t.last_token_at)
             t.last_token_at = now
             t._seen = run.sampled
         for piece in run.take():
             t.sink(("text", piece))
         if run.done:
             self._end(t, run.finish_reason)
+
+    def _observe(self, hook: str, *args):
+        """A metrics hook. One that fails is printed, not raised: raised in ``_end``, after the session
+        was given back, it ended the generation again (its session lent twice) and killed the worker."""
+        try:
+            getattr(self.metrics, hook)(*args)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
 
     def _end(self, t: Ticket, reason: str, exc: BaseException | None = None):
         run = t.run
@@ -363,7 +406,7 @@ class Scheduler:
             if t in self._active:
                 self._active.remove(t)
         if self.metrics is not None:
-            self.metrics.finished(run, run.finish_reason, time.perf_counter() - t.submitted)
+            self._observe("finished", run, run.finish_reason, time.perf_counter() - t.submitted)
         t.ended.set()
         if t.on_end is not None:
             try:
@@ -386,7 +429,7 @@ class AsyncGeneration:
         except RuntimeError:
             raise AhnError("agenerate needs a running event loop: call it from async code "
                            "(use generate in plain threads)") from None
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
                                     or not timeout > 0):
             raise AhnError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.run = run
@@ -395,7 +438,14 @@ class AsyncGeneration:
         self.finish_reason: str | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._ended = False
-        deadline = time.monotonic() + timeout if timeout is not None else None
+        # Set (in the event loop) once the end event has arrived, whoever reads the queue: aclose() waits on
+        # this, not on the queue, where a task iterating meanwhile may take the end event first.
+        self._released = asyncio.Event()
+        self._end_event = None
+        try:
+            deadline = time.monotonic() + float(timeout) if timeout is not None else None
+        except OverflowError:   # an int past every float (10**400): no limit, as float("inf")
+            deadline = float("inf")
         # The worker reaches this object only through a weak reference: one that its caller drops unread
         # is collected, and __del__ cancels its generation (else it ran to max_new_tokens, holding a session).
         ref = weakref.ref(self)
@@ -409,9 +459,16 @@ class AsyncGeneration:
 
     def _sink(self, event):
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._on_event, event)
         except RuntimeError:   # the event loop is gone: nobody reads this generation any more
             self.ticket.cancelled = True
+
+    def _on_event(self, event):   # in the event loop
+        self._queue.put_nowait(event)
+        if event[0] == "end":          # finish_reason is known now, read or not (a cancelled task reads no more)
+            self._end_event = event
+            self.finish_reason = event[1]
+            self._released.set()
 
     def __aiter__(self):
         return self
@@ -439,12 +496,9 @@ class AsyncGeneration:
         if self._ended:
             return
         self.ticket.cancel()
-        while True:
-            event = await self._queue.get()
-            if event[0] == "end":
-                self._ended = True
-                self.finish_reason = event[1]
-                return
+        await self._released.wait()
+        self._ended = True
+        self.finish_reason = self._end_event[1]
 
     async def __aenter__(self):
         return self
