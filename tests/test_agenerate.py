@@ -369,3 +369,31 @@ def test_the_process_exits_cleanly_while_generations_run():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "workers 0 ended ['cancelled', 'cancelled']" in p.stdout, (p.stdout, p.stderr)
+
+
+def test_a_final_state_that_cannot_be_kept_fails_that_generation_only(model, monkeypatch):
+    """keep_state (a server conversation): copying the final state failed (out of memory, say) inside _end,
+    and the error escaped into the step: every generation of that step ended with it. Now only the
+    generation whose state could not be kept ends with "error" (and no final_state); the others finish."""
+    from ahn_rt.cache import State
+    from ahn_rt.serve.scheduler import AsyncGeneration
+    want = [("".join(g), g.finish_reason) for g in (model.generate(PROMPTS[i], **_kw(i)) for i in (1, 2))]
+
+    def no_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(State, "export", no_memory)
+
+    async def main():
+        model.start_scheduler(max_active=3)
+        keep = AsyncGeneration(model.scheduler, model._new_run(PROMPTS[0], max_new_tokens=5, temperature=0.0),
+                               keep_state=True)
+        others = [model.agenerate(PROMPTS[i], **_kw(i)) for i in (1, 2)]
+        got = await asyncio.wait_for(asyncio.gather(_collect(keep), *map(_collect, others), return_exceptions=True), 30)
+        return keep, got
+
+    keep, got = asyncio.run(main())
+    assert isinstance(got[0], ahn_rt.AhnError) and "final state could not be kept" in str(got[0])
+    assert "OutOfMemoryError" in str(got[0]) and keep.finish_reason == "error" and keep.ticket.final_state is None
+    assert got[1:] == want
+    sched = model.scheduler
+    assert sched._thread.is_alive() and sched.sessions_in_use == 0 and sched.active == 0

@@ -395,8 +395,15 @@ class Scheduler:
         run.abort(reason)
         if t.sess is not None:
             if t.keep_state and exc is None and run.finish_reason in ("stop", "length"):
-                st = t.sess.state
-                t.final_state = ({k: v.clone() for k, v in st.export().items()}, st.position)
+                try:
+                    st = t.sess.state
+                    t.final_state = ({k: v.clone() for k, v in st.export().items()}, st.position)
+                except Exception as e:  # noqa: BLE001 - out of memory, say: this generation fails, not the step
+                    t.final_state = None
+                    run.finish_reason = "error"
+                    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                    exc = AhnError(f"the generation's final state could not be kept ({type(e).__name__}: {msg}); "
+                                   "its conversation stays as it was before this request")
             if t.session is None:
                 self._take_back(t.sess)
         if t.claimed:
