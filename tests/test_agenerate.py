@@ -397,3 +397,42 @@ def test_a_final_state_that_cannot_be_kept_fails_that_generation_only(model, mon
     assert got[1:] == want
     sched = model.scheduler
     assert sched._thread.is_alive() and sched.sessions_in_use == 0 and sched.active == 0
+
+
+def test_a_queued_generation_collected_inside_the_worker_does_not_kill_it(model):
+    """An unread queued generation whose last reference goes while the worker sorts the queue (the garbage
+    collector runs where the worker allocates): its __del__ removed the ticket from the queue under the
+    worker's feet, the worker's own remove raised ValueError and it died, every generation hanging. The
+    collection is staged here at the worker's deadline check of that ticket."""
+    import gc
+    want = [("".join(g), g.finish_reason) for g in (model.generate(PROMPTS[1], **_kw(1, 30)),)]
+    fired = []
+
+    class Trap(float):           # compared as `now > deadline`: a float subclass's __lt__ runs first
+        def __lt__(self, now):
+            if held:
+                held.clear()     # the queued generation's last reference: __del__ runs here, in the worker
+                gc.collect()
+                fired.append(True)
+                return True      # ... and its deadline has passed: the worker removes it too
+            return False
+
+    async def main():
+        model.start_scheduler(max_active=1)
+        busy = model.agenerate(PROMPTS[1], **_kw(1, 30))
+        first = await busy.__anext__()
+        gen = model.agenerate(PROMPTS[2], max_new_tokens=5)
+        ticket = gen.ticket
+        with model.scheduler._cv:
+            ticket.deadline = Trap(1e300)
+            held.append(gen)
+        del gen
+        rest = await asyncio.wait_for(_collect(busy), 10)
+        await _until(lambda: ticket.ended.is_set())
+        return first + rest[0], rest[1], ticket
+
+    held = []
+    text, reason, ticket = asyncio.run(main())
+    assert fired and [(text, reason)] == want and ticket.run.finish_reason in ("cancelled", "timeout")
+    sched = model.scheduler
+    assert sched._thread.is_alive() and sched.sessions_in_use == 0 and sched.active == 0 and not sched._waiting

@@ -196,6 +196,14 @@ class Scheduler:
         if queued:
             self._end(t, "cancelled")
 
+    def _drop(self, t: Ticket):
+        """A generation collected unread (``AsyncGeneration.__del__``): mark it cancelled and wake the worker,
+        which ends it. Nothing else is touched here: the collection may run inside the worker itself, in
+        the middle of its own bookkeeping of the queue (``cancel`` there removed a ticket that ``_admit``
+        was about to remove: ValueError, and the worker died)."""
+        t.cancelled = True
+        _wake(self._cv)
+
     def shutdown(self, wait: bool = True, timeout: float | None = None):
         """Finish every active and queued generation, then stop the worker; no new submissions."""
         with self._cv:
@@ -229,11 +237,12 @@ class Scheduler:
             model.decoder.warm_attention(model.chunk_size)   # cuDNN's plans are per thread
 
     def _admit(self):
-        """Under ``_cv``: "exit", "wait", or the work of one loop (the batch and the expired queued)."""
+        """Under ``_cv``: "exit", "wait", or the work of one loop (the batch, and the queued that timed out or were
+        dropped unread)."""
         expired = []
         now = time.monotonic()
         for t in list(self._waiting):
-            if t.deadline is not None and now > t.deadline:
+            if t.cancelled or (t.deadline is not None and now > t.deadline):
                 self._waiting.remove(t)
                 expired.append(t)
         while self._waiting and len(self._active) < self.max_active:
@@ -247,7 +256,7 @@ class Scheduler:
 
     def _iterate(self, batch: list[Ticket], expired: list[Ticket]):
         for t in expired:
-            self._end(t, "timeout")
+            self._end(t, "cancelled" if t.cancelled else "timeout")
         try:
             self._loop_once(batch)
         except Exception as e:  # noqa: BLE001 - a bug here must not hang every client
@@ -520,6 +529,6 @@ class AsyncGeneration:
     def __del__(self):
         if not getattr(self, "_ended", True) and hasattr(self, "ticket"):
             try:
-                self.ticket.cancel()
+                self.ticket.scheduler._drop(self.ticket)
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
