@@ -513,3 +513,18 @@ def test_collate_pads_right_and_marks_loss_positions():
     assert mb.valid[0].nonzero().squeeze(1).tolist() == [5, 6, 7, 8]
     assert mb.valid[1].nonzero().squeeze(1).tolist() == [3, 4]
     assert mb.tokens == 16 and mb.window.tolist() == [3, 2] and mb.sinks.tolist() == [2, 1]
+
+
+def test_one_epoch_counts_the_global_batch_of_every_rank(tmp_path, config, base):
+    """Without --steps a run is one epoch: ceil(sequences / global batch) steps, the global batch being
+    batch x grad_accum x the strategy's ranks (the world size was taken from the ``world_size`` argument,
+    which the command line never passes, so two ranks ran two epochs)."""
+    from ahn_rt.train import dist
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [40] * 7, fixed)
+    settings = TrainSettings(steps=None, batch=1, grad_accum=2, budget=fixed)
+    assert Trainer(new_model(config, base), data, settings).total_steps == 4
+    for rank in (0, 1):
+        tr = Trainer(new_model(config, base), data, settings, parallel=dist.Single(rank=rank, world_size=2))
+        assert tr.world_size == 2 and tr.total_steps == 2            # ceil(7 / (1 x 2 x 2))
+    assert Trainer(new_model(config, base), data, settings, rank=1, world_size=2).total_steps == 2
