@@ -528,3 +528,23 @@ def test_one_epoch_counts_the_global_batch_of_every_rank(tmp_path, config, base)
         tr = Trainer(new_model(config, base), data, settings, parallel=dist.Single(rank=rank, world_size=2))
         assert tr.world_size == 2 and tr.total_steps == 2            # ceil(7 / (1 x 2 x 2))
     assert Trainer(new_model(config, base), data, settings, rank=1, world_size=2).total_steps == 2
+
+
+def test_a_utf8_byte_order_mark_does_not_cost_the_first_record(tmp_path):
+    """A JSONL file that starts with a UTF-8 byte order mark (as Windows editors and PowerShell write it):
+    its first record was skipped as "invalid JSON", and a file of one record had "no usable record". The
+    mark is dropped at the start of the file only; elsewhere it is still a bad record."""
+    budget = BudgetSpec(fixed=(8, 2))
+    bom = b"\xef\xbb\xbf"
+    rec = [json.dumps({"input_ids": list(range(k, k + 30))}).encode() for k in range(3)]
+    (tmp_path / "one.jsonl").write_bytes(bom + rec[0] + b"\r\n")
+    d = load_dataset(tmp_path / "one.jsonl", vocab_size=V, seq_len=4096, budget=budget)
+    assert len(d) == 1 and d.seq(0)[0].tolist() == list(range(30)) and not d.stats.skipped
+    (tmp_path / "three.jsonl").write_bytes(bom + rec[0] + b"\n" + rec[1] + b"\n" + bom + rec[2] + b"\n")
+    d = load_dataset(tmp_path / "three.jsonl", vocab_size=V, seq_len=4096, budget=budget)
+    assert (d.stats.used, d.stats.lines, dict(d.stats.skipped)) == (2, 3, {"invalid JSON": 1})
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"input_ids": list(range(30))}])
+    (tmp_path / "bom_blank.jsonl").write_bytes(bom + b"\n" + plain.read_bytes())   # a mark on a blank first line
+    d = load_dataset(tmp_path / "bom_blank.jsonl", vocab_size=V, seq_len=4096, budget=budget)
+    assert (d.stats.used, d.stats.lines) == (1, 1)
+    assert d.fingerprint == load_dataset(plain, vocab_size=V, seq_len=4096, budget=budget).fingerprint

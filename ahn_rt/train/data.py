@@ -303,7 +303,9 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
     longest = 0
     try:
         with open(path, "rb") as f:
-            for raw in f:
+            for i, raw in enumerate(f):
+                if i == 0:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")   # a UTF-8 byte order mark (Windows editors)
                 if not raw.strip():
                     continue
                 stats.lines += 1
