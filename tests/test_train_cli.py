@@ -467,3 +467,45 @@ def test_real_entry_point_exit_codes_and_ctrl_c(tiny, tmp_path):
     logged = len((out / "log.jsonl").read_text().splitlines())
     assert 1 <= state["step"] <= logged
     assert not list(out.glob(".resume.tmp-*")) and not (out / "model.safetensors").exists()
+
+
+def test_a_run_stopped_before_its_first_resume_state_is_started_over_not_resumed(tiny, capsys, monkeypatch):
+    """Ctrl-C before the first resume state (every --save-every steps) leaves OUT/log.jsonl and no state.
+    Each message sent the user to the other one: the interrupt said "continue with --resume", --resume said
+    "run without --resume", and that said "already holds a training run; pass --resume". Now all three name
+    --overwrite, which starts the run over."""
+    root, _ = tiny
+    out = root / "stopped_early"
+    args = [*base_args(root, out), "--steps", 4, "--window", 8, "--sinks", 2, "--save-every", 100]
+    real_step = Trainer.train_step
+
+    def ctrl_c_at_step_2(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_at_step_2)
+        rc, _, err = train(capsys, *args)
+    assert rc == 130 and len((out / "log.jsonl").read_text().splitlines()) == 2 and not ckpt_io.find_resume(out)
+    assert err.splitlines()[-1] == ("interrupted; stopped before the first resume state (written every --save-every "
+                                    "steps); start over with --overwrite"), err
+    rc, _, err = train(capsys, *args, "--resume")
+    assert rc == 2 and err.count("\n") == 1 and "no resume state" in err, err
+    assert "start it over with --overwrite instead of --resume" in err and "run without --resume" not in err
+    rc, _, err = train(capsys, *args)
+    assert rc == 2 and err.count("\n") == 1 and "no resume state to continue it from" in err, err
+    assert "pass --overwrite to start over" in err and "--resume" not in err
+    rc, _, err = train(capsys, *args, "--overwrite")
+    assert rc == 0, err
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    # interrupted once a state exists: continue with --resume; before anything was written: run it again
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_at_step_2)
+        rc, _, err = train(capsys, *base_args(root, root / "stopped_late"), "--steps", 4, "--window", 8, "--sinks",
+                           2, "--save-every", 1)
+    assert rc == 130 and err.splitlines()[-1] == (f"interrupted; the last complete resume state is in "
+                                                  f"{root / 'stopped_late' / 'resume'}, continue with --resume"), err
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "__init__", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        rc, _, err = train(capsys, *base_args(root, root / "stopped_first"), "--steps", 4)
+    assert rc == 130 and err.splitlines()[-1] == "interrupted; nothing to resume yet; run the command again", err

@@ -241,6 +241,16 @@ def _check_out(out: Path):
                        "choose another --out") from None
 
 
+def _holds_run_files(out: Path) -> bool:
+    """OUT holds a run's log or model (with or without a resume state)."""
+    return any((out / f).exists() for f in ("model.safetensors", "log.jsonl"))
+
+
+def _has_resume_state(out: Path) -> bool:
+    """OUT holds a resume state (``checkpoint.find_resume``, without importing torch)."""
+    return any((out / name / "state.json").is_file() for name in ("resume", "resume.old"))
+
+
 def _check_out_spares_base(out: Path, base: Path):
     """OUT must not hold the base model: the run writes OUT/model.safetensors and OUT/config.json (AHN only)
     over the base's own, and --overwrite removes OUT/merged and OUT/resume (a base given from there)."""
@@ -351,12 +361,16 @@ def _run(a, d, out: Path) -> int:
             resume_dir = ckpt_io.find_resume(out) if out.is_dir() else None
             if resume_dir is None:
                 raise AhnError(f"--resume: no resume state in {out} (expected {out / 'resume' / 'state.json'}); "
-                               "run without --resume to start a new run")
+                               + ("the run there stopped before its first one (written every --save-every "
+                                  "steps): start it over with --overwrite instead of --resume"
+                                  if _holds_run_files(out) else "run without --resume to start a new run"))
             saved_state, saved_ahn, saved_tensors = ckpt_io.load_resume(resume_dir)
-        elif out.is_dir() and not a.overwrite and (ckpt_io.find_resume(out) or any(
-                (out / f).exists() for f in ("model.safetensors", "log.jsonl"))):
+        elif out.is_dir() and not a.overwrite and ckpt_io.find_resume(out):
             raise AhnError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
                            "start over, or choose another --out")
+        elif out.is_dir() and not a.overwrite and _holds_run_files(out):
+            raise AhnError(f"{out} already holds a training run with no resume state to continue it from; pass "
+                           "--overwrite to start over, or choose another --out")
         run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None, d.world_size)
         device = d.device
         attention.check_trainable(device)
@@ -542,8 +556,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, _interrupted)   # a second Ctrl-C while we print: leave at once
         if rank == 0:
-            print(f"\ninterrupted; the last complete resume state (if any) is in {Path(args.out) / 'resume'}, "
-                  "continue with --resume", file=sys.stderr)
+            out = Path(args.out).expanduser()
+            if _has_resume_state(out):
+                msg = f"the last complete resume state is in {out / 'resume'}, continue with --resume"
+            elif _holds_run_files(out):
+                msg = ("stopped before the first resume state (written every --save-every steps); start over "
+                       "with --overwrite")
+            else:
+                msg = "nothing to resume yet; run the command again"
+            print(f"\ninterrupted; {msg}", file=sys.stderr)
         return 130
     except _oom_types() as e:
         print(f"error{_rank_tag(rank)}: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or "
