@@ -295,6 +295,9 @@ def bad_files(tiny):
     ("init-ahn path empty", "--init-ahn is empty"),        # was ignored: a fresh memory
     ("tokenizer path empty", "--tokenizer is empty"),      # was ignored: the base's tokenizer
     ("out cannot be created", "choose another --out"),
+    # a step of more sequences than the data holds repeated them; a huge --batch hung building the order
+    ("global batch above the data", "--batch 4 x --grad-accum 2 = 8 sequences per step, but "),
+    ("huge batch", "--batch 99999999999 x --grad-accum 1 = 99999999999 sequences per step, but "),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
@@ -362,6 +365,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--init-ahn", ""]
     elif case == "tokenizer path empty":
         extra += ["--tokenizer", " "]
+    elif case == "global batch above the data":
+        extra += ["--batch", 4, "--grad-accum", 2]
+    elif case == "huge batch":
+        extra += ["--batch", 99999999999]
     elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)
         if not Path("/proc/self").is_dir():
             pytest.skip("needs /proc")

@@ -434,6 +434,12 @@ def _run(a, d, out: Path) -> int:
                             loss_on=run_cfg["loss_on"])
         if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
             raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ)")
+        if run_cfg["global_batch"] > len(data):
+            ranks = f" x {_n(d.world_size, 'rank')}" if d.world_size > 1 else ""
+            raise AhnError(f"--batch {run_cfg['batch']} x --grad-accum {run_cfg['grad_accum']}{ranks} = "
+                           f"{run_cfg['global_batch']} sequences per step, but {a.data} has only "
+                           f"{_n(len(data), 'usable sequence')} (a step would repeat them); lower --batch or "
+                           "--grad-accum")
 
         layers = run_cfg["train_layers"]
         if layers is not None and layers[-1] >= config.num_layers:
