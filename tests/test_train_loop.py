@@ -548,3 +548,16 @@ def test_a_utf8_byte_order_mark_does_not_cost_the_first_record(tmp_path):
     d = load_dataset(tmp_path / "bom_blank.jsonl", vocab_size=V, seq_len=4096, budget=budget)
     assert (d.stats.used, d.stats.lines) == (1, 1)
     assert d.fingerprint == load_dataset(plain, vocab_size=V, seq_len=4096, budget=budget).fingerprint
+
+
+def test_a_gzip_file_is_named_as_such(tmp_path):
+    """A .jsonl.gz given as --data: every line was counted "not UTF-8" and the error said "no usable record";
+    now one line says it is gzip-compressed and how to decompress it."""
+    import gzip
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for k in range(3):
+            f.write(json.dumps({"input_ids": list(range(k, k + 30))}) + "\n")
+    with pytest.raises(AhnError) as e:
+        load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert str(e.value) == f"--data {path} is gzip-compressed; decompress it first (gunzip -k {path}) and give the .jsonl file"
