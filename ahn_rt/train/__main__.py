@@ -48,6 +48,9 @@ RUN_DEFAULTS = {
     "activation_checkpointing": True, "ahn": None, "decay_init": "official", "train_layers": None,
 }
 BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_resolve_batch)
+# Recorded with the run but chosen anew by every invocation, a resume included: they change how a step is
+# computed (memory, speed), not its numbers.
+PER_INVOCATION = ("activation_checkpointing",)
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
 SEED_MAX = 2**63 - 1                       # --seed: 0..SEED_MAX (torch.manual_seed overflows beyond 2**64 - 1)
 
@@ -272,7 +275,7 @@ def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
         if k in BATCH_KEYS:
             continue
         given = getattr(a, k)
-        if saved is not None and k in saved:
+        if saved is not None and k in saved and k not in PER_INVOCATION:
             if given is not None and given != saved[k]:
                 raise AhnError(f"--{k.replace('_', '-')} {given} differs from the resumed run's {saved[k]}; "
                                "drop the flag or start a new run in another --out")
