@@ -541,3 +541,32 @@ def test_resume_may_turn_activation_checkpointing_off_and_on(tiny, capsys):
     assert [r["step"] for r in b] == [0, 1, 2] and [r["loss"] for r in a] == [r["loss"] for r in b]
     with safe_open(str(straight / "model.safetensors"), "pt") as f, safe_open(str(split / "model.safetensors"), "pt") as g:
         assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+
+
+def test_resume_writes_the_outputs_the_uninterrupted_run_would_have(tiny, capsys):
+    """--save-dtype, --infer-window / --infer-sinks and --merge were read from the resuming command line
+    only: a run started with them and continued with a plain --resume (as the stop and Ctrl-C messages
+    say) wrote bf16 tensors, the runtime's default window in config.json and no OUT/merged. They are now
+    recorded with the run; a flag given again on the resume replaces the saved value."""
+    root, _ = tiny
+    outputs = ["--save-dtype", "float32", "--infer-window", 24, "--infer-sinks", 4, "--merge"]
+    common = ["--steps", 2, "--window-max", 32, "--lr", "1e-2"]
+    straight, split = root / "outputs_straight", root / "outputs_split"
+    assert train(capsys, *base_args(root, straight), *common, *outputs)[0] == 0
+    rc, _, err = train(capsys, *base_args(root, split), *common, *outputs, "--stop-after", 1)
+    assert rc == 0, err
+    rc, _, err = train(capsys, *base_args(root, split), "--resume")
+    assert rc == 0 and "(sliding_window 24, num_attn_sinks 4) and " in err, err
+    for name in ("model.safetensors", "merged/model.safetensors"):
+        with safe_open(str(straight / name), "pt") as f, safe_open(str(split / name), "pt") as g:
+            assert set(f.keys()) == set(g.keys())
+            assert all(g.get_tensor(k).dtype == torch.float32 and torch.equal(f.get_tensor(k), g.get_tensor(k))
+                       for k in f.keys() if ".ahn." in k)
+    for name in ("config.json", "merged/config.json"):
+        assert json.loads((straight / name).read_text()) == json.loads((split / name).read_text())
+        assert json.loads((split / name).read_text())["sliding_window"] == 24
+    # given again, a flag replaces the saved value (the state is at the last step: only the outputs change)
+    rc, _, err = train(capsys, *base_args(root, split), "--resume", "--save-dtype", "bf16", "--infer-window", 16)
+    assert rc == 0 and "(sliding_window 16, num_attn_sinks 4)" in err, err
+    with safe_open(str(split / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())

@@ -51,6 +51,9 @@ BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_
 # Recorded with the run but chosen anew by every invocation, a resume included: they change how a step is
 # computed (memory, speed), not its numbers.
 PER_INVOCATION = ("activation_checkpointing",)
+# What the run writes at the end: recorded with the run, so that a resume ("continue with --resume") writes
+# the outputs the uninterrupted run would have; a flag given again on the resume replaces the saved value.
+OUTPUT_DEFAULTS = {"save_dtype": "bf16", "infer_window": None, "infer_sinks": None, "merge": False}
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
 SEED_MAX = 2**63 - 1                       # --seed: 0..SEED_MAX (torch.manual_seed overflows beyond 2**64 - 1)
 
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--ahn", choices=["gdn", "dn", "mamba2"], help="the memory variant: GatedDeltaNet, DeltaNet or "
                     "Mamba2 (default: the --init-ahn / --init-from-base checkpoint's, else gdn)")
     io.add_argument("--merge", action="store_true", help="also write OUT/merged/ (base + AHN)")
-    io.add_argument("--save-dtype", default="bf16", choices=["bf16", "float32"],
+    io.add_argument("--save-dtype", choices=["bf16", "float32"],
                     help="dtype of the saved AHN tensors (default bf16, like the official release)")
     io.add_argument("--infer-window", type=int, help="sliding_window written to config.json (default: "
                     "--window of a fixed-window run, else the runtime default 32640)")
@@ -283,6 +286,9 @@ def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
         else:
             run[k] = given if given is not None else default
     run.update(_resolve_batch(a, saved, world_size))
+    for k, default in OUTPUT_DEFAULTS.items():
+        given = (getattr(a, k) or None) if k == "merge" else getattr(a, k)   # --merge: False = not given
+        run[k] = given if given is not None else (saved or {}).get(k, default)
     return run
 
 
@@ -423,8 +429,9 @@ def _run(a, d, out: Path) -> int:
         # W and S written to config.json: a fixed-window run's own; a random-window run's are the runtime's
         # defaults (S + W = 32768, as the official release); --infer-window / --infer-sinks override both.
         fixed_w, fixed_s = run_cfg["window"], run_cfg["sinks"]
-        infer = (a.infer_window if a.infer_window is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
-                 a.infer_sinks if a.infer_sinks is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
+        infer_w, infer_s = run_cfg["infer_window"], run_cfg["infer_sinks"]
+        infer = (infer_w if infer_w is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
+                 infer_s if infer_s is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
         out_cfg = ckpt_io.output_config(base_cfg, config.family, *infer, implementation=impl)
 
         # ---- the data --------------------------------------------------------------------------
@@ -528,10 +535,10 @@ def _run(a, d, out: Path) -> int:
     ahn = trainer.ahn_weights()          # every rank: --fsdp gathers the shards
     if not d.is_main:
         return 0
-    save_dtype = parse_dtype(a.save_dtype)
+    save_dtype = parse_dtype(run_cfg["save_dtype"])
     path = ckpt_io.write_model(out, ahn, config, out_cfg, save_dtype)
     msg = f"wrote {path} and {out / 'config.json'} (sliding_window {infer[0]}, num_attn_sinks {infer[1]})"
-    if a.merge:
+    if run_cfg["merge"]:
         merged_cfg = dict(out_cfg, torch_dtype=base_cfg.get("torch_dtype", "bfloat16"))
         folder = ckpt_io.write_merged(out, ckpt, ahn, merged_cfg, save_dtype)
         msg += f" and {folder}"
