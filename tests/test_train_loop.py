@@ -561,3 +561,13 @@ def test_a_gzip_file_is_named_as_such(tmp_path):
     with pytest.raises(AhnError) as e:
         load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
     assert str(e.value) == f"--data {path} is gzip-compressed; decompress it first (gunzip -k {path}) and give the .jsonl file"
+
+
+def test_an_integer_of_thousands_of_digits_is_a_bad_record(tmp_path):
+    """json.loads refuses an integer of more than 4300 digits with a plain ValueError (not a JSONDecodeError):
+    it escaped as a traceback and exit 1 instead of a skipped, counted record."""
+    huge = "9" * 5000
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"input_ids": [' + huge + "]}", '{"input_ids": [1, 2], "labels": [' + huge + ", 2]}",
+                                              {"input_ids": list(range(30))}])
+    d = load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert (d.stats.used, d.stats.lines, dict(d.stats.skipped)) == (1, 3, {"a number with too many digits": 2})

@@ -204,6 +204,8 @@ def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[in
         rec = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise _Bad("invalid JSON") from None
+    except ValueError:      # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise _Bad("a number with too many digits") from None
     if not isinstance(rec, dict):
         raise _Bad("not a JSON object")
     weights = None
