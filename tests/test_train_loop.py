@@ -571,3 +571,18 @@ def test_an_integer_of_thousands_of_digits_is_a_bad_record(tmp_path):
                                               {"input_ids": list(range(30))}])
     d = load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
     assert (d.stats.used, d.stats.lines, dict(d.stats.skipped)) == (1, 3, {"a number with too many digits": 2})
+
+
+def test_a_loss_weight_beyond_float32_is_a_bad_record(tmp_path):
+    """Loss weights are stored as float32. An integer weight of hundreds of digits escaped as an OverflowError
+    traceback (float() of it), and 1e308 passed the check, became inf in the store and made the first step's
+    loss NaN: "training diverged ... lower --lr", exit 1. Both are now skipped and counted; the largest float32
+    is still taken."""
+    ids = list(range(30))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": ids, "loss_weights": [10 ** 400] + [1] * 29},
+                                              {"input_ids": ids, "loss_weights": [1e308] * 30},
+                                              {"input_ids": ids, "loss_weights": [3.4028234663852886e38] * 30},
+                                              {"input_ids": ids}])
+    d = load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert (d.stats.used, dict(d.stats.skipped)) == (2, {"a loss weight is not a finite number >= 0": 2})
+    assert bool(torch.isfinite(d.weights).all()) and float(d.weights.max()) == 3.4028234663852886e38

@@ -48,6 +48,7 @@ IGNORE_INDEX = -100
 BUDGETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SINK_CHOICES = (0, 32, 64, 128, 512, 2048, 4096)
 ROLES = ("system", "user", "assistant")
+FLOAT32_MAX = 3.4028234663852886e38   # the largest loss weight (they are stored as float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +120,8 @@ def _weight_list(v, n: int) -> list[float]:
     if len(v) != n:
         raise _Bad("loss_weights and input_ids differ in length")
     for x in v:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < float("inf"):
+        # stored as float32: beyond its largest value a weight would become inf (and the step's loss NaN)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= FLOAT32_MAX:
             raise _Bad("a loss weight is not a finite number >= 0")
     return [float(x) for x in v]
 
