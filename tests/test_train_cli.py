@@ -298,6 +298,8 @@ def bad_files(tiny):
     # a step of more sequences than the data holds repeated them; a huge --batch hung building the order
     ("global batch above the data", "--batch 4 x --grad-accum 2 = 8 sequences per step, but "),
     ("huge batch", "--batch 99999999999 x --grad-accum 1 = 99999999999 sequences per step, but "),
+    # a range of 1e12 layers hung building the list before the base was read
+    ("train-layers huge range", "'0-999999999999': layer 999999999999 is beyond any model's layers"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
@@ -367,6 +369,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--tokenizer", " "]
     elif case == "global batch above the data":
         extra += ["--batch", 4, "--grad-accum", 2]
+    elif case == "train-layers huge range":
+        extra += ["--train-layers", "0-999999999999"]
     elif case == "huge batch":
         extra += ["--batch", 99999999999]
     elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)

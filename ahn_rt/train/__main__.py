@@ -55,6 +55,7 @@ PER_INVOCATION = ("activation_checkpointing",)
 # the outputs the uninterrupted run would have; a flag given again on the resume replaces the saved value.
 OUTPUT_DEFAULTS = {"save_dtype": "bf16", "infer_window": None, "infer_sinks": None, "merge": False}
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
+MAX_LAYERS = 100_000                       # --train-layers: numbers below this (then checked against the base)
 SEED_MAX = 2**63 - 1                       # --seed: 0..SEED_MAX (torch.manual_seed overflows beyond 2**64 - 1)
 
 
@@ -164,6 +165,9 @@ def _layer_list(text: str) -> list[int]:
         a, b = int(lo), int(hi) if sep else int(lo)
         if b < a:
             raise argparse.ArgumentTypeError(f"{part.strip()!r}: a range goes from low to high")
+        if b >= MAX_LAYERS:        # checked against the base later; this bounds the list built here
+            raise argparse.ArgumentTypeError(f"{part.strip()!r}: layer {b} is beyond any model's layers "
+                                             f"(numbered from 0; fewer than {MAX_LAYERS:,})")
         out.update(range(a, b + 1))
     return sorted(out)
 
