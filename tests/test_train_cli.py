@@ -295,6 +295,11 @@ def bad_files(tiny):
     ("init-ahn path empty", "--init-ahn is empty"),        # was ignored: a fresh memory
     ("tokenizer path empty", "--tokenizer is empty"),      # was ignored: the base's tokenizer
     ("out cannot be created", "choose another --out"),
+    # a step of more sequences than the data holds repeated them; a huge --batch hung building the order
+    ("global batch above the data", "--batch 4 x --grad-accum 2 = 8 sequences per step, but "),
+    ("huge batch", "--batch 99999999999 x --grad-accum 1 = 99999999999 sequences per step, but "),
+    # a range of 1e12 layers hung building the list before the base was read
+    ("train-layers huge range", "'0-999999999999': layer 999999999999 is beyond any model's layers"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
@@ -362,6 +367,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--init-ahn", ""]
     elif case == "tokenizer path empty":
         extra += ["--tokenizer", " "]
+    elif case == "global batch above the data":
+        extra += ["--batch", 4, "--grad-accum", 2]
+    elif case == "train-layers huge range":
+        extra += ["--train-layers", "0-999999999999"]
+    elif case == "huge batch":
+        extra += ["--batch", 99999999999]
     elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)
         if not Path("/proc/self").is_dir():
             pytest.skip("needs /proc")
@@ -467,3 +478,99 @@ def test_real_entry_point_exit_codes_and_ctrl_c(tiny, tmp_path):
     logged = len((out / "log.jsonl").read_text().splitlines())
     assert 1 <= state["step"] <= logged
     assert not list(out.glob(".resume.tmp-*")) and not (out / "model.safetensors").exists()
+
+
+def test_a_run_stopped_before_its_first_resume_state_is_started_over_not_resumed(tiny, capsys, monkeypatch):
+    """Ctrl-C before the first resume state (every --save-every steps) leaves OUT/log.jsonl and no state.
+    Each message sent the user to the other one: the interrupt said "continue with --resume", --resume said
+    "run without --resume", and that said "already holds a training run; pass --resume". Now all three name
+    --overwrite, which starts the run over."""
+    root, _ = tiny
+    out = root / "stopped_early"
+    args = [*base_args(root, out), "--steps", 4, "--window", 8, "--sinks", 2, "--save-every", 100]
+    real_step = Trainer.train_step
+
+    def ctrl_c_at_step_2(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_at_step_2)
+        rc, _, err = train(capsys, *args)
+    assert rc == 130 and len((out / "log.jsonl").read_text().splitlines()) == 2 and not ckpt_io.find_resume(out)
+    assert err.splitlines()[-1] == ("interrupted; stopped before the first resume state (written every --save-every "
+                                    "steps); start over with --overwrite"), err
+    rc, _, err = train(capsys, *args, "--resume")
+    assert rc == 2 and err.count("\n") == 1 and "no resume state" in err, err
+    assert "start it over with --overwrite instead of --resume" in err and "run without --resume" not in err
+    rc, _, err = train(capsys, *args)
+    assert rc == 2 and err.count("\n") == 1 and "no resume state to continue it from" in err, err
+    assert "pass --overwrite to start over" in err and "--resume" not in err
+    rc, _, err = train(capsys, *args, "--overwrite")
+    assert rc == 0, err
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    # interrupted once a state exists: continue with --resume; before anything was written: run it again
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_at_step_2)
+        rc, _, err = train(capsys, *base_args(root, root / "stopped_late"), "--steps", 4, "--window", 8, "--sinks",
+                           2, "--save-every", 1)
+    assert rc == 130 and err.splitlines()[-1] == (f"interrupted; the last complete resume state is in "
+                                                  f"{root / 'stopped_late' / 'resume'}, continue with --resume"), err
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "__init__", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        rc, _, err = train(capsys, *base_args(root, root / "stopped_first"), "--steps", 4)
+    assert rc == 130 and err.splitlines()[-1] == "interrupted; nothing to resume yet; run the command again", err
+
+
+def test_resume_may_turn_activation_checkpointing_off_and_on(tiny, capsys):
+    """Activation checkpointing recomputes each layer in the backward pass: memory for time, the same
+    numbers. A resume refused --no-activation-checkpointing ("--activation-checkpointing False differs from
+    the resumed run's True", a flag that does not exist), and a run started without it could never get it
+    back (no flag turns it on). Now every invocation chooses it, and the losses are those of the straight run."""
+    root, _ = tiny
+    common = ["--steps", 3, "--batch", 2, "--lr", "1e-2", "--window", 8, "--sinks", 2, "--save-dtype", "float32"]
+    straight, split = root / "ckpt_straight", root / "ckpt_split"
+    assert train(capsys, *base_args(root, straight), *common)[0] == 0
+    rc, _, err = train(capsys, *base_args(root, split), *common, "--stop-after", 1)
+    assert rc == 0, err
+    rc, _, err = train(capsys, *base_args(root, split), "--resume", "--no-activation-checkpointing", "--stop-after", 2,
+                       "--save-dtype", "float32")
+    assert rc == 0, err
+    assert json.loads((split / "run.json").read_text())["run"]["activation_checkpointing"] is False
+    rc, _, err = train(capsys, *base_args(root, split), "--resume", "--save-dtype", "float32")   # back on
+    assert rc == 0, err
+    assert json.loads((split / "run.json").read_text())["run"]["activation_checkpointing"] is True
+    a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [0, 1, 2] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    with safe_open(str(straight / "model.safetensors"), "pt") as f, safe_open(str(split / "model.safetensors"), "pt") as g:
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+
+
+def test_resume_writes_the_outputs_the_uninterrupted_run_would_have(tiny, capsys):
+    """--save-dtype, --infer-window / --infer-sinks and --merge were read from the resuming command line
+    only: a run started with them and continued with a plain --resume (as the stop and Ctrl-C messages
+    say) wrote bf16 tensors, the runtime's default window in config.json and no OUT/merged. They are now
+    recorded with the run; a flag given again on the resume replaces the saved value."""
+    root, _ = tiny
+    outputs = ["--save-dtype", "float32", "--infer-window", 24, "--infer-sinks", 4, "--merge"]
+    common = ["--steps", 2, "--window-max", 32, "--lr", "1e-2"]
+    straight, split = root / "outputs_straight", root / "outputs_split"
+    assert train(capsys, *base_args(root, straight), *common, *outputs)[0] == 0
+    rc, _, err = train(capsys, *base_args(root, split), *common, *outputs, "--stop-after", 1)
+    assert rc == 0, err
+    rc, _, err = train(capsys, *base_args(root, split), "--resume")
+    assert rc == 0 and "(sliding_window 24, num_attn_sinks 4) and " in err, err
+    for name in ("model.safetensors", "merged/model.safetensors"):
+        with safe_open(str(straight / name), "pt") as f, safe_open(str(split / name), "pt") as g:
+            assert set(f.keys()) == set(g.keys())
+            assert all(g.get_tensor(k).dtype == torch.float32 and torch.equal(f.get_tensor(k), g.get_tensor(k))
+                       for k in f.keys() if ".ahn." in k)
+    for name in ("config.json", "merged/config.json"):
+        assert json.loads((straight / name).read_text()) == json.loads((split / name).read_text())
+        assert json.loads((split / name).read_text())["sliding_window"] == 24
+    # given again, a flag replaces the saved value (the state is at the last step: only the outputs change)
+    rc, _, err = train(capsys, *base_args(root, split), "--resume", "--save-dtype", "bf16", "--infer-window", 16)
+    assert rc == 0 and "(sliding_window 16, num_attn_sinks 4)" in err, err
+    with safe_open(str(split / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())

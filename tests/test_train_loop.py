@@ -513,3 +513,76 @@ def test_collate_pads_right_and_marks_loss_positions():
     assert mb.valid[0].nonzero().squeeze(1).tolist() == [5, 6, 7, 8]
     assert mb.valid[1].nonzero().squeeze(1).tolist() == [3, 4]
     assert mb.tokens == 16 and mb.window.tolist() == [3, 2] and mb.sinks.tolist() == [2, 1]
+
+
+def test_one_epoch_counts_the_global_batch_of_every_rank(tmp_path, config, base):
+    """Without --steps a run is one epoch: ceil(sequences / global batch) steps, the global batch being
+    batch x grad_accum x the strategy's ranks (the world size was taken from the ``world_size`` argument,
+    which the command line never passes, so two ranks ran two epochs)."""
+    from ahn_rt.train import dist
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [40] * 7, fixed)
+    settings = TrainSettings(steps=None, batch=1, grad_accum=2, budget=fixed)
+    assert Trainer(new_model(config, base), data, settings).total_steps == 4
+    for rank in (0, 1):
+        tr = Trainer(new_model(config, base), data, settings, parallel=dist.Single(rank=rank, world_size=2))
+        assert tr.world_size == 2 and tr.total_steps == 2            # ceil(7 / (1 x 2 x 2))
+    assert Trainer(new_model(config, base), data, settings, rank=1, world_size=2).total_steps == 2
+
+
+def test_a_utf8_byte_order_mark_does_not_cost_the_first_record(tmp_path):
+    """A JSONL file that starts with a UTF-8 byte order mark (as Windows editors and PowerShell write it):
+    its first record was skipped as "invalid JSON", and a file of one record had "no usable record". The
+    mark is dropped at the start of the file only; elsewhere it is still a bad record."""
+    budget = BudgetSpec(fixed=(8, 2))
+    bom = b"\xef\xbb\xbf"
+    rec = [json.dumps({"input_ids": list(range(k, k + 30))}).encode() for k in range(3)]
+    (tmp_path / "one.jsonl").write_bytes(bom + rec[0] + b"\r\n")
+    d = load_dataset(tmp_path / "one.jsonl", vocab_size=V, seq_len=4096, budget=budget)
+    assert len(d) == 1 and d.seq(0)[0].tolist() == list(range(30)) and not d.stats.skipped
+    (tmp_path / "three.jsonl").write_bytes(bom + rec[0] + b"\n" + rec[1] + b"\n" + bom + rec[2] + b"\n")
+    d = load_dataset(tmp_path / "three.jsonl", vocab_size=V, seq_len=4096, budget=budget)
+    assert (d.stats.used, d.stats.lines, dict(d.stats.skipped)) == (2, 3, {"invalid JSON": 1})
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"input_ids": list(range(30))}])
+    (tmp_path / "bom_blank.jsonl").write_bytes(bom + b"\n" + plain.read_bytes())   # a mark on a blank first line
+    d = load_dataset(tmp_path / "bom_blank.jsonl", vocab_size=V, seq_len=4096, budget=budget)
+    assert (d.stats.used, d.stats.lines) == (1, 1)
+    assert d.fingerprint == load_dataset(plain, vocab_size=V, seq_len=4096, budget=budget).fingerprint
+
+
+def test_a_gzip_file_is_named_as_such(tmp_path):
+    """A .jsonl.gz given as --data: every line was counted "not UTF-8" and the error said "no usable record";
+    now one line says it is gzip-compressed and how to decompress it."""
+    import gzip
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for k in range(3):
+            f.write(json.dumps({"input_ids": list(range(k, k + 30))}) + "\n")
+    with pytest.raises(AhnError) as e:
+        load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert str(e.value) == f"--data {path} is gzip-compressed; decompress it first (gunzip -k {path}) and give the .jsonl file"
+
+
+def test_an_integer_of_thousands_of_digits_is_a_bad_record(tmp_path):
+    """json.loads refuses an integer of more than 4300 digits with a plain ValueError (not a JSONDecodeError):
+    it escaped as a traceback and exit 1 instead of a skipped, counted record."""
+    huge = "9" * 5000
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"input_ids": [' + huge + "]}", '{"input_ids": [1, 2], "labels": [' + huge + ", 2]}",
+                                              {"input_ids": list(range(30))}])
+    d = load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert (d.stats.used, d.stats.lines, dict(d.stats.skipped)) == (1, 3, {"a number with too many digits": 2})
+
+
+def test_a_loss_weight_beyond_float32_is_a_bad_record(tmp_path):
+    """Loss weights are stored as float32. An integer weight of hundreds of digits escaped as an OverflowError
+    traceback (float() of it), and 1e308 passed the check, became inf in the store and made the first step's
+    loss NaN: "training diverged ... lower --lr", exit 1. Both are now skipped and counted; the largest float32
+    is still taken."""
+    ids = list(range(30))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": ids, "loss_weights": [10 ** 400] + [1] * 29},
+                                              {"input_ids": ids, "loss_weights": [1e308] * 30},
+                                              {"input_ids": ids, "loss_weights": [3.4028234663852886e38] * 30},
+                                              {"input_ids": ids}])
+    d = load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert (d.stats.used, dict(d.stats.skipped)) == (2, {"a loss weight is not a finite number >= 0": 2})
+    assert bool(torch.isfinite(d.weights).all()) and float(d.weights.max()) == 3.4028234663852886e38

@@ -48,7 +48,14 @@ RUN_DEFAULTS = {
     "activation_checkpointing": True, "ahn": None, "decay_init": "official", "train_layers": None,
 }
 BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_resolve_batch)
+# Recorded with the run but chosen anew by every invocation, a resume included: they change how a step is
+# computed (memory, speed), not its numbers.
+PER_INVOCATION = ("activation_checkpointing",)
+# What the run writes at the end: recorded with the run, so that a resume ("continue with --resume") writes
+# the outputs the uninterrupted run would have; a flag given again on the resume replaces the saved value.
+OUTPUT_DEFAULTS = {"save_dtype": "bf16", "infer_window": None, "infer_sinks": None, "merge": False}
 OUTPUT_FILES = ("model.safetensors", "config.json", "log.jsonl", "loss.png", "run.json")
+MAX_LAYERS = 100_000                       # --train-layers: numbers below this (then checked against the base)
 SEED_MAX = 2**63 - 1                       # --seed: 0..SEED_MAX (torch.manual_seed overflows beyond 2**64 - 1)
 
 
@@ -87,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--ahn", choices=["gdn", "dn", "mamba2"], help="the memory variant: GatedDeltaNet, DeltaNet or "
                     "Mamba2 (default: the --init-ahn / --init-from-base checkpoint's, else gdn)")
     io.add_argument("--merge", action="store_true", help="also write OUT/merged/ (base + AHN)")
-    io.add_argument("--save-dtype", default="bf16", choices=["bf16", "float32"],
+    io.add_argument("--save-dtype", choices=["bf16", "float32"],
                     help="dtype of the saved AHN tensors (default bf16, like the official release)")
     io.add_argument("--infer-window", type=int, help="sliding_window written to config.json (default: "
                     "--window of a fixed-window run, else the runtime default 32640)")
@@ -158,6 +165,9 @@ def _layer_list(text: str) -> list[int]:
         a, b = int(lo), int(hi) if sep else int(lo)
         if b < a:
             raise argparse.ArgumentTypeError(f"{part.strip()!r}: a range goes from low to high")
+        if b >= MAX_LAYERS:        # checked against the base later; this bounds the list built here
+            raise argparse.ArgumentTypeError(f"{part.strip()!r}: layer {b} is beyond any model's layers "
+                                             f"(numbered from 0; fewer than {MAX_LAYERS:,})")
         out.update(range(a, b + 1))
     return sorted(out)
 
@@ -241,6 +251,16 @@ def _check_out(out: Path):
                        "choose another --out") from None
 
 
+def _holds_run_files(out: Path) -> bool:
+    """OUT holds a run's log or model (with or without a resume state)."""
+    return any((out / f).exists() for f in ("model.safetensors", "log.jsonl"))
+
+
+def _has_resume_state(out: Path) -> bool:
+    """OUT holds a resume state (``checkpoint.find_resume``, without importing torch)."""
+    return any((out / name / "state.json").is_file() for name in ("resume", "resume.old"))
+
+
 def _check_out_spares_base(out: Path, base: Path):
     """OUT must not hold the base model: the run writes OUT/model.safetensors and OUT/config.json (AHN only)
     over the base's own, and --overwrite removes OUT/merged and OUT/resume (a base given from there)."""
@@ -262,7 +282,7 @@ def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
         if k in BATCH_KEYS:
             continue
         given = getattr(a, k)
-        if saved is not None and k in saved:
+        if saved is not None and k in saved and k not in PER_INVOCATION:
             if given is not None and given != saved[k]:
                 raise AhnError(f"--{k.replace('_', '-')} {given} differs from the resumed run's {saved[k]}; "
                                "drop the flag or start a new run in another --out")
@@ -270,6 +290,9 @@ def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
         else:
             run[k] = given if given is not None else default
     run.update(_resolve_batch(a, saved, world_size))
+    for k, default in OUTPUT_DEFAULTS.items():
+        given = (getattr(a, k) or None) if k == "merge" else getattr(a, k)   # --merge: False = not given
+        run[k] = given if given is not None else (saved or {}).get(k, default)
     return run
 
 
@@ -351,12 +374,16 @@ def _run(a, d, out: Path) -> int:
             resume_dir = ckpt_io.find_resume(out) if out.is_dir() else None
             if resume_dir is None:
                 raise AhnError(f"--resume: no resume state in {out} (expected {out / 'resume' / 'state.json'}); "
-                               "run without --resume to start a new run")
+                               + ("the run there stopped before its first one (written every --save-every "
+                                  "steps): start it over with --overwrite instead of --resume"
+                                  if _holds_run_files(out) else "run without --resume to start a new run"))
             saved_state, saved_ahn, saved_tensors = ckpt_io.load_resume(resume_dir)
-        elif out.is_dir() and not a.overwrite and (ckpt_io.find_resume(out) or any(
-                (out / f).exists() for f in ("model.safetensors", "log.jsonl"))):
+        elif out.is_dir() and not a.overwrite and ckpt_io.find_resume(out):
             raise AhnError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
                            "start over, or choose another --out")
+        elif out.is_dir() and not a.overwrite and _holds_run_files(out):
+            raise AhnError(f"{out} already holds a training run with no resume state to continue it from; pass "
+                           "--overwrite to start over, or choose another --out")
         run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None, d.world_size)
         device = d.device
         attention.check_trainable(device)
@@ -406,8 +433,9 @@ def _run(a, d, out: Path) -> int:
         # W and S written to config.json: a fixed-window run's own; a random-window run's are the runtime's
         # defaults (S + W = 32768, as the official release); --infer-window / --infer-sinks override both.
         fixed_w, fixed_s = run_cfg["window"], run_cfg["sinks"]
-        infer = (a.infer_window if a.infer_window is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
-                 a.infer_sinks if a.infer_sinks is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
+        infer_w, infer_s = run_cfg["infer_window"], run_cfg["infer_sinks"]
+        infer = (infer_w if infer_w is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
+                 infer_s if infer_s is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
         out_cfg = ckpt_io.output_config(base_cfg, config.family, *infer, implementation=impl)
 
         # ---- the data --------------------------------------------------------------------------
@@ -420,6 +448,12 @@ def _run(a, d, out: Path) -> int:
                             loss_on=run_cfg["loss_on"])
         if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
             raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ)")
+        if run_cfg["global_batch"] > len(data):
+            ranks = f" x {_n(d.world_size, 'rank')}" if d.world_size > 1 else ""
+            raise AhnError(f"--batch {run_cfg['batch']} x --grad-accum {run_cfg['grad_accum']}{ranks} = "
+                           f"{run_cfg['global_batch']} sequences per step, but {a.data} has only "
+                           f"{_n(len(data), 'usable sequence')} (a step would repeat them); lower --batch or "
+                           "--grad-accum")
 
         layers = run_cfg["train_layers"]
         if layers is not None and layers[-1] >= config.num_layers:
@@ -505,10 +539,10 @@ def _run(a, d, out: Path) -> int:
     ahn = trainer.ahn_weights()          # every rank: --fsdp gathers the shards
     if not d.is_main:
         return 0
-    save_dtype = parse_dtype(a.save_dtype)
+    save_dtype = parse_dtype(run_cfg["save_dtype"])
     path = ckpt_io.write_model(out, ahn, config, out_cfg, save_dtype)
     msg = f"wrote {path} and {out / 'config.json'} (sliding_window {infer[0]}, num_attn_sinks {infer[1]})"
-    if a.merge:
+    if run_cfg["merge"]:
         merged_cfg = dict(out_cfg, torch_dtype=base_cfg.get("torch_dtype", "bfloat16"))
         folder = ckpt_io.write_merged(out, ckpt, ahn, merged_cfg, save_dtype)
         msg += f" and {folder}"
@@ -542,8 +576,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, _interrupted)   # a second Ctrl-C while we print: leave at once
         if rank == 0:
-            print(f"\ninterrupted; the last complete resume state (if any) is in {Path(args.out) / 'resume'}, "
-                  "continue with --resume", file=sys.stderr)
+            out = Path(args.out).expanduser()
+            if _has_resume_state(out):
+                msg = f"the last complete resume state is in {out / 'resume'}, continue with --resume"
+            elif _holds_run_files(out):
+                msg = ("stopped before the first resume state (written every --save-every steps); start over "
+                       "with --overwrite")
+            else:
+                msg = "nothing to resume yet; run the command again"
+            print(f"\ninterrupted; {msg}", file=sys.stderr)
         return 130
     except _oom_types() as e:
         print(f"error{_rank_tag(rank)}: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or "

@@ -48,6 +48,7 @@ IGNORE_INDEX = -100
 BUDGETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SINK_CHOICES = (0, 32, 64, 128, 512, 2048, 4096)
 ROLES = ("system", "user", "assistant")
+FLOAT32_MAX = 3.4028234663852886e38   # the largest loss weight (they are stored as float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +120,8 @@ def _weight_list(v, n: int) -> list[float]:
     if len(v) != n:
         raise _Bad("loss_weights and input_ids differ in length")
     for x in v:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < float("inf"):
+        # stored as float32: beyond its largest value a weight would become inf (and the step's loss NaN)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= FLOAT32_MAX:
             raise _Bad("a loss weight is not a finite number >= 0")
     return [float(x) for x in v]
 
@@ -204,6 +206,8 @@ def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[in
         rec = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise _Bad("invalid JSON") from None
+    except ValueError:      # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise _Bad("a number with too many digits") from None
     if not isinstance(rec, dict):
         raise _Bad("not a JSON object")
     weights = None
@@ -303,7 +307,13 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
     longest = 0
     try:
         with open(path, "rb") as f:
-            for raw in f:
+            if f.read(2) == b"\x1f\x8b":
+                raise AhnError(f"--data {path} is gzip-compressed; decompress it first (gunzip -k {path}) and "
+                               "give the .jsonl file")
+            f.seek(0)
+            for i, raw in enumerate(f):
+                if i == 0:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")   # a UTF-8 byte order mark (Windows editors)
                 if not raw.strip():
                     continue
                 stats.lines += 1

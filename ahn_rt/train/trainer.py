@@ -218,7 +218,7 @@ class Trainer:
         self.cursor = Cursor()
         self.step = 0
         self.tokens_seen = 0
-        per_step = settings.batch * settings.grad_accum * world_size
+        per_step = settings.batch * settings.grad_accum * self.world_size     # the global batch
         self.total_steps = settings.steps if settings.steps else max(1, math.ceil(len(data) / per_step))
         self.warmup_steps = math.ceil(settings.warmup_ratio * self.total_steps)
 
