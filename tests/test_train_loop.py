@@ -176,16 +176,19 @@ def test_schedule_warmup_then_cosine():
 # ----------------------------------------------------------------------------------------------
 # Step 0 is exactly KL(full || swa): checked through ahn_rt's inference
 # ----------------------------------------------------------------------------------------------
-def test_step0_loss_is_kl_of_full_vs_swa_inference(tmp_path, config, base):
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_step0_loss_is_kl_of_full_vs_swa_inference(tmp_path, config, base, ce_weight):
+    """The logged loss is the distillation loss alone, also with a CE term in the objective (it was KL +
+    weight x CE there); the objective is logged beside it."""
     from ahn_rt.runtime import from_state_dict
     W, S = 8, 2
     fixed = BudgetSpec(fixed=(W, S))
     data = dataset(tmp_path, [40, 27], fixed)
-    tr = Trainer(new_model(config, base), data, TrainSettings(steps=1, batch=2, budget=fixed))
+    tr = Trainer(new_model(config, base), data, TrainSettings(steps=1, batch=2, budget=fixed, ce_weight=ce_weight))
     rec = tr.train_step()
     full = from_state_dict(CFG, base, mode="full", dtype="float32", device="cpu")
     swa = from_state_dict(CFG, base, mode="swa", window=W, sinks=S, dtype="float32", device="cpu")
-    total, n = 0.0, 0
+    total, ce, n = 0.0, 0.0, 0
     for i in range(len(data)):
         ids, _ = data.seq(i)
         lt = full.new_session().forward(ids.tolist()).double().log_softmax(-1)
@@ -193,10 +196,16 @@ def test_step0_loss_is_kl_of_full_vs_swa_inference(tmp_path, config, base):
         kl = (lt.exp() * (lt - ls)).sum(-1)          # [L]: position t predicts token t + 1
         keep = kl[W + S: ids.numel() - 1]
         total += float(keep.sum())
+        ce -= float(ls[W + S: ids.numel() - 1].gather(1, ids[W + S + 1:, None].long()).sum())
         n += keep.numel()
     assert rec["valid"] == n == (40 - 11) + (27 - 11)
     assert rec["loss"] == pytest.approx(total / n, rel=KL_RTOL)
     assert total / n > 1e-3          # the window really matters on this model
+    if ce_weight:
+        assert rec["objective"] == pytest.approx((total + ce_weight * ce) / n, rel=KL_RTOL)
+        assert rec["objective"] - rec["loss"] > 0.1      # the CE term is really in the objective
+    else:
+        assert "objective" not in rec
 
 
 # ----------------------------------------------------------------------------------------------

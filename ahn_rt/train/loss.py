@@ -22,7 +22,8 @@ IGNORE = -100
 class _HeadLoss(torch.autograd.Function):
     """loss = kl_scale * sum_rows KL(softmax(h_t E^T) || softmax(h_s E^T))
             + ce_scale * sum_rows CE(h_s E^T, target)   (rows with target < 0 add nothing).
-    Each scale is a float, or a float32 tensor [rows] (a scale per row: weighted losses)."""
+    Each scale is a float, or a float32 tensor [rows] (a scale per row: weighted losses). Returns (loss, its
+    KL part), the second without a gradient (the training log reports it on its own)."""
 
     @staticmethod
     def forward(ctx, h_s, weight, h_t, targets, kl_scale: float, ce_scale: float, chunk: int, want_grad: bool):
@@ -31,6 +32,7 @@ class _HeadLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h_s) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        kl_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
         ce = targets is not None and (torch.is_tensor(ce_scale) or ce_scale != 0.0)
         for s in range(0, h_s.shape[0], chunk):
             e = min(h_s.shape[0], s + chunk)
@@ -47,7 +49,9 @@ class _HeadLoss(torch.autograd.Function):
             if h_t is not None:
                 lpt = F.linear(h_t[s:e], weight).float().log_softmax(-1)      # log p_T
                 pt = lpt.exp()
-                total += (lpt.sub_(lps).mul_(pt).sum(-1, keepdim=True) * kls).sum()
+                kl = (lpt.sub_(lps).mul_(pt).sum(-1, keepdim=True) * kls).sum()
+                total += kl
+                kl_total += kl
                 del lpt
                 coef = coef + kls
             if not (need_h or need_w):
@@ -64,10 +68,11 @@ class _HeadLoss(torch.autograd.Function):
             if need_w:
                 grad_w += (g.t() @ h_s[s:e]).float()
         ctx.save_for_backward(grad_h, grad_w)
-        return total
+        ctx.mark_non_differentiable(kl_total)
+        return total, kl_total
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_kl):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = grad_w * grad_out if grad_w is not None else None
@@ -81,20 +86,22 @@ def _next_token_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def distill_loss(model, h_teacher: torch.Tensor, h_student: torch.Tensor, valid: torch.Tensor, *,
                  ce_weight: float = 0.0, labels: torch.Tensor | None = None, chunk: int = 1024,
-                 weight: torch.Tensor | None = None):
+                 weight: torch.Tensor | None = None, return_kl: bool = False):
     """KL(teacher || student) summed over the vocabulary at the ``valid`` positions ([B, L] bool) and
     averaged over them, plus ``ce_weight`` x the student's mean next-token cross-entropy at the valid
     positions that have a target (``labels`` unshifted, see the module docstring). With ``weight`` (float
     [B, L], position t's loss weight) both means are weighted: sum w_t loss_t / sum w_t. h_teacher /
     h_student: [B, L, d] after the final norm (the teacher gets no gradient). Returns (loss scalar float32,
-    mass): mass is the number of valid positions, or the sum of their weights."""
+    mass): mass is the number of valid positions, or the sum of their weights; with ``return_kl`` also the
+    loss's KL part alone (no gradient; equal to the loss when ce_weight is 0)."""
     d = h_student.shape[-1]
     rows = valid.reshape(-1).nonzero().squeeze(1)
     n_valid = int(rows.numel())
     w = None if weight is None else weight.reshape(-1).index_select(0, rows).float()
     mass = n_valid if w is None else float(w.sum(dtype=torch.float64))
     if n_valid == 0 or mass <= 0:
-        return h_student.sum() * 0.0, 0
+        zero = h_student.sum() * 0.0
+        return (zero, 0, zero.detach()) if return_kl else (zero, 0)
     hs = h_student.reshape(-1, d).index_select(0, rows)
     ht = h_teacher.detach().reshape(-1, d).index_select(0, rows)
     kl_scale = 1.0 / n_valid if w is None else w / mass
@@ -108,9 +115,9 @@ def distill_loss(model, h_teacher: torch.Tensor, h_student: torch.Tensor, valid:
             ce_scale = float(ce_weight) / max(int(has.sum()), 1)
         else:
             ce_scale = float(ce_weight) * w / max(float((w * has).sum(dtype=torch.float64)), 1e-30)
-    loss = _HeadLoss.apply(hs, model.lm_head_weight, ht, targets, kl_scale, ce_scale, int(chunk),
-                           torch.is_grad_enabled())
-    return loss, mass
+    loss, kl = _HeadLoss.apply(hs, model.lm_head_weight, ht, targets, kl_scale, ce_scale, int(chunk),
+                               torch.is_grad_enabled())
+    return (loss, mass, kl) if return_kl else (loss, mass)
 
 
 def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -124,4 +131,4 @@ def lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
         return hidden.sum() * 0.0
     hs = hidden.reshape(-1, d).index_select(0, rows)
     return _HeadLoss.apply(hs, model.lm_head_weight, None, targets.index_select(0, rows), 0.0,
-                           1.0 / rows.numel(), int(chunk), torch.is_grad_enabled())
+                           1.0 / rows.numel(), int(chunk), torch.is_grad_enabled())[0]

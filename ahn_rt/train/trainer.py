@@ -244,15 +244,15 @@ class Trainer:
             out.append(collate(seqs[a:a + B], budgets[a:a + B], weights[a:a + B]))
         return out
 
-    def forward_loss(self, mb: MicroBatch):
+    def forward_loss(self, mb: MicroBatch, return_kl: bool = False):
         """(mean loss over the micro-batch's loss positions, their mass: the count, or the sum of their
-        weights) for one micro-batch."""
+        weights) for one micro-batch; with ``return_kl`` also the loss's KL part (no gradient)."""
         model, par = self.model, self.parallel
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.s.autocast_bf16):
             h_t = par.teacher(model, mb.ids)
             h_s = par.student(model, mb.ids, mb.window, mb.sinks, checkpoint=self.s.activation_checkpointing)
         return self._distill_loss(model, h_t, h_s, mb.valid, ce_weight=self.s.ce_weight, labels=mb.labels,
-                                  weight=mb.weight)
+                                  weight=mb.weight, return_kl=return_kl)
 
     def train_step(self) -> dict:
         """One optimizer step; returns its log record (loss measured before the update)."""
@@ -267,18 +267,18 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros(2, dtype=torch.float64)    # the objective and its KL part, times the mass
         if n_total > 0:
             # a micro-batch without loss positions adds nothing; it is skipped unless the strategy needs
             # every rank to run the same passes (FSDP's all-gathers), then it runs with weight 0
             run = [mb for mb in batches if mb.n_valid > 0 or not par.skips_empty]
             for j, mb in enumerate(run):
                 with par.micro_batch(last=j == len(run) - 1):
-                    loss, n = self.forward_loss(mb)          # n: the micro-batch's loss mass
+                    loss, n, kl = self.forward_loss(mb, return_kl=True)   # n: the micro-batch's loss mass
                     (loss * (n / mass_total)).backward()
-                loss_sum += loss.detach().double().cpu() * n
+                loss_sum += torch.stack([loss.detach(), kl]).double().cpu() * n
         loss_sum = par.all_sum(loss_sum)
-        mean_loss = float(loss_sum / mass_total) if n_total else None
+        mean_loss, mean_kl = (float(v) for v in loss_sum / mass_total) if n_total else (None, None)
         grad_norm = None
         if n_total > 0:
             params = [p for _, p in self.trained]
@@ -294,10 +294,11 @@ class Trainer:
         self.step += 1
         self.tokens_seen += tokens
         dt = time.perf_counter() - t0
-        return {"step": step, "loss": mean_loss, "lr": lr,
+        extra = {"objective": mean_loss} if self.s.ce_weight else {}    # with --ce-weight: KL + w x CE
+        return {"step": step, "loss": mean_kl, "lr": lr,
                 "tokens": tokens, "tokens_per_s": round(tokens / dt, 1) if dt > 0 else None,
                 "valid": n_total, "grad_norm": grad_norm, "epoch": self.cursor.epoch,
-                "tokens_seen": self.tokens_seen, "world_size": self.world_size}
+                "tokens_seen": self.tokens_seen, "world_size": self.world_size, **extra}
 
     def _require_finite(self, step: int, *, loss: float | None = None, grad_norm: float | None = None,
                         weights: dict[str, torch.Tensor] | None = None):
