@@ -574,3 +574,25 @@ def test_resume_writes_the_outputs_the_uninterrupted_run_would_have(tiny, capsys
     assert rc == 0 and "(sliding_window 16, num_attn_sinks 4)" in err, err
     with safe_open(str(split / "model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+
+
+def test_a_file_error_during_the_run_is_one_line_exit_1(tiny, capsys, monkeypatch):
+    """The disk filling up (or OUT removed) while the run goes on: one line naming the error and the file,
+    exit 1, no traceback; the resume state written before it stays."""
+    import errno
+    root, _ = tiny
+    out = root / "disk_full"
+    real_open = open
+
+    def full_disk(path, *a, **k):
+        if str(path).endswith("log.jsonl") and (out / "resume").exists():
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", full_disk)
+    rc, stdout, err = train(capsys, *base_args(root, out), "--steps", 4, "--window", 8, "--sinks", 2,
+                            "--save-every", 1)
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: No space left on device: ") and "log.jsonl" in lines[-1], err
+    assert "--resume" in lines[-1] and "Traceback" not in err
+    assert ckpt_io.find_resume(out) is not None and not (out / "model.safetensors").exists()

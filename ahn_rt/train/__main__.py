@@ -586,6 +586,12 @@ def main(argv=None) -> int:
                 msg = "nothing to resume yet; run the command again"
             print(f"\ninterrupted; {msg}", file=sys.stderr)
         return 130
+    except OSError as e:   # while the run went on: the disk filled up, OUT was removed or made read-only
+        what = e.strerror or (str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error{_rank_tag(rank)}: {what}{where}; the run stopped. Fix that (free space, restore --out), "
+              "then continue from the last resume state with --resume", file=sys.stderr)
+        return 1
     except _oom_types() as e:
         print(f"error{_rank_tag(rank)}: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or "
               "--seq-len, use --dtype bf16, or shard the base with --fsdp", file=sys.stderr)
