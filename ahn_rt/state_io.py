@@ -45,13 +45,19 @@ def model_digest(model) -> str:
         tensors += [t for t in vars(lw).values() if isinstance(t, torch.Tensor)]
         tensors += list((lw.mem or {}).values())     # the memory's own tensors, in its load order
     for t in tensors:
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES)
-        sample = flat[::step][:_SAMPLES].float().cpu()
-        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(repr([round(float(x), 6) for x in sample]).encode())
+        hash_samples(h, t)
     model._digest = h.hexdigest()[:32]
     return model._digest
+
+
+def hash_samples(h, t: torch.Tensor):
+    """Feed ``t``'s shape, dtype and ``_SAMPLES`` evenly spaced values into the hash ``h`` (the model digest;
+    the training run's base fingerprint)."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLES)
+    sample = flat[::step][:_SAMPLES].float().cpu()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(repr([round(float(x), 6) for x in sample]).encode())
 
 
 def fingerprint(model) -> dict[str, str]:

@@ -596,3 +596,23 @@ def test_a_file_error_during_the_run_is_one_line_exit_1(tiny, capsys, monkeypatc
     assert lines[-1].startswith("error: No space left on device: ") and "log.jsonl" in lines[-1], err
     assert "--resume" in lines[-1] and "Traceback" not in err
     assert ckpt_io.find_resume(out) is not None and not (out / "model.safetensors").exists()
+
+
+def test_resume_refuses_another_base_of_the_same_config(tiny, capsys):
+    """A resume compared only the base's config: another checkpoint of the same shape (other weights)
+    resumed silently, training the memory against a different teacher. Now one line, exit 2, nothing
+    written; the same base resumes."""
+    root, sd = tiny
+    other = root / "other_base"
+    write_checkpoint(other / "model.safetensors", random_state_dict(CFG, ahn=False, dtype=torch.float32, std=0.2,
+                                                                    seed=9), CFG, config_json=True)
+    tiny_tokenizer(other / "tokenizer.json")
+    out = root / "swapped_base"
+    common = ["--steps", 3, "--window", 8, "--sinks", 2]
+    assert train(capsys, *base_args(root, out), *common, "--stop-after", 1)[0] == 0
+    before = (out / "log.jsonl").read_text()
+    args = ["--base", other] + base_args(root, out)[2:]
+    rc, stdout, err = train(capsys, *args, "--resume")
+    assert rc == 2 and err.count("\n") == 1 and "is not the model the resumed run trained" in err, err
+    assert (out / "log.jsonl").read_text() == before and not (out / "model.safetensors").exists()
+    assert train(capsys, *base_args(root, out), "--resume")[0] == 0

@@ -471,6 +471,10 @@ def _run(a, d, out: Path) -> int:
         else:
             ahn_init = None
         base = {k: ckpt.src.get(k) for k in W.base_shapes(config)}
+        base_fp = _base_fingerprint(base)
+        if saved_state and saved_state.get("base_fingerprint") not in (None, base_fp):
+            raise AhnError(f"--base {base_path} is not the model the resumed run trained (same config, other "
+                           "weights); give the base it started from, or start a new run in another --out")
         torch.manual_seed(run_cfg["seed"])
         # A fresh memory's start (TrainModel refuses it with given AHN weights or a variant without decay);
         # a resumed run already holds the weights it started from.
@@ -526,7 +530,7 @@ def _run(a, d, out: Path) -> int:
     progress = (Progress(trainer.total_steps, trainer.step, every=a.log_every, world_size=d.world_size)
                 if d.is_main else None)
     # Besides the settings (checked on resume), the state records what identifies base and data.
-    identity = {"base_config": base_cfg, "data_fingerprint": data.fingerprint}
+    identity = {"base_config": base_cfg, "base_fingerprint": base_fp, "data_fingerprint": data.fingerprint}
     try:
         trainer.fit(out, run=run_cfg, config=out_cfg, identity=identity, progress=progress)
     finally:
@@ -624,6 +628,18 @@ def _term_as_interrupt(signum, frame):
 def threading_main() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def _base_fingerprint(base: dict) -> str:
+    """The frozen base's weights, sampled (``state_io.hash_samples``): a resume refuses another base of the
+    same config (only the config was compared)."""
+    import hashlib
+    from ..state_io import hash_samples
+    h = hashlib.sha256()
+    for k in sorted(base):
+        h.update(k.encode())
+        hash_samples(h, base[k])
+    return h.hexdigest()[:32]
 
 
 def _oom_types():
