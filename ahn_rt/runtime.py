@@ -427,7 +427,7 @@ class Model:
                 raise
             try:
                 run.start(sess)
-                while run.prefilling:
+                while run.prefilling and not run.done:   # done: closed from another thread meanwhile
                     run.prefill_chunk()
                 while True:
                     yield from run.take()
@@ -788,6 +788,8 @@ class _Run:
 
     @torch.inference_mode()
     def _first(self):
+        if self.done:   # stopped from outside during the prefill (Generation.close from another thread): no text
+            return
         self._tok = self.sampler.sample(self._fill.logits[-1])
         self._stepper = self.session.stepper(self.sampler)
         self.stats.prefill_s = time.perf_counter() - self._t0

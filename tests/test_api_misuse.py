@@ -535,3 +535,39 @@ def test_a_generation_closed_from_another_thread_stops_at_the_next_token(model):
     assert not t.is_alive() and not errors and g._run.sampled <= 3
     assert g.finish_reason in ("cancelled", "stop", "length")
     assert s.forward([1]).shape == (1, model.config.vocab_size)   # the session is free again
+
+
+def test_a_generation_closed_from_another_thread_during_its_prefill_yields_nothing(model):
+    """close() from another thread while the reader is still prefilling the prompt: the reader went on with
+    every remaining prefill chunk and then handed out the first token's text after close() had returned
+    (the first token is accepted by the prefill's end, not by land(), which drops it). Now the prefill stops
+    at the chunk in flight and nothing is yielded."""
+    s = model.new_session(chunk_size=8)
+    g = model.generate(P * 12, max_new_tokens=50, temperature=0, session=s)
+    entered, go = threading.Event(), threading.Event()
+    real, chunks = g._run.prefill_chunk, []
+
+    def prefill_chunk():                 # the reader waits inside its first chunk until close() has returned
+        chunks.append(1)
+        if len(chunks) == 1:
+            entered.set()
+            go.wait(5)
+        return real()
+    g._run.prefill_chunk = prefill_chunk
+    got, errors = [], []
+
+    def read():
+        try:
+            got.extend(g)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    t = threading.Thread(target=read)
+    t.start()
+    assert entered.wait(5)
+    g.close()
+    go.set()
+    t.join(5)
+    assert not t.is_alive() and not errors
+    assert got == [] and g.finish_reason == "cancelled" and g.stats.new_tokens == 0
+    assert len(chunks) == 1                                       # the rest of the prompt was not prefilled
+    assert s.forward([1]).shape == (1, model.config.vocab_size)   # the session is free again
