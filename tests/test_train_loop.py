@@ -595,3 +595,24 @@ def test_a_loss_weight_beyond_float32_is_a_bad_record(tmp_path):
     d = load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
     assert (d.stats.used, dict(d.stats.skipped)) == (2, {"a loss weight is not a finite number >= 0": 2})
     assert bool(torch.isfinite(d.weights).all()) and float(d.weights.max()) == 3.4028234663852886e38
+
+
+def test_data_from_a_pipe_is_read(tmp_path):
+    """--data <(zcat d.jsonl.gz) or /dev/stdin: a pipe cannot seek. The gzip check read two bytes and seeked
+    back, so every pipe was refused ("cannot read data file ...: Illegal seek"); it reads in one pass again."""
+    import os
+    import threading
+    plain = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": list(range(k, k + 30))} for k in range(3)])
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "wb") as f:
+            f.write(plain.read_bytes())
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    budget = BudgetSpec(fixed=(8, 2))
+    d = load_dataset(fifo, vocab_size=V, seq_len=4096, budget=budget)
+    t.join(5)
+    want = load_dataset(plain, vocab_size=V, seq_len=4096, budget=budget)
+    assert (d.stats.used, d.fingerprint) == (3, want.fingerprint)

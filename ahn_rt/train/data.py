@@ -307,10 +307,10 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
     longest = 0
     try:
         with open(path, "rb") as f:
-            if f.read(2) == b"\x1f\x8b":
+            # peek, not read + seek: --data may be a pipe (<(zcat d.jsonl.gz), /dev/stdin), which cannot seek
+            if f.peek(2)[:2] == b"\x1f\x8b":
                 raise AhnError(f"--data {path} is gzip-compressed; decompress it first (gunzip -k {path}) and "
                                "give the .jsonl file")
-            f.seek(0)
             for i, raw in enumerate(f):
                 if i == 0:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")   # a UTF-8 byte order mark (Windows editors)
