@@ -616,3 +616,28 @@ def test_resume_refuses_another_base_of_the_same_config(tiny, capsys):
     assert rc == 2 and err.count("\n") == 1 and "is not the model the resumed run trained" in err, err
     assert (out / "log.jsonl").read_text() == before and not (out / "model.safetensors").exists()
     assert train(capsys, *base_args(root, out), "--resume")[0] == 0
+
+
+def test_a_file_error_before_the_first_resume_state_points_to_overwrite(tiny, capsys, monkeypatch):
+    """The disk filling up before the first resume state (every --save-every steps): the line said "continue
+    from the last resume state with --resume", and --resume then refused (no resume state; start over with
+    --overwrite), the round that the interrupt's message no longer makes. It now names --overwrite at once."""
+    import errno
+    root, _ = tiny
+    out = root / "disk_full_early"
+    real_open = open
+
+    def full_disk(path, *a, **k):
+        if str(path).endswith("log.jsonl") and (out / "log.jsonl").exists():
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, *a, **k)
+    args = [*base_args(root, out), "--steps", 4, "--window", 8, "--sinks", 2, "--save-every", 100]
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", full_disk)
+        rc, _, err = train(capsys, *args)
+    assert rc == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: No space left on device: ") and "--resume" not in line, err
+    assert line.endswith("then start it over with --overwrite (no resume state was written yet)"), err
+    assert not ckpt_io.find_resume(out)
+    assert train(capsys, *args, "--overwrite")[0] == 0      # what the line says works

@@ -593,8 +593,15 @@ def main(argv=None) -> int:
     except OSError as e:   # while the run went on: the disk filled up, OUT was removed or made read-only
         what = e.strerror or (str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        out = Path(args.out).expanduser()
+        if _has_resume_state(out):
+            then = "then continue from the last resume state with --resume"
+        elif _holds_run_files(out):   # stopped before its first resume state: --resume would refuse it
+            then = "then start it over with --overwrite (no resume state was written yet)"
+        else:
+            then = "then run the command again"
         print(f"error{_rank_tag(rank)}: {what}{where}; the run stopped. Fix that (free space, restore --out), "
-              "then continue from the last resume state with --resume", file=sys.stderr)
+              f"{then}", file=sys.stderr)
         return 1
     except _oom_types() as e:
         print(f"error{_rank_tag(rank)}: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or "
