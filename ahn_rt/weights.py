@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import errno
 import os
 import threading
 import struct
@@ -150,7 +151,11 @@ def _atomic_write(path: Path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+            try:
+                os.fsync(f.fileno())
+            except OSError as e:   # a file system that has no fsync (some network / FUSE mounts): go on
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EROFS):
+                    raise          # a real write failure (ENOSPC, EIO): the file is not on the disk
         os.replace(tmp, path)
     finally:
         if tmp.exists():

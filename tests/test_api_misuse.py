@@ -533,7 +533,7 @@ def test_a_generation_closed_from_another_thread_stops_at_the_next_token(model):
     go.set()
     t.join(5)
     assert not t.is_alive() and not errors and g._run.sampled <= 3
-    assert g.finish_reason in ("cancelled", "stop", "length")
+    assert g.finish_reason == "cancelled"
     assert s.forward([1]).shape == (1, model.config.vocab_size)   # the session is free again
 
 

@@ -207,3 +207,25 @@ def test_save_flushes_the_file_to_disk_before_it_replaces_the_old_one(tmp_path, 
     s.save(tmp_path / "s.safetensors")
     (_, tmp), = [e for e in events if e[0] == "replace"]
     assert ("fsync", tmp) in events and events.index(("fsync", tmp)) < events.index(("replace", tmp))
+
+
+def test_an_atomic_write_goes_on_where_the_file_system_has_no_fsync(tmp_path, monkeypatch):
+    """fsync failing with EINVAL (a file system without it: some network / FUSE mounts) must not fail every
+    save; a real failure (ENOSPC) still does, and leaves the old file and no temporary."""
+    import errno
+    import os as _os
+    from ahn_rt import weights as W
+    path = tmp_path / "f.txt"
+    W.atomic_write_text(path, "old")
+    for code, ok in ((errno.EINVAL, True), (errno.ENOSPC, False)):
+        def no_fsync(fd, code=code):
+            raise OSError(code, _os.strerror(code))
+        monkeypatch.setattr(W.os, "fsync", no_fsync)
+        if ok:
+            W.atomic_write_text(path, "new")
+            assert path.read_text() == "new"
+        else:
+            with pytest.raises(ahn_rt.AhnError, match="No space left"):
+                W.atomic_write_text(path, "lost")
+            assert path.read_text() == "new"
+        assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
