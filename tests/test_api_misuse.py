@@ -502,6 +502,20 @@ def test_token_ids_of_any_integer_dtype_are_taken_and_bytes_are_refused(model):
     assert s.position == 1
 
 
+def _read_in_thread(g):
+    """Iterate the generation ``g`` in a new thread: (the thread, the pieces it got, the errors it raised)."""
+    got, errors = [], []
+
+    def read():
+        try:
+            got.extend(g)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    t = threading.Thread(target=read)
+    t.start()
+    return t, got, errors
+
+
 def test_a_generation_closed_from_another_thread_stops_at_the_next_token(model):
     """close() from another thread while the reading thread is inside next() (a cancel button, a watchdog)
     raised Python's 'ValueError: generator already executing' and cancelled nothing; it now stops the
@@ -517,15 +531,7 @@ def test_a_generation_closed_from_another_thread_stops_at_the_next_token(model):
         go.wait(5)
         return real(tid)
     g._run.land = land
-    got, errors = [], []
-
-    def read():
-        try:
-            got.extend(g)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-    t = threading.Thread(target=read)
-    t.start()
+    t, got, errors = _read_in_thread(g)
     assert entered.wait(5)
     with pytest.raises(AhnError, match="being read by another thread"):
         next(g)
@@ -554,15 +560,7 @@ def test_a_generation_closed_from_another_thread_during_its_prefill_yields_nothi
             go.wait(5)
         return real()
     g._run.prefill_chunk = prefill_chunk
-    got, errors = [], []
-
-    def read():
-        try:
-            got.extend(g)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-    t = threading.Thread(target=read)
-    t.start()
+    t, got, errors = _read_in_thread(g)
     assert entered.wait(5)
     g.close()
     go.set()
