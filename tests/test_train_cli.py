@@ -641,3 +641,32 @@ def test_a_file_error_before_the_first_resume_state_points_to_overwrite(tiny, ca
     assert line.endswith("then start it over with --overwrite (no resume state was written yet)"), err
     assert not ckpt_io.find_resume(out)
     assert train(capsys, *args, "--overwrite")[0] == 0      # what the line says works
+
+
+def test_a_resume_state_that_cannot_be_written_is_exit_1_with_resume_advice(tiny, capsys, monkeypatch):
+    """The disk filling up while the resume state is written (after an earlier one): exit 1 like every
+    other file error of a running job (it was exit 2, a usage error), one line naming the resume state and
+    the error, the advice by what is on disk; the earlier resume state stays complete."""
+    import errno
+    from ahn_rt import weights as W
+    root, _ = tiny
+    out = root / "disk_full_resume"
+    real = W.atomic_write_text
+    calls = []
+
+    def full_disk(path, text):
+        if Path(path).name == "state.json" and ".resume.tmp" in str(path):
+            calls.append(path)
+            if len(calls) == 2:
+                raise ahn_rt.AhnError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}")
+        return real(path, text)
+    monkeypatch.setattr(ckpt_io, "atomic_write_text", full_disk)
+    rc, _, err = train(capsys, *base_args(root, out), "--steps", 4, "--window", 8, "--sinks", 2,
+                       "--save-every", 1)
+    assert rc == 1 and "Traceback" not in err and len(calls) == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write the resume state (") and "No space left" in line, err
+    assert line.endswith("then continue from the last resume state with --resume"), err
+    found = ckpt_io.find_resume(out)
+    assert found is not None and not list(out.glob(".resume.tmp*"))
+    assert train(capsys, *base_args(root, out), "--resume")[0] == 0      # what the line says works

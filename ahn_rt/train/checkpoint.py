@@ -70,6 +70,15 @@ def deferred_interrupt():
         raise KeyboardInterrupt
 
 
+def _write_failed(e: Exception, out: Path) -> OSError:
+    """A resume state that could not be written mid-run (disk full, OUT removed): an OSError, so that the
+    command line reports it as the run's other file errors are (one line, exit 1, advice by resume state)."""
+    what = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    err = OSError(getattr(e, "errno", None) or 0, f"cannot write the resume state ({what})")
+    err.filename = str(Path(out) / RESUME)
+    return err
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume state
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +104,9 @@ def save_resume(out: Path, *, ahn: dict, tensors: dict, state: dict, config: dic
         if old.exists():
             shutil.rmtree(old)
     except OSError as e:
-        raise AhnError(f"cannot write the resume state in {out}: {e.strerror or e}") from None
+        raise _write_failed(e, out) from None
+    except AhnError as e:   # write_checkpoint / atomic_write_text said it in one line (an OSError beneath)
+        raise _write_failed(e, out) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
