@@ -356,6 +356,10 @@ def test_only_an_assistant_message_may_lack_content(server):
     status, text, _ = server.post("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": 1})
     err = json.loads(text)["error"]
     assert status == 400 and "messages[0].content is required" in err["message"], text
+    # a developer message (read as system) is named as sent: the client never wrote "system"
+    status, text, _ = server.post("/v1/chat/completions", {"messages": [{"role": "developer"}], "max_tokens": 1})
+    err = json.loads(text)["error"]
+    assert status == 400 and "required for a developer message" in err["message"], text
 
 
 def test_messages_sent_to_completions_point_to_chat(server):

@@ -76,13 +76,13 @@ def normalize_messages(messages) -> list[tuple[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise AhnError(f"messages[{i}] must be an object with role and content")
-        role = m.get("role")
-        role = "system" if role == "developer" else role
+        sent = m.get("role")
+        role = "system" if sent == "developer" else sent
         if role not in ROLES:
             shown = repr(role[:40]) + "..." * (len(role) > 40) if isinstance(role, str) else \
                 type(role).__name__ if isinstance(role, (list, dict)) else repr(role)   # one short line
             raise AhnError(f"messages[{i}].role must be one of system, user, assistant; got {shown}")
-        out.append((role, _content(m, i, role)))
+        out.append((role, _content(m, i, sent)))   # its errors name the role the client sent
     return out
 
 
