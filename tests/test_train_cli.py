@@ -571,9 +571,12 @@ def test_resume_writes_the_outputs_the_uninterrupted_run_would_have(tiny, capsys
         assert json.loads((split / name).read_text())["sliding_window"] == 24
     # given again, a flag replaces the saved value (the state is at the last step: only the outputs change)
     rc, _, err = train(capsys, *base_args(root, split), "--resume", "--save-dtype", "bf16", "--infer-window", 16)
-    assert rc == 0 and "(sliding_window 16, num_attn_sinks 4)" in err, err
+    assert rc == 0 and "(sliding_window 16, num_attn_sinks 4) and " in err, err     # the merge kept
     with safe_open(str(split / "model.safetensors"), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    # and --no-merge turns the saved --merge off (a store_true flag could not be unset on resume)
+    rc, _, err = train(capsys, *base_args(root, split), "--resume", "--no-merge")
+    assert rc == 0 and "(sliding_window 24, num_attn_sinks 4)\n" in err, err
 
 
 def test_a_file_error_during_the_run_is_one_line_exit_1(tiny, capsys, monkeypatch):

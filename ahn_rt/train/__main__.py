@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--init-ahn", metavar="PATH", help="start from this AHN-only checkpoint")
     io.add_argument("--ahn", choices=["gdn", "dn", "mamba2"], help="the memory variant: GatedDeltaNet, DeltaNet or "
                     "Mamba2 (default: the --init-ahn / --init-from-base checkpoint's, else gdn)")
-    io.add_argument("--merge", action="store_true", help="also write OUT/merged/ (base + AHN)")
+    io.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                    help="also write OUT/merged/ (base + AHN); a resume keeps the run's choice unless given "
+                         "(--no-merge turns it off)")
     io.add_argument("--save-dtype", choices=["bf16", "float32"],
                     help="dtype of the saved AHN tensors (default bf16, like the official release)")
     io.add_argument("--infer-window", type=int, help="sliding_window written to config.json (default: "
@@ -291,7 +293,7 @@ def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
             run[k] = given if given is not None else default
     run.update(_resolve_batch(a, saved, world_size))
     for k, default in OUTPUT_DEFAULTS.items():
-        given = (getattr(a, k) or None) if k == "merge" else getattr(a, k)   # --merge: False = not given
+        given = getattr(a, k)                      # None: not given (a resume keeps the saved choice)
         run[k] = given if given is not None else (saved or {}).get(k, default)
     return run
 
