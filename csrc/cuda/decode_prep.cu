@@ -108,7 +108,7 @@ template <typename T>
 void decode_prep_cuda(const DecodePrepParams& p, void* stream) {
   const int64_t blocks = p.H + 2 * p.Hkv + (p.dt_bias != nullptr ? 1 : 0);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.batch));
-  (void)launch_ex(decode_prep_kernel<T>, grid, dim3(kPrepThreads), 0, static_cast<cudaStream_t>(stream), true, 0,
+  (void)launch_ex(decode_prep_kernel<T>, grid, dim3(kPrepThreads), 0, static_cast<cudaStream_t>(stream), decode_pdl_on(), 0,
                   p);  // errors: the host's launch check
 }
 

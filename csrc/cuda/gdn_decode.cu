@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodePar
 void launch_clusters(void (*kernel)(GdnDecodeParams), unsigned slices, unsigned threads, const GdnDecodeParams& p,
                      cudaStream_t stream) {
   (void)launch_ex(kernel, dim3(slices, static_cast<unsigned>(p.H), static_cast<unsigned>(p.batch)), dim3(threads), 0,
-                  stream, true, slices, p);
+                  stream, decode_pdl_on(), slices, p);
 }
 
 template <typename T, typename TP, int W>

@@ -590,15 +590,15 @@ void launch(const SwaDecodeParams& p, cudaStream_t stream) {
                          cudaSharedmemCarveoutMaxShared);
     const dim3 grid(static_cast<unsigned>(p.split_blocks), static_cast<unsigned>(p.Hkv * p.batch),
                     static_cast<unsigned>((p.H / p.Hkv + 15) / 16));
-    (void)launch_ex(kernel, grid, dim3(kThreads), smem, stream, true, 0, p);
+    (void)launch_ex(kernel, grid, dim3(kThreads), smem, stream, decode_pdl_on(), 0, p);
   } else {
     const size_t smem = 2 * static_cast<size_t>(p.chunk) * p.D * sizeof(T) +
                         static_cast<size_t>(p.H / p.Hkv) * p.chunk * sizeof(float);
     const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv * p.batch));
-    (void)launch_ex(swa_split_scalar_kernel<T, DT>, grid, dim3(kThreads), smem, stream, true, 0, p);
+    (void)launch_ex(swa_split_scalar_kernel<T, DT>, grid, dim3(kThreads), smem, stream, decode_pdl_on(), 0, p);
   }
   const dim3 cgrid(static_cast<unsigned>(p.H), static_cast<unsigned>((p.D + 31) / 32), static_cast<unsigned>(p.batch));
-  (void)launch_ex(swa_combine_kernel<T>, cgrid, dim3(kCombineThreads), p.nsplit * sizeof(float), stream, true, 0, p);
+  (void)launch_ex(swa_combine_kernel<T>, cgrid, dim3(kCombineThreads), p.nsplit * sizeof(float), stream, decode_pdl_on(), 0, p);
   // launch errors: the host's launch check (cudaGetLastError)
 }
 
