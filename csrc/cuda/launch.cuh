@@ -1,8 +1,8 @@
 // The one launcher of the decode step's CUDA kernels (gemv, decode_prep, swa_decode, gdn_decode, mamba2_decode).
 #pragma once
-#include <cstdlib>
-
 #include <cuda_runtime.h>
+
+#include "../common.h"
 
 namespace ahn_rt {
 
@@ -42,13 +42,10 @@ inline cudaError_t launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, si
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-// PDL for decode_prep, swa_decode and gdn_decode: on unless AHN_RT_DECODE_PDL=0 (a benchmark A/B switch,
-// read once).
+// PDL for decode_prep, swa_decode and gdn_decode: off unless AHN_RT_DECODE_PDL=1 (read once). Measured
+// slower than plain launches (bench/README.md, eleventh session), so it is an A/B switch for experiments.
 inline bool decode_pdl_on() {
-  static const bool on = [] {
-    const char* e = std::getenv("AHN_RT_DECODE_PDL");
-    return e == nullptr || e[0] != '0';
-  }();
+  static const bool on = env_flag("AHN_RT_DECODE_PDL");
   return on;
 }
 
