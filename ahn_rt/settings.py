@@ -18,12 +18,15 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_GEMV_PDL      | CUDA gemv, every call  | unset: programmatic dependent launch for the decode step's      |
 |                      |                        | GEMVs (static weights) only; 0: never; 1: every call (A/B)      |
 | AHN_RT_GEMV_SIMT     | CUDA gemv, every call  | 0; 1: bf16 / fp16 on the CUDA-core kernel (a bench A/B)         |
+| AHN_RT_DECODE_PDL    | CUDA decode_prep,      | 0; 1: those kernels launch with programmatic dependent launch   |
+|                      | swa_decode, gdn_decode | (a bench A/B: it measured slower)                               |
+|                      | once                   |                                                                 |
 | AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
 | AHN_RT_GDN_SCAN_SIMT | CUDA gdn_chunk_scan,   | 0; 1: the CUDA-core float32 scan where the tensor-core one      |
 |                      | once                   | would run (Dk a multiple of 16; an A/B switch for benches)      |
 
-The last four are kernel A/B switches that the C++ side reads: AHN_RT_GEMV_PDL in csrc/host/gemv.cpp (unset
-and empty differ from 0 there), the other three through ``env_flag`` (csrc/common.h); ``kernel_flag`` reads
+The last five are kernel A/B switches that the C++ side reads: AHN_RT_GEMV_PDL in csrc/host/gemv.cpp (unset
+and empty differ from 0 there), the other four through ``env_flag`` (csrc/common.h); ``kernel_flag`` reads
 them as ``env_flag`` does, for benchmarks that label their rows.
 """
 from __future__ import annotations
@@ -44,7 +47,7 @@ _CHOICES = {
 }
 
 
-_KERNEL_FLAGS = ("AHN_RT_GEMV_SIMT", "AHN_RT_GDN_GENERIC", "AHN_RT_GDN_SCAN_SIMT")   # env_flag's (on/off)
+_KERNEL_FLAGS = ("AHN_RT_GEMV_SIMT", "AHN_RT_DECODE_PDL", "AHN_RT_GDN_GENERIC", "AHN_RT_GDN_SCAN_SIMT")   # env_flag's (on/off)
 
 
 class SettingsError(_Base):
@@ -94,7 +97,7 @@ def build_cuda() -> str:
 
 
 def kernel_flag(name: str) -> bool:
-    """An on/off kernel A/B switch (AHN_RT_GEMV_SIMT, AHN_RT_GDN_GENERIC, AHN_RT_GDN_SCAN_SIMT), as
+    """An on/off kernel A/B switch (AHN_RT_GEMV_SIMT, AHN_RT_DECODE_PDL, AHN_RT_GDN_GENERIC, AHN_RT_GDN_SCAN_SIMT), as
     csrc/common.h env_flag reads it. Not AHN_RT_GEMV_PDL: unset, 0 and 1 are three settings there."""
     if name not in _KERNEL_FLAGS:
         raise KeyError(name)

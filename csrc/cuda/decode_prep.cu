@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "../common.h"
+#include "launch.cuh"
 
 namespace ahn_rt {
 namespace {
@@ -16,6 +17,7 @@ constexpr int kPrepThreads = 128;
 
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(const DecodePrepParams p0) {
+  pdl_enter();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
   const DecodePrepParams p = p0.row(blockIdx.y);  // grid y: row of a batched call
   __shared__ float red[32];
   const int64_t pos = *p.pos;
@@ -106,7 +108,8 @@ template <typename T>
 void decode_prep_cuda(const DecodePrepParams& p, void* stream) {
   const int64_t blocks = p.H + 2 * p.Hkv + (p.dt_bias != nullptr ? 1 : 0);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.batch));
-  decode_prep_kernel<T><<<grid, kPrepThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  (void)launch_ex(decode_prep_kernel<T>, grid, dim3(kPrepThreads), 0, static_cast<cudaStream_t>(stream), decode_pdl_on(), 0,
+                  p);  // errors: the host's launch check
 }
 
 template void decode_prep_cuda<float>(const DecodePrepParams&, void*);

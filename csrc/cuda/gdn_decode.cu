@@ -33,6 +33,7 @@
 #include <cuda_runtime.h>
 
 #include "../common.h"
+#include "launch.cuh"
 
 namespace ahn_rt {
 namespace {
@@ -70,6 +71,7 @@ __device__ __forceinline__ void sum_over_rows(float (&v)[4], float (*red)[W], fl
 // T: q/k/v dtype (the model dtype), TP: o_proj dtype, W: state columns per block.
 template <typename T, typename TP, int W>
 __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodeParams p0) {
+  pdl_enter();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
   const GdnDecodeParams p = p0.row(blockIdx.z);  // grid z: row of a batched call
   constexpr int TX = W / 4;                          // threads across a row (4 columns each)
   constexpr int TY = kThreads / TX;                  // row lanes
@@ -256,19 +258,8 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodePar
 // cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK in host/gdn_decode.cpp).
 void launch_clusters(void (*kernel)(GdnDecodeParams), unsigned slices, unsigned threads, const GdnDecodeParams& p,
                      cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(slices, static_cast<unsigned>(p.H), static_cast<unsigned>(p.batch));
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = slices;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  (void)cudaLaunchKernelEx(&cfg, kernel, p);
+  (void)launch_ex(kernel, dim3(slices, static_cast<unsigned>(p.H), static_cast<unsigned>(p.batch)), dim3(threads), 0,
+                  stream, decode_pdl_on(), slices, p);
 }
 
 template <typename T, typename TP, int W>
@@ -316,6 +307,7 @@ __device__ __forceinline__ void unpack16(const uint4& raw, float (&w)[VE]) {
 // T: q/k/v (model) dtype, TP: o_proj dtype.
 template <typename T, typename TP, int DK, int DV, int NS, int NT>
 __global__ void __launch_bounds__(NT) gdn_fast_kernel(const GdnDecodeParams p0) {
+  pdl_enter();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
   const GdnDecodeParams p = p0.row(blockIdx.z);  // grid z: row of a batched call
   using C = GdnFast<DK, DV, NS, NT, TP>;
   constexpr int W = C::W, TX = C::TX, TY = C::TY, R = C::R, NWARP = C::NWARP, VE = C::VE, VPR = C::VPR,

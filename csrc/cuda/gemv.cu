@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "../common.h"
+#include "launch.cuh"
 
 namespace ahn_rt {
 namespace {
@@ -522,17 +523,8 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
 template <typename Kernel, typename... Args>
 void launch_kernel(Kernel kernel, int64_t blocks, int threads, size_t smem, cudaStream_t stream, bool pdl,
                    const Args&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
-  cfg.blockDim = dim3(static_cast<unsigned>(threads));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args...);
+  const cudaError_t e = launch_ex(kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)),
+                                  smem, stream, pdl, 0, args...);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();  // a bad launch configuration is not sticky: leave no stale error behind
     TORCH_CHECK(false, "ahn_rt.gemv: launch failed (grid ", blocks, ", shared memory ", smem, " B): ",

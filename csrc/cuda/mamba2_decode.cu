@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "../common.h"
+#include "launch.cuh"
 
 namespace ahn_rt {
 namespace {
@@ -231,7 +232,9 @@ template <typename T, int W>
 void launch_state(const Mamba2DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((p.Dv + W - 1) / W), static_cast<unsigned>(p.H),
                   static_cast<unsigned>(p.batch));
-  mamba2_state_kernel<T, W><<<grid, kThreads, 0, stream>>>(p);
+  // Without PDL: the output kernel, which this one lets start at once, reads the attention output (the
+  // previous kernel's) before its pdl_wait, so this kernel must start after that one has finished.
+  (void)launch_ex(mamba2_state_kernel<T, W>, grid, dim3(kThreads), 0, stream, false, 0, p);
 }
 
 template <typename T, typename TP>
@@ -243,17 +246,9 @@ void launch(const Mamba2DecodeParams& p, cudaStream_t stream) {
   }
   // The output kernel with programmatic dependent launch: it preloads o_proj and its other inputs while the
   // state kernel runs and waits (pdl_wait) only for o and the sums of squares.
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.H), static_cast<unsigned>((p.Dv + 31) / 32),
-                     static_cast<unsigned>(p.batch));
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  (void)cudaLaunchKernelEx(&cfg, mamba2_out_kernel<T, TP>, p);  // errors: the host's launch check
+  (void)launch_ex(mamba2_out_kernel<T, TP>,
+                  dim3(static_cast<unsigned>(p.H), static_cast<unsigned>((p.Dv + 31) / 32), static_cast<unsigned>(p.batch)),
+                  dim3(kThreads), 0, stream, true, 0, p);  // errors: the host's launch check
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include "../common.h"
+#include "launch.cuh"
 
 namespace ahn_rt {
 namespace {
@@ -94,6 +95,7 @@ __device__ __forceinline__ bool aligned16(const void* p, int64_t s0, int64_t s1,
 // the whole split is one memory round trip), then the scores [G][chunk].
 template <typename T, int DT>
 __global__ void __launch_bounds__(kThreads) swa_split_scalar_kernel(const SwaDecodeParams p0) {
+  pdl_enter();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
   const SwaDecodeParams p = p0.row(blockIdx.y / p0.Hkv);  // grid y: (row, kv head)
   constexpr int LPK = DT / 8;   // lanes per key (each owns 8 dims)
   constexpr int KPW = 32 / LPK; // keys per warp step
@@ -312,6 +314,7 @@ static_assert(kTile == 16 * kWarps, "each warp owns 16 keys of a tile");
 // The 16-byte row pad puts the 8 rows that one ldmatrix reads in 8 different bank groups.
 template <typename T, int DT>
 __global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(const SwaDecodeParams p0) {
+  pdl_enter();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
   const SwaDecodeParams p = p0.row(blockIdx.y / p0.Hkv);  // grid y: (row, kv head)
   constexpr int LD = DT + 8;
   constexpr int LDO = DT + 4;  // fp32 rows of the cross-warp merge buffer
@@ -526,6 +529,7 @@ constexpr int kCombineWarps = kCombineThreads / 32;
 
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) swa_combine_kernel(const SwaDecodeParams p0) {
+  pdl_enter();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
   const SwaDecodeParams p = p0.row(blockIdx.z);  // grid z: row
   extern __shared__ float s_w[];  // [nsplit]
   __shared__ float red[32];
@@ -586,15 +590,16 @@ void launch(const SwaDecodeParams& p, cudaStream_t stream) {
                          cudaSharedmemCarveoutMaxShared);
     const dim3 grid(static_cast<unsigned>(p.split_blocks), static_cast<unsigned>(p.Hkv * p.batch),
                     static_cast<unsigned>((p.H / p.Hkv + 15) / 16));
-    kernel<<<grid, kThreads, smem, stream>>>(p);
+    (void)launch_ex(kernel, grid, dim3(kThreads), smem, stream, decode_pdl_on(), 0, p);
   } else {
     const size_t smem = 2 * static_cast<size_t>(p.chunk) * p.D * sizeof(T) +
                         static_cast<size_t>(p.H / p.Hkv) * p.chunk * sizeof(float);
     const dim3 grid(static_cast<unsigned>(p.nsplit), static_cast<unsigned>(p.Hkv * p.batch));
-    swa_split_scalar_kernel<T, DT><<<grid, kThreads, smem, stream>>>(p);
+    (void)launch_ex(swa_split_scalar_kernel<T, DT>, grid, dim3(kThreads), smem, stream, decode_pdl_on(), 0, p);
   }
   const dim3 cgrid(static_cast<unsigned>(p.H), static_cast<unsigned>((p.D + 31) / 32), static_cast<unsigned>(p.batch));
-  swa_combine_kernel<T><<<cgrid, kCombineThreads, p.nsplit * sizeof(float), stream>>>(p);
+  (void)launch_ex(swa_combine_kernel<T>, cgrid, dim3(kCombineThreads), p.nsplit * sizeof(float), stream, decode_pdl_on(), 0, p);
+  // launch errors: the host's launch check (cudaGetLastError)
 }
 
 }  // namespace
