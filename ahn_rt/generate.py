@@ -44,7 +44,7 @@ def build_parser() -> ArgParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--min-p", type=float, default=0.0)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same text (default: random)")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--quiet-stats", action="store_true", help="do not print the final stats line")
     return ap
