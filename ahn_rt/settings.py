@@ -19,7 +19,7 @@ This module uses only the standard library, so that setup.py can read it without
 |                      |                        | GEMVs (static weights) only; 0: never; 1: every call (A/B)      |
 | AHN_RT_GEMV_SIMT     | CUDA gemv, every call  | 0; 1: bf16 / fp16 on the CUDA-core kernel (a bench A/B)         |
 | AHN_RT_DECODE_PDL    | CUDA decode_prep,      | 0; 1: those kernels launch with programmatic dependent launch   |
-|                      | swa_decode, gdn_decode | (a bench A/B: it measured slower)                               |
+|                      | swa_decode, gdn_decode | (each waits first; a bench A/B)                                 |
 |                      | once                   |                                                                 |
 | AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
 | AHN_RT_GDN_SCAN_SIMT | CUDA gdn_chunk_scan,   | 0; 1: the CUDA-core float32 scan where the tensor-core one      |
