@@ -47,7 +47,8 @@ _CHOICES = {
 }
 
 
-_KERNEL_FLAGS = ("AHN_RT_GEMV_SIMT", "AHN_RT_DECODE_PDL", "AHN_RT_GDN_GENERIC", "AHN_RT_GDN_SCAN_SIMT")   # env_flag's (on/off)
+# env_flag's (on/off)
+_KERNEL_FLAGS = ("AHN_RT_GEMV_SIMT", "AHN_RT_DECODE_PDL", "AHN_RT_GDN_GENERIC", "AHN_RT_GDN_SCAN_SIMT")
 
 
 class SettingsError(_Base):
@@ -97,8 +98,8 @@ def build_cuda() -> str:
 
 
 def kernel_flag(name: str) -> bool:
-    """An on/off kernel A/B switch (AHN_RT_GEMV_SIMT, AHN_RT_DECODE_PDL, AHN_RT_GDN_GENERIC, AHN_RT_GDN_SCAN_SIMT), as
-    csrc/common.h env_flag reads it. Not AHN_RT_GEMV_PDL: unset, 0 and 1 are three settings there."""
+    """An on/off kernel A/B switch (one of ``_KERNEL_FLAGS``), as csrc/common.h env_flag reads it. Not
+    AHN_RT_GEMV_PDL: unset, 0 and 1 are three settings there."""
     if name not in _KERNEL_FLAGS:
         raise KeyError(name)
     v = os.environ.get(name, "")

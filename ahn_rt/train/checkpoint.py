@@ -103,9 +103,7 @@ def save_resume(out: Path, *, ahn: dict, tensors: dict, state: dict, config: dic
         os.replace(tmp, final)
         if old.exists():
             shutil.rmtree(old)
-    except OSError as e:
-        raise _write_failed(e, out) from None
-    except AhnError as e:   # write_checkpoint / atomic_write_text said it in one line (an OSError beneath)
+    except (OSError, AhnError) as e:   # AhnError: write_checkpoint's one line for an OSError beneath
         raise _write_failed(e, out) from None
     finally:
         if tmp.exists():
