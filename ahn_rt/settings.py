@@ -18,6 +18,8 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_GEMV_PDL      | CUDA gemv, every call  | unset: programmatic dependent launch for the decode step's      |
 |                      |                        | GEMVs (static weights) only; 0: never; 1: every call (A/B)      |
 | AHN_RT_GEMV_SIMT     | CUDA gemv, every call  | 0; 1: bf16 / fp16 on the CUDA-core kernel (a bench A/B)         |
+| AHN_RT_GEMV_X_UNSTAGED                        | 0; 1: the tensor-core kernel never stages the normalized x in   |
+|                      | CUDA gemv, every call  | shared memory; each warp normalizes its own (a bench A/B)       |
 | AHN_RT_DECODE_PDL    | CUDA decode_prep,      | 0; 1: those kernels launch with programmatic dependent launch   |
 |                      | swa_decode, gdn_decode | (each waits first; a bench A/B)                                 |
 |                      | once                   |                                                                 |
@@ -25,8 +27,8 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_GDN_SCAN_SIMT | CUDA gdn_chunk_scan,   | 0; 1: the CUDA-core float32 scan where the tensor-core one      |
 |                      | once                   | would run (Dk a multiple of 16; an A/B switch for benches)      |
 
-The last five are kernel A/B switches that the C++ side reads: AHN_RT_GEMV_PDL in csrc/host/gemv.cpp (unset
-and empty differ from 0 there), the other four through ``env_flag`` (csrc/common.h); ``kernel_flag`` reads
+The last six are kernel A/B switches that the C++ side reads: AHN_RT_GEMV_PDL in csrc/host/gemv.cpp (unset
+and empty differ from 0 there), the other five through ``env_flag`` (csrc/common.h); ``kernel_flag`` reads
 them as ``env_flag`` does, for benchmarks that label their rows.
 """
 from __future__ import annotations
@@ -48,7 +50,8 @@ _CHOICES = {
 
 
 # env_flag's (on/off)
-_KERNEL_FLAGS = ("AHN_RT_GEMV_SIMT", "AHN_RT_DECODE_PDL", "AHN_RT_GDN_GENERIC", "AHN_RT_GDN_SCAN_SIMT")
+_KERNEL_FLAGS = ("AHN_RT_GEMV_SIMT", "AHN_RT_GEMV_X_UNSTAGED", "AHN_RT_DECODE_PDL", "AHN_RT_GDN_GENERIC",
+                 "AHN_RT_GDN_SCAN_SIMT")
 
 
 class SettingsError(_Base):

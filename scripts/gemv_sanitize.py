@@ -1,5 +1,6 @@
 """One call of each ahn_rt.gemv CUDA path, for compute-sanitizer (memcheck / racecheck): the tensor-core
-kernel (bf16, fp16) at 1, 5, 12, 20 and 37 rows (one, two and four column tiles, two launch groups); the
+kernel (bf16, fp16) at 1, 5, 12, 20 and 37 rows (one, two and four column tiles, two launch groups; the
+normalized x staged in shared memory where it fits, and at 1 and 5 rows also with AHN_RT_GEMV_X_UNSTAGED=1); the
 SIMT kernel (fp32, and bf16 / fp16 with AHN_RT_GEMV_SIMT=1) at 1, 2, 3, 5, 12, 20 and 37 rows (every batch
 bucket; K = 11008 and 18944 at 12 or more rows stage x piece by piece); vector and scalar weight / x loads,
 SiLU pairs, bias / residual / float32 output.
@@ -19,10 +20,12 @@ import ahn_rt._C  # noqa: E402, F401
 dev = "cuda"
 cases = [(2048, 129, False, 0), (7, 3, False, 0), (2048, 258, True, 0), (2048, 65, False, 3),
          (11008, 31, False, 0), (18944, 6, True, 0), (64, 2048, False, 1)]
-runs = [("0", torch.bfloat16, (1, 5, 12, 20, 37)), ("0", torch.float16, (1, 9)), ("0", torch.float32, (1, 2, 12)),
-        ("1", torch.bfloat16, (1, 3, 5, 12, 20, 37)), ("1", torch.float16, (1, 9))]
-for simt, dt, rows in runs:
+runs = [("0", "0", torch.bfloat16, (1, 5, 12, 20, 37)), ("0", "1", torch.bfloat16, (1, 5)),
+        ("0", "0", torch.float16, (1, 9)), ("0", "0", torch.float32, (1, 2, 12)),
+        ("1", "0", torch.bfloat16, (1, 3, 5, 12, 20, 37)), ("1", "0", torch.float16, (1, 9))]
+for simt, unstaged, dt, rows in runs:
     os.environ["AHN_RT_GEMV_SIMT"] = simt
+    os.environ["AHN_RT_GEMV_X_UNSTAGED"] = unstaged
     for K, N, silu, off in cases:
         for B in rows:
             x = torch.randn(B * K + off, device=dev, dtype=dt)[off:].view(B, K)

@@ -340,3 +340,38 @@ def test_gemv_batch_invariance_on_cuda(name, K, N, option, dtype, kernel, monkey
     bumped[0, K // 2] += 1.0
     out = torch.ops.ahn_rt.gemv(x=bumped, residual=None if res is None else res[:2], **args)
     assert not torch.equal(out[0], alone[0]), "the comparison cannot see a changed input"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "misaligned"])
+@pytest.mark.parametrize("name, K, N, option", [("qkvabg", 2048, 2608, "norm_bias"), ("head", 2048, 4099, "norm_f32out"),
+                                                ("gate_up", 2048, 1100, "norm_silu"), ("odd", 70, 37, "all"),
+                                                ("k_odd", 1003, 64, "norm")])
+def test_gemv_staged_x_equals_unstaged(name, K, N, option, layout, dtype, monkeypatch):
+    """The tensor-core kernel stages the RMS-normalized x of every sequence in shared memory when it fits
+    (B x K up to about 72 KiB); AHN_RT_GEMV_X_UNSTAGED=1 makes every warp normalize its own slice instead.
+    Both must give the same bits for every batch size (1, 5, 16: staged at K = 2048; 32: too big to stage,
+    so both runs take the unstaged path), with vector loads (contiguous) and element loads (a strided or
+    misaligned x, K not a multiple of 8). Negative control: torch.equal sees a changed input element."""
+    g = torch.Generator().manual_seed(5)
+    case = make_case(K, N, dtype, "cuda", option, g)
+    args = {k: v for k, v in case.items() if k not in ("x", "residual")}
+    for B in (1, 5, 16, 32):
+        base = (torch.randn(B, 2 * K + 1, generator=g) * 3).to(dtype).cuda()
+        x = {"contiguous": base[:, :K], "strided": base[:, : 2 * K : 2], "misaligned": base[:, 1:K + 1]}[layout]
+        if layout == "contiguous":
+            x = x.contiguous()
+        res = None if case["residual"] is None else torch.randn(B, N, generator=g).to(dtype).cuda()
+        monkeypatch.setenv("AHN_RT_GEMV_X_UNSTAGED", "0")
+        staged = torch.ops.ahn_rt.gemv(x=x, residual=res, **args)
+        monkeypatch.setenv("AHN_RT_GEMV_X_UNSTAGED", "1")
+        unstaged = torch.ops.ahn_rt.gemv(x=x, residual=res, **args)
+        assert torch.equal(staged, unstaged), f"{name} {layout} B={B}: staged x differs from unstaged"
+        assert_close(staged, gemv_ref(**to_cpu(dict(x=x, residual=res, **args))), f"{name} {layout} B={B}", dtype)
+        bumped = x.clone()
+        bumped[0, K // 2] += 0.5
+        monkeypatch.setenv("AHN_RT_GEMV_X_UNSTAGED", "0")
+        assert not torch.equal(torch.ops.ahn_rt.gemv(x=bumped, residual=res, **args), staged), \
+            "the comparison cannot see a changed input"

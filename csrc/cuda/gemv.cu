@@ -354,10 +354,15 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
 // A task is 16 output rows; MT row tiles (2 with silu_mul: gate, up), NT column tiles of 8 sequences, U
 // chunks of 32 k per warp in flight, WVEC: 16-byte weight loads, WARPS: warps per block. A block runs
 // WARPS / ks tasks, ks warps each (warp w: task w / ks, K slice w % ks).
+// xs_vs > 0: the block first stages x of every sequence (RMS-normalized when asked) in shared memory, rows of
+// xs_vs 16-byte vectors (zero past K), and the mma steps read it there; 0: each warp loads (and normalizes)
+// its own x from L1 / L2 as it goes. Same values either way, so the same bits.
 template <typename T, int MT, int NT, int U, bool WVEC, int WARPS>
-__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const GemvParams p, const int ks) {
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const GemvParams p, const int ks,
+                                                                          const int xs_vs) {
   constexpr int kBlock = 32 * WARPS;
   __shared__ float part[WARPS][MT][16][8 * NT];
+  extern __shared__ uint4 xs[];  // [B][xs_vs] when staged
   __shared__ float rs_s[8 * NT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int64_t K = p.K, B = p.rows;
@@ -418,6 +423,32 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
     }
     __syncthreads();
   }
+  // x of sequence b, the 8 k from k on (k < K), as the mma steps take it: xn = nw * round(x * rs), rounded
+  // to T as rms_norm_ref, when normalizing.
+  auto x_vector = [&](int64_t b, int64_t k) -> uint4 {
+    const T* xb = X + b * p.x_row_stride;
+    uint4 r = x_vec ? load_vec<T, true, false>(xb, 1, k, K) : load_vec<T, false, false>(xb, p.x_stride, k, K);
+    if (nw != nullptr) {
+      const uint4 wn = x_vec ? load_vec<T, true, false>(nw, 1, k, K) : load_vec<T, false, false>(nw, p.nw_stride, k, K);
+      float xf[8], nf[8];
+      unpack<T>(r, xf);
+      unpack<T>(wn, nf);
+      const float rs = rs_s[b];
+      T o[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = T(nf[e] * round_to<T>(xf[e] * rs));
+      r = make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
+    }
+    return r;
+  };
+  if (xs_vs > 0) {
+    const int64_t nv = nch * 4;  // vectors of a staged row: whole chunks, zero past K
+    for (int64_t i = threadIdx.x; i < B * nv; i += kBlock) {
+      const int64_t b = i / nv, v = i % nv;
+      xs[b * xs_vs + v] = 8 * v < K ? x_vector(b, 8 * v) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    __syncthreads();
+  }
 
   float acc[MT][NT][4];
 #pragma unroll
@@ -437,20 +468,9 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
       for (int n = 0; n < NT; ++n) {
         const int64_t b = n * 8 + g;
         uint4 r = make_uint4(0u, 0u, 0u, 0u);
-        if (b < B && c + u < c_end && k < K) {
-          const T* xb = X + b * p.x_row_stride;
-          r = x_vec ? load_vec<T, true, false>(xb, 1, k, K) : load_vec<T, false, false>(xb, p.x_stride, k, K);
-          if (nw != nullptr) {  // xn = nw * round(x * rs), rounded to T: as rms_norm_ref
-            const uint4 wn = x_vec ? load_vec<T, true, false>(nw, 1, k, K) : load_vec<T, false, false>(nw, p.nw_stride, k, K);
-            float xf[8], nf[8];
-            unpack<T>(r, xf);
-            unpack<T>(wn, nf);
-            const float rs = rs_s[b];
-            T o[8];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) o[e] = T(nf[e] * round_to<T>(xf[e] * rs));
-            r = make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
-          }
+        if (b < B && c + u < c_end) {
+          if (xs_vs > 0) r = xs[b * xs_vs + (c + u) * 4 + t];
+          else if (k < K) r = x_vector(b, k);
         }
         xv[u][n] = r;
       }
@@ -579,6 +599,31 @@ void launch_simt_rows(const GemvParams& p, cudaStream_t stream) {
   }
 }
 
+// Staged x (gemv_mma_kernel's xs_vs) when the GEMV normalizes x and every sequence's row fits this many bytes
+// in all: otherwise every warp would normalize (and with several tasks per block, load) the same x again for
+// each chunk, an x load and the norm weight's per weight load at B = 16. A row's stride is 4 mod 8 vectors (64
+// mod 128 bytes), so the 8 rows g of a warp's load fall in different banks.
+constexpr int64_t kMmaXsBytes = 72 * 1024;
+inline int mma_staged_row(const GemvParams& p) {
+  // AHN_RT_GEMV_X_UNSTAGED=1: never stage (a benchmark A/B switch, read on every call as AHN_RT_GEMV_SIMT is).
+  if (p.norm_weight == nullptr || env_flag("AHN_RT_GEMV_X_UNSTAGED")) return 0;
+  const int64_t nv = (p.K + 31) / 32 * 4;
+  const int64_t vs = (nv + 7) / 8 * 8 + 4;
+  return p.rows * vs * 16 <= kMmaXsBytes ? static_cast<int>(vs) : 0;
+}
+
+template <typename Kernel>
+void launch_mma_kernel(Kernel kernel, const GemvParams& p, int64_t blocks, int warps, int ks, int xs_vs,
+                       cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(xs_vs) * p.rows * 16;
+  if (smem > 0) {  // dynamic shared memory past 48 KiB less the static part needs the kernel's opt-in
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(kMmaXsBytes));
+    TORCH_CHECK(e == cudaSuccess, "ahn_rt.gemv: cudaFuncSetAttribute: ", cudaGetErrorString(e));
+  }
+  launch_kernel(kernel, blocks, 32 * warps, smem, stream, p.pdl, p, ks, xs_vs);
+}
+
 template <typename T, int MT, int NT, int U>
 void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int64_t tiles = ((p.silu_mul ? p.N_out : p.N) + 15) / 16;
@@ -586,15 +631,16 @@ void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int ks = mma_split(tiles, warps);
   const int64_t blocks = (tiles + warps / ks - 1) / (warps / ks);
   const bool wvec = p.K % 8 == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
+  const int xs_vs = mma_staged_row(p);
   if constexpr (MT == 1) {
     if (warps == kMmaWideWarps) {
-      if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps>, blocks, 32 * warps, 0, stream, p.pdl, p, ks);
-      else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps>, blocks, 32 * warps, 0, stream, p.pdl, p, ks);
+      if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps>, p, blocks, warps, ks, xs_vs, stream);
+      else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps>, p, blocks, warps, ks, xs_vs, stream);
       return;
     }
   }
-  if (wvec) launch_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps>, blocks, 32 * warps, 0, stream, p.pdl, p, ks);
-  else launch_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps>, blocks, 32 * warps, 0, stream, p.pdl, p, ks);
+  if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps>, p, blocks, warps, ks, xs_vs, stream);
+  else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps>, p, blocks, warps, ks, xs_vs, stream);
 }
 
 // Chunks per buffer: at most about 20 16-byte registers of weights (two buffers) and x per lane, so that
