@@ -14,7 +14,13 @@ from pathlib import Path
 
 class ArgParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, "error: <message> (see <prog> --help)", and exit 2, like
-    every other user mistake (argparse's default prints the whole usage block first)."""
+    every other user mistake (argparse's default prints the whole usage block first). Options must be
+    spelled out: a prefix such as ``--step`` for ``--steps`` is an unknown option, so a script's command
+    line cannot change meaning when a later version adds an option with the same prefix."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")

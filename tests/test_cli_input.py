@@ -313,3 +313,23 @@ def test_config_json_as_tokenizer(tiny):
     cfg = tiny.parent / "generation_config.json"      # valid JSON, not a tokenizer
     rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(cfg))
     one_line_error(rc, err, "is not a tokenizer.json")
+
+
+def test_option_prefixes_are_unknown_options(capsys):
+    """A prefix of an option (``--step`` for ``--steps``, ``--temp`` for ``--temperature``) is refused with
+    the one-line usage error rather than taken as the longer option; the full spelling still parses."""
+    from ahn_rt.train.__main__ import build_parser
+    ap = build_parser()
+    need = ["--base", "b", "--data", "d.jsonl", "--out", "o"]
+    assert ap.parse_args(need + ["--steps", "3"]).steps == 3
+    with pytest.raises(SystemExit) as e:
+        ap.parse_args(need + ["--step", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: --step 3" in err, err
+    from ahn_rt.cli import ArgParser
+    gen = ArgParser(prog="p")
+    gen.add_argument("--temperature", type=float)
+    assert gen.parse_args(["--temperature=0.5"]).temperature == 0.5
+    with pytest.raises(SystemExit):
+        gen.parse_args(["--temp", "0.5"])
