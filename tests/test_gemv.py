@@ -348,17 +348,19 @@ def test_gemv_batch_invariance_on_cuda(name, K, N, option, dtype, kernel, monkey
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "misaligned"])
 @pytest.mark.parametrize("name, K, N, option", [("qkvabg", 2048, 2608, "norm_bias"), ("head", 2048, 4099, "norm_f32out"),
                                                 ("gate_up", 2048, 1100, "norm_silu"), ("odd", 70, 37, "all"),
-                                                ("k_odd", 1003, 64, "norm")])
+                                                ("k_odd", 1003, 64, "norm"), ("wide_head", 2048, 40000, "norm_f32out")])
 def test_gemv_staged_x_equals_unstaged(name, K, N, option, layout, dtype, monkeypatch):
-    """The tensor-core kernel stages the RMS-normalized x of every sequence in shared memory when it fits
-    (B x K up to about 72 KiB); AHN_RT_GEMV_X_UNSTAGED=1 makes every warp normalize its own slice instead.
-    Both must give the same bits for every batch size (1, 5, 16: staged at K = 2048; 32: too big to stage,
-    so both runs take the unstaged path), with vector loads (contiguous) and element loads (a strided or
-    misaligned x, K not a multiple of 8). Negative control: torch.equal sees a changed input element."""
+    """The tensor-core kernel stages the RMS-normalized x of every sequence in shared memory (B x K up to
+    about 72 KiB) where that measured faster: blocks of several row tiles (wide_head: 2500 tiles, four per
+    block) at every B that fits, blocks of one tile (the other shapes) at B <= 2. AHN_RT_GEMV_X_UNSTAGED=1
+    makes every warp normalize its own slice instead. Both must give the same bits for every batch size
+    (1, 2: staged everywhere; 5, 16: staged for wide_head; 32: too big to stage at K = 2048), with vector
+    loads (contiguous) and element loads (a strided or misaligned x, K not a multiple of 8). Negative
+    control: torch.equal sees a changed input element."""
     g = torch.Generator().manual_seed(5)
     case = make_case(K, N, dtype, "cuda", option, g)
     args = {k: v for k, v in case.items() if k not in ("x", "residual")}
-    for B in (1, 5, 16, 32):
+    for B in (1, 2, 5, 16, 32):
         base = (torch.randn(B, 2 * K + 1, generator=g) * 3).to(dtype).cuda()
         x = {"contiguous": base[:, :K], "strided": base[:, : 2 * K : 2], "misaligned": base[:, 1:K + 1]}[layout]
         if layout == "contiguous":

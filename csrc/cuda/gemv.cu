@@ -599,14 +599,19 @@ void launch_simt_rows(const GemvParams& p, cudaStream_t stream) {
   }
 }
 
-// Staged x (gemv_mma_kernel's xs_vs) when the GEMV normalizes x and every sequence's row fits this many bytes
-// in all: otherwise every warp would normalize (and with several tasks per block, load) the same x again for
-// each chunk, an x load and the norm weight's per weight load at B = 16. A row's stride is 4 mod 8 vectors (64
-// mod 128 bytes), so the 8 rows g of a warp's load fall in different banks.
+// Staged x (gemv_mma_kernel's xs_vs): only for a GEMV that normalizes x, when every sequence's row fits
+// kMmaXsBytes in all, and where it measured faster (bench/README.md, twelfth session): with several tasks per
+// block (tpb > 1: the LM head), whose warps would each load and normalize all of x again, at every B; with one
+// task per block (its warps split K, so x is read once per block either way) only for B <= kMmaXsMaxRowsOneTask:
+// there it takes the x loads and the norm off each chunk's critical path, while at B >= 4 normalizing all of
+// x before the first mma costs more than it saves. The choice may depend on B: both paths give the same bits.
+// A row's stride is 4 mod 8 vectors (64 mod 128 bytes), so the 8 rows g of a warp's load fall in different banks.
 constexpr int64_t kMmaXsBytes = 72 * 1024;
-inline int mma_staged_row(const GemvParams& p) {
+constexpr int64_t kMmaXsMaxRowsOneTask = 2;
+inline int mma_staged_row(const GemvParams& p, int tpb) {
   // AHN_RT_GEMV_X_UNSTAGED=1: never stage (a benchmark A/B switch, read on every call as AHN_RT_GEMV_SIMT is).
   if (p.norm_weight == nullptr || env_flag("AHN_RT_GEMV_X_UNSTAGED")) return 0;
+  if (tpb == 1 && p.rows > kMmaXsMaxRowsOneTask) return 0;
   const int64_t nv = (p.K + 31) / 32 * 4;
   const int64_t vs = (nv + 7) / 8 * 8 + 4;
   return p.rows * vs * 16 <= kMmaXsBytes ? static_cast<int>(vs) : 0;
@@ -631,7 +636,7 @@ void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int ks = mma_split(tiles, warps);
   const int64_t blocks = (tiles + warps / ks - 1) / (warps / ks);
   const bool wvec = p.K % 8 == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
-  const int xs_vs = mma_staged_row(p);
+  const int xs_vs = mma_staged_row(p, warps / ks);
   if constexpr (MT == 1) {
     if (warps == kMmaWideWarps) {
       if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps>, p, blocks, warps, ks, xs_vs, stream);
