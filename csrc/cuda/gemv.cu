@@ -605,7 +605,9 @@ void launch_simt_rows(const GemvParams& p, cudaStream_t stream) {
 // task per block (its warps split K, so x is read once per block either way) only for B <= kMmaXsMaxRowsOneTask:
 // there it takes the x loads and the norm off each chunk's critical path, while at B >= 4 normalizing all of
 // x before the first mma costs more than it saves. The choice may depend on B: both paths give the same bits.
-// A row's stride is 4 mod 8 vectors (64 mod 128 bytes), so the 8 rows g of a warp's load fall in different banks.
+// A row's stride is 4 mod 8 vectors (64 mod 128 bytes): a 16-byte shared load is served a quarter warp at a
+// time, lanes 8q .. 8q + 7 reading 64 contiguous bytes of each of two consecutive rows, which then cover the 32
+// banks once (with a multiple of 8 vectors both halves would hit the same 16 banks: a two-way conflict).
 constexpr int64_t kMmaXsBytes = 72 * 1024;
 constexpr int64_t kMmaXsMaxRowsOneTask = 2;
 inline int mma_staged_row(const GemvParams& p, int tpb) {
