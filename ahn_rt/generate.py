@@ -101,6 +101,32 @@ def _demo_prompt() -> tuple[str, dict]:
         raise AhnError(f"the demo prompt in {DEMO_DIR} is missing or damaged; pass --prompt TEXT") from None
 
 
+def _demo_banner(model, prompt: str, info: dict) -> str:
+    """What the demo prompt tests under this model's sinks + window. The passkey's digits are located in the
+    tokenized prompt: a query at position t sees the sinks {0..S-1} and the window {t-W+1..t}, and each answer
+    digit's query lies as far after its source digit as the first one does (the prompt's length minus the
+    passkey's start), so the window sees the whole passkey or none of it."""
+    c = model.config
+    ids = model.tokenizer.encode(prompt)
+    digits = [model.tokenizer.token_id(d) for d in info["answer"]]
+    start = next((i for i in range(len(ids) - len(digits) + 1) if ids[i:i + len(digits)] == digits), None)
+    head = (f"[demo] {DEMO_DIR / info['prompt_file']}: Python source with a passkey stated {info['distance']} "
+            f"tokens before the question; expected answer {info['answer']}. ")
+    if start is None:   # (a demo prompt whose digits are not single tokens: say nothing about visibility)
+        return head + f"Mode {c.mode}."
+    end = start + len(digits) - 1
+    need = f"the demo shows the memory at a window below {len(ids) - start} and at most {start} sinks"
+    if start >= len(ids) - c.window or end < c.sinks:
+        where = f"window ({c.window} tokens)" if start >= len(ids) - c.window else f"sinks ({c.sinks} tokens)"
+        return head + f"It lies inside the {where}, so every mode sees it; {need}."
+    if start < c.sinks:
+        return (head + f"{c.sinks - start} of its {len(digits)} digits lie inside the sinks ({c.sinks} tokens), "
+                f"the rest beyond the window ({c.window} tokens); {need}.")
+    return (head + f"It lies beyond the sinks + window ({c.sinks} + {c.window} tokens). Mode {c.mode}: "
+            + {"full": "full attention sees the passkey.", "swa": "the window alone cannot see it.",
+               "ahn": "only the memory can carry it."}[c.mode])
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
@@ -124,12 +150,7 @@ def main(argv=None) -> int:
             args.stop = args.stop or ["\n"]
         model = load_model(args)
         if demo_prompt:
-            c = model.config
-            print(f"[demo] {DEMO_DIR / info['prompt_file']}: Python source with a passkey stated "
-                  f"{info['distance']} tokens before the question, beyond the sinks + window "
-                  f"({c.sinks} + {c.window} tokens); expected answer {info['answer']}. Mode {c.mode}: "
-                  + {"full": "full attention sees the passkey.", "swa": "the window alone cannot see it.",
-                     "ahn": "only the memory can carry it."}[c.mode], file=sys.stderr)
+            print(_demo_banner(model, prompt, info), file=sys.stderr)
         gen = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,

@@ -42,6 +42,23 @@ def test_the_other_modes_answer_with_five_digits(mode):
     assert f"Mode {mode}" in err
 
 
+@pytest.mark.parametrize("args, says", [
+    ((), "It lies beyond the sinks + window (32 + 128 tokens)"),
+    (("--window", "999"), "It lies beyond the sinks + window (32 + 999 tokens)"),
+    (("--window", "1000"), "It lies inside the window (1000 tokens), so every mode sees it"),
+    (("--sinks", "305"), "It lies inside the sinks (305 tokens), so every mode sees it"),
+    (("--sinks", "302"), "2 of its 5 digits lie inside the sinks (302 tokens)"),
+])
+def test_the_demo_banner_says_where_the_passkey_lies(args, says):
+    """The passkey's digits sit at tokens 300..304 of the 1300-token demo prompt: a window of 1000 or more,
+    or more than 304 sinks, sees it, and the banner must not claim that only the memory can carry it (it did,
+    whatever --window was). 999 / 1000 is the boundary; the first case is the shipped W and S."""
+    rc, _, err = run("--mode", "swa", "--max-new-tokens", "1", *args)
+    assert rc == 0, err
+    assert says in err, err
+    assert ("the window alone cannot see it" in err) == ("beyond the sinks + window" in says), err
+
+
 def test_demo_with_an_own_prompt():
     rc, out, err = run("--prompt", "def main(", "--max-new-tokens", "5", "--temperature", "0", "--quiet-stats")
     assert rc == 0 and "[demo]" not in err, err
