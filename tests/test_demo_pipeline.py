@@ -298,6 +298,37 @@ def test_gap_recovered():
     assert evaluate.gap_recovered(r) is None
 
 
+def test_gap_anatomy_classes_at_the_window_and_sink_edges():
+    """A bigram's copy source q (the position of its second token) is visible to a query at t when q < S or
+    q >= t - W + 1. Worked by hand for W = 3, S = 1: (9, 9) at t = 4, 5 repeats inside the window; (1, 2) at
+    t = 7 was last seen with its source at 2 < 7 - 3 + 1 = 5 (beyond), at t = 10 with its source at 8 = 10 - 3
+    + 1 (the window's oldest slot: visible). Off by one at that edge (W = 2) it is beyond; with S = 3 the source
+    at 2 sits in the sinks."""
+    gap_anatomy = _load("gap_anatomy")
+    ids = np.array([5, 1, 2, 9, 9, 9, 9, 1, 2, 7, 1, 2])
+    assert gap_anatomy.classify(ids, 3, 1).tolist() == [2, 2, 2, 2, 0, 0, 2, 1, 2, 2, 0]
+    assert gap_anatomy.classify(ids, 2, 1).tolist()[10] == 1
+    assert gap_anatomy.classify(ids, 3, 3).tolist()[7] == 0
+
+
+def test_gap_anatomy_shares():
+    """Two sequences; positions before ``start`` are left out. The gap (swa - full) sits on the beyond
+    positions alone, where ahn recovers half of it: gap share 100% there, recovered 50% there and overall; the
+    visible class has no gap, so no recovered share."""
+    gap_anatomy = _load("gap_anatomy")
+    cls = [np.array([1, 0, 1, 2, 0]), np.array([1, 1, 2, 0, 1])]
+    full = [np.zeros(5), np.zeros(5)]
+    swa = [(c == 1).astype(float) * 2.0 for c in cls]
+    swa[0][0] = 100.0                        # before start: must not count
+    ahn = [x / 2 for x in swa]
+    rows = gap_anatomy.anatomy({"full": full, "swa": swa, "ahn": ahn}, cls, start=1)
+    assert rows["all"]["positions"] == 8 and rows["beyond"]["positions"] == 3
+    assert rows["beyond"]["gap_share"] == pytest.approx(1.0) and rows["unseen"]["gap_share"] == 0.0
+    assert rows["beyond"]["recovered"] == pytest.approx(0.5) and rows["all"]["recovered"] == pytest.approx(0.5)
+    assert rows["visible"]["recovered"] is None
+    assert rows["beyond"]["loss_swa"] == pytest.approx(2.0) and rows["all"]["loss_full"] == 0.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Teacher shape and the one-command script
 # ----------------------------------------------------------------------------------------------
