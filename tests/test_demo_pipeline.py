@@ -309,6 +309,8 @@ def test_gap_anatomy_classes_at_the_window_and_sink_edges():
     assert gap_anatomy.classify(ids, 3, 1).tolist() == [2, 2, 2, 2, 0, 0, 2, 1, 2, 2, 0]
     assert gap_anatomy.classify(ids, 2, 1).tolist()[10] == 1
     assert gap_anatomy.classify(ids, 3, 3).tolist()[7] == 0
+    # by trigrams only (9, 9, 9) repeats (at t = 5, its source 5 in the window)
+    assert gap_anatomy.classify(ids, 3, 1, 3).tolist() == [2, 2, 2, 2, 2, 0, 2, 2, 2, 2, 2]
 
 
 def test_gap_anatomy_shares():

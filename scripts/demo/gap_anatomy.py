@@ -14,6 +14,8 @@ the sequence, that is where a model could copy y from:
   can reach them);
 * ``unseen``: the bigram never occurred earlier in the sequence.
 
+``--ngram 3`` classes by the trigram ending at y instead (fewer chance repeats count as a copy).
+
 Per class: its share of the positions, its share of the gap (the sum of nll_swa - nll_full over the class,
 divided by the sum over every position), each mode's mean loss, and the share of the class's own gap that the
 memory recovers, (swa - ahn) / (swa - full). The whole-sequence row repeats evaluate.py's figure.
@@ -38,17 +40,17 @@ CLASSES = ("visible", "beyond", "unseen")
 MODES = ("full", "swa", "ahn")
 
 
-def classify(ids: np.ndarray, window: int, sinks: int) -> np.ndarray:
-    """cls[t] for t < T - 1 (0 visible, 1 beyond, 2 unseen), by the earlier occurrences of the bigram
-    (ids[t], ids[t + 1]): its copy sources q (the position of y in an occurrence at q - 1, q) with q <= t.
-    Only the first and the last source matter: a source in the sinks is the first one, one in the window the
-    last one."""
+def classify(ids: np.ndarray, window: int, sinks: int, n: int = 2) -> np.ndarray:
+    """cls[t] for t < T - 1 (0 visible, 1 beyond, 2 unseen), by the earlier occurrences of the n-gram ending
+    at t + 1 (n = 2: the bigram (ids[t], ids[t + 1])): its copy sources q (the position of y in an earlier
+    occurrence ending at q) with q <= t. Only the first and the last source matter: a source in the sinks is
+    the first one, one in the window the last one. Positions t < n - 2 have no n-gram: unseen."""
     T = len(ids)
     first: dict = {}
     last: dict = {}
     cls = np.full(T - 1, 2, dtype=np.int64)
-    for t in range(T - 1):
-        key = (int(ids[t]), int(ids[t + 1]))
+    for t in range(max(0, n - 2), T - 1):
+        key = tuple(int(x) for x in ids[t + 2 - n:t + 2])
         if key in last:
             seen = last[key] >= t - window + 1 or first[key] < sinks
             cls[t] = 0 if seen else 1
@@ -82,9 +84,10 @@ def anatomy(nll: dict, cls: list[np.ndarray], start: int) -> dict:
 def markdown(meta: dict, rows: dict) -> str:
     def f(x, pct=False):
         return "–" if x is None else (f"{100 * x:.1f}%" if pct else f"{x:.4f}")
+    gram = {2: "bigram", 3: "trigram"}.get(meta.get("ngram", 2), f"{meta.get('ngram')}-gram")
     out = [f"Gap anatomy: {meta['n_text']} held-out sequences of {meta['seq_len']} tokens, positions t >= "
            f"S + W = {meta['start']} ({meta['positions']} positions), {meta['dtype']} on {meta['device']}.", "",
-           "| next token's bigram | positions | share of the gap | full | swa | ahn | gap recovered |",
+           f"| next token's {gram} | positions | share of the gap | full | swa | ahn | gap recovered |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     label = {"visible": "seen in the sinks or the window", "beyond": "seen only beyond the window",
              "unseen": "not seen earlier", "all": "all positions"}
@@ -103,9 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n-text", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--ngram", type=int, default=2, help="class by this n-gram ending at the next token (>= 2)")
     ap.add_argument("--out-md")
     ap.add_argument("--out-json")
     args = ap.parse_args(argv)
+    if args.ngram < 2:
+        ap.error(f"--ngram must be >= 2, got {args.ngram}")
 
     import ahn_rt
     cfg = json.loads((Path(args.model) / "config.json").read_text())
@@ -121,11 +127,11 @@ def main(argv=None) -> int:
         nll[mode] = [token_nll(fwd(ids), torch.as_tensor(ids)).cpu().numpy() for ids in seqs]
         print(f"[anatomy] {mode}: {float(np.concatenate([x[start:] for x in nll[mode]]).mean()):.4f}", flush=True)
         del model
-    cls = [classify(ids, window, sinks) for ids in seqs]
+    cls = [classify(ids, window, sinks, args.ngram) for ids in seqs]
     rows = anatomy(nll, cls, start)
     meta = {"model": args.model, "seq_len": args.seq_len, "n_text": args.n_text, "window": window,
             "sinks": sinks, "start": start, "positions": rows["all"]["positions"], "device": args.device,
-            "dtype": args.dtype}
+            "dtype": args.dtype, "ngram": args.ngram}
     md = markdown(meta, rows)
     print(md, flush=True)
     if args.out_md:
