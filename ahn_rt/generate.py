@@ -114,10 +114,10 @@ def _demo_banner(model, prompt: str, info: dict) -> str:
             f"tokens before the question; expected answer {info['answer']}. ")
     if start is None:   # (a demo prompt whose digits are not single tokens: say nothing about visibility)
         return head + f"Mode {c.mode}."
-    end = start + len(digits) - 1
+    in_window, in_sinks = start >= len(ids) - c.window, start + len(digits) <= c.sinks
     need = f"the demo shows the memory at a window below {len(ids) - start} and at most {start} sinks"
-    if start >= len(ids) - c.window or end < c.sinks:
-        where = f"window ({c.window} tokens)" if start >= len(ids) - c.window else f"sinks ({c.sinks} tokens)"
+    if in_window or in_sinks:
+        where = f"window ({c.window} tokens)" if in_window else f"sinks ({c.sinks} tokens)"
         return head + f"It lies inside the {where}, so every mode sees it; {need}."
     if start < c.sinks:
         return (head + f"{c.sinks - start} of its {len(digits)} digits lie inside the sinks ({c.sinks} tokens), "
