@@ -111,6 +111,18 @@ def test_models_health_and_completions_equal_generate(server, client, model):
         assert cut.choices[0].text == full[:full.index(full[3:5])] and cut.choices[0].finish_reason == "stop"
 
 
+def test_tiny_temperature_and_top_p_are_greedy(client):
+    # temperature 1e-300 (0 in float32: logits / 0 are inf, softmax NaN) and top_p 1e-300 (every token
+    # dropped) both "sampled" token 0 on every step, whatever the logits; a temperature below 1e-5 is greedy
+    # as in vLLM, and top_p always keeps the most likely token
+    def text(**kw):
+        return client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8, seed=1,
+                                         **kw).choices[0].text
+    greedy = text(temperature=0)
+    assert text(temperature=1e-300) == greedy and text(temperature=1e-6) == greedy
+    assert text(temperature=1.0, top_p=1e-300) == greedy
+
+
 def test_chat_streaming_and_not_equal_generate(client, model):
     kw = dict(max_new_tokens=10, temperature=0.8, seed=7, top_k=40)
     want = "".join(model.generate(_messages(1), **kw))
