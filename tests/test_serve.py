@@ -280,6 +280,9 @@ BAD = [
     ({"messages": _messages(0), "tools": [{"type": "function"}]}, "/v1/chat/completions", "tools",
      "unsupported_parameter"),
     ({"messages": _messages(0), "max_completion_tokens": -2}, "/v1/chat/completions", "max_completion_tokens", None),
+    # function_call (tool_choice's older name) was ignored: "auto" got a plain reply (200)
+    ({"messages": _messages(0), "function_call": "auto"}, "/v1/chat/completions", "function_call",
+     "unsupported_parameter"),
     # false-looking values of the wrong type were read as "off" (200)
     ({"messages": _messages(0), "logprobs": 0}, "/v1/chat/completions", "logprobs", None),
     ({"messages": _messages(0), "tools": ""}, "/v1/chat/completions", "tools", None),
