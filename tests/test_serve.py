@@ -396,6 +396,15 @@ def test_an_unknown_model_gets_404_like_openai(server, client):
     assert status == 404 and set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
 
 
+def test_a_wrong_method_gets_405_with_allow(server):
+    # the 405 kept OpenAI's error shape but lost Starlette's Allow header (RFC 9110: a 405 must send it)
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as h:
+        for method, path, allow in (("PUT", "/v1/models", "GET"), ("GET", "/v1/chat/completions", "POST")):
+            r = h.request(method, path)
+            assert r.status_code == 405 and r.headers.get("allow") == allow, (r.headers, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_sse_data_lines_survive_splitlines_readers():
     # httpx's iter_lines() and requests' iter_lines(decode_unicode=True) split on every str.splitlines()
     # break, U+2028 / U+2029 / U+0085 included: a piece of text holding one must not cut its data line

@@ -314,7 +314,7 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
         msg = "not found: see /v1/models, /v1/completions, /v1/chat/completions" if e.status_code == 404 else str(e.detail)
-        return ApiError(e.status_code, msg).response()
+        return ApiError(e.status_code, msg, headers=e.headers).response()   # a 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def _bug(request, e):
