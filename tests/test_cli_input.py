@@ -99,14 +99,15 @@ def test_init_weights_unwritable_out(tmp_path, where):
 
 
 # ---- bug 5: Ctrl-C at any moment ---------------------------------------------------------------
-def _wait_for_torch(pid, timeout=60.0):
+def _wait_for_torch(pid, timeout=60.0, mapped="libtorch"):
     """Until the child has started importing torch (libtorch mapped): Ctrl-C then lands mid-import, after
-    the interpreter's own start-up (which no program can handle) and before anything else ran."""
+    the interpreter's own start-up (which no program can handle) and before anything else ran. ``mapped``:
+    another library to wait for."""
     end = time.time() + timeout
     while time.time() < end:
         try:
             with open(f"/proc/{pid}/maps") as f:
-                if "libtorch" in f.read():
+                if mapped in f.read():
                     return
         except OSError:
             return
@@ -129,6 +130,33 @@ def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):
     assert p.returncode == 130, (p.returncode, err)
     assert err.strip() == "interrupted", err
 
+
+
+@pytest.mark.parametrize("cmd", ["generate", "serve", "init_weights"])
+def test_ctrl_c_while_torch_imports_numpy(tiny, tmp_path, cmd):
+    """torch imports NumPy in C++ that clears whatever the import raised, a KeyboardInterrupt included: a
+    Ctrl-C there was lost (serve started anyway, init_weights wrote its file) or left NumPy half-imported
+    (serve: an ImportError traceback). Each command installs its Ctrl-C handler before torch is imported."""
+    pytest.importorskip("numpy")
+    if cmd == "serve":
+        pytest.importorskip("fastapi")
+        pytest.importorskip("uvicorn")
+    argv = {"generate": ["--weights", str(tiny), "--prompt", "hi", "--max-new-tokens", "1"],
+            "serve": ["--weights", str(tiny), "--port", "0"],
+            "init_weights": ["--preset", "tiny", "--out", str(tmp_path / "m.safetensors")]}[cmd]
+    p = subprocess.Popen([sys.executable, "-m", f"ahn_rt.{cmd}", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    _wait_for_torch(p.pid, mapped="_multiarray_umath")   # NumPy's C part: its Python part is being imported
+    p.send_signal(signal.SIGINT)
+    try:
+        out, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail(f"{cmd} went on after Ctrl-C")
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.strip() == "interrupted", err
+    assert not list(tmp_path.iterdir())
 
 # ---- bug 6: a merged checkpoint given as --ahn -------------------------------------------------
 def test_merged_checkpoint_as_ahn_takes_its_ahn_tensors(tmp_path):

@@ -14,9 +14,15 @@ import signal
 import socket
 import sys
 
-from ..cli import (ArgParser, add_model_arguments, load_model, one_line_warnings, refuse_empty,
+from ..cli import (ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings, refuse_empty,
                    use_demo_weights)
 from ..errors import AhnError
+
+if __name__ == "__main__":
+    # Ctrl-C during start-up: one line, exit 130. Without it a Ctrl-C while torch imports NumPy was swallowed
+    # (the server then started anyway) or ended in an ImportError traceback. uvicorn takes SIGINT over while it
+    # serves (to drain) and hands it back to this handler afterwards.
+    exit_on_interrupt()
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
               "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
