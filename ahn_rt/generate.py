@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 
 from .cli import (DEMO_DIR, ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings,
-                  use_demo_weights)
+                  refuse_empty, use_demo_weights)
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
@@ -58,6 +58,7 @@ def _read_prompt(args, required: bool = True) -> str | None:
         check_text(args.prompt)
         return args.prompt
     if args.prompt_file is not None:
+        refuse_empty(args.prompt_file, "--prompt-file", "a UTF-8 text file, or leave --prompt-file out")
         try:
             with open(args.prompt_file, "rb") as f:
                 data = f.read()
