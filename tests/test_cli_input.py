@@ -315,6 +315,23 @@ def test_init_weights_seed_out_of_range(tmp_path):
         random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)
 
 
+
+# ---- a stdout that cannot take the text: one line, not a traceback -----------------------------------
+@pytest.mark.parametrize("how", ["disk-full", "closed"])
+def test_stdout_that_cannot_be_written(tiny, how):
+    """> /dev/full (a full disk behind the redirection) ended in an OSError traceback, >&- (stdout closed)
+    in an AttributeError one after the model had loaded."""
+    argv = [sys.executable, "-m", *GEN, "--weights", str(tiny), "--prompt", "hi"]
+    if how == "disk-full":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("needs /dev/full")
+        with open("/dev/full", "w") as full:
+            p = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        one_line_error(p.returncode, p.stderr, "cannot write the text to stdout: No space left on device", code=1)
+    else:
+        p = subprocess.run(argv, stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
+        one_line_error(p.returncode, p.stderr, "stdout is closed")
+
 # ---- a window whose state does not fit: one line with the size, not the allocator's traceback --------
 def test_window_too_large_for_memory(tiny):
     rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--window", "100000000000")
