@@ -67,6 +67,23 @@ def test_prompt_argument_not_utf8(tiny):
     one_line_error(p.returncode, p.stderr.decode(), "not valid UTF-8")
 
 
+def test_prompt_with_a_byte_order_mark(tiny, tmp_path):
+    """A UTF-8 prompt saved with a byte order mark (Windows editors) gave the model one more token, U+FEFF
+    (the training data loader drops it); file and stdin now give what the text alone gives."""
+    runs = []
+    for data in (b"def f(x):", b"\xef\xbb\xbfdef f(x):"):
+        f = tmp_path / "p.txt"
+        f.write_bytes(data)
+        for how in ("file", "stdin"):
+            args = ("--prompt-file", str(f)) if how == "file" else ()
+            rc, out, err = run("ahn_rt.generate", "--weights", str(tiny), "--max-new-tokens", "3", "--temperature",
+                               "0", *args, stdin=data.decode("utf-8") if how == "stdin" else None)
+            assert rc == 0, err
+            runs.append((out, err.split(",")[0]))   # the text and "[ahn_rt] prompt N tok"
+    assert runs[0][1] == "[ahn_rt] prompt 4 tok", runs
+    assert runs == [runs[0]] * 4, runs
+
+
 def test_api_rejects_surrogates(tiny):
     model = ahn_rt.load(tiny, device="cpu")
     with pytest.raises(ahn_rt.AhnError, match="not valid UTF-8"):
