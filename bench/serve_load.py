@@ -27,8 +27,8 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_args import (ArgParser, check_exists, check_output, check_settings, fail, int_list,  # noqa: E402
-                        nonneg_int, positive_int, tokens_arg, write_json)
+from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
+                        int_list, nonneg_int, positive_int, tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
 SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
     ap.add_argument("--weights", help="a real checkpoint instead")
     ap.add_argument("--ahn")
-    ap.add_argument("--device")
+    ap.add_argument("--device", help="the server's: cuda (default) or cpu (the smoke run)")
     ap.add_argument("--dtype", help="default: bf16 for --preset weights, the checkpoint's for --weights")
     ap.add_argument("--window", type=positive_int)
     ap.add_argument("--sinks", type=nonneg_int)
@@ -186,6 +186,9 @@ def main(argv=None) -> int:
             ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
         check_exists(args.weights, "--weights")
         check_exists(args.ahn, "--ahn")
+        # before weights are written: a machine without a GPU would write them and serve them on the CPU
+        check_device(args.device or "cuda", cpu_hint="; for the CPU smoke run: --preset tiny --device cpu "
+                                                      "--max-tokens 16 --prompt-tokens 64")
         if args.weights is None:
             from ahn_rt.init_weights import PRESETS
             if args.preset not in PRESETS:

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=nonneg_int, default=2)
     ap.add_argument("--window", type=positive_int, help="fixed W (with --sinks); default: the recipe's random draws")
     ap.add_argument("--sinks", type=nonneg_int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the smoke check)")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
     ap.add_argument("--no-checkpoint", action="store_true", help="keep the student's activations instead")
     ap.add_argument("--loss-chunk", type=positive_int, default=1024)

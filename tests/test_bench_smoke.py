@@ -1,6 +1,7 @@
 """The benchmark's CPU smoke path (bench/decode_latency.py --device cpu) runs for every memory variant and
-labels its rows by variant; bench/prefill_bench.py says in one line that it needs a GPU; a user's mistake in
-any bench's options ends it with one line "error: ...", exit 2, before the run."""
+labels its rows by variant; bench/prefill_bench.py (and train_throughput.py, serve_load.py without --device)
+says in one line that it needs a GPU; a user's mistake in any bench's options ends it with one line
+"error: ...", exit 2, before the run."""
 from __future__ import annotations
 
 import importlib
@@ -45,6 +46,21 @@ def test_prefill_bench_needs_a_gpu():
     r = _run("bench/prefill_bench.py", "--quick")
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the device's to run")
+def test_gpu_benches_say_so_without_a_gpu_before_any_work(capsys, monkeypatch):
+    # without --device both fell back to the CPU at the 3B shape: train_throughput ran silently until the
+    # memory ran out, serve_load wrote 6 GB of random weights to /tmp and served them on the CPU
+    import ahn_rt.init_weights
+    tt = _bench("train_throughput")
+    monkeypatch.setattr(tt, "measure", lambda *a: pytest.fail("train_throughput ran on the CPU"))
+    monkeypatch.setattr(ahn_rt.init_weights, "main", lambda argv: pytest.fail("serve_load wrote weights"))
+    for name, hint in (("train_throughput", "--device cpu --preset tiny"),
+                       ("serve_load", "--preset tiny --device cpu")):
+        line = _main_error(capsys, name)
+        assert "needs a CUDA GPU" in line and hint in line, line
+    assert "'gpu' is not a device" in _main_error(capsys, "serve_load", "--device", "gpu")
 
 # ---- a user's mistake: one line "error: ...", exit 2, no traceback, before any long work -------------
 # End to end (a subprocess) where it matters how the process ends (a native crash, the import-time switches,

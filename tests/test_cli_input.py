@@ -67,6 +67,23 @@ def test_prompt_argument_not_utf8(tiny):
     one_line_error(p.returncode, p.stderr.decode(), "not valid UTF-8")
 
 
+def test_prompt_with_a_byte_order_mark(tiny, tmp_path):
+    """A UTF-8 prompt saved with a byte order mark (Windows editors) gave the model one more token, U+FEFF
+    (the training data loader drops it); file and stdin now give what the text alone gives."""
+    runs = []
+    for data in (b"def f(x):", b"\xef\xbb\xbfdef f(x):"):
+        f = tmp_path / "p.txt"
+        f.write_bytes(data)
+        for how in ("file", "stdin"):
+            args = ("--prompt-file", str(f)) if how == "file" else ()
+            rc, out, err = run("ahn_rt.generate", "--weights", str(tiny), "--max-new-tokens", "3", "--temperature",
+                               "0", *args, stdin=data.decode("utf-8") if how == "stdin" else None)
+            assert rc == 0, err
+            runs.append((out, err.split(",")[0]))   # the text and "[ahn_rt] prompt N tok"
+    assert runs[0][1] == "[ahn_rt] prompt 4 tok", runs
+    assert runs == [runs[0]] * 4, runs
+
+
 def test_api_rejects_surrogates(tiny):
     model = ahn_rt.load(tiny, device="cpu")
     with pytest.raises(ahn_rt.AhnError, match="not valid UTF-8"):
@@ -99,14 +116,15 @@ def test_init_weights_unwritable_out(tmp_path, where):
 
 
 # ---- bug 5: Ctrl-C at any moment ---------------------------------------------------------------
-def _wait_for_torch(pid, timeout=60.0):
+def _wait_for_torch(pid, timeout=60.0, mapped="libtorch"):
     """Until the child has started importing torch (libtorch mapped): Ctrl-C then lands mid-import, after
-    the interpreter's own start-up (which no program can handle) and before anything else ran."""
+    the interpreter's own start-up (which no program can handle) and before anything else ran. ``mapped``:
+    another library to wait for."""
     end = time.time() + timeout
     while time.time() < end:
         try:
             with open(f"/proc/{pid}/maps") as f:
-                if "libtorch" in f.read():
+                if mapped in f.read():
                     return
         except OSError:
             return
@@ -129,6 +147,33 @@ def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):
     assert p.returncode == 130, (p.returncode, err)
     assert err.strip() == "interrupted", err
 
+
+
+@pytest.mark.parametrize("cmd", ["generate", "serve", "init_weights"])
+def test_ctrl_c_while_torch_imports_numpy(tiny, tmp_path, cmd):
+    """torch imports NumPy in C++ that clears whatever the import raised, a KeyboardInterrupt included: a
+    Ctrl-C there was lost (serve started anyway, init_weights wrote its file) or left NumPy half-imported
+    (serve: an ImportError traceback). Each command installs its Ctrl-C handler before torch is imported."""
+    pytest.importorskip("numpy")
+    if cmd == "serve":
+        pytest.importorskip("fastapi")
+        pytest.importorskip("uvicorn")
+    argv = {"generate": ["--weights", str(tiny), "--prompt", "hi", "--max-new-tokens", "1"],
+            "serve": ["--weights", str(tiny), "--port", "0"],
+            "init_weights": ["--preset", "tiny", "--out", str(tmp_path / "m.safetensors")]}[cmd]
+    p = subprocess.Popen([sys.executable, "-m", f"ahn_rt.{cmd}", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    _wait_for_torch(p.pid, mapped="_multiarray_umath")   # NumPy's C part: its Python part is being imported
+    p.send_signal(signal.SIGINT)
+    try:
+        out, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail(f"{cmd} went on after Ctrl-C")
+    assert p.returncode == 130, (p.returncode, err)
+    assert err.strip() == "interrupted", err
+    assert not list(tmp_path.iterdir())
 
 # ---- bug 6: a merged checkpoint given as --ahn -------------------------------------------------
 def test_merged_checkpoint_as_ahn_takes_its_ahn_tensors(tmp_path):
@@ -286,6 +331,23 @@ def test_init_weights_seed_out_of_range(tmp_path):
     with pytest.raises(ahn_rt.AhnError, match="seed must be in"):
         random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)
 
+
+
+# ---- a stdout that cannot take the text: one line, not a traceback -----------------------------------
+@pytest.mark.parametrize("how", ["disk-full", "closed"])
+def test_stdout_that_cannot_be_written(tiny, how):
+    """> /dev/full (a full disk behind the redirection) ended in an OSError traceback, >&- (stdout closed)
+    in an AttributeError one after the model had loaded."""
+    argv = [sys.executable, "-m", *GEN, "--weights", str(tiny), "--prompt", "hi"]
+    if how == "disk-full":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("needs /dev/full")
+        with open("/dev/full", "w") as full:
+            p = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        one_line_error(p.returncode, p.stderr, "cannot write the text to stdout: No space left on device", code=1)
+    else:
+        p = subprocess.run(argv, stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
+        one_line_error(p.returncode, p.stderr, "stdout is closed")
 
 # ---- a window whose state does not fit: one line with the size, not the allocator's traceback --------
 def test_window_too_large_for_memory(tiny):
