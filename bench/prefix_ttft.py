@@ -24,14 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
-from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
-                        positive_int, nonneg_int, seed_arg, tokens_arg, write_json)
+from bench_args import (ArgParser, check_device, check_exists, check_output, fail,  # noqa: E402
+                        nonneg_int, positive_int, script_start, seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":
-    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+    script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
+
+import torch  # noqa: E402
 
 import ahn_rt  # noqa: E402
 from ahn_rt.config import parse_dtype  # noqa: E402

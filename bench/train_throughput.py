@@ -18,14 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_args import (RUNTIME_SWITCHES, AhnError, ArgParser, check_device, check_output,  # noqa: E402
-                        check_settings, fail, nonneg_int, positive_int, tokens_arg, write_json)
+                        fail, nonneg_int, positive_int, script_start, tokens_arg, write_json)
 
-if __name__ == "__main__":   # ahn_rt reads some at import: one line here instead of a traceback there
-    check_settings(RUNTIME_SWITCHES + ("AHN_RT_TRAIN_ATTENTION",))
+if __name__ == "__main__":   # Ctrl-C handler; the switches ahn_rt reads at import: one line, not a traceback
+    script_start(RUNTIME_SWITCHES + ("AHN_RT_TRAIN_ATTENTION",))
+
+import torch  # noqa: E402
 
 from ahn_rt.config import parse_config, parse_dtype  # noqa: E402
 from ahn_rt.init_weights import PRESETS, preset_config, random_state_dict  # noqa: E402

@@ -212,3 +212,38 @@ def test_serve_load_shows_the_servers_error(tmp_path):
     garbage.write_bytes(b"not a safetensors file at all")
     line, _ = _run_error("bench/serve_load.py", "--weights", str(garbage), "--device", "cpu")
     assert "the server did not start" in line and "not a valid safetensors" in line, line
+
+
+@pytest.mark.parametrize("script", ["decode_latency", "train_throughput"])
+@pytest.mark.parametrize("when", ["import", "run"])
+def test_ctrl_c_is_one_line(tmp_path, script, when):
+    """Ctrl-C while torch imports NumPy was swallowed (the bench went on), and one mid-run printed a
+    KeyboardInterrupt traceback; now either is one line, exit 130, and no --json file is left."""
+    import signal
+    import time
+    pytest.importorskip("numpy")
+    out = tmp_path / "r.json"
+    args = {"decode_latency": ["--device", "cpu", "--preset", "tiny", "--contexts", "64", "--steps", "100000",
+                               "--skip", "full,hf,hf-compile,ref,batch,prefill"],
+            "train_throughput": ["--device", "cpu", "--preset", "tiny", "--seq-len", "256", "--steps", "100000"]}
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, f"bench/{script}.py", *args[script], "--json", str(out)], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mapped, end = ("_multiarray_umath" if when == "import" else "libtorch"), time.time() + 120
+    while time.time() < end:   # NumPy's C part mapped: its Python part is being imported, under torch's
+        with open(f"/proc/{p.pid}/maps") as f:
+            if mapped in f.read():
+                break
+        time.sleep(0.002)
+    if when == "run":
+        time.sleep(8)   # well into the run (the tiny model builds in about a second)
+    p.send_signal(signal.SIGINT)
+    try:
+        stdout, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail(f"{script} went on after Ctrl-C")
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
