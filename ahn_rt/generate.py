@@ -40,11 +40,15 @@ def build_parser() -> ArgParser:
     p.add_argument("--system", help="system message for --chat")
     s = ap.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int, help="default 128 (the demo prompt: 8, stopping at a newline)")
-    s.add_argument("--temperature", type=float, help="0 = greedy (default 0.7; the demo prompt: 0)")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--temperature", type=float, help="0 = greedy, as is anything below 1e-5 (default 0.7; the "
+                                                     "demo prompt: 0)")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the fewest tokens whose probability reaches p, in (0, 1] (default 1: all)")
+    s.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than min-p x the top token's probability (default 0: none)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes the prompt's and the reply's tokens less likely (default 1: off)")
     s.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same text (default: random)")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--quiet-stats", action="store_true", help="do not print the final stats line")
