@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=positive_int, help="default: the config's (32640)")
     ap.add_argument("--sinks", type=nonneg_int, help="default: the config's (128)")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--device", help="cuda (default) or cpu (the smoke run)")
     ap.add_argument("--chunk-size", type=tokens_arg, default=None,
                     help="prefill chunk (default: the runtime's, 8192 on CUDA)")
     ap.add_argument("--prefix-tokens", type=tokens_arg, default=32768, help="shared prefix (e.g. 32k or 32768)")
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if cache_bytes < 1:
         ap.error(f"--cache-bytes must be > 0 (the cached case needs a cache), got {args.cache_bytes!r}")
-    dev = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    dev = check_device(args.device or "cuda",
                        cpu_hint="; for the CPU smoke run: --device cpu --preset tiny --prefix-tokens 4096")
     if args.json:   # before the run, so that its results are never lost at the end
         check_output(args.json)

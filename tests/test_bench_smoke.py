@@ -51,13 +51,15 @@ def test_prefill_bench_needs_a_gpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the device's to run")
 def test_gpu_benches_say_so_without_a_gpu_before_any_work(capsys, monkeypatch):
     # without --device both fell back to the CPU at the 3B shape: train_throughput ran silently until the
-    # memory ran out, serve_load wrote 6 GB of random weights to /tmp and served them on the CPU
+    # memory ran out, serve_load wrote 6 GB of random weights to /tmp and served them on the CPU; prefix_ttft
+    # built the 3B shape on the CPU
     import ahn_rt.init_weights
     tt = _bench("train_throughput")
     monkeypatch.setattr(tt, "measure", lambda *a: pytest.fail("train_throughput ran on the CPU"))
     monkeypatch.setattr(ahn_rt.init_weights, "main", lambda argv: pytest.fail("serve_load wrote weights"))
     for name, hint in (("train_throughput", "--device cpu --preset tiny"),
-                       ("serve_load", "--preset tiny --device cpu")):
+                       ("serve_load", "--preset tiny --device cpu"),
+                       ("prefix_ttft", "--device cpu --preset tiny")):
         line = _main_error(capsys, name)
         assert "needs a CUDA GPU" in line and hint in line, line
     assert "'gpu' is not a device" in _main_error(capsys, "serve_load", "--device", "gpu")
