@@ -288,7 +288,13 @@ def main(argv=None) -> int:
     return 0 if all(r["n_errors"] == 0 for r in rows) else 1
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM (`timeout`, `kill`) stops as Ctrl-C does: no orphaned server or weights
+
+
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         sys.exit(main())
     except KeyboardInterrupt:   # main's finally has stopped the server it started and removed its weights

@@ -251,10 +251,12 @@ def test_ctrl_c_is_one_line(tmp_path, script, when):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_serve_load_ctrl_c_stops_its_server_and_removes_its_weights():
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_load_ctrl_c_stops_its_server_and_removes_its_weights(sig):
     """Ctrl-C mid-run printed a KeyboardInterrupt traceback (after stopping the server), and the clients'
-    remaining requests kept it alive for minutes; now one line, exit 130 within seconds, and the random weights
-    it wrote are gone."""
+    remaining requests kept it alive for minutes; SIGTERM (what `timeout` sends) left its server running and
+    its weights behind. Now either is one line, exit 130 within seconds, and the random weights it wrote are
+    gone."""
     import re
     import signal
     import time
@@ -279,7 +281,7 @@ def test_serve_load_ctrl_c_stops_its_server_and_removes_its_weights():
     weights = next((m.group(1) for ln in lines if (m := re.search(r"weights and the Qwen2.5 tokenizer to (\S+)", ln))),
                    None)
     assert weights and os.path.exists(weights), "".join(lines)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     try:
         _, err = p.communicate(timeout=45)   # about 3 s unloaded
     except subprocess.TimeoutExpired:
