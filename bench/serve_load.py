@@ -295,6 +295,7 @@ def _terminated(signum, frame):
 if __name__ == "__main__":
     import signal
     signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started with SIGINT ignored (`cmd &`)
     try:
         sys.exit(main())
     except KeyboardInterrupt:   # main's finally has stopped the server it started and removed its weights
