@@ -352,8 +352,8 @@ def _check_keys(expected: dict, src: _Source, keys: set, what: str, optional=())
             raise AhnError(f"{what}: tensor {k} has shape {list(got)}, the config needs {list(shape)}")
         stored = src.dtype(k)
         if stored not in FLOAT_DTYPES:
-            raise AhnError(f"{what}: tensor {k} is stored as {stored}, not as floating point (bf16, fp16 or "
-                           "float32); quantized checkpoints are not supported: give the unquantized weights")
+            raise AhnError(f"{what}: tensor {k} is stored as {stored}, not as floating point (bf16, fp16, "
+                           "float32 or float64); quantized checkpoints are not supported: give the unquantized weights")
 
 
 def _check_ahn_keys(config: Config, src: _Source, keys: set, what: str, implementation: str | None = None):

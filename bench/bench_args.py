@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one of this checkout
     sys.path.append(str(ROOT))
 
-from ahn_rt.cli import ArgParser, exit_on_interrupt, refuse_empty  # noqa: E402,F401  (ArgParser re-exported: every bench's parser)
+# ArgParser re-exported: every bench's parser; interrupted: serve_load's Ctrl-C after its own cleanup
+from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
 from ahn_rt.errors import AhnError  # noqa: E402,F401
 
 RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN")

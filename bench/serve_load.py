@@ -28,7 +28,7 @@ import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
-                        int_list, nonneg_int, positive_int, tokens_arg, write_json)
+                        int_list, interrupted, nonneg_int, positive_int, tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
 SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
@@ -299,5 +299,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:   # main's finally has stopped the server it started and removed its weights
-        print("\ninterrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        interrupted()   # the CLI's one line, exit 130

@@ -131,7 +131,6 @@ def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):
     assert err.strip() == "interrupted", err
 
 
-
 @pytest.mark.parametrize("cmd", ["generate", "serve", "init_weights"])
 def test_ctrl_c_while_torch_imports_numpy(tiny, tmp_path, cmd):
     """torch imports NumPy in C++ that clears whatever the import raised, a KeyboardInterrupt included: a
@@ -150,6 +149,7 @@ def test_ctrl_c_while_torch_imports_numpy(tiny, tmp_path, cmd):
     err = interrupt(p, cmd)
     assert err.strip() == "interrupted", err
     assert not list(tmp_path.iterdir())
+
 
 # ---- bug 6: a merged checkpoint given as --ahn -------------------------------------------------
 def test_merged_checkpoint_as_ahn_takes_its_ahn_tensors(tmp_path):
@@ -308,7 +308,6 @@ def test_init_weights_seed_out_of_range(tmp_path):
         random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)
 
 
-
 # ---- a stdout that cannot take the text: one line, not a traceback -----------------------------------
 @pytest.mark.parametrize("how", ["disk-full", "closed"])
 def test_stdout_that_cannot_be_written(tiny, how):
@@ -324,6 +323,7 @@ def test_stdout_that_cannot_be_written(tiny, how):
     else:
         p = subprocess.run(argv, stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
         one_line_error(p.returncode, p.stderr, "stdout is closed")
+
 
 # ---- a window whose state does not fit: one line with the size, not the allocator's traceback --------
 def test_window_too_large_for_memory(tiny):

@@ -243,6 +243,7 @@ def test_tensor_not_stored_as_floating_point(key, dtype):
     d = rewrite(src, lambda sd: {**sd, key: sd[key].to(dtype)}, "dtype")
     expect_error(d, window=W, sinks=S, must_name=(key, "not as floating point", "unquantized"))
 
+
 @pytest.mark.parametrize("field,bad", [("o_proj.weight", (4, 16, 15)), ("a_proj.weight", (4, 63)),
                                        ("A_log", (5,))])
 def test_ahn_shape_mismatch(field, bad):

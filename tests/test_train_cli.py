@@ -436,6 +436,7 @@ def test_out_that_holds_another_models_files_is_refused_unless_overwrite(tiny, c
     assert rc == 0, err
     assert json.loads((folder / "config.json").read_text())["sliding_window"] == 8
 
+
 def test_diverging_run_stops_with_one_line_exit_1_and_writes_no_model(tiny, capsys, monkeypatch):
     """A learning rate that makes the loss NaN: the run stops at the first non-finite loss / gradient norm with
     one line and exit 1 (a runtime failure), and never writes model.safetensors; resume states from before

@@ -167,7 +167,8 @@ def main(argv=None) -> int:
         c = model.config
         rule = "full attention" if c.mode == "full" else f"window {c.window}, sinks {c.sinks}"
         print(f"[ahn_rt.serve] {name}: {c.mode} mode, {rule}, {c.dtype}, "
-              f"{model.device}; state {human_bytes(state)} per session; {max_active} session{'' if max_active == 1 else 's'} at once "
+              f"{model.device}; state {human_bytes(state)} per session; "
+              f"{max_active} session{'' if max_active == 1 else 's'} at once "
               f"(--max-sessions {args.max_sessions}, budget {human_bytes(budget)}), queue {args.max_queue}; "
               f"prefix cache {human_bytes(prefix)}; conversations {human_bytes(convs)}"
               f"{', saved in ' + args.state_dir if args.state_dir else ''}"

@@ -394,8 +394,8 @@ def _run(a, d, out: Path) -> int:
         elif out.is_dir() and not a.overwrite and _holds_run_files(out):
             raise AhnError(f"{out} already holds a training run with no resume state to continue it from; pass "
                            "--overwrite to start over, or choose another --out")
-        elif out.is_dir() and not a.overwrite and _not_from_a_run(out):
-            raise AhnError(f"--out {out} holds {' and '.join(_not_from_a_run(out))}, not from a training run (no "
+        elif out.is_dir() and not a.overwrite and (foreign := _not_from_a_run(out)):
+            raise AhnError(f"--out {out} holds {' and '.join(foreign)}, not from a training run (no "
                            "run.json), which the run would overwrite; choose an empty or new --out, or pass "
                            "--overwrite to replace it")
         run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None, d.world_size)
