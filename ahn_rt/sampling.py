@@ -111,7 +111,9 @@ class Sampler:
             probs = torch.softmax(sorted_x, -1)
             # drop a token once the mass before it already reaches top_p (the first always stays)
             drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
-            drop_sorted[0] = False   # a top_p under float32's range (1e-300) is 0 there: it dropped them all
+            # a top_p under float32's range (1e-300) is 0 there: it dropped them all. fill_ takes a scalar
+            # argument; `drop_sorted[0] = False` copies a CPU tensor, which a CUDA graph capture refuses
+            drop_sorted[:1].fill_(False)
             drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
             x = x.masked_fill(drop, float("-inf"))
         if p.min_p > 0:
