@@ -125,22 +125,7 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodePar
   const int64_t col = j0 + tx * 4;
   const bool vec = (reinterpret_cast<uintptr_t>(p.state) % 16 == 0) && (Dv % 4 == 0) && (col + 4 <= Dv);
   float s[R][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = ty + TY * r;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[r][e] = 0.f;
-    if (i < Dk) {
-      if (vec) {
-        const float4 v = *reinterpret_cast<const float4*>(S + i * Dv + col);
-        s[r][0] = v.x; s[r][1] = v.y; s[r][2] = v.z; s[r][3] = v.w;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (col + e < Dv) s[r][e] = S[i * Dv + col + e];
-      }
-    }
-  }
+  load_state_rows<R, TY>(S, Dk, Dv, col, ty, vec, s);
 
   // ---- 2. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, docs/semantics.md §5) ----
   {
