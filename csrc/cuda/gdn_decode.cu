@@ -6,16 +6,16 @@
 // The columns of the state S [Dk, Dv] are independent in the delta rule, so each block of a head's cluster
 // owns a slice of W state columns; the per-head RMSNorm over Dv and o_proj cross the blocks through
 // distributed shared memory, never device memory. No counters or scratch in device memory: nothing to
-// reset between calls or graph replays. A no-op while pos < sinks + window (pos read on the device; the
-// state is read, and anything stored, only past that test). Reference: ahn_rt/ref.py gdn_decode_ref (o and
+// reset between calls or graph replays. A no-op while pos < sinks + window (pos read on the device first;
+// an inactive row reads and stores nothing else). Reference: ahn_rt/ref.py gdn_decode_ref (o and
 // y rounded to the model dtype T, o_proj rounded to T, fp32 accumulation, m rounded to T before it is added
 // into out).
 //
 // Fast path (gdn_fast_kernel: Dk = Dv = 128 or 64 at compile time, 16-byte aligned state and o_proj):
-//   0. every global load up front with 32-bit in-head indices: the o_proj COLUMN slice Wo[h][:, j0:j0+W]
-//      (16-byte loads; the block's own output columns), q / k (each warp loads all of them: norms without a
-//      block barrier), v, beta, alpha, z, norm weight, out, pos; then, once pos says the memory is active,
-//      the block's state slice [Dk, W] (float4): a row still filling its window reads no state;
+//   0. the position first (a row still filling its window leaves here, having read nothing else); then
+//      every global load up front with 32-bit in-head indices: the block's state slice [Dk, W] (float4),
+//      the o_proj COLUMN slice Wo[h][:, j0:j0+W] (16-byte loads; the block's own output columns), q / k
+//      (each warp loads all of them: norms without a block barrier), v, beta, alpha, z, norm weight, out;
 //   1. warp-redundant ||q||, ||k|| and q.k; one block reduction gives a_c = k.S'_c and b_c = q.S'_c
 //      together (S' = exp(alpha) S), u_c = beta (v_c - a_c), S'' = S' + k u^T (written back) and
 //      o_c = q.S''_c = b_c + u_c (q.k): one block barrier instead of two;
@@ -94,8 +94,14 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodePar
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * W;
   const int wv = static_cast<int>(min(static_cast<int64_t>(W), Dv - j0));  // valid columns of this slice
 
-  // ---- 1. every load up front, independent of each other, but the state's after the position ----
-  const int64_t pos = *p.pos;
+  // ---- 1. the position alone, then every load up front and independent of each other ----
+  // No token left the window yet: nothing to do and nothing read (as in gdn_fast_kernel).
+  if (*p.pos < p.sinks + p.window) return;
+  float* S = p.state + h * Dk * Dv;
+  const int64_t col = j0 + tx * 4;
+  const bool vec = (reinterpret_cast<uintptr_t>(p.state) % 16 == 0) && (Dv % 4 == 0) && (col + 4 <= Dv);
+  float s[R][4];
+  load_state_rows<R, TY>(S, Dk, Dv, col, ty, vec, s);
   float qi = 0.f, ki = 0.f;
   if (tid < Dk) {
     qi = static_cast<float>(static_cast<const T*>(p.q)[h * p.q_stride + tid]);
@@ -119,13 +125,6 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodePar
     const int e = tid + kThreads * u;
     wr[u] = e < nwo ? static_cast<float>(wo[e]) : 0.f;
   }
-  // No token left the window yet: nothing to do, and the state is not read (as in gdn_fast_kernel).
-  if (pos < p.sinks + p.window) return;
-  float* S = p.state + h * Dk * Dv;
-  const int64_t col = j0 + tx * 4;
-  const bool vec = (reinterpret_cast<uintptr_t>(p.state) % 16 == 0) && (Dv % 4 == 0) && (col + 4 <= Dv);
-  float s[R][4];
-  load_state_rows<R, TY>(S, Dk, Dv, col, ty, vec, s);
 
   // ---- 2. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, docs/semantics.md §5) ----
   {
@@ -308,8 +307,16 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(const GdnDecodeParams p0) 
   const int h = blockIdx.y, j0 = static_cast<int>(blockIdx.x) * W;  // blockIdx.x == cluster rank
   const int kvh = h / static_cast<int>(p.H / p.Hkv);
 
-  // ---- 0. every global load up front, independent of each other, but the state's after the position ----
-  const int64_t pos = *p.pos;
+  // ---- 0. the position alone, then every global load up front and independent of each other ----
+  // No token left the window yet: nothing to do, and nothing read (the state, Dk x Dv floats of every head and
+  // row, is the bulk of the kernel's bytes). The test depends on pos only, so it is the same for every thread
+  // of a row's blocks, and no barrier has been reached: the row's clusters leave together. Testing first costs
+  // the active path one dependent load (the position) before the others issue.
+  if (*p.pos < p.sinks + p.window) return;
+  float4* S = reinterpret_cast<float4*>(p.state + static_cast<int64_t>(h) * (DK * DV));
+  float4 s[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) s[r] = S[(ty + TY * r) * (DV / 4) + j0 / 4 + tx];
   const TP* wo = static_cast<const TP*>(p.o_proj) + static_cast<int64_t>(h) * (DV * DV) + j0 + cgp * VE;
   uint4 wraw[NV];
 #pragma unroll
@@ -338,14 +345,6 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(const GdnDecodeParams p0) 
   const float decay = expf(load_kind(p.alpha, p.alpha_kind, h * p.alpha_stride));
   const float beta = load_kind(p.beta, p.beta_kind, h * p.beta_stride);
   const float zf = load_kind(p.z, p.z_kind, h * p.z_stride);
-  // No token left the window yet: nothing to do, and the state (Dk x Dv floats of every head and row, the
-  // bulk of the kernel's bytes) is not read at all. The test depends on pos only, so it is the same for every
-  // thread of a row's blocks, and no barrier has been reached: the row's clusters leave together.
-  if (pos < p.sinks + p.window) return;
-  float4* S = reinterpret_cast<float4*>(p.state + static_cast<int64_t>(h) * (DK * DV));
-  float4 s[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) s[r] = S[(ty + TY * r) * (DV / 4) + j0 / 4 + tx];
 
   // ---- 1. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, docs/semantics.md §5),
   //         every warp over the whole vectors (no block barrier), and q.k of the normalized vectors ----
