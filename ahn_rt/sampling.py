@@ -2,7 +2,7 @@
 min-p, seeded. Written with plain tensor ops of fixed shapes so the CUDA decode graph can capture it.
 
 Order (as Hugging Face's generate applies its processors): repetition penalty, temperature, top-k,
-top-p, min-p; temperature 0 means greedy (argmax after the repetition penalty).
+top-p, min-p; temperature 0 (any below GREEDY_BELOW) means greedy (argmax after the repetition penalty).
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from .errors import AhnError
 # The seeds torch.Generator.manual_seed takes (any other overflows inside torch): the one rule for every
 # seed a user gives (SamplingParams, the server's "seed" field, init_weights --seed).
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+
+# Temperatures below this are greedy, as in vLLM: logits / 1e-40 overflow float32, and the softmax of an inf
+# is NaN, whose "sample" was always token 0 (the demo model's end of sequence: an empty reply).
+GREEDY_BELOW = 1e-5
 
 
 def check_seed(seed, what: str = "seed"):
@@ -63,7 +67,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 class Sampler:
@@ -107,6 +111,7 @@ class Sampler:
             probs = torch.softmax(sorted_x, -1)
             # drop a token once the mass before it already reaches top_p (the first always stays)
             drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
+            drop_sorted[0] = False   # a top_p under float32's range (1e-300) is 0 there: it dropped them all
             drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
             x = x.masked_fill(drop, float("-inf"))
         if p.min_p > 0:

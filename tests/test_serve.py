@@ -111,6 +111,18 @@ def test_models_health_and_completions_equal_generate(server, client, model):
         assert cut.choices[0].text == full[:full.index(full[3:5])] and cut.choices[0].finish_reason == "stop"
 
 
+def test_tiny_temperature_and_top_p_are_greedy(client):
+    # temperature 1e-300 (0 in float32: logits / 0 are inf, softmax NaN) and top_p 1e-300 (every token
+    # dropped) both "sampled" token 0 on every step, whatever the logits; a temperature below 1e-5 is greedy
+    # as in vLLM, and top_p always keeps the most likely token
+    def text(**kw):
+        return client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8, seed=1,
+                                         **kw).choices[0].text
+    greedy = text(temperature=0)
+    assert text(temperature=1e-300) == greedy and text(temperature=1e-6) == greedy
+    assert text(temperature=1.0, top_p=1e-300) == greedy
+
+
 def test_chat_streaming_and_not_equal_generate(client, model):
     kw = dict(max_new_tokens=10, temperature=0.8, seed=7, top_k=40)
     want = "".join(model.generate(_messages(1), **kw))
@@ -268,6 +280,9 @@ BAD = [
     ({"messages": _messages(0), "tools": [{"type": "function"}]}, "/v1/chat/completions", "tools",
      "unsupported_parameter"),
     ({"messages": _messages(0), "max_completion_tokens": -2}, "/v1/chat/completions", "max_completion_tokens", None),
+    # function_call (tool_choice's older name) was ignored: "auto" got a plain reply (200)
+    ({"messages": _messages(0), "function_call": "auto"}, "/v1/chat/completions", "function_call",
+     "unsupported_parameter"),
     # false-looking values of the wrong type were read as "off" (200)
     ({"messages": _messages(0), "logprobs": 0}, "/v1/chat/completions", "logprobs", None),
     ({"messages": _messages(0), "tools": ""}, "/v1/chat/completions", "tools", None),
@@ -379,6 +394,15 @@ def test_an_unknown_model_gets_404_like_openai(server, client):
     status, text, _ = server.post("/v1/chat/completions", {"model": "gpt-4", "messages": _messages(0)})
     err = json.loads(text)["error"]
     assert status == 404 and set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+
+
+def test_a_wrong_method_gets_405_with_allow(server):
+    # the 405 kept OpenAI's error shape but lost Starlette's Allow header (RFC 9110: a 405 must send it)
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as h:
+        for method, path, allow in (("PUT", "/v1/models", "GET"), ("GET", "/v1/chat/completions", "POST")):
+            r = h.request(method, path)
+            assert r.status_code == 405 and r.headers.get("allow") == allow, (r.headers, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_sse_data_lines_survive_splitlines_readers():

@@ -136,8 +136,9 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         for name in ("tools", "functions"):
             if _typed(body, name, list):
                 raise _unsupported(name, "no tool or function calling")
-        if body.get("tool_choice") not in (None, "none"):
-            raise _unsupported("tool_choice", "no tool or function calling")
+        for name in ("tool_choice", "function_call"):   # function_call: the older name of tool_choice
+            if body.get(name) not in (None, "none"):
+                raise _unsupported(name, "no tool or function calling")
         rf = body.get("response_format")
         if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
             raise _unsupported("response_format", "only {\"type\": \"text\"}")
@@ -313,7 +314,7 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
         msg = "not found: see /v1/models, /v1/completions, /v1/chat/completions" if e.status_code == 404 else str(e.detail)
-        return ApiError(e.status_code, msg).response()
+        return ApiError(e.status_code, msg, headers=e.headers).response()   # a 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def _bug(request, e):
