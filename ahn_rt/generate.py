@@ -7,15 +7,16 @@
 The prompt is --prompt, else --prompt-file, else stdin when it is not a terminal. An empty stdin (</dev/null,
 as in CI) or a closed one is no prompt: the demo model then runs its demo prompt, another model says so.
 
-A user's mistake (bad path, bad option, corrupt checkpoint, text that is not UTF-8) prints one line and
-exits 2; Ctrl-C at any moment prints one line and exits 130; no traceback.
+A user's mistake (bad path, bad option, corrupt checkpoint, text that is not UTF-8, stdout closed) prints one
+line and exits 2; a stdout that cannot take the text (a full disk behind a redirection) one line and exit 1;
+Ctrl-C at any moment prints one line and exits 130; no traceback.
 """
 from __future__ import annotations
 
 import sys
 
 from .cli import (DEMO_DIR, ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings,
-                  use_demo_weights)
+                  refuse_empty, use_demo_weights)
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
@@ -39,11 +40,15 @@ def build_parser() -> ArgParser:
     p.add_argument("--system", help="system message for --chat")
     s = ap.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int, help="default 128 (the demo prompt: 8, stopping at a newline)")
-    s.add_argument("--temperature", type=float, help="0 = greedy (default 0.7; the demo prompt: 0)")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--temperature", type=float, help="0 = greedy, as is anything below 1e-5 (default 0.7; the "
+                                                     "demo prompt: 0)")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0: all)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the fewest tokens whose probability reaches p, in (0, 1] (default 1: all)")
+    s.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than min-p x the top token's probability (default 0: none)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes the prompt's and the reply's tokens less likely (default 1: off)")
     s.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same text (default: random)")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--quiet-stats", action="store_true", help="do not print the final stats line")
@@ -58,6 +63,7 @@ def _read_prompt(args, required: bool = True) -> str | None:
         check_text(args.prompt)
         return args.prompt
     if args.prompt_file is not None:
+        refuse_empty(args.prompt_file, "--prompt-file", "a UTF-8 text file, or leave --prompt-file out")
         try:
             with open(args.prompt_file, "rb") as f:
                 data = f.read()
@@ -127,6 +133,20 @@ def _demo_banner(model, prompt: str, info: dict) -> str:
                "ahn": "only the memory can carry it."}[c.mode])
 
 
+class _OutputFailed(Exception):
+    """Writing the text to stdout failed (not a closed pipe: the reader is gone, which ends quietly)."""
+
+
+def _write(text: str):
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:   # a full disk (or a file system error) behind a redirection of stdout
+        raise _OutputFailed(e.strerror or str(e)) from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
@@ -148,6 +168,8 @@ def main(argv=None) -> int:
         if demo_prompt:
             prompt, info = _demo_prompt()
             args.stop = args.stop or ["\n"]
+        if sys.stdout is None:   # started with stdout closed (>&-): the text would go nowhere
+            raise AhnError("stdout is closed, so the text has nowhere to go; redirect it to a file or a pipe")
         model = load_model(args)
         if demo_prompt:
             print(_demo_banner(model, prompt, info), file=sys.stderr)
@@ -156,9 +178,8 @@ def main(argv=None) -> int:
                              repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                              chat=args.chat, system=args.system)
         for piece in gen:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            _write(piece)
+        _write("\n")
         if not args.quiet_stats:
             print(gen.stats.line(), file=sys.stderr)
     except AhnError as e:
@@ -169,6 +190,9 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except _OutputFailed as e:
+        print(f"error: cannot write the text to stdout: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,16 +11,21 @@ tokenizer.json beside it. The AHN o_proj is random, not zero, so the memory is e
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
-import torch
+from .cli import ArgParser, exit_on_interrupt
 
-from .cli import ArgParser
-from .config import parse_config, parse_dtype
-from .errors import AhnError
-from .sampling import check_seed
-from .weights import ahn_shapes, atomic_write_text, base_shapes, write_checkpoint
+if __name__ == "__main__":
+    exit_on_interrupt()   # Ctrl-C while torch is imported (which can swallow it): one line, exit 130
+
+import torch  # noqa: E402
+
+from .config import parse_config, parse_dtype  # noqa: E402
+from .errors import AhnError  # noqa: E402
+from .sampling import check_seed  # noqa: E402
+from .weights import ahn_shapes, atomic_write_text, base_shapes, write_checkpoint  # noqa: E402
 
 QWEN_VOCAB = 151936
 PRESETS = {
@@ -134,4 +139,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # from here main's own cleanup (no temporary left)
     sys.exit(main())

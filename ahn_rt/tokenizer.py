@@ -95,9 +95,10 @@ def check_text(text, what: str = "the prompt"):
 
 
 def decode_utf8(data: bytes, what: str) -> str:
-    """Strict UTF-8 decoding with a one-line AhnError naming the first bad byte."""
+    """Strict UTF-8 decoding with a one-line AhnError naming the first bad byte. A leading byte order mark
+    (what Windows editors write first) is no text: dropped, as the training data loader drops it."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise AhnError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
                        "save it as UTF-8") from None

@@ -36,6 +36,10 @@ from .config import Config, load_json, parse_config
 from .errors import AhnError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# The stored dtypes a weight may have (safetensors' names): converted to the runtime dtype at load. An integer,
+# bool or 8-bit float tensor is a quantized or damaged checkpoint, whose values a cast would silently garble.
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+_SAFETENSORS_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +307,10 @@ class _Source:
     def shape(self, key):
         return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
 
+    def dtype(self, key) -> str:
+        """The stored dtype, in safetensors' names ('BF16', 'I32', ...)."""
+        return self.handles[self.where[key]].get_slice(key).get_dtype()
+
     def get(self, key) -> torch.Tensor:
         try:
             return self.handles[self.where[key]].get_tensor(key)
@@ -319,6 +327,10 @@ class _DictSource(_Source):
 
     def shape(self, key):
         return tuple(self.tensors[key].shape)
+
+    def dtype(self, key) -> str:
+        t = self.tensors[key].dtype
+        return _SAFETENSORS_NAMES.get(t, str(t))
 
     def get(self, key) -> torch.Tensor:
         return self.tensors[key]
@@ -338,6 +350,10 @@ def _check_keys(expected: dict, src: _Source, keys: set, what: str, optional=())
         got = src.shape(k)
         if got != shape:
             raise AhnError(f"{what}: tensor {k} has shape {list(got)}, the config needs {list(shape)}")
+        stored = src.dtype(k)
+        if stored not in FLOAT_DTYPES:
+            raise AhnError(f"{what}: tensor {k} is stored as {stored}, not as floating point (bf16, fp16, "
+                           "float32 or float64); quantized checkpoints are not supported: give the unquantized weights")
 
 
 def _check_ahn_keys(config: Config, src: _Source, keys: set, what: str, implementation: str | None = None):

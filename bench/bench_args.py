@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one of this checkout
     sys.path.append(str(ROOT))
 
-from ahn_rt.cli import ArgParser, refuse_empty  # noqa: E402,F401  (ArgParser re-exported: every bench's parser)
+# ArgParser re-exported: every bench's parser; interrupted: serve_load's Ctrl-C after its own cleanup
+from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
 from ahn_rt.errors import AhnError  # noqa: E402,F401
 
 RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN")
@@ -35,6 +36,16 @@ def fail(msg: str, code: int = 2):
     """One line, "error: <msg>", on stderr, and exit (2: the user's mistake)."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+# ---- start-up ------------------------------------------------------------------------------------------
+def script_start(names=RUNTIME_SWITCHES):
+    """What a bench script does first, before torch and ahn_rt load: Ctrl-C from now on exits with one line
+    (exit 130; the --json file is written atomically, at the end, so nothing is half-written), and the switches
+    are checked (``check_settings``). Without the handler a Ctrl-C while torch imported NumPy was swallowed,
+    and one mid-run printed a traceback."""
+    exit_on_interrupt()
+    check_settings(names)
 
 
 # ---- the AHN_RT_* switches ---------------------------------------------------------------------------

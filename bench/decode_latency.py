@@ -23,18 +23,18 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from bench_args import (AhnError, ArgParser, check_device, check_exists, check_output, check_settings,  # noqa: E402
-                        fail, int_list, nonneg_float, nonneg_int, positive_float, positive_int, token_list,
-                        seed_arg, tokens_arg, write_json)
+from bench_args import (AhnError, ArgParser, check_device, check_exists, check_output,  # noqa: E402
+                        fail, int_list, nonneg_float, nonneg_int, positive_float, positive_int, script_start,
+                        seed_arg, token_list, tokens_arg, write_json)
 
 if __name__ == "__main__":
-    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+    script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
+
+import torch  # noqa: E402
 
 import ahn_rt.graph  # noqa: E402
 from ahn_rt import ops  # noqa: E402

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 
-import torch
-import torch.nn.functional as F
-
-from bench_args import ArgParser, check_output, check_settings, int_list, require_cuda_ops, write_json
+from bench_args import ArgParser, check_output, int_list, require_cuda_ops, script_start, write_json
 
 if __name__ == "__main__":
-    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+    script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from ahn_rt.ref import gemv_ref  # noqa: E402
 from machine import copy_bandwidth  # noqa: E402

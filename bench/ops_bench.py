@@ -9,12 +9,13 @@ Prints device, the measured copy bandwidth, then for each op: median us per call
 rotated so the working set exceeds L2) and achieved GB/s. Timing and the copy bandwidth: bench/timing.py,
 bench/machine.py (the same helpers as bench/decode_latency.py).
 """
-import torch
 
-from bench_args import ArgParser, check_settings, require_cuda_ops
+from bench_args import ArgParser, require_cuda_ops, script_start
 
 if __name__ == "__main__":
-    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+    script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
+
+import torch  # noqa: E402
 
 from ahn_rt.settings import kernel_flag  # noqa: E402
 from machine import copy_bandwidth  # noqa: E402

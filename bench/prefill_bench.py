@@ -23,15 +23,15 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_args import (AhnError, ArgParser, check_output, check_settings, fail, nonneg_int,  # noqa: E402
-                        positive_int, token_list, write_json)
+from bench_args import (AhnError, ArgParser, check_output, fail, nonneg_int,  # noqa: E402
+                        positive_int, script_start, token_list, write_json)
 
 if __name__ == "__main__":
-    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+    script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
+
+import torch  # noqa: E402
 
 import ahn_rt  # noqa: E402,F401
 from ahn_rt import ops  # noqa: E402

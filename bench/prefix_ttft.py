@@ -24,14 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
-from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
-                        positive_int, nonneg_int, seed_arg, tokens_arg, write_json)
+from bench_args import (ArgParser, check_device, check_exists, check_output, fail,  # noqa: E402
+                        nonneg_int, positive_int, script_start, seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":
-    check_settings()   # ahn_rt reads them at import: one line here instead of a traceback there
+    script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
+
+import torch  # noqa: E402
 
 import ahn_rt  # noqa: E402
 from ahn_rt.config import parse_dtype  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=positive_int, help="default: the config's (32640)")
     ap.add_argument("--sinks", type=nonneg_int, help="default: the config's (128)")
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--device", help="cuda (default) or cpu (the smoke run)")
     ap.add_argument("--chunk-size", type=tokens_arg, default=None,
                     help="prefill chunk (default: the runtime's, 8192 on CUDA)")
     ap.add_argument("--prefix-tokens", type=tokens_arg, default=32768, help="shared prefix (e.g. 32k or 32768)")
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if cache_bytes < 1:
         ap.error(f"--cache-bytes must be > 0 (the cached case needs a cache), got {args.cache_bytes!r}")
-    dev = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    dev = check_device(args.device or "cuda",
                        cpu_hint="; for the CPU smoke run: --device cpu --preset tiny --prefix-tokens 4096")
     if args.json:   # before the run, so that its results are never lost at the end
         check_output(args.json)

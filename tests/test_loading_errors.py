@@ -233,6 +233,17 @@ def test_shape_mismatch(key, bad):
     shapes_named(msg, key, good, bad)
 
 
+# an integer, bool or 8-bit float tensor (a quantized or damaged checkpoint) was cast to the runtime dtype unseen
+@pytest.mark.parametrize("key,dtype", [("model.embed_tokens.weight", torch.int32),
+                                       ("model.layers.1.mlp.up_proj.weight", torch.int8),
+                                       ("model.norm.weight", torch.bool),
+                                       ("model.layers.0.ahn.fn.a_proj.weight", torch.float8_e4m3fn)])
+def test_tensor_not_stored_as_floating_point(key, dtype):
+    src = merged(SPEC, W, S) if ".ahn." in key else base(SPEC)
+    d = rewrite(src, lambda sd: {**sd, key: sd[key].to(dtype)}, "dtype")
+    expect_error(d, window=W, sinks=S, must_name=(key, "not as floating point", "unquantized"))
+
+
 @pytest.mark.parametrize("field,bad", [("o_proj.weight", (4, 16, 15)), ("a_proj.weight", (4, 63)),
                                        ("A_log", (5,))])
 def test_ahn_shape_mismatch(field, bad):

@@ -515,8 +515,13 @@ def test_sessions_and_sigterm_drain(server, servers, model):
     # an empty path (an unset variable) was the current folder, and an empty --state-dir kept nothing
     (["--weights", "", "--port", "0"], "--weights is empty"),
     (["--weights", "CKPT", "--state-dir", "", "--port", "0"], "--state-dir is empty"),
+    # said "cannot listen on :0: Name or service not known"
+    (["--weights", "x", "--host", ""], "--host is empty"),
+    # caches that leave no memory for a session blamed "--memory-budget 0 B", which was not given
+    (["--weights", "CKPT", "--prefix-cache", "1e30", "--port", "0"], "lower --prefix-cache / --session-cache"),
 ], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi", "prefix-cache-inf", "session-cache-inf",
-        "dev-null", "window-too-large", "bad-switch", "empty-weights", "empty-state-dir"])
+        "dev-null", "window-too-large", "bad-switch", "empty-weights", "empty-state-dir", "empty-host",
+        "caches-fill-memory"])
 def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
     import os
     import subprocess

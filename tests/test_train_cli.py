@@ -418,6 +418,25 @@ def test_out_that_holds_the_base_model_is_refused_and_the_base_kept(tiny, capsys
     assert rc == 0, err
 
 
+def test_out_that_holds_another_models_files_is_refused_unless_overwrite(tiny, capsys, tmp_path):
+    """--out pointing at a folder of someone else's files (another model's sharded checkpoint: config.json, no
+    model.safetensors) ran and replaced its config.json with the run's; a run's own files start with run.json."""
+    root, _ = tiny
+    folder = tmp_path / "other_model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen2"}')
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    args = [*base_args(root, folder), "--steps", 1, "--window", 8, "--sinks", 2]
+    rc, stdout, err = train(capsys, *args)
+    assert rc == 2 and err.count("\n") == 1 and stdout == "", err
+    assert f"--out {folder} holds config.json, not from a training run" in err and "--overwrite" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model-00001-of-00002.safetensors"]
+    assert (folder / "config.json").read_text() == '{"model_type": "qwen2"}'
+    rc, _, err = train(capsys, *args, "--overwrite")             # said so: replaced
+    assert rc == 0, err
+    assert json.loads((folder / "config.json").read_text())["sliding_window"] == 8
+
+
 def test_diverging_run_stops_with_one_line_exit_1_and_writes_no_model(tiny, capsys, monkeypatch):
     """A learning rate that makes the loss NaN: the run stops at the first non-finite loss / gradient norm with
     one line and exit 1 (a runtime failure), and never writes model.safetensors; resume states from before

@@ -14,9 +14,15 @@ import signal
 import socket
 import sys
 
-from ..cli import (ArgParser, add_model_arguments, load_model, one_line_warnings, refuse_empty,
+from ..cli import (ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings, refuse_empty,
                    use_demo_weights)
 from ..errors import AhnError
+
+if __name__ == "__main__":
+    # Ctrl-C during start-up: one line, exit 130. Without it a Ctrl-C while torch imports NumPy was swallowed
+    # (the server then started anyway) or ended in an ImportError traceback. uvicorn takes SIGINT over while it
+    # serves (to drain) and hands it back to this handler afterwards.
+    exit_on_interrupt()
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
               "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
@@ -122,6 +128,7 @@ def main(argv=None) -> int:
         if args.api_key is not None and not args.api_key:
             raise AhnError("--api-key needs a non-empty key")
         refuse_empty(args.state_dir, "--state-dir", "a folder, or leave --state-dir out")   # else: keeps nothing
+        refuse_empty(args.host, "--host", "an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every interface)")
         sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
         if use_demo_weights(args):
@@ -141,6 +148,10 @@ def main(argv=None) -> int:
         convs = pick(sizes["session_cache"], min(8 * state, int(0.10 * free)))
         budget = pick(sizes["memory_budget"], max(0, int(0.8 * free) - prefix - convs))
         fit = budget // state
+        if fit < 1 and sizes["memory_budget"] is None:   # the default budget: what the two caches leave
+            raise AhnError(f"80% of the free memory ({human_bytes(0.8 * free)}) less the prefix cache "
+                           f"({human_bytes(prefix)}) and the conversations ({human_bytes(convs)}) holds no session "
+                           f"of {human_bytes(state)}; lower --prefix-cache / --session-cache, or give --memory-budget")
         if fit < 1:
             raise AhnError(f"--memory-budget {human_bytes(budget)} holds no session of {human_bytes(state)}")
         max_active = min(args.max_sessions, fit)
@@ -156,7 +167,8 @@ def main(argv=None) -> int:
         c = model.config
         rule = "full attention" if c.mode == "full" else f"window {c.window}, sinks {c.sinks}"
         print(f"[ahn_rt.serve] {name}: {c.mode} mode, {rule}, {c.dtype}, "
-              f"{model.device}; state {human_bytes(state)} per session; {max_active} sessions at once "
+              f"{model.device}; state {human_bytes(state)} per session; "
+              f"{max_active} session{'' if max_active == 1 else 's'} at once "
               f"(--max-sessions {args.max_sessions}, budget {human_bytes(budget)}), queue {args.max_queue}; "
               f"prefix cache {human_bytes(prefix)}; conversations {human_bytes(convs)}"
               f"{', saved in ' + args.state_dir if args.state_dir else ''}"
