@@ -83,6 +83,30 @@ template <typename T> __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
   return static_cast<uint32_t>(bits_of(lo)) | (static_cast<uint32_t>(bits_of(hi)) << 16);
 }
 
+// Rows ty, ty + TY, ... (R of them; those past Dk read as zero) of columns col .. col + 3 of a row-major
+// float32 state [Dk, Dv] (zero past Dv): one 16-byte load per row when vec (16-byte aligned rows and
+// col + 4 <= Dv). The state slice of the generic memory-step kernels (gdn_decode, mamba2_decode).
+template <int R, int TY>
+__device__ __forceinline__ void load_state_rows(const float* S, int64_t Dk, int64_t Dv, int64_t col, int ty,
+                                                bool vec, float (&s)[R][4]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = ty + TY * r;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[r][e] = 0.f;
+    if (i < Dk) {
+      if (vec) {
+        const float4 v = *reinterpret_cast<const float4*>(S + i * Dv + col);
+        s[r][0] = v.x; s[r][1] = v.y; s[r][2] = v.z; s[r][3] = v.w;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (col + e < Dv) s[r][e] = S[i * Dv + col + e];
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Device reductions. Block versions need blockDim.x to be a multiple of 32 and `red` to hold 32 floats;
 // every thread gets the result, and `red` may be reused right after.

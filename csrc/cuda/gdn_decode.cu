@@ -6,14 +6,16 @@
 // The columns of the state S [Dk, Dv] are independent in the delta rule, so each block of a head's cluster
 // owns a slice of W state columns; the per-head RMSNorm over Dv and o_proj cross the blocks through
 // distributed shared memory, never device memory. No counters or scratch in device memory: nothing to
-// reset between calls or graph replays. A no-op while pos < sinks + window (pos read on the device; every
-// store is predicated on it). Reference: ahn_rt/ref.py gdn_decode_ref (o and y rounded to the model dtype
-// T, o_proj rounded to T, fp32 accumulation, m rounded to T before it is added into out).
+// reset between calls or graph replays. A no-op while pos < sinks + window (pos read on the device first;
+// an inactive row reads and stores nothing else). Reference: ahn_rt/ref.py gdn_decode_ref (o and
+// y rounded to the model dtype T, o_proj rounded to T, fp32 accumulation, m rounded to T before it is added
+// into out).
 //
 // Fast path (gdn_fast_kernel: Dk = Dv = 128 or 64 at compile time, 16-byte aligned state and o_proj):
-//   0. every global load up front with 32-bit in-head indices: the block's state slice [Dk, W] (float4),
+//   0. the position first (a row still filling its window leaves here, having read nothing else); then
+//      every global load up front with 32-bit in-head indices: the block's state slice [Dk, W] (float4),
 //      the o_proj COLUMN slice Wo[h][:, j0:j0+W] (16-byte loads; the block's own output columns), q / k
-//      (each warp loads all of them: norms without a block barrier), v, beta, alpha, z, norm weight, out, pos;
+//      (each warp loads all of them: norms without a block barrier), v, beta, alpha, z, norm weight, out;
 //   1. warp-redundant ||q||, ||k|| and q.k; one block reduction gives a_c = k.S'_c and b_c = q.S'_c
 //      together (S' = exp(alpha) S), u_c = beta (v_c - a_c), S'' = S' + k u^T (written back) and
 //      o_c = q.S''_c = b_c + u_c (q.k): one block barrier instead of two;
@@ -92,28 +94,14 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodePar
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * W;
   const int wv = static_cast<int>(min(static_cast<int64_t>(W), Dv - j0));  // valid columns of this slice
 
-  // ---- 1. every load, up front and independent of each other ----
-  const int64_t pos = *p.pos;
+  // ---- 1. the position alone, then every load up front and independent of each other ----
+  // No token left the window yet: nothing to do and nothing read (as in gdn_fast_kernel).
+  if (*p.pos < p.sinks + p.window) return;
   float* S = p.state + h * Dk * Dv;
   const int64_t col = j0 + tx * 4;
   const bool vec = (reinterpret_cast<uintptr_t>(p.state) % 16 == 0) && (Dv % 4 == 0) && (col + 4 <= Dv);
   float s[R][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = ty + TY * r;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[r][e] = 0.f;
-    if (i < Dk) {
-      if (vec) {
-        const float4 v = *reinterpret_cast<const float4*>(S + i * Dv + col);
-        s[r][0] = v.x; s[r][1] = v.y; s[r][2] = v.z; s[r][3] = v.w;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (col + e < Dv) s[r][e] = S[i * Dv + col + e];
-      }
-    }
-  }
+  load_state_rows<R, TY>(S, Dk, Dv, col, ty, vec, s);
   float qi = 0.f, ki = 0.f;
   if (tid < Dk) {
     qi = static_cast<float>(static_cast<const T*>(p.q)[h * p.q_stride + tid]);
@@ -137,10 +125,6 @@ __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodePar
     const int e = tid + kThreads * u;
     wr[u] = e < nwo ? static_cast<float>(wo[e]) : 0.f;
   }
-  const bool active = pos >= p.sinks + p.window;
-  // No token left the window yet: nothing to do. `active` is the same for every thread of every block
-  // (it depends on pos only) and no barrier has been reached, so the whole grid leaves together.
-  if (!active) return;
 
   // ---- 2. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, docs/semantics.md §5) ----
   {
@@ -323,8 +307,12 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(const GdnDecodeParams p0) 
   const int h = blockIdx.y, j0 = static_cast<int>(blockIdx.x) * W;  // blockIdx.x == cluster rank
   const int kvh = h / static_cast<int>(p.H / p.Hkv);
 
-  // ---- 0. every global load, up front and independent of each other ----
-  const int64_t pos = *p.pos;
+  // ---- 0. the position alone, then every global load up front and independent of each other ----
+  // No token left the window yet: nothing to do, and nothing read (the state, Dk x Dv floats of every head and
+  // row, is the bulk of the kernel's bytes). The test depends on pos only, so it is the same for every thread
+  // of a row's blocks, and no barrier has been reached: the row's clusters leave together. Testing first costs
+  // the active path one dependent load (the position) before the others issue.
+  if (*p.pos < p.sinks + p.window) return;
   float4* S = reinterpret_cast<float4*>(p.state + static_cast<int64_t>(h) * (DK * DV));
   float4 s[R];
 #pragma unroll
@@ -357,10 +345,6 @@ __global__ void __launch_bounds__(NT) gdn_fast_kernel(const GdnDecodeParams p0) 
   const float decay = expf(load_kind(p.alpha, p.alpha_kind, h * p.alpha_stride));
   const float beta = load_kind(p.beta, p.beta_kind, h * p.beta_stride);
   const float zf = load_kind(p.z, p.z_kind, h * p.z_stride);
-  const bool active = pos >= p.sinks + p.window;
-  // No token left the window yet: nothing to do. `active` is the same for every thread of every block
-  // (it depends on pos only) and no barrier has been reached, so the whole grid leaves together.
-  if (!active) return;
 
   // ---- 1. l2norm(q) * Dk^-0.5 and l2norm(k) as x / (||x|| + 1e-6) (fla fused_recurrent, docs/semantics.md §5),
   //         every warp over the whole vectors (no block barrier), and q.k of the normalized vectors ----

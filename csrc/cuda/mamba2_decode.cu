@@ -58,22 +58,7 @@ __global__ void __launch_bounds__(kThreads) mamba2_state_kernel(const Mamba2Deco
 
   // ---- every global load up front ----
   float s[R][4];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = ty + TY * r;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[r][e] = 0.f;
-    if (i < Dk) {
-      if (vec) {
-        const float4 t = *reinterpret_cast<const float4*>(S + i * Dv + col);
-        s[r][0] = t.x; s[r][1] = t.y; s[r][2] = t.z; s[r][3] = t.w;
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (col + e < Dv) s[r][e] = S[i * Dv + col + e];
-      }
-    }
-  }
+  load_state_rows<R, TY>(S, Dk, Dv, col, ty, vec, s);
   const T* qh = static_cast<const T*>(p.q) + h * p.q_stride;
   const T* kh = static_cast<const T*>(p.k) + kvh * p.k_stride;
   const T* vh = static_cast<const T*>(p.v) + kvh * p.v_stride;
