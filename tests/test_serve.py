@@ -268,6 +268,10 @@ BAD = [
     ({"prompt": "hi", "stream": "yes"}, "/v1/completions", "stream", None),
     ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "false"}}, "/v1/completions",
      "stream_options", None),
+    # stream_options without stream was ignored (200); OpenAI and vLLM answer 400
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "/v1/completions", "stream_options", None),
+    ({"messages": _messages(0), "stream": False, "stream_options": {"include_usage": False}},
+     "/v1/chat/completions", "stream_options", None),
     ({"prompt": "hi", "session_id": "../etc"}, "/v1/completions", "session_id", None),
     ({"messages": []}, "/v1/chat/completions", "messages", None),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "/v1/chat/completions", "messages", None),

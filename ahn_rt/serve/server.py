@@ -191,6 +191,8 @@ def _stream_args(body: dict) -> tuple[bool, bool]:
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
+    if so and not stream:   # as OpenAI and vLLM: a 400, not options silently dropped
+        raise ApiError(400, "stream_options is only allowed with \"stream\": true", "stream_options")
     include_usage = (so or {}).get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):   # "false" is not false
         raise ApiError(400, f"stream_options.include_usage must be true or false, got {_shown(include_usage)}",
