@@ -8,6 +8,7 @@ import torch
 
 from ahn_rt import AhnError
 from ahn_rt.sampling import Sampler, SamplingParams
+from capture_spy import HostSpy
 
 hf = pytest.importorskip("transformers.generation.logits_process")
 
@@ -242,3 +243,28 @@ def test_every_seed_in_range_seeds_the_generator():
     from ahn_rt.sampling import SEED_MAX, SEED_MIN
     for seed in (SEED_MIN, -1, 0, SEED_MAX):
         _sampler(temperature=1.0, seed=seed).sample(torch.randn(V))     # torch takes it (no overflow)
+
+
+# ---- the graph path ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=1),
+    SamplingParams(temperature=1.0, top_p=1e-300, seed=2),
+], ids=["greedy", "greedy-penalty", "all-filters", "tiny-top-p"])
+def test_sampling_as_captured_makes_no_host_tensor_and_reads_nothing_back(params):
+    """The CUDA stepper captures ``sample(logits, noise=...)`` into its graph, where a tensor made from
+    host data or a read back to the host fails (the top-p fix once assigned ``drop[0] = False``: every
+    seeded top-p generation on the graph path raised). Checked on the CPU by op name; the spy flags that
+    old form, so the check can fail."""
+    s = Sampler(params, 64, "cpu")
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    noise = s.noise(logits)
+    with HostSpy() as spy:
+        s.sample(logits, noise=noise)
+    assert spy.found == []
+    drop = torch.zeros(4, dtype=torch.bool)
+    with HostSpy() as spy:
+        drop[0] = False          # the old form
+        int(drop.sum())          # and a read back
+    assert len(spy.found) == 2 and "host data" in spy.found[0] and "read back" in spy.found[1]

@@ -9,9 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ahn_rt import ops
+from ahn_rt.cache import DecodeBatch
 from ahn_rt.errors import AhnError
 from ahn_rt.init_weights import preset_config, random_state_dict
 from ahn_rt.runtime import from_state_dict
+from capture_spy import HostSpy
 
 W, S = 6, 2
 DEPTHS = [0, 3, S + W - 1, S + W, S + W + 1, 25]      # before, at and past the fill point
@@ -95,6 +98,30 @@ def test_step_accepts_a_tensor_and_rejects_bad_calls():
         with pytest.raises(AhnError, match=msg):
             model.step(sessions, tokens)
     assert a.position == 1 and b.position == 1          # nothing advanced by a refused call
+
+
+@pytest.mark.skipif(ops.backend() != "ext", reason="the compiled ops are not built (the references sync)")
+@pytest.mark.parametrize("impl,mode", [("gdn", "ahn"), ("dn", "ahn"), ("mamba2", "ahn"), ("gdn", "swa")])
+def test_decode_step_as_captured_makes_no_host_tensor_and_reads_nothing_back(impl, mode):
+    """What the CUDA graphs capture (``decode_step`` of one state, ``decode_steps`` of a pooled batch), run
+    on the CPU's compiled ops after a first eager step as the graphs do: no tensor made from host data and
+    nothing read back to the host (either fails a capture on CUDA), before and past the fill point.
+    tests/capture_spy.py shows the spy flags both."""
+    model = _model(impl, mode=mode, dtype="bf16")
+    dec = model.decoder
+    private = _sessions(model, [S + W - 1])[0]
+    pooled = _sessions(model, DEPTHS, pool=model.new_pool(len(DEPTHS)))
+    batch = DecodeBatch([x.state for x in pooled])
+    tok, ids = torch.tensor([3]), torch.arange(len(DEPTHS))
+    for _ in range(2):                       # at S + W - 1, then at the fill point S + W
+        dec.decode_step(private.state, tok)  # the eager first step (allocations, scratch)
+        dec.decode_steps(batch, ids)
+        with HostSpy() as spy:
+            dec.decode_step(private.state, tok)
+            dec.decode_steps(batch, ids)
+        assert spy.found == []
+        private.state.advance(1)
+        batch.advance()
 
 
 @pytest.mark.cuda
