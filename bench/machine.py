@@ -75,7 +75,9 @@ def header(dev: torch.device, dtype: str, commit: str | None, command: str) -> d
     copies on CUDA) and matmul rate (8192^3 bf16 on CUDA). The caller adds the model and the floor."""
     h = dict(torch=torch.__version__, commit=commit or git_commit(), device=str(dev), dtype=dtype,
              ahn_rt_backend=ops.backend(), graphs=ahn_rt.graph.GRAPHS_ENABLED,
-             date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command=command)
+             date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command=command,
+             # every AHN_RT_* switch set for the run: an A/B's arms differ here, not in the command
+             switches={k: v for k, v in sorted(os.environ.items()) if k.startswith("AHN_RT_")})
     try:
         import transformers
         h["transformers"] = transformers.__version__

@@ -45,6 +45,8 @@ def markdown(res: dict) -> str:
     if h.get("kernels"):
         out.append(f"- ahn_rt compiled kernels on {h['device']}: {h['kernels']}")
     out.append(f"- command: `{h['command']}`")
+    if h.get("switches"):
+        out.append("- switches: " + ", ".join(f"`{k}={v}`" for k, v in h["switches"].items()))
     if "model" in h:
         m = h["model"]
         out.append(f"- model: {m['source']}, {m['family']} {m['layers']} layers, hidden {m['hidden']}, "

@@ -19,22 +19,26 @@ from signals import interrupt, wait_for_mapped
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def _run(*args, timeout=240, switches=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AHN_RT_")}
+    env.update(switches or {}, PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("impl,tag", [("gdn", "ahn"), ("dn", "ahn-dn"), ("mamba2", "ahn-mamba2")])
 def test_decode_latency_cpu_smoke_per_variant(tmp_path, impl, tag):
     out = tmp_path / "new" / "tg.json"   # a missing folder is made
+    switches = {"AHN_RT_GRAPH": "0"} if impl == "dn" else {}   # named in the header (no effect on the CPU)
     r = _run("bench/decode_latency.py", "--device", "cpu", "--preset", "tiny", "--contexts", "64", "--steps", "2",
              "--warmup", "1", "--prefill", "96", "--ref-contexts", "64", "--ref-steps", "1",
-             "--skip", "full,hf,hf-compile", "--ahn-impl", impl, "--json", str(out))
+             "--skip", "full,hf,hf-compile", "--ahn-impl", impl, "--json", str(out), switches=switches)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     impls = {row["impl"] for row in data["rows"]}
     assert f"ahn_rt {tag} (eager)" in impls and f"ahn_rt {tag}" in impls, impls
     assert data["header"]["model"]["memory"] == {"gdn": "GatedDeltaNet", "dn": "DeltaNet", "mamba2": "Mamba2"}[impl]
+    assert data["header"]["switches"] == switches
+    assert ("- switches: `AHN_RT_GRAPH=0`" in r.stdout) == bool(switches)
     # the batch rows: B sessions of one pool per model.step, every position checked, aggregate tokens/s
     batch = {row["batch"]: row for row in data["rows"] if row.get("batch")}
     assert sorted(batch) == [8, 16], batch
