@@ -113,9 +113,9 @@ def test_decode_step_as_captured_makes_no_host_tensor_and_reads_nothing_back(imp
     pooled = _sessions(model, DEPTHS, pool=model.new_pool(len(DEPTHS)))
     batch = DecodeBatch([x.state for x in pooled])
     tok, ids = torch.tensor([3]), torch.arange(len(DEPTHS))
+    dec.decode_step(private.state, tok)      # the eager first step, as before a capture (allocations, scratch)
+    dec.decode_steps(batch, ids)
     for _ in range(2):                       # at S + W - 1, then at the fill point S + W
-        dec.decode_step(private.state, tok)  # the eager first step (allocations, scratch)
-        dec.decode_steps(batch, ids)
         with HostSpy() as spy:
             dec.decode_step(private.state, tok)
             dec.decode_steps(batch, ids)
