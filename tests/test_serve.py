@@ -250,6 +250,18 @@ BAD = [
     (b'[' * 100000, "/v1/chat/completions", None, "invalid_json"),
     ({"prompt": "hi", "max_tokens": -1}, "/v1/completions", "max_tokens", None),
     ({"prompt": "hi", "max_tokens": 301}, "/v1/completions", "max_tokens", None),
+    # max_tokens 0 was accepted (200, an empty reply); OpenAI and vLLM answer 400 for a value below 1
+    ({"prompt": "hi", "max_tokens": 0}, "/v1/completions", "max_tokens", None),
+    ({"messages": _messages(0), "max_tokens": 0}, "/v1/chat/completions", "max_tokens", None),
+    ({"messages": _messages(0), "max_completion_tokens": 0}, "/v1/chat/completions", "max_completion_tokens", None),
+    ({"messages": _messages(0), "max_completion_tokens": 2, "max_tokens": 0}, "/v1/chat/completions", "max_tokens",
+     None),
+    # not integers: a fraction, a boolean (an int in Python), a numeric string
+    ({"prompt": "hi", "max_tokens": 1.5}, "/v1/completions", "max_tokens", None),
+    ({"prompt": "hi", "max_tokens": True}, "/v1/completions", "max_tokens", None),
+    ({"messages": _messages(0), "max_tokens": "5"}, "/v1/chat/completions", "max_tokens", None),
+    ({"messages": _messages(0), "max_completion_tokens": True}, "/v1/chat/completions", "max_completion_tokens",
+     None),
     ({"prompt": "word " * 300}, "/v1/completions", "prompt", "context_length_exceeded"),
     ({"prompt": ["a", "b"]}, "/v1/completions", "prompt", None),
     ({"prompt": ""}, "/v1/completions", "prompt", None),

@@ -143,7 +143,7 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
             raise _unsupported("response_format", "only {\"type\": \"text\"}")
         mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        _integer(body, "max_tokens", None, lo=0)   # checked even when max_completion_tokens wins
+        _integer(body, "max_tokens", None, lo=1)   # checked even when max_completion_tokens wins
         default_max = opts.max_tokens
     else:
         if body.get("logprobs") is not None:
@@ -155,7 +155,7 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         if _integer(body, "best_of", 1, lo=1) != 1:
             raise _unsupported("best_of", "best_of > 1")
         mt_name, default_max = "max_tokens", min(16, opts.max_tokens)   # OpenAI's default, within --max-tokens
-    max_tokens = _integer(body, mt_name, default_max, lo=0)
+    max_tokens = _integer(body, mt_name, default_max, lo=1)   # 0 is a 400, as OpenAI and vLLM
     if max_tokens > opts.max_tokens:
         raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {_shown(body.get(mt_name))}",
                        mt_name)
