@@ -17,6 +17,7 @@ from . import ops
 from . import weights as weights_mod
 from .cache import State, StatePool, refuse_torn, shared_pool
 from .config import Config, resolve_runtime
+from .devices import parse_device
 from .errors import AhnError
 from .graph import Stepper, batch_step
 from .model import Decoder
@@ -38,23 +39,11 @@ PromptLike = Union[str, Sequence[int], Sequence[dict], torch.Tensor, "Prompt"]
 
 
 def _device(device) -> torch.device:
-    """The model's device, always with an index on CUDA ("cuda" -> "cuda:<current>"), so that worker
-    threads (the scheduler) can make it their current device."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise AhnError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AhnError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise AhnError(f"device {device!r} is not supported; use cpu or cuda[:N]")
-    if dev.type == "cuda":
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        elif dev.index >= torch.cuda.device_count():
-            raise AhnError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices here")
+    """The model's device (``devices.parse_device``), always with an index on CUDA ("cuda" ->
+    "cuda:<current>"), so that worker threads (the scheduler) can make it their current device."""
+    dev = parse_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -157,21 +157,23 @@ def check_exists(path: str | None, flag: str):
 
 def check_device(name: str, kinds=("cuda", "cpu"), cpu_hint: str = ""):
     """The torch.device for `name`, or exit with one line: a name torch does not know, a device type
-    this bench does not run on, CUDA that torch does not see, a GPU index past the last one."""
+    this bench does not run on, CUDA that torch does not see, a device this machine does not have (a GPU
+    index past the last one, a CPU index other than 0: ahn_rt.devices.parse_device, as every command)."""
     import torch
+
+    from ahn_rt.devices import parse_device
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         fail(f"--device {name!r} is not a device; use {' or '.join(kinds)}")
     if dev.type not in kinds:
         fail(f"--device {name}: this benchmark runs on {' or '.join(kinds)} only")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            fail(f"--device {name} needs a CUDA GPU (torch {torch.__version__} sees none){cpu_hint}")
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            fail(f"--device {name}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
-    return dev
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name} needs a CUDA GPU (torch {torch.__version__} sees none){cpu_hint}")
+    try:
+        return parse_device(name)
+    except AhnError as e:
+        fail(str(e))
 
 
 def require_cuda_ops(script: str, names=()):

@@ -143,6 +143,8 @@ def test_decode_latency_negative_depth_is_a_usage_error():
                                         ("--sinks", "-1"), ("--steps", "0"), ("--budget-s", "0"),
                                         ("--preset", "bogus"), ("--dtype", "int8"), ("--device", "mps"),
                                         ("--device", "gpu"), ("--weights", "/nonexistent/model.safetensors"),
+                                        # ran on the CPU as if it existed
+                                        ("--device", "cpu:3"),
                                         ("--skip", "hf,bogus"),
                                         # was the random --preset model: a run labelled as another model
                                         ("--weights", ""),
@@ -151,6 +153,22 @@ def test_decode_latency_negative_depth_is_a_usage_error():
 def test_decode_latency_rejects_bad_options(capsys, flag, value):
     line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
     assert (flag if flag not in ("--device", "--preset", "--dtype") else value) in line, line
+
+
+@pytest.mark.parametrize("count,device,named", [
+    (1, "cuda:1", "device 'cuda:1' does not exist: this machine has 1 CUDA device (cuda:0)"),
+    (2, "cuda:7", "device 'cuda:7' does not exist: this machine has 2 CUDA devices (cuda:0 to cuda:1)"),
+    (2, "cpu:1", "device 'cpu:1' does not exist: torch has one CPU device")])
+def test_check_device_names_what_this_machine_has(capsys, monkeypatch, count, device, named):
+    """The benches' --device is read as every command reads it (ahn_rt.devices; the GPUs are faked here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    try:
+        _bench("bench_args").check_device(device)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    assert named in _error_line(code, capsys.readouterr().err)
 
 
 def test_decode_latency_model_that_cannot_be_built_ends_the_run(tmp_path):

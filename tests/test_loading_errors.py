@@ -351,6 +351,27 @@ def test_sinks_negative():
     expect_error(merged(SPEC, W, S), window=W, sinks=-1, mode="ahn", must_name=("sinks",))
 
 
+# a CPU index other than 0 loaded on the CPU as if it existed (torch has one CPU device: cpu, also cpu:0)
+@pytest.mark.parametrize("device", ["cpu:3", "cpu:1", torch.device("cpu", 2)], ids=str)
+def test_device_that_does_not_exist(device):
+    expect_error(base(SPEC), mode="full", device=device, must_name=(f"'{device}' does not exist", "cpu"))
+
+
+@pytest.mark.parametrize("count,device,named", [
+    (0, "cuda", "CUDA is not available"), (0, "cuda:1", "CUDA is not available"),
+    (1, "cuda:1", "this machine has 1 CUDA device (cuda:0)"),
+    (2, "cuda:7", "this machine has 2 CUDA devices (cuda:0 to cuda:1)")])
+def test_cuda_device_that_this_machine_lacks(monkeypatch, count, device, named):
+    """As the machine's GPUs are counted (faked here: refused before any CUDA call)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    expect_error(base(SPEC), mode="full", device=device, must_name=(f"'{device}'", named))
+
+
+def test_the_one_cpu_device_loads_under_both_names():
+    assert ahn_rt.load(base(SPEC), mode="full", dtype="float32", device="cpu:0").device == torch.device("cpu")
+
+
 @pytest.mark.parametrize("mode", ["banana", "AHN-GDN", ""])
 def test_bad_mode(mode):
     msg = expect_error(merged(SPEC, W, S), window=W, sinks=S, mode=mode)

@@ -535,9 +535,11 @@ def test_sessions_and_sigterm_drain(server, servers, model):
     (["--weights", "x", "--host", ""], "--host is empty"),
     # caches that leave no memory for a session blamed "--memory-budget 0 B", which was not given
     (["--weights", "CKPT", "--prefix-cache", "1e30", "--port", "0"], "lower --prefix-cache / --session-cache"),
+    # a CPU index other than 0 served on the CPU as if it existed
+    (["--weights", "CKPT", "--device", "cpu:3", "--port", "0"], "device 'cpu:3' does not exist"),
 ], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi", "prefix-cache-inf", "session-cache-inf",
         "dev-null", "window-too-large", "bad-switch", "empty-weights", "empty-state-dir", "empty-host",
-        "caches-fill-memory"])
+        "caches-fill-memory", "device-index"])
 def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
     import os
     import subprocess

@@ -300,6 +300,8 @@ def bad_files(tiny):
     ("huge batch", "--batch 99999999999 x --grad-accum 1 = 99999999999 sequences per step, but "),
     # a range of 1e12 layers hung building the list before the base was read
     ("train-layers huge range", "'0-999999999999': layer 999999999999 is beyond any model's layers"),
+    # a CPU index other than 0 trained on the CPU as if it existed
+    ("device that does not exist", "device 'cpu:3' does not exist: torch has one CPU device"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
@@ -373,6 +375,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--train-layers", "0-999999999999"]
     elif case == "huge batch":
         extra += ["--batch", 99999999999]
+    elif case == "device that does not exist":
+        extra += ["--device", "cpu:3"]
     elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)
         if not Path("/proc/self").is_dir():
             pytest.skip("needs /proc")

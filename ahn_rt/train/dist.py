@@ -35,6 +35,7 @@ import warnings
 
 import torch
 
+from ..devices import parse_device
 from ..errors import AhnError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -92,20 +93,10 @@ class Dist:
 def _device(name: str | None, ranks) -> torch.device:
     """The device of this rank: cpu, or cuda (GPU LOCAL_RANK under torchrun with several processes)."""
     multi = ranks is not None and ranks[1] > 1
-    if name is None:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, TypeError):
-            raise AhnError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise AhnError(f"device {name!r} is not supported; use cpu or cuda[:N]")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise AhnError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
-        if multi and dev.type == "cuda" and dev.index is not None:
-            raise AhnError(f"--device {name}: under torchrun each rank uses GPU LOCAL_RANK; give --device cuda "
-                           "(choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    dev = parse_device(name)            # a device this machine has (AhnError otherwise)
+    if multi and dev.type == "cuda" and dev.index is not None:
+        raise AhnError(f"--device {name}: under torchrun each rank uses GPU LOCAL_RANK; give --device cuda "
+                       "(choose the GPUs with CUDA_VISIBLE_DEVICES)")
     if not multi or dev.type == "cpu":
         return dev
     local = ranks[2]
