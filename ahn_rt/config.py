@@ -13,6 +13,11 @@ from .errors import AhnError
 # docs/semantics.md §8: without explicit values the runtime uses S + W = 32768 lossless tokens.
 DEFAULT_WINDOW = 32640
 DEFAULT_SINKS = 128
+# The most cache slots (sinks + window) a state may have: 2**31 - 1. Each slot holds a key and a value in every
+# layer: 12 KiB a slot for the smallest Qwen (2.5-0.5B, bf16), so 24 TiB at this size. A larger S + W is a
+# mistake that fits on no device, refused where it is given (load; the train CLI's --infer-window, before it is
+# written into config.json) rather than at the first session's allocation.
+MAX_CACHE_SLOTS = 2**31 - 1
 MODES = ("ahn", "swa", "full")
 # docs/semantics.md §6, §11: the memory's output norm (GatedDeltaNet, DeltaNet: FusedRMSNormSwishGate;
 # Mamba2: RMSNormGated) uses eps 1e-5.
@@ -212,6 +217,12 @@ def resolve_runtime(config: Config, *, window, sinks, mode, dtype, has_ahn: bool
     for name, v in (("window", window), ("sinks", sinks)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
             raise AhnError(f"{name} must be an integer, got {v!r}")
+    # how a message names them: the argument, else the config field, else the default
+    names = tuple(arg if v is not None else f"the config's {field}" if in_config else f"the default {arg}"
+                  for v, arg, field, in_config in ((window, "window", "sliding_window", config.config_window),
+                                                   (sinks, "sinks", "num_attn_sinks", config.config_sinks is not None)))
+    hints = tuple(f" ({'' if v is not None else 'or override it with '}--{arg})"
+                  for v, arg in ((window, "window"), (sinks, "sinks")))
     if window is None:
         window = config.config_window or DEFAULT_WINDOW
     if sinks is None:
@@ -221,8 +232,22 @@ def resolve_runtime(config: Config, *, window, sinks, mode, dtype, has_ahn: bool
         raise AhnError(f"window must be >= 1, got {window}")
     if sinks < 0:
         raise AhnError(f"sinks must be >= 0, got {sinks}")
+    if mode != "full":       # full attention keeps every token: the window and sinks are not used
+        check_cache_slots(window, sinks, names, hints)
     dtype = parse_dtype(dtype) or config.stored_dtype
     return dataclasses.replace(config, window=window, sinks=sinks, mode=mode, dtype=dtype)
+
+
+def check_cache_slots(window: int, sinks: int, names=("window", "sinks"), hints=("", "")):
+    """AhnError unless sinks + window is at most MAX_CACHE_SLOTS: the loader's rule, which the train CLI applies
+    to the sliding_window / num_attn_sinks it writes. ``names``: what the message calls the window and the
+    sinks; ``hints``: how to lower each (appended to "lower <name>")."""
+    if window + sinks > MAX_CACHE_SLOTS:
+        k = 0 if window >= sinks else 1
+        lower = names[k] if names[k].startswith(("-", "the ")) else "the " + names[k]
+        raise AhnError(f"{names[1]} {sinks} + {names[0]} {window} = {sinks + window} cache slots, more than a "
+                       f"state can hold (at most {MAX_CACHE_SLOTS} = 2**31 - 1; each slot keeps a key and a value in "
+                       f"every layer); lower {lower}{hints[k]}")
 
 
 def rope_inv_freq(config: Config, device) -> torch.Tensor:

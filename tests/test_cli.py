@@ -91,6 +91,8 @@ def test_generate_stdin_chat_seed_and_stop(tiny):
     (("--device", "tpu"), "device"),
     # a CPU index other than 0 ran on the CPU as if it existed
     (("--device", "cpu:3"), "device 'cpu:3' does not exist: torch has one CPU device"),
+    # S + W beyond any state: said so only when the state was allocated
+    (("--window", str(2 ** 31)), "cache slots, more than a state can hold"),
     (("--chunk-size", "0"), "chunk_size"),
     # an empty path (an unset shell variable) was pathlib's current folder: a model there loaded silently
     (("--weights", ""), "--weights is empty"),
@@ -98,7 +100,7 @@ def test_generate_stdin_chat_seed_and_stop(tiny):
     (("--tokenizer", ""), "--tokenizer is empty"),
     (("--prompt-file", ""), "--prompt-file is empty"),     # said "prompt file not found: " (no name)
 ], ids=["missing-weights", "dtype", "window", "sinks", "ahn-without-weights", "prompt-file", "tokenizer",
-        "max-new-tokens", "device", "device-index", "chunk-size", "empty-weights", "empty-ahn", "empty-tokenizer",
+        "max-new-tokens", "device", "device-index", "window-beyond-any-state", "chunk-size", "empty-weights", "empty-ahn", "empty-tokenizer",
         "empty-prompt-file"])
 def test_user_mistakes_exit_2_with_one_line(tiny, tmp_path, extra, needle):
     args = dict(zip(extra[::2], extra[1::2]))

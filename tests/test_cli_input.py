@@ -327,7 +327,10 @@ def test_stdout_that_cannot_be_written(tiny, how):
 
 # ---- a window whose state does not fit: one line with the size, not the allocator's traceback --------
 def test_window_too_large_for_memory(tiny):
-    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--window", "100000000000")
+    # the largest S + W a state may have (2**31 - 1 slots: beyond it the loader refuses the window itself), in
+    # float32: 1.1 TiB for this tiny shape
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--window", str(2 ** 31 - 3), "--sinks", "2",
+                       "--dtype", "float32")
     one_line_error(rc, err, "cannot allocate the state")
     assert "TiB needed" in err and "--window" in err and out == ""
 

@@ -351,6 +351,25 @@ def test_sinks_negative():
     expect_error(merged(SPEC, W, S), window=W, sinks=-1, mode="ahn", must_name=("sinks",))
 
 
+# a window beyond any state loaded, and only the first session failed ("cannot allocate ... 29 TiB"): a config
+# written with such a sliding_window (the train CLI's --infer-window) loaded without a word
+@pytest.mark.parametrize("kw,named", [
+    (dict(window=2 ** 31, sinks=S), ("window 2147483648", "2**31 - 1", "lower the window (--window)")),
+    (dict(window=W, sinks=2 ** 31 - W + 1), ("sinks 2147483645", "lower the sinks (--sinks)")),
+    (dict(window=10 ** 30, sinks=0), ("window 1000000000000000000000000000000",)),
+    ({}, ("the config's sliding_window 2147483648", "or override it with --window"))],
+    ids=["window", "sinks", "beyond-int64", "config"])
+def test_window_beyond_any_state(kw, named):
+    ckpt = merged(SPEC, W, S) if kw else merged(SPEC, 2 ** 31, S)
+    expect_error(ckpt, mode="ahn", **kw, must_name=named)
+    if not kw:   # full attention uses neither: the model loads
+        ahn_rt.load(ckpt, mode="full", dtype="float32")
+
+
+def test_the_largest_window_loads():
+    assert ahn_rt.load(merged(SPEC, W, S), window=2 ** 31 - 1 - S, sinks=S).config.window == 2 ** 31 - 1 - S
+
+
 # a CPU index other than 0 loaded on the CPU as if it existed (torch has one CPU device: cpu, also cpu:0)
 @pytest.mark.parametrize("device", ["cpu:3", "cpu:1", torch.device("cpu", 2)], ids=str)
 def test_device_that_does_not_exist(device):

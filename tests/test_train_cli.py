@@ -302,6 +302,11 @@ def bad_files(tiny):
     ("train-layers huge range", "'0-999999999999': layer 999999999999 is beyond any model's layers"),
     # a CPU index other than 0 trained on the CPU as if it existed
     ("device that does not exist", "device 'cpu:3' does not exist: torch has one CPU device"),
+    # written into config.json, which then loaded and failed at the first session ("cannot allocate")
+    ("infer-window beyond any state", "--infer-window 100000000000000000000000 is more than a state can hold"),
+    ("infer-sinks beyond any state", "--infer-sinks 2147483648 is more than a state can hold"),
+    ("infer sinks + window beyond any state", "--sinks 2 + --infer-window 2147483647 = 2147483649 cache slots, "
+                                              "more than a state can hold"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
@@ -377,6 +382,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--batch", 99999999999]
     elif case == "device that does not exist":
         extra += ["--device", "cpu:3"]
+    elif case == "infer-window beyond any state":
+        extra += ["--infer-window", 10 ** 23]
+    elif case == "infer-sinks beyond any state":
+        extra += ["--infer-sinks", 2 ** 31]
+    elif case == "infer sinks + window beyond any state":      # the fixed run's sinks are written with it
+        extra += ["--infer-window", 2 ** 31 - 1]
     elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)
         if not Path("/proc/self").is_dir():
             pytest.skip("needs /proc")

@@ -195,6 +195,11 @@ def _check_args(a):
                      ("infer_window", 1), ("infer_sinks", 0)):
         v = getattr(a, name)
         need(v is None or v >= lo, f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    from ..config import MAX_CACHE_SLOTS
+    for name in ("window", "sinks", "infer_window", "infer_sinks"):    # written to config.json (see _run)
+        v = getattr(a, name)
+        need(v is None or v <= MAX_CACHE_SLOTS, f"--{name.replace('_', '-')} {v} is more than a state can hold (at "
+             f"most {MAX_CACHE_SLOTS} = 2**31 - 1 cache slots, sinks + window); lower it")
     need(a.log_every >= 1, f"--log-every must be >= 1, got {a.log_every}")
     need(a.seed is None or 0 <= a.seed <= SEED_MAX, f"--seed must be in 0..{SEED_MAX}, got {a.seed}")
     need(a.save_every >= 0, f"--save-every must be >= 0, got {a.save_every}")
@@ -362,7 +367,7 @@ def _run(a, d, out: Path) -> int:
     import torch
 
     from .. import weights as W
-    from ..config import DEFAULT_SINKS, DEFAULT_WINDOW, parse_dtype
+    from ..config import DEFAULT_SINKS, DEFAULT_WINDOW, check_cache_slots, parse_dtype
     from . import checkpoint as ckpt_io
     from . import attention, dist
     from .data import BudgetSpec, load_dataset
@@ -450,6 +455,10 @@ def _run(a, d, out: Path) -> int:
         infer_w, infer_s = run_cfg["infer_window"], run_cfg["infer_sinks"]
         infer = (infer_w if infer_w is not None else fixed_w if fixed_w is not None else DEFAULT_WINDOW,
                  infer_s if infer_s is not None else fixed_s if fixed_s is not None else DEFAULT_SINKS)
+        # what the runtime loads (its own rule): checked here, before anything is written
+        check_cache_slots(*infer, names=tuple(
+            f"--infer-{k}" if given is not None else f"--{k}" if fixed is not None else f"the default {k}"
+            for k, given, fixed in (("window", infer_w, fixed_w), ("sinks", infer_s, fixed_s))))
         out_cfg = ckpt_io.output_config(base_cfg, config.family, *infer, implementation=impl)
 
         # ---- the data --------------------------------------------------------------------------
