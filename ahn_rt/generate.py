@@ -162,6 +162,11 @@ def main(argv=None) -> int:
             raise AhnError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if any(s == "" for s in args.stop):
             raise AhnError("--stop needs a non-empty string")
+        from .tokenizer import check_text
+        for s in args.stop:            # a byte that is not UTF-8 never matches: the stop string was ignored
+            check_text(s, f"--stop {s!r}")
+        if args.system is not None:    # was reported as "the prompt" it is templated into
+            check_text(args.system, "--system")
         if args.system is not None and not args.chat:
             raise AhnError("--system is the system message of --chat's template: add --chat, or drop --system")
         _check_sampling(args)

@@ -26,7 +26,7 @@ from .sampling import Sampler, SamplingParams
 from .serve.prefix_cache import PrefixCache
 from .serve.prompt import Prompt
 from .serve.scheduler import AsyncGeneration, Scheduler
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 # Prompt tokens per prefill chunk (chunk_size=None): on CUDA 8192, measured on an H200 at the 3B shape
 # (pp131072: 8.25 s at 4096, 7.11 s at 8192, 6.61 s at 16384; peak above the weights 1.9 / 2.5 / 3.8 GiB:
@@ -378,6 +378,8 @@ class Model:
             raise AhnError(f"stop must be a string or a list of strings, got {type(stop).__name__}") from None
         if any(not isinstance(s, str) or s == "" for s in stop):
             raise AhnError("stop strings must be non-empty text")
+        for s in stop:      # a lone surrogate (a non-UTF-8 byte of a command line) never matches: it was ignored
+            check_text(s, f"stop string {s!r}")
         self.tokenizer   # needed to stream text; fail before anything runs
         return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop)
 

@@ -47,6 +47,10 @@ def test_sampling_arguments_of_the_wrong_type_are_one_line_at_the_call(model, kw
     ([1, 2, 3], dict(system="Be brief."), "not to token ids"),
     (P, dict(stop=5), "stop must be"),
     (P, dict(chat=True, system=3), "system must be text"),
+    # a stop string that is not UTF-8 text (a lone surrogate) can never match: it was silently ignored
+    (P, dict(stop=["ok", "\udcff"]), r"stop string '\\udcff' is not valid UTF-8 \(byte 0xff"),
+    # a system message that is not UTF-8 text was blamed on "the prompt"
+    (P, dict(chat=True, system="a\ud800"), "the system message is not valid UTF-8"),
 ])
 def test_prompts_of_the_wrong_type_are_one_line_at_the_call(model, prompt, kw, needle):
     with pytest.raises(AhnError, match=needle):

@@ -67,6 +67,16 @@ def test_prompt_argument_not_utf8(tiny):
     one_line_error(p.returncode, p.stderr.decode(), "not valid UTF-8")
 
 
+@pytest.mark.parametrize("flag,needle", [(b"--stop", "--stop 'ab\\udcff' is not valid UTF-8 (byte 0xff"),
+                                         (b"--system", "--system is not valid UTF-8 (byte 0xff")])
+def test_stop_and_system_arguments_not_utf8(tiny, flag, needle):
+    # --stop: a string that could never match, ignored (exit 0); --system: blamed on "the prompt"
+    p = subprocess.run([os.fsencode(sys.executable), b"-m", b"ahn_rt.generate", b"--weights", os.fsencode(tiny),
+                        b"--max-new-tokens", b"2", b"--prompt", b"hi", b"--chat", flag, b"ab\xff"],
+                       capture_output=True, timeout=300)
+    one_line_error(p.returncode, p.stderr.decode(), needle)
+
+
 def test_prompt_with_a_byte_order_mark(tiny, tmp_path):
     """A UTF-8 prompt saved with a byte order mark (Windows editors) gave the model one more token, U+FEFF
     (the training data loader drops it); file and stdin now give what the text alone gives."""

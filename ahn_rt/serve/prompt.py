@@ -122,6 +122,9 @@ def as_prompt(model, prompt, chat: bool = False, system: str | None = None) -> P
     with ``chat``), a list of token ids, a list of chat messages, or a ``Prompt``."""
     if system is not None and not isinstance(system, str):
         raise AhnError(f"system must be text, got {type(system).__name__}")
+    if system is not None:
+        from ..tokenizer import check_text
+        check_text(system, "the system message")   # named, not "the prompt" it is templated into
     if isinstance(prompt, str):
         tok = model.tokenizer
         if chat:
