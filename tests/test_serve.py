@@ -537,9 +537,13 @@ def test_sessions_and_sigterm_drain(server, servers, model):
     (["--weights", "CKPT", "--prefix-cache", "1e30", "--port", "0"], "lower --prefix-cache / --session-cache"),
     # a CPU index other than 0 served on the CPU as if it existed
     (["--weights", "CKPT", "--device", "cpu:3", "--port", "0"], "device 'cpu:3' does not exist"),
+    # an empty name (an unset variable) served under the weights' name; a key with a space around it could never
+    # match the (stripped) bearer token: every request got 401
+    (["--weights", "x", "--model-name", ""], "--model-name is empty"),
+    (["--weights", "x", "--api-key", "secret "], "--api-key begins or ends with white space"),
 ], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi", "prefix-cache-inf", "session-cache-inf",
         "dev-null", "window-too-large", "bad-switch", "empty-weights", "empty-state-dir", "empty-host",
-        "caches-fill-memory", "device-index"])
+        "caches-fill-memory", "device-index", "empty-model-name", "api-key-spaces"])
 def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
     import os
     import subprocess

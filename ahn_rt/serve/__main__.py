@@ -127,6 +127,12 @@ def main(argv=None) -> int:
             raise AhnError(f"--port must be in 0..65535, got {args.port}")
         if args.api_key is not None and not args.api_key:
             raise AhnError("--api-key needs a non-empty key")
+        if args.api_key is not None and args.api_key != args.api_key.strip():   # the bearer token is stripped
+            raise AhnError("--api-key begins or ends with white space, which no 'Authorization: Bearer' header "
+                           "can carry (every request would get 401); give the key without it")
+        if args.model_name is not None and not args.model_name.strip():      # was the weights' name, silently
+            raise AhnError("--model-name is empty; give the id clients pass as 'model', or leave --model-name out "
+                           "(default: the weights' name)")
         refuse_empty(args.state_dir, "--state-dir", "a folder, or leave --state-dir out")   # else: keeps nothing
         refuse_empty(args.host, "--host", "an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every interface)")
         sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
