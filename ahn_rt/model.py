@@ -13,13 +13,68 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import memory, ops
+from . import memory, ops, settings
 from .cache import DecodeBatch, State, StatePool, begin_writes
 from .config import Config, rope_inv_freq
 from .weights import Weights
 
 
 _MLP_ROWS = 2048   # prefill rows per MLP block (Decoder._mlp)
+
+
+class _Serial:
+    """Work in the current stream (``_SideStream``'s interface, doing nothing)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def join(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+_SERIAL = _Serial()
+
+
+class _SideStream(_Serial):
+    """A fork of the current CUDA stream: work entered under ``with`` runs on a high-priority side stream
+    after everything enqueued so far; ``join(t)`` makes the current stream wait for it and hands t (made on
+    the side stream) over to the current stream's use. Inputs of the forked work must stay referenced until
+    the join (the decoder's locals do), so that the current stream cannot reuse their memory early."""
+
+    _streams: dict = {}
+
+    def __init__(self, device: torch.device):
+        key = device.index if device.index is not None else torch.cuda.current_device()
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device, priority=-1)
+        self.side = self._streams[key]
+        self.main = torch.cuda.current_stream(device)
+        self._ctx = None
+
+    @classmethod
+    def for_prefill(cls, device: torch.device) -> _Serial:
+        """The fork for a prefill's memory work where AHN_RT_PREFILL_FORK asks for it on CUDA, else serial."""
+        if settings.prefill_fork() and device.type == "cuda":   # the switch is checked everywhere
+            return cls(device)
+        return _SERIAL
+
+    def __enter__(self):
+        self.side.wait_stream(self.main)
+        self._ctx = torch.cuda.stream(self.side)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        ctx, self._ctx = self._ctx, None
+        return ctx.__exit__(*exc)
+
+    def join(self, t: torch.Tensor) -> torch.Tensor:
+        self.main.wait_stream(self.side)
+        t.record_stream(self.main)
+        return t
 
 
 class Decoder:
@@ -79,6 +134,7 @@ class Decoder:
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = ops.rope_cos_sin(plan.positions, self.inv_freq, c.dtype)
         r = plan.read_rows
+        fork = _SideStream.for_prefill(self.device) if st.ahn and plan.n_evict else _SERIAL
 
         h = F.embedding(ids, self.w.embed)
         for i, lw in enumerate(self.w.layers):
@@ -92,13 +148,16 @@ class Decoder:
                 k = ops.rms_norm(k, lw.k_norm, c.rms_norm_eps)
             q = ops.rope(q, cos, sin)
             k = ops.rope(k, cos, sin)
-            attn = ops.prefill_attention(q, k, v, st.k[i], st.v[i], plan.p0, st.sinks, st.window, self.scale)
-            gates = None
+            gates, mem = None, None
             if st.ahn:
                 gates, z = self.memory.gates(proj[:, self.v_end:], lw.mem)
                 if plan.n_evict:
                     k_ev, v_ev, g_ev = st.evicted(i, plan, k, v, gates)
-                    attn[r] += self.memory.prefill(q[r], k_ev, v_ev, g_ev, z[r], st.memory[i], lw.mem)
+                    with fork:
+                        mem = self.memory.prefill(q[r], k_ev, v_ev, g_ev, z[r], st.memory[i], lw.mem)
+            attn = ops.prefill_attention(q, k, v, st.k[i], st.v[i], plan.p0, st.sinks, st.window, self.scale)
+            if mem is not None:
+                attn[r] += fork.join(mem)
             st.write(i, plan, k, v, gates)
             h = h + ops.linear(attn.reshape(T, H * D), lw.w_o, lw.b_o)
             h = self._mlp(h, lw)
