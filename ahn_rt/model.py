@@ -22,23 +22,7 @@ from .weights import Weights
 _MLP_ROWS = 2048   # prefill rows per MLP block (Decoder._mlp)
 
 
-class _Serial:
-    """Work in the current stream (``_SideStream``'s interface, doing nothing)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def join(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-
-_SERIAL = _Serial()
-
-
-class _SideStream(_Serial):
+class _SideStream:
     """A fork of the current CUDA stream: work entered under ``with`` runs on a high-priority side stream
     after everything enqueued so far; ``join(t)`` makes the current stream wait for it and hands t (made on
     the side stream) over to the current stream's use. Inputs of the forked work must stay referenced until
@@ -55,18 +39,11 @@ class _SideStream(_Serial):
         self._ctx = None
 
     @classmethod
-    def for_prefill(cls, device: torch.device) -> _Serial:
-        """The fork for a prefill's memory work where AHN_RT_PREFILL_FORK asks for it on CUDA, else serial."""
-        if settings.prefill_fork() and device.type == "cuda":   # the switch is checked everywhere
-            return cls(device)
-        return _SERIAL
-
-    @classmethod
     def for_decode(cls, device: torch.device) -> "_SideStream | None":
         """The fork for the decode step's memory work where AHN_RT_DECODE_FORK asks for it, only while a CUDA
         graph is being captured (the fork becomes a parallel branch of the graph; captures run one at a
         time, so eager steps of concurrent sessions never share the side stream); else None (serial)."""
-        if settings.decode_fork() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing() and settings.decode_fork():
             return cls(device)
         return None
 
@@ -143,7 +120,6 @@ class Decoder:
         H, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         cos, sin = ops.rope_cos_sin(plan.positions, self.inv_freq, c.dtype)
         r = plan.read_rows
-        fork = _SideStream.for_prefill(self.device) if st.ahn and plan.n_evict else _SERIAL
 
         h = F.embedding(ids, self.w.embed)
         for i, lw in enumerate(self.w.layers):
@@ -157,16 +133,13 @@ class Decoder:
                 k = ops.rms_norm(k, lw.k_norm, c.rms_norm_eps)
             q = ops.rope(q, cos, sin)
             k = ops.rope(k, cos, sin)
-            gates, mem = None, None
+            attn = ops.prefill_attention(q, k, v, st.k[i], st.v[i], plan.p0, st.sinks, st.window, self.scale)
+            gates = None
             if st.ahn:
                 gates, z = self.memory.gates(proj[:, self.v_end:], lw.mem)
                 if plan.n_evict:
                     k_ev, v_ev, g_ev = st.evicted(i, plan, k, v, gates)
-                    with fork:
-                        mem = self.memory.prefill(q[r], k_ev, v_ev, g_ev, z[r], st.memory[i], lw.mem)
-            attn = ops.prefill_attention(q, k, v, st.k[i], st.v[i], plan.p0, st.sinks, st.window, self.scale)
-            if mem is not None:
-                attn[r] += fork.join(mem)
+                    attn[r] += self.memory.prefill(q[r], k_ev, v_ev, g_ev, z[r], st.memory[i], lw.mem)
             st.write(i, plan, k, v, gates)
             h = h + ops.linear(attn.reshape(T, H * D), lw.w_o, lw.b_o)
             h = self._mlp(h, lw)

@@ -206,31 +206,3 @@ def test_dtype_gqa_mode_matrix_matches_fp32_cpu(dtype, cfg, mode):
         agree_cpu = float((c.argmax(-1) == r.argmax(-1)).float().mean())
         assert agree > min(agree_cpu, TOP1_FLOOR) - TOP1_SLACK, (agree, agree_cpu)
 
-
-@pytest.mark.parametrize("impl", ["GatedDeltaNet", "DeltaNet", "Mamba2"])
-@pytest.mark.parametrize("dtype", ["bf16", "float32"])
-def test_forked_memory_prefill_gives_the_same_bits(monkeypatch, impl, dtype):
-    """AHN_RT_PREFILL_FORK=1 runs each layer's memory prefill on a side stream beside the window attention:
-    the same kernels on the same inputs, so every logit and the whole state after the prompt (and after
-    decode steps that follow it) are bit-identical to the serial prefill. The prompt's chunks are large
-    enough that the side stream's work is still running when the attention is launched (a missing wait
-    before the sum or before the ring write reads a half-written term)."""
-    cfg = dict(QWEN3, num_hidden_layers=4, _ahn_implementation=impl)
-    sd = random_state_dict(cfg, seed=0, dtype=torch.float32, ahn=True, std=0.05)
-    model = from_state_dict(cfg, {k: v.cuda() for k, v in sd.items()}, window=96, sinks=4, mode="ahn",
-                            dtype=dtype, device="cuda")
-    ids = torch.randint(0, 1000, (900,), generator=torch.Generator().manual_seed(7)).tolist()
-
-    def run(fork: str):
-        monkeypatch.setenv("AHN_RT_PREFILL_FORK", fork)
-        sess = model.new_session(chunk_size=256)          # S + W = 100 falls inside the first chunk
-        logits = torch.cat([sess.forward(ids[:700]), sess.forward(ids[700:880])]
-                           + [sess.forward([t]) for t in ids[880:]])
-        torch.cuda.synchronize()
-        return logits, sess.state.tensors()
-
-    serial, s_state = run("0")
-    forked, f_state = run("1")
-    assert torch.equal(serial, forked), "the forked prefill's logits differ from the serial prefill's"
-    for name in s_state:
-        assert torch.equal(s_state[name], f_state[name]), f"state field {name} differs after the forked prefill"

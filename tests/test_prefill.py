@@ -841,17 +841,3 @@ def test_prefill_attention_plan_fits_the_merge_kernel_at_the_3b_geometry(monkeyp
         ops._prefill_attention_flash(q, k, k, kc, kc, p0, S, W, 0.3)
     assert merges and max(merges) <= ops._MERGE_PARTS, merges
 
-
-def test_prefill_fork_switch_is_checked_and_serial_off_cuda(monkeypatch):
-    """AHN_RT_PREFILL_FORK: a value it does not take is a one-line SettingsError wherever a prefill evicts
-    (CPU included); on the CPU '1' still runs the memory in line (streams are a CUDA notion)."""
-    from ahn_rt.model import _SERIAL, _SideStream
-    from ahn_rt.settings import SettingsError
-    monkeypatch.setenv("AHN_RT_PREFILL_FORK", "2")
-    with pytest.raises(SettingsError, match="AHN_RT_PREFILL_FORK='2' is not one of 0, 1"):
-        _SideStream.for_prefill(torch.device("cpu"))
-    monkeypatch.setenv("AHN_RT_PREFILL_FORK", "1")
-    assert _SideStream.for_prefill(torch.device("cpu")) is _SERIAL
-    t = torch.ones(3)
-    with _SERIAL as f:
-        assert f.join(t) is t

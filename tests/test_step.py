@@ -124,13 +124,26 @@ def test_decode_step_as_captured_makes_no_host_tensor_and_reads_nothing_back(imp
         batch.advance()
 
 
+class _InLine:
+    """model._SideStream's interface with no second stream: the forked step's arithmetic, in line."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def join(self, t):
+        return t
+
+
 def _forked_run(model, monkeypatch, fork: bool, ids):
     """decode_steps of a pooled batch at DEPTHS for len(ids) steps, with the memory term kept apart and added
     by o_proj's GEMV (``fork``: the path of AHN_RT_DECODE_FORK=1 in a capture, its streams serial here) or
     added in place (the serial step). Returns the logits of every step and the pool's tensors."""
     from ahn_rt import model as model_mod
     monkeypatch.setattr(model_mod._SideStream, "for_decode",
-                        classmethod(lambda cls, device: model_mod._SERIAL if fork else None))
+                        classmethod(lambda cls, device: _InLine() if fork else None))
     pool = model.new_pool(len(DEPTHS))
     batch = DecodeBatch([x.state for x in _sessions(model, DEPTHS, pool=pool)])
     out = []
