@@ -39,7 +39,8 @@ def _mamba2_decode_fake(state, q, k, v, dt, a_log, z, norm_weight, o_proj, out, 
 
 
 @torch.library.register_fake("ahn_rt::gemv")
-def _gemv_fake(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float, static_weight=False):
+def _gemv_fake(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float, static_weight=False,
+               x_add=None):
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     return x.new_empty(*x.shape[:-1], n, dtype=torch.float32 if out_float else x.dtype)
 

@@ -13,13 +13,54 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import memory, ops
+from . import memory, ops, settings
 from .cache import DecodeBatch, State, StatePool, begin_writes
 from .config import Config, rope_inv_freq
 from .weights import Weights
 
 
 _MLP_ROWS = 2048   # prefill rows per MLP block (Decoder._mlp)
+
+
+class _SideStream:
+    """A fork of the current CUDA stream: work entered under ``with`` runs on a high-priority side stream
+    after everything enqueued so far; ``join(t)`` makes the current stream wait for it and hands t (made on
+    the side stream) over to the current stream's use. Inputs of the forked work must stay referenced until
+    the join (the decoder's locals do), so that the current stream cannot reuse their memory early."""
+
+    _streams: dict = {}
+
+    def __init__(self, device: torch.device):
+        key = device.index if device.index is not None else torch.cuda.current_device()
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device, priority=-1)
+        self.side = self._streams[key]
+        self.main = torch.cuda.current_stream(device)
+        self._ctx = None
+
+    @classmethod
+    def for_decode(cls, device: torch.device) -> "_SideStream | None":
+        """The fork for the decode step's memory work where AHN_RT_DECODE_FORK asks for it, only while a CUDA
+        graph is being captured (the fork becomes a parallel branch of the graph; captures run one at a
+        time, so eager steps of concurrent sessions never share the side stream); else None (serial)."""
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing() and settings.decode_fork():
+            return cls(device)
+        return None
+
+    def __enter__(self):
+        self.side.wait_stream(self.main)
+        self._ctx = torch.cuda.stream(self.side)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        ctx, self._ctx = self._ctx, None
+        return ctx.__exit__(*exc)
+
+    def join(self, t: torch.Tensor) -> torch.Tensor:
+        self.main.wait_stream(self.side)
+        t.record_stream(self.main)
+        return t
 
 
 class Decoder:
@@ -140,10 +181,14 @@ class Decoder:
                                           c.sinks, c.window)
 
     # ------------------------------------------------------------------------------------------
-    def _decode_attention(self, batch: DecodeBatch, i: int, lw, proj: torch.Tensor) -> torch.Tensor:
+    def _decode_attention(self, batch: DecodeBatch, i: int, lw, proj: torch.Tensor, fork: "_SideStream | None"):
         """Layer i of one decode token per row after the fused projection ``proj`` [B, P]: the decode front
-        (q/k norm, RoPE, ring write with eviction, the memory's gates), window attention and the memory step
-        added into it, each one kernel over the B rows of ``batch``. Returns the attention output [B, H, D]."""
+        (q/k norm, RoPE, ring write with eviction, the memory's gates), window attention and the memory step,
+        each one kernel over the B rows of ``batch``. Returns (attention output [B, H, D], memory term or None):
+        serially the memory step adds its term into the attention output (None); with ``fork`` it runs on the
+        side stream into a buffer of its own, filled with -0.0 first so that a row without a memory step adds
+        exactly nothing (x + -0.0 == x, also for x = +0.0), and o_proj adds the two on its load (``x_add``):
+        the same bits either way."""
         mem = self.memory if batch.ahn else None
         S, W, slots = batch.sinks, batch.window, batch.slots
         if mem is not None:
@@ -152,10 +197,16 @@ class Decoder:
             q = ops.decode_prep(proj, self.inv_freq, batch.pos, lw.q_norm, lw.k_norm, self.config.rms_norm_eps,
                                 None, None, batch.k[i], batch.v[i], None, None, S, W, batch.k_evict,
                                 batch.v_evict, None, None, slots=slots)
+        m = None
+        if mem is not None and fork is not None:
+            with fork:
+                m = torch.full((q.shape[0], self.config.num_heads, self.config.head_dim), -0.0, dtype=q.dtype,
+                               device=q.device)
+                mem.decode_step(self, batch, i, lw, q, proj, m)
         attn = ops.swa_decode(q, batch.k[i], batch.v[i], batch.pos, S, W, self.scale, slots=slots)
-        if mem is not None:
+        if mem is not None and fork is None:
             mem.decode_step(self, batch, i, lw, q, proj, attn)
-        return attn
+        return attn, (None if m is None else fork.join(m))
 
     def decode_step(self, st: State, ids: torch.Tensor) -> torch.Tensor:
         """One token (ids: int64 [1] on the device) at position st.pos (device): ``decode_steps`` of a batch
@@ -172,14 +223,18 @@ class Decoder:
         once for all rows), the decode front (q/k norm, RoPE, ring write with eviction, the memory's gates:
         ``decode_prep``), window attention, the memory step (GatedDeltaNet / DeltaNet: one fused
         ``gdn_decode``; Mamba2: ``mamba2_decode``), then three fused GEMVs (o_proj + residual,
-        RMSNorm + gate|up + SiLU*mul, down + residual)."""
+        RMSNorm + gate|up + SiLU*mul, down + residual). With AHN_RT_DECODE_FORK=1, while a CUDA graph is
+        captured, the memory step runs on a side stream beside the window attention (a parallel branch of
+        the graph) and o_proj's GEMV adds its term (``_decode_attention``)."""
         eps = self.config.rms_norm_eps
         B = ids.numel()
+        fork = _SideStream.for_decode(self.device) if batch.ahn else None
         h = F.embedding(ids.view(B), self.w.embed)
         for i, lw in enumerate(self.w.layers):
             proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False, True)
-            attn = self._decode_attention(batch, i, lw, proj)
-            h = ops.gemv(attn.view(B, -1), lw.w_o, lw.b_o, None, 0.0, h, False, False, True)
+            attn, m = self._decode_attention(batch, i, lw, proj, fork)
+            h = ops.gemv(attn.view(B, -1), lw.w_o, lw.b_o, None, 0.0, h, False, False, True,
+                         x_add=None if m is None else m.view(B, -1))
             act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False, True)
             h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False, True)
         return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True, True)

@@ -108,15 +108,17 @@ def gdn_decode(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, si
     fn(state, q, k, v, beta, alpha, z, norm_weight, o_proj, out, pos, sinks, window, eps, slots)
 
 
-def gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float, static_weight=False):
+def gemv(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float, static_weight=False, x_add=None):
     """The fused decode GEMV: x [K] (one token) or [B, K] (one token of each of B sequences; residual
     shaped like the output) -> [N_out] / [B, N_out]. Each weight row is read once for all B, and row b
     equals the call on x[b] alone bit for bit (its reduction order never depends on B or the other rows).
     ``static_weight``: no kernel still running writes the weights (the model's own weights in the decode
     step), so on CUDA the GEMV may start streaming them before the previous kernel ends (programmatic
-    dependent launch); the values are the same either way."""
+    dependent launch); the values are the same either way. ``x_add`` (shaped, typed and strided like x; not
+    with norm_weight or silu_mul): the GEMV multiplies x + x_add, rounded to x's dtype, as if the caller had
+    added it into x first (bit for bit); it lets two producers of x write separate buffers."""
     fn = torch.ops.ahn_rt.gemv if _use_ext(x) else ref.gemv_ref
-    return fn(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float, static_weight)
+    return fn(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float, static_weight, x_add)
 
 
 # ---- prefill path: torch implementations -------------------------------------------------------

@@ -614,7 +614,7 @@ _ROWS_PER_BLOCK = 16384
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
              norm_eps: float, residual: torch.Tensor | None, silu_mul: bool, out_float: bool,
-             static_weight: bool = False) -> torch.Tensor:
+             static_weight: bool = False, x_add: torch.Tensor | None = None) -> torch.Tensor:
     """One decode token through a linear layer with its neighbours fused.
 
     x: [K]; weight: [N, K]; bias: [N] or None; norm_weight: [K] or None (RMSNorm x first, exactly as
@@ -624,11 +624,15 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n
 
     x may also be [B, K] (B tokens of B sequences, residual [B, N_out]): each row as above, out [B, N_out].
     ``static_weight`` changes only how the CUDA kernel is launched, never the values.
+    ``x_add`` (x's shape and dtype; the op also asks for x's strides and refuses it with ``norm_weight`` or
+    ``silu_mul``): x is first replaced by (x + x_add) computed in float32 and rounded to x.dtype.
 
     >>> w = torch.eye(4)[:3]
     >>> gemv_ref(torch.arange(4.), w, None, None, 0.0, None, False, False)
     tensor([0., 1., 2.])
     """
+    if x_add is not None:
+        x = (x.float() + x_add.float()).to(x.dtype)
     if x.dim() == 2:
         return torch.stack([gemv_ref(x[b], weight, bias, norm_weight, norm_eps,
                                      None if residual is None else residual[b], silu_mul, out_float)

@@ -12,6 +12,9 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_PREFILL_CUDNN | ahn_rt.ops, each call  | 1: a whole chunk's unmasked blocks through cuDNN, in key blocks |
 |                      | (and at load)          | of a fixed ladder whose plans are built at load (per thread);   |
 |                      |                        | 0: FlashAttention-2 for every block of prefill attention        |
+| AHN_RT_DECODE_FORK   | ahn_rt.model, each     | 1: in a captured CUDA decode graph, each layer's memory step on |
+|                      | graph capture          | a second stream beside the window attention, its term added by  |
+|                      |                        | o_proj's GEMV on load (same bits); 0: serial (a bench A/B)      |
 | AHN_RT_TRAIN_ATTENTION                        | auto: FlexAttention (compiled) for the training student's       |
 |                      | ahn_rt.train.attention | window on CUDA, SDPA query blocks elsewhere; sdpa; flex (on the |
 |                      | (each window plan)     | CPU eager and forward-only: for checks)                         |
@@ -45,6 +48,7 @@ _CHOICES = {
     "AHN_RT_GRAPH": ("1", "0"),
     "AHN_RT_CUDA": ("", "0", "1"),
     "AHN_RT_PREFILL_CUDNN": ("1", "0"),
+    "AHN_RT_DECODE_FORK": ("1", "0"),
     "AHN_RT_TRAIN_ATTENTION": ("auto", "sdpa", "flex"),
 }
 
@@ -88,6 +92,13 @@ def prefill_cudnn() -> bool:
     """AHN_RT_PREFILL_CUDNN: cuDNN for the unmasked blocks of prefill attention (default; those of the shapes
     warmed at load: ops.warm_prefill_attention), or FlashAttention-2 alone."""
     return _read("AHN_RT_PREFILL_CUDNN") == "1"
+
+
+def decode_fork() -> bool:
+    """AHN_RT_DECODE_FORK: in a captured CUDA decode graph, run each layer's memory step on a second stream
+    beside the window attention, its term added by o_proj's GEMV (default; the same bits as the serial
+    step), or serially (0)."""
+    return _read("AHN_RT_DECODE_FORK") == "1"
 
 
 def train_attention() -> str:

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one 
 from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
 from ahn_rt.errors import AhnError  # noqa: E402,F401
 
-RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN")
+RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN", "AHN_RT_DECODE_FORK")
 
 
 def fail(msg: str, code: int = 2):

@@ -361,7 +361,7 @@ struct Mamba2DecodeParams {
 // per-head sums of squares its output kernel reads from o_buf (block 0 zeroes the slices a Dv lacks).
 constexpr int64_t kMamba2Slices = 8;
 
-// out = [residual +] epilogue(weight @ rms_norm?(x) [+ bias]) (reference: ahn_rt/ref.py gemv_ref).
+// out = [residual +] epilogue(weight @ rms_norm?(x [+ x_add]) [+ bias]) (reference: ahn_rt/ref.py gemv_ref).
 struct GemvParams {
   const void* x;            // [rows, K], strides x_row_stride, x_stride (dtype T)
   const void* weight;       // [N, K] row-major contiguous (dtype T)
@@ -377,6 +377,9 @@ struct GemvParams {
   float norm_eps;
   bool silu_mul, out_float;
   bool pdl = false;         // CUDA: launch with programmatic dependent launch (weights written by no earlier kernel)
+  // [rows, K] with x's strides, or null (dtype T): the GEMV multiplies x_eff = T(float(x) + float(x_add)) (never
+  // with norm_weight or silu_mul). Last, so the other members keep their offsets.
+  const void* x_add = nullptr;
 };
 
 // The sequential part of the chunked gated delta rule (reference: ahn_rt/ref.py gdn_chunk_scan_ref;

@@ -32,7 +32,7 @@ TORCH_LIBRARY(ahn_rt, m) {
       "Tensor? slots=None) -> ()");
   m.def(
       "gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? norm_weight, float norm_eps, Tensor? residual, "
-      "bool silu_mul, bool out_float, bool static_weight=False) -> Tensor");
+      "bool silu_mul, bool out_float, bool static_weight=False, Tensor? x_add=None) -> Tensor");
   m.def("gdn_chunk_prep(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor alpha, float scale) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mamba2_chunk_prep(Tensor q, Tensor k, Tensor v, Tensor dt, Tensor a_log) "

@@ -3,7 +3,9 @@ kernel (bf16, fp16) at 1, 5, 12, 20 and 37 rows (one, two and four column tiles,
 normalized x staged in shared memory where it fits, and at 1 and 5 rows also with AHN_RT_GEMV_X_UNSTAGED=1); the
 SIMT kernel (fp32, and bf16 / fp16 with AHN_RT_GEMV_SIMT=1) at 1, 2, 3, 5, 12, 20 and 37 rows (every batch
 bucket; K = 11008 and 18944 at 12 or more rows stage x piece by piece); vector and scalar weight / x loads,
-SiLU pairs, bias / residual / float32 output.
+SiLU pairs, bias / residual / float32 output. Every case without SiLU also runs with x_add (both kernels'
+XADD instances): x_add at x's offset and one element further (with an aligned x: a misaligned x_add,
+element-wise loads of both).
     compute-sanitizer --tool memcheck python3 scripts/gemv_sanitize.py
 """
 import argparse
@@ -34,5 +36,11 @@ for simt, unstaged, dt, rows in runs:
             out = torch.ops.ahn_rt.gemv(x, w, torch.randn(N, device=dev, dtype=dt),
                                         torch.rand(K, device=dev, dtype=dt), 1e-6,
                                         torch.randn(B, n_out, device=dev, dtype=dt), silu, off == 1)
+            if not silu:  # x_add: x's strides, no norm_weight (refused), vector and element-wise loads
+                for a_off in (off, off + 1):
+                    x_add = torch.randn(B * K + a_off, device=dev, dtype=dt)[a_off:].view(B, K)
+                    out = torch.ops.ahn_rt.gemv(x, w, torch.randn(N, device=dev, dtype=dt), None, 0.0,
+                                                torch.randn(B, n_out, device=dev, dtype=dt), False, off == 1,
+                                                False, x_add)
 torch.cuda.synchronize()
 print("ok")

@@ -84,10 +84,17 @@ def test_bf16_cuda_matches_fp32_cpu_variants(cfg, impl):
     test_bf16_cuda_matches_fp32_cpu(dict(cfg, _ahn_implementation=impl), "ahn", 24, 4, ceiling=ceiling)
 
 
-def test_graph_replay_equals_eager_steps(monkeypatch):
+@pytest.mark.parametrize("impl", ["GatedDeltaNet", "DeltaNet", "Mamba2"])
+@pytest.mark.parametrize("fork", ["0", "1"])
+def test_graph_replay_equals_eager_steps(monkeypatch, fork, impl):
     """The graph replays the eager step's kernels: every step's logits, every sampled token and the whole
-    state after the run are bit-identical to eager steps (greedy and seeded sampling)."""
-    _, gpu = _models(CFG, "ahn", 24, 4)
+    state after the run are bit-identical to eager steps (greedy and seeded sampling). fork =
+    AHN_RT_DECODE_FORK: with 1 the graph runs each memory step on a parallel branch and o_proj adds its
+    term, the eager steps stay serial: still the same bits."""
+    if fork == "0" and impl != "GatedDeltaNet":
+        pytest.skip("the serial graph's kernels are the variants' own tests' (test_step)")
+    monkeypatch.setenv("AHN_RT_DECODE_FORK", fork)
+    _, gpu = _models(dict(CFG, _ahn_implementation=impl), "ahn", 24, 4)
     prompt = torch.randint(0, 1000, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     steps = 60                              # crosses S + W = 28 and keeps evicting
 
@@ -118,7 +125,7 @@ def test_graph_replay_equals_eager_steps(monkeypatch):
         assert int(s1.state.pos) == s1.position and int(s2.state.pos) == s2.position
         assert s1.state.position == s2.state.position
         t1, t2 = s1.state.tensors(), s2.state.tensors()      # every field: k, v, beta, alpha, memory
-        assert set(t1) == set(t2) == {"k", "v", "beta", "alpha", "memory"}
+        assert set(t1) == set(t2) and {"k", "v", "memory"} <= set(t1)
         for name in t1:
             assert torch.equal(t1[name], t2[name]), f"{params}: state field {name} differs between graph and eager"
 
@@ -198,3 +205,4 @@ def test_dtype_gqa_mode_matrix_matches_fp32_cpu(dtype, cfg, mode):
         agree = float((g.argmax(-1) == r.argmax(-1)).float().mean())
         agree_cpu = float((c.argmax(-1) == r.argmax(-1)).float().mean())
         assert agree > min(agree_cpu, TOP1_FLOOR) - TOP1_SLACK, (agree, agree_cpu)
+

@@ -4,6 +4,7 @@
 CPU cases run everywhere; the same cases on CUDA, the Qwen2.5-3B decode shapes (151936-row LM head
 included), the misaligned / scalar paths and CUDA-graph replay (with and without programmatic dependent
 launch) are marked `cuda` (`pytest -m cuda tests/test_gemv.py` on a GPU machine; skipped without one).
+x_add (the GEMV of T(x + x_add)) has its own section at the end.
 """
 from __future__ import annotations
 
@@ -191,12 +192,18 @@ def test_gemv_empty():
     assert out.dtype == bias.dtype and torch.equal(out, bias)   # K = 0: y = 0 + bias, exactly
 
 
-@pytest.mark.parametrize("option", ["plain", "norm_bias", "silu_res", "all"])
+@pytest.mark.parametrize("option", ["plain", "norm_bias", "silu_res", "all", "bias_res"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 def test_gemv_opcheck(dtype, option):
     args = make_case(64, 10, dtype, "cpu", option)
     torch.library.opcheck(torch.ops.ahn_rt.gemv, args=(), kwargs=args)
     torch.library.opcheck(torch.ops.ahn_rt.gemv, args=(), kwargs=dict(args, static_weight=True))
+    if args["norm_weight"] is None and not args["silu_mul"]:   # x_add is refused with either
+        torch.library.opcheck(torch.ops.ahn_rt.gemv, args=(), kwargs=dict(args, x_add=torch.randn_like(args["x"])))
+        x = torch.randn(3, 64).to(dtype)
+        res = None if args["residual"] is None else torch.randn(3, 10).to(dtype)
+        torch.library.opcheck(torch.ops.ahn_rt.gemv.default,
+                              (x, args["weight"], args["bias"], None, 0.0, res, False, False, True, torch.randn_like(x)))
 
 
 # ---- CUDA: the Qwen2.5-3B decode shapes -----------------------------------------------------------
@@ -377,3 +384,160 @@ def test_gemv_staged_x_equals_unstaged(name, K, N, option, layout, dtype, monkey
         monkeypatch.setenv("AHN_RT_GEMV_X_UNSTAGED", "0")
         assert not torch.equal(torch.ops.ahn_rt.gemv(x=bumped, residual=res, **args), staged), \
             "the comparison cannot see a changed input"
+
+
+# ---- x_add: the GEMV multiplies x_eff = T(float(x) + float(x_add)) ----------------------------------------
+# The decode step's o_proj: the attention output (x) and the memory term (x_add) come from two streams; the
+# op adds them as it loads x, and must give the bits of adding them into x first (x_add is refused with
+# norm_weight and silu_mul, so the cases below have neither).
+XADD_OPTIONS = ["plain", "bias", "res", "f32out", "bias_res"]
+XADD_SHAPES = [(1, 3), (7, 129), (64, 33), (70, 37), (1003, 64), (2048, 129)]   # K % 8 != 0: element-wise loads
+
+
+def add_rounded(x, x_add):
+    """What the memory kernel did in place before x_add existed: T(float(x) + float(x_add))."""
+    return (x.float() + x_add.float()).to(x.dtype)
+
+
+def xadd_case(K, N, dtype, device, option, B=None, gen=None):
+    """make_case with x [K] (B None) or [B, K] (residual likewise) and an x_add of x's shape, dtype and
+    strides, of the same size as x (so the rounding of the sum matters)."""
+    args = make_case(K, N, dtype, device, option, gen)
+    shape = (K,) if B is None else (B, K)
+    args["x"] = (torch.randn(*shape, generator=gen) * 3).to(dtype).to(device)
+    if args["residual"] is not None:
+        args["residual"] = torch.randn(*shape[:-1], N, generator=gen).to(dtype).to(device)
+    args["x_add"] = (torch.randn(*shape, generator=gen) * 2).to(dtype).to(device)
+    return args
+
+
+def check_x_add(args, what):
+    """gemv(x, x_add) is gemv(T(x + x_add)) bit for bit, matches the reference (with the file's tolerance:
+    the op and the reference sum in different orders), and differs from gemv(x) without x_add."""
+    out = run_op(args)
+    folded = run_op(dict(args, x=add_rounded(args["x"], args["x_add"]), x_add=None))
+    assert torch.equal(out, folded), f"{what}: gemv(x, x_add) differs from gemv(T(x + x_add))"
+    expect = gemv_ref(**to_cpu(args))
+    assert torch.equal(expect, gemv_ref(**to_cpu(dict(args, x=add_rounded(args["x"], args["x_add"]), x_add=None))))
+    assert_close(out, expect, what, args["x"].dtype)
+    ignored = run_op(dict(args, x_add=None))
+    assert not torch.equal(out, ignored), f"{what}: the test cannot tell x_add from no x_add"
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B", [None, 1, 3, 5], ids=["1d", "B1", "B3", "B5"])
+@pytest.mark.parametrize("option", XADD_OPTIONS)
+@pytest.mark.parametrize("K,N", XADD_SHAPES, ids=[f"K{k}-N{n}" for k, n in XADD_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_gemv_x_add(dtype, K, N, option, B, device):
+    g = torch.Generator().manual_seed(K * 131 + N)
+    check_x_add(xadd_case(K, N, dtype, device, option, B, g), f"{dname(dtype)} K={K} N={N} {option} B={B} {device}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["x_misaligned", "x_add_misaligned", "strided_1d", "strided_2d"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+def test_gemv_x_add_layouts(dtype, layout, device):
+    """x_add read with x's strides: a 16-byte misaligned x (aligned x_add) or x_add (aligned x) takes the
+    element-wise loads on CUDA; strided 1-D and 2-D views (the same strides for both, as the op asks)."""
+    g = torch.Generator().manual_seed(3)
+    K, N, B = 2048, 129, 3
+    args = xadd_case(K, N, dtype, device, "bias_res", B, g)
+    x, a = args["x"], args["x_add"]
+    if layout == "x_misaligned":
+        x = misaligned(x, 3)
+    elif layout == "x_add_misaligned":
+        a = misaligned(a, 1)
+    elif layout == "strided_1d":
+        x, a = strided_vec(x[0]), strided_vec(a[0])
+        args["residual"] = args["residual"][0]
+    else:
+        big_x = torch.full((B, 2 * K), float("nan"), dtype=dtype, device=device)
+        big_a = torch.full((B, 2 * K), float("nan"), dtype=dtype, device=device)
+        big_x[:, ::2], big_a[:, ::2] = x, a
+        x, a = big_x[:, ::2], big_a[:, ::2]
+    assert x.stride() == a.stride()
+    check_x_add(dict(args, x=x, x_add=a), f"{dname(dtype)} {layout} {device}")
+
+
+def test_gemv_x_add_errors():
+    x, w = torch.randn(8), torch.randn(6, 8)
+    gemv = torch.ops.ahn_rt.gemv
+    with pytest.raises(RuntimeError, match=r"ahn_rt.gemv: x_add must have x's shape"):
+        gemv(x, w, None, None, EPS, None, False, False, False, torch.randn(7))
+    with pytest.raises(RuntimeError, match=r"ahn_rt.gemv: x_add must have x's shape"):
+        gemv(torch.randn(2, 8), w, None, None, EPS, None, False, False, False, torch.randn(8))
+    with pytest.raises(RuntimeError, match=r"ahn_rt.gemv: x_add dtype"):
+        gemv(x, w, None, None, EPS, None, False, False, False, torch.randn(8).half())
+    with pytest.raises(RuntimeError, match=r"ahn_rt.gemv: x_add must have x's strides"):
+        gemv(x, w, None, None, EPS, None, False, False, False, strided_vec(torch.randn(8)))
+    with pytest.raises(RuntimeError, match=r"ahn_rt.gemv: x_add must have x's strides"):
+        gemv(torch.randn(2, 8), w, None, None, EPS, None, False, False, False, torch.randn(8, 2).t())
+    with pytest.raises(RuntimeError, match=r"ahn_rt.gemv: x_add with norm_weight is not supported"):
+        gemv(x, w, None, torch.rand(8), EPS, None, False, False, False, torch.randn(8))
+    with pytest.raises(RuntimeError, match=r"ahn_rt.gemv: x_add with silu_mul is not supported"):
+        gemv(x, w, None, None, EPS, None, True, False, False, torch.randn(8))
+    # By keyword, through the Python wrapper (ext on the CPU) as the model calls it.
+    from ahn_rt import ops
+    with pytest.raises(RuntimeError, match=r"x_add with norm_weight"):
+        ops.gemv(x, w, None, torch.rand(8), EPS, None, False, False, x_add=torch.randn(8))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_gemv_x_add_device_error():
+    x, w = torch.randn(8, device="cuda"), torch.randn(6, 8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"ahn_rt.gemv: x_add is on cpu but x is on cuda"):
+        torch.ops.ahn_rt.gemv(x, w, None, None, EPS, None, False, False, False, torch.randn(8))
+
+
+def test_gemv_x_add_wrapper_and_ref():
+    """ahn_rt.ops.gemv passes x_add on (positional callers without it still work) and its reference
+    backend adds it the same way."""
+    from ahn_rt import ops
+    g = torch.Generator().manual_seed(1)
+    args = xadd_case(70, 37, torch.bfloat16, "cpu", "bias_res", 3, g)
+    pos = [args[k] for k in ("x", "weight", "bias", "norm_weight", "norm_eps", "residual", "silu_mul", "out_float")]
+    ext = ops.gemv(*pos, True, args["x_add"])
+    assert torch.equal(ext, torch.ops.ahn_rt.gemv(**args))
+    assert torch.equal(ops.gemv(*pos), torch.ops.ahn_rt.gemv(**dict(args, x_add=None)))
+    with ops.use_backend("ref"):
+        ref_out = ops.gemv(*pos, x_add=args["x_add"])
+    assert torch.equal(ref_out, gemv_ref(**args))
+    assert_close(ext, ref_out, "wrapper ext vs ref", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+@pytest.mark.parametrize("dtype, kernel", [(torch.bfloat16, "mma"), (torch.float16, "mma"), (torch.bfloat16, "simt"),
+                                           (torch.float16, "simt"), (torch.float32, "simt")],
+                         ids=["bf16", "fp16", "bf16-simt", "fp16-simt", "fp32"])
+@pytest.mark.parametrize("name, K, N, option", [("o_proj", 2048, 2048, "res"), ("o_proj_bias", 2048, 2048, "bias_res"),
+                                                ("odd", 70, 37, "bias_res"), ("k_odd", 1003, 64, "f32out"),
+                                                ("down", 11008, 2048, "res")])
+def test_gemv_x_add_on_cuda(name, K, N, option, dtype, kernel, monkeypatch):
+    """Both CUDA kernels' XADD instances (the tensor-core one for bf16 / fp16; the SIMT one for fp32 and
+    under AHN_RT_GEMV_SIMT=1), vector loads (K % 8 == 0) and element-wise loads (odd K): for B in 1, 3, 16,
+    32 and 40 (a second launch group), gemv(x, x_add) is gemv(T(x + x_add)) bit for bit, row b equals the row
+    alone bit for bit (batch invariance), and the rows agree with the reference as in the other CUDA tests.
+    Negative control: without x_add the result differs."""
+    monkeypatch.setenv("AHN_RT_GEMV_SIMT", "1" if kernel == "simt" else "0")
+    g = torch.Generator().manual_seed(13)
+    Bmax = 40
+    case = xadd_case(K, N, dtype, "cuda", option, Bmax, g)
+    x, a, res = case["x"], case["x_add"], case["residual"]
+    args = {k: v for k, v in case.items() if k not in ("x", "x_add", "residual")}
+    rows = lambda t, sl: None if t is None else t[sl]
+    alone = [torch.ops.ahn_rt.gemv(x=x[b], x_add=a[b], residual=rows(res, b), **args) for b in range(Bmax)]
+    for B in (1, 3, 16, 32, 40):
+        out = torch.ops.ahn_rt.gemv(x=x[:B], x_add=a[:B], residual=rows(res, slice(B)), **args)
+        folded = torch.ops.ahn_rt.gemv(x=add_rounded(x[:B], a[:B]), residual=rows(res, slice(B)), **args)
+        assert torch.equal(out, folded), f"{name} B={B}: gemv(x, x_add) differs from gemv(T(x + x_add))"
+        for b in range(B):
+            assert torch.equal(out[b], alone[b]), f"{name}: row {b} of a batch of {B} differs from the row alone"
+        if B == 3:
+            want = gemv_ref(**to_cpu(dict(x=x[:B], x_add=a[:B], residual=rows(res, slice(B)), **args)))
+            assert_close(out, want, f"{name} B=3 vs reference", dtype)
+            ignored = torch.ops.ahn_rt.gemv(x=x[:B], residual=rows(res, slice(B)), **args)
+            assert not torch.equal(out, ignored), f"{name}: the test cannot tell x_add from no x_add"

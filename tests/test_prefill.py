@@ -840,3 +840,4 @@ def test_prefill_attention_plan_fits_the_merge_kernel_at_the_3b_geometry(monkeyp
     for p0 in range(0, 131072, T):
         ops._prefill_attention_flash(q, k, k, kc, kc, p0, S, W, 0.3)
     assert merges and max(merges) <= ops._MERGE_PARTS, merges
+

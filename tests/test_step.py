@@ -124,6 +124,61 @@ def test_decode_step_as_captured_makes_no_host_tensor_and_reads_nothing_back(imp
         batch.advance()
 
 
+class _InLine:
+    """model._SideStream's interface with no second stream: the forked step's arithmetic, in line."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def join(self, t):
+        return t
+
+
+def _forked_run(model, monkeypatch, fork: bool, ids):
+    """decode_steps of a pooled batch at DEPTHS for len(ids) steps, with the memory term kept apart and added
+    by o_proj's GEMV (``fork``: the path of AHN_RT_DECODE_FORK=1 in a capture, its streams serial here) or
+    added in place (the serial step). Returns the logits of every step and the pool's tensors."""
+    from ahn_rt import model as model_mod
+    monkeypatch.setattr(model_mod._SideStream, "for_decode",
+                        classmethod(lambda cls, device: _InLine() if fork else None))
+    pool = model.new_pool(len(DEPTHS))
+    batch = DecodeBatch([x.state for x in _sessions(model, DEPTHS, pool=pool)])
+    out = []
+    for t in ids:
+        out.append(model.decoder.decode_steps(batch, torch.full((len(DEPTHS),), t)))
+        batch.advance()
+    return torch.stack(out), {k: v.clone() for k, v in pool.storage.items()}
+
+
+@pytest.mark.parametrize("impl", ["gdn", "dn", "mamba2"])
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+def test_forked_memory_step_gives_the_same_bits(monkeypatch, impl, dtype):
+    """AHN_RT_DECODE_FORK's arithmetic: the memory step writes its term into a buffer of -0.0 and o_proj adds
+    it to the attention output as it loads it (x_add): every logit of every step and the whole pool state
+    are the same bits as the serial step that adds the term in place, before, at and past the fill point.
+    (On CUDA the same path runs as a parallel branch of the captured graph: test_cuda_model.)"""
+    model = _model(impl, dtype=dtype)
+    ids = [5, 17, 99, 0, 42]
+    serial, s_pool = _forked_run(model, monkeypatch, False, ids)
+    forked, f_pool = _forked_run(model, monkeypatch, True, ids)
+    assert torch.equal(serial, forked), "the forked step's logits differ from the serial step's"
+    for name in s_pool:
+        assert torch.equal(s_pool[name], f_pool[name]), f"pool field {name} differs"
+
+
+def test_forked_memory_step_check_can_fail(monkeypatch):
+    """The comparison above sees a lost memory term: o_proj ignoring x_add gives other logits."""
+    model = _model("gdn", dtype="bf16")
+    serial, _ = _forked_run(model, monkeypatch, False, [5, 17])
+    real = ops.gemv
+    monkeypatch.setattr(ops, "gemv", lambda *a, x_add=None, **k: real(*a, **k))
+    forked, _ = _forked_run(model, monkeypatch, True, [5, 17])
+    assert not torch.equal(serial, forked)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("impl", ["gdn", "dn", "mamba2"])
@@ -137,12 +192,15 @@ def test_step_equals_forward_on_cuda(impl):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("impl", ["gdn", "dn", "mamba2"])
 @pytest.mark.parametrize("mode", ["ahn", "swa"])
-def test_step_from_a_pool_replays_its_graphs_on_cuda(impl, mode):
+@pytest.mark.parametrize("fork", ["0", "1"])
+def test_step_from_a_pool_replays_its_graphs_on_cuda(monkeypatch, impl, mode, fork):
     """bf16 on the GPU, many steps: model.step of pooled sessions (first step per batch size eager, then
     the captured graph replayed with other slots and tokens) equals each session stepped alone, row by
-    row bit for bit, and every session ends at its own position; the pool's unused slots stay zero."""
-    if mode == "swa" and impl != "gdn":
+    row bit for bit, and every session ends at its own position; the pool's unused slots stay zero.
+    fork = AHN_RT_DECODE_FORK: the graphs' memory steps on a parallel branch, the eager steps serial."""
+    if mode == "swa" and (impl != "gdn" or fork == "1"):
         pytest.skip("swa mode has no memory")
+    monkeypatch.setenv("AHN_RT_DECODE_FORK", fork)
     model = _model(impl, mode=mode, dtype="bf16", device="cuda")
     pool = model.new_pool(len(DEPTHS) + 2)
     together = _sessions(model, DEPTHS, pool=pool)

@@ -81,15 +81,20 @@ void gemv_cpu(const GemvParams& p) {
   const T* bias = static_cast<const T*>(p.bias);
   const T* nw = static_cast<const T*>(p.norm_weight);
   const T* res = static_cast<const T*>(p.residual);
+  const T* xa = static_cast<const T*>(p.x_add);  // x's strides (checked by the host function)
   const int64_t K = p.K;
 
-  // xn = norm_weight * (x * rsqrt(mean(x^2) + eps)).to(T), as rms_norm_ref; else x. Kept as float32, one
-  // row per sequence.
+  // x_eff = T(x + x_add) with x_add, else x; xn = norm_weight * (x_eff * rsqrt(mean(x_eff^2) + eps)).to(T), as
+  // rms_norm_ref; else x_eff. Kept as float32, one row per sequence.
   const int64_t B = p.rows;
   std::vector<float> xn(static_cast<size_t>(B * K));
   for (int64_t b = 0; b < B; ++b) {
     float* xb = xn.data() + b * K;
     for (int64_t k = 0; k < K; ++k) xb[k] = static_cast<float>(x[b * p.x_row_stride + k * p.x_stride]);
+    if (xa != nullptr) {
+      for (int64_t k = 0; k < K; ++k)
+        xb[k] = round_to<T>(xb[k] + static_cast<float>(xa[b * p.x_row_stride + k * p.x_stride]));
+    }
     if (nw != nullptr && K > 0) {
       double ss = 0.0;
       for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(xb[k]) * xb[k];

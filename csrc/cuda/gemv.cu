@@ -11,6 +11,9 @@
 // FMAs, whole rows per warp; its comment says how the order of every sum is fixed by K alone). It is
 // faster at B = 1 and slower at B >= 8 than the tensor-core kernel (bench/gemv_notes.md).
 // K % (16 / sizeof(T)) != 0 or a misaligned weight / x takes element-wise loads into the same vectors.
+// x_add (GemvParams::x_add, never with norm_weight or silu_mul): both kernels have an XADD instance that adds it
+// to x as x is loaded (x_eff = T(float(x) + float(x_add)), element-wise, so every sum keeps its order); the
+// default instances (XADD false) are the kernels without it, instantiated and dispatched as before.
 // Measurements and tried variants: bench/gemv_notes.md.
 #include <cstdint>
 #include <type_traits>
@@ -125,13 +128,14 @@ __device__ __forceinline__ void xpose_sum(float (&a)[N], int lane, int& base) {
   }
 }
 
-template <typename T, bool SILU, int R, int U, int NB, bool WVEC, int MINB>
+template <typename T, bool SILU, int R, int U, int NB, bool WVEC, int MINB, bool XADD>
 __global__ void __launch_bounds__(kSimtThreads, MINB) gemv_simt_kernel(const GemvParams p, const int pv,
                                                                        const int rounds) {
   constexpr int VEC = VecOf<T>::n;
   constexpr int P = SILU ? R / 2 : R;  // outputs per task
   constexpr int GV = 32 * U;           // vectors per weight group (all lanes)
   static_assert(!SILU || R % 2 == 0, "silu_mul tasks hold gate and up rows in pairs");
+  static_assert(!(XADD && SILU), "x_add is not taken with silu_mul");
   extern __shared__ uint4 xs[];        // [B][pv] vectors of x (of the current K piece)
   __shared__ float rs_s[NB];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -168,10 +172,13 @@ __global__ void __launch_bounds__(kSimtThreads, MINB) gemv_simt_kernel(const Gem
   pdl_wait();
 
   const T* X = static_cast<const T*>(p.x);
-  const T* nw = static_cast<const T*>(p.norm_weight);
+  // XADD: x_add has x's strides; never with norm_weight (the host refuses it), so the norm path compiles out.
+  const T* XA = static_cast<const T*>(p.x_add);
+  const T* nw = XADD ? nullptr : static_cast<const T*>(p.norm_weight);
   const bool x_vec = p.x_stride == 1 && (reinterpret_cast<uintptr_t>(X) & 15) == 0 && K % VEC == 0 &&
                      (B == 1 || p.x_row_stride % VEC == 0) &&
-                     (nw == nullptr || (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(nw) & 15) == 0));
+                     (nw == nullptr || (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(nw) & 15) == 0)) &&
+                     (!XADD || (reinterpret_cast<uintptr_t>(XA) & 15) == 0);
   auto x_at = [&](const T* src, int64_t stride, int64_t k) {
     return x_vec ? load_vec<T, true, false>(src, 1, k, K) : load_vec<T, false, false>(src, stride, k, K);
   };
@@ -192,7 +199,8 @@ __global__ void __launch_bounds__(kSimtThreads, MINB) gemv_simt_kernel(const Gem
     }
     __syncthreads();
   }
-  // x vectors [piece * pv, piece * pv + pv) of every sequence into xs (normalized: nw * round(x * rs)).
+  // x vectors [piece * pv, piece * pv + pv) of every sequence into xs (normalized: nw * round(x * rs); XADD:
+  // round(x + x_add)).
   auto stage = [&](int64_t piece) {
     const int64_t v0 = piece * pv;
     const int n = static_cast<int>(std::min<int64_t>(pv, nvec - v0));
@@ -200,6 +208,15 @@ __global__ void __launch_bounds__(kSimtThreads, MINB) gemv_simt_kernel(const Gem
       const int b = i / n, j = i - b * n;
       const int64_t k = (v0 + j) * VEC;
       uint4 r = x_at(X + b * p.x_row_stride, p.x_stride, k);
+      if constexpr (XADD) {
+        float xf[VEC], af[VEC];
+        unpack<T>(r, xf);
+        unpack<T>(x_at(XA + b * p.x_row_stride, p.x_stride, k), af);
+        T o[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) o[e] = T(xf[e] + af[e]);
+        memcpy(&r, o, 16);
+      }
       if (nw != nullptr) {
         float xf[VEC], nf[VEC];
         unpack<T>(r, xf);
@@ -357,9 +374,11 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
 // xs_vs > 0: the block first stages x of every sequence (RMS-normalized when asked) in shared memory, rows of
 // xs_vs 16-byte vectors (zero past K), and the mma steps read it there; 0: each warp loads (and normalizes)
 // its own x from L1 / L2 as it goes. Same values either way, so the same bits.
-template <typename T, int MT, int NT, int U, bool WVEC, int WARPS>
+// XADD (MT == 1, no norm_weight): x_vector adds x_add to x as it loads it.
+template <typename T, int MT, int NT, int U, bool WVEC, int WARPS, bool XADD>
 __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const GemvParams p, const int ks,
                                                                           const int xs_vs) {
+  static_assert(!XADD || MT == 1, "x_add is not taken with silu_mul");
   constexpr int kBlock = 32 * WARPS;
   __shared__ float part[WARPS][MT][16][8 * NT];
   extern __shared__ uint4 xs[];  // [B][xs_vs] when staged
@@ -400,10 +419,13 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
   pdl_wait();
 
   const T* X = static_cast<const T*>(p.x);
-  const T* nw = static_cast<const T*>(p.norm_weight);
+  // XADD: x_add has x's strides; never with norm_weight (the host refuses it), so the norm path compiles out.
+  const T* XA = static_cast<const T*>(p.x_add);
+  const T* nw = XADD ? nullptr : static_cast<const T*>(p.norm_weight);
   const bool x_vec = p.x_stride == 1 && (reinterpret_cast<uintptr_t>(X) & 15) == 0 && K % 8 == 0 &&
                      (B == 1 || p.x_row_stride % 8 == 0) &&
-                     (nw == nullptr || (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(nw) & 15) == 0));
+                     (nw == nullptr || (p.nw_stride == 1 && (reinterpret_cast<uintptr_t>(nw) & 15) == 0)) &&
+                     (!XADD || (reinterpret_cast<uintptr_t>(XA) & 15) == 0);
   if (nw != nullptr) {
     // rs[b] = 1 / sqrt(mean(x[b]^2) + eps): sequence b is summed by one warp in one fixed order (the loads
     // of four steps in flight at once: unrolling does not change the order).
@@ -424,10 +446,21 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
     __syncthreads();
   }
   // x of sequence b, the 8 k from k on (k < K), as the mma steps take it: xn = nw * round(x * rs), rounded
-  // to T as rms_norm_ref, when normalizing.
+  // to T as rms_norm_ref, when normalizing; XADD: round(x + x_add).
   auto x_vector = [&](int64_t b, int64_t k) -> uint4 {
     const T* xb = X + b * p.x_row_stride;
     uint4 r = x_vec ? load_vec<T, true, false>(xb, 1, k, K) : load_vec<T, false, false>(xb, p.x_stride, k, K);
+    if constexpr (XADD) {
+      const T* ab = XA + b * p.x_row_stride;
+      const uint4 a = x_vec ? load_vec<T, true, false>(ab, 1, k, K) : load_vec<T, false, false>(ab, p.x_stride, k, K);
+      float xf[8], af[8];
+      unpack<T>(r, xf);
+      unpack<T>(a, af);
+      T o[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) o[e] = T(xf[e] + af[e]);
+      r = make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
+    }
     if (nw != nullptr) {
       const uint4 wn = x_vec ? load_vec<T, true, false>(nw, 1, k, K) : load_vec<T, false, false>(nw, p.nw_stride, k, K);
       float xf[8], nf[8];
@@ -552,7 +585,7 @@ void launch_kernel(Kernel kernel, int64_t blocks, int threads, size_t smem, cuda
   }
 }
 
-template <typename T, bool SILU, int R, int U, int NB, int MINB>
+template <typename T, bool SILU, int R, int U, int NB, int MINB, bool XADD>
 void launch_simt(const GemvParams& p, cudaStream_t stream) {
   constexpr int VEC = VecOf<T>::n;
   constexpr int64_t GV = 32 * U;
@@ -563,7 +596,8 @@ void launch_simt(const GemvParams& p, cudaStream_t stream) {
   const int64_t pv = GV * std::max<int64_t>(1, std::min(groups, fit));
   const size_t smem = static_cast<size_t>(pv * p.rows * 16);
   const bool wvec = p.K % VEC == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
-  auto kernel = wvec ? gemv_simt_kernel<T, SILU, R, U, NB, true, MINB> : gemv_simt_kernel<T, SILU, R, U, NB, false, MINB>;
+  auto kernel = wvec ? gemv_simt_kernel<T, SILU, R, U, NB, true, MINB, XADD>
+                     : gemv_simt_kernel<T, SILU, R, U, NB, false, MINB, XADD>;
   if (smem + NB * sizeof(float) > 48 * 1024) {  // the default covers dynamic + static (rs_s): opt in above it
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));
@@ -583,19 +617,19 @@ void launch_simt(const GemvParams& p, cudaStream_t stream) {
 
 // Rows per task, vectors per lane in flight and sequences per launch by batch size: more rows per warp
 // share each x load as B grows (registers: two weight buffers of R x U vectors and R x NB sums).
-template <typename T, bool SILU>
+template <typename T, bool SILU, bool XADD>
 void launch_simt_rows(const GemvParams& p, cudaStream_t stream) {
   if (p.rows == 1) {
-    if constexpr (SILU) launch_simt<T, true, 2, 2, 1, 3>(p, stream);
-    else launch_simt<T, false, 1, 4, 1, 3>(p, stream);
+    if constexpr (SILU) launch_simt<T, true, 2, 2, 1, 3, XADD>(p, stream);
+    else launch_simt<T, false, 1, 4, 1, 3, XADD>(p, stream);
   } else if (p.rows <= 4) {
-    launch_simt<T, SILU, 2, 2, 4, 2>(p, stream);
+    launch_simt<T, SILU, 2, 2, 4, 2, XADD>(p, stream);
   } else if (p.rows <= 8) {
-    launch_simt<T, SILU, 2, 2, 8, 2>(p, stream);
+    launch_simt<T, SILU, 2, 2, 8, 2, XADD>(p, stream);
   } else if (p.rows <= 16) {
-    launch_simt<T, SILU, 2, 2, 16, 2>(p, stream);
+    launch_simt<T, SILU, 2, 2, 16, 2, XADD>(p, stream);
   } else {
-    launch_simt<T, SILU, 2, 1, 32, 2>(p, stream);
+    launch_simt<T, SILU, 2, 1, 32, 2, XADD>(p, stream);
   }
 }
 
@@ -638,7 +672,7 @@ void launch_mma_kernel(Kernel kernel, const GemvParams& p, int64_t blocks, int w
   launch_kernel(kernel, blocks, 32 * warps, smem, stream, p.pdl, p, ks, xs_vs);
 }
 
-template <typename T, int MT, int NT, int U>
+template <typename T, int MT, int NT, int U, bool XADD>
 void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int64_t tiles = ((p.silu_mul ? p.N_out : p.N) + 15) / 16;
   const int warps = mma_block_warps(tiles, MT);
@@ -648,22 +682,22 @@ void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int xs_vs = mma_staged_row(p, warps / ks);
   if constexpr (MT == 1) {
     if (warps == kMmaWideWarps) {
-      if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps>, p, blocks, warps, ks, xs_vs, stream);
-      else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps>, p, blocks, warps, ks, xs_vs, stream);
+      if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps, XADD>, p, blocks, warps, ks, xs_vs, stream);
+      else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps, XADD>, p, blocks, warps, ks, xs_vs, stream);
       return;
     }
   }
-  if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps>, p, blocks, warps, ks, xs_vs, stream);
-  else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps>, p, blocks, warps, ks, xs_vs, stream);
+  if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps, XADD>, p, blocks, warps, ks, xs_vs, stream);
+  else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps, XADD>, p, blocks, warps, ks, xs_vs, stream);
 }
 
 // Chunks per buffer: at most about 20 16-byte registers of weights (two buffers) and x per lane, so that
 // two blocks fit on an SM.
-template <typename T, int MT>
+template <typename T, int MT, bool XADD>
 void launch_mma_rows(const GemvParams& p, cudaStream_t stream) {
-  if (p.rows <= 8) launch_mma<T, MT, 1, MT == 1 ? 4 : 2>(p, stream);
-  else if (p.rows <= 16) launch_mma<T, MT, 2, 2>(p, stream);
-  else launch_mma<T, MT, 4, MT == 1 ? 2 : 1>(p, stream);
+  if (p.rows <= 8) launch_mma<T, MT, 1, MT == 1 ? 4 : 2, XADD>(p, stream);
+  else if (p.rows <= 16) launch_mma<T, MT, 2, 2, XADD>(p, stream);
+  else launch_mma<T, MT, 4, MT == 1 ? 2 : 1, XADD>(p, stream);
 }
 
 }  // namespace
@@ -677,17 +711,21 @@ void gemv_cuda(const GemvParams& p, void* stream_ptr) {
     q.rows = std::min<int64_t>(kGemvMaxRows, p.rows - b0);
     q.x = static_cast<const T*>(p.x) + b0 * p.x_row_stride;
     if (p.residual != nullptr) q.residual = static_cast<const T*>(p.residual) + b0 * p.res_row_stride;
+    if (p.x_add != nullptr) q.x_add = static_cast<const T*>(p.x_add) + b0 * p.x_row_stride;  // x's strides
     q.out = p.out_float ? static_cast<void*>(static_cast<float*>(p.out) + b0 * p.N_out)
                         : static_cast<void*>(static_cast<T*>(p.out) + b0 * p.N_out);
     if constexpr (!std::is_same_v<T, float>) {
       if (!env_flag("AHN_RT_GEMV_SIMT")) {
-        if (q.silu_mul) launch_mma_rows<T, 2>(q, stream);
-        else launch_mma_rows<T, 1>(q, stream);
+        // x_add comes without silu_mul and norm_weight (the host refuses them): only MT == 1 has XADD.
+        if (q.silu_mul) launch_mma_rows<T, 2, false>(q, stream);
+        else if (q.x_add != nullptr) launch_mma_rows<T, 1, true>(q, stream);
+        else launch_mma_rows<T, 1, false>(q, stream);
         continue;
       }
     }
-    if (q.silu_mul) launch_simt_rows<T, true>(q, stream);
-    else launch_simt_rows<T, false>(q, stream);
+    if (q.silu_mul) launch_simt_rows<T, true, false>(q, stream);
+    else if (q.x_add != nullptr) launch_simt_rows<T, false, true>(q, stream);
+    else launch_simt_rows<T, false, false>(q, stream);
   }
 }
 

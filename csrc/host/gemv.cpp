@@ -6,7 +6,8 @@ namespace ahn_rt {
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
-                const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float, bool static_weight) {
+                const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float, bool static_weight,
+                const std::optional<at::Tensor>& x_add) {
   constexpr const char* op = "ahn_rt.gemv";
   TORCH_CHECK(x.dim() == 1 || x.dim() == 2, op, ": x must be [K] or [B, K] (B sequences), got ", x.sizes());
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, K], got ", weight.sizes());
@@ -29,6 +30,19 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
     TORCH_CHECK(r.device() == x.device() && r.scalar_type() == x.scalar_type(), op,
                 ": residual must be on x's device with x's dtype");
   }
+  if (x_add) {
+    // x_eff = T(x + x_add), read with x's strides by every kernel: same shape, dtype, device and strides.
+    const at::Tensor& a = *x_add;
+    TORCH_CHECK(a.sizes() == x.sizes(), op, ": x_add must have x's shape ", x.sizes(), ", got ", a.sizes());
+    TORCH_CHECK(a.scalar_type() == x.scalar_type(), op, ": x_add dtype ", a.scalar_type(), " must equal x dtype ",
+                x.scalar_type());
+    TORCH_CHECK(a.device() == x.device(), op, ": x_add is on ", a.device(), " but x is on ", x.device());
+    TORCH_CHECK(a.strides() == x.strides(), op, ": x_add must have x's strides ", x.strides(), ", got ",
+                a.strides());
+    TORCH_CHECK(!norm_weight, op, ": x_add with norm_weight is not supported (the kernels' RMSNorm path "
+                "reads x without x_add)");
+    TORCH_CHECK(!silu_mul, op, ": x_add with silu_mul is not supported");
+  }
   at::Tensor out = batched ? at::empty({B, N_out}, x.options().dtype(out_float ? at::kFloat : x.scalar_type()))
                            : at::empty({N_out}, x.options().dtype(out_float ? at::kFloat : x.scalar_type()));
 
@@ -38,6 +52,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   p.bias = bias ? bias->data_ptr() : nullptr;
   p.norm_weight = norm_weight ? norm_weight->data_ptr() : nullptr;
   p.residual = residual ? residual->data_ptr() : nullptr;
+  p.x_add = x_add ? x_add->data_ptr() : nullptr;
   p.out = out.data_ptr();
   p.x_stride = x.stride(-1);
   p.x_row_stride = batched ? x.stride(0) : 0;

@@ -227,7 +227,8 @@ void mamba2_decode(const at::Tensor& state, const at::Tensor& q, const at::Tenso
                    int64_t window, double eps, const std::optional<at::Tensor>& slots);
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& norm_weight, double norm_eps,
-                const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float, bool static_weight);
+                const std::optional<at::Tensor>& residual, bool silu_mul, bool out_float, bool static_weight,
+                const std::optional<at::Tensor>& x_add);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gdn_chunk_prep(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta, const at::Tensor& alpha,
