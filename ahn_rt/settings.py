@@ -13,8 +13,8 @@ This module uses only the standard library, so that setup.py can read it without
 |                      | (and at load)          | of a fixed ladder whose plans are built at load (per thread);   |
 |                      |                        | 0: FlashAttention-2 for every block of prefill attention        |
 | AHN_RT_DECODE_FORK   | ahn_rt.model, each     | 1: in a captured CUDA decode graph, each layer's memory step on |
-|                      | graph capture          | a second stream beside the window attention, its term added by  |
-|                      |                        | o_proj's GEMV on load (same bits); 0: serial (a bench A/B)      |
+|                      | graph capture (and at  | a second stream beside the window attention, its term added by  |
+|                      | load)                  | o_proj's GEMV on load (same bits); 0: serial (a bench A/B)      |
 | AHN_RT_TRAIN_ATTENTION                        | auto: FlexAttention (compiled) for the training student's       |
 |                      | ahn_rt.train.attention | window on CUDA, SDPA query blocks elsewhere; sdpa; flex (on the |
 |                      | (each window plan)     | CPU eager and forward-only: for checks)                         |

@@ -271,6 +271,15 @@ def test_bad_switch_is_one_line_in_every_command(tiny, tmp_path, cmd):
     assert not list(tmp_path.iterdir())
 
 
+def test_bad_model_switch_is_one_line_at_load(tiny):
+    # AHN_RT_DECODE_FORK is read at each CUDA graph capture; the CPU never reads it, yet a bad value is
+    # refused when the model loads, so a user learns it before any work (Decoder checks it)
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi",
+                       env={**os.environ, "AHN_RT_DECODE_FORK": "yes"})
+    one_line_error(rc, err, "AHN_RT_DECODE_FORK='yes' is not one of 1, 0")
+    assert not out
+
+
 @pytest.mark.parametrize("cmd,argv", [("ahn_rt.generate", []), ("ahn_rt.serve", ["--weights", "x"]),
                                       ("ahn_rt.init_weights", ["--preset", "tiny", "--out", "x.safetensors"])])
 def test_usage_errors_are_one_line(cmd, argv):

@@ -56,3 +56,24 @@ def test_a_window_that_does_not_fit_is_an_ahn_error():
     with pytest.raises(AhnError, match=r"sinks 2 \+ window 100000000000 = 100000000002 cache slots, more than a state "
                                        r"can hold .*lower the window \(--window\)"):
         from_state_dict(cfg, sd, mode="ahn", window=10 ** 11, sinks=2, dtype="float32")
+
+
+def test_a_bad_model_switch_is_refused_at_load_on_the_cpu_too(monkeypatch):
+    """AHN_RT_DECODE_FORK is read at each CUDA graph capture and AHN_RT_PREFILL_CUDNN at each CUDA prefill:
+    a value they do not take is one line (SettingsError, naming the variable) when the model is built, on
+    every device, not at the first capture or never (the CPU reads neither)."""
+    import pytest
+
+    from ahn_rt.settings import SettingsError
+    cfg = preset_config("tiny", True, torch.float32)
+    cfg.update(vocab_size=300)
+    sd = random_state_dict(cfg, ahn=True, dtype=torch.float32)
+    for name in ("AHN_RT_DECODE_FORK", "AHN_RT_PREFILL_CUDNN"):
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(SettingsError, match=rf"^{name}='yes' is not one of 1, 0$"):
+            from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
+        for good in ("1", "0", " 0 "):
+            monkeypatch.setenv(name, good)
+            from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
+        monkeypatch.delenv(name)
+    from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
