@@ -77,6 +77,17 @@ def test_stop_and_system_arguments_not_utf8(tiny, flag, needle):
     one_line_error(p.returncode, p.stderr.decode(), needle)
 
 
+@pytest.mark.parametrize("flag", [b"--api-key", b"--model-name"])
+def test_serve_arguments_not_utf8(tiny, flag):
+    # --api-key: a traceback at start (the key is encoded to compare with headers); --model-name: every answer
+    # that names the model failed to encode
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    p = subprocess.run([os.fsencode(sys.executable), b"-m", b"ahn_rt.serve", b"--weights", os.fsencode(tiny),
+                        b"--port", b"0", flag, b"ab\xff"], capture_output=True, timeout=300)
+    one_line_error(p.returncode, p.stderr.decode(), f"{flag.decode()} is not valid UTF-8 (byte 0xff at character 2)")
+
+
 def test_prompt_with_a_byte_order_mark(tiny, tmp_path):
     """A UTF-8 prompt saved with a byte order mark (Windows editors) gave the model one more token, U+FEFF
     (the training data loader drops it); file and stdin now give what the text alone gives."""

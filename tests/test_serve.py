@@ -541,9 +541,16 @@ def test_sessions_and_sigterm_drain(server, servers, model):
     # match the (stripped) bearer token: every request got 401
     (["--weights", "x", "--model-name", ""], "--model-name is empty"),
     (["--weights", "x", "--api-key", "secret "], "--api-key begins or ends with white space"),
+    # a name with white space around it: clients send the id exactly, so the intended one got 404
+    (["--weights", "x", "--model-name", " demo "], "--model-name ' demo ' begins or ends with white space"),
+    # a command line byte that is not UTF-8 (a surrogate escape): a traceback (the key), or a name no answer
+    # could carry (every response failed to encode)
+    (["--weights", "x", "--api-key", "key\udcff"], "--api-key is not valid UTF-8 (byte 0xff at character 3)"),
+    (["--weights", "x", "--model-name", "demo\udcff"], "--model-name is not valid UTF-8 (byte 0xff at character 4)"),
 ], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi", "prefix-cache-inf", "session-cache-inf",
         "dev-null", "window-too-large", "bad-switch", "empty-weights", "empty-state-dir", "empty-host",
-        "caches-fill-memory", "device-index", "empty-model-name", "api-key-spaces"])
+        "caches-fill-memory", "device-index", "empty-model-name", "api-key-spaces", "model-name-spaces",
+        "api-key-not-utf8", "model-name-not-utf8"])
 def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
     import os
     import subprocess

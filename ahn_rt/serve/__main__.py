@@ -17,6 +17,7 @@ import sys
 from ..cli import (ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings, refuse_empty,
                    use_demo_weights)
 from ..errors import AhnError
+from ..tokenizer import check_text
 
 if __name__ == "__main__":
     # Ctrl-C during start-up: one line, exit 130. Without it a Ctrl-C while torch imports NumPy was swallowed
@@ -125,6 +126,11 @@ def main(argv=None) -> int:
             raise AhnError(f"--max-queue must be >= 0, got {args.max_queue}")
         if not 0 <= args.port < 65536:
             raise AhnError(f"--port must be in 0..65535, got {args.port}")
+        # A byte of the command line that is not UTF-8 arrives as a surrogate escape: the key could not be
+        # compared with a header (a traceback at start), nor the name sent in a JSON body (every answer failed).
+        for flag, value in (("--api-key", args.api_key), ("--model-name", args.model_name)):
+            if value is not None:
+                check_text(value, flag)
         if args.api_key is not None and not args.api_key:
             raise AhnError("--api-key needs a non-empty key")
         if args.api_key is not None and args.api_key != args.api_key.strip():   # the bearer token is stripped
@@ -133,6 +139,10 @@ def main(argv=None) -> int:
         if args.model_name is not None and not args.model_name.strip():      # was the weights' name, silently
             raise AhnError("--model-name is empty; give the id clients pass as 'model', or leave --model-name out "
                            "(default: the weights' name)")
+        if args.model_name is not None and args.model_name != args.model_name.strip():   # clients send the id exactly
+            raise AhnError(f"--model-name {args.model_name!r} begins or ends with white space, which clients would "
+                           f"have to send too ('model': {args.model_name.strip()!r} would get 404); give the id "
+                           "without it")
         refuse_empty(args.state_dir, "--state-dir", "a folder, or leave --state-dir out")   # else: keeps nothing
         refuse_empty(args.host, "--host", "an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every interface)")
         sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
