@@ -77,3 +77,42 @@ def test_a_bad_model_switch_is_refused_at_load_on_the_cpu_too(monkeypatch):
             from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
         monkeypatch.delenv(name)
     from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
+
+
+def test_readme_lists_every_switch_that_settings_knows():
+    """README's "Environment switches": the count it states and its table name exactly the switches of
+    ahn_rt/settings.py (its docstring table is the authority: the ``_CHOICES`` keys, ``_KERNEL_FLAGS`` and
+    AHN_RT_GEMV_PDL), and so do the C++ reads in csrc/; a switch added without a row (or a stale count) fails
+    here."""
+    import re
+    from pathlib import Path
+
+    from ahn_rt import settings
+    root = Path(__file__).resolve().parent.parent
+    known = set(settings._CHOICES) | set(settings._KERNEL_FLAGS) | {"AHN_RT_GEMV_PDL"}
+    assert len(known) == len(settings._CHOICES) + len(settings._KERNEL_FLAGS) + 1   # no name twice
+
+    # settings.py's own docstring table: a row whose first cell names the switch (a long name may take the
+    # whole first cell and spill into the next: AHN_RT_TRAIN_ATTENTION)
+    doc_rows = re.findall(r"^\| (AHN_RT_[A-Z_]+)", settings.__doc__, flags=re.M)
+    assert sorted(doc_rows) == sorted(known)
+
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Environment switches\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(AHN_RT_[A-Z_]+)`", section, flags=re.M)
+    assert sorted(rows) == sorted(known), sorted(set(rows) ^ known)
+    words = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                        "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty"
+                                        .split())}
+    text = " ".join(section.split())    # the count may wrap onto the next line
+    stated = re.search(r"whose docstring lists all (\w+)\.", text)
+    assert stated and words.get(stated[1]) == len(known), stated and stated[0]
+    kernel = re.search(r"The (\w+) kernel A/B switches are read by the C\+\+ side: `AHN_RT_GEMV_PDL` in "
+                       r"`csrc/host/gemv.cpp`, the other (\w+) through", text)
+    assert kernel and (words.get(kernel[1]), words.get(kernel[2])) == (len(settings._KERNEL_FLAGS) + 1,
+                                                                       len(settings._KERNEL_FLAGS)), kernel
+    # what the C++ side reads: env_flag's names are _KERNEL_FLAGS, getenv's AHN_RT_GEMV_PDL alone
+    csrc = "\n".join(p.read_text(encoding="utf-8") for p in sorted((root / "csrc").rglob("*"))
+                     if p.suffix in (".cpp", ".h", ".cu", ".cuh"))
+    assert set(re.findall(r'env_flag\("(AHN_RT_[A-Z_]+)"\)', csrc)) == set(settings._KERNEL_FLAGS)
+    assert set(re.findall(r'getenv\("(AHN_RT_[A-Z_]+)"\)', csrc)) == {"AHN_RT_GEMV_PDL"}
