@@ -612,6 +612,24 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
 _ROWS_PER_BLOCK = 16384
 
 
+def _check_x_add(x, x_add, norm_weight, silu_mul):
+    """The compiled gemv's checks of x_add (csrc/host/gemv.cpp), in its order and words."""
+    op = "gemv_ref"
+    if x_add.shape != x.shape:
+        raise RuntimeError(f"{op}: x_add must have x's shape {list(x.shape)}, got {list(x_add.shape)}")
+    if x_add.dtype != x.dtype:
+        raise RuntimeError(f"{op}: x_add dtype {x_add.dtype} must equal x dtype {x.dtype}")
+    if x_add.device != x.device:
+        raise RuntimeError(f"{op}: x_add is on {x_add.device} but x is on {x.device}")
+    if x_add.stride() != x.stride():
+        raise RuntimeError(f"{op}: x_add must have x's strides {list(x.stride())}, got {list(x_add.stride())}")
+    if norm_weight is not None:
+        raise RuntimeError(f"{op}: x_add with norm_weight is not supported (the kernels' RMSNorm path reads x "
+                           "without x_add)")
+    if silu_mul:
+        raise RuntimeError(f"{op}: x_add with silu_mul is not supported")
+
+
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
              norm_eps: float, residual: torch.Tensor | None, silu_mul: bool, out_float: bool,
              static_weight: bool = False, x_add: torch.Tensor | None = None) -> torch.Tensor:
@@ -624,14 +642,16 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n
 
     x may also be [B, K] (B tokens of B sequences, residual [B, N_out]): each row as above, out [B, N_out].
     ``static_weight`` changes only how the CUDA kernel is launched, never the values.
-    ``x_add`` (x's shape and dtype; the op also asks for x's strides and refuses it with ``norm_weight`` or
-    ``silu_mul``): x is first replaced by (x + x_add) computed in float32 and rounded to x.dtype.
+    ``x_add`` (x's shape, dtype, device and strides; not with ``norm_weight`` or ``silu_mul``): x is first
+    replaced by (x + x_add) computed in float32 and rounded to x.dtype. An x_add the op refuses is refused
+    here too, with the op's message (RuntimeError), not broadcast or normalized.
 
     >>> w = torch.eye(4)[:3]
     >>> gemv_ref(torch.arange(4.), w, None, None, 0.0, None, False, False)
     tensor([0., 1., 2.])
     """
     if x_add is not None:
+        _check_x_add(x, x_add, norm_weight, silu_mul)
         x = (x.float() + x_add.float()).to(x.dtype)
     if x.dim() == 2:
         return torch.stack([gemv_ref(x[b], weight, bias, norm_weight, norm_eps,

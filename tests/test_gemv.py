@@ -484,6 +484,44 @@ def test_gemv_x_add_errors():
         ops.gemv(x, w, None, torch.rand(8), EPS, None, False, False, x_add=torch.randn(8))
 
 
+# x_add's refusals, each case once: (x, x_add, norm_weight, silu_mul) builders and the message after "op: "
+XADD_REFUSED = {
+    "shorter": (lambda: (torch.randn(8), torch.randn(7), None, False), r"x_add must have x's shape \[8\], got \[7\]"),
+    "broadcast": (lambda: (torch.randn(2, 8), torch.randn(8), None, False),
+                  r"x_add must have x's shape \[2, 8\], got \[8\]"),
+    "row": (lambda: (torch.randn(2, 8), torch.randn(1, 8), None, False),
+            r"x_add must have x's shape \[2, 8\], got \[1, 8\]"),
+    "dtype": (lambda: (torch.randn(8), torch.randn(8).half(), None, False), r"x_add dtype \S+ must equal x dtype \S+"),
+    "strides_1d": (lambda: (torch.randn(8), strided_vec(torch.randn(8)), None, False),
+                   r"x_add must have x's strides \[1\], got \[3\]"),
+    "strides_2d": (lambda: (torch.randn(2, 8), torch.randn(8, 2).t(), None, False),
+                   r"x_add must have x's strides \[8, 1\], got \[1, 2\]"),
+    "norm": (lambda: (torch.randn(8), torch.randn(8), torch.rand(8) + 0.5, False),
+             r"x_add with norm_weight is not supported \(the kernels' RMSNorm path reads x without x_add\)"),
+    "silu": (lambda: (torch.randn(8), torch.randn(8), None, True), "x_add with silu_mul is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(XADD_REFUSED))
+def test_gemv_ref_refuses_the_x_add_the_op_refuses(case):
+    """gemv_ref has the op's signature and contract: an x_add the compiled op refuses (another shape, even
+    one that broadcasts; another dtype; other strides; with norm_weight or silu_mul) is refused by the
+    reference too, in the same words (RuntimeError), also through ops.gemv's reference backend. Before, the
+    reference broadcast it, normalized x + x_add, or let SiLU run: the two backends disagreed on a call
+    instead of both refusing it."""
+    from ahn_rt import ops
+    build, needle = XADD_REFUSED[case]
+    x, a, nw, silu = build()
+    w = torch.randn(6, 8)
+    call = (x, w, None, nw, EPS, None, silu, False, False, a)
+    with pytest.raises(RuntimeError, match=rf"^ahn_rt\.gemv: {needle}"):
+        torch.ops.ahn_rt.gemv(*call)
+    with pytest.raises(RuntimeError, match=rf"^gemv_ref: {needle}"):
+        gemv_ref(*call)
+    with ops.use_backend("ref"), pytest.raises(RuntimeError, match=rf"^gemv_ref: {needle}"):
+        ops.gemv(*call[:9], x_add=a)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(_NO_GPU, reason="no GPU")
 def test_gemv_x_add_device_error():
