@@ -333,6 +333,28 @@ def test_memory_decode(device, dtype, memory, H, Hkv, Dk, Dv, sinks, window, out
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_memory_step_adds_its_term_rounded_to_the_dtype(device, dtype, memory):
+    """docs/semantics.md §7 (the decode fork): the memory step rounds its term m to T, then adds it in
+    float32 and rounds once, out = T(a + T(m)). Into a buffer of -0.0 (the fork's) it leaves exactly T(m),
+    so T(a + that buffer), what o_proj's gemv computes from x_add, is the serial step's out bit for bit
+    (a single rounding, T(a + m), would differ in some elements of bf16 / fp16); the state update is the
+    same either way."""
+    case, op, _ = _memory_step(memory)
+    H, Hkv, Dk, Dv, sinks, window = 4, 2, 64, 64, 4, 129
+    a = case(device, dtype, H, Hkv, Dk, Dv, sinks + window + 5, sinks, window, dtype, seed=3)
+    b = _clone_args(a)
+    b["out"] = torch.full_like(a["out"], -0.0)
+    attn = a["out"].clone()
+    op(**a)
+    op(**b)
+    assert not torch.equal(a["out"], attn), "the memory step did not run"
+    assert_bits(a["state"], b["state"], f"{memory} state with and without the fork's buffer")
+    assert_bits(a["out"], (attn.float() + b["out"].float()).to(dtype), f"{memory} out = T(a + T(m))")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dname)
 @pytest.mark.parametrize("memory", MEMORIES)
 def test_memory_decode_steps(device, dtype, memory):
