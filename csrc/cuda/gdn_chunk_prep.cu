@@ -30,10 +30,10 @@ constexpr int CH = static_cast<int>(kScanChunk);
 
 constexpr int AP = CH + 4;   // padded row of A
 
-// Ks, Qs, A (float), then G (double: Mamba2's cumulative log-decay is formed in float64) and the per-token
-// write strength (beta or dt).
+// Ks, Qs, A (float), then G (double: Mamba2's cumulative log-decay is formed in float64), the per-token
+// write strength (beta or dt), and per row e^G and e^(G_last - G) (float).
 inline int64_t prep_smem_bytes(int64_t Dk) {
-  return (2 * CH * (Dk + 4) + CH * AP + CH) * static_cast<int64_t>(sizeof(float)) + CH * sizeof(double);
+  return (2 * CH * (Dk + 4) + CH * AP + 3 * CH) * static_cast<int64_t>(sizeof(float)) + CH * sizeof(double);
 }
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
@@ -61,13 +61,17 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
   float* Am = Qs + CH * KP;          // [CH][AP]
   GT* G = reinterpret_cast<GT*>(Am + CH * AP);                 // [CH]
   float* Bt = reinterpret_cast<float*>(reinterpret_cast<double*>(Am + CH * AP) + CH);   // [CH]
+  float* Eg = Bt + CH;               // [CH]  e^G[i]
+  float* Ek = Eg + CH;               // [CH]  e^(G[CH-1] - G[i])
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const int64_t t0 = static_cast<int64_t>(n) * CH;
 
-  // 1. Rows.
-  for (int i = warp; i < CH; i += kThreads / 32) {
+  // 1. Rows (two at a time per warp, so that the second row's loads are in flight with the first's sums).
+#pragma unroll 2
+  for (int s = 0; s < CH / (kThreads / 32); ++s) {
+    const int i = warp + s * (kThreads / 32);
     const int64_t t = t0 + i;
     const bool ok = t < p.n;
     const T* kr = k + t * p.k_s0 + hk * p.k_s1;
@@ -119,6 +123,13 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
   __syncthreads();
 
   const int64_t tile = static_cast<int64_t>(h) * p.N + n;   // (h, n): the output tiles' index
+  // The per-row exponentials of steps 4 and 5, once per row (read after step 3's barrier).
+  if (threadIdx.x < CH) {
+    Eg[threadIdx.x] = exp_of(G[threadIdx.x]);
+  } else if (threadIdx.x < 2 * CH) {
+    const int i = threadIdx.x - CH;
+    Ek[i] = exp_of(G[CH - 1] - G[i]);
+  }
   // 3. A and P: thread (ti, tj) owns rows i = ti + 16a, columns j = tj + 16b (a, b < 4).
   float* P = p.P + tile * CH * CH;
   {
@@ -189,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
     for (int i = 0; i < CH; ++i) {
       float r;
       if (is_w) {
-        r = (Bt[i] * expf(G[i])) * Ks[i * KP + c];
+        r = (Bt[i] * Eg[i]) * Ks[i * KP + c];   // Eg[i] = expf(G[i]) (G is float here)
       } else {
         const int64_t t = t0 + i;
         r = t < p.n ? Bt[i] * static_cast<float>(vc[t * p.v_s0]) : 0.f;
@@ -216,19 +227,28 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
 
   }
 
-  // 5. qg, kd_t, gl.
-  const GT gC = G[CH - 1];
+  // 5. qg, kd_t, gl. qg's (row, column) advance by kThreads without an integer division (Dk is not a
+  // compile-time constant).
   float* qg = p.qg + tile * CH * Dk;
   float* kd_t = p.kd_t + tile * CH * Dk;
-  for (int e = threadIdx.x; e < CH * Dk; e += kThreads) {
-    const int i = e / Dk, d = e % Dk;
-    qg[e] = exp_of(G[i]) * Qs[i * KP + d];
+  {
+    const int di = kThreads / Dk, dd = kThreads % Dk;
+    int i = threadIdx.x / Dk, d = threadIdx.x % Dk;
+    for (int e = threadIdx.x; e < CH * Dk; e += kThreads) {
+      qg[e] = Eg[i] * Qs[i * KP + d];
+      i += di;
+      d += dd;
+      if (d >= Dk) {
+        d -= Dk;
+        ++i;
+      }
+    }
   }
   for (int e = threadIdx.x; e < Dk * CH; e += kThreads) {
-    const int d = e / CH, i = e % CH;
-    kd_t[e] = Ks[i * KP + d] * exp_of(gC - G[i]);
+    const int d = e / CH, i = e % CH;   // CH is a constant: shifts
+    kd_t[e] = Ks[i * KP + d] * Ek[i];
   }
-  if (threadIdx.x == 0) p.gl[tile] = exp_of(gC);
+  if (threadIdx.x == 0) p.gl[tile] = Eg[CH - 1];
 }
 
 template <typename T, bool M2>

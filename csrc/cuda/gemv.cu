@@ -414,8 +414,10 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
           wv[u][m][h] = in ? load_vec<T, WVEC, true>(wrow[m][h], 1, k, K) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
-  // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL).
+  // Weights never depend on earlier kernels: both buffers start streaming before the wait on them (with PDL)
+  // and before the RMS prologue and the x staging, so that those run under the first two groups' loads.
   if (c_begin < c_end) issue(wa, c_begin);
+  if (c_begin + U < c_end) issue(wb, c_begin + U);
   pdl_wait();
 
   const T* X = static_cast<const T*>(p.x);
@@ -526,13 +528,14 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
       }
     }
   };
-  // Chunk groups in order (the summation order of a row): group c is multiplied while c + U loads.
+  // Chunk groups in order (the summation order of a row): group c is multiplied while c + U loads; a buffer
+  // is refilled (two groups on) as soon as it has been multiplied.
   for (int64_t c = c_begin; c < c_end; c += 2 * U) {
-    if (c + U < c_end) issue(wb, c + U);
     consume(wa, c);
     if (c + U < c_end) {
       if (c + 2 * U < c_end) issue(wa, c + 2 * U);
       consume(wb, c + U);
+      if (c + 3 * U < c_end) issue(wb, c + 3 * U);
     }
   }
 
