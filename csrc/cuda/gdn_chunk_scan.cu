@@ -42,23 +42,14 @@ __device__ __forceinline__ void scan_stage_load(const GdnChunkScanParams& p, int
   const float* w = kDelta ? p.w + tile * Dk : nullptr;
   const float* q = p.qg + tile * Dk;
   const float* k = p.kd_t + tile * Dk;
-  // (row, vector) of element i, advanced by kThreads each step without an integer division (dk4 is not a
-  // compile-time constant; a division per copy was a large share of the scan's instructions).
-  const int dr = kThreads / dk4, dc = kThreads % dk4;
-  int r = threadIdx.x / dk4, c = threadIdx.x % dk4;
   for (int i = threadIdx.x; i < CH * dk4; i += kThreads) {
+    const int r = i / dk4, c = i % dk4;
     if constexpr (kDelta) cp_async16(Ws + r * DKP + 4 * c, w + 4 * i);
     cp_async16(Qs + r * DKP + 4 * c, q + 4 * i);
-    r += dr;
-    c += dc;
-    if (c >= dk4) {
-      c -= dk4;
-      ++r;
-    }
   }
   for (int i = threadIdx.x; i < Dk * (CH / 4); i += kThreads) {
-    const int kk = i / (CH / 4), cc = i % (CH / 4);   // CH / 4 is a constant: shifts
-    cp_async16(Kt + kk * CP + 4 * cc, k + 4 * i);
+    const int kk = i / (CH / 4), c = i % (CH / 4);
+    cp_async16(Kt + kk * CP + 4 * c, k + 4 * i);
   }
 }
 

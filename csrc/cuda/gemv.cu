@@ -414,10 +414,13 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
           wv[u][m][h] = in ? load_vec<T, WVEC, true>(wrow[m][h], 1, k, K) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
-  // Weights never depend on earlier kernels: both buffers start streaming before the wait on them (with PDL)
-  // and before the RMS prologue and the x staging, so that those run under the first two groups' loads.
+  // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL). For up to 8
+  // sequences (NT == 1) both buffers start before the RMS prologue and the x staging, so that those run under
+  // two groups' loads (measured faster at batch 1; at batch 16 the early second buffer measured slower, so
+  // wider tiles issue it in the loop). The same loads in the same order either way: the same bits.
+  constexpr bool kEarlyB = NT == 1;
   if (c_begin < c_end) issue(wa, c_begin);
-  if (c_begin + U < c_end) issue(wb, c_begin + U);
+  if (kEarlyB && c_begin + U < c_end) issue(wb, c_begin + U);
   pdl_wait();
 
   const T* X = static_cast<const T*>(p.x);
@@ -531,11 +534,12 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
   // Chunk groups in order (the summation order of a row): group c is multiplied while c + U loads; a buffer
   // is refilled (two groups on) as soon as it has been multiplied.
   for (int64_t c = c_begin; c < c_end; c += 2 * U) {
+    if (!kEarlyB && c + U < c_end) issue(wb, c + U);
     consume(wa, c);
     if (c + U < c_end) {
       if (c + 2 * U < c_end) issue(wa, c + 2 * U);
       consume(wb, c + U);
-      if (c + 3 * U < c_end) issue(wb, c + 3 * U);
+      if (kEarlyB && c + 3 * U < c_end) issue(wb, c + 3 * U);
     }
   }
 
