@@ -375,7 +375,8 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
 // xs_vs 16-byte vectors (zero past K), and the mma steps read it there; 0: each warp loads (and normalizes)
 // its own x from L1 / L2 as it goes. Same values either way, so the same bits.
 // XADD (MT == 1, no norm_weight): x_vector adds x_add to x as it loads it.
-template <typename T, int MT, int NT, int U, bool WVEC, int WARPS, bool XADD>
+// EARLY (batch 1): the second weight buffer is issued before the RMS prologue and the x staging too.
+template <typename T, int MT, int NT, int U, bool WVEC, int WARPS, bool XADD, bool EARLY>
 __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const GemvParams p, const int ks,
                                                                           const int xs_vs) {
   static_assert(!XADD || MT == 1, "x_add is not taken with silu_mul");
@@ -414,13 +415,12 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
           wv[u][m][h] = in ? load_vec<T, WVEC, true>(wrow[m][h], 1, k, K) : make_uint4(0u, 0u, 0u, 0u);
     }
   };
-  // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL). For up to 8
-  // sequences (NT == 1) both buffers start before the RMS prologue and the x staging, so that those run under
-  // two groups' loads (measured faster at batch 1; at batch 16 the early second buffer measured slower, so
-  // wider tiles issue it in the loop). The same loads in the same order either way: the same bits.
-  constexpr bool kEarlyB = NT == 1;
+  // Weights never depend on earlier kernels: start streaming before waiting on them (with PDL). EARLY: both
+  // buffers start before the RMS prologue and the x staging, so that those run under two groups' loads
+  // (measured faster at batch 1, slower at batch 8 and 16: bench/gemv_notes.md). The same loads in the same
+  // order either way, so the same bits.
   if (c_begin < c_end) issue(wa, c_begin);
-  if (kEarlyB && c_begin + U < c_end) issue(wb, c_begin + U);
+  if (EARLY && c_begin + U < c_end) issue(wb, c_begin + U);
   pdl_wait();
 
   const T* X = static_cast<const T*>(p.x);
@@ -534,12 +534,12 @@ __global__ void __launch_bounds__(32 * WARPS, 16 / WARPS) gemv_mma_kernel(const 
   // Chunk groups in order (the summation order of a row): group c is multiplied while c + U loads; a buffer
   // is refilled (two groups on) as soon as it has been multiplied.
   for (int64_t c = c_begin; c < c_end; c += 2 * U) {
-    if (!kEarlyB && c + U < c_end) issue(wb, c + U);
+    if (!EARLY && c + U < c_end) issue(wb, c + U);
     consume(wa, c);
     if (c + U < c_end) {
       if (c + 2 * U < c_end) issue(wa, c + 2 * U);
       consume(wb, c + U);
-      if (kEarlyB && c + 3 * U < c_end) issue(wb, c + 3 * U);
+      if (EARLY && c + 3 * U < c_end) issue(wb, c + 3 * U);
     }
   }
 
@@ -679,7 +679,7 @@ void launch_mma_kernel(Kernel kernel, const GemvParams& p, int64_t blocks, int w
   launch_kernel(kernel, blocks, 32 * warps, smem, stream, p.pdl, p, ks, xs_vs);
 }
 
-template <typename T, int MT, int NT, int U, bool XADD>
+template <typename T, int MT, int NT, int U, bool XADD, bool EARLY = false>
 void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int64_t tiles = ((p.silu_mul ? p.N_out : p.N) + 15) / 16;
   const int warps = mma_block_warps(tiles, MT);
@@ -689,20 +689,21 @@ void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int xs_vs = mma_staged_row(p, warps / ks);
   if constexpr (MT == 1) {
     if (warps == kMmaWideWarps) {
-      if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps, XADD>, p, blocks, warps, ks, xs_vs, stream);
-      else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps, XADD>, p, blocks, warps, ks, xs_vs, stream);
+      if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWideWarps, XADD, EARLY>, p, blocks, warps, ks, xs_vs, stream);
+      else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWideWarps, XADD, EARLY>, p, blocks, warps, ks, xs_vs, stream);
       return;
     }
   }
-  if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps, XADD>, p, blocks, warps, ks, xs_vs, stream);
-  else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps, XADD>, p, blocks, warps, ks, xs_vs, stream);
+  if (wvec) launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, true, kMmaWarps, XADD, EARLY>, p, blocks, warps, ks, xs_vs, stream);
+  else launch_mma_kernel(gemv_mma_kernel<T, MT, NT, U, false, kMmaWarps, XADD, EARLY>, p, blocks, warps, ks, xs_vs, stream);
 }
 
 // Chunks per buffer: at most about 20 16-byte registers of weights (two buffers) and x per lane, so that
 // two blocks fit on an SM.
 template <typename T, int MT, bool XADD>
 void launch_mma_rows(const GemvParams& p, cudaStream_t stream) {
-  if (p.rows <= 8) launch_mma<T, MT, 1, MT == 1 ? 4 : 2, XADD>(p, stream);
+  if (p.rows == 1) launch_mma<T, MT, 1, MT == 1 ? 4 : 2, XADD, true>(p, stream);
+  else if (p.rows <= 8) launch_mma<T, MT, 1, MT == 1 ? 4 : 2, XADD>(p, stream);
   else if (p.rows <= 16) launch_mma<T, MT, 2, 2, XADD>(p, stream);
   else launch_mma<T, MT, 4, MT == 1 ? 2 : 1, XADD>(p, stream);
 }
