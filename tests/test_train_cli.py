@@ -655,6 +655,32 @@ def test_resume_refuses_another_base_of_the_same_config(tiny, capsys):
     assert train(capsys, *base_args(root, out), "--resume")[0] == 0
 
 
+def test_resume_with_other_data_or_another_base_config_says_what_to_give(tiny, capsys):
+    """A resume given other data (or the same file under another --tokenizer) or a base of another config:
+    the line named the problem but not what to do ("... is not the data the resumed run trained on (its
+    tokens differ)"). Now it says which flags to give again, or to start a new run; nothing is written."""
+    root, _ = tiny
+    out = root / "resume_other_inputs"
+    common = ["--steps", 3, "--window", 8, "--sinks", 2]
+    assert train(capsys, *base_args(root, out), *common, "--stop-after", 1)[0] == 0
+    before = (out / "log.jsonl").read_text()
+    rng = random.Random(5)
+    write_jsonl(root / "other_ids.jsonl", [{"input_ids": [rng.randrange(V) for _ in range(40)]} for _ in range(4)])
+    other_cfg = dict(CFG, intermediate_size=48)
+    other = root / "other_cfg_base"
+    write_checkpoint(other / "model.safetensors", random_state_dict(other_cfg, ahn=False, dtype=torch.float32,
+                                                                    std=0.2, seed=2), other_cfg, config_json=True)
+    for args, needle in (
+            (base_args(root, out, "other_ids.jsonl"), "is not the data the resumed run trained on (its tokens "
+             "differ); give the --data (and --tokenizer) it started from, or start a new run in another --out"),
+            (["--base", other] + base_args(root, out)[2:], "is not the model the resumed run trained (its config "
+             "differs); give the --base it started from, or start a new run in another --out")):
+        rc, stdout, err = train(capsys, *args, "--resume")
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+        assert (out / "log.jsonl").read_text() == before and not (out / "model.safetensors").exists()
+    assert train(capsys, *base_args(root, out), "--resume")[0] == 0
+
+
 def test_a_file_error_before_the_first_resume_state_points_to_overwrite(tiny, capsys, monkeypatch):
     """The disk filling up before the first resume state (every --save-every steps): the line said "continue
     from the last resume state with --resume", and --resume then refused (no resume state; start over with

@@ -448,7 +448,8 @@ def _run(a, d, out: Path) -> int:
         files = sorted(set(ckpt.src.where.values()), key=str)
         base_cfg = W.find_config(base_path, files)
         if saved_state and saved_state.get("base_config") not in (None, base_cfg):
-            raise AhnError(f"--base {base_path} is not the model the resumed run trained (its config differs)")
+            raise AhnError(f"--base {base_path} is not the model the resumed run trained (its config differs); "
+                           "give the --base it started from, or start a new run in another --out")
         # W and S written to config.json: a fixed-window run's own; a random-window run's are the runtime's
         # defaults (S + W = 32768, as the official release); --infer-window / --infer-sinks override both.
         fixed_w, fixed_s = run_cfg["window"], run_cfg["sinks"]
@@ -470,7 +471,8 @@ def _run(a, d, out: Path) -> int:
                             min_len=run_cfg["min_len"], tokenizer_path=tok_path, family=config.family,
                             loss_on=run_cfg["loss_on"])
         if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
-            raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ)")
+            raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ); "
+                           "give the --data (and --tokenizer) it started from, or start a new run in another --out")
         if run_cfg["global_batch"] > len(data):
             ranks = f" x {_n(d.world_size, 'rank')}" if d.world_size > 1 else ""
             raise AhnError(f"--batch {run_cfg['batch']} x --grad-accum {run_cfg['grad_accum']}{ranks} = "
