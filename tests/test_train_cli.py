@@ -452,6 +452,25 @@ def test_out_that_holds_another_models_files_is_refused_unless_overwrite(tiny, c
     assert json.loads((folder / "config.json").read_text())["sliding_window"] == 8
 
 
+@pytest.mark.parametrize("files", [("model.safetensors", "config.json"), ("model.safetensors",), ("log.jsonl",)])
+def test_out_that_holds_another_models_weights_is_not_called_a_training_run(tiny, capsys, tmp_path, files):
+    """--out pointing at another model's folder (model.safetensors, with or without config.json; no run.json):
+    the line said it "already holds a training run with no resume state; pass --overwrite to start over", an
+    invitation to delete those weights as if they were a stopped run's. A run's own files start with run.json;
+    now the line says the files are not from a training run, as for a foreign config.json."""
+    root, _ = tiny
+    folder = tmp_path / "other_model"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_bytes(b"not ours")
+    rc, stdout, err = train(capsys, *base_args(root, folder), "--steps", 1, "--window", 8, "--sinks", 2)
+    assert rc == 2 and err.count("\n") == 1 and stdout == "", err
+    assert f"--out {folder} holds {' and '.join(sorted(files))}, not from a training run (no run.json)" in err, err
+    assert "already holds a training run" not in err
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    assert all((folder / name).read_bytes() == b"not ours" for name in files)
+
+
 def test_diverging_run_stops_with_one_line_exit_1_and_writes_no_model(tiny, capsys, monkeypatch):
     """A learning rate that makes the loss NaN: the run stops at the first non-finite loss / gradient norm with
     one line and exit 1 (a runtime failure), and never writes model.safetensors; resume states from before

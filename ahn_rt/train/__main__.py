@@ -265,10 +265,11 @@ def _holds_run_files(out: Path) -> bool:
 
 def _not_from_a_run(out: Path) -> list[str]:
     """What the run would overwrite in OUT that no run wrote (a run writes run.json first): another model's
-    config.json, say, in a folder given as --out."""
+    model.safetensors or config.json, say, in a folder given as --out."""
     if (out / "run.json").exists():
         return []
-    return [name for name in ("config.json", "loss.png", "merged") if (out / name).exists()]
+    return [name for name in ("config.json", "log.jsonl", "loss.png", "merged", "model.safetensors")
+            if (out / name).exists()]
 
 
 def _has_resume_state(out: Path) -> bool:
@@ -396,13 +397,13 @@ def _run(a, d, out: Path) -> int:
         elif out.is_dir() and not a.overwrite and ckpt_io.find_resume(out):
             raise AhnError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
                            "start over, or choose another --out")
-        elif out.is_dir() and not a.overwrite and _holds_run_files(out):
-            raise AhnError(f"{out} already holds a training run with no resume state to continue it from; pass "
-                           "--overwrite to start over, or choose another --out")
         elif out.is_dir() and not a.overwrite and (foreign := _not_from_a_run(out)):
             raise AhnError(f"--out {out} holds {' and '.join(foreign)}, not from a training run (no "
                            "run.json), which the run would overwrite; choose an empty or new --out, or pass "
                            "--overwrite to replace it")
+        elif out.is_dir() and not a.overwrite and _holds_run_files(out):
+            raise AhnError(f"{out} already holds a training run with no resume state to continue it from; pass "
+                           "--overwrite to start over, or choose another --out")
         run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None, d.world_size)
         device = d.device
         attention.check_trainable(device)
