@@ -471,6 +471,18 @@ def test_out_that_holds_another_models_weights_is_not_called_a_training_run(tiny
     assert all((folder / name).read_bytes() == b"not ours" for name in files)
 
 
+def test_data_under_home_is_expanded_as_base_out_and_tokenizer_are(tiny, capsys, monkeypatch):
+    """``--data=~/ids.jsonl`` (the shell leaves a ~ after "=" alone): --base, --out and --tokenizer expand
+    it, --data said "data file not found: ~/ids.jsonl"."""
+    root, _ = tiny
+    monkeypatch.setenv("HOME", str(root))
+    out = root / "home_data"
+    rc, _, err = train(capsys, "--base", "~/base", "--data=~/ids.jsonl", "--out", "~/home_data", "--steps", 1,
+                       "--window", 8, "--sinks", 2)
+    assert rc == 0, err
+    assert (out / "model.safetensors").is_file()
+
+
 def test_diverging_run_stops_with_one_line_exit_1_and_writes_no_model(tiny, capsys, monkeypatch):
     """A learning rate that makes the loss NaN: the run stops at the first non-finite loss / gradient norm with
     one line and exit 1 (a runtime failure), and never writes model.safetensors; resume states from before

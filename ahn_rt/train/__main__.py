@@ -468,9 +468,9 @@ def _run(a, d, out: Path) -> int:
                     else (ckpt.folder or base_path.parent) / "tokenizer.json")
         if a.tokenizer and not tok_path.exists():
             raise AhnError(f"tokenizer file not found: {tok_path}")
-        data = load_dataset(a.data, vocab_size=config.vocab_size, seq_len=run_cfg["seq_len"], budget=budget,
-                            min_len=run_cfg["min_len"], tokenizer_path=tok_path, family=config.family,
-                            loss_on=run_cfg["loss_on"])
+        data = load_dataset(Path(a.data).expanduser(), vocab_size=config.vocab_size, seq_len=run_cfg["seq_len"],
+                            budget=budget, min_len=run_cfg["min_len"], tokenizer_path=tok_path,
+                            family=config.family, loss_on=run_cfg["loss_on"])
         if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
             raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ); "
                            "give the --data (and --tokenizer) it started from, or start a new run in another --out")
