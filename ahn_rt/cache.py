@@ -44,7 +44,7 @@ import warnings
 import torch
 
 from .config import Config
-from .errors import AhnError
+from .errors import AhnError, as_int
 
 FULL_MIN_CAPACITY = 256
 
@@ -575,8 +575,9 @@ class StatePool:
         if config.mode == "full":
             raise ValueError("full mode grows each sequence's cache: its states cannot share a pool; "
                              "use mode 'ahn' or 'swa', or sessions without a pool")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if as_int(size) is None or size < 1:
             raise ValueError(f"a state pool needs a positive integer size, got {size!r}")
+        size = as_int(size)
         self.config = config
         self.device = torch.device(device)
         self.size = size

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import warnings
@@ -18,9 +19,14 @@ class ArgParser(argparse.ArgumentParser):
     spelled out: a prefix such as ``--step`` for ``--steps`` is an unknown option, so a script's command
     line cannot change meaning when a later version adds an option with the same prefix."""
 
+    # What reads as a negative number, not an option: argparse's own pattern has no exponent or inf, so
+    # "--lr -1e-3" said "expected one argument" instead of reaching the option's check.
+    NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
 
     def error(self, message):
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")

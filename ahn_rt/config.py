@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 
 import torch
@@ -153,6 +154,12 @@ def parse_config(cfg: dict, where: str) -> Config:
     if rope_type != "default":
         raise AhnError(f"{where}: rope scaling {rope_type!r} is not supported (only default RoPE)")
     theta = _opt(cfg, "rope_theta", where, None, float) or _opt(rope, "rope_theta", where, 10000.0, float)
+    eps = _convert(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", where, float)
+    # a number, but one that turns every logit into NaN (a negative base or epsilon) or is no setting at all
+    for key, value, ok, need in (("rope_theta", theta, theta > 0, "> 0"), ("rms_norm_eps", eps, eps >= 0, ">= 0")):
+        if not (math.isfinite(value) and ok):
+            raise AhnError(f"{where}: config field '{key}' = {value!r} must be a finite number {need}; "
+                           "fix it in config.json")
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     eos_ids = tuple(_convert(e, "eos_token_id", where) for e in eos_ids)
@@ -182,7 +189,7 @@ def parse_config(cfg: dict, where: str) -> Config:
         intermediate_size=_get(cfg, "intermediate_size", where),
         num_layers=_get(cfg, "num_hidden_layers", where), num_heads=heads, num_kv_heads=kv_heads,
         head_dim=head_dim, rope_theta=theta,
-        rms_norm_eps=_convert(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", where, float),
+        rms_norm_eps=eps,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", family == "qwen2")) if family == "qwen3" else True,
         qk_norm=family == "qwen3",

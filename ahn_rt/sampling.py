@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from .errors import AhnError
+from .errors import AhnError, as_int
 
 # The seeds torch.Generator.manual_seed takes (any other overflows inside torch): the one rule for every
 # seed a user gives (SamplingParams, the server's "seed" field, init_weights --seed).
@@ -27,7 +27,7 @@ def check_seed(seed, what: str = "seed"):
     """AhnError (one line, naming ``what``) unless ``seed`` is None or an integer in [SEED_MIN, SEED_MAX]."""
     if seed is None:
         return
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if as_int(seed) is None:
         raise AhnError(f"{what} must be an integer, got {seed!r}")
     if not SEED_MIN <= seed <= SEED_MAX:
         raise AhnError(f"{what} must be in [{SEED_MIN}, {SEED_MAX}], got {seed}")
@@ -64,6 +64,8 @@ class SamplingParams:
             if not ok:
                 raise AhnError(msg)
         check_seed(self.seed)
+        if self.seed is not None:      # numpy's integers too: a Python int from here on
+            object.__setattr__(self, "seed", as_int(self.seed))
 
     @property
     def greedy(self) -> bool:

@@ -87,7 +87,7 @@ def checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
 def _path(path, what: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise AhnError(f"{what} needs a file path (str or pathlib.Path), got {type(path).__name__}")
-    return Path(os.fspath(path))
+    return Path(os.fspath(path)).expanduser()      # as ahn_rt.load reads its paths
 
 
 def save(session, path):

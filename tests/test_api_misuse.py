@@ -573,3 +573,29 @@ def test_a_generation_closed_from_another_thread_during_its_prefill_yields_nothi
     assert got == [] and g.finish_reason == "cancelled" and g.stats.new_tokens == 0
     assert len(chunks) == 1                                       # the rest of the prompt was not prefilled
     assert s.forward([1]).shape == (1, model.config.vocab_size)   # the session is free again
+
+
+def test_integer_arguments_of_any_integer_type_are_taken(model):
+    """A service computes its limits with numpy (or reads them from an array): max_new_tokens=np.int64(8)
+    was refused with "max_new_tokens must be a non-negative integer, got np.int64(8)", and so were seed,
+    chunk_size, capacity, a pool size and the prefix cache's size, though top_k and token ids took any
+    integer type. Each now takes what ``numbers.Integral`` names (never bool), with the same result as the
+    Python int; a float still fails."""
+    np = pytest.importorskip("numpy")
+    want = "".join(model.generate(P, max_new_tokens=6, temperature=0.8, seed=5))
+    assert "".join(model.generate(P, max_new_tokens=np.int64(6), temperature=0.8, seed=np.int64(5))) == want
+    assert "".join(model.generate(P, max_new_tokens=np.int32(6), temperature=0.8, seed=np.uint16(5))) == want
+    s = model.new_session(chunk_size=np.int64(3), capacity=None)
+    assert s.chunk_size == 3 and type(s.chunk_size) is int
+    pool = model.new_pool(np.int64(2))
+    assert pool.size == 2 and type(pool.size) is int
+    pool_session = model.new_session(pool=pool)
+    pool_session.close()
+    cache = model.enable_prefix_cache(np.int64(1 << 20), boundary_snapshots=np.int8(1))
+    assert cache.max_bytes == 1 << 20 and cache.boundary_snapshots == 1
+    model.enable_prefix_cache(0)
+    m = ahn_rt.load(DEMO, chunk_size=np.int64(64))
+    assert m.chunk_size == 64
+    for bad in (dict(max_new_tokens=np.float64(6)), dict(seed=np.float32(5)), dict(max_new_tokens=np.bool_(True))):
+        with pytest.raises(AhnError, match=next(iter(bad))):
+            model.generate(P, **{"max_new_tokens": 2, **bad})

@@ -3,6 +3,7 @@ init_weights output, Ctrl-C at any moment (start-up included), a merged checkpoi
 stop string, the stats line's units, and a checkout whose extension is not built. Each exits with one line
 and no traceback (or works, where the README says it does)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -404,3 +405,19 @@ def test_option_prefixes_are_unknown_options(capsys):
     assert gen.parse_args(["--temperature=0.5"]).temperature == 0.5
     with pytest.raises(SystemExit):
         gen.parse_args(["--temp", "0.5"])
+
+
+@pytest.mark.parametrize("value,number", [("-1e-3", -1e-3), ("-2.5E+1", -25.0), ("-.5e2", -50.0), ("-inf", -math.inf)])
+def test_negative_numbers_in_scientific_notation_are_values(capsys, value, number):
+    """``--lr -1e-3``: argparse took "-1e-3" for an option (its negative-number pattern knows no exponent) and
+    said "argument --lr: expected one argument", though one was given; the value now reaches the option's own
+    check ("--lr must be a finite number >= 0, got -0.001"). Something that is not a number stays an option."""
+    from ahn_rt.train.__main__ import build_parser, main
+    need = ["--base", "b", "--data", "d.jsonl", "--out", "o"]
+    assert build_parser().parse_args(need + ["--lr", value]).lr == number
+    assert main(need + ["--lr", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --lr must be a finite number >= 0, got "), err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(need + ["--lr", "-x"])
+    assert "expected one argument" in capsys.readouterr().err

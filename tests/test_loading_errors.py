@@ -304,6 +304,22 @@ def test_config_field_of_the_wrong_type(field, bad):
         expect_error(d, mode="full", must_name=(field,))
 
 
+@pytest.mark.parametrize("field,bad", [
+    ("rope_theta", -10000.0), ("rope_theta", float("nan")), ("rope_theta", float("inf")),
+    ("rms_norm_eps", -1.0), ("rms_norm_eps", float("nan")), ("rms_norm_eps", float("inf")),
+])
+def test_config_number_out_of_range(field, bad):
+    """A hand-edited config.json whose RoPE base or RMSNorm epsilon is a number but not a usable one: one line
+    naming the field (a negative or NaN value loaded, and every logit came out NaN)."""
+    d = copy_folder(base(SPEC), "badnumber")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg[field] = bad
+    write_json(os.path.join(d, "config.json"), cfg)
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    save_file(sd, os.path.join(d, "model.safetensors"))     # no config in the metadata: config.json is read
+    expect_error(d, mode="full", must_name=(field, "fix it in config.json"))
+
+
 @pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
 def test_ahn_config_names_another_variant(impl):
     """GatedDeltaNet tensors under a config naming another (supported) variant: the strict key check

@@ -229,3 +229,21 @@ def test_an_atomic_write_goes_on_where_the_file_system_has_no_fsync(tmp_path, mo
                 W.atomic_write_text(path, "lost")
             assert path.read_text() == "new"
         assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_a_path_under_home_is_expanded_as_load_expands_it(tmp_path, monkeypatch):
+    """``sess.save("~/conv.safetensors")`` made a folder named "~" in the current directory and wrote
+    there (restore read it back from there), while ``ahn_rt.load("~/...")`` and its tokenizer= expand the
+    home folder. Save and restore now expand it too."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    model = _model()
+    a = model.new_session()
+    a.forward(IDS[:9])
+    a.save("~/conv.safetensors")
+    assert (home / "conv.safetensors").is_file() and not list(cwd.iterdir())
+    b = model.restore("~/conv.safetensors")
+    assert b.position == 9 and torch.equal(b.forward([5]), a.forward([5]))

@@ -452,6 +452,37 @@ def test_out_that_holds_another_models_files_is_refused_unless_overwrite(tiny, c
     assert json.loads((folder / "config.json").read_text())["sliding_window"] == 8
 
 
+@pytest.mark.parametrize("files", [("model.safetensors", "config.json"), ("model.safetensors",), ("log.jsonl",)])
+def test_out_that_holds_another_models_weights_is_not_called_a_training_run(tiny, capsys, tmp_path, files):
+    """--out pointing at another model's folder (model.safetensors, with or without config.json; no run.json):
+    the line said it "already holds a training run with no resume state; pass --overwrite to start over", an
+    invitation to delete those weights as if they were a stopped run's. A run's own files start with run.json;
+    now the line says the files are not from a training run, as for a foreign config.json."""
+    root, _ = tiny
+    folder = tmp_path / "other_model"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_bytes(b"not ours")
+    rc, stdout, err = train(capsys, *base_args(root, folder), "--steps", 1, "--window", 8, "--sinks", 2)
+    assert rc == 2 and err.count("\n") == 1 and stdout == "", err
+    assert f"--out {folder} holds {' and '.join(sorted(files))}, not from a training run (no run.json)" in err, err
+    assert "already holds a training run" not in err
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    assert all((folder / name).read_bytes() == b"not ours" for name in files)
+
+
+def test_data_under_home_is_expanded_as_base_out_and_tokenizer_are(tiny, capsys, monkeypatch):
+    """``--data=~/ids.jsonl`` (the shell leaves a ~ after "=" alone): --base, --out and --tokenizer expand
+    it, --data said "data file not found: ~/ids.jsonl"."""
+    root, _ = tiny
+    monkeypatch.setenv("HOME", str(root))
+    out = root / "home_data"
+    rc, _, err = train(capsys, "--base", "~/base", "--data=~/ids.jsonl", "--out", "~/home_data", "--steps", 1,
+                       "--window", 8, "--sinks", 2)
+    assert rc == 0, err
+    assert (out / "model.safetensors").is_file()
+
+
 def test_diverging_run_stops_with_one_line_exit_1_and_writes_no_model(tiny, capsys, monkeypatch):
     """A learning rate that makes the loss NaN: the run stops at the first non-finite loss / gradient norm with
     one line and exit 1 (a runtime failure), and never writes model.safetensors; resume states from before
@@ -652,6 +683,32 @@ def test_resume_refuses_another_base_of_the_same_config(tiny, capsys):
     rc, stdout, err = train(capsys, *args, "--resume")
     assert rc == 2 and err.count("\n") == 1 and "is not the model the resumed run trained" in err, err
     assert (out / "log.jsonl").read_text() == before and not (out / "model.safetensors").exists()
+    assert train(capsys, *base_args(root, out), "--resume")[0] == 0
+
+
+def test_resume_with_other_data_or_another_base_config_says_what_to_give(tiny, capsys):
+    """A resume given other data (or the same file under another --tokenizer) or a base of another config:
+    the line named the problem but not what to do ("... is not the data the resumed run trained on (its
+    tokens differ)"). Now it says which flags to give again, or to start a new run; nothing is written."""
+    root, _ = tiny
+    out = root / "resume_other_inputs"
+    common = ["--steps", 3, "--window", 8, "--sinks", 2]
+    assert train(capsys, *base_args(root, out), *common, "--stop-after", 1)[0] == 0
+    before = (out / "log.jsonl").read_text()
+    rng = random.Random(5)
+    write_jsonl(root / "other_ids.jsonl", [{"input_ids": [rng.randrange(V) for _ in range(40)]} for _ in range(4)])
+    other_cfg = dict(CFG, intermediate_size=48)
+    other = root / "other_cfg_base"
+    write_checkpoint(other / "model.safetensors", random_state_dict(other_cfg, ahn=False, dtype=torch.float32,
+                                                                    std=0.2, seed=2), other_cfg, config_json=True)
+    for args, needle in (
+            (base_args(root, out, "other_ids.jsonl"), "is not the data the resumed run trained on (its tokens "
+             "differ); give the --data (and --tokenizer) it started from, or start a new run in another --out"),
+            (["--base", other] + base_args(root, out)[2:], "is not the model the resumed run trained (its config "
+             "differs); give the --base it started from, or start a new run in another --out")):
+        rc, stdout, err = train(capsys, *args, "--resume")
+        assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+        assert (out / "log.jsonl").read_text() == before and not (out / "model.safetensors").exists()
     assert train(capsys, *base_args(root, out), "--resume")[0] == 0
 
 

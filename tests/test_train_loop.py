@@ -616,3 +616,45 @@ def test_data_from_a_pipe_is_read(tmp_path):
     t.join(5)
     want = load_dataset(plain, vocab_size=V, seq_len=4096, budget=budget)
     assert (d.stats.used, d.fingerprint) == (3, want.fingerprint)
+
+
+@pytest.mark.parametrize("layout", ["pretty", "one line", "object per line"])
+def test_a_json_array_is_named_as_such(tmp_path, layout):
+    """A JSON array of records (json.dump of a list) given as --data: pretty-printed, every line was a
+    skipped "invalid JSON" record, but one written as an object per line with commas trained on the last
+    record alone (the only line without a trailing comma); on one line it said "1 not a JSON object". Now
+    one line says the file is a JSON array, not JSONL, and how to convert it."""
+    recs = [{"input_ids": list(range(k, k + 30))} for k in range(3)]
+    path = tmp_path / "d.json"
+    if layout == "pretty":
+        path.write_text(json.dumps(recs, indent=1))
+    elif layout == "one line":
+        path.write_text(json.dumps(recs) + "\n")
+    else:
+        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in recs) + "\n]\n")
+    with pytest.raises(AhnError) as e:
+        load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert str(e.value) == (f"--data {path} is one JSON array, not JSONL (one JSON object per line); convert "
+                            f"it first (jq -c '.[]' {path} > {path.with_suffix('.jsonl')}) and give the .jsonl file")
+
+
+def test_an_array_record_in_jsonl_is_still_a_bad_record(tmp_path):
+    """A line that is an array of numbers or an empty array stays one skipped record (the array check
+    only looks for a file that is one array of records)."""
+    path = write_jsonl(tmp_path / "d.jsonl", ["[]", "[1, 2, 3]", {"input_ids": list(range(30))}])
+    d = load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert (d.stats.used, dict(d.stats.skipped)) == (1, {"not a JSON object": 2})
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_utf16_file_is_named_as_such(tmp_path, encoding):
+    """A JSONL file saved as UTF-16 (PowerShell's `>` writes it) said "no usable record (... invalid JSON,
+    ... not UTF-8)"; now one line names the encoding and what to do."""
+    text = "".join(json.dumps({"input_ids": list(range(k, k + 30))}) + "\n" for k in range(3))
+    path = tmp_path / "d.jsonl"
+    bom = {"utf-16-be": "\ufeff"}.get(encoding, "")
+    path.write_bytes((bom + text).encode(encoding))
+    with pytest.raises(AhnError) as e:
+        load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    name = "UTF-32" if encoding == "utf-32" else "UTF-16"
+    assert str(e.value) == f"--data {path} is {name} text; save it as UTF-8 (one JSON object per line) and give that file"

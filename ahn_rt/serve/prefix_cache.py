@@ -31,7 +31,7 @@ from array import array
 
 import torch
 
-from ..errors import AhnError
+from ..errors import AhnError, as_int
 from .prompt import Prompt
 
 
@@ -87,10 +87,11 @@ class PrefixCache:
     counted). Thread-safe; one per Model (``Model.enable_prefix_cache``)."""
 
     def __init__(self, max_bytes: int, boundary_snapshots: int = 2):
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        if as_int(max_bytes) is None or max_bytes < 0:
             raise AhnError(f"prefix cache size must be a non-negative number of bytes, got {max_bytes!r}")
-        if isinstance(boundary_snapshots, bool) or not isinstance(boundary_snapshots, int) or boundary_snapshots < 0:
+        if as_int(boundary_snapshots) is None or boundary_snapshots < 0:
             raise AhnError(f"boundary_snapshots must be a non-negative integer, got {boundary_snapshots!r}")
+        max_bytes, boundary_snapshots = as_int(max_bytes), as_int(boundary_snapshots)
         self.max_bytes = max_bytes
         self.boundary_snapshots = boundary_snapshots
         self._entries: "collections.OrderedDict[bytes, Entry]" = collections.OrderedDict()

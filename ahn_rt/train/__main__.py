@@ -265,10 +265,11 @@ def _holds_run_files(out: Path) -> bool:
 
 def _not_from_a_run(out: Path) -> list[str]:
     """What the run would overwrite in OUT that no run wrote (a run writes run.json first): another model's
-    config.json, say, in a folder given as --out."""
+    model.safetensors or config.json, say, in a folder given as --out."""
     if (out / "run.json").exists():
         return []
-    return [name for name in ("config.json", "loss.png", "merged") if (out / name).exists()]
+    return [name for name in ("config.json", "log.jsonl", "loss.png", "merged", "model.safetensors")
+            if (out / name).exists()]
 
 
 def _has_resume_state(out: Path) -> bool:
@@ -396,13 +397,13 @@ def _run(a, d, out: Path) -> int:
         elif out.is_dir() and not a.overwrite and ckpt_io.find_resume(out):
             raise AhnError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
                            "start over, or choose another --out")
-        elif out.is_dir() and not a.overwrite and _holds_run_files(out):
-            raise AhnError(f"{out} already holds a training run with no resume state to continue it from; pass "
-                           "--overwrite to start over, or choose another --out")
         elif out.is_dir() and not a.overwrite and (foreign := _not_from_a_run(out)):
             raise AhnError(f"--out {out} holds {' and '.join(foreign)}, not from a training run (no "
                            "run.json), which the run would overwrite; choose an empty or new --out, or pass "
                            "--overwrite to replace it")
+        elif out.is_dir() and not a.overwrite and _holds_run_files(out):
+            raise AhnError(f"{out} already holds a training run with no resume state to continue it from; pass "
+                           "--overwrite to start over, or choose another --out")
         run_cfg = _resolve_run(a, saved_state["run"] if saved_state else None, d.world_size)
         device = d.device
         attention.check_trainable(device)
@@ -448,7 +449,8 @@ def _run(a, d, out: Path) -> int:
         files = sorted(set(ckpt.src.where.values()), key=str)
         base_cfg = W.find_config(base_path, files)
         if saved_state and saved_state.get("base_config") not in (None, base_cfg):
-            raise AhnError(f"--base {base_path} is not the model the resumed run trained (its config differs)")
+            raise AhnError(f"--base {base_path} is not the model the resumed run trained (its config differs); "
+                           "give the --base it started from, or start a new run in another --out")
         # W and S written to config.json: a fixed-window run's own; a random-window run's are the runtime's
         # defaults (S + W = 32768, as the official release); --infer-window / --infer-sinks override both.
         fixed_w, fixed_s = run_cfg["window"], run_cfg["sinks"]
@@ -466,11 +468,12 @@ def _run(a, d, out: Path) -> int:
                     else (ckpt.folder or base_path.parent) / "tokenizer.json")
         if a.tokenizer and not tok_path.exists():
             raise AhnError(f"tokenizer file not found: {tok_path}")
-        data = load_dataset(a.data, vocab_size=config.vocab_size, seq_len=run_cfg["seq_len"], budget=budget,
-                            min_len=run_cfg["min_len"], tokenizer_path=tok_path, family=config.family,
-                            loss_on=run_cfg["loss_on"])
+        data = load_dataset(Path(a.data).expanduser(), vocab_size=config.vocab_size, seq_len=run_cfg["seq_len"],
+                            budget=budget, min_len=run_cfg["min_len"], tokenizer_path=tok_path,
+                            family=config.family, loss_on=run_cfg["loss_on"])
         if saved_state and saved_state.get("data_fingerprint") not in (None, data.fingerprint):
-            raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ)")
+            raise AhnError(f"--data {a.data} is not the data the resumed run trained on (its tokens differ); "
+                           "give the --data (and --tokenizer) it started from, or start a new run in another --out")
         if run_cfg["global_batch"] > len(data):
             ranks = f" x {_n(d.world_size, 'rank')}" if d.world_size > 1 else ""
             raise AhnError(f"--batch {run_cfg['batch']} x --grad-accum {run_cfg['grad_accum']}{ranks} = "

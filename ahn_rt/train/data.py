@@ -291,6 +291,32 @@ class Dataset:
         return self.ids.numel()
 
 
+def _wide_text(head: bytes) -> str | None:
+    """"UTF-16" / "UTF-32" when the file starts with that encoding's byte order mark (PowerShell's ``>``
+    writes UTF-16), else None."""
+    if head in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "UTF-32"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16"
+    return None
+
+
+def _opens_an_array(raw: bytes) -> bool:
+    """The first line of a file that is one JSON array of records (``json.dump`` of a list), not JSONL: a
+    lone ``[``, a ``[{...`` that does not parse on its own (more lines follow), or a whole array holding
+    objects. A line such as ``[1, 2]`` or ``[]`` is an ordinary bad record."""
+    line = raw.strip()
+    if not line.startswith(b"["):
+        return False
+    try:
+        value = json.loads(line)
+    except ValueError:           # JSONDecodeError, UnicodeDecodeError, too many digits
+        return line == b"[" or line[1:].lstrip().startswith(b"{")
+    except RecursionError:
+        return False
+    return isinstance(value, list) and any(isinstance(v, dict) for v in value)
+
+
 def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min_len: int = 0,
                  tokenizer_path=None, family: str = "qwen2", loss_on: str = "assistant") -> Dataset:
     """Read and check every record of the JSONL file ``path``. Raises AhnError (one line) when the file is
@@ -308,14 +334,22 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
     try:
         with open(path, "rb") as f:
             # peek, not read + seek: --data may be a pipe (<(zcat d.jsonl.gz), /dev/stdin), which cannot seek
-            if f.peek(2)[:2] == b"\x1f\x8b":
+            head = f.peek(4)[:4]
+            if head[:2] == b"\x1f\x8b":
                 raise AhnError(f"--data {path} is gzip-compressed; decompress it first (gunzip -k {path}) and "
                                "give the .jsonl file")
+            if (name := _wide_text(head)) is not None:
+                raise AhnError(f"--data {path} is {name} text; save it as UTF-8 (one JSON object per line) and "
+                               "give that file")
             for i, raw in enumerate(f):
                 if i == 0:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")   # a UTF-8 byte order mark (Windows editors)
                 if not raw.strip():
                     continue
+                if stats.lines == 0 and _opens_an_array(raw):
+                    jsonl = path.with_suffix(".jsonl")
+                    raise AhnError(f"--data {path} is one JSON array, not JSONL (one JSON object per line); "
+                                   f"convert it first (jq -c '.[]' {path} > {jsonl}) and give the .jsonl file")
                 stats.lines += 1
                 try:
                     ids, mask, weights = parse_record(raw.decode("utf-8"), vocab_size, encoder)
