@@ -283,6 +283,18 @@ def test_config_missing():
     expect_error(d)
 
 
+def _with_config_field(field, bad, name):
+    """A copy of the base checkpoint whose config.json sets ``field`` to ``bad`` (and whose safetensors metadata
+    holds no config, so that config.json is what the loader reads)."""
+    d = copy_folder(base(SPEC), name)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg[field] = bad
+    write_json(os.path.join(d, "config.json"), cfg)
+    sd = load_file(os.path.join(d, "model.safetensors"))
+    save_file(sd, os.path.join(d, "model.safetensors"))
+    return d
+
+
 @pytest.mark.parametrize("field,bad", [
     ("rope_theta", "1e6x"), ("eos_token_id", "x"), ("eos_token_id", [151643, None]),
     ("num_key_value_heads", "two"), ("head_dim", [16]), ("rms_norm_eps", None),
@@ -292,12 +304,7 @@ def test_config_missing():
 def test_config_field_of_the_wrong_type(field, bad):
     """A hand-edited config.json whose optional field has the wrong type: one line naming the field
     (it was int()/float()/.get() on the value: a traceback out of the CLIs)."""
-    d = copy_folder(base(SPEC), "badfield")
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg[field] = bad
-    write_json(os.path.join(d, "config.json"), cfg)
-    sd = load_file(os.path.join(d, "model.safetensors"))
-    save_file(sd, os.path.join(d, "model.safetensors"))     # no config in the metadata: config.json is read
+    d = _with_config_field(field, bad, "badfield")
     if field in ("architectures", "_layer_implementation"):
         assert ahn_rt.load(d, mode="full", device="cpu") is not None     # not needed, not refused
     else:
@@ -311,12 +318,7 @@ def test_config_field_of_the_wrong_type(field, bad):
 def test_config_number_out_of_range(field, bad):
     """A hand-edited config.json whose RoPE base or RMSNorm epsilon is a number but not a usable one: one line
     naming the field (a negative or NaN value loaded, and every logit came out NaN)."""
-    d = copy_folder(base(SPEC), "badnumber")
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg[field] = bad
-    write_json(os.path.join(d, "config.json"), cfg)
-    sd = load_file(os.path.join(d, "model.safetensors"))
-    save_file(sd, os.path.join(d, "model.safetensors"))     # no config in the metadata: config.json is read
+    d = _with_config_field(field, bad, "badnumber")
     expect_error(d, mode="full", must_name=(field, "fix it in config.json"))
 
 
