@@ -626,6 +626,9 @@ class Session:
                     or token_ids.is_complex()):
                 raise AhnError(f"token_ids must be a 1-D integer tensor or a list of ints, got a "
                                f"{token_ids.dim()}-D {str(token_ids.dtype).replace('torch.', '')} tensor")
+            if token_ids.device.type == "meta":   # no values to read: NotImplementedError in the range check
+                raise AhnError("token_ids is a tensor on the meta device, which holds no values; give the ids "
+                               "on the CPU or the model's device")
             ids = token_ids.to(torch.int64)
         elif isinstance(token_ids, (str, bytes, bytearray, memoryview)):
             # bytes iterate as ints: b"hi" would be fed as the ids [104, 105]
