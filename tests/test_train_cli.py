@@ -179,6 +179,13 @@ def test_stop_and_resume_reproduce_the_straight_run(tiny, capsys):
     assert rc == 2 and "already holds a training run" in err
     rc, _, err = train(capsys, *base_args(root, split), "--resume", "--lr", "2e-2")
     assert rc == 2 and "differs from the resumed run" in err and err.count("\n") == 1
+    # a --stop-after the run has already passed did nothing and said "stopped after step 2 of 4"
+    before = (split / "log.jsonl").read_bytes()
+    for n in (1, 2):
+        rc, _, err = train(capsys, *base_args(root, split), "--resume", "--stop-after", n)
+        assert rc == 2 and err == (f"error: --stop-after {n}: the resumed run is already at step 2 (of 4); give "
+                                   "--stop-after above 2, or leave it out to train to the end\n"), err
+    assert (split / "log.jsonl").read_bytes() == before
     rc, _, err = train(capsys, *base_args(root, split), "--resume")      # settings come from the state
     assert rc == 0, err
     a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
