@@ -7,11 +7,14 @@ A record is one JSON object per line, one of
   else the token id itself; and ``"loss_weights"``: the same length, a finite number >= 0 per token, the
   weight of the loss that predicts it, 0 meaning no loss), pre-tokenized, so no tokenizer is needed;
 * ``{"text": "..."}``: every token is a loss target;
-* ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``: rendered in Qwen's
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`` (a content may also be a
+  list of OpenAI text parts ``[{"type": "text", "text": "..."}, ...]``, joined, as ``ahn_rt.generate`` and
+  the server read them; any other part makes the record bad): rendered in Qwen's
   ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn; Qwen2/2.5 get Qwen2.5's default system message
   when the conversation has none, as ``ahn_rt.tokenizer.apply_chat_template`` does), loss on the assistant
   turns (their content plus ``<|im_end|>\\n``) only, unless ``loss_on="all"``.
 
+A field whose value is null counts as absent (``{"text": "...", "input_ids": null}`` is a text record).
 Bad records (invalid JSON, wrong types, ids outside the vocabulary, empty) are skipped and counted, never
 fatal. Sequences are cut at ``seq_len`` tokens (like the official ``cutoff_len``) and those with fewer than
 ``min_len`` tokens dropped (like ``filter_len``); a sequence with no loss position the window allows is
@@ -173,12 +176,17 @@ class _Encoder:
         return ids, [True] * len(ids)
 
     def messages(self, msgs) -> tuple[list[int], list[bool]]:
+        from ..serve.prompt import content_text
         from ..tokenizer import QWEN25_DEFAULT_SYSTEM
         if not isinstance(msgs, list) or not msgs:
             raise _Bad("messages is not a non-empty list")
         for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise _Bad("a message is not {role: system|user|assistant, content: string}")
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), (str, list)):
+                raise _Bad("a message is not {role: system|user|assistant, content: string or text parts}")
+        try:   # content parts [{"type": "text", "text": ...}] joined, as generate and the server read them
+            msgs = [{"role": m["role"], "content": content_text(m, i, m["role"])} for i, m in enumerate(msgs)]
+        except AhnError:
+            raise _Bad("a message's content holds a part that is not text") from None
         if not any(m["role"] == "assistant" and m["content"] for m in msgs) and self.loss_on == "assistant":
             raise _Bad("no assistant message to learn from")
         segments: list[tuple[str, bool]] = []
@@ -210,6 +218,7 @@ def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[in
         raise _Bad("a number with too many digits") from None
     if not isinstance(rec, dict):
         raise _Bad("not a JSON object")
+    rec = {k: v for k, v in rec.items() if v is not None}   # a null field is an absent one
     weights = None
     if "input_ids" in rec:
         ids = _int_list(rec["input_ids"], "input_ids")
