@@ -602,3 +602,11 @@ def test_integer_arguments_of_any_integer_type_are_taken(model):
     for bad in (dict(max_new_tokens=np.float64(6)), dict(seed=np.float32(5)), dict(max_new_tokens=np.bool_(True))):
         with pytest.raises(AhnError, match=next(iter(bad))):
             model.generate(P, **{"max_new_tokens": 2, **bad})
+    # the scheduler's limits too (they were refused: "max_active must be a positive integer, got np.int64(4)")
+    sched = model.start_scheduler(max_active=np.int64(4), max_queue=np.int32(5), prefill_tokens=np.uint16(16))
+    assert (sched.max_active, sched.max_queue, sched.prefill_tokens) == (4, 5, 16)
+    assert all(type(v) is int for v in (sched.max_active, sched.max_queue, sched.prefill_tokens))
+    for bad in (dict(max_active=np.float64(4)), dict(max_queue=np.bool_(True)), dict(prefill_tokens=np.int64(0))):
+        with pytest.raises(AhnError, match=next(iter(bad))):
+            model.start_scheduler(**bad)
+    sched.shutdown()      # the next agenerate makes a default one
