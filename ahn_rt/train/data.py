@@ -141,8 +141,9 @@ def _int_list(v, what) -> list[int]:
 class _Encoder:
     """Turns text/messages records into (ids, mask); loads the tokenizer on first use."""
 
-    def __init__(self, tokenizer_path, family: str, loss_on: str):
+    def __init__(self, tokenizer_path, family: str, loss_on: str, vocab_size: int | None = None):
         self.tokenizer_path = tokenizer_path
+        self.vocab_size = vocab_size     # the base's embedding rows: a larger tokenizer is refused when loaded
         self.family = family
         self.loss_on = loss_on
         self._tok = None
@@ -155,7 +156,12 @@ class _Encoder:
                 raise AhnError(f"the data has text/messages records but there is no tokenizer "
                                f"({self.tokenizer_path or 'none given'} not found); pass --tokenizer PATH "
                                "or pre-tokenize the data as {\"input_ids\": [...]}")
-            self._tok = Tokenizer.from_file(self.tokenizer_path)
+            tok = Tokenizer.from_file(self.tokenizer_path)
+            if self.vocab_size is not None and tok.vocab_size > self.vocab_size:   # else: records skipped one by one
+                raise AhnError(f"the tokenizer {self.tokenizer_path} has {tok.vocab_size} tokens but the base model's "
+                               f"embedding has {self.vocab_size} rows (ids {self.vocab_size}..{tok.vocab_size - 1} "
+                               "have none); give the base model's tokenizer.json as --tokenizer")
+            self._tok = tok
         return self._tok
 
     def encode(self, text: str) -> list[int]:
@@ -335,7 +341,7 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
         raise AhnError(f"data file not found: {path}")
     if path.is_dir():
         raise AhnError(f"--data {path} is a folder; give a .jsonl file")
-    encoder = _Encoder(tokenizer_path, family, loss_on)
+    encoder = _Encoder(tokenizer_path, family, loss_on, vocab_size)
     stats = DataStats()
     ids_buf, mask_buf, offsets = array("i"), array("b"), [0]
     weight_buf = None   # array("f") from the first record with loss_weights on (earlier tokens: 1)
