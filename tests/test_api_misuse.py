@@ -46,6 +46,13 @@ def test_sampling_arguments_of_the_wrong_type_are_one_line_at_the_call(model, kw
     ([1, 2, 3], dict(chat=True), "not to token ids"),
     ([1, 2, 3], dict(system="Be brief."), "not to token ids"),
     (P, dict(stop=5), "stop must be"),
+    # any iterable was taken: a dict as the list of its keys, a set in an arbitrary order; chat any truthy value
+    (P, dict(stop={"a": 1}), "stop must be a string or a list of strings, got dict"),
+    (P, dict(stop={"a", "b"}), "stop must be a string or a list of strings, got set"),
+    (P, dict(stop=iter(["a"])), "stop must be a string or a list of strings, got list_iterator"),
+    (P, dict(chat="yes"), "chat must be True or False, got str 'yes'"),
+    (P, dict(chat=1), "chat must be True or False, got int 1"),
+    (P, dict(chat=None), "chat must be True or False, got NoneType None"),
     (P, dict(chat=True, system=3), "system must be text"),
     # a stop string that is not UTF-8 text (a lone surrogate) can never match: it was silently ignored
     (P, dict(stop=["ok", "\udcff"]), r"stop string '\\udcff' is not valid UTF-8 \(byte 0xff"),
@@ -61,6 +68,16 @@ def test_a_token_id_tensor_and_stop_none_are_taken(model):
     ids = model.tokenizer.encode(P)
     want = "".join(model.generate(ids, max_new_tokens=4, temperature=0))
     assert "".join(model.generate(torch.tensor(ids), max_new_tokens=4, temperature=0, stop=None)) == want
+
+
+def test_stop_tuples_and_numpy_bool_chat_are_taken(model):
+    """stop: a string, or a list or tuple of strings; chat: a bool, numpy's included. The same refusals
+    hold for prefill and agenerate, which share the checks."""
+    np = pytest.importorskip("numpy")
+    want = "".join(model.generate(P, max_new_tokens=6, temperature=0, stop=["\n"], chat=True))
+    assert "".join(model.generate(P, max_new_tokens=6, temperature=0, stop=("\n",), chat=np.bool_(True))) == want
+    with pytest.raises(AhnError, match="chat must be True or False"):
+        model.prefill(P, chat="yes")
 
 
 def test_sessions_that_are_not_this_models_are_one_line(model, other):
