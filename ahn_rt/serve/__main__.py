@@ -88,7 +88,7 @@ def _free_bytes(model) -> int:
 
 def _default_name(weights: str) -> str:
     """'ckpt/qwen-ahn/model.safetensors' -> 'qwen-ahn'; 'x/tiny.safetensors' -> 'tiny'; a folder: its name."""
-    p = os.path.normpath(os.path.abspath(weights))
+    p = os.path.normpath(os.path.abspath(os.path.expanduser(weights)))   # as ahn_rt.load reads it
     base = os.path.basename(p)
     if os.path.isfile(p):
         stem = base.rsplit(".", 1)[0]
