@@ -612,22 +612,66 @@ def decode_prep_ref(proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tenso
 _ROWS_PER_BLOCK = 16384
 
 
-def _check_x_add(x, x_add, norm_weight, silu_mul):
-    """The compiled gemv's checks of x_add (csrc/host/gemv.cpp), in its order and words."""
+# c10's names of the dtypes, as the compiled ops print them in their messages
+_C10_DTYPE = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+              torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+              torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+
+
+def _check_gemv(x, weight, bias, norm_weight, residual, silu_mul, x_add):
+    """The compiled gemv's argument checks (csrc/host/gemv.cpp and the check_vec helpers of host.h), in its
+    order and words (prefix gemv_ref), so that the reference refuses the calls the op refuses. Only the op's
+    dtype dispatch (float32 / bfloat16 / float16) and its device list (CPU, CUDA) are not repeated: the
+    reference is the backend for the others (ops.py: float64, other devices)."""
     op = "gemv_ref"
-    if x_add.shape != x.shape:
-        raise RuntimeError(f"{op}: x_add must have x's shape {list(x.shape)}, got {list(x_add.shape)}")
-    if x_add.dtype != x.dtype:
-        raise RuntimeError(f"{op}: x_add dtype {x_add.dtype} must equal x dtype {x.dtype}")
-    if x_add.device != x.device:
-        raise RuntimeError(f"{op}: x_add is on {x_add.device} but x is on {x.device}")
-    if x_add.stride() != x.stride():
-        raise RuntimeError(f"{op}: x_add must have x's strides {list(x.stride())}, got {list(x_add.stride())}")
-    if norm_weight is not None:
-        raise RuntimeError(f"{op}: x_add with norm_weight is not supported (the kernels' RMSNorm path reads x "
-                           "without x_add)")
-    if silu_mul:
-        raise RuntimeError(f"{op}: x_add with silu_mul is not supported")
+    name = (lambda dtype: _C10_DTYPE.get(dtype, str(dtype)))
+    if x.dim() not in (1, 2):
+        raise RuntimeError(f"{op}: x must be [K] or [B, K] (B sequences), got {list(x.shape)}")
+    if weight.dim() != 2:
+        raise RuntimeError(f"{op}: weight must be [N, K], got {list(weight.shape)}")
+    N, K = weight.shape
+    batched = x.dim() == 2
+    if x.shape[-1] != K:
+        raise RuntimeError(f"{op}: x has {x.shape[-1]} values per row but weight is [{N}, {K}]")
+    if weight.device != x.device:
+        raise RuntimeError(f"{op}: weight is on {weight.device} but x is on {x.device}")
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"{op}: weight dtype {name(weight.dtype)} must equal x dtype {name(x.dtype)}")
+    if not weight.is_contiguous():
+        raise RuntimeError(f"{op}: weight must be row-major contiguous, got strides {list(weight.stride())}")
+    if silu_mul and N % 2:
+        raise RuntimeError(f"{op}: silu_mul needs an even N ([gate; up] rows), got N={N}")
+    N_out = N // 2 if silu_mul else N
+    for what, t, n in (("bias", bias, N), ("norm_weight", norm_weight, K)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise RuntimeError(f"{op}: {what} is on {t.device} but the op runs on {x.device}")
+        if t.dim() != 1 or t.shape[0] != n:
+            raise RuntimeError(f"{op}: {what} must be [{n}], got {list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise RuntimeError(f"{op}: {what} dtype {name(t.dtype)} must equal x dtype {name(x.dtype)}")
+    if residual is not None:
+        r = residual
+        if r.dim() != x.dim() or r.shape[-1] != N_out or (batched and r.shape[0] != x.shape[0]):
+            raise RuntimeError(f"{op}: residual must be shaped like the output {'[B, ' if batched else '['}{N_out}], "
+                               f"got {list(r.shape)}")
+        if r.device != x.device or r.dtype != x.dtype:
+            raise RuntimeError(f"{op}: residual must be on x's device with x's dtype")
+    if x_add is not None:
+        if x_add.shape != x.shape:
+            raise RuntimeError(f"{op}: x_add must have x's shape {list(x.shape)}, got {list(x_add.shape)}")
+        if x_add.dtype != x.dtype:
+            raise RuntimeError(f"{op}: x_add dtype {name(x_add.dtype)} must equal x dtype {name(x.dtype)}")
+        if x_add.device != x.device:
+            raise RuntimeError(f"{op}: x_add is on {x_add.device} but x is on {x.device}")
+        if x_add.stride() != x.stride():
+            raise RuntimeError(f"{op}: x_add must have x's strides {list(x.stride())}, got {list(x_add.stride())}")
+        if norm_weight is not None:
+            raise RuntimeError(f"{op}: x_add with norm_weight is not supported (the kernels' RMSNorm path reads x "
+                               "without x_add)")
+        if silu_mul:
+            raise RuntimeError(f"{op}: x_add with silu_mul is not supported")
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
@@ -646,19 +690,28 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n
     replaced by (x + x_add) computed in float32 and rounded to x.dtype. An x_add the op refuses is refused
     here too, with the op's message (RuntimeError), not broadcast or normalized.
 
+    Every argument the op refuses (a shape, dtype, device or layout it does not take) is refused here in its
+    words, RuntimeError "gemv_ref: ...", never broadcast; only the op's dtype and device lists are not
+    enforced (the reference computes float64, and on any device).
+
     >>> w = torch.eye(4)[:3]
     >>> gemv_ref(torch.arange(4.), w, None, None, 0.0, None, False, False)
     tensor([0., 1., 2.])
     """
+    _check_gemv(x, weight, bias, norm_weight, residual, silu_mul, x_add)
     if x_add is not None:
-        _check_x_add(x, x_add, norm_weight, silu_mul)
         x = (x.float() + x_add.float()).to(x.dtype)
     if x.dim() == 2:
-        return torch.stack([gemv_ref(x[b], weight, bias, norm_weight, norm_eps,
-                                     None if residual is None else residual[b], silu_mul, out_float)
+        return torch.stack([_gemv_row(x[b], weight, bias, norm_weight, norm_eps,
+                                      None if residual is None else residual[b], silu_mul, out_float)
                             for b in range(x.shape[0])]) if x.shape[0] else \
             x.new_zeros(0, weight.shape[0] // (2 if silu_mul else 1),
                         dtype=torch.float32 if out_float else x.dtype)
+    return _gemv_row(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float)
+
+
+def _gemv_row(x, weight, bias, norm_weight, norm_eps, residual, silu_mul, out_float):
+    """gemv_ref of one checked row x [K]."""
     xn = rms_norm_ref(x, norm_weight, norm_eps) if norm_weight is not None else x
     xf = xn.float()
     y = torch.cat([w.float() @ xf for w in weight.split(_ROWS_PER_BLOCK)]) if weight.shape[0] else \

@@ -355,7 +355,11 @@ class Model:
 
     def _prompt(self, prompt, chat=False, system=None):
         from .serve.prompt import as_prompt
-        p = as_prompt(self, prompt, chat, system)
+        # a bool (numpy's too), not any truthy value: chat="no" would have been True
+        numpy_bool = type(chat).__module__ == "numpy" and type(chat).__name__ in ("bool", "bool_")
+        if not (isinstance(chat, bool) or numpy_bool):
+            raise AhnError(f"chat must be True or False, got {type(chat).__name__} {chat!r:.40}")
+        p = as_prompt(self, prompt, bool(chat), system)
         if not p.ids:
             raise AhnError("the prompt is empty: give some text")
         lo, hi = min(p.ids), max(p.ids)
@@ -374,12 +378,12 @@ class Model:
         max_new_tokens = as_int(max_new_tokens)
         if stop is None:
             stop = []
-        if isinstance(stop, str):
+        elif isinstance(stop, str):
             stop = [stop]
-        try:
+        elif isinstance(stop, (list, tuple)):   # not any iterable: a dict gave its keys, a set an arbitrary order
             stop = list(stop)
-        except TypeError:
-            raise AhnError(f"stop must be a string or a list of strings, got {type(stop).__name__}") from None
+        else:
+            raise AhnError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         if any(not isinstance(s, str) or s == "" for s in stop):
             raise AhnError("stop strings must be non-empty text")
         for s in stop:      # a lone surrogate (a non-UTF-8 byte of a command line) never matches: it was ignored
@@ -626,6 +630,9 @@ class Session:
                     or token_ids.is_complex()):
                 raise AhnError(f"token_ids must be a 1-D integer tensor or a list of ints, got a "
                                f"{token_ids.dim()}-D {str(token_ids.dtype).replace('torch.', '')} tensor")
+            if token_ids.device.type == "meta":   # no values to read: NotImplementedError in the range check
+                raise AhnError("token_ids is a tensor on the meta device, which holds no values; give the ids "
+                               "on the CPU or the model's device")
             ids = token_ids.to(torch.int64)
         elif isinstance(token_ids, (str, bytes, bytearray, memoryview)):
             # bytes iterate as ints: b"hi" would be fed as the ids [104, 105]

@@ -81,8 +81,8 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
 
-def check_text(text, what: str = "the prompt"):
-    """AhnError (one line) unless ``text`` is a str that can be written as UTF-8."""
+def check_text(text, what: str = "the prompt", fix: str = "give UTF-8 text"):
+    """AhnError (one line) unless ``text`` is a str that can be written as UTF-8; ``fix`` ends the message."""
     if not isinstance(text, str):
         raise AhnError(f"{what} must be text (str), got {type(text).__name__}")
     try:
@@ -91,7 +91,7 @@ def check_text(text, what: str = "the prompt"):
         ch = ord(text[e.start])
         what_byte = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"code point U+{ch:04X}"
         raise AhnError(f"{what} is not valid UTF-8 ({what_byte} at character {e.start}); "
-                       "give UTF-8 text") from None
+                       f"{fix}") from None
 
 
 def decode_utf8(data: bytes, what: str) -> str:

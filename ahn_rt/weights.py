@@ -25,6 +25,7 @@ import dataclasses
 import json
 import errno
 import os
+import re
 import threading
 import struct
 from pathlib import Path
@@ -113,7 +114,18 @@ def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_j
     except OSError as e:
         raise AhnError(f"cannot write {out}: {e.strerror or e}") from None
     except Exception as e:  # safetensors raises its own error type for an unwritable path
-        raise AhnError(f"cannot write {out}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise AhnError(f"cannot write {out}: {_safetensors_reason(e)}") from None
+
+
+def _safetensors_reason(e: Exception) -> str:
+    """Why safetensors could not write a file, without the path of its own temporary file (it writes
+    '.tmpXXXXXX' beside the target: 'Error while serializing: I/O error: Permission denied (os error 13)
+    at path "/x/.tmpAbC123"'): the OS's words for the error number, else the first line less that path."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    code = re.search(r"\(os error (\d+)\)", msg)
+    if code:
+        return os.strerror(int(code.group(1)))
+    return re.sub(r' at path ".*"$', "", msg)
 
 
 def check_writable(out: Path):

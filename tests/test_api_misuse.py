@@ -46,6 +46,13 @@ def test_sampling_arguments_of_the_wrong_type_are_one_line_at_the_call(model, kw
     ([1, 2, 3], dict(chat=True), "not to token ids"),
     ([1, 2, 3], dict(system="Be brief."), "not to token ids"),
     (P, dict(stop=5), "stop must be"),
+    # any iterable was taken: a dict as the list of its keys, a set in an arbitrary order; chat any truthy value
+    (P, dict(stop={"a": 1}), "stop must be a string or a list of strings, got dict"),
+    (P, dict(stop={"a", "b"}), "stop must be a string or a list of strings, got set"),
+    (P, dict(stop=iter(["a"])), "stop must be a string or a list of strings, got list_iterator"),
+    (P, dict(chat="yes"), "chat must be True or False, got str 'yes'"),
+    (P, dict(chat=1), "chat must be True or False, got int 1"),
+    (P, dict(chat=None), "chat must be True or False, got NoneType None"),
     (P, dict(chat=True, system=3), "system must be text"),
     # a stop string that is not UTF-8 text (a lone surrogate) can never match: it was silently ignored
     (P, dict(stop=["ok", "\udcff"]), r"stop string '\\udcff' is not valid UTF-8 \(byte 0xff"),
@@ -61,6 +68,16 @@ def test_a_token_id_tensor_and_stop_none_are_taken(model):
     ids = model.tokenizer.encode(P)
     want = "".join(model.generate(ids, max_new_tokens=4, temperature=0))
     assert "".join(model.generate(torch.tensor(ids), max_new_tokens=4, temperature=0, stop=None)) == want
+
+
+def test_stop_tuples_and_numpy_bool_chat_are_taken(model):
+    """stop: a string, or a list or tuple of strings; chat: a bool, numpy's included. The same refusals
+    hold for prefill and agenerate, which share the checks."""
+    np = pytest.importorskip("numpy")
+    want = "".join(model.generate(P, max_new_tokens=6, temperature=0, stop=["\n"], chat=True))
+    assert "".join(model.generate(P, max_new_tokens=6, temperature=0, stop=("\n",), chat=np.bool_(True))) == want
+    with pytest.raises(AhnError, match="chat must be True or False"):
+        model.prefill(P, chat="yes")
 
 
 def test_sessions_that_are_not_this_models_are_one_line(model, other):
@@ -491,14 +508,17 @@ def test_a_call_racing_close_never_writes_the_released_slot(model):
 
 def test_token_ids_of_any_integer_dtype_are_taken_and_bytes_are_refused(model):
     """forward/step take a 1-D tensor of any integer dtype (an int16 or uint8 tensor was refused with 'must
-    be a 1-D integer tensor'); bytes, which iterate as ints, are refused instead of fed as ids."""
+    be a 1-D integer tensor'); bytes, which iterate as ints, are refused instead of fed as ids, and a meta
+    tensor (no values) in one line instead of torch's NotImplementedError."""
     want = model.new_session().forward([5, 9, 11])
     for dtype in (torch.int16, torch.uint8, torch.int8):
         assert torch.equal(model.new_session().forward(torch.tensor([5, 9, 11], dtype=dtype)), want)
     s = model.new_session()
     assert torch.equal(model.step([s], torch.tensor([5], dtype=torch.int16)), model.new_session().forward([5]))
     for bad, needle in ((b"def", "got bytes"), (bytearray(b"d"), "got bytearray"), ("def", "got str"),
-                        (torch.tensor([1.0]), "1-D float32 tensor"), (torch.tensor([True]), "1-D bool tensor")):
+                        (torch.tensor([1.0]), "1-D float32 tensor"), (torch.tensor([True]), "1-D bool tensor"),
+                        # no values to range-check: NotImplementedError from torch
+                        (torch.tensor([5], device="meta"), "token_ids is a tensor on the meta device")):
         with pytest.raises(AhnError, match=needle):
             s.forward(bad)
         with pytest.raises(AhnError, match=needle):
@@ -599,3 +619,11 @@ def test_integer_arguments_of_any_integer_type_are_taken(model):
     for bad in (dict(max_new_tokens=np.float64(6)), dict(seed=np.float32(5)), dict(max_new_tokens=np.bool_(True))):
         with pytest.raises(AhnError, match=next(iter(bad))):
             model.generate(P, **{"max_new_tokens": 2, **bad})
+    # the scheduler's limits too (they were refused: "max_active must be a positive integer, got np.int64(4)")
+    sched = model.start_scheduler(max_active=np.int64(4), max_queue=np.int32(5), prefill_tokens=np.uint16(16))
+    assert (sched.max_active, sched.max_queue, sched.prefill_tokens) == (4, 5, 16)
+    assert all(type(v) is int for v in (sched.max_active, sched.max_queue, sched.prefill_tokens))
+    for bad in (dict(max_active=np.float64(4)), dict(max_queue=np.bool_(True)), dict(prefill_tokens=np.int64(0))):
+        with pytest.raises(AhnError, match=next(iter(bad))):
+            model.start_scheduler(**bad)
+    sched.shutdown()      # the next agenerate makes a default one

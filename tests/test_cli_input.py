@@ -89,6 +89,22 @@ def test_serve_arguments_not_utf8(tiny, flag):
     one_line_error(p.returncode, p.stderr.decode(), f"{flag.decode()} is not valid UTF-8 (byte 0xff at character 2)")
 
 
+def test_serve_weights_folder_name_not_utf8(tiny, tmp_path):
+    # without --model-name the served id is the weights folder's name: a byte that is not UTF-8 there put a
+    # surrogate into every answer naming the model (each failed to encode); refused at start, asking for the id
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import shutil
+    folder = os.path.join(os.fsencode(tmp_path), b"ab\xff")
+    os.mkdir(folder)
+    shutil.copy(tiny, os.path.join(folder, b"model.safetensors"))
+    shutil.copy(tiny.parent / "tokenizer.json", os.path.join(folder, b"tokenizer.json"))
+    p = subprocess.run([os.fsencode(sys.executable), b"-m", b"ahn_rt.serve", b"--weights", folder,
+                        b"--port", b"0"], capture_output=True, timeout=300)
+    one_line_error(p.returncode, p.stderr.decode(), "the served id 'ab\\udcff' (from the weights' path) is not "
+                   "valid UTF-8 (byte 0xff at character 2); give the id with --model-name")
+
+
 def test_prompt_with_a_byte_order_mark(tiny, tmp_path):
     """A UTF-8 prompt saved with a byte order mark (Windows editors) gave the model one more token, U+FEFF
     (the training data loader drops it); file and stdin now give what the text alone gives."""

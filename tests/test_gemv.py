@@ -514,12 +514,63 @@ def test_gemv_ref_refuses_the_x_add_the_op_refuses(case):
     x, a, nw, silu = build()
     w = torch.randn(6, 8)
     call = (x, w, None, nw, EPS, None, silu, False, False, a)
-    with pytest.raises(RuntimeError, match=rf"^ahn_rt\.gemv: {needle}"):
+    with pytest.raises(RuntimeError, match=rf"^ahn_rt\.gemv: {needle}") as op_error:
         torch.ops.ahn_rt.gemv(*call)
-    with pytest.raises(RuntimeError, match=rf"^gemv_ref: {needle}"):
+    with pytest.raises(RuntimeError, match=rf"^gemv_ref: {needle}") as ref_error:
         gemv_ref(*call)
+    assert str(ref_error.value) == str(op_error.value).replace("ahn_rt.gemv: ", "gemv_ref: ", 1)
     with ops.use_backend("ref"), pytest.raises(RuntimeError, match=rf"^gemv_ref: {needle}"):
         ops.gemv(*call[:9], x_add=a)
+
+
+# The op's other refusals, each case once: the call's arguments that differ from a good one (x [8], weight
+# [6, 8], float32) and the message after "op: ". The reference broadcast a residual of another shape, failed
+# in torch's words (an odd N with silu_mul, a weight of another K) or took another dtype silently.
+def _x2():
+    return torch.randn(3, 8)
+
+
+GEMV_REFUSED = {
+    "x_3d": (dict(x=torch.randn(2, 3, 8)), r"x must be \[K\] or \[B, K\] \(B sequences\), got \[2, 3, 8\]"),
+    "weight_1d": (dict(weight=torch.randn(48)), r"weight must be \[N, K\], got \[48\]"),
+    "weight_k": (dict(weight=torch.randn(6, 7)), r"x has 8 values per row but weight is \[6, 7\]"),
+    "weight_dtype": (dict(weight=torch.randn(6, 8).half()), "weight dtype Half must equal x dtype Float"),
+    "weight_strides": (dict(weight=torch.randn(8, 6).t()),
+                       r"weight must be row-major contiguous, got strides \[1, 6\]"),
+    "silu_odd_n": (dict(weight=torch.randn(5, 8), silu_mul=True),
+                   r"silu_mul needs an even N \(\[gate; up\] rows\), got N=5"),
+    "bias_shape": (dict(bias=torch.randn(6, 1)), r"bias must be \[6\], got \[6, 1\]"),
+    "bias_broadcasts": (dict(bias=torch.randn(1)), r"bias must be \[6\], got \[1\]"),
+    "bias_dtype": (dict(bias=torch.randn(6).bfloat16()), "bias dtype BFloat16 must equal x dtype Float"),
+    "norm_shape": (dict(norm_weight=torch.rand(6)), r"norm_weight must be \[8\], got \[6\]"),
+    "norm_dtype": (dict(norm_weight=torch.rand(8).half()), "norm_weight dtype Half must equal x dtype Float"),
+    "residual_broadcasts": (dict(residual=torch.randn(1)), r"residual must be shaped like the output \[6\], got \[1\]"),
+    "residual_silu": (dict(residual=torch.randn(6), silu_mul=True),
+                      r"residual must be shaped like the output \[3\], got \[6\]"),
+    "residual_row": (dict(x=_x2(), residual=torch.randn(1, 6)),
+                     r"residual must be shaped like the output \[B, 6\], got \[1, 6\]"),
+    "residual_1d_batched": (dict(x=_x2(), residual=torch.randn(6)),
+                            r"residual must be shaped like the output \[B, 6\], got \[6\]"),
+    "residual_dtype": (dict(residual=torch.randn(6).half()), "residual must be on x's device with x's dtype"),
+}
+
+
+@pytest.mark.parametrize("case", list(GEMV_REFUSED))
+def test_gemv_ref_refuses_the_arguments_the_op_refuses(case):
+    """gemv_ref refuses every argument the compiled op refuses (shapes, dtypes, layouts), with the op's
+    message word for word (prefix gemv_ref), also through ops.gemv's reference backend."""
+    from ahn_rt import ops
+    changed, needle = GEMV_REFUSED[case]
+    args = dict(x=torch.randn(8), weight=torch.randn(6, 8), bias=None, norm_weight=None, norm_eps=EPS,
+                residual=None, silu_mul=False, out_float=False, static_weight=False, x_add=None)
+    args.update(changed)
+    with pytest.raises(RuntimeError, match=rf"^ahn_rt\.gemv: {needle}") as op_error:
+        torch.ops.ahn_rt.gemv(**args)
+    with pytest.raises(RuntimeError, match=rf"^gemv_ref: {needle}") as ref_error:
+        gemv_ref(**args)
+    assert str(ref_error.value) == str(op_error.value).replace("ahn_rt.gemv: ", "gemv_ref: ", 1)
+    with ops.use_backend("ref"), pytest.raises(RuntimeError, match=rf"^gemv_ref: {needle}"):
+        ops.gemv(**args)
 
 
 @pytest.mark.cuda

@@ -586,3 +586,18 @@ def test_no_weights_serves_the_demo_model():
         assert r.choices[0].text.strip() == info["answer"]
     finally:
         assert srv.stop() == 0, "\n".join(srv.lines)
+
+
+def test_default_model_name_reads_the_weights_path_as_load_does(tmp_path, monkeypatch):
+    """Without --model-name the id is the weights' folder (or file stem). --weights=~/ckpt/qwen/model.safetensors
+    (a ~ the shell leaves alone after '=') loaded, as ahn_rt.load expands it, but was served as
+    'model.safetensors': the name was read from the unexpanded path."""
+    from ahn_rt.serve.__main__ import _default_name
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ckpt" / "qwen").mkdir(parents=True)
+    (tmp_path / "ckpt" / "qwen" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "ckpt" / "tiny.safetensors").write_bytes(b"")
+    assert _default_name("~/ckpt/qwen/model.safetensors") == "qwen"
+    assert _default_name("~/ckpt/tiny.safetensors") == "tiny"
+    assert _default_name("~/ckpt/qwen") == "qwen"
+    assert _default_name(str(tmp_path / "ckpt" / "qwen" / "model.safetensors")) == "qwen"

@@ -118,6 +118,23 @@ def test_save_is_atomic_and_refuses_bad_paths(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys")
+def test_save_where_the_file_system_refuses_names_the_given_path():
+    """A place the permission check lets through (as root) but the file system refuses: the line named
+    safetensors' own temporary file ('... at path "/sys/.tmpXyZ12"'), not the path given; it now names the
+    given path with the OS's reason (as non-root the permission check says it first)."""
+    s = _model().new_session()
+    s.forward(IDS[:4])
+    with pytest.raises(ahn_rt.AhnError) as e:
+        s.save("/sys/ahn_rt_test.safetensors")
+    msg = str(e.value)
+    assert msg.startswith("cannot write /sys/ahn_rt_test.safetensors: ") and ".tmp" not in msg, msg
+    assert "\n" not in msg and "os error" not in msg, msg
+    with pytest.raises(ahn_rt.AhnError) as e:
+        ahn_rt.weights.write_checkpoint("/sys/ahn_rt_test.safetensors", {"a": torch.zeros(2)})
+    assert str(e.value) == msg
+
+
 def _rewrite(src, dst, meta=None, drop=()):
     """A copy of the state file ``src`` with header entries changed (``meta``) or removed (``drop``)."""
     with safe_open(str(src), "pt") as f:

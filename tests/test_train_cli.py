@@ -179,6 +179,13 @@ def test_stop_and_resume_reproduce_the_straight_run(tiny, capsys):
     assert rc == 2 and "already holds a training run" in err
     rc, _, err = train(capsys, *base_args(root, split), "--resume", "--lr", "2e-2")
     assert rc == 2 and "differs from the resumed run" in err and err.count("\n") == 1
+    # a --stop-after the run has already passed did nothing and said "stopped after step 2 of 4"
+    before = (split / "log.jsonl").read_bytes()
+    for n in (1, 2):
+        rc, _, err = train(capsys, *base_args(root, split), "--resume", "--stop-after", n)
+        assert rc == 2 and err == (f"error: --stop-after {n}: the resumed run is already at step 2 (of 4); give "
+                                   "--stop-after above 2, or leave it out to train to the end\n"), err
+    assert (split / "log.jsonl").read_bytes() == before
     rc, _, err = train(capsys, *base_args(root, split), "--resume")      # settings come from the state
     assert rc == 0, err
     a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
@@ -260,6 +267,11 @@ def bad_files(tiny):
     write_jsonl(bad / "junk.jsonl", ["{", "[]", {"input_ids": [V + 5]}])
     write_jsonl(bad / "short.jsonl", [{"input_ids": [1] * 20}])
     (bad / "a_file").write_text("x")
+    write_jsonl(bad / "text.jsonl", [{"text": "x" * 40}] * 4 + [{"text": "x" * 40 + "<|extra_19|>"}])
+    from tokenizers import Tokenizer
+    big = Tokenizer.from_file(str(root / "base" / "tokenizer.json"))   # 259 tokens; the base has V = 271 rows
+    big.add_special_tokens([f"<|extra_{i}|>" for i in range(20)])
+    big.save(str(bad / "big_tokenizer.json"))
     return bad
 
 
@@ -294,6 +306,9 @@ def bad_files(tiny):
     ("base path empty", "--base is empty"),                # pathlib's current folder
     ("init-ahn path empty", "--init-ahn is empty"),        # was ignored: a fresh memory
     ("tokenizer path empty", "--tokenizer is empty"),      # was ignored: the base's tokenizer
+    # ids past the embedding: each record holding one was skipped, the run went on with what was left
+    ("tokenizer larger than the base", "has 279 tokens but the base model's embedding has 271 rows (ids "
+                                       "271..278 have none); give the base model's tokenizer.json as --tokenizer"),
     ("out cannot be created", "choose another --out"),
     # a step of more sequences than the data holds repeated them; a huge --batch hung building the order
     ("global batch above the data", "--batch 4 x --grad-accum 2 = 8 sequences per step, but "),
@@ -374,6 +389,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--init-ahn", ""]
     elif case == "tokenizer path empty":
         extra += ["--tokenizer", " "]
+    elif case == "tokenizer larger than the base":
+        args["data"] = bad_files / "text.jsonl"
+        extra += ["--tokenizer", bad_files / "big_tokenizer.json"]
     elif case == "global batch above the data":
         extra += ["--batch", 4, "--grad-accum", 2]
     elif case == "train-layers huge range":

@@ -446,6 +446,30 @@ def test_data_records_text_messages_input_ids_and_bad_ones(tmp_path):
     assert d.stats.skipped["shorter than --min-len"] == 1
 
 
+def test_null_fields_are_absent_and_text_parts_are_message_content(tmp_path):
+    """A field set to null is an absent one ({"text": ..., "input_ids": null} was skipped as "input_ids is
+    not a list"); a message content given as OpenAI text parts, which generate, Model.generate and the
+    server take, is their joined text (it was skipped as a bad message). Any other part is a bad record."""
+    tok_path = tiny_tokenizer(tmp_path / "tokenizer.json")
+    text = "abcdefghij" * 5
+    msgs = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, world!"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "hello, world!"}]}]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+             {"role": "assistant", "content": "hello, world!"}]
+    budget = BudgetSpec(fixed=(16, 4))
+    load = (lambda name, records: load_dataset(write_jsonl(tmp_path / name, records), vocab_size=300,
+                                               seq_len=4096, budget=budget, tokenizer_path=tok_path, family="qwen2"))
+    want = load("want.jsonl", [{"text": text}, {"messages": msgs}, {"input_ids": list(range(30, 80))}])
+    got = load("got.jsonl", [{"text": text, "input_ids": None}, {"messages": parts, "text": None},
+                             {"input_ids": list(range(30, 80)), "labels": None, "loss_weights": None},
+                             {"messages": image}, {"text": None}])
+    assert (got.stats.used, dict(got.stats.skipped)) == (3, {"a message's content holds a part that is not text": 1,
+                                                            "no input_ids, messages or text field": 1})
+    for i in range(3):
+        assert [t.tolist() for t in got.seq(i)] == [t.tolist() for t in want.seq(i)]
+
+
 def test_loss_weights_are_read_checked_and_weight_the_step(tmp_path, config, base):
     rng = random.Random(3)
     a, b = random_ids(rng, 40), random_ids(rng, 40)

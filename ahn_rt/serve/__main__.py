@@ -88,7 +88,7 @@ def _free_bytes(model) -> int:
 
 def _default_name(weights: str) -> str:
     """'ckpt/qwen-ahn/model.safetensors' -> 'qwen-ahn'; 'x/tiny.safetensors' -> 'tiny'; a folder: its name."""
-    p = os.path.normpath(os.path.abspath(weights))
+    p = os.path.normpath(os.path.abspath(os.path.expanduser(weights)))   # as ahn_rt.load reads it
     base = os.path.basename(p)
     if os.path.isfile(p):
         stem = base.rsplit(".", 1)[0]
@@ -149,6 +149,10 @@ def main(argv=None) -> int:
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
         if use_demo_weights(args):
             print(f"[ahn_rt.serve] no --weights: serving the demo model in {args.weights}", file=sys.stderr)
+        name = args.model_name or _default_name(args.weights)
+        if args.model_name is None and os.path.exists(os.path.expanduser(args.weights)):   # else: "not found"
+            # a folder name with a byte that is not UTF-8 would put a surrogate into every answer naming the model
+            check_text(name, f"the served id {name!r} (from the weights' path)", "give the id with --model-name")
         sock = _bind(args.host, args.port)
 
         from .metrics import Metrics
@@ -175,7 +179,6 @@ def main(argv=None) -> int:
         metrics = Metrics()
         scheduler = model.start_scheduler(max_active=max_active, max_queue=args.max_queue, metrics=metrics)
         sessions = SessionStore(model, convs, args.state_dir)
-        name = args.model_name or _default_name(args.weights)
         opts = Options(model_name=name, api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
                        max_tokens=args.max_tokens)
         app = create_app(model, opts, scheduler, sessions, metrics)

@@ -47,7 +47,10 @@ class Prompt:
         return len(self.ids)
 
 
-def _content(msg, i: int, role: str) -> str:
+def content_text(msg, i: int, role: str) -> str:
+    """The text of message ``i``'s content: a string, or OpenAI content parts of type text (joined); an
+    assistant message may lack it (""). AhnError naming the message otherwise. The training data reads
+    message contents with it too."""
     content = msg.get("content")
     if content is None:
         if role != "assistant":   # as OpenAI: only an assistant message (one that called tools) may lack it
@@ -82,7 +85,7 @@ def normalize_messages(messages) -> list[tuple[str, str]]:
             shown = repr(role[:40]) + "..." * (len(role) > 40) if isinstance(role, str) else \
                 type(role).__name__ if isinstance(role, (list, dict)) else repr(role)   # one short line
             raise AhnError(f"messages[{i}].role must be one of system, user, assistant; got {shown}")
-        out.append((role, _content(m, i, sent)))   # its errors name the role the client sent
+        out.append((role, content_text(m, i, sent)))   # its errors name the role the client sent
     return out
 
 

@@ -394,6 +394,11 @@ def _run(a, d, out: Path) -> int:
                                   "steps): start it over with --overwrite instead of --resume"
                                   if _holds_run_files(out) else "run without --resume to start a new run"))
             saved_state, saved_ahn, saved_tensors = ckpt_io.load_resume(resume_dir)
+            at = int(saved_state["step"])
+            if a.stop_after is not None and a.stop_after <= at:   # else: nothing trained, "stopped after step"
+                raise AhnError(f"--stop-after {a.stop_after}: the resumed run is already at step {at} (of "
+                               f"{int(saved_state['schedule']['total_steps'])}); give --stop-after above {at}, "
+                               "or leave it out to train to the end")
         elif out.is_dir() and not a.overwrite and ckpt_io.find_resume(out):
             raise AhnError(f"{out} already holds a training run; pass --resume to continue it, --overwrite to "
                            "start over, or choose another --out")

@@ -7,11 +7,14 @@ A record is one JSON object per line, one of
   else the token id itself; and ``"loss_weights"``: the same length, a finite number >= 0 per token, the
   weight of the loss that predicts it, 0 meaning no loss), pre-tokenized, so no tokenizer is needed;
 * ``{"text": "..."}``: every token is a loss target;
-* ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``: rendered in Qwen's
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`` (a content may also be a
+  list of OpenAI text parts ``[{"type": "text", "text": "..."}, ...]``, joined, as ``ahn_rt.generate`` and
+  the server read them; any other part makes the record bad): rendered in Qwen's
   ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn; Qwen2/2.5 get Qwen2.5's default system message
   when the conversation has none, as ``ahn_rt.tokenizer.apply_chat_template`` does), loss on the assistant
   turns (their content plus ``<|im_end|>\\n``) only, unless ``loss_on="all"``.
 
+A field whose value is null counts as absent (``{"text": "...", "input_ids": null}`` is a text record).
 Bad records (invalid JSON, wrong types, ids outside the vocabulary, empty) are skipped and counted, never
 fatal. Sequences are cut at ``seq_len`` tokens (like the official ``cutoff_len``) and those with fewer than
 ``min_len`` tokens dropped (like ``filter_len``); a sequence with no loss position the window allows is
@@ -138,8 +141,9 @@ def _int_list(v, what) -> list[int]:
 class _Encoder:
     """Turns text/messages records into (ids, mask); loads the tokenizer on first use."""
 
-    def __init__(self, tokenizer_path, family: str, loss_on: str):
+    def __init__(self, tokenizer_path, family: str, loss_on: str, vocab_size: int | None = None):
         self.tokenizer_path = tokenizer_path
+        self.vocab_size = vocab_size     # the base's embedding rows: a larger tokenizer is refused when loaded
         self.family = family
         self.loss_on = loss_on
         self._tok = None
@@ -152,7 +156,12 @@ class _Encoder:
                 raise AhnError(f"the data has text/messages records but there is no tokenizer "
                                f"({self.tokenizer_path or 'none given'} not found); pass --tokenizer PATH "
                                "or pre-tokenize the data as {\"input_ids\": [...]}")
-            self._tok = Tokenizer.from_file(self.tokenizer_path)
+            tok = Tokenizer.from_file(self.tokenizer_path)
+            if self.vocab_size is not None and tok.vocab_size > self.vocab_size:   # else: records skipped one by one
+                raise AhnError(f"the tokenizer {self.tokenizer_path} has {tok.vocab_size} tokens but the base model's "
+                               f"embedding has {self.vocab_size} rows (ids {self.vocab_size}..{tok.vocab_size - 1} "
+                               "have none); give the base model's tokenizer.json as --tokenizer")
+            self._tok = tok
         return self._tok
 
     def encode(self, text: str) -> list[int]:
@@ -173,12 +182,17 @@ class _Encoder:
         return ids, [True] * len(ids)
 
     def messages(self, msgs) -> tuple[list[int], list[bool]]:
+        from ..serve.prompt import content_text
         from ..tokenizer import QWEN25_DEFAULT_SYSTEM
         if not isinstance(msgs, list) or not msgs:
             raise _Bad("messages is not a non-empty list")
         for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise _Bad("a message is not {role: system|user|assistant, content: string}")
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), (str, list)):
+                raise _Bad("a message is not {role: system|user|assistant, content: string or text parts}")
+        try:   # content parts [{"type": "text", "text": ...}] joined, as generate and the server read them
+            msgs = [{"role": m["role"], "content": content_text(m, i, m["role"])} for i, m in enumerate(msgs)]
+        except AhnError:
+            raise _Bad("a message's content holds a part that is not text") from None
         if not any(m["role"] == "assistant" and m["content"] for m in msgs) and self.loss_on == "assistant":
             raise _Bad("no assistant message to learn from")
         segments: list[tuple[str, bool]] = []
@@ -210,6 +224,7 @@ def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[in
         raise _Bad("a number with too many digits") from None
     if not isinstance(rec, dict):
         raise _Bad("not a JSON object")
+    rec = {k: v for k, v in rec.items() if v is not None}   # a null field is an absent one
     weights = None
     if "input_ids" in rec:
         ids = _int_list(rec["input_ids"], "input_ids")
@@ -326,7 +341,7 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
         raise AhnError(f"data file not found: {path}")
     if path.is_dir():
         raise AhnError(f"--data {path} is a folder; give a .jsonl file")
-    encoder = _Encoder(tokenizer_path, family, loss_on)
+    encoder = _Encoder(tokenizer_path, family, loss_on, vocab_size)
     stats = DataStats()
     ids_buf, mask_buf, offsets = array("i"), array("b"), [0]
     weight_buf = None   # array("f") from the first record with loss_weights on (earlier tokens: 1)
