@@ -5,8 +5,8 @@
 
 Random base weights are built directly on the device (ahn_rt.init_weights.random_state_dict), the AHN
 modules get their official initial values, and each step runs: teacher forward (no grad), student
-forward (sinks + window + memory, per-layer checkpointing), the chunked distillation loss at positions
-t >= S + W, backward, AdamW on the AHN parameters. (W, S) per step are drawn as the recipe draws them
+forward (sinks + window + memory; `--checkpoint`: what backward recomputes, each layer by default), the
+chunked distillation loss at positions t >= S + W, backward, AdamW on the AHN parameters. (W, S) per step are drawn as the recipe draws them
 (seeded) unless --window/--sinks fix them. Reports training tokens/s, peak device memory and the time
 split per phase (CUDA events on a GPU), as text, one markdown table row and optionally --json.
 """
@@ -69,7 +69,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sinks", type=nonneg_int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the smoke check)")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
-    ap.add_argument("--no-checkpoint", action="store_true", help="keep the student's activations instead")
+    ap.add_argument("--checkpoint", choices=["layer", "memory", "none"], default="layer",
+                    help="what the student's backward recomputes (ahn_rt.train's --activation-checkpointing): "
+                         "layer (default), memory (each layer's AHN memory module only) or none")
+    ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_const", const="none",
+                    help="the same as --checkpoint none")
     ap.add_argument("--loss-chunk", type=positive_int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results to this file")
@@ -127,7 +131,7 @@ def measure(args, dev) -> int:
             with torch.no_grad():
                 h_t = model.forward_teacher(ids)
             m.mark("teacher")
-            h_s = model.forward_student(ids, window, sinks, checkpoint=not args.no_checkpoint)
+            h_s = model.forward_student(ids, window, sinks, checkpoint=args.checkpoint)
             m.mark("student")
             loss, _ = distill_loss(model, h_t, h_s, valid, chunk=args.loss_chunk)
             m.mark("loss")
@@ -146,13 +150,13 @@ def measure(args, dev) -> int:
     ms = {k: statistics.mean(r[k] for r in rows) for k in PHASES}
     total = sum(ms.values())
     res = {"preset": args.preset, "seq_len": L, "batch": B, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-           "dtype": str(dtype).replace("torch.", ""), "checkpoint": not args.no_checkpoint, "steps": len(rows),
+           "dtype": str(dtype).replace("torch.", ""), "checkpoint": args.checkpoint, "steps": len(rows),
            "budgets": budgets, "attention": attention_backend(dev), "tokens_per_s": B * L * 1e3 / total, "step_ms": total, "phase_ms": ms,
            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None, "torch": torch.__version__}
     peak = f"{res['peak_gib']:.1f} GiB" if cuda else "n/a (cpu)"
     print(f"\n{res['tokens_per_s']:.0f} training tokens/s ({total:.0f} ms/step), peak memory {peak}")
     print("| preset | seq | batch | ckpt | attention | tokens/s | peak | teacher | student fwd | loss | backward | optim |")
-    print(f"| {args.preset} | {L} | {B} | {'yes' if res['checkpoint'] else 'no'} | {res['attention']} | "
+    print(f"| {args.preset} | {L} | {B} | {res['checkpoint']} | {res['attention']} | "
           f"{res['tokens_per_s']:.0f} | {peak} | "
           + " | ".join(f"{ms[k]:.0f} ms" for k in PHASES) + " |")
     sys.stdout.flush()

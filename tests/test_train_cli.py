@@ -606,26 +606,26 @@ def test_a_run_stopped_before_its_first_resume_state_is_started_over_not_resumed
 
 
 def test_resume_may_turn_activation_checkpointing_off_and_on(tiny, capsys):
-    """Activation checkpointing recomputes each layer in the backward pass: memory for time, the same
-    numbers. A resume refused --no-activation-checkpointing ("--activation-checkpointing False differs from
-    the resumed run's True", a flag that does not exist), and a run started without it could never get it
-    back (no flag turns it on). Now every invocation chooses it, and the losses are those of the straight run."""
+    """Activation checkpointing recomputes in the backward pass (each layer, or each layer's memory module):
+    memory for time, the same numbers. A resume refused --no-activation-checkpointing ("--activation-checkpointing
+    False differs from the resumed run's True", a flag that did not exist), and a run started without it could
+    never get it back. Now every invocation chooses it (layer, none, memory, then the default again), and the
+    losses are those of the straight run."""
     root, _ = tiny
-    common = ["--steps", 3, "--batch", 2, "--lr", "1e-2", "--window", 8, "--sinks", 2, "--save-dtype", "float32"]
+    common = ["--steps", 4, "--batch", 2, "--lr", "1e-2", "--window", 8, "--sinks", 2, "--save-dtype", "float32"]
     straight, split = root / "ckpt_straight", root / "ckpt_split"
     assert train(capsys, *base_args(root, straight), *common)[0] == 0
     rc, _, err = train(capsys, *base_args(root, split), *common, "--stop-after", 1)
     assert rc == 0, err
-    rc, _, err = train(capsys, *base_args(root, split), "--resume", "--no-activation-checkpointing", "--stop-after", 2,
-                       "--save-dtype", "float32")
-    assert rc == 0, err
-    assert json.loads((split / "run.json").read_text())["run"]["activation_checkpointing"] is False
-    rc, _, err = train(capsys, *base_args(root, split), "--resume", "--save-dtype", "float32")   # back on
-    assert rc == 0, err
-    assert json.loads((split / "run.json").read_text())["run"]["activation_checkpointing"] is True
+    for flags, stop, saved in ((["--no-activation-checkpointing"], 2, "none"),
+                               (["--activation-checkpointing", "memory"], 3, "memory"), ([], None, "layer")):
+        rc, _, err = train(capsys, *base_args(root, split), "--resume", *flags,
+                           *(["--stop-after", stop] if stop else []), "--save-dtype", "float32")
+        assert rc == 0, err
+        assert json.loads((split / "run.json").read_text())["run"]["activation_checkpointing"] == saved
     a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in b] == [0, 1, 2] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["step"] for r in b] == [0, 1, 2, 3] and [r["loss"] for r in a] == [r["loss"] for r in b]
     with safe_open(str(straight / "model.safetensors"), "pt") as f, safe_open(str(split / "model.safetensors"), "pt") as g:
         assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ahn_rt import init_weights, runtime
 from ahn_rt.config import parse_config
 from ahn_rt.weights import ahn_shapes, base_shapes, is_ahn_key
+from ahn_rt.errors import AhnError
 from ahn_rt.settings import SettingsError
 from ahn_rt.train.attention import attention_backend, causal_attention, window_attention, window_plan
 from ahn_rt.train.gdn import chunk_gdn
@@ -336,15 +337,48 @@ def test_state_dicts_and_checkpointed_gradients():
 
     ids = ids_for(60, 9)[None]
     grads = []
-    for ckpt in (True, False):
+    for ckpt in (True, False, "layer", "memory", "none"):
         tm.zero_grad()
         h = tm.forward_student(ids, torch.tensor([10]), torch.tensor([2]), checkpoint=ckpt)
         tm.lm_logits(h).logsumexp(-1).sum().backward()
         grads.append({n: p.grad.clone() for n, p in tm.ahn.named_parameters() if p.grad is not None})
     assert set(grads[0]) == set(grads[1]) and "0.a_proj.weight" in grads[0] and "0.o_proj.weight" in grads[0]
     assert grads[0]["0.a_proj.weight"].abs().max() > 0
-    for n in grads[0]:
-        assert rel(grads[0][n], grads[1][n]) < MODEL, n
+    for g in grads[1:]:
+        assert set(g) == set(grads[0])
+        for n in grads[0]:
+            assert rel(grads[0][n], g[n]) < MODEL, n
+
+
+def _saved_bytes(tm, ids, W, S, checkpoint) -> int:
+    """Bytes of the distinct storages that autograd keeps for backward in one student forward (parameters
+    excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in tm.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tm.forward_student(ids, torch.tensor([W]), torch.tensor([S]), checkpoint=checkpoint)
+    return sum(seen.values())
+
+
+def test_memory_checkpointing_keeps_less_than_none():
+    """--activation-checkpointing memory recomputes each layer's AHN memory module in backward and keeps the
+    rest: less kept than "none" (the memory's chunked recurrence keeps float32 block tensors and states per
+    token), more than "layer" (which keeps each layer's input only). A mode that silently fell back to
+    "none" (or to "layer") fails the ordering; the gradients are the same in every mode (the test above)."""
+    cfg, sd, tm = tiny_model("qwen2")
+    ids = ids_for(200, 3)[None]
+    none, memory, layer = (_saved_bytes(tm, ids, 16, 4, c) for c in ("none", "memory", "layer"))
+    assert layer < memory < none, (layer, memory, none)
+    assert none - memory > (none - layer) / 4, (layer, memory, none)   # the memory is a large share of a layer
+    with pytest.raises(AhnError, match="activation checkpointing 'some': use one of layer, memory, none"):
+        tm.forward_student(ids, torch.tensor([16]), torch.tensor([4]), checkpoint="some")
 
 
 def test_train_base_teacher():

@@ -290,9 +290,10 @@ def test_fsdp_two_ranks_stop_and_resume_on_one_process(tiny, one_process, tmp_pa
     p = torchrun("-m", "ahn_rt.train", *train_args(tiny, out, "--fsdp", "--stop-after", 1))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "(--fsdp)" in p.stderr and "stopped after step 1 of 3" in p.stderr
-    # resumed under --fsdp: the whole tensors of the state are cut into this rank's shards
+    # resumed under --fsdp: the whole tensors of the state are cut into this rank's shards; this step recomputes
+    # each layer's (sharded) memory module in backward instead of the layer: the same numbers
     p = torchrun("-m", "ahn_rt.train", "--base", tiny / "base", "--data", tiny / "ids.jsonl", "--out", out,
-                 "--resume", "--fsdp", "--stop-after", 2)
+                 "--resume", "--fsdp", "--stop-after", 2, "--activation-checkpointing", "memory")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed at step 1" in p.stderr and "stopped after step 2 of 3" in p.stderr
     assert_same_run(read_log(out), read_log(one_process)[:2], [0, 1])

@@ -45,7 +45,7 @@ RUN_DEFAULTS = {
     "steps": None, "seq_len": 24576, "min_len": 0, "batch": 1, "grad_accum": 1, "lr": 1e-4,
     "warmup_ratio": 0.1, "weight_decay": 0.1, "max_grad_norm": 1.0, "window_min": None, "window_max": None,
     "window": None, "sinks": None, "ce_weight": 0.0, "seed": 0, "dtype": None, "loss_on": "assistant",
-    "activation_checkpointing": True, "ahn": None, "decay_init": "official", "train_layers": None,
+    "activation_checkpointing": "layer", "ahn": None, "decay_init": "official", "train_layers": None,
 }
 BATCH_KEYS = ("batch", "grad_accum")      # resolved through the global batch (_resolve_batch)
 # Recorded with the run but chosen anew by every invocation, a resume included: they change how a step is
@@ -133,8 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", choices=["bf16", "float32"],
                    help="bf16: base in bf16, bf16 autocast, fp32 master AHN weights (default on cuda); "
                         "float32 (default on cpu)")
+    o.add_argument("--activation-checkpointing", choices=["layer", "memory", "none"],
+                   help="what the backward pass recomputes: layer (default): each decoder layer, the least "
+                        "memory; memory: only each layer's AHN memory module, which saves the most per token "
+                        "(faster than layer); none: nothing (the fastest, the most memory); the same numbers")
     o.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
-                   const=False, help="keep every layer's activations (faster, more memory)")
+                   const="none", help="the same as --activation-checkpointing none")
     r = ap.add_argument_group("run")
     r.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     r.add_argument("--log-every", type=int, default=10, help="progress line every N steps when stderr is "

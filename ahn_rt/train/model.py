@@ -82,6 +82,24 @@ class _Pairs:
 class _StudentCtx:
     plan: object           # attention.WindowPlan
     pairs: _Pairs | None   # None: no token has left the window in any sequence
+    recompute_memory: bool = False   # activation checkpointing "memory": each layer's memory module recomputed
+
+
+# Activation checkpointing of the student (``checkpoint=`` of forward_student; the trainer's
+# ``activation_checkpointing``): "layer" recomputes each decoder layer in backward (the least memory);
+# "memory" keeps the layers' activations but recomputes each layer's AHN memory module, whose chunked
+# recurrence saves the most per token for the least compute (float32 block tensors and states); "none"
+# keeps everything (the fastest, the most memory). The same numbers either way.
+CHECKPOINT_MODES = ("layer", "memory", "none")
+
+
+def checkpoint_mode(checkpoint) -> str:
+    """One of CHECKPOINT_MODES from a mode name or a bool (True: "layer", False: "none")."""
+    if checkpoint is True or checkpoint is False:
+        return "layer" if checkpoint else "none"
+    if checkpoint in CHECKPOINT_MODES:
+        return checkpoint
+    raise AhnError(f"activation checkpointing {checkpoint!r}: use one of {', '.join(CHECKPOINT_MODES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,10 +255,10 @@ class TrainModel(nn.Module):
         with torch.set_grad_enabled(self.train_base and torch.is_grad_enabled()):
             return self._run(ids, None, checkpoint)
 
-    def forward_student(self, ids: torch.Tensor, window, sinks, *, checkpoint: bool = True) -> torch.Tensor:
+    def forward_student(self, ids: torch.Tensor, window, sinks, *, checkpoint: bool | str = True) -> torch.Tensor:
         """Hidden states [B, L, d] after the final norm with the attention of sinks[b] + window[b] keys
-        (int64 [B]) and the AHN memory in every layer; each layer recomputed in backward when
-        ``checkpoint``."""
+        (int64 [B]) and the AHN memory in every layer. ``checkpoint``: what backward recomputes
+        (``CHECKPOINT_MODES``; True is "layer", False "none")."""
         if not len(self.ahn):
             raise AhnError("this TrainModel has no AHN modules (with_ahn=False)")
         B, L = ids.shape
@@ -258,9 +276,10 @@ class TrainModel(nn.Module):
             St, Wt, nt = (torch.tensor(x, device=dev)[:, None] for x in (S, W, n))
             valid = None if min(n) == N else (i < nt).to(torch.float32)[..., None]
             pairs = _Pairs(N, (St + i).clamp(max=L - 1), (St + Wt + i).clamp(max=L - 1), valid)
-        return self._run(ids, _StudentCtx(plan, pairs), checkpoint)
+        mode = checkpoint_mode(checkpoint)
+        return self._run(ids, _StudentCtx(plan, pairs, recompute_memory=mode == "memory"), mode == "layer")
 
-    def forward(self, ids, window, sinks, *, checkpoint: bool = True):
+    def forward(self, ids, window, sinks, *, checkpoint: bool | str = True):
         return self.forward_student(ids, window, sinks, checkpoint=checkpoint)
 
     # ------------------------------------------------------------------------------------------
@@ -299,7 +318,12 @@ class TrainModel(nn.Module):
         else:
             attn = window_attention(q, k, v, None, None, plan=student.plan)
             if student.pairs is not None:
-                m = self.ahn[i](x, q, k, v, student.pairs).to(attn.dtype)
+                if student.recompute_memory and torch.is_grad_enabled():
+                    m = _checkpoint(self.ahn[i], x, q, k, v, student.pairs, use_reentrant=False,
+                                    preserve_rng_state=False)
+                else:
+                    m = self.ahn[i](x, q, k, v, student.pairs)
+                m = m.to(attn.dtype)
                 pairs = student.pairs
                 attn = attn.scatter_add(1, pairs.read.view(B, pairs.n, 1, 1).expand_as(m), m)
         h = h + F.linear(attn.reshape(B, L, H * D), lw.w_o, lw.b_o)

@@ -65,7 +65,7 @@ class TrainSettings:
     seed: int = 0
     budget: BudgetSpec = dataclasses.field(default_factory=BudgetSpec)
     autocast_bf16: bool = False         # bf16 autocast around the forward passes (fp32 master weights)
-    activation_checkpointing: bool = True
+    activation_checkpointing: bool | str = "layer"   # model.CHECKPOINT_MODES (True: "layer", False: "none")
     log_every: int = 10                 # a progress line every N steps when stderr is not a terminal
     save_every: int = 100               # a resume state every N steps (and at the end); 0: only at the end
     stop_after: int | None = None       # stop (with a resume state) after this many steps
