@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import AhnError
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")   # fullmatch: with match and $, "abc\n" passed
 META_VERSION = 1
 
 
@@ -52,7 +52,7 @@ class Conversation:
 
 
 def check_session_id(sid) -> str:
-    if not isinstance(sid, str) or not SESSION_ID.match(sid):
+    if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
         raise AhnError("session_id must be 1-128 characters of letters, digits, '_' or '-'")
     return sid
 
