@@ -152,6 +152,10 @@ def main(argv=None) -> int:
     one_line_warnings()
     try:
         demo = use_demo_weights(args)
+        if not demo and args.weights:   # a missing model before "no prompt": both are needed, this one first
+            from pathlib import Path
+            from .weights import check_weights_exist
+            check_weights_exist(Path(args.weights).expanduser())
         prompt = _read_prompt(args, required=not demo)   # before the defaults: piped text is no demo prompt
         demo_prompt = prompt is None
         if args.max_new_tokens is None:

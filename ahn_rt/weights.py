@@ -242,9 +242,14 @@ def check_safetensors(path: Path, fix: str = "re-download or re-export it"):
         raise AhnError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]}); {fix}") from None
 
 
-def _weight_files(path: Path, what: str) -> list[Path]:
+def check_weights_exist(path: Path, what: str = "weights") -> None:
+    """AhnError (one line) when a weights path does not exist."""
     if not path.exists():
         raise AhnError(f"{what} not found: {path}; give a .safetensors file or a checkpoint folder")
+
+
+def _weight_files(path: Path, what: str) -> list[Path]:
+    check_weights_exist(path, what)
     if path.is_file():
         _refuse_pickle(path)
         if path.suffix != ".safetensors":

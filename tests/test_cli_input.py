@@ -394,6 +394,14 @@ def test_weights_with_no_prompt_on_stdin(tiny, how):
     assert ("stdin is empty" in p.stderr) == (how == "empty")
 
 
+def test_missing_weights_before_no_prompt(tiny):
+    """A --weights path that does not exist is named first, also with no prompt on stdin: the user was told
+    "no prompt", gave one, and only then learned that the model was not there."""
+    p = subprocess.run([sys.executable, "-m", *GEN, "--weights", str(tiny) + "_missing"], capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    one_line_error(p.returncode, p.stderr, "weights not found:")
+
+
 def test_config_json_as_tokenizer(tiny):
     good = tiny.parent / "tokenizer.json"
     rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", "--tokenizer", str(good))
@@ -437,3 +445,20 @@ def test_negative_numbers_in_scientific_notation_are_values(capsys, value, numbe
     with pytest.raises(SystemExit):
         build_parser().parse_args(need + ["--lr", "-x"])
     assert "expected one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,size", [("1000", 1000), ("8GiB", 8 << 30), ("8GB", 8 * 1000 ** 3), ("512m", 512 << 20),
+                                       ("1TB", 1000 ** 4), ("1t", 1 << 40), ("2 TiB", 2 << 40)])
+def test_serve_sizes(text, size):
+    """The server's byte sizes (--memory-budget, --prefix-cache...): decimal and binary units alike (TB was
+    refused while GB and MB were taken)."""
+    from ahn_rt.serve.__main__ import parse_size
+    assert parse_size(text, "--x") == size
+
+
+@pytest.mark.parametrize("text", ["1PB", "-1G", "inf", "GB", "1e400"])
+def test_serve_sizes_refused(text):
+    from ahn_rt.errors import AhnError
+    from ahn_rt.serve.__main__ import parse_size
+    with pytest.raises(AhnError, match="--x"):
+        parse_size(text, "--x")
