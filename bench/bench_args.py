@@ -4,7 +4,8 @@ line on stderr, "error: <problem and what to do>", exit status 2, no traceback:
 * ``ArgParser`` (ahn_rt.cli): usage errors in one line; ``positive_int`` / ``nonneg_int`` /
   ``positive_float`` / ``nonneg_float`` / ``tokens_arg`` / ``seed_arg`` as argparse types;
 * ``parse_tokens`` / ``token_list``: token counts and depths such as ``2k``, ``32k``, ``1.5k`` or ``4096``
-  (``k`` = 1024), at least 1 (the one parser of that format in bench/);
+  (``k`` = 1024), at least 1 and at most ``MAX_TOKENS`` (the one parser of that format in bench/); a list
+  (``token_list``, ``int_list``) names each value once;
 * ``check_settings``: the AHN_RT_* switches that ahn_rt reads at import, checked before that import;
 * ``check_device``: a device torch has and the bench runs on, checked before any work;
   ``require_cuda_ops``: a CUDA GPU and ahn_rt's CUDA kernels, for the benches of the kernels alone;
@@ -60,9 +61,15 @@ def check_settings(names=RUNTIME_SWITCHES):
 
 
 # ---- numbers -----------------------------------------------------------------------------------------
+# A depth or count past this is no size a run can have: a position is an int64 (a depth of 2**64 was a
+# failed row "int too big to convert" and exit 0; a prefix_ttft --chunk-size of 2**64 a struct.error
+# traceback). 2**62 leaves the steps after the depth room.
+MAX_TOKENS = 2 ** 62
+
+
 def parse_tokens(text: str) -> int:
     """A token count or depth: '2k' -> 2048, '32k' -> 32768, '1.5k' -> 1536, '4096' -> 4096. ValueError
-    (one line, naming the text) for anything else or a count below 1."""
+    (one line, naming the text) for anything else, a count below 1 or above MAX_TOKENS."""
     s = str(text).strip().lower()
     try:
         n = int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
@@ -70,22 +77,38 @@ def parse_tokens(text: str) -> int:
         raise ValueError(f"{str(text).strip()!r} is not a token count such as 2k, 32k or 4096") from None
     if n < 1:
         raise ValueError(f"{str(text).strip()!r}: a token count must be >= 1")
+    if n > MAX_TOKENS:
+        raise ValueError(f"{str(text).strip()!r}: a token count must be at most 2**62 = {MAX_TOKENS} "
+                         "(a position is a 64-bit integer)")
     return n
 
 
+def _once(values: list[int], texts: list[str], flag: str) -> list[int]:
+    """`values` when each is there once; else ValueError naming the repeated value as the user wrote it
+    (a repeated depth ran its rows twice, and the --json of gemv_bench, keyed by batch size, kept one)."""
+    seen = {}
+    for v, t in zip(values, texts):
+        if v in seen:
+            same = f"{seen[v]!r} and {t.strip()!r} are both {v}" if seen[v] != t.strip() else f"{v} is given twice"
+            raise ValueError(f"{flag}: {same}; name each value once")
+        seen[v] = t.strip()
+    return values
+
+
 def token_list(text: str, flag: str) -> list[int]:
-    """A comma list of token counts ('1k,32k'); ValueError naming `flag` when empty or bad."""
+    """A comma list of token counts ('1k,32k'), each once; ValueError naming `flag` when empty or bad."""
     items = [x for x in str(text).split(",") if x.strip()]
     if not items:
         raise ValueError(f"{flag} needs at least one token count, e.g. 1k,32k")
     try:
-        return [parse_tokens(x) for x in items]
+        values = [parse_tokens(x) for x in items]
     except ValueError as e:
         raise ValueError(f"{flag}: {e}") from None
+    return _once(values, items, flag)
 
 
 def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
-    """A comma list of integers >= minimum ('1,4,16'); ValueError naming `flag` otherwise."""
+    """A comma list of integers >= minimum ('1,4,16'), each once; ValueError naming `flag` otherwise."""
     items = [x.strip() for x in str(text).split(",") if x.strip()]
     if not items:
         raise ValueError(f"{flag} needs at least one number, e.g. 1,4,16")
@@ -98,7 +121,7 @@ def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
         if v < minimum:
             raise ValueError(f"{flag}: every value must be >= {minimum}, got {v}")
         out.append(v)
-    return out
+    return _once(out, items, flag)
 
 
 def _typed(convert, minimum, what, strict=False):

@@ -291,7 +291,9 @@ def parse_args(argv=None):
         a.hf_compile = True
     try:   # depths and prompt lengths: 1k = 1024, each >= 1 (a depth < 1 crashed natively in fill_random)
         a.ctx = token_list(a.contexts, "--contexts") if a.contexts else None
-        a.prefill = token_list(a.prefill, "--prefill") + ([131072] if a.prefill_long else [])
+        a.prefill = token_list(a.prefill, "--prefill")
+        if a.prefill_long and 131072 not in a.prefill:   # --prefill 128k --prefill-long: one pp131072 row
+            a.prefill.append(131072)
         a.ref_ctx, a.hf_ctx = token_list(a.ref_contexts, "--ref-contexts"), token_list(a.hf_contexts, "--hf-contexts")
         a.hf_compile_ctx = token_list(a.hf_compile_contexts, "--hf-compile-contexts")
         a.batch_ctx = token_list(a.batch_contexts, "--batch-contexts")

@@ -119,11 +119,18 @@ def test_parse_tokens_is_the_one_size_parser():
     parse_tokens, token_list = bench_args.parse_tokens, bench_args.token_list
     assert [parse_tokens(s) for s in ("2k", "32k", "4096", " 1.5K ", "128k")] == [2048, 32768, 4096, 1536, 131072]
     assert token_list("2k,32k,1024", "--prefill") == [2048, 32768, 1024]
-    for bad in ("0", "-5", "-1k", "2x", "k", "infk", "nank", "1e400"):
+    # past 2**62: a depth of 2**64 was a failed row ("int too big to convert") and exit 0
+    for bad in ("0", "-5", "-1k", "2x", "k", "infk", "nank", "1e400", str(2 ** 64), str(2 ** 62 + 1)):
         with pytest.raises(ValueError):
             parse_tokens(bad)
+    assert parse_tokens(str(2 ** 62)) == 2 ** 62
     with pytest.raises(ValueError, match="--prefill"):
         token_list(" , ", "--prefill")
+    # a value named twice ran its rows twice; gemv_bench's --json, keyed by batch size, kept one of them
+    with pytest.raises(ValueError, match="'1k' and '1024' are both 1024"):
+        token_list("1k,32k,1024", "--contexts")
+    with pytest.raises(ValueError, match="--batch-sizes: 8 is given twice"):
+        bench_args.int_list("8,16,8", "--batch-sizes")
     # the benches take their sizes from this one parser, not from a copy of their own
     for name in ("decode_latency", "prefill_bench"):
         assert _bench(name).token_list is token_list
@@ -149,7 +156,11 @@ def test_decode_latency_negative_depth_is_a_usage_error():
                                         # was the random --preset model: a run labelled as another model
                                         ("--weights", ""),
                                         # torch.manual_seed at the start of the run: a ValueError traceback
-                                        ("--seed", str(2 ** 64)), ("--seed", str(-2 ** 63 - 1))])
+                                        ("--seed", str(2 ** 64)), ("--seed", str(-2 ** 63 - 1)),
+                                        # ran every row twice (and the header's floor table once)
+                                        ("--contexts", "1k,1k"), ("--contexts", "64,1k,64"), ("--batch-sizes", "8,8"),
+                                        # failed rows "int too big to convert", exit 0
+                                        ("--contexts", str(2 ** 64))])
 def test_decode_latency_rejects_bad_options(capsys, flag, value):
     line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
     assert (flag if flag not in ("--device", "--preset", "--dtype") else value) in line, line
@@ -184,6 +195,19 @@ def test_decode_latency_bad_switch_is_one_line():
     # ahn_rt.ops raised it at import: a traceback
     line, _ = _run_error("bench/decode_latency.py", *CPU, "--quick", env={"AHN_RT_BACKEND": "bogus"})
     assert "AHN_RT_BACKEND" in line
+
+
+def test_decode_latency_prefill_long_names_pp131072_once():
+    # --prefill 128k --prefill-long: two pp131072 rows, the longest prompt prefilled twice
+    a = _bench("decode_latency").parse_args([*CPU, "--prefill", "2k,128k", "--prefill-long"])
+    assert a.prefill == [2048, 131072]
+
+
+def test_benches_refuse_repeated_values(capsys):
+    # gemv_bench --batch 1,1 ran batch 1 twice and its --json (keyed by batch size) kept one
+    for name, args in (("gemv_bench", ["--batch", "1,1"]), ("serve_load", ["--concurrency", "4,4"]),
+                       ("prefill_bench", ["--prefill", "2k,2048"])):
+        assert "name each value once" in _main_error(capsys, name, *args)
 
 
 def test_decode_latency_json_path_is_checked_before_the_run(capsys, tmp_path):
@@ -221,7 +245,9 @@ def test_prefix_ttft_bad_options(capsys, tmp_path):
     for args, want in ((["--device", "cpu", "--prefix-tokens", "-5"], "--prefix-tokens"),
                        (["--device", "gpu"], "gpu"), (["--device", "cpu", "--repeats", "0"], "--repeats"),
                        (["--device", "cpu", "--json", str(tmp_path / "afile" / "x.json")], "--json"),
-                       (["--device", "cpu", "--seed", str(2 ** 64)], "--seed")):
+                       (["--device", "cpu", "--seed", str(2 ** 64)], "--seed"),
+                       # a struct.error traceback after the model was built
+                       (["--device", "cpu", "--chunk-size", str(2 ** 64)], "--chunk-size")):
         assert want in _main_error(capsys, "prefix_ttft", *args)
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in _main_error(capsys, "prefix_ttft", "--device", "cuda")
