@@ -9,7 +9,8 @@ line on stderr, "error: <problem and what to do>", exit status 2, no traceback:
 * ``check_settings``: the AHN_RT_* switches that ahn_rt reads at import, checked before that import;
 * ``check_device``: a device torch has and the bench runs on, checked before any work;
   ``require_cuda_ops``: a CUDA GPU and ahn_rt's CUDA kernels, for the benches of the kernels alone;
-* ``check_output``: an output file (``--json``) checked for writability before the run, and
+* ``output_arg``: the argparse type of ``--json`` (a path, not empty); ``check_output``: that file checked
+  for writability before the run, and
   ``write_json``, which writes it atomically at the end;
 * ``fail``: any other user mistake.
 
@@ -167,6 +168,14 @@ def tokens_arg(text: str) -> int:
 
 
 # ---- paths, devices ----------------------------------------------------------------------------------
+def output_arg(text: str) -> str:
+    """argparse type of --json: a path. An empty one was taken as no --json at all: the run went on and
+    wrote nothing, silently."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("is empty; give a file path such as results.json (or leave --json out)")
+    return text
+
+
 def check_exists(path: str | None, flag: str):
     """Exit with one line when an input path (--weights, --ahn) is empty (pathlib's current folder) or does
     not exist."""

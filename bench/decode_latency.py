@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(ROOT))
 
 from bench_args import (AhnError, ArgParser, check_device, check_exists, check_output,  # noqa: E402
-                        fail, int_list, nonneg_float, nonneg_int, positive_float, positive_int, script_start,
-                        seed_arg, token_list, tokens_arg, write_json)
+                        fail, int_list, nonneg_float, nonneg_int, output_arg, positive_float, positive_int,
+                        script_start, seed_arg, token_list, tokens_arg, write_json)
 
 if __name__ == "__main__":
     script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
@@ -271,7 +271,7 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=positive_float, default=420,
                     help="after this many seconds the remaining optional rows are skipped (default 420)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1k and 32k, few steps, no compile")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", type=output_arg, help="also write the results here")
     ap.add_argument("--commit", help="the commit to print when the run has no git checkout (a copied tree)")
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 
-from bench_args import ArgParser, check_output, int_list, require_cuda_ops, script_start, write_json
+from bench_args import (ArgParser, check_output, int_list, output_arg, require_cuda_ops, script_start,
+                        write_json)
 
 if __name__ == "__main__":
     script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
@@ -47,7 +48,7 @@ def rel_err(a, b):
 
 def main(argv=None) -> int:
     ap = ArgParser(prog="python bench/gemv_bench.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", type=output_arg, help="also write the results here")
     ap.add_argument("--batch", default="1", help="comma list of batch sizes, each >= 1 (default 1)")
     args = ap.parse_args(argv)
     try:

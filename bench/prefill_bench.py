@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_args import (AhnError, ArgParser, check_output, fail, nonneg_int,  # noqa: E402
+from bench_args import (AhnError, ArgParser, check_output, fail, nonneg_int, output_arg,  # noqa: E402
                         positive_int, script_start, token_list, write_json)
 
 if __name__ == "__main__":
@@ -225,7 +225,7 @@ def parse_args(argv=None):
                                       "2k,32k,128k, with --quick 2k,32k)")
     ap.add_argument("--quick", action="store_true", help="2k and 32k, ahn_rt rows only")
     ap.add_argument("--skip", default="", help=f"comma list of: {','.join(SECTIONS)}")
-    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--json", type=output_arg, help="write the rows here")
     args = ap.parse_args(argv)
     if args.preset not in PRESETS:
         ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
 from bench_args import (ArgParser, check_device, check_exists, check_output, fail,  # noqa: E402
-                        nonneg_int, positive_int, script_start, seed_arg, tokens_arg, write_json)
+                        nonneg_int, output_arg, positive_int, script_start, seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":
     script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed requests per case (default 3)")
     ap.add_argument("--cache-bytes", default="16GiB", help="prefix cache size (default 16GiB)")
     ap.add_argument("--seed", type=seed_arg, default=0)
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", type=output_arg, help="also write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, profile one more cached request (torch.profiler tables on stderr)")
     args = ap.parse_args(argv)

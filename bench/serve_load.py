@@ -28,7 +28,7 @@ import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
-                        int_list, interrupted, nonneg_int, positive_int, tokens_arg, write_json)
+                        int_list, interrupted, nonneg_int, output_arg, positive_int, tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
 SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=tokens_arg, default=512)
     ap.add_argument("--max-tokens", type=positive_int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", type=output_arg, help="also write the results here")
     args = ap.parse_args(argv)
     try:
         levels = int_list(args.concurrency, "--concurrency")

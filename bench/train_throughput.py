@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_args import (RUNTIME_SWITCHES, AhnError, ArgParser, check_device, check_output,  # noqa: E402
-                        fail, nonneg_int, positive_int, script_start, tokens_arg, write_json)
+                        fail, nonneg_int, output_arg, positive_int, script_start, tokens_arg, write_json)
 
 if __name__ == "__main__":   # Ctrl-C handler; the switches ahn_rt reads at import: one line, not a traceback
     script_start(RUNTIME_SWITCHES + ("AHN_RT_TRAIN_ATTENTION",))
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                     help="the same as --checkpoint none")
     ap.add_argument("--loss-chunk", type=positive_int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--json", type=output_arg, help="write the results to this file")
     args = ap.parse_args(argv)
     if args.preset not in PRESETS:
         ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")

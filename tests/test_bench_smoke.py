@@ -160,7 +160,9 @@ def test_decode_latency_negative_depth_is_a_usage_error():
                                         # ran every row twice (and the header's floor table once)
                                         ("--contexts", "1k,1k"), ("--contexts", "64,1k,64"), ("--batch-sizes", "8,8"),
                                         # failed rows "int too big to convert", exit 0
-                                        ("--contexts", str(2 ** 64))])
+                                        ("--contexts", str(2 ** 64)),
+                                        # ran, and wrote no JSON, silently
+                                        ("--json", "")])
 def test_decode_latency_rejects_bad_options(capsys, flag, value):
     line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
     assert (flag if flag not in ("--device", "--preset", "--dtype") else value) in line, line
@@ -208,6 +210,14 @@ def test_benches_refuse_repeated_values(capsys):
     for name, args in (("gemv_bench", ["--batch", "1,1"]), ("serve_load", ["--concurrency", "4,4"]),
                        ("prefill_bench", ["--prefill", "2k,2048"])):
         assert "name each value once" in _main_error(capsys, name, *args)
+
+
+def test_every_bench_refuses_an_empty_json_path(capsys):
+    # --json '' was taken as no --json: the run went on and wrote nothing, silently
+    for name, extra in (("decode_latency", CPU), ("prefill_bench", []), ("gemv_bench", []),
+                        ("prefix_ttft", ["--device", "cpu"]), ("serve_load", ["--device", "cpu", "--preset", "tiny"]),
+                        ("train_throughput", CPU)):
+        assert "--json: is empty" in _main_error(capsys, name, *extra, "--json", "")
 
 
 def test_decode_latency_json_path_is_checked_before_the_run(capsys, tmp_path):
