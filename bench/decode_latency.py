@@ -240,11 +240,11 @@ def parse_args(argv=None):
     src.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
     src.add_argument("--ahn-impl", default="gdn", choices=("gdn", "dn", "mamba2"),
                      help="the memory variant of the random --preset weights (default gdn)")
-    src.add_argument("--window", type=positive_int, default=32640)
-    src.add_argument("--sinks", type=nonneg_int, default=128)
-    src.add_argument("--dtype", default="bf16")
+    src.add_argument("--window", type=positive_int, default=32640, help="the AHN window W (default 32640)")
+    src.add_argument("--sinks", type=nonneg_int, default=128, help="the attention sinks S (default 128)")
+    src.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or float32")
     src.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke path: no graphs, no peaks)")
-    src.add_argument("--seed", type=seed_arg, default=0)
+    src.add_argument("--seed", type=seed_arg, default=0, help="seed of the random weights and of torch (default 0)")
     rows = ap.add_argument_group("rows")
     rows.add_argument("--contexts", help="decode depths, e.g. 1k,8k,32k (default 1k,8k,32k,64k,128k "
                                          "+256k when the card has >= 40 GiB)")
@@ -254,19 +254,22 @@ def parse_args(argv=None):
     rows.add_argument("--batch-contexts", default="1k,32k", help="depths for the b{B} rows (default 1k,32k)")
     rows.add_argument("--steps", type=positive_int, default=64, help="timed decode steps per row (default 64)")
     rows.add_argument("--warmup", type=positive_int, default=8,
-                      help="untimed steps first; the first captures the graph")
+                      help="untimed steps first; the first captures the graph (default 8)")
     rows.add_argument("--prefill", default="2k,32k", help="prompt lengths for pp rows (default 2k,32k)")
     rows.add_argument("--prefill-long", action="store_true", help="also pp131072")
     rows.add_argument("--ref-contexts", default="1k,32k", help="depths for the reference-ops row (default 1k,32k)")
-    rows.add_argument("--ref-steps", type=positive_int, default=4)
+    rows.add_argument("--ref-steps", type=positive_int, default=4,
+                      help="timed steps of the reference-ops row (default 4)")
     rows.add_argument("--hf-contexts", default="1k,32k,128k", help="depths for HF eager (default 1k,32k,128k)")
-    rows.add_argument("--hf-steps", type=positive_int, default=16)
+    rows.add_argument("--hf-steps", type=positive_int, default=16, help="timed steps of the HF eager rows (default 16)")
     rows.add_argument("--hf-compile", action=argparse.BooleanOptionalAction, default=None,
                       help="HF StaticCache + torch.compile rows (default on, off with --quick)")
-    rows.add_argument("--hf-compile-contexts", default="4k,32k")
+    rows.add_argument("--hf-compile-contexts", default="4k,32k",
+                      help="depths for the HF compile rows (default 4k,32k)")
     rows.add_argument("--compile-need-s", type=nonneg_float, default=60,
                       help="skip a compile row when less than this much budget is left (default 60)")
-    rows.add_argument("--gdn-iters", type=positive_int, default=200)
+    rows.add_argument("--gdn-iters", type=positive_int, default=200,
+                      help="replays for the GDN-only row (default 200)")
     rows.add_argument("--skip", default="", help="comma list of: full,ref,hf,hf-compile,fla,gdn,prefill,batch")
     ap.add_argument("--budget-s", type=positive_float, default=420,
                     help="after this many seconds the remaining optional rows are skipped (default 420)")

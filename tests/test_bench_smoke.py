@@ -250,6 +250,18 @@ def test_bench_help_describes_the_bench_in_whole_sentences():
         assert first.endswith(".") and first in text, text
 
 
+def test_decode_latency_help_names_every_default():
+    # --window, --sinks, --dtype, --seed, --warmup, --ref-steps, --hf-steps, --hf-compile-contexts and
+    # --gdn-iters said nothing of their defaults in --help (the README's flag table has them)
+    import re
+    r = _run("bench/decode_latency.py", "--help", timeout=120)
+    blocks = re.split(r"\n  (?=--)", r.stdout.split("options:", 1)[1])
+    helps = {b.split()[0]: " ".join(b.split()) for b in blocks if b.startswith("--")}
+    no_default = {"--weights", "--ahn", "--max-context", "--prefill-long", "--skip", "--quick", "--json", "--commit"}
+    missing = [f for f, text in helps.items() if f not in no_default and "default" not in text]
+    assert len(helps) > 25 and not missing, missing
+
+
 def test_prefix_ttft_bad_options(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     for args, want in ((["--device", "cpu", "--prefix-tokens", "-5"], "--prefix-tokens"),
