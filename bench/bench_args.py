@@ -134,6 +134,8 @@ def _typed(convert, minimum, what, strict=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if v != v or v < minimum or (strict and v == minimum):   # NaN, or below the minimum
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text!r}")
+        if v == float("inf"):   # a budget of inf seconds: JSON's Infinity, which strict readers refuse
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         return v
     parse.__name__ = what
     return parse

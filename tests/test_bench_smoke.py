@@ -162,7 +162,9 @@ def test_decode_latency_negative_depth_is_a_usage_error():
                                         # failed rows "int too big to convert", exit 0
                                         ("--contexts", str(2 ** 64)),
                                         # ran, and wrote no JSON, silently
-                                        ("--json", "")])
+                                        ("--json", ""),
+                                        # went into the JSON as Infinity, which strict JSON readers refuse
+                                        ("--budget-s", "inf"), ("--compile-need-s", "inf")])
 def test_decode_latency_rejects_bad_options(capsys, flag, value):
     line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
     assert (flag if flag not in ("--device", "--preset", "--dtype") else value) in line, line
