@@ -44,7 +44,7 @@ import warnings
 import torch
 
 from .config import Config
-from .errors import AhnError, as_int
+from .errors import AhnError, int_arg
 
 FULL_MIN_CAPACITY = 256
 
@@ -575,9 +575,7 @@ class StatePool:
         if config.mode == "full":
             raise ValueError("full mode grows each sequence's cache: its states cannot share a pool; "
                              "use mode 'ahn' or 'swa', or sessions without a pool")
-        if as_int(size) is None or size < 1:
-            raise ValueError(f"a state pool needs a positive integer size, got {size!r}")
-        size = as_int(size)
+        size = int_arg(size, "size", message=f"a state pool needs a positive integer size, got {size!r}")
         self.config = config
         self.device = torch.device(device)
         self.size = size

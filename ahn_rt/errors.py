@@ -16,3 +16,16 @@ def as_int(value) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
     return int(value)
+
+
+def int_arg(value, what: str, minimum: int = 1, optional: bool = False, message: str | None = None) -> int | None:
+    """An integer argument of the API as a Python int (``as_int``: any integer type, never a bool) that is at
+    least ``minimum``; None passes when ``optional``. Else AhnError: ``message``, or "<what> must be a positive
+    (non-negative) integer [or None], got <value>"."""
+    if value is None and optional:
+        return None
+    n = as_int(value)
+    if n is None or n < minimum:
+        kind = {1: "positive", 0: "non-negative"}.get(minimum, f">= {minimum}")
+        raise AhnError(message or f"{what} must be a {kind} integer{' or None' if optional else ''}, got {value!r}")
+    return n

@@ -18,7 +18,7 @@ from . import weights as weights_mod
 from .cache import State, StatePool, refuse_torn, shared_pool
 from .config import Config, resolve_runtime
 from .devices import parse_device
-from .errors import AhnError, as_int
+from .errors import AhnError, int_arg
 from .graph import Stepper, batch_step
 from .model import Decoder
 from .sampling import Sampler, SamplingParams
@@ -50,10 +50,7 @@ def _device(device) -> torch.device:
 def _check_chunk(chunk_size, device: torch.device) -> int:
     if chunk_size is None:
         return DEFAULT_CHUNK[device.type]
-    n = as_int(chunk_size)
-    if n is None or n < 1:
-        raise AhnError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return n
+    return int_arg(chunk_size, "chunk_size")
 
 
 def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, window: int | None = None,
@@ -260,10 +257,7 @@ class Model:
         state takes a free slot of it instead of its own memory (AhnError when none is free); ``close()``
         gives the slot back."""
         chunk = _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size
-        if capacity is not None:
-            if as_int(capacity) is None or capacity < 1:
-                raise AhnError(f"capacity must be a positive integer or None, got {capacity!r}")
-            capacity = as_int(capacity)
+        capacity = int_arg(capacity, "capacity", optional=True)
         if pool is not None and not isinstance(pool, StatePool):
             raise AhnError(f"pool must be a StatePool from model.new_pool(n), got {type(pool).__name__}")
         return Session(self, chunk, capacity, pool)
@@ -373,9 +367,7 @@ class Model:
         caller's thread, the scheduler in its worker."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
-        if as_int(max_new_tokens) is None or max_new_tokens < 0:
-            raise AhnError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        max_new_tokens = as_int(max_new_tokens)
+        max_new_tokens = int_arg(max_new_tokens, "max_new_tokens", minimum=0)
         if stop is None:
             stop = []
         elif isinstance(stop, str):

@@ -31,7 +31,7 @@ from array import array
 
 import torch
 
-from ..errors import AhnError, as_int
+from ..errors import int_arg
 from .prompt import Prompt
 
 
@@ -87,11 +87,9 @@ class PrefixCache:
     counted). Thread-safe; one per Model (``Model.enable_prefix_cache``)."""
 
     def __init__(self, max_bytes: int, boundary_snapshots: int = 2):
-        if as_int(max_bytes) is None or max_bytes < 0:
-            raise AhnError(f"prefix cache size must be a non-negative number of bytes, got {max_bytes!r}")
-        if as_int(boundary_snapshots) is None or boundary_snapshots < 0:
-            raise AhnError(f"boundary_snapshots must be a non-negative integer, got {boundary_snapshots!r}")
-        max_bytes, boundary_snapshots = as_int(max_bytes), as_int(boundary_snapshots)
+        max_bytes = int_arg(max_bytes, "max_bytes", minimum=0,
+                            message=f"prefix cache size must be a non-negative number of bytes, got {max_bytes!r}")
+        boundary_snapshots = int_arg(boundary_snapshots, "boundary_snapshots", minimum=0)
         self.max_bytes = max_bytes
         self.boundary_snapshots = boundary_snapshots
         self._entries: "collections.OrderedDict[bytes, Entry]" = collections.OrderedDict()

@@ -38,7 +38,7 @@ import weakref
 import torch
 
 from ..cache import shared_pool
-from ..errors import AhnError, as_int
+from ..errors import AhnError, int_arg
 
 
 # Every scheduler made in this process (weakly): at interpreter exit each one cancels its generations and its
@@ -122,21 +122,10 @@ def _work(ref, cv: threading.Condition):
 class Scheduler:
     def __init__(self, model, max_active: int = 8, max_queue: int | None = None, metrics=None,
                  prefill_tokens: int | None = None):
-        # any integer type (numpy's too), as the API's other integer arguments: errors.as_int
-        n = as_int(max_active)
-        if n is None or n < 1:
-            raise AhnError(f"max_active must be a positive integer, got {max_active!r}")
-        max_active = n
-        if max_queue is not None:
-            n = as_int(max_queue)
-            if n is None or n < 0:
-                raise AhnError(f"max_queue must be a non-negative integer or None, got {max_queue!r}")
-            max_queue = n
-        if prefill_tokens is not None:
-            n = as_int(prefill_tokens)
-            if n is None or n < 1:
-                raise AhnError(f"prefill_tokens must be a positive integer or None, got {prefill_tokens!r}")
-            prefill_tokens = n
+        # any integer type (numpy's too), as the API's other integer arguments: errors.int_arg
+        max_active = int_arg(max_active, "max_active")
+        max_queue = int_arg(max_queue, "max_queue", minimum=0, optional=True)
+        prefill_tokens = int_arg(prefill_tokens, "prefill_tokens", optional=True)
         self._model = weakref.ref(model)  # the model holds its scheduler; this way round, a weak reference
         self.max_active = max_active
         self.max_queue = max_queue
