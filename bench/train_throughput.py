@@ -12,6 +12,7 @@ split per phase (CUDA events on a GPU), as text, one markdown table row and opti
 """
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import sys
@@ -28,6 +29,7 @@ if __name__ == "__main__":   # Ctrl-C handler; the switches ahn_rt reads at impo
 import torch  # noqa: E402
 
 from ahn_rt.config import parse_config, parse_dtype  # noqa: E402
+from ahn_rt.devices import prefer_expandable_segments  # noqa: E402
 from ahn_rt.init_weights import PRESETS, preset_config, random_state_dict  # noqa: E402
 from ahn_rt.train.attention import attention_backend  # noqa: E402
 from ahn_rt.train.data import budget_choices, sample_budget  # noqa: E402
@@ -78,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=output_arg, help="write the results to this file")
     args = ap.parse_args(argv)
+    prefer_expandable_segments()   # as python -m ahn_rt.train does, before the first CUDA allocation
     if args.preset not in PRESETS:
         ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
     try:
@@ -152,9 +155,14 @@ def measure(args, dev) -> int:
     res = {"preset": args.preset, "seq_len": L, "batch": B, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "checkpoint": args.checkpoint, "steps": len(rows),
            "budgets": budgets, "attention": attention_backend(dev), "tokens_per_s": B * L * 1e3 / total, "step_ms": total, "phase_ms": ms,
-           "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None, "torch": torch.__version__}
+           "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
+           "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else None,
+           "allocator": next((f"{k}={os.environ[k]}" for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+                              if os.environ.get(k)), "default") if cuda else None,
+           "torch": torch.__version__}
     peak = f"{res['peak_gib']:.1f} GiB" if cuda else "n/a (cpu)"
-    print(f"\n{res['tokens_per_s']:.0f} training tokens/s ({total:.0f} ms/step), peak memory {peak}")
+    more = f", {res['peak_reserved_gib']:.1f} GiB reserved; allocator: {res['allocator']}" if cuda else ""
+    print(f"\n{res['tokens_per_s']:.0f} training tokens/s ({total:.0f} ms/step), peak memory {peak}{more}")
     print("| preset | seq | batch | ckpt | attention | tokens/s | peak | teacher | student fwd | loss | backward | optim |")
     print(f"| {args.preset} | {L} | {B} | {res['checkpoint']} | {res['attention']} | "
           f"{res['tokens_per_s']:.0f} | {peak} | "

@@ -782,3 +782,26 @@ def test_a_resume_state_that_cannot_be_written_is_exit_1_with_resume_advice(tiny
     found = ckpt_io.find_resume(out)
     assert found is not None and not list(out.glob(".resume.tmp*"))
     assert train(capsys, *base_args(root, out), "--resume")[0] == 0      # what the line says works
+
+
+def test_training_prefers_expandable_segments_unless_the_user_chose(monkeypatch, tmp_path, capsys):
+    """The train command asks the CUDA caching allocator for expandable segments before its first allocation
+    (bench/README.md: +13% tokens/s with --activation-checkpointing memory on an H100), and leaves a setting
+    of the user's alone, under either of the variables torch reads."""
+    from ahn_rt.devices import prefer_expandable_segments
+    env = {}
+    assert prefer_expandable_segments(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for var in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        env = {var: "max_split_size_mb:128"}
+        assert not prefer_expandable_segments(env) and env == {var: "max_split_size_mb:128"}
+    # the command itself, first thing (here it stops at once: no such base)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert main(["--base", str(tmp_path / "none.safetensors"), "--data", str(tmp_path / "d.jsonl"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    main(["--base", str(tmp_path / "none.safetensors"), "--data", str(tmp_path / "d.jsonl"),
+          "--out", str(tmp_path / "out")])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "garbage_collection_threshold:0.6"
+    capsys.readouterr()

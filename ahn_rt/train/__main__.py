@@ -36,6 +36,7 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from ..devices import prefer_expandable_segments  # noqa: E402
 from ..errors import AhnError  # noqa: E402
 
 PROG = "python -m ahn_rt.train"
@@ -593,6 +594,7 @@ def _run(a, d, out: Path) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
+    prefer_expandable_segments()   # before the first CUDA allocation (a no-op on the CPU)
     from .dist import PeerFailed
     rank = _env_rank()
     previous = signal.getsignal(signal.SIGINT)
