@@ -340,6 +340,22 @@ def test_error_messages_quote_a_bad_value_briefly(server):
         assert len(err["message"]) < 200 and "\n" not in err["message"], err["message"][:300]
 
 
+def test_a_quoted_value_holding_a_lone_surrogate_is_still_a_4xx(server):
+    # "\ud800" is valid JSON but no UTF-8: a message quoting it could not be encoded, so a wrong model or
+    # a bad max_tokens / temperature / seed / logit_bias / include_usage became a 500 "UnicodeEncodeError"
+    for path, body, status, param in (
+            ("/v1/completions", {"prompt": "hi", "model": "\ud800x"}, 404, "model"),
+            ("/v1/chat/completions", {"messages": _messages(0), "max_tokens": "\ud800"}, 400, "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "temperature": "\udfff"}, 400, "temperature"),
+            ("/v1/completions", {"prompt": "hi", "logit_bias": "\ud800"}, 400, "logit_bias"),
+            ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "\ud800"}}, 400,
+             "stream_options")):
+        got, text, _ = server.post(path, body)
+        err = json.loads(text)["error"]
+        assert got == status and err["param"] == param, text[:300]
+        assert "\\ud" in err["message"], err["message"]
+
+
 def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
     import http.client
     import urllib.parse

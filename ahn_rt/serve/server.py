@@ -53,6 +53,9 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict | None = None):
+        # A message may quote the request (a lone surrogate such as "\ud800" is valid JSON): escaped as JSON
+        # writes it, since the UTF-8 body cannot carry it (the 400 became a 500 "UnicodeEncodeError").
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
