@@ -370,6 +370,28 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
     conn.close()
 
 
+def test_a_client_gone_before_its_body_arrived_is_not_a_server_error(server):
+    # Starlette's ClientDisconnect while the body was read reached the catch-all handler: counted as a 500 in
+    # ahn_rt_http_requests_total (what alerts watch) and a traceback in the server's log
+    import socket
+    import urllib.parse
+
+    def count(status):
+        line = f'ahn_rt_http_requests_total{{endpoint="/v1/completions",status="{status}"}}'
+        return float(_metrics(server).get(line, 0))
+    before, lines = (count(499), count(500)), len(server.lines)
+    u = urllib.parse.urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+                  + f"Authorization: Bearer {KEY}\r\n\r\n".encode() + b'{"prompt": "')
+        time.sleep(0.3)
+    end = time.monotonic() + 10
+    while count(499) == before[0] and time.monotonic() < end:
+        time.sleep(0.05)
+    assert (count(499), count(500)) == (before[0] + 1, before[1])
+    assert not any("Traceback" in line for line in server.lines[lines:]), server.lines[lines:]
+
+
 def test_the_default_max_tokens_stays_within_max_tokens():
     # with --max-tokens under 16, a completion that sent no max_tokens got 400 "max_tokens must be at most
     # 8 on this server, got 16": an error about a field the client never sent

@@ -19,6 +19,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import AhnError
 from ..sampling import SEED_MAX, SEED_MIN
@@ -369,11 +370,14 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         if length.isdigit() and int(length) > limit:
             raise too_big
         parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise too_big
-            parts.append(part)
+        try:
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise too_big
+                parts.append(part)
+        except ClientDisconnect:   # gone before its body arrived: was a 500 and a traceback in the log
+            raise ApiError(499, "the client disconnected before its request body arrived") from None
         raw = b"".join(parts)
         try:
             body = json.loads(raw)
