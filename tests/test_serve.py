@@ -392,6 +392,22 @@ def test_a_client_gone_before_its_body_arrived_is_not_a_server_error(server):
     assert not any("Traceback" in line for line in server.lines[lines:]), server.lines[lines:]
 
 
+def test_a_body_declared_as_another_type_gets_415(server):
+    # a text/plain or form body was read as JSON (200): a web page could make a browser POST here without a
+    # CORS preflight; JSON (with a charset, or application/*+json) and no Content-Type at all still work
+    body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=60) as h:
+        for ctype in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                      "multipart/form-data; boundary=x"):
+            r = h.post("/v1/completions", content=body, headers={"Content-Type": ctype})
+            err = r.json()["error"]
+            assert r.status_code == 415 and err["code"] == "unsupported_media_type", r.text
+            assert "application/json" in err["message"] and set(err) == {"message", "type", "param", "code"}
+        for ctype in ("application/json", "Application/JSON; charset=utf-8", "application/merge-patch+json", None):
+            r = h.post("/v1/completions", content=body, headers={"Content-Type": ctype} if ctype else {})
+            assert r.status_code == 200, (ctype, r.text)
+
+
 def test_the_default_max_tokens_stays_within_max_tokens():
     # with --max-tokens under 16, a completion that sent no max_tokens got 400 "max_tokens must be at most
     # 8 on this server, got 16": an error about a field the client never sent

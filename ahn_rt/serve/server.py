@@ -49,6 +49,7 @@ class Options:
 class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
              405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error",
              500: "server_error",
              503: "server_error"}
 
@@ -363,6 +364,15 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         return {"id": sid, "object": "session", "deleted": True}
 
     async def parse(request: Request) -> dict:
+        # The body is JSON: another declared type is a 415, as vLLM (FastAPI) refuses it. Such a body was read
+        # as JSON anyway, so a web page could make a browser POST here without a CORS preflight (text/plain
+        # and form types are "simple" requests): run generations, add turns to a session_id's conversation.
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media and media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise ApiError(415, f"Content-Type {_shown(ctype)} is not supported: send the JSON body with "
+                           "'Content-Type: application/json' (curl: -H 'Content-Type: application/json')", None,
+                           "unsupported_media_type")
         limit = opts.max_body_bytes
         length = request.headers.get("content-length", "")
         too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", None,
