@@ -338,6 +338,10 @@ def test_error_messages_quote_a_bad_value_briefly(server):
         err = json.loads(text)["error"]
         assert status in (400, 404) and err["param"] == param, text[:300]
         assert len(err["message"]) < 200 and "\n" not in err["message"], err["message"][:300]
+    # GET /v1/models/{id} quoted the id in full (a URL of ~16 KB came back in the message)
+    status, text = server.get("/v1/models/" + "m" * 10000)
+    err = json.loads(text)["error"]
+    assert status == 404 and err["code"] == "model_not_found" and len(err["message"]) < 200, err["message"][:300]
 
 
 def test_a_quoted_value_holding_a_lone_surrogate_is_still_a_4xx(server):

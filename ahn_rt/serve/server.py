@@ -346,8 +346,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
     @app.get("/v1/models/{model_id:path}")
     async def one_model(model_id: str):
         if model_id != opts.model_name:
-            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {opts.model_name!r}",
-                           "model", "model_not_found")
+            raise ApiError(404, f"model {_shown(model_id)} is not served here; this server serves "
+                           f"{json.dumps(opts.model_name, ensure_ascii=False)}", "model", "model_not_found")
         return model_card()
 
     @app.delete("/v1/sessions/{sid}")
