@@ -338,6 +338,26 @@ def test_error_messages_quote_a_bad_value_briefly(server):
         err = json.loads(text)["error"]
         assert status in (400, 404) and err["param"] == param, text[:300]
         assert len(err["message"]) < 200 and "\n" not in err["message"], err["message"][:300]
+    # GET /v1/models/{id} quoted the id in full (a URL of ~16 KB came back in the message)
+    status, text = server.get("/v1/models/" + "m" * 10000)
+    err = json.loads(text)["error"]
+    assert status == 404 and err["code"] == "model_not_found" and len(err["message"]) < 200, err["message"][:300]
+
+
+def test_a_quoted_value_holding_a_lone_surrogate_is_still_a_4xx(server):
+    # "\ud800" is valid JSON but no UTF-8: a message quoting it could not be encoded, so a wrong model or
+    # a bad max_tokens / temperature / seed / logit_bias / include_usage became a 500 "UnicodeEncodeError"
+    for path, body, status, param in (
+            ("/v1/completions", {"prompt": "hi", "model": "\ud800x"}, 404, "model"),
+            ("/v1/chat/completions", {"messages": _messages(0), "max_tokens": "\ud800"}, 400, "max_tokens"),
+            ("/v1/completions", {"prompt": "hi", "temperature": "\udfff"}, 400, "temperature"),
+            ("/v1/completions", {"prompt": "hi", "logit_bias": "\ud800"}, 400, "logit_bias"),
+            ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "\ud800"}}, 400,
+             "stream_options")):
+        got, text, _ = server.post(path, body)
+        err = json.loads(text)["error"]
+        assert got == status and err["param"] == param, text[:300]
+        assert "\\ud" in err["message"], err["message"]
 
 
 def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
@@ -352,6 +372,44 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
     r = conn.getresponse()
     assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
     conn.close()
+
+
+def test_a_client_gone_before_its_body_arrived_is_not_a_server_error(server):
+    # Starlette's ClientDisconnect while the body was read reached the catch-all handler: counted as a 500 in
+    # ahn_rt_http_requests_total (what alerts watch) and a traceback in the server's log
+    import socket
+    import urllib.parse
+
+    def count(status):
+        line = f'ahn_rt_http_requests_total{{endpoint="/v1/completions",status="{status}"}}'
+        return float(_metrics(server).get(line, 0))
+    before, lines = (count(499), count(500)), len(server.lines)
+    u = urllib.parse.urlparse(server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n"
+                  + f"Authorization: Bearer {KEY}\r\n\r\n".encode() + b'{"prompt": "')
+        time.sleep(0.3)
+    end = time.monotonic() + 10
+    while count(499) == before[0] and time.monotonic() < end:
+        time.sleep(0.05)
+    assert (count(499), count(500)) == (before[0] + 1, before[1])
+    assert not any("Traceback" in line for line in server.lines[lines:]), server.lines[lines:]
+
+
+def test_a_body_declared_as_another_type_gets_415(server):
+    # a text/plain or form body was read as JSON (200): a web page could make a browser POST here without a
+    # CORS preflight; JSON (with a charset, or application/*+json) and no Content-Type at all still work
+    body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=60) as h:
+        for ctype in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                      "multipart/form-data; boundary=x"):
+            r = h.post("/v1/completions", content=body, headers={"Content-Type": ctype})
+            err = r.json()["error"]
+            assert r.status_code == 415 and err["code"] == "unsupported_media_type", r.text
+            assert "application/json" in err["message"] and set(err) == {"message", "type", "param", "code"}
+        for ctype in ("application/json", "Application/JSON; charset=utf-8", "application/merge-patch+json", None):
+            r = h.post("/v1/completions", content=body, headers={"Content-Type": ctype} if ctype else {})
+            assert r.status_code == 200, (ctype, r.text)
 
 
 def test_the_default_max_tokens_stays_within_max_tokens():

@@ -19,6 +19,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import AhnError
 from ..sampling import SEED_MAX, SEED_MIN
@@ -48,11 +49,15 @@ class Options:
 class ApiError(Exception):
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
              405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error",
              500: "server_error",
              503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict | None = None):
+        # A message may quote the request (a lone surrogate such as "\ud800" is valid JSON): escaped as JSON
+        # writes it, since the UTF-8 body cannot carry it (the 400 became a 500 "UnicodeEncodeError").
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
@@ -341,8 +346,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
     @app.get("/v1/models/{model_id:path}")
     async def one_model(model_id: str):
         if model_id != opts.model_name:
-            raise ApiError(404, f"model {model_id!r} is not served here; this server serves {opts.model_name!r}",
-                           "model", "model_not_found")
+            raise ApiError(404, f"model {_shown(model_id)} is not served here; this server serves "
+                           f"{json.dumps(opts.model_name, ensure_ascii=False)}", "model", "model_not_found")
         return model_card()
 
     @app.delete("/v1/sessions/{sid}")
@@ -359,6 +364,15 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         return {"id": sid, "object": "session", "deleted": True}
 
     async def parse(request: Request) -> dict:
+        # The body is JSON: another declared type is a 415, as vLLM (FastAPI) refuses it. Such a body was read
+        # as JSON anyway, so a web page could make a browser POST here without a CORS preflight (text/plain
+        # and form types are "simple" requests): run generations, add turns to a session_id's conversation.
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media and media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise ApiError(415, f"Content-Type {_shown(ctype)} is not supported: send the JSON body with "
+                           "'Content-Type: application/json' (curl: -H 'Content-Type: application/json')", None,
+                           "unsupported_media_type")
         limit = opts.max_body_bytes
         length = request.headers.get("content-length", "")
         too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", None,
@@ -366,11 +380,14 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         if length.isdigit() and int(length) > limit:
             raise too_big
         parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise too_big
-            parts.append(part)
+        try:
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise too_big
+                parts.append(part)
+        except ClientDisconnect:   # gone before its body arrived: was a 500 and a traceback in the log
+            raise ApiError(499, "the client disconnected before its request body arrived") from None
         raw = b"".join(parts)
         try:
             body = json.loads(raw)
