@@ -71,11 +71,6 @@ def _attn_merge_fake(outs, lses, offsets, rows):
     return outs[0].new_empty(rows, outs[0].shape[1], outs[0].shape[2])
 
 
-@torch.library.register_fake("ahn_rt::l2_prefetch")
-def _l2_prefetch_fake(tensors, evict_last=False):
-    return None  # a hint: no output, nothing written
-
-
 @torch.library.register_fake("ahn_rt::silu_mul")
 def _silu_mul_fake(x):
     return x.new_empty(x.shape[0], x.shape[1] // 2)

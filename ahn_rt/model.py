@@ -47,14 +47,6 @@ class _SideStream:
             return cls(device)
         return None
 
-    @classmethod
-    def for_prefetch(cls, device: torch.device) -> "_SideStream | None":
-        """The fork for the decode step's L2 prefetches where AHN_RT_DECODE_PREFETCH asks for them, only while
-        a CUDA graph is being captured (as ``for_decode``); else None."""
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing() and settings.decode_prefetch() != "0":
-            return cls(device)
-        return None
-
     def __enter__(self):
         self.side.wait_stream(self.main)
         self._ctx = torch.cuda.stream(self.side)
@@ -64,10 +56,6 @@ class _SideStream:
     def __exit__(self, *exc):
         ctx, self._ctx = self._ctx, None
         return ctx.__exit__(*exc)
-
-    def rejoin(self):
-        """The current stream waits for everything forked so far (nothing is handed over)."""
-        self.main.wait_stream(self.side)
 
     def join(self, t: torch.Tensor) -> torch.Tensor:
         self.main.wait_stream(self.side)
@@ -79,7 +67,7 @@ class Decoder:
     def __init__(self, config: Config, weights: Weights, device):
         # The switches read later (at a CUDA graph capture, at a prefill), checked now on every device: a
         # bad value is one line (SettingsError) at load, before any work, not at the first capture.
-        settings.check("AHN_RT_PREFILL_CUDNN", "AHN_RT_DECODE_FORK", "AHN_RT_DECODE_PREFETCH")
+        settings.check("AHN_RT_PREFILL_CUDNN", "AHN_RT_DECODE_FORK")
         self.config = config
         self.w = weights
         self.device = torch.device(device)
@@ -244,38 +232,15 @@ class Decoder:
         eps = self.config.rms_norm_eps
         B = ids.numel()
         fork = _SideStream.for_decode(self.device) if batch.ahn else None
-        prefetch = _SideStream.for_prefetch(self.device)
         h = F.embedding(ids.view(B), self.w.embed)
         for i, lw in enumerate(self.w.layers):
-            if prefetch is not None:
-                self._prefetch(prefetch, i)
             proj = ops.gemv(h, lw.w_in, lw.b_in, lw.ln_in, eps, None, False, False, True)
             attn, m = self._decode_attention(batch, i, lw, proj, fork)
             h = ops.gemv(attn.view(B, -1), lw.w_o, lw.b_o, None, 0.0, h, False, False, True,
                          x_add=None if m is None else m.view(B, -1))
             act = ops.gemv(h, lw.w_gu, None, lw.ln_post, eps, None, True, False, True)
             h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False, True)
-        if prefetch is not None:
-            prefetch.rejoin()   # a captured graph's branches all rejoin before it ends
         return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True, True)
-
-    def _prefetch(self, fork: _SideStream, i: int):
-        """Layer i's L2 prefetches (AHN_RT_DECODE_PREFETCH), issued on the side stream as the layer starts, so
-        that the weights of its GEMVs after the attention come from DRAM while the input projection, the
-        decode front and the window attention leave it mostly idle: o_proj ('o'), the first quarter of
-        gate_up's gate and up rows ('g'), and the next layer's input projection with an evict_last policy,
-        to outlast the MLP's weight stream ('q'). The GEMVs read the same bytes either way."""
-        what = settings.decode_prefetch()
-        lw, layers = self.w.layers[i], self.w.layers
-        parts = [lw.w_o]
-        if "g" in what:
-            n_out = lw.w_gu.shape[0] // 2
-            r = min(n_out, -(-n_out // 4 // 16) * 16)
-            parts += [lw.w_gu[:r], lw.w_gu[n_out:n_out + r]]
-        with fork:
-            ops.l2_prefetch(parts)
-            if "q" in what and i + 1 < len(layers):
-                ops.l2_prefetch([layers[i + 1].w_in], evict_last=True)
 
     def forward(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Tokens through the model. A single token takes the decode kernels, longer feeds the

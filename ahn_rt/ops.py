@@ -169,14 +169,6 @@ def silu_mul(x):
     return fn(x)
 
 
-def l2_prefetch(tensors, evict_last=False):
-    """Ask the GPU's L2 for the bytes of ``tensors`` (contiguous, one device) ahead of the kernels that read
-    them; returns at once and changes no value. CPU tensors: checked, nothing else (no L2 to fill ahead)."""
-    tensors = list(tensors)
-    fn = torch.ops.ahn_rt.l2_prefetch if tensors and _use_ext(tensors[0]) else ref.l2_prefetch_ref
-    fn(tensors, evict_last)
-
-
 def gdn_chunk_scan(w, u, kd_t, qg, gl, state):
     """The chunk-to-chunk recurrence (w None: no delta correction, Mamba2)."""
     cuda_ok = not qg.is_cuda or (qg.shape[2] == ref.GDN_CHUNK and qg.shape[3] % 4 == 0 and qg.shape[3] <= 128)

@@ -117,25 +117,6 @@ def attn_merge_ref(outs: list, lses: list, offsets: list, rows: int) -> torch.Te
     return out.to(outs[0].dtype)
 
 
-PREFETCH_MAX_PARTS = 8   # csrc/common.h kPrefetchMaxParts
-
-
-def l2_prefetch_ref(tensors, evict_last: bool = False) -> None:
-    """A hint that the bytes of ``tensors`` will be read soon (the compiled op asks the GPU's L2 for them):
-    nothing to compute, so the reference only refuses what the op refuses (csrc/host/l2_prefetch.cpp, in its
-    order and words, prefix l2_prefetch_ref)."""
-    op = "l2_prefetch_ref"
-    if len(tensors) > PREFETCH_MAX_PARTS:
-        raise RuntimeError(f"{op}: at most {PREFETCH_MAX_PARTS} tensors per call, got {len(tensors)}")
-    for i, t in enumerate(tensors):
-        if t.device != tensors[0].device:
-            raise RuntimeError(f"{op}: every tensor must be on one device; tensor {i} is on {t.device}, tensor 0 "
-                               f"on {tensors[0].device}")
-        if not t.is_contiguous():
-            raise RuntimeError(f"{op}: tensor {i} is not contiguous (a prefetch covers one span of memory; pass "
-                               "contiguous views)")
-
-
 def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """x [rows, 2N] (gate | up) -> silu(gate) * up [rows, N], each op rounded to x.dtype as in torch."""
     gate, up = x.chunk(2, dim=-1)

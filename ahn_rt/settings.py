@@ -15,11 +15,6 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_DECODE_FORK   | ahn_rt.model, each     | 1: in a captured CUDA decode graph, each layer's memory step on |
 |                      | graph capture (and at  | a second stream beside the window attention, its term added by  |
 |                      | load)                  | o_proj's GEMV on load (same bits); 0: serial (a bench A/B)      |
-| AHN_RT_DECODE_PREFETCH                        | 0: none; in a captured CUDA decode graph, each layer's L2      |
-|                      | ahn_rt.model, each     | prefetch (side stream, issued as the layer starts) of: o: its   |
-|                      | graph capture (and at  | o_proj weight; og: and the first quarter of gate_up's rows;    |
-|                      | load)                  | ogq: and the next layer's input projection (evict_last). Values |
-|                      |                        | are never changed (a bench A/B)                                 |
 | AHN_RT_TRAIN_ATTENTION                        | auto: FlexAttention (compiled) for the training student's       |
 |                      | ahn_rt.train.attention | window on CUDA, SDPA query blocks elsewhere; sdpa; flex (on the |
 |                      | (each window plan)     | CPU eager and forward-only: for checks)                         |
@@ -54,7 +49,6 @@ _CHOICES = {
     "AHN_RT_CUDA": ("", "0", "1"),
     "AHN_RT_PREFILL_CUDNN": ("1", "0"),
     "AHN_RT_DECODE_FORK": ("1", "0"),
-    "AHN_RT_DECODE_PREFETCH": ("0", "o", "og", "ogq"),
     "AHN_RT_TRAIN_ATTENTION": ("auto", "sdpa", "flex"),
 }
 
@@ -105,13 +99,6 @@ def decode_fork() -> bool:
     beside the window attention, its term added by o_proj's GEMV (default; the same bits as the serial
     step), or serially (0)."""
     return _read("AHN_RT_DECODE_FORK") == "1"
-
-
-def decode_prefetch() -> str:
-    """AHN_RT_DECODE_PREFETCH: which weights each layer of a captured CUDA decode graph asks L2 for ahead of
-    its GEMVs, on the side stream: '0' none, 'o' o_proj, 'og' and a quarter of gate_up, 'ogq' and the next
-    layer's input projection."""
-    return _read("AHN_RT_DECODE_PREFETCH")
 
 
 def train_attention() -> str:

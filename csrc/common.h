@@ -471,20 +471,6 @@ struct GateNormParams {
   float eps;
 };
 
-// L2 prefetch of up to kPrefetchMaxParts byte ranges (the decode step's next weights, read from DRAM while the
-// step's latency-bound kernels leave it idle; a hint: no value anywhere changes). Range i is
-// [ptr[i], ptr[i] + bytes[i]), 16-byte aligned with bytes a multiple of 16 (the host trims each tensor's span
-// inward to that); chunk_end[i]: the prefix sum of ceil(bytes / kPrefetchChunk), so one thread per chunk.
-constexpr int kPrefetchMaxParts = 8;
-constexpr int64_t kPrefetchChunk = 16 * 1024;
-struct L2PrefetchParams {
-  const void* ptr[kPrefetchMaxParts];
-  int64_t bytes[kPrefetchMaxParts];
-  int64_t chunk_end[kPrefetchMaxParts];
-  int64_t parts;
-  bool evict_last;   // keep the lines past streamed loads (an L2 evict_last policy) instead of evict_normal
-};
-
 // ---------------------------------------------------------------------------------------------
 // Launchers. T is float, c10::BFloat16 or c10::Half (explicitly instantiated in the backend files).
 // ---------------------------------------------------------------------------------------------
@@ -514,8 +500,6 @@ template <typename T> void attn_merge_cuda(const AttnMergeParams& p, void* strea
 template <typename T> void silu_mul_cuda(const SiluMulParams& p, void* stream);
 template <typename T> void rope_cuda(const RopeParams& p, void* stream);
 template <typename T> void gate_norm_cuda(const GateNormParams& p, void* stream);
-// (no CPU twin: the CPU has no L2 that a prefetch could fill ahead of a kernel; the host does nothing there)
-void l2_prefetch_cuda(const L2PrefetchParams& p, void* stream);
 
 // swa_decode CUDA tensor-core path (fp16 / bf16): keys per shared-memory pipeline stage (16 per warp of
 // 4), stages, and the dynamic shared memory of one block: Q [16][DT + 8] + stages x {K, V} [64][DT + 8]

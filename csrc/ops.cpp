@@ -43,7 +43,6 @@ TORCH_LIBRARY(ahn_rt, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("gdn_gate_norm(Tensor o, Tensor z, Tensor weight, float eps) -> Tensor");
-  m.def("l2_prefetch(Tensor[] tensors, bool evict_last=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
@@ -60,7 +59,6 @@ TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
   m.impl("silu_mul", &ahn_rt::silu_mul);
   m.impl("rope", &ahn_rt::rope);
   m.impl("gdn_gate_norm", &ahn_rt::gdn_gate_norm);
-  m.impl("l2_prefetch", &ahn_rt::l2_prefetch);
 }
 
 #ifdef AHN_RT_WITH_CUDA
@@ -78,6 +76,5 @@ TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) {
   m.impl("silu_mul", &ahn_rt::silu_mul);
   m.impl("rope", &ahn_rt::rope);
   m.impl("gdn_gate_norm", &ahn_rt::gdn_gate_norm);
-  m.impl("l2_prefetch", &ahn_rt::l2_prefetch);
 }
 #endif

@@ -134,10 +134,5 @@ for pad in (0, 1):   # 16-byte vectors; rows padded by one element (the one-elem
                                 offsets=[0, 50, 36], rows=100)
 for n_out in (296, 300, 45):
     torch.ops.ahn_rt.silu_mul(x=torch.randn(33, 2 * n_out, device=dev, dtype=dt))
-# L2 prefetch: spans of every alignment (trimmed inward), shorter than 16 bytes, empty, a few MB, both policies
-wp = torch.randn(3001, 517, device=dev, dtype=dt)
-for last in (False, True):
-    torch.ops.ahn_rt.l2_prefetch(tensors=[wp, wp[1:], wp[7:9], wp.view(-1)[3:5], wp[:0], wp.view(-1)[1:999]],
-                                 evict_last=last)
 torch.cuda.synchronize()
 print("sanitize_ops: every op ran")

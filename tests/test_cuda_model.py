@@ -130,50 +130,6 @@ def test_graph_replay_equals_eager_steps(monkeypatch, fork, impl):
             assert torch.equal(t1[name], t2[name]), f"{params}: state field {name} differs between graph and eager"
 
 
-@pytest.mark.parametrize("mode", ["ahn", "swa"])
-@pytest.mark.parametrize("prefetch", ["o", "og", "ogq"])
-def test_graph_with_l2_prefetch_equals_eager_steps(monkeypatch, prefetch, mode):
-    """AHN_RT_DECODE_PREFETCH puts L2 prefetches of the GEMVs' weights on a side branch of the captured graph
-    (in swa mode the only branch, rejoined at the end): a hint, so every step's logits and the state are the
-    same bits as eager steps; and the prefetches were really captured, with the weights the setting names."""
-    import ahn_rt.ops as ops
-    monkeypatch.setenv("AHN_RT_DECODE_PREFETCH", prefetch)
-    calls = []
-    real = ops.l2_prefetch
-
-    def spy(tensors, evict_last=False):
-        calls.append(([tuple(t.shape) for t in tensors], evict_last, torch.cuda.is_current_stream_capturing()))
-        real(tensors, evict_last)
-    monkeypatch.setattr(ops, "l2_prefetch", spy)
-    _, gpu = _models(CFG, mode, 24, 4)
-    prompt = torch.randint(0, 1000, (30,), generator=torch.Generator().manual_seed(2)).tolist()
-
-    def run(graphs: bool):
-        monkeypatch.setattr("ahn_rt.graph.GRAPHS_ENABLED", graphs)
-        sess = gpu.new_session()
-        sampler = Sampler(SamplingParams(temperature=0), 1000, "cuda")
-        tok = sampler.sample(sess.forward(prompt, last_only=True)[-1])
-        step = sess.stepper(sampler)
-        logits = []
-        for _ in range(40):                  # crosses S + W = 28 and keeps evicting
-            tok = step(tok)
-            logits.append(step.logits.clone())
-        return torch.stack(logits), sess.state.tensors()
-
-    eager, s1 = run(False)
-    assert not calls, "eager steps issue no prefetch"
-    graph, s2 = run(True)
-    assert torch.equal(eager, graph)
-    assert all(torch.equal(s1[k], s2[k]) for k in s1)
-    L, I, d = CFG["num_hidden_layers"], CFG["intermediate_size"], CFG["hidden_size"]
-    quarter = -(-I // 4 // 16) * 16
-    per_layer = [[(d, d)] + ([(quarter, d), (quarter, d)] if "g" in prefetch else [])]
-    expect = per_layer * L
-    got = [shapes for shapes, last, _ in calls if not last]
-    assert got[:L] == expect and all(capturing for *_, capturing in calls)
-    assert sum(last for _, last, _ in calls[:2 * L]) == ((L - 1) if "q" in prefetch else 0)
-
-
 def test_generate_reuses_graph_across_calls_and_full_mode_grows():
     _, gpu = _models(CFG, "full", 8, 0)
     sess = gpu.new_session()

@@ -494,9 +494,6 @@ def _opcheck_cases(device):
     a, _, _ = _prep_case(device, dt, 4, 2, 64, 4, 60, 70, "mamba2", False, "contig")
     a["k_evict"].zero_(), a["v_evict"].zero_(), a["alpha_evict"].zero_()
     yield torch.ops.ahn_rt.decode_prep.default, tuple(a.values())
-    w = torch.randn(40, 24, dtype=dt, device=device)
-    yield torch.ops.ahn_rt.l2_prefetch.default, ([w, w[3:7], x], False)
-    yield torch.ops.ahn_rt.l2_prefetch.default, ([w[:0], w[1:2, 5:6]], True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -623,32 +620,3 @@ def test_linear_in_float32_only_where_it_pays(monkeypatch):
         assert not ops._gemm_in_float32(many) and not ops._gemm_in_float32(many.double())
         if torch.cuda.is_available():
             assert not ops._gemm_in_float32(many.bfloat16().cuda())
-
-
-# ----------------------------------------------------------------------------------------------
-# l2_prefetch: a hint (nothing computed), so the test is that it changes nothing and refuses what the
-# reference refuses
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-def test_l2_prefetch_changes_nothing_and_refuses_as_its_reference(device):
-    from ahn_rt.ops import l2_prefetch
-    base = torch.randn(1000, 37, dtype=torch.bfloat16, device=device)
-    keep = base.clone()
-    views = [base, base[1:], base[5:9], base[999:], base[:0], base.view(-1)[3:4], base.view(-1)[1:30]]
-    for ev in (False, True):                       # spans of every alignment, shorter than 16 bytes, empty
-        torch.ops.ahn_rt.l2_prefetch(views, ev)
-        ref.l2_prefetch_ref(views, ev)
-        l2_prefetch(views, ev)
-    l2_prefetch([])                                # (an empty list has no device: the wrapper takes it)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    assert torch.equal(base, keep)
-    bad = [([base] * 9, "at most 8 tensors per call, got 9"),
-           ([base, base[:, :3]], "tensor 1 is not contiguous")]
-    if device == "cuda":
-        bad.append(([base, keep.cpu()], "every tensor must be on one device; tensor 1 is on cpu"))
-    for tensors, msg in bad:
-        with pytest.raises(RuntimeError, match=msg):
-            torch.ops.ahn_rt.l2_prefetch(tensors, False)
-        with pytest.raises(RuntimeError, match=msg):
-            ref.l2_prefetch_ref(tensors, False)

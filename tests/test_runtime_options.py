@@ -76,10 +76,6 @@ def test_a_bad_model_switch_is_refused_at_load_on_the_cpu_too(monkeypatch):
             monkeypatch.setenv(name, good)
             from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
         monkeypatch.delenv(name)
-    monkeypatch.setenv("AHN_RT_DECODE_PREFETCH", "all")
-    with pytest.raises(SettingsError, match=r"^AHN_RT_DECODE_PREFETCH='all' is not one of 0, o, og, ogq$"):
-        from_state_dict(cfg, sd, mode="swa", window=8, sinks=2, dtype="float32")
-    monkeypatch.delenv("AHN_RT_DECODE_PREFETCH")
     from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
 
 

@@ -242,6 +242,5 @@ at::Tensor attn_merge(at::TensorList outs, at::TensorList lses, at::IntArrayRef 
 at::Tensor silu_mul(const at::Tensor& x);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Tensor& weight, double eps);
-void l2_prefetch(at::TensorList tensors, bool evict_last);
 
 }  // namespace ahn_rt
