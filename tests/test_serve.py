@@ -451,6 +451,23 @@ def test_only_an_assistant_message_may_lack_content(server):
     assert status == 400 and "required for a developer message" in err["message"], text
 
 
+def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(server):
+    """Content given as text parts is the parts joined by "\n" (vLLM's and TensorRT-LLM's servers), so that
+    the same request makes the same prompt here as there: the same usage and greedy reply as the joined
+    string."""
+    from ahn_rt.serve.prompt import content_text
+    parts = [{"type": "text", "text": "first part"}, {"type": "text", "text": "second"}]
+    assert content_text({"content": parts}, 0, "user") == "first part\nsecond"
+    got = []
+    for content in (parts, "first part\nsecond"):
+        status, text, _ = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
+                                                               "max_tokens": 4, "temperature": 0})
+        assert status == 200, text
+        r = json.loads(text)
+        got.append((r["usage"]["prompt_tokens"], r["choices"][0]["message"]["content"]))
+    assert got[0] == got[1]
+
+
 def test_messages_sent_to_completions_point_to_chat(server):
     status, text, _ = server.post("/v1/completions", {"messages": _messages(0)})
     err = json.loads(text)["error"]

@@ -449,11 +449,11 @@ def test_data_records_text_messages_input_ids_and_bad_ones(tmp_path):
 def test_null_fields_are_absent_and_text_parts_are_message_content(tmp_path):
     """A field set to null is an absent one ({"text": ..., "input_ids": null} was skipped as "input_ids is
     not a list"); a message content given as OpenAI text parts, which generate, Model.generate and the
-    server take, is their joined text (it was skipped as a bad message). Any other part is a bad record."""
+    server take, is their text joined by newlines (it was skipped as a bad message). Any other part is a bad record."""
     tok_path = tiny_tokenizer(tmp_path / "tokenizer.json")
     text = "abcdefghij" * 5
-    msgs = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, world!"}]
-    parts = [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+    msgs = [{"role": "user", "content": "hi\nthere"}, {"role": "assistant", "content": "hello, world!"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
              {"role": "assistant", "content": [{"type": "text", "text": "hello, world!"}]}]
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
              {"role": "assistant", "content": "hello, world!"}]

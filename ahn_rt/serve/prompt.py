@@ -48,8 +48,9 @@ class Prompt:
 
 
 def content_text(msg, i: int, role: str) -> str:
-    """The text of message ``i``'s content: a string, or OpenAI content parts of type text (joined); an
-    assistant message may lack it (""). AhnError naming the message otherwise. The training data reads
+    """The text of message ``i``'s content: a string, or OpenAI content parts of type text, joined by newlines
+    (as vLLM's and TensorRT-LLM's OpenAI servers join them, so that the same request makes the same prompt);
+    an assistant message may lack it (""). AhnError naming the message otherwise. The training data reads
     message contents with it too."""
     content = msg.get("content")
     if content is None:
@@ -66,7 +67,7 @@ def content_text(msg, i: int, role: str) -> str:
                 raise AhnError(f"messages[{i}].content: only text parts ({{'type': 'text', 'text': ...}}) "
                                "are supported")
             out.append(part["text"])
-        return "".join(out)
+        return "\n".join(out)
     raise AhnError(f"messages[{i}].content must be a string or a list of text parts")
 
 
