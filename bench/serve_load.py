@@ -32,6 +32,9 @@ from bench_args import (ArgParser, check_device, check_exists, check_output, che
 
 # what starts a server; none of it applies to --url (a server that is already running)
 SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
+# the most clients at once: one thread each, and the server this script starts queues at most this many
+# requests (--max-queue); --concurrency 100000000 built a thread per client until the memory ran out
+MAX_CLIENTS = 1024
 
 
 def pct(xs, q):
@@ -182,6 +185,9 @@ def main(argv=None) -> int:
         levels = int_list(args.concurrency, "--concurrency")
     except ValueError as e:
         ap.error(str(e))
+    if max(levels) > MAX_CLIENTS:
+        ap.error(f"--concurrency {max(levels)}: at most {MAX_CLIENTS} clients (one thread each, and the server "
+                 f"queues at most {MAX_CLIENTS} requests); give fewer")
     if args.url is not None:
         args.url = check_url(ap, args.url)
         given = [f"--{k.replace('_', '-')}" for k in SERVER_OPTIONS if getattr(args, k) not in (None, [])]
@@ -220,7 +226,7 @@ def main(argv=None) -> int:
                 tmp.cleanup()
                 return 2
             weights = out
-        sargs = ["--weights", weights, "--max-sessions", str(max(levels)), "--max-queue", "1024",
+        sargs = ["--weights", weights, "--max-sessions", str(max(levels)), "--max-queue", str(MAX_CLIENTS),
                  "--max-tokens", str(max(args.max_tokens, 16)), "--max-prompt-tokens", str(max(args.prompt_tokens, 16))]
         for flag, v in (("--ahn", args.ahn), ("--device", args.device), ("--dtype", args.dtype if args.weights else None),
                         ("--window", args.window), ("--sinks", args.sinks)):

@@ -283,6 +283,10 @@ def test_serve_load_bad_options(capsys):
                                                                    "--weights"),
                        (["--url", "http://127.0.0.1:1"], "Connection refused")):   # nothing listens on port 1
         assert want in _main_error(capsys, "serve_load", *args)
+    # a thread per client, until the memory ran out; now refused before anything starts
+    for args in (["--url", "http://127.0.0.1:1"], ["--device", "cpu", "--preset", "tiny"]):
+        line = _main_error(capsys, "serve_load", *args, "--concurrency", "1,100000000")
+        assert "--concurrency 100000000: at most 1024 clients" in line, line
 
 
 def test_serve_load_shows_the_servers_error(tmp_path):
