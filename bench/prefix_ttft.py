@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
-from bench_args import (ArgParser, check_device, check_exists, check_output, fail,  # noqa: E402
-                        nonneg_int, output_arg, positive_int, script_start, seed_arg, tokens_arg, write_json)
+from bench_args import (ArgParser, check_device, check_exists, check_fits, check_output, fail,  # noqa: E402
+                        nonneg_int, out_of_memory, output_arg, positive_int, script_start, seed_arg, tokens_arg,
+                        write_json)
 
 if __name__ == "__main__":
     script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
@@ -34,7 +35,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import ahn_rt  # noqa: E402
-from ahn_rt.config import parse_dtype  # noqa: E402
+from ahn_rt.config import param_count, parse_config, parse_dtype  # noqa: E402
 from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
 from ahn_rt.runtime import from_state_dict  # noqa: E402
 from ahn_rt.serve.prompt import Prompt  # noqa: E402
@@ -104,15 +105,36 @@ def main(argv=None) -> int:
         ap.error(f"--cache-bytes must be > 0 (the cached case needs a cache), got {args.cache_bytes!r}")
     dev = check_device(args.device or "cuda",
                        cpu_hint="; for the CPU smoke run: --device cpu --preset tiny --prefix-tokens 4096")
+    try:
+        need = least_bytes(args)
+    except ahn_rt.AhnError as e:   # a bad --preset or --dtype
+        fail(str(e))
+    check_fits(need, dev, f"--prefix-tokens {args.prefix_tokens} --question-tokens {args.question_tokens} --repeats "
+               f"{args.repeats}" + ("" if args.weights else f" --preset {args.preset}"),
+               "use fewer --prefix-tokens, --question-tokens or --repeats" + ("" if args.weights else
+                                                                               ", or a smaller --preset"))
     if args.json:   # before the run, so that its results are never lost at the end
         check_output(args.json)
     try:
         return measure(args, dev, cache_bytes)
     except ahn_rt.AhnError as e:   # bad --weights, --preset, --dtype, --window, ...
         fail(str(e))
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):   # the CPU allocator's failure is a plain RuntimeError
+            raise
         fail(f"out of memory on {dev} ({str(e).strip().splitlines()[0][:200]}); use a smaller --preset or "
              "--prefix-tokens, or free the device")
+
+
+def least_bytes(args) -> int:
+    """A lower bound of the bytes the run holds: the prompts as lists of token ids (``measure`` keeps one per
+    request, 2 x --repeats + 3 of them, 8 bytes a token each) and the prefix's int64 tensor; the weights of
+    --preset (those of --weights are not known before they load)."""
+    prompts = (args.prefix_tokens + args.question_tokens) * 8 * (2 * args.repeats + 3) + 8 * args.prefix_tokens
+    if args.weights:
+        return prompts
+    dtype = parse_dtype(args.dtype)
+    return prompts + param_count(parse_config(preset_config(args.preset, ahn=True, dtype=dtype), args.preset)) * dtype.itemsize
 
 
 def measure(args, dev, cache_bytes) -> int:

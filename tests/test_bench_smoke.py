@@ -277,6 +277,33 @@ def test_prefix_ttft_bad_options(capsys, tmp_path):
         assert "needs a CUDA GPU" in _main_error(capsys, "prefix_ttft", "--device", "cuda")
 
 
+def test_sizes_beyond_the_machine_are_one_line(capsys, monkeypatch):
+    # a failed allocation's RuntimeError traceback after the model was built (or, for --batch 100000 on the
+    # CPU, the memory filled until the kernel killed the process); now refused before any work
+    tt, pt = _bench("train_throughput"), _bench("prefix_ttft")
+    for bench, args, want in ((tt, [*CPU, "--seq-len", "10000000000"], "--seq-len 10000000000"),
+                              (tt, [*CPU, "--seq-len", "256", "--batch", "100000000"], "--batch 100000000"),
+                              (pt, ["--device", "cpu", "--prefix-tokens", "10000000000"], "--prefix-tokens"),
+                              (pt, ["--device", "cpu", "--repeats", "10000000000000"], "--repeats")):
+        monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail(f"{bench.__name__} ran"))
+        line = _main_error(capsys, bench.__name__, *args)
+        assert want in line and "needs at least" in line and "more than the" in line, line
+    # what gets past that and fails to allocate on the CPU: torch's plain RuntimeError, not OutOfMemoryError
+    alloc = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 80000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    def fails(e):
+        def measure(*a):
+            raise e
+        return measure
+    for bench, args in ((tt, CPU), (pt, ["--device", "cpu"])):
+        monkeypatch.setattr(bench, "measure", fails(alloc))
+        assert "out of memory on cpu" in _main_error(capsys, bench.__name__, *args)
+        monkeypatch.setattr(bench, "measure", fails(RuntimeError("a bug")))   # not a user's mistake: raised
+        with pytest.raises(RuntimeError, match="a bug"):
+            bench.main(args)
+
+
 def test_serve_load_bad_options(capsys):
     for args, want in ((["--url", "notaurl"], "--url"), (["--concurrency", "abc"], "--concurrency"),
                        (["--concurrency", "0"], "--concurrency"), (["--url", "http://127.0.0.1:1", "--weights", "x"],
