@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli import ArgParser, exit_on_interrupt
+from .cli import ArgParser, exit_on_interrupt, refuse_empty
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C while torch is imported (which can swallow it): one line, exit 130
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
                     help="also write the real Qwen2.5 tokenizer.json beside the weights")
     args = ap.parse_args(argv)
     try:
+        refuse_empty(args.out, "--out", "a file path ending in .safetensors, e.g. weights/model.safetensors")
         out = Path(args.out)
         if out.suffix != ".safetensors":
             raise AhnError(f"--out must end in .safetensors, got {out}")

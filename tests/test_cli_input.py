@@ -355,6 +355,12 @@ def test_init_weights_seed_out_of_range(tmp_path):
         random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)
 
 
+def test_init_weights_empty_out(tmp_path):
+    # an unset shell variable: "--out must end in .safetensors, got ." (pathlib's current folder)
+    rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--out", " ")
+    one_line_error(rc, err, "--out is empty; give a file path ending in .safetensors")
+
+
 # ---- a stdout that cannot take the text: one line, not a traceback -----------------------------------
 @pytest.mark.parametrize("how", ["disk-full", "closed"])
 def test_stdout_that_cannot_be_written(tiny, how):
