@@ -324,6 +324,19 @@ def test_a_dropped_model_is_freed_after_agenerate_and_its_worker_ends():
     assert not worker.is_alive()
 
 
+def test_empty_paths_are_one_line(model, tmp_path):
+    # '' was pathlib's current folder: "no model.safetensors ... in .", "cannot write .: it is a folder",
+    # ". is a folder"; tokenizer='' was no tokenizer at all (the one beside the weights, silently)
+    for kw, name in ((dict(weights=""), "weights"), (dict(weights=DEMO, ahn=" "), "ahn"),
+                     (dict(weights=DEMO, tokenizer=""), "tokenizer")):
+        with pytest.raises(AhnError, match=f"^{name} is empty; give "):
+            ahn_rt.load(**kw)
+    with pytest.raises(AhnError, match="save needs a file path, got an empty string"):
+        model.new_session().save("")
+    with pytest.raises(AhnError, match="restore needs a file path, got an empty string"):
+        model.restore("")
+
+
 def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
     with pytest.raises(AhnError, match="tokenizer not found"):
         ahn_rt.load(DEMO, tokenizer=tmp_path / "missing.json")    # not at the first request
