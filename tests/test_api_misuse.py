@@ -337,6 +337,15 @@ def test_empty_paths_are_one_line(model, tmp_path):
         model.restore("")
 
 
+def test_token_ids_that_cannot_be_decoded_are_one_line(model):
+    # the tokenizers library's OverflowError ("number too small to fit in target type") or TypeError
+    tok = model.tokenizer
+    assert tok.decode(torch.tensor(tok.encode("hi"))) == tok.decode(tok.encode("hi")) == "hi"
+    for bad in ([-1], [2 ** 64], [1.5], ["a"], 5, None, torch.tensor(5)):
+        with pytest.raises(AhnError, match="decode needs a list of token ids"):
+            tok.decode(bad)
+
+
 def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
     with pytest.raises(AhnError, match="tokenizer not found"):
         ahn_rt.load(DEMO, tokenizer=tmp_path / "missing.json")    # not at the first request
