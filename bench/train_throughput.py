@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_args import (RUNTIME_SWITCHES, AhnError, ArgParser, check_device, check_fits,  # noqa: E402
                         check_output, fail, nonneg_int, out_of_memory, output_arg, positive_int, script_start,
-                        tokens_arg, write_json)
+                        seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":   # Ctrl-C handler; the switches ahn_rt reads at import: one line, not a traceback
     script_start(RUNTIME_SWITCHES + ("AHN_RT_TRAIN_ATTENTION",))
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_const", const="none",
                     help="the same as --checkpoint none")
     ap.add_argument("--loss-chunk", type=positive_int, default=1024)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0)
     ap.add_argument("--json", type=output_arg, help="write the results to this file")
     args = ap.parse_args(argv)
     prefer_expandable_segments()   # as python -m ahn_rt.train does, before the first CUDA allocation

@@ -304,6 +304,16 @@ def test_sizes_beyond_the_machine_are_one_line(capsys, monkeypatch):
             bench.main(args)
 
 
+def test_train_throughput_bad_options(capsys, monkeypatch):
+    tt = _bench("train_throughput")
+    monkeypatch.setattr(tt, "measure", lambda *a: pytest.fail("train_throughput ran"))
+    # "error: seed must be in [...]" (no flag named) from inside the run, after the size checks
+    for args, want in ((["--seed", str(2 ** 64)], "--seed"), (["--seed", "x"], "--seed"),
+                       (["--window", "300"], "--window + --sinks"), (["--batch", "0"], "--batch")):
+        line = _main_error(capsys, "train_throughput", *CPU, "--seq-len", "256", *args)
+        assert want in line, line
+
+
 def test_serve_load_bad_options(capsys):
     for args, want in ((["--url", "notaurl"], "--url"), (["--concurrency", "abc"], "--concurrency"),
                        (["--concurrency", "0"], "--concurrency"), (["--url", "http://127.0.0.1:1", "--weights", "x"],
