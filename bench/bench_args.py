@@ -238,17 +238,16 @@ def check_fits(need: int, dev, what: str, hint: str):
     """Exit with one line when ``need`` bytes, a lower bound of what the run holds at once, are more than
     ``dev`` has at all (the GPU's memory; on the CPU the machine's RAM): sizes that can never run there
     (``--seq-len 10000000000`` was a failed allocation's traceback; ``--batch 100000`` on the CPU filled the
-    memory until the kernel killed the process). Less than that is left to the run (``out_of_memory``)."""
+    memory until the kernel killed the process). Less than that is left to the run (``out_of_memory``).
+    ``dev`` None: this process's own memory (no torch import)."""
     import os
-
-    import torch
-
-    from ahn_rt.runtime import human_bytes
-    if dev.type == "cuda":
+    if dev is not None and dev.type == "cuda":
+        import torch
         total, where = torch.cuda.get_device_properties(dev).total_memory, f"{dev}"
     else:
         total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine (RAM)"
     if need > total:
+        from ahn_rt.runtime import human_bytes
         fail(f"{what} needs at least {human_bytes(need)}, more than the {human_bytes(total)} of {where}; {hint}")
 
 

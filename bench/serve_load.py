@@ -27,8 +27,9 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
-                        int_list, interrupted, nonneg_int, output_arg, positive_int, tokens_arg, write_json)
+from bench_args import (ArgParser, check_device, check_exists, check_fits, check_output,  # noqa: E402
+                        check_settings, fail, int_list, interrupted, nonneg_int, output_arg, positive_int,
+                        tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
 SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
@@ -188,6 +189,10 @@ def main(argv=None) -> int:
     if max(levels) > MAX_CLIENTS:
         ap.error(f"--concurrency {max(levels)}: at most {MAX_CLIENTS} clients (one thread each, and the server "
                  f"queues at most {MAX_CLIENTS} requests); give fewer")
+    # each client builds its prompt as a list of ids (8 bytes a token at the least): --prompt-tokens 10000000000
+    # filled the memory in the warm-up, before any request
+    check_fits(8 * args.prompt_tokens * max(levels), None, f"--prompt-tokens {args.prompt_tokens} x --concurrency "
+               f"{max(levels)}", "use fewer --prompt-tokens or clients")
     if args.url is not None:
         args.url = check_url(ap, args.url)
         given = [f"--{k.replace('_', '-')}" for k in SERVER_OPTIONS if getattr(args, k) not in (None, [])]

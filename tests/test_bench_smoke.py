@@ -324,6 +324,9 @@ def test_serve_load_bad_options(capsys):
     for args in (["--url", "http://127.0.0.1:1"], ["--device", "cpu", "--preset", "tiny"]):
         line = _main_error(capsys, "serve_load", *args, "--concurrency", "1,100000000")
         assert "--concurrency 100000000: at most 1024 clients" in line, line
+    # each client's prompt, a list of ids: the warm-up filled the memory (a MemoryError, or the OOM killer)
+    line = _main_error(capsys, "serve_load", "--url", "http://127.0.0.1:1", "--prompt-tokens", "10000000000")
+    assert "--prompt-tokens 10000000000 x --concurrency 16 needs at least" in line, line
 
 
 def test_serve_load_shows_the_servers_error(tmp_path):
