@@ -74,8 +74,9 @@ def ttft(model, sess, ids) -> tuple[float, torch.Tensor, int]:
 
 def main(argv=None) -> int:
     ap = ArgParser(prog="python bench/prefix_ttft.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny", help="random weights of this shape (default tiny; the GPU run: qwen2.5-3b)")
-    ap.add_argument("--weights", help="a real checkpoint instead (ahn_rt.load)")
+    one = ap.add_mutually_exclusive_group()   # --preset with --weights was ignored: a run of the checkpoint
+    one.add_argument("--preset", help="random weights of this shape (default tiny; the GPU run: qwen2.5-3b)")
+    one.add_argument("--weights", help="a real checkpoint instead (ahn_rt.load)")
     ap.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
     ap.add_argument("--window", type=positive_int, help="default: the config's (32640)")
     ap.add_argument("--sinks", type=nonneg_int, help="default: the config's (128)")
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, profile one more cached request (torch.profiler tables on stderr)")
     args = ap.parse_args(argv)
+    args.preset = args.preset or "tiny"
     if args.ahn is not None and args.weights is None:
         ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
     check_exists(args.weights, "--weights")

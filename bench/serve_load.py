@@ -32,7 +32,7 @@ from bench_args import (ArgParser, check_device, check_exists, check_fits, check
                         tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
-SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
+SERVER_OPTIONS = ("preset", "weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
 # the most clients at once: one thread each, and the server this script starts queues at most this many
 # requests (--max-queue); --concurrency 100000000 built a thread per client until the memory ran out
 MAX_CLIENTS = 1024
@@ -167,8 +167,9 @@ def main(argv=None) -> int:
     ap = ArgParser(prog="python bench/serve_load.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a running server (default: start one)")
     ap.add_argument("--api-key")
-    ap.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
-    ap.add_argument("--weights", help="a real checkpoint instead")
+    one = ap.add_mutually_exclusive_group()   # --preset with --weights (or --url) was ignored
+    one.add_argument("--preset", help="random weights of this shape (default qwen2.5-3b)")
+    one.add_argument("--weights", help="a real checkpoint instead")
     ap.add_argument("--ahn")
     ap.add_argument("--device", help="the server's: cuda (default) or cpu (the smoke run)")
     ap.add_argument("--dtype", help="default: bf16 for --preset weights, the checkpoint's for --weights")
@@ -210,6 +211,7 @@ def main(argv=None) -> int:
                                                       "--max-tokens 16 --prompt-tokens 64")
         if args.weights is None:
             from ahn_rt.init_weights import PRESETS
+            args.preset = args.preset or "qwen2.5-3b"
             if args.preset not in PRESETS:
                 ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
     if args.json:   # before the run, so that its results are never lost at the end

@@ -166,7 +166,8 @@ def test_decode_latency_negative_depth_is_a_usage_error():
                                         # went into the JSON as Infinity, which strict JSON readers refuse
                                         ("--budget-s", "inf"), ("--compile-need-s", "inf")])
 def test_decode_latency_rejects_bad_options(capsys, flag, value):
-    line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
+    model = ["--device", "cpu"] if flag == "--weights" else CPU   # (--preset and --weights: one or the other)
+    line = _main_error(capsys, "decode_latency", *model, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
     assert (flag if flag not in ("--device", "--preset", "--dtype") else value) in line, line
 
 
@@ -190,7 +191,7 @@ def test_decode_latency_model_that_cannot_be_built_ends_the_run(tmp_path):
     # this printed "FAILED build ahn_rt ahn model: AhnError: ...", an empty table and exited 0
     garbage = tmp_path / "model.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    line, out = _run_error("bench/decode_latency.py", *CPU, "--quick", "--contexts", "64", "--weights", str(garbage),
+    line, out = _run_error("bench/decode_latency.py", "--device", "cpu", "--quick", "--contexts", "64", "--weights", str(garbage),
                            "--skip", "hf,hf-compile,fla,full,ref,batch,prefill")
     assert "not a valid safetensors" in line and "FAILED" not in out and "| tg @" not in out
 
@@ -205,6 +206,18 @@ def test_decode_latency_prefill_long_names_pp131072_once():
     # --prefill 128k --prefill-long: two pp131072 rows, the longest prompt prefilled twice
     a = _bench("decode_latency").parse_args([*CPU, "--prefill", "2k,128k", "--prefill-long"])
     assert a.prefill == [2048, 131072]
+
+
+def test_preset_and_weights_are_one_or_the_other(capsys, tmp_path):
+    # --preset was ignored next to --weights (the run measured the checkpoint), and next to serve_load --url
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"x")
+    for name, extra in (("decode_latency", ["--device", "cpu"]), ("prefix_ttft", ["--device", "cpu"]),
+                        ("serve_load", ["--device", "cpu"])):
+        line = _main_error(capsys, name, *extra, "--preset", "tiny", "--weights", str(garbage))
+        assert "argument --weights: not allowed with argument --preset" in line, line
+    line = _main_error(capsys, "serve_load", "--url", "http://127.0.0.1:1", "--preset", "tiny")
+    assert "--preset: only for the server this script starts" in line, line
 
 
 def test_benches_refuse_repeated_values(capsys):
