@@ -263,6 +263,10 @@ class Model:
         gives the slot back."""
         chunk = _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size
         capacity = int_arg(capacity, "capacity", optional=True)
+        if capacity is not None and self.config.mode != "full":   # it was ignored
+            c = self.config
+            raise AhnError(f"capacity is for mode 'full' only: a mode '{c.mode}' state always holds sinks + window = "
+                           f"{c.sinks + c.window} cache slots; drop capacity (or set window / sinks at load)")
         if pool is not None and not isinstance(pool, StatePool):
             raise AhnError(f"pool must be a StatePool from model.new_pool(n), got {type(pool).__name__}")
         return Session(self, chunk, capacity, pool)

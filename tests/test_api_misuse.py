@@ -107,6 +107,9 @@ def test_sessions_that_are_not_this_models_are_one_line(model, other):
     for cap in (-1, 0, 1.5, "8"):
         with pytest.raises(AhnError, match="capacity"):
             model.new_session(capacity=cap)
+    # a full-mode option: an ahn / swa state is sinks + window slots, and capacity was ignored
+    with pytest.raises(AhnError, match="capacity is for mode 'full' only: a mode 'ahn' state always holds"):
+        model.new_session(capacity=100000)
     for w in (None, 5):
         with pytest.raises(AhnError, match="weights must be a path"):
             ahn_rt.load(w)
