@@ -239,7 +239,7 @@ def parse_args(argv=None):
     one.add_argument("--preset", help="random weights of this shape (default qwen2.5-3b)")
     one.add_argument("--weights", help="a real checkpoint instead (file or folder; ahn_rt.load)")
     src.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
-    src.add_argument("--ahn-impl", default="gdn", choices=("gdn", "dn", "mamba2"),
+    src.add_argument("--ahn-impl", choices=("gdn", "dn", "mamba2"),
                      help="the memory variant of the random --preset weights (default gdn)")
     src.add_argument("--window", type=positive_int, default=32640, help="the AHN window W (default 32640)")
     src.add_argument("--sinks", type=nonneg_int, default=128, help="the attention sinks S (default 128)")
@@ -317,6 +317,9 @@ def check_model_args(ap, a):
         parse_dtype(a.dtype)
     except AhnError as e:
         ap.error(f"--dtype: {e}")
+    if a.weights is not None and a.ahn_impl is not None:   # it was ignored: the checkpoint has its memory
+        ap.error("--ahn-impl picks the memory of the random --preset weights; a --weights checkpoint has its own "
+                 "(drop --ahn-impl)")
     if a.weights is None:
         if a.ahn is not None:
             ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=positive_int, default=6, help="timed steps (after --warmup)")
     ap.add_argument("--warmup", type=nonneg_int, default=2)
     ap.add_argument("--window", type=positive_int, help="fixed W (with --sinks); default: the recipe's random draws")
-    ap.add_argument("--sinks", type=nonneg_int, default=0)
+    ap.add_argument("--sinks", type=nonneg_int, help="fixed S, with --window (default 0)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the smoke check)")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
     ap.add_argument("--checkpoint", choices=["layer", "memory", "none"], default="layer",
@@ -88,6 +88,10 @@ def main(argv=None) -> int:
         parse_dtype(args.dtype)
     except AhnError as e:
         ap.error(f"--dtype: {e}")
+    if args.sinks is not None and args.window is None:   # it was ignored: the recipe's draws have their own S
+        ap.error(f"--sinks {args.sinks} goes with a fixed --window; without --window (W, S) are drawn as the recipe "
+                 "draws them")
+    args.sinks = args.sinks or 0
     if args.window is not None and args.window + args.sinks >= args.seq_len:
         ap.error(f"--window + --sinks ({args.window} + {args.sinks}) must be < --seq-len ({args.seq_len}): the loss "
                  "is taken at the positions past them")

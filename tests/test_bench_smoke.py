@@ -216,6 +216,9 @@ def test_preset_and_weights_are_one_or_the_other(capsys, tmp_path):
                         ("serve_load", ["--device", "cpu"])):
         line = _main_error(capsys, name, *extra, "--preset", "tiny", "--weights", str(garbage))
         assert "argument --weights: not allowed with argument --preset" in line, line
+    # --ahn-impl (the memory of the random --preset weights) was ignored next to --weights
+    line = _main_error(capsys, "decode_latency", "--device", "cpu", "--weights", str(garbage), "--ahn-impl", "dn")
+    assert "--ahn-impl picks the memory of the random --preset weights" in line, line
     line = _main_error(capsys, "serve_load", "--url", "http://127.0.0.1:1", "--preset", "tiny")
     assert "--preset: only for the server this script starts" in line, line
 
@@ -322,7 +325,9 @@ def test_train_throughput_bad_options(capsys, monkeypatch):
     monkeypatch.setattr(tt, "measure", lambda *a: pytest.fail("train_throughput ran"))
     # "error: seed must be in [...]" (no flag named) from inside the run, after the size checks
     for args, want in ((["--seed", str(2 ** 64)], "--seed"), (["--seed", "x"], "--seed"),
-                       (["--window", "300"], "--window + --sinks"), (["--batch", "0"], "--batch")):
+                       (["--window", "300"], "--window + --sinks"), (["--batch", "0"], "--batch"),
+                       # ignored: (W, S) were the recipe's draws
+                       (["--sinks", "4"], "--sinks 4 goes with a fixed --window")):
         line = _main_error(capsys, "train_throughput", *CPU, "--seq-len", "256", *args)
         assert want in line, line
 
