@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import ahn_rt  # noqa: E402
 from ahn_rt.config import param_count, parse_config, parse_dtype  # noqa: E402
 from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
-from ahn_rt.runtime import from_state_dict  # noqa: E402
+from ahn_rt.runtime import DEFAULT_CHUNK, from_state_dict  # noqa: E402
 from ahn_rt.serve.prompt import Prompt  # noqa: E402
 
 
@@ -115,6 +115,11 @@ def main(argv=None) -> int:
                f"{args.repeats}" + ("" if args.weights else f" --preset {args.preset}"),
                "use fewer --prefix-tokens, --question-tokens or --repeats" + ("" if args.weights else
                                                                                ", or a smaller --preset"))
+    chunk = args.chunk_size or DEFAULT_CHUNK[dev.type]
+    if args.prefix_tokens < chunk:   # the run measured nothing cached: "prefix reused: [0] tokens", exit 0
+        ap.error(f"--prefix-tokens {args.prefix_tokens} is shorter than the prefill chunk ({chunk} tokens): the "
+                 "prefix cache keeps states at chunk boundaries, so none of it can be reused; give more "
+                 "--prefix-tokens or a smaller --chunk-size")
     if args.json:   # before the run, so that its results are never lost at the end
         check_output(args.json)
     try:

@@ -287,7 +287,10 @@ def test_prefix_ttft_bad_options(capsys, tmp_path):
                        (["--device", "cpu", "--json", str(tmp_path / "afile" / "x.json")], "--json"),
                        (["--device", "cpu", "--seed", str(2 ** 64)], "--seed"),
                        # a struct.error traceback after the model was built
-                       (["--device", "cpu", "--chunk-size", str(2 ** 64)], "--chunk-size")):
+                       (["--device", "cpu", "--chunk-size", str(2 ** 64)], "--chunk-size"),
+                       # nothing of a prefix shorter than one chunk is cached: "prefix reused: [0] tokens", exit 0
+                       (["--device", "cpu", "--prefix-tokens", "256"], "shorter than the prefill chunk (2048 tokens)"),
+                       (["--device", "cpu", "--prefix-tokens", "4k", "--chunk-size", "8k"], "(8192 tokens)")):
         assert want in _main_error(capsys, "prefix_ttft", *args)
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in _main_error(capsys, "prefix_ttft", "--device", "cuda")
