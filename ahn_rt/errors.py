@@ -29,3 +29,11 @@ def int_arg(value, what: str, minimum: int = 1, optional: bool = False, message:
         kind = {1: "positive", 0: "non-negative"}.get(minimum, f">= {minimum}")
         raise AhnError(message or f"{what} must be a {kind} integer{' or None' if optional else ''}, got {value!r}")
     return n
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a failed allocation: torch.OutOfMemoryError (a GPU's), MemoryError, or the plain
+    RuntimeError of torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory"), which
+    ``except torch.OutOfMemoryError`` let through as a traceback."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))

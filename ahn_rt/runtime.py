@@ -16,6 +16,7 @@ import torch
 from . import ops
 from . import weights as weights_mod
 from .cache import State, StatePool, refuse_torn, shared_pool
+from .cli import refuse_empty
 from .config import Config, resolve_runtime
 from .devices import parse_device
 from .errors import AhnError, int_arg
@@ -69,6 +70,10 @@ def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, windo
         if (value is not None or name == "weights") and not isinstance(value, (str, os.PathLike)):
             raise AhnError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__}"
                            + ("; the demo model is in weights/demo of the repository" if value is None else ""))
+        # '' was the current folder ("no model.safetensors ... in .") or, as tokenizer, no tokenizer at all
+        refuse_empty(value if isinstance(value, str) else None, name,
+                     "a tokenizer.json file (or None)" if name == "tokenizer" else
+                     "a .safetensors file or a checkpoint folder" + (" (or None)" if name == "ahn" else ""))
     if tokenizer is not None and not Path(os.fspath(tokenizer)).expanduser().is_file():
         raise AhnError(f"tokenizer not found: {tokenizer} (give the path of a tokenizer.json file, "
                        "or leave tokenizer out to use the one beside the weights)")
@@ -258,6 +263,10 @@ class Model:
         gives the slot back."""
         chunk = _check_chunk(chunk_size, self.device) if chunk_size is not None else self.chunk_size
         capacity = int_arg(capacity, "capacity", optional=True)
+        if capacity is not None and self.config.mode != "full":   # it was ignored
+            c = self.config
+            raise AhnError(f"capacity is for mode 'full' only: a mode '{c.mode}' state always holds sinks + window = "
+                           f"{c.sinks + c.window} cache slots; drop capacity (or set window / sinks at load)")
         if pool is not None and not isinstance(pool, StatePool):
             raise AhnError(f"pool must be a StatePool from model.new_pool(n), got {type(pool).__name__}")
         return Session(self, chunk, capacity, pool)

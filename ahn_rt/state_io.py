@@ -87,6 +87,8 @@ def checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
 def _path(path, what: str) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise AhnError(f"{what} needs a file path (str or pathlib.Path), got {type(path).__name__}")
+    if isinstance(path, str) and not path.strip():   # pathlib's current folder: "cannot write .: it is a folder"
+        raise AhnError(f"{what} needs a file path, got an empty string")
     return Path(os.fspath(path)).expanduser()      # as ahn_rt.load reads its paths
 
 

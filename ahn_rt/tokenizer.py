@@ -73,8 +73,13 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        """Text of ``ids``, special tokens included; invalid UTF-8 becomes U+FFFD."""
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        """Text of ``ids`` (token ids of any integer type: a list, a 1-D tensor), special tokens included;
+        invalid UTF-8 becomes U+FFFD. Anything else is an AhnError (it was the tokenizers library's
+        OverflowError or TypeError)."""
+        try:
+            return self._tok.decode(list(ids), skip_special_tokens=False)
+        except (TypeError, OverflowError):
+            raise AhnError(f"decode needs a list of token ids (integers from 0 to 2**32 - 1), got {ids!r:.100}") from None
 
     def token_id(self, token: str) -> int | None:
         """Id of the token spelled ``token`` (e.g. "<|im_end|>"), or None."""

@@ -218,6 +218,9 @@ def write_qwen25_tokenizer(out_dir: str, ranks_path: str | None = None, check: b
         os.replace(tmp, path)
     except OSError as e:
         raise AhnError(f"cannot write {path} ({e}); choose a writable output folder") from None
+    finally:   # a full disk or Ctrl-C while it is written: no half-written tokenizer.json.tmp left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
     if check:
         import tokenizers
 

@@ -9,6 +9,8 @@ line on stderr, "error: <problem and what to do>", exit status 2, no traceback:
 * ``check_settings``: the AHN_RT_* switches that ahn_rt reads at import, checked before that import;
 * ``check_device``: a device torch has and the bench runs on, checked before any work;
   ``require_cuda_ops``: a CUDA GPU and ahn_rt's CUDA kernels, for the benches of the kernels alone;
+* ``check_fits``: a run whose sizes need more memory than the device has at all, refused before any work;
+  ``out_of_memory``: whether an exception is a failed allocation (a GPU's or the CPU allocator's);
 * ``output_arg``: the argparse type of ``--json`` (a path, not empty); ``check_output``: that file checked
   for writability before the run, and
   ``write_json``, which writes it atomically at the end;
@@ -29,7 +31,7 @@ if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one 
 
 # ArgParser re-exported: every bench's parser; interrupted: serve_load's Ctrl-C after its own cleanup
 from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
-from ahn_rt.errors import AhnError  # noqa: E402,F401
+from ahn_rt.errors import AhnError, out_of_memory  # noqa: E402,F401
 
 RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN", "AHN_RT_DECODE_FORK")
 
@@ -230,6 +232,23 @@ def require_cuda_ops(script: str, names=()):
         if not has:
             fail(f"{script}: ahn_rt._C has no CUDA kernel for {name} (a CPU-only or older build); rebuild it on "
                  f"this machine with `AHN_RT_CUDA=1 {BUILD}`")
+
+
+def check_fits(need: int, dev, what: str, hint: str):
+    """Exit with one line when ``need`` bytes, a lower bound of what the run holds at once, are more than
+    ``dev`` has at all (the GPU's memory; on the CPU the machine's RAM): sizes that can never run there
+    (``--seq-len 10000000000`` was a failed allocation's traceback; ``--batch 100000`` on the CPU filled the
+    memory until the kernel killed the process). Less than that is left to the run (``out_of_memory``).
+    ``dev`` None: this process's own memory (no torch import)."""
+    import os
+    if dev is not None and dev.type == "cuda":
+        import torch
+        total, where = torch.cuda.get_device_properties(dev).total_memory, f"{dev}"
+    else:
+        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine (RAM)"
+    if need > total:
+        from ahn_rt.runtime import human_bytes
+        fail(f"{what} needs at least {human_bytes(need)}, more than the {human_bytes(total)} of {where}; {hint}")
 
 
 def check_output(path: str, flag: str = "--json") -> str:

@@ -235,10 +235,11 @@ def hf_rows(r: Run, args, dev: torch.device, c):
 def parse_args(argv=None):
     ap = ArgParser(prog="python bench/decode_latency.py", description=__doc__.split("\n\n")[0])
     src = ap.add_argument_group("model")
-    src.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
-    src.add_argument("--weights", help="a real checkpoint instead (file or folder; ahn_rt.load)")
+    one = src.add_mutually_exclusive_group()   # --preset with --weights was ignored: a run of the checkpoint
+    one.add_argument("--preset", help="random weights of this shape (default qwen2.5-3b)")
+    one.add_argument("--weights", help="a real checkpoint instead (file or folder; ahn_rt.load)")
     src.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
-    src.add_argument("--ahn-impl", default="gdn", choices=("gdn", "dn", "mamba2"),
+    src.add_argument("--ahn-impl", choices=("gdn", "dn", "mamba2"),
                      help="the memory variant of the random --preset weights (default gdn)")
     src.add_argument("--window", type=positive_int, default=32640, help="the AHN window W (default 32640)")
     src.add_argument("--sinks", type=nonneg_int, default=128, help="the attention sinks S (default 128)")
@@ -303,6 +304,7 @@ def parse_args(argv=None):
         a.batch_sizes = int_list(a.batch_sizes, "--batch-sizes")
     except ValueError as e:
         ap.error(str(e))
+    a.preset = a.preset or "qwen2.5-3b"
     check_model_args(ap, a)
     return a
 
@@ -315,6 +317,9 @@ def check_model_args(ap, a):
         parse_dtype(a.dtype)
     except AhnError as e:
         ap.error(f"--dtype: {e}")
+    if a.weights is not None and a.ahn_impl is not None:   # it was ignored: the checkpoint has its memory
+        ap.error("--ahn-impl picks the memory of the random --preset weights; a --weights checkpoint has its own "
+                 "(drop --ahn-impl)")
     if a.weights is None:
         if a.ahn is not None:
             ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
-from bench_args import (ArgParser, check_device, check_exists, check_output, fail,  # noqa: E402
-                        nonneg_int, output_arg, positive_int, script_start, seed_arg, tokens_arg, write_json)
+from bench_args import (ArgParser, check_device, check_exists, check_fits, check_output, fail,  # noqa: E402
+                        nonneg_int, out_of_memory, output_arg, positive_int, script_start, seed_arg, tokens_arg,
+                        write_json)
 
 if __name__ == "__main__":
     script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
@@ -34,9 +35,9 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import ahn_rt  # noqa: E402
-from ahn_rt.config import parse_dtype  # noqa: E402
+from ahn_rt.config import param_count, parse_config, parse_dtype  # noqa: E402
 from ahn_rt.init_weights import preset_config, random_state_dict  # noqa: E402
-from ahn_rt.runtime import from_state_dict  # noqa: E402
+from ahn_rt.runtime import DEFAULT_CHUNK, from_state_dict  # noqa: E402
 from ahn_rt.serve.prompt import Prompt  # noqa: E402
 
 
@@ -73,8 +74,9 @@ def ttft(model, sess, ids) -> tuple[float, torch.Tensor, int]:
 
 def main(argv=None) -> int:
     ap = ArgParser(prog="python bench/prefix_ttft.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny", help="random weights of this shape (default tiny; the GPU run: qwen2.5-3b)")
-    ap.add_argument("--weights", help="a real checkpoint instead (ahn_rt.load)")
+    one = ap.add_mutually_exclusive_group()   # --preset with --weights was ignored: a run of the checkpoint
+    one.add_argument("--preset", help="random weights of this shape (default tiny; the GPU run: qwen2.5-3b)")
+    one.add_argument("--weights", help="a real checkpoint instead (ahn_rt.load)")
     ap.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
     ap.add_argument("--window", type=positive_int, help="default: the config's (32640)")
     ap.add_argument("--sinks", type=nonneg_int, help="default: the config's (128)")
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, profile one more cached request (torch.profiler tables on stderr)")
     args = ap.parse_args(argv)
+    args.preset = args.preset or "tiny"
     if args.ahn is not None and args.weights is None:
         ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
     check_exists(args.weights, "--weights")
@@ -104,15 +107,41 @@ def main(argv=None) -> int:
         ap.error(f"--cache-bytes must be > 0 (the cached case needs a cache), got {args.cache_bytes!r}")
     dev = check_device(args.device or "cuda",
                        cpu_hint="; for the CPU smoke run: --device cpu --preset tiny --prefix-tokens 4096")
+    try:
+        need = least_bytes(args)
+    except ahn_rt.AhnError as e:   # a bad --preset or --dtype
+        fail(str(e))
+    check_fits(need, dev, f"--prefix-tokens {args.prefix_tokens} --question-tokens {args.question_tokens} --repeats "
+               f"{args.repeats}" + ("" if args.weights else f" --preset {args.preset}"),
+               "use fewer --prefix-tokens, --question-tokens or --repeats" + ("" if args.weights else
+                                                                               ", or a smaller --preset"))
+    chunk = args.chunk_size or DEFAULT_CHUNK[dev.type]
+    if args.prefix_tokens < chunk:   # the run measured nothing cached: "prefix reused: [0] tokens", exit 0
+        ap.error(f"--prefix-tokens {args.prefix_tokens} is shorter than the prefill chunk ({chunk} tokens): the "
+                 "prefix cache keeps states at chunk boundaries, so none of it can be reused; give more "
+                 "--prefix-tokens or a smaller --chunk-size")
     if args.json:   # before the run, so that its results are never lost at the end
         check_output(args.json)
     try:
         return measure(args, dev, cache_bytes)
     except ahn_rt.AhnError as e:   # bad --weights, --preset, --dtype, --window, ...
         fail(str(e))
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):   # the CPU allocator's failure is a plain RuntimeError
+            raise
         fail(f"out of memory on {dev} ({str(e).strip().splitlines()[0][:200]}); use a smaller --preset or "
              "--prefix-tokens, or free the device")
+
+
+def least_bytes(args) -> int:
+    """A lower bound of the bytes the run holds: the prompts as lists of token ids (``measure`` keeps one per
+    request, 2 x --repeats + 3 of them, 8 bytes a token each) and the prefix's int64 tensor; the weights of
+    --preset (those of --weights are not known before they load)."""
+    prompts = (args.prefix_tokens + args.question_tokens) * 8 * (2 * args.repeats + 3) + 8 * args.prefix_tokens
+    if args.weights:
+        return prompts
+    dtype = parse_dtype(args.dtype)
+    return prompts + param_count(parse_config(preset_config(args.preset, ahn=True, dtype=dtype), args.preset)) * dtype.itemsize
 
 
 def measure(args, dev, cache_bytes) -> int:

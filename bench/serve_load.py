@@ -27,11 +27,15 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_args import (ArgParser, check_device, check_exists, check_output, check_settings, fail,  # noqa: E402
-                        int_list, interrupted, nonneg_int, output_arg, positive_int, tokens_arg, write_json)
+from bench_args import (ArgParser, check_device, check_exists, check_fits, check_output,  # noqa: E402
+                        check_settings, fail, int_list, interrupted, nonneg_int, output_arg, positive_int,
+                        tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
-SERVER_OPTIONS = ("weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
+SERVER_OPTIONS = ("preset", "weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
+# the most clients at once: one thread each, and the server this script starts queues at most this many
+# requests (--max-queue); --concurrency 100000000 built a thread per client until the memory ran out
+MAX_CLIENTS = 1024
 
 
 def pct(xs, q):
@@ -163,8 +167,9 @@ def main(argv=None) -> int:
     ap = ArgParser(prog="python bench/serve_load.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a running server (default: start one)")
     ap.add_argument("--api-key")
-    ap.add_argument("--preset", default="qwen2.5-3b", help="random weights of this shape (default qwen2.5-3b)")
-    ap.add_argument("--weights", help="a real checkpoint instead")
+    one = ap.add_mutually_exclusive_group()   # --preset with --weights (or --url) was ignored
+    one.add_argument("--preset", help="random weights of this shape (default qwen2.5-3b)")
+    one.add_argument("--weights", help="a real checkpoint instead")
     ap.add_argument("--ahn")
     ap.add_argument("--device", help="the server's: cuda (default) or cpu (the smoke run)")
     ap.add_argument("--dtype", help="default: bf16 for --preset weights, the checkpoint's for --weights")
@@ -182,6 +187,13 @@ def main(argv=None) -> int:
         levels = int_list(args.concurrency, "--concurrency")
     except ValueError as e:
         ap.error(str(e))
+    if max(levels) > MAX_CLIENTS:
+        ap.error(f"--concurrency {max(levels)}: at most {MAX_CLIENTS} clients (one thread each, and the server "
+                 f"queues at most {MAX_CLIENTS} requests); give fewer")
+    # each client builds its prompt as a list of ids (8 bytes a token at the least): --prompt-tokens 10000000000
+    # filled the memory in the warm-up, before any request
+    check_fits(8 * args.prompt_tokens * max(levels), None, f"--prompt-tokens {args.prompt_tokens} x --concurrency "
+               f"{max(levels)}", "use fewer --prompt-tokens or clients")
     if args.url is not None:
         args.url = check_url(ap, args.url)
         given = [f"--{k.replace('_', '-')}" for k in SERVER_OPTIONS if getattr(args, k) not in (None, [])]
@@ -199,6 +211,7 @@ def main(argv=None) -> int:
                                                       "--max-tokens 16 --prompt-tokens 64")
         if args.weights is None:
             from ahn_rt.init_weights import PRESETS
+            args.preset = args.preset or "qwen2.5-3b"
             if args.preset not in PRESETS:
                 ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
     if args.json:   # before the run, so that its results are never lost at the end
@@ -220,7 +233,7 @@ def main(argv=None) -> int:
                 tmp.cleanup()
                 return 2
             weights = out
-        sargs = ["--weights", weights, "--max-sessions", str(max(levels)), "--max-queue", "1024",
+        sargs = ["--weights", weights, "--max-sessions", str(max(levels)), "--max-queue", str(MAX_CLIENTS),
                  "--max-tokens", str(max(args.max_tokens, 16)), "--max-prompt-tokens", str(max(args.prompt_tokens, 16))]
         for flag, v in (("--ahn", args.ahn), ("--device", args.device), ("--dtype", args.dtype if args.weights else None),
                         ("--window", args.window), ("--sinks", args.sinks)):

@@ -20,15 +20,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_args import (RUNTIME_SWITCHES, AhnError, ArgParser, check_device, check_output,  # noqa: E402
-                        fail, nonneg_int, output_arg, positive_int, script_start, tokens_arg, write_json)
+from bench_args import (RUNTIME_SWITCHES, AhnError, ArgParser, check_device, check_fits,  # noqa: E402
+                        check_output, fail, nonneg_int, out_of_memory, output_arg, positive_int, script_start,
+                        seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":   # Ctrl-C handler; the switches ahn_rt reads at import: one line, not a traceback
     script_start(RUNTIME_SWITCHES + ("AHN_RT_TRAIN_ATTENTION",))
 
 import torch  # noqa: E402
 
-from ahn_rt.config import parse_config, parse_dtype  # noqa: E402
+from ahn_rt.config import param_count, parse_config, parse_dtype  # noqa: E402
 from ahn_rt.devices import prefer_expandable_segments  # noqa: E402
 from ahn_rt.init_weights import PRESETS, preset_config, random_state_dict  # noqa: E402
 from ahn_rt.train.attention import attention_backend  # noqa: E402
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=positive_int, default=6, help="timed steps (after --warmup)")
     ap.add_argument("--warmup", type=nonneg_int, default=2)
     ap.add_argument("--window", type=positive_int, help="fixed W (with --sinks); default: the recipe's random draws")
-    ap.add_argument("--sinks", type=nonneg_int, default=0)
+    ap.add_argument("--sinks", type=nonneg_int, help="fixed S, with --window (default 0)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the smoke check)")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
     ap.add_argument("--checkpoint", choices=["layer", "memory", "none"], default="layer",
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_const", const="none",
                     help="the same as --checkpoint none")
     ap.add_argument("--loss-chunk", type=positive_int, default=1024)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_arg, default=0)
     ap.add_argument("--json", type=output_arg, help="write the results to this file")
     args = ap.parse_args(argv)
     prefer_expandable_segments()   # as python -m ahn_rt.train does, before the first CUDA allocation
@@ -87,6 +88,10 @@ def main(argv=None) -> int:
         parse_dtype(args.dtype)
     except AhnError as e:
         ap.error(f"--dtype: {e}")
+    if args.sinks is not None and args.window is None:   # it was ignored: the recipe's draws have their own S
+        ap.error(f"--sinks {args.sinks} goes with a fixed --window; without --window (W, S) are drawn as the recipe "
+                 "draws them")
+    args.sinks = args.sinks or 0
     if args.window is not None and args.window + args.sinks >= args.seq_len:
         ap.error(f"--window + --sinks ({args.window} + {args.sinks}) must be < --seq-len ({args.seq_len}): the loss "
                  "is taken at the positions past them")
@@ -94,15 +99,29 @@ def main(argv=None) -> int:
         ap.error(f"--seq-len {args.seq_len} is shorter than every window the recipe draws; give a longer --seq-len "
                  "or a fixed --window (with --sinks)")
     dev = check_device(args.device, cpu_hint="; for the CPU smoke check: --device cpu --preset tiny --seq-len 256")
+    check_fits(least_bytes(args, dev), dev, f"--preset {args.preset} --seq-len {args.seq_len} --batch {args.batch}",
+               "use a smaller --preset, --seq-len or --batch")
     if args.json:   # before the run, so that its results are never lost at the end
         check_output(args.json)
     try:
         return measure(args, dev)
     except AhnError as e:
         fail(str(e))
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):   # the CPU allocator's failure is a plain RuntimeError
+            raise
         fail(f"out of memory on {dev} ({str(e).strip().splitlines()[0][:200]}); use a smaller --preset, "
              "--seq-len or --batch")
+
+
+def least_bytes(args, dev) -> int:
+    """A lower bound of the bytes a step holds at once: the base weights, the token ids, and the hidden
+    states [batch, seq, hidden] that stay until the backward: the teacher's, the student's, and each
+    layer's input (what the least recomputing, --checkpoint layer, keeps)."""
+    dtype = parse_dtype(args.dtype or ("bf16" if dev.type == "cuda" else "float32"))
+    c = parse_config(preset_config(args.preset, ahn=False, dtype=dtype), args.preset)
+    per_token = 8 + c.hidden_size * dtype.itemsize * (c.num_layers + 2)
+    return param_count(c) * dtype.itemsize + args.batch * args.seq_len * per_token
 
 
 def measure(args, dev) -> int:

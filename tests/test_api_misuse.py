@@ -107,6 +107,9 @@ def test_sessions_that_are_not_this_models_are_one_line(model, other):
     for cap in (-1, 0, 1.5, "8"):
         with pytest.raises(AhnError, match="capacity"):
             model.new_session(capacity=cap)
+    # a full-mode option: an ahn / swa state is sinks + window slots, and capacity was ignored
+    with pytest.raises(AhnError, match="capacity is for mode 'full' only: a mode 'ahn' state always holds"):
+        model.new_session(capacity=100000)
     for w in (None, 5):
         with pytest.raises(AhnError, match="weights must be a path"):
             ahn_rt.load(w)
@@ -322,6 +325,28 @@ def test_a_dropped_model_is_freed_after_agenerate_and_its_worker_ends():
     assert ref() is None                 # the worker thread no longer keeps the model (and its weights)
     worker.join(5)
     assert not worker.is_alive()
+
+
+def test_empty_paths_are_one_line(model, tmp_path):
+    # '' was pathlib's current folder: "no model.safetensors ... in .", "cannot write .: it is a folder",
+    # ". is a folder"; tokenizer='' was no tokenizer at all (the one beside the weights, silently)
+    for kw, name in ((dict(weights=""), "weights"), (dict(weights=DEMO, ahn=" "), "ahn"),
+                     (dict(weights=DEMO, tokenizer=""), "tokenizer")):
+        with pytest.raises(AhnError, match=f"^{name} is empty; give "):
+            ahn_rt.load(**kw)
+    with pytest.raises(AhnError, match="save needs a file path, got an empty string"):
+        model.new_session().save("")
+    with pytest.raises(AhnError, match="restore needs a file path, got an empty string"):
+        model.restore("")
+
+
+def test_token_ids_that_cannot_be_decoded_are_one_line(model):
+    # the tokenizers library's OverflowError ("number too small to fit in target type") or TypeError
+    tok = model.tokenizer
+    assert tok.decode(torch.tensor(tok.encode("hi"))) == tok.decode(tok.encode("hi")) == "hi"
+    for bad in ([-1], [2 ** 64], [1.5], ["a"], 5, None, torch.tensor(5)):
+        with pytest.raises(AhnError, match="decode needs a list of token ids"):
+            tok.decode(bad)
 
 
 def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):

@@ -166,7 +166,8 @@ def test_decode_latency_negative_depth_is_a_usage_error():
                                         # went into the JSON as Infinity, which strict JSON readers refuse
                                         ("--budget-s", "inf"), ("--compile-need-s", "inf")])
 def test_decode_latency_rejects_bad_options(capsys, flag, value):
-    line = _main_error(capsys, "decode_latency", *CPU, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
+    model = ["--device", "cpu"] if flag == "--weights" else CPU   # (--preset and --weights: one or the other)
+    line = _main_error(capsys, "decode_latency", *model, "--quick", "--skip", "hf,hf-compile,fla", flag, value)
     assert (flag if flag not in ("--device", "--preset", "--dtype") else value) in line, line
 
 
@@ -190,7 +191,7 @@ def test_decode_latency_model_that_cannot_be_built_ends_the_run(tmp_path):
     # this printed "FAILED build ahn_rt ahn model: AhnError: ...", an empty table and exited 0
     garbage = tmp_path / "model.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    line, out = _run_error("bench/decode_latency.py", *CPU, "--quick", "--contexts", "64", "--weights", str(garbage),
+    line, out = _run_error("bench/decode_latency.py", "--device", "cpu", "--quick", "--contexts", "64", "--weights", str(garbage),
                            "--skip", "hf,hf-compile,fla,full,ref,batch,prefill")
     assert "not a valid safetensors" in line and "FAILED" not in out and "| tg @" not in out
 
@@ -205,6 +206,21 @@ def test_decode_latency_prefill_long_names_pp131072_once():
     # --prefill 128k --prefill-long: two pp131072 rows, the longest prompt prefilled twice
     a = _bench("decode_latency").parse_args([*CPU, "--prefill", "2k,128k", "--prefill-long"])
     assert a.prefill == [2048, 131072]
+
+
+def test_preset_and_weights_are_one_or_the_other(capsys, tmp_path):
+    # --preset was ignored next to --weights (the run measured the checkpoint), and next to serve_load --url
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"x")
+    for name, extra in (("decode_latency", ["--device", "cpu"]), ("prefix_ttft", ["--device", "cpu"]),
+                        ("serve_load", ["--device", "cpu"])):
+        line = _main_error(capsys, name, *extra, "--preset", "tiny", "--weights", str(garbage))
+        assert "argument --weights: not allowed with argument --preset" in line, line
+    # --ahn-impl (the memory of the random --preset weights) was ignored next to --weights
+    line = _main_error(capsys, "decode_latency", "--device", "cpu", "--weights", str(garbage), "--ahn-impl", "dn")
+    assert "--ahn-impl picks the memory of the random --preset weights" in line, line
+    line = _main_error(capsys, "serve_load", "--url", "http://127.0.0.1:1", "--preset", "tiny")
+    assert "--preset: only for the server this script starts" in line, line
 
 
 def test_benches_refuse_repeated_values(capsys):
@@ -271,10 +287,52 @@ def test_prefix_ttft_bad_options(capsys, tmp_path):
                        (["--device", "cpu", "--json", str(tmp_path / "afile" / "x.json")], "--json"),
                        (["--device", "cpu", "--seed", str(2 ** 64)], "--seed"),
                        # a struct.error traceback after the model was built
-                       (["--device", "cpu", "--chunk-size", str(2 ** 64)], "--chunk-size")):
+                       (["--device", "cpu", "--chunk-size", str(2 ** 64)], "--chunk-size"),
+                       # nothing of a prefix shorter than one chunk is cached: "prefix reused: [0] tokens", exit 0
+                       (["--device", "cpu", "--prefix-tokens", "256"], "shorter than the prefill chunk (2048 tokens)"),
+                       (["--device", "cpu", "--prefix-tokens", "4k", "--chunk-size", "8k"], "(8192 tokens)")):
         assert want in _main_error(capsys, "prefix_ttft", *args)
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in _main_error(capsys, "prefix_ttft", "--device", "cuda")
+
+
+def test_sizes_beyond_the_machine_are_one_line(capsys, monkeypatch):
+    # a failed allocation's RuntimeError traceback after the model was built (or, for --batch 100000 on the
+    # CPU, the memory filled until the kernel killed the process); now refused before any work
+    tt, pt = _bench("train_throughput"), _bench("prefix_ttft")
+    for bench, args, want in ((tt, [*CPU, "--seq-len", "10000000000"], "--seq-len 10000000000"),
+                              (tt, [*CPU, "--seq-len", "256", "--batch", "100000000"], "--batch 100000000"),
+                              (pt, ["--device", "cpu", "--prefix-tokens", "10000000000"], "--prefix-tokens"),
+                              (pt, ["--device", "cpu", "--repeats", "10000000000000"], "--repeats")):
+        monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail(f"{bench.__name__} ran"))
+        line = _main_error(capsys, bench.__name__, *args)
+        assert want in line and "needs at least" in line and "more than the" in line, line
+    # what gets past that and fails to allocate on the CPU: torch's plain RuntimeError, not OutOfMemoryError
+    alloc = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                         "you tried to allocate 80000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    def fails(e):
+        def measure(*a):
+            raise e
+        return measure
+    for bench, args in ((tt, CPU), (pt, ["--device", "cpu"])):
+        monkeypatch.setattr(bench, "measure", fails(alloc))
+        assert "out of memory on cpu" in _main_error(capsys, bench.__name__, *args)
+        monkeypatch.setattr(bench, "measure", fails(RuntimeError("a bug")))   # not a user's mistake: raised
+        with pytest.raises(RuntimeError, match="a bug"):
+            bench.main(args)
+
+
+def test_train_throughput_bad_options(capsys, monkeypatch):
+    tt = _bench("train_throughput")
+    monkeypatch.setattr(tt, "measure", lambda *a: pytest.fail("train_throughput ran"))
+    # "error: seed must be in [...]" (no flag named) from inside the run, after the size checks
+    for args, want in ((["--seed", str(2 ** 64)], "--seed"), (["--seed", "x"], "--seed"),
+                       (["--window", "300"], "--window + --sinks"), (["--batch", "0"], "--batch"),
+                       # ignored: (W, S) were the recipe's draws
+                       (["--sinks", "4"], "--sinks 4 goes with a fixed --window")):
+        line = _main_error(capsys, "train_throughput", *CPU, "--seq-len", "256", *args)
+        assert want in line, line
 
 
 def test_serve_load_bad_options(capsys):
@@ -283,6 +341,13 @@ def test_serve_load_bad_options(capsys):
                                                                    "--weights"),
                        (["--url", "http://127.0.0.1:1"], "Connection refused")):   # nothing listens on port 1
         assert want in _main_error(capsys, "serve_load", *args)
+    # a thread per client, until the memory ran out; now refused before anything starts
+    for args in (["--url", "http://127.0.0.1:1"], ["--device", "cpu", "--preset", "tiny"]):
+        line = _main_error(capsys, "serve_load", *args, "--concurrency", "1,100000000")
+        assert "--concurrency 100000000: at most 1024 clients" in line, line
+    # each client's prompt, a list of ids: the warm-up filled the memory (a MemoryError, or the OOM killer)
+    line = _main_error(capsys, "serve_load", "--url", "http://127.0.0.1:1", "--prompt-tokens", "10000000000")
+    assert "--prompt-tokens 10000000000 x --concurrency 16 needs at least" in line, line
 
 
 def test_serve_load_shows_the_servers_error(tmp_path):

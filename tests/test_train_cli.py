@@ -684,6 +684,27 @@ def test_a_file_error_during_the_run_is_one_line_exit_1(tiny, capsys, monkeypatc
     assert ckpt_io.find_resume(out) is not None and not (out / "model.safetensors").exists()
 
 
+def test_out_of_memory_on_the_cpu_is_one_line_exit_1(tiny, capsys, monkeypatch):
+    """torch's CPU allocator fails with a plain RuntimeError, not torch.OutOfMemoryError: a long --seq-len on
+    the CPU was a traceback from deep in the model; now the out-of-memory line, exit 1. Other errors (a bug)
+    still raise."""
+    root, _ = tiny
+
+    def fails(e):
+        def forward_student(self, *a, **k):
+            raise e
+        return forward_student
+    alloc = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                         "memory: you tried to allocate 307200000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(TrainModel, "forward_student", fails(alloc))
+    rc, stdout, err = train(capsys, *base_args(root, root / "oom_cpu"), "--steps", 2, "--window", 8, "--sinks", 2)
+    assert rc == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: out of memory (") and "lower --batch" in err, err
+    monkeypatch.setattr(TrainModel, "forward_student", fails(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main([str(a) for a in (*base_args(root, root / "bug"), "--steps", 2, "--window", 8, "--sinks", 2)])
+
+
 def test_resume_refuses_another_base_of_the_same_config(tiny, capsys):
     """A resume compared only the base's config: another checkpoint of the same shape (other weights)
     resumed silently, training the memory against a different teacher. Now one line, exit 2, nothing

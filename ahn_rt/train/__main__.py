@@ -37,7 +37,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ..devices import prefer_expandable_segments  # noqa: E402
-from ..errors import AhnError  # noqa: E402
+from ..errors import AhnError, out_of_memory  # noqa: E402
 
 PROG = "python -m ahn_rt.train"
 # Settings that define a run: a resumed run takes them from its saved state, and a flag that contradicts
@@ -640,7 +640,9 @@ def main(argv=None) -> int:
         print(f"error{_rank_tag(rank)}: {what}{where}; the run stopped. Fix that (free space, restore --out), "
               f"{then}", file=sys.stderr)
         return 1
-    except _oom_types() as e:
+    except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError; the CPU allocator's is a plain RuntimeError
+        if not out_of_memory(e):
+            raise
         print(f"error{_rank_tag(rank)}: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or "
               "--seq-len, use --dtype bf16, or shard the base with --fsdp", file=sys.stderr)
         return 1
@@ -684,14 +686,6 @@ def _base_fingerprint(base: dict) -> str:
         h.update(k.encode())
         hash_samples(h, base[k])
     return h.hexdigest()[:32]
-
-
-def _oom_types():
-    try:
-        import torch
-        return (torch.OutOfMemoryError,)
-    except (ImportError, AttributeError):
-        return (MemoryError,)
 
 
 if __name__ == "__main__":
