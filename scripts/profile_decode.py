@@ -37,7 +37,8 @@ def main():
             return model.step(sessions, tok).argmax(-1)
         tok = torch.ones(args.batch, dtype=torch.int64, device="cuda")
     else:
-        sess = model.new_session(capacity=args.context + args.steps + 32)
+        full = model.config.mode == "full"   # (ahn / swa states are always sinks + window slots)
+        sess = model.new_session(capacity=args.context + args.steps + 32 if full else None)
         sess.state.fill_random(args.context)
         step = sess.stepper(Sampler(SamplingParams(temperature=0), model.config.vocab_size, "cuda"))
         tok = torch.ones(1, dtype=torch.int64, device="cuda")
