@@ -597,13 +597,23 @@ class StatePool:
 
     def acquire(self) -> State:
         """A zeroed state at position 0 in a free slot; ValueError when every slot is taken."""
-        with self._lock:
-            if not self._free:
-                raise ValueError(f"all {self.size} slots of the state pool are in use; close a session "
-                                 "or make a larger pool")
-            slot = self._free.pop()
-        st = State(self.config, self.device, pool=self, pool_slot=slot)
-        st.reset()
+        # Ctrl-C (or a failure) from the slot's removal to the return: the slot goes back, else it had no
+        # owner to give it back and the pool lost it for good. (Indexing and del call nothing, so the
+        # interrupt cannot land between them: pop() could leave with the slot unnamed.)
+        slot = None
+        try:
+            with self._lock:
+                if not self._free:
+                    raise ValueError(f"all {self.size} slots of the state pool are in use; close a session "
+                                     "or make a larger pool")
+                slot = self._free[-1]
+                del self._free[-1]
+            st = State(self.config, self.device, pool=self, pool_slot=slot)
+            st.reset()
+        except BaseException:
+            if slot is not None:
+                self.release(slot)
+            raise
         return st
 
     def release(self, slot: int):

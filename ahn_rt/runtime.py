@@ -506,6 +506,12 @@ def _id_range(ids: torch.Tensor) -> tuple[int, int]:
 _CLOSED = "this session is closed; make a new one with model.new_session()"
 
 
+def _give_back(pool: StatePool, held: list):
+    """A pooled session's finalizer: its slot (in ``held`` once taken) goes back to ``pool``."""
+    if held:
+        pool.release(held.pop())
+
+
 class Session:
     """One sequence: its State (sinks + ring K/V, per-slot gates, memories, position) and the CUDA
     graphs captured for it."""
@@ -513,18 +519,23 @@ class Session:
     def __init__(self, model: Model, chunk_size: int, capacity: int | None = None, pool=None):
         self.model = model
         self.chunk_size = chunk_size
+        # A pooled session that is dropped without close() still gives its slot back. The finalizer is made
+        # before the slot is taken, and the slot goes into ``held`` as soon as it is: a Ctrl-C between
+        # taking the slot and making the finalizer lost the slot for the pool's life.
+        held: list[int] = []
+        self._release = weakref.finalize(self, _give_back, pool, held) if pool is not None else None
         try:
             self._state: State | None = model.decoder.new_state(capacity, pool)
         except ValueError as e:
             raise AhnError(str(e)) from None
+        if pool is not None:
+            held.append(self._state.pool_slot)
         self.pool = pool
         # Held while the state is read or written (forward, step, a generation from its first token to its
         # end, save, fork, reset, close): a second user at the same time gets an AhnError, not a state
         # that two sequences wrote into.
         self._busy = threading.Lock()
         self._holder = "call"    # who holds _busy: "call" or "generation" (for the error's advice)
-        # A pooled session that is dropped without close() still gives its slot back.
-        self._release = weakref.finalize(self, pool.release, self._state.pool_slot) if pool is not None else None
         self.graphs: dict = {}   # sampling setup -> captured decode step (ahn_rt.graph)
 
     @property
@@ -580,10 +591,12 @@ class Session:
         if not self._busy.acquire(blocking=False):
             raise AhnError("cannot close: " + self._busy_message())
         try:
-            if self._release is not None:
-                self._release()
+            # The state is dropped before its slot is given back: a Ctrl-C between the two left an open
+            # session on a free slot, which the next session of the pool took and both wrote.
             self._state = None
             self.graphs.clear()
+            if self._release is not None:
+                self._release()
         finally:
             self._busy.release()
 

@@ -180,3 +180,40 @@ def test_pooled_sessions_on_cuda_equal_private_ones(impl):
     assert torch.equal(model.step([mine], [5]), alone.forward([5]))
     after = {k: v.cpu() for k, v in _other_slots(pool, mine.state.pool_slot).items()}
     assert _same(after, before), "a pooled session wrote outside its slot"
+
+
+def test_ctrl_c_while_a_pooled_session_is_made_or_closed_keeps_every_slot(monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) between taking a slot and the session owning it gave the slot to nobody:
+    the pool lost it for good; Ctrl-C between giving the slot back and dropping the state left an open
+    session on a free slot, which the next session took (two sessions writing one slot)."""
+    import weakref
+
+    import ahn_rt.cache as cache
+    model = _model()
+    pool = model.new_pool(2)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    for target, name in ((cache.State, "reset"), (weakref, "finalize")):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                model.new_session(pool=pool)
+        gc.collect()
+        assert pool.free == 2, f"Ctrl-C in {name} lost a slot"
+    s = model.new_session(pool=pool)
+
+    class InterruptedOnceFreed(list):   # Ctrl-C lands in release, once the slot is free
+        def sort(self, *a, **k):
+            super().sort(*a, **k)
+            raise KeyboardInterrupt
+    free = pool._free
+    pool._free = InterruptedOnceFreed(free)
+    with pytest.raises(KeyboardInterrupt):
+        s.close()
+    pool._free = list(pool._free)
+    assert s.closed and pool.free == 2
+    t = model.new_session(pool=pool)
+    with pytest.raises(AhnError, match="session is closed"):
+        s.forward([1])
+    assert torch.equal(t.forward([5, 6]), model.new_session().forward([5, 6]))
