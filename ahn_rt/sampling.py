@@ -51,6 +51,17 @@ class SamplingParams:
                 raise AhnError(f"{name} must be a number, got {value!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise AhnError(f"top_k must be an integer (0 = off), got {self.top_k!r}")
+        # Python floats (and an int) from here on: a Fraction (a numbers.Real) failed inside torch once the
+        # generation had started (Tensor / Fraction: TypeError), an int past every float (10**400) in the
+        # checks below (OverflowError)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            try:
+                value = float(value)
+            except OverflowError:
+                value = math.inf if value > 0 else -math.inf
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "top_k", as_int(self.top_k))
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0,
              f"temperature must be a finite number >= 0, got {self.temperature}"),

@@ -239,6 +239,33 @@ def test_bad_parameters(kw):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=10 ** 400), dict(top_p=10 ** 400), dict(min_p=-10 ** 400),
+                                dict(repetition_penalty=10 ** 400)], ids=lambda k: next(iter(k)))
+def test_ints_past_every_float_are_one_line(kw):
+    """An int is a number, but 10**400 overflowed in the checks: a raw OverflowError."""
+    with pytest.raises(AhnError, match=f"{next(iter(kw))} must be"):
+        SamplingParams(**kw)
+
+
+def test_any_real_number_samples_as_its_float():
+    """Fractions are numbers.Real, so the checks took them, and sampling failed inside torch (Tensor / Fraction:
+    TypeError) once the generation had started; numpy's scalars too: each samples as its float."""
+    from fractions import Fraction
+    np = pytest.importorskip("numpy")
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(1))
+    for kw in (dict(temperature=Fraction(1, 2), top_p=Fraction(3, 4), min_p=Fraction(1, 8),
+                    repetition_penalty=Fraction(5, 4)),
+               dict(temperature=np.float64(0.5), top_k=np.int32(40), top_p=np.float32(0.75), min_p=np.float16(0.125),
+                    repetition_penalty=np.float64(1.25))):
+        got = _sampler(**{**dict(top_k=40, seed=3), **kw})
+        want = _sampler(temperature=0.5, top_k=40, top_p=0.75, min_p=0.125, repetition_penalty=1.25, seed=3)
+        assert all(type(getattr(got.p, k)) is float for k in ("temperature", "top_p", "min_p", "repetition_penalty"))
+        assert type(got.p.top_k) is int and got.p == want.p
+        for _ in range(3):
+            assert torch.equal(got.process(logits), want.process(logits))
+            assert torch.equal(got.sample(logits), want.sample(logits))
+
+
 def test_every_seed_in_range_seeds_the_generator():
     from ahn_rt.sampling import SEED_MAX, SEED_MIN
     for seed in (SEED_MIN, -1, 0, SEED_MAX):
