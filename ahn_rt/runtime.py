@@ -310,6 +310,9 @@ class Model:
         with contextlib.ExitStack() as held:
             for s in sessions:
                 held.enter_context(s._held())
+            # every session before any steps: sessions that step one by one (private states, full mode)
+            # met a half-written one only in its turn, after those before it had advanced
+            refuse_torn([s.state for s in sessions])
             return self._step(sessions, ids)
 
     def _step(self, sessions: list, ids: torch.Tensor) -> torch.Tensor:

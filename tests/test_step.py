@@ -100,6 +100,28 @@ def test_step_accepts_a_tensor_and_rejects_bad_calls():
     assert a.position == 1 and b.position == 1          # nothing advanced by a refused call
 
 
+@pytest.mark.parametrize("mode,pooled", [("ahn", False), ("ahn", True), ("full", False)])
+def test_a_step_refused_for_a_half_written_session_advances_none(mode, pooled):
+    """A session that a failed call left half-written is refused by model.step, and so is the whole step:
+    sessions that step one by one (private states, full mode) met it only in its turn, after those before
+    it had advanced (their step's logits lost, and a retry fed their token twice)."""
+    from ahn_rt.cache import begin_writes
+    model = _model(mode=mode)
+    pool = model.new_pool(3) if pooled else None
+    a, b, c = (model.new_session(pool=pool) for _ in range(3))
+    for s in (a, b, c):
+        s.forward([1, 2, 3])
+    begin_writes([b.state])                              # as a call that failed midway leaves it
+    with pytest.raises(AhnError, match="half-written"):
+        model.step([a, b, c], [4, 5, 6])
+    assert [s.position for s in (a, b, c)] == [3, 3, 3]
+    b.reset()
+    b.forward([1, 2, 3])
+    ref = model.new_session()
+    ref.forward([1, 2, 3])
+    assert torch.equal(model.step([a, b, c], [4, 5, 6])[0], ref.forward([4])[0])
+
+
 @pytest.mark.skipif(ops.backend() != "ext", reason="the compiled ops are not built (the references sync)")
 @pytest.mark.parametrize("impl,mode", [("gdn", "ahn"), ("dn", "ahn"), ("mamba2", "ahn"), ("gdn", "swa")])
 def test_decode_step_as_captured_makes_no_host_tensor_and_reads_nothing_back(impl, mode):
