@@ -361,11 +361,7 @@ class Model:
 
     def _prompt(self, prompt, chat=False, system=None):
         from .serve.prompt import as_prompt
-        # a bool (numpy's too), not any truthy value: chat="no" would have been True
-        numpy_bool = type(chat).__module__ == "numpy" and type(chat).__name__ in ("bool", "bool_")
-        if not (isinstance(chat, bool) or numpy_bool):
-            raise AhnError(f"chat must be True or False, got {type(chat).__name__} {chat!r:.40}")
-        p = as_prompt(self, prompt, bool(chat), system)
+        p = as_prompt(self, prompt, _bool_arg(chat, "chat"), system)
         if not p.ids:
             raise AhnError("the prompt is empty: give some text")
         lo, hi = min(p.ids), max(p.ids)
@@ -498,6 +494,14 @@ class Model:
                 if sched._closing and self._scheduler is not sched:
                     continue
                 raise
+
+
+def _bool_arg(value, what: str) -> bool:
+    """A bool argument (numpy's too) as a Python bool; not any truthy value: chat="no" would have been True."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if not (isinstance(value, bool) or numpy_bool):
+        raise AhnError(f"{what} must be True or False, got {type(value).__name__} {value!r:.40}")
+    return bool(value)
 
 
 def _id_range(ids: torch.Tensor) -> tuple[int, int]:
@@ -677,6 +681,7 @@ class Session:
     def forward(self, token_ids: TokenIds, last_only: bool = False) -> torch.Tensor:
         """Feed tokens (in chunks of chunk_size); returns float32 logits [len, vocab] for every
         position (or [1, vocab] for the last one with ``last_only``) and advances the state."""
+        last_only = _bool_arg(last_only, "last_only")
         ids = self._ids(token_ids)
         with self._held():
             return self._forward(ids, last_only)

@@ -652,3 +652,16 @@ def test_integer_arguments_of_any_integer_type_are_taken(model):
         with pytest.raises(AhnError, match=next(iter(bad))):
             model.start_scheduler(**bad)
     sched.shutdown()      # the next agenerate makes a default one
+
+
+def test_last_only_is_a_bool_not_any_truthy_value(model):
+    """forward's last_only took any value by its truth, as chat once did: last_only="no" (or "False") gave the
+    last position's logits alone, and the state advanced all the same."""
+    np = pytest.importorskip("numpy")
+    s = model.new_session()
+    for bad in ("no", "False", 1, None, [False]):
+        with pytest.raises(AhnError, match=f"last_only must be True or False, got {type(bad).__name__}"):
+            s.forward([1, 2, 3], last_only=bad)
+    assert s.position == 0                                 # nothing ran
+    assert s.forward([1, 2, 3], last_only=np.bool_(True)).shape == (1, model.config.vocab_size)
+    assert s.forward([4, 5], last_only=False).shape == (2, model.config.vocab_size)
