@@ -582,6 +582,7 @@ class StatePool:
         self.capacity = config.sinks + config.window
         self.storage = allocate(config, self.device, size, self.capacity)
         self._free = list(range(size - 1, -1, -1))     # pop() hands out the lowest free slot
+        self._holders: dict[int, State] = {}            # slot -> the state that acquire handed it to
         self.graphs: dict = {}   # ("step", B) -> Model.step's captured decode of B sessions (ahn_rt.graph)
         # One Model.step over this pool's sessions at a time: the steps share the captured graphs' buffers.
         self.step_lock = threading.Lock()
@@ -610,17 +611,34 @@ class StatePool:
                 del self._free[-1]
             st = State(self.config, self.device, pool=self, pool_slot=slot)
             st.reset()
+            self._holders[slot] = st
         except BaseException:
             if slot is not None:
                 self.release(slot)
             raise
         return st
 
+    def holds(self, state: State) -> bool:
+        """Whether ``state`` still holds its slot (``acquire`` gave it, and it was not released since)."""
+        return self._holders.get(state.pool_slot) is state
+
     def release(self, slot: int):
-        """Slot ``slot`` (a state's ``pool_slot``) is free again; a state that views it must not be used
-        afterwards (``Session.close`` drops its state). Releasing a free slot raises."""
+        """Slot ``slot`` (a state's ``pool_slot``) is free again; the state that held it refuses every call
+        afterwards (``Session.close`` does this; a session whose slot was released refuses its calls and
+        its close gives nothing back). Releasing a free slot raises AhnError."""
         with self._lock:
-            if not 0 <= slot < self.size or slot in self._free:
-                raise ValueError(f"pool slot {slot} is not in use")
+            if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.size or slot in self._free:
+                raise AhnError(f"pool slot {slot!r} is not in use: close() a session to give its slot back")
+            self._holders.pop(slot, None)
             self._free.append(slot)
+            self._free.sort(reverse=True)
+
+    def give_back(self, state: State):
+        """``release`` the slot of ``state`` if it still holds it; nothing if the slot was released meanwhile
+        (and may belong to another state by now)."""
+        with self._lock:
+            if self._holders.get(state.pool_slot) is not state:
+                return
+            del self._holders[state.pool_slot]
+            self._free.append(state.pool_slot)
             self._free.sort(reverse=True)

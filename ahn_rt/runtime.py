@@ -399,6 +399,8 @@ class Model:
             got = "a Session of another model" if isinstance(session, Session) else type(session).__name__
             raise AhnError(f"{what}: session must be a Session of this model (model.new_session()), got {got}")
         refuse_torn([session.state])   # closed or half-written: its one-line error now, not once it runs
+        if session.pool is not None and not session.pool.holds(session.state):
+            raise AhnError(_RELEASED)
 
     def generate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
@@ -511,12 +513,15 @@ def _id_range(ids: torch.Tensor) -> tuple[int, int]:
 
 
 _CLOSED = "this session is closed; make a new one with model.new_session()"
+_RELEASED = ("this session's pool slot was given back with pool.release() and may hold another session now; "
+             "close() it and make a new one (close() alone gives a slot back)")
 
 
 def _give_back(pool: StatePool, held: list):
-    """A pooled session's finalizer: its slot (in ``held`` once taken) goes back to ``pool``."""
+    """A pooled session's finalizer: its state's slot (the state in ``held`` once taken) goes back to
+    ``pool``, unless ``pool.release`` freed it already (it may be another session's by now)."""
     if held:
-        pool.release(held.pop())
+        pool.give_back(held.pop())
 
 
 class Session:
@@ -536,7 +541,7 @@ class Session:
         except ValueError as e:
             raise AhnError(str(e)) from None
         if pool is not None:
-            held.append(self._state.pool_slot)
+            held.append(self._state)
         self.pool = pool
         # Held while the state is read or written (forward, step, a generation from its first token to its
         # end, save, fork, reset, close): a second user at the same time gets an AhnError, not a state
@@ -567,6 +572,9 @@ class Session:
         if st is None:
             self._busy.release()
             raise AhnError(_CLOSED)
+        if st.pool is not None and not st.pool.holds(st):   # its slot may be another session's by now
+            self._busy.release()
+            raise AhnError(_RELEASED)
         self._holder = holder
         return st
 

@@ -217,3 +217,39 @@ def test_ctrl_c_while_a_pooled_session_is_made_or_closed_keeps_every_slot(monkey
     with pytest.raises(AhnError, match="session is closed"):
         s.forward([1])
     assert torch.equal(t.forward([5, 6]), model.new_session().forward([5, 6]))
+
+
+def test_a_session_whose_slot_was_released_refuses_and_its_close_frees_nothing():
+    """pool.release(slot) of a live session's slot (StatePool's documented method) left the session open on a
+    free slot: the next session took the slot and both wrote it, and the first one's close() then freed the
+    second one's slot (pool.free 2 with one session left; a third session then shared it too), or raised a
+    raw ValueError when nobody had taken it."""
+    model = _model()
+    pool = model.new_pool(2)
+    s = model.new_session(pool=pool)
+    s.forward(_ids(5, seed=1))
+    pool.release(s.state.pool_slot)
+    t = model.new_session(pool=pool)
+    assert t.state.pool_slot == s.state.pool_slot
+    for call in (lambda: s.forward([1]), lambda: model.step([s], [1]), lambda: s.fork(), lambda: s.reset(),
+                 lambda: model.prefill([1, 2], session=s), lambda: model.generate([1, 2], session=s)):
+        with pytest.raises(AhnError, match=r"pool slot was given back with pool.release\(\).*close\(\) it"):
+            call()
+    s.close()
+    assert s.closed and pool.free == 1                      # t keeps its slot
+    u = model.new_session(pool=pool)
+    assert u.state.pool_slot != t.state.pool_slot
+    want = model.new_session().forward([5, 6])
+    assert torch.equal(t.forward([5, 6]), want) and torch.equal(u.forward([5, 6]), want)
+    for bad in (t.state.pool_slot + 5, -1, "0", None):      # not a slot in use: one line, not a raw ValueError
+        with pytest.raises(AhnError, match="is not in use"):
+            pool.release(bad)
+    small = model.new_pool(1)
+    v = model.new_session(pool=small)
+    small.release(v.state.pool_slot)
+    w = model.new_session(pool=small)
+    del v                                                   # dropped: does not free w's slot
+    gc.collect()
+    assert small.free == 0 and not w.closed
+    with pytest.raises(AhnError, match="all 1 slots"):
+        model.new_session(pool=small)
