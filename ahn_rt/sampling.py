@@ -116,6 +116,11 @@ class Sampler:
         if p.greedy:
             return x
         x = x / p.temperature
+        if p.repetition_penalty < 1.0:
+            # a penalty below 1 divides the seen tokens' positive logits by it: a tiny one (1e-40) made them
+            # inf, whose softmax is NaN everywhere, and the NaN "sample" was always token 0 (the demo
+            # model's end of sequence: an empty reply). Clamped, they are the likeliest tokens, as meant.
+            x = x.clamp(max=torch.finfo(x.dtype).max)
         if p.top_k and p.top_k < x.numel():
             kth = torch.topk(x, p.top_k).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))

@@ -266,6 +266,18 @@ def test_any_real_number_samples_as_its_float():
             assert torch.equal(got.sample(logits), want.sample(logits))
 
 
+@pytest.mark.parametrize("rp", [1e-40, 1e-300])
+def test_a_tiny_repetition_penalty_favours_the_seen_tokens(rp):
+    """A penalty below 1 divides the seen tokens' positive logits by it: 1e-40 overflowed them to inf, the
+    softmax was NaN everywhere, and every sample was token 0 (an end of sequence: an empty reply)."""
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
+    seen = [i for i in range(1, V) if logits[i] > 0][:3]
+    s = _sampler(temperature=0.7, repetition_penalty=rp, seed=1)
+    s.observe(torch.tensor(seen))
+    assert not s.process(logits).isnan().any()
+    assert {int(s.sample(logits)) for _ in range(20)} <= set(seen)
+
+
 def test_every_seed_in_range_seeds_the_generator():
     from ahn_rt.sampling import SEED_MAX, SEED_MIN
     for seed in (SEED_MIN, -1, 0, SEED_MAX):
