@@ -150,7 +150,9 @@ def restore(model, path, chunk_size: int | None = None):
                     raise AhnError(f"{path} was saved with a different {what}: {meta.get(key)!r} there, "
                                    f"{value!r} here; restore it into the model and settings it was saved with")
             position = meta.get("position", "")
-            if not (position.isascii() and position.isdigit()):   # a non-negative integer in decimal
+            # a non-negative integer in decimal that the state's int64 position holds (a larger one, in a file
+            # without a checksum, failed in the restore with a raw OverflowError)
+            if not (position.isascii() and position.isdigit() and len(position) <= 19 and int(position) < 2 ** 63):
                 raise AhnError(f"{path}: the header's position ({position!r}) is missing or invalid: the file "
                                "is damaged; save the session again")
             position = int(position)

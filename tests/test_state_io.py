@@ -183,6 +183,19 @@ def test_a_full_mode_header_position_is_checked_before_the_cache_grows(tmp_path)
     assert "allocate" not in str(e.value)
 
 
+def test_a_header_position_past_int64_is_one_line(tmp_path):
+    """A position no int64 holds, in a file without a checksum (one written before it existed), failed in
+    the restore with a raw OverflowError ('int too big to convert')."""
+    model = _model()
+    s = model.new_session()
+    s.forward(IDS[:20])
+    s.save(tmp_path / "s.safetensors")
+    for pos in (str(2 ** 63), "9" * 30):
+        bad = _rewrite(tmp_path / "s.safetensors", tmp_path / "b.safetensors", {"position": pos}, drop=["checksum"])
+        with pytest.raises(ahn_rt.AhnError, match=r"the header's position .* is missing or invalid"):
+            model.restore(bad)
+
+
 @pytest.mark.parametrize("version,needle", [
     ("0", "written by an older ahn_rt .* feed the conversation into a new session again"),
     ("2", "written by a newer ahn_rt .* upgrade ahn_rt"),
