@@ -7,7 +7,7 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_BACKEND       | ahn_rt.ops, at import  | auto: compiled ops where built; ref: pure-torch references;     |
 |                      |                        | ext: compiled ops or an error                                   |
 | AHN_RT_GRAPH         | ahn_rt.graph           | 1: capture the CUDA decode step in a graph; 0: eager steps      |
-| AHN_RT_CUDA          | setup.py (build)       | auto: CUDA kernels when torch has CUDA and nvcc is found;       |
+| AHN_RT_CUDA          | setup.py (build)       | unset: CUDA kernels when torch has CUDA and nvcc is found;      |
 |                      |                        | 0: CPU-only build; 1: CUDA build or an error                    |
 | AHN_RT_PREFILL_CUDNN | ahn_rt.ops, each call  | 1: a whole chunk's unmasked blocks through cuDNN, in key blocks |
 |                      | (and at load)          | of a fixed ladder whose plans are built at load (per thread);   |
