@@ -134,9 +134,10 @@ class GenerationStats:
         return steps / self.decode_s if self.decode_s else 0.0
 
     def line(self) -> str:
+        # with at most one new token there was no decode step: no rate to give (it read "at 0.0 tok/s")
+        rate = f" at {self.decode_tps:.1f} tok/s" if self.new_tokens > 1 and self.decode_s else " (no decode step)"
         line = (f"[ahn_rt] prompt {self.prompt_tokens} tok, prefill {self.prefill_tps:.1f} tok/s, "
-                f"decode {self.new_tokens} tok at {self.decode_tps:.1f} tok/s, "
-                f"state {human_bytes(self.state_bytes)}")
+                f"decode {self.new_tokens} tok{rate}, state {human_bytes(self.state_bytes)}")
         if self.cached_tokens:
             line += f", {self.cached_tokens} prompt tok from the prefix cache"
         if self.backend != "ext":

@@ -98,3 +98,13 @@ def test_last_stats_is_per_thread(model):
     t.join()
     assert mine.prompt_tokens == len(PROMPTS[0]) and other["s"].prompt_tokens == 0
     assert isinstance(mine, ahn_rt.GenerationStats)
+
+
+def test_stats_line_gives_no_decode_rate_without_a_decode_step():
+    """One new token comes out of the prefill: the line said "decode 1 tok at 0.0 tok/s"."""
+    s = ahn_rt.GenerationStats(prompt_tokens=5, new_tokens=1, prefill_s=0.01, decode_s=0.002, state_bytes=1024)
+    assert "decode 1 tok (no decode step)," in s.line() and "tok at" not in s.line()
+    s.new_tokens = 0
+    assert "decode 0 tok (no decode step)," in s.line()
+    s.new_tokens = 5
+    assert "decode 5 tok at 2000.0 tok/s, state 1.00 KiB" in s.line()
