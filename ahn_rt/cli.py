@@ -109,6 +109,11 @@ def load_model(args):
     if args.mode == "full" and (args.window is not None or args.sinks is not None):
         raise AhnError("--window and --sinks do nothing with --mode full (full attention keeps every token): "
                        "drop them, or use --mode ahn / swa")
+    from .errors import int_arg   # named by their flags here (the API's own checks name its parameters)
+    for flag, value, minimum in (("--window", args.window, 1), ("--sinks", args.sinks, 0),
+                                 ("--chunk-size", args.chunk_size, 1)):
+        if value is not None:
+            int_arg(value, flag, minimum, message=f"{flag} must be {'>= 1' if minimum else '>= 0'}, got {value}")
     model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
                         device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
     model.tokenizer

@@ -244,6 +244,18 @@ def test_empty_stop_is_refused(tiny):
         model.generate("hi", stop=["x", ""])
 
 
+@pytest.mark.parametrize("flag,value,needle", [("--window", "0", "--window must be >= 1, got 0"),
+                                               ("--sinks", "-1", "--sinks must be >= 0, got -1"),
+                                               ("--chunk-size", "0", "--chunk-size must be >= 1, got 0")])
+def test_model_size_flags_are_named_by_their_flag(tiny, flag, value, needle):
+    """A bad --window / --sinks / --chunk-size names the flag the user typed (the API's check said "window",
+    "chunk_size"), in generate and serve alike (one loader)."""
+    rc, _, err = run(*GEN, "--weights", str(tiny), "--prompt", "hi", flag, value)
+    one_line_error(rc, err, needle)
+    rc, _, err = run("ahn_rt.serve", "--weights", str(tiny), "--port", "0", flag, value)
+    one_line_error(rc, err, needle)
+
+
 # ---- bug 8: the stats line shows the number ----------------------------------------------------
 def test_human_bytes():
     from ahn_rt.runtime import human_bytes
