@@ -82,8 +82,8 @@ def test_generate_stdin_chat_seed_and_stop(tiny):
 @pytest.mark.parametrize("extra,needle", [
     (("--weights", "/nonexistent/model.safetensors"), "not found"),
     (("--dtype", "int8"), "dtype"),
-    (("--window", "0"), "window"),
-    (("--sinks", "-1"), "sinks"),
+    (("--window", "0"), "--window must be >= 1"),
+    (("--sinks", "-1"), "--sinks must be >= 0"),
     (("--mode", "ahn", "--weights", "NOAHN"), "AHN"),
     (("--prompt-file", "/nonexistent.txt"), "prompt file"),
     (("--tokenizer", "/nonexistent/tokenizer.json"), "tokenizer"),
@@ -93,7 +93,7 @@ def test_generate_stdin_chat_seed_and_stop(tiny):
     (("--device", "cpu:3"), "device 'cpu:3' does not exist: torch has one CPU device"),
     # S + W beyond any state: said so only when the state was allocated
     (("--window", str(2 ** 31)), "cache slots, more than a state can hold"),
-    (("--chunk-size", "0"), "chunk_size"),
+    (("--chunk-size", "0"), "--chunk-size must be >= 1"),
     # an empty path (an unset shell variable) was pathlib's current folder: a model there loaded silently
     (("--weights", ""), "--weights is empty"),
     (("--ahn", " "), "--ahn is empty"),
