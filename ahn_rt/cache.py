@@ -629,16 +629,17 @@ class StatePool:
         with self._lock:
             if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.size or slot in self._free:
                 raise AhnError(f"pool slot {slot!r} is not in use: close() a session to give its slot back")
-            self._holders.pop(slot, None)
-            self._free.append(slot)
-            self._free.sort(reverse=True)
+            self._put_back(slot)
 
     def give_back(self, state: State):
         """``release`` the slot of ``state`` if it still holds it; nothing if the slot was released meanwhile
         (and may belong to another state by now)."""
         with self._lock:
-            if self._holders.get(state.pool_slot) is not state:
-                return
-            del self._holders[state.pool_slot]
-            self._free.append(state.pool_slot)
-            self._free.sort(reverse=True)
+            if self._holders.get(state.pool_slot) is state:
+                self._put_back(state.pool_slot)
+
+    def _put_back(self, slot: int):
+        """(under ``_lock``) slot ``slot`` has no holder and is free again."""
+        self._holders.pop(slot, None)
+        self._free.append(slot)
+        self._free.sort(reverse=True)

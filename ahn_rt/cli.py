@@ -113,7 +113,7 @@ def load_model(args):
     for flag, value, minimum in (("--window", args.window, 1), ("--sinks", args.sinks, 0),
                                  ("--chunk-size", args.chunk_size, 1)):
         if value is not None:
-            int_arg(value, flag, minimum, message=f"{flag} must be {'>= 1' if minimum else '>= 0'}, got {value}")
+            int_arg(value, flag, minimum, message=f"{flag} must be >= {minimum}, got {value}")
     model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
                         device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
     model.tokenizer

@@ -51,7 +51,14 @@ def prefer_expandable_segments(environ=None) -> bool:
     before the process's first CUDA allocation: call it first thing in a command's ``main``, never from a
     library function. Returns whether it set the variable."""
     env = os.environ if environ is None else environ
-    if any(env.get(k) for k in _ALLOC_CONF_VARS):
+    if allocator_setting(env) is not None:
         return False
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     return True
+
+
+def allocator_setting(environ=None) -> str | None:
+    """The caching allocator's setting as ``VAR=value`` (the variable torch reads first), or None (its
+    defaults)."""
+    env = os.environ if environ is None else environ
+    return next((f"{k}={env[k]}" for k in _ALLOC_CONF_VARS if env.get(k)), None)

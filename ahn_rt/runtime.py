@@ -311,9 +311,6 @@ class Model:
         with contextlib.ExitStack() as held:
             for s in sessions:
                 held.enter_context(s._held())
-            # every session before any steps: sessions that step one by one (private states, full mode)
-            # met a half-written one only in its turn, after those before it had advanced
-            refuse_torn([s.state for s in sessions])
             return self._step(sessions, ids)
 
     def _step(self, sessions: list, ids: torch.Tensor) -> torch.Tensor:
@@ -321,6 +318,9 @@ class Model:
         states = [s.state for s in sessions]
         pool = shared_pool(states)
         if self.config.mode == "full" or (len(states) > 1 and pool is None):
+            # every state before any steps (a batch's begin_writes checks them all at once): one by one, a
+            # half-written one was met only in its turn, after the states before it had advanced
+            refuse_torn(states)
             return torch.cat([dec.forward(st, ids[b:b + 1]) for b, st in enumerate(states)])
         # A pool's captured steps share their buffers: one step over its sessions at a time.
         with pool.step_lock if pool is not None else contextlib.nullcontext():
@@ -535,7 +535,7 @@ class Session:
         # A pooled session that is dropped without close() still gives its slot back. The finalizer is made
         # before the slot is taken, and the slot goes into ``held`` as soon as it is: a Ctrl-C between
         # taking the slot and making the finalizer lost the slot for the pool's life.
-        held: list[int] = []
+        held: list[State] = []
         self._release = weakref.finalize(self, _give_back, pool, held) if pool is not None else None
         try:
             self._state: State | None = model.decoder.new_state(capacity, pool)

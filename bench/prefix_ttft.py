@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         return measure(args, dev, cache_bytes)
     except ahn_rt.AhnError as e:   # bad --weights, --preset, --dtype, --window, ...
         fail(str(e))
-    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+    except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError is a RuntimeError
         if not out_of_memory(e):   # the CPU allocator's failure is a plain RuntimeError
             raise
         fail(f"out of memory on {dev} ({str(e).strip().splitlines()[0][:200]}); use a smaller --preset or "

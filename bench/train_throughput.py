@@ -12,7 +12,6 @@ split per phase (CUDA events on a GPU), as text, one markdown table row and opti
 """
 from __future__ import annotations
 
-import os
 import random
 import statistics
 import sys
@@ -30,12 +29,12 @@ if __name__ == "__main__":   # Ctrl-C handler; the switches ahn_rt reads at impo
 import torch  # noqa: E402
 
 from ahn_rt.config import param_count, parse_config, parse_dtype  # noqa: E402
-from ahn_rt.devices import prefer_expandable_segments  # noqa: E402
+from ahn_rt.devices import allocator_setting, prefer_expandable_segments  # noqa: E402
 from ahn_rt.init_weights import PRESETS, preset_config, random_state_dict  # noqa: E402
 from ahn_rt.train.attention import attention_backend  # noqa: E402
 from ahn_rt.train.data import budget_choices, sample_budget  # noqa: E402
 from ahn_rt.train.loss import distill_loss  # noqa: E402
-from ahn_rt.train.model import TrainModel  # noqa: E402
+from ahn_rt.train.model import CHECKPOINT_MODES, TrainModel  # noqa: E402
 
 PHASES = ("teacher", "student", "loss", "backward", "optim")
 
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sinks", type=nonneg_int, help="fixed S, with --window (default 0)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the smoke check)")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
-    ap.add_argument("--checkpoint", choices=["layer", "memory", "none"], default="layer",
+    ap.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default="layer",
                     help="what the student's backward recomputes (ahn_rt.train's --activation-checkpointing): "
                          "layer (default), memory (each layer's AHN memory module only) or none")
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_const", const="none",
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
         return measure(args, dev)
     except AhnError as e:
         fail(str(e))
-    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+    except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError is a RuntimeError
         if not out_of_memory(e):   # the CPU allocator's failure is a plain RuntimeError
             raise
         fail(f"out of memory on {dev} ({str(e).strip().splitlines()[0][:200]}); use a smaller --preset, "
@@ -176,8 +175,7 @@ def measure(args, dev) -> int:
            "budgets": budgets, "attention": attention_backend(dev), "tokens_per_s": B * L * 1e3 / total, "step_ms": total, "phase_ms": ms,
            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
            "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30 if cuda else None,
-           "allocator": next((f"{k}={os.environ[k]}" for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-                              if os.environ.get(k)), "default") if cuda else None,
+           "allocator": (allocator_setting() or "default") if cuda else None,
            "torch": torch.__version__}
     peak = f"{res['peak_gib']:.1f} GiB" if cuda else "n/a (cpu)"
     more = f", {res['peak_reserved_gib']:.1f} GiB reserved; allocator: {res['allocator']}" if cuda else ""

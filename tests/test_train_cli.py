@@ -810,8 +810,11 @@ def test_training_prefers_expandable_segments_unless_the_user_chose(monkeypatch,
     (bench/README.md: +13% tokens/s with --activation-checkpointing memory on an H100), and leaves a setting
     of the user's alone, under either of the variables torch reads."""
     from ahn_rt.devices import prefer_expandable_segments
+    from ahn_rt.devices import allocator_setting
     env = {}
+    assert allocator_setting(env) is None
     assert prefer_expandable_segments(env) and env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert allocator_setting(env) == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
     for var in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
         env = {var: "max_split_size_mb:128"}
         assert not prefer_expandable_segments(env) and env == {var: "max_split_size_mb:128"}
