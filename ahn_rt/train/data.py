@@ -8,7 +8,7 @@ A record is one JSON object per line, one of
   weight of the loss that predicts it, 0 meaning no loss), pre-tokenized, so no tokenizer is needed;
 * ``{"text": "..."}``: every token is a loss target;
 * ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`` (a content may also be a
-  list of OpenAI text parts ``[{"type": "text", "text": "..."}, ...]``, joined, as ``ahn_rt.generate`` and
+  list of OpenAI text parts ``[{"type": "text", "text": "..."}, ...]``, joined by newlines, as ``ahn_rt.generate`` and
   the server read them; any other part makes the record bad): rendered in Qwen's
   ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn; Qwen2/2.5 get Qwen2.5's default system message
   when the conversation has none, as ``ahn_rt.tokenizer.apply_chat_template`` does), loss on the assistant
@@ -189,7 +189,7 @@ class _Encoder:
         for m in msgs:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), (str, list)):
                 raise _Bad("a message is not {role: system|user|assistant, content: string or text parts}")
-        try:   # content parts [{"type": "text", "text": ...}] joined, as generate and the server read them
+        try:   # content parts [{"type": "text", "text": ...}] joined by newlines, as generate and the server read them
             msgs = [{"role": m["role"], "content": content_text(m, i, m["role"])} for i, m in enumerate(msgs)]
         except AhnError:
             raise _Bad("a message's content holds a part that is not text") from None
