@@ -9,12 +9,15 @@
 //   2. one thread forms the cumulative log-decay G of the chunk (64 adds, a fixed order);
 //   3. A (strictly lower, kept in shared memory) and P (lower with the diagonal, written out): each thread
 //      a 4 x 4 register tile of (i, j) pairs, rows i = ti + 16a and j = tj + 16b, float4 loads over Dk;
+//   5a. qg (then Qs's space takes diag(beta) V, the right-hand sides of u);
 //   4. (I + A) [w | u] = [diag(beta e^G) K | diag(beta) V] by forward substitution, one column per thread:
 //      a column's 64 unknowns stay in registers and no thread waits for another; A is read four
-//      entries at a time (a broadcast) into four independent sums;
-//   5. qg, kd_t (transposed) and gl.
+//      entries at a time (a broadcast) into four independent sums; every right-hand side comes from shared
+//      memory, so that the kernel fits 128 registers (two blocks per SM);
+//   5b. kd_t (transposed) and gl.
 // Rows of the shared tiles are padded by 4 floats: the float4 reads of 8 consecutive rows (a quarter warp)
 // hit distinct banks.
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -32,8 +35,10 @@ constexpr int AP = CH + 4;   // padded row of A
 
 // Ks, Qs, A (float), then G (double: Mamba2's cumulative log-decay is formed in float64), the per-token
 // write strength (beta or dt), and per row e^G and e^(G_last - G) (float).
-inline int64_t prep_smem_bytes(int64_t Dk) {
-  return (2 * CH * (Dk + 4) + CH * AP + 3 * CH) * static_cast<int64_t>(sizeof(float)) + CH * sizeof(double);
+// Qs's space holds beta V (rows of Dv + 4) in step 4: it is as large as either.
+inline int64_t prep_smem_bytes(int64_t Dk, int64_t Dv) {
+  return (CH * (Dk + 4) + CH * std::max(Dk + 4, Dv + 4) + CH * AP + 3 * CH) * static_cast<int64_t>(sizeof(float)) +
+         CH * sizeof(double);
 }
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
@@ -48,7 +53,7 @@ __device__ __forceinline__ float l2_divisor_t(float sum_sq) {
 
 // M2 = false: GatedDeltaNet (G float32, as its reference). M2 = true: Mamba2 (G float64, no A, w, beta).
 template <typename T, bool M2>
-__global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepParams p) {
+__global__ void __launch_bounds__(kThreads, 2) gdn_chunk_prep_kernel(GdnChunkPrepParams p) {
   using GT = std::conditional_t<M2, double, float>;
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
@@ -58,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* Ks = smem;                  // [CH][KP]  k^
   float* Qs = Ks + CH * KP;          // [CH][KP]  q^ * scale
-  float* Am = Qs + CH * KP;          // [CH][AP]
+  float* Am = Qs + CH * std::max(KP, Dv + 4);   // [CH][AP]   (Qs's space: also beta V [CH][Dv + 4])
   GT* G = reinterpret_cast<GT*>(Am + CH * AP);                 // [CH]
   float* Bt = reinterpret_cast<float*>(reinterpret_cast<double*>(Am + CH * AP) + CH);   // [CH]
   float* Eg = Bt + CH;               // [CH]  e^G[i]
@@ -180,6 +185,23 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
   }
   __syncthreads();
 
+  // 5a. qg = e^G Q^ (Qs is free afterwards). qg's (row, column) advance by kThreads without an integer
+  // division (Dk is not a compile-time constant).
+  float* qg = p.qg + tile * CH * Dk;
+  {
+    const int di = kThreads / Dk, dd = kThreads % Dk;
+    int i = threadIdx.x / Dk, d = threadIdx.x % Dk;
+    for (int e = threadIdx.x; e < CH * Dk; e += kThreads) {
+      qg[e] = Eg[i] * Qs[i * KP + d];
+      i += di;
+      d += dd;
+      if (d >= Dk) {
+        d -= Dk;
+        ++i;
+      }
+    }
+  }
+
   // 4. GatedDeltaNet: forward substitution, one column of [w | u] per thread. Mamba2: u = v * dt.
   float* u = p.u + tile * CH * Dv;
   if constexpr (M2) {
@@ -189,22 +211,27 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
       u[e] = t < p.n ? static_cast<float>(v[t * p.v_s0 + hk * p.v_s1 + c]) * Bt[i] : 0.f;
     }
   } else {
+  // The right-hand sides of u, beta_i v_i, staged where Qs was (rows of VP floats): read from shared memory
+  // in the substitution's chain, not from global memory (the kernel then fits 128 registers: 2 blocks per SM).
+  float* Vs = Qs;
+  const int VP = Dv + 4;
+  __syncthreads();   // every qg read of Qs is done
+  for (int e = threadIdx.x; e < CH * Dv; e += kThreads) {
+    const int i = e / Dv, c = e % Dv;
+    const int64_t t = t0 + i;
+    Vs[i * VP + c] = t < p.n ? Bt[i] * static_cast<float>(v[t * p.v_s0 + hk * p.v_s1 + c]) : 0.f;
+  }
+  __syncthreads();
   float* w = p.w + tile * CH * Dk;
   for (int c = threadIdx.x; c < Dk + Dv; c += kThreads) {
     const bool is_w = c < Dk;
-    const T* vc = v + hk * p.v_s1 + (c - Dk);
     float x[CH];
 #pragma unroll
     for (int i = 0; i < CH; ++i) x[i] = 0.f;   // A_ij = 0 for j >= i: the float4 reads past j = i - 1 see 0 * 0
 #pragma unroll
     for (int i = 0; i < CH; ++i) {
-      float r;
-      if (is_w) {
-        r = (Bt[i] * Eg[i]) * Ks[i * KP + c];   // Eg[i] = expf(G[i]) (G is float here)
-      } else {
-        const int64_t t = t0 + i;
-        r = t < p.n ? Bt[i] * static_cast<float>(vc[t * p.v_s0]) : 0.f;
-      }
+      // Eg[i] = expf(G[i]) (G is float here)
+      const float r = is_w ? (Bt[i] * Eg[i]) * Ks[i * KP + c] : Vs[i * VP + c - Dk];
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll
       for (int j = 0; j < i; j += 4) {
@@ -227,23 +254,8 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_prep_kernel(GdnChunkPrepPa
 
   }
 
-  // 5. qg, kd_t, gl. qg's (row, column) advance by kThreads without an integer division (Dk is not a
-  // compile-time constant).
-  float* qg = p.qg + tile * CH * Dk;
+  // 5b. kd_t, gl.
   float* kd_t = p.kd_t + tile * CH * Dk;
-  {
-    const int di = kThreads / Dk, dd = kThreads % Dk;
-    int i = threadIdx.x / Dk, d = threadIdx.x % Dk;
-    for (int e = threadIdx.x; e < CH * Dk; e += kThreads) {
-      qg[e] = Eg[i] * Qs[i * KP + d];
-      i += di;
-      d += dd;
-      if (d >= Dk) {
-        d -= Dk;
-        ++i;
-      }
-    }
-  }
   for (int e = threadIdx.x; e < Dk * CH; e += kThreads) {
     const int d = e / CH, i = e % CH;   // CH is a constant: shifts
     kd_t[e] = Ks[i * KP + d] * Ek[i];
@@ -271,7 +283,7 @@ void launch_prep(const GdnChunkPrepParams& p, int64_t smem, const DeviceInfo& in
 template <typename T>
 void gdn_chunk_prep_cuda(const GdnChunkPrepParams& p, void* stream) {
   TORCH_CHECK(p.Dk % 4 == 0, "ahn_rt.gdn_chunk_prep: CUDA takes Dk a multiple of 4, got ", p.Dk);
-  const int64_t smem = prep_smem_bytes(p.Dk);
+  const int64_t smem = prep_smem_bytes(p.Dk, p.Dv);
   const DeviceInfo info = device_info();
   TORCH_CHECK(smem <= info.smem_optin, "ahn_rt.gdn_chunk_prep: needs ", smem,
               " bytes of shared memory per block, the device allows ", info.smem_optin);
