@@ -319,6 +319,7 @@ def _dense(q, k, v, left: int, right: int, scale: float):
 
 
 _cudnn_ok = True   # cleared (once per process) if torch's cuDNN attention refuses these calls
+_cudnn_gqa = True  # cleared (once per process) if it refuses fewer key / value heads than query heads
 
 
 def _cudnn_reversed(q, k, v, scale: float):
@@ -332,19 +333,34 @@ def _cudnn_reversed(q, k, v, scale: float):
 def _cudnn(q, k, v, causal: bool, scale: float, stacked: dict | None = None):
     """cuDNN's fused attention (bundled with torch): q [Tq, H, D], k/v [n, Hkv, D]. Without a mask the
     G = H / Hkv query heads of a kv head are stacked along the query axis (one kv head, G*Tq queries: no
-    copy of the keys); causal calls (a chunk's own keys, n == Tq) repeat the chunk's keys per query head.
-    All but the cache's keys go in contiguous, so that the plan (cached by torch per shape and strides) is
+    copy of the keys); causal calls (a chunk's own keys, n == Tq) give cuDNN the Hkv heads as they are (or,
+    where it refuses fewer key heads than query heads, repeated per query head). All but the cache's keys go in contiguous, so that the plan (cached by torch per shape and strides) is
     the one ``warm_prefill_attention`` built. ``stacked`` (a dict kept by the caller for one chunk) holds
     the stacked queries of each query range, so that the key blocks of one range copy them once.
     Returns (out [Tq, H, D], logsumexp [H, Tq] float32)."""
+    global _cudnn_gqa
     Tq, H, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
     if causal:
+        qq = q.contiguous().transpose(0, 1)[None]
+        if _cudnn_gqa:
+            # cuDNN takes the Hkv key / value heads as they are (query head h reads head h // G: the same
+            # bits as the keys repeated per query head, measured on an H100, without writing G copies)
+            try:
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    qq, k.contiguous().transpose(0, 1)[None], v.contiguous().transpose(0, 1)[None], None, True,
+                    0.0, True, False, scale=scale)
+                return res[0][0].transpose(0, 1), res[1].reshape(H, Tq)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:
+                if G == 1:
+                    raise
+                _cudnn_gqa = False   # an older cuDNN: the keys repeated, as below
         kk = k.repeat_interleave(G, dim=1).contiguous().transpose(0, 1)[None]
         vv = v.repeat_interleave(G, dim=1).contiguous().transpose(0, 1)[None]
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q.contiguous().transpose(0, 1)[None], kk, vv, None, True, 0.0, True, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qq, kk, vv, None, True, 0.0, True, False, scale=scale)
         return res[0][0].transpose(0, 1), res[1].reshape(H, Tq)
     key = (q.data_ptr(), Tq)
     qq = stacked.get(key) if stacked is not None else None
@@ -567,6 +583,8 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
                     res = _cudnn_reversed(qq, kk, vv, scale)
                 else:
                     res = _cudnn(qq, kk, vv, kind == "causal", scale, stacked)
+            except torch.OutOfMemoryError:
+                res = None   # this call falls back to FlashAttention-2 (less workspace); cuDNN stays on
             except RuntimeError:
                 _cudnn_ok = False
         if res is None:

@@ -510,6 +510,29 @@ def test_prefill_attention_cudnn_matches_reference(monkeypatch, p0):
         assert ((narrow - want).norm() / want.norm()).item() > 1e-2
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_cudnn_causal_takes_the_kv_heads_as_they_are(monkeypatch):
+    """The causal cuDNN call (a chunk's own keys) passes the Hkv key / value heads without repeating them:
+    the same bits as the keys repeated per query head (the fallback where cuDNN refuses that), and not those
+    of the other head mapping (query head h reading kv head h % Hkv), so the check can fail."""
+    T, H, Hkv, D = 256, 8, 2, 128
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(T, h, D, generator=g, device="cuda").to(torch.bfloat16) for h in (H, Hkv, Hkv))
+    monkeypatch.setattr(ops, "_cudnn_gqa", True)
+    try:
+        out, lse = ops._cudnn(q, k, v, True, D ** -0.5)
+    except RuntimeError:
+        pytest.skip("this torch's cuDNN attention refuses these calls")
+    if not ops._cudnn_gqa:
+        pytest.skip("this cuDNN refuses fewer key heads than query heads (the repeated keys ran)")
+    monkeypatch.setattr(ops, "_cudnn_gqa", False)
+    out_r, lse_r = ops._cudnn(q, k, v, True, D ** -0.5)
+    assert torch.equal(out, out_r) and torch.equal(lse, lse_r)
+    other, _ = ops._cudnn(q, k.repeat(1, H // Hkv, 1), v.repeat(1, H // Hkv, 1), True, D ** -0.5)   # h % Hkv
+    assert not torch.equal(out, other)
+
+
 def test_warm_prefill_attention_is_off_where_it_does_not_apply(monkeypatch):
     """No cuDNN plans on the CPU, in float32, or with the switch off: the warm-up says so."""
     monkeypatch.setattr(ops, "_cudnn_ok", True)
