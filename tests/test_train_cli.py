@@ -805,6 +805,33 @@ def test_a_resume_state_that_cannot_be_written_is_exit_1_with_resume_advice(tiny
     assert train(capsys, *base_args(root, out), "--resume")[0] == 0      # what the line says works
 
 
+def test_a_model_that_cannot_be_written_at_the_end_is_exit_1_with_resume_advice(tiny, capsys, monkeypatch):
+    """The disk filling up while OUT/model.safetensors (or OUT/merged) is written at the end: exit 2, a usage
+    error, and no word of what to do; the resume state at the last step is complete, and --resume writes the
+    outputs. Now exit 1 with the run's other file errors' line, which says so."""
+    import errno
+    from ahn_rt import weights as W
+    root, _ = tiny
+    out = root / "disk_full_model"
+    real = W._atomic_write
+
+    def full_disk(path, write):
+        if Path(path).name == "model.safetensors" and "resume" not in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, write)
+    args = [*base_args(root, out), "--steps", 2, "--window", 8, "--sinks", 2, "--merge"]
+    with monkeypatch.context() as m:
+        m.setattr(W, "_atomic_write", full_disk)
+        rc, _, err = train(capsys, *args)
+    assert rc == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write ") and "model.safetensors: No space left on device" in line, err
+    assert line.endswith("then continue from the last resume state with --resume"), err
+    assert not (out / "model.safetensors").exists()
+    rc, _, err = train(capsys, *base_args(root, out), "--resume")      # what the line says works
+    assert rc == 0 and (out / "model.safetensors").exists() and (out / "merged" / "model.safetensors").exists(), err
+
+
 def test_training_prefers_expandable_segments_unless_the_user_chose(monkeypatch, tmp_path, capsys):
     """The train command asks the CUDA caching allocator for expandable segments before its first allocation
     (bench/README.md: +13% tokens/s with --activation-checkpointing memory on an H100), and leaves a setting

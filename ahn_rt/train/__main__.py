@@ -580,12 +580,15 @@ def _run(a, d, out: Path) -> int:
     if not d.is_main:
         return 0
     save_dtype = parse_dtype(run_cfg["save_dtype"])
-    path = ckpt_io.write_model(out, ahn, config, out_cfg, save_dtype)
-    msg = f"wrote {path} and {out / 'config.json'} (sliding_window {infer[0]}, num_attn_sinks {infer[1]})"
-    if run_cfg["merge"]:
-        merged_cfg = dict(out_cfg, torch_dtype=base_cfg.get("torch_dtype", "bfloat16"))
-        folder = ckpt_io.write_merged(out, ckpt, ahn, merged_cfg, save_dtype)
-        msg += f" and {folder}"
+    try:
+        path = ckpt_io.write_model(out, ahn, config, out_cfg, save_dtype)
+        msg = f"wrote {path} and {out / 'config.json'} (sliding_window {infer[0]}, num_attn_sinks {infer[1]})"
+        if run_cfg["merge"]:
+            merged_cfg = dict(out_cfg, torch_dtype=base_cfg.get("torch_dtype", "bfloat16"))
+            folder = ckpt_io.write_merged(out, ckpt, ahn, merged_cfg, save_dtype)
+            msg += f" and {folder}"
+    except AhnError as e:   # write_checkpoint's one line (disk full, OUT removed): a file error of the running
+        raise OSError(0, str(e)) from None   # job like the others (exit 1; the last resume state rewrites them)
     say(msg)
     say(ckpt_io.plot_loss(out, read_log(out)))
     return 0
