@@ -196,6 +196,25 @@ def test_stop_and_resume_reproduce_the_straight_run(tiny, capsys):
         assert set(f.keys()) == set(g.keys()) and all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
 
 
+def test_a_flag_the_resumed_run_did_not_set_is_named_as_such(tiny, capsys):
+    """A resume given a setting that the run was started without said "--steps 12 differs from the resumed
+    run's None" (None: not a value the user ever wrote); a list said "[0, 1]". Now the line says the run was
+    started without the flag, and writes values as the command line does."""
+    root, _ = tiny
+    out = root / "resume_unset_flag"
+    rc, _, err = train(capsys, *base_args(root, out), "--window-max", 32, "--train-layers", 1, "--stop-after", 1)
+    assert rc == 0, err
+    for flag, value, was in (("--steps", 6, "was started without --steps"),
+                             ("--window", 8, "was started without --window"),
+                             ("--train-layers", "0-1", "has --train-layers 1")):
+        extra = ["--sinks", 2] if flag == "--window" else []
+        rc, _, err = train(capsys, *base_args(root, out), "--resume", flag, value, *extra)
+        assert rc == 2 and err.count("\n") == 1 and "None" not in err and "[" not in err, err
+        shown = "0,1" if flag == "--train-layers" else value
+        assert err == (f"error: {flag} {shown} differs from the resumed run, which {was}; drop the flag or start "
+                       "a new run in another --out\n"), err
+
+
 @pytest.mark.parametrize("damage", ["no run", "step not a number", "files a list", "format only",
                                     "short python_rng", "no schedule.total_steps"])
 def test_resume_from_a_damaged_state_json_is_one_line(tiny, capsys, tmp_path, damage):

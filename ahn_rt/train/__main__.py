@@ -179,6 +179,11 @@ def _layer_list(text: str) -> list[int]:
     return sorted(out)
 
 
+def _flag_value(v) -> str:
+    """A setting as it is written on the command line (a --train-layers list as 0,3,4)."""
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def _n(k: int, noun: str) -> str:
     return f"{k} {noun}{'' if k == 1 else 's'}"
 
@@ -305,7 +310,10 @@ def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
         given = getattr(a, k)
         if saved is not None and k in saved and k not in PER_INVOCATION:
             if given is not None and given != saved[k]:
-                raise AhnError(f"--{k.replace('_', '-')} {given} differs from the resumed run's {saved[k]}; "
+                flag = "--" + k.replace("_", "-")
+                was = (f"was started without {flag}" if saved[k] is None
+                       else f"has {flag} {_flag_value(saved[k])}")
+                raise AhnError(f"{flag} {_flag_value(given)} differs from the resumed run, which {was}; "
                                "drop the flag or start a new run in another --out")
             run[k] = saved[k]
         else:
