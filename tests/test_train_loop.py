@@ -515,6 +515,19 @@ def test_loss_weights_are_read_checked_and_weight_the_step(tmp_path, config, bas
     assert rec["loss"] == pytest.approx(want, rel=KL_RTOL) and rec["valid"] == mb.n_valid
 
 
+def test_a_loss_weight_below_float32s_smallest_is_no_loss_target(tmp_path):
+    """Weights are stored as float32: one below its smallest value (1e-50, say) became 0 there but still made
+    its token a loss target, so a step of such positions divided by a weight sum of 0 (a ZeroDivisionError
+    traceback from the trainer). Now it is a weight of 0 (no loss target), like a 0 in the file."""
+    rng = random.Random(4)
+    a, b = random_ids(rng, 40), random_ids(rng, 40)
+    d = load_dataset(write_jsonl(tmp_path / "tiny_w.jsonl", [{"input_ids": a, "loss_weights": [1e-50] * 40},
+                                                            {"input_ids": b, "loss_weights": [1.0] * 30 + [1e-50] * 10}]),
+                     vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert len(d) == 1 and dict(d.stats.skipped) == {"no loss target": 1}
+    assert d.seq(0)[1].tolist() == [True] * 30 + [False] * 10 and d.seq_weights(0).tolist() == [1.0] * 30 + [0.0] * 10
+
+
 def test_data_errors_are_one_line(tmp_path):
     budget = BudgetSpec(fixed=(16, 4))
 

@@ -126,7 +126,9 @@ def _weight_list(v, n: int) -> list[float]:
         # stored as float32: beyond its largest value a weight would become inf (and the step's loss NaN)
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= FLOAT32_MAX:
             raise _Bad("a loss weight is not a finite number >= 0")
-    return [float(x) for x in v]
+    # as stored (float32): a weight below its smallest (about 1e-45) is 0, so its token is no loss target (as a
+    # loss position of weight 0 it left a step whose weights sum to 0, a division by zero)
+    return array("f", v).tolist()
 
 
 def _int_list(v, what) -> list[int]:
