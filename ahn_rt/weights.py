@@ -384,7 +384,7 @@ def _check_ahn_keys(config: Config, src: _Source, keys: set, what: str, implemen
     except AhnError as e:
         fits = [m for m in memory.NAMES if m != impl and set(ahn_shapes(config, m)) == keys]
         if fits:
-            said = "asked for" if implementation else "the config says _ahn_implementation="
+            said = "asked for " if implementation else "the config says _ahn_implementation="
             raise AhnError(f"{e}; these tensors are an AHN-{fits[0]} memory but {said}{impl!r}") from None
         raise
 

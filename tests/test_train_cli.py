@@ -312,6 +312,8 @@ def bad_files(tiny):
     ("resume without state", "no resume state"),
     ("init-from-base without AHN", "holds no AHN weights"),
     ("init-ahn without AHN", "holds no AHN tensors (model.layers.N.ahn.fn.*); give an AHN checkpoint"),
+    # said "... but asked for'DeltaNet'"
+    ("init-ahn of another variant", "these tensors are an AHN-GatedDeltaNet memory but asked for 'DeltaNet'"),
     ("bad number", "--lr must be"),
     ("train-layers junk", "not a list of layer numbers"),
     ("train-layers out of range", "the base has layers 0..1"),
@@ -380,6 +382,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--init-from-base"]
     elif case == "init-ahn without AHN":                  # the fix named --weights / --ahn, flags train has not
         extra += ["--init-ahn", root / "base" / "model.safetensors"]
+    elif case == "init-ahn of another variant":
+        extra += ["--init-ahn", bad_files / "ahn_only.safetensors", "--ahn", "dn"]
     elif case == "bad number":
         extra += ["--lr", "-1"]
     elif case == "train-layers junk":
