@@ -262,7 +262,12 @@ def _weight_files(path: Path, what: str) -> list[Path]:
         single = path / "model.safetensors"
         if index.exists():
             idx = load_json(index, "shard index")
-            names = sorted(set((idx.get("weight_map") or {}).values()))
+            weight_map = idx.get("weight_map") if isinstance(idx, dict) else None
+            # a hand-edited or damaged index (a list, a weight_map of null or 3): a line, not a traceback
+            if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n for n in weight_map.values()):
+                raise AhnError(f"{index} is not a shard index (it needs a \"weight_map\" object of tensor name -> "
+                               "shard file name); re-download or re-export it")
+            names = sorted(set(weight_map.values()))
             if not names:
                 raise AhnError(f"{index} lists no shards")
             files = [path / n for n in names]

@@ -128,6 +128,23 @@ def test_missing_shard():
     expect_error(d, must_name=(shard,))
 
 
+@pytest.mark.parametrize("index", [[], {"weight_map": ["x.safetensors"]}, {"metadata": {}},
+                                   "null-shard", "int-shard"])
+def test_malformed_shard_index(index):
+    """A model.safetensors.index.json that is JSON but not a shard index (a list, a weight_map that is no
+    object, a shard name of null or 3): one line naming the index (it was an AttributeError or TypeError
+    traceback out of .get / .values / sorted)."""
+    d = copy_folder(base(SPEC, shard=True), "bad-index")
+    path = os.path.join(d, "model.safetensors.index.json")
+    if isinstance(index, str):
+        good = json.load(open(path))
+        first = sorted(good["weight_map"])[0]
+        good["weight_map"][first] = None if index == "null-shard" else 3
+        index = good
+    write_json(path, index)
+    expect_error(d, must_name=("model.safetensors.index.json", "weight_map"))
+
+
 @pytest.mark.parametrize("how", ["header-length-too-big", "header-not-json", "garbage-file"])
 def test_corrupt_header(how):
     d = copy_folder(base(SPEC), "corrupt-" + how)
