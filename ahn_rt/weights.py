@@ -324,6 +324,9 @@ class _Source:
             h = safe_open(str(f), framework="pt")
             self.handles[f] = h
             for k in h.keys():
+                if k in self.where:   # which copy counts would be the order of the files: refuse, not guess
+                    raise AhnError(f"tensor {k} is stored twice, in {self.where[k]} and in {f}; a checkpoint holds "
+                                   "each tensor once: remove the stale shard or re-export the checkpoint")
                 self.where[k] = f
 
     def shape(self, key):

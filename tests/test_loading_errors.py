@@ -145,6 +145,17 @@ def test_malformed_shard_index(index):
     expect_error(d, must_name=("model.safetensors.index.json", "weight_map"))
 
 
+def test_tensor_stored_in_two_shards():
+    """Two shards that both hold a tensor (a stale shard of an earlier export): the copy in the later file
+    was used, silently, whatever the index said. Now refused, naming the tensor and both files."""
+    d = copy_folder(base(SPEC, shard=True), "dup-shard")
+    first, second = sorted(x for x in os.listdir(d) if x.startswith("model-"))[:2]
+    a, b = load_file(os.path.join(d, first)), load_file(os.path.join(d, second))
+    key = sorted(a)[0]
+    save_file({**b, key: torch.zeros_like(a[key])}, os.path.join(d, second))
+    expect_error(d, must_name=(key, "stored twice", first, second))
+
+
 @pytest.mark.parametrize("how", ["header-length-too-big", "header-not-json", "garbage-file"])
 def test_corrupt_header(how):
     d = copy_folder(base(SPEC), "corrupt-" + how)
