@@ -74,7 +74,8 @@ def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, windo
         refuse_empty(value if isinstance(value, str) else None, name,
                      "a tokenizer.json file (or None)" if name == "tokenizer" else
                      "a .safetensors file or a checkpoint folder" + (" (or None)" if name == "ahn" else ""))
-    if tokenizer is not None and not Path(os.fspath(tokenizer)).expanduser().is_file():
+    tok = Path(os.fspath(tokenizer)).expanduser() if tokenizer is not None else None
+    if tok is not None and not (weights_mod.path_exists(tok, "tokenizer") and tok.is_file()):
         raise AhnError(f"tokenizer not found: {tokenizer} (give the path of a tokenizer.json file, "
                        "or leave tokenizer out to use the one beside the weights)")
     ckpt = weights_mod.open_checkpoint(weights, ahn)

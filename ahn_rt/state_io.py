@@ -124,9 +124,9 @@ def restore(model, path, chunk_size: int | None = None):
     """A new Session holding the state saved in ``path``; AhnError (one line) when the file is not a
     state file, is damaged, or belongs to another model or configuration."""
     from safetensors import safe_open
-    from .weights import check_safetensors
+    from .weights import check_safetensors, path_exists
     path = _path(path, "restore")
-    if not path.is_file():
+    if not path_exists(path, "state file") or not path.is_file():
         if not path.exists():
             raise AhnError(f"state file not found: {path}")
         raise AhnError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}: give the path of "

@@ -132,11 +132,15 @@ def check_writable(out: Path):
     """Raise AhnError (one line) unless a file could be created at ``out``: checked before anything is
     written, so that a bad path leaves nothing behind."""
     out = Path(os.fspath(out))
-    if out.is_dir():
+    try:
+        is_dir = out.is_dir()
+        parent = out.parent
+        while not parent.exists():
+            parent = parent.parent
+    except OSError as e:   # a folder on the way the user may not enter, a name too long
+        raise AhnError(f"cannot write {out}: {e.strerror or e}") from None
+    if is_dir:
         raise AhnError(f"cannot write {out}: it is a folder; give a file name ending in {out.suffix or '.safetensors'}")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
     if not parent.is_dir():
         raise AhnError(f"cannot write {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -242,9 +246,18 @@ def check_safetensors(path: Path, fix: str = "re-download or re-export it"):
         raise AhnError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]}); {fix}") from None
 
 
+def path_exists(path: Path, what: str) -> bool:
+    """``path.exists()``, where the OS refusing to look (a folder on the way the user may not enter, a name
+    too long: pathlib raises those, PermissionError / OSError) is an AhnError naming ``what`` and the reason."""
+    try:
+        return path.exists()
+    except OSError as e:
+        raise AhnError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
 def check_weights_exist(path: Path, what: str = "weights") -> None:
-    """AhnError (one line) when a weights path does not exist."""
-    if not path.exists():
+    """AhnError (one line) when a weights path does not exist (or cannot be looked at)."""
+    if not path_exists(path, what):
         raise AhnError(f"{what} not found: {path}; give a .safetensors file or a checkpoint folder")
 
 

