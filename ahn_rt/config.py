@@ -184,10 +184,13 @@ def parse_config(cfg: dict, where: str) -> Config:
             raise AhnError(f"{where}: fa_layer_ids={cfg['fa_layer_ids']!r} is not supported "
                            "(AHN in every layer only, docs/semantics.md §9)")
     is_ahn_cfg = ahn_impl is not None or "num_attn_sinks" in cfg
+    num_layers = _get(cfg, "num_hidden_layers", where)
+    if not is_ahn_cfg:   # (an AHN config's sliding_window is the AHN window W, docs/semantics.md §8)
+        _refuse_sliding_layers(cfg, where, num_layers)
     return Config(
         family=family, vocab_size=_get(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=_get(cfg, "intermediate_size", where),
-        num_layers=_get(cfg, "num_hidden_layers", where), num_heads=heads, num_kv_heads=kv_heads,
+        num_layers=num_layers, num_heads=heads, num_kv_heads=kv_heads,
         head_dim=head_dim, rope_theta=theta,
         rms_norm_eps=eps,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -200,6 +203,27 @@ def parse_config(cfg: dict, where: str) -> Config:
         config_sinks=(_convert(cfg["num_attn_sinks"], "num_attn_sinks", where)
                       if cfg.get("num_attn_sinks") is not None else None),
     )
+
+
+def _refuse_sliding_layers(cfg: dict, where: str, num_layers: int):
+    """AhnError when a plain Qwen config makes some layer attend through a sliding window, as transformers
+    reads it: ``use_sliding_window`` true with a ``sliding_window``, and that layer's ``layer_types`` entry
+    "sliding_attention" (without ``layer_types``: the layers from ``max_window_layers`` on, default 28).
+    ahn_rt runs every layer of such a model with full attention: past the window, another model."""
+    window = cfg.get("sliding_window")
+    if not cfg.get("use_sliding_window") or window is None:
+        return
+    types = cfg.get("layer_types")
+    if isinstance(types, (list, tuple)):
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    else:
+        first = _convert(cfg.get("max_window_layers", 28), "max_window_layers", where)
+        sliding = list(range(max(first, 0), num_layers))
+    if sliding:
+        raise AhnError(f"{where}: use_sliding_window=true gives {len(sliding)} of the {num_layers} layers (from "
+                       f"layer {sliding[0]}) a sliding window of {window} tokens, which ahn_rt does not run (it "
+                       "would attend over every token there); if the model was trained with full attention, set "
+                       "use_sliding_window to false in config.json")
 
 
 def load_json(path, what: str) -> dict:

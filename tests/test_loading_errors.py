@@ -350,6 +350,29 @@ def test_config_number_out_of_range(field, bad):
     expect_error(d, mode="full", must_name=(field, "fix it in config.json"))
 
 
+@pytest.mark.parametrize("fields,refused", [
+    (dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None), True),
+    (dict(use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "sliding_attention"]), True),
+    (dict(use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None), False),
+    (dict(use_sliding_window=True, sliding_window=8), False),          # layer_types: all full_attention
+    (dict(use_sliding_window=False, sliding_window=8, max_window_layers=0, layer_types=None), False),
+    (dict(use_sliding_window=True, sliding_window=None, max_window_layers=0), False),
+])
+def test_sliding_window_layers_of_a_plain_config(fields, refused):
+    """A plain Qwen config whose use_sliding_window makes some layers attend through a window (as
+    transformers reads it: layer_types, else the layers from max_window_layers on) loaded as full
+    attention in every layer: silently another model past the window. Refused, naming the field; a config
+    where no layer slides still loads."""
+    d = copy_folder(base(SPEC), "sliding-layers")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(fields)
+    write_json(os.path.join(d, "config.json"), {k: v for k, v in cfg.items() if v is not None or k == "sliding_window"})
+    if refused:
+        expect_error(d, mode="full", must_name=("use_sliding_window", "layer 1"))
+    else:
+        assert ahn_rt.load(d, mode="full", device="cpu").config.mode == "full"
+
+
 @pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
 def test_ahn_config_names_another_variant(impl):
     """GatedDeltaNet tensors under a config naming another (supported) variant: the strict key check
