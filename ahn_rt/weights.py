@@ -470,8 +470,11 @@ def open_checkpoint(weights, ahn=None) -> Checkpoint:
             raise NoAhnTensors(f"AHN checkpoint {apath} holds no AHN tensors (model.layers.N.ahn.fn.*); "
                            "pass a base model as --weights and its AHN weights as --ahn")
         ahn_cfg = find_config(apath, afiles) or {}
-        # W, S and the AHN implementation may live in the AHN checkpoint's own config.
-        a = parse_config({**cfg, **{k: v for k, v in ahn_cfg.items() if k in _AHN_CONFIG_FIELDS}}, str(apath))
+        # W, S and the AHN implementation may live in the AHN checkpoint's own config. The base config's
+        # sliding_window is not W unless that config is an AHN one (then config.config_window has it): a plain
+        # Qwen2.5 config's 32768 or 131072 became W when the AHN config named its variant but no window.
+        base_cfg = {k: v for k, v in cfg.items() if k != "sliding_window"}
+        a = parse_config({**base_cfg, **{k: v for k, v in ahn_cfg.items() if k in _AHN_CONFIG_FIELDS}}, str(apath))
         config = dataclasses.replace(config, ahn_implementation=a.ahn_implementation or "GatedDeltaNet",
                                      config_window=a.config_window or config.config_window,
                                      config_sinks=a.config_sinks if a.config_sinks is not None else config.config_sinks)

@@ -373,6 +373,24 @@ def test_sliding_window_layers_of_a_plain_config(fields, refused):
         assert ahn_rt.load(d, mode="full", device="cpu").config.mode == "full"
 
 
+def test_a_plain_base_configs_sliding_window_is_not_the_ahn_window():
+    """A plain Qwen config's sliding_window (Qwen2.5's 32768 or 131072, with use_sliding_window false) is
+    not W (docs/semantics.md §8); it became W when the separate AHN checkpoint's config named its variant
+    but no window (without that config: the default, as documented). Now the default both ways; the AHN
+    config's own sliding_window still counts."""
+    from ahn_rt.config import DEFAULT_WINDOW
+    b = copy_folder(base(SPEC), "plain-window-base")
+    cfg = json.load(open(os.path.join(b, "config.json")))
+    write_json(os.path.join(b, "config.json"), {**cfg, "use_sliding_window": False, "sliding_window": 4096})
+    a = copy_folder(ahn_only(SPEC, W, S), "plain-window-ahn")
+    write_json(os.path.join(a, "config.json"), {"_ahn_implementation": "GatedDeltaNet"})
+    assert ahn_rt.load(b, ahn=a, device="cpu").config.window == DEFAULT_WINDOW
+    os.remove(os.path.join(a, "config.json"))
+    assert ahn_rt.load(b, ahn=a, device="cpu").config.window == DEFAULT_WINDOW
+    write_json(os.path.join(a, "config.json"), {"_ahn_implementation": "GatedDeltaNet", "sliding_window": 7})
+    assert ahn_rt.load(b, ahn=a, device="cpu").config.window == 7
+
+
 @pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
 def test_ahn_config_names_another_variant(impl):
     """GatedDeltaNet tensors under a config naming another (supported) variant: the strict key check
