@@ -85,8 +85,11 @@ _KIND_NAMES = {int: "an integer", float: "a number"}
 
 
 def _convert(value, key: str, where: str, kind=int):
-    """kind(value), or AhnError naming the config field (a hand-edited config.json: "rope_theta": "1e6x")."""
+    """kind(value), or AhnError naming the config field (a hand-edited config.json: "rope_theta": "1e6x"). A
+    bool is no number, and an integer field takes no fraction (int() made true 1 and 100.7 100)."""
     try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
         return kind(value)
     except (TypeError, ValueError, OverflowError):
         raise AhnError(f"{where}: config field '{key}' = {value!r} is not {_KIND_NAMES[kind]}; "
@@ -153,7 +156,9 @@ def parse_config(cfg: dict, where: str) -> Config:
         rope_type = scaling.get("rope_type") or scaling.get("type")
     if rope_type != "default":
         raise AhnError(f"{where}: rope scaling {rope_type!r} is not supported (only default RoPE)")
-    theta = _opt(cfg, "rope_theta", where, None, float) or _opt(rope, "rope_theta", where, 10000.0, float)
+    # only an absent (or null) rope_theta takes the default: 0 is refused below (it became 10000)
+    theta = next((v for v in (cfg.get("rope_theta"), rope.get("rope_theta")) if v is not None), 10000.0)
+    theta = _convert(theta, "rope_theta", where, float)
     eps = _convert(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", where, float)
     # a number, but one that turns every logit into NaN (a negative base or epsilon) or is no setting at all
     for key, value, ok, need in (("rope_theta", theta, theta > 0, "> 0"), ("rms_norm_eps", eps, eps >= 0, ">= 0")):
@@ -184,6 +189,13 @@ def parse_config(cfg: dict, where: str) -> Config:
             raise AhnError(f"{where}: fa_layer_ids={cfg['fa_layer_ids']!r} is not supported "
                            "(AHN in every layer only, docs/semantics.md §9)")
     is_ahn_cfg = ahn_impl is not None or "num_attn_sinks" in cfg
+    # W and S as the config gives them (null: not given); 0 as W was the default window, silently
+    window = cfg.get("sliding_window") if is_ahn_cfg else None
+    window = _convert(window, "sliding_window", where) if window is not None else None
+    sinks = _convert(cfg["num_attn_sinks"], "num_attn_sinks", where) if cfg.get("num_attn_sinks") is not None else None
+    for key, value, least in (("sliding_window", window, 1), ("num_attn_sinks", sinks, 0)):
+        if value is not None and value < least:
+            raise AhnError(f"{where}: config field '{key}' must be >= {least}, got {value}; fix it in config.json")
     num_layers = _get(cfg, "num_hidden_layers", where)
     if not is_ahn_cfg:   # (an AHN config's sliding_window is the AHN window W, docs/semantics.md §8)
         _refuse_sliding_layers(cfg, where, num_layers)
@@ -199,9 +211,7 @@ def parse_config(cfg: dict, where: str) -> Config:
         max_position_embeddings=_opt(cfg, "max_position_embeddings", where, 32768),
         stored_dtype=stored_dtype, eos_token_ids=eos_ids,
         ahn_implementation=ahn_impl,
-        config_window=_opt(cfg, "sliding_window", where, None) if is_ahn_cfg else None,
-        config_sinks=(_convert(cfg["num_attn_sinks"], "num_attn_sinks", where)
-                      if cfg.get("num_attn_sinks") is not None else None),
+        config_window=window, config_sinks=sinks,
     )
 
 

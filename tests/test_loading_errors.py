@@ -391,6 +391,30 @@ def test_a_plain_base_configs_sliding_window_is_not_the_ahn_window():
     assert ahn_rt.load(b, ahn=a, device="cpu").config.window == 7
 
 
+@pytest.mark.parametrize("field,bad,needle", [
+    ("rope_theta", 0, "> 0"),                       # became the default 10000
+    ("rope_theta", True, "is not a number"),        # became 1.0
+    ("num_hidden_layers", 2.5, "is not an integer"),  # became 2
+    ("vocab_size", True, "is not an integer"),
+])
+def test_config_number_silently_replaced_or_cut(field, bad, needle):
+    """A config number that said something else than what loaded: rope_theta 0 took the default base, a
+    fraction was cut to an integer, true read as 1. Each is one line naming the field now."""
+    d = _with_config_field(field, bad, "replaced-number")
+    expect_error(d, mode="full", must_name=(field, needle))
+
+
+@pytest.mark.parametrize("field,bad,needle", [
+    ("sliding_window", 0, "must be >= 1"),          # became the default window 32640
+    ("sliding_window", 6.5, "is not an integer"),   # became 6
+    ("num_attn_sinks", True, "is not an integer"),  # became 1
+    ("num_attn_sinks", -1, "must be >= 0"),         # said "sinks must be >= 0", an argument not given
+])
+def test_ahn_config_window_and_sinks_as_given(field, bad, needle):
+    d = save_ahn_only(base(SPEC), scratch("ahn-window-field"), W, S, **{field: bad})
+    expect_error(base(SPEC), ahn=d, mode="ahn", must_name=(field, needle))
+
+
 @pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
 def test_ahn_config_names_another_variant(impl):
     """GatedDeltaNet tensors under a config naming another (supported) variant: the strict key check
