@@ -145,7 +145,9 @@ def parse_config(cfg: dict, where: str) -> Config:
     kv_heads = _opt(cfg, "num_key_value_heads", where, heads)
     if kv_heads < 1 or heads % kv_heads:
         raise AhnError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    head_dim = _opt(cfg, "head_dim", where, hidden // heads)
+    # when the config has none: transformers' Qwen3Config defaults to 128 (its attention reads that, not
+    # hidden / heads); Qwen2's attention computes hidden / heads
+    head_dim = _opt(cfg, "head_dim", where, 128 if family == "qwen3" else hidden // heads)
     if head_dim % 2:
         raise AhnError(f"{where}: head_dim {head_dim} must be even for RoPE")
     # transformers >= 5 nests RoPE settings under rope_parameters; older configs use rope_theta.

@@ -415,6 +415,17 @@ def test_ahn_config_window_and_sinks_as_given(field, bad, needle):
     expect_error(base(SPEC), ahn=d, mode="ahn", must_name=(field, needle))
 
 
+def test_qwen3_config_without_head_dim_is_read_as_transformers_reads_it():
+    """A Qwen3 config.json without head_dim is a model of head_dim 128 to transformers (Qwen3Config's
+    default), whatever hidden / heads is; it was read as hidden / heads and refused with a shape error."""
+    spec = Spec("qwen3", tied=False, hidden=64, heads=4, kv_heads=2, head_dim=128)
+    d = copy_folder(base(spec), "qwen3-no-head-dim")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    del cfg["head_dim"]
+    write_json(os.path.join(d, "config.json"), cfg)
+    assert ahn_rt.load(d, mode="full", device="cpu").config.head_dim == 128
+
+
 @pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
 def test_ahn_config_names_another_variant(impl):
     """GatedDeltaNet tensors under a config naming another (supported) variant: the strict key check
