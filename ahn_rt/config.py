@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 
 import torch
 
@@ -128,12 +129,14 @@ def parse_config(cfg: dict, where: str) -> Config:
     model_type = str(cfg.get("model_type", "")).lower()
     archs = cfg.get("architectures") or []
     arch = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, (list, tuple)) else str(archs)
+    # the architectures name the family only where model_type is absent, and only as Qwen2For... / Qwen3For...:
+    # qwen2_moe, qwen3_moe, qwen2_vl (Qwen2MoeForCausalLM, ...) are other models, refused here by name (they
+    # were read as Qwen2 / Qwen3 and refused by a key or shape check listing tensors)
+    named = re.search(r"\bQwen([23])For", arch) if not model_type else None
     if model_type in ("qwen2", "qwen3"):
         family = model_type
-    elif "Qwen3" in arch:
-        family = "qwen3"
-    elif "Qwen2" in arch:
-        family = "qwen2"
+    elif named:
+        family = "qwen" + named.group(1)
     else:
         raise AhnError(f"{where}: model_type {model_type or arch or '?'!r} is not supported "
                        "(ahn_rt runs Qwen2, Qwen2.5 and Qwen3 models)")

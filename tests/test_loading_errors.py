@@ -426,6 +426,28 @@ def test_qwen3_config_without_head_dim_is_read_as_transformers_reads_it():
     assert ahn_rt.load(d, mode="full", device="cpu").config.head_dim == 128
 
 
+@pytest.mark.parametrize("model_type,archs,named", [
+    ("qwen2_moe", ["Qwen2MoeForCausalLM"], "qwen2_moe"),
+    ("qwen3_moe", ["Qwen3MoeForCausalLM"], "qwen3_moe"),
+    ("qwen2_vl", ["Qwen2VLForConditionalGeneration"], "qwen2_vl"),
+    (None, ["Qwen3MoeForCausalLM"], "Qwen3MoeForCausalLM"),
+    (None, ["Qwen2ForCausalLM"], None),               # no model_type: the architecture names the family
+])
+def test_another_qwen_family_is_refused_by_name(model_type, archs, named):
+    """A config of another Qwen family (MoE, VL) was read as Qwen2 / Qwen3 because its architecture name
+    contains "Qwen2" / "Qwen3", then refused by the key check with a list of tensors; it is named now."""
+    d = copy_folder(base(SPEC), "other-family")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.pop("model_type")
+    write_json(os.path.join(d, "config.json"), {**cfg, "architectures": archs,
+                                                 **({"model_type": model_type} if model_type else {})})
+    if named:
+        msg = expect_error(d, mode="full", must_name=(named, "is not supported"))
+        assert "key" not in msg
+    else:
+        assert ahn_rt.load(d, mode="full", device="cpu").config.family == "qwen2"
+
+
 @pytest.mark.parametrize("impl", ["Mamba2", "DeltaNet"])
 def test_ahn_config_names_another_variant(impl):
     """GatedDeltaNet tensors under a config naming another (supported) variant: the strict key check
