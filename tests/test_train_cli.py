@@ -628,6 +628,48 @@ def test_a_run_stopped_before_its_first_resume_state_is_started_over_not_resumed
     assert rc == 130 and err.splitlines()[-1] == "interrupted; nothing to resume yet; run the command again", err
 
 
+def test_ctrl_c_finishes_its_step_writes_a_resume_state_and_resumes_to_the_same_losses(tiny, capsys, monkeypatch):
+    """A Ctrl-C (a real SIGINT to this process) in the middle of step 2, long before the next --save-every
+    state: the step finishes, a resume state of it is written, exit 130 naming it, and --resume reaches the
+    losses and weights of the uninterrupted run. (Without this only the states written every --save-every
+    steps survived: the run below had none to resume.) Two Ctrl-Cs stop at once, with no new state."""
+    root, _ = tiny
+    common = ["--steps", 4, "--batch", 2, "--lr", "1e-2", "--window", 8, "--sinks", 2, "--save-dtype", "float32",
+              "--save-every", 100]
+    straight, split = root / "ctrl_c_straight", root / "ctrl_c_split"
+    assert train(capsys, *base_args(root, straight), *common)[0] == 0
+    real_step = Trainer.train_step
+
+    def ctrl_c_in_step_2(times):
+        def step(self):
+            if self.step == 2:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return real_step(self)
+        return step
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_in_step_2(1))
+        rc, _, err = train(capsys, *base_args(root, split), *common)
+    assert rc == 130 and "stopping after this step" in err, err
+    assert err.splitlines()[-1] == (f"interrupted; the last complete resume state is in {split / 'resume'}, "
+                                    "continue with --resume"), err
+    state, _, _ = ckpt_io.load_resume(ckpt_io.find_resume(split))
+    assert state["step"] == 3 and len((split / "log.jsonl").read_text().splitlines()) == 3
+    rc, _, err = train(capsys, *base_args(root, split), "--resume")
+    assert rc == 0, err
+    a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [0, 1, 2, 3] and [r["loss"] for r in a] == [r["loss"] for r in b]
+    with safe_open(str(straight / "model.safetensors"), "pt") as f, safe_open(str(split / "model.safetensors"), "pt") as g:
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+    twice = root / "ctrl_c_twice"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_in_step_2(2))
+        rc, _, err = train(capsys, *base_args(root, twice), *common)
+    assert rc == 130 and not ckpt_io.find_resume(twice) and len((twice / "log.jsonl").read_text().splitlines()) == 2
+    assert "start over with --overwrite" in err.splitlines()[-1], err
+
+
 def test_resume_may_turn_activation_checkpointing_off_and_on(tiny, capsys):
     """Activation checkpointing recomputes in the backward pass (each layer, or each layer's memory module):
     memory for time, the same numbers. A resume refused --no-activation-checkpointing ("--activation-checkpointing

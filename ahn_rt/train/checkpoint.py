@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -68,6 +69,35 @@ def deferred_interrupt():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
     if got:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_between_steps(enabled: bool = True):
+    """Yields ``stopping()``: whether a Ctrl-C (SIGINT) or SIGTERM arrived inside the block. The first one only
+    asks the loop to stop after the step it is in (so that a resume state of that step can be written); a
+    second one raises KeyboardInterrupt at once, as without this block. A no-op (``stopping()`` stays False)
+    when not ``enabled`` (ranks of a process group, which could disagree on the step to stop at) or outside
+    the main thread."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    got = []
+
+    def at_once(signum, frame):
+        raise KeyboardInterrupt
+
+    def first(signum, frame):
+        got.append(signum)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, at_once)
+        print("\nstopping after this step, with a resume state (Ctrl-C again stops at once)", file=sys.stderr,
+              flush=True)
+    previous = {s: signal.signal(s, first) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(got)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def _write_failed(e: Exception, out: Path) -> OSError:

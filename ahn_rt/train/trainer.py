@@ -406,21 +406,27 @@ class Trainer:
             identity: dict | None = None, progress: Progress | None = None) -> list[dict]:
         """Train until ``steps`` (or ``stop_after``); append one record per step to OUT/log.jsonl and
         save resume states (the main rank writes; call it on every rank with the same ``out``). Returns the
-        records of this call."""
+        records of this call. In one process, a Ctrl-C (or SIGTERM) lets the step it interrupts finish, writes
+        a resume state of that step, then raises KeyboardInterrupt; a second one stops at once."""
         last = self.total_steps if self.s.stop_after is None else min(self.total_steps, self.s.stop_after)
         records = []
         log = Path(out) / "log.jsonl" if out is not None and self.is_main else None
-        while self.step < last:
-            rec = self.train_step()
-            records.append(rec)
-            if log is not None:
-                with open(log, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if progress is not None and self.is_main:
-                progress.update(rec)
-            if out is not None and (self.step == last or (self.s.save_every and self.step % self.s.save_every == 0)):
-                with ckpt_io.deferred_interrupt():
-                    self.save(out, run or {}, config or {}, identity)
+        with ckpt_io.stop_between_steps(self.world_size == 1) as stopping:
+            while self.step < last:
+                rec = self.train_step()
+                records.append(rec)
+                if log is not None:
+                    with open(log, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(rec) + "\n")
+                if progress is not None and self.is_main:
+                    progress.update(rec)
+                stop = stopping()
+                if out is not None and (stop or self.step == last
+                                        or (self.s.save_every and self.step % self.s.save_every == 0)):
+                    with ckpt_io.deferred_interrupt():
+                        self.save(out, run or {}, config or {}, identity)
+                if stop:
+                    raise KeyboardInterrupt
         return records
 
 
