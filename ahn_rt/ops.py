@@ -334,8 +334,9 @@ def _cudnn(q, k, v, causal: bool, scale: float, stacked: dict | None = None):
     """cuDNN's fused attention (bundled with torch): q [Tq, H, D], k/v [n, Hkv, D]. Without a mask the
     G = H / Hkv query heads of a kv head are stacked along the query axis (one kv head, G*Tq queries: no
     copy of the keys); causal calls (a chunk's own keys, n == Tq) give cuDNN the Hkv heads as they are (or,
-    where it refuses fewer key heads than query heads, repeated per query head). All but the cache's keys go in contiguous, so that the plan (cached by torch per shape and strides) is
-    the one ``warm_prefill_attention`` built. ``stacked`` (a dict kept by the caller for one chunk) holds
+    where it refuses fewer key heads than query heads, repeated per query head). All but the cache's keys
+    go in contiguous, so that the plan (cached by torch per shape and strides) is the one
+    ``warm_prefill_attention`` built. ``stacked`` (a dict kept by the caller for one chunk) holds
     the stacked queries of each query range, so that the key blocks of one range copy them once.
     Returns (out [Tq, H, D], logsumexp [H, Tq] float32)."""
     global _cudnn_gqa

@@ -126,8 +126,9 @@ def restore(model, path, chunk_size: int | None = None):
     from safetensors import safe_open
     from .weights import check_safetensors, path_exists
     path = _path(path, "restore")
-    if not path_exists(path, "state file") or not path.is_file():
-        if not path.exists():
+    exists = path_exists(path, "state file")
+    if not exists or not path.is_file():
+        if not exists:
             raise AhnError(f"state file not found: {path}")
         raise AhnError(f"{path} is {'a folder' if path.is_dir() else 'not a regular file'}: give the path of "
                        "a state file that Session.save wrote")

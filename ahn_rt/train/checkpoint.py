@@ -51,22 +51,32 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _on_stop_signals(handler):
+    """``handler`` for Ctrl-C (SIGINT) and SIGTERM inside the block, the previous handlers restored after.
+    Yields whether it applies: signal handlers are the main thread's alone (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
+    try:
+        yield True
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold a Ctrl-C (SIGINT) or SIGTERM that arrives inside the block until the block is done, then
     raise KeyboardInterrupt: a resume state being written is finished first. A no-op outside the main
     thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     got = []
-    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _on_stop_signals(lambda signum, frame: got.append(signum)):
         yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
     if got:
         raise KeyboardInterrupt
 
@@ -78,9 +88,6 @@ def stop_between_steps(enabled: bool = True):
     second one raises KeyboardInterrupt at once, as without this block. A no-op (``stopping()`` stays False)
     when not ``enabled`` (ranks of a process group, which could disagree on the step to stop at) or outside
     the main thread."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
     got = []
 
     def at_once(signum, frame):
@@ -88,16 +95,15 @@ def stop_between_steps(enabled: bool = True):
 
     def first(signum, frame):
         got.append(signum)
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in _STOP_SIGNALS:
             signal.signal(s, at_once)
         print("\nstopping after this step, with a resume state (Ctrl-C again stops at once)", file=sys.stderr,
               flush=True)
-    previous = {s: signal.signal(s, first) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    if not enabled:
+        yield lambda: False
+        return
+    with _on_stop_signals(first):
         yield lambda: bool(got)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def _write_failed(e: Exception, out: Path) -> OSError:
