@@ -105,7 +105,7 @@ for dk in (128, 64, 48):
         dt=torch.rand(N, H, device=dev), a_log=torch.rand(H, device=dev), z=torch.randn(B, H, device=dev, dtype=dt),
         norm_weight=torch.ones(H * dk, device=dev, dtype=dt), o_proj=torch.randn(H, dk, dk, device=dev, dtype=dt) * 0.1,
         out=torch.zeros(B, H, dk, device=dev, dtype=dt), pos=pos_n, sinks=S, window=W, eps=1e-5, slots=slots)
-for dk, dv, n in ((128, 128, 3), (12, 20, 2)):
+for dk, dv, n in ((128, 128, 3), (64, 72, 2), (48, 40, 2), (12, 20, 2)):   # tensor-core Dk 128, 64, any; CUDA-core
     f32 = dict(device=dev, dtype=torch.float32)
     torch.ops.ahn_rt.gdn_chunk_scan(
         w=torch.randn(H, n, 64, dk, **f32) * 0.1, u=torch.randn(H, n, 64, dv, **f32),

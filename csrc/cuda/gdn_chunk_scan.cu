@@ -10,7 +10,7 @@
 // with two block barriers. The tiles are double-buffered: chunk n + 1's are copied in (cp.async) while
 // chunk n computes. Rows are padded by 4 floats so the float4 reads of a quarter warp hit distinct banks.
 // All arithmetic is float32 FMA in a fixed order: the result does not depend on the grid. With Dk a multiple
-// of 16 the tensor-core kernel further down runs instead (the same tiles, split tf32 mma).
+// of 16 the tensor-core kernel further down runs instead (the same products, split tf32 mma).
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -142,19 +142,27 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_kernel(GdnChunkScanPa
 // Tensor-core variant (Dk a multiple of 16): the same two products per chunk on mma.sync m16n8k8 tf32 with
 // split operands (x = hi + lo, both tf32; a b = a_lo b_hi + a_hi b_lo + a_hi b_hi, the lo x lo term below
 // float32's rounding): float32-level accuracy at tensor-core speed. One block per (head, 16 state columns),
-// 8 warps, the same staged tiles as the kernel above:
+// 8 warps:
 //   1. warp w < 4: rows 16w.. of w S (v_new = u - w S), warp w >= 4: rows 16(w-4).. of qg S (o_inter);
-//      S comes from shared memory as the B operand, v_new goes to shared memory for step 2;
+//      the A operand (w or qg) from the staged tile, the B operand (S) from shared memory;
 //   2. warp w: state rows 16w.. of S <- gl S + kd^T v_new, kept in registers (accumulator layout) across
-//      chunks and copied to shared memory for the next chunk's step 1.
+//      chunks; A (kd^T) from the staged tile, B (v_new) from shared memory.
+// S and v_new are the B operand of every warp, so they are written to shared memory already split (hi, lo),
+// once per chunk by the warp that computes them, instead of being split again by each of the 8 warps that
+// read them. The three products of a step go to three accumulators (lo hi, hi lo, hi hi) summed at the end,
+// so no mma waits on the one before it in its own step: the dependent chain of an accumulator is one mma
+// per k-step. DK > 0: Dk fixed at compile time (the 3B shape's 128 and 64; every loop unrolled), 0: Dk at
+// run time. The stage's kd^T rows are XOR-swizzled (16-byte units) instead of padded, which leaves room for
+// the split S and v_new in the shared memory of one block.
 // Fragments (PTX m16n8k8 .tf32, g = lane / 4, q = lane % 4): A a0 (g, q), a1 (g + 8, q), a2 (g, q + 4),
 // a3 (g + 8, q + 4); B b0 (q, g), b1 (q + 4, g); C c0, c1 (g, 2q + {0, 1}), c2, c3 (g + 8, 2q + {0, 1}).
-// Row strides of the shared tiles (Dk + 4, C + 4, 16 + 8 floats) put the 32 lanes of a fragment load on
-// 32 banks.
-constexpr int SVP = BV + 8;  // padded row of S and v_new in shared memory
+// Bank use: the A tiles' row stride Dk + 4 (w, qg) and kd^T's swizzle put a fragment's 32 lanes on 32 banks;
+// the split rows' stride of 20 8-byte words puts each half warp's 8-byte loads on 16 distinct bank pairs.
+constexpr int SP2 = BV + 4;  // row stride of the split S and v_new, in 8-byte (hi, lo) words
 
-__host__ __device__ inline int64_t scan_tc_smem_floats(int64_t Dk) {
-  return 2 * scan_stage_floats(Dk) + Dk * SVP + CH * SVP;
+__host__ __device__ inline int64_t scan_tc_stage_floats(int64_t Dk) { return 2 * CH * (Dk + 4) + Dk * CH; }
+__host__ __device__ inline int64_t scan_tc_smem_bytes(int64_t Dk) {
+  return 2 * scan_tc_stage_floats(Dk) * 4 + (Dk + CH) * SP2 * 8;
 }
 
 struct Tf32 {
@@ -169,6 +177,10 @@ __device__ __forceinline__ Tf32 split_tf32(float x) {
   const uint32_t hi = to_tf32(x);
   return {hi, to_tf32(x - __uint_as_float(hi))};
 }
+__device__ __forceinline__ uint2 split_word(float x) {
+  const Tf32 s = split_tf32(x);
+  return make_uint2(s.hi, s.lo);
+}
 __device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -177,57 +189,84 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// d += A B, small terms first.
-__device__ __forceinline__ void mma3(float (&d)[4], const Tf32 (&a)[4], const Tf32 (&b)[2]) {
-  mma_tf32(d, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b[0].hi, b[1].hi);
-  mma_tf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].lo, b[1].lo);
-  mma_tf32(d, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].hi, b[1].hi);
+// The three products of a split A (16 x 8) and a split B (8 x 8) into their three accumulators.
+__device__ __forceinline__ void mma3(float (&hh)[4], float (&lh)[4], float (&hl)[4], const Tf32 (&a)[4],
+                                     const uint2 (&b)[2]) {
+  mma_tf32(lh, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b[0].x, b[1].x);
+  mma_tf32(hl, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].y, b[1].y);
+  mma_tf32(hh, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].x, b[1].x);
 }
-// The A fragment of the 16 x 8 block at (row 0, column k0) of a row-major tile with row stride ld.
-__device__ __forceinline__ void load_a(Tf32 (&a)[4], const float* tile, int ld, int k0, int g, int q) {
-  a[0] = split_tf32(tile[g * ld + k0 + q]);
-  a[1] = split_tf32(tile[(g + 8) * ld + k0 + q]);
-  a[2] = split_tf32(tile[g * ld + k0 + q + 4]);
-  a[3] = split_tf32(tile[(g + 8) * ld + k0 + q + 4]);
-}
-// The B fragment of the 8 x 8 block at (row k0, column n0) of a row-major [k][n] tile with row stride ld.
-__device__ __forceinline__ void load_b(Tf32 (&b)[2], const float* tile, int ld, int k0, int n0, int g, int q) {
-  b[0] = split_tf32(tile[(k0 + q) * ld + n0 + g]);
-  b[1] = split_tf32(tile[(k0 + q + 4) * ld + n0 + g]);
-}
-// d[nt] += A B[:, 8 nt .. 8 nt + 7] for a 16-row tile A (row stride lda) and a [K][16] tile B (row stride
-// ldb), K a multiple of 8: one k-step of 8 after another, the same order for every call.
-__device__ __forceinline__ void mma_rows16(float (&d)[2][4], const float* A, int lda, const float* B, int ldb, int K,
-                                           int g, int q) {
-  for (int k0 = 0; k0 < K; k0 += 8) {
+// d[nt] += A B[:, 8 nt ..] for a 16-row A whose element (row, k) is at A[row * lda + col(row, k)] and the
+// split [K][SP2] B; K a multiple of 8, one k-step of 8 after another. col: the A tile's column map (padded:
+// k; swizzled kd^T: k ^ 4 (row % 8)), row % 8 == g for both of a lane's rows.
+template <int K, typename Col>
+__device__ __forceinline__ void mma_split_rows16(float (&d)[2][4], const float* A, int lda, const uint2* B, int Krt,
+                                                 int g, int q, Col col) {
+  float lh[2][4] = {}, hl[2][4] = {};
+  const int kend = K > 0 ? K : Krt;
+#pragma unroll
+  for (int k0 = 0; k0 < kend; k0 += 8) {
     Tf32 a[4];
-    load_a(a, A, lda, k0, g, q);
+    a[0] = split_tf32(A[g * lda + col(k0 + q)]);
+    a[1] = split_tf32(A[(g + 8) * lda + col(k0 + q)]);
+    a[2] = split_tf32(A[g * lda + col(k0 + q + 4)]);
+    a[3] = split_tf32(A[(g + 8) * lda + col(k0 + q + 4)]);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      Tf32 b[2];
-      load_b(b, B, ldb, k0, 8 * nt, g, q);
-      mma3(d[nt], a, b);
+      const uint2 b[2] = {B[(k0 + q) * SP2 + 8 * nt + g], B[(k0 + q + 4) * SP2 + 8 * nt + g]};
+      mma3(d[nt], lh[nt], hl[nt], a, b);
     }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) d[nt][e] += lh[nt][e] + hl[nt][e];
+}
+
+// Chunk n's w (kDelta), qg and kd^T tiles into one stage (16-byte copies, in flight until cp_async_wait):
+// w, qg rows padded to Dk + 4 floats; kd^T row kk's 16-byte unit c at unit c ^ (kk % 8) of a CH-float row.
+template <bool kDelta, int DK>
+__device__ __forceinline__ void scan_tc_stage_load(const GdnChunkScanParams& p, int h, int n, float* stage) {
+  const int Dk = DK > 0 ? DK : static_cast<int>(p.Dk), DKP = Dk + 4, dk4 = Dk / 4;
+  float* Ws = stage;
+  float* Qs = Ws + CH * DKP;
+  float* Kt = Qs + CH * DKP;
+  const int64_t tile = (static_cast<int64_t>(h) * p.N + n) * CH * Dk;
+  const float* w = kDelta ? p.w + tile : nullptr;
+  const float* q = p.qg + tile;
+  const float* k = p.kd_t + tile;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < CH * dk4; i += kThreads) {
+    const int r = i / dk4, c = i % dk4;
+    if constexpr (kDelta) cp_async16(Ws + r * DKP + 4 * c, w + 4 * i);
+    cp_async16(Qs + r * DKP + 4 * c, q + 4 * i);
+  }
+#pragma unroll 4
+  for (int i = threadIdx.x; i < Dk * (CH / 4); i += kThreads) {
+    const int kk = i / (CH / 4), c = i % (CH / 4);
+    cp_async16(Kt + kk * CH + 4 * (c ^ (kk & 7)), k + 4 * i);
   }
 }
 
-template <bool kDelta>
+template <bool kDelta, int DK>
 __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkScanParams p) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
-  const int Dk = static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv), N = static_cast<int>(p.N);
+  const int Dk = DK > 0 ? DK : static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv), N = static_cast<int>(p.N);
   const int DKP = Dk + 4;
   const int h = blockIdx.y, j0 = blockIdx.x * BV;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-  const int stage_floats = static_cast<int>(scan_stage_floats(Dk));
-  float* stages = smem;                           // 2 x {Ws [CH][DKP], Qs [CH][DKP], Kt [Dk][CP]}
-  float* Ss = stages + 2 * stage_floats;          // [Dk][SVP]  the state slice
-  float* Vs = Ss + Dk * SVP;                      // [CH][SVP]  v_new
+  const int stage_floats = static_cast<int>(scan_tc_stage_floats(Dk));
+  float* stages = smem;                                            // 2 x {Ws, Qs [CH][DKP], Kt [Dk][CH]}
+  uint2* S2 = reinterpret_cast<uint2*>(stages + 2 * stage_floats);  // [Dk][SP2] the state slice, split
+  uint2* V2 = S2 + Dk * SP2;                                        // [CH][SP2] v_new, split
   float* state = p.state + static_cast<int64_t>(h) * Dk * Dv;
-  const bool owns = 16 * warp < Dk;               // step 2: this warp's state rows 16 warp ..
+  const bool owns = 16 * warp < Dk;                                // step 2: this warp's state rows 16 warp ..
   const int r0 = 16 * warp;
+  const auto padded = [](int k) { return k; };
+  const auto swizzled = [g](int k) { return k ^ (g << 2); };       // kd^T rows r0 + g, r0 + g + 8: row % 8 = g
 
-  scan_stage_load<kDelta>(p, h, 0, stages);
+  scan_tc_stage_load<kDelta, DK>(p, h, 0, stages);
   cp_async_commit();
   // Accumulator element e of column tile nt: row r0 + g + 8 (e / 2), column 8 nt + 2 q + e % 2.
   float s[2][4];
@@ -237,12 +276,12 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkSca
     for (int e = 0; e < 4; ++e) {
       const int r = r0 + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
       s[nt][e] = owns && j0 + c < Dv ? state[static_cast<int64_t>(r) * Dv + j0 + c] : 0.f;
-      if (owns) Ss[r * SVP + c] = s[nt][e];
+      if (owns) S2[r * SP2 + c] = split_word(s[nt][e]);
     }
-  const int m = warp & 3;                         // step 1: rows 16 m .. of w (warp < 4) or qg (warp >= 4)
+  const int m = warp & 3;                                          // step 1: rows 16 m .. of w (warp < 4) or qg
   for (int n = 0; n < N; ++n) {
     const int64_t tile = (static_cast<int64_t>(h) * N + n) * CH;
-    if (n + 1 < N) scan_stage_load<kDelta>(p, h, n + 1, stages + ((n + 1) & 1) * stage_floats);
+    if (n + 1 < N) scan_tc_stage_load<kDelta, DK>(p, h, n + 1, stages + ((n + 1) & 1) * stage_floats);
     cp_async_commit();
     float uu[2][4];                               // this chunk's u (step 1, warps 0-3), loaded while copies land
 #pragma unroll
@@ -260,8 +299,9 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkSca
     const float* Kt = Qs + CH * DKP;
 
     // 1. w S (warps 0-3) and qg S (warps 4-7), 16 rows x 16 columns per warp.
-    float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    if (kDelta || warp >= 4) mma_rows16(d, (warp < 4 ? Ws : Qs) + 16 * m * DKP, DKP, Ss, SVP, Dk, g, q);
+    float d[2][4] = {};
+    if (kDelta || warp >= 4)
+      mma_split_rows16<DK>(d, (warp < 4 ? Ws : Qs) + 16 * m * DKP, DKP, S2, Dk, g, q, padded);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -272,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkSca
         if (warp < 4) {
           const float un = ok ? uu[nt][e] - d[nt][e] : 0.f;
           if (ok) p.v_new[o] = un;
-          Vs[r * SVP + c] = un;
+          V2[r * SP2 + c] = split_word(un);
         } else if (ok) {
           p.o_inter[o] = d[nt][e];
         }
@@ -285,11 +325,12 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkSca
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] *= gn;
-      mma_rows16(s, Kt + r0 * CP, CP, Vs, SVP, CH, g, q);
+      mma_split_rows16<CH>(s, Kt + r0 * CH, CH, V2, CH, g, q, swizzled);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) Ss[(r0 + g + 8 * (e >> 1)) * SVP + 8 * nt + 2 * q + (e & 1)] = s[nt][e];
+        for (int e = 0; e < 4; ++e)
+          S2[(r0 + g + 8 * (e >> 1)) * SP2 + 8 * nt + 2 * q + (e & 1)] = split_word(s[nt][e]);
     }
     __syncthreads();
   }
@@ -304,6 +345,13 @@ __global__ void __launch_bounds__(kThreads) gdn_chunk_scan_tc_kernel(GdnChunkSca
   }
 }
 
+template <bool kDelta>
+void launch_scan_tc(const GdnChunkScanParams& p, const dim3& grid, size_t smem, cudaStream_t st) {
+  if (p.Dk == 128) gdn_chunk_scan_tc_kernel<kDelta, 128><<<grid, kThreads, smem, st>>>(p);
+  else if (p.Dk == 64) gdn_chunk_scan_tc_kernel<kDelta, 64><<<grid, kThreads, smem, st>>>(p);
+  else gdn_chunk_scan_tc_kernel<kDelta, 0><<<grid, kThreads, smem, st>>>(p);
+}
+
 }  // namespace
 
 void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream) {
@@ -316,8 +364,11 @@ void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream) {
   int dev = 0;
   cudaGetDevice(&dev);
   if (configured_device != dev) {
-    for (auto kernel : {gdn_chunk_scan_kernel<true>, gdn_chunk_scan_kernel<false>, gdn_chunk_scan_tc_kernel<true>,
-                        gdn_chunk_scan_tc_kernel<false>})
+    for (auto kernel : {gdn_chunk_scan_kernel<true>, gdn_chunk_scan_kernel<false>})
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
+    for (auto kernel : {gdn_chunk_scan_tc_kernel<true, 128>, gdn_chunk_scan_tc_kernel<true, 64>,
+                        gdn_chunk_scan_tc_kernel<true, 0>, gdn_chunk_scan_tc_kernel<false, 128>,
+                        gdn_chunk_scan_tc_kernel<false, 64>, gdn_chunk_scan_tc_kernel<false, 0>})
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, info.smem_optin);
     configured_device = dev;
   }
@@ -327,11 +378,11 @@ void gdn_chunk_scan_cuda(const GdnChunkScanParams& p, void* stream) {
   // CUDA-core one (a bench A/B switch, read once per process).
   static const bool simt_only = env_flag("AHN_RT_GDN_SCAN_SIMT");
   if (p.Dk % 16 == 0 && !simt_only) {
-    const size_t tc_smem = static_cast<size_t>(scan_tc_smem_floats(p.Dk)) * sizeof(float);
+    const size_t tc_smem = static_cast<size_t>(scan_tc_smem_bytes(p.Dk));
     TORCH_CHECK(static_cast<int64_t>(tc_smem) <= info.smem_optin, "ahn_rt.gdn_chunk_scan: needs ", tc_smem,
                 " bytes of shared memory per block, the device allows ", info.smem_optin);
-    auto kernel = p.w != nullptr ? gdn_chunk_scan_tc_kernel<true> : gdn_chunk_scan_tc_kernel<false>;
-    kernel<<<grid, kThreads, tc_smem, st>>>(p);
+    if (p.w != nullptr) launch_scan_tc<true>(p, grid, tc_smem, st);
+    else launch_scan_tc<false>(p, grid, tc_smem, st);
     return;
   }
   auto kernel = p.w != nullptr ? gdn_chunk_scan_kernel<true> : gdn_chunk_scan_kernel<false>;
