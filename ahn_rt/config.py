@@ -61,7 +61,7 @@ class Config:
     attention_bias: bool
     qk_norm: bool
     max_position_embeddings: int
-    stored_dtype: torch.dtype
+    stored_dtype: torch.dtype | None   # the default compute dtype; None: torch_dtype names none that runs here
     eos_token_ids: tuple[int, ...]
     # AHN fields of the config (None when the config is not an AHN one)
     ahn_implementation: str | None = None
@@ -72,6 +72,8 @@ class Config:
     sinks: int = DEFAULT_SINKS
     mode: str = "full"
     dtype: torch.dtype = torch.float32
+    # why stored_dtype is None (the config's torch_dtype as written, for the message when no dtype is given)
+    stored_dtype_note: str = ""
 
     @property
     def q_size(self) -> int:
@@ -173,11 +175,19 @@ def parse_config(cfg: dict, where: str) -> Config:
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     eos_ids = tuple(_convert(e, "eos_token_id", where) for e in eos_ids)
-    stored = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
+    # the dtype the weights were saved in is the default compute dtype; float64 (which the loader accepts and
+    # casts) runs in float32, the most precise dtype here; any other name is refused when no dtype is given
+    # (it ran in bf16 silently)
+    field = "torch_dtype" if cfg.get("torch_dtype") is not None else "dtype"
+    stored = cfg.get(field) or "bfloat16"
+    stored_note = ""
     try:
-        stored_dtype = parse_dtype(stored)
+        stored_dtype = torch.float32 if str(stored).lower().replace("torch.", "") in ("float64", "double") \
+            else parse_dtype(stored)
     except AhnError:
-        stored_dtype = torch.bfloat16
+        stored_dtype = None
+        stored_note = (f"{where}: config field '{field}' = {stored!r} names no dtype ahn_rt runs; pass a dtype "
+                       "(--dtype bf16, fp16 or float32) or fix the field in config.json")
     ahn_impl = cfg.get("_ahn_implementation")
     if ahn_impl is None and str(cfg.get("_layer_implementation") or "").endswith("MemDecoderLayer"):
         ahn_impl = "GatedDeltaNet"
@@ -214,7 +224,7 @@ def parse_config(cfg: dict, where: str) -> Config:
         attention_bias=bool(cfg.get("attention_bias", family == "qwen2")) if family == "qwen3" else True,
         qk_norm=family == "qwen3",
         max_position_embeddings=_opt(cfg, "max_position_embeddings", where, 32768),
-        stored_dtype=stored_dtype, eos_token_ids=eos_ids,
+        stored_dtype=stored_dtype, eos_token_ids=eos_ids, stored_dtype_note=stored_note,
         ahn_implementation=ahn_impl,
         config_window=window, config_sinks=sinks,
     )
@@ -281,6 +291,8 @@ def resolve_runtime(config: Config, *, window, sinks, mode, dtype, has_ahn: bool
     if mode != "full":       # full attention keeps every token: the window and sinks are not used
         check_cache_slots(window, sinks, names, hints)
     dtype = parse_dtype(dtype) or config.stored_dtype
+    if dtype is None:
+        raise AhnError(config.stored_dtype_note)
     return dataclasses.replace(config, window=window, sinks=sinks, mode=mode, dtype=dtype)
 
 

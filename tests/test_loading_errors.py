@@ -592,3 +592,19 @@ def test_empty_forward(empty):
     out = sess.forward([1, 2])
     assert tuple(out.shape) == (2, SPEC.vocab) and sess.position == 2
     assert torch.equal(out, model.new_session().forward([1, 2]))
+
+
+@pytest.mark.parametrize("stored,dtype,want", [
+    ("int8", None, None), ("auto", None, None), (7, None, None),        # refused only when no dtype is given
+    ("int8", "float32", torch.float32), ("auto", "bf16", torch.bfloat16),
+    ("float64", None, torch.float32), ("float16", None, torch.float16), ("bfloat16", None, torch.bfloat16),
+])
+def test_the_configs_torch_dtype_is_the_default_dtype_or_refused(stored, dtype, want):
+    """torch_dtype is the default compute dtype. A name of no dtype that runs here ran in bf16 silently; now
+    it is one line naming the field when no dtype is given (a given dtype needs no default); float64 runs
+    in float32, the most precise dtype here."""
+    d = _with_config_field("torch_dtype", stored, "stored-dtype")
+    if want is None:
+        expect_error(d, mode="full", must_name=("torch_dtype", "--dtype"))
+    else:
+        assert ahn_rt.load(d, mode="full", device="cpu", dtype=dtype).config.dtype == want
