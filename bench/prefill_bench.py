@@ -3,10 +3,12 @@ work is judged by.
 
     python bench/prefill_bench.py --json pp.json          # about 3 minutes on an H200
     python bench/prefill_bench.py --quick                 # 2k and 32k only, no peers
+    python bench/prefill_bench.py --quick --prefill 32k,128k --chunk-sizes 4k,8k,16k   # the chunk size's curve
 
 Rows (all at the --preset shape, bf16, W=32640 S=128 unless changed; random weights and tokens):
 * ``ahn_rt ppN``: one ``Session.forward(ids, last_only=True)`` of N tokens from an empty session; the first
-  prompt after ``load`` (``cold``) and the same prompt again (``warm``); peak memory above the weights.
+  prompt after ``load`` (``cold``) and the same prompt again (``warm``); peak memory above the weights. With
+  ``--chunk-sizes``, these rows for each chunk size, each on a model built (and warmed up) with it.
 * ``attention``: ahn_rt's prefill attention alone for one steady chunk (T tokens at depth 64k, the ring
   wrapped), FlashAttention-2 blocks and with AHN_RT_PREFILL_CUDNN=1; TFLOP/s over the (query, key) pairs
   that the sinks + window rule lets through.
@@ -223,6 +225,8 @@ def parse_args(argv=None):
     ap.add_argument("--sinks", type=nonneg_int, default=128)
     ap.add_argument("--prefill", help="ahn_rt pp lengths, e.g. 2k,32k or 2048,32768 (1k = 1024; default "
                                       "2k,32k,128k, with --quick 2k,32k)")
+    ap.add_argument("--chunk-sizes", help="prefill chunk sizes for the pp rows, e.g. 4k,8k,16k (default: the "
+                                          "runtime's, 8192 on CUDA); a model is built and warmed up for each")
     ap.add_argument("--quick", action="store_true", help="2k and 32k, ahn_rt rows only")
     ap.add_argument("--skip", default="", help=f"comma list of: {','.join(SECTIONS)}")
     ap.add_argument("--json", type=output_arg, help="write the rows here")
@@ -231,6 +235,7 @@ def parse_args(argv=None):
         ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
     try:
         args.lengths = token_list(args.prefill or ("2k,32k" if args.quick else "2k,32k,128k"), "--prefill")
+        args.chunks = token_list(args.chunk_sizes, "--chunk-sizes") if args.chunk_sizes is not None else [None]
     except ValueError as e:
         ap.error(str(e))
     args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
@@ -266,6 +271,11 @@ def main(argv=None):
     skip, lengths = args.skip, args.lengths
     dtype = torch.bfloat16
     S, W = args.sinks, args.window
+
+    def oom(e):
+        fail(f"out of memory building the {args.preset} model ({str(e).strip().splitlines()[0][:200]}); "
+             "use a smaller --preset or free the GPU")
+
     out = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                command=" ".join(sys.argv), rows=[])
     out["matmul_TFLOPs"] = matmul_flops(dev, 8192, dtype, 10) / 1e12
@@ -274,22 +284,29 @@ def main(argv=None):
         cfg = preset_config(args.preset, ahn=args.ahn_impl, dtype=dtype)
         out["memory"] = cfg["_ahn_implementation"]
         sd = random_state_dict(cfg, seed=0, dtype=dtype, device=dev)
-        t = time.perf_counter()
-        model = from_state_dict(cfg, sd, window=W, sinks=S, mode="ahn", dtype=dtype, device=dev)
     except AhnError as e:
         fail(str(e))
     except torch.OutOfMemoryError as e:
-        fail(f"out of memory building the {args.preset} model ({str(e).strip().splitlines()[0][:200]}); "
-             "use a smaller --preset or free the GPU")
-    sync(dev)
-    out["load_s"] = time.perf_counter() - t
-    del sd
-    free_memory(dev)
-    c = model.config
-    wbytes = torch.cuda.memory_allocated(dev)
-    out["rows"] += pp_rows(model, lengths, dev, wbytes)
-    del model
-    free_memory(dev)
+        oom(e)
+    for i, chunk in enumerate(args.chunks):   # a model per chunk size: its load warms up that chunk's kernels
+        try:
+            t = time.perf_counter()
+            model = from_state_dict(cfg, sd, window=W, sinks=S, mode="ahn", dtype=dtype, device=dev,
+                                    chunk_size=chunk)
+        except AhnError as e:
+            fail(str(e))
+        except torch.OutOfMemoryError as e:
+            oom(e)
+        sync(dev)
+        out.setdefault("load_s", time.perf_counter() - t)
+        if i == len(args.chunks) - 1:
+            sd = None   # the last model built: the random weights are not needed again
+        free_memory(dev)
+        c = model.config
+        wbytes = torch.cuda.memory_allocated(dev)
+        out["rows"] += pp_rows(model, lengths, dev, wbytes)
+        del model
+        free_memory(dev)
     if "attention" not in skip:
         section(out, dev, "attention", lambda: attention_rows(c, dev, S, W, 8192, 65536))
     if "gdn" not in skip:

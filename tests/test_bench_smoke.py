@@ -251,7 +251,9 @@ def test_decode_latency_json_path_is_checked_before_the_run(capsys, tmp_path):
 def test_prefill_bench_sizes_and_options(capsys):
     # "--prefill 2k" was int("2k"): a ValueError traceback; now it parses and the run stops at the GPU check
     assert "needs a CUDA GPU" in _main_error(capsys, "prefill_bench", "--prefill", "2k,32k,4096")
+    assert "needs a CUDA GPU" in _main_error(capsys, "prefill_bench", "--chunk-sizes", "4k,8192,16k")
     for args, want in ((["--prefill", "-5"], "--prefill"), (["--prefill", "2x"], "--prefill"),
+                       (["--chunk-sizes", "0"], "--chunk-sizes"), (["--chunk-sizes", "8k,8192"], "--chunk-sizes"),
                        (["--preset", "bogus"], "bogus"), (["--window", "0"], "--window"),
                        (["--skip", "attention,bogus"], "attention, flex, gdn, hf")):
         line = _main_error(capsys, "prefill_bench", *args)
