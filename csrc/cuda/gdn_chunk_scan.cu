@@ -196,14 +196,13 @@ __device__ __forceinline__ void mma3(float (&hh)[4], float (&lh)[4], float (&hl)
   mma_tf32(hl, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].y, b[1].y);
   mma_tf32(hh, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].x, b[1].x);
 }
-// d[i] += A B[:, 8 i ..] (i < NT) for a 16-row A whose element (row, k) is at A[row * lda + col(row, k)] and
-// the split [K][SP2] B (already offset to its first column tile); K a multiple of 8, one k-step of 8 after
-// another. col: the A tile's column map (padded: k; swizzled kd^T: k ^ 4 (row % 8)), row % 8 == g for both
-// of a lane's rows.
-template <int K, int NT, typename Col>
-__device__ __forceinline__ void mma_split_rows16(float (&d)[NT][4], const float* A, int lda, const uint2* B, int Krt,
+// d[nt] += A B[:, 8 nt ..] (nt < 2) for a 16-row A whose element (row, k) is at A[row * lda + col(row, k)] and
+// the split [K][SP2] B; K a multiple of 8, one k-step of 8 after another. col: the A tile's column map
+// (padded: k; swizzled kd^T: k ^ 4 (row % 8)), row % 8 == g for both of a lane's rows.
+template <int K, typename Col>
+__device__ __forceinline__ void mma_split_rows16(float (&d)[2][4], const float* A, int lda, const uint2* B, int Krt,
                                                  int g, int q, Col col) {
-  float lh[NT][4] = {}, hl[NT][4] = {};
+  float lh[2][4] = {}, hl[2][4] = {};
   const int kend = K > 0 ? K : Krt;
 #pragma unroll
   for (int k0 = 0; k0 < kend; k0 += 8) {
@@ -213,20 +212,20 @@ __device__ __forceinline__ void mma_split_rows16(float (&d)[NT][4], const float*
     a[2] = split_tf32(A[g * lda + col(k0 + q + 4)]);
     a[3] = split_tf32(A[(g + 8) * lda + col(k0 + q + 4)]);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
       const uint2 b[2] = {B[(k0 + q) * SP2 + 8 * nt + g], B[(k0 + q + 4) * SP2 + 8 * nt + g]};
       mma3(d[nt], lh[nt], hl[nt], a, b);
     }
   }
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) d[nt][e] += lh[nt][e] + hl[nt][e];
 }
 
 // Chunk n's w (kDelta), qg and kd^T tiles into one stage (16-byte copies, in flight until cp_async_wait):
 // w, qg rows padded to Dk + 4 floats; kd^T row kk's 16-byte unit c at unit c ^ (kk % 8) of a CH-float row.
-template <bool kDelta, int DK, int THREADS>
+template <bool kDelta, int DK>
 __device__ __forceinline__ void scan_tc_stage_load(const GdnChunkScanParams& p, int h, int n, float* stage) {
   const int Dk = DK > 0 ? DK : static_cast<int>(p.Dk), DKP = Dk + 4, dk4 = Dk / 4;
   float* Ws = stage;
@@ -237,25 +236,20 @@ __device__ __forceinline__ void scan_tc_stage_load(const GdnChunkScanParams& p, 
   const float* q = p.qg + tile;
   const float* k = p.kd_t + tile;
 #pragma unroll 4
-  for (int i = threadIdx.x; i < CH * dk4; i += THREADS) {
+  for (int i = threadIdx.x; i < CH * dk4; i += kThreads) {
     const int r = i / dk4, c = i % dk4;
     if constexpr (kDelta) cp_async16(Ws + r * DKP + 4 * c, w + 4 * i);
     cp_async16(Qs + r * DKP + 4 * c, q + 4 * i);
   }
 #pragma unroll 4
-  for (int i = threadIdx.x; i < Dk * (CH / 4); i += THREADS) {
+  for (int i = threadIdx.x; i < Dk * (CH / 4); i += kThreads) {
     const int kk = i / (CH / 4), c = i % (CH / 4);
     cp_async16(Kt + kk * CH + 4 * (c ^ (kk & 7)), k + 4 * i);
   }
 }
 
-// 8 warps, each with both column tiles (NT = 2) of its 16 rows. (16 warps of one column tile each, the A
-// fragments split by two warps, measured slower: bench/README.md, twentieth session.)
-constexpr int kTcWarps = 8;
 template <bool kDelta, int DK>
-__global__ void __launch_bounds__(32 * kTcWarps, 1) gdn_chunk_scan_tc_kernel(GdnChunkScanParams p) {
-  constexpr int THREADS = 32 * kTcWarps;
-  constexpr int NT = 2;                         // column tiles of 8 per warp
+__global__ void __launch_bounds__(kThreads, 1) gdn_chunk_scan_tc_kernel(GdnChunkScanParams p) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   const int Dk = DK > 0 ? DK : static_cast<int>(p.Dk), Dv = static_cast<int>(p.Dv), N = static_cast<int>(p.N);
@@ -267,19 +261,18 @@ __global__ void __launch_bounds__(32 * kTcWarps, 1) gdn_chunk_scan_tc_kernel(Gdn
   uint2* S2 = reinterpret_cast<uint2*>(stages + 2 * stage_floats);  // [Dk][SP2] the state slice, split
   uint2* V2 = S2 + Dk * SP2;                                        // [CH][SP2] v_new, split
   float* state = p.state + static_cast<int64_t>(h) * Dk * Dv;
-  // This warp's row tile (16 rows): step 1 rows 16 m of w (product 0) or qg (1); step 2
-  // state rows r0.
+  // This warp's 16 rows: step 1 rows 16 m of w (product 0) or qg (1), both column tiles; step 2 state rows r0.
   const int m = warp & 3, prod = warp >> 2, r0 = 16 * warp;
   const bool owns = r0 < Dk;                                       // step 2: state rows r0 .. r0 + 15
   const auto padded = [](int k) { return k; };
   const auto swizzled = [g](int k) { return k ^ (g << 2); };       // kd^T rows r0 + g, r0 + g + 8: row % 8 = g
 
-  scan_tc_stage_load<kDelta, DK, THREADS>(p, h, 0, stages);
+  scan_tc_stage_load<kDelta, DK>(p, h, 0, stages);
   cp_async_commit();
   // Accumulator element e of column tile nt: row r0 + g + 8 (e / 2), column 8 nt + 2 q + e % 2.
-  float s[NT][4];
+  float s[2][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = r0 + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
@@ -290,11 +283,11 @@ __global__ void __launch_bounds__(32 * kTcWarps, 1) gdn_chunk_scan_tc_kernel(Gdn
   __syncthreads();   // chunk 0's stage and the split S
   for (int n = 0; n < N; ++n) {
     const int64_t tile = (static_cast<int64_t>(h) * N + n) * CH;
-    if (n + 1 < N) scan_tc_stage_load<kDelta, DK, THREADS>(p, h, n + 1, stages + ((n + 1) & 1) * stage_floats);
+    if (n + 1 < N) scan_tc_stage_load<kDelta, DK>(p, h, n + 1, stages + ((n + 1) & 1) * stage_floats);
     cp_async_commit();
-    float uu[NT][4];                              // this chunk's u (step 1, product 0), loaded while copies land
+    float uu[2][4];                              // this chunk's u (step 1, product 0), loaded while copies land
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = 16 * m + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
@@ -305,12 +298,12 @@ __global__ void __launch_bounds__(32 * kTcWarps, 1) gdn_chunk_scan_tc_kernel(Gdn
     const float* Qs = Ws + CH * DKP;
     const float* Kt = Qs + CH * DKP;
 
-    // 1. w S (product 0) and qg S (product 1), 16 rows x 8 NT columns per warp.
-    float d[NT][4] = {};
+    // 1. w S (product 0) and qg S (product 1), 16 rows x 16 columns per warp.
+    float d[2][4] = {};
     if (kDelta || prod == 1)
-      mma_split_rows16<DK, NT>(d, (prod == 0 ? Ws : Qs) + 16 * m * DKP, DKP, S2, Dk, g, q, padded);
+      mma_split_rows16<DK>(d, (prod == 0 ? Ws : Qs) + 16 * m * DKP, DKP, S2, Dk, g, q, padded);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = 16 * m + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
@@ -329,12 +322,12 @@ __global__ void __launch_bounds__(32 * kTcWarps, 1) gdn_chunk_scan_tc_kernel(Gdn
     // 2. S <- gl S + kd^T v_new for this warp's 16 state rows.
     if (owns) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] *= gn;
-      mma_split_rows16<CH, NT>(s, Kt + r0 * CH, CH, V2, CH, g, q, swizzled);
+      mma_split_rows16<CH>(s, Kt + r0 * CH, CH, V2, CH, g, q, swizzled);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
           S2[(r0 + g + 8 * (e >> 1)) * SP2 + 8 * nt + 2 * q + (e & 1)] = split_word(s[nt][e]);
@@ -346,7 +339,7 @@ __global__ void __launch_bounds__(32 * kTcWarps, 1) gdn_chunk_scan_tc_kernel(Gdn
   }
   if (owns) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = r0 + g + 8 * (e >> 1), c = 8 * nt + 2 * q + (e & 1);
@@ -357,10 +350,9 @@ __global__ void __launch_bounds__(32 * kTcWarps, 1) gdn_chunk_scan_tc_kernel(Gdn
 
 template <bool kDelta>
 void launch_scan_tc(const GdnChunkScanParams& p, const dim3& grid, size_t smem, cudaStream_t st) {
-  const dim3 block(32 * kTcWarps);
-  if (p.Dk == 128) gdn_chunk_scan_tc_kernel<kDelta, 128><<<grid, block, smem, st>>>(p);
-  else if (p.Dk == 64) gdn_chunk_scan_tc_kernel<kDelta, 64><<<grid, block, smem, st>>>(p);
-  else gdn_chunk_scan_tc_kernel<kDelta, 0><<<grid, block, smem, st>>>(p);
+  if (p.Dk == 128) gdn_chunk_scan_tc_kernel<kDelta, 128><<<grid, kThreads, smem, st>>>(p);
+  else if (p.Dk == 64) gdn_chunk_scan_tc_kernel<kDelta, 64><<<grid, kThreads, smem, st>>>(p);
+  else gdn_chunk_scan_tc_kernel<kDelta, 0><<<grid, kThreads, smem, st>>>(p);
 }
 
 }  // namespace
