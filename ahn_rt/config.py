@@ -32,13 +32,17 @@ _DTYPES = {
 }
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).lower().replace("torch.", "")
+
+
 def parse_dtype(dtype) -> torch.dtype | None:
     """A torch dtype or one of the names above (None stays None)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         if dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
             raise AhnError(f"dtype {dtype} is not supported; use bf16, fp16 or float32")
         return dtype
-    name = str(dtype).lower().replace("torch.", "")
+    name = _dtype_name(dtype)
     if name not in _DTYPES:
         raise AhnError(f"unknown dtype {dtype!r}; use one of bf16, fp16, float32")
     return _DTYPES[name]
@@ -182,8 +186,7 @@ def parse_config(cfg: dict, where: str) -> Config:
     stored = cfg.get(field) or "bfloat16"
     stored_note = ""
     try:
-        stored_dtype = torch.float32 if str(stored).lower().replace("torch.", "") in ("float64", "double") \
-            else parse_dtype(stored)
+        stored_dtype = torch.float32 if _dtype_name(stored) in ("float64", "double") else parse_dtype(stored)
     except AhnError:
         stored_dtype = None
         stored_note = (f"{where}: config field '{field}' = {stored!r} names no dtype ahn_rt runs; pass a dtype "
