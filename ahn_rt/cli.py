@@ -68,7 +68,7 @@ def add_model_arguments(ap, weights_help: str, weights_required: bool = False):
     m.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     m.add_argument("--dtype", help="bf16, fp16 or float32 (default: the checkpoint's)")
     m.add_argument("--chunk-size", type=int, default=None,
-                   help="prompt tokens per prefill chunk (default 8192 on CUDA, 2048 on the CPU)")
+                   help="prompt tokens per prefill chunk (default 4096 on CUDA, 2048 on the CPU)")
     return m
 
 

@@ -29,10 +29,11 @@ from .serve.prompt import Prompt
 from .serve.scheduler import AsyncGeneration, Scheduler
 from .tokenizer import Tokenizer, check_text
 
-# Prompt tokens per prefill chunk (chunk_size=None): on CUDA 8192, measured on an H200 at the 3B shape
-# (pp131072: 8.25 s at 4096, 7.11 s at 8192, 6.61 s at 16384; peak above the weights 1.9 / 2.5 / 3.8 GiB:
-# bench/README.md); on the CPU 2048, which bounds the reference attention's score blocks.
-DEFAULT_CHUNK = {"cuda": 8192, "cpu": 2048}
+# Prompt tokens per prefill chunk (chunk_size=None): on CUDA 4096, measured at the 3B shape on an H100
+# (bench/README.md, twenty-first session: pp131072 4.24-4.29 s at 4096 against 4.27-4.36 s at 8192, 4.36 s at
+# 2048 and 4.54 s at 16384; peak above the weights 1.60 GiB against 1.93, 1.45 and 2.60): as fast as 8192
+# with a third of a GiB less; on the CPU 2048, which bounds the reference attention's score blocks.
+DEFAULT_CHUNK = {"cuda": 4096, "cpu": 2048}
 
 # What the API takes as token ids (Session.forward, Model.step) and as a prompt (generate, agenerate, prefill).
 TokenIds = Union[Sequence[int], torch.Tensor]

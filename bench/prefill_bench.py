@@ -226,7 +226,7 @@ def parse_args(argv=None):
     ap.add_argument("--prefill", help="ahn_rt pp lengths, e.g. 2k,32k or 2048,32768 (1k = 1024; default "
                                       "2k,32k,128k, with --quick 2k,32k)")
     ap.add_argument("--chunk-sizes", help="prefill chunk sizes for the pp rows, e.g. 4k,8k,16k (default: the "
-                                          "runtime's, 8192 on CUDA); a model is built and warmed up for each")
+                                          "runtime's, 4096 on CUDA); a model is built and warmed up for each")
     ap.add_argument("--quick", action="store_true", help="2k and 32k, ahn_rt rows only")
     ap.add_argument("--skip", default="", help=f"comma list of: {','.join(SECTIONS)}")
     ap.add_argument("--json", type=output_arg, help="write the rows here")

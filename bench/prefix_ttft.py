@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--device", help="cuda (default) or cpu (the smoke run)")
     ap.add_argument("--chunk-size", type=tokens_arg, default=None,
-                    help="prefill chunk (default: the runtime's, 8192 on CUDA)")
+                    help="prefill chunk (default: the runtime's, 4096 on CUDA)")
     ap.add_argument("--prefix-tokens", type=tokens_arg, default=32768, help="shared prefix (e.g. 32k or 32768)")
     ap.add_argument("--question-tokens", type=tokens_arg, default=100, help="the new tokens of each request")
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed requests per case (default 3)")

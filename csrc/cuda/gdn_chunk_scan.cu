@@ -168,14 +168,14 @@ __host__ __device__ inline int64_t scan_tc_smem_bytes(int64_t Dk) {
 struct Tf32 {
   uint32_t hi, lo;
 };
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
+// x = hi + lo with hi the nearest tf32 (ties away from zero, as cvt.rna.tf32 rounds), in two integer
+// instructions instead of the conversion (a carry out of the mantissa moves into the exponent as it should).
+// x - hi is exact in float32 and lo goes to the mma as it is: the tensor core reads its tf32 bits, and the
+// bits it drops weigh under 2^-21 |x|.
+__device__ __forceinline__ uint32_t round_tf32(uint32_t bits) { return (bits + 0x1000u) & 0xffffe000u; }
 __device__ __forceinline__ Tf32 split_tf32(float x) {
-  const uint32_t hi = to_tf32(x);
-  return {hi, to_tf32(x - __uint_as_float(hi))};
+  const uint32_t hi = round_tf32(__float_as_uint(x));
+  return {hi, __float_as_uint(x - __uint_as_float(hi))};
 }
 __device__ __forceinline__ uint2 split_word(float x) {
   const Tf32 s = split_tf32(x);
