@@ -156,7 +156,7 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
-_MERGE_PARTS = 8   # the most parts the attn_merge kernel takes in one call (csrc/common.h kMergeMaxParts)
+_MERGE_PARTS = 16   # the most parts the attn_merge kernel takes in one call (csrc/common.h kMergeMaxParts)
 
 
 def attn_merge(outs, lses, offsets, rows):

@@ -430,7 +430,9 @@ constexpr float kGdnL2Eps = 1e-6f;
 
 // Prefill attention: the partial results of up to kMergeMaxParts kernel calls, each over a block of keys
 // for rows [off, off + n) of the chunk, combined by log-sum-exp (reference: ahn_rt/ref.py attn_merge_ref).
-constexpr int kMergeMaxParts = 8;
+// 16: a steady chunk at the 3B geometry is 9 to 11 calls (ladder pieces, the band, the causal block), all
+// merged in one pass, each output rounded once.
+constexpr int kMergeMaxParts = 16;
 struct AttnMergeParams {
   const void* o[kMergeMaxParts];      // [n, H, D] (dtype T), strides o_s0 (row), o_s1 (head), last dim 1
   const float* lse[kMergeMaxParts];   // [H, n] float32, head stride lse_s0, row stride 1

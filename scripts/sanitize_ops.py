@@ -132,6 +132,9 @@ for pad in (0, 1):   # 16-byte vectors; rows padded by one element (the one-elem
     outs = [torch.randn(n, H, D + pad, device=dev, dtype=dt)[..., :D] for n in (100, 37, 64)]
     torch.ops.ahn_rt.attn_merge(outs=outs, lses=[torch.randn(H, o.shape[0], device=dev) for o in outs],
                                 offsets=[0, 50, 36], rows=100)
+outs = [torch.randn(n, H, D, device=dev, dtype=dt) for n in [100] * 12 + [1, 99, 50, 3]]   # the most parts
+torch.ops.ahn_rt.attn_merge(outs=outs, lses=[torch.randn(H, o.shape[0], device=dev) for o in outs],
+                            offsets=[0] * 12 + [99, 0, 50, 97], rows=100)
 for n_out in (296, 300, 45):
     torch.ops.ahn_rt.silu_mul(x=torch.randn(33, 2 * n_out, device=dev, dtype=dt))
 torch.cuda.synchronize()

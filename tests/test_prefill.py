@@ -585,6 +585,28 @@ def test_attn_merge_strided_parts_and_opcheck(device, layout):
     torch.library.opcheck(torch.ops.ahn_rt.attn_merge.default, (outs, lses, offs, rows))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_attn_merge_takes_as_many_parts_as_the_plan_gives(device):
+    """A steady chunk of the 3B geometry is 9 to 11 kernel calls (ladder pieces, the band, the causal block):
+    one merge takes them all (``_MERGE_PARTS``), every row covered by up to 16 parts; one part more is
+    refused in one line."""
+    g = torch.Generator().manual_seed(5)
+    P, H, D, rows = ops._MERGE_PARTS, 2, 40, 19
+    spans = [(0, rows)] * (P - 4) + [(3, 9), (0, 1), (18, 1), (7, 12)]
+    outs = [torch.randn(n, H, D, generator=g).to(device) for _, n in spans]
+    lses = [(torch.randn(H, n, generator=g) * 3).to(device) for _, n in spans]
+    offs = [o for o, _ in spans]
+    got = torch.ops.ahn_rt.attn_merge(outs, lses, offs, rows)
+    want = ref.attn_merge_ref([o.double() for o in outs], [l.double() for l in lses], offs, rows).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dropped = ref.attn_merge_ref([o.double() for o in outs[:-1]], [l.double() for l in lses[:-1]], offs[:-1],
+                                 rows).float()
+    assert not torch.allclose(dropped, want, rtol=1e-3, atol=1e-3)   # the last part counts
+    if device == "cpu":   # the host's check (a C++ exception from this extension kills a CUDA test process)
+        with pytest.raises(RuntimeError, match=f"takes 1 to {P} parts"):
+            torch.ops.ahn_rt.attn_merge(outs + outs[:1], lses + lses[:1], offs + offs[:1], rows)
+
+
 def test_attn_merge_rejects_parts_outside_the_rows():
     outs, lses, offs, rows = _merge_case(torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="outside"):
@@ -835,13 +857,15 @@ def test_prefill_mlp_in_row_blocks_equals_whole(monkeypatch):
     assert not torch.allclose(broken, whole, rtol=1e-3, atol=1e-3)
 
 
-def test_prefill_attention_plan_fits_the_merge_kernel_at_the_3b_geometry(monkeypatch):
-    """Every chunk of a 131072-token prompt at W = 32640, S = 128, chunk 8192 (the benchmark's shape),
-    planned with cuDNN warmed: the merge kernel takes each call's parts (at most ``_MERGE_PARTS``), so the
-    reference merge, with its float32 copies of every part, never runs on the GPU. The last chunk's window
-    call over 384 keys runs FlashAttention-2 in 22 query blocks; as 22 parts they were 25 in one merge.
-    The kernels are stand-ins that return zeros: this checks the plan's structure, not values."""
-    S, W, T, H, Hkv, D = 128, 32640, 8192, 2, 1, 8
+@pytest.mark.parametrize("T", [4096, 8192])
+def test_prefill_attention_plan_fits_the_merge_kernel_at_the_3b_geometry(monkeypatch, T):
+    """Every chunk of a 131072-token prompt at W = 32640, S = 128, chunks of 4096 (the default) and 8192
+    (the benchmark's shape), planned with cuDNN warmed: the merge kernel takes each call's parts (at most
+    ``_MERGE_PARTS``), so the reference merge, with its float32 copies of every part, never runs on the GPU,
+    and a steady chunk's parts are merged in one call. The last chunk's window call over 384 keys runs
+    FlashAttention-2 in query blocks; as that many parts they were 25 in one merge. The kernels are
+    stand-ins that return zeros: this checks the plan's structure, not values."""
+    S, W, H, Hkv, D = 128, 32640, 2, 1, 8
 
     def zeros(q, k, v, *args, **kwargs):
         return torch.zeros(q.shape[0], q.shape[1], v.shape[2]), torch.zeros(q.shape[1], q.shape[0])
@@ -861,6 +885,9 @@ def test_prefill_attention_plan_fits_the_merge_kernel_at_the_3b_geometry(monkeyp
     monkeypatch.setattr(ops._cudnn_warm, "keys", {key}, raising=False)
     monkeypatch.setattr(ops._cudnn_warm, "reversed", {key}, raising=False)
     for p0 in range(0, 131072, T):
+        before = len(merges)
         ops._prefill_attention_flash(q, k, k, kc, kc, p0, S, W, 0.3)
+        if p0 >= S + W:   # a steady chunk (the ring full): its parts in one merge, none merged twice
+            assert len(merges) == before + 1, (p0, merges[before:])
     assert merges and max(merges) <= ops._MERGE_PARTS, merges
 
