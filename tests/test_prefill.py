@@ -722,11 +722,13 @@ def test_kernel_calls_check_can_fail():
             _check_calls(bad, 4, 300, 1000, 64)
 
 
-def test_kernel_calls_few_cudnn_shapes_over_a_long_prompt():
-    """A 131072-token prompt in 8192-token chunks (W=32640, S=128, the default ladder): cuDNN sees at most
-    len(ladder) + 1 shapes in all (the plans warm_prefill_attention builds), and the unmasked blocks of the
-    steady chunks go to it nearly whole (a plan that sent everything to FlashAttention-2 fails here)."""
-    S, W, C = 128, 32640, 8192
+@pytest.mark.parametrize("C", [4096, 8192])
+def test_kernel_calls_few_cudnn_shapes_over_a_long_prompt(C):
+    """A 131072-token prompt in C-token chunks (W=32640, S=128, the default ladder; 4096 is the default
+    chunk): cuDNN sees at most len(ladder) + 2 shapes in all (the plans warm_prefill_attention builds), and
+    the unmasked blocks of the steady chunks go to it nearly whole (a plan that sent everything to
+    FlashAttention-2 fails here)."""
+    S, W = 128, 32640
     shapes = set()
     for p0 in range(0, 131072 + 1, C):
         calls = ops._kernel_calls(p0, C, S, W, True, C)
