@@ -307,6 +307,10 @@ BAD = [
     # max_completion_tokens takes precedence, but a max_tokens of the wrong type beside it was ignored
     ({"messages": _messages(0), "max_completion_tokens": 2, "max_tokens": "x"}, "/v1/chat/completions", "max_tokens",
      None),
+    # 1e400 is a JSON number that Python reads as inf (Infinity too): the sampler refused it, with "param": null
+    (b'{"prompt": "hi", "repetition_penalty": 1e400}', "/v1/completions", "repetition_penalty", None),
+    (b'{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": Infinity}', "/v1/chat/completions",
+     "repetition_penalty", None),
 ]
 
 

@@ -86,6 +86,10 @@ def _number(body, name, default, lo=None, hi=None, lo_open=False):
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
         raise ApiError(400, f"{name} must be a number, got {_shown(v)}", name)
+    # json.loads reads 1e400 (a JSON number) and Infinity as inf: a field without an upper bound
+    # (repetition_penalty) let it through to the sampler, whose refusal named no field
+    if isinstance(v, float) and v in (float("inf"), float("-inf")):
+        raise ApiError(400, f"{name} must be a finite number, got {_shown(v)}", name)
     if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
         raise ApiError(400, f"{name} must be in {rng}, got {_shown(v)}", name)
