@@ -497,7 +497,26 @@ def test_a_wrong_method_gets_405_with_allow(server):
         for method, path, allow in (("PUT", "/v1/models", "GET"), ("GET", "/v1/chat/completions", "POST")):
             r = h.request(method, path)
             assert r.status_code == 405 and r.headers.get("allow") == allow, (r.headers, r.text)
-            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}
+            # the message was Starlette's bare "Method Not Allowed": it names the request and the method to use now
+            assert f"{method} {path}" in err["message"] and f"use {allow}" in err["message"], err["message"]
+
+
+def test_an_unknown_path_is_named_and_a_missing_v1_is_pointed_out(server):
+    # the openai client given base_url="http://host:port" (without /v1) posts to /chat/completions: the 404 said
+    # only "not found: see /v1/models, ...", naming neither the request nor the base_url that causes it
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=30) as h:
+        for method, path in (("POST", "/chat/completions"), ("POST", "/completions"), ("GET", "/models")):
+            r = h.request(method, path, json={} if method == "POST" else None)
+            err = r.json()["error"]
+            assert r.status_code == 404 and set(err) == {"message", "type", "param", "code"}, r.text
+            assert f"{method} {path} " in err["message"] and f"/v1{path}" in err["message"], err["message"]
+            assert "base_url" in err["message"] and "\n" not in err["message"], err["message"]
+        r = h.post("/v1/embeddings", json={"input": "x"})
+        err = r.json()["error"]
+        assert r.status_code == 404 and "POST /v1/embeddings" in err["message"], r.text
+        assert "/v1/chat/completions" in err["message"] and "base_url" not in err["message"], err["message"]
 
 
 def test_sse_data_lines_survive_splitlines_readers():

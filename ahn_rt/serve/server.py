@@ -324,7 +324,23 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e):
-        msg = "not found: see /v1/models, /v1/completions, /v1/chat/completions" if e.status_code == 404 else str(e.detail)
+        # The message names the request (one line: the decoded path may hold anything, %0A included) and what to
+        # send instead; Starlette's own ("Not Found", "Method Not Allowed") said neither.
+        path = request.url.path
+        shown = json.dumps(path[:80], ensure_ascii=False)[1:-1] + ("..." if len(path) > 80 else "")
+        asked = f"{request.method} {shown}"
+        if e.status_code == 405:
+            allow = (e.headers or {}).get("Allow", "")
+            msg = f"{asked} is not allowed: use {allow}" if allow else f"{asked} is not allowed"
+        elif e.status_code == 404 and ("/v1" + path in ENDPOINTS or path.startswith("/models/")):
+            # the openai client given base_url="http://host:port", without /v1: the most common wrong URL
+            msg = (f"{asked} is not an endpoint of this server: the API is under /v1 ({request.method} /v1{shown}); "
+                   "give the client a base_url that ends in /v1, such as http://host:port/v1")
+        elif e.status_code == 404:
+            msg = (f"{asked} is not an endpoint of this server: see GET /v1/models, POST /v1/completions, "
+                   "POST /v1/chat/completions")
+        else:
+            msg = str(e.detail)
         return ApiError(e.status_code, msg, headers=e.headers).response()   # a 405 keeps its Allow header
 
     @app.exception_handler(Exception)
