@@ -374,7 +374,10 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
         conn.putheader(k, v)
     conn.endheaders(b'{"prompt": "')                  # a 64 MiB body announced, a few bytes sent
     r = conn.getresponse()
-    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+    err = json.loads(r.read())["error"]
+    assert r.status == 413 and err["code"] == "request_too_large"
+    # it said only "larger than this server's limit of N bytes": what to do is to send a shorter prompt
+    assert "256 prompt tokens" in err["message"] and "shorter" in err["message"], err["message"]
     conn.close()
 
 
@@ -517,6 +520,18 @@ def test_an_unknown_path_is_named_and_a_missing_v1_is_pointed_out(server):
         err = r.json()["error"]
         assert r.status_code == 404 and "POST /v1/embeddings" in err["message"], r.text
         assert "/v1/chat/completions" in err["message"] and "base_url" not in err["message"], err["message"]
+
+
+def test_an_empty_body_and_a_prompt_sent_to_chat_say_what_to_send(server):
+    # curl -X POST without -d: "not valid JSON (Expecting value: line 1 column 1 (char 0))"
+    status, text, _ = server.post("/v1/chat/completions", b"")
+    err = json.loads(text)["error"]
+    assert status == 400 and err["code"] == "invalid_json" and "empty" in err["message"], text
+    # a completions body sent to chat: "messages must be a non-empty list ..." without the way out that the
+    # opposite mistake gets (test_messages_sent_to_completions_point_to_chat)
+    status, text, _ = server.post("/v1/chat/completions", {"prompt": "hi", "max_tokens": 1})
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == "messages" and "/v1/completions" in err["message"], text
 
 
 def test_sse_data_lines_survive_splitlines_readers():

@@ -240,6 +240,9 @@ def _continuation_head(model, tok, conv: Conversation, chat: bool) -> list[int]:
 def build_prompt(model, body: dict, chat: bool, conv: Conversation | None) -> Prompt:
     tok = model.tokenizer
     if chat:
+        if "messages" not in body and "prompt" in body:   # as a chat body sent to /v1/completions is pointed to chat
+            raise ApiError(400, "messages is required: a prompt (text or token ids) goes to POST /v1/completions",
+                           "messages")
         try:
             msgs = normalize_messages(body.get("messages"))
         except AhnError as e:
@@ -395,7 +398,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
                            "unsupported_media_type")
         limit = opts.max_body_bytes
         length = request.headers.get("content-length", "")
-        too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", None,
+        too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes (it takes at most "
+                           f"{opts.max_prompt_tokens} prompt tokens per request): send a shorter prompt", None,
                            "request_too_large")
         if length.isdigit() and int(length) > limit:
             raise too_big
@@ -409,6 +413,9 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         except ClientDisconnect:   # gone before its body arrived: was a 500 and a traceback in the log
             raise ApiError(499, "the client disconnected before its request body arrived") from None
         raw = b"".join(parts)
+        if not raw.strip():   # curl -X POST without -d: json.loads said "Expecting value: line 1 column 1 (char 0)"
+            raise ApiError(400, "the request body is empty: send a JSON object (curl: -d '{...}' with "
+                           "-H 'Content-Type: application/json')", None, "invalid_json")
         try:
             body = json.loads(raw)
         except UnicodeDecodeError:
