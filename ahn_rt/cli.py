@@ -47,6 +47,14 @@ def exit_on_interrupt():
     signal.signal(signal.SIGINT, interrupted)
 
 
+def stderr_or_nowhere():
+    """Started with stderr closed (2>&-): Python sets sys.stderr to None, and print(..., file=None) writes to
+    stdout, so the stats line and every error went into the text a command writes there. The user closed it
+    to silence those messages: they go nowhere instead (call it first thing in a command's main)."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     return f"warning: {message}\n"
 

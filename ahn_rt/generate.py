@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from .cli import (DEMO_DIR, ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings,
-                  refuse_empty, use_demo_weights)
+                  refuse_empty, stderr_or_nowhere, use_demo_weights)
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C during start-up (torch is being imported) or anywhere else
@@ -148,6 +148,7 @@ def _write(text: str):
 
 
 def main(argv=None) -> int:
+    stderr_or_nowhere()
     args = build_parser().parse_args(argv)
     one_line_warnings()
     try:

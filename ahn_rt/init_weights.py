@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .cli import ArgParser, exit_on_interrupt, refuse_empty
+from .cli import ArgParser, exit_on_interrupt, refuse_empty, stderr_or_nowhere
 
 if __name__ == "__main__":
     exit_on_interrupt()   # Ctrl-C while torch is imported (which can swallow it): one line, exit 130
@@ -100,6 +100,7 @@ def random_state_dict(cfg: dict, *, seed: int = 0, dtype=torch.bfloat16, device=
 
 
 def main(argv=None) -> int:
+    stderr_or_nowhere()
     ap = ArgParser(prog="python -m ahn_rt.init_weights", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--ahn", choices=["gdn", "dn", "mamba2", "none"], default="none",

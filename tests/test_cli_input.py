@@ -502,3 +502,25 @@ def test_serve_sizes_refused(text):
     from ahn_rt.serve.__main__ import parse_size
     with pytest.raises(AhnError, match="--x"):
         parse_size(text, "--x")
+
+
+# ---- a closed stderr (2>&-): the messages are dropped, never written into stdout ---------------------
+@pytest.mark.parametrize("cmd", ["generate", "generate-error", "generate-usage", "init_weights-error", "train-error"])
+def test_closed_stderr_keeps_stdout_clean(tiny, tmp_path, cmd):
+    """With stderr closed, print(..., file=sys.stderr) is print(..., file=None), which writes to stdout: the
+    stats line and every error went into the generated text (a pipe, a file); a usage error was an
+    AttributeError (sys.stderr.write on None) and exit 1."""
+    argv = {"generate": [*GEN[:-1], "--weights", str(tiny), "--prompt", "hi", "--temperature", "0"],
+            "generate-error": [*GEN, "--weights", str(tiny), "--prompt", "hi", "--max-new-tokens", "-1"],
+            "generate-usage": [*GEN, "--weights", str(tiny), "--no-such-option"],
+            "init_weights-error": ["ahn_rt.init_weights", "--preset", "tiny", "--out", str(tmp_path / "m.bin")],
+            "train-error": ["ahn_rt.train", "--base", str(tiny), "--data", str(tmp_path / "missing.jsonl"),
+                            "--out", str(tmp_path / "run")]}[cmd]
+    p = subprocess.run([sys.executable, "-m", *argv], stdout=subprocess.PIPE, text=True, timeout=300,
+                       preexec_fn=lambda: os.close(2))
+    if cmd == "generate":
+        rc, text, err = run(*argv)
+        assert rc == 0 and "[ahn_rt] prompt" in err, err
+        assert p.returncode == 0 and p.stdout == text, p.stdout
+    else:
+        assert p.returncode == 2 and p.stdout == "", p.stdout

@@ -24,7 +24,7 @@ import sys
 
 
 from ..cli import interrupted as _interrupted
-from ..cli import ArgParser, one_line_warnings, refuse_empty
+from ..cli import ArgParser, one_line_warnings, refuse_empty, stderr_or_nowhere
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, _interrupted)   # Ctrl-C while torch is being imported: one line, exit 130
@@ -603,6 +603,7 @@ def _run(a, d, out: Path) -> int:
 
 
 def main(argv=None) -> int:
+    stderr_or_nowhere()
     args = build_parser().parse_args(argv)
     one_line_warnings()
     prefer_expandable_segments()   # before the first CUDA allocation (a no-op on the CPU)
