@@ -233,7 +233,16 @@ class Model:
                 if self._tokenizer_path is None or not self._tokenizer_path.exists():
                     raise AhnError(f"no tokenizer: {self._tokenizer_path} not found; pass --tokenizer PATH "
                                    "(tokenizer=...) or put tokenizer.json beside the weights")
-                self._tokenizer = Tokenizer.from_file(self._tokenizer_path)
+                tok = Tokenizer.from_file(self._tokenizer_path)
+                # Another model's tokenizer: its ids past the embedding failed at the first prompt as "token
+                # id 14990 is outside the vocabulary", naming neither the tokenizer nor the fix. (A smaller
+                # one is normal: Qwen pads its embedding past the tokenizer's 151665 ids.)
+                vocab = self.config.vocab_size
+                if tok.vocab_size > vocab:
+                    raise AhnError(f"the tokenizer {self._tokenizer_path} has {tok.vocab_size} tokens but the "
+                                   f"model's embedding has {vocab} rows (ids {vocab}..{tok.vocab_size - 1} have "
+                                   "none); give the model's own tokenizer.json (--tokenizer PATH, tokenizer=...)")
+                self._tokenizer = tok
         return self._tokenizer
 
     def eos_ids(self) -> set[int]:

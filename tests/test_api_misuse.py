@@ -665,3 +665,18 @@ def test_last_only_is_a_bool_not_any_truthy_value(model):
     assert s.position == 0                                 # nothing ran
     assert s.forward([1, 2, 3], last_only=np.bool_(True)).shape == (1, model.config.vocab_size)
     assert s.forward([4, 5], last_only=False).shape == (2, model.config.vocab_size)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_named(tmp_path):
+    """Another model's tokenizer (--tokenizer / tokenizer=) whose ids reach past the embedding: the first
+    prompt failed with "token id 14990 is outside the vocabulary [0, 4096)", which names neither the tokenizer
+    nor the fix. It is named when the tokenizer is read (the CLI reads it at load); the model's own loads."""
+    from tokenizers import Tokenizer
+    big = Tokenizer.from_file(str(DEMO / "tokenizer.json"))          # 4096 tokens, the demo's vocabulary
+    big.add_special_tokens([f"<|extra_{i}|>" for i in range(3)])
+    big.save(str(tmp_path / "tokenizer.json"))
+    m = ahn_rt.load(DEMO, tokenizer=tmp_path / "tokenizer.json")
+    with pytest.raises(AhnError, match=r"^the tokenizer .*tokenizer.json has 4099 tokens but the model's embedding has "
+                                       r"4096 rows \(ids 4096..4098 have none\); give the model's own tokenizer.json"):
+        m.generate(P, max_new_tokens=1)
+    assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.vocab_size == 4096

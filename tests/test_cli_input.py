@@ -524,3 +524,14 @@ def test_closed_stderr_keeps_stdout_clean(tiny, tmp_path, cmd):
         assert p.returncode == 0 and p.stdout == text, p.stdout
     else:
         assert p.returncode == 2 and p.stdout == "", p.stdout
+
+
+def test_another_models_tokenizer_is_named_at_load(tiny):
+    """The demo model (4096 ids) with the Qwen2.5 tokenizer: "token id ... is outside the vocabulary [0, 4096)"
+    named neither the tokenizer nor the fix."""
+    from ahn_rt.cli import DEMO_DIR
+    rc, out, err = run(*GEN, "--weights", str(DEMO_DIR), "--tokenizer", str(tiny.parent / "tokenizer.json"),
+                       "--prompt", "hi")
+    one_line_error(rc, err, "has 151665 tokens but the model's embedding has 4096 rows (ids 4096..151664 have none); "
+                            "give the model's own tokenizer.json (--tokenizer PATH")
+    assert out == ""
