@@ -69,7 +69,7 @@ def add_model_arguments(ap, weights_help: str, weights_required: bool = False):
     m = ap.add_argument_group("model")
     m.add_argument("--weights", required=weights_required, help=weights_help)
     m.add_argument("--ahn", help="separate AHN-only checkpoint (file or folder)")
-    m.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the weights)")
+    m.add_argument("--tokenizer", help="tokenizer.json, or a folder holding one (default: the one beside the weights)")
     m.add_argument("--window", type=int, help="sliding window W (default: config, else 32640)")
     m.add_argument("--sinks", type=int, help="attention sinks S (default: config, else 128)")
     m.add_argument("--mode", choices=["ahn", "swa", "full"], help="default: ahn with AHN weights, else full")

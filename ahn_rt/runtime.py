@@ -76,8 +76,12 @@ def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, windo
                      "a tokenizer.json file (or None)" if name == "tokenizer" else
                      "a .safetensors file or a checkpoint folder" + (" (or None)" if name == "ahn" else ""))
     tok = Path(os.fspath(tokenizer)).expanduser() if tokenizer is not None else None
-    if tok is not None and not (weights_mod.path_exists(tok, "tokenizer") and tok.is_file()):
-        raise AhnError(f"tokenizer not found: {tokenizer} (give the path of a tokenizer.json file, "
+    # a folder holding a tokenizer.json is taken, as the train command and Tokenizer.from_file take it (a folder
+    # here was "tokenizer not found", though it was there)
+    if tok is not None and not (weights_mod.path_exists(tok, "tokenizer")
+                                and (tok.is_file() or (tok / "tokenizer.json").is_file())):
+        where = f"no tokenizer.json in the folder {tokenizer}" if tok.is_dir() else f"tokenizer not found: {tokenizer}"
+        raise AhnError(f"{where} (give the path of a tokenizer.json file, "
                        "or leave tokenizer out to use the one beside the weights)")
     ckpt = weights_mod.open_checkpoint(weights, ahn)
     model = _build(ckpt, window=window, sinks=sinks, dtype=dtype, device=device, mode=mode, chunk_size=chunk_size)

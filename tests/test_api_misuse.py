@@ -355,6 +355,14 @@ def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
     assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.encode("x")
 
 
+def test_a_tokenizer_folder_is_taken_as_train_takes_it(tmp_path):
+    """tokenizer= (--tokenizer) the folder that holds tokenizer.json said "tokenizer not found", though it was
+    there; the train command and Tokenizer.from_file take a folder. A folder without one is named as such."""
+    assert ahn_rt.load(DEMO, tokenizer=DEMO).tokenizer.encode("x") == ahn_rt.load(DEMO).tokenizer.encode("x")
+    with pytest.raises(AhnError, match=r"^no tokenizer.json in the folder .* \(give the path of a tokenizer.json"):
+        ahn_rt.load(DEMO, tokenizer=tmp_path)
+
+
 def test_an_agenerate_dropped_unread_is_cancelled():
     import gc
     import time
