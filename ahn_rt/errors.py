@@ -2,6 +2,7 @@
 problem and what to do. The CLI prints it and exits 2, with no traceback."""
 from __future__ import annotations
 
+import collections.abc
 import numbers
 
 
@@ -16,6 +17,12 @@ def as_int(value) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
     return int(value)
+
+
+def unordered(value) -> bool:
+    """Whether ``value`` is a set or a mapping: its order is not one the caller wrote (a set of ids iterates in
+    hash order, a dict as its keys), so the API refuses it where it takes a sequence (ids, sessions, stops)."""
+    return isinstance(value, (collections.abc.Set, collections.abc.Mapping))
 
 
 def int_arg(value, what: str, minimum: int = 1, optional: bool = False, message: str | None = None) -> int | None:

@@ -19,7 +19,7 @@ from .cache import State, StatePool, refuse_torn, shared_pool
 from .cli import refuse_empty
 from .config import Config, resolve_runtime
 from .devices import parse_device
-from .errors import AhnError, int_arg
+from .errors import AhnError, int_arg, unordered
 from .graph import Stepper, batch_step
 from .model import Decoder
 from .sampling import Sampler, SamplingParams
@@ -307,6 +307,9 @@ class Model:
         run over all of them in one kernel each (on CUDA from a graph captured per batch size). Sessions
         with private states, or of several pools, and full mode (a growing cache) step one at a time,
         with the same results."""
+        if unordered(sessions):   # row b of the logits is sessions[b]: a set gives the rows in no known order
+            raise AhnError(f"step: sessions must be a list of Sessions, got {type(sessions).__name__}, which has no "
+                           "order (row b of the logits is sessions[b]); give a list")
         try:
             if isinstance(sessions, Session):
                 raise TypeError
@@ -377,6 +380,9 @@ class Model:
 
     def _prompt(self, prompt, chat=False, system=None):
         from .serve.prompt import as_prompt
+        if unordered(prompt):   # a set of ids was a prompt in hash order, a dict the list of its keys
+            raise AhnError("the prompt must be text, a list of token ids, a list of chat messages or a Prompt; got "
+                           f"{type(prompt).__name__}, which has no order; give a list (one chat message as [message])")
         p = as_prompt(self, prompt, _bool_arg(chat, "chat"), system)
         if not p.ids:
             raise AhnError("the prompt is empty: give some text")
@@ -683,14 +689,24 @@ class Session:
             # bytes iterate as ints: b"hi" would be fed as the ids [104, 105]
             raise AhnError(f"token_ids must be a list of ints or a 1-D integer tensor, got "
                            f"{type(token_ids).__name__}: encode text with model.tokenizer.encode first")
+        elif unordered(token_ids):
+            # a set was fed in hash order, a dict as its keys: a sequence the caller never wrote
+            raise AhnError(f"token_ids must be a list of ints or a 1-D integer tensor, got "
+                           f"{type(token_ids).__name__}, which has no order; give a list")
         else:
             try:
                 items = list(token_ids)
                 if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items):
                     raise TypeError
-                ids = torch.tensor(items, dtype=torch.int64)
-            except (TypeError, ValueError, RuntimeError):
+            except TypeError:
                 raise AhnError("token_ids must be a list of ints or a 1-D integer tensor") from None
+            try:
+                ids = torch.tensor(items, dtype=torch.int64)
+            except (ValueError, RuntimeError, OverflowError):
+                # an id that int64 cannot hold (torch's "Overflow when unpacking long"): past any vocabulary,
+                # and named as generate names it, not as a list that is not of ints
+                bad = next(int(t) for t in items if not -2**63 <= int(t) < 2**63)
+                raise AhnError(f"token id {bad} is outside the vocabulary [0, {self.model.config.vocab_size})") from None
             if ids.dim() != 1:
                 raise AhnError("token_ids must be a flat list of ints")
         if ids.numel() == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import AhnError
+from .errors import AhnError, unordered
 
 # Qwen2.5's chat template puts this system message first when the conversation has none.
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -76,6 +76,8 @@ class Tokenizer:
         """Text of ``ids`` (token ids of any integer type: a list, a 1-D tensor), special tokens included;
         invalid UTF-8 becomes U+FFFD. Anything else is an AhnError (it was the tokenizers library's
         OverflowError or TypeError)."""
+        if unordered(ids):   # a set's ids in hash order, a dict's keys: text the caller never wrote
+            raise AhnError(f"decode needs a list of token ids, got {type(ids).__name__}, which has no order; give a list")
         try:
             return self._tok.decode(list(ids), skip_special_tokens=False)
         except (TypeError, OverflowError):

@@ -688,3 +688,39 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_named(tmp_path):
                                        r"4096 rows \(ids 4096..4098 have none\); give the model's own tokenizer.json"):
         m.generate(P, max_new_tokens=1)
     assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.vocab_size == 4096
+
+
+@pytest.mark.parametrize("what", ["forward", "step", "generate", "prefill", "decode"])
+@pytest.mark.parametrize("ids", [{5, 6, 7}, frozenset({5, 6}), {5: 1, 6: 2}], ids=["set", "frozenset", "dict"])
+def test_token_ids_without_an_order_are_refused(model, what, ids):
+    """A set of token ids was fed in hash order and a dict as its keys, silently: the sequence the model saw
+    was not one the caller wrote (``stop`` refuses them for the same reason)."""
+    sess = model.new_session()
+    call = {"forward": lambda: sess.forward(ids), "step": lambda: model.step([sess], ids),
+            "generate": lambda: model.generate(ids, max_new_tokens=1),
+            "prefill": lambda: model.prefill(ids), "decode": lambda: model.tokenizer.decode(ids)}[what]
+    with pytest.raises(AhnError, match=f"got {type(ids).__name__}, which has no order; give a list"):
+        call()
+    assert sess.position == 0
+
+
+def test_a_set_of_sessions_is_refused_by_step(model):
+    """Row b of step's logits belongs to sessions[b]: a set of sessions stepped in an order the caller cannot
+    know (and two sets of the same sessions could pair tokens and sessions differently)."""
+    a, b = model.new_session(), model.new_session()
+    with pytest.raises(AhnError, match="step: sessions must be a list of Sessions, got set, which has no order"):
+        model.step({a, b}, [5, 6])
+    assert a.position == b.position == 0
+    assert model.step((a, b), [5, 6]).shape == (2, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("bad", [2 ** 70, -(2 ** 70), 2 ** 63])
+def test_a_token_id_beyond_int64_is_outside_the_vocabulary(model, bad):
+    """forward / step said "token_ids must be a list of ints or a 1-D integer tensor" for a list of ints (torch
+    could not hold the id); generate named the id. All three name it now."""
+    sess = model.new_session()
+    for call in (lambda: sess.forward([1, bad]), lambda: model.step([sess], [bad]),
+                 lambda: model.generate([1, bad], max_new_tokens=1)):
+        with pytest.raises(AhnError, match=rf"^token id {bad} is outside the vocabulary \[0, 4096\)$"):
+            call()
+    assert sess.position == 0
