@@ -118,6 +118,17 @@ def _opt(cfg: dict, key: str, where: str, default, kind=int):
     return _convert(value, key, where, kind) if value else default
 
 
+def _flag(cfg: dict, key: str, where: str, default: bool = False) -> bool:
+    """A true / false field (0 / 1 too); absent or null: ``default``. Anything else is AhnError naming the field:
+    bool() read the string "false" as true (an untied model ran with its embedding as the LM head)."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return bool(value)
+    raise AhnError(f"{where}: config field '{key}' = {value!r:.40} is not true or false; fix it in config.json")
+
+
 def _mapping(cfg: dict, key: str, where: str) -> dict:
     """An optional object field (rope_parameters, rope_scaling): {} when absent."""
     value = cfg.get(key)
@@ -200,7 +211,7 @@ def parse_config(cfg: dict, where: str) -> Config:
             raise AhnError(f"{where}: AHN implementation {ahn_impl!r} is not supported (supported: "
                            f"{', '.join(memory.NAMES)})")
         for flag in ("use_q_proj", "use_ahn_router"):
-            if cfg.get(flag):
+            if _flag(cfg, flag, where):
                 raise AhnError(f"{where}: {flag}=true is not supported (the official inference code "
                                "cannot run it either, docs/semantics.md §9)")
         if str(cfg.get("fa_layer_ids") or "").strip():
@@ -223,8 +234,8 @@ def parse_config(cfg: dict, where: str) -> Config:
         num_layers=num_layers, num_heads=heads, num_kv_heads=kv_heads,
         head_dim=head_dim, rope_theta=theta,
         rms_norm_eps=eps,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", family == "qwen2")) if family == "qwen3" else True,
+        tie_word_embeddings=_flag(cfg, "tie_word_embeddings", where),
+        attention_bias=_flag(cfg, "attention_bias", where) if family == "qwen3" else True,
         qk_norm=family == "qwen3",
         max_position_embeddings=_opt(cfg, "max_position_embeddings", where, 32768),
         stored_dtype=stored_dtype, eos_token_ids=eos_ids, stored_dtype_note=stored_note,
@@ -239,7 +250,7 @@ def _refuse_sliding_layers(cfg: dict, where: str, num_layers: int):
     "sliding_attention" (without ``layer_types``: the layers from ``max_window_layers`` on, default 28).
     ahn_rt runs every layer of such a model with full attention: past the window, another model."""
     window = cfg.get("sliding_window")
-    if not cfg.get("use_sliding_window") or window is None:
+    if not _flag(cfg, "use_sliding_window", where) or window is None:
         return
     types = cfg.get("layer_types")
     if isinstance(types, (list, tuple)):

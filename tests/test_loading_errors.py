@@ -311,10 +311,10 @@ def test_config_missing():
     expect_error(d)
 
 
-def _with_config_field(field, bad, name):
+def _with_config_field(field, bad, name, spec=SPEC):
     """A copy of the base checkpoint whose config.json sets ``field`` to ``bad`` (and whose safetensors metadata
     holds no config, so that config.json is what the loader reads)."""
-    d = copy_folder(base(SPEC), name)
+    d = copy_folder(base(spec), name)
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg[field] = bad
     write_json(os.path.join(d, "config.json"), cfg)
@@ -413,6 +413,32 @@ def test_config_number_silently_replaced_or_cut(field, bad, needle):
 def test_ahn_config_window_and_sinks_as_given(field, bad, needle):
     d = save_ahn_only(base(SPEC), scratch("ahn-window-field"), W, S, **{field: bad})
     expect_error(base(SPEC), ahn=d, mode="ahn", must_name=(field, needle))
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("tie_word_embeddings", "false"),   # read as true: the checkpoint's own lm_head was dropped, silently
+    ("tie_word_embeddings", "no"), ("tie_word_embeddings", [False]), ("use_sliding_window", "false"),
+    ("attention_bias", "false"), ("attention_bias", 2),        # (read for Qwen3 only)
+])
+def test_config_flag_that_is_not_true_or_false(field, bad):
+    """A hand-edited config.json whose flag is the string "false" (or another non-bool) was read as Python reads
+    its truth: "false" is true. An untied model then ran with its embedding as the LM head, another model,
+    without a word. One line naming the field now; a JSON true / false (or 0 / 1) still loads."""
+    spec = SPEC3 if field == "attention_bias" else SPEC
+    d = _with_config_field(field, bad, "flag", spec)
+    expect_error(d, mode="full", must_name=(field, "is not true or false", "fix it in config.json"))
+    for good in (False, 0):
+        d = _with_config_field(field, good, "flag", spec)
+        assert ahn_rt.load(d, mode="full", device="cpu").config.tie_word_embeddings is False
+
+
+@pytest.mark.parametrize("field", ["use_q_proj", "use_ahn_router"])
+def test_ahn_config_flag_that_is_not_true_or_false(field):
+    """use_q_proj "false" was refused as "use_q_proj=true is not supported"."""
+    d = save_ahn_only(base(SPEC), scratch("ahn-flag"), W, S, **{field: "false"})
+    expect_error(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", must_name=(field, "is not true or false"))
+    d = save_ahn_only(base(SPEC), scratch("ahn-flag"), W, S, **{field: False})
+    assert ahn_rt.load(base(SPEC), ahn=d, window=W, sinks=S, mode="ahn", device="cpu").config.mode == "ahn"
 
 
 def test_qwen3_config_without_head_dim_is_read_as_transformers_reads_it():
