@@ -8,7 +8,8 @@ The prompt is --prompt, else --prompt-file, else stdin when it is not a terminal
 as in CI) or a closed one is no prompt: the demo model then runs its demo prompt, another model says so.
 
 A user's mistake (bad path, bad option, corrupt checkpoint, text that is not UTF-8, stdout closed) prints one
-line and exits 2; a stdout that cannot take the text (a full disk behind a redirection) one line and exit 1;
+line and exits 2; a stdout that cannot take the text (a full disk behind a redirection) or memory that runs
+out one line and exit 1;
 Ctrl-C at any moment prints one line and exits 130; no traceback.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ if __name__ == "__main__":
 
 import json  # noqa: E402
 
-from .errors import AhnError  # noqa: E402
+from .errors import AhnError, out_of_memory  # noqa: E402
 
 
 
@@ -202,6 +203,13 @@ def main(argv=None) -> int:
         return 0
     except _OutputFailed as e:
         print(f"error: cannot write the text to stdout: {e}", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError; the CPU allocator's is a plain RuntimeError
+        if not out_of_memory(e):
+            raise
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        print(f"error: out of memory ({first[:160]}); use a smaller --chunk-size, a shorter prompt, --mode ahn or swa "
+              "(a fixed-size state) or --dtype bf16", file=sys.stderr)
         return 1
     return 0
 

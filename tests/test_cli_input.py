@@ -535,3 +535,29 @@ def test_another_models_tokenizer_is_named_at_load(tiny):
     one_line_error(rc, err, "has 151665 tokens but the model's embedding has 4096 rows (ids 4096..151664 have none); "
                             "give the model's own tokenizer.json (--tokenizer PATH")
     assert out == ""
+
+
+@pytest.mark.parametrize("where", ["load", "prefill"])
+def test_out_of_memory_is_one_line_exit_1(tiny, capsys, monkeypatch, where):
+    """torch's CPU allocator fails with a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"): a
+    checkpoint too large for this machine in float32, a long prompt in full mode. generate printed its
+    traceback (train says one line)."""
+    from ahn_rt import generate
+    from ahn_rt import model as model_mod
+    from ahn_rt import weights as weights_mod
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789012 bytes. "
+                           "Error code 12 (Cannot allocate memory)")
+    if where == "load":
+        monkeypatch.setattr(weights_mod, "load_weights", no_memory)
+    else:
+        monkeypatch.setattr(model_mod.Decoder, "forward", no_memory)
+    rc = generate.main(["--weights", str(tiny), "--prompt", "hi", "--max-new-tokens", "2"])
+    out, err = capsys.readouterr()
+    one_line_error(rc, err, "error: out of memory (DefaultCPUAllocator: can't allocate memory", code=1)
+    assert "--chunk-size" in err and "--mode ahn" in err and out == ""
+    if where == "prefill":                             # anything else is no user's doing: it still raises
+        monkeypatch.setattr(model_mod.Decoder, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+        with pytest.raises(RuntimeError, match="a bug"):
+            generate.main(["--weights", str(tiny), "--prompt", "hi", "--max-new-tokens", "2"])
