@@ -505,7 +505,8 @@ def test_serve_sizes_refused(text):
 
 
 # ---- a closed stderr (2>&-): the messages are dropped, never written into stdout ---------------------
-@pytest.mark.parametrize("cmd", ["generate", "generate-error", "generate-usage", "init_weights-error", "train-error"])
+@pytest.mark.parametrize("cmd", ["generate", "generate-error", "generate-usage", "init_weights-error", "train-error",
+                                 "serve-usage", "serve-error"])
 def test_closed_stderr_keeps_stdout_clean(tiny, tmp_path, cmd):
     """With stderr closed, print(..., file=sys.stderr) is print(..., file=None), which writes to stdout: the
     stats line and every error went into the generated text (a pipe, a file); a usage error was an
@@ -515,7 +516,9 @@ def test_closed_stderr_keeps_stdout_clean(tiny, tmp_path, cmd):
             "generate-usage": [*GEN, "--weights", str(tiny), "--no-such-option"],
             "init_weights-error": ["ahn_rt.init_weights", "--preset", "tiny", "--out", str(tmp_path / "m.bin")],
             "train-error": ["ahn_rt.train", "--base", str(tiny), "--data", str(tmp_path / "missing.jsonl"),
-                            "--out", str(tmp_path / "run")]}[cmd]
+                            "--out", str(tmp_path / "run")],
+            "serve-usage": ["ahn_rt.serve", "--weights", str(tiny), "--no-such-option"],
+            "serve-error": ["ahn_rt.serve", "--weights", str(tmp_path / "missing.safetensors")]}[cmd]
     p = subprocess.run([sys.executable, "-m", *argv], stdout=subprocess.PIPE, text=True, timeout=300,
                        preexec_fn=lambda: os.close(2))
     if cmd == "generate":

@@ -15,7 +15,7 @@ import socket
 import sys
 
 from ..cli import (ArgParser, add_model_arguments, exit_on_interrupt, load_model, one_line_warnings, refuse_empty,
-                   use_demo_weights)
+                   stderr_or_nowhere, use_demo_weights)
 from ..errors import AhnError
 from ..tokenizer import check_text
 
@@ -110,6 +110,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv=None) -> int:
+    stderr_or_nowhere()
     args = build_parser().parse_args(argv)
     one_line_warnings()
     try:
