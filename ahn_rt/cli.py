@@ -52,7 +52,12 @@ def stderr_or_nowhere():
     stdout, so the stats line and every error went into the text a command writes there. The user closed it
     to silence those messages: they go nowhere instead (call it first thing in a command's main)."""
     if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w")
+        # onto file descriptor 2 itself, so that what C++ (torch, CUDA) writes there goes nowhere too
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+        sys.stderr = open(2, "w", closefd=False)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -112,7 +117,7 @@ def load_model(args):
     from .errors import AhnError
     for flag, what in (("weights", "a .safetensors file or a checkpoint folder"),
                        ("ahn", "an AHN checkpoint, or leave --ahn out"),
-                       ("tokenizer", "a tokenizer.json, or leave --tokenizer out")):
+                       ("tokenizer", "a tokenizer.json or a folder holding one, or leave --tokenizer out")):
         refuse_empty(getattr(args, flag), "--" + flag, what)
     if args.mode == "full" and (args.window is not None or args.sinks is not None):
         raise AhnError("--window and --sinks do nothing with --mode full (full attention keeps every token): "

@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     stderr_or_nowhere()
     args = build_parser().parse_args(argv)
     one_line_warnings()
+    loading = False   # which advice an out-of-memory error gets: the weights' or the prompt's
     try:
         demo = use_demo_weights(args)
         if not demo and args.weights:   # a missing model before "no prompt": both are needed, this one first
@@ -181,7 +182,9 @@ def main(argv=None) -> int:
             args.stop = args.stop or ["\n"]
         if sys.stdout is None:   # started with stdout closed (>&-): the text would go nowhere
             raise AhnError("stdout is closed, so the text has nowhere to go; redirect it to a file or a pipe")
+        loading = True
         model = load_model(args)
+        loading = False
         if demo_prompt:
             print(_demo_banner(model, prompt, info), file=sys.stderr)
         gen = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -208,8 +211,9 @@ def main(argv=None) -> int:
         if not out_of_memory(e):
             raise
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        print(f"error: out of memory ({first[:160]}); use a smaller --chunk-size, a shorter prompt, --mode ahn or swa "
-              "(a fixed-size state) or --dtype bf16", file=sys.stderr)
+        fix = ("the weights do not fit: use --dtype bf16 (or fp16), a smaller model or another --device" if loading else
+               "use a smaller --chunk-size, a shorter prompt, --mode ahn or swa (a fixed-size state) or --dtype bf16")
+        print(f"error: out of memory ({first[:160]}); {fix}", file=sys.stderr)
         return 1
     return 0
 

@@ -101,8 +101,8 @@ class Decoder:
 
     def _mlp(self, h: torch.Tensor, lw) -> torch.Tensor:
         """h + MLP(h), _MLP_ROWS rows at a time: the [rows, 2 * intermediate] gate|up output of a whole
-        8192-token chunk (360 MB at the 3B shape) is the largest transient of a prefill; in blocks it is a
-        quarter of that, and each block's GEMMs are still large."""
+        chunk (180 MB at the 3B shape for the default 4096 tokens, 360 MB for 8192) would be the largest
+        transient of a prefill; in blocks it is 90 MB, and each block's GEMMs are still large."""
         if h.shape[0] > _MLP_ROWS:
             return torch.cat([self._mlp(b, lw) for b in h.split(_MLP_ROWS)])
         x = ops.rms_norm(h, lw.ln_post, self.config.rms_norm_eps)

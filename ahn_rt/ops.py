@@ -191,8 +191,8 @@ def gdn_chunk_prep(q, k, v, beta, alpha, scale):
 
 
 # Tokens per call of a chunked memory prefill (a multiple of ref.GDN_CHUNK). Its float32 chunk terms take
-# about 60 bytes per token and head dim (w, u, kd^T, qg, v_new, o_inter, P): for the 8192 evicted tokens of a
-# long prompt's chunk at the 3B shape about 0.5 GB, the largest transient of the prefill.
+# about 60 bytes per token and head dim (w, u, kd^T, qg, v_new, o_inter, P): for the 8192 evicted tokens of an
+# 8192-token chunk at the 3B shape about 0.5 GB at once, which would be the largest transient of the prefill.
 _MEMORY_BLOCK = 2048
 
 

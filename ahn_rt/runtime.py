@@ -65,7 +65,7 @@ def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, windo
     window / sinks: override the config (defaults: config's sliding_window / num_attn_sinks, else
     32640 / 128); dtype: torch dtype or name (default: the checkpoint's); mode: 'ahn' (default with AHN
     weights), 'swa' (sinks + window only) or 'full' (base model, growing cache); tokenizer: a
-    tokenizer.json (default: the one beside the weights, needed only for text in/out).
+    tokenizer.json or a folder holding one (default: the one beside the weights, needed only for text in/out).
     """
     for name, value in (("weights", weights), ("ahn", ahn), ("tokenizer", tokenizer)):
         if (value is not None or name == "weights") and not isinstance(value, (str, os.PathLike)):
@@ -702,10 +702,12 @@ class Session:
                 raise AhnError("token_ids must be a list of ints or a 1-D integer tensor") from None
             try:
                 ids = torch.tensor(items, dtype=torch.int64)
-            except (ValueError, RuntimeError, OverflowError):
+            except (TypeError, ValueError, RuntimeError, OverflowError):
                 # an id that int64 cannot hold (torch's "Overflow when unpacking long"): past any vocabulary,
                 # and named as generate names it, not as a list that is not of ints
-                bad = next(int(t) for t in items if not -2**63 <= int(t) < 2**63)
+                bad = next((int(t) for t in items if not -2**63 <= int(t) < 2**63), None)
+                if bad is None:
+                    raise AhnError("token_ids must be a list of ints or a 1-D integer tensor") from None
                 raise AhnError(f"token id {bad} is outside the vocabulary [0, {self.model.config.vocab_size})") from None
             if ids.dim() != 1:
                 raise AhnError("token_ids must be a flat list of ints")

@@ -429,7 +429,14 @@ def test_config_flag_that_is_not_true_or_false(field, bad):
     expect_error(d, mode="full", must_name=(field, "is not true or false", "fix it in config.json"))
     for good in (False, 0):
         d = _with_config_field(field, good, "flag", spec)
-        assert ahn_rt.load(d, mode="full", device="cpu").config.tie_word_embeddings is False
+        c = ahn_rt.load(d, mode="full", device="cpu").config
+        assert getattr(c, field, False) is False and c.tie_word_embeddings is False
+    # true and 1 read as True (a flag that read 1 as false would pass the lines above)
+    from ahn_rt.config import parse_config
+    cfg = json.load(open(os.path.join(base(spec), "config.json")))
+    if field != "use_sliding_window":   # true makes a model of sliding layers, refused elsewhere
+        for yes in (True, 1):
+            assert getattr(parse_config({**cfg, field: yes}, "config.json"), field) is True
 
 
 @pytest.mark.parametrize("field", ["use_q_proj", "use_ahn_router"])

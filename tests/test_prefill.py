@@ -862,7 +862,7 @@ def test_prefill_mlp_in_row_blocks_equals_whole(monkeypatch):
 @pytest.mark.parametrize("T", [4096, 8192])
 def test_prefill_attention_plan_fits_the_merge_kernel_at_the_3b_geometry(monkeypatch, T):
     """Every chunk of a 131072-token prompt at W = 32640, S = 128, chunks of 4096 (the default) and 8192
-    (the benchmark's shape), planned with cuDNN warmed: the merge kernel takes each call's parts (at most
+    (the default until 2026-12-06), planned with cuDNN warmed: the merge kernel takes each call's parts (at most
     ``_MERGE_PARTS``), so the reference merge, with its float32 copies of every part, never runs on the GPU,
     and a steady chunk's parts are merged in one call. The last chunk's window call over 384 keys runs
     FlashAttention-2 in query blocks; as that many parts they were 25 in one merge. The kernels are

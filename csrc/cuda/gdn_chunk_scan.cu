@@ -170,8 +170,10 @@ struct Tf32 {
 };
 // x = hi + lo with hi the nearest tf32 (ties away from zero, as cvt.rna.tf32 rounds), in two integer
 // instructions instead of the conversion (a carry out of the mantissa moves into the exponent as it should).
-// x - hi is exact in float32 and lo goes to the mma as it is: the tensor core reads its tf32 bits, and the
-// bits it drops weigh under 2^-21 |x|.
+// x - hi is exact in float32 and lo goes to the mma as it is: PTX leaves the low 13 bits of a .tf32 operand
+// to the implementation, sm_80 / sm_90 tensor cores truncate them (CUTLASS's round_half_ulp_truncate relies on
+// the same), and what they drop weighs under 2^-21 |x|. Unlike cvt.rna (which leaves inf and NaN alone) a NaN
+// may round to hi = +-0 or inf; lo = x - hi is then NaN, and the lo terms of the three products carry it.
 __device__ __forceinline__ uint32_t round_tf32(uint32_t bits) { return (bits + 0x1000u) & 0xffffe000u; }
 __device__ __forceinline__ Tf32 split_tf32(float x) {
   const uint32_t hi = round_tf32(__float_as_uint(x));
