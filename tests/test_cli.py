@@ -43,6 +43,15 @@ def test_init_weights_writes_the_real_format(tiny):
     assert (tiny.parent / "tokenizer.json").exists()
 
 
+def test_init_weights_names_every_file_it_writes(tmp_path):
+    out = tmp_path / "model.safetensors"
+    rc, so, se = run("ahn_rt.init_weights", "--preset", "tiny", "--tokenizer", "qwen2.5", "--out", str(out))
+    assert rc == 0, se
+    tok, gen = tmp_path / "tokenizer.json", tmp_path / "generation_config.json"
+    assert so.strip() == f"wrote {out}, {tok} and {gen}"      # the README says both files are written
+    assert out.exists() and tok.exists() and gen.exists()
+
+
 def test_generate_greedy_streams_and_matches_the_api(tiny):
     args = ("ahn_rt.generate", "--weights", str(tiny), "--prompt", "Hello, 世界 🎉", "--temperature", "0",
             "--max-new-tokens", "12", "--window", "6", "--sinks", "2")
