@@ -79,3 +79,18 @@ def test_session_ids_are_safe_file_names():
     for bad in ("", "../etc", "a/b", "x" * 129, 5, None, "a b", "é", "abc\n", "x" * 128 + "\n"):
         with pytest.raises(AhnError):
             check_session_id(bad)
+
+
+def test_a_saved_last_token_outside_the_vocabulary_is_a_damaged_session(model, tmp_path):
+    # was a 400 blaming the request's "messages" ("token id ... is outside the vocabulary")
+    import json
+    store = SessionStore(model, max_bytes=1, state_dir=tmp_path)
+    store.checkout("c1")
+    store.checkin("c1", _conv(model, 23, last=7))
+    store.flush()
+    meta = json.loads((tmp_path / "c1.json").read_text())
+    for bad in (model.config.vocab_size, -1, True, 1.5):
+        (tmp_path / "c1.json").write_text(json.dumps(dict(meta, last_token=bad)))
+        with pytest.raises(AhnError) as e:
+            SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("c1")
+        assert "damaged" in str(e.value) and "c1.json" in str(e.value), bad

@@ -200,8 +200,12 @@ class SessionStore:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             position, last, chat_open = int(meta["position"]), meta["last_token"], bool(meta["chat_open"])
-            if meta.get("version") != META_VERSION or (last is not None and not isinstance(last, int)):
-                raise ValueError("unknown version or bad last_token")
+            if meta.get("version") != META_VERSION:
+                raise ValueError(f"unknown version {meta.get('version')!r}")
+            # fed to the model as the next request's first token: one outside the vocabulary was a 400 that
+            # blamed the request's messages
+            if last is not None and (type(last) is not int or not 0 <= last < self.model.config.vocab_size):
+                raise ValueError(f"last_token {last!r} is not a token id of this model")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise AhnError(f"the saved session {sid!r} is damaged ({meta_path.name}: {e}); delete it") from None
         sess = self.model.restore(state_path)
