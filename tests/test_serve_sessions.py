@@ -94,3 +94,21 @@ def test_a_saved_last_token_outside_the_vocabulary_is_a_damaged_session(model, t
         with pytest.raises(AhnError) as e:
             SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("c1")
         assert "damaged" in str(e.value) and "c1.json" in str(e.value), bad
+
+
+def test_a_state_file_without_its_json_is_refused_not_started_anew(model, tmp_path):
+    # With c1.json gone (a crash between the two writes of a first turn, or a file removed by hand) the
+    # request found "no saved session", started a new conversation and wrote over the saved state: a reply
+    # without the conversation's context, with status 200.
+    store = SessionStore(model, max_bytes=1, state_dir=tmp_path)
+    store.checkout("c1")
+    store.checkin("c1", _conv(model, 23, last=7))
+    store.flush()
+    (tmp_path / "c1.json").unlink()
+    again = SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path)
+    with pytest.raises(AhnError) as e:
+        again.checkout("c1")
+    assert "c1.json" in str(e.value) and "delete" in str(e.value) and "\n" not in str(e.value)
+    assert "c1" not in again._busy and (tmp_path / "c1.safetensors").exists()
+    assert again.delete("c1") and not (tmp_path / "c1.safetensors").exists()   # DELETE /v1/sessions/c1 clears it
+    assert again.checkout("c1") is None                                          # then it is a new conversation

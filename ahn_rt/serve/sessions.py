@@ -102,7 +102,9 @@ class SessionStore:
                     self._mem.move_to_end(sid)
                 return conv
         try:
-            if self.state_dir is not None and self._paths(sid)[1].exists():
+            # either file: a state without its .json (a write cut off, a file removed) is refused by _read, not
+            # taken for a new conversation that would answer without the context and write over the state
+            if self.state_dir is not None and any(p.exists() for p in self._paths(sid)):
                 return self._read(sid)
             if sid in self._lost:
                 raise SessionLost(f"session_id {sid!r} has expired (evicted from memory); start a new "
@@ -197,6 +199,10 @@ class SessionStore:
 
     def _read(self, sid: str) -> Conversation:
         state_path, meta_path = self._paths(sid)
+        for p in (state_path, meta_path):
+            if not p.exists():
+                raise AhnError(f"the saved session {sid!r} is incomplete ({p.name} is missing: a write failed or "
+                               f"was cut off); delete it (DELETE /v1/sessions/{sid}) and start the conversation again")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             position, last, chat_open = int(meta["position"]), meta["last_token"], bool(meta["chat_open"])
