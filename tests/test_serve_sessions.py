@@ -112,3 +112,33 @@ def test_a_state_file_without_its_json_is_refused_not_started_anew(model, tmp_pa
     assert "c1" not in again._busy and (tmp_path / "c1.safetensors").exists()
     assert again.delete("c1") and not (tmp_path / "c1.safetensors").exists()   # DELETE /v1/sessions/c1 clears it
     assert again.checkout("c1") is None                                          # then it is a new conversation
+
+
+def test_a_failed_write_is_one_line_and_never_leaves_an_older_turn_to_restore(model, tmp_path, monkeypatch, capfd):
+    # A turn whose write failed (disk full, folder made read-only) printed a traceback and left the previous
+    # turn's files in place: after a restart the conversation went on from that older turn, silently.
+    from ahn_rt import state_io
+    store = SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path)
+    store.checkout("c1")
+    store.checkin("c1", _conv(model, 20, last=7))
+    store.flush()
+    assert (tmp_path / "c1.safetensors").exists()
+
+    def full(session, path):
+        raise AhnError(f"cannot write {path}: No space left on device")
+    monkeypatch.setattr(state_io, "save", full)
+    store.checkout("c1")
+    store.checkin("c1", _conv(model, 30, last=8))
+    store.flush()
+    err = capfd.readouterr().err
+    assert "could not save session c1" in err and "No space left" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert store.checkout("c1").position == 30          # this server still holds the new turn
+    store.release("c1")
+    with pytest.raises(AhnError):                       # a restarted one refuses it, never restores turn 1
+        SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("c1")
+    monkeypatch.undo()
+    store.checkout("c1")
+    store.checkin("c1", _conv(model, 31, last=9))       # the next turn that is written makes it whole again
+    store.flush()
+    assert SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("c1").position == 31

@@ -188,14 +188,31 @@ class SessionStore:
                 atomic_write_text(meta_path, json.dumps(dict(
                     version=META_VERSION, position=conv.position, last_token=conv.last_token,
                     chat_open=conv.chat_open)))
-            except Exception:  # noqa: BLE001 - a failed write must not stop the writer
-                print(f"[ahn_rt.serve] could not save session {sid}:", file=sys.stderr)
-                traceback.print_exc(file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - a failed write must not stop the writer
+                if isinstance(e, (AhnError, OSError)):   # disk full, folder not writable: one line
+                    print(f"[ahn_rt.serve] could not save session {sid}: {e}", file=sys.stderr)
+                else:
+                    print(f"[ahn_rt.serve] could not save session {sid}:", file=sys.stderr)
+                    traceback.print_exc(file=sys.stderr)
+                self._discard_stale(sid)
             finally:
                 with self._lock:
                     if self._pending.get(sid) is conv:
                         del self._pending[sid]
                 self._writes.task_done()
+
+    def _discard_stale(self, sid: str):
+        """After a failed write the files on disk hold an older turn: remove the state file, so that a
+        restarted server refuses the conversation (its .json is left) instead of going on from that turn."""
+        state_path, meta_path = self._paths(sid)
+        for p in (state_path, meta_path):   # the .json only when the state file cannot be removed
+            try:
+                p.unlink(missing_ok=True)
+                return
+            except OSError:
+                continue
+        print(f"[ahn_rt.serve] session {sid}: the files in {self.state_dir} hold an older turn and could not be "
+              f"removed; delete {state_path.name} before restarting", file=sys.stderr)
 
     def _read(self, sid: str) -> Conversation:
         state_path, meta_path = self._paths(sid)
