@@ -38,6 +38,13 @@ def int_arg(value, what: str, minimum: int = 1, optional: bool = False, message:
     return n
 
 
+def oom_message(e: BaseException, fix: str) -> str:
+    """The one line a command prints for a failed allocation (``out_of_memory``): the error's first non-empty
+    line, cut, and ``fix``."""
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return f"out of memory ({first[:160]}); {fix}"
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` is a failed allocation: torch.OutOfMemoryError (a GPU's), MemoryError, or the plain
     RuntimeError of torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory"), which

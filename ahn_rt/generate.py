@@ -24,7 +24,7 @@ if __name__ == "__main__":
 
 import json  # noqa: E402
 
-from .errors import AhnError, out_of_memory  # noqa: E402
+from .errors import AhnError, oom_message, out_of_memory  # noqa: E402
 
 
 
@@ -210,10 +210,9 @@ def main(argv=None) -> int:
     except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError; the CPU allocator's is a plain RuntimeError
         if not out_of_memory(e):
             raise
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         fix = ("the weights do not fit: use --dtype bf16 (or fp16), a smaller model or another --device" if loading else
                "use a smaller --chunk-size, a shorter prompt, --mode ahn or swa (a fixed-size state) or --dtype bf16")
-        print(f"error: out of memory ({first[:160]}); {fix}", file=sys.stderr)
+        print(f"error: {oom_message(e, fix)}", file=sys.stderr)
         return 1
     return 0
 

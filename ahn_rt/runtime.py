@@ -49,6 +49,10 @@ def _device(device) -> torch.device:
     return dev
 
 
+def _outside_vocabulary(token: int, vocab_size: int) -> AhnError:
+    return AhnError(f"token id {token} is outside the vocabulary [0, {vocab_size})")
+
+
 def _check_chunk(chunk_size, device: torch.device) -> int:
     if chunk_size is None:
         return DEFAULT_CHUNK[device.type]
@@ -238,14 +242,8 @@ class Model:
                     raise AhnError(f"no tokenizer: {self._tokenizer_path} not found; pass --tokenizer PATH "
                                    "(tokenizer=...) or put tokenizer.json beside the weights")
                 tok = Tokenizer.from_file(self._tokenizer_path)
-                # Another model's tokenizer: its ids past the embedding failed at the first prompt as "token
-                # id 14990 is outside the vocabulary", naming neither the tokenizer nor the fix. (A smaller
-                # one is normal: Qwen pads its embedding past the tokenizer's 151665 ids.)
-                vocab = self.config.vocab_size
-                if tok.vocab_size > vocab:
-                    raise AhnError(f"the tokenizer {self._tokenizer_path} has {tok.vocab_size} tokens but the "
-                                   f"model's embedding has {vocab} rows (ids {vocab}..{tok.vocab_size - 1} have "
-                                   "none); give the model's own tokenizer.json (--tokenizer PATH, tokenizer=...)")
+                tok.check_fits(self.config.vocab_size, self._tokenizer_path, "model",
+                               "give the model's own tokenizer.json (--tokenizer PATH, tokenizer=...)")
                 self._tokenizer = tok
         return self._tokenizer
 
@@ -388,7 +386,7 @@ class Model:
             raise AhnError("the prompt is empty: give some text")
         lo, hi = min(p.ids), max(p.ids)
         if lo < 0 or hi >= self.config.vocab_size:
-            raise AhnError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
+            raise _outside_vocabulary(lo if lo < 0 else hi, self.config.vocab_size)
         return p
 
     def _new_run(self, prompt, max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0,
@@ -708,15 +706,14 @@ class Session:
                 bad = next((int(t) for t in items if not -2**63 <= int(t) < 2**63), None)
                 if bad is None:
                     raise AhnError("token_ids must be a list of ints or a 1-D integer tensor") from None
-                raise AhnError(f"token id {bad} is outside the vocabulary [0, {self.model.config.vocab_size})") from None
+                raise _outside_vocabulary(bad, self.model.config.vocab_size) from None
             if ids.dim() != 1:
                 raise AhnError("token_ids must be a flat list of ints")
         if ids.numel() == 0:
             raise AhnError("token_ids is empty")
         lo, hi = _id_range(ids)
         if lo < 0 or hi >= self.model.config.vocab_size:
-            raise AhnError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
-                           f"[0, {self.model.config.vocab_size})")
+            raise _outside_vocabulary(lo if lo < 0 else hi, self.model.config.vocab_size)
         return ids.to(self.model.device)
 
     @torch.inference_mode()

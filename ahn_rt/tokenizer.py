@@ -65,6 +65,14 @@ class Tokenizer:
         table is usually padded larger)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def check_fits(self, rows: int, path, model: str, fix: str):
+        """AhnError naming ``path`` and ``fix`` when this tokenizer has ids past the ``rows`` of ``model``'s
+        embedding: another model's tokenizer, whose ids failed one by one later ("token id 14990 is outside the
+        vocabulary"). A smaller tokenizer is normal: Qwen pads its embedding past the tokenizer's ids."""
+        if self.vocab_size > rows:
+            raise AhnError(f"the tokenizer {path} has {self.vocab_size} tokens but the {model}'s embedding has "
+                           f"{rows} rows (ids {rows}..{self.vocab_size - 1} have none); {fix}")
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; nothing is added, but special tokens written in the text (such as
         <|im_start|>) are recognized as those tokens. Text that is not valid Unicode (undecodable bytes

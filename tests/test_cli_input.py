@@ -567,3 +567,12 @@ def test_out_of_memory_is_one_line_exit_1(tiny, capsys, monkeypatch, where):
         monkeypatch.setattr(model_mod.Decoder, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
         with pytest.raises(RuntimeError, match="a bug"):
             generate.main(["--weights", str(tiny), "--prompt", "hi", "--max-new-tokens", "2"])
+
+
+def test_oom_message_is_one_line_whatever_the_error_says():
+    """generate and train print the same line for a failed allocation; train's took the message's first line
+    with [0], an IndexError for an empty message."""
+    from ahn_rt.errors import oom_message
+    assert oom_message(MemoryError(), "lower X") == "out of memory (MemoryError); lower X"
+    assert oom_message(RuntimeError("\n  \nfirst\nsecond"), "f") == "out of memory (first); f"
+    assert oom_message(RuntimeError("x" * 500), "f") == f"out of memory ({'x' * 160}); f"

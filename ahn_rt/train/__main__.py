@@ -37,7 +37,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ..devices import prefer_expandable_segments  # noqa: E402
-from ..errors import AhnError, out_of_memory  # noqa: E402
+from ..errors import AhnError, oom_message, out_of_memory  # noqa: E402
 
 PROG = "python -m ahn_rt.train"
 # Settings that define a run: a resumed run takes them from its saved state, and a flag that contradicts
@@ -655,8 +655,8 @@ def main(argv=None) -> int:
     except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError; the CPU allocator's is a plain RuntimeError
         if not out_of_memory(e):
             raise
-        print(f"error{_rank_tag(rank)}: out of memory ({str(e).splitlines()[0][:160]}); lower --batch or "
-              "--seq-len, use --dtype bf16, or shard the base with --fsdp", file=sys.stderr)
+        print(f"error{_rank_tag(rank)}: " + oom_message(e, "lower --batch or --seq-len, use --dtype bf16, or shard "
+                                                      "the base with --fsdp"), file=sys.stderr)
         return 1
     finally:
         if threading_main():

@@ -159,10 +159,9 @@ class _Encoder:
                                f"({self.tokenizer_path or 'none given'} not found); pass --tokenizer PATH "
                                "or pre-tokenize the data as {\"input_ids\": [...]}")
             tok = Tokenizer.from_file(self.tokenizer_path)
-            if self.vocab_size is not None and tok.vocab_size > self.vocab_size:   # else: records skipped one by one
-                raise AhnError(f"the tokenizer {self.tokenizer_path} has {tok.vocab_size} tokens but the base model's "
-                               f"embedding has {self.vocab_size} rows (ids {self.vocab_size}..{tok.vocab_size - 1} "
-                               "have none); give the base model's tokenizer.json as --tokenizer")
+            if self.vocab_size is not None:   # else: records skipped one by one
+                tok.check_fits(self.vocab_size, self.tokenizer_path, "base model",
+                               "give the base model's tokenizer.json as --tokenizer")
             self._tok = tok
         return self._tok
 
