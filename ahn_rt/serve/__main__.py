@@ -4,7 +4,7 @@ the demo model in weights/demo, as ``python -m ahn_rt.generate`` runs it.
 
 A user's mistake (bad path or option, missing extra, port in use) prints one line and exits 2. SIGTERM
 or Ctrl-C drains: the server stops accepting connections, every in-flight request (streams included)
-completes, conversations are written to --state-dir, and the process exits 0.
+completes, conversations are written to --state-dir, and the process exits 0 (130 after Ctrl-C).
 """
 from __future__ import annotations
 
