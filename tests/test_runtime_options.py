@@ -116,3 +116,27 @@ def test_readme_lists_every_switch_that_settings_knows():
                      if p.suffix in (".cpp", ".h", ".cu", ".cuh"))
     assert set(re.findall(r'env_flag\("(AHN_RT_[A-Z_]+)"\)', csrc)) == set(settings._KERNEL_FLAGS)
     assert set(re.findall(r'getenv\("(AHN_RT_[A-Z_]+)"\)', csrc)) == {"AHN_RT_GEMV_PDL"}
+
+
+def test_docs_name_only_switches_that_exist_and_python_reads_them_in_settings_alone():
+    """Every AHN_RT_* name in the current-state docs (README.md, docs/, weights/README.md, scripts/demo/README.md;
+    not bench/README.md, whose dated results name switches of past experiments) is a switch of ahn_rt/settings.py
+    or the build's AHN_RT_WITH_CUDA macro; and no Python module of ahn_rt/ but settings.py reads one from the
+    environment (README: "Python reads them in one place")."""
+    import re
+    from pathlib import Path
+
+    from ahn_rt import settings
+    root = Path(__file__).resolve().parent.parent
+    known = set(settings._CHOICES) | set(settings._KERNEL_FLAGS) | {"AHN_RT_GEMV_PDL", "AHN_RT_WITH_CUDA"}
+    docs = [root / "README.md", root / "weights" / "README.md", root / "scripts" / "demo" / "README.md",
+            *sorted((root / "docs").glob("*.md"))]
+    for doc in docs:
+        named = set(re.findall(r"AHN_RT_[A-Z0-9_]*[A-Z0-9]", doc.read_text(encoding="utf-8")))
+        assert named <= known, (doc.name, sorted(named - known))
+    for py in sorted((root / "ahn_rt").rglob("*.py")):
+        if py.name == "settings.py" and py.parent.name == "ahn_rt":
+            continue
+        text = py.read_text(encoding="utf-8")
+        reads = re.findall(r"(?:environ(?:\.get)?\s*[\[(]|getenv\s*\()\s*[\"'](AHN_RT_[A-Z0-9_]+)", text)
+        assert not reads, (py.relative_to(root).as_posix(), reads)
