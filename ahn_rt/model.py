@@ -19,7 +19,7 @@ from .config import Config, rope_inv_freq
 from .weights import Weights
 
 
-_MLP_ROWS = 2048   # prefill rows per MLP block (Decoder._mlp)
+_MLP_ROWS = 2048   # prefill rows per MLP block (Decoder._mlp_)
 
 
 class _SideStream:
@@ -99,14 +99,14 @@ class Decoder:
         h = ops.rms_norm(h, self.w.norm, self.config.rms_norm_eps)
         return ops.linear(h, self.w.lm_head).float()
 
-    def _mlp(self, h: torch.Tensor, lw) -> torch.Tensor:
-        """h + MLP(h), _MLP_ROWS rows at a time: the [rows, 2 * intermediate] gate|up output of a whole
-        chunk (180 MB at the 3B shape for the default 4096 tokens, 360 MB for 8192) would be the largest
-        transient of a prefill; in blocks it is 90 MB, and each block's GEMMs are still large."""
-        if h.shape[0] > _MLP_ROWS:
-            return torch.cat([self._mlp(b, lw) for b in h.split(_MLP_ROWS)])
-        x = ops.rms_norm(h, lw.ln_post, self.config.rms_norm_eps)
-        return h + ops.linear(ops.silu_mul(ops.linear(x, lw.w_gu)), lw.w_down)
+    def _mlp_(self, h: torch.Tensor, lw) -> torch.Tensor:
+        """h += MLP(h) in place, _MLP_ROWS rows at a time: the [rows, 2 * intermediate] gate|up output of a
+        whole chunk (180 MB at the 3B shape for the default 4096 tokens, 360 MB for 8192) would be the
+        largest transient of a prefill; in blocks it is 90 MB, and each block's GEMMs are still large."""
+        for b in h.split(_MLP_ROWS):
+            x = ops.rms_norm(b, lw.ln_post, self.config.rms_norm_eps)
+            ops.linear_add_(b, ops.silu_mul(ops.linear(x, lw.w_gu)), lw.w_down)
+        return h
 
     # ------------------------------------------------------------------------------------------
     def prefill(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -144,8 +144,8 @@ class Decoder:
                     k_ev, v_ev, g_ev = st.evicted(i, plan, k, v, gates)
                     attn[r] += self.memory.prefill(q[r], k_ev, v_ev, g_ev, z[r], st.memory[i], lw.mem)
             st.write(i, plan, k, v, gates)
-            h = h + ops.linear(attn.reshape(T, H * D), lw.w_o, lw.b_o)
-            h = self._mlp(h, lw)
+            ops.linear_add_(h, attn.reshape(T, H * D), lw.w_o, lw.b_o)
+            self._mlp_(h, lw)
         st.advance(T)
         return self._logits(h[-1:] if last_only else h)
 

@@ -156,6 +156,21 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def linear_add_(h, x, weight, bias=None):
+    """h += x @ weight^T (+ bias), in place; returns h. Without a bias the GEMM adds h itself: on CUDA in
+    cuBLAS's epilogue (no [rows, out] product written and read back; cuBLAS rounds as it does, the product
+    possibly first), on the CPU before one rounding of the sum, as the decode GEMV adds its residual. With a
+    bias, the biased product is rounded, then added."""
+    if bias is not None:
+        return h.add_(linear(x, weight, bias))
+    if _gemm_in_float32(x):
+        xf = x.float()
+        ys = [torch.nn.functional.linear(xf, w.float()) for w in weight.split(16384)]
+        y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+        return h.copy_(y.add_(h))
+    return h.addmm_(x, weight.t())
+
+
 _MERGE_PARTS = 16   # the most parts the attn_merge kernel takes in one call (csrc/common.h kMergeMaxParts)
 
 

@@ -425,7 +425,7 @@ def test_a_call_that_fails_midway_leaves_a_session_that_refuses_until_reset(mode
     step, generate, fork and save with a one-line AhnError, and after reset() it runs exactly like a new session.
     An error before any write (an id out of range) leaves the session usable."""
     dec = model.decoder
-    real_mlp, real_steps = dec._mlp, dec.decode_steps
+    real_mlp, real_steps = dec._mlp_, dec.decode_steps
     calls = []
 
     def failing_mlp(h, lw):
@@ -440,10 +440,10 @@ def test_a_call_that_fails_midway_leaves_a_session_that_refuses_until_reset(mode
         s.forward([10 ** 9])
     want = s.forward(ids)                       # the id error wrote nothing: the session still works
     s.reset()
-    monkeypatch.setattr(dec, "_mlp", failing_mlp)
+    monkeypatch.setattr(dec, "_mlp_", failing_mlp)
     with pytest.raises(RuntimeError, match="simulated"):
         s.forward(ids)
-    monkeypatch.setattr(dec, "_mlp", real_mlp)
+    monkeypatch.setattr(dec, "_mlp_", real_mlp)
     for use in (lambda: s.forward([3]), lambda: model.step([s], [3]), lambda: model.generate(P, session=s),
                 lambda: model.prefill(P, session=s),
                 lambda: s.fork(), lambda: s.save(tmp_path / "torn.safetensors")):

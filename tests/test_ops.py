@@ -607,6 +607,62 @@ def test_linear_half_cpu_in_float32_matches_torch(monkeypatch, rows, dtype):
         torch.testing.assert_close(got, want, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"])
 
 
+def _linear_add_cases(device):
+    """(name, dtype, rows, float32 path forced) for ``test_linear_add_*``: half-precision rows through the
+    CPU's float32 blocks and through its own GEMM (few rows), float32, and on CUDA the GEMM epilogue."""
+    if device == "cpu":
+        return [("f32", torch.float32, 40, False), ("bf16-few", torch.bfloat16, 5, False),
+                ("bf16-blocks", torch.bfloat16, 40, True), ("f16-blocks", torch.float16, 40, True)]
+    return [("bf16", torch.bfloat16, 300, False), ("f16", torch.float16, 300, False),
+            ("f32", torch.float32, 300, False)]
+
+
+def _check_linear_add(monkeypatch, device):
+    """ops.linear_add_ (the prefill's residual GEMMs): h += x @ w^T in place. On the CPU the sum is rounded
+    once (the decode GEMV's residual): within half a unit in the last place of the float64 value (plus float32
+    summation error), a bound that the two-rounding version (product rounded, then the sum) and the
+    residual-dropping one fail. On CUDA cuBLAS adds h in its epilogue and rounds as it does (the product may
+    be rounded first): within a GEMM's error bound, eps x (|value| + |h| + |x| |w|^T), which dropping the
+    residual fails by far. With a bias, the biased product is rounded first, as h + linear(x, w, b)."""
+    from ahn_rt import ops
+    for name, dtype, rows, blocks in _linear_add_cases(device):
+        monkeypatch.setattr(ops, "_cpu_bf16_gemm", lambda blocks=blocks: not blocks)
+        g = torch.Generator().manual_seed(rows)
+        h = (torch.randn(rows, 96, generator=g) * 4).to(dtype).to(device)
+        x = torch.randn(rows, 256, generator=g).to(dtype).to(device)
+        w = (torch.randn(96, 256, generator=g) / 16).to(dtype).to(device)
+        b = torch.randn(96, generator=g).to(dtype).to(device)
+        exact = h.double() + x.double() @ w.double().t()
+        scale = h.double().abs() + x.double().abs() @ w.double().abs().t()
+        eps, summation = torch.finfo(dtype).eps, 2 * x.shape[1] * 2.0 ** -24 * scale
+        if device == "cpu":   # half a unit in the last place of the exact value, plus float32 summation
+            bound = eps / 2 * exact.abs() + summation
+        else:
+            bound = eps * (exact.abs() + scale) + summation
+
+        def within(out):
+            return bool(((out.double() - exact).abs() <= bound).all())
+        out = h.clone()
+        assert ops.linear_add_(out, x, w) is out, name
+        assert within(out), f"{name}: {((out.double() - exact).abs() / bound).max().item():.2f} of the bound"
+        assert not within(h.clone().copy_(torch.nn.functional.linear(x, w))), f"{name}: no residual passes too"
+        if device == "cpu" and dtype != torch.float32:
+            assert not within(h + torch.nn.functional.linear(x, w)), f"{name}: two roundings pass too"
+        out = h.clone()
+        ops.linear_add_(out, x, w, b)
+        want = h + torch.nn.functional.linear(x, w, b)
+        torch.testing.assert_close(out, want, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"])
+
+
+def test_linear_add_adds_the_residual_in_the_gemm(monkeypatch):
+    _check_linear_add(monkeypatch, "cpu")
+
+
+@pytest.mark.cuda
+def test_linear_add_adds_the_residual_in_the_gemm_cuda(monkeypatch):
+    _check_linear_add(monkeypatch, "cuda")
+
+
 def test_linear_in_float32_only_where_it_pays(monkeypatch):
     """Which CPU GEMMs run in float32: float16, and bf16 without a fast bf16 GEMM, each with enough rows;
     float32, float64 and CUDA tensors never."""
