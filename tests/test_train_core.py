@@ -316,10 +316,31 @@ def test_fresh_init_student_equals_swa():
     base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
     tm = TrainModel(parse_config(cfg, "tiny"), base, base_dtype=torch.float32, seed=1)
     assert all(layer.o_proj.weight.abs().max() == 0 for layer in tm.ahn)
-    assert all(1.0 <= layer.A_log.exp().min() and layer.A_log.exp().max() <= 16.0 for layer in tm.ahn)
+    assert all(0.0 < layer.A_log.exp().min() and layer.A_log.exp().max() <= 16.0 for layer in tm.ahn)
     ids = ids_for(80, 7)
     got = student_logits(tm, ids[None], [(9, 4)])[0]
     assert (got - runtime_logits(cfg, sd, ids, "swa", 9, 4)).abs().max().item() < MODEL
+
+
+def test_fresh_gated_deltanet_draws_the_official_distributions():
+    """init_ draws what docs/semantics.md §10 names: exp(A_log) uniform in (0, 16), dt = softplus(dt_bias)
+    log-uniform in [1e-3, 0.1], D = o_norm = 1, a/b/g projections N(0, 0.02), o_proj = 0. 4096 heads, so
+    each share below is checked to 6 sigma (a draw from (1, 16) puts no head below 1: 256 expected)."""
+    H = 4096
+    layer = AHNLayer(8, H, 4).init_(torch.Generator().manual_seed(0))
+    A = layer.A_log.double().exp()
+    assert bool(torch.isfinite(layer.A_log).all()) and 0.0 < A.min() and A.max() <= 16.0
+    for lo, hi in ((0, 1), (0, 8), (4, 12), (15, 16)):
+        share = (hi - lo) / 16
+        got = int(((A >= lo) & (A < hi)).sum())
+        assert abs(got - H * share) < 6 * (H * share * (1 - share)) ** 0.5, (lo, hi, got)
+    log_dt = F.softplus(layer.dt_bias.double()).log()
+    assert log_dt.min() >= torch.log(torch.tensor(1e-3)) - 1e-5 and log_dt.max() <= torch.log(torch.tensor(0.1)) + 1e-5
+    below_mid = int((log_dt < 0.5 * (torch.log(torch.tensor(1e-3)) + torch.log(torch.tensor(0.1)))).sum())
+    assert abs(below_mid - H / 2) < 6 * (H / 4) ** 0.5
+    assert (layer.D == 1).all() and (layer.o_norm.weight == 1).all() and (layer.o_proj.weight == 0).all()
+    for lin in (layer.a_proj, layer.b_proj, layer.g_proj):
+        assert abs(lin.weight.std().item() - 0.02) < 1e-3 and abs(lin.weight.mean().item()) < 1e-3
 
 
 def test_state_dicts_and_checkpointed_gradients():

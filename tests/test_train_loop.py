@@ -33,8 +33,10 @@ from ahn_rt.train import checkpoint as ckpt_io
 from ahn_rt.train.data import (BUDGETS, IGNORE_INDEX, SINK_CHOICES, BudgetSpec, budget_choices, collate,
                                load_dataset, sample_budget)
 from ahn_rt.train.model import TrainModel
-from ahn_rt.train.trainer import Diverged, Progress, Trainer, TrainSettings, lr_at, read_log, truncate_log
+from ahn_rt.train.trainer import (Diverged, Progress, Trainer, TrainSettings, ahn_named_parameters, lr_at, read_log,
+                                  truncate_log)
 from ahn_rt.weights import ahn_shapes
+from oracle import rel_max as rel
 
 KL_RTOL = 1e-4
 DECREASE = 1e-3
@@ -206,6 +208,55 @@ def test_step0_loss_is_kl_of_full_vs_swa_inference(tmp_path, config, base, ce_we
         assert rec["objective"] - rec["loss"] > 0.1      # the CE term is really in the objective
     else:
         assert "objective" not in rec
+
+
+def test_gradient_accumulation_weighs_micro_batches_by_their_loss_positions(tmp_path, config, base):
+    """Micro-batches with different numbers of loss positions (sequences of 80, 20, 60 and 15 tokens): the
+    step's gradient is that of the mean KL over all the step's loss positions (docs/training.md), the same
+    for --batch 4, --batch 2 --grad-accum 2 and --grad-accum 4. The mean of the micro-batches' own means
+    differs from it by far more than the tolerance, so a trainer that averaged those would fail."""
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [80, 20, 60, 15], fixed)
+    g = torch.Generator().manual_seed(4)
+    start = new_model(config, base).ahn_state_dict()
+    start = {k: 0.1 * torch.randn(v.shape, generator=g) if k.endswith("o_proj.weight") else v.clone()
+             for k, v in start.items()}          # o_proj != 0: every AHN tensor but D has a gradient
+
+    def step_grads(batch, grad_accum):
+        tr = Trainer(new_model(config, base, start), data, TrainSettings(
+            steps=1, batch=batch, grad_accum=grad_accum, budget=fixed, max_grad_norm=0.0, warmup_ratio=0.0))
+        got = {}
+        tr.optimizer.step = lambda: got.update({k: p.grad.clone() for k, p in tr.trained})
+        rec = tr.train_step()
+        return rec, got, tr
+
+    rec, ref, tr = step_grads(4, 1)
+    order = tr.cursor._order(len(data), 0)
+    assert sorted(data.length(i) for i in order) == [15, 20, 60, 80]
+    for batch, k in ((2, 2), (1, 4)):
+        rec_k, got, _ = step_grads(batch, k)
+        assert rec_k["loss"] == pytest.approx(rec["loss"], rel=1e-6) and rec_k["valid"] == rec["valid"]
+        for name in ref:
+            assert rel(got[name], ref[name]) < 1e-5, (batch, k, name)
+    # the reference: autograd through dense logits of the pooled mean, and the mean of per-sequence means
+    model = new_model(config, base, start)
+    params = dict(ahn_named_parameters(model))
+    pooled, per_seq, n_all = 0.0, [], 0
+    for i in order:
+        mb = collate([data.seq(i)], [(8, 2)])
+        lt = model.lm_logits(model.forward_teacher(mb.ids)).log_softmax(-1)
+        ls = model.lm_logits(model.forward_student(mb.ids, mb.window, mb.sinks, checkpoint=False)).log_softmax(-1)
+        kl = (lt.exp() * (lt - ls)).sum(-1)[mb.valid]
+        pooled, n_all = pooled + kl.sum(), n_all + kl.numel()
+        per_seq.append(kl.mean())
+    assert n_all == rec["valid"] == sum(n - 11 for n in (80, 20, 60, 15))
+    want = torch.autograd.grad(pooled / n_all, list(params.values()), allow_unused=True, materialize_grads=True,
+                               retain_graph=True)
+    means = torch.autograd.grad(sum(per_seq) / len(per_seq), list(params.values()), allow_unused=True,
+                                materialize_grads=True)
+    for (name, _), w, m in zip(params.items(), want, means):
+        assert rel(ref[name], w) < 1e-5, name
+    assert max(rel(m, w) for w, m in zip(want, means) if w.abs().max() > 0) > 0.05
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class GatedDeltaNetLayer(MemoryLayer):
 
     @torch.no_grad()
     def init_(self, generator=None):
-        """The official initial values (docs/semantics.md §10): A_log = log U(1, 16); dt_bias = softplus^-1
+        """The official initial values (docs/semantics.md §10): A_log = log U(0, 16); dt_bias = softplus^-1
         of dt ~ logU[1e-3, 0.1] floored at 1e-4; D = 1; o_norm = 1; a/b/g projections N(0, 0.02); o_proj = 0.
         Draws on the CPU with ``generator`` (same values on every device)."""
         g = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -44,7 +44,7 @@ class GatedDeltaNetLayer(MemoryLayer):
         def put(p, t):
             p.copy_(t.to(p.device, p.dtype))
 
-        put(self.A_log, torch.log(torch.rand(H, generator=g) * 15 + 1))
+        put(self.A_log, torch.log((1 - torch.rand(H, generator=g)) * 16))   # (0, 16]: never log(0)
         dt = torch.exp(torch.rand(H, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
         put(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
         self.D.fill_(1.0)
