@@ -149,11 +149,16 @@ def linear(x, weight, bias=None):
     a block of weight rows at a time (no float32 copy of a whole LM head), rounded once: the same values
     up to summation order."""
     if _gemm_in_float32(x):
-        xf = x.float()
-        ys = [torch.nn.functional.linear(xf, w.float()) for w in weight.split(16384)]
-        y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
+        y = _linear_float32(x, weight)
         return (y if bias is None else y + bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def _linear_float32(x, weight):
+    """x @ weight^T in float32, a block of weight rows at a time (``linear``'s CPU path)."""
+    xf = x.float()
+    ys = [torch.nn.functional.linear(xf, w.float()) for w in weight.split(16384)]
+    return torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
 
 
 def linear_add_(h, x, weight, bias=None):
@@ -164,10 +169,7 @@ def linear_add_(h, x, weight, bias=None):
     if bias is not None:
         return h.add_(linear(x, weight, bias))
     if _gemm_in_float32(x):
-        xf = x.float()
-        ys = [torch.nn.functional.linear(xf, w.float()) for w in weight.split(16384)]
-        y = torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0]
-        return h.copy_(y.add_(h))
+        return h.copy_(_linear_float32(x, weight).add_(h))
     return h.addmm_(x, weight.t())
 
 
