@@ -654,13 +654,9 @@ def _check_linear_add(monkeypatch, device):
         torch.testing.assert_close(out, want, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"])
 
 
-def test_linear_add_adds_the_residual_in_the_gemm(monkeypatch):
-    _check_linear_add(monkeypatch, "cpu")
-
-
-@pytest.mark.cuda
-def test_linear_add_adds_the_residual_in_the_gemm_cuda(monkeypatch):
-    _check_linear_add(monkeypatch, "cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_add_adds_the_residual_in_the_gemm(monkeypatch, device):
+    _check_linear_add(monkeypatch, device)
 
 
 def test_linear_in_float32_only_where_it_pays(monkeypatch):
