@@ -43,7 +43,7 @@ def test_the_other_modes_answer_with_five_digits(mode):
 
 
 @pytest.mark.parametrize("args, says", [
-    ((), "It lies beyond the sinks + window (32 + 128 tokens)"),
+    ((), "It lies beyond the sinks + window ({S} + {W} tokens)"),
     (("--window", "999"), "It lies beyond the sinks + window (32 + 999 tokens)"),
     (("--window", "1000"), "It lies inside the window (1000 tokens), so every mode sees it"),
     (("--sinks", "305"), "It lies inside the sinks (305 tokens), so every mode sees it"),
@@ -52,7 +52,9 @@ def test_the_other_modes_answer_with_five_digits(mode):
 def test_the_demo_banner_says_where_the_passkey_lies(args, says):
     """The passkey's digits sit at tokens 300..304 of the 1300-token demo prompt: a window of 1000 or more,
     or more than 304 sinks, sees it, and the banner must not claim that only the memory can carry it (it did,
-    whatever --window was). 999 / 1000 is the boundary; the first case is the shipped W and S."""
+    whatever --window was). 999 / 1000 is the boundary; the first case is the shipped W and S (from its config)."""
+    cfg = json.loads((DEMO / "config.json").read_text())
+    says = says.format(S=cfg["num_attn_sinks"], W=cfg["sliding_window"])
     rc, _, err = run("--mode", "swa", "--max-new-tokens", "1", *args)
     assert rc == 0, err
     assert says in err, err

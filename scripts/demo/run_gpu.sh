@@ -11,8 +11,11 @@
 #   eval/{eval.md,eval.json}      the evaluation table and every number (+ pipeline settings and timings)
 #   logs/{teacher_log.jsonl,distill_log.jsonl}
 # Overrides (environment): TEACHER_ARGS (extra teacher-shape flags), DISTILL_ARGS (extra ahn_rt.train flags,
-# e.g. "--decay-init long"), WINDOW (the sliding window in full mode; default 128, the shipped model's), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, TEACHER_LIMIT, DISTILL_LIMIT (seconds, safety
-# stops), PASSKEY_FRAC, DIST_MIN, ANSWER_WEIGHT (the distillation data; ANSWER_WEIGHT: the loss weight of a
+# e.g. "--decay-init long"), WINDOW (the sliding window in full mode; default 32, the shipped model's; 128 the
+# model's shipped until commit 30b2b51), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, DISTILL_STOP
+# (stop the distillation after this step, default 441 as the shipped run; empty: run all), TEACHER_LIMIT,
+# DISTILL_LIMIT (seconds, safety stops), PASSKEY_FRAC, DIST_MIN (default 16), ANSWER_WEIGHT (the distillation
+# data; ANSWER_WEIGHT: the loss weight of a
 # passkey's answer digits, default 1), WORK (intermediate folder), PYTHON, and
 # TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
 # run's merged folder; its AHN tensors are not used), AHN=gdn|dn|mamba2: the memory variant (default gdn;
@@ -20,6 +23,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the student's window through SDPA: FlexAttention's compile would take a fifth of the distillation's budget
+export AHN_RT_TRAIN_ATTENTION=${AHN_RT_TRAIN_ATTENTION:-sdpa}
 PY=${PYTHON:-python3}
 DATA=data/demo
 MODE=full
@@ -27,16 +32,20 @@ MODE=full
 
 if [[ $MODE == full ]]; then
   WORK=${WORK:-$DATA/run}; OUT=${OUT:-$DATA/out}; DEV=cuda
-  L=4096; WIN=${WINDOW:-128}; SINKS=32
+  L=4096; WIN=${WINDOW:-32}; SINKS=32
   T_STEPS=${TEACHER_STEPS:-1800}; T_BATCH=32; T_LIMIT=${TEACHER_LIMIT:-240}
   # TEACHER_ARGS: extra train_teacher.py flags for another teacher shape (e.g. "--kv-heads 5 --mlp 640";
   # the merged file must stay under 15 MiB)
   read -r -a T_SHAPE <<< "${TEACHER_ARGS:-}"
   T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8 "${T_SHAPE[@]}")
-  D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-260}; D_DIST_MIN=${DIST_MIN:-64}
+  D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-320}; D_DIST_MIN=${DIST_MIN:-16}
   read -r -a D_ARGS <<< "${DISTILL_ARGS:-}"
-  D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50 "${D_ARGS[@]}")
-  E_EXTRA=(--n-text 32 --n-passkey 32 --distances 100,256,1000,2000,3500)   # 100: inside W = 128
+  # the shipped stage 1 stopped at step 441 of 600 (its time guard, on an H100): DISTILL_STOP= (empty) runs all
+  D_STOP=${DISTILL_STOP-441}
+  D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50 ${D_STOP:+--stop-after "$D_STOP"}
+           "${D_ARGS[@]}")
+  # the first distance is inside the window (100 at W = 128)
+  E_EXTRA=(--n-text 32 --n-passkey 32 --distances $(( WIN * 25 / 32 )),256,1000,2000,3500)
 else
   WORK=${WORK:-$DATA/smoke}; OUT=${SMOKE_OUT:-$DATA/smoke/out}; DEV=cpu
   L=512; WIN=64; SINKS=16
@@ -114,6 +123,10 @@ if [[ $rc == 124 || $rc == 130 ]]; then
   $PY scripts/demo/merge_resume.py --base "$TEACHER_DIR" --run "$WORK/ahn" --window "$WIN" --sinks "$SINKS"
 elif [[ $rc != 0 ]]; then
   echo "distillation failed (exit $rc)"; exit "$rc"
+elif [[ ! -f "$WORK/ahn/merged/model.safetensors" ]]; then
+  # --stop-after (DISTILL_STOP) ends the run early on purpose (the lr schedule stays that of DISTILL_STEPS)
+  echo "distillation stopped by --stop-after; merging its last resume state"
+  $PY scripts/demo/merge_resume.py --base "$TEACHER_DIR" --run "$WORK/ahn" --window "$WIN" --sinks "$SINKS"
 fi
 done_stage
 echo "$TIMING}" > "$WORK/timing.json"

@@ -2,13 +2,14 @@
 # The recall stages of the demo model (scripts/demo/README.md, stages 6-7), on top of a distilled model:
 #   6. recall: only layer 5's memory (the layer of the teacher's copy heads) trains, from the distilled
 #      memory, on passkey sequences whose 5 answer digits weigh 300 in the loss: 3/4 of them asked
-#      128-4020 tokens after the passkey (beyond the window), 1/4 16-120 tokens after it (inside it, so the
+#      W-4020 tokens after the passkey (beyond the window), 1/4 W/8 to W-8 tokens after it (inside it, so the
 #      memory learns not to override the window's exact answer);
 #   7. text: every layer's memory on the same sequences plus 2,400 without a passkey, lr 2e-3, 150 of 200
-#      planned steps (--stop-after 150, the point the shipped run's time guard stopped it at).
-# Then the evaluation. Needs data/demo/ (build_corpus.py) and the stage-5 model (run_gpu.sh's merged
-# folder; the shipped one's is `git show a7a6a97:weights/demo/model.safetensors` beside weights/demo's
-# config.json and tokenizer.json).
+#      planned steps (--stop-after 150, the point the first shipped run's time guard stopped it at).
+# Then the evaluation. WINDOW (default 32, the shipped model's; 128 gives the model shipped until commit
+# 30b2b51) sets the sliding window of both stages, the far / near passkey distances and the evaluation's
+# inside-the-window distance. Needs data/demo/ (build_corpus.py) and the stage-5 model (run_gpu.sh's merged
+# folder).
 #
 #   FROM=DIR bash scripts/demo/run_recall.sh           # one H200, about 5 minutes
 #   FROM=data/demo/smoke/out/demo bash scripts/demo/run_recall.sh --smoke   # toy size on the CPU, after
@@ -30,10 +31,11 @@ if [[ "${1:-}" == "--smoke" ]]; then
   E_EXTRA=(--n-text 2 --n-passkey 2 --distances 40,200,400 --edges 256)
   FAR=(--dist-min 80); NEAR=(--dist-min 16 --dist-max 56)
 else
-  WORK=${WORK:-$DATA/recall}; OUT=${OUT:-$DATA/recall_out}; DEV=cuda; L=4096; WIN=128; SINKS=32
+  WORK=${WORK:-$DATA/recall}; OUT=${OUT:-$DATA/recall_out}; DEV=cuda; L=4096; WIN=${WINDOW:-32}; SINKS=32
   N_FAR=3600; N_NEAR=1200; N_TEXT=2400; BATCH=32; S_RECALL=400; S_TEXT=200; STOP_TEXT=150; DT=bf16; LAYER=5
-  E_EXTRA=(--n-text 32 --n-passkey 32 --distances 100,256,1000,2000,3500)
-  FAR=(--dist-min 128); NEAR=(--dist-min 16 --dist-max 120)
+  # the first distance is inside the window (25 at W = 32); the near passkeys too (4-24 at W = 32)
+  E_EXTRA=(--n-text 32 --n-passkey 32 --distances $(( WIN * 25 / 32 )),256,1000,2000,3500)
+  FAR=(--dist-min "$WIN"); NEAR=(--dist-min $(( WIN / 8 )) --dist-max $(( WIN - 8 )))
 fi
 mkdir -p "$WORK" "$OUT/demo" "$OUT/eval" "$OUT/logs"
 T0=$(date +%s)
