@@ -353,6 +353,21 @@ def test_run_gpu_script_parses():
     subprocess.run(["bash", "-n", str(DEMO / "compare_variants.sh")], check=True)
 
 
+def test_the_scripts_default_to_the_shipped_window_and_sinks():
+    """run_gpu.sh and run_recall.sh with no overrides reproduce weights/demo (scripts/demo/README.md): their
+    full-size window and sinks are the shipped config's, so a change of either is caught here."""
+    import re
+    cfg = json.loads((ROOT / "weights" / "demo" / "config.json").read_text())
+    for script in ("run_gpu.sh", "run_recall.sh"):
+        text = (DEMO / script).read_text()
+        full = [line for line in text.splitlines() if "L=4096" in line]
+        assert len(full) == 1, (script, full)
+        win = re.search(r"WIN=\$\{WINDOW:-(\d+)\}", full[0])
+        sinks = re.search(r"SINKS=(\d+)", full[0])
+        assert win and sinks, (script, full[0])
+        assert (int(win.group(1)), int(sinks.group(1))) == (cfg["sliding_window"], cfg["num_attn_sinks"]), script
+
+
 def test_variants_table(tmp_path, capsys):
     """compare_variants.sh's table: one row per memory with its AHN parameter count (from the run's AHN-only
     weights) and its steps (the resume step a time guard merged from, else the run's planned steps), the
