@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -356,7 +357,6 @@ def test_run_gpu_script_parses():
 def test_the_scripts_default_to_the_shipped_window_and_sinks():
     """run_gpu.sh and run_recall.sh with no overrides reproduce weights/demo (scripts/demo/README.md): their
     full-size window and sinks are the shipped config's, so a change of either is caught here."""
-    import re
     cfg = json.loads((ROOT / "weights" / "demo" / "config.json").read_text())
     for script in ("run_gpu.sh", "run_recall.sh"):
         text = (DEMO / script).read_text()

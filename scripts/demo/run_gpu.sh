@@ -44,7 +44,7 @@ if [[ $MODE == full ]]; then
   D_STOP=${DISTILL_STOP-441}
   D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50 ${D_STOP:+--stop-after "$D_STOP"}
            "${D_ARGS[@]}")
-  # the first distance is inside the window (100 at W = 128)
+  # the first distance is inside the window (25 at W = 32, 100 at W = 128)
   E_EXTRA=(--n-text 32 --n-passkey 32 --distances $(( WIN * 25 / 32 )),256,1000,2000,3500)
 else
   WORK=${WORK:-$DATA/smoke}; OUT=${SMOKE_OUT:-$DATA/smoke/out}; DEV=cpu
