@@ -617,7 +617,8 @@ def _linear_add_cases(device):
             ("f32", torch.float32, 300, False)]
 
 
-def _check_linear_add(monkeypatch, device):
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_add_adds_the_residual_in_the_gemm(monkeypatch, device):
     """ops.linear_add_ (the prefill's residual GEMMs): h += x @ w^T in place. On the CPU the sum is rounded
     once (the decode GEMV's residual): within half a unit in the last place of the float64 value (plus float32
     summation error), a bound that the two-rounding version (product rounded, then the sum) and the
@@ -652,11 +653,6 @@ def _check_linear_add(monkeypatch, device):
         ops.linear_add_(out, x, w, b)
         want = h + torch.nn.functional.linear(x, w, b)
         torch.testing.assert_close(out, want, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_linear_add_adds_the_residual_in_the_gemm(monkeypatch, device):
-    _check_linear_add(monkeypatch, device)
 
 
 def test_linear_in_float32_only_where_it_pays(monkeypatch):

@@ -1,11 +1,18 @@
 """Runtime options: positions past max_position_embeddings (full attention warns once, docs/semantics.md §9;
 ahn/swa keep going silently, as the official model does) and window/sinks that are not integers."""
+import re
 import warnings
+from pathlib import Path
 
 import torch
 
 from ahn_rt.init_weights import preset_config, random_state_dict
+from ahn_rt import settings
 from ahn_rt.runtime import from_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+# every switch: settings.py's own (its docstring table is the authority) and the C++-only AHN_RT_GEMV_PDL
+SWITCHES = set(settings._CHOICES) | set(settings._KERNEL_FLAGS) | {"AHN_RT_GEMV_PDL"}
 
 # tolerance table: none. Every check here is exact (warning counts, positions, error types).
 
@@ -84,12 +91,7 @@ def test_readme_lists_every_switch_that_settings_knows():
     ahn_rt/settings.py (its docstring table is the authority: the ``_CHOICES`` keys, ``_KERNEL_FLAGS`` and
     AHN_RT_GEMV_PDL), and so do the C++ reads in csrc/; a switch added without a row (or a stale count) fails
     here."""
-    import re
-    from pathlib import Path
-
-    from ahn_rt import settings
-    root = Path(__file__).resolve().parent.parent
-    known = set(settings._CHOICES) | set(settings._KERNEL_FLAGS) | {"AHN_RT_GEMV_PDL"}
+    root, known = ROOT, SWITCHES
     assert len(known) == len(settings._CHOICES) + len(settings._KERNEL_FLAGS) + 1   # no name twice
 
     # settings.py's own docstring table: a row whose first cell names the switch (a long name may take the
@@ -123,12 +125,7 @@ def test_docs_name_only_switches_that_exist_and_python_reads_them_in_settings_al
     not bench/README.md, whose dated results name switches of past experiments) is a switch of ahn_rt/settings.py
     or the build's AHN_RT_WITH_CUDA macro; and no Python module of ahn_rt/ but settings.py reads one from the
     environment (README: "Python reads them in one place")."""
-    import re
-    from pathlib import Path
-
-    from ahn_rt import settings
-    root = Path(__file__).resolve().parent.parent
-    known = set(settings._CHOICES) | set(settings._KERNEL_FLAGS) | {"AHN_RT_GEMV_PDL", "AHN_RT_WITH_CUDA"}
+    root, known = ROOT, SWITCHES | {"AHN_RT_WITH_CUDA"}
     docs = [root / "README.md", root / "weights" / "README.md", root / "scripts" / "demo" / "README.md",
             *sorted((root / "docs").glob("*.md"))]
     for doc in docs:

@@ -118,14 +118,14 @@ timeout -s INT -k 30 "$D_LIMIT" $PY -m ahn_rt.train --base "$TEACHER_DIR" --data
     --window "$WIN" --sinks "$SINKS" --lr "${LR:-2e-3}" --seed 0 --device "$DEV" --merge ${AHN:+--ahn "$AHN"} "${D_EXTRA[@]}"
 rc=$?
 set -e
-if [[ $rc == 124 || $rc == 130 ]]; then
-  echo "WARNING: distillation stopped by its time guard (${D_LIMIT} s); merging its last resume state"
-  $PY scripts/demo/merge_resume.py --base "$TEACHER_DIR" --run "$WORK/ahn" --window "$WIN" --sinks "$SINKS"
-elif [[ $rc != 0 ]]; then
+if [[ $rc != 0 && $rc != 124 && $rc != 130 ]]; then
   echo "distillation failed (exit $rc)"; exit "$rc"
-elif [[ ! -f "$WORK/ahn/merged/model.safetensors" ]]; then
-  # --stop-after (DISTILL_STOP) ends the run early on purpose (the lr schedule stays that of DISTILL_STEPS)
-  echo "distillation stopped by --stop-after; merging its last resume state"
+fi
+# stopped early: by the time guard (exit 124 / 130), or on purpose by --stop-after (DISTILL_STOP; exit 0, no
+# merged folder; the lr schedule stays that of DISTILL_STEPS)
+if [[ $rc != 0 || ! -f "$WORK/ahn/merged/model.safetensors" ]]; then
+  if [[ $rc != 0 ]]; then why="its time guard (${D_LIMIT} s)"; else why="--stop-after"; fi
+  echo "distillation stopped by $why; merging its last resume state"
   $PY scripts/demo/merge_resume.py --base "$TEACHER_DIR" --run "$WORK/ahn" --window "$WIN" --sinks "$SINKS"
 fi
 done_stage
