@@ -335,7 +335,8 @@ __global__ void __launch_bounds__(kSimtThreads, MINB) gemv_simt_kernel(const Gem
 // Blocks of 8 warps, or of 16 when the row tiles (no SiLU pairs) are no more than the SMs (o_proj and down
 // of a 3B layer have 128: at 8 warps per tile that is half a wave of 8-warp blocks, with the SMs idle on
 // loads; a 16-warp block at up to 128 registers still fits an SM). Warps that split K for one row tile
-// (1, 2, 4, 8 or 16): the fewest that still give about kMmaTargetWarps warps in all. Both depend on the
+// (1, 2, 4, 8 or 16): the fewest that still give about kMmaTargetWarps warps in all, and at most two for
+// the SiLU pair tiles of gate_up (measured no slower at batch 1 and faster at batch 16). Both depend on the
 // shape and the device alone (never on B), so a row's summation order does too.
 constexpr int kMmaWarps = 8;
 constexpr int kMmaWideWarps = 16;
@@ -683,7 +684,7 @@ template <typename T, int MT, int NT, int U, bool XADD, bool EARLY = false>
 void launch_mma(const GemvParams& p, cudaStream_t stream) {
   const int64_t tiles = ((p.silu_mul ? p.N_out : p.N) + 15) / 16;
   const int warps = mma_block_warps(tiles, MT);
-  const int ks = mma_split(tiles, warps);
+  const int ks = MT == 2 ? std::min(2, mma_split(tiles, warps)) : mma_split(tiles, warps);
   const int64_t blocks = (tiles + warps / ks - 1) / (warps / ks);
   const bool wvec = p.K % 8 == 0 && (reinterpret_cast<uintptr_t>(p.weight) & 15) == 0;
   const int xs_vs = mma_staged_row(p, warps / ks);
