@@ -23,8 +23,8 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_GEMV_SIMT     | CUDA gemv, every call  | 0; 1: bf16 / fp16 on the CUDA-core kernel (a bench A/B)         |
 | AHN_RT_GEMV_X_UNSTAGED                        | 0; 1: the tensor-core kernel never stages the normalized x in   |
 |                      | CUDA gemv, every call  | shared memory; each warp normalizes its own (a bench A/B)       |
-| AHN_RT_DECODE_PDL    | CUDA decode_prep,      | 0; 1: those kernels launch with programmatic dependent launch   |
-|                      | swa_decode, gdn_decode | (each waits first; a bench A/B)                                 |
+| AHN_RT_DECODE_PDL    | CUDA decode_prep,      | 1: those kernels launch with programmatic dependent launch      |
+|                      | swa_decode, gdn_decode | (each waits first); 0: plain launches (a bench A/B)             |
 |                      | once                   |                                                                 |
 | AHN_RT_GDN_GENERIC   | CUDA gdn_decode, once  | 0; 1: force the generic kernel (an A/B switch for benches)      |
 | AHN_RT_GDN_SCAN_SIMT | CUDA gdn_chunk_scan,   | 0; 1: the CUDA-core float32 scan where the tensor-core one      |
@@ -53,9 +53,10 @@ _CHOICES = {
 }
 
 
-# env_flag's (on/off)
+# env_flag's (on/off); those of _KERNEL_FLAGS_ON are on when unset or empty, the others off
 _KERNEL_FLAGS = ("AHN_RT_GEMV_SIMT", "AHN_RT_GEMV_X_UNSTAGED", "AHN_RT_DECODE_PDL", "AHN_RT_GDN_GENERIC",
                  "AHN_RT_GDN_SCAN_SIMT")
+_KERNEL_FLAGS_ON = ("AHN_RT_DECODE_PDL",)
 
 
 class SettingsError(_Base):
@@ -117,4 +118,4 @@ def kernel_flag(name: str) -> bool:
     if name not in _KERNEL_FLAGS:
         raise KeyError(name)
     v = os.environ.get(name, "")
-    return v != "" and v[0] != "0"
+    return name in _KERNEL_FLAGS_ON if v == "" else v[0] != "0"

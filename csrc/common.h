@@ -529,12 +529,13 @@ constexpr int64_t kGemvMaxRows = 32;
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers shared by the host entry functions and the CUDA launchers.
 // ---------------------------------------------------------------------------------------------
-// A kernel A/B switch from the environment (AHN_RT_GEMV_SIMT, AHN_RT_GDN_GENERIC, ...): true when `name` is set
-// to a non-empty value that does not start with '0'. Reads the environment on every call; a caller that
-// wants one value for the whole process caches the result.
-inline bool env_flag(const char* name) {
+// A kernel A/B switch from the environment (AHN_RT_GEMV_SIMT, AHN_RT_GDN_GENERIC, ...): `on_by_default` when
+// `name` is unset or empty, else true unless its value starts with '0'. Reads the environment on every call; a
+// caller that wants one value for the whole process caches the result.
+inline bool env_flag(const char* name, bool on_by_default = false) {
   const char* v = std::getenv(name);
-  return v != nullptr && v[0] != '\0' && v[0] != '0';
+  if (v == nullptr || v[0] == '\0') return on_by_default;
+  return v[0] != '0';
 }
 
 #if defined(AHN_RT_WITH_CUDA)

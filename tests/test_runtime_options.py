@@ -4,6 +4,7 @@ import re
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from ahn_rt.init_weights import preset_config, random_state_dict
@@ -86,6 +87,25 @@ def test_a_bad_model_switch_is_refused_at_load_on_the_cpu_too(monkeypatch):
     from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
 
 
+def test_kernel_flags_read_as_the_cpp_env_flag_does(monkeypatch):
+    """kernel_flag: unset or empty gives the flag's default (on for _KERNEL_FLAGS_ON: AHN_RT_DECODE_PDL),
+    a value starting with '0' is off, any other value on; a name that is not an on/off flag is a KeyError."""
+    assert set(settings._KERNEL_FLAGS_ON) <= set(settings._KERNEL_FLAGS)
+    for name in settings._KERNEL_FLAGS:
+        default = name in settings._KERNEL_FLAGS_ON
+        monkeypatch.delenv(name, raising=False)
+        assert settings.kernel_flag(name) is default
+        monkeypatch.setenv(name, "")
+        assert settings.kernel_flag(name) is default
+        monkeypatch.setenv(name, "0")
+        assert settings.kernel_flag(name) is False
+        monkeypatch.setenv(name, "1")
+        assert settings.kernel_flag(name) is True
+    assert settings._KERNEL_FLAGS_ON == ("AHN_RT_DECODE_PDL",)   # the one measured faster on than off
+    with pytest.raises(KeyError):
+        settings.kernel_flag("AHN_RT_GEMV_PDL")   # three settings, read by csrc/host/gemv.cpp alone
+
+
 def test_readme_lists_every_switch_that_settings_knows():
     """README's "Environment switches": the count it states and its table name exactly the switches of
     ahn_rt/settings.py (its docstring table is the authority: the ``_CHOICES`` keys, ``_KERNEL_FLAGS`` and
@@ -116,7 +136,9 @@ def test_readme_lists_every_switch_that_settings_knows():
     # what the C++ side reads: env_flag's names are _KERNEL_FLAGS, getenv's AHN_RT_GEMV_PDL alone
     csrc = "\n".join(p.read_text(encoding="utf-8") for p in sorted((root / "csrc").rglob("*"))
                      if p.suffix in (".cpp", ".h", ".cu", ".cuh"))
-    assert set(re.findall(r'env_flag\("(AHN_RT_[A-Z_]+)"\)', csrc)) == set(settings._KERNEL_FLAGS)
+    reads = re.findall(r'env_flag\("(AHN_RT_[A-Z_]+)"(, true)?\)', csrc)
+    assert {name for name, _ in reads} == set(settings._KERNEL_FLAGS)
+    assert {name for name, on in reads if on} == set(settings._KERNEL_FLAGS_ON)   # the defaults agree too
     assert set(re.findall(r'getenv\("(AHN_RT_[A-Z_]+)"\)', csrc)) == {"AHN_RT_GEMV_PDL"}
 
 

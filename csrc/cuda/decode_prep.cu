@@ -17,7 +17,7 @@ constexpr int kPrepThreads = 128;
 
 template <typename T>
 __global__ void __launch_bounds__(kPrepThreads) decode_prep_kernel(const DecodePrepParams p0) {
-  pdl_wait();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
+  pdl_wait();  // a no-op without PDL (AHN_RT_DECODE_PDL=0); everything below may need the previous kernel
   const DecodePrepParams p = p0.row(blockIdx.y);  // grid y: row of a batched call
   __shared__ float red[32];
   const int64_t pos = *p.pos;

@@ -73,7 +73,7 @@ __device__ __forceinline__ void sum_over_rows(float (&v)[4], float (*red)[W], fl
 // T: q/k/v dtype (the model dtype), TP: o_proj dtype, W: state columns per block.
 template <typename T, typename TP, int W>
 __global__ void __launch_bounds__(kThreads) gdn_decode_kernel(const GdnDecodeParams p0) {
-  pdl_wait();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
+  pdl_wait();  // a no-op without PDL (AHN_RT_DECODE_PDL=0); everything below may need the previous kernel
   const GdnDecodeParams p = p0.row(blockIdx.z);  // grid z: row of a batched call
   constexpr int TX = W / 4;                          // threads across a row (4 columns each)
   constexpr int TY = kThreads / TX;                  // row lanes
@@ -291,7 +291,7 @@ __device__ __forceinline__ void unpack16(const uint4& raw, float (&w)[VE]) {
 // T: q/k/v (model) dtype, TP: o_proj dtype.
 template <typename T, typename TP, int DK, int DV, int NS, int NT>
 __global__ void __launch_bounds__(NT) gdn_fast_kernel(const GdnDecodeParams p0) {
-  pdl_wait();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
+  pdl_wait();  // a no-op without PDL (AHN_RT_DECODE_PDL=0); everything below may need the previous kernel
   const GdnDecodeParams p = p0.row(blockIdx.z);  // grid z: row of a batched call
   using C = GdnFast<DK, DV, NS, NT, TP>;
   constexpr int W = C::W, TX = C::TX, TY = C::TY, R = C::R, NWARP = C::NWARP, VE = C::VE, VPR = C::VPR,

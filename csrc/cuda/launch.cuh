@@ -42,12 +42,12 @@ inline cudaError_t launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, si
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-// PDL for decode_prep, swa_decode and gdn_decode: off unless AHN_RT_DECODE_PDL=1 (read once). Those kernels
+// PDL for decode_prep, swa_decode and gdn_decode: on unless AHN_RT_DECODE_PDL=0 (read once). Those kernels
 // wait first (pdl_wait) and never call pdl_launch_dependents: the next kernel is scheduled as their blocks
-// exit, so only the launch itself overlaps. (Letting it be scheduled right after the wait measured slower than
-// plain launches: bench/README.md, eleventh session.) An A/B switch for experiments.
+// exit, so only the launch itself overlaps (about 1% of a batch-1 step; letting it be scheduled right after
+// the wait measured slower: bench/README.md).
 inline bool decode_pdl_on() {
-  static const bool on = env_flag("AHN_RT_DECODE_PDL");
+  static const bool on = env_flag("AHN_RT_DECODE_PDL", true);
   return on;
 }
 

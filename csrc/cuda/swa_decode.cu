@@ -95,7 +95,7 @@ __device__ __forceinline__ bool aligned16(const void* p, int64_t s0, int64_t s1,
 // the whole split is one memory round trip), then the scores [G][chunk].
 template <typename T, int DT>
 __global__ void __launch_bounds__(kThreads) swa_split_scalar_kernel(const SwaDecodeParams p0) {
-  pdl_wait();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
+  pdl_wait();  // a no-op without PDL (AHN_RT_DECODE_PDL=0); everything below may need the previous kernel
   const SwaDecodeParams p = p0.row(blockIdx.y / p0.Hkv);  // grid y: (row, kv head)
   constexpr int LPK = DT / 8;   // lanes per key (each owns 8 dims)
   constexpr int KPW = 32 / LPK; // keys per warp step
@@ -314,7 +314,7 @@ static_assert(kTile == 16 * kWarps, "each warp owns 16 keys of a tile");
 // The 16-byte row pad puts the 8 rows that one ldmatrix reads in 8 different bank groups.
 template <typename T, int DT>
 __global__ void __launch_bounds__(kThreads) swa_split_mma_kernel(const SwaDecodeParams p0) {
-  pdl_wait();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
+  pdl_wait();  // a no-op without PDL (AHN_RT_DECODE_PDL=0); everything below may need the previous kernel
   const SwaDecodeParams p = p0.row(blockIdx.y / p0.Hkv);  // grid y: (row, kv head)
   constexpr int LD = DT + 8;
   constexpr int LDO = DT + 4;  // fp32 rows of the cross-warp merge buffer
@@ -529,7 +529,7 @@ constexpr int kCombineWarps = kCombineThreads / 32;
 
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) swa_combine_kernel(const SwaDecodeParams p0) {
-  pdl_wait();  // a no-op unless launched with PDL (AHN_RT_DECODE_PDL=1); everything below may need the previous kernel
+  pdl_wait();  // a no-op without PDL (AHN_RT_DECODE_PDL=0); everything below may need the previous kernel
   const SwaDecodeParams p = p0.row(blockIdx.z);  // grid z: row
   extern __shared__ float s_w[];  // [nsplit]
   __shared__ float red[32];
