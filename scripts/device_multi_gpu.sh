@@ -8,7 +8,7 @@
 #   bash scripts/device_multi_gpu.sh            # everything in one call (planned ~7.5 min on two H200s)
 #   bash scripts/device_multi_gpu.sh prep one   # or phase by phase: prep one ddp fsdp report (files stay in
 #                                               # $WORK, so later phases need the same warm machine)
-#   SMOKE=1 bash scripts/device_multi_gpu.sh    # the whole pipeline at toy size on the CPU (gloo), ~40 s
+#   SMOKE=1 bash scripts/device_multi_gpu.sh    # the whole pipeline at toy size on the CPU (gloo), ~30 s
 #
 # Time: the phases share BUDGET seconds (570: one device call is at most 600); a phase that would start with
 # less than 60 s left is skipped and the report says "not run", so a slow machine still returns what ran.

@@ -11,7 +11,7 @@
 # inside-the-window distance. Needs data/demo/ (build_corpus.py) and the stage-5 model (run_gpu.sh's merged
 # folder).
 #
-#   FROM=DIR bash scripts/demo/run_recall.sh           # one H200, about 5 minutes
+#   FROM=DIR bash scripts/demo/run_recall.sh           # one H100 / H200, about 4 minutes
 #   FROM=data/demo/smoke/out/demo bash scripts/demo/run_recall.sh --smoke   # toy size on the CPU, after
 #                                                      # run_gpu.sh --smoke (its 2-layer model: layer 1)
 #
