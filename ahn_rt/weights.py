@@ -31,10 +31,10 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import Config, load_json, parse_config
-from .errors import AhnError
+from .errors import AhnError, as_int
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # The stored dtypes a weight may have (safetensors' names): converted to the runtime dtype at load. An integer,
@@ -227,8 +227,10 @@ def _refuse_pickle(path: Path):
 
 
 def check_safetensors(path: Path, fix: str = "re-download or re-export it"):
-    """A readable header, and a file at least as long as the header says (catches truncation); ``fix``
-    ends the error's line (what to do about it)."""
+    """A readable header, a file at least as long as the header says (catches truncation), and a header the
+    safetensors library accepts (a list, an entry without two offsets, an unknown dtype, a shape its bytes do
+    not hold, metadata that is not strings: its SafetensorError was a traceback); ``fix`` ends the error's
+    line (what to do about it)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -239,10 +241,17 @@ def check_safetensors(path: Path, fix: str = "re-download or re-export it"):
             if n > size - 8 or n > 100 * 2**20:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        # the end of the data, from the entries that have two integer offsets (safe_open judges the rest)
+        offsets = [v.get("data_offsets") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        end = max((o[1] for o in offsets if isinstance(o, list) and len(o) == 2 and as_int(o[1]) is not None),
+                  default=0)
         if 8 + n + end > size:
             raise ValueError(f"truncated: {size} bytes, header needs {8 + n + end}")
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, SafetensorError) as e:
         raise AhnError(f"{path} is not a valid safetensors file ({str(e).splitlines()[0]}); {fix}") from None
 
 

@@ -284,7 +284,7 @@ def parse_args(argv=None):
     if bad:
         ap.error(f"--skip: unknown {', '.join(sorted(bad))}")
     if a.quick:
-        a.contexts = a.contexts or "1k,32k"
+        a.contexts = "1k,32k" if a.contexts is None else a.contexts
         a.steps, a.warmup = min(a.steps, 16), min(a.warmup, 3)
         a.prefill = "2k" if a.prefill == "2k,32k" else a.prefill
         a.ref_contexts = "1k" if a.ref_contexts == "1k,32k" else a.ref_contexts
@@ -294,7 +294,7 @@ def parse_args(argv=None):
     elif a.hf_compile is None:
         a.hf_compile = True
     try:   # depths and prompt lengths: 1k = 1024, each >= 1 (a depth < 1 crashed natively in fill_random)
-        a.ctx = token_list(a.contexts, "--contexts") if a.contexts else None
+        a.ctx = token_list(a.contexts, "--contexts") if a.contexts is not None else None
         a.prefill = token_list(a.prefill, "--prefill")
         if a.prefill_long and 131072 not in a.prefill:   # --prefill 128k --prefill-long: one pp131072 row
             a.prefill.append(131072)
@@ -304,7 +304,7 @@ def parse_args(argv=None):
         a.batch_sizes = int_list(a.batch_sizes, "--batch-sizes")
     except ValueError as e:
         ap.error(str(e))
-    a.preset = a.preset or "qwen2.5-3b"
+    a.preset = "qwen2.5-3b" if a.preset is None else a.preset
     check_model_args(ap, a)
     return a
 

@@ -234,7 +234,8 @@ def parse_args(argv=None):
     if args.preset not in PRESETS:
         ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
     try:
-        args.lengths = token_list(args.prefill or ("2k,32k" if args.quick else "2k,32k,128k"), "--prefill")
+        default = "2k,32k" if args.quick else "2k,32k,128k"   # (an empty --prefill is an error, not this)
+        args.lengths = token_list(default if args.prefill is None else args.prefill, "--prefill")
         args.chunks = token_list(args.chunk_sizes, "--chunk-sizes") if args.chunk_sizes is not None else [None]
     except ValueError as e:
         ap.error(str(e))

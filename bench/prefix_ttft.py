@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, profile one more cached request (torch.profiler tables on stderr)")
     args = ap.parse_args(argv)
-    args.preset = args.preset or "tiny"
+    args.preset = "tiny" if args.preset is None else args.preset
     if args.ahn is not None and args.weights is None:
         ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
     check_exists(args.weights, "--weights")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if cache_bytes < 1:
         ap.error(f"--cache-bytes must be > 0 (the cached case needs a cache), got {args.cache_bytes!r}")
-    dev = check_device(args.device or "cuda",
+    dev = check_device("cuda" if args.device is None else args.device,
                        cpu_hint="; for the CPU smoke run: --device cpu --preset tiny --prefix-tokens 4096")
     try:
         need = least_bytes(args)

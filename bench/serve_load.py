@@ -207,11 +207,11 @@ def main(argv=None) -> int:
         check_exists(args.weights, "--weights")
         check_exists(args.ahn, "--ahn")
         # before weights are written: a machine without a GPU would write them and serve them on the CPU
-        check_device(args.device or "cuda", cpu_hint="; for the CPU smoke run: --preset tiny --device cpu "
-                                                      "--max-tokens 16 --prompt-tokens 64")
+        check_device("cuda" if args.device is None else args.device,
+                     cpu_hint="; for the CPU smoke run: --preset tiny --device cpu --max-tokens 16 --prompt-tokens 64")
         if args.weights is None:
             from ahn_rt.init_weights import PRESETS
-            args.preset = args.preset or "qwen2.5-3b"
+            args.preset = "qwen2.5-3b" if args.preset is None else args.preset
             if args.preset not in PRESETS:
                 ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")
     if args.json:   # before the run, so that its results are never lost at the end
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
             print(f"[serve_load] writing random {args.preset} weights and the Qwen2.5 tokenizer to {out}",
                   file=sys.stderr)
             if init_weights(["--preset", args.preset, "--ahn", "gdn", "--tokenizer", "qwen2.5", "--dtype",
-                             args.dtype or "bf16", "--out", out]) != 0:
+                             "bf16" if args.dtype is None else args.dtype, "--out", out]) != 0:
                 tmp.cleanup()
                 return 2
             weights = out

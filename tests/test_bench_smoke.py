@@ -352,6 +352,26 @@ def test_serve_load_bad_options(capsys):
     assert "--prompt-tokens 10000000000 x --concurrency 16 needs at least" in line, line
 
 
+def test_an_empty_option_is_an_error_not_the_default(capsys, monkeypatch):
+    # an unset shell variable ("--contexts $DEPTHS"): each of these ran the default instead (decode_latency every
+    # depth to 128k, prefix_ttft and serve_load on the GPU or the random --preset weights of the default)
+    import ahn_rt.init_weights
+    pt = _bench("prefix_ttft")
+    monkeypatch.setattr(pt, "measure", lambda *a: pytest.fail("prefix_ttft ran"))
+    monkeypatch.setattr(ahn_rt.init_weights, "main", lambda *a: pytest.fail("serve_load wrote weights"))
+    for flag in ("--contexts", "--preset"):
+        with pytest.raises(SystemExit) as e:
+            _bench("decode_latency").parse_args(["--device", "cpu", "--quick", flag, ""])
+        assert flag in _error_line(e.value.code, capsys.readouterr().err)
+    assert "--prefill needs at least one" in _main_error(capsys, "prefill_bench", "--prefill", "")
+    for module, args, want in (("prefix_ttft", ["--device", ""], "--device '' is not a device"),
+                               ("prefix_ttft", ["--device", "cpu", "--preset", ""], "preset ''"),
+                               ("serve_load", ["--device", ""], "--device '' is not a device"),
+                               ("serve_load", ["--device", "cpu", "--preset", ""], "--preset ''")):
+        line = _main_error(capsys, module, *args)
+        assert want in line, line
+
+
 def test_serve_load_shows_the_servers_error(tmp_path):
     # this was "RuntimeError: the server did not start:" and the server's stderr below a traceback
     garbage = tmp_path / "model.safetensors"

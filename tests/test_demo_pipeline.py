@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -467,3 +468,27 @@ def test_recall_probe_trains_only_the_chosen_heads():
         assert torch.equal(after[norm], start[norm]) == bool(heads)
     assert moved["1"] and {h for _, h in moved["1"]} == {1}
     assert {h for _, h in moved[""]} == {0, 1} and {n for n, _ in moved["1"]} <= {n for n, _ in moved[""]}
+
+
+
+@pytest.mark.parametrize("window,sinks", [(0, 32), (512, -1), (2**31 - 1, 32)])
+def test_merge_resume_refuses_a_window_no_loader_takes_before_writing(tmp_path, window, sinks):
+    """merge_resume --window 0 (or --sinks -1, or more cache slots than a state holds) wrote config.json with
+    that value over the run's outputs, exit 0: a model no loader takes. Now one line, exit 2, nothing
+    touched."""
+    base, run, data = ROOT / "weights" / "demo", tmp_path / "run", tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"def f(x):\n    return x + {i}\n" * 12}) + "\n" for i in range(2)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run_(*args):
+        return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+    r = run_("-m", "ahn_rt.train", "--base", base, "--data", data, "--out", run, "--steps", 1, "--seq-len", 64,
+             "--window", 8, "--sinks", 2, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    r = run_(DEMO / "merge_resume.py", "--base", base, "--run", run, "--window", window, "--sinks", sinks)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --"), r.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert not (run / "merged").exists()

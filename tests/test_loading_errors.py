@@ -172,6 +172,26 @@ def test_corrupt_header(how):
     expect_error(d)
 
 
+@pytest.mark.parametrize("header", [
+    [1, 2],                                                                  # not an object
+    {"a": {"dtype": "F32", "shape": [2], "data_offsets": []}},              # no two offsets
+    {"a": {"dtype": "XX", "shape": [2], "data_offsets": [0, 8]}},           # an unknown dtype
+    {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},          # a shape its bytes do not hold
+    {"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}},         # a negative offset
+    {"__metadata__": {"config": 5}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+], ids=["list", "no-offsets", "dtype", "shape", "negative-offset", "metadata-not-string"])
+def test_header_json_that_is_no_safetensors_header(header):
+    """A header that is JSON the safetensors library refuses: an AhnError naming the file (was a raw
+    AttributeError / IndexError / SafetensorError traceback), for weights and --ahn alike."""
+    d = scratch("bad-header")
+    f = os.path.join(d, "model.safetensors")
+    h = json.dumps(header).encode()
+    with open(f, "wb") as out:
+        out.write(len(h).to_bytes(8, "little") + h + bytes(8))
+    expect_error(f, must_name=(f, "not a valid safetensors file"))
+    expect_error(base(SPEC), ahn=f, must_name=(f, "not a valid safetensors file"))
+
+
 class _Trap:
     """Unpickling this object creates a marker file: proves whether a checkpoint was unpickled."""
     def __init__(self, marker):

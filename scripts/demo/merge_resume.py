@@ -8,21 +8,37 @@ OUT/partial.json so that a partial run is never mistaken for a finished one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from ahn_rt.cli import ArgParser
+from ahn_rt.config import check_cache_slots
+from ahn_rt.errors import AhnError
+
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True)
     ap.add_argument("--run", required=True, help="the trainer's --out folder")
     ap.add_argument("--window", type=int, required=True)
     ap.add_argument("--sinks", type=int, required=True)
     args = ap.parse_args(argv)
+    try:
+        return merge(args)
+    except AhnError as e:   # a damaged resume state or base: one line (the outputs are written last)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def merge(args) -> int:
+    # before anything is written: the outputs replace the run's model.safetensors and config.json, and a
+    # config with sliding_window 0 or num_attn_sinks -1 is one no loader takes
+    if args.window < 1 or args.sinks < 0:
+        raise AhnError(f"--window must be >= 1 and --sinks >= 0, got --window {args.window} --sinks {args.sinks}")
+    check_cache_slots(args.window, args.sinks, names=("--window", "--sinks"))
     from ahn_rt import weights as W
     from ahn_rt.train import checkpoint as ckpt_io
     run = Path(args.run)
