@@ -32,7 +32,8 @@ This module uses only the standard library, so that setup.py can read it without
 
 The last six are kernel A/B switches that the C++ side reads: AHN_RT_GEMV_PDL in csrc/host/gemv.cpp (unset
 and empty differ from 0 there), the other five through ``env_flag`` (csrc/common.h); ``kernel_flag`` reads
-them as ``env_flag`` does, for benchmarks that label their rows.
+them as ``env_flag`` does, for benchmarks that label their rows. They take 0, 1 or nothing (unset or empty:
+the default); ``check`` refuses any other value, which the C++ side would read as on.
 """
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ _CHOICES = {
 _KERNEL_FLAGS = ("AHN_RT_GEMV_SIMT", "AHN_RT_GEMV_X_UNSTAGED", "AHN_RT_DECODE_PDL", "AHN_RT_GDN_GENERIC",
                  "AHN_RT_GDN_SCAN_SIMT")
 _KERNEL_FLAGS_ON = ("AHN_RT_DECODE_PDL",)
+# every kernel switch (the on/off ones and AHN_RT_GEMV_PDL) takes 0, 1 or nothing (unset or empty: its
+# default); the C++ side would read any other value ("false", "off") as on, so they are refused here
+KERNEL_SWITCHES = _KERNEL_FLAGS + ("AHN_RT_GEMV_PDL",)
+_FLAG_VALUES = ("", "0", "1")
 
 
 class SettingsError(_Base):
@@ -65,16 +70,19 @@ class SettingsError(_Base):
 
 
 def _read(name: str) -> str:
-    value = os.environ.get(name, _CHOICES[name][0]).strip()
-    if value not in _CHOICES[name]:
-        allowed = ", ".join(v or "unset" for v in _CHOICES[name])
-        raise SettingsError(f"{name}={value!r} is not one of {allowed}")
+    if name in KERNEL_SWITCHES:   # read as the C++ side reads it: no stripping
+        value, allowed = os.environ.get(name, ""), _FLAG_VALUES
+    else:
+        value, allowed = os.environ.get(name, _CHOICES[name][0]).strip(), _CHOICES[name]
+    if value not in allowed:
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(v or 'unset' for v in allowed)}")
     return value
 
 
 def check(*names: str):
-    """SettingsError (one line) when one of these switches (names of the table above, read through
-    ``_CHOICES``) has a value it does not take: for commands that check their switches before any work."""
+    """SettingsError (one line) when one of these switches (names of the table above: ``_CHOICES`` keys or
+    ``KERNEL_SWITCHES``) has a value it does not take: for commands that check their switches before any
+    work."""
     for name in names:
         _read(name)
 
@@ -117,5 +125,5 @@ def kernel_flag(name: str) -> bool:
     AHN_RT_GEMV_PDL: unset, 0 and 1 are three settings there."""
     if name not in _KERNEL_FLAGS:
         raise KeyError(name)
-    v = os.environ.get(name, "")
-    return name in _KERNEL_FLAGS_ON if v == "" else v[0] != "0"
+    v = _read(name)
+    return name in _KERNEL_FLAGS_ON if v == "" else v == "1"

@@ -32,8 +32,10 @@ if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one 
 # ArgParser re-exported: every bench's parser; interrupted: serve_load's Ctrl-C after its own cleanup
 from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
 from ahn_rt.errors import AhnError, out_of_memory  # noqa: E402,F401
+from ahn_rt import settings  # noqa: E402
 
-RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN", "AHN_RT_DECODE_FORK")
+RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN", "AHN_RT_DECODE_FORK",
+                    *settings.KERNEL_SWITCHES)
 
 
 def fail(msg: str, code: int = 2):
@@ -56,7 +58,6 @@ def script_start(names=RUNTIME_SWITCHES):
 def check_settings(names=RUNTIME_SWITCHES):
     """Exit with one line when one of these switches has a value it does not take (ahn_rt reads some of
     them at import, where the error would be a traceback)."""
-    from ahn_rt import settings
     try:
         settings.check(*names)
     except settings.SettingsError as e:

@@ -84,12 +84,22 @@ def test_a_bad_model_switch_is_refused_at_load_on_the_cpu_too(monkeypatch):
             monkeypatch.setenv(name, good)
             from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
         monkeypatch.delenv(name)
+    # the kernel switches: the C++ side reads any value but 0 as on, so "off" would turn one on
+    for name in settings.KERNEL_SWITCHES:
+        for bad in ("off", "false", "2", " 0"):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(SettingsError, match=rf"^{name}='{bad}' is not one of unset, 0, 1$"):
+                from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
+        monkeypatch.setenv(name, "0")
+        from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
+        monkeypatch.delenv(name)
     from_state_dict(cfg, sd, mode="ahn", window=8, sinks=2, dtype="float32")
 
 
 def test_kernel_flags_read_as_the_cpp_env_flag_does(monkeypatch):
     """kernel_flag: unset or empty gives the flag's default (on for _KERNEL_FLAGS_ON: AHN_RT_DECODE_PDL),
-    a value starting with '0' is off, any other value on; a name that is not an on/off flag is a KeyError."""
+    0 is off, 1 on, anything else a SettingsError (the C++ side would read "off" as on); a name that is not
+    an on/off flag is a KeyError."""
     assert set(settings._KERNEL_FLAGS_ON) <= set(settings._KERNEL_FLAGS)
     for name in settings._KERNEL_FLAGS:
         default = name in settings._KERNEL_FLAGS_ON
@@ -101,6 +111,9 @@ def test_kernel_flags_read_as_the_cpp_env_flag_does(monkeypatch):
         assert settings.kernel_flag(name) is False
         monkeypatch.setenv(name, "1")
         assert settings.kernel_flag(name) is True
+        monkeypatch.setenv(name, "off")
+        with pytest.raises(settings.SettingsError):
+            settings.kernel_flag(name)
     assert settings._KERNEL_FLAGS_ON == ("AHN_RT_DECODE_PDL",)   # the one measured faster on than off
     with pytest.raises(KeyError):
         settings.kernel_flag("AHN_RT_GEMV_PDL")   # three settings, read by csrc/host/gemv.cpp alone
