@@ -33,6 +33,32 @@ class ArgParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def typed_number(convert, minimum, what, strict=False, maximum=None):
+    """An argparse type: `convert`(text) >= minimum (> minimum when strict), at most `maximum` when given,
+    and finite, else a one-line usage error."""
+    def parse(text):
+        try:
+            v = convert(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if v != v or v < minimum or (strict and v == minimum):   # NaN, or below the minimum
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text!r}")
+        if maximum is not None and v > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text!r}")
+        if v == float("inf"):   # a budget of inf seconds: JSON's Infinity, which strict readers refuse
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        return v
+    parse.__name__ = what
+    return parse
+
+
+positive_int = typed_number(int, 1, "an integer")
+nonneg_int = typed_number(int, 0, "an integer")
+positive_float = typed_number(float, 0, "a number", strict=True)
+nonneg_float = typed_number(float, 0, "a number")
+fraction = typed_number(float, 0, "a number", maximum=1)   # a share: a number in [0, 1]
+
+
 def interrupted(signum=None, frame=None):
     """Leave at once: one line on stderr, exit 130 (nothing half-written: every writer is atomic)."""
     try:

@@ -31,6 +31,8 @@ if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one 
 
 # ArgParser re-exported: every bench's parser; interrupted: serve_load's Ctrl-C after its own cleanup
 from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
+# the argparse types of a number (shared with scripts/demo): re-exported for the benches
+from ahn_rt.cli import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: E402,F401
 from ahn_rt.errors import AhnError, out_of_memory  # noqa: E402,F401
 from ahn_rt import settings  # noqa: E402
 
@@ -126,28 +128,6 @@ def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
             raise ValueError(f"{flag}: every value must be >= {minimum}, got {v}")
         out.append(v)
     return _once(out, items, flag)
-
-
-def _typed(convert, minimum, what, strict=False):
-    """An argparse type: `convert`(text) >= minimum (> minimum when strict), else a one-line usage error."""
-    def parse(text):
-        try:
-            v = convert(text)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if v != v or v < minimum or (strict and v == minimum):   # NaN, or below the minimum
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text!r}")
-        if v == float("inf"):   # a budget of inf seconds: JSON's Infinity, which strict readers refuse
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        return v
-    parse.__name__ = what
-    return parse
-
-
-positive_int = _typed(int, 1, "an integer")
-nonneg_int = _typed(int, 0, "an integer")
-positive_float = _typed(float, 0, "a number", strict=True)
-nonneg_float = _typed(float, 0, "a number")
 
 
 def seed_arg(text: str) -> int:

@@ -9,23 +9,28 @@ table in weights/README.md); runs on a 2-core CPU in about 15 seconds.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import make_prompt  # noqa: E402
+from demo_args import ArgParser, need_folder, nonneg_int, positive_int, run  # noqa: E402
 
 MODES = ("full", "swa", "ahn")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default="weights/demo")
-    ap.add_argument("--distance", type=int, default=1000)
-    ap.add_argument("--seeds", type=int, default=12, help="seeds 0 .. N-1")
-    args = ap.parse_args(argv)
+    ap.add_argument("--distance", type=nonneg_int, default=1000)
+    ap.add_argument("--seeds", type=positive_int, default=12, help="seeds 0 .. N-1")
+    return run(seeds_table, ap.parse_args(argv))
+
+
+def seeds_table(args) -> int:
+    need_folder(args.weights, "--weights", "the demo model's folder (weights/demo)",
+                ["config.json", "model.safetensors", "tokenizer.json"])
     import ahn_rt
     prompts = [make_prompt.build(args.distance, s, tokenizer=os.path.join(args.weights, "tokenizer.json"))[:2]
                for s in range(args.seeds)]

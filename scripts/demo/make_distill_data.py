@@ -15,7 +15,6 @@ takes the loss at positions t >= S + W.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -25,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import longrange  # noqa: E402
+from demo_args import (AhnError, ArgParser, check_out_file, check_tokens, fraction,  # noqa: E402
+                       need_data, nonneg_float, nonneg_int, positive_int, run, seed_arg, write_text)
 
 
 def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer_weight: float = 1.0,
@@ -57,40 +58,56 @@ def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo")
     ap.add_argument("--split", default="distill", choices=["train", "distill", "heldout"])
     ap.add_argument("--out", required=True, help="output .jsonl")
-    ap.add_argument("--num", type=int, required=True, help="number of sequences")
-    ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--passkey-frac", type=float, default=1.0)
-    ap.add_argument("--dist-min", type=int, default=None, help="smallest passkey distance (default: any)")
-    ap.add_argument("--dist-max", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--answer-weight", type=float, default=1.0,
+    ap.add_argument("--num", type=positive_int, required=True, help="number of sequences")
+    ap.add_argument("--seq-len", type=positive_int, default=4096)
+    ap.add_argument("--passkey-frac", type=fraction, default=1.0)
+    ap.add_argument("--dist-min", type=nonneg_int, default=None, help="smallest passkey distance (default: any)")
+    ap.add_argument("--dist-max", type=nonneg_int, default=None)
+    ap.add_argument("--seed", type=seed_arg, default=1)
+    ap.add_argument("--answer-weight", type=nonneg_float, default=1.0,
                     help="loss weight of a passkey's answer digits (default 1: no weights written)")
-    ap.add_argument("--text-weight", type=float, default=1.0,
+    ap.add_argument("--text-weight", type=nonneg_float, default=1.0,
                     help="loss weight of every token that is not an answer digit (default 1)")
     ap.add_argument("--stats", help="also write the counts as JSON to this file")
     args = ap.parse_args(argv)
-    data = Path(args.data)
+    if args.answer_weight == 0 and args.text_weight == 0:
+        ap.error("--answer-weight 0 with --text-weight 0 leaves no loss at all")
+    return run(write_data, args)
+
+
+def write_data(args) -> int:
+    data = need_data(args.data, [args.split])
+    check_out_file(args.out, "--out")
+    check_out_file(args.stats, "--stats")
     t = longrange.Templates.from_data(data)
     tokens = longrange.load_tokens(data / f"{args.split}.bin")
+    check_tokens(tokens, args.seq_len, args.split)
+    if args.dist_min is not None and args.dist_max is not None and args.dist_min > args.dist_max:
+        raise AhnError(f"--dist-min {args.dist_min} is above --dist-max {args.dist_max}")
+    if args.passkey_frac > 0:    # the sampler's distances: [--dist-min, --dist-max] clipped to what fits
+        low, top = t.min_distance(), t.max_distance(args.seq_len)
+        if top < low:
+            raise AhnError(f"--seq-len {args.seq_len} is too short for a passkey (it needs {low - top + args.seq_len} "
+                           "tokens or more); give a longer --seq-len, or --passkey-frac 0")
+        if max(low, args.dist_min or 0) > min(top, top if args.dist_max is None else args.dist_max):
+            raise AhnError(f"no passkey distance in [--dist-min, --dist-max] = "
+                           f"[{'any' if args.dist_min is None else args.dist_min}, "
+                           f"{'any' if args.dist_max is None else args.dist_max}] "
+                           f"fits sequences of {args.seq_len} tokens (they take {low} to {top})")
     sampler = longrange.SequenceSampler(tokens, args.seq_len, t, seed=args.seed, passkey_frac=args.passkey_frac,
                                         dist_min=args.dist_min, dist_max=args.dist_max)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for flag, v in (("--answer-weight", args.answer_weight), ("--text-weight", args.text_weight)):
-        if not (0 <= v < float("inf")):
-            ap.error(f"{flag} {v}: give a finite number >= 0")
-    if args.answer_weight == 0 and args.text_weight == 0:
-        ap.error("--answer-weight 0 with --text-weight 0 leaves no loss at all")
     stats = write_jsonl(out, sampler, args.num, args.answer_weight, args.text_weight)
     stats.update(split=args.split, split_tokens=len(tokens), seq_len=args.seq_len, seed=args.seed,
                  passkey_frac=args.passkey_frac, answer_weight=args.answer_weight, text_weight=args.text_weight)
     print("[distill-data] " + json.dumps(stats), flush=True)
     if args.stats:
-        Path(args.stats).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+        write_text(args.stats, json.dumps(stats, indent=1) + "\n")
     return 0
 
 

@@ -10,7 +10,6 @@ The expected answer and the measured distance go to stderr.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np  # noqa: E402
 
 import build_corpus  # noqa: E402
 import longrange  # noqa: E402
+from demo_args import ArgParser, AhnError, need_file, nonneg_int, run, seed_arg  # noqa: E402
 
 
 def heldout_text(min_tokens: int, tok) -> list[int]:
@@ -37,24 +37,41 @@ def heldout_text(min_tokens: int, tok) -> list[int]:
 
 
 def build(distance: int, seed: int, key_pos: int = 300, tokenizer: str = "weights/demo/tokenizer.json"):
-    """The prompt text (up to the question) and its passkey item (``.text``, ``.key_pos``, ``.distance``)."""
+    """The prompt text (up to the question) and its passkey item (``.text``, ``.key_pos``, ``.distance``).
+    AhnError (before any work) for a tokenizer that is not one, a distance or key position that does not fit."""
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(tokenizer)
-    t = longrange.Templates.from_tokenizer(tokenizer)
+    need_file(tokenizer, "--tokenizer", "a tokenizer.json (the demo model's: weights/demo/tokenizer.json)")
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+        t = longrange.Templates.from_tokenizer(tokenizer)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception type
+        raise AhnError(f"--tokenizer {tokenizer} is not a usable tokenizer.json ({str(e).splitlines()[0][:160]}); "
+                       "give the demo model's, weights/demo/tokenizer.json") from None
+    if key_pos < len(t.statement):
+        raise AhnError(f"--key-pos must be >= {len(t.statement)} (the passkey line comes before it), got {key_pos}")
     L = key_pos + distance + longrange.N_DIGITS
+    if distance < t.min_distance():
+        raise AhnError(f"--distance must be >= {t.min_distance()} (the question line right after the passkey "
+                       f"line), got {distance}")
     filler = np.asarray(heldout_text(L, tok), dtype=np.int64)
+    if len(filler) < L:
+        raise AhnError(f"--distance {distance}: the held-out text has {len(filler):,} tokens, too few for a prompt "
+                       f"of {L}; give a smaller --distance or --key-pos")
     ids, item = longrange.insert_passkey(filler, L, distance, np.random.default_rng(seed), t,
                                          min_start=key_pos - len(t.statement), key_pos=key_pos)
     return tok.decode(ids[:item.answer_pos].tolist(), skip_special_tokens=False), item, tok
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", default="weights/demo/tokenizer.json")
-    ap.add_argument("--distance", type=int, default=2000, help="tokens from the stated to the asked passkey")
-    ap.add_argument("--key-pos", type=int, default=300, help="token position of the stated passkey")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--distance", type=nonneg_int, default=2000, help="tokens from the stated to the asked passkey")
+    ap.add_argument("--key-pos", type=nonneg_int, default=300, help="token position of the stated passkey")
+    ap.add_argument("--seed", type=seed_arg, default=0)
+    return run(write_prompt, ap.parse_args(argv))
+
+
+def write_prompt(args) -> int:
     text, item, tok = build(args.distance, args.seed, args.key_pos, args.tokenizer)
     again = tok.encode(text, add_special_tokens=False).ids
     sys.stdout.write(text)

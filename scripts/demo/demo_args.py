@@ -1,0 +1,194 @@
+"""What the demo scripts' command lines share (as bench/bench_args.py for the benches), so that a user's
+mistake ends the script before any work with one line on stderr, "error: <problem and what to do>", exit
+status 2, no traceback:
+
+* ``ArgParser`` and the number types (ahn_rt.cli): usage errors and bad numbers in one line; ``seed_arg``;
+* ``int_list``: a comma list of integers (distances, edges, layers);
+* ``need_file`` / ``need_data`` / ``need_model``: inputs checked before any work;
+* ``check_out_file`` / ``check_out_dir``: an output checked for writability before a long run;
+  ``write_text`` writes a file atomically at the end;
+* ``run``: a script's body, its ``AhnError`` (every check above raises one) printed as one line, exit 2.
+
+Standard library only at import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ahn_rt.cli import ArgParser, fraction, nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401
+from ahn_rt.errors import AhnError
+
+SEED_MAX = 2 ** 64 - 1   # numpy's generators take no negative seed, torch.manual_seed nothing past 2**64 - 1
+
+
+def run(body, args) -> int:
+    """``body(args)``; an AhnError (a user's mistake) is one line on stderr, exit 2."""
+    try:
+        return body(args)
+    except AhnError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: an integer in [0, 2**64 - 1] (numpy refused a negative one mid-run)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1], got {text!r}")
+    return v
+
+
+def int_list(text: str, flag: str, minimum: int = 0, maximum: int | None = None, ascending: bool = False,
+             hint: str = "") -> list[int]:
+    """A comma list of integers in [minimum, maximum], each once (increasing when ``ascending``); AhnError
+    naming ``flag`` otherwise (an empty list too: an unset shell variable)."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise AhnError(f"{flag} is empty; give a comma list of integers such as {hint or '1,2'}")
+    out = []
+    for x in items:
+        try:
+            v = int(x)
+        except ValueError:
+            raise AhnError(f"{flag}: {x!r} is not an integer; give a comma list such as {hint or '1,2'}") from None
+        if v < minimum or (maximum is not None and v > maximum):
+            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise AhnError(f"{flag}: every value must be {bounds}, got {v}")
+        if v in out:
+            raise AhnError(f"{flag}: {v} is given twice; name each value once")
+        if ascending and out and v < out[-1]:
+            raise AhnError(f"{flag}: give the values in increasing order, got {v} after {out[-1]}")
+        out.append(v)
+    return out
+
+
+def need_file(path, flag: str, what: str) -> Path:
+    """``path`` as a Path, when it is an existing file; else AhnError naming ``flag`` and ``what`` it is."""
+    if path is None or not str(path).strip():
+        raise AhnError(f"{flag} is empty; give {what}")
+    p = Path(path)
+    if not p.is_file():
+        why = "is a folder" if p.is_dir() else "does not exist"
+        raise AhnError(f"{flag} {path} {why}; give {what}")
+    return p
+
+
+def need_folder(path, flag: str, what: str, files=()) -> Path:
+    """``path`` as a Path, when it is a folder holding ``files``; else AhnError."""
+    if path is None or not str(path).strip():
+        raise AhnError(f"{flag} is empty; give {what}")
+    p = Path(path)
+    if not p.is_dir():
+        raise AhnError(f"{flag} {path} {'is a file' if p.exists() else 'does not exist'}; give {what}")
+    missing = [f for f in files if not (p / f).is_file()]
+    if missing:
+        raise AhnError(f"{flag} {path} has no {', '.join(missing)}; give {what}")
+    return p
+
+
+def read_json(path: Path, flag: str, what: str):
+    """The JSON in ``path``, or AhnError naming ``flag`` (a damaged or empty file)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AhnError(f"{flag}: {path} is not readable JSON ({str(e).splitlines()[0] if str(e) else e}); "
+                       f"give {what}") from None
+
+
+def need_data(path, splits=("heldout",), flag: str = "--data") -> Path:
+    """A folder of build_corpus.py holding manifest.json and ``splits`` (.bin), else AhnError."""
+    what = "a folder written by scripts/demo/build_corpus.py"
+    p = need_folder(path, flag, what, ["manifest.json"] + [f"{s}.bin" for s in splits])
+    m = read_json(p / "manifest.json", flag, what)
+    if not isinstance(m, dict) or "templates" not in m and not (p / "tokenizer.json").is_file():
+        raise AhnError(f"{flag} {path}: manifest.json has no passkey templates and there is no tokenizer.json; "
+                       f"give {what}")
+    return p
+
+
+def need_model(path, flag: str = "--model") -> dict:
+    """The config.json of a checkpoint folder, else AhnError."""
+    what = "a checkpoint folder (config.json, model.safetensors)"
+    p = need_folder(path, flag, what, ["config.json"])
+    cfg = read_json(p / "config.json", flag, what)
+    if not isinstance(cfg, dict):
+        raise AhnError(f"{flag} {path}: config.json is not a JSON object; give {what}")
+    return cfg
+
+
+def _writable_parent(p: Path, flag: str, path) -> Path:
+    """The nearest existing folder above ``p`` (AhnError when a file is in the way)."""
+    try:
+        parent = p.parent
+        while not parent.exists():
+            parent = parent.parent
+    except OSError as e:
+        raise AhnError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another path") from None
+    if not parent.is_dir():
+        raise AhnError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+    return parent
+
+
+def check_out_file(path, flag: str):
+    """AhnError unless a file can be written at ``path``, checked before a long run rather than after it: not
+    a folder, and a file can be created in the nearest existing folder above it (made by ``write_text``)."""
+    if path is None:
+        return
+    if not str(path).strip():
+        raise AhnError(f"{flag} is empty; give a file path (or leave {flag} out)")
+    p = Path(path)
+    if p.is_dir():
+        raise AhnError(f"{flag} {path} is a folder; give a file path")
+    parent = _writable_parent(p, flag, path)
+    try:     # what os.access cannot tell (root, /proc, a read-only mount): create a file there and remove it
+        fd, probe = tempfile.mkstemp(prefix=".ahn_rt-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AhnError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another path") from None
+
+
+def check_out_dir(path, flag: str = "--out"):
+    """AhnError unless ``path`` is a folder, or can be made one, that files can be written in."""
+    if not str(path).strip():
+        raise AhnError(f"{flag} is empty; give a folder")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise AhnError(f"{flag} {path} is a file; give a folder")
+    parent = p if p.is_dir() else _writable_parent(p, flag, path)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ahn_rt-probe-", dir=parent))
+    except OSError as e:
+        raise AhnError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another folder") from None
+
+
+def check_distance(d: int, L: int, t, flag: str = "--distances"):
+    """AhnError unless a passkey at distance ``d`` fits a sequence of ``L`` tokens (templates ``t``)."""
+    lo, hi = t.min_distance(), t.max_distance(L)
+    if hi < lo:
+        raise AhnError(f"no passkey fits a sequence of {L} tokens (it needs {lo - hi + L} or more); "
+                       "give a longer --seq-len")
+    if not lo <= d <= hi:
+        raise AhnError(f"{flag}: distance {d} does not fit a sequence of {L} tokens; give one between {lo} and {hi} "
+                       "(or a longer --seq-len)")
+
+
+def check_tokens(tokens, L: int, split: str, flag: str = "--seq-len"):
+    """AhnError unless the ``split`` token array holds more than one sequence of ``L`` tokens."""
+    if len(tokens) <= L:
+        raise AhnError(f"{flag} {L}: the {split} split has only {len(tokens):,} tokens, too few for a sequence "
+                       f"of {L}; give a shorter {flag}")
+
+
+def write_text(path, text: str):
+    """Write ``path`` atomically (its folder made); AhnError with one line on failure."""
+    from ahn_rt.weights import atomic_write_text
+    atomic_write_text(path, text)
