@@ -19,7 +19,6 @@ Writes a markdown table (--out-md) and every number (--out-json).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,6 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import longrange  # noqa: E402
+from demo_args import (AhnError, ArgParser, check_distance, check_out_file, check_tokens, int_list,  # noqa: E402
+                       need_data, need_model, nonneg_int, positive_int, read_json, run, seed_arg, write_text)
 
 MODES = ("full", "swa", "ahn")
 
@@ -214,18 +215,18 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="merged demo folder (base + AHN); full/swa need only a base")
     ap.add_argument("--data", default="data/demo")
     ap.add_argument("--modes", default="full,swa,ahn")
-    ap.add_argument("--window", type=int, help="default: the model config's sliding_window")
-    ap.add_argument("--sinks", type=int, help="default: the model config's num_attn_sinks")
-    ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--n-text", type=int, default=32)
-    ap.add_argument("--n-passkey", type=int, default=32)
+    ap.add_argument("--window", type=positive_int, help="default: the model config's sliding_window")
+    ap.add_argument("--sinks", type=nonneg_int, help="default: the model config's num_attn_sinks")
+    ap.add_argument("--seq-len", type=positive_int, default=4096)
+    ap.add_argument("--n-text", type=positive_int, default=32)
+    ap.add_argument("--n-passkey", type=nonneg_int, default=32)
     ap.add_argument("--distances", default="256,1000,2000,3500")
     ap.add_argument("--edges", default="1024,2048", help="position buckets of the text loss")
-    ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--seed", type=seed_arg, default=2024)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help="default: the checkpoint's (bf16)")
     ap.add_argument("--no-greedy-check", action="store_true")
@@ -233,30 +234,55 @@ def main(argv=None) -> int:
                     help="copy a JSON file into the report under pipeline.NAME (repeatable)")
     ap.add_argument("--out-md")
     ap.add_argument("--out-json")
-    args = ap.parse_args(argv)
+    return run(evaluate_all, ap.parse_args(argv))
 
-    import ahn_rt
-    from ahn_rt import ops
-    data = Path(args.data)
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
+
+def evaluate_all(args) -> int:
+    # every input and output checked before the first model loads (a bad --out-md was found after the run)
+    cfg = need_model(args.model)
+    data = need_data(args.data)
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            raise AhnError(f"--modes: {m!r} is not a mode; give a comma list of {', '.join(MODES)}")
+    if not modes or len(set(modes)) != len(modes):
+        raise AhnError(f"--modes {args.modes!r}: name each mode once, e.g. full,swa,ahn")
     window = args.window or cfg.get("sliding_window")
     sinks = args.sinks if args.sinks is not None else cfg.get("num_attn_sinks")
     if window is None or sinks is None:
-        ap.error("the model config has no sliding_window / num_attn_sinks: pass --window and --sinks")
-    t = longrange.Templates.from_data(data)
-    heldout = longrange.load_tokens(data / "heldout.bin")
+        raise AhnError("the model config has no sliding_window / num_attn_sinks: pass --window and --sinks")
     L = args.seq_len
+    if window + sinks >= L - 1:
+        raise AhnError(f"--seq-len {L} leaves no position past the sinks + window ({sinks} + {window}) to score; "
+                       f"give a --seq-len above {window + sinks + 1}")
+    t = longrange.Templates.from_data(data)
+    distances = int_list(args.distances, "--distances", hint="256,1000")
+    for d in distances:
+        check_distance(d, L, t)
+    edges = int_list(args.edges, "--edges", 1, ascending=True, hint="1024,2048")
+    attached = {}
+    for spec in args.attach:
+        name, eq, path = spec.partition("=")
+        if not name or not eq or not path:
+            raise AhnError(f"--attach {spec!r}: give NAME=FILE.json")
+        p = Path(path)    # a record a run did not write (an optional step) is attached as null
+        attached[name] = read_json(p, "--attach", "a JSON file") if p.is_file() else None
+    check_out_file(args.out_md, "--out-md")
+    check_out_file(args.out_json, "--out-json")
+
+    import ahn_rt
+    from ahn_rt import ops
+    heldout = longrange.load_tokens(data / "heldout.bin")
+    check_tokens(heldout, L, "heldout")
     text_seqs = longrange.eval_text_sequences(heldout, L, args.n_text)
-    distances = [int(d) for d in args.distances.split(",") if d]
     passkey_seqs = longrange.eval_passkey_sequences(heldout, L, distances, args.n_passkey, t, seed=args.seed)
-    edges = [int(e) for e in args.edges.split(",") if e]
     start = window + sinks
     report = {"meta": {"model": str(args.model), "seq_len": L, "window": window, "sinks": sinks,
                        "n_text": args.n_text, "n_passkey": args.n_passkey, "distances": distances,
                        "seed": args.seed, "chance_exact": longrange.CHANCE, "chance_digit": 0.1,
                        "heldout_tokens": int(len(heldout))},
               "modes": {}}
-    for mode in [m for m in args.modes.split(",") if m]:
+    for mode in modes:
         kw = {} if mode == "full" else {"window": window, "sinks": sinks}
         model = ahn_rt.load(args.model, mode=mode, device=args.device, dtype=args.dtype, **kw)
         report["meta"].update(device=str(model.device), dtype=str(model.config.dtype).replace("torch.", ""),
@@ -268,16 +294,14 @@ def main(argv=None) -> int:
         print(f"[eval] {mode}: text loss {res['text_loss']:.4f}; passkey exact {pk}; {res['seconds']} s", flush=True)
         del model
     report["gap_recovered"] = gap_recovered(report["modes"])
-    for spec in args.attach:
-        name, _, path = spec.partition("=")
-        p = Path(path)
-        report.setdefault("pipeline", {})[name] = json.loads(p.read_text()) if p.is_file() else None
+    for name, value in attached.items():
+        report.setdefault("pipeline", {})[name] = value
     md = markdown(report)
     print(md, flush=True)
     if args.out_md:
-        Path(args.out_md).write_text(md, encoding="utf-8")
+        write_text(args.out_md, md)
     if args.out_json:
-        Path(args.out_json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_text(args.out_json, json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -22,11 +22,9 @@ memory recovers, (swa - ahn) / (swa - full). The whole-sequence row repeats eval
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import longrange  # noqa: E402
+from demo_args import (AhnError, ArgParser, check_out_file, check_tokens, need_data, need_model,  # noqa: E402
+                       positive_int, run, write_text)
 from evaluate import RuntimeForward, token_nll  # noqa: E402
 
 CLASSES = ("visible", "beyond", "unseen")
@@ -99,11 +99,11 @@ def markdown(meta: dict, rows: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="merged demo folder (base + AHN)")
     ap.add_argument("--data", default="data/demo", help="folder of build_corpus.py (heldout.bin)")
-    ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--n-text", type=int, default=16)
+    ap.add_argument("--seq-len", type=positive_int, default=4096)
+    ap.add_argument("--n-text", type=positive_int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--ngram", type=int, default=2, help="class by this n-gram ending at the next token (>= 2)")
@@ -112,12 +112,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.ngram < 2:
         ap.error(f"--ngram must be >= 2, got {args.ngram}")
+    return run(gap_anatomy, args)
+
+
+def gap_anatomy(args) -> int:
+    cfg = need_model(args.model)
+    if "sliding_window" not in cfg or "num_attn_sinks" not in cfg:
+        raise AhnError(f"--model {args.model}: its config.json has no sliding_window / num_attn_sinks; give a "
+                       "merged demo folder (base + AHN)")
+    window, sinks = cfg["sliding_window"], cfg["num_attn_sinks"]
+    if window + sinks >= args.seq_len - 1:
+        raise AhnError(f"--seq-len {args.seq_len} leaves no position past the sinks + window ({sinks} + {window}); "
+                       f"give a --seq-len above {window + sinks + 1}")
+    heldout = longrange.load_tokens(need_data(args.data) / "heldout.bin")
+    check_tokens(heldout, args.seq_len, "heldout")
+    check_out_file(args.out_md, "--out-md")
+    check_out_file(args.out_json, "--out-json")
 
     import ahn_rt
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
-    window, sinks = cfg["sliding_window"], cfg["num_attn_sinks"]
-    seqs = longrange.eval_text_sequences(longrange.load_tokens(Path(args.data) / "heldout.bin"), args.seq_len,
-                                         args.n_text)
+    seqs = longrange.eval_text_sequences(heldout, args.seq_len, args.n_text)
     start = window + sinks
     nll = {}
     for mode in MODES:
@@ -135,10 +148,9 @@ def main(argv=None) -> int:
     md = markdown(meta, rows)
     print(md, flush=True)
     if args.out_md:
-        Path(args.out_md).write_text(md, encoding="utf-8")
+        write_text(args.out_md, md)
     if args.out_json:
-        Path(args.out_json).write_text(json.dumps({"meta": meta, "classes": rows}, indent=1) + "\n",
-                                       encoding="utf-8")
+        write_text(args.out_json, json.dumps({"meta": meta, "classes": rows}, indent=1) + "\n")
     return 0
 
 
