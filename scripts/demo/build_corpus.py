@@ -22,7 +22,6 @@ Running it twice gives byte-identical outputs (``--check`` compares against an e
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -142,10 +141,11 @@ def build(root: Path, out: Path, *, vocab_size=4096, heldout_permille=20, distil
           log=print) -> dict:
     import numpy as np
     root, out = Path(root), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     files, skipped = list_sources(root)
     if not files:
-        raise SystemExit(f"no .py files under {root}")
+        from ahn_rt.errors import AhnError
+        raise AhnError(f"no usable .py files under {root}; give a folder of Python sources")
+    out.mkdir(parents=True, exist_ok=True)
     splits: dict[str, list[tuple[str, str]]] = {"train": [], "distill": [], "heldout": []}
     for rel, text in files:
         splits[split_of(rel, heldout_permille, distill_permille)].append((rel, text))
@@ -187,19 +187,41 @@ def build(root: Path, out: Path, *, vocab_size=4096, heldout_permille=20, distil
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from demo_args import ArgParser, run, typed_number
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stdlib", default=None, help="source folder (default: this Python's stdlib)")
     ap.add_argument("--out", default="data/demo")
-    ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--heldout-permille", type=int, default=20)
-    ap.add_argument("--distill-permille", type=int, default=100)
+    # the byte alphabet and the special tokens at least; ids are stored as uint16
+    ap.add_argument("--vocab-size", type=typed_number(int, 256 + len(SPECIAL_TOKENS), "an integer", maximum=2 ** 16),
+                    default=4096)
+    ap.add_argument("--heldout-permille", type=typed_number(int, 1, "an integer", maximum=1000), default=20,
+                    help="files per thousand held out for the evaluation (1 to 1000)")
+    ap.add_argument("--distill-permille", type=typed_number(int, 0, "an integer", maximum=1000), default=100)
     ap.add_argument("--check", action="store_true",
                     help="fail unless the outputs' sha256 equal those of the manifest already in --out")
     args = ap.parse_args(argv)
+    if args.heldout_permille + args.distill_permille > 1000:
+        ap.error(f"--heldout-permille {args.heldout_permille} + --distill-permille {args.distill_permille} is "
+                 "more than 1000 (the whole corpus)")
+    return run(build_checked, args)
+
+
+def build_checked(args) -> int:
+    """The inputs and --out checked before the minute of work, then ``build``."""
+    from ahn_rt.errors import AhnError
+    from demo_args import check_out_dir, need_folder, read_json
     out = Path(args.out)
+    if args.stdlib is not None:
+        need_folder(args.stdlib, "--stdlib", "a folder of .py sources (or leave --stdlib out)")
+    check_out_dir(out)
     before = None
     if args.check:
-        before = json.loads((out / "manifest.json").read_text())["sha256"]
+        what = "an --out folder with the manifest.json of an earlier build to check against"
+        manifest = read_json(need_folder(out, "--out", what, ["manifest.json"]) / "manifest.json", "--out", what)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+            raise AhnError(f"--out {out}: manifest.json has no sha256 record; give {what}")
+        before = manifest["sha256"]
     m = build(Path(args.stdlib) if args.stdlib else stdlib_dir(), out, vocab_size=args.vocab_size,
               heldout_permille=args.heldout_permille, distill_permille=args.distill_permille)
     for name, digest in m["sha256"].items():

@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ahn_rt.cli import ArgParser, fraction, nonneg_float, nonneg_int, positive_float, positive_int  # noqa: F401
+from ahn_rt.cli import (ArgParser, fraction, nonneg_float, nonneg_int, positive_float, positive_int,  # noqa: F401
+                        typed_number)
 from ahn_rt.errors import AhnError
 
 SEED_MAX = 2 ** 64 - 1   # numpy's generators take no negative seed, torch.manual_seed nothing past 2**64 - 1
