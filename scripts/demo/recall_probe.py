@@ -21,7 +21,6 @@ which the heads share, stays fixed).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,6 +33,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import longrange  # noqa: E402
+from demo_args import (AhnError, ArgParser, check_distance, check_out_file, check_tokens, int_list,  # noqa: E402
+                       need_data, need_model, nonneg_float, nonneg_int, positive_float, positive_int, run,
+                       write_text)
 
 
 def load_teacher(model_dir: str, decay_init: str = "official", seed: int = 0, with_ahn: bool = False):
@@ -227,37 +229,73 @@ def evaluate(model, held, templates, a) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=("heads", "train"))
     ap.add_argument("--model", default="weights/demo")
     ap.add_argument("--data", default="data/demo")
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--window", type=int, default=128)
-    ap.add_argument("--sinks", type=int, default=32)
+    ap.add_argument("--seq-len", type=positive_int, default=1024)
+    ap.add_argument("--window", type=positive_int, default=128)
+    ap.add_argument("--sinks", type=nonneg_int, default=32)
     ap.add_argument("--distances", default="300,700")
-    ap.add_argument("--n-passkey", type=int, default=24)
-    ap.add_argument("--n-text", type=int, default=16)
+    ap.add_argument("--n-passkey", type=positive_int, default=24)
+    ap.add_argument("--n-text", type=positive_int, default=16)
     ap.add_argument("--layers", default="", help="comma list of the layers whose memory trains (default: all)")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--answer-weight", type=float, default=1.0)
-    ap.add_argument("--text-weight", type=float, default=0.0)
+    ap.add_argument("--steps", type=positive_int, default=150)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--lr", type=positive_float, default=5e-3)
+    ap.add_argument("--answer-weight", type=nonneg_float, default=1.0)
+    ap.add_argument("--text-weight", type=nonneg_float, default=0.0)
     ap.add_argument("--decay-init", default="long", choices=("official", "long"))
     ap.add_argument("--init-from-model", action="store_true",
                     help="start from the --model checkpoint's own memory (default: a fresh one)")
     ap.add_argument("--heads", default="", help="train only these memory heads of --layers (e.g. 0,1); the "
                                                 "output norm, shared by the heads, stays fixed")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", help="write every number as JSON here")
     a = ap.parse_args(argv)
+    if a.answer_weight == 0 and a.text_weight == 0:
+        ap.error("--answer-weight 0 with --text-weight 0 leaves no loss at all")
+    return run(probe, a)
+
+
+def check_args(a) -> Path:
+    """Every option checked against the model and the data before any work; returns the data folder."""
+    cfg = need_model(a.model)
+    splits = ["heldout", "distill"] if a.what == "train" else ["heldout"]
+    data = need_data(a.data, splits)
+    if a.window + a.sinks >= a.seq_len - 1:
+        raise AhnError(f"--seq-len {a.seq_len} leaves no position past --sinks + --window ({a.sinks} + {a.window}); "
+                       f"give a --seq-len above {a.window + a.sinks + 1}")
+    t = longrange.Templates.from_data(data)
+    for d in int_list(a.distances, "--distances", hint="300,700"):
+        check_distance(d, a.seq_len, t)
+    if a.what == "train" and a.window + 40 > t.max_distance(a.seq_len):
+        raise AhnError(f"--window {a.window}: the training passkeys sit at distance --window + 40 or more, beyond "
+                       f"the {t.max_distance(a.seq_len)} that fits a sequence of {a.seq_len} tokens; give a smaller "
+                       "--window or a longer --seq-len")
+    n_layers = cfg.get("num_hidden_layers")
+    if a.layers:
+        int_list(a.layers, "--layers", 0, None if n_layers is None else n_layers - 1, hint="1,4")
+    if a.heads:
+        int_list(a.heads, "--heads", 0, hint="0,1")
+    for split in splits:
+        check_tokens(longrange.load_tokens(data / f"{split}.bin"), a.seq_len, split)
+    check_out_file(a.out, "--out")
+    return data
+
+
+def probe(a) -> int:
+    data = check_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    data = Path(a.data)
     templates = longrange.Templates.from_data(data)
     held = longrange.load_tokens(data / "heldout.bin")
     config, model = load_teacher(a.model, a.decay_init, with_ahn=a.init_from_model)
+    if a.heads:   # the memory's heads (a GatedDeltaNet-style memory: A_log holds one value per head)
+        H = getattr(model.ahn[0], "A_log", None)
+        if H is not None and max(int_list(a.heads, "--heads")) >= H.shape[0]:
+            raise AhnError(f"--heads: the memory has {H.shape[0]} heads (0 to {H.shape[0] - 1}), got {a.heads}")
     t0 = time.time()
     if a.what == "heads":
         seqs = longrange.eval_passkey_sequences(held, a.seq_len, [int(a.distances.split(",")[-1])], a.n_passkey,
@@ -279,7 +317,7 @@ def main(argv=None) -> int:
     result["args"] = vars(a)
     result["seconds"] = round(time.time() - t0, 1)
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_text(a.out, json.dumps(result, indent=1) + "\n")
     return 0
 
 
