@@ -18,7 +18,6 @@ The shape is chosen so that the merged demo checkpoint (this base + the AHN memo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import longrange  # noqa: E402
+from demo_args import (AhnError, ArgParser, check_out_dir, check_tokens, fraction, need_data,  # noqa: E402
+                       nonneg_float, nonneg_int, positive_float, positive_int, run, seed_arg)
 
 SHAPE_DEFAULTS = dict(hidden=320, layers=6, heads=5, kv_heads=1, head_dim=64, mlp=768, rope_theta=10000.0)
 
@@ -121,34 +122,43 @@ def evaluate(model, heldout, L, n_text, passkey_dist, n_pass, templates, device,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo", help="folder of build_corpus.py (train.bin, heldout.bin, tokenizer.json)")
     ap.add_argument("--out", required=False, help="output checkpoint folder")
-    ap.add_argument("--steps", type=int, default=1800)
-    ap.add_argument("--batch", type=int, default=32, help="sequences per step")
-    ap.add_argument("--micro-batch", type=int, default=0, help="sequences per forward (default: --batch)")
-    ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--passkey-frac", type=float, default=0.5)
+    ap.add_argument("--steps", type=positive_int, default=1800)
+    ap.add_argument("--batch", type=positive_int, default=32, help="sequences per step")
+    ap.add_argument("--micro-batch", type=nonneg_int, default=0, help="sequences per forward (default: --batch)")
+    ap.add_argument("--seq-len", type=positive_int, default=4096)
+    ap.add_argument("--lr", type=positive_float, default=1.5e-3)
+    ap.add_argument("--min-lr-ratio", type=fraction, default=0.1)
+    ap.add_argument("--warmup", type=nonneg_int, default=100)
+    ap.add_argument("--weight-decay", type=nonneg_float, default=0.1)
+    ap.add_argument("--seed", type=seed_arg, default=0)
+    ap.add_argument("--passkey-frac", type=fraction, default=0.5)
     for k, v in SHAPE_DEFAULTS.items():
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+        ap.add_argument("--" + k.replace("_", "-"), type=positive_int if isinstance(v, int) else positive_float,
+                        default=v)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=["bf16", "float32"], default=None,
                     help="bf16 autocast (default on cuda) or plain float32 (default on cpu)")
-    ap.add_argument("--loss-chunk", type=int, default=8192, help="rows per LM-head chunk in the loss")
-    ap.add_argument("--log-every", type=int, default=20)
-    ap.add_argument("--eval-every", type=int, default=400)
-    ap.add_argument("--eval-seqs", type=int, default=8)
-    ap.add_argument("--time-limit", type=float, default=0, help="safety stop after this many seconds (0: none)")
+    ap.add_argument("--loss-chunk", type=positive_int, default=8192, help="rows per LM-head chunk in the loss")
+    ap.add_argument("--log-every", type=positive_int, default=20)
+    ap.add_argument("--eval-every", type=nonneg_int, default=400)
+    ap.add_argument("--eval-seqs", type=positive_int, default=8)
+    ap.add_argument("--time-limit", type=nonneg_float, default=0, help="safety stop after this many seconds (0: none)")
     ap.add_argument("--print-size", action="store_true", help="print the shape's parameters and bytes, exit")
     args = ap.parse_args(argv)
+    if not args.print_size and not args.out:
+        ap.error("--out is required")
+    return run(train_teacher, args)
 
-    data = Path(args.data)
+
+def train_teacher(args) -> int:
+    data = need_data(args.data, [] if args.print_size else ["train", "heldout"])
     manifest = json.loads((data / "manifest.json").read_text())
+    if not isinstance(manifest.get("special_tokens"), dict) or "vocab_size" not in manifest:
+        raise AhnError(f"--data {data}: its manifest.json has no vocab_size / special_tokens; give a folder "
+                       "written by scripts/demo/build_corpus.py")
     special = manifest["special_tokens"]
     cfg = model_config(manifest["vocab_size"], args.hidden, args.layers, args.heads, args.kv_heads, args.mlp,
                        args.rope_theta, args.seq_len, eos=[special["<|im_end|>"], special["<|endoftext|>"]],
@@ -157,8 +167,22 @@ def main(argv=None) -> int:
     if args.print_size:
         print(json.dumps(size))
         return 0
-    if not args.out:
-        ap.error("--out is required")
+    # before any training: what the run reads, and the folder it writes at the end
+    if not (data / "tokenizer.json").is_file():
+        raise AhnError(f"--data {data} has no tokenizer.json (the checkpoint's copy); give a folder written by "
+                       "scripts/demo/build_corpus.py")
+    templates = longrange.Templates.from_data(data)
+    evals = bool(args.eval_every or args.time_limit)   # an evaluation: every --eval-every, and at a time stop
+    if (args.passkey_frac > 0 or evals) and templates.max_distance(args.seq_len) < templates.min_distance():
+        need = templates.min_distance() - templates.max_distance(args.seq_len) + args.seq_len
+        raise AhnError(f"--seq-len {args.seq_len} is too short for a passkey (it needs {need} tokens or more); give "
+                       "a longer --seq-len, or --passkey-frac 0 --eval-every 0")
+    check_tokens(longrange.load_tokens(data / "train.bin"), args.seq_len, "train")
+    if evals:
+        check_tokens(longrange.load_tokens(data / "heldout.bin"), args.seq_len, "heldout")
+    from ahn_rt.devices import parse_device
+    parse_device(args.device)
+    check_out_dir(args.out)
 
     import torch
     from ahn_rt.config import parse_config
@@ -180,7 +204,6 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                             eps=1e-8, **({"fused": True} if device.type == "cuda" else {}))
-    templates = longrange.Templates.from_data(data)
     train = longrange.load_tokens(data / "train.bin")
     heldout = longrange.load_tokens(data / "heldout.bin")
     sampler = longrange.SequenceSampler(train, args.seq_len, templates, seed=args.seed,

@@ -11,20 +11,28 @@ its evaluation is --eval-root/NAME/eval/eval.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from safetensors import safe_open  # noqa: E402
+
+from demo_args import AhnError, ArgParser, check_out_file, read_json, run, write_text  # noqa: E402
 
 
 def ahn_params(path: Path) -> int | None:
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own exception type for a damaged file
+        raise AhnError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:160]}); "
+                       "check that variant's run") from None
 
 
 def distill_steps(ev: dict) -> str | None:
@@ -39,19 +47,31 @@ def distill_steps(ev: dict) -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
     ap.add_argument("--eval-root", required=True)
     ap.add_argument("--out", required=True)
-    a = ap.parse_args(argv)
+    return run(table, ap.parse_args(argv))
+
+
+def table(a) -> int:
+    check_out_file(a.out, "--out")
     runs = []
     for spec in a.run:
-        name, _, work = spec.partition("=")
+        name, eq, work = spec.partition("=")
+        if not name or not eq or not work:
+            raise AhnError(f"--run {spec!r}: give NAME=DIR (the variant's work folder of run_gpu.sh)")
+        if name in [r[0] for r in runs]:
+            raise AhnError(f"--run: {name} is given twice; name each variant once")
         ev = Path(a.eval_root) / name / "eval" / "eval.json"
         if not ev.exists():
-            print(f"error: no evaluation for {name} ({ev}); did its run_gpu.sh finish?", file=sys.stderr)
-            return 2
-        runs.append((name, json.loads(ev.read_text()), ahn_params(Path(work) / "ahn" / "model.safetensors")))
+            raise AhnError(f"no evaluation for {name} ({ev}); did its run_gpu.sh finish?")
+        res = read_json(ev, "--eval-root", "the folder holding NAME/eval/eval.json of each run")
+        modes = ("full", "swa", "ahn") if not runs else ("ahn",)   # the references come from the first run
+        if not isinstance(res, dict) or "meta" not in res or any(m not in res.get("modes", {}) for m in modes):
+            raise AhnError(f"{ev} is not an evaluation of scripts/demo/evaluate.py with the modes "
+                           f"{', '.join(modes)}; rerun it")
+        runs.append((name, res, ahn_params(Path(work) / "ahn" / "model.safetensors")))
 
     first = runs[0][1]
     m = first["meta"]
@@ -79,7 +99,7 @@ def main(argv=None) -> int:
     for name, ev, params in runs:
         lines.append(row(f"ahn-{name}", ev["modes"]["ahn"], params, ev.get("gap_recovered"), distill_steps(ev)))
     text = "\n".join(lines) + "\n"
-    Path(a.out).write_text(text)
+    write_text(a.out, text)
     print(text)
     return 0
 
