@@ -1,0 +1,240 @@
+"""The scripts of scripts/demo follow the rule of every ahn_rt command: bad input is one line on stderr,
+"error: ...", exit 2, no traceback, found before any work and with nothing written; valid input still runs.
+Each case below ended in a traceback, ran silently with exit 0, or printed argparse's whole usage block."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "scripts" / "demo"
+DATA = ROOT / "data" / "demo"
+MODEL = ROOT / "weights" / "demo"
+TIMEOUT_S = 300
+
+pytestmark = pytest.mark.skipif(not (DATA / "heldout.bin").exists() or not (MODEL / "model.safetensors").exists(),
+                                reason="data/demo (scripts/demo/build_corpus.py) or weights/demo not present")
+
+SMALL_EVAL = ("--seq-len", "256", "--n-text", "1", "--n-passkey", "1", "--distances", "100", "--edges", "100",
+              "--device", "cpu")
+
+
+def run(script, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(DEMO / f"{script}.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def refused(r, says=""):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and says in lines[0], r.stderr[-2000:]
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    """A plain file: an output path below it cannot be written."""
+    p = tmp_path / "a_file"
+    p.write_text("x")
+    return p
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--distance", "-5"), "--distance"),
+    (("--distance", "abc"), "--distance"),
+    (("--distance", "3"), "--distance"),
+    (("--key-pos", "2"), "--key-pos"),
+    (("--seed", "-1"), "--seed"),
+    (("--tokenizer", "/nonexistent/tokenizer.json"), "--tokenizer"),
+    (("--tokenizer", "README.md"), "--tokenizer"),
+])
+def test_make_prompt_refuses(args, says):
+    refused(run("make_prompt", *args), says)
+
+
+def test_make_prompt_still_writes_its_prompt():
+    r = run("make_prompt", "--distance", "500", "--seed", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "# passkey: " in r.stdout and r.stdout.endswith("# the passkey was: ") and "distance 500" in r.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--seeds", "-1"), "--seeds"),
+    (("--seeds", "0"), "--seeds"),
+    (("--distance", "5"), "--distance"),
+    (("--weights", "/nonexistent"), "--weights"),
+])
+def test_demo_seeds_refuses(args, says):
+    refused(run("demo_seeds", *args), says)
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--num", "-1"), "--num"),
+    (("--num", "0"), "--num"),
+    (("--passkey-frac", "nan"), "--passkey-frac"),
+    (("--passkey-frac", "1.5"), "--passkey-frac"),
+    (("--seq-len", "-1"), "--seq-len"),
+    (("--seq-len", "50"), "--seq-len"),            # no passkey fits
+    (("--seq-len", "99999999"), "--seq-len"),      # past the split
+    (("--dist-min", "500"), "--dist-min"),         # past what a 256-token sequence fits
+    (("--dist-min", "60", "--dist-max", "50"), "--dist-min"),
+    (("--seed", "-1"), "--seed"),
+    (("--data", "/nonexistent"), "--data"),
+])
+def test_make_distill_data_refuses_and_writes_nothing(tmp_path, args, says):
+    out = tmp_path / "d.jsonl"
+    refused(run("make_distill_data", "--data", DATA, "--out", out, "--num", 2, "--seq-len", 256, *args), says)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_make_distill_data_checks_its_outputs_first(tmp_path, a_file):
+    refused(run("make_distill_data", "--out", a_file / "d.jsonl", "--num", 2, "--seq-len", 256), "--out")
+    out = tmp_path / "d.jsonl"
+    refused(run("make_distill_data", "--out", out, "--stats", a_file / "s.json", "--num", 2, "--seq-len", 256),
+            "--stats")
+    assert not out.exists()
+
+
+def test_make_distill_data_still_writes_its_sequences(tmp_path):
+    out, stats = tmp_path / "sub" / "d.jsonl", tmp_path / "s.json"
+    r = run("make_distill_data", "--out", out, "--stats", stats, "--num", 3, "--seq-len", 256, "--dist-min", 60,
+            "--answer-weight", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 3 and all(len(x["input_ids"]) == 256 and "loss_weights" in x for x in recs)
+    assert json.loads(stats.read_text())["with_passkey"] == 3
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--heldout-permille", "-5"), "--heldout-permille"),
+    (("--heldout-permille", "0"), "--heldout-permille"),
+    (("--heldout-permille", "900", "--distill-permille", "200"), "--distill-permille"),
+    (("--vocab-size", "10"), "--vocab-size"),
+    (("--stdlib", "/nonexistent"), "--stdlib"),
+    (("--check",), "--out"),                       # no earlier manifest to check against
+])
+def test_build_corpus_refuses_before_building(tmp_path, args, says):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    out = tmp_path / "corpus"
+    refused(run("build_corpus", "--stdlib", src, "--out", out, "--vocab-size", 300, *args), says)
+    assert not out.exists()
+
+
+def test_build_corpus_checks_out_first(tmp_path, a_file):
+    refused(run("build_corpus", "--out", a_file / "corpus"), "--out")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--modes", "bogus"), "--modes"),
+    (("--modes", "full,full"), "--modes"),
+    (("--distances", "abc"), "--distances"),
+    (("--distances", "5000"), "--distances"),      # does not fit --seq-len 256
+    (("--edges", "200,100"), "--edges"),
+    (("--seq-len", "-1"), "--seq-len"),
+    (("--seq-len", "60"), "--seq-len"),            # no position past S + W
+    (("--n-text", "0"), "--n-text"),
+    (("--seed", "-1"), "--seed"),
+    (("--attach", "pipeline"), "--attach"),
+    (("--model", "/nonexistent"), "--model"),
+    (("--data", "/nonexistent"), "--data"),
+])
+def test_evaluate_refuses(tmp_path, args, says):
+    refused(run("evaluate", "--model", MODEL, *SMALL_EVAL, "--out-json", tmp_path / "e.json", *args), says)
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_evaluate_checks_its_outputs_before_the_evaluation(tmp_path, a_file):
+    """--out-md that cannot be written was found after the whole evaluation (a traceback, --out-json lost)."""
+    r = run("evaluate", "--model", MODEL, *SMALL_EVAL, "--out-json", tmp_path / "e.json", "--out-md", a_file / "e.md")
+    refused(r, "--out-md")
+    assert "[eval]" not in r.stdout and not (tmp_path / "e.json").exists()
+
+
+def test_evaluate_and_variants_table_still_run(tmp_path, a_file):
+    ev = tmp_path / "gdn" / "eval"
+    r = run("evaluate", "--model", MODEL, *SMALL_EVAL, "--out-json", ev / "eval.json", "--out-md", ev / "eval.md")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[eval] ahn" in r.stdout and (ev / "eval.md").read_text() in r.stdout
+    out = tmp_path / "variants.md"
+    r = run("variants_table", "--run", f"gdn={tmp_path / 'work'}", "--eval-root", tmp_path, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| ahn-gdn |" in out.read_text()
+    # and its own mistakes: an output below a file, a --run without =DIR, a damaged eval.json
+    refused(run("variants_table", "--run", "gdn=x", "--eval-root", tmp_path, "--out", a_file / "v.md"), "--out")
+    refused(run("variants_table", "--run", "gdn", "--eval-root", tmp_path, "--out", out), "--run")
+    (ev / "eval.json").write_text("{")
+    refused(run("variants_table", "--run", "gdn=x", "--eval-root", tmp_path, "--out", out), "eval.json")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--seq-len", "-1"), "--seq-len"),
+    (("--seq-len", "40"), "--seq-len"),
+    (("--n-text", "0"), "--n-text"),
+    (("--model", "/nonexistent"), "--model"),
+    (("--data", "/nonexistent"), "--data"),
+])
+def test_gap_anatomy_refuses(args, says):
+    refused(run("gap_anatomy", "--model", MODEL, "--seq-len", 256, "--n-text", 1, *args), says)
+
+
+def test_gap_anatomy_checks_its_output_first(a_file):
+    r = run("gap_anatomy", "--model", MODEL, "--seq-len", 256, "--n-text", 1, "--out-md", a_file / "a.md")
+    refused(r, "--out-md")
+    assert "[anatomy]" not in r.stdout
+
+
+PROBE = ("--seq-len", "256", "--window", "32", "--sinks", "8", "--distances", "150", "--n-passkey", "1",
+         "--n-text", "1", "--threads", "1")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("train", "--steps", "0"), "--steps"),
+    (("train", "--layers", "abc"), "--layers"),
+    (("train", "--layers", "9"), "--layers"),      # the demo teacher has 6
+    (("train", "--heads", "7"), "--heads"),
+    (("train", "--lr", "nan"), "--lr"),
+    (("train", "--answer-weight", "0", "--text-weight", "0"), "--text-weight"),
+    (("train", "--window", "200"), "--window"),    # its training passkeys do not fit 256 tokens
+    (("heads", "--distances", "abc"), "--distances"),
+    (("heads", "--distances", "5000"), "--distances"),
+    (("heads", "--model", "/nonexistent"), "--model"),
+])
+def test_recall_probe_refuses(tmp_path, args, says):
+    refused(run("recall_probe", *PROBE, *args, "--out", tmp_path / "p.json"), says)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_recall_probe_checks_its_output_first(a_file):
+    refused(run("recall_probe", "train", *PROBE, "--steps", 1, "--out", a_file / "p.json"), "--out")
+
+
+TINY = ("--steps", "1", "--batch", "1", "--seq-len", "256", "--hidden", "32", "--layers", "1", "--heads", "1",
+        "--head-dim", "32", "--mlp", "32", "--eval-every", "0", "--device", "cpu")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--steps", "0"), "--steps"),
+    (("--seq-len", "-1"), "--seq-len"),
+    (("--seq-len", "50"), "--seq-len"),            # no passkey fits
+    (("--lr", "nan"), "--lr"),
+    (("--min-lr-ratio", "2"), "--min-lr-ratio"),
+    (("--log-every", "0"), "--log-every"),
+    (("--passkey-frac", "-0.5"), "--passkey-frac"),
+    (("--device", "gpu"), "device"),
+    (("--data", "/nonexistent"), "--data"),
+])
+def test_train_teacher_refuses_and_writes_nothing(tmp_path, args, says):
+    out = tmp_path / "teacher"
+    refused(run("train_teacher", *TINY, "--out", out, *args), says)
+    assert not out.exists()
+
+
+def test_train_teacher_checks_out_first(a_file):
+    refused(run("train_teacher", *TINY, "--out", a_file), "--out")
