@@ -59,6 +59,40 @@ nonneg_float = typed_number(float, 0, "a number")
 fraction = typed_number(float, 0, "a number", maximum=1)   # a share: a number in [0, 1]
 
 
+def once_each(values: list[int], texts: list[str], flag: str) -> list[int]:
+    """`values` when each is there once; else ValueError naming the repeated value as the user wrote it
+    (a repeated depth ran its rows twice, and the --json of gemv_bench, keyed by batch size, kept one)."""
+    seen = {}
+    for v, t in zip(values, texts):
+        if v in seen:
+            same = f"{seen[v]!r} and {t.strip()!r} are both {v}" if seen[v] != t.strip() else f"{v} is given twice"
+            raise ValueError(f"{flag}: {same}; name each value once")
+        seen[v] = t.strip()
+    return values
+
+
+def int_list(text: str, flag: str, minimum: int = 1, maximum: int | None = None, ascending: bool = False,
+             example: str = "1,4,16") -> list[int]:
+    """A comma list of integers in [minimum, maximum] ('1,4,16'), each once (increasing when ``ascending``);
+    ValueError naming `flag` otherwise (an empty list too: an unset shell variable)."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"{flag} needs at least one number, e.g. {example}")
+    out = []
+    for x in items:
+        try:
+            v = int(x)
+        except ValueError:
+            raise ValueError(f"{flag}: {x!r} is not an integer (give a comma list such as {example})") from None
+        if v < minimum or (maximum is not None and v > maximum):
+            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"{flag}: every value must be {bounds}, got {v}")
+        if ascending and out and v < out[-1]:
+            raise ValueError(f"{flag}: give the values in increasing order, got {v} after {out[-1]}")
+        out.append(v)
+    return once_each(out, items, flag)
+
+
 def interrupted(signum=None, frame=None):
     """Leave at once: one line on stderr, exit 130 (nothing half-written: every writer is atomic)."""
     try:

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one 
 # ArgParser re-exported: every bench's parser; interrupted: serve_load's Ctrl-C after its own cleanup
 from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
 # the argparse types of a number (shared with scripts/demo): re-exported for the benches
-from ahn_rt.cli import nonneg_float, nonneg_int, positive_float, positive_int  # noqa: E402,F401
+from ahn_rt.cli import int_list, nonneg_float, nonneg_int, once_each, positive_float, positive_int  # noqa: E402,F401
 from ahn_rt.errors import AhnError, out_of_memory  # noqa: E402,F401
 from ahn_rt import settings  # noqa: E402
 
@@ -89,18 +89,6 @@ def parse_tokens(text: str) -> int:
     return n
 
 
-def _once(values: list[int], texts: list[str], flag: str) -> list[int]:
-    """`values` when each is there once; else ValueError naming the repeated value as the user wrote it
-    (a repeated depth ran its rows twice, and the --json of gemv_bench, keyed by batch size, kept one)."""
-    seen = {}
-    for v, t in zip(values, texts):
-        if v in seen:
-            same = f"{seen[v]!r} and {t.strip()!r} are both {v}" if seen[v] != t.strip() else f"{v} is given twice"
-            raise ValueError(f"{flag}: {same}; name each value once")
-        seen[v] = t.strip()
-    return values
-
-
 def token_list(text: str, flag: str) -> list[int]:
     """A comma list of token counts ('1k,32k'), each once; ValueError naming `flag` when empty or bad."""
     items = [x for x in str(text).split(",") if x.strip()]
@@ -110,24 +98,7 @@ def token_list(text: str, flag: str) -> list[int]:
         values = [parse_tokens(x) for x in items]
     except ValueError as e:
         raise ValueError(f"{flag}: {e}") from None
-    return _once(values, items, flag)
-
-
-def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
-    """A comma list of integers >= minimum ('1,4,16'), each once; ValueError naming `flag` otherwise."""
-    items = [x.strip() for x in str(text).split(",") if x.strip()]
-    if not items:
-        raise ValueError(f"{flag} needs at least one number, e.g. 1,4,16")
-    out = []
-    for x in items:
-        try:
-            v = int(x)
-        except ValueError:
-            raise ValueError(f"{flag}: {x!r} is not an integer (give a comma list such as 1,4,16)") from None
-        if v < minimum:
-            raise ValueError(f"{flag}: every value must be >= {minimum}, got {v}")
-        out.append(v)
-    return _once(out, items, flag)
+    return once_each(values, items, flag)
 
 
 def seed_arg(text: str) -> int:

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ahn_rt import cli
 from ahn_rt.cli import (ArgParser, fraction, nonneg_float, nonneg_int, positive_float, positive_int,  # noqa: F401
                         typed_number)
 from ahn_rt.errors import AhnError
@@ -48,27 +49,13 @@ def seed_arg(text: str) -> int:
 
 
 def int_list(text: str, flag: str, minimum: int = 0, maximum: int | None = None, ascending: bool = False,
-             hint: str = "") -> list[int]:
-    """A comma list of integers in [minimum, maximum], each once (increasing when ``ascending``); AhnError
-    naming ``flag`` otherwise (an empty list too: an unset shell variable)."""
-    items = [x.strip() for x in str(text).split(",") if x.strip()]
-    if not items:
-        raise AhnError(f"{flag} is empty; give a comma list of integers such as {hint or '1,2'}")
-    out = []
-    for x in items:
-        try:
-            v = int(x)
-        except ValueError:
-            raise AhnError(f"{flag}: {x!r} is not an integer; give a comma list such as {hint or '1,2'}") from None
-        if v < minimum or (maximum is not None and v > maximum):
-            bounds = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise AhnError(f"{flag}: every value must be {bounds}, got {v}")
-        if v in out:
-            raise AhnError(f"{flag}: {v} is given twice; name each value once")
-        if ascending and out and v < out[-1]:
-            raise AhnError(f"{flag}: give the values in increasing order, got {v} after {out[-1]}")
-        out.append(v)
-    return out
+             hint: str = "1,2") -> list[int]:
+    """``ahn_rt.cli.int_list`` (a comma list of integers in [minimum, maximum], each once), its error an
+    AhnError naming ``flag``."""
+    try:
+        return cli.int_list(text, flag, minimum, maximum, ascending, example=hint)
+    except ValueError as e:
+        raise AhnError(str(e)) from None
 
 
 def need_file(path, flag: str, what: str) -> Path:
