@@ -28,6 +28,7 @@ import os
 import re
 import threading
 import struct
+import tempfile
 from pathlib import Path
 
 import torch
@@ -145,6 +146,12 @@ def check_writable(out: Path):
         raise AhnError(f"cannot write {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise AhnError(f"cannot write {out}: folder {parent} is not writable")
+    try:   # what os.access cannot tell (root, a read-only mount, /proc): create a file there and remove it
+        fd, probe = tempfile.mkstemp(prefix=".ahn_rt-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AhnError(f"cannot write {out}: folder {parent} is not writable ({e.strerror or e})") from None
 
 
 def atomic_write_text(path, text: str):

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ahn_rt import cli
@@ -112,36 +110,18 @@ def need_model(path, flag: str = "--model") -> dict:
     return cfg
 
 
-def _writable_parent(p: Path, flag: str, path) -> Path:
-    """The nearest existing folder above ``p`` (AhnError when a file is in the way)."""
-    try:
-        parent = p.parent
-        while not parent.exists():
-            parent = parent.parent
-    except OSError as e:
-        raise AhnError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another path") from None
-    if not parent.is_dir():
-        raise AhnError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
-    return parent
-
-
 def check_out_file(path, flag: str):
-    """AhnError unless a file can be written at ``path``, checked before a long run rather than after it: not
-    a folder, and a file can be created in the nearest existing folder above it (made by ``write_text``)."""
+    """AhnError unless a file can be written at ``path`` (``ahn_rt.weights.check_writable``), checked before a
+    long run rather than after it."""
     if path is None:
         return
     if not str(path).strip():
         raise AhnError(f"{flag} is empty; give a file path (or leave {flag} out)")
-    p = Path(path)
-    if p.is_dir():
-        raise AhnError(f"{flag} {path} is a folder; give a file path")
-    parent = _writable_parent(p, flag, path)
-    try:     # what os.access cannot tell (root, /proc, a read-only mount): create a file there and remove it
-        fd, probe = tempfile.mkstemp(prefix=".ahn_rt-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise AhnError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another path") from None
+    from ahn_rt.weights import check_writable   # torch: not at import
+    try:
+        check_writable(Path(path))
+    except AhnError as e:
+        raise AhnError(f"{flag}: {e}; choose another path") from None
 
 
 def check_out_dir(path, flag: str = "--out"):
@@ -151,11 +131,11 @@ def check_out_dir(path, flag: str = "--out"):
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise AhnError(f"{flag} {path} is a file; give a folder")
-    parent = p if p.is_dir() else _writable_parent(p, flag, path)
+    from ahn_rt.weights import check_writable   # torch: not at import
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".ahn_rt-probe-", dir=parent))
-    except OSError as e:
-        raise AhnError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another folder") from None
+        check_writable(p / "x")   # a file in it: the nearest existing folder above takes new files
+    except AhnError as e:
+        raise AhnError(f"{flag}: {str(e).replace(str(p / 'x'), str(path))}; choose another folder") from None
 
 
 def check_distance(d: int, L: int, t, flag: str = "--distances"):
