@@ -15,8 +15,26 @@ DATA = ROOT / "data" / "demo"
 MODEL = ROOT / "weights" / "demo"
 TIMEOUT_S = 300
 
-pytestmark = pytest.mark.skipif(not (DATA / "heldout.bin").exists() or not (MODEL / "model.safetensors").exists(),
-                                reason="data/demo (scripts/demo/build_corpus.py) or weights/demo not present")
+WORK = {}   # the scripts' working folder (their defaults: data/demo, weights/demo), set by the fixture below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_cwd(tmp_path_factory):
+    """A folder whose data/demo is the checkout's corpus, or one built here by build_corpus.py (a clean clone
+    has none: about 15 s on 2 cores), and whose weights/ is the checkout's: the scripts run in it."""
+    work = tmp_path_factory.mktemp("demo_cwd")
+    (work / "weights").symlink_to(ROOT / "weights")
+    (work / "data").mkdir()
+    if (DATA / "heldout.bin").exists():
+        (work / "data" / "demo").symlink_to(DATA)
+    else:
+        r = subprocess.run([sys.executable, str(DEMO / "build_corpus.py"), "--out", str(work / "data" / "demo")],
+                           cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+        assert r.returncode == 0, r.stderr[-2000:]
+    WORK["cwd"] = work
+    yield work
+    WORK.clear()
 
 SMALL_EVAL = ("--seq-len", "256", "--n-text", "1", "--n-passkey", "1", "--distances", "100", "--edges", "100",
               "--device", "cpu")
@@ -24,7 +42,7 @@ SMALL_EVAL = ("--seq-len", "256", "--n-text", "1", "--n-passkey", "1", "--distan
 
 def run(script, *args):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(DEMO / f"{script}.py"), *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(DEMO / f"{script}.py"), *map(str, args)], cwd=WORK["cwd"], env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -87,7 +105,7 @@ def test_demo_seeds_refuses(args, says):
 ])
 def test_make_distill_data_refuses_and_writes_nothing(tmp_path, args, says):
     out = tmp_path / "d.jsonl"
-    refused(run("make_distill_data", "--data", DATA, "--out", out, "--num", 2, "--seq-len", 256, *args), says)
+    refused(run("make_distill_data", "--data", WORK["cwd"] / "data" / "demo", "--out", out, "--num", 2, "--seq-len", 256, *args), says)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
