@@ -187,6 +187,15 @@ def test_evaluate_and_variants_table_still_run(tmp_path, a_file):
     # and its own mistakes: an output below a file, a --run without =DIR, a damaged eval.json
     refused(run("variants_table", "--run", "gdn=x", "--eval-root", tmp_path, "--out", a_file / "v.md"), "--out")
     refused(run("variants_table", "--run", "gdn", "--eval-root", tmp_path, "--out", out), "--run")
+    good = json.loads((ev / "eval.json").read_text())
+    # the right modes without their fields (it was a KeyError traceback), and a damaged AHN checkpoint
+    del good["modes"]["ahn"]["text_loss"]
+    (ev / "eval.json").write_text(json.dumps(good))
+    refused(run("variants_table", "--run", "gdn=x", "--eval-root", tmp_path, "--out", out), "text_loss")
+    (tmp_path / "work" / "ahn").mkdir(parents=True)
+    (tmp_path / "work" / "ahn" / "model.safetensors").write_bytes(b"\x06\x00\x00\x00\x00\x00\x00\x00[1, 2]")
+    refused(run("variants_table", "--run", f"gdn={tmp_path / 'work'}", "--eval-root", tmp_path, "--out", out),
+            "model.safetensors")
     (ev / "eval.json").write_text("{")
     refused(run("variants_table", "--run", "gdn=x", "--eval-root", tmp_path, "--out", out), "eval.json")
 

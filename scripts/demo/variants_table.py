@@ -27,12 +27,10 @@ from demo_args import AhnError, ArgParser, check_out_file, read_json, run, write
 def ahn_params(path: Path) -> int | None:
     if not path.exists():
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own exception type for a damaged file
-        raise AhnError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:160]}); "
-                       "check that variant's run") from None
+    from ahn_rt.weights import check_safetensors   # torch: not at import
+    check_safetensors(path, fix="check that variant's run")
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def distill_steps(ev: dict) -> str | None:
@@ -73,6 +71,17 @@ def table(a) -> int:
                            f"{', '.join(modes)}; rerun it")
         runs.append((name, res, ahn_params(Path(work) / "ahn" / "model.safetensors")))
 
+    try:
+        text = markdown(runs)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:   # an eval.json of another shape
+        raise AhnError(f"--eval-root: an eval.json lacks {e!s} or holds it in another form; rerun "
+                       "scripts/demo/evaluate.py for every variant") from None
+    write_text(a.out, text)
+    print(text)
+    return 0
+
+
+def markdown(runs) -> str:
     first = runs[0][1]
     m = first["meta"]
     buckets = first["modes"]["ahn"]["text_loss_by_position"]
@@ -98,10 +107,7 @@ def table(a) -> int:
         lines.append(row(f"{mode} (no memory)", first["modes"][mode], None, None))
     for name, ev, params in runs:
         lines.append(row(f"ahn-{name}", ev["modes"]["ahn"], params, ev.get("gap_recovered"), distill_steps(ev)))
-    text = "\n".join(lines) + "\n"
-    write_text(a.out, text)
-    print(text)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
