@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from ahn_rt import cli
@@ -110,18 +112,30 @@ def need_model(path, flag: str = "--model") -> dict:
     return cfg
 
 
+def _probe(folder: Path, flag: str, path, choose: str):
+    """Create a file in ``folder`` and remove it: what os.access cannot tell (root on a read-only mount or
+    /proc), worth it only before a long run."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ahn_rt-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise AhnError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another {choose}") from None
+
+
 def check_out_file(path, flag: str):
-    """AhnError unless a file can be written at ``path`` (``ahn_rt.weights.check_writable``), checked before a
-    long run rather than after it."""
+    """AhnError unless a file can be written at ``path`` (``ahn_rt.weights.check_writable``, then a probe),
+    checked before a long run rather than after it."""
     if path is None:
         return
     if not str(path).strip():
         raise AhnError(f"{flag} is empty; give a file path (or leave {flag} out)")
     from ahn_rt.weights import check_writable   # torch: not at import
     try:
-        check_writable(Path(path))
+        folder = check_writable(Path(path))
     except AhnError as e:
         raise AhnError(f"{flag}: {e}; choose another path") from None
+    _probe(folder, flag, path, "path")
 
 
 def check_out_dir(path, flag: str = "--out"):
@@ -133,9 +147,10 @@ def check_out_dir(path, flag: str = "--out"):
         raise AhnError(f"{flag} {path} is a file; give a folder")
     from ahn_rt.weights import check_writable   # torch: not at import
     try:
-        check_writable(p / "x")   # a file in it: the nearest existing folder above takes new files
+        folder = p if p.is_dir() else check_writable(p)
     except AhnError as e:
-        raise AhnError(f"{flag}: {str(e).replace(str(p / 'x'), str(path))}; choose another folder") from None
+        raise AhnError(f"{flag}: {e}; choose another folder") from None
+    _probe(folder, flag, path, "folder")
 
 
 def check_distance(d: int, L: int, t, flag: str = "--distances"):
