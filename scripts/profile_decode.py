@@ -2,6 +2,11 @@
 
     PYTHONPATH=. python scripts/profile_decode.py [--preset qwen2.5-3b] [--context 32768] [--steps 20]
     PYTHONPATH=. python scripts/profile_decode.py --batch 16 --context 1024   # model.step of 16 pooled sessions
+    PYTHONPATH=. python scripts/profile_decode.py --context 1024 --gaps       # where the GPU idles per token
+
+--gaps times the loop a streaming caller runs (each step reads its token on the host) under a CPU + CUDA
+trace and reports the GPU's busy time per step, its idle time between steps (the host's turn-around:
+reading the token, Python, the graph launch) and inside them (kernel boundaries), and the host calls.
 
 Without --batch: one session's ``stepper`` (the generate path). With --batch B: ``model.step`` over B
 sessions of one state pool (the serving path), every session filled to --context.
@@ -13,7 +18,10 @@ import torch
 from ahn_rt.init_weights import preset_config, random_state_dict
 from ahn_rt.runtime import from_state_dict
 from ahn_rt.sampling import Sampler, SamplingParams
-from profile_common import kernel_rows   # scripts/ (this script's folder)
+import os
+import tempfile
+
+from profile_common import kernel_rows, timeline_gaps   # scripts/ (this script's folder)
 
 
 def main():
@@ -23,6 +31,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--mode", default="ahn")
     ap.add_argument("--batch", type=int, default=0, help="model.step over this many pooled sessions")
+    ap.add_argument("--gaps", action="store_true", help="the GPU's idle time per step of a streaming loop")
     args = ap.parse_args()
     cfg = preset_config(args.preset, True, torch.bfloat16)
     model = from_state_dict(cfg, random_state_dict(cfg, device="cuda"), window=32640, sinks=128,
@@ -45,6 +54,8 @@ def main():
     for _ in range(5):
         tok = step(tok)
     torch.cuda.synchronize()
+    if args.gaps:
+        return gaps(step, tok, args)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             tok = step(tok)
@@ -57,6 +68,30 @@ def main():
     print(f"| kernel | us/step | calls/step | share |\n|---|---|---|---|")
     for name, (t, c) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:20]:
         print(f"| {name} | {t / args.steps:.1f} | {c // args.steps} | {100 * t / args.steps / total:.1f}% |")
+
+
+def gaps(step, tok, args):
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            with torch.profiler.record_function("decode_step"):
+                tok = step(tok)
+                tok.tolist()   # the host reads the token(s): the sync a streaming caller pays
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        g = timeline_gaps(path)
+    finally:
+        os.remove(path)
+    what = f"model.step b{args.batch}" if args.batch else "stepper"
+    print(f"{args.preset} {args.mode} @ {args.context}, {what}, {g['steps']} steps (us per step, under the profiler):")
+    print(f"wall {g['wall']:.1f} = GPU busy {g['busy']:.1f} + idle between steps {g['idle_between']:.1f} + "
+          f"idle inside {g['idle_inside']:.1f} ({g['gaps_inside']:.1f} gaps > 1 us)")
+    print(f"host: step call {g['host_step']:.1f}, step start -> graph launch {g.get('host_to_launch', float('nan')):.1f}")
+    for k, v in g.items():
+        if k.startswith("host_") and isinstance(v, tuple):
+            print(f"  {k[5:]}: {v[0]:.1f} us x {v[1]:.1f} per step")
 
 
 if __name__ == "__main__":
