@@ -443,6 +443,7 @@ class Model:
             try:
                 sess._claim("generation")
             except AhnError:
+                run.abort("error")   # it ended with this error (as agenerate's does), not "still running"
                 if session is None:
                     self._return_session(sess)
                 raise

@@ -246,6 +246,26 @@ def test_finish_reason_says_how_a_generation_ended(model):
     assert g.finish_reason in ("stop", "length")
 
 
+def test_a_generation_refused_its_session_finishes_with_error(model):
+    """A generation whose session= is closed or busy by its first next() ends with its AhnError and
+    finish_reason "error", as agenerate's does (it stayed None, as if still running)."""
+    s = model.new_session()
+    g = model.generate(P, max_new_tokens=3, session=s)
+    s.close()
+    with pytest.raises(AhnError, match="closed"):
+        next(g)
+    assert g.finish_reason == "error"
+    s = model.new_session()
+    first = model.generate(P, max_new_tokens=8, session=s)
+    next(first)
+    g = model.generate(P, max_new_tokens=3, session=s)
+    with pytest.raises(AhnError, match="in use"):
+        next(g)
+    assert g.finish_reason == "error" and first.finish_reason is None
+    first.close()
+    assert first.finish_reason == "cancelled" and s.forward([1]).shape == (1, model.config.vocab_size)
+
+
 def test_the_public_surface_is_listed_and_typed():
     assert set(ahn_rt.__all__) <= set(dir(ahn_rt))
     assert (Path(ahn_rt.__file__).parent / "py.typed").is_file()
