@@ -714,7 +714,10 @@ class Session:
             raise AhnError("token_ids is empty")
         lo, hi = _id_range(ids)
         if lo < 0 or hi >= self.model.config.vocab_size:
-            raise _outside_vocabulary(lo if lo < 0 else hi, self.model.config.vocab_size)
+            bad = lo if lo < 0 else hi
+            if bad < 0 and isinstance(token_ids, torch.Tensor) and token_ids.dtype == torch.uint64:
+                bad += 2 ** 64   # the id as given (2**64 - 1 read as int64 is -1, named as "token id -1")
+            raise _outside_vocabulary(bad, self.model.config.vocab_size)
         return ids.to(self.model.device)
 
     @torch.inference_mode()

@@ -579,6 +579,18 @@ def test_token_ids_of_any_integer_dtype_are_taken_and_bytes_are_refused(model):
     assert s.position == 1
 
 
+
+def test_a_uint64_token_id_past_int64_is_named_as_given(model):
+    """A uint64 tensor's id of 2**63 or more was named as its int64 wrap ("token id -1 is outside the
+    vocabulary" for 2**64 - 1), an id the caller never gave; generate already named it as given."""
+    s = model.new_session()
+    for v in (2 ** 64 - 1, 2 ** 63):
+        ids = torch.tensor([3, v], dtype=torch.uint64)
+        for call in (lambda: s.forward(ids), lambda: model.step([s, model.new_session()], ids)):
+            with pytest.raises(AhnError, match=f"token id {v} is outside the vocabulary"):
+                call()
+    assert s.position == 0 and s.forward(torch.tensor([3], dtype=torch.uint64)).shape == (1, model.config.vocab_size)
+
 def _read_in_thread(g):
     """Iterate the generation ``g`` in a new thread: (the thread, the pieces it got, the errors it raised)."""
     got, errors = [], []
