@@ -42,6 +42,8 @@ def test_sampling_arguments_of_the_wrong_type_are_one_line_at_the_call(model, kw
     (5, {}, "the prompt must be"),
     (b"def f", {}, "bytes"),
     (torch.tensor([[1, 2]]), {}, "1-D integer"),
+    # no values to read: torch's NotImplementedError (forward and step said it in one line already)
+    (torch.tensor([1, 2], device="meta"), {}, "the prompt is a tensor on the meta device"),
     (P, dict(system="Be brief."), "chat=True"),
     ([1, 2, 3], dict(chat=True), "not to token ids"),
     ([1, 2, 3], dict(system="Be brief."), "not to token ids"),
