@@ -238,7 +238,11 @@ class Model:
         with self._tokenizer_lock:
             if self._tokenizer is None:
                 from .tokenizer import Tokenizer
-                if self._tokenizer_path is None or not self._tokenizer_path.exists():
+                if self._tokenizer_path is None:   # (it said "no tokenizer: None not found")
+                    raise AhnError("no tokenizer: this model was made from tensors (from_state_dict), with no folder "
+                                   "to find a tokenizer.json in; give token ids to Session.forward / Model.step, or "
+                                   "load a checkpoint with ahn_rt.load(..., tokenizer=PATH)")
+                if not self._tokenizer_path.exists():
                     raise AhnError(f"no tokenizer: {self._tokenizer_path} not found; pass --tokenizer PATH "
                                    "(tokenizer=...) or put tokenizer.json beside the weights")
                 tok = Tokenizer.from_file(self._tokenizer_path)

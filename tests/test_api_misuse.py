@@ -377,6 +377,18 @@ def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
     assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.encode("x")
 
 
+def test_a_model_made_from_tensors_says_it_has_no_tokenizer():
+    """from_state_dict's model has no folder to find a tokenizer in: generate said "no tokenizer: None not
+    found"; it says where the model came from and what to do (its ids still run)."""
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.runtime import from_state_dict
+    cfg = preset_config("tiny", "gdn", torch.float32)
+    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=3))
+    with pytest.raises(AhnError, match=r"^no tokenizer: this model was made from tensors \(from_state_dict\)") as e:
+        m.generate([1, 2, 3], max_new_tokens=2)
+    assert "None" not in str(e.value)
+    assert m.new_session().forward([1, 2, 3]).shape == (3, cfg["vocab_size"])
+
 def test_a_tokenizer_folder_is_taken_as_train_takes_it(tmp_path):
     """tokenizer= (--tokenizer) the folder that holds tokenizer.json said "tokenizer not found", though it was
     there; the train command and Tokenizer.from_file take a folder. A folder without one is named as such."""
