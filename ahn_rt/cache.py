@@ -44,7 +44,7 @@ import warnings
 import torch
 
 from .config import Config
-from .errors import AhnError, int_arg
+from .errors import AhnError, as_int, int_arg
 
 FULL_MIN_CAPACITY = 256
 
@@ -626,10 +626,11 @@ class StatePool:
         """Slot ``slot`` (a state's ``pool_slot``) is free again; the state that held it refuses every call
         afterwards (``Session.close`` does this; a session whose slot was released refuses its calls and
         its close gives nothing back). Releasing a free slot raises AhnError."""
+        n = as_int(slot)   # numpy's integers too (a slot read from an array was "not in use")
         with self._lock:
-            if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.size or slot in self._free:
+            if n is None or not 0 <= n < self.size or n in self._free:
                 raise AhnError(f"pool slot {slot!r} is not in use: close() a session to give its slot back")
-            self._put_back(slot)
+            self._put_back(n)
 
     def give_back(self, state: State):
         """``release`` the slot of ``state`` if it still holds it; nothing if the slot was released meanwhile

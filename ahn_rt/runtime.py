@@ -238,7 +238,11 @@ class Model:
         with self._tokenizer_lock:
             if self._tokenizer is None:
                 from .tokenizer import Tokenizer
-                if self._tokenizer_path is None or not self._tokenizer_path.exists():
+                if self._tokenizer_path is None:   # (it said "no tokenizer: None not found")
+                    raise AhnError("no tokenizer: this model was made from tensors (from_state_dict), with no folder "
+                                   "to find a tokenizer.json in; give token ids to Session.forward / Model.step, or "
+                                   "load a checkpoint with ahn_rt.load(..., tokenizer=PATH)")
+                if not self._tokenizer_path.exists():
                     raise AhnError(f"no tokenizer: {self._tokenizer_path} not found; pass --tokenizer PATH "
                                    "(tokenizer=...) or put tokenizer.json beside the weights")
                 tok = Tokenizer.from_file(self._tokenizer_path)
@@ -443,6 +447,7 @@ class Model:
             try:
                 sess._claim("generation")
             except AhnError:
+                run.abort("error")   # it ended with this error (as agenerate's does), not "still running"
                 if session is None:
                     self._return_session(sess)
                 raise
@@ -713,7 +718,10 @@ class Session:
             raise AhnError("token_ids is empty")
         lo, hi = _id_range(ids)
         if lo < 0 or hi >= self.model.config.vocab_size:
-            raise _outside_vocabulary(lo if lo < 0 else hi, self.model.config.vocab_size)
+            bad = lo if lo < 0 else hi
+            if bad < 0 and isinstance(token_ids, torch.Tensor) and token_ids.dtype == torch.uint64:
+                bad += 2 ** 64   # the id as given (2**64 - 1 read as int64 is -1, named as "token id -1")
+            raise _outside_vocabulary(bad, self.model.config.vocab_size)
         return ids.to(self.model.device)
 
     @torch.inference_mode()

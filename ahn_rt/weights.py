@@ -134,6 +134,7 @@ def check_writable(out: Path):
     out = Path(os.fspath(out))
     try:
         is_dir = out.is_dir()
+        special = not is_dir and out.exists() and not out.is_file()
         parent = out.parent
         while not parent.exists():
             parent = parent.parent
@@ -141,6 +142,9 @@ def check_writable(out: Path):
         raise AhnError(f"cannot write {out}: {e.strerror or e}") from None
     if is_dir:
         raise AhnError(f"cannot write {out}: it is a folder; give a file name ending in {out.suffix or '.safetensors'}")
+    if special:   # /dev/null, a pipe, a socket: the atomic write's rename replaced it (as root, /dev/null itself)
+        raise AhnError(f"cannot write {out}: it is not a regular file (a device, a pipe or a socket), which writing "
+                       f"would replace; give a file name ending in {out.suffix or '.safetensors'}")
     if not parent.is_dir():
         raise AhnError(f"cannot write {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -109,6 +109,24 @@ def test_aclose_and_async_with_release_the_session(model):
     asyncio.run(main())
 
 
+def test_reading_in_another_event_loop_is_one_line_not_a_hang(model):
+    """The scheduler hands a generation's pieces to the loop that called agenerate: read in another loop
+    (made in one asyncio.run, read in the next) it waited forever. It is refused at once."""
+    made = {}
+
+    async def make():
+        made["gen"] = model.agenerate(PROMPTS[0], max_new_tokens=4, temperature=0)
+
+    async def read():
+        return [p async for p in made["gen"]]
+
+    async def close():
+        await made["gen"].aclose()
+    asyncio.run(make())
+    for use in (read, close):
+        with pytest.raises(ahn_rt.AhnError, match="belongs to the event loop that called agenerate"):
+            asyncio.run(asyncio.wait_for(use(), 10))
+
 def test_aclose_returns_while_another_task_is_iterating(model):
     """aclose() from one task while another task awaits the same generation (a watchdog closing a stream):
     the reader may take the end event off the queue; aclose still returns once the session is released."""

@@ -42,6 +42,8 @@ def test_sampling_arguments_of_the_wrong_type_are_one_line_at_the_call(model, kw
     (5, {}, "the prompt must be"),
     (b"def f", {}, "bytes"),
     (torch.tensor([[1, 2]]), {}, "1-D integer"),
+    # no values to read: torch's NotImplementedError (forward and step said it in one line already)
+    (torch.tensor([1, 2], device="meta"), {}, "the prompt is a tensor on the meta device"),
     (P, dict(system="Be brief."), "chat=True"),
     ([1, 2, 3], dict(chat=True), "not to token ids"),
     ([1, 2, 3], dict(system="Be brief."), "not to token ids"),
@@ -246,6 +248,26 @@ def test_finish_reason_says_how_a_generation_ended(model):
     assert g.finish_reason in ("stop", "length")
 
 
+def test_a_generation_refused_its_session_finishes_with_error(model):
+    """A generation whose session= is closed or busy by its first next() ends with its AhnError and
+    finish_reason "error", as agenerate's does (it stayed None, as if still running)."""
+    s = model.new_session()
+    g = model.generate(P, max_new_tokens=3, session=s)
+    s.close()
+    with pytest.raises(AhnError, match="closed"):
+        next(g)
+    assert g.finish_reason == "error"
+    s = model.new_session()
+    first = model.generate(P, max_new_tokens=8, session=s)
+    next(first)
+    g = model.generate(P, max_new_tokens=3, session=s)
+    with pytest.raises(AhnError, match="in use"):
+        next(g)
+    assert g.finish_reason == "error" and first.finish_reason is None
+    first.close()
+    assert first.finish_reason == "cancelled" and s.forward([1]).shape == (1, model.config.vocab_size)
+
+
 def test_the_public_surface_is_listed_and_typed():
     assert set(ahn_rt.__all__) <= set(dir(ahn_rt))
     assert (Path(ahn_rt.__file__).parent / "py.typed").is_file()
@@ -354,6 +376,18 @@ def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
         ahn_rt.load(DEMO, tokenizer=tmp_path / "missing.json")    # not at the first request
     assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.encode("x")
 
+
+def test_a_model_made_from_tensors_says_it_has_no_tokenizer():
+    """from_state_dict's model has no folder to find a tokenizer in: generate said "no tokenizer: None not
+    found"; it says where the model came from and what to do (its ids still run)."""
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.runtime import from_state_dict
+    cfg = preset_config("tiny", "gdn", torch.float32)
+    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=3))
+    with pytest.raises(AhnError, match=r"^no tokenizer: this model was made from tensors \(from_state_dict\)") as e:
+        m.generate([1, 2, 3], max_new_tokens=2)
+    assert "None" not in str(e.value)
+    assert m.new_session().forward([1, 2, 3]).shape == (3, cfg["vocab_size"])
 
 def test_a_tokenizer_folder_is_taken_as_train_takes_it(tmp_path):
     """tokenizer= (--tokenizer) the folder that holds tokenizer.json said "tokenizer not found", though it was
@@ -558,6 +592,18 @@ def test_token_ids_of_any_integer_dtype_are_taken_and_bytes_are_refused(model):
             model.step([s], bad)
     assert s.position == 1
 
+
+
+def test_a_uint64_token_id_past_int64_is_named_as_given(model):
+    """A uint64 tensor's id of 2**63 or more was named as its int64 wrap ("token id -1 is outside the
+    vocabulary" for 2**64 - 1), an id the caller never gave; generate already named it as given."""
+    s = model.new_session()
+    for v in (2 ** 64 - 1, 2 ** 63):
+        ids = torch.tensor([3, v], dtype=torch.uint64)
+        for call in (lambda: s.forward(ids), lambda: model.step([s, model.new_session()], ids)):
+            with pytest.raises(AhnError, match=f"token id {v} is outside the vocabulary"):
+                call()
+    assert s.position == 0 and s.forward(torch.tensor([3], dtype=torch.uint64)).shape == (1, model.config.vocab_size)
 
 def _read_in_thread(g):
     """Iterate the generation ``g`` in a new thread: (the thread, the pieces it got, the errors it raised)."""

@@ -253,3 +253,20 @@ def test_a_session_whose_slot_was_released_refuses_and_its_close_frees_nothing()
     assert small.free == 0 and not w.closed
     with pytest.raises(AhnError, match="all 1 slots"):
         model.new_session(pool=small)
+
+
+def test_release_takes_a_slot_of_any_integer_type():
+    """release(slot) takes what the API's other integer arguments take (numpy's integers too): a slot read
+    from an array was refused as "not in use", though it was."""
+    np = pytest.importorskip("numpy")
+    model = _model()
+    pool = model.new_pool(2)
+    s = model.new_session(pool=pool)
+    slot = np.int64(s.state.pool_slot)
+    pool.release(slot)
+    assert pool.free == 2 and not pool.holds(s.state)
+    with pytest.raises(AhnError, match="is not in use"):
+        pool.release(slot)                                  # free now
+    for bad in (True, 0.0):
+        with pytest.raises(AhnError, match="is not in use"):
+            pool.release(bad)

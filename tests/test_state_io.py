@@ -2,6 +2,8 @@
 session (across the fill point, in every mode); only the occupied slots are written before the window is
 full; a state restored into another model or configuration, a truncated or corrupt file, or a file that
 is not a state file each give one line; nothing is unpickled."""
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,19 @@ def test_save_is_atomic_and_refuses_bad_paths(tmp_path):
         s.save(tmp_path / "afile" / "s.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_save_onto_a_pipe_or_device_is_refused_not_replaced(tmp_path):
+    """save's atomic write renames its temporary file over the path: a pipe (or, as root, /dev/null itself)
+    was replaced by a regular file holding the state. Such a path is refused, and left as it was."""
+    s = _model().new_session()
+    s.forward(IDS[:4])
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for write in (lambda: s.save(fifo), lambda: ahn_rt.weights.write_checkpoint(fifo, {"a": torch.zeros(2)})):
+        with pytest.raises(ahn_rt.AhnError, match="pipe: it is not a regular file"):
+            write()
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["pipe"]
 
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys")
 def test_save_where_the_file_system_refuses_names_the_given_path():

@@ -141,6 +141,9 @@ def as_prompt(model, prompt, chat: bool = False, system: str | None = None) -> P
     if hasattr(prompt, "dim") and hasattr(prompt, "tolist"):   # a tensor of ids, as Session.forward takes
         if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex():
             raise AhnError("a prompt tensor must be 1-D integer token ids")
+        if prompt.device.type == "meta":   # no values to read: torch's NotImplementedError (as Session.forward says)
+            raise AhnError("the prompt is a tensor on the meta device, which holds no values; give the ids on the "
+                           "CPU or the model's device")
         prompt = prompt.tolist()
     if isinstance(prompt, Prompt):
         items = None

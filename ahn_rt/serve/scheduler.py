@@ -486,9 +486,16 @@ class AsyncGeneration:
     def __aiter__(self):
         return self
 
+    def _check_loop(self):
+        # its events are delivered to the loop that called agenerate: read from another, it waited forever
+        if asyncio.get_running_loop() is not self._loop:
+            raise AhnError("this generation belongs to the event loop that called agenerate; read (or aclose) it "
+                           "there, or call agenerate in this loop")
+
     async def __anext__(self) -> str:
         if self._ended:
             raise StopAsyncIteration
+        self._check_loop()
         try:
             event = await self._queue.get()
         except asyncio.CancelledError:
@@ -508,6 +515,7 @@ class AsyncGeneration:
         """Stop now (at the worker's next step) and wait until the session is released."""
         if self._ended:
             return
+        self._check_loop()
         self.ticket.cancel()
         await self._released.wait()
         self._ended = True
