@@ -348,12 +348,14 @@ class Model:
             batch.advance()
         return logits
 
-    def restore(self, path: str | os.PathLike, chunk_size: int | None = None) -> "Session":
-        """A new session holding the state ``Session.save`` wrote to ``path``. A file saved with another
-        model, window, sinks, dtype or mode, or a damaged file, raises AhnError naming the problem (window
-        and sinks do nothing in mode 'full': a full-mode state restores whatever they were)."""
+    def restore(self, path: str | os.PathLike, chunk_size: int | None = None,
+                pool: "StatePool | None" = None) -> "Session":
+        """A new session holding the state ``Session.save`` wrote to ``path`` (in a slot of ``pool`` when
+        given, as ``new_session(pool=)``). A file saved with another model, window, sinks, dtype or mode, or a
+        damaged file, raises AhnError naming the problem, and takes no slot (window and sinks do nothing in
+        mode 'full': a full-mode state restores whatever they were)."""
         from . import state_io
-        return state_io.restore(self, path, chunk_size)
+        return state_io.restore(self, path, chunk_size, pool)
 
     # ---- prefix cache, prefill, generation ---------------------------------------------------
     def enable_prefix_cache(self, max_bytes: int, boundary_snapshots: int = 2) -> "PrefixCache | None":

@@ -120,9 +120,9 @@ def _check_version(path: Path, version):
                    f"version {VERSION}): upgrade ahn_rt to restore it")
 
 
-def restore(model, path, chunk_size: int | None = None):
-    """A new Session holding the state saved in ``path``; AhnError (one line) when the file is not a
-    state file, is damaged, or belongs to another model or configuration."""
+def restore(model, path, chunk_size: int | None = None, pool=None):
+    """A new Session (in a slot of ``pool`` when given) holding the state saved in ``path``; AhnError (one
+    line) when the file is not a state file, is damaged, or belongs to another model or configuration."""
     from safetensors import safe_open
     from .weights import check_safetensors, path_exists
     path = _path(path, "restore")
@@ -166,9 +166,13 @@ def restore(model, path, chunk_size: int | None = None):
     except Exception as e:  # noqa: BLE001 - safetensors' own errors for a damaged data region
         raise AhnError(f"{path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                        "save the session again") from None
-    sess = model.new_session(chunk_size=chunk_size)
+    sess = model.new_session(chunk_size=chunk_size, pool=pool)
     try:
         sess.state.load({k: v.to(sess.state.device) for k, v in tensors.items()}, position)
     except ValueError as e:
+        sess.close()   # a pool's slot goes back
         raise AhnError(f"{path} does not fit this model's state: {e}") from None
+    except BaseException:
+        sess.close()
+        raise
     return sess

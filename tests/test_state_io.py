@@ -305,3 +305,31 @@ def test_a_path_under_home_is_expanded_as_load_expands_it(tmp_path, monkeypatch)
     assert (home / "conv.safetensors").is_file() and not list(cwd.iterdir())
     b = model.restore("~/conv.safetensors")
     assert b.position == 9 and torch.equal(b.forward([5]), a.forward([5]))
+
+
+def test_restore_into_a_pool_continues_exactly_and_a_refused_file_takes_no_slot(tmp_path):
+    """``restore(path, pool=)`` puts the saved state in a slot of a service's pool (it could only make a
+    private session), steps with the pool's other sessions as the uninterrupted session does; a file whose
+    tensors do not fit gives its slot back."""
+    model = _model()
+    ref = model.new_session()
+    ref.forward(IDS[:30])
+    ref.save(tmp_path / "s.safetensors")
+    pool = model.new_pool(3)
+    other = model.new_session(pool=pool)
+    other.forward(IDS[:5])
+    b = model.restore(tmp_path / "s.safetensors", pool=pool)
+    assert b.pool is pool and pool.free == 1 and b.position == 30
+    got = model.step([other, b], [7, 8])
+    want_b, want_o = ref.forward([8]), model.new_session()
+    want_o.forward(IDS[:5])
+    assert torch.equal(got[1], want_b[-1]) and torch.equal(got[0], want_o.forward([7])[-1])
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        m, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(iter(tensors))
+    tensors[name] = tensors[name][..., :1].contiguous()
+    m.pop("checksum", None)
+    save_file(tensors, str(tmp_path / "short.safetensors"), metadata=m)
+    with pytest.raises(ahn_rt.AhnError, match="does not fit"):
+        model.restore(tmp_path / "short.safetensors", pool=pool)
+    assert pool.free == 1
