@@ -221,8 +221,10 @@ def _allocation_failure(c: Config, device, n: int, capacity: int, need: int) -> 
         hint = "use a shorter prompt, or mode ahn or swa (a fixed window)"
     else:
         slots = f"sinks {c.sinks} + window {c.window} = {capacity} cache slots"
-        hint = ("lower the window (--window)" if c.window >= c.sinks else "lower the sinks (--sinks)") + (
-            " or the sessions at once (--max-sessions)" if n > 1 else "")
+        # (the command lines' flag and the API's argument: the same message serves both)
+        hint = ("lower the window (--window, load(window=))" if c.window >= c.sinks
+                else "lower the sinks (--sinks, load(sinks=))") + (
+            " or the sessions at once (--max-sessions, new_pool(size))" if n > 1 else "")
     return (f"cannot allocate {what} on {device}: {human_bytes(need)} needed for {slots} x {c.num_layers} "
             f"layers; {hint}")
 

@@ -246,7 +246,7 @@ def test_a_state_that_does_not_fit_is_one_line_naming_the_size():
         with pytest.raises(AhnError, match=r"cannot allocate the state on cpu: .* TiB needed .*lower the window") as e:
             State(_config(2, W), "cpu")
         assert "\n" not in str(e.value) and f"window {W}" in str(e.value)
-    with pytest.raises(AhnError, match=r"lower the sinks \(--sinks\)"):
+    with pytest.raises(AhnError, match=r"lower the sinks \(--sinks, load\(sinks=\)\)"):
         State(_config(10 ** 11, 4), "cpu")
     with pytest.raises(AhnError, match=r"cannot allocate 3 states .*--max-sessions"):
         StatePool(_config(2, 10 ** 11), "cpu", 3)
