@@ -59,6 +59,24 @@ def _check_chunk(chunk_size, device: torch.device) -> int:
     return int_arg(chunk_size, "chunk_size")
 
 
+class _ChunkSize:
+    """``chunk_size`` of a Model or Session, checked when set (``s.chunk_size = 0`` failed later, in the
+    next prefill, with range()'s ValueError); None sets the default (a session's: its model's)."""
+
+    def __set_name__(self, owner, name):
+        self.attr = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.attr)
+
+    def __set__(self, obj, value):
+        if isinstance(obj, Model):
+            value = _check_chunk(value, torch.device(obj.device))
+        else:
+            value = obj.model.chunk_size if value is None else _check_chunk(value, obj.model.device)
+        setattr(obj, self.attr, value)
+
+
 def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, window: int | None = None,
          sinks: int | None = None, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
          mode: str | None = None, chunk_size: int | None = None,
@@ -204,11 +222,13 @@ class Generation:
 
 
 class Model:
+    chunk_size = _ChunkSize()   # prompt tokens per prefill chunk of new sessions
+
     def __init__(self, config: Config, w, device: torch.device, *, chunk_size: int | None = None,
                  folder: Path | None = None, tokenizer_path: Path | None = None):
         self.config = config
         self.device = device
-        self.chunk_size = _check_chunk(chunk_size, torch.device(device))
+        self.chunk_size = chunk_size
         self.decoder = Decoder(config, w, device)
         self.folder = folder
         self._tokenizer_path = tokenizer_path
@@ -554,6 +574,7 @@ def _give_back(pool: StatePool, held: list):
 class Session:
     """One sequence: its State (sinks + ring K/V, per-slot gates, memories, position) and the CUDA
     graphs captured for it."""
+    chunk_size = _ChunkSize()   # prompt tokens per prefill chunk
 
     def __init__(self, model: Model, chunk_size: int, capacity: int | None = None, pool=None):
         self.model = model

@@ -770,3 +770,24 @@ def test_a_token_id_beyond_int64_is_outside_the_vocabulary(model, bad):
         with pytest.raises(AhnError, match=rf"^token id {bad} is outside the vocabulary \[0, 4096\)$"):
             call()
     assert sess.position == 0
+
+
+def test_chunk_size_is_checked_when_set():
+    """A session's (or model's) chunk_size set to 0, a float or a string failed in the next prefill with
+    range()'s ValueError or a TypeError; now the assignment raises AhnError and the old value stays."""
+    import numpy as np
+    model = ahn_rt.load(DEMO)   # (its own: the test sets its chunk_size)
+    s = model.new_session()
+    want = s.forward(list(range(3, 40)))
+    for bad in (0, -1, 2.5, "8", True):
+        for obj in (s, model):
+            before = obj.chunk_size
+            with pytest.raises(AhnError, match="chunk_size"):
+                obj.chunk_size = bad
+            assert obj.chunk_size == before
+    t = model.new_session()
+    t.chunk_size = np.int64(5)
+    assert t.chunk_size == 5 and type(t.chunk_size) is int
+    assert torch.equal(t.forward(list(range(3, 40))), want)
+    t.chunk_size = None
+    assert t.chunk_size == model.chunk_size
