@@ -19,7 +19,7 @@ from .cache import State, StatePool, refuse_torn, shared_pool
 from .cli import refuse_empty
 from .config import Config, resolve_runtime
 from .devices import parse_device
-from .errors import AhnError, int_arg, unordered
+from .errors import AhnError, as_int, int_arg, unordered
 from .graph import Stepper, batch_step
 from .model import Decoder
 from .sampling import Sampler, SamplingParams
@@ -345,9 +345,13 @@ class Model:
                 raise AhnError("step: every session must be a Session of this model (model.new_session())")
         if len({id(s) for s in sessions}) != len(sessions):
             raise AhnError("step: a session appears twice; give each session once per step")
-        ids = None if isinstance(tokens, int) else sessions[0]._ids(tokens)
-        if ids is None or ids.numel() != len(sessions):
-            raise AhnError(f"step: give one token per session ({len(sessions)} sessions)")
+        n = len(sessions)
+        if as_int(tokens) is not None:   # an int, a numpy int: one message for every scalar
+            raise AhnError(f"step: tokens must be a list of {n} ints or an integer tensor [{n}] (one token per "
+                           f"session), got the single {type(tokens).__name__} {tokens!r}")
+        ids = sessions[0]._ids(tokens)
+        if ids.numel() != n:
+            raise AhnError(f"step: give one token per session: {ids.numel()} tokens for {n} sessions")
         with contextlib.ExitStack() as held:
             for s in sessions:
                 held.enter_context(s._held())

@@ -6,6 +6,7 @@ filling the window, at the fill point, long past it), for every memory variant, 
 float32 and bf16; every session advances by one; bad calls get one line. The GPU case is marked cuda."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,7 +95,7 @@ def test_step_accepts_a_tensor_and_rejects_bad_calls():
     for sessions, tokens, msg in (([], [], "no sessions"), ([a, a], [1, 2], "appears twice"),
                                   ([a, b], [1], "one token per session"), ([a, other.new_session()], [1, 2],
                                                                             "of this model"),
-                                  ([a, b], [1, 500], "outside the vocabulary"), ([a], 3, "one token per session")):
+                                  ([a, b], [1, 500], "outside the vocabulary"), ([a], 3, "one token per session"), ([a], np.int64(3), "got the single int64")):
         with pytest.raises(AhnError, match=msg):
             model.step(sessions, tokens)
     assert a.position == 1 and b.position == 1          # nothing advanced by a refused call
