@@ -167,6 +167,39 @@ def test_train_layers_moves_only_those_layers_with_the_same_update(tmp_path, con
         Trainer(new_model(config, base), data, TrainSettings(budget=fixed, train_layers=(2,)))
 
 
+
+def test_gradients_are_clipped_to_max_grad_norm_as_one_vector(tmp_path, config, base):
+    """--max-grad-norm c: the step's gradient over every trained tensor together is scaled by c / ||g|| when
+    ||g|| > c and left alone otherwise; the log's grad_norm is ||g|| before clipping. The reference is the
+    unclipped gradient of a max_grad_norm = 0 step (no test clipped before: dropping the clip, clipping each
+    tensor on its own or logging the clipped norm all passed)."""
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [40, 30], fixed)
+    g = torch.Generator().manual_seed(5)
+    start = new_model(config, base).ahn_state_dict()
+    start = {k: 0.1 * torch.randn(v.shape, generator=g) if k.endswith("o_proj.weight") else v.clone()
+             for k, v in start.items()}          # o_proj != 0: the gradient spans many tensors
+
+    def step(max_grad_norm):
+        tr = Trainer(new_model(config, base, start), data, TrainSettings(
+            steps=1, batch=2, budget=fixed, max_grad_norm=max_grad_norm, warmup_ratio=0.0))
+        got = {}
+        tr.optimizer.step = lambda: got.update({k: p.grad.clone() for k, p in tr.trained})
+        return tr.train_step(), got
+
+    rec, raw = step(0.0)
+    norm = float(torch.cat([v.double().flatten() for v in raw.values()]).norm())
+    assert rec["grad_norm"] == pytest.approx(norm, rel=1e-6)
+    big = [k for k, v in raw.items() if v.norm() > 0.05 * norm]
+    assert len(big) >= 2, big               # so per-tensor clipping differs from the global one
+    for c in (norm / 4, 4 * norm):
+        rec_c, got = step(c)
+        assert rec_c["grad_norm"] == pytest.approx(norm, rel=1e-6)      # logged before clipping
+        scale = min(1.0, c / norm)
+        for k in raw:
+            torch.testing.assert_close(got[k], raw[k] * scale, rtol=1e-5, atol=1e-9 * norm, msg=k)
+    assert float(torch.cat([v.double().flatten() for v in got.values()]).norm()) == pytest.approx(norm, rel=1e-6)
+
 def test_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 1e-4, 100, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4) and lrs[10] == pytest.approx(1e-4)
