@@ -454,3 +454,34 @@ def test_a_queued_generation_collected_inside_the_worker_does_not_kill_it(model)
     assert fired and [(text, reason)] == want and ticket.run.finish_reason in ("cancelled", "timeout")
     sched = model.scheduler
     assert sched._thread.is_alive() and sched.sessions_in_use == 0 and sched.active == 0 and not sched._waiting
+
+
+def test_an_end_of_sequence_token_ends_the_text_with_stop(model):
+    """generate and agenerate stop at the first sampled end-of-sequence id: it is neither shown nor counted,
+    and the finish reason is "stop". The tiny model never samples an eos by chance, so one is made of a token
+    the reply samples at step k >= 3 (and, greedy, of its first token: an empty reply). No test saw a reply
+    end at an eos before: a generation that ignored them passed."""
+    kw = dict(max_new_tokens=12, temperature=0.9, seed=11)
+    model._eos_ids = (model.folder, frozenset())
+    g = model.generate(PROMPTS[0], **kw)
+    free = "".join(g)
+    assert g.finish_reason == "length" and g.stats.new_tokens == 12
+    toks = [int(t) for t in free[1:-1].split("><")]              # _Tok.decode: "<id>" per token
+    k = next(i for i in range(3, 12) if toks[i] not in toks[:i])  # a token first sampled at step k
+    model._eos_ids = (model.folder, frozenset({toks[k]}))
+    want = "".join(f"<{t}>" for t in toks[:k])
+    g = model.generate(PROMPTS[0], **kw)
+    assert ("".join(g), g.finish_reason, g.stats.new_tokens) == (want, "stop", k)
+    first = int("".join(model.generate(PROMPTS[1], max_new_tokens=1, temperature=0))[1:-1])
+    assert first not in toks[:k]
+    model._eos_ids = (model.folder, frozenset({first}))
+    g = model.generate(PROMPTS[1], max_new_tokens=12, temperature=0)
+    assert ("".join(g), g.finish_reason, g.stats.new_tokens) == ("", "stop", 0)
+
+    async def main():        # the scheduler's runs, stepped together, stop alike
+        model.start_scheduler(max_active=2)
+        return await asyncio.gather(_collect(model.agenerate(PROMPTS[0], **kw)),
+                                    _collect(model.agenerate(PROMPTS[1], max_new_tokens=12, temperature=0)))
+
+    model._eos_ids = (model.folder, frozenset({toks[k], first}))
+    assert asyncio.run(main()) == [(want, "stop"), ("", "stop")]

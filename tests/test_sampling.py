@@ -221,6 +221,20 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution(case):
         assert wrong_stat > WRONG_FACTOR * crit, f"{case}: {name} chi2 {wrong_stat:.1f} is not far above {crit:.1f}"
 
 
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0, top_k=1, seed=0)], ids=["greedy", "top_k1"])
+def test_sampled_tokens_count_as_seen(kw):
+    """The repetition penalty covers the tokens generated so far, not only the observed prompt (HF's
+    RepetitionPenaltyLogitsProcessor sees every id before the step): with a penalty of 1e6 on the same
+    logits, each draw is the next-best token, the three draws are the three largest logits in order. A
+    sampler that forgot to mark its own draws would repeat the argmax."""
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(2))
+    top = torch.topk(logits, 4).indices.tolist()
+    assert logits[top[3]] > 0                  # so each penalized top token drops below the next one
+    s = _sampler(repetition_penalty=1e6, **kw)
+    assert [int(s.sample(logits)) for _ in range(3)] == top[:3]
+    assert s.seen.nonzero().view(-1).tolist() == sorted(top[:3])
+
 def test_top_k_1_and_min_p_1_are_greedy():
     logits = torch.randn(V)
     assert int(_sampler(temperature=1.0, top_k=1, seed=0).sample(logits)) == int(logits.argmax())

@@ -20,10 +20,14 @@ from ahn_rt.runtime import from_state_dict
 W, S = 6, 2
 
 
-def _model(mode="ahn", seed=0, dtype="float32", window=W, sinks=S):
+def _model(mode="ahn", seed=0, dtype="float32", window=W, sinks=S, changed=None):
+    """``changed``: the name of one tensor to perturb (the same model otherwise: another AHN checkpoint on the
+    same base, or the same AHN on another base)."""
     cfg = preset_config("tiny", True, torch.float32)
     cfg["vocab_size"] = 101
     sd = random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=seed)
+    if changed is not None:
+        sd[changed] = sd[changed] + 0.5
     return from_state_dict(cfg, sd, window=window, sinks=sinks, mode=mode, dtype=dtype, device="cpu")
 
 
@@ -78,8 +82,15 @@ def test_only_occupied_slots_are_written(tmp_path):
 
 @pytest.mark.parametrize("other,needle", [
     (dict(seed=1), "model (architecture or weights)"), (dict(window=7), "window"), (dict(sinks=3), "sinks"),
-    (dict(dtype="bf16"), "dtype"), (dict(mode="swa"), "mode")])
+    (dict(dtype="bf16"), "dtype"), (dict(mode="swa"), "mode"),
+    (dict(changed="model.layers.1.ahn.fn.A_log"), "model (architecture or weights)"),
+    (dict(changed="model.layers.1.ahn.fn.o_proj.weight"), "model (architecture or weights)"),
+    (dict(changed="model.layers.1.mlp.down_proj.weight"), "model (architecture or weights)")],
+    ids=["seed", "window", "sinks", "dtype", "mode", "other-ahn-A_log", "other-ahn-o_proj", "other-base"])
 def test_restore_into_another_model_or_config_names_the_mismatch(tmp_path, other, needle):
+    """Another seed changes every tensor; the ``changed`` cases change one: a state saved under one AHN
+    checkpoint was restored into the same base with another AHN (the memory's tensors were left out of the
+    model digest) and would continue silently with the wrong memory."""
     s = _model().new_session()
     s.forward(IDS[:20])
     s.save(tmp_path / "s.safetensors")

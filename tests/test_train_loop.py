@@ -167,6 +167,73 @@ def test_train_layers_moves_only_those_layers_with_the_same_update(tmp_path, con
         Trainer(new_model(config, base), data, TrainSettings(budget=fixed, train_layers=(2,)))
 
 
+
+def test_gradients_are_clipped_to_max_grad_norm_as_one_vector(tmp_path, config, base):
+    """--max-grad-norm c: the step's gradient over every trained tensor together is scaled by c / ||g|| when
+    ||g|| > c and left alone otherwise; the log's grad_norm is ||g|| before clipping. The reference is the
+    unclipped gradient of a max_grad_norm = 0 step (no test clipped before: dropping the clip, clipping each
+    tensor on its own or logging the clipped norm all passed)."""
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [40, 30], fixed)
+    g = torch.Generator().manual_seed(5)
+    start = new_model(config, base).ahn_state_dict()
+    start = {k: 0.1 * torch.randn(v.shape, generator=g) if k.endswith("o_proj.weight") else v.clone()
+             for k, v in start.items()}          # o_proj != 0: the gradient spans many tensors
+
+    def step(max_grad_norm):
+        tr = Trainer(new_model(config, base, start), data, TrainSettings(
+            steps=1, batch=2, budget=fixed, max_grad_norm=max_grad_norm, warmup_ratio=0.0))
+        got = {}
+        tr.optimizer.step = lambda: got.update({k: p.grad.clone() for k, p in tr.trained})
+        return tr.train_step(), got
+
+    rec, raw = step(0.0)
+    norm = float(torch.cat([v.double().flatten() for v in raw.values()]).norm())
+    assert rec["grad_norm"] == pytest.approx(norm, rel=1e-6)
+    big = [k for k, v in raw.items() if v.norm() > 0.05 * norm]
+    assert len(big) >= 2, big               # so per-tensor clipping differs from the global one
+    for c in (norm / 4, 4 * norm):
+        rec_c, got = step(c)
+        assert rec_c["grad_norm"] == pytest.approx(norm, rel=1e-6)      # logged before clipping
+        scale = min(1.0, c / norm)
+        for k in raw:
+            torch.testing.assert_close(got[k], raw[k] * scale, rtol=1e-5, atol=1e-9 * norm, msg=k)
+    assert float(torch.cat([v.double().flatten() for v in got.values()]).norm()) == pytest.approx(norm, rel=1e-6)
+
+
+def test_the_update_is_adamw_with_decoupled_decay_on_the_decay_group(tmp_path, config, base):
+    """Two optimizer steps equal AdamW written out here in float64 from the documented settings (betas 0.9 /
+    0.999, eps 1e-8, weight decay 0.1 decoupled, p <- p (1 - lr wd) - lr m^ / (sqrt(v^) + eps)) on the
+    gradients the trainer computed, at the logged learning rates; the no-decay names get no decay. Before,
+    only 'the loss drops' and 'no-decay tensors stay put while they have no gradient' were checked: a trainer
+    that never applied weight decay (or took other betas) passed."""
+    fixed = BudgetSpec(fixed=(8, 2))
+    data = dataset(tmp_path, [40, 30], fixed)
+    g = torch.Generator().manual_seed(6)
+    start = new_model(config, base).ahn_state_dict()
+    start = {k: 0.1 * torch.randn(v.shape, generator=g) if k.endswith("o_proj.weight") else v.clone()
+             for k, v in start.items()}          # o_proj != 0: the no-decay tensors have a gradient too
+    tr = Trainer(new_model(config, base, start), data, TrainSettings(
+        steps=2, batch=1, lr=1e-2, budget=fixed, max_grad_norm=0.0, warmup_ratio=0.0))
+    grads, step = [], tr.optimizer.step
+    tr.optimizer.step = lambda: (grads.append({k: p.grad.double().clone() for k, p in tr.trained}), step())
+    lrs = [tr.train_step()["lr"] for _ in range(2)]
+    assert lrs == [1e-2, 0.5e-2]
+    no_decay = set(type(tr.model.ahn[0]).NO_DECAY)
+    b1, b2, eps, wd = 0.9, 0.999, 1e-8, 0.1
+    got = tr.model.ahn_state_dict()
+    shift = {True: 0.0, False: 0.0}       # per group: what two steps of weight decay would move, at most
+    for k, p0 in start.items():
+        p, m, v = p0.double(), 0.0, 0.0
+        decays = k.rsplit(".fn.", 1)[1] not in no_decay
+        for t, (lr, gr) in enumerate(zip(lrs, grads), 1):
+            m, v = b1 * m + (1 - b1) * gr[k], b2 * v + (1 - b2) * gr[k] ** 2
+            p = p * (1 - lr * wd * decays) - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        torch.testing.assert_close(got[k].double(), p, rtol=1e-6, atol=1e-7, msg=k)
+        shift[decays] = max(shift[decays], float((p0.double() * sum(lrs) * wd).abs().max()))
+    # the decay is 100x the atol in both groups: decay missing, or on the no-decay group, fails above
+    assert min(shift.values()) > 100 * 1e-7, shift
+
 def test_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 1e-4, 100, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4) and lrs[10] == pytest.approx(1e-4)
