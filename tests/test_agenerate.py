@@ -31,7 +31,7 @@ class _Tok:
 def model():
     cfg = preset_config("tiny", True, torch.float32)
     cfg["vocab_size"] = V
-    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=2), window=6, sinks=2,
+    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=2, std=0.2), window=6, sinks=2,
                         mode="ahn", dtype="float32", device="cpu", chunk_size=8)
     m._tokenizer = _Tok()
     yield m

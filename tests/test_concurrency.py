@@ -30,7 +30,7 @@ class _Tok:
 def model():
     cfg = preset_config("tiny", True, torch.float32)
     cfg["vocab_size"] = 97
-    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=2), window=6, sinks=2,
+    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=2, std=0.2), window=6, sinks=2,
                         mode="ahn", dtype="float32", device="cpu")
     m._tokenizer = _Tok()
     return m
