@@ -31,7 +31,7 @@ class _CharTok:
 def _model(mode="ahn", dtype="float32", cache=1 << 24):
     cfg = preset_config("tiny", True, torch.float32)
     cfg["vocab_size"] = V
-    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=4), window=W, sinks=S,
+    m = from_state_dict(cfg, random_state_dict(cfg, ahn=True, dtype=torch.float32, seed=4, std=0.2), window=W, sinks=S,
                         mode=mode, dtype=dtype, device="cpu", chunk_size=CHUNK)
     m._tokenizer = _CharTok()
     if cache:
