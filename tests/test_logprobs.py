@@ -168,3 +168,16 @@ def test_entries_follow_the_text_the_pieces_show(ids, stop, max_new, want, reaso
     # entries in order, one per token shown; without logprobs the same text in the same pieces
     off, finish_off = _drive(ids, stop, max_new, logprobs=False)
     assert finish_off == reason and off == [(p, None) for p, _ in want if p]
+
+
+def test_token_bytes_are_the_raw_bytes_of_byte_level_tokens(demo):
+    tok = demo.tokenizer
+    text = "Héllo wörld — ✓ 日本 <|im_end|>"
+    ids = tok.encode(text)
+    parts = [tok.token_bytes(i) for i in ids]
+    assert b"".join(parts) == text.encode("utf-8")
+    partial = [p for p in parts if p.decode("utf-8", "replace") != p.decode("utf-8", "ignore")]
+    assert partial                                    # some tokens hold part of a character: decode([id]) loses them
+    assert all(tok.decode([i]) == "\ufffd" for i, p in zip(ids, parts) if p in partial and len(p) == 1)
+    assert tok.token_bytes(tok.token_id("<|im_end|>")) == b"<|im_end|>"
+    assert tok.token_bytes(tok.vocab_size + 5) == b""          # padded embedding rows: no token
