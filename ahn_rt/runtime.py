@@ -22,7 +22,7 @@ from .devices import parse_device
 from .errors import AhnError, as_int, int_arg, unordered
 from .graph import Stepper, batch_step
 from .model import Decoder
-from .sampling import Sampler, SamplingParams
+from .sampling import MAX_LOGPROBS, LogprobTaker, Sampler, SamplingParams, TokenLogprob
 # for the type hints (light modules: the standard library and torch)
 from .serve.prefix_cache import PrefixCache
 from .serve.prompt import Prompt
@@ -178,12 +178,17 @@ class Generation:
     this call alone. Closing it (``close()``, leaving ``with``, or dropping it) stops at the next token and
     frees its session.
     ``finish_reason``: None while running, then "stop" (end of sequence or a stop string), "length",
-    "cancelled" (closed, or interrupted, before the end) or "error" (an exception ended it)."""
+    "cancelled" (closed, or interrupted, before the end) or "error" (an exception ended it).
+    ``logprobs``: None unless ``generate(..., logprobs=k)``; then a list of ``TokenLogprob``, one per generated
+    token, filled as the pieces are produced: when a piece is handed out, the list holds the entries of every
+    token whose text has been handed out so far (a token is listed with the piece that completes its text)."""
 
-    def __init__(self, pieces: Iterator[str], stats: GenerationStats, run: "_Run | None" = None):
+    def __init__(self, pieces: Iterator[str], stats: GenerationStats, run: "_Run | None" = None,
+                 logprobs: "list[TokenLogprob] | None" = None):
         self._pieces = pieces
         self.stats = stats
         self._run = run
+        self.logprobs = logprobs
         self._reading = threading.Lock()   # held by the thread inside next(): one reader at a time
 
     @property
@@ -420,7 +425,7 @@ class Model:
         return p
 
     def _new_run(self, prompt, max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0,
-                 repetition_penalty=1.0, seed=None, stop=(), chat=False, system=None) -> "_Run":
+                 repetition_penalty=1.0, seed=None, stop=(), chat=False, system=None, logprobs=None) -> "_Run":
         """A generation, its arguments checked (AhnError), not started: ``generate`` runs it in the
         caller's thread, the scheduler in its worker."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -438,8 +443,12 @@ class Model:
             raise AhnError("stop strings must be non-empty text")
         for s in stop:      # a lone surrogate (a non-UTF-8 byte of a command line) never matches: it was ignored
             check_text(s, f"stop string {s!r}")
+        logprobs = int_arg(logprobs, "logprobs", minimum=0, optional=True)
+        if logprobs is not None and logprobs > MAX_LOGPROBS:
+            raise AhnError(f"logprobs must be at most {MAX_LOGPROBS} (the most likely tokens listed per step), "
+                           f"got {logprobs}")
         self.tokenizer   # needed to stream text; fail before anything runs
-        return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop)
+        return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop, logprobs)
 
     def _check_session(self, session, what: str):
         """AhnError unless ``session`` is None or an open Session of this model."""
@@ -455,7 +464,7 @@ class Model:
     def generate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                  stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
-                 session: "Session | None" = None) -> Generation:
+                 session: "Session | None" = None, logprobs: int | None = None) -> Generation:
         """Stream the generated text piece by piece. ``prompt`` is a string (wrapped in the ChatML
         template with ``chat``), a list of token ids, a list of chat messages ({role, content}) or a
         ``Prompt``. Arguments are checked here, before anything runs. The returned iterator's ``stats``
@@ -463,10 +472,16 @@ class Model:
         to call from several threads at once: each call without ``session`` runs on its own session. A
         given ``session`` is held from the first piece until the generation ends or is closed (any other
         use of it meanwhile raises AhnError); ``with model.generate(...) as gen:`` closes it on leaving.
-        With a prefix cache enabled, a call that starts at position 0 reuses the longest cached prefix."""
+        With a prefix cache enabled, a call that starts at position 0 reuses the longest cached prefix.
+        ``logprobs=k`` (0 to 20; default None: off) fills the generation's ``logprobs`` list with a
+        ``TokenLogprob`` per generated token: its raw log-probability (the log-softmax of the model's float32
+        logits, before repetition penalty, temperature and the top-k/p and min-p cuts) and the k most likely
+        tokens of its step. The end-of-sequence token that ends a reply gets no entry, nor does a token whose
+        text lies wholly in a stop string (or after it)."""
         self._check_session(session, "generate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                            seed, stop, chat, system)
+                            seed, stop, chat, system, logprobs)
+        lps = [] if logprobs is not None else None
 
         def pieces() -> Iterator[str]:
             sess = session or self._borrow_session()
@@ -482,7 +497,11 @@ class Model:
                 while run.prefilling and not run.done:   # done: closed from another thread meanwhile
                     run.prefill_chunk()
                 while True:
-                    yield from run.take()
+                    for piece, entries in run.take():
+                        if entries:
+                            lps.extend(entries)
+                        if piece:
+                            yield piece
                     if run.done:
                         break
                     run.land(int(run.launch()))   # the one host sync per token: the id is needed for text
@@ -498,7 +517,7 @@ class Model:
                 if session is None:
                     self._return_session(sess)
 
-        return Generation(pieces(), run.stats, run)
+        return Generation(pieces(), run.stats, run, lps)
 
     @property
     def scheduler(self) -> "Scheduler":
@@ -527,17 +546,19 @@ class Model:
     def agenerate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                   top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                   stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
-                  session: "Session | None" = None, timeout: float | None = None) -> "AsyncGeneration":
+                  session: "Session | None" = None, timeout: float | None = None,
+                  logprobs: int | None = None) -> "AsyncGeneration":
         """``generate`` for asyncio: an async iterator of text pieces (``async for piece in ...``), run by
         the scheduler's worker, interleaved with every other active generation. Call it inside a running
         event loop; arguments are checked at once (AhnError). Closing the iterator (``await it.aclose()``,
         or leaving ``async with``) or cancelling the task that iterates stops it at the next token and
         releases its session; after ``timeout`` seconds (counted from this call, queueing included) it
-        stops and raises TimeoutError. Same results as ``generate`` with the same arguments."""
+        stops and raises TimeoutError. Same results as ``generate`` with the same arguments (``logprobs=k``
+        too: the iterator's ``logprobs`` list is filled as its pieces are read)."""
         from .serve.scheduler import AsyncGeneration
         self._check_session(session, "agenerate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                            seed, stop, chat, system)
+                            seed, stop, chat, system, logprobs)
         while True:
             sched = self.scheduler
             try:
@@ -840,10 +861,18 @@ class _Run:
     """One generation as steps: ``start(session)``, ``prefill_chunk()`` while ``prefilling``, then
     ``land(int(launch()))`` per token until ``done`` — or, stepped together with others,
     ``land(int(sample(row)))`` with the row of ``Model.step`` that fed ``next_input``; ``take()`` hands out
-    the text produced so far. ``generate`` drives one in the caller's thread; the scheduler drives many,
-    so both give the same text."""
+    the text produced so far, as (piece, logprobs) pairs. ``generate`` drives one in the caller's thread; the
+    scheduler drives many, so both give the same text.
 
-    def __init__(self, model: Model, prompt, params: SamplingParams, max_new_tokens: int, stop: list):
+    With ``logprobs`` (k, not None) each step's raw log-probabilities are taken on the device right after the
+    step (``LogprobTaker``) and read on the host in ``land``. A token's entry is handed out with the piece that
+    completes its text: text held back (part of a UTF-8 character in the decoder, a possible stop string in the
+    stop matcher) holds its tokens' entries back too, so the entries of all pieces, in order, are one per
+    generated token. A stop string cuts the tokens whose text starts at or after the cut; one that ends the
+    sequence gets no entry. A piece may then be "" with entries (the last ones, their text already out)."""
+
+    def __init__(self, model: Model, prompt, params: SamplingParams, max_new_tokens: int, stop: list,
+                 logprobs: int | None = None):
         self.model = model
         self.prompt = prompt
         self.params = params
@@ -856,8 +885,13 @@ class _Run:
         self.last_token: int | None = None   # the last sampled token: never fed into the state
         self.sampled = 0                     # tokens sampled so far (the first comes from the prefill)
         self._fill: _Prefill | None = None
-        self._pieces: list[str] = []
+        self._pieces: list[tuple[str, list | None]] = []
         self._eos = model.eos_ids()
+        self.logprobs = logprobs
+        self._lp: LogprobTaker | None = None
+        self._decoded = self._emitted = 0   # characters out of the decoder / handed out (logprobs only)
+        self._held_lp: list[TokenLogprob] = []          # their text still held in the decoder
+        self._wait_lp: list[tuple[TokenLogprob, int]] = []   # (entry, where its text ends): in the stop matcher
 
     @property
     def prefilling(self) -> bool:
@@ -874,6 +908,8 @@ class _Run:
         self.sampler = Sampler(self.params, self.model.config.vocab_size, self.model.device)
         self.sampler.observe(torch.tensor(self.prompt.ids, device=self.model.device))
         self._dec, self._stopper = StreamDecoder(self.model.tokenizer), StopMatcher(self.stop)
+        if self.logprobs is not None:
+            self._lp = LogprobTaker(self.logprobs, self.model.config.vocab_size, self.model.device)
         self._fill = _Prefill(self.model, sess, self.prompt, self.model.prefix_cache)
         self.stats.cached_tokens = self._fill.hit
         if self._fill.done:
@@ -889,6 +925,8 @@ class _Run:
         if self.done:   # stopped from outside during the prefill (Generation.close from another thread): no text
             return
         self._tok = self.sampler.sample(self._fill.logits[-1])
+        if self._lp is not None:
+            self._lp.take(self._fill.logits[-1], self._tok)
         self._stepper = self.session.stepper(self.sampler)
         self.stats.prefill_s = time.perf_counter() - self._t0
         self._t1 = time.perf_counter()
@@ -901,6 +939,8 @@ class _Run:
     def launch(self) -> torch.Tensor:
         """One decode step of the last token; the next token, int64 [1] on the device (no host sync)."""
         self._tok = self._stepper(self._tok)
+        if self._lp is not None:   # before the next step: a graph's logits are a buffer it overwrites
+            self._lp.take(self._stepper.logits, self._tok)
         return self._tok
 
     @property
@@ -912,6 +952,8 @@ class _Run:
         """A step taken outside (one row of ``Model.step``): sample the next token from its float32 logits
         [vocab], as ``launch`` does after its own step."""
         self._tok = self.sampler.sample(logits)
+        if self._lp is not None:
+            self._lp.take(logits, self._tok)
         return self._tok
 
     def land(self, tid: int):
@@ -922,7 +964,9 @@ class _Run:
         self.sampled += 1
         self._accept(tid)
 
-    def take(self) -> list[str]:
+    def take(self) -> list[tuple[str, list | None]]:
+        """The (piece, logprobs) pairs produced since the last call: logprobs is None without ``logprobs``,
+        else the ``TokenLogprob`` entries this piece completes (a piece is "" only when it carries entries)."""
         out, self._pieces = self._pieces, []
         return out
 
@@ -932,20 +976,55 @@ class _Run:
             self._finish("stop", flush=True)
             return
         self.stats.new_tokens += 1
-        emit, stopped = self._stopper.push(self._dec.push(tid))
-        if emit:
-            self._pieces.append(emit)
+        text = self._dec.push(tid)
+        if self._lp is not None:
+            self._held_lp.append(self._lp.read(tid, self._decoded))
+            self._decoded_out(text)
+        emit, stopped = self._stopper.push(text)
+        self._emit(emit, stopped)
         if stopped:
             self._finish("stop", flush=False)
         elif self.stats.new_tokens == self.max_new_tokens:
             self._finish("length", flush=True)
 
+    def _decoded_out(self, text: str, flushed: bool = False):
+        """(logprobs) The decoder gave ``text`` (``flushed``: its last): the tokens it held are complete, their
+        text ends here."""
+        if text or flushed:
+            self._decoded += len(text)
+            self._wait_lp += [(e, self._decoded) for e in self._held_lp]
+            self._held_lp = []
+
+    def _emit(self, text: str, stopped: bool):
+        """Hand out ``text``, the stop matcher's output, with the entries of the tokens whose text it completes
+        (after a stop: of every token whose text starts before the cut)."""
+        if self._lp is None:
+            if text:
+                self._pieces.append((text, None))
+            return
+        self._emitted += len(text)
+        wait = self._wait_lp
+        if stopped:
+            done = [e for e, _ in wait if e.offset < self._emitted]
+            wait.clear()
+            self._held_lp = []
+        else:
+            n = 0
+            while n < len(wait) and wait[n][1] <= self._emitted:
+                n += 1
+            done = [e for e, _ in wait[:n]]
+            del wait[:n]
+        if text or done:
+            self._pieces.append((text, done))
+
     def _finish(self, reason: str, flush: bool):
         if flush:
-            tail, _ = self._stopper.push(self._dec.flush())
+            rest = self._dec.flush()
+            if self._lp is not None:
+                self._decoded_out(rest, flushed=True)
+            tail, stopped = self._stopper.push(rest)
             tail += self._stopper.flush()
-            if tail:
-                self._pieces.append(tail)
+            self._emit(tail, stopped)
         self.stats.decode_s = time.perf_counter() - self._t1
         self.stats.state_bytes = self.session.state_nbytes
         self.finish_reason = reason

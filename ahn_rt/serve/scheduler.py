@@ -70,7 +70,7 @@ class Ticket:
     def __init__(self, scheduler, run, sink, session, deadline, start_state, keep_state, on_end=None):
         self.scheduler = scheduler
         self.run = run
-        self.sink = sink                 # called with ("text", str) and finally ("end", reason, exc)
+        self.sink = sink                 # called with ("text", str, logprobs) and finally ("end", reason, exc)
         self.session = session           # the caller's session, or None: borrow one from the model
         self.sess = None                 # the session in use
         self.deadline = deadline         # time.monotonic() limit, or None
@@ -165,7 +165,8 @@ class Scheduler:
 
     def submit(self, run, sink, session=None, deadline=None, start_state=None, keep_state=False,
                on_end=None) -> Ticket:
-        """Queue ``run``. ``sink`` gets ("text", piece) events and one ("end", finish_reason, exception);
+        """Queue ``run``. ``sink`` gets ("text", piece, logprobs) events (``_Run.take``) and one ("end",
+        finish_reason, exception);
         ``start_state`` (exported tensors, position) is copied into the session before the prompt;
         with ``keep_state`` a finished run leaves a copy of its final state in ``ticket.final_state``;
         ``on_end(ticket)`` runs in the worker when it ends, before the sink hears of it."""
@@ -383,8 +384,8 @@ class Scheduler:
                 self._observe("next_token", now - t.last_token_at)
             t.last_token_at = now
             t._seen = run.sampled
-        for piece in run.take():
-            t.sink(("text", piece))
+        for piece, entries in run.take():
+            t.sink(("text", piece, entries))
         if run.done:
             self._end(t, run.finish_reason)
 
@@ -430,8 +431,8 @@ class Scheduler:
 
 
 class AsyncGeneration:
-    """``async for piece in model.agenerate(...)``: text pieces from the scheduler's worker. ``stats``
-    and ``finish_reason`` ("stop", "length", "cancelled", "timeout", "error") as for ``Generation``.
+    """``async for piece in model.agenerate(...)``: text pieces from the scheduler's worker. ``stats``,
+    ``logprobs`` and ``finish_reason`` ("stop", "length", "cancelled", "timeout", "error") as for ``Generation``.
     ``aclose()`` (or leaving ``async with``) stops it and returns once its session is released;
     cancelling the iterating task stops it at the next token."""
 
@@ -448,6 +449,8 @@ class AsyncGeneration:
         self.run = run
         self.stats = run.stats
         self.timeout = timeout
+        # with logprobs=k: the TokenLogprob entries of the pieces read so far (as Generation.logprobs)
+        self.logprobs = [] if run.logprobs is not None else None
         self.finish_reason: str | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._ended = False
@@ -496,13 +499,18 @@ class AsyncGeneration:
         if self._ended:
             raise StopAsyncIteration
         self._check_loop()
-        try:
-            event = await self._queue.get()
-        except asyncio.CancelledError:
-            self.ticket.cancel()
-            raise
-        if event[0] == "text":
-            return event[1]
+        while True:
+            try:
+                event = await self._queue.get()
+            except asyncio.CancelledError:
+                self.ticket.cancel()
+                raise
+            if event[0] != "text":
+                break
+            if event[2]:
+                self.logprobs.extend(event[2])
+            if event[1]:   # "" only when it carries the last entries (their text is out already)
+                return event[1]
         self._ended = True
         _, self.finish_reason, exc = event
         if exc is not None:

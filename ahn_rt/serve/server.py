@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import AhnError
-from ..sampling import SEED_MAX, SEED_MIN
+from ..sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
 from ..tokenizer import check_text
 from .metrics import Metrics
 from .prompt import Prompt, chat_prompt, normalize_messages
@@ -138,10 +138,11 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         if _number(body, name, 0.0, -2, 2) != 0:
             raise _unsupported(name, "use repetition_penalty")
     if chat:
-        if _typed(body, "logprobs", bool):
-            raise _unsupported("logprobs")
-        if body.get("top_logprobs") is not None:
-            raise _unsupported("top_logprobs")
+        want = _typed(body, "logprobs", bool)
+        top = _integer(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+        if top is not None and not want:   # as OpenAI and vLLM
+            raise ApiError(400, "top_logprobs is only allowed with \"logprobs\": true", "top_logprobs")
+        logprobs = (top or 0) if want else None
         for name in ("tools", "functions"):
             if _typed(body, name, list):
                 raise _unsupported(name, "no tool or function calling")
@@ -155,8 +156,7 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         _integer(body, "max_tokens", None, lo=1)   # checked even when max_completion_tokens wins
         default_max = opts.max_tokens
     else:
-        if body.get("logprobs") is not None:
-            raise _unsupported("logprobs")
+        logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)   # OpenAI's legacy API: at most 5
         if _typed(body, "echo", bool):
             raise _unsupported("echo")
         if body.get("suffix") is not None:
@@ -188,7 +188,45 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
                 min_p=_number(body, "min_p", 0.0, 0, 1),
                 repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, None, lo_open=True),
                 seed=_integer(body, "seed", None, lo=SEED_MIN, hi=SEED_MAX),
-                stop=stop)
+                stop=stop, logprobs=logprobs)
+
+
+# ---- logprobs -----------------------------------------------------------------------------------
+def _token(tok, tid: int) -> tuple[str, bytes]:
+    """A token as logprobs show it: its text (U+FFFD for part of a UTF-8 character) and its raw bytes."""
+    raw = tok.token_bytes(tid)
+    return raw.decode("utf-8", "replace"), raw
+
+
+def _lp(value: float) -> float:
+    return max(value, -9999.0)   # as vLLM: -inf is no JSON number
+
+
+def chat_logprobs(tok, entries) -> dict:
+    """A chat choice's ``logprobs``: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    def one(tid, value):
+        text, raw = _token(tok, tid)
+        return {"token": text, "logprob": _lp(value), "bytes": list(raw)}
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(i, v) for i, v in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(tok, entries, k: int) -> dict:
+    """A completion choice's ``logprobs`` (OpenAI's legacy shape): tokens, token_logprobs, top_logprobs (per
+    token a {token: logprob} object of the k likeliest, null when k is 0; two ids with the same text keep the
+    likelier) and text_offset (where each token's text starts in the generated text)."""
+    tops = []
+    for e in entries:
+        if not k:
+            tops.append(None)
+            continue
+        top: dict = {}
+        for i, v in e.top:
+            top.setdefault(_token(tok, i)[0], _lp(v))
+        tops.append(top)
+    return {"tokens": [_token(tok, e.token_id)[0] for e in entries],
+            "token_logprobs": [_lp(e.logprob) for e in entries],
+            "top_logprobs": tops, "text_offset": [e.offset for e in entries]}
 
 
 def _stream_args(body: dict) -> tuple[bool, bool]:
@@ -507,29 +545,42 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             obj["session_id"] = sid
         return obj
 
-    def _choice(chat, text, finish, chunk: bool, first=False) -> dict:
+    def _choice(chat, text, finish, chunk: bool, first=False, logprobs=None) -> dict:
         if chat and chunk:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if chat:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                     "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _logprobs(gen, chat, start=0, final=False):
+        """The choice's ``logprobs`` for the entries from ``start`` on (None without logprobs, and for a
+        ``final`` chunk that has none left)."""
+        if gen.logprobs is None or (final and len(gen.logprobs) == start):
+            return None
+        entries = gen.logprobs[start:]
+        if chat:
+            return chat_logprobs(model.tokenizer, entries)
+        return completion_logprobs(model.tokenizer, entries, gen.run.logprobs)
 
     async def _stream(gen, include_usage, rid, created, sid, chat):
         env = (lambda choices, usage=None: _sse(_envelope(rid, created, sid, chat, choices, True, usage,
                                                           null_usage=include_usage)))
+        seen = 0   # logprobs entries sent: a chunk carries those of the tokens its text completes
         try:
             if chat:
                 yield env([_choice(chat, "", None, True, first=True)])
             try:
                 async for piece in gen:
-                    yield env([_choice(chat, piece, None, True)])
+                    lp = _logprobs(gen, chat, seen)
+                    seen = len(gen.logprobs) if lp is not None else 0
+                    yield env([_choice(chat, piece, None, True, logprobs=lp)])
             except Exception as e:  # noqa: BLE001 - the run failed after the stream began
                 yield _sse(ApiError(500, f"generation failed: {type(e).__name__}: {e}").body())
                 yield "data: [DONE]\n\n"
                 return
-            yield env([_choice(chat, "", gen.finish_reason, True)])
+            yield env([_choice(chat, "", gen.finish_reason, True, logprobs=_logprobs(gen, chat, seen, final=True))])
             if include_usage:
                 yield env([], _usage(gen))
             yield "data: [DONE]\n\n"
@@ -562,7 +613,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             text = work.result()
         except Exception as e:  # noqa: BLE001
             raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
-        return _envelope(rid, created, sid, chat, [_choice(chat, text, gen.finish_reason, False)], False, _usage(gen))
+        choice = _choice(chat, text, gen.finish_reason, False, logprobs=_logprobs(gen, chat))
+        return _envelope(rid, created, sid, chat, [choice], False, _usage(gen))
 
     @app.post("/v1/completions")
     async def completions(request: Request):

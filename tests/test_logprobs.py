@@ -1,0 +1,219 @@
+"""Token log-probabilities of ``Model.generate(..., logprobs=k)``: checked against an independent oracle (the
+log-softmax of ``Session.forward``'s logits over prompt + generated ids), greedy and sampled (the raw values,
+not the tempered / cut ones the sampler draws from); which piece hands out which token's entry (UTF-8 held
+back, stop strings, the end of sequence); the argument's checks. The HTTP side is in tests/test_serve.py, the
+scheduler's in tests/test_agenerate.py."""
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ahn_rt
+from ahn_rt.runtime import _Run
+from ahn_rt.sampling import Sampler, SamplingParams, TokenLogprob
+from ahn_rt.serve.prompt import Prompt
+from ahn_rt.tokenizer import StopMatcher, StreamDecoder
+
+DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return ahn_rt.load(DEMO, dtype="float32", device="cpu")
+
+
+def _oracle(model, prompt_ids, gen_ids, one_shot=False):
+    """float32 logits [len(gen_ids), vocab] of the steps that chose ``gen_ids``, from ``Session.forward`` on a
+    fresh session: the prompt, then each generated id in its own forward, as a generation feeds them (the
+    decode kernels); ``one_shot``: prompt and generated ids in one forward (the prefill kernels, whose rounding
+    moves the demo model's log-probabilities by up to about 4e-5)."""
+    with model.new_session() as s:
+        if one_shot:
+            return s.forward(list(prompt_ids) + list(gen_ids[:-1]))[len(prompt_ids) - 1:]
+        rows = [s.forward(prompt_ids, last_only=True)[0]]
+        rows += [s.forward([t])[0] for t in gen_ids[:-1]]
+    return torch.stack(rows)
+
+
+def test_greedy_logprobs_equal_the_forward_oracle(demo):
+    ids = demo.tokenizer.encode(PROMPT)
+    gen = demo.generate(ids, max_new_tokens=24, temperature=0, logprobs=5)
+    text = "".join(gen)
+    assert gen.finish_reason == "length" and len(gen.logprobs) == gen.stats.new_tokens == 24
+    got = [e.token_id for e in gen.logprobs]
+    assert demo.tokenizer.decode(got) == text
+    ref = torch.log_softmax(_oracle(demo, ids, got), -1)
+    one_shot = torch.log_softmax(_oracle(demo, ids, got, one_shot=True), -1)
+    assert (ref - one_shot).abs().max() <= 1e-4
+    for i, e in enumerate(gen.logprobs):
+        row = ref[i]
+        assert isinstance(e, TokenLogprob) and isinstance(e.logprob, float)
+        assert abs(e.logprob - row[e.token_id].item()) <= 1e-5
+        assert e.token_id == int(row.argmax())              # greedy: the chosen token is the argmax ...
+        assert len(e.top) == 5
+        values = [v for _, v in e.top]
+        assert values == sorted(values, reverse=True)
+        assert e.top[0] == (e.token_id, e.logprob)          # ... so it heads the top list, with its own value
+        want_v, want_i = torch.topk(row, 5)
+        assert [t for t, _ in e.top] == want_i.tolist()
+        assert max(abs(a - b) for a, b in zip(values, want_v.tolist())) <= 1e-5
+        assert e.offset == len(demo.tokenizer.decode(got[:i]))   # where its text starts in the reply
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0, seed=3, top_k=5, repetition_penalty=1.3),
+                                dict(temperature=0.5, seed=4)], ids=["top_k-penalty", "temperature"])
+def test_sampled_runs_report_the_raw_logprob_not_the_processed_one(demo, kw):
+    ids = demo.tokenizer.encode(PROMPT)
+    gen = demo.generate(ids, max_new_tokens=16, logprobs=2, **kw)
+    text = "".join(gen)
+    got = [e.token_id for e in gen.logprobs]
+    assert len(got) == gen.stats.new_tokens >= 8 and demo.tokenizer.decode(got) == text
+    logits = _oracle(demo, ids, got)
+    raw = torch.log_softmax(logits, -1)
+    reported = torch.tensor([e.logprob for e in gen.logprobs])
+    assert torch.allclose(reported, raw[torch.arange(len(got)), got], rtol=0, atol=1e-5)
+    for e, row in zip(gen.logprobs, raw):
+        assert [t for t, _ in e.top] == torch.topk(row, 2).indices.tolist()
+    # What the sampler drew from (penalty, temperature, top-k: Sampler.process, replayed step by step) is another
+    # distribution: a test comparing against it would fail, so the check above tells the two apart.
+    sampler = Sampler(SamplingParams(**kw), demo.config.vocab_size, "cpu")
+    sampler.observe(torch.tensor(ids))
+    processed = []
+    for t, row in zip(got, logits):
+        processed.append(torch.log_softmax(sampler.process(row), -1)[t].item())
+        sampler.observe(torch.tensor([t]))
+    assert (reported - torch.tensor(processed)).abs().max() > 1e-2
+
+
+def test_logprobs_off_is_none_and_the_text_is_unchanged(demo):
+    on = demo.generate(PROMPT, max_new_tokens=12, temperature=0.8, seed=9, logprobs=0)
+    off = demo.generate(PROMPT, max_new_tokens=12, temperature=0.8, seed=9)
+    assert list(on) == list(off) and off.logprobs is None
+    assert len(on.logprobs) == 12 and all(e.top == [] for e in on.logprobs)
+
+
+def test_each_piece_comes_with_the_entries_of_the_tokens_it_completes(demo):
+    tok = demo.tokenizer
+    gen = demo.generate(PROMPT, max_new_tokens=20, temperature=0.9, seed=2, logprobs=1)
+    text = ""
+    for piece in gen:
+        text += piece
+        assert b"".join(tok.token_bytes(e.token_id) for e in gen.logprobs).decode("utf-8", "replace") == text
+
+
+@pytest.mark.parametrize("bad", [21, -1, True, "3", 2.0])
+def test_a_bad_logprobs_argument_is_one_line_naming_it(demo, bad):
+    with pytest.raises(ahn_rt.AhnError, match="logprobs"):
+        demo.generate(PROMPT, logprobs=bad)
+
+
+# ---- which piece carries which entry: _Run's bookkeeping driven with chosen ids -------------------------
+BYTES = {0: b"<eos>", 1: b"a", 2: b"b", 3: b"c", 4: b"ab", 5: b"\xc3", 6: b"\xa9", 7: b"\xe2\x80", 8: b"\x94",
+         9: b" x"}
+
+
+class _ByteTok:
+    """A byte-level tokenizer of ten tokens: 5 + 6 is "é", 7 + 8 is "—"."""
+
+    def decode(self, ids):
+        return b"".join(BYTES[i] for i in ids).decode("utf-8", "replace")
+
+
+class _Lp:
+    def read(self, tid, offset):
+        return TokenLogprob(tid, -float(tid), [], offset)
+
+
+def _drive(ids, stop=(), max_new=100, logprobs=True):
+    model = SimpleNamespace(eos_ids=lambda: {0})
+    run = _Run(model, Prompt((1,)), SamplingParams(), max_new, list(stop), 0 if logprobs else None)
+    run._dec, run._stopper = StreamDecoder(_ByteTok()), StopMatcher(list(stop))
+    run._lp = _Lp() if logprobs else None
+    run._t1, run.session = time.perf_counter(), SimpleNamespace(state_nbytes=0)
+    for t in ids:
+        assert not run.done
+        run.land(t)
+    assert run.done
+    pairs = run.take()
+    return [(p, None if e is None else [x.token_id for x in e]) for p, e in pairs], run.finish_reason
+
+
+CASES = [
+    # a UTF-8 character split over two tokens: both tokens come with the piece that shows it
+    ([1, 5, 6, 2, 7, 8, 3], (), 7, [("a", [1]), ("é", [5, 6]), ("b", [2]), ("—", [7, 8]), ("c", [3])], "length"),
+    # cut by the length limit in the middle of a character: the flushed U+FFFD carries it
+    ([1, 5], (), 2, [("a", [1]), ("\ufffd", [5])], "length"),
+    # the end of sequence ends the reply and gets no entry
+    ([1, 2, 0], (), 9, [("a", [1]), ("b", [2])], "stop"),
+    # a stop string wholly inside a token: that token is cut with it
+    ([1, 2, 9], (" x",), 9, [("a", [1]), ("b", [2])], "stop"),
+    # "ab" shows its "a" before the stop "bc": it is kept (any of its text is shown), "c" is cut. Its entry waits
+    # for the stop matcher, which holds "b", and comes at the end, with an empty piece
+    ([4, 3], ("bc",), 9, [("a", []), ("", [4])], "stop"),
+    # the held "b" turns out not to start the stop: "ab" comes with the piece that completes it; the next "b"
+    # (held in turn) does start it, and is cut with "c"
+    ([4, 2, 3], ("bc",), 9, [("a", []), ("b", [4])], "stop"),
+    # the stop ends inside the last token, "ab" kept: its "a" is shown
+    ([1, 4], ("b",), 9, [("a", [1]), ("a", [4])], "stop"),
+]
+
+
+@pytest.mark.parametrize("ids,stop,max_new,want,reason", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_entries_follow_the_text_the_pieces_show(ids, stop, max_new, want, reason):
+    got, finish = _drive(ids, stop, max_new)
+    assert got == want and finish == reason
+    # entries in order, one per token shown; without logprobs the same text in the same pieces
+    off, finish_off = _drive(ids, stop, max_new, logprobs=False)
+    assert finish_off == reason and off == [(p, None) for p, _ in want if p]
+
+
+def test_token_bytes_are_the_raw_bytes_of_byte_level_tokens(demo):
+    tok = demo.tokenizer
+    text = "Héllo wörld — ✓ 日本 <|im_end|>"
+    ids = tok.encode(text)
+    parts = [tok.token_bytes(i) for i in ids]
+    assert b"".join(parts) == text.encode("utf-8")
+    partial = [p for p in parts if p.decode("utf-8", "replace") != p.decode("utf-8", "ignore")]
+    assert partial                                    # some tokens hold part of a character: decode([id]) loses them
+    assert all(tok.decode([i]) == "\ufffd" for i, p in zip(ids, parts) if p in partial and len(p) == 1)
+    assert tok.token_bytes(tok.token_id("<|im_end|>")) == b"<|im_end|>"
+    assert tok.token_bytes(tok.vocab_size + 5) == b""          # padded embedding rows: no token
+
+
+@pytest.mark.cuda
+def test_cuda_graph_and_scheduler_logprobs_equal_the_forward_oracle():
+    """On CUDA a generation's steps replay a captured graph whose logits are a static buffer the next step
+    overwrites, and the values reach the host through pinned buffers without a sync of their own: the entries
+    of generate (the graph path) and of agenerate with three concurrent runs (the scheduler's batched step)
+    must still equal the log-softmax of eager one-token forwards, and carry the greedy tokens."""
+    import asyncio
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    model = ahn_rt.load(DEMO, dtype="float32", device="cuda")
+    ids = model.tokenizer.encode(PROMPT)
+
+    def check(entries, n):
+        got = [e.token_id for e in entries]
+        assert len(got) == n
+        ref = torch.log_softmax(_oracle(model, ids, got), -1).cpu()
+        for e, row in zip(entries, ref):
+            assert e.token_id == int(row.argmax()) and abs(e.logprob - row[e.token_id].item()) <= 1e-5
+            assert [t for t, _ in e.top] == torch.topk(row, 3).indices.tolist()
+
+    gen = model.generate(ids, max_new_tokens=20, temperature=0, logprobs=3)
+    "".join(gen)
+    check(gen.logprobs, 20)
+
+    async def many():
+        gens = [model.agenerate(ids, max_new_tokens=20, temperature=0, logprobs=3) for _ in range(3)]
+
+        async def read(g):
+            return "".join([p async for p in g])
+        await asyncio.gather(*(read(g) for g in gens))
+        return gens
+    for g in asyncio.run(many()):
+        check(g.logprobs, 20)
+        assert [e.token_id for e in g.logprobs] == [e.token_id for e in gen.logprobs]
