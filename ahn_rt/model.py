@@ -109,12 +109,14 @@ class Decoder:
         return h
 
     # ------------------------------------------------------------------------------------------
-    def prefill(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def prefill(self, st: State, ids: torch.Tensor, last_only: bool = False, scorer=None) -> torch.Tensor:
         """Run T >= 1 tokens at positions st.position.. through every layer; advance the state.
 
         The State plans the chunk (which keys it attends, which of its tokens it writes where, which
         tokens it hands to the memory); this function only computes. Returns float32 logits [T, vocab]
-        (or [1, vocab] with ``last_only``).
+        (or [1, vocab] with ``last_only``). ``scorer`` (a ``sampling.PromptScorer``) takes the prompt
+        log-probabilities of the chunk's rows from its final hidden states, in blocks of rows; the returned
+        logits are computed as without it.
         """
         c = self.config
         T = ids.numel()
@@ -147,6 +149,8 @@ class Decoder:
             ops.linear_add_(h, attn.reshape(T, H * D), lw.w_o, lw.b_o)
             self._mlp_(h, lw)
         st.advance(T)
+        if scorer is not None:
+            scorer.take(lambda a, b: self._logits(h[a:b]), T)
         return self._logits(h[-1:] if last_only else h)
 
     @torch.inference_mode()
@@ -242,13 +246,15 @@ class Decoder:
             h = ops.gemv(act, lw.w_down, None, None, 0.0, h, False, False, True)
         return ops.gemv(h, self.w.lm_head, None, self.w.norm, eps, None, False, True, True)
 
-    def forward(self, st: State, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(self, st: State, ids: torch.Tensor, last_only: bool = False, scorer=None) -> torch.Tensor:
         """Tokens through the model. A single token takes the decode kernels, longer feeds the
-        prefill path; both follow the same rule (tests check they agree)."""
+        prefill path; both follow the same rule (tests check they agree). ``scorer``: see ``prefill``."""
         if ids.numel() == 1:
             st.ensure_capacity(st.position + 1)   # full mode: the decode kernels write slot `position`
             begin_writes([st])
             logits = self.decode_step(st, ids)
             st.advance(1)
+            if scorer is not None:
+                scorer.take(lambda a, b: logits[a:b], 1)
             return logits
-        return self.prefill(st, ids, last_only)
+        return self.prefill(st, ids, last_only, scorer)

@@ -22,7 +22,7 @@ from .devices import parse_device
 from .errors import AhnError, as_int, int_arg, unordered
 from .graph import Stepper, batch_step
 from .model import Decoder
-from .sampling import MAX_LOGPROBS, LogprobTaker, Sampler, SamplingParams, TokenLogprob
+from .sampling import MAX_LOGPROBS, LogprobTaker, PromptScorer, Sampler, SamplingParams, TokenLogprob
 # for the type hints (light modules: the standard library and torch)
 from .serve.prefix_cache import PrefixCache
 from .serve.prompt import Prompt
@@ -51,6 +51,14 @@ def _device(device) -> torch.device:
 
 def _outside_vocabulary(token: int, vocab_size: int) -> AhnError:
     return AhnError(f"token id {token} is outside the vocabulary [0, {vocab_size})")
+
+
+def _logprobs_arg(k, name: str) -> int | None:
+    """``logprobs`` / ``prompt_logprobs``: None (off) or an integer 0..MAX_LOGPROBS (AhnError naming it)."""
+    k = int_arg(k, name, minimum=0, optional=True)
+    if k is not None and k > MAX_LOGPROBS:
+        raise AhnError(f"{name} must be at most {MAX_LOGPROBS} (the most likely tokens listed per step), got {k}")
+    return k
 
 
 def _check_chunk(chunk_size, device: torch.device) -> int:
@@ -194,6 +202,17 @@ class Generation:
     @property
     def finish_reason(self) -> str | None:
         return self._run.finish_reason if self._run is not None else None
+
+    @property
+    def prompt_logprobs(self) -> "list[TokenLogprob | None] | None":
+        """With ``generate(..., prompt_logprobs=k)``, once the prefill has ended: one entry per prompt token (None
+        for the first); else None."""
+        return self._run.prompt_logprobs if self._run is not None else None
+
+    @property
+    def prompt_text(self) -> str | None:
+        """With ``prompt_logprobs``, once the prefill has ended: the prompt's text, which their offsets count in."""
+        return self._run.prompt_text if self._run is not None else None
 
     def __iter__(self):
         return self
@@ -425,7 +444,8 @@ class Model:
         return p
 
     def _new_run(self, prompt, max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0,
-                 repetition_penalty=1.0, seed=None, stop=(), chat=False, system=None, logprobs=None) -> "_Run":
+                 repetition_penalty=1.0, seed=None, stop=(), chat=False, system=None, logprobs=None,
+                 prompt_logprobs=None) -> "_Run":
         """A generation, its arguments checked (AhnError), not started: ``generate`` runs it in the
         caller's thread, the scheduler in its worker."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -443,12 +463,10 @@ class Model:
             raise AhnError("stop strings must be non-empty text")
         for s in stop:      # a lone surrogate (a non-UTF-8 byte of a command line) never matches: it was ignored
             check_text(s, f"stop string {s!r}")
-        logprobs = int_arg(logprobs, "logprobs", minimum=0, optional=True)
-        if logprobs is not None and logprobs > MAX_LOGPROBS:
-            raise AhnError(f"logprobs must be at most {MAX_LOGPROBS} (the most likely tokens listed per step), "
-                           f"got {logprobs}")
+        logprobs, prompt_logprobs = (_logprobs_arg(v, name) for v, name in ((logprobs, "logprobs"),
+                                                                            (prompt_logprobs, "prompt_logprobs")))
         self.tokenizer   # needed to stream text; fail before anything runs
-        return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop, logprobs)
+        return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop, logprobs, prompt_logprobs)
 
     def _check_session(self, session, what: str):
         """AhnError unless ``session`` is None or an open Session of this model."""
@@ -464,7 +482,8 @@ class Model:
     def generate(self, prompt: PromptLike, max_new_tokens: int = 64, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                  stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
-                 session: "Session | None" = None, logprobs: int | None = None) -> Generation:
+                 session: "Session | None" = None, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None) -> Generation:
         """Stream the generated text piece by piece. ``prompt`` is a string (wrapped in the ChatML
         template with ``chat``), a list of token ids, a list of chat messages ({role, content}) or a
         ``Prompt``. Arguments are checked here, before anything runs. The returned iterator's ``stats``
@@ -477,10 +496,17 @@ class Model:
         ``TokenLogprob`` per generated token: its raw log-probability (the log-softmax of the model's float32
         logits, before repetition penalty, temperature and the top-k/p and min-p cuts) and the k most likely
         tokens of its step. The end-of-sequence token that ends a reply gets no entry, nor does a token whose
-        text lies wholly in a stop string (or after it)."""
+        text lies wholly in a stop string (or after it).
+        ``prompt_logprobs=k`` (0 to 20; default None: off) scores the prompt itself during its prefill: once
+        the first piece is out (or the iterator is exhausted), ``gen.prompt_logprobs`` is a list with one entry
+        per prompt token, None for the first and then a ``TokenLogprob`` (the log-softmax of the logits at the
+        previous position, at this token, and the k likeliest tokens there; ``offset`` counts characters of
+        ``gen.prompt_text``). Every prompt token is prefilled (the prefix cache is bypassed); the generated
+        tokens are those of the same call without it. ``max_new_tokens=0`` scores only. With both options
+        the end-of-sequence token that ends the reply gets an entry in ``logprobs`` (OpenAI's and vLLM's echo)."""
         self._check_session(session, "generate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                            seed, stop, chat, system, logprobs)
+                            seed, stop, chat, system, logprobs, prompt_logprobs)
         lps = [] if logprobs is not None else None
 
         def pieces() -> Iterator[str]:
@@ -547,18 +573,18 @@ class Model:
                   top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                   stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
                   session: "Session | None" = None, timeout: float | None = None,
-                  logprobs: int | None = None) -> "AsyncGeneration":
+                  logprobs: int | None = None, prompt_logprobs: int | None = None) -> "AsyncGeneration":
         """``generate`` for asyncio: an async iterator of text pieces (``async for piece in ...``), run by
         the scheduler's worker, interleaved with every other active generation. Call it inside a running
         event loop; arguments are checked at once (AhnError). Closing the iterator (``await it.aclose()``,
         or leaving ``async with``) or cancelling the task that iterates stops it at the next token and
         releases its session; after ``timeout`` seconds (counted from this call, queueing included) it
         stops and raises TimeoutError. Same results as ``generate`` with the same arguments (``logprobs=k``
-        too: the iterator's ``logprobs`` list is filled as its pieces are read)."""
+        too: the iterator's ``logprobs`` list is filled as its pieces are read; ``prompt_logprobs=k`` too)."""
         from .serve.scheduler import AsyncGeneration
         self._check_session(session, "agenerate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                            seed, stop, chat, system, logprobs)
+                            seed, stop, chat, system, logprobs, prompt_logprobs)
         while True:
             sched = self.scheduler
             try:
@@ -781,13 +807,14 @@ class Session:
         with self._held():
             return self._forward(ids, last_only)
 
-    def _forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """``forward`` of checked ids on a session the caller has claimed."""
+    def _forward(self, ids: torch.Tensor, last_only: bool = False, scorer: PromptScorer | None = None) -> torch.Tensor:
+        """``forward`` of checked ids on a session the caller has claimed (``scorer``: the prompt's
+        log-probabilities are taken chunk by chunk, ``Decoder.prefill``)."""
         dec = self.model.decoder
         out = []
         for s in range(0, ids.numel(), self.chunk_size):
             chunk = ids[s: s + self.chunk_size]
-            logits = dec.forward(self.state, chunk, last_only=last_only)
+            logits = dec.forward(self.state, chunk, last_only=last_only, scorer=scorer)
             final = s + self.chunk_size >= ids.numel()
             if final or not last_only:
                 out.append(logits)
@@ -806,13 +833,17 @@ class _Prefill:
     On a session at position 0 the chunks end at every multiple of the chunk size and at every mark of
     the prompt (``ahn_rt.serve.prefix_cache.schedule``); with a prefix cache, the longest cached prefix
     on that schedule is copied in first and snapshots are stored on the way. On a session that already
-    holds tokens the chunks are counted from the call's first token, as ``Session.forward`` does."""
+    holds tokens the chunks are counted from the call's first token, as ``Session.forward`` does.
 
-    def __init__(self, model: Model, sess: "Session", prompt, cache=None):
+    With a ``scorer`` (prompt log-probabilities) every prompt token is prefilled: the prefix cache is neither
+    looked up (a cached prefix has no logits) nor stored to."""
+
+    def __init__(self, model: Model, sess: "Session", prompt, cache=None, scorer: PromptScorer | None = None):
         from .serve.prefix_cache import make_plan, schedule
         self.sess = sess
+        self.scorer = scorer
         n, C = len(prompt.ids), sess.chunk_size
-        self.cache = cache if sess.position == 0 else None
+        self.cache = cache if sess.position == 0 and scorer is None else None
         self.plan = None
         self.hit = 0
         self.logits = None
@@ -849,7 +880,8 @@ class _Prefill:
     @torch.inference_mode()
     def chunk(self):
         end = self._todo.pop(0)
-        logits = self.sess._forward(self.sess._ids(self.ids[self._at - self.hit: end - self.hit]), last_only=True)
+        logits = self.sess._forward(self.sess._ids(self.ids[self._at - self.hit: end - self.hit]), last_only=True,
+                                    scorer=self.scorer)
         self._at = end
         if end in self._snaps:
             self.cache.store(self.plan, end, self.sess.state, logits[-1])
@@ -869,10 +901,17 @@ class _Run:
     completes its text: text held back (part of a UTF-8 character in the decoder, a possible stop string in the
     stop matcher) holds its tokens' entries back too, so the entries of all pieces, in order, are one per
     generated token. A stop string cuts the tokens whose text starts at or after the cut; one that ends the
-    sequence gets no entry. A piece may then be "" with entries (the last ones, their text already out)."""
+    sequence gets no entry (except with ``prompt_logprobs``: see below). A piece may then be "" with entries (the
+    last ones, their text already out).
+
+    With ``prompt_logprobs`` (k, not None) the prefill also scores the prompt's own tokens (``PromptScorer``,
+    the prefix cache bypassed): once it ends, ``prompt_logprobs`` holds one entry per prompt token (None for the
+    first) and ``prompt_text`` the prompt's text, which the entries' offsets count in. The end-of-sequence token
+    that ends the reply then gets an entry too (with ``logprobs``), as OpenAI and vLLM list it with ``echo``: a
+    scoring client that asks for one token and drops the last entry drops that one, not a prompt token."""
 
     def __init__(self, model: Model, prompt, params: SamplingParams, max_new_tokens: int, stop: list,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, prompt_logprobs: int | None = None):
         self.model = model
         self.prompt = prompt
         self.params = params
@@ -892,6 +931,10 @@ class _Run:
         self._decoded = self._emitted = 0   # characters out of the decoder / handed out (logprobs only)
         self._held_lp: list[TokenLogprob] = []          # their text still held in the decoder
         self._wait_lp: list[tuple[TokenLogprob, int]] = []   # (entry, where its text ends): in the stop matcher
+        self.prompt_logprobs_k = prompt_logprobs
+        self._scorer: PromptScorer | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None   # with prompt_logprobs, once prefilled
+        self.prompt_text: str | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -906,11 +949,14 @@ class _Run:
         self.session = sess
         self._t0 = time.perf_counter()
         self.sampler = Sampler(self.params, self.model.config.vocab_size, self.model.device)
-        self.sampler.observe(torch.tensor(self.prompt.ids, device=self.model.device))
+        self._ids_dev = torch.tensor(self.prompt.ids, device=self.model.device)
+        self.sampler.observe(self._ids_dev)
         self._dec, self._stopper = StreamDecoder(self.model.tokenizer), StopMatcher(self.stop)
         if self.logprobs is not None:
             self._lp = LogprobTaker(self.logprobs, self.model.config.vocab_size, self.model.device)
-        self._fill = _Prefill(self.model, sess, self.prompt, self.model.prefix_cache)
+        if self.prompt_logprobs_k is not None:
+            self._scorer = PromptScorer(self._ids_dev, self.prompt_logprobs_k, self.model.config.vocab_size)
+        self._fill = _Prefill(self.model, sess, self.prompt, self.model.prefix_cache, self._scorer)
         self.stats.cached_tokens = self._fill.hit
         if self._fill.done:
             self._first()
@@ -924,6 +970,10 @@ class _Run:
     def _first(self):
         if self.done:   # stopped from outside during the prefill (Generation.close from another thread): no text
             return
+        if self._scorer is not None:
+            from .tokenizer import text_offsets
+            self.prompt_text, offsets = text_offsets(self.model.tokenizer, self.prompt.ids)
+            self.prompt_logprobs = self._scorer.read(self.prompt.ids, offsets)
         self._tok = self.sampler.sample(self._fill.logits[-1])
         if self._lp is not None:
             self._lp.take(self._fill.logits[-1], self._tok)
@@ -973,6 +1023,8 @@ class _Run:
     def _accept(self, tid: int):
         self.last_token = tid
         if tid in self._eos:
+            if self._lp is not None and self._scorer is not None:   # echo: listed, as OpenAI and vLLM
+                self._held_lp.append(self._lp.read(tid, self._decoded))
             self._finish("stop", flush=True)
             return
         self.stats.new_tokens += 1

@@ -197,3 +197,53 @@ class LogprobTaker:
     def read(self, tid: int, offset: int) -> TokenLogprob:
         vals = self._vals.tolist()
         return TokenLogprob(tid, vals[0], list(zip(self._ids.tolist(), vals[1:])), offset)
+
+
+# Logits rows per block of PromptScorer.take: [rows, vocab] float32 is 78 MB at the 3B shape (vocab 151936), and
+# its log-softmax as much again, where a whole 4096-token chunk would be 2.5 GB each.
+SCORE_ROWS = 128
+
+
+class PromptScorer:
+    """The log-probabilities of a prompt's own tokens, taken during its prefill (``Model.generate(...,
+    prompt_logprobs=k)``, the server's ``echo``): the value at position t >= 1 is the log-softmax of the logits
+    at position t - 1, at token t, with the k likeliest tokens there. Each prefill chunk hands over its final
+    hidden states (``take``); their logits are made ``SCORE_ROWS`` rows at a time and only the chosen token's
+    value and the top k of each row are kept, on the device: the full [chunk, vocab] logits never exist. The
+    last prompt position has no prompt token to score (the first generated token's logits are the prefill's
+    usual last row, untouched). ``read`` copies everything to the host once, after the prefill."""
+
+    def __init__(self, ids: torch.Tensor, k: int, vocab_size: int):
+        self.ids = ids                       # the prompt's ids (int64, on the device)
+        self.k = min(k, vocab_size)
+        self.at = 0                          # prompt positions fed so far
+        self._vals: list[torch.Tensor] = []  # per block: float32 [rows, 1 + k] (chosen, then the top k)
+        self._top: list[torch.Tensor] = []   # per block: int64 [rows, k]
+
+    def take(self, logits_of, rows: int):
+        """The chunk of ``rows`` positions just fed: ``logits_of(a, b)`` gives float32 logits [b - a, vocab] of
+        its rows a..b-1 (the chunk's final hidden states through the norm and lm_head)."""
+        n = min(rows, self.ids.numel() - 1 - self.at)   # rows whose next token is a prompt token
+        for a in range(0, max(n, 0), SCORE_ROWS):
+            b = min(a + SCORE_ROWS, n)
+            lp = torch.log_softmax(logits_of(a, b).float(), -1)
+            target = self.ids[self.at + a + 1: self.at + b + 1]
+            vals = lp.gather(1, target.view(-1, 1))
+            if self.k:
+                top = torch.topk(lp, self.k, dim=-1)
+                vals = torch.cat([vals, top.values], 1)
+                self._top.append(top.indices)
+            self._vals.append(vals)
+            del lp
+        self.at += rows
+
+    def read(self, ids: list[int], offsets: list[int]) -> "list[TokenLogprob | None]":
+        """One entry per prompt token (``ids``: the prompt's ids on the host; ``offsets``: where each one's text
+        starts in the prompt's text): None for the first (nothing precedes it), then a ``TokenLogprob``. The one
+        host sync of the scoring."""
+        vals = torch.cat(self._vals).tolist() if self._vals else []
+        tops = torch.cat(self._top).tolist() if self._top else [[] for _ in vals]
+        out: list[TokenLogprob | None] = [None]
+        for t, (v, top) in enumerate(zip(vals, tops), start=1):
+            out.append(TokenLogprob(ids[t], v[0], list(zip(top, v[1:])), offsets[t]))
+        return out

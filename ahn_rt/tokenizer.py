@@ -316,3 +316,17 @@ class StopMatcher:
     def flush(self) -> str:
         rest, self._held = ("" if self.stopped else self._held), ""
         return rest
+
+
+def text_offsets(tokenizer: Tokenizer, ids) -> tuple[str, list[int]]:
+    """The text of ``ids`` as a stream decodes it (``StreamDecoder``: == ``tokenizer.decode(ids)`` for a clean
+    sequence) and where each token's text starts in it, in characters, as generated tokens' logprobs count them
+    (tokens that together make one character share its offset). The echoed prompt of the server's ``echo``."""
+    dec, parts, offsets, n = StreamDecoder(tokenizer), [], [], 0
+    for t in ids:
+        offsets.append(n)
+        piece = dec.push(t)
+        parts.append(piece)
+        n += len(piece)
+    parts.append(dec.flush())
+    return "".join(parts), offsets

@@ -217,3 +217,102 @@ def test_cuda_graph_and_scheduler_logprobs_equal_the_forward_oracle():
     for g in asyncio.run(many()):
         check(g.logprobs, 20)
         assert [e.token_id for e in g.logprobs] == [e.token_id for e in gen.logprobs]
+
+
+# ---- prompt log-probabilities (generate(..., prompt_logprobs=k), the server's echo) -------------------------
+LONG = ("Once upon a time there was a little fox who lived at the edge of a deep green forest. Every morning "
+        "she ran down to the river to drink and to watch the fish jump. ") * 2
+
+
+def _prompt_oracle(model, ids):
+    """log-softmax of Session.forward over the whole prompt on a fresh session of the default chunk size (one
+    prefill): row t - 1 is the distribution of token t."""
+    with model.new_session() as s:
+        return torch.log_softmax(s.forward(ids), -1)
+
+
+@pytest.mark.parametrize("chunk", [7, 1])   # 1: every chunk a single token, through the decode kernels
+def test_prompt_logprobs_equal_the_forward_oracle(demo, chunk):
+    ids = demo.tokenizer.encode(LONG if chunk != 1 else LONG[:120])
+    assert len(ids) > demo.config.window and len(ids) > 3 * chunk   # chunks cross the window into the memory
+    ref = _prompt_oracle(demo, ids)
+    with demo.new_session(chunk_size=chunk) as s:
+        gen = demo.generate(ids, max_new_tokens=0, temperature=0, prompt_logprobs=3, session=s)
+        assert list(gen) == [] and gen.finish_reason == "length" and gen.logprobs is None
+    got = gen.prompt_logprobs
+    assert len(got) == len(ids) and got[0] is None
+    # 1e-4, not 1e-5: the oracle's one prefill and the scored run's chunks (other GEMM shapes, the memory fed
+    # chunk by chunk, single tokens through the decode kernels) round differently (up to 1.3e-5 here)
+    for t, e in enumerate(got[1:], start=1):
+        row = ref[t - 1]
+        assert e.token_id == ids[t] and abs(e.logprob - row[ids[t]].item()) <= 1e-4
+        assert [i for i, _ in e.top] == torch.topk(row, 3).indices.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(e.top, torch.topk(row, 3).values.tolist())) <= 1e-4
+        assert e.offset == len(demo.tokenizer.decode(ids[:t]))
+    assert gen.prompt_text == demo.tokenizer.decode(ids)
+    # an off-by-one (position t's value read from row t, not t - 1) is far outside the tolerance
+    shifted = max(abs(e.logprob - ref[t, ids[t]].item()) for t, e in enumerate(got[1:-1], start=1))
+    assert shifted > 0.5
+
+
+def test_prompt_logprobs_in_blocks_of_rows_equal_one_block(demo, monkeypatch):
+    ids = demo.tokenizer.encode(LONG)
+    with demo.new_session(chunk_size=64) as s:
+        whole = demo.generate(ids, max_new_tokens=0, prompt_logprobs=2, session=s)
+        list(whole)
+    monkeypatch.setattr(ahn_rt.sampling, "SCORE_ROWS", 5)    # 64-row chunks in blocks of 5 rows, a last short one
+    with demo.new_session(chunk_size=64) as s:
+        blocks = demo.generate(ids, max_new_tokens=0, prompt_logprobs=2, session=s)
+        list(blocks)
+    for a, b in zip(whole.prompt_logprobs[1:], blocks.prompt_logprobs[1:]):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) <= 1e-5
+        assert [i for i, _ in a.top] == [i for i, _ in b.top]
+
+
+def test_prompt_logprobs_leave_the_generation_unchanged(demo):
+    ids = demo.tokenizer.encode(LONG)
+    runs = []
+    for k in (None, 0):
+        with demo.new_session(chunk_size=7) as s:
+            gen = demo.generate(ids, max_new_tokens=6, temperature=0, logprobs=2, prompt_logprobs=k, session=s)
+            runs.append(("".join(gen), [(e.token_id, e.logprob, e.top, e.offset) for e in gen.logprobs], gen))
+    (text, lps, off), (text2, lps2, on) = runs
+    assert text2 == text and lps2 == lps                 # the first token and the rest: bit for bit
+    assert off.prompt_logprobs is None and on.prompt_logprobs[0] is None
+    assert all(e.top == [] for e in on.prompt_logprobs[1:])   # k = 0: the chosen token's value only
+    with pytest.raises(ahn_rt.AhnError, match="prompt_logprobs"):
+        demo.generate(ids, prompt_logprobs=21)
+    with pytest.raises(ahn_rt.AhnError, match="prompt_logprobs"):
+        demo.generate(ids, prompt_logprobs=-1)
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache(demo):
+    ids = demo.tokenizer.encode(LONG)
+    ref = _prompt_oracle(demo, ids)
+    demo.enable_prefix_cache(1 << 26)
+    try:
+        list(demo.generate(ids, max_new_tokens=1))          # stores the prompt's snapshots
+        hits = demo.prefix_cache.hits
+        gen = demo.generate(ids, max_new_tokens=1, prompt_logprobs=0)
+        list(gen)
+        assert gen.stats.cached_tokens == 0 and demo.prefix_cache.hits == hits
+        assert all(abs(e.logprob - ref[t - 1, ids[t]].item()) <= 1e-4 for t, e in enumerate(gen.prompt_logprobs)
+                   if e is not None)
+    finally:
+        demo.enable_prefix_cache(0)
+
+
+def test_with_prompt_logprobs_the_end_of_sequence_gets_an_entry(demo, monkeypatch):
+    # lm-eval's scoring asks for one token and drops the last entry: an end of sequence without an entry would
+    # make it drop a prompt token instead. With echo it is listed (OpenAI, vLLM); without, as before
+    ids = demo.tokenizer.encode(PROMPT)
+    first = demo.generate(ids, max_new_tokens=1, temperature=0, logprobs=0)
+    list(first)
+    eos = first.logprobs[0].token_id
+    monkeypatch.setattr(demo, "eos_ids", lambda: {eos})
+    plain = demo.generate(ids, max_new_tokens=1, temperature=0, logprobs=0)
+    assert list(plain) == [] and plain.finish_reason == "stop" and plain.logprobs == []
+    echo = demo.generate(ids, max_new_tokens=1, temperature=0, logprobs=0, prompt_logprobs=0)
+    assert list(echo) == [] and echo.finish_reason == "stop"
+    assert [(e.token_id, e.offset) for e in echo.logprobs] == [(eos, 0)]
+    assert echo.logprobs[0].logprob == first.logprobs[0].logprob

@@ -233,6 +233,55 @@ def test_completion_logprobs_legacy_shape_streamed_and_not(server, client, model
     assert body["token_logprobs"] == lp.token_logprobs and body["top_logprobs"] == [None] * len(lp.tokens)
 
 
+ECHO = "The capital of France is Paris, and the capital of Italy is Rome. " * 2
+
+
+def test_completion_echo_scores_the_prompt(server, client, model):
+    # lm-evaluation-harness's local-completions loglikelihood request, through the openai client
+    ids = model.tokenizer.encode(ECHO)
+    assert len(ids) > 16    # several chunks of --chunk-size 16
+    r = client.completions.create(model="tiny", prompt=ECHO, echo=True, logprobs=1, max_tokens=0, temperature=0)
+    ch, lp = r.choices[0], r.choices[0].logprobs
+    assert ch.text == ECHO and ch.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert len(lp.tokens) == len(ids) and "".join(lp.tokens) == ECHO
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None        # as OpenAI and vLLM
+    assert lp.text_offset == [len(model.tokenizer.decode(ids[:t])) for t in range(len(ids))]
+    with model.new_session(chunk_size=4096) as s:                            # one prefill: an independent oracle
+        ref = torch.log_softmax(s.forward(ids), -1)
+    want = [ref[t - 1, ids[t]].item() for t in range(1, len(ids))]
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) <= 1e-4
+    assert all(len(t) == 1 and abs(max(t.values()) - ref[i].max().item()) <= 1e-4
+               for i, t in enumerate(lp.top_logprobs[1:]))
+    # the same prompt as ids, as [ids] and as ["text"] (lm-eval sends one prompt in a list)
+    for prompt in (ids, [ids], [ECHO]):
+        other = client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+        assert other.choices[0].text == ECHO and other.choices[0].logprobs == lp
+    # with generated tokens: the prompt's entries, then the generated ones; the generation is the one without echo
+    kw = dict(model="tiny", prompt=ECHO, max_tokens=5, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw).choices[0]
+    full = client.completions.create(**kw, echo=True).choices[0]
+    n = len(ids)
+    assert full.text == ECHO + plain.text and full.logprobs.tokens[n:] == plain.logprobs.tokens
+    assert full.logprobs.token_logprobs[n:] == plain.logprobs.token_logprobs
+    assert full.logprobs.text_offset[n:] == [len(ECHO) + o for o in plain.logprobs.text_offset]
+    assert full.logprobs.token_logprobs[1:n] == lp.token_logprobs[1:]
+    # streamed: the first chunk carries the prompt (text and entries); joined, the non-streamed response
+    for mt in (5, 0):
+        one = client.completions.create(**{**kw, "max_tokens": mt}, echo=True).choices[0]
+        chunks = list(client.completions.create(**{**kw, "max_tokens": mt}, echo=True, stream=True))
+        assert chunks[0].choices[0].text.startswith(ECHO)
+        assert "".join(c.choices[0].text for c in chunks) == one.text
+        joined = {k: sum((getattr(c.choices[0].logprobs, k) for c in chunks if c.choices[0].logprobs), [])
+                  for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        assert joined == {k: getattr(one.logprobs, k) for k in joined}
+    # echo without logprobs: the prompt's text, then the generated text, streamed and not
+    bare = client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, echo=True).choices[0]
+    assert bare.text == ECHO + plain.text[:len(bare.text) - len(ECHO)] and bare.logprobs is None
+    chunks = list(client.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == bare.text
+
+
 def test_without_logprobs_the_choices_hold_null(server):
     for path, body in (("/v1/completions", {"prompt": "The capital of France is"}),
                        ("/v1/chat/completions", {"messages": _messages(2)})):
@@ -357,7 +406,13 @@ BAD = [
     ({"messages": _messages(0), "logprobs": "yes"}, "/v1/chat/completions", "logprobs", None),
     ({"messages": _messages(0), "top_logprobs": 2}, "/v1/chat/completions", "top_logprobs", None),
     ({"messages": _messages(0), "logprobs": False, "top_logprobs": 0}, "/v1/chat/completions", "top_logprobs", None),
-    ({"prompt": "hi", "echo": True}, "/v1/completions", "echo", "unsupported_parameter"),
+    ({"prompt": "hi", "echo": True, "session_id": "conv-echo"}, "/v1/completions", "echo", "unsupported_parameter"),
+    ({"prompt": "hi", "max_tokens": 0}, "/v1/completions", "max_tokens", None),   # 0 only with echo
+    ({"prompt": "hi", "max_tokens": 0, "echo": False}, "/v1/completions", "max_tokens", None),
+    ({"messages": _messages(0), "max_tokens": 0}, "/v1/chat/completions", "max_tokens", None),
+    ({"prompt": "hi", "max_tokens": -1, "echo": True}, "/v1/completions", "max_tokens", None),
+    ({"prompt": "hi", "echo": True, "logprobs": 21}, "/v1/completions", "logprobs", None),
+    ({"prompt": [[1, 2], [3]], "echo": True}, "/v1/completions", "prompt", None),   # one prompt per request
     ({"prompt": "hi", "temperature": -0.5}, "/v1/completions", "temperature", None),
     ({"prompt": "hi", "top_p": 0}, "/v1/completions", "top_p", None),
     ({"prompt": "hi", "stop": [""]}, "/v1/completions", "stop", None),

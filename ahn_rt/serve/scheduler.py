@@ -432,9 +432,20 @@ class Scheduler:
 
 class AsyncGeneration:
     """``async for piece in model.agenerate(...)``: text pieces from the scheduler's worker. ``stats``,
-    ``logprobs`` and ``finish_reason`` ("stop", "length", "cancelled", "timeout", "error") as for ``Generation``.
+    ``logprobs``, ``prompt_logprobs``, ``prompt_text`` and ``finish_reason`` ("stop", "length", "cancelled",
+    "timeout", "error") as for ``Generation``.
     ``aclose()`` (or leaving ``async with``) stops it and returns once its session is released;
     cancelling the iterating task stops it at the next token."""
+
+    @property
+    def prompt_logprobs(self):
+        """With ``prompt_logprobs=k``: the prompt's entries, set by the worker before it sends the first piece
+        or the end (so any piece or end read here finds them); else None."""
+        return self.run.prompt_logprobs
+
+    @property
+    def prompt_text(self):
+        return self.run.prompt_text
 
     def __init__(self, scheduler: Scheduler, run, session=None, timeout: float | None = None,
                  start_state=None, keep_state: bool = False, on_end=None):

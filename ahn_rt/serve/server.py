@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import AhnError
-from ..sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN
-from ..tokenizer import check_text
+from ..sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN, TokenLogprob
+from ..tokenizer import check_text, text_offsets
 from .metrics import Metrics
 from .prompt import Prompt, chat_prompt, normalize_messages
 from .scheduler import AsyncGeneration, QueueFull
@@ -137,6 +137,7 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2, 2) != 0:
             raise _unsupported(name, "use repetition_penalty")
+    echo = False
     if chat:
         want = _typed(body, "logprobs", bool)
         top = _integer(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
@@ -157,14 +158,18 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         default_max = opts.max_tokens
     else:
         logprobs = _integer(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)   # OpenAI's legacy API: at most 5
-        if _typed(body, "echo", bool):
-            raise _unsupported("echo")
+        echo = bool(_typed(body, "echo", bool))
+        if echo and body.get("session_id") is not None:
+            raise _unsupported("echo", "not with session_id (the prompt continues a conversation)")
         if body.get("suffix") is not None:
             raise _unsupported("suffix")
         if _integer(body, "best_of", 1, lo=1) != 1:
             raise _unsupported("best_of", "best_of > 1")
         mt_name, default_max = "max_tokens", min(16, opts.max_tokens)   # OpenAI's default, within --max-tokens
-    max_tokens = _integer(body, mt_name, default_max, lo=1)   # 0 is a 400, as OpenAI and vLLM
+    max_tokens = _integer(body, mt_name, default_max, lo=0)
+    if max_tokens == 0 and not echo:   # as OpenAI and vLLM: 0 (nothing generated) only scores an echoed prompt
+        raise ApiError(400, f"{mt_name} must be >= 1, got 0 (0 only with \"echo\": true, to score the prompt)"
+                       if not chat else f"{mt_name} must be >= 1, got 0", mt_name)
     if max_tokens > opts.max_tokens:
         raise ApiError(400, f"{mt_name} must be at most {opts.max_tokens} on this server, got {_shown(body.get(mt_name))}",
                        mt_name)
@@ -188,7 +193,9 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
                 min_p=_number(body, "min_p", 0.0, 0, 1),
                 repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, None, lo_open=True),
                 seed=_integer(body, "seed", None, lo=SEED_MIN, hi=SEED_MAX),
-                stop=stop, logprobs=logprobs)
+                stop=stop, logprobs=logprobs,
+                # echo with logprobs: the prompt's own entries, from its prefill (server's "echo" below)
+                prompt_logprobs=logprobs if echo else None, echo=echo)
 
 
 # ---- logprobs -----------------------------------------------------------------------------------
@@ -214,10 +221,11 @@ def chat_logprobs(tok, entries) -> dict:
 def completion_logprobs(tok, entries, k: int) -> dict:
     """A completion choice's ``logprobs`` (OpenAI's legacy shape): tokens, token_logprobs, top_logprobs (per
     token a {token: logprob} object of the k likeliest, null when k is 0; two ids with the same text keep the
-    likelier) and text_offset (where each token's text starts in the generated text)."""
+    likelier) and text_offset (where each token's text starts in the generated text). An entry whose
+    ``logprob`` is None (an echoed prompt's first token) has null for both."""
     tops = []
     for e in entries:
-        if not k:
+        if not k or e.logprob is None:
             tops.append(None)
             continue
         top: dict = {}
@@ -225,8 +233,15 @@ def completion_logprobs(tok, entries, k: int) -> dict:
             top.setdefault(_token(tok, i)[0], _lp(v))
         tops.append(top)
     return {"tokens": [_token(tok, e.token_id)[0] for e in entries],
-            "token_logprobs": [_lp(e.logprob) for e in entries],
+            "token_logprobs": [None if e.logprob is None else _lp(e.logprob) for e in entries],
             "top_logprobs": tops, "text_offset": [e.offset for e in entries]}
+
+
+def echo_entries(prompt_ids, prompt_entries, gen_entries, text_len: int) -> list:
+    """The entries of an echoed completion: the prompt's (its first token's value null, as OpenAI and vLLM),
+    then the generated ones, their offsets moved past the prompt's ``text_len`` characters."""
+    first = TokenLogprob(prompt_ids[0], None, None, 0)
+    return [first, *prompt_entries[1:], *(dataclasses.replace(e, offset=e.offset + text_len) for e in gen_entries)]
 
 
 def _stream_args(body: dict) -> tuple[bool, bool]:
@@ -476,6 +491,7 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
     async def generate(request: Request, chat: bool):
         body = await parse(request)
         args = sampling_args(body, chat, opts)
+        echo = args.pop("echo")
         stream, include_usage = _stream_args(body)
         sid = body.get("session_id")
         if sid is not None:
@@ -524,7 +540,9 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
                 sessions.release(sid)
             raise
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        meta = dict(rid=rid, created=int(time.time()), sid=sid, chat=chat)
+        if echo and run.prompt_logprobs_k is None:   # echo without logprobs: the prompt's text only
+            echo = (await asyncio.to_thread(text_offsets, model.tokenizer, prompt.ids))[0]
+        meta = dict(rid=rid, created=int(time.time()), sid=sid, chat=chat, echo=echo)
         if stream:
             return StreamingResponse(_stream(gen, include_usage, **meta), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -554,17 +572,26 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
                     "finish_reason": finish}
         return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def _logprobs(gen, chat, start=0, final=False):
+    def _logprobs(gen, chat, start=0, final=False, echo=False):
         """The choice's ``logprobs`` for the entries from ``start`` on (None without logprobs, and for a
-        ``final`` chunk that has none left)."""
-        if gen.logprobs is None or (final and len(gen.logprobs) == start):
+        ``final`` chunk that has none left); with ``echo`` (completions, logprobs), the prompt's entries first.
+        An echoed run's generated entries count their offsets from the start of the prompt's text."""
+        if gen.logprobs is None or (final and len(gen.logprobs) == start and not echo):
             return None
         entries = gen.logprobs[start:]
         if chat:
             return chat_logprobs(model.tokenizer, entries)
+        if gen.prompt_logprobs is not None:
+            prompt = gen.prompt_logprobs if echo else [None]   # [None]: the generated entries' shift only
+            entries = echo_entries(gen.run.prompt.ids, prompt, entries, len(gen.prompt_text))[0 if echo else 1:]
         return completion_logprobs(model.tokenizer, entries, gen.run.logprobs)
 
-    async def _stream(gen, include_usage, rid, created, sid, chat):
+    def _echoed(gen, echo) -> str:
+        """The prompt's text for an echo: ``echo`` itself (computed with the request) or, with logprobs, the text
+        the prompt's entries count in."""
+        return echo if isinstance(echo, str) else gen.prompt_text
+
+    async def _stream(gen, include_usage, rid, created, sid, chat, echo):
         env = (lambda choices, usage=None: _sse(_envelope(rid, created, sid, chat, choices, True, usage,
                                                           null_usage=include_usage)))
         seen = 0   # logprobs entries sent: a chunk carries those of the tokens its text completes
@@ -573,14 +600,18 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
                 yield env([_choice(chat, "", None, True, first=True)])
             try:
                 async for piece in gen:
-                    lp = _logprobs(gen, chat, seen)
+                    lp = _logprobs(gen, chat, seen, echo=bool(echo))
+                    if echo:   # as vLLM: the first chunk carries the prompt's text (and entries) before its own
+                        piece, echo = _echoed(gen, echo) + piece, False
                     seen = len(gen.logprobs) if lp is not None else 0
                     yield env([_choice(chat, piece, None, True, logprobs=lp)])
             except Exception as e:  # noqa: BLE001 - the run failed after the stream began
                 yield _sse(ApiError(500, f"generation failed: {type(e).__name__}: {e}").body())
                 yield "data: [DONE]\n\n"
                 return
-            yield env([_choice(chat, "", gen.finish_reason, True, logprobs=_logprobs(gen, chat, seen, final=True))])
+            # nothing generated (max_tokens 0, or an end of sequence at once): the finish chunk carries the echo
+            lp = _logprobs(gen, chat, seen, final=True, echo=bool(echo))
+            yield env([_choice(chat, _echoed(gen, echo) if echo else "", gen.finish_reason, True, logprobs=lp)])
             if include_usage:
                 yield env([], _usage(gen))
             yield "data: [DONE]\n\n"
@@ -588,7 +619,7 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             if not gen.ticket.ended.is_set():
                 gen.ticket.cancel()       # the client went away: stop at the next token
 
-    async def _complete(request, gen, rid, created, sid, chat):
+    async def _complete(request, gen, rid, created, sid, chat, echo):
         async def collect():
             return "".join([p async for p in gen])
 
@@ -613,7 +644,9 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             text = work.result()
         except Exception as e:  # noqa: BLE001
             raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from None
-        choice = _choice(chat, text, gen.finish_reason, False, logprobs=_logprobs(gen, chat))
+        if echo:
+            text = _echoed(gen, echo) + text
+        choice = _choice(chat, text, gen.finish_reason, False, logprobs=_logprobs(gen, chat, echo=bool(echo)))
         return _envelope(rid, created, sid, chat, [choice], False, _usage(gen))
 
     @app.post("/v1/completions")
