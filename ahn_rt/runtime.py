@@ -1022,10 +1022,8 @@ class _Run:
 
     def _accept(self, tid: int):
         self.last_token = tid
-        if tid in self._eos:
-            if self._lp is not None and self._scorer is not None:   # echo: listed, as OpenAI and vLLM
-                self._held_lp.append(self._lp.read(tid, self._decoded))
-            self._finish("stop", flush=True)
+        if tid in self._eos:   # with prompt_logprobs (echo) listed, as OpenAI and vLLM: after the flushed text
+            self._finish("stop", flush=True, eos=tid if self._lp is not None and self._scorer is not None else None)
             return
         self.stats.new_tokens += 1
         text = self._dec.push(tid)
@@ -1069,11 +1067,13 @@ class _Run:
         if text or done:
             self._pieces.append((text, done))
 
-    def _finish(self, reason: str, flush: bool):
+    def _finish(self, reason: str, flush: bool, eos: int | None = None):
         if flush:
             rest = self._dec.flush()
             if self._lp is not None:
                 self._decoded_out(rest, flushed=True)
+                if eos is not None:   # the end of sequence's entry: its offset is the end of the text
+                    self._wait_lp.append((self._lp.read(eos, self._decoded), self._decoded))
             tail, stopped = self._stopper.push(rest)
             tail += self._stopper.flush()
             self._emit(tail, stopped)

@@ -170,6 +170,22 @@ def test_entries_follow_the_text_the_pieces_show(ids, stop, max_new, want, reaso
     assert finish_off == reason and off == [(p, None) for p, _ in want if p]
 
 
+@pytest.mark.parametrize("ids,want", [([1, 2, 0], [(1, 0), (2, 1), (0, 2)]),
+                                      # the reply ends inside a character: the end of sequence still comes
+                                      # after the flushed U+FFFD (it was listed at that character's offset)
+                                      ([1, 5, 0], [(1, 0), (5, 1), (0, 2)])])
+def test_with_echo_the_end_of_sequence_entry_sits_at_the_end_of_the_text(ids, want):
+    run = _Run(SimpleNamespace(eos_ids=lambda: {0}), Prompt((1,)), SamplingParams(), 9, [], 0, prompt_logprobs=0)
+    run._dec, run._stopper, run._lp, run._scorer = StreamDecoder(_ByteTok()), StopMatcher([]), _Lp(), object()
+    run._t1, run.session = time.perf_counter(), SimpleNamespace(state_nbytes=0)
+    for t in ids:
+        run.land(t)
+    pairs = run.take()
+    text = "".join(p for p, _ in pairs)
+    got = [(e.token_id, e.offset) for _, es in pairs for e in es]
+    assert run.finish_reason == "stop" and got == want and got[-1][1] == len(text)
+
+
 def test_token_bytes_are_the_raw_bytes_of_byte_level_tokens(demo):
     tok = demo.tokenizer
     text = "Héllo wörld — ✓ 日本 <|im_end|>"

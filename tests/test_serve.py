@@ -221,16 +221,25 @@ def test_completion_logprobs_legacy_shape_streamed_and_not(server, client, model
     assert lp.token_logprobs == [e.logprob for e in gen.logprobs]          # the raw values, sampled at temperature 1
     assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == r.usage.completion_tokens
     assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
-    assert all(len(t) <= 2 and max(t.values()) >= v for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    # each top_logprobs object: the chosen token and the 2 likeliest (up to 3, as OpenAI and vLLM)
+    tok = model.tokenizer
+    for t, e in zip(lp.top_logprobs, gen.logprobs):
+        want = {}
+        for i, v in sorted([*e.top, (e.token_id, e.logprob)], key=lambda iv: -iv[1]):
+            want.setdefault(tok.token_bytes(i).decode("utf-8", "replace"), v)
+        assert t == want and len(t) <= 3
     pieces = list(client.completions.create(**kw, logprobs=2, stream=True))
     joined = {k: sum((getattr(c.choices[0].logprobs, k) for c in pieces if c.choices[0].logprobs), [])
               for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
     assert joined == {k: getattr(lp, k) for k in joined}
-    # logprobs 0: the chosen tokens only, top_logprobs null for each; raw JSON as OpenAI's legacy shape
+    # logprobs 0: top_logprobs holds the chosen token alone (OpenAI and vLLM; null there failed the openai
+    # package's Completion type); raw JSON as OpenAI's legacy shape
     status, text, _ = server.post("/v1/completions", {**kw, "logprobs": 0})
     body = json.loads(text)["choices"][0]["logprobs"]
     assert status == 200 and set(body) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
-    assert body["token_logprobs"] == lp.token_logprobs and body["top_logprobs"] == [None] * len(lp.tokens)
+    assert body["token_logprobs"] == lp.token_logprobs
+    assert body["top_logprobs"] == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
+    openai.types.Completion.model_validate_json(text)
 
 
 ECHO = "The capital of France is Paris, and the capital of Italy is Rome. " * 2
@@ -250,7 +259,9 @@ def test_completion_echo_scores_the_prompt(server, client, model):
         ref = torch.log_softmax(s.forward(ids), -1)
     want = [ref[t - 1, ids[t]].item() for t in range(1, len(ids))]
     assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) <= 1e-4
-    assert all(len(t) == 1 and abs(max(t.values()) - ref[i].max().item()) <= 1e-4
+    # the likeliest token there and the prompt's own (one object of one or two)
+    assert all(abs(max(t.values()) - ref[i].max().item()) <= 1e-4 and lp.tokens[i + 1] in t
+               and t[lp.tokens[i + 1]] == lp.token_logprobs[i + 1] and len(t) <= 2
                for i, t in enumerate(lp.top_logprobs[1:]))
     # the same prompt as ids, as [ids] and as ["text"] (lm-eval sends one prompt in a list)
     for prompt in (ids, [ids], [ECHO]):

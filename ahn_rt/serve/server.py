@@ -220,17 +220,18 @@ def chat_logprobs(tok, entries) -> dict:
 
 def completion_logprobs(tok, entries, k: int) -> dict:
     """A completion choice's ``logprobs`` (OpenAI's legacy shape): tokens, token_logprobs, top_logprobs (per
-    token a {token: logprob} object of the k likeliest, null when k is 0; two ids with the same text keep the
-    likelier) and text_offset (where each token's text starts in the generated text). An entry whose
-    ``logprob`` is None (an echoed prompt's first token) has null for both."""
+    token a {token: logprob} object of the chosen token and the k likeliest, so up to k + 1 of them, as OpenAI
+    and vLLM; with k 0 the chosen token alone; two ids with the same text keep the likelier) and text_offset
+    (where each token's text starts in the generated text). An entry whose ``logprob`` is None (an echoed
+    prompt's first token) has null for both."""
     tops = []
     for e in entries:
-        if not k or e.logprob is None:
+        if e.logprob is None:
             tops.append(None)
             continue
         top: dict = {}
-        for i, v in e.top:
-            top.setdefault(_token(tok, i)[0], _lp(v))
+        for i, v in sorted([*e.top[:k], (e.token_id, e.logprob)], key=lambda iv: -iv[1]):   # stable: ties keep
+            top.setdefault(_token(tok, i)[0], _lp(v))                                        # the top's order
         tops.append(top)
     return {"tokens": [_token(tok, e.token_id)[0] for e in entries],
             "token_logprobs": [None if e.logprob is None else _lp(e.logprob) for e in entries],
