@@ -238,11 +238,16 @@ def completion_logprobs(tok, entries, k: int) -> dict:
             "top_logprobs": tops, "text_offset": [e.offset for e in entries]}
 
 
-def echo_entries(prompt_ids, prompt_entries, gen_entries, text_len: int) -> list:
-    """The entries of an echoed completion: the prompt's (its first token's value null, as OpenAI and vLLM),
-    then the generated ones, their offsets moved past the prompt's ``text_len`` characters."""
-    first = TokenLogprob(prompt_ids[0], None, None, 0)
-    return [first, *prompt_entries[1:], *(dataclasses.replace(e, offset=e.offset + text_len) for e in gen_entries)]
+def echo_entries(gen, entries, with_prompt: bool) -> list:
+    """Generated ``entries`` of an echoed completion (``gen`` scored its prompt): their offsets moved past the
+    prompt's text, and with ``with_prompt`` the prompt's entries first (its first token's value null, as
+    OpenAI and vLLM)."""
+    shift = len(gen.prompt_text)
+    moved = [dataclasses.replace(e, offset=e.offset + shift) for e in entries]
+    if not with_prompt:
+        return moved
+    first = TokenLogprob(gen.run.prompt.ids[0], None, None, 0)
+    return [first, *gen.prompt_logprobs[1:], *moved]
 
 
 def _stream_args(body: dict) -> tuple[bool, bool]:
@@ -582,9 +587,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         entries = gen.logprobs[start:]
         if chat:
             return chat_logprobs(model.tokenizer, entries)
-        if gen.prompt_logprobs is not None:
-            prompt = gen.prompt_logprobs if echo else [None]   # [None]: the generated entries' shift only
-            entries = echo_entries(gen.run.prompt.ids, prompt, entries, len(gen.prompt_text))[0 if echo else 1:]
+        if gen.prompt_logprobs is not None:   # echoed (the prompt's own entries in the first chunk only)
+            entries = echo_entries(gen, entries, echo)
         return completion_logprobs(model.tokenizer, entries, gen.run.logprobs)
 
     def _echoed(gen, echo) -> str:
