@@ -71,6 +71,11 @@ def _attn_merge_fake(outs, lses, offsets, rows):
     return outs[0].new_empty(rows, outs[0].shape[1], outs[0].shape[2])
 
 
+@torch.library.register_fake("ahn_rt::band_attention")
+def _band_attention_fake(q, k, v, left, scale, kv_len=None):
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
 @torch.library.register_fake("ahn_rt::silu_mul")
 def _silu_mul_fake(x):
     return x.new_empty(x.shape[0], x.shape[1] // 2)

@@ -67,7 +67,7 @@ class Decoder:
     def __init__(self, config: Config, weights: Weights, device):
         # The switches read later (at a CUDA graph capture, at a prefill), checked now on every device: a
         # bad value is one line (SettingsError) at load, before any work, not at the first capture.
-        settings.check("AHN_RT_PREFILL_CUDNN", "AHN_RT_DECODE_FORK", *settings.KERNEL_SWITCHES)
+        settings.check("AHN_RT_PREFILL_CUDNN", "AHN_RT_PREFILL_BAND", "AHN_RT_DECODE_FORK", *settings.KERNEL_SWITCHES)
         self.config = config
         self.w = weights
         self.device = torch.device(device)

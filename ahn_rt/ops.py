@@ -181,6 +181,15 @@ def attn_merge(outs, lses, offsets, rows):
     return fn(outs, lses, offsets, rows)
 
 
+def band_attention(q, k, v, left, scale, kv_len=None):
+    """Attention with the diagonal at the bottom-right corner and ``left`` keys per query (0: no left bound):
+    ref.band_attention_ref's semantics (``kv_len``, int32 [1] on q's device: only that many leading rows of
+    k, v are keys). Returns (out [Tq, H, D], logsumexp [H, Tq] float32). On CUDA through cuDNN (where the
+    build found cudnn-frontend), on the CPU the C++ kernel."""
+    fn = torch.ops.ahn_rt.band_attention if _use_ext(q) else ref.band_attention_ref
+    return fn(q, k, v, left, scale, kv_len)
+
+
 def silu_mul(x):
     fn = torch.ops.ahn_rt.silu_mul if _use_ext(x) else ref.silu_mul_ref
     return fn(x)
@@ -537,6 +546,16 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
             return False
         key = _cudnn_key(q, k, k_cache, k_cache)
         _cudnn_warm.keys = getattr(_cudnn_warm, "keys", set()) | {key}
+        if settings.prefill_band():   # the band calls (``_band_span``): all keys, and fewer (kv_len); a refusal
+            kb = torch.zeros(num_kv_heads, window - 1 + chunk, head_dim, dtype=dtype, device=device)   # turns off
+            for kv_len in (None, torch.full((1,), chunk, dtype=torch.int32, device=device)):      # only that one
+                try:
+                    band_attention(q, kb.transpose(0, 1), kb.transpose(0, 1), window, head_dim ** -0.5, kv_len)
+                    torch.cuda.synchronize()
+                    _cudnn_warm.band = getattr(_cudnn_warm, "band", set()) | {_band_key(q, k, window, kv_len is not None)}
+                except RuntimeError:
+                    pass
+            del kb
         if 1 < chunk < window:   # the far-edge band, reversed (``_kernel_calls``); a refusal turns off only it
             try:
                 _cudnn_reversed(q[1:], k[1:], k[1:], head_dim ** -0.5)
@@ -545,6 +564,69 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
             except RuntimeError:
                 pass
     return True
+
+
+def _band_span(p0: int, T: int, sinks: int, window: int):
+    """How a whole chunk of T tokens at p0 takes the band path: (first, with_sinks), its keys being positions
+    [first, p0 + T) under one bottom-right band of W keys, plus the cached sinks in a second call where
+    ``with_sinks``; None where it cannot (a chunk holding sink rows whose last queries' windows no longer
+    reach position 0: the ladder runs it).
+    - p0 + T <= W: every query's window reaches position 0, sinks included: one call over [0, p0 + T).
+    - p0 >= S: the window part [max(S, p0 - W + 1), p0 + T), and the sinks apart (none where S = 0)."""
+    if T <= 0:
+        return None
+    if p0 + T <= window:
+        return 0, False
+    if p0 >= sinks:
+        return max(sinks, p0 - window + 1), sinks > 0
+    return None
+
+
+def _band_key(q, k, window, padded: bool) -> tuple:
+    """What a band call's cuDNN plan depends on (the linear key buffers are laid out by ``_band_keys``;
+    ``padded``: the keys in use fewer than the buffer's rows, passed as kv_len)."""
+    return (tuple(q.shape), k.shape[1], window, q.dtype, q.device, padded)
+
+
+def _band_keys(k, v, k_cache, v_cache, p0: int, first: int, sinks: int, window: int):
+    """The keys of positions [first, p0 + T) in order, copied from the cache and the chunk into the leading
+    rows of fresh head-major buffers of W - 1 + T rows (the most a chunk attends through the band; the rest
+    zeroed); returned as [W - 1 + T, Hkv, D] views with the count of keys in use."""
+    T, Hkv, D = k.shape
+    rows, n = window - 1 + T, p0 + T - first
+    kb = torch.empty(Hkv, rows, D, dtype=k.dtype, device=k.device)
+    vb = torch.empty(Hkv, rows, v.shape[2], dtype=v.dtype, device=v.device)
+    if n < rows:   # padding rows: never read as keys, but zero (a masked key's weight times NaN is NaN)
+        kb[:, n:].zero_()
+        vb[:, n:].zero_()
+    for r in cache.key_ranges(p0, T, sinks, window):
+        skip = max(0, first - r.pos)
+        m = r.n - skip
+        if m <= 0:
+            continue
+        dst = r.pos + skip - first
+        if r.source == "cache":
+            kb[:, dst:dst + m].copy_(k_cache[:, r.lo + skip:r.lo + skip + m])
+            vb[:, dst:dst + m].copy_(v_cache[:, r.lo + skip:r.lo + skip + m])
+        else:
+            kb[:, dst:dst + m].copy_(k[r.lo + skip:r.lo + skip + m].transpose(0, 1))
+            vb[:, dst:dst + m].copy_(v[r.lo + skip:r.lo + skip + m].transpose(0, 1))
+    return kb.transpose(0, 1), vb.transpose(0, 1), n
+
+
+def _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, span):
+    """A whole chunk through the band (``_band_span`` gives ``span``): its window as one cuDNN call over a
+    linear copy of its keys (``band_attention``, left bound W; the count of keys as a device int32 where it is
+    not the buffer's), the cached sinks as a second call (FlashAttention-2, no mask), merged by log-sum-exp."""
+    first, with_sinks = span
+    kb, vb, n = _band_keys(k, v, k_cache, v_cache, p0, first, sinks, window)
+    kv_len = None if n == kb.shape[0] else torch.full((1,), n, dtype=torch.int32, device=q.device)
+    out, lse = band_attention(q if q.is_contiguous() else q.contiguous(), kb, vb, window, scale, kv_len)
+    if not with_sinks:
+        return out
+    ks, vs = k_cache[:, :sinks].transpose(0, 1), v_cache[:, :sinks].transpose(0, 1)
+    o2, l2 = _flash(q, ks, vs, -1, -1, scale)
+    return attn_merge([out, o2], [lse, l2], [0, 0], q.shape[0])
 
 
 def _rows_aligned(t):
@@ -559,6 +641,11 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
     global _cudnn_ok
     T, H, D = q.shape
     q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
+    span = _band_span(p0, T, sinks, window) if _cudnn_ok and settings.prefill_cudnn() and settings.prefill_band() \
+        else None
+    if span is not None and _band_key(q, k, window, p0 + T - span[0] < window - 1 + T) in \
+            getattr(_cudnn_warm, "band", ()):
+        return _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, span)
     key = _cudnn_key(q, k, k_cache, v_cache)
     cudnn = _cudnn_ok and settings.prefill_cudnn() and key in getattr(_cudnn_warm, "keys", ())
     reversed_ok = cudnn and key in getattr(_cudnn_warm, "reversed", ())

@@ -99,6 +99,33 @@ def chunk_keys(k, v, k_cache, v_cache, p0: int, sinks: int, window: int):
             q_pos, torch.cat([held, q_pos]))
 
 
+def band_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, scale: float,
+                       kv_len: torch.Tensor | None = None):
+    """Attention of Tq queries over n >= Tq keys with the diagonal at the bottom-right corner: query i sees
+    key j iff j <= i + (n - Tq) and, with left > 0, j > i + (n - Tq) - left (the ``left`` keys ending at its
+    diagonal). q [Tq, H, D], k / v [N, Hkv, D] (query head h reads kv head h // (H / Hkv)); n = N, or the
+    value of ``kv_len`` (int32 [1]): only the first kv_len rows are keys. Scores in float32. Returns
+    (out [Tq, H, D] in q's dtype, logsumexp [H, Tq] float32)."""
+    if kv_len is not None:
+        n = int(kv_len.item())
+        k, v = k[:n], v[:n]
+    Tq, H, D = q.shape
+    n, Hkv = k.shape[0], k.shape[1]
+    G = H // Hkv
+    kf = k.float().repeat_interleave(G, dim=1).transpose(0, 1)            # [H, n, D]
+    vf = v.float().repeat_interleave(G, dim=1).transpose(0, 1)
+    s = torch.einsum("thd,hnd->htn", q.float(), kf) * scale
+    i = torch.arange(Tq, device=q.device)[:, None] + (n - Tq)
+    j = torch.arange(n, device=q.device)[None, :]
+    ok = j <= i
+    if left > 0:
+        ok &= j > i - left
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                      # [H, Tq]
+    out = torch.einsum("htn,hnd->thd", (s - lse[..., None]).exp(), vf)
+    return out.to(q.dtype), lse
+
+
 def attn_merge_ref(outs: list, lses: list, offsets: list, rows: int) -> torch.Tensor:
     """Combine partial attention results by log-sum-exp. Part i covers rows [offsets[i], offsets[i] + n_i):
     outs[i] [n_i, H, D] (each normalized over its own keys), lses[i] [H, n_i] float32 (the log of its

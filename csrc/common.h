@@ -442,6 +442,21 @@ struct AttnMergeParams {
   void* out;                          // [rows, H, D] contiguous (dtype T)
 };
 
+// Attention of Tq queries over n >= Tq keys under a bottom-right causal diagonal: query i sees key j iff
+// j <= i + (n - Tq) and, with left > 0, j > i + (n - Tq) - left (the `left` keys ending at its diagonal).
+// q [Tq, H, D] (strides q_s0, q_s1), k / v [n, Hkv, D] (strides k_s0, k_s1 / v_s0, v_s1), last dims 1; H a
+// multiple of Hkv (query head h reads kv head h / (H / Hkv)). out [Tq, H, D] contiguous (dtype T); lse
+// [H, Tq] float32 contiguous, the natural log-sum-exp of each row's scaled scores. With a kv_len tensor
+// (int32 [1]) only the first kv_len rows of k / v are keys (n = kv_len; the CPU kernel gets it read).
+struct BandAttentionParams {
+  const void *q, *k, *v;
+  void* out;
+  float* lse;
+  int64_t Tq, n, H, Hkv, D, left;
+  int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1;
+  float scale;
+};
+
 // y = silu(x[:, :N]) * x[:, N:] for x [rows, 2N] (row stride x_s0), both ops rounded to T as torch does.
 struct SiluMulParams {
   const void* x;
@@ -485,6 +500,7 @@ template <typename T> void gemv_cpu(const GemvParams& p);
 void gdn_chunk_scan_cpu(const GdnChunkScanParams& p);
 template <typename T> void gdn_chunk_prep_cpu(const GdnChunkPrepParams& p);
 template <typename T> void attn_merge_cpu(const AttnMergeParams& p);
+template <typename T> void band_attention_cpu(const BandAttentionParams& p);
 template <typename T> void silu_mul_cpu(const SiluMulParams& p);
 template <typename T> void rope_cpu(const RopeParams& p);
 template <typename T> void gate_norm_cpu(const GateNormParams& p);

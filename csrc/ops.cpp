@@ -40,6 +40,7 @@ TORCH_LIBRARY(ahn_rt, m) {
   m.def("gdn_chunk_scan(Tensor? w, Tensor u, Tensor kd_t, Tensor qg, Tensor gl, Tensor(a!) state) "
         "-> (Tensor, Tensor)");
   m.def("attn_merge(Tensor[] outs, Tensor[] lses, int[] offsets, int rows) -> Tensor");
+  m.def("band_attention(Tensor q, Tensor k, Tensor v, int left, float scale, Tensor? kv_len=None) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("gdn_gate_norm(Tensor o, Tensor z, Tensor weight, float eps) -> Tensor");
@@ -56,6 +57,7 @@ TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {
   m.impl("mamba2_chunk_prep", &ahn_rt::mamba2_chunk_prep);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
   m.impl("attn_merge", &ahn_rt::attn_merge);
+  m.impl("band_attention", &ahn_rt::band_attention);
   m.impl("silu_mul", &ahn_rt::silu_mul);
   m.impl("rope", &ahn_rt::rope);
   m.impl("gdn_gate_norm", &ahn_rt::gdn_gate_norm);
@@ -73,6 +75,7 @@ TORCH_LIBRARY_IMPL(ahn_rt, CUDA, m) {
   m.impl("mamba2_chunk_prep", &ahn_rt::mamba2_chunk_prep);
   m.impl("gdn_chunk_scan", &ahn_rt::gdn_chunk_scan);
   m.impl("attn_merge", &ahn_rt::attn_merge);
+  m.impl("band_attention", &ahn_rt::band_attention);
   m.impl("silu_mul", &ahn_rt::silu_mul);
   m.impl("rope", &ahn_rt::rope);
   m.impl("gdn_gate_norm", &ahn_rt::gdn_gate_norm);

@@ -478,6 +478,7 @@ def test_prefill_attention_cudnn_matches_reference(monkeypatch, p0):
     ring's fill point (S + W = 4224) and wrapped."""
     S, W, T, H, Hkv, D = 128, 4096, 1024, 8, 2, 128
     monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
+    monkeypatch.setenv("AHN_RT_PREFILL_BAND", "0")   # the ladder (the band path: tests/test_band_attention.py)
     monkeypatch.setattr(ops, "_cudnn_ok", True)
     monkeypatch.setattr(ops._cudnn_warm, "keys", set(), raising=False)
     monkeypatch.setattr(ops._cudnn_warm, "reversed", set(), raising=False)

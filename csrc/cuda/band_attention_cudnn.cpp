@@ -1,0 +1,158 @@
+// band_attention on CUDA: cuDNN's fused attention (the library torch ships) through cudnn-frontend's graph
+// API, which exposes what torch's SDPA entry does not: the diagonal aligned to the bottom-right corner
+// (Tq queries are the last Tq of n keys) and a left bound (a sliding window of `left` keys). One execution
+// plan per call layout (sizes, strides, dtype, bound, scale), built on first use and kept per thread, as torch
+// keeps its own cuDNN plans (the prefill builds them at load: ops.warm_prefill_attention). Compiled only when
+// setup.py finds cudnn-frontend's and cuDNN's headers. Semantics and CPU twin: common.h BandAttentionParams,
+// cpu/band_attention.cpp. Test: pytest -m cuda tests/test_band_attention.py.
+#include <cstring>
+#include <memory>
+#include <tuple>
+#include <unordered_map>
+
+#include <ATen/cudnn/Handle.h>
+
+#include <cudnn_frontend.h>
+
+#include "../host/host.h"
+
+namespace ahn_rt {
+
+namespace {
+
+namespace fe = cudnn_frontend;
+
+// uids of the graph's tensors in the variant pack
+enum : int64_t { kQ = 1, kK, kV, kO, kStats, kSeqQ, kSeqKV };
+
+struct PlanKey {
+  int device;
+  at::ScalarType dtype;
+  int64_t Tq, n, H, Hkv, D, left, padded;   // padded: the keys in use come from a kv_len tensor
+  int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1;
+  uint32_t scale_bits;
+  bool operator==(const PlanKey& o) const { return std::memcmp(this, &o, sizeof(PlanKey)) == 0; }
+};
+
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& k) const {
+    const auto* b = reinterpret_cast<const unsigned char*>(&k);
+    size_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof(PlanKey); ++i) h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+  }
+};
+
+struct Plan {
+  std::shared_ptr<fe::graph::Graph> graph;
+  int64_t workspace = 0;
+};
+
+void check(const fe::error_t& status, const char* what) {
+  TORCH_CHECK(status.is_good(), "ahn_rt.band_attention: cuDNN ", what, ": ",
+              const_cast<fe::error_t&>(status).get_message(),
+              " (set AHN_RT_PREFILL_CUDNN=0 to run the prefill without it)");
+}
+
+Plan build(const PlanKey& key, cudnnHandle_t handle, double scale) {
+  auto graph = std::make_shared<fe::graph::Graph>();
+  const fe::DataType_t io = key.dtype == at::kBFloat16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
+  graph->set_io_data_type(io)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  // [Tq, H, D] rows as cuDNN's [batch 1, heads, sequence, head dim] with the same strides
+  auto q = graph->tensor(fe::graph::Tensor_attributes().set_name("q").set_uid(kQ)
+                             .set_dim({1, key.H, key.Tq, key.D})
+                             .set_stride({key.Tq * key.q_s0, key.q_s1, key.q_s0, 1}));
+  auto k = graph->tensor(fe::graph::Tensor_attributes().set_name("k").set_uid(kK)
+                             .set_dim({1, key.Hkv, key.n, key.D})
+                             .set_stride({key.n * key.k_s0, key.k_s1, key.k_s0, 1}));
+  auto v = graph->tensor(fe::graph::Tensor_attributes().set_name("v").set_uid(kV)
+                             .set_dim({1, key.Hkv, key.n, key.D})
+                             .set_stride({key.n * key.v_s0, key.v_s1, key.v_s0, 1}));
+  auto attrs = fe::graph::SDPA_attributes()
+                   .set_name("band")
+                   .set_generate_stats(true)
+                   .set_attn_scale(static_cast<float>(scale))
+                   .set_diagonal_alignment(fe::DiagonalAlignment_t::BOTTOM_RIGHT)
+                   .set_diagonal_band_right_bound(0);
+  if (key.left > 0) attrs.set_diagonal_band_left_bound(static_cast<int>(key.left));
+  if (key.padded) {   // cuDNN's padding mask: the first seq_len_kv keys and seq_len_q queries of the buffers
+    auto seq = [&](const char* name, int64_t uid) {
+      return graph->tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid)
+                               .set_dim({1, 1, 1, 1}).set_stride({1, 1, 1, 1})
+                               .set_data_type(fe::DataType_t::INT32));
+    };
+    attrs.set_padding_mask(true).set_seq_len_q(seq("seq_q", kSeqQ)).set_seq_len_kv(seq("seq_kv", kSeqKV));
+  }
+  auto [o, stats] = graph->sdpa(q, k, v, attrs);
+  o->set_output(true).set_uid(kO).set_dim({1, key.H, key.Tq, key.D})
+      .set_stride({key.Tq * key.H * key.D, key.D, key.H * key.D, 1});
+  stats->set_output(true).set_uid(kStats).set_data_type(fe::DataType_t::FLOAT)
+      .set_dim({1, key.H, key.Tq, 1}).set_stride({key.H * key.Tq, key.Tq, 1, 1});
+  check(graph->validate(), "graph validation");
+  check(graph->build_operation_graph(handle), "operation graph");
+  check(graph->create_execution_plans({fe::HeurMode_t::A}), "heuristics");
+  check(graph->check_support(handle), "support check");
+  check(graph->build_plans(handle), "plan build");
+  Plan plan;
+  plan.graph = graph;
+  plan.workspace = graph->get_workspace_size();
+  return plan;
+}
+
+}  // namespace
+
+void band_attention_cudnn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
+                          double scale, const std::optional<at::Tensor>& kv_len, const at::Tensor& out,
+                          const at::Tensor& lse) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "ahn_rt.band_attention: on CUDA q, k and v must be bfloat16 or float16, got ", q.scalar_type());
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && (t->stride(0) * 2) % 16 == 0 &&
+                    (t->stride(1) * 2) % 16 == 0,
+                "ahn_rt.band_attention: on CUDA q, k and v must start and have rows on 16-byte boundaries");
+  float fscale = static_cast<float>(scale);
+  PlanKey key{};   // zeroed, padding included: compared and hashed as bytes
+  key.device = q.get_device();
+  key.dtype = q.scalar_type();
+  key.Tq = q.size(0);
+  key.n = k.size(0);
+  key.H = q.size(1);
+  key.Hkv = k.size(1);
+  key.D = q.size(2);
+  key.left = left > 0 ? left : 0;
+  key.padded = kv_len.has_value();
+  key.q_s0 = q.stride(0);
+  key.q_s1 = q.stride(1);
+  key.k_s0 = k.stride(0);
+  key.k_s1 = k.stride(1);
+  key.v_s0 = v.stride(0);
+  key.v_s1 = v.stride(1);
+  std::memcpy(&key.scale_bits, &fscale, sizeof(fscale));
+
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  TORCH_CHECK(cudnnSetStream(handle, c10::cuda::getCurrentCUDAStream().stream()) == CUDNN_STATUS_SUCCESS,
+              "ahn_rt.band_attention: cudnnSetStream failed");
+  thread_local std::unordered_map<PlanKey, Plan, PlanKeyHash> plans;
+  auto it = plans.find(key);
+  if (it == plans.end()) it = plans.emplace(key, build(key, handle, scale)).first;
+  const Plan& plan = it->second;
+  at::Tensor workspace = at::empty({std::max<int64_t>(plan.workspace, 1)}, q.options().dtype(at::kByte));
+  std::unordered_map<int64_t, void*> pack = {
+      {kQ, const_cast<void*>(q.data_ptr())}, {kK, const_cast<void*>(k.data_ptr())},
+      {kV, const_cast<void*>(v.data_ptr())}, {kO, out.data_ptr()}, {kStats, lse.data_ptr()}};
+  at::Tensor seq_q;
+  if (key.padded) {   // the query count as cuDNN reads it: a device int32, one per (device, Tq), kept
+    thread_local std::unordered_map<int64_t, at::Tensor> counts;
+    const int64_t ck = key.Tq * 64 + key.device;
+    auto c = counts.find(ck);
+    if (c == counts.end()) c = counts.emplace(ck, at::full({1}, key.Tq, q.options().dtype(at::kInt))).first;
+    seq_q = c->second;
+    pack[kSeqQ] = seq_q.data_ptr();
+    pack[kSeqKV] = const_cast<void*>(kv_len->data_ptr());
+  }
+  check(plan.graph->execute(handle, pack, workspace.data_ptr()), "execution");
+}
+
+}  // namespace ahn_rt

@@ -1,0 +1,82 @@
+// ahn_rt.band_attention: the checked host entry function of the prefill's window attention over a linear
+// key buffer (semantics: common.h BandAttentionParams). CPU: cpu/band_attention.cpp. CUDA: cuDNN's fused
+// attention through cudnn-frontend (cuda/band_attention_cudnn.cpp), compiled where the build found
+// cudnn-frontend's and cuDNN's headers; without them the CUDA call fails with a message saying so.
+// Test: pytest tests/test_band_attention.py.
+#include "host.h"
+
+namespace ahn_rt {
+
+#if defined(AHN_RT_WITH_CUDA) && defined(AHN_RT_WITH_CUDNN_FE)
+void band_attention_cudnn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
+                          double scale, const std::optional<at::Tensor>& kv_len, const at::Tensor& out,
+                          const at::Tensor& lse);
+#endif
+
+std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  int64_t left, double scale,
+                                                  const std::optional<at::Tensor>& kv_len) {
+  constexpr const char* op = "ahn_rt.band_attention";
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q must be [Tq, H, D] and k, v [n, Hkv, D], got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const int64_t Tq = q.size(0), H = q.size(1), D = q.size(2), n = k.size(0), Hkv = k.size(1);
+  TORCH_CHECK(v.size(0) == n && v.size(1) == Hkv && k.size(2) == D && v.size(2) == D, op,
+              ": k and v must both be [n, Hkv, ", D, "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": the query heads (", H, ") must be a multiple of the key heads (",
+              Hkv, ")");
+  check_same_device(q, k, op, "k");
+  int64_t keys = n;   // the keys in use: n, or the first kv_len rows of k / v
+  if (kv_len.has_value()) {
+    const at::Tensor& kl = *kv_len;
+    check_same_device(q, kl, op, "kv_len (int32 [1], on q's device)");
+    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.numel() == 1 && kl.is_contiguous(), op,
+                ": kv_len must be an int32 tensor of one element, got ", kl.scalar_type(), " ", kl.sizes());
+    if (q.is_cpu()) {
+      keys = kl.item<int32_t>();
+      TORCH_CHECK(keys >= 0 && keys <= n, op, ": kv_len ", keys, " is outside [0, ", n, "] (the rows of k, v)");
+    }
+  }
+  TORCH_CHECK(Tq <= keys, op, ": more queries (", Tq, ") than keys (", keys,
+              "): the bottom-right diagonal needs Tq <= n");
+  check_same_device(q, v, op, "v");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share one dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, op, ": the last dims must be contiguous");
+  at::Tensor out = at::empty({Tq, H, D}, q.options());
+  at::Tensor lse = at::empty({H, Tq}, q.options().dtype(at::kFloat));
+  if (Tq == 0 || H == 0 || D == 0) return {out, lse};
+  if (q.is_cuda()) {
+#if defined(AHN_RT_WITH_CUDA) && defined(AHN_RT_WITH_CUDNN_FE)
+    const c10::cuda::CUDAGuard guard(q.device());
+    band_attention_cudnn(q, k, v, left, scale, kv_len, out, lse);
+    return {out, lse};
+#else
+    TORCH_CHECK(false, op, ": this ahn_rt build has no CUDA path (it was built without cudnn-frontend's headers: "
+                "pip install nvidia-cudnn-frontend, then rebuild)");
+#endif
+  }
+  BandAttentionParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.Tq = Tq;
+  p.n = keys;
+  p.H = H;
+  p.Hkv = Hkv;
+  p.D = D;
+  p.left = left;
+  p.q_s0 = q.stride(0);
+  p.q_s1 = q.stride(1);
+  p.k_s0 = k.stride(0);
+  p.k_s1 = k.stride(1);
+  p.v_s0 = v.stride(0);
+  p.v_s1 = v.stride(1);
+  p.scale = static_cast<float>(scale);
+  TORCH_CHECK(q.is_cpu(), op, ": no kernel for device ", q.device());
+  dispatch_dtype(q.scalar_type(), op, [&](auto tag) { band_attention_cpu<decltype(tag)>(p); });
+  return {out, lse};
+}
+
+}  // namespace ahn_rt

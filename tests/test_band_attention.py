@@ -1,0 +1,202 @@
+"""``band_attention`` (compiled: C++ on the CPU, cuDNN through cudnn-frontend on CUDA) against
+``ref.band_attention_ref``, and the prefill's band path (``ops._prefill_attention_band``: a whole chunk past the
+fill point as one band call over a linear copy of its keys plus the sinks) against
+``ref.prefill_attention_ref``. Each tolerance check also shows that a band one key narrower fails it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ahn_rt._C  # noqa: F401
+import ahn_rt._meta  # noqa: F401
+from ahn_rt import ops, ref
+
+_NO_GPU = not torch.cuda.is_available()
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(_NO_GPU, reason="no GPU")]
+
+# (Tq, n, H, Hkv, D, left): one key; GQA; a band narrower than, equal to and wider than the keys; no
+# left bound; Tq == n (plain causal); one key per query (left 1)
+CASES = [(1, 1, 1, 1, 8, 0), (5, 9, 4, 2, 16, 3), (37, 100, 6, 3, 32, 40), (64, 64, 2, 1, 64, 0),
+         (17, 30, 4, 4, 24, 30), (17, 30, 4, 4, 24, 500), (9, 9, 2, 1, 16, 1), (40, 71, 8, 2, 128, 12)]
+
+
+def _inputs(Tq, n, H, Hkv, D, dtype=torch.float32, device="cpu", seed=0, head_major=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Tq, H, D, generator=g)
+    if head_major:   # k, v as [n, Hkv, D] views of [Hkv, n, D] buffers, as the prefill passes them
+        k, v = (torch.randn(Hkv, n, D, generator=g).to(device, dtype).transpose(0, 1) for _ in range(2))
+    else:
+        k, v = (torch.randn(n, Hkv, D, generator=g).to(device, dtype) for _ in range(2))
+    return q.to(device, dtype), k, v
+
+
+@pytest.mark.parametrize("Tq,n,H,Hkv,D,left", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_band_attention_cpu_matches_reference(Tq, n, H, Hkv, D, left, dtype):
+    q, k, v = _inputs(Tq, n, H, Hkv, D, dtype, head_major=Tq % 2 == 1)
+    out, lse = torch.ops.ahn_rt.band_attention(q, k, v, left, D ** -0.5)
+    want, want_lse = ref.band_attention_ref(q.double(), k.double(), v.double(), left, D ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    assert (out.double() - want).abs().max().item() < tol
+    assert (lse.double() - want_lse).abs().max().item() < 1e-4
+    if 1 < left < n:   # a band one key narrower fails the same bound
+        narrow, _ = ref.band_attention_ref(q.double(), k.double(), v.double(), left - 1, D ** -0.5)
+        assert (narrow - want).abs().max().item() > tol
+
+
+def test_band_attention_reference_is_the_window_rule():
+    """The reference's band is the sinks + window rule without sinks: query i at position n - Tq + i sees the
+    ``left`` positions ending at its own (ref.window_attention_ref, an independent formulation)."""
+    Tq, n, H, Hkv, D, left = 13, 40, 4, 2, 16, 9
+    q, k, v = _inputs(Tq, n, H, Hkv, D)
+    out, _ = ref.band_attention_ref(q, k, v, left, D ** -0.5)
+    q_pos = torch.arange(n - Tq, n)
+    want = ref.window_attention_ref(q, k, v, q_pos, torch.arange(n), 0, left, D ** -0.5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_band_attention_opcheck_and_errors():
+    q, k, v = _inputs(6, 10, 4, 2, 16, head_major=True)
+    torch.library.opcheck(torch.ops.ahn_rt.band_attention.default, (q, k, v, 4, 0.25))
+    with pytest.raises(RuntimeError, match="more queries"):
+        torch.ops.ahn_rt.band_attention(q, k[:5], v[:5], 4, 0.25)
+    with pytest.raises(RuntimeError, match="multiple of the key heads"):
+        torch.ops.ahn_rt.band_attention(q[:, :3], k, v, 4, 0.25)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        torch.ops.ahn_rt.band_attention(q, k.double(), v, 4, 0.25)
+
+
+@pytest.mark.parametrize("Tq,n,H,Hkv,D,left", CASES[1:] + [(256, 767, 16, 2, 128, 512), (256, 5000, 16, 2, 128, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["rows", "head_major", "padded"])
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_band_attention_cuda_matches_reference(Tq, n, H, Hkv, D, left, dtype, layout):
+    """cuDNN's band call against the float64 reference: the alignment and the left bound are the reference's
+    (a band one key narrower fails the same bound); "padded": head-major buffers with 37 more (finite) rows
+    than keys, and kv_len. Skips only where this build has no cuDNN band path."""
+    if D % 8:
+        pytest.skip("cuDNN takes head dims that are multiples of 8")
+    pad = 37 if layout == "padded" else 0
+    q, kp, vp = _inputs(Tq, n + pad, H, Hkv, D, dtype, "cuda", seed=Tq, head_major=layout != "rows")
+    k, v = kp[:n], vp[:n]
+    try:
+        if pad:
+            out, lse = torch.ops.ahn_rt.band_attention(q, kp, vp, left, D ** -0.5,
+                                                       torch.tensor([n], dtype=torch.int32, device="cuda"))
+        else:
+            out, lse = torch.ops.ahn_rt.band_attention(q, k, v, left, D ** -0.5)
+    except RuntimeError as e:
+        if "without cudnn-frontend" in str(e):
+            pytest.skip("this build has no cuDNN band attention")
+        raise
+    want, want_lse = ref.band_attention_ref(q.double(), k.double(), v.double(), left, D ** -0.5)
+    tol = 1.6e-2 if dtype == torch.bfloat16 else 4e-3
+    assert (out.double() - want).abs().max().item() < tol
+    assert (lse.double() - want_lse).abs().max().item() < 2e-3
+    if 1 < left < n:
+        narrow, _ = ref.band_attention_ref(q.double(), k.double(), v.double(), left - 1, D ** -0.5)
+        assert (narrow - want).abs().max().item() > tol
+
+
+def _prefill_case(S, W, p0, T, H, Hkv, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)
+    return r(T, H, D), r(T, Hkv, D), r(T, Hkv, D), r(Hkv, S + W, D), r(Hkv, S + W, D)
+
+
+# (S, W, p0, T): chunks whose every window reaches position 0 (the first chunk, one holding all the sinks, one
+# ending at W), chunks around the fill point (first = S), the first chunk past it (p0 = W + S - 1), the ring
+# wrapped at several offsets, a chunk longer than the window, no sinks, W = 1
+BAND_CASES = [(4, 16, 0, 16), (4, 16, 2, 9), (4, 16, 10, 6), (4, 16, 6, 13), (4, 16, 18, 6), (4, 16, 19, 6),
+              (4, 16, 20, 5), (4, 16, 37, 11), (4, 16, 45, 40), (0, 8, 7, 5), (0, 8, 0, 30), (3, 1, 3, 5),
+              (16, 64, 200, 64), (2, 300, 1000, 257), (128, 1000, 500, 300)]
+
+
+@pytest.mark.parametrize("S,W,p0,T", BAND_CASES)
+def test_band_prefill_path_matches_reference_cpu(monkeypatch, S, W, p0, T):
+    """The band path on the CPU (the C++ band kernel; the sinks through ``_dense`` in place of the CUDA-only
+    FlashAttention-2 call): the linear copy of the cache and the chunk (with kv_len where it fills fewer
+    rows than the buffer's), the band and the merge give the reference's attention."""
+    span = ops._band_span(p0, T, S, W)
+    assert span is not None
+    monkeypatch.setattr(ops, "_flash", ops._dense)
+    q, k, v, kc, vc = _prefill_case(S, W, p0, T, 4, 2, 16, torch.float32, "cpu", seed=p0)
+    got = ops._prefill_attention_band(q, k, v, kc, vc, p0, S, W, 0.25, span)
+    want = ref.prefill_attention_ref(q.double(), k.double(), v.double(), kc.double(), vc.double(), p0, S, W, 0.25)
+    assert (got.double() - want).abs().max().item() < 1e-5
+    if W > 1 and p0 + T - W >= S:   # the window one key narrower (where it hides a key) fails the bound
+        narrow = ref.prefill_attention_ref(q.double(), k.double(), v.double(), kc.double(), vc.double(), p0, S,
+                                           W - 1, 0.25)
+        assert (narrow - want).abs().max().item() > 1e-5
+
+
+def test_band_span():
+    """Which chunks the band path takes, and how: one call from position 0 while every window reaches it;
+    from the sinks' end (or the window's start) with the sinks apart once the chunk has no sink rows; the
+    ladder for a chunk with sink rows whose last windows have left position 0."""
+    S, W = 4, 16
+    assert ops._band_span(0, 16, S, W) == (0, False)
+    assert ops._band_span(10, 6, S, W) == (0, False)
+    assert ops._band_span(10, 7, S, W) == (S, True)
+    assert ops._band_span(S + W - 2, 8, S, W) == (S, True)            # its first window still reaches S
+    assert ops._band_span(S + W - 1, 8, S, W) == (S, True)
+    assert ops._band_span(40, 8, S, W) == (40 - W + 1, True)
+    assert ops._band_span(40, 8, 0, W) == (40 - W + 1, False)
+    assert ops._band_span(2, 20, S, W) is None                         # sink rows, windows past position 0
+    assert ops._band_span(100, 0, S, W) is None
+
+
+def test_band_attention_kv_len_uses_the_leading_rows():
+    """With kv_len the keys are the first kv_len rows (rows past them, even NaN, never count); the CPU kernel
+    refuses a kv_len outside the rows or below the query count."""
+    q, k, v = _inputs(5, 12, 4, 2, 16)
+    k[9:], v[9:] = float("nan"), float("nan")
+    kv_len = torch.tensor([9], dtype=torch.int32)
+    out, lse = torch.ops.ahn_rt.band_attention(q, k, v, 4, 0.25, kv_len)
+    want, want_lse = ref.band_attention_ref(q, k[:9], v[:9], 4, 0.25)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref.band_attention_ref(q, k, v, 4, 0.25, kv_len)[0], want)
+    torch.library.opcheck(torch.ops.ahn_rt.band_attention.default, (q, k, v, 4, 0.25, kv_len))
+    for bad in (13, 4, -1):
+        with pytest.raises(RuntimeError, match="kv_len|more queries"):
+            torch.ops.ahn_rt.band_attention(q, k, v, 4, 0.25, torch.tensor([bad], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.ahn_rt.band_attention(q, k, v, 4, 0.25, torch.tensor([9]))
+
+
+@pytest.mark.parametrize("p0", [0, 2048, 3000, 3100, 4223, 5000, 9000, 20000])
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_band_prefill_path_cuda_matches_reference(monkeypatch, p0):
+    """On CUDA through ``prefill_attention`` once ``warm_prefill_attention`` has built the band plans: a whole
+    chunk takes the band path (spied): from position 0 (p0 + T <= W, kv_len), around the fill point (kv_len)
+    and past it (the whole buffer); it matches the reference within the bf16 bound of test_prefill.py's cuDNN
+    test, and a window narrower by W/8 fails that bound where the window cuts."""
+    S, W, T, H, Hkv, D = 128, 4096, 1024, 8, 2, 128
+    monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
+    monkeypatch.setenv("AHN_RT_PREFILL_BAND", "1")
+    monkeypatch.setattr(ops, "_cudnn_ok", True)
+    monkeypatch.setattr(ops._cudnn_warm, "band", set(), raising=False)
+    if not ops.warm_prefill_attention(H, Hkv, D, torch.bfloat16, "cuda", T, S, W) or \
+            not getattr(ops._cudnn_warm, "band", ()):
+        pytest.skip("no cuDNN band attention in this build or on this cuDNN")
+    calls, real = [], ops._prefill_attention_band
+    monkeypatch.setattr(ops, "_prefill_attention_band", lambda *a: calls.append(a[5]) or real(*a))
+    padded = p0 + T - ops._band_span(p0, T, S, W)[0] < W - 1 + T
+    if ops._band_key(torch.empty(T, H, D, dtype=torch.bfloat16, device="cuda"), torch.empty(T, Hkv, D), W,
+                     padded) not in ops._cudnn_warm.band:
+        pytest.skip("this cuDNN refused the padded band call (the ladder runs those chunks)")
+    q, k, v, kc, vc = _prefill_case(S, W, p0, T, H, Hkv, D, torch.bfloat16, "cuda", seed=p0)
+    got = ops.prefill_attention(q, k, v, kc, vc, p0, S, W, D ** -0.5).float()
+    assert calls == [p0]
+    want = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S, W, D ** -0.5)
+    err = (got - want).abs().max().item()
+    rel_err = ((got - want).norm() / want.norm()).item()
+    assert err < 5e-2 and rel_err < 1e-2, f"max error {err:.2e}, relative {rel_err:.2e}"
+    if p0 + T > W:
+        narrow = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S,
+                                           W - W // 8, D ** -0.5)
+        assert ((narrow - want).norm() / want.norm()).item() > 1e-2
