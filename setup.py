@@ -75,11 +75,13 @@ def _extensions():
     cudnn = _cudnn_frontend()
     if cudnn:
         include_dirs, lib = cudnn
-        print(f"ahn_rt: band attention through cuDNN (headers {include_dirs}, library {lib})")
+        print(f"ahn_rt: band attention through cuDNN (headers {include_dirs}; cuDNN {lib}, loaded at run time)")
         sources += rel("csrc/cuda/*.cpp")
-        macros += [("AHN_RT_WITH_CUDNN_FE", None), ("CUDNN_FRONTEND_SKIP_JSON_LIB", None)]
-        # libcudnn.so.9 is loaded by torch before ahn_rt._C: the soname resolves to that copy
-        link = [f"-L{lib}", "-l:libcudnn.so.9"]
+        # cudnn-frontend reaches cuDNN (torch's copy), the CUDA runtime and NVRTC through dlopen, so the
+        # extension links none of them
+        macros += [("AHN_RT_WITH_CUDNN_FE", None), ("CUDNN_FRONTEND_SKIP_JSON_LIB", None),
+                   ("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)]
+        link = ["-ldl"]
     return [CUDAExtension("ahn_rt._C", sources + rel("csrc/cuda/*.cu"), define_macros=macros,
                           include_dirs=include_dirs, extra_link_args=link,
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc})]

@@ -546,9 +546,10 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
             return False
         key = _cudnn_key(q, k, k_cache, k_cache)
         _cudnn_warm.keys = getattr(_cudnn_warm, "keys", set()) | {key}
-        if settings.prefill_band():   # the band calls (``_band_span``): all keys, and fewer (kv_len); a refusal
-            kb = torch.zeros(num_kv_heads, window - 1 + chunk, head_dim, dtype=dtype, device=device)   # turns off
-            for kv_len in (None, torch.full((1,), chunk, dtype=torch.int32, device=device)):      # only that one
+        if settings.prefill_band() and _use_ext(q):   # the band calls (``_band_span``): all keys, and fewer
+            # (kv_len); a refusal turns off only that one. Never the reference: it scores [H, Tq, n] at once.
+            kb = torch.zeros(num_kv_heads, window - 1 + chunk, head_dim, dtype=dtype, device=device)
+            for kv_len in (None, torch.full((1,), chunk, dtype=torch.int32, device=device)):
                 try:
                     band_attention(q, kb.transpose(0, 1), kb.transpose(0, 1), window, head_dim ** -0.5, kv_len)
                     torch.cuda.synchronize()

@@ -5,6 +5,8 @@
 // keeps its own cuDNN plans (the prefill builds them at load: ops.warm_prefill_attention). Compiled only when
 // setup.py finds cudnn-frontend's and cuDNN's headers. Semantics and CPU twin: common.h BandAttentionParams,
 // cpu/band_attention.cpp. Test: pytest -m cuda tests/test_band_attention.py.
+#include <dlfcn.h>
+
 #include <cstring>
 #include <memory>
 #include <tuple>
@@ -16,11 +18,28 @@
 
 #include "../host/host.h"
 
+// cudnn-frontend is built with NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING (setup.py): it reaches cuDNN, the CUDA
+// runtime and NVRTC through dlopen / dlsym instead of link-time symbols. This is its handle to cuDNN: the
+// library torch has loaded (RTLD_NOLOAD finds it by soname), so both use one cuDNN.
+namespace cudnn_frontend {
+void* cudnn_dlhandle = nullptr;
+}
+
 namespace ahn_rt {
 
 namespace {
 
 namespace fe = cudnn_frontend;
+
+void load_cudnn() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* h = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_NOLOAD);
+    cudnn_frontend::cudnn_dlhandle = h ? h : dlopen("libcudnn.so.9", RTLD_NOW);
+  });
+  TORCH_CHECK(cudnn_frontend::cudnn_dlhandle != nullptr, "ahn_rt.band_attention: cannot load libcudnn.so.9 (",
+              dlerror(), "); set AHN_RT_PREFILL_BAND=0");
+}
 
 // uids of the graph's tensors in the variant pack
 enum : int64_t { kQ = 1, kK, kV, kO, kStats, kSeqQ, kSeqKV };
@@ -131,9 +150,11 @@ void band_attention_cudnn(const at::Tensor& q, const at::Tensor& k, const at::Te
   key.v_s1 = v.stride(1);
   std::memcpy(&key.scale_bits, &fscale, sizeof(fscale));
 
+  load_cudnn();
   cudnnHandle_t handle = at::native::getCudnnHandle();
-  TORCH_CHECK(cudnnSetStream(handle, c10::cuda::getCurrentCUDAStream().stream()) == CUDNN_STATUS_SUCCESS,
-              "ahn_rt.band_attention: cudnnSetStream failed");
+  check(fe::detail::set_stream(handle, c10::cuda::getCurrentCUDAStream().stream()) == CUDNN_STATUS_SUCCESS
+            ? fe::error_t{} : fe::error_t{fe::error_code_t::CUDNN_BACKEND_API_FAILED, "cudnnSetStream failed"},
+        "stream");
   thread_local std::unordered_map<PlanKey, Plan, PlanKeyHash> plans;
   auto it = plans.find(key);
   if (it == plans.end()) it = plans.emplace(key, build(key, handle, scale)).first;
