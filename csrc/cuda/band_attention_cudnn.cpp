@@ -37,8 +37,11 @@ void load_cudnn() {
     void* h = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_NOLOAD);
     cudnn_frontend::cudnn_dlhandle = h ? h : dlopen("libcudnn.so.9", RTLD_NOW);
   });
-  TORCH_CHECK(cudnn_frontend::cudnn_dlhandle != nullptr, "ahn_rt.band_attention: cannot load libcudnn.so.9 (",
-              dlerror(), "); set AHN_RT_PREFILL_BAND=0");
+  if (cudnn_frontend::cudnn_dlhandle == nullptr) {
+    const char* why = dlerror();
+    TORCH_CHECK(false, "ahn_rt.band_attention: cannot load libcudnn.so.9 (", why ? why : "not found",
+                "); set AHN_RT_PREFILL_BAND=0");
+  }
 }
 
 // uids of the graph's tensors in the variant pack
@@ -70,7 +73,7 @@ struct Plan {
 void check(const fe::error_t& status, const char* what) {
   TORCH_CHECK(status.is_good(), "ahn_rt.band_attention: cuDNN ", what, ": ",
               const_cast<fe::error_t&>(status).get_message(),
-              " (set AHN_RT_PREFILL_CUDNN=0 to run the prefill without it)");
+              " (AHN_RT_PREFILL_BAND=0 runs the prefill without it)");
 }
 
 Plan build(const PlanKey& key, cudnnHandle_t handle, double scale) {
