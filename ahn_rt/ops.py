@@ -184,7 +184,7 @@ def attn_merge(outs, lses, offsets, rows):
 def band_attention(q, k, v, left, scale, kv_len=None):
     """Attention with the diagonal at the bottom-right corner and ``left`` keys per query (0: no left bound):
     ref.band_attention_ref's semantics (``kv_len``, int32 [1] on q's device: only that many leading rows of
-    k, v are keys). Returns (out [Tq, H, D], logsumexp [H, Tq] float32). On CUDA through cuDNN (where the
+    k, v are keys; on CUDA the caller keeps Tq <= kv_len <= k's rows, unchecked there). Returns (out [Tq, H, D], logsumexp [H, Tq] float32). On CUDA through cuDNN (where the
     build found cudnn-frontend), on the CPU the C++ kernel."""
     fn = torch.ops.ahn_rt.band_attention if _use_ext(q) else ref.band_attention_ref
     return fn(q, k, v, left, scale, kv_len)
@@ -504,6 +504,7 @@ def _kernel_calls(p0: int, T: int, sinks: int, window: int, cudnn: bool, chunk: 
     return tuple(out)
 
 
+_band_refused: list = []   # the first refusal of a band plan at warm-up (AHN_RT_PREFILL_BAND=1), said once
 _cudnn_warm = threading.local()   # .keys: the layouts whose cuDNN plans this thread has built; .reversed:
                                   # those whose reversed far-edge band plan it has built too
 
@@ -554,8 +555,11 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
                     band_attention(q, kb.transpose(0, 1), kb.transpose(0, 1), window, head_dim ** -0.5, kv_len)
                     torch.cuda.synchronize()
                     _cudnn_warm.band = getattr(_cudnn_warm, "band", set()) | {_band_key(q, k, window, kv_len is not None)}
-                except RuntimeError:
-                    pass
+                except RuntimeError as e:   # said, once per process: AHN_RT_PREFILL_BAND=1 asked for it
+                    if not _band_refused:
+                        _band_refused.append(str(e).splitlines()[0])
+                        print(f"ahn_rt: cuDNN refused the band attention ({_band_refused[0]}); those chunks use "
+                              "the ladder", file=sys.stderr)
             del kb
         if 1 < chunk < window:   # the far-edge band, reversed (``_kernel_calls``); a refusal turns off only it
             try:
@@ -644,9 +648,16 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
     q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
     span = _band_span(p0, T, sinks, window) if _cudnn_ok and settings.prefill_cudnn() and settings.prefill_band() \
         else None
-    if span is not None and _band_key(q, k, window, p0 + T - span[0] < window - 1 + T) in \
-            getattr(_cudnn_warm, "band", ()):
-        return _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, span)
+    band_key = None if span is None else _band_key(q, k, window, p0 + T - span[0] < window - 1 + T)
+    if band_key is not None and band_key in getattr(_cudnn_warm, "band", ()):
+        try:
+            return _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, span)
+        except torch.OutOfMemoryError:
+            pass   # this chunk through the ladder (smaller buffers); the band stays on
+        except RuntimeError as e:   # a cuDNN failure: that plan off for this thread, said once; the ladder
+            _cudnn_warm.band = _cudnn_warm.band - {band_key}
+            print(f"ahn_rt: the band attention failed ({str(e).splitlines()[0]}); the prefill uses the ladder",
+                  file=sys.stderr)
     key = _cudnn_key(q, k, k_cache, v_cache)
     cudnn = _cudnn_ok and settings.prefill_cudnn() and key in getattr(_cudnn_warm, "keys", ())
     reversed_ok = cudnn and key in getattr(_cudnn_warm, "reversed", ())

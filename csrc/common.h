@@ -447,7 +447,8 @@ struct AttnMergeParams {
 // q [Tq, H, D] (strides q_s0, q_s1), k / v [n, Hkv, D] (strides k_s0, k_s1 / v_s0, v_s1), last dims 1; H a
 // multiple of Hkv (query head h reads kv head h / (H / Hkv)). out [Tq, H, D] contiguous (dtype T); lse
 // [H, Tq] float32 contiguous, the natural log-sum-exp of each row's scaled scores. With a kv_len tensor
-// (int32 [1]) only the first kv_len rows of k / v are keys (n = kv_len; the CPU kernel gets it read).
+// (int32 [1]) only the first kv_len rows of k / v are keys (n = kv_len; the CPU kernel gets it read; on CUDA
+// the caller keeps Tq <= kv_len <= the rows, which the host cannot check without a sync).
 struct BandAttentionParams {
   const void *q, *k, *v;
   void* out;

@@ -180,18 +180,22 @@ def test_band_prefill_path_cuda_matches_reference(monkeypatch, p0):
     monkeypatch.setenv("AHN_RT_PREFILL_BAND", "1")
     monkeypatch.setattr(ops, "_cudnn_ok", True)
     monkeypatch.setattr(ops._cudnn_warm, "band", set(), raising=False)
-    if not ops.warm_prefill_attention(H, Hkv, D, torch.bfloat16, "cuda", T, S, W) or \
-            not getattr(ops._cudnn_warm, "band", ()):
-        pytest.skip("no cuDNN band attention in this build or on this cuDNN")
+    try:   # the one reason to skip: a build without the cuDNN band path
+        torch.ops.ahn_rt.band_attention(*_inputs(4, 8, 2, 1, 64, torch.bfloat16, "cuda"), 0, 0.125)
+    except RuntimeError as e:
+        if "without cudnn-frontend" in str(e):
+            pytest.skip("this build has no cuDNN band attention")
+        raise
+    assert ops.warm_prefill_attention(H, Hkv, D, torch.bfloat16, "cuda", T, S, W)
+    probe_q, probe_k = torch.empty(T, H, D, dtype=torch.bfloat16, device="cuda"), torch.empty(T, Hkv, D)
+    assert {ops._band_key(probe_q, probe_k, W, padded) for padded in (False, True)} <= ops._cudnn_warm.band
     calls, real = [], ops._prefill_attention_band
     monkeypatch.setattr(ops, "_prefill_attention_band", lambda *a: calls.append(a[5]) or real(*a))
-    padded = p0 + T - ops._band_span(p0, T, S, W)[0] < W - 1 + T
-    if ops._band_key(torch.empty(T, H, D, dtype=torch.bfloat16, device="cuda"), torch.empty(T, Hkv, D), W,
-                     padded) not in ops._cudnn_warm.band:
-        pytest.skip("this cuDNN refused the padded band call (the ladder runs those chunks)")
     q, k, v, kc, vc = _prefill_case(S, W, p0, T, H, Hkv, D, torch.bfloat16, "cuda", seed=p0)
     got = ops.prefill_attention(q, k, v, kc, vc, p0, S, W, D ** -0.5).float()
-    assert calls == [p0]
+    # the band ran and did not fail over to the ladder (a failure takes its plan out of the warmed set)
+    assert calls == [p0] and {ops._band_key(probe_q, probe_k, W, padded) for padded in (False, True)} <= \
+        ops._cudnn_warm.band
     want = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S, W, D ** -0.5)
     err = (got - want).abs().max().item()
     rel_err = ((got - want).norm() / want.norm()).item()
@@ -200,3 +204,27 @@ def test_band_prefill_path_cuda_matches_reference(monkeypatch, p0):
         narrow = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S,
                                            W - W // 8, D ** -0.5)
         assert ((narrow - want).norm() / want.norm()).item() > 1e-2
+
+
+@pytest.mark.parametrize("error", ["oom", "cudnn"])
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_band_failure_falls_back_to_the_ladder(monkeypatch, capsys, error):
+    """A band call that fails leaves the chunk to the ladder (the same result as the reference); an out-of-memory
+    error keeps the band on, a cuDNN error takes that plan out for the thread and says so on stderr once."""
+    S, W, T, H, Hkv, D, p0 = 16, 256, 128, 4, 2, 64, 1000
+    monkeypatch.setenv("AHN_RT_PREFILL_BAND", "1")
+    monkeypatch.setattr(ops, "_cudnn_ok", True)
+    q, k, v, kc, vc = _prefill_case(S, W, p0, T, H, Hkv, D, torch.bfloat16, "cuda", seed=7)
+    key = ops._band_key(q, k, W, False)
+    monkeypatch.setattr(ops._cudnn_warm, "band", {key}, raising=False)
+
+    def fail(*a):
+        raise torch.OutOfMemoryError("no memory") if error == "oom" else RuntimeError("cuDNN: boom\nmore")
+
+    monkeypatch.setattr(ops, "_prefill_attention_band", fail)
+    got = ops.prefill_attention(q, k, v, kc, vc, p0, S, W, D ** -0.5).float()
+    want = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S, W, D ** -0.5)
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    assert (key in ops._cudnn_warm.band) == (error == "oom")
+    assert ("cuDNN: boom); the prefill uses the ladder" in capsys.readouterr().err) == (error == "cudnn")

@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 
@@ -33,15 +34,18 @@ namespace fe = cudnn_frontend;
 
 void load_cudnn() {
   static std::once_flag once;
+  static std::string why;   // dlopen's reason, kept: later calls report it too
   std::call_once(once, [] {
     void* h = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_NOLOAD);
-    cudnn_frontend::cudnn_dlhandle = h ? h : dlopen("libcudnn.so.9", RTLD_NOW);
+    if (!h) h = dlopen("libcudnn.so.9", RTLD_NOW);
+    if (!h) {
+      const char* e = dlerror();
+      why = e ? e : "not found";
+    }
+    cudnn_frontend::cudnn_dlhandle = h;
   });
-  if (cudnn_frontend::cudnn_dlhandle == nullptr) {
-    const char* why = dlerror();
-    TORCH_CHECK(false, "ahn_rt.band_attention: cannot load libcudnn.so.9 (", why ? why : "not found",
-                "); set AHN_RT_PREFILL_BAND=0");
-  }
+  TORCH_CHECK(cudnn_frontend::cudnn_dlhandle != nullptr, "ahn_rt.band_attention: cannot load libcudnn.so.9 (",
+              why, "); set AHN_RT_PREFILL_BAND=0");
 }
 
 // uids of the graph's tensors in the variant pack
@@ -135,7 +139,8 @@ void band_attention_cudnn(const at::Tensor& q, const at::Tensor& k, const at::Te
                     (t->stride(1) * 2) % 16 == 0,
                 "ahn_rt.band_attention: on CUDA q, k and v must start and have rows on 16-byte boundaries");
   float fscale = static_cast<float>(scale);
-  PlanKey key{};   // zeroed, padding included: compared and hashed as bytes
+  PlanKey key;   // compared and hashed as bytes: zeroed first, padding included
+  std::memset(&key, 0, sizeof(key));
   key.device = q.get_device();
   key.dtype = q.scalar_type();
   key.Tq = q.size(0);

@@ -25,7 +25,8 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
   TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": the query heads (", H, ") must be a multiple of the key heads (",
               Hkv, ")");
   check_same_device(q, k, op, "k");
-  int64_t keys = n;   // the keys in use: n, or the first kv_len rows of k / v
+  int64_t keys = n;   // the keys in use: n, or the first kv_len rows of k / v (on CUDA its value stays on the
+                      // device, unread: the caller keeps Tq <= kv_len <= n, as the prefill does)
   if (kv_len.has_value()) {
     const at::Tensor& kl = *kv_len;
     check_same_device(q, kl, op, "kv_len (int32 [1], on q's device)");
@@ -51,8 +52,8 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
     band_attention_cudnn(q, k, v, left, scale, kv_len, out, lse);
     return {out, lse};
 #else
-    TORCH_CHECK(false, op, ": this ahn_rt build has no CUDA path (it was built without cudnn-frontend's headers: "
-                "pip install nvidia-cudnn-frontend, then rebuild)");
+    TORCH_CHECK(false, op, ": this ahn_rt build has no CUDA path (it was built without cudnn-frontend's or "
+                "cuDNN 9's headers: see setup.py; pip install nvidia-cudnn-frontend, then rebuild)");
 #endif
   }
   BandAttentionParams p{};
