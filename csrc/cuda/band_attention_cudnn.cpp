@@ -129,34 +129,31 @@ Plan build(const PlanKey& key, cudnnHandle_t handle, double scale) {
 
 }  // namespace
 
-void band_attention_cudnn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
-                          double scale, const std::optional<at::Tensor>& kv_len, const at::Tensor& out,
-                          const at::Tensor& lse) {
+void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, const std::optional<at::Tensor>& kv_len) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "ahn_rt.band_attention: on CUDA q, k and v must be bfloat16 or float16, got ", q.scalar_type());
-  for (const at::Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && (t->stride(0) * 2) % 16 == 0 &&
-                    (t->stride(1) * 2) % 16 == 0,
+  for (auto [ptr, s0, s1] : {std::tuple{p.q, p.q_s0, p.q_s1}, std::tuple{p.k, p.k_s0, p.k_s1},
+                             std::tuple{p.v, p.v_s0, p.v_s1}})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (s0 * 2) % 16 == 0 && (s1 * 2) % 16 == 0,
                 "ahn_rt.band_attention: on CUDA q, k and v must start and have rows on 16-byte boundaries");
-  float fscale = static_cast<float>(scale);
   PlanKey key;   // compared and hashed as bytes: zeroed first, padding included
   std::memset(&key, 0, sizeof(key));
   key.device = q.get_device();
   key.dtype = q.scalar_type();
-  key.Tq = q.size(0);
-  key.n = k.size(0);
-  key.H = q.size(1);
-  key.Hkv = k.size(1);
-  key.D = q.size(2);
-  key.left = left > 0 ? left : 0;
+  key.Tq = p.Tq;
+  key.n = p.n;
+  key.H = p.H;
+  key.Hkv = p.Hkv;
+  key.D = p.D;
+  key.left = p.left > 0 ? p.left : 0;
   key.padded = kv_len.has_value();
-  key.q_s0 = q.stride(0);
-  key.q_s1 = q.stride(1);
-  key.k_s0 = k.stride(0);
-  key.k_s1 = k.stride(1);
-  key.v_s0 = v.stride(0);
-  key.v_s1 = v.stride(1);
-  std::memcpy(&key.scale_bits, &fscale, sizeof(fscale));
+  key.q_s0 = p.q_s0;
+  key.q_s1 = p.q_s1;
+  key.k_s0 = p.k_s0;
+  key.k_s1 = p.k_s1;
+  key.v_s0 = p.v_s0;
+  key.v_s1 = p.v_s1;
+  std::memcpy(&key.scale_bits, &p.scale, sizeof(p.scale));
 
   load_cudnn();
   cudnnHandle_t handle = at::native::getCudnnHandle();
@@ -165,12 +162,12 @@ void band_attention_cudnn(const at::Tensor& q, const at::Tensor& k, const at::Te
         "stream");
   thread_local std::unordered_map<PlanKey, Plan, PlanKeyHash> plans;
   auto it = plans.find(key);
-  if (it == plans.end()) it = plans.emplace(key, build(key, handle, scale)).first;
+  if (it == plans.end()) it = plans.emplace(key, build(key, handle, p.scale)).first;
   const Plan& plan = it->second;
   at::Tensor workspace = at::empty({std::max<int64_t>(plan.workspace, 1)}, q.options().dtype(at::kByte));
   std::unordered_map<int64_t, void*> pack = {
-      {kQ, const_cast<void*>(q.data_ptr())}, {kK, const_cast<void*>(k.data_ptr())},
-      {kV, const_cast<void*>(v.data_ptr())}, {kO, out.data_ptr()}, {kStats, lse.data_ptr()}};
+      {kQ, const_cast<void*>(p.q)}, {kK, const_cast<void*>(p.k)}, {kV, const_cast<void*>(p.v)},
+      {kO, p.out}, {kStats, p.lse}};
   at::Tensor seq_q;
   if (key.padded) {   // the query count as cuDNN reads it: a device int32, one per (device, Tq), kept
     thread_local std::unordered_map<int64_t, at::Tensor> counts;

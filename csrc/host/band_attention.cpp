@@ -8,9 +8,8 @@
 namespace ahn_rt {
 
 #if defined(AHN_RT_WITH_CUDA) && defined(AHN_RT_WITH_CUDNN_FE)
-void band_attention_cudnn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
-                          double scale, const std::optional<at::Tensor>& kv_len, const at::Tensor& out,
-                          const at::Tensor& lse);
+// p's pointers, sizes and strides (n: the buffers' rows); q for its device and dtype; kv_len on the device.
+void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, const std::optional<at::Tensor>& kv_len);
 #endif
 
 std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -46,16 +45,6 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
   at::Tensor out = at::empty({Tq, H, D}, q.options());
   at::Tensor lse = at::empty({H, Tq}, q.options().dtype(at::kFloat));
   if (Tq == 0 || H == 0 || D == 0) return {out, lse};
-  if (q.is_cuda()) {
-#if defined(AHN_RT_WITH_CUDA) && defined(AHN_RT_WITH_CUDNN_FE)
-    const c10::cuda::CUDAGuard guard(q.device());
-    band_attention_cudnn(q, k, v, left, scale, kv_len, out, lse);
-    return {out, lse};
-#else
-    TORCH_CHECK(false, op, ": this ahn_rt build has no CUDA path (it was built without cudnn-frontend's or "
-                "cuDNN 9's headers: see setup.py; pip install nvidia-cudnn-frontend, then rebuild)");
-#endif
-  }
   BandAttentionParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -75,6 +64,16 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
   p.v_s0 = v.stride(0);
   p.v_s1 = v.stride(1);
   p.scale = static_cast<float>(scale);
+  if (q.is_cuda()) {
+#if defined(AHN_RT_WITH_CUDA) && defined(AHN_RT_WITH_CUDNN_FE)
+    const c10::cuda::CUDAGuard guard(q.device());
+    band_attention_cudnn(p, q, kv_len);
+    return {out, lse};
+#else
+    TORCH_CHECK(false, op, ": this ahn_rt build has no CUDA path (it was built without cudnn-frontend's or "
+                "cuDNN 9's headers: see setup.py; pip install nvidia-cudnn-frontend, then rebuild)");
+#endif
+  }
   TORCH_CHECK(q.is_cpu(), op, ": no kernel for device ", q.device());
   dispatch_dtype(q.scalar_type(), op, [&](auto tag) { band_attention_cpu<decltype(tag)>(p); });
   return {out, lse};
