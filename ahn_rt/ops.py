@@ -506,7 +506,8 @@ def _kernel_calls(p0: int, T: int, sinks: int, window: int, cudnn: bool, chunk: 
 
 _band_refused: list = []   # the first refusal of a band plan at warm-up (AHN_RT_PREFILL_BAND=1), said once
 _cudnn_warm = threading.local()   # .keys: the layouts whose cuDNN plans this thread has built; .reversed:
-                                  # those whose reversed far-edge band plan it has built too
+                                  # those whose reversed far-edge band plan it has built too; .band: the
+                                  # ``_band_key``s of the band plans it has built (AHN_RT_PREFILL_BAND=1)
 
 
 def _cudnn_key(q, k, k_cache, v_cache) -> tuple:
