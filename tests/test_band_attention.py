@@ -228,3 +228,48 @@ def test_band_failure_falls_back_to_the_ladder(monkeypatch, capsys, error):
     assert ((got - want).norm() / want.norm()).item() < 1e-2
     assert (key in ops._cudnn_warm.band) == (error == "oom")
     assert ("cuDNN: boom); the prefill uses the ladder" in capsys.readouterr().err) == (error == "cudnn")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_band_path_model_prefill_matches_fp32_cpu(monkeypatch):
+    """A whole model's chunked prefill on the GPU (bf16, chunks of 16 past a window of 64 and 4 sinks: every
+    chunk from position 0 through the fill point to wrapped rings) with the band path on: it ran (spied) and
+    its logits are as close to the float32 CPU model's as the CPU bf16 model's are (the calibrated budget of
+    test_cuda_model.py), and close to the ladder's."""
+    from ahn_rt.init_weights import random_state_dict
+    from ahn_rt.runtime import from_state_dict
+    try:
+        torch.ops.ahn_rt.band_attention(*_inputs(4, 8, 2, 1, 64, torch.bfloat16, "cuda"), 0, 0.125)
+    except RuntimeError as e:
+        if "without cudnn-frontend" in str(e):
+            pytest.skip("this build has no cuDNN band attention")
+        raise
+    cfg = dict(model_type="qwen2", hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=1000,
+               tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=4096,
+               _ahn_implementation="GatedDeltaNet", eos_token_id=[])
+    W, S, C = 64, 4, 16
+    sd = random_state_dict(cfg, seed=0, dtype=torch.float32, ahn=True, std=0.05)
+    ids = torch.randint(0, cfg["vocab_size"], (C * 20,), generator=torch.Generator().manual_seed(3))
+
+    def logits(dtype, device):
+        m = from_state_dict(cfg, {k: v.to(device) for k, v in sd.items()}, window=W, sinks=S, mode="ahn",
+                            dtype=dtype, device=device)
+        if device == "cuda":
+            m.decoder.warm_attention(C)
+        return m.new_session(chunk_size=C).forward(ids).float().cpu()
+
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    monkeypatch.setattr(ops, "_cudnn_ok", True)
+    monkeypatch.setenv("AHN_RT_PREFILL_BAND", "0")
+    ladder = logits("bf16", "cuda")
+    monkeypatch.setenv("AHN_RT_PREFILL_BAND", "1")
+    calls, real = [], ops._prefill_attention_band
+    monkeypatch.setattr(ops, "_prefill_attention_band", lambda *a: calls.append(a[5]) or real(*a))
+    band = logits("bf16", "cuda")
+    assert len(calls) == 3 * 20   # every chunk of every layer: from position 0 (p0 + T <= W) and past it
+    ref32, ref16 = logits("float32", "cpu"), logits("bf16", "cpu")
+    err, err_cpu = rel(band, ref32), rel(ref16, ref32)
+    assert err < 1.25 * err_cpu + 2e-3 and err < 5e-2, (err, err_cpu)
+    assert rel(band, ladder) < 2e-2
