@@ -558,7 +558,7 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
                     _cudnn_warm.band = getattr(_cudnn_warm, "band", set()) | {_band_key(q, k, window, kv_len is not None)}
                 except RuntimeError as e:   # said, once per process: AHN_RT_PREFILL_BAND=1 asked for it
                     if not _band_refused:
-                        _band_refused.append(str(e).splitlines()[0])
+                        _band_refused.append((str(e).splitlines() or ['?'])[0])
                         print(f"ahn_rt: cuDNN refused the band attention ({_band_refused[0]}); those chunks use "
                               "the ladder", file=sys.stderr)
             del kb
@@ -657,7 +657,7 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
             pass   # this chunk through the ladder (smaller buffers); the band stays on
         except RuntimeError as e:   # a cuDNN failure: that plan off for this thread, said once; the ladder
             _cudnn_warm.band = _cudnn_warm.band - {band_key}
-            print(f"ahn_rt: the band attention failed ({str(e).splitlines()[0]}); the prefill uses the ladder",
+            print(f"ahn_rt: the band attention failed ({(str(e).splitlines() or ['?'])[0]}); the prefill uses the ladder",
                   file=sys.stderr)
     key = _cudnn_key(q, k, k_cache, v_cache)
     cudnn = _cudnn_ok and settings.prefill_cudnn() and key in getattr(_cudnn_warm, "keys", ())
