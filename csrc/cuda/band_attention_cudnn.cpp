@@ -7,6 +7,7 @@
 // cpu/band_attention.cpp. Test: pytest -m cuda tests/test_band_attention.py.
 #include <dlfcn.h>
 
+#include <array>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -51,20 +52,21 @@ void load_cudnn() {
 // uids of the graph's tensors in the variant pack
 enum : int64_t { kQ = 1, kK, kV, kO, kStats, kSeqQ, kSeqKV };
 
-struct PlanKey {
-  int device;
-  at::ScalarType dtype;
-  int64_t Tq, n, H, Hkv, D, left, padded;   // padded: the keys in use come from a kv_len tensor
-  int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1;
-  uint32_t scale_bits;
-  bool operator==(const PlanKey& o) const { return std::memcmp(this, &o, sizeof(PlanKey)) == 0; }
-};
+// What a plan depends on: device, dtype, padded (kv_len given), the scale's bits, then BandAttentionParams'
+// sizes, bound and strides. A flat array: no padding bytes, compared and hashed element by element.
+using PlanKey = std::array<int64_t, 16>;
+
+PlanKey plan_key(const BandAttentionParams& p, const at::Tensor& q, bool padded) {
+  uint32_t scale_bits = 0;
+  std::memcpy(&scale_bits, &p.scale, sizeof(p.scale));
+  return {q.get_device(), static_cast<int64_t>(q.scalar_type()), padded, scale_bits, p.Tq, p.n, p.H, p.Hkv, p.D,
+          p.left > 0 ? p.left : 0, p.q_s0, p.q_s1, p.k_s0, p.k_s1, p.v_s0, p.v_s1};
+}
 
 struct PlanKeyHash {
   size_t operator()(const PlanKey& k) const {
-    const auto* b = reinterpret_cast<const unsigned char*>(&k);
     size_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < sizeof(PlanKey); ++i) h = (h ^ b[i]) * 1099511628211ull;
+    for (int64_t x : k) h = (h ^ static_cast<size_t>(x)) * 1099511628211ull;
     return h;
   }
 };
@@ -80,9 +82,9 @@ void check(const fe::error_t& status, const char* what) {
               " (AHN_RT_PREFILL_BAND=0 runs the prefill without it)");
 }
 
-Plan build(const PlanKey& key, cudnnHandle_t handle, double scale) {
+Plan build(const BandAttentionParams& key, at::ScalarType dtype, bool padded, cudnnHandle_t handle) {
   auto graph = std::make_shared<fe::graph::Graph>();
-  const fe::DataType_t io = key.dtype == at::kBFloat16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
+  const fe::DataType_t io = dtype == at::kBFloat16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
   graph->set_io_data_type(io)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
@@ -99,11 +101,11 @@ Plan build(const PlanKey& key, cudnnHandle_t handle, double scale) {
   auto attrs = fe::graph::SDPA_attributes()
                    .set_name("band")
                    .set_generate_stats(true)
-                   .set_attn_scale(static_cast<float>(scale))
+                   .set_attn_scale(key.scale)
                    .set_diagonal_alignment(fe::DiagonalAlignment_t::BOTTOM_RIGHT)
                    .set_diagonal_band_right_bound(0);
   if (key.left > 0) attrs.set_diagonal_band_left_bound(static_cast<int>(key.left));
-  if (key.padded) {   // cuDNN's padding mask: the first seq_len_kv keys and seq_len_q queries of the buffers
+  if (padded) {   // cuDNN's padding mask: the first seq_len_kv keys and seq_len_q queries of the buffers
     auto seq = [&](const char* name, int64_t uid) {
       return graph->tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid)
                                .set_dim({1, 1, 1, 1}).set_stride({1, 1, 1, 1})
@@ -136,24 +138,8 @@ void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, con
                              std::tuple{p.v, p.v_s0, p.v_s1}})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (s0 * 2) % 16 == 0 && (s1 * 2) % 16 == 0,
                 "ahn_rt.band_attention: on CUDA q, k and v must start and have rows on 16-byte boundaries");
-  PlanKey key;   // compared and hashed as bytes: zeroed first, padding included
-  std::memset(&key, 0, sizeof(key));
-  key.device = q.get_device();
-  key.dtype = q.scalar_type();
-  key.Tq = p.Tq;
-  key.n = p.n;
-  key.H = p.H;
-  key.Hkv = p.Hkv;
-  key.D = p.D;
-  key.left = p.left > 0 ? p.left : 0;
-  key.padded = kv_len.has_value();
-  key.q_s0 = p.q_s0;
-  key.q_s1 = p.q_s1;
-  key.k_s0 = p.k_s0;
-  key.k_s1 = p.k_s1;
-  key.v_s0 = p.v_s0;
-  key.v_s1 = p.v_s1;
-  std::memcpy(&key.scale_bits, &p.scale, sizeof(p.scale));
+  const bool padded = kv_len.has_value();
+  const PlanKey key = plan_key(p, q, padded);
 
   load_cudnn();
   cudnnHandle_t handle = at::native::getCudnnHandle();
@@ -162,18 +148,18 @@ void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, con
         "stream");
   thread_local std::unordered_map<PlanKey, Plan, PlanKeyHash> plans;
   auto it = plans.find(key);
-  if (it == plans.end()) it = plans.emplace(key, build(key, handle, p.scale)).first;
+  if (it == plans.end()) it = plans.emplace(key, build(p, q.scalar_type(), padded, handle)).first;
   const Plan& plan = it->second;
   at::Tensor workspace = at::empty({std::max<int64_t>(plan.workspace, 1)}, q.options().dtype(at::kByte));
   std::unordered_map<int64_t, void*> pack = {
       {kQ, const_cast<void*>(p.q)}, {kK, const_cast<void*>(p.k)}, {kV, const_cast<void*>(p.v)},
       {kO, p.out}, {kStats, p.lse}};
   at::Tensor seq_q;
-  if (key.padded) {   // the query count as cuDNN reads it: a device int32, one per (device, Tq), kept
+  if (padded) {   // the query count as cuDNN reads it: a device int32, one per (device, Tq), kept
     thread_local std::unordered_map<int64_t, at::Tensor> counts;
-    const int64_t ck = key.Tq * 64 + key.device;
+    const int64_t ck = p.Tq * 64 + q.get_device();
     auto c = counts.find(ck);
-    if (c == counts.end()) c = counts.emplace(ck, at::full({1}, key.Tq, q.options().dtype(at::kInt))).first;
+    if (c == counts.end()) c = counts.emplace(ck, at::full({1}, p.Tq, q.options().dtype(at::kInt))).first;
     seq_q = c->second;
     pack[kSeqQ] = seq_q.data_ptr();
     pack[kSeqKV] = const_cast<void*>(kv_len->data_ptr());
