@@ -65,13 +65,17 @@ def _extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/host/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++17"]
+    # Where the toolchain links its C++ runtime statically (some do, e.g. the H100 machine's gcc 13 wrapper),
+    # that copy's symbols would be exported and bound to the shared libstdc++ that torch loads: a mix of two
+    # runtimes' locale data, which crashed cudnn-frontend's first stringstream. Kept local, each is whole.
+    link = ["-Wl,--exclude-libs,ALL"]
     if not _use_cuda():
         print("ahn_rt: building the CPU-only extension")
-        return [CppExtension("ahn_rt._C", sources, extra_compile_args={"cxx": cxx})]
+        return [CppExtension("ahn_rt._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     print(f"ahn_rt: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
-    macros, include_dirs, link = [("AHN_RT_WITH_CUDA", None)], [], []
+    macros, include_dirs = [("AHN_RT_WITH_CUDA", None)], []
     cudnn = _cudnn_frontend()
     if cudnn:
         include_dirs, lib = cudnn
@@ -81,7 +85,7 @@ def _extensions():
         # extension links none of them
         macros += [("AHN_RT_WITH_CUDNN_FE", None), ("CUDNN_FRONTEND_SKIP_JSON_LIB", None),
                    ("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)]
-        link = ["-ldl"]
+        link += ["-ldl"]
     return [CUDAExtension("ahn_rt._C", sources + rel("csrc/cuda/*.cu"), define_macros=macros,
                           include_dirs=include_dirs, extra_link_args=link,
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
