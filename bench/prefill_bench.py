@@ -21,6 +21,7 @@ Each row also gives TFLOP/s against the run's own measured matmul rate.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -97,25 +98,45 @@ def attention_rows(c, dev, S, W, T, depth):
     kc, vc = r(Hkv, S + W, D), r(Hkv, S + W, D)
     q, k, v = r(T, H, D), r(T, Hkv, D), r(T, Hkv, D)
     pairs = chunk_pairs(depth, T, S, W)
-    rows = []
-    before = os.environ.get("AHN_RT_PREFILL_CUDNN")
+    rows, first = [], None
+    names = ("AHN_RT_PREFILL_CUDNN", "AHN_RT_PREFILL_BAND")
+    before = {n: os.environ.get(n) for n in names}
+    arms = [("0", "0", "FlashAttention-2"), ("1", "0", "cuDNN full blocks")]
+    if ops._band_first(depth, T, S, W) is not None:   # the band takes this chunk (where built and warmed)
+        arms.append(("1", "1", "cuDNN band"))
     try:
-        for cudnn in ("0", "1"):
-            os.environ["AHN_RT_PREFILL_CUDNN"] = cudnn
+        for cudnn, band, label in arms:
+            os.environ.update(zip(names, (cudnn, band)))
             if cudnn == "1" and not ops.warm_prefill_attention(H, Hkv, D, c.dtype, dev, T, S, W):
                 log("cuDNN attention refused: its row runs FlashAttention-2")
+            if band == "1" and ops._band_key(q, k, W) not in getattr(ops._cudnn_warm, "band", ()):
+                log("no band attention in this build (or cuDNN refused it): no band rows")
+                break
             fn = lambda: ops.prefill_attention(q, k, v, kc, vc, depth, S, W, c.head_dim ** -0.5)
-            fn()
+            out = fn()
+            diff = 0.0 if first is None else (out.float() - first).abs().max().item()
+            first = out.float() if first is None else first
             ms = back_to_back_ms(fn, 10, dev)
-            impl = "ahn_rt prefill_attention" + (" (cuDNN full blocks)" if cudnn == "1" else " (FlashAttention-2)")
+            impl = f"ahn_rt prefill_attention ({label})"
             rows.append(dict(kind="attention", impl=impl, T=T, depth=depth, ms=ms,
-                             TFLOPs=attn_tflops(pairs, c, ms / 1e3)))
-            log(f"{impl}: {ms:.2f} ms, {rows[-1]['TFLOPs']:.0f} TFLOP/s")
-    finally:   # the switch as it was, also when a row failed
-        if before is None:
-            os.environ.pop("AHN_RT_PREFILL_CUDNN", None)
-        else:
-            os.environ["AHN_RT_PREFILL_CUDNN"] = before
+                             TFLOPs=attn_tflops(pairs, c, ms / 1e3), max_abs_diff_vs_first=diff))
+            log(f"{impl}: {ms:.2f} ms, {rows[-1]['TFLOPs']:.0f} TFLOP/s, max |diff| vs the first row {diff:.2e}")
+            if band == "1":   # the band call alone, on its W - 1 + T keys already laid out (the copy, the
+                # sinks' call and the merge are the rest)
+                kb = r(Hkv, W - 1 + T, D).transpose(0, 1)
+                call = lambda: ops.band_attention(q, kb, kb, W, c.head_dim ** -0.5)
+                call()
+                ms = back_to_back_ms(call, 10, dev)
+                rows.append(dict(kind="attention", impl="ahn_rt band_attention call alone (cuDNN)", T=T,
+                                 depth=depth, ms=ms, TFLOPs=attn_tflops(chunk_pairs(depth, T, 0, W), c, ms / 1e3)))
+                log(f"{rows[-1]['impl']}: {ms:.2f} ms, {rows[-1]['TFLOPs']:.0f} TFLOP/s")
+                del kb
+    finally:   # the switches as they were, also when a row failed
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return rows
 
 
@@ -309,7 +330,8 @@ def main(argv=None):
         del model
         free_memory(dev)
     if "attention" not in skip:
-        section(out, dev, "attention", lambda: attention_rows(c, dev, S, W, 8192, 65536))
+        for depth in (65536, 8192):   # a steady chunk (the ring wrapped), one still filling the window
+            section(out, dev, "attention", functools.partial(attention_rows, c, dev, S, W, 8192, depth))
     if "gdn" not in skip:
         section(out, dev, "gdn", lambda: gdn_rows(c, dev, 8192))
     if "flex" not in skip:
@@ -323,9 +345,10 @@ def main(argv=None):
     for r in out["rows"]:
         n = r.get("n", r.get("T", "-"))
         tm = f"{r['s']:.3f} s" if "s" in r else (f"{r['ms']:.2f} ms" if "ms" in r else "-")
-        note = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+        note = ", ".join(f"{k} {v:.1e}" if k == "max_abs_diff_vs_first" else f"{k} {v:.2f}" if isinstance(v, float)
+                         else f"{k} {v}" for k, v in r.items()
                          if k in ("peak_above_weights_gib", "peak_gib", "first_call_s", "depth", "chunk", "skipped",
-                                  "failed"))
+                                  "max_abs_diff_vs_first", "failed"))
         tf = f"{r['TFLOPs']:.0f}" if "TFLOPs" in r else "-"
         pct = f"{r['pct_matmul']:.0f}%" if "pct_matmul" in r else "-"
         print(f"| {r['kind']} {r['impl']} | {n} | {tm} | {tf} | {pct} | {note} |", flush=True)
