@@ -548,19 +548,18 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
             return False
         key = _cudnn_key(q, k, k_cache, k_cache)
         _cudnn_warm.keys = getattr(_cudnn_warm, "keys", set()) | {key}
-        if settings.prefill_band() and _use_ext(q):   # the band calls (``_band_span``): all keys, and fewer
-            # (kv_len); a refusal turns off only that one. Never the reference: it scores [H, Tq, n] at once.
+        if settings.prefill_band() and _use_ext(q):   # the band call of a steady chunk (all W - 1 + T keys);
+            # a refusal leaves those chunks to the ladder. Never the reference: it scores [H, Tq, n] at once.
             kb = torch.zeros(num_kv_heads, window - 1 + chunk, head_dim, dtype=dtype, device=device)
-            for kv_len in (None, torch.full((1,), chunk, dtype=torch.int32, device=device)):
-                try:
-                    band_attention(q, kb.transpose(0, 1), kb.transpose(0, 1), window, head_dim ** -0.5, kv_len)
-                    torch.cuda.synchronize()
-                    _cudnn_warm.band = getattr(_cudnn_warm, "band", set()) | {_band_key(q, k, window, kv_len is not None)}
-                except RuntimeError as e:   # said, once per process: AHN_RT_PREFILL_BAND=1 asked for it
-                    if not _band_refused:
-                        _band_refused.append((str(e).splitlines() or ['?'])[0])
-                        print(f"ahn_rt: cuDNN refused the band attention ({_band_refused[0]}); those chunks use "
-                              "the ladder", file=sys.stderr)
+            try:
+                band_attention(q, kb.transpose(0, 1), kb.transpose(0, 1), window, head_dim ** -0.5)
+                torch.cuda.synchronize()
+                _cudnn_warm.band = getattr(_cudnn_warm, "band", set()) | {_band_key(q, k, window)}
+            except RuntimeError as e:   # said once per process, unless this build simply has no band path
+                if not _band_refused and "without cudnn-frontend" not in str(e):
+                    _band_refused.append((str(e).splitlines() or ['?'])[0])
+                    print(f"ahn_rt: cuDNN refused the band attention ({_band_refused[0]}); those chunks use "
+                          "the ladder", file=sys.stderr)
             del kb
         if 1 < chunk < window:   # the far-edge band, reversed (``_kernel_calls``); a refusal turns off only it
             try:
@@ -572,39 +571,27 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
     return True
 
 
-def _band_span(p0: int, T: int, sinks: int, window: int):
-    """How a whole chunk of T tokens at p0 takes the band path: (first, with_sinks), its keys being positions
-    [first, p0 + T) under one bottom-right band of W keys, plus the cached sinks in a second call where
-    ``with_sinks``; None where it cannot (a chunk holding sink rows whose last queries' windows no longer
-    reach position 0: the ladder runs it).
-    - p0 + T <= W: every query's window reaches position 0, sinks included: one call over [0, p0 + T).
-    - p0 >= S: the window part [max(S, p0 - W + 1), p0 + T), and the sinks apart (none where S = 0)."""
-    if T <= 0:
-        return None
-    if p0 + T <= window:
-        return 0, False
-    if p0 >= sinks:
-        return max(sinks, p0 - window + 1), sinks > 0
-    return None
+def _band_first(p0: int, T: int, sinks: int, window: int):
+    """The position of the first key of a chunk's band call, or None where the ladder runs the chunk. The band
+    takes a chunk of T > 0 tokens at p0 whose every query looks past the sinks (p0 >= S + W - 1): its window
+    keys, positions [p0 - W + 1, p0 + T), fill the whole linear buffer of W - 1 + T rows that ``_band_keys``
+    lays out, under one bottom-right band of W keys, and the sinks (if any) are a second call. While the window
+    fills, that buffer would be mostly padding, which costs more than the one call saves (H100: pp2048 33 ms
+    against the ladder's 29, pp32768 0.645 s against 0.635 s; bench/README.md), so those chunks keep the ladder."""
+    return p0 - window + 1 if T > 0 and p0 >= sinks + window - 1 else None
 
 
-def _band_key(q, k, window, padded: bool) -> tuple:
-    """What a band call's cuDNN plan depends on (the linear key buffers are laid out by ``_band_keys``;
-    ``padded``: the keys in use fewer than the buffer's rows, passed as kv_len)."""
-    return (tuple(q.shape), k.shape[1], window, q.dtype, q.device, padded)
+def _band_key(q, k, window) -> tuple:
+    """What a band call's cuDNN plan depends on (its linear key buffers are laid out by ``_band_keys``)."""
+    return (tuple(q.shape), k.shape[1], window, q.dtype, q.device)
 
 
 def _band_keys(k, v, k_cache, v_cache, p0: int, first: int, sinks: int, window: int):
-    """The keys of positions [first, p0 + T) in order, copied from the cache and the chunk into the leading
-    rows of fresh head-major buffers of W - 1 + T rows (the most a chunk attends through the band; the rest
-    zeroed); returned as [W - 1 + T, Hkv, D] views with the count of keys in use."""
+    """The W - 1 + T keys of positions [first, p0 + T) in order, copied from the cache and the chunk into fresh
+    head-major buffers; returned as [W - 1 + T, Hkv, D] views."""
     T, Hkv, D = k.shape
-    rows, n = window - 1 + T, p0 + T - first
-    kb = torch.empty(Hkv, rows, D, dtype=k.dtype, device=k.device)
-    vb = torch.empty(Hkv, rows, v.shape[2], dtype=v.dtype, device=v.device)
-    if n < rows:   # padding rows: never read as keys, but zero (a masked key's weight times NaN is NaN)
-        kb[:, n:].zero_()
-        vb[:, n:].zero_()
+    kb = torch.empty(Hkv, window - 1 + T, D, dtype=k.dtype, device=k.device)
+    vb = torch.empty(Hkv, window - 1 + T, v.shape[2], dtype=v.dtype, device=v.device)
     for r in cache.key_ranges(p0, T, sinks, window):
         skip = max(0, first - r.pos)
         m = r.n - skip
@@ -617,18 +604,16 @@ def _band_keys(k, v, k_cache, v_cache, p0: int, first: int, sinks: int, window: 
         else:
             kb[:, dst:dst + m].copy_(k[r.lo + skip:r.lo + skip + m].transpose(0, 1))
             vb[:, dst:dst + m].copy_(v[r.lo + skip:r.lo + skip + m].transpose(0, 1))
-    return kb.transpose(0, 1), vb.transpose(0, 1), n
+    return kb.transpose(0, 1), vb.transpose(0, 1)
 
 
-def _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, span):
-    """A whole chunk through the band (``_band_span`` gives ``span``): its window as one cuDNN call over a
-    linear copy of its keys (``band_attention``, left bound W; the count of keys as a device int32 where it is
-    not the buffer's), the cached sinks as a second call (FlashAttention-2, no mask), merged by log-sum-exp."""
-    first, with_sinks = span
-    kb, vb, n = _band_keys(k, v, k_cache, v_cache, p0, first, sinks, window)
-    kv_len = None if n == kb.shape[0] else torch.full((1,), n, dtype=torch.int32, device=q.device)
-    out, lse = band_attention(q if q.is_contiguous() else q.contiguous(), kb, vb, window, scale, kv_len)
-    if not with_sinks:
+def _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, first):
+    """A chunk through the band (``_band_first`` gives ``first``): its window as one cuDNN call over a linear
+    copy of its keys (``band_attention``, left bound W), the cached sinks as a second call (FlashAttention-2,
+    no mask), merged by log-sum-exp."""
+    kb, vb = _band_keys(k, v, k_cache, v_cache, p0, first, sinks, window)
+    out, lse = band_attention(q if q.is_contiguous() else q.contiguous(), kb, vb, window, scale)
+    if sinks == 0:
         return out
     ks, vs = k_cache[:, :sinks].transpose(0, 1), v_cache[:, :sinks].transpose(0, 1)
     o2, l2 = _flash(q, ks, vs, -1, -1, scale)
@@ -647,12 +632,12 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
     global _cudnn_ok
     T, H, D = q.shape
     q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
-    span = _band_span(p0, T, sinks, window) if _cudnn_ok and settings.prefill_cudnn() and settings.prefill_band() \
+    first = _band_first(p0, T, sinks, window) if _cudnn_ok and settings.prefill_cudnn() and settings.prefill_band() \
         else None
-    band_key = None if span is None else _band_key(q, k, window, p0 + T - span[0] < window - 1 + T)
+    band_key = None if first is None else _band_key(q, k, window)
     if band_key is not None and band_key in getattr(_cudnn_warm, "band", ()):
         try:
-            return _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, span)
+            return _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, first)
         except torch.OutOfMemoryError:
             pass   # this chunk through the ladder (smaller buffers); the band stays on
         except RuntimeError as e:   # a cuDNN failure: that plan off for this thread, said once; the ladder

@@ -12,9 +12,9 @@ This module uses only the standard library, so that setup.py can read it without
 | AHN_RT_PREFILL_CUDNN | ahn_rt.ops, each call  | 1: a whole chunk's unmasked blocks through cuDNN, in key blocks |
 |                      | (and at load)          | of a fixed ladder whose plans are built at load (per thread);   |
 |                      |                        | 0: FlashAttention-2 for every block of prefill attention        |
-| AHN_RT_PREFILL_BAND  | ahn_rt.ops, each call  | 0: the ladder above; 1 (not yet measured on a GPU): a whole     |
-|                      | (and at load)          | chunk attends its window in one cuDNN band call over a linear   |
-|                      |                        | copy of its keys (where built and warmed), the sinks apart      |
+| AHN_RT_PREFILL_BAND  | ahn_rt.ops, each call  | 1: a chunk past the window's fill point attends its window in   |
+|                      | (and at load)          | one cuDNN band call over a linear copy of its keys (where built |
+|                      |                        | and warmed), the sinks apart; 0: the ladder above for every one |
 | AHN_RT_DECODE_FORK   | ahn_rt.model, each     | 1: in a captured CUDA decode graph, each layer's memory step on |
 |                      | graph capture (and at  | a second stream beside the window attention, its term added by  |
 |                      | load)                  | o_proj's GEMV on load (same bits); 0: serial (a bench A/B)      |
@@ -52,7 +52,7 @@ _CHOICES = {
     "AHN_RT_GRAPH": ("1", "0"),
     "AHN_RT_CUDA": ("", "0", "1"),
     "AHN_RT_PREFILL_CUDNN": ("1", "0"),
-    "AHN_RT_PREFILL_BAND": ("0", "1"),
+    "AHN_RT_PREFILL_BAND": ("1", "0"),
     "AHN_RT_DECODE_FORK": ("1", "0"),
     "AHN_RT_TRAIN_ATTENTION": ("auto", "sdpa", "flex"),
 }
@@ -108,9 +108,9 @@ def prefill_cudnn() -> bool:
 
 
 def prefill_band() -> bool:
-    """AHN_RT_PREFILL_BAND: a whole chunk attends its window in one cuDNN band call (where built and warmed:
-    ops.warm_prefill_attention; opt-in until it is measured on a GPU), or through the ladder of
-    AHN_RT_PREFILL_CUDNN (the default)."""
+    """AHN_RT_PREFILL_BAND: a chunk whose every window lies past the sinks attends it in one cuDNN band call
+    (the default, where built and warmed: ops.warm_prefill_attention), or every chunk through the ladder of
+    AHN_RT_PREFILL_CUDNN (0)."""
     return _read("AHN_RT_PREFILL_BAND") == "1"
 
 

@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
               Hkv, ")");
   check_same_device(q, k, op, "k");
   int64_t keys = n;   // the keys in use: n, or the first kv_len rows of k / v (on CUDA its value stays on the
-                      // device, unread: the caller keeps Tq <= kv_len <= n, as the prefill does)
+                      // device, unread: the caller keeps Tq <= kv_len <= n)
   if (kv_len.has_value()) {
     const at::Tensor& kl = *kv_len;
     check_same_device(q, kl, op, "kv_len (int32 [1], on q's device)");
