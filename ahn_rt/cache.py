@@ -43,6 +43,7 @@ import warnings
 
 import torch
 
+from . import devices
 from .config import Config
 from .errors import AhnError, as_int, int_arg
 
@@ -203,7 +204,9 @@ def zeros(fields: dict, c: Config, device, n: int, capacity: int) -> dict[str, t
     raised before anything is kept."""
     need = sum(math.prod(shape) * dt.itemsize for shape, dt in fields.values())
     device = torch.device(device)
-    if need < 2 ** 62:            # more is beyond any machine (and beyond what torch can even size)
+    # on the CPU an allocation beyond the machine's memory succeeds (overcommit) and zeroing it is killed
+    free = devices.free_bytes(device, swap=True) if device.type == "cpu" and need > 1 << 30 else None
+    if need < 2 ** 62 and (free is None or need <= free):   # 2**62: beyond any machine, and what torch can size
         try:
             return {name: torch.zeros(shape, dtype=dt, device=device) for name, (shape, dt) in fields.items()}
         except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises it plain

@@ -62,3 +62,22 @@ def allocator_setting(environ=None) -> str | None:
     defaults)."""
     env = os.environ if environ is None else environ
     return next((f"{k}={env[k]}" for k in _ALLOC_CONF_VARS if env.get(k)), None)
+
+
+def free_bytes(device, swap: bool = False) -> int | None:
+    """Memory free for new tensors on ``device``: the GPU's free memory, or on the CPU the machine's available
+    RAM (Linux's MemAvailable; with ``swap``, plus SwapFree: what can be had at all, slowly), or None where it
+    cannot be read. On the CPU the kernel hands out address space it may not have (overcommit): an allocation
+    beyond this succeeds, and zeroing it gets the process killed without a word, so a large one checks first."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        return info["MemAvailable"] + (info.get("SwapFree", 0) if swap else 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None

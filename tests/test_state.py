@@ -239,6 +239,29 @@ def test_fill_random_refuses_a_negative_depth():
     assert st.position == 7
 
 
+def test_a_cpu_state_beyond_the_free_memory_is_refused_before_it_is_allocated(monkeypatch):
+    """On the CPU an allocation larger than the machine's memory succeeds (overcommit) and zeroing it gets the
+    process killed without a word: a state of more than 1 GiB is checked against the free memory first (RAM +
+    swap) and refused in one line, with nothing allocated; one that fits is allocated as before."""
+    from ahn_rt import AhnError, devices
+    cfg = _config(2, 2 ** 23)                              # about 1.4 GiB of ring and gates
+    asked = []
+
+    def free(device, swap=False):
+        asked.append((torch.device(device).type, swap))
+        return 1 << 30
+
+    monkeypatch.setattr(devices, "free_bytes", free)
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: pytest.fail("allocated before the check"))
+    with pytest.raises(AhnError, match=r"cannot allocate the state on cpu: .* GiB needed .*lower the window") as e:
+        State(cfg, "cpu")
+    assert "\n" not in str(e.value) and asked == [("cpu", True)]
+    monkeypatch.undo()
+    monkeypatch.setattr(devices, "free_bytes", lambda device, swap=False: asked.append("small") or 0)
+    State(_config(2, 4), "cpu")                            # under 1 GiB: not asked, allocated
+    assert asked == [("cpu", True)]
+
+
 def test_a_state_that_does_not_fit_is_one_line_naming_the_size():
     from ahn_rt import AhnError
     from ahn_rt.cache import StatePool

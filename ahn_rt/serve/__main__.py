@@ -76,14 +76,10 @@ def build_parser() -> ArgParser:
 
 
 def _free_bytes(model) -> int:
-    """Free memory where the states live: the GPU's, or the machine's available RAM."""
-    import torch
-    if model.device.type == "cuda":
-        return torch.cuda.mem_get_info(model.device)[0]
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    """Free memory where the states live: the GPU's, or the machine's available RAM (4 GiB where unknown)."""
+    from ..devices import free_bytes
+    free = free_bytes(model.device)
+    return 4 << 30 if free is None else free
 
 
 def _default_name(weights: str) -> str:
