@@ -189,5 +189,9 @@ def load_model(args):
             int_arg(value, flag, minimum, message=f"{flag} must be >= {minimum}, got {value}")
     model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
                         device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
+    if args.mode is None and model.config.mode == "full" and (args.window is not None or args.sinks is not None):
+        raise AhnError("--window / --sinks were given, but this checkpoint has no AHN weights, so it runs full "
+                       "attention, which keeps every token: add --mode swa for sinks + window only, or --ahn PATH, "
+                       "or drop them")
     model.tokenizer
     return model

@@ -380,6 +380,22 @@ def test_options_that_would_do_nothing_are_refused(tiny, extra, needle):
     assert rc == 0, err
 
 
+@pytest.mark.parametrize("extra", [("--window", "64"), ("--sinks", "4")], ids=["window", "sinks"])
+def test_window_for_a_checkpoint_without_memory_is_refused(tmp_path, extra):
+    """A base checkpoint (no AHN weights) runs full attention by default, which keeps every token: --window or
+    --sinks there did nothing, silently. One line naming the fix; with --mode swa the same options run."""
+    base = tmp_path / "base.safetensors"
+    rc, _, err = run("ahn_rt.init_weights", "--preset", "tiny", "--tokenizer", "qwen2.5", "--out", str(base))
+    assert rc == 0, err
+    rc, out, err = run(*GEN, "--weights", str(base), "--prompt", "hi", *extra)
+    one_line_error(rc, err, "this checkpoint has no AHN weights")
+    assert "--mode swa" in err and out == ""
+    rc, out, err = run(*GEN, "--weights", str(base), "--prompt", "hi", "--mode", "swa", *extra)
+    assert rc == 0, err
+    rc, out, err = run(*GEN, "--weights", str(base), "--prompt", "hi")   # no window asked: full, as before
+    assert rc == 0, err
+
+
 def test_init_weights_seed_out_of_range(tmp_path):
     rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--seed", "99999999999999999999999",
                        "--out", str(tmp_path / "m.safetensors"))
