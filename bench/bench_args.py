@@ -36,8 +36,8 @@ from ahn_rt.cli import int_list, nonneg_float, nonneg_int, once_each, positive_f
 from ahn_rt.errors import AhnError, out_of_memory  # noqa: E402,F401
 from ahn_rt import settings  # noqa: E402
 
-RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN", "AHN_RT_DECODE_FORK",
-                    *settings.KERNEL_SWITCHES)
+RUNTIME_SWITCHES = ("AHN_RT_BACKEND", "AHN_RT_GRAPH", "AHN_RT_PREFILL_CUDNN", "AHN_RT_PREFILL_BAND",
+                    "AHN_RT_DECODE_FORK", *settings.KERNEL_SWITCHES)
 
 
 def fail(msg: str, code: int = 2):

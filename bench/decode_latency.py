@@ -241,8 +241,10 @@ def parse_args(argv=None):
     src.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
     src.add_argument("--ahn-impl", choices=("gdn", "dn", "mamba2"),
                      help="the memory variant of the random --preset weights (default gdn)")
-    src.add_argument("--window", type=positive_int, default=32640, help="the AHN window W (default 32640)")
-    src.add_argument("--sinks", type=nonneg_int, default=128, help="the attention sinks S (default 128)")
+    src.add_argument("--window", type=positive_int,
+                     help="the AHN window W (default: the --weights config's, else 32640)")
+    src.add_argument("--sinks", type=nonneg_int, help="the attention sinks S (default: the --weights config's, "
+                                                      "else 128)")
     src.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or float32")
     src.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke path: no graphs, no peaks)")
     src.add_argument("--seed", type=seed_arg, default=0, help="seed of the random weights and of torch (default 0)")

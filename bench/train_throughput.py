@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from ahn_rt.config import param_count, parse_config, parse_dtype  # noqa: E402
 from ahn_rt.devices import allocator_setting, prefer_expandable_segments  # noqa: E402
 from ahn_rt.init_weights import PRESETS, preset_config, random_state_dict  # noqa: E402
-from ahn_rt.train.attention import attention_backend  # noqa: E402
+from ahn_rt.train.attention import attention_backend, check_trainable  # noqa: E402
 from ahn_rt.train.data import budget_choices, sample_budget  # noqa: E402
 from ahn_rt.train.loss import distill_loss  # noqa: E402
 from ahn_rt.train.model import CHECKPOINT_MODES, TrainModel  # noqa: E402
@@ -71,10 +71,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sinks", type=nonneg_int, help="fixed S, with --window (default 0)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the smoke check)")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
-    ap.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default="layer",
+    ck = ap.add_mutually_exclusive_group()   # (both given: the last won, silently)
+    ck.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default="layer",
                     help="what the student's backward recomputes (ahn_rt.train's --activation-checkpointing): "
                          "layer (default), memory (each layer's AHN memory module only) or none")
-    ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_const", const="none",
+    ck.add_argument("--no-checkpoint", dest="checkpoint", action="store_const", const="none",
                     help="the same as --checkpoint none")
     ap.add_argument("--loss-chunk", type=positive_int, default=1024)
     ap.add_argument("--seed", type=seed_arg, default=0)
@@ -98,6 +99,10 @@ def main(argv=None) -> int:
         ap.error(f"--seq-len {args.seq_len} is shorter than every window the recipe draws; give a longer --seq-len "
                  "or a fixed --window (with --sinks)")
     dev = check_device(args.device, cpu_hint="; for the CPU smoke check: --device cpu --preset tiny --seq-len 256")
+    try:   # the training attention this device would use can train here (flex: CUDA only), before any work
+        check_trainable(dev)
+    except AhnError as e:
+        fail(str(e))
     check_fits(least_bytes(args, dev), dev, f"--preset {args.preset} --seq-len {args.seq_len} --batch {args.batch}",
                "use a smaller --preset, --seq-len or --batch")
     if args.json:   # before the run, so that its results are never lost at the end

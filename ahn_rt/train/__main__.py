@@ -134,11 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", choices=["bf16", "float32"],
                    help="bf16: base in bf16, bf16 autocast, fp32 master AHN weights (default on cuda); "
                         "float32 (default on cpu)")
-    o.add_argument("--activation-checkpointing", choices=["layer", "memory", "none"],
+    ck = o.add_mutually_exclusive_group()   # (both given: the last won, silently)
+    ck.add_argument("--activation-checkpointing", choices=["layer", "memory", "none"],
                    help="what the backward pass recomputes: layer (default): each decoder layer, the least "
                         "memory; memory: only each layer's AHN memory module, which saves the most per token "
                         "(faster than layer); none: nothing (the fastest, the most memory); the same numbers")
-    o.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
+    ck.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
                    const="none", help="the same as --activation-checkpointing none")
     r = ap.add_argument_group("run")
     r.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
@@ -449,9 +450,6 @@ def _run(a, d, out: Path) -> int:
         base_ahn_keys = {k for k in ckpt.src.where if W.is_ahn_key(k)}
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
         W._check_keys(W.base_shapes(config), ckpt.src, base_keys, f"base {base_path}", optional=optional)
-        if base_ahn_keys and not a.init_from_base and not a.resume:
-            say(f"note: {base_path} holds AHN weights; they are not used (a fresh memory starts with o_proj = 0); "
-                "pass --init-from-base to start from them")
         if a.init_from_base and not base_ahn_keys:
             raise AhnError(f"--init-from-base: {base_path} holds no AHN weights (model.layers.N.ahn.fn.*)")
         # The memory variant: --ahn, else the resumed run's, else the starting checkpoint's, else GatedDeltaNet.
@@ -464,6 +462,10 @@ def _run(a, d, out: Path) -> int:
         if a.init_ahn:
             akeys = {k for k in ckpt.ahn_src.where if W.is_ahn_key(k)}
             W._check_ahn_keys(config, ckpt.ahn_src, akeys, f"--init-ahn {a.init_ahn}", impl)
+        if base_ahn_keys and not a.init_from_base and not a.resume:   # after the checks: an error comes alone
+            start = (f"the memory starts from --init-ahn {a.init_ahn}" if a.init_ahn
+                     else "a fresh memory starts with o_proj = 0; pass --init-from-base to start from them")
+            say(f"note: {base_path} holds AHN weights; they are not used ({start})")
         files = sorted(set(ckpt.src.where.values()), key=str)
         base_cfg = W.find_config(base_path, files)
         if saved_state and saved_state.get("base_config") not in (None, base_cfg):
