@@ -72,7 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (the smoke check)")
     ap.add_argument("--dtype", help="base weights / autocast dtype (default bf16 on cuda, float32 on cpu)")
     ck = ap.add_mutually_exclusive_group()   # (both given: the last won, silently)
-    ck.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default="layer",
+    # no default here (layer, set after parsing): argparse counts a value identical to the default as not
+    # given, which let `--checkpoint layer --no-checkpoint` pass
+    ck.add_argument("--checkpoint", choices=CHECKPOINT_MODES,
                     help="what the student's backward recomputes (ahn_rt.train's --activation-checkpointing): "
                          "layer (default), memory (each layer's AHN memory module only) or none")
     ck.add_argument("--no-checkpoint", dest="checkpoint", action="store_const", const="none",
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=seed_arg, default=0)
     ap.add_argument("--json", type=output_arg, help="write the results to this file")
     args = ap.parse_args(argv)
+    args.checkpoint = args.checkpoint or "layer"
     prefer_expandable_segments()   # as python -m ahn_rt.train does, before the first CUDA allocation
     if args.preset not in PRESETS:
         ap.error(f"--preset {args.preset!r} is not a preset; choose from {', '.join(PRESETS)}")

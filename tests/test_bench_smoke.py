@@ -332,9 +332,15 @@ def test_train_throughput_bad_options(capsys, monkeypatch):
     for args, want in ((["--seed", str(2 ** 64)], "--seed"), (["--seed", "x"], "--seed"),
                        (["--window", "300"], "--window + --sinks"), (["--batch", "0"], "--batch"),
                        # ignored: (W, S) were the recipe's draws
-                       (["--sinks", "4"], "--sinks 4 goes with a fixed --window")):
+                       (["--sinks", "4"], "--sinks 4 goes with a fixed --window"),
+                       # the last one won, silently
+                       (["--checkpoint", "layer", "--no-checkpoint"], "not allowed with argument --checkpoint")):
         line = _main_error(capsys, "train_throughput", *CPU, "--seq-len", "256", *args)
         assert want in line, line
+    # FlexAttention has no backward on the CPU: a 49-line NotImplementedError traceback from the first step
+    monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "flex")
+    line = _main_error(capsys, "train_throughput", *CPU, "--seq-len", "256")
+    assert "AHN_RT_TRAIN_ATTENTION=flex cannot train on the CPU" in line, line
 
 
 def test_serve_load_bad_options(capsys):

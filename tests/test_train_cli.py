@@ -343,6 +343,9 @@ def bad_files(tiny):
     ("infer-sinks beyond any state", "--infer-sinks 2147483648 is more than a state can hold"),
     ("infer sinks + window beyond any state", "--sinks 2 + --infer-window 2147483647 = 2147483649 cache slots, "
                                               "more than a state can hold"),
+    # the last one won, silently
+    ("checkpointing and no checkpointing", "--no-activation-checkpointing: not allowed with argument "
+                                           "--activation-checkpointing"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys, monkeypatch, case, needle):
     root, _ = tiny
@@ -429,6 +432,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--infer-sinks", 2 ** 31]
     elif case == "infer sinks + window beyond any state":      # the fixed run's sinks are written with it
         extra += ["--infer-window", 2 ** 31 - 1]
+    elif case == "checkpointing and no checkpointing":
+        extra += ["--activation-checkpointing", "layer", "--no-activation-checkpointing"]
     elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)
         if not Path("/proc/self").is_dir():
             pytest.skip("needs /proc")
