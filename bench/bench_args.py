@@ -107,10 +107,11 @@ def seed_arg(text: str) -> int:
     from ahn_rt.sampling import check_seed
     try:
         v = int(text)
-        check_seed(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    except AhnError as e:
+    try:
+        check_seed(v)
+    except AhnError as e:   # (a ValueError too: apart, or an integer out of range read "is not an integer")
         raise argparse.ArgumentTypeError(str(e)) from None
     return v
 

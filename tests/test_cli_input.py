@@ -516,8 +516,10 @@ def test_serve_sizes(text, size):
 def test_serve_sizes_refused(text):
     from ahn_rt.errors import AhnError
     from ahn_rt.serve.__main__ import parse_size
-    with pytest.raises(AhnError, match="--x"):
+    with pytest.raises(AhnError, match="--x") as e:
         parse_size(text, "--x")
+    # an unknown unit is named, with the ones there are (1PB read like a malformed number)
+    assert ("unknown unit 'pb'" in str(e.value)) == (text == "1PB") and "\n" not in str(e.value)
 
 
 # ---- a closed stderr (2>&-): the messages are dropped, never written into stdout ---------------------

@@ -40,8 +40,10 @@ def parse_size(text: str, what: str) -> int:
     except ValueError:
         ok = False
     if not ok:
+        known = "" if not num or unit in SIZE_UNITS else (
+            f" (unknown unit {t[len(num):]!r}: use B, K/KiB, KB, M/MiB, MB, G/GiB, GB, T/TiB or TB)")
         raise AhnError(f"{what} must be a finite size >= 0 such as 4GiB, 512MiB or a number of bytes, "
-                       f"got {text!r}")
+                       f"got {text!r}{known}")
     return int(value * SIZE_UNITS[unit])
 
 
