@@ -271,6 +271,8 @@ def load_json(path, what: str) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise AhnError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise AhnError(f"{what} {path} is a folder, not a JSON file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AhnError(f"{what} {path} is not valid JSON ({str(e).splitlines()[0]})") from None
 

@@ -661,3 +661,14 @@ def test_the_configs_torch_dtype_is_the_default_dtype_or_refused(stored, dtype, 
         expect_error(d, mode="full", must_name=("torch_dtype", "--dtype"))
     else:
         assert ahn_rt.load(d, mode="full", device="cpu", dtype=dtype).config.dtype == want
+
+
+def test_a_json_file_that_is_a_folder_says_so(tmp_path):
+    """A config.json that is a folder read "is not valid JSON ([Errno 21] Is a directory ...)"."""
+    from ahn_rt.config import load_json
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ahn_rt.AhnError, match=r"^config.json .*config.json is a folder, not a JSON file$"):
+        load_json(tmp_path / "config.json", "config.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ahn_rt.AhnError, match="is not valid JSON"):
+        load_json(tmp_path / "bad.json", "config.json")

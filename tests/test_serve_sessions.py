@@ -55,10 +55,15 @@ def test_state_dir_keeps_conversations_across_restarts(model, tmp_path):
     assert again.position == 23 and again.last_token == 7 and again.chat_open
     for k, v in conv.tensors.items():
         assert torch.equal(again.tensors[k], v), k
+    meta = (tmp_path / "s1.json").read_text()
     (tmp_path / "s1.json").write_text("{not json")
     with pytest.raises(AhnError) as e:
         SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("s1")
     assert "damaged" in str(e.value) and "\n" not in str(e.value)
+    import json   # a field missing: named as one (a KeyError's own text was only "'position'")
+    (tmp_path / "s1.json").write_text(json.dumps({k: v for k, v in json.loads(meta).items() if k != "position"}))
+    with pytest.raises(AhnError, match=r"damaged \(s1.json: no 'position' field\); delete it"):
+        SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("s1")
 
 
 def test_a_state_dir_that_cannot_be_used_is_one_line_saying_what_to_do(model, tmp_path):

@@ -230,7 +230,8 @@ class SessionStore:
             if last is not None and (type(last) is not int or not 0 <= last < self.model.config.vocab_size):
                 raise ValueError(f"last_token {last!r} is not a token id of this model")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise AhnError(f"the saved session {sid!r} is damaged ({meta_path.name}: {e}); delete it") from None
+            why = f"no {e.args[0]!r} field" if isinstance(e, KeyError) else str(e)   # (a KeyError reads "'position'")
+            raise AhnError(f"the saved session {sid!r} is damaged ({meta_path.name}: {why}); delete it") from None
         sess = self.model.restore(state_path)
         if sess.position != position:
             raise AhnError(f"the saved session {sid!r} is inconsistent: state at position {sess.position}, "
