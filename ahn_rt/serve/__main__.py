@@ -144,10 +144,9 @@ def main(argv=None) -> int:
                            "without it")
         refuse_empty(args.state_dir, "--state-dir", "a folder, or leave --state-dir out")   # else: keeps nothing
         refuse_empty(args.host, "--host", "an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every interface)")
+        demo = use_demo_weights(args)   # (said once the model has loaded: an error before comes alone)
         sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
-        if use_demo_weights(args):
-            print(f"[ahn_rt.serve] no --weights: serving the demo model in {args.weights}", file=sys.stderr)
         name = args.model_name or _default_name(args.weights)
         if args.model_name is None and os.path.exists(os.path.expanduser(args.weights)):   # else: "not found"
             # a folder name with a byte that is not UTF-8 would put a surrogate into every answer naming the model
@@ -160,6 +159,8 @@ def main(argv=None) -> int:
         from ..runtime import human_bytes
 
         model = load_model(args)   # the tokenizer too: fail now, not on the first request
+        if demo:
+            print(f"[ahn_rt.serve] no --weights: serving the demo model in {args.weights}", file=sys.stderr)
         state = model.new_session().state_nbytes
         free = _free_bytes(model)
         pick = (lambda given, default: given if given is not None else default)
