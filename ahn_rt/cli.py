@@ -187,11 +187,17 @@ def load_model(args):
                                  ("--chunk-size", args.chunk_size, 1)):
         if value is not None:
             int_arg(value, flag, minimum, message=f"{flag} must be >= {minimum}, got {value}")
+    if args.mode is None and (args.window is not None or args.sinks is not None):   # before the weights load
+        from .weights import open_checkpoint   # (the files' headers only; a bad path: load's own message below)
+        try:
+            has_ahn = open_checkpoint(args.weights, args.ahn).has_ahn
+        except Exception:  # noqa: BLE001
+            has_ahn = True
+        if not has_ahn:
+            raise AhnError("--window / --sinks were given, but this checkpoint has no AHN weights, so it runs full "
+                           "attention, which keeps every token: add --mode swa for sinks + window only, or --ahn "
+                           "PATH, or drop them")
     model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
                         device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
-    if args.mode is None and model.config.mode == "full" and (args.window is not None or args.sinks is not None):
-        raise AhnError("--window / --sinks were given, but this checkpoint has no AHN weights, so it runs full "
-                       "attention, which keeps every token: add --mode swa for sinks + window only, or --ahn PATH, "
-                       "or drop them")
     model.tokenizer
     return model

@@ -75,9 +75,30 @@ def free_bytes(device, swap: bool = False) -> int | None:
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
-        return info["MemAvailable"] + (info.get("SwapFree", 0) if swap else 0)
+        free = info["MemAvailable"] + (info.get("SwapFree", 0) if swap else 0)
     except (OSError, KeyError, ValueError, IndexError):
         try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             return None
+    room = _cgroup_room()   # a container's limit: /proc/meminfo shows the host's memory
+    return free if room is None else min(free, room)
+
+
+def _cgroup_room() -> int | None:
+    """What this process's memory cgroup still lets it allocate (its limit less its usage; cgroup v2, else v1),
+    or None where there is no limit or it cannot be read."""
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+            if text == "max":
+                return None
+            with open(usage) as f:
+                cap, used = int(text), int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        return None if cap >= 1 << 60 else max(0, cap - used)   # v1 writes "no limit" as a huge number
+    return None

@@ -519,7 +519,7 @@ def test_serve_sizes_refused(text):
     with pytest.raises(AhnError, match="--x") as e:
         parse_size(text, "--x")
     # an unknown unit is named, with the ones there are (1PB read like a malformed number)
-    assert ("unknown unit 'pb'" in str(e.value)) == (text == "1PB") and "\n" not in str(e.value)
+    assert ("unknown unit 'PB'" in str(e.value)) == (text == "1PB") and "\n" not in str(e.value)
 
 
 # ---- a closed stderr (2>&-): the messages are dropped, never written into stdout ---------------------

@@ -815,10 +815,11 @@ def test_sessions_and_sigterm_drain(server, servers, model):
     (["--weights", "x", "--model-name", "demo\udcff"], "--model-name is not valid UTF-8 (byte 0xff at character 4)"),
     # the demo model (no --weights): its "serving the demo model" line came first, making the error two lines
     (["--window", "0", "--device", "cpu", "--port", "0"], "--window must be >= 1"),
+    (["--memory-budget", "1", "--device", "cpu", "--port", "0"], "--memory-budget 1 B holds no session"),
 ], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi", "prefix-cache-inf", "session-cache-inf",
         "dev-null", "window-too-large", "bad-switch", "empty-weights", "empty-state-dir", "empty-host",
         "caches-fill-memory", "device-index", "empty-model-name", "api-key-spaces", "model-name-spaces",
-        "api-key-not-utf8", "model-name-not-utf8", "demo-window-zero"])
+        "api-key-not-utf8", "model-name-not-utf8", "demo-window-zero", "demo-budget"])
 def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
     import os
     import subprocess

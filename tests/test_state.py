@@ -262,6 +262,33 @@ def test_a_cpu_state_beyond_the_free_memory_is_refused_before_it_is_allocated(mo
     assert asked == [("cpu", True)]
 
 
+@pytest.mark.parametrize("cgroup,want,want_swap", [
+    ({}, 8, 10),                                                                  # no cgroup files: the machine's
+    ({"/sys/fs/cgroup/memory.max": "max", "/sys/fs/cgroup/memory.current": "5"}, 8, 10),   # v2, no limit
+    ({"/sys/fs/cgroup/memory.max": str(4 << 30), "/sys/fs/cgroup/memory.current": str(1 << 30)}, 3, 3),
+    ({"/sys/fs/cgroup/memory/memory.limit_in_bytes": str(2 ** 63 - 4096),            # v1, "no limit"
+      "/sys/fs/cgroup/memory/memory.usage_in_bytes": "7"}, 8, 10),
+    ({"/sys/fs/cgroup/memory/memory.limit_in_bytes": str(9 << 30),
+      "/sys/fs/cgroup/memory/memory.usage_in_bytes": str(0)}, 8, 9),
+], ids=["none", "v2-max", "v2-limit", "v1-unlimited", "v1-limit"])
+def test_free_bytes_reads_the_machine_and_the_containers_limit(monkeypatch, cgroup, want, want_swap):
+    """The CPU's free memory: MemAvailable (+ SwapFree with swap=True), capped by a memory cgroup's room (a
+    container's /proc/meminfo shows the host's memory)."""
+    import io
+    from ahn_rt import devices
+    files = {"/proc/meminfo": f"MemTotal: 99 kB\nMemAvailable:    {8 << 20} kB\nSwapFree: {2 << 20} kB\n\n",
+             **cgroup}
+
+    def fake_open(path, *a, **k):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    monkeypatch.setattr(devices, "open", fake_open, raising=False)
+    assert devices.free_bytes("cpu") == want << 30
+    assert devices.free_bytes("cpu", swap=True) == want_swap << 30
+
+
 def test_a_state_that_does_not_fit_is_one_line_naming_the_size():
     from ahn_rt import AhnError
     from ahn_rt.cache import StatePool

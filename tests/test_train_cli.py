@@ -282,6 +282,7 @@ def bad_files(tiny):
     config = parse_config(CFG, "test")
     ahn_only = {k: torch.zeros(s) for k, s in ahn_shapes(config, "GatedDeltaNet").items()}
     write_checkpoint(bad / "ahn_only.safetensors", ahn_only, ckpt_io.output_config(CFG, "qwen2", 8, 2))
+    write_checkpoint(bad / "merged.safetensors", {**sd, **ahn_only}, ckpt_io.output_config(CFG, "qwen2", 8, 2))
     write_jsonl(bad / "empty.jsonl", [""])
     write_jsonl(bad / "junk.jsonl", ["{", "[]", {"input_ids": [V + 5]}])
     write_jsonl(bad / "short.jsonl", [{"input_ids": [1] * 20}])
@@ -343,6 +344,8 @@ def bad_files(tiny):
     ("infer-sinks beyond any state", "--infer-sinks 2147483648 is more than a state can hold"),
     ("infer sinks + window beyond any state", "--sinks 2 + --infer-window 2147483647 = 2147483649 cache slots, "
                                               "more than a state can hold"),
+    # a base holding AHN weights: the note that they go unused came first, making the error two lines
+    ("train-layers out of range, base with AHN", "--train-layers 0,1,2: the base has layers"),
     # the last one won, silently
     ("checkpointing and no checkpointing", "--no-activation-checkpointing: not allowed with argument "
                                            "--activation-checkpointing"),
@@ -432,6 +435,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--infer-sinks", 2 ** 31]
     elif case == "infer sinks + window beyond any state":      # the fixed run's sinks are written with it
         extra += ["--infer-window", 2 ** 31 - 1]
+    elif case == "train-layers out of range, base with AHN":
+        args["base"] = bad_files / "merged.safetensors"
+        extra += ["--train-layers", "0-2"]
     elif case == "checkpointing and no checkpointing":
         extra += ["--activation-checkpointing", "layer", "--no-activation-checkpointing"]
     elif case == "out cannot be created":                 # mkdir fails where os.access says yes (as root)

@@ -40,8 +40,13 @@ def parse_size(text: str, what: str) -> int:
     except ValueError:
         ok = False
     if not ok:
-        known = "" if not num or unit in SIZE_UNITS else (
-            f" (unknown unit {t[len(num):]!r}: use B, K/KiB, KB, M/MiB, MB, G/GiB, GB, T/TiB or TB)")
+        try:   # a number with a unit that is not one: name the unit as given
+            float(num)
+            given = text.strip().replace(" ", "")[len(num):]
+            known = "" if unit in SIZE_UNITS else (
+                f" (unknown unit {given!r}: use B, K/KiB, KB, M/MiB, MB, G/GiB, GB, T/TiB or TB)")
+        except ValueError:
+            known = ""
         raise AhnError(f"{what} must be a finite size >= 0 such as 4GiB, 512MiB or a number of bytes, "
                        f"got {text!r}{known}")
     return int(value * SIZE_UNITS[unit])
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
                            "without it")
         refuse_empty(args.state_dir, "--state-dir", "a folder, or leave --state-dir out")   # else: keeps nothing
         refuse_empty(args.host, "--host", "an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every interface)")
-        demo = use_demo_weights(args)   # (said once the model has loaded: an error before comes alone)
+        demo = use_demo_weights(args)   # (said with the start-up line: an error before it comes alone)
         sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
         name = args.model_name or _default_name(args.weights)
@@ -159,8 +164,6 @@ def main(argv=None) -> int:
         from ..runtime import human_bytes
 
         model = load_model(args)   # the tokenizer too: fail now, not on the first request
-        if demo:
-            print(f"[ahn_rt.serve] no --weights: serving the demo model in {args.weights}", file=sys.stderr)
         state = model.new_session().state_nbytes
         free = _free_bytes(model)
         pick = (lambda given, default: given if given is not None else default)
@@ -184,6 +187,8 @@ def main(argv=None) -> int:
         app = create_app(model, opts, scheduler, sessions, metrics)
         host, port = sock.getsockname()[:2]
         c = model.config
+        if demo:
+            print(f"[ahn_rt.serve] no --weights: serving the demo model in {args.weights}", file=sys.stderr)
         rule = "full attention" if c.mode == "full" else f"window {c.window}, sinks {c.sinks}"
         print(f"[ahn_rt.serve] {name}: {c.mode} mode, {rule}, {c.dtype}, "
               f"{model.device}; state {human_bytes(state)} per session; "

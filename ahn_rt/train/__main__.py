@@ -462,10 +462,6 @@ def _run(a, d, out: Path) -> int:
         if a.init_ahn:
             akeys = {k for k in ckpt.ahn_src.where if W.is_ahn_key(k)}
             W._check_ahn_keys(config, ckpt.ahn_src, akeys, f"--init-ahn {a.init_ahn}", impl)
-        if base_ahn_keys and not a.init_from_base and not a.resume:   # after the checks: an error comes alone
-            start = (f"the memory starts from --init-ahn {a.init_ahn}" if a.init_ahn
-                     else "a fresh memory starts with o_proj = 0; pass --init-from-base to start from them")
-            say(f"note: {base_path} holds AHN weights; they are not used ({start})")
         files = sorted(set(ckpt.src.where.values()), key=str)
         base_cfg = W.find_config(base_path, files)
         if saved_state and saved_state.get("base_config") not in (None, base_cfg):
@@ -505,6 +501,10 @@ def _run(a, d, out: Path) -> int:
         if layers is not None and layers[-1] >= config.num_layers:
             raise AhnError(f"--train-layers {','.join(map(str, layers))}: the base has layers 0..{config.num_layers - 1}")
 
+        if base_ahn_keys and not a.init_from_base and not a.resume:   # after the checks: an error comes alone
+            start = (f"the memory starts from --init-ahn {a.init_ahn}" if a.init_ahn
+                     else "a fresh memory starts with o_proj = 0; pass --init-from-base to start from them")
+            say(f"note: {base_path} holds AHN weights; they are not used ({start})")
         # ---- model and trainer -----------------------------------------------------------------
         from .model import TrainModel
         base_dtype = torch.bfloat16 if bf16 else torch.float32
