@@ -184,8 +184,9 @@ def attn_merge(outs, lses, offsets, rows):
 def band_attention(q, k, v, left, scale, kv_len=None):
     """Attention with the diagonal at the bottom-right corner and ``left`` keys per query (0: no left bound):
     ref.band_attention_ref's semantics (``kv_len``, int32 [1] on q's device: only that many leading rows of
-    k, v are keys; on CUDA the caller keeps Tq <= kv_len <= k's rows, unchecked there). Returns (out [Tq, H, D], logsumexp [H, Tq] float32). On CUDA through cuDNN (where the
-    build found cudnn-frontend), on the CPU the C++ kernel."""
+    k, v are keys; on CUDA the caller keeps Tq <= kv_len <= k's rows, unchecked there). Returns (out [Tq, H, D],
+    logsumexp [H, Tq] float32). On CUDA through cuDNN (where the build found cudnn-frontend), on the CPU the C++
+    kernel."""
     fn = torch.ops.ahn_rt.band_attention if _use_ext(q) else ref.band_attention_ref
     return fn(q, k, v, left, scale, kv_len)
 
@@ -505,6 +506,11 @@ def _kernel_calls(p0: int, T: int, sinks: int, window: int, cudnn: bool, chunk: 
 
 
 _band_refused: list = []   # the first refusal of a band plan at warm-up (AHN_RT_PREFILL_BAND=1), said once
+
+
+def _first_line(e: BaseException) -> str:
+    """An error's first line, for the one stderr line that says the band attention is off."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
 _cudnn_warm = threading.local()   # .keys: the layouts whose cuDNN plans this thread has built; .reversed:
                                   # those whose reversed far-edge band plan it has built too; .band: the
                                   # ``_band_key``s of the band plans it has built (AHN_RT_PREFILL_BAND=1)
@@ -557,7 +563,7 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
                 _cudnn_warm.band = getattr(_cudnn_warm, "band", set()) | {_band_key(q, k, window)}
             except RuntimeError as e:   # said once per process, unless this build simply has no band path
                 if not _band_refused and "without cudnn-frontend" not in str(e):
-                    _band_refused.append((str(e).splitlines() or ['?'])[0])
+                    _band_refused.append(_first_line(e))
                     print(f"ahn_rt: cuDNN refused the band attention ({_band_refused[0]}); those chunks use "
                           "the ladder", file=sys.stderr)
             del kb
@@ -642,7 +648,7 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
             pass   # this chunk through the ladder (smaller buffers); the band stays on
         except RuntimeError as e:   # a cuDNN failure: that plan off for this thread, said once; the ladder
             _cudnn_warm.band = _cudnn_warm.band - {band_key}
-            print(f"ahn_rt: the band attention failed ({(str(e).splitlines() or ['?'])[0]}); the prefill uses the ladder",
+            print(f"ahn_rt: the band attention failed ({_first_line(e)}); the prefill uses the ladder",
                   file=sys.stderr)
     key = _cudnn_key(q, k, k_cache, v_cache)
     cudnn = _cudnn_ok and settings.prefill_cudnn() and key in getattr(_cudnn_warm, "keys", ())
