@@ -129,6 +129,15 @@ def one_line_warnings():
     warnings.formatwarning = _one_line_warning
 
 
+# The runtime's modes (ahn_rt.config.MODES, spelled here without importing torch).
+MODES = ("ahn", "swa", "full")
+
+
+def add_mode_argument(group):
+    """--mode, as every command spells it (the benches that take a checkpoint too)."""
+    group.add_argument("--mode", choices=list(MODES), help="default: ahn with AHN weights, else full")
+
+
 def add_model_arguments(ap, weights_help: str, weights_required: bool = False):
     """The options that choose and configure a model, the same in every command; returns the group."""
     m = ap.add_argument_group("model")
@@ -137,7 +146,7 @@ def add_model_arguments(ap, weights_help: str, weights_required: bool = False):
     m.add_argument("--tokenizer", help="tokenizer.json, or a folder holding one (default: the one beside the weights)")
     m.add_argument("--window", type=int, help="sliding window W (default: config, else 32640)")
     m.add_argument("--sinks", type=int, help="attention sinks S (default: config, else 128)")
-    m.add_argument("--mode", choices=["ahn", "swa", "full"], help="default: ahn with AHN weights, else full")
+    add_mode_argument(m)
     m.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     m.add_argument("--dtype", help="bf16, fp16 or float32 (default: the checkpoint's)")
     m.add_argument("--chunk-size", type=int, default=None,
@@ -174,21 +183,35 @@ def load_model(args):
     """ahn_rt.load from the options of ``add_model_arguments``; the tokenizer is checked now, before any
     compute."""
     import ahn_rt
-    from .errors import AhnError
     for flag, what in (("weights", "a .safetensors file or a checkpoint folder"),
                        ("ahn", "an AHN checkpoint, or leave --ahn out"),
                        ("tokenizer", "a tokenizer.json or a folder holding one, or leave --tokenizer out")):
         refuse_empty(getattr(args, flag), "--" + flag, what)
+    check_model_options(args)
+    model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
+                        device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
+    model.tokenizer
+    return model
+
+
+def check_model_options(args):
+    """AhnError for --mode / --window / --sinks / --chunk-size that would be ignored or refused: --window or
+    --sinks with --mode full, or with a checkpoint that has no AHN weights and no --mode (it runs full
+    attention, which keeps every token), checked on the checkpoint's headers before the weights load.
+    ``load_model`` runs it; a command that loads its model its own way or starts a server (a bench) runs it on
+    the same options (``args.weights`` None: random weights of the command's own, which hold an AHN memory; no
+    ``args.chunk_size``: a command without --chunk-size)."""
+    from .errors import AhnError
     if args.mode == "full" and (args.window is not None or args.sinks is not None):
         raise AhnError("--window and --sinks do nothing with --mode full (full attention keeps every token): "
                        "drop them, or use --mode ahn / swa")
     from .errors import int_arg   # named by their flags here (the API's own checks name its parameters)
     for flag, value, minimum in (("--window", args.window, 1), ("--sinks", args.sinks, 0),
-                                 ("--chunk-size", args.chunk_size, 1)):
+                                 ("--chunk-size", getattr(args, "chunk_size", None), 1)):
         if value is not None:
             int_arg(value, flag, minimum, message=f"{flag} must be >= {minimum}, got {value}")
-    if args.mode is None and (args.window is not None or args.sinks is not None):   # before the weights load
-        from .weights import open_checkpoint   # (the files' headers only; a bad path: load's own message below)
+    if args.weights is not None and args.mode is None and (args.window is not None or args.sinks is not None):
+        from .weights import open_checkpoint   # (the files' headers only; a bad path: ahn_rt.load's own message)
         try:
             has_ahn = open_checkpoint(args.weights, args.ahn).has_ahn
         except Exception:  # noqa: BLE001
@@ -197,7 +220,3 @@ def load_model(args):
             raise AhnError("--window / --sinks were given, but this checkpoint has no AHN weights, so it runs full "
                            "attention, which keeps every token: add --mode swa for sinks + window only, or --ahn "
                            "PATH, or drop them")
-    model = ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=args.dtype,
-                        device=args.device, mode=args.mode, chunk_size=args.chunk_size, tokenizer=args.tokenizer)
-    model.tokenizer
-    return model

@@ -1,5 +1,6 @@
 """The one exception type a user of ahn_rt sees for bad input: a one-line message that names the
-problem and what to do. The CLI prints it and exits 2, with no traceback."""
+problem and what to do. The CLI prints it and exits 2, with no traceback (1 for the subclasses of a runtime
+failure, which say so in ``exit_code``: ``NonFiniteLogits`` here, train's ``Diverged``)."""
 from __future__ import annotations
 
 import collections.abc
@@ -8,6 +9,14 @@ import numbers
 
 class AhnError(ValueError):
     """Bad input (file, option, checkpoint) described in one line."""
+
+
+class NonFiniteLogits(AhnError):
+    """A generation's logits held NaN or inf (weights that hold NaN/inf, or activations that overflowed): the
+    generation stops with one line instead of "sampling" from them (the NaN's argmax, token 0: often the end of
+    sequence, so an empty reply and no error). A runtime failure, not a usage error: a command exits 1
+    (``exit_code``, as train's ``Diverged``)."""
+    exit_code = 1
 
 
 def as_int(value) -> int | None:

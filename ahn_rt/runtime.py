@@ -19,10 +19,11 @@ from .cache import State, StatePool, refuse_torn, shared_pool
 from .cli import refuse_empty
 from .config import Config, resolve_runtime
 from .devices import parse_device
-from .errors import AhnError, as_int, int_arg, unordered
+from .errors import AhnError, NonFiniteLogits, as_int, int_arg, unordered
 from .graph import Stepper, batch_step
 from .model import Decoder
-from .sampling import MAX_LOGPROBS, LogprobTaker, PromptScorer, Sampler, SamplingParams, TokenLogprob
+from .sampling import (MAX_LOGPROBS, NON_FINITE, LogprobTaker, PromptScorer, Sampler, SamplingParams,
+                       TokenLogprob)
 # for the type hints (light modules: the standard library and torch)
 from .serve.prefix_cache import PrefixCache
 from .serve.prompt import Prompt
@@ -1021,6 +1022,11 @@ class _Run:
         return out
 
     def _accept(self, tid: int):
+        if tid == NON_FINITE:   # the sampler's mark for logits holding NaN/inf, read with the id (no sync of its own)
+            raise NonFiniteLogits(
+                f"the model produced non-finite logits (NaN or inf) at generated token {self.sampled}, so no token "
+                "can be sampled: the weights may hold NaN/inf (re-download or re-export the checkpoint), or the "
+                "activations overflowed (with dtype fp16, try bf16)")
         self.last_token = tid
         if tid in self._eos:   # with prompt_logprobs (echo) listed, as OpenAI and vLLM: after the flushed text
             self._finish("stop", flush=True, eos=tid if self._lp is not None and self._scorer is not None else None)

