@@ -138,6 +138,9 @@ class ChunkPlan:
                  (at most two runs),
     evict_rows:  range: then the chunk rows it hands over (tokens that enter and leave the window inside
                  the chunk). Pair i (of n = cached + rows) is read by chunk row ``T - n + i`` (the last n).
+    in_order:    the chunk fills the cache in order (p0 + T <= S + W): position p goes to slot p and no token
+                 leaves, so its writes may come before its attention, which then finds every key it attends
+                 in slots [0, p0 + T) (``model.prefill``, ``ops.prefill_attention``'s ``cached``).
     """
     p0: int
     T: int
@@ -145,6 +148,7 @@ class ChunkPlan:
     writes: list[tuple[int, int, int]]
     evict_cache: list[tuple[int, int]]
     evict_rows: range
+    in_order: bool = False
 
     @property
     def n_evict(self) -> int:
@@ -317,7 +321,7 @@ class State:
         writes = [(r, s, n) for r, s, n in ring_spans(p0, n_sink, S, W)]
         writes += [(r1 + r, s, n) for r, s, n in ring_spans(p0 + r1, T - r1, S, W)]
         return ChunkPlan(p0=p0, T=T, positions=pos, writes=writes, evict_cache=evict_cache,
-                         evict_rows=range(cached_end - p0, end - p0))
+                         evict_rows=range(cached_end - p0, end - p0), in_order=p0 + T <= S + W)
 
     def key_ranges(self, T: int) -> list[KeyRange]:
         """The keys a chunk of T tokens at the current position attends (``key_ranges``)."""
@@ -344,7 +348,8 @@ class State:
     def write(self, layer: int, plan: ChunkPlan, k: torch.Tensor, v: torch.Tensor,
               gates: dict[str, torch.Tensor] | None = None):
         """The chunk's ring writes for one layer (call after everything that reads the cache: the
-        attention over ``key_ranges`` and ``evicted``), one block copy per run of slots.
+        attention over ``key_ranges`` and ``evicted``; with ``plan.in_order`` before, as nothing it overwrites
+        is read), one block copy per run of slots.
         ``gates``: {field: [T, H]} in ahn mode."""
         for r, s, n in plan.writes:
             self.k[layer][:, s:s + n].copy_(k[r:r + n].transpose(0, 1))

@@ -138,14 +138,18 @@ class Decoder:
                 k = ops.rms_norm(k, lw.k_norm, c.rms_norm_eps)
             q = ops.rope(q, cos, sin)
             k = ops.rope(k, cos, sin)
-            attn = ops.prefill_attention(q, k, v, st.k[i], st.v[i], plan.p0, st.sinks, st.window, self.scale)
-            gates = None
+            gates = z = None
             if st.ahn:
                 gates, z = self.memory.gates(proj[:, self.v_end:], lw.mem)
-                if plan.n_evict:
-                    k_ev, v_ev, g_ev = st.evicted(i, plan, k, v, gates)
-                    attn[r] += self.memory.prefill(q[r], k_ev, v_ev, g_ev, z[r], st.memory[i], lw.mem)
-            st.write(i, plan, k, v, gates)
+            if plan.in_order:   # a chunk that fills the cache in order is written first, and attends from it
+                st.write(i, plan, k, v, gates)
+            attn = ops.prefill_attention(q, k, v, st.k[i], st.v[i], plan.p0, st.sinks, st.window, self.scale,
+                                         cached=plan.in_order)
+            if st.ahn and plan.n_evict:
+                k_ev, v_ev, g_ev = st.evicted(i, plan, k, v, gates)
+                attn[r] += self.memory.prefill(q[r], k_ev, v_ev, g_ev, z[r], st.memory[i], lw.mem)
+            if not plan.in_order:
+                st.write(i, plan, k, v, gates)
             ops.linear_add_(h, attn.reshape(T, H * D), lw.w_o, lw.b_o)
             self._mlp_(h, lw)
         st.advance(T)

@@ -184,7 +184,8 @@ def attn_merge(outs, lses, offsets, rows):
 def band_attention(q, k, v, left, scale, kv_len=None):
     """Attention with the diagonal at the bottom-right corner and ``left`` keys per query (0: no left bound):
     ref.band_attention_ref's semantics (``kv_len``, int32 [1] on q's device: only that many leading rows of
-    k, v are keys; on CUDA the caller keeps Tq <= kv_len <= k's rows, unchecked there). Returns (out [Tq, H, D],
+    k, v are keys; on CUDA the caller keeps Tq <= kv_len <= k's rows, unchecked there, and the rows past
+    kv_len finite: cuDNN's last tile reads them and masks their scores, and 0 x NaN is NaN). Returns (out [Tq, H, D],
     logsumexp [H, Tq] float32). On CUDA through cuDNN (where the build found cudnn-frontend), on the CPU the C++
     kernel."""
     fn = torch.ops.ahn_rt.band_attention if _use_ext(q) else ref.band_attention_ref
@@ -253,14 +254,17 @@ def gdn_chunk(q, k, v, beta, alpha, state, scale=None):
                          q, k, v, beta, alpha)
 
 
-def prefill_attention(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
+def prefill_attention(q, k, v, k_cache, v_cache, p0, sinks, window, scale, cached=False):
     """A chunk's attention over the ring cache (read in place) and its own keys; ref.prefill_attention_ref
     is the reference. On CUDA in fp16/bf16 through torch's bundled FlashAttention-2 forward, one call per
     key range with that range's window bounds, merged by log-sum-exp (the unmasked blocks of whole chunks
-    through cuDNN where enabled and warmed: ``_kernel_calls``)."""
+    through cuDNN where enabled and warmed: ``_kernel_calls``; whole chunks past the fill point as one cuDNN
+    band call: ``_prefill_attention_band``). ``cached``: the chunk's keys are already in slots [p0, p0 + T)
+    of the cache, written in order (``ChunkPlan.in_order``); the result is the same, and on CUDA such a
+    chunk may run as one cuDNN call over the cache (``_prefill_attention_fill``)."""
     if q.is_cuda and _backend != "ref":
         if _flash_ok(q.dtype, q.shape[-1]):
-            return _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
+            return _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale, cached)
         return _prefill_attention_sdpa(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
     if q.device.type == "cpu" and _backend != "ref":
         return _prefill_attention_blocks(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
@@ -513,7 +517,8 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 _cudnn_warm = threading.local()   # .keys: the layouts whose cuDNN plans this thread has built; .reversed:
                                   # those whose reversed far-edge band plan it has built too; .band: the
-                                  # ``_band_key``s of the band plans it has built (AHN_RT_PREFILL_BAND=1)
+                                  # ``_band_key``s and ``_fill_key``s of the band plans it has built
+                                  # (AHN_RT_PREFILL_BAND=1)
 
 
 def _cudnn_key(q, k, k_cache, v_cache) -> tuple:
@@ -554,19 +559,26 @@ def warm_prefill_attention(num_heads: int, num_kv_heads: int, head_dim: int, dty
             return False
         key = _cudnn_key(q, k, k_cache, k_cache)
         _cudnn_warm.keys = getattr(_cudnn_warm, "keys", set()) | {key}
-        if settings.prefill_band() and _use_ext(q):   # the band call of a steady chunk (all W - 1 + T keys);
-            # a refusal leaves those chunks to the ladder. Never the reference: it scores [H, Tq, n] at once.
+        if settings.prefill_band() and _use_ext(q):   # cuDNN's band calls: a steady chunk's (all W - 1 + T keys
+            # of a linear copy), a filling chunk's (the cache itself, its first p0 + T rows); a refusal leaves
+            # those chunks to the ladder. Never the reference: it scores [H, Tq, n] at once.
             kb = torch.zeros(num_kv_heads, window - 1 + chunk, head_dim, dtype=dtype, device=device)
-            try:
-                band_attention(q, kb.transpose(0, 1), kb.transpose(0, 1), window, head_dim ** -0.5)
-                torch.cuda.synchronize()
-                _cudnn_warm.band = getattr(_cudnn_warm, "band", set()) | {_band_key(q, k, window)}
-            except RuntimeError as e:   # said once per process, unless this build simply has no band path
-                if not _band_refused and "without cudnn-frontend" not in str(e):
-                    _band_refused.append(_first_line(e))
-                    print(f"ahn_rt: cuDNN refused the band attention ({_band_refused[0]}); those chunks use "
-                          "the ladder", file=sys.stderr)
-            del kb
+            calls = [(_band_key(q, k, window), lambda: band_attention(q, kb.transpose(0, 1), kb.transpose(0, 1),
+                                                                      window, head_dim ** -0.5))]
+            if chunk <= C:
+                calls.append((_fill_key(q, k_cache, k_cache), lambda: _prefill_attention_fill(
+                    q, k_cache, k_cache, chunk, head_dim ** -0.5)))
+            for band_key, call in calls:
+                try:
+                    call()
+                    torch.cuda.synchronize()
+                    _cudnn_warm.band = getattr(_cudnn_warm, "band", set()) | {band_key}
+                except RuntimeError as e:   # said once per process, unless this build simply has no band path
+                    if not _band_refused and "without cudnn-frontend" not in str(e):
+                        _band_refused.append(_first_line(e))
+                        print(f"ahn_rt: cuDNN refused the band attention ({_band_refused[0]}); those chunks use "
+                              "the ladder", file=sys.stderr)
+            del kb, calls
         if 1 < chunk < window:   # the far-edge band, reversed (``_kernel_calls``); a refusal turns off only it
             try:
                 _cudnn_reversed(q[1:], k[1:], k[1:], head_dim ** -0.5)
@@ -583,13 +595,46 @@ def _band_first(p0: int, T: int, sinks: int, window: int):
     keys, positions [p0 - W + 1, p0 + T), fill the whole linear buffer of W - 1 + T rows that ``_band_keys``
     lays out, under one bottom-right band of W keys, and the sinks (if any) are a second call. While the window
     fills, that buffer would be mostly padding, which costs more than the one call saves (H100: pp2048 33 ms
-    against the ladder's 29, pp32768 0.645 s against 0.635 s; bench/README.md), so those chunks keep the ladder."""
+    against the ladder's 29, pp32768 0.645 s against 0.635 s; bench/README.md), so those chunks take the fill
+    call over the cache itself where they fill it in order (``_prefill_attention_fill``), else the ladder."""
     return p0 - window + 1 if T > 0 and p0 >= sinks + window - 1 else None
 
 
 def _band_key(q, k, window) -> tuple:
     """What a band call's cuDNN plan depends on (its linear key buffers are laid out by ``_band_keys``)."""
     return (tuple(q.shape), k.shape[1], window, q.dtype, q.device)
+
+
+def _fill_key(q, k_cache, v_cache) -> tuple:
+    """What a filling chunk's cuDNN plan depends on (``_prefill_attention_fill``: the cache's layout)."""
+    return ("fill", tuple(q.shape), tuple(k_cache.shape), k_cache.stride(), v_cache.stride(), q.dtype, q.device)
+
+
+def _prefill_attention_fill(q, k_cache, v_cache, n, scale):
+    """A chunk of T tokens that fills the cache in order (``ChunkPlan.in_order``: its keys written first, to
+    slots [p0, p0 + T)): every query sees every earlier key, sinks included, so the chunk is one causal call
+    with the diagonal at the bottom-right corner of the cache's first ``n`` = p0 + T rows, read in place (no
+    copy, no merge; one plan for every p0, the key count a device scalar)."""
+    kv_len = torch.full((1,), n, dtype=torch.int32, device=q.device)   # a fill kernel, no sync
+    out, _ = band_attention(q if q.is_contiguous() else q.contiguous(), k_cache.transpose(0, 1),
+                            v_cache.transpose(0, 1), 0, scale, kv_len)
+    return out
+
+
+def _band_try(band_key, run):
+    """``run()``, a chunk's band call, where its plan is warmed; None where it is not or fails (the ladder then
+    runs the chunk). Out of memory keeps the band on; a cuDNN error takes that plan out for the thread, said
+    on stderr."""
+    if band_key not in getattr(_cudnn_warm, "band", ()):
+        return None
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        return None   # this chunk through the ladder (smaller buffers); the band stays on
+    except RuntimeError as e:
+        _cudnn_warm.band = _cudnn_warm.band - {band_key}
+        print(f"ahn_rt: the band attention failed ({_first_line(e)}); the prefill uses the ladder", file=sys.stderr)
+        return None
 
 
 def _band_keys(k, v, k_cache, v_cache, p0: int, first: int, sinks: int, window: int):
@@ -634,22 +679,22 @@ def _rows_aligned(t):
     return t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:-1])
 
 
-def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
+def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale, cached=False):
     global _cudnn_ok
     T, H, D = q.shape
     q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
-    first = _band_first(p0, T, sinks, window) if _cudnn_ok and settings.prefill_cudnn() and settings.prefill_band() \
-        else None
-    band_key = None if first is None else _band_key(q, k, window)
-    if band_key is not None and band_key in getattr(_cudnn_warm, "band", ()):
-        try:
-            return _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale, first)
-        except torch.OutOfMemoryError:
-            pass   # this chunk through the ladder (smaller buffers); the band stays on
-        except RuntimeError as e:   # a cuDNN failure: that plan off for this thread, said once; the ladder
-            _cudnn_warm.band = _cudnn_warm.band - {band_key}
-            print(f"ahn_rt: the band attention failed ({_first_line(e)}); the prefill uses the ladder",
-                  file=sys.stderr)
+    if _cudnn_ok and settings.prefill_cudnn() and settings.prefill_band():
+        out = None
+        if cached:
+            out = _band_try(_fill_key(q, k_cache, v_cache),
+                            lambda: _prefill_attention_fill(q, k_cache, v_cache, p0 + T, scale))
+        first = _band_first(p0, T, sinks, window)
+        if out is None and first is not None:
+            out = _band_try(_band_key(q, k, window),
+                            lambda: _prefill_attention_band(q, k, v, k_cache, v_cache, p0, sinks, window, scale,
+                                                            first))
+        if out is not None:
+            return out
     key = _cudnn_key(q, k, k_cache, v_cache)
     cudnn = _cudnn_ok and settings.prefill_cudnn() and key in getattr(_cudnn_warm, "keys", ())
     reversed_ok = cudnn and key in getattr(_cudnn_warm, "reversed", ())

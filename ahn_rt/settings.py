@@ -108,9 +108,10 @@ def prefill_cudnn() -> bool:
 
 
 def prefill_band() -> bool:
-    """AHN_RT_PREFILL_BAND: a chunk whose every window lies past the sinks attends it in one cuDNN band call
-    (the default, where built and warmed: ops.warm_prefill_attention), or every chunk through the ladder of
-    AHN_RT_PREFILL_CUDNN (0)."""
+    """AHN_RT_PREFILL_BAND: whole chunks in one cuDNN band call where one applies (the default, where built and
+    warmed: ops.warm_prefill_attention): a chunk whose every window lies past the sinks over a linear copy of
+    its keys (its sinks a second call), a chunk that fills the cache in order over the cache itself; or every
+    chunk through the ladder of AHN_RT_PREFILL_CUDNN (0)."""
     return _read("AHN_RT_PREFILL_BAND") == "1"
 
 

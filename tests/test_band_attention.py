@@ -133,6 +133,31 @@ def test_band_prefill_path_matches_reference_cpu(monkeypatch, S, W, p0, T):
         assert (narrow - want).abs().max().item() > 1e-5
 
 
+# (S, W, p0, T) of chunks that fill the cache in order (p0 + T <= S + W): from position 0, inside the sinks,
+# across the sinks' end, the last one before the fill point, one token, no sinks, W = 1
+FILL_CASES = [(4, 16, 0, 20), (4, 16, 0, 1), (4, 16, 2, 5), (4, 16, 6, 14), (4, 16, 19, 1), (0, 8, 3, 5),
+              (3, 1, 0, 4), (128, 1000, 300, 828), (128, 1000, 0, 512)]
+
+
+@pytest.mark.parametrize("S,W,p0,T", FILL_CASES)
+def test_fill_path_matches_reference_cpu(S, W, p0, T):
+    """A chunk that fills the cache in order, written first to slots [p0, p0 + T), as one causal band call over
+    the cache's first p0 + T rows (the C++ kernel): the reference's attention. The rows past them hold NaN
+    and never count; a key count one short (the chunk's last key missing) fails the bound."""
+    q, k, v, kc, vc = _prefill_case(S, W, p0, T, 4, 2, 16, torch.float32, "cpu", seed=p0 + T)
+    want = ref.prefill_attention_ref(q.double(), k.double(), v.double(), kc.double(), vc.double(), p0, S, W, 0.25)
+    kc[:, p0:p0 + T], vc[:, p0:p0 + T] = k.transpose(0, 1), v.transpose(0, 1)
+    kc[:, p0 + T:], vc[:, p0 + T:] = float("nan"), float("nan")
+    got = ops._prefill_attention_fill(q, kc, vc, p0 + T, 0.25)
+    assert (got.double() - want).abs().max().item() < 1e-5
+    if T > 1:   # the earlier queries do not see the last key
+        short = ops._prefill_attention_fill(q[:-1], kc, vc, p0 + T - 1, 0.25)
+        assert (short.double() - want[:-1]).abs().max().item() < 1e-5
+    if p0 + T > 1:
+        kc[:, p0 + T - 1] = 0   # the last key changed: the last query's output must move
+        assert (ops._prefill_attention_fill(q, kc, vc, p0 + T, 0.25)[-1].double() - want[-1]).abs().max() > 1e-5
+
+
 def test_band_first():
     """Which chunks the band path takes: those whose every query looks past the sinks (p0 >= S + W - 1), from
     the window's start; the ladder (None) while the window fills, around the fill point, and for no tokens."""
@@ -164,6 +189,22 @@ def test_band_attention_kv_len_uses_the_leading_rows():
         torch.ops.ahn_rt.band_attention(q, k, v, 4, 0.25, torch.tensor([9]))
 
 
+def _warm_band_path(monkeypatch, H, Hkv, D, T, S, W):
+    """The band and fill plans of ``T``-token chunks built on CUDA (bf16) with both switches on; skips on a
+    build without the cuDNN band path (the one reason to skip)."""
+    monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
+    monkeypatch.setenv("AHN_RT_PREFILL_BAND", "1")
+    monkeypatch.setattr(ops, "_cudnn_ok", True)
+    monkeypatch.setattr(ops._cudnn_warm, "band", set(), raising=False)
+    try:
+        torch.ops.ahn_rt.band_attention(*_inputs(4, 8, 2, 1, 64, torch.bfloat16, "cuda"), 0, 0.125)
+    except RuntimeError as e:
+        if "without cudnn-frontend" in str(e):
+            pytest.skip("this build has no cuDNN band attention")
+        raise
+    assert ops.warm_prefill_attention(H, Hkv, D, torch.bfloat16, "cuda", T, S, W)
+
+
 @pytest.mark.parametrize("p0", [0, 2048, 3000, 3100, 4223, 5000, 9000, 20000])
 @pytest.mark.cuda
 @pytest.mark.skipif(_NO_GPU, reason="no GPU")
@@ -173,17 +214,7 @@ def test_band_prefill_path_cuda_matches_reference(monkeypatch, p0):
     position 0, around the fill point) the ladder; each matches the reference within the bf16 bound of
     test_prefill.py's cuDNN test, and a window narrower by W/8 fails that bound where the window cuts."""
     S, W, T, H, Hkv, D = 128, 4096, 1024, 8, 2, 128
-    monkeypatch.setenv("AHN_RT_PREFILL_CUDNN", "1")
-    monkeypatch.setenv("AHN_RT_PREFILL_BAND", "1")
-    monkeypatch.setattr(ops, "_cudnn_ok", True)
-    monkeypatch.setattr(ops._cudnn_warm, "band", set(), raising=False)
-    try:   # the one reason to skip: a build without the cuDNN band path
-        torch.ops.ahn_rt.band_attention(*_inputs(4, 8, 2, 1, 64, torch.bfloat16, "cuda"), 0, 0.125)
-    except RuntimeError as e:
-        if "without cudnn-frontend" in str(e):
-            pytest.skip("this build has no cuDNN band attention")
-        raise
-    assert ops.warm_prefill_attention(H, Hkv, D, torch.bfloat16, "cuda", T, S, W)
+    _warm_band_path(monkeypatch, H, Hkv, D, T, S, W)
     probe_q, probe_k = torch.empty(T, H, D, dtype=torch.bfloat16, device="cuda"), torch.empty(T, Hkv, D)
     assert ops._band_key(probe_q, probe_k, W) in ops._cudnn_warm.band
     calls, real = [], ops._prefill_attention_band
@@ -200,6 +231,35 @@ def test_band_prefill_path_cuda_matches_reference(monkeypatch, p0):
     if p0 + T > W:
         narrow = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S,
                                            W - W // 8, D ** -0.5)
+        assert ((narrow - want).norm() / want.norm()).item() > 1e-2
+
+
+@pytest.mark.parametrize("p0", [0, 1024, 2048, 3000, 3200])
+@pytest.mark.cuda
+@pytest.mark.skipif(_NO_GPU, reason="no GPU")
+def test_fill_path_cuda_matches_reference(monkeypatch, p0):
+    """On CUDA through ``prefill_attention(cached=True)`` once ``warm_prefill_attention`` has built the fill plan:
+    a chunk that fills the cache in order (written first) is one cuDNN call over the cache's first p0 + T rows
+    (spied; the rows past them hold 1e4 and never count: finite, as cuDNN's last tile reads them and masks
+    their scores, so NaN there would give 0 x NaN), within the bf16 bound of the band test; a window half as
+    wide as its keys fails that bound."""
+    S, W, T, H, Hkv, D = 128, 4096, 1024, 8, 2, 128
+    _warm_band_path(monkeypatch, H, Hkv, D, T, S, W)
+    calls, real = [], ops._prefill_attention_fill
+    monkeypatch.setattr(ops, "_prefill_attention_fill", lambda *a: calls.append(a[3]) or real(*a))
+    q, k, v, kc, vc = _prefill_case(S, W, p0, T, H, Hkv, D, torch.bfloat16, "cuda", seed=p0)
+    want = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), p0, S, W, D ** -0.5)
+    kc[:, p0:p0 + T], vc[:, p0:p0 + T] = k.transpose(0, 1), v.transpose(0, 1)
+    kc[:, p0 + T:], vc[:, p0 + T:] = 1e4, 1e4
+    got = ops.prefill_attention(q, k, v, kc, vc, p0, S, W, D ** -0.5, cached=True).float()
+    assert calls == [p0 + T] and ops._fill_key(q, kc, vc) in ops._cudnn_warm.band
+    err = (got - want).abs().max().item()
+    rel_err = ((got - want).norm() / want.norm()).item()
+    assert err < 5e-2 and rel_err < 1e-2, f"max error {err:.2e}, relative {rel_err:.2e}"
+    if p0 > 0:
+        kc32, vc32 = kc.float(), vc.float()
+        narrow = ref.prefill_attention_ref(q.float(), k.float(), v.float(), kc32, vc32, p0, 0, (p0 + T) // 2,
+                                           D ** -0.5)
         assert ((narrow - want).norm() / want.norm()).item() > 1e-2
 
 
@@ -231,7 +291,8 @@ def test_band_failure_falls_back_to_the_ladder(monkeypatch, capsys, error):
 @pytest.mark.skipif(_NO_GPU, reason="no GPU")
 def test_band_path_model_prefill_matches_fp32_cpu(monkeypatch):
     """A whole model's chunked prefill on the GPU (bf16, chunks of 16 past a window of 64 and 4 sinks: chunks
-    from position 0 through the fill point to wrapped rings) with the band path on: it ran (spied) and
+    from position 0 through the fill point to wrapped rings) with the band path on: the chunks that fill the
+    cache in order took the fill call, the one across the fill point the ladder, the rest the band (spied); and
     its logits are as close to the float32 CPU model's as the CPU bf16 model's are (the calibrated budget of
     test_cuda_model.py), and close to the ladder's."""
     from ahn_rt.init_weights import random_state_dict
@@ -264,8 +325,12 @@ def test_band_path_model_prefill_matches_fp32_cpu(monkeypatch):
     monkeypatch.setenv("AHN_RT_PREFILL_BAND", "1")
     calls, real = [], ops._prefill_attention_band
     monkeypatch.setattr(ops, "_prefill_attention_band", lambda *a: calls.append(a[5]) or real(*a))
+    fills, real_fill = [], ops._prefill_attention_fill
+    monkeypatch.setattr(ops, "_prefill_attention_fill", lambda *a: fills.append(a[3]) or real_fill(*a))
     band = logits("bf16", "cuda")
-    assert len(calls) == 3 * 15   # every layer's chunks from p0 = 80 on (p0 >= S + W - 1 = 67); the rest: ladder
+    assert len(calls) == 3 * 15   # every layer's chunks from p0 = 80 on (p0 >= S + W - 1 = 67)
+    # the warm-up's call (16 keys), then every layer's chunks that fill in order (p0 + 16 <= S + W = 68)
+    assert fills == [16] + [n for n in (16, 32, 48, 64) for _ in range(3)]
     ref32, ref16 = logits("float32", "cpu"), logits("bf16", "cpu")
     err, err_cpu = rel(band, ref32), rel(ref16, ref32)
     assert err < 1.25 * err_cpu + 2e-3 and err < 5e-2, (err, err_cpu)

@@ -110,6 +110,10 @@ def test_chunk_plan(S, W, chunks):
         assert kept == [t for t in range(p0, p0 + T) if t < S or t >= p0 + T - W]
         assert plan.write_slots == [ring_slot(t, S, W) for t in kept]
         assert len(plan.writes) <= 3 and len(plan.evict_cache) <= 2
+        # in order: every position to its own slot, nothing evicted (the writes may precede the attention)
+        assert plan.in_order == (p0 + T <= S + W)
+        if plan.in_order:
+            assert plan.write_slots == list(range(p0, p0 + T)) and plan.n_evict == 0
         st.advance(T)
 
 
@@ -141,7 +145,7 @@ def test_chunk_plan_full_mode(chunks):
         plan = st.plan(T)
         assert st.capacity >= p0 + T
         assert plan.n_evict == 0 and plan.evict_cache == [] and len(plan.evict_rows) == 0
-        assert plan.writes == [(0, p0, T)]
+        assert plan.writes == [(0, p0, T)] and plan.in_order
         st.advance(T)
 
 
