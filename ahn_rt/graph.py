@@ -142,7 +142,9 @@ def batch_step(decoder, states, ids: torch.Tensor, graphs: dict) -> tuple[torch.
 class Stepper:
     """``tok = stepper(tok)``: decode one token (int64 [1] on the device) and sample the next.
     ``logits`` holds the float32 [vocab] logits of the last step (on the graph path a static buffer that
-    the next step overwrites)."""
+    the next step overwrites). A step whose logits hold NaN/inf returns ``sampling.NON_FINITE`` (-1), which
+    is no token: read the id before feeding it back (the runtime's loops do, and stop with one error line);
+    fed to the model, -1 fails its embedding (on CUDA a device-side assert)."""
 
     def __init__(self, session, sampler):
         self.session = session

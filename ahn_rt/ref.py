@@ -82,8 +82,9 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
     """A chunk's attention over the ring cache and its own keys (docs/semantics.md §2-§3).
 
     q: [T, H, D], k, v: [T, Hkv, D] for positions [p0, p0 + T); k_cache, v_cache: [Hkv, C, D] as they are
-    after p0 tokens (before the chunk's writes). Every occupied slot and every chunk row is a candidate
-    key; the sinks + window rule picks. Returns [T, H, D] in q.dtype.
+    after p0 tokens (before the chunk's writes; a chunk that fills the cache in order may be written already:
+    only slots of positions below p0 are read). Every occupied slot and every chunk row is a candidate key;
+    the sinks + window rule picks. Returns [T, H, D] in q.dtype.
     """
     k_all, v_all, q_pos, k_pos = chunk_keys(k, v, k_cache, v_cache, p0, sinks, window)
     return window_attention_ref(q, k_all, v_all, q_pos, k_pos, sinks, window, scale)

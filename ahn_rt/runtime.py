@@ -824,7 +824,8 @@ class Session:
     def stepper(self, sampler: Sampler):
         """A ``Stepper``: token -> next token (both int64 [1] on the device), one decode step and a
         sample; its ``logits`` are those of the last step. On CUDA it replays a captured graph
-        (ahn_rt.graph); elsewhere it runs eagerly."""
+        (ahn_rt.graph); elsewhere it runs eagerly. Logits holding NaN/inf give -1 (``sampling.NON_FINITE``),
+        never a token: check the id before feeding it back."""
         return Stepper(self, sampler)
 
 

@@ -234,10 +234,11 @@ def main(argv=None) -> int:
             out = os.path.join(tmp.name, args.preset, "model.safetensors")
             print(f"[serve_load] writing random {args.preset} weights and the Qwen2.5 tokenizer to {out}",
                   file=sys.stderr)
-            if init_weights(["--preset", args.preset, "--ahn", "gdn", "--tokenizer", "qwen2.5", "--dtype",
-                             "bf16" if args.dtype is None else args.dtype, "--out", out]) != 0:
+            rc = init_weights(["--preset", args.preset, "--ahn", "gdn", "--tokenizer", "qwen2.5", "--dtype",
+                               "bf16" if args.dtype is None else args.dtype, "--out", out])
+            if rc != 0:   # its one line is said; its code passed on (1: a failed write, 2: a mistake)
                 tmp.cleanup()
-                return 2
+                return rc
             weights = out
         sargs = ["--weights", weights, "--max-sessions", str(max(levels)), "--max-queue", str(MAX_CLIENTS),
                  "--max-tokens", str(max(args.max_tokens, 16)), "--max-prompt-tokens", str(max(args.prompt_tokens, 16))]

@@ -29,7 +29,7 @@ from ahn_rt.runtime import from_state_dict
 
 
 def attention_standin(parts: int):
-    def attention(q, k, v, k_cache, v_cache, p0, sinks, window, scale):
+    def attention(q, k, v, k_cache, v_cache, p0, sinks, window, scale, cached=False):
         T, H, D = q.shape
         held = [(torch.zeros(T, H, D, dtype=q.dtype), torch.zeros(H, T)) for _ in range(parts)]
         out = torch.zeros(T, H, D, dtype=q.dtype)

@@ -136,12 +136,12 @@ outs = [torch.randn(n, H, D, device=dev, dtype=dt) for n in [100] * 12 + [1, 99,
 torch.ops.ahn_rt.attn_merge(outs=outs, lses=[torch.randn(H, o.shape[0], device=dev) for o in outs],
                             offsets=[0] * 12 + [99, 0, 50, 97], rows=100)
 # the band attention (cuDNN, where built): whole buffers and padded (kv_len), GQA, a left bound; no left bound
-# over the first kv_len rows of a cache (a filling chunk), the rows past them NaN
+# over the first kv_len rows of a cache (a filling chunk)
 for n_keys, rows, left in ((300, 300, 100), (300, 333, 100), (200, 333, 0)):
     kb, vb = (torch.randn(Hkv, rows, D, device=dev, dtype=dt).transpose(0, 1) for _ in range(2))
     kv_len = torch.tensor([n_keys], dtype=torch.int32, device=dev) if rows > n_keys else None
-    if left == 0:
-        kb[n_keys:], vb[n_keys:] = float("nan"), float("nan")
+    if left == 0:   # finite past kv_len, as the prefill's cache rows are (cuDNN's last tile reads them)
+        kb[n_keys:], vb[n_keys:] = 1e4, 1e4
     try:
         torch.ops.ahn_rt.band_attention(torch.randn(128, H, D, device=dev, dtype=dt), kb, vb, left, D ** -0.5,
                                         kv_len)

@@ -119,6 +119,39 @@ def test_feeds_equal_one_shot(spec, ws):
         check(run_feeds(model, ids, plan), one, f"{spec.id} W={W} S={S} feeds {name} {plan[:4]}", RTOL_SELF)
 
 
+@pytest.mark.parametrize("mode", ["ahn", "swa", "full"])
+def test_fill_call_through_the_model_matches_oracle(monkeypatch, mode):
+    """The CUDA prefill's fill call, routed onto the CPU's band kernel for every chunk the State plans in order
+    (``ChunkPlan.in_order``: written to the cache first, then one causal call over the cache's first p0 + T
+    rows): the model still gives the float64 oracle's logits, in chunks before, up to and past the fill point
+    (full mode: every chunk, the cache growing past 256 slots). This is the model's side of the CUDA path: the
+    early write, and the attention reading the chunk's keys from the cache."""
+    from ahn_rt import ops
+    spec, (W, S) = FAMILIES[0], (8, 4)
+    T, chunk = (300, 64) if mode == "full" else (length(W, S), 5)
+    real, fills = ops.prefill_attention, []
+
+    def routed(q, k, v, k_cache, v_cache, p0, sinks, window, scale, cached=False):
+        if cached:
+            fills.append(p0)
+            return ops._prefill_attention_fill(q, k_cache, v_cache, p0 + q.shape[0], scale)
+        return real(q, k, v, k_cache, v_cache, p0, sinks, window, scale)
+
+    monkeypatch.setattr(ops, "prefill_attention", routed)
+    ids = random_ids(T, spec.vocab, seed=16)
+    if mode == "ahn":
+        model = load_ahn(spec, W, S, chunk_size=chunk)
+        ref = oracle_logits(base(spec), ahn_only(spec, W, S), W, S, "ahn", T, 16, spec.vocab)
+    else:
+        kw = {} if mode == "full" else {"window": W, "sinks": S}
+        model = ahn_rt.load(base(spec), dtype=torch.float32, mode=mode, chunk_size=chunk, **kw)
+        ref = oracle_logits(base(spec), None, W, S, mode, T, 16, spec.vocab)
+    check(run_feeds(model, ids), ref, f"{spec.id} {mode} fill call W={W} S={S} T={T}", RTOL_ORACLE)
+    layers = model.config.num_layers
+    want = range(0, T, chunk) if mode == "full" else (0, 5)   # ahn / swa: p0 + 5 <= S + W = 12
+    assert fills == [p0 for p0 in want for _ in range(layers)]
+
+
 @pytest.mark.parametrize("chunk_kind", ["1", "W-1", "W+1", "S+W-1"])
 @pytest.mark.parametrize("ws", [(3, 1), (8, 4), (13, 0)], ids=ws_id)
 @pytest.mark.parametrize("spec", FAMILIES, ids=lambda s: s.id)

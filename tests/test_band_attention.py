@@ -143,7 +143,7 @@ FILL_CASES = [(4, 16, 0, 20), (4, 16, 0, 1), (4, 16, 2, 5), (4, 16, 6, 14), (4, 
 def test_fill_path_matches_reference_cpu(S, W, p0, T):
     """A chunk that fills the cache in order, written first to slots [p0, p0 + T), as one causal band call over
     the cache's first p0 + T rows (the C++ kernel): the reference's attention. The rows past them hold NaN
-    and never count; a key count one short (the chunk's last key missing) fails the bound."""
+    and never count; one key fewer leaves the earlier queries as they are and moves the last one's output."""
     q, k, v, kc, vc = _prefill_case(S, W, p0, T, 4, 2, 16, torch.float32, "cpu", seed=p0 + T)
     want = ref.prefill_attention_ref(q.double(), k.double(), v.double(), kc.double(), vc.double(), p0, S, W, 0.25)
     kc[:, p0:p0 + T], vc[:, p0:p0 + T] = k.transpose(0, 1), v.transpose(0, 1)

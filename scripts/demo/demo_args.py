@@ -29,12 +29,13 @@ SEED_MAX = 2 ** 64 - 1   # numpy's generators take no negative seed, torch.manua
 
 
 def run(body, args) -> int:
-    """``body(args)``; an AhnError (a user's mistake) is one line on stderr, exit 2."""
+    """``body(args)``; an AhnError is one line on stderr, exit 2 for a user's mistake (1 for a runtime failure
+    that says so in ``exit_code``: NonFiniteLogits)."""
     try:
         return body(args)
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return getattr(e, "exit_code", 2)
 
 
 def seed_arg(text: str) -> int:
