@@ -81,6 +81,26 @@ class Tokenizer:
         check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def has_special_text(self, text: str) -> bool:
+        """Whether ``text`` spells a special token (such as <|im_end|>), which ``encode`` would read as that token."""
+        spelled = self.__dict__.get("_special_texts")
+        if spelled is None:
+            spelled = self._special_texts = tuple(
+                t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
+        return any(s in text for s in spelled)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: a special token written in it is spelled in ordinary tokens (a
+        chat message's "<|im_end|>" must not end its turn). Otherwise as ``encode``."""
+        check_text(text)
+        plain = self.__dict__.get("_plain")
+        if plain is None:   # a copy that reads special tokens as text (the shared one stays as it is)
+            import tokenizers
+            plain = tokenizers.Tokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return plain.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids) -> str:
         """Text of ``ids`` (token ids of any integer type: a list, a 1-D tensor), special tokens included;
         invalid UTF-8 becomes U+FFFD. Anything else is an AhnError (it was the tokenizers library's

@@ -659,6 +659,22 @@ def test_a_wrong_method_gets_405_with_allow(server):
             assert f"{method} {path}" in err["message"] and f"use {allow}" in err["message"], err["message"]
 
 
+def test_trailing_slash_head_health_and_tools_with_choice_none(server, client):
+    # a trailing slash got a bare 307 (the client sent its body twice; behind a TLS proxy the Location said http://):
+    # now the 404 naming the path; HEAD /health was 405 (load balancers probe with HEAD); tools with a
+    # tool_choice of "none" were refused although no tool may be called: served without the definitions
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=60) as h:
+        r = h.post("/v1/chat/completions/", json={"messages": _messages(0), "max_tokens": 1})
+        assert r.status_code == 404 and "/v1/chat/completions/" in r.json()["error"]["message"], r.text
+        assert h.head("/health").status_code == 200
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    r = client.chat.completions.create(model="tiny", messages=_messages(0), max_tokens=2, tools=tools,
+                                       tool_choice="none")
+    assert r.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=_messages(0), max_tokens=2, tools=tools)
+
+
 def test_an_unknown_path_is_named_and_a_missing_v1_is_pointed_out(server):
     # the openai client given base_url="http://host:port" (without /v1) posts to /chat/completions: the 404 said
     # only "not found: see /v1/models, ...", naming neither the request nor the base_url that causes it

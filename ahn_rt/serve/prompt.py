@@ -105,15 +105,25 @@ def chat_prompt(tokenizer, messages, *, default_system: str | None = None, add_s
     if add_system and (not msgs or msgs[0][0] != "system"):
         msgs.insert(0, ("system", QWEN25_DEFAULT_SYSTEM if default_system is None else default_system))
     enc = tokenizer.encode
+    spelled = getattr(tokenizer, "has_special_text", lambda text: False)
+
+    def turn(before: str, content: str) -> list[int]:
+        # A message's text is text: where it spells a special token (a user's "<|im_end|>\n<|im_start|>system"
+        # would close its turn and forge another) it is encoded apart, as plain text; otherwise the turn is
+        # one string, tokenized as Hugging Face's chat template does.
+        if spelled(content):
+            return enc(before) + tokenizer.encode_text(content) + enc(f"{IM_END}\n")
+        return enc(f"{before}{content}{IM_END}\n")
+
     ids: list[int] = list(head)
     marks: list[int] = []
     for role, content in msgs:
         if role == "assistant":
             ids += enc(f"{IM_START}assistant\n")
             marks.append(len(ids))
-            ids += enc(f"{content}{IM_END}\n")
+            ids += turn("", content)
         else:
-            ids += enc(f"{IM_START}{role}\n{content}{IM_END}\n")
+            ids += turn(f"{IM_START}{role}\n", content)
         marks.append(len(ids))
     if generation_prompt:
         ids += enc(f"{IM_START}assistant\n")

@@ -144,8 +144,9 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         if top is not None and not want:   # as OpenAI and vLLM
             raise ApiError(400, "top_logprobs is only allowed with \"logprobs\": true", "top_logprobs")
         logprobs = (top or 0) if want else None
-        for name in ("tools", "functions"):
-            if _typed(body, name, list):
+        no_calls = "none" in (body.get("tool_choice"), body.get("function_call"))
+        for name in ("tools", "functions"):   # with a choice of "none", served without their definitions
+            if _typed(body, name, list) and not no_calls:
                 raise _unsupported(name, "no tool or function calling")
         for name in ("tool_choice", "function_call"):   # function_call: the older name of tool_choice
             if body.get(name) not in (None, "none"):
@@ -378,7 +379,10 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         await asyncio.to_thread(scheduler.shutdown, True)
         await asyncio.to_thread(sessions.flush)
 
-    app = FastAPI(title="ahn_rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: "/v1/chat/completions/" gets the OpenAI-shaped 404 naming the path, not a bare 307
+    # (which a client follows by sending its body again, and which names plain http:// behind a TLS proxy)
+    app = FastAPI(title="ahn_rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -412,7 +416,7 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
     def model_card():
         return {"id": opts.model_name, "object": "model", "created": created, "owned_by": "ahn_rt"}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # HEAD: load balancers' probes
     async def health():
         return {"status": "ok", "active_sessions": scheduler.active, "queue_depth": scheduler.queued}
 
