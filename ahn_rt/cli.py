@@ -129,7 +129,7 @@ def one_line_warnings():
     warnings.formatwarning = _one_line_warning
 
 
-# The runtime's modes (ahn_rt.config.MODES, spelled here without importing torch).
+# The runtime's modes, spelled once here (ahn_rt.config uses them; this module imports no torch).
 MODES = ("ahn", "swa", "full")
 
 

@@ -20,7 +20,7 @@ DEFAULT_SINKS = 128
 # mistake that fits on no device, refused where it is given (load; the train CLI's --infer-window, before it is
 # written into config.json) rather than at the first session's allocation.
 MAX_CACHE_SLOTS = 2**31 - 1
-MODES = ("ahn", "swa", "full")
+from .cli import MODES  # noqa: E402 - the one spelling, in the module that needs no torch
 # docs/semantics.md §6, §11: the memory's output norm (GatedDeltaNet, DeltaNet: FusedRMSNormSwishGate;
 # Mamba2: RMSNormGated) uses eps 1e-5.
 AHN_NORM_EPS = 1e-5

@@ -3,7 +3,7 @@ line on stderr, "error: <problem and what to do>", exit status 2, no traceback:
 
 * ``ArgParser`` (ahn_rt.cli): usage errors in one line; ``positive_int`` / ``nonneg_int`` /
   ``positive_float`` / ``nonneg_float`` / ``tokens_arg`` / ``seed_arg`` as argparse types;
-* ``add_mode_argument`` / ``check_model_options`` (ahn_rt.cli): ``--mode`` as the commands spell it, and
+* ``add_mode_argument`` (ahn_rt.cli) / ``check_model_args``: ``--mode`` as the commands spell it, and
   what ``python -m ahn_rt.generate`` refuses in --mode / --window / --sinks (a window for a checkpoint
   without AHN weights, which runs full attention), checked before the model loads;
 * ``parse_tokens`` / ``token_list``: token counts and depths such as ``2k``, ``32k``, ``1.5k`` or ``4096``
@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:   # an installed ahn_rt comes first; else the one 
 
 # ArgParser re-exported: every bench's parser; interrupted: serve_load's Ctrl-C after its own cleanup
 from ahn_rt.cli import ArgParser, exit_on_interrupt, interrupted, refuse_empty  # noqa: E402,F401
-# --mode as the commands spell it, and their check of --mode / --window / --sinks against the checkpoint
+# --mode as the commands spell it, and their check of --mode / --window / --sinks (``check_model_args`` below)
 from ahn_rt.cli import add_mode_argument, check_model_options  # noqa: E402,F401
 # the argparse types of a number (shared with scripts/demo): re-exported for the benches
 from ahn_rt.cli import int_list, nonneg_float, nonneg_int, once_each, positive_float, positive_int  # noqa: E402,F401
@@ -49,6 +49,16 @@ def fail(msg: str, code: int = 2):
     """One line, "error: <msg>", on stderr, and exit (2: the user's mistake)."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def check_model_args(args):
+    """What ``python -m ahn_rt.generate`` refuses in --mode / --window / --sinks (``ahn_rt.cli.check_model_options``:
+    a window for a checkpoint without AHN weights, which runs full attention): one line, exit 2, before the
+    model loads or a server starts."""
+    try:
+        check_model_options(args)
+    except AhnError as e:
+        fail(str(e))
 
 
 # ---- start-up ------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # ahn_rt from this checkout
 from bench_args import (ArgParser, add_mode_argument, check_device, check_exists, check_fits,  # noqa: E402
-                        check_model_options, check_output, fail, nonneg_int, out_of_memory, output_arg,
+                        check_model_args, check_output, fail, nonneg_int, out_of_memory, output_arg,
                         positive_int, script_start, seed_arg, tokens_arg, write_json)
 
 if __name__ == "__main__":
@@ -101,10 +101,7 @@ def main(argv=None) -> int:
         ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
     check_exists(args.weights, "--weights")
     check_exists(args.ahn, "--ahn")
-    try:   # as python -m ahn_rt.generate: a --window for a checkpoint without AHN weights (full attention) ignored
-        check_model_options(args)
-    except ahn_rt.AhnError as e:
-        fail(str(e))
+    check_model_args(args)   # as python -m ahn_rt.generate: a --window for a checkpoint without AHN weights
     from ahn_rt.serve.__main__ import parse_size
     try:
         cache_bytes = parse_size(args.cache_bytes, "--cache-bytes")

@@ -28,8 +28,8 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_args import (AhnError, ArgParser, add_mode_argument, check_device, check_exists,  # noqa: E402
-                        check_fits, check_model_options, check_output, check_settings, fail, int_list,
+from bench_args import (ArgParser, add_mode_argument, check_device, check_exists,  # noqa: E402
+                        check_fits, check_model_args, check_output, check_settings, fail, int_list,
                         interrupted, nonneg_int, output_arg, positive_int, tokens_arg, write_json)
 
 # what starts a server; none of it applies to --url (a server that is already running)
@@ -208,10 +208,7 @@ def main(argv=None) -> int:
             ap.error("--ahn is the AHN checkpoint of --weights; give --weights too (or leave --ahn out)")
         check_exists(args.weights, "--weights")
         check_exists(args.ahn, "--ahn")
-        try:   # what the server would refuse in --mode / --window / --sinks: one line before anything starts
-            check_model_options(args)
-        except AhnError as e:
-            fail(str(e))
+        check_model_args(args)   # what the server would refuse in --mode / --window / --sinks, before it starts
         # before weights are written: a machine without a GPU would write them and serve them on the CPU
         check_device("cuda" if args.device is None else args.device,
                      cpu_hint="; for the CPU smoke run: --preset tiny --device cpu --max-tokens 16 --prompt-tokens 64")
