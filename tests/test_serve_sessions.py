@@ -44,6 +44,33 @@ def test_one_request_at_a_time_and_lru_by_bytes(model):
     assert store.delete("b") and not store.delete("zzz") and store.in_memory == 1
 
 
+def test_a_closing_request_is_waited_for_not_refused(model):
+    """A request whose client went away (``closing``) holds its conversation until its run stops: a checkout in
+    that moment waits for the release and gets the conversation; a busy one that is not closing is refused at
+    once, and a closing one that never releases is refused after the wait."""
+    import threading
+    import time
+    store = SessionStore(model, max_bytes=1 << 30)
+    store.checkout("a")
+    store.checkin("a", _conv(model, 20))
+    store.checkout("a")
+    t0 = time.perf_counter()
+    with pytest.raises(SessionBusy):                          # still running, client there: 409 at once
+        store.checkout("a", closing_wait=5.0)
+    assert time.perf_counter() - t0 < 1.0
+    store.closing("a")
+    threading.Timer(0.2, store.release, ("a",)).start()       # the cancelled run stops at its next token
+    assert store.checkout("a", closing_wait=5.0).position == 20
+    store.closing("a")                                        # never released
+    t0 = time.perf_counter()
+    with pytest.raises(SessionBusy):
+        store.checkout("a", closing_wait=0.3)
+    assert 0.25 < time.perf_counter() - t0 < 3.0
+    store.release("a")
+    store.closing("a")                                        # not busy: nothing to wait for
+    assert store.checkout("a", closing_wait=5.0).position == 20 and not store._closing
+
+
 def test_state_dir_keeps_conversations_across_restarts(model, tmp_path):
     store = SessionStore(model, max_bytes=1, state_dir=tmp_path)   # nothing fits in memory: disk only
     conv = _conv(model, 23, last=7)

@@ -627,6 +627,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         finally:
             if not gen.ticket.ended.is_set():
                 gen.ticket.cancel()       # the client went away: stop at the next token
+                if sid is not None:
+                    sessions.closing(sid)
 
     async def _complete(request, gen, rid, created, sid, chat, echo):
         async def collect():
@@ -646,6 +648,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             if not work.done():
                 gen.ticket.cancel()
                 work.cancel()
+                if sid is not None:
+                    sessions.closing(sid)
             watch.cancel()
         if not work.done() or work.cancelled():
             return Response(status_code=499)    # nobody is listening

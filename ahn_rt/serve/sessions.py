@@ -10,7 +10,9 @@ and a request naming it gets 404.
 
 One request at a time per conversation: ``checkout`` marks it busy (a second request gets
 ``SessionBusy``, 409) until ``checkin`` (the request finished: the new state) or ``release`` (it failed
-or was cancelled: the conversation stays as it was).
+or was cancelled: the conversation stays as it was). A request whose client went away is ``closing``
+until its run stops at its next token and releases the conversation: a request in that moment (a client
+that dropped a stream and asks again) waits for the release instead of getting 409.
 """
 from __future__ import annotations
 
@@ -77,7 +79,9 @@ class SessionStore:
         self._busy: set[str] = set()
         self._lost: set[str] = set()
         self._pending: dict[str, Conversation] = {}   # written to disk soon
+        self._closing: set[str] = set()   # busy, but its client is gone: released at the run's next token
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._writes: queue.Queue = queue.Queue()
         self._writer = None
         self._io_session = None
@@ -88,10 +92,13 @@ class SessionStore:
         return len(self._mem)
 
     # ---- a request's view ------------------------------------------------------------------------
-    def checkout(self, sid: str) -> Conversation | None:
-        """The conversation ``sid`` for one request (None: a new one). May read the disk: call it off the
-        event loop. Raises SessionBusy, SessionLost, or AhnError when a saved state cannot be restored."""
+    def checkout(self, sid: str, closing_wait: float = 5.0) -> Conversation | None:
+        """The conversation ``sid`` for one request (None: a new one). May read the disk and wait up to
+        ``closing_wait`` seconds for a cancelled request's release: call it off the event loop. Raises
+        SessionBusy, SessionLost, or AhnError when a saved state cannot be restored."""
         with self._lock:
+            if sid in self._closing:
+                self._freed.wait_for(lambda: sid not in self._busy, timeout=closing_wait)
             if sid in self._busy:
                 raise SessionBusy(f"session_id {sid!r} is in use by another request; send one request "
                                   "at a time per session")
@@ -116,7 +123,19 @@ class SessionStore:
 
     def release(self, sid: str):
         with self._lock:
-            self._busy.discard(sid)
+            self._free(sid)
+
+    def closing(self, sid: str):
+        """The request holding ``sid`` was cancelled (its client went away): the next checkout waits for its
+        release."""
+        with self._lock:
+            if sid in self._busy:
+                self._closing.add(sid)
+
+    def _free(self, sid: str):   # under the lock
+        self._busy.discard(sid)
+        self._closing.discard(sid)
+        self._freed.notify_all()
 
     def checkin(self, sid: str, conv: Conversation):
         """Keep the conversation's new state (in memory, and on disk with a state directory)."""
@@ -141,7 +160,7 @@ class SessionStore:
                 self._pending[sid] = conv
                 self._start_writer()
                 self._writes.put((sid, conv))
-            self._busy.discard(sid)
+            self._free(sid)
 
     def delete(self, sid: str) -> bool:
         with self._lock:

@@ -6,8 +6,9 @@
 #   bash scripts/demo/run_gpu.sh           # one H200, about 8 minutes planned (9.3 at the time guards)
 #   bash scripts/demo/run_gpu.sh --smoke   # every stage at toy size on the CPU, about 15 seconds on a 2-core CPU
 #
-# $OUT receives exactly 8 files (each < 16 MiB, at most $OUT/a/file):
-#   demo/{model.safetensors,config.json,generation_config.json,tokenizer.json}   the merged demo model
+# $OUT receives these files (each < 16 MiB, at most $OUT/a/file):
+#   demo/{model.safetensors,config.json,generation_config.json,tokenizer.json}   the merged demo model (a
+#     model.safetensors over 15 MiB comes as model.safetensors.part0, .part1, ...: join them with cat)
 #   eval/{eval.md,eval.json}      the evaluation table and every number (+ pipeline settings and timings)
 #   logs/{teacher_log.jsonl,distill_log.jsonl}
 # Overrides (environment): TEACHER_ARGS (extra teacher-shape flags), DISTILL_ARGS (extra ahn_rt.train flags,
@@ -28,6 +29,7 @@ export AHN_RT_TRAIN_ATTENTION=${AHN_RT_TRAIN_ATTENTION:-sdpa}
 PY=${PYTHON:-python3}
 DATA=data/demo
 MODE=full
+source scripts/demo/ship_demo.sh
 [[ "${1:-}" == "--smoke" ]] && MODE=smoke
 
 if [[ $MODE == full ]]; then
@@ -50,8 +52,9 @@ else
   WORK=${WORK:-$DATA/smoke}; OUT=${SMOKE_OUT:-$DATA/smoke/out}; DEV=cpu
   L=512; WIN=64; SINKS=16
   T_STEPS=${TEACHER_STEPS:-30}; T_BATCH=4; T_LIMIT=${TEACHER_LIMIT:-0}
+  read -r -a T_SHAPE <<< "${TEACHER_ARGS:-}"   # after the toy shape: a smoke run of another shape
   T_EXTRA=(--hidden 64 --layers 2 --heads 2 --kv-heads 1 --mlp 128 --warmup 5 --lr 3e-3 --log-every 10
-           --eval-every 30 --eval-seqs 2)
+           --eval-every 30 --eval-seqs 2 "${T_SHAPE[@]}")
   D_STEPS=${DISTILL_STEPS:-4}; D_BATCH=4; D_LIMIT=${DISTILL_LIMIT:-300}; D_DIST_MIN=${DIST_MIN:-32}
   read -r -a D_ARGS <<< "${DISTILL_ARGS:-}"
   D_EXTRA=(--dtype float32 --log-every 1 --save-every 2 "${D_ARGS[@]}")
@@ -140,14 +143,9 @@ $PY scripts/demo/evaluate.py --model "$WORK/ahn/merged" --data "$DATA" --seq-len
 done_stage
 
 stage collect
-for f in model.safetensors config.json generation_config.json tokenizer.json; do
-  cp "$WORK/ahn/merged/$f" "$OUT/demo/$f"
-done
+ship_demo "$WORK/ahn/merged" "$OUT/demo"
 [[ -f "$TEACHER_DIR/log.jsonl" ]] && cp "$TEACHER_DIR/log.jsonl" "$OUT/logs/teacher_log.jsonl"
 cp "$WORK/ahn/log.jsonl" "$OUT/logs/distill_log.jsonl"
-size=$(stat -c %s "$OUT/demo/model.safetensors")
-echo "merged demo model: $size bytes ($(awk "BEGIN{printf \"%.2f\", $size/1048576}") MiB)"
-if (( size > 15 * 1048576 )); then echo "ERROR: model.safetensors is over 15 MiB"; exit 1; fi
 (cd "$OUT" && find . -type f | sort | xargs sha256sum)
 done_stage
 echo "== pipeline done in $(( $(date +%s) - T_START )) s; $TIMING}"

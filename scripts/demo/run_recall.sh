@@ -9,7 +9,8 @@
 # Then the evaluation. WINDOW (default 32, the shipped model's; 128 gives the model shipped until commit
 # 30b2b51) sets the sliding window of both stages, the far / near passkey distances and the evaluation's
 # inside-the-window distance. Needs data/demo/ (build_corpus.py) and the stage-5 model (run_gpu.sh's merged
-# folder).
+# folder). RECALL_LAYER (default 5) is the layer stage 6 trains: that of the teacher's copy heads
+# (recall_probe.py heads names it for another teacher).
 #
 #   FROM=DIR bash scripts/demo/run_recall.sh           # one H100 / H200, about 4 minutes
 #   FROM=data/demo/smoke/out/demo bash scripts/demo/run_recall.sh --smoke   # toy size on the CPU, after
@@ -24,6 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export AHN_RT_TRAIN_ATTENTION=${AHN_RT_TRAIN_ATTENTION:-sdpa}
 PY=${PYTHON:-python3}
 DATA=data/demo
+source scripts/demo/ship_demo.sh
 : "${FROM:?set FROM to the distilled model folder (stage 5)}"
 if [[ "${1:-}" == "--smoke" ]]; then
   WORK=${WORK:-$DATA/recall_smoke}; OUT=${OUT:-$WORK/out}; DEV=cpu; L=512; WIN=64; SINKS=16
@@ -32,7 +34,7 @@ if [[ "${1:-}" == "--smoke" ]]; then
   FAR=(--dist-min 80); NEAR=(--dist-min 16 --dist-max 56)
 else
   WORK=${WORK:-$DATA/recall}; OUT=${OUT:-$DATA/recall_out}; DEV=cuda; L=4096; WIN=${WINDOW:-32}; SINKS=32
-  N_FAR=3600; N_NEAR=1200; N_TEXT=2400; BATCH=32; S_RECALL=400; S_TEXT=200; STOP_TEXT=150; DT=bf16; LAYER=5
+  N_FAR=3600; N_NEAR=1200; N_TEXT=2400; BATCH=32; S_RECALL=400; S_TEXT=200; STOP_TEXT=150; DT=bf16; LAYER=${RECALL_LAYER:-5}
   # the first distance is inside the window (25 at W = 32); the near passkeys too (4-24 at W = 32)
   E_EXTRA=(--n-text 32 --n-passkey 32 --distances $(( WIN * 25 / 32 )),256,1000,2000,3500)
   FAR=(--dist-min "$WIN"); NEAR=(--dist-min $(( WIN / 8 )) --dist-max $(( WIN - 8 )))
@@ -63,9 +65,7 @@ say evaluate
 $PY scripts/demo/evaluate.py --model "$WORK/text/merged" --data "$DATA" --seq-len "$L" --device "$DEV" \
     "${E_EXTRA[@]}" --out-md "$OUT/eval/eval.md" --out-json "$OUT/eval/eval.json" \
     --attach recall_run="$WORK/recall/run.json" --attach text_run="$WORK/text/run.json"
-for f in model.safetensors config.json generation_config.json tokenizer.json; do
-  cp "$WORK/text/merged/$f" "$OUT/demo/$f"
-done
+ship_demo "$WORK/text/merged" "$OUT/demo"
 cp "$WORK/recall/log.jsonl" "$OUT/logs/recall_log.jsonl"
 cp "$WORK/text/log.jsonl" "$OUT/logs/text_log.jsonl"
 say "done"
