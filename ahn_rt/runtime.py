@@ -446,7 +446,7 @@ class Model:
 
     def _new_run(self, prompt, max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0, min_p=0.0,
                  repetition_penalty=1.0, seed=None, stop=(), chat=False, system=None, logprobs=None,
-                 prompt_logprobs=None) -> "_Run":
+                 prompt_logprobs=None, skip_special_tokens=False) -> "_Run":
         """A generation, its arguments checked (AhnError), not started: ``generate`` runs it in the
         caller's thread, the scheduler in its worker."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -466,8 +466,11 @@ class Model:
             check_text(s, f"stop string {s!r}")
         logprobs, prompt_logprobs = (_logprobs_arg(v, name) for v, name in ((logprobs, "logprobs"),
                                                                             (prompt_logprobs, "prompt_logprobs")))
+        if not isinstance(skip_special_tokens, bool):
+            raise AhnError(f"skip_special_tokens must be true or false, got {skip_special_tokens!r:.40}")
         self.tokenizer   # needed to stream text; fail before anything runs
-        return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop, logprobs, prompt_logprobs)
+        return _Run(self, self._prompt(prompt, chat, system), params, max_new_tokens, stop, logprobs, prompt_logprobs,
+                    skip_special_tokens)
 
     def _check_session(self, session, what: str):
         """AhnError unless ``session`` is None or an open Session of this model."""
@@ -484,7 +487,7 @@ class Model:
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                  stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
                  session: "Session | None" = None, logprobs: int | None = None,
-                 prompt_logprobs: int | None = None) -> Generation:
+                 prompt_logprobs: int | None = None, skip_special_tokens: bool = False) -> Generation:
         """Stream the generated text piece by piece. ``prompt`` is a string (wrapped in the ChatML
         template with ``chat``), a list of token ids, a list of chat messages ({role, content}) or a
         ``Prompt``. Arguments are checked here, before anything runs. The returned iterator's ``stats``
@@ -504,10 +507,13 @@ class Model:
         previous position, at this token, and the k likeliest tokens there; ``offset`` counts characters of
         ``gen.prompt_text``). Every prompt token is prefilled (the prefix cache is bypassed); the generated
         tokens are those of the same call without it. ``max_new_tokens=0`` scores only. With both options
-        the end-of-sequence token that ends the reply gets an entry in ``logprobs`` (OpenAI's and vLLM's echo)."""
+        the end-of-sequence token that ends the reply gets an entry in ``logprobs`` (OpenAI's and vLLM's echo).
+        ``skip_special_tokens=True`` leaves special tokens the model samples (``<|im_start|>``) out of the text
+        (as ``decode(..., skip_special_tokens=True)``; stop strings see the text without them); they still count
+        as generated tokens and have their logprobs entries."""
         self._check_session(session, "generate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                            seed, stop, chat, system, logprobs, prompt_logprobs)
+                            seed, stop, chat, system, logprobs, prompt_logprobs, skip_special_tokens)
         lps = [] if logprobs is not None else None
 
         def pieces() -> Iterator[str]:
@@ -574,18 +580,20 @@ class Model:
                   top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed=None,
                   stop: Sequence[str] = (), chat: bool = False, system: str | None = None,
                   session: "Session | None" = None, timeout: float | None = None,
-                  logprobs: int | None = None, prompt_logprobs: int | None = None) -> "AsyncGeneration":
+                  logprobs: int | None = None, prompt_logprobs: int | None = None,
+                  skip_special_tokens: bool = False) -> "AsyncGeneration":
         """``generate`` for asyncio: an async iterator of text pieces (``async for piece in ...``), run by
         the scheduler's worker, interleaved with every other active generation. Call it inside a running
         event loop; arguments are checked at once (AhnError). Closing the iterator (``await it.aclose()``,
         or leaving ``async with``) or cancelling the task that iterates stops it at the next token and
         releases its session; after ``timeout`` seconds (counted from this call, queueing included) it
         stops and raises TimeoutError. Same results as ``generate`` with the same arguments (``logprobs=k``
-        too: the iterator's ``logprobs`` list is filled as its pieces are read; ``prompt_logprobs=k`` too)."""
+        too: the iterator's ``logprobs`` list is filled as its pieces are read; ``prompt_logprobs=k`` and
+        ``skip_special_tokens`` too)."""
         from .serve.scheduler import AsyncGeneration
         self._check_session(session, "agenerate")
         run = self._new_run(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                            seed, stop, chat, system, logprobs, prompt_logprobs)
+                            seed, stop, chat, system, logprobs, prompt_logprobs, skip_special_tokens)
         while True:
             sched = self.scheduler
             try:
@@ -913,8 +921,9 @@ class _Run:
     scoring client that asks for one token and drops the last entry drops that one, not a prompt token."""
 
     def __init__(self, model: Model, prompt, params: SamplingParams, max_new_tokens: int, stop: list,
-                 logprobs: int | None = None, prompt_logprobs: int | None = None):
+                 logprobs: int | None = None, prompt_logprobs: int | None = None, skip_special_tokens: bool = False):
         self.model = model
+        self.skip_special_tokens = skip_special_tokens
         self.prompt = prompt
         self.params = params
         self.max_new_tokens = max_new_tokens
@@ -953,7 +962,7 @@ class _Run:
         self.sampler = Sampler(self.params, self.model.config.vocab_size, self.model.device)
         self._ids_dev = torch.tensor(self.prompt.ids, device=self.model.device)
         self.sampler.observe(self._ids_dev)
-        self._dec, self._stopper = StreamDecoder(self.model.tokenizer), StopMatcher(self.stop)
+        self._dec, self._stopper = StreamDecoder(self.model.tokenizer, skip_special=self.skip_special_tokens), StopMatcher(self.stop)
         if self.logprobs is not None:
             self._lp = LogprobTaker(self.logprobs, self.model.config.vocab_size, self.model.device)
         if self.prompt_logprobs_k is not None:

@@ -81,6 +81,15 @@ class Tokenizer:
         check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def special_ids(self) -> frozenset:
+        """Ids of the special tokens (added tokens marked special: <|im_start|>, <|endoftext|>, ...), which
+        ``decode(..., skip_special_tokens=True)`` leaves out."""
+        ids = self.__dict__.get("_special_ids")
+        if ids is None:
+            ids = self._special_ids = frozenset(
+                i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        return ids
+
     def has_special_text(self, text: str) -> bool:
         """Whether ``text`` spells a special token (such as <|im_end|>), which ``encode`` would read as that token."""
         spelled = self.__dict__.get("_special_texts")
@@ -251,21 +260,26 @@ class StreamDecoder:
     decoded window ends with U+FFFD (a byte-level token may end in the middle of a UTF-8 character).
     Only the tokens since the last emitted boundary (plus one earlier token of context, which decoders
     that strip a leading space need) are decoded, so each push costs O(pending tokens), not O(output).
-    For any id sequence that decodes cleanly, all pushes + ``flush()`` == ``tokenizer.decode(ids)``.
+    For any id sequence that decodes cleanly, all pushes + ``flush()`` == ``tokenizer.decode(ids)``; with
+    ``skip_special``, the special tokens (``Tokenizer.special_ids``) give no text and the sequence decodes as
+    the one without them.
 
     A valid UTF-8 character is at most 4 bytes and every token carries at least one byte, so a clean
     sequence never needs more than 4 tokens held back; after ``max_pending`` held tokens the text is
     emitted anyway (it is invalid UTF-8 the model produced, or text that really ends with U+FFFD).
     """
 
-    def __init__(self, tokenizer: Tokenizer, max_pending: int = 8):
+    def __init__(self, tokenizer: Tokenizer, max_pending: int = 8, skip_special: bool = False):
         self._decode = tokenizer.decode
+        self._skip = tokenizer.special_ids() if skip_special else frozenset()
         self._max_pending = max(4, int(max_pending))
         self._ids: list[int] = []      # window: [context tokens][emitted-boundary ...][pending tokens]
         self._read = 0                 # index in _ids where not-yet-emitted tokens start
         self._prefix_text = ""         # decode(_ids[:_read]), the already-emitted text of the window
 
     def push(self, token_id: int) -> str:
+        if token_id in self._skip:   # skip_special: as if the token were not there (decode's skip_special_tokens)
+            return ""
         ids = self._ids
         ids.append(int(token_id))
         text = self._decode(ids)

@@ -112,7 +112,7 @@ def test_a_bad_logprobs_argument_is_one_line_naming_it(demo, bad):
 
 # ---- which piece carries which entry: _Run's bookkeeping driven with chosen ids -------------------------
 BYTES = {0: b"<eos>", 1: b"a", 2: b"b", 3: b"c", 4: b"ab", 5: b"\xc3", 6: b"\xa9", 7: b"\xe2\x80", 8: b"\x94",
-         9: b" x"}
+         9: b" x", 10: b"<s>"}
 
 
 class _ByteTok:
@@ -121,16 +121,19 @@ class _ByteTok:
     def decode(self, ids):
         return b"".join(BYTES[i] for i in ids).decode("utf-8", "replace")
 
+    def special_ids(self):
+        return frozenset({10})
+
 
 class _Lp:
     def read(self, tid, offset):
         return TokenLogprob(tid, -float(tid), [], offset)
 
 
-def _drive(ids, stop=(), max_new=100, logprobs=True):
+def _drive(ids, stop=(), max_new=100, logprobs=True, skip=False):
     model = SimpleNamespace(eos_ids=lambda: {0})
     run = _Run(model, Prompt((1,)), SamplingParams(), max_new, list(stop), 0 if logprobs else None)
-    run._dec, run._stopper = StreamDecoder(_ByteTok()), StopMatcher(list(stop))
+    run._dec, run._stopper = StreamDecoder(_ByteTok(), skip_special=skip), StopMatcher(list(stop))
     run._lp = _Lp() if logprobs else None
     run._t1, run.session = time.perf_counter(), SimpleNamespace(state_nbytes=0)
     for t in ids:
@@ -168,6 +171,27 @@ def test_entries_follow_the_text_the_pieces_show(ids, stop, max_new, want, reaso
     # entries in order, one per token shown; without logprobs the same text in the same pieces
     off, finish_off = _drive(ids, stop, max_new, logprobs=False)
     assert finish_off == reason and off == [(p, None) for p, _ in want if p]
+
+
+SKIP_CASES = [
+    # a special token (10, "<s>") gives no text; its entry comes with the next piece, at the offset where it sits
+    ([1, 10, 2, 0], (), 9, [("a", [1]), ("b", [10, 2])], "stop"),
+    # between the two bytes of "é": the character still forms
+    ([1, 5, 10, 6, 0], (), 9, [("a", [1]), ("é", [5, 10, 6])], "stop"),
+    # the stop string "ab" spans it: the text without it holds the stop (the tokens from the cut on get no entry)
+    ([3, 1, 10, 2], ("ab",), 9, [("c", [3])], "stop"),
+    # a special token still counts against max_new_tokens
+    ([1, 10], (), 2, [("a", [1]), ("", [10])], "length"),
+]
+
+
+@pytest.mark.parametrize("ids,stop,max_new,want,reason", SKIP_CASES, ids=[str(i) for i in range(len(SKIP_CASES))])
+def test_skip_special_tokens_leaves_them_out_of_the_text(ids, stop, max_new, want, reason):
+    got, finish = _drive(ids, stop, max_new, skip=True)
+    assert got == want and finish == reason
+    # without skipping, the special token's text is shown where it was sampled
+    shown, _ = _drive(ids + [0] * (ids[-1] != 0 and max_new > len(ids)), (), max_new, skip=False)
+    assert "<s>" in "".join(p for p, _ in shown)
 
 
 @pytest.mark.parametrize("ids,want", [([1, 2, 0], [(1, 0), (2, 1), (0, 2)]),

@@ -456,6 +456,7 @@ BAD = [
     ({"messages": _messages(0), "logprobs": 0}, "/v1/chat/completions", "logprobs", None),
     ({"messages": _messages(0), "tools": ""}, "/v1/chat/completions", "tools", None),
     ({"prompt": "hi", "echo": 0}, "/v1/completions", "echo", None),
+    ({"prompt": "hi", "skip_special_tokens": "no"}, "/v1/completions", "skip_special_tokens", None),
     ({"prompt": "hi", "logit_bias": []}, "/v1/completions", "logit_bias", None),
     # max_completion_tokens takes precedence, but a max_tokens of the wrong type beside it was ignored
     ({"messages": _messages(0), "max_completion_tokens": 2, "max_tokens": "x"}, "/v1/chat/completions", "max_tokens",

@@ -177,6 +177,28 @@ def test_stream_decoder_mixed_splits_fuzz(tok):
         assert all("\ufffd" not in p for p in pieces)
 
 
+def test_stream_decoder_skip_special(tok):
+    """skip_special: special tokens give no text and the rest decodes as the sequence without them (the tokenizers
+    library's skip_special_tokens), even one that falls between the bytes of a character; off, they are shown."""
+    special = tok.special_ids()
+    assert {tok.token_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")} <= special
+    assert tok.token_id("a") not in special and tok.encode(" the")[0] not in special
+    smile, start = _byte_ids(tok, "😀"), tok.token_id("<|im_start|>")
+    ids = smile[:2] + [start] + smile[2:] + tok.encode(" hi<|im_end|>")
+    assert "".join(_stream(tok, ids, skip_special=True)) == "😀 hi" == tok._tok.decode(ids, skip_special_tokens=True)
+    assert "".join(_stream(tok, ids[3:])) == "\ufffd\ufffd hi<|im_end|>"   # not skipped: shown as written
+    rng = random.Random(11)
+    pool = ["a", " the", "中文", "😀", "👍🏽", "é", "\n", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "1"]
+    for _ in range(200):
+        segs = [rng.choice(pool) for _ in range(rng.randint(1, 12))]
+        ids = []
+        for seg in segs:
+            ids += _byte_ids(tok, seg) if rng.random() < 0.5 and not seg.startswith("<|") else tok.encode(seg)
+        pieces = _stream(tok, ids, skip_special=True)
+        assert "".join(pieces) == "".join(x for x in segs if not x.startswith("<|"))
+        assert all("\ufffd" not in p for p in pieces)
+
+
 class _CountingTok:
     def __init__(self, tok):
         self.tok, self.longest, self.calls = tok, 0, 0

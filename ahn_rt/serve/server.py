@@ -195,6 +195,8 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
                 repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, None, lo_open=True),
                 seed=_integer(body, "seed", None, lo=SEED_MIN, hi=SEED_MAX),
                 stop=stop, logprobs=logprobs,
+                # as vLLM: special tokens the model samples (<|im_start|>) are left out of the text by default
+                skip_special_tokens=_typed(body, "skip_special_tokens", bool) is not False,
                 # echo with logprobs: the prompt's own entries, from its prefill (server's "echo" below)
                 prompt_logprobs=logprobs if echo else None, echo=echo)
 
