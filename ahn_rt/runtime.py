@@ -962,7 +962,8 @@ class _Run:
         self.sampler = Sampler(self.params, self.model.config.vocab_size, self.model.device)
         self._ids_dev = torch.tensor(self.prompt.ids, device=self.model.device)
         self.sampler.observe(self._ids_dev)
-        self._dec, self._stopper = StreamDecoder(self.model.tokenizer, skip_special=self.skip_special_tokens), StopMatcher(self.stop)
+        self._dec = StreamDecoder(self.model.tokenizer, skip_special=self.skip_special_tokens)
+        self._stopper = StopMatcher(self.stop)
         if self.logprobs is not None:
             self._lp = LogprobTaker(self.logprobs, self.model.config.vocab_size, self.model.device)
         if self.prompt_logprobs_k is not None:

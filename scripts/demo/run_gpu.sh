@@ -36,8 +36,8 @@ if [[ $MODE == full ]]; then
   WORK=${WORK:-$DATA/run}; OUT=${OUT:-$DATA/out}; DEV=cuda
   L=4096; WIN=${WINDOW:-32}; SINKS=32
   T_STEPS=${TEACHER_STEPS:-1800}; T_BATCH=32; T_LIMIT=${TEACHER_LIMIT:-240}
-  # TEACHER_ARGS: extra train_teacher.py flags for another teacher shape (e.g. "--kv-heads 5 --mlp 640";
-  # the merged file must stay under 15 MiB)
+  # TEACHER_ARGS: extra train_teacher.py flags for another teacher shape (e.g. "--head-dim 128"; the demo
+  # files must stay under 25 MB: ship_demo checks)
   read -r -a T_SHAPE <<< "${TEACHER_ARGS:-}"
   T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8 "${T_SHAPE[@]}")
   D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-320}; D_DIST_MIN=${DIST_MIN:-16}

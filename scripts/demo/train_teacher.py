@@ -13,8 +13,9 @@ model.safetensors (bf16, config in its metadata, written by ``ahn_rt.weights.wri
 config.json, generation_config.json, tokenizer.json (copied from --data), and log.jsonl (one record per
 logged step: train loss, learning rate, tokens/s; held-out loss and passkey recall every --eval-every).
 
-The shape is chosen so that the merged demo checkpoint (this base + the AHN memory, bf16) stays under
-15 MiB; ``--print-size`` prints the parameter count and bytes of a shape and exits.
+The default shape keeps the merged demo checkpoint (this base + the AHN memory, bf16) under 15 MiB, one file
+the GPU machine can return; the demo's files may total 25 MB (a larger one comes back in parts: run_gpu.sh).
+``--print-size`` prints the parameter count and bytes of a shape and exits.
 """
 from __future__ import annotations
 
