@@ -81,22 +81,21 @@ class Tokenizer:
         check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def _specials(self) -> dict:
+        """{id: text} of the special tokens (added tokens marked special: <|im_start|>, <|endoftext|>, ...)."""
+        specials = self.__dict__.get("_special")
+        if specials is None:
+            specials = self._special = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()
+                                        if t.special}
+        return specials
+
     def special_ids(self) -> frozenset:
-        """Ids of the special tokens (added tokens marked special: <|im_start|>, <|endoftext|>, ...), which
-        ``decode(..., skip_special_tokens=True)`` leaves out."""
-        ids = self.__dict__.get("_special_ids")
-        if ids is None:
-            ids = self._special_ids = frozenset(
-                i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
-        return ids
+        """Ids of the special tokens, which ``decode(..., skip_special_tokens=True)`` leaves out."""
+        return frozenset(self._specials())
 
     def has_special_text(self, text: str) -> bool:
         """Whether ``text`` spells a special token (such as <|im_end|>), which ``encode`` would read as that token."""
-        spelled = self.__dict__.get("_special_texts")
-        if spelled is None:
-            spelled = self._special_texts = tuple(
-                t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
-        return any(s in text for s in spelled)
+        return any(s in text for s in self._specials().values())
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` as plain text: a special token written in it is spelled in ordinary tokens (a

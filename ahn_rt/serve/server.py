@@ -602,6 +602,13 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
         the prompt's entries count in."""
         return echo if isinstance(echo, str) else gen.prompt_text
 
+    def client_gone(gen, sid):
+        """The client went away: its run stops at the next token, and a request on its session meanwhile waits
+        for that (``SessionStore.closing``) instead of getting 409."""
+        gen.ticket.cancel()
+        if sid is not None:
+            sessions.closing(sid)
+
     async def _stream(gen, include_usage, rid, created, sid, chat, echo):
         env = (lambda choices, usage=None: _sse(_envelope(rid, created, sid, chat, choices, True, usage,
                                                           null_usage=include_usage)))
@@ -628,9 +635,7 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             yield "data: [DONE]\n\n"
         finally:
             if not gen.ticket.ended.is_set():
-                gen.ticket.cancel()       # the client went away: stop at the next token
-                if sid is not None:
-                    sessions.closing(sid)
+                client_gone(gen, sid)
 
     async def _complete(request, gen, rid, created, sid, chat, echo):
         async def collect():
@@ -648,10 +653,8 @@ def create_app(model, opts: Options, scheduler, sessions: SessionStore, metrics:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not work.done():
-                gen.ticket.cancel()
+                client_gone(gen, sid)
                 work.cancel()
-                if sid is not None:
-                    sessions.closing(sid)
             watch.cancel()
         if not work.done() or work.cancelled():
             return Response(status_code=499)    # nobody is listening
