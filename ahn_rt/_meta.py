@@ -72,7 +72,7 @@ def _attn_merge_fake(outs, lses, offsets, rows):
 
 
 @torch.library.register_fake("ahn_rt::band_attention")
-def _band_attention_fake(q, k, v, left, scale, kv_len=None):
+def _band_attention_fake(q, k, v, left, scale, kv_len=None, q_len=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 

@@ -181,15 +181,16 @@ def attn_merge(outs, lses, offsets, rows):
     return fn(outs, lses, offsets, rows)
 
 
-def band_attention(q, k, v, left, scale, kv_len=None):
+def band_attention(q, k, v, left, scale, kv_len=None, q_len=None):
     """Attention with the diagonal at the bottom-right corner and ``left`` keys per query (0: no left bound):
     ref.band_attention_ref's semantics (``kv_len``, int32 [1] on q's device: only that many leading rows of
-    k, v are keys; on CUDA the caller keeps Tq <= kv_len <= k's rows, unchecked there, and the rows past
-    kv_len finite: cuDNN's last tile reads them and masks their scores, and 0 x NaN is NaN). Returns (out [Tq, H, D],
+    k, v are keys; ``q_len`` likewise for the queries, the rows past it not written on CUDA; on CUDA the caller
+    keeps q_len <= kv_len <= k's rows, unchecked there, and the rows past kv_len finite: cuDNN's last tile reads
+    them and masks their scores, and 0 x NaN is NaN). Returns (out [Tq, H, D],
     logsumexp [H, Tq] float32). On CUDA through cuDNN (where the build found cudnn-frontend), on the CPU the C++
     kernel."""
     fn = torch.ops.ahn_rt.band_attention if _use_ext(q) else ref.band_attention_ref
-    return fn(q, k, v, left, scale, kv_len)
+    return fn(q, k, v, left, scale, kv_len, q_len)
 
 
 def silu_mul(x):
@@ -605,20 +606,38 @@ def _band_key(q, k, window) -> tuple:
     return (tuple(q.shape), k.shape[1], window, q.dtype, q.device)
 
 
-def _fill_key(q, k_cache, v_cache) -> tuple:
-    """What a filling chunk's cuDNN plan depends on (``_prefill_attention_fill``: the cache's layout)."""
-    return ("fill", tuple(q.shape), tuple(k_cache.shape), k_cache.stride(), v_cache.stride(), q.dtype, q.device)
+def _fill_key(q, k_cache, v_cache, rows=None) -> tuple:
+    """What a filling chunk's cuDNN plan depends on (``_prefill_attention_fill``: its query rows, ``rows`` or
+    q's, and the cache's layout)."""
+    shape = (q.shape[0] if rows is None else rows, *q.shape[1:])
+    return ("fill", shape, tuple(k_cache.shape), k_cache.stride(), v_cache.stride(), q.dtype, q.device)
 
 
-def _prefill_attention_fill(q, k_cache, v_cache, n, scale):
+def _fill_rows(q, k_cache, v_cache):
+    """The query rows of the warmed fill plan that takes a chunk of len(q) tokens (the smallest of at least
+    as many rows; a shorter chunk passes its length as ``q_len``), or None (the ladder runs it)."""
+    T = q.shape[0]
+    rows = [key[1][0] for key in getattr(_cudnn_warm, "band", ())
+            if key[0] == "fill" and key[1][0] >= T and key == _fill_key(q, k_cache, v_cache, key[1][0])]
+    return min(rows, default=None)
+
+
+def _prefill_attention_fill(q, k_cache, v_cache, n, scale, rows=None):
     """A chunk of T tokens that fills the cache in order (``ChunkPlan.in_order``: its keys written first, to
     slots [p0, p0 + T)): every query sees every earlier key, sinks included, so the chunk is one causal call
     with the diagonal at the bottom-right corner of the cache's first ``n`` = p0 + T rows, read in place (no
-    copy, no merge; one plan for every p0, the key count a device scalar)."""
+    copy, no merge; one plan for every p0, the key count a device scalar). ``rows`` > T: the plan of that many
+    queries, the chunk in the first T rows of a zeroed buffer and T as ``q_len`` (one plan for every chunk
+    length too)."""
     kv_len = torch.full((1,), n, dtype=torch.int32, device=q.device)   # a fill kernel, no sync
+    T, q_len = q.shape[0], None
+    if rows is not None and rows > T:
+        qb = q.new_zeros(rows, *q.shape[1:])
+        qb[:T] = q
+        q, q_len = qb, torch.full((1,), T, dtype=torch.int32, device=q.device)
     out, _ = band_attention(q if q.is_contiguous() else q.contiguous(), k_cache.transpose(0, 1),
-                            v_cache.transpose(0, 1), 0, scale, kv_len)
-    return out
+                            v_cache.transpose(0, 1), 0, scale, kv_len, q_len)
+    return out[:T]
 
 
 def _band_try(band_key, run):
@@ -685,9 +704,10 @@ def _prefill_attention_flash(q, k, v, k_cache, v_cache, p0, sinks, window, scale
     q, k, v = (t if _rows_aligned(t) else t.contiguous() for t in (q, k, v))
     if _cudnn_ok and settings.prefill_cudnn() and settings.prefill_band():
         out = None
-        if cached:
-            out = _band_try(_fill_key(q, k_cache, v_cache),
-                            lambda: _prefill_attention_fill(q, k_cache, v_cache, p0 + T, scale))
+        rows = _fill_rows(q, k_cache, v_cache) if cached else None
+        if rows is not None:
+            out = _band_try(_fill_key(q, k_cache, v_cache, rows),
+                            lambda: _prefill_attention_fill(q, k_cache, v_cache, p0 + T, scale, rows))
         first = _band_first(p0, T, sinks, window)
         if out is None and first is not None:
             out = _band_try(_band_key(q, k, window),

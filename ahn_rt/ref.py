@@ -101,12 +101,20 @@ def chunk_keys(k, v, k_cache, v_cache, p0: int, sinks: int, window: int):
 
 
 def band_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, scale: float,
-                       kv_len: torch.Tensor | None = None):
+                       kv_len: torch.Tensor | None = None, q_len: torch.Tensor | None = None):
     """Attention of Tq queries over n >= Tq keys with the diagonal at the bottom-right corner: query i sees
     key j iff j <= i + (n - Tq) and, with left > 0, j > i + (n - Tq) - left (the ``left`` keys ending at its
     diagonal). q [Tq, H, D], k / v [N, Hkv, D] (query head h reads kv head h // (H / Hkv)); n = N, or the
-    value of ``kv_len`` (int32 [1]): only the first kv_len rows are keys. Scores in float32. Returns
-    (out [Tq, H, D] in q's dtype, logsumexp [H, Tq] float32)."""
+    value of ``kv_len`` (int32 [1]): only the first kv_len rows are keys; likewise ``q_len``: only the first
+    q_len rows of q are queries (Tq = q_len for the rule; the rows past it give 0 and a log-sum-exp of -inf).
+    Scores in float32. Returns (out [rows of q, H, D] in q's dtype, logsumexp [H, rows of q] float32)."""
+    if q_len is not None:
+        m = int(q_len.item())
+        out = q.new_zeros(q.shape)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        if m:
+            out[:m], lse[:, :m] = band_attention_ref(q[:m], k, v, left, scale, kv_len)
+        return out, lse
     if kv_len is not None:
         n = int(kv_len.item())
         k, v = k[:n], v[:n]

@@ -448,12 +448,15 @@ struct AttnMergeParams {
 // multiple of Hkv (query head h reads kv head h / (H / Hkv)). out [Tq, H, D] contiguous (dtype T); lse
 // [H, Tq] float32 contiguous, the natural log-sum-exp of each row's scaled scores. With a kv_len tensor
 // (int32 [1]) only the first kv_len rows of k / v are keys (n = kv_len; the CPU kernel gets it read; on CUDA
-// the caller keeps Tq <= kv_len <= the rows, which the host cannot check without a sync).
+// the caller keeps Tq <= kv_len <= the rows, which the host cannot check without a sync, and the rows past
+// kv_len finite). With a q_len tensor likewise only the first q_len rows of q are queries (nq = q_len, the
+// diagonal at the corner of nq x n): out and lse rows past them are not written on CUDA, zero and -inf on the
+// CPU; Tq stays the buffers' row count (lse's stride).
 struct BandAttentionParams {
   const void *q, *k, *v;
   void* out;
   float* lse;
-  int64_t Tq, n, H, Hkv, D, left;
+  int64_t Tq, nq, n, H, Hkv, D, left;
   int64_t q_s0, q_s1, k_s0, k_s1, v_s0, v_s1;
   float scale;
 };

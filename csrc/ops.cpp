@@ -40,7 +40,7 @@ TORCH_LIBRARY(ahn_rt, m) {
   m.def("gdn_chunk_scan(Tensor? w, Tensor u, Tensor kd_t, Tensor qg, Tensor gl, Tensor(a!) state) "
         "-> (Tensor, Tensor)");
   m.def("attn_merge(Tensor[] outs, Tensor[] lses, int[] offsets, int rows) -> Tensor");
-  m.def("band_attention(Tensor q, Tensor k, Tensor v, int left, float scale, Tensor? kv_len=None) -> (Tensor, Tensor)");
+  m.def("band_attention(Tensor q, Tensor k, Tensor v, int left, float scale, Tensor? kv_len=None, Tensor? q_len=None) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("gdn_gate_norm(Tensor o, Tensor z, Tensor weight, float eps) -> Tensor");

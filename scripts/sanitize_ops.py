@@ -145,6 +145,11 @@ for n_keys, rows, left in ((300, 300, 100), (300, 333, 100), (200, 333, 0)):
     try:
         torch.ops.ahn_rt.band_attention(torch.randn(128, H, D, device=dev, dtype=dt), kb, vb, left, D ** -0.5,
                                         kv_len)
+        if left == 0:   # and a short chunk in a plan of more query rows: q_len (the rows past it zero)
+            qp = torch.randn(160, H, D, device=dev, dtype=dt)
+            qp[97:] = 0
+            torch.ops.ahn_rt.band_attention(qp, kb, vb, 0, D ** -0.5, kv_len,
+                                            torch.tensor([97], dtype=torch.int32, device=dev))
     except RuntimeError as e:
         if "without cudnn-frontend" not in str(e):
             raise

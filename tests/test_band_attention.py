@@ -69,20 +69,27 @@ def test_band_attention_opcheck_and_errors():
 
 @pytest.mark.parametrize("Tq,n,H,Hkv,D,left", CASES[1:] + [(256, 767, 16, 2, 128, 512), (256, 5000, 16, 2, 128, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["rows", "head_major", "padded"])
+@pytest.mark.parametrize("layout", ["rows", "head_major", "padded", "padded_q"])
 @pytest.mark.cuda
 @pytest.mark.skipif(_NO_GPU, reason="no GPU")
 def test_band_attention_cuda_matches_reference(Tq, n, H, Hkv, D, left, dtype, layout):
     """cuDNN's band call against the float64 reference: the alignment and the left bound are the reference's
     (a band one key narrower fails the same bound); "padded": head-major buffers with 37 more (finite) rows
-    than keys, and kv_len. Skips only where this build has no cuDNN band path."""
+    than keys, and kv_len; "padded_q": that and 11 more query rows than queries, and q_len. Skips only where
+    this build has no cuDNN band path."""
     if D % 8:
         pytest.skip("cuDNN takes head dims that are multiples of 8")
-    pad = 37 if layout == "padded" else 0
+    pad = 37 if layout.startswith("padded") else 0
     q, kp, vp = _inputs(Tq, n + pad, H, Hkv, D, dtype, "cuda", seed=Tq, head_major=layout != "rows")
     k, v = kp[:n], vp[:n]
     try:
-        if pad:
+        if layout == "padded_q":
+            qp = torch.cat([q, torch.randn(11, H, D, dtype=dtype, device="cuda")])
+            out, lse = torch.ops.ahn_rt.band_attention(qp, kp, vp, left, D ** -0.5,
+                                                       torch.tensor([n], dtype=torch.int32, device="cuda"),
+                                                       torch.tensor([Tq], dtype=torch.int32, device="cuda"))
+            out, lse = out[:Tq], lse[:, :Tq]
+        elif pad:
             out, lse = torch.ops.ahn_rt.band_attention(q, kp, vp, left, D ** -0.5,
                                                        torch.tensor([n], dtype=torch.int32, device="cuda"))
         else:
@@ -189,6 +196,59 @@ def test_band_attention_kv_len_uses_the_leading_rows():
         torch.ops.ahn_rt.band_attention(q, k, v, 4, 0.25, torch.tensor([9]))
 
 
+def test_band_attention_q_len_uses_the_leading_rows():
+    """With q_len the queries are the first q_len rows of q, the diagonal at the corner of q_len x kv_len (rows
+    past them give 0 and -inf on the CPU, even from NaN queries); the CPU kernel refuses a q_len outside q's rows
+    or above the key count."""
+    q, k, v = _inputs(8, 12, 4, 2, 16)
+    q[5:] = float("nan")
+    kv_len, q_len = torch.tensor([9], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
+    out, lse = torch.ops.ahn_rt.band_attention(q, k, v, 4, 0.25, kv_len, q_len)
+    want, want_lse = ref.band_attention_ref(q[:5], k[:9], v[:9], 4, 0.25)
+    torch.testing.assert_close(out[:5], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[:, :5], want_lse, rtol=1e-5, atol=1e-5)
+    assert (out[5:] == 0).all() and (lse[:, 5:] == float("-inf")).all()
+    for got in (ref.band_attention_ref(q, k, v, 4, 0.25, kv_len, q_len), ):
+        torch.testing.assert_close(got[0], out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], lse, rtol=1e-5, atol=1e-5)
+    # without kv_len: q_len rows over all 12 keys; a q_len of every row is the plain call
+    torch.testing.assert_close(torch.ops.ahn_rt.band_attention(q[:5], k, v, 4, 0.25, None, q_len)[0],
+                               ref.band_attention_ref(q[:5], k, v, 4, 0.25)[0], rtol=1e-5, atol=1e-5)
+    # the rule moves with q_len: the same rows as the first 5 of 8 queries (no q_len) see other keys
+    assert (torch.ops.ahn_rt.band_attention(q.nan_to_num(), k, v, 4, 0.25, kv_len)[0][:5] - want).abs().max() > 1e-3
+    torch.library.opcheck(torch.ops.ahn_rt.band_attention.default, (q, k, v, 4, 0.25, kv_len, q_len))
+    for bad_q, bad_kv in ((9, 9), (-1, 9), (6, 5)):
+        with pytest.raises(RuntimeError, match="q_len|more queries"):
+            torch.ops.ahn_rt.band_attention(q, k, v, 4, 0.25, torch.tensor([bad_kv], dtype=torch.int32),
+                                            torch.tensor([bad_q], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.ahn_rt.band_attention(q, k, v, 4, 0.25, kv_len, torch.tensor([5]))
+
+
+@pytest.mark.parametrize("S,W,p0,T,rows", [(4, 16, 0, 5, 8), (4, 16, 0, 1, 20), (4, 16, 3, 9, 16), (0, 8, 2, 3, 8),
+                                           (128, 1000, 0, 300, 512), (128, 1000, 600, 300, 512)])
+def test_fill_path_short_chunk_cpu(S, W, p0, T, rows):
+    """A chunk shorter than the warmed fill plan's query rows: its queries in the first T rows of a buffer of
+    that many, T as q_len (the C++ kernel): the reference's attention, and the output has the chunk's rows."""
+    q, k, v, kc, vc = _prefill_case(S, W, p0, T, 4, 2, 16, torch.float32, "cpu", seed=p0 + rows)
+    want = ref.prefill_attention_ref(q.double(), k.double(), v.double(), kc.double(), vc.double(), p0, S, W, 0.25)
+    kc[:, p0:p0 + T], vc[:, p0:p0 + T] = k.transpose(0, 1), v.transpose(0, 1)
+    got = ops._prefill_attention_fill(q, kc, vc, p0 + T, 0.25, rows)
+    assert got.shape == q.shape and (got.double() - want).abs().max().item() < 1e-5
+
+
+def test_fill_rows_takes_the_smallest_warmed_plan(monkeypatch):
+    kc = torch.zeros(2, 64, 16)
+    q = torch.zeros(40, 4, 16)
+    warmed = {ops._fill_key(q, kc, kc, 32), ops._fill_key(q, kc, kc, 16), ops._band_key(q, q[:, :2], 8),
+              ops._fill_key(q.double(), kc, kc, 64)}
+    monkeypatch.setattr(ops._cudnn_warm, "band", warmed, raising=False)
+    assert [ops._fill_rows(q[:t], kc, kc) for t in (1, 10, 16, 17, 32, 33)] == [16, 16, 16, 32, 32, None]
+    assert ops._fill_rows(q, kc[:, :32], kc[:, :32]) is None   # another cache layout: none warmed
+    monkeypatch.setattr(ops._cudnn_warm, "band", set(), raising=False)
+    assert ops._fill_rows(q, kc, kc) is None
+
+
 def _warm_band_path(monkeypatch, H, Hkv, D, T, S, W):
     """The band and fill plans of ``T``-token chunks built on CUDA (bf16) with both switches on; skips on a
     build without the cuDNN band path (the one reason to skip)."""
@@ -234,17 +294,19 @@ def test_band_prefill_path_cuda_matches_reference(monkeypatch, p0):
         assert ((narrow - want).norm() / want.norm()).item() > 1e-2
 
 
-@pytest.mark.parametrize("p0", [0, 1024, 2048, 3000, 3200])
+@pytest.mark.parametrize("p0,T", [(0, 1024), (1024, 1024), (2048, 1024), (3000, 1024), (3200, 1024), (0, 700),
+                                  (0, 1), (2500, 333), (4223, 1)])
 @pytest.mark.cuda
 @pytest.mark.skipif(_NO_GPU, reason="no GPU")
-def test_fill_path_cuda_matches_reference(monkeypatch, p0):
+def test_fill_path_cuda_matches_reference(monkeypatch, p0, T):
     """On CUDA through ``prefill_attention(cached=True)`` once ``warm_prefill_attention`` has built the fill plan:
     a chunk that fills the cache in order (written first) is one cuDNN call over the cache's first p0 + T rows
     (spied; the rows past them hold 1e4 and never count: finite, as cuDNN's last tile reads them and masks
     their scores, so NaN there would give 0 x NaN), within the bf16 bound of the band test; a window half as
-    wide as its keys fails that bound."""
-    S, W, T, H, Hkv, D = 128, 4096, 1024, 8, 2, 128
-    _warm_band_path(monkeypatch, H, Hkv, D, T, S, W)
+    wide as its keys fails that bound. A chunk shorter than the warmed 1024 rows runs the same plan with its
+    length as q_len."""
+    S, W, H, Hkv, D = 128, 4096, 8, 2, 128
+    _warm_band_path(monkeypatch, H, Hkv, D, 1024, S, W)
     calls, real = [], ops._prefill_attention_fill
     monkeypatch.setattr(ops, "_prefill_attention_fill", lambda *a: calls.append(a[3]) or real(*a))
     q, k, v, kc, vc = _prefill_case(S, W, p0, T, H, Hkv, D, torch.bfloat16, "cuda", seed=p0)
@@ -252,7 +314,7 @@ def test_fill_path_cuda_matches_reference(monkeypatch, p0):
     kc[:, p0:p0 + T], vc[:, p0:p0 + T] = k.transpose(0, 1), v.transpose(0, 1)
     kc[:, p0 + T:], vc[:, p0 + T:] = 1e4, 1e4
     got = ops.prefill_attention(q, k, v, kc, vc, p0, S, W, D ** -0.5, cached=True).float()
-    assert calls == [p0 + T] and ops._fill_key(q, kc, vc) in ops._cudnn_warm.band
+    assert calls == [p0 + T] and ops._fill_key(q, kc, vc, 1024) in ops._cudnn_warm.band
     err = (got - want).abs().max().item()
     rel_err = ((got - want).norm() / want.norm()).item()
     assert err < 5e-2 and rel_err < 1e-2, f"max error {err:.2e}, relative {rel_err:.2e}"

@@ -14,15 +14,15 @@ namespace ahn_rt {
 
 template <typename T>
 void band_attention_cpu(const BandAttentionParams& p) {
-  const int64_t G = p.H / p.Hkv, shift = p.n - p.Tq;
+  const int64_t G = p.H / p.Hkv, shift = p.n - p.nq;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  at::parallel_for(0, p.H * p.Tq, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.H * p.nq, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> s, acc(p.D), qf(p.D);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t h = r / p.Tq, i = r % p.Tq, hk = h / G;
+      const int64_t h = r / p.nq, i = r % p.nq, hk = h / G;
       const int64_t hi = i + shift;                                      // the row's diagonal key
       const int64_t lo = p.left > 0 ? std::max<int64_t>(0, hi - p.left + 1) : 0;
       for (int64_t d = 0; d < p.D; ++d) qf[d] = static_cast<float>(q[i * p.q_s0 + h * p.q_s1 + d]);

@@ -52,7 +52,7 @@ void load_cudnn() {
 // uids of the graph's tensors in the variant pack
 enum : int64_t { kQ = 1, kK, kV, kO, kStats, kSeqQ, kSeqKV };
 
-// What a plan depends on: device, dtype, padded (kv_len given), the scale's bits, then BandAttentionParams'
+// What a plan depends on: device, dtype, padded (kv_len or q_len given), the scale's bits, then BandAttentionParams'
 // sizes, bound and strides. A flat array: no padding bytes, compared and hashed element by element.
 using PlanKey = std::array<int64_t, 16>;
 
@@ -131,14 +131,15 @@ Plan build(const BandAttentionParams& key, at::ScalarType dtype, bool padded, cu
 
 }  // namespace
 
-void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, const std::optional<at::Tensor>& kv_len) {
+void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, const std::optional<at::Tensor>& kv_len,
+                          const std::optional<at::Tensor>& q_len) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "ahn_rt.band_attention: on CUDA q, k and v must be bfloat16 or float16, got ", q.scalar_type());
   for (auto [ptr, s0, s1] : {std::tuple{p.q, p.q_s0, p.q_s1}, std::tuple{p.k, p.k_s0, p.k_s1},
                              std::tuple{p.v, p.v_s0, p.v_s1}})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (s0 * 2) % 16 == 0 && (s1 * 2) % 16 == 0,
                 "ahn_rt.band_attention: on CUDA q, k and v must start and have rows on 16-byte boundaries");
-  const bool padded = kv_len.has_value();
+  const bool padded = kv_len.has_value() || q_len.has_value();
   const PlanKey key = plan_key(p, q, padded);
 
   load_cudnn();
@@ -154,15 +155,17 @@ void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, con
   std::unordered_map<int64_t, void*> pack = {
       {kQ, const_cast<void*>(p.q)}, {kK, const_cast<void*>(p.k)}, {kV, const_cast<void*>(p.v)},
       {kO, p.out}, {kStats, p.lse}};
-  at::Tensor seq_q;
-  if (padded) {   // the query count as cuDNN reads it: a device int32, one per (device, Tq), kept
+  if (padded) {   // the counts as cuDNN reads them: the given device int32s, else the buffers' rows as a
+                  // device int32, one per (device, value), kept
     thread_local std::unordered_map<int64_t, at::Tensor> counts;
-    const int64_t ck = p.Tq * 64 + q.get_device();
-    auto c = counts.find(ck);
-    if (c == counts.end()) c = counts.emplace(ck, at::full({1}, p.Tq, q.options().dtype(at::kInt))).first;
-    seq_q = c->second;
-    pack[kSeqQ] = seq_q.data_ptr();
-    pack[kSeqKV] = const_cast<void*>(kv_len->data_ptr());
+    auto whole = [&](int64_t rows) {
+      const int64_t ck = rows * 64 + q.get_device();
+      auto c = counts.find(ck);
+      if (c == counts.end()) c = counts.emplace(ck, at::full({1}, rows, q.options().dtype(at::kInt))).first;
+      return c->second.data_ptr();
+    };
+    pack[kSeqQ] = q_len.has_value() ? const_cast<void*>(q_len->data_ptr()) : whole(p.Tq);
+    pack[kSeqKV] = kv_len.has_value() ? const_cast<void*>(kv_len->data_ptr()) : whole(p.n);
   }
   check(plan.graph->execute(handle, pack, workspace.data_ptr()), "execution");
 }

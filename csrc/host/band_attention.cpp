@@ -3,18 +3,22 @@
 // attention through cudnn-frontend (cuda/band_attention_cudnn.cpp), compiled where the build found
 // cudnn-frontend's and cuDNN's headers; without them the CUDA call fails with a message saying so.
 // Test: pytest tests/test_band_attention.py.
+#include <limits>
+
 #include "host.h"
 
 namespace ahn_rt {
 
 #if defined(AHN_RT_WITH_CUDA) && defined(AHN_RT_WITH_CUDNN_FE)
 // p's pointers, sizes and strides (n: the buffers' rows); q for its device and dtype; kv_len on the device.
-void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, const std::optional<at::Tensor>& kv_len);
+void band_attention_cudnn(const BandAttentionParams& p, const at::Tensor& q, const std::optional<at::Tensor>& kv_len,
+                          const std::optional<at::Tensor>& q_len);
 #endif
 
 std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   int64_t left, double scale,
-                                                  const std::optional<at::Tensor>& kv_len) {
+                                                  const std::optional<at::Tensor>& kv_len,
+                                                  const std::optional<at::Tensor>& q_len) {
   constexpr const char* op = "ahn_rt.band_attention";
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q must be [Tq, H, D] and k, v [n, Hkv, D], got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
@@ -24,19 +28,22 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
   TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": the query heads (", H, ") must be a multiple of the key heads (",
               Hkv, ")");
   check_same_device(q, k, op, "k");
-  int64_t keys = n;   // the keys in use: n, or the first kv_len rows of k / v (on CUDA its value stays on the
-                      // device, unread: the caller keeps Tq <= kv_len <= n)
-  if (kv_len.has_value()) {
-    const at::Tensor& kl = *kv_len;
-    check_same_device(q, kl, op, "kv_len (int32 [1], on q's device)");
-    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.numel() == 1 && kl.is_contiguous(), op,
-                ": kv_len must be an int32 tensor of one element, got ", kl.scalar_type(), " ", kl.sizes());
-    if (q.is_cpu()) {
-      keys = kl.item<int32_t>();
-      TORCH_CHECK(keys >= 0 && keys <= n, op, ": kv_len ", keys, " is outside [0, ", n, "] (the rows of k, v)");
-    }
-  }
-  TORCH_CHECK(Tq <= keys, op, ": more queries (", Tq, ") than keys (", keys,
+  // The keys and queries in use: n and Tq, or the first kv_len rows of k / v and q_len rows of q (on CUDA
+  // their values stay on the device, unread: the caller keeps q_len <= kv_len, q_len <= Tq, kv_len <= n).
+  auto count = [&](const std::optional<at::Tensor>& t, const char* name, int64_t rows, const char* of) {
+    if (!t.has_value()) return rows;
+    const at::Tensor& c = *t;
+    check_same_device(q, c, op, name);
+    TORCH_CHECK(c.scalar_type() == at::kInt && c.numel() == 1 && c.is_contiguous(), op, ": ", name,
+                " must be an int32 tensor of one element, got ", c.scalar_type(), " ", c.sizes());
+    if (!q.is_cpu()) return rows;
+    const int64_t v = c.item<int32_t>();
+    TORCH_CHECK(v >= 0 && v <= rows, op, ": ", name, " ", v, " is outside [0, ", rows, "] (the rows of ", of, ")");
+    return v;
+  };
+  const int64_t keys = count(kv_len, "kv_len", n, "k, v");
+  const int64_t queries = count(q_len, "q_len", Tq, "q");
+  TORCH_CHECK(queries <= keys, op, ": more queries (", queries, ") than keys (", keys,
               "): the bottom-right diagonal needs Tq <= n");
   check_same_device(q, v, op, "v");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
@@ -44,6 +51,10 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, op, ": the last dims must be contiguous");
   at::Tensor out = at::empty({Tq, H, D}, q.options());
   at::Tensor lse = at::empty({H, Tq}, q.options().dtype(at::kFloat));
+  if (q.is_cpu() && queries < Tq) {   // the rows past q_len: defined on the CPU (not written on CUDA)
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
   if (Tq == 0 || H == 0 || D == 0) return {out, lse};
   BandAttentionParams p{};
   p.q = q.data_ptr();
@@ -52,6 +63,7 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.Tq = Tq;
+  p.nq = queries;
   p.n = keys;
   p.H = H;
   p.Hkv = Hkv;
@@ -67,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
   if (q.is_cuda()) {
 #if defined(AHN_RT_WITH_CUDA) && defined(AHN_RT_WITH_CUDNN_FE)
     const c10::cuda::CUDAGuard guard(q.device());
-    band_attention_cudnn(p, q, kv_len);
+    band_attention_cudnn(p, q, kv_len, q_len);
     return {out, lse};
 #else
     TORCH_CHECK(false, op, ": this ahn_rt build has no CUDA path (it was built without cudnn-frontend's or "

@@ -241,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor> gdn_chunk_scan(const std::optional<at::Tensor
 at::Tensor attn_merge(at::TensorList outs, at::TensorList lses, at::IntArrayRef offsets, int64_t rows);
 std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   int64_t left, double scale,
-                                                  const std::optional<at::Tensor>& kv_len);
+                                                  const std::optional<at::Tensor>& kv_len,
+                                                  const std::optional<at::Tensor>& q_len);
 at::Tensor silu_mul(const at::Tensor& x);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Tensor& weight, double eps);
