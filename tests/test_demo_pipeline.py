@@ -526,3 +526,17 @@ def test_merge_resume_refuses_a_base_the_run_did_not_train_on(tmp_path, capsys, 
     assert sorted(p.name for p in run.iterdir()) == before and not (run / "merged").exists()
     assert merge_resume.main(["--base", str(tmp_path / "base"), "--run", str(run), "--window", "8", "--sinks", "2"]) == 0
     assert (run / "merged" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("what", ["missing", "empty folder"])
+def test_merge_resume_without_a_resume_state_is_a_usage_error(tmp_path, capsys, what):
+    """A --run that holds no resume state printed a bare "[merge_resume] ..." line and exited 1, as if the
+    merge had failed at run time; now "error: --run ...", what to give, exit 2, like its other mistakes."""
+    run = tmp_path / "run"
+    if what == "empty folder":
+        run.mkdir()
+    rc = _load("merge_resume").main(["--base", str(ROOT / "weights" / "demo"), "--run", str(run),
+                                     "--window", "8", "--sinks", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: --run {run} holds no resume state"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if what == "empty folder" else [])

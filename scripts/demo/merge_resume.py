@@ -43,9 +43,9 @@ def merge(args) -> int:
     from ahn_rt.train import checkpoint as ckpt_io
     run = Path(args.run)
     folder = ckpt_io.find_resume(run)
-    if folder is None:
-        print(f"[merge_resume] no resume state in {run}", file=sys.stderr)
-        return 1
+    if folder is None:   # a user's mistake like the others (was a bare line and exit 1)
+        raise AhnError(f"--run {run} holds no resume state (no {run / ckpt_io.RESUME / 'state.json'}); give the "
+                       "--out folder of a python -m ahn_rt.train run that wrote one")
     state, ahn, _ = ckpt_io.load_resume(folder)
     ckpt = W.open_checkpoint(Path(args.base))
     base_cfg = W.find_config(Path(args.base), sorted(set(ckpt.src.where.values()), key=str))
