@@ -117,6 +117,18 @@ def test_make_distill_data_checks_its_outputs_first(tmp_path, a_file):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("script,flag", [("make_distill_data", "--out"), ("make_distill_data", "--stats"),
+                                         ("evaluate", "--out-json"), ("evaluate", "--out-md")])
+def test_an_output_file_given_as_a_folder_is_named_as_such(tmp_path, script, flag):
+    """A folder given for a JSON / JSONL / Markdown output was told to "give a file name ending in
+    .safetensors" (the weights writer's advice)."""
+    args = {"make_distill_data": ("--out", tmp_path / "d.jsonl", "--num", 2, "--seq-len", 256),
+            "evaluate": ("--model", MODEL, *SMALL_EVAL)}[script]
+    r = run(script, *args, flag, tmp_path)
+    refused(r, f"{flag} {tmp_path} is a folder; give a file path")
+    assert ".safetensors" not in r.stderr and list(tmp_path.iterdir()) == []
+
+
 def test_make_distill_data_still_writes_its_sequences(tmp_path):
     out, stats = tmp_path / "sub" / "d.jsonl", tmp_path / "s.json"
     r = run("make_distill_data", "--out", out, "--stats", stats, "--num", 3, "--seq-len", 256, "--dist-min", 60,

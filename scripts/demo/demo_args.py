@@ -131,6 +131,8 @@ def check_out_file(path, flag: str):
         return
     if not str(path).strip():
         raise AhnError(f"{flag} is empty; give a file path (or leave {flag} out)")
+    if Path(path).is_dir():   # (check_writable's own line asked for "a file name ending in .safetensors")
+        raise AhnError(f"{flag} {path} is a folder; give a file path (a new file's name in it, say)")
     from ahn_rt.weights import check_writable   # torch: not at import
     try:
         folder = check_writable(Path(path))
