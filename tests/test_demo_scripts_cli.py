@@ -129,6 +129,14 @@ def test_an_output_file_given_as_a_folder_is_named_as_such(tmp_path, script, fla
     assert ".safetensors" not in r.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_make_distill_data_stats_onto_out_is_refused(tmp_path):
+    """--stats naming the --out file wrote the counts over the sequences (exit 0, the data gone)."""
+    out = tmp_path / "d.jsonl"
+    refused(run("make_distill_data", "--out", out, "--stats", tmp_path / "." / "d.jsonl", "--num", 2, "--seq-len",
+                256), "--stats")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_make_distill_data_still_writes_its_sequences(tmp_path):
     out, stats = tmp_path / "sub" / "d.jsonl", tmp_path / "s.json"
     r = run("make_distill_data", "--out", out, "--stats", stats, "--num", 3, "--seq-len", 256, "--dist-min", 60,

@@ -83,6 +83,9 @@ def write_data(args) -> int:
     data = need_data(args.data, [args.split])
     check_out_file(args.out, "--out")
     check_out_file(args.stats, "--stats")
+    if args.stats and Path(args.stats).expanduser().resolve() == Path(args.out).expanduser().resolve():
+        # the counts were written over the sequences just written (exit 0, the data gone)
+        raise AhnError(f"--stats {args.stats} is the --out file; give the counts another file name")
     t = longrange.Templates.from_data(data)
     tokens = longrange.load_tokens(data / f"{args.split}.bin")
     check_tokens(tokens, args.seq_len, args.split)
