@@ -127,6 +127,24 @@ def test_passkey_lands_at_the_requested_distance(L, distance):
         assert rest.size == L - T.statement_len - min(T.question_len, L - it.answer_pos + len(T.question))
 
 
+def test_distill_data_a_failed_write_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A write that failed (a full disk) was an OSError traceback and left OUT.tmp, half-written, beside --out;
+    now an AhnError (exit 1 through the scripts' run), the old --out kept and no temporary left."""
+    import errno
+    from ahn_rt.errors import AhnError
+    tokens = np.random.default_rng(0).integers(20, 60, size=5000).astype(np.uint16)
+    out = tmp_path / "d.jsonl"
+    out.write_text("old\n")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(make_distill_data.os, "replace", full)
+    with pytest.raises(AhnError, match="No space left on device") as e:
+        make_distill_data.write_jsonl(out, longrange.SequenceSampler(tokens, 256, T, seed=4), 3)
+    assert e.value.exit_code == 1 and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"] and out.read_text() == "old\n"
+
+
 def test_distill_data_weights_the_answer_digits(tmp_path):
     """--answer-weight puts its weight on exactly the 5 answer digits of each passkey record (and writes no
     weights at 1, so the default file is unchanged); the trainer's reader accepts the file."""

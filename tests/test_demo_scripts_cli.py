@@ -137,6 +137,27 @@ def test_make_distill_data_stats_onto_out_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_make_distill_data_ctrl_c_is_one_line_and_leaves_no_half_written_file(tmp_path):
+    """Ctrl-C while the sequences were written printed a KeyboardInterrupt traceback and left the half-written
+    d.jsonl.tmp beside --out; now one line, exit 130, and nothing in the folder."""
+    import signal
+    import time
+    from signals import interrupt
+    out = tmp_path / "d.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(DEMO / "make_distill_data.py"), "--out", str(out), "--num", "10000000",
+                          "--seq-len", "256"], cwd=WORK["cwd"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # (not ignored here)
+    tmp = tmp_path / "d.jsonl.tmp"
+    end = time.time() + TIMEOUT_S
+    while not (tmp.exists() and tmp.stat().st_size > 1 << 20) and p.poll() is None and time.time() < end:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1][-2000:]
+    interrupt(p, "make_distill_data")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_make_distill_data_still_writes_its_sequences(tmp_path):
     out, stats = tmp_path / "sub" / "d.jsonl", tmp_path / "s.json"
     r = run("make_distill_data", "--out", out, "--stats", stats, "--num", 3, "--seq-len", 256, "--dist-min", 60,

@@ -30,12 +30,15 @@ SEED_MAX = 2 ** 64 - 1   # numpy's generators take no negative seed, torch.manua
 
 def run(body, args) -> int:
     """``body(args)``; an AhnError is one line on stderr, exit 2 for a user's mistake (1 for a runtime failure
-    that says so in ``exit_code``: NonFiniteLogits)."""
+    that says so in ``exit_code``: NonFiniteLogits); Ctrl-C one line, exit 130."""
     try:
         return body(args)
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:   # Ctrl-C mid-run: one line, as every ahn_rt command (was a traceback)
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def seed_arg(text: str) -> int:
