@@ -216,6 +216,16 @@ def test_evaluate_checks_its_outputs_before_the_evaluation(tmp_path, a_file):
     assert "[eval]" not in r.stdout and not (tmp_path / "e.json").exists()
 
 
+@pytest.mark.parametrize("script", ["evaluate", "gap_anatomy"])
+def test_out_md_and_out_json_naming_one_file_are_refused(tmp_path, script):
+    """--out-md and --out-json naming the same file: the JSON was written over the table after the whole
+    evaluation (exit 0, the table gone)."""
+    args = {"evaluate": SMALL_EVAL, "gap_anatomy": ("--seq-len", 256, "--n-text", 1)}[script]
+    r = run(script, "--model", MODEL, *args, "--out-md", tmp_path / "r", "--out-json", tmp_path / "." / "r")
+    refused(r, "--out-json")
+    assert "[eval]" not in r.stdout and "[anatomy]" not in r.stdout and list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_and_variants_table_still_run(tmp_path, a_file):
     ev = tmp_path / "gdn" / "eval"
     r = run("evaluate", "--model", MODEL, *SMALL_EVAL, "--out-json", ev / "eval.json", "--out-md", ev / "eval.md")

@@ -144,6 +144,19 @@ def check_out_file(path, flag: str):
     _probe(folder, flag, path, "path")
 
 
+def check_apart(*outputs):
+    """AhnError when two of ``outputs`` ((flag, path or None) pairs) name the same file: the one written last
+    replaced the other (exit 0, one output gone)."""
+    seen = {}
+    for flag, path in outputs:
+        if path is None:
+            continue
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise AhnError(f"{flag} {path} is the {seen[key]} file; give each output its own file name")
+        seen[key] = flag
+
+
 def check_out_dir(path, flag: str = "--out"):
     """AhnError unless ``path`` is a folder, or can be made one, that files can be written in."""
     if not str(path).strip():

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import longrange  # noqa: E402
-from demo_args import (AhnError, ArgParser, check_out_file, check_tokens, fraction,  # noqa: E402
+from demo_args import (AhnError, ArgParser, check_apart, check_out_file, check_tokens, fraction,  # noqa: E402
                        need_data, nonneg_float, nonneg_int, positive_int, run, seed_arg, write_text)
 
 
@@ -91,9 +91,7 @@ def write_data(args) -> int:
     data = need_data(args.data, [args.split])
     check_out_file(args.out, "--out")
     check_out_file(args.stats, "--stats")
-    if args.stats and Path(args.stats).expanduser().resolve() == Path(args.out).expanduser().resolve():
-        # the counts were written over the sequences just written (exit 0, the data gone)
-        raise AhnError(f"--stats {args.stats} is the --out file; give the counts another file name")
+    check_apart(("--out", args.out), ("--stats", args.stats))   # the counts were written over the sequences
     t = longrange.Templates.from_data(data)
     tokens = longrange.load_tokens(data / f"{args.split}.bin")
     check_tokens(tokens, args.seq_len, args.split)
