@@ -277,6 +277,9 @@ PROBE = ("--seq-len", "256", "--window", "32", "--sinks", "8", "--distances", "1
     (("train", "--layers", "abc"), "--layers"),
     (("train", "--layers", "9"), "--layers"),      # the demo teacher has 6
     (("train", "--heads", "7"), "--heads"),
+    # given empty (an unset shell variable): trained every layer / every head, as if not given
+    (("train", "--layers", ""), "--layers needs at least one number"),
+    (("train", "--heads", ""), "--heads needs at least one number"),
     (("train", "--lr", "nan"), "--lr"),
     (("train", "--answer-weight", "0", "--text-weight", "0"), "--text-weight"),
     (("train", "--window", "200"), "--window"),    # its training passkeys do not fit 256 tokens
