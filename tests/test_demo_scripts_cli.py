@@ -280,6 +280,8 @@ PROBE = ("--seq-len", "256", "--window", "32", "--sinks", "8", "--distances", "1
     # given empty (an unset shell variable): trained every layer / every head, as if not given
     (("train", "--layers", ""), "--layers needs at least one number"),
     (("train", "--heads", ""), "--heads needs at least one number"),
+    # the checkpoint's own memory has its gates: the flag was ignored
+    (("train", "--init-from-model", "--decay-init", "official"), "--decay-init official sets a fresh memory's"),
     (("train", "--lr", "nan"), "--lr"),
     (("train", "--answer-weight", "0", "--text-weight", "0"), "--text-weight"),
     (("train", "--window", "200"), "--window"),    # its training passkeys do not fit 256 tokens

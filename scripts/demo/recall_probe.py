@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=positive_float, default=5e-3)
     ap.add_argument("--answer-weight", type=nonneg_float, default=1.0)
     ap.add_argument("--text-weight", type=nonneg_float, default=0.0)
-    ap.add_argument("--decay-init", default="long", choices=("official", "long"))
+    ap.add_argument("--decay-init", choices=("official", "long"), help="a fresh memory's decay gates (default long)")
     ap.add_argument("--init-from-model", action="store_true",
                     help="start from the --model checkpoint's own memory (default: a fresh one)")
     ap.add_argument("--heads", help="train only these memory heads of --layers (e.g. 0,1); the "
@@ -273,6 +273,9 @@ def check_args(a) -> Path:
         raise AhnError(f"--window {a.window}: the training passkeys sit at distance --window + 40 or more, beyond "
                        f"the {t.max_distance(a.seq_len)} that fits a sequence of {a.seq_len} tokens; give a smaller "
                        "--window or a longer --seq-len")
+    if a.init_from_model and a.decay_init is not None:   # (was ignored: the checkpoint's memory has its gates)
+        raise AhnError(f"--decay-init {a.decay_init} sets a fresh memory's gates; --init-from-model starts from the "
+                       "checkpoint's own memory: give one of them")
     n_layers = cfg.get("num_hidden_layers")
     # given empty (an unset shell variable) they are refused, not read as their defaults (all layers, all heads)
     if a.layers is not None:
@@ -292,7 +295,7 @@ def probe(a) -> int:
     torch.manual_seed(0)
     templates = longrange.Templates.from_data(data)
     held = longrange.load_tokens(data / "heldout.bin")
-    config, model = load_teacher(a.model, a.decay_init, with_ahn=a.init_from_model)
+    config, model = load_teacher(a.model, a.decay_init or "long", with_ahn=a.init_from_model)
     if a.heads:   # the memory's heads (a GatedDeltaNet-style memory: A_log holds one value per head)
         H = getattr(model.ahn[0], "A_log", None)
         if H is not None and max(int_list(a.heads, "--heads")) >= H.shape[0]:
