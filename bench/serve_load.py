@@ -101,8 +101,17 @@ def _stream_request(url: str, key: str | None, body: dict) -> dict:
     return {"ttft": ttft, "gaps": gaps, "pieces": len(gaps) + (ttft is not None), "total": total, "finish": finish}
 
 
+def id_range(vocab: int) -> tuple[int, int]:
+    """[lo, hi) of the prompts' random token ids: inside the model's vocabulary (a smaller one than Qwen's, such
+    as the demo model's 4096, refused every measured request), clear of Qwen's special tokens (151643 on)
+    and of the lowest ids."""
+    hi = min(vocab, 150000)
+    return min(1000, hi // 2), hi
+
+
 def run_level(url, key, conc, per_client, prompt_tokens, max_tokens, vocab, seed) -> dict:
     import random
+    lo, hi = id_range(vocab)
     results, lock, stop = [], threading.Lock(), threading.Event()
 
     def client(ci):
@@ -110,7 +119,7 @@ def run_level(url, key, conc, per_client, prompt_tokens, max_tokens, vocab, seed
         for r in range(per_client):
             if stop.is_set():
                 return
-            ids = [rng.randrange(1000, min(vocab, 150000)) for _ in range(prompt_tokens)]
+            ids = [rng.randrange(lo, hi) for _ in range(prompt_tokens)]
             out = stream_request(url, key, {"prompt": ids, "max_tokens": max_tokens, "temperature": 0,
                                             "stream": True})
             with lock:
@@ -252,11 +261,17 @@ def main(argv=None) -> int:
                 tmp.cleanup()
             fail(f"the server did not start: {server_error(e)}")
         url = srv.url
+        try:   # the served model's vocabulary (the header only), which the prompts' ids must stay in
+            from ahn_rt.weights import open_checkpoint
+            vocab = open_checkpoint(weights, args.ahn).config.vocab_size
+        except Exception:  # noqa: BLE001 - the server loaded it; keep Qwen's
+            pass
         for line in srv.lines:
             print(line, file=sys.stderr)
     try:
         # warm-up: first requests pay for kernels, graphs and the allocator
-        for r in (stream_request(url, key, {"prompt": [1000 + i for i in range(args.prompt_tokens)],
+        lo, hi = id_range(vocab)
+        for r in (stream_request(url, key, {"prompt": [lo + i % (hi - lo) for i in range(args.prompt_tokens)],
                                             "max_tokens": 8, "temperature": 0, "stream": True}),):
             if "error" in r:
                 print(f"error: the warm-up request to {url} failed ({r['error']}); "
@@ -269,7 +284,8 @@ def main(argv=None) -> int:
                             args.seed)
             rows.append(row)
             print(f"[serve_load] concurrency {conc}: {row['tokens_per_s']:.1f} tok/s, TTFT p50 "
-                  f"{row['ttft_ms'][50]:.1f} ms, ITL p50 {row['itl_ms'][50]:.1f} ms, errors {row['n_errors']}",
+                  f"{row['ttft_ms'][50]:.1f} ms, ITL p50 {row['itl_ms'][50]:.1f} ms, errors {row['n_errors']}"
+                  + (f" (the first: {row['errors'][0]})" if row["errors"] else ""),   # (was in --json only)
                   file=sys.stderr)
         metrics = ""
         try:

@@ -380,6 +380,21 @@ def test_an_empty_option_is_an_error_not_the_default(capsys, monkeypatch):
         assert want in line, line
 
 
+def test_serve_load_prompts_stay_in_the_served_models_vocabulary(tmp_path):
+    """The prompts' random ids were drawn up to 150000 whatever the model: on the demo model (a vocabulary of
+    4096) every measured request got a 400, the table said "errors 1" and only --json held why. Now the ids
+    stay in the served model's vocabulary, and a level's line names its first error."""
+    out = tmp_path / "r.json"
+    r = _run("bench/serve_load.py", "--weights", os.path.join(ROOT, "weights", "demo"), "--device", "cpu",
+             "--concurrency", "1", "--requests-per-client", "2", "--max-tokens", "4", "--prompt-tokens", "16",
+             "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["n_errors"] == 0 and rows[0]["streamed_tokens"] > 0, rows
+    sl = _bench("serve_load")
+    assert sl.id_range(151936) == (1000, 150000) and sl.id_range(4096) == (1000, 4096) and sl.id_range(271)[0] >= 0
+
+
 def test_serve_load_shows_the_servers_error(tmp_path):
     # this was "RuntimeError: the server did not start:" and the server's stderr below a traceback
     garbage = tmp_path / "model.safetensors"

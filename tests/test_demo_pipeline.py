@@ -127,6 +127,24 @@ def test_passkey_lands_at_the_requested_distance(L, distance):
         assert rest.size == L - T.statement_len - min(T.question_len, L - it.answer_pos + len(T.question))
 
 
+def test_distill_data_a_failed_write_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A write that failed (a full disk) was an OSError traceback and left OUT.tmp, half-written, beside --out;
+    now an AhnError (exit 1 through the scripts' run), the old --out kept and no temporary left."""
+    import errno
+    from ahn_rt.errors import AhnError
+    tokens = np.random.default_rng(0).integers(20, 60, size=5000).astype(np.uint16)
+    out = tmp_path / "d.jsonl"
+    out.write_text("old\n")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(make_distill_data.os, "replace", full)
+    with pytest.raises(AhnError, match="No space left on device") as e:
+        make_distill_data.write_jsonl(out, longrange.SequenceSampler(tokens, 256, T, seed=4), 3)
+    assert e.value.exit_code == 1 and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"] and out.read_text() == "old\n"
+
+
 def test_distill_data_weights_the_answer_digits(tmp_path):
     """--answer-weight puts its weight on exactly the 5 answer digits of each passkey record (and writes no
     weights at 1, so the default file is unchanged); the trainer's reader accepts the file."""
@@ -492,3 +510,51 @@ def test_merge_resume_refuses_a_window_no_loader_takes_before_writing(tmp_path, 
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --"), r.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert not (run / "merged").exists()
+
+
+@pytest.mark.parametrize("other", ["same config, other weights", "another shape"])
+def test_merge_resume_refuses_a_base_the_run_did_not_train_on(tmp_path, capsys, other):
+    """merge_resume merged the run's memory onto whatever --base it was given: a base of the same config
+    with other weights gave a merged model whose memory was trained for another (exit 0, nothing said), one
+    of another shape an "internal:" shape error. Now one line naming --base, exit 2, nothing written (the
+    check the trainer's --resume makes on the state's base_config / base_fingerprint)."""
+    from ahn_rt.init_weights import random_state_dict
+    from ahn_rt.train.__main__ import main as train_main
+    from ahn_rt.weights import write_checkpoint
+    cfg = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+               tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=512, hidden_act="silu",
+               rms_norm_eps=1e-6, torch_dtype="float32")
+    write_checkpoint(tmp_path / "base" / "model.safetensors",
+                     random_state_dict(cfg, ahn=False, dtype=torch.float32, std=0.2, seed=2), cfg, config_json=True)
+    cfg2 = cfg if other.startswith("same") else dict(cfg, hidden_size=48)
+    write_checkpoint(tmp_path / "other" / "model.safetensors",
+                     random_state_dict(cfg2, ahn=False, dtype=torch.float32, std=0.2, seed=3), cfg2, config_json=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [(7 * i + j) % 97 for j in range(40)]}) + "\n" for i in range(3)))
+    run = tmp_path / "run"
+    assert train_main(["--base", str(tmp_path / "base"), "--data", str(data), "--out", str(run), "--steps", "2",
+                       "--stop-after", "1", "--window", "8", "--sinks", "2", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    merge_resume = _load("merge_resume")
+    before = sorted(p.name for p in run.iterdir())
+    rc = merge_resume.main(["--base", str(tmp_path / "other"), "--run", str(run), "--window", "8", "--sinks", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: --base ") and "trained" in err, err
+    assert sorted(p.name for p in run.iterdir()) == before and not (run / "merged").exists()
+    assert merge_resume.main(["--base", str(tmp_path / "base"), "--run", str(run), "--window", "8", "--sinks", "2"]) == 0
+    assert (run / "merged" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("what", ["missing", "empty folder"])
+def test_merge_resume_without_a_resume_state_is_a_usage_error(tmp_path, capsys, what):
+    """A --run that holds no resume state printed a bare "[merge_resume] ..." line and exited 1, as if the
+    merge had failed at run time; now "error: --run ...", what to give, exit 2, like its other mistakes."""
+    run = tmp_path / "run"
+    if what == "empty folder":
+        run.mkdir()
+    rc = _load("merge_resume").main(["--base", str(ROOT / "weights" / "demo"), "--run", str(run),
+                                     "--window", "8", "--sinks", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: --run {run} holds no resume state"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if what == "empty folder" else [])

@@ -117,6 +117,47 @@ def test_make_distill_data_checks_its_outputs_first(tmp_path, a_file):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("script,flag", [("make_distill_data", "--out"), ("make_distill_data", "--stats"),
+                                         ("evaluate", "--out-json"), ("evaluate", "--out-md")])
+def test_an_output_file_given_as_a_folder_is_named_as_such(tmp_path, script, flag):
+    """A folder given for a JSON / JSONL / Markdown output was told to "give a file name ending in
+    .safetensors" (the weights writer's advice)."""
+    args = {"make_distill_data": ("--out", tmp_path / "d.jsonl", "--num", 2, "--seq-len", 256),
+            "evaluate": ("--model", MODEL, *SMALL_EVAL)}[script]
+    r = run(script, *args, flag, tmp_path)
+    refused(r, f"{flag} {tmp_path} is a folder; give a file path")
+    assert ".safetensors" not in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_make_distill_data_stats_onto_out_is_refused(tmp_path):
+    """--stats naming the --out file wrote the counts over the sequences (exit 0, the data gone)."""
+    out = tmp_path / "d.jsonl"
+    refused(run("make_distill_data", "--out", out, "--stats", tmp_path / "." / "d.jsonl", "--num", 2, "--seq-len",
+                256), "--stats")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_distill_data_ctrl_c_is_one_line_and_leaves_no_half_written_file(tmp_path):
+    """Ctrl-C while the sequences were written printed a KeyboardInterrupt traceback and left the half-written
+    d.jsonl.tmp beside --out; now one line, exit 130, and nothing in the folder."""
+    import signal
+    import time
+    from signals import interrupt
+    out = tmp_path / "d.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(DEMO / "make_distill_data.py"), "--out", str(out), "--num", "10000000",
+                          "--seq-len", "256"], cwd=WORK["cwd"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # (not ignored here)
+    tmp = tmp_path / "d.jsonl.tmp"
+    end = time.time() + TIMEOUT_S
+    while not (tmp.exists() and tmp.stat().st_size > 1 << 20) and p.poll() is None and time.time() < end:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1][-2000:]
+    interrupt(p, "make_distill_data")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_make_distill_data_still_writes_its_sequences(tmp_path):
     out, stats = tmp_path / "sub" / "d.jsonl", tmp_path / "s.json"
     r = run("make_distill_data", "--out", out, "--stats", stats, "--num", 3, "--seq-len", 256, "--dist-min", 60,
@@ -175,6 +216,16 @@ def test_evaluate_checks_its_outputs_before_the_evaluation(tmp_path, a_file):
     assert "[eval]" not in r.stdout and not (tmp_path / "e.json").exists()
 
 
+@pytest.mark.parametrize("script", ["evaluate", "gap_anatomy"])
+def test_out_md_and_out_json_naming_one_file_are_refused(tmp_path, script):
+    """--out-md and --out-json naming the same file: the JSON was written over the table after the whole
+    evaluation (exit 0, the table gone)."""
+    args = {"evaluate": SMALL_EVAL, "gap_anatomy": ("--seq-len", 256, "--n-text", 1)}[script]
+    r = run(script, "--model", MODEL, *args, "--out-md", tmp_path / "r", "--out-json", tmp_path / "." / "r")
+    refused(r, "--out-json")
+    assert "[eval]" not in r.stdout and "[anatomy]" not in r.stdout and list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_and_variants_table_still_run(tmp_path, a_file):
     ev = tmp_path / "gdn" / "eval"
     r = run("evaluate", "--model", MODEL, *SMALL_EVAL, "--out-json", ev / "eval.json", "--out-md", ev / "eval.md")
@@ -226,6 +277,11 @@ PROBE = ("--seq-len", "256", "--window", "32", "--sinks", "8", "--distances", "1
     (("train", "--layers", "abc"), "--layers"),
     (("train", "--layers", "9"), "--layers"),      # the demo teacher has 6
     (("train", "--heads", "7"), "--heads"),
+    # given empty (an unset shell variable): trained every layer / every head, as if not given
+    (("train", "--layers", ""), "--layers needs at least one number"),
+    (("train", "--heads", ""), "--heads needs at least one number"),
+    # the checkpoint's own memory has its gates: the flag was ignored
+    (("train", "--init-from-model", "--decay-init", "official"), "--decay-init official sets a fresh memory's"),
     (("train", "--lr", "nan"), "--lr"),
     (("train", "--answer-weight", "0", "--text-weight", "0"), "--text-weight"),
     (("train", "--window", "200"), "--window"),    # its training passkeys do not fit 256 tokens

@@ -128,6 +128,26 @@ def test_a_saved_last_token_outside_the_vocabulary_is_a_damaged_session(model, t
         assert "damaged" in str(e.value) and "c1.json" in str(e.value), bad
 
 
+def test_a_saved_json_of_the_wrong_shape_is_a_damaged_session(model, tmp_path):
+    # chat_open "false" (a string) was read as true, so the next request closed an assistant turn that was not
+    # open; a position of 23.9 was read as 23; a list instead of an object said "list indices must be integers"
+    import json
+    store = SessionStore(model, max_bytes=1, state_dir=tmp_path)
+    store.checkout("c1")
+    store.checkin("c1", _conv(model, 23, last=7))
+    store.flush()
+    meta = json.loads((tmp_path / "c1.json").read_text())
+    for bad, needle in ((dict(meta, chat_open="false"), "chat_open 'false'"), (dict(meta, chat_open=1), "chat_open 1"),
+                        (dict(meta, position=23.9), "position 23.9"), (dict(meta, position="23"), "position '23'"),
+                        ([1, 2], "not a JSON object")):
+        (tmp_path / "c1.json").write_text(json.dumps(bad))
+        with pytest.raises(AhnError) as e:
+            SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("c1")
+        assert "damaged" in str(e.value) and f"c1.json: {needle}" in str(e.value) and "\n" not in str(e.value), bad
+    (tmp_path / "c1.json").write_text(json.dumps(meta))
+    assert SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path).checkout("c1").chat_open is meta["chat_open"]
+
+
 def test_a_state_file_without_its_json_is_refused_not_started_anew(model, tmp_path):
     # With c1.json gone (a crash between the two writes of a first turn, or a file removed by hand) the
     # request found "no saved session", started a new conversation and wrote over the saved state: a reply

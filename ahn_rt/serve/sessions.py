@@ -241,9 +241,16 @@ class SessionStore:
                                f"was cut off); delete it (DELETE /v1/sessions/{sid}) and start the conversation again")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            position, last, chat_open = int(meta["position"]), meta["last_token"], bool(meta["chat_open"])
+            if not isinstance(meta, dict):   # (a list read "list indices must be integers or slices, not str")
+                raise ValueError("not a JSON object")
+            position, last, chat_open = meta["position"], meta["last_token"], meta["chat_open"]
             if meta.get("version") != META_VERSION:
                 raise ValueError(f"unknown version {meta.get('version')!r}")
+            # as written (the string "false" read as an open chat turn, which the next request then closed)
+            if type(position) is not int or position < 0:
+                raise ValueError(f"position {position!r} is not a token count")
+            if type(chat_open) is not bool:
+                raise ValueError(f"chat_open {chat_open!r} is not true or false")
             # fed to the model as the next request's first token: one outside the vocabulary was a 400 that
             # blamed the request's messages
             if last is not None and (type(last) is not int or not 0 <= last < self.model.config.vocab_size):

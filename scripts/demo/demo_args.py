@@ -30,12 +30,15 @@ SEED_MAX = 2 ** 64 - 1   # numpy's generators take no negative seed, torch.manua
 
 def run(body, args) -> int:
     """``body(args)``; an AhnError is one line on stderr, exit 2 for a user's mistake (1 for a runtime failure
-    that says so in ``exit_code``: NonFiniteLogits)."""
+    that says so in ``exit_code``: NonFiniteLogits); Ctrl-C one line, exit 130."""
     try:
         return body(args)
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:   # Ctrl-C mid-run: one line, as every ahn_rt command (was a traceback)
+        print("\ninterrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def seed_arg(text: str) -> int:
@@ -131,12 +134,27 @@ def check_out_file(path, flag: str):
         return
     if not str(path).strip():
         raise AhnError(f"{flag} is empty; give a file path (or leave {flag} out)")
+    if Path(path).is_dir():   # (check_writable's own line asked for "a file name ending in .safetensors")
+        raise AhnError(f"{flag} {path} is a folder; give a file path (a new file's name in it, say)")
     from ahn_rt.weights import check_writable   # torch: not at import
     try:
         folder = check_writable(Path(path))
     except AhnError as e:
         raise AhnError(f"{flag}: {e}; choose another path") from None
     _probe(folder, flag, path, "path")
+
+
+def check_apart(*outputs):
+    """AhnError when two of ``outputs`` ((flag, path or None) pairs) name the same file: the one written last
+    replaced the other (exit 0, one output gone)."""
+    seen = {}
+    for flag, path in outputs:
+        if path is None:
+            continue
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise AhnError(f"{flag} {path} is the {seen[key]} file; give each output its own file name")
+        seen[key] = flag
 
 
 def check_out_dir(path, flag: str = "--out"):

@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import longrange  # noqa: E402
-from demo_args import (AhnError, ArgParser, check_distance, check_out_file, check_tokens, int_list,  # noqa: E402
-                       need_data, need_model, nonneg_int, positive_int, read_json, run, seed_arg, write_text)
+from demo_args import (AhnError, ArgParser, check_apart, check_distance, check_out_file, check_tokens,  # noqa: E402
+                       int_list, need_data, need_model, nonneg_int, positive_int, read_json, run, seed_arg, write_text)
 
 MODES = ("full", "swa", "ahn")
 
@@ -269,6 +269,7 @@ def evaluate_all(args) -> int:
         attached[name] = read_json(p, "--attach", "a JSON file") if p.is_file() else None
     check_out_file(args.out_md, "--out-md")
     check_out_file(args.out_json, "--out-json")
+    check_apart(("--out-md", args.out_md), ("--out-json", args.out_json))   # the JSON was written over the table
 
     import ahn_rt
     from ahn_rt import ops

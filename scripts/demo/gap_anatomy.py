@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import longrange  # noqa: E402
-from demo_args import (AhnError, ArgParser, check_out_file, check_tokens, need_data, need_model,  # noqa: E402
-                       positive_int, run, write_text)
+from demo_args import (AhnError, ArgParser, check_apart, check_out_file, check_tokens, need_data,  # noqa: E402
+                       need_model, positive_int, run, write_text)
 from evaluate import RuntimeForward, token_nll  # noqa: E402
 
 CLASSES = ("visible", "beyond", "unseen")
@@ -128,6 +128,7 @@ def gap_anatomy(args) -> int:
     check_tokens(heldout, args.seq_len, "heldout")
     check_out_file(args.out_md, "--out-md")
     check_out_file(args.out_json, "--out-json")
+    check_apart(("--out-md", args.out_md), ("--out-json", args.out_json))   # the JSON was written over the table
 
     import ahn_rt
     seqs = longrange.eval_text_sequences(heldout, args.seq_len, args.n_text)

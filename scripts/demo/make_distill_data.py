@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import longrange  # noqa: E402
-from demo_args import (AhnError, ArgParser, check_out_file, check_tokens, fraction,  # noqa: E402
+from demo_args import (AhnError, ArgParser, check_apart, check_out_file, check_tokens, fraction,  # noqa: E402
                        need_data, nonneg_float, nonneg_int, positive_int, run, seed_arg, write_text)
 
 
@@ -36,22 +36,30 @@ def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer
     h = hashlib.sha256()
     with_key, dists = 0, []
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        for _ in range(num):
-            ids, item = sampler.sample()
-            line = '{"input_ids": [' + ",".join(map(str, ids.tolist())) + "]"
-            if text_weight != 1.0 or (item is not None and answer_weight != 1.0):
-                w = [repr(float(text_weight))] * len(ids)
-                for p in (item.answer_positions if item is not None else ()):
-                    w[p] = repr(float(answer_weight))
-                line += ', "loss_weights": [' + ",".join(w) + "]"
-            line += "}\n"
-            f.write(line)
-            h.update(line.encode("ascii"))
-            if item is not None:
-                with_key += 1
-                dists.append(item.distance)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            for _ in range(num):
+                ids, item = sampler.sample()
+                line = '{"input_ids": [' + ",".join(map(str, ids.tolist())) + "]"
+                if text_weight != 1.0 or (item is not None and answer_weight != 1.0):
+                    w = [repr(float(text_weight))] * len(ids)
+                    for p in (item.answer_positions if item is not None else ()):
+                        w[p] = repr(float(answer_weight))
+                    line += ', "loss_weights": [' + ",".join(w) + "]"
+                line += "}\n"
+                f.write(line)
+                h.update(line.encode("ascii"))
+                if item is not None:
+                    with_key += 1
+                    dists.append(item.distance)
+        os.replace(tmp, path)
+    except BaseException as e:   # Ctrl-C, a full disk: no half-written .tmp is left beside --out
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            err = AhnError(f"cannot write {path}: {e.strerror or e}; nothing was written")
+            err.exit_code = 1   # a run-time failure, not a usage error
+            raise err from None
+        raise
     return {"sequences": num, "with_passkey": with_key,
             "distance_min": min(dists) if dists else None, "distance_max": max(dists) if dists else None,
             "distance_mean": round(sum(dists) / len(dists), 1) if dists else None, "sha256": h.hexdigest()}
@@ -83,6 +91,7 @@ def write_data(args) -> int:
     data = need_data(args.data, [args.split])
     check_out_file(args.out, "--out")
     check_out_file(args.stats, "--stats")
+    check_apart(("--out", args.out), ("--stats", args.stats))   # the counts were written over the sequences
     t = longrange.Templates.from_data(data)
     tokens = longrange.load_tokens(data / f"{args.split}.bin")
     check_tokens(tokens, args.seq_len, args.split)

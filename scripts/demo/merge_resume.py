@@ -43,12 +43,22 @@ def merge(args) -> int:
     from ahn_rt.train import checkpoint as ckpt_io
     run = Path(args.run)
     folder = ckpt_io.find_resume(run)
-    if folder is None:
-        print(f"[merge_resume] no resume state in {run}", file=sys.stderr)
-        return 1
+    if folder is None:   # a user's mistake like the others (was a bare line and exit 1)
+        raise AhnError(f"--run {run} holds no resume state (no {run / ckpt_io.RESUME / 'state.json'}); give the "
+                       "--out folder of a python -m ahn_rt.train run that wrote one")
     state, ahn, _ = ckpt_io.load_resume(folder)
     ckpt = W.open_checkpoint(Path(args.base))
     base_cfg = W.find_config(Path(args.base), sorted(set(ckpt.src.where.values()), key=str))
+    # the base the run trained on (what the trainer's --resume checks): merged onto another base of the same
+    # config the memory is garbage, silently; of another shape it failed with an "internal:" shape error
+    if state.get("base_config") not in (None, base_cfg):
+        raise AhnError(f"--base {args.base} is not the model the run in {run} trained (its config differs); "
+                       "give the --base it trained on")
+    if state.get("base_fingerprint") is not None:
+        from ahn_rt.train.__main__ import _base_fingerprint
+        if _base_fingerprint({k: ckpt.src.get(k) for k in W.base_shapes(ckpt.config)}) != state["base_fingerprint"]:
+            raise AhnError(f"--base {args.base} is not the model the run in {run} trained (same config, other "
+                           "weights); give the --base it trained on")
     # the memory variant the run trained (its recorded settings; runs older than the variants: GatedDeltaNet)
     impl = (state.get("run") or {}).get("ahn")
     cfg = ckpt_io.output_config(base_cfg, ckpt.config.family, args.window, args.sinks, implementation=impl)

@@ -239,17 +239,17 @@ def main(argv=None) -> int:
     ap.add_argument("--distances", default="300,700")
     ap.add_argument("--n-passkey", type=positive_int, default=24)
     ap.add_argument("--n-text", type=positive_int, default=16)
-    ap.add_argument("--layers", default="", help="comma list of the layers whose memory trains (default: all)")
+    ap.add_argument("--layers", help="comma list of the layers whose memory trains (default: all)")
     ap.add_argument("--steps", type=positive_int, default=150)
     ap.add_argument("--batch", type=positive_int, default=8)
     ap.add_argument("--lr", type=positive_float, default=5e-3)
     ap.add_argument("--answer-weight", type=nonneg_float, default=1.0)
     ap.add_argument("--text-weight", type=nonneg_float, default=0.0)
-    ap.add_argument("--decay-init", default="long", choices=("official", "long"))
+    ap.add_argument("--decay-init", choices=("official", "long"), help="a fresh memory's decay gates (default long)")
     ap.add_argument("--init-from-model", action="store_true",
                     help="start from the --model checkpoint's own memory (default: a fresh one)")
-    ap.add_argument("--heads", default="", help="train only these memory heads of --layers (e.g. 0,1); the "
-                                                "output norm, shared by the heads, stays fixed")
+    ap.add_argument("--heads", help="train only these memory heads of --layers (e.g. 0,1); the "
+                                    "output norm, shared by the heads, stays fixed")
     ap.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", help="write every number as JSON here")
     a = ap.parse_args(argv)
@@ -273,10 +273,14 @@ def check_args(a) -> Path:
         raise AhnError(f"--window {a.window}: the training passkeys sit at distance --window + 40 or more, beyond "
                        f"the {t.max_distance(a.seq_len)} that fits a sequence of {a.seq_len} tokens; give a smaller "
                        "--window or a longer --seq-len")
+    if a.init_from_model and a.decay_init is not None:   # (was ignored: the checkpoint's memory has its gates)
+        raise AhnError(f"--decay-init {a.decay_init} sets a fresh memory's gates; --init-from-model starts from the "
+                       "checkpoint's own memory: give one of them")
     n_layers = cfg.get("num_hidden_layers")
-    if a.layers:
+    # given empty (an unset shell variable) they are refused, not read as their defaults (all layers, all heads)
+    if a.layers is not None:
         int_list(a.layers, "--layers", 0, None if n_layers is None else n_layers - 1, hint="1,4")
-    if a.heads:
+    if a.heads is not None:
         int_list(a.heads, "--heads", 0, hint="0,1")
     for split in splits:
         check_tokens(longrange.load_tokens(data / f"{split}.bin"), a.seq_len, split)
@@ -291,7 +295,7 @@ def probe(a) -> int:
     torch.manual_seed(0)
     templates = longrange.Templates.from_data(data)
     held = longrange.load_tokens(data / "heldout.bin")
-    config, model = load_teacher(a.model, a.decay_init, with_ahn=a.init_from_model)
+    config, model = load_teacher(a.model, a.decay_init or "long", with_ahn=a.init_from_model)
     if a.heads:   # the memory's heads (a GatedDeltaNet-style memory: A_log holds one value per head)
         H = getattr(model.ahn[0], "A_log", None)
         if H is not None and max(int_list(a.heads, "--heads")) >= H.shape[0]:
