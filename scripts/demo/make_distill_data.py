@@ -3,7 +3,8 @@
 the ``distill`` split, which the teacher never trained on) with a passkey in a fraction of them.
 ``--answer-weight W`` (W != 1) adds ``"loss_weights"`` to the passkey records: W on the passkey's answer
 digits, 1 elsewhere, so that the distillation loss stresses the long-range recall (the trainer takes the
-weighted mean). ``--text-weight T`` (T != 1) puts T instead of 1 on every other token, of every record
+weighted mean); ``--answer-end`` puts W on the newline that ends the answer too (where the sequence holds
+it), so that the model also learns where the number stops. ``--text-weight T`` (T != 1) puts T instead of 1 on every other token, of every record
 (``--text-weight 0 --passkey-frac 1``: a loss on the answer digits alone).
 
     python scripts/demo/make_distill_data.py --data data/demo --out runs/demo/distill.jsonl --num 19200 \\
@@ -29,9 +30,10 @@ from demo_args import (AhnError, ArgParser, check_apart, check_out_file, check_t
 
 
 def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer_weight: float = 1.0,
-                text_weight: float = 1.0) -> dict:
+                text_weight: float = 1.0, answer_end: bool = False) -> dict:
     """Write ``num`` sequences (when either weight is not 1, with loss weights: ``answer_weight`` on a
-    passkey's answer digits, ``text_weight`` on every other token); returns counts, the distance range and
+    passkey's answer digits, and with ``answer_end`` on the newline after them, ``text_weight`` on every
+    other token); returns counts, the distance range and
     the file's sha256."""
     h = hashlib.sha256()
     with_key, dists = 0, []
@@ -43,7 +45,10 @@ def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer
                 line = '{"input_ids": [' + ",".join(map(str, ids.tolist())) + "]"
                 if text_weight != 1.0 or (item is not None and answer_weight != 1.0):
                     w = [repr(float(text_weight))] * len(ids)
-                    for p in (item.answer_positions if item is not None else ()):
+                    span = item.answer_positions if item is not None else range(0)
+                    if answer_end:   # the answer's newline, where the sequence is long enough to hold it
+                        span = range(span.start, min(span.stop + 1, len(ids)))
+                    for p in span:
                         w[p] = repr(float(answer_weight))
                     line += ', "loss_weights": [' + ",".join(w) + "]"
                 line += "}\n"
@@ -78,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=seed_arg, default=1)
     ap.add_argument("--answer-weight", type=nonneg_float, default=1.0,
                     help="loss weight of a passkey's answer digits (default 1: no weights written)")
+    ap.add_argument("--answer-end", action="store_true",
+                    help="also put --answer-weight on the newline that ends the answer")
     ap.add_argument("--text-weight", type=nonneg_float, default=1.0,
                     help="loss weight of every token that is not an answer digit (default 1)")
     ap.add_argument("--stats", help="also write the counts as JSON to this file")
@@ -111,9 +118,10 @@ def write_data(args) -> int:
                                         dist_min=args.dist_min, dist_max=args.dist_max)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stats = write_jsonl(out, sampler, args.num, args.answer_weight, args.text_weight)
+    stats = write_jsonl(out, sampler, args.num, args.answer_weight, args.text_weight, args.answer_end)
     stats.update(split=args.split, split_tokens=len(tokens), seq_len=args.seq_len, seed=args.seed,
-                 passkey_frac=args.passkey_frac, answer_weight=args.answer_weight, text_weight=args.text_weight)
+                 passkey_frac=args.passkey_frac, answer_weight=args.answer_weight, text_weight=args.text_weight,
+                 **({"answer_end": True} if args.answer_end else {}))
     print("[distill-data] " + json.dumps(stats), flush=True)
     if args.stats:
         write_text(args.stats, json.dumps(stats, indent=1) + "\n")
