@@ -177,6 +177,20 @@ def test_distill_data_weights_the_answer_digits(tmp_path):
         rec, (_, item) = json.loads(line), ref.sample()
         nonzero = [i for i, w in enumerate(rec["loss_weights"]) if w != 0]
         assert nonzero == ([] if item is None else list(item.answer_positions))
+    # answer_end: the newline after the digits weighs as they do (the model learns where the number ends);
+    # the sampler puts the question last, so some answers end the sequence and have no newline to weigh
+    make_distill_data.write_jsonl(tmp_path / "end.jsonl", sampler(), 12, answer_weight=50.0, answer_end=True)
+    ref, ended = sampler(), 0
+    for line in (tmp_path / "end.jsonl").read_text().splitlines():
+        rec, (ids, item) = json.loads(line), ref.sample()
+        if item is not None:
+            heavy_at = [i for i, w in enumerate(rec["loss_weights"]) if w == 50.0]
+            stop = item.answer_positions.stop
+            assert heavy_at == list(item.answer_positions) + ([stop] if stop < len(ids) else [])
+            if stop < len(ids):
+                assert ids[stop] == T.newline[0]
+                ended += 1
+    assert ended > 0
 
 
 def test_passkey_limits_and_seeded_sets():
@@ -370,21 +384,26 @@ def test_default_teacher_shape_fits_the_shipping_limit():
 def test_run_gpu_script_parses():
     subprocess.run(["bash", "-n", str(DEMO / "run_gpu.sh")], check=True)
     subprocess.run(["bash", "-n", str(DEMO / "run_recall.sh")], check=True)
+    subprocess.run(["bash", "-n", str(DEMO / "run_answer_end.sh")], check=True)
     subprocess.run(["bash", "-n", str(DEMO / "compare_variants.sh")], check=True)
 
 
 def test_the_scripts_default_to_the_shipped_window_and_sinks():
-    """run_gpu.sh and run_recall.sh with no overrides reproduce weights/demo (scripts/demo/README.md): their
-    full-size window and sinks are the shipped config's, so a change of either is caught here."""
+    """run_gpu.sh, run_recall.sh and run_answer_end.sh with no overrides reproduce weights/demo
+    (scripts/demo/README.md): their full-size window and sinks are the shipped config's, so a change of either
+    is caught here."""
     cfg = json.loads((ROOT / "weights" / "demo" / "config.json").read_text())
-    for script in ("run_gpu.sh", "run_recall.sh"):
+    for script in ("run_gpu.sh", "run_recall.sh", "run_answer_end.sh"):
         text = (DEMO / script).read_text()
-        full = [line for line in text.splitlines() if "L=4096" in line]
+        full = [line for line in text.splitlines() if "WIN=${WINDOW:-" in line]
         assert len(full) == 1, (script, full)
         win = re.search(r"WIN=\$\{WINDOW:-(\d+)\}", full[0])
         sinks = re.search(r"SINKS=(\d+)", full[0])
         assert win and sinks, (script, full[0])
         assert (int(win.group(1)), int(sinks.group(1))) == (cfg["sliding_window"], cfg["num_attn_sinks"]), script
+    # and run_gpu.sh's teacher has the shipped heads (train_teacher.py's own default is the earlier 64)
+    shape = re.search(r'T_SHAPE <<< "\$\{TEACHER_ARGS---head-dim (\d+)\}"', (DEMO / "run_gpu.sh").read_text())
+    assert shape and int(shape.group(1)) == cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
 def test_variants_table(tmp_path, capsys):

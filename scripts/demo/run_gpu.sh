@@ -3,7 +3,8 @@
 #   teacher pretraining -> distillation data (in the background) -> AHN distillation + merge -> evaluation.
 # Needs data/demo/ from scripts/demo/build_corpus.py (built on the CPU machine and carried in).
 #
-#   bash scripts/demo/run_gpu.sh           # one H200, about 8 minutes planned (9.3 at the time guards)
+#   bash scripts/demo/run_gpu.sh           # one H100 / H200, about 7 minutes (the shipped stage 1's run: 216 s of
+#                                          # teacher, 143 distillation steps in 150 s)
 #   bash scripts/demo/run_gpu.sh --smoke   # every stage at toy size on the CPU, about 15 seconds on a 2-core CPU
 #
 # $OUT receives these files (each < 16 MiB, at most $OUT/a/file):
@@ -11,10 +12,11 @@
 #     model.safetensors over 15 MiB comes as model.safetensors.part0, .part1, ...: join them with cat)
 #   eval/{eval.md,eval.json}      the evaluation table and every number (+ pipeline settings and timings)
 #   logs/{teacher_log.jsonl,distill_log.jsonl}
-# Overrides (environment): TEACHER_ARGS (extra teacher-shape flags), DISTILL_ARGS (extra ahn_rt.train flags,
+# Overrides (environment): TEACHER_ARGS (the teacher's shape flags; default "--head-dim 128", the shipped
+# shape; empty: heads of 64, the model shipped before), DISTILL_ARGS (extra ahn_rt.train flags,
 # e.g. "--decay-init long"), WINDOW (the sliding window in full mode; default 32, the shipped model's; 128 the
 # model's shipped until commit 30b2b51), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, DISTILL_STOP
-# (stop the distillation after this step, default 441 as the shipped run; empty: run all), TEACHER_LIMIT,
+# (stop the distillation after this step, default 143 of 250 as the shipped run; empty: run all), TEACHER_LIMIT,
 # DISTILL_LIMIT (seconds, safety stops), PASSKEY_FRAC, DIST_MIN (default 16), ANSWER_WEIGHT (the distillation
 # data; ANSWER_WEIGHT: the loss weight of a
 # passkey's answer digits, default 1), WORK (intermediate folder), PYTHON, and
@@ -36,14 +38,15 @@ if [[ $MODE == full ]]; then
   WORK=${WORK:-$DATA/run}; OUT=${OUT:-$DATA/out}; DEV=cuda
   L=4096; WIN=${WINDOW:-32}; SINKS=32
   T_STEPS=${TEACHER_STEPS:-1800}; T_BATCH=32; T_LIMIT=${TEACHER_LIMIT:-240}
-  # TEACHER_ARGS: extra train_teacher.py flags for another teacher shape (e.g. "--head-dim 128"; the demo
-  # files must stay under 25 MB: ship_demo checks)
-  read -r -a T_SHAPE <<< "${TEACHER_ARGS:-}"
+  # TEACHER_ARGS: train_teacher.py flags for the teacher's shape; the shipped model's heads of 128 by default
+  # (empty: train_teacher.py's heads of 64, the model shipped until the thirtieth session; the demo files must
+  # stay under 25 MB: ship_demo checks)
+  read -r -a T_SHAPE <<< "${TEACHER_ARGS---head-dim 128}"
   T_EXTRA=(--log-every 50 --eval-every 300 --eval-seqs 8 "${T_SHAPE[@]}")
-  D_STEPS=${DISTILL_STEPS:-600}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-320}; D_DIST_MIN=${DIST_MIN:-16}
+  D_STEPS=${DISTILL_STEPS:-250}; D_BATCH=32; D_LIMIT=${DISTILL_LIMIT:-320}; D_DIST_MIN=${DIST_MIN:-16}
   read -r -a D_ARGS <<< "${DISTILL_ARGS:-}"
-  # the shipped stage 1 stopped at step 441 of 600 (its time guard, on an H100): DISTILL_STOP= (empty) runs all
-  D_STOP=${DISTILL_STOP-441}
+  # the shipped stage 1 stopped at step 143 of 250 (its time guard, on an H100): DISTILL_STOP= (empty) runs all
+  D_STOP=${DISTILL_STOP-143}
   D_EXTRA=(--dtype bf16 --no-activation-checkpointing --log-every 25 --save-every 50 ${D_STOP:+--stop-after "$D_STOP"}
            "${D_ARGS[@]}")
   # the first distance is inside the window (25 at W = 32, 100 at W = 128)

@@ -12,7 +12,7 @@
 # folder). RECALL_LAYER (default 5) is the layer stage 6 trains: that of the teacher's copy heads
 # (recall_probe.py heads names it for another teacher).
 #
-#   FROM=DIR bash scripts/demo/run_recall.sh           # one H100 / H200, about 4 minutes
+#   FROM=DIR bash scripts/demo/run_recall.sh           # one H100, about 6.5 minutes (heads of 64: 4)
 #   FROM=data/demo/smoke/out/demo bash scripts/demo/run_recall.sh --smoke   # toy size on the CPU, after
 #                                                      # run_gpu.sh --smoke (its 2-layer model: layer 1)
 #
