@@ -24,12 +24,12 @@ source scripts/demo/ship_demo.sh
 : "${FROM:?set FROM to the model of the recall stages (the demo folder of run_recall.sh)}"
 if [[ "${1:-}" == "--smoke" ]]; then
   WORK=${WORK:-$DATA/answer_end_smoke}; OUT=${OUT:-$WORK/out}; L=256; WIN=64; SINKS=16
-  N_FAR=8; N_NEAR=4; N_TEXT=4; BATCH=2; STEPS=2; LAYER=1; SEEDS=2
+  N_FAR=8; N_NEAR=4; N_TEXT=4; BATCH=2; STEPS=2; LAYER=1; SEEDS=2; DIST=200
   E_EXTRA=(--seq-len 512 --n-text 2 --n-passkey 2 --distances 40,200 --edges 256)
   FAR=(--dist-min 80); NEAR=(--dist-min 16 --dist-max 56)
 else
   WORK=${WORK:-$DATA/answer_end}; OUT=${OUT:-$DATA/answer_end_out}; L=1024; WIN=${WINDOW:-32}; SINKS=32
-  N_FAR=600; N_NEAR=200; N_TEXT=400; BATCH=4; STEPS=150; LAYER=${RECALL_LAYER:-5}; SEEDS=16
+  N_FAR=600; N_NEAR=200; N_TEXT=400; BATCH=4; STEPS=150; LAYER=${RECALL_LAYER:-5}; SEEDS=16; DIST=1000
   E_EXTRA=(--seq-len 4096 --n-text 32 --n-passkey 32 --distances $(( WIN * 25 / 32 )),256,1000,2000,3500)
   FAR=(--dist-min "$WIN"); NEAR=(--dist-min $(( WIN / 8 )) --dist-max $(( WIN - 8 )))
 fi
@@ -53,7 +53,7 @@ $PY -m ahn_rt.train --base "$FROM" --init-from-base --data "$WORK/mix.jsonl" --o
 say evaluate
 $PY scripts/demo/evaluate.py --model "$WORK/run/merged" --data "$DATA" --device "$DEV" "${E_EXTRA[@]}" \
     --out-md "$OUT/eval/eval.md" --out-json "$OUT/eval/eval.json" --attach answer_end_run="$WORK/run/run.json"
-$PY scripts/demo/demo_seeds.py --weights "$WORK/run/merged" --seeds "$SEEDS" | tee "$OUT/eval/seeds.txt"
+$PY scripts/demo/demo_seeds.py --weights "$WORK/run/merged" --distance "$DIST" --seeds "$SEEDS" | tee "$OUT/eval/seeds.txt"
 ship_demo "$WORK/run/merged" "$OUT/demo"
 cp "$WORK/run/log.jsonl" "$OUT/logs/answer_end_log.jsonl"
 say "done"
