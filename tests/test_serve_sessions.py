@@ -113,13 +113,18 @@ def test_session_ids_are_safe_file_names():
             check_session_id(bad)
 
 
-def test_a_saved_last_token_outside_the_vocabulary_is_a_damaged_session(model, tmp_path):
-    # was a 400 blaming the request's "messages" ("token id ... is outside the vocabulary")
-    import json
+def _saved_c1(model, tmp_path):
+    """A conversation "c1" of 23 tokens (last token 7) saved to tmp_path (evicted at once: max_bytes=1)."""
     store = SessionStore(model, max_bytes=1, state_dir=tmp_path)
     store.checkout("c1")
     store.checkin("c1", _conv(model, 23, last=7))
     store.flush()
+
+
+def test_a_saved_last_token_outside_the_vocabulary_is_a_damaged_session(model, tmp_path):
+    # was a 400 blaming the request's "messages" ("token id ... is outside the vocabulary")
+    import json
+    _saved_c1(model, tmp_path)
     meta = json.loads((tmp_path / "c1.json").read_text())
     for bad in (model.config.vocab_size, -1, True, 1.5):
         (tmp_path / "c1.json").write_text(json.dumps(dict(meta, last_token=bad)))
@@ -132,10 +137,7 @@ def test_a_saved_json_of_the_wrong_shape_is_a_damaged_session(model, tmp_path):
     # chat_open "false" (a string) was read as true, so the next request closed an assistant turn that was not
     # open; a position of 23.9 was read as 23; a list instead of an object said "list indices must be integers"
     import json
-    store = SessionStore(model, max_bytes=1, state_dir=tmp_path)
-    store.checkout("c1")
-    store.checkin("c1", _conv(model, 23, last=7))
-    store.flush()
+    _saved_c1(model, tmp_path)
     meta = json.loads((tmp_path / "c1.json").read_text())
     for bad, needle in ((dict(meta, chat_open="false"), "chat_open 'false'"), (dict(meta, chat_open=1), "chat_open 1"),
                         (dict(meta, position=23.9), "position 23.9"), (dict(meta, position="23"), "position '23'"),
@@ -152,10 +154,7 @@ def test_a_state_file_without_its_json_is_refused_not_started_anew(model, tmp_pa
     # With c1.json gone (a crash between the two writes of a first turn, or a file removed by hand) the
     # request found "no saved session", started a new conversation and wrote over the saved state: a reply
     # without the conversation's context, with status 200.
-    store = SessionStore(model, max_bytes=1, state_dir=tmp_path)
-    store.checkout("c1")
-    store.checkin("c1", _conv(model, 23, last=7))
-    store.flush()
+    _saved_c1(model, tmp_path)
     (tmp_path / "c1.json").unlink()
     again = SessionStore(model, max_bytes=1 << 30, state_dir=tmp_path)
     with pytest.raises(AhnError) as e:

@@ -16,11 +16,7 @@
 # (float32) run it elsewhere; RECALL_LAYER (5) is the layer it trains, as in run_recall.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export AHN_RT_TRAIN_ATTENTION=${AHN_RT_TRAIN_ATTENTION:-sdpa}
-PY=${PYTHON:-python3}
-DATA=data/demo
-source scripts/demo/ship_demo.sh
+source scripts/demo/ship_demo.sh   # PY, DATA, the environment; ship_demo
 : "${FROM:?set FROM to the model of the recall stages (the demo folder of run_recall.sh)}"
 if [[ "${1:-}" == "--smoke" ]]; then
   WORK=${WORK:-$DATA/answer_end_smoke}; OUT=${OUT:-$WORK/out}; L=256; WIN=64; SINKS=16

@@ -25,13 +25,8 @@
 # scripts/demo/compare_variants.sh runs all three side by side).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# the student's window through SDPA: FlexAttention's compile would take a fifth of the distillation's budget
-export AHN_RT_TRAIN_ATTENTION=${AHN_RT_TRAIN_ATTENTION:-sdpa}
-PY=${PYTHON:-python3}
-DATA=data/demo
 MODE=full
-source scripts/demo/ship_demo.sh
+source scripts/demo/ship_demo.sh   # PY, DATA, the environment; ship_demo
 [[ "${1:-}" == "--smoke" ]] && MODE=smoke
 
 if [[ $MODE == full ]]; then

@@ -20,12 +20,7 @@
 # weights/demo/), eval/{eval.md,eval.json}, logs/{recall_log.jsonl,text_log.jsonl}.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# the student's window through SDPA: FlexAttention's compile would take a third of these short runs
-export AHN_RT_TRAIN_ATTENTION=${AHN_RT_TRAIN_ATTENTION:-sdpa}
-PY=${PYTHON:-python3}
-DATA=data/demo
-source scripts/demo/ship_demo.sh
+source scripts/demo/ship_demo.sh   # PY, DATA, the environment; ship_demo
 : "${FROM:?set FROM to the distilled model folder (stage 5)}"
 if [[ "${1:-}" == "--smoke" ]]; then
   WORK=${WORK:-$DATA/recall_smoke}; OUT=${OUT:-$WORK/out}; DEV=cpu; L=512; WIN=64; SINKS=16

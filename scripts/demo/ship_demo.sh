@@ -1,7 +1,15 @@
-# Sourced by run_gpu.sh and run_recall.sh: ship_demo SRC DEST copies a merged demo model's four files from
-# SRC to DEST, checks that they total at most 25 MB (what weights/demo/ may ship), and splits a
-# model.safetensors over 15 MiB into model.safetensors.part0, .part1, ... (the GPU machine returns files of at
-# most 16 MiB; join them with `cat model.safetensors.part* > model.safetensors`).
+# Sourced from the repository root by run_gpu.sh, run_recall.sh and run_answer_end.sh: their shared
+# environment (the checkout on PYTHONPATH, unbuffered output, the student's window through SDPA unless
+# AHN_RT_TRAIN_ATTENTION says otherwise: FlexAttention's compile would take a fifth to a third of these short
+# runs; PY, the Python to run; DATA, the corpus folder) and ship_demo.
+# ship_demo SRC DEST copies a merged demo model's four files from SRC to DEST, checks that they total at most
+# 25 MB (what weights/demo/ may ship), and splits a model.safetensors over 15 MiB into model.safetensors.part0,
+# .part1, ... (the GPU machine returns files of at most 16 MiB; join them with
+# `cat model.safetensors.part* > model.safetensors`).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export AHN_RT_TRAIN_ATTENTION=${AHN_RT_TRAIN_ATTENTION:-sdpa}
+PY=${PYTHON:-python3}
+DATA=data/demo
 ship_demo() {
   local src=$1 dest=$2 f size total
   mkdir -p "$dest"
