@@ -517,7 +517,7 @@ def _run(a, d, out: Path) -> int:
         else:
             ahn_init = None
         base = {k: ckpt.src.get(k) for k in W.base_shapes(config)}
-        base_fp = _base_fingerprint(base)
+        base_fp = ckpt_io.base_fingerprint(base)
         if saved_state and saved_state.get("base_fingerprint") not in (None, base_fp):
             raise AhnError(f"--base {base_path} is not the model the resumed run trained (same config, other "
                            "weights); give the base it started from, or start a new run in another --out")
@@ -688,18 +688,6 @@ def _term_as_interrupt(signum, frame):
 def threading_main() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def _base_fingerprint(base: dict) -> str:
-    """The frozen base's weights, sampled (``state_io.hash_samples``): a resume refuses another base of the
-    same config (only the config was compared)."""
-    import hashlib
-    from ..state_io import hash_samples
-    h = hashlib.sha256()
-    for k in sorted(base):
-        h.update(k.encode())
-        hash_samples(h, base[k])
-    return h.hexdigest()[:32]
 
 
 if __name__ == "__main__":

@@ -152,6 +152,17 @@ def remove_stale_temporaries(out: Path):
         shutil.rmtree(p, ignore_errors=True)
 
 
+def base_fingerprint(base: dict) -> str:
+    """The frozen base's weights, sampled (``state_io.hash_samples``), as a resume state records them: a
+    resume (and ``scripts/demo/merge_resume.py``) refuses another base of the same config."""
+    from ..state_io import hash_samples
+    h = hashlib.sha256()
+    for k in sorted(base):
+        h.update(k.encode())
+        hash_samples(h, base[k])
+    return h.hexdigest()[:32]
+
+
 def find_resume(out: Path) -> Path | None:
     """The complete resume state in ``out`` (resume/, else resume.old/), or None."""
     for name in (RESUME, RESUME_OLD):

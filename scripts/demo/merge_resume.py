@@ -55,8 +55,7 @@ def merge(args) -> int:
         raise AhnError(f"--base {args.base} is not the model the run in {run} trained (its config differs); "
                        "give the --base it trained on")
     if state.get("base_fingerprint") is not None:
-        from ahn_rt.train.__main__ import _base_fingerprint
-        if _base_fingerprint({k: ckpt.src.get(k) for k in W.base_shapes(ckpt.config)}) != state["base_fingerprint"]:
+        if ckpt_io.base_fingerprint({k: ckpt.src.get(k) for k in W.base_shapes(ckpt.config)}) != state["base_fingerprint"]:
             raise AhnError(f"--base {args.base} is not the model the run in {run} trained (same config, other "
                            "weights); give the --base it trained on")
     # the memory variant the run trained (its recorded settings; runs older than the variants: GatedDeltaNet)
