@@ -321,3 +321,33 @@ def test_train_teacher_refuses_and_writes_nothing(tmp_path, args, says):
 
 def test_train_teacher_checks_out_first(a_file):
     refused(run("train_teacher", *TINY, "--out", a_file), "--out")
+
+
+def test_train_teacher_refuses_to_train_over_a_teacher_unless_told(tmp_path):
+    """A second run into the same --out truncated the first one's log.jsonl at its first step and replaced
+    its model at the end, unasked; now it is refused before any work (nothing touched), and --overwrite
+    trains over it."""
+    out = tmp_path / "teacher"
+    assert run("train_teacher", *TINY, "--out", out).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "log.jsonl" in before and "model.safetensors" in before
+    refused(run("train_teacher", *TINY, "--out", out, "--seed", "1"), "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = run("train_teacher", *TINY, "--out", out, "--seed", "1", "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+
+@pytest.mark.parametrize("script", ["evaluate", "gap_anatomy", "recall_probe", "merge_resume"])
+def test_ctrl_c_while_torch_imports_is_one_line(script):
+    """Ctrl-C in the seconds a demo script spends importing torch printed torch's import traceback (the
+    scripts that import it at the top); now one line, exit 130, as mid-run."""
+    import signal
+    from signals import interrupt, wait_for_mapped
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(DEMO / f"{script}.py"), "--help"], cwd=WORK["cwd"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for_mapped(p.pid, "libtorch", timeout=120)
+    assert p.poll() is None, "the script ended before torch was imported"
+    interrupt(p, script)

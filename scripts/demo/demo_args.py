@@ -7,7 +7,8 @@ status 2, no traceback:
 * ``need_file`` / ``need_data`` / ``need_model``: inputs checked before any work;
 * ``check_out_file`` / ``check_out_dir``: an output checked for writability before a long run;
   ``write_text`` writes a file atomically at the end;
-* ``run``: a script's body, its ``AhnError`` (every check above raises one) printed as one line, exit 2.
+* ``run``: a script's body, its ``AhnError`` (every check above raises one) printed as one line, exit 2;
+* ``quiet_startup``: Ctrl-C while a script still imports torch, one line and exit 130 as well.
 
 Standard library only at import.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -28,9 +30,18 @@ from ahn_rt.errors import AhnError
 SEED_MAX = 2 ** 64 - 1   # numpy's generators take no negative seed, torch.manual_seed nothing past 2**64 - 1
 
 
+def quiet_startup(module_name: str):
+    """Called by a script that imports torch at the top, before that import: when it runs as a script, Ctrl-C
+    during the seconds of the import exits with one line and 130 (it printed torch's import traceback)."""
+    if module_name == "__main__":
+        cli.exit_on_interrupt()
+
+
 def run(body, args) -> int:
     """``body(args)``; an AhnError is one line on stderr, exit 2 for a user's mistake (1 for a runtime failure
     that says so in ``exit_code``: NonFiniteLogits); Ctrl-C one line, exit 130."""
+    if signal.getsignal(signal.SIGINT) is cli.interrupted:   # quiet_startup's: from here Ctrl-C is a
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # KeyboardInterrupt, so the body cleans up
     try:
         return body(args)
     except AhnError as e:

@@ -27,6 +27,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_args import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)   # Ctrl-C while torch imports: one line
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

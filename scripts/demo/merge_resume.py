@@ -9,14 +9,19 @@ OUT/partial.json so that a partial run is never mistaken for a finished one.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_args import quiet_startup  # noqa: E402
 
-from ahn_rt.cli import ArgParser
-from ahn_rt.config import check_cache_slots
-from ahn_rt.errors import AhnError
+quiet_startup(__name__)   # Ctrl-C while torch imports: one line
+
+import torch  # noqa: E402
+
+from ahn_rt.config import check_cache_slots  # noqa: E402
+from demo_args import AhnError, ArgParser, run as run_script  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,12 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", required=True, help="the trainer's --out folder")
     ap.add_argument("--window", type=int, required=True)
     ap.add_argument("--sinks", type=int, required=True)
-    args = ap.parse_args(argv)
-    try:
-        return merge(args)
-    except AhnError as e:   # a damaged resume state or base: one line (the outputs are written last)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a damaged resume state or base: one line, exit 2 (the outputs are written last); Ctrl-C one line, 130
+    return run_script(merge, ap.parse_args(argv))
 
 
 def merge(args) -> int:

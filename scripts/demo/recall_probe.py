@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_args import quiet_startup  # noqa: E402
+
+quiet_startup(__name__)   # Ctrl-C while torch imports: one line
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -102,7 +102,7 @@ if [[ -n "${TEACHER:-}" ]]; then
 else
   TEACHER_DIR=$WORK/teacher
   $PY scripts/demo/train_teacher.py --data "$DATA" --out "$TEACHER_DIR" --steps "$T_STEPS" --batch "$T_BATCH" \
-      --seq-len "$L" --seed 0 --passkey-frac 0.5 --device "$DEV" --time-limit "$T_LIMIT" "${T_EXTRA[@]}"
+      --seq-len "$L" --seed 0 --passkey-frac 0.5 --device "$DEV" --time-limit "$T_LIMIT" --overwrite "${T_EXTRA[@]}"
 fi
 done_stage
 

@@ -12,6 +12,7 @@ Writes a folder the runtime loads as is (``ahn_rt.load(OUT, mode="full")``):
 model.safetensors (bf16, config in its metadata, written by ``ahn_rt.weights.write_checkpoint``),
 config.json, generation_config.json, tokenizer.json (copied from --data), and log.jsonl (one record per
 logged step: train loss, learning rate, tokens/s; held-out loss and passkey recall every --eval-every).
+An --out that already holds a teacher is refused before any work unless ``--overwrite`` is given.
 
 The default shape keeps the merged demo checkpoint (this base + the AHN memory, bf16) under 15 MiB, one file
 the GPU machine can return; the demo's files may total 25 MB (a larger one comes back in parts: run_gpu.sh).
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/demo", help="folder of build_corpus.py (train.bin, heldout.bin, tokenizer.json)")
     ap.add_argument("--out", required=False, help="output checkpoint folder")
+    ap.add_argument("--overwrite", action="store_true", help="train over the teacher an --out already holds")
     ap.add_argument("--steps", type=positive_int, default=1800)
     ap.add_argument("--batch", type=positive_int, default=32, help="sequences per step")
     ap.add_argument("--micro-batch", type=nonneg_int, default=0, help="sequences per forward (default: --batch)")
@@ -152,6 +154,10 @@ def main(argv=None) -> int:
     if not args.print_size and not args.out:
         ap.error("--out is required")
     return run(train_teacher, args)
+
+
+OUTPUTS = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "log.jsonl",
+           "train_summary.json")   # what a run writes in --out
 
 
 def train_teacher(args) -> int:
@@ -184,6 +190,10 @@ def train_teacher(args) -> int:
     from ahn_rt.devices import parse_device
     parse_device(args.device)
     check_out_dir(args.out)
+    held = [f for f in OUTPUTS if (Path(args.out) / f).exists()]
+    if held and not args.overwrite:   # its log.jsonl was truncated at the first step, the rest replaced at the end
+        raise AhnError(f"--out {args.out} already holds a teacher ({', '.join(held)}); pass --overwrite to train "
+                       "over it, or choose another folder")
 
     import torch
     from ahn_rt.config import parse_config
