@@ -18,8 +18,8 @@
 # model's shipped until commit 30b2b51), LR (distillation, 2e-3), TEACHER_STEPS, DISTILL_STEPS, DISTILL_STOP
 # (stop the distillation after this step, default 143 of 250 as the shipped run; empty: run all), TEACHER_LIMIT,
 # DISTILL_LIMIT (seconds, safety stops), PASSKEY_FRAC, DIST_MIN (default 16), ANSWER_WEIGHT (the distillation
-# data; ANSWER_WEIGHT: the loss weight of a
-# passkey's answer digits, default 1), WORK (intermediate folder), PYTHON, and
+# data; ANSWER_WEIGHT: the loss weight of a passkey's answer digits, default 1; ANSWER_END=1 weighs the newline
+# that ends the answer as its digits), WORK (intermediate folder), PYTHON, and
 # TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
 # run's merged folder; its AHN tensors are not used), AHN=gdn|dn|mamba2: the memory variant (default gdn;
 # scripts/demo/compare_variants.sh runs all three side by side).
@@ -28,6 +28,11 @@ cd "$(dirname "$0")/../.."
 MODE=full
 source scripts/demo/ship_demo.sh   # PY, DATA, the environment; ship_demo
 [[ "${1:-}" == "--smoke" ]] && MODE=smoke
+case "${ANSWER_END:-}" in
+  ""|0) ANSWER_END_ARGS=() ;;
+  1) ANSWER_END_ARGS=(--answer-end) ;;
+  *) echo "error: ANSWER_END=$ANSWER_END: give 1 (weigh the newline after a passkey's answer) or 0" >&2; exit 2 ;;
+esac
 
 if [[ $MODE == full ]]; then
   WORK=${WORK:-$DATA/run}; OUT=${OUT:-$DATA/out}; DEV=cuda
@@ -91,7 +96,7 @@ done_stage
 # The distillation data does not depend on the teacher: write it while the teacher trains.
 $PY scripts/demo/make_distill_data.py --data "$DATA" --split distill --out "$WORK/distill.jsonl" --num "$D_NUM" \
     --seq-len "$L" --passkey-frac "${PASSKEY_FRAC:-0.5}" --dist-min "$D_DIST_MIN" --seed 1 --stats "$WORK/distill_stats.json" \
-    --answer-weight "${ANSWER_WEIGHT:-1}" \
+    --answer-weight "${ANSWER_WEIGHT:-1}" "${ANSWER_END_ARGS[@]}" \
     > "$WORK/distill_data.log" 2>&1 &
 DATA_PID=$!
 
