@@ -256,6 +256,18 @@ def test_scoring_oracle_uniform_and_a_fixed_guess():
     for d, p in res["passkey"].items():
         assert (p["n"], p["exact"], p["recall"], p["digit_acc"]) == (4, 4, 1.0, 1.0)
         assert 0 <= p["answer_loss"] <= V * math.exp(-30)
+        assert (p["exact_end"], p["end_n"]) == (4, 4)
+
+    def runs_on(ids):           # the answer's digits, then another digit instead of the newline that ends it
+        lg = _oracle(ids)
+        lg[:-1][torch.as_tensor(np.asarray(ids[1:])) == T.newline[0], T.digits[3]] = 60.0
+        return lg
+    res = evaluate.evaluate_mode(runs_on, text, seqs, start=40)
+    for p in res["passkey"].values():
+        assert (p["exact"], p["exact_end"], p["end_n"]) == (4, 0, 4)
+    md = evaluate.markdown({"meta": {"seq_len": 160, "window": 24, "sinks": 4, "n_text": 3, "dtype": "float32",
+                                     "device": "cpu", "backend": "test"}, "modes": {"ahn": res}})
+    assert "4/4 = 100%" in md and "ended 0/4" in md
 
     res = evaluate.evaluate_mode(lambda ids: torch.zeros(len(ids), V), text, seqs, start=40)
     assert res["text_loss"] == pytest.approx(math.log(V), rel=1e-12)

@@ -11,8 +11,10 @@ Every number comes from ``ahn_rt.load(model, mode=...)`` and ``Session.forward(i
 * passkey recall: --n-passkey held-out sequences per distance, each with a 5-digit passkey stated once and
   asked for ``distance`` tokens later (``longrange.py``, the helper that built the training data, seeded).
   Exact-match recall under greedy decoding (= the argmax at each of the 5 answer positions is the right
-  digit; chance 1e-5), per-digit accuracy (chance 0.1), and the mean loss on the 5 answer tokens. A real
-  greedy continuation (prefill, then 4 one-token decode steps) is also run on the first item of every
+  digit; chance 1e-5), per-digit accuracy (chance 0.1), and the mean loss on the 5 answer tokens; and how
+  many exact answers also end there (the argmax after the fifth digit is the newline that follows it in the
+  sequence), as a user reading the greedy answer sees it (``exact_end`` of ``end_n``: the items whose newline
+  fits in the sequence). A real greedy continuation (prefill, then 4 one-token decode steps) is also run on the first item of every
   distance and mode and must agree with the teacher-forced answer.
 
 Writes a markdown table (--out-md) and every number (--out-json).
@@ -63,16 +65,20 @@ def score_text(logits: torch.Tensor, ids, start: int, edges=()) -> dict:
     return {"sum": float(nll[start:].sum()), "n": max(0, T - 1 - start), "buckets": buckets}
 
 
-def score_item(logits: torch.Tensor, ids, item: longrange.Item) -> dict:
-    """Teacher-forced scoring of one passkey: exact (all 5 argmaxes right), digits right, answer nll."""
+def score_item(logits: torch.Tensor, ids, item: longrange.Item, end_token: int | None = None) -> dict:
+    """Teacher-forced scoring of one passkey: exact (all 5 argmaxes right), digits right, answer nll; and
+    ended: whether the argmax after the last digit (logits row answer_pos + 4) is ``end_token`` (None when
+    there is none to compare with)."""
     pos = torch.tensor([p - 1 for p in item.answer_positions])
     lg = logits[pos.to(logits.device)].double().cpu()
     target = torch.tensor(item.digits)
     pred = lg.argmax(-1)
     nll = -torch.log_softmax(lg, -1).gather(1, target[:, None])[:, 0]
     right = int((pred == target).sum())
+    last = item.answer_pos + longrange.N_DIGITS - 1
+    ended = None if end_token is None else int(logits[last].argmax()) == end_token
     return {"exact": right == len(item.digits), "digits_right": right, "answer_nll": float(nll.sum()),
-            "pred": pred.tolist()}
+            "pred": pred.tolist(), "ended": ended}
 
 
 def greedy_agrees(greedy, forced, digits) -> bool:
@@ -131,13 +137,17 @@ def evaluate_mode(fwd, text_seqs, passkey_seqs, start: int, edges=(), greedy_che
                                      for (a, b), (s, c) in sorted(bucket_sum.items())],
            "passkey": {}}
     for dist, seqs in passkey_seqs.items():
-        exact = digits = 0
+        exact = digits = exact_end = end_n = 0
         nll = 0.0
         check = None
         for j, (ids, item) in enumerate(seqs):
-            ids = ids[:item.answer_pos + longrange.N_DIGITS]
-            r = score_item(fwd(ids), ids, item)
+            end = item.answer_pos + longrange.N_DIGITS         # the newline after the answer, where it fits
+            end_token = int(ids[end]) if end < len(ids) else None
+            ids = ids[:end + 1]   # through the newline (causal: the rows scored do not see it)
+            r = score_item(fwd(ids), ids, item, end_token)
             exact += r["exact"]
+            end_n += end_token is not None
+            exact_end += bool(r["exact"] and r["ended"])
             digits += r["digits_right"]
             nll += r["answer_nll"]
             if j == 0 and greedy_check and hasattr(fwd, "greedy"):
@@ -148,7 +158,7 @@ def evaluate_mode(fwd, text_seqs, passkey_seqs, start: int, edges=(), greedy_che
         res["passkey"][str(dist)] = {"n": k, "exact": exact, "recall": exact / k if k else None,
                                      "digit_acc": digits / (k * longrange.N_DIGITS) if k else None,
                                      "answer_loss": nll / (k * longrange.N_DIGITS) if k else None,
-                                     "greedy_check": check}
+                                     "exact_end": exact_end, "end_n": end_n, "greedy_check": check}
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
@@ -196,7 +206,8 @@ def markdown(report: dict) -> str:
         n = res[modes[0]]["passkey"][dists[0]]["n"]
         lines += ["", f"Passkey recall: 5 random digits stated once, asked for `distance` tokens later; exact match "
                       f"under greedy decoding, {n} sequences per distance (chance 1e-5); in brackets the per-digit "
-                      f"accuracy (chance 10%) and the loss on the 5 answer tokens:", ""]
+                      f"accuracy (chance 10%) and the loss on the 5 answer tokens; then how many exact answers also "
+                      f"end (the newline is the argmax after the fifth digit):", ""]
         lines.append("| distance | " + " | ".join(modes) + " |")
         lines.append("|---:|" + "---|" * len(modes))
         for d in dists:
@@ -205,8 +216,9 @@ def markdown(report: dict) -> str:
             cells = []
             for mode in modes:
                 p = res[mode]["passkey"][d]
+                ends = f"; ended {p['exact_end']}/{p['end_n']}" if "exact_end" in p else ""   # (older reports: none)
                 cells.append(f"{p['exact']}/{p['n']} = {_pct(p['recall'])} ({_pct(p['digit_acc'])}, "
-                             f"{p['answer_loss']:.2f})")
+                             f"{p['answer_loss']:.2f}){ends}")
             lines.append(f"| {d}{inside} | " + " | ".join(cells) + " |")
     checks = [(mode, d, res[mode]["passkey"][d]["greedy_check"]) for mode in modes for d in dists
               if res[mode]["passkey"][d]["greedy_check"] is not None]
@@ -295,7 +307,9 @@ def evaluate_all(args) -> int:
                             greedy_check=not args.no_greedy_check)
         report["modes"][mode] = res
         pk = " ".join(f"{d}:{v['exact']}/{v['n']}" for d, v in res["passkey"].items())
-        print(f"[eval] {mode}: text loss {res['text_loss']:.4f}; passkey exact {pk}; {res['seconds']} s", flush=True)
+        pe = " ".join(f"{d}:{v['exact_end']}/{v['end_n']}" for d, v in res["passkey"].items())
+        print(f"[eval] {mode}: text loss {res['text_loss']:.4f}; passkey exact {pk}; exact and ended {pe}; "
+              f"{res['seconds']} s", flush=True)
         del model
     report["gap_recovered"] = gap_recovered(report["modes"])
     for name, value in attached.items():
