@@ -32,7 +32,7 @@ esac
 T_EXTRA=()
 if [[ "${1:-}" == "--smoke" ]]; then
   WORK=${WORK:-$DATA/answer_end_smoke}; OUT=${OUT:-$WORK/out}; L=256; WIN=64; SINKS=16
-  N_FAR=8; N_NEAR=4; N_TEXT=4; BATCH=2; STEPS=2; LAYER=1; SEEDS=2; DIST=200
+  N_FAR=8; N_NEAR=4; N_TEXT=4; BATCH=2; STEPS=2; LAYER=1; SEEDS=2; DIST=200; SEED0=11
   E_EXTRA=(--seq-len 512 --n-text 2 --n-passkey 2 --distances 40,200 --edges 256)
   FAR=(--dist-min 80); NEAR=(--dist-min 16 --dist-max 56)
 else
@@ -44,10 +44,10 @@ else
     BATCH=8; SEED0=21; DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bf16}; T_EXTRA=(--no-activation-checkpointing)
   else                                  # stage 8
     WORK=${WORK:-$DATA/answer_end}; OUT=${OUT:-$DATA/answer_end_out}; L=1024; N_FAR=600; N_NEAR=200; N_TEXT=400
-    BATCH=4
+    BATCH=4; SEED0=11
   fi
 fi
-DEV=${DEVICE:-cpu}; SEED0=${SEED0:-11}   # the data's seeds: far, near and plain sequences SEED0, +1, +2
+DEV=${DEVICE:-cpu}   # SEED0: the data's seeds, far, near and plain sequences SEED0, +1, +2
 mkdir -p "$WORK" "$OUT/demo" "$OUT/eval" "$OUT/logs"
 T0=$(date +%s)
 say() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
