@@ -793,6 +793,32 @@ def test_a_json_array_is_named_as_such(tmp_path, layout):
                             f"it first (jq -c '.[]' {path} > {path.with_suffix('.jsonl')}) and give the .jsonl file")
 
 
+def test_the_suggested_conversion_never_writes_over_the_data_file(tmp_path):
+    """A JSON array (or a gzip file) already named .jsonl: the advice was `jq -c '.[]' d.jsonl > d.jsonl`,
+    which empties the file before jq reads it, so following it lost the data; and `gunzip -k d.jsonl`, which
+    gunzip refuses ("unknown suffix"). The suggested output is now another file, and a path is quoted."""
+    import gzip
+    import shlex
+    import subprocess
+    recs = [{"input_ids": list(range(k, k + 30))} for k in range(3)]
+    path = tmp_path / "my data.jsonl"
+    path.write_text(json.dumps(recs, indent=1))
+    with pytest.raises(AhnError) as e:
+        load_dataset(path, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    new = tmp_path / "my data.lines.jsonl"
+    assert f"(jq -c '.[]' {shlex.quote(str(path))} > {shlex.quote(str(new))})" in str(e.value), str(e.value)
+    packed = tmp_path / "d.jsonl"
+    with gzip.open(packed, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(AhnError) as e:
+        load_dataset(packed, vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    how = f"gunzip -c {packed} > {tmp_path / 'd.lines.jsonl'}"
+    assert f"decompress it first ({how})" in str(e.value), str(e.value)
+    subprocess.run(how, shell=True, check=True)       # the advice works, and the data file stays
+    d = load_dataset(tmp_path / "d.lines.jsonl", vocab_size=V, seq_len=4096, budget=BudgetSpec(fixed=(8, 2)))
+    assert len(d) == 3 and packed.read_bytes()[:2] == b"\x1f\x8b"
+
+
 def test_an_array_record_in_jsonl_is_still_a_bad_record(tmp_path):
     """A line that is an array of numbers or an empty array stays one skipped record (the array check
     only looks for a file that is one array of records)."""

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 from array import array
 from collections import Counter
 from pathlib import Path
@@ -333,6 +334,13 @@ def _opens_an_array(raw: bytes) -> bool:
     return isinstance(value, list) and any(isinstance(v, dict) for v in value)
 
 
+def _beside(path: Path) -> Path:
+    """Where a converted copy of the data file ``path`` goes in the command an error suggests: the .jsonl
+    of the same name, never ``path`` itself (``jq ... d.jsonl > d.jsonl`` empties the file before jq reads it)."""
+    jsonl = path.with_suffix(".jsonl")
+    return jsonl if jsonl != path else path.with_name(f"{path.stem}.lines.jsonl")
+
+
 def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min_len: int = 0,
                  tokenizer_path=None, family: str = "qwen2", loss_on: str = "assistant") -> Dataset:
     """Read and check every record of the JSONL file ``path``. Raises AhnError (one line) when the file is
@@ -352,7 +360,10 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
             # peek, not read + seek: --data may be a pipe (<(zcat d.jsonl.gz), /dev/stdin), which cannot seek
             head = f.peek(4)[:4]
             if head[:2] == b"\x1f\x8b":
-                raise AhnError(f"--data {path} is gzip-compressed; decompress it first (gunzip -k {path}) and "
+                # gunzip -k refuses a file whose name does not end in .gz ("unknown suffix -- ignored")
+                how = (f"gunzip -k {shlex.quote(str(path))}" if path.suffix == ".gz"
+                       else f"gunzip -c {shlex.quote(str(path))} > {shlex.quote(str(_beside(path)))}")
+                raise AhnError(f"--data {path} is gzip-compressed; decompress it first ({how}) and "
                                "give the .jsonl file")
             if (name := _wide_text(head)) is not None:
                 raise AhnError(f"--data {path} is {name} text; save it as UTF-8 (one JSON object per line) and "
@@ -363,9 +374,9 @@ def load_dataset(path, *, vocab_size: int, seq_len: int, budget: BudgetSpec, min
                 if not raw.strip():
                     continue
                 if stats.lines == 0 and _opens_an_array(raw):
-                    jsonl = path.with_suffix(".jsonl")
                     raise AhnError(f"--data {path} is one JSON array, not JSONL (one JSON object per line); "
-                                   f"convert it first (jq -c '.[]' {path} > {jsonl}) and give the .jsonl file")
+                                   f"convert it first (jq -c '.[]' {shlex.quote(str(path))} > "
+                                   f"{shlex.quote(str(_beside(path)))}) and give the .jsonl file")
                 stats.lines += 1
                 try:
                     ids, mask, weights = parse_record(raw.decode("utf-8"), vocab_size, encoder)
