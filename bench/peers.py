@@ -14,17 +14,19 @@ from timing import back_to_back_ms, free_memory, peak_gib, per_call_ms, summary
 
 
 def hf_model(c, dev: torch.device):
-    """Qwen2ForCausalLM / Qwen3ForCausalLM, random init at the shape of config c, sdpa attention."""
+    """Qwen2ForCausalLM / Qwen3ForCausalLM, random init at the shape of config c, sdpa attention. head_dim is
+    given for both families: a Qwen2 config may set it apart from hidden_size / heads (weights/demo: 128, not
+    64), and HF's Qwen2 default then made K/V of another width than the cache the rows fill."""
     import transformers
     fam = "Qwen3" if c.family == "qwen3" else "Qwen2"
     Cfg, Model = getattr(transformers, fam + "Config"), getattr(transformers, fam + "ForCausalLM")
     kw = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
               num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-              num_key_value_heads=c.num_kv_heads, rms_norm_eps=c.rms_norm_eps,
+              num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
               max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
               rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, use_sliding_window=False)
     if c.family == "qwen3":
-        kw.update(head_dim=c.head_dim, attention_bias=c.attention_bias)
+        kw.update(attention_bias=c.attention_bias)
     hc = Cfg(**kw)
     hc._attn_implementation = "sdpa"
     old = torch.get_default_dtype()

@@ -50,6 +50,23 @@ def test_decode_latency_cpu_smoke_per_variant(tmp_path, impl, tag):
     assert f"| tg @ d64 b16 | ahn_rt {tag} model.step (eager)" in r.stdout
 
 
+def test_hf_peer_rows_keep_a_qwen2_head_dim_apart_from_hidden_over_heads():
+    """weights/demo is a Qwen2 with head_dim 128, not hidden_size / heads = 64: the HF peer was built with
+    HF's Qwen2 default (64), and its row failed on the cache it fills ("Expected size 128 but got size 64")."""
+    pytest.importorskip("transformers")
+    from ahn_rt.config import parse_config
+    peers = _bench("peers")
+    cfg = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=32, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=64,
+               tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=256, torch_dtype="float32")
+    c = parse_config(cfg, "test")
+    dev = torch.device("cpu")
+    m, hc = peers.hf_model(c, dev)
+    assert m.model.layers[0].self_attn.head_dim == 32
+    row = peers.hf_eager_row(m, hc, c, 8, 2, 1, dev)
+    assert row["steps"] == 2 and row["ctx"] == 8
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the device's to run")
 def test_prefill_bench_needs_a_gpu():
     r = _run("bench/prefill_bench.py", "--quick")
