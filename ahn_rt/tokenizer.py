@@ -42,7 +42,8 @@ class Tokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
-            raise AhnError(f"tokenizer file not found: {path}; pass the model folder's tokenizer.json "
+            what = "is not a regular file" if os.path.exists(path) else "not found"  # e.g. /dev/null, a fifo
+            raise AhnError(f"tokenizer file {what}: {path}; pass the model folder's tokenizer.json "
                            "(or build one with init_weights --tokenizer qwen2.5)")
         try:
             import tokenizers

@@ -1,6 +1,7 @@
 """ahn_rt.tokenizer / ahn_rt.tokenizer_build: the built Qwen2.5 tokenizer.json must encode exactly like
 tiktoken over the same ranks, regex and specials; streaming detokenization and stop strings."""
 import json
+import os
 import random
 import time
 import unicodedata
@@ -313,6 +314,9 @@ def test_bad_tokenizer_path(tmp_path):
         Tokenizer.from_file(tmp_path / "missing" / "tokenizer.json")
     with pytest.raises(AhnError, match="not found"):
         Tokenizer.from_file(tmp_path)  # a folder without tokenizer.json
+    if os.path.exists(os.devnull):  # there, but no file: not "not found"
+        with pytest.raises(AhnError, match="tokenizer file is not a regular file: "):
+            Tokenizer.from_file(os.devnull)
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{ not json")
     with pytest.raises(AhnError) as e:
