@@ -887,3 +887,36 @@ def test_default_model_name_reads_the_weights_path_as_load_does(tmp_path, monkey
     assert _default_name("~/ckpt/tiny.safetensors") == "tiny"
     assert _default_name("~/ckpt/qwen") == "qwen"
     assert _default_name(str(tmp_path / "ckpt" / "qwen" / "model.safetensors")) == "qwen"
+
+
+def test_access_log_logs_every_request(ckpt, tmp_path):
+    """--access-log logged nothing: uvicorn writes each request at INFO, and the server ran it at log level
+    "warning". Each request is now one line of uvicorn's access log (on stdout)."""
+    import subprocess
+    import sys
+    from ahn_rt.serve.process import _LISTENING
+    out = tmp_path / "stdout.txt"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "ahn_rt.serve", "--weights", str(ckpt), *MODEL_ARGS,
+                                 "--max-sessions", "1", "--port", "0", "--access-log"],
+                                stdout=f, stderr=subprocess.PIPE, text=True)
+    try:
+        url, lines = None, []
+        for line in proc.stderr:
+            lines.append(line)
+            m = _LISTENING.search(line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "".join(lines)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list().data] == ["tiny"]
+        c.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
+        proc.terminate()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = out.read_text()
+    assert '"GET /v1/models HTTP/1.1" 200' in log and '"POST /v1/completions HTTP/1.1" 200' in log, log

@@ -8,6 +8,7 @@ completes, conversations are written to --state-dir, and the process exits 0 (13
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -201,6 +202,8 @@ def main(argv=None) -> int:
         print(f"[ahn_rt.serve] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
         config = uvicorn.Config(app, log_level="warning", access_log=args.access_log, lifespan="on",
                                 timeout_graceful_shutdown=None)
+        if args.access_log:   # uvicorn writes a request's line at INFO, below the "warning" level set above
+            logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         # uvicorn drains on SIGTERM and then re-raises the signal under the handler it found: make that
         # one a no-op so that a drained server exits 0 (Ctrl-C keeps Python's: exit 130 after the drain).
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
