@@ -176,6 +176,9 @@ def main(argv=None) -> int:
             check_text(args.system, "--system")
         if args.system is not None and not args.chat:
             raise AhnError("--system is the system message of --chat's template: add --chat, or drop --system")
+        if demo_prompt and args.chat:   # the template around it: no passkey answer, under a banner promising one
+            raise AhnError("--chat wraps your own prompt in the chat template, and the demo prompt is plain text "
+                           "(the demo model never saw a chat): give --prompt, or drop --chat")
         _check_sampling(args)
         if demo_prompt:
             prompt, info = _demo_prompt()

@@ -61,6 +61,17 @@ def test_the_demo_banner_says_where_the_passkey_lies(args, says):
     assert ("the window alone cannot see it" in err) == ("beyond the sinks + window" in says), err
 
 
+def test_chat_is_refused_for_the_demo_prompt():
+    """--chat wrapped the plain-text demo prompt in the chat template: the demo model answered an empty line
+    under a banner that promised the passkey. Refused; with an own prompt --chat still runs."""
+    rc, out, err = run("--chat")
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert err.strip() == ("error: --chat wraps your own prompt in the chat template, and the demo prompt is plain "
+                           "text (the demo model never saw a chat): give --prompt, or drop --chat")
+    rc, _, err = run("--chat", "--prompt", "def f(x):", "--max-new-tokens", "2")
+    assert rc == 0, err
+
+
 def test_demo_with_an_own_prompt():
     rc, out, err = run("--prompt", "def main(", "--max-new-tokens", "5", "--temperature", "0", "--quiet-stats")
     assert rc == 0 and "[demo]" not in err, err
