@@ -889,26 +889,34 @@ def test_default_model_name_reads_the_weights_path_as_load_does(tmp_path, monkey
     assert _default_name(str(tmp_path / "ckpt" / "qwen" / "model.safetensors")) == "qwen"
 
 
-def test_access_log_logs_every_request(ckpt, tmp_path):
-    """--access-log logged nothing: uvicorn writes each request at INFO, and the server ran it at log level
-    "warning". Each request is now one line of uvicorn's access log (on stdout)."""
+def _serve(ckpt, *args, stdout=None):
+    """``python -m ahn_rt.serve`` on the tiny checkpoint, started: (process, its URL, its stderr lines up to
+    the "listening on" line)."""
     import subprocess
     import sys
     from ahn_rt.serve.process import _LISTENING
+    proc = subprocess.Popen([sys.executable, "-m", "ahn_rt.serve", "--weights", str(ckpt), *MODEL_ARGS,
+                             "--max-sessions", "1", "--port", "0", *args],
+                            stdout=stdout if stdout is not None else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        m = _LISTENING.search(line)
+        if m:
+            return proc, m.group(1), lines
+    proc.kill()
+    proc.wait()
+    raise AssertionError("".join(lines))
+
+
+def test_access_log_logs_every_request(ckpt, tmp_path):
+    """--access-log logged nothing: uvicorn writes each request at INFO, and the server ran it at log level
+    "warning". Each request is now one line of uvicorn's access log (on stdout)."""
     out = tmp_path / "stdout.txt"
     with open(out, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "ahn_rt.serve", "--weights", str(ckpt), *MODEL_ARGS,
-                                 "--max-sessions", "1", "--port", "0", "--access-log"],
-                                stdout=f, stderr=subprocess.PIPE, text=True)
+        proc, url, _ = _serve(ckpt, "--access-log", stdout=f)
     try:
-        url, lines = None, []
-        for line in proc.stderr:
-            lines.append(line)
-            m = _LISTENING.search(line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, "".join(lines)
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         assert [m.id for m in c.models.list().data] == ["tiny"]
         c.completions.create(model="tiny", prompt="Hi", max_tokens=2, temperature=0)
@@ -920,3 +928,14 @@ def test_access_log_logs_every_request(ckpt, tmp_path):
             proc.wait()
     log = out.read_text()
     assert '"GET /v1/models HTTP/1.1" 200' in log and '"POST /v1/completions HTTP/1.1" 200' in log, log
+
+
+@pytest.mark.parametrize("args, warned", [(("--session-cache", "0"), True), ((), False)])
+def test_a_conversation_cache_that_holds_none_is_said_at_start(ckpt, args, warned):
+    """--session-cache under one state and no --state-dir: every session_id turn is dropped as soon as it is
+    kept, and the next one gets 404 "expired"; the start-up line now says so (the default holds 8)."""
+    proc, _, lines = _serve(ckpt, *args)
+    proc.kill()
+    proc.wait()
+    said = "(holds none: session_id turns are not kept; give --state-dir or more --session-cache)"
+    assert (said in "".join(lines)) == warned, "".join(lines)

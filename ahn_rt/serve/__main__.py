@@ -191,12 +191,15 @@ def main(argv=None) -> int:
         if demo:
             print(f"[ahn_rt.serve] no --weights: serving the demo model in {args.weights}", file=sys.stderr)
         rule = "full attention" if c.mode == "full" else f"window {c.window}, sinks {c.sinks}"
+        # under one state and with no folder a conversation is dropped as soon as it is kept (404 next turn)
+        none_kept = (" (holds none: session_id turns are not kept; give --state-dir or more --session-cache)"
+                     if convs < state else "")
         print(f"[ahn_rt.serve] {name}: {c.mode} mode, {rule}, {c.dtype}, "
               f"{model.device}; state {human_bytes(state)} per session; "
               f"{max_active} session{'' if max_active == 1 else 's'} at once "
               f"(--max-sessions {args.max_sessions}, budget {human_bytes(budget)}), queue {args.max_queue}; "
               f"prefix cache {human_bytes(prefix)}; conversations {human_bytes(convs)}"
-              f"{', saved in ' + args.state_dir if args.state_dir else ''}"
+              f"{', saved in ' + args.state_dir if args.state_dir else none_kept}"
               f"{'; API key required' if args.api_key else ''}", file=sys.stderr)
         shown = f"[{host}]" if ":" in host else host
         print(f"[ahn_rt.serve] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
