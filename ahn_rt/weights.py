@@ -168,8 +168,9 @@ def _atomic_write(path: Path, write):
     a reader (or a restart after a crash or power loss) sees the old file or the whole new one. Without
     the fsync the rename can reach the disk before the data, leaving a truncated file where the old one
     was."""
-    # per process and thread: two threads saving to one path must not share (and delete) one temporary
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    # per process and thread: two threads saving to one path must not share (and delete) one temporary; the
+    # name cut to 128 characters, so that a name near the file system's limit (255) is no "File name too long"
+    tmp = path.with_name(f".{path.name[:128]}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         write(tmp)
         umask = os.umask(0)

@@ -131,6 +131,19 @@ def test_save_is_atomic_and_refuses_bad_paths(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_a_file_name_near_the_length_limit_is_saved(tmp_path):
+    """A state file name of 252 characters (the limit is 255): the atomic write's temporary, the name plus
+    ".<pid>.<thread>.tmp", was too long, and the save refused a valid path ("File name too long")."""
+    if os.pathconf(tmp_path, "PC_NAME_MAX") < 252:
+        pytest.skip("a file system with shorter names")
+    s = _model().new_session()
+    s.forward(IDS[:4])
+    path = tmp_path / ("s" * 240 + ".safetensors")
+    s.save(path)
+    assert s.model.restore(path).position == 4
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 def test_save_onto_a_pipe_or_device_is_refused_not_replaced(tmp_path):
     """save's atomic write renames its temporary file over the path: a pipe (or, as root, /dev/null itself)
