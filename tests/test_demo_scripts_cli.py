@@ -190,6 +190,28 @@ def test_build_corpus_checks_out_first(tmp_path, a_file):
     refused(run("build_corpus", "--out", a_file / "corpus"), "--out")
 
 
+def test_build_corpus_a_failed_check_keeps_the_build_it_checked_against(tmp_path):
+    """--check built over --out before comparing: a failed check replaced the earlier build (and its manifest),
+    so the next --check passed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    out = tmp_path / "corpus"
+    args = ("--stdlib", src, "--out", out, "--vocab-size", 300)
+    assert run("build_corpus", *args).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (src / "m3.py").write_text("def f3(x):\n    return x * 3\n")
+    r = run("build_corpus", *args, "--check")
+    assert r.returncode == 1 and "CHECK FAILED" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # nothing replaced, no temporary left
+    assert run("build_corpus", *args, "--check").returncode == 1          # and it fails again
+    (src / "m3.py").write_text("def f3(x):\n    return x + 3\n")
+    r = run("build_corpus", *args, "--check")
+    assert r.returncode == 0 and "check: identical" in r.stdout, r.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 @pytest.mark.parametrize("args, says", [
     (("--modes", "bogus"), "--modes"),
     (("--modes", "full,full"), "--modes"),

@@ -26,8 +26,10 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -222,15 +224,25 @@ def build_checked(args) -> int:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
             raise AhnError(f"--out {out}: manifest.json has no sha256 record; give {what}")
         before = manifest["sha256"]
-    m = build(Path(args.stdlib) if args.stdlib else stdlib_dir(), out, vocab_size=args.vocab_size,
-              heldout_permille=args.heldout_permille, distill_permille=args.distill_permille)
+    # --check builds beside the earlier outputs, never over them: a failed check replaced the build it
+    # checked against (and the next --check passed)
+    target = Path(tempfile.mkdtemp(prefix=".check-", dir=out)) if args.check else out
+    try:
+        m = build(Path(args.stdlib) if args.stdlib else stdlib_dir(), target, vocab_size=args.vocab_size,
+                  heldout_permille=args.heldout_permille, distill_permille=args.distill_permille)
+        manifest_digest = digest_of_manifest(target)
+    finally:
+        if target != out:
+            shutil.rmtree(target, ignore_errors=True)
+    if before is not None and before != m["sha256"]:
+        differ = sorted(n for n in set(before) | set(m["sha256"]) if before.get(n) != m["sha256"].get(n))
+        print(f"CHECK FAILED: outputs differ from the previous manifest ({', '.join(differ)}); the earlier build "
+              f"in {out} is kept", file=sys.stderr)
+        return 1
     for name, digest in m["sha256"].items():
         print(f"{digest}  {out / name}")
-    print(f"{digest_of_manifest(out)}  {out / 'manifest.json'}")
+    print(f"{manifest_digest}  {out / 'manifest.json'}")
     if before is not None:
-        if before != m["sha256"]:
-            print("CHECK FAILED: outputs differ from the previous manifest", file=sys.stderr)
-            return 1
         print("check: identical to the previous build")
     return 0
 
