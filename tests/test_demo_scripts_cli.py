@@ -231,6 +231,23 @@ def test_evaluate_refuses(tmp_path, args, says):
     assert not (tmp_path / "e.json").exists()
 
 
+@pytest.mark.parametrize("heldout, says", [(b"", "is empty"), (b"\x01\x00\x02", "damaged or truncated")])
+@pytest.mark.parametrize("script", ["evaluate", "gap_anatomy", "make_distill_data"])
+def test_an_empty_or_cut_short_split_is_one_line(tmp_path, script, heldout, says):
+    """A split without files (build_corpus.py writes an empty .bin) or a .bin of an odd number of bytes: numpy's
+    mmap error was a traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("manifest.json", "tokenizer.json"):
+        (data / name).write_bytes((WORK["cwd"] / "data" / "demo" / name).read_bytes())
+    (data / "heldout.bin").write_bytes(heldout)
+    args = {"evaluate": ("--model", MODEL, *SMALL_EVAL), "gap_anatomy": ("--model", MODEL, "--seq-len", 256),
+            "make_distill_data": ("--split", "heldout", "--out", tmp_path / "d.jsonl", "--num", 1,
+                                  "--seq-len", 128)}[script]
+    refused(run(script, "--data", data, *args), says)
+    assert not (tmp_path / "d.jsonl").exists()
+
+
 def test_evaluate_checks_its_outputs_before_the_evaluation(tmp_path, a_file):
     """--out-md that cannot be written was found after the whole evaluation (a traceback, --out-json lost)."""
     r = run("evaluate", "--model", MODEL, *SMALL_EVAL, "--out-json", tmp_path / "e.json", "--out-md", a_file / "e.md")
@@ -313,6 +330,20 @@ PROBE = ("--seq-len", "256", "--window", "32", "--sinks", "8", "--distances", "1
 ])
 def test_recall_probe_refuses(tmp_path, args, says):
     refused(run("recall_probe", *PROBE, *args, "--out", tmp_path / "p.json"), says)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_recall_probe_init_from_a_model_without_a_memory_is_one_line(tmp_path):
+    """--init-from-model on a base model (no model.layers.N.ahn.* tensors) was a KeyError traceback."""
+    from safetensors.torch import load_file, save_file
+    base = tmp_path / "base"
+    base.mkdir()
+    tensors = load_file(str(MODEL / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".ahn." not in k}, str(base / "model.safetensors"))
+    (base / "config.json").write_bytes((MODEL / "config.json").read_bytes())
+    r = run("recall_probe", "train", *PROBE, "--steps", 1, "--model", base, "--init-from-model",
+            "--out", tmp_path / "p.json")
+    refused(r, "--init-from-model")
     assert not (tmp_path / "p.json").exists()
 
 

@@ -196,6 +196,9 @@ def check_distance(d: int, L: int, t, flag: str = "--distances"):
 
 def check_tokens(tokens, L: int, split: str, flag: str = "--seq-len"):
     """AhnError unless the ``split`` token array holds more than one sequence of ``L`` tokens."""
+    if len(tokens) == 0:   # (a shorter --seq-len does not help)
+        raise AhnError(f"the {split} split of --data is empty (no source file fell in it); build the corpus "
+                       "again from more files, or with a larger share for that split")
     if len(tokens) <= L:
         raise AhnError(f"{flag} {L}: the {split} split has only {len(tokens):,} tokens, too few for a sequence "
                        f"of {L}; give a shorter {flag}")

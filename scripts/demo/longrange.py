@@ -153,7 +153,16 @@ def insert_passkey(filler: np.ndarray, L: int, distance: int, rng: np.random.Gen
 
 
 def load_tokens(path) -> np.ndarray:
-    """A .bin file of the corpus builder: little-endian uint16 ids (memory-mapped)."""
+    """A .bin file of the corpus builder: little-endian uint16 ids (memory-mapped). An empty file (a split
+    without files) is no tokens; a file of an odd number of bytes (cut short) is an AhnError (numpy's mmap
+    errors for both were a traceback)."""
+    size = Path(path).stat().st_size
+    if size % 2:
+        from ahn_rt.errors import AhnError
+        raise AhnError(f"{path} has {size:,} bytes, not a whole number of uint16 token ids: it is damaged or "
+                       "truncated; build the corpus again with scripts/demo/build_corpus.py")
+    if size == 0:
+        return np.zeros(0, dtype="<u2")
     return np.memmap(path, dtype="<u2", mode="r")
 
 

@@ -51,7 +51,12 @@ def load_teacher(model_dir: str, decay_init: str = "official", seed: int = 0, wi
     config = parse_config(json.loads((Path(model_dir) / "config.json").read_text()), model_dir)
     base = {k: ckpt.src.get(k).float() for k in base_shapes(config)}
     if with_ahn:
-        ahn = {k: ckpt.src.get(k).float() for k in ahn_shapes(config, config.ahn_implementation)}
+        names = list(ahn_shapes(config, config.ahn_implementation))
+        missing = [k for k in names if k not in ckpt.src.where]   # a base model's: was a KeyError traceback
+        if missing:
+            raise AhnError(f"--init-from-model: --model {model_dir} holds no memory of its own (no {missing[0]}); "
+                           "give a merged model (base + AHN), or leave --init-from-model out to train a fresh one")
+        ahn = {k: ckpt.src.get(k).float() for k in names}
         return config, TrainModel(config, base, ahn, base_dtype=torch.float32, seed=seed)
     return config, TrainModel(config, base, None, base_dtype=torch.float32, seed=seed, decay_init=decay_init)
 
