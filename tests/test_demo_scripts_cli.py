@@ -372,6 +372,25 @@ def test_train_teacher_refuses_and_writes_nothing(tmp_path, args, says):
     assert not out.exists()
 
 
+def test_outputs_never_write_over_the_corpus(tmp_path):
+    """make_distill_data.py --out data/demo/heldout.bin replaced the split it had read; train_teacher.py --out
+    <the --data folder> --overwrite trained, then failed copying tokenizer.json onto itself. (The corpus here is
+    links to the real one: an output written over a link replaces the link, never the corpus.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (WORK["cwd"] / "data" / "demo").iterdir():
+        (data / f.name).symlink_to(f.resolve())
+    names = sorted(p.name for p in data.iterdir())
+    small = ("--num", 1, "--seq-len", 256)
+    refused(run("make_distill_data", "--data", data, "--split", "heldout", "--out", data / "heldout.bin", *small),
+            "--out")
+    refused(run("make_distill_data", "--data", data, "--out", tmp_path / "d.jsonl", "--stats", data / "manifest.json",
+                *small), "--stats")
+    refused(run("train_teacher", *TINY, "--data", data, "--out", data, "--overwrite"), "the corpus of --data")
+    assert sorted(p.name for p in data.iterdir()) == names and all(p.is_symlink() for p in data.iterdir())
+    assert not (tmp_path / "d.jsonl").exists()
+
+
 def test_train_teacher_checks_out_first(a_file):
     refused(run("train_teacher", *TINY, "--out", a_file), "--out")
 

@@ -168,6 +168,18 @@ def check_apart(*outputs):
         seen[key] = flag
 
 
+def check_not_corpus(data: Path, *outputs):
+    """AhnError when an output ((flag, path or None) pairs) is the corpus folder ``data`` or one of its files:
+    the script read the corpus and then wrote over it (make_distill_data.py --out data/demo/heldout.bin
+    replaced the split; train_teacher.py --out data/demo copied tokenizer.json onto itself after training)."""
+    corpus = {data.resolve()} | {(data / n).resolve() for n in ("manifest.json", "tokenizer.json")}
+    corpus |= {f.resolve() for f in data.glob("*.bin")}
+    for flag, path in outputs:
+        if path is not None and Path(path).expanduser().resolve() in corpus:
+            raise AhnError(f"{flag} {path} is the corpus of --data {data} or one of its files, which this run "
+                           "reads; write the output elsewhere")
+
+
 def check_out_dir(path, flag: str = "--out"):
     """AhnError unless ``path`` is a folder, or can be made one, that files can be written in."""
     if not str(path).strip():

@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import longrange  # noqa: E402
-from demo_args import (AhnError, ArgParser, check_apart, check_out_file, check_tokens, fraction,  # noqa: E402
-                       need_data, nonneg_float, nonneg_int, positive_int, run, seed_arg, write_text)
+from demo_args import (AhnError, ArgParser, check_apart, check_not_corpus, check_out_file,  # noqa: E402
+                       check_tokens, fraction, need_data, nonneg_float, nonneg_int, positive_int, run, seed_arg,
+                       write_text)
 
 
 def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer_weight: float = 1.0,
@@ -99,6 +100,7 @@ def write_data(args) -> int:
     check_out_file(args.out, "--out")
     check_out_file(args.stats, "--stats")
     check_apart(("--out", args.out), ("--stats", args.stats))   # the counts were written over the sequences
+    check_not_corpus(data, ("--out", args.out), ("--stats", args.stats))
     t = longrange.Templates.from_data(data)
     tokens = longrange.load_tokens(data / f"{args.split}.bin")
     check_tokens(tokens, args.seq_len, args.split)

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import longrange  # noqa: E402
-from demo_args import (AhnError, ArgParser, check_out_dir, check_tokens, fraction, need_data,  # noqa: E402
-                       nonneg_float, nonneg_int, positive_float, positive_int, run, seed_arg)
+from demo_args import (AhnError, ArgParser, check_not_corpus, check_out_dir, check_tokens, fraction,  # noqa: E402
+                       need_data, nonneg_float, nonneg_int, positive_float, positive_int, run, seed_arg)
 
 SHAPE_DEFAULTS = dict(hidden=320, layers=6, heads=5, kv_heads=1, head_dim=64, mlp=768, rope_theta=10000.0)
 
@@ -190,6 +190,7 @@ def train_teacher(args) -> int:
     from ahn_rt.devices import parse_device
     parse_device(args.device)
     check_out_dir(args.out)
+    check_not_corpus(data, ("--out", args.out))
     held = [f for f in OUTPUTS if (Path(args.out) / f).exists()]
     if held and not args.overwrite:   # its log.jsonl was truncated at the first step, the rest replaced at the end
         raise AhnError(f"--out {args.out} already holds a teacher ({', '.join(held)}); pass --overwrite to train "
