@@ -391,6 +391,25 @@ def test_outputs_never_write_over_the_corpus(tmp_path):
     assert not (tmp_path / "d.jsonl").exists()
 
 
+def test_train_teacher_reads_a_hand_edited_manifest_up_front(tmp_path):
+    """A manifest without <|im_end|> among its special tokens was a KeyError traceback; one without its sha256
+    record failed after the whole run (train_summary.json reads it). Now refused first, and trained through."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (WORK["cwd"] / "data" / "demo").iterdir():
+        if f.name != "manifest.json":
+            (data / f.name).symlink_to(f.resolve())
+    manifest = json.loads((WORK["cwd"] / "data" / "demo" / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "special_tokens": {"<|endoftext|>": 0}}))
+    refused(run("train_teacher", *TINY, "--data", data, "--out", tmp_path / "t1"), "<|im_end|>")
+    assert not (tmp_path / "t1").exists()
+    del manifest["sha256"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    r = run("train_teacher", *TINY, "--data", data, "--out", tmp_path / "t2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "t2" / "train_summary.json").read_text())["corpus_sha256"] is None
+
+
 def test_train_teacher_checks_out_first(a_file):
     refused(run("train_teacher", *TINY, "--out", a_file), "--out")
 

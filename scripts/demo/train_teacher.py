@@ -163,9 +163,10 @@ OUTPUTS = ("model.safetensors", "config.json", "generation_config.json", "tokeni
 def train_teacher(args) -> int:
     data = need_data(args.data, [] if args.print_size else ["train", "heldout"])
     manifest = json.loads((data / "manifest.json").read_text())
-    if not isinstance(manifest.get("special_tokens"), dict) or "vocab_size" not in manifest:
-        raise AhnError(f"--data {data}: its manifest.json has no vocab_size / special_tokens; give a folder "
-                       "written by scripts/demo/build_corpus.py")
+    if (not isinstance(manifest.get("special_tokens"), dict) or "vocab_size" not in manifest
+            or not {"<|im_end|>", "<|endoftext|>"} <= manifest["special_tokens"].keys()):
+        raise AhnError(f"--data {data}: its manifest.json has no vocab_size / special_tokens (<|im_end|>, "
+                       "<|endoftext|>); give a folder written by scripts/demo/build_corpus.py")
     special = manifest["special_tokens"]
     cfg = model_config(manifest["vocab_size"], args.hidden, args.layers, args.heads, args.kv_heads, args.mlp,
                        args.rope_theta, args.seq_len, eos=[special["<|im_end|>"], special["<|endoftext|>"]],
@@ -286,7 +287,7 @@ def train_teacher(args) -> int:
     shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
     summary = {"steps_done": truncated or args.steps, "steps_planned": args.steps, "seconds": round(elapsed, 1),
                "tokens": tokens_done, "final": last, "seed": args.seed, "params": n_base,
-               "corpus_sha256": manifest["sha256"]}
+               "corpus_sha256": manifest.get("sha256")}   # (read after the run: a missing record is no error)
     atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
     print(f"[teacher] wrote {out} ({(out / 'model.safetensors').stat().st_size:,} bytes) in {elapsed:.0f} s",
           flush=True)
