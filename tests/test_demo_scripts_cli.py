@@ -372,14 +372,21 @@ def test_train_teacher_refuses_and_writes_nothing(tmp_path, args, says):
     assert not out.exists()
 
 
+def linked_corpus(tmp_path, but=None):
+    """tmp_path/data: a link to each file of the corpus (all but ``but``), so that a test may write there."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (WORK["cwd"] / "data" / "demo").iterdir():
+        if f.name != but:
+            (data / f.name).symlink_to(f.resolve())
+    return data
+
+
 def test_outputs_never_write_over_the_corpus(tmp_path):
     """make_distill_data.py --out data/demo/heldout.bin replaced the split it had read; train_teacher.py --out
     <the --data folder> --overwrite trained, then failed copying tokenizer.json onto itself. (The corpus here is
     links to the real one: an output written over a link replaces the link, never the corpus.)"""
-    data = tmp_path / "data"
-    data.mkdir()
-    for f in (WORK["cwd"] / "data" / "demo").iterdir():
-        (data / f.name).symlink_to(f.resolve())
+    data = linked_corpus(tmp_path)
     names = sorted(p.name for p in data.iterdir())
     small = ("--num", 1, "--seq-len", 256)
     refused(run("make_distill_data", "--data", data, "--split", "heldout", "--out", data / "heldout.bin", *small),
@@ -394,11 +401,7 @@ def test_outputs_never_write_over_the_corpus(tmp_path):
 def test_train_teacher_reads_a_hand_edited_manifest_up_front(tmp_path):
     """A manifest without <|im_end|> among its special tokens was a KeyError traceback; one without its sha256
     record failed after the whole run (train_summary.json reads it). Now refused first, and trained through."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for f in (WORK["cwd"] / "data" / "demo").iterdir():
-        if f.name != "manifest.json":
-            (data / f.name).symlink_to(f.resolve())
+    data = linked_corpus(tmp_path, but="manifest.json")
     manifest = json.loads((WORK["cwd"] / "data" / "demo" / "manifest.json").read_text())
     (data / "manifest.json").write_text(json.dumps({**manifest, "special_tokens": {"<|endoftext|>": 0}}))
     refused(run("train_teacher", *TINY, "--data", data, "--out", tmp_path / "t1"), "<|im_end|>")
