@@ -365,6 +365,8 @@ class _Source:
         return self.handles[self.where[key]].get_slice(key).get_dtype()
 
     def get(self, key) -> torch.Tensor:
+        if key not in self.where:   # (the handler below looked it up again: a KeyError raised inside it)
+            raise AhnError(f"the checkpoint has no tensor {key}")
         try:
             return self.handles[self.where[key]].get_tensor(key)
         except Exception as e:  # corrupt data region

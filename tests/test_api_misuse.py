@@ -169,6 +169,18 @@ def test_agenerate_on_a_busy_session_ends_with_the_error(model):
     assert asyncio.run(ok()) and s.forward([1]) is not None     # released at the end
 
 
+def test_asking_a_checkpoint_for_a_tensor_it_lacks_is_one_line(tmp_path):
+    """_Source.get looked a missing name up again inside its own error handler: a KeyError traceback (what
+    recall_probe.py --init-from-model on a model without a memory met)."""
+    from safetensors.torch import save_file
+    from ahn_rt.weights import _Source
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "m.safetensors"))
+    src = _Source([tmp_path / "m.safetensors"])
+    assert src.get("a").shape == (2,)
+    with pytest.raises(AhnError, match="^the checkpoint has no tensor model.layers.0.ahn.fn.D$"):
+        src.get("model.layers.0.ahn.fn.D")
+
+
 def test_two_threads_saving_one_path_do_not_share_a_temporary(tmp_path):
     from ahn_rt.weights import _atomic_write
     barrier, errors = threading.Barrier(2, timeout=5), []
