@@ -53,6 +53,16 @@ def refused(r, says=""):
     assert "Traceback" not in r.stderr and says in lines[0], r.stderr[-2000:]
 
 
+def linked_corpus(tmp_path, but=None):
+    """tmp_path/data: a link to each file of the corpus (all but ``but``), so that a test may write there."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in (WORK["cwd"] / "data" / "demo").iterdir():
+        if f.name != but:
+            (data / f.name).symlink_to(f.resolve())
+    return data
+
+
 @pytest.fixture
 def a_file(tmp_path):
     """A plain file: an output path below it cannot be written."""
@@ -236,10 +246,7 @@ def test_evaluate_refuses(tmp_path, args, says):
 def test_an_empty_or_cut_short_split_is_one_line(tmp_path, script, heldout, says):
     """A split without files (build_corpus.py writes an empty .bin) or a .bin of an odd number of bytes: numpy's
     mmap error was a traceback."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("manifest.json", "tokenizer.json"):
-        (data / name).write_bytes((WORK["cwd"] / "data" / "demo" / name).read_bytes())
+    data = linked_corpus(tmp_path, but="heldout.bin")
     (data / "heldout.bin").write_bytes(heldout)
     args = {"evaluate": ("--model", MODEL, *SMALL_EVAL), "gap_anatomy": ("--model", MODEL, "--seq-len", 256),
             "make_distill_data": ("--split", "heldout", "--out", tmp_path / "d.jsonl", "--num", 1,
@@ -370,16 +377,6 @@ def test_train_teacher_refuses_and_writes_nothing(tmp_path, args, says):
     out = tmp_path / "teacher"
     refused(run("train_teacher", *TINY, "--out", out, *args), says)
     assert not out.exists()
-
-
-def linked_corpus(tmp_path, but=None):
-    """tmp_path/data: a link to each file of the corpus (all but ``but``), so that a test may write there."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for f in (WORK["cwd"] / "data" / "demo").iterdir():
-        if f.name != but:
-            (data / f.name).symlink_to(f.resolve())
-    return data
 
 
 def test_outputs_never_write_over_the_corpus(tmp_path):
