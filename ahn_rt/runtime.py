@@ -111,9 +111,13 @@ def load(weights: str | os.PathLike, ahn: str | os.PathLike | None = None, windo
     # here was "tokenizer not found", though it was there)
     if tok is not None and not (weights_mod.path_exists(tok, "tokenizer")
                                 and (tok.is_file() or (tok / "tokenizer.json").is_file())):
-        where = f"no tokenizer.json in the folder {tokenizer}" if tok.is_dir() else f"tokenizer not found: {tokenizer}"
+        # the same words for the API's tokenizer= and the CLI's --tokenizer; /dev/null or a fifo exists, unlike
+        # a typo, so it is not "not found"
+        where = (f"no tokenizer.json in the folder {tokenizer}" if tok.is_dir() else
+                 f"tokenizer is not a regular file: {tokenizer}" if os.path.exists(tok) else
+                 f"tokenizer not found: {tokenizer}")
         raise AhnError(f"{where} (give the path of a tokenizer.json file, "
-                       "or leave tokenizer out to use the one beside the weights)")
+                       "or leave the tokenizer out to use the one beside the weights)")
     ckpt = weights_mod.open_checkpoint(weights, ahn)
     model = _build(ckpt, window=window, sinks=sinks, dtype=dtype, device=device, mode=mode, chunk_size=chunk_size)
     model.folder = ckpt.folder

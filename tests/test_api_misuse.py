@@ -389,6 +389,13 @@ def test_a_tokenizer_that_is_not_there_fails_at_load(tmp_path):
     assert ahn_rt.load(DEMO, tokenizer=DEMO / "tokenizer.json").tokenizer.encode("x")
 
 
+def test_a_tokenizer_that_is_not_a_file_is_named_so_in_words_for_api_and_cli():
+    """/dev/null exists: it was "tokenizer not found", with the API's "leave tokenizer out" that the CLI's
+    --tokenizer user cannot map to a flag."""
+    with pytest.raises(AhnError, match=r"^tokenizer is not a regular file: /dev/null .*leave the tokenizer out"):
+        ahn_rt.load(DEMO, tokenizer="/dev/null")
+
+
 def test_a_model_made_from_tensors_says_it_has_no_tokenizer():
     """from_state_dict's model has no folder to find a tokenizer in: generate said "no tokenizer: None not
     found"; it says where the model came from and what to do (its ids still run)."""
