@@ -105,8 +105,10 @@ def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_j
     try:
         check_writable(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                                  metadata=meta))
+        def write(tmp):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            _sort_metadata(tmp)
+        _atomic_write(out, write)
         if config_json and config is not None:
             atomic_write_text(out.parent / "config.json", json.dumps(config, indent=2) + "\n")
     except AhnError:   # check_writable's and atomic_write_text's own line, already naming the path
@@ -150,6 +152,25 @@ def check_writable(out: Path):
     if not os.access(parent, os.W_OK | os.X_OK):
         raise AhnError(f"cannot write {out}: folder {parent} is not writable")
     return parent
+
+
+def _sort_metadata(path: Path):
+    """Rewrite a just-saved safetensors file's header with its metadata keys in sorted order, in place.
+    safetensors keeps the metadata in a hash map, so the same tensors and metadata came out in a different
+    key order (other bytes, another sha256) from run to run; a deterministic run must write the same file.
+    The header keeps its length (the same entries, padded with spaces as safetensors pads it)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > n:   # never: the same entries, compact; a longer header would move the data
+            return
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
 
 
 def atomic_write_text(path, text: str):

@@ -2,6 +2,7 @@
 session (across the fill point, in every mode); only the occupied slots are written before the window is
 full; a state restored into another model or configuration, a truncated or corrupt file, or a file that
 is not a state file each give one line; nothing is unpickled."""
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -172,6 +173,26 @@ def test_save_where_the_file_system_refuses_names_the_given_path():
     with pytest.raises(ahn_rt.AhnError) as e:
         ahn_rt.weights.write_checkpoint("/sys/ahn_rt_test.safetensors", {"a": torch.zeros(2)})
     assert str(e.value) == msg
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors keeps the metadata in a hash map: the same checkpoint or session state came out with its
+    header keys in another order on each write (another sha256). A deterministic run writes the same file."""
+    meta = {k: "\u00e9" + k for k in "abcdefgh"}     # eight keys: the chance of one order five times is ~1e-18
+    tensors = {"x": torch.arange(6.0).view(2, 3).bfloat16(), "b": torch.ones(3)}
+    digests = set()
+    for i in range(5):
+        ahn_rt.weights.write_checkpoint(tmp_path / f"m{i}.safetensors", tensors, {"q": 1}, metadata=meta)
+        digests.add(hashlib.sha256((tmp_path / f"m{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "m0.safetensors"), "pt") as f:
+        assert f.metadata() == {**meta, "format": "pt", "config": '{"q": 1}'}
+        assert torch.equal(f.get_tensor("x"), tensors["x"]) and torch.equal(f.get_tensor("b"), tensors["b"])
+    s = _model().new_session()
+    s.forward(IDS[:4])
+    s.save(tmp_path / "s1.safetensors")
+    s.save(tmp_path / "s2.safetensors")
+    assert (tmp_path / "s1.safetensors").read_bytes() == (tmp_path / "s2.safetensors").read_bytes()
 
 
 def _rewrite(src, dst, meta=None, drop=()):
