@@ -442,3 +442,42 @@ def test_ctrl_c_while_torch_imports_is_one_line(script):
     wait_for_mapped(p.pid, "libtorch", timeout=120)
     assert p.poll() is None, "the script ended before torch was imported"
     interrupt(p, script)
+
+
+def _script_tree(tmp_path):
+    """tmp_path/tree: the demo scripts (links), the package and the module's corpus, laid out as a checkout, so
+    that a pipeline script (which runs from its checkout's root, on its data/demo) runs here in CI too."""
+    tree = tmp_path / "tree"
+    (tree / "scripts" / "demo").mkdir(parents=True)
+    for f in DEMO.iterdir():
+        (tree / "scripts" / "demo" / f.name).symlink_to(f)
+    (tree / "ahn_rt").symlink_to(ROOT / "ahn_rt")
+    (tree / "data").mkdir()
+    (tree / "data" / "demo").symlink_to((WORK["cwd"] / "data" / "demo").resolve())
+    return tree
+
+
+def test_run_gpu_stops_after_the_teacher_when_asked(tmp_path):
+    """STOP_AFTER=teacher (a pipeline that does not fit one device call): the teacher alone, shipped to
+    $OUT/teacher as a model the next call takes as TEACHER=; a wrong value or one that contradicts TEACHER
+    is one line before any work."""
+    tree = _script_tree(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "SMOKE_OUT": str(tmp_path / "out"),
+           "WORK": str(tmp_path / "work")}
+
+    def sh(**extra):
+        return subprocess.run(["bash", str(tree / "scripts" / "demo" / "run_gpu.sh"), "--smoke"], cwd=tree,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=TIMEOUT_S)
+    for extra, says in (({"STOP_AFTER": "distill"}, "STOP_AFTER=distill"),
+                        ({"STOP_AFTER": "teacher", "TEACHER": str(MODEL)}, "unset one of them")):
+        refused(sh(**extra), says)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+    r = sh(STOP_AFTER="teacher")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "stopped after the teacher" in r.stdout and "== distill" not in r.stdout
+    shipped = tmp_path / "out" / "teacher"
+    assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "generation_config.json",
+                                                         "model.safetensors", "tokenizer.json"]
+    assert (shipped / "model.safetensors").read_bytes() == (tmp_path / "work" / "teacher" / "model.safetensors").read_bytes()
+    assert (tmp_path / "work" / "distill.jsonl").stat().st_size > 0     # the next call's data, written meanwhile
+    assert not (tmp_path / "work" / "ahn").exists()

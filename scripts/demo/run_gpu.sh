@@ -22,12 +22,21 @@
 # that ends the answer as its digits), WORK (intermediate folder), PYTHON, and
 # TEACHER=DIR: skip the teacher stage and distill a fresh AHN onto the base weights in DIR (e.g. an earlier
 # run's merged folder; its AHN tensors are not used), AHN=gdn|dn|mamba2: the memory variant (default gdn;
-# scripts/demo/compare_variants.sh runs all three side by side).
+# scripts/demo/compare_variants.sh runs all three side by side), STOP_AFTER=teacher: train the teacher, copy it
+# to $OUT/teacher (split as the demo model is) and stop, for a pipeline that does not fit one call (a wider
+# teacher); the next call passes TEACHER=<that folder, its parts joined>.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODE=full
 source scripts/demo/ship_demo.sh   # PY, DATA, the environment; ship_demo
 [[ "${1:-}" == "--smoke" ]] && MODE=smoke
+case "${STOP_AFTER:-}" in
+  ""|teacher) ;;
+  *) echo "error: STOP_AFTER=$STOP_AFTER: give teacher (stop after the teacher stage) or leave it unset" >&2; exit 2 ;;
+esac
+if [[ -n "${STOP_AFTER:-}" && -n "${TEACHER:-}" ]]; then
+  echo "error: STOP_AFTER=teacher with TEACHER set trains no teacher: unset one of them" >&2; exit 2
+fi
 case "${ANSWER_END:-}" in
   ""|0) ANSWER_END_ARGS=() ;;
   1) ANSWER_END_ARGS=(--answer-end) ;;
@@ -110,6 +119,14 @@ else
       --seq-len "$L" --seed 0 --passkey-frac 0.5 --device "$DEV" --time-limit "$T_LIMIT" --overwrite "${T_EXTRA[@]}"
 fi
 done_stage
+if [[ "${STOP_AFTER:-}" == teacher ]]; then   # a pipeline longer than one call: the teacher alone, then TEACHER=
+  wait "$DATA_PID" || { cat "$WORK/distill_data.log"; exit 1; }
+  ship_demo "$TEACHER_DIR" "$OUT/teacher"
+  [[ -f "$TEACHER_DIR/log.jsonl" ]] && cp "$TEACHER_DIR/log.jsonl" "$OUT/logs/teacher_log.jsonl"
+  echo "== stopped after the teacher (STOP_AFTER=teacher) in $(( $(date +%s) - T_START )) s: $TEACHER_DIR," \
+       "a copy in $OUT/teacher; go on with TEACHER=<that folder>"
+  exit 0
+fi
 
 stage distill_data
 wait "$DATA_PID" || { cat "$WORK/distill_data.log"; exit 1; }
