@@ -8,7 +8,8 @@ The prompt is --prompt, else --prompt-file, else stdin when it is not a terminal
 as in CI) or a closed one is no prompt: the demo model then runs its demo prompt, another model says so.
 
 A user's mistake (bad path, bad option, corrupt checkpoint, text that is not UTF-8, stdout closed) prints one
-line and exits 2; a stdout that cannot take the text (a full disk behind a redirection), memory that runs
+line and exits 2; a stdout that cannot take the text (a full disk behind a redirection, an encoding such as
+PYTHONIOENCODING=ascii that lacks one of its characters), memory that runs
 out or a model whose logits turn NaN/inf (weights holding NaN) one line and exit 1;
 Ctrl-C at any moment prints one line and exits 130; no traceback.
 """
@@ -146,6 +147,10 @@ def _write(text: str):
         raise
     except OSError as e:   # a full disk (or a file system error) behind a redirection of stdout
         raise _OutputFailed(e.strerror or str(e)) from None
+    except UnicodeEncodeError as e:   # PYTHONIOENCODING=ascii, a latin-1 locale: it was a traceback
+        char = e.object[e.start]
+        raise _OutputFailed(f"its encoding ({e.encoding}) has no U+{ord(char):04X} ({char!r:.12}); set "
+                            "PYTHONIOENCODING=utf-8 or use a UTF-8 locale") from None
 
 
 def main(argv=None) -> int:

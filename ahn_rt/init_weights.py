@@ -170,8 +170,13 @@ def main(argv=None) -> int:
     finally:
         for path in written:   # the run stopped between its files (Ctrl-C, an old tokenizers, a full disk)
             path.unlink(missing_ok=True)
-    print(f"wrote {out}" + (f", {out.parent / 'tokenizer.json'} and {out.parent / 'generation_config.json'}"
-                            if args.tokenizer == "qwen2.5" else ""))
+    line = f"wrote {out}" + (f", {out.parent / 'tokenizer.json'} and {out.parent / 'generation_config.json'}"
+                             if args.tokenizer == "qwen2.5" else "")
+    try:
+        print(line)
+    except UnicodeEncodeError:   # a path stdout's encoding cannot show (PYTHONIOENCODING=ascii): the files are written
+        enc = sys.stdout.encoding
+        print(line.encode(enc, "backslashreplace").decode(enc))
     return 0
 
 

@@ -394,7 +394,10 @@ class Model:
             # every state before any steps (a batch's begin_writes checks them all at once): one by one, a
             # half-written one was met only in its turn, after the states before it had advanced
             refuse_torn(states)
-            return torch.cat([dec.forward(st, ids[b:b + 1]) for b, st in enumerate(states)])
+            for st in states:   # full mode: every cache that must grow grows before any session steps
+                st.ensure_capacity(st.position + 1)
+            with _whole_or_refused(states):
+                return torch.cat([dec.forward(st, ids[b:b + 1]) for b, st in enumerate(states)])
         # A pool's captured steps share their buffers: one step over its sessions at a time.
         with pool.step_lock if pool is not None else contextlib.nullcontext():
             logits, batch = batch_step(dec, states, ids, pool.graphs if pool is not None else sessions[0].graphs)
@@ -429,7 +432,7 @@ class Model:
         self._check_session(session, "prefill")
         p = self._prompt(prompt, chat, system)
         sess = session or self.new_session()
-        with sess._held():
+        with sess._held(), _whole_or_refused([sess.state]):
             fill = _Prefill(self, sess, p, self.prefix_cache)
             while not fill.done:
                 fill.chunk()
@@ -530,9 +533,10 @@ class Model:
                     self._return_session(sess)
                 raise
             try:
-                run.start(sess)
-                while run.prefilling and not run.done:   # done: closed from another thread meanwhile
-                    run.prefill_chunk()
+                with _whole_or_refused([sess.state], fed=lambda: run._fill is not None and run._fill.fed):
+                    run.start(sess)
+                    while run.prefilling and not run.done:   # done: closed from another thread meanwhile
+                        run.prefill_chunk()
                 while True:
                     for piece, entries in run.take():
                         if entries:
@@ -621,6 +625,24 @@ def _id_range(ids: torch.Tensor) -> tuple[int, int]:
     """(min, max) of an int64 tensor of token ids: one reduction and one host read, on its device."""
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()
     return lo, hi
+
+
+@contextlib.contextmanager
+def _whole_or_refused(states, fed=None):
+    """Around a call that moves ``states`` in several writes (a prompt's chunks, sessions stepped one after
+    another): when it raises after one of them has moved (Ctrl-C or out of memory in a later chunk, or in a
+    later session's step), each state that moved refuses every call until ``reset`` (``begin_writes``' mark).
+    It stood past part of the tokens, whose logits the caller never got, so a retry fed them twice. ``fed``
+    (a callable): whether every token is in already (a generation that failed after its prefill keeps it)."""
+    start = [st.position for st in states]
+    try:
+        yield
+    except BaseException:
+        if fed is None or not fed():
+            for st, p in zip(states, start):
+                if st.position != p:
+                    st.torn = True
+        raise
 
 
 _CLOSED = "this session is closed; make a new one with model.new_session()"
@@ -824,13 +846,17 @@ class Session:
         """``forward`` of checked ids on a session the caller has claimed (``scorer``: the prompt's
         log-probabilities are taken chunk by chunk, ``Decoder.prefill``)."""
         dec = self.model.decoder
+        st = self.state
+        if ids.numel() > self.chunk_size:   # full mode: the cache grows once, before any chunk is written
+            st.ensure_capacity(st.position + ids.numel())
         out = []
-        for s in range(0, ids.numel(), self.chunk_size):
-            chunk = ids[s: s + self.chunk_size]
-            logits = dec.forward(self.state, chunk, last_only=last_only, scorer=scorer)
-            final = s + self.chunk_size >= ids.numel()
-            if final or not last_only:
-                out.append(logits)
+        with _whole_or_refused([st]):
+            for s in range(0, ids.numel(), self.chunk_size):
+                chunk = ids[s: s + self.chunk_size]
+                logits = dec.forward(st, chunk, last_only=last_only, scorer=scorer)
+                final = s + self.chunk_size >= ids.numel()
+                if final or not last_only:
+                    out.append(logits)
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def stepper(self, sampler: Sampler):
@@ -857,6 +883,7 @@ class _Prefill:
         self.sess = sess
         self.scorer = scorer
         n, C = len(prompt.ids), sess.chunk_size
+        self._p0 = sess.position   # where the session stood before this prompt (see chunk)
         self.cache = cache if sess.position == 0 and scorer is None else None
         self.plan = None
         self.hit = 0
@@ -887,6 +914,11 @@ class _Prefill:
         return not self._todo
 
     @property
+    def fed(self) -> bool:
+        """Whether every prompt token is in the session (its last chunk has returned)."""
+        return self._at == self.hit + self.ids.numel()
+
+    @property
     def next_tokens(self) -> int:
         """Tokens in the next chunk (0 when done)."""
         return self._todo[0] - self._at if self._todo else 0
@@ -894,8 +926,14 @@ class _Prefill:
     @torch.inference_mode()
     def chunk(self):
         end = self._todo.pop(0)
-        logits = self.sess._forward(self.sess._ids(self.ids[self._at - self.hit: end - self.hit]), last_only=True,
-                                    scorer=self.scorer)
+        st = self.sess.state
+        try:
+            logits = self.sess._forward(self.sess._ids(self.ids[self._at - self.hit: end - self.hit]),
+                                        last_only=True, scorer=self.scorer)
+        except BaseException:
+            if st.position != self._p0:   # part of the prompt is in (``_whole_or_refused``; the scheduler's too)
+                st.torn = True
+            raise
         self._at = end
         if end in self._snaps:
             self.cache.store(self.plan, end, self.sess.state, logits[-1])

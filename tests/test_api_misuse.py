@@ -516,6 +516,61 @@ def test_a_call_that_fails_midway_leaves_a_session_that_refuses_until_reset(mode
     s.close()
 
 
+def test_a_call_that_fails_after_its_first_chunk_or_session_leaves_none_half_advanced(model, monkeypatch):
+    """A call that writes in several steps (a prompt's chunks; model.step over private states, one session after
+    another) and fails after the first has returned: forward left the session at the end of its first chunk,
+    step left the sessions before the failing one advanced, each usable and none marked, so a retry fed those
+    tokens twice. Now each state that moved refuses until reset(), and a full-mode cache grows before any
+    write, so running out of memory there leaves every session as it was."""
+    dec = model.decoder
+    real = dec.forward
+    calls, failure = [], []
+
+    def second_call_fails(st, ids, *args, **kw):
+        calls.append(1)
+        if len(calls) == 2:   # between two chunks / sessions: nothing of this call written yet
+            raise failure[0]
+        return real(st, ids, *args, **kw)
+
+    async def agen(sess):
+        return [p async for p in model.agenerate(ids, max_new_tokens=2, session=sess)]
+
+    s, a, b, g, h = (model.new_session(chunk_size=4) for _ in range(5))
+    monkeypatch.setattr(dec, "forward", second_call_fails)
+    ids = list(range(3, 13))
+    for call, exc in ((lambda: s.forward(ids), KeyboardInterrupt),
+                      (lambda: model.step([a, b], [3, 4]), KeyboardInterrupt),
+                      (lambda: list(model.generate(ids, max_new_tokens=2, session=g)), KeyboardInterrupt),
+                      (lambda: asyncio.run(agen(h)), RuntimeError)):   # (the scheduler's worker takes Exception)
+        calls.clear()
+        failure[:] = [exc]
+        with pytest.raises(exc):
+            call()
+    monkeypatch.setattr(dec, "forward", real)
+    for sess in (s, a, g, h):
+        with pytest.raises(AhnError, match="half-written: reset"):
+            sess.forward([3])
+    assert b.position == 0 and b.forward([4]).shape == (1, model.config.vocab_size)
+    s.reset()
+    assert torch.equal(s.forward(ids), model.new_session(chunk_size=4).forward(ids))
+
+    full = ahn_rt.load(DEMO, mode="full")          # a cache of 256 slots, grown by doubling
+    from ahn_rt import cache
+
+    def no_memory(*args, **kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory (simulated)")
+    s, a, b = (full.new_session(chunk_size=128) for _ in range(3))
+    b.forward(list(range(256)))                    # b's next token needs a larger cache, a's does not
+    monkeypatch.setattr(cache, "zeros", no_memory)
+    for call in (lambda: s.forward(list(range(300))), lambda: full.step([a, b], [3, 4])):
+        with pytest.raises(RuntimeError, match="simulated"):
+            call()
+    monkeypatch.undo()
+    assert (s.position, a.position, b.position) == (0, 0, 256)
+    assert not any(x.state.torn for x in (s, a, b))
+    assert s.forward(list(range(300))).shape == (300, full.config.vocab_size)
+
+
 def test_a_graphs_batch_of_one_advances_the_state_it_last_stepped(model):
     """A captured B = 1 step of a pool serves whichever session of the pool steps next: its batch's
     ``states`` change per replay, and ``advance`` must move that state, not the one it was captured with
