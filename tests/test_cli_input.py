@@ -536,6 +536,21 @@ def test_stdout_that_cannot_be_written(tiny, how):
         one_line_error(p.returncode, p.stderr, "stdout is closed")
 
 
+def test_stdout_whose_encoding_cannot_take_the_text(tiny, tmp_path):
+    """A stdout whose encoding lacks a character of the text (PYTHONIOENCODING=ascii, a latin-1 locale) ended
+    generate in a UnicodeEncodeError traceback, and init_weights in one after its files were written."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "\u00e9", "--temperature", "0")
+    assert rc == 0 and out == "\u00e9\u00e9\n", err   # (greedy, this random model repeats the prompt)
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt", "\u00e9", "--temperature", "0", env=env)
+    one_line_error(rc, err, "cannot write the text to stdout: its encoding (ascii) has no U+00E9", code=1)
+    assert "PYTHONIOENCODING=utf-8" in err and out == ""
+    target = tmp_path / "m\u00fc" / "model.safetensors"
+    rc, out, err = run("ahn_rt.init_weights", "--preset", "tiny", "--out", str(target), env=env)
+    assert rc == 0 and "Traceback" not in err and err == "", err
+    assert out == f"wrote {str(target).replace(chr(0xfc), chr(92) + 'xfc')}\n" and target.exists()
+
+
 # ---- a window whose state does not fit: one line with the size, not the allocator's traceback --------
 def test_window_too_large_for_memory(tiny):
     # the largest S + W a state may have (2**31 - 1 slots: beyond it the loader refuses the window itself), in
