@@ -4,13 +4,21 @@ torch.compile(mode="reduce-overhead"), and fla's GDN recurrence (the memory step
 Row keys: bench/README.md, "What is measured"."""
 from __future__ import annotations
 
-import time
-import warnings
+import sys
 
-import torch
+if __name__ == "__main__":   # a module of the benches' rows: run as a script it measured nothing and said nothing
+    sys.stderr.write("error: bench/peers.py holds the peer rows that bench/decode_latency.py runs and measures "
+                     "nothing by itself; run python bench/decode_latency.py (without a GPU: --device cpu --preset "
+                     "tiny)\n")
+    sys.exit(2)
 
-from ahn_rt_rows import TOKEN
-from timing import back_to_back_ms, free_memory, peak_gib, per_call_ms, summary
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+from ahn_rt_rows import TOKEN  # noqa: E402
+from timing import back_to_back_ms, free_memory, peak_gib, per_call_ms, summary  # noqa: E402
 
 
 def hf_model(c, dev: torch.device):

@@ -74,6 +74,16 @@ def test_prefill_bench_needs_a_gpu():
 
 
 
+@pytest.mark.parametrize("argv", [[], ["--help"]])
+def test_peers_run_as_a_script_says_what_to_run(argv):
+    """bench/peers.py (a module of decode_latency.py's rows, listed in bench/README.md) run as a script exited 0
+    with no output: the user could not tell whether anything had been measured."""
+    r = _run("bench/peers.py", *argv, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1
+    assert "python bench/decode_latency.py" in r.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU path is the device's to run")
 def test_gpu_benches_say_so_without_a_gpu_before_any_work(capsys, monkeypatch):
     # without --device both fell back to the CPU at the 3B shape: train_throughput ran silently until the
