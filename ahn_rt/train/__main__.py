@@ -11,10 +11,11 @@ Several GPUs: the same command under torchrun (``torchrun --nproc_per_node N -m 
 parallel by default (--ddp), --fsdp shards the frozen base and the AHN over the ranks (ahn_rt/train/dist.py).
 The global batch (--batch x --grad-accum x ranks) defines the run; only rank 0 prints and writes OUT.
 
-A user's mistake (missing or unusable base/data, bad option or environment switch, unwritable --out) prints
-one line and exits 2 before anything is written; Ctrl-C prints one line and exits 130, leaving the last
-complete resume state. A run whose loss, gradient norm or AHN weights stop being finite prints one line and
-exits 1 without writing model.safetensors (resume states from before stay).
+A user's mistake (missing or unusable base/data, bad option or environment switch, unwritable --out, an --out
+another run is writing) prints one line and exits 2 before anything is written; Ctrl-C prints one line and
+exits 130, leaving the last complete resume state. Messages and progress go to stderr; if it stops taking
+them (``2>&1 | head -1``), the run goes on without them. A run whose loss, gradient norm or AHN weights stop
+being finite prints one line and exits 1 without writing model.safetensors (resume states from before stay).
 """
 from __future__ import annotations
 
@@ -366,19 +367,57 @@ def run(a) -> int:
         e.same_on_every_rank = True        # the command line and this machine: every rank sees the same
         raise
     interrupted = finished = False
+    lock = _OutLock()
     try:
-        code = _run(a, d, out)
+        code = _run(a, d, out, lock)
         finished = True
         return code
     except KeyboardInterrupt:
         interrupted = True                 # other ranks may sit in a collective: leave without closing
         raise
     finally:
+        lock.release()
         if not interrupted:
             dist.teardown(d, finished)
 
 
-def _run(a, d, out: Path) -> int:
+class _OutLock:
+    """An exclusive lock on the folder OUT while a run writes there (rank 0): a second run started into the
+    same --out (a command given twice, a job restarted while the first still runs) stops with one line,
+    instead of both appending to log.jsonl and writing resume states over each other. flock on the folder
+    itself, so nothing is written into it; the system releases it when the process ends, a kill included.
+    Where the file system has no flock (some network mounts), the run goes on unlocked."""
+
+    def __init__(self):
+        self.fd = None
+
+    def take(self, out: Path):
+        """Lock OUT if it exists (and is not locked by this run already); AhnError if another run holds it."""
+        if self.fd is not None or not out.is_dir():
+            return
+        try:
+            import fcntl
+            fd = os.open(out, os.O_RDONLY)
+        except (ImportError, OSError):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AhnError(f"--out {out} is in use by another training run that is still going; wait for it to "
+                           "end (--resume then continues it), or choose another --out") from None
+        except OSError:
+            os.close(fd)
+            return
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _run(a, d, out: Path, lock: _OutLock) -> int:
     import torch
 
     from .. import weights as W
@@ -398,6 +437,8 @@ def _run(a, d, out: Path) -> int:
         print(f"error{_rank_tag(d.rank)}: {e}", file=sys.stderr, flush=True)
 
     with dist.agreed(d, report):
+        if d.is_main:
+            lock.take(out)       # before OUT is read: another run may be writing there
         # ---- the resume state, or a fresh OUT --------------------------------------------------
         resume_dir, saved_state = None, None
         if a.resume:
@@ -451,17 +492,27 @@ def _run(a, d, out: Path) -> int:
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
         W._check_keys(W.base_shapes(config), ckpt.src, base_keys, f"base {base_path}", optional=optional)
         if a.init_from_base and not base_ahn_keys:
-            raise AhnError(f"--init-from-base: {base_path} holds no AHN weights (model.layers.N.ahn.fn.*)")
+            raise AhnError(f"--init-from-base: {base_path} holds no AHN weights (model.layers.N.ahn.fn.*); drop "
+                           "--init-from-base for a fresh memory, or give an AHN checkpoint as --init-ahn")
         # The memory variant: --ahn, else the resumed run's, else the starting checkpoint's, else GatedDeltaNet.
         from .. import memory
         start_impl = config.ahn_implementation if (a.init_from_base or a.init_ahn) else None
         impl = memory.resolve(run_cfg["ahn"] or start_impl)
         run_cfg["ahn"] = memory.get(impl).short
+        starts = []        # (flag, tensors, their AHN keys, as named in the error)
         if a.init_from_base:
-            W._check_ahn_keys(config, ckpt.src, base_ahn_keys, f"base {base_path}", impl)
+            starts.append(("--init-from-base", ckpt.src, base_ahn_keys, f"base {base_path}"))
         if a.init_ahn:
-            akeys = {k for k in ckpt.ahn_src.where if W.is_ahn_key(k)}
-            W._check_ahn_keys(config, ckpt.ahn_src, akeys, f"--init-ahn {a.init_ahn}", impl)
+            starts.append(("--init-ahn", ckpt.ahn_src, {k for k in ckpt.ahn_src.where if W.is_ahn_key(k)},
+                           f"--init-ahn {a.init_ahn}"))
+        for flag, src, keys, what in starts:
+            try:
+                W._check_ahn_keys(config, src, keys, what, impl)
+            except AhnError as e:       # what to do: the variant the tensors are, or another start
+                fits = [memory.get(m).short for m in memory.NAMES if set(W.ahn_shapes(config, m)) == keys]
+                fix = (f"pass --ahn={fits[0]}, or leave out --ahn" if fits else
+                       f"start from AHN weights trained for this --base, or drop {flag} for a fresh memory")
+                raise AhnError(f"{e}; {fix}") from None
         files = sorted(set(ckpt.src.where.values()), key=str)
         base_cfg = W.find_config(base_path, files)
         if saved_state and saved_state.get("base_config") not in (None, base_cfg):
@@ -546,6 +597,7 @@ def _run(a, d, out: Path) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:       # checked before (_check_out); the file system changed since
             raise AhnError(f"--out {out}: cannot create it ({e.strerror or e}); choose another --out") from None
+        lock.take(out)           # OUT is new (or appeared since): taken before anything is written there
         ckpt_io.remove_stale_temporaries(out)
         if saved_state:
             truncate_log(out, trainer.step)
@@ -604,8 +656,59 @@ def _run(a, d, out: Path) -> int:
     return 0
 
 
+class _Diagnostics:
+    """sys.stderr while the command runs: what it says there (progress, notes, errors) must never stop the
+    training. When the reader is gone (``... 2>&1 | head -1``: BrokenPipeError) or the stream fails (a full
+    disk behind ``2>log``), the run goes on without it: nothing more is written there, and the stream's file
+    descriptor is pointed at os.devnull, so that torch's own writes and the flush at exit go nowhere too."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._failed = False
+
+    def write(self, text: str) -> int:
+        if not self._failed:
+            try:
+                return self._stream.write(text)
+            except OSError:
+                self._give_up()
+        return len(text)
+
+    def flush(self):
+        if not self._failed:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._give_up()
+
+    def _give_up(self):
+        self._failed = True
+        try:
+            fd = self._stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        except (OSError, ValueError, AttributeError):   # no file descriptor (a test's capture): nothing to do
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
     stderr_or_nowhere()
+    stderr = sys.stderr
+    sys.stderr = _Diagnostics(stderr)
+    try:
+        return _main(argv)
+    finally:
+        if isinstance(sys.stderr, _Diagnostics):
+            sys.stderr = stderr
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     one_line_warnings()
     prefer_expandable_segments()   # before the first CUDA allocation (a no-op on the CPU)
