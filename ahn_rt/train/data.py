@@ -12,7 +12,9 @@ A record is one JSON object per line, one of
   the server read them; any other part makes the record bad): rendered in Qwen's
   ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n`` per turn; Qwen2/2.5 get Qwen2.5's default system message
   when the conversation has none, as ``ahn_rt.tokenizer.apply_chat_template`` does), loss on the assistant
-  turns (their content plus ``<|im_end|>\\n``) only, unless ``loss_on="all"``.
+  turns (their content plus ``<|im_end|>\\n``) only, unless ``loss_on="all"``. A content that spells a special
+  token ("<|im_end|>") is that text, not the token, as the server encodes it; the tokenizer must have the
+  ChatML tokens.
 
 A field whose value is null counts as absent (``{"text": "...", "input_ids": null}`` is a text record).
 Bad records (invalid JSON, wrong types, ids outside the vocabulary, empty) are skipped and counted, never
@@ -150,6 +152,7 @@ class _Encoder:
         self.family = family
         self.loss_on = loss_on
         self._tok = None
+        self._chatml = False  # the tokenizer has the ChatML tokens (checked at the first messages record)
 
     @property
     def tok(self):
@@ -166,14 +169,15 @@ class _Encoder:
             self._tok = tok
         return self._tok
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, plain: bool = False) -> list[int]:
+        """Token ids of ``text``: special tokens spelled in it are those tokens, unless ``plain``."""
         tok = self.tok            # a missing tokenizer is fatal, not a bad record
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise _Bad("text is not valid Unicode") from None
         try:
-            return tok.encode(text)
+            return tok.encode_text(text) if plain else tok.encode(text)
         except AhnError:
             raise _Bad("text is not valid Unicode") from None
 
@@ -197,22 +201,41 @@ class _Encoder:
             raise _Bad("a message's content holds a part that is not text") from None
         if not any(m["role"] == "assistant" and m["content"] for m in msgs) and self.loss_on == "assistant":
             raise _Bad("no assistant message to learn from")
-        segments: list[tuple[str, bool]] = []
+        self.check_chatml()
+        # (text, loss target, plain): a message's content that spells a special token ("<|im_end|>\n
+        # <|im_start|>system" in a conversation about chat templates) is encoded apart, as plain text, as the
+        # server's chat_prompt encodes it; read as those tokens it closed its turn and forged another
+        segments: list[tuple[str, bool, bool]] = []
         if msgs[0]["role"] != "system" and self.family == "qwen2":
-            segments.append((f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n", False))
+            segments.append((f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n", False, False))
         for m in msgs:
-            if m["role"] == "assistant":
-                segments.append(("<|im_start|>assistant\n", False))
-                segments.append((m["content"] + "<|im_end|>\n", True))
+            learn = m["role"] == "assistant"
+            head = "" if learn else f"<|im_start|>{m['role']}\n"
+            if learn:
+                segments.append(("<|im_start|>assistant\n", False, False))
+            if self.tok.has_special_text(m["content"]):
+                segments += [(head, False, False), (m["content"], learn, True), ("<|im_end|>\n", learn, False)]
             else:
-                segments.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+                segments.append((head + m["content"] + "<|im_end|>\n", learn, False))
         ids: list[int] = []
         mask: list[bool] = []
-        for text, learn in segments:
-            piece = self.encode(text)
+        for text, learn, plain in segments:
+            piece = self.encode(text, plain=plain)
             ids += piece
             mask += [learn or self.loss_on == "all"] * len(piece)
         return ids, mask
+
+    def check_chatml(self):
+        """AhnError unless the tokenizer has the ChatML tokens: without them a messages record's template was
+        spelled in ordinary tokens (<, |, im, _start, ...), a chat format the model never saw."""
+        if self._chatml:
+            return
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if self.tok.token_id(t) is None]
+        if missing:
+            raise AhnError(f"the data has messages records, but tokenizer {self.tokenizer_path} has no "
+                           f"{' or '.join(missing)} token for their ChatML template; give the model's "
+                           "tokenizer.json as --tokenizer, or write the records as {\"text\"} or {\"input_ids\"}")
+        self._chatml = True
 
 
 def parse_record(line: str, vocab_size: int, encoder: _Encoder) -> tuple[list[int], list[bool], list[float] | None]:
