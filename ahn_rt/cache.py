@@ -240,7 +240,8 @@ class State:
     """One sequence's state: views of entry ``pool_slot`` of a storage that ``allocate`` made — a
     ``StatePool``'s shared one, or a private one-entry storage when ``pool`` is None. Every field is a
     view (``k`` = ``storage["k"][:, pool_slot]``, ...), so layer i's ``k[i]`` is contiguous and stays at
-    one address for the state's life (what a captured CUDA graph needs)."""
+    one address for the state's life (what a captured CUDA graph needs), except in full mode, whose cache
+    grows: ``layout`` counts its moves, and a graph captured at another count is stale."""
 
     def __init__(self, config: Config, device, capacity: int | None = None, *, pool: "StatePool | None" = None,
                  pool_slot: int = 0):
@@ -256,6 +257,7 @@ class State:
             self.sinks, self.window = c.sinks, c.window
             self.capacity = c.sinks + c.window
         self.ahn = c.mode == "ahn"
+        self.layout = 0   # bumped each time the buffers move (full mode's growth, whoever asks for it)
         self.pool, self.pool_slot = pool, pool_slot
         store = pool.storage if pool is not None else allocate(c, self.device, 1, self.capacity)
         i = pool_slot
@@ -389,6 +391,7 @@ class State:
         v[:, :, : self.capacity] = self.v
         self.k, self.v = k, v
         self.capacity = self.window = new
+        self.layout += 1
         return True
 
     @torch.inference_mode()

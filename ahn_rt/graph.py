@@ -7,7 +7,8 @@ decode loop). The graph reads its position from the state's device tensor, so th
 step; after each replay the stepper calls ``State.advance``, the same method the eager path uses. The
 only host sync per token is the caller reading the sampled id. A session keeps its graphs (one per
 sampling setup) in its declared ``graphs`` attribute for all its steps and all its ``generate`` calls;
-``Session.reset`` keeps them too. Elsewhere, and when the reference ops run (``AHN_RT_BACKEND=ref`` or no
+``Session.reset`` keeps them too; a graph captured before a full-mode cache grew (``State.layout``) is
+dropped and captured again. Elsewhere, and when the reference ops run (``AHN_RT_BACKEND=ref`` or no
 compiled extension: they read positions on the host), the step runs eagerly.
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ class _GraphStep:
         self.sampler = sampler
         self.seen = sampler.seen          # the graph reads and writes this tensor
         st = session.state
-        self.capacity = st.capacity
+        self.layout = st.layout   # the buffers the graph's kernels read and write (State.layout)
         self.tok = torch.zeros(1, dtype=torch.int64, device=st.device)
         self.noise = (None if sampler.p.greedy else
                       torch.empty(session.model.config.vocab_size, dtype=torch.float32, device=st.device))
@@ -90,7 +91,8 @@ class BatchStep:
     """``Model.step`` on CUDA: the decode of B rows captured once per storage and batch size and replayed
     for any B states of that storage — their pool slots go into the graph's ``slots`` buffer, their
     tokens into ``ids`` (a private state's graph serves that state alone). Positions come from the
-    storage's device tensor, so the same graph serves every step."""
+    storage's device tensor, so the same graph serves every step. Only states whose buffers never move
+    come here (``Model.step`` steps full mode's growing caches eagerly)."""
 
     def __init__(self, decoder, batch):
         self.decoder = decoder
@@ -166,9 +168,13 @@ class Stepper:
         if not self.graphed:
             return self.eager(tok)
         st, graphs = self.session.state, self.session.graphs
-        if st.ensure_capacity(st.position + 1):   # full mode grew: the buffers moved
-            graphs.clear()
+        st.ensure_capacity(st.position + 1)
         g = graphs.get(self.key)
+        if g is not None and g.layout != st.layout:
+            # full mode's cache moved since the capture: here, or in a prefill or a load (a longer prompt on a
+            # reused session); replayed, the graph would write the freed buffers
+            graphs.clear()
+            g = None
         if g is None:
             out = self.eager(tok)                  # a real step, and the warm-up before capture
             graphs[self.key] = _GraphStep(self.session, self.sampler)

@@ -764,7 +764,8 @@ class Session:
         return self.state.nbytes
 
     def reset(self) -> None:
-        """Back to position 0 (the captured graphs stay valid: the buffers do not move)."""
+        """Back to position 0 (the captured graphs stay valid: reset moves no buffer; a full-mode cache keeps
+        its grown size)."""
         with self._held() as st:
             st.reset()
 

@@ -150,6 +150,36 @@ def test_generate_reuses_graph_across_calls_and_full_mode_grows():
     assert toks[-1] == int(tok)
 
 
+def test_a_graph_captured_before_a_prefill_grew_the_cache_is_not_replayed():
+    """Full mode's cache also grows in a prefill (and a load), not only in the decode step that captured the
+    graph: a short generate captured its step at 256 slots, a second generate on the same (reused) session
+    with a prompt of 300 tokens grew the cache to 512 in its prefill, and the next step replayed the old graph
+    into the freed buffers. Now the graph is captured again (State.layout): the tokens of eager steps."""
+    _, gpu = _models(CFG, "full", 8, 0)
+    sess = gpu.new_session()
+    sampler = Sampler(SamplingParams(temperature=0), 1000, "cuda")
+    step = sess.stepper(sampler)
+    tok = sampler.sample(sess.forward(list(range(1, 20)), last_only=True)[-1])
+    for _ in range(3):
+        tok = step(tok)                     # captured at 256 slots
+    captured = dict(sess.graphs)
+    assert captured and sess.state.capacity == 256
+    sess.reset()
+    ids = list(range(1, 301))
+    tok = sampler.sample(sess.forward(ids, last_only=True)[-1])   # the prefill grows the cache to 512
+    assert sess.state.capacity == 512
+    toks = [int(tok)]
+    for _ in range(10):
+        tok = step(tok)
+        toks.append(int(tok))
+    assert all(sess.graphs.get(k) is not g for k, g in captured.items())
+    ref = gpu.new_session()
+    want = [int(ref.forward(ids, last_only=True)[-1].argmax())]
+    for _ in range(10):
+        want.append(int(ref.forward([want[-1]])[-1].argmax()))
+    assert toks == want
+
+
 # ---- bug 1: "float32 on CUDA crashes in prefill for any GQA model (view size is not compatible with input
 # tensor's size and stride)" -- the dtype x GQA x mode matrix, prefill and decode, against float32 on the CPU.
 TINY = dict(model_type="qwen2", hidden_size=256, intermediate_size=512, num_hidden_layers=2,

@@ -60,6 +60,43 @@ def _check_step(model, batch_order, depths, tokens, pooled=True):
         assert torch.equal(together[b].forward([7]), alone[b].forward([7]))
 
 
+def test_a_stepper_captures_again_when_the_cache_moved_elsewhere(monkeypatch):
+    """The stepper replays a session's captured graph only while the state's buffers are those it was captured
+    over (State.layout). Full mode's cache also grows in a prefill or a load, where the stepper's own growth
+    check did not see it, so a reused session replayed a graph that wrote freed buffers. A stand-in for the
+    capture (which needs CUDA; test_cuda_model runs the real one) records each capture and steps eagerly."""
+    from ahn_rt import graph
+    from ahn_rt.sampling import Sampler, SamplingParams
+    captures = []
+
+    class Captured:
+        def __init__(self, session, sampler):
+            self.session, self.sampler, self.layout = session, sampler, session.state.layout
+            captures.append(self)
+
+        def __call__(self, tok):
+            self.logits = self.session.model.decoder.forward(self.session.state, tok.view(1))[0]
+            return self.sampler.sample(self.logits)
+
+    monkeypatch.setattr(graph, "_GraphStep", Captured)
+    model = _model(mode="full")
+    sess = model.new_session()
+    sampler = Sampler(SamplingParams(temperature=0), 101, "cpu")
+    step = sess.stepper(sampler)
+    step.graphed = True
+    tok = sampler.sample(sess.forward(list(range(1, 20)), last_only=True)[-1])
+    for _ in range(3):
+        tok = step(tok)
+    assert len(captures) == 1 and sess.state.capacity == 256
+    sess.reset()
+    tok = sampler.sample(sess.forward([i % 101 for i in range(300)], last_only=True)[-1])   # grows: 512
+    assert sess.state.capacity == 512 and sess.state.layout == captures[0].layout + 1
+    tok = step(tok)
+    assert len(captures) == 2 and captures[1].layout == sess.state.layout
+    tok = step(tok)
+    assert len(captures) == 2 and sess.position == 302
+
+
 @pytest.mark.parametrize("impl", ["gdn", "dn", "mamba2"])
 @pytest.mark.parametrize("dtype", ["float32", "bf16"])
 def test_step_equals_forward_in_any_batch(impl, dtype):
