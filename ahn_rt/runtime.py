@@ -319,8 +319,17 @@ class Model:
         return sess
 
     def _return_session(self, sess: "Session"):
-        with self._idle_lock:
-            self._idle.append(sess)
+        """Park a borrowed session for the next call, or close it: at most IDLE_SESSIONS stay parked (N
+        concurrent calls once left N states held for the model's life, 1.2 GB each at the 3B shape's window),
+        and a full-mode cache grown past IDLE_FULL_SLOTS gives its memory back."""
+        st = sess._state
+        if st is not None and not (st.full and st.capacity > IDLE_FULL_SLOTS):
+            with self._idle_lock:
+                if len(self._idle) < IDLE_SESSIONS:
+                    self._idle.append(sess)
+                    return
+        with contextlib.suppress(AhnError):   # (unclaimed by now: close does not refuse it)
+            sess.close()
 
     def new_session(self, chunk_size: int | None = None, capacity: int | None = None,
                     pool: "StatePool | None" = None) -> "Session":
@@ -619,6 +628,12 @@ def _bool_arg(value, what: str) -> bool:
     if not (isinstance(value, bool) or numpy_bool):
         raise AhnError(f"{what} must be True or False, got {type(value).__name__} {value!r:.40}")
     return bool(value)
+
+
+# generate() without a session: how many borrowed sessions stay parked between calls (the sequential caller's
+# one, with its captured graphs, and one more), and the largest full-mode cache (slots) that is parked.
+IDLE_SESSIONS = 2
+IDLE_FULL_SLOTS = 8192
 
 
 def _id_range(ids: torch.Tensor) -> tuple[int, int]:

@@ -871,3 +871,32 @@ def test_chunk_size_is_checked_when_set():
     torch.testing.assert_close(got, want, rtol=0, atol=0.25)
     t.chunk_size = None
     assert t.chunk_size == model.chunk_size
+
+
+def test_sessions_parked_between_generate_calls_are_bounded(monkeypatch):
+    """generate() without a session parks the one it borrowed for the next call: N concurrent calls left N
+    states parked for the model's life (1.2 GB each at the 3B shape's window), and a full-mode cache grown by
+    one long prompt kept its size. Now at most runtime.IDLE_SESSIONS stay parked, the others are closed, and a
+    full-mode cache past runtime.IDLE_FULL_SLOTS is closed too."""
+    from ahn_rt import runtime
+    m = ahn_rt.load(DEMO)
+    gens = [m.generate(P, max_new_tokens=3, temperature=0) for _ in range(4)]
+    for g in gens:
+        next(g)                      # each has borrowed its session: four at once
+    borrowed = [g._run.session for g in gens]
+    assert len({id(s) for s in borrowed}) == 4
+    for g in gens:
+        list(g)
+    assert len(m._idle) == runtime.IDLE_SESSIONS == 2
+    closed = [s for s in borrowed if s not in m._idle]
+    assert len(closed) == 2 and all(s._state is None for s in closed)
+    first = "".join(m.generate(P, max_new_tokens=3, temperature=0))
+    assert "".join(m.generate(P, max_new_tokens=3, temperature=0)) == first and len(m._idle) == 2
+
+    full = ahn_rt.load(DEMO, mode="full")
+    monkeypatch.setattr(runtime, "IDLE_FULL_SLOTS", 256)
+    "".join(full.generate(P, max_new_tokens=2))
+    assert len(full._idle) == 1 and full._idle[0].state.capacity == 256
+    long = full.tokenizer.decode(full.tokenizer.encode(P) * 40)   # past 256 tokens: the cache grows to 512
+    "".join(full.generate(long, max_new_tokens=2))
+    assert full._idle == []
