@@ -21,15 +21,15 @@ import torch
 
 from .cache import refuse_torn
 from .errors import AhnError
+from .weights import hash_samples
 
 FORMAT = "ahn_rt.state"
 VERSION = 1
-_SAMPLES = 64   # values sampled from every weight tensor for the model digest
 
 
 def model_digest(model) -> str:
     """A stable digest of a model's architecture and weights: every tensor's shape and dtype and
-    ``_SAMPLES`` evenly spaced values (cheap even at 3B, unlike hashing 6 GB). Cached on the model."""
+    64 evenly spaced values (``weights.hash_samples``; cheap even at 3B, unlike hashing 6 GB). Cached on the model."""
     cached = getattr(model, "_digest", None)
     if cached is not None:
         return cached
@@ -48,16 +48,6 @@ def model_digest(model) -> str:
         hash_samples(h, t)
     model._digest = h.hexdigest()[:32]
     return model._digest
-
-
-def hash_samples(h, t: torch.Tensor):
-    """Feed ``t``'s shape, dtype and ``_SAMPLES`` evenly spaced values into the hash ``h`` (the model digest;
-    the training run's base fingerprint)."""
-    flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // _SAMPLES)
-    sample = flat[::step][:_SAMPLES].float().cpu()
-    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(repr([round(float(x), 6) for x in sample]).encode())
 
 
 def fingerprint(model) -> dict[str, str]:

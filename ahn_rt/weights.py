@@ -154,6 +154,19 @@ def check_writable(out: Path):
     return parent
 
 
+_SAMPLES = 64   # values hash_samples takes from a tensor
+
+
+def hash_samples(h, t: torch.Tensor):
+    """Feed ``t``'s shape, dtype and ``_SAMPLES`` evenly spaced values into the hash ``h`` (the runtime's model
+    digest, ``state_io``; the training run's base fingerprint)."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLES)
+    sample = flat[::step][:_SAMPLES].float().cpu()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(repr([round(float(x), 6) for x in sample]).encode())
+
+
 def _sort_metadata(path: Path):
     """Rewrite a just-saved safetensors file's header with its metadata keys in sorted order, in place.
     safetensors keeps the metadata in a hash map, so the same tensors and metadata came out in a different

@@ -177,3 +177,25 @@ def test_a_start_that_does_not_fit_says_what_to_do(tiny, capsys, tmp_path, case,
     rc, _, err = train(capsys, *base_args(root, out), "--steps", 1, "--window", 8, "--sinks", 2, *extra)
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and err.rstrip().endswith(advice), err
     assert not out.exists()
+
+
+def test_training_loads_neither_the_inference_kernels_nor_the_decode_state(tiny, tmp_path):
+    """The training path imports the config, the loader and the checkpoint writer only: a whole run (with
+    --merge) in a fresh process loads no ahn_rt.ops, compiled extension, decode state or runtime. The memory
+    registry that gives the AHN shapes imported the runtime's ops at module level, and with them the
+    extension and the state (so a broken build was a training problem too)."""
+    root, _ = tiny
+    script = ("import sys, runpy\n"
+              "sys.argv = ['ahn_rt.train'] + sys.argv[1:]\n"
+              "try:\n    runpy.run_module('ahn_rt.train', run_name='__main__')\n"
+              "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+              "loaded = sorted(m for m in sys.modules if m in ('ahn_rt.ops', 'ahn_rt._C', 'ahn_rt.cache', "
+              "'ahn_rt.ref', 'ahn_rt.runtime', 'ahn_rt.model', 'ahn_rt.graph'))\n"
+              "print('LOADED', loaded)\n")
+    args = [str(a) for a in base_args(root, tmp_path / "out")] + ["--steps", "1", "--window", "8", "--sinks", "2",
+                                                                  "--batch", "2", "--merge"]
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LOADED []" in r.stdout, r.stdout
+    assert (tmp_path / "out" / "merged" / "model.safetensors").exists()

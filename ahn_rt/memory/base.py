@@ -73,6 +73,13 @@ class Memory:
         raise NotImplementedError
 
     # ---- math --------------------------------------------------------------------------------
+    @property
+    def ops(self):
+        """The runtime's ops (``ahn_rt.ops``), imported at first use: the training path reads this registry's
+        names and shapes without loading the compiled extension or the decode state."""
+        from .. import ops
+        return ops
+
     def gates(self, tail: torch.Tensor, mw: dict):
         """tail: [T, proj_rows] (the projection rows after q | k | v) -> ({field: [T, H]}, z [T, H])."""
         raise NotImplementedError

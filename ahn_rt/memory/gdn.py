@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import ops
 from ..config import AHN_NORM_EPS, Config
 from .base import GateField, Memory
 
@@ -75,18 +74,18 @@ class GatedDeltaNet(Memory):
         return {"beta": torch.sigmoid(b), "alpha": alpha}, z
 
     def prefill(self, q, k, v, gates, z, state, mw):
-        o = ops.gdn_chunk(q, k, v, gates["beta"], gates["alpha"], state)
-        return ops.gdn_output(o, z, mw["o_norm"], mw["o_proj"], AHN_NORM_EPS)
+        o = self.ops.gdn_chunk(q, k, v, gates["beta"], gates["alpha"], state)
+        return self.ops.gdn_output(o, z, mw["o_norm"], mw["o_proj"], AHN_NORM_EPS)
 
     def decode_front(self, dec, b, i, lw, proj):
         c, mw = dec.config, lw.mem
-        return ops.decode_prep(proj, dec.inv_freq, b.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps,
+        return self.ops.decode_prep(proj, dec.inv_freq, b.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps,
                                mw["a_log"], mw["dt_bias"], b.k[i], b.v[i], b.gates["beta"][i],
                                b.gates["alpha"][i], b.sinks, b.window, b.k_evict, b.v_evict,
                                b.gate_evict["beta"], b.gate_evict["alpha"], slots=b.slots)
 
     def decode_step(self, dec, b, i, lw, q, proj, attn):
         mw, H = lw.mem, dec.config.num_heads
-        ops.gdn_decode(b.memory[i], q, b.k_evict, b.v_evict, b.gate_evict["beta"], b.gate_evict["alpha"],
+        self.ops.gdn_decode(b.memory[i], q, b.k_evict, b.v_evict, b.gate_evict["beta"], b.gate_evict["alpha"],
                        proj[:, -H:], mw["o_norm"], mw["o_proj"], attn, b.pos, b.sinks, b.window, AHN_NORM_EPS,
                        slots=b.slots)

@@ -9,15 +9,16 @@ computed when the token is first processed; the state M [H, Dk, Dv] float32 (the
 
 (no 1/sqrt(D) scale, no D skip), then an RMSNorm over the whole H*D vector of o * silu(z) and the grouped
 o_proj. Decode runs the compiled ops (``decode_prep`` with its Mamba2 gate, ``mamba2_decode``: C++ on the
-CPU, CUDA kernels on the GPU, captured in the decode graph like GatedDeltaNet's); prefill runs the chunked
-reference (``mamba2_chunk_ref``, ``mamba2_output_ref``), all behind ``ahn_rt.ops``.
+CPU, CUDA kernels on the GPU, captured in the decode graph like GatedDeltaNet's); prefill runs the compiled
+chunk-local kernel (``mamba2_chunk_prep``) and the scan shared with GatedDeltaNet (``gdn_chunk_scan``, without
+the delta correction), then the output head's gate and norm in torch and the grouped o_proj, all behind
+``ahn_rt.ops``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import ops
 from ..config import AHN_NORM_EPS, Config
 from .base import GateField, Memory
 
@@ -74,18 +75,18 @@ class Mamba2(Memory):
         return {"dt": F.softplus(tail[:, :H].float() + mw["dt_bias"])}, tail[:, H:2 * H]
 
     def prefill(self, q, k, v, gates, z, state, mw):
-        o = ops.mamba2_chunk(q, k, v, gates["dt"], mw["a_log"], state)
-        return ops.mamba2_output(o, z, mw["norm"], mw["o_proj"], AHN_NORM_EPS)
+        o = self.ops.mamba2_chunk(q, k, v, gates["dt"], mw["a_log"], state)
+        return self.ops.mamba2_output(o, z, mw["norm"], mw["o_proj"], AHN_NORM_EPS)
 
     def decode_front(self, dec, b, i, lw, proj):
         c, mw = dec.config, lw.mem
         # decode_prep's Mamba2 gate (dt_bias without a_log): dt = softplus(dt_proj(x) + dt_bias) into the
         # float32 gate field, the slot's old token handed to the eviction scratch first.
-        return ops.decode_prep(proj, dec.inv_freq, b.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps, None,
+        return self.ops.decode_prep(proj, dec.inv_freq, b.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps, None,
                                mw["dt_bias"], b.k[i], b.v[i], None, b.gates["dt"][i], b.sinks, b.window,
                                b.k_evict, b.v_evict, None, b.gate_evict["dt"], slots=b.slots)
 
     def decode_step(self, dec, b, i, lw, q, proj, attn):
         mw, H = lw.mem, dec.config.num_heads
-        ops.mamba2_decode(b.memory[i], q, b.k_evict, b.v_evict, b.gate_evict["dt"], mw["a_log"], proj[:, -H:],
+        self.ops.mamba2_decode(b.memory[i], q, b.k_evict, b.v_evict, b.gate_evict["dt"], mw["a_log"], proj[:, -H:],
                           mw["norm"], mw["o_proj"], attn, b.pos, b.sinks, b.window, AHN_NORM_EPS, slots=b.slots)

@@ -153,9 +153,9 @@ def remove_stale_temporaries(out: Path):
 
 
 def base_fingerprint(base: dict) -> str:
-    """The frozen base's weights, sampled (``state_io.hash_samples``), as a resume state records them: a
+    """The frozen base's weights, sampled (``weights.hash_samples``), as a resume state records them: a
     resume (and ``scripts/demo/merge_resume.py``) refuses another base of the same config."""
-    from ..state_io import hash_samples
+    from ..weights import hash_samples
     h = hashlib.sha256()
     for k in sorted(base):
         h.update(k.encode())
