@@ -322,7 +322,6 @@ def bad_files(tiny):
     ("seed too large", "--seed must be in 0..9223372036854775807"),
     ("seed negative", "--seed must be in 0..9223372036854775807"),
     ("unknown attention switch", "AHN_RT_TRAIN_ATTENTION='bogus' is not one of auto, sdpa, flex"),
-    ("unknown backend switch", "AHN_RT_BACKEND='bogus' is not one of auto, ref, ext"),
     ("flex attention on the CPU", "use sdpa or auto on the CPU"),
     ("out empty", "--out is empty"),
     ("base path empty", "--base is empty"),                # pathlib's current folder
@@ -404,8 +403,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, bad_files, capsys
         extra += ["--seed", -1]
     elif case == "unknown attention switch":
         monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "bogus")
-    elif case == "unknown backend switch":
-        monkeypatch.setenv("AHN_RT_BACKEND", "bogus")
     elif case == "flex attention on the CPU":             # documented, but forward-only there
         monkeypatch.setenv("AHN_RT_TRAIN_ATTENTION", "flex")
         extra += ["--device", "cpu"]

@@ -247,7 +247,7 @@ def _check_args(a):
     need(not (a.resume and a.overwrite), "--resume and --overwrite contradict each other; give one")
     from .. import settings
     try:
-        settings.check("AHN_RT_BACKEND", "AHN_RT_TRAIN_ATTENTION")   # the environment switches training reads
+        settings.check("AHN_RT_TRAIN_ATTENTION")   # the environment switch training reads (never the ops' backend)
     except settings.SettingsError as e:
         raise AhnError(f"{e}; set one of those or unset it") from None
 
