@@ -91,9 +91,8 @@ def _extensions():
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
 
 
+# name, version and packages come from pyproject.toml alone (a list here disagreed with it)
 setup(
-    name="ahn_rt",
-    packages=["ahn_rt"],
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension},
 )
