@@ -21,6 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import functional
 from .cache import held_positions, ring_slot  # the one slot formula and its inverse (owned by the State)
 
 # fla's fused_recurrent kernel normalizes q and k as x / (||x|| + eps) (docs/semantics.md §5).
@@ -33,17 +34,13 @@ GDN_CHUNK = 64
 # Norms and RoPE
 # ----------------------------------------------------------------------------------------------
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen RMSNorm over the last dim: normalize in float32, round to x.dtype, then scale."""
-    xf = x.float()
-    r = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * r.to(x.dtype)
+    """Qwen RMSNorm over the last dim (``functional.rms_norm``, which training computes too)."""
+    return functional.rms_norm(x, weight, eps)
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [T, nh, D]; cos, sin: [T, D] in x.dtype (dim i pairs with i + D/2)."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
+    """Rotate-half RoPE (``functional.rope``). x: [T, nh, D]; cos, sin: [T, D] in x.dtype."""
+    return functional.rope(x, cos, sin)
 
 
 # ----------------------------------------------------------------------------------------------

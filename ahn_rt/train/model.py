@@ -27,27 +27,12 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..config import Config, rope_inv_freq
 from ..errors import AhnError
+from ..functional import rms_norm
+from ..functional import rope as apply_rope
 from ..memory import resolve
 from ..weights import ahn_key, ahn_shapes, base_shapes, is_ahn_key
 from .attention import causal_attention, window_attention, window_plan
 from .memories import GatedDeltaNetLayer, MemoryLayer, make_layer
-
-
-# ----------------------------------------------------------------------------------------------
-# Small pieces, written exactly as ahn_rt.ref computes them
-# ----------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen RMSNorm: normalize in float32, round to x.dtype, then multiply by the weight."""
-    xf = x.float()
-    r = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * r.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [B, L, nh, D]; cos, sin: [L, D] in x.dtype."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
 class _Rope:
