@@ -57,28 +57,53 @@ def is_ahn_key(key: str) -> bool:
     return ".ahn." in key or key.startswith("ahn.")
 
 
+def layer_parts(c: Config, n: int) -> dict[str, list[tuple[str, tuple]]]:
+    """Layer ``n``'s base tensors as the runtime and the trainer hold them: role -> the checkpoint tensors
+    (Hugging Face names, shapes) concatenated along dim 0 into it (q|k|v and gate|up fused into one GEMM
+    each). The one key map of the base layers: ``base_shapes``, ``fuse_layer`` and ``split_layer`` read it."""
+    d, i = c.hidden_size, c.intermediate_size
+    p, a = f"model.layers.{n}.", f"model.layers.{n}.self_attn."
+    parts = {"ln_in": [(p + "input_layernorm.weight", (d,))],
+             "w_qkv": [(a + "q_proj.weight", (c.q_size, d)), (a + "k_proj.weight", (c.kv_size, d)),
+                       (a + "v_proj.weight", (c.kv_size, d))],
+             "w_o": [(a + "o_proj.weight", (d, c.q_size))],
+             "ln_post": [(p + "post_attention_layernorm.weight", (d,))],
+             "w_gu": [(p + "mlp.gate_proj.weight", (i, d)), (p + "mlp.up_proj.weight", (i, d))],
+             "w_down": [(p + "mlp.down_proj.weight", (d, i))]}
+    if c.attention_bias:
+        parts["b_qkv"] = [(a + "q_proj.bias", (c.q_size,)), (a + "k_proj.bias", (c.kv_size,)),
+                          (a + "v_proj.bias", (c.kv_size,))]
+        if c.family == "qwen3":
+            parts["b_o"] = [(a + "o_proj.bias", (d,))]
+    if c.qk_norm:
+        parts["q_norm"] = [(a + "q_norm.weight", (c.head_dim,))]
+        parts["k_norm"] = [(a + "k_norm.weight", (c.head_dim,))]
+    return parts
+
+
+def fuse_layer(c: Config, n: int, get) -> dict[str, torch.Tensor]:
+    """Layer ``n``'s base tensors by role (``layer_parts``), ``get(key)`` giving each checkpoint tensor."""
+    return {role: get(ks[0][0]) if len(ks) == 1 else torch.cat([get(k) for k, _ in ks])
+            for role, ks in layer_parts(c, n).items()}
+
+
+def split_layer(c: Config, n: int, fused: dict) -> dict[str, torch.Tensor]:
+    """The inverse of ``fuse_layer``: {Hugging Face key: tensor} (views of ``fused``)."""
+    out = {}
+    for role, ks in layer_parts(c, n).items():
+        out.update(zip([k for k, _ in ks], fused[role].split([shape[0] for _, shape in ks])))
+    return out
+
+
 def base_shapes(c: Config) -> dict[str, tuple]:
     """Every tensor of the base model (Hugging Face names) -> shape. A tied model may also carry
     ``lm_head.weight`` (accepted, not needed)."""
-    d, i = c.hidden_size, c.intermediate_size
+    d = c.hidden_size
     shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, d)
     for n in range(c.num_layers):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (c.q_size, d), p + "self_attn.k_proj.weight": (c.kv_size, d),
-            p + "self_attn.v_proj.weight": (c.kv_size, d), p + "self_attn.o_proj.weight": (d, c.q_size),
-            p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d), p + "mlp.down_proj.weight": (d, i),
-        })
-        if c.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (c.q_size,), p + "self_attn.k_proj.bias": (c.kv_size,),
-                           p + "self_attn.v_proj.bias": (c.kv_size,)})
-            if c.family == "qwen3":
-                shapes[p + "self_attn.o_proj.bias"] = (d,)
-        if c.qk_norm:
-            shapes.update({p + "self_attn.q_norm.weight": (c.head_dim,), p + "self_attn.k_norm.weight": (c.head_dim,)})
+        shapes.update(part for ks in layer_parts(c, n).values() for part in ks)
     return shapes
 
 
@@ -563,28 +588,18 @@ def load_weights(config: Config, ckpt: Checkpoint, device) -> Weights:
 
     layers = []
     for n in range(config.num_layers):
-        p = f"model.layers.{n}."
-        parts = [get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
-        biases = [get(p + f"self_attn.{x}_proj.bias") for x in "qkv"] if config.attention_bias else None
-        lw = LayerWeights(
-            ln_in=get(p + "input_layernorm.weight"), w_in=None, b_in=None,
-            q_norm=get(p + "self_attn.q_norm.weight") if config.qk_norm else None,
-            k_norm=get(p + "self_attn.k_norm.weight") if config.qk_norm else None,
-            w_o=get(p + "self_attn.o_proj.weight"),
-            b_o=get(p + "self_attn.o_proj.bias") if config.attention_bias and config.family == "qwen3" else None,
-            ln_post=get(p + "post_attention_layernorm.weight"),
-            w_gu=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
-            w_down=get(p + "mlp.down_proj.weight"))
-        if mem is not None:
+        f = fuse_layer(config, n, get)
+        lw = LayerWeights(ln_in=f["ln_in"], w_in=f["w_qkv"], b_in=f.get("b_qkv"), q_norm=f.get("q_norm"),
+                          k_norm=f.get("k_norm"), w_o=f["w_o"], b_o=f.get("b_o"), ln_post=f["ln_post"],
+                          w_gu=f["w_gu"], w_down=f["w_down"])
+        if mem is not None:   # the memory's projection rows join q | k | v in the one input GEMM
             rows, rows_bias, lw.mem = mem.load(config, lambda name, n=n: get(ahn_key(n, name), ahn_from))
-            parts.append(rows)
-            if rows_bias is not None and biases is None:   # a bias-free base: zero biases for q | k | v
-                biases = [torch.zeros(x.shape[0], dtype=dt, device=device) for x in parts[:3]]
-            if biases is not None:
-                biases.append(rows_bias if rows_bias is not None else
-                              torch.zeros(rows.shape[0], dtype=dt, device=device))
-        lw.w_in = torch.cat(parts)
-        lw.b_in = torch.cat(biases) if biases is not None else None
+            if rows_bias is not None or lw.b_in is not None:   # a bias on one side: zeros on the other
+                lw.b_in = torch.cat([lw.b_in if lw.b_in is not None else
+                                     torch.zeros(lw.w_in.shape[0], dtype=dt, device=device),
+                                     rows_bias if rows_bias is not None else
+                                     torch.zeros(rows.shape[0], dtype=dt, device=device)])
+            lw.w_in = torch.cat([lw.w_in, rows])
         layers.append(lw)
     embed = get("model.embed_tokens.weight")
     head = embed if config.tie_word_embeddings else get("lm_head.weight")

@@ -496,3 +496,21 @@ def test_lm_loss_equals_cross_entropy():
     assert abs(got.item() - ref.item()) < LOSS * ref.item()
     for a, b in zip(torch.autograd.grad(got, (h, W)), torch.autograd.grad(ref, (h, W))):
         assert rel(a, b) < LOSS
+
+
+def test_base_state_dict_round_trips_and_an_integer_base_is_refused():
+    """The trainer holds the base layers through the loader's key map (weights.layer_parts: q|k|v and gate|up
+    fused), and gives them back split under their Hugging Face names, bit for bit, for both families. A base
+    of integer tensors (a quantized checkpoint) was cast to floats in silence; the loader refuses it, and so
+    does the trainer now."""
+    for family in ("qwen2", "qwen3"):
+        cfg, sd, tm = tiny_model(family)
+        back = tm.base_state_dict()
+        base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
+        assert set(back) == set(base) - ({"lm_head.weight"} if cfg["tie_word_embeddings"] else set())
+        assert all(torch.equal(back[k], base[k]) for k in back)
+    cfg, sd, _ = tiny_model("qwen2")
+    base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
+    base["model.layers.1.mlp.up_proj.weight"] = base["model.layers.1.mlp.up_proj.weight"].to(torch.int8)
+    with pytest.raises(AhnError, match=r"model.layers.1.mlp.up_proj.weight is torch.int8, not floating point"):
+        TrainModel(parse_config(cfg, "tiny"), base, base_dtype=torch.float32)

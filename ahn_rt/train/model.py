@@ -30,7 +30,7 @@ from ..errors import AhnError
 from ..functional import rms_norm
 from ..functional import rope as apply_rope
 from ..memory import resolve
-from ..weights import ahn_key, ahn_shapes, base_shapes, is_ahn_key
+from ..weights import ahn_key, ahn_shapes, base_shapes, fuse_layer, is_ahn_key, split_layer
 from .attention import causal_attention, window_attention, window_plan
 from .memories import GatedDeltaNetLayer, MemoryLayer, make_layer
 
@@ -105,25 +105,17 @@ def init_ahn_(layer: MemoryLayer, generator: torch.Generator | None = None) -> M
 # The frozen base
 # ----------------------------------------------------------------------------------------------
 class _BaseLayer(nn.Module):
-    """One decoder layer's base weights, with q|k|v and gate|up fused into one GEMM each."""
+    """One decoder layer's base weights by role (``weights.layer_parts``: q|k|v and gate|up fused into one
+    GEMM each); a role the architecture lacks (biases, q/k norms) is None."""
 
-    def __init__(self, get, p: str, c: Config, trainable: bool):
+    ROLES = ("ln_in", "w_qkv", "b_qkv", "q_norm", "k_norm", "w_o", "b_o", "ln_post", "w_gu", "w_down")
+
+    def __init__(self, get, n: int, c: Config, trainable: bool):
         super().__init__()
-
-        def param(t):
-            return None if t is None else nn.Parameter(t, requires_grad=trainable)
-
-        a = p + "self_attn."
-        self.ln_in = param(get(p + "input_layernorm.weight"))
-        self.w_qkv = param(torch.cat([get(a + f"{x}_proj.weight") for x in "qkv"]))
-        self.b_qkv = param(torch.cat([get(a + f"{x}_proj.bias") for x in "qkv"]) if c.attention_bias else None)
-        self.q_norm = param(get(a + "q_norm.weight") if c.qk_norm else None)
-        self.k_norm = param(get(a + "k_norm.weight") if c.qk_norm else None)
-        self.w_o = param(get(a + "o_proj.weight"))
-        self.b_o = param(get(a + "o_proj.bias") if c.attention_bias and c.family == "qwen3" else None)
-        self.ln_post = param(get(p + "post_attention_layernorm.weight"))
-        self.w_gu = param(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
-        self.w_down = param(get(p + "mlp.down_proj.weight"))
+        fused = fuse_layer(c, n, get)
+        for role in self.ROLES:
+            t = fused.get(role)
+            setattr(self, role, None if t is None else nn.Parameter(t, requires_grad=trainable))
 
 
 class TrainModel(nn.Module):
@@ -166,7 +158,7 @@ class TrainModel(nn.Module):
         self.norm = nn.Parameter(get("model.norm.weight"), requires_grad=self.train_base)
         self.lm_head = None if c.tie_word_embeddings else nn.Parameter(get("lm_head.weight"),
                                                                        requires_grad=self.train_base)
-        self.layers = nn.ModuleList(_BaseLayer(get, f"model.layers.{n}.", c, self.train_base)
+        self.layers = nn.ModuleList(_BaseLayer(get, n, c, self.train_base)
                                     for n in range(c.num_layers))
 
         if with_ahn is None:
@@ -213,24 +205,8 @@ class TrainModel(nn.Module):
         out = {"model.embed_tokens.weight": self.embed.detach(), "model.norm.weight": self.norm.detach()}
         if self.lm_head is not None:
             out["lm_head.weight"] = self.lm_head.detach()
-        split = [c.q_size, c.kv_size, c.kv_size]
         for n, lw in enumerate(self.layers):
-            p, a = f"model.layers.{n}.", f"model.layers.{n}.self_attn."
-            out[p + "input_layernorm.weight"] = lw.ln_in.detach()
-            for x, w in zip("qkv", lw.w_qkv.detach().split(split)):
-                out[a + f"{x}_proj.weight"] = w
-            if lw.b_qkv is not None:
-                for x, b in zip("qkv", lw.b_qkv.detach().split(split)):
-                    out[a + f"{x}_proj.bias"] = b
-            if lw.q_norm is not None:
-                out[a + "q_norm.weight"], out[a + "k_norm.weight"] = lw.q_norm.detach(), lw.k_norm.detach()
-            out[a + "o_proj.weight"] = lw.w_o.detach()
-            if lw.b_o is not None:
-                out[a + "o_proj.bias"] = lw.b_o.detach()
-            out[p + "post_attention_layernorm.weight"] = lw.ln_post.detach()
-            gate, up = lw.w_gu.detach().chunk(2)
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-            out[p + "mlp.down_proj.weight"] = lw.w_down.detach()
+            out.update(split_layer(c, n, {role: p.detach() for role, p in lw.named_parameters()}))
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -325,4 +301,7 @@ def _check(tensors: dict, expected: dict, what: str, optional=()):
     for k, shape in expected.items():
         if tuple(tensors[k].shape) != tuple(shape):
             raise AhnError(f"{what}: {k} has shape {list(tensors[k].shape)}, the config needs {list(shape)}")
+        if not tensors[k].dtype.is_floating_point:   # (the loader's rule: cast, an int8 base was noise)
+            raise AhnError(f"{what}: {k} is {tensors[k].dtype}, not floating point; quantized weights are not "
+                           "supported: give the unquantized weights")
 
