@@ -63,7 +63,9 @@ def note_backend():
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Temporarily force 'ref' (or 'auto'/'ext') for the ops called inside the block."""
+    """Temporarily force 'ref' (or 'auto'/'ext') for the ops called inside the block. Process-wide, not per
+    thread: for benchmarks and tests that run nothing else meanwhile (a model serving other threads would run
+    their ops, and capture their graphs, on the backend set here); a service sets AHN_RT_BACKEND instead."""
     global _backend
     old, _backend = _backend, name
     try:
