@@ -133,7 +133,7 @@ def write_checkpoint(out, tensors: dict, config: dict | None = None, *, config_j
         def write(tmp):
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
             _sort_metadata(tmp)
-        _atomic_write(out, write)
+        atomic_write(out, write)
         if config_json and config is not None:
             atomic_write_text(out.parent / "config.json", json.dumps(config, indent=2) + "\n")
     except AhnError:   # check_writable's and atomic_write_text's own line, already naming the path
@@ -217,12 +217,12 @@ def atomic_write_text(path, text: str):
     try:
         check_writable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as e:
         raise AhnError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _atomic_write(path: Path, write):
+def atomic_write(path: Path, write):
     """``write(tmp)`` a temporary file beside ``path``, flush it to the disk, then rename it over ``path``:
     a reader (or a restart after a crash or power loss) sees the old file or the whole new one. Without
     the fsync the rename can reach the disk before the data, leaving a truncated file where the old one

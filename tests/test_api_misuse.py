@@ -182,7 +182,7 @@ def test_asking_a_checkpoint_for_a_tensor_it_lacks_is_one_line(tmp_path):
 
 
 def test_two_threads_saving_one_path_do_not_share_a_temporary(tmp_path):
-    from ahn_rt.weights import _atomic_write
+    from ahn_rt.weights import atomic_write
     barrier, errors = threading.Barrier(2, timeout=5), []
 
     def write(tmp):
@@ -191,7 +191,7 @@ def test_two_threads_saving_one_path_do_not_share_a_temporary(tmp_path):
 
     def save():
         try:
-            _atomic_write(tmp_path / "s.safetensors", write)
+            atomic_write(tmp_path / "s.safetensors", write)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
     threads = [threading.Thread(target=save) for _ in range(2)]

@@ -185,7 +185,7 @@ def test_init_weights_full_disk_is_exit_1_and_leaves_nothing(tmp_path, monkeypat
     from pathlib import Path
     from ahn_rt import init_weights, tokenizer_build
     from ahn_rt import weights as W
-    real = W._atomic_write
+    real = W.atomic_write
     enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def full_disk(path, write):   # the real atomic write, whose temporary fills the disk halfway
@@ -196,7 +196,7 @@ def test_init_weights_full_disk_is_exit_1_and_leaves_nothing(tmp_path, monkeypat
             Path(tmp).write_bytes(b"half a file")
             raise enospc
         return real(path, half)
-    monkeypatch.setattr(W, "_atomic_write", full_disk)
+    monkeypatch.setattr(W, "atomic_write", full_disk)
     if fails == "tokenizer":   # its own temporary-and-rename writer
         def dump(data, f, **kw):
             f.write('{"mod')

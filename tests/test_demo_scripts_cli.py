@@ -481,3 +481,17 @@ def test_run_gpu_stops_after_the_teacher_when_asked(tmp_path):
     assert (shipped / "model.safetensors").read_bytes() == (tmp_path / "work" / "teacher" / "model.safetensors").read_bytes()
     assert (tmp_path / "work" / "distill.jsonl").stat().st_size > 0     # the next call's data, written meanwhile
     assert not (tmp_path / "work" / "ahn").exists()
+
+
+def test_two_writers_of_one_distillation_file_keep_apart(tmp_path):
+    """make_distill_data wrote through the fixed temporary <out>.tmp: a second run into the same --out (or a
+    file of that name) was written over and renamed away mid-run. Its temporary is now its own (the runtime's
+    atomic_write, which also puts the data on the disk before the rename), and build_corpus writes so too."""
+    out = tmp_path / "d.jsonl"
+    other = tmp_path / "d.jsonl.tmp"
+    other.write_text("another run's file\n")
+    r = run("make_distill_data", "--out", out, "--num", 2, "--seq-len", 256, "--seed", 3)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert other.read_text() == "another run's file\n"
+    assert len(out.read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "d.jsonl.tmp"]

@@ -886,7 +886,7 @@ def test_a_model_that_cannot_be_written_at_the_end_is_exit_1_with_resume_advice(
     from ahn_rt import weights as W
     root, _ = tiny
     out = root / "disk_full_model"
-    real = W._atomic_write
+    real = W.atomic_write
 
     def full_disk(path, write):
         if Path(path).name == "model.safetensors" and "resume" not in str(path):
@@ -894,7 +894,7 @@ def test_a_model_that_cannot_be_written_at_the_end_is_exit_1_with_resume_advice(
         return real(path, write)
     args = [*base_args(root, out), "--steps", 2, "--window", 8, "--sinks", 2, "--merge"]
     with monkeypatch.context() as m:
-        m.setattr(W, "_atomic_write", full_disk)
+        m.setattr(W, "atomic_write", full_disk)
         rc, _, err = train(capsys, *args)
     assert rc == 1 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]

@@ -134,9 +134,10 @@ def sha256_file(path: Path) -> str:
 
 
 def write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Atomically and durably (the runtime's atomic_write: a temporary of this process, flushed to the disk,
+    renamed over ``path``): a crash leaves the old file or the whole new one, never a truncated split."""
+    from ahn_rt.weights import atomic_write
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def build(root: Path, out: Path, *, vocab_size=4096, heldout_permille=20, distill_permille=100,

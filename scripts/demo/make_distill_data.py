@@ -38,8 +38,10 @@ def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer
     the file's sha256."""
     h = hashlib.sha256()
     with_key, dists = 0, []
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    from ahn_rt.weights import atomic_write
+
+    def write(tmp):
+        nonlocal with_key
         with open(tmp, "w", encoding="ascii") as f:
             for _ in range(num):
                 ids, item = sampler.sample()
@@ -58,14 +60,13 @@ def write_jsonl(path: Path, sampler: longrange.SequenceSampler, num: int, answer
                 if item is not None:
                     with_key += 1
                     dists.append(item.distance)
-        os.replace(tmp, path)
-    except BaseException as e:   # Ctrl-C, a full disk: no half-written .tmp is left beside --out
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            err = AhnError(f"cannot write {path}: {e.strerror or e}; nothing was written")
-            err.exit_code = 1   # a run-time failure, not a usage error
-            raise err from None
-        raise
+
+    try:   # a temporary of this process beside --out, on the disk before it is renamed over --out; Ctrl-C or
+        atomic_write(path, write)   # a full disk leave no temporary behind
+    except OSError as e:
+        err = AhnError(f"cannot write {path}: {e.strerror or e}; nothing was written")
+        err.exit_code = 1   # a run-time failure, not a usage error
+        raise err from None
     return {"sequences": num, "with_passkey": with_key,
             "distance_min": min(dists) if dists else None, "distance_max": max(dists) if dists else None,
             "distance_mean": round(sum(dists) / len(dists), 1) if dists else None, "sha256": h.hexdigest()}
