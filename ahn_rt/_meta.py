@@ -87,5 +87,5 @@ def _rope_fake(x, cos, sin):
 
 
 @torch.library.register_fake("ahn_rt::gdn_gate_norm")
-def _gdn_gate_norm_fake(o, z, weight, eps):
+def _gdn_gate_norm_fake(o, z, norm_weight, eps):
     return o.new_empty(o.shape)

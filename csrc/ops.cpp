@@ -43,7 +43,7 @@ TORCH_LIBRARY(ahn_rt, m) {
   m.def("band_attention(Tensor q, Tensor k, Tensor v, int left, float scale, Tensor? kv_len=None, Tensor? q_len=None) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  m.def("gdn_gate_norm(Tensor o, Tensor z, Tensor weight, float eps) -> Tensor");
+  m.def("gdn_gate_norm(Tensor o, Tensor z, Tensor norm_weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ahn_rt, CPU, m) {

@@ -1,17 +1,21 @@
 """Runs each CUDA op of ahn_rt once on small shapes (for compute-sanitizer memcheck / racecheck).
 
     compute-sanitizer --tool memcheck python scripts/sanitize_ops.py
+
+--device cpu runs the same calls on the CPU kernels (CI's check that this device-only script still calls
+every op as its schema reads).
 """
 import argparse
 
-argparse.ArgumentParser(description=__doc__,   # no options; --help prints the docstring
-                        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+args.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+args = args.parse_args()
 
 import torch  # noqa: E402
 
 import ahn_rt._C  # noqa: E402, F401
 
-dev, dt = "cuda", torch.bfloat16
+dev, dt = args.device, torch.bfloat16
 torch.manual_seed(0)
 H, Hkv, D, S, W = 8, 2, 128, 4, 60
 C = S + W + 3
@@ -127,7 +131,7 @@ for dk, dv, n, hq, hk in ((128, 128, 130, H, Hkv), (48, 40, 65, 3, 1), (12, 20, 
     torch.ops.ahn_rt.rope(x=proj[:, 8:].view(n, hq, dk), cos=torch.randn(n, dk, device=dev, dtype=dt),
                           sin=torch.randn(n, dk, device=dev, dtype=dt))
     torch.ops.ahn_rt.gdn_gate_norm(o=proj[:, 8:].view(n, hq, dk), z=torch.randn(n, hq, device=dev, dtype=dt),
-                                   weight=torch.ones(dk, device=dev), eps=1e-5)
+                                   norm_weight=torch.ones(dk, device=dev), eps=1e-5)
 for pad in (0, 1):   # 16-byte vectors; rows padded by one element (the one-element path)
     outs = [torch.randn(n, H, D + pad, device=dev, dtype=dt)[..., :D] for n in (100, 37, 64)]
     torch.ops.ahn_rt.attn_merge(outs=outs, lses=[torch.randn(H, o.shape[0], device=dev) for o in outs],
@@ -157,5 +161,6 @@ for n_keys, rows, left in ((300, 300, 100), (300, 333, 100), (200, 333, 0)):
         break
 for n_out in (296, 300, 45):
     torch.ops.ahn_rt.silu_mul(x=torch.randn(33, 2 * n_out, device=dev, dtype=dt))
-torch.cuda.synchronize()
+if dev == "cuda":
+    torch.cuda.synchronize()
 print("sanitize_ops: every op ran")

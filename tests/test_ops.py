@@ -473,6 +473,39 @@ def test_mamba2_decode_norm_spans_heads(device):
 
 
 # ----------------------------------------------------------------------------------------------
+# One signature per op: the schema, its reference and its dispatcher
+# ----------------------------------------------------------------------------------------------
+def test_every_op_its_reference_and_its_dispatcher_take_the_same_arguments():
+    """Every op registered in csrc/ops.cpp has a pure-torch reference ``ref.<op>_ref`` and a dispatcher
+    ``ops.<op>`` whose parameters are the schema's, in its order and under its names (gdn_gate_norm's schema
+    called the norm's weight ``weight``, its reference and dispatcher ``norm_weight``)."""
+    import inspect
+    import re
+    from pathlib import Path
+    from ahn_rt import ops
+    names = re.findall(r'm\.def\(\s*"(\w+)\(', (Path(__file__).parents[1] / "csrc" / "ops.cpp").read_text())
+    assert len(names) >= 14 and "gdn_gate_norm" in names
+    for name in names:
+        schema = [a.name for a in getattr(torch.ops.ahn_rt, name).default._schema.arguments]
+        for fn in (getattr(ref, name + "_ref"), getattr(ops, name)):
+            assert list(inspect.signature(fn).parameters) == schema, (name, fn.__qualname__, schema)
+
+
+def test_the_sanitizer_script_calls_every_op_as_its_schema_reads():
+    """scripts/sanitize_ops.py runs only on the GPU machine (under compute-sanitizer), so a schema change it
+    missed (a renamed argument it passes by keyword) was found only there; its calls run here on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "sanitize_ops.py"), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and r.stdout.strip().endswith("every op ran"), r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
 # opcheck (schemas, fake kernels, mutation declarations)
 # ----------------------------------------------------------------------------------------------
 def _opcheck_cases(device):

@@ -245,6 +245,6 @@ std::tuple<at::Tensor, at::Tensor> band_attention(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& q_len);
 at::Tensor silu_mul(const at::Tensor& x);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Tensor& weight, double eps);
+at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Tensor& norm_weight, double eps);
 
 }  // namespace ahn_rt

@@ -84,7 +84,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return out;
 }
 
-at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Tensor& weight, double eps) {
+at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Tensor& norm_weight, double eps) {
   constexpr const char* op = "ahn_rt.gdn_gate_norm";
   TORCH_CHECK(o.dim() == 3 && o.stride(2) == 1, op, ": o must be [n, H, D] with a contiguous last dim, got ",
               o.sizes());
@@ -92,14 +92,14 @@ at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Ten
   check_same_device(o, z, op, "z");
   TORCH_CHECK(z.dim() == 2 && z.size(0) == n && z.size(1) == H, op, ": z must be [", n, ", ", H, "], got ",
               z.sizes());
-  check_vec(weight, D, o, op, "weight");
+  check_vec(norm_weight, D, o, op, "norm_weight");
   GateNormParams p{};
   p.z_kind = kind_of(z, "ahn_rt.gdn_gate_norm: z");
-  p.w_kind = kind_of(weight, "ahn_rt.gdn_gate_norm: weight");
+  p.w_kind = kind_of(norm_weight, "ahn_rt.gdn_gate_norm: norm_weight");
   at::Tensor y = at::empty({n, H, D}, o.options());
   p.o = o.data_ptr();
   p.z = z.data_ptr();
-  p.w = weight.data_ptr();
+  p.w = norm_weight.data_ptr();
   p.y = y.data_ptr();
   p.n = n;
   p.H = H;
@@ -108,7 +108,7 @@ at::Tensor gdn_gate_norm(const at::Tensor& o, const at::Tensor& z, const at::Ten
   p.o_s1 = o.stride(1);
   p.z_s0 = z.stride(0);
   p.z_s1 = z.stride(1);
-  p.w_s0 = weight.stride(0);
+  p.w_s0 = norm_weight.stride(0);
   p.eps = static_cast<float>(eps);
   if (y.numel() == 0) return y;
   dispatch_device(
