@@ -465,6 +465,15 @@ BAD = [
     (b'{"prompt": "hi", "repetition_penalty": 1e400}', "/v1/completions", "repetition_penalty", None),
     (b'{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": Infinity}', "/v1/chat/completions",
      "repetition_penalty", None),
+    # JSON mode was refused on chat only: /v1/completions (where vLLM takes it too) answered free text (200), and
+    # vLLM's constrained-output fields were ignored on both endpoints
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "/v1/completions", "response_format",
+     "unsupported_parameter"),
+    ({"prompt": "hi", "guided_json": {"type": "object"}}, "/v1/completions", "guided_json", "unsupported_parameter"),
+    ({"messages": _messages(0), "guided_choice": ["yes", "no"]}, "/v1/chat/completions", "guided_choice",
+     "unsupported_parameter"),
+    ({"messages": _messages(0), "structured_outputs": {"regex": "[0-9]+"}}, "/v1/chat/completions",
+     "structured_outputs", "unsupported_parameter"),
 ]
 
 
@@ -833,10 +842,17 @@ def test_sessions_and_sigterm_drain(server, servers, model):
     # the demo model (no --weights): its "serving the demo model" line came first, making the error two lines
     (["--window", "0", "--device", "cpu", "--port", "0"], "--window must be >= 1"),
     (["--memory-budget", "1", "--device", "cpu", "--port", "0"], "--memory-budget 1 B holds no session"),
+    # a host name the IDNA codec refuses (an empty label, a label over 63 characters): a UnicodeError traceback
+    (["--weights", "x", "--host", "bad..host", "--port", "0"], "'bad..host' is not a valid host name"),
+    (["--weights", "x", "--host", "a" * 64, "--port", "0"], "is not a valid host name"),
+    # an empty size (an unset variable) was read as "not given": the default cache / budget, silently
+    (["--weights", "x", "--prefix-cache", "", "--port", "0"], "--prefix-cache is empty"),
+    (["--weights", "x", "--memory-budget", "", "--port", "0"], "--memory-budget is empty"),
 ], ids=["weights", "budget", "max-sessions", "port-in-use", "no-fastapi", "prefix-cache-inf", "session-cache-inf",
         "dev-null", "window-too-large", "bad-switch", "empty-weights", "empty-state-dir", "empty-host",
         "caches-fill-memory", "device-index", "empty-model-name", "api-key-spaces", "model-name-spaces",
-        "api-key-not-utf8", "model-name-not-utf8", "demo-window-zero", "demo-budget"])
+        "api-key-not-utf8", "model-name-not-utf8", "demo-window-zero", "demo-budget", "host-empty-label",
+        "host-long-label", "empty-prefix-cache", "empty-memory-budget"])
 def test_server_mistakes_exit_2_with_one_line(server, ckpt, argv, needle):
     import os
     import subprocess
@@ -908,6 +924,39 @@ def _serve(ckpt, *args, stdout=None):
     proc.kill()
     proc.wait()
     raise AssertionError("".join(lines))
+
+
+def test_sigterm_on_the_listening_line_drains_and_exits_0(ckpt):
+    """A supervisor may send SIGTERM as soon as the "listening on" line appears. Until uvicorn took the signal
+    over, a SIGTERM there killed the process (-15) or, once the no-op handler that makes a drained server exit 0
+    was in place, was lost: the server never stopped. uvicorn.Server.run is slowed down here to hold that window
+    open; the server must still stop, with exit 0."""
+    import signal
+    import subprocess
+    import sys
+    from ahn_rt.serve.process import _LISTENING
+    argv = ["--weights", str(ckpt), *MODEL_ARGS, "--max-sessions", "1", "--port", "0"]
+    code = ("import sys, time, uvicorn\n"
+            "run = uvicorn.Server.run\n"
+            "uvicorn.Server.run = lambda self, *a, **k: (time.sleep(1.0), run(self, *a, **k))[1]\n"
+            f"from ahn_rt.serve.__main__ import main; sys.exit(main({argv!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if _LISTENING.search(line):
+                break
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            rc = "still running 30 s after SIGTERM"
+        assert rc == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_access_log_logs_every_request(ckpt, tmp_path):

@@ -109,6 +109,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.listen(2048)
     except (OSError, socket.gaierror) as e:
         raise AhnError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    except UnicodeError:   # the IDNA codec refuses the name ("bad..host", a label over 63 characters): a traceback
+        raise AhnError(f"cannot listen on {host}:{port}: {host!r} is not a valid host name; give an address "
+                       "such as 127.0.0.1 or 0.0.0.0, or a host name") from None
     sock.setblocking(False)
     return sock
 
@@ -151,7 +154,10 @@ def main(argv=None) -> int:
         refuse_empty(args.state_dir, "--state-dir", "a folder, or leave --state-dir out")   # else: keeps nothing
         refuse_empty(args.host, "--host", "an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every interface)")
         demo = use_demo_weights(args)   # (said with the start-up line: an error before it comes alone)
-        sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) else None
+        for k in ("memory_budget", "prefix_cache", "session_cache"):   # '' (an unset variable) meant the default
+            flag = "--" + k.replace("_", "-")
+            refuse_empty(getattr(args, k), flag, f"a size such as 8GiB or 512MiB, or leave {flag} out for the default")
+        sizes = {k: parse_size(getattr(args, k), "--" + k.replace("_", "-")) if getattr(args, k) is not None else None
                  for k in ("memory_budget", "prefix_cache", "session_cache")}
         name = args.model_name or _default_name(args.weights)
         if args.model_name is None and os.path.exists(os.path.expanduser(args.weights)):   # else: "not found"
@@ -201,16 +207,20 @@ def main(argv=None) -> int:
               f"prefix cache {human_bytes(prefix)}; conversations {human_bytes(convs)}"
               f"{', saved in ' + args.state_dir if args.state_dir else none_kept}"
               f"{'; API key required' if args.api_key else ''}", file=sys.stderr)
-        shown = f"[{host}]" if ":" in host else host
-        print(f"[ahn_rt.serve] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
         config = uvicorn.Config(app, log_level="warning", access_log=args.access_log, lifespan="on",
                                 timeout_graceful_shutdown=None)
         if args.access_log:   # uvicorn writes a request's line at INFO, below the "warning" level set above
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)
-        # uvicorn drains on SIGTERM and then re-raises the signal under the handler it found: make that
-        # one a no-op so that a drained server exits 0 (Ctrl-C keeps Python's: exit 130 after the drain).
-        signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        # uvicorn drains on SIGTERM and then re-raises the signal under the handler it found. That handler asks
+        # the server to stop (uvicorn's own does the same), so a drained server exits 0 (Ctrl-C keeps Python's:
+        # exit 130 after the drain), and it is in place before the "listening on" line: a SIGTERM sent on that
+        # line, before uvicorn took the signal over, killed the process (-15) or, under a no-op, was lost (the
+        # server never stopped).
+        signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))
+        shown = f"[{host}]" if ":" in host else host
+        print(f"[ahn_rt.serve] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+        server.run(sockets=[sock])
         print("[ahn_rt.serve] stopped", file=sys.stderr, flush=True)
     except AhnError as e:
         print(f"error: {e}", file=sys.stderr)
