@@ -137,6 +137,15 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2, 2) != 0:
             raise _unsupported(name, "use repetition_penalty")
+    # JSON mode on either endpoint (vLLM takes it on /v1/completions too), and vLLM's fields for constrained
+    # output: completions ignored the first and both endpoints the others, answering free text to a client that
+    # asked for JSON (or a regex, a choice, a grammar)
+    rf = body.get("response_format")
+    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
+        raise _unsupported("response_format", "only {\"type\": \"text\"}")
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+        if body.get(name) is not None:
+            raise _unsupported(name, "no constrained (structured) output")
     echo = False
     if chat:
         want = _typed(body, "logprobs", bool)
@@ -151,9 +160,6 @@ def sampling_args(body: dict, chat: bool, opts: Options) -> dict:
         for name in ("tool_choice", "function_call"):   # function_call: the older name of tool_choice
             if body.get(name) not in (None, "none"):
                 raise _unsupported(name, "no tool or function calling")
-        rf = body.get("response_format")
-        if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-            raise _unsupported("response_format", "only {\"type\": \"text\"}")
         mt_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         _integer(body, "max_tokens", None, lo=1)   # checked even when max_completion_tokens wins
         default_max = opts.max_tokens
