@@ -37,7 +37,7 @@ def build_parser() -> ArgParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (default: stdin when text is piped; with no --weights and "
                                       "nothing piped, the demo prompt)")
-    src.add_argument("--prompt-file", help="read the prompt from this file")
+    src.add_argument("--prompt-file", help="read the prompt from this file (- reads stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the Qwen ChatML template")
     p.add_argument("--system", help="system message for --chat")
     s = ap.add_argument_group("sampling")
@@ -67,8 +67,11 @@ def _read_prompt(args, required: bool = True) -> str | None:
     if args.prompt_file is not None:
         refuse_empty(args.prompt_file, "--prompt-file", "a UTF-8 text file, or leave --prompt-file out")
         try:
-            with open(args.prompt_file, "rb") as f:
-                data = f.read()
+            if args.prompt_file == "-":   # the usual spelling of stdin (a file named "-": ./-)
+                data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+            else:
+                with open(args.prompt_file, "rb") as f:
+                    data = f.read()
         except FileNotFoundError:
             raise AhnError(f"prompt file not found: {args.prompt_file}") from None
         except OSError as e:

@@ -46,6 +46,15 @@ def tiny(tmp_path_factory):
 GEN = ("ahn_rt.generate", "--max-new-tokens", "2", "--quiet-stats")
 
 
+def test_prompt_file_dash_reads_stdin(tiny):
+    """--prompt-file - was "prompt file not found: -"; it reads stdin, as the usual spelling of it says."""
+    want = run(*GEN, "--weights", str(tiny), "--prompt", "hello", "--temperature", "0")
+    assert want[0] == 0, want[2]
+    assert run(*GEN, "--weights", str(tiny), "--prompt-file", "-", "--temperature", "0", stdin="hello")[:2] == want[:2]
+    rc, out, err = run(*GEN, "--weights", str(tiny), "--prompt-file", "-", stdin="")
+    one_line_error(rc, err, "the prompt is empty")
+
+
 # ---- bug 3: prompts that are not valid UTF-8 ---------------------------------------------------
 def test_stdin_not_utf8(tiny):
     rc, out, err = run(*GEN, "--weights", str(tiny), stdin=b"ab\xffcd", text=False)
