@@ -988,3 +988,22 @@ def test_a_conversation_cache_that_holds_none_is_said_at_start(ckpt, args, warne
     proc.wait()
     said = "(holds none: session_id turns are not kept; give --state-dir or more --session-cache)"
     assert (said in "".join(lines)) == warned, "".join(lines)
+
+
+def test_a_bracketed_ipv6_host_is_taken_as_the_listening_line_writes_it(monkeypatch):
+    """The start-up line writes an IPv6 address in brackets (http://[::1]:8000); --host [::1] copied from it was
+    "cannot listen on [::1]:...: Name or service not known". The brackets are dropped before the lookup (the
+    lookup is recorded here, so the test needs no IPv6 on the machine)."""
+    import socket
+
+    from ahn_rt.serve import __main__ as serve_main
+    asked = []
+
+    def lookup(host, port, *args, **kw):
+        asked.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    for given in ("[::1]", "::1", "localhost"):
+        with pytest.raises(ahn_rt.AhnError, match="cannot listen on"):
+            serve_main._bind(given, 0)
+    assert asked == ["::1", "::1", "localhost"]

@@ -101,6 +101,8 @@ def _default_name(weights: str) -> str:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    if host.startswith("[") and host.endswith("]"):   # [::1], as URLs (and the "listening on" line) write it
+        host = host[1:-1]
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(info[0], socket.SOCK_STREAM)
