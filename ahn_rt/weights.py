@@ -450,7 +450,10 @@ class _DictSource(_Source):
         return self.tensors[key]
 
 
-def _check_keys(expected: dict, src: _Source, keys: set, what: str, optional=()):
+def check_keys(expected: dict, src: _Source, keys: set, what: str, optional=()):
+    """The strict check of a checkpoint's tensors (``keys`` of ``src``) against ``expected`` (name -> shape):
+    no missing or unexpected name (but ``optional``), every shape, floating-point storage; AhnError naming
+    ``what``. The loader's check, and the train command's before it writes anything."""
     missing = sorted(set(expected) - keys)
     unexpected = sorted(keys - set(expected) - set(optional))
     problems = []
@@ -470,14 +473,14 @@ def _check_keys(expected: dict, src: _Source, keys: set, what: str, optional=())
                            "float32 or float64); quantized checkpoints are not supported: give the unquantized weights")
 
 
-def _check_ahn_keys(config: Config, src: _Source, keys: set, what: str, implementation: str | None = None):
+def check_ahn_keys(config: Config, src: _Source, keys: set, what: str, implementation: str | None = None):
     """The strict check of the AHN tensors against ``implementation`` (default: the config's); when they fit
     another implementation exactly, the error says which (e.g. a config whose _ahn_implementation does not
     match its tensors)."""
     from . import memory
     impl = memory.resolve(implementation or config.ahn_implementation)
     try:
-        _check_keys(ahn_shapes(config, impl), src, keys, what)
+        check_keys(ahn_shapes(config, impl), src, keys, what)
     except AhnError as e:
         fits = [m for m in memory.NAMES if m != impl and set(ahn_shapes(config, m)) == keys]
         if fits:
@@ -567,7 +570,7 @@ def load_weights(config: Config, ckpt: Checkpoint, device) -> Weights:
     merged_ahn = {k for k in base_keys if is_ahn_key(k)}
     base_keys -= merged_ahn
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    _check_keys(base_shapes(config), src, base_keys, f"checkpoint {where}", optional=optional)
+    check_keys(base_shapes(config), src, base_keys, f"checkpoint {where}", optional=optional)
     ahn_keys, ahn_from, ahn_where = merged_ahn, src, f"checkpoint {where}"
     if ahn_src is not None:
         if merged_ahn:
@@ -575,7 +578,7 @@ def load_weights(config: Config, ckpt: Checkpoint, device) -> Weights:
         ahn_keys, ahn_from = {k for k in ahn_src.where if is_ahn_key(k)}, ahn_src
         ahn_where = f"AHN checkpoint {sorted(set(map(str, ahn_src.where.values())))[0]}"
     if ahn_keys:
-        _check_ahn_keys(config, ahn_from, ahn_keys, ahn_where)
+        check_ahn_keys(config, ahn_from, ahn_keys, ahn_where)
 
     dt = config.dtype
     mem = None

@@ -490,7 +490,7 @@ def _run(a, d, out: Path, lock: _OutLock) -> int:
         base_keys = {k for k in ckpt.src.where if not W.is_ahn_key(k)}
         base_ahn_keys = {k for k in ckpt.src.where if W.is_ahn_key(k)}
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        W._check_keys(W.base_shapes(config), ckpt.src, base_keys, f"base {base_path}", optional=optional)
+        W.check_keys(W.base_shapes(config), ckpt.src, base_keys, f"base {base_path}", optional=optional)
         if a.init_from_base and not base_ahn_keys:
             raise AhnError(f"--init-from-base: {base_path} holds no AHN weights (model.layers.N.ahn.fn.*); drop "
                            "--init-from-base for a fresh memory, or give an AHN checkpoint as --init-ahn")
@@ -507,7 +507,7 @@ def _run(a, d, out: Path, lock: _OutLock) -> int:
                            f"--init-ahn {a.init_ahn}"))
         for flag, src, keys, what in starts:
             try:
-                W._check_ahn_keys(config, src, keys, what, impl)
+                W.check_ahn_keys(config, src, keys, what, impl)
             except AhnError as e:       # what to do: the variant the tensors are, or another start
                 fits = [memory.get(m).short for m in memory.NAMES if set(W.ahn_shapes(config, m)) == keys]
                 fix = (f"pass --ahn={fits[0]}, or leave out --ahn" if fits else
