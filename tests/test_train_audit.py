@@ -199,3 +199,34 @@ def test_training_loads_neither_the_inference_kernels_nor_the_decode_state(tiny,
     assert r.returncode == 0, r.stderr[-2000:]
     assert "LOADED []" in r.stdout, r.stdout
     assert (tmp_path / "out" / "merged" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data", "--tokenizer"])
+def test_an_input_where_the_run_writes_is_refused_and_kept(tiny, capsys, tmp_path, flag):
+    """An input inside --out where the run writes: --overwrite removed OUT/merged (taking a --tokenizer given
+    from there, which the merged model then failed to copy after the whole run) or replaced OUT/log.jsonl given
+    as --data. Refused before any work, the input kept; the same input beside --out runs."""
+    root, _ = tiny
+    out = tmp_path / "run"
+    rc, _, err = train(capsys, *base_args(root, out), "--steps", 1, "--window", 8, "--sinks", 2, "--merge")
+    assert rc == 0, err
+    tok = tiny_tokenizer(out / "merged" / "tokenizer.json")
+    data = out / "log.jsonl"
+    if flag == "--data":
+        write_jsonl(data, [{"input_ids": list(range(40))}] * 4)
+    given = data if flag == "--data" else tok
+    before = given.read_bytes()
+    args = base_args(root, out) + ["--steps", 1, "--window", 8, "--sinks", 2, "--overwrite", "--merge"]
+    if flag == "--data":
+        args[args.index("--data") + 1] = given
+    else:
+        args += ["--tokenizer", given]
+    rc, stdout, err = train(capsys, *args)
+    assert rc == 2 and err.count("\n") == 1 and stdout == "", err
+    assert f"{flag} {given} lies in --out {out}" in err and "choose another --out" in err, err
+    assert given.read_bytes() == before
+    beside = tmp_path / given.name
+    beside.write_bytes(before)
+    args[args.index(flag) + 1] = beside
+    rc, _, err = train(capsys, *args)
+    assert rc == 0, err

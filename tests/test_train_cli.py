@@ -474,7 +474,7 @@ def test_out_that_holds_the_base_model_is_refused_and_the_base_kept(tiny, capsys
         rc, stdout, err = train(capsys, "--base", base, "--data", root / "ids.jsonl", "--out", folder, "--steps", 1,
                                 "--window", 8, "--sinks", 2, *extra)
         assert rc == 2 and err.count("\n") == 1 and stdout == "", err
-        assert f"--out {folder} holds the base model {base}" in err and "choose another --out" in err, err
+        assert f"--base {base} lies in --out {folder}" in err and "choose another --out" in err, err
         assert {p.relative_to(kept): p.read_bytes() for p in sorted(kept.rglob("*")) if p.is_file()} == before
     # a folder beside it is fine
     rc, _, err = train(capsys, "--base", base, "--data", root / "ids.jsonl", "--out", tmp_path / "other", "--steps",

@@ -289,17 +289,31 @@ def _has_resume_state(out: Path) -> bool:
     return any((out / name / "state.json").is_file() for name in ("resume", "resume.old"))
 
 
-def _check_out_spares_base(out: Path, base: Path):
-    """OUT must not hold the base model: the run writes OUT/model.safetensors and OUT/config.json (AHN only)
-    over the base's own, and --overwrite removes OUT/merged and OUT/resume (a base given from there)."""
-    if not out.is_dir() or not base.exists():
+def _check_out_spares_inputs(out: Path, a):
+    """No input may lie where the run writes: OUT/model.safetensors, config.json, log.jsonl, loss.png, run.json,
+    and OUT/merged, resume, resume.old (which --overwrite removes). A base (or --init-ahn) folder that is OUT was
+    written over by the AHN-only outputs; a --tokenizer in OUT/merged was removed by --overwrite before the
+    merged model copied it, and a --data OUT/log.jsonl was emptied."""
+    if not out.is_dir():
         return
-    folder = (base if base.is_dir() else base.parent).resolve()
     o = out.resolve()
-    if folder == o or any(folder == o / name or (o / name) in folder.parents
-                          for name in ("merged", "resume", "resume.old")):
-        raise AhnError(f"--out {out} holds the base model {base}, which the run would overwrite (it writes "
-                       "model.safetensors, config.json, merged/ and resume/ there); choose another --out")
+    written = [o / name for name in OUTPUT_FILES]
+    trees = [o / name for name in ("merged", "resume", "resume.old")]
+    for flag in ("base", "init_ahn", "data", "tokenizer"):
+        given = getattr(a, flag)
+        if not given:
+            continue
+        path = Path(given).expanduser()
+        if not path.exists():
+            continue                        # (said later, as "not found")
+        p = path.resolve()
+        folder = p if p.is_dir() else p.parent
+        hit = (p in written or any(t == p or t in p.parents for t in trees)
+               or (flag in ("base", "init_ahn") and folder == o))
+        if hit:
+            raise AhnError(f"--{flag.replace('_', '-')} {given} lies in --out {out}, where the run writes (model."
+                           "safetensors, config.json, log.jsonl, loss.png, run.json, merged/, resume/); copy it "
+                           "elsewhere or choose another --out")
 
 
 def _resolve_run(a, saved: dict | None, world_size: int = 1) -> dict:
@@ -361,7 +375,7 @@ def run(a) -> int:
         _check_args(a)
         out = Path(a.out).expanduser()
         _check_out(out)
-        _check_out_spares_base(out, Path(a.base).expanduser())
+        _check_out_spares_inputs(out, a)
         d = dist.setup(a.device)
     except AhnError as e:
         e.same_on_every_rank = True        # the command line and this machine: every rank sees the same
