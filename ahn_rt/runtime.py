@@ -441,7 +441,7 @@ class Model:
         self._check_session(session, "prefill")
         p = self._prompt(prompt, chat, system)
         sess = session or self.new_session()
-        with sess._held(), _whole_or_refused([sess.state]):
+        with sess._held():   # (a chunk that fails after the first marks the session: _Prefill.chunk)
             fill = _Prefill(self, sess, p, self.prefix_cache)
             while not fill.done:
                 fill.chunk()
@@ -542,10 +542,9 @@ class Model:
                     self._return_session(sess)
                 raise
             try:
-                with _whole_or_refused([sess.state], fed=lambda: run._fill is not None and run._fill.fed):
-                    run.start(sess)
-                    while run.prefilling and not run.done:   # done: closed from another thread meanwhile
-                        run.prefill_chunk()
+                run.start(sess)        # (a prompt chunk that fails after the first marks the session: _Prefill)
+                while run.prefilling and not run.done:   # done: closed from another thread meanwhile
+                    run.prefill_chunk()
                 while True:
                     for piece, entries in run.take():
                         if entries:
@@ -643,20 +642,19 @@ def _id_range(ids: torch.Tensor) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _whole_or_refused(states, fed=None):
+def _whole_or_refused(states):
     """Around a call that moves ``states`` in several writes (a prompt's chunks, sessions stepped one after
     another): when it raises after one of them has moved (Ctrl-C or out of memory in a later chunk, or in a
     later session's step), each state that moved refuses every call until ``reset`` (``begin_writes``' mark).
-    It stood past part of the tokens, whose logits the caller never got, so a retry fed them twice. ``fed``
-    (a callable): whether every token is in already (a generation that failed after its prefill keeps it)."""
+    It stood past part of the tokens, whose logits the caller never got, so a retry fed them twice. (A
+    generation's prompt: ``_Prefill.chunk``, which the scheduler calls too.)"""
     start = [st.position for st in states]
     try:
         yield
     except BaseException:
-        if fed is None or not fed():
-            for st, p in zip(states, start):
-                if st.position != p:
-                    st.torn = True
+        for st, p in zip(states, start):
+            if st.position != p:
+                st.torn = True
         raise
 
 
@@ -930,11 +928,6 @@ class _Prefill:
         return not self._todo
 
     @property
-    def fed(self) -> bool:
-        """Whether every prompt token is in the session (its last chunk has returned)."""
-        return self._at == self.hit + self.ids.numel()
-
-    @property
     def next_tokens(self) -> int:
         """Tokens in the next chunk (0 when done)."""
         return self._todo[0] - self._at if self._todo else 0
@@ -947,7 +940,7 @@ class _Prefill:
             logits = self.sess._forward(self.sess._ids(self.ids[self._at - self.hit: end - self.hit]),
                                         last_only=True, scorer=self.scorer)
         except BaseException:
-            if st.position != self._p0:   # part of the prompt is in (``_whole_or_refused``; the scheduler's too)
+            if st.position != self._p0:   # part of the prompt is in (as ``_whole_or_refused`` marks it)
                 st.torn = True
             raise
         self._at = end
