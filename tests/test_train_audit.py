@@ -230,3 +230,48 @@ def test_an_input_where_the_run_writes_is_refused_and_kept(tiny, capsys, tmp_pat
     args[args.index(flag) + 1] = beside
     rc, _, err = train(capsys, *args)
     assert rc == 0, err
+
+
+def _png_pixels(data: bytes):
+    """(width, height, rows of RGB bytes) of an 8-bit RGB PNG with filter 0 rows (what plot.loss_png writes)."""
+    import struct
+    import zlib
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, w, h = 8, b"", 0, 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body)
+        if kind == b"IHDR":
+            w, h, depth, color = struct.unpack(">IIBB", body[:10])
+            assert (depth, color) == (8, 2)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    rows = [raw[y * (3 * w + 1):(y + 1) * (3 * w + 1)] for y in range(h)]
+    assert all(r[0] == 0 for r in rows)
+    return w, h, [r[1:] for r in rows]
+
+
+def test_the_loss_curve_is_drawn_without_matplotlib(tmp_path, monkeypatch):
+    """OUT/loss.png, which the command promises, was only a note ("matplotlib is missing") on an install without
+    the plots extra. It is now drawn without it: a PNG whose curve falls where the loss falls."""
+    from ahn_rt.train import plot
+    from ahn_rt.train.checkpoint import plot_loss
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib: ImportError
+    tops = {}
+    for name, sign in (("falls", -1), ("rises", 1)):
+        out = tmp_path / name
+        out.mkdir()
+        records = [{"step": s, "loss": 2.0 + sign * s / 40} for s in range(40)]
+        note = plot_loss(out, records)
+        assert note.startswith(f"loss curve: {out / 'loss.png'}") and "matplotlib" in note
+        w, h, rows = _png_pixels((out / "loss.png").read_bytes())
+        assert (w, h) == (plot.WIDTH, plot.HEIGHT)
+        column = 3 * (plot.LEFT + 2)                               # just right of the y axis: the curve's start
+        ys = [y for y, r in enumerate(rows) if tuple(r[column:column + 3]) in (plot.RAW, plot.MEAN)]
+        assert ys, "no curve drawn"
+        tops[name] = min(ys)
+    assert tops["falls"] < plot.TOP + 10 and tops["rises"] > plot.HEIGHT - plot.BOTTOM - 10
+    assert plot_loss(tmp_path, [{"step": 0, "loss": None}]).startswith("loss curve not drawn")

@@ -155,8 +155,7 @@ def test_chatml_data_random_windows_default_bf16_output(tiny, capsys):
     rc, _, err = train(capsys, *base_args(root, out, "chat.jsonl"), "--steps", 2, "--seq-len", 200)
     assert rc == 0, err
     assert "4 of 5 records used" in err and "random S+W" in err
-    assert "loss curve" in err                   # drawn with matplotlib, else the one-line note
-    assert (out / "loss.png").exists() == ("matplotlib is missing" not in err)
+    assert "loss curve" in err and (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"   # (either way)
     cfg = json.loads((out / "config.json").read_text())
     # a random-window run writes the runtime's inference defaults: S + W = 32768
     assert (cfg["sliding_window"], cfg["num_attn_sinks"]) == (32640, 128)

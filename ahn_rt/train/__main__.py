@@ -4,8 +4,9 @@
         --seq-len 24576 --grad-accum 128 --dtype bf16
 
 writes OUT/model.safetensors (AHN only, official names, loadable with ``ahn_rt.load(BASE, ahn=...)``) and
-OUT/config.json, OUT/log.jsonl (one record per optimizer step), OUT/loss.png (with matplotlib), OUT/resume/
-(continue a stopped or killed run with --resume) and, with --merge, OUT/merged/ (base + AHN in one folder).
+OUT/config.json, OUT/log.jsonl (one record per optimizer step), OUT/loss.png (matplotlib's figure when it is
+installed, else a plain one), OUT/resume/ (continue a stopped or killed run with --resume) and, with --merge,
+OUT/merged/ (base + AHN in one folder).
 
 Several GPUs: the same command under torchrun (``torchrun --nproc_per_node N -m ahn_rt.train ...``); data
 parallel by default (--ddp), --fsdp shards the frozen base and the AHN over the ranks (ahn_rt/train/dist.py).

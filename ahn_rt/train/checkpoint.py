@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -272,31 +273,36 @@ def write_merged(out: Path, ckpt, ahn: dict, cfg: dict, dtype: torch.dtype, base
 
 
 def plot_loss(out: Path, records: list[dict]) -> str:
-    """OUT/loss.png from the log records when matplotlib is installed; returns a one-line note."""
+    """OUT/loss.png from the log records (matplotlib's figure when it is installed, else ``plot.loss_png``'s
+    plain raster); returns a one-line note."""
+    records = [r for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]   # (a diverged step's)
+    if not records:
+        return "loss curve not drawn: no step had a finite loss"
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    k = max(2, len(losses) // 20)
+    mean = ([sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+            if len(losses) >= 10 else None)
+    path = Path(out) / "loss.png"
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "loss curve not drawn: matplotlib is missing (pip install matplotlib)"
-    records = [r for r in records if r.get("loss") is not None]
-    if not records:
-        return "loss curve not drawn: no step had a loss position"
-    steps = [r["step"] for r in records]
-    losses = [r["loss"] for r in records]
+        from ..weights import atomic_write
+        from .plot import loss_png
+        png = loss_png(steps, losses, mean)
+        atomic_write(path, lambda tmp: tmp.write_bytes(png))
+        return f"loss curve: {path} (plain: install matplotlib for a labelled figure)"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
-    if len(losses) >= 10:
-        k = max(2, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-                  for i in range(len(losses))]
-        ax.plot(steps, smooth, lw=1.5, label=f"mean of {k}")
+    if mean is not None:
+        ax.plot(steps, mean, lw=1.5, label=f"mean of {k}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (KL(teacher || student) per position)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(out) / "loss.png"
     tmp = path.with_name(f".loss.{os.getpid()}.png")
     try:
         fig.savefig(tmp)
