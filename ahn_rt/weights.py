@@ -473,6 +473,11 @@ def check_keys(expected: dict, src: _Source, keys: set, what: str, optional=()):
                            "float32 or float64); quantized checkpoints are not supported: give the unquantized weights")
 
 
+def check_tensors(expected: dict, tensors: dict, what: str, optional=()):
+    """``check_keys`` over tensors in memory ({name: tensor}: the trainer's base and AHN weights)."""
+    check_keys(expected, _DictSource(tensors), set(tensors), what, optional)
+
+
 def check_ahn_keys(config: Config, src: _Source, keys: set, what: str, implementation: str | None = None):
     """The strict check of the AHN tensors against ``implementation`` (default: the config's); when they fit
     another implementation exactly, the error says which (e.g. a config whose _ahn_implementation does not

@@ -512,5 +512,5 @@ def test_base_state_dict_round_trips_and_an_integer_base_is_refused():
     cfg, sd, _ = tiny_model("qwen2")
     base = {k: v for k, v in sd.items() if not is_ahn_key(k)}
     base["model.layers.1.mlp.up_proj.weight"] = base["model.layers.1.mlp.up_proj.weight"].to(torch.int8)
-    with pytest.raises(AhnError, match=r"model.layers.1.mlp.up_proj.weight is torch.int8, not floating point"):
+    with pytest.raises(AhnError, match=r"model.layers.1.mlp.up_proj.weight is stored as torch.int8, not as floating point"):
         TrainModel(parse_config(cfg, "tiny"), base, base_dtype=torch.float32)

@@ -30,7 +30,7 @@ from ..errors import AhnError
 from ..functional import rms_norm
 from ..functional import rope as apply_rope
 from ..memory import resolve
-from ..weights import ahn_key, ahn_shapes, base_shapes, fuse_layer, is_ahn_key, split_layer
+from ..weights import ahn_key, ahn_shapes, base_shapes, check_tensors, fuse_layer, is_ahn_key, split_layer
 from .attention import causal_attention, window_attention, window_plan
 from .memories import GatedDeltaNetLayer, MemoryLayer, make_layer
 
@@ -146,7 +146,8 @@ class TrainModel(nn.Module):
             if ahn is not None:
                 raise AhnError("AHN tensors given twice: in the base dict and as ahn=")
             ahn = merged
-        _check(base, base_shapes(c), "base weights", optional={"lm_head.weight"} if c.tie_word_embeddings else ())
+        check_tensors(base_shapes(c), base, "base weights",
+                      optional={"lm_head.weight"} if c.tie_word_embeddings else ())
 
         def get(key, copy=self.train_base):   # frozen weights may share the caller's storage
             if key not in base:
@@ -180,7 +181,7 @@ class TrainModel(nn.Module):
                         layer.init_long_decay_()
                 self.ahn.append(layer)
             if ahn is not None:
-                _check(ahn, ahn_shapes(c, self.implementation), f"AHN weights ({self.implementation})")
+                check_tensors(ahn_shapes(c, self.implementation), ahn, f"AHN weights ({self.implementation})")
                 with torch.no_grad():
                     for n, layer in enumerate(self.ahn):
                         for name, p in layer.named_parameters():
@@ -290,18 +291,3 @@ class TrainModel(nn.Module):
         h = h + F.linear(attn.reshape(B, L, H * D), lw.w_o, lw.b_o)
         gate, up = F.linear(rms_norm(h, lw.ln_post, eps), lw.w_gu).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, lw.w_down)
-
-
-def _check(tensors: dict, expected: dict, what: str, optional=()):
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected) - set(optional))
-    if missing or unexpected:
-        raise AhnError(f"{what} do not match the config: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-                       f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
-    for k, shape in expected.items():
-        if tuple(tensors[k].shape) != tuple(shape):
-            raise AhnError(f"{what}: {k} has shape {list(tensors[k].shape)}, the config needs {list(shape)}")
-        if not tensors[k].dtype.is_floating_point:   # (the loader's rule: cast, an int8 base was noise)
-            raise AhnError(f"{what}: {k} is {tensors[k].dtype}, not floating point; quantized weights are not "
-                           "supported: give the unquantized weights")
-
