@@ -24,6 +24,7 @@ Hot math goes through ``ahn_rt.ops`` (the one backend switch), whose references 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -73,10 +74,10 @@ class Memory:
         raise NotImplementedError
 
     # ---- math --------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def ops(self):
-        """The runtime's ops (``ahn_rt.ops``), imported at first use: the training path reads this registry's
-        names and shapes without loading the compiled extension or the decode state."""
+        """The runtime's ops (``ahn_rt.ops``), imported at first use (once): the training path reads this
+        registry's names and shapes without loading the compiled extension or the decode state."""
         from .. import ops
         return ops
 

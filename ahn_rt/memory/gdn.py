@@ -80,12 +80,12 @@ class GatedDeltaNet(Memory):
     def decode_front(self, dec, b, i, lw, proj):
         c, mw = dec.config, lw.mem
         return self.ops.decode_prep(proj, dec.inv_freq, b.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps,
-                               mw["a_log"], mw["dt_bias"], b.k[i], b.v[i], b.gates["beta"][i],
-                               b.gates["alpha"][i], b.sinks, b.window, b.k_evict, b.v_evict,
-                               b.gate_evict["beta"], b.gate_evict["alpha"], slots=b.slots)
+                                    mw["a_log"], mw["dt_bias"], b.k[i], b.v[i], b.gates["beta"][i],
+                                    b.gates["alpha"][i], b.sinks, b.window, b.k_evict, b.v_evict,
+                                    b.gate_evict["beta"], b.gate_evict["alpha"], slots=b.slots)
 
     def decode_step(self, dec, b, i, lw, q, proj, attn):
         mw, H = lw.mem, dec.config.num_heads
         self.ops.gdn_decode(b.memory[i], q, b.k_evict, b.v_evict, b.gate_evict["beta"], b.gate_evict["alpha"],
-                       proj[:, -H:], mw["o_norm"], mw["o_proj"], attn, b.pos, b.sinks, b.window, AHN_NORM_EPS,
-                       slots=b.slots)
+                            proj[:, -H:], mw["o_norm"], mw["o_proj"], attn, b.pos, b.sinks, b.window, AHN_NORM_EPS,
+                            slots=b.slots)

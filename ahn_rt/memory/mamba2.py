@@ -83,10 +83,10 @@ class Mamba2(Memory):
         # decode_prep's Mamba2 gate (dt_bias without a_log): dt = softplus(dt_proj(x) + dt_bias) into the
         # float32 gate field, the slot's old token handed to the eviction scratch first.
         return self.ops.decode_prep(proj, dec.inv_freq, b.pos, lw.q_norm, lw.k_norm, c.rms_norm_eps, None,
-                               mw["dt_bias"], b.k[i], b.v[i], None, b.gates["dt"][i], b.sinks, b.window,
-                               b.k_evict, b.v_evict, None, b.gate_evict["dt"], slots=b.slots)
+                                    mw["dt_bias"], b.k[i], b.v[i], None, b.gates["dt"][i], b.sinks, b.window,
+                                    b.k_evict, b.v_evict, None, b.gate_evict["dt"], slots=b.slots)
 
     def decode_step(self, dec, b, i, lw, q, proj, attn):
         mw, H = lw.mem, dec.config.num_heads
         self.ops.mamba2_decode(b.memory[i], q, b.k_evict, b.v_evict, b.gate_evict["dt"], mw["a_log"], proj[:, -H:],
-                          mw["norm"], mw["o_proj"], attn, b.pos, b.sinks, b.window, AHN_NORM_EPS, slots=b.slots)
+                               mw["norm"], mw["o_proj"], attn, b.pos, b.sinks, b.window, AHN_NORM_EPS, slots=b.slots)
